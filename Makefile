@@ -1,0 +1,30 @@
+# The README's commands. Each target installs what it needs first (a .venv with requirements.txt).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# One pretraining run of the tiny preset on the embedded default corpus (the Python standard library's
+# source): about 4 minutes on 2 CPU cores.
+PRETRAIN_FLAGS ?= --model tiny --batch-size 32 --max-steps 500 --lr 2e-3 --warmup-steps 50 \
+                  --eval-every 100 --log-every 25 --out out/pretrain
+
+.PHONY: install pretrain test estimate clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+pretrain: install
+	$(PY) pretrain.py $(PRETRAIN_FLAGS)
+
+test: install
+	$(PY) -m pytest -q
+
+estimate: install
+	$(PY) pretrain.py --model gpt2-124m --estimate --chinchilla --gpus 8
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,272 @@
+"""model.py: a decoder-only transformer in the Llama style, written to be cut up from outside.
+
+The idea: a stack of identical blocks, each `x = x + attn(norm(x)); x = x + mlp(norm(x))`, between a token
+embedding and a linear head that predicts the next token. Llama's choices: RMSNorm (no mean, no bias), rotary
+position embeddings applied to queries and keys (no learned positions), a SwiGLU MLP `w2(silu(w1 x) * w3 x)`,
+grouped-query attention (n_kv_head <= n_head key/value heads shared by groups of query heads), no biases,
+untied input and output embeddings (so a pipeline's first and last stages share no weight).
+
+Formulas, per token, for L layers of width d, context T and N parameters in matrix multiplies:
+    training FLOPs  ~ 6 N + 12 L d T       (forward 2N + 4LdT multiply-adds counted as 2 FLOPs; backward twice that;
+                                            the attention term counts the full, non-causal T x T score matrix)
+    activations     ~ L T d (34 + 5 a T / d) bytes in half precision without checkpointing (Korthikanti et al.);
+                      with --activation-checkpointing only each block's input is kept: 2 L T d bytes, at the cost
+                      of one more forward per block in the backward.
+
+The parallel files change this model from outside, never from within: tensor_parallel.py swaps the Linear
+layers and embedding for sharded ones and shrinks `n_head`/`n_kv_head` to the local heads; pipeline.py keeps a
+slice of `blocks` and calls `embed`, `body` and `head` separately; moe.py swaps a block's `mlp`; lora.py wraps
+Linears. That is why attention reshapes with -1 heads and why the forward is three small methods.
+
+Demo: `python model.py` prints the presets with their parameter counts and FLOPs per token, then checks that
+the naive and SDPA attention backends agree.
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2
+    d_model: int = 128
+    d_ff: int = 384              # SwiGLU hidden width (about 8/3 d, rounded, as in Llama)
+    vocab_size: int = 256        # set from the tokenizer when training, padded to a multiple of 64
+    block_size: int = 256        # the longest context the model is built for
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    attn: str = "sdpa"           # naive | sdpa | flash
+    activation_checkpointing: bool = False
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_head
+
+
+PRESETS = {
+    # CPU-sized: trains to Python-looking samples in a few minutes on 2 cores (with the byte tokenizer).
+    "tiny": ModelConfig(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, vocab_size=256, block_size=256),
+    "small": ModelConfig(n_layer=6, n_head=6, n_kv_head=2, d_model=384, d_ff=1024, vocab_size=256, block_size=512),
+    # GPT-2 small's shape (12 layers, d=768, 12 heads, T=1024, vocab 50257 padded to 50304), Llama-style blocks.
+    "gpt2-124m": ModelConfig(n_layer=12, n_head=12, n_kv_head=12, d_model=768, d_ff=2048, vocab_size=50304,
+                             block_size=1024),
+    # Llama-3.2-1B's shape with the GPT-2 vocabulary: about 1.2B parameters.
+    "1b": ModelConfig(n_layer=16, n_head=32, n_kv_head=8, d_model=2048, d_ff=8192, vocab_size=50304,
+                      block_size=2048),
+}
+ATTN_BACKENDS = ("naive", "sdpa", "flash")
+
+
+def pad_vocab(n, multiple=64):
+    """Round the vocabulary up so the head's matmul has friendly shapes (50257 -> 50304 for GPT-2)."""
+    return (n + multiple - 1) // multiple * multiple
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # The mean of squares is taken in at least fp32: in bf16 it loses the small components of x.
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * self.weight.to(h.dtype)).to(x.dtype)
+
+
+def rope_tables(head_dim, max_len, theta):
+    """cos and sin of position * frequency, frequencies theta^(-2i/d): shape (max_len, head_dim/2)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x1, x2) pair of the two half-vectors by its angle: relative positions survive q.k."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def naive_attention(q, k, v):
+    """softmax(q k^T / sqrt(d) + causal mask) v, materialising the T x T matrix: the O(N^2) memory baseline."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    T = q.shape[2]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
+    return probs @ v
+
+
+def attention(q, k, v, backend):
+    """Causal attention over (B, H, T, D) queries and (B, H_kv, T, D) keys/values."""
+    if backend == "naive":
+        return naive_attention(q, k, v)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    if backend == "flash":
+        from flash_attn import flash_attention  # imported late: Triton is only needed when asked for
+        return flash_attention(q, k, v, causal=True)
+    raise ValueError(f"--attn must be one of {', '.join(ATTN_BACKENDS)}, got {backend!r}")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hd = cfg.head_dim
+        self.n_head, self.n_kv_head, self.head_dim, self.backend = cfg.n_head, cfg.n_kv_head, hd, cfg.attn
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False)
+        self.wo = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        # -1 heads: under tensor parallelism the local linears are narrower and hold only this rank's heads.
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = attention(q, k, v, self.backend)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). w1 is the gate, w3 the up projection, w2 the down projection."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.w3 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each residual branch's output projection by 1/sqrt(2L), so the residual stream's
+        # variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("attn.wo.weight") or name.endswith("mlp.w2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    # The forward in three parts, so that pipeline stages can run only theirs.
+    def embed(self, idx):
+        return self.tok_emb(idx)
+
+    def body(self, x):
+        T = x.shape[1]
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        for block in self.blocks:
+            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+                # Keep only the block's input; recompute its insides during backward.
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        return x
+
+    def head(self, x, targets=None, reduction="mean"):
+        """Logits, and with targets the cross-entropy (labels of -100 are ignored: padding, masked prompts)."""
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits, None
+        flat = logits.view(-1, logits.shape[-1])
+        loss = F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)), targets.reshape(-1),
+                               ignore_index=-100, reduction=reduction)
+        return logits, loss
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        return self.head(self.body(self.embed(idx)), targets, reduction)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample tokens one at a time, each conditioned on at most the last block_size tokens."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.cfg.block_size:])
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
+
+def num_params(model, matmul_only=False):
+    """All parameters, or only those in matrix multiplies (the embedding is a lookup and costs no FLOPs)."""
+    total = sum(p.numel() for p in model.parameters())
+    if matmul_only and getattr(model, "tok_emb", None) is not None:
+        total -= model.tok_emb.weight.numel()
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, n_matmul_params, seq_len=None):
+    """Training FLOPs per token: 6N for the weights (2 forward, 4 backward) + 12 L d T for attention scores."""
+    T = seq_len or cfg.block_size
+    return 6 * n_matmul_params + 12 * cfg.n_layer * cfg.d_model * T
+
+
+def config_dict(cfg):
+    return asdict(cfg)
+
+
+if __name__ == "__main__":
+    print(f"{'preset':<10} {'params':>14} {'matmul params':>14} {'FLOPs/token':>14}")
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):  # count without allocating: the 1b preset would take 5 GB
+            m = Transformer(cfg)
+        n, nm = num_params(m), num_params(m, matmul_only=True)
+        print(f"{name:<10} {n:>14,} {nm:>14,} {flops_per_token(cfg, nm):>14.3e}")
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    m = Transformer(cfg).double()
+    idx = torch.randint(0, cfg.vocab_size, (2, 64))
+    outs = {}
+    for backend in ("naive", "sdpa"):
+        for blk in m.blocks:
+            blk.attn.backend = backend
+        outs[backend] = m(idx)[0]
+    print("max |naive - sdpa| logits (float64):", (outs["naive"] - outs["sdpa"]).abs().max().item())

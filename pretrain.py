@@ -1,0 +1,404 @@
+"""pretrain.py: next-token pretraining, one loop from a laptop CPU to torchrun on many GPUs.
+
+The idea: sample windows of text, predict each next token, step AdamW; repeat for D tokens. Everything a real
+run needs around that loop is here, top to bottom: flags checked before any work, the model built from a
+preset, mixed precision (amp.py), warmup then cosine learning rate, gradient accumulation, gradient clipping,
+evaluation on held-out data, checkpoints that survive a crash mid-write and resume bit for bit, and a log line
+per step with throughput and model FLOPs utilisation.
+
+Formulas (Kaplan et al. 2020; Hoffmann et al. 2022):
+    training FLOPs   C = 6 N D                  (N parameters, D tokens; plus the attention term, model.py)
+    compute-optimal  D = 20 N                   (Chinchilla: --chinchilla)
+    time             C / (peak FLOP/s x GPUs x MFU)
+    model states     16 bytes per parameter     (mixed-precision Adam: 2 weights + 2 grads + 12 fp32 master,
+                                                 momentum and variance; --estimate prints the table)
+
+Run:
+    python pretrain.py --model tiny --max-steps 600 --out out/tiny           # the embedded default corpus
+    python pretrain.py --model gpt2-124m --estimate --gpus 8 --chinchilla    # the calculator, no training
+    torchrun --nproc_per_node 1 pretrain.py ...                               # the same under torchrun
+"""
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data as data_lib
+from amp import DTYPES, DynamicLossScaler, MixedPrecisionOptimizer, cast_model
+from model import ATTN_BACKENDS, PRESETS, ModelConfig, Transformer, flops_per_token, num_params, pad_vocab
+
+PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}  # dense bf16 tensor-core peaks, datasheets
+
+
+class ConfigError(ValueError):
+    """A bad flag or input file: its message is the one line the user sees, before any work starts."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (no usage block): the same shape as every other error here."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser():
+    ap = OneLineParser(prog="pretrain.py", description="Pretrain a decoder-only transformer.")
+    a = ap.add_argument
+    a("--model", default="tiny", choices=sorted(PRESETS), help="model preset (model.py)")
+    a("--data", default=None, help="prepared data folder (data.py prepare); default: the Python stdlib source")
+    a("--tokenizer", default=None, help="tiktoken encoding; default: the data folder's, or 'bytes' (offline)")
+    a("--batch-size", type=int, default=32, help="global batch in sequences per optimizer step")
+    a("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's block_size)")
+    a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    a("--max-steps", type=int, default=None, help="optimizer steps (default 1000, or from --tokens/--chinchilla)")
+    a("--tokens", type=float, default=None, help="train on this many tokens (sets --max-steps)")
+    a("--chinchilla", action="store_true", help="train on 20 tokens per parameter (sets --max-steps)")
+    a("--lr", type=float, default=1e-3)
+    a("--min-lr", type=float, default=None, help="end of the cosine decay (default lr/10)")
+    a("--warmup-steps", type=int, default=100)
+    a("--weight-decay", type=float, default=0.1)
+    a("--beta1", type=float, default=0.9)
+    a("--beta2", type=float, default=0.95)
+    a("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
+    a("--amp", default="fp32", choices=sorted(DTYPES), help="compute precision (amp.py)")
+    a("--attn", default="sdpa", choices=ATTN_BACKENDS)
+    a("--activation-checkpointing", action="store_true")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--out", default="out/pretrain", help="checkpoints, metrics.jsonl and the final sample go here")
+    a("--resume", action="store_true", help="continue from the checkpoint in --out")
+    a("--save-every", type=int, default=200)
+    a("--eval-every", type=int, default=200)
+    a("--eval-iters", type=int, default=10, help="validation batches per evaluation")
+    a("--log-every", type=int, default=10)
+    a("--stop-after", type=int, default=None,
+      help="end this invocation after N steps with a checkpoint, as a job with a time limit would")
+    a("--seed", type=int, default=1337)
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--sample-tokens", type=int, default=300, help="length of the sample printed at the end (0: none)")
+    a("--estimate", action="store_true", help="print parameters, FLOPs, memory and time; do not train")
+    a("--gpus", type=int, default=1, help="for --estimate")
+    a("--gpu", default="h100", choices=sorted(PEAK_TFLOPS), help="for --estimate and MFU on CUDA")
+    a("--mfu", type=float, default=0.4, help="for --estimate: the utilisation to assume")
+    return ap
+
+
+def check_args(args, world):
+    """Every flag that can be checked without touching data or building anything."""
+    cfg = PRESETS[args.model]
+    if args.grad_accum < 1:
+        raise ConfigError(f"--grad-accum must be at least 1, got {args.grad_accum}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.seq_len is not None and not 1 <= args.seq_len <= cfg.block_size:
+        raise ConfigError(f"--seq-len {args.seq_len} is outside model {args.model!r}'s context: "
+                          f"choose 1..{cfg.block_size}")
+    if args.batch_size % (args.grad_accum * world):
+        raise ConfigError(f"--batch-size {args.batch_size} does not divide into --grad-accum {args.grad_accum} x "
+                          f"{world} ranks: use a multiple of {args.grad_accum * world}")
+    if args.tokens is not None and args.chinchilla:
+        raise ConfigError("--tokens and --chinchilla both set the training length: give one")
+    if args.max_steps is not None and (args.tokens is not None or args.chinchilla):
+        raise ConfigError("--max-steps and --tokens/--chinchilla both set the training length: give one")
+    for flag in ("max_steps", "save_every", "eval_every", "log_every", "eval_iters", "stop_after"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
+    if args.lr <= 0 or args.warmup_steps < 0 or args.grad_clip < 0 or args.weight_decay < 0:
+        raise ConfigError("--lr must be > 0 and --warmup-steps, --grad-clip, --weight-decay >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+    if args.compile and args.activation_checkpointing:
+        pass  # both work together; nothing to refuse
+
+
+# ------------------------------------------------------------------------------------------- the calculator
+def estimate(args):
+    """The lecture's arithmetic on the model as built (on the meta device: no memory is allocated)."""
+    cfg = PRESETS[args.model]
+    T = args.seq_len or cfg.block_size
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    n, n_mm = num_params(model), num_params(model, matmul_only=True)
+    fpt = flops_per_token(cfg, n_mm, T)
+    tokens = args.tokens or (20 * n if args.chinchilla else (args.max_steps or 1000) * args.batch_size * T)
+    total = fpt * tokens
+    peak = PEAK_TFLOPS[args.gpu] * 1e12
+    seconds = total / (peak * args.gpus * args.mfu)
+    gib = 2 ** 30
+    rows = [
+        ("model", f"{args.model}: {cfg.n_layer} layers, d={cfg.d_model}, {cfg.n_head} heads "
+                  f"({cfg.n_kv_head} KV), d_ff={cfg.d_ff}, vocab {cfg.vocab_size}, T={T}"),
+        ("parameters", f"{n:,} ({n_mm:,} in matmuls; the embedding is a lookup)"),
+        ("FLOPs per token", f"{fpt:.4g} = 6 x {n_mm:,} + 12 x {cfg.n_layer} x {cfg.d_model} x {T}"),
+        ("Chinchilla tokens", f"{20 * n:.4g} (20 per parameter)"),
+        ("planned tokens", f"{tokens:.4g}" + (" (Chinchilla)" if args.chinchilla else "")),
+        ("training FLOPs", f"{total:.4g} (6ND = {6 * n_mm * tokens:.4g} without attention)"),
+        ("model states / GPU", f"{16 * n / gib:.2f} GiB = 16 bytes x N (2 weights + 2 grads + 12 fp32 master, "
+                               f"Adam m and v), no sharding"),
+        ("training time", f"{seconds / 3600:.2f} h = {seconds / 86400:.2f} days on {args.gpus} x {args.gpu} "
+                          f"at {args.mfu:.0%} MFU of {PEAK_TFLOPS[args.gpu]:.0f} TFLOP/s"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    return {"params": n, "matmul_params": n_mm, "flops_per_token": fpt, "tokens": tokens, "seconds": seconds}
+
+
+# ------------------------------------------------------------------------------------------- pieces of the run
+def lr_at(step, args, max_steps):
+    """Linear warmup to --lr, then cosine decay to --min-lr at max_steps."""
+    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, max_steps - args.warmup_steps))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - min_lr)
+
+
+def param_groups(model, weight_decay):
+    """Decay matrices (linears, embeddings); never norms' gains: shrinking them towards 0 only hurts."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary name, then rename: a crash mid-write leaves the previous checkpoint whole."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not path.exists():
+        raise ConfigError(f"--resume: no checkpoint at {path} (train without --resume first, or fix --out)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        missing = {"model", "optim", "step", "data", "rng", "model_config", "tokenizer"} - set(ckpt)
+    except Exception as e:
+        raise ConfigError(f"--resume: checkpoint {path} is corrupt ({type(e).__name__}: {str(e)[:80]})") from None
+    if missing:
+        raise ConfigError(f"--resume: checkpoint {path} is corrupt (missing {', '.join(sorted(missing))})")
+    return ckpt
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak resident set
+
+
+def peak_flops(device, dtype, args):
+    """The denominator of MFU: the GPU's datasheet peak, or on a CPU the matmul throughput measured now
+    (there is no meaningful datasheet figure for a shared CPU)."""
+    if device.type == "cuda":
+        return PEAK_TFLOPS[args.gpu] * 1e12
+    a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(8):
+        a @ b
+    return 8 * 2 * 512 ** 3 / (time.perf_counter() - t0)
+
+
+def setup_distributed(args):
+    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; without them this is one process."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        raise ConfigError(f"WORLD_SIZE={world}: data parallelism (ddp.py, zero.py) is not built yet; "
+                          "run with --nproc_per_node 1")
+    return rank, world, device
+
+
+@torch.no_grad()
+def evaluate(model, batches, device):
+    model.eval()
+    losses = [model(x.to(device), y.to(device))[1].float() for x, y in batches]
+    model.train()
+    return torch.stack(losses).mean().item()
+
+
+# ------------------------------------------------------------------------------------------- the run
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return train(args)
+    except (ConfigError, data_lib.DataError) as e:
+        print(f"pretrain.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def train(args):
+    if args.estimate:
+        return estimate(args)
+    rank, world, device = setup_distributed(args)
+    check_args(args, world)
+    master = rank == 0
+    out = Path(args.out)
+    ckpt_path = out / "ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+
+    # Data: the embedded default unless --data; the tokenizer must be the one the data was prepared with.
+    tokenizer = args.tokenizer or (ckpt["tokenizer"] if ckpt else None)
+    if args.data is None:
+        tokenizer = tokenizer or data_lib.DEFAULT_TOKENIZER
+        enc = data_lib.get_tokenizer(tokenizer)  # fails here, with the reason, if it cannot load offline
+        data_dir = data_lib.ensure_default_data(tokenizer)
+    else:
+        data_dir = args.data
+    meta = data_lib.load_meta(data_dir, tokenizer)
+    tokenizer = meta["tokenizer"]
+    if ckpt and ckpt["tokenizer"] != tokenizer:
+        raise ConfigError(f"--resume: the checkpoint was trained with tokenizer {ckpt['tokenizer']!r}, "
+                          f"the data uses {tokenizer!r}")
+    enc = data_lib.get_tokenizer(tokenizer)
+
+    cfg = replace(PRESETS[args.model], vocab_size=pad_vocab(meta["vocab_size"]), attn=args.attn,
+                  activation_checkpointing=args.activation_checkpointing)
+    if ckpt and ckpt["model_config"] != asdict(replace(cfg, attn="-", activation_checkpointing=False)):
+        raise ConfigError(f"--resume: the checkpoint in {out} is of another model config than --model {args.model}")
+    T = args.seq_len or cfg.block_size
+    micro_bs = args.batch_size // (args.grad_accum * world)
+    batches = data_lib.Batches(data_dir, T, args.batch_size, rank, world, args.grad_accum, args.seed)
+    val = data_lib.eval_batches(data_dir, T, args.batch_size // args.grad_accum, args.eval_iters, rank, world)
+
+    torch.manual_seed(args.seed)
+    model = Transformer(cfg).to(device)
+    dtype = DTYPES[args.amp]
+    cast_model(model, dtype)
+    n_params, n_mm = num_params(model), num_params(model, matmul_only=True)
+    tokens_per_step = args.batch_size * T
+    if args.tokens is not None or args.chinchilla:
+        max_steps = math.ceil((args.tokens or 20 * n_params) / tokens_per_step)
+    else:
+        max_steps = args.max_steps or 1000
+    scaler = DynamicLossScaler(enabled=args.amp == "fp16")
+    opt = MixedPrecisionOptimizer(
+        param_groups(model, args.weight_decay),
+        lambda groups: torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2),
+                                         fused=device.type == "cuda"),
+        dtype, scaler)
+    fwd_model = torch.compile(model) if args.compile else model
+
+    step = 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optim"])
+        batches.load_state_dict(ckpt["data"])
+        set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+
+    def checkpoint_now():
+        if master:
+            out.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optim": opt.state_dict(), "step": step, "data": batches.state_dict(),
+                "rng": rng_state(), "tokenizer": tokenizer, "args": vars(args),
+                "model_config": asdict(replace(cfg, attn="-", activation_checkpointing=False))})
+
+    fpt = flops_per_token(cfg, n_mm, T)
+    peak = peak_flops(device, dtype, args)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"model {args.model}: {n_params:,} parameters, {fpt:.3g} FLOPs/token | data {data_dir} "
+              f"({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | batch {args.batch_size} x {T} "
+              f"tokens = {micro_bs} x {args.grad_accum} micro-steps x {world} ranks | {max_steps} steps | "
+              f"{args.amp} on {device}" + (f" | resuming at step {step}" if step else ""), flush=True)
+    metrics = open(out / "metrics.jsonl", "a") if master else None
+
+    def log(record):
+        if master:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+    if step == 0:
+        val_loss = evaluate(fwd_model, val, device)
+        log({"step": 0, "val_loss": val_loss})
+        if master:
+            print(f"step 0 | val loss {val_loss:.4f}", flush=True)
+
+    stop_at = min(max_steps, step + args.stop_after) if args.stop_after else max_steps
+    t_last, tokens_since, history = time.perf_counter(), 0, []
+    while step < stop_at:
+        lr = lr_at(step, args, max_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        # One optimizer step = grad_accum micro-steps. Each micro-loss is a mean over its tokens; dividing by
+        # the number of micro-steps makes the sum of their gradients the gradient of the global-batch mean.
+        loss_sum = torch.zeros((), device=device)
+        for x, y in batches.next():
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            _, loss = fwd_model(x, y)
+            loss = loss / args.grad_accum
+            opt.scale_loss(loss).backward()
+            loss_sum += loss.detach().float()
+        grad_norm, skipped = opt.step(args.grad_clip)
+        opt.zero_grad()
+        step += 1
+        loss_value = loss_sum.item()
+        history.append(loss_value)
+        tokens_since += tokens_per_step
+
+        if step % args.log_every == 0 or step == stop_at:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t_last
+            tps = tokens_since / dt
+            rec = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+                   "mfu": tps * fpt / peak, "peak_mem_mb": peak_memory_mb(device), "skipped": skipped}
+            if scaler.enabled:
+                rec["loss_scale"] = scaler.scale
+            log(rec)
+            if master:
+                print(f"step {step:5d} | loss {loss_value:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} | "
+                      f"{tps / 1e3:.1f}k tok/s | mfu {rec['mfu']:.1%} | mem {rec['peak_mem_mb']:.0f} MB"
+                      + (f" | scale {scaler.scale:g}" if scaler.enabled else "") + (" | skipped" if skipped else ""),
+                      flush=True)
+            t_last, tokens_since = time.perf_counter(), 0
+        if step % args.eval_every == 0 or step == max_steps:
+            val_loss = evaluate(fwd_model, val, device)
+            log({"step": step, "val_loss": val_loss})
+            if master:
+                print(f"step {step:5d} | val loss {val_loss:.4f}", flush=True)
+        if step % args.save_every == 0 or step == stop_at:
+            checkpoint_now()
+
+    if master and step == max_steps and args.sample_tokens > 0:
+        model.eval()
+        prompt = torch.tensor([enc.encode_ordinary("def ")], device=device)
+        sample = enc.decode(model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50)[0].tolist())
+        (out / "sample.txt").write_text(sample)
+        print("-" * 30 + " sample " + "-" * 30 + "\n" + sample + "\n" + "-" * 68, flush=True)
+    if metrics:
+        metrics.close()
+    return {"losses": history, "step": step, "model": model, "opt": opt}
+
+
+if __name__ == "__main__":
+    main()
