@@ -1,0 +1,93 @@
+"""topology.py: where each rank sits in the data x pipeline x tensor grid, and one process group per axis.
+
+The idea: with world = dp * pp * tp ranks, rank r has coordinates (dp_rank, pp_rank, tp_rank) with tensor
+innermost:  r = (dp_rank * pp + pp_rank) * tp + tp_rank.  Tensor-parallel peers are neighbours (same node, fast
+links: they talk twice per block half), pipeline peers next (one send per micro-batch per stage boundary), data
+parallel outermost (one gradient reduction per step, overlappable). Each axis gets its own process group; every
+reduction in the project names the group it reduces over, and this object is passed to whoever needs one
+(no global state, so a test can build several topologies in one process).
+
+    world 8, dp 2, pp 2, tp 2:   dp_rank 0: stage 0 = ranks {0, 1}, stage 1 = {2, 3};  dp_rank 1: {4, 5}, {6, 7}
+                                 tp groups {0,1} {2,3} {4,5} {6,7};  pp groups {0,2} {1,3} {4,6} {5,7};
+                                 dp groups {0,4} {1,5} {2,6} {3,7}
+
+Demo: `torchrun --nproc_per_node 4 topology.py --tp 2` prints each rank's coordinates and groups.
+"""
+import argparse
+
+import torch.distributed as dist
+
+
+class TopologyError(ValueError):
+    """An impossible layout: the message is the one line the user sees, before any group is built."""
+
+
+def check_layout(world, tp=1, pp=1):
+    """Validate without touching torch.distributed; returns dp."""
+    for name, v in (("--tp", tp), ("--pp", pp)):
+        if v < 1:
+            raise TopologyError(f"{name} must be at least 1, got {v}")
+    if world % (tp * pp):
+        raise TopologyError(f"world size {world} is not divisible by --tp {tp} x --pp {pp} = {tp * pp}: "
+                            f"launch a multiple of {tp * pp} processes")
+    return world // (tp * pp)
+
+
+class Topology:
+    def __init__(self, tp=1, pp=1):
+        """Call on every rank after dist.init_process_group (or with no process group: one rank)."""
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.tp, self.pp = tp, pp
+        self.dp = check_layout(self.world, tp, pp)
+        self.dp_rank, rest = divmod(self.rank, pp * tp)
+        self.pp_rank, self.tp_rank = divmod(rest, tp)
+        self.tp_group = self.pp_group = self.dp_group = None
+        self.tp_ranks = self.pp_ranks = self.dp_ranks = [self.rank]
+        if dist.is_initialized():
+            # new_group must be entered by every rank for every group, in the same order.
+            for d in range(self.dp):
+                for p in range(pp):
+                    self._maybe_keep("tp", [self.rank_of(d, p, t) for t in range(tp)])
+            for d in range(self.dp):
+                for t in range(tp):
+                    self._maybe_keep("pp", [self.rank_of(d, p, t) for p in range(pp)])
+            for p in range(pp):
+                for t in range(tp):
+                    self._maybe_keep("dp", [self.rank_of(d, p, t) for d in range(self.dp)])
+
+    def _maybe_keep(self, axis, ranks):
+        group = dist.new_group(ranks)
+        if self.rank in ranks:
+            setattr(self, f"{axis}_group", group)
+            setattr(self, f"{axis}_ranks", ranks)
+
+    def rank_of(self, dp_rank, pp_rank, tp_rank):
+        return (dp_rank * self.pp + pp_rank) * self.tp + tp_rank
+
+    @property
+    def is_first_stage(self):
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self):
+        return self.pp_rank == self.pp - 1
+
+    def __repr__(self):
+        return (f"rank {self.rank}/{self.world}: dp {self.dp_rank}/{self.dp} pp {self.pp_rank}/{self.pp} "
+                f"tp {self.tp_rank}/{self.tp} | tp group {self.tp_ranks} pp group {self.pp_ranks} "
+                f"dp group {self.dp_ranks}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    args = ap.parse_args()
+    dist.init_process_group("gloo")
+    topo = Topology(args.tp, args.pp)
+    for r in range(topo.world):
+        if r == topo.rank:
+            print(topo, flush=True)
+        dist.barrier()
+    dist.destroy_process_group()
