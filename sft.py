@@ -1,0 +1,538 @@
+"""sft.py: supervised fine-tuning: teach a pretrained model to answer, learning only the answers.
+
+The idea: an instruction example is a prompt and a response rendered into one token sequence by a template.
+The model is trained exactly as in pretraining (next-token cross-entropy), except that the labels are -100
+on the prompt and on padding, and model.py's loss ignores -100: the prompt is context, never a target, so the
+gradient comes only from response tokens. The template (Alpaca's headers):
+
+    ### System:\\n{system}\\n\\n          (chat-style only, optional)
+    ### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n   (Input only when given)
+    ### Response:\\n{output}<|endoftext|>
+
+Chat-style lines ({"messages": [{"role": "system|user|assistant", "content": ...}, ...]}) use the same
+headers per turn; every assistant turn, with its end-of-text token, is learned, everything else is masked.
+Alpaca-style lines ({"instruction", "input" (optional), "output"}) are a one-turn chat.
+
+Batches: one example per row, padded on the right to the longest row of its micro-batch (padding labels -100).
+Attention is causal, so a real token never sees the padding after it, and no example sees another: no
+cross-contamination, at the cost of the padded positions' compute (packing would save it but needs a
+block-diagonal mask). Examples longer than the context are skipped and counted, never silently truncated; a
+prompt that alone fills the context is an error.
+
+Loss normalisation: with masks, micro-batches hold different numbers of response tokens. Each micro-batch's
+summed loss is divided by the number of response tokens in the whole optimizer step, so accumulation gives
+the gradient of the mean over the step's tokens, exactly as one big batch would (a per-micro-batch mean
+would weight a token in a short micro-batch more).
+
+The embedded default data, offline: from the pretraining corpus (the Python standard library), every short
+function with a docstring becomes "Write a Python function `name(args)` that: <docstring's first paragraph>"
+-> its source without the docstring (ast); held out by module (the same hash as pretraining's validation
+split, 1 module in 10). Evaluation: the response-only loss on held-out examples, before training and at each
+eval; at the end, greedy answers to a few held-out prompts.
+
+Run:
+    python sft.py --init out/pretrain                          # full fine-tuning on the embedded default
+    python sft.py --init out/pretrain --lora-r 8 --lora-targets wq,wk,wv,wo,w1,w2,w3 --lr 3e-3
+    python sft.py --init out/pretrain --data my.jsonl --val-data my_val.jsonl
+    make sft                                                   # pretrains first if out/pretrain has no checkpoint
+"""
+import argparse
+import ast
+import json
+import os
+import sys
+import textwrap
+import time
+import zlib
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data as data_lib
+import lora as lora_lib
+from amp import DTYPES, DynamicLossScaler, MixedPrecisionOptimizer, cast_model
+from model import ATTN_BACKENDS, PRESETS, ModelConfig, Transformer, num_params
+from pretrain import (ConfigError, OneLineParser, load_checkpoint, lr_at, param_groups, peak_memory_mb,
+                      rng_state, save_checkpoint, set_rng_state, setup_distributed)
+
+HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
+SFT_VAL_EVERY = 10          # held-out modules for the default data: crc32(module path) % 10 == 0
+DEFAULT_MAX_BYTES = 257     # the tiny preset's context + 1 with the byte tokenizer: what the default keeps
+
+
+# ------------------------------------------------------------------------------------------- examples
+def to_messages(obj, where):
+    """A parsed JSONL line -> a list of {role, content}; anything else is a DataError naming file:line."""
+    fields = "Alpaca-style lines need \"instruction\" and \"output\" (and optionally \"input\"); chat-style " \
+             "lines need \"messages\": [{\"role\": ..., \"content\": ...}, ...]"
+    if not isinstance(obj, dict):
+        raise data_lib.DataError(f"{where}: expected a JSON object; {fields}")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise data_lib.DataError(f"{where}: \"messages\" must be a non-empty list of {{role, content}}")
+        for m in msgs:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in HEADERS:
+                raise data_lib.DataError(f"{where}: each message needs \"role\" (system, user or assistant) and "
+                                         f"a string \"content\", got {json.dumps(m)[:60]}")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise data_lib.DataError(f"{where}: no assistant message, so nothing to learn")
+        return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    missing = [k for k in ("instruction", "output") if not isinstance(obj.get(k), str)]
+    if missing:
+        raise data_lib.DataError(f"{where}: missing field {', '.join(repr(k) for k in missing)} (or not a string); "
+                                 f"{fields}")
+    user = obj["instruction"]
+    if obj.get("input"):
+        user += "\n\n### Input:\n" + str(obj["input"])
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
+
+
+def read_jsonl(path):
+    """[(where, messages)] for each non-blank line of `path`."""
+    path = Path(path)
+    if not path.is_file():
+        raise data_lib.DataError(f"{path}: no such file (expected JSONL, one example per line)")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise data_lib.DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            out.append((where, to_messages(obj, where)))
+    if not out:
+        raise data_lib.DataError(f"{path}: no examples")
+    return out
+
+
+def encode(enc, messages):
+    """Token ids and, per token, whether it is learned: assistant contents and their end-of-text only."""
+    eot = data_lib.eot_id(enc)
+    ids, learned = [], []
+    for m in messages:
+        head = enc.encode_ordinary(HEADERS[m["role"]] + (m["content"] + "\n\n" if m["role"] != "assistant" else ""))
+        ids += head
+        learned += [False] * len(head)
+        if m["role"] == "assistant":
+            body = enc.encode_ordinary(m["content"]) + [eot]
+            ids += body
+            learned += [True] * len(body)
+    return ids, learned
+
+
+def prompt_ids(enc, messages):
+    """The prompt for generation: everything up to and including the last assistant header."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    ids, _ = encode(enc, messages[:last])
+    return ids + enc.encode_ordinary(HEADERS["assistant"])
+
+
+def tokenize(examples, enc, block_size, prompt_mask=True):
+    """[(x, y)] lists of token ids with y = -100 where no loss is taken; and how many examples were skipped
+    for being longer than the context (block_size + 1 tokens, since x and y are shifted by one)."""
+    out, skipped = [], 0
+    for where, messages in examples:
+        ids, learned = encode(enc, messages)
+        first = learned.index(True)
+        if first > block_size:
+            raise data_lib.DataError(f"{where}: the prompt is {first} tokens, longer than the model's context of "
+                                     f"{block_size}: shorten it or use a model with a longer block_size")
+        if len(ids) - 1 > block_size:
+            skipped += 1
+            continue
+        # y[i] is the label for predicting ids[i+1]: kept where ids[i+1] is learned (or everywhere without mask).
+        y = [t if (l or not prompt_mask) else -100 for t, l in zip(ids[1:], learned[1:])]
+        out.append((ids[:-1], y))
+    return out, skipped
+
+
+def collate(rows, pad_id):
+    """Pad each example on the right to the micro-batch's longest: inputs with pad_id, labels with -100."""
+    T = max(len(x) for x, _ in rows)
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), -100, dtype=torch.long)
+    for i, (xi, yi) in enumerate(rows):
+        x[i, :len(xi)], y[i, :len(yi)] = torch.tensor(xi), torch.tensor(yi)
+    return x, y
+
+
+class SFTBatches:
+    """As data.Batches, over examples: step s of epoch e takes examples perm_e[s*B:(s+1)*B]; rank r of `world`
+    its contiguous 1/world, cut into `micro_steps` micro-batches. A pure function of (seed, step)."""
+
+    def __init__(self, rows, global_batch, pad_id, rank=0, world=1, micro_steps=1, seed=0):
+        if global_batch > len(rows):
+            raise ConfigError(f"--batch-size {global_batch} is more than the {len(rows)} training examples")
+        self.rows, self.B, self.pad_id = rows, global_batch, pad_id
+        self.rank, self.world, self.micro, self.seed = rank, world, micro_steps, seed
+        self.steps_per_epoch, self.step = len(rows) // global_batch, 0
+
+    def next(self):
+        epoch, s = divmod(self.step, self.steps_per_epoch)
+        idx = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))[s * self.B:(s + 1) * self.B]
+        per_rank = self.B // self.world
+        mine = idx[self.rank * per_rank:(self.rank + 1) * per_rank]
+        self.step += 1
+        return [collate([self.rows[i] for i in chunk], self.pad_id) for chunk in np.split(mine, self.micro)]
+
+    def state_dict(self):
+        return {"step": self.step, "seed": self.seed, "global_batch": self.B, "examples": len(self.rows)}
+
+    def load_state_dict(self, sd):
+        if (sd["seed"], sd["global_batch"], sd["examples"]) != (self.seed, self.B, len(self.rows)):
+            raise ConfigError(f"--resume: the checkpoint's data position (seed {sd['seed']}, batch "
+                              f"{sd['global_batch']}, {sd['examples']} examples) does not match this run's")
+        self.step = sd["step"]
+
+
+# ------------------------------------------------------------------------------------------- the default data
+def function_examples(name, text):
+    """(instruction, response) for each function with a docstring in one module's source."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return
+    lines = text.splitlines()
+    for node in ast.walk(tree):
+        doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
+        if not doc or len(node.body) < 2:
+            continue
+        summary = " ".join(doc.strip().split("\n\n")[0].split())
+        d = node.body[0]  # the docstring's statement: its lines are cut out of the response
+        src = lines[node.lineno - 1:d.lineno - 1] + lines[d.end_lineno:node.end_lineno]
+        instruction = f"Write a Python function `{node.name}({ast.unparse(node.args)})` that: {summary}"
+        yield instruction, textwrap.dedent("\n".join(src))
+
+
+def build_default_data(docs, out, max_bytes=DEFAULT_MAX_BYTES):
+    """Write train.jsonl and val.jsonl (held out by module) of the functions that fit in max_bytes rendered
+    with the byte tokenizer; the rest are counted, not truncated. meta.json, written last, holds the counts."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    enc = data_lib.get_tokenizer("bytes")
+    files = {s: open(out / f"{s}.jsonl.tmp", "w", encoding="utf-8") for s in ("train", "val")}
+    counts = {"functions": 0, "too_long": 0, "train": 0, "val": 0}
+    for name, text in docs:
+        split = "val" if zlib.crc32(name.encode()) % SFT_VAL_EVERY == 0 else "train"
+        for instruction, response in function_examples(name, text):
+            counts["functions"] += 1
+            ex = {"instruction": instruction, "output": response, "module": name}
+            if len(encode(enc, to_messages(ex, name))[0]) > max_bytes:
+                counts["too_long"] += 1
+                continue
+            files[split].write(json.dumps(ex) + "\n")
+            counts[split] += 1
+    for s, f in files.items():
+        f.close()
+        os.replace(out / f"{s}.jsonl.tmp", out / f"{s}.jsonl")
+    (out / "meta.json").write_text(json.dumps(counts))
+    return counts
+
+
+def ensure_default_data():
+    out = Path(os.environ.get("LLM_DATA_CACHE", Path.home() / ".cache" / "llm-from-scratch")) / "sft-stdlib"
+    if not (out / "meta.json").exists():
+        print(f"building the default SFT data (standard library functions with docstrings) into {out} ...",
+              flush=True)
+        c = build_default_data(data_lib.stdlib_documents(), out)
+        print(f"  {c['functions']} functions with a docstring; {c['too_long']} skipped as longer than "
+              f"{DEFAULT_MAX_BYTES} bytes rendered; kept {c['train']} train, {c['val']} held-out", flush=True)
+    return out / "train.jsonl", out / "val.jsonl"
+
+
+# ------------------------------------------------------------------------------------------- the model
+def load_init(path):
+    """A pretrain.py or sft.py checkpoint (a folder holding ckpt.pt, or the file): model, config, tokenizer."""
+    p = Path(path)
+    f = p / "ckpt.pt" if p.is_dir() else p
+    if not f.exists():
+        raise ConfigError(f"--init {path}: no checkpoint there (run pretrain.py --out {path} first, or `make "
+                          "pretrain`)")
+    try:
+        ckpt = torch.load(f, map_location="cpu", weights_only=False)
+        missing = {"model", "model_config", "tokenizer"} - set(ckpt)
+    except Exception as e:
+        raise ConfigError(f"--init {f}: not a readable checkpoint ({type(e).__name__})") from None
+    if missing:
+        raise ConfigError(f"--init {f}: not a model checkpoint (missing {', '.join(sorted(missing))})")
+    if any(".lora_" in k for k in ckpt["model"]):
+        raise ConfigError(f"--init {f} holds LoRA adapters: start from its merged.pt, or pass --adapter")
+    return ckpt
+
+
+def build_model(init, args, device):
+    cfg = replace(ModelConfig(**init["model_config"]), attn=args.attn)
+    if args.model is not None:
+        want = asdict(replace(PRESETS[args.model], vocab_size=cfg.vocab_size, attn="-"))
+        if want != init["model_config"]:
+            diff = sorted(k for k in want if want[k] != init["model_config"].get(k))
+            raise ConfigError(f"--init {args.init} is a checkpoint of another model config than --model "
+                              f"{args.model} (differs in {', '.join(diff)})")
+    torch.manual_seed(args.seed)
+    model = Transformer(cfg)
+    model.load_state_dict(init["model"])
+    return model.to(device), cfg
+
+
+# ------------------------------------------------------------------------------------------- steps
+def train_step(model, opt, micro_batches, device, count_reduce=None):
+    """One optimizer step's forward and backward. Every micro-batch's summed loss is divided by the response
+    tokens of the whole step (over every rank with count_reduce), so accumulated gradients are those of the
+    step's token mean. Returns that mean (this rank's share of it) as a tensor."""
+    n = torch.tensor(float(sum(int((y != -100).sum()) for _, y in micro_batches)), device=device)
+    if count_reduce is not None:
+        n = count_reduce(n)
+    loss_sum = torch.zeros((), device=device)
+    for x, y in micro_batches:
+        _, loss = model(x.to(device), y.to(device), reduction="sum")
+        loss = loss / n
+        opt.scale_loss(loss).backward()
+        loss_sum += loss.detach().float()
+    return loss_sum
+
+
+@torch.no_grad()
+def response_loss(model, batches, device):
+    """Mean cross-entropy per response token (labels other than -100) over the held-out batches."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        total += model(x.to(device), y.to(device), reduction="sum")[1].item()
+        count += int((y != -100).sum())
+    model.train()
+    return total / count
+
+
+@torch.no_grad()
+def answer(model, enc, ids, max_new_tokens, device):
+    """Greedy decoding until end-of-text, the context's end or max_new_tokens."""
+    eot, block = data_lib.eot_id(enc), model.cfg.block_size
+    idx = torch.tensor([ids], device=device)
+    for _ in range(min(max_new_tokens, block - len(ids))):
+        nxt = model(idx)[0][0, -1].argmax()
+        if nxt.item() == eot:
+            break
+        idx = torch.cat([idx, nxt.view(1, 1)], dim=1)
+    return enc.decode(idx[0, len(ids):].tolist())
+
+
+# ------------------------------------------------------------------------------------------- the run
+def build_parser():
+    ap = OneLineParser(prog="sft.py", description="Supervised fine-tuning (and LoRA) of a pretrained checkpoint.")
+    a = ap.add_argument
+    a("--init", default="out/pretrain", help="pretrain.py/sft.py checkpoint: its folder (ckpt.pt) or a file")
+    a("--model", default=None, choices=sorted(PRESETS), help="check that --init is of this preset")
+    a("--data", default=None, help="training JSONL (Alpaca- or chat-style); default: the embedded stdlib set")
+    a("--val-data", default=None, help="held-out JSONL; default: the embedded set's, or 1 in 10 lines of --data")
+    a("--no-prompt-mask", action="store_true", help="learn the prompt tokens too (the baseline to compare with)")
+    a("--batch-size", type=int, default=16, help="global batch in examples per optimizer step")
+    a("--grad-accum", type=int, default=1)
+    a("--max-steps", type=int, default=200, help="optimizer steps (0: evaluate and answer only)")
+    a("--lr", type=float, default=5e-4)
+    a("--min-lr", type=float, default=None, help="end of the cosine decay (default lr/10)")
+    a("--warmup-steps", type=int, default=20)
+    a("--weight-decay", type=float, default=0.0)
+    a("--beta1", type=float, default=0.9)
+    a("--beta2", type=float, default=0.95)
+    a("--grad-clip", type=float, default=1.0)
+    a("--amp", default="fp32", choices=sorted(DTYPES))
+    a("--attn", default="sdpa", choices=ATTN_BACKENDS)
+    a("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    a("--lora-alpha", type=float, default=16.0)
+    a("--lora-dropout", type=float, default=0.0)
+    a("--lora-targets", default="wq,wk,wv,wo", help=f"comma-separated, from {','.join(lora_lib.TARGETS)}")
+    a("--adapter", default=None, help="load LoRA adapters (adapter.pt) onto --init before anything else")
+    a("--out", default="out/sft")
+    a("--resume", action="store_true")
+    a("--save-every", type=int, default=100)
+    a("--eval-every", type=int, default=50)
+    a("--eval-examples", type=int, default=200, help="held-out examples in each evaluation")
+    a("--log-every", type=int, default=10)
+    a("--samples", type=int, default=3, help="held-out prompts answered at the end")
+    a("--max-new-tokens", type=int, default=200)
+    a("--seed", type=int, default=1337)
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return ap
+
+
+def check_args(args, world):
+    for flag in ("batch_size", "grad_accum", "save_every", "eval_every", "eval_examples", "log_every"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.max_steps < 0 or args.samples < 0 or args.max_new_tokens < 0:
+        raise ConfigError("--max-steps, --samples and --max-new-tokens must be >= 0")
+    if args.batch_size % (args.grad_accum * world):
+        raise ConfigError(f"--batch-size {args.batch_size} does not divide into --grad-accum {args.grad_accum} x "
+                          f"{world} ranks: use a multiple of {args.grad_accum * world}")
+    if args.lr <= 0 or args.warmup_steps < 0 or args.grad_clip < 0 or args.weight_decay < 0:
+        raise ConfigError("--lr must be > 0 and --warmup-steps, --grad-clip, --weight-decay >= 0")
+    if args.lora_r:
+        lora_lib.check_settings(args.lora_r, args.lora_alpha, args.lora_dropout)
+        lora_lib.parse_targets(args.lora_targets)
+    if args.adapter and args.lora_r:
+        raise ConfigError("--adapter brings its own LoRA settings: drop --lora-r")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return train(args)
+    except (ConfigError, data_lib.DataError, lora_lib.LoRAError) as e:
+        print(f"sft.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def train(args):
+    rank, world, device = setup_distributed(args)
+    check_args(args, world)
+    master = rank == 0
+    out = Path(args.out)
+    ckpt_path = out / "ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    init = load_init(args.init)
+    if ckpt and ckpt["model_config"] != init["model_config"]:
+        raise ConfigError(f"--resume: the checkpoint in {out} is of another model config than --init {args.init}")
+
+    # Data: read and check everything before building anything.
+    enc = data_lib.get_tokenizer(init["tokenizer"])
+    if args.data is None:
+        train_file, val_file = ensure_default_data()
+        train_ex, val_ex = read_jsonl(train_file), read_jsonl(args.val_data or val_file)
+    else:
+        train_ex = read_jsonl(args.data)
+        if args.val_data:
+            val_ex = read_jsonl(args.val_data)
+        else:  # hold out 1 line in 10 (by a hash of its position), never the whole file
+            held = [zlib.crc32(w.encode()) % 10 == 0 for w, _ in train_ex]
+            if all(held) or not any(held):
+                held = [i == len(train_ex) - 1 for i in range(len(train_ex))]
+            val_ex = [e for e, h in zip(train_ex, held) if h]
+            train_ex = [e for e, h in zip(train_ex, held) if not h] or val_ex
+    block = init["model_config"]["block_size"]
+    train_rows, skipped = tokenize(train_ex, enc, block, prompt_mask=not args.no_prompt_mask)
+    val_rows, val_skipped = tokenize(val_ex, enc, block)  # held-out loss: always on response tokens only
+    if not train_rows or not val_rows:
+        raise data_lib.DataError(f"no example fits in the model's context of {block} tokens "
+                                 f"({skipped} train and {val_skipped} held-out examples are longer)")
+    micro_bs = args.batch_size // (args.grad_accum * world)
+    pad = data_lib.eot_id(enc)
+    batches = SFTBatches(train_rows, args.batch_size, pad, rank, world, args.grad_accum, args.seed)
+    val_rows = val_rows[:args.eval_examples]
+    val = [collate(val_rows[i:i + micro_bs], pad) for i in range(0, len(val_rows), micro_bs)]
+
+    model, cfg = build_model(init, args, device)
+    model_config = init["model_config"]
+    if args.adapter:
+        lora_lib.load_adapter(model, args.adapter, model_config)
+    elif args.lora_r:
+        lora_lib.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    lora_config = getattr(model, "lora_config", None)
+    if ckpt and ckpt.get("lora") != lora_config:
+        raise ConfigError(f"--resume: the checkpoint in {out} has LoRA settings {ckpt.get('lora')}, this run "
+                          f"{lora_config}")
+    dtype = DTYPES[args.amp]
+    cast_model(model, dtype)
+    scaler = DynamicLossScaler(enabled=args.amp == "fp16")
+    opt = MixedPrecisionOptimizer(
+        param_groups(model, args.weight_decay),
+        lambda groups: torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2),
+                                         fused=device.type == "cuda"),
+        dtype, scaler)
+    step = 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optim"])
+        batches.load_state_dict(ckpt["data"])
+        set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+
+    def checkpoint_now():
+        if master:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optim": opt.state_dict(), "step": step, "data": batches.state_dict(),
+                "rng": rng_state(), "tokenizer": init["tokenizer"], "args": vars(args), "model_config": model_config,
+                "lora": lora_config})
+
+    n_resp = sum(sum(t != -100 for t in y) for _, y in train_rows)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"init {args.init}: {num_params(model):,} parameters, block {block}, tokenizer {init['tokenizer']} | "
+              f"{len(train_rows)} train examples ({n_resp:,} learned tokens"
+              f"{', prompts too' if args.no_prompt_mask else ', responses only'}), {len(val_rows)} held-out | "
+              f"skipped as longer than the context: {skipped} train, {val_skipped} held-out | batch "
+              f"{args.batch_size} = {micro_bs} x {args.grad_accum} micro-steps x {world} ranks | {args.max_steps} "
+              f"steps | {args.amp} on {device}" + (f" | resuming at step {step}" if step else ""), flush=True)
+        if lora_config:
+            print(lora_lib.describe(model), flush=True)
+    metrics = open(out / "metrics.jsonl", "a") if master else None
+
+    def log(record):
+        if master:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+    def evaluate_now():
+        loss = response_loss(model, val, device)
+        log({"step": step, "val_loss": loss})
+        if master:
+            print(f"step {step:5d} | held-out response loss {loss:.4f}", flush=True)
+        return loss
+
+    val_losses = [evaluate_now()] if step == 0 else []
+    history, t_last, tokens_since = [], time.perf_counter(), 0
+    while step < args.max_steps:
+        lr = lr_at(step, args, args.max_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        micro_batches = batches.next()
+        tokens_since += sum(x.numel() for x, _ in micro_batches)
+        loss = train_step(model, opt, micro_batches, device).item()
+        grad_norm, skipped_step = opt.step(args.grad_clip)
+        opt.zero_grad()
+        step += 1
+        history.append(loss)
+        if step % args.log_every == 0 or step == args.max_steps:
+            dt = time.perf_counter() - t_last
+            rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_since / dt,
+                   "peak_mem_mb": peak_memory_mb(device), "skipped": skipped_step}
+            log(rec)
+            if master:
+                print(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} | "
+                      f"{rec['tokens_per_s'] / 1e3:.1f}k tok/s (padded) | mem {rec['peak_mem_mb']:.0f} MB", flush=True)
+            t_last, tokens_since = time.perf_counter(), 0
+        if step % args.eval_every == 0 or step == args.max_steps:
+            val_losses.append(evaluate_now())
+        if step % args.save_every == 0 or step == args.max_steps:
+            checkpoint_now()
+
+    if master and lora_config and step == args.max_steps:
+        lora_lib.save_adapter(out / "adapter.pt", model, model_config)
+        merged = lora_lib.merge_lora(model)  # the export: a plain model, usable as --init
+        save_checkpoint(out / "merged.pt", {"model": merged.state_dict(), "model_config": model_config,
+                                            "tokenizer": init["tokenizer"]})
+        print(f"adapters in {out / 'adapter.pt'}, merged model in {out / 'merged.pt'}", flush=True)
+    samples = []
+    if master and args.samples:
+        model.eval()
+        for where, messages in val_ex[:args.samples]:
+            reply = answer(model, enc, prompt_ids(enc, messages), args.max_new_tokens, device)
+            asked = [m["content"] for m in messages if m["role"] == "user"][-1:] or [""]
+            samples.append({"where": where, "prompt": asked[0], "answer": reply})
+            print(f"{'-' * 20} {where}\n{asked[0]}\n{'-' * 8} answer:\n{reply}", flush=True)
+        (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    if metrics:
+        metrics.close()
+    return {"losses": history, "val_losses": val_losses, "step": step, "model": model, "opt": opt,
+            "samples": samples, "skipped": skipped}
+
+
+if __name__ == "__main__":
+    main()
