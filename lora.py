@@ -69,7 +69,8 @@ def parse_targets(spec):
     targets = tuple(t.strip() for t in spec.split(",") if t.strip()) if isinstance(spec, str) else tuple(spec)
     bad = [t for t in targets if t not in TARGETS]
     if bad or not targets:
-        raise LoRAError(f"--lora-targets {','.join(targets) or spec!r}: choose from {','.join(TARGETS)}")
+        raise LoRAError(f"--lora-targets {spec if isinstance(spec, str) else ','.join(spec)}: "
+                        f"{', '.join(bad) or 'nothing'} is not a linear of the blocks; choose from {','.join(TARGETS)}")
     return targets
 
 

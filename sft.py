@@ -311,11 +311,12 @@ def response_loss(model, batches, device):
 
 @torch.no_grad()
 def answer(model, enc, ids, max_new_tokens, device):
-    """Greedy decoding until end-of-text, the context's end or max_new_tokens."""
+    """Greedy decoding until end-of-text, the context's end or max_new_tokens (over the tokenizer's ids only:
+    the padded vocabulary's extra rows are never valid tokens)."""
     eot, block = data_lib.eot_id(enc), model.cfg.block_size
     idx = torch.tensor([ids], device=device)
     for _ in range(min(max_new_tokens, block - len(ids))):
-        nxt = model(idx)[0][0, -1].argmax()
+        nxt = model(idx)[0][0, -1, :enc.n_vocab].argmax()
         if nxt.item() == eot:
             break
         idx = torch.cat([idx, nxt.view(1, 1)], dim=1)
@@ -350,6 +351,7 @@ def build_parser():
     a("--adapter", default=None, help="load LoRA adapters (adapter.pt) onto --init before anything else")
     a("--out", default="out/sft")
     a("--resume", action="store_true")
+    a("--stop-after", type=int, default=None, help="end this invocation after N steps with a checkpoint")
     a("--save-every", type=int, default=100)
     a("--eval-every", type=int, default=50)
     a("--eval-examples", type=int, default=200, help="held-out examples in each evaluation")
@@ -362,8 +364,8 @@ def build_parser():
 
 
 def check_args(args, world):
-    for flag in ("batch_size", "grad_accum", "save_every", "eval_every", "eval_examples", "log_every"):
-        if getattr(args, flag) < 1:
+    for flag in ("batch_size", "grad_accum", "save_every", "eval_every", "eval_examples", "log_every", "stop_after"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.max_steps < 0 or args.samples < 0 or args.max_new_tokens < 0:
         raise ConfigError("--max-steps, --samples and --max-new-tokens must be >= 0")
@@ -488,7 +490,8 @@ def train(args):
 
     val_losses = [evaluate_now()] if step == 0 else []
     history, t_last, tokens_since = [], time.perf_counter(), 0
-    while step < args.max_steps:
+    stop_at = min(args.max_steps, step + args.stop_after) if args.stop_after else args.max_steps
+    while step < stop_at:
         lr = lr_at(step, args, args.max_steps)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -499,7 +502,7 @@ def train(args):
         opt.zero_grad()
         step += 1
         history.append(loss)
-        if step % args.log_every == 0 or step == args.max_steps:
+        if step % args.log_every == 0 or step == stop_at:
             dt = time.perf_counter() - t_last
             rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_since / dt,
                    "peak_mem_mb": peak_memory_mb(device), "skipped": skipped_step}
@@ -510,7 +513,7 @@ def train(args):
             t_last, tokens_since = time.perf_counter(), 0
         if step % args.eval_every == 0 or step == args.max_steps:
             val_losses.append(evaluate_now())
-        if step % args.save_every == 0 or step == args.max_steps:
+        if step % args.save_every == 0 or step == stop_at:
             checkpoint_now()
 
     if master and lora_config and step == args.max_steps:
@@ -520,7 +523,7 @@ def train(args):
                                             "tokenizer": init["tokenizer"]})
         print(f"adapters in {out / 'adapter.pt'}, merged model in {out / 'merged.pt'}", flush=True)
     samples = []
-    if master and args.samples:
+    if master and args.samples and step == args.max_steps:
         model.eval()
         for where, messages in val_ex[:args.samples]:
             reply = answer(model, enc, prompt_ids(enc, messages), args.max_new_tokens, device)
