@@ -266,18 +266,21 @@ def load_init(path):
     return ckpt
 
 
-def build_model(init, args, device):
-    cfg = replace(ModelConfig(**init["model_config"]), attn=args.attn)
+def check_init_config(init, args):
+    """--model, when given, must be the preset the checkpoint was trained as (vocabulary as the checkpoint's)."""
     if args.model is not None:
-        want = asdict(replace(PRESETS[args.model], vocab_size=cfg.vocab_size, attn="-"))
+        want = asdict(replace(PRESETS[args.model], vocab_size=init["model_config"]["vocab_size"], attn="-"))
         if want != init["model_config"]:
             diff = sorted(k for k in want if want[k] != init["model_config"].get(k))
             raise ConfigError(f"--init {args.init} is a checkpoint of another model config than --model "
                               f"{args.model} (differs in {', '.join(diff)})")
-    torch.manual_seed(args.seed)
+
+
+def build_model(init, args, device):
+    cfg = replace(ModelConfig(**init["model_config"]), attn=args.attn)
     model = Transformer(cfg)
     model.load_state_dict(init["model"])
-    return model.to(device), cfg
+    return model.to(device)
 
 
 # ------------------------------------------------------------------------------------------- steps
@@ -334,10 +337,10 @@ def build_parser():
     a("--no-prompt-mask", action="store_true", help="learn the prompt tokens too (the baseline to compare with)")
     a("--batch-size", type=int, default=16, help="global batch in examples per optimizer step")
     a("--grad-accum", type=int, default=1)
-    a("--max-steps", type=int, default=200, help="optimizer steps (0: evaluate and answer only)")
+    a("--max-steps", type=int, default=100, help="optimizer steps (0: evaluate and answer only)")
     a("--lr", type=float, default=5e-4)
     a("--min-lr", type=float, default=None, help="end of the cosine decay (default lr/10)")
-    a("--warmup-steps", type=int, default=20)
+    a("--warmup-steps", type=int, default=10)
     a("--weight-decay", type=float, default=0.0)
     a("--beta1", type=float, default=0.9)
     a("--beta2", type=float, default=0.95)
@@ -400,6 +403,7 @@ def train(args):
     ckpt_path = out / "ckpt.pt"
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
     init = load_init(args.init)
+    check_init_config(init, args)
     if ckpt and ckpt["model_config"] != init["model_config"]:
         raise ConfigError(f"--resume: the checkpoint in {out} is of another model config than --init {args.init}")
 
@@ -430,7 +434,8 @@ def train(args):
     val_rows = val_rows[:args.eval_examples]
     val = [collate(val_rows[i:i + micro_bs], pad) for i in range(0, len(val_rows), micro_bs)]
 
-    model, cfg = build_model(init, args, device)
+    torch.manual_seed(args.seed)  # LoRA's A matrices, dropout
+    model = build_model(init, args, device)
     model_config = init["model_config"]
     if args.adapter:
         lora_lib.load_adapter(model, args.adapter, model_config)
