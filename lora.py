@@ -175,6 +175,15 @@ def merge_lora(model):
     return model
 
 
+@torch.no_grad()
+def merged_state_dict(model):
+    """The state dict merge_lora's model would have, leaving `model` as it is (adapted, still training)."""
+    sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, m in lora_layers(model):
+        sd[f"{name}.weight"] = m.weight + m.delta().to(m.weight.dtype)
+    return sd
+
+
 def optimizer_state_bytes(optimizer):
     """Bytes held in an optimizer's state (Adam: exp_avg and exp_avg_sq per parameter, plus a step scalar)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # amp.MixedPrecisionOptimizer wraps the torch one

@@ -523,8 +523,8 @@ def train(args):
 
     if master and lora_config and step == args.max_steps:
         lora_lib.save_adapter(out / "adapter.pt", model, model_config)
-        merged = lora_lib.merge_lora(model)  # the export: a plain model, usable as --init
-        save_checkpoint(out / "merged.pt", {"model": merged.state_dict(), "model_config": model_config,
+        # The export: W + (alpha/r) B A in a plain model's state dict, usable as --init.
+        save_checkpoint(out / "merged.pt", {"model": lora_lib.merged_state_dict(model), "model_config": model_config,
                                             "tokenizer": init["tokenizer"]})
         print(f"adapters in {out / 'adapter.pt'}, merged model in {out / 'merged.pt'}", flush=True)
     samples = []

@@ -57,7 +57,11 @@ def test_merged_weights_reproduce_the_adapted_model():
     adapted = trained_adapted(model, x, y)
     assert not torch.allclose(adapted(x)[0], model(x)[0], atol=1e-3)  # the adapters did learn something
     expected = adapted(x)[0]
+    merged_sd = lora.merged_state_dict(adapted)  # without touching the adapted model
+    assert lora.lora_layers(adapted) and merged_sd.keys() == model.state_dict().keys()
     merged = lora.merge_lora(adapted)
+    for k, v in merged.state_dict().items():
+        assert torch.equal(merged_sd[k], v), k
     assert not lora.lora_layers(merged) and merged.state_dict().keys() == model.state_dict().keys()
     torch.testing.assert_close(merged(x)[0], expected, rtol=0, atol=1e-12)
 
