@@ -3,11 +3,19 @@
 The idea: an instruction example is a prompt and a response rendered into one token sequence by a template.
 The model is trained exactly as in pretraining (next-token cross-entropy), except that the labels are -100
 on the prompt and on padding, and model.py's loss ignores -100: the prompt is context, never a target, so the
-gradient comes only from response tokens. The template (Alpaca's headers):
+gradient comes only from response tokens. The template (Alpaca's headers), learned part in [brackets]:
 
-    ### System:\\n{system}\\n\\n          (chat-style only, optional)
-    ### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n   (Input only when given)
-    ### Response:\\n{output}<|endoftext|>
+    ### System:               (chat-style only, when given)
+    {system}
+
+    ### Instruction:
+    {instruction}
+
+    ### Input:                (only when the example has one)
+    {input}
+
+    ### Response:
+    [{output}<|endoftext|>]
 
 Chat-style lines ({"messages": [{"role": "system|user|assistant", "content": ...}, ...]}) use the same
 headers per turn; every assistant turn, with its end-of-text token, is learned, everything else is masked.
@@ -26,9 +34,11 @@ would weight a token in a short micro-batch more).
 
 The embedded default data, offline: from the pretraining corpus (the Python standard library), every short
 function with a docstring becomes "Write a Python function `name(args)` that: <docstring's first paragraph>"
--> its source without the docstring (ast); held out by module (the same hash as pretraining's validation
-split, 1 module in 10). Evaluation: the response-only loss on held-out examples, before training and at each
-eval; at the end, greedy answers to a few held-out prompts.
+-> its source without the docstring (ast); held out by module (crc32 of its path % 10 == 0, a superset of the
+modules pretraining held out, % 50). Evaluation: the response-only loss on held-out examples, before training
+and at each eval; at the end, greedy answers to a few held-out prompts.
+
+Cost: as pretraining, about 6 N FLOPs per token, padded positions included; the log's tokens/s counts them.
 
 Run:
     python sft.py --init out/pretrain                          # full fine-tuning on the embedded default
@@ -36,7 +46,6 @@ Run:
     python sft.py --init out/pretrain --data my.jsonl --val-data my_val.jsonl
     make sft                                                   # pretrains first if out/pretrain has no checkpoint
 """
-import argparse
 import ast
 import json
 import os
