@@ -319,3 +319,55 @@ class ZeroOptimizer:
             t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values()
             if torch.is_tensor(t) and t.dim() > 0)  # (Adam's step counters are scalars: left out)
         return {"params": params, "grads": grads, "optimizer": states}
+
+
+if __name__ == "__main__":
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import pretrain
+    from amp import cast_model
+    from model import PRESETS, Transformer
+    from topology import Topology
+    dist.init_process_group("gloo")
+    topo = Topology()
+    N, rank = topo.dp, topo.rank
+    cfg = replace(PRESETS["tiny"], block_size=64)
+    data = torch.randint(0, cfg.vocab_size, (4, 4 * N, 65), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for stage in (0, 1, 2, 3):
+        torch.manual_seed(0)
+        model = cast_model(Transformer(cfg), torch.bfloat16)
+        args = pretrain.build_parser().parse_args(["--zero", str(stage), "--amp", "bf16", "--lr", "3e-3"])
+        module, opt = pretrain.build_training(model, args, torch.bfloat16, topo)
+        losses = []
+        for step, batch in enumerate(data):
+            x = batch.chunk(N)[rank]
+            _, loss = module(x[:, :-1], x[:, 1:])
+            opt.scale_loss(loss).backward()
+            if step == len(data) - 1:  # everything a step needs is held now: weights, gradients, states
+                if stage == 0:
+                    states = sum(t.numel() * t.element_size() for m in opt.master_params for t in
+                                 [m, *[s for s in opt.optimizer.state[m].values() if s.dim() > 0]])
+                    held = {"params": sum(p.numel() * p.element_size() for p in model.parameters()),
+                            "grads": sum(b.buffer.numel() * b.buffer.element_size() for b in module.buckets),
+                            "optimizer": states}
+                else:
+                    held = opt.memory()
+            opt.step(1.0)
+            opt.zero_grad()
+            losses.append(pretrain.mean_over_dp(loss.detach(), topo).item())
+        psi = sum(p.numel() for p in model.parameters())
+        predicted = pretrain.zero_table(psi, N)[stage]
+        rows.append((stage, held, predicted, losses))
+    for r in range(N):
+        if r == rank:
+            print(f"rank {rank}/{N}: bf16 model of {psi:,} parameters; model states held in MB "
+                  f"(measured / formula 2 Psi, 2 Psi, 12 Psi sharded per stage)")
+            for stage, held, pred, losses in rows:
+                cells = "  ".join(f"{k} {held[k] / 2**20:6.3f}/{pred[k] / 2**20:6.3f}" for k in held)
+                total = sum(held.values()) / pred["total"]
+                print(f"  stage {stage}: {cells}  total {total:.3f}x formula | losses "
+                      + " ".join(f"{l:.3f}" for l in losses), flush=True)
+        dist.barrier()
+    dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """ddp.py and zero.py against one process on the global batch, at world sizes 2 and 4 (gloo ranks)."""
 import contextlib
-import json
+import io
 import os
 from dataclasses import replace
 from types import SimpleNamespace
@@ -142,3 +142,58 @@ def test_fp16_overflow_on_one_rank_skips_the_step_everywhere():
     for result in run_distributed(_fp16_overflow_on_one_rank, 2):
         for zero, (skipped, scale, unchanged) in result.items():
             assert skipped and scale == 2.0 ** 15 and unchanged, (zero, result)
+
+
+# ---------------------------------------------------------------------------------------- through pretrain.py
+FAST = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-3",
+        "--warmup-steps", "2", "--eval-iters", "1", "--eval-every", "100", "--sample-tokens", "0",
+        "--log-every", "1", "--max-steps", "4"]
+
+
+def _pretrain_zero3_resume(rank, world, data_dir, out):
+    common = FAST + ["--data", str(data_dir), "--zero", "3"]
+    whole = pretrain.main(common + ["--out", f"{out}/whole"])
+    first = pretrain.main(common + ["--out", f"{out}/split", "--stop-after", "2"])
+    second = pretrain.main(common + ["--out", f"{out}/split", "--resume"])
+    params = []
+    for run in (whole, second):
+        with run["opt"].gathered():
+            params.append([p.detach().clone() for p in run["model"].parameters()])
+    errors = []
+    for bad in (["--batch-size", "5"], ["--zero", "4"]):
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(stderr):
+                pretrain.main(common + ["--out", f"{out}/bad"] + bad)
+        except SystemExit as e:
+            errors.append((e.code, stderr.getvalue()))
+    return {"whole": whole["losses"], "split": first["losses"] + second["losses"],
+            "same_params": all(torch.equal(a, b) for a, b in zip(*params)), "exit_codes": errors}
+
+
+def test_zero3_resume_through_pretrain_is_exact_and_errors_are_clear(tmp_path, stdlib_data, capsys):
+    """ZeRO-3 at world 2 in fp32 on CPU: stopping after 2 steps and resuming gives the very same losses and
+    weights as the uninterrupted run (every rank restores its slices, its RNG state and the data position).
+    Then the bad inputs: a global batch that does not divide over 2 ranks x 2 micro-steps, --zero 4, and the
+    world-2 sharded checkpoint resumed by one process."""
+    results = run_distributed(_pretrain_zero3_resume, 2, stdlib_data, str(tmp_path))
+    for r in results:
+        assert r["whole"] == r["split"] and len(r["whole"]) == 4 and r["same_params"], r
+        (code_batch, err_batch), (code_zero, err_zero) = r["exit_codes"]
+        assert code_batch == code_zero == 2
+        assert err_batch.startswith("pretrain.py: error: --batch-size 5 does not divide into --grad-accum 2 x 2 ranks")
+        assert "argument --zero: invalid choice: 4 (choose from 0, 1, 2, 3)" in err_zero
+    assert sorted(os.listdir(tmp_path / "split")) == ["ckpt.rank0.pt", "ckpt.rank1.pt", "metrics.jsonl"]
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(FAST + ["--data", str(stdlib_data), "--zero", "3", "--out", str(tmp_path / "split"),
+                              "--resume"])
+    assert e.value.code == 2
+    assert "was written by 2 data-parallel rank(s); this run has 1" in capsys.readouterr().err
+
+
+def test_estimate_prints_the_zero_table(capsys):
+    est = pretrain.main(["--model", "gpt2-124m", "--estimate", "--gpus", "8"])
+    n, rows = est["params"], est["zero"]
+    assert [r["total"] / n for r in rows] == [16, 4 + 12 / 8, 2 + 14 / 8, 16 / 8]  # the ZeRO paper's column
+    assert [r["comm_elements"] / (n * 7 / 8) for r in rows] == [2, 3, 2, 3]
+    assert "reduce-scatter" in capsys.readouterr().out
