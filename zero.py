@@ -101,6 +101,12 @@ class ZeroOptimizer:
             if params:
                 self.units.append(FlatUnit(module, params, self.rank, self.world, master_dtype))
         self.root = self.units[-1] if self.units[-1].module is model else None
+        for u in self.units:
+            if u.master.dtype == u.dtype:  # an fp32 (or fp64) model is its own master, as in amp.py: no copy
+                if stage == 3:
+                    u.shard16 = u.master    # the slice kept between gathers is the master
+                else:
+                    u.master = u.full[u.lo:u.hi]  # the optimizer updates the model's slice in place
         # The inner optimizer steps views of the master slices, one per parameter piece, in the piece's group.
         inner = [{**g, "params": []} for g in param_groups]
         for u in self.units:
@@ -115,7 +121,8 @@ class ZeroOptimizer:
                 p.register_post_accumulate_grad_hook(self._grad_ready)
         if stage == 3:
             for u in self.units:
-                u.shard16 = u.full[u.lo:u.hi].clone()
+                if u.shard16 is None:
+                    u.shard16 = u.full[u.lo:u.hi].clone()
                 self._free(u)
             self._install_stage3_hooks(model)
 
@@ -259,7 +266,8 @@ class ZeroOptimizer:
                         g[s:s + n] = p.grad.flatten()[a:a + n]
             else:
                 g = u.grad_shard if u.grad_shard is not None else torch.zeros_like(u.master)
-            u.master_grad = g.to(u.master.dtype) * inv_scale
+            same = g.dtype == u.master.dtype and inv_scale == 1.0
+            u.master_grad = g if same else g.to(u.master.dtype) * inv_scale  # the cast up, as in amp.py
         norm = global_grad_norm([u.master_grad for u in self.units], self._sum_over_ranks)
         found_inf = not math.isfinite(float(norm))
         self.scaler.update(found_inf)
@@ -282,9 +290,11 @@ class ZeroOptimizer:
         works = []
         for u in self.units:
             if self.stage == 3:
-                u.shard16.copy_(u.master)
-            else:
-                works.append(dist.all_gather_single(u.full, u.master.to(u.dtype), group=self.group, async_op=True))
+                if u.shard16 is not u.master:
+                    u.shard16.copy_(u.master)
+            else:  # (the input must not alias the output: an fp32 model's master is a view of it)
+                mine = u.master.to(u.dtype) if u.master.dtype != u.dtype else u.master.clone()
+                works.append(dist.all_gather_single(u.full, mine, group=self.group, async_op=True))
         for w in works:
             w.wait()
 
@@ -315,7 +325,8 @@ class ZeroOptimizer:
             grads = sum(b.buffer.numel() * b.buffer.element_size() for b in self.module.buckets)
         else:
             grads = sum(u.nbytes(u.grad_shard) for u in self.units if u.grad_shard is not None)
-        states = sum(u.nbytes(u.master) for u in self.units) + sum(
+        own_master = [u for u in self.units if u.master is not u.shard16 and u.master.dtype != u.dtype]
+        states = sum(u.nbytes(u.master) for u in own_master) + sum(
             t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values()
             if torch.is_tensor(t) and t.dim() > 0)  # (Adam's step counters are scalars: left out)
         return {"params": params, "grads": grads, "optimizer": states}
