@@ -62,13 +62,15 @@ class DistributedDataParallel(nn.Module):
                 dist.broadcast(t.data, src=src, group=group)
         # Buckets in reverse order of registration: backward produces the last layers' gradients first, so the
         # first bucket fills first and its all-reduce starts while the rest of backward runs.
+        # The first bucket is small (1 MB at most, as torch's DDP does), so that communication starts as soon as
+        # the head's gradients exist instead of after a whole bucket's worth of backward.
         params = [p for p in module.parameters() if p.requires_grad]
-        limit = bucket_mb * 2 ** 20
+        limit = min(bucket_mb, 1.0) * 2 ** 20
         self.buckets, current, size = [], [], 0
         for p in reversed(params):
             if current and (size + p.numel() * p.element_size() > limit or p.dtype != current[0].dtype):
                 self.buckets.append(Bucket(current, p.device))
-                current, size = [], 0
+                current, size, limit = [], 0, bucket_mb * 2 ** 20
             current.append(p)
             size += p.numel() * p.element_size()
         if current:
