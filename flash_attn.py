@@ -369,8 +369,8 @@ def check_inputs(q, k, v):
               (torch.float16, torch.bfloat16, torch.float32, torch.float64))
     if q.dtype not in dtypes:
         where = "CUDA" if q.is_cuda else "the Triton interpreter" if _uses_triton(q) else "the CPU twin"
-        raise ValueError(f"flash_attention: dtype {q.dtype} is unsupported on {where}; use one of "
-                         f"{', '.join(str(d).removeprefix('torch.') for d in dtypes)}")
+        raise ValueError(f"flash_attention: dtype {str(q.dtype)[6:]} is unsupported on {where}; use one of "
+                         f"{', '.join(str(d)[6:] for d in dtypes)}")
     return (t.contiguous() for t in (q, k, v))  # the kernels index the dense (B, H, N, D) layout; copies if not
 
 
