@@ -32,7 +32,6 @@ cuDNN backends and peak memory against naive attention; on a CPU, a float64 corr
 """
 import math
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -379,3 +378,110 @@ def flash_attention(q, k, v, causal=False, softmax_scale=None):
     q, k, v = check_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     return FlashAttention.apply(q, k, v, bool(causal), scale)
+
+
+# ------------------------------------------------------------------------------ the demo and the benchmark
+def _grads(f, q, k, v, do):
+    return torch.autograd.grad(f(q, k, v), (q, k, v), do)
+
+
+def _cuda_ms(fn, reps=10):
+    """Median of `reps` timed runs after warm-up (which also runs the autotuner), CUDA events."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[reps // 2]
+
+
+def _inputs(B, H, H_kv, N, D, dtype, device):
+    q, do = (torch.randn(B, H, N, D, dtype=dtype, device=device) for _ in range(2))
+    k, v = (torch.randn(B, H_kv, N, D, dtype=dtype, device=device) for _ in range(2))
+    return [t.requires_grad_() for t in (q, k, v)] + [do]
+
+
+def check(device, dtype, B=2, H=8, H_kv=2, N=1000, D=128):
+    """Causal attention and its gradients, ours and SDPA, against naive attention in float64."""
+    from model import naive_attention
+    q, k, v, do = _inputs(B, H, H_kv, N, D, dtype, device)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = naive_attention(*leaves)
+    want = [ref, *torch.autograd.grad(ref, leaves, do.double())]
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    for name, f in (("ours", lambda q, k, v: flash_attention(q, k, v, causal=True)), ("sdpa", sdpa)):
+        got = [f(q, k, v), *_grads(f, q, k, v, do)]
+        errs = ", ".join(f"{n} {(a.double() - b).abs().max().item():.1e}"
+                         for n, a, b in zip(("out", "dq", "dk", "dv"), got, want))
+        print(f"  {name:<5} max |error| vs float64 naive, {str(dtype)[6:]}, B={B} H={H} H_kv={H_kv} N={N} D={D}: "
+              f"{errs}")
+
+
+def benchmark():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(backend):
+        def f(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return f
+    impls = {"ours": lambda q, k, v: flash_attention(q, k, v, causal=True),
+             "flash": sdpa(SDPBackend.FLASH_ATTENTION), "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
+    print("\nTFLOP/s, causal, bf16, B*N = 16k tokens, H = 2048 / D (FLOPs: 2 B H N^2 D forward, x3.5 fwd+bwd)")
+    print(f"{'D':>4} {'N':>6} | {'fwd: ours':>9} {'flash':>6} {'cudnn':>6} {'ours/flash':>10} | "
+          f"{'fwd+bwd: ours':>13} {'flash':>6} {'cudnn':>6} {'ours/flash':>10}")
+    for D in (64, 128):
+        for N in (1024, 2048, 4096, 8192, 16384):
+            B, H = 16384 // N, 2048 // D
+            q, k, v, do = _inputs(B, H, H, N, D, torch.bfloat16, "cuda")
+            flops = 2 * B * H * N * N * D
+            tf = {}
+            for name, f in impls.items():
+                try:
+                    tf[name] = (flops / _cuda_ms(lambda: f(q, k, v)) / 1e9,
+                                3.5 * flops / _cuda_ms(lambda: _grads(f, q, k, v, do)) / 1e9)
+                except RuntimeError as e:  # a backend that cannot take this shape on this machine
+                    print(f"  {name} failed at D={D} N={N}: {str(e).splitlines()[0][:100]}")
+                    tf[name] = (float("nan"), float("nan"))
+            fwd, both = ([tf[n][i] for n in impls] for i in (0, 1))
+            print(f"{D:>4} {N:>6} | {fwd[0]:>9.0f} {fwd[1]:>6.0f} {fwd[2]:>6.0f} {fwd[0] / fwd[1]:>10.2f} | "
+                  f"{both[0]:>13.0f} {both[1]:>6.0f} {both[2]:>6.0f} {both[0] / both[1]:>10.2f}")
+
+
+def memory():
+    from model import naive_attention
+    print("\npeak memory of forward + backward above the inputs, causal, bf16, B=1 H=16 D=128 (MiB)")
+    print(f"{'N':>6} {'ours':>8} {'naive':>8} {'naive/ours':>10}")
+    for N in (1024, 2048, 4096, 8192, 16384):
+        q, k, v, do = _inputs(1, 16, 16, N, 128, torch.bfloat16, "cuda")
+        peak = {}
+        for name, f in (("ours", lambda q, k, v: flash_attention(q, k, v, causal=True)), ("naive", naive_attention)):
+            try:
+                _grads(f, q, k, v, do)  # warm-up: the autotuner's own buffers must not count
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                _grads(f, q, k, v, do)
+                peak[name] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            except torch.OutOfMemoryError:
+                peak[name] = float("nan")
+            torch.cuda.empty_cache()
+        print(f"{N:>6} {peak['ours']:>8.0f} {peak['naive']:>8.0f} {peak['naive'] / peak['ours']:>10.1f}")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    if torch.cuda.is_available():
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+        check("cuda", torch.bfloat16)
+        benchmark()
+        memory()
+    else:
+        where = "the Triton interpreter" if INTERPRET else "the PyTorch twin (TRITON_INTERPRET=1 runs the kernels)"
+        print(f"No CUDA device: the benchmark needs a GPU. A correctness check of {where} instead:")
+        check("cpu", torch.float32 if INTERPRET else torch.float64, B=1, H=4, H_kv=2, N=100, D=32)
