@@ -9,6 +9,7 @@ instead of reading a stored P.
     forward   S = scale Q K^T,  P = exp(S - L),  O = P V                       4 B H N^2 D FLOPs (half if causal)
     backward  Delta = rowsum(dO * O),  dV = P^T dO,  dP = dO V^T,
               dS = P * (dP - Delta),  dQ = scale dS K,  dK = scale dS^T Q        2.5x the forward
+              (5 matmuls to the forward's 2; these kernels do 7: the dQ pass recomputes S and dP, see below)
     memory    O(B H N D) for O, L and the gradients, against O(B H N^2) for naive attention
 
 The twin (first half of the file) is the lecture's pseudo-code, FlashAttention-2's Algorithms 1 and 2, in
@@ -44,9 +45,10 @@ HEAD_DIMS = (16, 128)  # the smallest and largest supported head dim
 
 
 # ------------------------------------------------------------------------------ the twin, in plain PyTorch
-def twin_forward(q, k, v, causal, scale, block=TWIN_BLOCK):
+def twin_forward(q, k, v, causal, scale, block=None):
     """Algorithm 1 (forward): returns O and the logsumexp L of each row, nothing of size N x N."""
     B, H, N, D = q.shape
+    block = block or TWIN_BLOCK
     acc_t = torch.promote_types(q.dtype, torch.float32)  # 16-bit inputs, fp32 arithmetic: as the kernels do
     k, v = (t.repeat_interleave(H // t.shape[1], dim=1).to(acc_t) for t in (k, v))  # head h reads KV h // group
     o, lse = torch.empty_like(q), torch.empty(B, H, N, dtype=acc_t, device=q.device)
@@ -71,9 +73,10 @@ def twin_forward(q, k, v, causal, scale, block=TWIN_BLOCK):
     return o, lse
 
 
-def twin_backward(q, k, v, o, lse, do, causal, scale, block=TWIN_BLOCK):
+def twin_backward(q, k, v, o, lse, do, causal, scale, block=None):
     """Algorithm 2 (backward): recompute each P tile from Q, K and L; returns dQ, dK, dV."""
     B, H, N, D = q.shape
+    block = block or TWIN_BLOCK
     H_kv, dtype, acc_t = k.shape[1], q.dtype, torch.promote_types(q.dtype, torch.float32)
     q, o, do = q.to(acc_t), o.to(acc_t), do.to(acc_t)
     k, v = (t.repeat_interleave(H // H_kv, dim=1).to(acc_t) for t in (k, v))
@@ -149,9 +152,9 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, rows, offs_n, offs_d, d_ok, lo, hi, N, qk
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["N", "HEAD_DIM", "CAUSAL"])
+@triton.autotune(configs=FWD_CONFIGS, key=["N_BUCKET", "HEAD_DIM", "CAUSAL"])
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, qk_scale, H, GROUP, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def _fwd_kernel(Q, K, V, O, LSE, qk_scale, H, GROUP, N, N_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the diagonal block is whole key tiles
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # causal: the longest rows start first
@@ -212,11 +215,11 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, cols, offs_m, offs_d, d_ok, lo,
     return dk, dv
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=["N", "HEAD_DIM", "CAUSAL"])
+@triton.autotune(configs=DKDV_CONFIGS, key=["N_BUCKET", "HEAD_DIM", "CAUSAL"])
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, H, GROUP, N, HEAD_DIM: tl.constexpr,
-                     BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_M: tl.constexpr):
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, H, GROUP, N, N_BUCKET,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     start_n = tl.program_id(0) * BLOCK_N  # causal: low key tiles see the most queries, and launch first
     bh_kv = tl.program_id(1)
@@ -270,9 +273,9 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, rows, offs_n, offs_d, d_ok, lo, hi, N
     return dq
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=["N", "HEAD_DIM", "CAUSAL"])
+@triton.autotune(configs=DQ_CONFIGS, key=["N_BUCKET", "HEAD_DIM", "CAUSAL"])
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale, H, GROUP, N, HEAD_DIM: tl.constexpr,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale, H, GROUP, N, N_BUCKET, HEAD_DIM: tl.constexpr,
                    BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
@@ -300,8 +303,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale, H, GROUP, N,
 # ------------------------------------------------------------------------------ launching, autograd, entry point
 def _meta(q, k, causal):
     B, H, N, D = q.shape
-    # fp32 inputs get exact fp32 dots; the GPU default would be tf32 (10-bit mantissa).
-    return dict(H=H, GROUP=H // k.shape[1], N=N, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=causal,
+    # fp32 inputs get exact fp32 dots; the GPU default would be tf32 (10-bit mantissa). N_BUCKET is only the
+    # autotuner's key: tune once per power of two of N, not for every N (generation grows N token by token).
+    return dict(H=H, GROUP=H // k.shape[1], N=N, N_BUCKET=triton.next_power_of_2(N), HEAD_DIM=D,
+                BLOCK_D=triton.next_power_of_2(D), CAUSAL=causal,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
@@ -350,8 +355,8 @@ def check_inputs(q, k, v):
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         raise TypeError("flash_attention: q, k and v must be torch tensors")
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"flash_attention: expected q (B, H, N, D) and k, v (B, H_kv, N, D), got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(f"flash_attention: expected q (B, H, N, D) and k, v (B, H_kv, N, D), got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     B, H, N, D = q.shape
     if k.shape[1] == 0 or H % k.shape[1] != 0:
         raise ValueError(f"flash_attention: {H} query heads do not split into groups over {k.shape[1]} KV heads")
@@ -389,15 +394,13 @@ def _cuda_ms(fn, reps=10):
     """Median of `reps` timed runs after warm-up (which also runs the autotuner), CUDA events."""
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(reps)]
+    for start, end in events:
         start.record()
         fn()
         end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[reps // 2]
+    torch.cuda.synchronize()
+    return sorted(start.elapsed_time(end) for start, end in events)[reps // 2]
 
 
 def _inputs(B, H, H_kv, N, D, dtype, device):

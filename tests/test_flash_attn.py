@@ -149,6 +149,8 @@ def t(*shape, dtype=torch.float32, device="cpu"):
 def test_bad_input_gets_a_clear_error(args, match):
     with pytest.raises(ValueError, match=match):
         flash_attention(*args)
+    with pytest.raises(TypeError, match="q, k and v must be torch tensors"):
+        flash_attention(args[0].tolist(), args[1], args[2])
 
 
 # ------------------------------------------------------------------------------ the Triton kernels, interpreted
