@@ -11,7 +11,7 @@ PRETRAIN_FLAGS ?= --model tiny --batch-size 32 --max-steps 500 --lr 2e-3 --warmu
 # docstrings): pretrains first when out/pretrain holds no checkpoint. A few minutes on 2 CPU cores.
 SFT_FLAGS ?= --init out/pretrain --out out/sft
 
-.PHONY: install pretrain sft test estimate clean
+.PHONY: install pretrain sft test estimate bench clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ sft: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Our DDP vs torch DDP and our ZeRO-3 vs torch FSDP2, world size 2 on CPU gloo: about a minute on 2 cores.
+bench: install
+	$(PY) benchmarks/bench_dp.py --out out/bench/bench_dp.json
 
 estimate: install
 	$(PY) pretrain.py --model gpt2-124m --estimate --chinchilla --gpus 8

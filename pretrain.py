@@ -16,9 +16,10 @@ Formulas (Kaplan et al. 2020; Hoffmann et al. 2022):
 Run:
     python pretrain.py --model tiny --max-steps 600 --out out/tiny           # the embedded default corpus
     python pretrain.py --model gpt2-124m --estimate --gpus 8 --chinchilla    # the calculator, no training
-    torchrun --nproc_per_node 1 pretrain.py ...                               # the same under torchrun
+    torchrun --nproc_per_node 4 pretrain.py --zero 2 ...                      # data parallel, ZeRO stage 2
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -35,7 +36,10 @@ import torch.distributed as dist
 
 import data as data_lib
 from amp import DTYPES, DynamicLossScaler, MixedPrecisionOptimizer, cast_model
+from ddp import DistributedDataParallel
 from model import ATTN_BACKENDS, PRESETS, ModelConfig, Transformer, flops_per_token, num_params, pad_vocab
+from topology import Topology
+from zero import ZeroOptimizer
 
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}  # dense bf16 tensor-core peaks, datasheets
 
@@ -74,6 +78,10 @@ def build_parser():
     a("--attn", default="sdpa", choices=ATTN_BACKENDS)
     a("--activation-checkpointing", action="store_true")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--zero", type=int, default=0, choices=[0, 1, 2, 3],
+      help="data parallelism over torchrun's ranks: 0 ddp.py, 1-3 ZeRO stages (zero.py)")
+    a("--bucket-mb", type=float, default=25.0, help="gradient bucket size of ddp.py's all-reduce (--zero 0 and 1; stages 2 and 3 reduce-scatter a "
+                                        "transformer block at a time)")
     a("--out", default="out/pretrain", help="checkpoints, metrics.jsonl and the final sample go here")
     a("--resume", action="store_true", help="continue from the checkpoint in --out")
     a("--save-every", type=int, default=200)
@@ -117,8 +125,8 @@ def check_args(args, world):
         raise ConfigError("--lr must be > 0 and --warmup-steps, --grad-clip, --weight-decay >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
-    if args.compile and args.activation_checkpointing:
-        pass  # both work together; nothing to refuse
+    if args.bucket_mb <= 0:
+        raise ConfigError(f"--bucket-mb must be > 0, got {args.bucket_mb}")
 
 
 # ------------------------------------------------------------------------------------------- the calculator
@@ -151,7 +159,30 @@ def estimate(args):
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
-    return {"params": n, "matmul_params": n_mm, "flops_per_token": fpt, "tokens": tokens, "seconds": seconds}
+    zero = zero_table(n, args.gpus)
+    print(f"\nZeRO over {args.gpus} data-parallel GPUs (model states per GPU; elements sent per GPU per step, "
+          f"ring collectives, x2 bytes in 16 bits):")
+    print(f"{'stage':<7}{'weights':>11}{'grads':>11}{'optimizer':>11}{'total':>11}   communication")
+    for r in zero:
+        print(f"{r['stage']:<7}" + "".join(f"{r[k] / gib:>8.2f} GiB"[-11:] for k in ("params", "grads", "optimizer",
+                                                                                        "total"))
+              + f"   {r['comm_elements']:.3g} = {r['comm']}")
+    return {"params": n, "matmul_params": n_mm, "flops_per_token": fpt, "tokens": tokens, "seconds": seconds,
+            "zero": zero}
+
+
+def zero_table(n, gpus):
+    """Model-state bytes per GPU and elements sent per GPU per step for DDP and ZeRO 1-3 (the ZeRO paper's
+    accounting: 2 bytes of 16-bit weights, 2 of gradients, K = 12 of fp32 master, momentum and variance)."""
+    N, K = gpus, 12
+    ring = (N - 1) / N * n  # one reduce-scatter or one all-gather of n elements; an all-reduce is both
+    rows = [(0, 2 * n, 2 * n, K * n, 2 * ring, "all-reduce of gradients"),
+            (1, 2 * n, 2 * n, K * n / N, 3 * ring, "all-reduce of gradients + all-gather of weights"),
+            (2, 2 * n, 2 * n / N, K * n / N, 2 * ring, "reduce-scatter of gradients + all-gather of weights"),
+            (3, 2 * n / N, 2 * n / N, K * n / N, 3 * ring,
+             "all-gather in forward + all-gather in backward + reduce-scatter")]
+    return [{"stage": s, "params": p, "grads": g, "optimizer": o, "total": p + g + o, "comm_elements": c,
+             "comm": how} for s, p, g, o, c, how in rows]
 
 
 # ------------------------------------------------------------------------------------------- pieces of the run
@@ -191,6 +222,31 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def checkpoint_path(out, rank, world):
+    """One file for one process; with several ranks each writes its own (its ZeRO slices, its RNG state)."""
+    return out / ("ckpt.pt" if world == 1 else f"ckpt.rank{rank}.pt")
+
+
+def check_checkpoint_layout(out, world, zero):
+    """Refuse, before loading, a checkpoint written by another number of ranks or another ZeRO stage:
+    slices of one world size do not fit another (resharding is not built)."""
+    for path in (checkpoint_path(out, 0, world), out / "ckpt.pt", out / "ckpt.rank0.pt"):
+        if path.exists():
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception:
+                return  # load_checkpoint says what is wrong with it
+            saved_world, saved_zero = ckpt.get("world", 1), ckpt.get("zero", 0)
+            if saved_world != world:
+                raise ConfigError(f"--resume: the checkpoint in {out} was written by {saved_world} data-parallel "
+                                  f"rank(s); this run has {world}: resume with --nproc_per_node {saved_world} "
+                                  "(changing the world size of a sharded checkpoint is not supported)")
+            if world > 1 and saved_zero != zero:
+                raise ConfigError(f"--resume: the checkpoint in {out} was written with --zero {saved_zero}; "
+                                  f"resume with --zero {saved_zero}")
+            return
+
+
 def load_checkpoint(path):
     if not path.exists():
         raise ConfigError(f"--resume: no checkpoint at {path} (train without --resume first, or fix --out)")
@@ -224,24 +280,54 @@ def peak_flops(device, dtype, args):
 
 
 def setup_distributed(args):
-    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; without them this is one process."""
+    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; without them this is one process. Several: one process
+    group (NCCL between GPUs, gloo between CPU processes), and every rank data-parallel."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world > 1:
-        raise ConfigError(f"WORLD_SIZE={world}: data parallelism (ddp.py, zero.py) is not built yet; "
-                          "run with --nproc_per_node 1")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     return rank, world, device
 
 
+def build_training(model, args, dtype, topo):
+    """The module to call forward on and its optimizer: plain on one data-parallel rank, ddp.py for --zero 0,
+    zero.py's stages otherwise. Every optimizer here has the same methods: zero_grad(), scale_loss(loss),
+    step(max_norm) -> (grad_norm, skipped), param_groups, state_dict()/load_state_dict(), scaler, and no_sync()
+    for accumulation micro-steps that must not communicate. Only parameters with requires_grad are trained."""
+    scaler = DynamicLossScaler(enabled=args.amp == "fp16")
+    groups = param_groups(model, args.weight_decay)
+    fused = next(model.parameters()).device.type == "cuda"
+
+    def make_optimizer(groups):
+        return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
+
+    if topo.dp == 1:
+        return model, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler)
+    if args.zero == 0:
+        ddp = DistributedDataParallel(model, topo.dp_group, args.bucket_mb)
+        return ddp, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, no_sync=ddp.no_sync)
+    opt = ZeroOptimizer(model, groups, make_optimizer, scaler, topo.dp_group, args.zero, args.bucket_mb)
+    return opt.module, opt
+
+
+def mean_over_dp(x, topo):
+    """The mean of a per-rank scalar over the data-parallel group (for logging: loss, validation loss)."""
+    if topo.dp == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, group=topo.dp_group)
+    return x / topo.dp
+
+
 @torch.no_grad()
-def evaluate(model, batches, device):
+def evaluate(model, batches, device, topo):
     model.eval()
     losses = [model(x.to(device), y.to(device))[1].float() for x, y in batches]
     model.train()
-    return torch.stack(losses).mean().item()
+    return mean_over_dp(torch.stack(losses).mean(), topo).item()
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -259,9 +345,12 @@ def train(args):
         return estimate(args)
     rank, world, device = setup_distributed(args)
     check_args(args, world)
+    topo = Topology()
     master = rank == 0
     out = Path(args.out)
-    ckpt_path = out / "ckpt.pt"
+    ckpt_path = checkpoint_path(out, rank, world)
+    if args.resume:
+        check_checkpoint_layout(out, world, args.zero if topo.dp > 1 else 0)
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
 
     # Data: the embedded default unless --data; the tokenizer must be the one the data was prepared with.
@@ -298,29 +387,28 @@ def train(args):
         max_steps = math.ceil((args.tokens or 20 * n_params) / tokens_per_step)
     else:
         max_steps = args.max_steps or 1000
-    scaler = DynamicLossScaler(enabled=args.amp == "fp16")
-    opt = MixedPrecisionOptimizer(
-        param_groups(model, args.weight_decay),
-        lambda groups: torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2),
-                                         fused=device.type == "cuda"),
-        dtype, scaler)
-    fwd_model = torch.compile(model) if args.compile else model
+    zero = args.zero if topo.dp > 1 else 0
+    module, opt = build_training(model, args, dtype, topo)
+    scaler = opt.scaler
+    fwd_model = torch.compile(module) if args.compile else module
 
     step = 0
     if ckpt:
-        model.load_state_dict(ckpt["model"])
+        if ckpt["model"] is not None:
+            model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optim"])
         batches.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"])
         step = ckpt["step"]
 
     def checkpoint_now():
-        if master:
-            out.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optim": opt.state_dict(), "step": step, "data": batches.state_dict(),
-                "rng": rng_state(), "tokenizer": tokenizer, "args": vars(args),
-                "model_config": asdict(replace(cfg, attn="-", activation_checkpointing=False))})
+        # Every rank writes its own file (under ZeRO it alone holds its slices). Under ZeRO-3 the model's
+        # weights live only in the optimizer's slices: the model entry is empty.
+        out.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(ckpt_path, {
+            "model": None if zero == 3 else model.state_dict(), "optim": opt.state_dict(), "step": step,
+            "data": batches.state_dict(), "rng": rng_state(), "tokenizer": tokenizer, "args": vars(args),
+            "world": world, "zero": zero, "model_config": asdict(replace(cfg, attn="-", activation_checkpointing=False))})
 
     fpt = flops_per_token(cfg, n_mm, T)
     peak = peak_flops(device, dtype, args)
@@ -328,7 +416,8 @@ def train(args):
         out.mkdir(parents=True, exist_ok=True)
         print(f"model {args.model}: {n_params:,} parameters, {fpt:.3g} FLOPs/token | data {data_dir} "
               f"({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | batch {args.batch_size} x {T} "
-              f"tokens = {micro_bs} x {args.grad_accum} micro-steps x {world} ranks | {max_steps} steps | "
+              f"tokens = {micro_bs} x {args.grad_accum} micro-steps x {world} ranks"
+              + (f" (ZeRO stage {zero})" if zero else " (ddp.py)" if world > 1 else "") + f" | {max_steps} steps | "
               f"{args.amp} on {device}" + (f" | resuming at step {step}" if step else ""), flush=True)
     metrics = open(out / "metrics.jsonl", "a") if master else None
 
@@ -338,7 +427,7 @@ def train(args):
             metrics.flush()
 
     if step == 0:
-        val_loss = evaluate(fwd_model, val, device)
+        val_loss = evaluate(fwd_model, val, device, topo)
         log({"step": 0, "val_loss": val_loss})
         if master:
             print(f"step 0 | val loss {val_loss:.4f}", flush=True)
@@ -351,17 +440,20 @@ def train(args):
             g["lr"] = lr
         # One optimizer step = grad_accum micro-steps. Each micro-loss is a mean over its tokens; dividing by
         # the number of micro-steps makes the sum of their gradients the gradient of the global-batch mean.
+        # Under data parallelism only the last micro-step's backward communicates (opt.no_sync()).
         loss_sum = torch.zeros((), device=device)
-        for x, y in batches.next():
+        micro_batches = batches.next()
+        for i, (x, y) in enumerate(micro_batches):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            _, loss = fwd_model(x, y)
-            loss = loss / args.grad_accum
-            opt.scale_loss(loss).backward()
+            with opt.no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext():
+                _, loss = fwd_model(x, y)
+                loss = loss / args.grad_accum
+                opt.scale_loss(loss).backward()
             loss_sum += loss.detach().float()
         grad_norm, skipped = opt.step(args.grad_clip)
         opt.zero_grad()
         step += 1
-        loss_value = loss_sum.item()
+        loss_value = mean_over_dp(loss_sum, topo).item()  # the global batch's loss, the same on every rank
         history.append(loss_value)
         tokens_since += tokens_per_step
 
@@ -382,22 +474,24 @@ def train(args):
                       flush=True)
             t_last, tokens_since = time.perf_counter(), 0
         if step % args.eval_every == 0 or step == max_steps:
-            val_loss = evaluate(fwd_model, val, device)
+            val_loss = evaluate(fwd_model, val, device, topo)
             log({"step": step, "val_loss": val_loss})
             if master:
                 print(f"step {step:5d} | val loss {val_loss:.4f}", flush=True)
         if step % args.save_every == 0 or step == stop_at:
             checkpoint_now()
 
-    if master and step == max_steps and args.sample_tokens > 0:
+    if step == max_steps and args.sample_tokens > 0 and (master or zero == 3):
+        # Under ZeRO-3 every forward gathers weights from every rank: all ranks sample, rank 0 prints.
         model.eval()
         prompt = torch.tensor([enc.encode_ordinary("def ")], device=device)
         sample = enc.decode(model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50)[0].tolist())
-        (out / "sample.txt").write_text(sample)
-        print("-" * 30 + " sample " + "-" * 30 + "\n" + sample + "\n" + "-" * 68, flush=True)
+        if master:
+            (out / "sample.txt").write_text(sample)
+            print("-" * 30 + " sample " + "-" * 30 + "\n" + sample + "\n" + "-" * 68, flush=True)
     if metrics:
         metrics.close()
-    return {"losses": history, "step": step, "model": model, "opt": opt}
+    return {"losses": history, "step": step, "model": model, "opt": opt, "topo": topo}
 
 
 if __name__ == "__main__":
