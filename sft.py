@@ -28,9 +28,11 @@ block-diagonal mask). Examples longer than the context are skipped and counted, 
 prompt that alone fills the context is an error.
 
 Loss normalisation: with masks, micro-batches hold different numbers of response tokens. Each micro-batch's
-summed loss is divided by the number of response tokens in the whole optimizer step, so accumulation gives
-the gradient of the mean over the step's tokens, exactly as one big batch would (a per-micro-batch mean
-would weight a token in a short micro-batch more).
+summed loss is divided by the number of response tokens in the whole optimizer step, on every data-parallel
+rank (one all-reduce of a count), so accumulation and data parallelism give the gradient of the mean over the
+step's tokens, exactly as one big batch would (a per-micro-batch mean would weight a token in a short
+micro-batch more). Data parallelism is pretrain.py's: ddp.py (--zero 0) or ZeRO stages 1-2 (zero.py); with
+LoRA only the adapters reach the optimizer, so only they are sharded.
 
 The embedded default data, offline: from the pretraining corpus (the Python standard library), every short
 function with a docstring becomes "Write a Python function `name(args)` that: <docstring's first paragraph>"
@@ -44,9 +46,11 @@ Run:
     python sft.py --init out/pretrain                          # full fine-tuning on the embedded default
     python sft.py --init out/pretrain --lora-r 8 --lora-targets wq,wk,wv,wo,w1,w2,w3 --lr 3e-3
     python sft.py --init out/pretrain --data my.jsonl --val-data my_val.jsonl
+    torchrun --nproc_per_node 2 sft.py --init out/pretrain --zero 2 --lora-r 8    # data parallel, as pretrain.py
     make sft                                                   # pretrains first if out/pretrain has no checkpoint
 """
 import ast
+import contextlib
 import json
 import os
 import sys
@@ -58,13 +62,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import data as data_lib
 import lora as lora_lib
-from amp import DTYPES, DynamicLossScaler, MixedPrecisionOptimizer, cast_model
+from amp import DTYPES, cast_model
 from model import ATTN_BACKENDS, PRESETS, ModelConfig, Transformer, num_params
-from pretrain import (ConfigError, OneLineParser, load_checkpoint, lr_at, param_groups, peak_memory_mb,
-                      rng_state, save_checkpoint, set_rng_state, setup_distributed)
+from pretrain import (ConfigError, OneLineParser, build_training, check_checkpoint_layout, checkpoint_path,
+                      load_checkpoint, lr_at, peak_memory_mb, rng_state, save_checkpoint, set_rng_state,
+                      setup_distributed)
+from topology import Topology
 
 HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
 SFT_VAL_EVERY = 10          # held-out modules for the default data: crc32(module path) % 10 == 0
@@ -260,6 +267,8 @@ def load_init(path):
     """A pretrain.py or sft.py checkpoint (a folder holding ckpt.pt, or the file): model, config, tokenizer."""
     p = Path(path)
     f = p / "ckpt.pt" if p.is_dir() else p
+    if p.is_dir() and not f.exists() and (p / "ckpt.rank0.pt").exists():
+        f = p / "ckpt.rank0.pt"  # a data-parallel run's: under ZeRO-1/2 each rank holds the whole model
     if not f.exists():
         raise ConfigError(f"--init {path}: no checkpoint there (run pretrain.py --out {path} first, or `make "
                           "pretrain`)")
@@ -293,32 +302,45 @@ def build_model(init, args, device):
 
 
 # ------------------------------------------------------------------------------------------- steps
-def train_step(model, opt, micro_batches, device, count_reduce=None):
+def train_step(model, opt, micro_batches, device, topo=None):
     """One optimizer step's forward and backward. Every micro-batch's summed loss is divided by the response
-    tokens of the whole step (over every rank with count_reduce), so accumulated gradients are those of the
-    step's token mean. Returns that mean (this rank's share of it) as a tensor."""
+    tokens of the whole step over every data-parallel rank, so the accumulated gradients are those of the
+    step's token mean. ddp.py and zero.py average gradients over the dp ranks: the loss is multiplied by dp so
+    that their average is this sum. Returns this rank's share of the step's mean loss (a sum over ranks)."""
     n = torch.tensor(float(sum(int((y != -100).sum()) for _, y in micro_batches)), device=device)
-    if count_reduce is not None:
-        n = count_reduce(n)
+    dp = topo.dp if topo is not None else 1
+    if dp > 1:
+        dist.all_reduce(n, group=topo.dp_group)
     loss_sum = torch.zeros((), device=device)
-    for x, y in micro_batches:
-        _, loss = model(x.to(device), y.to(device), reduction="sum")
-        loss = loss / n
-        opt.scale_loss(loss).backward()
+    for i, (x, y) in enumerate(micro_batches):
+        # Only the last micro-step's backward communicates (ddp.py; ZeRO-2 reduce-scatters every time).
+        with opt.no_sync() if dp > 1 and i < len(micro_batches) - 1 else contextlib.nullcontext():
+            _, loss = model(x.to(device), y.to(device), reduction="sum")
+            loss = loss / n
+            opt.scale_loss(loss * dp).backward()
         loss_sum += loss.detach().float()
     return loss_sum
 
 
+def sum_over_dp(x, topo):
+    if topo is not None and topo.dp > 1:
+        x = x.clone()
+        dist.all_reduce(x, group=topo.dp_group)
+    return x
+
+
 @torch.no_grad()
-def response_loss(model, batches, device):
-    """Mean cross-entropy per response token (labels other than -100) over the held-out batches."""
+def response_loss(model, batches, device, topo=None):
+    """Mean cross-entropy per response token (labels other than -100) over the held-out batches (each rank
+    holds some of them: sums and counts are added over the ranks, then divided)."""
     model.eval()
-    total, count = 0.0, 0
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y in batches:
-        total += model(x.to(device), y.to(device), reduction="sum")[1].item()
-        count += int((y != -100).sum())
+        total[0] += model(x.to(device), y.to(device), reduction="sum")[1].double()
+        total[1] += int((y != -100).sum())
     model.train()
-    return total / count
+    total = sum_over_dp(total, topo)
+    return (total[0] / total[1]).item()
 
 
 @torch.no_grad()
@@ -355,6 +377,10 @@ def build_parser():
     a("--beta2", type=float, default=0.95)
     a("--grad-clip", type=float, default=1.0)
     a("--amp", default="fp32", choices=sorted(DTYPES))
+    a("--zero", type=int, default=0, choices=[0, 1, 2],
+      help="data parallelism over torchrun's ranks: 0 ddp.py, 1-2 ZeRO stages (zero.py); stage 3 is not "
+           "offered: the answers and the LoRA export need the whole weights on one rank")
+    a("--bucket-mb", type=float, default=25.0, help="gradient bucket size of ddp.py's all-reduce")
     a("--attn", default="sdpa", choices=ATTN_BACKENDS)
     a("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     a("--lora-alpha", type=float, default=16.0)
@@ -407,9 +433,13 @@ def main(argv=None):
 def train(args):
     rank, world, device = setup_distributed(args)
     check_args(args, world)
+    topo = Topology()
     master = rank == 0
     out = Path(args.out)
-    ckpt_path = out / "ckpt.pt"
+    ckpt_path = checkpoint_path(out, rank, world)
+    zero = args.zero if topo.dp > 1 else 0
+    if args.resume:
+        check_checkpoint_layout(out, world, zero)
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
     init = load_init(args.init)
     check_init_config(init, args)
@@ -439,9 +469,11 @@ def train(args):
                                  f"({skipped} train and {val_skipped} held-out examples are longer)")
     micro_bs = args.batch_size // (args.grad_accum * world)
     pad = data_lib.eot_id(enc)
-    batches = SFTBatches(train_rows, args.batch_size, pad, rank, world, args.grad_accum, args.seed)
+    batches = SFTBatches(train_rows, args.batch_size, pad, topo.dp_rank, topo.dp, args.grad_accum, args.seed)
     val_rows = val_rows[:args.eval_examples]
-    val = [collate(val_rows[i:i + micro_bs], pad) for i in range(0, len(val_rows), micro_bs)]
+    n_val = len(val_rows)
+    mine = val_rows[topo.dp_rank::topo.dp]  # each rank evaluates its share; response_loss adds them up
+    val = [collate(mine[i:i + micro_bs], pad) for i in range(0, len(mine), micro_bs)]
 
     torch.manual_seed(args.seed)  # LoRA's A matrices, dropout
     model = build_model(init, args, device)
@@ -456,12 +488,7 @@ def train(args):
                           f"{lora_config}")
     dtype = DTYPES[args.amp]
     cast_model(model, dtype)
-    scaler = DynamicLossScaler(enabled=args.amp == "fp16")
-    opt = MixedPrecisionOptimizer(
-        param_groups(model, args.weight_decay),
-        lambda groups: torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2),
-                                         fused=device.type == "cuda"),
-        dtype, scaler)
+    module, opt = build_training(model, args, dtype, topo)  # pretrain.py's: plain, ddp.py or zero.py
     step = 0
     if ckpt:
         model.load_state_dict(ckpt["model"])
@@ -470,21 +497,22 @@ def train(args):
         set_rng_state(ckpt["rng"])
         step = ckpt["step"]
 
-    def checkpoint_now():
-        if master:
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optim": opt.state_dict(), "step": step, "data": batches.state_dict(),
-                "rng": rng_state(), "tokenizer": init["tokenizer"], "args": vars(args), "model_config": model_config,
-                "lora": lora_config})
+    def checkpoint_now():  # every rank its own file, as pretrain.py (under ZeRO it alone holds its slices)
+        out.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optim": opt.state_dict(), "step": step, "data": batches.state_dict(),
+            "rng": rng_state(), "tokenizer": init["tokenizer"], "args": vars(args), "model_config": model_config,
+            "lora": lora_config, "world": world, "zero": zero})
 
     n_resp = sum(sum(t != -100 for t in y) for _, y in train_rows)
     if master:
         out.mkdir(parents=True, exist_ok=True)
         print(f"init {args.init}: {num_params(model):,} parameters, block {block}, tokenizer {init['tokenizer']} | "
               f"{len(train_rows)} train examples ({n_resp:,} learned tokens"
-              f"{', prompts too' if args.no_prompt_mask else ', responses only'}), {len(val_rows)} held-out | "
+              f"{', prompts too' if args.no_prompt_mask else ', responses only'}), {n_val} held-out | "
               f"skipped as longer than the context: {skipped} train, {val_skipped} held-out | batch "
-              f"{args.batch_size} = {micro_bs} x {args.grad_accum} micro-steps x {world} ranks | {args.max_steps} "
+              f"{args.batch_size} = {micro_bs} x {args.grad_accum} micro-steps x {world} ranks"
+              + (f" (ZeRO stage {zero})" if zero else " (ddp.py)" if world > 1 else "") + f" | {args.max_steps} "
               f"steps | {args.amp} on {device}" + (f" | resuming at step {step}" if step else ""), flush=True)
         if lora_config:
             print(lora_lib.describe(model), flush=True)
@@ -496,7 +524,7 @@ def train(args):
             metrics.flush()
 
     def evaluate_now():
-        loss = response_loss(model, val, device)
+        loss = response_loss(module, val, device, topo)
         log({"step": step, "val_loss": loss})
         if master:
             print(f"step {step:5d} | held-out response loss {loss:.4f}", flush=True)
@@ -511,13 +539,14 @@ def train(args):
             g["lr"] = lr
         micro_batches = batches.next()
         tokens_since += sum(x.numel() for x, _ in micro_batches)
-        loss = train_step(model, opt, micro_batches, device).item()
+        loss = sum_over_dp(train_step(module, opt, micro_batches, device, topo), topo).item()
         grad_norm, skipped_step = opt.step(args.grad_clip)
         opt.zero_grad()
         step += 1
         history.append(loss)
         if step % args.log_every == 0 or step == stop_at:
             dt = time.perf_counter() - t_last
+            tokens_since = sum_over_dp(torch.tensor(float(tokens_since)), topo).item()  # every rank's rows
             rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_since / dt,
                    "peak_mem_mb": peak_memory_mb(device), "skipped": skipped_step}
             log(rec)
