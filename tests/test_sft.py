@@ -236,6 +236,7 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys, files):
                                                               "--resume"] + data_flag)
     assert "was trained on another model config (differs in d_model)" in error_of(
         capsys, ["--init", str(other), "--adapter", str(tmp_path / "r" / "adapter.pt")] + data_flag)
-    assert "--lora-targets wq,attn: attn is not a linear of the blocks; choose from wq,wk" in error_of(capsys, base + data_flag + ["--lora-r", "4",
-                                                                                        "--lora-targets", "wq,attn"])
+    assert "--lora-targets wq,attn: attn is not a linear of the blocks; choose from wq,wk" in error_of(
+        capsys, base + data_flag + ["--lora-r", "4", "--lora-targets", "wq,attn"])
+    assert "invalid choice: 3" in error_of(capsys, base + data_flag + ["--zero", "3"])
     assert "does not divide" in error_of(capsys, base + data_flag + ["--batch-size", "6", "--grad-accum", "4"])
