@@ -485,7 +485,8 @@ def train(args):
         # Under ZeRO-3 every forward gathers weights from every rank: all ranks sample, rank 0 prints.
         model.eval()
         prompt = torch.tensor([enc.encode_ordinary("def ")], device=device)
-        sample = enc.decode(model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50)[0].tolist())
+        sample = enc.decode(model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50,
+                                                   n_vocab=enc.n_vocab)[0].tolist())
         if master:
             (out / "sample.txt").write_text(sample)
             print("-" * 30 + " sample " + "-" * 30 + "\n" + sample + "\n" + "-" * 68, flush=True)
