@@ -166,10 +166,19 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def cross_entropy(logits, targets, reduction="mean"):
+    """Next-token loss over (..., V) logits, in fp32 or better; labels of -100 are ignored (padding, prompts)."""
+    flat = logits.view(-1, logits.shape[-1])
+    return F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)), targets.reshape(-1),
+                           ignore_index=-100, reduction=reduction)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # A plain function, not a module: tensor_parallel.py swaps in the vocabulary-parallel cross-entropy.
+        self.loss_fn = cross_entropy
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -209,10 +218,7 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits, None
-        flat = logits.view(-1, logits.shape[-1])
-        loss = F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)), targets.reshape(-1),
-                               ignore_index=-100, reduction=reduction)
-        return logits, loss
+        return logits, self.loss_fn(logits, targets, reduction)
 
     def forward(self, idx, targets=None, reduction="mean"):
         return self.head(self.body(self.embed(idx)), targets, reduction)
