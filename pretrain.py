@@ -34,8 +34,11 @@ import torch
 import torch.distributed as dist
 
 import data as data_lib
+import pipeline
+import tensor_parallel
 from amp import DTYPES, DynamicLossScaler, MixedPrecisionOptimizer, cast_model
 from model import ATTN_BACKENDS, PRESETS, ModelConfig, Transformer, flops_per_token, num_params, pad_vocab
+from topology import Topology, TopologyError, check_layout
 
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}  # dense bf16 tensor-core peaks, datasheets
 
@@ -89,6 +92,11 @@ def build_parser():
     a("--gpus", type=int, default=1, help="for --estimate")
     a("--gpu", default="h100", choices=sorted(PEAK_TFLOPS), help="for --estimate and MFU on CUDA")
     a("--mfu", type=float, default=0.4, help="for --estimate: the utilisation to assume")
+    a("--tp", type=int, default=1, help="tensor-parallel ranks (tensor_parallel.py), innermost in the topology")
+    a("--pp", type=int, default=1, help="pipeline stages (pipeline.py)")
+    a("--microbatches", type=int, default=1,
+      help="pipeline micro-batches per micro-step (each --grad-accum micro-step is cut into this many)")
+    a("--pp-schedule", default="1f1b", choices=pipeline.SCHEDULES, help="pipeline schedule")
     return ap
 
 
@@ -102,9 +110,26 @@ def check_args(args, world):
     if args.seq_len is not None and not 1 <= args.seq_len <= cfg.block_size:
         raise ConfigError(f"--seq-len {args.seq_len} is outside model {args.model!r}'s context: "
                           f"choose 1..{cfg.block_size}")
-    if args.batch_size % (args.grad_accum * world):
+    if args.microbatches < 1:
+        raise ConfigError(f"--microbatches must be at least 1, got {args.microbatches}")
+    dp = check_layout(world, args.tp, args.pp)  # TopologyError: world size not a multiple of tp x pp
+    if args.pp > cfg.n_layer:
+        raise TopologyError(f"--pp {args.pp} is more stages than the {cfg.n_layer} layers of model {args.model!r}: "
+                            f"choose --pp <= {cfg.n_layer}")
+    err = tensor_parallel.check_divisible(cfg, args.tp)  # the vocabulary is checked again once it is known
+    if err:
+        raise TopologyError(err)
+    micro = args.grad_accum * args.microbatches
+    if args.batch_size % (micro * dp):
         raise ConfigError(f"--batch-size {args.batch_size} does not divide into --grad-accum {args.grad_accum} x "
-                          f"{world} ranks: use a multiple of {args.grad_accum * world}")
+                          f"--microbatches {args.microbatches} x {dp} data-parallel ranks: use a multiple of "
+                          f"{micro * dp}")
+    if dp > 1:
+        raise ConfigError(f"world size {world} is {dp} data-parallel replicas of --tp {args.tp} x --pp {args.pp}: "
+                          "data parallelism (ddp.py, zero.py) is not built yet; launch tp x pp processes")
+    if args.compile and args.pp > 1:
+        raise ConfigError("--compile with --pp > 1: the pipeline calls the stage's parts one by one; "
+                          "compile is supported without pipeline parallelism")
     if args.tokens is not None and args.chinchilla:
         raise ConfigError("--tokens and --chinchilla both set the training length: give one")
     if args.max_steps is not None and (args.tokens is not None or args.chinchilla):
@@ -224,22 +249,69 @@ def peak_flops(device, dtype, args):
 
 
 def setup_distributed(args):
-    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; without them this is one process."""
+    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; without them this is one process. Only reads them: the
+    process groups are built after every flag, the data and the model shape have been checked."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world > 1:
-        raise ConfigError(f"WORLD_SIZE={world}: data parallelism (ddp.py, zero.py) is not built yet; "
-                          "run with --nproc_per_node 1")
     return rank, world, device
 
 
+def build_topology(args, world, device):
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Topology(args.tp, args.pp)
+
+
+def build_model(cfg, topo, seed, device, dtype):
+    """The full model from one seed on every rank, then (DESIGN.md's order) this pipeline stage's blocks,
+    then this tensor-parallel rank's slices, then the compute precision."""
+    torch.manual_seed(seed)
+    model = Transformer(cfg).to(device)
+    pipeline.keep_stage(model, topo)
+    tensor_parallel.parallelize(model, topo)
+    return cast_model(model, dtype)
+
+
+def grad_norm_reduce(topo):
+    """The squared gradient norm summed over the ranks that hold distinct pieces of the model: tp slices
+    (replicated norms are counted on tp rank 0 only, amp.py) and pipeline stages. None on one rank."""
+    groups = [g for g, n in ((topo.tp_group, topo.tp), (topo.pp_group, topo.pp)) if n > 1]
+    if not groups:
+        return None
+
+    def reduce(sq):
+        for g in groups:
+            dist.all_reduce(sq, group=g)
+        return sq
+    return reduce
+
+
+def forward_backward(model, micro_batches, topo, schedule, scale_loss, device):
+    """Forward and backward of one optimizer step's micro-batches; returns the batch-mean loss (float64)."""
+    if topo.pp > 1:
+        return pipeline.run_pipeline(model, micro_batches, topo, schedule, scale_loss=scale_loss)
+    # One optimizer step = several micro-steps. Each micro-loss is a mean over its tokens; dividing by the number
+    # of micro-steps makes the sum of their gradients the gradient of the global-batch mean.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for x, y in micro_batches:
+        _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        loss = loss / len(micro_batches)
+        scale_loss(loss).backward()
+        loss_sum += loss.detach().double()
+    return loss_sum
+
+
 @torch.no_grad()
-def evaluate(model, batches, device):
+def evaluate(model, batches, device, topo, microbatches):
     model.eval()
-    losses = [model(x.to(device), y.to(device))[1].float() for x, y in batches]
+    if topo.pp > 1:  # the pipeline's forward only, each batch cut into micro-batches as in training
+        losses = [pipeline.run_pipeline(model, list(zip(x.chunk(microbatches), y.chunk(microbatches))), topo,
+                                        train=False) for x, y in batches]
+    else:
+        losses = [model(x.to(device), y.to(device))[1].double() for x, y in batches]
     model.train()
     return torch.stack(losses).mean().item()
 
@@ -249,7 +321,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return train(args)
-    except (ConfigError, data_lib.DataError) as e:
+    except (ConfigError, data_lib.DataError, TopologyError) as e:
         print(f"pretrain.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -283,16 +355,27 @@ def train(args):
                   activation_checkpointing=args.activation_checkpointing)
     if ckpt and ckpt["model_config"] != asdict(replace(cfg, attn="-", activation_checkpointing=False)):
         raise ConfigError(f"--resume: the checkpoint in {out} is of another model config than --model {args.model}")
-    T = args.seq_len or cfg.block_size
-    micro_bs = args.batch_size // (args.grad_accum * world)
-    batches = data_lib.Batches(data_dir, T, args.batch_size, rank, world, args.grad_accum, args.seed)
-    val = data_lib.eval_batches(data_dir, T, args.batch_size // args.grad_accum, args.eval_iters, rank, world)
+    if err := tensor_parallel.check_divisible(cfg, args.tp):
+        raise TopologyError(err)
+    layout = {"dp": world // (args.tp * args.pp), "pp": args.pp, "tp": args.tp}
+    if ckpt and ckpt.get("topology", {"dp": 1, "pp": 1, "tp": 1}) != layout:
+        raise ConfigError(f"--resume: the checkpoint in {out} was saved with topology {ckpt.get('topology')}, "
+                          f"this run is {layout}: relaunch with the checkpoint's --tp, --pp and world size")
 
-    torch.manual_seed(args.seed)
-    model = Transformer(cfg).to(device)
+    # Every check has passed: only now are the process groups built.
+    topo = build_topology(args, world, device)
+    T = args.seq_len or cfg.block_size
+    n_micro = args.grad_accum * args.microbatches
+    micro_bs = args.batch_size // (n_micro * topo.dp)
+    batches = data_lib.Batches(data_dir, T, args.batch_size, topo.dp_rank, topo.dp, n_micro, args.seed)
+    val = data_lib.eval_batches(data_dir, T, args.batch_size // args.grad_accum, args.eval_iters, topo.dp_rank,
+                                topo.dp)
+
+    with torch.device("meta"):  # the whole model's counts (for FLOPs and the log), without allocating it
+        whole = Transformer(cfg)
+    n_params, n_mm = num_params(whole), num_params(whole, matmul_only=True)
     dtype = DTYPES[args.amp]
-    cast_model(model, dtype)
-    n_params, n_mm = num_params(model), num_params(model, matmul_only=True)
+    model = build_model(cfg, topo, args.seed, device, dtype)
     tokens_per_step = args.batch_size * T
     if args.tokens is not None or args.chinchilla:
         max_steps = math.ceil((args.tokens or 20 * n_params) / tokens_per_step)
@@ -303,32 +386,42 @@ def train(args):
         param_groups(model, args.weight_decay),
         lambda groups: torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2),
                                          fused=device.type == "cuda"),
-        dtype, scaler)
+        dtype, scaler, norm_reduce_fn=grad_norm_reduce(topo))
     fwd_model = torch.compile(model) if args.compile else model
 
     step = 0
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optim"])
+        # With several ranks, "model", "optim" and "rng" are lists with one entry per rank (each holds other slices).
+        mine = (lambda v: v[rank]) if world > 1 else (lambda v: v)
+        model.load_state_dict(mine(ckpt["model"]))
+        opt.load_state_dict(mine(ckpt["optim"]))
         batches.load_state_dict(ckpt["data"])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(mine(ckpt["rng"]))
         step = ckpt["step"]
 
     def checkpoint_now():
+        per_rank = {"model": model.state_dict(), "optim": opt.state_dict(), "rng": rng_state()}
+        if world > 1:  # one file, written by rank 0, holding every rank's part
+            gathered = [None] * world if master else None
+            dist.gather_object(per_rank, gathered, dst=0)
+            per_rank = {k: [g[k] for g in gathered] for k in per_rank} if master else None
         if master:
             out.mkdir(parents=True, exist_ok=True)
             save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optim": opt.state_dict(), "step": step, "data": batches.state_dict(),
-                "rng": rng_state(), "tokenizer": tokenizer, "args": vars(args),
-                "model_config": asdict(replace(cfg, attn="-", activation_checkpointing=False))})
+                **per_rank, "step": step, "data": batches.state_dict(), "tokenizer": tokenizer, "args": vars(args),
+                "topology": layout, "model_config": asdict(replace(cfg, attn="-", activation_checkpointing=False))})
+        if world > 1:
+            dist.barrier()  # no rank goes on (and perhaps resumes from this file) before it is whole on disk
 
     fpt = flops_per_token(cfg, n_mm, T)
-    peak = peak_flops(device, dtype, args)
+    peak = peak_flops(device, dtype, args) * world  # MFU of all the devices together
     if master:
         out.mkdir(parents=True, exist_ok=True)
         print(f"model {args.model}: {n_params:,} parameters, {fpt:.3g} FLOPs/token | data {data_dir} "
               f"({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | batch {args.batch_size} x {T} "
-              f"tokens = {micro_bs} x {args.grad_accum} micro-steps x {world} ranks | {max_steps} steps | "
+              f"tokens = {micro_bs} x {n_micro} micro-batches x {topo.dp} data-parallel | tp {topo.tp} "
+              f"pp {topo.pp} "
+              f"({args.pp_schedule if topo.pp > 1 else 'no pipeline'}) | {max_steps} steps | "
               f"{args.amp} on {device}" + (f" | resuming at step {step}" if step else ""), flush=True)
     metrics = open(out / "metrics.jsonl", "a") if master else None
 
@@ -338,7 +431,7 @@ def train(args):
             metrics.flush()
 
     if step == 0:
-        val_loss = evaluate(fwd_model, val, device)
+        val_loss = evaluate(fwd_model, val, device, topo, args.microbatches)
         log({"step": 0, "val_loss": val_loss})
         if master:
             print(f"step 0 | val loss {val_loss:.4f}", flush=True)
@@ -349,15 +442,7 @@ def train(args):
         lr = lr_at(step, args, max_steps)
         for g in opt.param_groups:
             g["lr"] = lr
-        # One optimizer step = grad_accum micro-steps. Each micro-loss is a mean over its tokens; dividing by
-        # the number of micro-steps makes the sum of their gradients the gradient of the global-batch mean.
-        loss_sum = torch.zeros((), device=device)
-        for x, y in batches.next():
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            _, loss = fwd_model(x, y)
-            loss = loss / args.grad_accum
-            opt.scale_loss(loss).backward()
-            loss_sum += loss.detach().float()
+        loss_sum = forward_backward(fwd_model, batches.next(), topo, args.pp_schedule, opt.scale_loss, device)
         grad_norm, skipped = opt.step(args.grad_clip)
         opt.zero_grad()
         step += 1
@@ -382,22 +467,31 @@ def train(args):
                       flush=True)
             t_last, tokens_since = time.perf_counter(), 0
         if step % args.eval_every == 0 or step == max_steps:
-            val_loss = evaluate(fwd_model, val, device)
+            val_loss = evaluate(fwd_model, val, device, topo, args.microbatches)
             log({"step": step, "val_loss": val_loss})
             if master:
                 print(f"step {step:5d} | val loss {val_loss:.4f}", flush=True)
         if step % args.save_every == 0 or step == stop_at:
             checkpoint_now()
 
-    if master and step == max_steps and args.sample_tokens > 0:
+    if step == max_steps and args.sample_tokens > 0 and topo.pp > 1:
+        if master:
+            print("(no sample: generation is not pipelined; train with --pp 1 to get one)", flush=True)
+    elif step == max_steps and args.sample_tokens > 0 and (master or topo.tp > 1):
+        # Under tensor parallelism every tp rank samples in lockstep: the head gathers the full logits, and the
+        # same seed on every rank draws the same tokens.
         model.eval()
+        tensor_parallel.set_gather_output(model, True)
+        if world > 1:
+            torch.manual_seed(args.seed)
         prompt = torch.tensor([enc.encode_ordinary("def ")], device=device)
         sample = enc.decode(model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50)[0].tolist())
-        (out / "sample.txt").write_text(sample)
-        print("-" * 30 + " sample " + "-" * 30 + "\n" + sample + "\n" + "-" * 68, flush=True)
+        if master:
+            (out / "sample.txt").write_text(sample)
+            print("-" * 30 + " sample " + "-" * 30 + "\n" + sample + "\n" + "-" * 68, flush=True)
     if metrics:
         metrics.close()
-    return {"losses": history, "step": step, "model": model, "opt": opt}
+    return {"losses": history, "step": step, "model": model, "opt": opt, "topo": topo}
 
 
 if __name__ == "__main__":
