@@ -221,7 +221,10 @@ class Transformer(nn.Module):
         return logits, self.loss_fn(logits, targets, reduction)
 
     def forward(self, idx, targets=None, reduction="mean"):
-        return self.head(self.body(self.embed(idx)), targets, reduction)
+        # A pipeline stage (pipeline.py) may lack the embedding (it receives activations instead of token ids)
+        # or the head (it returns its activations, to be sent on, and no loss).
+        x = self.body(self.embed(idx) if self.tok_emb is not None else idx)
+        return self.head(x, targets, reduction) if self.lm_head is not None else (x, None)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):

@@ -107,10 +107,11 @@ class _Saved:
 
 
 def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, scale_loss=None, timeline=None,
-                 train=True):
+                 train=True, no_sync=None):
     """Forward (and with train=True backward) of `micro_batches` [(x, y), ...] through this rank's stage.
     Gradients accumulate in the stage's parameters. Returns the sum over micro-batches of loss / loss_div,
-    the same on every rank of the pp group. `timeline`, a list, receives (op, micro-batch, t0, t1) per op."""
+    the same on every rank of the pp group. `timeline`, a list, receives (op, micro-batch, t0, t1) per op.
+    `no_sync()` (ddp.py's) wraps every backward but the step's last, so that data parallelism reduces once."""
     m = len(micro_batches)
     loss_div = loss_div or m
     first, last, p, s = topo.is_first_stage, topo.is_last_stage, topo.pp, topo.pp_rank
@@ -130,14 +131,14 @@ def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, sca
         x, y = micro_batches[i]
         act_shape = (*x.shape, model.cfg.d_model)
         if first:
-            t0 = time.perf_counter()
-            h = model.embed(x.to(device))
+            h = x.to(device)
         else:
             h = recv(act_shape, prev_rank).requires_grad_(train)  # waiting for the previous stage is idle time
-            t0 = time.perf_counter()
-        out = model.body(h)
+        t0 = time.perf_counter()
+        # The stage's forward: token ids -> activations on the first, activations -> (logits, loss) on the
+        # last, activations -> activations in between (model.py's forward skips the parts a stage lacks).
+        out, loss = model(h, y.to(device) if last else None)
         if last:
-            _, loss = model.head(out, y.to(device))
             losses[i] = loss / loss_div
             total.add_(losses[i].detach().double())
         else:
@@ -162,8 +163,11 @@ def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, sca
         return t0
 
     ops = make_schedule(schedule, m, p, s) if train else [("F", i) for i in range(m)]
-    for op, i in ops:
-        if train:
+    for k, (op, i) in enumerate(ops):
+        if train and op == "B" and no_sync is not None and k < len(ops) - 1:
+            with no_sync():
+                t0 = backward(i)
+        elif train:
             t0 = forward(i) if op == "F" else backward(i)
         else:
             with torch.no_grad():
