@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PRETRAIN_FLAGS ?= --model tiny --batch-size 32 --max-steps 500 --lr 2e-3 --warmup-steps 50 \
                   --eval-every 100 --log-every 25 --out out/pretrain
 
-.PHONY: install pretrain test estimate clean
+.PHONY: install pretrain test estimate bench clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ pretrain: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Our DDP vs torch DDP and our ZeRO-3 vs torch FSDP2, world size 2 on CPU gloo: about a minute on 2 cores.
+bench: install
+	$(PY) benchmarks/bench_dp.py --out out/bench/bench_dp.json
 
 estimate: install
 	$(PY) pretrain.py --model gpt2-124m --estimate --chinchilla --gpus 8

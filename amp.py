@@ -22,6 +22,7 @@ ZeRO, of which 16 sit in the optimizer and shard away under zero.py.
 
 Demo: `python amp.py` trains a tiny model for a few steps in each precision and shows fp16's scaler at work.
 """
+import contextlib
 import math
 
 import torch
@@ -89,9 +90,10 @@ class MixedPrecisionOptimizer:
 
     `make_optimizer(param_groups)` builds the inner optimizer (AdamW here) over the masters; the groups keep
     the structure of `param_groups`, which holds the model's own parameters. In fp32 the masters are the
-    model's parameters themselves: no copy, one code path."""
+    model's parameters themselves: no copy, one code path. `no_sync` makes the context for accumulation
+    micro-steps that must not communicate (ddp.py's); one process has nothing to skip."""
 
-    def __init__(self, param_groups, make_optimizer, dtype, scaler, norm_reduce_fn=None):
+    def __init__(self, param_groups, make_optimizer, dtype, scaler, norm_reduce_fn=None, no_sync=None):
         self.model_params = [p for g in param_groups for p in g["params"]]
         self.low_precision = dtype != torch.float32 and dtype != torch.float64
         if self.low_precision:
@@ -103,6 +105,7 @@ class MixedPrecisionOptimizer:
         self.optimizer = make_optimizer(master_groups)
         self.scaler = scaler
         self.norm_reduce_fn = norm_reduce_fn
+        self.no_sync = no_sync or contextlib.nullcontext
 
     @property
     def param_groups(self):

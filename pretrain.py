@@ -16,9 +16,10 @@ Formulas (Kaplan et al. 2020; Hoffmann et al. 2022):
 Run:
     python pretrain.py --model tiny --max-steps 600 --out out/tiny           # the embedded default corpus
     python pretrain.py --model gpt2-124m --estimate --gpus 8 --chinchilla    # the calculator, no training
-    torchrun --nproc_per_node 1 pretrain.py ...                               # the same under torchrun
+    torchrun --nproc_per_node 4 pretrain.py --zero 2 ...                      # data parallel, ZeRO stage 2
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -37,8 +38,10 @@ import data as data_lib
 import pipeline
 import tensor_parallel
 from amp import DTYPES, DynamicLossScaler, MixedPrecisionOptimizer, cast_model
+from ddp import DistributedDataParallel
 from model import ATTN_BACKENDS, PRESETS, ModelConfig, Transformer, flops_per_token, num_params, pad_vocab
 from topology import Topology, TopologyError, check_layout
+from zero import ZeroOptimizer
 
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}  # dense bf16 tensor-core peaks, datasheets
 
@@ -77,6 +80,9 @@ def build_parser():
     a("--attn", default="sdpa", choices=ATTN_BACKENDS)
     a("--activation-checkpointing", action="store_true")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--zero", type=int, default=0, choices=[0, 1, 2, 3],
+      help="data parallelism over torchrun's ranks: 0 ddp.py, 1-3 ZeRO stages (zero.py)")
+    a("--bucket-mb", type=float, default=25.0, help="gradient bucket size for ddp.py's all-reduce")
     a("--out", default="out/pretrain", help="checkpoints, metrics.jsonl and the final sample go here")
     a("--resume", action="store_true", help="continue from the checkpoint in --out")
     a("--save-every", type=int, default=200)
@@ -124,9 +130,6 @@ def check_args(args, world):
         raise ConfigError(f"--batch-size {args.batch_size} does not divide into --grad-accum {args.grad_accum} x "
                           f"--microbatches {args.microbatches} x {dp} data-parallel ranks: use a multiple of "
                           f"{micro * dp}")
-    if dp > 1:
-        raise ConfigError(f"world size {world} is {dp} data-parallel replicas of --tp {args.tp} x --pp {args.pp}: "
-                          "data parallelism (ddp.py, zero.py) is not built yet; launch tp x pp processes")
     if args.compile and args.pp > 1:
         raise ConfigError("--compile with --pp > 1: the pipeline calls the stage's parts one by one; "
                           "compile is supported without pipeline parallelism")
@@ -142,8 +145,8 @@ def check_args(args, world):
         raise ConfigError("--lr must be > 0 and --warmup-steps, --grad-clip, --weight-decay >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
-    if args.compile and args.activation_checkpointing:
-        pass  # both work together; nothing to refuse
+    if args.bucket_mb <= 0:
+        raise ConfigError(f"--bucket-mb must be > 0, got {args.bucket_mb}")
 
 
 # ------------------------------------------------------------------------------------------- the calculator
@@ -176,7 +179,30 @@ def estimate(args):
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
-    return {"params": n, "matmul_params": n_mm, "flops_per_token": fpt, "tokens": tokens, "seconds": seconds}
+    zero = zero_table(n, args.gpus)
+    print(f"\nZeRO over {args.gpus} data-parallel GPUs (model states per GPU; elements sent per GPU per step, "
+          f"ring collectives, x2 bytes in 16 bits):")
+    print(f"{'stage':<7}{'weights':>11}{'grads':>11}{'optimizer':>11}{'total':>11}   communication")
+    for r in zero:
+        print(f"{r['stage']:<7}" + "".join(f"{r[k] / gib:>8.2f} GiB"[-11:] for k in ("params", "grads", "optimizer",
+                                                                                        "total"))
+              + f"   {r['comm_elements']:.3g} = {r['comm']}")
+    return {"params": n, "matmul_params": n_mm, "flops_per_token": fpt, "tokens": tokens, "seconds": seconds,
+            "zero": zero}
+
+
+def zero_table(n, gpus):
+    """Model-state bytes per GPU and elements sent per GPU per step for DDP and ZeRO 1-3 (the ZeRO paper's
+    accounting: 2 bytes of 16-bit weights, 2 of gradients, K = 12 of fp32 master, momentum and variance)."""
+    N, K = gpus, 12
+    ring = (N - 1) / N * n  # one reduce-scatter or one all-gather of n elements; an all-reduce is both
+    rows = [(0, 2 * n, 2 * n, K * n, 2 * ring, "all-reduce of gradients"),
+            (1, 2 * n, 2 * n, K * n / N, 3 * ring, "all-reduce of gradients + all-gather of weights"),
+            (2, 2 * n, 2 * n / N, K * n / N, 2 * ring, "reduce-scatter of gradients + all-gather of weights"),
+            (3, 2 * n / N, 2 * n / N, K * n / N, 3 * ring,
+             "all-gather in forward + all-gather in backward + reduce-scatter")]
+    return [{"stage": s, "params": p, "grads": g, "optimizer": o, "total": p + g + o, "comm_elements": c,
+             "comm": how} for s, p, g, o, c, how in rows]
 
 
 # ------------------------------------------------------------------------------------------- pieces of the run
@@ -214,6 +240,35 @@ def save_checkpoint(path, state):
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def checkpoint_path(out, rank, world):
+    """One file for one process; with several ranks each writes its own (its ZeRO slices, its RNG state)."""
+    return out / ("ckpt.pt" if world == 1 else f"ckpt.rank{rank}.pt")
+
+
+def check_checkpoint_layout(out, world, zero, layout):
+    """Refuse, before loading, a checkpoint written by another topology, number of ranks or ZeRO stage:
+    slices of one layout do not fit another (resharding is not built)."""
+    for path in (checkpoint_path(out, 0, world), out / "ckpt.pt", out / "ckpt.rank0.pt"):
+        if path.exists():
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception:
+                return  # load_checkpoint says what is wrong with it
+            saved_world, saved_zero = ckpt.get("world", 1), ckpt.get("zero", 0)
+            if saved_world != world:
+                raise ConfigError(f"--resume: the checkpoint in {out} was written by {saved_world} "
+                                  f"rank(s); this run has {world}: resume with --nproc_per_node {saved_world} "
+                                  "(changing the world size of a sharded checkpoint is not supported)")
+            saved = ckpt.get("topology", {"dp": saved_world, "pp": 1, "tp": 1})
+            if saved != layout:
+                raise ConfigError(f"--resume: the checkpoint in {out} was saved with topology {saved}, this run is "
+                                  f"{layout}: relaunch with the checkpoint's --tp, --pp and world size")
+            if world > 1 and saved_zero != zero:
+                raise ConfigError(f"--resume: the checkpoint in {out} was written with --zero {saved_zero}; "
+                                  f"resume with --zero {saved_zero}")
+            return
 
 
 def load_checkpoint(path):
@@ -261,7 +316,8 @@ def setup_distributed(args):
 
 def build_topology(args, world, device):
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return Topology(args.tp, args.pp)
 
 
@@ -278,7 +334,7 @@ def build_model(cfg, topo, seed, device, dtype):
 def grad_norm_reduce(topo):
     """The squared gradient norm summed over the ranks that hold distinct pieces of the model: tp slices
     (replicated norms are counted on tp rank 0 only, amp.py) and pipeline stages. None on one rank."""
-    groups = [g for g, n in ((topo.tp_group, topo.tp), (topo.pp_group, topo.pp)) if n > 1]
+    groups = [getattr(topo, f"{axis}_group") for axis in ("tp", "pp") if getattr(topo, axis, 1) > 1]
     if not groups:
         return None
 
@@ -289,19 +345,56 @@ def grad_norm_reduce(topo):
     return reduce
 
 
-def forward_backward(model, micro_batches, topo, schedule, scale_loss, device):
-    """Forward and backward of one optimizer step's micro-batches; returns the batch-mean loss (float64)."""
+def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, no_sync=None):
+    """Forward and backward of one optimizer step's micro-batches; returns this data-parallel rank's mean loss
+    (float64). Under data parallelism only the last micro-batch's backward communicates (no_sync, ddp.py)."""
     if topo.pp > 1:
-        return pipeline.run_pipeline(model, micro_batches, topo, schedule, scale_loss=scale_loss)
+        return pipeline.run_pipeline(model, micro_batches, topo, schedule, scale_loss=scale_loss, no_sync=no_sync)
     # One optimizer step = several micro-steps. Each micro-loss is a mean over its tokens; dividing by the number
     # of micro-steps makes the sum of their gradients the gradient of the global-batch mean.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for x, y in micro_batches:
-        _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-        loss = loss / len(micro_batches)
-        scale_loss(loss).backward()
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            loss = loss / len(micro_batches)
+            scale_loss(loss).backward()
         loss_sum += loss.detach().double()
     return loss_sum
+
+
+def build_training(model, args, dtype, topo):
+    """The module to call forward on and its optimizer: plain on one data-parallel rank, ddp.py for --zero 0,
+    zero.py's stages otherwise. Every optimizer here has the same methods: zero_grad(), scale_loss(loss),
+    step(max_norm) -> (grad_norm, skipped), param_groups, state_dict()/load_state_dict(), scaler, and no_sync()
+    for accumulation micro-steps that must not communicate. Only parameters with requires_grad are trained."""
+    scaler = DynamicLossScaler(enabled=args.amp == "fp16")
+    groups = param_groups(model, args.weight_decay)
+    fused = next(model.parameters()).device.type == "cuda"
+
+    def make_optimizer(groups):
+        return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
+
+    # Gradient norm for clipping and the fp16 overflow check: summed over the tp and pp groups too, so that
+    # every rank of the world agrees (zero.py sums its shards over dp first; ddp.py's gradients agree over dp).
+    norm_reduce = grad_norm_reduce(topo)
+    if topo.dp == 1:
+        return model, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce)
+    if args.zero == 0:
+        ddp = DistributedDataParallel(model, topo.dp_group, args.bucket_mb)
+        return ddp, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce, no_sync=ddp.no_sync)
+    opt = ZeroOptimizer(model, groups, make_optimizer, scaler, topo.dp_group, args.zero, args.bucket_mb,
+                        norm_reduce_fn=norm_reduce)
+    return opt.module, opt
+
+
+def mean_over_dp(x, topo):
+    """The mean of a per-rank scalar over the data-parallel group (for logging: loss, validation loss)."""
+    if topo.dp == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, group=topo.dp_group)
+    return x / topo.dp
 
 
 @torch.no_grad()
@@ -313,7 +406,7 @@ def evaluate(model, batches, device, topo, microbatches):
     else:
         losses = [model(x.to(device), y.to(device))[1].double() for x, y in batches]
     model.train()
-    return torch.stack(losses).mean().item()
+    return mean_over_dp(torch.stack(losses).mean(), topo).item()
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -331,9 +424,12 @@ def train(args):
         return estimate(args)
     rank, world, device = setup_distributed(args)
     check_args(args, world)
+    layout = {"dp": world // (args.tp * args.pp), "pp": args.pp, "tp": args.tp}
     master = rank == 0
     out = Path(args.out)
-    ckpt_path = out / "ckpt.pt"
+    ckpt_path = checkpoint_path(out, rank, world)
+    if args.resume:
+        check_checkpoint_layout(out, world, args.zero if layout["dp"] > 1 else 0, layout)
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
 
     # Data: the embedded default unless --data; the tokenizer must be the one the data was prepared with.
@@ -357,10 +453,6 @@ def train(args):
         raise ConfigError(f"--resume: the checkpoint in {out} is of another model config than --model {args.model}")
     if err := tensor_parallel.check_divisible(cfg, args.tp):
         raise TopologyError(err)
-    layout = {"dp": world // (args.tp * args.pp), "pp": args.pp, "tp": args.tp}
-    if ckpt and ckpt.get("topology", {"dp": 1, "pp": 1, "tp": 1}) != layout:
-        raise ConfigError(f"--resume: the checkpoint in {out} was saved with topology {ckpt.get('topology')}, "
-                          f"this run is {layout}: relaunch with the checkpoint's --tp, --pp and world size")
 
     # Every check has passed: only now are the process groups built.
     topo = build_topology(args, world, device)
@@ -381,37 +473,33 @@ def train(args):
         max_steps = math.ceil((args.tokens or 20 * n_params) / tokens_per_step)
     else:
         max_steps = args.max_steps or 1000
-    scaler = DynamicLossScaler(enabled=args.amp == "fp16")
-    opt = MixedPrecisionOptimizer(
-        param_groups(model, args.weight_decay),
-        lambda groups: torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2),
-                                         fused=device.type == "cuda"),
-        dtype, scaler, norm_reduce_fn=grad_norm_reduce(topo))
-    fwd_model = torch.compile(model) if args.compile else model
+    zero = args.zero if topo.dp > 1 else 0
+    module, opt = build_training(model, args, dtype, topo)
+    scaler = opt.scaler
+    fwd_model = torch.compile(module) if args.compile else module
+    # The pipeline calls the stage itself (ddp.py's and zero.py's hooks live on its parameters and modules).
+    step_model = model if topo.pp > 1 else fwd_model
 
     step = 0
     if ckpt:
-        # With several ranks, "model", "optim" and "rng" are lists with one entry per rank (each holds other slices).
-        mine = (lambda v: v[rank]) if world > 1 else (lambda v: v)
-        model.load_state_dict(mine(ckpt["model"]))
-        opt.load_state_dict(mine(ckpt["optim"]))
+        if ckpt["model"] is not None:
+            model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optim"])
         batches.load_state_dict(ckpt["data"])
-        set_rng_state(mine(ckpt["rng"]))
+        set_rng_state(ckpt["rng"])
         step = ckpt["step"]
 
     def checkpoint_now():
-        per_rank = {"model": model.state_dict(), "optim": opt.state_dict(), "rng": rng_state()}
-        if world > 1:  # one file, written by rank 0, holding every rank's part
-            gathered = [None] * world if master else None
-            dist.gather_object(per_rank, gathered, dst=0)
-            per_rank = {k: [g[k] for g in gathered] for k in per_rank} if master else None
-        if master:
-            out.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(ckpt_path, {
-                **per_rank, "step": step, "data": batches.state_dict(), "tokenizer": tokenizer, "args": vars(args),
-                "topology": layout, "model_config": asdict(replace(cfg, attn="-", activation_checkpointing=False))})
+        # Every rank writes its own file: its tensor-parallel slices, its pipeline stage, its ZeRO shards. Under
+        # ZeRO-3 the model's weights live only in the optimizer's slices: the model entry is empty.
+        out.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(ckpt_path, {
+            "model": None if zero == 3 else model.state_dict(), "optim": opt.state_dict(), "step": step,
+            "data": batches.state_dict(), "rng": rng_state(), "tokenizer": tokenizer, "args": vars(args),
+            "world": world, "zero": zero, "topology": layout,
+            "model_config": asdict(replace(cfg, attn="-", activation_checkpointing=False))})
         if world > 1:
-            dist.barrier()  # no rank goes on (and perhaps resumes from this file) before it is whole on disk
+            dist.barrier()  # no rank goes on (and perhaps resumes) before every rank's file is whole on disk
 
     fpt = flops_per_token(cfg, n_mm, T)
     peak = peak_flops(device, dtype, args) * world  # MFU of all the devices together
@@ -419,9 +507,10 @@ def train(args):
         out.mkdir(parents=True, exist_ok=True)
         print(f"model {args.model}: {n_params:,} parameters, {fpt:.3g} FLOPs/token | data {data_dir} "
               f"({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | batch {args.batch_size} x {T} "
-              f"tokens = {micro_bs} x {n_micro} micro-batches x {topo.dp} data-parallel | tp {topo.tp} "
-              f"pp {topo.pp} "
-              f"({args.pp_schedule if topo.pp > 1 else 'no pipeline'}) | {max_steps} steps | "
+              f"tokens = {micro_bs} x {n_micro} micro-batches x {topo.dp} data-parallel"
+              + (f" (ZeRO stage {zero})" if zero else " (ddp.py)" if topo.dp > 1 else "")
+              + f" | tp {topo.tp} | pp {topo.pp}" + (f" ({args.pp_schedule})" if topo.pp > 1 else "")
+              + f" | {max_steps} steps | "
               f"{args.amp} on {device}" + (f" | resuming at step {step}" if step else ""), flush=True)
     metrics = open(out / "metrics.jsonl", "a") if master else None
 
@@ -431,7 +520,7 @@ def train(args):
             metrics.flush()
 
     if step == 0:
-        val_loss = evaluate(fwd_model, val, device, topo, args.microbatches)
+        val_loss = evaluate(step_model, val, device, topo, args.microbatches)
         log({"step": 0, "val_loss": val_loss})
         if master:
             print(f"step 0 | val loss {val_loss:.4f}", flush=True)
@@ -442,11 +531,12 @@ def train(args):
         lr = lr_at(step, args, max_steps)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss_sum = forward_backward(fwd_model, batches.next(), topo, args.pp_schedule, opt.scale_loss, device)
+        loss_sum = forward_backward(step_model, batches.next(), topo, args.pp_schedule, opt.scale_loss, device,
+                                    opt.no_sync)
         grad_norm, skipped = opt.step(args.grad_clip)
         opt.zero_grad()
         step += 1
-        loss_value = loss_sum.item()
+        loss_value = mean_over_dp(loss_sum, topo).item()  # the global batch's loss, the same on every rank
         history.append(loss_value)
         tokens_since += tokens_per_step
 
@@ -467,7 +557,7 @@ def train(args):
                       flush=True)
             t_last, tokens_since = time.perf_counter(), 0
         if step % args.eval_every == 0 or step == max_steps:
-            val_loss = evaluate(fwd_model, val, device, topo, args.microbatches)
+            val_loss = evaluate(step_model, val, device, topo, args.microbatches)
             log({"step": step, "val_loss": val_loss})
             if master:
                 print(f"step {step:5d} | val loss {val_loss:.4f}", flush=True)
@@ -477,9 +567,9 @@ def train(args):
     if step == max_steps and args.sample_tokens > 0 and topo.pp > 1:
         if master:
             print("(no sample: generation is not pipelined; train with --pp 1 to get one)", flush=True)
-    elif step == max_steps and args.sample_tokens > 0 and (master or topo.tp > 1):
-        # Under tensor parallelism every tp rank samples in lockstep: the head gathers the full logits, and the
-        # same seed on every rank draws the same tokens.
+    elif step == max_steps and args.sample_tokens > 0 and (master or topo.tp > 1 or zero == 3):
+        # Under tensor parallelism every tp rank samples in lockstep (the head gathers the full logits, the same
+        # seed draws the same tokens); under ZeRO-3 every forward gathers weights from every rank: all sample.
         model.eval()
         tensor_parallel.set_gather_output(model, True)
         if world > 1:

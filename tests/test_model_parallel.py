@@ -127,7 +127,6 @@ def test_check_divisible_names_the_dimension():
     (8, ["--pp", "8"], "--pp 8 is more stages than the 4 layers of model 'tiny'"),
     (2, ["--pp", "2", "--microbatches", "3"], "does not divide into --grad-accum 1 x --microbatches 3"),
     (1, ["--microbatches", "0"], "--microbatches must be at least 1"),
-    (4, ["--tp", "2"], "2 data-parallel replicas of --tp 2 x --pp 1"),
     (2, ["--pp", "2", "--compile"], "--compile with --pp > 1"),
 ])
 def test_invalid_topologies_fail_before_any_process_group(tmp_path, capsys, monkeypatch, world, flags, message):
