@@ -12,7 +12,6 @@ import torch.distributed as dist
 import pipeline
 import pretrain
 import tensor_parallel
-from amp import DynamicLossScaler, MixedPrecisionOptimizer
 from model import PRESETS
 from tests.distributed import run_distributed
 from topology import Topology, TopologyError
@@ -39,45 +38,70 @@ def full_name(name, model):
     return name
 
 
-def train(topo, cfg=CFG, schedule="1f1b"):
-    """pretrain.py's pieces, in float64: the step function, the optimizer with clipping, the norm reduction."""
+def train(topo, cfg=CFG, schedule="1f1b", zero=0):
+    """pretrain.py's pieces, in float64: the model cut and sliced, the optimizer (DDP or ZeRO over dp) with
+    clipping and the norm reduction, the step function. Each data-parallel rank takes its contiguous share of
+    the micro-batches, so that the mean of the ranks' means is the one process's mean."""
     model = pretrain.build_model(cfg, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64)
-    opt = MixedPrecisionOptimizer(pretrain.param_groups(model, 0.1), lambda g: torch.optim.AdamW(g, lr=1e-2),
-                                  torch.float64, DynamicLossScaler(False), pretrain.grad_norm_reduce(topo))
+    args = pretrain.build_parser().parse_args(["--zero", str(zero), "--lr", "1e-2", "--weight-decay", "0.1",
+                                               "--bucket-mb", "0.01"])
+    module, opt = pretrain.build_training(model, args, torch.float64, topo)
     losses, norms = [], []
     for step in range(STEPS):
-        loss = pretrain.forward_backward(model, micro_batches(step), topo, schedule, opt.scale_loss, "cpu")
+        mine = micro_batches(step)[topo.dp_rank * MICRO // topo.dp:(topo.dp_rank + 1) * MICRO // topo.dp]
+        loss = pretrain.forward_backward(model if topo.pp > 1 else module, mine, topo, schedule, opt.scale_loss,
+                                         "cpu", opt.no_sync)
         norm, _ = opt.step(CLIP)
         opt.zero_grad()
-        losses.append(loss.item())
+        losses.append(pretrain.mean_over_dp(loss, topo).item())
         norms.append(norm)
-    return losses, norms, {full_name(n, model): p.detach().clone() for n, p in model.named_parameters()}
+    with opt.gathered() if zero == 3 and topo.dp > 1 else contextlib.nullcontext():
+        params = {full_name(n, model): p.detach().clone() for n, p in model.named_parameters()}
+    return losses, norms, params
 
 
-def _parallel(rank, world, tp, pp, schedule, cfg):
-    topo = Topology(tp=tp, pp=pp)
-    return topo.tp_rank, tp, train(topo, cfg, schedule)
+def _parallel(rank, world, layouts, cfg):
+    """Several layouts (tp, pp, schedule, zero) in turn on the same world; each builds its own groups."""
+    out = []
+    for tp, pp, schedule, zero in layouts:
+        topo = Topology(tp=tp, pp=pp)
+        out.append((topo.tp_rank, tp, train(topo, cfg, schedule, zero)))
+    return out
+
+
+def check_against_one_process(layouts, world, cfg=CFG):
+    ref_losses, ref_norms, ref_params = train(Topology(), cfg)
+    assert min(ref_norms) > CLIP  # clipping is active in every step, so a wrong global norm would show
+    for rank_results in run_distributed(_parallel, world, layouts, cfg):
+        for layout, (tp_rank, tp, (losses, norms, params)) in zip(layouts, rank_results):
+            # float64, the same arithmetic up to summation order (partial matmuls summed by all-reduce, per-rank
+            # squared norms summed): 3 Adam steps keep agreement near 1e-13; the tolerances leave a margin.
+            assert losses == pytest.approx(ref_losses, rel=1e-11), layout
+            assert norms == pytest.approx(ref_norms, rel=1e-10), layout
+            seen = set()
+            for name, p in params.items():
+                d = tensor_parallel.split_dim(name)
+                want = ref_params[name] if d is None else ref_params[name].chunk(tp, dim=d)[tp_rank]
+                torch.testing.assert_close(p, want, rtol=1e-9, atol=1e-11, msg=f"{layout} {name}")
+                seen.add(name)
+            assert seen <= set(ref_params)
 
 
 @pytest.mark.parametrize("tp, pp, schedule", [(2, 1, "1f1b"), (4, 1, "1f1b"), (1, 2, "gpipe"), (1, 2, "1f1b"),
                                               (1, 4, "1f1b"), (2, 2, "gpipe")])
 def test_parallel_training_matches_one_process(tp, pp, schedule):
     cfg = replace(CFG, n_kv_head=4) if tp == 4 else CFG  # tp 4 needs 4 KV heads: one query and one KV head each
-    ref_losses, ref_norms, ref_params = train(Topology(), cfg)
-    assert min(ref_norms) > CLIP  # clipping is active in every step, so a wrong global norm would show
-    results = run_distributed(_parallel, tp * pp, tp, pp, schedule, cfg)
-    seen = set()
-    for tp_rank, tp, (losses, norms, params) in results:
-        # float64, the same arithmetic up to summation order (partial matmuls summed by all-reduce, per-stage
-        # norms summed over ranks): 3 Adam steps keep agreement near 1e-13; the tolerances leave a margin.
-        assert losses == pytest.approx(ref_losses, rel=1e-11)
-        assert norms == pytest.approx(ref_norms, rel=1e-10)
-        for name, p in params.items():
-            d = tensor_parallel.split_dim(name)
-            want = ref_params[name] if d is None else ref_params[name].chunk(tp, dim=d)[tp_rank]
-            torch.testing.assert_close(p, want, rtol=1e-9, atol=1e-11, msg=name)
-            seen.add(name)
-    assert seen == set(ref_params)  # every parameter of the full model lives on some rank
+    check_against_one_process([(tp, pp, schedule, 0)], tp * pp, cfg)
+
+
+def test_every_zero_stage_with_tp2_and_with_pp2():
+    """World 4 = dp 2 x tp 2 with DDP and ZeRO 1, 2, 3; then dp 2 x pp 2 with each. The data-parallel
+    reductions must stay inside the dp group and the norm must add the dp shards, tp slices and stages."""
+    check_against_one_process([(2, 1, "1f1b", z) for z in range(4)] + [(1, 2, "1f1b", z) for z in range(4)], 4)
+
+
+def test_zero1_tp2_pp2_on_eight_ranks():
+    check_against_one_process([(2, 2, "1f1b", 1)], 8)
 
 
 def test_vocab_parallel_cross_entropy_equals_the_gathered_one():
@@ -147,21 +171,31 @@ FAST = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--lr", "3e-3
 
 def _pretrain_runs(rank, world, out, cache):
     os.environ["LLM_DATA_CACHE"] = cache
-    mp = ["--tp", "2", "--pp", "2", "--microbatches", "2", "--sample-tokens", "0"]
-    whole = pretrain.main(FAST + mp + ["--max-steps", "4", "--out", f"{out}/whole"])
-    first = pretrain.main(FAST + mp + ["--max-steps", "4", "--stop-after", "2", "--out", f"{out}/split"])
-    second = pretrain.main(FAST + mp + ["--max-steps", "4", "--resume", "--out", f"{out}/split"])
+    z3 = FAST + ["--zero", "3", "--tp", "2", "--max-steps", "4"]  # dp 2 x tp 2
+    whole = pretrain.main(z3 + ["--sample-tokens", "8", "--out", f"{out}/whole"])  # all 4 ranks sample in step
+    first = pretrain.main(z3 + ["--sample-tokens", "0", "--stop-after", "2", "--out", f"{out}/split"])
+    second = pretrain.main(z3 + ["--sample-tokens", "0", "--resume", "--out", f"{out}/split"])
+    with whole["opt"].gathered(), second["opt"].gathered():
+        same = all(torch.equal(a, b) for a, b in zip(whole["model"].parameters(), second["model"].parameters()))
+    pp = pretrain.main(FAST + ["--tp", "2", "--pp", "2", "--microbatches", "2", "--max-steps", "4",
+                               "--sample-tokens", "0", "--out", f"{out}/pp"])
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
-        pretrain.main(FAST + ["--pp", "4", "--max-steps", "4", "--resume", "--out", f"{out}/split"])
-    return whole["losses"], first["losses"] + second["losses"], err.getvalue()
+        pretrain.main(FAST + ["--zero", "3", "--max-steps", "4", "--resume", "--out", f"{out}/split"])
+    return whole["losses"], first["losses"] + second["losses"], same, pp["losses"], err.getvalue()
 
 
-def test_pretrain_tp2_pp2_matches_one_process_and_resumes(tmp_path, stdlib_data, data_cache):
+def test_pretrain_zero3_tp2_and_tp2_pp2_match_one_process_and_resume(tmp_path, stdlib_data, data_cache):
+    """Through pretrain.py at world 4, fp32: ZeRO-3 x tp 2 and tp 2 x pp 2 against one process (the same global
+    batch cut into the same 4 micro-batches); ZeRO-3 x tp 2 stopped after 2 steps and resumed equals the
+    uninterrupted run exactly; resuming its checkpoint on another topology is refused in one line."""
     one = pretrain.main(FAST + ["--max-steps", "4", "--microbatches", "2", "--sample-tokens", "0",
                                 "--out", str(tmp_path / "one")])
-    for whole, resumed, err in run_distributed(_pretrain_runs, 4, str(tmp_path), str(data_cache)):
+    for whole, resumed, same_params, pp, err in run_distributed(_pretrain_runs, 4, str(tmp_path), str(data_cache)):
         # fp32 with another summation order: agreement to float32 rounding, amplified a little over 4 steps
         assert whole == pytest.approx(one["losses"], rel=1e-4)
-        assert resumed == whole  # resuming on the same topology is exact
-        assert "saved with topology {'dp': 1, 'pp': 2, 'tp': 2}" in err and "\n" not in err.strip(), err
+        assert pp == pytest.approx(one["losses"], rel=1e-4)
+        assert resumed == whole and same_params  # resuming on the same topology is exact
+        assert "saved with topology {'dp': 2, 'pp': 1, 'tp': 2}, this run is {'dp': 4, 'pp': 1, 'tp': 1}" in err
+        assert "\n" not in err.strip(), err
+    assert (tmp_path / "whole" / "sample.txt").read_text().startswith("def ")
