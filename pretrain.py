@@ -17,6 +17,8 @@ Run:
     python pretrain.py --model tiny --max-steps 600 --out out/tiny           # the embedded default corpus
     python pretrain.py --model gpt2-124m --estimate --gpus 8 --chinchilla    # the calculator, no training
     torchrun --nproc_per_node 4 pretrain.py --zero 2 ...                      # data parallel, ZeRO stage 2
+    torchrun --nproc_per_node 4 pretrain.py --zero 3 --tp 2                   # ZeRO-3 x tensor parallel
+    torchrun --nproc_per_node 4 pretrain.py --tp 2 --pp 2 --microbatches 4    # tensor x pipeline parallel
 """
 import argparse
 import contextlib

@@ -199,3 +199,33 @@ def test_pretrain_zero3_tp2_and_tp2_pp2_match_one_process_and_resume(tmp_path, s
         assert "saved with topology {'dp': 2, 'pp': 1, 'tp': 2}, this run is {'dp': 4, 'pp': 1, 'tp': 1}" in err
         assert "\n" not in err.strip(), err
     assert (tmp_path / "whole" / "sample.txt").read_text().startswith("def ")
+
+
+def _fp16_overflow_on_rank0(rank, world):
+    """An inf in rank 0's gradients only (its own stage and slice, or its own ZeRO shard), after the backward:
+    the norm reduction must carry it to every rank, so that every rank skips the step and halves the scale."""
+    out = []
+    for tp, pp, zero in ((2, 2, 0), (2, 1, 2)):
+        topo = Topology(tp=tp, pp=pp)
+        model = pretrain.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float16)
+        args = pretrain.build_parser().parse_args(["--zero", str(zero), "--amp", "fp16"])
+        module, opt = pretrain.build_training(model, args, torch.float16, topo)
+        before = [p.detach().clone() for p in model.parameters()]
+        mine = micro_batches(0)[topo.dp_rank * MICRO // topo.dp:(topo.dp_rank + 1) * MICRO // topo.dp]
+        pretrain.forward_backward(model if pp > 1 else module, mine, topo, "1f1b", opt.scale_loss, "cpu",
+                                  opt.no_sync)
+        if rank == 0:
+            if zero >= 2:
+                opt.units[0].grad_shard[0] = float("inf")
+            else:
+                next(model.parameters()).grad[0, 0] = float("inf")
+        _, skipped = opt.step(1.0)
+        with opt.gathered() if zero == 3 else contextlib.nullcontext():
+            unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        out.append((skipped, opt.scaler.scale, unchanged))
+    return out
+
+
+def test_fp16_overflow_on_one_rank_skips_the_step_on_every_rank():
+    for result in run_distributed(_fp16_overflow_on_rank0, 4):
+        assert result == [(True, 2.0 ** 15, True)] * 2, result
