@@ -39,9 +39,10 @@ def full_name(name, model):
     return name
 
 
-def train(topo, cfg=CFG, schedule="1f1b"):
+def train(topo, cfg=CFG, schedule="1f1b", sp=False):
     """pretrain.py's pieces, in float64: the step function, the optimizer with clipping, the norm reduction."""
-    model = pretrain.build_model(cfg, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64)
+    model = pretrain.build_model(cfg, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64,
+                                 sequence_parallel=sp)
     opt = MixedPrecisionOptimizer(pretrain.param_groups(model, 0.1), lambda g: torch.optim.AdamW(g, lr=1e-2),
                                   torch.float64, DynamicLossScaler(False), pretrain.grad_norm_reduce(topo))
     losses, norms = [], []
@@ -54,18 +55,21 @@ def train(topo, cfg=CFG, schedule="1f1b"):
     return losses, norms, {full_name(n, model): p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _parallel(rank, world, tp, pp, schedule, cfg):
+def _parallel(rank, world, tp, pp, schedule, cfg, sp):
     topo = Topology(tp=tp, pp=pp)
-    return topo.tp_rank, tp, train(topo, cfg, schedule)
+    return topo.tp_rank, tp, train(topo, cfg, schedule, sp)
 
 
-@pytest.mark.parametrize("tp, pp, schedule", [(2, 1, "1f1b"), (4, 1, "1f1b"), (1, 2, "gpipe"), (1, 2, "1f1b"),
-                                              (1, 4, "1f1b"), (2, 2, "gpipe")])
-def test_parallel_training_matches_one_process(tp, pp, schedule):
+@pytest.mark.parametrize("tp, pp, schedule, sp", [(2, 1, "1f1b", False), (4, 1, "1f1b", False),
+                                                  (1, 2, "gpipe", False), (1, 2, "1f1b", False),
+                                                  (1, 4, "1f1b", False), (2, 2, "gpipe", False),
+                                                  (2, 2, "1f1b", True)])
+def test_parallel_training_matches_one_process(tp, pp, schedule, sp):
+    """tp, pp, both, and (last) both with sequence parallelism."""
     cfg = replace(CFG, n_kv_head=4) if tp == 4 else CFG  # tp 4 needs 4 KV heads: one query and one KV head each
     ref_losses, ref_norms, ref_params = train(Topology(), cfg)
     assert min(ref_norms) > CLIP  # clipping is active in every step, so a wrong global norm would show
-    results = run_distributed(_parallel, tp * pp, tp, pp, schedule, cfg)
+    results = run_distributed(_parallel, tp * pp, tp, pp, schedule, cfg, sp)
     seen = set()
     for tp_rank, tp, (losses, norms, params) in results:
         # float64, the same arithmetic up to summation order (partial matmuls summed by all-reduce, per-stage
@@ -129,6 +133,7 @@ def test_check_divisible_names_the_dimension():
     (1, ["--microbatches", "0"], "--microbatches must be at least 1"),
     (4, ["--tp", "2"], "2 data-parallel replicas of --tp 2 x --pp 1"),
     (2, ["--pp", "2", "--compile"], "--compile with --pp > 1"),
+    (2, ["--tp", "2", "--sequence-parallel", "--seq-len", "15"], "choose a --seq-len divisible by 2"),
 ])
 def test_invalid_topologies_fail_before_any_process_group(tmp_path, capsys, monkeypatch, world, flags, message):
     # WORLD_SIZE says `world` processes but only this one exists: reaching init_process_group would hang,
