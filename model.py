@@ -131,6 +131,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
+        cos, sin = cos[:T], sin[:T]  # the tables may be longer (under sequence parallelism x is gathered here)
         # -1 heads: under tensor parallelism the local linears are narrower and hold only this rank's heads.
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -203,8 +204,7 @@ class Transformer(nn.Module):
         return self.tok_emb(idx)
 
     def body(self, x):
-        T = x.shape[1]
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        cos, sin = self.rope_cos, self.rope_sin  # whole tables: each attention takes the first T rows it needs
         for block in self.blocks:
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 # Keep only the block's input; recompute its insides during backward.

@@ -129,7 +129,8 @@ def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, sca
 
     def forward(i):
         x, y = micro_batches[i]
-        act_shape = (*x.shape, model.cfg.d_model)
+        # (B, T, d) between stages; (B, T/tp, d) under sequence parallelism (tensor_parallel.py)
+        act_shape = (x.shape[0], x.shape[1] // getattr(model, "sequence_shards", 1), model.cfg.d_model)
         if first:
             h = x.to(device)
         else:

@@ -105,6 +105,8 @@ def build_parser():
     a("--microbatches", type=int, default=1,
       help="pipeline micro-batches per micro-step (each --grad-accum micro-step is cut into this many)")
     a("--pp-schedule", default="1f1b", choices=pipeline.SCHEDULES, help="pipeline schedule")
+    a("--sequence-parallel", action="store_true",
+      help="with --tp: keep norms and residuals split along the sequence (tensor_parallel.py)")
     return ap
 
 
@@ -127,6 +129,10 @@ def check_args(args, world):
     err = tensor_parallel.check_divisible(cfg, args.tp)  # the vocabulary is checked again once it is known
     if err:
         raise TopologyError(err)
+    T = args.seq_len or cfg.block_size
+    if args.sequence_parallel and T % args.tp:
+        raise TopologyError(f"--sequence-parallel splits the {T} positions of a sequence over --tp {args.tp}: "
+                            f"choose a --seq-len divisible by {args.tp}")
     micro = args.grad_accum * args.microbatches
     if args.batch_size % (micro * dp):
         raise ConfigError(f"--batch-size {args.batch_size} does not divide into --grad-accum {args.grad_accum} x "
@@ -323,13 +329,13 @@ def build_topology(args, world, device):
     return Topology(args.tp, args.pp)
 
 
-def build_model(cfg, topo, seed, device, dtype):
+def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False):
     """The full model from one seed on every rank, then (DESIGN.md's order) this pipeline stage's blocks,
     then this tensor-parallel rank's slices, then the compute precision."""
     torch.manual_seed(seed)
     model = Transformer(cfg).to(device)
     pipeline.keep_stage(model, topo)
-    tensor_parallel.parallelize(model, topo)
+    tensor_parallel.parallelize(model, topo, sequence_parallel)
     return cast_model(model, dtype)
 
 
@@ -469,7 +475,7 @@ def train(args):
         whole = Transformer(cfg)
     n_params, n_mm = num_params(whole), num_params(whole, matmul_only=True)
     dtype = DTYPES[args.amp]
-    model = build_model(cfg, topo, args.seed, device, dtype)
+    model = build_model(cfg, topo, args.seed, device, dtype, args.sequence_parallel)
     tokens_per_step = args.batch_size * T
     if args.tokens is not None or args.chinchilla:
         max_steps = math.ceil((args.tokens or 20 * n_params) / tokens_per_step)
@@ -566,9 +572,9 @@ def train(args):
         if step % args.save_every == 0 or step == stop_at:
             checkpoint_now()
 
-    if step == max_steps and args.sample_tokens > 0 and topo.pp > 1:
-        if master:
-            print("(no sample: generation is not pipelined; train with --pp 1 to get one)", flush=True)
+    if step == max_steps and args.sample_tokens > 0 and (topo.pp > 1 or (args.sequence_parallel and topo.tp > 1)):
+        if master:  # generation grows the sequence one token at a time: neither cuts into stages or shards
+            print("(no sample: generation is not pipelined nor sequence-parallel)", flush=True)
     elif step == max_steps and args.sample_tokens > 0 and (master or topo.tp > 1 or zero == 3):
         # Under tensor parallelism every tp rank samples in lockstep (the head gathers the full logits, the same
         # seed draws the same tokens); under ZeRO-3 every forward gathers weights from every rank: all sample.

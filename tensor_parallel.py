@@ -20,10 +20,18 @@ all-reduces of B T d (one per g), backward 2 (one per f; here wq, wk, wv and w1,
 so the backward sends 3 + 2 all-reduces where Megatron's fused QKV and gate-up linears send 2: the same sums,
 more messages); FLOPs of the matmuls / t. Norms are replicated and compute the same values on every tp rank.
 
+Sequence parallelism (Korthikanti et al., 2022; `sequence_parallel=True`): between the blocks' matmuls the
+activations are replicated, so the norms and residual adds repeat the same work and memory on every rank.
+Instead keep them split along the sequence (each rank T/t positions): all-gather the sequence before a
+column-parallel layer and reduce-scatter after a row-parallel one. An all-reduce is a reduce-scatter plus an
+all-gather, so communication stays the same; the norms' activations and work shrink by t. The norms' gains see
+only T/t positions each, so their gradients are summed over the ranks (an f on the weight).
+
 Slicing a fully initialised model (the same seed on every rank, then keep this rank's slice) makes the tensor-
 parallel model compute exactly what the single-process one does, up to summation order.
 
-Demo: `torchrun --nproc_per_node 2 tensor_parallel.py` checks loss and gradients against one process (float64).
+Demo: `torchrun --nproc_per_node 2 tensor_parallel.py` checks loss and gradients against one process (float64),
+without and with sequence parallelism.
 """
 import torch
 import torch.distributed as dist
@@ -78,6 +86,46 @@ class GatherFromTensorParallel(torch.autograd.Function):
         return grad.chunk(dist.get_world_size(ctx.group), dim=-1)[ctx.rank].contiguous(), None
 
 
+class GatherSequence(torch.autograd.Function):
+    """Sequence parallelism's f: all-gather the (B, T/t, d) shards into (B, T, d); backward reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_sequence(grad, ctx.group), None
+
+
+class ReduceScatterSequence(torch.autograd.Function):
+    """Sequence parallelism's g: sum the ranks' partial (B, T, d) and keep this rank's T/t; backward all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_sequence(grad, ctx.group), None
+
+
+def _gather_sequence(x, group):
+    t = dist.get_world_size(group)
+    out = torch.empty((t * x.shape[1], x.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_single(out, x.transpose(0, 1).contiguous(), group=group)  # collectives work on dim 0
+    return out.transpose(0, 1)
+
+
+def _reduce_scatter_sequence(x, group):
+    t = dist.get_world_size(group)
+    out = torch.empty((x.shape[1] // t, x.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_single(out, x.transpose(0, 1).contiguous(), group=group)
+    return out.transpose(0, 1)
+
+
 # ----------------------------------------------------------------------------- the parallel layers
 def _slice(weight, dim, topo):
     """This rank's contiguous 1/tp of a full tensor along `dim` (a copy: the full tensor can be freed)."""
@@ -87,38 +135,41 @@ def _slice(weight, dim, topo):
 class ColumnParallelLinear(nn.Module):
     """Y_i = f(X) A_i^T: the weight's output rows split; input replicated, output split across ranks."""
 
-    def __init__(self, linear: nn.Linear, topo, gather_output=False):
+    def __init__(self, linear: nn.Linear, topo, gather_output=False, sequence_parallel=False):
         super().__init__()
         assert linear.bias is None, "model.py's linears have no bias"
-        self.group, self.gather_output = topo.tp_group, gather_output
+        self.group, self.gather_output, self.sequence_parallel = topo.tp_group, gather_output, sequence_parallel
         self.weight = _slice(linear.weight, 0, topo)
         self.weight.tensor_parallel = True
 
     def forward(self, x):
-        y = F.linear(CopyToTensorParallel.apply(x, self.group), self.weight)
+        # Under sequence parallelism the input was all-gathered just before (by the norm), whose backward
+        # reduce-scatter already sums the ranks' input gradients: f would sum them twice.
+        y = F.linear(x if self.sequence_parallel else CopyToTensorParallel.apply(x, self.group), self.weight)
         return GatherFromTensorParallel.apply(y, self.group) if self.gather_output and self.group else y
 
 
 class RowParallelLinear(nn.Module):
     """Y = g(sum_i X_i A_i^T): the weight's input columns split; input split, output replicated."""
 
-    def __init__(self, linear: nn.Linear, topo):
+    def __init__(self, linear: nn.Linear, topo, sequence_parallel=False):
         super().__init__()
         assert linear.bias is None, "model.py's linears have no bias"
-        self.group = topo.tp_group
+        self.group, self.sequence_parallel = topo.tp_group, sequence_parallel
         self.weight = _slice(linear.weight, 1, topo)
         self.weight.tensor_parallel = True
 
     def forward(self, x):
-        return ReduceFromTensorParallel.apply(F.linear(x, self.weight), self.group)
+        reduce = ReduceScatterSequence if self.sequence_parallel else ReduceFromTensorParallel
+        return reduce.apply(F.linear(x, self.weight), self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
     """Rows [start, end) of the table on each rank; ids elsewhere look up zeros, and g sums the ranks' rows."""
 
-    def __init__(self, emb: nn.Embedding, topo):
+    def __init__(self, emb: nn.Embedding, topo, sequence_parallel=False):
         super().__init__()
-        self.group = topo.tp_group
+        self.group, self.sequence_parallel = topo.tp_group, sequence_parallel
         self.weight = _slice(emb.weight, 0, topo)
         self.weight.tensor_parallel = True
         self.start = topo.tp_rank * self.weight.shape[0]
@@ -127,7 +178,24 @@ class VocabParallelEmbedding(nn.Module):
         local = idx - self.start
         mine = (local >= 0) & (local < self.weight.shape[0])
         out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * mine.unsqueeze(-1)
-        return ReduceFromTensorParallel.apply(out, self.group)
+        reduce = ReduceScatterSequence if self.sequence_parallel else ReduceFromTensorParallel
+        return reduce.apply(out, self.group)
+
+
+class SequenceParallelRMSNorm(nn.Module):
+    """model.RMSNorm over this rank's T/t positions, then the all-gather that the next matmul needs. The gain
+    passes through f, so that its gradient, computed from T/t positions here, is summed over the ranks."""
+
+    def __init__(self, norm, topo, gather=True):
+        super().__init__()
+        self.eps, self.group, self.gather = norm.eps, topo.tp_group, gather
+        self.weight = norm.weight
+
+    def forward(self, x):
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = (h * CopyToTensorParallel.apply(self.weight, self.group).to(h.dtype)).to(x.dtype)
+        return GatherSequence.apply(h, self.group) if self.gather else h
 
 
 class VocabParallelCrossEntropy(torch.autograd.Function):
@@ -192,24 +260,34 @@ def check_divisible(cfg, tp):
     return None
 
 
-def parallelize(model, topo):
+def parallelize(model, topo, sequence_parallel=False):
     """Swap a (pipeline stage of a) model.Transformer's linears and embeddings for their tensor-parallel
-    versions holding this rank's slice. Call after building the full model with the same seed on every rank."""
+    versions holding this rank's slice. Call after building the full model with the same seed on every rank.
+    With sequence_parallel the activations between blocks are (B, T/tp, d): T must divide by tp."""
+    model.sequence_shards = topo.tp if sequence_parallel else 1  # pipeline.py sends activations of this shape
     if topo.tp == 1:
         return model
     err = check_divisible(model.cfg, topo.tp)
     assert err is None, err  # pretrain.py refuses this up front; here it is a programming error
+    sp = sequence_parallel
     for block in model.blocks:
         attn, mlp = block.attn, block.mlp
-        attn.wq, attn.wk, attn.wv = (ColumnParallelLinear(l, topo) for l in (attn.wq, attn.wk, attn.wv))
-        attn.wo = RowParallelLinear(attn.wo, topo)
+        col = [ColumnParallelLinear(l, topo, sequence_parallel=sp) for l in (attn.wq, attn.wk, attn.wv)]
+        attn.wq, attn.wk, attn.wv = col
+        attn.wo = RowParallelLinear(attn.wo, topo, sequence_parallel=sp)
         attn.n_head, attn.n_kv_head = attn.n_head // topo.tp, attn.n_kv_head // topo.tp
-        mlp.w1, mlp.w3 = ColumnParallelLinear(mlp.w1, topo), ColumnParallelLinear(mlp.w3, topo)
-        mlp.w2 = RowParallelLinear(mlp.w2, topo)
+        mlp.w1 = ColumnParallelLinear(mlp.w1, topo, sequence_parallel=sp)
+        mlp.w3 = ColumnParallelLinear(mlp.w3, topo, sequence_parallel=sp)
+        mlp.w2 = RowParallelLinear(mlp.w2, topo, sequence_parallel=sp)
+        if sp:
+            block.attn_norm = SequenceParallelRMSNorm(block.attn_norm, topo)
+            block.mlp_norm = SequenceParallelRMSNorm(block.mlp_norm, topo)
     if getattr(model, "tok_emb", None) is not None:
-        model.tok_emb = VocabParallelEmbedding(model.tok_emb, topo)
+        model.tok_emb = VocabParallelEmbedding(model.tok_emb, topo, sequence_parallel=sp)
     if getattr(model, "lm_head", None) is not None:
-        model.lm_head = ColumnParallelLinear(model.lm_head, topo)
+        if sp:
+            model.norm = SequenceParallelRMSNorm(model.norm, topo)
+        model.lm_head = ColumnParallelLinear(model.lm_head, topo, sequence_parallel=sp)
         model.loss_fn = vocab_parallel_loss_fn(topo.tp_rank * model.lm_head.weight.shape[0], topo.tp_group)
     # Replicated parameters (the norms) hold the same gradient on every tp rank: the global gradient norm
     # must count them once, so only tp rank 0 does (amp.py skips parameters marked tp_duplicate).
@@ -244,23 +322,24 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     topo = Topology(tp=dist.get_world_size())
     cfg = replace(PRESETS["tiny"], n_layer=2, n_head=max(4, topo.tp), n_kv_head=max(2, topo.tp))
-    torch.manual_seed(0)
-    full = Transformer(cfg).double()
-    idx = torch.randint(0, cfg.vocab_size, (4, 33))
-    _, ref_loss = full(idx[:, :-1], idx[:, 1:])
-    ref_loss.backward()
-    ref_grads = {n: p.grad for n, p in full.named_parameters()}
-    model = parallelize(full, topo)  # full's layers are replaced in place: the model is now this rank's slice
-    model.zero_grad()
-    _, loss = model(idx[:, :-1], idx[:, 1:])
-    loss.backward()
-    worst = 0.0
-    for n, p in model.named_parameters():
-        d = split_dim(n)
-        want = ref_grads[n] if d is None else ref_grads[n].chunk(topo.tp, dim=d)[topo.tp_rank]
-        worst = max(worst, (p.grad - want).abs().max().item())
-    n_local = sum(p.numel() for p in model.parameters())
-    print(f"tp rank {topo.tp_rank}/{topo.tp}: {n_local:,} of {sum(g.numel() for g in ref_grads.values()):,} "
-          f"parameters | loss {loss.item():.12f} vs one process {ref_loss.item():.12f} | "
-          f"max |grad difference| {worst:.2e}", flush=True)
+    idx = torch.randint(0, cfg.vocab_size, (4, 33), generator=torch.Generator().manual_seed(1))
+    for sp in (False, True):
+        torch.manual_seed(0)
+        full = Transformer(cfg).double()
+        _, ref_loss = full(idx[:, :-1], idx[:, 1:])
+        ref_loss.backward()
+        ref_grads = {n: p.grad for n, p in full.named_parameters()}
+        model = parallelize(full, topo, sp)  # full's layers are replaced in place: now this rank's slice
+        model.zero_grad()
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        worst = 0.0
+        for n, p in model.named_parameters():
+            d = split_dim(n)
+            want = ref_grads[n] if d is None else ref_grads[n].chunk(topo.tp, dim=d)[topo.tp_rank]
+            worst = max(worst, (p.grad - want).abs().max().item())
+        n_local = sum(p.numel() for p in model.parameters())
+        print(f"tp rank {topo.tp_rank}/{topo.tp}{' + sequence parallel' if sp else ''}: {n_local:,} of "
+              f"{sum(g.numel() for g in ref_grads.values()):,} parameters | loss {loss.item():.12f} vs one "
+              f"process {ref_loss.item():.12f} | max |grad difference| {worst:.2e}", flush=True)
     dist.destroy_process_group()

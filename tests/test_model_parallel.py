@@ -38,11 +38,12 @@ def full_name(name, model):
     return name
 
 
-def train(topo, cfg=CFG, schedule="1f1b", zero=0):
+def train(topo, cfg=CFG, schedule="1f1b", zero=0, sp=False):
     """pretrain.py's pieces, in float64: the model cut and sliced, the optimizer (DDP or ZeRO over dp) with
     clipping and the norm reduction, the step function. Each data-parallel rank takes its contiguous share of
     the micro-batches, so that the mean of the ranks' means is the one process's mean."""
-    model = pretrain.build_model(cfg, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64)
+    model = pretrain.build_model(cfg, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64,
+                                 sequence_parallel=sp)
     args = pretrain.build_parser().parse_args(["--zero", str(zero), "--lr", "1e-2", "--weight-decay", "0.1",
                                                "--bucket-mb", "0.01"])
     module, opt = pretrain.build_training(model, args, torch.float64, topo)
@@ -61,11 +62,11 @@ def train(topo, cfg=CFG, schedule="1f1b", zero=0):
 
 
 def _parallel(rank, world, layouts, cfg):
-    """Several layouts (tp, pp, schedule, zero) in turn on the same world; each builds its own groups."""
+    """Several layouts (tp, pp, schedule, zero, sp) in turn on the same world; each builds its own groups."""
     out = []
-    for tp, pp, schedule, zero in layouts:
+    for tp, pp, schedule, zero, sp in layouts:
         topo = Topology(tp=tp, pp=pp)
-        out.append((topo.tp_rank, tp, train(topo, cfg, schedule, zero)))
+        out.append((topo.tp_rank, tp, train(topo, cfg, schedule, zero, sp)))
     return out
 
 
@@ -87,21 +88,26 @@ def check_against_one_process(layouts, world, cfg=CFG):
             assert seen <= set(ref_params)
 
 
-@pytest.mark.parametrize("tp, pp, schedule", [(2, 1, "1f1b"), (4, 1, "1f1b"), (1, 2, "gpipe"), (1, 2, "1f1b"),
-                                              (1, 4, "1f1b"), (2, 2, "gpipe")])
-def test_parallel_training_matches_one_process(tp, pp, schedule):
+@pytest.mark.parametrize("tp, pp, schedule, sp", [(2, 1, "1f1b", False), (4, 1, "1f1b", False),
+                                                  (1, 2, "gpipe", False), (1, 2, "1f1b", False),
+                                                  (1, 4, "1f1b", False), (2, 2, "gpipe", False),
+                                                  (2, 2, "1f1b", True)])
+def test_parallel_training_matches_one_process(tp, pp, schedule, sp):
+    """tp, pp, both, and (last) both with sequence parallelism."""
     cfg = replace(CFG, n_kv_head=4) if tp == 4 else CFG  # tp 4 needs 4 KV heads: one query and one KV head each
-    check_against_one_process([(tp, pp, schedule, 0)], tp * pp, cfg)
+    check_against_one_process([(tp, pp, schedule, 0, sp)], tp * pp, cfg)
 
 
 def test_every_zero_stage_with_tp2_and_with_pp2():
-    """World 4 = dp 2 x tp 2 with DDP and ZeRO 1, 2, 3; then dp 2 x pp 2 with each. The data-parallel
-    reductions must stay inside the dp group and the norm must add the dp shards, tp slices and stages."""
-    check_against_one_process([(2, 1, "1f1b", z) for z in range(4)] + [(1, 2, "1f1b", z) for z in range(4)], 4)
+    """World 4 = dp 2 x tp 2 with DDP and ZeRO 1, 2, 3 (and ZeRO-3 with sequence parallelism); then dp 2 x pp 2
+    with each. The data-parallel reductions must stay inside the dp group and the norm must add the dp shards,
+    tp slices and stages."""
+    check_against_one_process([(2, 1, "1f1b", z, False) for z in range(4)] + [(2, 1, "1f1b", 3, True)]
+                              + [(1, 2, "1f1b", z, False) for z in range(4)], 4)
 
 
 def test_zero1_tp2_pp2_on_eight_ranks():
-    check_against_one_process([(2, 2, "1f1b", 1)], 8)
+    check_against_one_process([(2, 2, "1f1b", 1, False)], 8)
 
 
 def test_vocab_parallel_cross_entropy_equals_the_gathered_one():
@@ -152,6 +158,7 @@ def test_check_divisible_names_the_dimension():
     (2, ["--pp", "2", "--microbatches", "3"], "does not divide into --grad-accum 1 x --microbatches 3"),
     (1, ["--microbatches", "0"], "--microbatches must be at least 1"),
     (2, ["--pp", "2", "--compile"], "--compile with --pp > 1"),
+    (2, ["--tp", "2", "--sequence-parallel", "--seq-len", "15"], "choose a --seq-len divisible by 2"),
 ])
 def test_invalid_topologies_fail_before_any_process_group(tmp_path, capsys, monkeypatch, world, flags, message):
     # WORLD_SIZE says `world` processes but only this one exists: reaching init_process_group would hang,
