@@ -227,11 +227,12 @@ class Transformer(nn.Module):
         return self.head(x, targets, reduction) if self.lm_head is not None else (x, None)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Sample tokens one at a time, each conditioned on at most the last block_size tokens."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
+        """Sample tokens one at a time, each conditioned on at most the last block_size tokens. `n_vocab`: the
+        tokenizer's real vocabulary, so that the padding ids (never seen in training) are never drawn."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.cfg.block_size:])
-            logits = logits[:, -1, :].float()
+            logits = logits[:, -1, :n_vocab].float()
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:

@@ -84,7 +84,9 @@ def build_parser():
     a("--compile", action="store_true", help="torch.compile the model")
     a("--zero", type=int, default=0, choices=[0, 1, 2, 3],
       help="data parallelism over torchrun's ranks: 0 ddp.py, 1-3 ZeRO stages (zero.py)")
-    a("--bucket-mb", type=float, default=25.0, help="gradient bucket size for ddp.py's all-reduce")
+    a("--bucket-mb", type=float, default=25.0,
+      help="gradient bucket size of ddp.py's all-reduce (--zero 0 and 1; stages 2 and 3 reduce-scatter a "
+           "transformer block at a time)")
     a("--out", default="out/pretrain", help="checkpoints, metrics.jsonl and the final sample go here")
     a("--resume", action="store_true", help="continue from the checkpoint in --out")
     a("--save-every", type=int, default=200)
@@ -583,7 +585,8 @@ def train(args):
         if world > 1:
             torch.manual_seed(args.seed)
         prompt = torch.tensor([enc.encode_ordinary("def ")], device=device)
-        sample = enc.decode(model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50)[0].tolist())
+        sample = enc.decode(model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50,
+                                           n_vocab=enc.n_vocab)[0].tolist())
         if master:
             (out / "sample.txt").write_text(sample)
             print("-" * 30 + " sample " + "-" * 30 + "\n" + sample + "\n" + "-" * 68, flush=True)

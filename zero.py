@@ -281,7 +281,8 @@ class ZeroOptimizer:
         if not found_inf:
             coef = clip_coef(norm, max_norm)
             for u in self.units:
-                u.master_grad.mul_(coef)
+                if coef < 1.0:
+                    u.master_grad.mul_(coef)
                 for (_, _, s, n), view in zip(u.pieces, u.views):
                     view.grad = u.master_grad[s:s + n]
             self.optimizer.step()

@@ -53,9 +53,17 @@ def train(model, module, opt, batches, rank=0, world=1, dp_group=None):
     return losses, norms
 
 
-def reference():
-    torch.manual_seed(0)
+def build(seed):
+    """The test model in float64, its embedding frozen (as LoRA will freeze weights): only trainable
+    parameters may be sharded, reduced and stepped; the frozen one must stay as it is on every rank."""
+    torch.manual_seed(seed)
     model = Transformer(CFG).double()
+    model.tok_emb.weight.requires_grad_(False)
+    return model
+
+
+def reference():
+    model = build(0)
     one_process = SimpleNamespace(dp=1, dp_group=None)  # (computed inside every rank, beside the process group)
     module, opt = pretrain.build_training(model, args_for(0), torch.float64, one_process)
     assert isinstance(opt, MixedPrecisionOptimizer) and module is model  # one process: no wrapping at all
@@ -69,11 +77,7 @@ def _parity(rank, world):
     topo = Topology()
     out = {}
     for zero in (0, 1, 2, 3):
-        torch.manual_seed(100 + rank)  # a different start on every rank: the broadcast must repair it
-        model = Transformer(CFG).double()
-        if rank == 0:
-            torch.manual_seed(0)
-            model = Transformer(CFG).double()
+        model = build(0 if rank == 0 else 100 + rank)  # a different start on every rank: the broadcast repairs it
         module, opt = pretrain.build_training(model, args_for(zero), torch.float64, topo)
         losses, norms = train(model, module, opt, tokens(), rank, world, topo.dp_group)
         with opt.gathered() if zero == 3 else contextlib.nullcontext():

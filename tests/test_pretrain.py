@@ -114,3 +114,9 @@ def test_resume_refuses_another_model(tmp_path, capsys, stdlib_data):
     run(tmp_path, "--max-steps", "1")
     err = error_of(capsys, FAST + ["--model", "small", "--out", str(tmp_path / "run"), "--resume"])
     assert "another model config" in err
+
+
+def test_sampling_never_draws_vocabulary_padding(tmp_path, stdlib_data):
+    """The vocabulary is padded 257 -> 320; an untrained model would often draw ids tiktoken cannot decode."""
+    run(tmp_path, "--max-steps", "1", "--sample-tokens", "60")
+    assert len((tmp_path / "run" / "sample.txt").read_text()) > 0

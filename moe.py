@@ -1,0 +1,231 @@
+"""moe.py: a mixture-of-experts MLP, with expert parallelism over all-to-all.
+
+The idea (Shazeer et al. 2017; GShard; Switch Transformer): replace a block's MLP by E expert MLPs and a router.
+Each token goes to its top-k experts only, so parameters grow E-fold while FLOPs per token grow k-fold:
+    router       p = softmax(W_r x) over E experts (in fp32); keep the k largest, renormalise them to gates g
+    output       y = sum over the k chosen experts e of g_e * expert_e(x)
+    balance      aux = alpha * E * sum_i f_i * P_i     f_i: share of routed (token, choice) pairs that chose
+                 expert i; P_i: mean router probability of i. It is 1*alpha at perfect balance and grows as the
+                 router collapses onto few experts; P carries the gradient (f is a count).
+    capacity     C = ceil(capacity_factor * k * N / E) pairs per expert per batch of N tokens; first choices
+                 are served before second choices, tokens in order; an overflowing pair is dropped and that
+                 token's output from it is zero (the block's residual carries the token on). capacity_factor
+                 None: dropless, every pair is served.
+
+Expert parallelism (--ep N): the E experts are split over N ranks taken from the data-parallel ranks, E/N each.
+Every rank routes its own tokens, then one all-to-all sends each (token, choice) pair to the rank holding its
+expert, the experts run on what arrived, and a second all-to-all brings the results home; their backward is the
+reverse all-to-all. Communication per MoE layer per step: each routed pair crosses twice forward and twice
+backward: 4 * k * N * d elements per rank at most. Capacity is applied on the sending rank, per expert, to that
+rank's own tokens (as GShard's per-group capacity), so ep ranks give exactly what one process gives when it
+runs the same per-rank batches one after another.
+
+Gradients: dense parameters are replicated over the data-parallel group and averaged there as usual. An
+expert's gradient already sums the contributions of every rank's tokens in its ep group (through the backward
+all-to-all); with dp > ep each expert is replicated dp/ep times and is summed over its expert-data group too;
+then divided by dp, like the dense ones (`reduce_expert_grads`).
+
+Demo: `torchrun --nproc_per_node 2 moe.py` trains a small MoE with and without the balancing loss and prints
+the share of tokens of the busiest and idlest expert.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import MLP
+
+
+class MoEError(ValueError):
+    """A bad MoE setting: the message is the one line the user sees."""
+
+
+def check_moe(n_experts, top_k, capacity_factor, ep=1):
+    if n_experts < 1:
+        raise MoEError(f"--experts must be at least 1, got {n_experts}")
+    if not 1 <= top_k <= n_experts:
+        raise MoEError(f"--topk {top_k} must be between 1 and --experts {n_experts}")
+    if capacity_factor is not None and capacity_factor <= 0:
+        raise MoEError(f"--capacity-factor must be > 0 (or omitted for dropless routing), got {capacity_factor}")
+    if ep < 1 or n_experts % ep:
+        raise MoEError(f"--experts {n_experts} is not divisible by --ep {ep}: each rank holds experts/ep experts")
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with variable splits; its gradient is the same exchange with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x, send_splits, recv_splits, group):
+        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+        out = x.new_empty((sum(recv_splits),) + x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_empty((sum(ctx.send_splits),) + grad.shape[1:])
+        dist.all_to_all_single(out, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
+        return out, None, None, None
+
+
+def all_to_all(x, send_splits, recv_splits, group):
+    return _AllToAll.apply(x, send_splits, recv_splits, group)
+
+
+class MoE(nn.Module):
+    """Drop-in for model.MLP: same input and output shape; the balancing loss and load are left in
+    `self.aux_loss` and `self.load` after each forward, for the trainer to add and to log."""
+
+    def __init__(self, cfg, n_experts, top_k, capacity_factor=None, aux_loss_weight=1e-2):
+        super().__init__()
+        check_moe(n_experts, top_k, capacity_factor)
+        self.E, self.k, self.capacity_factor, self.alpha = n_experts, top_k, capacity_factor, aux_loss_weight
+        self.router = nn.Linear(cfg.d_model, n_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(cfg) for _ in range(n_experts))
+        self.first_expert, self.ep, self.ep_group = 0, 1, None  # changed by shard_experts
+        self.aux_loss = self.load = None
+
+    def route(self, x):
+        """Top-k experts and renormalised gates per token, the balancing loss, and each expert's load."""
+        probs = torch.softmax(self.router(x).to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
+        top_p, top_e = probs.topk(self.k, dim=-1)
+        gates = top_p / top_p.sum(-1, keepdim=True)
+        f = F.one_hot(top_e, self.E).sum((0, 1)).to(probs.dtype) / top_e.numel()
+        self.aux_loss = self.alpha * self.E * (f * probs.mean(0)).sum()
+        self.load = f.detach()
+        return top_e, gates
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        N = x.shape[0]
+        top_e, gates = self.route(x)
+        # (token, choice) pairs, choice-major, so that every token's first choice is served before any second.
+        expert = top_e.t().reshape(-1)
+        token = torch.arange(N, device=x.device).repeat(self.k)
+        gate = gates.t().reshape(-1)
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * self.k * N / self.E)
+            position = (F.one_hot(expert, self.E).cumsum(0) - 1).gather(1, expert[:, None]).squeeze(1)
+            keep = position < capacity
+            expert, token, gate = expert[keep], token[keep], gate[keep]
+        order = torch.argsort(expert, stable=True)  # group the pairs by expert
+        expert, token, gate = expert[order], token[order], gate[order]
+        counts = torch.bincount(expert, minlength=self.E)
+        y = self.run_experts(x[token], counts)
+        out = torch.zeros_like(x).index_add_(0, token, y * gate[:, None].to(y.dtype))
+        return out.view(shape)
+
+    def run_experts(self, xs, counts):
+        """xs: the routed pairs' inputs grouped by expert (counts[e] rows for expert e). Returns their outputs."""
+        if self.ep == 1:
+            chunks = xs.split(counts.tolist())
+            return torch.cat([expert(c) for expert, c in zip(self.experts, chunks)])
+        E_local = self.E // self.ep
+        # Tell every rank how many rows of each of its experts we send; learn what we will receive.
+        send_counts = counts.view(self.ep, E_local)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
+        received = all_to_all(xs, send_counts.sum(1).tolist(), recv_counts.sum(1).tolist(), self.ep_group)
+        # Arrived grouped by source rank, then by expert: regroup by local expert, run, restore the order.
+        pieces = received.split(recv_counts.reshape(-1).tolist())  # source-major: (src 0: e0, e1, ..), (src 1: ..)
+        by_expert = [[pieces[src * E_local + e] for src in range(self.ep)] for e in range(E_local)]
+        outs = [self.experts[e](torch.cat(by_expert[e])) for e in range(E_local)]
+        back = [o.split(recv_counts[:, e].tolist()) for e, o in enumerate(outs)]
+        y = torch.cat([back[e][src] for src in range(self.ep) for e in range(E_local)])
+        return all_to_all(y, recv_counts.sum(1).tolist(), send_counts.sum(1).tolist(), self.ep_group)
+
+
+def shard_experts(moe, ep_rank, ep, ep_group):
+    """Keep only this rank's E/ep experts of a fully initialised MoE (same seed everywhere: exact parity)."""
+    check_moe(moe.E, moe.k, moe.capacity_factor, ep)
+    n = moe.E // ep
+    moe.experts = nn.ModuleList(list(moe.experts)[ep_rank * n:(ep_rank + 1) * n])
+    moe.first_expert, moe.ep, moe.ep_group = ep_rank * n, ep, ep_group
+    return moe
+
+
+def moe_layers(model):
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def aux_loss(model):
+    """The sum of every MoE layer's balancing loss from the last forward (0 for a dense model)."""
+    losses = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
+    return sum(losses) if losses else 0.0
+
+
+def expert_params(model):
+    return [p for m in moe_layers(model) for p in m.experts.parameters()]
+
+
+def reduce_expert_grads(model, dp, expert_dp_group=None):
+    """Expert grads hold the sum over their ep group's tokens; sum over replicas (if dp > ep), then / dp."""
+    for p in expert_params(model):
+        if p.grad is None:
+            continue
+        if expert_dp_group is not None:
+            dist.all_reduce(p.grad, group=expert_dp_group)
+        p.grad.div_(dp)
+
+
+def add_moe(model, n_experts, top_k, capacity_factor=None, aux_loss_weight=1e-2, layers=None):
+    """Swap the MLP of the chosen blocks (default: every block) for an MoE layer."""
+    for i, block in enumerate(model.blocks):
+        if layers is None or i in layers:
+            block.mlp = MoE(model.cfg, n_experts, top_k, capacity_factor, aux_loss_weight)
+    return model
+
+
+def load_spread(model):
+    """Share of routed pairs taken by the busiest and by the idlest expert, averaged over MoE layers."""
+    loads = [m.load for m in moe_layers(model) if m.load is not None]
+    return (sum(l.max().item() for l in loads) / len(loads), sum(l.min().item() for l in loads) / len(loads))
+
+
+if __name__ == "__main__":
+    import os
+    from dataclasses import replace
+
+    import data
+    from model import PRESETS, Transformer
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    cfg = replace(PRESETS["tiny"], n_layer=2, vocab_size=320, d_ff=128)
+    batches_dir = data.ensure_default_data("bytes")
+    E, k = 8, 2
+    for alpha in (0.0, 1e-2):
+        torch.manual_seed(0)
+        model = add_moe(Transformer(cfg), E, k, capacity_factor=None, aux_loss_weight=alpha)
+        for m in moe_layers(model):
+            # An uneven start makes collapse visible in a short run: the router favours expert 0.
+            with torch.no_grad():
+                m.router.weight[0] += 0.05
+            if world > 1:
+                shard_experts(m, rank, world, None)
+        dense = [p for n, p in model.named_parameters() if ".experts." not in n]
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        batches = data.Batches(batches_dir, 64, 16, rank, world, seed=0)
+        for step in range(60):
+            (x, y), = batches.next()
+            _, loss = model(x, y)
+            (loss + aux_loss(model)).backward()
+            if world > 1:
+                for p in dense:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(world)
+                reduce_expert_grads(model, world)
+            opt.step()
+            opt.zero_grad()
+        busiest, idlest = load_spread(model)
+        if rank == 0:
+            print(f"aux weight {alpha:<5}: loss {loss.item():.3f}  busiest expert {busiest:.1%}  idlest {idlest:.1%} "
+                  f"of routed pairs (perfect balance: {1 / E:.1%}) over {world} rank(s), ep={world}")
+    if world > 1:
+        dist.destroy_process_group()
