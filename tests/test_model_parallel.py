@@ -106,8 +106,9 @@ def test_every_zero_stage_with_tp2_and_with_pp2():
                               + [(1, 2, "1f1b", z, False) for z in range(4)], 4)
 
 
-def test_zero1_tp2_pp2_on_eight_ranks():
-    check_against_one_process([(2, 2, "1f1b", 1, False)], 8)
+def test_zero1_and_zero3_with_tp2_pp2_on_eight_ranks():
+    """World 8 = dp 2 x pp 2 x tp 2: every axis at once, with ZeRO-1 and with ZeRO-3."""
+    check_against_one_process([(2, 2, "1f1b", 1, False), (2, 2, "1f1b", 3, False)], 8)
 
 
 def test_vocab_parallel_cross_entropy_equals_the_gathered_one():
