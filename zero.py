@@ -215,7 +215,17 @@ class ZeroOptimizer:
         # start of the forward until its gradients are reduce-scattered at the end of backward.
         model.register_forward_pre_hook(lambda m, args: self._before_forward(self.root, first))
         if self.root is not None:
-            model.register_forward_hook(lambda m, args, out: None if torch.is_grad_enabled() else self._free(self.root))
+            model.register_forward_hook(lambda m, args, out: self._after_root_forward(out))
+
+    def _after_root_forward(self, out):
+        if not torch.is_grad_enabled():
+            self._free(self.root)
+            return
+        # A pipeline stage (pipeline.py) may run several micro-batches' forwards before their backwards, and the
+        # root is freed after each backward's reduce-scatter: gather it again when a backward reaches the output.
+        t = out[0] if isinstance(out, tuple) else out
+        if t.requires_grad:
+            t.register_hook(lambda grad: self._wait_gathered(self.root))
 
     def _before_forward(self, u, nxt):
         if u is None:

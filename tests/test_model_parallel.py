@@ -100,10 +100,11 @@ def test_parallel_training_matches_one_process(tp, pp, schedule, sp):
 
 def test_every_zero_stage_with_tp2_and_with_pp2():
     """World 4 = dp 2 x tp 2 with DDP and ZeRO 1, 2, 3 (and ZeRO-3 with sequence parallelism); then dp 2 x pp 2
-    with each. The data-parallel reductions must stay inside the dp group and the norm must add the dp shards,
-    tp slices and stages."""
+    with each (and ZeRO-3 under GPipe, whose last stage holds several micro-batches before any backward). The
+    data-parallel reductions must stay inside the dp group and the norm must add the dp shards, tp slices and
+    stages."""
     check_against_one_process([(2, 1, "1f1b", z, False) for z in range(4)] + [(2, 1, "1f1b", 3, True)]
-                              + [(1, 2, "1f1b", z, False) for z in range(4)], 4)
+                              + [(1, 2, "1f1b", z, False) for z in range(4)] + [(1, 2, "gpipe", 3, False)], 4)
 
 
 def test_zero1_and_zero3_with_tp2_pp2_on_eight_ranks():
