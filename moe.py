@@ -171,12 +171,30 @@ def reduce_expert_grads(model, dp, expert_dp_group=None):
         p.grad.div_(dp)
 
 
+def parse_layers(spec, n_layer):
+    """--moe-layers: 'all' (None: every block) or block numbers like 1,3."""
+    if spec == "all":
+        return None
+    try:
+        layers = {int(i) for i in spec.split(",")}
+    except ValueError:
+        raise MoEError(f"--moe-layers must be 'all' or block numbers like 0,2; got {spec!r}") from None
+    if not layers <= set(range(n_layer)):
+        raise MoEError(f"--moe-layers {spec}: blocks are numbered 0..{n_layer - 1}")
+    return layers
+
+
 def add_moe(model, n_experts, top_k, capacity_factor=None, aux_loss_weight=1e-2, layers=None):
     """Swap the MLP of the chosen blocks (default: every block) for an MoE layer."""
     for i, block in enumerate(model.blocks):
         if layers is None or i in layers:
             block.mlp = MoE(model.cfg, n_experts, top_k, capacity_factor, aux_loss_weight)
     return model
+
+
+def inactive_params(model):
+    """Parameters a token does not meet: E - k of the E experts of every MoE layer (FLOPs follow the rest)."""
+    return sum((m.E - m.k) * sum(p.numel() for p in m.experts[0].parameters()) for m in moe_layers(model))
 
 
 def load_spread(model):

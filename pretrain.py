@@ -25,28 +25,27 @@ import contextlib
 import json
 import math
 import os
-import random
 import resource
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 import data as data_lib
+import moe
 import pipeline
 import tensor_parallel
 from amp import DTYPES, DynamicLossScaler, MixedPrecisionOptimizer, cast_model
+from checkpoint import (CheckpointError, check_checkpoint_layout, checkpoint_path, load_checkpoint, rng_state,
+                        save_checkpoint, set_rng_state)
 from ddp import DistributedDataParallel
-from model import ATTN_BACKENDS, PRESETS, ModelConfig, Transformer, flops_per_token, num_params, pad_vocab
+from estimate import PEAK_TFLOPS, estimate
+from model import ATTN_BACKENDS, PRESETS, Transformer, flops_per_token, num_params, pad_vocab
 from topology import Topology, TopologyError, check_layout
 from zero import ZeroOptimizer
-
-PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}  # dense bf16 tensor-core peaks, datasheets
-
 
 class ConfigError(ValueError):
     """A bad flag or input file: its message is the one line the user sees, before any work starts."""
@@ -109,6 +108,14 @@ def build_parser():
     a("--pp-schedule", default="1f1b", choices=pipeline.SCHEDULES, help="pipeline schedule")
     a("--sequence-parallel", action="store_true",
       help="with --tp: keep norms and residuals split along the sequence (tensor_parallel.py)")
+    a("--experts", type=int, default=0, help="mixture of experts (moe.py): experts per MoE layer (0: dense)")
+    a("--topk", type=int, default=2, help="experts per token")
+    a("--moe-layers", default="all", help="which blocks get an MoE MLP: 'all', or block numbers like 1,3")
+    a("--capacity-factor", type=float, default=None,
+      help="expert capacity = factor x k x tokens / experts (overflow passes through the residual); "
+           "omit for dropless routing")
+    a("--aux-loss-weight", type=float, default=1e-2, help="weight of the Switch load-balancing loss")
+    a("--ep", type=int, default=1, help="expert-parallel ranks (moe.py); composed with pretrain.py: not yet")
     return ap
 
 
@@ -157,62 +164,18 @@ def check_args(args, world):
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
     if args.bucket_mb <= 0:
         raise ConfigError(f"--bucket-mb must be > 0, got {args.bucket_mb}")
-
-
-# ------------------------------------------------------------------------------------------- the calculator
-def estimate(args):
-    """The lecture's arithmetic on the model as built (on the meta device: no memory is allocated)."""
-    cfg = PRESETS[args.model]
-    T = args.seq_len or cfg.block_size
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    n, n_mm = num_params(model), num_params(model, matmul_only=True)
-    fpt = flops_per_token(cfg, n_mm, T)
-    tokens = args.tokens or (20 * n if args.chinchilla else (args.max_steps or 1000) * args.batch_size * T)
-    total = fpt * tokens
-    peak = PEAK_TFLOPS[args.gpu] * 1e12
-    seconds = total / (peak * args.gpus * args.mfu)
-    gib = 2 ** 30
-    rows = [
-        ("model", f"{args.model}: {cfg.n_layer} layers, d={cfg.d_model}, {cfg.n_head} heads "
-                  f"({cfg.n_kv_head} KV), d_ff={cfg.d_ff}, vocab {cfg.vocab_size}, T={T}"),
-        ("parameters", f"{n:,} ({n_mm:,} in matmuls; the embedding is a lookup)"),
-        ("FLOPs per token", f"{fpt:.4g} = 6 x {n_mm:,} + 12 x {cfg.n_layer} x {cfg.d_model} x {T}"),
-        ("Chinchilla tokens", f"{20 * n:.4g} (20 per parameter)"),
-        ("planned tokens", f"{tokens:.4g}" + (" (Chinchilla)" if args.chinchilla else "")),
-        ("training FLOPs", f"{total:.4g} (6ND = {6 * n_mm * tokens:.4g} without attention)"),
-        ("model states / GPU", f"{16 * n / gib:.2f} GiB = 16 bytes x N (2 weights + 2 grads + 12 fp32 master, "
-                               f"Adam m and v), no sharding"),
-        ("training time", f"{seconds / 3600:.2f} h = {seconds / 86400:.2f} days on {args.gpus} x {args.gpu} "
-                          f"at {args.mfu:.0%} MFU of {PEAK_TFLOPS[args.gpu]:.0f} TFLOP/s"),
-    ]
-    w = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{w}}  {v}")
-    zero = zero_table(n, args.gpus)
-    print(f"\nZeRO over {args.gpus} data-parallel GPUs (model states per GPU; elements sent per GPU per step, "
-          f"ring collectives, x2 bytes in 16 bits):")
-    print(f"{'stage':<7}{'weights':>11}{'grads':>11}{'optimizer':>11}{'total':>11}   communication")
-    for r in zero:
-        print(f"{r['stage']:<7}" + "".join(f"{r[k] / gib:>8.2f} GiB"[-11:] for k in ("params", "grads", "optimizer",
-                                                                                        "total"))
-              + f"   {r['comm_elements']:.3g} = {r['comm']}")
-    return {"params": n, "matmul_params": n_mm, "flops_per_token": fpt, "tokens": tokens, "seconds": seconds,
-            "zero": zero}
-
-
-def zero_table(n, gpus):
-    """Model-state bytes per GPU and elements sent per GPU per step for DDP and ZeRO 1-3 (the ZeRO paper's
-    accounting: 2 bytes of 16-bit weights, 2 of gradients, K = 12 of fp32 master, momentum and variance)."""
-    N, K = gpus, 12
-    ring = (N - 1) / N * n  # one reduce-scatter or one all-gather of n elements; an all-reduce is both
-    rows = [(0, 2 * n, 2 * n, K * n, 2 * ring, "all-reduce of gradients"),
-            (1, 2 * n, 2 * n, K * n / N, 3 * ring, "all-reduce of gradients + all-gather of weights"),
-            (2, 2 * n, 2 * n / N, K * n / N, 2 * ring, "reduce-scatter of gradients + all-gather of weights"),
-            (3, 2 * n / N, 2 * n / N, K * n / N, 3 * ring,
-             "all-gather in forward + all-gather in backward + reduce-scatter")]
-    return [{"stage": s, "params": p, "grads": g, "optimizer": o, "total": p + g + o, "comm_elements": c,
-             "comm": how} for s, p, g, o, c, how in rows]
+    if args.experts:
+        moe.check_moe(args.experts, args.topk, args.capacity_factor, args.ep)
+        moe.parse_layers(args.moe_layers, cfg.n_layer)
+        if args.pp > 1:
+            raise ConfigError("--experts with --pp > 1: the balancing loss of a stage's MoE layers has no way into "
+                              "the pipeline's backward yet; use --tp and data parallelism with MoE")
+        if args.sequence_parallel:
+            raise ConfigError("--experts with --sequence-parallel: routing needs every token of a rank's batch; "
+                              "drop --sequence-parallel")
+    if args.ep > 1:
+        raise ConfigError(f"--ep {args.ep}: expert parallelism is built and tested in moe.py but not yet composed "
+                          "with ddp.py/zero.py here; use --ep 1 (experts replicated over data-parallel ranks)")
 
 
 # ------------------------------------------------------------------------------------------- pieces of the run
@@ -230,68 +193,6 @@ def param_groups(model, weight_decay):
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary name, then rename: a crash mid-write leaves the previous checkpoint whole."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def checkpoint_path(out, rank, world):
-    """One file for one process; with several ranks each writes its own (its ZeRO slices, its RNG state)."""
-    return out / ("ckpt.pt" if world == 1 else f"ckpt.rank{rank}.pt")
-
-
-def check_checkpoint_layout(out, world, zero, layout):
-    """Refuse, before loading, a checkpoint written by another topology, number of ranks or ZeRO stage:
-    slices of one layout do not fit another (resharding is not built)."""
-    for path in (checkpoint_path(out, 0, world), out / "ckpt.pt", out / "ckpt.rank0.pt"):
-        if path.exists():
-            try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception:
-                return  # load_checkpoint says what is wrong with it
-            saved_world, saved_zero = ckpt.get("world", 1), ckpt.get("zero", 0)
-            if saved_world != world:
-                raise ConfigError(f"--resume: the checkpoint in {out} was written by {saved_world} "
-                                  f"rank(s); this run has {world}: resume with --nproc_per_node {saved_world} "
-                                  "(changing the world size of a sharded checkpoint is not supported)")
-            saved = ckpt.get("topology", {"dp": saved_world, "pp": 1, "tp": 1})
-            if saved != layout:
-                raise ConfigError(f"--resume: the checkpoint in {out} was saved with topology {saved}, this run is "
-                                  f"{layout}: relaunch with the checkpoint's --tp, --pp and world size")
-            if world > 1 and saved_zero != zero:
-                raise ConfigError(f"--resume: the checkpoint in {out} was written with --zero {saved_zero}; "
-                                  f"resume with --zero {saved_zero}")
-            return
-
-
-def load_checkpoint(path):
-    if not path.exists():
-        raise ConfigError(f"--resume: no checkpoint at {path} (train without --resume first, or fix --out)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        missing = {"model", "optim", "step", "data", "rng", "model_config", "tokenizer"} - set(ckpt)
-    except Exception as e:
-        raise ConfigError(f"--resume: checkpoint {path} is corrupt ({type(e).__name__}: {str(e)[:80]})") from None
-    if missing:
-        raise ConfigError(f"--resume: checkpoint {path} is corrupt (missing {', '.join(sorted(missing))})")
-    return ckpt
 
 
 def peak_memory_mb(device):
@@ -331,11 +232,19 @@ def build_topology(args, world, device):
     return Topology(args.tp, args.pp)
 
 
-def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False):
-    """The full model from one seed on every rank, then (DESIGN.md's order) this pipeline stage's blocks,
-    then this tensor-parallel rank's slices, then the compute precision."""
+def with_experts(model, args):
+    """--experts: swap the chosen blocks' MLPs for MoE layers (moe.py), before any slicing."""
+    if args is not None and getattr(args, "experts", 0):
+        moe.add_moe(model, args.experts, args.topk, args.capacity_factor, args.aux_loss_weight,
+                    moe.parse_layers(args.moe_layers, model.cfg.n_layer))
+    return model
+
+
+def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=None):
+    """The full model from one seed on every rank (with MoE MLPs if asked), then (DESIGN.md's order) this
+    pipeline stage's blocks, then this tensor-parallel rank's slices, then the compute precision."""
     torch.manual_seed(seed)
-    model = Transformer(cfg).to(device)
+    model = with_experts(Transformer(cfg), args).to(device)
     pipeline.keep_stage(model, topo)
     tensor_parallel.parallelize(model, topo, sequence_parallel)
     return cast_model(model, dtype)
@@ -368,7 +277,9 @@ def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, n
         with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
             _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             loss = loss / len(micro_batches)
-            scale_loss(loss).backward()
+            # MoE layers left their balancing loss behind in this forward (0 for a dense model); it trains the
+            # routers but is not part of the language-modelling loss that is logged.
+            scale_loss(loss + moe.aux_loss(model) / len(micro_batches)).backward()
         loss_sum += loss.detach().double()
     return loss_sum
 
@@ -424,7 +335,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return train(args)
-    except (ConfigError, data_lib.DataError, TopologyError) as e:
+    except (ConfigError, CheckpointError, data_lib.DataError, TopologyError, moe.MoEError) as e:
         print(f"pretrain.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -474,10 +385,11 @@ def train(args):
                                 topo.dp)
 
     with torch.device("meta"):  # the whole model's counts (for FLOPs and the log), without allocating it
-        whole = Transformer(cfg)
-    n_params, n_mm = num_params(whole), num_params(whole, matmul_only=True)
+        whole = with_experts(Transformer(cfg), args)
+    # FLOPs follow the parameters a token meets: with experts, k of E per MoE layer (moe.py).
+    n_params, n_mm = num_params(whole), num_params(whole, matmul_only=True) - moe.inactive_params(whole)
     dtype = DTYPES[args.amp]
-    model = build_model(cfg, topo, args.seed, device, dtype, args.sequence_parallel)
+    model = build_model(cfg, topo, args.seed, device, dtype, args.sequence_parallel, args)
     tokens_per_step = args.batch_size * T
     if args.tokens is not None or args.chinchilla:
         max_steps = math.ceil((args.tokens or 20 * n_params) / tokens_per_step)
@@ -559,11 +471,16 @@ def train(args):
                    "mfu": tps * fpt / peak, "peak_mem_mb": peak_memory_mb(device), "skipped": skipped}
             if scaler.enabled:
                 rec["loss_scale"] = scaler.scale
+            if args.experts:  # the balancing loss and the share of routed tokens of the busiest and idlest expert
+                rec["aux_loss"] = float(moe.aux_loss(model).detach())
+                rec["expert_load_max"], rec["expert_load_min"] = moe.load_spread(model)
             log(rec)
             if master:
                 print(f"step {step:5d} | loss {loss_value:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} | "
                       f"{tps / 1e3:.1f}k tok/s | mfu {rec['mfu']:.1%} | mem {rec['peak_mem_mb']:.0f} MB"
-                      + (f" | scale {scaler.scale:g}" if scaler.enabled else "") + (" | skipped" if skipped else ""),
+                      + (f" | scale {scaler.scale:g}" if scaler.enabled else "")
+                      + (f" | aux {rec['aux_loss']:.4f} | load max {rec['expert_load_max']:.1%} min "
+                         f"{rec['expert_load_min']:.1%}" if args.experts else "") + (" | skipped" if skipped else ""),
                       flush=True)
             t_last, tokens_since = time.perf_counter(), 0
         if step % args.eval_every == 0 or step == max_steps:

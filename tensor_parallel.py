@@ -276,9 +276,12 @@ def parallelize(model, topo, sequence_parallel=False):
         attn.wq, attn.wk, attn.wv = col
         attn.wo = RowParallelLinear(attn.wo, topo, sequence_parallel=sp)
         attn.n_head, attn.n_kv_head = attn.n_head // topo.tp, attn.n_kv_head // topo.tp
-        mlp.w1 = ColumnParallelLinear(mlp.w1, topo, sequence_parallel=sp)
-        mlp.w3 = ColumnParallelLinear(mlp.w3, topo, sequence_parallel=sp)
-        mlp.w2 = RowParallelLinear(mlp.w2, topo, sequence_parallel=sp)
+        # An MoE layer (moe.py) splits each expert the same way; its router stays replicated, so every tp rank
+        # routes its (replicated) tokens alike and the experts' row-parallel all-reduce meets the same rows.
+        for m in getattr(mlp, "experts", [mlp]):
+            m.w1 = ColumnParallelLinear(m.w1, topo, sequence_parallel=sp)
+            m.w3 = ColumnParallelLinear(m.w3, topo, sequence_parallel=sp)
+            m.w2 = RowParallelLinear(m.w2, topo, sequence_parallel=sp)
         if sp:
             block.attn_norm = SequenceParallelRMSNorm(block.attn_norm, topo)
             block.mlp_norm = SequenceParallelRMSNorm(block.mlp_norm, topo)
