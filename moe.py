@@ -230,6 +230,7 @@ if __name__ == "__main__":
         dense = [p for n, p in model.named_parameters() if ".experts." not in n]
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         batches = data.Batches(batches_dir, 64, 16, rank, world, seed=0)
+        spreads = []
         for step in range(60):
             (x, y), = batches.next()
             _, loss = model(x, y)
@@ -241,9 +242,10 @@ if __name__ == "__main__":
                 reduce_expert_grads(model, world)
             opt.step()
             opt.zero_grad()
-        busiest, idlest = load_spread(model)
+            spreads.append(load_spread(model))
+        busiest, idlest = (sum(s[i] for s in spreads[-20:]) / 20 for i in (0, 1))  # the last 20 steps
         if rank == 0:
             print(f"aux weight {alpha:<5}: loss {loss.item():.3f}  busiest expert {busiest:.1%}  idlest {idlest:.1%} "
-                  f"of routed pairs (perfect balance: {1 / E:.1%}) over {world} rank(s), ep={world}")
+                  f"of routed pairs over the last 20 steps on rank 0 (perfect balance: {1 / E:.1%}), ep={world}")
     if world > 1:
         dist.destroy_process_group()
