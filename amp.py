@@ -125,7 +125,11 @@ class MixedPrecisionOptimizer:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             # In fp32 this is the identity (m is p); in 16-bit it is the one cast up to the master grad.
             m.grad = g.float() * inv_scale if (self.low_precision or inv_scale != 1.0) else g
-        norm = global_grad_norm([m.grad for m in self.master_params], self.norm_reduce_fn)
+        # A parameter replicated across tensor-parallel ranks (tensor_parallel.py marks it tp_duplicate on all
+        # but one) enters the global norm once; split ones enter once per slice; norm_reduce_fn sums the ranks.
+        counted = [m.grad for p, m in zip(self.model_params, self.master_params)
+                   if not getattr(p, "tp_duplicate", False)]
+        norm = global_grad_norm(counted, self.norm_reduce_fn)
         found_inf = not math.isfinite(float(norm))
         self.scaler.update(found_inf)
         if found_inf:  # skip: the weights and the optimizer state stay as they were

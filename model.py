@@ -131,6 +131,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
+        cos, sin = cos[:T], sin[:T]  # the tables may be longer (under sequence parallelism x is gathered here)
         # -1 heads: under tensor parallelism the local linears are narrower and hold only this rank's heads.
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -166,10 +167,19 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def cross_entropy(logits, targets, reduction="mean"):
+    """Next-token loss over (..., V) logits, in fp32 or better; labels of -100 are ignored (padding, prompts)."""
+    flat = logits.view(-1, logits.shape[-1])
+    return F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)), targets.reshape(-1),
+                           ignore_index=-100, reduction=reduction)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # A plain function, not a module: tensor_parallel.py swaps in the vocabulary-parallel cross-entropy.
+        self.loss_fn = cross_entropy
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -194,8 +204,7 @@ class Transformer(nn.Module):
         return self.tok_emb(idx)
 
     def body(self, x):
-        T = x.shape[1]
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        cos, sin = self.rope_cos, self.rope_sin  # whole tables: each attention takes the first T rows it needs
         for block in self.blocks:
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 # Keep only the block's input; recompute its insides during backward.
@@ -209,13 +218,13 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits, None
-        flat = logits.view(-1, logits.shape[-1])
-        loss = F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)), targets.reshape(-1),
-                               ignore_index=-100, reduction=reduction)
-        return logits, loss
+        return logits, self.loss_fn(logits, targets, reduction)
 
     def forward(self, idx, targets=None, reduction="mean"):
-        return self.head(self.body(self.embed(idx)), targets, reduction)
+        # A pipeline stage (pipeline.py) may lack the embedding (it receives activations instead of token ids)
+        # or the head (it returns its activations, to be sent on, and no loss).
+        x = self.body(self.embed(idx) if self.tok_emb is not None else idx)
+        return self.head(x, targets, reduction) if self.lm_head is not None else (x, None)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):

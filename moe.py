@@ -171,12 +171,30 @@ def reduce_expert_grads(model, dp, expert_dp_group=None):
         p.grad.div_(dp)
 
 
+def parse_layers(spec, n_layer):
+    """--moe-layers: 'all' (None: every block) or block numbers like 1,3."""
+    if spec == "all":
+        return None
+    try:
+        layers = {int(i) for i in spec.split(",")}
+    except ValueError:
+        raise MoEError(f"--moe-layers must be 'all' or block numbers like 0,2; got {spec!r}") from None
+    if not layers <= set(range(n_layer)):
+        raise MoEError(f"--moe-layers {spec}: blocks are numbered 0..{n_layer - 1}")
+    return layers
+
+
 def add_moe(model, n_experts, top_k, capacity_factor=None, aux_loss_weight=1e-2, layers=None):
     """Swap the MLP of the chosen blocks (default: every block) for an MoE layer."""
     for i, block in enumerate(model.blocks):
         if layers is None or i in layers:
             block.mlp = MoE(model.cfg, n_experts, top_k, capacity_factor, aux_loss_weight)
     return model
+
+
+def inactive_params(model):
+    """Parameters a token does not meet: E - k of the E experts of every MoE layer (FLOPs follow the rest)."""
+    return sum((m.E - m.k) * sum(p.numel() for p in m.experts[0].parameters()) for m in moe_layers(model))
 
 
 def load_spread(model):
@@ -212,6 +230,7 @@ if __name__ == "__main__":
         dense = [p for n, p in model.named_parameters() if ".experts." not in n]
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         batches = data.Batches(batches_dir, 64, 16, rank, world, seed=0)
+        spreads = []
         for step in range(60):
             (x, y), = batches.next()
             _, loss = model(x, y)
@@ -223,9 +242,10 @@ if __name__ == "__main__":
                 reduce_expert_grads(model, world)
             opt.step()
             opt.zero_grad()
-        busiest, idlest = load_spread(model)
+            spreads.append(load_spread(model))
+        busiest, idlest = (sum(s[i] for s in spreads[-20:]) / 20 for i in (0, 1))  # the last 20 steps
         if rank == 0:
             print(f"aux weight {alpha:<5}: loss {loss.item():.3f}  busiest expert {busiest:.1%}  idlest {idlest:.1%} "
-                  f"of routed pairs (perfect balance: {1 / E:.1%}) over {world} rank(s), ep={world}")
+                  f"of routed pairs over the last 20 steps on rank 0 (perfect balance: {1 / E:.1%}), ep={world}")
     if world > 1:
         dist.destroy_process_group()

@@ -17,32 +17,35 @@ Run:
     python pretrain.py --model tiny --max-steps 600 --out out/tiny           # the embedded default corpus
     python pretrain.py --model gpt2-124m --estimate --gpus 8 --chinchilla    # the calculator, no training
     torchrun --nproc_per_node 4 pretrain.py --zero 2 ...                      # data parallel, ZeRO stage 2
+    torchrun --nproc_per_node 4 pretrain.py --zero 3 --tp 2                   # ZeRO-3 x tensor parallel
+    torchrun --nproc_per_node 4 pretrain.py --tp 2 --pp 2 --microbatches 4    # tensor x pipeline parallel
 """
 import argparse
 import contextlib
 import json
 import math
 import os
-import random
 import resource
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 import data as data_lib
+import moe
+import pipeline
+import tensor_parallel
 from amp import DTYPES, DynamicLossScaler, MixedPrecisionOptimizer, cast_model
+from checkpoint import (CheckpointError, check_checkpoint_layout, checkpoint_path, load_checkpoint, rng_state,
+                        save_checkpoint, set_rng_state)
 from ddp import DistributedDataParallel
-from model import ATTN_BACKENDS, PRESETS, ModelConfig, Transformer, flops_per_token, num_params, pad_vocab
-from topology import Topology
+from estimate import PEAK_TFLOPS, estimate
+from model import ATTN_BACKENDS, PRESETS, Transformer, flops_per_token, num_params, pad_vocab
+from topology import Topology, TopologyError, check_layout
 from zero import ZeroOptimizer
-
-PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}  # dense bf16 tensor-core peaks, datasheets
-
 
 class ConfigError(ValueError):
     """A bad flag or input file: its message is the one line the user sees, before any work starts."""
@@ -80,8 +83,9 @@ def build_parser():
     a("--compile", action="store_true", help="torch.compile the model")
     a("--zero", type=int, default=0, choices=[0, 1, 2, 3],
       help="data parallelism over torchrun's ranks: 0 ddp.py, 1-3 ZeRO stages (zero.py)")
-    a("--bucket-mb", type=float, default=25.0, help="gradient bucket size of ddp.py's all-reduce (--zero 0 and 1; stages 2 and 3 reduce-scatter a "
-                                        "transformer block at a time)")
+    a("--bucket-mb", type=float, default=25.0,
+      help="gradient bucket size of ddp.py's all-reduce (--zero 0 and 1; stages 2 and 3 reduce-scatter a "
+           "transformer block at a time)")
     a("--out", default="out/pretrain", help="checkpoints, metrics.jsonl and the final sample go here")
     a("--resume", action="store_true", help="continue from the checkpoint in --out")
     a("--save-every", type=int, default=200)
@@ -97,6 +101,21 @@ def build_parser():
     a("--gpus", type=int, default=1, help="for --estimate")
     a("--gpu", default="h100", choices=sorted(PEAK_TFLOPS), help="for --estimate and MFU on CUDA")
     a("--mfu", type=float, default=0.4, help="for --estimate: the utilisation to assume")
+    a("--tp", type=int, default=1, help="tensor-parallel ranks (tensor_parallel.py), innermost in the topology")
+    a("--pp", type=int, default=1, help="pipeline stages (pipeline.py)")
+    a("--microbatches", type=int, default=1,
+      help="pipeline micro-batches per micro-step (each --grad-accum micro-step is cut into this many)")
+    a("--pp-schedule", default="1f1b", choices=pipeline.SCHEDULES, help="pipeline schedule")
+    a("--sequence-parallel", action="store_true",
+      help="with --tp: keep norms and residuals split along the sequence (tensor_parallel.py)")
+    a("--experts", type=int, default=0, help="mixture of experts (moe.py): experts per MoE layer (0: dense)")
+    a("--topk", type=int, default=2, help="experts per token")
+    a("--moe-layers", default="all", help="which blocks get an MoE MLP: 'all', or block numbers like 1,3")
+    a("--capacity-factor", type=float, default=None,
+      help="expert capacity = factor x k x tokens / experts (overflow passes through the residual); "
+           "omit for dropless routing")
+    a("--aux-loss-weight", type=float, default=1e-2, help="weight of the Switch load-balancing loss")
+    a("--ep", type=int, default=1, help="expert-parallel ranks (moe.py); composed with pretrain.py: not yet")
     return ap
 
 
@@ -110,9 +129,27 @@ def check_args(args, world):
     if args.seq_len is not None and not 1 <= args.seq_len <= cfg.block_size:
         raise ConfigError(f"--seq-len {args.seq_len} is outside model {args.model!r}'s context: "
                           f"choose 1..{cfg.block_size}")
-    if args.batch_size % (args.grad_accum * world):
+    if args.microbatches < 1:
+        raise ConfigError(f"--microbatches must be at least 1, got {args.microbatches}")
+    dp = check_layout(world, args.tp, args.pp)  # TopologyError: world size not a multiple of tp x pp
+    if args.pp > cfg.n_layer:
+        raise TopologyError(f"--pp {args.pp} is more stages than the {cfg.n_layer} layers of model {args.model!r}: "
+                            f"choose --pp <= {cfg.n_layer}")
+    err = tensor_parallel.check_divisible(cfg, args.tp)  # the vocabulary is checked again once it is known
+    if err:
+        raise TopologyError(err)
+    T = args.seq_len or cfg.block_size
+    if args.sequence_parallel and T % args.tp:
+        raise TopologyError(f"--sequence-parallel splits the {T} positions of a sequence over --tp {args.tp}: "
+                            f"choose a --seq-len divisible by {args.tp}")
+    micro = args.grad_accum * args.microbatches
+    if args.batch_size % (micro * dp):
         raise ConfigError(f"--batch-size {args.batch_size} does not divide into --grad-accum {args.grad_accum} x "
-                          f"{world} ranks: use a multiple of {args.grad_accum * world}")
+                          f"--microbatches {args.microbatches} x {dp} data-parallel ranks: use a multiple of "
+                          f"{micro * dp}")
+    if args.compile and args.pp > 1:
+        raise ConfigError("--compile with --pp > 1: the pipeline calls the stage's parts one by one; "
+                          "compile is supported without pipeline parallelism")
     if args.tokens is not None and args.chinchilla:
         raise ConfigError("--tokens and --chinchilla both set the training length: give one")
     if args.max_steps is not None and (args.tokens is not None or args.chinchilla):
@@ -127,62 +164,18 @@ def check_args(args, world):
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
     if args.bucket_mb <= 0:
         raise ConfigError(f"--bucket-mb must be > 0, got {args.bucket_mb}")
-
-
-# ------------------------------------------------------------------------------------------- the calculator
-def estimate(args):
-    """The lecture's arithmetic on the model as built (on the meta device: no memory is allocated)."""
-    cfg = PRESETS[args.model]
-    T = args.seq_len or cfg.block_size
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    n, n_mm = num_params(model), num_params(model, matmul_only=True)
-    fpt = flops_per_token(cfg, n_mm, T)
-    tokens = args.tokens or (20 * n if args.chinchilla else (args.max_steps or 1000) * args.batch_size * T)
-    total = fpt * tokens
-    peak = PEAK_TFLOPS[args.gpu] * 1e12
-    seconds = total / (peak * args.gpus * args.mfu)
-    gib = 2 ** 30
-    rows = [
-        ("model", f"{args.model}: {cfg.n_layer} layers, d={cfg.d_model}, {cfg.n_head} heads "
-                  f"({cfg.n_kv_head} KV), d_ff={cfg.d_ff}, vocab {cfg.vocab_size}, T={T}"),
-        ("parameters", f"{n:,} ({n_mm:,} in matmuls; the embedding is a lookup)"),
-        ("FLOPs per token", f"{fpt:.4g} = 6 x {n_mm:,} + 12 x {cfg.n_layer} x {cfg.d_model} x {T}"),
-        ("Chinchilla tokens", f"{20 * n:.4g} (20 per parameter)"),
-        ("planned tokens", f"{tokens:.4g}" + (" (Chinchilla)" if args.chinchilla else "")),
-        ("training FLOPs", f"{total:.4g} (6ND = {6 * n_mm * tokens:.4g} without attention)"),
-        ("model states / GPU", f"{16 * n / gib:.2f} GiB = 16 bytes x N (2 weights + 2 grads + 12 fp32 master, "
-                               f"Adam m and v), no sharding"),
-        ("training time", f"{seconds / 3600:.2f} h = {seconds / 86400:.2f} days on {args.gpus} x {args.gpu} "
-                          f"at {args.mfu:.0%} MFU of {PEAK_TFLOPS[args.gpu]:.0f} TFLOP/s"),
-    ]
-    w = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{w}}  {v}")
-    zero = zero_table(n, args.gpus)
-    print(f"\nZeRO over {args.gpus} data-parallel GPUs (model states per GPU; elements sent per GPU per step, "
-          f"ring collectives, x2 bytes in 16 bits):")
-    print(f"{'stage':<7}{'weights':>11}{'grads':>11}{'optimizer':>11}{'total':>11}   communication")
-    for r in zero:
-        print(f"{r['stage']:<7}" + "".join(f"{r[k] / gib:>8.2f} GiB"[-11:] for k in ("params", "grads", "optimizer",
-                                                                                        "total"))
-              + f"   {r['comm_elements']:.3g} = {r['comm']}")
-    return {"params": n, "matmul_params": n_mm, "flops_per_token": fpt, "tokens": tokens, "seconds": seconds,
-            "zero": zero}
-
-
-def zero_table(n, gpus):
-    """Model-state bytes per GPU and elements sent per GPU per step for DDP and ZeRO 1-3 (the ZeRO paper's
-    accounting: 2 bytes of 16-bit weights, 2 of gradients, K = 12 of fp32 master, momentum and variance)."""
-    N, K = gpus, 12
-    ring = (N - 1) / N * n  # one reduce-scatter or one all-gather of n elements; an all-reduce is both
-    rows = [(0, 2 * n, 2 * n, K * n, 2 * ring, "all-reduce of gradients"),
-            (1, 2 * n, 2 * n, K * n / N, 3 * ring, "all-reduce of gradients + all-gather of weights"),
-            (2, 2 * n, 2 * n / N, K * n / N, 2 * ring, "reduce-scatter of gradients + all-gather of weights"),
-            (3, 2 * n / N, 2 * n / N, K * n / N, 3 * ring,
-             "all-gather in forward + all-gather in backward + reduce-scatter")]
-    return [{"stage": s, "params": p, "grads": g, "optimizer": o, "total": p + g + o, "comm_elements": c,
-             "comm": how} for s, p, g, o, c, how in rows]
+    if args.experts:
+        moe.check_moe(args.experts, args.topk, args.capacity_factor, args.ep)
+        moe.parse_layers(args.moe_layers, cfg.n_layer)
+        if args.pp > 1:
+            raise ConfigError("--experts with --pp > 1: the balancing loss of a stage's MoE layers has no way into "
+                              "the pipeline's backward yet; use --tp and data parallelism with MoE")
+        if args.sequence_parallel:
+            raise ConfigError("--experts with --sequence-parallel: routing needs every token of a rank's batch; "
+                              "drop --sequence-parallel")
+    if args.ep > 1:
+        raise ConfigError(f"--ep {args.ep}: expert parallelism is built and tested in moe.py but not yet composed "
+                          "with ddp.py/zero.py here; use --ep 1 (experts replicated over data-parallel ranks)")
 
 
 # ------------------------------------------------------------------------------------------- pieces of the run
@@ -200,64 +193,6 @@ def param_groups(model, weight_decay):
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary name, then rename: a crash mid-write leaves the previous checkpoint whole."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def checkpoint_path(out, rank, world):
-    """One file for one process; with several ranks each writes its own (its ZeRO slices, its RNG state)."""
-    return out / ("ckpt.pt" if world == 1 else f"ckpt.rank{rank}.pt")
-
-
-def check_checkpoint_layout(out, world, zero):
-    """Refuse, before loading, a checkpoint written by another number of ranks or another ZeRO stage:
-    slices of one world size do not fit another (resharding is not built)."""
-    for path in (checkpoint_path(out, 0, world), out / "ckpt.pt", out / "ckpt.rank0.pt"):
-        if path.exists():
-            try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception:
-                return  # load_checkpoint says what is wrong with it
-            saved_world, saved_zero = ckpt.get("world", 1), ckpt.get("zero", 0)
-            if saved_world != world:
-                raise ConfigError(f"--resume: the checkpoint in {out} was written by {saved_world} data-parallel "
-                                  f"rank(s); this run has {world}: resume with --nproc_per_node {saved_world} "
-                                  "(changing the world size of a sharded checkpoint is not supported)")
-            if world > 1 and saved_zero != zero:
-                raise ConfigError(f"--resume: the checkpoint in {out} was written with --zero {saved_zero}; "
-                                  f"resume with --zero {saved_zero}")
-            return
-
-
-def load_checkpoint(path):
-    if not path.exists():
-        raise ConfigError(f"--resume: no checkpoint at {path} (train without --resume first, or fix --out)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        missing = {"model", "optim", "step", "data", "rng", "model_config", "tokenizer"} - set(ckpt)
-    except Exception as e:
-        raise ConfigError(f"--resume: checkpoint {path} is corrupt ({type(e).__name__}: {str(e)[:80]})") from None
-    if missing:
-        raise ConfigError(f"--resume: checkpoint {path} is corrupt (missing {', '.join(sorted(missing))})")
-    return ckpt
 
 
 def peak_memory_mb(device):
@@ -280,16 +215,73 @@ def peak_flops(device, dtype, args):
 
 
 def setup_distributed(args):
-    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; without them this is one process. Several: one process
-    group (NCCL between GPUs, gloo between CPU processes), and every rank data-parallel."""
+    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; without them this is one process. Only reads them: the
+    process groups are built after every flag, the data and the model shape have been checked."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     return rank, world, device
+
+
+def build_topology(args, world, device):
+    if world > 1 and not dist.is_initialized():
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Topology(args.tp, args.pp)
+
+
+def with_experts(model, args):
+    """--experts: swap the chosen blocks' MLPs for MoE layers (moe.py), before any slicing."""
+    if args is not None and getattr(args, "experts", 0):
+        moe.add_moe(model, args.experts, args.topk, args.capacity_factor, args.aux_loss_weight,
+                    moe.parse_layers(args.moe_layers, model.cfg.n_layer))
+    return model
+
+
+def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=None):
+    """The full model from one seed on every rank (with MoE MLPs if asked), then (DESIGN.md's order) this
+    pipeline stage's blocks, then this tensor-parallel rank's slices, then the compute precision."""
+    torch.manual_seed(seed)
+    model = with_experts(Transformer(cfg), args).to(device)
+    pipeline.keep_stage(model, topo)
+    tensor_parallel.parallelize(model, topo, sequence_parallel)
+    return cast_model(model, dtype)
+
+
+def grad_norm_reduce(topo):
+    """The squared gradient norm summed over the ranks that hold distinct pieces of the model: tp slices
+    (replicated norms are counted on tp rank 0 only, amp.py) and pipeline stages. None on one rank."""
+    groups = [getattr(topo, f"{axis}_group") for axis in ("tp", "pp") if getattr(topo, axis, 1) > 1]
+    if not groups:
+        return None
+
+    def reduce(sq):
+        for g in groups:
+            dist.all_reduce(sq, group=g)
+        return sq
+    return reduce
+
+
+def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, no_sync=None):
+    """Forward and backward of one optimizer step's micro-batches; returns this data-parallel rank's mean loss
+    (float64). Under data parallelism only the last micro-batch's backward communicates (no_sync, ddp.py)."""
+    if topo.pp > 1:
+        return pipeline.run_pipeline(model, micro_batches, topo, schedule, scale_loss=scale_loss, no_sync=no_sync)
+    # One optimizer step = several micro-steps. Each micro-loss is a mean over its tokens; dividing by the number
+    # of micro-steps makes the sum of their gradients the gradient of the global-batch mean.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            loss = loss / len(micro_batches)
+            # MoE layers left their balancing loss behind in this forward (0 for a dense model); it trains the
+            # routers but is not part of the language-modelling loss that is logged.
+            scale_loss(loss + moe.aux_loss(model) / len(micro_batches)).backward()
+        loss_sum += loss.detach().double()
+    return loss_sum
 
 
 def build_training(model, args, dtype, topo):
@@ -304,12 +296,16 @@ def build_training(model, args, dtype, topo):
     def make_optimizer(groups):
         return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
 
+    # Gradient norm for clipping and the fp16 overflow check: summed over the tp and pp groups too, so that
+    # every rank of the world agrees (zero.py sums its shards over dp first; ddp.py's gradients agree over dp).
+    norm_reduce = grad_norm_reduce(topo)
     if topo.dp == 1:
-        return model, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler)
+        return model, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce)
     if args.zero == 0:
         ddp = DistributedDataParallel(model, topo.dp_group, args.bucket_mb)
-        return ddp, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, no_sync=ddp.no_sync)
-    opt = ZeroOptimizer(model, groups, make_optimizer, scaler, topo.dp_group, args.zero, args.bucket_mb)
+        return ddp, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce, no_sync=ddp.no_sync)
+    opt = ZeroOptimizer(model, groups, make_optimizer, scaler, topo.dp_group, args.zero, args.bucket_mb,
+                        norm_reduce_fn=norm_reduce)
     return opt.module, opt
 
 
@@ -323,9 +319,13 @@ def mean_over_dp(x, topo):
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, topo):
+def evaluate(model, batches, device, topo, microbatches):
     model.eval()
-    losses = [model(x.to(device), y.to(device))[1].float() for x, y in batches]
+    if topo.pp > 1:  # the pipeline's forward only, each batch cut into micro-batches as in training
+        losses = [pipeline.run_pipeline(model, list(zip(x.chunk(microbatches), y.chunk(microbatches))), topo,
+                                        train=False) for x, y in batches]
+    else:
+        losses = [model(x.to(device), y.to(device))[1].double() for x, y in batches]
     model.train()
     return mean_over_dp(torch.stack(losses).mean(), topo).item()
 
@@ -335,7 +335,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return train(args)
-    except (ConfigError, data_lib.DataError) as e:
+    except (ConfigError, CheckpointError, data_lib.DataError, TopologyError, moe.MoEError) as e:
         print(f"pretrain.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -345,12 +345,12 @@ def train(args):
         return estimate(args)
     rank, world, device = setup_distributed(args)
     check_args(args, world)
-    topo = Topology()
+    layout = {"dp": world // (args.tp * args.pp), "pp": args.pp, "tp": args.tp}
     master = rank == 0
     out = Path(args.out)
     ckpt_path = checkpoint_path(out, rank, world)
     if args.resume:
-        check_checkpoint_layout(out, world, args.zero if topo.dp > 1 else 0)
+        check_checkpoint_layout(out, world, args.zero if layout["dp"] > 1 else 0, layout)
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
 
     # Data: the embedded default unless --data; the tokenizer must be the one the data was prepared with.
@@ -372,16 +372,24 @@ def train(args):
                   activation_checkpointing=args.activation_checkpointing)
     if ckpt and ckpt["model_config"] != asdict(replace(cfg, attn="-", activation_checkpointing=False)):
         raise ConfigError(f"--resume: the checkpoint in {out} is of another model config than --model {args.model}")
-    T = args.seq_len or cfg.block_size
-    micro_bs = args.batch_size // (args.grad_accum * world)
-    batches = data_lib.Batches(data_dir, T, args.batch_size, rank, world, args.grad_accum, args.seed)
-    val = data_lib.eval_batches(data_dir, T, args.batch_size // args.grad_accum, args.eval_iters, rank, world)
+    if err := tensor_parallel.check_divisible(cfg, args.tp):
+        raise TopologyError(err)
 
-    torch.manual_seed(args.seed)
-    model = Transformer(cfg).to(device)
+    # Every check has passed: only now are the process groups built.
+    topo = build_topology(args, world, device)
+    T = args.seq_len or cfg.block_size
+    n_micro = args.grad_accum * args.microbatches
+    micro_bs = args.batch_size // (n_micro * topo.dp)
+    batches = data_lib.Batches(data_dir, T, args.batch_size, topo.dp_rank, topo.dp, n_micro, args.seed)
+    val = data_lib.eval_batches(data_dir, T, args.batch_size // args.grad_accum, args.eval_iters, topo.dp_rank,
+                                topo.dp)
+
+    with torch.device("meta"):  # the whole model's counts (for FLOPs and the log), without allocating it
+        whole = with_experts(Transformer(cfg), args)
+    # FLOPs follow the parameters a token meets: with experts, k of E per MoE layer (moe.py).
+    n_params, n_mm = num_params(whole), num_params(whole, matmul_only=True) - moe.inactive_params(whole)
     dtype = DTYPES[args.amp]
-    cast_model(model, dtype)
-    n_params, n_mm = num_params(model), num_params(model, matmul_only=True)
+    model = build_model(cfg, topo, args.seed, device, dtype, args.sequence_parallel, args)
     tokens_per_step = args.batch_size * T
     if args.tokens is not None or args.chinchilla:
         max_steps = math.ceil((args.tokens or 20 * n_params) / tokens_per_step)
@@ -391,6 +399,8 @@ def train(args):
     module, opt = build_training(model, args, dtype, topo)
     scaler = opt.scaler
     fwd_model = torch.compile(module) if args.compile else module
+    # The pipeline calls the stage itself (ddp.py's and zero.py's hooks live on its parameters and modules).
+    step_model = model if topo.pp > 1 else fwd_model
 
     step = 0
     if ckpt:
@@ -402,22 +412,27 @@ def train(args):
         step = ckpt["step"]
 
     def checkpoint_now():
-        # Every rank writes its own file (under ZeRO it alone holds its slices). Under ZeRO-3 the model's
-        # weights live only in the optimizer's slices: the model entry is empty.
+        # Every rank writes its own file: its tensor-parallel slices, its pipeline stage, its ZeRO shards. Under
+        # ZeRO-3 the model's weights live only in the optimizer's slices: the model entry is empty.
         out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(ckpt_path, {
             "model": None if zero == 3 else model.state_dict(), "optim": opt.state_dict(), "step": step,
             "data": batches.state_dict(), "rng": rng_state(), "tokenizer": tokenizer, "args": vars(args),
-            "world": world, "zero": zero, "model_config": asdict(replace(cfg, attn="-", activation_checkpointing=False))})
+            "world": world, "zero": zero, "topology": layout,
+            "model_config": asdict(replace(cfg, attn="-", activation_checkpointing=False))})
+        if world > 1:
+            dist.barrier()  # no rank goes on (and perhaps resumes) before every rank's file is whole on disk
 
     fpt = flops_per_token(cfg, n_mm, T)
-    peak = peak_flops(device, dtype, args)
+    peak = peak_flops(device, dtype, args) * world  # MFU of all the devices together
     if master:
         out.mkdir(parents=True, exist_ok=True)
         print(f"model {args.model}: {n_params:,} parameters, {fpt:.3g} FLOPs/token | data {data_dir} "
               f"({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | batch {args.batch_size} x {T} "
-              f"tokens = {micro_bs} x {args.grad_accum} micro-steps x {world} ranks"
-              + (f" (ZeRO stage {zero})" if zero else " (ddp.py)" if world > 1 else "") + f" | {max_steps} steps | "
+              f"tokens = {micro_bs} x {n_micro} micro-batches x {topo.dp} data-parallel"
+              + (f" (ZeRO stage {zero})" if zero else " (ddp.py)" if topo.dp > 1 else "")
+              + f" | tp {topo.tp} | pp {topo.pp}" + (f" ({args.pp_schedule})" if topo.pp > 1 else "")
+              + f" | {max_steps} steps | "
               f"{args.amp} on {device}" + (f" | resuming at step {step}" if step else ""), flush=True)
     metrics = open(out / "metrics.jsonl", "a") if master else None
 
@@ -427,7 +442,7 @@ def train(args):
             metrics.flush()
 
     if step == 0:
-        val_loss = evaluate(fwd_model, val, device, topo)
+        val_loss = evaluate(step_model, val, device, topo, args.microbatches)
         log({"step": 0, "val_loss": val_loss})
         if master:
             print(f"step 0 | val loss {val_loss:.4f}", flush=True)
@@ -438,18 +453,8 @@ def train(args):
         lr = lr_at(step, args, max_steps)
         for g in opt.param_groups:
             g["lr"] = lr
-        # One optimizer step = grad_accum micro-steps. Each micro-loss is a mean over its tokens; dividing by
-        # the number of micro-steps makes the sum of their gradients the gradient of the global-batch mean.
-        # Under data parallelism only the last micro-step's backward communicates (opt.no_sync()).
-        loss_sum = torch.zeros((), device=device)
-        micro_batches = batches.next()
-        for i, (x, y) in enumerate(micro_batches):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with opt.no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext():
-                _, loss = fwd_model(x, y)
-                loss = loss / args.grad_accum
-                opt.scale_loss(loss).backward()
-            loss_sum += loss.detach().float()
+        loss_sum = forward_backward(step_model, batches.next(), topo, args.pp_schedule, opt.scale_loss, device,
+                                    opt.no_sync)
         grad_norm, skipped = opt.step(args.grad_clip)
         opt.zero_grad()
         step += 1
@@ -466,27 +471,39 @@ def train(args):
                    "mfu": tps * fpt / peak, "peak_mem_mb": peak_memory_mb(device), "skipped": skipped}
             if scaler.enabled:
                 rec["loss_scale"] = scaler.scale
+            if args.experts:  # the balancing loss and the share of routed tokens of the busiest and idlest expert
+                rec["aux_loss"] = float(moe.aux_loss(model).detach())
+                rec["expert_load_max"], rec["expert_load_min"] = moe.load_spread(model)
             log(rec)
             if master:
                 print(f"step {step:5d} | loss {loss_value:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} | "
                       f"{tps / 1e3:.1f}k tok/s | mfu {rec['mfu']:.1%} | mem {rec['peak_mem_mb']:.0f} MB"
-                      + (f" | scale {scaler.scale:g}" if scaler.enabled else "") + (" | skipped" if skipped else ""),
+                      + (f" | scale {scaler.scale:g}" if scaler.enabled else "")
+                      + (f" | aux {rec['aux_loss']:.4f} | load max {rec['expert_load_max']:.1%} min "
+                         f"{rec['expert_load_min']:.1%}" if args.experts else "") + (" | skipped" if skipped else ""),
                       flush=True)
             t_last, tokens_since = time.perf_counter(), 0
         if step % args.eval_every == 0 or step == max_steps:
-            val_loss = evaluate(fwd_model, val, device, topo)
+            val_loss = evaluate(step_model, val, device, topo, args.microbatches)
             log({"step": step, "val_loss": val_loss})
             if master:
                 print(f"step {step:5d} | val loss {val_loss:.4f}", flush=True)
         if step % args.save_every == 0 or step == stop_at:
             checkpoint_now()
 
-    if step == max_steps and args.sample_tokens > 0 and (master or zero == 3):
-        # Under ZeRO-3 every forward gathers weights from every rank: all ranks sample, rank 0 prints.
+    if step == max_steps and args.sample_tokens > 0 and (topo.pp > 1 or (args.sequence_parallel and topo.tp > 1)):
+        if master:  # generation grows the sequence one token at a time: neither cuts into stages or shards
+            print("(no sample: generation is not pipelined nor sequence-parallel)", flush=True)
+    elif step == max_steps and args.sample_tokens > 0 and (master or topo.tp > 1 or zero == 3):
+        # Under tensor parallelism every tp rank samples in lockstep (the head gathers the full logits, the same
+        # seed draws the same tokens); under ZeRO-3 every forward gathers weights from every rank: all sample.
         model.eval()
+        tensor_parallel.set_gather_output(model, True)
+        if world > 1:
+            torch.manual_seed(args.seed)
         prompt = torch.tensor([enc.encode_ordinary("def ")], device=device)
         sample = enc.decode(model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50,
-                                                   n_vocab=enc.n_vocab)[0].tolist())
+                                           n_vocab=enc.n_vocab)[0].tolist())
         if master:
             (out / "sample.txt").write_text(sample)
             print("-" * 30 + " sample " + "-" * 30 + "\n" + sample + "\n" + "-" * 68, flush=True)

@@ -68,9 +68,9 @@ import data as data_lib
 import lora as lora_lib
 from amp import DTYPES, cast_model
 from model import ATTN_BACKENDS, PRESETS, ModelConfig, Transformer, num_params
-from pretrain import (ConfigError, OneLineParser, build_training, check_checkpoint_layout, checkpoint_path,
-                      load_checkpoint, lr_at, peak_memory_mb, rng_state, save_checkpoint, set_rng_state,
-                      setup_distributed)
+from checkpoint import (CheckpointError, check_checkpoint_layout, checkpoint_path, load_checkpoint, rng_state,
+                        save_checkpoint, set_rng_state)
+from pretrain import ConfigError, OneLineParser, build_training, lr_at, peak_memory_mb, setup_distributed
 from topology import Topology
 
 HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
@@ -425,7 +425,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return train(args)
-    except (ConfigError, data_lib.DataError, lora_lib.LoRAError) as e:
+    except (ConfigError, CheckpointError, data_lib.DataError, lora_lib.LoRAError) as e:
         print(f"sft.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -433,13 +433,13 @@ def main(argv=None):
 def train(args):
     rank, world, device = setup_distributed(args)
     check_args(args, world)
-    topo = Topology()
+    layout = {"dp": world, "pp": 1, "tp": 1}  # every rank data-parallel: tp and pp are pretrain.py's only
     master = rank == 0
     out = Path(args.out)
     ckpt_path = checkpoint_path(out, rank, world)
-    zero = args.zero if topo.dp > 1 else 0
+    zero = args.zero if world > 1 else 0
     if args.resume:
-        check_checkpoint_layout(out, world, zero)
+        check_checkpoint_layout(out, world, zero, layout)
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
     init = load_init(args.init)
     check_init_config(init, args)
@@ -467,6 +467,10 @@ def train(args):
     if not train_rows or not val_rows:
         raise data_lib.DataError(f"no example fits in the model's context of {block} tokens "
                                  f"({skipped} train and {val_skipped} held-out examples are longer)")
+    if world > 1 and not dist.is_initialized():  # the process group, once every input has been checked
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    topo = Topology()
     micro_bs = args.batch_size // (args.grad_accum * world)
     pad = data_lib.eot_id(enc)
     batches = SFTBatches(train_rows, args.batch_size, pad, topo.dp_rank, topo.dp, args.grad_accum, args.seed)
@@ -502,7 +506,7 @@ def train(args):
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optim": opt.state_dict(), "step": step, "data": batches.state_dict(),
             "rng": rng_state(), "tokenizer": init["tokenizer"], "args": vars(args), "model_config": model_config,
-            "lora": lora_config, "world": world, "zero": zero})
+            "lora": lora_config, "world": world, "zero": zero, "topology": layout})
 
     n_resp = sum(sum(t != -100 for t in y) for _, y in train_rows)
     if master:

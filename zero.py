@@ -82,9 +82,11 @@ class ZeroOptimizer:
     """The optimizer interface of amp.MixedPrecisionOptimizer (zero_grad, scale_loss, step, param_groups,
     state_dict, scaler, no_sync) over partitioned states. `module` is what to call forward on."""
 
-    def __init__(self, model, param_groups, make_optimizer, scaler, group=None, stage=1, bucket_mb=25.0):
+    def __init__(self, model, param_groups, make_optimizer, scaler, group=None, stage=1, bucket_mb=25.0,
+                 norm_reduce_fn=None):
         assert stage in (1, 2, 3)
         self.stage, self.group, self.scaler = stage, group, scaler
+        self.norm_reduce_fn = norm_reduce_fn  # sums the squared norm over the other groups (tp, pp) too
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.module = DistributedDataParallel(model, group, bucket_mb) if stage == 1 else model
         if stage > 1:  # ddp.py broadcasts for stage 1; here the same: one starting point, the first rank's
@@ -213,7 +215,17 @@ class ZeroOptimizer:
         # start of the forward until its gradients are reduce-scattered at the end of backward.
         model.register_forward_pre_hook(lambda m, args: self._before_forward(self.root, first))
         if self.root is not None:
-            model.register_forward_hook(lambda m, args, out: None if torch.is_grad_enabled() else self._free(self.root))
+            model.register_forward_hook(lambda m, args, out: self._after_root_forward(out))
+
+    def _after_root_forward(self, out):
+        if not torch.is_grad_enabled():
+            self._free(self.root)
+            return
+        # A pipeline stage (pipeline.py) may run several micro-batches' forwards before their backwards, and the
+        # root is freed after each backward's reduce-scatter: gather it again when a backward reaches the output.
+        t = out[0] if isinstance(out, tuple) else out
+        if t.requires_grad:
+            t.register_hook(lambda grad: self._wait_gathered(self.root))
 
     def _before_forward(self, u, nxt):
         if u is None:
@@ -252,7 +264,7 @@ class ZeroOptimizer:
     # ------------------------------------------------------------------ the step
     def _sum_over_ranks(self, x):
         dist.all_reduce(x, group=self.group)
-        return x
+        return self.norm_reduce_fn(x) if self.norm_reduce_fn is not None else x
 
     def step(self, max_norm=0.0):
         """Unscale, agree on overflow, clip by the global norm, step this rank's slices, share them.
@@ -268,7 +280,12 @@ class ZeroOptimizer:
                 g = u.grad_shard if u.grad_shard is not None else torch.zeros_like(u.master)
             same = g.dtype == u.master.dtype and inv_scale == 1.0
             u.master_grad = g if same else g.to(u.master.dtype) * inv_scale  # the cast up, as in amp.py
-        norm = global_grad_norm([u.master_grad for u in self.units], self._sum_over_ranks)
+        # Pieces of parameters replicated across tensor-parallel ranks are counted on one of them only (their
+        # tp_duplicate mark, tensor_parallel.py); the padding of the flat units is zero and adds nothing.
+        counted = [u.master_grad[s:s + n] for u in self.units for p, _, s, n in u.pieces
+                   if not getattr(p, "tp_duplicate", False)]
+        norm = global_grad_norm(counted or [torch.zeros(1, device=self.units[0].master.device)],
+                                self._sum_over_ranks)
         found_inf = not math.isfinite(float(norm))
         self.scaler.update(found_inf)
         if not found_inf:

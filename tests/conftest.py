@@ -2,6 +2,11 @@
 import os
 
 import pytest
+import torch
+
+# One intra-op thread: the tests' tensors are tiny, so a second thread buys little, and OpenMP's spinning
+# workers slow every op by 10-100x whenever the cores are shared (with spawned ranks, or with other jobs).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

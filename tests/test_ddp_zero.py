@@ -185,14 +185,15 @@ def test_zero3_resume_through_pretrain_is_exact_and_errors_are_clear(tmp_path, s
         assert r["whole"] == r["split"] and len(r["whole"]) == 4 and r["same_params"], r
         (code_batch, err_batch), (code_zero, err_zero) = r["exit_codes"]
         assert code_batch == code_zero == 2
-        assert err_batch.startswith("pretrain.py: error: --batch-size 5 does not divide into --grad-accum 2 x 2 ranks")
+        assert err_batch.startswith("pretrain.py: error: --batch-size 5 does not divide into --grad-accum 2 x "
+                                    "--microbatches 1 x 2 data-parallel ranks")
         assert "argument --zero: invalid choice: 4 (choose from 0, 1, 2, 3)" in err_zero
     assert sorted(os.listdir(tmp_path / "split")) == ["ckpt.rank0.pt", "ckpt.rank1.pt", "metrics.jsonl"]
     with pytest.raises(SystemExit) as e:
         pretrain.main(FAST + ["--data", str(stdlib_data), "--zero", "3", "--out", str(tmp_path / "split"),
                               "--resume"])
     assert e.value.code == 2
-    assert "was written by 2 data-parallel rank(s); this run has 1" in capsys.readouterr().err
+    assert "was written by 2 rank(s); this run has 1" in capsys.readouterr().err
 
 
 def test_estimate_prints_the_zero_table(capsys):

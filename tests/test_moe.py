@@ -96,3 +96,33 @@ def test_expert_parallel_equals_one_process(ep, capacity_factor):
     for key, params in ref_experts.items():
         for a, b in zip(params, merged[key]):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ through pretrain.py
+import json
+import os
+
+import pretrain
+
+FAST = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
+        "--eval-iters", "1", "--sample-tokens", "0", "--log-every", "1", "--max-steps", "3",
+        "--experts", "4", "--topk", "2", "--capacity-factor", "1.0", "--moe-layers", "1,3"]
+
+
+def _pretrain_moe(rank, world, out, cache, extra):
+    os.environ["LLM_DATA_CACHE"] = cache
+    return pretrain.main(FAST + extra + ["--out", f"{out}/{'-'.join(extra)}"])["losses"]
+
+
+def test_pretrain_moe_logs_balance_and_composes_with_tp_and_zero1(tmp_path, stdlib_data, data_cache):
+    """One process logs the balancing loss and expert load; tp 2 (experts split column/row-wise, router
+    replicated) and ZeRO-1 over 2 data-parallel ranks (experts replicated) give one process's losses (fp32,
+    another summation order: float32 rounding, amplified a little over 3 steps)."""
+    one = pretrain.main(FAST + ["--out", str(tmp_path / "one")])
+    rec = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert rec[-1]["aux_loss"] > 0 and 0 <= rec[-1]["expert_load_min"] <= 0.25 <= rec[-1]["expert_load_max"]
+    # Capacity is per rank's batch (moe.py): with 2 data-parallel ranks the reference cuts the batch the same way.
+    accum2 = pretrain.main(FAST + ["--grad-accum", "2", "--out", str(tmp_path / "accum2")])
+    for extra, ref in ((["--tp", "2"], one), (["--zero", "1"], accum2)):
+        for losses in run_distributed(_pretrain_moe, 2, str(tmp_path), str(data_cache), extra):
+            assert losses == pytest.approx(ref["losses"], rel=1e-4), extra

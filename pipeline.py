@@ -1,0 +1,252 @@
+"""pipeline.py: pipeline parallelism: the blocks cut into stages, micro-batches flowing through them.
+
+The idea (GPipe, Huang et al. 2019; 1F1B, PipeDream-Flush, Narayanan et al. 2021): stage s of p holds a
+contiguous slice of the blocks (the embedding on the first stage; the final norm, head and loss on the last).
+A batch is cut into m micro-batches; a stage sends each micro-batch's output activations to the next stage and,
+in the backward, each input gradient back to the previous one (point-to-point send/recv over the pp group).
+A stage waits while the pipeline fills and drains: with equal stage times the idle ("bubble") fraction is
+
+    bubble = (p - 1) / (m + p - 1)          for GPipe and for 1F1B alike
+
+GPipe runs all m forwards, then all m backwards, so a stage holds the activations of m micro-batches at once.
+1F1B runs p - s - 1 warm-up forwards, then alternates one forward and one backward, then drains the
+backwards: the same bubble, but at most p - s micro-batches in flight (p on the first stage), whatever m is.
+Communication per micro-batch and stage boundary: B x T x d activations forward, the same backward.
+
+The loss lives on the last stage. Each micro-batch's loss is divided by the number of micro-batches in the
+optimizer step (as gradient accumulation does), so the accumulated gradients are those of the batch mean; the
+sum is then all-reduced over the pp group (zeros from the other stages) so that every rank reports it.
+
+Demo: `torchrun --nproc_per_node 4 pipeline.py` runs GPipe and 1F1B on p = 4 stages for m = 1, 4, 8 and prints
+each executed schedule as a timeline per stage (F/f forward, B/b backward, alternating case per micro-batch,
+. idle), the measured idle fraction next to (p-1)/(m+p-1), and the peak activation memory held per stage.
+`--pp 2` with --nproc_per_node 2 does the same on two stages.
+"""
+import argparse
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+SCHEDULES = ("gpipe", "1f1b")
+
+
+# ----------------------------------------------------------------------------- cutting the model into stages
+def stage_layers(n_layer, pp, stage):
+    """Blocks [start, end) of `stage`: as even as possible, the extra blocks on the earliest stages."""
+    base, extra = divmod(n_layer, pp)
+    start = stage * base + min(stage, extra)
+    return start, start + base + (stage < extra)
+
+
+def keep_stage(model, topo):
+    """Keep only this stage's part of a full model.Transformer (built with the same seed on every rank)."""
+    if topo.pp == 1:
+        model.first_layer = 0
+        return model
+    start, end = stage_layers(model.cfg.n_layer, topo.pp, topo.pp_rank)
+    model.blocks = nn.ModuleList(list(model.blocks)[start:end])
+    model.first_layer = start  # block i here is block first_layer + i of the full model
+    if not topo.is_first_stage:
+        model.tok_emb = None
+    if not topo.is_last_stage:
+        model.norm = model.lm_head = None
+    return model
+
+
+# ----------------------------------------------------------------------------- the schedules
+def make_schedule(kind, m, p, stage):
+    """The ordered list of ("F", i) and ("B", i) this stage executes for micro-batches 0..m-1."""
+    if kind == "gpipe":
+        return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
+    if kind == "1f1b":
+        warmup = min(p - stage - 1, m)
+        ops = [("F", i) for i in range(warmup)]
+        for i in range(m - warmup):
+            ops += [("F", warmup + i), ("B", i)]
+        return ops + [("B", i) for i in range(m - warmup, m)]
+    raise ValueError(f"--pp-schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
+
+
+# ----------------------------------------------------------------------------- running one step
+class ActivationMeter:
+    """Bytes of activations saved for backward, now and at peak (parameters saved by matmuls left out; a
+    storage saved by several operations counted once), measured with torch's saved-tensor hooks."""
+
+    def __init__(self, model):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def pack(self, t):
+        key = t.untyped_storage().data_ptr()
+        if key in self.params:
+            return t
+        if key not in self.live:
+            self.live[key] = [0, t.untyped_storage().nbytes()]
+            self.now += self.live[key][1]
+            self.peak = max(self.peak, self.now)
+        self.live[key][0] += 1
+        return _Saved(t, self, key)
+
+    def release(self, key):
+        self.live[key][0] -= 1
+        if self.live[key][0] == 0:
+            self.now -= self.live.pop(key)[1]
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda s: s if torch.is_tensor(s) else s.t)
+
+
+class _Saved:
+    def __init__(self, t, meter, key):
+        self.t, self.meter, self.key = t, meter, key
+
+    def __del__(self):
+        self.meter.release(self.key)
+
+
+def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, scale_loss=None, timeline=None,
+                 train=True, no_sync=None):
+    """Forward (and with train=True backward) of `micro_batches` [(x, y), ...] through this rank's stage.
+    Gradients accumulate in the stage's parameters. Returns the sum over micro-batches of loss / loss_div,
+    the same on every rank of the pp group. `timeline`, a list, receives (op, micro-batch, t0, t1) per op.
+    `no_sync()` (ddp.py's) wraps every backward but the step's last, so that data parallelism reduces once."""
+    m = len(micro_batches)
+    loss_div = loss_div or m
+    first, last, p, s = topo.is_first_stage, topo.is_last_stage, topo.pp, topo.pp_rank
+    prev_rank = topo.pp_ranks[s - 1] if not first else None
+    next_rank = topo.pp_ranks[s + 1] if not last else None
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    inputs, outputs, losses, sends = {}, {}, {}, []
+    total = torch.zeros((), dtype=torch.float64, device=device)
+
+    def recv(shape, src):
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(buf, src=src, group=topo.pp_group)
+        return buf
+
+    def forward(i):
+        x, y = micro_batches[i]
+        # (B, T, d) between stages; (B, T/tp, d) under sequence parallelism (tensor_parallel.py)
+        act_shape = (x.shape[0], x.shape[1] // getattr(model, "sequence_shards", 1), model.cfg.d_model)
+        if first:
+            h = x.to(device)
+        else:
+            h = recv(act_shape, prev_rank).requires_grad_(train)  # waiting for the previous stage is idle time
+        t0 = time.perf_counter()
+        # The stage's forward: token ids -> activations on the first, activations -> (logits, loss) on the
+        # last, activations -> activations in between (model.py's forward skips the parts a stage lacks).
+        out, loss = model(h, y.to(device) if last else None)
+        if last:
+            losses[i] = loss / loss_div
+            total.add_(losses[i].detach().double())
+        else:
+            # Sent asynchronously: the receiver may still be busy; the buffer is kept alive until the step ends.
+            sends.append((dist.isend(out.detach().contiguous(), dst=next_rank, group=topo.pp_group), out))
+        if train:
+            inputs[i], outputs[i] = h, out
+        return t0
+
+    def backward(i):
+        h, out = inputs.pop(i), outputs.pop(i)
+        if last:
+            t0 = time.perf_counter()
+            loss = losses.pop(i)
+            (scale_loss(loss) if scale_loss else loss).backward()
+        else:
+            grad = recv(out.shape, next_rank)
+            t0 = time.perf_counter()
+            torch.autograd.backward(out, grad)
+        if not first:
+            sends.append((dist.isend(h.grad.contiguous(), dst=prev_rank, group=topo.pp_group), h))
+        return t0
+
+    ops = make_schedule(schedule, m, p, s) if train else [("F", i) for i in range(m)]
+    for k, (op, i) in enumerate(ops):
+        if train and op == "B" and no_sync is not None and k < len(ops) - 1:
+            with no_sync():
+                t0 = backward(i)
+        elif train:
+            t0 = forward(i) if op == "F" else backward(i)
+        else:
+            with torch.no_grad():
+                t0 = forward(i)
+        if timeline is not None:
+            timeline.append((op, i, t0, time.perf_counter()))
+    for work, _ in sends:
+        work.wait()
+    if p > 1:
+        dist.all_reduce(total, group=topo.pp_group)  # the loss from the last stage, to every stage
+    return total
+
+
+# ----------------------------------------------------------------------------- the demo: timelines and bubbles
+def render(timeline, t_start, t_end, width=72):
+    """One character per time slice: F/f forward, B/b backward (case alternates per micro-batch), . idle."""
+    row = ["."] * width
+    scale = width / (t_end - t_start)
+    for op, i, t0, t1 in timeline:
+        a, b = int((t0 - t_start) * scale), max(int((t0 - t_start) * scale) + 1, int((t1 - t_start) * scale))
+        for c in range(a, min(b, width)):
+            row[c] = op if i % 2 == 0 else op.lower()
+    return "".join(row)
+
+
+def demo():
+    from dataclasses import replace
+
+    from model import PRESETS, Transformer
+    from topology import Topology
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pp", type=int, default=None, help="stages (default: the world size)")
+    ap.add_argument("--microbatches", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--micro-batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=64)
+    args = ap.parse_args()
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    pp = args.pp or dist.get_world_size()
+    topo = Topology(tp=1, pp=pp)  # with more ranks than stages, the other data-parallel replicas run alongside
+    cfg = replace(PRESETS["tiny"], n_layer=2 * pp)
+    torch.manual_seed(0)
+    model = keep_stage(Transformer(cfg), topo)
+    gen = torch.Generator().manual_seed(1)
+    results = []
+    for m in args.microbatches:
+        for schedule in SCHEDULES:
+            batch = [(torch.randint(0, cfg.vocab_size, (args.micro_batch_size, args.seq_len), generator=gen),) * 2
+                     for _ in range(m)]
+            for warm in (True, False):  # one untimed run first: first-call allocations would skew the timeline
+                timeline, meter = [], ActivationMeter(model)
+                dist.barrier()
+                t_start = time.perf_counter()
+                with meter.hooks():
+                    loss = run_pipeline(model, batch, topo, schedule, timeline=timeline)
+                t_end = time.perf_counter()
+                model.zero_grad()
+            t_end = torch.tensor([t_end - t_start])
+            dist.all_reduce(t_end, op=dist.ReduceOp.MAX, group=topo.pp_group)  # the step ends with the last stage
+            rows = [None] * pp
+            dist.all_gather_object(rows, (timeline, t_start, meter.peak), group=topo.pp_group)
+            if dist.get_rank() == 0:
+                total = t_end.item()
+                idle = [1 - sum(t1 - t0 for _, _, t0, t1 in tl) / total for tl, _, _ in rows]
+                print(f"\n{schedule}, p={pp}, m={m}: loss {loss.item():.4f}, step {total * 1e3:.0f} ms")
+                t0 = min(r[1] for r in rows)
+                for s, (tl, _, peak) in enumerate(rows):
+                    print(f"  stage {s} |{render(tl, t0, t0 + total)}| idle {idle[s]:.0%}, "
+                          f"activations {peak / 2 ** 20:.1f} MiB")
+                results.append((schedule, m, sum(idle) / pp, (pp - 1) / (m + pp - 1), max(r[2] for r in rows)))
+    if dist.get_rank() == 0:
+        print(f"\n{'schedule':<8} {'p':>2} {'m':>2} {'idle, measured':>15} {'(p-1)/(m+p-1)':>14} "
+              f"{'peak activations (worst stage)':>31}")
+        for schedule, m, idle, formula, peak in results:
+            print(f"{schedule:<8} {pp:>2} {m:>2} {idle:>15.1%} {formula:>14.1%} {peak / 2 ** 20:>27.1f} MiB")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    demo()

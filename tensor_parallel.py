@@ -1,0 +1,348 @@
+"""tensor_parallel.py: Megatron-style tensor parallelism, one layer's matrices split across the tp ranks.
+
+The idea (Shoeybi et al., 2019): a linear layer Y = X A can be split two ways. Column-parallel: A = [A_1 .. A_t]
+by output columns, each rank computes Y_i = X A_i from the whole (replicated) X and holds a slice of Y.
+Row-parallel: A split by input rows, each rank multiplies its slice X_i by A_i and the partial products are
+summed, Y = sum_i X_i A_i, by one all-reduce. Chain them, column then row, and the slice of Y in between never
+has to be gathered: attention splits by heads (wq, wk, wv column-parallel, wo row-parallel; grouped-query KV
+heads go with the query heads that read them), the SwiGLU MLP by hidden units (w1, w3 column, w2 row).
+
+Two conjugate operators carry the communication, written out below as autograd functions:
+    f: forward identity,   backward all-reduce   (before a column-parallel layer: every rank's input gradient
+                                                  is a partial sum over its slice)
+    g: forward all-reduce, backward identity     (after a row-parallel layer: the partial products add up)
+The embedding is split by vocabulary rows (each rank looks up the ids it owns, g sums), and so is the output
+head, whose cross-entropy never gathers the V logits: the max and the sum of exponentials are all-reduced
+instead (2 numbers per token rather than V/t).
+
+Per block and t ranks, with activations of B x T x d: weights and their optimizer state / t; forward 2
+all-reduces of B T d (one per g), backward 2 (one per f; here wq, wk, wv and w1, w3 each carry their own f,
+so the backward sends 3 + 2 all-reduces where Megatron's fused QKV and gate-up linears send 2: the same sums,
+more messages); FLOPs of the matmuls / t. Norms are replicated and compute the same values on every tp rank.
+
+Sequence parallelism (Korthikanti et al., 2022; `sequence_parallel=True`): between the blocks' matmuls the
+activations are replicated, so the norms and residual adds repeat the same work and memory on every rank.
+Instead keep them split along the sequence (each rank T/t positions): all-gather the sequence before a
+column-parallel layer and reduce-scatter after a row-parallel one. An all-reduce is a reduce-scatter plus an
+all-gather, so communication stays the same; the norms' activations and work shrink by t. The norms' gains see
+only T/t positions each, so their gradients are summed over the ranks (an f on the weight).
+
+Slicing a fully initialised model (the same seed on every rank, then keep this rank's slice) makes the tensor-
+parallel model compute exactly what the single-process one does, up to summation order.
+
+Demo: `torchrun --nproc_per_node 2 tensor_parallel.py` checks loss and gradients against one process (float64),
+without and with sequence parallelism.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- the f and g operators
+def _all_reduce(x, group):
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(x, group=group)
+    return x
+
+
+class CopyToTensorParallel(torch.autograd.Function):
+    """f: identity forward, all-reduce backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad.clone(), ctx.group), None
+
+
+class ReduceFromTensorParallel(torch.autograd.Function):
+    """g: all-reduce forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class GatherFromTensorParallel(torch.autograd.Function):
+    """Concatenate the ranks' slices of the last dimension (used to sample from a vocabulary-parallel head)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.rank = group, dist.get_rank(group)
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.chunk(dist.get_world_size(ctx.group), dim=-1)[ctx.rank].contiguous(), None
+
+
+class GatherSequence(torch.autograd.Function):
+    """Sequence parallelism's f: all-gather the (B, T/t, d) shards into (B, T, d); backward reduce-scatter."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_sequence(grad, ctx.group), None
+
+
+class ReduceScatterSequence(torch.autograd.Function):
+    """Sequence parallelism's g: sum the ranks' partial (B, T, d) and keep this rank's T/t; backward all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather_sequence(grad, ctx.group), None
+
+
+def _gather_sequence(x, group):
+    t = dist.get_world_size(group)
+    out = torch.empty((t * x.shape[1], x.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_single(out, x.transpose(0, 1).contiguous(), group=group)  # collectives work on dim 0
+    return out.transpose(0, 1)
+
+
+def _reduce_scatter_sequence(x, group):
+    t = dist.get_world_size(group)
+    out = torch.empty((x.shape[1] // t, x.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_single(out, x.transpose(0, 1).contiguous(), group=group)
+    return out.transpose(0, 1)
+
+
+# ----------------------------------------------------------------------------- the parallel layers
+def _slice(weight, dim, topo):
+    """This rank's contiguous 1/tp of a full tensor along `dim` (a copy: the full tensor can be freed)."""
+    return nn.Parameter(weight.detach().chunk(topo.tp, dim=dim)[topo.tp_rank].clone())
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y_i = f(X) A_i^T: the weight's output rows split; input replicated, output split across ranks."""
+
+    def __init__(self, linear: nn.Linear, topo, gather_output=False, sequence_parallel=False):
+        super().__init__()
+        assert linear.bias is None, "model.py's linears have no bias"
+        self.group, self.gather_output, self.sequence_parallel = topo.tp_group, gather_output, sequence_parallel
+        self.weight = _slice(linear.weight, 0, topo)
+        self.weight.tensor_parallel = True
+
+    def forward(self, x):
+        # Under sequence parallelism the input was all-gathered just before (by the norm), whose backward
+        # reduce-scatter already sums the ranks' input gradients: f would sum them twice.
+        y = F.linear(x if self.sequence_parallel else CopyToTensorParallel.apply(x, self.group), self.weight)
+        return GatherFromTensorParallel.apply(y, self.group) if self.gather_output and self.group else y
+
+
+class RowParallelLinear(nn.Module):
+    """Y = g(sum_i X_i A_i^T): the weight's input columns split; input split, output replicated."""
+
+    def __init__(self, linear: nn.Linear, topo, sequence_parallel=False):
+        super().__init__()
+        assert linear.bias is None, "model.py's linears have no bias"
+        self.group, self.sequence_parallel = topo.tp_group, sequence_parallel
+        self.weight = _slice(linear.weight, 1, topo)
+        self.weight.tensor_parallel = True
+
+    def forward(self, x):
+        reduce = ReduceScatterSequence if self.sequence_parallel else ReduceFromTensorParallel
+        return reduce.apply(F.linear(x, self.weight), self.group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, end) of the table on each rank; ids elsewhere look up zeros, and g sums the ranks' rows."""
+
+    def __init__(self, emb: nn.Embedding, topo, sequence_parallel=False):
+        super().__init__()
+        self.group, self.sequence_parallel = topo.tp_group, sequence_parallel
+        self.weight = _slice(emb.weight, 0, topo)
+        self.weight.tensor_parallel = True
+        self.start = topo.tp_rank * self.weight.shape[0]
+
+    def forward(self, idx):
+        local = idx - self.start
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * mine.unsqueeze(-1)
+        reduce = ReduceScatterSequence if self.sequence_parallel else ReduceFromTensorParallel
+        return reduce.apply(out, self.group)
+
+
+class SequenceParallelRMSNorm(nn.Module):
+    """model.RMSNorm over this rank's T/t positions, then the all-gather that the next matmul needs. The gain
+    passes through f, so that its gradient, computed from T/t positions here, is summed over the ranks."""
+
+    def __init__(self, norm, topo, gather=True):
+        super().__init__()
+        self.eps, self.group, self.gather = norm.eps, topo.tp_group, gather
+        self.weight = norm.weight
+
+    def forward(self, x):
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = (h * CopyToTensorParallel.apply(self.weight, self.group).to(h.dtype)).to(x.dtype)
+        return GatherSequence.apply(h, self.group) if self.gather else h
+
+
+class VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token -log softmax(z)[y] from this rank's logits z[:, start:start+V/t], never gathering z:
+        m = max over all ranks (all-reduce MAX), S = sum exp(z - m) (all-reduce SUM),
+        z_y - m from the one rank that owns y (all-reduce SUM),   loss = log S - (z_y - m).
+    Backward: softmax - onehot(y), each rank for its own columns, with no communication."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, start, group):
+        n, v = logits.shape
+        m = logits.max(dim=-1).values
+        if group is not None:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        exp = (logits - m.unsqueeze(1)).exp()
+        sum_exp = _all_reduce(exp.sum(dim=-1), group)
+        local = targets - start
+        mine = (local >= 0) & (local < v)  # ignored labels (-100) are never anyone's
+        local = local.clamp(0, v - 1)
+        z_y = torch.where(mine, logits.gather(1, local.unsqueeze(1)).squeeze(1) - m, torch.zeros_like(m))
+        z_y = _all_reduce(z_y, group)
+        valid = targets != -100
+        loss = torch.where(valid, sum_exp.log() - z_y, torch.zeros_like(z_y))
+        softmax = exp.div_(sum_exp.unsqueeze(1))
+        ctx.save_for_backward(softmax, local, mine, valid)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local, mine, valid = ctx.saved_tensors
+        grad = softmax.clone()
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows, local] -= mine.to(grad.dtype)
+        grad.mul_((grad_loss * valid).unsqueeze(1))
+        return grad, None, None, None
+
+
+def vocab_parallel_loss_fn(start, group):
+    """A drop-in for model.cross_entropy (the head's loss_fn) over vocabulary-parallel logits."""
+
+    def loss_fn(logits, targets, reduction="mean"):
+        flat = logits.reshape(-1, logits.shape[-1])
+        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+        targets = targets.reshape(-1)
+        per_token = VocabParallelCrossEntropy.apply(flat, targets, start, group)
+        if reduction == "none":
+            return per_token
+        if reduction == "sum":
+            return per_token.sum()
+        return per_token.sum() / (targets != -100).sum()  # F.cross_entropy's mean over non-ignored labels
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------- the model, changed from outside
+def check_divisible(cfg, tp):
+    """Every split dimension must divide by tp; returns the message of the first that does not, else None."""
+    for what, n in (("n_head", cfg.n_head), ("n_kv_head", cfg.n_kv_head), ("d_ff", cfg.d_ff),
+                    ("vocab_size (padded)", cfg.vocab_size)):
+        if n % tp:
+            return f"--tp {tp} does not divide the model's {what} {n}: choose a --tp that divides it"
+    return None
+
+
+def parallelize(model, topo, sequence_parallel=False):
+    """Swap a (pipeline stage of a) model.Transformer's linears and embeddings for their tensor-parallel
+    versions holding this rank's slice. Call after building the full model with the same seed on every rank.
+    With sequence_parallel the activations between blocks are (B, T/tp, d): T must divide by tp."""
+    model.sequence_shards = topo.tp if sequence_parallel else 1  # pipeline.py sends activations of this shape
+    if topo.tp == 1:
+        return model
+    err = check_divisible(model.cfg, topo.tp)
+    assert err is None, err  # pretrain.py refuses this up front; here it is a programming error
+    sp = sequence_parallel
+    for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
+        col = [ColumnParallelLinear(l, topo, sequence_parallel=sp) for l in (attn.wq, attn.wk, attn.wv)]
+        attn.wq, attn.wk, attn.wv = col
+        attn.wo = RowParallelLinear(attn.wo, topo, sequence_parallel=sp)
+        attn.n_head, attn.n_kv_head = attn.n_head // topo.tp, attn.n_kv_head // topo.tp
+        # An MoE layer (moe.py) splits each expert the same way; its router stays replicated, so every tp rank
+        # routes its (replicated) tokens alike and the experts' row-parallel all-reduce meets the same rows.
+        for m in getattr(mlp, "experts", [mlp]):
+            m.w1 = ColumnParallelLinear(m.w1, topo, sequence_parallel=sp)
+            m.w3 = ColumnParallelLinear(m.w3, topo, sequence_parallel=sp)
+            m.w2 = RowParallelLinear(m.w2, topo, sequence_parallel=sp)
+        if sp:
+            block.attn_norm = SequenceParallelRMSNorm(block.attn_norm, topo)
+            block.mlp_norm = SequenceParallelRMSNorm(block.mlp_norm, topo)
+    if getattr(model, "tok_emb", None) is not None:
+        model.tok_emb = VocabParallelEmbedding(model.tok_emb, topo, sequence_parallel=sp)
+    if getattr(model, "lm_head", None) is not None:
+        if sp:
+            model.norm = SequenceParallelRMSNorm(model.norm, topo)
+        model.lm_head = ColumnParallelLinear(model.lm_head, topo, sequence_parallel=sp)
+        model.loss_fn = vocab_parallel_loss_fn(topo.tp_rank * model.lm_head.weight.shape[0], topo.tp_group)
+    # Replicated parameters (the norms) hold the same gradient on every tp rank: the global gradient norm
+    # must count them once, so only tp rank 0 does (amp.py skips parameters marked tp_duplicate).
+    for p in model.parameters():
+        p.tp_duplicate = not getattr(p, "tensor_parallel", False) and topo.tp_rank != 0
+    return model
+
+
+def split_dim(name):
+    """The dimension along which parameter `name` of a full model is split under tensor parallelism, or None."""
+    if name.endswith(("attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "mlp.w1.weight", "mlp.w3.weight",
+                      "tok_emb.weight", "lm_head.weight")):
+        return 0
+    if name.endswith(("attn.wo.weight", "mlp.w2.weight")):
+        return 1
+    return None
+
+
+def set_gather_output(model, on):
+    """Full logits from the vocabulary-parallel head (for sampling: all tp ranks generate in lockstep)."""
+    if isinstance(getattr(model, "lm_head", None), ColumnParallelLinear):
+        model.lm_head.gather_output = on
+
+
+if __name__ == "__main__":
+    from dataclasses import replace
+
+    from model import PRESETS, Transformer
+    from topology import Topology
+
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    topo = Topology(tp=dist.get_world_size())
+    cfg = replace(PRESETS["tiny"], n_layer=2, n_head=max(4, topo.tp), n_kv_head=max(2, topo.tp))
+    idx = torch.randint(0, cfg.vocab_size, (4, 33), generator=torch.Generator().manual_seed(1))
+    for sp in (False, True):
+        torch.manual_seed(0)
+        full = Transformer(cfg).double()
+        _, ref_loss = full(idx[:, :-1], idx[:, 1:])
+        ref_loss.backward()
+        ref_grads = {n: p.grad for n, p in full.named_parameters()}
+        model = parallelize(full, topo, sp)  # full's layers are replaced in place: now this rank's slice
+        model.zero_grad()
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        worst = 0.0
+        for n, p in model.named_parameters():
+            d = split_dim(n)
+            want = ref_grads[n] if d is None else ref_grads[n].chunk(topo.tp, dim=d)[topo.tp_rank]
+            worst = max(worst, (p.grad - want).abs().max().item())
+        n_local = sum(p.numel() for p in model.parameters())
+        print(f"tp rank {topo.tp_rank}/{topo.tp}{' + sequence parallel' if sp else ''}: {n_local:,} of "
+              f"{sum(g.numel() for g in ref_grads.values()):,} parameters | loss {loss.item():.12f} vs one "
+              f"process {ref_loss.item():.12f} | max |grad difference| {worst:.2e}", flush=True)
+    dist.destroy_process_group()
