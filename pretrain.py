@@ -19,6 +19,7 @@ Run:
     torchrun --nproc_per_node 4 pretrain.py --zero 2 ...                      # data parallel, ZeRO stage 2
     torchrun --nproc_per_node 4 pretrain.py --zero 3 --tp 2                   # ZeRO-3 x tensor parallel
     torchrun --nproc_per_node 4 pretrain.py --tp 2 --pp 2 --microbatches 4    # tensor x pipeline parallel
+    torchrun --nproc_per_node 4 pretrain.py --experts 8 --ep 2 --zero 1      # experts over 2 ranks, 2 replicas
 """
 import argparse
 import contextlib

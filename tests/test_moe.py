@@ -157,7 +157,7 @@ def _pretrain_ep(rank, world, out, cache, runs, resume=None):
         second = pretrain.main(FAST + CLIP + resume + ["--resume", "--out", f"{out}/resume"])
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
-            pretrain.main(FAST + CLIP + ["--resume", "--out", f"{out}/resume"])
+            pretrain.main(FAST + CLIP + ["--zero", "1", "--resume", "--out", f"{out}/resume"])
         results.append((first["losses"] + second["losses"], err.getvalue()))
     return results
 
