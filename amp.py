@@ -65,14 +65,21 @@ def cast_model(model, dtype):
     return model
 
 
-def global_grad_norm(grads, reduce_fn=None):
+def global_grad_norm(grads, reduce_fn=None, expert_grads=(), expert_reduce_fn=None):
     """sqrt(sum of squared entries) over all gradients, in fp32 or better. `reduce_fn` sums the squared norm
     over ranks that hold distinct pieces (ZeRO shards, tensor-parallel slices). inf/nan propagate into the
-    norm, so a non-finite norm is also the overflow check, and it agrees on every rank after the reduction."""
+    norm, so a non-finite norm is also the overflow check, and it agrees on every rank after the reduction.
+    Under expert parallelism (moe.py) `expert_grads` are this rank's experts' gradients, which the other ranks
+    of its ep group do not hold: `expert_reduce_fn` sums their part over that group before it joins the rest."""
     dtype = torch.promote_types(grads[0].dtype, torch.float32) if grads else torch.float32
     sq = torch.zeros((), dtype=dtype, device=grads[0].device if grads else "cpu")
     for g in grads:
         sq += g.to(dtype).pow(2).sum()
+    if expert_grads or expert_reduce_fn is not None:  # (every rank of the ep group reduces, with or without experts)
+        sq_experts = torch.zeros_like(sq)
+        for g in expert_grads:
+            sq_experts += g.to(dtype).pow(2).sum()
+        sq = sq + (expert_reduce_fn(sq_experts) if expert_reduce_fn is not None else sq_experts)
     if reduce_fn is not None:
         sq = reduce_fn(sq)
     return sq.sqrt()
@@ -91,9 +98,11 @@ class MixedPrecisionOptimizer:
     `make_optimizer(param_groups)` builds the inner optimizer (AdamW here) over the masters; the groups keep
     the structure of `param_groups`, which holds the model's own parameters. In fp32 the masters are the
     model's parameters themselves: no copy, one code path. `no_sync` makes the context for accumulation
-    micro-steps that must not communicate (ddp.py's); one process has nothing to skip."""
+    micro-steps that must not communicate (ddp.py's); one process has nothing to skip. `expert_norm_reduce_fn`
+    (expert parallelism): sums the squared norm of the expert_parallel parameters' gradients over the ep group."""
 
-    def __init__(self, param_groups, make_optimizer, dtype, scaler, norm_reduce_fn=None, no_sync=None):
+    def __init__(self, param_groups, make_optimizer, dtype, scaler, norm_reduce_fn=None, no_sync=None,
+                 expert_norm_reduce_fn=None):
         self.model_params = [p for g in param_groups for p in g["params"]]
         self.low_precision = dtype != torch.float32 and dtype != torch.float64
         if self.low_precision:
@@ -104,7 +113,7 @@ class MixedPrecisionOptimizer:
         self.master_params = [p for g in master_groups for p in g["params"]]
         self.optimizer = make_optimizer(master_groups)
         self.scaler = scaler
-        self.norm_reduce_fn = norm_reduce_fn
+        self.norm_reduce_fn, self.expert_norm_reduce_fn = norm_reduce_fn, expert_norm_reduce_fn
         self.no_sync = no_sync or contextlib.nullcontext
 
     @property
@@ -127,9 +136,11 @@ class MixedPrecisionOptimizer:
             m.grad = g.float() * inv_scale if (self.low_precision or inv_scale != 1.0) else g
         # A parameter replicated across tensor-parallel ranks (tensor_parallel.py marks it tp_duplicate on all
         # but one) enters the global norm once; split ones enter once per slice; norm_reduce_fn sums the ranks.
-        counted = [m.grad for p, m in zip(self.model_params, self.master_params)
+        # Dense gradients are equal over the data-parallel group and count once; each rank's experts are its own.
+        counted = [(m.grad, getattr(p, "expert_parallel", False)) for p, m in zip(self.model_params, self.master_params)
                    if not getattr(p, "tp_duplicate", False)]
-        norm = global_grad_norm(counted, self.norm_reduce_fn)
+        norm = global_grad_norm([g for g, e in counted if not e], self.norm_reduce_fn,
+                                [g for g, e in counted if e], self.expert_norm_reduce_fn)
         found_inf = not math.isfinite(float(norm))
         self.scaler.update(found_inf)
         if found_inf:  # skip: the weights and the optimizer state stay as they were

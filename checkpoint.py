@@ -67,7 +67,7 @@ def check_checkpoint_layout(out, world, zero, layout):
             saved = ckpt.get("topology", {"dp": saved_world, "pp": 1, "tp": 1})
             if saved != layout:
                 raise CheckpointError(f"--resume: the checkpoint in {out} was saved with topology {saved}, this run "
-                                      f"is {layout}: relaunch with the checkpoint's --tp, --pp and world size")
+                                      f"is {layout}: relaunch with the checkpoint's --tp, --pp, --ep and world size")
             if world > 1 and saved_zero != zero:
                 raise CheckpointError(f"--resume: the checkpoint in {out} was written with --zero {saved_zero}; "
                                       f"resume with --zero {saved_zero}")

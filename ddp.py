@@ -31,6 +31,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 
+def is_expert(p):
+    """A parameter of expert parallelism: this rank's own experts, not replicated over the data-parallel group."""
+    return getattr(p, "expert_parallel", False)
+
+
 class Bucket:
     """A flat buffer holding the gradients of a few consecutive parameters, all of one dtype."""
 
@@ -55,16 +60,18 @@ class DistributedDataParallel(nn.Module):
         self.group = group
         self.world = dist.get_world_size(group)
         self.require_sync = True
-        # The same starting point everywhere: the group's first rank's weights (and buffers) win.
+        # The same starting point everywhere: the group's first rank's weights (and buffers) win. Parameters of
+        # expert parallelism (moe.py; marked expert_parallel) are left alone: ranks of the group hold different
+        # experts, whose gradients moe.reduce_expert_grads reduces over their own groups after backward.
         src = dist.get_global_rank(group, 0) if group is not None else 0
         with torch.no_grad():
-            for t in list(module.parameters()) + list(module.buffers()):
+            for t in [p for p in module.parameters() if not is_expert(p)] + list(module.buffers()):
                 dist.broadcast(t.data, src=src, group=group)
         # Buckets in reverse order of registration: backward produces the last layers' gradients first, so the
         # first bucket fills first and its all-reduce starts while the rest of backward runs.
         # The first bucket is small (1 MB at most, as torch's DDP does), so that communication starts as soon as
         # the head's gradients exist instead of after a whole bucket's worth of backward.
-        params = [p for p in module.parameters() if p.requires_grad]
+        params = [p for p in module.parameters() if p.requires_grad and not is_expert(p)]
         limit = min(bucket_mb, 1.0) * 2 ** 20
         self.buckets, current, size = [], [], 0
         for p in reversed(params):

@@ -19,6 +19,7 @@ Run:
     torchrun --nproc_per_node 4 pretrain.py --zero 2 ...                      # data parallel, ZeRO stage 2
     torchrun --nproc_per_node 4 pretrain.py --zero 3 --tp 2                   # ZeRO-3 x tensor parallel
     torchrun --nproc_per_node 4 pretrain.py --tp 2 --pp 2 --microbatches 4    # tensor x pipeline parallel
+    torchrun --nproc_per_node 4 pretrain.py --experts 8 --ep 2 --zero 1      # experts over 2 ranks, 2 replicas
 """
 import argparse
 import contextlib
@@ -115,7 +116,9 @@ def build_parser():
       help="expert capacity = factor x k x tokens / experts (overflow passes through the residual); "
            "omit for dropless routing")
     a("--aux-loss-weight", type=float, default=1e-2, help="weight of the Switch load-balancing loss")
-    a("--ep", type=int, default=1, help="expert-parallel ranks (moe.py); composed with pretrain.py: not yet")
+    a("--ep", type=int, default=1,
+      help="expert-parallel ranks (moe.py), taken from the data-parallel ranks: each holds experts/ep experts "
+           "of every MoE layer (with --zero 0 or 1)")
     return ap
 
 
@@ -131,7 +134,7 @@ def check_args(args, world):
                           f"choose 1..{cfg.block_size}")
     if args.microbatches < 1:
         raise ConfigError(f"--microbatches must be at least 1, got {args.microbatches}")
-    dp = check_layout(world, args.tp, args.pp)  # TopologyError: world size not a multiple of tp x pp
+    dp = check_layout(world, args.tp, args.pp, args.ep)  # TopologyError: world not tp x pp x dp, ep not dividing dp
     if args.pp > cfg.n_layer:
         raise TopologyError(f"--pp {args.pp} is more stages than the {cfg.n_layer} layers of model {args.model!r}: "
                             f"choose --pp <= {cfg.n_layer}")
@@ -173,9 +176,11 @@ def check_args(args, world):
         if args.sequence_parallel:
             raise ConfigError("--experts with --sequence-parallel: routing needs every token of a rank's batch; "
                               "drop --sequence-parallel")
-    if args.ep > 1:
-        raise ConfigError(f"--ep {args.ep}: expert parallelism is built and tested in moe.py but not yet composed "
-                          "with ddp.py/zero.py here; use --ep 1 (experts replicated over data-parallel ranks)")
+    if args.ep > 1 and not args.experts:
+        raise ConfigError(f"--ep {args.ep} splits experts over ranks: give --experts (a multiple of {args.ep})")
+    if args.ep > 1 and args.zero > 1:
+        raise ConfigError(f"--ep with --zero {args.zero}: ZeRO stages 2 and 3 shard gradients and weights over the "
+                          "data-parallel ranks, which hold different experts under --ep; use --zero 0 or 1")
 
 
 # ------------------------------------------------------------------------------------------- pieces of the run
@@ -229,7 +234,7 @@ def build_topology(args, world, device):
     if world > 1 and not dist.is_initialized():
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Topology(args.tp, args.pp)
+    return Topology(args.tp, args.pp, getattr(args, "ep", 1))
 
 
 def with_experts(model, args):
@@ -242,11 +247,20 @@ def with_experts(model, args):
 
 def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=None):
     """The full model from one seed on every rank (with MoE MLPs if asked), then (DESIGN.md's order) this
-    pipeline stage's blocks, then this tensor-parallel rank's slices, then the compute precision."""
+    pipeline stage's blocks, then this tensor-parallel rank's slices, then this expert-parallel rank's experts,
+    then the compute precision."""
     torch.manual_seed(seed)
     model = with_experts(Transformer(cfg), args).to(device)
     pipeline.keep_stage(model, topo)
     tensor_parallel.parallelize(model, topo, sequence_parallel)
+    if getattr(topo, "ep", 1) > 1:
+        for layer in moe.moe_layers(model):
+            moe.shard_experts(layer, topo.ep_rank, topo.ep, topo.ep_group)
+        # Marks for ddp.py and zero.py (not broadcast, not averaged over dp: reduce_expert_grads) and for the
+        # gradient norm (only the first replica of an expert-data group counts them under ZeRO).
+        for p in moe.expert_params(model):
+            p.expert_parallel = True
+            p.ep_duplicate = topo.expert_dp_rank > 0
     return cast_model(model, dtype)
 
 
@@ -298,12 +312,20 @@ def build_training(model, args, dtype, topo):
 
     # Gradient norm for clipping and the fp16 overflow check: summed over the tp and pp groups too, so that
     # every rank of the world agrees (zero.py sums its shards over dp first; ddp.py's gradients agree over dp).
+    # Under expert parallelism each rank's experts are its own: their part of the norm is summed over the ep group
+    # (ddp.py); zero.py's sum over the dp group counts them on the first replica of each (ep_duplicate).
     norm_reduce = grad_norm_reduce(topo)
     if topo.dp == 1:
         return model, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce)
     if args.zero == 0:
         ddp = DistributedDataParallel(model, topo.dp_group, args.bucket_mb)
-        return ddp, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce, no_sync=ddp.no_sync)
+        expert_reduce = None
+        if getattr(topo, "ep", 1) > 1:
+            def expert_reduce(sq):
+                dist.all_reduce(sq, group=topo.ep_group)
+                return sq
+        return ddp, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce, no_sync=ddp.no_sync,
+                                            expert_norm_reduce_fn=expert_reduce)
     opt = ZeroOptimizer(model, groups, make_optimizer, scaler, topo.dp_group, args.zero, args.bucket_mb,
                         norm_reduce_fn=norm_reduce)
     return opt.module, opt
@@ -346,6 +368,8 @@ def train(args):
     rank, world, device = setup_distributed(args)
     check_args(args, world)
     layout = {"dp": world // (args.tp * args.pp), "pp": args.pp, "tp": args.tp}
+    if args.ep > 1:  # (recorded only when used: checkpoints from before --ep keep matching ep 1)
+        layout["ep"] = args.ep
     master = rank == 0
     out = Path(args.out)
     ckpt_path = checkpoint_path(out, rank, world)
@@ -431,7 +455,7 @@ def train(args):
               f"({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | batch {args.batch_size} x {T} "
               f"tokens = {micro_bs} x {n_micro} micro-batches x {topo.dp} data-parallel"
               + (f" (ZeRO stage {zero})" if zero else " (ddp.py)" if topo.dp > 1 else "")
-              + f" | tp {topo.tp} | pp {topo.pp}" + (f" ({args.pp_schedule})" if topo.pp > 1 else "")
+              + f" | tp {topo.tp} | pp {topo.pp}" + (f" | ep {topo.ep}" if topo.ep > 1 else "") + (f" ({args.pp_schedule})" if topo.pp > 1 else "")
               + f" | {max_steps} steps | "
               f"{args.amp} on {device}" + (f" | resuming at step {step}" if step else ""), flush=True)
     metrics = open(out / "metrics.jsonl", "a") if master else None
@@ -455,6 +479,8 @@ def train(args):
             g["lr"] = lr
         loss_sum = forward_backward(step_model, batches.next(), topo, args.pp_schedule, opt.scale_loss, device,
                                     opt.no_sync)
+        if topo.ep > 1:  # expert gradients: summed over their replicas, / dp (moe.py); dense ones are done
+            moe.reduce_expert_grads(model, topo.dp, topo.expert_dp_group)
         grad_norm, skipped = opt.step(args.grad_clip)
         opt.zero_grad()
         step += 1
@@ -494,9 +520,10 @@ def train(args):
     if step == max_steps and args.sample_tokens > 0 and (topo.pp > 1 or (args.sequence_parallel and topo.tp > 1)):
         if master:  # generation grows the sequence one token at a time: neither cuts into stages or shards
             print("(no sample: generation is not pipelined nor sequence-parallel)", flush=True)
-    elif step == max_steps and args.sample_tokens > 0 and (master or topo.tp > 1 or zero == 3):
+    elif step == max_steps and args.sample_tokens > 0 and (master or topo.tp > 1 or zero == 3 or topo.ep > 1):
         # Under tensor parallelism every tp rank samples in lockstep (the head gathers the full logits, the same
-        # seed draws the same tokens); under ZeRO-3 every forward gathers weights from every rank: all sample.
+        # seed draws the same tokens); under ZeRO-3 every forward gathers weights from every rank, under expert
+        # parallelism every forward sends tokens to every ep rank's experts: all sample.
         model.eval()
         tensor_parallel.set_gather_output(model, True)
         if world > 1:

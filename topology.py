@@ -11,7 +11,12 @@ reduction in the project names the group it reduces over, and this object is pas
                                  tp groups {0,1} {2,3} {4,5} {6,7};  pp groups {0,2} {1,3} {4,6} {5,7};
                                  dp groups {0,4} {1,5} {2,6} {3,7}
 
-Demo: `torchrun --nproc_per_node 4 topology.py --tp 2` prints each rank's coordinates and groups.
+Expert parallelism (moe.py, --ep) is carved out of the data-parallel ranks: within each dp group, consecutive
+runs of ep dp ranks form an ep group (they hold different experts and exchange tokens by all-to-all), and dp
+ranks with the same dp_rank % ep form an expert-data group (replicas of the same experts, dp/ep of them, whose
+gradients are summed there).   dp 4, ep 2 (tp = pp = 1):  ep groups {0,1} {2,3};  expert-data groups {0,2} {1,3}
+
+Demo: `torchrun --nproc_per_node 4 topology.py --tp 2` (or `--ep 2`) prints each rank's coordinates and groups.
 """
 import argparse
 
@@ -22,28 +27,33 @@ class TopologyError(ValueError):
     """An impossible layout: the message is the one line the user sees, before any group is built."""
 
 
-def check_layout(world, tp=1, pp=1):
+def check_layout(world, tp=1, pp=1, ep=1):
     """Validate without touching torch.distributed; returns dp."""
-    for name, v in (("--tp", tp), ("--pp", pp)):
+    for name, v in (("--tp", tp), ("--pp", pp), ("--ep", ep)):
         if v < 1:
             raise TopologyError(f"{name} must be at least 1, got {v}")
     if world % (tp * pp):
         raise TopologyError(f"world size {world} is not divisible by --tp {tp} x --pp {pp} = {tp * pp}: "
                             f"launch a multiple of {tp * pp} processes")
-    return world // (tp * pp)
+    dp = world // (tp * pp)
+    if dp % ep:
+        raise TopologyError(f"--ep {ep} does not divide the {dp} data-parallel ranks (world {world} / (--tp {tp} x "
+                            f"--pp {pp})): expert-parallel groups are taken from them; choose --ep dividing {dp}")
+    return dp
 
 
 class Topology:
-    def __init__(self, tp=1, pp=1):
+    def __init__(self, tp=1, pp=1, ep=1):
         """Call on every rank after dist.init_process_group (or with no process group: one rank)."""
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.tp, self.pp = tp, pp
-        self.dp = check_layout(self.world, tp, pp)
+        self.tp, self.pp, self.ep = tp, pp, ep
+        self.dp = check_layout(self.world, tp, pp, ep)
         self.dp_rank, rest = divmod(self.rank, pp * tp)
         self.pp_rank, self.tp_rank = divmod(rest, tp)
-        self.tp_group = self.pp_group = self.dp_group = None
-        self.tp_ranks = self.pp_ranks = self.dp_ranks = [self.rank]
+        self.expert_dp_rank, self.ep_rank = divmod(self.dp_rank, ep)  # which replica; which experts
+        self.tp_group = self.pp_group = self.dp_group = self.ep_group = self.expert_dp_group = None
+        self.tp_ranks = self.pp_ranks = self.dp_ranks = self.ep_ranks = self.expert_dp_ranks = [self.rank]
         if dist.is_initialized():
             # new_group must be entered by every rank for every group, in the same order.
             for d in range(self.dp):
@@ -55,6 +65,13 @@ class Topology:
             for p in range(pp):
                 for t in range(tp):
                     self._maybe_keep("dp", [self.rank_of(d, p, t) for d in range(self.dp)])
+            if ep > 1:
+                for p in range(pp):
+                    for t in range(tp):
+                        for start in range(0, self.dp, ep):
+                            self._maybe_keep("ep", [self.rank_of(d, p, t) for d in range(start, start + ep)])
+                        for e in range(ep):
+                            self._maybe_keep("expert_dp", [self.rank_of(d, p, t) for d in range(e, self.dp, ep)])
 
     def _maybe_keep(self, axis, ranks):
         group = dist.new_group(ranks)
@@ -76,16 +93,19 @@ class Topology:
     def __repr__(self):
         return (f"rank {self.rank}/{self.world}: dp {self.dp_rank}/{self.dp} pp {self.pp_rank}/{self.pp} "
                 f"tp {self.tp_rank}/{self.tp} | tp group {self.tp_ranks} pp group {self.pp_ranks} "
-                f"dp group {self.dp_ranks}")
+                f"dp group {self.dp_ranks}"
+                + (f" | ep {self.ep_rank}/{self.ep} ep group {self.ep_ranks} expert-data group "
+                   f"{self.expert_dp_ranks}" if self.ep > 1 else ""))
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--ep", type=int, default=1)
     args = ap.parse_args()
     dist.init_process_group("gloo")
-    topo = Topology(args.tp, args.pp)
+    topo = Topology(args.tp, args.pp, args.ep)
     for r in range(topo.world):
         if r == topo.rank:
             print(topo, flush=True)

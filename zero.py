@@ -88,6 +88,12 @@ class ZeroOptimizer:
         self.stage, self.group, self.scaler = stage, group, scaler
         self.norm_reduce_fn = norm_reduce_fn  # sums the squared norm over the other groups (tp, pp) too
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        # Expert parallelism (moe.py): a rank's own experts (marked expert_parallel) differ from its data-parallel
+        # peers', so they cannot be sliced over the group; they stay whole here, in one unit of their own.
+        experts = [p for g in param_groups for p in g["params"] if getattr(p, "expert_parallel", False)]
+        if experts and stage > 1:
+            raise ValueError(f"ZeRO stage {stage} shards gradients over the data-parallel group, whose ranks hold "
+                             "different experts under expert parallelism: use stage 1")
         self.module = DistributedDataParallel(model, group, bucket_mb) if stage == 1 else model
         if stage > 1:  # ddp.py broadcasts for stage 1; here the same: one starting point, the first rank's
             src = dist.get_global_rank(group, 0) if group is not None else 0
@@ -96,13 +102,18 @@ class ZeroOptimizer:
                     dist.broadcast(t.data, src=src, group=group)
         group_of = {p: i for i, g in enumerate(param_groups) for p in g["params"]}  # only trainable ones
         master_dtype = torch.promote_types(next(iter(group_of)).dtype, torch.float32)
-        self.units, seen = [], set()
+        self.units, seen = [], set(experts)
         for module in list(getattr(model, "blocks", [])) + [model]:  # blocks in forward order, then the root
             params = [p for p in module.parameters() if p in group_of and p not in seen]
             seen.update(params)
             if params:
                 self.units.append(FlatUnit(module, params, self.rank, self.world, master_dtype))
-        self.root = self.units[-1] if self.units[-1].module is model else None
+        self.root = self.units[-1] if self.units and self.units[-1].module is model else None
+        for u in self.units:
+            u.local = False
+        if experts:  # a unit "sharded" over one rank: this rank holds all of it, master and optimizer state
+            self.units.append(FlatUnit(model, experts, 0, 1, master_dtype))
+            self.units[-1].local = True
         for u in self.units:
             if u.master.dtype == u.dtype:  # an fp32 (or fp64) model is its own master, as in amp.py: no copy
                 if stage == 3:
@@ -282,8 +293,11 @@ class ZeroOptimizer:
             u.master_grad = g if same else g.to(u.master.dtype) * inv_scale  # the cast up, as in amp.py
         # Pieces of parameters replicated across tensor-parallel ranks are counted on one of them only (their
         # tp_duplicate mark, tensor_parallel.py); the padding of the flat units is zero and adds nothing.
+        # Expert gradients are whole and equal on the dp/ep replicas of an expert-data group (after
+        # moe.reduce_expert_grads): only the first replica counts them (the others are marked ep_duplicate), so the
+        # sum over the data-parallel group adds each expert of its ep group once.
         counted = [u.master_grad[s:s + n] for u in self.units for p, _, s, n in u.pieces
-                   if not getattr(p, "tp_duplicate", False)]
+                   if not getattr(p, "tp_duplicate", False) and not getattr(p, "ep_duplicate", False)]
         norm = global_grad_norm(counted or [torch.zeros(1, device=self.units[0].master.device)],
                                 self._sum_over_ranks)
         found_inf = not math.isfinite(float(norm))
@@ -310,6 +324,9 @@ class ZeroOptimizer:
             if self.stage == 3:
                 if u.shard16 is not u.master:
                     u.shard16.copy_(u.master)
+            elif u.local:  # nothing to gather (an fp32 model's master already is its weights)
+                if u.master.data_ptr() != u.full.data_ptr():
+                    u.full.copy_(u.master)
             else:  # (the input must not alias the output: an fp32 model's master is a view of it)
                 mine = u.master.to(u.dtype) if u.master.dtype != u.dtype else u.master.clone()
                 works.append(dist.all_gather_single(u.full, mine, group=self.group, async_op=True))

@@ -99,6 +99,8 @@ def test_expert_parallel_equals_one_process(ep, capacity_factor):
 
 
 # ------------------------------------------------------------------------------------ through pretrain.py
+import contextlib
+import io
 import json
 import os
 
@@ -126,3 +128,110 @@ def test_pretrain_moe_logs_balance_and_composes_with_tp_and_zero1(tmp_path, stdl
     for extra, ref in ((["--tp", "2"], one), (["--zero", "1"], accum2)):
         for losses in run_distributed(_pretrain_moe, 2, str(tmp_path), str(data_cache), extra):
             assert losses == pytest.approx(ref["losses"], rel=1e-4), extra
+
+
+# ------------------------------------------------------------------------ expert parallelism through pretrain.py
+CLIP = ["--grad-clip", "0.05"]  # below every step's gradient norm (asserted): the clipping path is exercised
+
+
+def _weights(model):
+    """Dense parameters by name; experts by (MoE layer, global expert index): comparable across ep layouts."""
+    experts = {(i, m.first_expert + j): [p.detach().clone() for p in e.parameters()]
+               for i, m in enumerate(moe_layers(model)) for j, e in enumerate(m.experts)}
+    dense = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." not in n}
+    return experts, dense
+
+
+def _norms(out):
+    return [json.loads(l)["grad_norm"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+
+
+def _pretrain_ep(rank, world, out, cache, runs, resume=None):
+    os.environ["LLM_DATA_CACHE"] = cache
+    results = []
+    for extra in runs:
+        run = pretrain.main(FAST + CLIP + extra + ["--out", f"{out}/{'-'.join(extra)}"])
+        results.append((run["losses"], *_weights(run["model"])))
+    if resume:  # stopped after 2 steps and resumed: the same losses as uninterrupted; without --ep: refused
+        first = pretrain.main(FAST + CLIP + resume + ["--stop-after", "2", "--out", f"{out}/resume"])
+        second = pretrain.main(FAST + CLIP + resume + ["--resume", "--out", f"{out}/resume"])
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
+            pretrain.main(FAST + CLIP + ["--zero", "1", "--resume", "--out", f"{out}/resume"])
+        results.append((first["losses"] + second["losses"], err.getvalue()))
+    return results
+
+
+def _check_against(ref_dir, ref, results, out, runs, weights=True):
+    """Losses, logged gradient norms and final weights of every rank against one process (fp32: another
+    summation order, float32 rounding amplified a little by 3 Adam steps: rel 1e-4 on losses and norms;
+    weights move by ~lr = 3e-3 a step, so 1e-5 absolute is a few thousandths of one step)."""
+    ref_losses, ref_experts, ref_dense = ref["losses"], *_weights(ref["model"])
+    ref_norms = _norms(ref_dir)
+    assert min(ref_norms) > float(CLIP[1])  # clipping is active at every step
+    for i, extra in enumerate(runs):
+        assert _norms(out / "-".join(extra)) == pytest.approx(ref_norms, rel=1e-4), extra
+        merged = {}
+        for rank_results in results:
+            losses, experts, dense = rank_results[i]
+            assert losses == pytest.approx(ref_losses, rel=1e-4), extra
+            if not weights:  # (tensor-parallel slices: their weights are checked in test_model_parallel.py)
+                continue
+            for n, p in dense.items():
+                torch.testing.assert_close(p, ref_dense[n], rtol=1e-4, atol=1e-5, msg=lambda m: f"{extra} {n}: {m}")
+            for key, params in experts.items():  # replicas (dp > ep) must agree with each other too
+                merged.setdefault(key, params)
+                for a, b in zip(params, merged[key]):
+                    torch.testing.assert_close(a, b, rtol=0, atol=0)
+        if not weights:
+            continue
+        assert merged.keys() == ref_experts.keys(), extra
+        for key, params in ref_experts.items():
+            for a, b in zip(params, merged[key]):
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: f"{extra} expert {key}: {m}")
+
+
+def test_pretrain_expert_parallel_ep2_with_ddp_and_zero1_equals_one_process(tmp_path, stdlib_data, data_cache):
+    """World 2, --ep 2 (dp 2): each rank holds 2 of the 4 experts of each MoE layer, capacity dropping on and the
+    gradient clipped, with ddp.py and with ZeRO-1: the same losses, gradient norms and weights as one process
+    running the same two per-rank batches as 2 accumulation micro-steps (capacity is per rank's batch). The
+    ddp.py run also samples at the end (every rank in lockstep: each forward is an all-to-all)."""
+    ref = pretrain.main(FAST + CLIP + ["--grad-accum", "2", "--out", str(tmp_path / "ref")])
+    runs = [["--ep", "2", "--zero", "0", "--sample-tokens", "4"], ["--ep", "2", "--zero", "1"]]
+    results = run_distributed(_pretrain_ep, 2, str(tmp_path), str(data_cache), runs, ["--ep", "2", "--zero", "1"])
+    _check_against(tmp_path / "ref", ref, [r[:2] for r in results], tmp_path, runs)
+    for rank_results in results:  # resumed equals uninterrupted exactly (each rank's own experts in its file)
+        losses, err = rank_results[2]
+        assert losses == rank_results[1][0]
+        assert "saved with topology {'dp': 2, 'pp': 1, 'tp': 1, 'ep': 2}" in err and err.count("\n") == 1, err
+
+
+def test_pretrain_expert_parallel_dp4_ep2_sums_expert_replicas_and_composes_with_tp(tmp_path, stdlib_data,
+                                                                                      data_cache):
+    """World 4, dp 4, --ep 2: two replicas of each expert set; their gradients are summed over the expert-data
+    group ({0,2} and {1,3}) and counted once in the norm. Against one process with 4 accumulation micro-steps.
+    And tp 2 x dp 2 with --ep 2 (experts split column/row-wise, then over ep): against 2 micro-steps."""
+    refs = [pretrain.main(FAST + CLIP + ["--grad-accum", a, "--out", str(tmp_path / f"ref{a}")]) for a in "42"]
+    runs = [["--ep", "2", "--zero", "1"], ["--tp", "2", "--ep", "2", "--zero", "0"]]
+    results = run_distributed(_pretrain_ep, 4, str(tmp_path), str(data_cache), runs)
+    _check_against(tmp_path / "ref4", refs[0], [r[:1] for r in results], tmp_path, runs[:1])
+    _check_against(tmp_path / "ref2", refs[1], [r[1:] for r in results], tmp_path, runs[1:], weights=False)
+
+
+@pytest.mark.parametrize("world, flags, message", [
+    (1, ["--experts", "4", "--ep", "2"], "--ep 2 does not divide the 1 data-parallel ranks"),
+    (4, ["--experts", "4", "--ep", "2", "--tp", "4"], "--ep 2 does not divide the 1 data-parallel ranks"),
+    (4, ["--experts", "6", "--ep", "4"], "--experts 6 is not divisible by --ep 4"),
+    (2, ["--ep", "2"], "--ep 2 splits experts over ranks: give --experts"),
+    (2, ["--experts", "4", "--ep", "2", "--zero", "2"], "--ep with --zero 2: ZeRO stages 2 and 3 shard"),
+    (2, ["--experts", "4", "--ep", "2", "--zero", "3"], "use --zero 0 or 1"),
+])
+def test_expert_parallel_bad_input_fails_before_any_process_group(tmp_path, capsys, monkeypatch, world, flags,
+                                                                   message):
+    monkeypatch.setenv("WORLD_SIZE", str(world))  # (only this process exists: reaching a process group would hang)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["--batch-size", "8", "--out", str(tmp_path), *flags])
+    assert e.value.code == 2 and not dist.is_initialized()
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err

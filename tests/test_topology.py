@@ -31,3 +31,26 @@ def test_eight_ranks_tensor_innermost():
     assert res[5][3:6] == ([4, 5], [5, 7], [1, 5])
     for rank, r in enumerate(res):
         assert r[6] == {"tp": sum(r[3]), "pp": sum(r[4]), "dp": sum(r[5])}
+
+
+def _ep_groups(rank, world):
+    topo = Topology(tp=2, ep=2)  # world 8: dp 4 per tp coordinate, ep groups from runs of 2 dp ranks
+    sums = {}
+    for axis in ("ep", "expert_dp"):
+        t = torch.tensor([float(rank)])
+        dist.all_reduce(t, group=getattr(topo, f"{axis}_group"))
+        sums[axis] = t.item()
+    return topo.ep_rank, topo.expert_dp_rank, topo.ep_ranks, topo.expert_dp_ranks, sums
+
+
+def test_expert_parallel_groups_come_from_the_data_parallel_ranks():
+    with pytest.raises(TopologyError, match="--ep 3 does not divide the 4 data-parallel ranks"):
+        check_layout(8, tp=2, ep=3)
+    one = Topology()  # ep 1 (the default): no expert groups
+    assert one.ep == 1 and one.ep_group is None and one.expert_dp_group is None
+    res = run_distributed(_ep_groups, 8)
+    # rank 5 = (dp 2, tp 1): dp group {1,3,5,7}; ep group = dp ranks {2,3} = {5,7}; replicas: dp {0,2} = {1,5}
+    assert res[5][:4] == (0, 1, [5, 7], [1, 5])
+    assert res[6][:4] == (1, 1, [4, 6], [2, 6])
+    for r in res:
+        assert r[4] == {"ep": sum(r[2]), "expert_dp": sum(r[3])}
