@@ -455,7 +455,8 @@ def train(args):
               f"({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | batch {args.batch_size} x {T} "
               f"tokens = {micro_bs} x {n_micro} micro-batches x {topo.dp} data-parallel"
               + (f" (ZeRO stage {zero})" if zero else " (ddp.py)" if topo.dp > 1 else "")
-              + f" | tp {topo.tp} | pp {topo.pp}" + (f" | ep {topo.ep}" if topo.ep > 1 else "") + (f" ({args.pp_schedule})" if topo.pp > 1 else "")
+              + f" | tp {topo.tp} | pp {topo.pp}" + (f" ({args.pp_schedule})" if topo.pp > 1 else "")
+              + (f" | ep {topo.ep}" if topo.ep > 1 else "")
               + f" | {max_steps} steps | "
               f"{args.amp} on {device}" + (f" | resuming at step {step}" if step else ""), flush=True)
     metrics = open(out / "metrics.jsonl", "a") if master else None
