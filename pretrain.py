@@ -234,7 +234,7 @@ def build_topology(args, world, device):
     if world > 1 and not dist.is_initialized():
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Topology(args.tp, args.pp, getattr(args, "ep", 1))
+    return Topology(args.tp, args.pp, args.ep)
 
 
 def with_experts(model, args):
@@ -253,7 +253,7 @@ def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=No
     model = with_experts(Transformer(cfg), args).to(device)
     pipeline.keep_stage(model, topo)
     tensor_parallel.parallelize(model, topo, sequence_parallel)
-    if getattr(topo, "ep", 1) > 1:
+    if topo.ep > 1:
         for layer in moe.moe_layers(model):
             moe.shard_experts(layer, topo.ep_rank, topo.ep, topo.ep_group)
         # Marks for ddp.py and zero.py (not broadcast, not averaged over dp: reduce_expert_grads) and for the
@@ -320,7 +320,7 @@ def build_training(model, args, dtype, topo):
     if args.zero == 0:
         ddp = DistributedDataParallel(model, topo.dp_group, args.bucket_mb)
         expert_reduce = None
-        if getattr(topo, "ep", 1) > 1:
+        if topo.ep > 1:
             def expert_reduce(sq):
                 dist.all_reduce(sq, group=topo.ep_group)
                 return sq

@@ -2,6 +2,9 @@
 
     results = run_distributed(fn, world_size, *args)   # fn(rank, world_size, *args) runs in every process
 
+`refused_before_any_group(...)` runs pretrain.py as rank 0 of a world that does not exist and returns its
+one-line error: reaching init_process_group would hang, so a clean error proves the check came first.
+
 fn must be importable (defined at module level in a test file); its return values must pickle (move tensors to
 CPU). An exception in any rank fails the call with that rank's traceback.
 """
@@ -51,3 +54,19 @@ def run_distributed(fn, world, *args):
                     errors.append(f"rank {r}:\n{res['error']}")
             raise AssertionError("\n".join(errors) or str(e)) from None
         return [torch.load(os.path.join(d, f"{r}.pt"), weights_only=False)["ok"] for r in range(world)]
+
+
+def refused_before_any_group(tmp_path, capsys, monkeypatch, world, flags):
+    """pretrain.main(flags) as rank 0 of `world` processes of which only this one exists: it must exit 2 with
+    one line on stderr, without building a process group. Returns that line."""
+    import pytest
+
+    import pretrain
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["--batch-size", "8", "--out", str(tmp_path), *flags])
+    assert e.value.code == 2 and not dist.is_initialized()
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    return err

@@ -13,7 +13,7 @@ import pipeline
 import pretrain
 import tensor_parallel
 from model import PRESETS
-from tests.distributed import run_distributed
+from tests.distributed import refused_before_any_group, run_distributed
 from topology import Topology, TopologyError
 
 # 4 layers (so 4 stages are possible), GQA with 2 query heads per KV head, d_ff and vocabulary divisible by 4.
@@ -163,15 +163,8 @@ def test_check_divisible_names_the_dimension():
     (2, ["--tp", "2", "--sequence-parallel", "--seq-len", "15"], "choose a --seq-len divisible by 2"),
 ])
 def test_invalid_topologies_fail_before_any_process_group(tmp_path, capsys, monkeypatch, world, flags, message):
-    # WORLD_SIZE says `world` processes but only this one exists: reaching init_process_group would hang,
-    # so a one-line error here proves the check runs before any group is built.
-    monkeypatch.setenv("WORLD_SIZE", str(world))
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(SystemExit) as e:
-        pretrain.main(["--batch-size", "8", "--out", str(tmp_path), *flags])
-    assert e.value.code == 2 and not dist.is_initialized()
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and message in err, err
+    err = refused_before_any_group(tmp_path, capsys, monkeypatch, world, flags)
+    assert message in err, err
 
 
 FAST = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",

@@ -1,13 +1,18 @@
 """MoE: routing rules, and expert parallelism over all-to-all against one process."""
+import contextlib
+import io
+import json
+import os
 from dataclasses import replace
 
 import pytest
 import torch
 import torch.distributed as dist
 
+import pretrain
 from model import PRESETS, Transformer
 from moe import MoE, MoEError, add_moe, aux_loss, check_moe, moe_layers, reduce_expert_grads, shard_experts
-from tests.distributed import run_distributed
+from tests.distributed import refused_before_any_group, run_distributed
 
 CFG = replace(PRESETS["tiny"], n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_ff=48, vocab_size=64, block_size=16)
 E, K, STEPS, PER_RANK = 4, 2, 3, 2
@@ -99,13 +104,6 @@ def test_expert_parallel_equals_one_process(ep, capacity_factor):
 
 
 # ------------------------------------------------------------------------------------ through pretrain.py
-import contextlib
-import io
-import json
-import os
-
-import pretrain
-
 FAST = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
         "--eval-iters", "1", "--sample-tokens", "0", "--log-every", "1", "--max-steps", "3",
         "--experts", "4", "--topk", "2", "--capacity-factor", "1.0", "--moe-layers", "1,3"]
@@ -228,10 +226,5 @@ def test_pretrain_expert_parallel_dp4_ep2_sums_expert_replicas_and_composes_with
 ])
 def test_expert_parallel_bad_input_fails_before_any_process_group(tmp_path, capsys, monkeypatch, world, flags,
                                                                    message):
-    monkeypatch.setenv("WORLD_SIZE", str(world))  # (only this process exists: reaching a process group would hang)
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(SystemExit) as e:
-        pretrain.main(["--batch-size", "8", "--out", str(tmp_path), *flags])
-    assert e.value.code == 2 and not dist.is_initialized()
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and message in err, err
+    err = refused_before_any_group(tmp_path, capsys, monkeypatch, world, flags)
+    assert message in err, err
