@@ -19,7 +19,7 @@ SFT_BASE_FLAGS ?= --model tiny --batch-size 32 --max-steps 500 --lr 2e-3 --warmu
                   --log-every 25
 SFT_FLAGS ?= --out out/sft
 
-.PHONY: install pretrain sft test estimate bench clean
+.PHONY: install pretrain sft test estimate scaling bench clean
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ bench: install
 
 estimate: install
 	$(PY) pretrain.py --model gpt2-124m --estimate --chinchilla --gpus 8
+
+# IsoFLOP profiles and a fit of L(N, D): 14 small runs on the embedded corpus, one thread, resumable.
+scaling: install
+	OMP_NUM_THREADS=1 $(PY) scaling.py --out out/scaling
 
 clean:
 	rm -rf out .pytest_cache
