@@ -43,7 +43,8 @@ from amp import DTYPES, DynamicLossScaler, MixedPrecisionOptimizer, cast_model
 from checkpoint import (CheckpointError, check_checkpoint_layout, checkpoint_path, load_checkpoint, rng_state,
                         save_checkpoint, set_rng_state)
 from ddp import DistributedDataParallel
-from estimate import PEAK_TFLOPS, estimate
+import estimate
+from estimate import PEAK_TFLOPS
 from model import ATTN_BACKENDS, PRESETS, Transformer, flops_per_token, num_params, pad_vocab
 from topology import Topology, TopologyError, check_layout
 from zero import ZeroOptimizer
@@ -98,7 +99,8 @@ def build_parser():
     a("--seed", type=int, default=1337)
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--sample-tokens", type=int, default=300, help="length of the sample printed at the end (0: none)")
-    a("--estimate", action="store_true", help="print parameters, FLOPs, memory and time; do not train")
+    a("--estimate", action="store_true", help="run estimate.py with the other flags: parameters, FLOPs, memory, "
+                                             "communication and time; do not train")
     a("--gpus", type=int, default=1, help="for --estimate")
     a("--gpu", default="h100", choices=sorted(PEAK_TFLOPS), help="for --estimate and MFU on CUDA")
     a("--mfu", type=float, default=0.4, help="for --estimate: the utilisation to assume")
@@ -354,6 +356,9 @@ def evaluate(model, batches, device, topo, microbatches):
 
 # ------------------------------------------------------------------------------------------- the run
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--estimate" in argv:  # the calculator, with its own flags for any shape and layout (estimate.py --help)
+        return estimate.main([a for a in argv if a != "--estimate"])
     args = build_parser().parse_args(argv)
     try:
         return train(args)
@@ -363,8 +368,6 @@ def main(argv=None):
 
 
 def train(args):
-    if args.estimate:
-        return estimate(args)
     rank, world, device = setup_distributed(args)
     check_args(args, world)
     layout = {"dp": world // (args.tp * args.pp), "pp": args.pp, "tp": args.tp}
