@@ -14,6 +14,7 @@ def test_custom_shape_counts_the_model_as_built():
                                    block_size=96))
     assert est["params"] == sum(p.numel() for p in real.parameters())  # vocabulary padded to 256, as pretrain.py
     assert est["flops_per_token"] == 6 * (est["params"] - 256 * 64) + 12 * 3 * 64 * 96
+    assert est["memory"]["psi"] == est["params"]  # one GPU holds the whole model, embedding and head included
 
 
 def test_params_picks_a_llama_like_shape():
