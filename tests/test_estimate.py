@@ -75,3 +75,90 @@ def test_bad_input_gets_one_clear_line(capsys):
             assert e.value.code == 2
             err = capsys.readouterr().err.strip()
             assert expected in err and "\n" not in err and "Traceback" not in err, (argv, err)
+
+
+# ----------------------------------------------------------------------------- measured against the formulas
+SMALL = dict(n_layer=2, d_model=64, n_head=4, n_kv_head=4, d_ff=160, vocab_size=256, block_size=32)
+
+
+def test_one_step_holds_what_the_formulas_say():
+    s, b, sbh = 32, 2, 32 * 2 * 64
+    plain = estimate.measure_step(ModelConfig(**SMALL), s, b)
+    n = sum(p.numel() for p in Transformer(ModelConfig(**SMALL)).parameters())
+    assert (plain["weights"], plain["gradients"], plain["optimizer states"]) == (2 * n, 2 * n, 12 * n)
+    # This model's parts, exactly: each RMSNorm keeps its fp32 input and normalised x (4 + 4 bytes), its bf16
+    # output (2), the fp32 rsqrt per position and an fp32 copy of its weight; SwiGLU keeps w1 x, silu(w1 x), w3 x
+    # and their product, 4 tensors of width d_ff in bf16.
+    norm = (4 + 4 + 2) * sbh + 4 * s * b + 4 * 64
+    assert plain["parts"]["attn_norm"] == plain["parts"]["mlp_norm"] == norm
+    assert plain["parts"]["mlp"] == 4 * 2 * s * b * 160
+    ckpt = estimate.measure_step(ModelConfig(**SMALL, activation_checkpointing=True), s, b)
+    assert ckpt["activations per layer"] == estimate.activations_per_layer(s, b, 64, 4, recompute="full")
+    naive = estimate.measure_step(ModelConfig(**SMALL, attn="naive"), s, b)
+    assert naive["parts"]["attn"] > plain["parts"]["attn"] + 4 * b * s * s * 4  # the a s^2 b scores, saved
+
+
+def test_held_activations_agree_with_the_saved_tensor_hooks():
+    # Two independent meters: saved-tensor hooks (pipeline.py) and live storages after the forward.
+    from pipeline import ActivationMeter
+    model = Transformer(ModelConfig(**SMALL)).to(torch.bfloat16)  # (in fp32 a norm keeps its input itself)
+    saved, held = ActivationMeter(model), estimate.HeldActivations(model)
+    per_block = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda m, a: per_block.append(-saved.now))
+        block.register_forward_hook(lambda m, a, o: per_block.__setitem__(-1, per_block[-1] + saved.now))
+    x = torch.randint(0, 256, (2, 33))
+    with saved.hooks(), held:
+        loss = model(x[:, :-1], x[:, 1:])[1]
+    got = held.held()
+    assert per_block == [sum(v for tag, v in got.items() if tag and tag[0] == i) for i in range(2)]
+
+
+def _held_on_two_ranks(rank, world):
+    """Per rank: ZeRO stages' model states held after a step; activations per layer under tp 2, with and without
+    sequence parallelism (bf16, one step)."""
+    import pretrain
+    import tensor_parallel
+    from amp import cast_model
+    from topology import Topology
+    cfg = ModelConfig(**SMALL)
+    x = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
+    states = {}
+    for stage in (1, 2, 3):
+        torch.manual_seed(0)
+        model = cast_model(Transformer(cfg), torch.bfloat16)
+        args = pretrain.build_parser().parse_args(["--zero", str(stage), "--amp", "bf16"])
+        module, opt = pretrain.build_training(model, args, torch.bfloat16, Topology())
+        for step in range(2):  # (Adam's moments exist from the first step on)
+            _, loss = module(x[rank:rank + 1, :-1], x[rank:rank + 1, 1:])
+            loss.backward()
+            states[stage] = opt.memory()  # everything a step needs is held now
+            opt.step(1.0)
+            opt.zero_grad()
+    acts = {}
+    for sp in (False, True):
+        torch.manual_seed(0)
+        model = cast_model(Transformer(cfg), torch.bfloat16)
+        tensor_parallel.parallelize(model, Topology(tp=2), sequence_parallel=sp)
+        meter = estimate.HeldActivations(model)
+        with meter:
+            _, loss = model(x[:, :-1], x[:, 1:])
+        acts[sp] = sum(v for tag, v in meter.held().items() if tag) / cfg.n_layer
+        loss.backward()
+    return states, acts
+
+
+def test_zero_stages_and_tensor_parallel_hold_what_the_formulas_say():
+    from tests.distributed import run_distributed
+    n = sum(p.numel() for p in Transformer(ModelConfig(**SMALL)).parameters())
+    one = estimate.measure_step(ModelConfig(**SMALL), 32, 2)["activations per layer"]
+    for states, acts in run_distributed(_held_on_two_ranks, 2):
+        for stage in (1, 2, 3):
+            want = estimate.zero_table(n, 2)[stage]
+            assert states[stage] == {k: want[k] for k in ("params", "grads", "optimizer")}, (stage, states[stage])
+        # tp halves the attention's and the MLP's insides but not the norms (replicated on both ranks); sp halves
+        # the norms too, but keeps whole-sequence tensors around its all-gathers: it saves less than the norms' half.
+        sbh = 32 * 2 * 64
+        norms = 2 * ((4 + 4 + 2) * sbh + 4 * 32 * 2 + 4 * 64)
+        assert acts[False] == pytest.approx(norms + (one - norms) / 2, rel=0.02)
+        assert acts[False] - norms / 2 < acts[True] < acts[False]
