@@ -44,7 +44,7 @@ bench: install
 	$(PY) benchmarks/bench_dp.py --out out/bench/bench_dp.json
 
 estimate: install
-	$(PY) pretrain.py --model gpt2-124m --estimate --chinchilla --gpus 8
+	$(PY) estimate.py --model gpt2-124m --chinchilla --gpus 8
 
 # IsoFLOP profiles and a fit of L(N, D): 14 small runs on the embedded corpus, one thread, resumable.
 scaling: install

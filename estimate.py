@@ -252,8 +252,11 @@ def estimate(args):
     moe_layers = (cfg.n_layer if layers is None else len(layers)) if args.experts else 0
     comm = comm_per_gpu(cfg, args, mem["psi"], dp, b, T, n_micro, moe_layers)
     bubble = (args.pp - 1) / (args.microbatches + args.pp - 1)
+    custom = any(getattr(args, f) is not None for f in ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff",
+                                                        "vocab_size"))
+    name = f"--params {args.params:.3g}" if args.params else args.model + (" with custom dimensions" if custom else "")
     rows = [
-        ("model", f"{'--params ' + format(args.params, '.3g') if args.params else args.model}: {cfg.n_layer} layers, "
+        ("model", f"{name}: {cfg.n_layer} layers, "
                   f"d={cfg.d_model}, {cfg.n_head} heads ({cfg.n_kv_head} KV), d_ff={cfg.d_ff}, vocab "
                   f"{cfg.vocab_size}, s={T}"),
         ("parameters", f"{n:,} ({n_mm:,} in matmuls that a token meets; the embedding is a lookup"
