@@ -162,3 +162,16 @@ def test_zero_stages_and_tensor_parallel_hold_what_the_formulas_say():
         norms = 2 * ((4 + 4 + 2) * sbh + 4 * 32 * 2 + 4 * 64)
         assert acts[False] == pytest.approx(norms + (one - norms) / 2, rel=0.02)
         assert acts[False] - norms / 2 < acts[True] < acts[False]
+
+
+def test_expert_parallelism_divides_the_experts_and_adds_all_to_alls():
+    argv = ["--model", "tiny", "--experts", "4", "--topk", "2", "--gpus", "4", "--batch-size", "8"]
+    dense, ep = estimate.main(argv), estimate.main(argv + ["--ep", "2"])
+    model = Transformer(ModelConfig(**{**SMALL, "n_layer": 4, "d_model": 128, "d_ff": 384, "n_kv_head": 2,
+                                       "block_size": 256}))
+    from moe import add_moe
+    add_moe(model, 4, 2)
+    experts = sum(p.numel() for name, p in model.named_parameters() if "experts" in name)
+    assert dense["memory"]["psi"] - ep["memory"]["psi"] == experts / 2
+    sbh = 256 * 2 * 128  # 8 sequences over 4 data-parallel ranks: b = 2
+    assert ep["comm"]["ep"] == 2 * 4 * 2 * sbh * (1 / 2) * 4 and "ep" not in dense["comm"]
