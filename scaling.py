@@ -112,6 +112,8 @@ def sweep(runs, out, lr, threads):
     print(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} done), {sum(r['flops'] for r in todo):.3g} FLOPs "
           f"to go, results in {results}", flush=True)
     for i, run in enumerate(todo):
+        if run["key"] in {r["key"] for r in read_results(results)}:
+            continue  # finished meanwhile by another invocation (one per budget can share the cores)
         t0 = time.perf_counter()
         val_loss = train_one(run, out, lr, threads)
         rec = dict(run, val_loss=val_loss, seconds=round(time.perf_counter() - t0, 1))
