@@ -12,7 +12,7 @@ minimum, and that minimum moves with C as a power law. Two of Chinchilla's three
                         log L_hat - log L, log L_hat = logsumexp(log A - alpha log N, log B - beta log D, log E)),
                         Levenberg-Marquardt from a grid of starts.       Chinchilla: alpha = 0.34, beta = 0.28,
                         E = 1.69 nats; it implies N_opt ~ C^(beta / (alpha + beta)).
-    uncertainty         bootstrap: refit on runs drawn with replacement, report the standard deviation.
+    uncertainty         bootstrap: refit on runs drawn with replacement; +- is half the 16-84th percentile range.
 
 Every run is the project's own pretraining loop (pretrain.main) in this process, on the embedded corpus (Python's
 standard library as bytes), a model of the tiny preset's family (head dimension 32, 2 query heads per key/value
@@ -205,7 +205,7 @@ def fit_parametric(N, D, loss, starts=None):
 
 
 def bootstrap(results, fit, n=100, seed=0):
-    """Standard deviation of each fitted number over refits on runs drawn with replacement (failed refits skipped)."""
+    """The spread of each fitted number over refits on runs drawn with replacement (failed refits skipped)."""
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(n):
@@ -217,11 +217,13 @@ def bootstrap(results, fit, n=100, seed=0):
                 continue
         if got and all(np.isfinite(v) for v in got.values()):
             samples.append(got)
-    return {k: float(np.std([s[k] for s in samples])) for k in samples[0]} if samples else {}
+    # Half the 16th-84th percentile range (one sigma for a normal spread, robust to the odd refit that runs off).
+    return {k: float(np.subtract(*np.percentile([s[k] for s in samples], [84, 16])) / 2) for k in samples[0]} \
+        if samples else {}
 
 
 # ----------------------------------------------------------------------------- the report
-def ascii_plot(results, width=64, height=18):
+def ascii_plot(results, width=64, height=22):
     """Final loss vs compute (log scale), one letter per model size: the IsoFLOP profiles seen from the side."""
     sizes = sorted({r["N"] for r in results})
     letters = {n: "abcdefghijklmnopqrstuvwxyz"[i] for i, n in enumerate(sizes)}
@@ -230,11 +232,13 @@ def ascii_plot(results, width=64, height=18):
     x0, x1, y0, y1 = min(xs), max(xs) + 1e-9, min(ys), max(ys) + 1e-9
     grid = [[" "] * width for _ in range(height)]
     for r, x, y in zip(results, xs, ys):
-        grid[round((y1 - y) / (y1 - y0) * (height - 1))][round((x - x0) / (x1 - x0) * (width - 1))] = letters[r["N"]]
+        row, col = round((y1 - y) / (y1 - y0) * (height - 1)), round((x - x0) / (x1 - x0) * (width - 1))
+        grid[row][col] = letters[r["N"]] if grid[row][col] == " " else "*"  # (*: two runs in one cell)
     lines = [f"{y1 - i * (y1 - y0) / (height - 1):6.3f} |" + "".join(row) for i, row in enumerate(grid)]
     lines.append(" " * 7 + "+" + "-" * width)
     lines.append(" " * 8 + f"{10 ** x0:.1e} FLOPs" + " " * (width - 26) + f"{10 ** x1:.1e}")
-    lines.append("  " + "  ".join(f"{letters[n]} = {n / 1e3:.0f}k" for n in sizes) + " parameters (in matmuls)")
+    lines.append("  " + "  ".join(f"{letters[n]} = {n / 1e3:.0f}k" for n in sizes) + " parameters (in matmuls); "
+                 "* two runs in one cell")
     return "\n".join(lines)
 
 
