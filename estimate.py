@@ -124,7 +124,7 @@ def config_from(args):
 
 
 def layout_from(args, cfg):
-    """(dp, micro-batch b per GPU, micro-steps per step) for the GPUs, checked."""
+    """(dp, micro-batch b per GPU, micro-batches per GPU per step, global batch) for the GPUs, checked."""
     if args.gpus < 1:
         raise EstimateError(f"--gpus must be at least 1, got {args.gpus}")
     if not 0 < args.mfu <= 1:
@@ -184,7 +184,7 @@ def stage_params(model, pp, ep):
     on the first stage, the final norm and head on the last), expert parameters divided over ep."""
     per_block = [sum(p.numel() / (ep if "experts" in name else 1) for name, p in blk.named_parameters())
                  for blk in model.blocks]
-    L, base, extra = len(per_block), *divmod(len(per_block), pp)
+    base, extra = divmod(len(per_block), pp)
     sizes = [base + (i < extra) for i in range(pp)]
     starts = [sum(sizes[:i]) for i in range(pp)]
     held = [sum(per_block[st:st + n]) for st, n in zip(starts, sizes)]
