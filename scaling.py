@@ -215,7 +215,7 @@ def bootstrap(results, fit, n=100, seed=0):
                 got = fit(pick)
             except (np.linalg.LinAlgError, ValueError, TypeError, ZeroDivisionError):
                 continue
-        if got and all(np.isfinite(v) for v in got.values()):
+        if got and all(v is not None and np.isfinite(v) for v in got.values()):  # (None: too few budgets)
             samples.append(got)
     # Half the 16th-84th percentile range (one sigma for a normal spread, robust to the odd refit that runs off).
     return {k: float(np.subtract(*np.percentile([s[k] for s in samples], [84, 16])) / 2) for k in samples[0]} \
@@ -226,7 +226,8 @@ def bootstrap(results, fit, n=100, seed=0):
 def ascii_plot(results, width=64, height=22):
     """Final loss vs compute (log scale), one letter per model size: the IsoFLOP profiles seen from the side."""
     sizes = sorted({r["N"] for r in results})
-    letters = {n: "abcdefghijklmnopqrstuvwxyz"[i] for i, n in enumerate(sizes)}
+    marks = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    letters = {n: marks[i] if i < len(marks) else "#" for i, n in enumerate(sizes)}
     xs = [math.log10(r["flops"]) for r in results]
     ys = [r["val_loss"] for r in results]
     x0, x1, y0, y1 = min(xs), max(xs) + 1e-9, min(ys), max(ys) + 1e-9

@@ -24,7 +24,7 @@ def test_parametric_fit_recovers_known_exponents():
         assert fit[k] == pytest.approx(TRUE[k], rel=0.05), (k, fit)
 
 
-def test_isoflop_profiles_recover_the_optimal_size_exponent():
+def test_isoflop_profiles_recover_the_optimal_size_exponent(capsys):
     # Chinchilla's law implies N_opt ~ C^(beta / (alpha + beta)); approach 2 must find it from profiles alone.
     results = []
     for C in (1e18, 1e19, 1e20, 1e21):
@@ -35,6 +35,12 @@ def test_isoflop_profiles_recover_the_optimal_size_exponent():
     a, _, optima = scaling.approach2(results)
     assert len(optima) == 4
     assert a == pytest.approx(0.28 / 0.62, rel=0.05)
+    # The whole report on them (plot, both approaches, bootstraps), also where a resample leaves one budget.
+    fitted = scaling.report([dict(r, flops=r["budget"]) for r in results])
+    assert fitted["a"] == a and fitted["parametric"]["alpha"] == pytest.approx(0.34, rel=0.05)
+    assert "N_opt ~ C^a" in capsys.readouterr().out
+    two = [r for r in results if r["budget"] in (1e18, 1e19)][:12]  # 9 + 3 runs: resamples often lack a profile
+    assert scaling.bootstrap(two, lambda rs: {"a": scaling.approach2(rs)[0]}, n=20)["a"] >= 0
 
 
 def test_micro_sweep_trains_records_and_resumes(tmp_path, stdlib_data, capsys):
