@@ -25,9 +25,10 @@ one learning rate for every size and one seed. The shape of the result (a parabo
 moving right with C) is what carries over; the fitted exponents are rough, and the irreducible loss E here is
 that of bytes of code, not of English tokens.
 
-Run: `make scaling` (python scaling.py): trains the sweep (14 runs, 14,500 steps of 2048 tokens), appending one line
-per finished run to out/scaling/runs.jsonl; an interrupted sweep, run again, skips the finished runs and resumes
-the unfinished one from its checkpoint. `python scaling.py --fit-only` refits and replots what is there.
+Run: `make scaling` (python scaling.py) trains the sweep (14 runs, 14,506 steps of 2048 tokens; about an hour on
+2 CPU cores shared with other jobs, as measured once), appending one line per finished run to
+out/scaling/runs.jsonl; an interrupted sweep, run again, skips the finished runs and resumes the unfinished one
+from its checkpoint. `python scaling.py --fit-only` refits and replots what is there.
 """
 import argparse
 import contextlib
@@ -235,7 +236,7 @@ def ascii_plot(results, width=64, height=22):
     for r, x, y in zip(results, xs, ys):
         row, col = round((y1 - y) / (y1 - y0) * (height - 1)), round((x - x0) / (x1 - x0) * (width - 1))
         grid[row][col] = letters[r["N"]] if grid[row][col] == " " else "*"  # (*: two runs in one cell)
-    lines = [f"{y1 - i * (y1 - y0) / (height - 1):6.3f} |" + "".join(row) for i, row in enumerate(grid)]
+    lines = [f"{y1 - i * (y1 - y0) / (height - 1):6.3f} |" + "".join(row).rstrip() for i, row in enumerate(grid)]
     lines.append(" " * 7 + "+" + "-" * width)
     lines.append(" " * 8 + f"{10 ** x0:.1e} FLOPs" + " " * (width - 26) + f"{10 ** x1:.1e}")
     lines.append("  " + "  ".join(f"{letters[n]} = {n / 1e3:.0f}k" for n in sizes) + " parameters (in matmuls); "
