@@ -122,6 +122,42 @@ def build_parser():
     return ap
 
 
+def check_values(args):
+    """Every number a flag holds, in the range where it means something, and --out a folder that can be written:
+    the checks that need nothing but the flags (pretrain.py's and sft.py's; a flag a script lacks is skipped).
+    Finiteness first: nan passes no comparison (nan <= 0 is False), so a range check alone lets it through."""
+    has = lambda f: getattr(args, f, None) is not None
+    for f in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "bucket_mb", "tokens", "mfu",
+              "capacity_factor", "aux_loss_weight", "lora_alpha", "lora_dropout"):
+        if has(f) and not math.isfinite(getattr(args, f)):
+            raise ConfigError(f"--{f.replace('_', '-')} must be a finite number, got {getattr(args, f)}")
+
+    def need(f, ok, what):
+        if has(f) and not ok(getattr(args, f)):
+            raise ConfigError(f"--{f.replace('_', '-')} must be {what}, got {getattr(args, f):g}")
+    need("lr", lambda v: v > 0, "> 0")
+    need("min_lr", lambda v: 0 <= v <= args.lr, f"between 0 and --lr {args.lr:g} (the end of the decay)")
+    need("weight_decay", lambda v: v >= 0, ">= 0")
+    need("beta1", lambda v: 0 <= v < 1, "in [0, 1)")
+    need("beta2", lambda v: 0 <= v < 1, "in [0, 1)")
+    need("grad_clip", lambda v: v >= 0, ">= 0 (0: no clipping)")
+    need("warmup_steps", lambda v: v >= 0, ">= 0")
+    need("seed", lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)")
+    need("tokens", lambda v: v >= 1, "at least 1 (the tokens to train on)")
+    need("sample_tokens", lambda v: v >= 0, ">= 0 (0: no sample)")
+    need("aux_loss_weight", lambda v: v >= 0, ">= 0")
+    need("gpus", lambda v: v >= 1, "at least 1")
+    need("mfu", lambda v: 0 < v <= 1, "in (0, 1]")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: give a folder for checkpoints and metrics.jsonl")
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, so the folder cannot be made")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: no permission to write in {parent}")
+
+
 def check_args(args, world):
     """Every flag that can be checked without touching data or building anything."""
     cfg = PRESETS[args.model]
@@ -161,8 +197,6 @@ def check_args(args, world):
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
-    if args.lr <= 0 or args.warmup_steps < 0 or args.grad_clip < 0 or args.weight_decay < 0:
-        raise ConfigError("--lr must be > 0 and --warmup-steps, --grad-clip, --weight-decay >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
     if args.bucket_mb <= 0:
@@ -363,6 +397,7 @@ def main(argv=None):
 
 
 def train(args):
+    check_values(args)
     if args.estimate:
         return estimate(args)
     rank, world, device = setup_distributed(args)
@@ -391,9 +426,15 @@ def train(args):
         raise ConfigError(f"--resume: the checkpoint was trained with tokenizer {ckpt['tokenizer']!r}, "
                           f"the data uses {tokenizer!r}")
     enc = data_lib.get_tokenizer(tokenizer)
+    if meta["vocab_size"] != enc.n_vocab:
+        raise data_lib.DataError(f"--data {data_dir}: meta.json's vocab_size {meta['vocab_size']} is not tokenizer "
+                                 f"{tokenizer!r}'s {enc.n_vocab}: prepare the folder again")
 
     cfg = replace(PRESETS[args.model], vocab_size=pad_vocab(meta["vocab_size"]), attn=args.attn,
                   activation_checkpointing=args.activation_checkpointing)
+    if meta.get("max_id", 0) >= cfg.vocab_size:  # (load_meta checked the ids against meta.json's vocab_size)
+        raise data_lib.DataError(f"--data {data_dir}: token id {meta['max_id']} is outside the model's vocabulary "
+                                 f"of {cfg.vocab_size}")
     if ckpt and ckpt["model_config"] != asdict(replace(cfg, attn="-", activation_checkpointing=False)):
         raise ConfigError(f"--resume: the checkpoint in {out} is of another model config than --model {args.model}")
     if err := tensor_parallel.check_divisible(cfg, args.tp):

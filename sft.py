@@ -66,7 +66,8 @@ from amp import DTYPES, cast_model
 from model import ATTN_BACKENDS, PRESETS, ModelConfig, Transformer, num_params
 from checkpoint import (CheckpointError, check_checkpoint_layout, checkpoint_path, load_checkpoint, rng_state,
                         save_checkpoint, set_rng_state)
-from pretrain import ConfigError, OneLineParser, build_training, lr_at, peak_memory_mb, setup_distributed
+from pretrain import (ConfigError, OneLineParser, build_training, check_values, lr_at, peak_memory_mb,
+                      setup_distributed)
 from topology import Topology
 from data import SFTBatches, collate, ensure_sft_default_data, prompt_ids, read_jsonl, tokenize
 
@@ -210,6 +211,7 @@ def build_parser():
 
 
 def check_args(args, world):
+    check_values(args)
     for flag in ("batch_size", "grad_accum", "save_every", "eval_every", "eval_examples", "log_every", "stop_after"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -218,8 +220,6 @@ def check_args(args, world):
     if args.batch_size % (args.grad_accum * world):
         raise ConfigError(f"--batch-size {args.batch_size} does not divide into --grad-accum {args.grad_accum} x "
                           f"{world} ranks: use a multiple of {args.grad_accum * world}")
-    if args.lr <= 0 or args.warmup_steps < 0 or args.grad_clip < 0 or args.weight_decay < 0:
-        raise ConfigError("--lr must be > 0 and --warmup-steps, --grad-clip, --weight-decay >= 0")
     if args.lora_r:
         lora_lib.check_settings(args.lora_r, args.lora_alpha, args.lora_dropout)
         lora_lib.parse_targets(args.lora_targets)
