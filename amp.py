@@ -86,8 +86,9 @@ class DivergenceGuard:
 
     @property
     def healthy(self):
-        """The last step's loss and gradients were finite: a checkpoint saved now is a good one."""
-        return self.bad_loss == 0 and self.bad_grads == 0
+        """The last step's loss was finite: a checkpoint saved now is a good one. (A step skipped for overflowing
+        gradients alone left the weights as they were: that is the scaler's everyday work, not damage.)"""
+        return self.bad_loss == 0
 
     def check(self, loss, grad_norm, scaler):
         """None while training can go on, else the reason it cannot (one line)."""

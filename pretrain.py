@@ -39,7 +39,7 @@ import data as data_lib
 import moe
 import pipeline
 import tensor_parallel
-from amp import DTYPES, DynamicLossScaler, MixedPrecisionOptimizer, cast_model
+from amp import DTYPES, DivergenceGuard, DynamicLossScaler, MixedPrecisionOptimizer, TrainingStopped, cast_model
 from checkpoint import (CheckpointError, check_checkpoint_layout, checkpoint_path, load_checkpoint, rng_state,
                         save_checkpoint, set_rng_state)
 from ddp import DistributedDataParallel
@@ -394,6 +394,17 @@ def main(argv=None):
     except (ConfigError, CheckpointError, data_lib.DataError, TopologyError, moe.MoEError) as e:
         print(f"pretrain.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as e:  # every rank stops at the same step (the guard sees values they all agree on)
+        stop_run("pretrain.py", e)
+
+
+def stop_run(prog, e):
+    """A run that cannot train: its reason in one line (from the first rank), exit status 3."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: stopped: {e}", file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(3)
 
 
 def train(args):
@@ -467,7 +478,8 @@ def train(args):
     # The pipeline calls the stage itself (ddp.py's and zero.py's hooks live on its parameters and modules).
     step_model = model if topo.pp > 1 else fwd_model
 
-    step = 0
+    step, guard = 0, DivergenceGuard()
+    last_good = ckpt["step"] if ckpt else None  # the step of the newest checkpoint saved with a finite loss
     if ckpt:
         if ckpt["model"] is not None:
             model.load_state_dict(ckpt["model"])
@@ -477,6 +489,13 @@ def train(args):
         step = ckpt["step"]
 
     def checkpoint_now():
+        nonlocal last_good
+        if not guard.healthy:  # never replace a good checkpoint with a diverged one
+            if master:
+                print(f"step {step:5d} | not saved: the loss is not finite (last good checkpoint: "
+                      f"{f'step {last_good}' if last_good is not None else 'none'})", flush=True)
+            return
+        last_good = step
         # Every rank writes its own file: its tensor-parallel slices, its pipeline stage, its ZeRO shards. Under
         # ZeRO-3 the model's weights live only in the optimizer's slices: the model entry is empty.
         out.mkdir(parents=True, exist_ok=True)
@@ -529,6 +548,10 @@ def train(args):
         loss_value = mean_over_dp(loss_sum, topo).item()  # the global batch's loss, the same on every rank
         history.append(loss_value)
         tokens_since += tokens_per_step
+        if reason := guard.check(loss_value, grad_norm, scaler):
+            log({"step": step, "stopped": reason})
+            raise TrainingStopped(f"step {step}: {reason}; last good checkpoint: " + (
+                f"{out} at step {last_good}" if last_good is not None else "none (no step was saved)"))
 
         if step % args.log_every == 0 or step == stop_at:
             if device.type == "cuda":

@@ -62,12 +62,12 @@ import torch.distributed as dist
 
 import data as data_lib
 import lora as lora_lib
-from amp import DTYPES, cast_model
+from amp import DTYPES, DivergenceGuard, TrainingStopped, cast_model
 from model import ATTN_BACKENDS, PRESETS, ModelConfig, Transformer, num_params
 from checkpoint import (CheckpointError, check_checkpoint_layout, checkpoint_path, load_checkpoint, rng_state,
                         save_checkpoint, set_rng_state)
 from pretrain import (ConfigError, OneLineParser, build_training, check_values, lr_at, peak_memory_mb,
-                      setup_distributed)
+                      setup_distributed, stop_run)
 from topology import Topology
 from data import SFTBatches, collate, ensure_sft_default_data, prompt_ids, read_jsonl, tokenize
 
@@ -236,6 +236,8 @@ def main(argv=None):
     except (ConfigError, CheckpointError, data_lib.DataError, lora_lib.LoRAError) as e:
         print(f"sft.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as e:
+        stop_run("sft.py", e)
 
 
 def train(args):
@@ -301,7 +303,8 @@ def train(args):
     dtype = DTYPES[args.amp]
     cast_model(model, dtype)
     module, opt = build_training(model, args, dtype, topo)  # pretrain.py's: plain, ddp.py or zero.py
-    step = 0
+    step, guard = 0, DivergenceGuard()
+    last_good = ckpt["step"] if ckpt else None  # the newest checkpoint saved with a finite loss
     if ckpt:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optim"])
@@ -310,6 +313,13 @@ def train(args):
         step = ckpt["step"]
 
     def checkpoint_now():  # every rank its own file, as pretrain.py (under ZeRO it alone holds its slices)
+        nonlocal last_good
+        if not guard.healthy:  # never replace a good checkpoint with a diverged one
+            if master:
+                print(f"step {step:5d} | not saved: the loss is not finite (last good checkpoint: "
+                      f"{f'step {last_good}' if last_good is not None else 'none'})", flush=True)
+            return
+        last_good = step
         out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "optim": opt.state_dict(), "step": step, "data": batches.state_dict(),
@@ -356,6 +366,10 @@ def train(args):
         opt.zero_grad()
         step += 1
         history.append(loss)
+        if reason := guard.check(loss, grad_norm, opt.scaler):
+            log({"step": step, "stopped": reason})
+            raise TrainingStopped(f"step {step}: {reason}; last good checkpoint: " + (
+                f"{out} at step {last_good}" if last_good is not None else "none (no step was saved)"))
         if step % args.log_every == 0 or step == stop_at:
             dt = time.perf_counter() - t_last
             tokens_since = sum_over_dp(torch.tensor(float(tokens_since)), topo).item()  # every rank's rows

@@ -120,3 +120,23 @@ def test_sampling_never_draws_vocabulary_padding(tmp_path, stdlib_data):
     """The vocabulary is padded 257 -> 320; an untrained model would often draw ids tiktoken cannot decode."""
     run(tmp_path, "--max-steps", "1", "--sample-tokens", "60")
     assert len((tmp_path / "run" / "sample.txt").read_text()) > 0
+
+
+def test_a_run_that_cannot_train_stops_with_the_reason(tmp_path, capsys, stdlib_data):
+    """fp16 at --lr 1: the residual stream overflows fp16 within a few steps and every later step is skipped. The
+    run must end with exit status 3 and one line naming the cause and the last good checkpoint, within
+    K (= 8) steps of the first non-finite loss, and never save a checkpoint over the good one."""
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--amp", "fp16", "--lr", "1", "--max-steps", "200", "--save-every", "2", "--seq-len", "32",
+            "--batch-size", "4", "--eval-iters", "1")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 3 and "\n" not in err, err
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    first_bad = next(i for i, l in enumerate(losses) if l != l) + 1  # steps count from 1
+    stop = records[-1]
+    assert stop["step"] == first_bad + 7 and "the loss was nan for 8 steps in a row" in stop["stopped"]
+    good = max(s for s in range(2, first_bad, 2))  # the last even step before the loss went nan
+    assert err.startswith(f"pretrain.py: stopped: step {stop['step']}: the loss was nan") and "--amp bf16" in err
+    assert err.endswith(f"last good checkpoint: {tmp_path / 'run'} at step {good}")
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == good
