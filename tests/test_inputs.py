@@ -75,9 +75,9 @@ def test_a_damaged_data_folder_is_refused_by_the_entry_point(tmp_path, capsys, s
     (d / "meta.json").write_text(json.dumps({**meta, "dtype": "uint8"}))
     err = one_line_error(capsys, pretrain.main, FAST + ["--out", str(tmp_path / "o"), "--data", str(d)])
     assert "dtype 'uint8' is not a shard dtype: uint16 or uint32" in err
-    (d / "meta.json").write_text(json.dumps({**meta, "vocab_size": 300}))
+    (d / "meta.json").write_text(json.dumps({**meta, "vocab_size": 200}))
     err = one_line_error(capsys, pretrain.main, FAST + ["--out", str(tmp_path / "o"), "--data", str(d)])
-    assert "meta.json's vocab_size 300 is not tokenizer 'bytes''s 257" in err
+    assert "token ids up to 256 (max_id, eot) do not fit vocab_size 200" in err
 
 
 SFT_FLAGS = [

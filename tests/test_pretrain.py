@@ -1,12 +1,18 @@
+import contextlib
+import io
 import json
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import data
 import pretrain
 from model import PRESETS, Transformer
+from tests.distributed import run_distributed
 
 # A small, fast run: the tiny preset on 64-token windows of the embedded default corpus.
 FAST = ["--model", "tiny", "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
@@ -140,3 +146,20 @@ def test_a_run_that_cannot_train_stops_with_the_reason(tmp_path, capsys, stdlib_
     assert err.startswith(f"pretrain.py: stopped: step {stop['step']}: the loss was nan") and "--amp bf16" in err
     assert err.endswith(f"last good checkpoint: {tmp_path / 'run'} at step {good}")
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == good
+
+
+def _diverge(rank, world, out, cache):
+    os.environ["LLM_DATA_CACHE"] = cache
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        run(Path(out), "--amp", "fp16", "--lr", "1", "--max-steps", "200", "--seq-len", "16", "--batch-size", "2",
+            "--eval-iters", "1", "--pp", "2", "--microbatches", "2")
+    return e.value.code, err.getvalue(), dist.is_initialized()
+
+
+def test_every_rank_stops_at_the_same_step(tmp_path, stdlib_data, data_cache):
+    """Under --pp 2 the last stage computes the loss: the guard sees it (all-reduced to every stage), so both ranks
+    stop together (a rank left behind would hang in its next send), and only rank 0 prints the line."""
+    (code0, err0, group0), (code1, err1, group1) = run_distributed(_diverge, 2, str(tmp_path), str(data_cache))
+    assert (code0, code1) == (3, 3) and err1 == "" and not group0 and not group1
+    assert err0.startswith("pretrain.py: stopped: step ") and err0.count("\n") == 1, err0
