@@ -225,7 +225,7 @@ def test_a_killed_preparer_leaves_no_half_folder(tmp_path, monkeypatch):
     assert sorted(p.name for p in cache.iterdir()) == [".stdlib-bytes.lock", "stdlib-bytes"]
 
 
-if __name__ == "__main__":  # the long form: python tests/test_data.py TRIALS
+if __name__ == "__main__":  # the long form: PYTHONPATH=. python tests/test_data.py TRIALS
     import sys
     import tempfile
     from pathlib import Path
