@@ -211,6 +211,8 @@ def publish_folder(out, build, if_missing=False):
     out = Path(out)
     if if_missing and (out / "meta.json").exists():
         return None
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file: give a folder for the shards and meta.json")
     with folder_lock(out):
         if if_missing and (out / "meta.json").exists():  # another process built it while we waited
             return None

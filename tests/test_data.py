@@ -155,6 +155,15 @@ def test_a_damaged_data_folder_is_one_line_before_any_work(tmp_path, text_dir, c
     assert "\n" not in str(e.value)
 
 
+def test_prepare_into_a_file_is_one_line(tmp_path, text_dir, capsys):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--src", str(text_dir), "--out", str(tmp_path / "f")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == f"data.py: error: --out {tmp_path / 'f'} is a file: give a folder for the " \
+                                        "shards and meta.json"
+
+
 def test_prepare_records_the_largest_id(tmp_path, text_dir):
     meta = data.prepare(data.source_documents(text_dir), tmp_path / "p", "bytes")
     shard = np.memmap(tmp_path / "p" / meta["shards"]["train"][0], dtype=np.uint16, mode="r")
