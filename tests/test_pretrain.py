@@ -133,8 +133,8 @@ def test_a_run_that_cannot_train_stops_with_the_reason(tmp_path, capsys, stdlib_
     run must end with exit status 3 and one line naming the cause and the last good checkpoint, within
     K (= 8) steps of the first non-finite loss, and never save a checkpoint over the good one."""
     with pytest.raises(SystemExit) as e:
-        run(tmp_path, "--amp", "fp16", "--lr", "1", "--max-steps", "200", "--save-every", "2", "--seq-len", "32",
-            "--batch-size", "4", "--eval-iters", "1")
+        run(tmp_path, "--amp", "fp16", "--lr", "1", "--max-steps", "200", "--save-every", "2", "--seq-len", "16",
+            "--batch-size", "2", "--eval-iters", "1")
     err = capsys.readouterr().err.strip()
     assert e.value.code == 3 and "\n" not in err, err
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
