@@ -61,6 +61,34 @@ def test_data_parallel_sft_matches_one_process(tmp_path, files, extra):
         assert (tmp_path / "two" / "adapter.pt").exists() and (tmp_path / "two" / "ckpt.rank1.pt").exists()
 
 
+def _sft_layouts_world4(rank, world, files, out):
+    packed = sft.main(argv(files, f"{out}/pp", ["--tp", "2", "--pp", "2", "--microbatches", "2", "--pack"]))
+    lora_z3 = sft.main(argv(files, f"{out}/z3", LORA_Z3))
+    loaded = sft.main(argv(files, f"{out}/load", ["--tp", "2", "--adapter", f"{out}/z3/adapter.pt",
+                                                    "--max-steps", "0"]))
+    return packed["losses"], packed["val_losses"], lora_z3["losses"], loaded["val_losses"]
+
+
+LORA_Z3 = ["--zero", "3", "--tp", "2", "--lora-r", "4", "--lora-targets", "wq,wo,w2"]
+
+
+def test_sft_tp2_pp2_packed_and_lora_zero3_tp2_through_sft_py(tmp_path, files):
+    """Through sft.py at world 4, fp32: tp 2 x pp 2 on packed rows against one process on padded rows (the step
+    holds the same examples: the same losses); LoRA under ZeRO-3 x tp 2 against one process, its adapter.pt and
+    merged.pt gathered whole (equal to the one process's files), the adapter loaded back onto tp 2."""
+    one = sft.main(argv(files, tmp_path / "one", ["--microbatches", "2"]))
+    one_lora = sft.main(argv(files, tmp_path / "one_lora", LORA_Z3[4:]))
+    for packed, val, lora_losses, loaded_val in run_distributed(_sft_layouts_world4, 4, files, str(tmp_path)):
+        assert packed == pytest.approx(one["losses"], rel=1e-5) and val == pytest.approx(one["val_losses"], rel=1e-5)
+        assert lora_losses == pytest.approx(one_lora["losses"], rel=1e-5)
+        assert loaded_val == [pytest.approx(one_lora["val_losses"][-1], rel=1e-5)]
+    for name, key in (("adapter.pt", "adapter"), ("merged.pt", "model")):
+        ours, ref = (torch.load(tmp_path / d / name, weights_only=False)[key] for d in ("z3", "one_lora"))
+        assert ours.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name} {k}: {m}")
+
+
 # ------------------------------------------------------------------------------- every layout, float64
 # training.py's pieces on SFT batches (masked labels, rows of different lengths), in float64: the model built from
 # one base state dict, sliced and adapted, stepped with clipping active; against one process on the same batches.
