@@ -25,7 +25,6 @@ Run:
 import math
 import sys
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 

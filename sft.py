@@ -60,7 +60,6 @@ Run:
 """
 import contextlib
 import json
-import os
 import sys
 import zlib
 from dataclasses import asdict, replace
