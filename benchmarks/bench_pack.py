@@ -1,9 +1,9 @@
 """bench_pack.py: sft.py with --pack against padded rows, on the embedded SFT set, one process on CPU.
 
-Both runs fine-tune the same base (the tiny preset, or --model) (random weights: speed does not depend on them) on the same
-examples per step (the step's examples are packed, never changed, so both runs take the same steps and losses to
-rounding): padded puts one example per row, padded to the micro-batch's longest; --pack puts examples first-fit
-into rows of --seq-len tokens with attention blocked between them. Reported: step time (median over the timed
+Both runs fine-tune the same base (the tiny preset, or --model; random weights: speed does not depend on them)
+on the same examples per step (the step's examples are packed, never changed, so both runs take the same steps
+and losses to rounding): padded puts one example per row, padded to the micro-batch's longest; --pack puts
+examples first-fit, longest first, into rows of the context's length with attention blocked between them. Reported: step time (median over the timed
 steps, after warm-up), tokens/s (the tensor's tokens, padding included), response tokens/s (the tokens that
 carry a loss), the padding fraction of each run's batches and the fraction of padding removed, and the ratio
 packed / padded of response tokens per second. Runs are interleaved --repeats times; each keeps its fastest median.
