@@ -73,19 +73,21 @@ def _parallel(rank, world, layouts, cfg):
 def check_against_one_process(layouts, world, cfg=CFG):
     ref_losses, ref_norms, ref_params = train(Topology(), cfg)
     assert min(ref_norms) > CLIP  # clipping is active in every step, so a wrong global norm would show
+    covered = {layout: set() for layout in layouts}  # (name, tp slice) held by some rank, per layout
     for rank_results in run_distributed(_parallel, world, layouts, cfg):
         for layout, (tp_rank, tp, (losses, norms, params)) in zip(layouts, rank_results):
             # float64, the same arithmetic up to summation order (partial matmuls summed by all-reduce, per-rank
             # squared norms summed): 3 Adam steps keep agreement near 1e-13; the tolerances leave a margin.
             assert losses == pytest.approx(ref_losses, rel=1e-11), layout
             assert norms == pytest.approx(ref_norms, rel=1e-10), layout
-            seen = set()
             for name, p in params.items():
                 d = tensor_parallel.split_dim(name)
                 want = ref_params[name] if d is None else ref_params[name].chunk(tp, dim=d)[tp_rank]
                 torch.testing.assert_close(p, want, rtol=1e-9, atol=1e-11, msg=f"{layout} {name}")
-                seen.add(name)
-            assert seen <= set(ref_params)
+                covered[layout].add((name, tp_rank if d is not None else 0))
+    for layout, tp in ((layout, layout[0]) for layout in layouts):  # every parameter, every slice of it, somewhere
+        assert covered[layout] == {(n, r) for n in ref_params
+                                   for r in (range(tp) if tensor_parallel.split_dim(n) is not None else [0])}, layout
 
 
 @pytest.mark.parametrize("tp, pp, schedule, sp", [(2, 1, "1f1b", False), (4, 1, "1f1b", False),
