@@ -116,7 +116,17 @@ def test_resume_refuses_another_model(tmp_path, capsys, stdlib_data):
     assert "another model config" in err
 
 
-def test_sampling_never_draws_vocabulary_padding(tmp_path, stdlib_data):
-    """The vocabulary is padded 257 -> 320; an untrained model would often draw ids tiktoken cannot decode."""
+def test_sampling_never_draws_vocabulary_padding(tmp_path, stdlib_data, monkeypatch):
+    """The vocabulary is padded 257 -> 320; after one step the model is still near uniform over all 320 ids, so
+    60 draws that could reach the padding would (each has a ~20% chance; all missing it: ~1e-6)."""
+    drawn, generate = [], Transformer.generate
+
+    def recording(self, *args, **kwargs):
+        out = generate(self, *args, **kwargs)
+        drawn.extend(out[0].tolist())
+        return out
+
+    monkeypatch.setattr(Transformer, "generate", recording)
     run(tmp_path, "--max-steps", "1", "--sample-tokens", "60")
+    assert len(drawn) >= 60 and max(drawn) < 257, sorted(set(drawn))[-5:]
     assert len((tmp_path / "run" / "sample.txt").read_text()) > 0
