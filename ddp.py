@@ -30,10 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-
-def is_expert(p):
-    """A parameter of expert parallelism: this rank's own experts, not replicated over the data-parallel group."""
-    return getattr(p, "expert_parallel", False)
+from moe import is_expert_parallel
 
 
 class Bucket:
@@ -65,13 +62,13 @@ class DistributedDataParallel(nn.Module):
         # experts, whose gradients moe.reduce_expert_grads reduces over their own groups after backward.
         src = dist.get_global_rank(group, 0) if group is not None else 0
         with torch.no_grad():
-            for t in [p for p in module.parameters() if not is_expert(p)] + list(module.buffers()):
+            for t in [p for p in module.parameters() if not is_expert_parallel(p)] + list(module.buffers()):
                 dist.broadcast(t.data, src=src, group=group)
         # Buckets in reverse order of registration: backward produces the last layers' gradients first, so the
         # first bucket fills first and its all-reduce starts while the rest of backward runs.
         # The first bucket is small (1 MB at most, as torch's DDP does), so that communication starts as soon as
         # the head's gradients exist instead of after a whole bucket's worth of backward.
-        params = [p for p in module.parameters() if p.requires_grad and not is_expert(p)]
+        params = [p for p in module.parameters() if p.requires_grad and not is_expert_parallel(p)]
         limit = min(bucket_mb, 1.0) * 2 ** 20
         self.buckets, current, size = [], [], 0
         for p in reversed(params):

@@ -138,13 +138,28 @@ class MoE(nn.Module):
         return all_to_all(y, recv_counts.sum(1).tolist(), send_counts.sum(1).tolist(), self.ep_group)
 
 
-def shard_experts(moe, ep_rank, ep, ep_group):
-    """Keep only this rank's E/ep experts of a fully initialised MoE (same seed everywhere: exact parity)."""
+def shard_experts(moe, ep_rank, ep, ep_group, expert_dp_rank=0):
+    """Keep only this rank's E/ep experts of a fully initialised MoE (same seed everywhere: exact parity), and
+    mark them: expert_parallel (this rank's own: ddp.py neither broadcasts nor averages them, zero.py does not
+    shard them; reduce_expert_grads reduces them) and, on every replica but the first of an expert-data group
+    (expert_dp_rank > 0), ep_duplicate (the gradient norm counts each expert once: amp.global_grad_norm)."""
     check_moe(moe.E, moe.k, moe.capacity_factor, ep)
     n = moe.E // ep
     moe.experts = nn.ModuleList(list(moe.experts)[ep_rank * n:(ep_rank + 1) * n])
     moe.first_expert, moe.ep, moe.ep_group = ep_rank * n, ep, ep_group
+    for p in moe.experts.parameters():
+        p.expert_parallel, p.ep_duplicate = True, expert_dp_rank > 0
     return moe
+
+
+def is_expert_parallel(p):
+    """One of this rank's own experts under expert parallelism (marked by shard_experts)."""
+    return getattr(p, "expert_parallel", False)
+
+
+def is_ep_duplicate(p):
+    """An expert held by another replica of its expert-data group too, which counts it in the norm instead."""
+    return getattr(p, "ep_duplicate", False)
 
 
 def moe_layers(model):

@@ -255,18 +255,13 @@ def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=No
     tensor_parallel.parallelize(model, topo, sequence_parallel)
     if topo.ep > 1:
         for layer in moe.moe_layers(model):
-            moe.shard_experts(layer, topo.ep_rank, topo.ep, topo.ep_group)
-        # Marks for ddp.py and zero.py (not broadcast, not averaged over dp: reduce_expert_grads) and for the
-        # gradient norm (only the first replica of an expert-data group counts them under ZeRO).
-        for p in moe.expert_params(model):
-            p.expert_parallel = True
-            p.ep_duplicate = topo.expert_dp_rank > 0
+            moe.shard_experts(layer, topo.ep_rank, topo.ep, topo.ep_group, topo.expert_dp_rank)
     return cast_model(model, dtype)
 
 
 def grad_norm_reduce(topo):
-    """The squared gradient norm summed over the ranks that hold distinct pieces of the model: tp slices
-    (replicated norms are counted on tp rank 0 only, amp.py) and pipeline stages. None on one rank."""
+    """The squared gradient norm summed over the tp and pp groups, whose ranks hold distinct pieces of the
+    model (amp.global_grad_norm tells the whole story). None when there are none."""
     groups = [getattr(topo, f"{axis}_group") for axis in ("tp", "pp") if getattr(topo, axis, 1) > 1]
     if not groups:
         return None
@@ -310,10 +305,7 @@ def build_training(model, args, dtype, topo):
     def make_optimizer(groups):
         return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
 
-    # Gradient norm for clipping and the fp16 overflow check: summed over the tp and pp groups too, so that
-    # every rank of the world agrees (zero.py sums its shards over dp first; ddp.py's gradients agree over dp).
-    # Under expert parallelism each rank's experts are its own: their part of the norm is summed over the ep group
-    # (ddp.py); zero.py's sum over the dp group counts them on the first replica of each (ep_duplicate).
+    # The gradient norm for clipping and the fp16 overflow check, the same on every rank: amp.global_grad_norm.
     norm_reduce = grad_norm_reduce(topo)
     if topo.dp == 1:
         return model, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce)
