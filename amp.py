@@ -213,3 +213,6 @@ if __name__ == "__main__":
             opt.zero_grad()
             losses.append(f"{loss.item():.3f}{'(skipped)' if skipped else ''}")
         print(f"{name}: losses {' '.join(losses)}  final loss scale {scaler.scale:g}")
+    print("fp16's loss scale starts at 2^16 = 65536 and doubles after 3 clean steps here (2000 by default).\n"
+          "At step 5 an inf was put into a gradient: (skipped) marks that step, whose update was dropped (the next\n"
+          "loss is the same) and whose scale was halved. fp32 and bf16 need no scaling: their scale stays 1.")

@@ -230,7 +230,13 @@ if __name__ == "__main__":
         dist.init_process_group("gloo")
     rank = dist.get_rank() if world > 1 else 0
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    steps = int(os.environ.get("DEMO_STEPS", 60))  # (the tests run a shorter demo)
+    last = max(1, steps // 3)  # the load is averaged over the last third of the run
     cfg = replace(PRESETS["tiny"], n_layer=2, vocab_size=320, d_ff=128)
+    if rank == 0:  # the embedded corpus, prepared once by one rank before the others read it
+        data.ensure_default_data("bytes")
+    if world > 1:
+        dist.barrier()
     batches_dir = data.ensure_default_data("bytes")
     E, k = 8, 2
     for alpha in (0.0, 1e-2):
@@ -246,7 +252,7 @@ if __name__ == "__main__":
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         batches = data.Batches(batches_dir, 64, 16, rank, world, seed=0)
         spreads = []
-        for step in range(60):
+        for step in range(steps):
             (x, y), = batches.next()
             _, loss = model(x, y)
             (loss + aux_loss(model)).backward()
@@ -258,9 +264,9 @@ if __name__ == "__main__":
             opt.step()
             opt.zero_grad()
             spreads.append(load_spread(model))
-        busiest, idlest = (sum(s[i] for s in spreads[-20:]) / 20 for i in (0, 1))  # the last 20 steps
+        busiest, idlest = (sum(s[i] for s in spreads[-last:]) / last for i in (0, 1))
         if rank == 0:
             print(f"aux weight {alpha:<5}: loss {loss.item():.3f}  busiest expert {busiest:.1%}  idlest {idlest:.1%} "
-                  f"of routed pairs over the last 20 steps on rank 0 (perfect balance: {1 / E:.1%}), ep={world}")
+                  f"of routed pairs over the last {last} steps on rank 0 (perfect balance: {1 / E:.1%}), ep={world}")
     if world > 1:
         dist.destroy_process_group()
