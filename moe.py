@@ -152,6 +152,15 @@ def shard_experts(moe, ep_rank, ep, ep_group, expert_dp_rank=0):
     return moe
 
 
+def keep_experts(model, topo):
+    """Expert parallelism (topo.ep > 1): keep this rank's experts of every MoE layer (shard_experts marks them)."""
+    if topo.ep == 1:
+        return model
+    for layer in moe_layers(model):
+        shard_experts(layer, topo.ep_rank, topo.ep, topo.ep_group, topo.expert_dp_rank)
+    return model
+
+
 def is_expert_parallel(p):
     """One of this rank's own experts under expert parallelism (marked by shard_experts)."""
     return getattr(p, "expert_parallel", False)
@@ -184,6 +193,18 @@ def reduce_expert_grads(model, dp, expert_dp_group=None):
         if expert_dp_group is not None:
             dist.all_reduce(p.grad, group=expert_dp_group)
         p.grad.div_(dp)
+
+
+def check_flags(args, n_layer):
+    """--experts and its companions, before anything is built (MoEError: one line)."""
+    check_moe(args.experts, args.topk, args.capacity_factor, args.ep)
+    parse_layers(args.moe_layers, n_layer)
+    if args.pp > 1:
+        raise MoEError("--experts with --pp > 1: the balancing loss of a stage's MoE layers has no way into the "
+                       "pipeline's backward yet; use --tp and data parallelism with MoE")
+    if args.sequence_parallel:
+        raise MoEError("--experts with --sequence-parallel: routing needs every token of a rank's batch; "
+                       "drop --sequence-parallel")
 
 
 def parse_layers(spec, n_layer):

@@ -372,24 +372,25 @@ if __name__ == "__main__":
     from amp import DynamicLossScaler, MixedPrecisionOptimizer, cast_model
     from estimate import zero_table
     from model import PRESETS, Transformer
+    from topology import Topology
     dist.init_process_group("gloo")
-    N, rank = dist.get_world_size(), dist.get_rank()
+    topo = Topology()
+    N, rank = topo.dp, topo.rank
     cfg = replace(PRESETS["tiny"], block_size=64)
     data = torch.randint(0, cfg.vocab_size, (4, 4 * N, 65), generator=torch.Generator().manual_seed(0))
-
-    def adamw(groups):
-        return torch.optim.AdamW(groups, lr=3e-3)
-
     rows = []
-    for stage in (0, 1, 2, 3):  # stage 0: plain data parallelism (ddp.py) over amp.py's fp32 master, the baseline
+    for stage in (0, 1, 2, 3):
         torch.manual_seed(0)
         model = cast_model(Transformer(cfg), torch.bfloat16)
         groups, scaler = [{"params": list(model.parameters())}], DynamicLossScaler(enabled=False)
-        if stage == 0:
-            module = DistributedDataParallel(model)
+
+        def adamw(groups):
+            return torch.optim.AdamW(groups, lr=3e-3)
+        if stage == 0:  # ddp.py with bf16 weights and fp32 master copies (amp.py)
+            module = DistributedDataParallel(model, topo.dp_group)
             opt = MixedPrecisionOptimizer(groups, adamw, torch.bfloat16, scaler, no_sync=module.no_sync)
         else:
-            opt = ZeroOptimizer(model, groups, adamw, scaler, stage=stage)
+            opt = ZeroOptimizer(model, groups, adamw, scaler, topo.dp_group, stage)
             module = opt.module
         losses = []
         for step, batch in enumerate(data):
@@ -407,11 +408,12 @@ if __name__ == "__main__":
                     held = opt.memory()
             opt.step(1.0)
             opt.zero_grad()
-            loss = loss.detach().float()
-            dist.all_reduce(loss)
-            losses.append(loss.item() / N)  # the global batch's loss: the mean of the ranks' means
+            loss = loss.detach().clone()
+            dist.all_reduce(loss, group=topo.dp_group)
+            losses.append(loss.item() / N)
         psi = sum(p.numel() for p in model.parameters())
-        rows.append((stage, held, zero_table(psi, N)[stage], losses))
+        predicted = zero_table(psi, N)[stage]
+        rows.append((stage, held, predicted, losses))
     for r in range(N):
         if r == rank:
             print(f"rank {rank}/{N}: bf16 model of {psi:,} parameters; model states held in MB "
