@@ -82,7 +82,7 @@ def global_grad_norm(grads, reduce_fn=None, expert_grads=(), expert_reduce_fn=No
         a replicated parameter (a norm's gain) has the same gradient on every tp rank and is left out on all
         but tp rank 0 (its tp_duplicate mark, `tensor_parallel.is_tp_duplicate`).
       - pipeline parallel: each stage's blocks are distinct and summed over the pp group.
-        (pretrain.grad_norm_reduce builds `reduce_fn` for tp and pp; zero.py puts its dp sum in front.)
+        (training.grad_norm_reduce builds `reduce_fn` for tp and pp; zero.py puts its dp sum in front.)
       - expert parallel, moe.py: this rank's own experts (`moe.is_expert_parallel`) are not held by the other
         ranks of its ep group. Under ddp.py they come in as `expert_grads` and `expert_reduce_fn` sums their
         part over the ep group before it joins the rest. Under zero.py the dp sum already adds every rank's
