@@ -130,3 +130,13 @@ def test_sampling_never_draws_vocabulary_padding(tmp_path, stdlib_data, monkeypa
     run(tmp_path, "--max-steps", "1", "--sample-tokens", "60")
     assert len(drawn) >= 60 and max(drawn) < 257, sorted(set(drawn))[-5:]
     assert len((tmp_path / "run" / "sample.txt").read_text()) > 0
+
+
+def test_default_warmup_follows_the_run_and_mfu_stays_below_one(tmp_path, stdlib_data):
+    """Without --warmup-steps a 10-step run warms up for 1 step (a tenth), so it reaches --lr at once; on a CPU
+    the MFU's peak is raised to any throughput the run beats it with, so it never reads above 100%."""
+    flags = [f for i, f in enumerate(FAST) if "--warmup-steps" not in FAST[max(0, i - 1):i + 1]]
+    pretrain.main(flags + ["--max-steps", "10", "--out", str(tmp_path / "run")])
+    steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert steps[0]["lr"] == pytest.approx(3e-3) and steps[-1]["lr"] < 3e-3
+    assert all(0 < s["mfu"] <= 1 for s in steps)
