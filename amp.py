@@ -17,8 +17,9 @@ before the update, and adapts S: if any gradient is inf/nan the step is skipped 
 `growth_interval` clean steps S doubles (the torch GradScaler defaults: S0 = 2^16, x2 per 2000 steps, x0.5).
 bf16 has fp32's exponent range and needs no scaling.
 
-Memory per parameter (bytes): fp32 4 + 4 + 8 (Adam) = 16; bf16/fp16 here 2 + 2 + (4 + 4 + 8) = 20 before
-ZeRO, of which 16 sit in the optimizer and shard away under zero.py.
+Memory per parameter: 16 bytes either way, fp32 4 (weight) + 4 (gradient) + 8 (Adam's m and v), bf16/fp16
+2 + 2 + 12 (fp32 master, m, v), the 12 being what zero.py shards first. During the step this file also holds
+the fp32 master gradients (4 bytes more per parameter), made from the 16-bit ones and dropped after the update.
 
 Demo: `python amp.py` trains a tiny model for a few steps in each precision and shows fp16's scaler at work.
 """

@@ -155,7 +155,7 @@ if __name__ == "__main__":
     if rank == 0:  # the embedded corpus, prepared once by one rank before the others read it
         data.ensure_default_data("bytes")
     dist.barrier()
-    batches = data.Batches(data.ensure_default_data("bytes"), 64, 8 * world, rank, world, micro_steps=2)
+    batches = data.Batches(data.ensure_default_data("bytes"), 64, 8 * world, rank, world, n_micro=2)
     torch.manual_seed(rank)  # different seeds on purpose: the broadcast must make the replicas equal
     cfg = replace(PRESETS["tiny"], n_layer=2, block_size=64, vocab_size=320)  # 257 byte tokens, padded
     model = DistributedDataParallel(Transformer(cfg), bucket_mb=0.25)
@@ -164,11 +164,11 @@ if __name__ == "__main__":
         print(f"{world} ranks x 8 sequences of 64 bytes of Python source a step, 2 accumulation micro-steps each "
               f"(the first without communication); loss in nats per byte, ln 320 = 5.77 for a uniform guess")
     for step in range(steps):
-        micro = batches.next()  # this rank's 1/world of the global batch, in 2 micro-batches
+        micro_batches = batches.next()  # this rank's 1/world of the global batch, in 2 micro-batches
         with model.no_sync():
-            _, loss0 = model(*micro[0])
+            _, loss0 = model(*micro_batches[0])
             (loss0 / 2).backward()
-        _, loss1 = model(*micro[1])
+        _, loss1 = model(*micro_batches[1])
         (loss1 / 2).backward()
         opt.step()
         opt.zero_grad()

@@ -387,7 +387,7 @@ class Run:
     fpt: float                        # training FLOPs per token (for MFU)
     peak: float                       # peak FLOP/s of all the devices together
     zero: int = 0                     # the ZeRO stage in use (0 on one data-parallel rank)
-    master: bool = False              # rank 0: logs, prints, writes metrics.jsonl
+    rank0: bool = False               # rank 0: logs, prints, writes metrics.jsonl
     out: Path = None
     step: int = 0
     losses: list = field(default_factory=list)
@@ -411,10 +411,10 @@ def start(args, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=No
     peak = peak_flops(device, dtype, getattr(args, "gpu", "h100")) * topo.world  # MFU of all devices together
     module = torch.compile(module) if args.compile else module
     run = Run(args, topo, device, model, model if topo.pp > 1 else module, opt, batches, val, max_steps, meta, fpt,
-              peak, zero=args.zero if topo.dp > 1 else 0, master=topo.rank == 0, out=Path(args.out))
+              peak, zero=args.zero if topo.dp > 1 else 0, rank0=topo.rank == 0, out=Path(args.out))
     if ckpt:
         resume(run, ckpt)
-    if run.master:
+    if run.rank0:
         run.out.mkdir(parents=True, exist_ok=True)
         run.metrics = open(run.out / "metrics.jsonl", "a")
     return run
@@ -433,7 +433,7 @@ def describe_layout(run):
 
 def log(run, record, line):
     """One record to metrics.jsonl and one line to the terminal, from rank 0."""
-    if run.master:
+    if run.rank0:
         run.metrics.write(json.dumps(record) + "\n")
         run.metrics.flush()
         print(line, flush=True)

@@ -11,8 +11,8 @@ for the fp32 master weights, momentum and variance. ZeRO partitions them over th
     3       ... and the 16-bit weights          (2 + 2 + K) Psi / N_d              2 all-gathers + reduce-scatter: 3 Psi
 
 (elements sent per rank; a ring reduce-scatter or all-gather moves (N_d - 1)/N_d x Psi, an all-reduce twice that.
-Stage 1 here all-reduces the gradients with ddp.py as the issue asks, hence 3 Psi; DeepSpeed's stage 1
-reduce-scatters like stage 2.)
+Stage 1 here all-reduces the gradients with ddp.py, reusing its buckets and overlap, hence 3 Psi; DeepSpeed's
+stage 1 reduce-scatters like stage 2.)
 
 How, here: the trainable parameters are grouped into units (each transformer block, and the root: whatever
 is left, the embedding, final norm and head), and each unit's parameters are laid out in one flat buffer padded

@@ -20,15 +20,15 @@ from topology import Topology, TopologyError
 # 4 layers (so 4 stages are possible), GQA with 2 query heads per KV head, d_ff and vocabulary divisible by 4.
 CFG = replace(PRESETS["tiny"], n_layer=4, d_model=32, n_head=4, n_kv_head=2, d_ff=64, vocab_size=64,
               block_size=16)
-STEPS, MICRO, MICRO_BS, CLIP = 3, 4, 2, 0.05  # 4 micro-batches of 2 x 16 tokens per step
+STEPS, N_MICRO, MICRO_BS, CLIP = 3, 4, 2, 0.05  # 4 micro-batches of 2 x 16 tokens per step
 
 
 def micro_batches(step):
     g = torch.Generator().manual_seed(step)
-    seq = torch.randint(0, CFG.vocab_size, (MICRO * MICRO_BS, CFG.block_size + 1), generator=g)
+    seq = torch.randint(0, CFG.vocab_size, (N_MICRO * MICRO_BS, CFG.block_size + 1), generator=g)
     seq[0, 5:9] = -100  # some ignored labels: the parallel cross-entropy must skip them as F.cross_entropy does
     x, y = seq[:, :-1].clamp(min=0), seq[:, 1:]
-    return list(zip(x.chunk(MICRO), y.chunk(MICRO)))
+    return list(zip(x.chunk(N_MICRO), y.chunk(N_MICRO)))
 
 
 def full_name(name, model):
@@ -50,7 +50,7 @@ def train(topo, cfg=CFG, schedule="1f1b", zero=0, sp=False):
     module, opt = training.build_training(model, args, torch.float64, topo)
     losses, norms = [], []
     for step in range(STEPS):
-        mine = micro_batches(step)[topo.dp_rank * MICRO // topo.dp:(topo.dp_rank + 1) * MICRO // topo.dp]
+        mine = micro_batches(step)[topo.dp_rank * N_MICRO // topo.dp:(topo.dp_rank + 1) * N_MICRO // topo.dp]
         loss = training.forward_backward(model if topo.pp > 1 else module, mine, topo, schedule, opt.scale_loss,
                                          "cpu", opt.no_sync)
         norm, _ = opt.step(CLIP)
@@ -216,7 +216,7 @@ def _fp16_overflow_on_rank0(rank, world):
         args = pretrain.build_parser().parse_args(["--zero", str(zero), "--amp", "fp16"])
         module, opt = training.build_training(model, args, torch.float16, topo)
         before = [p.detach().clone() for p in model.parameters()]
-        mine = micro_batches(0)[topo.dp_rank * MICRO // topo.dp:(topo.dp_rank + 1) * MICRO // topo.dp]
+        mine = micro_batches(0)[topo.dp_rank * N_MICRO // topo.dp:(topo.dp_rank + 1) * N_MICRO // topo.dp]
         training.forward_backward(model if pp > 1 else module, mine, topo, "1f1b", opt.scale_loss, "cpu",
                                   opt.no_sync)
         if rank == 0:

@@ -196,8 +196,8 @@ def test_pretrain_moe_logs_balance_and_composes_with_tp_and_zero1(tmp_path, stdl
     # (the figures themselves are checked against hand-made routings above; here: that they reach the log)
     assert rec[-1]["aux_loss"] > 0 and rec[-1]["expert_load_min"] < 0.25 < rec[-1]["expert_load_max"]
     # Capacity is per rank's batch (moe.py): with 2 data-parallel ranks the reference cuts the batch the same way.
-    accum2 = pretrain.main(FAST + ["--grad-accum", "2", "--out", str(tmp_path / "accum2")])
-    for extra, ref in ((["--tp", "2"], one), (["--zero", "1"], accum2)):
+    grad_accum2 = pretrain.main(FAST + ["--grad-accum", "2", "--out", str(tmp_path / "grad_accum2")])
+    for extra, ref in ((["--tp", "2"], one), (["--zero", "1"], grad_accum2)):
         for losses in run_distributed(_pretrain_moe, 2, str(tmp_path), str(data_cache), extra):
             assert losses == pytest.approx(ref["losses"], rel=1e-4), extra
 

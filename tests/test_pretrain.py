@@ -52,14 +52,14 @@ def test_gradient_accumulation_equals_the_full_batch(stdlib_data):
     torch.manual_seed(0)
     model = Transformer(cfg).double()
     grads, losses = [], []
-    for micro in (1, 4):
-        batches = data.Batches(stdlib_data, 64, global_batch=8, micro_steps=micro, seed=5)
+    for grad_accum in (1, 4):
+        batches = data.Batches(stdlib_data, 64, global_batch=8, n_micro=grad_accum, seed=5)
         model.zero_grad()
         total = 0.0
         for x, y in batches.next():
             _, loss = model(x, y)
-            (loss / micro).backward()
-            total += loss.item() / micro
+            (loss / grad_accum).backward()
+            total += loss.item() / grad_accum
         losses.append(total)
         grads.append([p.grad.clone() for p in model.parameters()])
     assert losses[0] == pytest.approx(losses[1], rel=1e-12)
