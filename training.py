@@ -8,6 +8,11 @@ moe.py this rank's experts, lora.py wraps layers, amp.py casts), the data-parall
 (ddp.py or zero.py), one step's forward and backward, evaluation, and the loop: set-up, step, log/eval/save,
 finish, with one place each for saving, resuming, logging a record and the end-of-run barrier.
 
+Nothing silent: every flag's value is checked before any work (a bad one is one line and exit status 2), and a
+run that cannot train (amp.py's DivergenceGuard: the loss or gradients inf/nan for 8 steps in a row, fp16's loss
+scale below 1) stops on every rank at the same step with its likely cause, exit status 3; a checkpoint is never
+written over the last good one while the loss is not finite.
+
 The loss of a step, whatever the task and the layout: labels of -100 take no loss (SFT's prompts and padding;
 in pretraining every token is labelled), and
 
