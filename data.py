@@ -9,19 +9,20 @@ pure function of (seed, step): ranks never overlap, and the data position in a c
 
 Disk: 2 bytes per token for vocabularies below 65536. The embedded default corpus (the Python standard
 library's own source, tests left out: about 12 MB of real code on every machine that has Python) is prepared
-on first use into a cache folder.
+on first use into a cache folder. Every rank of a first run asks for it at once: one process prepares it into
+a private temporary folder while the others wait on a file lock (fcntl), and it appears by rename, meta.json
+last, so no process ever reads a half-written or truncated shard. A folder is checked before training reads
+it: meta.json's keys and types, the dtype (uint16/uint32) against each shard's size and the token counts, and
+the largest token id (recorded at prepare time) against the vocabulary.
 
 Tokenisers come from tiktoken. Named encodings (gpt2, cl100k_base, ...) are downloaded by tiktoken on first
 use and cached; with no network they cannot load. The default `bytes` is a tiktoken Encoding built here with
 one token per byte and no merges (vocabulary 256 + end-of-text): it needs no download, and on source code a
 small model learns it quickly.
 
-SFT examples (sft.py): a JSONL line, Alpaca-style {"instruction", "input", "output"} or chat-style
-{"messages": [{"role", "content"}, ...]}, is rendered with "### Instruction:/### Response:" headers; its labels
-are -100 (no loss) everywhere but on the assistant's tokens and their end-of-text, so only responses are learned;
-one example per row, right-padded (labels -100), so examples never attend to each other. The embedded default
-SFT data: the stdlib's short functions with docstrings, "Write a Python function `name(args)` that: <doc>" ->
-the source, held out by module.
+Instruction examples for fine-tuning (templates, loss masks, their batches) are sft.py's; the embedded default
+SFT data is built here from the same standard library: every short function with a docstring becomes "Write a
+Python function `name(args)` that: <docstring>" -> its source, held out by module.
 
 Use:
     python data.py prepare --src PATH --out DIR [--tokenizer NAME]   # a text file, a folder, or JSONL {"text"}
@@ -29,10 +30,13 @@ Use:
 """
 import argparse
 import ast
+import contextlib
+import fcntl
 import json
 import os
-import textwrap
+import shutil
 import sysconfig
+import textwrap
 import zlib
 from pathlib import Path
 
@@ -80,6 +84,17 @@ def stdlib_documents():
             yield str(rel), path.read_text(encoding="utf-8", errors="replace")
 
 
+def text_lines(path):
+    """(line number, text) of each line of a UTF-8 file; a byte that is not UTF-8 is an error naming file:line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is not UTF-8; "
+                                "save the file as UTF-8") from None
+
+
 def source_documents(src):
     """(name, text) for a text file, a JSONL file with a "text" field per line, or a folder of text files."""
     src = Path(src)
@@ -93,15 +108,16 @@ def source_documents(src):
         files = [src]
     for path in files:
         if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise DataError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
-                    yield f"{path.name}:{lineno}", text
+            for lineno, line in text_lines(path):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
+                if not isinstance(text, str):
+                    raise DataError(f"{path}:{lineno}: \"text\" must be a string")
+                yield f"{path.name}:{lineno}", text
         else:
             yield str(path.relative_to(src) if src.is_dir() else path.name), path.read_text("utf-8", "replace")
 
@@ -133,12 +149,16 @@ def write_split(tokens_iter, out, split, dtype):
     return names, total
 
 
-def prepare(docs, out, tokenizer=DEFAULT_TOKENIZER, source="?"):
-    """Tokenise (name, text) documents into train/val shards in `out` and write meta.json last (the marker
-    that the folder is complete)."""
+def prepare(docs, out, tokenizer=DEFAULT_TOKENIZER, source="?", if_missing=False):
+    """Tokenise (name, text) documents into train/val shards in `out`; meta.json is written last (the marker
+    that the folder is complete). Safe when many processes prepare the same folder at once (publish_folder);
+    with if_missing, a folder that is already complete is left as it is."""
     enc = get_tokenizer(tokenizer)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    built = publish_folder(out, lambda tmp: _prepare_into(docs, tmp, enc, tokenizer, source), if_missing)
+    return built or json.loads((Path(out) / "meta.json").read_text())
+
+
+def _prepare_into(docs, out, enc, tokenizer, source):
     dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32
     eot = eot_id(enc)
     splits = {"train": [], "val": []}
@@ -152,14 +172,65 @@ def prepare(docs, out, tokenizer=DEFAULT_TOKENIZER, source="?"):
     if not splits["train"]:
         splits["train"].append(splits["val"][0])
     meta = {"tokenizer": tokenizer, "vocab_size": enc.n_vocab, "eot": eot, "dtype": np.dtype(dtype).name,
-            "source": str(source), "shards": {}, "tokens": {}, "documents": {}}
+            "source": str(source), "shards": {}, "tokens": {}, "documents": {}, "max_id": eot}
     for split, texts in splits.items():
-        toks = (np.array(t + [eot], dtype=np.int64) for t in enc.encode_ordinary_batch(texts, num_threads=2))
-        meta["shards"][split], meta["tokens"][split] = write_split(toks, out, split, dtype)
+        toks = [np.array(t + [eot], dtype=np.int64) for t in enc.encode_ordinary_batch(texts, num_threads=2)]
+        # Every id must fit the vocabulary (and the dtype): checked here once, recorded, and checked against the
+        # model at the start of every run.
+        meta["max_id"] = max(meta["max_id"], max(int(t.max()) for t in toks))
+        meta["shards"][split], meta["tokens"][split] = write_split(iter(toks), out, split, dtype)
         meta["documents"][split] = len(texts)
-    (out / "meta.json.tmp").write_text(json.dumps(meta, indent=2))
-    os.replace(out / "meta.json.tmp", out / "meta.json")
+    if meta["max_id"] >= enc.n_vocab:
+        raise DataError(f"tokenizer {tokenizer!r} produced id {meta['max_id']}, outside its vocabulary of "
+                        f"{enc.n_vocab}")
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+# ---------------------------------------------------------------------------------------------- publishing
+@contextlib.contextmanager
+def folder_lock(out):
+    """An exclusive lock on folder `out` (fcntl, on a file next to it): other processes wait here. The kernel
+    drops it when its holder dies, so a killed preparer never leaves the others waiting."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def publish_folder(out, build, if_missing=False):
+    """Build a data folder so that concurrent processes (every rank of a first run, started on an empty cache)
+    all see the same complete data: one process builds while the others wait on the lock, then find meta.json.
+    `build(tmp)` writes into a private temporary folder next to `out`, meta.json last; its files are then moved
+    into `out` with rename, which never truncates a file another process has open (it replaces the name, the
+    reader keeps the old inode). meta.json is removed first and moved last, so `out` is never a mix that looks
+    complete. Returns build's result, or None if `if_missing` and `out` was already complete."""
+    out = Path(out)
+    if if_missing and (out / "meta.json").exists():
+        return None
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file: give a folder for the shards and meta.json")
+    with folder_lock(out):
+        if if_missing and (out / "meta.json").exists():  # another process built it while we waited
+            return None
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed builder (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        tmp.mkdir()
+        try:
+            result = build(tmp)
+            if not out.exists():
+                os.rename(tmp, out)  # the whole folder appears at once
+                return result
+            (out / "meta.json").unlink(missing_ok=True)
+            for f in sorted(tmp.iterdir(), key=lambda f: f.name == "meta.json"):
+                os.replace(f, out / f.name)
+            return result
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def default_data_dir(tokenizer):
@@ -172,8 +243,9 @@ def ensure_default_data(tokenizer):
     out = default_data_dir(tokenizer)
     if not (out / "meta.json").exists():
         print(f"preparing the embedded default corpus (Python {sysconfig.get_python_version()} standard library) "
-              f"into {out} ...", flush=True)
-        prepare(stdlib_documents(), out, tokenizer, source=f"python{sysconfig.get_python_version()}-stdlib")
+              f"into {out} (or waiting for another process that is) ...", flush=True)
+        prepare(stdlib_documents(), out, tokenizer, source=f"python{sysconfig.get_python_version()}-stdlib",
+                if_missing=True)
     return out
 
 
@@ -184,14 +256,68 @@ def load_meta(data_dir, tokenizer=None):
         raise DataError(f"--data {d}: no such folder (prepare one with: python data.py prepare --src PATH --out {d})")
     if not (d / "meta.json").exists():
         raise DataError(f"--data {d}: no meta.json, so not a prepared data folder (python data.py prepare ...)")
-    meta = json.loads((d / "meta.json").read_text())
+    try:
+        meta = json.loads((d / "meta.json").read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{d / 'meta.json'}: not valid JSON ({str(e)[:80]}); prepare the folder again") from None
+    check_meta(d, meta)
     if tokenizer is not None and tokenizer != meta["tokenizer"]:
         raise DataError(f"--data {d} was prepared with tokenizer {meta['tokenizer']!r}, not --tokenizer "
                         f"{tokenizer!r}: drop the flag or prepare the data again with it")
-    for split in ("train", "val"):
-        if meta["tokens"].get(split, 0) == 0:
-            raise DataError(f"--data {d}: the {split} split is empty")
     return meta
+
+
+META_TYPES = {"tokenizer": str, "vocab_size": int, "eot": int, "dtype": str, "shards": dict, "tokens": dict}
+DTYPE_VOCAB = {"uint16": 2 ** 16, "uint32": 2 ** 32}  # the shard dtypes, and the vocabulary each can hold
+
+
+def check_meta(d, meta):
+    """Everything the batches will trust: keys and types, the dtype, each shard's size against the dtype and the
+    token count, and the ids against the vocabulary (their maximum is recorded at prepare time)."""
+    where = d / "meta.json"
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: expected a JSON object with keys {', '.join(META_TYPES)}")
+    for key, kind in META_TYPES.items():
+        if key not in meta:
+            raise DataError(f"{where}: missing key {key!r}; prepare the folder again (python data.py prepare)")
+        if not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool)):
+            raise DataError(f"{where}: {key!r} must be a {kind.__name__}, got {json.dumps(meta[key])[:40]}")
+    if meta["dtype"] not in DTYPE_VOCAB:
+        raise DataError(f"{where}: dtype {meta['dtype']!r} is not a shard dtype: uint16 or uint32")
+    if not 0 < meta["vocab_size"] <= DTYPE_VOCAB[meta["dtype"]]:
+        raise DataError(f"{where}: vocab_size {meta['vocab_size']} does not fit dtype {meta['dtype']}")
+    max_id = meta.get("max_id", meta["eot"])
+    if not isinstance(max_id, int) or isinstance(max_id, bool):
+        raise DataError(f"{where}: 'max_id' must be an int, got {json.dumps(max_id)[:40]}")
+    if not 0 <= max(max_id, meta["eot"]) < meta["vocab_size"]:
+        raise DataError(f"{where}: token ids up to {max(max_id, meta['eot'])} (max_id, eot) do not fit vocab_size "
+                        f"{meta['vocab_size']}: a model of this vocabulary would index past its embedding")
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in ("train", "val"):
+        names, count = meta["shards"].get(split), meta["tokens"].get(split)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(count, int):
+            raise DataError(f"{where}: shards[{split!r}] must be a list of file names and tokens[{split!r}] a count")
+        if count == 0:
+            raise DataError(f"--data {d}: the {split} split is empty")
+        total = 0
+        for name in names:
+            f = d / name
+            if not f.is_file():
+                raise DataError(f"{f}: shard listed in meta.json is missing; prepare the folder again")
+            size = f.stat().st_size
+            if size == 0 or size % itemsize:
+                raise DataError(f"{f}: {size} bytes is not a whole number of {meta['dtype']} tokens "
+                                f"({itemsize} bytes each) or is empty: the shard is damaged; prepare the folder again")
+            total += size // itemsize
+        if total != count:
+            raise DataError(f"--data {d}: the {split} shards hold {total} {meta['dtype']} tokens, meta.json says "
+                            f"{count}: the dtype or a shard is wrong; prepare the folder again")
+    if "max_id" not in meta:  # a folder from before max_id was recorded: look once (a pass over the shards)
+        seen = max(int(np.memmap(d / n, dtype=meta["dtype"], mode="r").max()) for n in
+                   meta["shards"]["train"] + meta["shards"]["val"])
+        if seen >= meta["vocab_size"]:
+            raise DataError(f"--data {d}: the shards hold id {seen}, outside vocab_size {meta['vocab_size']}")
+        meta["max_id"] = max(seen, meta["eot"])
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -222,20 +348,20 @@ class TokenWindows:
 
 class Batches:
     """Step s of training reads windows perm_epoch[s*B:(s+1)*B] (B = global batch in sequences); rank r of
-    `world` takes the r-th contiguous 1/world of them, cut into `micro_steps` micro-batches.
+    `world` takes the r-th contiguous 1/world of them, cut into `n_micro` micro-batches.
 
     The whole state is the step counter: batches are a pure function of (seed, step), so resuming restores
     the exact stream, and a checkpoint's `state_dict()` is tiny."""
 
-    def __init__(self, data_dir, seq_len, global_batch, rank=0, world=1, micro_steps=1, seed=0, split="train"):
+    def __init__(self, data_dir, seq_len, global_batch, rank=0, world=1, n_micro=1, seed=0, split="train"):
         self.windows = TokenWindows(data_dir, split, seq_len)
-        if global_batch % (world * micro_steps):
-            raise DataError(f"--batch-size {global_batch} does not divide into {world} ranks x {micro_steps} "
+        if global_batch % (world * n_micro):
+            raise DataError(f"--batch-size {global_batch} does not divide into {world} ranks x {n_micro} "
                             "micro-steps of equal size")
         if global_batch > self.windows.n:
             raise DataError(f"--batch-size {global_batch} is more than the {self.windows.n} windows of "
                             f"{seq_len + 1} tokens in the {split} split")
-        self.B, self.rank, self.world, self.micro, self.seed = global_batch, rank, world, micro_steps, seed
+        self.B, self.rank, self.world, self.n_micro, self.seed = global_batch, rank, world, n_micro, seed
         self.steps_per_epoch = self.windows.n // global_batch
         self.step = 0
         self._perm_epoch, self._perm = None, None
@@ -247,13 +373,13 @@ class Batches:
         return self._perm
 
     def next(self):
-        """The micro-batches of this rank for the next optimizer step: a list of `micro_steps` (x, y) pairs."""
+        """The micro-batches of this rank for the next optimizer step: a list of `n_micro` (x, y) pairs."""
         epoch, s = divmod(self.step, self.steps_per_epoch)
         idx = self._permutation(epoch)[s * self.B:(s + 1) * self.B]
         per_rank = self.B // self.world
         mine = idx[self.rank * per_rank:(self.rank + 1) * per_rank]
         self.step += 1
-        return [self.windows.get(chunk) for chunk in np.split(mine, self.micro)]
+        return [self.windows.get(chunk) for chunk in np.split(mine, self.n_micro)]
 
     def state_dict(self):
         return {"step": self.step, "seed": self.seed, "global_batch": self.B, "windows": self.windows.n}
@@ -278,141 +404,11 @@ def eval_batches(data_dir, seq_len, global_batch, n_batches, rank=0, world=1):
     return out
 
 
-# ---------------------------------------------------------------------------------------------- SFT examples
-HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
+# ---------------------------------------------------------------------------------------------- SFT default data
 SFT_VAL_EVERY = 10          # held-out modules for the default data: crc32(module path) % 10 == 0
 DEFAULT_MAX_BYTES = 257     # the tiny preset's context + 1 with the byte tokenizer: what the default keeps
 
 
-def to_messages(obj, where):
-    """A parsed JSONL line -> a list of {role, content}; anything else is a DataError naming file:line."""
-    fields = "Alpaca-style lines need \"instruction\" and \"output\" (and optionally \"input\"); chat-style " \
-             "lines need \"messages\": [{\"role\": ..., \"content\": ...}, ...]"
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object; {fields}")
-    if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{where}: \"messages\" must be a non-empty list of {{role, content}}")
-        for m in msgs:
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in HEADERS:
-                raise DataError(f"{where}: each message needs \"role\" (system, user or assistant) and "
-                                         f"a string \"content\", got {json.dumps(m)[:60]}")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise DataError(f"{where}: no assistant message, so nothing to learn")
-        return [{"role": m["role"], "content": m["content"]} for m in msgs]
-    missing = [k for k in ("instruction", "output") if not isinstance(obj.get(k), str)]
-    if missing:
-        raise DataError(f"{where}: missing field {', '.join(repr(k) for k in missing)} (or not a string); "
-                                 f"{fields}")
-    user = obj["instruction"]
-    if obj.get("input"):
-        user += "\n\n### Input:\n" + str(obj["input"])
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
-
-
-def read_jsonl(path):
-    """[(where, messages)] for each non-blank line of `path`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (expected JSONL, one example per line)")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            out.append((where, to_messages(obj, where)))
-    if not out:
-        raise DataError(f"{path}: no examples")
-    return out
-
-
-def encode(enc, messages):
-    """Token ids and, per token, whether it is learned: assistant contents and their end-of-text only."""
-    eot = eot_id(enc)
-    ids, learned = [], []
-    for m in messages:
-        head = enc.encode_ordinary(HEADERS[m["role"]] + (m["content"] + "\n\n" if m["role"] != "assistant" else ""))
-        ids += head
-        learned += [False] * len(head)
-        if m["role"] == "assistant":
-            body = enc.encode_ordinary(m["content"]) + [eot]
-            ids += body
-            learned += [True] * len(body)
-    return ids, learned
-
-
-def prompt_ids(enc, messages):
-    """The prompt for generation: everything up to and including the last assistant header."""
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    ids, _ = encode(enc, messages[:last])
-    return ids + enc.encode_ordinary(HEADERS["assistant"])
-
-
-def tokenize(examples, enc, block_size, prompt_mask=True):
-    """[(x, y)] lists of token ids with y = -100 where no loss is taken; and how many examples were skipped
-    for being longer than the context (block_size + 1 tokens, since x and y are shifted by one)."""
-    out, skipped = [], 0
-    for where, messages in examples:
-        ids, learned = encode(enc, messages)
-        first = learned.index(True)
-        if first > block_size:
-            raise DataError(f"{where}: the prompt is {first} tokens, longer than the model's context of "
-                                     f"{block_size}: shorten it or use a model with a longer block_size")
-        if len(ids) - 1 > block_size:
-            skipped += 1
-            continue
-        # y[i] is the label for predicting ids[i+1]: kept where ids[i+1] is learned (or everywhere without mask).
-        y = [t if (l or not prompt_mask) else -100 for t, l in zip(ids[1:], learned[1:])]
-        out.append((ids[:-1], y))
-    return out, skipped
-
-
-def collate(rows, pad_id):
-    """Pad each example on the right to the micro-batch's longest: inputs with pad_id, labels with -100."""
-    T = max(len(x) for x, _ in rows)
-    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), T), -100, dtype=torch.long)
-    for i, (xi, yi) in enumerate(rows):
-        x[i, :len(xi)], y[i, :len(yi)] = torch.tensor(xi), torch.tensor(yi)
-    return x, y
-
-
-class SFTBatches:
-    """As data.Batches, over examples: step s of epoch e takes examples perm_e[s*B:(s+1)*B]; rank r of `world`
-    its contiguous 1/world, cut into `micro_steps` micro-batches. A pure function of (seed, step)."""
-
-    def __init__(self, rows, global_batch, pad_id, rank=0, world=1, micro_steps=1, seed=0):
-        if global_batch > len(rows):
-            raise DataError(f"--batch-size {global_batch} is more than the {len(rows)} training examples")
-        self.rows, self.B, self.pad_id = rows, global_batch, pad_id
-        self.rank, self.world, self.micro, self.seed = rank, world, micro_steps, seed
-        self.steps_per_epoch, self.step = len(rows) // global_batch, 0
-
-    def next(self):
-        epoch, s = divmod(self.step, self.steps_per_epoch)
-        idx = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))[s * self.B:(s + 1) * self.B]
-        per_rank = self.B // self.world
-        mine = idx[self.rank * per_rank:(self.rank + 1) * per_rank]
-        self.step += 1
-        return [collate([self.rows[i] for i in chunk], self.pad_id) for chunk in np.split(mine, self.micro)]
-
-    def state_dict(self):
-        return {"step": self.step, "seed": self.seed, "global_batch": self.B, "examples": len(self.rows)}
-
-    def load_state_dict(self, sd):
-        if (sd["seed"], sd["global_batch"], sd["examples"]) != (self.seed, self.B, len(self.rows)):
-            raise DataError(f"--resume: the checkpoint's data position (seed {sd['seed']}, batch "
-                              f"{sd['global_batch']}, {sd['examples']} examples) does not match this run's")
-        self.step = sd["step"]
-
-
-# ---------------------------------------------------------------------------------------------- SFT default data
 def function_examples(name, text):
     """(instruction, response) for each function with a docstring in one module's source."""
     try:
@@ -431,12 +427,12 @@ def function_examples(name, text):
         yield instruction, textwrap.dedent("\n".join(src))
 
 
-def build_default_data(docs, out, max_bytes=DEFAULT_MAX_BYTES):
-    """Write train.jsonl and val.jsonl (held out by module) of the functions that fit in max_bytes rendered
-    with the byte tokenizer; the rest are counted, not truncated. meta.json, written last, holds the counts."""
+def build_default_data(docs, out, render, max_bytes=DEFAULT_MAX_BYTES):
+    """Write train.jsonl and val.jsonl (held out by module) of the functions whose rendering (`render`: an
+    Alpaca-style dict -> its token ids with the byte tokenizer; sft.py's template) fits in max_bytes; the rest
+    are counted, not truncated. meta.json, written last, holds the counts."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    enc = get_tokenizer("bytes")
     files = {s: open(out / f"{s}.jsonl.tmp", "w", encoding="utf-8") for s in ("train", "val")}
     counts = {"functions": 0, "too_long": 0, "train": 0, "val": 0}
     for name, text in docs:
@@ -444,7 +440,7 @@ def build_default_data(docs, out, max_bytes=DEFAULT_MAX_BYTES):
         for instruction, response in function_examples(name, text):
             counts["functions"] += 1
             ex = {"instruction": instruction, "output": response, "module": name}
-            if len(encode(enc, to_messages(ex, name))[0]) > max_bytes:
+            if len(render(ex)) > max_bytes:
                 counts["too_long"] += 1
                 continue
             files[split].write(json.dumps(ex) + "\n")
@@ -456,14 +452,15 @@ def build_default_data(docs, out, max_bytes=DEFAULT_MAX_BYTES):
     return counts
 
 
-def ensure_sft_default_data():
+def ensure_sft_default_data(render):
     out = default_data_dir("bytes").parent / "sft-stdlib"
     if not (out / "meta.json").exists():
-        print(f"building the default SFT data (standard library functions with docstrings) into {out} ...",
-              flush=True)
-        c = build_default_data(stdlib_documents(), out)
-        print(f"  {c['functions']} functions with a docstring; {c['too_long']} skipped as longer than "
-              f"{DEFAULT_MAX_BYTES} bytes rendered; kept {c['train']} train, {c['val']} held-out", flush=True)
+        print(f"building the default SFT data (standard library functions with docstrings) into {out} (or "
+              "waiting for another process that is) ...", flush=True)
+        c = publish_folder(out, lambda tmp: build_default_data(stdlib_documents(), tmp, render), if_missing=True)
+        if c:
+            print(f"  {c['functions']} functions with a docstring; {c['too_long']} skipped as longer than "
+                  f"{DEFAULT_MAX_BYTES} bytes rendered; kept {c['train']} train, {c['val']} held-out", flush=True)
     return out / "train.jsonl", out / "val.jsonl"
 
 

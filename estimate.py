@@ -31,7 +31,9 @@ Run: `python estimate.py --model gpt2-124m --chinchilla --gpus 8`, `python estim
 """
 import argparse
 import math
+import resource
 import sys
+import time
 import weakref
 from dataclasses import replace
 
@@ -101,6 +103,9 @@ def shape_for(n_params, vocab=50304):
 
 def config_from(args):
     """The model config the flags describe, checked."""
+    for f in ("mfu", "tokens", "params"):
+        if getattr(args, f) is not None and not math.isfinite(getattr(args, f)):
+            raise EstimateError(f"--{f} must be a finite number, got {getattr(args, f)}")
     for f in ("params", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size", "seq_len"):
         v = getattr(args, f)
         if v is not None and v <= 0:
@@ -129,8 +134,8 @@ def layout_from(args, cfg):
         raise EstimateError(f"--gpus must be at least 1, got {args.gpus}")
     if not 0 < args.mfu <= 1:
         raise EstimateError(f"--mfu must be in (0, 1] (a fraction of the peak, e.g. 0.4), got {args.mfu:g}")
-    if args.tokens is not None and args.tokens <= 0:
-        raise EstimateError(f"--tokens must be positive, got {args.tokens:g}")
+    if args.tokens is not None and args.tokens < 1:
+        raise EstimateError(f"--tokens must be at least 1 (the tokens to train on), got {args.tokens:g}")
     for f in ("tp", "pp", "ep", "microbatches", "grad_accum", "max_steps", "batch_size"):
         if getattr(args, f) is not None and getattr(args, f) < 1:
             raise EstimateError(f"--{f.replace('_', '-')} must be at least 1, got {getattr(args, f)}")
@@ -168,6 +173,26 @@ def zero_table(n, gpus):
              "all-gather in forward + all-gather in backward + reduce-scatter")]
     return [{"stage": s, "params": p, "grads": g, "optimizer": o, "total": p + g + o, "comm_elements": c,
              "comm": how} for s, p, g, o, c, how in rows]
+
+
+def peak_flops(device, dtype, gpu="h100"):
+    """The denominator of MFU: the GPU's datasheet peak, or on a CPU the matmul throughput measured now
+    (there is no meaningful datasheet figure for a shared CPU)."""
+    if device.type == "cuda":
+        return PEAK_TFLOPS[gpu] * 1e12
+    a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(8):
+        a @ b
+    return 8 * 2 * 512 ** 3 / (time.perf_counter() - t0)
+
+
+def peak_memory_mb(device):
+    """The log's memory figure: the CUDA allocator's peak, or on a CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def activations_per_layer(s, b, h, a, t=1, sp=False, recompute="none"):
@@ -394,14 +419,21 @@ def measure(sizes=((2, 128, 4, 384), (2, 256, 4, 768)), s=128, b=2):
         sbh = s * b * r["d"]
         parts = ", ".join(f"{k or 'residual'} {v / sbh:.1f}" for k, v in r["measured"]["parts"].items() if v)
         print(f"{r['d']:>4} {r['a']:>2} {r['d_ff']:>5} {r['attn']:>9} {r['recompute']:>9} "
-              + " ".join(f"{r['ratio'][k]:>{w}.2f}" for k, w in (("weights", 8), ("gradients", 6),
-                                                                 ("optimizer states", 6), ("activations per layer", 18)))
+              + " ".join(f"{r['ratio'][k]:>{w}.2f}" for k, w in (
+                  ("weights", 8), ("gradients", 6), ("optimizer states", 6), ("activations per layer", 18)))
               + f"   {r['measured']['activations per layer'] / sbh:.1f} = {parts}")
     return rows
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
+def main(argv=None, flags=None):
+    """estimate.py's command line (argv); or `flags`, another entry point's parsed flags (pretrain.py --estimate):
+    those estimate.py also has are taken, the others ignored, --activation-checkpointing is --recompute full."""
+    args = build_parser().parse_args([] if flags is not None else argv)
+    if flags is not None:
+        for k, v in vars(flags).items():
+            if hasattr(args, k):
+                setattr(args, k, v)
+        args.recompute = "full" if getattr(flags, "activation_checkpointing", False) else "none"
     try:
         if args.measure:
             return measure()

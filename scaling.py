@@ -271,9 +271,10 @@ def report(results):
                   f"{CHINCHILLA[name]}")
         print(f"  A = {fitted['A']:.3g}, B = {fitted['B']:.3g}; implied a = beta / (alpha + beta) = "
               f"{fitted['beta'] / (fitted['alpha'] + fitted['beta']):.2f}")
-    print("\nScale: these runs are ~3e11-3e12 FLOPs, 10k-350k parameters, bytes of Python, one learning rate and one "
-          "seed;\nChinchilla's are 6e18-3e21 FLOPs, 70M-16B parameters, subword tokens of web text. Read the shape, "
-          "not the digits.")
+    flops, sizes = [r["flops"] for r in results], [r["N"] for r in results]
+    print(f"\nScale: these runs are {min(flops):.0e}-{max(flops):.0e} FLOPs, {min(sizes) / 1e3:.0f}k-"
+          f"{max(sizes) / 1e3:.0f}k parameters, bytes of Python, one learning rate and one seed;\nChinchilla's are "
+          "6e18-3e21 FLOPs, 70M-16B parameters, subword tokens of web text. Read the shape, not the digits.")
     return {"a": a, "optima": optima, "parametric": fitted}
 
 
@@ -285,6 +286,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="scaling.py", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="out/scaling", help="runs.jsonl and each run's checkpoint go here")
     ap.add_argument("--budgets", default=",".join(f"{c:.0e}" for c in BUDGETS), help="FLOPs per run, comma-separated")
+    ap.add_argument("--sizes", default=",".join(f"{L}x{d}" for L, d in LADDER),
+                    help="the model family: layers x width, comma-separated")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--fit-only", action="store_true", help="fit and plot the runs already in runs.jsonl")
@@ -293,10 +296,19 @@ def main(argv=None):
         budgets = [float(c) for c in args.budgets.split(",")]
     except ValueError:
         ap.exit(2, f"scaling.py: error: --budgets must be numbers separated by commas, got {args.budgets!r}\n")
+    try:
+        ladder = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
+        assert all(len(s) == 2 and s[0] > 0 and s[1] > 0 for s in ladder)
+    except (ValueError, AssertionError):
+        ap.exit(2, f"scaling.py: error: --sizes must be layers x width, like 2x32,3x96, got {args.sizes!r}\n")
+    for L, d in ladder:
+        if d % shape(L, d).n_head or shape(L, d).head_dim % 2:
+            ap.exit(2, f"scaling.py: error: --sizes {L}x{d}: width {d} does not split into {shape(L, d).n_head} "
+                       f"heads of an even size (head dimension 32, at least 2 heads): try a multiple of 32\n")
     if any(c <= 0 for c in budgets) or args.lr <= 0 or args.threads < 1:
         ap.exit(2, "scaling.py: error: --budgets and --lr must be positive, --threads at least 1\n")
     out = Path(args.out)
-    runs = plan(budgets)
+    runs = plan(budgets, ladder)
     if not args.fit_only:
         if not runs:
             ap.exit(2, f"scaling.py: error: no model of the ladder fits --budgets {args.budgets} "

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 import pipeline
 import pretrain
+import training
 import tensor_parallel
 from model import PRESETS
 from tests.distributed import refused_before_any_group, run_distributed
@@ -19,15 +20,15 @@ from topology import Topology, TopologyError
 # 4 layers (so 4 stages are possible), GQA with 2 query heads per KV head, d_ff and vocabulary divisible by 4.
 CFG = replace(PRESETS["tiny"], n_layer=4, d_model=32, n_head=4, n_kv_head=2, d_ff=64, vocab_size=64,
               block_size=16)
-STEPS, MICRO, MICRO_BS, CLIP = 3, 4, 2, 0.05  # 4 micro-batches of 2 x 16 tokens per step
+STEPS, N_MICRO, MICRO_BS, CLIP = 3, 4, 2, 0.05  # 4 micro-batches of 2 x 16 tokens per step
 
 
 def micro_batches(step):
     g = torch.Generator().manual_seed(step)
-    seq = torch.randint(0, CFG.vocab_size, (MICRO * MICRO_BS, CFG.block_size + 1), generator=g)
+    seq = torch.randint(0, CFG.vocab_size, (N_MICRO * MICRO_BS, CFG.block_size + 1), generator=g)
     seq[0, 5:9] = -100  # some ignored labels: the parallel cross-entropy must skip them as F.cross_entropy does
     x, y = seq[:, :-1].clamp(min=0), seq[:, 1:]
-    return list(zip(x.chunk(MICRO), y.chunk(MICRO)))
+    return list(zip(x.chunk(N_MICRO), y.chunk(N_MICRO)))
 
 
 def full_name(name, model):
@@ -39,22 +40,22 @@ def full_name(name, model):
 
 
 def train(topo, cfg=CFG, schedule="1f1b", zero=0, sp=False):
-    """pretrain.py's pieces, in float64: the model cut and sliced, the optimizer (DDP or ZeRO over dp) with
+    """training.py's pieces, in float64: the model cut and sliced, the optimizer (DDP or ZeRO over dp) with
     clipping and the norm reduction, the step function. Each data-parallel rank takes its contiguous share of
     the micro-batches, so that the mean of the ranks' means is the one process's mean."""
-    model = pretrain.build_model(cfg, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64,
+    model = training.build_model(cfg, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64,
                                  sequence_parallel=sp)
     args = pretrain.build_parser().parse_args(["--zero", str(zero), "--lr", "1e-2", "--weight-decay", "0.1",
                                                "--bucket-mb", "0.01"])
-    module, opt = pretrain.build_training(model, args, torch.float64, topo)
+    module, opt = training.build_training(model, args, torch.float64, topo)
     losses, norms = [], []
     for step in range(STEPS):
-        mine = micro_batches(step)[topo.dp_rank * MICRO // topo.dp:(topo.dp_rank + 1) * MICRO // topo.dp]
-        loss = pretrain.forward_backward(model if topo.pp > 1 else module, mine, topo, schedule, opt.scale_loss,
+        mine = micro_batches(step)[topo.dp_rank * N_MICRO // topo.dp:(topo.dp_rank + 1) * N_MICRO // topo.dp]
+        loss = training.forward_backward(model if topo.pp > 1 else module, mine, topo, schedule, opt.scale_loss,
                                          "cpu", opt.no_sync)
         norm, _ = opt.step(CLIP)
         opt.zero_grad()
-        losses.append(pretrain.mean_over_dp(loss, topo).item())
+        losses.append(training.mean_over_dp(loss, topo).item())
         norms.append(norm)
     with opt.gathered() if zero == 3 and topo.dp > 1 else contextlib.nullcontext():
         params = {full_name(n, model): p.detach().clone() for n, p in model.named_parameters()}
@@ -73,19 +74,21 @@ def _parallel(rank, world, layouts, cfg):
 def check_against_one_process(layouts, world, cfg=CFG):
     ref_losses, ref_norms, ref_params = train(Topology(), cfg)
     assert min(ref_norms) > CLIP  # clipping is active in every step, so a wrong global norm would show
+    covered = {layout: set() for layout in layouts}  # (name, tp slice) held by some rank, per layout
     for rank_results in run_distributed(_parallel, world, layouts, cfg):
         for layout, (tp_rank, tp, (losses, norms, params)) in zip(layouts, rank_results):
             # float64, the same arithmetic up to summation order (partial matmuls summed by all-reduce, per-rank
             # squared norms summed): 3 Adam steps keep agreement near 1e-13; the tolerances leave a margin.
             assert losses == pytest.approx(ref_losses, rel=1e-11), layout
             assert norms == pytest.approx(ref_norms, rel=1e-10), layout
-            seen = set()
             for name, p in params.items():
                 d = tensor_parallel.split_dim(name)
                 want = ref_params[name] if d is None else ref_params[name].chunk(tp, dim=d)[tp_rank]
                 torch.testing.assert_close(p, want, rtol=1e-9, atol=1e-11, msg=f"{layout} {name}")
-                seen.add(name)
-            assert seen <= set(ref_params)
+                covered[layout].add((name, tp_rank if d is not None else 0))
+    for layout, tp in ((layout, layout[0]) for layout in layouts):  # every parameter, every slice of it, somewhere
+        assert covered[layout] == {(n, r) for n in ref_params
+                                   for r in (range(tp) if tensor_parallel.split_dim(n) is not None else [0])}, layout
 
 
 @pytest.mark.parametrize("tp, pp, schedule, sp", [(2, 1, "1f1b", False), (4, 1, "1f1b", False),
@@ -209,12 +212,12 @@ def _fp16_overflow_on_rank0(rank, world):
     out = []
     for tp, pp, zero in ((2, 2, 0), (2, 1, 2)):
         topo = Topology(tp=tp, pp=pp)
-        model = pretrain.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float16)
+        model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float16)
         args = pretrain.build_parser().parse_args(["--zero", str(zero), "--amp", "fp16"])
-        module, opt = pretrain.build_training(model, args, torch.float16, topo)
+        module, opt = training.build_training(model, args, torch.float16, topo)
         before = [p.detach().clone() for p in model.parameters()]
-        mine = micro_batches(0)[topo.dp_rank * MICRO // topo.dp:(topo.dp_rank + 1) * MICRO // topo.dp]
-        pretrain.forward_backward(model if pp > 1 else module, mine, topo, "1f1b", opt.scale_loss, "cpu",
+        mine = micro_batches(0)[topo.dp_rank * N_MICRO // topo.dp:(topo.dp_rank + 1) * N_MICRO // topo.dp]
+        training.forward_backward(model if pp > 1 else module, mine, topo, "1f1b", opt.scale_loss, "cpu",
                                   opt.no_sync)
         if rank == 0:
             if zero >= 2:
