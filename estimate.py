@@ -23,7 +23,8 @@ For N parameters, D tokens, L layers of width h (= d_model), a heads, context s,
     pipeline bubble   (p - 1) / (m + p - 1) of each step idle
 The counts come from the model as built on the meta device (no memory is allocated), so they cannot drift from
 model.py. With experts (moe.py) FLOPs follow the parameters a token meets, memory all of them.
-Units: GB = 1e9 bytes, as the papers print them; GiB = 2^30 bytes beside them.
+Units: GB = 1e9 bytes, as the papers print them; GiB = 2^30 bytes beside them. A run's own MFU denominator and
+memory figure (peak_flops, peak_memory_mb) live here too.
 
 Run: `python estimate.py --model gpt2-124m --chinchilla --gpus 8`, `python estimate.py --params 70e9 --gpus 1024
 --tp 8 --pp 8 --zero 1 --sequence-parallel`, or any shape: `--n-layer 32 --d-model 4096 --n-head 32 ...`.
