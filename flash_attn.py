@@ -24,6 +24,15 @@ The kernels add what the GPU rewards: exp2 with log2(e) folded into the scale; c
 diagonal never visited, tiles below it run without any mask, only the diagonal (and a ragged last tile) masks;
 the longest causal query tiles launch first; tile sizes autotuned for Hopper.
 
+Masks beyond causal, both visiting only the tiles the mask leaves anything in:
+    offset    query i sees key j iff j + k_offset <= i + q_offset: Q and K are two chunks of one longer sequence,
+              the block ring attention computes (context_parallel.py); return_lse=True hands back L, with which
+              partial results over disjoint key sets merge exactly
+    doc       (B, N) document ids of examples packed into one row, non-decreasing: a query sees only its own
+              document's keys; key tiles that end before the query tile's first document starts are skipped
+              (and, not causal, those that start after its last one ends)
+A row that sees no key (an offset can do that) gets O = 0 and L = -inf, so it adds nothing when merged.
+
 Where it runs: CUDA tensors use the kernels (fp16, bf16; fp32 with exact fp32 dots). CPU tensors use the Triton
 interpreter when TRITON_INTERPRET=1 was set before this file was imported (fp32, fp16), otherwise the twin (any
 float dtype, float64 included). Head dims 16 to 128; grouped-query attention with H % H_kv == 0.
@@ -45,8 +54,51 @@ HEAD_DIMS = (16, 128)  # the smallest and largest supported head dim
 
 
 # ------------------------------------------------------------------------------ the twin, in plain PyTorch
-def twin_forward(q, k, v, causal, scale, block=None):
-    """Algorithm 1 (forward): returns O and the logsumexp L of each row, nothing of size N x N."""
+def doc_bounds(doc):
+    """Document ids (B, N), non-decreasing along each row -> (ids, start, end) as int32 (B, N): the first index of
+    each token's document and one past its last. They bound the tiles a query or key tile must visit."""
+    doc = doc.contiguous()
+    return tuple(t.to(torch.int32).contiguous() for t in
+                 (doc, torch.searchsorted(doc, doc), torch.searchsorted(doc, doc, right=True)))
+
+
+def _twin_keep(i, j, n_i, n_j, causal, offset, docs, device):
+    """Which scores of the tile (query rows i.., key rows j..) are kept, as (B or 1, 1, n_i, n_j); None if all.
+    Query i sees key j iff j <= i + offset (causal) and both lie in the same document (docs)."""
+    rows, cols = torch.arange(i, i + n_i, device=device), torch.arange(j, j + n_j, device=device)
+    keep = torch.ones(1, n_i, n_j, dtype=torch.bool, device=device)
+    if causal:
+        keep = keep & (cols[None, :] <= rows[:, None] + offset)
+    if docs is not None:
+        keep = keep & (docs[0][:, rows, None] == docs[0][:, None, cols])
+    return None if keep.all() else keep[:, None]
+
+
+def _twin_key_range(i, n_i, N, causal, offset, docs, block):
+    """The key tiles [lo, hi) that query rows i .. i + n_i - 1 can see (tile-aligned lo): the rest is skipped."""
+    lo, hi = 0, N
+    if causal:                          # the last row sees keys up to i + n_i - 1 + offset
+        hi = min(N, max(0, i + n_i + offset))
+    if docs is not None:                # ids never decrease: earlier documents end before the first row's starts
+        lo = int(docs[1][:, i].min())
+        if not causal:
+            hi = min(hi, int(docs[2][:, i + n_i - 1].max()))
+    return lo // block * block, hi
+
+
+def _twin_query_range(j, n_j, N, causal, offset, docs, block):
+    """The query tiles [lo, hi) that can see key rows j .. j + n_j - 1 (the backward's view of the same mask)."""
+    lo, hi = 0, N
+    if causal:                          # the first row to see key j is j - offset
+        lo = min(N, max(0, j - offset))
+    if docs is not None:
+        lo, hi = max(lo, int(docs[1][:, j].min())), int(docs[2][:, j + n_j - 1].max())
+    return lo // block * block, hi
+
+
+def twin_forward(q, k, v, causal, scale, block=None, offset=0, docs=None):
+    """Algorithm 1 (forward): returns O and the logsumexp L of each row, nothing of size N x N.
+    A row that sees no key at all (possible with an offset) gets O = 0 and L = -inf: it adds nothing when merged."""
     B, H, N, D = q.shape
     block = block or TWIN_BLOCK
     acc_t = torch.promote_types(q.dtype, torch.float32)  # 16-bit inputs, fp32 arithmetic: as the kernels do
@@ -57,39 +109,45 @@ def twin_forward(q, k, v, causal, scale, block=None):
         m = torch.full(qi.shape[:-1], -math.inf, dtype=acc_t, device=q.device)
         l = torch.zeros_like(m)
         acc = torch.zeros_like(qi)
-        for j in range(0, i + 1 if causal else N, block):         # inner loop: key tiles; causal stops at i
+        lo, hi = _twin_key_range(i, qi.shape[2], N, causal, offset, docs, block)
+        for j in range(lo, hi, block):                            # inner loop: the key tiles this tile can see
             s = scale * qi @ k[:, :, j:j + block].transpose(-2, -1)
-            if causal and j == i:                                 # only the diagonal tile has masked entries
-                rows, cols = (torch.arange(a, a + n, device=q.device) for a, n in zip((i, j), s.shape[-2:]))
-                s = s.masked_fill(cols[None, :] > rows[:, None], -math.inf)
+            keep = _twin_keep(i, j, *s.shape[-2:], causal, offset, docs, q.device)
+            if keep is not None:                                  # only tiles that cross the mask's edge
+                s = s.masked_fill(~keep, -math.inf)
             m_new = torch.maximum(m, s.amax(-1))
-            p = torch.exp(s - m_new[..., None])
-            alpha = torch.exp(m - m_new)                          # rescales what was summed under the old max
+            m_use = m_new.masked_fill(m_new == -math.inf, 0)      # a row with nothing kept yet: exp(-inf) = 0
+            p = torch.exp(s - m_use[..., None])
+            alpha = torch.exp(m - m_use)                          # rescales what was summed under the old max
             l = alpha * l + p.sum(-1)
             acc = alpha[..., None] * acc + p @ v[:, :, j:j + block]
             m = m_new
-        o[:, :, i:i + block] = (acc / l[..., None]).to(q.dtype)
+        o[:, :, i:i + block] = (acc / l.masked_fill(l == 0, 1)[..., None]).to(q.dtype)
         lse[:, :, i:i + block] = m + torch.log(l)
     return o, lse
 
 
-def twin_backward(q, k, v, o, lse, do, causal, scale, block=None):
-    """Algorithm 2 (backward): recompute each P tile from Q, K and L; returns dQ, dK, dV."""
+def twin_backward(q, k, v, o, lse, do, causal, scale, block=None, offset=0, docs=None):
+    """Algorithm 2 (backward): recompute each P tile from Q, K and L; returns dQ, dK, dV.
+    O and L may be those of a larger attention this call is one block of (ring attention): P = exp(S - L) is then
+    this block's share of the whole softmax, and the gradients are this block's exact contribution."""
     B, H, N, D = q.shape
     block = block or TWIN_BLOCK
     H_kv, dtype, acc_t = k.shape[1], q.dtype, torch.promote_types(q.dtype, torch.float32)
     q, o, do = q.to(acc_t), o.to(acc_t), do.to(acc_t)
     k, v = (t.repeat_interleave(H // H_kv, dim=1).to(acc_t) for t in (k, v))
     delta = (do * o).sum(-1)                                      # rowsum(dO * O) = rowsum(P * dP)
+    lse = lse.masked_fill(lse == -math.inf, 0)                    # rows that saw no key: their P is 0 anyway
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for j in range(0, N, block):                                  # outer loop: key tile K_j, V_j
         kj, vj = k[:, :, j:j + block], v[:, :, j:j + block]
-        for i in range(j if causal else 0, N, block):             # inner loop: query tiles; causal starts at j
+        lo, hi = _twin_query_range(j, kj.shape[2], N, causal, offset, docs, block)
+        for i in range(lo, hi, block):                            # inner loop: the query tiles that see it
             sl = slice(i, i + block)
             s = scale * q[:, :, sl] @ kj.transpose(-2, -1)
-            if causal and i == j:
-                rows, cols = (torch.arange(a, a + n, device=q.device) for a, n in zip((i, j), s.shape[-2:]))
-                s = s.masked_fill(cols[None, :] > rows[:, None], -math.inf)
+            keep = _twin_keep(i, j, *s.shape[-2:], causal, offset, docs, q.device)
+            if keep is not None:
+                s = s.masked_fill(~keep, -math.inf)
             p = torch.exp(s - lse[:, :, sl, None])
             dv[:, :, j:j + block] += p.transpose(-2, -1) @ do[:, :, sl]
             dp = do[:, :, sl] @ vj.transpose(-2, -1)
@@ -119,19 +177,20 @@ DKDV_CONFIGS = _configs([(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64,
 
 
 @triton.jit
-def _key_ranges(start_m, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+def _key_ranges(start_m, N, OFFSET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """The key tiles a query tile visits: [0, end_free) need no mask, [end_free, end) do."""
-    if CAUSAL:  # tiles left of the diagonal are full; the diagonal block is masked; the rest is skipped
-        end_free, end = start_m, tl.minimum(start_m + BLOCK_M, N)
+    if CAUSAL:  # keys j <= i + OFFSET: whole tiles up to the first row's edge, masked ones up to the last row's
+        end_free = tl.minimum(tl.maximum(start_m + OFFSET + 1, 0) // BLOCK_N * BLOCK_N, N // BLOCK_N * BLOCK_N)
+        end = tl.minimum(tl.maximum(start_m + BLOCK_M + OFFSET, 0), N)
     else:       # all full tiles, then the ragged last one
         end_free, end = (N // BLOCK_N) * BLOCK_N, N
     return end_free, end
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, K, V, rows, offs_n, offs_d, d_ok, lo, hi, N, qk_scale,
+def _fwd_tiles(acc, l_i, m_i, q, K, V, rows, docq, DOCK, offs_n, offs_d, d_ok, lo, hi, N, OFFSET, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               PRECISION: tl.constexpr):
+               DOC: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kv_ok = d_ok & (cols[:, None] < N) if MASKED else d_ok
@@ -140,11 +199,14 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, rows, offs_n, offs_d, d_ok, lo, hi, N, qk
         if MASKED:
             keep = cols[None, :] < N
             if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
-            s = tl.where(keep, s, float("-inf"))  # every row keeps >= 1 entry per tile pass, so m stays finite
+                keep = keep & (cols[None, :] <= rows[:, None] + OFFSET)
+            if DOC:
+                keep = keep & (tl.load(DOCK + cols, mask=cols < N, other=-1)[None, :] == docq[:, None])
+            s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing kept yet: exp2(-inf) = 0, no nan
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_ok, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
@@ -154,13 +216,15 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, rows, offs_n, offs_d, d_ok, lo, hi, N, qk
 
 @triton.autotune(configs=FWD_CONFIGS, key=["N_BUCKET", "HEAD_DIM", "CAUSAL"])
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, qk_scale, H, GROUP, N, N_BUCKET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_kernel(Q, K, V, O, LSE, DOCS, DSTART, DEND, qk_scale, H, GROUP, N, N_BUCKET, OFFSET, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the diagonal block is whole key tiles
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # causal: the longest rows start first
     bh = tl.program_id(1)
     kv_off = (bh // H * (H // GROUP) + bh % H // GROUP).to(tl.int64) * N * HEAD_DIM  # KV head h // GROUP
     q_off = bh.to(tl.int64) * N * HEAD_DIM
+    doc_off = (bh // H).to(tl.int64) * N  # this batch row's document ids, shared by queries and keys
     rows, offs_n, offs_d = start_m + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM  # BLOCK_D is HEAD_DIM rounded up to a power of two
     q_ok = (rows[:, None] < N) & d_ok
@@ -168,12 +232,24 @@ def _fwd_kernel(Q, K, V, O, LSE, qk_scale, H, GROUP, N, N_BUCKET, HEAD_DIM: tl.c
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    end_free, end = _key_ranges(start_m, N, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K + kv_off, V + kv_off, rows, offs_n, offs_d, d_ok, 0, end_free,
-                               N, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL, PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K + kv_off, V + kv_off, rows, offs_n, offs_d, d_ok, end_free, end,
-                               N, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, PRECISION)
-    tl.store(O + q_off + rows[:, None] * HEAD_DIM + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty),
+    end_free, end = _key_ranges(start_m, N, OFFSET, BLOCK_M, BLOCK_N, CAUSAL)
+    if DOC:  # any tile may cross a document edge; tiles before the first row's document are skipped
+        docq = tl.load(DOCS + doc_off + rows, mask=rows < N, other=-2)
+        lo = tl.load(DSTART + doc_off + start_m) // BLOCK_N * BLOCK_N
+        if not CAUSAL:  # nor those after the last row's document
+            end = tl.load(DEND + doc_off + tl.minimum(start_m + BLOCK_M, N) - 1)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K + kv_off, V + kv_off, rows, docq, DOCS + doc_off, offs_n,
+                                   offs_d, d_ok, lo, end, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, True,
+                                   PRECISION)
+    else:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K + kv_off, V + kv_off, rows, rows, DOCS, offs_n, offs_d,
+                                   d_ok, 0, end_free, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL, False,
+                                   PRECISION)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K + kv_off, V + kv_off, rows, rows, DOCS, offs_n, offs_d,
+                                   d_ok, end_free, end, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, False,
+                                   PRECISION)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key (an offset can do that): O = 0, L = -inf
+    tl.store(O + q_off + rows[:, None] * HEAD_DIM + offs_d[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty),
              mask=q_ok)
     tl.store(LSE + bh.to(tl.int64) * N + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rows < N)  # ln
 
@@ -190,22 +266,25 @@ def _bwd_delta_kernel(O, DO, DELTA, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.const
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, cols, offs_m, offs_d, d_ok, lo, hi, N, qk_scale,
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, cols, dock, DOCQ, offs_m, offs_d, d_ok, lo, hi, N, OFFSET, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                PRECISION: tl.constexpr):
+                DOC: tl.constexpr, PRECISION: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         ok = d_ok & (rows[:, None] < N) if MASKED else d_ok
         q = tl.load(Q + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok, other=0.0)
         do = tl.load(DO + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=ok, other=0.0)
         lse = tl.load(LSE + rows, mask=rows < N, other=0.0) * 1.4426950408889634  # to log2 units
+        lse = tl.where(lse == float("-inf"), 0.0, lse)  # a row that saw no key: its P is 0 anyway
         delta = tl.load(DELTA + rows, mask=rows < N, other=0.0)
         # Transposed tiles (keys x queries): the products below then need no transposed accumulator.
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if MASKED:
             keep = rows[None, :] < N
             if CAUSAL:
-                keep = keep & (rows[None, :] >= cols[:, None])
+                keep = keep & (rows[None, :] + OFFSET >= cols[:, None])
+            if DOC:
+                keep = keep & (tl.load(DOCQ + rows, mask=rows < N, other=-2)[None, :] == dock[:, None])
             s_t = tl.where(keep, s_t, float("-inf"))
         p_t = tl.exp2(s_t - lse[None, :])  # P recomputed from L: exact probabilities, no running max needed
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
@@ -217,13 +296,14 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, cols, offs_m, offs_d, d_ok, lo,
 
 @triton.autotune(configs=DKDV_CONFIGS, key=["N_BUCKET", "HEAD_DIM", "CAUSAL"])
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, H, GROUP, N, N_BUCKET,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DOCS, DSTART, DEND, qk_scale, sm_scale, H, GROUP, N, N_BUCKET,
+                     OFFSET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     start_n = tl.program_id(0) * BLOCK_N  # causal: low key tiles see the most queries, and launch first
     bh_kv = tl.program_id(1)
     kv_off = bh_kv.to(tl.int64) * N * HEAD_DIM
+    doc_off = (bh_kv // (H // GROUP)).to(tl.int64) * N
     cols, offs_m, offs_d = start_n + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
     kv_ok = (cols[:, None] < N) & d_ok
@@ -231,30 +311,47 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, H, GRO
     v = tl.load(V + kv_off + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # Query tiles: causal ones start at the diagonal block (masked), then the full ones, then the ragged end.
-    start_free = start_n + BLOCK_N if CAUSAL else 0
+    # Query tiles: causal ones from the first row that sees key start_n (i >= j - OFFSET) are masked up to the first
+    # row that sees the whole key tile (start_free), then full ones, then the ragged end.
+    lo = start_n * 0
+    start_free = start_n * 0
+    if CAUSAL:
+        lo = tl.maximum(start_n - OFFSET, 0) // BLOCK_M * BLOCK_M
+        start_free = (tl.maximum(start_n + BLOCK_N - 1 - OFFSET, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     end_full = (N // BLOCK_M) * BLOCK_M
+    dock = cols
+    hi = N
+    if DOC:  # only the queries of the key tile's documents: from the first one's start to the last one's end
+        dock = tl.load(DOCS + doc_off + cols, mask=cols < N, other=-1)
+        lo = tl.maximum(lo, tl.load(DSTART + doc_off + start_n)) // BLOCK_M * BLOCK_M
+        hi = tl.load(DEND + doc_off + tl.minimum(start_n + BLOCK_N, N) - 1)
     for g in range(GROUP):  # GQA: every query head of this KV head adds into the same dK, dV registers
         bh = bh_kv // (H // GROUP) * H + bh_kv % (H // GROUP) * GROUP + g
         Qh, DOh = Q + bh.to(tl.int64) * N * HEAD_DIM, DO + bh.to(tl.int64) * N * HEAD_DIM
         LSEh, DELTAh = LSE + bh.to(tl.int64) * N, DELTA + bh.to(tl.int64) * N
-        if CAUSAL:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, cols, offs_m, offs_d, d_ok, start_n,
-                                 tl.minimum(start_free, N), N, qk_scale, HEAD_DIM, BLOCK_M, True, True, PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, cols, offs_m, offs_d, d_ok, start_free, end_full,
-                             N, qk_scale, HEAD_DIM, BLOCK_M, False, CAUSAL, PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, cols, offs_m, offs_d, d_ok,
-                             tl.maximum(end_full, start_free), N, N, qk_scale, HEAD_DIM, BLOCK_M, True, CAUSAL,
-                             PRECISION)
+        if DOC:
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, cols, dock, DOCS + doc_off, offs_m, offs_d,
+                                 d_ok, lo, hi, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_M, True, CAUSAL, True, PRECISION)
+        else:
+            if CAUSAL:
+                dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, cols, dock, DOCS, offs_m, offs_d, d_ok, lo,
+                                     tl.minimum(start_free, N), N, OFFSET, qk_scale, HEAD_DIM, BLOCK_M, True, True,
+                                     False, PRECISION)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, cols, dock, DOCS, offs_m, offs_d, d_ok,
+                                 start_free, end_full, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_M, False, CAUSAL, False,
+                                 PRECISION)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, cols, dock, DOCS, offs_m, offs_d, d_ok,
+                                 tl.maximum(end_full, start_free), N, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_M, True,
+                                 CAUSAL, False, PRECISION)
     tl.store(DK + kv_off + cols[:, None] * HEAD_DIM + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
              mask=kv_ok)
     tl.store(DV + kv_off + cols[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, K, V, rows, offs_n, offs_d, d_ok, lo, hi, N, qk_scale,
+def _dq_tiles(dq, q, do, lse, delta, K, V, rows, docq, DOCK, offs_n, offs_d, d_ok, lo, hi, N, OFFSET, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-              PRECISION: tl.constexpr):
+              DOC: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kv_ok = d_ok & (cols[:, None] < N) if MASKED else d_ok
@@ -264,7 +361,9 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, rows, offs_n, offs_d, d_ok, lo, hi, N
         if MASKED:
             keep = cols[None, :] < N
             if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None])
+                keep = keep & (cols[None, :] <= rows[:, None] + OFFSET)
+            if DOC:
+                keep = keep & (tl.load(DOCK + cols, mask=cols < N, other=-1)[None, :] == docq[:, None])
             s = tl.where(keep, s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -275,56 +374,72 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, rows, offs_n, offs_d, d_ok, lo, hi, N
 
 @triton.autotune(configs=DQ_CONFIGS, key=["N_BUCKET", "HEAD_DIM", "CAUSAL"])
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale, H, GROUP, N, N_BUCKET, HEAD_DIM: tl.constexpr,
-                   BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DOCS, DSTART, DEND, qk_scale, sm_scale, H, GROUP, N, N_BUCKET,
+                   OFFSET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     kv_off = (bh // H * (H // GROUP) + bh % H // GROUP).to(tl.int64) * N * HEAD_DIM
     q_off = bh.to(tl.int64) * N * HEAD_DIM
+    doc_off = (bh // H).to(tl.int64) * N
     rows, offs_n, offs_d = start_m + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
     q_ok = (rows[:, None] < N) & d_ok
     q = tl.load(Q + q_off + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=q_ok, other=0.0)
     do = tl.load(DO + q_off + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=q_ok, other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
     delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    end_free, end = _key_ranges(start_m, N, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _dq_tiles(dq, q, do, lse, delta, K + kv_off, V + kv_off, rows, offs_n, offs_d, d_ok, 0, end_free, N,
-                   qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL, PRECISION)
-    dq = _dq_tiles(dq, q, do, lse, delta, K + kv_off, V + kv_off, rows, offs_n, offs_d, d_ok, end_free, end, N,
-                   qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, PRECISION)
+    end_free, end = _key_ranges(start_m, N, OFFSET, BLOCK_M, BLOCK_N, CAUSAL)
+    if DOC:  # the same tiles as the forward visits
+        docq = tl.load(DOCS + doc_off + rows, mask=rows < N, other=-2)
+        lo = tl.load(DSTART + doc_off + start_m) // BLOCK_N * BLOCK_N
+        if not CAUSAL:
+            end = tl.load(DEND + doc_off + tl.minimum(start_m + BLOCK_M, N) - 1)
+        dq = _dq_tiles(dq, q, do, lse, delta, K + kv_off, V + kv_off, rows, docq, DOCS + doc_off, offs_n, offs_d,
+                       d_ok, lo, end, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, True, PRECISION)
+    else:
+        dq = _dq_tiles(dq, q, do, lse, delta, K + kv_off, V + kv_off, rows, rows, DOCS, offs_n, offs_d, d_ok, 0,
+                       end_free, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL, False, PRECISION)
+        dq = _dq_tiles(dq, q, do, lse, delta, K + kv_off, V + kv_off, rows, rows, DOCS, offs_n, offs_d, d_ok,
+                       end_free, end, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, False, PRECISION)
     tl.store(DQ + q_off + rows[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=q_ok)
 
 
 # ------------------------------------------------------------------------------ launching, autograd, entry point
-def _meta(q, k, causal):
+def _meta(q, k, causal, offset, docs):
     B, H, N, D = q.shape
     # fp32 inputs get exact fp32 dots; the GPU default would be tf32 (10-bit mantissa). N_BUCKET is only the
     # autotuner's key: tune once per power of two of N, not for every N (generation grows N token by token).
-    return dict(H=H, GROUP=H // k.shape[1], N=N, N_BUCKET=triton.next_power_of_2(N), HEAD_DIM=D,
-                BLOCK_D=triton.next_power_of_2(D), CAUSAL=causal,
+    return dict(H=H, GROUP=H // k.shape[1], N=N, N_BUCKET=triton.next_power_of_2(N), OFFSET=offset, HEAD_DIM=D,
+                BLOCK_D=triton.next_power_of_2(D), CAUSAL=causal, DOC=docs is not None,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def triton_forward(q, k, v, causal, scale):
+def _doc_args(q, docs):
+    """(ids, start, end) of doc_bounds; without documents, one placeholder the kernels never read."""
+    return docs if docs is not None else (torch.zeros(1, dtype=torch.int32, device=q.device),) * 3
+
+
+def triton_forward(q, k, v, causal, scale, offset=0, docs=None):
     B, H, N, D = q.shape
     o, lse = torch.empty_like(q), torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
-    _fwd_kernel[grid](q, k, v, o, lse, scale * 1.4426950408889634, **_meta(q, k, causal))
+    _fwd_kernel[grid](q, k, v, o, lse, *_doc_args(q, docs), scale * 1.4426950408889634,
+                      **_meta(q, k, causal, offset, docs))
     return o, lse
 
 
-def triton_backward(q, k, v, o, lse, do, causal, scale):
+def triton_backward(q, k, v, o, lse, do, causal, scale, offset=0, docs=None):
     B, H, N, D = q.shape
-    meta = _meta(q, k, causal)
+    meta = _meta(q, k, causal, offset, docs)
     delta = torch.empty_like(lse)
     _bwd_delta_kernel[(triton.cdiv(N, 64), B * H)](o, do, delta, N, D, meta["BLOCK_D"], 64)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    args = (scale * 1.4426950408889634, scale)
+    args = (*_doc_args(q, docs), scale * 1.4426950408889634, scale)
     _bwd_dkdv_kernel[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * k.shape[1])](q, k, v, do, dk, dv, lse, delta,
                                                                                *args, **meta)
     _bwd_dq_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)](q, k, v, do, dq, lse, delta, *args, **meta)
@@ -335,19 +450,32 @@ def _uses_triton(x):
     return x.is_cuda or (INTERPRET and x.device.type == "cpu")
 
 
+def attention_forward(q, k, v, causal, scale, offset=0, docs=None):
+    """(O, L) of one attention block: the kernels for CUDA tensors (or under the interpreter), else the twin.
+    offset: query i sees key j iff j <= i + offset (causal); docs: doc_bounds(doc). Inputs dense, as checked."""
+    return (triton_forward if _uses_triton(q) else twin_forward)(q, k, v, causal, scale, offset=offset, docs=docs)
+
+
+def attention_backward(q, k, v, o, lse, do, causal, scale, offset=0, docs=None):
+    """(dQ, dK, dV) of one block, given the O and L of the attention it belongs to (its own, or a merged one)."""
+    backward = triton_backward if _uses_triton(q) else twin_backward
+    return backward(q, k, v, o, lse, do.contiguous(), causal, scale, offset=offset, docs=docs)
+
+
 class FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
-        o, lse = (triton_forward if _uses_triton(q) else twin_forward)(q, k, v, causal, scale)
+    def forward(ctx, q, k, v, causal, scale, offset, docs):
+        o, lse = attention_forward(q, k, v, causal, scale, offset, docs)
         ctx.save_for_backward(q, k, v, o, lse)  # O(N) per head: no probabilities are kept
-        ctx.causal, ctx.scale = causal, scale
-        return o
+        ctx.causal, ctx.scale, ctx.offset, ctx.docs = causal, scale, offset, docs
+        ctx.mark_non_differentiable(lse)  # returned for merging partial results; gradients flow through O only
+        return o, lse
 
     @staticmethod
-    def backward(ctx, do):
+    def backward(ctx, do, _dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        backward = triton_backward if _uses_triton(q) else twin_backward
-        return (*backward(q, k, v, o, lse, do.contiguous(), ctx.causal, ctx.scale), None, None)
+        return (*attention_backward(q, k, v, o, lse, do, ctx.causal, ctx.scale, ctx.offset, ctx.docs),
+                None, None, None, None)
 
 
 def check_inputs(q, k, v):
@@ -378,11 +506,43 @@ def check_inputs(q, k, v):
     return (t.contiguous() for t in (q, k, v))  # the kernels index the dense (B, H, N, D) layout; copies if not
 
 
-def flash_attention(q, k, v, causal=False, softmax_scale=None):
-    """softmax(scale q k^T [+ causal mask]) v without the N x N matrix; q (B, H, N, D), k and v (B, H_kv, N, D)."""
+def check_doc(doc, q):
+    """doc: (B, N) integer document ids shared by queries and keys, non-decreasing along each row."""
+    B, N = q.shape[0], q.shape[2]
+    if not isinstance(doc, torch.Tensor) or doc.shape != (B, N) or doc.is_floating_point() or doc.is_complex():
+        what = f"{doc.dtype} {tuple(doc.shape)}" if isinstance(doc, torch.Tensor) else type(doc).__name__
+        raise ValueError(f"flash_attention: doc must be integer document ids of shape (B, N) = ({B}, {N}), "
+                         f"got {what}")
+    if doc.device != q.device:
+        raise ValueError(f"flash_attention: doc on {doc.device}, q on {q.device}")
+    if N > 1 and (doc[:, 1:] < doc[:, :-1]).any():
+        b, i = (doc[:, 1:] < doc[:, :-1]).nonzero()[0].tolist()
+        raise ValueError(f"flash_attention: doc ids must not decrease along a row (packed examples one after "
+                         f"another); row {b} goes from {doc[b, i].item()} to {doc[b, i + 1].item()} at {i + 1}")
+    return doc_bounds(doc)
+
+
+def flash_attention(q, k, v, causal=False, softmax_scale=None, doc=None, q_offset=0, k_offset=0, return_lse=False):
+    """softmax(scale q k^T [+ mask]) v without the N x N matrix; q (B, H, N, D), k and v (B, H_kv, N, D).
+
+    causal: query i sees key j iff j + k_offset <= i + q_offset (the offsets place two chunks of one longer
+    sequence, as ring attention needs). doc: (B, N) document ids of packed examples, non-decreasing along a row:
+    a query sees only keys of its own document. return_lse: also return L = logsumexp of each score row
+    (B, H, N), fp32 (float64 for float64 inputs), -inf for a row that sees nothing, not differentiable.
+    """
     q, k, v = check_inputs(q, k, v)
+    offset = int(q_offset) - int(k_offset)
+    if offset and not causal:
+        raise ValueError("flash_attention: q_offset and k_offset shift the causal mask; they need causal=True")
+    docs = None
+    if doc is not None:
+        if offset:
+            raise ValueError("flash_attention: doc ids are shared by queries and keys of one sequence; "
+                             "they cannot take q_offset/k_offset")
+        docs = check_doc(doc, q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    return FlashAttention.apply(q, k, v, bool(causal), scale)
+    o, lse = FlashAttention.apply(q, k, v, bool(causal), scale, offset, docs)
+    return (o, lse) if return_lse else o
 
 
 # ------------------------------------------------------------------------------ the demo and the benchmark
