@@ -1,0 +1,192 @@
+"""context_parallel.py: ring attention, the sequence split over a group of ranks (context parallelism).
+
+The idea (Liu et al., "Ring Attention with Blockwise Transformers", 2023; the causal load balance of Brandon et
+al., "Striped Attention", and Llama 3's "zigzag" chunks): attention over T tokens on cp ranks. Each rank keeps
+T/cp of the queries, keys and values. The key/value chunks travel around a ring: at step t a rank computes
+attention of its queries against the chunk it holds while it already sends that chunk to the next rank and
+receives the next one from the previous rank. The partial results are over disjoint key sets, so they merge
+exactly, as FlashAttention's tiles do inside one GPU:
+
+    L = log(exp(L1) + exp(L2)),   O = exp(L1 - L) O1 + exp(L2 - L) O2
+
+The backward runs the same ring: each rank recomputes its blocks from Q, K, V and the final O and L, keeps dQ at
+home, and sends dK, dV around with the chunks they belong to (one extra hop brings them home).
+
+Causal load balance. Cut the sequence into 2cp chunks of c = T/2cp tokens; rank i holds chunks i and 2cp-1-i. A
+query chunk a sees a key chunk b fully if b < a, causally (the diagonal) if b = a, not at all if b > a, and those
+pairs are skipped. Every rank then computes 2 diagonal blocks and 2cp-1 full ones: the same work everywhere,
+where contiguous chunks would leave rank 0 one block and rank cp-1 cp of them.
+
+    memory     O(B H T/cp D) per rank for Q, K, V, O, L (and two K/V chunks in flight), against O(B H T D)
+    sent       per rank and layer: forward (cp-1) K/V chunks, backward (cp-1) K/V chunks + cp dK/dV chunks,
+               one chunk = 2 B H_kv (T/cp) D elements
+    FLOPs      unchanged in total, 1/cp per rank (causal: balanced by the zigzag)
+
+Every block is one call of flash_attn.py (Triton kernels on GPUs, its PyTorch twin on CPUs) with a causal offset
+between the query and key chunks: query i sees key j iff j + k_offset <= i + q_offset.
+
+Demo: `torchrun --nproc_per_node 4 context_parallel.py` prints, for a long sequence, the attention's saved
+activations per rank, the time of forward + backward at cp 1, 2, 4, and the bytes each rank sent against the
+formula.
+"""
+import argparse
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from flash_attn import attention_backward, attention_forward, check_inputs
+
+
+# ------------------------------------------------------------------------------ the zigzag layout
+def zigzag_chunks(cp, rank):
+    """The two global chunk indices (of 2cp) rank `rank` holds: i and 2cp-1-i."""
+    return rank, 2 * cp - 1 - rank
+
+
+def zigzag_positions(T, cp, rank, device=None):
+    """Global positions of this rank's T/cp tokens, in its local order (chunk i, then chunk 2cp-1-i)."""
+    if T % (2 * cp):
+        raise ValueError(f"context parallelism: sequence length {T} must be a multiple of 2 x cp = {2 * cp}")
+    c = T // (2 * cp)
+    return torch.cat([torch.arange(a * c, (a + 1) * c, device=device) for a in zigzag_chunks(cp, rank)])
+
+
+def zigzag_split(x, cp, rank, dim=1):
+    """This rank's tokens of a full-sequence tensor (the same sequences on every rank of the group)."""
+    return x.index_select(dim, zigzag_positions(x.shape[dim], cp, rank, device=x.device))
+
+
+def ring_schedule(cp, rank, causal):
+    """For each ring step, the blocks this rank computes: (local query chunk, local key chunk, offset) with
+    offset = (a - b) c / c in chunk units (query i sees key j iff j <= i + offset c). At step t the rank holds the
+    K/V of rank (rank - t) mod cp. Fully masked pairs (b > a) are left out."""
+    mine = zigzag_chunks(cp, rank)
+    steps = []
+    for t in range(cp):
+        theirs = zigzag_chunks(cp, (rank - t) % cp)
+        steps.append([(qa, kb, mine[qa] - theirs[kb]) for qa in (0, 1) for kb in (0, 1)
+                      if not causal or theirs[kb] <= mine[qa]])
+    return steps
+
+
+def schedule_work(schedule, c, causal):
+    """Score entries (query, key pairs) a schedule computes, with chunks of c tokens: c^2 per full block,
+    c(c+1)/2 per diagonal one."""
+    return sum(c * (c + 1) // 2 if causal and off == 0 else c * c for step in schedule for _, _, off in step)
+
+
+# ------------------------------------------------------------------------------ the ring
+class Ring:
+    """Point-to-point exchange with both ring neighbours of a process group."""
+
+    def __init__(self, group=None):
+        if group is not None:
+            ranks = dist.get_process_group_ranks(group)
+        else:  # the whole world; one rank when there is no process group at all
+            ranks = list(range(dist.get_world_size())) if dist.is_initialized() else [0]
+        self.size, self.rank = len(ranks), ranks.index(dist.get_rank() if dist.is_initialized() else 0)
+        self.next, self.prev = ranks[(self.rank + 1) % self.size], ranks[(self.rank - 1) % self.size]
+        self.group, self.bytes_sent = group, 0
+
+    def exchange(self, send, recv):
+        """Start sending `send` to the next rank and receiving `recv` from the previous one; returns the handles.
+        NCCL's send completes only when the peer posts its receive: every rank sending first would deadlock.
+        batch_isend_irecv posts the pair together, so each send meets the receive it crosses."""
+        self.bytes_sent += send.numel() * send.element_size()
+        return dist.batch_isend_irecv([dist.P2POp(dist.isend, send, self.next, self.group),
+                                       dist.P2POp(dist.irecv, recv, self.prev, self.group)])
+
+
+def _wait(handles):
+    for h in handles:
+        h.wait()
+
+
+def merge(o, lse, o_blk, lse_blk):
+    """Online softmax across blocks: two partial attentions over disjoint keys, (O, L) each, into one."""
+    if o is None:
+        return o_blk, lse_blk
+    new = torch.logaddexp(lse, lse_blk)
+    return (torch.exp(lse - new)[..., None] * o + torch.exp(lse_blk - new)[..., None] * o_blk), new
+
+
+def _chunks(x):
+    """The two zigzag chunks of a local (B, H, 2c, D) or (B, H, 2c) tensor, dense (the kernels index densely)."""
+    c = x.shape[2] // 2
+    return [x[:, :, :c].contiguous(), x[:, :, c:].contiguous()]
+
+
+class RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, ring):
+        acc_t = torch.promote_types(q.dtype, torch.float32)  # merge in fp32 (float64 stays float64)
+        c = q.shape[2] // 2
+        schedule = ring_schedule(ring.size, ring.rank, causal)
+        qs = _chunks(q)
+        kv = torch.stack([k, v])                              # one buffer travels: (2, B, H_kv, 2c, D)
+        out, lse = [None, None], [None, None]
+        for t, blocks in enumerate(schedule):
+            if t < ring.size - 1:                             # send on while computing on what we hold
+                nxt = torch.empty_like(kv)
+                handles = ring.exchange(kv, nxt)
+            ks, vs = _chunks(kv[0]), _chunks(kv[1])
+            for qa, kb, off in blocks:
+                o_blk, lse_blk = attention_forward(qs[qa], ks[kb], vs[kb], causal, scale, offset=off * c)
+                out[qa], lse[qa] = merge(out[qa], lse[qa], o_blk.to(acc_t), lse_blk.to(acc_t))
+            if t < ring.size - 1:
+                _wait(handles)
+                kv = nxt
+        o, lse = torch.cat(out, 2).to(q.dtype), torch.cat(lse, 2)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale, ctx.ring = causal, scale, ring
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        ring, causal, scale = ctx.ring, ctx.causal, ctx.scale
+        acc_t = torch.promote_types(q.dtype, torch.float32)
+        c = q.shape[2] // 2
+        qs, os_, dos, lses = _chunks(q), _chunks(o), _chunks(do), _chunks(lse)
+        dq = [torch.zeros_like(x, dtype=acc_t) for x in qs]
+        kv = torch.stack([k, v])
+        dkv_handles = None
+        for t, blocks in enumerate(ring_schedule(ring.size, ring.rank, causal)):
+            if t < ring.size - 1:
+                nxt = torch.empty_like(kv)
+                handles = ring.exchange(kv, nxt)
+            ks, vs = _chunks(kv[0]), _chunks(kv[1])
+            dkv = torch.zeros(kv.shape, dtype=acc_t, device=kv.device)  # this step's share for the held chunk
+            for qa, kb, off in blocks:  # exact shares of the global softmax: P = exp(S - L) with the merged L
+                dq_blk, dk_blk, dv_blk = attention_backward(qs[qa], ks[kb], vs[kb], os_[qa], lses[qa], dos[qa],
+                                                            causal, scale, offset=off * c)
+                dq[qa] += dq_blk
+                dkv[0, :, :, kb * c:(kb + 1) * c] += dk_blk
+                dkv[1, :, :, kb * c:(kb + 1) * c] += dv_blk
+            if dkv_handles is not None:                       # what earlier ranks added for this same chunk
+                _wait(dkv_handles)
+                dkv += dkv_in
+            dkv_in = torch.empty_like(dkv) if ring.size > 1 else dkv
+            if ring.size > 1:
+                dkv_handles = ring.exchange(dkv, dkv_in)      # on with the chunk; overlaps the next step
+            if t < ring.size - 1:
+                _wait(handles)
+                kv = nxt
+        _wait(dkv_handles or [])                              # the last hop brings this rank's own dK, dV home
+        dq = torch.cat(dq, 2).to(q.dtype)
+        return dq, dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None
+
+
+def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, ring=None):
+    """Attention over a sequence split across `group` (None: the whole world), each rank holding its zigzag
+    chunks: q (B, H, T/cp, D), k, v (B, H_kv, T/cp, D) with tokens in zigzag_positions order. Returns this rank's
+    output rows. `ring` (a Ring) may be passed to reuse one and read its bytes_sent."""
+    q, k, v = check_inputs(q, k, v)
+    if q.shape[2] % 2:
+        raise ValueError(f"ring_attention: each rank holds two equal chunks; got {q.shape[2]} local tokens")
+    ring = ring or Ring(group)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    return RingAttention.apply(q, k, v, bool(causal), scale, ring)
