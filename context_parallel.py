@@ -190,3 +190,83 @@ def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, ring=No
     ring = ring or Ring(group)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     return RingAttention.apply(q, k, v, bool(causal), scale, ring)
+
+
+# ------------------------------------------------------------------------------ the demo
+def saved_bytes(fn):
+    """Run fn() and count the bytes autograd keeps for the backward (each storage once): activation memory."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def demo(T, B, H, H_kv, D, reps):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)  # the same full sequence on every rank; each cp group splits it
+    q, k, v, do = (torch.randn(B, h, T, D) for h in (H, H_kv, H_kv, H))
+    e = q.element_size()
+    if rank == 0:
+        print(f"ring attention, causal, fp32 on CPU (flash_attn.py's twin per block), B={B} H={H} H_kv={H_kv} "
+              f"T={T} D={D}, {world} processes, one thread each; time: median of {reps} forward + backward after a warm-up")
+        print(f"{'cp':>3} {'saved MiB/rank':>15} {'x cp1':>6} {'ms/rank':>8} {'max|o - o_cp1|':>15} "
+              f"{'sent MiB/rank':>14} {'formula':>8} {'per ring step':>14}")
+    base = None
+    for cp in (1, 2, 4):
+        if world % cp:
+            continue
+        groups = [dist.new_group(list(range(g, g + cp))) for g in range(0, world, cp)]  # every rank makes each
+        group, r = groups[rank // cp], rank % cp
+        local = [zigzag_split(x, cp, r, dim=2).requires_grad_() for x in (q, k, v)]
+        ring = Ring(group)
+        times = []
+        for _ in range(reps + 1):                         # the first is a warm-up
+            ring.bytes_sent = 0
+            dist.barrier()
+            t0 = time.perf_counter()
+            o, saved = saved_bytes(lambda: ring_attention(*local, ring=ring))
+            o.backward(zigzag_split(do, cp, r, dim=2))
+            times.append(time.perf_counter() - t0)
+        full = torch.empty_like(q)
+        parts = [torch.empty_like(o) for _ in range(cp)]
+        dist.all_gather(parts, o.detach().contiguous(), group=group)
+        for i, part in enumerate(parts):
+            full[:, :, zigzag_positions(T, cp, i)] = part
+        base = full if base is None else base
+        chunk = 2 * B * H_kv * (T // cp) * D * e          # one K/V chunk (dK/dV travel in fp32 too)
+        formula = (cp - 1) * chunk + (cp - 1) * chunk + (cp if cp > 1 else 0) * chunk
+        stats = torch.tensor([saved, sorted(times[1:])[reps // 2], ring.bytes_sent], dtype=torch.float64)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)      # the worst rank
+        if rank == 0:
+            base_saved = base_saved if cp > 1 else stats[0].item()
+            print(f"{cp:>3} {stats[0] / 2**20:>15.2f} {stats[0] / base_saved:>6.3f} {stats[1] * 1e3:>8.0f} "
+                  f"{(full - base).abs().max().item():>15.1e} {stats[2] / 2**20:>14.2f} {formula / 2**20:>8.2f} "
+                  f"{chunk / 2**20:>14.2f}")
+    if rank == 0:
+        print("saved: what autograd keeps for the backward (Q, K, V, O, L of this rank's tokens); sent: forward "
+              "(cp-1) K/V chunks + backward (cp-1) K/V and cp dK/dV chunks, one chunk = 2 B H_kv (T/cp) D x 4 bytes")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    if "RANK" not in os.environ:
+        raise SystemExit("context_parallel.py: launch with torchrun, e.g. torchrun --nproc_per_node 4 "
+                         "context_parallel.py")
+    if args.seq_len % 8:
+        raise SystemExit(f"context_parallel.py: --seq-len must be a multiple of 2 x 4 = 8 (zigzag chunks for cp 4), "
+                         f"got {args.seq_len}")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    demo(args.seq_len, args.batch, args.heads, args.kv_heads, args.head_dim, args.reps)
+    dist.destroy_process_group()
