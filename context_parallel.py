@@ -192,6 +192,37 @@ def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, ring=No
     return RingAttention.apply(q, k, v, bool(causal), scale, ring)
 
 
+# ------------------------------------------------------------------------------ in the model and the loop
+class RingBackend:
+    """model.py's attention backend under --cp: ring attention over the cp group (doc-packed rows are refused
+    before any work, so `doc` is always None here)."""
+
+    def __init__(self, group):
+        self.ring = Ring(group)
+
+    def __call__(self, q, k, v, doc=None):
+        return ring_attention(q, k, v, ring=self.ring)
+
+
+def parallelize(model, topo):
+    """--cp: every block's attention becomes ring attention over topo's cp group (the model is otherwise
+    unchanged: each rank's weights are the same, its tokens are its zigzag chunks, RoPE takes their positions)."""
+    if topo.cp > 1:
+        backend = RingBackend(topo.cp_group)
+        for block in model.blocks:
+            block.attn.backend = backend
+    return model
+
+
+def split_batch(x, y, topo):
+    """This cp rank's zigzag chunks of a batch of whole sequences (B, T), and their global positions (B, T/cp)
+    for RoPE. Every cp rank of a data-parallel replica is given the same sequences."""
+    if topo.cp == 1:
+        return x, y, None
+    pos = zigzag_positions(x.shape[1], topo.cp, topo.cp_rank, device=x.device)
+    return x[:, pos], y[:, pos], pos.expand(x.shape[0], -1)
+
+
 # ------------------------------------------------------------------------------ the demo
 def saved_bytes(fn):
     """Run fn() and count the bytes autograd keeps for the backward (each storage once): activation memory."""
@@ -212,7 +243,8 @@ def demo(T, B, H, H_kv, D, reps):
     e = q.element_size()
     if rank == 0:
         print(f"ring attention, causal, fp32 on CPU (flash_attn.py's twin per block), B={B} H={H} H_kv={H_kv} "
-              f"T={T} D={D}, {world} processes, one thread each; time: median of {reps} forward + backward after a warm-up")
+              f"T={T} D={D}, {world} processes, one thread each; time: median of {reps} forward + backward after a "
+              "warm-up")
         print(f"{'cp':>3} {'saved MiB/rank':>15} {'x cp1':>6} {'ms/rank':>8} {'max|o - o_cp1|':>15} "
               f"{'sent MiB/rank':>14} {'formula':>8} {'per ring step':>14}")
     base = None

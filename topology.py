@@ -26,7 +26,8 @@ runs of ep dp ranks form an ep group (they hold different experts and exchange t
 ranks with the same dp_rank % ep form an expert-data group (replicas of the same experts, dp/ep of them, whose
 gradients are summed there).   dp 4, ep 2 (tp = pp = 1):  ep groups {0,1} {2,3};  expert-data groups {0,2} {1,3}
 
-Demo: `torchrun --nproc_per_node 4 topology.py --tp 2` (or `--ep 2`, `--cp 2`) prints each rank's coordinates and groups.
+Demo: `torchrun --nproc_per_node 4 topology.py --tp 2` (or `--ep 2`, `--cp 2`) prints each rank's coordinates and
+groups.
 """
 import argparse
 
