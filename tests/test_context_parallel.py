@@ -91,3 +91,33 @@ def test_zigzag_positions_cover_the_sequence_once():
     assert zigzag_positions(T, cp, 1).tolist() == [4, 5, 6, 7, 16, 17, 18, 19]
     with pytest.raises(ValueError, match="sequence length 20 must be a multiple of 2 x cp = 6"):
         zigzag_positions(20, 3, 0)
+
+
+def _recorded_exchanges(rank, world):
+    """Every batch_isend_irecv call of one forward and backward, as (op, peer, shape) lists."""
+    import torch.distributed as dist
+    calls, real = [], dist.batch_isend_irecv
+
+    def record(ops):
+        calls.append([(op.op.__name__, op.peer, tuple(op.tensor.shape)) for op in ops])
+        return real(ops)
+    dist.batch_isend_irecv = record
+    q, k, v, do = inputs(T=16, **SHAPE)
+    local = [zigzag_split(x, world, rank, dim=2).requires_grad_() for x in (q, k, v)]
+    ring_attention(*local).backward(zigzag_split(do, world, rank, dim=2))
+    return calls
+
+
+def test_every_send_is_posted_with_the_receive_it_crosses():
+    """NCCL's send completes only when the peer posts the matching receive, so two ring neighbours that both sent
+    first would deadlock on GPUs (gloo buffers sends and hides it). Every call here posts one send to the next rank
+    together with one receive from the previous, and every rank posts the same sequence of calls."""
+    cp = 4
+    per_rank = run_distributed(_recorded_exchanges, cp)
+    for rank, calls in enumerate(per_rank):
+        # forward: cp-1 K/V hops; backward: cp-1 K/V hops and cp dK/dV hops
+        assert len(calls) == 3 * (cp - 1) + 1
+        for ops in calls:
+            assert [(op, peer) for op, peer, _ in ops] == [("isend", (rank + 1) % cp), ("irecv", (rank - 1) % cp)]
+            assert ops[0][2] == ops[1][2]
+        assert [[shape for *_, shape in ops] for ops in calls] == [[s for *_, s in ops] for ops in per_rank[0]]
