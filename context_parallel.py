@@ -215,12 +215,12 @@ def parallelize(model, topo):
 
 
 def split_batch(x, y, topo):
-    """This cp rank's zigzag chunks of a batch of whole sequences (B, T), and their global positions (B, T/cp)
-    for RoPE. Every cp rank of a data-parallel replica is given the same sequences."""
+    """This cp rank's zigzag chunks of a batch of whole sequences (B, T), and the model's keyword arguments for
+    them: their global positions (B, T/cp), for RoPE. Every cp rank of a replica is given the same sequences."""
     if topo.cp == 1:
-        return x, y, None
+        return x, y, {}
     pos = zigzag_positions(x.shape[1], topo.cp, topo.cp_rank, device=x.device)
-    return x[:, pos], y[:, pos], pos.expand(x.shape[0], -1)
+    return x[:, pos], y[:, pos], {"pos": pos.expand(x.shape[0], -1)}
 
 
 # ------------------------------------------------------------------------------ the demo

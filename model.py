@@ -109,6 +109,8 @@ def naive_attention(q, k, v):
 
 def attention(q, k, v, backend):
     """Causal attention over (B, H, T, D) queries and (B, H_kv, T, D) keys/values."""
+    if callable(backend):  # set from outside by a parallel file (context_parallel.py's ring attention)
+        return backend(q, k, v)
     if backend == "naive":
         return naive_attention(q, k, v)
     if backend == "sdpa":
@@ -131,7 +133,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin):
         B, T, _ = x.shape
-        cos, sin = cos[:T], sin[:T]  # the tables may be longer (under sequence parallelism x is gathered here)
+        if cos.dim() == 2:  # positions 0..T-1: the tables may be longer (under sequence parallelism x is gathered here)
+            cos, sin = cos[:T], sin[:T]
         # -1 heads: under tensor parallelism the local linears are narrower and hold only this rank's heads.
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -203,8 +206,11 @@ class Transformer(nn.Module):
     def embed(self, idx):
         return self.tok_emb(idx)
 
-    def body(self, x):
+    def body(self, x, pos=None):
+        """`pos` (B, T): each token's position for RoPE (default 0..T-1; context_parallel.py's chunks are not)."""
         cos, sin = self.rope_cos, self.rope_sin  # whole tables: each attention takes the first T rows it needs
+        if pos is not None:  # (B, 1, T, head_dim/2): the rows of the given positions, for every head
+            cos, sin = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
         for block in self.blocks:
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 # Keep only the block's input; recompute its insides during backward.
@@ -220,10 +226,10 @@ class Transformer(nn.Module):
             return logits, None
         return logits, self.loss_fn(logits, targets, reduction)
 
-    def forward(self, idx, targets=None, reduction="mean"):
+    def forward(self, idx, targets=None, reduction="mean", pos=None):
         # A pipeline stage (pipeline.py) may lack the embedding (it receives activations instead of token ids)
         # or the head (it returns its activations, to be sent on, and no loss).
-        x = self.body(self.embed(idx) if self.tok_emb is not None else idx)
+        x = self.body(self.embed(idx) if self.tok_emb is not None else idx, pos)
         return self.head(x, targets, reduction) if self.lm_head is not None else (x, None)
 
     @torch.no_grad()

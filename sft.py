@@ -55,6 +55,7 @@ Run:
 """
 import ast
 import json
+import math
 import os
 import sys
 import textwrap
@@ -414,7 +415,7 @@ def train(args):
         raise DataError(f"fewer held-out examples that fit than the {dp} data-parallel ranks: give more --val-data")
 
     topo = training.build_topology(args, world, device)  # every input has been checked
-    multiple = args.tp if args.sequence_parallel else 1
+    multiple = math.lcm(args.tp if args.sequence_parallel else 1, 2 * args.cp if args.cp > 1 else 1)  # cut over tp, cp
     n_micro = args.grad_accum * args.microbatches
     batches = SFTBatches(train_rows, args.batch_size, eot_id(enc), topo.dp_rank, topo.dp, n_micro, args.seed, multiple)
     mine, bs = val_rows[topo.dp_rank::topo.dp], max(1, args.batch_size // (args.grad_accum * topo.dp))

@@ -1,17 +1,26 @@
-"""context_parallel.py: ring attention over cp gloo processes equals attention over the whole sequence.
+"""context_parallel.py: ring attention over cp gloo processes equals attention over the whole sequence, and
+training with --cp equals one process.
 
 float64 on CPU: the ring computes the same sums in another order (blocks merged by their logsumexp), so outputs
 and gradients agree to float64 rounding, ~1e-15 relative; 1e-12 leaves room for the merges' exp and log.
 """
+import contextlib
 import math
+import re
+from dataclasses import replace
 
 import pytest
 import torch
 
 import flash_attn
+import pretrain
+import tensor_parallel
+import training
 from context_parallel import (ring_attention, ring_schedule, schedule_work, zigzag_chunks, zigzag_positions,
                               zigzag_split)
-from distributed import run_distributed
+from model import PRESETS
+from tests.distributed import refused_before_any_group, run_distributed
+from topology import Topology
 
 
 def full_attention(q, k, v, causal):
@@ -121,3 +130,98 @@ def test_every_send_is_posted_with_the_receive_it_crosses():
             assert [(op, peer) for op, peer, _ in ops] == [("isend", (rank + 1) % cp), ("irecv", (rank - 1) % cp)]
             assert ops[0][2] == ops[1][2]
         assert [[shape for *_, shape in ops] for ops in calls] == [[s for *_, s in ops] for ops in per_rank[0]]
+
+
+# ------------------------------------------------------------------------------ composed with the training loop
+# Head dim 16 (flash_attn.py's smallest), GQA, T = 16: chunks of 4 tokens at cp 2.
+CFG = replace(PRESETS["tiny"], n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96, vocab_size=64, block_size=16,
+              attn="flash")
+STEPS, MICRO, ROWS, CLIP = 3, 2, 4, 0.05  # 2 micro-batches of 4 rows per step; clipping active
+
+
+def micro_batches(step):
+    g = torch.Generator().manual_seed(step)
+    seq = torch.randint(0, CFG.vocab_size, (MICRO * ROWS, CFG.block_size + 1), generator=g)
+    seq[0, 3:7] = -100  # ignored labels, inside one cp rank's chunks: the token count must be global
+    x, y = seq[:, :-1].clamp(min=0), seq[:, 1:]
+    return list(zip(x.chunk(MICRO), y.chunk(MICRO)))
+
+
+def train(topo, zero=0):
+    """training.py's pieces in float64: build_model (ring attention under cp), build_training over dp x cp,
+    forward_backward on each dp rank's share of the rows (every cp rank of a replica takes the same rows); the
+    losses of the steps, then a held-out loss (evaluate)."""
+    flash_attn.TWIN_BLOCK = 4  # several tiles per chunk
+    model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64)
+    args = pretrain.build_parser().parse_args(["--zero", str(zero), "--lr", "1e-2", "--bucket-mb", "0.01",
+                                               "--attn", "flash", "--cp", str(topo.cp)])
+    module, opt = training.build_training(model, args, torch.float64, topo)
+    losses, norms = [], []
+    for step in range(STEPS):
+        mine = micro_batches(step)
+        mine = [(x.chunk(topo.dp)[topo.dp_rank], y.chunk(topo.dp)[topo.dp_rank]) for x, y in mine]
+        loss = training.forward_backward(module, mine, topo, "1f1b", opt.scale_loss, "cpu", opt.no_sync)
+        norm, _ = opt.step(CLIP)
+        opt.zero_grad()
+        losses.append(training.mean_over_dp(loss, topo).item())
+        norms.append(norm)
+    held_out = [(x.chunk(topo.dp)[topo.dp_rank], y.chunk(topo.dp)[topo.dp_rank]) for x, y in micro_batches(99)]
+    losses.append(training.evaluate(module, held_out, "cpu", topo, 1))
+    with opt.gathered() if zero == 3 else contextlib.nullcontext():
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return losses, norms, params
+
+
+def _train_layouts(rank, world, layouts):
+    out = []
+    for tp, cp, zero in layouts:
+        topo = Topology(tp=tp, cp=cp)
+        out.append((topo.tp_rank, train(topo, zero)))
+    return out
+
+
+@pytest.mark.parametrize("world, layouts", [(2, [(1, 2, 0)]), (8, [(2, 2, 3)])], ids=["cp2", "zero3-cp2-tp2"])
+def test_context_parallel_training_matches_one_process(world, layouts):
+    """cp 2 alone; then dp 2 x cp 2 x tp 2 with ZeRO-3 (shards over dp x cp, tp slices inside)."""
+    ref_losses, ref_norms, ref_params = train(Topology())
+    assert min(ref_norms) > CLIP
+    for per_layout in run_distributed(_train_layouts, world, layouts):
+        for (tp, cp, zero), (tp_rank, (losses, norms, params)) in zip(layouts, per_layout):
+            # float64, the same sums in another order (ring blocks merged by logsumexp, gradients all-reduced):
+            # agreement near 1e-14 after 3 AdamW steps; 1e-10 leaves room.
+            assert losses == pytest.approx(ref_losses, rel=1e-10)
+            assert norms == pytest.approx(ref_norms, rel=1e-10)
+            for name, p in params.items():
+                d = tensor_parallel.split_dim(name)
+                want = ref_params[name] if d is None or tp == 1 else ref_params[name].chunk(tp, dim=d)[tp_rank]
+                torch.testing.assert_close(p, want, rtol=1e-10, atol=1e-12, msg=f"{tp, cp, zero} {name}")
+
+
+FAST = ["--seq-len", "32", "--batch-size", "4", "--max-steps", "4", "--warmup-steps", "1", "--eval-iters", "1",
+        "--eval-every", "4", "--sample-tokens", "0", "--log-every", "1", "--attn", "flash", "--cp", "2"]
+
+
+def _resume(rank, world, out):
+    whole = pretrain.main(FAST + ["--out", f"{out}/whole"])
+    pretrain.main(FAST + ["--out", f"{out}/split", "--stop-after", "2"])
+    second = pretrain.main(FAST + ["--out", f"{out}/split", "--resume"])
+    same = all(torch.equal(a, b) for a, b in zip(whole["model"].parameters(), second["model"].parameters()))
+    return whole["losses"], second["losses"], same
+
+
+def test_context_parallel_resume_is_exact(tmp_path, stdlib_data):
+    (whole, second, same), _ = run_distributed(_resume, 2, str(tmp_path))
+    assert second == whole[2:] and same  # fp32, bit for bit: the data position and RNG travel in the checkpoint
+
+
+@pytest.mark.parametrize("world, flags, match", [
+    (3, ["--cp", "2"], "world size 3 is not divisible by --tp 1 x --pp 1 x --cp 2 = 2"),
+    (4, ["--cp", "2", "--pp", "2", "--attn", "flash"], "--cp 2 with --pp: the pipeline sends whole sequences"),
+    (4, ["--cp", "2", "--tp", "2", "--sequence-parallel", "--attn", "flash"], "--cp 2 with --sequence-parallel"),
+    (4, ["--cp", "2", "--experts", "4", "--ep", "2", "--attn", "flash"], "--cp 2 with --experts/--ep"),
+    (2, ["--cp", "2"], "--cp 2 runs ring attention.*add --attn flash"),
+    (6, ["--cp", "3", "--seq-len", "32", "--attn", "flash"], "cuts each sequence into 2 x 3 equal chunks.*"
+                                                               "divisible by 6 \\(got 32\\)"),
+])
+def test_bad_context_parallel_layouts_are_refused(tmp_path, capsys, monkeypatch, world, flags, match):
+    assert re.search(match, refused_before_any_group(tmp_path, capsys, monkeypatch, world, flags))
