@@ -25,9 +25,14 @@ where contiguous chunks would leave rank 0 one block and rank cp-1 cp of them.
 Every block is one call of flash_attn.py (Triton kernels on GPUs, its PyTorch twin on CPUs) with a causal offset
 between the query and key chunks: query i sees key j iff j + k_offset <= i + q_offset.
 
-Demo: `torchrun --nproc_per_node 4 context_parallel.py` prints, for a long sequence, the attention's saved
-activations per rank, the time of forward + backward at cp 1, 2, 4, and the bytes each rank sent against the
-formula.
+In training (--cp N, training.py): ranks laid out dp x pp x cp x tp (topology.py); every cp rank of a replica
+takes the same rows and keeps its zigzag chunks (split_batch), RoPE at their global positions; replicated
+weights' gradients are averaged over dp x cp; the loss is summed over dp x cp and divided by the labelled tokens
+of the whole rows.
+
+Demo: `torchrun --nproc_per_node 4 context_parallel.py` prints, for a long sequence, at cp 1, 2, 4: ring
+attention's saved activations, time and bytes sent per rank (against the formula), then the same model run on
+one sequence with its activations split into attention's and the rest's.
 """
 import argparse
 import math
@@ -224,63 +229,107 @@ def split_batch(x, y, topo):
 
 
 # ------------------------------------------------------------------------------ the demo
-def saved_bytes(fn):
-    """Run fn() and count the bytes autograd keeps for the backward (each storage once): activation memory."""
-    seen = {}
+class SavedActivations:
+    """Counts the bytes autograd keeps for the backward, each storage once, under a name per code region
+    (saved-tensor hooks; the innermost region wins). Parameters are excluded: they are the model, not activations."""
 
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
+    def __init__(self, exclude=()):
+        self.bytes, self.seen = {}, {p.untyped_storage().data_ptr() for p in exclude}
+
+    def under(self, name):
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in self.seen:
+                self.seen.add(storage.data_ptr())
+                self.bytes[name] = self.bytes.get(name, 0) + storage.nbytes()
+            return t
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
-def demo(T, B, H, H_kv, D, reps):
-    rank, world = dist.get_rank(), dist.get_world_size()
+def _worst(*values):
+    """The largest value of each over all ranks (the rank that bounds memory or time)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def demo_attention(T, B, H, H_kv, D, reps, groups):
+    """Ring attention alone: saved activations, time and bytes sent per rank at each cp, output against cp 1."""
     torch.manual_seed(0)  # the same full sequence on every rank; each cp group splits it
     q, k, v, do = (torch.randn(B, h, T, D) for h in (H, H_kv, H_kv, H))
-    e = q.element_size()
-    if rank == 0:
-        print(f"ring attention, causal, fp32 on CPU (flash_attn.py's twin per block), B={B} H={H} H_kv={H_kv} "
-              f"T={T} D={D}, {world} processes, one thread each; time: median of {reps} forward + backward after a "
-              "warm-up")
-        print(f"{'cp':>3} {'saved MiB/rank':>15} {'x cp1':>6} {'ms/rank':>8} {'max|o - o_cp1|':>15} "
-              f"{'sent MiB/rank':>14} {'formula':>8} {'per ring step':>14}")
-    base = None
-    for cp in (1, 2, 4):
-        if world % cp:
-            continue
-        groups = [dist.new_group(list(range(g, g + cp))) for g in range(0, world, cp)]  # every rank makes each
-        group, r = groups[rank // cp], rank % cp
+    print0(f"ring attention, causal, fp32 on CPU (flash_attn.py's twin per block), B={B} H={H} H_kv={H_kv} T={T} "
+           f"D={D}; time: median of {reps} forward + backward after a warm-up\n"
+           f"{'cp':>3} {'saved MiB/rank':>15} {'x cp1':>6} {'ms/rank':>8} {'max|o - o_cp1|':>15} "
+           f"{'sent MiB/rank':>14} {'formula':>8} {'per ring step':>14}")
+    base = base_saved = None
+    for cp, (group, r) in groups.items():
         local = [zigzag_split(x, cp, r, dim=2).requires_grad_() for x in (q, k, v)]
-        ring = Ring(group)
-        times = []
+        ring, times = Ring(group), []
         for _ in range(reps + 1):                         # the first is a warm-up
-            ring.bytes_sent = 0
+            ring.bytes_sent, acts = 0, SavedActivations()
             dist.barrier()
             t0 = time.perf_counter()
-            o, saved = saved_bytes(lambda: ring_attention(*local, ring=ring))
+            with acts.under("attention"):
+                o = ring_attention(*local, ring=ring)
             o.backward(zigzag_split(do, cp, r, dim=2))
             times.append(time.perf_counter() - t0)
-        full = torch.empty_like(q)
         parts = [torch.empty_like(o) for _ in range(cp)]
         dist.all_gather(parts, o.detach().contiguous(), group=group)
+        full = torch.empty_like(q)
         for i, part in enumerate(parts):
             full[:, :, zigzag_positions(T, cp, i)] = part
         base = full if base is None else base
-        chunk = 2 * B * H_kv * (T // cp) * D * e          # one K/V chunk (dK/dV travel in fp32 too)
-        formula = (cp - 1) * chunk + (cp - 1) * chunk + (cp if cp > 1 else 0) * chunk
-        stats = torch.tensor([saved, sorted(times[1:])[reps // 2], ring.bytes_sent], dtype=torch.float64)
-        dist.all_reduce(stats, op=dist.ReduceOp.MAX)      # the worst rank
-        if rank == 0:
-            base_saved = base_saved if cp > 1 else stats[0].item()
-            print(f"{cp:>3} {stats[0] / 2**20:>15.2f} {stats[0] / base_saved:>6.3f} {stats[1] * 1e3:>8.0f} "
-                  f"{(full - base).abs().max().item():>15.1e} {stats[2] / 2**20:>14.2f} {formula / 2**20:>8.2f} "
-                  f"{chunk / 2**20:>14.2f}")
-    if rank == 0:
-        print("saved: what autograd keeps for the backward (Q, K, V, O, L of this rank's tokens); sent: forward "
-              "(cp-1) K/V chunks + backward (cp-1) K/V and cp dK/dV chunks, one chunk = 2 B H_kv (T/cp) D x 4 bytes")
+        chunk = 2 * B * H_kv * (T // cp) * D * q.element_size()  # one K/V chunk (dK/dV travel in fp32 too)
+        formula = (2 * (cp - 1) + (cp if cp > 1 else 0)) * chunk
+        saved, ms, sent = _worst(acts.bytes["attention"], sorted(times[1:])[reps // 2] * 1e3, ring.bytes_sent)
+        base_saved = base_saved or saved
+        print0(f"{cp:>3} {saved / 2**20:>15.2f} {saved / base_saved:>6.3f} {ms:>8.0f} "
+               f"{(full - base).abs().max().item():>15.1e} {sent / 2**20:>14.2f} {formula / 2**20:>8.2f} "
+               f"{chunk / 2**20:>14.2f}")
+    print0("saved: what autograd keeps for the backward (Q, K, V, O, L of this rank's tokens); sent: forward (cp-1) "
+           "K/V chunks + backward (cp-1) K/V and cp dK/dV chunks, a chunk being 2 B H_kv (T/cp) D x 4 bytes\n")
+
+
+def demo_model(T, groups):
+    """model.py's tiny preset on one sequence of T tokens, attention by the ring: activations saved per rank in
+    attention and in the rest of the model, and the time of one forward + backward."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from model import PRESETS, Transformer
+    cfg = replace(PRESETS["tiny"], block_size=T, attn="flash")
+    torch.manual_seed(0)
+    model, seq = Transformer(cfg), torch.randint(0, cfg.vocab_size, (1, T + 1))
+    print0(f"model.py 'tiny' ({cfg.n_layer} layers, d {cfg.d_model}, {cfg.n_head} heads), one sequence of T={T}, "
+           f"fp32; saved for backward per rank (parameters excluded)\n"
+           f"{'cp':>3} {'attention MiB':>14} {'x cp1':>6} {'rest MiB':>9} {'x cp1':>6} {'ms/rank':>8} {'loss':>8}")
+    base = None
+    for cp, (group, r) in groups.items():
+        acts, ring = SavedActivations(exclude=model.parameters()), RingBackend(group)
+
+        def attend(q, k, v):
+            with acts.under("attention"):
+                return ring(q, k, v)
+        for block in model.blocks:
+            block.attn.backend = attend
+        x, y, kw = split_batch(seq[:, :-1], seq[:, 1:], SimpleNamespace(cp=cp, cp_rank=r))
+        dist.barrier()
+        t0 = time.perf_counter()
+        with acts.under("rest"):
+            loss = model(x, y, reduction="sum", **kw)[1]
+        loss.backward()
+        model.zero_grad()
+        attn, rest, ms = _worst(acts.bytes["attention"], acts.bytes["rest"], (time.perf_counter() - t0) * 1e3)
+        loss = loss.detach().clone()
+        dist.all_reduce(loss, group=group)
+        base = base or (attn, rest)
+        print0(f"{cp:>3} {attn / 2**20:>14.2f} {attn / base[0]:>6.3f} {rest / 2**20:>9.2f} {rest / base[1]:>6.3f} "
+               f"{ms:>8.0f} {loss.item() / T:>8.4f}")
+
+
+def print0(*a):
+    if dist.get_rank() == 0:
+        print(*a, flush=True)
 
 
 if __name__ == "__main__":
@@ -300,5 +349,12 @@ if __name__ == "__main__":
                          f"got {args.seq_len}")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    demo(args.seq_len, args.batch, args.heads, args.kv_heads, args.head_dim, args.reps)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    groups = {}  # cp -> (this rank's cp group, its rank in it); every rank enters every new_group, in order
+    for cp in (c for c in (1, 2, 4) if world % c == 0):
+        made = [dist.new_group(list(range(g, g + cp))) for g in range(0, world, cp)]
+        groups[cp] = made[rank // cp], rank % cp
+    print0(f"{world} processes, one thread each (timings on a shared CPU are rough)")
+    demo_attention(args.seq_len, args.batch, args.heads, args.kv_heads, args.head_dim, args.reps, groups)
+    demo_model(args.seq_len, groups)
     dist.destroy_process_group()
