@@ -180,9 +180,11 @@ def _train_layouts(rank, world, layouts):
     return out
 
 
-@pytest.mark.parametrize("world, layouts", [(2, [(1, 2, 0)]), (8, [(2, 2, 3)])], ids=["cp2", "zero3-cp2-tp2"])
+@pytest.mark.parametrize("world, layouts", [(2, [(1, 2, 0)]), (8, [(2, 2, 3), (2, 2, 1), (1, 4, 2)])],
+                         ids=["cp2", "zero3-cp2-tp2,zero1-cp2-tp2,zero2-cp4"])
 def test_context_parallel_training_matches_one_process(world, layouts):
-    """cp 2 alone; then dp 2 x cp 2 x tp 2 with ZeRO-3 (shards over dp x cp, tp slices inside)."""
+    """cp 2 alone; then on 8 ranks dp 2 x cp 2 x tp 2 with ZeRO-3 and ZeRO-1 (shards over dp x cp, tp slices
+    inside), and dp 2 x cp 4 with ZeRO-2."""
     ref_losses, ref_norms, ref_params = train(Topology())
     assert min(ref_norms) > CLIP
     for per_layout in run_distributed(_train_layouts, world, layouts):
@@ -225,3 +227,25 @@ def test_context_parallel_resume_is_exact(tmp_path, stdlib_data):
 ])
 def test_bad_context_parallel_layouts_are_refused(tmp_path, capsys, monkeypatch, world, flags, match):
     assert re.search(match, refused_before_any_group(tmp_path, capsys, monkeypatch, world, flags))
+
+
+def _sft(rank, world, argv):
+    import sft
+    res = sft.main(argv)
+    return res["losses"], res["val_losses"]
+
+
+def test_sft_with_context_parallel_matches_one_process(tmp_path):
+    """sft.py shares the loop: its masked loss under --cp 2 (rows padded to a multiple of 4, each rank holding
+    half of every example's tokens) equals one process's, to fp32 rounding."""
+    import sft
+    from sft_fixtures import CFG as SFT_CFG, make_init, reverse_examples, write_jsonl
+    init = make_init(tmp_path / "init", replace(SFT_CFG, d_model=64))  # head dim 16, flash_attn.py's smallest
+    argv = ["--init", str(init), "--data", str(write_jsonl(tmp_path / "train.jsonl", reverse_examples(24))),
+            "--val-data", str(write_jsonl(tmp_path / "val.jsonl", reverse_examples(6, seed=1))),
+            "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "1", "--max-steps", "3", "--eval-every", "3",
+            "--samples", "0", "--log-every", "1", "--attn", "flash"]
+    one = sft.main(argv + ["--out", str(tmp_path / "one")])
+    for losses, val_losses in run_distributed(_sft, 2, argv + ["--out", str(tmp_path / "cp"), "--cp", "2"]):
+        assert losses == pytest.approx(one["losses"], rel=1e-5)
+        assert val_losses == pytest.approx(one["val_losses"], rel=1e-5)
