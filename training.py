@@ -110,8 +110,6 @@ def check_args(args, world):
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
     dp = check_layout(world, args.tp, args.pp, args.ep, args.cp)  # TopologyError: world not dp x pp x cp x tp, ...
-    if args.cp > 1:
-        check_context_parallel(args)
     micro = args.grad_accum * args.microbatches
     if args.batch_size % (micro * dp):
         raise ConfigError(f"--batch-size {args.batch_size} does not divide into --grad-accum {args.grad_accum} x "
@@ -136,8 +134,9 @@ def check_context_parallel(args):
     """What --cp cannot compose with yet, in one line each: the reason, and what would work."""
     why = {"--pp": (args.pp > 1, "the pipeline sends whole sequences between stages; use --tp and data "
                                  "parallelism with --cp"),
-           "--experts/--ep": (args.ep > 1 or getattr(args, "experts", 0), "routing and its balancing loss are per "
-                                                                          "rank, not per sequence; use a dense model"),
+           "experts (--experts, --ep, an MoE --init)": (args.ep > 1 or getattr(args, "experts", 0),
+                                                        "routing capacity and the balancing loss are computed per "
+                                                        "rank, over part of each sequence; use a dense model"),
            "--sequence-parallel": (args.sequence_parallel, "it splits the sequence over tp ranks as well; drop it"),
            "--pack": (getattr(args, "pack", False), "document masks across a ring are not implemented; drop --pack")}
     for flag, (bad, reason) in why.items():
@@ -161,6 +160,8 @@ def check_model_layout(cfg, args, what):
     if args.sequence_parallel and T % args.tp:
         raise TopologyError(f"--sequence-parallel splits the {T} positions of a sequence over --tp {args.tp}: "
                             f"choose a --seq-len divisible by {args.tp}")
+    if args.cp > 1:  # (here, not in check_args: sft.py learns whether its base model has experts from --init)
+        check_context_parallel(args)
     if T % (2 * args.cp):
         raise TopologyError(f"--cp {args.cp} cuts each sequence into 2 x {args.cp} equal chunks (zigzag): choose a "
                             f"--seq-len divisible by {2 * args.cp} (got {T})")

@@ -220,7 +220,8 @@ def test_context_parallel_resume_is_exact(tmp_path, stdlib_data):
     (3, ["--cp", "2"], "world size 3 is not divisible by --tp 1 x --pp 1 x --cp 2 = 2"),
     (4, ["--cp", "2", "--pp", "2", "--attn", "flash"], "--cp 2 with --pp: the pipeline sends whole sequences"),
     (4, ["--cp", "2", "--tp", "2", "--sequence-parallel", "--attn", "flash"], "--cp 2 with --sequence-parallel"),
-    (4, ["--cp", "2", "--experts", "4", "--ep", "2", "--attn", "flash"], "--cp 2 with --experts/--ep"),
+    (4, ["--cp", "2", "--experts", "4", "--ep", "2", "--attn", "flash"], "--cp 2 with experts"),
+    (2, ["--cp", "2", "--experts", "4", "--attn", "flash"], "--cp 2 with experts.*use a dense model"),
     (2, ["--cp", "2"], "--cp 2 runs ring attention.*add --attn flash"),
     (6, ["--cp", "3", "--seq-len", "32", "--attn", "flash"], "cuts each sequence into 2 x 3 equal chunks.*"
                                                                "divisible by 6 \\(got 32\\)"),
@@ -249,3 +250,18 @@ def test_sft_with_context_parallel_matches_one_process(tmp_path):
     for losses, val_losses in run_distributed(_sft, 2, argv + ["--out", str(tmp_path / "cp"), "--cp", "2"]):
         assert losses == pytest.approx(one["losses"], rel=1e-5)
         assert val_losses == pytest.approx(one["val_losses"], rel=1e-5)
+
+
+def test_sft_refuses_packing_with_context_parallel(tmp_path, capsys, monkeypatch):
+    import sft
+    from sft_fixtures import CFG as SFT_CFG, make_init, reverse_examples, write_jsonl
+    init = make_init(tmp_path / "init", replace(SFT_CFG, d_model=64))
+    data = str(write_jsonl(tmp_path / "train.jsonl", reverse_examples(8)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as e:
+        sft.main(["--init", str(init), "--data", data, "--val-data", data, "--out", str(tmp_path / "out"),
+                  "--batch-size", "2", "--cp", "2", "--pack", "--attn", "flash"])
+    assert e.value.code == 2 and not torch.distributed.is_initialized()
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--cp 2 with --pack: document masks across a ring are not implemented" in err
