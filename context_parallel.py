@@ -65,9 +65,9 @@ def zigzag_split(x, cp, rank, dim=1):
 
 
 def ring_schedule(cp, rank, causal):
-    """For each ring step, the blocks this rank computes: (local query chunk, local key chunk, offset) with
-    offset = (a - b) c / c in chunk units (query i sees key j iff j <= i + offset c). At step t the rank holds the
-    K/V of rank (rank - t) mod cp. Fully masked pairs (b > a) are left out."""
+    """For each ring step, the blocks this rank computes: (local query chunk, local key chunk, offset), where
+    offset = a - b for global chunks a (queries) and b (keys): query i sees key j iff j <= i + offset c. At step t
+    the rank holds the K/V of rank (rank - t) mod cp. Fully masked pairs (b > a) are left out."""
     mine = zigzag_chunks(cp, rank)
     steps = []
     for t in range(cp):

@@ -29,10 +29,12 @@ Where it runs: CUDA tensors use the kernels (fp16, bf16; fp32 with exact fp32 do
 interpreter when TRITON_INTERPRET=1 was set before this file was imported (fp32, fp16), otherwise the twin (any
 float dtype, float64 included). Head dims 16 to 128; grouped-query attention with H % H_kv == 0.
 
-Run: `python flash_attn.py`: on a GPU, a bf16 check against SDPA, then TFLOP/s of ours against SDPA's flash and
-cuDNN backends and peak memory against naive attention; on a CPU, a float64 correctness demo of the twin.
+Run: `python flash_attn.py`: on a GPU, a bf16 check against SDPA, packed documents against one causal row, then
+TFLOP/s of ours against SDPA's flash and cuDNN backends and peak memory against naive attention; on a CPU, a
+float64 correctness demo of the twin and the packed documents' time.
 """
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -340,15 +342,40 @@ def memory():
         print(f"{N:>6} {peak['ours']:>8.0f} {peak['naive']:>8.0f} {peak['naive'] / peak['ours']:>10.1f}")
 
 
+def packing(device, dtype, N, docs, H=4, D=64, reps=3):
+    """Packed documents: the doc mask against naive attention with the same mask, and the time of forward +
+    backward with and without it (the skipped tiles are the saving: about 1/docs of causal attention's work)."""
+    from model import naive_attention
+    q, k, v, do = _inputs(1, H, H, N, D, dtype, device)
+    doc = torch.arange(N, device=device) * docs // N  # `docs` equal documents one after another
+    ms = {}
+    for name, kw in (("causal", {}), ("packed", {"doc": doc[None]})):
+        f = lambda: _grads(lambda q, k, v: flash_attention(q, k, v, causal=True, **kw), q, k, v, do)
+        f()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        ms[name] = (time.perf_counter() - t0) / reps * 1e3
+    want = naive_attention(*(t.detach().double() for t in (q, k, v)), doc=doc[None])
+    err = (flash_attention(q, k, v, causal=True, doc=doc[None]).double() - want).abs().max().item()
+    print(f"  packed: {docs} documents of {N // docs} in one row of {N}, {str(dtype)[6:]}: max |error| vs naive with "
+          f"the same mask {err:.1e}; forward + backward {ms['packed']:.0f} ms against {ms['causal']:.0f} ms for one "
+          f"causal row ({ms['causal'] / ms['packed']:.1f}x)")
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     if torch.cuda.is_available():
         import triton
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
         check("cuda", torch.bfloat16)
+        packing("cuda", torch.bfloat16, 16384, 16)
         benchmark()
         memory()
     else:
         where = "the Triton interpreter" if INTERPRET else "the PyTorch twin (TRITON_INTERPRET=1 runs the kernels)"
         print(f"No CUDA device: the benchmark needs a GPU. A correctness check of {where} instead:")
         check("cpu", torch.float32 if INTERPRET else torch.float64, B=1, H=4, H_kv=2, N=100, D=32)
+        packing("cpu", torch.float32, 256 if INTERPRET else 2048, 8)
