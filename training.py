@@ -281,7 +281,8 @@ def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, n
     summed loss / (the global batch's labelled tokens `n_labels` / dp), and returns it (float64): the mean over
     the dp ranks, of it and of its gradients (ddp.py, zero.py), is the step's loss. Only the last micro-batch's
     backward communicates over dp (no_sync). Under --cp each rank computes the loss of its zigzag chunks of the
-    sequences, and dp x cp takes dp's place in all of this."""
+    rows: dp x cp takes dp's place in the divisor and in the averages, while n_labels stays the count of the
+    whole rows (every cp rank holds them) summed over dp."""
     if n_labels is None:
         _, n_labels = global_counts(micro_batches, topo, device)
     per_rank = max(n_labels, 1.0) / (topo.dp * topo.cp)
