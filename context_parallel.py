@@ -199,13 +199,14 @@ def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, ring=No
 
 # ------------------------------------------------------------------------------ in the model and the loop
 class RingBackend:
-    """model.py's attention backend under --cp: ring attention over the cp group (doc-packed rows are refused
-    before any work, so `doc` is always None here)."""
+    """model.py's attention backend under --cp: ring attention over the cp group."""
 
     def __init__(self, group):
         self.ring = Ring(group)
 
     def __call__(self, q, k, v, doc=None):
+        if doc is not None:  # (training.py refuses --pack with --cp before any work; this guards other callers)
+            raise ValueError("ring attention: packed rows' document masks across the ring are not implemented")
         return ring_attention(q, k, v, ring=self.ring)
 
 
