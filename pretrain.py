@@ -26,7 +26,6 @@ Run:
 import math
 import sys
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 

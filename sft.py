@@ -25,7 +25,11 @@ Alpaca-style lines ({"instruction", "input" (optional), "output"}) are a one-tur
 Batches: one example per row, padded on the right to the longest row of its micro-batch (padding labels -100).
 Attention is causal, so a real token never sees the padding after it, and no example sees another, at the cost
 of the padded positions' compute. Examples longer than --seq-len (default: the context) are skipped and
-counted, never silently truncated; a prompt that alone fills it is an error.
+counted, never silently truncated; a prompt that alone fills it is an error. --pack instead places several
+examples in one row of --seq-len tokens (pack): each with positions restarting at 0 and a document id, so that
+attention is block-diagonal causal (model.py) and each example's loss is exactly its padded loss; a step keeps
+the same examples, so packed and padded training take the same steps. The compute saved is the padding's (the
+matmuls' 6 N per token), less what longer rows add to attention unless the kernel skips the masked tiles.
 
 Loss normalisation: with masks, micro-batches hold different numbers of response tokens. The loss of a step is
 
@@ -50,13 +54,13 @@ Run:
     python sft.py --init out/pretrain                          # full fine-tuning on the embedded default
     python sft.py --init out/pretrain --lora-r 8 --lora-targets wq,wk,wv,wo,w1,w2,w3 --lr 3e-3
     python sft.py --init out/pretrain --data my.jsonl --val-data my_val.jsonl
-    torchrun --nproc_per_node 4 sft.py --init out/pretrain --zero 3 --tp 2    # any layout pretrain.py runs
+    python sft.py --init out/pretrain --pack                   # several examples per row, no attention between
+    torchrun --nproc_per_node 4 sft.py --init out/pretrain --zero 3 --tp 2 --lora-r 8   # any layout pretrain.py runs
     make sft                                                   # pretrains first if out/sft-base has no checkpoint
 """
 import contextlib
 import json
 import math
-import os
 import sys
 import zlib
 from dataclasses import asdict, replace
@@ -187,12 +191,14 @@ def collate(rows, pad_id, multiple=1):
 
 
 def pack(rows, pad_id, T, multiple=1):
-    """Several examples per row: each placed in the first row with room left in T tokens (in order), its
-    positions restarting at 0 (pos) and its own document id (doc), so that attention stays inside it (model.py)
-    and it computes exactly what it would alone. A row's tail is padding (labels -100, a document of its own).
-    Returns (x, y, {"pos": pos, "doc": doc}), rows as long as the longest (rounded up to `multiple`)."""
+    """Several examples per row: longest first, each placed in the first row with room left in T tokens (first-fit
+    decreasing), its positions restarting at 0 (pos) and its own document id (doc), so that attention stays
+    inside it (model.py) and it computes exactly what it would alone. A row's tail is padding (labels -100, a
+    document of its own). Returns (x, y, {"pos": pos, "doc": doc}), rows as long as the longest (rounded up to
+    `multiple`). The loss is a sum over tokens: the order of the examples does not change it."""
     bins = []  # [tokens used, example indices]
-    for i, (xi, _) in enumerate(rows):
+    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
+        xi = rows[i][0]
         fit = next((b for b in bins if b[0] + len(xi) <= T), None)
         if fit is None:
             bins.append(fit := [0, []])

@@ -64,7 +64,7 @@ def add_shared_flags(ap, **defaults):
     """The flags of both entry points: layout, precision, optimizer, schedule, logging/saving/resuming. Each
     entry point passes its own defaults (a flag name with _ for -, e.g. max_steps=100)."""
     a = ap.add_argument
-    a("--batch-size", type=int, default=32, help="global batch in rows per optimizer step")
+    a("--batch-size", type=int, default=32, help="global batch per optimizer step (sequences, or SFT examples)")
     a("--seq-len", type=int, default=None, help="tokens per row (default: the model's block_size)")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--max-steps", type=int, default=None, help="optimizer steps")

@@ -369,7 +369,6 @@ class ZeroOptimizer:
 
 if __name__ == "__main__":
     from dataclasses import replace
-    from types import SimpleNamespace
 
     from amp import DynamicLossScaler, MixedPrecisionOptimizer, cast_model
     from estimate import zero_table
