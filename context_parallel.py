@@ -308,9 +308,9 @@ def demo_model(T, groups):
     for cp, (group, r) in groups.items():
         acts, ring = SavedActivations(exclude=model.parameters()), RingBackend(group)
 
-        def attend(q, k, v):
+        def attend(q, k, v, doc=None):
             with acts.under("attention"):
-                return ring(q, k, v)
+                return ring(q, k, v, doc)
         for block in model.blocks:
             block.attn.backend = attend
         x, y, kw = split_batch(seq[:, :-1], seq[:, 1:], SimpleNamespace(cp=cp, cp_rank=r))

@@ -378,4 +378,4 @@ if __name__ == "__main__":
         where = "the Triton interpreter" if INTERPRET else "the PyTorch twin (TRITON_INTERPRET=1 runs the kernels)"
         print(f"No CUDA device: the benchmark needs a GPU. A correctness check of {where} instead:")
         check("cpu", torch.float32 if INTERPRET else torch.float64, B=1, H=4, H_kv=2, N=100, D=32)
-        packing("cpu", torch.float32, 256 if INTERPRET else 2048, 8)
+        packing("cpu", torch.float32, 128 if INTERPRET else 1024, 4 if INTERPRET else 8, reps=1)
