@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from flash_attn import attention_backward, attention_forward, check_inputs
+from topology import TopologyError
 
 
 # ------------------------------------------------------------------------------ the zigzag layout
@@ -218,6 +219,27 @@ def parallelize(model, topo):
         for block in model.blocks:
             block.attn.backend = backend
     return model
+
+
+def check_flags(args, T):
+    """--cp and what it cannot compose with yet, before anything is built: one line each, the reason and what
+    would work (TopologyError)."""
+    why = {"--pp": (args.pp > 1, "the pipeline sends whole sequences between stages; use --tp and data "
+                                 "parallelism with --cp"),
+           "experts (--experts, --ep, an MoE --init)": (args.ep > 1 or getattr(args, "experts", 0),
+                                                        "routing capacity and the balancing loss are computed per "
+                                                        "rank, over part of each sequence; use a dense model"),
+           "--sequence-parallel": (args.sequence_parallel, "it splits the sequence over tp ranks as well; drop it"),
+           "--pack": (getattr(args, "pack", False), "document masks across a ring are not implemented; drop --pack")}
+    for flag, (bad, reason) in why.items():
+        if bad:
+            raise TopologyError(f"--cp {args.cp} with {flag}: {reason}")
+    if args.attn != "flash":
+        raise TopologyError(f"--cp {args.cp} runs ring attention, whose blocks are flash_attn.py's kernels (its "
+                            f"twin on CPU): add --attn flash (got --attn {args.attn})")
+    if T % (2 * args.cp):
+        raise TopologyError(f"--cp {args.cp} cuts each sequence into 2 x {args.cp} equal chunks (zigzag): choose a "
+                            f"--seq-len divisible by {2 * args.cp} (got {T})")
 
 
 def split_batch(x, y, topo):

@@ -144,23 +144,6 @@ def check_args(args, world):
     return dp
 
 
-def check_context_parallel(args):
-    """What --cp cannot compose with yet, in one line each: the reason, and what would work."""
-    why = {"--pp": (args.pp > 1, "the pipeline sends whole sequences between stages; use --tp and data "
-                                 "parallelism with --cp"),
-           "experts (--experts, --ep, an MoE --init)": (args.ep > 1 or getattr(args, "experts", 0),
-                                                        "routing capacity and the balancing loss are computed per "
-                                                        "rank, over part of each sequence; use a dense model"),
-           "--sequence-parallel": (args.sequence_parallel, "it splits the sequence over tp ranks as well; drop it"),
-           "--pack": (getattr(args, "pack", False), "document masks across a ring are not implemented; drop --pack")}
-    for flag, (bad, reason) in why.items():
-        if bad:
-            raise TopologyError(f"--cp {args.cp} with {flag}: {reason}")
-    if args.attn != "flash":
-        raise ConfigError(f"--cp {args.cp} runs ring attention, whose blocks are flash_attn.py's kernels (its twin "
-                          f"on CPU): add --attn flash (got --attn {args.attn})")
-
-
 def check_model_layout(cfg, args, what):
     """The checks that need the model's shape (`what` names it in the message: "model 'tiny'", "--init DIR")."""
     if args.seq_len is not None and not 1 <= args.seq_len <= cfg.block_size:
@@ -175,10 +158,7 @@ def check_model_layout(cfg, args, what):
         raise TopologyError(f"--sequence-parallel splits the {T} positions of a sequence over --tp {args.tp}: "
                             f"choose a --seq-len divisible by {args.tp}")
     if args.cp > 1:  # (here, not in check_args: sft.py learns whether its base model has experts from --init)
-        check_context_parallel(args)
-    if T % (2 * args.cp):
-        raise TopologyError(f"--cp {args.cp} cuts each sequence into 2 x {args.cp} equal chunks (zigzag): choose a "
-                            f"--seq-len divisible by {2 * args.cp} (got {T})")
+        context_parallel.check_flags(args, T)
     if args.ep > 1 and not getattr(args, "experts", 0):
         raise ConfigError(f"--ep {args.ep} splits experts over ranks: give --experts (a multiple of {args.ep})")
     if getattr(args, "experts", 0):

@@ -265,3 +265,12 @@ def test_sft_refuses_packing_with_context_parallel(tmp_path, capsys, monkeypatch
     assert e.value.code == 2 and not torch.distributed.is_initialized()
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--cp 2 with --pack: document masks across a ring are not implemented" in err
+
+
+def test_without_cp_any_sequence_length_is_accepted():
+    """The 2cp-chunks rule applies under --cp only: an odd --seq-len trains without it."""
+    args = pretrain.build_parser().parse_args(["--seq-len", "31"])
+    training.check_model_layout(PRESETS["tiny"], args, "model 'tiny'")  # no error
+    with pytest.raises(training.TopologyError, match="divisible by 4 \\(got 31\\)"):
+        training.check_model_layout(PRESETS["tiny"], pretrain.build_parser().parse_args(
+            ["--seq-len", "31", "--cp", "2", "--attn", "flash"]), "model 'tiny'")
