@@ -25,8 +25,8 @@ one learning rate for every size and one seed. The shape of the result (a parabo
 moving right with C) is what carries over; the fitted exponents are rough, and the irreducible loss E here is
 that of bytes of code, not of English tokens.
 
-Run: `make scaling` (python scaling.py) trains the sweep (14 runs, 14,506 steps of 2048 tokens; about an hour on
-2 CPU cores shared with other jobs, as measured once), appending one line per finished run to
+Run: `make scaling` (python scaling.py) trains the sweep (14 runs, 14,506 steps of 2048 tokens: 12 minutes on 2
+CPU cores shared with light other work, as measured once), appending one line per finished run to
 out/scaling/runs.jsonl; an interrupted sweep, run again, skips the finished runs and resumes the unfinished one
 from its checkpoint. `python scaling.py --fit-only` refits and replots what is there.
 """
