@@ -112,6 +112,25 @@ def test_zero1_and_zero3_with_tp2_pp2_on_eight_ranks():
     check_against_one_process([(2, 2, "1f1b", 1, False), (2, 2, "1f1b", 3, False)], 8)
 
 
+def _backward_all_reduces(rank, world):
+    """All-reduces issued by one tensor-parallel backward (tp = world), counted by wrapping dist.all_reduce."""
+    model = pretrain.build_model(CFG, Topology(tp=world), seed=0, device=torch.device("cpu"), dtype=torch.float64)
+    x, y = micro_batches(0)[0]
+    _, loss = model(x, y)
+    calls, real = [], dist.all_reduce
+    dist.all_reduce = lambda t, *a, **k: calls.append(t.shape) or real(t, *a, **k)
+    try:
+        loss.backward()
+    finally:
+        dist.all_reduce = real
+    return len(calls)
+
+
+def test_tensor_parallel_backward_does_two_all_reduces_per_block():
+    """Megatron's count: f once before wq, wk, wv (not once each), once before w1, w3; plus the head's f."""
+    assert run_distributed(_backward_all_reduces, 2) == [2 * CFG.n_layer + 1] * 2
+
+
 def test_vocab_parallel_cross_entropy_equals_the_gathered_one():
     """The loss function alone, with no communication (group None): one rank holding the whole vocabulary."""
     torch.manual_seed(0)
