@@ -39,9 +39,12 @@ sft: install
 test: install
 	$(PY) -m pytest -q
 
-# Our DDP vs torch DDP and our ZeRO-3 vs torch FSDP2, world size 2 on CPU gloo: about a minute on 2 cores.
+# Our DDP vs torch DDP and our ZeRO-3 vs torch FSDP2, world size 2 on CPU gloo: about a minute on 2 cores;
+# then our ZeRO-3 x tp 2 vs FSDP2 over torch's tensor parallelism (world 4) and our 1F1B vs torch's
+# Schedule1F1B (world 2): a few minutes more.
 bench: install
 	$(PY) benchmarks/bench_dp.py --out out/bench/bench_dp.json
+	$(PY) benchmarks/bench_parallel.py --out out/bench/bench_parallel.json
 
 # On a CUDA machine only: the GPU tests, python flash_attn.py, a one-GPU pretrain.py throughput/MFU line and,
 # with two GPUs visible, 2-rank NCCL runs; one table at the end (under 8 minutes on one H100/H200).

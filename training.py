@@ -116,8 +116,8 @@ def check_args(args, world):
         raise ConfigError("--compile with --pp > 1: the pipeline calls the stage's parts one by one; "
                           "compile is supported without pipeline parallelism")
     if args.compile and args.zero == 3 and dp > 1:
-        # (ddp.py and ZeRO 1-2 compile, and compute the same; but the compiled backward is one graph, after which
-        # their gradient hooks fire: the reductions no longer overlap the backward.)
+        # (ddp.py and ZeRO 1-2 are accepted with --compile; their gradient hooks are expected to fire after the
+        # compiled backward graph, so that the reductions no longer overlap the backward.)
         raise ConfigError("--compile with --zero 3: zero.py gathers and frees each block's weights (storage "
                           "resizing, hooks on module calls) inside the forward, which torch.compile does not "
                           "trace reliably; use --zero 3 without --compile, or --compile with --zero 0-2")
