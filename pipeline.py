@@ -59,6 +59,15 @@ def keep_stage(model, topo):
     return model
 
 
+def cut(batch, m):
+    """A batch (x, y) or (x, y, {"pos": ..., "doc": ...}) cut along its rows into (at most) m micro-batches."""
+    x, y, *packing = batch
+    pieces = [x.chunk(m), y.chunk(m)] + [v.chunk(m) for v in (packing[0].values() if packing else ())]
+    if not packing:
+        return list(zip(*pieces))
+    return [(p[0], p[1], dict(zip(packing[0], p[2:]))) for p in zip(*pieces)]
+
+
 # ----------------------------------------------------------------------------- the schedules
 def make_schedule(kind, m, p, stage):
     """The ordered list of ("F", i) and ("B", i) this stage executes for micro-batches 0..m-1."""
@@ -112,7 +121,8 @@ class _Saved:
 
 def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, scale_loss=None, timeline=None,
                  train=True, no_sync=None):
-    """Forward (and with train=True backward) of `micro_batches` [(x, y), ...] through this rank's stage.
+    """Forward (and with train=True backward) of `micro_batches` [(x, y) or (x, y, packing), ...] through this
+    rank's stage.
     Gradients accumulate in the stage's parameters. The last stage sums each micro-batch's per-token losses
     (labels of -100 take none) and divides by loss_div (default: the micro-batches' labelled tokens, so that the
     result is their mean; training.py passes the global batch's count). Returns the sum over micro-batches,
@@ -126,7 +136,7 @@ def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, sca
     deadlocks: stage s sends activation i+1 before receiving gradient i while stage s+1 sends gradient i before
     receiving activation i+1, and both sends wait for a receive that is never posted."""
     m = len(micro_batches)
-    loss_div = loss_div or sum(int((y != -100).sum()) for _, y in micro_batches)
+    loss_div = loss_div or sum(int((mb[1] != -100).sum()) for mb in micro_batches)
     first, last, p, s = topo.is_first_stage, topo.is_last_stage, topo.pp, topo.pp_rank
     prev_rank = topo.pp_ranks[s - 1] if not first else None
     next_rank = topo.pp_ranks[s + 1] if not last else None
@@ -151,11 +161,14 @@ def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, sca
         return None
 
     def forward(i, h):
-        x, y = micro_batches[i]
+        # Packed rows (sft.py --pack) bring positions and document ids, {"pos": ..., "doc": ...}: every stage's
+        # attention needs them; each stage has them from the data loader, only activations travel.
+        x, y, *packing = micro_batches[i]
+        packing = {k: v.to(device) for k, v in packing[0].items()} if packing else {}
         h = x.to(device) if first else h.requires_grad_(train)
         # The stage's forward: token ids -> activations on the first, activations -> (logits, loss) on the
         # last, activations -> activations in between (model.py's forward skips the parts a stage lacks).
-        out, loss = model(h, y.to(device) if last else None, reduction="sum")
+        out, loss = model(h, y.to(device) if last else None, reduction="sum", **packing)
         if last:
             losses[i] = loss / loss_div
             total.add_(losses[i].detach().double())
