@@ -115,7 +115,7 @@ def test_zero1_and_zero3_with_tp2_pp2_on_eight_ranks():
 
 def _backward_all_reduces(rank, world):
     """All-reduces issued by one tensor-parallel backward (tp = world), counted by wrapping dist.all_reduce."""
-    model = pretrain.build_model(CFG, Topology(tp=world), seed=0, device=torch.device("cpu"), dtype=torch.float64)
+    model = training.build_model(CFG, Topology(tp=world), seed=0, device=torch.device("cpu"), dtype=torch.float64)
     x, y = micro_batches(0)[0]
     _, loss = model(x, y)
     calls, real = [], dist.all_reduce
