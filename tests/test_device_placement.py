@@ -96,15 +96,17 @@ PRETRAIN = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--eval-i
 LAYOUTS = {"dp (ddp.py)": [], "ZeRO-1": ["--zero", "1"], "ZeRO-2": ["--zero", "2"], "ZeRO-3": ["--zero", "3"],
            "tp 2, sequence-parallel": ["--tp", "2", "--sequence-parallel"], "pp 2 (1f1b)": ["--pp", "2", "--microbatches", "2"],
            "ep 2": ["--experts", "4", "--ep", "2", "--zero", "1"]}
+SFT_LAYOUTS = {"sft, dp 2": [], "sft, tp 2, packed rows": ["--tp", "2", "--pack"]}
 
 
 def _audit(rank, world, out, cache, sft_files):
     os.environ["LLM_DATA_CACHE"] = cache
     found = {name: run_audited(pretrain.main, PRETRAIN + extra + ["--out", f"{out}/{i}"])
              for i, (name, extra) in enumerate(LAYOUTS.items())}
-    found["sft, dp 2"] = run_audited(sft.main, ["--init", sft_files[0], "--data", sft_files[1], "--val-data",
-                                                sft_files[2], "--batch-size", "4", "--samples", "0",
-                                                "--out", f"{out}/sft", *STEPS])
+    for name, extra in SFT_LAYOUTS.items():
+        found[name] = run_audited(sft.main, ["--init", sft_files[0], "--data", sft_files[1], "--val-data",
+                                             sft_files[2], "--batch-size", "4", "--samples", "0",
+                                             "--out", f"{out}/{name}", *STEPS, *extra])
     return found
 
 
@@ -112,7 +114,7 @@ def test_every_collective_gets_tensors_on_the_runs_device(tmp_path, stdlib_data,
     files = [str(make_init(tmp_path / "init")), str(write_jsonl(tmp_path / "t.jsonl", reverse_examples(16))),
              str(write_jsonl(tmp_path / "v.jsonl", reverse_examples(4, seed=1)))]
     for found in run_distributed(_audit, 2, str(tmp_path), str(data_cache), files):
-        assert list(found) == [*LAYOUTS, "sft, dp 2"]
+        assert list(found) == [*LAYOUTS, *SFT_LAYOUTS]
         assert all(v == [] for v in found.values()), {k: v for k, v in found.items() if v}
 
 
