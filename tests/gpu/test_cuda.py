@@ -57,12 +57,17 @@ def _pretrain(tmp, nproc, extra):
         return [r["loss"] for r in map(json.loads, f) if "loss" in r]
 
 
+@pytest.fixture(scope="module")
+def one_gpu(tmp_path_factory):
+    return _pretrain(str(tmp_path_factory.mktemp("one")), 1, [])
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("extra", [["--zero", "0"], ["--zero", "3"], ["--tp", "2"], ["--pp", "2", "--microbatches", "4"]],
                          ids=["ddp", "zero3", "tp2", "1f1b"])
-def test_two_rank_nccl_run_matches_one_gpu(tmp_path, extra):
+def test_two_rank_nccl_run_matches_one_gpu(tmp_path, one_gpu, extra):
     """Completes on NCCL (no hang: 1F1B's sends are paired; no CPU tensor in a collective) and follows one GPU's
     losses (fp32 with TF32 matmuls, another summation order: 1e-2 relative)."""
-    one = _pretrain(str(tmp_path), 1, [])
+    one = one_gpu
     two = _pretrain(str(tmp_path), 2, extra)
     assert two == pytest.approx(one, rel=1e-2)
