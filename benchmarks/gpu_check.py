@@ -58,7 +58,9 @@ def main():
     n = torch.cuda.device_count()
     print(f"{torch.cuda.get_device_name()} x {n}, torch {torch.__version__}", flush=True)
     rows = []
-    ok, dt = run([sys.executable, "-m", "pytest", "-q", "tests/gpu"], env={"LLM_GPU_TESTS": "1"})
+    # (test_flash_attn.py's own CUDA test too: the CPU suite hides CUDA from it)
+    ok, dt = run([sys.executable, "-m", "pytest", "-q", "tests/gpu", "tests/test_flash_attn.py", "-k", "cuda"],
+                 env={"LLM_GPU_TESTS": "1"})
     rows.append(("GPU tests (tests/gpu)", ok, dt, "flash kernels; NCCL runs" + ("" if n > 1 else " skipped: 1 GPU")))
     ok, dt = run([sys.executable, "flash_attn.py"], timeout=300)
     rows.append(("python flash_attn.py", ok, dt, "accuracy, TFLOP/s and memory tables above"))
