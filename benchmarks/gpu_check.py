@@ -4,8 +4,8 @@
        against one GPU, when two GPUs are visible)
     2. `python flash_attn.py`: bf16 accuracy against SDPA, TFLOP/s against SDPA's flash and cuDNN backends, peak
        memory against naive attention (Triton autotunes 3 candidates per kernel on first use)
-    3. pretrain.py on one GPU: the gpt2-124m preset (with the default corpus' byte vocabulary), bf16, 16 x 1024 tokens per step, 30 steps: tokens/s and MFU of
-       the last log window
+    3. pretrain.py on one GPU: the gpt2-124m preset (with the default corpus' byte vocabulary), bf16,
+       16 x 1024 tokens per step, 30 steps: tokens/s and MFU of the last log window
     4. with two GPUs visible: pretrain.py on 2 ranks over NCCL, DDP and ZeRO-3, tokens/s
 
 Sized for under 8 minutes on one H100/H200, Triton's autotuning included. Each step's output streams to the

@@ -94,7 +94,8 @@ STEPS = ["--max-steps", "2", "--log-every", "1", "--eval-every", "1", "--save-ev
 PRETRAIN = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--eval-iters", "1", "--sample-tokens", "0",
             *STEPS]
 LAYOUTS = {"dp (ddp.py)": [], "ZeRO-1": ["--zero", "1"], "ZeRO-2": ["--zero", "2"], "ZeRO-3": ["--zero", "3"],
-           "tp 2, sequence-parallel": ["--tp", "2", "--sequence-parallel"], "pp 2 (1f1b)": ["--pp", "2", "--microbatches", "2"],
+           "tp 2, sequence-parallel": ["--tp", "2", "--sequence-parallel"],
+           "pp 2 (1f1b)": ["--pp", "2", "--microbatches", "2"],
            "ep 2": ["--experts", "4", "--ep", "2", "--zero", "1"]}
 SFT_LAYOUTS = {"sft, dp 2": [], "sft, tp 2, packed rows": ["--tp", "2", "--pack"]}
 

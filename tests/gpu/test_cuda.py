@@ -63,8 +63,8 @@ def one_gpu(tmp_path_factory):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("extra", [["--zero", "0"], ["--zero", "3"], ["--tp", "2"], ["--pp", "2", "--microbatches", "4"]],
-                         ids=["ddp", "zero3", "tp2", "1f1b"])
+@pytest.mark.parametrize("extra", [["--zero", "0"], ["--zero", "3"], ["--tp", "2"],
+                                   ["--pp", "2", "--microbatches", "4"]], ids=["ddp", "zero3", "tp2", "1f1b"])
 def test_two_rank_nccl_run_matches_one_gpu(tmp_path, one_gpu, extra):
     """Completes on NCCL (no hang: 1F1B's sends are paired; no CPU tensor in a collective) and follows one GPU's
     losses (fp32 with TF32 matmuls, another summation order: 1e-2 relative)."""
