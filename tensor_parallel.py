@@ -19,9 +19,9 @@ Per block and t ranks, with activations of B x T x d: weights and their optimize
 all-reduces of B T d (one per g), backward 2 (one per f); FLOPs of the matmuls / t. wq, wk and wv read the same
 input, and so do w1 and w3: f is applied once, to the output of the norm before them (NormThenCopy), so their
 three (two) partial input gradients are summed locally and all-reduced once, as Megatron's fused QKV and
-gate-up linears do. (An MoE layer's experts keep one f each: its replicated router reads the same input, and
-its full gradient must not be summed over the ranks.) Norms are replicated and compute the same values on
-every tp rank.
+gate-up linears do. (In an MoE layer f goes on each expert's input rows instead, once per expert: the
+replicated router reads the norm's output too, and its whole gradient must not be summed over the ranks.)
+Norms are replicated and compute the same values on every tp rank.
 
 Sequence parallelism (Korthikanti et al., 2022; `sequence_parallel=True`): between the blocks' matmuls the
 activations are replicated, so the norms and residual adds repeat the same work and memory on every rank.
@@ -320,9 +320,10 @@ def parallelize(model, topo, sequence_parallel=False):
         attn.n_head, attn.n_kv_head = attn.n_head // topo.tp, attn.n_kv_head // topo.tp
         # An MoE layer (moe.py) splits each expert the same way; its router stays replicated, so every tp rank
         # routes its (replicated) tokens alike and the experts' row-parallel all-reduce meets the same rows.
-        # Without sp each expert keeps its own f: the router's input gradient is whole on every rank already.
         for m in getattr(mlp, "experts", [mlp]):
-            m.w1, m.w3 = (ColumnParallelLinear(l, topo, copy_input=moe and not sp) for l in (m.w1, m.w3))
+            m.w1, m.w3 = (ColumnParallelLinear(l, topo, copy_input=False) for l in (m.w1, m.w3))
+            if moe and not sp:  # f on the expert's input rows (a pre-hook keeps the parameter names unchanged)
+                m.register_forward_pre_hook(lambda module, args: (CopyToTensorParallel.apply(args[0], topo.tp_group),))
             m.w2 = RowParallelLinear(m.w2, topo, sequence_parallel=sp)
     if getattr(model, "tok_emb", None) is not None:
         model.tok_emb = VocabParallelEmbedding(model.tok_emb, topo, sequence_parallel=sp)
