@@ -334,6 +334,20 @@ class ZeroOptimizer:
             w.wait()
 
     # ------------------------------------------------------------------ checkpoints: each rank its slices
+    def checkpoint_pieces(self):
+        """What checkpoint.py saves and restores: each piece of a parameter in this rank's slice, as (param, start,
+        end, {kind: flat view}, the inner optimizer's tensor, sharded): [start, end) is the range of the
+        parameter's flattening that the piece covers; its 16-bit weights and fp32 master (one tensor in fp32)."""
+        for u in self.units:
+            weights = u.shard16 if self.stage == 3 else u.full[u.lo:u.hi]
+            for (p, a, s, n), view in zip(u.pieces, u.views):
+                views = {"param": view} if u.master.dtype == u.dtype else {"param": weights[s:s + n], "master": view}
+                yield p, a, a + n, views, view, not u.local
+
+    def after_load(self):
+        """The masters were loaded: the 16-bit weights follow from them, as after a step."""
+        self._publish()
+
     def state_dict(self):
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "master": [u.master.clone() for u in self.units], "stage": self.stage, "world": self.world}

@@ -1,0 +1,132 @@
+"""Layout-free checkpoints: save under one layout, resume under another, continue. float64 on CPU: the losses
+after the resume equal those of the run that went on in its original layout (and those of one process), and the
+optimizer's state read back equals the saved one exactly. Then: completeness, damage, fallback, failed saves."""
+import contextlib
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import checkpoint
+import pretrain
+from model import PRESETS
+from tests.distributed import run_distributed
+from topology import Topology
+
+CFG = replace(PRESETS["tiny"], n_layer=4, d_model=32, n_head=4, n_kv_head=2, d_ff=64, vocab_size=64,
+              block_size=16)
+B, SAVE_AT, STEPS = 8, 2, 4  # 8 sequences per step; save after step 2, go on to step 4
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    seq = torch.randint(0, CFG.vocab_size, (B, CFG.block_size + 1), generator=g)
+    return seq[:, :-1], seq[:, 1:]
+
+
+def build(topo, zero=0, amp="fp32", experts=0):
+    flags = ["--zero", str(zero), "--lr", "1e-2", "--bucket-mb", "0.01", "--amp", amp]
+    if experts:
+        flags += ["--experts", str(experts), "--topk", "2", "--ep", str(topo.ep)]
+    args = pretrain.build_parser().parse_args(flags)
+    dtype = torch.float64 if amp == "fp32" else torch.float16
+    model = pretrain.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=dtype, args=args)
+    module, opt = pretrain.build_training(model, args, dtype, topo)
+    return model, module, opt
+
+
+def run(topo, steps, model, module, opt, micro=1):
+    """Steps [first, last) of the global batches; each dp rank its contiguous share, cut into `micro` pieces."""
+    losses = []
+    for step in steps:
+        x, y = (t.chunk(topo.dp)[topo.dp_rank] for t in batch(step))
+        loss = pretrain.forward_backward(model if topo.pp > 1 else module, list(zip(x.chunk(micro), y.chunk(micro))),
+                                         topo, "1f1b", opt.scale_loss, "cpu", opt.no_sync)
+        if topo.ep > 1:
+            import moe
+            moe.reduce_expert_grads(model, topo.dp, topo.expert_dp_group)
+        opt.step(1.0)
+        opt.zero_grad()
+        losses.append(pretrain.mean_over_dp(loss, topo).item())
+    return losses
+
+
+def save_and_go_on(out, topo, zero=0, amp="fp32", experts=0, micro=1, scale=None):
+    """Train to SAVE_AT, save, train on to STEPS: the losses after the save, in the original layout."""
+    model, module, opt = build(topo, zero, amp, experts)
+    run(topo, range(SAVE_AT), model, module, opt, micro)
+    if scale:  # a loss scale and a count of clean steps that are not the defaults: they must come back
+        opt.scaler.scale, opt.scaler.good_steps = scale
+    checkpoint.save(out, SAVE_AT, model, opt, topo, {"data": {"step": SAVE_AT}})
+    return run(topo, range(SAVE_AT, STEPS), model, module, opt, micro)
+
+
+def resume_and_go_on(src, out, topo, zero=0, amp="fp32", experts=0, micro=1):
+    """Build the new layout, load, save again at once (to compare the states), train on to STEPS."""
+    model, module, opt = build(topo, zero, amp, experts)
+    meta = checkpoint.load(src, model, opt, topo)
+    scaler = dict(opt.scaler.state_dict())
+    checkpoint.save(out, meta["step"], model, opt, topo, {"data": meta["data"]})
+    return run(topo, range(SAVE_AT, STEPS), model, module, opt, micro), scaler
+
+
+def _world4(rank, world, tmp):
+    tmp = Path(tmp)
+    a = save_and_go_on(tmp / "z3tp2", Topology(tp=2), zero=3)
+    b = resume_and_go_on(tmp / "z3tp2", tmp / "z3tp2-to-tp2pp2", Topology(tp=2, pp=2), micro=2)[0]
+    c = save_and_go_on(tmp / "z2dp4", Topology(), zero=2)
+    return a, b, c
+
+
+def _world2(rank, world, tmp):
+    tmp = Path(tmp)
+    d = save_and_go_on(tmp / "z3dp2", Topology(), zero=3)
+    e = save_and_go_on(tmp / "ep2", Topology(ep=2), zero=1, experts=4)
+    # (the balancing loss is a function of each rank's batch: ep 1 on as many data-parallel ranks trains alike)
+    e1 = resume_and_go_on(tmp / "ep2", tmp / "ep2-to-ep1", Topology(), zero=1, experts=4)[0]
+    f = resume_and_go_on(tmp / "one", tmp / "one-to-z1dp2", Topology(), zero=1)[0]
+    g = resume_and_go_on(tmp / "z2dp4", tmp / "z2dp4-to-z3dp2", Topology(), zero=3)[0]
+    h = resume_and_go_on(tmp / "fp16-one", tmp / "fp16-to-z2dp2", Topology(), zero=2, amp="fp16")[1]
+    return d, e, e1, f, g, h
+
+
+def same_state(a, b):
+    """Every kind of every parameter, assembled whole from two step folders, bit for bit."""
+    da, db = checkpoint.complete_steps(a)[0], checkpoint.complete_steps(b)[0]
+    ma, mb = checkpoint.read_meta(da), checkpoint.read_meta(db)
+    for kinds in (["param"], ["master"], ["exp_avg"], ["exp_avg_sq"]):
+        sa, sb = checkpoint.full_state_dict(da, ma, kinds), checkpoint.full_state_dict(db, mb, kinds)
+        assert sa.keys() == sb.keys() and (sa or kinds == ["master"]), kinds
+        for name in sa:
+            assert torch.equal(sa[name], sb[name]), (kinds, name)
+    steps = [{r["name"]: r["adam_step"] for f in m["files"] for r in f["pieces"] if r["adam_step"]} for m in (ma, mb)]
+    assert steps[0] == steps[1] and set(steps[0].values()) == {float(SAVE_AT)}
+
+
+def test_resume_on_another_layout(tmp_path):
+    one = Topology()
+    ref = save_and_go_on(tmp_path / "one", one)  # one process: the losses every dense layout must reproduce
+    save_and_go_on(tmp_path / "fp16-one", one, amp="fp16", scale=(1024.0, 7))
+    a, b, c = run_distributed(_world4, 4, str(tmp_path))[0]
+    d, e, e1, f, g, h = run_distributed(_world2, 2, str(tmp_path))[0]
+    d1 = resume_and_go_on(tmp_path / "z3dp2", tmp_path / "z3dp2-to-one", one)[0]
+    # float64, the same arithmetic up to summation order (tp's partial sums, ZeRO's shard norms): 1e-10.
+    close = lambda x, y: x == pytest.approx(y, rel=1e-10)  # noqa: E731
+    assert all(close(x, ref) for x in (a, c, d)), (ref, a, c, d)    # the original layouts agree with one process
+    assert close(b, a) and close(g, c) and close(f, ref) and close(d1, d) and close(e1, e), (b, g, f, d1, e1)
+    assert h == {"scale": 1024.0, "good_steps": 7}  # the fp16 loss scale, carried over
+    for src, dst in [("z3tp2", "z3tp2-to-tp2pp2"), ("z2dp4", "z2dp4-to-z3dp2"), ("one", "one-to-z1dp2"),
+                     ("z3dp2", "z3dp2-to-one"), ("ep2", "ep2-to-ep1"), ("fp16-one", "fp16-to-z2dp2")]:
+        same_state(tmp_path / src, tmp_path / dst)
+    # What was saved is the model: the tp-sliced, ZeRO-sharded weights assembled equal one process's.
+    whole = {}
+    for layout in ("one", "z3tp2", "z2dp4", "z3dp2"):
+        d = checkpoint.complete_steps(tmp_path / layout)[0]
+        whole[layout] = checkpoint.full_state_dict(d, checkpoint.read_meta(d))
+    for layout in ("z3tp2", "z2dp4", "z3dp2"):
+        assert whole[layout].keys() == whole["one"].keys()
+        for name, w in whole[layout].items():
+            torch.testing.assert_close(w, whole["one"][name], rtol=1e-10, atol=1e-12, msg=f"{layout} {name}")
