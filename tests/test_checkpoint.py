@@ -130,3 +130,70 @@ def test_resume_on_another_layout(tmp_path):
         assert whole[layout].keys() == whole["one"].keys()
         for name, w in whole[layout].items():
             torch.testing.assert_close(w, whole["one"][name], rtol=1e-10, atol=1e-12, msg=f"{layout} {name}")
+
+
+def test_a_step_is_complete_or_ignored_and_damage_falls_back(tmp_path, capsys, monkeypatch):
+    one, out = Topology(), tmp_path / "run"
+    model, module, opt = build(one)
+    for step in (1, 2, 3):
+        run(one, [step - 1], model, module, opt)
+        checkpoint.save(out, step, model, opt, one, {"data": {"step": step}})
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "step_000002", "step_000003"]  # the last two
+    fresh = lambda: build(one)  # noqa: E731
+
+    # A save killed between two ranks' writes: its folder is still .tmp, holding some ranks' files only.
+    (out / "step_000004.tmp").mkdir()
+    shutil.copy(out / "step_000003" / "rank0.pt", out / "step_000004.tmp" / "rank0.pt")
+    m, _, o = fresh()
+    assert checkpoint.load(out, m, o, one)["step"] == 3
+    # Flipped bytes inside the newest step (same size): detected, and the previous step is taken, with a warning.
+    f = out / "step_000003" / "rank0.pt"
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 8] = bytes(8)
+    f.write_bytes(bytes(raw))
+    m, _, o = fresh()
+    capsys.readouterr()
+    assert checkpoint.load(out, m, o, one)["step"] == 2
+    warning = capsys.readouterr().err
+    assert f"{f} is damaged" in warning and "step_000002" in warning and warning.count("\n") == 1
+    # A truncated file in the only other step: one line naming the file.
+    g = out / "step_000002" / "rank0.pt"
+    g.write_bytes(g.read_bytes()[:1000])
+    with pytest.raises(checkpoint.CheckpointError, match=f"{f} is damaged"):
+        checkpoint.load(out, *fresh()[::2], one)
+    assert checkpoint.find(out)[0] == out / "step_000003" and checkpoint.find(out)[2] == []  # (sizes only)
+    (out / "step_000003" / "rank0.pt").unlink()
+    d, _, skipped = checkpoint.find(out)
+    assert d is None and skipped == [f"{f} is missing", f"{g} is truncated"]
+
+    # The next save removes the stale .tmp folder and what is older than the last two steps.
+    checkpoint.save(out, 4, model, opt, one, {"data": {"step": 4}})
+    checkpoint.save(out, 5, model, opt, one, {"data": {"step": 5}})
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "step_000004", "step_000005"]
+
+
+@pytest.mark.parametrize("errno, cause", [(28, "No space left on device"), (13, "Permission denied")])
+def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, errno, cause):
+    one, out = Topology(), tmp_path / "run"
+    model, module, opt = build(one)
+    checkpoint.save(out, 1, model, opt, one, {"data": {"step": 1}})
+
+    def failing_open(path, *a, **k):
+        raise OSError(errno, cause, str(path))
+    monkeypatch.setattr(checkpoint, "open", failing_open, raising=False)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.save(out, 2, model, opt, one, {"data": {"step": 2}})
+    assert str(e.value) == (f"could not save step 2: {out}/step_000002.tmp/rank0.pt: {cause}; the last complete "
+                            f"checkpoint, {out}/step_000001, is kept")
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "step_000001"]
+
+
+def test_metrics_keep_one_history_and_fresh_moves_the_run_aside(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": 1}}\n' for s in range(7)))
+    checkpoint.truncate_metrics(out / "metrics.jsonl", 4)
+    assert [l for l in (out / "metrics.jsonl").read_text().splitlines()][-1] == '{"step": 4, "loss": 1}'
+    assert checkpoint.move_aside(out) == tmp_path / "run.1" and not out.exists()
+    out.mkdir()
+    assert checkpoint.move_aside(out) == tmp_path / "run.2"
