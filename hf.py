@@ -1,0 +1,208 @@
+"""hf.py: models in and out of the Hugging Face Llama format (config.json + model.safetensors), no dependency.
+
+The idea: model.py is a Llama-architecture decoder (RMSNorm, rotary embeddings on split halves, SwiGLU, grouped-
+query attention, no biases), so a trained model is a LlamaForCausalLM once its tensors are renamed, and a Llama
+checkpoint of a shape model.py can build is a model.py model. The names:
+
+    model.py                       Hugging Face Llama
+    tok_emb                        model.embed_tokens
+    blocks.{i}.attn_norm           model.layers.{i}.input_layernorm
+    blocks.{i}.attn.w{q,k,v,o}     model.layers.{i}.self_attn.{q,k,v,o}_proj
+    blocks.{i}.mlp_norm            model.layers.{i}.post_attention_layernorm
+    blocks.{i}.mlp.w1, w3, w2      model.layers.{i}.mlp.gate_proj, up_proj, down_proj   (gate, up, down)
+    norm, lm_head                  model.norm, lm_head
+
+Both rotate the two halves of each head (rotate_half), so the query and key rows need no permutation. model.py
+never ties the embedding and the head: a tied checkpoint's embedding is copied into the head on import.
+
+safetensors, written out: 8 bytes of little-endian header length N, N bytes of JSON {name: {"dtype", "shape",
+"data_offsets": [begin, end]}} (offsets into what follows), then the raw little-endian tensors. Reading it is a
+memory map and one view per tensor; every field is checked, so a damaged file is one line, not a crash.
+
+Run: `python checkpoint.py export-hf out/pretrain hf/` writes hf/config.json and hf/model.safetensors;
+`sft.py --init hf/` or `pretrain.py --init hf/` reads a folder of this kind back (hf.import_hf).
+"""
+import json
+import mmap
+import re
+import struct
+from pathlib import Path
+
+import torch
+
+from checkpoint import CheckpointError, load_weights
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+NAMES = {v: k for k, v in DTYPES.items()}
+PAIRS = [("tok_emb", "model.embed_tokens"), ("norm", "model.norm"), ("lm_head", "lm_head"),
+         ("blocks.{i}.attn_norm", "model.layers.{i}.input_layernorm"),
+         ("blocks.{i}.mlp_norm", "model.layers.{i}.post_attention_layernorm"),
+         ("blocks.{i}.attn.w{p}", "model.layers.{i}.self_attn.{p}_proj"),
+         ("blocks.{i}.mlp.w1", "model.layers.{i}.mlp.gate_proj"), ("blocks.{i}.mlp.w3", "model.layers.{i}.mlp.up_proj"),
+         ("blocks.{i}.mlp.w2", "model.layers.{i}.mlp.down_proj")]
+
+
+def _table(pairs):
+    """[(regex of one side's weight name, the other side's name with groups)] from the pairs above."""
+    pat = lambda s: re.escape(s + ".weight").replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", "(?P<p>[qkvo])")  # noqa
+    sub = lambda s: (s + ".weight").replace("{i}", r"\g<i>").replace("{p}", r"\g<p>")  # noqa
+    return [(pat(a), sub(b)) for a, b in pairs]
+
+
+TO_HF, FROM_HF = _table(PAIRS), _table([(b, a) for a, b in PAIRS])
+
+
+class HFError(CheckpointError):
+    """A Hugging Face folder model.py cannot represent, or a damaged one: the one line the user sees."""
+
+
+def rename(name, table):
+    """A weight's name on the other side (TO_HF or FROM_HF), or None if it has no counterpart."""
+    for pattern, other in table:
+        if m := re.fullmatch(pattern, name):
+            return m.expand(other)
+    return None
+
+
+# ----------------------------------------------------------------------------- safetensors, by hand
+def write_safetensors(path, tensors, metadata=None):
+    header, offset = {"__metadata__": metadata or {"format": "pt"}}, 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the tensors start 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors.values():
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def read_safetensors(path):
+    """{name: tensor} from a .safetensors file; every length, dtype and offset checked against the file."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise HFError(f"{path}: corrupt safetensors header (header length {n}, file of {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            assert isinstance(header, dict)
+        except (ValueError, AssertionError):
+            raise HFError(f"{path}: corrupt safetensors header (not a JSON object)") from None
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    out = {}
+    for name, h in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (a, b) = DTYPES[h["dtype"]], [int(s) for s in h["shape"]], h["data_offsets"]
+            nbytes = dtype.itemsize * (torch.Size(shape).numel())
+            assert 0 <= a and b - a == nbytes and 8 + n + b <= size
+        except (KeyError, TypeError, ValueError, AssertionError):
+            raise HFError(f"{path}: corrupt safetensors header entry for {name} ({h})") from None
+        buf = memoryview(data)[8 + n + a:8 + n + b]
+        out[name] = (torch.frombuffer(bytearray(buf), dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
+                     ).view(shape)
+    return out
+
+
+# ----------------------------------------------------------------------------- out
+def export_hf(src, dst):
+    """A run's folder, step folder or consolidated file -> dst/config.json and dst/model.safetensors."""
+    sd, cfg, tokenizer = load_weights(src)
+    hf = {}
+    for name, t in sd.items():
+        hf_name = rename(name, TO_HF)
+        if hf_name is None:
+            raise CheckpointError(f"export-hf: {name} has no Llama counterpart (mixture-of-experts and LoRA layers "
+                                  "are not in the Llama architecture; merge LoRA first)")
+        hf[hf_name] = t
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    write_safetensors(Path(dst) / "model.safetensors", hf)
+    dtype = next(iter(sd.values())).dtype
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg["d_model"],
+              "intermediate_size": cfg["d_ff"], "num_hidden_layers": cfg["n_layer"],
+              "num_attention_heads": cfg["n_head"], "num_key_value_heads": cfg["n_kv_head"],
+              "head_dim": cfg["d_model"] // cfg["n_head"], "rms_norm_eps": cfg["norm_eps"],
+              "rope_theta": cfg["rope_theta"], "rope_scaling": None, "max_position_embeddings": cfg["block_size"],
+              "vocab_size": cfg["vocab_size"], "tie_word_embeddings": False, "hidden_act": "silu",
+              "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
+              "torch_dtype": str(dtype).removeprefix("torch."), "tokenizer": tokenizer}
+    (Path(dst) / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return config
+
+
+# ----------------------------------------------------------------------------- in
+def _check_config(c, where):
+    arch = c.get("architectures") or [c.get("model_type")]
+    if "LlamaForCausalLM" not in arch and c.get("model_type") != "llama":
+        raise HFError(f"{where}: architectures {arch} is not LlamaForCausalLM (model.py is a Llama-style decoder)")
+    for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False), ("rope_scaling", None),
+                      ("pretraining_tp", 1)):
+        if c.get(key, want) != want:
+            raise HFError(f"{where}: {key} {c[key]!r} cannot be represented by model.py (it has {want!r})")
+    try:
+        d, h = int(c["hidden_size"]), int(c["num_attention_heads"])
+        cfg = {"n_layer": int(c["num_hidden_layers"]), "n_head": h, "n_kv_head": int(c.get("num_key_value_heads", h)),
+               "d_model": d, "d_ff": int(c["intermediate_size"]), "vocab_size": int(c["vocab_size"]),
+               "block_size": int(c.get("max_position_embeddings", 2048)), "rope_theta": float(c.get("rope_theta", 1e4)),
+               "norm_eps": float(c.get("rms_norm_eps", 1e-6)), "attn": "-", "activation_checkpointing": False}
+    except (KeyError, TypeError, ValueError) as e:
+        raise HFError(f"{where}: missing or invalid field {e}") from None
+    if c.get("head_dim", d // h) != d // h or d % h or h % cfg["n_kv_head"]:
+        raise HFError(f"{where}: head_dim {c.get('head_dim')} with hidden_size {d}, {h} heads and "
+                      f"{cfg['n_kv_head']} KV heads: model.py needs head_dim = hidden_size / heads, grouped evenly")
+    return cfg
+
+
+def expected_shapes(cfg):
+    d, hd = cfg["d_model"], cfg["d_model"] // cfg["n_head"]
+    shapes = {"tok_emb.weight": [cfg["vocab_size"], d], "norm.weight": [d], "lm_head.weight": [cfg["vocab_size"], d]}
+    for i in range(cfg["n_layer"]):
+        b = f"blocks.{i}."
+        shapes |= {b + "attn_norm.weight": [d], b + "mlp_norm.weight": [d], b + "attn.wq.weight": [cfg["n_head"] * hd, d],
+                   b + "attn.wk.weight": [cfg["n_kv_head"] * hd, d], b + "attn.wv.weight": [cfg["n_kv_head"] * hd, d],
+                   b + "attn.wo.weight": [d, cfg["n_head"] * hd], b + "mlp.w1.weight": [cfg["d_ff"], d],
+                   b + "mlp.w3.weight": [cfg["d_ff"], d], b + "mlp.w2.weight": [d, cfg["d_ff"]]}
+    return shapes
+
+
+def import_hf(folder):
+    """An HF Llama folder -> (model.py state dict, model config dict, tokenizer); refuses, naming the field or
+    tensor, whatever model.py cannot represent."""
+    folder = Path(folder)
+    try:
+        c = json.loads((folder / "config.json").read_text())
+        assert isinstance(c, dict)
+    except (OSError, ValueError, AssertionError):
+        raise HFError(f"{folder}/config.json: missing or not a JSON object") from None
+    cfg = _check_config(c, f"{folder}/config.json")
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    hf = {}
+    for name in files:
+        if not (folder / name).is_file():
+            raise HFError(f"{folder / name}: missing")
+        hf |= read_safetensors(folder / name)
+    shapes, sd = expected_shapes(cfg), {}
+    for hf_name, t in hf.items():
+        name = rename(hf_name, FROM_HF)
+        if name is None or name not in shapes:
+            why = ("a bias: model.py's linears and norms have none" if hf_name.endswith(".bias")
+                   else "a tensor model.py has no place for")
+            raise HFError(f"{folder}: {hf_name} is {why}")
+        if list(t.shape) != shapes[name]:
+            raise HFError(f"{folder}: {hf_name} has shape {list(t.shape)}, config.json implies {shapes[name]}")
+        sd[name] = t
+    if "lm_head.weight" not in sd and c.get("tie_word_embeddings", False) and "tok_emb.weight" in sd:
+        sd["lm_head.weight"] = sd["tok_emb.weight"].clone()  # model.py unties: the head starts as a copy
+    if missing := [hf for ours, hf in ((n, rename(n, TO_HF)) for n in shapes) if ours not in sd]:
+        raise HFError(f"{folder}: {missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    tokenizer = c.get("tokenizer")
+    if not isinstance(tokenizer, str):
+        raise HFError(f"{folder}/config.json names no tokenizer this project reads: add \"tokenizer\": \"gpt2\" "
+                      "(or another tiktoken encoding, or \"bytes\") if the model was trained with it")
+    return {n: sd[n] for n in shapes}, cfg, tokenizer
