@@ -445,6 +445,41 @@ def load_weights(path):
 
 
 # ----------------------------------------------------------------------------- start or resume
+# Which settings make a run the same run: a checkpoint of another model, data, tokenizer or schedule is not resumed
+# silently; the layout (world size, --tp, --pp, --ep, --zero, micro-batching) may change freely.
+REASONS = {"batch_size": "the data position and the schedule count steps of this many sequences",
+           "seq_len": "the data position counts windows of this many tokens"}
+
+
+def check_resume(out, identity, resume=False, fresh=False, rank=0):
+    """Start or resume, decided before any process group exists: the newest complete step folder in `out` to
+    resume from, or None to start fresh. `identity`: the settings that must match the saved run's; a mismatch is
+    one line. --resume: a checkpoint must be there. --fresh: rank 0 moves the old run aside first."""
+    if fresh:
+        if rank == 0 and Path(out).exists():
+            print(f"--fresh: the previous run in {out} moved to {move_aside(out)}", flush=True)
+        return None
+    d, meta, skipped = find(out)
+    if d is None:
+        if resume or skipped:
+            raise CheckpointError(f"{'--resume: ' if resume else ''}no complete checkpoint in {out}"
+                                  + (f" ({skipped[0]})" if skipped else "")
+                                  + ("" if resume else ": give --fresh to start over (the folder is moved aside)"))
+        return None
+    saved = meta.get("identity", {})
+    for key, now in identity.items():
+        was = saved.get(key)
+        if was != now:
+            if isinstance(now, dict) and isinstance(was, dict):  # the model config: name the first field that differs
+                k = next(k for k in sorted(set(now) | set(was)) if now.get(k) != was.get(k))
+                what = f"a {key.replace('_', ' ')} with {k} {was.get(k)}, not {now.get(k)}"
+            else:
+                what = f"--{key.replace('_', '-')} {was}, not {now}" + (f" ({REASONS[key]})" if key in REASONS else "")
+            raise CheckpointError(f"{out} holds a run with {what}: resume with the same setting, or give --fresh "
+                                  "(the old run is moved aside) or another --out")
+    return d
+
+
 def move_aside(out):
     """--fresh: the old run's folder becomes OUT.1 (or .2, ...): nothing is overwritten."""
     out = Path(out)
