@@ -215,3 +215,19 @@ def test_start_or_resume_decides_before_any_work(tmp_path, capsys):
             checkpoint.check_resume(out, same | change)
     assert checkpoint.check_resume(out, same | {"lr": 0.02}, fresh=True) is None
     assert "moved to" in capsys.readouterr().out and (tmp_path / "run.1" / "step_000003").is_dir() and not out.exists()
+
+
+def test_consolidate_and_export_from_the_command_line(tmp_path, capsys):
+    one, out = Topology(), tmp_path / "run"
+    model, module, opt = build(one)
+    cfg = {k: getattr(CFG, k) for k in CFG.__dataclass_fields__} | {"attn": "-"}
+    checkpoint.save(out, 1, model, opt, one, {"data": {"step": 1}, "model_config": cfg, "tokenizer": "bytes"})
+    checkpoint.main(["consolidate", str(out), str(tmp_path / "model.pt")])
+    checkpoint.main(["export-hf", str(out), str(tmp_path / "hf")])
+    for source in (out, out / "step_000001", tmp_path / "model.pt", tmp_path / "hf"):  # what --init accepts
+        sd, config, tokenizer = checkpoint.load_weights(source)
+        assert config == cfg and tokenizer == "bytes" and sd.keys() == model.state_dict().keys()
+        assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items()), source
+    with pytest.raises(SystemExit) as e:
+        checkpoint.main(["consolidate", str(tmp_path / "nothing"), str(tmp_path / "x.pt")])
+    assert str(e.value) == f"checkpoint.py: error: no complete checkpoint in {tmp_path / 'nothing'}"
