@@ -159,15 +159,14 @@ def _check_config(c, where):
 
 
 def expected_shapes(cfg):
-    d, hd = cfg["d_model"], cfg["d_model"] // cfg["n_head"]
-    shapes = {"tok_emb.weight": [cfg["vocab_size"], d], "norm.weight": [d], "lm_head.weight": [cfg["vocab_size"], d]}
+    """Every tensor model.py builds for this config, with its shape, in the model's order."""
+    d, q, kv, ff = cfg["d_model"], cfg["d_model"], cfg["n_kv_head"] * cfg["d_model"] // cfg["n_head"], cfg["d_ff"]
+    shapes = {"tok_emb.weight": [cfg["vocab_size"], d]}
     for i in range(cfg["n_layer"]):
-        b = f"blocks.{i}."
-        shapes |= {b + "attn_norm.weight": [d], b + "mlp_norm.weight": [d], b + "attn.wq.weight": [cfg["n_head"] * hd, d],
-                   b + "attn.wk.weight": [cfg["n_kv_head"] * hd, d], b + "attn.wv.weight": [cfg["n_kv_head"] * hd, d],
-                   b + "attn.wo.weight": [d, cfg["n_head"] * hd], b + "mlp.w1.weight": [cfg["d_ff"], d],
-                   b + "mlp.w3.weight": [cfg["d_ff"], d], b + "mlp.w2.weight": [d, cfg["d_ff"]]}
-    return shapes
+        shapes |= {f"blocks.{i}.{name}.weight": shape for name, shape in (
+            ("attn_norm", [d]), ("attn.wq", [q, d]), ("attn.wk", [kv, d]), ("attn.wv", [kv, d]), ("attn.wo", [d, q]),
+            ("mlp_norm", [d]), ("mlp.w1", [ff, d]), ("mlp.w3", [ff, d]), ("mlp.w2", [d, ff]))}
+    return shapes | {"norm.weight": [d], "lm_head.weight": [cfg["vocab_size"], d]}
 
 
 def import_hf(folder):
@@ -181,7 +180,9 @@ def import_hf(folder):
         raise HFError(f"{folder}/config.json: missing or not a JSON object") from None
     cfg = _check_config(c, f"{folder}/config.json")
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    # A large model comes in several files, listed by an index: {"weight_map": {tensor name: file}}.
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
+        ["model.safetensors"]
     hf = {}
     for name in files:
         if not (folder / name).is_file():
@@ -200,7 +201,7 @@ def import_hf(folder):
     if "lm_head.weight" not in sd and c.get("tie_word_embeddings", False) and "tok_emb.weight" in sd:
         sd["lm_head.weight"] = sd["tok_emb.weight"].clone()  # model.py unties: the head starts as a copy
     if missing := [hf for ours, hf in ((n, rename(n, TO_HF)) for n in shapes) if ours not in sd]:
-        raise HFError(f"{folder}: {missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise HFError(f"{folder}: {missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if missing[1:] else ""))
     tokenizer = c.get("tokenizer")
     if not isinstance(tokenizer, str):
         raise HFError(f"{folder}/config.json names no tokenizer this project reads: add \"tokenizer\": \"gpt2\" "

@@ -42,7 +42,7 @@ def _ranks(rank, world, out):
     pretrain.forward_backward(module, [(x[:, :-1], x[:, 1:])], topo, "1f1b", opt.scale_loss, "cpu", opt.no_sync)
     opt.step(1.0)
     t0 = time.perf_counter()
-    checkpoint.save(out, 1, model, opt, topo, {"data": {"step": 1}, "model_config": vars(CFG) | {}, "tokenizer": "gpt2"})
+    checkpoint.save(out, 1, model, opt, topo, {"data": {"step": 1}, "model_config": vars(CFG), "tokenizer": "gpt2"})
     t_save = time.perf_counter() - t0
     written = (Path(out) / "step_000001" / f"rank{rank}.pt").stat().st_size
     del model, module, opt
