@@ -451,21 +451,24 @@ REASONS = {"batch_size": "the data position and the schedule count steps of this
            "seq_len": "the data position counts windows of this many tokens"}
 
 
-def check_resume(out, identity, resume=False, fresh=False, rank=0):
-    """Start or resume, decided before any process group exists: the newest complete step folder in `out` to
-    resume from, or None to start fresh. `identity`: the settings that must match the saved run's; a mismatch is
-    one line. --resume: a checkpoint must be there. --fresh: rank 0 moves the old run aside first."""
+def find_resume(out, resume=False, fresh=False, rank=0):
+    """Start or resume, decided before any process group exists: (the newest complete step folder in `out`, its
+    meta.json) to resume from, or None to start fresh. --resume: a checkpoint must be there. --fresh: rank 0 moves
+    the old run aside first (the other ranks do not look at the folder)."""
     if fresh:
         if rank == 0 and Path(out).exists():
             print(f"--fresh: the previous run in {out} moved to {move_aside(out)}", flush=True)
         return None
     d, meta, skipped = find(out)
-    if d is None:
-        if resume or skipped:
-            raise CheckpointError(f"{'--resume: ' if resume else ''}no complete checkpoint in {out}"
-                                  + (f" ({skipped[0]})" if skipped else "")
-                                  + ("" if resume else ": give --fresh to start over (the folder is moved aside)"))
-        return None
+    if d is None and (resume or skipped):
+        raise CheckpointError(f"{'--resume: ' if resume else ''}no complete checkpoint in {out}"
+                              + (f" ({skipped[0]})" if skipped else "")
+                              + ("" if resume else ": give --fresh to start over (the folder is moved aside)"))
+    return (d, meta) if d is not None else None
+
+
+def check_same_run(out, meta, identity):
+    """The settings in `identity` must be the saved run's (model, data, tokenizer, schedule, ...): one line if not."""
     saved = meta.get("identity", {})
     for key, now in identity.items():
         was = saved.get(key)
@@ -477,7 +480,6 @@ def check_resume(out, identity, resume=False, fresh=False, rank=0):
                 what = f"--{key.replace('_', '-')} {was}, not {now}" + (f" ({REASONS[key]})" if key in REASONS else "")
             raise CheckpointError(f"{out} holds a run with {what}: resume with the same setting, or give --fresh "
                                   "(the old run is moved aside) or another --out")
-    return d
 
 
 def move_aside(out):

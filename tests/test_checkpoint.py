@@ -202,18 +202,19 @@ def test_metrics_keep_one_history_and_fresh_moves_the_run_aside(tmp_path):
 def test_start_or_resume_decides_before_any_work(tmp_path, capsys):
     one, out = Topology(), tmp_path / "run"
     same = {"model_config": {"n_layer": 4, "d_model": 32}, "batch_size": 8, "lr": 0.01}
-    assert checkpoint.check_resume(out, same) is None  # nothing there: start
+    assert checkpoint.find_resume(out) is None  # nothing there: start
     with pytest.raises(checkpoint.CheckpointError, match="--resume: no complete checkpoint in"):
-        checkpoint.check_resume(out, same, resume=True)
+        checkpoint.find_resume(out, resume=True)
     model, module, opt = build(one)
     checkpoint.save(out, 3, model, opt, one, {"data": {"step": 3}, "identity": same})
-    assert checkpoint.check_resume(out, same) == out / "step_000003"
+    d, meta = checkpoint.find_resume(out)
+    assert d == out / "step_000003" and checkpoint.check_same_run(out, meta, same) is None
     for change, message in [({"batch_size": 16}, "--batch-size 8, not 16 (the data position"),
                             ({"lr": 0.02}, "--lr 0.01, not 0.02: resume with the same setting, or give --fresh"),
                             ({"model_config": {"n_layer": 6, "d_model": 32}}, "a model config with n_layer 4, not 6")]:
         with pytest.raises(checkpoint.CheckpointError, match=message.replace("(", r"\(")):
-            checkpoint.check_resume(out, same | change)
-    assert checkpoint.check_resume(out, same | {"lr": 0.02}, fresh=True) is None
+            checkpoint.check_same_run(out, meta, same | change)
+    assert checkpoint.find_resume(out, fresh=True) is None
     assert "moved to" in capsys.readouterr().out and (tmp_path / "run.1" / "step_000003").is_dir() and not out.exists()
 
 
