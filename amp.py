@@ -172,20 +172,6 @@ class MixedPrecisionOptimizer:
     def after_load(self):
         """checkpoint.py has written the weights, masters and states in place: nothing to rebuild."""
 
-    def state_dict(self):
-        sd = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
-        if self.low_precision:
-            sd["master"] = [m.detach().clone() for m in self.master_params]
-        return sd
-
-    def load_state_dict(self, sd):
-        self.optimizer.load_state_dict(sd["optimizer"])
-        self.scaler.load_state_dict(sd["scaler"])
-        if self.low_precision:
-            with torch.no_grad():
-                for m, saved in zip(self.master_params, sd["master"]):
-                    m.copy_(saved)
-
 
 if __name__ == "__main__":
     from model import PRESETS, Transformer

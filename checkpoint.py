@@ -302,7 +302,11 @@ def find(path):
     reasons the newer ones were skipped. Every rank calls it before any process group exists."""
     skipped = []
     for d in complete_steps(path):
-        meta = read_meta(d)
+        try:
+            meta = read_meta(d)
+        except CheckpointError as e:
+            skipped.append(str(e))
+            continue
         for f in meta["files"]:
             p = d / f["file"]
             if not p.is_file() or p.stat().st_size != f["size"]:
@@ -332,7 +336,11 @@ def load(path, model, opt, topo):
     world = dist.get_world_size() if dist.is_initialized() else 1
     problems = []
     for d in complete_steps(path):
-        meta = read_meta(d)
+        try:
+            meta = read_meta(d)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
         found = [p for p in _all_gather(damage(d, meta, meta["files"][topo.rank::world])) if p]
         if not found:
             _load_step(d, meta, model, opt, topo)
@@ -502,55 +510,11 @@ def truncate_metrics(path, step):
         _write_text(path, "".join(keep))
 
 
-# ----------------------------------------------------------------------------- TEMPORARY: format 1, until the loop uses the above
 def save_checkpoint(path, state):
-    """Write to a temporary name, then rename: a crash mid-write leaves the previous checkpoint whole."""
-    tmp = path.with_suffix(".tmp")
+    """One small file (sft.py's merged model): written under a temporary name, then renamed."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
-
-
-def checkpoint_path(out, rank, world):
-    """One file for one process; with several ranks each writes its own (its ZeRO slices, its RNG state)."""
-    return out / ("ckpt.pt" if world == 1 else f"ckpt.rank{rank}.pt")
-
-
-def check_checkpoint_layout(out, world, zero, layout):
-    """Refuse, before loading, a checkpoint written by another topology, number of ranks or ZeRO stage:
-    slices of one layout do not fit another (resharding is not built)."""
-    for path in (checkpoint_path(out, 0, world), out / "ckpt.pt", out / "ckpt.rank0.pt"):
-        if path.exists():
-            try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception:
-                return  # load_checkpoint says what is wrong with it
-            saved_world, saved_zero = ckpt.get("world", 1), ckpt.get("zero", 0)
-            if saved_world != world:
-                raise CheckpointError(f"--resume: the checkpoint in {out} was written by {saved_world} "
-                                      f"rank(s); this run has {world}: resume with --nproc_per_node {saved_world} "
-                                      "(changing the world size of a sharded checkpoint is not supported)")
-            saved = ckpt.get("topology", {"dp": saved_world, "pp": 1, "tp": 1})
-            if saved != layout:
-                raise CheckpointError(f"--resume: the checkpoint in {out} was saved with topology {saved}, this run "
-                                      f"is {layout}: relaunch with the checkpoint's --tp, --pp, --ep and world size")
-            if world > 1 and saved_zero != zero:
-                raise CheckpointError(f"--resume: the checkpoint in {out} was written with --zero {saved_zero}; "
-                                      f"resume with --zero {saved_zero}")
-            return
-
-
-def load_checkpoint(path):
-    if not path.exists():
-        raise CheckpointError(f"--resume: no checkpoint at {path} (train without --resume first, or fix --out)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        missing = {"model", "optim", "step", "data", "rng", "model_config", "tokenizer"} - set(ckpt)
-    except Exception as e:
-        raise CheckpointError(f"--resume: checkpoint {path} is corrupt ({type(e).__name__}: {str(e)[:80]})") \
-            from None
-    if missing:
-        raise CheckpointError(f"--resume: checkpoint {path} is corrupt (missing {', '.join(sorted(missing))})")
-    return ckpt
 
 
 def main(argv=None):

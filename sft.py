@@ -51,7 +51,7 @@ Run:
     python sft.py --init out/pretrain --lora-r 8 --lora-targets wq,wk,wv,wo,w1,w2,w3 --lr 3e-3
     python sft.py --init out/pretrain --data my.jsonl --val-data my_val.jsonl
     torchrun --nproc_per_node 4 sft.py --init out/pretrain --zero 3 --tp 2    # any layout pretrain.py runs
-    make sft                                                   # pretrains first if out/sft-base has no checkpoint
+    make sft                                                   # make pretrain first if out/pretrain has no checkpoint
 """
 import ast
 import json
@@ -71,7 +71,7 @@ import moe
 import tensor_parallel
 import training
 from amp import DTYPES
-from checkpoint import CheckpointError, save_checkpoint
+from checkpoint import CheckpointError, load_weights, save_checkpoint
 from data import DataError, eot_id
 from model import PRESETS, ModelConfig, Transformer, flops_per_token, num_params
 from topology import TopologyError
@@ -286,24 +286,18 @@ def read_examples(args):
 
 # ------------------------------------------------------------------------------------------- the base model
 def load_init(path):
-    """A pretrain.py or sft.py checkpoint (a folder holding ckpt.pt, or the file): model, config, tokenizer."""
-    p = Path(path)
-    f = p / "ckpt.pt" if p.is_dir() else p
-    if p.is_dir() and not f.exists() and (p / "ckpt.rank0.pt").exists():
-        f = p / "ckpt.rank0.pt"  # a data-parallel run's: under ZeRO-1/2 each rank holds the whole model
-    if not f.exists():
+    """The base model: a run's --out (its newest complete step, whatever layout wrote it), a step folder, a
+    consolidated file or a Hugging Face Llama folder (checkpoint.load_weights): model, config, tokenizer."""
+    if not Path(path).exists():
         raise ConfigError(f"--init {path}: no checkpoint there (run pretrain.py --out {path} first, or `make "
                           "pretrain`)")
     try:
-        ckpt = torch.load(f, map_location="cpu", weights_only=False)
-        missing = {"model", "model_config", "tokenizer"} - set(ckpt)
-    except Exception as e:
-        raise ConfigError(f"--init {f}: not a readable checkpoint ({type(e).__name__})") from None
-    if missing:
-        raise ConfigError(f"--init {f}: not a model checkpoint (missing {', '.join(sorted(missing))})")
-    if any(".lora_" in k for k in ckpt["model"]):
-        raise ConfigError(f"--init {f} holds LoRA adapters: start from its merged.pt, or pass --adapter")
-    return ckpt
+        model, model_config, tokenizer = load_weights(path)
+    except CheckpointError as e:
+        raise ConfigError(f"--init {e}" if str(e).startswith(str(path)) else f"--init {path}: {e}") from None
+    if any(".lora_" in k for k in model):
+        raise ConfigError(f"--init {path} holds LoRA adapters: start from its merged.pt, or pass --adapter")
+    return {"model": model, "model_config": model_config, "tokenizer": tokenizer}
 
 
 def check_init_config(init, args):
@@ -345,7 +339,8 @@ def build_parser():
     ap = training.OneLineParser(prog="sft.py", description="Supervised fine-tuning (and LoRA) of a pretrained "
                                                            "checkpoint.")
     a = ap.add_argument
-    a("--init", default="out/pretrain", help="pretrain.py/sft.py checkpoint: its folder (ckpt.pt) or a file")
+    a("--init", default="out/pretrain", help="the base model: a pretrain.py/sft.py --out (any layout), a consolidated "
+                                             "file or a Hugging Face Llama folder")
     a("--model", default=None, choices=sorted(PRESETS), help="check that --init is of this preset")
     a("--data", default=None, help="training JSONL (Alpaca- or chat-style); default: the embedded stdlib set")
     a("--val-data", default=None, help="held-out JSONL; default: the embedded set's, or 1 in 10 lines of --data")
@@ -397,6 +392,8 @@ def train(args):
         raise ConfigError(f"--resume: the checkpoint in {args.out} is of another model config than --init {args.init}")
     cfg = replace(ModelConfig(**model_config), attn=args.attn, activation_checkpointing=args.activation_checkpointing)
     training.check_model_layout(cfg, args, f"--init {args.init}")
+    identity = training.check_same_run(args, ckpt, max_steps=args.max_steps, model_config=model_config,
+                                       tokenizer=init["tokenizer"])
 
     # Data: read and check everything before building anything.
     enc = data_lib.get_tokenizer(init["tokenizer"])
@@ -428,7 +425,7 @@ def train(args):
                           f"{lora_config}")
     with torch.device("meta"):
         n_mm = num_params(Transformer(cfg), matmul_only=True)
-    meta = {"tokenizer": init["tokenizer"], "model_config": model_config, "lora": lora_config}
+    meta = {"tokenizer": init["tokenizer"], "model_config": model_config, "lora": lora_config, "identity": identity}
     run = training.start(args, topo, device, model, batches, val, args.max_steps, meta, flops_per_token(cfg, n_mm, T),
                          ckpt)
     if run.master:

@@ -80,7 +80,7 @@ class FlatUnit:
 
 class ZeroOptimizer:
     """The optimizer interface of amp.MixedPrecisionOptimizer (zero_grad, scale_loss, step, param_groups,
-    state_dict, scaler, no_sync) over partitioned states. `module` is what to call forward on."""
+    checkpoint_pieces, after_load, scaler, no_sync) over partitioned states. `module` is what to call forward on."""
 
     def __init__(self, model, param_groups, make_optimizer, scaler, group=None, stage=1, bucket_mb=25.0,
                  norm_reduce_fn=None):
@@ -333,7 +333,7 @@ class ZeroOptimizer:
         for w in works:
             w.wait()
 
-    # ------------------------------------------------------------------ checkpoints: each rank its slices
+    # ------------------------------------------------------------------ checkpoints (checkpoint.py): this rank's slices
     def checkpoint_pieces(self):
         """What checkpoint.py saves and restores: each piece of a parameter in this rank's slice, as (param, start,
         end, {kind: flat view}, the inner optimizer's tensor, sharded): [start, end) is the range of the
@@ -346,21 +346,6 @@ class ZeroOptimizer:
 
     def after_load(self):
         """The masters were loaded: the 16-bit weights follow from them, as after a step."""
-        self._publish()
-
-    def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "master": [u.master.clone() for u in self.units], "stage": self.stage, "world": self.world}
-
-    def load_state_dict(self, sd):
-        if (sd["stage"], sd["world"]) != (self.stage, self.world):
-            raise ValueError(f"optimizer state of ZeRO stage {sd['stage']} over {sd['world']} ranks cannot be "
-                             f"loaded into stage {self.stage} over {self.world} ranks")
-        self.optimizer.load_state_dict(sd["optimizer"])
-        self.scaler.load_state_dict(sd["scaler"])
-        with torch.no_grad():
-            for u, saved in zip(self.units, sd["master"]):
-                u.master.copy_(saved)
         self._publish()
 
     # ------------------------------------------------------------------ what is held, for the demo

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import checkpoint  # noqa: E402
 import hf  # noqa: E402
 import pretrain  # noqa: E402
-from model import PRESETS  # noqa: E402
+import training  # noqa: E402
+from model import PRESETS, Transformer  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
 from topology import Topology  # noqa: E402
 
@@ -31,15 +32,15 @@ CFG, T, B = PRESETS["gpt2-124m"], 32, 4
 
 def build(topo, zero):
     args = pretrain.build_parser().parse_args(["--zero", str(zero), "--amp", "bf16", "--lr", "1e-4"])
-    model = pretrain.build_model(CFG, topo, 0, torch.device("cpu"), torch.bfloat16, args=args)
-    return (model, *pretrain.build_training(model, args, torch.bfloat16, topo))
+    model = training.build_model(CFG, topo, 0, torch.device("cpu"), torch.bfloat16, args=args)
+    return (model, *training.build_training(model, args, torch.bfloat16, topo))
 
 
 def _ranks(rank, world, out):
     topo = Topology(tp=2)
     model, module, opt = build(topo, zero=3)
     x = torch.randint(0, CFG.vocab_size, (B // topo.dp, T + 1), generator=torch.Generator().manual_seed(topo.dp_rank))
-    pretrain.forward_backward(module, [(x[:, :-1], x[:, 1:])], topo, "1f1b", opt.scale_loss, "cpu", opt.no_sync)
+    training.forward_backward(module, [(x[:, :-1], x[:, 1:])], topo, "1f1b", opt.scale_loss, "cpu", opt.no_sync)
     opt.step(1.0)
     t0 = time.perf_counter()
     checkpoint.save(out, 1, model, opt, topo, {"data": {"step": 1}, "model_config": vars(CFG), "tokenizer": "gpt2"})
@@ -64,7 +65,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out/bench/bench_checkpoint.json")
     args = ap.parse_args()
-    n_params = sum(p.numel() for p in pretrain.Transformer(CFG).parameters())
+    n_params = sum(p.numel() for p in Transformer(CFG).parameters())
     with tempfile.TemporaryDirectory() as tmp:
         ranks = run_distributed(_ranks, 4, tmp)
         t0 = time.perf_counter()

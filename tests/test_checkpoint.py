@@ -1,17 +1,17 @@
 """Layout-free checkpoints: save under one layout, resume under another, continue. float64 on CPU: the losses
 after the resume equal those of the run that went on in its original layout (and those of one process), and the
 optimizer's state read back equals the saved one exactly. Then: completeness, damage, fallback, failed saves."""
-import contextlib
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import checkpoint
+import moe
 import pretrain
+import training
 from model import PRESETS
 from tests.distributed import run_distributed
 from topology import Topology
@@ -33,8 +33,8 @@ def build(topo, zero=0, amp="fp32", experts=0):
         flags += ["--experts", str(experts), "--topk", "2", "--ep", str(topo.ep)]
     args = pretrain.build_parser().parse_args(flags)
     dtype = torch.float64 if amp == "fp32" else torch.float16
-    model = pretrain.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=dtype, args=args)
-    module, opt = pretrain.build_training(model, args, dtype, topo)
+    model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=dtype, args=args)
+    module, opt = training.build_training(model, args, dtype, topo)
     return model, module, opt
 
 
@@ -43,14 +43,13 @@ def run(topo, steps, model, module, opt, micro=1):
     losses = []
     for step in steps:
         x, y = (t.chunk(topo.dp)[topo.dp_rank] for t in batch(step))
-        loss = pretrain.forward_backward(model if topo.pp > 1 else module, list(zip(x.chunk(micro), y.chunk(micro))),
+        loss = training.forward_backward(model if topo.pp > 1 else module, list(zip(x.chunk(micro), y.chunk(micro))),
                                          topo, "1f1b", opt.scale_loss, "cpu", opt.no_sync)
         if topo.ep > 1:
-            import moe
             moe.reduce_expert_grads(model, topo.dp, topo.expert_dp_group)
         opt.step(1.0)
         opt.zero_grad()
-        losses.append(pretrain.mean_over_dp(loss, topo).item())
+        losses.append(training.mean_over_dp(loss, topo).item())
     return losses
 
 
