@@ -74,18 +74,21 @@ def full_name(model, name):
 
 
 def describe(model, tp=1, tp_rank=0):
-    """param -> (full name, full shape, box): the box is [start, length] per dimension of the full tensor."""
-    from tensor_parallel import split_dim
+    """param -> (full name, full shape, box): the box is [start, length] per dimension of the full tensor. A
+    tensor-parallel layer's weight is this rank's slice along dimension 0 (column-parallel linears, the
+    vocabulary-parallel embedding) or 1 (row-parallel linears): tensor_parallel.py's layers say which."""
+    from tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+    split = {m.weight: int(isinstance(m, RowParallelLinear)) for m in model.modules()
+             if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding))}
     out = {}
     for name, p in model.named_parameters():
-        full = full_name(model, name)
+        assert 1 <= p.dim() <= 2, f"{name}: only 1-D and 2-D parameters are described"
         shape, box = list(p.shape), [[0, n] for n in p.shape]
-        if getattr(p, "tensor_parallel", False) and tp > 1:
-            d = split_dim(full)
+        if p in split and tp > 1:
+            d = split[p]
             shape[d] *= tp
             box[d] = [tp_rank * p.shape[d], p.shape[d]]
-        assert 1 <= p.dim() <= 2, f"{full}: only 1-D and 2-D parameters are described"
-        out[p] = (full, shape, box)
+        out[p] = (full_name(model, name), shape, box)
     return out
 
 

@@ -77,7 +77,10 @@ def _world4(rank, world, tmp):
     a = save_and_go_on(tmp / "z3tp2", Topology(tp=2), zero=3)
     b = resume_and_go_on(tmp / "z3tp2", tmp / "z3tp2-to-tp2pp2", Topology(tp=2, pp=2), micro=2)[0]
     c = save_and_go_on(tmp / "z2dp4", Topology(), zero=2)
-    return a, b, c
+    # Experts split by tp (their own names: blocks.i.mlp.experts.j) and over 2 ep ranks, then over 1.
+    m = save_and_go_on(tmp / "ep2tp2", Topology(tp=2, ep=2), zero=1, experts=4)
+    m1 = resume_and_go_on(tmp / "ep2tp2", tmp / "ep2tp2-to-tp2", Topology(tp=2), zero=1, experts=4)[0]
+    return a, b, c, m, m1
 
 
 def _world2(rank, world, tmp):
@@ -109,16 +112,16 @@ def test_resume_on_another_layout(tmp_path):
     one = Topology()
     ref = save_and_go_on(tmp_path / "one", one)  # one process: the losses every dense layout must reproduce
     save_and_go_on(tmp_path / "fp16-one", one, amp="fp16", scale=(1024.0, 7))
-    a, b, c = run_distributed(_world4, 4, str(tmp_path))[0]
+    a, b, c, m, m1 = run_distributed(_world4, 4, str(tmp_path))[0]
     d, e, e1, f, g, h = run_distributed(_world2, 2, str(tmp_path))[0]
     d1 = resume_and_go_on(tmp_path / "z3dp2", tmp_path / "z3dp2-to-one", one)[0]
     # float64, the same arithmetic up to summation order (tp's partial sums, ZeRO's shard norms): 1e-10.
     close = lambda x, y: x == pytest.approx(y, rel=1e-10)  # noqa: E731
     assert all(close(x, ref) for x in (a, c, d)), (ref, a, c, d)    # the original layouts agree with one process
-    assert close(b, a) and close(g, c) and close(f, ref) and close(d1, d) and close(e1, e), (b, g, f, d1, e1)
+    assert close(b, a) and close(g, c) and close(f, ref) and close(d1, d) and close(e1, e) and close(m1, m), (b, g, f, d1, e1, m1)
     assert h == {"scale": 1024.0, "good_steps": 7}  # the fp16 loss scale, carried over
     for src, dst in [("z3tp2", "z3tp2-to-tp2pp2"), ("z2dp4", "z2dp4-to-z3dp2"), ("one", "one-to-z1dp2"),
-                     ("z3dp2", "z3dp2-to-one"), ("ep2", "ep2-to-ep1"), ("fp16-one", "fp16-to-z2dp2")]:
+                     ("z3dp2", "z3dp2-to-one"), ("ep2", "ep2-to-ep1"), ("ep2tp2", "ep2tp2-to-tp2"), ("fp16-one", "fp16-to-z2dp2")]:
         same_state(tmp_path / src, tmp_path / dst)
     # What was saved is the model: the tp-sliced, ZeRO-sharded weights assembled equal one process's.
     whole = {}
