@@ -25,7 +25,7 @@ shard everything. Resuming, a rank reads the checksum of about one file (14 Psi 
 
 Run:
     python checkpoint.py consolidate out/pretrain model.pt      # one whole-model file (sft.py/pretrain.py --init)
-    python checkpoint.py export-hf out/pretrain hf/             # a Hugging Face Llama folder (hf.py)
+    python checkpoint.py export-hf out/pretrain hf/             # a Hugging Face Llama folder (weights.py)
 """
 import json
 import os
@@ -283,26 +283,24 @@ def _step_of(d):
     return int(m.group(1)) if m else -1
 
 
-def damage(d, meta, files=None):
+def damage(d, files, crc=True):
     """The first problem of the listed files of step folder d (missing, another size, another CRC-32), or None."""
-    for f in meta["files"] if files is None else files:
+    for f in files:
         p = Path(d) / f["file"]
-        if not p.is_file():
-            return f"{p} is missing"
-        if p.stat().st_size != f["size"]:
-            return f"{p} has {p.stat().st_size} bytes, {f['size']} were written (truncated?)"
-        crc = 0
+        if not p.is_file() or p.stat().st_size != f["size"]:
+            return f"{p} is missing" if not p.is_file() else f"{p} is truncated ({f['size']} bytes were written)"
+        value = 0
         with open(p, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                crc = zlib.crc32(chunk, crc)
-        if crc != f["crc32"]:
+            while crc and (chunk := fh.read(1 << 24)):
+                value = zlib.crc32(chunk, value)
+        if crc and value != f["crc32"]:
             return f"{p} is damaged (its CRC-32 differs from the one written)"
     return None
 
 
-def find(path):
-    """The newest complete step under `path` whose files exist with their sizes (cheap: no reading), and the
-    reasons the newer ones were skipped. Every rank calls it before any process group exists."""
+def find(path, crc=False):
+    """The newest complete step under `path` whose files are whole (their sizes; with crc, their CRC-32s too, which
+    reads them): (folder, meta, why each newer step was passed over), or (None, None, why)."""
     skipped = []
     for d in complete_steps(path):
         try:
@@ -310,13 +308,10 @@ def find(path):
         except CheckpointError as e:
             skipped.append(str(e))
             continue
-        for f in meta["files"]:
-            p = d / f["file"]
-            if not p.is_file() or p.stat().st_size != f["size"]:
-                skipped.append(f"{p} is missing" if not p.is_file() else f"{p} is truncated")
-                break
-        else:
-            return d, meta, skipped
+        if problem := damage(d, meta["files"], crc):
+            skipped.append(problem)
+            continue
+        return d, meta, skipped
     return None, None, skipped
 
 
@@ -344,7 +339,7 @@ def load(path, model, opt, topo):
         except CheckpointError as e:
             problems.append(str(e))
             continue
-        found = [p for p in _all_gather(damage(d, meta, meta["files"][topo.rank::world])) if p]
+        found = [p for p in _all_gather(damage(d, meta["files"][topo.rank::world])) if p]
         if not found:
             _load_step(d, meta, model, opt, topo)
             if problems and topo.rank == 0:
@@ -389,70 +384,6 @@ def _load_step(d, meta, model, opt, topo):
     rank_file = d / f"rank{topo.rank}.pt"
     set_rng_state(torch.load(rank_file if rank_file.exists() else d / "rank0.pt", mmap=True,
                              weights_only=False)["rng"])
-
-
-# ----------------------------------------------------------------------------- the whole model
-def full_state_dict(d, meta, kinds=("master", "param")):
-    """Every parameter whole, of the first of `kinds` saved for it (by default the fp32 master where there is one,
-    else the weights), from a step folder: the pieces of every rank's file assembled."""
-    by_name = {}
-    for f in meta["files"]:
-        t = torch.load(d / f["file"], map_location="cpu", mmap=True, weights_only=False)["tensors"]
-        for r in f["pieces"]:
-            by_name.setdefault(r["name"], []).append((t, r))
-    sd = {}
-    for name, saved in by_name.items():
-        kind = next((k for k in kinds if any(k in r["kinds"] for _, r in saved)), None)
-        if kind is None:
-            continue
-        first = next(t[r["kinds"][kind]] for t, r in saved if kind in r["kinds"])
-        whole = torch.empty(saved[0][1]["shape"], dtype=first.dtype)
-        n = sum(copy_overlap(whole.view(-1), rects([[0, s] for s in whole.shape], [0, whole.numel()]),
-                             t[r["kinds"][kind]], rects(r["box"], r["flat"])) for t, r in saved if kind in r["kinds"])
-        if n != whole.numel():
-            raise CheckpointError(f"{d}: {kind} of {name} is not complete in the checkpoint ({n} of {whole.numel()} "
-                                  "values)")
-        sd[name] = whole
-    return dict(sorted(sd.items(), key=lambda kv: _order(kv[0])))
-
-
-def _order(name):  # the model's own order: embedding, blocks by number, norm, head
-    m = re.match(r"blocks\.(\d+)\.", name)
-    return (1, int(m.group(1)), name) if m else (0 if name.startswith("tok_emb") else 2, 0, name)
-
-
-def consolidate(src, dst):
-    """One whole-model file: {"model": state dict, "model_config", "tokenizer", "step"} (what --init reads)."""
-    d, meta, skipped = find(src)
-    if d is None:
-        raise CheckpointError(f"no complete checkpoint in {src}" + (f" ({skipped[0]})" if skipped else ""))
-    if problem := damage(d, meta):
-        raise CheckpointError(problem)
-    Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": full_state_dict(d, meta), "model_config": meta["model_config"],
-                "tokenizer": meta["tokenizer"], "step": meta["step"]}, dst)
-    return d
-
-
-def load_weights(path):
-    """Whole weights from what a user may hand over: a run's folder (its newest complete step), a step folder,
-    a consolidated file, or a Hugging Face Llama folder. Returns (state dict, model config dict, tokenizer)."""
-    p = Path(path)
-    if p.is_dir() and (p / "config.json").exists():
-        import hf
-        return hf.import_hf(p)
-    if p.is_dir():
-        d, meta, skipped = find(p)
-        if d is None:
-            raise CheckpointError(f"{path}: no complete checkpoint there" + (f" ({skipped[0]})" if skipped else ""))
-        return full_state_dict(d, meta), meta["model_config"], meta["tokenizer"]
-    if not p.is_file():
-        raise CheckpointError(f"{path}: no such file or folder (a run's --out, a consolidated file or an HF folder)")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
-        return ckpt["model"], ckpt["model_config"], ckpt["tokenizer"]
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a consolidated checkpoint ({type(e).__name__})") from None
 
 
 # ----------------------------------------------------------------------------- start or resume
@@ -526,12 +457,12 @@ def main(argv=None):
         sys.exit("usage: python checkpoint.py consolidate OUT_DIR FILE | export-hf OUT_DIR HF_DIR")
     cmd, src, dst = argv
     try:
+        import weights  # (whole models in and out: weights.py)
         if cmd == "consolidate":
-            d = consolidate(src, dst)
+            d = weights.consolidate(src, dst)
             print(f"{d} -> {dst} ({Path(dst).stat().st_size / 2 ** 20:.1f} MB)")
         else:
-            import hf
-            hf.export_hf(src, dst)
+            weights.export_hf(src, dst)
             print(f"{src} -> {dst}/config.json, {dst}/model.safetensors")
     except (CheckpointError, OSError) as e:
         sys.exit(f"checkpoint.py: error: {e}")

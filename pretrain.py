@@ -34,11 +34,12 @@ import moe
 import tensor_parallel
 import training
 from amp import DTYPES
-from checkpoint import CheckpointError, load_weights
+from checkpoint import CheckpointError
 from estimate import PEAK_TFLOPS, estimate
 from model import PRESETS, Transformer, flops_per_token, num_params, pad_vocab
 from topology import TopologyError
 from training import ConfigError
+from weights import load_weights
 
 
 def build_parser():

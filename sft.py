@@ -71,11 +71,12 @@ import moe
 import tensor_parallel
 import training
 from amp import DTYPES
-from checkpoint import CheckpointError, load_weights, save_checkpoint
+from checkpoint import CheckpointError, save_checkpoint
 from data import DataError, eot_id
 from model import PRESETS, ModelConfig, Transformer, flops_per_token, num_params
 from topology import TopologyError
 from training import ConfigError
+from weights import load_weights
 
 # ------------------------------------------------------------------------------------------- the template
 HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
@@ -287,7 +288,7 @@ def read_examples(args):
 # ------------------------------------------------------------------------------------------- the base model
 def load_init(path):
     """The base model: a run's --out (its newest complete step, whatever layout wrote it), a step folder, a
-    consolidated file or a Hugging Face Llama folder (checkpoint.load_weights): model, config, tokenizer."""
+    consolidated file or a Hugging Face Llama folder (weights.load_weights): model, config, tokenizer."""
     if not Path(path).exists():
         raise ConfigError(f"--init {path}: no checkpoint there (run pretrain.py --out {path} first, or `make "
                           "pretrain`)")

@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import checkpoint  # noqa: E402
-import hf  # noqa: E402
 import pretrain  # noqa: E402
 import training  # noqa: E402
+import weights  # noqa: E402
 from model import PRESETS, Transformer  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
 from topology import Topology  # noqa: E402
@@ -69,10 +69,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         ranks = run_distributed(_ranks, 4, tmp)
         t0 = time.perf_counter()
-        checkpoint.consolidate(tmp, Path(tmp) / "model.pt")
+        weights.consolidate(tmp, Path(tmp) / "model.pt")
         t_cons = time.perf_counter() - t0
         t0 = time.perf_counter()
-        hf.export_hf(Path(tmp) / "model.pt", Path(tmp) / "hf")
+        weights.export_hf(Path(tmp) / "model.pt", Path(tmp) / "hf")
         t_hf = time.perf_counter() - t0
         sizes = {"consolidated": (Path(tmp) / "model.pt").stat().st_size,
                  "safetensors": (Path(tmp) / "hf" / "model.safetensors").stat().st_size}

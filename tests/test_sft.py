@@ -9,6 +9,7 @@ import checkpoint
 import data
 import sft
 import training
+import weights
 from amp import DynamicLossScaler, MixedPrecisionOptimizer
 from model import Transformer
 from topology import Topology
@@ -151,7 +152,7 @@ def test_lora_sft_trains_only_adapters_and_exports(tmp_path, files):
     assert res["val_losses"][-1] < res["val_losses"][0] - 0.1, res["val_losses"]
     init = torch.load(files["init"], weights_only=False)["model"]
     step = tmp_path / "l" / "step_000020"
-    trained = checkpoint.read_meta(step) | {"model": checkpoint.full_state_dict(step, checkpoint.read_meta(step))}
+    trained = checkpoint.read_meta(step) | {"model": weights.full_state_dict(step, checkpoint.read_meta(step))}
     assert trained["lora"]["r"] == 4
     for k, v in init.items():  # every base weight is exactly as it was
         assert torch.equal(trained["model"][k], v), k

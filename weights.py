@@ -1,7 +1,12 @@
-"""hf.py: models in and out of the Hugging Face Llama format (config.json + model.safetensors), no dependency.
+"""weights.py: a model's weights out of training and back in: one whole-model file, or a Hugging Face Llama folder.
 
-The idea: model.py is a Llama-architecture decoder (RMSNorm, rotary embeddings on split halves, SwiGLU, grouped-
-query attention, no biases), so a trained model is a LlamaForCausalLM once its tensors are renamed, and a Llama
+The idea: a checkpoint (checkpoint.py) is pieces of every parameter spread over the files of the ranks that held
+them; the whole model is those pieces assembled (full_state_dict: each rank file memory-mapped, each piece copied
+into place). `consolidate` writes it as one file; `load_weights` reads whatever a user hands over (a run's folder,
+a step folder, such a file, or a Hugging Face folder), for sft.py --init, pretrain.py --init and generation.
+
+model.py is a Llama-architecture decoder (RMSNorm, rotary embeddings on split halves, SwiGLU, grouped-query
+attention, no biases), so a trained model is a LlamaForCausalLM once its tensors are renamed, and a Llama
 checkpoint of a shape model.py can build is a model.py model. The names:
 
     model.py                       Hugging Face Llama
@@ -19,21 +24,95 @@ safetensors, written out: 8 bytes of little-endian header length N, N bytes of J
 "data_offsets": [begin, end]}} (offsets into what follows), then the raw little-endian tensors. Reading it is a
 memory map and one view per tensor; every field is checked, so a damaged file is one line, not a crash.
 
-Run: `python checkpoint.py export-hf out/pretrain hf/` writes hf/config.json and hf/model.safetensors;
-`sft.py --init hf/` or `pretrain.py --init hf/` reads a folder of this kind back (hf.import_hf).
+Cost: assembling reads every piece of the chosen kind once (the fp32 masters: 4 bytes per parameter) after the
+CRC-32 of every file (all of the checkpoint); the file written is 4 bytes per parameter.
+
+Run: `python checkpoint.py consolidate out/pretrain model.pt` and `python checkpoint.py export-hf out/pretrain hf/`
+write them; `sft.py --init hf/` or `pretrain.py --init model.pt` read them back (load_weights).
 """
 import json
 import mmap
 import re
 import struct
+import sys
 from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError, load_weights
+from checkpoint import CheckpointError, copy_overlap, find, rects
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 NAMES = {v: k for k, v in DTYPES.items()}
+
+
+# ----------------------------------------------------------------------------- the whole model
+def full_state_dict(d, meta, kinds=("master", "param")):
+    """Every parameter whole, of the first of `kinds` saved for it (by default the fp32 master where there is one,
+    else the weights), from a step folder: the pieces of every rank's file assembled."""
+    by_name = {}
+    for f in meta["files"]:
+        t = torch.load(d / f["file"], map_location="cpu", mmap=True, weights_only=False)["tensors"]
+        for r in f["pieces"]:
+            by_name.setdefault(r["name"], []).append((t, r))
+    sd = {}
+    for name, saved in by_name.items():
+        kind = next((k for k in kinds if any(k in r["kinds"] for _, r in saved)), None)
+        if kind is None:
+            continue
+        first = next(t[r["kinds"][kind]] for t, r in saved if kind in r["kinds"])
+        whole = torch.empty(saved[0][1]["shape"], dtype=first.dtype)
+        n = sum(copy_overlap(whole.view(-1), rects([[0, s] for s in whole.shape], [0, whole.numel()]),
+                             t[r["kinds"][kind]], rects(r["box"], r["flat"])) for t, r in saved if kind in r["kinds"])
+        if n != whole.numel():
+            raise CheckpointError(f"{d}: {kind} of {name} is not complete in the checkpoint ({n} of {whole.numel()} "
+                                  "values)")
+        sd[name] = whole
+    return dict(sorted(sd.items(), key=lambda kv: _order(kv[0])))
+
+
+def _order(name):  # the model's own order: embedding, blocks by number, norm, head
+    m = re.match(r"blocks\.(\d+)\.", name)
+    return (1, int(m.group(1)), name) if m else (0 if name.startswith("tok_emb") else 2, 0, name)
+
+
+def newest_whole(path):
+    """The newest complete step under `path` with every file's CRC-32 right (reads them all): (folder, meta)."""
+    d, meta, skipped = find(path, crc=True)
+    if d is None:
+        raise CheckpointError(f"no complete checkpoint in {path}" + (f" ({skipped[0]})" if skipped else ""))
+    if skipped:
+        print(f"warning: {skipped[0]}: took the previous complete step, {d}", file=sys.stderr)
+    return d, meta
+
+
+def consolidate(src, dst):
+    """One whole-model file: {"model": state dict, "model_config", "tokenizer", "step"} (what --init reads)."""
+    d, meta = newest_whole(src)
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": full_state_dict(d, meta), "model_config": meta["model_config"],
+                "tokenizer": meta["tokenizer"], "step": meta["step"]}, dst)
+    return d
+
+
+def load_weights(path):
+    """Whole weights from what a user may hand over: a run's folder (its newest complete step), a step folder,
+    a consolidated file, or a Hugging Face Llama folder. Returns (state dict, model config dict, tokenizer)."""
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").exists():
+        return import_hf(p)
+    if p.is_dir():
+        d, meta = newest_whole(p)
+        return full_state_dict(d, meta), meta["model_config"], meta["tokenizer"]
+    if not p.is_file():
+        raise CheckpointError(f"{path}: no such file or folder (a run's --out, a consolidated file or an HF folder)")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        return ckpt["model"], ckpt["model_config"], ckpt["tokenizer"]
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a consolidated checkpoint ({type(e).__name__})") from None
+
+
+# ----------------------------------------------------------------------------- Hugging Face names
 PAIRS = [("tok_emb", "model.embed_tokens"), ("norm", "model.norm"), ("lm_head", "lm_head"),
          ("blocks.{i}.attn_norm", "model.layers.{i}.input_layernorm"),
          ("blocks.{i}.mlp_norm", "model.layers.{i}.post_attention_layernorm"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import checkpoint
-import hf
+import weights
 from model import PRESETS, Transformer
 
 CFG = replace(PRESETS["tiny"], n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_ff=64, vocab_size=64, block_size=16,
@@ -23,7 +23,7 @@ def exported(tmp_path):
         torch.nn.init.normal_(p, std=0.3)
     torch.save({"model": model.state_dict(), "model_config": asdict(replace(CFG, attn="-")), "tokenizer": "bytes"},
                tmp_path / "model.pt")
-    hf.export_hf(tmp_path / "model.pt", tmp_path / "hf")
+    weights.export_hf(tmp_path / "model.pt", tmp_path / "hf")
     return model, tmp_path / "hf"
 
 
@@ -35,7 +35,7 @@ def test_export_then_import_gives_the_same_logits(exported):
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
         "rms_norm_eps": 1e-6, "rope_theta": 5e5, "max_position_embeddings": 16, "vocab_size": 64,
         "tie_word_embeddings": False, "hidden_act": "silu", "rope_scaling": None}.items() <= config.items()
-    sd, cfg, tokenizer = checkpoint.load_weights(folder)  # what --init HF_DIR reads
+    sd, cfg, tokenizer = weights.load_weights(folder)  # what --init HF_DIR reads
     again = Transformer(replace(CFG, **{k: v for k, v in cfg.items() if k != "attn"})).double()
     again.load_state_dict(sd)
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -70,7 +70,7 @@ def llama_reference(t, c, idx):
 def test_the_exported_tensors_are_a_llama(exported):
     model, folder = exported
     idx = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(2))
-    ref = llama_reference(hf.read_safetensors(folder / "model.safetensors"),
+    ref = llama_reference(weights.read_safetensors(folder / "model.safetensors"),
                           json.loads((folder / "config.json").read_text()), idx)
     # float64 but for model.py's RoPE tables, kept in fp32 (|logits| up to 1.7: measured 2e-8 apart): 1e-6.
     torch.testing.assert_close(model(idx)[0], ref, rtol=1e-6, atol=1e-6)
@@ -78,12 +78,12 @@ def test_the_exported_tensors_are_a_llama(exported):
 
 def test_tied_embeddings_are_copied_into_the_head(exported):
     model, folder = exported
-    tensors = hf.read_safetensors(folder / "model.safetensors")
+    tensors = weights.read_safetensors(folder / "model.safetensors")
     del tensors["lm_head.weight"]
-    hf.write_safetensors(folder / "model.safetensors", tensors)
+    weights.write_safetensors(folder / "model.safetensors", tensors)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
-    sd = hf.import_hf(folder)[0]
+    sd = weights.import_hf(folder)[0]
     assert torch.equal(sd["lm_head.weight"], model.tok_emb.weight)
 
 
@@ -92,12 +92,12 @@ def refused(folder, config=None, tensors=None, raw=None):
         c = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps(c | config))
     if tensors:
-        t = hf.read_safetensors(folder / "model.safetensors")
-        hf.write_safetensors(folder / "model.safetensors", tensors(t))
+        t = weights.read_safetensors(folder / "model.safetensors")
+        weights.write_safetensors(folder / "model.safetensors", tensors(t))
     if raw:
         (folder / "model.safetensors").write_bytes(raw((folder / "model.safetensors").read_bytes()))
     with pytest.raises(checkpoint.CheckpointError) as e:
-        checkpoint.load_weights(folder)
+        weights.load_weights(folder)
     assert "\n" not in str(e.value)
     return str(e.value)
 
