@@ -402,6 +402,8 @@ def find_resume(out, resume=False, fresh=False, rank=0):
             print(f"--fresh: the previous run in {out} moved to {move_aside(out)}", flush=True)
         return None
     d, meta, skipped = find(out)
+    if d is None and not skipped and any(Path(out).glob("ckpt*.pt")):
+        skipped = [f"{next(Path(out).glob('ckpt*.pt'))} is of format 1, readable only by an older version"]
     if d is None and (resume or skipped):
         raise CheckpointError(f"{'--resume: ' if resume else ''}no complete checkpoint in {out}"
                               + (f" ({skipped[0]})" if skipped else "")

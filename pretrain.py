@@ -134,6 +134,7 @@ def train(args):
         max_steps = args.max_steps or 1000
     identity = training.check_same_run(args, ckpt, max_steps=max_steps, model_config=model_config,
                                        tokenizer=tokenizer)
+    # (a resume takes its weights from the checkpoint: the same command line both starts and resumes a run)
     weights = read_init(args.init, model_config, tokenizer) if args.init and not ckpt else None
 
     # Every check has passed: only now are the process groups built.

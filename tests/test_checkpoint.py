@@ -237,3 +237,9 @@ def test_consolidate_and_export_from_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         checkpoint.main(["consolidate", str(tmp_path / "nothing"), str(tmp_path / "x.pt")])
     assert str(e.value) == f"checkpoint.py: error: no complete checkpoint in {tmp_path / 'nothing'}"
+
+
+def test_an_old_format_folder_is_not_silently_restarted(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"format 1")
+    with pytest.raises(checkpoint.CheckpointError, match="ckpt.pt is of format 1.*give --fresh"):
+        checkpoint.find_resume(tmp_path)
