@@ -125,7 +125,7 @@ def train(args):
         raise TopologyError(err)
     T = args.seq_len or cfg.block_size
     with torch.device("meta"):  # the whole model's counts (for FLOPs and the log), without allocating it
-        whole = training.with_experts(Transformer(cfg), args)
+        whole = moe.with_experts(Transformer(cfg), args)
     # FLOPs follow the parameters a token meets: with experts, k of E per MoE layer (moe.py).
     n_params, n_mm = num_params(whole), num_params(whole, matmul_only=True) - moe.inactive_params(whole)
     if args.tokens is not None or args.chinchilla:
@@ -135,7 +135,7 @@ def train(args):
     identity = training.check_same_run(args, ckpt, max_steps=max_steps, model_config=model_config,
                                        tokenizer=tokenizer)
     # (a resume takes its weights from the checkpoint: the same command line both starts and resumes a run)
-    weights = read_init(args.init, model_config, tokenizer) if args.init and not ckpt else None
+    weights = read_init(args.init, model_config, tokenizer, args.experts) if args.init and not ckpt else None
 
     # Every check has passed: only now are the process groups built.
     topo = training.build_topology(args, world, device)
@@ -160,16 +160,20 @@ def train(args):
     return {"losses": run.losses, "step": run.step, "model": model, "opt": run.opt, "topo": topo}
 
 
-def read_init(path, model_config, tokenizer):
-    """--init: whole weights (checkpoint.load_weights) of this run's model and tokenizer, or one line saying why not."""
-    weights, saved, saved_tokenizer = load_weights(path)
+def read_init(path, model_config, tokenizer, experts):
+    """--init: whole weights (weights.load_weights) of this run's model and tokenizer, or one line saying why not."""
+    init = load_weights(path)
+    saved, saved_tokenizer = init["model_config"], init["tokenizer"]
     for k in sorted(set(saved) | set(model_config)):
         if k not in ("attn", "activation_checkpointing") and saved.get(k) != model_config.get(k):
             raise ConfigError(f"--init {path}: its {k} is {saved.get(k)}, this run's model has {model_config.get(k)} "
                               f"(choose the matching --model; the vocabulary follows the data)")
+    if (init["args"].get("experts") or 0) != experts:
+        raise ConfigError(f"--init {path} has {init['args'].get('experts') or 0} experts per MoE layer, this run "
+                          f"{experts}: give the same --experts (and --moe-layers)")
     if saved_tokenizer != tokenizer:
         raise ConfigError(f"--init {path} was trained with tokenizer {saved_tokenizer!r}, the data uses {tokenizer!r}")
-    return weights
+    return init["model"]
 
 
 def sample(run, enc):

@@ -86,28 +86,32 @@ def newest_whole(path):
 
 
 def consolidate(src, dst):
-    """One whole-model file: {"model": state dict, "model_config", "tokenizer", "step"} (what --init reads)."""
+    """One whole-model file: {"model": state dict, "model_config", "tokenizer", "args", "step"} (what --init
+    reads; "args" are the training run's flags, e.g. its --experts)."""
     d, meta = newest_whole(src)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": full_state_dict(d, meta), "model_config": meta["model_config"],
-                "tokenizer": meta["tokenizer"], "step": meta["step"]}, dst)
+                "tokenizer": meta["tokenizer"], "args": meta.get("args", {}), "step": meta["step"]}, dst)
     return d
 
 
 def load_weights(path):
     """Whole weights from what a user may hand over: a run's folder (its newest complete step), a step folder,
-    a consolidated file, or a Hugging Face Llama folder. Returns (state dict, model config dict, tokenizer)."""
+    a consolidated file, or a Hugging Face Llama folder. Returns {"model": state dict, "model_config": dict,
+    "tokenizer", "args": the flags of the run that trained it (empty for a Hugging Face folder)}."""
     p = Path(path)
     if p.is_dir() and (p / "config.json").exists():
         return import_hf(p)
     if p.is_dir():
         d, meta = newest_whole(p)
-        return full_state_dict(d, meta), meta["model_config"], meta["tokenizer"]
+        return {"model": full_state_dict(d, meta), "model_config": meta["model_config"],
+                "tokenizer": meta["tokenizer"], "args": meta.get("args", {})}
     if not p.is_file():
         raise CheckpointError(f"{path}: no such file or folder (a run's --out, a consolidated file or an HF folder)")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=False)
-        return ckpt["model"], ckpt["model_config"], ckpt["tokenizer"]
+        return {"model": ckpt["model"], "model_config": ckpt["model_config"], "tokenizer": ckpt["tokenizer"],
+                "args": ckpt.get("args") or {}}
     except Exception as e:
         raise CheckpointError(f"{path}: not a consolidated checkpoint ({type(e).__name__})") from None
 
@@ -191,7 +195,8 @@ def read_safetensors(path):
 # ----------------------------------------------------------------------------- out
 def export_hf(src, dst):
     """A run's folder, step folder or consolidated file -> dst/config.json and dst/model.safetensors."""
-    sd, cfg, tokenizer = load_weights(src)
+    init = load_weights(src)
+    sd, cfg, tokenizer = init["model"], init["model_config"], init["tokenizer"]
     hf = {}
     for name, t in sd.items():
         hf_name = rename(name, TO_HF)
@@ -249,8 +254,8 @@ def expected_shapes(cfg):
 
 
 def import_hf(folder):
-    """An HF Llama folder -> (model.py state dict, model config dict, tokenizer); refuses, naming the field or
-    tensor, whatever model.py cannot represent."""
+    """An HF Llama folder -> load_weights' dict (model.py state dict, config, tokenizer); refuses, naming the
+    field or tensor, whatever model.py cannot represent."""
     folder = Path(folder)
     try:
         c = json.loads((folder / "config.json").read_text())
@@ -285,4 +290,4 @@ def import_hf(folder):
     if not isinstance(tokenizer, str):
         raise HFError(f"{folder}/config.json names no tokenizer this project reads: add \"tokenizer\": \"gpt2\" "
                       "(or another tiktoken encoding, or \"bytes\") if the model was trained with it")
-    return {n: sd[n] for n in shapes}, cfg, tokenizer
+    return {"model": {n: sd[n] for n in shapes}, "model_config": cfg, "tokenizer": tokenizer, "args": {}}

@@ -231,7 +231,8 @@ def test_consolidate_and_export_from_the_command_line(tmp_path, capsys):
     checkpoint.main(["consolidate", str(out), str(tmp_path / "model.pt")])
     checkpoint.main(["export-hf", str(out), str(tmp_path / "hf")])
     for source in (out, out / "step_000001", tmp_path / "model.pt", tmp_path / "hf"):  # what --init accepts
-        sd, config, tokenizer = weights.load_weights(source)
+        init = weights.load_weights(source)
+        sd, config, tokenizer = init["model"], init["model_config"], init["tokenizer"]
         assert config == cfg and tokenizer == "bytes" and sd.keys() == model.state_dict().keys()
         assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items()), source
     with pytest.raises(SystemExit) as e:

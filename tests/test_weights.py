@@ -35,7 +35,8 @@ def test_export_then_import_gives_the_same_logits(exported):
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
         "rms_norm_eps": 1e-6, "rope_theta": 5e5, "max_position_embeddings": 16, "vocab_size": 64,
         "tie_word_embeddings": False, "hidden_act": "silu", "rope_scaling": None}.items() <= config.items()
-    sd, cfg, tokenizer = weights.load_weights(folder)  # what --init HF_DIR reads
+    init = weights.load_weights(folder)  # what --init HF_DIR reads
+    sd, cfg, tokenizer = init["model"], init["model_config"], init["tokenizer"]
     again = Transformer(replace(CFG, **{k: v for k, v in cfg.items() if k != "attn"})).double()
     again.load_state_dict(sd)
     idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -83,7 +84,7 @@ def test_tied_embeddings_are_copied_into_the_head(exported):
     weights.write_safetensors(folder / "model.safetensors", tensors)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
-    sd = weights.import_hf(folder)[0]
+    sd = weights.import_hf(folder)["model"]
     assert torch.equal(sd["lm_head.weight"], model.tok_emb.weight)
 
 
