@@ -76,10 +76,16 @@ def full_name(model, name):
 def describe(model, tp=1, tp_rank=0):
     """param -> (full name, full shape, box): the box is [start, length] per dimension of the full tensor. A
     tensor-parallel layer's weight is this rank's slice along dimension 0 (column-parallel linears, the
-    vocabulary-parallel embedding) or 1 (row-parallel linears): tensor_parallel.py's layers say which."""
+    vocabulary-parallel embedding) or 1 (row-parallel linears): tensor_parallel.py's layers say which, and a
+    LoRA layer (lora.py) over one splits its weight and one factor alike (B by rows, or A by columns)."""
+    from lora import LoRALinear
     from tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-    split = {m.weight: int(isinstance(m, RowParallelLinear)) for m in model.modules()
-             if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding))}
+    split = {}
+    for m in model.modules():
+        if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+            split[m.weight] = int(isinstance(m, RowParallelLinear))
+        elif isinstance(m, LoRALinear) and m.kind != "linear":
+            split[m.weight] = split[m.lora_B if m.kind == "column" else m.lora_A] = int(m.kind == "row")
     out = {}
     for name, p in model.named_parameters():
         assert 1 <= p.dim() <= 2, f"{name}: only 1-D and 2-D parameters are described"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import checkpoint
+import lora
 import moe
 import pretrain
 import training
@@ -28,13 +29,14 @@ def batch(step):
     return seq[:, :-1], seq[:, 1:]
 
 
-def build(topo, zero=0, amp="fp32", experts=0):
+def build(topo, zero=0, amp="fp32", experts=0, lora_targets=None):
     flags = ["--zero", str(zero), "--lr", "1e-2", "--bucket-mb", "0.01", "--amp", amp]
     if experts:
         flags += ["--experts", str(experts), "--topk", "2", "--ep", str(topo.ep)]
     args = pretrain.build_parser().parse_args(flags)
     dtype = torch.float64 if amp == "fp32" else torch.float16
-    model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=dtype, args=args)
+    adapt = (lambda m: lora.apply_lora(m, r=2, targets=lora_targets)) if lora_targets else None  # noqa: E731
+    model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=dtype, args=args, adapt=adapt)
     module, opt = training.build_training(model, args, dtype, topo)
     return model, module, opt
 
@@ -54,9 +56,9 @@ def run(topo, steps, model, module, opt, micro=1):
     return losses
 
 
-def save_and_go_on(out, topo, zero=0, amp="fp32", experts=0, micro=1, scale=None):
+def save_and_go_on(out, topo, zero=0, amp="fp32", experts=0, micro=1, scale=None, lora_targets=None):
     """Train to SAVE_AT, save, train on to STEPS: the losses after the save, in the original layout."""
-    model, module, opt = build(topo, zero, amp, experts)
+    model, module, opt = build(topo, zero, amp, experts, lora_targets)
     run(topo, range(SAVE_AT), model, module, opt, micro)
     if scale:  # a loss scale and a count of clean steps that are not the defaults: they must come back
         opt.scaler.scale, opt.scaler.good_steps = scale
@@ -64,9 +66,9 @@ def save_and_go_on(out, topo, zero=0, amp="fp32", experts=0, micro=1, scale=None
     return run(topo, range(SAVE_AT, STEPS), model, module, opt, micro)
 
 
-def resume_and_go_on(src, out, topo, zero=0, amp="fp32", experts=0, micro=1):
+def resume_and_go_on(src, out, topo, zero=0, amp="fp32", experts=0, micro=1, lora_targets=None):
     """Build the new layout, load, save again at once (to compare the states), train on to STEPS."""
-    model, module, opt = build(topo, zero, amp, experts)
+    model, module, opt = build(topo, zero, amp, experts, lora_targets)
     meta = checkpoint.load(src, model, opt, topo)
     scaler = dict(opt.scaler.state_dict())
     checkpoint.save(out, meta["step"], model, opt, topo, {"data": meta["data"]})
@@ -81,7 +83,9 @@ def _world4(rank, world, tmp):
     # Experts split by tp (their own names: blocks.i.mlp.experts.j) and over 2 ep ranks, then over 1.
     m = save_and_go_on(tmp / "ep2tp2", Topology(tp=2, ep=2), zero=1, experts=4)
     m1 = resume_and_go_on(tmp / "ep2tp2", tmp / "ep2tp2-to-tp2", Topology(tp=2), zero=1, experts=4)[0]
-    return a, b, c, m, m1
+    # LoRA over tensor-parallel layers (A whole and B split for wq and w1, A split and B whole for wo and w2).
+    n = save_and_go_on(tmp / "lora-z1tp2", Topology(tp=2), zero=1, lora_targets="wq,wo,w1,w2")
+    return a, b, c, m, m1, n
 
 
 def _world2(rank, world, tmp):
@@ -113,18 +117,20 @@ def test_resume_on_another_layout(tmp_path):
     one = Topology()
     ref = save_and_go_on(tmp_path / "one", one)  # one process: the losses every dense layout must reproduce
     save_and_go_on(tmp_path / "fp16-one", one, amp="fp16", scale=(1024.0, 7))
-    a, b, c, m, m1 = run_distributed(_world4, 4, str(tmp_path))[0]
+    a, b, c, m, m1, n = run_distributed(_world4, 4, str(tmp_path))[0]
+    n1 = resume_and_go_on(tmp_path / "lora-z1tp2", tmp_path / "lora-to-one", one, lora_targets="wq,wo,w1,w2")[0]
     d, e, e1, f, g, h = run_distributed(_world2, 2, str(tmp_path))[0]
     d1 = resume_and_go_on(tmp_path / "z3dp2", tmp_path / "z3dp2-to-one", one)[0]
     # float64, the same arithmetic up to summation order (tp's partial sums, ZeRO's shard norms): 1e-10.
     close = lambda x, y: x == pytest.approx(y, rel=1e-10)  # noqa: E731
     assert all(close(x, ref) for x in (a, c, d)), (ref, a, c, d)    # the original layouts agree with one process
-    resumed = {"tp2pp2": (b, a), "z3dp2": (g, c), "z1dp2": (f, ref), "one": (d1, d), "ep1": (e1, e), "tp2": (m1, m)}
+    resumed = {"tp2pp2": (b, a), "z3dp2": (g, c), "z1dp2": (f, ref), "one": (d1, d), "ep1": (e1, e), "tp2": (m1, m),
+               "lora-one": (n1, n)}
     assert all(close(*pair) for pair in resumed.values()), resumed
     assert h == {"scale": 1024.0, "good_steps": 7}  # the fp16 loss scale, carried over
     for src, dst in [("z3tp2", "z3tp2-to-tp2pp2"), ("z2dp4", "z2dp4-to-z3dp2"), ("one", "one-to-z1dp2"),
                      ("z3dp2", "z3dp2-to-one"), ("ep2", "ep2-to-ep1"), ("ep2tp2", "ep2tp2-to-tp2"),
-                     ("fp16-one", "fp16-to-z2dp2")]:
+                     ("fp16-one", "fp16-to-z2dp2"), ("lora-z1tp2", "lora-to-one")]:
         same_state(tmp_path / src, tmp_path / dst)
     # What was saved is the model: the tp-sliced, ZeRO-sharded weights assembled equal one process's.
     whole = {}
