@@ -219,20 +219,20 @@ class TokenWindows:
 
 class Batches:
     """Step s of training reads windows perm_epoch[s*B:(s+1)*B] (B = global batch in sequences); rank r of
-    `world` takes the r-th contiguous 1/world of them, cut into `micro_steps` micro-batches.
+    `world` takes the r-th contiguous 1/world of them, cut into `n_micro` micro-batches.
 
     The whole state is the step counter: batches are a pure function of (seed, step), so resuming restores
     the exact stream, and a checkpoint's `state_dict()` is tiny."""
 
-    def __init__(self, data_dir, seq_len, global_batch, rank=0, world=1, micro_steps=1, seed=0, split="train"):
+    def __init__(self, data_dir, seq_len, global_batch, rank=0, world=1, n_micro=1, seed=0, split="train"):
         self.windows = TokenWindows(data_dir, split, seq_len)
-        if global_batch % (world * micro_steps):
-            raise DataError(f"--batch-size {global_batch} does not divide into {world} ranks x {micro_steps} "
+        if global_batch % (world * n_micro):
+            raise DataError(f"--batch-size {global_batch} does not divide into {world} ranks x {n_micro} "
                             "micro-steps of equal size")
         if global_batch > self.windows.n:
             raise DataError(f"--batch-size {global_batch} is more than the {self.windows.n} windows of "
                             f"{seq_len + 1} tokens in the {split} split")
-        self.B, self.rank, self.world, self.micro, self.seed = global_batch, rank, world, micro_steps, seed
+        self.B, self.rank, self.world, self.n_micro, self.seed = global_batch, rank, world, n_micro, seed
         self.steps_per_epoch = self.windows.n // global_batch
         self.step = 0
         self._perm_epoch, self._perm = None, None
@@ -244,13 +244,13 @@ class Batches:
         return self._perm
 
     def next(self):
-        """The micro-batches of this rank for the next optimizer step: a list of `micro_steps` (x, y) pairs."""
+        """The micro-batches of this rank for the next optimizer step: a list of `n_micro` (x, y) pairs."""
         epoch, s = divmod(self.step, self.steps_per_epoch)
         idx = self._permutation(epoch)[s * self.B:(s + 1) * self.B]
         per_rank = self.B // self.world
         mine = idx[self.rank * per_rank:(self.rank + 1) * per_rank]
         self.step += 1
-        return [self.windows.get(chunk) for chunk in np.split(mine, self.micro)]
+        return [self.windows.get(chunk) for chunk in np.split(mine, self.n_micro)]
 
     def state_dict(self):
         return {"step": self.step, "seed": self.seed, "global_batch": self.B, "windows": self.windows.n}

@@ -233,8 +233,8 @@ def demo():
     results = []
     for m in args.microbatches:
         for schedule in SCHEDULES:
-            batch = [(torch.randint(0, cfg.vocab_size, (args.micro_batch_size, args.seq_len), generator=gen),) * 2
-                     for _ in range(m)]
+            seqs = torch.randint(0, cfg.vocab_size, (m, args.micro_batch_size, args.seq_len + 1), generator=gen)
+            batch = [(s[:, :-1], s[:, 1:]) for s in seqs]  # inputs and next-token targets
             for warm in (True, False):  # one untimed run first: first-call allocations would skew the timeline
                 timeline, meter = [], ActivationMeter(model)
                 dist.barrier()
@@ -243,19 +243,20 @@ def demo():
                     loss = run_pipeline(model, batch, topo, schedule, timeline=timeline)
                 t_end = time.perf_counter()
                 model.zero_grad()
-            t_end = torch.tensor([t_end - t_start])
-            dist.all_reduce(t_end, op=dist.ReduceOp.MAX, group=topo.pp_group)  # the step ends with the last stage
             rows = [None] * pp
-            dist.all_gather_object(rows, (timeline, t_start, meter.peak), group=topo.pp_group)
+            dist.all_gather_object(rows, (timeline, t_start, t_end, meter.peak), group=topo.pp_group)
             if dist.get_rank() == 0:
-                total = t_end.item()
-                idle = [1 - sum(t1 - t0 for _, _, t0, t1 in tl) / total for tl, _, _ in rows]
-                print(f"\n{schedule}, p={pp}, m={m}: loss {loss.item():.4f}, step {total * 1e3:.0f} ms")
+                # The step's span from the first stage's start to the last stage's end. perf_counter is one
+                # monotonic clock for every process of a machine, so the ranks' times compare; a per-rank span
+                # (end - own start) would be shorter for a rank that left the barrier late, and read as less idle.
                 t0 = min(r[1] for r in rows)
-                for s, (tl, _, peak) in enumerate(rows):
+                total = max(r[2] for r in rows) - t0
+                idle = [1 - sum(b - a for _, _, a, b in tl) / total for tl, _, _, _ in rows]
+                print(f"\n{schedule}, p={pp}, m={m}: loss {loss.item():.4f}, step {total * 1e3:.0f} ms")
+                for s, (tl, _, _, peak) in enumerate(rows):
                     print(f"  stage {s} |{render(tl, t0, t0 + total)}| idle {idle[s]:.0%}, "
                           f"activations {peak / 2 ** 20:.1f} MiB")
-                results.append((schedule, m, sum(idle) / pp, (pp - 1) / (m + pp - 1), max(r[2] for r in rows)))
+                results.append((schedule, m, sum(idle) / pp, (pp - 1) / (m + pp - 1), max(r[3] for r in rows)))
     if dist.get_rank() == 0:
         print(f"\n{'schedule':<8} {'p':>2} {'m':>2} {'idle, measured':>15} {'(p-1)/(m+p-1)':>14} "
               f"{'peak activations (worst stage)':>31}")

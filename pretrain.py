@@ -25,7 +25,6 @@ Run:
 import math
 import sys
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 
@@ -148,7 +147,7 @@ def train(args):
     run = training.start(args, topo, device, model, batches, val, max_steps,
                          {"tokenizer": tokenizer, "model_config": model_config, "identity": identity},
                          flops_per_token(cfg, n_mm, T), ckpt)
-    if run.master:
+    if run.rank0:
         print(f"model {args.model}: {n_params:,} parameters, {run.fpt:.3g} FLOPs/token | data {data_dir} "
               f"({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | batch {args.batch_size} x {T} "
               f"tokens = {training.describe_layout(run)} | {max_steps} steps | {args.amp} on {device}"
@@ -180,10 +179,10 @@ def sample(run, enc):
     """The sample at the end: generation from "def ", printed and written to sample.txt."""
     args, topo, model = run.args, run.topo, run.model
     if topo.pp > 1 or (args.sequence_parallel and topo.tp > 1):
-        if run.master:  # generation grows the sequence one token at a time: neither cuts into stages or shards
+        if run.rank0:  # generation grows the sequence one token at a time: neither cuts into stages or shards
             print("(no sample: generation is not pipelined nor sequence-parallel)", flush=True)
         return
-    if not (run.master or topo.tp > 1 or run.zero == 3 or topo.ep > 1):
+    if not (run.rank0 or topo.tp > 1 or run.zero == 3 or topo.ep > 1):
         return
     # Under tensor parallelism every tp rank samples in lockstep (the head gathers the full logits, the same
     # seed draws the same tokens); under ZeRO-3 every forward gathers weights from every rank, under expert
@@ -195,7 +194,7 @@ def sample(run, enc):
     prompt = torch.tensor([enc.encode_ordinary("def ")], device=run.device)
     text = enc.decode(model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50,
                                      n_vocab=enc.n_vocab)[0].tolist())
-    if run.master:
+    if run.rank0:
         (run.out / "sample.txt").write_text(text)
         print("-" * 30 + " sample " + "-" * 30 + "\n" + text + "\n" + "-" * 68, flush=True)
 

@@ -25,7 +25,11 @@ Alpaca-style lines ({"instruction", "input" (optional), "output"}) are a one-tur
 Batches: one example per row, padded on the right to the longest row of its micro-batch (padding labels -100).
 Attention is causal, so a real token never sees the padding after it, and no example sees another, at the cost
 of the padded positions' compute. Examples longer than --seq-len (default: the context) are skipped and
-counted, never silently truncated; a prompt that alone fills it is an error.
+counted, never silently truncated; a prompt that alone fills it is an error. --pack instead places several
+examples in one row of --seq-len tokens (pack): each with positions restarting at 0 and a document id, so that
+attention is block-diagonal causal (model.py) and each example's loss is exactly its padded loss; a step keeps
+the same examples, so packed and padded training take the same steps. The compute saved is the padding's (the
+matmuls' 6 N per token), less what longer rows add to attention unless the kernel skips the masked tiles.
 
 Loss normalisation: with masks, micro-batches hold different numbers of response tokens. The loss of a step is
 
@@ -50,12 +54,12 @@ Run:
     python sft.py --init out/pretrain                          # full fine-tuning on the embedded default
     python sft.py --init out/pretrain --lora-r 8 --lora-targets wq,wk,wv,wo,w1,w2,w3 --lr 3e-3
     python sft.py --init out/pretrain --data my.jsonl --val-data my_val.jsonl
-    torchrun --nproc_per_node 4 sft.py --init out/pretrain --zero 3 --tp 2    # any layout pretrain.py runs
+    python sft.py --init out/pretrain --pack                   # several examples per row, no attention between
+    torchrun --nproc_per_node 4 sft.py --init out/pretrain --zero 3 --tp 2 --lora-r 8   # any layout pretrain.py runs
     make sft                                                   # make pretrain first if out/pretrain has no checkpoint
 """
 import contextlib
 import json
-import os
 import sys
 import zlib
 from dataclasses import asdict, replace
@@ -187,12 +191,14 @@ def collate(rows, pad_id, multiple=1):
 
 
 def pack(rows, pad_id, T, multiple=1):
-    """Several examples per row: each placed in the first row with room left in T tokens (in order), its
-    positions restarting at 0 (pos) and its own document id (doc), so that attention stays inside it (model.py)
-    and it computes exactly what it would alone. A row's tail is padding (labels -100, a document of its own).
-    Returns (x, y, {"pos": pos, "doc": doc}), rows as long as the longest (rounded up to `multiple`)."""
+    """Several examples per row: longest first, each placed in the first row with room left in T tokens (first-fit
+    decreasing), its positions restarting at 0 (pos) and its own document id (doc), so that attention stays
+    inside it (model.py) and it computes exactly what it would alone. A row's tail is padding (labels -100, a
+    document of its own). Returns (x, y, {"pos": pos, "doc": doc}), rows as long as the longest (rounded up to
+    `multiple`). The loss is a sum over tokens: the order of the examples does not change it."""
     bins = []  # [tokens used, example indices]
-    for i, (xi, _) in enumerate(rows):
+    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
+        xi = rows[i][0]
         fit = next((b for b in bins if b[0] + len(xi) <= T), None)
         if fit is None:
             bins.append(fit := [0, []])
@@ -215,14 +221,14 @@ def pack(rows, pad_id, T, multiple=1):
 
 class SFTBatches:
     """As data.Batches, over examples: step s of epoch e takes examples perm_e[s*B:(s+1)*B]; rank r of `world`
-    its contiguous 1/world, cut into `micro_steps` micro-batches, each made into tensors by `make` (collate or
+    its contiguous 1/world, cut into `n_micro` micro-batches, each made into tensors by `make` (collate or
     pack). A pure function of (seed, step)."""
 
-    def __init__(self, rows, global_batch, make, rank=0, world=1, micro_steps=1, seed=0):
+    def __init__(self, rows, global_batch, make, rank=0, world=1, n_micro=1, seed=0):
         if global_batch > len(rows):
             raise DataError(f"--batch-size {global_batch} is more than the {len(rows)} training examples")
         self.rows, self.B, self.make = rows, global_batch, make
-        self.rank, self.world, self.micro, self.seed = rank, world, micro_steps, seed
+        self.rank, self.world, self.n_micro, self.seed = rank, world, n_micro, seed
         self.steps_per_epoch, self.step = len(rows) // global_batch, 0
 
     def next(self):
@@ -231,7 +237,7 @@ class SFTBatches:
         per_rank = self.B // self.world
         mine = idx[self.rank * per_rank:(self.rank + 1) * per_rank]
         self.step += 1
-        return [self.make([self.rows[i] for i in chunk]) for chunk in np.split(mine, self.micro)]
+        return [self.make([self.rows[i] for i in chunk]) for chunk in np.split(mine, self.n_micro)]
 
     def state_dict(self):
         return {"step": self.step, "seed": self.seed, "global_batch": self.B, "examples": len(self.rows)}
@@ -407,7 +413,7 @@ def train(args):
     fpt = flops_per_token(cfg, num_params(whole, matmul_only=True) - moe.inactive_params(whole), T)
     meta = {"tokenizer": init["tokenizer"], "model_config": model_config, "lora": lora_config, "identity": identity}
     run = training.start(args, topo, device, model, batches, val, args.max_steps, meta, fpt, ckpt)
-    if run.master:
+    if run.rank0:
         n_resp = sum(sum(t != -100 for t in y) for _, y in train_rows)
         print(f"init {args.init}: {num_params(whole):,} parameters, block {cfg.block_size}, tokenizer "
               f"{init['tokenizer']} | {len(train_rows)} train examples ({n_resp:,} learned tokens"
@@ -449,7 +455,7 @@ def export_lora(run, init):
     (alpha/r) B A: a plain model's state dict, usable as --init), written by rank 0."""
     with run.opt.gathered() if run.zero == 3 else contextlib.nullcontext():  # ZeRO-3 shards the adapters
         adapter = lora_lib.lora_state_dict(run.model, run.topo)
-    if run.master:
+    if run.rank0:
         model_config, moe_args = init["model_config"], {k: getattr(run.args, k) for k in MOE_FLAGS}
         torch.save({"lora_config": run.model.lora_config, "model_config": model_config, "adapter": adapter},
                    run.out / "adapter.pt")
@@ -463,10 +469,10 @@ def answers(run, enc, val_ex):
     """Greedy answers to the first --samples held-out prompts, printed and written to samples.jsonl."""
     args, topo, model = run.args, run.topo, run.model
     if topo.pp > 1 or (args.sequence_parallel and topo.tp > 1):
-        if run.master:  # generation grows the sequence one token at a time: neither cuts into stages or shards
+        if run.rank0:  # generation grows the sequence one token at a time: neither cuts into stages or shards
             print("(no answers: generation is not pipelined nor sequence-parallel)", flush=True)
         return []
-    if not (run.master or topo.tp > 1 or run.zero == 3 or topo.ep > 1):
+    if not (run.rank0 or topo.tp > 1 or run.zero == 3 or topo.ep > 1):
         return []  # (under tp, ZeRO-3 and ep every rank's forward communicates: all answer in lockstep)
     model.eval()
     tensor_parallel.set_gather_output(model, True)
@@ -475,9 +481,9 @@ def answers(run, enc, val_ex):
         reply = answer(model, enc, prompt_ids(enc, messages), args.max_new_tokens, run.device)
         asked = [m["content"] for m in messages if m["role"] == "user"][-1:] or [""]
         samples.append({"where": where, "prompt": asked[0], "answer": reply})
-        if run.master:
+        if run.rank0:
             print(f"{'-' * 20} {where}\n{asked[0]}\n{'-' * 8} answer:\n{reply}", flush=True)
-    if run.master:
+    if run.rank0:
         (run.out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     return samples
 

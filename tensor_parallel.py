@@ -303,11 +303,22 @@ def parallelize(model, topo, sequence_parallel=False):
             model.norm = SequenceParallelRMSNorm(model.norm, topo)
         model.lm_head = ColumnParallelLinear(model.lm_head, topo, sequence_parallel=sp)
         model.loss_fn = vocab_parallel_loss_fn(topo.tp_rank * model.lm_head.weight.shape[0], topo.tp_group)
-    # Replicated parameters (the norms) hold the same gradient on every tp rank: the global gradient norm
-    # must count them once, so only tp rank 0 does (amp.py skips parameters marked tp_duplicate).
+    # Replicated parameters (the norms' gains) hold the same gradient on every tp rank: the global gradient
+    # norm counts them on tp rank 0 only (amp.global_grad_norm).
     for p in model.parameters():
-        p.tp_duplicate = not getattr(p, "tensor_parallel", False) and topo.tp_rank != 0
+        p.tp_duplicate = not is_tensor_parallel(p) and topo.tp_rank != 0
     return model
+
+
+# Marks on parameters, set here (the slices above, and parallelize), read through these two helpers.
+def is_tensor_parallel(p):
+    """A slice of a split weight: this tp rank holds 1/tp of it, the others the rest."""
+    return getattr(p, "tensor_parallel", False)
+
+
+def is_tp_duplicate(p):
+    """A replicated parameter on a tp rank other than 0: the same gradient as tp rank 0's copy, not counted twice."""
+    return getattr(p, "tp_duplicate", False)
 
 
 def split_dim(name):

@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,10 +52,23 @@ class ConfigError(ValueError):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (no usage block): the same shape as every other error here."""
+    """argparse, but a bad flag is one line (no usage block): the same shape as every other error here; and
+    --help shows each flag's default."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=ShowDefaults, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class ShowDefaults(argparse.HelpFormatter):
+    """--help adds "(default: X)" to a flag that has a default its help does not already state."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
 
 
 # ------------------------------------------------------------------------------------------- flags and checks
@@ -62,20 +76,20 @@ def add_shared_flags(ap, **defaults):
     """The flags of both entry points: layout, precision, optimizer, schedule, logging/saving/resuming. Each
     entry point passes its own defaults (a flag name with _ for -, e.g. max_steps=100)."""
     a = ap.add_argument
-    a("--batch-size", type=int, default=32, help="global batch in rows per optimizer step")
+    a("--batch-size", type=int, default=32, help="global batch per optimizer step (sequences, or SFT examples)")
     a("--seq-len", type=int, default=None, help="tokens per row (default: the model's block_size)")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--max-steps", type=int, default=None, help="optimizer steps")
-    a("--lr", type=float, default=1e-3)
+    a("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     a("--min-lr", type=float, default=None, help="end of the cosine decay (default lr/10)")
-    a("--warmup-steps", type=int, default=100)
-    a("--weight-decay", type=float, default=0.1)
-    a("--beta1", type=float, default=0.9)
-    a("--beta2", type=float, default=0.95)
+    a("--warmup-steps", type=int, default=None, help="linear warm-up steps (unset: a tenth of the run, at most 100)")
+    a("--weight-decay", type=float, default=0.1, help="AdamW's, on matrices only")
+    a("--beta1", type=float, default=0.9, help="AdamW's")
+    a("--beta2", type=float, default=0.95, help="AdamW's")
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
     a("--amp", default="fp32", choices=sorted(DTYPES), help="compute precision (amp.py)")
-    a("--attn", default="sdpa", choices=ATTN_BACKENDS)
-    a("--activation-checkpointing", action="store_true")
+    a("--attn", default="sdpa", choices=ATTN_BACKENDS, help="attention backend (model.py, flash_attn.py)")
+    a("--activation-checkpointing", action="store_true", help="recompute each block's activations in backward")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="data parallelism: 0 ddp.py, 1-3 ZeRO (zero.py)")
     a("--bucket-mb", type=float, default=25.0, help="gradient bucket size of ddp.py's all-reduce (--zero 0, 1)")
@@ -90,13 +104,13 @@ def add_shared_flags(ap, **defaults):
     a("--resume", action="store_true",
       help="must resume: fail unless --out holds a complete checkpoint (without it, a run resumes when it can)")
     a("--fresh", action="store_true", help="start over: a previous run in --out is moved aside to OUT.1")
-    a("--save-every", type=int, default=200)
-    a("--eval-every", type=int, default=200)
-    a("--log-every", type=int, default=10)
+    a("--save-every", type=int, default=200, help="checkpoint every N steps")
+    a("--eval-every", type=int, default=200, help="evaluate every N steps")
+    a("--log-every", type=int, default=10, help="log every N steps")
     a("--stop-after", type=int, default=None,
       help="end this invocation after N steps with a checkpoint, as a job with a time limit would")
-    a("--seed", type=int, default=1337)
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--seed", type=int, default=1337, help="of the model's initialisation and the data order")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
     ap.set_defaults(**defaults)
     return ap
 
@@ -118,7 +132,7 @@ def check_args(args, world):
     if args.compile and args.pp > 1:
         raise ConfigError("--compile with --pp > 1: the pipeline calls the stage's parts one by one; "
                           "compile is supported without pipeline parallelism")
-    if args.lr <= 0 or args.warmup_steps < 0 or args.grad_clip < 0 or args.weight_decay < 0:
+    if args.lr <= 0 or (args.warmup_steps or 0) < 0 or args.grad_clip < 0 or args.weight_decay < 0:
         raise ConfigError("--lr must be > 0 and --warmup-steps, --grad-clip, --weight-decay >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
@@ -193,8 +207,8 @@ def param_groups(model, weight_decay):
 
 
 def grad_norm_reduce(topo):
-    """The squared gradient norm summed over the ranks that hold distinct pieces of the model: tp slices
-    (replicated norms are counted on tp rank 0 only, amp.py) and pipeline stages. None on one rank."""
+    """The squared gradient norm summed over the tp and pp groups, whose ranks hold distinct pieces of the
+    model (amp.global_grad_norm tells the whole story). None when there are none."""
     groups = [getattr(topo, f"{axis}_group") for axis in ("tp", "pp") if getattr(topo, axis, 1) > 1]
     if not groups:
         return None
@@ -219,10 +233,7 @@ def build_training(model, args, dtype, topo):
     def make_optimizer(groups):
         return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
 
-    # Gradient norm for clipping and the fp16 overflow check: summed over the tp and pp groups too, so that
-    # every rank of the world agrees (zero.py sums its shards over dp first; ddp.py's gradients agree over dp).
-    # Under expert parallelism each rank's experts are its own: their part of the norm is summed over the ep group
-    # (ddp.py); zero.py's sum over the dp group counts them on the first replica of each (ep_duplicate).
+    # The gradient norm for clipping and the fp16 overflow check, the same on every rank: amp.global_grad_norm.
     norm_reduce = grad_norm_reduce(topo)
     if topo.dp == 1:
         return model, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce)
@@ -385,7 +396,7 @@ class Run:
     fpt: float                        # training FLOPs per token (for MFU)
     peak: float                       # peak FLOP/s of all the devices together
     zero: int = 0                     # the ZeRO stage in use (0 on one data-parallel rank)
-    master: bool = False              # rank 0: logs, prints, writes metrics.jsonl
+    rank0: bool = False               # rank 0: logs, prints, writes metrics.jsonl
     out: Path = None
     step: int = 0
     losses: list = field(default_factory=list)
@@ -398,16 +409,21 @@ class Run:
 
 def start(args, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=None):
     """Set-up: the data-parallel wrapper and optimizer, the checkpoint restored (--resume), the metrics file."""
+    if args.warmup_steps is None:  # the warm-up follows the run's length: a short run would never leave 100 steps
+        args.warmup_steps = min(100, max(1, max_steps // 10))
+    elif args.warmup_steps >= max_steps > 0 and topo.rank == 0:
+        print(f"warning: --warmup-steps {args.warmup_steps} is not below the run's {max_steps} steps: the learning "
+              f"rate never reaches --lr {args.lr:g}", file=sys.stderr, flush=True)
     dtype = next(model.parameters()).dtype
     module, opt = build_training(model, args, dtype, topo)
     # The pipeline calls the stage itself (ddp.py's and zero.py's hooks live on its parameters and modules).
     peak = peak_flops(device, dtype, getattr(args, "gpu", "h100")) * topo.world  # MFU of all devices together
     module = torch.compile(module) if args.compile else module
     run = Run(args, topo, device, model, model if topo.pp > 1 else module, opt, batches, val, max_steps, meta, fpt,
-              peak, zero=args.zero if topo.dp > 1 else 0, master=topo.rank == 0, out=Path(args.out))
+              peak, zero=args.zero if topo.dp > 1 else 0, rank0=topo.rank == 0, out=Path(args.out))
     if ckpt:
         resume(run, ckpt)
-    if run.master:
+    if run.rank0:
         run.out.mkdir(parents=True, exist_ok=True)
         checkpoint.truncate_metrics(run.out / "metrics.jsonl", run.step if ckpt else -1)  # one history
         run.metrics = open(run.out / "metrics.jsonl", "a")
@@ -427,7 +443,7 @@ def describe_layout(run):
 
 def log(run, record, line):
     """One record to metrics.jsonl and one line to the terminal, from rank 0."""
-    if run.master:
+    if run.rank0:
         run.metrics.write(json.dumps(record) + "\n")
         run.metrics.flush()
         print(line, flush=True)
@@ -460,6 +476,8 @@ def log_step(run, rec):
         torch.cuda.synchronize()
     dt = time.perf_counter() - run.t_last
     tps = run.tokens_since / dt
+    if run.device.type == "cpu":  # the CPU's peak was measured (estimate.peak_flops); a run faster than it has
+        run.peak = max(run.peak, tps * run.fpt)  # measured a higher one, so MFU never reads above 100%
     rec.update(tokens_per_s=tps, labelled_tokens_per_s=run.labels_since / dt, mfu=tps * run.fpt / run.peak,
                peak_mem_mb=peak_memory_mb(run.device))
     scaler = run.opt.scaler

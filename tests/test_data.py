@@ -63,7 +63,7 @@ def test_load_meta_errors(tmp_path, text_dir):
 
 def test_ranks_get_disjoint_slices_of_the_same_global_batch(stdlib_data):
     one = data.Batches(stdlib_data, 32, global_batch=8, seed=3)
-    ranks = [data.Batches(stdlib_data, 32, global_batch=8, rank=r, world=2, micro_steps=2, seed=3) for r in range(2)]
+    ranks = [data.Batches(stdlib_data, 32, global_batch=8, rank=r, world=2, n_micro=2, seed=3) for r in range(2)]
     for _ in range(3):
         (x, y), = one.next()
         parts = [m for b in ranks for m in b.next()]   # rank 0's two micro-batches, then rank 1's

@@ -54,14 +54,14 @@ def test_gradient_accumulation_equals_the_full_batch(stdlib_data):
     torch.manual_seed(0)
     model = Transformer(cfg).double()
     grads, losses = [], []
-    for micro in (1, 4):
-        batches = data.Batches(stdlib_data, 64, global_batch=8, micro_steps=micro, seed=5)
+    for grad_accum in (1, 4):
+        batches = data.Batches(stdlib_data, 64, global_batch=8, n_micro=grad_accum, seed=5)
         model.zero_grad()
         total = 0.0
         for x, y in batches.next():
             _, loss = model(x, y)
-            (loss / micro).backward()
-            total += loss.item() / micro
+            (loss / grad_accum).backward()
+            total += loss.item() / grad_accum
         losses.append(total)
         grads.append([p.grad.clone() for p in model.parameters()])
     assert losses[0] == pytest.approx(losses[1], rel=1e-12)
@@ -87,6 +87,7 @@ def test_estimate_counts_the_model_as_built():
 
 
 def error_of(capsys, argv):
+    capsys.readouterr()  # only this call's output: an earlier run's warnings are not part of it
     with pytest.raises(SystemExit) as e:
         pretrain.main(argv)
     assert e.value.code == 2
@@ -119,9 +120,19 @@ def test_resume_refuses_another_model(tmp_path, capsys, stdlib_data):
     assert "another model config" in err
 
 
-def test_sampling_never_draws_vocabulary_padding(tmp_path, stdlib_data):
-    """The vocabulary is padded 257 -> 320; an untrained model would often draw ids tiktoken cannot decode."""
+def test_sampling_never_draws_vocabulary_padding(tmp_path, stdlib_data, monkeypatch):
+    """The vocabulary is padded 257 -> 320; after one step the model is still near uniform over all 320 ids, so
+    60 draws that could reach the padding would (each has a ~20% chance; all missing it: ~1e-6)."""
+    drawn, generate = [], Transformer.generate
+
+    def recording(self, *args, **kwargs):
+        out = generate(self, *args, **kwargs)
+        drawn.extend(out[0].tolist())
+        return out
+
+    monkeypatch.setattr(Transformer, "generate", recording)
     run(tmp_path, "--max-steps", "1", "--sample-tokens", "60")
+    assert len(drawn) >= 60 and max(drawn) < 257, sorted(set(drawn))[-5:]
     assert len((tmp_path / "run" / "sample.txt").read_text()) > 0
 
 
@@ -160,3 +171,13 @@ def test_init_starts_from_weights_with_a_fresh_optimizer(tmp_path, stdlib_data, 
     err = error_of(capsys, FAST + ["--model", "small", "--init", str(tmp_path / "a"), "--out", str(tmp_path / "c")])
     assert err.endswith(f"--init {tmp_path / 'a'}: its block_size is 256, this run's model has 512 (choose the matching "
                         "--model; the vocabulary follows the data)")
+
+
+def test_default_warmup_follows_the_run_and_mfu_stays_below_one(tmp_path, stdlib_data):
+    """Without --warmup-steps a 10-step run warms up for 1 step (a tenth), so it reaches --lr at once; on a CPU
+    the MFU's peak is raised to any throughput the run beats it with, so it never reads above 100%."""
+    flags = [f for i, f in enumerate(FAST) if "--warmup-steps" not in FAST[max(0, i - 1):i + 1]]
+    pretrain.main(flags + ["--max-steps", "10", "--out", str(tmp_path / "run")])
+    steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert steps[0]["lr"] == pytest.approx(3e-3) and steps[-1]["lr"] < 3e-3
+    assert all(0 < s["mfu"] <= 1 for s in steps)

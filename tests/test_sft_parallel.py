@@ -2,6 +2,10 @@
 ranks (fp32), and every layout of training.py's stack on SFT batches in float64 (ZeRO-3, tp, sequence parallel,
 pp with both schedules, all at once on 8 ranks, LoRA on tp and with ZeRO-3, packed rows through all of them)."""
 import contextlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +13,7 @@ import torch
 import checkpoint
 import data
 import lora
+import moe
 import sft
 import tensor_parallel
 import training
@@ -61,6 +66,72 @@ def test_data_parallel_sft_matches_one_process(tmp_path, files, extra):
         assert all(".lora_" in k for k in ref)
         assert (tmp_path / "two" / "adapter.pt").exists()
         assert (checkpoint.find(tmp_path / "two")[0] / "rank1.pt").exists()
+
+
+def _sft_layouts_world4(rank, world, files, out):
+    packed = sft.main(argv(files, f"{out}/pp", ["--tp", "2", "--pp", "2", "--microbatches", "2", "--pack"]))
+    lora_z3 = sft.main(argv(files, f"{out}/z3", LORA_Z3))
+    loaded = sft.main(argv(files, f"{out}/load", ["--tp", "2", "--adapter", f"{out}/z3/adapter.pt",
+                                                    "--max-steps", "0"]))
+    first = sft.main(argv(files, f"{out}/resume", LORA_Z3 + ["--stop-after", "2"]))
+    second = sft.main(argv(files, f"{out}/resume", LORA_Z3 + ["--resume"]))
+    resumed_exactly = first["losses"] + second["losses"] == lora_z3["losses"]
+    return packed["losses"], packed["val_losses"], lora_z3["losses"], loaded["val_losses"], resumed_exactly
+
+
+LORA_Z3 = ["--zero", "3", "--tp", "2", "--lora-r", "4", "--lora-targets", "wq,wo,w2"]
+
+
+def test_sft_tp2_pp2_packed_and_lora_zero3_tp2_through_sft_py(tmp_path, files):
+    """Through sft.py at world 4, fp32: tp 2 x pp 2 on packed rows against one process on padded rows (the step
+    holds the same examples: the same losses); LoRA under ZeRO-3 x tp 2 against one process, its adapter.pt and
+    merged.pt gathered whole (equal to the one process's files), the adapter loaded back onto tp 2, and the run
+    stopped after 2 steps and resumed equal to the uninterrupted one, loss for loss."""
+    one = sft.main(argv(files, tmp_path / "one", ["--microbatches", "2"]))
+    one_lora = sft.main(argv(files, tmp_path / "one_lora", LORA_Z3[4:]))
+    for packed, val, lora_losses, loaded_val, resumed in run_distributed(_sft_layouts_world4, 4, files,
+                                                                         str(tmp_path)):
+        assert resumed
+        assert packed == pytest.approx(one["losses"], rel=1e-5) and val == pytest.approx(one["val_losses"], rel=1e-5)
+        assert lora_losses == pytest.approx(one_lora["losses"], rel=1e-5)
+        assert loaded_val == [pytest.approx(one_lora["val_losses"][-1], rel=1e-5)]
+    for name, key in (("adapter.pt", "adapter"), ("merged.pt", "model")):
+        ours, ref = (torch.load(tmp_path / d / name, weights_only=False)[key] for d in ("z3", "one_lora"))
+        assert ours.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name} {k}: {m}")
+
+
+def moe_init(path):
+    """An MoE base as pretrain.py --experts 4 --topk 2 writes it: the experts' flags travel in its args."""
+    flags = {"experts": 4, "topk": 2, "moe_layers": "all", "capacity_factor": None, "aux_loss_weight": 1e-2}
+    torch.manual_seed(0)
+    model = moe.with_experts(Transformer(CFG), SimpleNamespace(**flags))
+    cfg = {**asdict(CFG), "attn": "-", "activation_checkpointing": False}
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "model_config": cfg, "tokenizer": "bytes", "args": flags},
+               path / "model.pt")
+    return path / "model.pt"
+
+
+def _sft_ep(rank, world, files, out):
+    return sft.main(argv(files, out, ["--ep", "2", "--grad-clip", "0.05"]))["losses"], _norms(Path(out))
+
+
+def _norms(out):
+    return [json.loads(l)["grad_norm"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+
+
+def test_sft_of_an_moe_base_with_expert_parallelism(tmp_path, files):
+    """An MoE base keeps its experts; --ep 2 at world 2 (each rank 2 of the 4 experts of each layer, dropless)
+    against one process taking the same two per-rank halves as 2 accumulation micro-steps (the balancing loss is
+    per micro-batch): the same losses and clipped gradient norms (fp32)."""
+    moe_files = {**files, "init": moe_init(tmp_path / "moe")}
+    one = sft.main(argv(moe_files, tmp_path / "one", ["--grad-accum", "4", "--grad-clip", "0.05"]))
+    assert min(_norms(tmp_path / "one")) > 0.05
+    for losses, norms in run_distributed(_sft_ep, 2, moe_files, str(tmp_path / "ep")):
+        assert losses == pytest.approx(one["losses"], rel=1e-5)
+        assert norms == pytest.approx(_norms(tmp_path / "one"), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------- every layout, float64
