@@ -40,6 +40,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lora import LoRALinear
+from moe import is_expert_parallel
+from tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, is_tp_duplicate
+
 FORMAT = 2  # format 1: one ckpt.rank{r}.pt per rank, readable only by the layout that wrote it
 KEEP = 2    # complete steps kept on disk
 
@@ -78,8 +82,6 @@ def describe(model, tp=1, tp_rank=0):
     tensor-parallel layer's weight is this rank's slice along dimension 0 (column-parallel linears, the
     vocabulary-parallel embedding) or 1 (row-parallel linears): tensor_parallel.py's layers say which, and a
     LoRA layer (lora.py) over one splits its weight and one factor alike (B by rows, or A by columns)."""
-    from lora import LoRALinear
-    from tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
     split = {}
     for m in model.modules():
         if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
@@ -106,8 +108,8 @@ def held_pieces(model, opt, topo):
     pieces = []
 
     def writer(p, sharded):  # replicas save nothing: tp copies of a norm, dp copies outside ZeRO's shards
-        first = topo.expert_dp_rank == 0 if getattr(p, "expert_parallel", False) else topo.dp_rank == 0
-        return not getattr(p, "tp_duplicate", False) and (sharded or first)
+        first = topo.expert_dp_rank == 0 if is_expert_parallel(p) else topo.dp_rank == 0
+        return not is_tp_duplicate(p) and (sharded or first)
 
     for p, a, b, views, key, sharded in opt.checkpoint_pieces():
         state = opt.optimizer.state.get(key, {})
