@@ -136,7 +136,7 @@ def test_sampling_never_draws_vocabulary_padding(tmp_path, stdlib_data, monkeypa
     assert len((tmp_path / "run" / "sample.txt").read_text()) > 0
 
 
-def test_the_same_command_line_starts_and_after_a_crash_resumes(tmp_path, stdlib_data, monkeypatch):
+def test_the_same_command_line_starts_and_after_a_crash_resumes(tmp_path, stdlib_data, monkeypatch, capsys):
     """What `torchrun --max-restarts N` does after a crash: run the same command line again. It resumes from the
     last complete step (4: saved every 2, killed during step 6) and ends with the uninterrupted run's losses;
     metrics.jsonl holds one history."""
@@ -157,6 +157,9 @@ def test_the_same_command_line_starts_and_after_a_crash_resumes(tmp_path, stdlib
     assert again["losses"] == whole["losses"][4:]  # fp32, one process: bit for bit
     records = [json.loads(l) for l in (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
+    # Another batch size on the same --out: refused in one line, with the reason.
+    err = error_of(capsys, FAST + argv + ["--batch-size", "16", "--out", str(tmp_path / "crash")])
+    assert "holds a run with --batch-size 8, not 16 (the data position and the schedule count steps" in err
 
 
 def test_init_starts_from_weights_with_a_fresh_optimizer(tmp_path, stdlib_data, capsys):
