@@ -32,7 +32,7 @@ import data as data_lib
 import moe
 import tensor_parallel
 import training
-from amp import DTYPES
+from amp import DTYPES, TrainingStopped
 from checkpoint import CheckpointError
 from estimate import PEAK_TFLOPS, estimate
 from model import PRESETS, Transformer, flops_per_token, num_params, pad_vocab
@@ -88,6 +88,8 @@ def main(argv=None):
     except (ConfigError, CheckpointError, data_lib.DataError, TopologyError, moe.MoEError) as e:
         print(f"pretrain.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as e:
+        training.stop_run("pretrain.py", e)
 
 
 def load_data(args, ckpt):
@@ -107,6 +109,7 @@ def load_data(args, ckpt):
 
 
 def train(args):
+    training.check_values(args)
     if args.estimate:
         return estimate(args)
     rank, world, device = training.setup_distributed(args)
@@ -116,6 +119,9 @@ def train(args):
     tokenizer = meta["tokenizer"]
     cfg = replace(PRESETS[args.model], vocab_size=pad_vocab(meta["vocab_size"]), attn=args.attn,
                   activation_checkpointing=args.activation_checkpointing)
+    if meta["max_id"] >= cfg.vocab_size:  # (load_meta checked the ids against meta.json's vocab_size)
+        raise data_lib.DataError(f"--data {data_dir}: token id {meta['max_id']} is outside the model's vocabulary "
+                                 f"of {cfg.vocab_size}")
     model_config = asdict(replace(cfg, attn="-", activation_checkpointing=False))
     if ckpt and ckpt["model_config"] != model_config:
         raise ConfigError(f"--resume: the checkpoint in {args.out} is of another model config than --model "

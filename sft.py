@@ -73,7 +73,7 @@ import lora as lora_lib
 import moe
 import tensor_parallel
 import training
-from amp import DTYPES
+from amp import DTYPES, TrainingStopped
 from checkpoint import CheckpointError, save_checkpoint
 from data import DataError, eot_id
 from model import PRESETS, ModelConfig, Transformer, flops_per_token, num_params
@@ -117,16 +117,15 @@ def read_jsonl(path):
     if not path.is_file():
         raise DataError(f"{path}: no such file (expected JSONL, one example per line)")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            out.append((where, to_messages(obj, where)))
+    for lineno, line in data_lib.text_lines(path):  # a byte that is not UTF-8: one line naming file:line
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        out.append((where, to_messages(obj, where)))
     if not out:
         raise DataError(f"{path}: no examples")
     return out
@@ -364,6 +363,8 @@ def main(argv=None):
     except (ConfigError, CheckpointError, DataError, TopologyError, lora_lib.LoRAError, moe.MoEError) as e:
         print(f"sft.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as e:
+        training.stop_run("sft.py", e)
 
 
 MOE_FLAGS = ("experts", "topk", "moe_layers", "capacity_factor", "aux_loss_weight")

@@ -8,6 +8,11 @@ moe.py this rank's experts, lora.py wraps layers, amp.py casts), the data-parall
 (ddp.py or zero.py), one step's forward and backward, evaluation, and the loop: set-up, step, log/eval/save,
 finish, with one place each for saving, resuming, logging a record and the end-of-run barrier.
 
+Nothing silent: every flag's value is checked before any work (a bad one is one line and exit status 2), and a
+run that cannot train (amp.py's DivergenceGuard: the loss or gradients inf/nan for 8 steps in a row, fp16's loss
+scale below 1) stops on every rank at the same step with its likely cause, exit status 3; a checkpoint is never
+written over the last good one while the loss is not finite.
+
 The loss of a step, whatever the task and the layout: labels of -100 take no loss (SFT's prompts and padding;
 in pretraining every token is labelled), and
 
@@ -35,11 +40,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import moe
 import pipeline
 import tensor_parallel
-from amp import DTYPES, DynamicLossScaler, MixedPrecisionOptimizer, cast_model
-import checkpoint
+from amp import DTYPES, DivergenceGuard, DynamicLossScaler, MixedPrecisionOptimizer, TrainingStopped, cast_model
 from ddp import DistributedDataParallel
 from estimate import peak_flops, peak_memory_mb
 from model import ATTN_BACKENDS, Transformer
@@ -115,8 +120,45 @@ def add_shared_flags(ap, **defaults):
     return ap
 
 
+def check_values(args):
+    """Every number a flag holds, in the range where it means something, and --out a folder that can be written:
+    the checks that need nothing but the flags (both entry points'; a flag an entry point lacks is skipped).
+    Finiteness first: nan passes no comparison (nan <= 0 is False), so a range check alone lets it through."""
+    has = lambda f: getattr(args, f, None) is not None
+    for f in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "bucket_mb", "tokens", "mfu",
+              "capacity_factor", "aux_loss_weight", "lora_alpha", "lora_dropout"):
+        if has(f) and not math.isfinite(getattr(args, f)):
+            raise ConfigError(f"--{f.replace('_', '-')} must be a finite number, got {getattr(args, f)}")
+
+    def need(f, ok, what):
+        if has(f) and not ok(getattr(args, f)):
+            raise ConfigError(f"--{f.replace('_', '-')} must be {what}, got {getattr(args, f):g}")
+    need("lr", lambda v: v > 0, "> 0")
+    need("min_lr", lambda v: 0 <= v <= args.lr, f"between 0 and --lr {args.lr:g} (the end of the decay)")
+    need("weight_decay", lambda v: v >= 0, ">= 0")
+    need("beta1", lambda v: 0 <= v < 1, "in [0, 1)")
+    need("beta2", lambda v: 0 <= v < 1, "in [0, 1)")
+    need("grad_clip", lambda v: v >= 0, ">= 0 (0: no clipping)")
+    need("warmup_steps", lambda v: v >= 0, ">= 0")
+    need("seed", lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)")
+    need("tokens", lambda v: v >= 1, "at least 1 (the tokens to train on)")
+    need("sample_tokens", lambda v: v >= 0, ">= 0 (0: no sample)")
+    need("aux_loss_weight", lambda v: v >= 0, ">= 0")
+    need("gpus", lambda v: v >= 1, "at least 1")
+    need("mfu", lambda v: 0 < v <= 1, "in (0, 1]")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: give a folder for checkpoints and metrics.jsonl")
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, so the folder cannot be made")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: no permission to write in {parent}")
+
+
 def check_args(args, world):
     """The shared flags that can be checked without the model's shape; returns the data-parallel size."""
+    check_values(args)
     for flag in ("batch_size", "grad_accum", "microbatches", "save_every", "eval_every", "log_every", "stop_after"):
         v = getattr(args, flag)
         if v is not None and v < 1:
@@ -132,8 +174,6 @@ def check_args(args, world):
     if args.compile and args.pp > 1:
         raise ConfigError("--compile with --pp > 1: the pipeline calls the stage's parts one by one; "
                           "compile is supported without pipeline parallelism")
-    if args.lr <= 0 or (args.warmup_steps or 0) < 0 or args.grad_clip < 0 or args.weight_decay < 0:
-        raise ConfigError("--lr must be > 0 and --warmup-steps, --grad-clip, --weight-decay >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
     if args.bucket_mb <= 0:
@@ -362,16 +402,22 @@ def check_same_run(args, ckpt, **more):
 
 def save(run):
     """One folder per step: every rank writes the pieces it is the first holder of (checkpoint.py); rank 0 the
-    index with what the loop needs back. Every rank returns once the step is complete on disk."""
+    index with what the loop needs back. Every rank returns once the step is complete on disk. Not while the loss
+    is inf/nan: a diverged state never replaces the last good checkpoint."""
+    if not run.guard.healthy:  # (the same on every rank: the guard sees values they all agree on)
+        log(run, {"step": run.step, "not_saved": "loss not finite"}, f"step {run.step:5d} | not saved: the loss is "
+            f"not finite (last good checkpoint: {describe_last_good(run)})")
+        return
     checkpoint.save(run.out, run.step, run.model, run.opt, run.topo, run.meta | {
         "data": run.batches.state_dict(), "args": vars(run.args), "layout": layout_of(run.args, run.topo.world)})
+    run.last_good = run.step
 
 
 def resume(run, ckpt):
     """Onto this layout, whatever the saved one (checkpoint.py); metrics.jsonl drops the records past the step."""
     saved = checkpoint.load(ckpt["dir"], run.model, run.opt, run.topo)
     run.batches.load_state_dict(saved["data"])
-    run.step = saved["step"]
+    run.step = run.last_good = saved["step"]
 
 
 def barrier(run):  # the end of a save, and of the run
@@ -405,6 +451,8 @@ class Run:
     t_last: float = 0.0
     tokens_since: float = 0.0         # (padding included) since the last log line, all ranks
     labels_since: float = 0.0
+    guard: DivergenceGuard = field(default_factory=DivergenceGuard)  # stops a run that cannot train (amp.py)
+    last_good: int = None             # the step of the newest checkpoint saved with a finite loss
 
 
 def start(args, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=None):
@@ -511,13 +559,31 @@ def train_loop(run):
     run.t_last = time.perf_counter()
     while run.step < stop_at:
         rec = train_step(run)
-        if run.step % args.log_every == 0 or run.step == stop_at:
+        reason = run.guard.check(rec["loss"], rec["grad_norm"], run.opt.scaler)
+        if run.step % args.log_every == 0 or run.step == stop_at or reason:
             log_step(run, rec)
+        if reason:
+            log(run, {"step": run.step, "stopped": reason}, f"step {run.step:5d} | stopped: the run cannot train")
+            raise TrainingStopped(f"step {run.step}: {reason}; last good checkpoint: {describe_last_good(run)}")
         if run.step % args.eval_every == 0 or run.step == run.max_steps:
             evaluate_now(run)
         if run.step % args.save_every == 0 or run.step == stop_at:
             save(run)
     return run
+
+
+def describe_last_good(run):
+    return f"{run.out} at step {run.last_good}" if run.last_good is not None else "none (no step was saved)"
+
+
+def stop_run(prog, e):
+    """A run that cannot train (TrainingStopped, raised on every rank at the same step): its reason in one line
+    from the first rank, exit status 3 (2 is a bad input)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: stopped: {e}", file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(3)
 
 
 def finish(run):

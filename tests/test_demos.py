@@ -63,6 +63,8 @@ def test_amp():
     assert fp16[4].endswith("(skipped)") and fp16[5] == fp16[4].removesuffix("(skipped)")  # nothing applied
     assert sum("(skipped)" in x for x in fp16) == 1 and "final loss scale 131072" in losses["fp16"]
     assert "(skipped) marks that step" in out  # and the demo says what it means
+    # fp16 at lr 1 overflows in the forward: the guard ends it 8 steps after the loss turns nan
+    assert re.search(r"^fp16 at lr 1: stopped after step \d+: the loss was nan for 8 steps in a row", out, re.M), out
 
 
 def test_pretrain_help():
