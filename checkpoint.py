@@ -107,8 +107,8 @@ def held_pieces(model, opt, topo):
     names = describe(model, topo.tp, topo.tp_rank)
     pieces = []
 
-    def writer(p, sharded):  # replicas save nothing: tp copies of a norm, dp copies outside ZeRO's shards
-        first = topo.expert_dp_rank == 0 if is_expert_parallel(p) else topo.dp_rank == 0
+    def writer(p, sharded):  # replicas save nothing: tp copies of a norm, dp (and cp) copies outside ZeRO's shards
+        first = (topo.expert_dp_rank if is_expert_parallel(p) else topo.dp_rank) == 0 and topo.cp_rank == 0
         return not is_tp_duplicate(p) and (sharded or first)
 
     for p, a, b, views, key, sharded in opt.checkpoint_pieces():

@@ -118,6 +118,8 @@ def attention(q, k, v, backend, doc=None):
     """Causal attention over (B, H, T, D) queries and (B, H_kv, T, D) keys/values. With `doc` (B, T), the
     document id of each position in packed rows (non-decreasing along a row), a query attends only to keys of
     its own document: a block-diagonal causal mask, so that packed examples never see each other."""
+    if callable(backend):  # set from outside by a parallel file (context_parallel.py's ring attention)
+        return backend(q, k, v, doc)
     if backend == "naive":
         return naive_attention(q, k, v, doc)
     if backend == "sdpa":

@@ -21,6 +21,7 @@ Run:
     torchrun --nproc_per_node 4 pretrain.py --zero 3 --tp 2                   # ZeRO-3 x tensor parallel
     torchrun --nproc_per_node 4 pretrain.py --tp 2 --pp 2 --microbatches 4    # tensor x pipeline parallel
     torchrun --nproc_per_node 4 pretrain.py --experts 8 --ep 2 --zero 1      # experts over 2 ranks, 2 replicas
+    torchrun --nproc_per_node 4 pretrain.py --cp 2 --tp 2 --attn flash        # sequences split over 2 ranks
 """
 import math
 import sys
@@ -184,9 +185,9 @@ def read_init(path, model_config, tokenizer, experts):
 def sample(run, enc):
     """The sample at the end: generation from "def ", printed and written to sample.txt."""
     args, topo, model = run.args, run.topo, run.model
-    if topo.pp > 1 or (args.sequence_parallel and topo.tp > 1):
-        if run.rank0:  # generation grows the sequence one token at a time: neither cuts into stages or shards
-            print("(no sample: generation is not pipelined nor sequence-parallel)", flush=True)
+    if topo.pp > 1 or (args.sequence_parallel and topo.tp > 1) or topo.cp > 1:
+        if run.rank0:  # generation grows the sequence one token at a time: none of these cuts it
+            print("(no sample: generation is not pipelined, sequence- nor context-parallel)", flush=True)
         return
     if not (run.rank0 or topo.tp > 1 or run.zero == 3 or topo.ep > 1):
         return

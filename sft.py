@@ -60,6 +60,7 @@ Run:
 """
 import contextlib
 import json
+import math
 import sys
 import zlib
 from dataclasses import asdict, replace
@@ -392,7 +393,8 @@ def train(args):
     train_rows, val_rows, val_ex, skipped = read_rows(args, enc, cfg, dp)  # every input checked before building
 
     topo = training.build_topology(args, world, device)
-    T, multiple = args.seq_len or cfg.block_size, args.tp if args.sequence_parallel else 1
+    T = args.seq_len or cfg.block_size
+    multiple = math.lcm(args.tp if args.sequence_parallel else 1, 2 * args.cp if args.cp > 1 else 1)  # cut over tp, cp
     if args.pack:  # several examples per row of T tokens, attention blocked between them
         def make(rows):
             return pack(rows, eot_id(enc), T, multiple)

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import context_parallel
 import moe
 import pipeline
 import tensor_parallel
@@ -105,6 +106,8 @@ def add_shared_flags(ap, **defaults):
     a("--sequence-parallel", action="store_true", help="with --tp: norms, residuals split along the sequence")
     a("--ep", type=int, default=1, help="expert-parallel ranks (moe.py), carved from the data-parallel ones "
                                         "(each holds experts/ep of every MoE layer; --zero 0 or 1)")
+    a("--cp", type=int, default=1, help="context-parallel ranks (context_parallel.py): each sequence split over cp "
+                                        "ranks, ring attention (with --attn flash)")
     a("--out", default="out/run", help="checkpoints and metrics.jsonl go here")
     a("--resume", action="store_true",
       help="must resume: fail unless --out holds a complete checkpoint (without it, a run resumes when it can)")
@@ -163,7 +166,7 @@ def check_args(args, world):
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
-    dp = check_layout(world, args.tp, args.pp, args.ep)  # TopologyError: world not tp x pp x dp, ep not dividing dp
+    dp = check_layout(world, args.tp, args.pp, args.ep, args.cp)  # TopologyError: world not dp x pp x cp x tp, ...
     micro = args.grad_accum * args.microbatches
     if args.batch_size % (micro * dp):
         raise ConfigError(f"--batch-size {args.batch_size} does not divide into --grad-accum {args.grad_accum} x "
@@ -197,6 +200,8 @@ def check_model_layout(cfg, args, what):
     if args.sequence_parallel and T % args.tp:
         raise TopologyError(f"--sequence-parallel splits the {T} positions of a sequence over --tp {args.tp}: "
                             f"choose a --seq-len divisible by {args.tp}")
+    if args.cp > 1:  # (here, not in check_args: sft.py learns whether its base model has experts from --init)
+        context_parallel.check_flags(args, T)
     if args.ep > 1 and not getattr(args, "experts", 0):
         raise ConfigError(f"--ep {args.ep} splits experts over ranks: give --experts (a multiple of {args.ep})")
     if getattr(args, "experts", 0):
@@ -219,7 +224,7 @@ def build_topology(args, world, device):
     if world > 1 and not dist.is_initialized():
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Topology(args.tp, args.pp, args.ep)
+    return Topology(args.tp, args.pp, args.ep, args.cp)
 
 
 def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=None, weights=None, adapt=None):
@@ -233,6 +238,7 @@ def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=No
     model = model.to(device)
     pipeline.keep_stage(model, topo)
     tensor_parallel.parallelize(model, topo, sequence_parallel)
+    context_parallel.parallelize(model, topo)  # --cp: ring attention in every block
     moe.keep_experts(model, topo)
     if adapt is not None:
         adapt(model)
@@ -274,11 +280,13 @@ def build_training(model, args, dtype, topo):
         return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
 
     # The gradient norm for clipping and the fp16 overflow check, the same on every rank: amp.global_grad_norm.
+    # Under context parallelism the cp ranks of a replica hold the same weights and different tokens: gradients are
+    # averaged, and ZeRO shards, over dp x cp (topo.dp_cp_group, the dp group itself when cp is 1).
     norm_reduce = grad_norm_reduce(topo)
-    if topo.dp == 1:
+    if topo.dp * topo.cp == 1:
         return model, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce)
     if args.zero == 0:
-        ddp = DistributedDataParallel(model, topo.dp_group, args.bucket_mb)
+        ddp = DistributedDataParallel(model, topo.dp_cp_group, args.bucket_mb)
         expert_reduce = None
         if topo.ep > 1:
             def expert_reduce(sq):
@@ -286,7 +294,7 @@ def build_training(model, args, dtype, topo):
                 return sq
         return ddp, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce, no_sync=ddp.no_sync,
                                             expert_norm_reduce_fn=expert_reduce)
-    opt = ZeroOptimizer(model, groups, make_optimizer, scaler, topo.dp_group, args.zero, args.bucket_mb,
+    opt = ZeroOptimizer(model, groups, make_optimizer, scaler, topo.dp_cp_group, args.zero, args.bucket_mb,
                         norm_reduce_fn=norm_reduce)
     return opt.module, opt
 
@@ -307,18 +315,21 @@ def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, n
     """Forward and backward of one optimizer step's micro-batches: each rank back-propagates its labelled tokens'
     summed loss / (the global batch's labelled tokens `n_labels` / dp), and returns it (float64): the mean over
     the dp ranks, of it and of its gradients (ddp.py, zero.py), is the step's loss. Only the last micro-batch's
-    backward communicates over dp (no_sync)."""
+    backward communicates over dp (no_sync). Under --cp each rank computes the loss of its zigzag chunks of the
+    rows: dp x cp takes dp's place in the divisor and in the averages, while n_labels stays the count of the
+    whole rows (every cp rank holds them) summed over dp."""
     if n_labels is None:
         _, n_labels = global_counts(micro_batches, topo, device)
-    per_rank = max(n_labels, 1.0) / topo.dp
+    per_rank = max(n_labels, 1.0) / (topo.dp * topo.cp)
     if topo.pp > 1:  # the last stage sums its micro-batches' losses and divides by per_rank (pipeline.py)
         return pipeline.run_pipeline(model, micro_batches, topo, schedule, loss_div=per_rank, scale_loss=scale_loss,
                                      no_sync=no_sync)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, (x, y, *packing) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
+        x, y, kw = context_parallel.split_batch(x, y, topo)  # this cp rank's tokens (the whole rows without --cp)
         with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
-            _, loss = model(x.to(device), y.to(device), reduction="sum", **on(device, packing))
+            _, loss = model(x.to(device), y.to(device), reduction="sum", **on(device, packing or [kw]))
             loss = loss / per_rank
             # MoE layers left their balancing loss behind in this forward (0 for a dense model); it trains the
             # routers but is not part of the language-modelling loss that is logged.
@@ -328,17 +339,18 @@ def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, n
 
 
 def on(device, packing):
-    """The packed rows' extra inputs (pos, doc) on the device, as keyword arguments of the model."""
+    """The packed rows' extra inputs (pos, doc) on the device, as keyword arguments of the model. (Under --cp,
+    [split_batch's positions] instead: --pack and --cp are never both on.)"""
     return {k: v.to(device) for k, v in packing[0].items()} if packing else {}
 
 
 def mean_over_dp(x, topo):
-    """The mean of a per-rank scalar over the data-parallel group (for logging the loss)."""
-    if topo.dp == 1:
+    """The mean of a per-rank scalar over the data-parallel group, x cp under --cp (for logging the loss)."""
+    if topo.dp * topo.cp == 1:
         return x
     x = x.clone()
-    dist.all_reduce(x, group=topo.dp_group)
-    return x / topo.dp
+    dist.all_reduce(x, group=topo.dp_cp_group)
+    return x / (topo.dp * topo.cp)
 
 
 @torch.no_grad()
@@ -349,15 +361,16 @@ def evaluate(model, batches, device, topo, microbatches):
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y, *packing in batches:
+        x, y, kw = context_parallel.split_batch(x, y, topo)
         if topo.pp > 1:
             micro = pipeline.cut((x, y, *packing), microbatches)
             total[0] += pipeline.run_pipeline(model, micro, topo, loss_div=1.0, train=False)
         else:
-            total[0] += model(x.to(device), y.to(device), reduction="sum", **on(device, packing))[1].double()
+            total[0] += model(x.to(device), y.to(device), reduction="sum", **on(device, packing or [kw]))[1].double()
         total[1] += int((y != -100).sum())
     model.train()
-    if topo.dp > 1:
-        dist.all_reduce(total, group=topo.dp_group)
+    if topo.dp * topo.cp > 1:
+        dist.all_reduce(total, group=topo.dp_cp_group)
     return (total[0] / total[1]).item()
 
 
@@ -372,9 +385,11 @@ def lr_at(step, args, max_steps):
 
 # ------------------------------------------------------------------------------------------- checkpoints
 def layout_of(args, world):
-    layout = {"dp": world // (args.tp * args.pp), "pp": args.pp, "tp": args.tp}
+    layout = {"dp": world // (args.tp * args.pp * args.cp), "pp": args.pp, "tp": args.tp}
     if args.ep > 1:  # (recorded only when used: checkpoints from before --ep keep matching ep 1)
         layout["ep"] = args.ep
+    if args.cp > 1:  # (the same for --cp)
+        layout["cp"] = args.cp
     return layout
 
 
@@ -386,7 +401,7 @@ def read_checkpoint(args, rank, world):
 
 
 # What makes a run the same run: a checkpoint is resumed only under these settings (and the same model, data and
-# tokenizer); the layout (world size, --tp, --pp, --ep, --zero, --grad-accum, --microbatches) may change.
+# tokenizer); the layout (world size, --tp, --pp, --ep, --cp, --zero, --grad-accum, --microbatches) may change.
 SAME_RUN = ("batch_size", "seq_len", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
             "amp", "seed", "data", "experts", "topk", "moe_layers", "capacity_factor", "aux_loss_weight")
 
@@ -468,7 +483,7 @@ def start(args, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=No
     peak = peak_flops(device, dtype, getattr(args, "gpu", "h100")) * topo.world  # MFU of all devices together
     module = torch.compile(module) if args.compile else module
     run = Run(args, topo, device, model, model if topo.pp > 1 else module, opt, batches, val, max_steps, meta, fpt,
-              peak, zero=args.zero if topo.dp > 1 else 0, rank0=topo.rank == 0, out=Path(args.out))
+              peak, zero=args.zero if topo.dp * topo.cp > 1 else 0, rank0=topo.rank == 0, out=Path(args.out))
     if ckpt:
         resume(run, ckpt)
     if run.rank0:
@@ -483,10 +498,11 @@ def describe_layout(run):
     args, topo = run.args, run.topo
     n_micro = args.grad_accum * args.microbatches
     return (f"{args.batch_size // (n_micro * topo.dp)} x {n_micro} micro-batches x {topo.dp} data-parallel"
-            + (f" (ZeRO stage {run.zero})" if run.zero else " (ddp.py)" if topo.dp > 1 else "")
+            + (f" (ZeRO stage {run.zero})" if run.zero else " (ddp.py)" if topo.dp * topo.cp > 1 else "")
             + f" | tp {topo.tp}" + (" (sequence-parallel)" if args.sequence_parallel and topo.tp > 1 else "")
             + f" | pp {topo.pp}" + (f" ({args.pp_schedule})" if topo.pp > 1 else "")
-            + (f" | ep {topo.ep}" if topo.ep > 1 else ""))
+            + (f" | ep {topo.ep}" if topo.ep > 1 else "")
+            + (f" | cp {topo.cp} (ring attention)" if topo.cp > 1 else ""))
 
 
 def log(run, record, line):

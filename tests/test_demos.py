@@ -86,6 +86,18 @@ def test_flash_attn():
     assert len(errors) >= 4 and max(errors) < 1e-12, out
 
 
+def test_context_parallel():
+    out = run("context_parallel.py", "--seq-len", "128", "--reps", "1", nproc=4)
+    rows = re.findall(r"^\s+([124])\s+(\S+)\s+(\S+)\s+\S+\s+(\S+)\s+(\S+)\s+(\S+)\s+\S+$", out, re.M)
+    assert [r[0] for r in rows] == ["1", "2", "4"], out
+    for cp, _, ratio, err, sent, formula in rows:  # attention's activations 1/cp; bytes sent as the formula says
+        assert float(ratio) == 1 / int(cp) and float(err) < 1e-5 and sent == formula, out
+    model = re.findall(r"^\s+([124])\s+\S+\s+(\S+)\s+\S+\s+(\S+)\s+\S+\s+(\S+)$", out, re.M)
+    assert [r[0] for r in model] == ["1", "2", "4"], out
+    for cp, attention, rest, loss in model:  # the whole model's activations 1/cp too; the same loss at every cp
+        assert float(attention) == float(rest) == 1 / int(cp) and loss == model[0][3], out
+
+
 def test_ddp(stdlib_data):
     out = run("ddp.py", nproc=2, env={"DEMO_STEPS": "10"})
     losses = numbers(r"loss \(mean over ranks\) (\d+\.\d+)", out)
@@ -174,6 +186,7 @@ RUN_BY = {"python model.py": test_model, "python data.py prepare --src PATH --ou
           "make bench": test_make_bench, "torchrun --nproc_per_node 2 tensor_parallel.py": test_tensor_parallel,
           "torchrun --nproc_per_node 4 pipeline.py": test_pipeline,
           "torchrun --nproc_per_node 4 topology.py --tp 2": test_topology,
+          "torchrun --nproc_per_node 4 context_parallel.py": test_context_parallel,
           "torchrun --nproc_per_node 2 moe.py": test_moe, "make sft": test_make_sft, "python lora.py": test_lora}
 
 
@@ -181,4 +194,4 @@ def test_every_map_command_is_run():
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Map of the lecture")[1].split("\n## ")[0]
     commands = re.findall(r"^\|[^|]+\|[^|]+\| `([^`]+)` \|$", table, re.M)
-    assert len(commands) == 15 and sorted(commands) == sorted(RUN_BY), commands
+    assert len(commands) == 16 and sorted(commands) == sorted(RUN_BY), commands
