@@ -97,6 +97,10 @@ def _world2(rank, world, tmp):
     f = resume_and_go_on(tmp / "one", tmp / "one-to-z1dp2", Topology(), zero=1)[0]
     g = resume_and_go_on(tmp / "z2dp4", tmp / "z2dp4-to-z3dp2", Topology(), zero=3)[0]
     h = resume_and_go_on(tmp / "fp16-one", tmp / "fp16-to-z2dp2", Topology(), zero=2, amp="fp16")[1]
+    # Context parallelism: the 2 cp ranks hold the same weights; only the first writes them.
+    cp = Topology(cp=2)
+    model, _, opt = build(cp)
+    checkpoint.save(tmp / "cp2", 0, model, opt, cp, {"data": {"step": 0}})
     return d, e, e1, f, g, h
 
 
@@ -121,6 +125,12 @@ def test_resume_on_another_layout(tmp_path):
     n1 = resume_and_go_on(tmp_path / "lora-z1tp2", tmp_path / "lora-to-one", one, lora_targets="wq,wo,w1,w2")[0]
     d, e, e1, f, g, h = run_distributed(_world2, 2, str(tmp_path))[0]
     d1 = resume_and_go_on(tmp_path / "z3dp2", tmp_path / "z3dp2-to-one", one)[0]
+    fresh, _, opt = build(one)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    checkpoint.load(tmp_path / "cp2", fresh, opt, one)  # (a duplicate piece would make a value count twice)
+    assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), build(one)[0].parameters()))
     # float64, the same arithmetic up to summation order (tp's partial sums, ZeRO's shard norms): 1e-10.
     close = lambda x, y: x == pytest.approx(y, rel=1e-10)  # noqa: E731
     assert all(close(x, ref) for x in (a, c, d)), (ref, a, c, d)    # the original layouts agree with one process
