@@ -385,8 +385,8 @@ def _load_step(d, meta, model, opt, topo):
                 n = sum(copy_overlap(dst, mine, tensor(f, r["kinds"][src_kind]), rects(r["box"], r["flat"]))
                         for f, r in saved if src_kind in r["kinds"])
                 if n != dst.numel():
-                    raise CheckpointError(f"{d}: {kind} of {piece['name']} is not complete in the checkpoint "
-                                          f"({n} of {dst.numel()} values)")
+                    raise CheckpointError(f"{d}: {kind} of {piece['name']}: the checkpoint's pieces cover {n} values "
+                                          f"of the {dst.numel()} this rank holds (missing, or saved twice)")
     opt.scaler.load_state_dict(meta["scaler"])
     opt.after_load()
     rank_file = d / f"rank{topo.rank}.pt"

@@ -64,8 +64,8 @@ def full_state_dict(d, meta, kinds=("master", "param")):
         n = sum(copy_overlap(whole.view(-1), rects([[0, s] for s in whole.shape], [0, whole.numel()]),
                              t[r["kinds"][kind]], rects(r["box"], r["flat"])) for t, r in saved if kind in r["kinds"])
         if n != whole.numel():
-            raise CheckpointError(f"{d}: {kind} of {name} is not complete in the checkpoint ({n} of {whole.numel()} "
-                                  "values)")
+            raise CheckpointError(f"{d}: {kind} of {name}: the checkpoint's pieces cover {n} of its {whole.numel()} "
+                                  "values (missing, or saved twice)")
         sd[name] = whole
     return dict(sorted(sd.items(), key=lambda kv: _order(kv[0])))
 
