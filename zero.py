@@ -87,7 +87,7 @@ class FlatUnit:
 
 class ZeroOptimizer:
     """The optimizer interface of amp.MixedPrecisionOptimizer (zero_grad, scale_loss, step, param_groups,
-    state_dict, scaler, no_sync) over partitioned states. `module` is what to call forward on."""
+    checkpoint_pieces, after_load, scaler, no_sync) over partitioned states. `module` is what to call forward on."""
 
     def __init__(self, model, param_groups, make_optimizer, scaler, group=None, stage=1, bucket_mb=25.0,
                  norm_reduce_fn=None):
@@ -337,20 +337,19 @@ class ZeroOptimizer:
         for w in works:
             w.wait()
 
-    # ------------------------------------------------------------------ checkpoints: each rank its slices
-    def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "master": [u.master.clone() for u in self.units], "stage": self.stage, "world": self.world}
+    # ------------------------------------------------------------------ checkpoints (checkpoint.py): this rank's slices
+    def checkpoint_pieces(self):
+        """What checkpoint.py saves and restores: each piece of a parameter in this rank's slice, as (param, start,
+        end, {kind: flat view}, the inner optimizer's tensor, sharded): [start, end) is the range of the
+        parameter's flattening that the piece covers; its 16-bit weights and fp32 master (one tensor in fp32)."""
+        for u in self.units:
+            weights = u.shard16 if self.stage == 3 else u.full[u.lo:u.hi]
+            for (p, a, s, n), view in zip(u.pieces, u.views):
+                views = {"param": view} if u.master.dtype == u.dtype else {"param": weights[s:s + n], "master": view}
+                yield p, a, a + n, views, view, not u.local
 
-    def load_state_dict(self, sd):
-        if (sd["stage"], sd["world"]) != (self.stage, self.world):
-            raise ValueError(f"optimizer state of ZeRO stage {sd['stage']} over {sd['world']} ranks cannot be "
-                             f"loaded into stage {self.stage} over {self.world} ranks")
-        self.optimizer.load_state_dict(sd["optimizer"])
-        self.scaler.load_state_dict(sd["scaler"])
-        with torch.no_grad():
-            for u, saved in zip(self.units, sd["master"]):
-                u.master.copy_(saved)
+    def after_load(self):
+        """The masters were loaded: the 16-bit weights follow from them, as after a step."""
         self._publish()
 
     # ------------------------------------------------------------------ what is held, for the demo

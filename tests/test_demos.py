@@ -170,12 +170,12 @@ def test_moe(stdlib_data):
 def test_make_sft(tmp_path, stdlib_data):
     """`make sft` runs sft.py --init on a pretrained folder: here a tiny random one, a few steps."""
     from tests.sft_fixtures import CFG, make_init
-    assert re.search(r"^\t\$\(PY\) sft.py --init \$\(SFT_BASE\) \$\(SFT_FLAGS\)$", (ROOT / "Makefile").read_text(),
+    assert re.search(r"^\t\$\(PY\) sft.py --init out/pretrain \$\(SFT_FLAGS\)$", (ROOT / "Makefile").read_text(),
                       re.M)
     init = make_init(tmp_path / "base", replace(CFG, block_size=512))  # the embedded set's prompts fit
     out = run("sft.py", "--init", init, "--out", tmp_path / "sft", "--max-steps", "2", "--batch-size", "4",
               "--eval-examples", "4", "--samples", "1", "--max-new-tokens", "4", "--log-every", "1")
-    assert "held-out" in out and (tmp_path / "sft" / "ckpt.pt").exists(), out
+    assert "held-out" in out and (tmp_path / "sft" / "latest").exists(), out
 
 
 def test_lora():
