@@ -10,16 +10,12 @@ PARALLEL_FLAGS ?= --nproc_per_node 4 pretrain.py --zero 3 --tp 2
 PRETRAIN_FLAGS ?= --model tiny --batch-size 32 --max-steps 300 --lr 2e-3 --warmup-steps 30 \
                   --eval-every 100 --log-every 25 --out out/pretrain
 
-# Supervised fine-tuning on the embedded instruction set (stdlib functions from their docstrings). sft.py
-# starts from a whole checkpoint (one process, or data parallelism with ZeRO 0-2), and make pretrain's is
-# sharded over 4 ranks (ZeRO-3 x tp 2; resharding is not built), so the base model is pretrained in one process
-# first, once (about 4 minutes on 2 idle cores). The fine-tuning itself: 100 steps of 16 examples, one process.
-SFT_BASE ?= out/sft-base
-SFT_BASE_FLAGS ?= --model tiny --batch-size 32 --max-steps 500 --lr 2e-3 --warmup-steps 50 --eval-every 100 \
-                  --log-every 25
+# Supervised fine-tuning on the embedded instruction set (stdlib functions from their docstrings), from make
+# pretrain's checkpoint (sharded over 4 ranks; sft.py reads it on its own layout, checkpoint.py): make pretrain
+# runs first if out/pretrain has none. The fine-tuning itself: 100 steps of 16 examples, in one process.
 SFT_FLAGS ?= --out out/sft
 
-.PHONY: install pretrain sft test estimate scaling bench clean
+.PHONY: install pretrain sft test estimate scaling bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -34,17 +30,25 @@ pretrain: install
 	$(TORCHRUN) $(PARALLEL_FLAGS) $(PRETRAIN_FLAGS)
 
 sft: install
-	@test -f $(SFT_BASE)/ckpt.pt || { echo "make sft, 1/2: pretraining the one-process base model into $(SFT_BASE)" \
-	    "(once; about 4 minutes)"; $(PY) pretrain.py $(SFT_BASE_FLAGS) --out $(SFT_BASE); }
-	@echo "make sft, 2/2: fine-tuning $(SFT_BASE) on the embedded instruction set"
-	$(PY) sft.py --init $(SFT_BASE) $(SFT_FLAGS)
+	@test -f out/pretrain/latest || { echo "make sft, 1/2: no checkpoint in out/pretrain: make pretrain first"; \
+	    $(MAKE) pretrain; }
+	@echo "make sft, 2/2: fine-tuning out/pretrain's newest checkpoint on the embedded instruction set"
+	$(PY) sft.py --init out/pretrain $(SFT_FLAGS)
 
 test: install
 	$(PY) -m pytest -q
 
-# Our DDP vs torch DDP and our ZeRO-3 vs torch FSDP2, world size 2 on CPU gloo: about a minute on 2 cores.
+# Our DDP vs torch DDP and our ZeRO-3 vs torch FSDP2, world size 2 on CPU gloo: about a minute on 2 cores;
+# then our ZeRO-3 x tp 2 vs FSDP2 over torch's tensor parallelism (world 4) and our 1F1B vs torch's
+# Schedule1F1B (world 2): a few minutes more.
 bench: install
 	$(PY) benchmarks/bench_dp.py --out out/bench/bench_dp.json
+	$(PY) benchmarks/bench_parallel.py --out out/bench/bench_parallel.json
+
+# On a CUDA machine only: the GPU tests, python flash_attn.py, a one-GPU pretrain.py throughput/MFU line and,
+# with two GPUs visible, 2-rank NCCL runs; one table at the end (under 8 minutes on one H100/H200).
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py
 
 estimate: install
 	$(PY) estimate.py --model gpt2-124m --chinchilla --gpus 8

@@ -229,19 +229,17 @@ class MixedPrecisionOptimizer:
             m.grad = None
         return float(norm), False
 
-    def state_dict(self):
-        sd = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
-        if self.low_precision:
-            sd["master"] = [m.detach().clone() for m in self.master_params]
-        return sd
+    def checkpoint_pieces(self):
+        """What checkpoint.py saves and restores: each trainable parameter whole, as (param, start, end, {kind: flat
+        view}, the inner optimizer's tensor, sharded=False): its weights and, in 16 bits, its fp32 master."""
+        for p, m in zip(self.model_params, self.master_params):
+            views = {"param": p.detach().view(-1)}
+            if self.low_precision:
+                views["master"] = m.detach().view(-1)
+            yield p, 0, p.numel(), views, m, False
 
-    def load_state_dict(self, sd):
-        self.optimizer.load_state_dict(sd["optimizer"])
-        self.scaler.load_state_dict(sd["scaler"])
-        if self.low_precision:
-            with torch.no_grad():
-                for m, saved in zip(self.master_params, sd["master"]):
-                    m.copy_(saved)
+    def after_load(self):
+        """checkpoint.py has written the weights, masters and states in place: nothing to rebuild."""
 
 
 if __name__ == "__main__":

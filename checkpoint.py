@@ -1,28 +1,55 @@
-"""checkpoint.py: checkpoints that a crash cannot corrupt, and that resume a run bit for bit.
+"""checkpoint.py: checkpoints that outlive their layout: resume on any world size, --tp, --pp, --ep or --zero.
 
-The idea: a training run is a pure function of its state, so a checkpoint must hold all of it: the weights, the
-optimizer's moments (and under mixed precision the fp32 master weights and the loss scale), the step (which
-fixes the learning-rate schedule and, in data.py, the data position) and every RNG state. Saving writes a
-temporary file and renames it over the old one: rename is atomic on POSIX, so a crash mid-write leaves the
-previous checkpoint whole. With several ranks each writes its own file (its tensor-parallel slices, its pipeline
-stage, its ZeRO shards): N files of about 1/N of the state each, written in parallel; the layout (world size,
-dp x pp x tp, ZeRO stage) is recorded and a mismatch is refused on resume, since one layout's slices do not fit
-another (resharding is not built).
+The idea: describe every saved tensor by what it is, not by who held it. A rank's tensors are pieces of the full
+model's parameters: a tensor-parallel slice is a box (offset and length per dimension) of the full parameter, a
+pipeline stage holds whole blocks under their full names (blocks.{first_layer + i}), an expert-parallel rank whole
+experts (experts.{first_expert + j}), and a ZeRO flat shard covers a flat range [a, b) of the (sliced) parameter.
+So each rank writes, for every piece it is the first holder of, the 16-bit weights ("param"), the fp32 master
+("master", under mixed precision), AdamW's exp_avg and exp_avg_sq (and its step), each tagged (name, full shape,
+box, flat range). A new layout computes the pieces it holds, and copies in the overlap of every saved piece of
+the same name: a flat range of a box is at most three rectangles (a partial first row, whole rows, a partial
+last row), so every overlap is a rectangle and a plain slice copy. Files are memory-mapped (torch.load(mmap=True)):
+a rank reads the pages of the pieces it needs, not the whole model.
 
-Size: of the 16 bytes per parameter that mixed-precision Adam holds (2 weights + 2 gradients + 12 fp32 master,
-m, v), 14 are saved (gradients are not), spread over the ranks that shard them; in fp32, 4 + 8 = 12.
+One step, one folder: out/step_000200/ holds rank{r}.pt per rank and rank 0's meta.json (step, data position,
+model config, tokenizer, loss scale, arguments, the layout, and each file's size, CRC-32 and pieces). Every rank
+writes into step_000200.tmp/; after all have written (an all-gather of their outcomes, so a rank whose disk is
+full fails the save on every rank, in one line), rank 0 writes meta.json, renames the folder into place and then
+moves the `latest` pointer (write and rename, atomic on POSIX). A crash anywhere before leaves the previous step
+whole and pointed to; stale .tmp folders are removed by the next save; the two newest complete steps are kept,
+and a resume that finds the newest damaged (a checksum or size that differs) falls back to the previous one.
 
-Used by pretrain.py and sft.py; tests/test_pretrain.py resumes k + k steps against 2k in one go.
+Cost, for Psi parameters under mixed-precision Adam: 2 + 4 + 4 + 4 = 14 bytes per parameter written in all
+(fp32 training: 12), each byte by one rank only (replicas write nothing): 14 Psi / N per rank for N ranks that
+shard everything. Resuming, a rank reads the checksum of about one file (14 Psi / N) and the pieces it holds.
+
+Run:
+    python checkpoint.py consolidate out/pretrain model.pt      # one whole-model file (sft.py/pretrain.py --init)
+    python checkpoint.py export-hf out/pretrain hf/             # a Hugging Face Llama folder (weights.py)
 """
+import json
 import os
 import random
+import re
+import shutil
+import sys
+import zlib
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from lora import LoRALinear
+from moe import is_expert_parallel
+from tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, is_tp_duplicate
+
+FORMAT = 2  # format 1: one ckpt.rank{r}.pt per rank, readable only by the layout that wrote it
+KEEP = 2    # complete steps kept on disk
 
 
 class CheckpointError(ValueError):
-    """A missing, corrupt or mismatched checkpoint: the message is the one line the user sees."""
+    """A missing, damaged or mismatched checkpoint, or a failed save: the message is the one line the user sees."""
 
 
 def rng_state():
@@ -38,51 +65,418 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+# ----------------------------------------------------------------------------- what a rank holds, by name
+def full_name(model, name):
+    """A stage-local, rank-local parameter name -> the full model's: blocks and experts counted from 0."""
+    parts = name.split(".")
+    if parts[0] == "blocks":
+        i = int(parts[1])
+        if parts[2:4] == ["mlp", "experts"]:
+            parts[4] = str(int(parts[4]) + model.blocks[i].mlp.first_expert)
+        parts[1] = str(i + getattr(model, "first_layer", 0))
+    return ".".join(parts)
+
+
+def describe(model, tp=1, tp_rank=0):
+    """param -> (full name, full shape, box): the box is [start, length] per dimension of the full tensor. A
+    tensor-parallel layer's weight is this rank's slice along dimension 0 (column-parallel linears, the
+    vocabulary-parallel embedding) or 1 (row-parallel linears): tensor_parallel.py's layers say which, and a
+    LoRA layer (lora.py) over one splits its weight and one factor alike (B by rows, or A by columns)."""
+    split = {}
+    for m in model.modules():
+        if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+            split[m.weight] = int(isinstance(m, RowParallelLinear))
+        elif isinstance(m, LoRALinear) and m.kind != "linear":
+            split[m.weight] = split[m.lora_B if m.kind == "column" else m.lora_A] = int(m.kind == "row")
+    out = {}
+    for name, p in model.named_parameters():
+        assert 1 <= p.dim() <= 2, f"{name}: only 1-D and 2-D parameters are described"
+        shape, box = list(p.shape), [[0, n] for n in p.shape]
+        if p in split and tp > 1:
+            d = split[p]
+            shape[d] *= tp
+            box[d] = [tp_rank * p.shape[d], p.shape[d]]
+        out[p] = (full_name(model, name), shape, box)
+    return out
+
+
+def held_pieces(model, opt, topo):
+    """Every piece of a parameter this rank holds: dict(name, shape, box, flat=[a, b], tensors={kind: live 1-D
+    view}, key=the inner optimizer's tensor, writer=whether this rank is the one that saves it). The optimizer
+    (amp.py, zero.py) says what it holds through checkpoint_pieces(); frozen parameters are taken whole."""
+    names = describe(model, topo.tp, topo.tp_rank)
+    pieces = []
+
+    def writer(p, sharded):  # replicas save nothing: tp copies of a norm, dp (and cp) copies outside ZeRO's shards
+        first = (topo.expert_dp_rank if is_expert_parallel(p) else topo.dp_rank) == 0 and topo.cp_rank == 0
+        return not is_tp_duplicate(p) and (sharded or first)
+
+    for p, a, b, views, key, sharded in opt.checkpoint_pieces():
+        state = opt.optimizer.state.get(key, {})
+        views = dict(views)
+        if "exp_avg" in state:
+            views.update(exp_avg=state["exp_avg"].view(-1), exp_avg_sq=state["exp_avg_sq"].view(-1))
+        name, shape, box = names[p]
+        pieces.append(dict(name=name, shape=shape, box=box, flat=[a, b], tensors=views, key=key,
+                           adam_step=float(state["step"]) if "step" in state else None, writer=writer(p, sharded)))
+    for p in model.parameters():
+        if not p.requires_grad:  # frozen (LoRA's base weights): the optimizer knows nothing of them
+            name, shape, box = names[p]
+            pieces.append(dict(name=name, shape=shape, box=box, flat=[0, p.numel()], key=None, adam_step=None,
+                               tensors={"param": p.detach().view(-1)}, writer=writer(p, False)))
+    return pieces
+
+
+def rects(box, flat):
+    """The range [a, b) of a box's row-major flattening as rectangles of the full tensor, each (starts, lengths,
+    offset of its first element in the range): a partial first row, whole rows, a partial last row."""
+    (r0, _), (c0, C) = box if len(box) == 2 else ([0, 1], box[0])  # 1-D: one row
+    a, b = flat
+    ra, ca = divmod(a, C)
+    rb, cb = divmod(b, C)
+    if ra == rb:
+        spans = [(ra, 1, ca, cb - ca, 0)]
+    else:
+        spans = [(ra, 1, ca, C - ca, 0), (ra + 1, rb - ra - 1, 0, C, C - ca), (rb, 1, 0, cb, (rb - ra) * C - ca)]
+    return [((r0 + r, c0 + c), (h, w), off) for r, h, c, w, off in spans if h > 0 and w > 0]
+
+
+def copy_overlap(dst, dst_rects, src, src_rects):
+    """Copy every element the two pieces share from src into dst (both 1-D); returns how many."""
+    n = 0
+    for (d0, d1), (dh, dw), doff in dst_rects:
+        for (s0, s1), (sh, sw), soff in src_rects:
+            lo0, hi0, lo1, hi1 = max(d0, s0), min(d0 + dh, s0 + sh), max(d1, s1), min(d1 + dw, s1 + sw)
+            if lo0 >= hi0 or lo1 >= hi1:
+                continue
+            d = dst[doff:doff + dh * dw].view(dh, dw)[lo0 - d0:hi0 - d0, lo1 - d1:hi1 - d1]
+            d.copy_(src[soff:soff + sh * sw].view(sh, sw)[lo0 - s0:hi0 - s0, lo1 - s1:hi1 - s1])
+            n += (hi0 - lo0) * (hi1 - lo1)
+    return n
+
+
+# ----------------------------------------------------------------------------- saving one step
+def step_dir(out, step):
+    return Path(out) / f"step_{step:06d}"
+
+
+class _Checksummed:
+    """A file that computes the CRC-32 and size of what torch.save writes through it (no second read)."""
+
+    def __init__(self, f):
+        self.f, self.crc, self.size = f, 0, 0
+
+    def write(self, b):
+        self.crc, self.size = zlib.crc32(b, self.crc), self.size + len(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+def _all_gather(obj):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _write_text(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(out, step, model, opt, topo, meta):
+    """Write step `step` as a complete folder and point `latest` at it (every rank calls this). `meta`: what
+    the trainer needs back (JSON: step, data position, config, tokenizer, args, layout)."""
+    out, rank = Path(out), topo.rank
+    tmp = out / f"step_{step:06d}.tmp"
+    error = None
+    if rank == 0:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = f"{tmp}: {e.strerror or e}"
+    if _all_gather(error)[0] is None:  # (also the barrier: the folder exists before anyone writes into it)
+        records, tensors = [], []
+        for piece in held_pieces(model, opt, topo):
+            if piece["writer"]:
+                kinds = {}
+                for kind, t in piece["tensors"].items():
+                    kinds[kind] = len(tensors)
+                    tensors.append(t.detach().to("cpu", copy=True))  # a copy: a view would save its whole storage
+                records.append({k: piece[k] for k in ("name", "shape", "box", "flat", "adam_step")} | {"kinds": kinds})
+        path = tmp / f"rank{rank}.pt"
+        try:
+            with open(path, "wb") as f:
+                w = _Checksummed(f)
+                torch.save({"tensors": tensors, "rng": rng_state()}, w)
+                f.flush()
+                os.fsync(f.fileno())
+            mine = {"file": path.name, "size": w.size, "crc32": w.crc, "pieces": records}
+        except OSError as e:
+            mine = {"error": f"{path}: {e.strerror or e}"}
+    else:
+        mine = {"error": error}
+    files = _all_gather(mine)
+    failed = [f["error"] for f in files if "error" in f]
+    if rank == 0 and not failed:
+        try:
+            meta = dict(meta, format=FORMAT, step=step, scaler=opt.scaler.state_dict(), files=files)
+            _write_text(tmp / "meta.json", json.dumps(meta, default=str))
+            final = step_dir(out, step)
+            if final.exists():  # a step of an abandoned history (a resume from an earlier step): replaced
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_text(out / "latest", final.name + "\n")
+            _prune(out, step)
+        except OSError as e:
+            failed.append(f"{e.filename or out}: {e.strerror or e}")
+    failed = _all_gather(failed)[0]
+    if failed:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_step(out)
+        raise CheckpointError(f"could not save step {step}: {failed[0]}; "
+                              + (f"the last complete checkpoint, {last}, is kept" if last else "no checkpoint kept"))
+
+
+def _prune(out, latest):
+    """Keep the KEEP newest complete steps up to `latest`; remove older ones, later ones (an abandoned history)
+    and stale temporary folders."""
+    kept = 0
+    for d in sorted(out.glob("step_*"), key=_step_of, reverse=True):
+        if re.fullmatch(r"step_\d+", d.name) and _step_of(d) <= latest and kept < KEEP:
+            kept += 1
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- finding a complete step
+def latest_step(out):
+    """The step folder `latest` points to (None without one)."""
+    p = Path(out) / "latest"
+    name = p.read_text().strip() if p.is_file() else ""
+    return Path(out) / name if re.fullmatch(r"step_\d+", name) else None
+
+
+def read_meta(d):
+    try:
+        meta = json.loads((Path(d) / "meta.json").read_text())
+        assert meta["format"] == FORMAT and isinstance(meta["files"], list)
+        return meta
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise CheckpointError(f"{d}/meta.json: missing or not a checkpoint index of format {FORMAT}") from None
+
+
+def complete_steps(path):
+    """The complete step folders under `path`, newest first (or `path` itself if it is one): a step folder
+    renamed into place with its meta.json, at or before the step `latest` points to."""
+    path = Path(path)
+    if (path / "meta.json").exists():
+        return [path]
+    last = latest_step(path)
+    steps = [d for d in path.glob("step_*") if re.fullmatch(r"step_\d+", d.name) and (d / "meta.json").is_file()]
+    return sorted((d for d in steps if last is None or _step_of(d) <= _step_of(last)), key=_step_of, reverse=True)
+
+
+def _step_of(d):
+    m = re.match(r"step_(\d+)", Path(d).name)
+    return int(m.group(1)) if m else -1
+
+
+def damage(d, files, crc=True):
+    """The first problem of the listed files of step folder d (missing, another size, another CRC-32), or None."""
+    for f in files:
+        p = Path(d) / f["file"]
+        if not p.is_file() or p.stat().st_size != f["size"]:
+            return f"{p} is missing" if not p.is_file() else f"{p} is truncated ({f['size']} bytes were written)"
+        value = 0
+        with open(p, "rb") as fh:
+            while crc and (chunk := fh.read(1 << 24)):
+                value = zlib.crc32(chunk, value)
+        if crc and value != f["crc32"]:
+            return f"{p} is damaged (its CRC-32 differs from the one written)"
+    return None
+
+
+def find(path, crc=False):
+    """The newest complete step under `path` whose files are whole (their sizes; with crc, their CRC-32s too, which
+    reads them): (folder, meta, why each newer step was passed over), or (None, None, why)."""
+    skipped = []
+    for d in complete_steps(path):
+        try:
+            meta = read_meta(d)
+        except CheckpointError as e:
+            skipped.append(str(e))
+            continue
+        if problem := damage(d, meta["files"], crc):
+            skipped.append(problem)
+            continue
+        return d, meta, skipped
+    return None, None, skipped
+
+
+# ----------------------------------------------------------------------------- loading onto any layout
+def _adam_state(optimizer, key):
+    """AdamW's state for `key`, created (zeros, step 0) if the optimizer has not stepped yet."""
+    state = optimizer.state[key]
+    if not state:
+        on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32  # as torch's
+        state["step"] = torch.zeros((), dtype=scalar, device=key.device if on_device else "cpu")
+        state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(key), torch.zeros_like(key)
+    return state
+
+
+def load(path, model, opt, topo):
+    """Resume from the newest complete, undamaged step under `path` onto this layout (every rank calls it):
+    each rank checks the checksums of about 1/world of the files, then reads the pieces it holds. A damaged step
+    falls back to the previous complete one (with a warning line). Returns the step's meta.json."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    problems = []
+    for d in complete_steps(path):
+        try:
+            meta = read_meta(d)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        found = [p for p in _all_gather(damage(d, meta["files"][topo.rank::world])) if p]
+        if not found:
+            _load_step(d, meta, model, opt, topo)
+            if problems and topo.rank == 0:
+                print(f"warning: {problems[0]}: resumed from the previous complete step, {d}", file=sys.stderr)
+            return meta
+        problems.append(found[0])
+    raise CheckpointError(f"no complete undamaged checkpoint in {path}" + (f": {problems[0]}" if problems else ""))
+
+
+def _load_step(d, meta, model, opt, topo):
+    by_name, opened = {}, {}
+    for f in meta["files"]:
+        for r in f["pieces"]:
+            by_name.setdefault(r["name"], []).append((f["file"], r))
+
+    def tensor(file, i):
+        if file not in opened:  # memory-mapped: only the pages of the pieces read here are read from disk
+            opened[file] = torch.load(d / file, map_location="cpu", mmap=True, weights_only=False)
+        return opened[file]["tensors"][i]
+
+    fallback = {"param": ("param", "master"), "master": ("master", "param")}
+    with torch.no_grad():
+        for piece in held_pieces(model, opt, topo):
+            saved = by_name.get(piece["name"], [])
+            if piece["key"] is not None and any("exp_avg" in r["kinds"] for _, r in saved):
+                state = _adam_state(opt.optimizer, piece["key"])
+                piece["tensors"].update(exp_avg=state["exp_avg"].view(-1), exp_avg_sq=state["exp_avg_sq"].view(-1))
+                state["step"].fill_(next(r["adam_step"] for _, r in saved if r["adam_step"] is not None))
+            mine = rects(piece["box"], piece["flat"])
+            for kind, dst in piece["tensors"].items():
+                src_kind = next((k for k in fallback.get(kind, (kind,)) if any(k in r["kinds"] for _, r in saved)),
+                                None)
+                if src_kind is None and kind.startswith("exp_avg"):
+                    continue  # saved before the optimizer's first step: it starts from zeros, as then
+                n = sum(copy_overlap(dst, mine, tensor(f, r["kinds"][src_kind]), rects(r["box"], r["flat"]))
+                        for f, r in saved if src_kind in r["kinds"])
+                if n != dst.numel():
+                    raise CheckpointError(f"{d}: {kind} of {piece['name']}: the checkpoint's pieces cover {n} values "
+                                          f"of the {dst.numel()} this rank holds (missing, or saved twice)")
+    opt.scaler.load_state_dict(meta["scaler"])
+    opt.after_load()
+    rank_file = d / f"rank{topo.rank}.pt"
+    set_rng_state(torch.load(rank_file if rank_file.exists() else d / "rank0.pt", mmap=True,
+                             weights_only=False)["rng"])
+
+
+# ----------------------------------------------------------------------------- start or resume
+# Which settings make a run the same run: a checkpoint of another model, data, tokenizer or schedule is not resumed
+# silently; the layout (world size, --tp, --pp, --ep, --zero, micro-batching) may change freely.
+REASONS = {"batch_size": "the data position and the schedule count steps of this many sequences",
+           "seq_len": "the data position counts windows of this many tokens"}
+
+
+def find_resume(out, resume=False, fresh=False, rank=0):
+    """Start or resume, decided before any process group exists: (the newest complete step folder in `out`, its
+    meta.json) to resume from, or None to start fresh. --resume: a checkpoint must be there. --fresh: rank 0 moves
+    the old run aside first (the other ranks do not look at the folder)."""
+    if fresh:
+        if rank == 0 and Path(out).exists():
+            print(f"--fresh: the previous run in {out} moved to {move_aside(out)}", flush=True)
+        return None
+    d, meta, skipped = find(out)
+    if d is None and not skipped and any(Path(out).glob("ckpt*.pt")):
+        skipped = [f"{next(Path(out).glob('ckpt*.pt'))} is of format 1, readable only by an older version"]
+    if d is None and (resume or skipped):
+        raise CheckpointError(f"{'--resume: ' if resume else ''}no complete checkpoint in {out}"
+                              + (f" ({skipped[0]})" if skipped else "")
+                              + ("" if resume else ": give --fresh to start over (the folder is moved aside)"))
+    return (d, meta) if d is not None else None
+
+
+def check_same_run(out, meta, identity):
+    """The settings in `identity` must be the saved run's (model, data, tokenizer, schedule, ...): one line if not."""
+    saved = meta.get("identity", {})
+    for key, now in identity.items():
+        was = saved.get(key)
+        if was != now:
+            if isinstance(now, dict) and isinstance(was, dict):  # the model config: name the first field that differs
+                k = next(k for k in sorted(set(now) | set(was)) if now.get(k) != was.get(k))
+                what = f"a {key.replace('_', ' ')} with {k} {was.get(k)}, not {now.get(k)}"
+            else:
+                what = f"--{key.replace('_', '-')} {was}, not {now}" + (f" ({REASONS[key]})" if key in REASONS else "")
+            raise CheckpointError(f"{out} holds a run with {what}: resume with the same setting, or give --fresh "
+                                  "(the old run is moved aside) or another --out")
+
+
+def move_aside(out):
+    """--fresh: the old run's folder becomes OUT.1 (or .2, ...): nothing is overwritten."""
+    out = Path(out)
+    if out.exists():
+        n = 1
+        while Path(f"{out}.{n}").exists():
+            n += 1
+        os.replace(out, f"{out}.{n}")
+        return Path(f"{out}.{n}")
+
+
+def truncate_metrics(path, step):
+    """metrics.jsonl keeps one history: the records past the resumed step are dropped."""
+    path = Path(path)
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        _write_text(path, "".join(keep))
+
+
 def save_checkpoint(path, state):
-    """Write to a temporary name, then rename: a crash mid-write leaves the previous checkpoint whole."""
-    tmp = path.with_suffix(".tmp")
+    """One small file (sft.py's merged model): written under a temporary name, then renamed."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def checkpoint_path(out, rank, world):
-    """One file for one process; with several ranks each writes its own (its ZeRO slices, its RNG state)."""
-    return out / ("ckpt.pt" if world == 1 else f"ckpt.rank{rank}.pt")
-
-
-def check_checkpoint_layout(out, world, zero, layout):
-    """Refuse, before loading, a checkpoint written by another topology, number of ranks or ZeRO stage:
-    slices of one layout do not fit another (resharding is not built)."""
-    for path in (checkpoint_path(out, 0, world), out / "ckpt.pt", out / "ckpt.rank0.pt"):
-        if path.exists():
-            try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception:
-                return  # load_checkpoint says what is wrong with it
-            saved_world, saved_zero = ckpt.get("world", 1), ckpt.get("zero", 0)
-            if saved_world != world:
-                raise CheckpointError(f"--resume: the checkpoint in {out} was written by {saved_world} "
-                                      f"rank(s); this run has {world}: resume with --nproc_per_node {saved_world} "
-                                      "(changing the world size of a sharded checkpoint is not supported)")
-            saved = ckpt.get("topology", {"dp": saved_world, "pp": 1, "tp": 1})
-            if saved != layout:
-                raise CheckpointError(f"--resume: the checkpoint in {out} was saved with topology {saved}, this run "
-                                      f"is {layout}: relaunch with the checkpoint's --tp, --pp, --ep and world size")
-            if world > 1 and saved_zero != zero:
-                raise CheckpointError(f"--resume: the checkpoint in {out} was written with --zero {saved_zero}; "
-                                      f"resume with --zero {saved_zero}")
-            return
-
-
-def load_checkpoint(path):
-    if not path.exists():
-        raise CheckpointError(f"--resume: no checkpoint at {path} (train without --resume first, or fix --out)")
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3 or argv[0] not in ("consolidate", "export-hf"):
+        sys.exit("usage: python checkpoint.py consolidate OUT_DIR FILE | export-hf OUT_DIR HF_DIR")
+    cmd, src, dst = argv
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        missing = {"model", "optim", "step", "data", "rng", "model_config", "tokenizer"} - set(ckpt)
-    except Exception as e:
-        raise CheckpointError(f"--resume: checkpoint {path} is corrupt ({type(e).__name__}: {str(e)[:80]})") \
-            from None
-    if missing:
-        raise CheckpointError(f"--resume: checkpoint {path} is corrupt (missing {', '.join(sorted(missing))})")
-    return ckpt
+        import weights  # (whole models in and out: weights.py)
+        if cmd == "consolidate":
+            d = weights.consolidate(src, dst)
+            print(f"{d} -> {dst} ({Path(dst).stat().st_size / 2 ** 20:.1f} MB)")
+        else:
+            weights.export_hf(src, dst)
+            print(f"{src} -> {dst}/config.json, {dst}/model.safetensors")
+    except (CheckpointError, OSError) as e:
+        sys.exit(f"checkpoint.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 
 The idea: before spending a GPU-month, compute what it buys, for any shape and any layout of the GPUs.
 For N parameters, D tokens, L layers of width h (= d_model), a heads, context s, micro-batch b per GPU:
-    FLOPs per token   6 N + 12 L h s           (2 per weight forward, 4 backward; attention's scores)  Kaplan 2020
+    FLOPs per token   6 N + 6 L h s      (2 per weight forward, 4 backward; the causal attention scores)  Kaplan 2020
     training FLOPs    C = 6 N D (+ attention);   compute-optimal D = 20 N                   Hoffmann 2022 (Chinchilla)
     time              C / (peak FLOP/s x GPUs x MFU)
     model states      per GPU, mixed-precision Adam: 2 bytes of 16-bit weights, 2 of gradients, 12 of fp32
@@ -288,7 +288,7 @@ def estimate(args):
         ("parameters", f"{n:,} ({n_mm:,} in matmuls that a token meets; the embedding is a lookup"
                        + (f"; {args.experts} experts, top-{args.topk}: {n - n_mm - cfg.vocab_size * cfg.d_model:,}"
                           " expert parameters idle per token)" if args.experts else ")")),
-        ("FLOPs per token", f"{fpt:.4g} = 6 x {n_mm:,} + 12 x {cfg.n_layer} x {cfg.d_model} x {T}"),
+        ("FLOPs per token", f"{fpt:.4g} = 6 x {n_mm:,} + 6 x {cfg.n_layer} x {cfg.d_model} x {T}"),
         ("Chinchilla tokens", f"{20 * n:.4g} (20 per parameter)"),
         ("planned tokens", f"{tokens:.4g}" + (" (Chinchilla)" if args.chinchilla and not args.tokens else "")),
         ("training FLOPs", f"{total:.4g} (6ND = {6 * n_mm * tokens:.4g} without attention)"),

@@ -40,6 +40,7 @@ from estimate import PEAK_TFLOPS
 from model import PRESETS, Transformer, flops_per_token, num_params, pad_vocab
 from topology import TopologyError
 from training import ConfigError
+from weights import load_weights
 
 
 def build_parser():
@@ -48,6 +49,8 @@ def build_parser():
     a("--model", default="tiny", choices=sorted(PRESETS), help="model preset (model.py)")
     a("--data", default=None, help="prepared data folder (data.py prepare); default: the Python stdlib source")
     a("--tokenizer", default=None, help="tiktoken encoding; default: the data folder's, or 'bytes' (offline)")
+    a("--init", default=None, help="start from these weights with a fresh optimizer: a run's --out, a "
+                                   "consolidated file (checkpoint.py consolidate) or a Hugging Face Llama folder")
     a("--tokens", type=float, default=None, help="train on this many tokens (sets --max-steps; default 1000 steps)")
     a("--chinchilla", action="store_true", help="train on 20 tokens per parameter (sets --max-steps)")
     a("--eval-iters", type=int, default=10, help="validation batches per evaluation")
@@ -128,14 +131,7 @@ def train(args):
                           f"{args.model}")
     if err := tensor_parallel.check_divisible(cfg, args.tp):
         raise TopologyError(err)
-
-    # Every check has passed: only now are the process groups built.
-    topo = training.build_topology(args, world, device)
     T = args.seq_len or cfg.block_size
-    n_micro = args.grad_accum * args.microbatches
-    batches = data_lib.Batches(data_dir, T, args.batch_size, topo.dp_rank, topo.dp, n_micro, args.seed)
-    val = data_lib.eval_batches(data_dir, T, args.batch_size // args.grad_accum, args.eval_iters, topo.dp_rank,
-                                topo.dp)
     with torch.device("meta"):  # the whole model's counts (for FLOPs and the log), without allocating it
         whole = moe.with_experts(Transformer(cfg), args)
     # FLOPs follow the parameters a token meets: with experts, k of E per MoE layer (moe.py).
@@ -144,9 +140,22 @@ def train(args):
         max_steps = math.ceil((args.tokens or 20 * n_params) / (args.batch_size * T))
     else:
         max_steps = args.max_steps or 1000
-    model = training.build_model(cfg, topo, args.seed, device, DTYPES[args.amp], args.sequence_parallel, args)
+    identity = training.check_same_run(args, ckpt, max_steps=max_steps, model_config=model_config,
+                                       tokenizer=tokenizer)
+    # (a resume takes its weights from the checkpoint: the same command line both starts and resumes a run)
+    weights = read_init(args.init, model_config, tokenizer, args.experts) if args.init and not ckpt else None
+
+    # Every check has passed: only now are the process groups built.
+    topo = training.build_topology(args, world, device)
+    n_micro = args.grad_accum * args.microbatches
+    batches = data_lib.Batches(data_dir, T, args.batch_size, topo.dp_rank, topo.dp, n_micro, args.seed)
+    val = data_lib.eval_batches(data_dir, T, args.batch_size // args.grad_accum, args.eval_iters, topo.dp_rank,
+                                topo.dp)
+    model = training.build_model(cfg, topo, args.seed, device, DTYPES[args.amp], args.sequence_parallel, args,
+                                 weights=weights)
     run = training.start(args, topo, device, model, batches, val, max_steps,
-                         {"tokenizer": tokenizer, "model_config": model_config}, flops_per_token(cfg, n_mm, T), ckpt)
+                         {"tokenizer": tokenizer, "model_config": model_config, "identity": identity},
+                         flops_per_token(cfg, n_mm, T), ckpt)
     if run.rank0:
         print(f"model {args.model}: {n_params:,} parameters, {run.fpt:.3g} FLOPs/token | data {data_dir} "
               f"({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | batch {args.batch_size} x {T} "
@@ -157,6 +166,22 @@ def train(args):
         sample(run, data_lib.get_tokenizer(tokenizer))
     training.finish(run)
     return {"losses": run.losses, "step": run.step, "model": model, "opt": run.opt, "topo": topo}
+
+
+def read_init(path, model_config, tokenizer, experts):
+    """--init: whole weights (weights.load_weights) of this run's model and tokenizer, or one line saying why not."""
+    init = load_weights(path)
+    saved, saved_tokenizer = init["model_config"], init["tokenizer"]
+    for k in sorted(set(saved) | set(model_config)):
+        if k not in ("attn", "activation_checkpointing") and saved.get(k) != model_config.get(k):
+            raise ConfigError(f"--init {path}: its {k} is {saved.get(k)}, this run's model has {model_config.get(k)} "
+                              f"(choose the matching --model; the vocabulary follows the data)")
+    if (init["args"].get("experts") or 0) != experts:
+        raise ConfigError(f"--init {path} has {init['args'].get('experts') or 0} experts per MoE layer, this run "
+                          f"{experts}: give the same --experts (and --moe-layers)")
+    if saved_tokenizer != tokenizer:
+        raise ConfigError(f"--init {path} was trained with tokenizer {saved_tokenizer!r}, the data uses {tokenizer!r}")
+    return init["model"]
 
 
 def sample(run, enc):

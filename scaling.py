@@ -4,7 +4,7 @@ The idea (Kaplan et al. 2020; Hoffmann et al. 2022, "Chinchilla"): at a fixed tr
 small underfits and one too large sees too few tokens; the final loss as a function of model size N has a
 minimum, and that minimum moves with C as a power law. Two of Chinchilla's three approaches, here:
 
-    compute per run     C = F(N) x D         F(N) = 6 N + 12 L d T FLOPs per token (model.py's count: N are the
+    compute per run     C = F(N) x D         F(N) = 6 N + 6 L d T FLOPs per token (model.py's count: N are the
                                              parameters in matrix multiplies, the second term attention's scores)
     approach 2          for each C, fit a parabola to loss vs log N (an IsoFLOP profile); its vertex is N_opt(C);
                         then N_opt = k C^a by least squares in log-log space.     Chinchilla: a = 0.49 (~0.5)

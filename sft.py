@@ -56,7 +56,7 @@ Run:
     python sft.py --init out/pretrain --data my.jsonl --val-data my_val.jsonl
     python sft.py --init out/pretrain --pack                   # several examples per row, no attention between
     torchrun --nproc_per_node 4 sft.py --init out/pretrain --zero 3 --tp 2 --lora-r 8   # any layout pretrain.py runs
-    make sft                                                   # pretrains first if out/sft-base has no checkpoint
+    make sft                                                   # make pretrain first if out/pretrain has no checkpoint
 """
 import contextlib
 import json
@@ -80,6 +80,7 @@ from data import DataError, eot_id
 from model import PRESETS, ModelConfig, Transformer, flops_per_token, num_params
 from topology import TopologyError
 from training import ConfigError
+from weights import load_weights
 
 # ------------------------------------------------------------------------------------------- the template
 HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
@@ -268,28 +269,18 @@ def read_examples(args):
 
 # ------------------------------------------------------------------------------------------- the base model
 def load_init(path):
-    """A pretrain.py or sft.py checkpoint (a folder holding ckpt.pt, or the file): model, config, tokenizer."""
-    p = Path(path)
-    f = p / "ckpt.pt" if p.is_dir() else p
-    if p.is_dir() and not f.exists() and (p / "ckpt.rank0.pt").exists():
-        f = p / "ckpt.rank0.pt"  # a data-parallel run's: under ZeRO-1/2 each rank holds the whole model
-    if not f.exists():
+    """The base model: a run's --out (its newest complete step, whatever layout wrote it), a step folder, a
+    consolidated file or a Hugging Face Llama folder (weights.load_weights): model, config, tokenizer, args."""
+    if not Path(path).exists():
         raise ConfigError(f"--init {path}: no checkpoint there (run pretrain.py --out {path} first, or `make "
                           "pretrain`)")
     try:
-        ckpt = torch.load(f, map_location="cpu", weights_only=False)
-        missing = {"model", "model_config", "tokenizer"} - set(ckpt)
-    except Exception as e:
-        raise ConfigError(f"--init {f}: not a readable checkpoint ({type(e).__name__})") from None
-    if missing:
-        raise ConfigError(f"--init {f}: not a model checkpoint (missing {', '.join(sorted(missing))})")
-    layout, zero = ckpt.get("topology") or {}, ckpt.get("zero", 0)
-    if ckpt["model"] is None or zero == 3 or any(layout.get(k, 1) > 1 for k in ("tp", "pp", "ep")):
-        raise ConfigError(f"--init {f} is one rank's piece of a model trained on layout {layout} (ZeRO stage "
-                          f"{zero}): start from a whole model (one process, or data parallelism with --zero 0-2)")
-    if any(".lora_" in k for k in ckpt["model"]):
-        raise ConfigError(f"--init {f} holds LoRA adapters: start from its merged.pt, or pass --adapter")
-    return ckpt
+        init = load_weights(path)
+    except CheckpointError as e:
+        raise ConfigError(f"--init {e}" if str(e).startswith(str(path)) else f"--init {path}: {e}") from None
+    if any(".lora_" in k for k in init["model"]):
+        raise ConfigError(f"--init {path} holds LoRA adapters: start from its merged.pt, or pass --adapter")
+    return init
 
 
 def check_init_config(init, args):
@@ -331,7 +322,8 @@ def build_parser():
     ap = training.OneLineParser(prog="sft.py", description="Supervised fine-tuning (and LoRA) of a pretrained "
                                                            "checkpoint.")
     a = ap.add_argument
-    a("--init", default="out/pretrain", help="pretrain.py/sft.py checkpoint: its folder (ckpt.pt) or a file")
+    a("--init", default="out/pretrain", help="the base model: a pretrain.py/sft.py --out (any layout), a consolidated "
+                                             "file or a Hugging Face Llama folder")
     a("--model", default=None, choices=sorted(PRESETS), help="check that --init is of this preset")
     a("--data", default=None, help="training JSONL (Alpaca- or chat-style); default: the embedded stdlib set")
     a("--val-data", default=None, help="held-out JSONL; default: the embedded set's, or 1 in 10 lines of --data")
@@ -393,6 +385,8 @@ def train(args):
         setattr(args, k, (init.get("args") or {}).get(k, 0 if k == "experts" else None))
     cfg = replace(ModelConfig(**model_config), attn=args.attn, activation_checkpointing=args.activation_checkpointing)
     training.check_model_layout(cfg, args, f"--init {args.init}")
+    identity = training.check_same_run(args, ckpt, max_steps=args.max_steps, model_config=model_config,
+                                       tokenizer=init["tokenizer"])
     if args.lora_r:
         lora_lib.check_rank(cfg, args.lora_r, args.lora_targets)
     enc = data_lib.get_tokenizer(init["tokenizer"])
@@ -420,7 +414,7 @@ def train(args):
     with torch.device("meta"):  # FLOPs follow the parameters a token meets: k of E experts per MoE layer
         whole = moe.with_experts(Transformer(cfg), args)
     fpt = flops_per_token(cfg, num_params(whole, matmul_only=True) - moe.inactive_params(whole), T)
-    meta = {"tokenizer": init["tokenizer"], "model_config": model_config, "lora": lora_config}
+    meta = {"tokenizer": init["tokenizer"], "model_config": model_config, "lora": lora_config, "identity": identity}
     run = training.start(args, topo, device, model, batches, val, args.max_steps, meta, fpt, ckpt)
     if run.rank0:
         n_resp = sum(sum(t != -100 for t in y) for _, y in train_rows)

@@ -40,13 +40,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import context_parallel
 import moe
 import pipeline
 import tensor_parallel
 from amp import DTYPES, DivergenceGuard, DynamicLossScaler, MixedPrecisionOptimizer, TrainingStopped, cast_model
-from checkpoint import (check_checkpoint_layout, checkpoint_path, load_checkpoint, rng_state, save_checkpoint,
-                        set_rng_state)
 from ddp import DistributedDataParallel
 from estimate import peak_flops, peak_memory_mb
 from model import ATTN_BACKENDS, Transformer
@@ -110,7 +109,9 @@ def add_shared_flags(ap, **defaults):
     a("--cp", type=int, default=1, help="context-parallel ranks (context_parallel.py): each sequence split over cp "
                                         "ranks, ring attention (with --attn flash)")
     a("--out", default="out/run", help="checkpoints and metrics.jsonl go here")
-    a("--resume", action="store_true", help="continue from the checkpoint in --out")
+    a("--resume", action="store_true",
+      help="must resume: fail unless --out holds a complete checkpoint (without it, a run resumes when it can)")
+    a("--fresh", action="store_true", help="start over: a previous run in --out is moved aside to OUT.1")
     a("--save-every", type=int, default=200, help="checkpoint every N steps")
     a("--eval-every", type=int, default=200, help="evaluate every N steps")
     a("--log-every", type=int, default=10, help="log every N steps")
@@ -171,9 +172,17 @@ def check_args(args, world):
         raise ConfigError(f"--batch-size {args.batch_size} does not divide into --grad-accum {args.grad_accum} x "
                           f"--microbatches {args.microbatches} x {dp} data-parallel ranks: use a multiple of "
                           f"{micro * dp}")
+    if args.resume and args.fresh:
+        raise ConfigError("--resume and --fresh contradict each other: give one")
     if args.compile and args.pp > 1:
         raise ConfigError("--compile with --pp > 1: the pipeline calls the stage's parts one by one; "
                           "compile is supported without pipeline parallelism")
+    if args.compile and args.zero == 3 and dp > 1:
+        # (ddp.py and ZeRO 1-2 are accepted with --compile; their gradient hooks are expected to fire after the
+        # compiled backward graph, so that the reductions no longer overlap the backward.)
+        raise ConfigError("--compile with --zero 3: zero.py gathers and frees each block's weights (storage "
+                          "resizing, hooks on module calls) inside the forward, which torch.compile does not "
+                          "trace reliably; use --zero 3 without --compile, or --compile with --zero 0-2")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
     if args.bucket_mb <= 0:
@@ -214,6 +223,9 @@ def setup_distributed(args):
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+        # fp32 matmuls (and flash_attn.py's fp32 dots) on tensor cores as TF32: 10-bit mantissa, several times
+        # the throughput; torch's default "highest" keeps them in full fp32. bf16/fp16 runs are unaffected.
+        torch.set_float32_matmul_precision("high")
     return rank, world, device
 
 
@@ -229,10 +241,10 @@ def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=No
     into it: fine-tuning's starting point), then this pipeline stage's blocks, this tensor-parallel rank's
     slices, this expert-parallel rank's experts; then `adapt(model)` (LoRA), then the compute precision."""
     torch.manual_seed(seed)
-    model = moe.with_experts(Transformer(cfg), args)
+    with torch.device(device):  # built and initialised where it runs: a 1b preset is 5 GB of fp32 on the host
+        model = moe.with_experts(Transformer(cfg), args)
     if weights is not None:
         model.load_state_dict(weights)
-    model = model.to(device)
     pipeline.keep_stage(model, topo)
     tensor_parallel.parallelize(model, topo, sequence_parallel)
     context_parallel.parallelize(model, topo)  # --cp: ring attention in every block
@@ -266,8 +278,9 @@ def grad_norm_reduce(topo):
 def build_training(model, args, dtype, topo):
     """The module to call forward on and its optimizer: plain on one data-parallel rank, ddp.py for --zero 0,
     zero.py's stages otherwise. Every optimizer here has the same methods: zero_grad(), scale_loss(loss),
-    step(max_norm) -> (grad_norm, skipped), param_groups, state_dict()/load_state_dict(), scaler, and no_sync()
-    for accumulation micro-steps that must not communicate. Only parameters with requires_grad are trained."""
+    step(max_norm) -> (grad_norm, skipped), param_groups, checkpoint_pieces()/after_load() (checkpoint.py),
+    scaler, and no_sync() for accumulation micro-steps that must not communicate. Only parameters with
+    requires_grad are trained."""
     scaler = DynamicLossScaler(enabled=args.amp == "fp16")
     groups = param_groups(model, args.weight_decay)
     fused = next(model.parameters()).device.type == "cuda"
@@ -390,39 +403,45 @@ def layout_of(args, world):
 
 
 def read_checkpoint(args, rank, world):
-    """--resume: this rank's checkpoint file, after checking it was written by this layout; else None. Called
-    before any process group exists, so that a bad checkpoint is one line, not a hang."""
-    if not args.resume:
-        return None
-    layout = layout_of(args, world)
-    check_checkpoint_layout(Path(args.out), world, args.zero if layout["dp"] * args.cp > 1 else 0, layout)
-    return load_checkpoint(checkpoint_path(Path(args.out), rank, world))
+    """Start or resume (checkpoint.py): the meta.json of the newest complete step in --out, with its folder under
+    "dir", or None to start fresh. Called before any process group exists, so that a problem is one line."""
+    found = checkpoint.find_resume(Path(args.out), args.resume, args.fresh, rank)
+    return found and found[1] | {"dir": found[0]}
+
+
+# What makes a run the same run: a checkpoint is resumed only under these settings (and the same model, data and
+# tokenizer); the layout (world size, --tp, --pp, --ep, --cp, --zero, --grad-accum, --microbatches) may change.
+SAME_RUN = ("batch_size", "seq_len", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
+            "amp", "seed", "data", "experts", "topk", "moe_layers", "capacity_factor", "aux_loss_weight")
+
+
+def check_same_run(args, ckpt, **more):
+    """The run's identity (SAME_RUN flags, plus e.g. max_steps, model_config, tokenizer): returned for the
+    checkpoints to record, and compared with the one `ckpt` recorded (one line on a difference)."""
+    identity = {k: getattr(args, k) for k in SAME_RUN if hasattr(args, k)} | more
+    if ckpt:
+        checkpoint.check_same_run(args.out, ckpt, identity)
+    return identity
 
 
 def save(run):
-    """Every rank writes its own file: its tensor-parallel slices, its pipeline stage, its ZeRO shards, its
-    experts. Under ZeRO-3 the model's weights live only in the optimizer's slices: the model entry is empty.
-    Not while the loss is inf/nan: a diverged state never replaces the last good checkpoint."""
+    """One folder per step: every rank writes the pieces it is the first holder of (checkpoint.py); rank 0 the
+    index with what the loop needs back. Every rank returns once the step is complete on disk. Not while the loss
+    is inf/nan: a diverged state never replaces the last good checkpoint."""
     if not run.guard.healthy:  # (the same on every rank: the guard sees values they all agree on)
         log(run, {"step": run.step, "not_saved": "loss not finite"}, f"step {run.step:5d} | not saved: the loss is "
             f"not finite (last good checkpoint: {describe_last_good(run)})")
         return
+    checkpoint.save(run.out, run.step, run.model, run.opt, run.topo, run.meta | {
+        "data": run.batches.state_dict(), "args": vars(run.args), "layout": layout_of(run.args, run.topo.world)})
     run.last_good = run.step
-    run.out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(checkpoint_path(run.out, run.topo.rank, run.topo.world), {
-        "model": None if run.zero == 3 else run.model.state_dict(), "optim": run.opt.state_dict(),
-        "step": run.step, "data": run.batches.state_dict(), "rng": rng_state(), "args": vars(run.args),
-        "world": run.topo.world, "zero": run.zero, "topology": layout_of(run.args, run.topo.world), **run.meta})
-    barrier(run)  # no rank goes on (and perhaps resumes) before every rank's file is whole on disk
 
 
 def resume(run, ckpt):
-    if ckpt["model"] is not None:
-        run.model.load_state_dict(ckpt["model"])
-    run.opt.load_state_dict(ckpt["optim"])
-    run.batches.load_state_dict(ckpt["data"])
-    set_rng_state(ckpt["rng"])
-    run.step = run.last_good = ckpt["step"]
+    """Onto this layout, whatever the saved one (checkpoint.py); metrics.jsonl drops the records past the step."""
+    saved = checkpoint.load(ckpt["dir"], run.model, run.opt, run.topo)
+    run.batches.load_state_dict(saved["data"])
+    run.step = run.last_good = saved["step"]
 
 
 def barrier(run):  # the end of a save, and of the run
@@ -478,6 +497,7 @@ def start(args, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=No
         resume(run, ckpt)
     if run.rank0:
         run.out.mkdir(parents=True, exist_ok=True)
+        checkpoint.truncate_metrics(run.out / "metrics.jsonl", run.step if ckpt else -1)  # one history
         run.metrics = open(run.out / "metrics.jsonl", "a")
     return run
 
@@ -570,10 +590,12 @@ def train_loop(run):
         if reason:
             log(run, {"step": run.step, "stopped": reason}, f"step {run.step:5d} | stopped: the run cannot train")
             raise TrainingStopped(f"step {run.step}: {reason}; last good checkpoint: {describe_last_good(run)}")
+        t_pause = time.perf_counter()
         if run.step % args.eval_every == 0 or run.step == run.max_steps:
             evaluate_now(run)
         if run.step % args.save_every == 0 or run.step == stop_at:
             save(run)
+        run.t_last += time.perf_counter() - t_pause  # evaluation and saving are not training throughput
     return run
 
 

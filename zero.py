@@ -46,6 +46,11 @@ from ddp import DistributedDataParallel
 from moe import is_ep_duplicate, is_expert_parallel
 from tensor_parallel import is_tp_duplicate
 
+# torch 2.13 names the flat collectives all_gather_single / reduce_scatter_single; older releases (which GPU
+# machines often carry) only have the same functions under their former names.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class FlatUnit:
     """One unit's trainable parameters in a flat buffer; this rank's slice of it, in fp32, for the optimizer."""
@@ -82,7 +87,7 @@ class FlatUnit:
 
 class ZeroOptimizer:
     """The optimizer interface of amp.MixedPrecisionOptimizer (zero_grad, scale_loss, step, param_groups,
-    state_dict, scaler, no_sync) over partitioned states. `module` is what to call forward on."""
+    checkpoint_pieces, after_load, scaler, no_sync) over partitioned states. `module` is what to call forward on."""
 
     def __init__(self, model, param_groups, make_optimizer, scaler, group=None, stage=1, bucket_mb=25.0,
                  norm_reduce_fn=None):
@@ -177,7 +182,7 @@ class ZeroOptimizer:
             p.grad = None  # from here on this rank only holds its slice
         flat.div_(self.world)  # averaging: sum of x / N, divided first to keep fp16 in range
         out = torch.empty(u.shard_size, dtype=u.dtype, device=flat.device)
-        self.in_flight.append((u, dist.reduce_scatter_single(out, flat, group=self.group, async_op=True), out, flat))
+        self.in_flight.append((u, reduce_scatter_single(out, flat, group=self.group, async_op=True), out, flat))
         u.ready = 0
         if self.stage == 3:
             self._free(u)  # its backward is done: every use of the weights came before its gradients
@@ -204,7 +209,7 @@ class ZeroOptimizer:
         if u.gathered or u.pending is not None:
             return
         u.full.untyped_storage().resize_(u.nbytes(u.full))
-        u.pending = dist.all_gather_single(u.full, u.shard16, group=self.group, async_op=True)
+        u.pending = all_gather_single(u.full, u.shard16, group=self.group, async_op=True)
 
     def _wait_gathered(self, u):
         self._gather(u)
@@ -328,24 +333,23 @@ class ZeroOptimizer:
                     u.full.copy_(u.master)
             else:  # (the input must not alias the output: an fp32 model's master is a view of it)
                 mine = u.master.to(u.dtype) if u.master.dtype != u.dtype else u.master.clone()
-                works.append(dist.all_gather_single(u.full, mine, group=self.group, async_op=True))
+                works.append(all_gather_single(u.full, mine, group=self.group, async_op=True))
         for w in works:
             w.wait()
 
-    # ------------------------------------------------------------------ checkpoints: each rank its slices
-    def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "master": [u.master.clone() for u in self.units], "stage": self.stage, "world": self.world}
+    # ------------------------------------------------------------------ checkpoints (checkpoint.py): this rank's slices
+    def checkpoint_pieces(self):
+        """What checkpoint.py saves and restores: each piece of a parameter in this rank's slice, as (param, start,
+        end, {kind: flat view}, the inner optimizer's tensor, sharded): [start, end) is the range of the
+        parameter's flattening that the piece covers; its 16-bit weights and fp32 master (one tensor in fp32)."""
+        for u in self.units:
+            weights = u.shard16 if self.stage == 3 else u.full[u.lo:u.hi]
+            for (p, a, s, n), view in zip(u.pieces, u.views):
+                views = {"param": view} if u.master.dtype == u.dtype else {"param": weights[s:s + n], "master": view}
+                yield p, a, a + n, views, view, not u.local
 
-    def load_state_dict(self, sd):
-        if (sd["stage"], sd["world"]) != (self.stage, self.world):
-            raise ValueError(f"optimizer state of ZeRO stage {sd['stage']} over {sd['world']} ranks cannot be "
-                             f"loaded into stage {self.stage} over {self.world} ranks")
-        self.optimizer.load_state_dict(sd["optimizer"])
-        self.scaler.load_state_dict(sd["scaler"])
-        with torch.no_grad():
-            for u, saved in zip(self.units, sd["master"]):
-                u.master.copy_(saved)
+    def after_load(self):
+        """The masters were loaded: the 16-bit weights follow from them, as after a step."""
         self._publish()
 
     # ------------------------------------------------------------------ what is held, for the demo

@@ -33,7 +33,8 @@ def make_base(folder, preset):
     cfg = replace(PRESETS[preset], vocab_size=pad_vocab(data.get_tokenizer("bytes").n_vocab))
     cfg_dict = asdict(replace(cfg, attn="-", activation_checkpointing=False))
     torch.save({"model": Transformer(cfg).state_dict(), "model_config": cfg_dict, "tokenizer": "bytes"},
-               folder / "ckpt.pt")
+               folder / "model.pt")  # a consolidated checkpoint (weights.py), as sft.py --init reads
+    return folder / "model.pt"
 
 
 def timed_run(base, out, pack, args):
@@ -90,13 +91,13 @@ def main():
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_base(tmp, args.model)
+        base = make_base(tmp, args.model)
         best = {}
         for rep in range(args.repeats):
             for pack in (False, True):
-                med = timed_run(tmp, tmp / f"o{rep}{pack}", pack, args)
+                med = timed_run(base, tmp / f"o{rep}{pack}", pack, args)
                 best[pack] = min(best.get(pack, med), med)
-        sizes = {pack: batch_sizes(tmp, pack, args) for pack in (False, True)}
+        sizes = {pack: batch_sizes(base, pack, args) for pack in (False, True)}
     report = {}
     for pack in (False, True):
         tokens, real, labels = sizes[pack]

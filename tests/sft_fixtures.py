@@ -14,14 +14,15 @@ WORDS = ["alpha", "bravo", "delta", "echo", "golf", "hotel", "india", "kilo", "l
 
 
 def make_init(path, cfg=CFG, seed=0):
-    """A checkpoint in pretrain.py's format (random weights: the tests are about the mechanics)."""
+    """A consolidated checkpoint, as `checkpoint.py consolidate` writes (random weights: the tests are about the
+    mechanics). Returns the file."""
     torch.manual_seed(seed)
     model = Transformer(cfg)
     cfg_dict = asdict(cfg)
     cfg_dict.update(attn="-", activation_checkpointing=False)
     path.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "model_config": cfg_dict, "tokenizer": "bytes"}, path / "ckpt.pt")
-    return path
+    torch.save({"model": model.state_dict(), "model_config": cfg_dict, "tokenizer": "bytes"}, path / "model.pt")
+    return path / "model.pt"
 
 
 def reverse_examples(n, seed=0):

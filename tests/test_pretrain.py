@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import data
 import pretrain
+import training
 from model import PRESETS, Transformer
 from tests.distributed import run_distributed
 
@@ -30,7 +32,8 @@ def test_training_learns_and_logs(tmp_path, stdlib_data):
     steps = [l for l in lines if "loss" in l]
     assert len(steps) == 40 and {"step", "loss", "lr", "tokens_per_s", "mfu", "grad_norm"} <= set(steps[0])
     assert vals[-1] < vals[0] - 1.5, vals  # from ~5.8 (uniform over 320) to well under 4.3
-    assert (tmp_path / "run" / "ckpt.pt").exists() and len((tmp_path / "run" / "sample.txt").read_text()) > 0
+    assert (tmp_path / "run" / "step_000040" / "meta.json").exists()
+    assert len((tmp_path / "run" / "sample.txt").read_text()) > 0
     assert out["step"] == 40
 
 
@@ -86,7 +89,7 @@ def test_estimate_counts_the_model_as_built():
     n = sum(p.numel() for p in model.parameters())
     n_mm = n - model.tok_emb.weight.numel()
     assert est["params"] == n and est["matmul_params"] == n_mm
-    assert est["flops_per_token"] == 6 * n_mm + 12 * 12 * 768 * 1024
+    assert est["flops_per_token"] == 6 * n_mm + 6 * 12 * 768 * 1024
     assert est["tokens"] == 20 * n
 
 
@@ -110,10 +113,11 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys, stdlib_data):
     assert "no meta.json" in error_of(capsys, ["--data", str(tmp_path / "empty")] + out)
     assert "prepared with tokenizer 'bytes', not --tokenizer 'gpt2'" in error_of(
         capsys, ["--data", str(stdlib_data), "--tokenizer", "gpt2"] + out)
-    assert "--resume: no checkpoint" in error_of(capsys, ["--resume"] + out)
-    (tmp_path / "o").mkdir()
-    (tmp_path / "o" / "ckpt.pt").write_bytes(b"not a checkpoint")
-    assert "is corrupt" in error_of(capsys, ["--resume"] + out)
+    assert "--resume: no complete checkpoint in" in error_of(capsys, ["--resume"] + out)
+    (tmp_path / "o" / "step_000001").mkdir(parents=True)
+    (tmp_path / "o" / "step_000001" / "meta.json").write_bytes(b"not a checkpoint index")
+    assert "step_000001/meta.json: missing or not a checkpoint index" in error_of(capsys, out)
+    assert "--resume and --fresh contradict" in error_of(capsys, ["--resume", "--fresh"] + out)
     assert "does not divide" in error_of(capsys, ["--batch-size", "6", "--grad-accum", "4"] + out)
 
 
@@ -137,6 +141,46 @@ def test_sampling_never_draws_vocabulary_padding(tmp_path, stdlib_data, monkeypa
     run(tmp_path, "--max-steps", "1", "--sample-tokens", "60")
     assert len(drawn) >= 60 and max(drawn) < 257, sorted(set(drawn))[-5:]
     assert len((tmp_path / "run" / "sample.txt").read_text()) > 0
+
+
+def test_the_same_command_line_starts_and_after_a_crash_resumes(tmp_path, stdlib_data, monkeypatch, capsys):
+    """What `torchrun --max-restarts N` does after a crash: run the same command line again. It resumes from the
+    last complete step (4: saved every 2, killed during step 6) and ends with the uninterrupted run's losses;
+    metrics.jsonl holds one history."""
+    whole = run(tmp_path, "--max-steps", "8", name="whole")
+    argv = ["--max-steps", "8", "--save-every", "2"]
+    real_step, calls = training.train_step, []
+
+    def crash_in_step_6(r):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("killed")
+        return real_step(r)
+    monkeypatch.setattr(training, "train_step", crash_in_step_6)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path, *argv, name="crash")
+    monkeypatch.setattr(training, "train_step", real_step)
+    again = run(tmp_path, *argv, name="crash")
+    assert again["losses"] == whole["losses"][4:]  # fp32, one process: bit for bit
+    records = [json.loads(l) for l in (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
+    # Another batch size on the same --out: refused in one line, with the reason.
+    err = error_of(capsys, FAST + argv + ["--batch-size", "16", "--out", str(tmp_path / "crash")])
+    assert "holds a run with --batch-size 8, not 16 (the data position and the schedule count steps" in err
+
+
+def test_init_starts_from_weights_with_a_fresh_optimizer(tmp_path, stdlib_data, capsys):
+    first = run(tmp_path, "--max-steps", "4", "--eval-every", "4", name="a")
+    vals = [json.loads(l)["val_loss"] for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+            if "val_loss" in l]
+    again = run(tmp_path, "--max-steps", "2", "--eval-every", "2", "--init", str(tmp_path / "a"), name="b")
+    val0 = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
+    assert val0 == {"step": 0, "val_loss": vals[-1]}  # a's final weights, evaluated again: the same loss
+    step = next(iter(again["opt"].optimizer.state.values()))["step"]
+    assert int(step) == 2 and first["step"] == 4  # AdamW started over
+    err = error_of(capsys, FAST + ["--model", "small", "--init", str(tmp_path / "a"), "--out", str(tmp_path / "c")])
+    assert err.endswith(f"--init {tmp_path / 'a'}: its block_size is 256, this run's model has 512 (choose the matching "
+                        "--model; the vocabulary follows the data)")
 
 
 def test_default_warmup_follows_the_run_and_mfu_stays_below_one(tmp_path, stdlib_data):
@@ -166,7 +210,7 @@ def test_a_run_that_cannot_train_stops_with_the_reason(tmp_path, capsys, stdlib_
     good = max(s for s in range(2, first_bad, 2))  # the last even step before the loss went nan
     assert err.startswith(f"pretrain.py: stopped: step {stop['step']}: the loss was nan") and "--amp bf16" in err
     assert err.endswith(f"last good checkpoint: {tmp_path / 'run'} at step {good}")
-    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == good
+    assert checkpoint.find(tmp_path / "run")[1]["step"] == good
 
 
 def _diverge(rank, world, out, cache):

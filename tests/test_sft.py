@@ -5,9 +5,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+import checkpoint
 import data
 import sft
 import training
+import weights
 from amp import DynamicLossScaler, MixedPrecisionOptimizer
 from model import Transformer
 from topology import Topology
@@ -120,8 +122,8 @@ def test_sft_learns_logs_checkpoints_and_answers(tmp_path, files):
     lines = [json.loads(l) for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert [l["val_loss"] for l in lines if "val_loss" in l] == vals
     assert len([l for l in lines if "loss" in l]) == 30 and {"lr", "grad_norm", "tokens_per_s"} <= set(lines[1])
-    ckpt = torch.load(tmp_path / "o" / "ckpt.pt", weights_only=False)
-    assert {"model", "optim", "step", "data", "rng", "model_config", "tokenizer", "args"} <= set(ckpt)
+    ckpt = checkpoint.read_meta(tmp_path / "o" / "step_000030")
+    assert {"step", "data", "model_config", "tokenizer", "args", "identity", "files"} <= set(ckpt)
     assert ckpt["step"] == 30 and ckpt["lora"] is None
     assert len(res["samples"]) == 1 and (tmp_path / "o" / "samples.jsonl").exists()
     # The output is itself an --init: evaluating it alone reproduces the last held-out loss.
@@ -148,8 +150,9 @@ def test_lora_sft_trains_only_adapters_and_exports(tmp_path, files):
     # A random base's frozen head (std 0.02) caps how far its logits can move, so only a modest drop is possible
     # here; the point of this test is the mechanics (frozen base, adapters, export), the drop that it trains.
     assert res["val_losses"][-1] < res["val_losses"][0] - 0.1, res["val_losses"]
-    init = torch.load(files["init"] / "ckpt.pt", weights_only=False)["model"]
-    trained = torch.load(tmp_path / "l" / "ckpt.pt", weights_only=False)
+    init = torch.load(files["init"], weights_only=False)["model"]
+    step = tmp_path / "l" / "step_000020"
+    trained = checkpoint.read_meta(step) | {"model": weights.full_state_dict(step, checkpoint.read_meta(step))}
     assert trained["lora"]["r"] == 4
     for k, v in init.items():  # every base weight is exactly as it was
         assert torch.equal(trained["model"][k], v), k
@@ -323,4 +326,4 @@ def test_a_run_that_cannot_train_stops_with_the_reason(tmp_path, capsys, files):
     assert e.value.code == 3 and "\n" not in err, err
     assert err.startswith("sft.py: stopped: step ") and "in a row" in err and "last good checkpoint" in err
     step = int(err.split("at step ")[-1])
-    assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=False)["step"] == step
+    assert checkpoint.find(tmp_path / "o")[1]["step"] == step

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import checkpoint
 import data
 import lora
 import moe
@@ -63,7 +64,8 @@ def test_data_parallel_sft_matches_one_process(tmp_path, files, extra):
             torch.testing.assert_close(params[k], ref[k], rtol=1e-4, atol=1e-6)
     if "--lora-r" in extra:
         assert all(".lora_" in k for k in ref)
-        assert (tmp_path / "two" / "adapter.pt").exists() and (tmp_path / "two" / "ckpt.rank1.pt").exists()
+        assert (tmp_path / "two" / "adapter.pt").exists()
+        assert (checkpoint.find(tmp_path / "two")[0] / "rank1.pt").exists()
 
 
 def _sft_layouts_world4(rank, world, files, out):
@@ -108,8 +110,8 @@ def moe_init(path):
     cfg = {**asdict(CFG), "attn": "-", "activation_checkpointing": False}
     path.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "model_config": cfg, "tokenizer": "bytes", "args": flags},
-               path / "ckpt.pt")
-    return path
+               path / "model.pt")
+    return path / "model.pt"
 
 
 def _sft_ep(rank, world, files, out):
