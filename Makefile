@@ -53,7 +53,7 @@ gpu-check: install
 estimate: install
 	$(PY) estimate.py --model gpt2-124m --chinchilla --gpus 8
 
-# IsoFLOP profiles and a fit of L(N, D): 14 small runs on the embedded corpus, one thread, resumable (12 minutes
+# IsoFLOP profiles and a fit of L(N, D): 14 small runs on the embedded corpus, one thread, resumable (8 minutes
 # on 2 CPU cores with light other load, measured once).
 scaling: install
 	OMP_NUM_THREADS=1 $(PY) scaling.py --out out/scaling

@@ -25,7 +25,7 @@ one learning rate for every size and one seed. The shape of the result (a parabo
 moving right with C) is what carries over; the fitted exponents are rough, and the irreducible loss E here is
 that of bytes of code, not of English tokens.
 
-Run: `make scaling` (python scaling.py) trains the sweep (14 runs, 14,506 steps of 2048 tokens: 12 minutes on 2
+Run: `make scaling` (python scaling.py) trains the sweep (14 runs, 17,119 steps of 2048 tokens: 8 minutes on 2
 CPU cores shared with light other work, as measured once), appending one line per finished run to
 out/scaling/runs.jsonl; an interrupted sweep, run again, skips the finished runs and resumes the unfinished one
 from its checkpoint. `python scaling.py --fit-only` refits and replots what is there.
@@ -51,7 +51,7 @@ SEQ_LEN, BATCH = 128, 16                                     # 2048 tokens per s
 # The family: (layers, width). Depth grows slowly with width, as in Kaplan's and Chinchilla's tables.
 LADDER = [(2, 16), (2, 24), (2, 32), (2, 48), (2, 64), (3, 80), (3, 96), (4, 128)]
 BUDGETS = [3e11, 1e12, 3e12]                                # FLOPs per run
-TOKENS_PER_PARAM = (2, 300)                                 # sizes whose D/N at a budget falls in this range run
+TOKENS_PER_PARAM = (2, 350)                                 # sizes whose D/N at a budget falls in this range run
 CHINCHILLA = {"a": 0.49, "alpha": 0.34, "beta": 0.28, "E": 1.69, "tokens_per_param": 20}
 
 

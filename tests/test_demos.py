@@ -81,7 +81,7 @@ def test_make_estimate():
 
 
 def test_make_scaling(tmp_path, stdlib_data):
-    """`make scaling`'s command on one tiny budget and three one-layer sizes (the sweep itself takes 12 minutes)."""
+    """`make scaling`'s command on one tiny budget and three one-layer sizes (the sweep itself takes 8 minutes)."""
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^scaling:.*\n\tOMP_NUM_THREADS=1 \$\(PY\) scaling.py --out out/scaling$", makefile, re.M)
     out = run("scaling.py", "--budgets", "8e9", "--sizes", "1x16,1x24,1x32", "--out", tmp_path)
