@@ -27,7 +27,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,14 +51,6 @@ class ConfigError(ValueError):
     """A bad flag or input file: its message is the one line the user sees, before any work starts."""
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (no usage block): the same shape as every other error here; and
-    --help shows each flag's default."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, formatter_class=ShowDefaults, **kwargs)
-
-
 class ShowDefaults(argparse.HelpFormatter):
     """--help adds "(default: X)" to a flag that has a default its help does not already state."""
 
@@ -67,6 +58,14 @@ class ShowDefaults(argparse.HelpFormatter):
         if action.default in (None, False, argparse.SUPPRESS) or "default" in action.help:
             return action.help
         return action.help + " (default: %(default)s)"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (no usage block): the same shape as every other error here; and
+    --help shows each flag's default."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=ShowDefaults, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -402,9 +401,6 @@ def start(args, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=No
     """Set-up: the data-parallel wrapper and optimizer, the checkpoint restored (--resume), the metrics file."""
     if args.warmup_steps is None:  # the warm-up follows the run's length: a short run would never leave 100 steps
         args.warmup_steps = min(100, max(1, max_steps // 10))
-    elif args.warmup_steps >= max_steps > 0 and topo.rank == 0:
-        print(f"warning: --warmup-steps {args.warmup_steps} is not below the run's {max_steps} steps: the learning "
-              f"rate never reaches --lr {args.lr:g}", file=sys.stderr, flush=True)
     dtype = next(model.parameters()).dtype
     module, opt = build_training(model, args, dtype, topo)
     # The pipeline calls the stage itself (ddp.py's and zero.py's hooks live on its parameters and modules).
@@ -417,6 +413,9 @@ def start(args, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=No
     if run.rank0:
         run.out.mkdir(parents=True, exist_ok=True)
         run.metrics = open(run.out / "metrics.jsonl", "a")
+        if args.warmup_steps >= max_steps > 0:
+            print(f"warning: --warmup-steps {args.warmup_steps} is not below the run's {max_steps} steps: the "
+                  f"learning rate never reaches --lr {args.lr:g}", flush=True)
     return run
 
 
