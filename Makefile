@@ -11,9 +11,9 @@ PRETRAIN_FLAGS ?= --model tiny --batch-size 32 --max-steps 300 --lr 2e-3 --warmu
                   --eval-every 100 --log-every 25 --out out/pretrain
 
 # Supervised fine-tuning on the embedded instruction set (stdlib functions from their docstrings). sft.py
-# fine-tunes a whole model in one process, and make pretrain's checkpoint is sharded over 4 ranks (ZeRO-3 x
-# tp 2; resharding is not built), so the base model is pretrained in one process first, once (about 4 minutes
-# on 2 idle cores). The fine-tuning itself: 100 steps of 16 examples.
+# starts from a whole checkpoint (one process, or data parallelism with ZeRO 0-2), and make pretrain's is
+# sharded over 4 ranks (ZeRO-3 x tp 2; resharding is not built), so the base model is pretrained in one process
+# first, once (about 4 minutes on 2 idle cores). The fine-tuning itself: 100 steps of 16 examples, one process.
 SFT_BASE ?= out/sft-base
 SFT_BASE_FLAGS ?= --model tiny --batch-size 32 --max-steps 500 --lr 2e-3 --warmup-steps 50 --eval-every 100 \
                   --log-every 25

@@ -207,6 +207,14 @@ def check_flags(args, n_layer):
                        "drop --sequence-parallel")
 
 
+def with_experts(model, args):
+    """--experts: swap the chosen blocks' MLPs for MoE layers, before any slicing (no flag, or 0: dense)."""
+    if args is not None and getattr(args, "experts", 0):
+        add_moe(model, args.experts, args.topk, args.capacity_factor, args.aux_loss_weight,
+                parse_layers(args.moe_layers, model.cfg.n_layer))
+    return model
+
+
 def parse_layers(spec, n_layer):
     """--moe-layers: 'all' (None: every block) or block numbers like 1,3."""
     if spec == "all":

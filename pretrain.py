@@ -25,7 +25,6 @@ Run:
 import math
 import sys
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 
@@ -129,7 +128,7 @@ def train(args):
     val = data_lib.eval_batches(data_dir, T, args.batch_size // args.grad_accum, args.eval_iters, topo.dp_rank,
                                 topo.dp)
     with torch.device("meta"):  # the whole model's counts (for FLOPs and the log), without allocating it
-        whole = training.with_experts(Transformer(cfg), args)
+        whole = moe.with_experts(Transformer(cfg), args)
     # FLOPs follow the parameters a token meets: with experts, k of E per MoE layer (moe.py).
     n_params, n_mm = num_params(whole), num_params(whole, matmul_only=True) - moe.inactive_params(whole)
     if args.tokens is not None or args.chinchilla:

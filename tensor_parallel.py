@@ -142,11 +142,16 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _slice(linear.weight, 0, topo)
         self.weight.tensor_parallel = True
 
-    def forward(self, x):
+    def enter(self, x):
         # Under sequence parallelism the input was all-gathered just before (by the norm), whose backward
         # reduce-scatter already sums the ranks' input gradients: f would sum them twice.
-        y = F.linear(x if self.sequence_parallel else CopyToTensorParallel.apply(x, self.group), self.weight)
+        return x if self.sequence_parallel else CopyToTensorParallel.apply(x, self.group)
+
+    def leave(self, y):
         return GatherFromTensorParallel.apply(y, self.group) if self.gather_output and self.group else y
+
+    def forward(self, x):  # (split into enter and leave so that lora.py can add its update in between)
+        return self.leave(F.linear(self.enter(x), self.weight))
 
 
 class RowParallelLinear(nn.Module):
@@ -159,9 +164,15 @@ class RowParallelLinear(nn.Module):
         self.weight = _slice(linear.weight, 1, topo)
         self.weight.tensor_parallel = True
 
-    def forward(self, x):
+    def enter(self, x):
+        return x
+
+    def leave(self, y):
         reduce = ReduceScatterSequence if self.sequence_parallel else ReduceFromTensorParallel
-        return reduce.apply(F.linear(x, self.weight), self.group)
+        return reduce.apply(y, self.group)
+
+    def forward(self, x):
+        return self.leave(F.linear(x, self.weight))
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -51,15 +51,6 @@ class ConfigError(ValueError):
     """A bad flag or input file: its message is the one line the user sees, before any work starts."""
 
 
-class ShowDefaults(argparse.HelpFormatter):
-    """--help adds "(default: X)" to a flag that has a default its help does not already state."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in action.help:
-            return action.help
-        return action.help + " (default: %(default)s)"
-
-
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (no usage block): the same shape as every other error here; and
     --help shows each flag's default."""
@@ -71,12 +62,21 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class ShowDefaults(argparse.HelpFormatter):
+    """--help adds "(default: X)" to a flag that has a default its help does not already state."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
 # ------------------------------------------------------------------------------------------- flags and checks
 def add_shared_flags(ap, **defaults):
     """The flags of both entry points: layout, precision, optimizer, schedule, logging/saving/resuming. Each
     entry point passes its own defaults (a flag name with _ for -, e.g. max_steps=100)."""
     a = ap.add_argument
-    a("--batch-size", type=int, default=32, help="global batch in rows per optimizer step")
+    a("--batch-size", type=int, default=32, help="global batch per optimizer step (sequences, or SFT examples)")
     a("--seq-len", type=int, default=None, help="tokens per row (default: the model's block_size)")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--max-steps", type=int, default=None, help="optimizer steps")
@@ -134,8 +134,6 @@ def check_args(args, world):
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
     if args.bucket_mb <= 0:
         raise ConfigError(f"--bucket-mb must be > 0, got {args.bucket_mb}")
-    if args.ep > 1 and not getattr(args, "experts", 0):
-        raise ConfigError(f"--ep {args.ep} splits experts over ranks: give --experts (a multiple of {args.ep})")
     if args.ep > 1 and args.zero > 1:
         raise ConfigError(f"--ep with --zero {args.zero}: ZeRO stages 2 and 3 shard gradients and weights over the "
                           "data-parallel ranks, which hold different experts under --ep; use --zero 0 or 1")
@@ -155,6 +153,8 @@ def check_model_layout(cfg, args, what):
     if args.sequence_parallel and T % args.tp:
         raise TopologyError(f"--sequence-parallel splits the {T} positions of a sequence over --tp {args.tp}: "
                             f"choose a --seq-len divisible by {args.tp}")
+    if args.ep > 1 and not getattr(args, "experts", 0):
+        raise ConfigError(f"--ep {args.ep} splits experts over ranks: give --experts (a multiple of {args.ep})")
     if getattr(args, "experts", 0):
         moe.check_flags(args, cfg.n_layer)
 
@@ -178,20 +178,12 @@ def build_topology(args, world, device):
     return Topology(args.tp, args.pp, args.ep)
 
 
-def with_experts(model, args):
-    """--experts: swap the chosen blocks' MLPs for MoE layers (moe.py), before any slicing."""
-    if args is not None and getattr(args, "experts", 0):
-        moe.add_moe(model, args.experts, args.topk, args.capacity_factor, args.aux_loss_weight,
-                    moe.parse_layers(args.moe_layers, model.cfg.n_layer))
-    return model
-
-
 def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=None, weights=None, adapt=None):
     """The full model from one seed on every rank (with MoE MLPs if asked; `weights`, a full state dict, loaded
     into it: fine-tuning's starting point), then this pipeline stage's blocks, this tensor-parallel rank's
     slices, this expert-parallel rank's experts; then `adapt(model)` (LoRA), then the compute precision."""
     torch.manual_seed(seed)
-    model = with_experts(Transformer(cfg), args)
+    model = moe.with_experts(Transformer(cfg), args)
     if weights is not None:
         model.load_state_dict(weights)
     model = model.to(device)
@@ -256,9 +248,11 @@ def build_training(model, args, dtype, topo):
 
 # ------------------------------------------------------------------------------------------- one step
 def global_counts(micro_batches, topo, device):
-    """(tokens, labelled tokens) of the whole global batch: this rank's rows counted, summed over dp."""
-    n = torch.tensor([sum(y.numel() for _, y in micro_batches), sum(int((y != -100).sum()) for _, y in micro_batches)],
-                     dtype=torch.float64, device=device)
+    """(tokens, labelled tokens) of the whole global batch: this rank's rows counted, summed over dp. A micro-
+    batch is (x, y), or (x, y, {"pos": ..., "doc": ...}) for packed rows (model.py's extra inputs)."""
+    ys = [mb[1] for mb in micro_batches]
+    n = torch.tensor([sum(y.numel() for y in ys), sum(int((y != -100).sum()) for y in ys)], dtype=torch.float64,
+                     device=device)
     if topo.dp > 1:
         dist.all_reduce(n, group=topo.dp_group)
     return n[0].item(), n[1].item()
@@ -276,16 +270,21 @@ def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, n
         return pipeline.run_pipeline(model, micro_batches, topo, schedule, loss_div=per_rank, scale_loss=scale_loss,
                                      no_sync=no_sync)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for i, (x, y) in enumerate(micro_batches):
+    for i, (x, y, *packing) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
-            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True), reduction="sum")
+            _, loss = model(x.to(device), y.to(device), reduction="sum", **on(device, packing))
             loss = loss / per_rank
             # MoE layers left their balancing loss behind in this forward (0 for a dense model); it trains the
             # routers but is not part of the language-modelling loss that is logged.
             scale_loss(loss + moe.aux_loss(model) / len(micro_batches)).backward()
         loss_sum += loss.detach().double()
     return loss_sum
+
+
+def on(device, packing):
+    """The packed rows' extra inputs (pos, doc) on the device, as keyword arguments of the model."""
+    return {k: v.to(device) for k, v in packing[0].items()} if packing else {}
 
 
 def mean_over_dp(x, topo):
@@ -304,12 +303,12 @@ def evaluate(model, batches, device, topo, microbatches):
     forwards only, each batch cut into micro-batches as in training."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in batches:
+    for x, y, *packing in batches:
         if topo.pp > 1:
-            total[0] += pipeline.run_pipeline(model, list(zip(x.chunk(microbatches), y.chunk(microbatches))), topo,
-                                              loss_div=1.0, train=False)
+            micro = pipeline.cut((x, y, *packing), microbatches)
+            total[0] += pipeline.run_pipeline(model, micro, topo, loss_div=1.0, train=False)
         else:
-            total[0] += model(x.to(device), y.to(device), reduction="sum")[1].double()
+            total[0] += model(x.to(device), y.to(device), reduction="sum", **on(device, packing))[1].double()
         total[1] += int((y != -100).sum())
     model.train()
     if topo.dp > 1:
