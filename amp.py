@@ -21,7 +21,12 @@ Memory per parameter: 16 bytes either way, fp32 4 (weight) + 4 (gradient) + 8 (A
 2 + 2 + 12 (fp32 master, m, v), the 12 being what zero.py shards first. During the step this file also holds
 the fp32 master gradients (4 bytes more per parameter), made from the 16-bit ones and dropped after the update.
 
-Demo: `python amp.py` trains a tiny model for a few steps in each precision and shows fp16's scaler at work.
+A run that cannot train must stop rather than skip every step to the end (DivergenceGuard): K = 8 steps in a
+row with an inf/nan loss (or, in fp32/bf16, gradient norm), or in fp16 the loss scale below a floor of 1, ends
+it with the likely cause.
+
+Demo: `python amp.py` trains a tiny model for a few steps in each precision, shows fp16's scaler at work, and
+an fp16 run at learning rate 1 stopped by the guard.
 """
 import contextlib
 import math
@@ -60,6 +65,51 @@ class DynamicLossScaler:
 
     def load_state_dict(self, sd):
         self.scale, self.good_steps = sd["scale"], sd["good_steps"]
+
+
+class TrainingStopped(RuntimeError):
+    """A run that cannot train: the message is the one line the user sees (the loop adds the last checkpoint)."""
+
+
+class DivergenceGuard:
+    """Ends a run that cannot train instead of letting it skip steps, or log nan, until its last step.
+
+    A skipped step is the loss scaler's normal answer to one overflow; a run where every step is skipped never
+    recovers by itself. Called after each optimizer step with values that agree on every rank (the loss averaged
+    over the data-parallel group, the globally reduced gradient norm, the loss scale), so every rank stops at the
+    same step. Three signs, each with its likely cause:
+      - the loss is inf/nan for `patience` steps in a row: the forward overflows (fp16's largest number is
+        65504) or the weights already hold inf/nan;
+      - (fp32, bf16) the gradient norm is inf/nan for `patience` steps in a row;
+      - (fp16) the loss scale falls below `min_loss_scale` (DeepSpeed's min_loss_scale, default 1): at scale 1
+        the gradients are no longer scaled up at all, and they still overflow."""
+
+    def __init__(self, patience=8, min_loss_scale=1.0):
+        self.patience, self.min_loss_scale = patience, min_loss_scale
+        self.bad_loss = self.bad_grads = 0
+
+    @property
+    def healthy(self):
+        """The last step's loss was finite: a checkpoint saved now is a good one. (A step skipped for overflowing
+        gradients alone left the weights as they were: that is the scaler's everyday work, not damage.)"""
+        return self.bad_loss == 0
+
+    def check(self, loss, grad_norm, scaler):
+        """None while training can go on, else the reason it cannot (one line)."""
+        self.bad_loss = 0 if math.isfinite(loss) else self.bad_loss + 1
+        self.bad_grads = 0 if math.isfinite(grad_norm) else self.bad_grads + 1
+        if self.bad_loss >= self.patience:
+            return (f"the loss was {loss} for {self.bad_loss} steps in a row: the forward overflows or the weights "
+                    "hold inf/nan (likely cause: the learning rate is too high" +
+                    (", or activations above fp16's 65504: try --amp bf16" if scaler.enabled else "") + ")")
+        if scaler.enabled and scaler.scale < self.min_loss_scale:
+            return (f"the fp16 loss scale fell to {scaler.scale:g}, below {self.min_loss_scale:g}, after "
+                    f"{self.bad_grads} skipped steps in a row: the gradients overflow unscaled (likely cause: the "
+                    "learning rate is too high, or fp16's range is too small for this model: try --amp bf16)")
+        if not scaler.enabled and self.bad_grads >= self.patience:
+            return (f"the gradient norm was {grad_norm} for {self.bad_grads} steps in a row, every step skipped "
+                    "(likely cause: the learning rate is too high, or inf/nan in the data or the weights)")
+        return None
 
 
 def cast_model(model, dtype):
@@ -217,3 +267,19 @@ if __name__ == "__main__":
     print("fp16's loss scale starts at 2^16 = 65536 and doubles after 3 clean steps here (2000 by default).\n"
           "At step 5 an inf was put into a gradient: (skipped) marks that step, whose update was dropped (the next\n"
           "loss is the same) and whose scale was halved. fp32 and bf16 need no scaling: their scale stays 1.")
+    # A run that cannot train: fp16 at learning rate 1 overflows within a few steps and never recovers.
+    torch.manual_seed(0)
+    model = cast_model(Transformer(PRESETS["tiny"]), torch.float16)
+    scaler, guard = DynamicLossScaler(enabled=True), DivergenceGuard()
+    opt = MixedPrecisionOptimizer([{"params": list(model.parameters())}], lambda g: torch.optim.AdamW(g, lr=1.0),
+                                  torch.float16, scaler)
+    for step in range(1, 101):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.scale_loss(loss).backward()
+        norm, skipped = opt.step(max_norm=1.0)
+        opt.zero_grad()
+        if reason := guard.check(loss.item(), norm, scaler):
+            print(f"fp16 at lr 1: stopped after step {step}: {reason}")
+            break
+    else:
+        print("fp16 at lr 1: the guard did not stop the run within 100 steps")

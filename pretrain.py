@@ -21,6 +21,7 @@ Run:
     torchrun --nproc_per_node 4 pretrain.py --zero 3 --tp 2                   # ZeRO-3 x tensor parallel
     torchrun --nproc_per_node 4 pretrain.py --tp 2 --pp 2 --microbatches 4    # tensor x pipeline parallel
     torchrun --nproc_per_node 4 pretrain.py --experts 8 --ep 2 --zero 1      # experts over 2 ranks, 2 replicas
+    torchrun --nproc_per_node 4 pretrain.py --cp 2 --tp 2 --attn flash        # sequences split over 2 ranks
 """
 import math
 import sys
@@ -32,7 +33,7 @@ import data as data_lib
 import moe
 import tensor_parallel
 import training
-from amp import DTYPES
+from amp import DTYPES, TrainingStopped
 from checkpoint import CheckpointError
 from estimate import PEAK_TFLOPS, estimate
 from model import PRESETS, Transformer, flops_per_token, num_params, pad_vocab
@@ -85,6 +86,8 @@ def main(argv=None):
     except (ConfigError, CheckpointError, data_lib.DataError, TopologyError, moe.MoEError) as e:
         print(f"pretrain.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as e:
+        training.stop_run("pretrain.py", e)
 
 
 def load_data(args, ckpt):
@@ -104,6 +107,7 @@ def load_data(args, ckpt):
 
 
 def train(args):
+    training.check_values(args)
     if args.estimate:
         return estimate(args)
     rank, world, device = training.setup_distributed(args)
@@ -113,6 +117,9 @@ def train(args):
     tokenizer = meta["tokenizer"]
     cfg = replace(PRESETS[args.model], vocab_size=pad_vocab(meta["vocab_size"]), attn=args.attn,
                   activation_checkpointing=args.activation_checkpointing)
+    if meta["max_id"] >= cfg.vocab_size:  # (load_meta checked the ids against meta.json's vocab_size)
+        raise data_lib.DataError(f"--data {data_dir}: token id {meta['max_id']} is outside the model's vocabulary "
+                                 f"of {cfg.vocab_size}")
     model_config = asdict(replace(cfg, attn="-", activation_checkpointing=False))
     if ckpt and ckpt["model_config"] != model_config:
         raise ConfigError(f"--resume: the checkpoint in {args.out} is of another model config than --model "
@@ -153,9 +160,9 @@ def train(args):
 def sample(run, enc):
     """The sample at the end: generation from "def ", printed and written to sample.txt."""
     args, topo, model = run.args, run.topo, run.model
-    if topo.pp > 1 or (args.sequence_parallel and topo.tp > 1):
-        if run.rank0:  # generation grows the sequence one token at a time: neither cuts into stages or shards
-            print("(no sample: generation is not pipelined nor sequence-parallel)", flush=True)
+    if topo.pp > 1 or (args.sequence_parallel and topo.tp > 1) or topo.cp > 1:
+        if run.rank0:  # generation grows the sequence one token at a time: none of these cuts it
+            print("(no sample: generation is not pipelined, sequence- nor context-parallel)", flush=True)
         return
     if not (run.rank0 or topo.tp > 1 or run.zero == 3 or topo.ep > 1):
         return

@@ -60,6 +60,7 @@ Run:
 """
 import contextlib
 import json
+import math
 import sys
 import zlib
 from dataclasses import asdict, replace
@@ -73,7 +74,7 @@ import lora as lora_lib
 import moe
 import tensor_parallel
 import training
-from amp import DTYPES
+from amp import DTYPES, TrainingStopped
 from checkpoint import CheckpointError, save_checkpoint
 from data import DataError, eot_id
 from model import PRESETS, ModelConfig, Transformer, flops_per_token, num_params
@@ -116,16 +117,15 @@ def read_jsonl(path):
     if not path.is_file():
         raise DataError(f"{path}: no such file (expected JSONL, one example per line)")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            out.append((where, to_messages(obj, where)))
+    for lineno, line in data_lib.text_lines(path):  # a byte that is not UTF-8: one line naming file:line
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        out.append((where, to_messages(obj, where)))
     if not out:
         raise DataError(f"{path}: no examples")
     return out
@@ -372,6 +372,8 @@ def main(argv=None):
     except (ConfigError, CheckpointError, DataError, TopologyError, lora_lib.LoRAError, moe.MoEError) as e:
         print(f"sft.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as e:
+        training.stop_run("sft.py", e)
 
 
 MOE_FLAGS = ("experts", "topk", "moe_layers", "capacity_factor", "aux_loss_weight")
@@ -397,7 +399,8 @@ def train(args):
     train_rows, val_rows, val_ex, skipped = read_rows(args, enc, cfg, dp)  # every input checked before building
 
     topo = training.build_topology(args, world, device)
-    T, multiple = args.seq_len or cfg.block_size, args.tp if args.sequence_parallel else 1
+    T = args.seq_len or cfg.block_size
+    multiple = math.lcm(args.tp if args.sequence_parallel else 1, 2 * args.cp if args.cp > 1 else 1)  # cut over tp, cp
     if args.pack:  # several examples per row of T tokens, attention blocked between them
         def make(rows):
             return pack(rows, eot_id(enc), T, multiple)

@@ -8,6 +8,11 @@ moe.py this rank's experts, lora.py wraps layers, amp.py casts), the data-parall
 (ddp.py or zero.py), one step's forward and backward, evaluation, and the loop: set-up, step, log/eval/save,
 finish, with one place each for saving, resuming, logging a record and the end-of-run barrier.
 
+Nothing silent: every flag's value is checked before any work (a bad one is one line and exit status 2), and a
+run that cannot train (amp.py's DivergenceGuard: the loss or gradients inf/nan for 8 steps in a row, fp16's loss
+scale below 1) stops on every rank at the same step with its likely cause, exit status 3; a checkpoint is never
+written over the last good one while the loss is not finite.
+
 The loss of a step, whatever the task and the layout: labels of -100 take no loss (SFT's prompts and padding;
 in pretraining every token is labelled), and
 
@@ -34,10 +39,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import context_parallel
 import moe
 import pipeline
 import tensor_parallel
-from amp import DTYPES, DynamicLossScaler, MixedPrecisionOptimizer, cast_model
+from amp import DTYPES, DivergenceGuard, DynamicLossScaler, MixedPrecisionOptimizer, TrainingStopped, cast_model
 from checkpoint import (check_checkpoint_layout, checkpoint_path, load_checkpoint, rng_state, save_checkpoint,
                         set_rng_state)
 from ddp import DistributedDataParallel
@@ -100,6 +106,8 @@ def add_shared_flags(ap, **defaults):
     a("--sequence-parallel", action="store_true", help="with --tp: norms, residuals split along the sequence")
     a("--ep", type=int, default=1, help="expert-parallel ranks (moe.py), carved from the data-parallel ones "
                                         "(each holds experts/ep of every MoE layer; --zero 0 or 1)")
+    a("--cp", type=int, default=1, help="context-parallel ranks (context_parallel.py): each sequence split over cp "
+                                        "ranks, ring attention (with --attn flash)")
     a("--out", default="out/run", help="checkpoints and metrics.jsonl go here")
     a("--resume", action="store_true", help="continue from the checkpoint in --out")
     a("--save-every", type=int, default=200, help="checkpoint every N steps")
@@ -113,13 +121,50 @@ def add_shared_flags(ap, **defaults):
     return ap
 
 
+def check_values(args):
+    """Every number a flag holds, in the range where it means something, and --out a folder that can be written:
+    the checks that need nothing but the flags (both entry points'; a flag an entry point lacks is skipped).
+    Finiteness first: nan passes no comparison (nan <= 0 is False), so a range check alone lets it through."""
+    has = lambda f: getattr(args, f, None) is not None
+    for f in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "bucket_mb", "tokens", "mfu",
+              "capacity_factor", "aux_loss_weight", "lora_alpha", "lora_dropout"):
+        if has(f) and not math.isfinite(getattr(args, f)):
+            raise ConfigError(f"--{f.replace('_', '-')} must be a finite number, got {getattr(args, f)}")
+
+    def need(f, ok, what):
+        if has(f) and not ok(getattr(args, f)):
+            raise ConfigError(f"--{f.replace('_', '-')} must be {what}, got {getattr(args, f):g}")
+    need("lr", lambda v: v > 0, "> 0")
+    need("min_lr", lambda v: 0 <= v <= args.lr, f"between 0 and --lr {args.lr:g} (the end of the decay)")
+    need("weight_decay", lambda v: v >= 0, ">= 0")
+    need("beta1", lambda v: 0 <= v < 1, "in [0, 1)")
+    need("beta2", lambda v: 0 <= v < 1, "in [0, 1)")
+    need("grad_clip", lambda v: v >= 0, ">= 0 (0: no clipping)")
+    need("warmup_steps", lambda v: v >= 0, ">= 0")
+    need("seed", lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)")
+    need("tokens", lambda v: v >= 1, "at least 1 (the tokens to train on)")
+    need("sample_tokens", lambda v: v >= 0, ">= 0 (0: no sample)")
+    need("aux_loss_weight", lambda v: v >= 0, ">= 0")
+    need("gpus", lambda v: v >= 1, "at least 1")
+    need("mfu", lambda v: 0 < v <= 1, "in (0, 1]")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: give a folder for checkpoints and metrics.jsonl")
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, so the folder cannot be made")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: no permission to write in {parent}")
+
+
 def check_args(args, world):
     """The shared flags that can be checked without the model's shape; returns the data-parallel size."""
+    check_values(args)
     for flag in ("batch_size", "grad_accum", "microbatches", "save_every", "eval_every", "log_every", "stop_after"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
-    dp = check_layout(world, args.tp, args.pp, args.ep)  # TopologyError: world not tp x pp x dp, ep not dividing dp
+    dp = check_layout(world, args.tp, args.pp, args.ep, args.cp)  # TopologyError: world not dp x pp x cp x tp, ...
     micro = args.grad_accum * args.microbatches
     if args.batch_size % (micro * dp):
         raise ConfigError(f"--batch-size {args.batch_size} does not divide into --grad-accum {args.grad_accum} x "
@@ -128,8 +173,12 @@ def check_args(args, world):
     if args.compile and args.pp > 1:
         raise ConfigError("--compile with --pp > 1: the pipeline calls the stage's parts one by one; "
                           "compile is supported without pipeline parallelism")
-    if args.lr <= 0 or (args.warmup_steps or 0) < 0 or args.grad_clip < 0 or args.weight_decay < 0:
-        raise ConfigError("--lr must be > 0 and --warmup-steps, --grad-clip, --weight-decay >= 0")
+    if args.compile and args.zero == 3 and dp > 1:
+        # (ddp.py and ZeRO 1-2 are accepted with --compile; their gradient hooks are expected to fire after the
+        # compiled backward graph, so that the reductions no longer overlap the backward.)
+        raise ConfigError("--compile with --zero 3: zero.py gathers and frees each block's weights (storage "
+                          "resizing, hooks on module calls) inside the forward, which torch.compile does not "
+                          "trace reliably; use --zero 3 without --compile, or --compile with --zero 0-2")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
     if args.bucket_mb <= 0:
@@ -153,6 +202,8 @@ def check_model_layout(cfg, args, what):
     if args.sequence_parallel and T % args.tp:
         raise TopologyError(f"--sequence-parallel splits the {T} positions of a sequence over --tp {args.tp}: "
                             f"choose a --seq-len divisible by {args.tp}")
+    if args.cp > 1:  # (here, not in check_args: sft.py learns whether its base model has experts from --init)
+        context_parallel.check_flags(args, T)
     if args.ep > 1 and not getattr(args, "experts", 0):
         raise ConfigError(f"--ep {args.ep} splits experts over ranks: give --experts (a multiple of {args.ep})")
     if getattr(args, "experts", 0):
@@ -168,6 +219,9 @@ def setup_distributed(args):
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+        # fp32 matmuls (and flash_attn.py's fp32 dots) on tensor cores as TF32: 10-bit mantissa, several times
+        # the throughput; torch's default "highest" keeps them in full fp32. bf16/fp16 runs are unaffected.
+        torch.set_float32_matmul_precision("high")
     return rank, world, device
 
 
@@ -175,7 +229,7 @@ def build_topology(args, world, device):
     if world > 1 and not dist.is_initialized():
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Topology(args.tp, args.pp, args.ep)
+    return Topology(args.tp, args.pp, args.ep, args.cp)
 
 
 def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=None, weights=None, adapt=None):
@@ -183,12 +237,13 @@ def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=No
     into it: fine-tuning's starting point), then this pipeline stage's blocks, this tensor-parallel rank's
     slices, this expert-parallel rank's experts; then `adapt(model)` (LoRA), then the compute precision."""
     torch.manual_seed(seed)
-    model = moe.with_experts(Transformer(cfg), args)
+    with torch.device(device):  # built and initialised where it runs: a 1b preset is 5 GB of fp32 on the host
+        model = moe.with_experts(Transformer(cfg), args)
     if weights is not None:
         model.load_state_dict(weights)
-    model = model.to(device)
     pipeline.keep_stage(model, topo)
     tensor_parallel.parallelize(model, topo, sequence_parallel)
+    context_parallel.parallelize(model, topo)  # --cp: ring attention in every block
     moe.keep_experts(model, topo)
     if adapt is not None:
         adapt(model)
@@ -229,11 +284,13 @@ def build_training(model, args, dtype, topo):
         return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
 
     # The gradient norm for clipping and the fp16 overflow check, the same on every rank: amp.global_grad_norm.
+    # Under context parallelism the cp ranks of a replica hold the same weights and different tokens: gradients are
+    # averaged, and ZeRO shards, over dp x cp (topo.dp_cp_group, the dp group itself when cp is 1).
     norm_reduce = grad_norm_reduce(topo)
-    if topo.dp == 1:
+    if topo.dp * topo.cp == 1:
         return model, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce)
     if args.zero == 0:
-        ddp = DistributedDataParallel(model, topo.dp_group, args.bucket_mb)
+        ddp = DistributedDataParallel(model, topo.dp_cp_group, args.bucket_mb)
         expert_reduce = None
         if topo.ep > 1:
             def expert_reduce(sq):
@@ -241,7 +298,7 @@ def build_training(model, args, dtype, topo):
                 return sq
         return ddp, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce, no_sync=ddp.no_sync,
                                             expert_norm_reduce_fn=expert_reduce)
-    opt = ZeroOptimizer(model, groups, make_optimizer, scaler, topo.dp_group, args.zero, args.bucket_mb,
+    opt = ZeroOptimizer(model, groups, make_optimizer, scaler, topo.dp_cp_group, args.zero, args.bucket_mb,
                         norm_reduce_fn=norm_reduce)
     return opt.module, opt
 
@@ -262,18 +319,21 @@ def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, n
     """Forward and backward of one optimizer step's micro-batches: each rank back-propagates its labelled tokens'
     summed loss / (the global batch's labelled tokens `n_labels` / dp), and returns it (float64): the mean over
     the dp ranks, of it and of its gradients (ddp.py, zero.py), is the step's loss. Only the last micro-batch's
-    backward communicates over dp (no_sync)."""
+    backward communicates over dp (no_sync). Under --cp each rank computes the loss of its zigzag chunks of the
+    rows: dp x cp takes dp's place in the divisor and in the averages, while n_labels stays the count of the
+    whole rows (every cp rank holds them) summed over dp."""
     if n_labels is None:
         _, n_labels = global_counts(micro_batches, topo, device)
-    per_rank = max(n_labels, 1.0) / topo.dp
+    per_rank = max(n_labels, 1.0) / (topo.dp * topo.cp)
     if topo.pp > 1:  # the last stage sums its micro-batches' losses and divides by per_rank (pipeline.py)
         return pipeline.run_pipeline(model, micro_batches, topo, schedule, loss_div=per_rank, scale_loss=scale_loss,
                                      no_sync=no_sync)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, (x, y, *packing) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
+        x, y, kw = context_parallel.split_batch(x, y, topo)  # this cp rank's tokens (the whole rows without --cp)
         with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
-            _, loss = model(x.to(device), y.to(device), reduction="sum", **on(device, packing))
+            _, loss = model(x.to(device), y.to(device), reduction="sum", **on(device, packing or [kw]))
             loss = loss / per_rank
             # MoE layers left their balancing loss behind in this forward (0 for a dense model); it trains the
             # routers but is not part of the language-modelling loss that is logged.
@@ -283,17 +343,18 @@ def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, n
 
 
 def on(device, packing):
-    """The packed rows' extra inputs (pos, doc) on the device, as keyword arguments of the model."""
+    """The packed rows' extra inputs (pos, doc) on the device, as keyword arguments of the model. (Under --cp,
+    [split_batch's positions] instead: --pack and --cp are never both on.)"""
     return {k: v.to(device) for k, v in packing[0].items()} if packing else {}
 
 
 def mean_over_dp(x, topo):
-    """The mean of a per-rank scalar over the data-parallel group (for logging the loss)."""
-    if topo.dp == 1:
+    """The mean of a per-rank scalar over the data-parallel group, x cp under --cp (for logging the loss)."""
+    if topo.dp * topo.cp == 1:
         return x
     x = x.clone()
-    dist.all_reduce(x, group=topo.dp_group)
-    return x / topo.dp
+    dist.all_reduce(x, group=topo.dp_cp_group)
+    return x / (topo.dp * topo.cp)
 
 
 @torch.no_grad()
@@ -304,15 +365,16 @@ def evaluate(model, batches, device, topo, microbatches):
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y, *packing in batches:
+        x, y, kw = context_parallel.split_batch(x, y, topo)
         if topo.pp > 1:
             micro = pipeline.cut((x, y, *packing), microbatches)
             total[0] += pipeline.run_pipeline(model, micro, topo, loss_div=1.0, train=False)
         else:
-            total[0] += model(x.to(device), y.to(device), reduction="sum", **on(device, packing))[1].double()
+            total[0] += model(x.to(device), y.to(device), reduction="sum", **on(device, packing or [kw]))[1].double()
         total[1] += int((y != -100).sum())
     model.train()
-    if topo.dp > 1:
-        dist.all_reduce(total, group=topo.dp_group)
+    if topo.dp * topo.cp > 1:
+        dist.all_reduce(total, group=topo.dp_cp_group)
     return (total[0] / total[1]).item()
 
 
@@ -327,9 +389,11 @@ def lr_at(step, args, max_steps):
 
 # ------------------------------------------------------------------------------------------- checkpoints
 def layout_of(args, world):
-    layout = {"dp": world // (args.tp * args.pp), "pp": args.pp, "tp": args.tp}
+    layout = {"dp": world // (args.tp * args.pp * args.cp), "pp": args.pp, "tp": args.tp}
     if args.ep > 1:  # (recorded only when used: checkpoints from before --ep keep matching ep 1)
         layout["ep"] = args.ep
+    if args.cp > 1:  # (the same for --cp)
+        layout["cp"] = args.cp
     return layout
 
 
@@ -339,13 +403,19 @@ def read_checkpoint(args, rank, world):
     if not args.resume:
         return None
     layout = layout_of(args, world)
-    check_checkpoint_layout(Path(args.out), world, args.zero if layout["dp"] > 1 else 0, layout)
+    check_checkpoint_layout(Path(args.out), world, args.zero if layout["dp"] * args.cp > 1 else 0, layout)
     return load_checkpoint(checkpoint_path(Path(args.out), rank, world))
 
 
 def save(run):
     """Every rank writes its own file: its tensor-parallel slices, its pipeline stage, its ZeRO shards, its
-    experts. Under ZeRO-3 the model's weights live only in the optimizer's slices: the model entry is empty."""
+    experts. Under ZeRO-3 the model's weights live only in the optimizer's slices: the model entry is empty.
+    Not while the loss is inf/nan: a diverged state never replaces the last good checkpoint."""
+    if not run.guard.healthy:  # (the same on every rank: the guard sees values they all agree on)
+        log(run, {"step": run.step, "not_saved": "loss not finite"}, f"step {run.step:5d} | not saved: the loss is "
+            f"not finite (last good checkpoint: {describe_last_good(run)})")
+        return
+    run.last_good = run.step
     run.out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(checkpoint_path(run.out, run.topo.rank, run.topo.world), {
         "model": None if run.zero == 3 else run.model.state_dict(), "optim": run.opt.state_dict(),
@@ -360,7 +430,7 @@ def resume(run, ckpt):
     run.opt.load_state_dict(ckpt["optim"])
     run.batches.load_state_dict(ckpt["data"])
     set_rng_state(ckpt["rng"])
-    run.step = ckpt["step"]
+    run.step = run.last_good = ckpt["step"]
 
 
 def barrier(run):  # the end of a save, and of the run
@@ -394,6 +464,8 @@ class Run:
     t_last: float = 0.0
     tokens_since: float = 0.0         # (padding included) since the last log line, all ranks
     labels_since: float = 0.0
+    guard: DivergenceGuard = field(default_factory=DivergenceGuard)  # stops a run that cannot train (amp.py)
+    last_good: int = None             # the step of the newest checkpoint saved with a finite loss
 
 
 def start(args, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=None):
@@ -406,7 +478,7 @@ def start(args, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=No
     peak = peak_flops(device, dtype, getattr(args, "gpu", "h100")) * topo.world  # MFU of all devices together
     module = torch.compile(module) if args.compile else module
     run = Run(args, topo, device, model, model if topo.pp > 1 else module, opt, batches, val, max_steps, meta, fpt,
-              peak, zero=args.zero if topo.dp > 1 else 0, rank0=topo.rank == 0, out=Path(args.out))
+              peak, zero=args.zero if topo.dp * topo.cp > 1 else 0, rank0=topo.rank == 0, out=Path(args.out))
     if ckpt:
         resume(run, ckpt)
     if run.rank0:
@@ -423,10 +495,11 @@ def describe_layout(run):
     args, topo = run.args, run.topo
     n_micro = args.grad_accum * args.microbatches
     return (f"{args.batch_size // (n_micro * topo.dp)} x {n_micro} micro-batches x {topo.dp} data-parallel"
-            + (f" (ZeRO stage {run.zero})" if run.zero else " (ddp.py)" if topo.dp > 1 else "")
+            + (f" (ZeRO stage {run.zero})" if run.zero else " (ddp.py)" if topo.dp * topo.cp > 1 else "")
             + f" | tp {topo.tp}" + (" (sequence-parallel)" if args.sequence_parallel and topo.tp > 1 else "")
             + f" | pp {topo.pp}" + (f" ({args.pp_schedule})" if topo.pp > 1 else "")
-            + (f" | ep {topo.ep}" if topo.ep > 1 else ""))
+            + (f" | ep {topo.ep}" if topo.ep > 1 else "")
+            + (f" | cp {topo.cp} (ring attention)" if topo.cp > 1 else ""))
 
 
 def log(run, record, line):
@@ -499,13 +572,33 @@ def train_loop(run):
     run.t_last = time.perf_counter()
     while run.step < stop_at:
         rec = train_step(run)
-        if run.step % args.log_every == 0 or run.step == stop_at:
+        reason = run.guard.check(rec["loss"], rec["grad_norm"], run.opt.scaler)
+        if run.step % args.log_every == 0 or run.step == stop_at or reason:
             log_step(run, rec)
+        if reason:
+            log(run, {"step": run.step, "stopped": reason}, f"step {run.step:5d} | stopped: the run cannot train")
+            raise TrainingStopped(f"step {run.step}: {reason}; last good checkpoint: {describe_last_good(run)}")
+        t_pause = time.perf_counter()
         if run.step % args.eval_every == 0 or run.step == run.max_steps:
             evaluate_now(run)
         if run.step % args.save_every == 0 or run.step == stop_at:
             save(run)
+        run.t_last += time.perf_counter() - t_pause  # evaluation and saving are not training throughput
     return run
+
+
+def describe_last_good(run):
+    return f"{run.out} at step {run.last_good}" if run.last_good is not None else "none (no step was saved)"
+
+
+def stop_run(prog, e):
+    """A run that cannot train (TrainingStopped, raised on every rank at the same step): its reason in one line
+    from the first rank, exit status 3 (2 is a bad input)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: stopped: {e}", file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(3)
 
 
 def finish(run):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from amp import DynamicLossScaler, MixedPrecisionOptimizer, cast_model, global_grad_norm
+from amp import DivergenceGuard, DynamicLossScaler, MixedPrecisionOptimizer, cast_model, global_grad_norm
 from model import PRESETS, Transformer
 from dataclasses import replace
 
@@ -133,3 +133,35 @@ def test_fp16_gradient_norm_and_update_equal_fp32s():
 def test_grad_norm_propagates_nan():
     assert math.isnan(float(global_grad_norm([torch.ones(3), torch.tensor([float("nan")])])))
     assert float(global_grad_norm([torch.full((4,), 2.0)])) == 4.0
+
+
+# ---------------------------------------------------------------------------------------------- a run that cannot train
+def test_guard_stops_after_k_non_finite_losses_and_forgives_one():
+    guard, scaler = DivergenceGuard(patience=3), DynamicLossScaler(enabled=False)
+    nan = float("nan")
+    assert guard.check(2.0, 1.0, scaler) is None and guard.healthy
+    assert guard.check(nan, nan, scaler) is None and not guard.healthy
+    assert guard.check(nan, nan, scaler) is None
+    assert guard.check(2.0, 1.0, scaler) is None and guard.healthy  # a finite step resets the count
+    for _ in range(2):
+        assert guard.check(nan, nan, scaler) is None
+    reason = guard.check(nan, nan, scaler)
+    assert reason.startswith("the loss was nan for 3 steps in a row") and "learning rate" in reason
+
+
+def test_guard_stops_on_k_non_finite_gradients_without_loss_scaling():
+    guard, scaler = DivergenceGuard(patience=4), DynamicLossScaler(enabled=False)
+    reasons = [guard.check(2.0, math.inf, scaler) for _ in range(4)]
+    assert guard.healthy  # a skipped step leaves the weights as they were: a checkpoint now is still good
+    assert reasons[:3] == [None] * 3 and reasons[3].startswith("the gradient norm was inf for 4 steps in a row")
+
+
+def test_guard_stops_fp16_when_the_loss_scale_falls_below_the_floor():
+    """fp16 overflows in the backward alone are the scaler's job (skip, halve) until the scale is below the floor:
+    from 2^16 with floor 1, the 17th skip in a row."""
+    guard, scaler = DivergenceGuard(patience=100, min_loss_scale=1.0), DynamicLossScaler(enabled=True)
+    for i in range(1, 18):
+        scaler.update(found_inf=True)
+        reason = guard.check(3.0, math.inf, scaler)
+        assert (reason is None) == (i < 17), (i, scaler.scale)
+    assert reason.startswith("the fp16 loss scale fell to 0.5, below 1, after 17 skipped steps") and "bf16" in reason

@@ -65,7 +65,8 @@ def build(seed):
 
 def reference():
     model = build(0)
-    one_process = SimpleNamespace(dp=1, dp_group=None)  # (computed inside every rank, beside the process group)
+    # (computed inside every rank, beside the process group)
+    one_process = SimpleNamespace(dp=1, cp=1, dp_group=None, dp_cp_group=None)
     module, opt = training.build_training(model, args_for(0), torch.float64, one_process)
     assert isinstance(opt, MixedPrecisionOptimizer) and module is model  # one process: no wrapping at all
     losses, norms = train(model, module, opt, tokens())

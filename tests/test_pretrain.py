@@ -1,12 +1,18 @@
+import contextlib
+import io
 import json
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import data
 import pretrain
 from model import PRESETS, Transformer
+from tests.distributed import run_distributed
 
 # A small, fast run: the tiny preset on 64-token windows of the embedded default corpus.
 FAST = ["--model", "tiny", "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
@@ -80,7 +86,7 @@ def test_estimate_counts_the_model_as_built():
     n = sum(p.numel() for p in model.parameters())
     n_mm = n - model.tok_emb.weight.numel()
     assert est["params"] == n and est["matmul_params"] == n_mm
-    assert est["flops_per_token"] == 6 * n_mm + 12 * 12 * 768 * 1024
+    assert est["flops_per_token"] == 6 * n_mm + 6 * 12 * 768 * 1024
     assert est["tokens"] == 20 * n
 
 
@@ -141,3 +147,40 @@ def test_default_warmup_follows_the_run_and_mfu_stays_below_one(tmp_path, stdlib
     steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert steps[0]["lr"] == pytest.approx(3e-3) and steps[-1]["lr"] < 3e-3
     assert all(0 < s["mfu"] <= 1 for s in steps)
+
+
+def test_a_run_that_cannot_train_stops_with_the_reason(tmp_path, capsys, stdlib_data):
+    """fp16 at --lr 1: the residual stream overflows fp16 within a few steps and every later step is skipped. The
+    run must end with exit status 3 and one line naming the cause and the last good checkpoint, within
+    K (= 8) steps of the first non-finite loss, and never save a checkpoint over the good one."""
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--amp", "fp16", "--lr", "1", "--max-steps", "200", "--save-every", "2", "--seq-len", "16",
+            "--batch-size", "2", "--eval-iters", "1")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 3 and "\n" not in err, err
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    first_bad = next(i for i, l in enumerate(losses) if l != l) + 1  # steps count from 1
+    stop = records[-1]
+    assert stop["step"] == first_bad + 7 and "the loss was nan for 8 steps in a row" in stop["stopped"]
+    good = max(s for s in range(2, first_bad, 2))  # the last even step before the loss went nan
+    assert err.startswith(f"pretrain.py: stopped: step {stop['step']}: the loss was nan") and "--amp bf16" in err
+    assert err.endswith(f"last good checkpoint: {tmp_path / 'run'} at step {good}")
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == good
+
+
+def _diverge(rank, world, out, cache):
+    os.environ["LLM_DATA_CACHE"] = cache
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        run(Path(out), "--amp", "fp16", "--lr", "1", "--max-steps", "200", "--seq-len", "16", "--batch-size", "2",
+            "--eval-iters", "1", "--pp", "2", "--microbatches", "2")
+    return e.value.code, err.getvalue(), dist.is_initialized()
+
+
+def test_every_rank_stops_at_the_same_step(tmp_path, stdlib_data, data_cache):
+    """Under --pp 2 the last stage computes the loss: the guard sees it (all-reduced to every stage), so both ranks
+    stop together (a rank left behind would hang in its next send), and only rank 0 prints the line."""
+    (code0, err0, group0), (code1, err1, group1) = run_distributed(_diverge, 2, str(tmp_path), str(data_cache))
+    assert (code0, code1) == (3, 3) and err1 == "" and not group0 and not group1
+    assert err0.startswith("pretrain.py: stopped: step ") and err0.count("\n") == 1, err0

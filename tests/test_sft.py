@@ -312,3 +312,15 @@ def test_attention_never_crosses_packed_examples():
         inside[r, a:b] = True
         assert not torch.allclose(before[inside], after[inside])
         assert torch.equal(before[~inside], after[~inside]) == isolated
+
+
+def test_a_run_that_cannot_train_stops_with_the_reason(tmp_path, capsys, files):
+    """As pretrain.py: fp16 at --lr 1 ends with exit status 3 and one line, and the good checkpoint is kept."""
+    with pytest.raises(SystemExit) as e:
+        run(files, tmp_path / "o", "--lr", "1", "--amp", "fp16", "--max-steps", "100", "--save-every", "2",
+            "--samples", "0")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 3 and "\n" not in err, err
+    assert err.startswith("sft.py: stopped: step ") and "in a row" in err and "last good checkpoint" in err
+    step = int(err.split("at step ")[-1])
+    assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=False)["step"] == step
