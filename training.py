@@ -483,9 +483,6 @@ def start(args, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=No
     """Set-up: the data-parallel wrapper and optimizer, the checkpoint restored (--resume), the metrics file."""
     if args.warmup_steps is None:  # the warm-up follows the run's length: a short run would never leave 100 steps
         args.warmup_steps = min(100, max(1, max_steps // 10))
-    elif args.warmup_steps >= max_steps > 0 and topo.rank == 0:
-        print(f"warning: --warmup-steps {args.warmup_steps} is not below the run's {max_steps} steps: the learning "
-              f"rate never reaches --lr {args.lr:g}", file=sys.stderr, flush=True)
     dtype = next(model.parameters()).dtype
     module, opt = build_training(model, args, dtype, topo)
     # The pipeline calls the stage itself (ddp.py's and zero.py's hooks live on its parameters and modules).
@@ -499,6 +496,9 @@ def start(args, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=No
         run.out.mkdir(parents=True, exist_ok=True)
         checkpoint.truncate_metrics(run.out / "metrics.jsonl", run.step if ckpt else -1)  # one history
         run.metrics = open(run.out / "metrics.jsonl", "a")
+        if args.warmup_steps >= max_steps > 0:
+            print(f"warning: --warmup-steps {args.warmup_steps} is not below the run's {max_steps} steps: the "
+                  f"learning rate never reaches --lr {args.lr:g}", flush=True)
     return run
 
 

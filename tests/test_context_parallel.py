@@ -136,15 +136,15 @@ def test_every_send_is_posted_with_the_receive_it_crosses():
 # Head dim 16 (flash_attn.py's smallest), GQA, T = 16: chunks of 4 tokens at cp 2.
 CFG = replace(PRESETS["tiny"], n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96, vocab_size=64, block_size=16,
               attn="flash")
-STEPS, MICRO, ROWS, CLIP = 3, 2, 4, 0.05  # 2 micro-batches of 4 rows per step; clipping active
+STEPS, N_MICRO, ROWS, CLIP = 3, 2, 4, 0.05  # 2 micro-batches of 4 rows per step; clipping active
 
 
 def micro_batches(step):
     g = torch.Generator().manual_seed(step)
-    seq = torch.randint(0, CFG.vocab_size, (MICRO * ROWS, CFG.block_size + 1), generator=g)
+    seq = torch.randint(0, CFG.vocab_size, (N_MICRO * ROWS, CFG.block_size + 1), generator=g)
     seq[0, 3:7] = -100  # ignored labels, inside one cp rank's chunks: the token count must be global
     x, y = seq[:, :-1].clamp(min=0), seq[:, 1:]
-    return list(zip(x.chunk(MICRO), y.chunk(MICRO)))
+    return list(zip(x.chunk(N_MICRO), y.chunk(N_MICRO)))
 
 
 def train(topo, zero=0):

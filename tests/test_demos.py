@@ -132,6 +132,14 @@ def test_make_bench(tmp_path):
     assert row["max_loss_difference"] < 1e-5 and row["memory"] > 0, row
 
 
+def test_bench_pack(tmp_path, stdlib_data):
+    run("benchmarks/bench_pack.py", "--steps", "2", "--warmup", "1", "--repeats", "1", "--out", tmp_path / "p.json")
+    report = json.loads((tmp_path / "p.json").read_text())
+    padded, packed = report["padded"], report["packed"]
+    assert 0 < report["padding_removed"] <= 1 and packed["padding_fraction"] < padded["padding_fraction"], report
+    assert packed["tokens_per_step"] < padded["tokens_per_step"]  # the same examples in fewer, fuller rows
+
+
 def test_tensor_parallel():
     out = run("tensor_parallel.py", nproc=2)
     rows = re.findall(r"tp rank (\d)/2.*\| loss (\S+) vs one process (\S+) \| max \|grad difference\| (\S+)", out)
@@ -194,11 +202,12 @@ RUN_BY = {"python model.py": test_model, "python data.py prepare --src PATH --ou
           "torchrun --nproc_per_node 4 pipeline.py": test_pipeline,
           "torchrun --nproc_per_node 4 topology.py --tp 2": test_topology,
           "torchrun --nproc_per_node 4 context_parallel.py": test_context_parallel,
-          "torchrun --nproc_per_node 2 moe.py": test_moe, "make sft": test_make_sft, "python lora.py": test_lora}
+          "torchrun --nproc_per_node 2 moe.py": test_moe, "make sft": test_make_sft, "python lora.py": test_lora,
+          "python benchmarks/bench_pack.py": test_bench_pack}
 
 
 def test_every_map_command_is_run():
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Map of the lecture")[1].split("\n## ")[0]
     commands = re.findall(r"^\|[^|]+\|[^|]+\| `([^`]+)` \|$", table, re.M)
-    assert len(commands) == 16 and sorted(commands) == sorted(RUN_BY), commands
+    assert len(commands) == 17 and sorted(commands) == sorted(RUN_BY), commands
