@@ -141,11 +141,12 @@ class ColumnParallelLinear(nn.Module):
         self.group, self.gather_output, self.sequence_parallel = topo.tp_group, gather_output, sequence_parallel
         self.weight = _slice(linear.weight, 0, topo)
         self.weight.tensor_parallel = True
+        self.linear_fn = F.linear  # the local matmul (quantization.use_fp8 swaps in its FP8 one)
 
     def forward(self, x):
         # Under sequence parallelism the input was all-gathered just before (by the norm), whose backward
         # reduce-scatter already sums the ranks' input gradients: f would sum them twice.
-        y = F.linear(x if self.sequence_parallel else CopyToTensorParallel.apply(x, self.group), self.weight)
+        y = self.linear_fn(x if self.sequence_parallel else CopyToTensorParallel.apply(x, self.group), self.weight)
         return GatherFromTensorParallel.apply(y, self.group) if self.gather_output and self.group else y
 
 
@@ -158,10 +159,11 @@ class RowParallelLinear(nn.Module):
         self.group, self.sequence_parallel = topo.tp_group, sequence_parallel
         self.weight = _slice(linear.weight, 1, topo)
         self.weight.tensor_parallel = True
+        self.linear_fn = F.linear
 
     def forward(self, x):
         reduce = ReduceScatterSequence if self.sequence_parallel else ReduceFromTensorParallel
-        return reduce.apply(F.linear(x, self.weight), self.group)
+        return reduce.apply(self.linear_fn(x, self.weight), self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
