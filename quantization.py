@@ -36,7 +36,12 @@ fp8_linear, so the f and g collectives stay where they were. DDP and ZeRO see bf
 before (ZeRO-3 gathers the whole weight before the forward, so its amax is the whole weight's). Under tensor
 parallelism each rank scales its own shard (no communication: a shard's amax is at most the whole tensor's, so
 its scale is at least as fine); `amax_group=tp_group` all-reduces the amaxes (MAX) instead, which makes the
-quantized values those of one process (tests/test_quantization.py checks that parity).
+quantized values those of one process (tests/test_quantization.py checks that parity). With power-of-two scales
+the choice matters less than it seems: an entry in the normal range rounds to the same mantissa whatever the
+scale, so per-shard and whole-tensor scales differ only in the entries that fall below the smallest normal.
+On CUDA, _scaled_mm takes its first operand row-major and its second column-major (hence the transposed copies
+in the backward), with every dimension a multiple of 16: the layers' widths, and the tokens of a micro-batch,
+which the weight gradient's matmul sums over.
 
 INT8 weight-only post-training quantization (as in LLM.int8's per-row scaling, without its outliers): each row
 (output channel) j of a trained weight gets s_j = max|W_j| / 127, and W_j is stored as round(W_j / s_j) in
@@ -162,14 +167,16 @@ class Fp8Linear(nn.Module):
 
 def use_fp8(model, amax_group=None):
     """Every linear layer's matmuls in FP8: nn.Linear swapped for Fp8Linear; layers that call `linear_fn` for
-    their matmul (tensor_parallel.py's) pointed at fp8_linear. Returns the number of layers changed."""
+    their matmul (tensor_parallel.py's) pointed at fp8_linear. Returns the number of layers changed.
+    An MoE router (moe.py) stays in bf16: its logits pick experts, a discrete choice that 8-bit noise would flip
+    (DeepSeek-V3 keeps its gating in higher precision too), and its E outputs are rarely a multiple of 16."""
     changed = 0
     for module in list(model.modules()):
         if hasattr(module, "linear_fn"):
             module.linear_fn = functools.partial(fp8_linear, amax_group=amax_group)
             changed += 1
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) is nn.Linear and name != "router":
                 setattr(module, name, Fp8Linear(child, amax_group))
                 changed += 1
     return changed
@@ -350,20 +357,21 @@ def demo():
     # One layer's three matmuls, fp8 and bf16, against float64: errors and the bound they must respect.
     g = torch.Generator().manual_seed(0)
     x, w, gy = (torch.randn(*s, generator=g).bfloat16() for s in ((512, 128), (384, 128), (512, 384)))
-    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
-    (xr @ wr.t()).backward(gy.double())
-    print("one 512x128 @ 128x384 linear, bf16 inputs, vs float64: max |error| / bound, and relative error "
-          "||error|| / ||exact|| for fp8 and bf16")
-    for what, a, b, fa, fb, ref in (("forward  Y = X W^T", x, w, E4M3, E4M3, xr.detach() @ wr.detach().t()),
-                                     ("backward dX = dY W", gy, w.t(), E5M2, E4M3, xr.grad),
-                                     ("backward dW = dY^T X", gy.t(), x.t(), E5M2, E4M3, wr.grad)):
-        qa, ia = to_fp8(a, fa)
-        qb, ib = to_fp8(b, fb)
-        fp8 = torch._scaled_mm(qa.contiguous(), qb.contiguous().t(), scale_a=ia, scale_b=ib, out_dtype=torch.bfloat16).double()
-        bf16 = (a @ b.t()).double()
-        bound = matmul_error_bound(a, b, fa, fb, torch.bfloat16)
+    results = {}
+    for name, dtype, linear in (("fp8", torch.bfloat16, fp8_linear), ("bf16", torch.bfloat16, F.linear),
+                                ("exact", torch.float64, F.linear)):
+        xl, wl = x.to(dtype, copy=True).requires_grad_(), w.to(dtype, copy=True).requires_grad_()
+        y = linear(xl, wl)
+        y.backward(gy.to(dtype))
+        results[name] = [t.detach().double() for t in (y, xl.grad, wl.grad)]
+    print("one linear layer, X 512x128, W 384x128, bf16 inputs, against float64: the fp8 error's largest ratio "
+          "to its bound, and the relative error ||error|| / ||exact|| of fp8 and of bf16")
+    for i, (what, a, b, fa) in enumerate((("forward  Y = X W^T", x, w, E4M3), ("backward dX = dY W", gy, w.t(), E5M2),
+                                          ("backward dW = dY^T X", gy.t(), x.t(), E5M2))):
+        ref, fp8, bf16 = results["exact"][i], results["fp8"][i], results["bf16"][i]
+        bound = matmul_error_bound(a, b, fa, E4M3, torch.bfloat16)
         rel = [((r - ref).norm() / ref.norm()).item() for r in (fp8, bf16)]
-        print(f"  {what:<21} fp8 max err/bound {((fp8 - ref).abs() / bound).max().item():.2f} | relative error "
+        print(f"  {what:<21} fp8 max error/bound {((fp8 - ref).abs() / bound).max().item():.2f} | relative error "
               f"fp8 {rel[0]:.2e}, bf16 {rel[1]:.2e}")
     amaxes = [10.0 ** k for k in range(-6, 7, 3)]
     used = [(to_fp8(torch.tensor([a, -a / 3]), E4M3)[0].float().abs().max().item()) for a in amaxes]
