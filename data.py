@@ -16,22 +16,15 @@ use and cached; with no network they cannot load. The default `bytes` is a tikto
 one token per byte and no merges (vocabulary 256 + end-of-text): it needs no download, and on source code a
 small model learns it quickly.
 
-SFT examples (sft.py): a JSONL line, Alpaca-style {"instruction", "input", "output"} or chat-style
-{"messages": [{"role", "content"}, ...]}, is rendered with "### Instruction:/### Response:" headers; its labels
-are -100 (no loss) everywhere but on the assistant's tokens and their end-of-text, so only responses are learned;
-one example per row, right-padded (labels -100), so examples never attend to each other. The embedded default
-SFT data: the stdlib's short functions with docstrings, "Write a Python function `name(args)` that: <doc>" ->
-the source, held out by module.
+Instruction examples for fine-tuning (templates, loss masks, their batches) are sft.py's.
 
 Use:
     python data.py prepare --src PATH --out DIR [--tokenizer NAME]   # a text file, a folder, or JSONL {"text"}
     python data.py stats DIR                                           # what meta.json says
 """
 import argparse
-import ast
 import json
 import os
-import textwrap
 import sysconfig
 import zlib
 from pathlib import Path
@@ -276,195 +269,6 @@ def eval_batches(data_dir, seq_len, global_batch, n_batches, rank=0, world=1):
         idx = np.arange(b * global_batch, (b + 1) * global_batch) % windows.n
         out.append(windows.get(idx[rank * per_rank:(rank + 1) * per_rank]))
     return out
-
-
-# ---------------------------------------------------------------------------------------------- SFT examples
-HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
-SFT_VAL_EVERY = 10          # held-out modules for the default data: crc32(module path) % 10 == 0
-DEFAULT_MAX_BYTES = 257     # the tiny preset's context + 1 with the byte tokenizer: what the default keeps
-
-
-def to_messages(obj, where):
-    """A parsed JSONL line -> a list of {role, content}; anything else is a DataError naming file:line."""
-    fields = "Alpaca-style lines need \"instruction\" and \"output\" (and optionally \"input\"); chat-style " \
-             "lines need \"messages\": [{\"role\": ..., \"content\": ...}, ...]"
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object; {fields}")
-    if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{where}: \"messages\" must be a non-empty list of {{role, content}}")
-        for m in msgs:
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in HEADERS:
-                raise DataError(f"{where}: each message needs \"role\" (system, user or assistant) and "
-                                         f"a string \"content\", got {json.dumps(m)[:60]}")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise DataError(f"{where}: no assistant message, so nothing to learn")
-        return [{"role": m["role"], "content": m["content"]} for m in msgs]
-    missing = [k for k in ("instruction", "output") if not isinstance(obj.get(k), str)]
-    if missing:
-        raise DataError(f"{where}: missing field {', '.join(repr(k) for k in missing)} (or not a string); "
-                                 f"{fields}")
-    user = obj["instruction"]
-    if obj.get("input"):
-        user += "\n\n### Input:\n" + str(obj["input"])
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
-
-
-def read_jsonl(path):
-    """[(where, messages)] for each non-blank line of `path`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (expected JSONL, one example per line)")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            out.append((where, to_messages(obj, where)))
-    if not out:
-        raise DataError(f"{path}: no examples")
-    return out
-
-
-def encode(enc, messages):
-    """Token ids and, per token, whether it is learned: assistant contents and their end-of-text only."""
-    eot = eot_id(enc)
-    ids, learned = [], []
-    for m in messages:
-        head = enc.encode_ordinary(HEADERS[m["role"]] + (m["content"] + "\n\n" if m["role"] != "assistant" else ""))
-        ids += head
-        learned += [False] * len(head)
-        if m["role"] == "assistant":
-            body = enc.encode_ordinary(m["content"]) + [eot]
-            ids += body
-            learned += [True] * len(body)
-    return ids, learned
-
-
-def prompt_ids(enc, messages):
-    """The prompt for generation: everything up to and including the last assistant header."""
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    ids, _ = encode(enc, messages[:last])
-    return ids + enc.encode_ordinary(HEADERS["assistant"])
-
-
-def tokenize(examples, enc, block_size, prompt_mask=True):
-    """[(x, y)] lists of token ids with y = -100 where no loss is taken; and how many examples were skipped
-    for being longer than the context (block_size + 1 tokens, since x and y are shifted by one)."""
-    out, skipped = [], 0
-    for where, messages in examples:
-        ids, learned = encode(enc, messages)
-        first = learned.index(True)
-        if first > block_size:
-            raise DataError(f"{where}: the prompt is {first} tokens, longer than the model's context of "
-                                     f"{block_size}: shorten it or use a model with a longer block_size")
-        if len(ids) - 1 > block_size:
-            skipped += 1
-            continue
-        # y[i] is the label for predicting ids[i+1]: kept where ids[i+1] is learned (or everywhere without mask).
-        y = [t if (l or not prompt_mask) else -100 for t, l in zip(ids[1:], learned[1:])]
-        out.append((ids[:-1], y))
-    return out, skipped
-
-
-def collate(rows, pad_id):
-    """Pad each example on the right to the micro-batch's longest: inputs with pad_id, labels with -100."""
-    T = max(len(x) for x, _ in rows)
-    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), T), -100, dtype=torch.long)
-    for i, (xi, yi) in enumerate(rows):
-        x[i, :len(xi)], y[i, :len(yi)] = torch.tensor(xi), torch.tensor(yi)
-    return x, y
-
-
-class SFTBatches:
-    """As data.Batches, over examples: step s of epoch e takes examples perm_e[s*B:(s+1)*B]; rank r of `world`
-    its contiguous 1/world, cut into `micro_steps` micro-batches. A pure function of (seed, step)."""
-
-    def __init__(self, rows, global_batch, pad_id, rank=0, world=1, micro_steps=1, seed=0):
-        if global_batch > len(rows):
-            raise DataError(f"--batch-size {global_batch} is more than the {len(rows)} training examples")
-        self.rows, self.B, self.pad_id = rows, global_batch, pad_id
-        self.rank, self.world, self.micro, self.seed = rank, world, micro_steps, seed
-        self.steps_per_epoch, self.step = len(rows) // global_batch, 0
-
-    def next(self):
-        epoch, s = divmod(self.step, self.steps_per_epoch)
-        idx = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))[s * self.B:(s + 1) * self.B]
-        per_rank = self.B // self.world
-        mine = idx[self.rank * per_rank:(self.rank + 1) * per_rank]
-        self.step += 1
-        return [collate([self.rows[i] for i in chunk], self.pad_id) for chunk in np.split(mine, self.micro)]
-
-    def state_dict(self):
-        return {"step": self.step, "seed": self.seed, "global_batch": self.B, "examples": len(self.rows)}
-
-    def load_state_dict(self, sd):
-        if (sd["seed"], sd["global_batch"], sd["examples"]) != (self.seed, self.B, len(self.rows)):
-            raise DataError(f"--resume: the checkpoint's data position (seed {sd['seed']}, batch "
-                              f"{sd['global_batch']}, {sd['examples']} examples) does not match this run's")
-        self.step = sd["step"]
-
-
-# ---------------------------------------------------------------------------------------------- SFT default data
-def function_examples(name, text):
-    """(instruction, response) for each function with a docstring in one module's source."""
-    try:
-        tree = ast.parse(text)
-    except SyntaxError:
-        return
-    lines = text.splitlines()
-    for node in ast.walk(tree):
-        doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
-        if not doc or len(node.body) < 2:
-            continue
-        summary = " ".join(doc.strip().split("\n\n")[0].split())
-        d = node.body[0]  # the docstring's statement: its lines are cut out of the response
-        src = lines[node.lineno - 1:d.lineno - 1] + lines[d.end_lineno:node.end_lineno]
-        instruction = f"Write a Python function `{node.name}({ast.unparse(node.args)})` that: {summary}"
-        yield instruction, textwrap.dedent("\n".join(src))
-
-
-def build_default_data(docs, out, max_bytes=DEFAULT_MAX_BYTES):
-    """Write train.jsonl and val.jsonl (held out by module) of the functions that fit in max_bytes rendered
-    with the byte tokenizer; the rest are counted, not truncated. meta.json, written last, holds the counts."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    enc = get_tokenizer("bytes")
-    files = {s: open(out / f"{s}.jsonl.tmp", "w", encoding="utf-8") for s in ("train", "val")}
-    counts = {"functions": 0, "too_long": 0, "train": 0, "val": 0}
-    for name, text in docs:
-        split = "val" if zlib.crc32(name.encode()) % SFT_VAL_EVERY == 0 else "train"
-        for instruction, response in function_examples(name, text):
-            counts["functions"] += 1
-            ex = {"instruction": instruction, "output": response, "module": name}
-            if len(encode(enc, to_messages(ex, name))[0]) > max_bytes:
-                counts["too_long"] += 1
-                continue
-            files[split].write(json.dumps(ex) + "\n")
-            counts[split] += 1
-    for s, f in files.items():
-        f.close()
-        os.replace(out / f"{s}.jsonl.tmp", out / f"{s}.jsonl")
-    (out / "meta.json").write_text(json.dumps(counts))
-    return counts
-
-
-def ensure_sft_default_data():
-    out = default_data_dir("bytes").parent / "sft-stdlib"
-    if not (out / "meta.json").exists():
-        print(f"building the default SFT data (standard library functions with docstrings) into {out} ...",
-              flush=True)
-        c = build_default_data(stdlib_documents(), out)
-        print(f"  {c['functions']} functions with a docstring; {c['too_long']} skipped as longer than "
-              f"{DEFAULT_MAX_BYTES} bytes rendered; kept {c['train']} train, {c['val']} held-out", flush=True)
-    return out / "train.jsonl", out / "val.jsonl"
 
 
 def main(argv=None):

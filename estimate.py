@@ -16,6 +16,9 @@ follow the *active* parameters, the memory the *total*.
 The counts come from the model as built, on the meta device (no memory is allocated), so they cannot drift
 from model.py. Run: `python pretrain.py --model gpt2-124m --estimate --chinchilla --gpus 8 --gpu h100`.
 """
+import resource
+import time
+
 import torch
 
 from model import PRESETS, Transformer, flops_per_token, num_params
@@ -81,3 +84,23 @@ def zero_table(n, gpus):
              "all-gather in forward + all-gather in backward + reduce-scatter")]
     return [{"stage": s, "params": p, "grads": g, "optimizer": o, "total": p + g + o, "comm_elements": c,
              "comm": how} for s, p, g, o, c, how in rows]
+
+
+def peak_flops(device, dtype, gpu="h100"):
+    """The denominator of MFU: the GPU's datasheet peak, or on a CPU the matmul throughput measured now
+    (there is no meaningful datasheet figure for a shared CPU)."""
+    if device.type == "cuda":
+        return PEAK_TFLOPS[gpu] * 1e12
+    a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(8):
+        a @ b
+    return 8 * 2 * 512 ** 3 / (time.perf_counter() - t0)
+
+
+def peak_memory_mb(device):
+    """The log's memory figure: the CUDA allocator's peak, or on a CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

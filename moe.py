@@ -147,6 +147,20 @@ def shard_experts(moe, ep_rank, ep, ep_group):
     return moe
 
 
+def keep_experts(model, topo):
+    """Expert parallelism (topo.ep > 1): keep this rank's experts of every MoE layer, and mark them for ddp.py and
+    zero.py (not broadcast, not averaged over dp: reduce_expert_grads) and for the gradient norm (only the first
+    replica of an expert-data group counts them under ZeRO)."""
+    if topo.ep == 1:
+        return model
+    for layer in moe_layers(model):
+        shard_experts(layer, topo.ep_rank, topo.ep, topo.ep_group)
+    for p in expert_params(model):
+        p.expert_parallel = True
+        p.ep_duplicate = topo.expert_dp_rank > 0
+    return model
+
+
 def moe_layers(model):
     return [m for m in model.modules() if isinstance(m, MoE)]
 
@@ -169,6 +183,18 @@ def reduce_expert_grads(model, dp, expert_dp_group=None):
         if expert_dp_group is not None:
             dist.all_reduce(p.grad, group=expert_dp_group)
         p.grad.div_(dp)
+
+
+def check_flags(args, n_layer):
+    """--experts and its companions, before anything is built (MoEError: one line)."""
+    check_moe(args.experts, args.topk, args.capacity_factor, args.ep)
+    parse_layers(args.moe_layers, n_layer)
+    if args.pp > 1:
+        raise MoEError("--experts with --pp > 1: the balancing loss of a stage's MoE layers has no way into the "
+                       "pipeline's backward yet; use --tp and data parallelism with MoE")
+    if args.sequence_parallel:
+        raise MoEError("--experts with --sequence-parallel: routing needs every token of a rank's batch; "
+                       "drop --sequence-parallel")
 
 
 def parse_layers(spec, n_layer):

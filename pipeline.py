@@ -13,9 +13,10 @@ GPipe runs all m forwards, then all m backwards, so a stage holds the activation
 backwards: the same bubble, but at most p - s micro-batches in flight (p on the first stage), whatever m is.
 Communication per micro-batch and stage boundary: B x T x d activations forward, the same backward.
 
-The loss lives on the last stage. Each micro-batch's loss is divided by the number of micro-batches in the
-optimizer step (as gradient accumulation does), so the accumulated gradients are those of the batch mean; the
-sum is then all-reduced over the pp group (zeros from the other stages) so that every rank reports it.
+The loss lives on the last stage. Each micro-batch's summed per-token loss is divided by the labelled tokens of
+the whole optimizer step (every stage can count them from the labels y), so the accumulated gradients are those
+of the step's token mean, however unevenly the labels fall into micro-batches (masked SFT batches); the sum is
+then all-reduced over the pp group (zeros from the other stages) so that every rank reports it.
 
 Demo: `torchrun --nproc_per_node 4 pipeline.py` runs GPipe and 1F1B on p = 4 stages for m = 1, 4, 8 and prints
 each executed schedule as a timeline per stage (F/f forward, B/b backward, alternating case per micro-batch,
@@ -109,11 +110,13 @@ class _Saved:
 def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, scale_loss=None, timeline=None,
                  train=True, no_sync=None):
     """Forward (and with train=True backward) of `micro_batches` [(x, y), ...] through this rank's stage.
-    Gradients accumulate in the stage's parameters. Returns the sum over micro-batches of loss / loss_div,
+    Gradients accumulate in the stage's parameters. The last stage sums each micro-batch's per-token losses
+    (labels of -100 take none) and divides by loss_div (default: the micro-batches' labelled tokens, so that the
+    result is their mean; training.py passes the global batch's count). Returns the sum over micro-batches,
     the same on every rank of the pp group. `timeline`, a list, receives (op, micro-batch, t0, t1) per op.
     `no_sync()` (ddp.py's) wraps every backward but the step's last, so that data parallelism reduces once."""
     m = len(micro_batches)
-    loss_div = loss_div or m
+    loss_div = loss_div or sum(int((y != -100).sum()) for _, y in micro_batches)
     first, last, p, s = topo.is_first_stage, topo.is_last_stage, topo.pp, topo.pp_rank
     prev_rank = topo.pp_ranks[s - 1] if not first else None
     next_rank = topo.pp_ranks[s + 1] if not last else None
@@ -138,7 +141,7 @@ def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, sca
         t0 = time.perf_counter()
         # The stage's forward: token ids -> activations on the first, activations -> (logits, loss) on the
         # last, activations -> activations in between (model.py's forward skips the parts a stage lacks).
-        out, loss = model(h, y.to(device) if last else None)
+        out, loss = model(h, y.to(device) if last else None, reduction="sum")
         if last:
             losses[i] = loss / loss_div
             total.add_(losses[i].detach().double())

@@ -1,9 +1,10 @@
-"""sft.py: supervised fine-tuning: teach a pretrained model to answer, learning only the answers.
+"""sft.py: supervised fine-tuning: pretraining with a different batch and a masked loss.
 
 The idea: an instruction example is a prompt and a response rendered into one token sequence by a template.
-The model is trained exactly as in pretraining (next-token cross-entropy), except that the labels are -100
-on the prompt and on padding, and model.py's loss ignores -100: the prompt is context, never a target, so the
-gradient comes only from response tokens. The template (Alpaca's headers), learned part in [brackets]:
+The model is trained exactly as in pretraining (next-token cross-entropy, training.py's loop on any layout),
+except that the labels are -100 on the prompt and on padding, and the loss ignores -100: the prompt is context,
+never a target, so the gradient comes only from response tokens. The template (Alpaca's headers), learned part
+in [brackets]:
 
     ### System:               (chat-style only, when given)
     {system}
@@ -22,17 +23,19 @@ headers per turn; every assistant turn, with its end-of-text token, is learned, 
 Alpaca-style lines ({"instruction", "input" (optional), "output"}) are a one-turn chat.
 
 Batches: one example per row, padded on the right to the longest row of its micro-batch (padding labels -100).
-Attention is causal, so a real token never sees the padding after it, and no example sees another: no
-cross-contamination, at the cost of the padded positions' compute (packing would save it but needs a
-block-diagonal mask). Examples longer than the context are skipped and counted, never silently truncated; a
-prompt that alone fills the context is an error.
+Attention is causal, so a real token never sees the padding after it, and no example sees another, at the cost
+of the padded positions' compute. Examples longer than --seq-len (default: the context) are skipped and
+counted, never silently truncated; a prompt that alone fills it is an error.
 
-Loss normalisation: with masks, micro-batches hold different numbers of response tokens. Each micro-batch's
-summed loss is divided by the number of response tokens in the whole optimizer step, on every data-parallel
-rank (one all-reduce of a count), so accumulation and data parallelism give the gradient of the mean over the
-step's tokens, exactly as one big batch would (a per-micro-batch mean would weight a token in a short
-micro-batch more). Data parallelism is pretrain.py's: ddp.py (--zero 0) or ZeRO stages 1-2 (zero.py); with
-LoRA only the adapters reach the optimizer, so only they are sharded.
+Loss normalisation: with masks, micro-batches hold different numbers of response tokens. The loss of a step is
+
+    sum over the step's response tokens of -log p(token)  /  response tokens in the whole global batch
+
+(every data-parallel rank, accumulation micro-step and pipeline micro-batch: one all-reduce of a count). A
+per-micro-batch mean would weight a token of a short micro-batch more than one of a long one; this way
+accumulation and every parallel layout give the gradient one big batch would. training.py applies it to
+pretraining too, where every token is labelled. With LoRA only the adapters reach the optimizer (and ZeRO
+shards only them: the frozen base carries no optimizer state).
 
 The embedded default data, offline: from the pretraining corpus (the Python standard library), every short
 function with a docstring becomes "Write a Python function `name(args)` that: <docstring's first paragraph>"
@@ -40,37 +43,248 @@ function with a docstring becomes "Write a Python function `name(args)` that: <d
 modules pretraining held out, % 50). Evaluation: the response-only loss on held-out examples, before training
 and at each eval; at the end, greedy answers to a few held-out prompts.
 
-Cost: as pretraining, about 6 N FLOPs per token, padded positions included; the log's tokens/s counts them.
+Cost: as pretraining, about 6 N FLOPs per token, padded positions included; the log counts tokens/s with the
+padding and, apart, the learned (response) tokens/s.
 
 Run:
     python sft.py --init out/pretrain                          # full fine-tuning on the embedded default
     python sft.py --init out/pretrain --lora-r 8 --lora-targets wq,wk,wv,wo,w1,w2,w3 --lr 3e-3
     python sft.py --init out/pretrain --data my.jsonl --val-data my_val.jsonl
-    torchrun --nproc_per_node 2 sft.py --init out/pretrain --zero 2 --lora-r 8    # data parallel, as pretrain.py
-    make sft                                                   # pretrains first if out/pretrain has no checkpoint
+    torchrun --nproc_per_node 4 sft.py --init out/pretrain --zero 3 --tp 2    # any layout pretrain.py runs
+    make sft                                                   # pretrains first if out/sft-base has no checkpoint
 """
-import contextlib
+import ast
 import json
+import os
 import sys
-import time
+import textwrap
 import zlib
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.distributed as dist
 
 import data as data_lib
 import lora as lora_lib
-from amp import DTYPES, cast_model
-from model import ATTN_BACKENDS, PRESETS, ModelConfig, Transformer, num_params
-from checkpoint import (CheckpointError, check_checkpoint_layout, checkpoint_path, load_checkpoint, rng_state,
-                        save_checkpoint, set_rng_state)
-from pretrain import ConfigError, OneLineParser, build_training, lr_at, peak_memory_mb, setup_distributed
-from topology import Topology
-from data import SFTBatches, collate, ensure_sft_default_data, prompt_ids, read_jsonl, tokenize
+import moe
+import tensor_parallel
+import training
+from amp import DTYPES
+from checkpoint import CheckpointError, save_checkpoint
+from data import DataError, eot_id
+from model import PRESETS, ModelConfig, Transformer, flops_per_token, num_params
+from topology import TopologyError
+from training import ConfigError
 
-# ------------------------------------------------------------------------------------------- the model
+# ------------------------------------------------------------------------------------------- the template
+HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
+
+
+def to_messages(obj, where):
+    """A parsed JSONL line -> a list of {role, content}; anything else is a DataError naming file:line."""
+    fields = "Alpaca-style lines need \"instruction\" and \"output\" (and optionally \"input\"); chat-style " \
+             "lines need \"messages\": [{\"role\": ..., \"content\": ...}, ...]"
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object; {fields}")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: \"messages\" must be a non-empty list of {{role, content}}")
+        for m in msgs:
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in HEADERS:
+                raise DataError(f"{where}: each message needs \"role\" (system, user or assistant) and "
+                                f"a string \"content\", got {json.dumps(m)[:60]}")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(f"{where}: no assistant message, so nothing to learn")
+        return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    missing = [k for k in ("instruction", "output") if not isinstance(obj.get(k), str)]
+    if missing:
+        raise DataError(f"{where}: missing field {', '.join(repr(k) for k in missing)} (or not a string); {fields}")
+    user = obj["instruction"]
+    if obj.get("input"):
+        user += "\n\n### Input:\n" + str(obj["input"])
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
+
+
+def read_jsonl(path):
+    """[(where, messages)] for each non-blank line of `path`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (expected JSONL, one example per line)")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            out.append((where, to_messages(obj, where)))
+    if not out:
+        raise DataError(f"{path}: no examples")
+    return out
+
+
+def encode(enc, messages):
+    """Token ids and, per token, whether it is learned: assistant contents and their end-of-text only."""
+    eot = eot_id(enc)
+    ids, learned = [], []
+    for m in messages:
+        head = enc.encode_ordinary(HEADERS[m["role"]] + (m["content"] + "\n\n" if m["role"] != "assistant" else ""))
+        ids += head
+        learned += [False] * len(head)
+        if m["role"] == "assistant":
+            body = enc.encode_ordinary(m["content"]) + [eot]
+            ids += body
+            learned += [True] * len(body)
+    return ids, learned
+
+
+def prompt_ids(enc, messages):
+    """The prompt for generation: everything up to and including the last assistant header."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    ids, _ = encode(enc, messages[:last])
+    return ids + enc.encode_ordinary(HEADERS["assistant"])
+
+
+# ------------------------------------------------------------------------------------------- the loss mask
+def tokenize(examples, enc, block_size, prompt_mask=True, limit="the model's context"):
+    """[(x, y)] lists of token ids with y = -100 where no loss is taken (the mask); and how many examples were
+    skipped for being longer than block_size + 1 tokens (x and y are shifted by one)."""
+    out, skipped = [], 0
+    for where, messages in examples:
+        ids, learned = encode(enc, messages)
+        first = learned.index(True)
+        if first > block_size:
+            raise DataError(f"{where}: the prompt is {first} tokens, longer than {limit} of {block_size}: "
+                            "shorten it or use a model with a longer block_size")
+        if len(ids) - 1 > block_size:
+            skipped += 1
+            continue
+        # y[i] is the label for predicting ids[i+1]: kept where ids[i+1] is learned (or everywhere without mask).
+        y = [t if (l or not prompt_mask) else -100 for t, l in zip(ids[1:], learned[1:])]
+        out.append((ids[:-1], y))
+    return out, skipped
+
+
+def collate(rows, pad_id, multiple=1):
+    """Pad each example on the right to the micro-batch's longest (rounded up to `multiple`: sequence
+    parallelism splits the positions over the tp ranks): inputs with pad_id, labels with -100."""
+    T = -(-max(len(x) for x, _ in rows) // multiple) * multiple
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), -100, dtype=torch.long)
+    for i, (xi, yi) in enumerate(rows):
+        x[i, :len(xi)], y[i, :len(yi)] = torch.tensor(xi), torch.tensor(yi)
+    return x, y
+
+
+class SFTBatches:
+    """As data.Batches, over examples: step s of epoch e takes examples perm_e[s*B:(s+1)*B]; rank r of `world`
+    its contiguous 1/world, cut into `micro_steps` micro-batches. A pure function of (seed, step)."""
+
+    def __init__(self, rows, global_batch, pad_id, rank=0, world=1, micro_steps=1, seed=0, multiple=1):
+        if global_batch > len(rows):
+            raise DataError(f"--batch-size {global_batch} is more than the {len(rows)} training examples")
+        self.rows, self.B, self.pad_id, self.multiple = rows, global_batch, pad_id, multiple
+        self.rank, self.world, self.micro, self.seed = rank, world, micro_steps, seed
+        self.steps_per_epoch, self.step = len(rows) // global_batch, 0
+
+    def next(self):
+        epoch, s = divmod(self.step, self.steps_per_epoch)
+        idx = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))[s * self.B:(s + 1) * self.B]
+        per_rank = self.B // self.world
+        mine = idx[self.rank * per_rank:(self.rank + 1) * per_rank]
+        self.step += 1
+        return [collate([self.rows[i] for i in chunk], self.pad_id, self.multiple) for chunk in np.split(mine, self.micro)]
+
+    def state_dict(self):
+        return {"step": self.step, "seed": self.seed, "global_batch": self.B, "examples": len(self.rows)}
+
+    def load_state_dict(self, sd):
+        if (sd["seed"], sd["global_batch"], sd["examples"]) != (self.seed, self.B, len(self.rows)):
+            raise DataError(f"--resume: the checkpoint's data position (seed {sd['seed']}, batch "
+                            f"{sd['global_batch']}, {sd['examples']} examples) does not match this run's")
+        self.step = sd["step"]
+
+
+# ------------------------------------------------------------------------------------------- the default data
+SFT_VAL_EVERY = 10          # held-out modules for the default data: crc32(module path) % 10 == 0
+DEFAULT_MAX_BYTES = 257     # the tiny preset's context + 1 with the byte tokenizer: what the default keeps
+
+
+def function_examples(name, text):
+    """(instruction, response) for each function with a docstring in one module's source."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return
+    lines = text.splitlines()
+    for node in ast.walk(tree):
+        doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
+        if not doc or len(node.body) < 2:
+            continue
+        summary = " ".join(doc.strip().split("\n\n")[0].split())
+        d = node.body[0]  # the docstring's statement: its lines are cut out of the response
+        src = lines[node.lineno - 1:d.lineno - 1] + lines[d.end_lineno:node.end_lineno]
+        instruction = f"Write a Python function `{node.name}({ast.unparse(node.args)})` that: {summary}"
+        yield instruction, textwrap.dedent("\n".join(src))
+
+
+def build_default_data(docs, out, max_bytes=DEFAULT_MAX_BYTES):
+    """Write train.jsonl and val.jsonl (held out by module) of the functions that fit in max_bytes rendered
+    with the byte tokenizer; the rest are counted, not truncated. meta.json, written last, holds the counts."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    enc = data_lib.get_tokenizer("bytes")
+    files = {s: open(out / f"{s}.jsonl.tmp", "w", encoding="utf-8") for s in ("train", "val")}
+    counts = {"functions": 0, "too_long": 0, "train": 0, "val": 0}
+    for name, text in docs:
+        split = "val" if zlib.crc32(name.encode()) % SFT_VAL_EVERY == 0 else "train"
+        for instruction, response in function_examples(name, text):
+            counts["functions"] += 1
+            ex = {"instruction": instruction, "output": response, "module": name}
+            if len(encode(enc, to_messages(ex, name))[0]) > max_bytes:
+                counts["too_long"] += 1
+                continue
+            files[split].write(json.dumps(ex) + "\n")
+            counts[split] += 1
+    for s, f in files.items():
+        f.close()
+        os.replace(out / f"{s}.jsonl.tmp", out / f"{s}.jsonl")
+    (out / "meta.json").write_text(json.dumps(counts))
+    return counts
+
+
+def ensure_default_data():
+    out = data_lib.default_data_dir("bytes").parent / "sft-stdlib"
+    if not (out / "meta.json").exists():
+        print(f"building the default SFT data (standard library functions with docstrings) into {out} ...",
+              flush=True)
+        c = build_default_data(data_lib.stdlib_documents(), out)
+        print(f"  {c['functions']} functions with a docstring; {c['too_long']} skipped as longer than "
+              f"{DEFAULT_MAX_BYTES} bytes rendered; kept {c['train']} train, {c['val']} held-out", flush=True)
+    return out / "train.jsonl", out / "val.jsonl"
+
+
+def read_examples(args):
+    """(train, held-out) examples: the embedded default, or --data with --val-data or 1 line in 10 held out."""
+    if args.data is None:
+        train_file, val_file = ensure_default_data()
+        return read_jsonl(train_file), read_jsonl(args.val_data or val_file)
+    train_ex = read_jsonl(args.data)
+    if args.val_data:
+        return train_ex, read_jsonl(args.val_data)
+    held = [zlib.crc32(w.encode()) % 10 == 0 for w, _ in train_ex]  # by a hash of its position, never all
+    if all(held) or not any(held):
+        held = [i == len(train_ex) - 1 for i in range(len(train_ex))]
+    val_ex = [e for e, h in zip(train_ex, held) if h]
+    return [e for e, h in zip(train_ex, held) if not h] or val_ex, val_ex
+
+
+# ------------------------------------------------------------------------------------------- the base model
 def load_init(path):
     """A pretrain.py or sft.py checkpoint (a folder holding ckpt.pt, or the file): model, config, tokenizer."""
     p = Path(path)
@@ -102,60 +316,21 @@ def check_init_config(init, args):
                               f"{args.model} (differs in {', '.join(diff)})")
 
 
-def build_model(init, args, device):
-    cfg = replace(ModelConfig(**init["model_config"]), attn=args.attn)
-    model = Transformer(cfg)
-    model.load_state_dict(init["model"])
-    return model.to(device)
-
-
-# ------------------------------------------------------------------------------------------- steps
-def train_step(model, opt, micro_batches, device, topo=None):
-    """One optimizer step's forward and backward. Every micro-batch's summed loss is divided by the response
-    tokens of the whole step over every data-parallel rank, so the accumulated gradients are those of the
-    step's token mean. ddp.py and zero.py average gradients over the dp ranks: the loss is multiplied by dp so
-    that their average is this sum. Returns this rank's share of the step's mean loss (a sum over ranks)."""
-    n = torch.tensor(float(sum(int((y != -100).sum()) for _, y in micro_batches)), device=device)
-    dp = topo.dp if topo is not None else 1
-    if dp > 1:
-        dist.all_reduce(n, group=topo.dp_group)
-    loss_sum = torch.zeros((), device=device)
-    for i, (x, y) in enumerate(micro_batches):
-        # Only the last micro-step's backward communicates (ddp.py; ZeRO-2 reduce-scatters every time).
-        with opt.no_sync() if dp > 1 and i < len(micro_batches) - 1 else contextlib.nullcontext():
-            _, loss = model(x.to(device), y.to(device), reduction="sum")
-            loss = loss / n
-            opt.scale_loss(loss * dp).backward()
-        loss_sum += loss.detach().float()
-    return loss_sum
-
-
-def sum_over_dp(x, topo):
-    if topo is not None and topo.dp > 1:
-        x = x.clone()
-        dist.all_reduce(x, group=topo.dp_group)
-    return x
-
-
-@torch.no_grad()
-def response_loss(model, batches, device, topo=None):
-    """Mean cross-entropy per response token (labels other than -100) over the held-out batches (each rank
-    holds some of them: sums and counts are added over the ranks, then divided)."""
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in batches:
-        total[0] += model(x.to(device), y.to(device), reduction="sum")[1].double()
-        total[1] += int((y != -100).sum())
-    model.train()
-    total = sum_over_dp(total, topo)
-    return (total[0] / total[1]).item()
+def add_lora(args, model_config):
+    """What build_model does to the frozen base after slicing it: wrap the target layers (or load --adapter)."""
+    def adapt(model):
+        if args.adapter:
+            lora_lib.load_adapter(model, args.adapter, model_config)
+        elif args.lora_r:
+            lora_lib.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    return adapt
 
 
 @torch.no_grad()
 def answer(model, enc, ids, max_new_tokens, device):
     """Greedy decoding until end-of-text, the context's end or max_new_tokens (over the tokenizer's ids only:
     the padded vocabulary's extra rows are never valid tokens)."""
-    eot, block = data_lib.eot_id(enc), model.cfg.block_size
+    eot, block = eot_id(enc), model.cfg.block_size
     idx = torch.tensor([ids], device=device)
     for _ in range(min(max_new_tokens, block - len(ids))):
         nxt = model(idx)[0][0, -1, :enc.n_vocab].argmax()
@@ -167,229 +342,146 @@ def answer(model, enc, ids, max_new_tokens, device):
 
 # ------------------------------------------------------------------------------------------- the run
 def build_parser():
-    ap = OneLineParser(prog="sft.py", description="Supervised fine-tuning (and LoRA) of a pretrained checkpoint.")
+    ap = training.OneLineParser(prog="sft.py", description="Supervised fine-tuning (and LoRA) of a pretrained "
+                                                           "checkpoint.")
     a = ap.add_argument
     a("--init", default="out/pretrain", help="pretrain.py/sft.py checkpoint: its folder (ckpt.pt) or a file")
     a("--model", default=None, choices=sorted(PRESETS), help="check that --init is of this preset")
     a("--data", default=None, help="training JSONL (Alpaca- or chat-style); default: the embedded stdlib set")
     a("--val-data", default=None, help="held-out JSONL; default: the embedded set's, or 1 in 10 lines of --data")
     a("--no-prompt-mask", action="store_true", help="learn the prompt tokens too (the baseline to compare with)")
-    a("--batch-size", type=int, default=16, help="global batch in examples per optimizer step")
-    a("--grad-accum", type=int, default=1)
-    a("--max-steps", type=int, default=100, help="optimizer steps (0: evaluate and answer only)")
-    a("--lr", type=float, default=5e-4)
-    a("--min-lr", type=float, default=None, help="end of the cosine decay (default lr/10)")
-    a("--warmup-steps", type=int, default=10)
-    a("--weight-decay", type=float, default=0.0)
-    a("--beta1", type=float, default=0.9)
-    a("--beta2", type=float, default=0.95)
-    a("--grad-clip", type=float, default=1.0)
-    a("--amp", default="fp32", choices=sorted(DTYPES))
-    a("--zero", type=int, default=0, choices=[0, 1, 2],
-      help="data parallelism over torchrun's ranks: 0 ddp.py, 1-2 ZeRO stages (zero.py); stage 3 is not "
-           "offered: the answers and the LoRA export need the whole weights on one rank")
-    a("--bucket-mb", type=float, default=25.0, help="gradient bucket size of ddp.py's all-reduce")
-    a("--attn", default="sdpa", choices=ATTN_BACKENDS)
+    a("--eval-examples", type=int, default=200, help="held-out examples in each evaluation")
     a("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     a("--lora-alpha", type=float, default=16.0)
     a("--lora-dropout", type=float, default=0.0)
     a("--lora-targets", default="wq,wk,wv,wo", help=f"comma-separated, from {','.join(lora_lib.TARGETS)}")
     a("--adapter", default=None, help="load LoRA adapters (adapter.pt) onto --init before anything else")
-    a("--out", default="out/sft")
-    a("--resume", action="store_true")
-    a("--stop-after", type=int, default=None, help="end this invocation after N steps with a checkpoint")
-    a("--save-every", type=int, default=100)
-    a("--eval-every", type=int, default=50)
-    a("--eval-examples", type=int, default=200, help="held-out examples in each evaluation")
-    a("--log-every", type=int, default=10)
     a("--samples", type=int, default=3, help="held-out prompts answered at the end")
     a("--max-new-tokens", type=int, default=200)
-    a("--seed", type=int, default=1337)
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    return ap
+    return training.add_shared_flags(ap, batch_size=16, max_steps=100, lr=5e-4, warmup_steps=10, weight_decay=0.0,
+                                     out="out/sft", save_every=100, eval_every=50)
 
 
 def check_args(args, world):
-    for flag in ("batch_size", "grad_accum", "save_every", "eval_every", "eval_examples", "log_every", "stop_after"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    """Every flag that can be checked before reading anything; returns the data-parallel size."""
+    dp = training.check_args(args, world)
+    if args.eval_examples < 1:
+        raise ConfigError(f"--eval-examples must be at least 1, got {args.eval_examples}")
     if args.max_steps < 0 or args.samples < 0 or args.max_new_tokens < 0:
         raise ConfigError("--max-steps, --samples and --max-new-tokens must be >= 0")
-    if args.batch_size % (args.grad_accum * world):
-        raise ConfigError(f"--batch-size {args.batch_size} does not divide into --grad-accum {args.grad_accum} x "
-                          f"{world} ranks: use a multiple of {args.grad_accum * world}")
-    if args.lr <= 0 or args.warmup_steps < 0 or args.grad_clip < 0 or args.weight_decay < 0:
-        raise ConfigError("--lr must be > 0 and --warmup-steps, --grad-clip, --weight-decay >= 0")
     if args.lora_r:
         lora_lib.check_settings(args.lora_r, args.lora_alpha, args.lora_dropout)
         lora_lib.parse_targets(args.lora_targets)
     if args.adapter and args.lora_r:
         raise ConfigError("--adapter brings its own LoRA settings: drop --lora-r")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+    return dp
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return train(args)
-    except (ConfigError, CheckpointError, data_lib.DataError, lora_lib.LoRAError) as e:
+    except (ConfigError, CheckpointError, DataError, TopologyError, lora_lib.LoRAError, moe.MoEError) as e:
         print(f"sft.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 def train(args):
-    rank, world, device = setup_distributed(args)
-    check_args(args, world)
-    layout = {"dp": world, "pp": 1, "tp": 1}  # every rank data-parallel: tp and pp are pretrain.py's only
-    master = rank == 0
-    out = Path(args.out)
-    ckpt_path = checkpoint_path(out, rank, world)
-    zero = args.zero if world > 1 else 0
-    if args.resume:
-        check_checkpoint_layout(out, world, zero, layout)
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    rank, world, device = training.setup_distributed(args)
+    dp = check_args(args, world)
+    ckpt = training.read_checkpoint(args, rank, world)
     init = load_init(args.init)
     check_init_config(init, args)
-    if ckpt and ckpt["model_config"] != init["model_config"]:
-        raise ConfigError(f"--resume: the checkpoint in {out} is of another model config than --init {args.init}")
+    model_config = init["model_config"]
+    if ckpt and ckpt["model_config"] != model_config:
+        raise ConfigError(f"--resume: the checkpoint in {args.out} is of another model config than --init {args.init}")
+    cfg = replace(ModelConfig(**model_config), attn=args.attn, activation_checkpointing=args.activation_checkpointing)
+    training.check_model_layout(cfg, args, f"--init {args.init}")
 
     # Data: read and check everything before building anything.
     enc = data_lib.get_tokenizer(init["tokenizer"])
-    if args.data is None:
-        train_file, val_file = ensure_sft_default_data()
-        train_ex, val_ex = read_jsonl(train_file), read_jsonl(args.val_data or val_file)
-    else:
-        train_ex = read_jsonl(args.data)
-        if args.val_data:
-            val_ex = read_jsonl(args.val_data)
-        else:  # hold out 1 line in 10 (by a hash of its position), never the whole file
-            held = [zlib.crc32(w.encode()) % 10 == 0 for w, _ in train_ex]
-            if all(held) or not any(held):
-                held = [i == len(train_ex) - 1 for i in range(len(train_ex))]
-            val_ex = [e for e, h in zip(train_ex, held) if h]
-            train_ex = [e for e, h in zip(train_ex, held) if not h] or val_ex
-    block = init["model_config"]["block_size"]
-    train_rows, skipped = tokenize(train_ex, enc, block, prompt_mask=not args.no_prompt_mask)
-    val_rows, val_skipped = tokenize(val_ex, enc, block)  # held-out loss: always on response tokens only
+    train_ex, val_ex = read_examples(args)
+    T = args.seq_len or cfg.block_size
+    limit = f"--seq-len" if args.seq_len else "the model's context"
+    train_rows, skipped = tokenize(train_ex, enc, T, prompt_mask=not args.no_prompt_mask, limit=limit)
+    val_rows, val_skipped = tokenize(val_ex, enc, T, limit=limit)  # held-out loss: always on response tokens only
     if not train_rows or not val_rows:
-        raise data_lib.DataError(f"no example fits in the model's context of {block} tokens "
-                                 f"({skipped} train and {val_skipped} held-out examples are longer)")
-    if world > 1 and not dist.is_initialized():  # the process group, once every input has been checked
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    topo = Topology()
-    micro_bs = args.batch_size // (args.grad_accum * world)
-    pad = data_lib.eot_id(enc)
-    batches = SFTBatches(train_rows, args.batch_size, pad, topo.dp_rank, topo.dp, args.grad_accum, args.seed)
-    val_rows = val_rows[:args.eval_examples]
-    n_val = len(val_rows)
-    mine = val_rows[topo.dp_rank::topo.dp]  # each rank evaluates its share; response_loss adds them up
-    val = [collate(mine[i:i + micro_bs], pad) for i in range(0, len(mine), micro_bs)]
+        raise DataError(f"no example fits in {limit} of {T} tokens ({skipped} train and {val_skipped} held-out "
+                        "examples are longer)")
+    # Held-out: the same number of examples on every dp rank (under ZeRO-3 or --ep each forward communicates).
+    val_rows = val_rows[:min(len(val_rows), args.eval_examples) // dp * dp]
+    if not val_rows:
+        raise DataError(f"fewer held-out examples that fit than the {dp} data-parallel ranks: give more --val-data")
 
-    torch.manual_seed(args.seed)  # LoRA's A matrices, dropout
-    model = build_model(init, args, device)
-    model_config = init["model_config"]
-    if args.adapter:
-        lora_lib.load_adapter(model, args.adapter, model_config)
-    elif args.lora_r:
-        lora_lib.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+    topo = training.build_topology(args, world, device)  # every input has been checked
+    multiple = args.tp if args.sequence_parallel else 1
+    n_micro = args.grad_accum * args.microbatches
+    batches = SFTBatches(train_rows, args.batch_size, eot_id(enc), topo.dp_rank, topo.dp, n_micro, args.seed, multiple)
+    mine, bs = val_rows[topo.dp_rank::topo.dp], max(1, args.batch_size // (args.grad_accum * topo.dp))
+    val = [collate(mine[i:i + bs], eot_id(enc), multiple) for i in range(0, len(mine), bs)]
+
+    model = training.build_model(cfg, topo, args.seed, device, DTYPES[args.amp], args.sequence_parallel, args,
+                                 weights=init["model"], adapt=add_lora(args, model_config))
     lora_config = getattr(model, "lora_config", None)
     if ckpt and ckpt.get("lora") != lora_config:
-        raise ConfigError(f"--resume: the checkpoint in {out} has LoRA settings {ckpt.get('lora')}, this run "
+        raise ConfigError(f"--resume: the checkpoint in {args.out} has LoRA settings {ckpt.get('lora')}, this run "
                           f"{lora_config}")
-    dtype = DTYPES[args.amp]
-    cast_model(model, dtype)
-    module, opt = build_training(model, args, dtype, topo)  # pretrain.py's: plain, ddp.py or zero.py
-    step = 0
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optim"])
-        batches.load_state_dict(ckpt["data"])
-        set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
-
-    def checkpoint_now():  # every rank its own file, as pretrain.py (under ZeRO it alone holds its slices)
-        out.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optim": opt.state_dict(), "step": step, "data": batches.state_dict(),
-            "rng": rng_state(), "tokenizer": init["tokenizer"], "args": vars(args), "model_config": model_config,
-            "lora": lora_config, "world": world, "zero": zero, "topology": layout})
-
-    n_resp = sum(sum(t != -100 for t in y) for _, y in train_rows)
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"init {args.init}: {num_params(model):,} parameters, block {block}, tokenizer {init['tokenizer']} | "
-              f"{len(train_rows)} train examples ({n_resp:,} learned tokens"
-              f"{', prompts too' if args.no_prompt_mask else ', responses only'}), {n_val} held-out | "
-              f"skipped as longer than the context: {skipped} train, {val_skipped} held-out | batch "
-              f"{args.batch_size} = {micro_bs} x {args.grad_accum} micro-steps x {world} ranks"
-              + (f" (ZeRO stage {zero})" if zero else " (ddp.py)" if world > 1 else "") + f" | {args.max_steps} "
-              f"steps | {args.amp} on {device}" + (f" | resuming at step {step}" if step else ""), flush=True)
+    with torch.device("meta"):
+        n_mm = num_params(Transformer(cfg), matmul_only=True)
+    meta = {"tokenizer": init["tokenizer"], "model_config": model_config, "lora": lora_config}
+    run = training.start(args, topo, device, model, batches, val, args.max_steps, meta, flops_per_token(cfg, n_mm, T),
+                         ckpt)
+    if run.master:
+        n_resp = sum(sum(t != -100 for t in y) for _, y in train_rows)
+        print(f"init {args.init}: {num_params(Transformer(cfg)):,} parameters, block {cfg.block_size}, tokenizer "
+              f"{init['tokenizer']} | {len(train_rows)} train examples ({n_resp:,} learned tokens"
+              f"{', prompts too' if args.no_prompt_mask else ', responses only'}), {len(val_rows)} held-out | "
+              f"skipped as longer than {T} tokens: {skipped} train, {val_skipped} held-out | batch "
+              f"{args.batch_size} = {training.describe_layout(run)} | {args.max_steps} steps | {args.amp} on {device}"
+              + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
         if lora_config:
             print(lora_lib.describe(model), flush=True)
-    metrics = open(out / "metrics.jsonl", "a") if master else None
-
-    def log(record):
-        if master:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-
-    def evaluate_now():
-        loss = response_loss(module, val, device, topo)
-        log({"step": step, "val_loss": loss})
-        if master:
-            print(f"step {step:5d} | held-out response loss {loss:.4f}", flush=True)
-        return loss
-
-    val_losses = [evaluate_now()] if step == 0 else []
-    history, t_last, tokens_since = [], time.perf_counter(), 0
-    stop_at = min(args.max_steps, step + args.stop_after) if args.stop_after else args.max_steps
-    while step < stop_at:
-        lr = lr_at(step, args, args.max_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        micro_batches = batches.next()
-        tokens_since += sum(x.numel() for x, _ in micro_batches)
-        loss = sum_over_dp(train_step(module, opt, micro_batches, device, topo), topo).item()
-        grad_norm, skipped_step = opt.step(args.grad_clip)
-        opt.zero_grad()
-        step += 1
-        history.append(loss)
-        if step % args.log_every == 0 or step == stop_at:
-            dt = time.perf_counter() - t_last
-            tokens_since = sum_over_dp(torch.tensor(float(tokens_since)), topo).item()  # every rank's rows
-            rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_since / dt,
-                   "peak_mem_mb": peak_memory_mb(device), "skipped": skipped_step}
-            log(rec)
-            if master:
-                print(f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:.3f} | "
-                      f"{rec['tokens_per_s'] / 1e3:.1f}k tok/s (padded) | mem {rec['peak_mem_mb']:.0f} MB", flush=True)
-            t_last, tokens_since = time.perf_counter(), 0
-        if step % args.eval_every == 0 or step == args.max_steps:
-            val_losses.append(evaluate_now())
-        if step % args.save_every == 0 or step == stop_at:
-            checkpoint_now()
-
-    if master and lora_config and step == args.max_steps:
-        lora_lib.save_adapter(out / "adapter.pt", model, model_config)
-        # The export: W + (alpha/r) B A in a plain model's state dict, usable as --init.
-        save_checkpoint(out / "merged.pt", {"model": lora_lib.merged_state_dict(model), "model_config": model_config,
-                                            "tokenizer": init["tokenizer"]})
-        print(f"adapters in {out / 'adapter.pt'}, merged model in {out / 'merged.pt'}", flush=True)
-    samples = []
-    if master and args.samples and step == args.max_steps:
-        model.eval()
-        for where, messages in val_ex[:args.samples]:
-            reply = answer(model, enc, prompt_ids(enc, messages), args.max_new_tokens, device)
-            asked = [m["content"] for m in messages if m["role"] == "user"][-1:] or [""]
-            samples.append({"where": where, "prompt": asked[0], "answer": reply})
-            print(f"{'-' * 20} {where}\n{asked[0]}\n{'-' * 8} answer:\n{reply}", flush=True)
-        (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    if metrics:
-        metrics.close()
-    return {"losses": history, "val_losses": val_losses, "step": step, "model": model, "opt": opt,
+    training.train_loop(run)
+    done = run.step == args.max_steps
+    if done and lora_config:
+        export_lora(run, model_config, init["tokenizer"])
+    samples = answers(run, enc, val_ex) if done and args.samples else []
+    training.finish(run)
+    return {"losses": run.losses, "val_losses": run.val_losses, "step": run.step, "model": model, "opt": run.opt,
             "samples": samples, "skipped": skipped}
+
+
+def export_lora(run, model_config, tokenizer):
+    """adapter.pt (the adapters alone) and merged.pt (W + (alpha/r) B A in a plain model's state dict, usable
+    as --init), written by rank 0."""
+    if run.master:
+        lora_lib.save_adapter(run.out / "adapter.pt", run.model, model_config)
+        save_checkpoint(run.out / "merged.pt", {"model": lora_lib.merged_state_dict(run.model),
+                                                "model_config": model_config, "tokenizer": tokenizer})
+        print(f"adapters in {run.out / 'adapter.pt'}, merged model in {run.out / 'merged.pt'}", flush=True)
+
+
+def answers(run, enc, val_ex):
+    """Greedy answers to the first --samples held-out prompts, printed and written to samples.jsonl."""
+    args, topo, model = run.args, run.topo, run.model
+    if topo.pp > 1 or (args.sequence_parallel and topo.tp > 1):
+        if run.master:  # generation grows the sequence one token at a time: neither cuts into stages or shards
+            print("(no answers: generation is not pipelined nor sequence-parallel)", flush=True)
+        return []
+    if not (run.master or topo.tp > 1 or run.zero == 3 or topo.ep > 1):
+        return []  # (under tp, ZeRO-3 and ep every rank's forward communicates: all answer in lockstep)
+    model.eval()
+    tensor_parallel.set_gather_output(model, True)
+    samples = []
+    for where, messages in val_ex[:args.samples]:
+        reply = answer(model, enc, prompt_ids(enc, messages), args.max_new_tokens, run.device)
+        asked = [m["content"] for m in messages if m["role"] == "user"][-1:] or [""]
+        samples.append({"where": where, "prompt": asked[0], "answer": reply})
+        if run.master:
+            print(f"{'-' * 20} {where}\n{asked[0]}\n{'-' * 8} answer:\n{reply}", flush=True)
+    if run.master:
+        (run.out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return samples
 
 
 if __name__ == "__main__":

@@ -371,8 +371,8 @@ if __name__ == "__main__":
     from dataclasses import replace
     from types import SimpleNamespace
 
-    import pretrain
-    from amp import cast_model
+    from amp import DynamicLossScaler, MixedPrecisionOptimizer, cast_model
+    from estimate import zero_table
     from model import PRESETS, Transformer
     from topology import Topology
     dist.init_process_group("gloo")
@@ -384,8 +384,16 @@ if __name__ == "__main__":
     for stage in (0, 1, 2, 3):
         torch.manual_seed(0)
         model = cast_model(Transformer(cfg), torch.bfloat16)
-        args = pretrain.build_parser().parse_args(["--zero", str(stage), "--amp", "bf16", "--lr", "3e-3"])
-        module, opt = pretrain.build_training(model, args, torch.bfloat16, topo)
+        groups, scaler = [{"params": list(model.parameters())}], DynamicLossScaler(enabled=False)
+
+        def adamw(groups):
+            return torch.optim.AdamW(groups, lr=3e-3)
+        if stage == 0:  # ddp.py with bf16 weights and fp32 master copies (amp.py)
+            module = DistributedDataParallel(model, topo.dp_group)
+            opt = MixedPrecisionOptimizer(groups, adamw, torch.bfloat16, scaler, no_sync=module.no_sync)
+        else:
+            opt = ZeroOptimizer(model, groups, adamw, scaler, topo.dp_group, stage)
+            module = opt.module
         losses = []
         for step, batch in enumerate(data):
             x = batch.chunk(N)[rank]
@@ -402,9 +410,11 @@ if __name__ == "__main__":
                     held = opt.memory()
             opt.step(1.0)
             opt.zero_grad()
-            losses.append(pretrain.mean_over_dp(loss.detach(), topo).item())
+            loss = loss.detach().clone()
+            dist.all_reduce(loss, group=topo.dp_group)
+            losses.append(loss.item() / N)
         psi = sum(p.numel() for p in model.parameters())
-        predicted = pretrain.zero_table(psi, N)[stage]
+        predicted = zero_table(psi, N)[stage]
         rows.append((stage, held, predicted, losses))
     for r in range(N):
         if r == rank:

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 import pretrain
+import training
 from amp import MixedPrecisionOptimizer
 from model import PRESETS, Transformer
 from topology import Topology
@@ -65,7 +66,7 @@ def build(seed):
 def reference():
     model = build(0)
     one_process = SimpleNamespace(dp=1, dp_group=None)  # (computed inside every rank, beside the process group)
-    module, opt = pretrain.build_training(model, args_for(0), torch.float64, one_process)
+    module, opt = training.build_training(model, args_for(0), torch.float64, one_process)
     assert isinstance(opt, MixedPrecisionOptimizer) and module is model  # one process: no wrapping at all
     losses, norms = train(model, module, opt, tokens())
     return losses, norms, [p.detach().clone() for p in model.parameters()]
@@ -78,7 +79,7 @@ def _parity(rank, world):
     out = {}
     for zero in (0, 1, 2, 3):
         model = build(0 if rank == 0 else 100 + rank)  # a different start on every rank: the broadcast repairs it
-        module, opt = pretrain.build_training(model, args_for(zero), torch.float64, topo)
+        module, opt = training.build_training(model, args_for(zero), torch.float64, topo)
         losses, norms = train(model, module, opt, tokens(), rank, world, topo.dp_group)
         with opt.gathered() if zero == 3 else contextlib.nullcontext():
             params = [p.detach().clone() for p in model.parameters()]
@@ -127,7 +128,7 @@ def _fp16_overflow_on_one_rank(rank, world):
         model = Transformer(CFG)
         from amp import cast_model
         cast_model(model, torch.float16)
-        module, opt = pretrain.build_training(model, args_for(zero, amp="fp16"), torch.float16, topo)
+        module, opt = training.build_training(model, args_for(zero, amp="fp16"), torch.float16, topo)
         with opt.gathered() if zero == 3 else contextlib.nullcontext():
             before = [p.detach().clone() for p in model.parameters()]
         x = tokens()[0].chunk(world)[rank]

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 import pipeline
 import pretrain
+import training
 import tensor_parallel
 from model import PRESETS
 from tests.distributed import refused_before_any_group, run_distributed
@@ -39,22 +40,22 @@ def full_name(name, model):
 
 
 def train(topo, cfg=CFG, schedule="1f1b", zero=0, sp=False):
-    """pretrain.py's pieces, in float64: the model cut and sliced, the optimizer (DDP or ZeRO over dp) with
+    """training.py's pieces, in float64: the model cut and sliced, the optimizer (DDP or ZeRO over dp) with
     clipping and the norm reduction, the step function. Each data-parallel rank takes its contiguous share of
     the micro-batches, so that the mean of the ranks' means is the one process's mean."""
-    model = pretrain.build_model(cfg, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64,
+    model = training.build_model(cfg, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64,
                                  sequence_parallel=sp)
     args = pretrain.build_parser().parse_args(["--zero", str(zero), "--lr", "1e-2", "--weight-decay", "0.1",
                                                "--bucket-mb", "0.01"])
-    module, opt = pretrain.build_training(model, args, torch.float64, topo)
+    module, opt = training.build_training(model, args, torch.float64, topo)
     losses, norms = [], []
     for step in range(STEPS):
         mine = micro_batches(step)[topo.dp_rank * MICRO // topo.dp:(topo.dp_rank + 1) * MICRO // topo.dp]
-        loss = pretrain.forward_backward(model if topo.pp > 1 else module, mine, topo, schedule, opt.scale_loss,
+        loss = training.forward_backward(model if topo.pp > 1 else module, mine, topo, schedule, opt.scale_loss,
                                          "cpu", opt.no_sync)
         norm, _ = opt.step(CLIP)
         opt.zero_grad()
-        losses.append(pretrain.mean_over_dp(loss, topo).item())
+        losses.append(training.mean_over_dp(loss, topo).item())
         norms.append(norm)
     with opt.gathered() if zero == 3 and topo.dp > 1 else contextlib.nullcontext():
         params = {full_name(n, model): p.detach().clone() for n, p in model.named_parameters()}
@@ -209,12 +210,12 @@ def _fp16_overflow_on_rank0(rank, world):
     out = []
     for tp, pp, zero in ((2, 2, 0), (2, 1, 2)):
         topo = Topology(tp=tp, pp=pp)
-        model = pretrain.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float16)
+        model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float16)
         args = pretrain.build_parser().parse_args(["--zero", str(zero), "--amp", "fp16"])
-        module, opt = pretrain.build_training(model, args, torch.float16, topo)
+        module, opt = training.build_training(model, args, torch.float16, topo)
         before = [p.detach().clone() for p in model.parameters()]
         mine = micro_batches(0)[topo.dp_rank * MICRO // topo.dp:(topo.dp_rank + 1) * MICRO // topo.dp]
-        pretrain.forward_backward(model if pp > 1 else module, mine, topo, "1f1b", opt.scale_loss, "cpu",
+        training.forward_backward(model if pp > 1 else module, mine, topo, "1f1b", opt.scale_loss, "cpu",
                                   opt.no_sync)
         if rank == 0:
             if zero >= 2:

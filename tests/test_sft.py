@@ -7,8 +7,10 @@ import torch
 
 import data
 import sft
+import training
 from amp import DynamicLossScaler, MixedPrecisionOptimizer
 from model import Transformer
+from topology import Topology
 from sft_fixtures import CFG, make_init, reverse_examples, write_jsonl
 
 ENC = data.get_tokenizer("bytes")
@@ -29,8 +31,8 @@ def run(files, out, *extra):
 
 
 def rows_of(lines, prompt_mask=True):
-    ex = [(f"f:{i}", data.to_messages(l, f"f:{i}")) for i, l in enumerate(lines, 1)]
-    return data.tokenize(ex, ENC, CFG.block_size, prompt_mask)[0]
+    ex = [(f"f:{i}", sft.to_messages(l, f"f:{i}")) for i, l in enumerate(lines, 1)]
+    return sft.tokenize(ex, ENC, CFG.block_size, prompt_mask)[0]
 
 
 def test_both_formats_learn_exactly_the_responses():
@@ -54,8 +56,8 @@ def test_prompt_tokens_get_no_gradient():
     torch.manual_seed(0)
     model = Transformer(CFG).double()
     lines = reverse_examples(4)
-    x, y_masked = data.collate(rows_of(lines), EOT)
-    _, y_all = data.collate(rows_of(lines, prompt_mask=False), EOT)
+    x, y_masked = sft.collate(rows_of(lines), EOT)
+    _, y_all = sft.collate(rows_of(lines, prompt_mask=False), EOT)
     prompt = (y_masked == -100) & (y_all != -100)
     assert prompt.sum() > 3 * (y_masked != -100).sum()  # most of each example is prompt
     for y in (y_masked, y_all):
@@ -77,7 +79,7 @@ def test_padding_isolates_examples():
     model = Transformer(CFG).double()
     short, long = rows_of([{"instruction": "Hi", "output": "yo"}, reverse_examples(1)[0]])
     alone = model(torch.tensor([short[0]]))[0][0]
-    x, _ = data.collate([short, long], EOT)
+    x, _ = sft.collate([short, long], EOT)
     together = model(x)[0][0, :len(short[0])]
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-12)
 
@@ -94,11 +96,11 @@ def test_accumulation_divides_by_the_steps_response_tokens():
 
     def grads(micro_batches):
         model.zero_grad()
-        loss = sft.train_step(model, opt, micro_batches, "cpu")
+        loss = training.forward_backward(model, micro_batches, Topology(), "1f1b", opt.scale_loss, "cpu")
         return loss.item(), [p.grad.clone() for p in model.parameters()]
 
-    full_loss, full = grads([data.collate(rows, EOT)])
-    micro = [data.collate(rows[i:i + 2], EOT) for i in range(0, 8, 2)]
+    full_loss, full = grads([sft.collate(rows, EOT)])
+    micro = [sft.collate(rows[i:i + 2], EOT) for i in range(0, 8, 2)]
     counts = [int((y != -100).sum()) for _, y in micro]
     assert len(set(counts)) > 1, counts
     acc_loss, acc = grads(micro)
@@ -193,8 +195,8 @@ def long_one(x):
 def test_default_data_from_functions(tmp_path):
     """Docstring -> instruction, source without docstring -> response; too long counted; split by module."""
     docs = [(f"pkg/mod{i}.py", MODULE) for i in range(30)]
-    held = sum(zlib.crc32(name.encode()) % data.SFT_VAL_EVERY == 0 for name, _ in docs)
-    counts = data.build_default_data(docs, tmp_path)
+    held = sum(zlib.crc32(name.encode()) % sft.SFT_VAL_EVERY == 0 for name, _ in docs)
+    counts = sft.build_default_data(docs, tmp_path)
     assert 0 < held < 30 and counts == {"functions": 3 * 30, "too_long": 30, "train": 2 * (30 - held), "val": 2 * held}
     rows = [json.loads(l) for l in (tmp_path / "train.jsonl").read_text().splitlines()]
     val_modules = {json.loads(l)["module"] for l in (tmp_path / "val.jsonl").read_text().splitlines()}
@@ -202,7 +204,7 @@ def test_default_data_from_functions(tmp_path):
     assert rows[0]["instruction"] == "Write a Python function `short(a, b=1)` that: Add two numbers."
     assert rows[0]["output"] == "def short(a, b=1):\n    # a comment stays\n    return a + b"
     assert rows[1]["output"] == "def method(self, x):\n    return 2 * x"  # dedented out of its class
-    assert all(len(data.encode(ENC, data.to_messages(r, "-"))[0]) <= data.DEFAULT_MAX_BYTES for r in rows)
+    assert all(len(sft.encode(ENC, sft.to_messages(r, "-"))[0]) <= sft.DEFAULT_MAX_BYTES for r in rows)
 
 
 def error_of(capsys, argv):
@@ -238,5 +240,5 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys, files):
         capsys, ["--init", str(other), "--adapter", str(tmp_path / "r" / "adapter.pt")] + data_flag)
     assert "--lora-targets wq,attn: attn is not a linear of the blocks; choose from wq,wk" in error_of(
         capsys, base + data_flag + ["--lora-r", "4", "--lora-targets", "wq,attn"])
-    assert "invalid choice: 3" in error_of(capsys, base + data_flag + ["--zero", "3"])
+    assert "world size 1 is not divisible by --tp 3" in error_of(capsys, base + data_flag + ["--tp", "3"])
     assert "does not divide" in error_of(capsys, base + data_flag + ["--batch-size", "6", "--grad-accum", "4"])

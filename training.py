@@ -1,0 +1,499 @@
+"""training.py: the training loop pretrain.py and sft.py share, and the parallel stack it runs on.
+
+The idea: pretraining and fine-tuning take a step the same way; they differ only in what they feed the loop
+(windows of text, or templated examples with a loss mask) and in their defaults. So the pieces live here once,
+in the order they compose: the shared flags and their checks, the process groups (topology.py), the model built
+from one seed on every rank and then cut from outside (pipeline.py keeps a stage, tensor_parallel.py a slice,
+moe.py this rank's experts, lora.py wraps layers, amp.py casts), the data-parallel wrapper and optimizer
+(ddp.py or zero.py), one step's forward and backward, evaluation, and the loop: set-up, step, log/eval/save,
+finish, with one place each for saving, resuming, logging a record and the end-of-run barrier.
+
+The loss of a step, whatever the task and the layout: labels of -100 take no loss (SFT's prompts and padding;
+in pretraining every token is labelled), and
+
+    loss = sum over the step's labelled tokens of -log p(label)  /  labelled tokens of the whole global batch
+
+(all data-parallel ranks, all accumulation micro-steps, all pipeline micro-batches). Every rank counts the labels
+of its own micro-batches from y (all tp and pp ranks of a data-parallel replica see the same batch); one
+all-reduce over the dp group of two numbers gives the global count. A per-micro-batch mean instead would weight a
+token of a micro-batch with few labels more than one of a full micro-batch. ddp.py and zero.py average gradients
+over the dp ranks, so each rank back-propagates its share multiplied by dp: their average is the global loss's
+gradient. The pipeline's last stage computes the same sum (pipeline.py, loss_div).
+
+Run: not on its own; `python pretrain.py` and `python sft.py` are its two front ends.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import moe
+import pipeline
+import tensor_parallel
+from amp import DTYPES, DynamicLossScaler, MixedPrecisionOptimizer, cast_model
+from checkpoint import (check_checkpoint_layout, checkpoint_path, load_checkpoint, rng_state, save_checkpoint,
+                        set_rng_state)
+from ddp import DistributedDataParallel
+from estimate import peak_flops, peak_memory_mb
+from model import ATTN_BACKENDS, Transformer
+from topology import Topology, TopologyError, check_layout
+from zero import ZeroOptimizer
+
+
+class ConfigError(ValueError):
+    """A bad flag or input file: its message is the one line the user sees, before any work starts."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (no usage block): the same shape as every other error here."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# ------------------------------------------------------------------------------------------- flags and checks
+def add_shared_flags(ap, **defaults):
+    """The flags of both entry points: layout, precision, optimizer, schedule, logging/saving/resuming. Each
+    entry point passes its own defaults (a flag name with _ for -, e.g. max_steps=100)."""
+    a = ap.add_argument
+    a("--batch-size", type=int, default=32, help="global batch in rows per optimizer step")
+    a("--seq-len", type=int, default=None, help="tokens per row (default: the model's block_size)")
+    a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    a("--max-steps", type=int, default=None, help="optimizer steps")
+    a("--lr", type=float, default=1e-3)
+    a("--min-lr", type=float, default=None, help="end of the cosine decay (default lr/10)")
+    a("--warmup-steps", type=int, default=100)
+    a("--weight-decay", type=float, default=0.1)
+    a("--beta1", type=float, default=0.9)
+    a("--beta2", type=float, default=0.95)
+    a("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
+    a("--amp", default="fp32", choices=sorted(DTYPES), help="compute precision (amp.py)")
+    a("--attn", default="sdpa", choices=ATTN_BACKENDS)
+    a("--activation-checkpointing", action="store_true")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="data parallelism: 0 ddp.py, 1-3 ZeRO (zero.py)")
+    a("--bucket-mb", type=float, default=25.0, help="gradient bucket size of ddp.py's all-reduce (--zero 0, 1)")
+    a("--tp", type=int, default=1, help="tensor-parallel ranks (tensor_parallel.py), innermost in the topology")
+    a("--pp", type=int, default=1, help="pipeline stages (pipeline.py)")
+    a("--microbatches", type=int, default=1, help="pipeline micro-batches per --grad-accum micro-step")
+    a("--pp-schedule", default="1f1b", choices=pipeline.SCHEDULES, help="pipeline schedule")
+    a("--sequence-parallel", action="store_true", help="with --tp: norms, residuals split along the sequence")
+    a("--ep", type=int, default=1, help="expert-parallel ranks (moe.py), carved from the data-parallel ones "
+                                        "(each holds experts/ep of every MoE layer; --zero 0 or 1)")
+    a("--out", default="out/run", help="checkpoints and metrics.jsonl go here")
+    a("--resume", action="store_true", help="continue from the checkpoint in --out")
+    a("--save-every", type=int, default=200)
+    a("--eval-every", type=int, default=200)
+    a("--log-every", type=int, default=10)
+    a("--stop-after", type=int, default=None,
+      help="end this invocation after N steps with a checkpoint, as a job with a time limit would")
+    a("--seed", type=int, default=1337)
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.set_defaults(**defaults)
+    return ap
+
+
+def check_args(args, world):
+    """The shared flags that can be checked without the model's shape; returns the data-parallel size."""
+    for flag in ("batch_size", "grad_accum", "microbatches", "save_every", "eval_every", "log_every", "stop_after"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
+    dp = check_layout(world, args.tp, args.pp, args.ep)  # TopologyError: world not tp x pp x dp, ep not dividing dp
+    micro = args.grad_accum * args.microbatches
+    if args.batch_size % (micro * dp):
+        raise ConfigError(f"--batch-size {args.batch_size} does not divide into --grad-accum {args.grad_accum} x "
+                          f"--microbatches {args.microbatches} x {dp} data-parallel ranks: use a multiple of "
+                          f"{micro * dp}")
+    if args.compile and args.pp > 1:
+        raise ConfigError("--compile with --pp > 1: the pipeline calls the stage's parts one by one; "
+                          "compile is supported without pipeline parallelism")
+    if args.lr <= 0 or args.warmup_steps < 0 or args.grad_clip < 0 or args.weight_decay < 0:
+        raise ConfigError("--lr must be > 0 and --warmup-steps, --grad-clip, --weight-decay >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+    if args.bucket_mb <= 0:
+        raise ConfigError(f"--bucket-mb must be > 0, got {args.bucket_mb}")
+    if args.ep > 1 and not getattr(args, "experts", 0):
+        raise ConfigError(f"--ep {args.ep} splits experts over ranks: give --experts (a multiple of {args.ep})")
+    if args.ep > 1 and args.zero > 1:
+        raise ConfigError(f"--ep with --zero {args.zero}: ZeRO stages 2 and 3 shard gradients and weights over the "
+                          "data-parallel ranks, which hold different experts under --ep; use --zero 0 or 1")
+    return dp
+
+
+def check_model_layout(cfg, args, what):
+    """The checks that need the model's shape (`what` names it in the message: "model 'tiny'", "--init DIR")."""
+    if args.seq_len is not None and not 1 <= args.seq_len <= cfg.block_size:
+        raise ConfigError(f"--seq-len {args.seq_len} is outside {what}'s context: choose 1..{cfg.block_size}")
+    if args.pp > cfg.n_layer:
+        raise TopologyError(f"--pp {args.pp} is more stages than the {cfg.n_layer} layers of {what}: "
+                            f"choose --pp <= {cfg.n_layer}")
+    if err := tensor_parallel.check_divisible(cfg, args.tp):
+        raise TopologyError(err)
+    T = args.seq_len or cfg.block_size
+    if args.sequence_parallel and T % args.tp:
+        raise TopologyError(f"--sequence-parallel splits the {T} positions of a sequence over --tp {args.tp}: "
+                            f"choose a --seq-len divisible by {args.tp}")
+    if getattr(args, "experts", 0):
+        moe.check_flags(args, cfg.n_layer)
+
+
+# ------------------------------------------------------------------------------------------- the parallel stack
+def setup_distributed(args):
+    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; without them this is one process. Only reads them: the
+    process groups are built after every flag, the data and the model shape have been checked."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def build_topology(args, world, device):
+    if world > 1 and not dist.is_initialized():
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Topology(args.tp, args.pp, args.ep)
+
+
+def with_experts(model, args):
+    """--experts: swap the chosen blocks' MLPs for MoE layers (moe.py), before any slicing."""
+    if args is not None and getattr(args, "experts", 0):
+        moe.add_moe(model, args.experts, args.topk, args.capacity_factor, args.aux_loss_weight,
+                    moe.parse_layers(args.moe_layers, model.cfg.n_layer))
+    return model
+
+
+def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=None, weights=None, adapt=None):
+    """The full model from one seed on every rank (with MoE MLPs if asked; `weights`, a full state dict, loaded
+    into it: fine-tuning's starting point), then this pipeline stage's blocks, this tensor-parallel rank's
+    slices, this expert-parallel rank's experts; then `adapt(model)` (LoRA), then the compute precision."""
+    torch.manual_seed(seed)
+    model = with_experts(Transformer(cfg), args)
+    if weights is not None:
+        model.load_state_dict(weights)
+    model = model.to(device)
+    pipeline.keep_stage(model, topo)
+    tensor_parallel.parallelize(model, topo, sequence_parallel)
+    moe.keep_experts(model, topo)
+    if adapt is not None:
+        adapt(model)
+    return cast_model(model, dtype)
+
+
+def param_groups(model, weight_decay):
+    """Decay matrices (linears, embeddings); never norms' gains: shrinking them towards 0 only hurts."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def grad_norm_reduce(topo):
+    """The squared gradient norm summed over the ranks that hold distinct pieces of the model: tp slices
+    (replicated norms are counted on tp rank 0 only, amp.py) and pipeline stages. None on one rank."""
+    groups = [getattr(topo, f"{axis}_group") for axis in ("tp", "pp") if getattr(topo, axis, 1) > 1]
+    if not groups:
+        return None
+
+    def reduce(sq):
+        for g in groups:
+            dist.all_reduce(sq, group=g)
+        return sq
+    return reduce
+
+
+def build_training(model, args, dtype, topo):
+    """The module to call forward on and its optimizer: plain on one data-parallel rank, ddp.py for --zero 0,
+    zero.py's stages otherwise. Every optimizer here has the same methods: zero_grad(), scale_loss(loss),
+    step(max_norm) -> (grad_norm, skipped), param_groups, state_dict()/load_state_dict(), scaler, and no_sync()
+    for accumulation micro-steps that must not communicate. Only parameters with requires_grad are trained."""
+    scaler = DynamicLossScaler(enabled=args.amp == "fp16")
+    groups = param_groups(model, args.weight_decay)
+    fused = next(model.parameters()).device.type == "cuda"
+
+    def make_optimizer(groups):
+        return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
+
+    # Gradient norm for clipping and the fp16 overflow check: summed over the tp and pp groups too, so that
+    # every rank of the world agrees (zero.py sums its shards over dp first; ddp.py's gradients agree over dp).
+    # Under expert parallelism each rank's experts are its own: their part of the norm is summed over the ep group
+    # (ddp.py); zero.py's sum over the dp group counts them on the first replica of each (ep_duplicate).
+    norm_reduce = grad_norm_reduce(topo)
+    if topo.dp == 1:
+        return model, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce)
+    if args.zero == 0:
+        ddp = DistributedDataParallel(model, topo.dp_group, args.bucket_mb)
+        expert_reduce = None
+        if topo.ep > 1:
+            def expert_reduce(sq):
+                dist.all_reduce(sq, group=topo.ep_group)
+                return sq
+        return ddp, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce, no_sync=ddp.no_sync,
+                                            expert_norm_reduce_fn=expert_reduce)
+    opt = ZeroOptimizer(model, groups, make_optimizer, scaler, topo.dp_group, args.zero, args.bucket_mb,
+                        norm_reduce_fn=norm_reduce)
+    return opt.module, opt
+
+
+# ------------------------------------------------------------------------------------------- one step
+def global_counts(micro_batches, topo, device):
+    """(tokens, labelled tokens) of the whole global batch: this rank's rows counted, summed over dp."""
+    n = torch.tensor([sum(y.numel() for _, y in micro_batches), sum(int((y != -100).sum()) for _, y in micro_batches)],
+                     dtype=torch.float64, device=device)
+    if topo.dp > 1:
+        dist.all_reduce(n, group=topo.dp_group)
+    return n[0].item(), n[1].item()
+
+
+def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, no_sync=None, n_labels=None):
+    """Forward and backward of one optimizer step's micro-batches: each rank back-propagates its labelled tokens'
+    summed loss / (the global batch's labelled tokens `n_labels` / dp), and returns it (float64): the mean over
+    the dp ranks, of it and of its gradients (ddp.py, zero.py), is the step's loss. Only the last micro-batch's
+    backward communicates over dp (no_sync)."""
+    if n_labels is None:
+        _, n_labels = global_counts(micro_batches, topo, device)
+    per_rank = max(n_labels, 1.0) / topo.dp
+    if topo.pp > 1:  # the last stage sums its micro-batches' losses and divides by per_rank (pipeline.py)
+        return pipeline.run_pipeline(model, micro_batches, topo, schedule, loss_div=per_rank, scale_loss=scale_loss,
+                                     no_sync=no_sync)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for i, (x, y) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True), reduction="sum")
+            loss = loss / per_rank
+            # MoE layers left their balancing loss behind in this forward (0 for a dense model); it trains the
+            # routers but is not part of the language-modelling loss that is logged.
+            scale_loss(loss + moe.aux_loss(model) / len(micro_batches)).backward()
+        loss_sum += loss.detach().double()
+    return loss_sum
+
+
+def mean_over_dp(x, topo):
+    """The mean of a per-rank scalar over the data-parallel group (for logging the loss)."""
+    if topo.dp == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, group=topo.dp_group)
+    return x / topo.dp
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, topo, microbatches):
+    """Mean loss per labelled token over held-out batches (each dp rank holds the same number of them; the
+    sums and counts are added over the ranks, then divided). Under pipeline parallelism the stages run their
+    forwards only, each batch cut into micro-batches as in training."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y in batches:
+        if topo.pp > 1:
+            total[0] += pipeline.run_pipeline(model, list(zip(x.chunk(microbatches), y.chunk(microbatches))), topo,
+                                              loss_div=1.0, train=False)
+        else:
+            total[0] += model(x.to(device), y.to(device), reduction="sum")[1].double()
+        total[1] += int((y != -100).sum())
+    model.train()
+    if topo.dp > 1:
+        dist.all_reduce(total, group=topo.dp_group)
+    return (total[0] / total[1]).item()
+
+
+def lr_at(step, args, max_steps):
+    """Linear warmup to --lr, then cosine decay to --min-lr at max_steps."""
+    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, max_steps - args.warmup_steps))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - min_lr)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def layout_of(args, world):
+    layout = {"dp": world // (args.tp * args.pp), "pp": args.pp, "tp": args.tp}
+    if args.ep > 1:  # (recorded only when used: checkpoints from before --ep keep matching ep 1)
+        layout["ep"] = args.ep
+    return layout
+
+
+def read_checkpoint(args, rank, world):
+    """--resume: this rank's checkpoint file, after checking it was written by this layout; else None. Called
+    before any process group exists, so that a bad checkpoint is one line, not a hang."""
+    if not args.resume:
+        return None
+    layout = layout_of(args, world)
+    check_checkpoint_layout(Path(args.out), world, args.zero if layout["dp"] > 1 else 0, layout)
+    return load_checkpoint(checkpoint_path(Path(args.out), rank, world))
+
+
+def save(run):
+    """Every rank writes its own file: its tensor-parallel slices, its pipeline stage, its ZeRO shards, its
+    experts. Under ZeRO-3 the model's weights live only in the optimizer's slices: the model entry is empty."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(checkpoint_path(run.out, run.topo.rank, run.topo.world), {
+        "model": None if run.zero == 3 else run.model.state_dict(), "optim": run.opt.state_dict(),
+        "step": run.step, "data": run.batches.state_dict(), "rng": rng_state(), "args": vars(run.args),
+        "world": run.topo.world, "zero": run.zero, "topology": layout_of(run.args, run.topo.world), **run.meta})
+    barrier(run)  # no rank goes on (and perhaps resumes) before every rank's file is whole on disk
+
+
+def resume(run, ckpt):
+    if ckpt["model"] is not None:
+        run.model.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["optim"])
+    run.batches.load_state_dict(ckpt["data"])
+    set_rng_state(ckpt["rng"])
+    run.step = ckpt["step"]
+
+
+def barrier(run):  # the end of a save, and of the run
+    if run.topo.world > 1:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------- the loop
+@dataclass
+class Run:
+    """Everything the loop carries from step to step."""
+    args: object
+    topo: Topology
+    device: torch.device
+    model: torch.nn.Module            # this rank's piece of the model (parameters, state dict)
+    module: torch.nn.Module           # what forward is called on (the model, or its ddp/zero wrapper, compiled)
+    opt: object
+    batches: object                   # .next() -> [(x, y)] micro-batches; state_dict()/load_state_dict()
+    val: list                         # [(x, y)] held-out batches of this rank
+    max_steps: int
+    meta: dict                        # what else a checkpoint records (tokenizer, model_config, lora, ...)
+    fpt: float                        # training FLOPs per token (for MFU)
+    peak: float                       # peak FLOP/s of all the devices together
+    zero: int = 0                     # the ZeRO stage in use (0 on one data-parallel rank)
+    master: bool = False              # rank 0: logs, prints, writes metrics.jsonl
+    out: Path = None
+    step: int = 0
+    losses: list = field(default_factory=list)
+    val_losses: list = field(default_factory=list)
+    metrics: object = None
+    t_last: float = 0.0
+    tokens_since: float = 0.0         # (padding included) since the last log line, all ranks
+    labels_since: float = 0.0
+
+
+def start(args, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=None):
+    """Set-up: the data-parallel wrapper and optimizer, the checkpoint restored (--resume), the metrics file."""
+    dtype = next(model.parameters()).dtype
+    module, opt = build_training(model, args, dtype, topo)
+    # The pipeline calls the stage itself (ddp.py's and zero.py's hooks live on its parameters and modules).
+    peak = peak_flops(device, dtype, getattr(args, "gpu", "h100")) * topo.world  # MFU of all devices together
+    module = torch.compile(module) if args.compile else module
+    run = Run(args, topo, device, model, model if topo.pp > 1 else module, opt, batches, val, max_steps, meta, fpt,
+              peak, zero=args.zero if topo.dp > 1 else 0, master=topo.rank == 0, out=Path(args.out))
+    if ckpt:
+        resume(run, ckpt)
+    if run.master:
+        run.out.mkdir(parents=True, exist_ok=True)
+        run.metrics = open(run.out / "metrics.jsonl", "a")
+    return run
+
+
+def describe_layout(run):
+    """How a global batch is cut and where it runs, for the first log line."""
+    args, topo = run.args, run.topo
+    n_micro = args.grad_accum * args.microbatches
+    return (f"{args.batch_size // (n_micro * topo.dp)} x {n_micro} micro-batches x {topo.dp} data-parallel"
+            + (f" (ZeRO stage {run.zero})" if run.zero else " (ddp.py)" if topo.dp > 1 else "")
+            + f" | tp {topo.tp}" + (" (sequence-parallel)" if args.sequence_parallel and topo.tp > 1 else "")
+            + f" | pp {topo.pp}" + (f" ({args.pp_schedule})" if topo.pp > 1 else "")
+            + (f" | ep {topo.ep}" if topo.ep > 1 else ""))
+
+
+def log(run, record, line):
+    """One record to metrics.jsonl and one line to the terminal, from rank 0."""
+    if run.master:
+        run.metrics.write(json.dumps(record) + "\n")
+        run.metrics.flush()
+        print(line, flush=True)
+
+
+def train_step(run):
+    """One optimizer step: the learning rate, forward and backward, the expert gradients, the update."""
+    lr = lr_at(run.step, run.args, run.max_steps)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    micro_batches = run.batches.next()
+    tokens, labels = global_counts(micro_batches, run.topo, run.device)
+    loss = forward_backward(run.module, micro_batches, run.topo, run.args.pp_schedule, run.opt.scale_loss,
+                            run.device, run.opt.no_sync, labels)
+    if run.topo.ep > 1:  # expert gradients: summed over their replicas, / dp (moe.py); dense ones are done
+        moe.reduce_expert_grads(run.model, run.topo.dp, run.topo.expert_dp_group)
+    grad_norm, skipped = run.opt.step(run.args.grad_clip)
+    run.opt.zero_grad()
+    run.step += 1
+    loss_value = mean_over_dp(loss, run.topo).item()  # the global batch's loss, the same on every rank
+    run.losses.append(loss_value)
+    run.tokens_since += tokens
+    run.labels_since += labels
+    return {"step": run.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
+
+
+def log_step(run, rec):
+    """Throughput since the last log line: tokens/s (padding included), labelled tokens/s, MFU."""
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - run.t_last
+    tps = run.tokens_since / dt
+    rec.update(tokens_per_s=tps, labelled_tokens_per_s=run.labels_since / dt, mfu=tps * run.fpt / run.peak,
+               peak_mem_mb=peak_memory_mb(run.device))
+    scaler = run.opt.scaler
+    if scaler.enabled:
+        rec["loss_scale"] = scaler.scale
+    if getattr(run.args, "experts", 0):  # the balancing loss, the routed share of the busiest and idlest expert
+        rec["aux_loss"] = float(moe.aux_loss(run.model).detach())
+        rec["expert_load_max"], rec["expert_load_min"] = moe.load_spread(run.model)
+    masked = run.labels_since < run.tokens_since
+    log(run, rec, f"step {run.step:5d} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | norm {rec['grad_norm']:.3f} "
+        f"| {tps / 1e3:.1f}k tok/s" + (f" ({rec['labelled_tokens_per_s'] / 1e3:.1f}k learned)" if masked else "")
+        + f" | mfu {rec['mfu']:.1%} | mem {rec['peak_mem_mb']:.0f} MB"
+        + (f" | scale {scaler.scale:g}" if scaler.enabled else "")
+        + (f" | aux {rec['aux_loss']:.4f} | load max {rec['expert_load_max']:.1%} min "
+           f"{rec['expert_load_min']:.1%}" if "aux_loss" in rec else "") + (" | skipped" if rec["skipped"] else ""))
+    run.t_last, run.tokens_since, run.labels_since = time.perf_counter(), 0.0, 0.0
+
+
+def evaluate_now(run):
+    val_loss = evaluate(run.module, run.val, run.device, run.topo, run.args.microbatches)
+    run.val_losses.append(val_loss)
+    log(run, {"step": run.step, "val_loss": val_loss}, f"step {run.step:5d} | val loss {val_loss:.4f}")
+
+
+def train_loop(run):
+    """Evaluate at step 0; step; log, evaluate (and at the end), save (and when this invocation stops)."""
+    args = run.args
+    if run.step == 0:
+        evaluate_now(run)
+    stop_at = min(run.max_steps, run.step + args.stop_after) if args.stop_after else run.max_steps
+    run.t_last = time.perf_counter()
+    while run.step < stop_at:
+        rec = train_step(run)
+        if run.step % args.log_every == 0 or run.step == stop_at:
+            log_step(run, rec)
+        if run.step % args.eval_every == 0 or run.step == run.max_steps:
+            evaluate_now(run)
+        if run.step % args.save_every == 0 or run.step == stop_at:
+            save(run)
+    return run
+
+
+def finish(run):
+    """Close the metrics file; every rank waits for the others (one may still be writing)."""
+    if run.metrics:
+        run.metrics.close()
+    barrier(run)
