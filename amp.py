@@ -27,7 +27,8 @@ import math
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --amp fp8 keeps the model in bf16 like --amp bf16; quantization.py then runs every Linear's matmuls in FP8.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
 
 class DynamicLossScaler:

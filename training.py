@@ -4,9 +4,10 @@ The idea: pretraining and fine-tuning take a step the same way; they differ only
 (windows of text, or templated examples with a loss mask) and in their defaults. So the pieces live here once,
 in the order they compose: the shared flags and their checks, the process groups (topology.py), the model built
 from one seed on every rank and then cut from outside (pipeline.py keeps a stage, tensor_parallel.py a slice,
-moe.py this rank's experts, lora.py wraps layers, amp.py casts), the data-parallel wrapper and optimizer
-(ddp.py or zero.py), one step's forward and backward, evaluation, and the loop: set-up, step, log/eval/save,
-finish, with one place each for saving, resuming, logging a record and the end-of-run barrier.
+moe.py this rank's experts, lora.py wraps layers, amp.py casts, quantization.py swaps in FP8 matmuls), the
+data-parallel wrapper and optimizer (ddp.py or zero.py), one step's forward and backward, evaluation, and the
+loop: set-up, step, log/eval/save, finish, with one place each for saving, resuming, logging a record and the
+end-of-run barrier.
 
 The loss of a step, whatever the task and the layout: labels of -100 take no loss (SFT's prompts and padding;
 in pretraining every token is labelled), and
@@ -36,6 +37,7 @@ import torch.distributed as dist
 
 import moe
 import pipeline
+import quantization
 import tensor_parallel
 from amp import DTYPES, DynamicLossScaler, MixedPrecisionOptimizer, cast_model
 from checkpoint import (check_checkpoint_layout, checkpoint_path, load_checkpoint, rng_state, save_checkpoint,
@@ -74,7 +76,7 @@ def add_shared_flags(ap, **defaults):
     a("--beta1", type=float, default=0.9)
     a("--beta2", type=float, default=0.95)
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
-    a("--amp", default="fp32", choices=sorted(DTYPES), help="compute precision (amp.py)")
+    a("--amp", default="fp32", choices=sorted(DTYPES), help="compute precision (amp.py; fp8: quantization.py)")
     a("--attn", default="sdpa", choices=ATTN_BACKENDS)
     a("--activation-checkpointing", action="store_true")
     a("--compile", action="store_true", help="torch.compile the model")
@@ -119,6 +121,9 @@ def check_args(args, world):
         raise ConfigError("--lr must be > 0 and --warmup-steps, --grad-clip, --weight-decay >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.amp == "fp8" and (why := quantization.fp8_unsupported("cuda" if cuda else "cpu")):
+        raise ConfigError(why)
     if args.bucket_mb <= 0:
         raise ConfigError(f"--bucket-mb must be > 0, got {args.bucket_mb}")
     if args.ep > 1 and not getattr(args, "experts", 0):
@@ -187,7 +192,10 @@ def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=No
     moe.keep_experts(model, topo)
     if adapt is not None:
         adapt(model)
-    return cast_model(model, dtype)
+    cast_model(model, dtype)
+    if getattr(args, "amp", None) == "fp8":  # each tp rank scales its own shard: no amax all-reduce
+        quantization.use_fp8(model)
+    return model
 
 
 def param_groups(model, weight_decay):

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import quantization as q
 import tensor_parallel
 from amp import DynamicLossScaler, MixedPrecisionOptimizer
-from model import PRESETS, Transformer
+from model import PRESETS, ModelConfig, Transformer
 from tests.distributed import run_distributed
 from topology import Topology
 
@@ -131,11 +131,29 @@ def test_eval_command_reports_int8_beside_bf16(tmp_path, stdlib_data, capsys):
         q.eval_main([str(tmp_path / "missing")])
 
 
-def test_fp8_refused_in_one_line_where_scaled_mm_is_missing(monkeypatch):
+def test_pretrain_amp_fp8_trains_fp8_layers_and_saves_plain_keys(tmp_path, stdlib_data):
+    """--amp fp8 end to end: bf16 parameters with fp32 masters, every Linear but none other swapped, the
+    loss falls, and the checkpoint's keys are a plain model's (it loads into model.py's Transformer)."""
+    import pretrain
+    out = pretrain.main(["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--lr", "3e-3",
+                         "--warmup-steps", "1", "--eval-iters", "1", "--sample-tokens", "0", "--max-steps", "6",
+                         "--amp", "fp8", "--out", str(tmp_path)])
+    model = out["model"]
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Fp8Linear" in kinds and "Linear" not in kinds and next(model.parameters()).dtype == torch.bfloat16
+    assert out["losses"][-1] < out["losses"][0] - 0.5, out["losses"]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    Transformer(ModelConfig(**{**ckpt["model_config"], "attn": "sdpa"})).load_state_dict(ckpt["model"])
+
+
+def test_fp8_refused_in_one_line_where_scaled_mm_is_missing(tmp_path, capsys, monkeypatch):
+    from tests.distributed import refused_before_any_group
     assert q.fp8_unsupported("cpu") is None
     monkeypatch.delattr(torch, "_scaled_mm")
     msg = q.fp8_unsupported("cpu")
     assert msg.startswith("--amp fp8:") and "_scaled_mm" in msg and "\n" not in msg
+    assert "--amp fp8: this torch has no FP8 matmul" in refused_before_any_group(tmp_path, capsys, monkeypatch, 2,
+                                                                                ["--amp", "fp8"])
 
 
 # ----------------------------------------------------------------------------- composition
