@@ -339,7 +339,7 @@ def eval_main(argv):
         print(f"{name:<6} {loss:>9.4f} {nbytes:>12,} {tps:>9.1f}")
     (lb, bb, tb), (li, bi, ti) = rows["bf16"], rows["int8"]
     same = int((text["bf16"] == text["int8"]).cumprod(0).sum())
-    print(f"int8 vs bf16: val loss {li - lb:+.4f} nats, bytes {bi / bb:.3f}x, generation {ti / tb:.2f}x tokens/s; "
+    print(f"int8 vs bf16: val loss {li - lb:+.5f} nats, bytes {bi / bb:.3f}x, generation {ti / tb:.2f}x tokens/s; "
           f"greedy outputs agree on the first {same} of {args.gen_tokens} tokens")
     return rows
 
@@ -397,11 +397,28 @@ def demo():
             losses.append(f"{loss.item():.3f}")
         print(f"{name} (tiny preset, 8 steps on one batch): losses {' '.join(losses)}")
 
-    lin = nn.Linear(256, 256, bias=False)
+    lin = nn.Linear(4096, 4096, bias=False)
     q, s = quantize_int8(lin.weight)
     err = (q.float() * s[:, None] - lin.weight).abs()
-    print(f"int8 per-channel: max |W - q s| / (s / 2) = {(err / (s[:, None] / 2)).max().item():.3f} (at most 1), "
-          f"bytes {q.numel() + 4 * s.numel():,} vs bf16 {2 * lin.weight.numel():,}")
+    print(f"int8 per-channel, W 4096x4096: max |W - q s| / (s / 2) = {(err / (s[:, None] / 2)).max().item():.3f} "
+          f"(at most 1), bytes {q.numel() + 2 * s.numel():,} vs bf16 {2 * lin.weight.numel():,}")
+    int8, w16 = Int8Linear(lin), lin.weight.detach().bfloat16()
+    for m in (1, 64):  # one token (decoding: every weight read for 2 FLOPs) vs 64 (prefill: compute-bound)
+        x = torch.randn(m, 4096).bfloat16()
+        t16, t8 = best_seconds(lambda: F.linear(x, w16)), best_seconds(lambda: int8(x))
+        print(f"  x W^T with {m:>2} row(s), {torch.get_num_threads()} thread(s): bf16 {t16 * 1e3:.2f} ms, int8 "
+              f"{t8 * 1e3:.2f} ms: int8 {t16 / t8:.2f}x the speed of bf16")
+
+
+def best_seconds(fn, repeats=10):
+    """The fastest of `repeats` timed calls, after one untimed warm-up."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 if __name__ == "__main__":
