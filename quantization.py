@@ -25,7 +25,7 @@ a matmul reads.
 
 Current vs delayed scaling. Current scaling (here) takes amax from the tensor about to be cast: always fits, never
 overflows, but costs one extra read of the tensor (a reduction over it) before the cast can start, plus, where the
-scale must agree across ranks, an all-reduce of one scalar. Delayed scaling (Transformer Engine's default) uses
+scale must agree across ranks, an all-reduce of one scalar. Delayed scaling (Transformer Engine's DelayedScaling) uses
 the largest amax seen over the last steps' history, recorded while casting: no extra pass and no wait, but a
 tensor that grows faster than its history saturates at the format's maximum, and the histories are state to
 keep (and checkpoint) per tensor.
@@ -43,7 +43,8 @@ On CUDA, _scaled_mm takes its first operand row-major and its second column-majo
 in the backward), with every dimension a multiple of 16: the layers' widths, and the tokens of a micro-batch,
 which the weight gradient's matmul sums over.
 
-INT8 weight-only post-training quantization (as in LLM.int8's per-row scaling, without its outliers): each row
+INT8 weight-only post-training quantization (the weights' vector-wise scaling of LLM.int8, Dettmers et al., 2022,
+without its fp16 path for outlier features): each row
 (output channel) j of a trained weight gets s_j = max|W_j| / 127, and W_j is stored as round(W_j / s_j) in
 int8: 1 byte per weight instead of 2, error at most s_j / 2 per entry; y = (x q^T) s_j, done by
 torch._weight_int8pack_mm on the CPU. Generation reads every weight once per token, so it is bound by memory
