@@ -43,16 +43,17 @@ On CUDA, _scaled_mm takes its first operand row-major and its second column-majo
 in the backward), with every dimension a multiple of 16: the layers' widths, and the tokens of a micro-batch,
 which the weight gradient's matmul sums over.
 
-INT8 weight-only post-training quantization (the weights' vector-wise scaling of LLM.int8, Dettmers et al., 2022,
-without its fp16 path for outlier features): each row
-(output channel) j of a trained weight gets s_j = max|W_j| / 127, and W_j is stored as round(W_j / s_j) in
-int8: 1 byte per weight instead of 2, error at most s_j / 2 per entry; y = (x q^T) s_j, done by
-torch._weight_int8pack_mm on the CPU. Generation reads every weight once per token, so it is bound by memory
-traffic, which int8 halves.
+INT8 weight-only post-training quantization (the weights' vector-wise scaling of LLM.int8, Dettmers et al.,
+2022, without its fp16 path for outlier features): each row (output channel) j of a trained weight gets
+s_j = max|W_j| / 127, and W_j is stored as round(W_j / s_j) in int8: 1 byte per weight instead of 2, error at most
+s_j / 2 per entry; y = (x q^T) s_j, done by torch._weight_int8pack_mm on the CPU. Decoding one token at a time
+(with a KV cache) reads every weight for 2 FLOPs each, so it is bound by memory traffic, which int8 halves; a
+matmul over many rows is bound by compute, where weight-only int8 buys nothing.
 
-Demo: `python quantization.py` prints the format table, the FP8 linear's measured errors against their bound, and
-a few training steps in bf16 and in FP8. `python quantization.py eval CKPT` quantizes a trained checkpoint
-(pretrain.py's --out folder) to INT8 and reports its validation loss, size and generation speed beside bf16.
+Demo: `python quantization.py` prints the format table, the FP8 linear's measured errors against their bound, a
+few training steps in bf16 and in FP8, and INT8's matmul speed against bf16 for 1 and 64 rows.
+`python quantization.py eval CKPT` quantizes a trained checkpoint (pretrain.py's --out folder) to INT8 and reports
+its validation loss, size and generation speed beside bf16.
 """
 import argparse
 import functools
