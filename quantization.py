@@ -67,7 +67,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+# (getattr: on a torch without FP8 dtypes this file still imports, and --amp fp8 is refused in one line)
+E4M3, E5M2 = getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)
 AMAX_FLOOR = 1e-30  # an all-zero tensor still gets a finite scale (fp8 max / 1e-30 fits fp32)
 
 
@@ -105,8 +106,8 @@ def to_fp8(t, fp8_dtype, amax_group=None):
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=amax_group)
     scale = fp8_scale(amax, fp8_dtype)
     fmax = torch.finfo(fp8_dtype).max
-    # The clamp guards log2's rounding at an exact power of two; it is also explicit about saturation, which the
-    # casts do not agree on (a vectorised CPU cast saturates, the scalar and CUDA casts give NaN).
+    # The clamp guards log2's rounding at an exact power of two, and makes saturation explicit: the casts differ
+    # past the largest value (on this CPU build E4M3 saturates to 448 but E5M2 turns into inf).
     return (t.float() * scale).clamp(-fmax, fmax).to(fp8_dtype), scale.reciprocal()
 
 
@@ -187,7 +188,7 @@ def use_fp8(model, amax_group=None):
 def fp8_unsupported(device):
     """None where torch._scaled_mm runs on `device`, else the one line that refuses --amp fp8."""
     why = None
-    if not hasattr(torch, "_scaled_mm") or not hasattr(torch, "float8_e4m3fn"):
+    if not hasattr(torch, "_scaled_mm") or E4M3 is None:
         why = "this torch has no FP8 matmul (torch._scaled_mm)"
     else:
         try:
@@ -197,7 +198,7 @@ def fp8_unsupported(device):
         except (RuntimeError, NotImplementedError) as e:
             why = f"torch._scaled_mm does not run on {device} ({str(e).splitlines()[0][:80]})"
     return None if why is None else (f"--amp fp8: {why} (torch {torch.__version__}); use --amp bf16, or a torch "
-                                     "and device with FP8 matmuls (CPU with torch >= 2.13, or an H100-class GPU)")
+                                     "and device where it runs (this CPU build of torch 2.13, H100-class GPUs)")
 
 
 def matmul_error_bound(a, b, fmt_a, fmt_b, out_dtype):
