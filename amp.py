@@ -17,15 +17,24 @@ before the update, and adapts S: if any gradient is inf/nan the step is skipped 
 `growth_interval` clean steps S doubles (the torch GradScaler defaults: S0 = 2^16, x2 per 2000 steps, x0.5).
 bf16 has fp32's exponent range and needs no scaling.
 
-Memory per parameter (bytes): fp32 4 + 4 + 8 (Adam) = 16; bf16/fp16 here 2 + 2 + (4 + 4 + 8) = 20 before
-ZeRO, of which 16 sit in the optimizer and shard away under zero.py.
+Memory per parameter: 16 bytes either way, fp32 4 (weight) + 4 (gradient) + 8 (Adam's m and v), bf16/fp16
+2 + 2 + 12 (fp32 master, m, v), the 12 being what zero.py shards first. During the step this file also holds
+the fp32 master gradients (4 bytes more per parameter), made from the 16-bit ones and dropped after the update.
 
-Demo: `python amp.py` trains a tiny model for a few steps in each precision and shows fp16's scaler at work.
+A run that cannot train must stop rather than skip every step to the end (DivergenceGuard): K = 8 steps in a
+row with an inf/nan loss (or, in fp32/bf16, gradient norm), or in fp16 the loss scale below a floor of 1, ends
+it with the likely cause.
+
+Demo: `python amp.py` trains a tiny model for a few steps in each precision, shows fp16's scaler at work, and
+an fp16 run at learning rate 1 stopped by the guard.
 """
 import contextlib
 import math
 
 import torch
+
+from moe import is_expert_parallel
+from tensor_parallel import is_tp_duplicate
 
 # --amp fp8 keeps the model in bf16 like --amp bf16; quantization.py then runs every Linear's matmuls in FP8.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
@@ -59,6 +68,51 @@ class DynamicLossScaler:
         self.scale, self.good_steps = sd["scale"], sd["good_steps"]
 
 
+class TrainingStopped(RuntimeError):
+    """A run that cannot train: the message is the one line the user sees (the loop adds the last checkpoint)."""
+
+
+class DivergenceGuard:
+    """Ends a run that cannot train instead of letting it skip steps, or log nan, until its last step.
+
+    A skipped step is the loss scaler's normal answer to one overflow; a run where every step is skipped never
+    recovers by itself. Called after each optimizer step with values that agree on every rank (the loss averaged
+    over the data-parallel group, the globally reduced gradient norm, the loss scale), so every rank stops at the
+    same step. Three signs, each with its likely cause:
+      - the loss is inf/nan for `patience` steps in a row: the forward overflows (fp16's largest number is
+        65504) or the weights already hold inf/nan;
+      - (fp32, bf16) the gradient norm is inf/nan for `patience` steps in a row;
+      - (fp16) the loss scale falls below `min_loss_scale` (DeepSpeed's min_loss_scale, default 1): at scale 1
+        the gradients are no longer scaled up at all, and they still overflow."""
+
+    def __init__(self, patience=8, min_loss_scale=1.0):
+        self.patience, self.min_loss_scale = patience, min_loss_scale
+        self.bad_loss = self.bad_grads = 0
+
+    @property
+    def healthy(self):
+        """The last step's loss was finite: a checkpoint saved now is a good one. (A step skipped for overflowing
+        gradients alone left the weights as they were: that is the scaler's everyday work, not damage.)"""
+        return self.bad_loss == 0
+
+    def check(self, loss, grad_norm, scaler):
+        """None while training can go on, else the reason it cannot (one line)."""
+        self.bad_loss = 0 if math.isfinite(loss) else self.bad_loss + 1
+        self.bad_grads = 0 if math.isfinite(grad_norm) else self.bad_grads + 1
+        if self.bad_loss >= self.patience:
+            return (f"the loss was {loss} for {self.bad_loss} steps in a row: the forward overflows or the weights "
+                    "hold inf/nan (likely cause: the learning rate is too high" +
+                    (", or activations above fp16's 65504: try --amp bf16" if scaler.enabled else "") + ")")
+        if scaler.enabled and scaler.scale < self.min_loss_scale:
+            return (f"the fp16 loss scale fell to {scaler.scale:g}, below {self.min_loss_scale:g}, after "
+                    f"{self.bad_grads} skipped steps in a row: the gradients overflow unscaled (likely cause: the "
+                    "learning rate is too high, or fp16's range is too small for this model: try --amp bf16)")
+        if not scaler.enabled and self.bad_grads >= self.patience:
+            return (f"the gradient norm was {grad_norm} for {self.bad_grads} steps in a row, every step skipped "
+                    "(likely cause: the learning rate is too high, or inf/nan in the data or the weights)")
+        return None
+
+
 def cast_model(model, dtype):
     """Store the model's parameters in `dtype` (buffers such as the RoPE tables stay fp32)."""
     for p in model.parameters():
@@ -67,11 +121,28 @@ def cast_model(model, dtype):
 
 
 def global_grad_norm(grads, reduce_fn=None, expert_grads=(), expert_reduce_fn=None):
-    """sqrt(sum of squared entries) over all gradients, in fp32 or better. `reduce_fn` sums the squared norm
-    over ranks that hold distinct pieces (ZeRO shards, tensor-parallel slices). inf/nan propagate into the
-    norm, so a non-finite norm is also the overflow check, and it agrees on every rank after the reduction.
-    Under expert parallelism (moe.py) `expert_grads` are this rank's experts' gradients, which the other ranks
-    of its ep group do not hold: `expert_reduce_fn` sums their part over that group before it joins the rest."""
+    """The gradient norm for clipping, sqrt(sum of squared entries) over the whole model, in fp32 or better,
+    the same on every rank. Each rank squares the pieces it holds; every distinct piece must be counted
+    exactly once over the world. This is the one place that story is told:
+
+      - one process: every gradient, no reduction.
+      - data parallel, ddp.py: the averaged gradients are equal on every dp rank, so each rank's sum is
+        already the model's; nothing is summed over dp.
+      - ZeRO, zero.py: each dp rank squares its own flat shards (their zero padding adds nothing) and
+        `reduce_fn` first sums over the dp group.
+      - tensor parallel, tensor_parallel.py: a split weight's slices are distinct and summed over the tp group;
+        a replicated parameter (a norm's gain) has the same gradient on every tp rank and is left out on all
+        but tp rank 0 (its tp_duplicate mark, `tensor_parallel.is_tp_duplicate`).
+      - pipeline parallel: each stage's blocks are distinct and summed over the pp group.
+        (training.grad_norm_reduce builds `reduce_fn` for tp and pp; zero.py puts its dp sum in front.)
+      - expert parallel, moe.py: this rank's own experts (`moe.is_expert_parallel`) are not held by the other
+        ranks of its ep group. Under ddp.py they come in as `expert_grads` and `expert_reduce_fn` sums their
+        part over the ep group before it joins the rest. Under zero.py the dp sum already adds every rank's
+        experts, so an expert held by several replicas of its expert-data group is counted on the first only
+        (`moe.is_ep_duplicate` on the others).
+
+    inf/nan propagate into the norm, so a non-finite norm is also fp16's overflow check, and after the
+    reductions it is non-finite on every rank alike: all ranks skip the step together."""
     dtype = torch.promote_types(grads[0].dtype, torch.float32) if grads else torch.float32
     sq = torch.zeros((), dtype=dtype, device=grads[0].device if grads else "cpu")
     for g in grads:
@@ -135,11 +206,9 @@ class MixedPrecisionOptimizer:
             g = p.grad if p.grad is not None else torch.zeros_like(p)
             # In fp32 this is the identity (m is p); in 16-bit it is the one cast up to the master grad.
             m.grad = g.float() * inv_scale if (self.low_precision or inv_scale != 1.0) else g
-        # A parameter replicated across tensor-parallel ranks (tensor_parallel.py marks it tp_duplicate on all
-        # but one) enters the global norm once; split ones enter once per slice; norm_reduce_fn sums the ranks.
-        # Dense gradients are equal over the data-parallel group and count once; each rank's experts are its own.
-        counted = [(m.grad, getattr(p, "expert_parallel", False)) for p, m in zip(self.model_params, self.master_params)
-                   if not getattr(p, "tp_duplicate", False)]
+        # Which gradients count and which groups sum them: global_grad_norm's docstring.
+        counted = [(m.grad, is_expert_parallel(p)) for p, m in zip(self.model_params, self.master_params)
+                   if not is_tp_duplicate(p)]
         norm = global_grad_norm([g for g, e in counted if not e], self.norm_reduce_fn,
                                 [g for g, e in counted if e], self.expert_norm_reduce_fn)
         found_inf = not math.isfinite(float(norm))
@@ -196,3 +265,22 @@ if __name__ == "__main__":
             opt.zero_grad()
             losses.append(f"{loss.item():.3f}{'(skipped)' if skipped else ''}")
         print(f"{name}: losses {' '.join(losses)}  final loss scale {scaler.scale:g}")
+    print("fp16's loss scale starts at 2^16 = 65536 and doubles after 3 clean steps here (2000 by default).\n"
+          "At step 5 an inf was put into a gradient: (skipped) marks that step, whose update was dropped (the next\n"
+          "loss is the same) and whose scale was halved. fp32 and bf16 need no scaling: their scale stays 1.")
+    # A run that cannot train: fp16 at learning rate 1 overflows within a few steps and never recovers.
+    torch.manual_seed(0)
+    model = cast_model(Transformer(PRESETS["tiny"]), torch.float16)
+    scaler, guard = DynamicLossScaler(enabled=True), DivergenceGuard()
+    opt = MixedPrecisionOptimizer([{"params": list(model.parameters())}], lambda g: torch.optim.AdamW(g, lr=1.0),
+                                  torch.float16, scaler)
+    for step in range(1, 101):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.scale_loss(loss).backward()
+        norm, skipped = opt.step(max_norm=1.0)
+        opt.zero_grad()
+        if reason := guard.check(loss.item(), norm, scaler):
+            print(f"fp16 at lr 1: stopped after step {step}: {reason}")
+            break
+    else:
+        print("fp16 at lr 1: the guard did not stop the run within 100 steps")

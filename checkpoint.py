@@ -9,8 +9,8 @@ stage, its ZeRO shards): N files of about 1/N of the state each, written in para
 dp x pp x tp, ZeRO stage) is recorded and a mismatch is refused on resume, since one layout's slices do not fit
 another (resharding is not built).
 
-Size: about 16 bytes per parameter under mixed-precision Adam (2 weights + 12 fp32 master, m, v, in the
-ZeRO paper's accounting; gradients are not saved), spread over the ranks that shard it.
+Size: of the 16 bytes per parameter that mixed-precision Adam holds (2 weights + 2 gradients + 12 fp32 master,
+m, v), 14 are saved (gradients are not), spread over the ranks that shard them; in fp32, 4 + 8 = 12.
 
 Used by pretrain.py and sft.py; tests/test_pretrain.py resumes k + k steps against 2k in one go.
 """

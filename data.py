@@ -9,23 +9,34 @@ pure function of (seed, step): ranks never overlap, and the data position in a c
 
 Disk: 2 bytes per token for vocabularies below 65536. The embedded default corpus (the Python standard
 library's own source, tests left out: about 12 MB of real code on every machine that has Python) is prepared
-on first use into a cache folder.
+on first use into a cache folder. Every rank of a first run asks for it at once: one process prepares it into
+a private temporary folder while the others wait on a file lock (fcntl), and it appears by rename, meta.json
+last, so no process ever reads a half-written or truncated shard. A folder is checked before training reads
+it: meta.json's keys and types, the dtype (uint16/uint32) against each shard's size and the token counts, and
+the largest token id (recorded at prepare time) against the vocabulary.
 
 Tokenisers come from tiktoken. Named encodings (gpt2, cl100k_base, ...) are downloaded by tiktoken on first
 use and cached; with no network they cannot load. The default `bytes` is a tiktoken Encoding built here with
 one token per byte and no merges (vocabulary 256 + end-of-text): it needs no download, and on source code a
 small model learns it quickly.
 
-Instruction examples for fine-tuning (templates, loss masks, their batches) are sft.py's.
+Instruction examples for fine-tuning (templates, loss masks, their batches) are sft.py's; the embedded default
+SFT data is built here from the same standard library: every short function with a docstring becomes "Write a
+Python function `name(args)` that: <docstring>" -> its source, held out by module.
 
 Use:
     python data.py prepare --src PATH --out DIR [--tokenizer NAME]   # a text file, a folder, or JSONL {"text"}
     python data.py stats DIR                                           # what meta.json says
 """
 import argparse
+import ast
+import contextlib
+import fcntl
 import json
 import os
+import shutil
 import sysconfig
+import textwrap
 import zlib
 from pathlib import Path
 
@@ -73,6 +84,17 @@ def stdlib_documents():
             yield str(rel), path.read_text(encoding="utf-8", errors="replace")
 
 
+def text_lines(path):
+    """(line number, text) of each line of a UTF-8 file; a byte that is not UTF-8 is an error naming file:line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is not UTF-8; "
+                                "save the file as UTF-8") from None
+
+
 def source_documents(src):
     """(name, text) for a text file, a JSONL file with a "text" field per line, or a folder of text files."""
     src = Path(src)
@@ -86,15 +108,16 @@ def source_documents(src):
         files = [src]
     for path in files:
         if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise DataError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
-                    yield f"{path.name}:{lineno}", text
+            for lineno, line in text_lines(path):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
+                if not isinstance(text, str):
+                    raise DataError(f"{path}:{lineno}: \"text\" must be a string")
+                yield f"{path.name}:{lineno}", text
         else:
             yield str(path.relative_to(src) if src.is_dir() else path.name), path.read_text("utf-8", "replace")
 
@@ -126,12 +149,16 @@ def write_split(tokens_iter, out, split, dtype):
     return names, total
 
 
-def prepare(docs, out, tokenizer=DEFAULT_TOKENIZER, source="?"):
-    """Tokenise (name, text) documents into train/val shards in `out` and write meta.json last (the marker
-    that the folder is complete)."""
+def prepare(docs, out, tokenizer=DEFAULT_TOKENIZER, source="?", if_missing=False):
+    """Tokenise (name, text) documents into train/val shards in `out`; meta.json is written last (the marker
+    that the folder is complete). Safe when many processes prepare the same folder at once (publish_folder);
+    with if_missing, a folder that is already complete is left as it is."""
     enc = get_tokenizer(tokenizer)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    built = publish_folder(out, lambda tmp: _prepare_into(docs, tmp, enc, tokenizer, source), if_missing)
+    return built or json.loads((Path(out) / "meta.json").read_text())
+
+
+def _prepare_into(docs, out, enc, tokenizer, source):
     dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32
     eot = eot_id(enc)
     splits = {"train": [], "val": []}
@@ -145,14 +172,65 @@ def prepare(docs, out, tokenizer=DEFAULT_TOKENIZER, source="?"):
     if not splits["train"]:
         splits["train"].append(splits["val"][0])
     meta = {"tokenizer": tokenizer, "vocab_size": enc.n_vocab, "eot": eot, "dtype": np.dtype(dtype).name,
-            "source": str(source), "shards": {}, "tokens": {}, "documents": {}}
+            "source": str(source), "shards": {}, "tokens": {}, "documents": {}, "max_id": eot}
     for split, texts in splits.items():
-        toks = (np.array(t + [eot], dtype=np.int64) for t in enc.encode_ordinary_batch(texts, num_threads=2))
-        meta["shards"][split], meta["tokens"][split] = write_split(toks, out, split, dtype)
+        toks = [np.array(t + [eot], dtype=np.int64) for t in enc.encode_ordinary_batch(texts, num_threads=2)]
+        # Every id must fit the vocabulary (and the dtype): checked here once, recorded, and checked against the
+        # model at the start of every run.
+        meta["max_id"] = max(meta["max_id"], max(int(t.max()) for t in toks))
+        meta["shards"][split], meta["tokens"][split] = write_split(iter(toks), out, split, dtype)
         meta["documents"][split] = len(texts)
-    (out / "meta.json.tmp").write_text(json.dumps(meta, indent=2))
-    os.replace(out / "meta.json.tmp", out / "meta.json")
+    if meta["max_id"] >= enc.n_vocab:
+        raise DataError(f"tokenizer {tokenizer!r} produced id {meta['max_id']}, outside its vocabulary of "
+                        f"{enc.n_vocab}")
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
+
+
+# ---------------------------------------------------------------------------------------------- publishing
+@contextlib.contextmanager
+def folder_lock(out):
+    """An exclusive lock on folder `out` (fcntl, on a file next to it): other processes wait here. The kernel
+    drops it when its holder dies, so a killed preparer never leaves the others waiting."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def publish_folder(out, build, if_missing=False):
+    """Build a data folder so that concurrent processes (every rank of a first run, started on an empty cache)
+    all see the same complete data: one process builds while the others wait on the lock, then find meta.json.
+    `build(tmp)` writes into a private temporary folder next to `out`, meta.json last; its files are then moved
+    into `out` with rename, which never truncates a file another process has open (it replaces the name, the
+    reader keeps the old inode). meta.json is removed first and moved last, so `out` is never a mix that looks
+    complete. Returns build's result, or None if `if_missing` and `out` was already complete."""
+    out = Path(out)
+    if if_missing and (out / "meta.json").exists():
+        return None
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file: give a folder for the shards and meta.json")
+    with folder_lock(out):
+        if if_missing and (out / "meta.json").exists():  # another process built it while we waited
+            return None
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed builder (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        tmp.mkdir()
+        try:
+            result = build(tmp)
+            if not out.exists():
+                os.rename(tmp, out)  # the whole folder appears at once
+                return result
+            (out / "meta.json").unlink(missing_ok=True)
+            for f in sorted(tmp.iterdir(), key=lambda f: f.name == "meta.json"):
+                os.replace(f, out / f.name)
+            return result
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def default_data_dir(tokenizer):
@@ -165,8 +243,9 @@ def ensure_default_data(tokenizer):
     out = default_data_dir(tokenizer)
     if not (out / "meta.json").exists():
         print(f"preparing the embedded default corpus (Python {sysconfig.get_python_version()} standard library) "
-              f"into {out} ...", flush=True)
-        prepare(stdlib_documents(), out, tokenizer, source=f"python{sysconfig.get_python_version()}-stdlib")
+              f"into {out} (or waiting for another process that is) ...", flush=True)
+        prepare(stdlib_documents(), out, tokenizer, source=f"python{sysconfig.get_python_version()}-stdlib",
+                if_missing=True)
     return out
 
 
@@ -177,14 +256,68 @@ def load_meta(data_dir, tokenizer=None):
         raise DataError(f"--data {d}: no such folder (prepare one with: python data.py prepare --src PATH --out {d})")
     if not (d / "meta.json").exists():
         raise DataError(f"--data {d}: no meta.json, so not a prepared data folder (python data.py prepare ...)")
-    meta = json.loads((d / "meta.json").read_text())
+    try:
+        meta = json.loads((d / "meta.json").read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{d / 'meta.json'}: not valid JSON ({str(e)[:80]}); prepare the folder again") from None
+    check_meta(d, meta)
     if tokenizer is not None and tokenizer != meta["tokenizer"]:
         raise DataError(f"--data {d} was prepared with tokenizer {meta['tokenizer']!r}, not --tokenizer "
                         f"{tokenizer!r}: drop the flag or prepare the data again with it")
-    for split in ("train", "val"):
-        if meta["tokens"].get(split, 0) == 0:
-            raise DataError(f"--data {d}: the {split} split is empty")
     return meta
+
+
+META_TYPES = {"tokenizer": str, "vocab_size": int, "eot": int, "dtype": str, "shards": dict, "tokens": dict}
+DTYPE_VOCAB = {"uint16": 2 ** 16, "uint32": 2 ** 32}  # the shard dtypes, and the vocabulary each can hold
+
+
+def check_meta(d, meta):
+    """Everything the batches will trust: keys and types, the dtype, each shard's size against the dtype and the
+    token count, and the ids against the vocabulary (their maximum is recorded at prepare time)."""
+    where = d / "meta.json"
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: expected a JSON object with keys {', '.join(META_TYPES)}")
+    for key, kind in META_TYPES.items():
+        if key not in meta:
+            raise DataError(f"{where}: missing key {key!r}; prepare the folder again (python data.py prepare)")
+        if not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool)):
+            raise DataError(f"{where}: {key!r} must be a {kind.__name__}, got {json.dumps(meta[key])[:40]}")
+    if meta["dtype"] not in DTYPE_VOCAB:
+        raise DataError(f"{where}: dtype {meta['dtype']!r} is not a shard dtype: uint16 or uint32")
+    if not 0 < meta["vocab_size"] <= DTYPE_VOCAB[meta["dtype"]]:
+        raise DataError(f"{where}: vocab_size {meta['vocab_size']} does not fit dtype {meta['dtype']}")
+    max_id = meta.get("max_id", meta["eot"])
+    if not isinstance(max_id, int) or isinstance(max_id, bool):
+        raise DataError(f"{where}: 'max_id' must be an int, got {json.dumps(max_id)[:40]}")
+    if not 0 <= max(max_id, meta["eot"]) < meta["vocab_size"]:
+        raise DataError(f"{where}: token ids up to {max(max_id, meta['eot'])} (max_id, eot) do not fit vocab_size "
+                        f"{meta['vocab_size']}: a model of this vocabulary would index past its embedding")
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in ("train", "val"):
+        names, count = meta["shards"].get(split), meta["tokens"].get(split)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(count, int):
+            raise DataError(f"{where}: shards[{split!r}] must be a list of file names and tokens[{split!r}] a count")
+        if count == 0:
+            raise DataError(f"--data {d}: the {split} split is empty")
+        total = 0
+        for name in names:
+            f = d / name
+            if not f.is_file():
+                raise DataError(f"{f}: shard listed in meta.json is missing; prepare the folder again")
+            size = f.stat().st_size
+            if size == 0 or size % itemsize:
+                raise DataError(f"{f}: {size} bytes is not a whole number of {meta['dtype']} tokens "
+                                f"({itemsize} bytes each) or is empty: the shard is damaged; prepare the folder again")
+            total += size // itemsize
+        if total != count:
+            raise DataError(f"--data {d}: the {split} shards hold {total} {meta['dtype']} tokens, meta.json says "
+                            f"{count}: the dtype or a shard is wrong; prepare the folder again")
+    if "max_id" not in meta:  # a folder from before max_id was recorded: look once (a pass over the shards)
+        seen = max(int(np.memmap(d / n, dtype=meta["dtype"], mode="r").max()) for n in
+                   meta["shards"]["train"] + meta["shards"]["val"])
+        if seen >= meta["vocab_size"]:
+            raise DataError(f"--data {d}: the shards hold id {seen}, outside vocab_size {meta['vocab_size']}")
+        meta["max_id"] = max(seen, meta["eot"])
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -215,20 +348,20 @@ class TokenWindows:
 
 class Batches:
     """Step s of training reads windows perm_epoch[s*B:(s+1)*B] (B = global batch in sequences); rank r of
-    `world` takes the r-th contiguous 1/world of them, cut into `micro_steps` micro-batches.
+    `world` takes the r-th contiguous 1/world of them, cut into `n_micro` micro-batches.
 
     The whole state is the step counter: batches are a pure function of (seed, step), so resuming restores
     the exact stream, and a checkpoint's `state_dict()` is tiny."""
 
-    def __init__(self, data_dir, seq_len, global_batch, rank=0, world=1, micro_steps=1, seed=0, split="train"):
+    def __init__(self, data_dir, seq_len, global_batch, rank=0, world=1, n_micro=1, seed=0, split="train"):
         self.windows = TokenWindows(data_dir, split, seq_len)
-        if global_batch % (world * micro_steps):
-            raise DataError(f"--batch-size {global_batch} does not divide into {world} ranks x {micro_steps} "
+        if global_batch % (world * n_micro):
+            raise DataError(f"--batch-size {global_batch} does not divide into {world} ranks x {n_micro} "
                             "micro-steps of equal size")
         if global_batch > self.windows.n:
             raise DataError(f"--batch-size {global_batch} is more than the {self.windows.n} windows of "
                             f"{seq_len + 1} tokens in the {split} split")
-        self.B, self.rank, self.world, self.micro, self.seed = global_batch, rank, world, micro_steps, seed
+        self.B, self.rank, self.world, self.n_micro, self.seed = global_batch, rank, world, n_micro, seed
         self.steps_per_epoch = self.windows.n // global_batch
         self.step = 0
         self._perm_epoch, self._perm = None, None
@@ -240,13 +373,13 @@ class Batches:
         return self._perm
 
     def next(self):
-        """The micro-batches of this rank for the next optimizer step: a list of `micro_steps` (x, y) pairs."""
+        """The micro-batches of this rank for the next optimizer step: a list of `n_micro` (x, y) pairs."""
         epoch, s = divmod(self.step, self.steps_per_epoch)
         idx = self._permutation(epoch)[s * self.B:(s + 1) * self.B]
         per_rank = self.B // self.world
         mine = idx[self.rank * per_rank:(self.rank + 1) * per_rank]
         self.step += 1
-        return [self.windows.get(chunk) for chunk in np.split(mine, self.micro)]
+        return [self.windows.get(chunk) for chunk in np.split(mine, self.n_micro)]
 
     def state_dict(self):
         return {"step": self.step, "seed": self.seed, "global_batch": self.B, "windows": self.windows.n}
@@ -269,6 +402,66 @@ def eval_batches(data_dir, seq_len, global_batch, n_batches, rank=0, world=1):
         idx = np.arange(b * global_batch, (b + 1) * global_batch) % windows.n
         out.append(windows.get(idx[rank * per_rank:(rank + 1) * per_rank]))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- SFT default data
+SFT_VAL_EVERY = 10          # held-out modules for the default data: crc32(module path) % 10 == 0
+DEFAULT_MAX_BYTES = 257     # the tiny preset's context + 1 with the byte tokenizer: what the default keeps
+
+
+def function_examples(name, text):
+    """(instruction, response) for each function with a docstring in one module's source."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return
+    lines = text.splitlines()
+    for node in ast.walk(tree):
+        doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
+        if not doc or len(node.body) < 2:
+            continue
+        summary = " ".join(doc.strip().split("\n\n")[0].split())
+        d = node.body[0]  # the docstring's statement: its lines are cut out of the response
+        src = lines[node.lineno - 1:d.lineno - 1] + lines[d.end_lineno:node.end_lineno]
+        instruction = f"Write a Python function `{node.name}({ast.unparse(node.args)})` that: {summary}"
+        yield instruction, textwrap.dedent("\n".join(src))
+
+
+def build_default_data(docs, out, render, max_bytes=DEFAULT_MAX_BYTES):
+    """Write train.jsonl and val.jsonl (held out by module) of the functions whose rendering (`render`: an
+    Alpaca-style dict -> its token ids with the byte tokenizer; sft.py's template) fits in max_bytes; the rest
+    are counted, not truncated. meta.json, written last, holds the counts."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {s: open(out / f"{s}.jsonl.tmp", "w", encoding="utf-8") for s in ("train", "val")}
+    counts = {"functions": 0, "too_long": 0, "train": 0, "val": 0}
+    for name, text in docs:
+        split = "val" if zlib.crc32(name.encode()) % SFT_VAL_EVERY == 0 else "train"
+        for instruction, response in function_examples(name, text):
+            counts["functions"] += 1
+            ex = {"instruction": instruction, "output": response, "module": name}
+            if len(render(ex)) > max_bytes:
+                counts["too_long"] += 1
+                continue
+            files[split].write(json.dumps(ex) + "\n")
+            counts[split] += 1
+    for s, f in files.items():
+        f.close()
+        os.replace(out / f"{s}.jsonl.tmp", out / f"{s}.jsonl")
+    (out / "meta.json").write_text(json.dumps(counts))
+    return counts
+
+
+def ensure_sft_default_data(render):
+    out = default_data_dir("bytes").parent / "sft-stdlib"
+    if not (out / "meta.json").exists():
+        print(f"building the default SFT data (standard library functions with docstrings) into {out} (or "
+              "waiting for another process that is) ...", flush=True)
+        c = publish_folder(out, lambda tmp: build_default_data(stdlib_documents(), tmp, render), if_missing=True)
+        if c:
+            print(f"  {c['functions']} functions with a docstring; {c['too_long']} skipped as longer than "
+                  f"{DEFAULT_MAX_BYTES} bytes rendered; kept {c['train']} train, {c['val']} held-out", flush=True)
+    return out / "train.jsonl", out / "val.jsonl"
 
 
 def main(argv=None):

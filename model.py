@@ -95,27 +95,42 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-def naive_attention(q, k, v):
+def packed_mask(doc):
+    """(B, 1, T, T) True where query i may attend to key j: j <= i and both in the same example (document id)."""
+    T = doc.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    return (causal & (doc[:, :, None] == doc[:, None, :])).unsqueeze(1)
+
+
+def naive_attention(q, k, v, doc=None):
     """softmax(q k^T / sqrt(d) + causal mask) v, materialising the T x T matrix: the O(N^2) memory baseline."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     T = q.shape[2]
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() if doc is None else packed_mask(doc)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
     return probs @ v
 
 
-def attention(q, k, v, backend):
-    """Causal attention over (B, H, T, D) queries and (B, H_kv, T, D) keys/values."""
+def attention(q, k, v, backend, doc=None):
+    """Causal attention over (B, H, T, D) queries and (B, H_kv, T, D) keys/values. With `doc` (B, T), the
+    document id of each position in packed rows (non-decreasing along a row), a query attends only to keys of
+    its own document: a block-diagonal causal mask, so that packed examples never see each other."""
+    if callable(backend):  # set from outside by a parallel file (context_parallel.py's ring attention)
+        return backend(q, k, v, doc)
     if backend == "naive":
-        return naive_attention(q, k, v)
+        return naive_attention(q, k, v, doc)
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        gqa = q.shape[1] != k.shape[1]
+        if doc is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=packed_mask(doc), enable_gqa=gqa)
     if backend == "flash":
         from flash_attn import flash_attention  # imported late: Triton is only needed when asked for
-        return flash_attention(q, k, v, causal=True)
+        return flash_attention(q, k, v, causal=True) if doc is None else flash_attention(q, k, v, causal=True,
+                                                                                          doc=doc)
     raise ValueError(f"--attn must be one of {', '.join(ATTN_BACKENDS)}, got {backend!r}")
 
 
@@ -129,15 +144,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False)
         self.wo = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, doc=None):
         B, T, _ = x.shape
-        cos, sin = cos[:T], sin[:T]  # the tables may be longer (under sequence parallelism x is gathered here)
+        if cos.dim() == 2:  # positions 0..T-1: the tables may be longer (under sequence parallelism x is gathered here)
+            cos, sin = cos[:T], sin[:T]
         # -1 heads: under tensor parallelism the local linears are narrower and hold only this rank's heads.
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = attention(q, k, v, self.backend)
+        y = attention(q, k, v, self.backend, doc)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -162,8 +178,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, doc=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, doc)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -203,14 +219,18 @@ class Transformer(nn.Module):
     def embed(self, idx):
         return self.tok_emb(idx)
 
-    def body(self, x):
+    def body(self, x, pos=None, doc=None):
+        """`pos` (B, T): each token's position for RoPE (packed rows restart at every example; default 0..T-1);
+        `doc` (B, T): its example's id in a packed row (attention stays inside it), or None."""
         cos, sin = self.rope_cos, self.rope_sin  # whole tables: each attention takes the first T rows it needs
+        if pos is not None:  # (B, 1, T, head_dim/2): the rows of the given positions, for every head
+            cos, sin = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
         for block in self.blocks:
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 # Keep only the block's input; recompute its insides during backward.
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, doc, use_reentrant=False)
             else:
-                x = block(x, cos, sin)
+                x = block(x, cos, sin, doc)
         return x
 
     def head(self, x, targets=None, reduction="mean"):
@@ -220,10 +240,10 @@ class Transformer(nn.Module):
             return logits, None
         return logits, self.loss_fn(logits, targets, reduction)
 
-    def forward(self, idx, targets=None, reduction="mean"):
+    def forward(self, idx, targets=None, reduction="mean", pos=None, doc=None):
         # A pipeline stage (pipeline.py) may lack the embedding (it receives activations instead of token ids)
         # or the head (it returns its activations, to be sent on, and no loss).
-        x = self.body(self.embed(idx) if self.tok_emb is not None else idx)
+        x = self.body(self.embed(idx) if self.tok_emb is not None else idx, pos, doc)
         return self.head(x, targets, reduction) if self.lm_head is not None else (x, None)
 
     @torch.no_grad()

@@ -138,27 +138,37 @@ class MoE(nn.Module):
         return all_to_all(y, recv_counts.sum(1).tolist(), send_counts.sum(1).tolist(), self.ep_group)
 
 
-def shard_experts(moe, ep_rank, ep, ep_group):
-    """Keep only this rank's E/ep experts of a fully initialised MoE (same seed everywhere: exact parity)."""
+def shard_experts(moe, ep_rank, ep, ep_group, expert_dp_rank=0):
+    """Keep only this rank's E/ep experts of a fully initialised MoE (same seed everywhere: exact parity), and
+    mark them: expert_parallel (this rank's own: ddp.py neither broadcasts nor averages them, zero.py does not
+    shard them; reduce_expert_grads reduces them) and, on every replica but the first of an expert-data group
+    (expert_dp_rank > 0), ep_duplicate (the gradient norm counts each expert once: amp.global_grad_norm)."""
     check_moe(moe.E, moe.k, moe.capacity_factor, ep)
     n = moe.E // ep
     moe.experts = nn.ModuleList(list(moe.experts)[ep_rank * n:(ep_rank + 1) * n])
     moe.first_expert, moe.ep, moe.ep_group = ep_rank * n, ep, ep_group
+    for p in moe.experts.parameters():
+        p.expert_parallel, p.ep_duplicate = True, expert_dp_rank > 0
     return moe
 
 
 def keep_experts(model, topo):
-    """Expert parallelism (topo.ep > 1): keep this rank's experts of every MoE layer, and mark them for ddp.py and
-    zero.py (not broadcast, not averaged over dp: reduce_expert_grads) and for the gradient norm (only the first
-    replica of an expert-data group counts them under ZeRO)."""
+    """Expert parallelism (topo.ep > 1): keep this rank's experts of every MoE layer (shard_experts marks them)."""
     if topo.ep == 1:
         return model
     for layer in moe_layers(model):
-        shard_experts(layer, topo.ep_rank, topo.ep, topo.ep_group)
-    for p in expert_params(model):
-        p.expert_parallel = True
-        p.ep_duplicate = topo.expert_dp_rank > 0
+        shard_experts(layer, topo.ep_rank, topo.ep, topo.ep_group, topo.expert_dp_rank)
     return model
+
+
+def is_expert_parallel(p):
+    """One of this rank's own experts under expert parallelism (marked by shard_experts)."""
+    return getattr(p, "expert_parallel", False)
+
+
+def is_ep_duplicate(p):
+    """An expert held by another replica of its expert-data group too, which counts it in the norm instead."""
+    return getattr(p, "ep_duplicate", False)
 
 
 def moe_layers(model):
@@ -195,6 +205,14 @@ def check_flags(args, n_layer):
     if args.sequence_parallel:
         raise MoEError("--experts with --sequence-parallel: routing needs every token of a rank's batch; "
                        "drop --sequence-parallel")
+
+
+def with_experts(model, args):
+    """--experts: swap the chosen blocks' MLPs for MoE layers, before any slicing (no flag, or 0: dense)."""
+    if args is not None and getattr(args, "experts", 0):
+        add_moe(model, args.experts, args.topk, args.capacity_factor, args.aux_loss_weight,
+                parse_layers(args.moe_layers, model.cfg.n_layer))
+    return model
 
 
 def parse_layers(spec, n_layer):
@@ -241,7 +259,13 @@ if __name__ == "__main__":
         dist.init_process_group("gloo")
     rank = dist.get_rank() if world > 1 else 0
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    steps = int(os.environ.get("DEMO_STEPS", 60))  # (the tests run a shorter demo)
+    last = max(1, steps // 3)  # the load is averaged over the last third of the run
     cfg = replace(PRESETS["tiny"], n_layer=2, vocab_size=320, d_ff=128)
+    if rank == 0:  # the embedded corpus, prepared once by one rank before the others read it
+        data.ensure_default_data("bytes")
+    if world > 1:
+        dist.barrier()
     batches_dir = data.ensure_default_data("bytes")
     E, k = 8, 2
     for alpha in (0.0, 1e-2):
@@ -257,7 +281,7 @@ if __name__ == "__main__":
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         batches = data.Batches(batches_dir, 64, 16, rank, world, seed=0)
         spreads = []
-        for step in range(60):
+        for step in range(steps):
             (x, y), = batches.next()
             _, loss = model(x, y)
             (loss + aux_loss(model)).backward()
@@ -269,9 +293,9 @@ if __name__ == "__main__":
             opt.step()
             opt.zero_grad()
             spreads.append(load_spread(model))
-        busiest, idlest = (sum(s[i] for s in spreads[-20:]) / 20 for i in (0, 1))  # the last 20 steps
+        busiest, idlest = (sum(s[i] for s in spreads[-last:]) / last for i in (0, 1))
         if rank == 0:
             print(f"aux weight {alpha:<5}: loss {loss.item():.3f}  busiest expert {busiest:.1%}  idlest {idlest:.1%} "
-                  f"of routed pairs over the last 20 steps on rank 0 (perfect balance: {1 / E:.1%}), ep={world}")
+                  f"of routed pairs over the last {last} steps on rank 0 (perfect balance: {1 / E:.1%}), ep={world}")
     if world > 1:
         dist.destroy_process_group()

@@ -56,6 +56,15 @@ def keep_stage(model, topo):
     return model
 
 
+def cut(batch, m):
+    """A batch (x, y) or (x, y, {"pos": ..., "doc": ...}) cut along its rows into (at most) m micro-batches."""
+    x, y, *packing = batch
+    pieces = [x.chunk(m), y.chunk(m)] + [v.chunk(m) for v in (packing[0].values() if packing else ())]
+    if not packing:
+        return list(zip(*pieces))
+    return [(p[0], p[1], dict(zip(packing[0], p[2:]))) for p in zip(*pieces)]
+
+
 # ----------------------------------------------------------------------------- the schedules
 def make_schedule(kind, m, p, stage):
     """The ordered list of ("F", i) and ("B", i) this stage executes for micro-batches 0..m-1."""
@@ -109,14 +118,15 @@ class _Saved:
 
 def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, scale_loss=None, timeline=None,
                  train=True, no_sync=None):
-    """Forward (and with train=True backward) of `micro_batches` [(x, y), ...] through this rank's stage.
+    """Forward (and with train=True backward) of `micro_batches` [(x, y) or (x, y, packing), ...] through this
+    rank's stage.
     Gradients accumulate in the stage's parameters. The last stage sums each micro-batch's per-token losses
     (labels of -100 take none) and divides by loss_div (default: the micro-batches' labelled tokens, so that the
     result is their mean; training.py passes the global batch's count). Returns the sum over micro-batches,
     the same on every rank of the pp group. `timeline`, a list, receives (op, micro-batch, t0, t1) per op.
     `no_sync()` (ddp.py's) wraps every backward but the step's last, so that data parallelism reduces once."""
     m = len(micro_batches)
-    loss_div = loss_div or sum(int((y != -100).sum()) for _, y in micro_batches)
+    loss_div = loss_div or sum(int((mb[1] != -100).sum()) for mb in micro_batches)
     first, last, p, s = topo.is_first_stage, topo.is_last_stage, topo.pp, topo.pp_rank
     prev_rank = topo.pp_ranks[s - 1] if not first else None
     next_rank = topo.pp_ranks[s + 1] if not last else None
@@ -131,7 +141,10 @@ def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, sca
         return buf
 
     def forward(i):
-        x, y = micro_batches[i]
+        # Packed rows (sft.py --pack) bring positions and document ids, {"pos": ..., "doc": ...}: every stage's
+        # attention needs them; each stage has them from the data loader, only activations travel.
+        x, y, *packing = micro_batches[i]
+        packing = {k: v.to(device) for k, v in packing[0].items()} if packing else {}
         # (B, T, d) between stages; (B, T/tp, d) under sequence parallelism (tensor_parallel.py)
         act_shape = (x.shape[0], x.shape[1] // getattr(model, "sequence_shards", 1), model.cfg.d_model)
         if first:
@@ -141,7 +154,7 @@ def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, sca
         t0 = time.perf_counter()
         # The stage's forward: token ids -> activations on the first, activations -> (logits, loss) on the
         # last, activations -> activations in between (model.py's forward skips the parts a stage lacks).
-        out, loss = model(h, y.to(device) if last else None, reduction="sum")
+        out, loss = model(h, y.to(device) if last else None, reduction="sum", **packing)
         if last:
             losses[i] = loss / loss_div
             total.add_(losses[i].detach().double())
@@ -220,8 +233,8 @@ def demo():
     results = []
     for m in args.microbatches:
         for schedule in SCHEDULES:
-            batch = [(torch.randint(0, cfg.vocab_size, (args.micro_batch_size, args.seq_len), generator=gen),) * 2
-                     for _ in range(m)]
+            seqs = torch.randint(0, cfg.vocab_size, (m, args.micro_batch_size, args.seq_len + 1), generator=gen)
+            batch = [(s[:, :-1], s[:, 1:]) for s in seqs]  # inputs and next-token targets
             for warm in (True, False):  # one untimed run first: first-call allocations would skew the timeline
                 timeline, meter = [], ActivationMeter(model)
                 dist.barrier()
@@ -230,19 +243,20 @@ def demo():
                     loss = run_pipeline(model, batch, topo, schedule, timeline=timeline)
                 t_end = time.perf_counter()
                 model.zero_grad()
-            t_end = torch.tensor([t_end - t_start])
-            dist.all_reduce(t_end, op=dist.ReduceOp.MAX, group=topo.pp_group)  # the step ends with the last stage
             rows = [None] * pp
-            dist.all_gather_object(rows, (timeline, t_start, meter.peak), group=topo.pp_group)
+            dist.all_gather_object(rows, (timeline, t_start, t_end, meter.peak), group=topo.pp_group)
             if dist.get_rank() == 0:
-                total = t_end.item()
-                idle = [1 - sum(t1 - t0 for _, _, t0, t1 in tl) / total for tl, _, _ in rows]
-                print(f"\n{schedule}, p={pp}, m={m}: loss {loss.item():.4f}, step {total * 1e3:.0f} ms")
+                # The step's span from the first stage's start to the last stage's end. perf_counter is one
+                # monotonic clock for every process of a machine, so the ranks' times compare; a per-rank span
+                # (end - own start) would be shorter for a rank that left the barrier late, and read as less idle.
                 t0 = min(r[1] for r in rows)
-                for s, (tl, _, peak) in enumerate(rows):
+                total = max(r[2] for r in rows) - t0
+                idle = [1 - sum(b - a for _, _, a, b in tl) / total for tl, _, _, _ in rows]
+                print(f"\n{schedule}, p={pp}, m={m}: loss {loss.item():.4f}, step {total * 1e3:.0f} ms")
+                for s, (tl, _, _, peak) in enumerate(rows):
                     print(f"  stage {s} |{render(tl, t0, t0 + total)}| idle {idle[s]:.0%}, "
                           f"activations {peak / 2 ** 20:.1f} MiB")
-                results.append((schedule, m, sum(idle) / pp, (pp - 1) / (m + pp - 1), max(r[2] for r in rows)))
+                results.append((schedule, m, sum(idle) / pp, (pp - 1) / (m + pp - 1), max(r[3] for r in rows)))
     if dist.get_rank() == 0:
         print(f"\n{'schedule':<8} {'p':>2} {'m':>2} {'idle, measured':>15} {'(p-1)/(m+p-1)':>14} "
               f"{'peak activations (worst stage)':>31}")

@@ -21,11 +21,11 @@ Run:
     torchrun --nproc_per_node 4 pretrain.py --zero 3 --tp 2                   # ZeRO-3 x tensor parallel
     torchrun --nproc_per_node 4 pretrain.py --tp 2 --pp 2 --microbatches 4    # tensor x pipeline parallel
     torchrun --nproc_per_node 4 pretrain.py --experts 8 --ep 2 --zero 1      # experts over 2 ranks, 2 replicas
+    torchrun --nproc_per_node 4 pretrain.py --cp 2 --tp 2 --attn flash        # sequences split over 2 ranks
 """
 import math
 import sys
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 
@@ -33,7 +33,7 @@ import data as data_lib
 import moe
 import tensor_parallel
 import training
-from amp import DTYPES
+from amp import DTYPES, TrainingStopped
 from checkpoint import CheckpointError
 from estimate import PEAK_TFLOPS, estimate
 from model import PRESETS, Transformer, flops_per_token, num_params, pad_vocab
@@ -86,6 +86,8 @@ def main(argv=None):
     except (ConfigError, CheckpointError, data_lib.DataError, TopologyError, moe.MoEError) as e:
         print(f"pretrain.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as e:
+        training.stop_run("pretrain.py", e)
 
 
 def load_data(args, ckpt):
@@ -105,6 +107,7 @@ def load_data(args, ckpt):
 
 
 def train(args):
+    training.check_values(args)
     if args.estimate:
         return estimate(args)
     rank, world, device = training.setup_distributed(args)
@@ -114,6 +117,9 @@ def train(args):
     tokenizer = meta["tokenizer"]
     cfg = replace(PRESETS[args.model], vocab_size=pad_vocab(meta["vocab_size"]), attn=args.attn,
                   activation_checkpointing=args.activation_checkpointing)
+    if meta["max_id"] >= cfg.vocab_size:  # (load_meta checked the ids against meta.json's vocab_size)
+        raise data_lib.DataError(f"--data {data_dir}: token id {meta['max_id']} is outside the model's vocabulary "
+                                 f"of {cfg.vocab_size}")
     model_config = asdict(replace(cfg, attn="-", activation_checkpointing=False))
     if ckpt and ckpt["model_config"] != model_config:
         raise ConfigError(f"--resume: the checkpoint in {args.out} is of another model config than --model "
@@ -129,7 +135,7 @@ def train(args):
     val = data_lib.eval_batches(data_dir, T, args.batch_size // args.grad_accum, args.eval_iters, topo.dp_rank,
                                 topo.dp)
     with torch.device("meta"):  # the whole model's counts (for FLOPs and the log), without allocating it
-        whole = training.with_experts(Transformer(cfg), args)
+        whole = moe.with_experts(Transformer(cfg), args)
     # FLOPs follow the parameters a token meets: with experts, k of E per MoE layer (moe.py).
     n_params, n_mm = num_params(whole), num_params(whole, matmul_only=True) - moe.inactive_params(whole)
     if args.tokens is not None or args.chinchilla:
@@ -139,7 +145,7 @@ def train(args):
     model = training.build_model(cfg, topo, args.seed, device, DTYPES[args.amp], args.sequence_parallel, args)
     run = training.start(args, topo, device, model, batches, val, max_steps,
                          {"tokenizer": tokenizer, "model_config": model_config}, flops_per_token(cfg, n_mm, T), ckpt)
-    if run.master:
+    if run.rank0:
         print(f"model {args.model}: {n_params:,} parameters, {run.fpt:.3g} FLOPs/token | data {data_dir} "
               f"({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | batch {args.batch_size} x {T} "
               f"tokens = {training.describe_layout(run)} | {max_steps} steps | {args.amp} on {device}"
@@ -154,11 +160,11 @@ def train(args):
 def sample(run, enc):
     """The sample at the end: generation from "def ", printed and written to sample.txt."""
     args, topo, model = run.args, run.topo, run.model
-    if topo.pp > 1 or (args.sequence_parallel and topo.tp > 1):
-        if run.master:  # generation grows the sequence one token at a time: neither cuts into stages or shards
-            print("(no sample: generation is not pipelined nor sequence-parallel)", flush=True)
+    if topo.pp > 1 or (args.sequence_parallel and topo.tp > 1) or topo.cp > 1:
+        if run.rank0:  # generation grows the sequence one token at a time: none of these cuts it
+            print("(no sample: generation is not pipelined, sequence- nor context-parallel)", flush=True)
         return
-    if not (run.master or topo.tp > 1 or run.zero == 3 or topo.ep > 1):
+    if not (run.rank0 or topo.tp > 1 or run.zero == 3 or topo.ep > 1):
         return
     # Under tensor parallelism every tp rank samples in lockstep (the head gathers the full logits, the same
     # seed draws the same tokens); under ZeRO-3 every forward gathers weights from every rank, under expert
@@ -170,7 +176,7 @@ def sample(run, enc):
     prompt = torch.tensor([enc.encode_ordinary("def ")], device=run.device)
     text = enc.decode(model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50,
                                      n_vocab=enc.n_vocab)[0].tolist())
-    if run.master:
+    if run.rank0:
         (run.out / "sample.txt").write_text(text)
         print("-" * 30 + " sample " + "-" * 30 + "\n" + text + "\n" + "-" * 68, flush=True)
 

@@ -25,7 +25,11 @@ Alpaca-style lines ({"instruction", "input" (optional), "output"}) are a one-tur
 Batches: one example per row, padded on the right to the longest row of its micro-batch (padding labels -100).
 Attention is causal, so a real token never sees the padding after it, and no example sees another, at the cost
 of the padded positions' compute. Examples longer than --seq-len (default: the context) are skipped and
-counted, never silently truncated; a prompt that alone fills it is an error.
+counted, never silently truncated; a prompt that alone fills it is an error. --pack instead places several
+examples in one row of --seq-len tokens (pack): each with positions restarting at 0 and a document id, so that
+attention is block-diagonal causal (model.py) and each example's loss is exactly its padded loss; a step keeps
+the same examples, so packed and padded training take the same steps. The compute saved is the padding's (the
+matmuls' 6 N per token), less what longer rows add to attention unless the kernel skips the masked tiles.
 
 Loss normalisation: with masks, micro-batches hold different numbers of response tokens. The loss of a step is
 
@@ -50,14 +54,14 @@ Run:
     python sft.py --init out/pretrain                          # full fine-tuning on the embedded default
     python sft.py --init out/pretrain --lora-r 8 --lora-targets wq,wk,wv,wo,w1,w2,w3 --lr 3e-3
     python sft.py --init out/pretrain --data my.jsonl --val-data my_val.jsonl
-    torchrun --nproc_per_node 4 sft.py --init out/pretrain --zero 3 --tp 2    # any layout pretrain.py runs
+    python sft.py --init out/pretrain --pack                   # several examples per row, no attention between
+    torchrun --nproc_per_node 4 sft.py --init out/pretrain --zero 3 --tp 2 --lora-r 8   # any layout pretrain.py runs
     make sft                                                   # pretrains first if out/sft-base has no checkpoint
 """
-import ast
+import contextlib
 import json
-import os
+import math
 import sys
-import textwrap
 import zlib
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -70,7 +74,7 @@ import lora as lora_lib
 import moe
 import tensor_parallel
 import training
-from amp import DTYPES
+from amp import DTYPES, TrainingStopped
 from checkpoint import CheckpointError, save_checkpoint
 from data import DataError, eot_id
 from model import PRESETS, ModelConfig, Transformer, flops_per_token, num_params
@@ -113,16 +117,15 @@ def read_jsonl(path):
     if not path.is_file():
         raise DataError(f"{path}: no such file (expected JSONL, one example per line)")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            out.append((where, to_messages(obj, where)))
+    for lineno, line in data_lib.text_lines(path):  # a byte that is not UTF-8: one line naming file:line
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        out.append((where, to_messages(obj, where)))
     if not out:
         raise DataError(f"{path}: no examples")
     return out
@@ -151,9 +154,10 @@ def prompt_ids(enc, messages):
 
 
 # ------------------------------------------------------------------------------------------- the loss mask
-def tokenize(examples, enc, block_size, prompt_mask=True, limit="the model's context"):
+def tokenize(examples, enc, block_size, prompt_mask=True, limit="the model's context", packing=False):
     """[(x, y)] lists of token ids with y = -100 where no loss is taken (the mask); and how many examples were
-    skipped for being longer than block_size + 1 tokens (x and y are shifted by one)."""
+    skipped for being longer than block_size + 1 tokens (x and y are shifted by one). With packing such an
+    example is an error: a packed row is exactly --seq-len tokens, and an example is never cut."""
     out, skipped = [], 0
     for where, messages in examples:
         ids, learned = encode(enc, messages)
@@ -161,6 +165,10 @@ def tokenize(examples, enc, block_size, prompt_mask=True, limit="the model's con
         if first > block_size:
             raise DataError(f"{where}: the prompt is {first} tokens, longer than {limit} of {block_size}: "
                             "shorten it or use a model with a longer block_size")
+        if len(ids) - 1 > block_size and packing:
+            raise DataError(f"{where}: the example is {len(ids) - 1} tokens, longer than {limit} of {block_size}: "
+                            "--pack never cuts an example; raise --seq-len (up to the context) or drop --pack "
+                            "(longer examples are then skipped and counted)")
         if len(ids) - 1 > block_size:
             skipped += 1
             continue
@@ -181,15 +189,45 @@ def collate(rows, pad_id, multiple=1):
     return x, y
 
 
+def pack(rows, pad_id, T, multiple=1):
+    """Several examples per row: longest first, each placed in the first row with room left in T tokens (first-fit
+    decreasing), its positions restarting at 0 (pos) and its own document id (doc), so that attention stays
+    inside it (model.py) and it computes exactly what it would alone. A row's tail is padding (labels -100, a
+    document of its own). Returns (x, y, {"pos": pos, "doc": doc}), rows as long as the longest (rounded up to
+    `multiple`). The loss is a sum over tokens: the order of the examples does not change it."""
+    bins = []  # [tokens used, example indices]
+    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
+        xi = rows[i][0]
+        fit = next((b for b in bins if b[0] + len(xi) <= T), None)
+        if fit is None:
+            bins.append(fit := [0, []])
+        fit[0] += len(xi)
+        fit[1].append(i)
+    width = -(-max(used for used, _ in bins) // multiple) * multiple
+    x = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    y = torch.full((len(bins), width), -100, dtype=torch.long)
+    pos, doc = torch.zeros_like(x), torch.zeros_like(x)
+    for r, (used, members) in enumerate(bins):
+        o = 0
+        for d, i in enumerate(members):
+            xi, yi = rows[i]
+            x[r, o:o + len(xi)], y[r, o:o + len(xi)] = torch.tensor(xi), torch.tensor(yi)
+            pos[r, o:o + len(xi)], doc[r, o:o + len(xi)] = torch.arange(len(xi)), d
+            o += len(xi)
+        doc[r, o:] = len(members)
+    return x, y, {"pos": pos, "doc": doc}
+
+
 class SFTBatches:
     """As data.Batches, over examples: step s of epoch e takes examples perm_e[s*B:(s+1)*B]; rank r of `world`
-    its contiguous 1/world, cut into `micro_steps` micro-batches. A pure function of (seed, step)."""
+    its contiguous 1/world, cut into `n_micro` micro-batches, each made into tensors by `make` (collate or
+    pack). A pure function of (seed, step)."""
 
-    def __init__(self, rows, global_batch, pad_id, rank=0, world=1, micro_steps=1, seed=0, multiple=1):
+    def __init__(self, rows, global_batch, make, rank=0, world=1, n_micro=1, seed=0):
         if global_batch > len(rows):
             raise DataError(f"--batch-size {global_batch} is more than the {len(rows)} training examples")
-        self.rows, self.B, self.pad_id, self.multiple = rows, global_batch, pad_id, multiple
-        self.rank, self.world, self.micro, self.seed = rank, world, micro_steps, seed
+        self.rows, self.B, self.make = rows, global_batch, make
+        self.rank, self.world, self.n_micro, self.seed = rank, world, n_micro, seed
         self.steps_per_epoch, self.step = len(rows) // global_batch, 0
 
     def next(self):
@@ -198,7 +236,7 @@ class SFTBatches:
         per_rank = self.B // self.world
         mine = idx[self.rank * per_rank:(self.rank + 1) * per_rank]
         self.step += 1
-        return [collate([self.rows[i] for i in chunk], self.pad_id, self.multiple) for chunk in np.split(mine, self.micro)]
+        return [self.make([self.rows[i] for i in chunk]) for chunk in np.split(mine, self.n_micro)]
 
     def state_dict(self):
         return {"step": self.step, "seed": self.seed, "global_batch": self.B, "examples": len(self.rows)}
@@ -210,69 +248,13 @@ class SFTBatches:
         self.step = sd["step"]
 
 
-# ------------------------------------------------------------------------------------------- the default data
-SFT_VAL_EVERY = 10          # held-out modules for the default data: crc32(module path) % 10 == 0
-DEFAULT_MAX_BYTES = 257     # the tiny preset's context + 1 with the byte tokenizer: what the default keeps
-
-
-def function_examples(name, text):
-    """(instruction, response) for each function with a docstring in one module's source."""
-    try:
-        tree = ast.parse(text)
-    except SyntaxError:
-        return
-    lines = text.splitlines()
-    for node in ast.walk(tree):
-        doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
-        if not doc or len(node.body) < 2:
-            continue
-        summary = " ".join(doc.strip().split("\n\n")[0].split())
-        d = node.body[0]  # the docstring's statement: its lines are cut out of the response
-        src = lines[node.lineno - 1:d.lineno - 1] + lines[d.end_lineno:node.end_lineno]
-        instruction = f"Write a Python function `{node.name}({ast.unparse(node.args)})` that: {summary}"
-        yield instruction, textwrap.dedent("\n".join(src))
-
-
-def build_default_data(docs, out, max_bytes=DEFAULT_MAX_BYTES):
-    """Write train.jsonl and val.jsonl (held out by module) of the functions that fit in max_bytes rendered
-    with the byte tokenizer; the rest are counted, not truncated. meta.json, written last, holds the counts."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    enc = data_lib.get_tokenizer("bytes")
-    files = {s: open(out / f"{s}.jsonl.tmp", "w", encoding="utf-8") for s in ("train", "val")}
-    counts = {"functions": 0, "too_long": 0, "train": 0, "val": 0}
-    for name, text in docs:
-        split = "val" if zlib.crc32(name.encode()) % SFT_VAL_EVERY == 0 else "train"
-        for instruction, response in function_examples(name, text):
-            counts["functions"] += 1
-            ex = {"instruction": instruction, "output": response, "module": name}
-            if len(encode(enc, to_messages(ex, name))[0]) > max_bytes:
-                counts["too_long"] += 1
-                continue
-            files[split].write(json.dumps(ex) + "\n")
-            counts[split] += 1
-    for s, f in files.items():
-        f.close()
-        os.replace(out / f"{s}.jsonl.tmp", out / f"{s}.jsonl")
-    (out / "meta.json").write_text(json.dumps(counts))
-    return counts
-
-
-def ensure_default_data():
-    out = data_lib.default_data_dir("bytes").parent / "sft-stdlib"
-    if not (out / "meta.json").exists():
-        print(f"building the default SFT data (standard library functions with docstrings) into {out} ...",
-              flush=True)
-        c = build_default_data(data_lib.stdlib_documents(), out)
-        print(f"  {c['functions']} functions with a docstring; {c['too_long']} skipped as longer than "
-              f"{DEFAULT_MAX_BYTES} bytes rendered; kept {c['train']} train, {c['val']} held-out", flush=True)
-    return out / "train.jsonl", out / "val.jsonl"
-
-
 def read_examples(args):
-    """(train, held-out) examples: the embedded default, or --data with --val-data or 1 line in 10 held out."""
+    """(train, held-out) examples: the embedded default (data.py builds it from the standard library, keeping
+    the functions whose rendering here fits the tiny model's context), or --data with --val-data or 1 line in
+    10 held out."""
+    enc_bytes = data_lib.get_tokenizer("bytes")
     if args.data is None:
-        train_file, val_file = ensure_default_data()
+        train_file, val_file = data_lib.ensure_sft_default_data(lambda ex: encode(enc_bytes, to_messages(ex, "-"))[0])
         return read_jsonl(train_file), read_jsonl(args.val_data or val_file)
     train_ex = read_jsonl(args.data)
     if args.val_data:
@@ -301,6 +283,10 @@ def load_init(path):
         raise ConfigError(f"--init {f}: not a readable checkpoint ({type(e).__name__})") from None
     if missing:
         raise ConfigError(f"--init {f}: not a model checkpoint (missing {', '.join(sorted(missing))})")
+    layout, zero = ckpt.get("topology") or {}, ckpt.get("zero", 0)
+    if ckpt["model"] is None or zero == 3 or any(layout.get(k, 1) > 1 for k in ("tp", "pp", "ep")):
+        raise ConfigError(f"--init {f} is one rank's piece of a model trained on layout {layout} (ZeRO stage "
+                          f"{zero}): start from a whole model (one process, or data parallelism with --zero 0-2)")
     if any(".lora_" in k for k in ckpt["model"]):
         raise ConfigError(f"--init {f} holds LoRA adapters: start from its merged.pt, or pass --adapter")
     return ckpt
@@ -322,7 +308,7 @@ def add_lora(args, model_config):
         if args.adapter:
             lora_lib.load_adapter(model, args.adapter, model_config)
         elif args.lora_r:
-            lora_lib.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+            lora_lib.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets, args.seed)
     return adapt
 
 
@@ -351,6 +337,8 @@ def build_parser():
     a("--val-data", default=None, help="held-out JSONL; default: the embedded set's, or 1 in 10 lines of --data")
     a("--no-prompt-mask", action="store_true", help="learn the prompt tokens too (the baseline to compare with)")
     a("--eval-examples", type=int, default=200, help="held-out examples in each evaluation")
+    a("--pack", action="store_true", help="several examples per row of --seq-len tokens, attention blocked "
+                                          "between them (no compute on padding)")
     a("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     a("--lora-alpha", type=float, default=16.0)
     a("--lora-dropout", type=float, default=0.0)
@@ -384,6 +372,11 @@ def main(argv=None):
     except (ConfigError, CheckpointError, DataError, TopologyError, lora_lib.LoRAError, moe.MoEError) as e:
         print(f"sft.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as e:
+        training.stop_run("sft.py", e)
+
+
+MOE_FLAGS = ("experts", "topk", "moe_layers", "capacity_factor", "aux_loss_weight")
 
 
 def train(args):
@@ -395,69 +388,89 @@ def train(args):
     model_config = init["model_config"]
     if ckpt and ckpt["model_config"] != model_config:
         raise ConfigError(f"--resume: the checkpoint in {args.out} is of another model config than --init {args.init}")
+    # An MoE base keeps its experts (pretrain.py's --experts ...): the same blocks get MoE MLPs before loading.
+    for k in MOE_FLAGS:
+        setattr(args, k, (init.get("args") or {}).get(k, 0 if k == "experts" else None))
     cfg = replace(ModelConfig(**model_config), attn=args.attn, activation_checkpointing=args.activation_checkpointing)
     training.check_model_layout(cfg, args, f"--init {args.init}")
-
-    # Data: read and check everything before building anything.
+    if args.lora_r:
+        lora_lib.check_rank(cfg, args.lora_r, args.lora_targets)
     enc = data_lib.get_tokenizer(init["tokenizer"])
-    train_ex, val_ex = read_examples(args)
+    train_rows, val_rows, val_ex, skipped = read_rows(args, enc, cfg, dp)  # every input checked before building
+
+    topo = training.build_topology(args, world, device)
     T = args.seq_len or cfg.block_size
-    limit = f"--seq-len" if args.seq_len else "the model's context"
-    train_rows, skipped = tokenize(train_ex, enc, T, prompt_mask=not args.no_prompt_mask, limit=limit)
-    val_rows, val_skipped = tokenize(val_ex, enc, T, limit=limit)  # held-out loss: always on response tokens only
-    if not train_rows or not val_rows:
-        raise DataError(f"no example fits in {limit} of {T} tokens ({skipped} train and {val_skipped} held-out "
-                        "examples are longer)")
-    # Held-out: the same number of examples on every dp rank (under ZeRO-3 or --ep each forward communicates).
-    val_rows = val_rows[:min(len(val_rows), args.eval_examples) // dp * dp]
-    if not val_rows:
-        raise DataError(f"fewer held-out examples that fit than the {dp} data-parallel ranks: give more --val-data")
-
-    topo = training.build_topology(args, world, device)  # every input has been checked
-    multiple = args.tp if args.sequence_parallel else 1
-    n_micro = args.grad_accum * args.microbatches
-    batches = SFTBatches(train_rows, args.batch_size, eot_id(enc), topo.dp_rank, topo.dp, n_micro, args.seed, multiple)
-    mine, bs = val_rows[topo.dp_rank::topo.dp], max(1, args.batch_size // (args.grad_accum * topo.dp))
-    val = [collate(mine[i:i + bs], eot_id(enc), multiple) for i in range(0, len(mine), bs)]
-
+    multiple = math.lcm(args.tp if args.sequence_parallel else 1, 2 * args.cp if args.cp > 1 else 1)  # cut over tp, cp
+    if args.pack:  # several examples per row of T tokens, attention blocked between them
+        def make(rows):
+            return pack(rows, eot_id(enc), T, multiple)
+    else:  # one example per row, padded to the micro-batch's longest
+        def make(rows):
+            return collate(rows, eot_id(enc), multiple)
+    batches = SFTBatches(train_rows, args.batch_size, make, topo.dp_rank, topo.dp, args.grad_accum * args.microbatches,
+                         args.seed)
+    mine, bs = val_rows[topo.dp_rank::topo.dp], args.batch_size // (args.grad_accum * topo.dp)
+    val = [make(mine[i:i + bs]) for i in range(0, len(mine), bs)]
     model = training.build_model(cfg, topo, args.seed, device, DTYPES[args.amp], args.sequence_parallel, args,
                                  weights=init["model"], adapt=add_lora(args, model_config))
     lora_config = getattr(model, "lora_config", None)
     if ckpt and ckpt.get("lora") != lora_config:
         raise ConfigError(f"--resume: the checkpoint in {args.out} has LoRA settings {ckpt.get('lora')}, this run "
                           f"{lora_config}")
-    with torch.device("meta"):
-        n_mm = num_params(Transformer(cfg), matmul_only=True)
+    with torch.device("meta"):  # FLOPs follow the parameters a token meets: k of E experts per MoE layer
+        whole = moe.with_experts(Transformer(cfg), args)
+    fpt = flops_per_token(cfg, num_params(whole, matmul_only=True) - moe.inactive_params(whole), T)
     meta = {"tokenizer": init["tokenizer"], "model_config": model_config, "lora": lora_config}
-    run = training.start(args, topo, device, model, batches, val, args.max_steps, meta, flops_per_token(cfg, n_mm, T),
-                         ckpt)
-    if run.master:
+    run = training.start(args, topo, device, model, batches, val, args.max_steps, meta, fpt, ckpt)
+    if run.rank0:
         n_resp = sum(sum(t != -100 for t in y) for _, y in train_rows)
-        print(f"init {args.init}: {num_params(Transformer(cfg)):,} parameters, block {cfg.block_size}, tokenizer "
+        print(f"init {args.init}: {num_params(whole):,} parameters, block {cfg.block_size}, tokenizer "
               f"{init['tokenizer']} | {len(train_rows)} train examples ({n_resp:,} learned tokens"
               f"{', prompts too' if args.no_prompt_mask else ', responses only'}), {len(val_rows)} held-out | "
-              f"skipped as longer than {T} tokens: {skipped} train, {val_skipped} held-out | batch "
-              f"{args.batch_size} = {training.describe_layout(run)} | {args.max_steps} steps | {args.amp} on {device}"
-              + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
+              f"skipped as longer than {T} tokens: {skipped[0]} train, {skipped[1]} held-out | batch "
+              f"{args.batch_size} = {training.describe_layout(run)}{' packed' if args.pack else ''} | {args.max_steps} "
+              f"steps | {args.amp} on {device}" + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
         if lora_config:
             print(lora_lib.describe(model), flush=True)
     training.train_loop(run)
     done = run.step == args.max_steps
     if done and lora_config:
-        export_lora(run, model_config, init["tokenizer"])
+        export_lora(run, init)
     samples = answers(run, enc, val_ex) if done and args.samples else []
     training.finish(run)
     return {"losses": run.losses, "val_losses": run.val_losses, "step": run.step, "model": model, "opt": run.opt,
-            "samples": samples, "skipped": skipped}
+            "samples": samples, "skipped": skipped[0]}
 
 
-def export_lora(run, model_config, tokenizer):
-    """adapter.pt (the adapters alone) and merged.pt (W + (alpha/r) B A in a plain model's state dict, usable
-    as --init), written by rank 0."""
-    if run.master:
-        lora_lib.save_adapter(run.out / "adapter.pt", run.model, model_config)
-        save_checkpoint(run.out / "merged.pt", {"model": lora_lib.merged_state_dict(run.model),
-                                                "model_config": model_config, "tokenizer": tokenizer})
+def read_rows(args, enc, cfg, dp):
+    """Training and held-out rows (token ids and masked labels), every example checked; the held-out ones cut
+    to the same number on every data-parallel rank (under ZeRO-3 or --ep each forward communicates)."""
+    train_ex, val_ex = read_examples(args)
+    T = args.seq_len or cfg.block_size
+    limit = "--seq-len" if args.seq_len else "the model's context"
+    train_rows, skipped = tokenize(train_ex, enc, T, not args.no_prompt_mask, limit, args.pack)
+    val_rows, val_skipped = tokenize(val_ex, enc, T, True, limit, args.pack)  # held-out: response tokens only
+    if not train_rows or not val_rows:
+        raise DataError(f"no example fits in {limit} of {T} tokens ({skipped} train and {val_skipped} held-out "
+                        "examples are longer)")
+    val_rows = val_rows[:min(len(val_rows), args.eval_examples) // dp * dp]
+    if not val_rows:
+        raise DataError(f"fewer held-out examples that fit than the {dp} data-parallel ranks: give more --val-data")
+    return train_rows, val_rows, val_ex, (skipped, val_skipped)
+
+
+def export_lora(run, init):
+    """adapter.pt (the adapters alone, gathered whole from every rank) and merged.pt (the base's weights +
+    (alpha/r) B A: a plain model's state dict, usable as --init), written by rank 0."""
+    with run.opt.gathered() if run.zero == 3 else contextlib.nullcontext():  # ZeRO-3 shards the adapters
+        adapter = lora_lib.lora_state_dict(run.model, run.topo)
+    if run.rank0:
+        model_config, moe_args = init["model_config"], {k: getattr(run.args, k) for k in MOE_FLAGS}
+        torch.save({"lora_config": run.model.lora_config, "model_config": model_config, "adapter": adapter},
+                   run.out / "adapter.pt")
+        save_checkpoint(run.out / "merged.pt", {
+            "model": lora_lib.merged_state_dict(run.model, init["model"], adapter), "model_config": model_config,
+            "tokenizer": init["tokenizer"], "args": moe_args})
         print(f"adapters in {run.out / 'adapter.pt'}, merged model in {run.out / 'merged.pt'}", flush=True)
 
 
@@ -465,10 +478,10 @@ def answers(run, enc, val_ex):
     """Greedy answers to the first --samples held-out prompts, printed and written to samples.jsonl."""
     args, topo, model = run.args, run.topo, run.model
     if topo.pp > 1 or (args.sequence_parallel and topo.tp > 1):
-        if run.master:  # generation grows the sequence one token at a time: neither cuts into stages or shards
+        if run.rank0:  # generation grows the sequence one token at a time: neither cuts into stages or shards
             print("(no answers: generation is not pipelined nor sequence-parallel)", flush=True)
         return []
-    if not (run.master or topo.tp > 1 or run.zero == 3 or topo.ep > 1):
+    if not (run.rank0 or topo.tp > 1 or run.zero == 3 or topo.ep > 1):
         return []  # (under tp, ZeRO-3 and ep every rank's forward communicates: all answer in lockstep)
     model.eval()
     tensor_parallel.set_gather_output(model, True)
@@ -477,9 +490,9 @@ def answers(run, enc, val_ex):
         reply = answer(model, enc, prompt_ids(enc, messages), args.max_new_tokens, run.device)
         asked = [m["content"] for m in messages if m["role"] == "user"][-1:] or [""]
         samples.append({"where": where, "prompt": asked[0], "answer": reply})
-        if run.master:
+        if run.rank0:
             print(f"{'-' * 20} {where}\n{asked[0]}\n{'-' * 8} answer:\n{reply}", flush=True)
-    if run.master:
+    if run.rank0:
         (run.out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     return samples
 

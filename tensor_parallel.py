@@ -143,11 +143,16 @@ class ColumnParallelLinear(nn.Module):
         self.weight.tensor_parallel = True
         self.linear_fn = F.linear  # the local matmul (quantization.use_fp8 swaps in its FP8 one)
 
-    def forward(self, x):
+    def enter(self, x):
         # Under sequence parallelism the input was all-gathered just before (by the norm), whose backward
         # reduce-scatter already sums the ranks' input gradients: f would sum them twice.
-        y = self.linear_fn(x if self.sequence_parallel else CopyToTensorParallel.apply(x, self.group), self.weight)
+        return x if self.sequence_parallel else CopyToTensorParallel.apply(x, self.group)
+
+    def leave(self, y):
         return GatherFromTensorParallel.apply(y, self.group) if self.gather_output and self.group else y
+
+    def forward(self, x):  # (split into enter and leave so that lora.py can add its update in between)
+        return self.leave(self.linear_fn(self.enter(x), self.weight))
 
 
 class RowParallelLinear(nn.Module):
@@ -161,9 +166,15 @@ class RowParallelLinear(nn.Module):
         self.weight.tensor_parallel = True
         self.linear_fn = F.linear
 
-    def forward(self, x):
+    def enter(self, x):
+        return x
+
+    def leave(self, y):
         reduce = ReduceScatterSequence if self.sequence_parallel else ReduceFromTensorParallel
-        return reduce.apply(self.linear_fn(x, self.weight), self.group)
+        return reduce.apply(y, self.group)
+
+    def forward(self, x):
+        return self.leave(self.linear_fn(x, self.weight))
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -294,11 +305,22 @@ def parallelize(model, topo, sequence_parallel=False):
             model.norm = SequenceParallelRMSNorm(model.norm, topo)
         model.lm_head = ColumnParallelLinear(model.lm_head, topo, sequence_parallel=sp)
         model.loss_fn = vocab_parallel_loss_fn(topo.tp_rank * model.lm_head.weight.shape[0], topo.tp_group)
-    # Replicated parameters (the norms) hold the same gradient on every tp rank: the global gradient norm
-    # must count them once, so only tp rank 0 does (amp.py skips parameters marked tp_duplicate).
+    # Replicated parameters (the norms' gains) hold the same gradient on every tp rank: the global gradient
+    # norm counts them on tp rank 0 only (amp.global_grad_norm).
     for p in model.parameters():
-        p.tp_duplicate = not getattr(p, "tensor_parallel", False) and topo.tp_rank != 0
+        p.tp_duplicate = not is_tensor_parallel(p) and topo.tp_rank != 0
     return model
+
+
+# Marks on parameters, set here (the slices above, and parallelize), read through these two helpers.
+def is_tensor_parallel(p):
+    """A slice of a split weight: this tp rank holds 1/tp of it, the others the rest."""
+    return getattr(p, "tensor_parallel", False)
+
+
+def is_tp_duplicate(p):
+    """A replicated parameter on a tp rank other than 0: the same gradient as tp rank 0's copy, not counted twice."""
+    return getattr(p, "tp_duplicate", False)
 
 
 def split_dim(name):

@@ -9,6 +9,11 @@ data-parallel wrapper and optimizer (ddp.py or zero.py), one step's forward and 
 loop: set-up, step, log/eval/save, finish, with one place each for saving, resuming, logging a record and the
 end-of-run barrier.
 
+Nothing silent: every flag's value is checked before any work (a bad one is one line and exit status 2), and a
+run that cannot train (amp.py's DivergenceGuard: the loss or gradients inf/nan for 8 steps in a row, fp16's loss
+scale below 1) stops on every rank at the same step with its likely cause, exit status 3; a checkpoint is never
+written over the last good one while the loss is not finite.
+
 The loss of a step, whatever the task and the layout: labels of -100 take no loss (SFT's prompts and padding;
 in pretraining every token is labelled), and
 
@@ -28,6 +33,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +41,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import context_parallel
 import moe
 import pipeline
 import quantization
 import tensor_parallel
-from amp import DTYPES, DynamicLossScaler, MixedPrecisionOptimizer, cast_model
+from amp import DTYPES, DivergenceGuard, DynamicLossScaler, MixedPrecisionOptimizer, TrainingStopped, cast_model
 from checkpoint import (check_checkpoint_layout, checkpoint_path, load_checkpoint, rng_state, save_checkpoint,
                         set_rng_state)
 from ddp import DistributedDataParallel
@@ -54,10 +61,23 @@ class ConfigError(ValueError):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (no usage block): the same shape as every other error here."""
+    """argparse, but a bad flag is one line (no usage block): the same shape as every other error here; and
+    --help shows each flag's default."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=ShowDefaults, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class ShowDefaults(argparse.HelpFormatter):
+    """--help adds "(default: X)" to a flag that has a default its help does not already state."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
 
 
 # ------------------------------------------------------------------------------------------- flags and checks
@@ -65,20 +85,20 @@ def add_shared_flags(ap, **defaults):
     """The flags of both entry points: layout, precision, optimizer, schedule, logging/saving/resuming. Each
     entry point passes its own defaults (a flag name with _ for -, e.g. max_steps=100)."""
     a = ap.add_argument
-    a("--batch-size", type=int, default=32, help="global batch in rows per optimizer step")
+    a("--batch-size", type=int, default=32, help="global batch per optimizer step (sequences, or SFT examples)")
     a("--seq-len", type=int, default=None, help="tokens per row (default: the model's block_size)")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--max-steps", type=int, default=None, help="optimizer steps")
-    a("--lr", type=float, default=1e-3)
+    a("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     a("--min-lr", type=float, default=None, help="end of the cosine decay (default lr/10)")
-    a("--warmup-steps", type=int, default=100)
-    a("--weight-decay", type=float, default=0.1)
-    a("--beta1", type=float, default=0.9)
-    a("--beta2", type=float, default=0.95)
+    a("--warmup-steps", type=int, default=None, help="linear warm-up steps (unset: a tenth of the run, at most 100)")
+    a("--weight-decay", type=float, default=0.1, help="AdamW's, on matrices only")
+    a("--beta1", type=float, default=0.9, help="AdamW's")
+    a("--beta2", type=float, default=0.95, help="AdamW's")
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
     a("--amp", default="fp32", choices=sorted(DTYPES), help="compute precision (amp.py; fp8: quantization.py)")
-    a("--attn", default="sdpa", choices=ATTN_BACKENDS)
-    a("--activation-checkpointing", action="store_true")
+    a("--attn", default="sdpa", choices=ATTN_BACKENDS, help="attention backend (model.py, flash_attn.py)")
+    a("--activation-checkpointing", action="store_true", help="recompute each block's activations in backward")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="data parallelism: 0 ddp.py, 1-3 ZeRO (zero.py)")
     a("--bucket-mb", type=float, default=25.0, help="gradient bucket size of ddp.py's all-reduce (--zero 0, 1)")
@@ -89,26 +109,65 @@ def add_shared_flags(ap, **defaults):
     a("--sequence-parallel", action="store_true", help="with --tp: norms, residuals split along the sequence")
     a("--ep", type=int, default=1, help="expert-parallel ranks (moe.py), carved from the data-parallel ones "
                                         "(each holds experts/ep of every MoE layer; --zero 0 or 1)")
+    a("--cp", type=int, default=1, help="context-parallel ranks (context_parallel.py): each sequence split over cp "
+                                        "ranks, ring attention (with --attn flash)")
     a("--out", default="out/run", help="checkpoints and metrics.jsonl go here")
     a("--resume", action="store_true", help="continue from the checkpoint in --out")
-    a("--save-every", type=int, default=200)
-    a("--eval-every", type=int, default=200)
-    a("--log-every", type=int, default=10)
+    a("--save-every", type=int, default=200, help="checkpoint every N steps")
+    a("--eval-every", type=int, default=200, help="evaluate every N steps")
+    a("--log-every", type=int, default=10, help="log every N steps")
     a("--stop-after", type=int, default=None,
       help="end this invocation after N steps with a checkpoint, as a job with a time limit would")
-    a("--seed", type=int, default=1337)
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--seed", type=int, default=1337, help="of the model's initialisation and the data order")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
     ap.set_defaults(**defaults)
     return ap
 
 
+def check_values(args):
+    """Every number a flag holds, in the range where it means something, and --out a folder that can be written:
+    the checks that need nothing but the flags (both entry points'; a flag an entry point lacks is skipped).
+    Finiteness first: nan passes no comparison (nan <= 0 is False), so a range check alone lets it through."""
+    has = lambda f: getattr(args, f, None) is not None
+    for f in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "bucket_mb", "tokens", "mfu",
+              "capacity_factor", "aux_loss_weight", "lora_alpha", "lora_dropout"):
+        if has(f) and not math.isfinite(getattr(args, f)):
+            raise ConfigError(f"--{f.replace('_', '-')} must be a finite number, got {getattr(args, f)}")
+
+    def need(f, ok, what):
+        if has(f) and not ok(getattr(args, f)):
+            raise ConfigError(f"--{f.replace('_', '-')} must be {what}, got {getattr(args, f):g}")
+    need("lr", lambda v: v > 0, "> 0")
+    need("min_lr", lambda v: 0 <= v <= args.lr, f"between 0 and --lr {args.lr:g} (the end of the decay)")
+    need("weight_decay", lambda v: v >= 0, ">= 0")
+    need("beta1", lambda v: 0 <= v < 1, "in [0, 1)")
+    need("beta2", lambda v: 0 <= v < 1, "in [0, 1)")
+    need("grad_clip", lambda v: v >= 0, ">= 0 (0: no clipping)")
+    need("warmup_steps", lambda v: v >= 0, ">= 0")
+    need("seed", lambda v: 0 <= v < 2 ** 63, "in [0, 2^63)")
+    need("tokens", lambda v: v >= 1, "at least 1 (the tokens to train on)")
+    need("sample_tokens", lambda v: v >= 0, ">= 0 (0: no sample)")
+    need("aux_loss_weight", lambda v: v >= 0, ">= 0")
+    need("gpus", lambda v: v >= 1, "at least 1")
+    need("mfu", lambda v: 0 < v <= 1, "in (0, 1]")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: give a folder for checkpoints and metrics.jsonl")
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, so the folder cannot be made")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: no permission to write in {parent}")
+
+
 def check_args(args, world):
     """The shared flags that can be checked without the model's shape; returns the data-parallel size."""
+    check_values(args)
     for flag in ("batch_size", "grad_accum", "microbatches", "save_every", "eval_every", "log_every", "stop_after"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
-    dp = check_layout(world, args.tp, args.pp, args.ep)  # TopologyError: world not tp x pp x dp, ep not dividing dp
+    dp = check_layout(world, args.tp, args.pp, args.ep, args.cp)  # TopologyError: world not dp x pp x cp x tp, ...
     micro = args.grad_accum * args.microbatches
     if args.batch_size % (micro * dp):
         raise ConfigError(f"--batch-size {args.batch_size} does not divide into --grad-accum {args.grad_accum} x "
@@ -117,8 +176,6 @@ def check_args(args, world):
     if args.compile and args.pp > 1:
         raise ConfigError("--compile with --pp > 1: the pipeline calls the stage's parts one by one; "
                           "compile is supported without pipeline parallelism")
-    if args.lr <= 0 or args.warmup_steps < 0 or args.grad_clip < 0 or args.weight_decay < 0:
-        raise ConfigError("--lr must be > 0 and --warmup-steps, --grad-clip, --weight-decay >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -126,8 +183,6 @@ def check_args(args, world):
         raise ConfigError(why)
     if args.bucket_mb <= 0:
         raise ConfigError(f"--bucket-mb must be > 0, got {args.bucket_mb}")
-    if args.ep > 1 and not getattr(args, "experts", 0):
-        raise ConfigError(f"--ep {args.ep} splits experts over ranks: give --experts (a multiple of {args.ep})")
     if args.ep > 1 and args.zero > 1:
         raise ConfigError(f"--ep with --zero {args.zero}: ZeRO stages 2 and 3 shard gradients and weights over the "
                           "data-parallel ranks, which hold different experts under --ep; use --zero 0 or 1")
@@ -147,6 +202,10 @@ def check_model_layout(cfg, args, what):
     if args.sequence_parallel and T % args.tp:
         raise TopologyError(f"--sequence-parallel splits the {T} positions of a sequence over --tp {args.tp}: "
                             f"choose a --seq-len divisible by {args.tp}")
+    if args.cp > 1:  # (here, not in check_args: sft.py learns whether its base model has experts from --init)
+        context_parallel.check_flags(args, T)
+    if args.ep > 1 and not getattr(args, "experts", 0):
+        raise ConfigError(f"--ep {args.ep} splits experts over ranks: give --experts (a multiple of {args.ep})")
     if getattr(args, "experts", 0):
         moe.check_flags(args, cfg.n_layer)
 
@@ -167,15 +226,7 @@ def build_topology(args, world, device):
     if world > 1 and not dist.is_initialized():
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Topology(args.tp, args.pp, args.ep)
-
-
-def with_experts(model, args):
-    """--experts: swap the chosen blocks' MLPs for MoE layers (moe.py), before any slicing."""
-    if args is not None and getattr(args, "experts", 0):
-        moe.add_moe(model, args.experts, args.topk, args.capacity_factor, args.aux_loss_weight,
-                    moe.parse_layers(args.moe_layers, model.cfg.n_layer))
-    return model
+    return Topology(args.tp, args.pp, args.ep, args.cp)
 
 
 def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=None, weights=None, adapt=None):
@@ -183,12 +234,13 @@ def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=No
     into it: fine-tuning's starting point), then this pipeline stage's blocks, this tensor-parallel rank's
     slices, this expert-parallel rank's experts; then `adapt(model)` (LoRA), then the compute precision."""
     torch.manual_seed(seed)
-    model = with_experts(Transformer(cfg), args)
+    model = moe.with_experts(Transformer(cfg), args)
     if weights is not None:
         model.load_state_dict(weights)
     model = model.to(device)
     pipeline.keep_stage(model, topo)
     tensor_parallel.parallelize(model, topo, sequence_parallel)
+    context_parallel.parallelize(model, topo)  # --cp: ring attention in every block
     moe.keep_experts(model, topo)
     if adapt is not None:
         adapt(model)
@@ -206,8 +258,8 @@ def param_groups(model, weight_decay):
 
 
 def grad_norm_reduce(topo):
-    """The squared gradient norm summed over the ranks that hold distinct pieces of the model: tp slices
-    (replicated norms are counted on tp rank 0 only, amp.py) and pipeline stages. None on one rank."""
+    """The squared gradient norm summed over the tp and pp groups, whose ranks hold distinct pieces of the
+    model (amp.global_grad_norm tells the whole story). None when there are none."""
     groups = [getattr(topo, f"{axis}_group") for axis in ("tp", "pp") if getattr(topo, axis, 1) > 1]
     if not groups:
         return None
@@ -231,15 +283,14 @@ def build_training(model, args, dtype, topo):
     def make_optimizer(groups):
         return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
 
-    # Gradient norm for clipping and the fp16 overflow check: summed over the tp and pp groups too, so that
-    # every rank of the world agrees (zero.py sums its shards over dp first; ddp.py's gradients agree over dp).
-    # Under expert parallelism each rank's experts are its own: their part of the norm is summed over the ep group
-    # (ddp.py); zero.py's sum over the dp group counts them on the first replica of each (ep_duplicate).
+    # The gradient norm for clipping and the fp16 overflow check, the same on every rank: amp.global_grad_norm.
+    # Under context parallelism the cp ranks of a replica hold the same weights and different tokens: gradients are
+    # averaged, and ZeRO shards, over dp x cp (topo.dp_cp_group, the dp group itself when cp is 1).
     norm_reduce = grad_norm_reduce(topo)
-    if topo.dp == 1:
+    if topo.dp * topo.cp == 1:
         return model, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce)
     if args.zero == 0:
-        ddp = DistributedDataParallel(model, topo.dp_group, args.bucket_mb)
+        ddp = DistributedDataParallel(model, topo.dp_cp_group, args.bucket_mb)
         expert_reduce = None
         if topo.ep > 1:
             def expert_reduce(sq):
@@ -247,16 +298,18 @@ def build_training(model, args, dtype, topo):
                 return sq
         return ddp, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce, no_sync=ddp.no_sync,
                                             expert_norm_reduce_fn=expert_reduce)
-    opt = ZeroOptimizer(model, groups, make_optimizer, scaler, topo.dp_group, args.zero, args.bucket_mb,
+    opt = ZeroOptimizer(model, groups, make_optimizer, scaler, topo.dp_cp_group, args.zero, args.bucket_mb,
                         norm_reduce_fn=norm_reduce)
     return opt.module, opt
 
 
 # ------------------------------------------------------------------------------------------- one step
 def global_counts(micro_batches, topo, device):
-    """(tokens, labelled tokens) of the whole global batch: this rank's rows counted, summed over dp."""
-    n = torch.tensor([sum(y.numel() for _, y in micro_batches), sum(int((y != -100).sum()) for _, y in micro_batches)],
-                     dtype=torch.float64, device=device)
+    """(tokens, labelled tokens) of the whole global batch: this rank's rows counted, summed over dp. A micro-
+    batch is (x, y), or (x, y, {"pos": ..., "doc": ...}) for packed rows (model.py's extra inputs)."""
+    ys = [mb[1] for mb in micro_batches]
+    n = torch.tensor([sum(y.numel() for y in ys), sum(int((y != -100).sum()) for y in ys)], dtype=torch.float64,
+                     device=device)
     if topo.dp > 1:
         dist.all_reduce(n, group=topo.dp_group)
     return n[0].item(), n[1].item()
@@ -266,18 +319,21 @@ def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, n
     """Forward and backward of one optimizer step's micro-batches: each rank back-propagates its labelled tokens'
     summed loss / (the global batch's labelled tokens `n_labels` / dp), and returns it (float64): the mean over
     the dp ranks, of it and of its gradients (ddp.py, zero.py), is the step's loss. Only the last micro-batch's
-    backward communicates over dp (no_sync)."""
+    backward communicates over dp (no_sync). Under --cp each rank computes the loss of its zigzag chunks of the
+    rows: dp x cp takes dp's place in the divisor and in the averages, while n_labels stays the count of the
+    whole rows (every cp rank holds them) summed over dp."""
     if n_labels is None:
         _, n_labels = global_counts(micro_batches, topo, device)
-    per_rank = max(n_labels, 1.0) / topo.dp
+    per_rank = max(n_labels, 1.0) / (topo.dp * topo.cp)
     if topo.pp > 1:  # the last stage sums its micro-batches' losses and divides by per_rank (pipeline.py)
         return pipeline.run_pipeline(model, micro_batches, topo, schedule, loss_div=per_rank, scale_loss=scale_loss,
                                      no_sync=no_sync)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for i, (x, y) in enumerate(micro_batches):
+    for i, (x, y, *packing) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
+        x, y, kw = context_parallel.split_batch(x, y, topo)  # this cp rank's tokens (the whole rows without --cp)
         with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
-            _, loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True), reduction="sum")
+            _, loss = model(x.to(device), y.to(device), reduction="sum", **on(device, packing or [kw]))
             loss = loss / per_rank
             # MoE layers left their balancing loss behind in this forward (0 for a dense model); it trains the
             # routers but is not part of the language-modelling loss that is logged.
@@ -286,13 +342,19 @@ def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, n
     return loss_sum
 
 
+def on(device, packing):
+    """The packed rows' extra inputs (pos, doc) on the device, as keyword arguments of the model. (Under --cp,
+    [split_batch's positions] instead: --pack and --cp are never both on.)"""
+    return {k: v.to(device) for k, v in packing[0].items()} if packing else {}
+
+
 def mean_over_dp(x, topo):
-    """The mean of a per-rank scalar over the data-parallel group (for logging the loss)."""
-    if topo.dp == 1:
+    """The mean of a per-rank scalar over the data-parallel group, x cp under --cp (for logging the loss)."""
+    if topo.dp * topo.cp == 1:
         return x
     x = x.clone()
-    dist.all_reduce(x, group=topo.dp_group)
-    return x / topo.dp
+    dist.all_reduce(x, group=topo.dp_cp_group)
+    return x / (topo.dp * topo.cp)
 
 
 @torch.no_grad()
@@ -302,16 +364,17 @@ def evaluate(model, batches, device, topo, microbatches):
     forwards only, each batch cut into micro-batches as in training."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in batches:
+    for x, y, *packing in batches:
+        x, y, kw = context_parallel.split_batch(x, y, topo)
         if topo.pp > 1:
-            total[0] += pipeline.run_pipeline(model, list(zip(x.chunk(microbatches), y.chunk(microbatches))), topo,
-                                              loss_div=1.0, train=False)
+            micro = pipeline.cut((x, y, *packing), microbatches)
+            total[0] += pipeline.run_pipeline(model, micro, topo, loss_div=1.0, train=False)
         else:
-            total[0] += model(x.to(device), y.to(device), reduction="sum")[1].double()
+            total[0] += model(x.to(device), y.to(device), reduction="sum", **on(device, packing or [kw]))[1].double()
         total[1] += int((y != -100).sum())
     model.train()
-    if topo.dp > 1:
-        dist.all_reduce(total, group=topo.dp_group)
+    if topo.dp * topo.cp > 1:
+        dist.all_reduce(total, group=topo.dp_cp_group)
     return (total[0] / total[1]).item()
 
 
@@ -326,9 +389,11 @@ def lr_at(step, args, max_steps):
 
 # ------------------------------------------------------------------------------------------- checkpoints
 def layout_of(args, world):
-    layout = {"dp": world // (args.tp * args.pp), "pp": args.pp, "tp": args.tp}
+    layout = {"dp": world // (args.tp * args.pp * args.cp), "pp": args.pp, "tp": args.tp}
     if args.ep > 1:  # (recorded only when used: checkpoints from before --ep keep matching ep 1)
         layout["ep"] = args.ep
+    if args.cp > 1:  # (the same for --cp)
+        layout["cp"] = args.cp
     return layout
 
 
@@ -338,13 +403,19 @@ def read_checkpoint(args, rank, world):
     if not args.resume:
         return None
     layout = layout_of(args, world)
-    check_checkpoint_layout(Path(args.out), world, args.zero if layout["dp"] > 1 else 0, layout)
+    check_checkpoint_layout(Path(args.out), world, args.zero if layout["dp"] * args.cp > 1 else 0, layout)
     return load_checkpoint(checkpoint_path(Path(args.out), rank, world))
 
 
 def save(run):
     """Every rank writes its own file: its tensor-parallel slices, its pipeline stage, its ZeRO shards, its
-    experts. Under ZeRO-3 the model's weights live only in the optimizer's slices: the model entry is empty."""
+    experts. Under ZeRO-3 the model's weights live only in the optimizer's slices: the model entry is empty.
+    Not while the loss is inf/nan: a diverged state never replaces the last good checkpoint."""
+    if not run.guard.healthy:  # (the same on every rank: the guard sees values they all agree on)
+        log(run, {"step": run.step, "not_saved": "loss not finite"}, f"step {run.step:5d} | not saved: the loss is "
+            f"not finite (last good checkpoint: {describe_last_good(run)})")
+        return
+    run.last_good = run.step
     run.out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(checkpoint_path(run.out, run.topo.rank, run.topo.world), {
         "model": None if run.zero == 3 else run.model.state_dict(), "optim": run.opt.state_dict(),
@@ -359,7 +430,7 @@ def resume(run, ckpt):
     run.opt.load_state_dict(ckpt["optim"])
     run.batches.load_state_dict(ckpt["data"])
     set_rng_state(ckpt["rng"])
-    run.step = ckpt["step"]
+    run.step = run.last_good = ckpt["step"]
 
 
 def barrier(run):  # the end of a save, and of the run
@@ -384,7 +455,7 @@ class Run:
     fpt: float                        # training FLOPs per token (for MFU)
     peak: float                       # peak FLOP/s of all the devices together
     zero: int = 0                     # the ZeRO stage in use (0 on one data-parallel rank)
-    master: bool = False              # rank 0: logs, prints, writes metrics.jsonl
+    rank0: bool = False               # rank 0: logs, prints, writes metrics.jsonl
     out: Path = None
     step: int = 0
     losses: list = field(default_factory=list)
@@ -393,20 +464,27 @@ class Run:
     t_last: float = 0.0
     tokens_since: float = 0.0         # (padding included) since the last log line, all ranks
     labels_since: float = 0.0
+    guard: DivergenceGuard = field(default_factory=DivergenceGuard)  # stops a run that cannot train (amp.py)
+    last_good: int = None             # the step of the newest checkpoint saved with a finite loss
 
 
 def start(args, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=None):
     """Set-up: the data-parallel wrapper and optimizer, the checkpoint restored (--resume), the metrics file."""
+    if args.warmup_steps is None:  # the warm-up follows the run's length: a short run would never leave 100 steps
+        args.warmup_steps = min(100, max(1, max_steps // 10))
+    elif args.warmup_steps >= max_steps > 0 and topo.rank == 0:
+        print(f"warning: --warmup-steps {args.warmup_steps} is not below the run's {max_steps} steps: the learning "
+              f"rate never reaches --lr {args.lr:g}", file=sys.stderr, flush=True)
     dtype = next(model.parameters()).dtype
     module, opt = build_training(model, args, dtype, topo)
     # The pipeline calls the stage itself (ddp.py's and zero.py's hooks live on its parameters and modules).
     peak = peak_flops(device, dtype, getattr(args, "gpu", "h100")) * topo.world  # MFU of all devices together
     module = torch.compile(module) if args.compile else module
     run = Run(args, topo, device, model, model if topo.pp > 1 else module, opt, batches, val, max_steps, meta, fpt,
-              peak, zero=args.zero if topo.dp > 1 else 0, master=topo.rank == 0, out=Path(args.out))
+              peak, zero=args.zero if topo.dp * topo.cp > 1 else 0, rank0=topo.rank == 0, out=Path(args.out))
     if ckpt:
         resume(run, ckpt)
-    if run.master:
+    if run.rank0:
         run.out.mkdir(parents=True, exist_ok=True)
         run.metrics = open(run.out / "metrics.jsonl", "a")
     return run
@@ -417,15 +495,16 @@ def describe_layout(run):
     args, topo = run.args, run.topo
     n_micro = args.grad_accum * args.microbatches
     return (f"{args.batch_size // (n_micro * topo.dp)} x {n_micro} micro-batches x {topo.dp} data-parallel"
-            + (f" (ZeRO stage {run.zero})" if run.zero else " (ddp.py)" if topo.dp > 1 else "")
+            + (f" (ZeRO stage {run.zero})" if run.zero else " (ddp.py)" if topo.dp * topo.cp > 1 else "")
             + f" | tp {topo.tp}" + (" (sequence-parallel)" if args.sequence_parallel and topo.tp > 1 else "")
             + f" | pp {topo.pp}" + (f" ({args.pp_schedule})" if topo.pp > 1 else "")
-            + (f" | ep {topo.ep}" if topo.ep > 1 else ""))
+            + (f" | ep {topo.ep}" if topo.ep > 1 else "")
+            + (f" | cp {topo.cp} (ring attention)" if topo.cp > 1 else ""))
 
 
 def log(run, record, line):
     """One record to metrics.jsonl and one line to the terminal, from rank 0."""
-    if run.master:
+    if run.rank0:
         run.metrics.write(json.dumps(record) + "\n")
         run.metrics.flush()
         print(line, flush=True)
@@ -458,6 +537,8 @@ def log_step(run, rec):
         torch.cuda.synchronize()
     dt = time.perf_counter() - run.t_last
     tps = run.tokens_since / dt
+    if run.device.type == "cpu":  # the CPU's peak was measured (estimate.peak_flops); a run faster than it has
+        run.peak = max(run.peak, tps * run.fpt)  # measured a higher one, so MFU never reads above 100%
     rec.update(tokens_per_s=tps, labelled_tokens_per_s=run.labels_since / dt, mfu=tps * run.fpt / run.peak,
                peak_mem_mb=peak_memory_mb(run.device))
     scaler = run.opt.scaler
@@ -491,13 +572,31 @@ def train_loop(run):
     run.t_last = time.perf_counter()
     while run.step < stop_at:
         rec = train_step(run)
-        if run.step % args.log_every == 0 or run.step == stop_at:
+        reason = run.guard.check(rec["loss"], rec["grad_norm"], run.opt.scaler)
+        if run.step % args.log_every == 0 or run.step == stop_at or reason:
             log_step(run, rec)
+        if reason:
+            log(run, {"step": run.step, "stopped": reason}, f"step {run.step:5d} | stopped: the run cannot train")
+            raise TrainingStopped(f"step {run.step}: {reason}; last good checkpoint: {describe_last_good(run)}")
         if run.step % args.eval_every == 0 or run.step == run.max_steps:
             evaluate_now(run)
         if run.step % args.save_every == 0 or run.step == stop_at:
             save(run)
     return run
+
+
+def describe_last_good(run):
+    return f"{run.out} at step {run.last_good}" if run.last_good is not None else "none (no step was saved)"
+
+
+def stop_run(prog, e):
+    """A run that cannot train (TrainingStopped, raised on every rank at the same step): its reason in one line
+    from the first rank, exit status 3 (2 is a bad input)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: stopped: {e}", file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(3)
 
 
 def finish(run):

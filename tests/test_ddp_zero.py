@@ -17,7 +17,7 @@ from topology import Topology
 from tests.distributed import run_distributed
 
 CFG = replace(PRESETS["tiny"], n_layer=2, n_head=2, n_kv_head=1, d_model=32, d_ff=64, vocab_size=64, block_size=16)
-STEPS, GLOBAL_BATCH, ACCUM, CLIP = 3, 8, 2, 0.5
+STEPS, GLOBAL_BATCH, GRAD_ACCUM, CLIP = 3, 8, 2, 0.5
 
 
 def args_for(zero, amp="fp32", bucket_mb=0.01):
@@ -32,18 +32,18 @@ def tokens():
 
 
 def train(model, module, opt, batches, rank=0, world=1, dp_group=None):
-    """STEPS optimizer steps of ACCUM micro-steps on this rank's contiguous 1/world of each global batch.
+    """STEPS optimizer steps of GRAD_ACCUM micro-steps on this rank's contiguous 1/world of each global batch.
     Returns the global-batch losses and gradient norms (the same on every rank)."""
     losses, norms = [], []
     for batch in batches:
         mine = batch.chunk(world)[rank]
         total = torch.zeros((), dtype=torch.float64)
-        micro = mine.chunk(ACCUM)
-        for i, m in enumerate(micro):
-            with opt.no_sync() if i < ACCUM - 1 else contextlib.nullcontext():
+        micro_batches = mine.chunk(GRAD_ACCUM)
+        for i, m in enumerate(micro_batches):
+            with opt.no_sync() if i < GRAD_ACCUM - 1 else contextlib.nullcontext():
                 _, loss = module(m[:, :-1], m[:, 1:])
-                opt.scale_loss(loss / ACCUM).backward()
-            total += loss.detach() / ACCUM
+                opt.scale_loss(loss / GRAD_ACCUM).backward()
+            total += loss.detach() / GRAD_ACCUM
         norm, skipped = opt.step(CLIP)
         assert not skipped
         opt.zero_grad()
@@ -65,7 +65,8 @@ def build(seed):
 
 def reference():
     model = build(0)
-    one_process = SimpleNamespace(dp=1, dp_group=None)  # (computed inside every rank, beside the process group)
+    # (computed inside every rank, beside the process group)
+    one_process = SimpleNamespace(dp=1, cp=1, dp_group=None, dp_cp_group=None)
     module, opt = training.build_training(model, args_for(0), torch.float64, one_process)
     assert isinstance(opt, MixedPrecisionOptimizer) and module is model  # one process: no wrapping at all
     losses, norms = train(model, module, opt, tokens())

@@ -34,15 +34,21 @@ CASES = [
 ]
 
 
-def naive(q, k, v, causal, scale=None):
-    """softmax(scale q k^T + mask) v, materialising the N x N matrix."""
+def naive(q, k, v, causal, scale=None, doc=None, q_offset=0, k_offset=0, return_lse=False):
+    """softmax(scale q k^T + mask) v, materialising the N x N matrix. A row that sees no key gives 0 (L = -inf)."""
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     s = (scale or 1 / math.sqrt(q.shape[-1])) * q @ k.transpose(-2, -1)
+    i = torch.arange(q.shape[2], device=q.device)
+    keep = torch.ones(1, 1, len(i), len(i), dtype=torch.bool, device=q.device)
     if causal:
-        N = q.shape[2]
-        s = s.masked_fill(torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1), -math.inf)
-    return torch.softmax(s, -1) @ v
+        keep = keep & (i[None, :] + k_offset <= i[:, None] + q_offset)
+    if doc is not None:
+        keep = keep & (doc[:, None, :, None] == doc[:, None, None, :])
+    s = s.masked_fill(~keep, -math.inf)
+    dead = ~keep.any(-1, keepdim=True)  # softmax of a row of -inf is nan: give it zeros, and zero gradients
+    o = torch.softmax(s.masked_fill(dead, 0), -1).masked_fill(~keep, 0) @ v
+    return (o, s.logsumexp(-1)) if return_lse else o
 
 
 def make_inputs(case, seed=0):
@@ -99,6 +105,75 @@ def test_non_contiguous_inputs_give_the_same_result():
     wide = [torch.stack([t, torch.zeros_like(t)], -1).flatten(-2)[..., ::2] for t in (q, k, v)]
     assert wide[0].stride(-1) == 2
     assert_all_close(run(flash_attention, *wide, do, torch.float64, True), dense, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ masks: causal offsets, documents
+def packed(*rows):
+    """(B, N) document ids of examples of the given lengths, one row per argument: packed([3, 5], [8])."""
+    return torch.stack([torch.arange(len(r)).repeat_interleave(torch.tensor(r)) for r in rows])
+
+
+# (case, keyword arguments): offsets that widen the band, empty the first rows, unmask or mask everything;
+# documents of ragged lengths (tile edges fall inside them), different per row, causal and not, with GQA.
+MASK_CASES = [
+    ((1, 2, 1, 40, 16, True), dict(q_offset=24)),
+    ((1, 2, 2, 37, 32, True), dict(k_offset=5)),
+    ((2, 2, 1, 33, 16, True), dict(q_offset=64, k_offset=16)),
+    ((1, 2, 1, 40, 16, True), dict(q_offset=3, k_offset=43)),
+    ((2, 2, 1, 45, 16, True), dict(doc=packed([5, 17, 23], [1, 44]))),
+    ((2, 2, 1, 45, 16, False), dict(doc=packed([20, 25], [7, 7, 7, 24]))),
+    ((1, 2, 1, 70, 24, True), dict(doc=packed([33, 1, 36]))),
+]
+
+
+def run_lse(fn, q, k, v, do, dtype, causal, **kw):
+    """run() plus the logsumexp of each row."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = fn(*leaves, causal=causal, return_lse=True, **kw)
+    out.backward(do.to(dtype))
+    return [t.double() for t in (out, *(x.grad for x in leaves), lse)]
+
+
+@pytest.mark.parametrize("case, kw", MASK_CASES, ids=str)
+def test_twin_masks_match_naive_in_float64(case, kw, monkeypatch):
+    monkeypatch.setattr(flash_attn, "TWIN_BLOCK", 16)
+    q, k, v, do = make_inputs(case)
+    got, want = (run_lse(f, q, k, v, do, torch.float64, case[-1], **kw) for f in (flash_attention, naive))
+    # -inf logsumexp (rows that see nothing) compare equal; everything else to float64 rounding.
+    for name, a, b in zip(("out", "dq", "dk", "dv", "lse"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def poisoned(fn, dtype, causal):
+    """Three tile-aligned documents of 32 tokens; every input outside the middle one is nan. The middle one's
+    results are returned beside those of attention over that document alone: equal, and finite, only if no tile
+    of another document was read (a masked nan still poisons: 0 * nan = nan)."""
+    q, k, v, do = make_inputs((1, 2, 1, 96, 16, causal))
+    mine = torch.arange(96) // 32 == 1
+    bad = [t.clone().masked_fill(~mine[:, None], math.nan) for t in (q, k, v, do)]
+    got = run(fn, *bad, dtype, causal, doc=packed([32, 32, 32]))
+    alone = run(naive, *(t[:, :, mine] for t in (q, k, v, do)), torch.float64, causal)
+    return [t[:, :, mine] for t in got], alone
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_twin_skips_tiles_of_other_documents(causal, monkeypatch):
+    monkeypatch.setattr(flash_attn, "TWIN_BLOCK", 16)
+    got, alone = poisoned(flash_attention, torch.float64, causal)
+    assert_all_close(got, alone, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(q_offset=4), "q_offset and k_offset shift the causal mask; they need causal=True"),
+    (dict(causal=True, doc=torch.zeros(1, 8, dtype=torch.long), k_offset=2), "cannot take q_offset/k_offset"),
+    (dict(doc=torch.zeros(1, 9, dtype=torch.long)), r"doc must be integer document ids of shape \(B, N\) = "
+                                                   r"\(1, 8\), got torch.int64 \(1, 9\)"),
+    (dict(doc=torch.zeros(1, 8)), "doc must be integer document ids"),
+    (dict(doc=torch.tensor([[0, 0, 1, 1, 0, 2, 2, 2]])), "must not decrease along a row.*row 0 goes from 1 to 0 at 4"),
+])
+def test_bad_masks_get_a_clear_error(kw, match):
+    with pytest.raises(ValueError, match=match):
+        flash_attention(*(torch.zeros(1, 2, 8, 16) for _ in range(3)), **kw)
 
 
 def test_model_with_flash_matches_naive_in_float64():
@@ -167,6 +242,10 @@ def interpreter_child(path):
     q, k, v, do = make_inputs(CASES[1])  # non-contiguous, as model.py passes them
     results["strided"] = run(flash_attention, *(x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)),
                              do, torch.float32, True)
+    for i, (case, kw) in enumerate(MASK_CASES):
+        results["mask", i] = run_lse(flash_attention, *make_inputs(case), torch.float32, case[-1], **kw)
+    for causal in (True, False):
+        results["poisoned", causal] = poisoned(flash_attention, torch.float32, causal)
     try:
         flash_attention(*(x.bfloat16() for x in (q, k, v)))
     except ValueError as e:
@@ -213,6 +292,21 @@ def test_triton_kernels_match_naive(interpreted, i):
 def test_triton_kernels_take_non_contiguous_inputs(interpreted):
     q, k, v, do = make_inputs(CASES[1])
     assert_all_close(interpreted["strided"], run(naive, q, k, v, do, torch.float64, True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("i", range(len(MASK_CASES)), ids=[str(c) for c in MASK_CASES])
+def test_triton_kernels_masks_match_naive(interpreted, i):
+    case, kw = MASK_CASES[i]
+    q, k, v, do = (x.float().double() for x in make_inputs(case))
+    want = run_lse(naive, q, k, v, do, torch.float64, case[-1], **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv", "lse"), interpreted["mask", i], want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")  # fp32: as above
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_kernels_skip_tiles_of_other_documents(interpreted, causal):
+    got, alone = interpreted["poisoned", causal]
+    assert_all_close(got, alone, rtol=1e-5, atol=1e-5)
 
 
 def test_interpreter_refuses_bf16(interpreted):

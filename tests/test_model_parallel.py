@@ -20,15 +20,15 @@ from topology import Topology, TopologyError
 # 4 layers (so 4 stages are possible), GQA with 2 query heads per KV head, d_ff and vocabulary divisible by 4.
 CFG = replace(PRESETS["tiny"], n_layer=4, d_model=32, n_head=4, n_kv_head=2, d_ff=64, vocab_size=64,
               block_size=16)
-STEPS, MICRO, MICRO_BS, CLIP = 3, 4, 2, 0.05  # 4 micro-batches of 2 x 16 tokens per step
+STEPS, N_MICRO, MICRO_BS, CLIP = 3, 4, 2, 0.05  # 4 micro-batches of 2 x 16 tokens per step
 
 
 def micro_batches(step):
     g = torch.Generator().manual_seed(step)
-    seq = torch.randint(0, CFG.vocab_size, (MICRO * MICRO_BS, CFG.block_size + 1), generator=g)
+    seq = torch.randint(0, CFG.vocab_size, (N_MICRO * MICRO_BS, CFG.block_size + 1), generator=g)
     seq[0, 5:9] = -100  # some ignored labels: the parallel cross-entropy must skip them as F.cross_entropy does
     x, y = seq[:, :-1].clamp(min=0), seq[:, 1:]
-    return list(zip(x.chunk(MICRO), y.chunk(MICRO)))
+    return list(zip(x.chunk(N_MICRO), y.chunk(N_MICRO)))
 
 
 def full_name(name, model):
@@ -50,7 +50,7 @@ def train(topo, cfg=CFG, schedule="1f1b", zero=0, sp=False):
     module, opt = training.build_training(model, args, torch.float64, topo)
     losses, norms = [], []
     for step in range(STEPS):
-        mine = micro_batches(step)[topo.dp_rank * MICRO // topo.dp:(topo.dp_rank + 1) * MICRO // topo.dp]
+        mine = micro_batches(step)[topo.dp_rank * N_MICRO // topo.dp:(topo.dp_rank + 1) * N_MICRO // topo.dp]
         loss = training.forward_backward(model if topo.pp > 1 else module, mine, topo, schedule, opt.scale_loss,
                                          "cpu", opt.no_sync)
         norm, _ = opt.step(CLIP)
@@ -74,19 +74,21 @@ def _parallel(rank, world, layouts, cfg):
 def check_against_one_process(layouts, world, cfg=CFG):
     ref_losses, ref_norms, ref_params = train(Topology(), cfg)
     assert min(ref_norms) > CLIP  # clipping is active in every step, so a wrong global norm would show
+    covered = {layout: set() for layout in layouts}  # (name, tp slice) held by some rank, per layout
     for rank_results in run_distributed(_parallel, world, layouts, cfg):
         for layout, (tp_rank, tp, (losses, norms, params)) in zip(layouts, rank_results):
             # float64, the same arithmetic up to summation order (partial matmuls summed by all-reduce, per-rank
             # squared norms summed): 3 Adam steps keep agreement near 1e-13; the tolerances leave a margin.
             assert losses == pytest.approx(ref_losses, rel=1e-11), layout
             assert norms == pytest.approx(ref_norms, rel=1e-10), layout
-            seen = set()
             for name, p in params.items():
                 d = tensor_parallel.split_dim(name)
                 want = ref_params[name] if d is None else ref_params[name].chunk(tp, dim=d)[tp_rank]
                 torch.testing.assert_close(p, want, rtol=1e-9, atol=1e-11, msg=f"{layout} {name}")
-                seen.add(name)
-            assert seen <= set(ref_params)
+                covered[layout].add((name, tp_rank if d is not None else 0))
+    for layout, tp in ((layout, layout[0]) for layout in layouts):  # every parameter, every slice of it, somewhere
+        assert covered[layout] == {(n, r) for n in ref_params
+                                   for r in (range(tp) if tensor_parallel.split_dim(n) is not None else [0])}, layout
 
 
 @pytest.mark.parametrize("tp, pp, schedule, sp", [(2, 1, "1f1b", False), (4, 1, "1f1b", False),
@@ -214,7 +216,7 @@ def _fp16_overflow_on_rank0(rank, world):
         args = pretrain.build_parser().parse_args(["--zero", str(zero), "--amp", "fp16"])
         module, opt = training.build_training(model, args, torch.float16, topo)
         before = [p.detach().clone() for p in model.parameters()]
-        mine = micro_batches(0)[topo.dp_rank * MICRO // topo.dp:(topo.dp_rank + 1) * MICRO // topo.dp]
+        mine = micro_batches(0)[topo.dp_rank * N_MICRO // topo.dp:(topo.dp_rank + 1) * N_MICRO // topo.dp]
         training.forward_backward(model if pp > 1 else module, mine, topo, "1f1b", opt.scale_loss, "cpu",
                                   opt.no_sync)
         if rank == 0:

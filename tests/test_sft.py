@@ -195,8 +195,8 @@ def long_one(x):
 def test_default_data_from_functions(tmp_path):
     """Docstring -> instruction, source without docstring -> response; too long counted; split by module."""
     docs = [(f"pkg/mod{i}.py", MODULE) for i in range(30)]
-    held = sum(zlib.crc32(name.encode()) % sft.SFT_VAL_EVERY == 0 for name, _ in docs)
-    counts = sft.build_default_data(docs, tmp_path)
+    held = sum(zlib.crc32(name.encode()) % data.SFT_VAL_EVERY == 0 for name, _ in docs)
+    counts = data.build_default_data(docs, tmp_path, lambda ex: sft.encode(ENC, sft.to_messages(ex, "-"))[0])
     assert 0 < held < 30 and counts == {"functions": 3 * 30, "too_long": 30, "train": 2 * (30 - held), "val": 2 * held}
     rows = [json.loads(l) for l in (tmp_path / "train.jsonl").read_text().splitlines()]
     val_modules = {json.loads(l)["module"] for l in (tmp_path / "val.jsonl").read_text().splitlines()}
@@ -204,10 +204,11 @@ def test_default_data_from_functions(tmp_path):
     assert rows[0]["instruction"] == "Write a Python function `short(a, b=1)` that: Add two numbers."
     assert rows[0]["output"] == "def short(a, b=1):\n    # a comment stays\n    return a + b"
     assert rows[1]["output"] == "def method(self, x):\n    return 2 * x"  # dedented out of its class
-    assert all(len(sft.encode(ENC, sft.to_messages(r, "-"))[0]) <= sft.DEFAULT_MAX_BYTES for r in rows)
+    assert all(len(sft.encode(ENC, sft.to_messages(r, "-"))[0]) <= data.DEFAULT_MAX_BYTES for r in rows)
 
 
 def error_of(capsys, argv):
+    capsys.readouterr()  # only this call's output: an earlier run's warnings are not part of it
     with pytest.raises(SystemExit) as e:
         sft.main(argv)
     assert e.value.code == 2
@@ -241,4 +242,85 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys, files):
     assert "--lora-targets wq,attn: attn is not a linear of the blocks; choose from wq,wk" in error_of(
         capsys, base + data_flag + ["--lora-r", "4", "--lora-targets", "wq,attn"])
     assert "world size 1 is not divisible by --tp 3" in error_of(capsys, base + data_flag + ["--tp", "3"])
+    bad = write_jsonl(tmp_path / "pack.jsonl", [good, {"instruction": "Say x.", "output": "x" * 80}])
+    assert f"{bad}:2: the example is 119 tokens, longer than --seq-len of 100: --pack never cuts" in error_of(
+        capsys, base + ["--data", str(bad), "--pack", "--seq-len", "100"])
+    assert "--lora-r 40 is larger than wq's smaller side (32 -> 32): choose --lora-r <= 16" in error_of(
+        capsys, base + data_flag + ["--lora-r", "40"])
     assert "does not divide" in error_of(capsys, base + data_flag + ["--batch-size", "6", "--grad-accum", "4"])
+
+
+# ------------------------------------------------------------------------------------------- packing
+def packed_and_padded():
+    """Examples of 34 to 120 tokens: up to three share a packed row of 128."""
+    lines = [{"instruction": "Say x.", "output": "x" * n} for n in (1, 5, 20, 3, 40, 8, 2, 81)] + reverse_examples(3)
+    rows = rows_of(lines)
+    return rows, sft.pack(rows, EOT, CFG.block_size), sft.collate(rows, EOT)
+
+
+def segments(rows, x, packing):
+    """(example index, row, start, end) of every example in packed rows: the runs of one document id, matched to
+    the example by their tokens (the padding's run matches none)."""
+    out = []
+    for r in range(x.shape[0]):
+        doc = packing["doc"][r]
+        for d in doc.unique().tolist():
+            where = (doc == d).nonzero().flatten()
+            a, b = where[0].item(), where[-1].item() + 1
+            match = [i for i, (xi, _) in enumerate(rows) if xi == x[r, a:b].tolist()]
+            if match:
+                out.append((match[0], r, a, b))
+    return out
+
+
+@pytest.mark.parametrize("attn", ["naive", "sdpa"])
+def test_packed_examples_lose_and_learn_exactly_as_padded(attn):
+    """Each example's summed loss in packed rows equals its padded row's (float64, 1e-12), and so do the
+    gradients of the batch's loss: positions restart at every example and attention stays inside it."""
+    rows, (xp, yp, packing), (x, y) = packed_and_padded()
+    assert xp.shape[0] < x.shape[0] and xp.numel() < x.numel()  # fewer rows, less padding
+    torch.manual_seed(0)
+    model = Transformer(replace(CFG, attn=attn)).double()
+    per_padded = model(x, y, reduction="none")[1].view(y.shape).sum(1)
+    per_packed = model(xp, yp, reduction="none", **packing)[1].view(yp.shape)
+    found = segments(rows, xp, packing)
+    assert sorted(i for i, *_ in found) == list(range(len(rows)))  # every example once
+    for i, r, a, b in found:
+        assert per_packed[r, a:b].sum().item() == pytest.approx(per_padded[i].item(), rel=1e-12)
+    grads = []
+    for args, kw in (((x, y), {}), ((xp, yp), packing)):
+        model.zero_grad()
+        model(*args, reduction="sum", **kw)[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_attention_never_crosses_packed_examples():
+    """Change one packed example's tokens: every other example's logits stay exactly as they were (its own
+    change); with the document ids dropped (a plain causal mask over the row), later examples would change."""
+    rows, (xp, yp, packing), _ = packed_and_padded()
+    torch.manual_seed(0)
+    model = Transformer(CFG).double()
+    _, r, a, b = min(segments(rows, xp, packing), key=lambda s: (s[1], s[2]))  # the first example of row 0
+    assert (packing["doc"][r] > 0).any()  # the row holds examples after the perturbed one
+    changed = xp.clone()
+    changed[r, a:b] = torch.randint(0, 256, (b - a,), generator=torch.Generator().manual_seed(1))
+    for kw, isolated in ((packing, True), ({"pos": packing["pos"]}, False)):
+        before, after = model(xp, **kw)[0], model(changed, **kw)[0]
+        inside = torch.zeros(xp.shape, dtype=torch.bool)
+        inside[r, a:b] = True
+        assert not torch.allclose(before[inside], after[inside])
+        assert torch.equal(before[~inside], after[~inside]) == isolated
+
+
+def test_a_run_that_cannot_train_stops_with_the_reason(tmp_path, capsys, files):
+    """As pretrain.py: fp16 at --lr 1 ends with exit status 3 and one line, and the good checkpoint is kept."""
+    with pytest.raises(SystemExit) as e:
+        run(files, tmp_path / "o", "--lr", "1", "--amp", "fp16", "--max-steps", "100", "--save-every", "2",
+            "--samples", "0")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 3 and "\n" not in err, err
+    assert err.startswith("sft.py: stopped: step ") and "in a row" in err and "last good checkpoint" in err
+    step = int(err.split("at step ")[-1])
+    assert torch.load(tmp_path / "o" / "ckpt.pt", weights_only=False)["step"] == step

@@ -54,3 +54,27 @@ def test_expert_parallel_groups_come_from_the_data_parallel_ranks():
     assert res[6][:4] == (1, 1, [4, 6], [2, 6])
     for r in res:
         assert r[4] == {"ep": sum(r[2]), "expert_dp": sum(r[3])}
+
+
+def _cp_groups(rank, world):
+    topo = Topology(tp=2, cp=2)  # world 8: dp 2 x cp 2 x tp 2
+    sums = {}
+    for axis in ("tp", "cp", "dp", "dp_cp"):
+        t = torch.tensor([float(rank)])
+        dist.all_reduce(t, group=getattr(topo, f"{axis}_group"))
+        sums[axis] = t.item()
+    return (topo.dp_rank, topo.cp_rank, topo.tp_rank), [topo.tp_ranks, topo.cp_ranks, topo.dp_ranks,
+                                                         topo.dp_cp_ranks], sums
+
+
+def test_context_parallel_sits_between_data_and_tensor():
+    with pytest.raises(TopologyError, match="not divisible by --tp 2 x --pp 1 x --cp 3 = 6"):
+        check_layout(8, tp=2, cp=3)
+    one = Topology()  # cp 1: the gradient group is the data-parallel one
+    assert one.cp == 1 and one.cp_group is None and one.dp_cp_group is one.dp_group
+    res = run_distributed(_cp_groups, 8)
+    # rank 5 = (dp 1, cp 0, tp 1): r = (dp_rank * cp + cp_rank) * tp + tp_rank
+    assert res[5][:2] == ((1, 0, 1), [[4, 5], [5, 7], [1, 5], [1, 3, 5, 7]])
+    assert res[2][0] == (0, 1, 0)
+    for coords, groups, sums in res:
+        assert sums == {axis: float(sum(g)) for axis, g in zip(("tp", "cp", "dp", "dp_cp"), groups)}
