@@ -19,7 +19,7 @@ SFT_BASE_FLAGS ?= --model tiny --batch-size 32 --max-steps 500 --lr 2e-3 --warmu
                   --log-every 25
 SFT_FLAGS ?= --out out/sft
 
-.PHONY: install pretrain sft test estimate bench clean
+.PHONY: install pretrain sft test estimate bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -42,9 +42,17 @@ sft: install
 test: install
 	$(PY) -m pytest -q
 
-# Our DDP vs torch DDP and our ZeRO-3 vs torch FSDP2, world size 2 on CPU gloo: about a minute on 2 cores.
+# Our DDP vs torch DDP and our ZeRO-3 vs torch FSDP2, world size 2 on CPU gloo: about a minute on 2 cores;
+# then our ZeRO-3 x tp 2 vs FSDP2 over torch's tensor parallelism (world 4) and our 1F1B vs torch's
+# Schedule1F1B (world 2): a few minutes more.
 bench: install
 	$(PY) benchmarks/bench_dp.py --out out/bench/bench_dp.json
+	$(PY) benchmarks/bench_parallel.py --out out/bench/bench_parallel.json
+
+# On a CUDA machine only: the GPU tests, python flash_attn.py, a one-GPU pretrain.py throughput/MFU line and,
+# with two GPUs visible, 2-rank NCCL runs; one table at the end (under 8 minutes on one H100/H200).
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py
 
 estimate: install
 	$(PY) pretrain.py --model gpt2-124m --estimate --chinchilla --gpus 8

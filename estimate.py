@@ -1,7 +1,7 @@
 """estimate.py: the lecture's arithmetic as a calculator: parameters, FLOPs, scaling laws, memory, time.
 
 The idea: before spending a GPU-month, compute what it buys. For a model of N parameters trained on D tokens:
-    FLOPs per token   6 N + 12 L d T        (2 per weight forward, 4 backward; the attention scores' term)
+    FLOPs per token   6 N + 6 L d T         (2 per weight forward, 4 backward; the causal attention scores' term)
     training FLOPs    C = 6 N D (+ attention)                                  (Kaplan et al. 2020)
     compute-optimal   D = 20 N tokens                                          (Hoffmann et al. 2022, Chinchilla)
     time              C / (peak FLOP/s x GPUs x MFU)

@@ -25,8 +25,8 @@ Masks beyond causal, both visiting only the tiles the mask leaves anything in:
               (and, not causal, those that start after its last one ends)
 A row that sees no key (an offset can do that) gets O = 0 and L = -inf, so it adds nothing when merged.
 
-Where it runs: CUDA tensors use the kernels (fp16, bf16; fp32 with exact fp32 dots). CPU tensors use the Triton
-interpreter when TRITON_INTERPRET=1 was set before this file was imported (fp32, fp16), otherwise the twin (any
+Where it runs: CUDA tensors use the kernels (fp16, bf16; fp32 with tf32 dots, or exact fp32 ones while
+torch.get_float32_matmul_precision() is "highest"). CPU tensors use the Triton interpreter when TRITON_INTERPRET=1 was set before this file was imported (fp32, fp16), otherwise the twin (any
 float dtype, float64 included). Head dims 16 to 128; grouped-query attention with H % H_kv == 0.
 
 Run: `python flash_attn.py`: on a GPU, a bf16 check against SDPA, packed documents against one causal row, then

@@ -7,8 +7,8 @@ grouped-query attention (n_kv_head <= n_head key/value heads shared by groups of
 untied input and output embeddings (so a pipeline's first and last stages share no weight).
 
 Formulas, per token, for L layers of width d, context T and N parameters in matrix multiplies:
-    training FLOPs  ~ 6 N + 12 L d T       (forward 2N + 4LdT multiply-adds counted as 2 FLOPs; backward twice that;
-                                            the attention term counts the full, non-causal T x T score matrix)
+    training FLOPs  ~ 6 N + 6 L d T        (forward 2N + 2LdT multiply-adds counted as 2 FLOPs; backward twice that;
+                                            the attention term counts the causal half of the T x T scores)
     activations     ~ L T d (34 + 5 a T / d) bytes in half precision without checkpointing (Korthikanti et al.);
                       with --activation-checkpointing only each block's input is kept: 2 L T d bytes, at the cost
                       of one more forward per block in the backward.
@@ -274,9 +274,11 @@ def num_params(model, matmul_only=False):
 
 
 def flops_per_token(cfg: ModelConfig, n_matmul_params, seq_len=None):
-    """Training FLOPs per token: 6N for the weights (2 forward, 4 backward) + 12 L d T for attention scores."""
+    """Training FLOPs per token: 6N for the weights (2 forward, 4 backward) + 6 L d T for attention: Q K^T and
+    P V over all T x T pairs would be 12 L d T (PaLM's count), but a causal model needs only the pairs below the
+    diagonal, half of them, and the causal kernels (flash_attn.py, SDPA) skip the rest."""
     T = seq_len or cfg.block_size
-    return 6 * n_matmul_params + 12 * cfg.n_layer * cfg.d_model * T
+    return 6 * n_matmul_params + 6 * cfg.n_layer * cfg.d_model * T
 
 
 def config_dict(cfg):

@@ -119,23 +119,27 @@ class MoE(nn.Module):
         return out.view(shape)
 
     def run_experts(self, xs, counts):
-        """xs: the routed pairs' inputs grouped by expert (counts[e] rows for expert e). Returns their outputs."""
+        """xs: the routed pairs' inputs grouped by expert (counts[e] rows for expert e). Returns their outputs.
+        One host sync per layer, the `.tolist()` below: the row counts size the expert matmuls and the
+        all-to-all's splits, which torch takes as Python ints (under gloo and NCCL alike). The counts exchange
+        itself stays on the device; every other split is derived from the one list on the host."""
         if self.ep == 1:
-            chunks = xs.split(counts.tolist())
-            return torch.cat([expert(c) for expert, c in zip(self.experts, chunks)])
-        E_local = self.E // self.ep
+            return torch.cat([expert(c) for expert, c in zip(self.experts, xs.split(counts.tolist()))])
+        ep, E_local = self.ep, self.E // self.ep
         # Tell every rank how many rows of each of its experts we send; learn what we will receive.
-        send_counts = counts.view(self.ep, E_local)
+        send_counts = counts.view(ep, E_local)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
-        received = all_to_all(xs, send_counts.sum(1).tolist(), recv_counts.sum(1).tolist(), self.ep_group)
+        send, recv = torch.stack([send_counts, recv_counts]).tolist()  # [ep][E_local] each: the one sync
+        send_splits, recv_splits = [sum(row) for row in send], [sum(row) for row in recv]
+        received = all_to_all(xs, send_splits, recv_splits, self.ep_group)
         # Arrived grouped by source rank, then by expert: regroup by local expert, run, restore the order.
-        pieces = received.split(recv_counts.reshape(-1).tolist())  # source-major: (src 0: e0, e1, ..), (src 1: ..)
-        by_expert = [[pieces[src * E_local + e] for src in range(self.ep)] for e in range(E_local)]
+        pieces = received.split([n for row in recv for n in row])  # source-major: (src 0: e0, e1, ..), (src 1: ..)
+        by_expert = [[pieces[src * E_local + e] for src in range(ep)] for e in range(E_local)]
         outs = [self.experts[e](torch.cat(by_expert[e])) for e in range(E_local)]
-        back = [o.split(recv_counts[:, e].tolist()) for e, o in enumerate(outs)]
-        y = torch.cat([back[e][src] for src in range(self.ep) for e in range(E_local)])
-        return all_to_all(y, recv_counts.sum(1).tolist(), send_counts.sum(1).tolist(), self.ep_group)
+        back = [o.split([recv[src][e] for src in range(ep)]) for e, o in enumerate(outs)]
+        y = torch.cat([back[e][src] for src in range(ep) for e in range(E_local)])
+        return all_to_all(y, recv_splits, send_splits, self.ep_group)
 
 
 def shard_experts(moe, ep_rank, ep, ep_group, expert_dp_rank=0):

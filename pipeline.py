@@ -12,6 +12,8 @@ GPipe runs all m forwards, then all m backwards, so a stage holds the activation
 1F1B runs p - s - 1 warm-up forwards, then alternates one forward and one backward, then drains the
 backwards: the same bubble, but at most p - s micro-batches in flight (p on the first stage), whatever m is.
 Communication per micro-batch and stage boundary: B x T x d activations forward, the same backward.
+Each op's send and the next op's receive are posted together (dist.batch_isend_irecv), so that the schedule
+cannot deadlock where sends block until the matching receive is posted (NCCL; see run_pipeline).
 
 The loss lives on the last stage. Each micro-batch's summed per-token loss is divided by the labelled tokens of
 the whole optimizer step (every stage can count them from the labels y), so the accumulated gradients are those
@@ -24,6 +26,7 @@ each executed schedule as a timeline per stage (F/f forward, B/b backward, alter
 `--pp 2` with --nproc_per_node 2 does the same on two stages.
 """
 import argparse
+import contextlib
 import time
 
 import torch
@@ -124,7 +127,14 @@ def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, sca
     (labels of -100 take none) and divides by loss_div (default: the micro-batches' labelled tokens, so that the
     result is their mean; training.py passes the global batch's count). Returns the sum over micro-batches,
     the same on every rank of the pp group. `timeline`, a list, receives (op, micro-batch, t0, t1) per op.
-    `no_sync()` (ddp.py's) wraps every backward but the step's last, so that data parallelism reduces once."""
+    `no_sync()` (ddp.py's) wraps every backward but the step's last, so that data parallelism reduces once.
+
+    Communication is safe under blocking sends (NCCL: a send completes only once the peer has posted the
+    matching receive, and a rank's operations run in the order posted). After each op, the send of its result
+    and the receive of the next op's input are posted together in one dist.batch_isend_irecv, as Megatron's
+    send_forward_recv_backward / send_backward_recv_forward do. Posted one after the other, 1F1B's steady state
+    deadlocks: stage s sends activation i+1 before receiving gradient i while stage s+1 sends gradient i before
+    receiving activation i+1, and both sends wait for a receive that is never posted."""
     m = len(micro_batches)
     loss_div = loss_div or sum(int((mb[1] != -100).sum()) for mb in micro_batches)
     first, last, p, s = topo.is_first_stage, topo.is_last_stage, topo.pp, topo.pp_rank
@@ -135,62 +145,82 @@ def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, sca
     inputs, outputs, losses, sends = {}, {}, {}, []
     total = torch.zeros((), dtype=torch.float64, device=device)
 
-    def recv(shape, src):
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        dist.recv(buf, src=src, group=topo.pp_group)
-        return buf
+    def act_shape(i):
+        # (B, T, d) between stages; (B, T/tp, d) under sequence parallelism (tensor_parallel.py). A gradient
+        # sent back has the shape of the activation it belongs to.
+        x = micro_batches[i][0]
+        return x.shape[0], x.shape[1] // getattr(model, "sequence_shards", 1), model.cfg.d_model
 
-    def forward(i):
+    def incoming(op, i):
+        """(buffer, source) of what op i must receive first: an activation from the previous stage for a
+        forward, a gradient from the next stage for a backward; None when it needs nothing."""
+        if op == "F" and not first:
+            return torch.empty(act_shape(i), dtype=dtype, device=device), prev_rank
+        if op == "B" and not last:
+            return torch.empty(act_shape(i), dtype=dtype, device=device), next_rank
+        return None
+
+    def forward(i, h):
         # Packed rows (sft.py --pack) bring positions and document ids, {"pos": ..., "doc": ...}: every stage's
         # attention needs them; each stage has them from the data loader, only activations travel.
         x, y, *packing = micro_batches[i]
         packing = {k: v.to(device) for k, v in packing[0].items()} if packing else {}
-        # (B, T, d) between stages; (B, T/tp, d) under sequence parallelism (tensor_parallel.py)
-        act_shape = (x.shape[0], x.shape[1] // getattr(model, "sequence_shards", 1), model.cfg.d_model)
-        if first:
-            h = x.to(device)
-        else:
-            h = recv(act_shape, prev_rank).requires_grad_(train)  # waiting for the previous stage is idle time
-        t0 = time.perf_counter()
+        h = x.to(device) if first else h.requires_grad_(train)
         # The stage's forward: token ids -> activations on the first, activations -> (logits, loss) on the
         # last, activations -> activations in between (model.py's forward skips the parts a stage lacks).
         out, loss = model(h, y.to(device) if last else None, reduction="sum", **packing)
         if last:
             losses[i] = loss / loss_div
             total.add_(losses[i].detach().double())
-        else:
-            # Sent asynchronously: the receiver may still be busy; the buffer is kept alive until the step ends.
-            sends.append((dist.isend(out.detach().contiguous(), dst=next_rank, group=topo.pp_group), out))
         if train:
             inputs[i], outputs[i] = h, out
-        return t0
+        return None if last else (out.detach().contiguous(), next_rank)
 
-    def backward(i):
+    def backward(i, grad):
         h, out = inputs.pop(i), outputs.pop(i)
         if last:
-            t0 = time.perf_counter()
             loss = losses.pop(i)
             (scale_loss(loss) if scale_loss else loss).backward()
         else:
-            grad = recv(out.shape, next_rank)
-            t0 = time.perf_counter()
             torch.autograd.backward(out, grad)
-        if not first:
-            sends.append((dist.isend(h.grad.contiguous(), dst=prev_rank, group=topo.pp_group), h))
-        return t0
+        return None if first else (h.grad.contiguous(), prev_rank)
 
+    def exchange(send, recv):
+        """Post this op's send and the next op's receive as one group; wait for the receive only (a send's
+        buffer is kept alive, and its completion waited for, at the end of the step)."""
+        ops = []
+        if send is not None:
+            ops.append(dist.P2POp(dist.isend, send[0], send[1], group=topo.pp_group))
+        if recv is not None:
+            ops.append(dist.P2POp(dist.irecv, recv[0], recv[1], group=topo.pp_group))
+        works = dist.batch_isend_irecv(ops) if ops else []
+        if send is not None:
+            sends.append((works[0], send[0]))
+        if recv is not None:
+            works[-1].wait()
+            return recv[0]
+        return None
+
+    if p > 1 and not getattr(topo, "pp_group_warm", False):
+        # NCCL builds a group's communicator at its first call; if that call is a batched send/receive, every
+        # rank of the group must take part in it. A collective first makes later batches free of that rule.
+        dist.all_reduce(torch.zeros(1, device=device), group=topo.pp_group)
+        topo.pp_group_warm = True
     ops = make_schedule(schedule, m, p, s) if train else [("F", i) for i in range(m)]
+    received = exchange(None, incoming(*ops[0]))  # waiting for the previous (next) stage is idle time
     for k, (op, i) in enumerate(ops):
-        if train and op == "B" and no_sync is not None and k < len(ops) - 1:
+        t0 = time.perf_counter()
+        if op == "F":
+            with torch.no_grad() if not train else contextlib.nullcontext():
+                send = forward(i, received)
+        elif no_sync is not None and k < len(ops) - 1:
             with no_sync():
-                t0 = backward(i)
-        elif train:
-            t0 = forward(i) if op == "F" else backward(i)
+                send = backward(i, received)
         else:
-            with torch.no_grad():
-                t0 = forward(i)
+            send = backward(i, received)
         if timeline is not None:
             timeline.append((op, i, t0, time.perf_counter()))
+        received = exchange(send, incoming(*ops[k + 1]) if k + 1 < len(ops) else None)
     for work, _ in sends:
         work.wait()
     if p > 1:

@@ -16,9 +16,12 @@ head, whose cross-entropy never gathers the V logits: the max and the sum of exp
 instead (2 numbers per token rather than V/t).
 
 Per block and t ranks, with activations of B x T x d: weights and their optimizer state / t; forward 2
-all-reduces of B T d (one per g), backward 2 (one per f; here wq, wk, wv and w1, w3 each carry their own f,
-so the backward sends 3 + 2 all-reduces where Megatron's fused QKV and gate-up linears send 2: the same sums,
-more messages); FLOPs of the matmuls / t. Norms are replicated and compute the same values on every tp rank.
+all-reduces of B T d (one per g), backward 2 (one per f); FLOPs of the matmuls / t. wq, wk and wv read the same
+input, and so do w1 and w3: f is applied once, to the output of the norm before them (NormThenCopy), so their
+three (two) partial input gradients are summed locally and all-reduced once, as Megatron's fused QKV and
+gate-up linears do. (In an MoE layer f goes on each expert's input rows instead, once per expert: the
+replicated router reads the norm's output too, and its whole gradient must not be summed over the ranks.)
+Norms are replicated and compute the same values on every tp rank.
 
 Sequence parallelism (Korthikanti et al., 2022; `sequence_parallel=True`): between the blocks' matmuls the
 activations are replicated, so the norms and residual adds repeat the same work and memory on every rank.
@@ -37,6 +40,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+# torch 2.13 names the flat collectives all_gather_single / reduce_scatter_single; older releases (which GPU
+# machines often carry) only have the same functions under their former names.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 # ----------------------------------------------------------------------------- the f and g operators
@@ -115,14 +123,14 @@ class ReduceScatterSequence(torch.autograd.Function):
 def _gather_sequence(x, group):
     t = dist.get_world_size(group)
     out = torch.empty((t * x.shape[1], x.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_single(out, x.transpose(0, 1).contiguous(), group=group)  # collectives work on dim 0
+    all_gather_single(out, x.transpose(0, 1).contiguous(), group=group)  # collectives work on dim 0
     return out.transpose(0, 1)
 
 
 def _reduce_scatter_sequence(x, group):
     t = dist.get_world_size(group)
     out = torch.empty((x.shape[1] // t, x.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_single(out, x.transpose(0, 1).contiguous(), group=group)
+    reduce_scatter_single(out, x.transpose(0, 1).contiguous(), group=group)
     return out.transpose(0, 1)
 
 
@@ -133,20 +141,20 @@ def _slice(weight, dim, topo):
 
 
 class ColumnParallelLinear(nn.Module):
-    """Y_i = f(X) A_i^T: the weight's output rows split; input replicated, output split across ranks."""
+    """Y_i = f(X) A_i^T: the weight's output rows split; input replicated, output split across ranks.
+    copy_input=False when the input already went through f (NormThenCopy) or through sequence parallelism's
+    all-gather (whose backward reduce-scatter sums the ranks' input gradients): a second f would sum twice."""
 
-    def __init__(self, linear: nn.Linear, topo, gather_output=False, sequence_parallel=False):
+    def __init__(self, linear: nn.Linear, topo, gather_output=False, copy_input=True):
         super().__init__()
         assert linear.bias is None, "model.py's linears have no bias"
-        self.group, self.gather_output, self.sequence_parallel = topo.tp_group, gather_output, sequence_parallel
+        self.group, self.gather_output, self.copy_input = topo.tp_group, gather_output, copy_input
         self.weight = _slice(linear.weight, 0, topo)
         self.weight.tensor_parallel = True
         self.linear_fn = F.linear  # the local matmul (quantization.use_fp8 swaps in its FP8 one)
 
     def enter(self, x):
-        # Under sequence parallelism the input was all-gathered just before (by the norm), whose backward
-        # reduce-scatter already sums the ranks' input gradients: f would sum them twice.
-        return x if self.sequence_parallel else CopyToTensorParallel.apply(x, self.group)
+        return CopyToTensorParallel.apply(x, self.group) if self.copy_input else x
 
     def leave(self, y):
         return GatherFromTensorParallel.apply(y, self.group) if self.gather_output and self.group else y
@@ -195,6 +203,19 @@ class VocabParallelEmbedding(nn.Module):
         return reduce.apply(out, self.group)
 
 
+class NormThenCopy(nn.Module):
+    """A replicated norm followed by f: the column-parallel layers that read its output (wq, wk, wv; w1, w3)
+    skip their own f, so the backward all-reduces their summed input gradient once instead of once each."""
+
+    def __init__(self, norm, topo):
+        super().__init__()
+        self.eps, self.group = norm.eps, topo.tp_group
+        self.weight = norm.weight  # named like the norm it replaces: checkpoints are unchanged
+
+    def forward(self, x):
+        return CopyToTensorParallel.apply(_rms_norm(x, self.weight, self.eps), self.group)
+
+
 class SequenceParallelRMSNorm(nn.Module):
     """model.RMSNorm over this rank's T/t positions, then the all-gather that the next matmul needs. The gain
     passes through f, so that its gradient, computed from T/t positions here, is summed over the ranks."""
@@ -205,10 +226,15 @@ class SequenceParallelRMSNorm(nn.Module):
         self.weight = norm.weight
 
     def forward(self, x):
-        h = x.to(torch.promote_types(x.dtype, torch.float32))
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        h = (h * CopyToTensorParallel.apply(self.weight, self.group).to(h.dtype)).to(x.dtype)
+        h = _rms_norm(x, CopyToTensorParallel.apply(self.weight, self.group), self.eps)
         return GatherSequence.apply(h, self.group) if self.gather else h
+
+
+def _rms_norm(x, weight, eps):
+    """model.RMSNorm's arithmetic (fp32 or wider), with the gain passed in."""
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * weight.to(h.dtype)).to(x.dtype)
 
 
 class VocabParallelCrossEntropy(torch.autograd.Function):
@@ -285,25 +311,28 @@ def parallelize(model, topo, sequence_parallel=False):
     sp = sequence_parallel
     for block in model.blocks:
         attn, mlp = block.attn, block.mlp
-        col = [ColumnParallelLinear(l, topo, sequence_parallel=sp) for l in (attn.wq, attn.wk, attn.wv)]
-        attn.wq, attn.wk, attn.wv = col
+        moe = hasattr(mlp, "experts")
+        # The norm before a group of column-parallel layers applies f (or, under sp, the all-gather) once.
+        block.attn_norm = (SequenceParallelRMSNorm if sp else NormThenCopy)(block.attn_norm, topo)
+        if sp or not moe:
+            block.mlp_norm = (SequenceParallelRMSNorm if sp else NormThenCopy)(block.mlp_norm, topo)
+        attn.wq, attn.wk, attn.wv = (ColumnParallelLinear(l, topo, copy_input=False)
+                                     for l in (attn.wq, attn.wk, attn.wv))
         attn.wo = RowParallelLinear(attn.wo, topo, sequence_parallel=sp)
         attn.n_head, attn.n_kv_head = attn.n_head // topo.tp, attn.n_kv_head // topo.tp
         # An MoE layer (moe.py) splits each expert the same way; its router stays replicated, so every tp rank
         # routes its (replicated) tokens alike and the experts' row-parallel all-reduce meets the same rows.
         for m in getattr(mlp, "experts", [mlp]):
-            m.w1 = ColumnParallelLinear(m.w1, topo, sequence_parallel=sp)
-            m.w3 = ColumnParallelLinear(m.w3, topo, sequence_parallel=sp)
+            m.w1, m.w3 = (ColumnParallelLinear(l, topo, copy_input=False) for l in (m.w1, m.w3))
+            if moe and not sp:  # f on the expert's input rows (a pre-hook keeps the parameter names unchanged)
+                m.register_forward_pre_hook(lambda module, args: (CopyToTensorParallel.apply(args[0], topo.tp_group),))
             m.w2 = RowParallelLinear(m.w2, topo, sequence_parallel=sp)
-        if sp:
-            block.attn_norm = SequenceParallelRMSNorm(block.attn_norm, topo)
-            block.mlp_norm = SequenceParallelRMSNorm(block.mlp_norm, topo)
     if getattr(model, "tok_emb", None) is not None:
         model.tok_emb = VocabParallelEmbedding(model.tok_emb, topo, sequence_parallel=sp)
     if getattr(model, "lm_head", None) is not None:
         if sp:
             model.norm = SequenceParallelRMSNorm(model.norm, topo)
-        model.lm_head = ColumnParallelLinear(model.lm_head, topo, sequence_parallel=sp)
+        model.lm_head = ColumnParallelLinear(model.lm_head, topo, copy_input=not sp)
         model.loss_fn = vocab_parallel_loss_fn(topo.tp_rank * model.lm_head.weight.shape[0], topo.tp_group)
     # Replicated parameters (the norms' gains) hold the same gradient on every tp rank: the global gradient
     # norm counts them on tp rank 0 only (amp.global_grad_norm).

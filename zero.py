@@ -46,6 +46,11 @@ from ddp import DistributedDataParallel
 from moe import is_ep_duplicate, is_expert_parallel
 from tensor_parallel import is_tp_duplicate
 
+# torch 2.13 names the flat collectives all_gather_single / reduce_scatter_single; older releases (which GPU
+# machines often carry) only have the same functions under their former names.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class FlatUnit:
     """One unit's trainable parameters in a flat buffer; this rank's slice of it, in fp32, for the optimizer."""
@@ -177,7 +182,7 @@ class ZeroOptimizer:
             p.grad = None  # from here on this rank only holds its slice
         flat.div_(self.world)  # averaging: sum of x / N, divided first to keep fp16 in range
         out = torch.empty(u.shard_size, dtype=u.dtype, device=flat.device)
-        self.in_flight.append((u, dist.reduce_scatter_single(out, flat, group=self.group, async_op=True), out, flat))
+        self.in_flight.append((u, reduce_scatter_single(out, flat, group=self.group, async_op=True), out, flat))
         u.ready = 0
         if self.stage == 3:
             self._free(u)  # its backward is done: every use of the weights came before its gradients
@@ -204,7 +209,7 @@ class ZeroOptimizer:
         if u.gathered or u.pending is not None:
             return
         u.full.untyped_storage().resize_(u.nbytes(u.full))
-        u.pending = dist.all_gather_single(u.full, u.shard16, group=self.group, async_op=True)
+        u.pending = all_gather_single(u.full, u.shard16, group=self.group, async_op=True)
 
     def _wait_gathered(self, u):
         self._gather(u)
@@ -328,7 +333,7 @@ class ZeroOptimizer:
                     u.full.copy_(u.master)
             else:  # (the input must not alias the output: an fp32 model's master is a view of it)
                 mine = u.master.to(u.dtype) if u.master.dtype != u.dtype else u.master.clone()
-                works.append(dist.all_gather_single(u.full, mine, group=self.group, async_op=True))
+                works.append(all_gather_single(u.full, mine, group=self.group, async_op=True))
         for w in works:
             w.wait()
 

@@ -1,8 +1,19 @@
-"""Shared fixtures: one prepared copy of the embedded default corpus per test session."""
+"""Shared fixtures: one prepared copy of the embedded default corpus per test session.
+
+The suite runs on the CPU, also on a GPU machine: CUDA is hidden before torch is first imported, so that "auto"
+devices pick the CPU and forked gloo workers never meet a CUDA context their parent created (CUDA cannot be used
+in a process forked after it was initialised). The GPU tests live apart in tests/gpu, collected only with
+LLM_GPU_TESTS=1 (`make gpu-check`); they start their processes fresh (torchrun), never by fork.
+"""
 import os
 
-import pytest
-import torch
+GPU_TESTS = os.environ.get("LLM_GPU_TESTS") == "1"
+if not GPU_TESTS:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+collect_ignore = [] if GPU_TESTS else ["gpu"]
+
+import pytest  # noqa: E402  (after CUDA is hidden)
+import torch  # noqa: E402
 
 # One intra-op thread: the tests' tensors are tiny, so a second thread buys little, and OpenMP's spinning
 # workers slow every op by 10-100x whenever the cores are shared (with spawned ranks, or with other jobs).

@@ -77,7 +77,7 @@ def test_parameter_count_matches_the_closed_form():
     per_layer = d * cfg.n_head * hd * 2 + d * cfg.n_kv_head * hd * 2 + 3 * d * cfg.d_ff + 2 * d
     assert num_params(model) == 2 * V * d + L * per_layer + d
     assert num_params(model, matmul_only=True) == num_params(model) - V * d
-    assert flops_per_token(cfg, 100, 10) == 600 + 12 * L * d * 10
+    assert flops_per_token(cfg, 100, 10) == 600 + 6 * L * d * 10  # causal: half the T x T scores
 
 
 def test_generate_is_greedy_at_temperature_zero():

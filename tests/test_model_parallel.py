@@ -13,7 +13,8 @@ import pipeline
 import pretrain
 import training
 import tensor_parallel
-from model import PRESETS
+from model import PRESETS, Transformer
+from moe import add_moe
 from tests.distributed import refused_before_any_group, run_distributed
 from topology import Topology, TopologyError
 
@@ -113,6 +114,31 @@ def test_every_zero_stage_with_tp2_and_with_pp2():
 def test_zero1_and_zero3_with_tp2_pp2_on_eight_ranks():
     """World 8 = dp 2 x pp 2 x tp 2: every axis at once, with ZeRO-1 and with ZeRO-3."""
     check_against_one_process([(2, 2, "1f1b", 1, False), (2, 2, "1f1b", 3, False)], 8)
+
+
+def _backward_all_reduces(rank, world, experts=0):
+    """All-reduces issued by one tensor-parallel backward (tp = world), counted by wrapping dist.all_reduce."""
+    torch.manual_seed(0)
+    model = Transformer(CFG)
+    if experts:
+        add_moe(model, experts, top_k=2)
+    tensor_parallel.parallelize(model.double(), Topology(tp=world))
+    x, y = micro_batches(0)[0]
+    _, loss = model(x, y)
+    calls, real = [], dist.all_reduce
+    dist.all_reduce = lambda t, *a, **k: calls.append(t.shape) or real(t, *a, **k)
+    try:
+        loss.backward()
+    finally:
+        dist.all_reduce = real
+    return len(calls)
+
+
+def test_tensor_parallel_backward_does_two_all_reduces_per_block():
+    """Megatron's count: f once before wq, wk, wv (not once each), once before w1, w3; plus the head's f. With
+    MoE MLPs of 4 experts, f once per expert's input (not once for w1 and again for w3)."""
+    assert run_distributed(_backward_all_reduces, 2) == [2 * CFG.n_layer + 1] * 2
+    assert run_distributed(_backward_all_reduces, 2, 4) == [(1 + 4) * CFG.n_layer + 1] * 2
 
 
 def test_vocab_parallel_cross_entropy_equals_the_gathered_one():

@@ -176,6 +176,31 @@ def test_expert_parallel_equals_one_process(ep, capacity_factor):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def _host_syncs(rank, world):
+    """Calls of Tensor.tolist / item (each one waits for the device) in one MoE forward and backward, ep=2."""
+    torch.manual_seed(0)
+    model = add_moe(Transformer(CFG), E, K, capacity_factor=1.0)
+    for m in moe_layers(model):
+        shard_experts(m, rank, world, None)
+    x = torch.randint(0, CFG.vocab_size, (2, 17), generator=torch.Generator().manual_seed(rank))
+    calls = []
+    real = torch.Tensor.tolist, torch.Tensor.item
+    torch.Tensor.tolist = lambda t: calls.append("tolist") or real[0](t)
+    torch.Tensor.item = lambda t: calls.append("item") or real[1](t)
+    try:
+        _, loss = model(x[:, :-1], x[:, 1:])
+        (loss + aux_loss(model)).backward()
+    finally:
+        torch.Tensor.tolist, torch.Tensor.item = real
+    return len(moe_layers(model)), calls
+
+
+def test_expert_parallel_syncs_the_host_once_per_layer():
+    """all_to_all_single takes its splits as host ints: one .tolist() per MoE layer, none in the backward."""
+    for layers, calls in run_distributed(_host_syncs, 2):
+        assert calls == ["tolist"] * layers
+
+
 # ------------------------------------------------------------------------------------ through pretrain.py
 FAST = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
         "--eval-iters", "1", "--sample-tokens", "0", "--log-every", "1", "--max-steps", "3",

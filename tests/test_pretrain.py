@@ -86,7 +86,7 @@ def test_estimate_counts_the_model_as_built():
     n = sum(p.numel() for p in model.parameters())
     n_mm = n - model.tok_emb.weight.numel()
     assert est["params"] == n and est["matmul_params"] == n_mm
-    assert est["flops_per_token"] == 6 * n_mm + 12 * 12 * 768 * 1024
+    assert est["flops_per_token"] == 6 * n_mm + 6 * 12 * 768 * 1024
     assert est["tokens"] == 20 * n
 
 
