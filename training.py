@@ -4,9 +4,10 @@ The idea: pretraining and fine-tuning take a step the same way; they differ only
 (windows of text, or templated examples with a loss mask) and in their defaults. So the pieces live here once,
 in the order they compose: the shared flags and their checks, the process groups (topology.py), the model built
 from one seed on every rank and then cut from outside (pipeline.py keeps a stage, tensor_parallel.py a slice,
-moe.py this rank's experts, lora.py wraps layers, amp.py casts), the data-parallel wrapper and optimizer
-(ddp.py or zero.py), one step's forward and backward, evaluation, and the loop: set-up, step, log/eval/save,
-finish, with one place each for saving, resuming, logging a record and the end-of-run barrier.
+moe.py this rank's experts, lora.py wraps layers, amp.py casts, quantization.py swaps in FP8 matmuls), the
+data-parallel wrapper and optimizer (ddp.py or zero.py), one step's forward and backward, evaluation, and the
+loop: set-up, step, log/eval/save, finish, with one place each for saving, resuming, logging a record and the
+end-of-run barrier.
 
 Nothing silent: every flag's value is checked before any work (a bad one is one line and exit status 2), and a
 run that cannot train (amp.py's DivergenceGuard: the loss or gradients inf/nan for 8 steps in a row, fp16's loss
@@ -44,6 +45,7 @@ import checkpoint
 import context_parallel
 import moe
 import pipeline
+import quantization
 import tensor_parallel
 from amp import DTYPES, DivergenceGuard, DynamicLossScaler, MixedPrecisionOptimizer, TrainingStopped, cast_model
 from ddp import DistributedDataParallel
@@ -93,7 +95,7 @@ def add_shared_flags(ap, **defaults):
     a("--beta1", type=float, default=0.9, help="AdamW's")
     a("--beta2", type=float, default=0.95, help="AdamW's")
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
-    a("--amp", default="fp32", choices=sorted(DTYPES), help="compute precision (amp.py)")
+    a("--amp", default="fp32", choices=sorted(DTYPES), help="compute precision (amp.py; fp8: quantization.py)")
     a("--attn", default="sdpa", choices=ATTN_BACKENDS, help="attention backend (model.py, flash_attn.py)")
     a("--activation-checkpointing", action="store_true", help="recompute each block's activations in backward")
     a("--compile", action="store_true", help="torch.compile the model")
@@ -185,6 +187,9 @@ def check_args(args, world):
                           "trace reliably; use --zero 3 without --compile, or --compile with --zero 0-2")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.amp == "fp8" and (why := quantization.fp8_unsupported("cuda" if cuda else "cpu")):
+        raise ConfigError(why)
     if args.bucket_mb <= 0:
         raise ConfigError(f"--bucket-mb must be > 0, got {args.bucket_mb}")
     if args.ep > 1 and args.zero > 1:
@@ -251,7 +256,10 @@ def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=No
     moe.keep_experts(model, topo)
     if adapt is not None:
         adapt(model)
-    return cast_model(model, dtype)
+    cast_model(model, dtype)
+    if getattr(args, "amp", None) == "fp8":  # each tp rank scales its own shard: no amax all-reduce
+        quantization.use_fp8(model)
+    return model
 
 
 def param_groups(model, weight_decay):
