@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import flash_attn
+import flags
 import pretrain
 import tensor_parallel
 import training
@@ -270,7 +271,7 @@ def test_sft_refuses_packing_with_context_parallel(tmp_path, capsys, monkeypatch
 def test_without_cp_any_sequence_length_is_accepted():
     """The 2cp-chunks rule applies under --cp only: an odd --seq-len trains without it."""
     args = pretrain.build_parser().parse_args(["--seq-len", "31"])
-    training.check_model_layout(PRESETS["tiny"], args, "model 'tiny'")  # no error
-    with pytest.raises(training.TopologyError, match="divisible by 4 \\(got 31\\)"):
-        training.check_model_layout(PRESETS["tiny"], pretrain.build_parser().parse_args(
+    flags.check_model_layout(PRESETS["tiny"], args, "model 'tiny'")  # no error
+    with pytest.raises(flags.TopologyError, match="divisible by 4 \\(got 31\\)"):
+        flags.check_model_layout(PRESETS["tiny"], pretrain.build_parser().parse_args(
             ["--seq-len", "31", "--cp", "2", "--attn", "flash"]), "model 'tiny'")

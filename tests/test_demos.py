@@ -73,6 +73,14 @@ def test_pretrain_help():
         assert flag in out
 
 
+def test_sft_help():
+    """flags.py's shared flags with sft.py's defaults, each shown in --help."""
+    out = run("sft.py", "--help")
+    for flag in ("--init", "--pack", "--lora-r", "--zero", "--tp", "--pp", "--cp", "--fresh"):
+        assert flag in out
+    assert re.search(r"--lr LR\s+peak learning rate \(AdamW\) \(default: 0.0005\)", out), out
+
+
 def test_make_estimate():
     makefile = (ROOT / "Makefile").read_text()
     cmd = re.search(r"^estimate:.*\n\t\$\(PY\) (.*)$", makefile, re.M).group(1).split()
@@ -223,6 +231,7 @@ def test_quantization():
 # ------------------------------------------------------------------------------------ the map itself
 RUN_BY = {"python model.py": test_model, "python data.py prepare --src PATH --out DIR": test_data_prepare,
           "python amp.py": test_amp, "python pretrain.py --help": test_pretrain_help,
+          "python sft.py --help": test_sft_help,
           "make estimate": test_make_estimate, "python flash_attn.py": test_flash_attn,
           "torchrun --nproc_per_node 2 ddp.py": test_ddp, "torchrun --nproc_per_node 2 zero.py": test_zero,
           "make bench": test_make_bench, "torchrun --nproc_per_node 2 tensor_parallel.py": test_tensor_parallel,
@@ -239,4 +248,4 @@ def test_every_map_command_is_run():
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Map of the lecture")[1].split("\n## ")[0]
     commands = re.findall(r"^\|[^|]+\|[^|]+\| `([^`]+)` \|$", table, re.M)
-    assert len(commands) == 20 and sorted(commands) == sorted(RUN_BY), commands
+    assert len(commands) == 21 and sorted(commands) == sorted(RUN_BY), commands
