@@ -15,7 +15,7 @@ PRETRAIN_FLAGS ?= --model tiny --batch-size 32 --max-steps 300 --lr 2e-3 --warmu
 # runs first if out/pretrain has none. The fine-tuning itself: 100 steps of 16 examples, in one process.
 SFT_FLAGS ?= --out out/sft
 
-.PHONY: install pretrain sft test estimate bench gpu-check clean
+.PHONY: install pretrain sft test estimate scaling bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -51,7 +51,12 @@ gpu-check: install
 	$(PY) benchmarks/gpu_check.py
 
 estimate: install
-	$(PY) pretrain.py --model gpt2-124m --estimate --chinchilla --gpus 8
+	$(PY) estimate.py --model gpt2-124m --chinchilla --gpus 8
+
+# IsoFLOP profiles and a fit of L(N, D): 14 small runs on the embedded corpus, one thread, resumable (12 minutes
+# on 2 CPU cores with light other load, measured once).
+scaling: install
+	OMP_NUM_THREADS=1 $(PY) scaling.py --out out/scaling
 
 clean:
 	rm -rf out data .pytest_cache

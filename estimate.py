@@ -1,81 +1,171 @@
-"""estimate.py: the lecture's arithmetic as a calculator: parameters, FLOPs, scaling laws, memory, time.
+"""estimate.py: the lecture's arithmetic as a calculator: parameters, FLOPs, memory, communication and time.
 
-The idea: before spending a GPU-month, compute what it buys. For a model of N parameters trained on D tokens:
-    FLOPs per token   6 N + 6 L d T         (2 per weight forward, 4 backward; the causal attention scores' term)
-    training FLOPs    C = 6 N D (+ attention)                                  (Kaplan et al. 2020)
-    compute-optimal   D = 20 N tokens                                          (Hoffmann et al. 2022, Chinchilla)
+The idea: before spending a GPU-month, compute what it buys, for any shape and any layout of the GPUs.
+For N parameters, D tokens, L layers of width h (= d_model), a heads, context s, micro-batch b per GPU:
+    FLOPs per token   6 N + 6 L h s      (2 per weight forward, 4 backward; the causal attention scores)  Kaplan 2020
+    training FLOPs    C = 6 N D (+ attention);   compute-optimal D = 20 N                   Hoffmann 2022 (Chinchilla)
     time              C / (peak FLOP/s x GPUs x MFU)
-    model states      per GPU, mixed-precision Adam, Psi parameters, N_d data-parallel ranks (Rajbhandari et al.):
-                      DDP 2Psi + 2Psi + 12Psi;  ZeRO-1 2Psi + 2Psi + 12Psi/N_d;  ZeRO-2 2Psi + 14Psi/N_d;
-                      ZeRO-3 16Psi/N_d
-    communication     per GPU per step: all-reduce 2Psi (ring: 2 (N_d-1)/N_d Psi); ZeRO-1/2 the same as a
-                      reduce-scatter plus an all-gather (stage 1 reduces all gradients: 3Psi here); ZeRO-3 3Psi
-With experts (moe.py) the parameters grow E-fold in the MoE MLPs but a token only meets k of them: the FLOPs
-follow the *active* parameters, the memory the *total*.
+    model states      per GPU, mixed-precision Adam: 2 bytes of 16-bit weights, 2 of gradients, 12 of fp32
+                      master, momentum and variance per parameter; tp x pp divide the parameters; ZeRO over the
+                      dp ranks: stage 1 divides the 12, stage 2 also the gradients, stage 3 everything  (Rajbhandari)
+    activations       per layer, 16-bit, no recomputation:   s b h (34 + 5 a s / h)  bytes    (Korthikanti 2022)
+                      tensor parallel over t:                s b h (10 + 24/t + 5 a s / (h t))
+                      + sequence parallel:                   s b h (34/t + 5 a s / (h t))
+                      selective recomputation (attention):   s b h (10 + 24/t), or 34 s b h / t with sp
+                      full recomputation (keep block input): 2 s b h (/t with sp)
+                      per GPU: L/p layers x the micro-batches in flight (1F1B: p on the first stage; GPipe: m)
+    communication     bytes sent per GPU per step, ring collectives (an all-reduce of n elements sends
+                      2 (k-1)/k n over k ranks; a reduce-scatter or all-gather (k-1)/k n):
+                      dp: all-reduce of gradients (ZeRO-1: + all-gather of weights; ZeRO-3: 2 all-gathers +
+                      reduce-scatter); tp: 4 all-reduces of s b h per layer per micro-batch (2 forward, 2
+                      backward; with sp the same volume as all-gathers and reduce-scatters); pp: s b h forward
+                      and back per micro-batch; ep: 4 all-to-alls of k s b h per MoE layer per micro-batch
+    pipeline bubble   (p - 1) / (m + p - 1) of each step idle
+The counts come from the model as built on the meta device (no memory is allocated), so they cannot drift from
+model.py. With experts (moe.py) FLOPs follow the parameters a token meets, memory all of them.
+Units: GB = 1e9 bytes, as the papers print them; GiB = 2^30 bytes beside them. A run's own MFU denominator and
+memory figure (peak_flops, peak_memory_mb) live here too.
 
-The counts come from the model as built, on the meta device (no memory is allocated), so they cannot drift
-from model.py. Run: `python pretrain.py --model gpt2-124m --estimate --chinchilla --gpus 8 --gpu h100`.
+Run: `python estimate.py --model gpt2-124m --chinchilla --gpus 8`, `python estimate.py --params 70e9 --gpus 1024
+--tp 8 --pp 8 --zero 1 --sequence-parallel`, or any shape: `--n-layer 32 --d-model 4096 --n-head 32 ...`.
+`python estimate.py --measure` builds two small models, runs a step and compares the bytes held with the above.
 """
+import argparse
+import math
 import resource
+import sys
 import time
+import weakref
+from dataclasses import replace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode  # (torch's own hook below autograd; no public twin)
+from torch.utils._pytree import tree_leaves
 
-from model import PRESETS, Transformer, flops_per_token, num_params
+from amp import DynamicLossScaler, MixedPrecisionOptimizer, cast_model
+from model import PRESETS, ModelConfig, Transformer, flops_per_token, num_params, pad_vocab
 from moe import add_moe, inactive_params, parse_layers
+from tensor_parallel import check_divisible
 
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}  # dense bf16 tensor-core peaks, datasheets
+WEIGHT, GRAD, ADAM = 2, 2, 12                                 # bytes per parameter, mixed-precision Adam
+RECOMPUTE = ("none", "selective", "full")
 
 
-def estimate(args):
-    """The lecture's arithmetic on the model as built (on the meta device: no memory is allocated)."""
-    cfg = PRESETS[args.model]
+class EstimateError(ValueError):
+    """A flag that makes no sense: its message is the one line the user sees."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # a bad flag is one line, not a usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser():
+    ap = OneLineParser(prog="estimate.py", description="Parameters, FLOPs, memory, communication, time.")
+    a = ap.add_argument
+    a("--model", default="gpt2-124m", choices=sorted(PRESETS), help="preset to start from (model.py)")
+    a("--params", type=float, default=None, help="a shape of about this many parameters (d_model = 128 n_layer)")
+    for f in ("n-layer", "d-model", "n-head", "n-kv-head", "d-ff", "vocab-size"):
+        a(f"--{f}", type=int, default=None, help="override the preset's " + f.replace("-", "_"))
+    a("--seq-len", type=int, default=None, help="context s (a preset's at most; a custom shape is built for it)")
+    a("--batch-size", type=int, default=None, help="global batch in sequences (default: 1 per GPU micro-step)")
+    a("--grad-accum", type=int, default=1)
+    a("--max-steps", type=int, default=None, help="optimizer steps (default 1000) unless --tokens/--chinchilla")
+    a("--tokens", type=float, default=None, help="train on this many tokens")
+    a("--chinchilla", action="store_true", help="train on 20 tokens per parameter")
+    a("--gpus", type=int, default=1)
+    a("--gpu", default="h100", choices=sorted(PEAK_TFLOPS))
+    a("--mfu", type=float, default=0.4, help="the model FLOPs utilisation to assume, in (0, 1]")
+    a("--tp", type=int, default=1, help="tensor-parallel ranks")
+    a("--pp", type=int, default=1, help="pipeline stages")
+    a("--microbatches", type=int, default=1, help="pipeline micro-batches per micro-step (m)")
+    a("--pp-schedule", default="1f1b", choices=("gpipe", "1f1b"))
+    a("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage over the data-parallel ranks")
+    a("--sequence-parallel", action="store_true")
+    a("--recompute", default="none", choices=RECOMPUTE, help="activation recomputation")
+    a("--experts", type=int, default=0, help="experts per MoE layer (0: dense)")
+    a("--topk", type=int, default=2)
+    a("--moe-layers", default="all")
+    a("--ep", type=int, default=1, help="expert-parallel ranks, taken from the data-parallel ranks")
+    a("--measure", action="store_true", help="measure the bytes held by small models against the formulas")
+    return ap
+
+
+# ----------------------------------------------------------------------------- the shape and the layout
+def shape_for(n_params, vocab=50304):
+    """A Llama-like shape of about n_params: d ~ 128 L (Llama-2 7B: L = 32, d = 4096), heads of 128 (a multiple
+    of 8 heads from d = 1024 on, so that tp = 8 divides them), d_ff ~ 8/3 d; N ~ 12 L d^2 + 2 V d."""
+    L = min(range(1, 256), key=lambda L: abs(12 * L * (128 * L) ** 2 + 2 * vocab * 128 * L - n_params))
+    d = 128 * L if L < 8 else round(L / 8) * 1024
+    return ModelConfig(n_layer=L, d_model=d, n_head=d // 128, n_kv_head=d // 128,
+                       d_ff=(8 * d // 3 + 255) // 256 * 256, vocab_size=vocab, block_size=2048)
+
+
+def config_from(args):
+    """The model config the flags describe, checked."""
+    for f in ("mfu", "tokens", "params"):
+        if getattr(args, f) is not None and not math.isfinite(getattr(args, f)):
+            raise EstimateError(f"--{f} must be a finite number, got {getattr(args, f)}")
+    for f in ("params", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size", "seq_len"):
+        v = getattr(args, f)
+        if v is not None and v <= 0:
+            raise EstimateError(f"--{f.replace('_', '-')} must be positive, got {v:g}")
+    cfg = shape_for(args.params) if args.params else PRESETS[args.model]
+    custom = {f: getattr(args, f) for f in ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size")
+              if getattr(args, f) is not None}
+    if args.seq_len and args.seq_len > cfg.block_size and not (custom or args.params):
+        raise EstimateError(f"--seq-len {args.seq_len} is beyond the context of model {args.model!r} "
+                            f"({cfg.block_size}): use at most {cfg.block_size}, or give a custom shape")
+    if "n_head" in custom and "n_kv_head" not in custom:
+        custom["n_kv_head"] = custom["n_head"]
+    cfg = replace(cfg, **custom, block_size=max(cfg.block_size, args.seq_len or 0))
+    if "vocab_size" in custom:
+        cfg = replace(cfg, vocab_size=pad_vocab(cfg.vocab_size))
+    if cfg.d_model % cfg.n_head or cfg.head_dim % 2:
+        raise EstimateError(f"--n-head {cfg.n_head} must divide --d-model {cfg.d_model} into an even head size")
+    if cfg.n_head % cfg.n_kv_head:
+        raise EstimateError(f"--n-kv-head {cfg.n_kv_head} must divide --n-head {cfg.n_head}")
+    return cfg
+
+
+def layout_from(args, cfg):
+    """(dp, micro-batch b per GPU, micro-batches per GPU per step, global batch) for the GPUs, checked."""
+    if args.gpus < 1:
+        raise EstimateError(f"--gpus must be at least 1, got {args.gpus}")
+    if not 0 < args.mfu <= 1:
+        raise EstimateError(f"--mfu must be in (0, 1] (a fraction of the peak, e.g. 0.4), got {args.mfu:g}")
+    if args.tokens is not None and args.tokens < 1:
+        raise EstimateError(f"--tokens must be at least 1 (the tokens to train on), got {args.tokens:g}")
+    for f in ("tp", "pp", "ep", "microbatches", "grad_accum", "max_steps", "batch_size"):
+        if getattr(args, f) is not None and getattr(args, f) < 1:
+            raise EstimateError(f"--{f.replace('_', '-')} must be at least 1, got {getattr(args, f)}")
+    if args.gpus % (args.tp * args.pp):
+        raise EstimateError(f"--gpus {args.gpus} is not a multiple of --tp {args.tp} x --pp {args.pp}: "
+                            f"the layout is dp x tp x pp = GPUs")
+    dp = args.gpus // (args.tp * args.pp)
+    if err := check_divisible(cfg, args.tp):
+        raise EstimateError(err)
+    if args.pp > cfg.n_layer:
+        raise EstimateError(f"--pp {args.pp} is more stages than the model's {cfg.n_layer} layers")
     T = args.seq_len or cfg.block_size
-    with torch.device("meta"):
-        model = Transformer(cfg)
-        if getattr(args, "experts", 0):
-            add_moe(model, args.experts, args.topk, layers=parse_layers(args.moe_layers, cfg.n_layer))
-    n, n_mm = num_params(model), num_params(model, matmul_only=True) - inactive_params(model)
-    fpt = flops_per_token(cfg, n_mm, T)
-    tokens = args.tokens or (20 * n if args.chinchilla else (args.max_steps or 1000) * args.batch_size * T)
-    total = fpt * tokens
-    peak = PEAK_TFLOPS[args.gpu] * 1e12
-    seconds = total / (peak * args.gpus * args.mfu)
-    gib = 2 ** 30
-    rows = [
-        ("model", f"{args.model}: {cfg.n_layer} layers, d={cfg.d_model}, {cfg.n_head} heads "
-                  f"({cfg.n_kv_head} KV), d_ff={cfg.d_ff}, vocab {cfg.vocab_size}, T={T}"),
-        ("parameters", f"{n:,} ({n_mm:,} in matmuls that a token meets; the embedding is a lookup"
-                       + (f"; {args.experts} experts, top-{args.topk}: {n - n_mm - cfg.vocab_size * cfg.d_model:,}"
-                          " expert parameters idle per token)" if getattr(args, "experts", 0) else ")")),
-        ("FLOPs per token", f"{fpt:.4g} = 6 x {n_mm:,} + 12 x {cfg.n_layer} x {cfg.d_model} x {T}"),
-        ("Chinchilla tokens", f"{20 * n:.4g} (20 per parameter)"),
-        ("planned tokens", f"{tokens:.4g}" + (" (Chinchilla)" if args.chinchilla else "")),
-        ("training FLOPs", f"{total:.4g} (6ND = {6 * n_mm * tokens:.4g} without attention)"),
-        ("model states / GPU", f"{16 * n / gib:.2f} GiB = 16 bytes x N (2 weights + 2 grads + 12 fp32 master, "
-                               f"Adam m and v), no sharding"),
-        ("training time", f"{seconds / 3600:.2f} h = {seconds / 86400:.2f} days on {args.gpus} x {args.gpu} "
-                          f"at {args.mfu:.0%} MFU of {PEAK_TFLOPS[args.gpu]:.0f} TFLOP/s"),
-    ]
-    w = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{w}}  {v}")
-    zero = zero_table(n, args.gpus)
-    print(f"\nZeRO over {args.gpus} data-parallel GPUs (model states per GPU; elements sent per GPU per step, "
-          f"ring collectives, x2 bytes in 16 bits):")
-    print(f"{'stage':<7}{'weights':>11}{'grads':>11}{'optimizer':>11}{'total':>11}   communication")
-    for r in zero:
-        print(f"{r['stage']:<7}" + "".join(f"{r[k] / gib:>8.2f} GiB"[-11:] for k in ("params", "grads", "optimizer",
-                                                                                        "total"))
-              + f"   {r['comm_elements']:.3g} = {r['comm']}")
-    return {"params": n, "matmul_params": n_mm, "flops_per_token": fpt, "tokens": tokens, "seconds": seconds,
-            "zero": zero}
+    if args.sequence_parallel and (args.tp == 1 or T % args.tp):
+        raise EstimateError(f"--sequence-parallel needs --tp > 1 dividing --seq-len {T}")
+    if args.ep > 1 and (dp % args.ep or not args.experts or args.experts % args.ep):
+        raise EstimateError(f"--ep {args.ep} must divide the {dp} data-parallel ranks and --experts {args.experts}")
+    micro = dp * args.grad_accum * args.microbatches  # micro-batches per step, over all replicas
+    batch = args.batch_size or micro
+    if batch % micro:
+        raise EstimateError(f"--batch-size {batch} does not divide into {dp} data-parallel ranks x --grad-accum "
+                            f"{args.grad_accum} x --microbatches {args.microbatches}: use a multiple of {micro}")
+    return dp, batch // micro, args.grad_accum * args.microbatches, batch
 
 
+# ----------------------------------------------------------------------------- the formulas
 def zero_table(n, gpus):
     """Model-state bytes per GPU and elements sent per GPU per step for DDP and ZeRO 1-3 (the ZeRO paper's
     accounting: 2 bytes of 16-bit weights, 2 of gradients, K = 12 of fp32 master, momentum and variance)."""
-    N, K = gpus, 12
+    N, K = gpus, ADAM
     ring = (N - 1) / N * n  # one reduce-scatter or one all-gather of n elements; an all-reduce is both
     rows = [(0, 2 * n, 2 * n, K * n, 2 * ring, "all-reduce of gradients"),
             (1, 2 * n, 2 * n, K * n / N, 3 * ring, "all-reduce of gradients + all-gather of weights"),
@@ -104,3 +194,255 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def activations_per_layer(s, b, h, a, t=1, sp=False, recompute="none"):
+    """Korthikanti et al.'s bytes of activations one transformer layer keeps for backward (16-bit)."""
+    if recompute == "full":
+        return 2 * s * b * h / (t if sp else 1)
+    if recompute == "selective":
+        return s * b * h * (34 / t if sp else 10 + 24 / t)
+    return s * b * h * ((34 / t if sp else 10 + 24 / t) + 5 * a * s / (h * t))
+
+
+def stage_params(model, pp, ep):
+    """Parameters held by the busiest pipeline stage (blocks split as evenly as pipeline.py does; the embedding
+    on the first stage, the final norm and head on the last), expert parameters divided over ep."""
+    per_block = [sum(p.numel() / (ep if "experts" in name else 1) for name, p in blk.named_parameters())
+                 for blk in model.blocks]
+    base, extra = divmod(len(per_block), pp)
+    sizes = [base + (i < extra) for i in range(pp)]
+    starts = [sum(sizes[:i]) for i in range(pp)]
+    held = [sum(per_block[st:st + n]) for st, n in zip(starts, sizes)]
+    held[0] += model.tok_emb.weight.numel()
+    held[-1] += model.lm_head.weight.numel() + model.norm.weight.numel()
+    return max(held), max(sizes)
+
+
+def memory_per_gpu(cfg, args, model, dp, b, T):
+    """Bytes per GPU of each kind, on the busiest stage, with ZeRO over dp."""
+    psi, layers = stage_params(model, args.pp, args.ep)
+    psi /= args.tp  # (the norms' weights are replicated over tp, not split: a rounding error here)
+    z = zero_table(psi, dp)[args.zero]
+    in_flight = min(args.pp, args.microbatches) if args.pp_schedule == "1f1b" else args.microbatches
+    act = activations_per_layer(T, b, cfg.d_model, cfg.n_head, args.tp, args.sequence_parallel, args.recompute)
+    logits = 4 * T * b * cfg.vocab_size / args.tp if args.pp == 1 else 0  # fp32 logits for the loss (last stage)
+    return {"weights": z["params"], "gradients": z["grads"], "optimizer states": z["optimizer"],
+            "activations": act * layers * in_flight + logits, "psi": psi, "per_layer": act, "layers": layers,
+            "in_flight": in_flight}
+
+
+def comm_per_gpu(cfg, args, psi, dp, b, T, n_micro, moe_layers):
+    """Bytes each GPU sends per optimizer step, per parallelism (16-bit elements)."""
+    sbh, t, p = T * b * cfg.d_model, args.tp, args.pp
+    layers = math.ceil(cfg.n_layer / p)
+    rows = {}
+    if dp > 1:
+        rows["dp"] = (2 * zero_table(psi, dp)[args.zero]["comm_elements"],
+                      ("DDP" if args.zero == 0 else f"ZeRO-{args.zero}") + ": " + zero_table(1, 2)[args.zero]["comm"])
+    if t > 1:
+        per_layer = (6 if args.recompute == "full" else 4) * 2 * (t - 1) / t * sbh
+        rows["tp"] = (2 * per_layer * layers * n_micro,
+                      f"{'2 all-gathers + 2 reduce-scatters' if args.sequence_parallel else '4 all-reduces'} of "
+                      f"s b h per layer per micro-batch" + (" (+2 recomputed)" if args.recompute == "full" else ""))
+    if p > 1:
+        rows["pp"] = (2 * 2 * sbh / (t if args.sequence_parallel else 1) * n_micro,
+                      "activations forward + their gradients back, per micro-batch (a middle stage)")
+    if args.ep > 1:
+        rows["ep"] = (2 * 4 * args.topk * sbh * (args.ep - 1) / args.ep * moe_layers / p * n_micro,
+                      "dispatch + combine all-to-all, forward and backward, per MoE layer")
+    return rows
+
+
+# ----------------------------------------------------------------------------- the slides
+def gb(x):
+    return f"{x / 1e9:,.3f} GB ({x / 2 ** 30:,.3f} GiB)"
+
+
+def estimate(args):
+    """Everything above for the flags in `args`; prints the table and returns the numbers."""
+    cfg = config_from(args)
+    dp, b, n_micro, batch = layout_from(args, cfg)
+    T = args.seq_len or cfg.block_size
+    layers = parse_layers(args.moe_layers, cfg.n_layer) if args.experts else None
+    with torch.device("meta"):
+        model = Transformer(cfg)
+        if args.experts:
+            add_moe(model, args.experts, args.topk, layers=layers)
+    n, n_mm = num_params(model), num_params(model, matmul_only=True) - inactive_params(model)
+    fpt = flops_per_token(cfg, n_mm, T)
+    tokens = args.tokens or (20 * n if args.chinchilla else (args.max_steps or 1000) * batch * T)
+    total = fpt * tokens
+    seconds = total / (PEAK_TFLOPS[args.gpu] * 1e12 * args.gpus * args.mfu)
+    mem = memory_per_gpu(cfg, args, model, dp, b, T)
+    moe_layers = (cfg.n_layer if layers is None else len(layers)) if args.experts else 0
+    comm = comm_per_gpu(cfg, args, mem["psi"], dp, b, T, n_micro, moe_layers)
+    bubble = (args.pp - 1) / (args.microbatches + args.pp - 1)
+    custom = any(getattr(args, f) is not None for f in ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff",
+                                                        "vocab_size"))
+    name = f"--params {args.params:.3g}" if args.params else args.model + (" with custom dimensions" if custom else "")
+    rows = [
+        ("model", f"{name}: {cfg.n_layer} layers, "
+                  f"d={cfg.d_model}, {cfg.n_head} heads ({cfg.n_kv_head} KV), d_ff={cfg.d_ff}, vocab "
+                  f"{cfg.vocab_size}, s={T}"),
+        ("parameters", f"{n:,} ({n_mm:,} in matmuls that a token meets; the embedding is a lookup"
+                       + (f"; {args.experts} experts, top-{args.topk}: {n - n_mm - cfg.vocab_size * cfg.d_model:,}"
+                          " expert parameters idle per token)" if args.experts else ")")),
+        ("FLOPs per token", f"{fpt:.4g} = 6 x {n_mm:,} + 6 x {cfg.n_layer} x {cfg.d_model} x {T}"),
+        ("Chinchilla tokens", f"{20 * n:.4g} (20 per parameter)"),
+        ("planned tokens", f"{tokens:.4g}" + (" (Chinchilla)" if args.chinchilla and not args.tokens else "")),
+        ("training FLOPs", f"{total:.4g} (6ND = {6 * n_mm * tokens:.4g} without attention)"),
+        ("training time", f"{seconds / 3600:,.2f} h = {seconds / 86400:,.2f} days on {args.gpus} x {args.gpu} "
+                          f"at {args.mfu:.0%} MFU of {PEAK_TFLOPS[args.gpu]:.0f} TFLOP/s"),
+        ("layout", f"{args.gpus} GPUs = dp {dp} x tp {args.tp} x pp {args.pp}" + (f" (ep {args.ep})" if args.ep > 1
+                   else "") + f"; batch {batch} sequences = {b} per micro-batch x {n_micro} micro-step(s) x dp {dp}"),
+    ]
+    if args.pp > 1:
+        rows.append(("pipeline bubble", f"(p-1)/(m+p-1) = {bubble:.1%} of each step idle ({args.pp_schedule}, "
+                                         f"m = {args.microbatches}); the MFU above must allow for it"))
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    print(f"\nMemory per GPU (the busiest stage: {mem['psi']:,.0f} parameters; ZeRO stage {args.zero} over dp {dp}):")
+    for k in ("weights", "gradients", "optimizer states", "activations"):
+        print(f"  {k:<17} {gb(mem[k]):>32}")
+    print(f"  {'total':<17} {gb(sum(mem[k] for k in ('weights', 'gradients', 'optimizer states', 'activations'))):>32}")
+    print(f"  (activations: {mem['per_layer'] / 1e6:,.1f} MB per layer (recompute {args.recompute}"
+          f"{', sequence parallel' if args.sequence_parallel else ''}) x {mem['layers']} layers x {mem['in_flight']} "
+          f"micro-batch(es) in flight" + (" + fp32 logits" if args.pp == 1 else "") + ")")
+    print("\nCommunication per GPU per optimizer step (bytes sent, 16-bit, ring collectives):")
+    for k, (v, how) in comm.items() or {"-": (0, "one GPU: none")}.items():
+        print(f"  {k:<3} {gb(v):>32}   {how}")
+    zero = zero_table(mem["psi"], dp)
+    print(f"\nZeRO over the {dp} data-parallel GPUs (model states per GPU of the busiest stage; elements sent per GPU "
+          f"per step, ring collectives, x2 bytes in 16 bits):")
+    print(f"{'stage':<7}{'weights':>11}{'grads':>11}{'optimizer':>11}{'total':>11}   communication")
+    for r in zero:
+        print(f"{r['stage']:<7}" + "".join(f"{r[k] / 1e9:>8.2f} GB" for k in ("params", "grads", "optimizer", "total"))
+              + f"   {r['comm_elements']:.3g} = {r['comm']}")
+    return {"config": cfg, "params": n, "matmul_params": n_mm, "flops_per_token": fpt, "tokens": tokens,
+            "seconds": seconds, "zero": zero, "memory": mem, "comm": {k: v for k, (v, _) in comm.items()},
+            "bubble": bubble, "dp": dp, "micro_batch": b}
+
+# ----------------------------------------------------------------------------- measured against the formulas
+class HeldActivations(TorchDispatchMode):
+    """Bytes of activations a forward leaves alive for the backward, by the module part that made them.
+
+    Every tensor an operation creates is remembered weakly, with the part (e.g. "attn" of block 1) running then;
+    after the forward, the storages still alive are those autograd saved (or, with activation checkpointing,
+    the block inputs torch.utils.checkpoint keeps). Each storage counts once; parameters (and the transposed
+    views of them that matmuls make) are left out."""
+
+    def __init__(self, model, parts=("attn_norm", "attn", "mlp_norm", "mlp")):
+        super().__init__()
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.made, self.part, self.inputs = [], None, {}
+        for i, block in enumerate(model.blocks):
+            block.register_forward_pre_hook(lambda m, a, i=i: self._input(a[0], i))
+            for name in parts:
+                mod = getattr(block, name)
+                mod.register_forward_pre_hook(lambda m, a, tag=(i, name): setattr(self, "part", tag))
+                mod.register_forward_hook(lambda m, a, o, tag=(i, None): setattr(self, "part", tag))
+            block.register_forward_hook(lambda m, a, o: setattr(self, "part", None))  # outside the blocks
+
+    def _input(self, x, i):
+        self.inputs[i] = weakref.ref(x)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.made.append((self.part, weakref.ref(t)))
+        return out
+
+    def held(self):
+        """{(block, part): bytes} of the storages alive now (part None: the residual adds between the parts;
+        "input": the block's input; tag None: outside the blocks: embedding, head, loss)."""
+        seen, out = set(self.params), {}
+        inputs = {x.untyped_storage().data_ptr(): (i, "input") for i, ref in self.inputs.items()
+                  if (x := ref()) is not None}
+        for tag, ref in self.made:
+            t = ref()
+            if t is not None and t.untyped_storage().data_ptr() not in seen:
+                key = t.untyped_storage().data_ptr()
+                seen.add(key)
+                tag = inputs.get(key, tag)  # a block's input kept alive: that block's (checkpointing)
+                out[tag] = out.get(tag, 0) + t.untyped_storage().nbytes()
+        return out
+
+
+def measure_step(cfg, s=128, b=2, dtype=torch.bfloat16):
+    """One mixed-precision AdamW step in one process: bytes of weights, gradients, optimizer states held, and the
+    activations held after the forward per layer (mean over blocks) and per part."""
+    torch.manual_seed(0)
+    model = cast_model(Transformer(cfg), dtype)
+    opt = MixedPrecisionOptimizer([{"params": list(model.parameters())}], torch.optim.AdamW, dtype,
+                                  DynamicLossScaler(enabled=False))
+    meter = HeldActivations(model)
+    x = torch.randint(0, cfg.vocab_size, (b, s + 1), generator=torch.Generator().manual_seed(0))
+    with meter:
+        _, loss = model(x[:, :-1], x[:, 1:])
+    held = meter.held()
+    loss.backward()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    opt.step(1.0)
+    states = sum(t.numel() * t.element_size() for m in opt.master_params
+                 for t in [m, *[v for v in opt.optimizer.state[m].values() if v.dim() > 0]])
+    parts = {}
+    for tag, nbytes in held.items():
+        if tag is None:
+            continue
+        part = tag[1]
+        parts[part] = parts.get(part, 0) + nbytes / cfg.n_layer
+    return {"weights": sum(p.numel() * p.element_size() for p in model.parameters()), "gradients": grads,
+            "optimizer states": states, "activations per layer": sum(parts.values()), "parts": parts}
+
+
+def measure(sizes=((2, 128, 4, 384), (2, 256, 4, 768)), s=128, b=2):
+    """Measured / formula for each memory component at each model size; printed and returned."""
+    rows = []
+    for L, d, a, d_ff in sizes:
+        for attn, recompute in (("sdpa", "none"), ("naive", "none"), ("sdpa", "full")):
+            cfg = ModelConfig(n_layer=L, d_model=d, n_head=a, n_kv_head=a, d_ff=d_ff, vocab_size=256, block_size=s,
+                              attn=attn, activation_checkpointing=recompute == "full")
+            got = measure_step(cfg, s, b)
+            n = sum(p.numel() for p in Transformer(cfg).parameters())
+            want = {**{k: zero_table(n, 1)[0][z] for k, z in (("weights", "params"), ("gradients", "grads"),
+                                                               ("optimizer states", "optimizer"))},
+                    "activations per layer": activations_per_layer(s, b, d, a, recompute=recompute)}
+            rows.append({"d": d, "a": a, "d_ff": d_ff, "attn": attn, "recompute": recompute, "measured": got,
+                         "formula": want, "ratio": {k: got[k] / want[k] for k in want}})
+    print(f"Bytes held after one bf16 step (one process; s = {s}, b = {b}, 2 layers, vocab 256), measured / formula "
+          f"(2 Psi, 2 Psi, 12 Psi; Korthikanti's s b h (34 + 5 a s / h), 2 s b h with full recomputation):")
+    print(f"{'d':>4} {'a':>2} {'d_ff':>5} {'attention':>9} {'recompute':>9} {'weights':>8} {'grads':>6} {'optim':>6}"
+          f" {'activations/layer':>18}   measured per layer, by part (x s b h bytes)")
+    for r in rows:
+        sbh = s * b * r["d"]
+        parts = ", ".join(f"{k or 'residual'} {v / sbh:.1f}" for k, v in r["measured"]["parts"].items() if v)
+        print(f"{r['d']:>4} {r['a']:>2} {r['d_ff']:>5} {r['attn']:>9} {r['recompute']:>9} "
+              + " ".join(f"{r['ratio'][k]:>{w}.2f}" for k, w in (
+                  ("weights", 8), ("gradients", 6), ("optimizer states", 6), ("activations per layer", 18)))
+              + f"   {r['measured']['activations per layer'] / sbh:.1f} = {parts}")
+    return rows
+
+
+def main(argv=None, flags=None):
+    """estimate.py's command line (argv); or `flags`, another entry point's parsed flags (pretrain.py --estimate):
+    those estimate.py also has are taken, the others ignored, --activation-checkpointing is --recompute full."""
+    args = build_parser().parse_args([] if flags is not None else argv)
+    if flags is not None:
+        for k, v in vars(flags).items():
+            if hasattr(args, k):
+                setattr(args, k, v)
+        args.recompute = "full" if getattr(flags, "activation_checkpointing", False) else "none"
+    try:
+        if args.measure:
+            return measure()
+        return estimate(args)
+    except EstimateError as e:
+        print(f"estimate.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

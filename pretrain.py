@@ -30,13 +30,14 @@ from dataclasses import asdict, replace
 import torch
 
 import data as data_lib
+import estimate
 import flags
 import moe
 import tensor_parallel
 import training
 from amp import DTYPES, TrainingStopped
 from checkpoint import CheckpointError
-from estimate import PEAK_TFLOPS, estimate
+from estimate import PEAK_TFLOPS
 from flags import ConfigError
 from model import PRESETS, Transformer, flops_per_token, num_params, pad_vocab
 from topology import TopologyError
@@ -55,7 +56,8 @@ def build_parser():
     a("--chinchilla", action="store_true", help="train on 20 tokens per parameter (sets --max-steps)")
     a("--eval-iters", type=int, default=10, help="validation batches per evaluation")
     a("--sample-tokens", type=int, default=300, help="length of the sample printed at the end (0: none)")
-    a("--estimate", action="store_true", help="print parameters, FLOPs, memory and time; do not train")
+    a("--estimate", action="store_true", help="run estimate.py with the other flags: parameters, FLOPs, memory, "
+                                             "communication and time; do not train")
     a("--gpus", type=int, default=1, help="for --estimate")
     a("--gpu", default="h100", choices=sorted(PEAK_TFLOPS), help="for --estimate and MFU on CUDA")
     a("--mfu", type=float, default=0.4, help="for --estimate: the utilisation to assume")
@@ -112,8 +114,8 @@ def load_data(args, ckpt):
 
 def train(args):
     flags.check_values(args)
-    if args.estimate:
-        return estimate(args)
+    if args.estimate:  # estimate.py on this run's flags (any other shape: python estimate.py --help)
+        return estimate.main(flags=args)
     rank, world, device = training.setup_distributed(args)
     check_args(args, world)
     ckpt = training.read_checkpoint(args, rank, world)

@@ -88,6 +88,15 @@ def test_make_estimate():
     assert "162,220,800" in out  # gpt2-124m's parameters, as model.py counts them
 
 
+def test_make_scaling(tmp_path, stdlib_data):
+    """`make scaling`'s command on one tiny budget and three one-layer sizes (the sweep itself takes 12 minutes)."""
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^scaling:.*\n\tOMP_NUM_THREADS=1 \$\(PY\) scaling.py --out out/scaling$", makefile, re.M)
+    out = run("scaling.py", "--budgets", "8e9", "--sizes", "1x16,1x24,1x32", "--out", tmp_path)
+    assert "sweep: 3 runs (0 done)" in out and "Approach 2" in out and "Chinchilla's are" in out, out
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 3
+
+
 def test_flash_attn():
     out = run("flash_attn.py")  # on a CPU: the PyTorch twin against float64 naive attention
     errors = numbers(r"(?:out|dq|dk|dv) (\d\.\d+e-\d+)", out)
@@ -232,7 +241,7 @@ def test_quantization():
 RUN_BY = {"python model.py": test_model, "python data.py prepare --src PATH --out DIR": test_data_prepare,
           "python amp.py": test_amp, "python pretrain.py --help": test_pretrain_help,
           "python sft.py --help": test_sft_help,
-          "make estimate": test_make_estimate, "python flash_attn.py": test_flash_attn,
+          "make estimate": test_make_estimate, "make scaling": test_make_scaling, "python flash_attn.py": test_flash_attn,
           "torchrun --nproc_per_node 2 ddp.py": test_ddp, "torchrun --nproc_per_node 2 zero.py": test_zero,
           "make bench": test_make_bench, "torchrun --nproc_per_node 2 tensor_parallel.py": test_tensor_parallel,
           "torchrun --nproc_per_node 4 pipeline.py": test_pipeline,
@@ -248,4 +257,4 @@ def test_every_map_command_is_run():
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Map of the lecture")[1].split("\n## ")[0]
     commands = re.findall(r"^\|[^|]+\|[^|]+\| `([^`]+)` \|$", table, re.M)
-    assert len(commands) == 21 and sorted(commands) == sorted(RUN_BY), commands
+    assert len(commands) == 22 and sorted(commands) == sorted(RUN_BY), commands
