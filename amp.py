@@ -36,7 +36,8 @@ import torch
 from moe import is_expert_parallel
 from tensor_parallel import is_tp_duplicate
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --amp fp8 keeps the model in bf16 like --amp bf16; quantization.py then runs every Linear's matmuls in FP8.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 
 
 class DynamicLossScaler:

@@ -22,7 +22,7 @@ parameters: about 2 Psi, whatever N is.  Memory: the buckets hold one more copy 
 
 Demo: `torchrun --nproc_per_node 2 ddp.py` trains a tiny model on the embedded corpus from different random
 starts on each rank (the broadcast makes them one), with two accumulation micro-steps, and checks that the
-replicas end identical.
+replicas end identical (20 steps; DEMO_STEPS=N: N steps).
 tests/test_ddp_zero.py checks the losses and weights against one process on the global batch.
 """
 import contextlib

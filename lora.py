@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tensor_parallel import ColumnParallelLinear, CopyToTensorParallel, RowParallelLinear
+from tensor_parallel import ColumnParallelLinear, CopyToTensorParallel, RowParallelLinear, is_tp_duplicate
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
@@ -332,7 +332,7 @@ def demo_tensor_parallel():
     base_logits = sliced(idx[:, :-1])[0]
     apply_lora(sliced, r=8, alpha=16, targets=TARGETS)
     own = torch.tensor(float(sum(p.numel() for p in sliced.parameters() if p.requires_grad
-                                 and not getattr(p, "tp_duplicate", False))))
+                                 and not is_tp_duplicate(p))))
     dist.all_reduce(own, group=topo.tp_group)
     step0 = (sliced(idx[:, :-1])[0] - base_logits).abs().max().item()
     opt = torch.optim.AdamW([p for p in sliced.parameters() if p.requires_grad], lr=1e-2)

@@ -25,8 +25,8 @@ expert's gradient already sums the contributions of every rank's tokens in its e
 all-to-all); with dp > ep each expert is replicated dp/ep times and is summed over its expert-data group too;
 then divided by dp, like the dense ones (`reduce_expert_grads`).
 
-Demo: `torchrun --nproc_per_node 2 moe.py` trains a small MoE with and without the balancing loss and prints
-the share of tokens of the busiest and idlest expert.
+Demo: `torchrun --nproc_per_node 2 moe.py` trains a small MoE with and without the balancing loss for 60 steps
+(DEMO_STEPS=N: N steps) and prints the share of tokens of the busiest and idlest expert over the last third.
 """
 import math
 

@@ -119,6 +119,84 @@ class _Saved:
         self.meter.release(self.key)
 
 
+class StageStep:
+    """This rank's stage during one step: the forward and backward of each micro-batch, and the point-to-point
+    exchange that moves activations to the next stage and gradients to the previous one. It keeps what the
+    schedule leaves between ops: each micro-batch's input and output (for its backward), the last stage's
+    losses, the sends still in flight, and the running loss total."""
+
+    def __init__(self, model, micro_batches, topo, loss_div=None, scale_loss=None, train=True):
+        self.model, self.micro_batches, self.topo = model, micro_batches, topo
+        self.loss_div = loss_div or sum(int((mb[1] != -100).sum()) for mb in micro_batches)
+        self.scale_loss, self.train = scale_loss, train
+        self.first, self.last, s = topo.is_first_stage, topo.is_last_stage, topo.pp_rank
+        self.prev_rank = topo.pp_ranks[s - 1] if not self.first else None
+        self.next_rank = topo.pp_ranks[s + 1] if not self.last else None
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self.inputs, self.outputs, self.losses, self.sends = {}, {}, {}, []
+        self.total = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def act_shape(self, i):
+        # (B, T, d) between stages; (B, T/tp, d) under sequence parallelism (tensor_parallel.py). A gradient
+        # sent back has the shape of the activation it belongs to.
+        x = self.micro_batches[i][0]
+        return x.shape[0], x.shape[1] // getattr(self.model, "sequence_shards", 1), self.model.cfg.d_model
+
+    def incoming(self, op, i):
+        """(buffer, source) of what op i must receive first: an activation from the previous stage for a
+        forward, a gradient from the next stage for a backward; None when it needs nothing."""
+        if op == "F" and not self.first:
+            return torch.empty(self.act_shape(i), dtype=self.dtype, device=self.device), self.prev_rank
+        if op == "B" and not self.last:
+            return torch.empty(self.act_shape(i), dtype=self.dtype, device=self.device), self.next_rank
+        return None
+
+    def forward(self, i, h):
+        """Micro-batch i's forward on this stage; returns (activation, next stage) to send, None on the last."""
+        # Packed rows (sft.py --pack) bring positions and document ids, {"pos": ..., "doc": ...}: every stage's
+        # attention needs them; each stage has them from the data loader, only activations travel.
+        x, y, *packing = self.micro_batches[i]
+        packing = {k: v.to(self.device) for k, v in packing[0].items()} if packing else {}
+        h = x.to(self.device) if self.first else h.requires_grad_(self.train)
+        # The stage's forward: token ids -> activations on the first, activations -> (logits, loss) on the
+        # last, activations -> activations in between (model.py's forward skips the parts a stage lacks).
+        out, loss = self.model(h, y.to(self.device) if self.last else None, reduction="sum", **packing)
+        if self.last:
+            self.losses[i] = loss / self.loss_div
+            self.total.add_(self.losses[i].detach().double())
+        if self.train:
+            self.inputs[i], self.outputs[i] = h, out
+        return None if self.last else (out.detach().contiguous(), self.next_rank)
+
+    def backward(self, i, grad):
+        """Micro-batch i's backward from the received gradient (from the loss on the last stage); returns
+        (input gradient, previous stage) to send, None on the first."""
+        h, out = self.inputs.pop(i), self.outputs.pop(i)
+        if self.last:
+            loss = self.losses.pop(i)
+            (self.scale_loss(loss) if self.scale_loss else loss).backward()
+        else:
+            torch.autograd.backward(out, grad)
+        return None if self.first else (h.grad.contiguous(), self.prev_rank)
+
+    def exchange(self, send, recv):
+        """Post this op's send and the next op's receive as one group; wait for the receive only (a send's
+        buffer is kept alive, and its completion waited for, at the end of the step)."""
+        ops = []
+        if send is not None:
+            ops.append(dist.P2POp(dist.isend, send[0], send[1], group=self.topo.pp_group))
+        if recv is not None:
+            ops.append(dist.P2POp(dist.irecv, recv[0], recv[1], group=self.topo.pp_group))
+        works = dist.batch_isend_irecv(ops) if ops else []
+        if send is not None:
+            self.sends.append((works[0], send[0]))
+        if recv is not None:
+            works[-1].wait()
+            return recv[0]
+        return None
+
+
 def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, scale_loss=None, timeline=None,
                  train=True, no_sync=None):
     """Forward (and with train=True backward) of `micro_batches` [(x, y) or (x, y, packing), ...] through this
@@ -135,97 +213,33 @@ def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, sca
     send_forward_recv_backward / send_backward_recv_forward do. Posted one after the other, 1F1B's steady state
     deadlocks: stage s sends activation i+1 before receiving gradient i while stage s+1 sends gradient i before
     receiving activation i+1, and both sends wait for a receive that is never posted."""
-    m = len(micro_batches)
-    loss_div = loss_div or sum(int((mb[1] != -100).sum()) for mb in micro_batches)
-    first, last, p, s = topo.is_first_stage, topo.is_last_stage, topo.pp, topo.pp_rank
-    prev_rank = topo.pp_ranks[s - 1] if not first else None
-    next_rank = topo.pp_ranks[s + 1] if not last else None
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    inputs, outputs, losses, sends = {}, {}, {}, []
-    total = torch.zeros((), dtype=torch.float64, device=device)
-
-    def act_shape(i):
-        # (B, T, d) between stages; (B, T/tp, d) under sequence parallelism (tensor_parallel.py). A gradient
-        # sent back has the shape of the activation it belongs to.
-        x = micro_batches[i][0]
-        return x.shape[0], x.shape[1] // getattr(model, "sequence_shards", 1), model.cfg.d_model
-
-    def incoming(op, i):
-        """(buffer, source) of what op i must receive first: an activation from the previous stage for a
-        forward, a gradient from the next stage for a backward; None when it needs nothing."""
-        if op == "F" and not first:
-            return torch.empty(act_shape(i), dtype=dtype, device=device), prev_rank
-        if op == "B" and not last:
-            return torch.empty(act_shape(i), dtype=dtype, device=device), next_rank
-        return None
-
-    def forward(i, h):
-        # Packed rows (sft.py --pack) bring positions and document ids, {"pos": ..., "doc": ...}: every stage's
-        # attention needs them; each stage has them from the data loader, only activations travel.
-        x, y, *packing = micro_batches[i]
-        packing = {k: v.to(device) for k, v in packing[0].items()} if packing else {}
-        h = x.to(device) if first else h.requires_grad_(train)
-        # The stage's forward: token ids -> activations on the first, activations -> (logits, loss) on the
-        # last, activations -> activations in between (model.py's forward skips the parts a stage lacks).
-        out, loss = model(h, y.to(device) if last else None, reduction="sum", **packing)
-        if last:
-            losses[i] = loss / loss_div
-            total.add_(losses[i].detach().double())
-        if train:
-            inputs[i], outputs[i] = h, out
-        return None if last else (out.detach().contiguous(), next_rank)
-
-    def backward(i, grad):
-        h, out = inputs.pop(i), outputs.pop(i)
-        if last:
-            loss = losses.pop(i)
-            (scale_loss(loss) if scale_loss else loss).backward()
-        else:
-            torch.autograd.backward(out, grad)
-        return None if first else (h.grad.contiguous(), prev_rank)
-
-    def exchange(send, recv):
-        """Post this op's send and the next op's receive as one group; wait for the receive only (a send's
-        buffer is kept alive, and its completion waited for, at the end of the step)."""
-        ops = []
-        if send is not None:
-            ops.append(dist.P2POp(dist.isend, send[0], send[1], group=topo.pp_group))
-        if recv is not None:
-            ops.append(dist.P2POp(dist.irecv, recv[0], recv[1], group=topo.pp_group))
-        works = dist.batch_isend_irecv(ops) if ops else []
-        if send is not None:
-            sends.append((works[0], send[0]))
-        if recv is not None:
-            works[-1].wait()
-            return recv[0]
-        return None
-
+    m, p, s = len(micro_batches), topo.pp, topo.pp_rank
+    step = StageStep(model, micro_batches, topo, loss_div, scale_loss, train)
     if p > 1 and not getattr(topo, "pp_group_warm", False):
         # NCCL builds a group's communicator at its first call; if that call is a batched send/receive, every
         # rank of the group must take part in it. A collective first makes later batches free of that rule.
-        dist.all_reduce(torch.zeros(1, device=device), group=topo.pp_group)
+        dist.all_reduce(torch.zeros(1, device=step.device), group=topo.pp_group)
         topo.pp_group_warm = True
     ops = make_schedule(schedule, m, p, s) if train else [("F", i) for i in range(m)]
-    received = exchange(None, incoming(*ops[0]))  # waiting for the previous (next) stage is idle time
+    received = step.exchange(None, step.incoming(*ops[0]))  # waiting for the previous (next) stage is idle time
     for k, (op, i) in enumerate(ops):
         t0 = time.perf_counter()
         if op == "F":
             with torch.no_grad() if not train else contextlib.nullcontext():
-                send = forward(i, received)
+                send = step.forward(i, received)
         elif no_sync is not None and k < len(ops) - 1:
             with no_sync():
-                send = backward(i, received)
+                send = step.backward(i, received)
         else:
-            send = backward(i, received)
+            send = step.backward(i, received)
         if timeline is not None:
             timeline.append((op, i, t0, time.perf_counter()))
-        received = exchange(send, incoming(*ops[k + 1]) if k + 1 < len(ops) else None)
-    for work, _ in sends:
+        received = step.exchange(send, step.incoming(*ops[k + 1]) if k + 1 < len(ops) else None)
+    for work, _ in step.sends:
         work.wait()
     if p > 1:
-        dist.all_reduce(total, group=topo.pp_group)  # the loss from the last stage, to every stage
-    return total
+        dist.all_reduce(step.total, group=topo.pp_group)  # the loss from the last stage, to every stage
+    return step.total
 
 
 # ----------------------------------------------------------------------------- the demo: timelines and bubbles

@@ -31,20 +31,21 @@ import torch
 
 import data as data_lib
 import estimate
+import flags
 import moe
 import tensor_parallel
 import training
 from amp import DTYPES, TrainingStopped
 from checkpoint import CheckpointError
 from estimate import PEAK_TFLOPS
+from flags import ConfigError
 from model import PRESETS, Transformer, flops_per_token, num_params, pad_vocab
 from topology import TopologyError
-from training import ConfigError
 from weights import load_weights
 
 
 def build_parser():
-    ap = training.OneLineParser(prog="pretrain.py", description="Pretrain a decoder-only transformer.")
+    ap = flags.OneLineParser(prog="pretrain.py", description="Pretrain a decoder-only transformer.")
     a = ap.add_argument
     a("--model", default="tiny", choices=sorted(PRESETS), help="model preset (model.py)")
     a("--data", default=None, help="prepared data folder (data.py prepare); default: the Python stdlib source")
@@ -67,13 +68,13 @@ def build_parser():
       help="expert capacity = factor x k x tokens / experts (overflow passes through the residual); "
            "omit for dropless routing")
     a("--aux-loss-weight", type=float, default=1e-2, help="weight of the Switch load-balancing loss")
-    return training.add_shared_flags(ap, out="out/pretrain")
+    return flags.add_shared_flags(ap, out="out/pretrain")
 
 
 def check_args(args, world):
     """Every flag that can be checked without touching data or building anything."""
-    training.check_args(args, world)
-    training.check_model_layout(PRESETS[args.model], args, f"model {args.model!r}")  # vocabulary: again once known
+    flags.check_args(args, world)
+    flags.check_model_layout(PRESETS[args.model], args, f"model {args.model!r}")  # vocabulary: again once known
     if args.tokens is not None and args.chinchilla:
         raise ConfigError("--tokens and --chinchilla both set the training length: give one")
     if args.max_steps is not None and (args.tokens is not None or args.chinchilla):
@@ -112,7 +113,7 @@ def load_data(args, ckpt):
 
 
 def train(args):
-    training.check_values(args)
+    flags.check_values(args)
     if args.estimate:  # estimate.py on this run's flags (any other shape: python estimate.py --help)
         return estimate.main(flags=args)
     rank, world, device = training.setup_distributed(args)

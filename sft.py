@@ -70,6 +70,7 @@ import numpy as np
 import torch
 
 import data as data_lib
+import flags
 import lora as lora_lib
 import moe
 import tensor_parallel
@@ -77,9 +78,9 @@ import training
 from amp import DTYPES, TrainingStopped
 from checkpoint import CheckpointError, save_checkpoint
 from data import DataError, eot_id
+from flags import ConfigError
 from model import PRESETS, ModelConfig, Transformer, flops_per_token, num_params
 from topology import TopologyError
-from training import ConfigError
 from weights import load_weights
 
 # ------------------------------------------------------------------------------------------- the template
@@ -319,7 +320,7 @@ def answer(model, enc, ids, max_new_tokens, device):
 
 # ------------------------------------------------------------------------------------------- the run
 def build_parser():
-    ap = training.OneLineParser(prog="sft.py", description="Supervised fine-tuning (and LoRA) of a pretrained "
+    ap = flags.OneLineParser(prog="sft.py", description="Supervised fine-tuning (and LoRA) of a pretrained "
                                                            "checkpoint.")
     a = ap.add_argument
     a("--init", default="out/pretrain", help="the base model: a pretrain.py/sft.py --out (any layout), a consolidated "
@@ -338,13 +339,13 @@ def build_parser():
     a("--adapter", default=None, help="load LoRA adapters (adapter.pt) onto --init before anything else")
     a("--samples", type=int, default=3, help="held-out prompts answered at the end")
     a("--max-new-tokens", type=int, default=200)
-    return training.add_shared_flags(ap, batch_size=16, max_steps=100, lr=5e-4, warmup_steps=10, weight_decay=0.0,
+    return flags.add_shared_flags(ap, batch_size=16, max_steps=100, lr=5e-4, warmup_steps=10, weight_decay=0.0,
                                      out="out/sft", save_every=100, eval_every=50)
 
 
 def check_args(args, world):
     """Every flag that can be checked before reading anything; returns the data-parallel size."""
-    dp = training.check_args(args, world)
+    dp = flags.check_args(args, world)
     if args.eval_examples < 1:
         raise ConfigError(f"--eval-examples must be at least 1, got {args.eval_examples}")
     if args.max_steps < 0 or args.samples < 0 or args.max_new_tokens < 0:
@@ -384,7 +385,7 @@ def train(args):
     for k in MOE_FLAGS:
         setattr(args, k, (init.get("args") or {}).get(k, 0 if k == "experts" else None))
     cfg = replace(ModelConfig(**model_config), attn=args.attn, activation_checkpointing=args.activation_checkpointing)
-    training.check_model_layout(cfg, args, f"--init {args.init}")
+    flags.check_model_layout(cfg, args, f"--init {args.init}")
     identity = training.check_same_run(args, ckpt, max_steps=args.max_steps, model_config=model_config,
                                        tokenizer=init["tokenizer"])
     if args.lora_r:

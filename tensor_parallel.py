@@ -151,6 +151,7 @@ class ColumnParallelLinear(nn.Module):
         self.group, self.gather_output, self.copy_input = topo.tp_group, gather_output, copy_input
         self.weight = _slice(linear.weight, 0, topo)
         self.weight.tensor_parallel = True
+        self.linear_fn = F.linear  # the local matmul (quantization.use_fp8 swaps in its FP8 one)
 
     def enter(self, x):
         return CopyToTensorParallel.apply(x, self.group) if self.copy_input else x
@@ -159,7 +160,7 @@ class ColumnParallelLinear(nn.Module):
         return GatherFromTensorParallel.apply(y, self.group) if self.gather_output and self.group else y
 
     def forward(self, x):  # (split into enter and leave so that lora.py can add its update in between)
-        return self.leave(F.linear(self.enter(x), self.weight))
+        return self.leave(self.linear_fn(self.enter(x), self.weight))
 
 
 class RowParallelLinear(nn.Module):
@@ -171,6 +172,7 @@ class RowParallelLinear(nn.Module):
         self.group, self.sequence_parallel = topo.tp_group, sequence_parallel
         self.weight = _slice(linear.weight, 1, topo)
         self.weight.tensor_parallel = True
+        self.linear_fn = F.linear
 
     def enter(self, x):
         return x
@@ -180,7 +182,7 @@ class RowParallelLinear(nn.Module):
         return reduce.apply(y, self.group)
 
     def forward(self, x):
-        return self.leave(F.linear(x, self.weight))
+        return self.leave(self.linear_fn(x, self.weight))
 
 
 class VocabParallelEmbedding(nn.Module):

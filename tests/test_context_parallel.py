@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import flash_attn
+import flags
 import pretrain
 import tensor_parallel
 import training
@@ -136,15 +137,15 @@ def test_every_send_is_posted_with_the_receive_it_crosses():
 # Head dim 16 (flash_attn.py's smallest), GQA, T = 16: chunks of 4 tokens at cp 2.
 CFG = replace(PRESETS["tiny"], n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96, vocab_size=64, block_size=16,
               attn="flash")
-STEPS, MICRO, ROWS, CLIP = 3, 2, 4, 0.05  # 2 micro-batches of 4 rows per step; clipping active
+STEPS, N_MICRO, ROWS, CLIP = 3, 2, 4, 0.05  # 2 micro-batches of 4 rows per step; clipping active
 
 
 def micro_batches(step):
     g = torch.Generator().manual_seed(step)
-    seq = torch.randint(0, CFG.vocab_size, (MICRO * ROWS, CFG.block_size + 1), generator=g)
+    seq = torch.randint(0, CFG.vocab_size, (N_MICRO * ROWS, CFG.block_size + 1), generator=g)
     seq[0, 3:7] = -100  # ignored labels, inside one cp rank's chunks: the token count must be global
     x, y = seq[:, :-1].clamp(min=0), seq[:, 1:]
-    return list(zip(x.chunk(MICRO), y.chunk(MICRO)))
+    return list(zip(x.chunk(N_MICRO), y.chunk(N_MICRO)))
 
 
 def train(topo, zero=0):
@@ -270,7 +271,7 @@ def test_sft_refuses_packing_with_context_parallel(tmp_path, capsys, monkeypatch
 def test_without_cp_any_sequence_length_is_accepted():
     """The 2cp-chunks rule applies under --cp only: an odd --seq-len trains without it."""
     args = pretrain.build_parser().parse_args(["--seq-len", "31"])
-    training.check_model_layout(PRESETS["tiny"], args, "model 'tiny'")  # no error
-    with pytest.raises(training.TopologyError, match="divisible by 4 \\(got 31\\)"):
-        training.check_model_layout(PRESETS["tiny"], pretrain.build_parser().parse_args(
+    flags.check_model_layout(PRESETS["tiny"], args, "model 'tiny'")  # no error
+    with pytest.raises(flags.TopologyError, match="divisible by 4 \\(got 31\\)"):
+        flags.check_model_layout(PRESETS["tiny"], pretrain.build_parser().parse_args(
             ["--seq-len", "31", "--cp", "2", "--attn", "flash"]), "model 'tiny'")

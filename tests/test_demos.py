@@ -73,6 +73,14 @@ def test_pretrain_help():
         assert flag in out
 
 
+def test_sft_help():
+    """flags.py's shared flags with sft.py's defaults, each shown in --help."""
+    out = run("sft.py", "--help")
+    for flag in ("--init", "--pack", "--lora-r", "--zero", "--tp", "--pp", "--cp", "--fresh"):
+        assert flag in out
+    assert re.search(r"--lr LR\s+peak learning rate \(AdamW\) \(default: 0.0005\)", out), out
+
+
 def test_make_estimate():
     makefile = (ROOT / "Makefile").read_text()
     cmd = re.search(r"^estimate:.*\n\t\$\(PY\) (.*)$", makefile, re.M).group(1).split()
@@ -141,6 +149,14 @@ def test_make_bench(tmp_path):
     assert row["max_loss_difference"] < 1e-5 and row["memory"] > 0, row
 
 
+def test_bench_pack(tmp_path, stdlib_data):
+    run("benchmarks/bench_pack.py", "--steps", "2", "--warmup", "1", "--repeats", "1", "--out", tmp_path / "p.json")
+    report = json.loads((tmp_path / "p.json").read_text())
+    padded, packed = report["padded"], report["packed"]
+    assert 0 < report["padding_removed"] <= 1 and packed["padding_fraction"] < padded["padding_fraction"], report
+    assert packed["tokens_per_step"] < padded["tokens_per_step"]  # the same examples in fewer, fuller rows
+
+
 def test_tensor_parallel():
     out = run("tensor_parallel.py", nproc=2)
     rows = re.findall(r"tp rank (\d)/2.*\| loss (\S+) vs one process (\S+) \| max \|grad difference\| (\S+)", out)
@@ -194,21 +210,51 @@ def test_lora():
     assert numbers(r"LoRA / full: (\S+)%", out)[0] < 20
 
 
+def test_checkpoint_commands(tmp_path, stdlib_data):
+    """`python checkpoint.py consolidate` and `export-hf` on a run's folder, as the map shows them (on a 2-step
+    run here); the consolidated file and the Hugging Face folder both start a new run (--init)."""
+    run("pretrain.py", "--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--max-steps", "2",
+        "--eval-iters", "1", "--sample-tokens", "0", "--out", tmp_path / "run")
+    out = run("checkpoint.py", "consolidate", tmp_path / "run", tmp_path / "model.pt")
+    out += run("checkpoint.py", "export-hf", tmp_path / "run", tmp_path / "hf")
+    assert "model.pt" in out and (tmp_path / "hf" / "model.safetensors").exists(), out
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 4, config
+    for init in (tmp_path / "model.pt", tmp_path / "hf"):
+        out = run("pretrain.py", "--init", init, "--seq-len", "32", "--batch-size", "4", "--max-steps", "1",
+                  "--eval-iters", "1", "--sample-tokens", "0", "--out", tmp_path / f"from-{init.name}")
+        assert "step     1 |" in out or "step 1 |" in out, out
+
+
+def test_quantization():
+    out = run("quantization.py")
+    assert re.search(r"^fp8 e4m3\s+8\s+4\s+3\s+448\s", out, re.M) and re.search(r"^int8\s+8\s+-\s+-\s+127\s", out, re.M)
+    ratios = numbers(r"fp8 max error/bound (\S+)", out)
+    assert len(ratios) == 3 and max(ratios) <= 1.0, out  # forward, dX, dW within the epsilon bound
+    for name in ("bf16", "fp8"):
+        curve = numbers(r"(\d+\.\d+)", re.search(rf"^{name} \(tiny preset.*losses (.*)$", out, re.M).group(1))
+        assert curve[-1] < curve[0] - 1.0, (name, curve)  # both train
+    assert numbers(r"max \|W - q s\| / \(s / 2\) = (\S+)", out)[0] <= 1.0
+
+
 # ------------------------------------------------------------------------------------ the map itself
 RUN_BY = {"python model.py": test_model, "python data.py prepare --src PATH --out DIR": test_data_prepare,
           "python amp.py": test_amp, "python pretrain.py --help": test_pretrain_help,
-          "make estimate": test_make_estimate, "make scaling": test_make_scaling,
-          "python flash_attn.py": test_flash_attn,
+          "python sft.py --help": test_sft_help,
+          "make estimate": test_make_estimate, "make scaling": test_make_scaling, "python flash_attn.py": test_flash_attn,
           "torchrun --nproc_per_node 2 ddp.py": test_ddp, "torchrun --nproc_per_node 2 zero.py": test_zero,
           "make bench": test_make_bench, "torchrun --nproc_per_node 2 tensor_parallel.py": test_tensor_parallel,
           "torchrun --nproc_per_node 4 pipeline.py": test_pipeline,
           "torchrun --nproc_per_node 4 topology.py --tp 2": test_topology,
           "torchrun --nproc_per_node 4 context_parallel.py": test_context_parallel,
-          "torchrun --nproc_per_node 2 moe.py": test_moe, "make sft": test_make_sft, "python lora.py": test_lora}
+          "torchrun --nproc_per_node 2 moe.py": test_moe, "make sft": test_make_sft, "python lora.py": test_lora,
+          "python benchmarks/bench_pack.py": test_bench_pack, "python quantization.py": test_quantization,
+          "python checkpoint.py consolidate out/pretrain model.pt": test_checkpoint_commands,
+          "python checkpoint.py export-hf out/pretrain hf/": test_checkpoint_commands}
 
 
 def test_every_map_command_is_run():
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Map of the lecture")[1].split("\n## ")[0]
     commands = re.findall(r"^\|[^|]+\|[^|]+\| `([^`]+)` \|$", table, re.M)
-    assert len(commands) == 18 and sorted(commands) == sorted(RUN_BY), commands
+    assert len(commands) == 22 and sorted(commands) == sorted(RUN_BY), commands

@@ -139,7 +139,7 @@ def test_sft_of_an_moe_base_with_expert_parallelism(tmp_path, files):
 # one base state dict, sliced and adapted, stepped with clipping active; against one process on the same batches.
 ENC = data.get_tokenizer("bytes")
 EOT = data.eot_id(ENC)
-STEPS, MICRO, CLIP = 3, 4, 0.05          # 4 micro-batches of 2 examples per step
+STEPS, N_MICRO, CLIP = 3, 4, 0.05          # 4 micro-batches of 2 examples per step
 LINES = reverse_examples(12) + [{"instruction": "Say x.", "output": "x" * n} for n in (3, 30, 9, 45)]
 ROWS = sft.tokenize([(f"f:{i}", sft.to_messages(l, "-")) for i, l in enumerate(LINES)], ENC, CFG.block_size)[0]
 torch.manual_seed(0)
@@ -148,11 +148,11 @@ TARGETS = "wq,wo,w1,w2"                  # column- and row-parallel layers both
 
 
 def step_batches(step, multiple, packed):
-    """The step's MICRO micro-batches: long and short responses mixed, so their label counts differ."""
-    idx = torch.randperm(len(ROWS), generator=torch.Generator().manual_seed(step))[:2 * MICRO].tolist()
+    """The step's N_MICRO micro-batches: long and short responses mixed, so their label counts differ."""
+    idx = torch.randperm(len(ROWS), generator=torch.Generator().manual_seed(step))[:2 * N_MICRO].tolist()
     make = sft.pack if packed else sft.collate
     return [make([ROWS[i] for i in idx[2 * m:2 * m + 2]], EOT, *([CFG.block_size] if packed else []), multiple)
-            for m in range(MICRO)]
+            for m in range(N_MICRO)]
 
 
 def train_sft(topo, tp, pp, schedule, zero, sp, use_lora, packed):
@@ -167,7 +167,7 @@ def train_sft(topo, tp, pp, schedule, zero, sp, use_lora, packed):
     losses, norms = [], []
     for step in range(STEPS):
         batches = step_batches(step, tp if sp else 1, packed)
-        mine = batches[topo.dp_rank * MICRO // topo.dp:(topo.dp_rank + 1) * MICRO // topo.dp]
+        mine = batches[topo.dp_rank * N_MICRO // topo.dp:(topo.dp_rank + 1) * N_MICRO // topo.dp]
         loss = training.forward_backward(model if pp > 1 else module, mine, topo, schedule, opt.scale_loss, "cpu",
                                          opt.no_sync)
         norm, _ = opt.step(CLIP)
@@ -236,7 +236,7 @@ def _lora_tp(rank, world):
         return model
     base, adapted = build(), build(lambda m: lora.apply_lora(m, r=4, alpha=8.0, targets=TARGETS, seed=0))
     step0_equal = torch.equal(base(x)[0], adapted(x)[0])
-    own = sum(p.numel() for p in adapted.parameters() if p.requires_grad and not getattr(p, "tp_duplicate", False))
+    own = sum(p.numel() for p in adapted.parameters() if p.requires_grad and not tensor_parallel.is_tp_duplicate(p))
     args = sft.build_parser().parse_args(["--lr", "1e-2"])
     _, opt = training.build_training(adapted, args, torch.float64, topo)
     for step in range(2):
