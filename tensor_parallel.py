@@ -395,7 +395,11 @@ if __name__ == "__main__":
             want = ref_grads[n] if d is None else ref_grads[n].chunk(topo.tp, dim=d)[topo.tp_rank]
             worst = max(worst, (p.grad - want).abs().max().item())
         n_local = sum(p.numel() for p in model.parameters())
-        print(f"tp rank {topo.tp_rank}/{topo.tp}{' + sequence parallel' if sp else ''}: {n_local:,} of "
-              f"{sum(g.numel() for g in ref_grads.values()):,} parameters | loss {loss.item():.12f} vs one "
-              f"process {ref_loss.item():.12f} | max |grad difference| {worst:.2e}", flush=True)
+        line = (f"tp rank {topo.tp_rank}/{topo.tp}{' + sequence parallel' if sp else ''}: {n_local:,} of "
+                f"{sum(g.numel() for g in ref_grads.values()):,} parameters | loss {loss.item():.12f} vs one "
+                f"process {ref_loss.item():.12f} | max |grad difference| {worst:.2e}")
+        lines = [None] * topo.tp  # rank 0 prints every rank's line: lines of processes sharing a pipe can interleave
+        dist.all_gather_object(lines, line)
+        if topo.tp_rank == 0:
+            print("\n".join(lines), flush=True)
     dist.destroy_process_group()
