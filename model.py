@@ -22,7 +22,7 @@ Demo: `python model.py` prints the presets with their parameter counts and FLOPs
 the naive and SDPA attention backends agree.
 """
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -279,10 +279,6 @@ def flops_per_token(cfg: ModelConfig, n_matmul_params, seq_len=None):
     diagonal, half of them, and the causal kernels (flash_attn.py, SDPA) skip the rest."""
     T = seq_len or cfg.block_size
     return 6 * n_matmul_params + 6 * cfg.n_layer * cfg.d_model * T
-
-
-def config_dict(cfg):
-    return asdict(cfg)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,6 @@ import functools
 import math
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist

@@ -12,7 +12,6 @@ Run: `make bench`, or `python benchmarks/bench_dp.py --out out/bench/bench_dp.js
 """
 import argparse
 import json
-import os
 import resource
 import statistics
 import sys

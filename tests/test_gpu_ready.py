@@ -9,7 +9,6 @@ import types
 
 import torch
 
-import flash_attn
 import pretrain
 import training
 from tests.distributed import refused_before_any_group

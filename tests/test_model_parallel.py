@@ -16,7 +16,7 @@ import tensor_parallel
 from model import PRESETS, Transformer
 from moe import add_moe
 from tests.distributed import refused_before_any_group, run_distributed
-from topology import Topology, TopologyError
+from topology import Topology
 
 # 4 layers (so 4 stages are possible), GQA with 2 query heads per KV head, d_ff and vocabulary divisible by 4.
 CFG = replace(PRESETS["tiny"], n_layer=4, d_model=32, n_head=4, n_kv_head=2, d_ff=64, vocab_size=64,

@@ -5,7 +5,6 @@ from dataclasses import asdict, replace
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import quantization as q
 import tensor_parallel
