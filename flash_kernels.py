@@ -54,6 +54,18 @@ def _key_ranges(start_m, N, OFFSET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
+def _mask_scores(s, rows, cols, docq, DOCK, N, OFFSET, CAUSAL: tl.constexpr, DOC: tl.constexpr):
+    """-inf where query row i may not see key j: j past the end, j > i + OFFSET (causal), another document.
+    The forward and the dQ pass mask alike; the dK/dV pass holds the transposed tile and masks it in place."""
+    keep = cols[None, :] < N
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= rows[:, None] + OFFSET)
+    if DOC:
+        keep = keep & (tl.load(DOCK + cols, mask=cols < N, other=-1)[None, :] == docq[:, None])
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, K, V, rows, docq, DOCK, offs_n, offs_d, d_ok, lo, hi, N, OFFSET, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                DOC: tl.constexpr, PRECISION: tl.constexpr):
@@ -63,12 +75,7 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, rows, docq, DOCK, offs_n, offs_d, d_ok, l
         k = tl.load(K + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # in log2 units: exp2 is the fast one
         if MASKED:
-            keep = cols[None, :] < N
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None] + OFFSET)
-            if DOC:
-                keep = keep & (tl.load(DOCK + cols, mask=cols < N, other=-1)[None, :] == docq[:, None])
-            s = tl.where(keep, s, float("-inf"))
+            s = _mask_scores(s, rows, cols, docq, DOCK, N, OFFSET, CAUSAL, DOC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing kept yet: exp2(-inf) = 0, no nan
         alpha = tl.exp2(m_i - m_use)
@@ -225,12 +232,7 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, rows, docq, DOCK, offs_n, offs_d, d_o
         v = tl.load(V + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
-            keep = cols[None, :] < N
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None] + OFFSET)
-            if DOC:
-                keep = keep & (tl.load(DOCK + cols, mask=cols < N, other=-1)[None, :] == docq[:, None])
-            s = tl.where(keep, s, float("-inf"))
+            s = _mask_scores(s, rows, cols, docq, DOCK, N, OFFSET, CAUSAL, DOC)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
