@@ -12,8 +12,11 @@ tiktoken runs step (3) on ranks attached to tokens, not to pairs: it merges the 
 concatenation is the token of lowest rank, and a token's rank is its id. A tokenizer.json gives a vocabulary
 {token: id} and a list of merges "a b" in learned order; so the ranks are the ids, which is exact when the
 merge that makes each token comes in the order of the ids (true of every BPE trained the usual way: token
-256 + i is what merge i made, after the bytes, or after a few special tokens placed first; checked here).
-Tokens that no merge makes and that are not bytes are unreachable by BPE and are left out.
+256 + i is what merge i made, after the bytes, or after a few special tokens placed first; checked here), and
+when the merge listed for each token is the pair that merging by rank reaches inside it (true of a BPE trained
+the usual way and of files converted from tiktoken, which list every pair: Llama 3's; not checked, it costs
+seconds per load: a file listing other pairs encodes differently from the Hugging Face library). Tokens that no
+merge makes and that are not bytes are unreachable by BPE and are left out.
 
 GPT-2's byte-to-unicode map: tokenizer.json stores tokens as text, each byte written as one printable
 character: the 188 printable bytes (! to ~, ¡ to ¬, ® to ÿ) as themselves, the other 68 (control bytes, space,
@@ -71,10 +74,14 @@ def bytes_to_unicode():
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(extra)}}
 
 
+@functools.cache
+def unicode_to_bytes():
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
 def token_bytes(token, where):
-    inverse = {c: b for b, c in bytes_to_unicode().items()}
     try:
-        return bytes(inverse[c] for c in token)
+        return bytes(map(unicode_to_bytes().__getitem__, token))
     except KeyError:
         raise TokenizerError(f"{where}: token {token!r} is not byte-level (GPT-2's byte-to-unicode characters); "
                              "only byte-level BPE is read") from None
@@ -243,10 +250,10 @@ def load_folder(folder):
         pat, ranks, specials, nfc = read_tiktoken_model(f / "tokenizer.model", added)
     else:
         raise TokenizerError(f"{f}: no tokenizer.json or tokenizer.model")
-    by_id = {i: t for t, i in {**{b.decode("utf-8", "replace"): i for b, i in ranks.items()}, **specials}.items()}
+    names = {i: t for t, i in specials.items()}
     gen, cfg = read_json(f / "generation_config.json"), read_json(f / "config.json")
     stop_ids = ids_of(gen.get("eos_token_id")) + ids_of(cfg.get("eos_token_id"))
-    candidates = [token_text(tc.get("eos_token"))] + [by_id.get(i) for i in stop_ids] + \
+    candidates = [token_text(tc.get("eos_token"))] + [names.get(i) for i in stop_ids] + \
                  ["<|endoftext|>", "<|end_of_text|>"]
     eos = next((t for t in candidates if t in specials), None)
     if eos is None:
@@ -254,7 +261,7 @@ def load_folder(folder):
                              f"the added tokens ({', '.join(list(specials)[:5]) or 'none'})")
     bos = token_text(tc.get("bos_token")) or ""
     return FolderEncoding(f.name, pat_str=pat, mergeable_ranks=ranks, special_tokens=specials, eos_token=eos,
-                          bos_token=bos if bos in specials else "", stop_ids=[i for i in stop_ids if i in by_id],
+                          bos_token=bos if bos in specials else "", stop_ids=[i for i in stop_ids if i in names],
                           chat_template=chat_template(f, tc), nfc=nfc)
 
 
