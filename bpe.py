@@ -261,7 +261,7 @@ def load_folder(folder):
                              f"the added tokens ({', '.join(list(specials)[:5]) or 'none'})")
     bos = token_text(tc.get("bos_token")) or ""
     return FolderEncoding(f.name, pat_str=pat, mergeable_ranks=ranks, special_tokens=specials, eos_token=eos,
-                          bos_token=bos if bos in specials else "", stop_ids=[i for i in stop_ids if i in names],
+                          bos_token=bos if bos in specials else "", stop_ids=[i for i in stop_ids if 0 <= i < len(ranks) + len(specials)],
                           chat_template=chat_template(f, tc), nfc=nfc)
 
 
