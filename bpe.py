@@ -260,8 +260,9 @@ def load_folder(folder):
         raise TokenizerError(f"{f}: no end-of-sequence token: set eos_token in tokenizer_config.json to one of "
                              f"the added tokens ({', '.join(list(specials)[:5]) or 'none'})")
     bos = token_text(tc.get("bos_token")) or ""
+    n = max(max(ranks.values()), max(specials.values(), default=0)) + 1
     return FolderEncoding(f.name, pat_str=pat, mergeable_ranks=ranks, special_tokens=specials, eos_token=eos,
-                          bos_token=bos if bos in specials else "", stop_ids=[i for i in stop_ids if 0 <= i < len(ranks) + len(specials)],
+                          bos_token=bos if bos in specials else "", stop_ids=[i for i in stop_ids if 0 <= i < n],
                           chat_template=chat_template(f, tc), nfc=nfc)
 
 
