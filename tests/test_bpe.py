@@ -18,13 +18,15 @@ import data
 GPT2 = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3 = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
           r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
-QWEN2 = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2 = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
+         r"""\s+(?!\S)|\s+""")
 
 TEXTS = {
     "english": "The quick brown fox jumps over the lazy dog. It's 5 o'clock; we'll see, won't we? THE END'S near.",
     "code": "def f(x):\n    return x**2 + 1  # square\n\n\tif a != b:\n\t\tprint(f\"{a!r}\")\n{'k': [1, 2]}\n",
     "digits": "123 4567 89012345 x  42   7\n  8 3.14159 1,000,000 x2y 2024-01-31 ²½ ٣٤٥ 𝟙𝟚",
-    "unicode": "naïve café Straße 日本語のテキスト Ελληνικά русский текст e\u0301 A\u030a Å ﬁ",
+    "unicode": "naïve café Straße 日本語のテキスト Ελληνικά русский текст e\u0301 A\u030a Å ﬁ "
+               "中文测试：你好，世界！ 한국어 العربية हिन्दी ไทย Tiếng Việt",
     "emoji": "👍🏽 🇫🇷 👨‍👩‍👧 🙂🙂 ok👍",
     "whitespace": "a  b   c\n\n\n  d\t\t e \r\n f     \n    \u00a0 \u3000x  ",
 }
