@@ -29,19 +29,22 @@ the template is refused in one line. Text and learned spans are encoded piece by
 starts, exactly as generation sees the prompt; special tokens in the rendered text ("<|im_start|>") encode
 as their special ids ({% generation %} markers, where a template has them, are rendered as their body).
 
-Run: `python chat.py FOLDER` renders a two-turn conversation with the folder's template and marks the learned
-tokens; `python chat.py` does it with the ### headers and the byte tokenizer.
+Run: `python chat.py` renders a two-turn conversation with the ### headers (byte tokenizer) and with ChatML's
+template on a small BPE folder it writes (bpe.py), the learned tokens in [brackets]; `python chat.py FOLDER` with
+a model folder's own tokenizer and template.
 """
 import datetime
 import functools
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
 
+import bpe
 import data as data_lib
 from data import DataError, eot_id
 
@@ -200,23 +203,42 @@ def encode_rendered(enc, messages):
     return ids, learned
 
 
-def main(argv):
-    enc = data_lib.get_tokenizer(argv[0] if argv else "bytes")
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse golf."},
-                {"role": "assistant", "content": "flog"}, {"role": "user", "content": "And echo?"},
-                {"role": "assistant", "content": "ohce"}]
+# ------------------------------------------------------------------------------------------- the demo
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+DEMO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse golf."},
+        {"role": "assistant", "content": "flog"}, {"role": "user", "content": "And echo?"},
+        {"role": "assistant", "content": "ohce"}]
+
+
+def demo_folder():
+    """A model folder of our own: 200 merges learned on this file (bpe.py), ChatML's tokens and template."""
+    folder = Path(tempfile.mkdtemp(prefix="chat-demo-"))
+    merges = bpe.learn_merges(Path(__file__).read_text(encoding="utf-8"), 200)
+    tj = bpe.gpt2_style_json(merges, added=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    (folder / "tokenizer.json").write_text(json.dumps(tj))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": CHATML}))
+    return folder
+
+
+def show(spec, messages):
+    enc = data_lib.get_tokenizer(spec)
     ids, learned = encode(enc, messages)
-    kind = "the folder's Jinja template" if getattr(enc, "chat_template", None) else "### headers"
-    print(f"template: {kind}; {len(ids)} tokens, {sum(learned)} learned ([brackets]):")
+    kind = "its Jinja chat template" if getattr(enc, "chat_template", None) else "### headers"
+    print(f"--- tokenizer {spec}: {kind}; {len(ids)} tokens, {sum(learned)} learned (in [brackets]):")
     out, i = "", 0
     while i < len(ids):
         j = next((k for k in range(i, len(ids)) if learned[k] != learned[i]), len(ids))
-        text = enc.decode(ids[i:j])
-        out += f"[{text}]" if learned[i] else text
+        out += f"[{enc.decode(ids[i:j])}]" if learned[i] else enc.decode(ids[i:j])
         i = j
     print(out)
-    print(f"generation prompt ends with: {enc.decode(prompt_ids(enc, messages))[-40:]!r}; stops at ids "
-          f"{sorted(stop_ids(enc))}")
+    print(f"generation prompt ends with {enc.decode(prompt_ids(enc, messages))[-32:]!r}; a reply stops at ids "
+          f"{sorted(stop_ids(enc))}\n")
+
+
+def main(argv):
+    for spec in argv or ["bytes", str(demo_folder())]:
+        show(spec, DEMO)
 
 
 if __name__ == "__main__":
