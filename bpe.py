@@ -91,12 +91,17 @@ class FolderEncoding(tiktoken.Encoding):
     """A tiktoken Encoding that also knows its folder's end-of-sequence token, stop tokens, BOS and chat
     template; with an NFC normalizer, text is normalized before it is encoded."""
 
-    def __init__(self, name, *, pat_str, mergeable_ranks, special_tokens, eos_token, bos_token="", stop_ids=(),
+    def __init__(self, folder, *, pat_str, mergeable_ranks, special_tokens, eos_token, bos_token="", stop_ids=(),
                  chat_template=None, nfc=False):
-        super().__init__(name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
-        self.eos_token, self.bos_token, self.chat_template, self.nfc = eos_token, bos_token, chat_template, nfc
+        super().__init__(Path(folder).name, pat_str=pat_str, mergeable_ranks=mergeable_ranks,
+                         special_tokens=special_tokens)
+        self.folder, self.eos_token, self.bos_token = folder, eos_token, bos_token
+        self.chat_template, self.nfc = chat_template, nfc
         self.eos_id = self.encode_single_token(eos_token)
         self.stop_ids = frozenset({self.eos_id, *stop_ids})
+
+    def __reduce__(self):  # pickled (e.g. to another process) as the folder it comes from
+        return load_folder, (self.folder,)
 
     def encode_ordinary(self, text):
         return super().encode_ordinary(unicodedata.normalize("NFC", text) if self.nfc else text)
@@ -261,7 +266,7 @@ def load_folder(folder):
                              f"the added tokens ({', '.join(list(specials)[:5]) or 'none'})")
     bos = token_text(tc.get("bos_token")) or ""
     n = max(max(ranks.values()), max(specials.values(), default=0)) + 1
-    return FolderEncoding(f.name, pat_str=pat, mergeable_ranks=ranks, special_tokens=specials, eos_token=eos,
+    return FolderEncoding(folder, pat_str=pat, mergeable_ranks=ranks, special_tokens=specials, eos_token=eos,
                           bos_token=bos if bos in specials else "", stop_ids=[i for i in stop_ids if 0 <= i < n],
                           chat_template=chat_template(f, tc), nfc=nfc)
 
