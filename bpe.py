@@ -13,10 +13,10 @@ concatenation is the token of lowest rank, and a token's rank is its id. A token
 {token: id} and a list of merges "a b" in learned order; so the ranks are the ids, which is exact when the
 merge that makes each token comes in the order of the ids (true of every BPE trained the usual way: token
 256 + i is what merge i made, after the bytes, or after a few special tokens placed first; checked here), and
-when the merge listed for each token is the pair that merging by rank reaches inside it (true of a BPE trained
-the usual way and of files converted from tiktoken, which list every pair: Llama 3's; not checked, it costs
-seconds per load: a file listing other pairs encodes differently from the Hugging Face library). Tokens that no
-merge makes and that are not bytes are unreachable by BPE and are left out.
+when the merge listed for each token is the pair that merging by rank reaches inside it: so for the BPEs that
+tests/test_bpe.py trains, and for files converted from tiktoken, which list every pair (Llama 3's). That is not
+checked (seconds per load): a file whose merges list other pairs encodes differently from the Hugging Face
+library. Tokens that no merge makes and that are not bytes are unreachable by BPE and are left out.
 
 GPT-2's byte-to-unicode map: tokenizer.json stores tokens as text, each byte written as one printable
 character: the 188 printable bytes (! to ~, ¡ to ¬, ® to ÿ) as themselves, the other 68 (control bytes, space,
