@@ -171,8 +171,8 @@ def render(enc, messages, add_generation_prompt=False):
         return compile_template(enc.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token=enc.bos_token,
             eos_token=enc.eos_token, tools=None, documents=None)
-    except jinja2.TemplateError as e:
-        raise DataError(f"the tokenizer's chat template failed: {e}") from None
+    except Exception as e:  # the template is the folder's program: whatever stops it is the folder's error
+        raise DataError(f"the tokenizer's chat template failed: {e or type(e).__name__}") from None
 
 
 def learned_spans(enc, messages):

@@ -85,6 +85,8 @@ def tokenize(examples, enc, block_size, prompt_mask=True, limit="the model's con
             ids, learned = encode(enc, messages)
         except DataError as e:  # a model folder's chat template that cannot render this example
             raise DataError(f"{where}: {e}") from None
+        if True not in learned:
+            raise DataError(f"{where}: the template leaves no token of the assistant's turns to learn")
         first = learned.index(True)
         if first > block_size:
             raise DataError(f"{where}: the prompt is {first} tokens, longer than {limit} of {block_size}: "
