@@ -285,3 +285,8 @@ def test_other_refusals_are_one_line(tmp_path):
     assert "no tokenizer.json or tokenizer.model" in refusal(tmp_path)
     tj = edit(gpt2_style(), "added_tokens", [])
     assert "no end-of-sequence token" in refusal(tmp_path, tj, tokenizer_config={"eos_token": "</s>"})
+
+
+def test_a_tokenizer_folder_gets_its_own_data_cache(tmp_path):
+    a, b = data.default_data_dir(str(tmp_path / "x" / "tok")), data.default_data_dir(str(tmp_path / "y" / "tok"))
+    assert a != b and a.parent == b.parent == data.default_data_dir("bytes").parent and a.name.startswith("stdlib-tok-")

@@ -158,3 +158,18 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path, capsy
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"its tokenizer has {enc.n_vocab} ids, more than the model's vocab_size 64" in err and err.count("\n") == 1
+
+
+def test_an_unreadable_tokenizer_stops_sft_in_one_line(tmp_path, capsys):
+    _, folder = hf_folder(tmp_path, vocab_size=704)
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    tj["model"]["type"] = "Unigram"
+    (folder / "tokenizer.json").write_text(json.dumps(tj))
+    data.bpe.load_folder.cache_clear()  # (read once per process, by path)
+    train = write_jsonl(tmp_path / "train.jsonl", reverse_examples(8))
+    with pytest.raises(SystemExit) as e:
+        sft.main(["--init", str(folder), "--data", str(train), "--out", str(tmp_path / "o"), "--max-steps", "1",
+                  "--batch-size", "4"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and not (tmp_path / "o").exists()
+    assert f"{folder.resolve() / 'tokenizer.json'}: model type Unigram is not read (only byte-level BPE)" in err
