@@ -16,7 +16,8 @@ merge that makes each token comes in the order of the ids (true of every BPE tra
 when the merge listed for each token is the pair that merging by rank reaches inside it: so for the BPEs that
 tests/test_bpe.py trains, and for files converted from tiktoken, which list every pair (Llama 3's). That is not
 checked (seconds per load): a file whose merges list other pairs encodes differently from the Hugging Face
-library. Tokens that no merge makes and that are not bytes are unreachable by BPE and are left out.
+library. Tokens that no merge makes and that are not bytes are unreachable by BPE and are left out, unless
+ignore_merges (Llama 3) says a piece that is a whole token is that token, as tiktoken does.
 
 GPT-2's byte-to-unicode map: tokenizer.json stores tokens as text, each byte written as one printable
 character: the 188 printable bytes (! to ~, ¡ to ¬, ® to ÿ) as themselves, the other 68 (control bytes, space,
@@ -189,6 +190,11 @@ def read_tokenizer_json(path):
                              "only none or NFC)")
     pat = pattern(tj.get("pre_tokenizer"), where)
     ranks = ranks_from_merges(model, where)
+    contents = {t["content"] for t in tj.get("added_tokens") or []}
+    if model.get("ignore_merges"):  # a piece that is a whole token is that token, made by a merge or not (Llama 3)
+        for token, i in model["vocab"].items():
+            if token not in contents:
+                ranks.setdefault(token_bytes(token, where), i)
     added = {t["content"]: t["id"] for t in tj.get("added_tokens") or []
              if t["content"].encode() not in ranks}  # an added token BPE already makes is just a token
     return pat, ranks, added, norm is not None

@@ -193,6 +193,21 @@ def test_ids_equal_the_textbook_merge_loop(tmp_path, style):
     assert all(len(enc.encode_ordinary(t)) < len(t.encode()) for t in TEXTS.values())
 
 
+def test_ignore_merges_takes_a_whole_piece_that_is_a_token(tmp_path):
+    """Llama 3's ignore_merges: a piece that is in the vocabulary is that token, even one that no merge makes;
+    without it, such a token is never produced."""
+    tj = llama3_style()
+    n = len(tj["model"]["vocab"])
+    tj["model"]["vocab"]["Ġzzzz"] = n  # after the merges were listed: none makes it
+    tj = with_specials(tj, bpe.LLAMA3_SPECIALS)
+    text = "a zzzz b zzzzz zzzz"
+    ids = data.get_tokenizer(str(write_folder(tmp_path / "a", tj))).encode_ordinary(text)
+    assert ids == reference_ids(tj, text) and ids.count(n) == 2
+    tj["model"]["ignore_merges"] = False
+    ids = data.get_tokenizer(str(write_folder(tmp_path / "b", tj))).encode_ordinary(text)
+    assert ids == reference_ids(tj, text) and n not in ids
+
+
 def test_the_reference_can_tell_them_apart(tmp_path):
     """The comparison above can fail: the same vocabulary with the pre-tokenizer's list taken as GPT-2's alone
     (Digits left out) gives other ids on digits, and merge ranks shuffled give other ids on English."""
