@@ -15,10 +15,9 @@ last, so no process ever reads a half-written or truncated shard. A folder is ch
 it: meta.json's keys and types, the dtype (uint16/uint32) against each shard's size and the token counts, and
 the largest token id (recorded at prepare time) against the vocabulary.
 
-Tokenisers come from tiktoken. Named encodings (gpt2, cl100k_base, ...) are downloaded by tiktoken on first
-use and cached; with no network they cannot load. The default `bytes` is a tiktoken Encoding built here with
-one token per byte and no merges (vocabulary 256 + end-of-text): it needs no download, and on source code a
-small model learns it quickly.
+Tokenisers are tiktoken Encodings: named ones (gpt2, cl100k_base, ...) downloaded on first use and cached; the
+default `bytes`, built here with one token per byte, no merges (256 + end-of-text), no download, quickly learned;
+a model folder's tokenizer.json (byte-level BPE) or Llama 3 tokenizer.model, converted offline by bpe.py.
 
 Instruction examples for fine-tuning (templates, loss masks, their batches) are sft.py's; the embedded default
 SFT data is built here from the same standard library: every short function with a docstring becomes "Write a
@@ -44,6 +43,8 @@ import numpy as np
 import tiktoken
 import torch
 
+import bpe
+
 EOT = "<|endoftext|>"
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".json", ".c", ".h", ".toml", ".cfg", ".ini", ".html", ".css", ".js"}
 DEFAULT_TOKENIZER = "bytes"
@@ -60,16 +61,23 @@ def get_tokenizer(name):
     if name == "bytes":
         ranks = {bytes([i]): i for i in range(256)}
         return tiktoken.Encoding("bytes", pat_str=r"[\s\S]+", mergeable_ranks=ranks, special_tokens={EOT: 256})
+    if Path(name).is_dir() and name not in tiktoken.list_encoding_names():
+        try:
+            return bpe.load_folder(str(Path(name).resolve()))
+        except bpe.TokenizerError as e:
+            raise DataError(f"tokenizer {e}") from None
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:  # unknown name, or no network to download the BPE file
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise DataError(f"--tokenizer {name!r} could not be loaded ({reason}); use --tokenizer bytes (works offline), "
-                        f"or one of {', '.join(tiktoken.list_encoding_names())} with network access or a "
-                        "TIKTOKEN_CACHE_DIR that holds it") from None
+                        f"one of {', '.join(tiktoken.list_encoding_names())} with network access or a "
+                        "TIKTOKEN_CACHE_DIR that holds it, or a folder with a tokenizer.json") from None
 
 
 def eot_id(enc):
+    if isinstance(enc, bpe.FolderEncoding):  # a model folder's own eos_token
+        return enc.eos_id
     return enc.encode(EOT, allowed_special={EOT})[0]
 
 
@@ -235,7 +243,8 @@ def publish_folder(out, build, if_missing=False):
 
 def default_data_dir(tokenizer):
     cache = Path(os.environ.get("LLM_DATA_CACHE", Path.home() / ".cache" / "llm-from-scratch"))
-    return cache / f"stdlib-{tokenizer}"
+    name = f"{Path(tokenizer).name}-{zlib.crc32(tokenizer.encode()):08x}" if "/" in tokenizer else tokenizer  # folder
+    return cache / f"stdlib-{name}"
 
 
 def ensure_default_data(tokenizer):

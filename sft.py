@@ -3,24 +3,13 @@
 The idea: an instruction example is a prompt and a response rendered into one token sequence by a template.
 The model is trained exactly as in pretraining (next-token cross-entropy, training.py's loop on any layout),
 except that the labels are -100 on the prompt and on padding, and the loss ignores -100: the prompt is context,
-never a target, so the gradient comes only from response tokens. The template (Alpaca's headers), learned part
-in [brackets]:
+never a target, so the gradient comes only from response tokens. The template is chat.py's: Alpaca's ###
+headers (### Instruction:, ### Input: when the example has one, ### Response:, the response then
+<|endoftext|>), or, for a model from a Hugging Face folder, the folder's own Jinja chat template.
 
-    ### System:               (chat-style only, when given)
-    {system}
-
-    ### Instruction:
-    {instruction}
-
-    ### Input:                (only when the example has one)
-    {input}
-
-    ### Response:
-    [{output}<|endoftext|>]
-
-Chat-style lines ({"messages": [{"role": "system|user|assistant", "content": ...}, ...]}) use the same
-headers per turn; every assistant turn, with its end-of-text token, is learned, everything else is masked.
-Alpaca-style lines ({"instruction", "input" (optional), "output"}) are a one-turn chat.
+Chat-style lines ({"messages": [{"role": "system|user|assistant", "content": ...}, ...]}) render turn by turn;
+every assistant turn, with its end token, is learned, everything else is masked. Alpaca-style lines
+({"instruction", "input" (optional), "output"}) are a one-turn chat.
 
 Batches: one example per row, padded on the right to the longest row of its micro-batch (padding labels -100).
 Attention is causal, so a real token never sees the padding after it, and no example sees another, at the cost
@@ -55,6 +44,7 @@ Run:
     python sft.py --init out/pretrain --lora-r 8 --lora-targets wq,wk,wv,wo,w1,w2,w3 --lr 3e-3
     python sft.py --init out/pretrain --data my.jsonl --val-data my_val.jsonl
     python sft.py --init out/pretrain --pack                   # several examples per row, no attention between
+    python sft.py --init HF_FOLDER --lora-r 8 --data chat.jsonl   # a pretrained Llama-family model, its template
     torchrun --nproc_per_node 4 sft.py --init out/pretrain --zero 3 --tp 2 --lora-r 8   # any layout pretrain.py runs
     make sft                                                   # make pretrain first if out/pretrain has no checkpoint
 """
@@ -77,83 +67,12 @@ import tensor_parallel
 import training
 from amp import DTYPES, TrainingStopped
 from checkpoint import CheckpointError, save_checkpoint
+from chat import encode, prompt_ids, read_jsonl, stop_ids, to_messages
 from data import DataError, eot_id
 from flags import ConfigError
 from model import PRESETS, ModelConfig, Transformer, flops_per_token, num_params
 from topology import TopologyError
 from weights import load_weights
-
-# ------------------------------------------------------------------------------------------- the template
-HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
-
-
-def to_messages(obj, where):
-    """A parsed JSONL line -> a list of {role, content}; anything else is a DataError naming file:line."""
-    fields = "Alpaca-style lines need \"instruction\" and \"output\" (and optionally \"input\"); chat-style " \
-             "lines need \"messages\": [{\"role\": ..., \"content\": ...}, ...]"
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object; {fields}")
-    if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{where}: \"messages\" must be a non-empty list of {{role, content}}")
-        for m in msgs:
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in HEADERS:
-                raise DataError(f"{where}: each message needs \"role\" (system, user or assistant) and "
-                                f"a string \"content\", got {json.dumps(m)[:60]}")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise DataError(f"{where}: no assistant message, so nothing to learn")
-        return [{"role": m["role"], "content": m["content"]} for m in msgs]
-    missing = [k for k in ("instruction", "output") if not isinstance(obj.get(k), str)]
-    if missing:
-        raise DataError(f"{where}: missing field {', '.join(repr(k) for k in missing)} (or not a string); {fields}")
-    user = obj["instruction"]
-    if obj.get("input"):
-        user += "\n\n### Input:\n" + str(obj["input"])
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": obj["output"]}]
-
-
-def read_jsonl(path):
-    """[(where, messages)] for each non-blank line of `path`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (expected JSONL, one example per line)")
-    out = []
-    for lineno, line in data_lib.text_lines(path):  # a byte that is not UTF-8: one line naming file:line
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        out.append((where, to_messages(obj, where)))
-    if not out:
-        raise DataError(f"{path}: no examples")
-    return out
-
-
-def encode(enc, messages):
-    """Token ids and, per token, whether it is learned: assistant contents and their end-of-text only."""
-    eot = eot_id(enc)
-    ids, learned = [], []
-    for m in messages:
-        head = enc.encode_ordinary(HEADERS[m["role"]] + (m["content"] + "\n\n" if m["role"] != "assistant" else ""))
-        ids += head
-        learned += [False] * len(head)
-        if m["role"] == "assistant":
-            body = enc.encode_ordinary(m["content"]) + [eot]
-            ids += body
-            learned += [True] * len(body)
-    return ids, learned
-
-
-def prompt_ids(enc, messages):
-    """The prompt for generation: everything up to and including the last assistant header."""
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    ids, _ = encode(enc, messages[:last])
-    return ids + enc.encode_ordinary(HEADERS["assistant"])
-
 
 # ------------------------------------------------------------------------------------------- the loss mask
 def tokenize(examples, enc, block_size, prompt_mask=True, limit="the model's context", packing=False):
@@ -162,7 +81,12 @@ def tokenize(examples, enc, block_size, prompt_mask=True, limit="the model's con
     example is an error: a packed row is exactly --seq-len tokens, and an example is never cut."""
     out, skipped = [], 0
     for where, messages in examples:
-        ids, learned = encode(enc, messages)
+        try:
+            ids, learned = encode(enc, messages)
+        except DataError as e:  # a model folder's chat template that cannot render this example
+            raise DataError(f"{where}: {e}") from None
+        if True not in learned:
+            raise DataError(f"{where}: the template leaves no token of the assistant's turns to learn")
         first = learned.index(True)
         if first > block_size:
             raise DataError(f"{where}: the prompt is {first} tokens, longer than {limit} of {block_size}: "
@@ -306,13 +230,13 @@ def add_lora(args, model_config):
 
 @torch.no_grad()
 def answer(model, enc, ids, max_new_tokens, device):
-    """Greedy decoding until end-of-text, the context's end or max_new_tokens (over the tokenizer's ids only:
-    the padded vocabulary's extra rows are never valid tokens)."""
-    eot, block = eot_id(enc), model.cfg.block_size
+    """Greedy decoding until an end token (chat.stop_ids), the context's end or max_new_tokens (over the
+    tokenizer's ids only: the padded vocabulary's extra rows are never valid tokens)."""
+    stops, block = stop_ids(enc), model.cfg.block_size
     idx = torch.tensor([ids], device=device)
     for _ in range(min(max_new_tokens, block - len(ids))):
         nxt = model(idx)[0][0, -1, :enc.n_vocab].argmax()
-        if nxt.item() == eot:
+        if nxt.item() in stops:
             break
         idx = torch.cat([idx, nxt.view(1, 1)], dim=1)
     return enc.decode(idx[0, len(ids):].tolist())
@@ -391,6 +315,9 @@ def train(args):
     if args.lora_r:
         lora_lib.check_rank(cfg, args.lora_r, args.lora_targets)
     enc = data_lib.get_tokenizer(init["tokenizer"])
+    if enc.n_vocab > cfg.vocab_size:
+        raise ConfigError(f"--init {args.init}: its tokenizer has {enc.n_vocab} ids, more than the model's vocab_size "
+                          f"{cfg.vocab_size}: an id would index past the embedding")
     train_rows, val_rows, val_ex, skipped = read_rows(args, enc, cfg, dp)  # every input checked before building
 
     topo = training.build_topology(args, world, device)

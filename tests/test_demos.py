@@ -52,6 +52,21 @@ def test_data_prepare(tmp_path):
     assert meta["tokenizer"] == "bytes" and meta["tokens"]["train"] > 0 and '"vocab_size": 257' in out
 
 
+def test_bpe():
+    """The demo learns merges on bpe.py, writes a GPT-2-style tokenizer.json and encodes with it."""
+    out = run("bpe.py")
+    n_bytes, n_tokens = map(int, re.search(r"(\d+) bytes -> (\d+) tokens", out).groups())
+    assert "learned 300 merges" in out and 0 < n_tokens < n_bytes, out
+    assert "'<|endoftext|>'" in out.split("pieces:")[1], out
+
+
+def test_chat():
+    """The ### headers and a folder's ChatML template: the learned text is each reply and its end token."""
+    out = run("chat.py")
+    assert "[flog<|endoftext|>]" in out and "[flog<|im_end|>]" in out and "[ohce<|im_end|>]" in out, out
+    assert "its Jinja chat template" in out and "<|im_start|>assistant\\n" in out, out
+
+
 def test_amp():
     out = run("amp.py")
     losses = {name: line for name, line in re.findall(r"^(fp32|bf16|fp16): losses (.*)$", out, re.M)}
@@ -239,6 +254,7 @@ def test_quantization():
 
 # ------------------------------------------------------------------------------------ the map itself
 RUN_BY = {"python model.py": test_model, "python data.py prepare --src PATH --out DIR": test_data_prepare,
+          "python bpe.py": test_bpe, "python chat.py": test_chat,
           "python amp.py": test_amp, "python pretrain.py --help": test_pretrain_help,
           "python sft.py --help": test_sft_help,
           "make estimate": test_make_estimate, "make scaling": test_make_scaling, "python flash_attn.py": test_flash_attn,
@@ -257,4 +273,4 @@ def test_every_map_command_is_run():
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Map of the lecture")[1].split("\n## ")[0]
     commands = re.findall(r"^\|[^|]+\|[^|]+\| `([^`]+)` \|$", table, re.M)
-    assert len(commands) == 22 and sorted(commands) == sorted(RUN_BY), commands
+    assert len(commands) == 24 and sorted(commands) == sorted(RUN_BY), commands
