@@ -212,6 +212,7 @@ def test_export_of_a_byte_level_run_names_its_tokenizer_and_end_of_text(tmp_path
                tmp_path / "model.pt")
     config = weights.export_hf(tmp_path / "model.pt", tmp_path / "out")
     assert {"tokenizer": "bytes", "bos_token_id": None, "eos_token_id": 256, "tie_word_embeddings": False,
-            "rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}.items() <= config.items()
+            "rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}
+            }.items() <= config.items()
     assert "lm_head.weight" in weights.read_safetensors(tmp_path / "out" / "model.safetensors")
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == 256
