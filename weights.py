@@ -17,8 +17,24 @@ checkpoint of a shape model.py can build is a model.py model. The names:
     blocks.{i}.mlp.w1, w3, w2      model.layers.{i}.mlp.gate_proj, up_proj, down_proj   (gate, up, down)
     norm, lm_head                  model.norm, lm_head
 
-Both rotate the two halves of each head (rotate_half), so the query and key rows need no permutation. model.py
-never ties the embedding and the head: a tied checkpoint's embedding is copied into the head on import.
+Both rotate the two halves of each head (rotate_half), so the query and key rows need no permutation.
+
+config.json comes in two forms: transformers 4 writes top-level `rope_theta` and `rope_scaling`, transformers 5
+one `rope_parameters` {"rope_type", "rope_theta", ...}; both are read (and must agree when both are there), and
+export writes both. Rope types: "default" and Llama 3.1's "llama3" (model.llama3_frequencies); any other (linear,
+dynamic, yarn, longrope, ...) is refused in one line, as are biases, another activation, partial rotary and
+settings per layer type. A `head_dim` other than hidden_size / heads is kept (ModelConfig.head_dim_override).
+
+Tied embeddings: model.py never ties the embedding and the head (a pipeline's first and last stages, and
+tensor-parallel or ZeRO shards, would otherwise share one parameter across ranks). A tied checkpoint's embedding
+is copied into the head on import; export writes tie_word_embeddings true and no lm_head when the two are still
+equal (a tied model not trained since), else false with both tensors: a fine-tuned tied model comes out untied.
+
+Special tokens: load_weights returns {"bos", "eos", "pad"} ids (special_ids): a Hugging Face folder's from
+generation_config.json, config.json or its tokenizer files; "bytes" and tiktoken encodings have <|endoftext|> as
+eos. A folder holding tokenizer.json or tokenizer.model is its own tokenizer: runs record its path, and export
+copies its files (tokenizer.json, tokenizer_config.json, ...) next to the weights, with the ids in config.json and
+generation_config.json, so that transformers' AutoTokenizer and generate() work on the exported folder.
 
 safetensors, written out: 8 bytes of little-endian header length N, N bytes of JSON {name: {"dtype", "shape",
 "data_offsets": [begin, end]}} (offsets into what follows), then the raw little-endian tensors. Reading it is a
