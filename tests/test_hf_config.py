@@ -3,7 +3,7 @@ rope_parameters), Llama 3.1's rope scaling and a head_dim of its own against for
 token ids, and what export-hf writes for transformers (tied head, ids, generation_config.json, tokenizer files)."""
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -11,6 +11,7 @@ import torch
 import pretrain
 import weights
 from model import ADDED_FIELDS, PRESETS, ModelConfig, Transformer, config_dict
+from tests import test_model_parallel
 from tests.test_weights import llama_reference
 
 SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -101,6 +102,12 @@ def test_head_dim_and_llama3_forward_match_an_independent_reference(tmp_path):
     ref = llama_reference(tensors | {"lm_head.weight": tensors["model.embed_tokens.weight"]}, V5, idx, inv_freq)
     # float64 but for model.py's RoPE tables, kept in fp32: 1e-6.
     torch.testing.assert_close(model(idx)[0], ref, rtol=1e-6, atol=1e-6)
+
+
+def test_tensor_parallel_with_head_dim_and_llama3_matches_one_process():
+    """tp 2 splits the heads of width 16 (not d_model / n_head = 8): three AdamW steps as one process's, float64."""
+    cfg = replace(test_model_parallel.CFG, head_dim_override=16, rope_scaling=SCALING)
+    test_model_parallel.check_against_one_process([(2, 1, "1f1b", 0, False)], 2, cfg)
 
 
 @pytest.mark.parametrize("change, expected", [
