@@ -410,7 +410,11 @@ def special_ids(tokenizer):
     (folder_special_ids), or for "bytes" and tiktoken encodings the end-of-text token as eos."""
     if is_tokenizer_folder(tokenizer):
         return folder_special_ids(Path(tokenizer))
-    return {"bos": None, "eos": data_lib.eot_id(data_lib.get_tokenizer(tokenizer)), "pad": None}
+    try:
+        return {"bos": None, "eos": data_lib.eot_id(data_lib.get_tokenizer(tokenizer)), "pad": None}
+    except data_lib.DataError as e:  # (a folder that has moved, or an encoding this machine cannot load)
+        raise CheckpointError(f"tokenizer {tokenizer!r} is not a folder with tokenizer.json or tokenizer.model, and "
+                              f"{e}") from None
 
 
 def folder_special_ids(folder):

@@ -174,6 +174,8 @@ def test_special_ids_come_from_generation_config_then_config_then_the_tokenizer(
     tokenizer_files(tmp_path / "tok")
     assert weights.special_ids(str(tmp_path / "tok")) == {"bos": 60, "eos": 61, "pad": None}
     assert weights.special_ids("bytes") == {"bos": None, "eos": 256, "pad": None}
+    with pytest.raises(weights.CheckpointError, match="is not a folder with tokenizer.json or tokenizer.model"):
+        weights.special_ids(str(tmp_path / "moved"))  # a run's tokenizer folder that is gone
     hf_folder(tmp_path / "hf", V5 | {"pad_token_id": 5})
     tokenizer_files(tmp_path / "hf")
     (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": 9}))
