@@ -4,7 +4,9 @@ The idea: a stack of identical blocks, each `x = x + attn(norm(x)); x = x + mlp(
 embedding and a linear head that predicts the next token. Llama's choices: RMSNorm (no mean, no bias), rotary
 position embeddings applied to queries and keys (no learned positions), a SwiGLU MLP `w2(silu(w1 x) * w3 x)`,
 grouped-query attention (n_kv_head <= n_head key/value heads shared by groups of query heads), no biases,
-untied input and output embeddings (so a pipeline's first and last stages share no weight).
+untied input and output embeddings (so a pipeline's first and last stages share no weight). For imported
+Hugging Face models (weights.py): Llama 3.1's long-context RoPE scaling (llama3_frequencies) and a head width
+of their own (ModelConfig.head_dim_override).
 
 Formulas, per token, for L layers of width d, context T and N parameters in matrix multiplies:
     training FLOPs  ~ 6 N + 6 L d T        (forward 2N + 2LdT multiply-adds counted as 2 FLOPs; backward twice that;
@@ -44,7 +46,7 @@ class ModelConfig:
     attn: str = "sdpa"           # naive | sdpa | flash
     activation_checkpointing: bool = False
     # Two fields only some imported Hugging Face models need (weights.py); left out of config_dict at their defaults.
-    head_dim_override: int = 0   # a head width other than d_model / n_head (Qwen3-style configs); 0: d_model / n_head
+    head_dim_override: int = 0   # a head width with n_head * head_dim != d_model (HF's head_dim); 0: d_model / n_head
     rope_scaling: dict | None = None  # Llama 3.1's long-context RoPE: {"rope_type": "llama3", "factor",
     #                                   "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
 
