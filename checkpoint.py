@@ -472,8 +472,9 @@ def main(argv=None):
             d = weights.consolidate(src, dst)
             print(f"{d} -> {dst} ({Path(dst).stat().st_size / 2 ** 20:.1f} MB)")
         else:
-            weights.export_hf(src, dst)
-            print(f"{src} -> {dst}/config.json, {dst}/model.safetensors")
+            config = weights.export_hf(src, dst)
+            print(f"{src} -> {dst}/config.json, generation_config.json, model.safetensors"
+                  + ("" if "tokenizer" in config else ", the tokenizer's files"))
     except (CheckpointError, OSError) as e:
         sys.exit(f"checkpoint.py: error: {e}")
 

@@ -4,7 +4,9 @@ The idea: a stack of identical blocks, each `x = x + attn(norm(x)); x = x + mlp(
 embedding and a linear head that predicts the next token. Llama's choices: RMSNorm (no mean, no bias), rotary
 position embeddings applied to queries and keys (no learned positions), a SwiGLU MLP `w2(silu(w1 x) * w3 x)`,
 grouped-query attention (n_kv_head <= n_head key/value heads shared by groups of query heads), no biases,
-untied input and output embeddings (so a pipeline's first and last stages share no weight).
+untied input and output embeddings (so a pipeline's first and last stages share no weight). For imported
+Hugging Face models (weights.py): Llama 3.1's long-context RoPE scaling (llama3_frequencies) and a head width
+of their own (ModelConfig.head_dim_override).
 
 Formulas, per token, for L layers of width d, context T and N parameters in matrix multiplies:
     training FLOPs  ~ 6 N + 6 L d T        (forward 2N + 2LdT multiply-adds counted as 2 FLOPs; backward twice that;
@@ -22,7 +24,7 @@ Demo: `python model.py` prints the presets with their parameter counts and FLOPs
 the naive and SDPA attention backends agree.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -43,10 +45,25 @@ class ModelConfig:
     norm_eps: float = 1e-5
     attn: str = "sdpa"           # naive | sdpa | flash
     activation_checkpointing: bool = False
+    # Two fields only some imported Hugging Face models need (weights.py); left out of config_dict at their defaults.
+    head_dim_override: int = 0   # a head width with n_head * head_dim != d_model (HF's head_dim); 0: d_model / n_head
+    rope_scaling: dict | None = None  # Llama 3.1's long-context RoPE: {"rope_type": "llama3", "factor",
+    #                                   "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
 
     @property
     def head_dim(self):
-        return self.d_model // self.n_head
+        return self.head_dim_override or self.d_model // self.n_head
+
+
+ADDED_FIELDS = {"head_dim_override": 0, "rope_scaling": None}  # (their defaults)
+
+
+def config_dict(cfg):
+    """A model config as checkpoints record it (and compare, as part of a run's identity): the fields of a
+    ModelConfig (or such a dict), less ADDED_FIELDS while at their defaults, so that a config recorded before
+    those fields existed reads, compares and builds (ModelConfig(**d)) as it did."""
+    d = asdict(cfg) if not isinstance(cfg, dict) else dict(cfg)
+    return {k: v for k, v in d.items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
 
 
 PRESETS = {
@@ -81,11 +98,27 @@ class RMSNorm(nn.Module):
         return (h * self.weight.to(h.dtype)).to(x.dtype)
 
 
-def rope_tables(head_dim, max_len, theta):
-    """cos and sin of position * frequency, frequencies theta^(-2i/d): shape (max_len, head_dim/2)."""
+def rope_tables(head_dim, max_len, theta, scaling=None):
+    """cos and sin of position * frequency, frequencies theta^(-2i/d): shape (max_len, head_dim/2). With
+    `scaling` (ModelConfig.rope_scaling), Llama 3.1's long-context frequencies (llama3_frequencies)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, **{k: v for k, v in scaling.items() if k != "rope_type"})
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
+
+
+def llama3_frequencies(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+    """Llama 3.1's RoPE scaling (Meta, "The Llama 3 Herd of Models", 2024): a model pretrained on contexts of
+    L = original_max_position_embeddings stretches its slow rotations by `factor` and keeps its fast ones.
+    With wavelength w = 2 pi / f: w < L / high_freq_factor (many turns within L): f unchanged;
+    w > L / low_freq_factor (less than a turn or so): f / factor; in between, a blend
+    (1 - s) f / factor + s f with s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
+    L, wavelen = original_max_position_embeddings, 2 * math.pi / inv_freq
+    s = ((L / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
+    blended = (1 - s) * inv_freq / factor + s * inv_freq
+    return torch.where(wavelen < L / high_freq_factor, inv_freq,
+                       torch.where(wavelen > L / low_freq_factor, inv_freq / factor, blended))
 
 
 def apply_rope(x, cos, sin):
@@ -200,7 +233,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -277,8 +310,8 @@ def flops_per_token(cfg: ModelConfig, n_matmul_params, seq_len=None):
     """Training FLOPs per token: 6N for the weights (2 forward, 4 backward) + 6 L d T for attention: Q K^T and
     P V over all T x T pairs would be 12 L d T (PaLM's count), but a causal model needs only the pairs below the
     diagonal, half of them, and the causal kernels (flash_attn.py, SDPA) skip the rest."""
-    T = seq_len or cfg.block_size
-    return 6 * n_matmul_params + 6 * cfg.n_layer * cfg.d_model * T
+    T = seq_len or cfg.block_size  # (the attention width n_head * head_dim is d, but for head_dim_override)
+    return 6 * n_matmul_params + 6 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
 
 if __name__ == "__main__":

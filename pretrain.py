@@ -25,7 +25,7 @@ Run:
 """
 import math
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import torch
 
@@ -39,7 +39,7 @@ from amp import DTYPES, TrainingStopped
 from checkpoint import CheckpointError
 from estimate import PEAK_TFLOPS
 from flags import ConfigError
-from model import PRESETS, Transformer, flops_per_token, num_params, pad_vocab
+from model import PRESETS, Transformer, config_dict, flops_per_token, num_params, pad_vocab
 from topology import TopologyError
 from weights import load_weights
 
@@ -126,7 +126,7 @@ def train(args):
     if meta["max_id"] >= cfg.vocab_size:  # (load_meta checked the ids against meta.json's vocab_size)
         raise data_lib.DataError(f"--data {data_dir}: token id {meta['max_id']} is outside the model's vocabulary "
                                  f"of {cfg.vocab_size}")
-    model_config = asdict(replace(cfg, attn="-", activation_checkpointing=False))
+    model_config = config_dict(replace(cfg, attn="-", activation_checkpointing=False))
     if ckpt and ckpt["model_config"] != model_config:
         raise ConfigError(f"--resume: the checkpoint in {args.out} is of another model config than --model "
                           f"{args.model}")

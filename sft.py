@@ -53,7 +53,7 @@ import json
 import math
 import sys
 import zlib
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +70,7 @@ from checkpoint import CheckpointError, save_checkpoint
 from chat import encode, prompt_ids, read_jsonl, stop_ids, to_messages
 from data import DataError, eot_id
 from flags import ConfigError
-from model import PRESETS, ModelConfig, Transformer, flops_per_token, num_params
+from model import PRESETS, ModelConfig, Transformer, config_dict, flops_per_token, num_params
 from topology import TopologyError
 from weights import load_weights
 
@@ -211,7 +211,7 @@ def load_init(path):
 def check_init_config(init, args):
     """--model, when given, must be the preset the checkpoint was trained as (vocabulary as the checkpoint's)."""
     if args.model is not None:
-        want = asdict(replace(PRESETS[args.model], vocab_size=init["model_config"]["vocab_size"], attn="-"))
+        want = config_dict(replace(PRESETS[args.model], vocab_size=init["model_config"]["vocab_size"], attn="-"))
         if want != init["model_config"]:
             diff = sorted(k for k in want if want[k] != init["model_config"].get(k))
             raise ConfigError(f"--init {args.init} is a checkpoint of another model config than --model "

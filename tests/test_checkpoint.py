@@ -14,7 +14,7 @@ import moe
 import pretrain
 import training
 import weights
-from model import PRESETS
+from model import PRESETS, config_dict
 from tests.distributed import run_distributed
 from topology import Topology
 
@@ -242,7 +242,7 @@ def test_start_or_resume_decides_before_any_work(tmp_path, capsys):
 def test_consolidate_and_export_from_the_command_line(tmp_path, capsys):
     one, out = Topology(), tmp_path / "run"
     model, module, opt = build(one)
-    cfg = {k: getattr(CFG, k) for k in CFG.__dataclass_fields__} | {"attn": "-"}
+    cfg = config_dict(replace(CFG, attn="-"))  # as checkpoints record it
     checkpoint.save(out, 1, model, opt, one, {"data": {"step": 1}, "model_config": cfg, "tokenizer": "bytes"})
     checkpoint.main(["consolidate", str(out), str(tmp_path / "model.pt")])
     checkpoint.main(["export-hf", str(out), str(tmp_path / "hf")])

@@ -43,12 +43,14 @@ def test_export_then_import_gives_the_same_logits(exported):
     assert torch.equal(model(idx)[0], again(idx)[0]) and tokenizer == "bytes"
 
 
-def llama_reference(t, c, idx):
+def llama_reference(t, c, idx, inv_freq=None):
     """Hugging Face's LlamaForCausalLM forward written from its definition, on the exported tensors and config
-    alone (float64): an independent check of the name mapping (gate = w1, up = w3, down = w2) and of RoPE."""
+    alone (float64): an independent check of the name mapping (gate = w1, up = w3, down = w2) and of RoPE.
+    `inv_freq`: the rotary frequencies, when not theta^(-2i/d) (a scaled RoPE)."""
     norm = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c["rms_norm_eps"]) * w  # noqa: E731
     H, KV, hd, T = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], idx.shape[1]
-    inv_freq = 1.0 / c["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    if inv_freq is None:
+        inv_freq = 1.0 / c["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
     emb = torch.cat([torch.outer(torch.arange(T, dtype=torch.float64), inv_freq)] * 2, dim=-1)
     rotate_half = lambda x: torch.cat([-x[..., hd // 2:], x[..., :hd // 2]], dim=-1)  # noqa: E731
     rope = lambda x: x * emb.cos() + rotate_half(x) * emb.sin()  # noqa: E731
@@ -106,7 +108,7 @@ def refused(folder, config=None, tensors=None, raw=None):
 @pytest.mark.parametrize("case, expected", [
     (dict(config={"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}), "is not LlamaForCausalLM"),
     (dict(config={"hidden_act": "gelu"}), "hidden_act 'gelu' cannot be represented"),
-    (dict(config={"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), "rope_scaling"),
+    (dict(config={"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), "rope_scaling of rope_type 'llama3' needs"),
     (dict(config={"attention_bias": True}), "attention_bias True"),
     (dict(tensors=lambda t: t | {"model.layers.0.self_attn.q_proj.bias": torch.zeros(32, dtype=torch.float64)}),
      "model.layers.0.self_attn.q_proj.bias is a bias"),
