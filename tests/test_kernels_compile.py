@@ -1,0 +1,30 @@
+"""flash_kernels.py compiled for the H100 (sm_90a) without a GPU, by the ptxas that ships with Triton
+(benchmarks/kernels.py): each kernel's first autotuning candidate for head dim 128, the largest and the hardest
+to fit, keeps every value in registers (no spill to local memory) and its shared memory within the SM's limit."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_kernel_fits_an_h100_without_spills(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # (kernels.py compiles afresh anyway)
+    out = tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, "benchmarks/kernels.py", "--arch", "90", "--head-dim", "128", "--first",
+                        "--jobs", "2", "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    if r.returncode == 3:  # no ptxas on this machine: nothing to compile with
+        pytest.skip(r.stdout.strip())
+    assert r.returncode in (0, 1), r.stdout + r.stderr
+    rows = json.loads(out.read_text())
+    assert sorted(row["kernel"] for row in rows) == ["dK/dV", "dQ", "delta", "forward"]
+    for row in rows:
+        assert row["arch"] == "sm_90a" and row["head_dim"] == 128, row
+        assert row["spill_bytes"] == 0 and 0 < row["registers"] <= 255, row
+        assert row["shared"] <= row["shared_limit"] == 232448, row
+    assert r.returncode == 0 and "NO" not in r.stdout, r.stdout
