@@ -14,8 +14,8 @@ MFU is against the datasheet's dense peak of the run's precision (PEAK_TFLOPS: f
 pretrain.py sets it; fp8 doubles bf16's); the training log's own figure is against bf16's whatever the precision.
 Each row is a process group of its own (torchrun and its workers): on its timeout the whole group is killed, the
 next row runs, and the table is printed whatever happened (a crash, Ctrl-C). Rows that need more GPUs than are
-visible say so ("skipped (1 GPU)"), never "pass". About 12 minutes on one H100/H200, Triton's autotuning
-included; more rows run with more GPUs. Each row's output streams to the terminal.
+visible say so ("skipped (1 GPU)"), never "pass". About 12 minutes on one H100/H200 (an estimate), Triton's
+autotuning included; more rows run with more GPUs. Each row's output streams to the terminal.
 """
 import contextlib
 import dataclasses

@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_kernel_fits_an_h100_without_spills(tmp_path):
+    assert "\t$(PY) benchmarks/kernels.py\n" in open(os.path.join(ROOT, "Makefile")).read()  # make kernels
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # (kernels.py compiles afresh anyway)
     out = tmp_path / "rows.json"
