@@ -1,6 +1,7 @@
 """quantization.py: FP8 casts and matmuls at the bounds their formats' epsilons give, INT8 per-channel PTQ, the
 eval command, and FP8 under tensor parallelism and ZeRO-3 against one process."""
 import contextlib
+import math
 import re
 from dataclasses import asdict, replace
 
@@ -335,3 +336,21 @@ def test_fp8_under_zero_1_2_3_matches_one_process():
     """Two AdamW steps; 1e-5 relative: fp32 summation order through Adam's m / sqrt(v)."""
     for r in run_distributed(_zero_against_one_process, 2):
         assert all(d < 1e-5 for d in r.values()), r
+
+
+def _ragged_layouts(rank, world, out):
+    """Two fp8 steps of pretrain.py on each layout whose matmuls see ragged shapes: cp 2 (each rank 6 of a row's
+    12 tokens: the weight gradient's K), experts over ep 2 (any row count per expert, 0 included), tp 2."""
+    import pretrain
+    common = ["--model", "tiny", "--seq-len", "12", "--batch-size", "2", "--max-steps", "2", "--warmup-steps", "1",
+              "--eval-iters", "1", "--eval-every", "2", "--sample-tokens", "0", "--amp", "fp8"]
+    losses = {}
+    for name, flags in (("cp", ["--cp", "2", "--attn", "flash", "--batch-size", "1"]),
+                        ("ep", ["--experts", "4", "--ep", "2"]), ("tp", ["--tp", "2"])):
+        losses[name] = pretrain.main(common + flags + ["--out", f"{out}/{name}"])["losses"]
+    return losses
+
+
+def test_fp8_runs_under_cudas_rules_with_cp_ep_and_tp(tmp_path, stdlib_data):
+    for r in run_distributed(_ragged_layouts, 2, str(tmp_path)):
+        assert all(len(v) == 2 and all(map(math.isfinite, v)) for v in r.values()), r
