@@ -10,7 +10,7 @@
        2 stages, ring attention over cp 2 (flash), 4 experts over ep 2 (all-to-all), and a run stopped at step 10
        on tp 2 and resumed on ZeRO-3 (another layout), whose step-20 loss must match an uninterrupted run's
 
-MFU is against the datasheet's dense peak of the run's precision (PEAK_TFLOPS: fp32 runs use TF32 on CUDA,
+MFU is against the datasheet's dense peak of the run's precision (PEAK_BY_PRECISION: fp32 runs use TF32 on CUDA,
 pretrain.py sets it; fp8 doubles bf16's); the training log's own figure is against bf16's whatever the precision.
 Each row is a process group of its own (torchrun and its workers): on its timeout the whole group is killed, the
 next row runs, and the table is printed whatever happened (a crash, Ctrl-C). Rows that need more GPUs than are
@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 import estimate  # noqa: E402  (the peak the training log's MFU divides by)
 
 # Dense datasheet TFLOP/s per precision (no 2:4 sparsity). fp32 runs on CUDA use TF32 tensor cores.
-PEAK_TFLOPS = {"h100": {"fp32": 494.7, "bf16": 989.4, "fp8": 1978.9},
+PEAK_BY_PRECISION = {"h100": {"fp32": 494.7, "bf16": 989.4, "fp8": 1978.9},
                "h200": {"fp32": 494.7, "bf16": 989.4, "fp8": 1978.9},
                "a100": {"fp32": 156.0, "bf16": 312.0, "fp8": None}}  # (the A100 has no FP8 tensor cores)
 KILL_GRACE_S = 10  # after SIGTERM, before SIGKILL
@@ -109,7 +109,7 @@ def mfu(rec, gpu, precision):
     """The log's MFU (against bf16's peak, estimate.PEAK_TFLOPS) against the peak of the run's precision."""
     if gpu is None:
         return "MFU n/a (unknown GPU)"
-    peak = PEAK_TFLOPS[gpu][precision]
+    peak = PEAK_BY_PRECISION[gpu][precision]
     if peak is None:
         return f"MFU n/a (no {precision} on {gpu})"
     return f"MFU {rec['mfu'] * estimate.PEAK_TFLOPS[gpu] / peak:.1%} of {precision} {peak:.0f} TFLOP/s"
@@ -163,7 +163,7 @@ def resume_row(tmp, gpu, timeout=300):
 
 
 def plan(tmp, n, gpu):
-    """The rows, for n visible GPUs of kind `gpu` (a PEAK_TFLOPS key, or None)."""
+    """The rows, for n visible GPUs of kind `gpu` (a PEAK_BY_PRECISION key, or None)."""
     tests = [sys.executable, "-m", "pytest", "-q", "tests/gpu", "tests/test_flash_attn.py", "-k", "cuda"]
     even = max(2, n - n % 2)  # ZeRO-3 x tp 2 on every GPU (tp 2 needs an even count)
     return [
@@ -187,7 +187,7 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("gpu_check.py: no CUDA device is visible: this check is for a GPU machine")
     n, name = torch.cuda.device_count(), torch.cuda.get_device_name()
-    gpu = next((k for k in PEAK_TFLOPS if k in name.lower()), None)
+    gpu = next((k for k in PEAK_BY_PRECISION if k in name.lower()), None)
     print(f"{name} x {n}, torch {torch.__version__}" + ("" if gpu else ": no datasheet peak known, MFU n/a"),
           flush=True)
     with tempfile.TemporaryDirectory() as tmp:
