@@ -15,7 +15,7 @@ PRETRAIN_FLAGS ?= --model tiny --batch-size 32 --max-steps 300 --lr 2e-3 --warmu
 # runs first if out/pretrain has none. The fine-tuning itself: 100 steps of 16 examples, in one process.
 SFT_FLAGS ?= --out out/sft
 
-.PHONY: install pretrain sft test estimate scaling bench gpu-check clean
+.PHONY: install pretrain sft test estimate scaling bench gpu-check kernels clean
 
 install: $(VENV)/.installed
 
@@ -45,10 +45,16 @@ bench: install
 	$(PY) benchmarks/bench_dp.py --out out/bench/bench_dp.json
 	$(PY) benchmarks/bench_parallel.py --out out/bench/bench_parallel.json
 
-# On a CUDA machine only: the GPU tests, python flash_attn.py, a one-GPU pretrain.py throughput/MFU line and,
-# with two GPUs visible, 2-rank NCCL runs; one table at the end (under 8 minutes on one H100/H200).
+# On a CUDA machine only: the GPU tests, python flash_attn.py, one-GPU pretrain.py runs in bf16 and fp8 and, with
+# two GPUs or more, ZeRO-3 x tp 2 on all of them, DDP, 1F1B, cp ring, ep all-to-all and a resume on another
+# layout; one table at the end (benchmarks/gpu_check.py; about 12 minutes on one H100/H200, estimated).
 gpu-check: install
 	$(PY) benchmarks/gpu_check.py
+
+# No GPU needed: every autotuning config of flash_kernels.py compiled for sm_80 (A100) and sm_90a (H100/H200) by
+# the ptxas that ships with Triton; registers, spills and shared memory per config (minutes on 2 CPU cores).
+kernels: install
+	$(PY) benchmarks/kernels.py
 
 estimate: install
 	$(PY) estimate.py --model gpt2-124m --chinchilla --gpus 8

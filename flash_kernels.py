@@ -10,9 +10,9 @@ same loops with one program instance per outer iteration:
                                                       has one owner, so no atomic adds (FlashAttention-2 uses them)
 The kernels add what the GPU rewards: exp2 with log2(e) folded into the scale; causal key tiles above the
 diagonal never visited, tiles below it run without any mask, only the diagonal (and a ragged last tile) masks;
-the longest causal query tiles launch first; tile sizes autotuned for Hopper. With a causal offset the diagonal
-moves by whole rows; with document ids every visited tile is masked and the tiles outside the query tile's
-documents are not visited at all.
+the longest causal query tiles launch first; tile sizes autotuned among those that fit the head dim without
+spilling registers. With a causal offset the diagonal moves by whole rows; with document ids every visited tile
+is masked and the tiles outside the query tile's documents are not visited at all.
 
 CUDA tensors run them compiled; CPU tensors run them in the Triton interpreter when TRITON_INTERPRET=1 was set
 before the import (flash_attn.py chooses). Not run on its own: `python flash_attn.py` is the demo.
@@ -26,20 +26,32 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton read it at import; so do we
 
 
-def _configs(pairs, name_a, name_b):
-    """Autotune candidates for Hopper; the interpreter cannot benchmark, so it gets one small config."""
+def _configs(tiles, name_a, name_b):
+    """Autotune candidates; the interpreter cannot benchmark, so it gets one small config."""
     if INTERPRET:  # a held tile of two streamed ones: tests see the diagonal block cut in two
         return [triton.Config({name_a: 32, name_b: 16})]
-    return [triton.Config({name_a: a, name_b: b}, num_warps=w, num_stages=s) for a, b, w, s in pairs]
+    return [triton.Config({name_a: a, name_b: b}, num_warps=w, num_stages=s) for a, b, w, s, _ in tiles]
 
 
-# Forward and dQ: BLOCK_M query rows held, BLOCK_N key rows streamed (BLOCK_M a multiple of BLOCK_N). Three
-# candidates per kernel (a large tile with 8 warps, the same with 4, a small one for short N and D = 128): each
-# is compiled and timed once per autotuning key, so the candidate count sets the first call's cost.
-FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)], "BLOCK_M", "BLOCK_N")
-DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)], "BLOCK_M", "BLOCK_N")
-# dK/dV: BLOCK_N key rows held, BLOCK_M query rows streamed (BLOCK_N a multiple of BLOCK_M).
-DKDV_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)], "BLOCK_N", "BLOCK_M")
+def _for_head_dim(tiles):
+    """Autotune's early pruning: the candidates made for the call's head dim (its last entry the largest)."""
+    def prune(configs, nargs, **kwargs):
+        return configs if INTERPRET else [c for c, t in zip(configs, tiles) if kwargs["HEAD_DIM"] <= t[-1]]
+    return {"early_config_prune": prune}
+
+
+# Tiles (a, b, warps, stages, largest head dim). Forward and dQ: BLOCK_M = a query rows held, BLOCK_N = b key rows
+# streamed (BLOCK_M a multiple of BLOCK_N); dK/dV: BLOCK_N = a key rows held, BLOCK_M = b query rows streamed. Each
+# candidate is compiled and timed once per autotuning key, so the count sets the first call's cost. None spills
+# registers to local memory on sm_80 or sm_90a (`make kernels` compiles each at its largest head dim and prints
+# ptxas's figures): at head dim 128 the fp32 accumulators (dK and dV: 2 x BLOCK_N x 128) of the larger tiles
+# outgrow the 255 registers a thread may have, and 4 warps holding 128 query rows spill even at 64 on sm_80.
+FWD_TILES = [(128, 64, 8, 3, 128), (128, 32, 8, 3, 128), (64, 64, 4, 3, 128)]
+DQ_TILES = [(128, 64, 8, 3, 64), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128)]
+DKDV_TILES = [(128, 32, 8, 3, 64), (64, 16, 8, 3, 128), (32, 16, 4, 3, 128)]
+FWD_CONFIGS = _configs(FWD_TILES, "BLOCK_M", "BLOCK_N")
+DQ_CONFIGS = _configs(DQ_TILES, "BLOCK_M", "BLOCK_N")
+DKDV_CONFIGS = _configs(DKDV_TILES, "BLOCK_N", "BLOCK_M")
 
 
 @triton.jit
@@ -87,7 +99,8 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, rows, docq, DOCK, offs_n, offs_d, d_ok, l
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["N_BUCKET", "HEAD_DIM", "CAUSAL"])
+@triton.autotune(configs=FWD_CONFIGS, key=["N_BUCKET", "HEAD_DIM", "CAUSAL"],
+                 prune_configs_by=_for_head_dim(FWD_TILES))
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, DOCS, DSTART, DEND, qk_scale, H, GROUP, N, N_BUCKET, OFFSET, HEAD_DIM: tl.constexpr,
                 BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr, PRECISION: tl.constexpr,
@@ -167,7 +180,8 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, cols, dock, DOCQ, offs_m, offs_
     return dk, dv
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=["N_BUCKET", "HEAD_DIM", "CAUSAL"])
+@triton.autotune(configs=DKDV_CONFIGS, key=["N_BUCKET", "HEAD_DIM", "CAUSAL"],
+                 prune_configs_by=_for_head_dim(DKDV_TILES))
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DOCS, DSTART, DEND, qk_scale, sm_scale, H, GROUP, N, N_BUCKET,
                      OFFSET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr,
@@ -240,7 +254,8 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, rows, docq, DOCK, offs_n, offs_d, d_o
     return dq
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=["N_BUCKET", "HEAD_DIM", "CAUSAL"])
+@triton.autotune(configs=DQ_CONFIGS, key=["N_BUCKET", "HEAD_DIM", "CAUSAL"],
+                 prune_configs_by=_for_head_dim(DQ_TILES))
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DOCS, DSTART, DEND, qk_scale, sm_scale, H, GROUP, N, N_BUCKET,
                    OFFSET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr,

@@ -40,8 +40,8 @@ quantized values those of one process (tests/test_quantization.py checks that pa
 the choice matters less than it seems: an entry in the normal range rounds to the same mantissa whatever the
 scale, so per-shard and whole-tensor scales differ only in the entries that fall below the smallest normal.
 On CUDA, _scaled_mm takes its first operand row-major and its second column-major (hence the transposed copies
-in the backward), with every dimension a multiple of 16: the layers' widths, and the tokens of a micro-batch,
-which the weight gradient's matmul sums over.
+in the backward), the summed dimension K and the output's columns N multiples of 16: fp8_mm pads them with zeros
+(exact), since the weight gradient sums over a micro-batch's tokens, whatever their count.
 
 INT8 weight-only post-training quantization (the weights' vector-wise scaling of LLM.int8, Dettmers et al.,
 2022, without its fp16 path for outlier features): each row (output channel) j of a trained weight gets
@@ -69,6 +69,7 @@ import torch.nn.functional as F
 # (getattr: on a torch without FP8 dtypes this file still imports, and --amp fp8 is refused in one line)
 E4M3, E5M2 = getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)
 AMAX_FLOOR = 1e-30  # an all-zero tensor still gets a finite scale (fp8 max / 1e-30 fits fp32)
+FP8_MULTIPLE = 16  # torch._scaled_mm on CUDA: K and both dimensions of the second operand multiples of 16
 
 
 # ----------------------------------------------------------------------------- formats
@@ -100,7 +101,8 @@ def fp8_scale(amax, fp8_dtype):
 
 def to_fp8(t, fp8_dtype, amax_group=None):
     """Current scaling: (t * s cast to fp8, 1/s). With amax_group the amax is the maximum over its ranks."""
-    amax = t.detach().abs().max().float()
+    # (an MoE expert may get no rows: max() of nothing is an error, its amax 0)
+    amax = t.detach().abs().max().float() if t.numel() else torch.zeros((), device=t.device)
     if amax_group is not None and dist.get_world_size(amax_group) > 1:
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=amax_group)
     scale = fp8_scale(amax, fp8_dtype)
@@ -110,9 +112,27 @@ def to_fp8(t, fp8_dtype, amax_group=None):
     return (t.float() * scale).clamp(-fmax, fmax).to(fp8_dtype), scale.reciprocal()
 
 
-def _column_major(t):
-    """The same matrix stored column by column: _scaled_mm on CUDA wants its second operand so."""
-    return t.t().contiguous().t()
+def _padded(t, rows, cols):
+    """t (contiguous) with zero rows and columns appended up to rows x cols."""
+    if t.shape == (rows, cols):
+        return t.contiguous()
+    out = t.new_zeros(rows, cols)  # (filled and copied into: every fp8 op a CUDA build has)
+    out[:t.shape[0], :t.shape[1]] = t
+    return out
+
+
+def fp8_mm(a, b, a_inv, b_inv, out_dtype):
+    """a b^T (a: M x K, b: N x K, both FP8, scales 1/s) through torch._scaled_mm under CUDA's rules (cuBLASLt):
+    the first operand row-major, the second column-major, K and N multiples of 16; M, the rows, anything, 0
+    included. K and N are padded with zeros, which add nothing to the sums (the scales were taken before), and the
+    padded columns of the result dropped. So any micro-batch's token count (the K of the weight gradient: padded
+    SFT rows, a context-parallel chunk, an MoE expert's 7 or 0 rows) and any tensor-parallel slice (a vocabulary
+    of 320 at tp 8: N = 40) run; a copy only where a dimension is ragged."""
+    (m, k), n = a.shape, b.shape[0]
+    kp, np_ = -(-k // FP8_MULTIPLE) * FP8_MULTIPLE, -(-n // FP8_MULTIPLE) * FP8_MULTIPLE
+    y = torch._scaled_mm(_padded(a, m, kp), _padded(b, np_, kp).t(), scale_a=a_inv, scale_b=b_inv,
+                         out_dtype=out_dtype)
+    return y if np_ == n else y[:, :n].contiguous()
 
 
 class Fp8Matmul(torch.autograd.Function):
@@ -124,10 +144,10 @@ class Fp8Matmul(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         xq, x_inv = to_fp8(x2, E4M3, amax_group)
         wq, w_inv = to_fp8(weight, E4M3, amax_group)
-        y = torch._scaled_mm(xq, wq.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=x.dtype)
+        y = fp8_mm(xq, wq, x_inv, w_inv, x.dtype)
         ctx.save_for_backward(xq, x_inv, wq, w_inv)
         ctx.amax_group, ctx.x_shape, ctx.w_dtype = amax_group, x.shape, weight.dtype
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -136,11 +156,9 @@ class Fp8Matmul(torch.autograd.Function):
         gq, g_inv = to_fp8(g2, E5M2, ctx.amax_group)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch._scaled_mm(gq, _column_major(wq), scale_a=g_inv, scale_b=w_inv, out_dtype=grad_y.dtype)
-            grad_x = grad_x.view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch._scaled_mm(gq.t().contiguous(), _column_major(xq), scale_a=g_inv, scale_b=x_inv,
-                                      out_dtype=ctx.w_dtype)
+            grad_x = fp8_mm(gq, wq.t(), g_inv, w_inv, grad_y.dtype).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:  # a sum over the tokens: K is the micro-batch's token count
+            grad_w = fp8_mm(gq.t(), xq.t(), g_inv, x_inv, ctx.w_dtype)
         return grad_x, grad_w, None
 
 

@@ -15,6 +15,8 @@ collect_ignore = [] if GPU_TESTS else ["gpu"]
 import pytest  # noqa: E402  (after CUDA is hidden)
 import torch  # noqa: E402
 
+from tests.cuda_rules import strict_scaled_mm  # noqa: E402
+
 # One intra-op thread: the tests' tensors are tiny, so a second thread buys little, and OpenMP's spinning
 # workers slow every op by 10-100x whenever the cores are shared (with spawned ranks, or with other jobs).
 torch.set_num_threads(1)
@@ -26,6 +28,13 @@ def data_cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("data-cache")
     os.environ["LLM_DATA_CACHE"] = str(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def fp8_matmuls_under_cudas_rules(monkeypatch):
+    """Every FP8 matmul of every test (and of the ranks it forks) raises where CUDA's would: the CPU kernel
+    takes any shape and layout, cuBLASLt does not (tests/cuda_rules.py)."""
+    monkeypatch.setattr(torch, "_scaled_mm", strict_scaled_mm)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """quantization.py: FP8 casts and matmuls at the bounds their formats' epsilons give, INT8 per-channel PTQ, the
 eval command, and FP8 under tensor parallelism and ZeRO-3 against one process."""
 import contextlib
+import math
+import re
 from dataclasses import asdict, replace
 
 import pytest
@@ -10,6 +12,8 @@ import quantization as q
 import tensor_parallel
 from amp import DynamicLossScaler, MixedPrecisionOptimizer
 from model import PRESETS, ModelConfig, Transformer
+from tests import cuda_rules
+from tests.cuda_rules import strict_scaled_mm
 from tests.distributed import run_distributed
 from topology import Topology
 
@@ -93,6 +97,81 @@ def test_fp8_linear_forward_and_backward_within_the_epsilon_bound():
     assert min(check_linear(x, w, gy, torch.float32)) > 0.6
     x, w, gy = (torch.randn(*s, generator=g).bfloat16() for s in ((64, 64), (48, 64), (64, 48)))
     check_linear(x, w, gy, torch.bfloat16)
+
+
+def test_strict_scaled_mm_refuses_what_cuda_refuses():
+    """The CPU stand-in for CUDA's checks (tests/cuda_rules.py, on for every test) raises on each broken rule and
+    otherwise returns the real kernel's result."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(*s, generator=g).to(E4M3) for s in ((7, 32), (48, 32)))
+    one = torch.ones(())
+    ok = dict(scale_a=one, scale_b=one, out_dtype=torch.float32)
+    assert torch.equal(strict_scaled_mm(a, b.t(), **ok), cuda_rules._scaled_mm(a, b.t(), **ok))  # M = 7 is free
+    assert strict_scaled_mm(a[:0], b.t(), **ok).shape == (0, 48)
+    broken = {"divisible by 16": (a[:, :24], b[:, :24].t(), ok), "mat2 shape (32x40)": (a, b[:40].t(), ok),
+              "row-major and column-major": (a, b.t().contiguous(), ok),
+              "two Float8_e5m2": (a.to(E5M2), b.t().to(E5M2), ok),
+              "scale_a must have 1 Float": (a, b.t(), {**ok, "scale_a": one.double()})}
+    for message, (m1, m2, kw) in broken.items():
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            strict_scaled_mm(m1, m2, **kw)
+
+
+@pytest.mark.parametrize("m,k,n", [(7, 40, 40), (0, 32, 48), (13, 24, 8), (1, 16, 16)])
+def test_fp8_linear_pads_ragged_shapes_to_the_same_result(m, k, n):
+    """Any token count m (the weight gradient's K), width k and output count n (a tensor-parallel slice) runs
+    under CUDA's rules, and the zero padding changes nothing: output and gradients equal, bit for bit, the
+    unpadded products of the same 8-bit values and scales (the CPU kernel takes the ragged shapes)."""
+    g = torch.Generator().manual_seed(m + k + n)
+    x, w, gy = (torch.randn(*s, generator=g).bfloat16() for s in ((m, k), (n, k), (m, n)))
+    xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = q.fp8_linear(xl, wl)
+    y.backward(gy)
+    (xq, xs), (wq, ws), (gq, gs) = q.to_fp8(x, E4M3), q.to_fp8(w, E4M3), q.to_fp8(gy, E5M2)
+    mm = cuda_rules._scaled_mm  # the CPU kernel, no rules
+    ref_y = mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16)
+    ref_dx = mm(gq, wq, scale_a=gs, scale_b=ws, out_dtype=torch.bfloat16)
+    ref_dw = mm(gq.t(), xq, scale_a=gs, scale_b=xs, out_dtype=torch.bfloat16)
+    for got, want in ((y, ref_y), (xl.grad, ref_dx), (wl.grad, ref_dw)):
+        assert got.shape == want.shape and torch.equal(got.detach(), want), (got, want)
+
+
+def test_moe_experts_with_no_rows_and_seven_rows_run_in_fp8():
+    """Routing decides an expert's rows: 0 (no max() to take an amax from) or 7 (the weight gradient's K). Each
+    expert's output and weight gradient within 0.1 relative of fp32 (8-bit inputs), the idle expert's zero."""
+    import copy
+
+    from moe import MoE
+    torch.manual_seed(0)
+    ref = MoE(CFG, n_experts=4, top_k=1)
+    fp8 = copy.deepcopy(ref)
+    assert q.use_fp8(fp8) == 4 * 3  # the experts' w1, w2, w3; the router stays
+    counts = torch.tensor([7, 0, 16, 9])
+    xs = torch.randn(int(counts.sum()), CFG.d_model)
+    outs = []
+    for moe in (ref, fp8):
+        y = moe.run_experts(xs, counts)
+        y.backward(torch.ones_like(y))
+        outs.append(y.detach())
+    assert ((outs[1] - outs[0]).norm() / outs[0].norm()).item() < 0.1
+    for e, (a, b) in enumerate(zip(ref.experts, fp8.experts)):
+        if counts[e] == 0:
+            assert b.w1.weight.grad is None or not b.w1.weight.grad.any()
+        else:
+            assert ((b.w1.weight.grad - a.w1.weight.grad).norm() / a.w1.weight.grad.norm()).item() < 0.1, e
+
+
+def test_sft_in_fp8_with_micro_batches_of_any_token_count(tmp_path):
+    """sft.py pads each micro-batch to its longest example: 2 rows of 40-odd tokens, whose count the weight
+    gradient sums over. Three steps under CUDA's rules; the loss is finite and moves."""
+    import sft
+    from tests.sft_fixtures import make_init, reverse_examples, write_jsonl
+    out = sft.main(["--init", str(make_init(tmp_path / "init")), "--data",
+                    str(write_jsonl(tmp_path / "t.jsonl", reverse_examples(16))), "--out", str(tmp_path / "o"),
+                    "--batch-size", "4", "--grad-accum", "2", "--max-steps", "3", "--samples", "0", "--amp", "fp8",
+                    "--lr", "3e-3", "--warmup-steps", "1"])
+    assert any(type(m).__name__ == "Fp8Linear" for m in out["model"].modules())
+    assert all(torch.isfinite(torch.tensor(out["losses"]))) and out["losses"][-1] != out["losses"][0]
 
 
 def test_int8_per_channel_error_is_half_a_step_of_each_row():
@@ -257,3 +336,21 @@ def test_fp8_under_zero_1_2_3_matches_one_process():
     """Two AdamW steps; 1e-5 relative: fp32 summation order through Adam's m / sqrt(v)."""
     for r in run_distributed(_zero_against_one_process, 2):
         assert all(d < 1e-5 for d in r.values()), r
+
+
+def _ragged_layouts(rank, world, out):
+    """Two fp8 steps of pretrain.py on each layout whose matmuls see ragged shapes: cp 2 (each rank 6 of a row's
+    12 tokens: the weight gradient's K), experts over ep 2 (any row count per expert, 0 included), tp 2."""
+    import pretrain
+    common = ["--model", "tiny", "--seq-len", "12", "--batch-size", "2", "--max-steps", "2", "--warmup-steps", "1",
+              "--eval-iters", "1", "--eval-every", "2", "--sample-tokens", "0", "--amp", "fp8"]
+    losses = {}
+    for name, flags in (("cp", ["--cp", "2", "--attn", "flash", "--batch-size", "1"]),
+                        ("ep", ["--experts", "4", "--ep", "2"]), ("tp", ["--tp", "2"])):
+        losses[name] = pretrain.main(common + flags + ["--out", f"{out}/{name}"])["losses"]
+    return losses
+
+
+def test_fp8_runs_under_cudas_rules_with_cp_ep_and_tp(tmp_path, stdlib_data):
+    for r in run_distributed(_ragged_layouts, 2, str(tmp_path)):
+        assert all(len(v) == 2 and all(map(math.isfinite, v)) for v in r.values()), r
