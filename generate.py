@@ -7,7 +7,8 @@ KVCache) and runs in two phases of different cost, for N matmul parameters, L la
     decode    one forward per new token, of that token alone: 2N FLOPs for reading every weight once (N x bytes
               per weight) plus the whole cache, so it is bound by memory bandwidth:
                   tokens/s <= bandwidth / (weight bytes + KV cache bytes)    (batch 1)
-              e.g. the 1b preset in bf16 (2.5 GB) on an H100 (3.35 TB/s): at most ~1,300 tokens/s
+              e.g. the 1b preset's 1.08 B matmul weights in bf16 (2.15 GB; the embedding is a lookup of one row)
+              on an H100 (3.35 TB/s): at most ~1,550 tokens/s
     KV cache  2 (keys and values) * L * T * n_kv_head * head_dim * bytes per value, per sequence: grouped-query
               attention's few KV heads make it n_head / n_kv_head times smaller
 Without the cache (--no-cache) every new token runs the whole sequence again: the t-th token costs a forward over
@@ -133,7 +134,7 @@ def generate(model, ids, args, eos, n_vocab):
     its token) and of the decode (every later token), and whether it stopped at end-of-text."""
     idx = torch.tensor([ids], device=args.device)
     n = min(args.max_new_tokens, model.cfg.block_size - len(ids))  # the cache (and RoPE's table) end there
-    steps = model.stream(idx, n, args.temperature, args.top_k, args.top_p, n_vocab, use_cache=not args.no_cache)
+    steps = model.stream(idx, n, args.temperature, args.top_k, n_vocab, args.top_p, use_cache=not args.no_cache)
     out, seconds, hit_eos = [], [], False
     sync(args.device)
     t0 = time.perf_counter()
@@ -150,11 +151,11 @@ def generate(model, ids, args, eos, n_vocab):
 def report(model, args, n_prompt, n_new, prefill_s, decode_s, hit_eos):
     """One line: prefill and decode tokens/s, the KV cache's bytes, why it stopped."""
     cfg = model.cfg
-    T = n_prompt + n_new
+    T = n_prompt + n_new - 1  # the positions the cache holds: every token but the last one drawn
     dtype_bytes = next(model.parameters()).element_size()
     cache = 2 * cfg.n_layer * T * cfg.n_kv_head * cfg.head_dim * dtype_bytes  # the formula of the docstring
     decode = f"{(n_new - 1) / decode_s:,.1f} tokens/s" if n_new > 1 and decode_s > 0 else "-"
-    why = "end-of-text" if hit_eos else ("the context's end" if T >= cfg.block_size else "--max-new-tokens")
+    why = "end-of-text" if hit_eos else ("the context's end" if T + 1 >= cfg.block_size else "--max-new-tokens")
     return (f"prefill {n_prompt} tokens: {n_prompt / prefill_s:,.1f} tokens/s | decode {max(n_new - 1, 0)} tokens: "
             f"{decode} | {'no cache' if args.no_cache else f'KV cache of {T} positions: {cache:,} bytes'}"
             f"{' | int8' if args.int8 else ''} | stopped at {why}")

@@ -13,6 +13,9 @@ Formulas, per token, for L layers of width d, context T and N parameters in matr
                       with --activation-checkpointing only each block's input is kept: 2 L T d bytes, at the cost
                       of one more forward per block in the backward.
 
+Generation (generate.py) keeps each layer's past keys and values (KVCache): they never change in a causal model,
+so each new token is one forward of that token alone, its query against the cached keys (Transformer.stream).
+
 The parallel files change this model from outside, never from within: tensor_parallel.py swaps the Linear
 layers and embedding for sharded ones and shrinks `n_head`/`n_kv_head` to the local heads; pipeline.py keeps a
 slice of `blocks` and calls `embed`, `body` and `head` separately; moe.py swaps a block's `mlp`; lora.py wraps
@@ -301,7 +304,7 @@ class Transformer(nn.Module):
         return [KVCache(max_len or self.cfg.block_size) for _ in self.blocks]
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, n_vocab=None, use_cache=True):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, top_p=None, use_cache=True):
         """Yield the next (B, 1) tokens one at a time. With the cache: one prefill forward over the prompt, then
         one decoding forward per token, of that token alone, while the context has room; past block_size, and
         without the cache, each token is a forward over the last block_size tokens (a sliding window, whose
@@ -309,7 +312,7 @@ class Transformer(nn.Module):
         so that the padding ids (never seen in training) are never drawn."""
         cache = self.new_cache() if use_cache else None
         for _ in range(max_new_tokens):
-            if cache is not None and idx.shape[1] > self.cfg.block_size:
+            if cache is not None and idx.shape[1] > self.cfg.block_size:  # the context is full: slide from here on
                 cache = None
             if cache is None:
                 logits, _ = self(idx[:, -self.cfg.block_size:])
@@ -319,9 +322,9 @@ class Transformer(nn.Module):
             idx = torch.cat([idx, nxt], dim=1)
             yield nxt
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, n_vocab=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, top_p=None, use_cache=True):
         """The prompt and max_new_tokens sampled tokens after it (stream)."""
-        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, top_p, n_vocab, use_cache)], 1)
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, n_vocab, top_p, use_cache)], 1)
 
 
 def top_p_mask(probs, top_p):

@@ -240,15 +240,15 @@ def test_quantization():
 def test_generate(tmp_path):
     """`python generate.py PATH --prompt ...` on a tiny random model's consolidated file (any path weights.py
     reads will do), greedy, with the KV cache and without: the same text, and each a line of tokens/s."""
-    from tests.sft_fixtures import make_init
     from model import PRESETS
+    from tests.sft_fixtures import make_init
     init = make_init(tmp_path, replace(PRESETS["tiny"], vocab_size=320))
     prompt = "def parse(line):\n    key, val = "  # 32 bytes
     outs = [run("generate.py", init, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "48", *extra)
             for extra in ([], ["--no-cache"])]
     (text, stats), (text_nc, stats_nc) = (out.rstrip("\n").rsplit("\n", 1) for out in outs)
     assert text == text_nc and text.startswith(prompt), outs
-    for line, cache in ((stats, r"KV cache of 80 positions: [\d,]+ bytes"), (stats_nc, "no cache")):
+    for line, cache in ((stats, r"KV cache of 79 positions: [\d,]+ bytes"), (stats_nc, "no cache")):
         assert re.fullmatch(rf"prefill 32 tokens: [\d,.]+ tokens/s \| decode 47 tokens: [\d,.]+ tokens/s \| "
                             rf"{cache} \| stopped at --max-new-tokens", line), line
 
