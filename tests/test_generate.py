@@ -46,7 +46,7 @@ def test_greedy_with_the_cache_equals_greedy_without(dtype, n_kv_head):
     assert min(len(set(row[7:].tolist())) for row in cached) > 10  # varied text, not one token repeated
 
 
-@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("backend", ["naive", "sdpa", "flash"])  # flash: on a CPU its PyTorch twin
 def test_cached_logits_equal_the_full_forward(backend):
     """A prefill of 9, a chunk of 6 more on top of the cache (queries offset against the keys), then one token at
     a time: every position's logits as one forward over the whole sequence gives them, float64."""
