@@ -310,9 +310,10 @@ class Transformer(nn.Module):
         without the cache, each token is a forward over the last block_size tokens (a sliding window, whose
         positions shift every step, so nothing cached stays valid). `n_vocab`: the tokenizer's real vocabulary,
         so that the padding ids (never seen in training) are never drawn."""
-        cache = self.new_cache() if use_cache else None
+        # Room for the prompt and the new tokens only: a Hugging Face model's context may be 128k positions.
+        cache = self.new_cache(min(self.cfg.block_size, idx.shape[1] + max_new_tokens)) if use_cache else None
         for _ in range(max_new_tokens):
-            if cache is not None and idx.shape[1] > self.cfg.block_size:  # the context is full: slide from here on
+            if cache is not None and idx.shape[1] > cache[0].max_len:  # the context is full: slide from here on
                 cache = None
             if cache is None:
                 logits, _ = self(idx[:, -self.cfg.block_size:])

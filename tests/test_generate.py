@@ -37,12 +37,13 @@ def build(cfg=CFG, dtype=torch.float64, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 def test_greedy_with_the_cache_equals_greedy_without(dtype, n_kv_head):
-    """Token for token, to the end of the context; n_kv_head < n_head is grouped-query attention."""
+    """Token for token, to the end of the context and 7 tokens past it (where both slide a window of block_size
+    tokens); n_kv_head < n_head is grouped-query attention."""
     model = build(replace(CFG, n_kv_head=n_kv_head), dtype)
     prompt = torch.randint(0, CFG.vocab_size, (2, 7))
-    cached = model.generate(prompt, CFG.block_size - 7, temperature=0)
-    uncached = model.generate(prompt, CFG.block_size - 7, temperature=0, use_cache=False)
-    assert cached.shape == (2, CFG.block_size) and torch.equal(cached, uncached)
+    cached = model.generate(prompt, CFG.block_size, temperature=0)
+    uncached = model.generate(prompt, CFG.block_size, temperature=0, use_cache=False)
+    assert cached.shape == (2, CFG.block_size + 7) and torch.equal(cached, uncached)
     assert min(len(set(row[7:].tolist())) for row in cached) > 10  # varied text, not one token repeated
 
 
