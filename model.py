@@ -15,6 +15,9 @@ Formulas, per token, for L layers of width d, context T and N parameters in matr
                       with --activation-checkpointing only each block's input is kept: 2 L T d bytes, at the cost
                       of one more forward per block in the backward.
 
+Generation (generate.py) keeps each layer's past keys and values (KVCache): they never change in a causal model,
+so each new token is one forward of that token alone, its query against the cached keys (Transformer.stream).
+
 The parallel files change this model from outside, never from within: tensor_parallel.py swaps the Linear
 layers and embedding for sharded ones and shrinks `n_head`/`n_kv_head` to the local heads; pipeline.py keeps a
 slice of `blocks` and calls `embed`, `body` and `head` separately; moe.py swaps a block's `mlp`; lora.py wraps
@@ -135,13 +138,18 @@ def packed_mask(doc):
     return (causal & (doc[:, :, None] == doc[:, None, :])).unsqueeze(1)
 
 
+def causal_mask(Tq, Tk, device):
+    """(Tq, Tk) True where query i may attend to key j. The queries are the last Tq of Tk positions (Tq < Tk when
+    a KV cache holds the earlier ones), so query i sits at position Tk - Tq + i and sees keys 0..Tk - Tq + i."""
+    return torch.ones(Tq, Tk, dtype=torch.bool, device=device).tril(Tk - Tq)
+
+
 def naive_attention(q, k, v, doc=None):
     """softmax(q k^T / sqrt(d) + causal mask) v, materialising the T x T matrix: the O(N^2) memory baseline."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    T = q.shape[2]
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() if doc is None else packed_mask(doc)
+    mask = causal_mask(q.shape[2], k.shape[2], q.device) if doc is None else packed_mask(doc)
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
     return probs @ v
@@ -150,7 +158,10 @@ def naive_attention(q, k, v, doc=None):
 def attention(q, k, v, backend, doc=None):
     """Causal attention over (B, H, T, D) queries and (B, H_kv, T, D) keys/values. With `doc` (B, T), the
     document id of each position in packed rows (non-decreasing along a row), a query attends only to keys of
-    its own document: a block-diagonal causal mask, so that packed examples never see each other."""
+    its own document: a block-diagonal causal mask, so that packed examples never see each other.
+    Keys longer than queries come from a KV cache: the queries are the newest positions (causal_mask)."""
+    if q.shape[2] != k.shape[2]:
+        return cached_attention(q, k, v, backend)
     if callable(backend):  # set from outside by a parallel file (context_parallel.py's ring attention)
         return backend(q, k, v, doc)
     if backend == "naive":
@@ -167,6 +178,39 @@ def attention(q, k, v, backend, doc=None):
     raise ValueError(f"--attn must be one of {', '.join(ATTN_BACKENDS)}, got {backend!r}")
 
 
+def cached_attention(q, k, v, backend):
+    """New queries (B, H, Tq, D) against all the keys and values so far (B, H_kv, Tk, D), Tq < Tk. One decoding
+    step (Tq = 1) sees every key: no mask. SDPA (or the naive reference) serves every backend here: a single query
+    row is a memory-bound matrix-vector product, where a tiled kernel has nothing to save."""
+    if backend == "naive":
+        return naive_attention(q, k, v)
+    mask = None if q.shape[2] == 1 else causal_mask(q.shape[2], k.shape[2], q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+class KVCache:
+    """One layer's keys and values of every position seen so far, preallocated for max_len positions.
+
+    KV cache: in a causal model the keys and values of past positions never change (no position sees a later
+    one), so keep them; each new token then costs one row of attention, its query against the T cached keys,
+    O(T), instead of running the whole prefix again, O(T^2) attention and every weight once per past token.
+    Its size: 2 (K and V) * n_layer * T * n_kv_head * head_dim * bytes per value, per sequence."""
+
+    def __init__(self, max_len):
+        self.max_len, self.len, self.k, self.v = max_len, 0, None, None
+
+    def append(self, k, v):
+        """Write the new positions' k, v (B, H_kv, T, D) after the held ones; return all of them so far."""
+        B, H, T, D = k.shape
+        if self.k is None:  # allocated at the first write: under tensor parallelism H is this rank's heads only
+            self.k, self.v = k.new_zeros(B, H, self.max_len, D), v.new_zeros(B, H, self.max_len, D)
+        if self.len + T > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions cannot take {T} more after {self.len}")
+        self.k[:, :, self.len:self.len + T], self.v[:, :, self.len:self.len + T] = k, v
+        self.len += T
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -177,7 +221,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False)
         self.wo = nn.Linear(cfg.n_head * hd, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, doc=None):
+    def forward(self, x, cos, sin, doc=None, cache=None):
         B, T, _ = x.shape
         if cos.dim() == 2:  # positions 0..T-1: the tables may be longer (under sequence parallelism x is gathered here)
             cos, sin = cos[:T], sin[:T]
@@ -186,6 +230,8 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # keys and values of the earlier positions join the new ones
+            k, v = cache.append(k, v)
         y = attention(q, k, v, self.backend, doc)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -211,8 +257,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, doc=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, doc)
+    def forward(self, x, cos, sin, doc=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, doc, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -252,14 +298,21 @@ class Transformer(nn.Module):
     def embed(self, idx):
         return self.tok_emb(idx)
 
-    def body(self, x, pos=None, doc=None):
+    def body(self, x, pos=None, doc=None, cache=None):
         """`pos` (B, T): each token's position for RoPE (packed rows restart at every example; default 0..T-1);
-        `doc` (B, T): its example's id in a packed row (attention stays inside it), or None."""
+        `doc` (B, T): its example's id in a packed row (attention stays inside it), or None; `cache`: one KVCache
+        per block (new_cache) holding the earlier positions, so x's tokens sit at positions len..len+T-1."""
         cos, sin = self.rope_cos, self.rope_sin  # whole tables: each attention takes the first T rows it needs
         if pos is not None:  # (B, 1, T, head_dim/2): the rows of the given positions, for every head
             cos, sin = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
-        for block in self.blocks:
-            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+        if cache is not None:  # rotary angles of the absolute positions, after the cached ones
+            assert pos is None and doc is None, "a KV cache holds one unpacked sequence per row"
+            start = cache[0].len
+            cos, sin = cos[start:start + x.shape[1]], sin[start:start + x.shape[1]]
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x = block(x, cos, sin, None, cache[i])
+            elif self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 # Keep only the block's input; recompute its insides during backward.
                 x = checkpoint(block, x, cos, sin, doc, use_reentrant=False)
             else:
@@ -273,29 +326,63 @@ class Transformer(nn.Module):
             return logits, None
         return logits, self.loss_fn(logits, targets, reduction)
 
-    def forward(self, idx, targets=None, reduction="mean", pos=None, doc=None):
+    def forward(self, idx, targets=None, reduction="mean", pos=None, doc=None, cache=None):
         # A pipeline stage (pipeline.py) may lack the embedding (it receives activations instead of token ids)
         # or the head (it returns its activations, to be sent on, and no loss).
-        x = self.body(self.embed(idx) if self.tok_emb is not None else idx, pos, doc)
+        x = self.body(self.embed(idx) if self.tok_emb is not None else idx, pos, doc, cache)
         return self.head(x, targets, reduction) if self.lm_head is not None else (x, None)
 
+    def new_cache(self, max_len=None):
+        """An empty KV cache for generation: one KVCache per block, for up to max_len (block_size) positions."""
+        return [KVCache(max_len or self.cfg.block_size) for _ in self.blocks]
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
-        """Sample tokens one at a time, each conditioned on at most the last block_size tokens. `n_vocab`: the
-        tokenizer's real vocabulary, so that the padding ids (never seen in training) are never drawn."""
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, top_p=None, use_cache=True):
+        """Yield the next (B, 1) tokens one at a time. With the cache: one prefill forward over the prompt, then
+        one decoding forward per token, of that token alone, while the context has room; past block_size, and
+        without the cache, each token is a forward over the last block_size tokens (a sliding window, whose
+        positions shift every step, so nothing cached stays valid). `n_vocab`: the tokenizer's real vocabulary,
+        so that the padding ids (never seen in training) are never drawn."""
+        # Room for the prompt and the new tokens only: a Hugging Face model's context may be 128k positions.
+        cache = self.new_cache(min(self.cfg.block_size, idx.shape[1] + max_new_tokens)) if use_cache else None
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.cfg.block_size:])
-            logits = logits[:, -1, :n_vocab].float()
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1)
+            if cache is not None and idx.shape[1] > cache[0].max_len:  # the context is full: slide from here on
+                cache = None
+            if cache is None:
+                logits, _ = self(idx[:, -self.cfg.block_size:])
+            else:  # the first step prefills with the whole prompt, each later one feeds only the newest token
+                logits, _ = self(idx[:, cache[0].len:], cache=cache)
+            nxt = sample(logits[:, -1, :n_vocab], temperature, top_k, top_p)
             idx = torch.cat([idx, nxt], dim=1)
-        return idx
+            yield nxt
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, top_p=None, use_cache=True):
+        """The prompt and max_new_tokens sampled tokens after it (stream)."""
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, n_vocab, top_p, use_cache)], 1)
+
+
+def top_p_mask(probs, top_p):
+    """Nucleus sampling (Holtzman et al., 2019): True for the smallest set of most likely tokens whose
+    probabilities sum to at least top_p: a token stays if the tokens more likely than it sum to less than top_p."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep_sorted = sorted_probs.cumsum(-1) - sorted_probs < top_p
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None):
+    """(B, 1) next tokens from (B, V) logits: the argmax at temperature 0; else softmax(logits / temperature)
+    restricted to the top_k most likely tokens and to the top_p nucleus."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1:
+        probs = probs * top_p_mask(probs, top_p)
+    return torch.multinomial(probs, 1)
 
 
 def num_params(model, matmul_only=False):

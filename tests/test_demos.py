@@ -252,6 +252,22 @@ def test_quantization():
     assert numbers(r"max \|W - q s\| / \(s / 2\) = (\S+)", out)[0] <= 1.0
 
 
+def test_generate(tmp_path):
+    """`python generate.py PATH --prompt ...` on a tiny random model's consolidated file (any path weights.py
+    reads will do), greedy, with the KV cache and without: the same text, and each a line of tokens/s."""
+    from model import PRESETS
+    from tests.sft_fixtures import make_init
+    init = make_init(tmp_path, replace(PRESETS["tiny"], vocab_size=320))
+    prompt = "def parse(line):\n    key, val = "  # 32 bytes
+    outs = [run("generate.py", init, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "48", *extra)
+            for extra in ([], ["--no-cache"])]
+    (text, stats), (text_nc, stats_nc) = (out.rstrip("\n").rsplit("\n", 1) for out in outs)
+    assert text == text_nc and text.startswith(prompt), outs
+    for line, cache in ((stats, r"KV cache of 79 positions: [\d,]+ bytes"), (stats_nc, "no cache")):
+        assert re.fullmatch(rf"prefill 32 tokens: [\d,.]+ tokens/s \| decode 47 tokens: [\d,.]+ tokens/s \| "
+                            rf"{cache} \| stopped at --max-new-tokens", line), line
+
+
 # ------------------------------------------------------------------------------------ the map itself
 RUN_BY = {"python model.py": test_model, "python data.py prepare --src PATH --out DIR": test_data_prepare,
           "python bpe.py": test_bpe, "python chat.py": test_chat,
@@ -266,11 +282,12 @@ RUN_BY = {"python model.py": test_model, "python data.py prepare --src PATH --ou
           "torchrun --nproc_per_node 2 moe.py": test_moe, "make sft": test_make_sft, "python lora.py": test_lora,
           "python benchmarks/bench_pack.py": test_bench_pack, "python quantization.py": test_quantization,
           "python checkpoint.py consolidate out/pretrain model.pt": test_checkpoint_commands,
-          "python checkpoint.py export-hf out/pretrain hf/": test_checkpoint_commands}
+          "python checkpoint.py export-hf out/pretrain hf/": test_checkpoint_commands,
+          'python generate.py out/pretrain --prompt "def "': test_generate}
 
 
 def test_every_map_command_is_run():
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Map of the lecture")[1].split("\n## ")[0]
     commands = re.findall(r"^\|[^|]+\|[^|]+\| `([^`]+)` \|$", table, re.M)
-    assert len(commands) == 24 and sorted(commands) == sorted(RUN_BY), commands
+    assert sorted(commands) == sorted(RUN_BY), commands
