@@ -29,6 +29,7 @@ Run:
 """
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -53,16 +54,40 @@ class CheckpointError(ValueError):
 
 
 def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """This process's random streams as tensors and plain values (what torch.load(weights_only=True) reads back):
+    torch's CPU generator, numpy's and Python's global ones, and this rank's own CUDA device's only (a resume may
+    see fewer or more GPUs than the save did; each rank's stream lives on its own device)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda,
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, torch.tensor(internal, dtype=torch.int64), gauss_next]}
 
 
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = s["python"]
+    random.setstate((version, tuple(internal.tolist()), gauss_next))
+    if s["cuda"] is not None and torch.cuda.is_available():  # (saved on CUDA, resumed on CUDA: the current device)
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def safe_load(path, mmap=True):
+    """torch.load that runs no code: tensors, numbers, strings, lists and dicts only (weights_only=True). A file that
+    pickles anything else (an older version's numpy objects, or a file made to run code when unpickled) is refused
+    in one line, never unpickled."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds pickled objects other than tensors and plain values (written by an older "
+                              "version, or not by this project): not loaded, as unpickling them could run code"
+                              ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not a file torch.save wrote ({reason[:120]})") from None
 
 
 # ----------------------------------------------------------------------------- what a rank holds, by name
@@ -228,8 +253,7 @@ def save(out, step, model, opt, topo, meta):
     failed = [f["error"] for f in files if "error" in f]
     if rank == 0 and not failed:
         try:
-            meta = dict(meta, format=FORMAT, step=step, scaler=opt.scaler.state_dict(), files=files)
-            _write_text(tmp / "meta.json", json.dumps(meta, default=str))
+            write_meta(tmp, dict(meta, format=FORMAT, step=step, scaler=opt.scaler.state_dict(), files=files))
             final = step_dir(out, step)
             if final.exists():  # a step of an abandoned history (a resume from an earlier step): replaced
                 shutil.rmtree(final)
@@ -266,13 +290,30 @@ def latest_step(out):
     return Path(out) / name if re.fullmatch(r"step_\d+", name) else None
 
 
+def _canonical(meta):
+    """meta as JSON text with sorted keys, after one round trip (what a reader gets back): the text its CRC-32 is of."""
+    return json.dumps(json.loads(json.dumps(meta, default=str)), sort_keys=True)
+
+
+def write_meta(d, meta):
+    """d/meta.json: the index, with "meta_crc32", the CRC-32 of everything else in it. An edit that does not also
+    recompute it (a step changed by hand, a garbled write) makes the step damaged, not silently different."""
+    text = _canonical(meta)
+    _write_text(Path(d) / "meta.json", json.dumps(json.loads(text) | {"meta_crc32": zlib.crc32(text.encode())}))
+
+
 def read_meta(d):
+    p = Path(d) / "meta.json"
     try:
-        meta = json.loads((Path(d) / "meta.json").read_text())
-        assert meta["format"] == FORMAT and isinstance(meta["files"], list)
-        return meta
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        raise CheckpointError(f"{d}/meta.json: missing or not a checkpoint index of format {FORMAT}") from None
+        meta = json.loads(p.read_text())
+        assert isinstance(meta, dict) and meta.get("format") == FORMAT and isinstance(meta.get("files"), list)
+    except (OSError, ValueError, AssertionError):
+        raise CheckpointError(f"{p}: missing or not a checkpoint index of format {FORMAT}") from None
+    if meta.pop("meta_crc32", None) != zlib.crc32(_canonical(meta).encode()):
+        raise CheckpointError(f"{p} is damaged or was edited (its CRC-32 differs from the one written)")
+    if re.fullmatch(r"step_\d+", Path(d).name) and meta.get("step") != _step_of(d):
+        raise CheckpointError(f"{p} says step {meta.get('step')}, its folder {Path(d).name}")
+    return meta
 
 
 def complete_steps(path):
@@ -292,7 +333,8 @@ def _step_of(d):
 
 
 def damage(d, files, crc=True):
-    """The first problem of the listed files of step folder d (missing, another size, another CRC-32), or None."""
+    """The first problem of the listed files of step folder d (missing, another size; with crc: another CRC-32, or
+    content that torch.load(weights_only=True) refuses), or None."""
     for f in files:
         p = Path(d) / f["file"]
         if not p.is_file() or p.stat().st_size != f["size"]:
@@ -303,6 +345,11 @@ def damage(d, files, crc=True):
                 value = zlib.crc32(chunk, value)
         if crc and value != f["crc32"]:
             return f"{p} is damaged (its CRC-32 differs from the one written)"
+        try:
+            if crc:
+                safe_load(p)
+        except CheckpointError as e:
+            return str(e)
     return None
 
 
@@ -351,10 +398,12 @@ def load(path, model, opt, topo):
         if not found:
             _load_step(d, meta, model, opt, topo)
             if problems and topo.rank == 0:
-                print(f"warning: {problems[0]}: resumed from the previous complete step, {d}", file=sys.stderr)
+                print(f"warning: resuming from step {meta['step']} ({d}), the newest undamaged one: {problems[0]}",
+                      file=sys.stderr, flush=True)
             return meta
         problems.append(found[0])
-    raise CheckpointError(f"no complete undamaged checkpoint in {path}" + (f": {problems[0]}" if problems else ""))
+    raise CheckpointError(f"no complete undamaged checkpoint in {path}" + (f": {problems[0]}" if problems else "")
+                          + ": give --fresh to start over (the folder is moved aside)")
 
 
 def _load_step(d, meta, model, opt, topo):
@@ -365,7 +414,7 @@ def _load_step(d, meta, model, opt, topo):
 
     def tensor(file, i):
         if file not in opened:  # memory-mapped: only the pages of the pieces read here are read from disk
-            opened[file] = torch.load(d / file, map_location="cpu", mmap=True, weights_only=False)
+            opened[file] = safe_load(d / file)
         return opened[file]["tensors"][i]
 
     fallback = {"param": ("param", "master"), "master": ("master", "param")}
@@ -390,8 +439,7 @@ def _load_step(d, meta, model, opt, topo):
     opt.scaler.load_state_dict(meta["scaler"])
     opt.after_load()
     rank_file = d / f"rank{topo.rank}.pt"
-    set_rng_state(torch.load(rank_file if rank_file.exists() else d / "rank0.pt", mmap=True,
-                             weights_only=False)["rng"])
+    set_rng_state(safe_load(rank_file if rank_file.exists() else d / "rank0.pt")["rng"])
 
 
 # ----------------------------------------------------------------------------- start or resume
@@ -464,7 +512,8 @@ def save_checkpoint(path, state):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 3 or argv[0] not in ("consolidate", "export-hf"):
-        sys.exit("usage: python checkpoint.py consolidate OUT_DIR FILE | export-hf OUT_DIR HF_DIR")
+        print("usage: python checkpoint.py consolidate OUT_DIR FILE | export-hf OUT_DIR HF_DIR", file=sys.stderr)
+        sys.exit(2)
     cmd, src, dst = argv
     try:
         import weights  # (whole models in and out: weights.py)
@@ -475,8 +524,12 @@ def main(argv=None):
             weights.export_hf(src, dst)
             print(f"{src} -> {dst}/config.json, {dst}/model.safetensors")
     except (CheckpointError, OSError) as e:
-        sys.exit(f"checkpoint.py: error: {e}")
+        print(f"checkpoint.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    main()
+    # Run as a script this file is the module __main__, while weights.py imports it as `checkpoint`: two
+    # CheckpointError classes. The imported module's main catches the one weights.py raises.
+    import checkpoint
+    checkpoint.main()

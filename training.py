@@ -282,7 +282,9 @@ def save(run):
 
 def resume(run, ckpt):
     """Onto this layout, whatever the saved one (checkpoint.py); metrics.jsonl drops the records past the step."""
-    saved = checkpoint.load(ckpt["dir"], run.model, run.opt, run.topo)
+    # The run's folder, not only the step find_resume chose: a step whose files turn out damaged (every rank checks
+    # the CRC-32 of its share) falls back to the previous one, on every rank, with a warning line.
+    saved = checkpoint.load(run.out, run.model, run.opt, run.topo)
     run.batches.load_state_dict(saved["data"])
     run.step = run.last_good = saved["step"]
 

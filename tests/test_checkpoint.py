@@ -251,9 +251,11 @@ def test_consolidate_and_export_from_the_command_line(tmp_path, capsys):
         sd, config, tokenizer = init["model"], init["model_config"], init["tokenizer"]
         assert config == cfg and tokenizer == "bytes" and sd.keys() == model.state_dict().keys()
         assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items()), source
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         checkpoint.main(["consolidate", str(tmp_path / "nothing"), str(tmp_path / "x.pt")])
-    assert str(e.value) == f"checkpoint.py: error: no complete checkpoint in {tmp_path / 'nothing'}"
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"checkpoint.py: error: no complete checkpoint in {tmp_path / 'nothing'}\n"
 
 
 def test_an_old_format_folder_is_not_silently_restarted(tmp_path):
