@@ -16,6 +16,7 @@ import checkpoint
 import pretrain
 import quantization
 import sft
+import training
 from sft_fixtures import make_init, reverse_examples, write_jsonl
 
 FAST = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--eval-iters", "1", "--sample-tokens", "0",
@@ -205,3 +206,68 @@ def test_rng_states_round_trip_safely_and_keep_this_device_only(monkeypatch, tmp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     checkpoint.set_rng_state(state)  # saved with CUDA, resumed without
     assert len(calls) == 1
+
+
+def test_checkpoint_py_errors_are_one_line_from_the_command_line(runs, tmp_path):
+    """Run as a script (checkpoint.py is then __main__, weights.py imports it as checkpoint: two CheckpointError
+    classes): one line, exit 2. export-hf never writes into a folder that holds something."""
+    import subprocess
+    import sys
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    for argv, message in [(["consolidate", str(tmp_path / "nothing"), str(tmp_path / "m.pt")],
+                           f"checkpoint.py: error: no complete checkpoint in {tmp_path / 'nothing'}"),
+                          (["export-hf", str(runs["pre"]), str(tmp_path / "hf")],
+                           f"checkpoint.py: error: export-hf: {tmp_path / 'hf'} exists and is not an empty folder")]:
+        p = subprocess.run([sys.executable, "checkpoint.py", *argv], capture_output=True, text=True,
+                           cwd=os.path.dirname(checkpoint.__file__))
+        assert p.returncode == 2 and p.stderr.startswith(message) and p.stderr.count("\n") == 1, p.stderr
+    assert (tmp_path / "hf" / "notes.txt").read_text() == "mine" and len(list((tmp_path / "hf").iterdir())) == 1
+
+
+def test_a_consolidated_lora_run_is_the_merged_model(runs, tmp_path):
+    """consolidate (and --init DIR) merge a LoRA run's adapters: the plain model sft.py's merged.pt holds, which
+    --init takes."""
+    checkpoint.main(["consolidate", str(runs["sft"]), str(tmp_path / "c.pt")])
+    ours, merged = checkpoint.safe_load(tmp_path / "c.pt")["model"], checkpoint.safe_load(runs["sft"] / "merged.pt")
+    assert ours.keys() == merged["model"].keys() and not any(".lora_" in k for k in ours)
+    for k, v in merged["model"].items():  # (the same sum W + (alpha/r) B A: to rounding)
+        torch.testing.assert_close(ours[k], v, rtol=1e-6, atol=1e-7, msg=k)
+    assert sft.load_init(str(tmp_path / "c.pt"))["model"].keys() == ours.keys()
+    assert sft.load_init(str(runs["sft"]))["model"].keys() == ours.keys()
+
+
+def test_a_flag_that_changes_the_maths_is_part_of_the_run(runs, tmp_path, capsys):
+    out = copy(runs["sft"], tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        sft.main(runs["sft_argv"] + ["--out", str(out), "--no-prompt-mask"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "holds a run with --no-prompt-mask False, not True" in err, err
+
+
+def test_a_finished_run_goes_on_with_a_larger_max_steps(runs, tmp_path, capsys):
+    """The run stopped at step 2 of 3 goes on to 5 with a line saying where the schedule changes; step 3's learning
+    rate is that of a 5-step run's cosine, not a 3-step one's. A length below the step reached is refused."""
+    out = copy(runs["pre"], tmp_path / "run")
+    argv = [a for a in FAST if a != "3"][:-1]  # (without --max-steps 3)
+    capsys.readouterr()
+    again = pretrain.main(argv + ["--max-steps", "5", "--stop-after", "1", "--out", str(out)])
+    said = capsys.readouterr().out
+    assert f"--max-steps 5: the run in {out} was planned for 3 steps; its learning-rate schedule changes from " \
+           "step 2 (the cosine decay now ends at step 5)" in said, said
+    lr = [checkpoint.json.loads(l)["lr"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"lr"' in l]
+    args = pretrain.build_parser().parse_args(argv)
+    assert again["step"] == 3 and lr[-1] == training.lr_at(2, args, 5) != training.lr_at(2, args, 3)
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(argv + ["--max-steps", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.endswith(f"{out} holds a run at step 3: --max-steps 2 is below it; give at least "
+                                              "3, or --fresh (the old run is moved aside)"), err
+
+
+def test_a_longer_run_keeps_the_warm_up_it_had(tmp_path, capsys):
+    """Without --warmup-steps the warm-up is a tenth of the run: going from 10 to 1000 steps must not restart it
+    (100 steps of warm-up at step 10)."""
+    args = pretrain.build_parser().parse_args(["--out", str(tmp_path)])
+    training.change_length(args, {"identity": {"max_steps": 10}, "step": 10, "args": {"warmup_steps": 1}}, 1000)
+    assert args.warmup_steps == 1 and "schedule changes from step 10" in capsys.readouterr().out
