@@ -9,15 +9,17 @@ So each rank writes, for every piece it is the first holder of, the 16-bit weigh
 box, flat range). A new layout computes the pieces it holds, and copies in the overlap of every saved piece of
 the same name: a flat range of a box is at most three rectangles (a partial first row, whole rows, a partial
 last row), so every overlap is a rectangle and a plain slice copy. Files are memory-mapped (torch.load(mmap=True)):
-a rank reads the pages of the pieces it needs, not the whole model.
+a rank reads the pages of the pieces it needs, not the whole model (and weights_only=True: no code ever runs).
 
 One step, one folder: out/step_000200/ holds rank{r}.pt per rank and rank 0's meta.json (step, data position,
-model config, tokenizer, loss scale, arguments, the layout, and each file's size, CRC-32 and pieces). Every rank
+model config, tokenizer, loss scale, arguments, the layout, each file's size, CRC-32 and pieces, and the CRC-32 of
+all that). Every rank
 writes into step_000200.tmp/; after all have written (an all-gather of their outcomes, so a rank whose disk is
 full fails the save on every rank, in one line), rank 0 writes meta.json, renames the folder into place and then
 moves the `latest` pointer (write and rename, atomic on POSIX). A crash anywhere before leaves the previous step
 whole and pointed to; stale .tmp folders are removed by the next save; the two newest complete steps are kept,
-and a resume that finds the newest damaged (a checksum or size that differs) falls back to the previous one.
+and a resume that finds the newest damaged (a checksum or size that differs, an edited meta.json, a file that is
+not tensors and plain values) falls back to the previous one, on every rank, with a warning line.
 
 Cost, for Psi parameters under mixed-precision Adam: 2 + 4 + 4 + 4 = 14 bytes per parameter written in all
 (fp32 training: 12), each byte by one rank only (replicas write nothing): 14 Psi / N per rank for N ranks that
@@ -54,11 +56,9 @@ class CheckpointError(ValueError):
 
 
 def rng_state():
-    """This process's random streams as tensors and plain values (what torch.load(weights_only=True) reads back):
-    torch's CPU generator, numpy's and Python's global ones, and this rank's own CUDA device's only (a resume may
-    see fewer or more GPUs than the save did; each rank's stream lives on its own device)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
+    """torch's, numpy's and Python's random streams as tensors and plain values, and this rank's own CUDA device's
+    only (a resume may see fewer or more GPUs than the save did: each rank's stream lives on its own device)."""
+    (kind, keys, pos, has_gauss, gauss), (version, internal, gauss_next) = np.random.get_state(), random.getstate()
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return {"torch": torch.get_rng_state(), "cuda": cuda,
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
@@ -69,16 +69,14 @@ def set_rng_state(s):
     torch.set_rng_state(s["torch"])
     kind, keys, pos, has_gauss, gauss = s["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = s["python"]
-    random.setstate((version, tuple(internal.tolist()), gauss_next))
+    random.setstate((s["python"][0], tuple(s["python"][1].tolist()), s["python"][2]))
     if s["cuda"] is not None and torch.cuda.is_available():  # (saved on CUDA, resumed on CUDA: the current device)
         torch.cuda.set_rng_state(s["cuda"])
 
 
 def safe_load(path, mmap=True):
-    """torch.load that runs no code: tensors, numbers, strings, lists and dicts only (weights_only=True). A file that
-    pickles anything else (an older version's numpy objects, or a file made to run code when unpickled) is refused
-    in one line, never unpickled."""
+    """torch.load that runs no code (weights_only=True): a file that pickles anything but tensors and plain values
+    (an older version's numpy objects, a file made to run code) is refused in one line, never unpickled."""
     try:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError:
@@ -86,8 +84,7 @@ def safe_load(path, mmap=True):
                               "version, or not by this project): not loaded, as unpickling them could run code"
                               ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is not a file torch.save wrote ({reason[:120]})") from None
+        raise CheckpointError(f"{path} is not a file torch.save wrote ({type(e).__name__})") from None
 
 
 # ----------------------------------------------------------------------------- what a rank holds, by name
@@ -290,14 +287,12 @@ def latest_step(out):
     return Path(out) / name if re.fullmatch(r"step_\d+", name) else None
 
 
-def _canonical(meta):
-    """meta as JSON text with sorted keys, after one round trip (what a reader gets back): the text its CRC-32 is of."""
+def _canonical(meta):  # (the text meta.json's CRC-32 is of: sorted keys, after a round trip, as a reader sees it)
     return json.dumps(json.loads(json.dumps(meta, default=str)), sort_keys=True)
 
 
 def write_meta(d, meta):
-    """d/meta.json: the index, with "meta_crc32", the CRC-32 of everything else in it. An edit that does not also
-    recompute it (a step changed by hand, a garbled write) makes the step damaged, not silently different."""
+    """d/meta.json with "meta_crc32", the CRC-32 of the rest: a hand edit or a garbled write is damage, not a change."""
     text = _canonical(meta)
     _write_text(Path(d) / "meta.json", json.dumps(json.loads(text) | {"meta_crc32": zlib.crc32(text.encode())}))
 
@@ -333,8 +328,7 @@ def _step_of(d):
 
 
 def damage(d, files, crc=True):
-    """The first problem of the listed files of step folder d (missing, another size; with crc: another CRC-32, or
-    content that torch.load(weights_only=True) refuses), or None."""
+    """The first problem of step folder d's listed files (missing, resized; with crc: CRC-32, safe_load), or None."""
     for f in files:
         p = Path(d) / f["file"]
         if not p.is_file() or p.stat().st_size != f["size"]:
@@ -346,8 +340,7 @@ def damage(d, files, crc=True):
         if crc and value != f["crc32"]:
             return f"{p} is damaged (its CRC-32 differs from the one written)"
         try:
-            if crc:
-                safe_load(p)
+            crc and safe_load(p)  # (its pickle only: the tensors are memory-mapped, not read)
         except CheckpointError as e:
             return str(e)
     return None
@@ -502,34 +495,6 @@ def truncate_metrics(path, step):
         _write_text(path, "".join(keep))
 
 
-def save_checkpoint(path, state):
-    """One small file (sft.py's merged model): written under a temporary name, then renamed."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 3 or argv[0] not in ("consolidate", "export-hf"):
-        print("usage: python checkpoint.py consolidate OUT_DIR FILE | export-hf OUT_DIR HF_DIR", file=sys.stderr)
-        sys.exit(2)
-    cmd, src, dst = argv
-    try:
-        import weights  # (whole models in and out: weights.py)
-        if cmd == "consolidate":
-            d = weights.consolidate(src, dst)
-            print(f"{d} -> {dst} ({Path(dst).stat().st_size / 2 ** 20:.1f} MB)")
-        else:
-            weights.export_hf(src, dst)
-            print(f"{src} -> {dst}/config.json, {dst}/model.safetensors")
-    except (CheckpointError, OSError) as e:
-        print(f"checkpoint.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    # Run as a script this file is the module __main__, while weights.py imports it as `checkpoint`: two
-    # CheckpointError classes. The imported module's main catches the one weights.py raises.
-    import checkpoint
-    checkpoint.main()
+if __name__ == "__main__":  # (the command line is weights.py's: it imports this file as `checkpoint`, so that there
+    import weights             # is one CheckpointError class, the one it catches)
+    weights.main()

@@ -76,12 +76,12 @@ import moe
 import tensor_parallel
 import training
 from amp import DTYPES, TrainingStopped
-from checkpoint import CheckpointError, save_checkpoint
+from checkpoint import CheckpointError
 from data import DataError, eot_id
 from flags import ConfigError
 from model import PRESETS, ModelConfig, Transformer, flops_per_token, num_params
 from topology import TopologyError
-from weights import load_weights
+from weights import load_weights, save_checkpoint
 
 # ------------------------------------------------------------------------------------------- the template
 HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}

@@ -115,6 +115,13 @@ def consolidate(src, dst):
     return d
 
 
+def save_checkpoint(path, state):
+    """One small file (sft.py's merged model): written under a temporary name, then renamed."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
 def load_weights(path):
     """Whole weights from what a user may hand over: a run's folder (its newest complete step), a step folder,
     a consolidated file, or a Hugging Face Llama folder. Returns {"model": state dict, "model_config": dict,
@@ -341,3 +348,23 @@ def import_hf(folder):
         raise HFError(f"{folder}/config.json names no tokenizer this project reads: add \"tokenizer\": \"gpt2\" "
                       "(or another tiktoken encoding, or \"bytes\") if the model was trained with it")
     return {"model": {n: sd[n] for n in shapes}, "model_config": cfg, "tokenizer": tokenizer, "args": {}}
+
+
+# ----------------------------------------------------------------------------- the command line
+def main(argv=None):
+    """checkpoint.py's command line (python checkpoint.py consolidate ... | export-hf ...)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3 or argv[0] not in ("consolidate", "export-hf"):
+        print("usage: python checkpoint.py consolidate OUT_DIR FILE | export-hf OUT_DIR HF_DIR", file=sys.stderr)
+        sys.exit(2)
+    cmd, src, dst = argv
+    try:
+        if cmd == "consolidate":
+            d = consolidate(src, dst)
+            print(f"{d} -> {dst} ({Path(dst).stat().st_size / 2 ** 20:.1f} MB)")
+        else:
+            export_hf(src, dst)
+            print(f"{src} -> {dst}/config.json, {dst}/model.safetensors")
+    except (CheckpointError, OSError) as e:
+        print(f"checkpoint.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -278,8 +278,8 @@ def test_consolidate_and_export_from_the_command_line(tmp_path, capsys):
     model, module, opt = build(one)
     cfg = {k: getattr(CFG, k) for k in CFG.__dataclass_fields__} | {"attn": "-"}
     checkpoint.save(out, 1, model, opt, one, {"data": {"step": 1}, "model_config": cfg, "tokenizer": "bytes"})
-    checkpoint.main(["consolidate", str(out), str(tmp_path / "model.pt")])
-    checkpoint.main(["export-hf", str(out), str(tmp_path / "hf")])
+    weights.main(["consolidate", str(out), str(tmp_path / "model.pt")])
+    weights.main(["export-hf", str(out), str(tmp_path / "hf")])
     for source in (out, out / "step_000001", tmp_path / "model.pt", tmp_path / "hf"):  # what --init accepts
         init = weights.load_weights(source)
         sd, config, tokenizer = init["model"], init["model_config"], init["tokenizer"]
@@ -287,7 +287,7 @@ def test_consolidate_and_export_from_the_command_line(tmp_path, capsys):
         assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items()), source
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        checkpoint.main(["consolidate", str(tmp_path / "nothing"), str(tmp_path / "x.pt")])
+        weights.main(["consolidate", str(tmp_path / "nothing"), str(tmp_path / "x.pt")])
     assert e.value.code == 2
     assert capsys.readouterr().err == f"checkpoint.py: error: no complete checkpoint in {tmp_path / 'nothing'}\n"
 

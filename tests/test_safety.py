@@ -17,6 +17,7 @@ import pretrain
 import quantization
 import sft
 import training
+import weights
 from sft_fixtures import make_init, reverse_examples, write_jsonl
 
 FAST = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--eval-iters", "1", "--sample-tokens", "0",
@@ -87,11 +88,11 @@ ENTRY_POINTS = {
                                                                       str(poison_file(t / "a.pt", m))]),
     "sft resume --out": lambda r, t, m: (sft.main, r["sft_argv"] + ["--out",
                                                                     str(poison_steps(copy(r["sft"], t / "s"), m))]),
-    "checkpoint.py consolidate DIR": lambda r, t, m: (checkpoint.main, [
+    "checkpoint.py consolidate DIR": lambda r, t, m: (weights.main, [
         "consolidate", str(poison_steps(copy(r["pre"], t / "p"), m)), str(t / "c.pt")]),
-    "checkpoint.py export-hf DIR": lambda r, t, m: (checkpoint.main, [
+    "checkpoint.py export-hf DIR": lambda r, t, m: (weights.main, [
         "export-hf", str(poison_steps(copy(r["pre"], t / "p"), m)), str(t / "hf")]),
-    "checkpoint.py export-hf FILE": lambda r, t, m: (checkpoint.main, [
+    "checkpoint.py export-hf FILE": lambda r, t, m: (weights.main, [
         "export-hf", str(poison_file(t / "m.pt", m)), str(t / "hf")]),
     "quantization.py eval FILE": lambda r, t, m: (quantization.main, ["eval", str(poison_file(t / "m.pt", m))]),
     "quantization.py eval DIR": lambda r, t, m: (quantization.main, [
@@ -228,7 +229,7 @@ def test_checkpoint_py_errors_are_one_line_from_the_command_line(runs, tmp_path)
 def test_a_consolidated_lora_run_is_the_merged_model(runs, tmp_path):
     """consolidate (and --init DIR) merge a LoRA run's adapters: the plain model sft.py's merged.pt holds, which
     --init takes."""
-    checkpoint.main(["consolidate", str(runs["sft"]), str(tmp_path / "c.pt")])
+    weights.main(["consolidate", str(runs["sft"]), str(tmp_path / "c.pt")])
     ours, merged = checkpoint.safe_load(tmp_path / "c.pt")["model"], checkpoint.safe_load(runs["sft"] / "merged.pt")
     assert ours.keys() == merged["model"].keys() and not any(".lora_" in k for k in ours)
     for k, v in merged["model"].items():  # (the same sum W + (alpha/r) B A: to rounding)
