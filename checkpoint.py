@@ -80,11 +80,10 @@ def safe_load(path, mmap=True):
     try:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError:
-        raise CheckpointError(f"{path} holds pickled objects other than tensors and plain values (written by an older "
-                              "version, or not by this project): not loaded, as unpickling them could run code"
-                              ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a file torch.save wrote ({type(e).__name__})") from None
+        raise CheckpointError(f"{path} holds pickled objects other than tensors and plain values (an older version's, "
+                              "or not this project's): not loaded, as unpickling them could run code") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # (not a file torch.save wrote)
+        raise CheckpointError(f"{path} is not a checkpoint file ({type(e).__name__})") from None
 
 
 # ----------------------------------------------------------------------------- what a rank holds, by name
@@ -304,8 +303,9 @@ def read_meta(d):
         assert isinstance(meta, dict) and meta.get("format") == FORMAT and isinstance(meta.get("files"), list)
     except (OSError, ValueError, AssertionError):
         raise CheckpointError(f"{p}: missing or not a checkpoint index of format {FORMAT}") from None
-    if meta.pop("meta_crc32", None) != zlib.crc32(_canonical(meta).encode()):
-        raise CheckpointError(f"{p} is damaged or was edited (its CRC-32 differs from the one written)")
+    if (crc := meta.pop("meta_crc32", None)) != zlib.crc32(_canonical(meta).encode()):
+        raise CheckpointError(f"{p} " + ("has no CRC-32 of its own (an older version's)" if crc is None else
+                                         "is damaged or was edited (its CRC-32 differs from the one written)"))
     if re.fullmatch(r"step_\d+", Path(d).name) and meta.get("step") != _step_of(d):
         raise CheckpointError(f"{p} says step {meta.get('step')}, its folder {Path(d).name}")
     return meta

@@ -121,12 +121,11 @@ def flip_a_byte(d):
 
 
 def edit_step(d, reseal):
-    meta = checkpoint.read_meta(d)
-    meta["step"] = 30
     if reseal:  # (the checksum recomputed too: the folder's name still disagrees)
-        checkpoint.write_meta(d, meta)
-    else:
-        (d / "meta.json").write_text(checkpoint.json.dumps(meta))
+        checkpoint.write_meta(d, checkpoint.read_meta(d) | {"step": 30})
+    else:  # (by hand: the text edited, the checksum in it left as it was)
+        text = (d / "meta.json").read_text()
+        (d / "meta.json").write_text(text.replace('"step": 2,', '"step": 30,'))
 
 
 DAMAGE = {  # how step 2 is damaged, and what the warning must say of it
@@ -138,6 +137,8 @@ DAMAGE = {  # how step 2 is damaged, and what the warning must say of it
     "meta.json step edited": (lambda d: edit_step(d, False), "meta.json is damaged or was edited"),
     "meta.json step edited and resealed": (lambda d: edit_step(d, True), "meta.json says step 30, its folder "
                                                                          "step_000002"),
+    "meta.json of an older version": (lambda d: (d / "meta.json").write_text(checkpoint.json.dumps(
+        checkpoint.read_meta(d))), "meta.json has no CRC-32 of its own (an older version's)"),
 }
 
 
