@@ -273,9 +273,9 @@ def check_same_run(args, ckpt, **more):
 
 
 def change_length(args, ckpt, max_steps):
-    """A resume with another --max-steps (or --tokens): the run goes on to the new end, as nanoGPT and torchtitan
-    users expect; the cosine decay is recomputed from the step reached (a printed line says so) and the default
-    warm-up stays the one the run had. A length below the step reached is refused: it has nothing to train."""
+    """A resume with another --max-steps (or --tokens): the run goes on to the new end; the cosine decay is
+    recomputed from the step reached (a printed line says so) and the default warm-up stays the one the run had.
+    A length below the step reached is refused: it has nothing to train."""
     was, step = ckpt.get("identity", {}).get("max_steps"), ckpt["step"]
     if max_steps < step:
         raise checkpoint.CheckpointError(f"{args.out} holds a run at step {step}: --max-steps {max_steps} is below "
