@@ -9,15 +9,17 @@ So each rank writes, for every piece it is the first holder of, the 16-bit weigh
 box, flat range). A new layout computes the pieces it holds, and copies in the overlap of every saved piece of
 the same name: a flat range of a box is at most three rectangles (a partial first row, whole rows, a partial
 last row), so every overlap is a rectangle and a plain slice copy. Files are memory-mapped (torch.load(mmap=True)):
-a rank reads the pages of the pieces it needs, not the whole model.
+a rank reads the pages of the pieces it needs, not the whole model (and weights_only=True: no code ever runs).
 
 One step, one folder: out/step_000200/ holds rank{r}.pt per rank and rank 0's meta.json (step, data position,
-model config, tokenizer, loss scale, arguments, the layout, and each file's size, CRC-32 and pieces). Every rank
+model config, tokenizer, loss scale, arguments, the layout, each file's size, CRC-32 and pieces, and the CRC-32 of
+all that). Every rank
 writes into step_000200.tmp/; after all have written (an all-gather of their outcomes, so a rank whose disk is
 full fails the save on every rank, in one line), rank 0 writes meta.json, renames the folder into place and then
 moves the `latest` pointer (write and rename, atomic on POSIX). A crash anywhere before leaves the previous step
 whole and pointed to; stale .tmp folders are removed by the next save; the two newest complete steps are kept,
-and a resume that finds the newest damaged (a checksum or size that differs) falls back to the previous one.
+and a resume that finds the newest damaged (a checksum or size that differs, an edited meta.json, a file that is
+not tensors and plain values) falls back to the previous one, on every rank, with a warning line.
 
 Cost, for Psi parameters under mixed-precision Adam: 2 + 4 + 4 + 4 = 14 bytes per parameter written in all
 (fp32 training: 12), each byte by one rank only (replicas write nothing): 14 Psi / N per rank for N ranks that
@@ -29,6 +31,7 @@ Run:
 """
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -53,16 +56,34 @@ class CheckpointError(ValueError):
 
 
 def rng_state():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """torch's, numpy's and Python's random streams as tensors and plain values, and this rank's own CUDA device's
+    only (a resume may see fewer or more GPUs than the save did: each rank's stream lives on its own device)."""
+    (kind, keys, pos, has_gauss, gauss), (version, internal, gauss_next) = np.random.get_state(), random.getstate()
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda,
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, torch.tensor(internal, dtype=torch.int64), gauss_next]}
 
 
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate((s["python"][0], tuple(s["python"][1].tolist()), s["python"][2]))
+    if s["cuda"] is not None and torch.cuda.is_available():  # (saved on CUDA, resumed on CUDA: the current device)
+        torch.cuda.set_rng_state(s["cuda"])
+
+
+def safe_load(path, mmap=True):
+    """torch.load that runs no code (weights_only=True): a file that pickles anything but tensors and plain values
+    (an older version's numpy objects, a file made to run code) is refused in one line, never unpickled."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds pickled objects other than tensors and plain values (an older version's, "
+                              "or not this project's): not loaded, as unpickling them could run code") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # (not a file torch.save wrote)
+        raise CheckpointError(f"{path} is not a checkpoint file ({type(e).__name__})") from None
 
 
 # ----------------------------------------------------------------------------- what a rank holds, by name
@@ -228,8 +249,7 @@ def save(out, step, model, opt, topo, meta):
     failed = [f["error"] for f in files if "error" in f]
     if rank == 0 and not failed:
         try:
-            meta = dict(meta, format=FORMAT, step=step, scaler=opt.scaler.state_dict(), files=files)
-            _write_text(tmp / "meta.json", json.dumps(meta, default=str))
+            write_meta(tmp, dict(meta, format=FORMAT, step=step, scaler=opt.scaler.state_dict(), files=files))
             final = step_dir(out, step)
             if final.exists():  # a step of an abandoned history (a resume from an earlier step): replaced
                 shutil.rmtree(final)
@@ -266,13 +286,29 @@ def latest_step(out):
     return Path(out) / name if re.fullmatch(r"step_\d+", name) else None
 
 
+def _canonical(meta):  # (the text meta.json's CRC-32 is of: sorted keys, after a round trip, as a reader sees it)
+    return json.dumps(json.loads(json.dumps(meta, default=str)), sort_keys=True)
+
+
+def write_meta(d, meta):
+    """d/meta.json with "meta_crc32", the CRC-32 of the rest: a hand edit or a garbled write is damage, not a change."""
+    text = _canonical(meta)
+    _write_text(Path(d) / "meta.json", json.dumps(json.loads(text) | {"meta_crc32": zlib.crc32(text.encode())}))
+
+
 def read_meta(d):
+    p = Path(d) / "meta.json"
     try:
-        meta = json.loads((Path(d) / "meta.json").read_text())
-        assert meta["format"] == FORMAT and isinstance(meta["files"], list)
-        return meta
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        raise CheckpointError(f"{d}/meta.json: missing or not a checkpoint index of format {FORMAT}") from None
+        meta = json.loads(p.read_text())
+        assert isinstance(meta, dict) and meta.get("format") == FORMAT and isinstance(meta.get("files"), list)
+    except (OSError, ValueError, AssertionError):
+        raise CheckpointError(f"{p}: missing or not a checkpoint index of format {FORMAT}") from None
+    if (crc := meta.pop("meta_crc32", None)) != zlib.crc32(_canonical(meta).encode()):
+        raise CheckpointError(f"{p} " + ("has no CRC-32 of its own (an older version's)" if crc is None else
+                                         "is damaged or was edited (its CRC-32 differs from the one written)"))
+    if re.fullmatch(r"step_\d+", Path(d).name) and meta.get("step") != _step_of(d):
+        raise CheckpointError(f"{p} says step {meta.get('step')}, its folder {Path(d).name}")
+    return meta
 
 
 def complete_steps(path):
@@ -292,7 +328,7 @@ def _step_of(d):
 
 
 def damage(d, files, crc=True):
-    """The first problem of the listed files of step folder d (missing, another size, another CRC-32), or None."""
+    """The first problem of step folder d's listed files (missing, resized; with crc: CRC-32, safe_load), or None."""
     for f in files:
         p = Path(d) / f["file"]
         if not p.is_file() or p.stat().st_size != f["size"]:
@@ -303,6 +339,10 @@ def damage(d, files, crc=True):
                 value = zlib.crc32(chunk, value)
         if crc and value != f["crc32"]:
             return f"{p} is damaged (its CRC-32 differs from the one written)"
+        try:
+            crc and safe_load(p)  # (its pickle only: the tensors are memory-mapped, not read)
+        except CheckpointError as e:
+            return str(e)
     return None
 
 
@@ -351,10 +391,12 @@ def load(path, model, opt, topo):
         if not found:
             _load_step(d, meta, model, opt, topo)
             if problems and topo.rank == 0:
-                print(f"warning: {problems[0]}: resumed from the previous complete step, {d}", file=sys.stderr)
+                print(f"warning: resuming from step {meta['step']} ({d}), the newest undamaged one: {problems[0]}",
+                      file=sys.stderr, flush=True)
             return meta
         problems.append(found[0])
-    raise CheckpointError(f"no complete undamaged checkpoint in {path}" + (f": {problems[0]}" if problems else ""))
+    raise CheckpointError(f"no complete undamaged checkpoint in {path}" + (f": {problems[0]}" if problems else "")
+                          + ": give --fresh to start over (the folder is moved aside)")
 
 
 def _load_step(d, meta, model, opt, topo):
@@ -365,7 +407,7 @@ def _load_step(d, meta, model, opt, topo):
 
     def tensor(file, i):
         if file not in opened:  # memory-mapped: only the pages of the pieces read here are read from disk
-            opened[file] = torch.load(d / file, map_location="cpu", mmap=True, weights_only=False)
+            opened[file] = safe_load(d / file)
         return opened[file]["tensors"][i]
 
     fallback = {"param": ("param", "master"), "master": ("master", "param")}
@@ -390,8 +432,7 @@ def _load_step(d, meta, model, opt, topo):
     opt.scaler.load_state_dict(meta["scaler"])
     opt.after_load()
     rank_file = d / f"rank{topo.rank}.pt"
-    set_rng_state(torch.load(rank_file if rank_file.exists() else d / "rank0.pt", mmap=True,
-                             weights_only=False)["rng"])
+    set_rng_state(safe_load(rank_file if rank_file.exists() else d / "rank0.pt")["rng"])
 
 
 # ----------------------------------------------------------------------------- start or resume
@@ -454,30 +495,6 @@ def truncate_metrics(path, step):
         _write_text(path, "".join(keep))
 
 
-def save_checkpoint(path, state):
-    """One small file (sft.py's merged model): written under a temporary name, then renamed."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 3 or argv[0] not in ("consolidate", "export-hf"):
-        sys.exit("usage: python checkpoint.py consolidate OUT_DIR FILE | export-hf OUT_DIR HF_DIR")
-    cmd, src, dst = argv
-    try:
-        import weights  # (whole models in and out: weights.py)
-        if cmd == "consolidate":
-            d = weights.consolidate(src, dst)
-            print(f"{d} -> {dst} ({Path(dst).stat().st_size / 2 ** 20:.1f} MB)")
-        else:
-            config = weights.export_hf(src, dst)
-            print(f"{src} -> {dst}/config.json, generation_config.json, model.safetensors"
-                  + ("" if "tokenizer" in config else ", the tokenizer's files"))
-    except (CheckpointError, OSError) as e:
-        sys.exit(f"checkpoint.py: error: {e}")
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # (the command line is weights.py's: it imports this file as `checkpoint`, so that there
+    import weights             # is one CheckpointError class, the one it catches)
+    weights.main()

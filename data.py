@@ -127,7 +127,20 @@ def source_documents(src):
                     raise DataError(f"{path}:{lineno}: \"text\" must be a string")
                 yield f"{path.name}:{lineno}", text
         else:
-            yield str(path.relative_to(src) if src.is_dir() else path.name), path.read_text("utf-8", "replace")
+            yield str(path.relative_to(src) if src.is_dir() else path.name), text_of(path)
+
+
+def text_of(path):
+    """A whole text file; a binary one (a NUL byte, or bytes that are not UTF-8) is an error naming file:line."""
+    raw = Path(path).read_bytes()
+    try:
+        if (i := raw.find(b"\0")) >= 0:
+            raise UnicodeDecodeError("utf-8", raw, i, i + 1, "NUL")
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, col = raw.count(b"\n", 0, e.start) + 1, e.start - raw.rfind(b"\n", 0, e.start)
+        raise DataError(f"{path}:{line}: byte 0x{raw[e.start]:02x} at column {col} is not text (UTF-8 without NUL "
+                        "bytes): give a text file") from None
 
 
 def write_split(tokens_iter, out, split, dtype):

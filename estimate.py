@@ -96,7 +96,13 @@ def build_parser():
 def shape_for(n_params, vocab=50304):
     """A Llama-like shape of about n_params: d ~ 128 L (Llama-2 7B: L = 32, d = 4096), heads of 128 (a multiple
     of 8 heads from d = 1024 on, so that tp = 8 divides them), d_ff ~ 8/3 d; N ~ 12 L d^2 + 2 V d."""
-    L = min(range(1, 256), key=lambda L: abs(12 * L * (128 * L) ** 2 + 2 * vocab * 128 * L - n_params))
+    approx = {L: 12 * L * (128 * L) ** 2 + 2 * vocab * 128 * L for L in range(1, 256)}
+    # The nearest by ratio (a difference of floats near 1e30 is 1e30 for every L: the first would win).
+    L = min(approx, key=lambda L: abs(math.log(approx[L] / n_params)))
+    if not 0.5 <= approx[L] / n_params <= 2:
+        raise EstimateError(f"--params {n_params:g}: the shapes built here (d = 128 x layers, 1 to 255 layers) "
+                            f"span about {approx[1]:.3g} to {approx[255]:.3g} parameters; give --params in that "
+                            "range, or a shape (--n-layer, --d-model, --vocab-size)")
     d = 128 * L if L < 8 else round(L / 8) * 1024
     return ModelConfig(n_layer=L, d_model=d, n_head=d // 128, n_kv_head=d // 128,
                        d_ff=(8 * d // 3 + 255) // 256 * 256, vocab_size=vocab, block_size=2048)

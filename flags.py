@@ -123,6 +123,8 @@ def check_values(args):
     need("aux_loss_weight", lambda v: v >= 0, ">= 0")
     need("gpus", lambda v: v >= 1, "at least 1")
     need("mfu", lambda v: 0 < v <= 1, "in (0, 1]")
+    if not str(args.out).strip():  # (Path("") is the current folder: a run would write its steps there)
+        raise ConfigError("--out is empty: give a folder for checkpoints and metrics.jsonl (e.g. out/run)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: give a folder for checkpoints and metrics.jsonl")

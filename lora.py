@@ -29,6 +29,7 @@ merged into the one-process model, reproduce the tensor-parallel logits.
 """
 import math
 import os
+import pickle
 import zlib
 
 import torch
@@ -246,11 +247,14 @@ def load_adapter(model, path, model_config):
     """Wrap a plain (or sliced) base model as the adapter file says and load its A and B (this rank's slices).
     The adapter must have been trained on a model of the same config: another shape would not load, and
     another base would not mean the same thing even if it did."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only: tensors and plain values; a file that would run code when unpickled is refused
+        saved = torch.load(path, map_location="cpu", weights_only=True)
         lora_config, adapter = saved["lora_config"], saved["adapter"]
     except FileNotFoundError:
         raise LoRAError(f"--adapter {path}: no such file") from None
+    except pickle.UnpicklingError:
+        raise LoRAError(f"--adapter {path} holds pickled objects other than tensors and plain values: not loaded, "
+                        "as unpickling them could run code") from None
     except Exception as e:
         raise LoRAError(f"--adapter {path}: not an adapter file ({type(e).__name__})") from None
     if saved["model_config"] != model_config:

@@ -441,16 +441,23 @@ def best_seconds(fn, repeats=10):
     return best
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["eval"]:
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:
         try:
-            eval_main(sys.argv[2:])
+            return eval_main(argv[1:])
         except EvalError as e:
-            sys.exit(f"quantization.py: {e}")
-    elif len(sys.argv) > 1:
-        sys.exit(f"quantization.py: unknown command {sys.argv[1]!r}: run without arguments for the demo, "
-                 "or `eval CKPT`")
+            print(f"quantization.py: {e}", file=sys.stderr)
+            sys.exit(2)
+    elif argv:
+        print(f"quantization.py: unknown command {argv[0]!r}: run without arguments for the demo, or `eval CKPT`",
+              file=sys.stderr)
+        sys.exit(2)
     else:
         demo_formats()
         demo_fp8()
         demo_int8()
+
+
+if __name__ == "__main__":
+    main()

@@ -66,13 +66,13 @@ import moe
 import tensor_parallel
 import training
 from amp import DTYPES, TrainingStopped
-from checkpoint import CheckpointError, save_checkpoint
+from checkpoint import CheckpointError
 from chat import encode, prompt_ids, read_jsonl, stop_ids, to_messages
 from data import DataError, eot_id
 from flags import ConfigError
 from model import PRESETS, ModelConfig, Transformer, config_dict, flops_per_token, num_params
 from topology import TopologyError
-from weights import load_weights
+from weights import load_weights, save_checkpoint
 
 # ------------------------------------------------------------------------------------------- the loss mask
 def tokenize(examples, enc, block_size, prompt_mask=True, limit="the model's context", packing=False):

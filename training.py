@@ -254,8 +254,11 @@ def read_checkpoint(args, rank, world):
 
 # What makes a run the same run: a checkpoint is resumed only under these settings (and the same model, data and
 # tokenizer); the layout (world size, --tp, --pp, --ep, --cp, --zero, --grad-accum, --microbatches) may change.
+# Every flag that changes what a step computes is here (sft.py's --no-prompt-mask and --pack too); the run's length
+# (max_steps) is compared apart: it may grow or shrink on a resume, which moves the end of the schedule.
 SAME_RUN = ("batch_size", "seq_len", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
-            "amp", "seed", "data", "experts", "topk", "moe_layers", "capacity_factor", "aux_loss_weight")
+            "amp", "seed", "data", "experts", "topk", "moe_layers", "capacity_factor", "aux_loss_weight",
+            "no_prompt_mask", "pack")
 
 
 def check_same_run(args, ckpt, **more):
@@ -263,8 +266,27 @@ def check_same_run(args, ckpt, **more):
     checkpoints to record, and compared with the one `ckpt` recorded (one line on a difference)."""
     identity = {k: getattr(args, k) for k in SAME_RUN if hasattr(args, k)} | more
     if ckpt:
-        checkpoint.check_same_run(args.out, ckpt, identity)
+        checkpoint.check_same_run(args.out, ckpt, {k: v for k, v in identity.items() if k != "max_steps"})
+        if "max_steps" in identity:
+            change_length(args, ckpt, identity["max_steps"])
     return identity
+
+
+def change_length(args, ckpt, max_steps):
+    """A resume with another --max-steps (or --tokens): the run goes on to the new end; the cosine decay is
+    recomputed from the step reached (a printed line says so) and the default warm-up stays the one the run had.
+    A length below the step reached is refused: it has nothing to train."""
+    was, step = ckpt.get("identity", {}).get("max_steps"), ckpt["step"]
+    if max_steps < step:
+        raise checkpoint.CheckpointError(f"{args.out} holds a run at step {step}: --max-steps {max_steps} is below "
+                                         f"it; give at least {step}, or --fresh (the old run is moved aside)")
+    if was is None or was == max_steps:
+        return
+    if args.warmup_steps is None:  # (the default follows max_steps: keep the warm-up the run has done)
+        args.warmup_steps = ckpt.get("args", {}).get("warmup_steps")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"--max-steps {max_steps}: the run in {args.out} was planned for {was} steps; its learning-rate "
+              f"schedule changes from step {step} (the cosine decay now ends at step {max_steps})", flush=True)
 
 
 def save(run):
@@ -282,7 +304,9 @@ def save(run):
 
 def resume(run, ckpt):
     """Onto this layout, whatever the saved one (checkpoint.py); metrics.jsonl drops the records past the step."""
-    saved = checkpoint.load(ckpt["dir"], run.model, run.opt, run.topo)
+    # The run's folder, not only the step find_resume chose: a step whose files turn out damaged (every rank checks
+    # the CRC-32 of its share) falls back to the previous one, on every rank, with a warning line.
+    saved = checkpoint.load(run.out, run.model, run.opt, run.topo)
     run.batches.load_state_dict(saved["data"])
     run.step = run.last_good = saved["step"]
 

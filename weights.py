@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 
 import data as data_lib
-from checkpoint import CheckpointError, copy_overlap, find, rects
+from checkpoint import CheckpointError, copy_overlap, find, rects, safe_load
 from model import config_dict
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -71,7 +71,7 @@ def full_state_dict(d, meta, kinds=("master", "param")):
     else the weights), from a step folder: the pieces of every rank's file assembled."""
     by_name = {}
     for f in meta["files"]:
-        t = torch.load(d / f["file"], map_location="cpu", mmap=True, weights_only=False)["tensors"]
+        t = safe_load(d / f["file"])["tensors"]
         for r in f["pieces"]:
             by_name.setdefault(r["name"], []).append((t, r))
     sd = {}
@@ -105,14 +105,40 @@ def newest_whole(path):
     return d, meta
 
 
+def merged(sd, lora_config):
+    """A LoRA run's weights as a plain model's: W + (alpha/r) B A for every adapted layer, the factors dropped (what
+    --init, export-hf and generation take; sft.py's merged.pt holds the same)."""
+    if not lora_config:
+        return sd
+    scaling = lora_config["alpha"] / lora_config["r"]
+    out = {k: v for k, v in sd.items() if ".lora_" not in k}
+    for k in sd:
+        if k.endswith(".lora_A"):
+            w = out[f"{k[:-len('.lora_A')]}.weight"]
+            out[f"{k[:-len('.lora_A')]}.weight"] = w + (sd[k[:-1] + "B"] @ sd[k] * scaling).to(w.dtype)
+    return out
+
+
+def whole_model(d, meta):
+    """The whole model of a step folder, merged if it is a LoRA run's."""
+    return merged(full_state_dict(d, meta), meta.get("lora"))
+
+
 def consolidate(src, dst):
     """One whole-model file: {"model": state dict, "model_config", "tokenizer", "args", "step"} (what --init
-    reads; "args" are the training run's flags, e.g. its --experts)."""
+    reads; "args" are the training run's flags, e.g. its --experts). A LoRA run's adapters are merged in."""
     d, meta = newest_whole(src)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": full_state_dict(d, meta), "model_config": meta["model_config"],
+    torch.save({"model": whole_model(d, meta), "model_config": meta["model_config"],
                 "tokenizer": meta["tokenizer"], "args": meta.get("args", {}), "step": meta["step"]}, dst)
     return d
+
+
+def save_checkpoint(path, state):
+    """One small file (sft.py's merged model): written under a temporary name, then renamed."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
 
 
 def load_weights(path):
@@ -125,17 +151,18 @@ def load_weights(path):
         return import_hf(p)
     if p.is_dir():
         d, meta = newest_whole(p)
-        init = {"model": full_state_dict(d, meta), "model_config": meta["model_config"],
+        init = {"model": whole_model(d, meta), "model_config": meta["model_config"],
                 "tokenizer": meta["tokenizer"], "args": meta.get("args", {})}
     elif not p.is_file():
         raise CheckpointError(f"{path}: no such file or folder (a run's --out, a consolidated file or an HF folder)")
     else:
+        ckpt = safe_load(p, mmap=False)  # (weights_only: a file that would run code when unpickled is refused)
         try:
-            ckpt = torch.load(p, map_location="cpu", weights_only=False)
+            assert all(torch.is_tensor(t) for t in ckpt["model"].values()) and isinstance(ckpt["model_config"], dict)
             init = {"model": ckpt["model"], "model_config": ckpt["model_config"], "tokenizer": ckpt["tokenizer"],
                     "args": ckpt.get("args") or {}}
-        except Exception as e:
-            raise CheckpointError(f"{path}: not a consolidated checkpoint ({type(e).__name__})") from None
+        except (KeyError, TypeError, AttributeError, AssertionError) as e:
+            raise CheckpointError(f"{path}: not a consolidated checkpoint ({type(e).__name__} {e})") from None
     return init | {"model_config": config_dict(init["model_config"]), "special_ids": special_ids(init["tokenizer"])}
 
 
@@ -199,16 +226,27 @@ def read_safetensors(path):
         except (ValueError, AssertionError):
             raise HFError(f"{path}: corrupt safetensors header (not a JSON object)") from None
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    out = {}
+    out, spans = {}, []
     for name, h in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (a, b) = DTYPES[h["dtype"]], [int(s) for s in h["shape"]], h["data_offsets"]
-            nbytes = dtype.itemsize * (torch.Size(shape).numel())
-            assert 0 <= a and b - a == nbytes and 8 + n + b <= size
+        try:  # sizes are JSON integers (not floats, not bools), >= 0; the product in Python's unbounded ints
+            dtype, shape, (a, b) = DTYPES[h["dtype"]], h["shape"], h["data_offsets"]
+            assert all(type(v) is int and v >= 0 for v in [*shape, a, b])
+            nbytes = dtype.itemsize * math.prod(shape)
+            assert b - a == nbytes and 8 + n + b <= size
         except (KeyError, TypeError, ValueError, AssertionError):
-            raise HFError(f"{path}: corrupt safetensors header entry for {name} ({h})") from None
+            raise HFError(f"{path}: corrupt safetensors header entry for {name} ({str(h)[:200]}): its shape and "
+                          "offsets must be non-negative integers that fit the file") from None
+        spans.append((a, b, name))
+    for (a0, b0, first), (a1, b1, second) in zip(sorted(spans), sorted(spans)[1:]):
+        if a1 < b0:  # two tensors sharing bytes: a forged or damaged header
+            raise HFError(f"{path}: tensors {first} and {second} overlap in the file (bytes {a1}..{b0})")
+    for name, h in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, (a, b) = DTYPES[h["dtype"]], h["shape"], h["data_offsets"]
+        nbytes = b - a
         buf = memoryview(data)[8 + n + a:8 + n + b]
         out[name] = (torch.frombuffer(bytearray(buf), dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
                      ).view(shape)
@@ -222,7 +260,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 def export_hf(src, dst):
     """A run's folder, step folder or consolidated file -> dst/config.json, generation_config.json,
-    model.safetensors, and the tokenizer's files when the run's tokenizer is a folder."""
+    model.safetensors, and the tokenizer's files when the run's tokenizer is a folder (dst new or empty: nothing
+    is overwritten)."""
+    if Path(dst).exists() and (not Path(dst).is_dir() or any(Path(dst).iterdir())):
+        raise CheckpointError(f"export-hf: {dst} exists and is not an empty folder: give a new one (nothing there is "
+                              "overwritten)")
     init = load_weights(src)
     sd, cfg, tokenizer, ids = init["model"], init["model_config"], init["tokenizer"], init["special_ids"]
     # Tied exactly when the two tensors are equal (an untouched tied import): the head is then not written.
@@ -271,6 +313,13 @@ def _check_config(c, where):
                       ("partial_rotary_factor", 1.0)):
         if c.get(key, want) != want:
             raise HFError(f"{where}: {key} {c[key]!r} cannot be represented by model.py (it has {want!r})")
+    sizes = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "d_model": "hidden_size",
+             "d_ff": "intermediate_size", "vocab_size": "vocab_size"}
+    defaults = {"num_key_value_heads": c.get("num_attention_heads"), "max_position_embeddings": 2048}
+    for key in [*sizes.values(), *defaults]:
+        v = c.get(key, defaults.get(key))
+        if type(v) is not int or v < 1:
+            raise HFError(f"{where}: {key} {v!r} must be a positive integer")
     try:
         d, h = int(c["hidden_size"]), int(c["num_attention_heads"])
         cfg = {"n_layer": int(c["num_hidden_layers"]), "n_head": h, "n_kv_head": int(c.get("num_key_value_heads", h)),
@@ -371,6 +420,13 @@ def import_hf(folder):
         if not (folder / name).is_file():
             raise HFError(f"{folder / name}: missing")
         hf |= read_safetensors(folder / name)
+    # The table of shapes below has 9 entries per layer: bounded by the layers the files hold before it is made (a
+    # config claiming 10^9 layers is one line, not an allocation without bound); every other size is then checked
+    # against a tensor that exists.
+    layers = {m.group(1) for n in hf if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    if cfg["n_layer"] > len(layers):
+        raise HFError(f"{folder}/config.json: num_hidden_layers {cfg['n_layer']}, but its safetensors files hold "
+                      f"the tensors of {len(layers)} layers")
     shapes, sd = expected_shapes(cfg), {}
     for hf_name, t in hf.items():
         name = rename(hf_name, FROM_HF)
@@ -436,3 +492,24 @@ def folder_special_ids(folder):
             token = token.get("content") if isinstance(token, dict) else token
             ids[k] = known.get(token) if isinstance(token, str) else None
     return ids
+
+
+# ----------------------------------------------------------------------------- the command line
+def main(argv=None):
+    """checkpoint.py's command line (python checkpoint.py consolidate ... | export-hf ...)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3 or argv[0] not in ("consolidate", "export-hf"):
+        print("usage: python checkpoint.py consolidate OUT_DIR FILE | export-hf OUT_DIR HF_DIR", file=sys.stderr)
+        sys.exit(2)
+    cmd, src, dst = argv
+    try:
+        if cmd == "consolidate":
+            d = consolidate(src, dst)
+            print(f"{d} -> {dst} ({Path(dst).stat().st_size / 2 ** 20:.1f} MB)")
+        else:
+            config = export_hf(src, dst)
+            print(f"{src} -> {dst}/config.json, generation_config.json, model.safetensors"
+                  + ("" if "tokenizer" in config else ", the tokenizer's files"))
+    except (CheckpointError, OSError) as e:
+        print(f"checkpoint.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

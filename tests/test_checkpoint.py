@@ -193,6 +193,40 @@ def test_a_step_is_complete_or_ignored_and_damage_falls_back(tmp_path, capsys, m
     assert sorted(p.name for p in out.iterdir()) == ["latest", "step_000004", "step_000005"]
 
 
+def _damaged_on_one_rank(rank, world, tmp):
+    """Two ranks save steps 1 and 2 (ZeRO-1: each writes its own shard), rank 1's file of step 2 gets a flipped
+    byte; every rank resumes from step 1 (only rank 1 checks that file: the verdict is gathered), with the
+    weights of step 1."""
+    import contextlib
+    import io
+    out, dp2 = Path(tmp) / "dp2", Topology()
+    model, module, opt = build(dp2, zero=1)
+    for step in (1, 2):
+        run(dp2, [step - 1], model, module, opt)
+        checkpoint.save(out, step, model, opt, dp2, {"data": {"step": step}})
+        if step == 1:
+            at_1 = [p.detach().clone() for p in model.parameters()]
+    if rank == 0:
+        f = out / "step_000002" / "rank1.pt"
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) // 2] ^= 1
+        f.write_bytes(bytes(raw))
+    torch.distributed.barrier()
+    fresh, _, o = build(dp2, zero=1)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        step = checkpoint.load(out, fresh, o, dp2)["step"]
+    return step, err.getvalue(), all(torch.equal(p, q) for p, q in zip(fresh.parameters(), at_1))
+
+
+def test_a_step_damaged_on_one_rank_falls_back_on_every_rank(tmp_path):
+    (s0, err0, same0), (s1, err1, same1) = run_distributed(_damaged_on_one_rank, 2, str(tmp_path))
+    assert (s0, s1) == (1, 1) and same0 and same1 and err1 == ""
+    assert err0 == (f"warning: resuming from step 1 ({tmp_path / 'dp2' / 'step_000001'}), the newest undamaged one: "
+                    f"{tmp_path / 'dp2' / 'step_000002' / 'rank1.pt'} is damaged (its CRC-32 differs from the one "
+                    "written)\n")
+
+
 @pytest.mark.parametrize("errno, cause", [(28, "No space left on device"), (13, "Permission denied")])
 def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, errno, cause):
     one, out = Topology(), tmp_path / "run"
@@ -244,16 +278,18 @@ def test_consolidate_and_export_from_the_command_line(tmp_path, capsys):
     model, module, opt = build(one)
     cfg = config_dict(replace(CFG, attn="-"))  # as checkpoints record it
     checkpoint.save(out, 1, model, opt, one, {"data": {"step": 1}, "model_config": cfg, "tokenizer": "bytes"})
-    checkpoint.main(["consolidate", str(out), str(tmp_path / "model.pt")])
-    checkpoint.main(["export-hf", str(out), str(tmp_path / "hf")])
+    weights.main(["consolidate", str(out), str(tmp_path / "model.pt")])
+    weights.main(["export-hf", str(out), str(tmp_path / "hf")])
     for source in (out, out / "step_000001", tmp_path / "model.pt", tmp_path / "hf"):  # what --init accepts
         init = weights.load_weights(source)
         sd, config, tokenizer = init["model"], init["model_config"], init["tokenizer"]
         assert config == cfg and tokenizer == "bytes" and sd.keys() == model.state_dict().keys()
         assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items()), source
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        checkpoint.main(["consolidate", str(tmp_path / "nothing"), str(tmp_path / "x.pt")])
-    assert str(e.value) == f"checkpoint.py: error: no complete checkpoint in {tmp_path / 'nothing'}"
+        weights.main(["consolidate", str(tmp_path / "nothing"), str(tmp_path / "x.pt")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"checkpoint.py: error: no complete checkpoint in {tmp_path / 'nothing'}\n"
 
 
 def test_an_old_format_folder_is_not_silently_restarted(tmp_path):

@@ -170,6 +170,15 @@ def test_prepare_records_the_largest_id(tmp_path, text_dir):
     assert meta["max_id"] == max(int(shard.max()), meta["eot"]) == 256
 
 
+def test_a_binary_file_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "blob.txt").write_bytes(b"text first\nthen\x00\x01\x02")
+    with pytest.raises(SystemExit) as e:
+        data.main(["prepare", "--src", str(tmp_path / "blob.txt"), "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"data.py: error: {tmp_path / 'blob.txt'}:2: byte 0x00 at column 5 is not " \
+        "text (UTF-8 without NUL bytes): give a text file\n" and not (tmp_path / "d").exists()
+
+
 def test_a_byte_that_is_not_utf8_names_file_and_line(tmp_path):
     jl = tmp_path / "docs.jsonl"
     jl.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')

@@ -67,7 +67,9 @@ def test_bad_input_gets_one_clear_line(capsys):
              (["--gpus", "8", "--tp", "2", "--pp", "2", "--batch-size", "3"], "--batch-size 3 does not divide"),
              (["--model", "tiny", "--gpus", "8", "--pp", "8"], "--pp 8 is more stages than the model's 4 layers"),
              (["--n-head", "7"], "--n-head 7 must divide --d-model 768"),
-             (["--params", "-1"], "--params must be positive")]
+             (["--params", "-1"], "--params must be positive"),
+             (["--params", "1e30"], "--params 1e+30: the shapes built here (d = 128 x layers, 1 to 255 layers) span"),
+             (["--params", "1000"], "--params 1000: the shapes built here")]
     for argv, expected in cases:
         # pretrain.py --estimate runs estimate.py on its own flags (it has no --n-head, --params)
         mains = [(estimate.main, [])] + ([(pretrain.main, ["--estimate"])] if argv[0] not in ("--n-head", "--params")

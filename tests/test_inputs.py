@@ -57,6 +57,12 @@ def test_pretrain_refuses_a_bad_flag_in_one_line(tmp_path, capsys, flags, messag
     assert not (tmp_path / "o").exists()  # before any work: not even the output folder
 
 
+def test_out_must_not_be_empty(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # (were it accepted, the run would write its steps here)
+    assert "--out is empty: give a folder" in one_line_error(capsys, pretrain.main, FAST + ["--out", ""])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_must_be_a_folder_that_can_be_made(tmp_path, capsys):
     (tmp_path / "f").write_text("a file")
     assert "--out {} is a file".format(tmp_path / "f") in one_line_error(

@@ -105,7 +105,32 @@ def refused(folder, config=None, tensors=None, raw=None):
     return str(e.value)
 
 
+def header(change):
+    """raw= for refused(): the safetensors header edited by change(header) (the tensor bytes kept)."""
+    def raw(b):
+        n = struct.unpack("<Q", b[:8])[0]
+        h = json.loads(b[8:8 + n])
+        change(h)
+        text = json.dumps(h).encode()
+        return struct.pack("<Q", len(text)) + text + b[8 + n:]
+    return raw
+
+
+def _overlap(h):  # the norm's bytes claimed by a 1-D tensor of the same size placed over the embedding's
+    h["model.norm.weight"]["data_offsets"] = [0, h["model.norm.weight"]["data_offsets"][1]
+                                              - h["model.norm.weight"]["data_offsets"][0]]
+
+
 @pytest.mark.parametrize("case, expected", [
+    (dict(raw=header(_overlap)), "tensors model.norm.weight and model.embed_tokens.weight overlap in the file"),
+    (dict(raw=header(lambda h: h["model.norm.weight"].update(shape=[32.0]))), "corrupt safetensors header entry for "
+                                                                              "model.norm.weight"),
+    (dict(raw=header(lambda h: h["model.norm.weight"].update(shape=[-32]))), "must be non-negative integers"),
+    (dict(raw=header(lambda h: h["model.norm.weight"].update(shape=[2 ** 70, 2 ** 70]))), "that fit the file"),
+    (dict(config={"num_hidden_layers": 10 ** 9}), "num_hidden_layers 1000000000, but its safetensors files hold the "
+                                                  "tensors of 2 layers"),
+    (dict(config={"num_hidden_layers": 1e9}), "num_hidden_layers 1000000000.0 must be a positive integer"),
+    (dict(config={"num_attention_heads": 0}), "num_attention_heads 0 must be a positive integer"),
     (dict(config={"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}), "is not LlamaForCausalLM"),
     (dict(config={"hidden_act": "gelu"}), "hidden_act 'gelu' cannot be represented"),
     (dict(config={"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), "rope_scaling of rope_type 'llama3' needs"),
