@@ -91,7 +91,7 @@ def join_process_group(device, timeout):
             else None
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world, timeout=timeout,
                                 device_id=device if cuda else None)
-    except (RuntimeError, TimeoutError) as e:  # (torch's DistError and gloo's errors are RuntimeErrors)
+    except (RuntimeError, ValueError, TimeoutError) as e:  # (torch's DistError, gloo's: RuntimeErrors)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TopologyError(f"rank {rank} could not join the other {world - 1} rank(s) through {where} within "
                             f"--dist-timeout {timeout.total_seconds():g} s: {first}") from None
