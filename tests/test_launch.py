@@ -64,8 +64,8 @@ def uninterrupted(tmp_path_factory, stdlib_data):
 def test_a_killed_worker_is_restarted_and_the_run_continues_bit_for_bit(tmp_path, uninterrupted):
     """torchrun as the README starts it, with --max-restarts 1: rank 1 is killed (SIGKILL) in step 6; torchrun
     stops rank 0 and starts both again, which resume from step 4 and end with the uninterrupted run's losses.
-    (Before each attempt had a store of its own, the restarted rank 0 connected to the dead rank's gloo port
-    from the first attempt, and the run failed or hung.)"""
+    (Without a store of its own per attempt, the restarted rank 0 would connect to the dead rank's gloo port
+    from the first attempt, and the run would fail or hang.)"""
     launcher = ["--nproc_per_node", "2", "--max-restarts", "1", "--master-port", str(free_port())]
     log = finish(start(launcher, "tests/killed_worker.py", tmp_path / "run"))
     assert "exitcode: -9" in log and "resuming at step 4" in log  # killed once, resumed from the last save
