@@ -115,6 +115,13 @@ def test_a_second_run_on_one_folder_is_refused_naming_the_holder(tmp_path, capsy
         holder.wait()
     assert pretrain.main(argv)["step"] == 1
     assert f"pid {os.getpid()} on " in (out / ".lock").read_text()
+    # --fresh moves the old run aside, lock file and all, and locks the new folder: another process is refused.
+    assert pretrain.main(argv + ["--fresh"])["step"] == 1
+    assert (tmp_path / "run.1" / "step_000001").is_dir() and (out / "step_000001").is_dir()
+    probe = subprocess.run([sys.executable, "-c", "import sys, checkpoint\ntry:\n    checkpoint.lock_run(sys.argv[1])\n"
+                            "except checkpoint.CheckpointError as e:\n    print(e)", str(out)], cwd=ROOT, text=True,
+                           capture_output=True)
+    assert f"{out} is in use by another run (pid {os.getpid()} on " in probe.stdout, probe
 
 
 def test_a_rank_whose_peers_never_come_fails_in_one_line(tmp_path, capsys, monkeypatch, stdlib_data):
