@@ -27,15 +27,12 @@ Run:
     python checkpoint.py consolidate out/pretrain model.pt      # one whole-model file (sft.py/pretrain.py --init)
     python checkpoint.py export-hf out/pretrain hf/             # a Hugging Face Llama folder (weights.py)
 """
-import fcntl
 import json
 import os
 import random
 import re
 import shutil
-import socket
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -420,38 +417,6 @@ def find_resume(out, resume=False, fresh=False, rank=0):
                               + (f" ({skipped[0]})" if skipped else "")
                               + ("" if resume else ": give --fresh to start over (the folder is moved aside)"))
     return (d, meta) if d is not None else None
-
-
-_LOCKS = {}  # folder -> the open lock file: the lock lasts as long as it stays open (the process's life)
-
-
-def lock_run(out):
-    """One run per folder: an exclusive flock on OUT/.lock, taken without waiting and held until the process
-    ends (the kernel drops it when the process dies, however it dies: no stale lock after a crash). It records who
-    holds it (pid, host, start time, command line), which a second run, refused, names in its one line. Only rank
-    0 of a run takes it (the other ranks of the same run must not be refused); a refused rank 0 exits, and torchrun
-    stops its other ranks."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    held = _LOCKS.get(out.resolve())
-    if held and (out / ".lock").exists() and os.path.samestat(os.fstat(held.fileno()), os.stat(out / ".lock")):
-        return  # this process holds it already (a second run in one Python process: the tests)
-    f = open(out / ".lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "a process that has not written its name yet"
-        f.close()
-        raise CheckpointError(f"{out} is in use by another run ({holder}): wait for it to end, or give another "
-                              "--out") from None
-    f.truncate(0)
-    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {' '.join(sys.argv)}\n")
-    f.flush()
-    _LOCKS[out.resolve()] = f
-    if held:  # the folder was moved aside (--fresh) with the lock file in it: this one replaces it
-        held.close()
 
 
 def check_same_run(out, meta, identity):

@@ -35,7 +35,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -43,6 +42,7 @@ import torch.distributed as dist
 
 import checkpoint
 import context_parallel
+import launch
 import moe
 import pipeline
 import quantization
@@ -51,7 +51,7 @@ from amp import DivergenceGuard, DynamicLossScaler, MixedPrecisionOptimizer, Tra
 from ddp import DistributedDataParallel
 from estimate import peak_flops, peak_memory_mb
 from model import Transformer
-from topology import Topology, TopologyError
+from topology import Topology
 from zero import ZeroOptimizer
 
 
@@ -72,53 +72,8 @@ def setup_distributed(args):
 
 def build_topology(args, world, device):
     if world > 1 and not dist.is_initialized():
-        join_process_group(device, timedelta(seconds=args.dist_timeout))
+        launch.join_process_group(device, args.dist_timeout)
     return Topology(args.tp, args.pp, args.ep, args.cp)
-
-
-def join_process_group(device, timeout):
-    """init_process_group (gloo on CPU, nccl on CUDA) that a torchrun restart can repeat, and that gives up after
-    `timeout` with one line (the default would wait 30 minutes on gloo). Under torchrun the workers share the
-    launcher's TCPStore (MASTER_ADDR:MASTER_PORT), which outlives them: a restarted worker found there the keys of
-    the attempt that crashed (each rank's gloo address, the barrier's count), took them for this attempt's, and
-    connected to a dead rank's port (refused, or a wait up to the timeout). So each attempt's rank 0 serves a store
-    of its own (attempt_store), empty; the rest of the group is built in it."""
-    cuda = device.type == "cuda"
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-    try:
-        store = attempt_store(rank, world, timeout) if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" \
-            else None
-        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world, timeout=timeout,
-                                device_id=device if cuda else None)
-    except (RuntimeError, ValueError, TimeoutError) as e:  # (torch's DistError, gloo's: RuntimeErrors)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TopologyError(f"rank {rank} could not join the other {world - 1} rank(s) through {where} within "
-                            f"--dist-timeout {timeout.total_seconds():g} s: {first}") from None
-
-
-def attempt_store(rank, world, timeout):
-    """This attempt's own TCPStore: rank 0 serves one on a free port and publishes the port in the launcher's
-    store; every other rank connects to the port it reads there. A port left by a crashed attempt has no server
-    behind it any more (torchrun stops every worker before it starts new ones): the connection is refused within
-    a second, and the rank reads the key again until the live rank 0's port is there."""
-    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    launcher = dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
-    if rank == 0:
-        own = dist.TCPStore(addr, 0, world, is_master=True, timeout=timeout, wait_for_workers=False)
-        launcher.set("training/store_port", str(own.port))
-        return own
-    deadline = time.monotonic() + timeout.total_seconds()
-    while True:
-        try:
-            own = dist.TCPStore(addr, int(launcher.get("training/store_port")), world, is_master=False,
-                                timeout=timedelta(seconds=1))
-            own.set_timeout(timeout)
-            return own
-        except RuntimeError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=None, weights=None, adapt=None):
@@ -293,15 +248,15 @@ def layout_of(args, world):
 def read_checkpoint(args, rank, world):
     """Start or resume (checkpoint.py): the meta.json of the newest complete step in --out, with its folder under
     "dir", or None to start fresh. Called before any process group exists, so that a problem is one line. Rank 0
-    locks --out first (checkpoint.lock_run: one run per folder), and again after --fresh moved the old run aside
+    locks --out first (launch.lock_run: one run per folder), and again after --fresh moved the old run aside
     (the lock file went with it); --fresh on a folder that held nothing but the lock file moves nothing."""
     out = Path(args.out)
     fresh = args.fresh and out.exists() and any(p.name != ".lock" for p in out.iterdir())
     if rank == 0:
-        checkpoint.lock_run(out)
+        launch.lock_run(out)
     found = checkpoint.find_resume(out, args.resume, fresh if rank == 0 else args.fresh, rank)
     if fresh and rank == 0:
-        checkpoint.lock_run(out)
+        launch.lock_run(out)
     return found and found[1] | {"dir": found[0]}
 
 

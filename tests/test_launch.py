@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-import checkpoint
 import pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,11 +92,11 @@ def error_of(capsys, argv):
 
 
 def test_a_second_run_on_one_folder_is_refused_naming_the_holder(tmp_path, capsys, stdlib_data):
-    """While one process holds --out (checkpoint.lock_run, as rank 0 of a run does), a run on the same folder is
+    """While one process holds --out (launch.lock_run, as rank 0 of a run does), a run on the same folder is
     refused in one line naming it, --fresh too (nothing is moved); once the holder dies, however it dies, the
     folder is free again: the kernel dropped its lock."""
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, checkpoint\ncheckpoint.lock_run(sys.argv[1])\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, launch\nlaunch.lock_run(sys.argv[1])\n"
                                "print('held', flush=True)\ntime.sleep(600)", str(out)], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE)
     try:
@@ -106,7 +105,7 @@ def test_a_second_run_on_one_folder_is_refused_naming_the_holder(tmp_path, capsy
                 "--sample-tokens", "0", "--out", str(out)]
         err = error_of(capsys, argv)
         assert err.startswith(f"pretrain.py: error: {out} is in use by another run (pid {holder.pid} on "), err
-        assert err.endswith("wait for it to end, or give another --out") and "checkpoint.lock_run" not in err
+        assert err.endswith("wait for it to end, or give another --out")
         assert "started 20" in err and f"-c {out}" in err  # when, and its command line
         assert "is in use by another run" in error_of(capsys, argv + ["--fresh"])
         assert not Path(f"{out}.1").exists() and not (out / "metrics.jsonl").exists()  # nothing moved, no work
@@ -118,8 +117,8 @@ def test_a_second_run_on_one_folder_is_refused_naming_the_holder(tmp_path, capsy
     # --fresh moves the old run aside, lock file and all, and locks the new folder: another process is refused.
     assert pretrain.main(argv + ["--fresh"])["step"] == 1
     assert (tmp_path / "run.1" / "step_000001").is_dir() and (out / "step_000001").is_dir()
-    probe = subprocess.run([sys.executable, "-c", "import sys, checkpoint\ntry:\n    checkpoint.lock_run(sys.argv[1])\n"
-                            "except checkpoint.CheckpointError as e:\n    print(e)", str(out)], cwd=ROOT, text=True,
+    probe = subprocess.run([sys.executable, "-c", "import sys, launch\ntry:\n    launch.lock_run(sys.argv[1])\n"
+                            "except launch.ConfigError as e:\n    print(e)", str(out)], cwd=ROOT, text=True,
                            capture_output=True)
     assert f"{out} is in use by another run (pid {os.getpid()} on " in probe.stdout, probe
 
