@@ -93,6 +93,8 @@ def add_shared_flags(ap, **defaults):
       help="end this invocation after N steps with a checkpoint, as a job with a time limit would")
     a("--seed", type=int, default=1337, help="of the model's initialisation and the data order")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
+    a("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others to join the process "
+                                                       "group (and in any collective) before it fails")
     ap.set_defaults(**defaults)
     return ap
 
@@ -103,7 +105,7 @@ def check_values(args):
     Finiteness first: nan passes no comparison (nan <= 0 is False), so a range check alone lets it through."""
     has = lambda f: getattr(args, f, None) is not None
     for f in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "bucket_mb", "tokens", "mfu",
-              "capacity_factor", "aux_loss_weight", "lora_alpha", "lora_dropout"):
+              "capacity_factor", "aux_loss_weight", "lora_alpha", "lora_dropout", "dist_timeout"):
         if has(f) and not math.isfinite(getattr(args, f)):
             raise ConfigError(f"--{f.replace('_', '-')} must be a finite number, got {getattr(args, f)}")
 
@@ -123,6 +125,7 @@ def check_values(args):
     need("aux_loss_weight", lambda v: v >= 0, ">= 0")
     need("gpus", lambda v: v >= 1, "at least 1")
     need("mfu", lambda v: 0 < v <= 1, "in (0, 1]")
+    need("dist_timeout", lambda v: v > 0, "> 0 (seconds)")
     if not str(args.out).strip():  # (Path("") is the current folder: a run would write its steps there)
         raise ConfigError("--out is empty: give a folder for checkpoints and metrics.jsonl (e.g. out/run)")
     out = Path(args.out)

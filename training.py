@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 import checkpoint
 import context_parallel
+import launch
 import moe
 import pipeline
 import quantization
@@ -71,8 +72,7 @@ def setup_distributed(args):
 
 def build_topology(args, world, device):
     if world > 1 and not dist.is_initialized():
-        cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        launch.join_process_group(device, args.dist_timeout)
     return Topology(args.tp, args.pp, args.ep, args.cp)
 
 
@@ -247,8 +247,16 @@ def layout_of(args, world):
 
 def read_checkpoint(args, rank, world):
     """Start or resume (checkpoint.py): the meta.json of the newest complete step in --out, with its folder under
-    "dir", or None to start fresh. Called before any process group exists, so that a problem is one line."""
-    found = checkpoint.find_resume(Path(args.out), args.resume, args.fresh, rank)
+    "dir", or None to start fresh. Called before any process group exists, so that a problem is one line. Rank 0
+    locks --out first (launch.lock_run: one run per folder), and again after --fresh moved the old run aside
+    (the lock file went with it); --fresh on a folder that held nothing but the lock file moves nothing."""
+    out = Path(args.out)
+    fresh = args.fresh and out.exists() and any(p.name != ".lock" for p in out.iterdir())
+    if rank == 0:
+        launch.lock_run(out)
+    found = checkpoint.find_resume(out, args.resume, fresh if rank == 0 else args.fresh, rank)
+    if fresh and rank == 0:
+        launch.lock_run(out)
     return found and found[1] | {"dir": found[0]}
 
 

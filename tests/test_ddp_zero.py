@@ -192,7 +192,7 @@ def test_zero3_resume_through_pretrain_is_exact_and_errors_are_clear(tmp_path, s
         assert err_batch.startswith("pretrain.py: error: --batch-size 5 does not divide into --grad-accum 2 x "
                                     "--microbatches 1 x 2 data-parallel ranks")
         assert "argument --zero: invalid choice: 4 (choose from 0, 1, 2, 3)" in err_zero
-    assert sorted(os.listdir(tmp_path / "split")) == ["latest", "metrics.jsonl", "step_000002", "step_000004"]
+    assert sorted(os.listdir(tmp_path / "split")) == [".lock", "latest", "metrics.jsonl", "step_000002", "step_000004"]
     # The world-2 ZeRO-3 checkpoint of step 2, resumed by one process: the same losses (fp32, another summation
     # order: 1e-5), and metrics.jsonl holds one history.
     shutil.copytree(tmp_path / "split", tmp_path / "one")
