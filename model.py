@@ -123,15 +123,38 @@ def attention(q, k, v, backend, doc=None):
     if backend == "naive":
         return naive_attention(q, k, v, doc)
     if backend == "sdpa":
-        gqa = q.shape[1] != k.shape[1]
-        if doc is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=packed_mask(doc), enable_gqa=gqa)
+        return sdpa_attention(q, k, v, doc)
     if backend == "flash":
         from flash_attn import flash_attention  # imported late: Triton is only needed when asked for
         return flash_attention(q, k, v, causal=True) if doc is None else flash_attention(q, k, v, causal=True,
                                                                                           doc=doc)
     raise ValueError(f"--attn must be one of {', '.join(ATTN_BACKENDS)}, got {backend!r}")
+
+
+# SDPA's flash kernel on CUDA takes these dtypes only, and no attn_mask; grouped-query attention through enable_gqa.
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def sdpa_attention(q, k, v, doc=None):
+    """torch's SDPA, called so that on CUDA a kernel with O(T) memory serves every form the model asks for; any
+    call it cannot serve falls to the math backend, which builds the T x T fp32 scores of every head:
+      - 16-bit causal rows (with GQA or not): the flash kernel;
+      - 16-bit packed rows: their block-diagonal mask is one the flash kernel cannot take, so they go to
+        flash_attn.py's document path, which never builds it (and skips the other documents' tiles);
+      - fp32 (--amp fp32; a CPU's default): the memory-efficient kernel takes fp32 and masks but not enable_gqa,
+        so on CUDA K and V are first expanded to the query heads.
+    On a CPU the flash kernel serves every form in any dtype: fp32 and fp64 calls are as they always were."""
+    gqa = q.shape[1] != k.shape[1]
+    if doc is not None and q.dtype in FLASH_DTYPES:
+        from flash_attn import HEAD_DIMS, flash_attention  # imported late: Triton is only needed when asked for
+        if HEAD_DIMS[0] <= q.shape[-1] <= HEAD_DIMS[1]:
+            return flash_attention(q, k, v, causal=True, doc=doc)
+    if gqa and q.is_cuda and q.dtype not in FLASH_DTYPES:
+        groups = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), False
+    if doc is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=packed_mask(doc), enable_gqa=gqa)
 
 
 class Attention(nn.Module):
