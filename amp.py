@@ -164,6 +164,38 @@ def clip_coef(norm, max_norm):
     return min(1.0, max_norm / (float(norm) + 1e-6))
 
 
+def clip_and_step(optimizer, grads, norm, max_norm, scaler):
+    """Clip `grads` (the inner optimizer's) to max_norm and step, or skip the update where the norm is inf/nan
+    (an fp16 overflow; in fp32/bf16 a bad batch), alike on every rank since the norm is. Returns `skipped`, a
+    0-dim bool tensor on the device, or None for a skip decided on the host (the caller drops the gradients).
+
+    Nothing is read back to the host, since a read waits for the GPU to finish all it was given: the clip
+    coefficient min(1, max_norm / (norm + 1e-6)) multiplies the gradients on the device (as torch's
+    clip_grad_norm_ does), and a fused AdamW takes the flag as `found_inf` and skips its own update there (its
+    step count too). Read once per step: fp16 (the loss scale is a host number) and unfused optimizers."""
+    skipped = ~torch.isfinite(norm)
+    fused = optimizer.defaults.get("fused")
+    if scaler.enabled or not fused:
+        found_inf = bool(skipped)
+        scaler.update(found_inf)
+        if found_inf:
+            return None
+    if max_norm and max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+    if fused:
+        optimizer.found_inf = skipped.float()
+    optimizer.step()
+    return skipped
+
+
+def read_step(norm, skipped, read):
+    """(grad_norm, skipped) as an optimizer's step returns them: floats (read), or the device's tensors."""
+    if skipped is None:  # skipped on the host
+        return (float(norm), True) if read else (norm, torch.ones((), dtype=torch.bool, device=norm.device))
+    return (float(norm), bool(skipped)) if read else (norm, skipped)
+
+
 class MixedPrecisionOptimizer:
     """An optimizer over fp32 master copies of a (possibly 16-bit) model's trainable parameters.
 
@@ -199,8 +231,9 @@ class MixedPrecisionOptimizer:
     def scale_loss(self, loss):
         return loss * self.scaler.scale if self.scaler.enabled else loss
 
-    def step(self, max_norm=0.0):
-        """Unscale, check for overflow, clip, update, copy back. Returns (grad_norm, skipped)."""
+    def step(self, max_norm=0.0, read=True):
+        """Unscale, check for overflow, clip, update, copy back. Returns (grad_norm, skipped): Python numbers, or
+        with read=False 0-dim tensors on the device, for the loop to read when it logs (clip_and_step)."""
         inv_scale = 1.0 / self.scaler.scale
         for p, m in zip(self.model_params, self.master_params):
             g = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -211,24 +244,14 @@ class MixedPrecisionOptimizer:
                    if not is_tp_duplicate(p)]
         norm = global_grad_norm([g for g, e in counted if not e], self.norm_reduce_fn,
                                 [g for g, e in counted if e], self.expert_norm_reduce_fn)
-        found_inf = not math.isfinite(float(norm))
-        self.scaler.update(found_inf)
-        if found_inf:  # skip: the weights and the optimizer state stay as they were
-            for m in self.master_params:
-                m.grad = None
-            return float(norm), True
-        coef = clip_coef(norm, max_norm)
-        if coef < 1.0:
-            for m in self.master_params:
-                m.grad.mul_(coef)
-        self.optimizer.step()
-        if self.low_precision:
+        skipped = clip_and_step(self.optimizer, [m.grad for m in self.master_params], norm, max_norm, self.scaler)
+        if skipped is not None and self.low_precision:  # (a skipped update left the masters as they were)
             with torch.no_grad():
                 for p, m in zip(self.model_params, self.master_params):
                     p.copy_(m)
         for m in self.master_params:
             m.grad = None
-        return float(norm), False
+        return read_step(norm, skipped, read)
 
     def checkpoint_pieces(self):
         """What checkpoint.py saves and restores: each trainable parameter whole, as (param, start, end, {kind: flat

@@ -41,7 +41,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from amp import clip_coef, global_grad_norm
+from amp import clip_and_step, global_grad_norm, read_step
 from ddp import DistributedDataParallel
 from moe import is_ep_duplicate, is_expert_parallel
 from tensor_parallel import is_tp_duplicate
@@ -284,9 +284,9 @@ class ZeroOptimizer:
         dist.all_reduce(x, group=self.group)
         return self.norm_reduce_fn(x) if self.norm_reduce_fn is not None else x
 
-    def step(self, max_norm=0.0):
+    def step(self, max_norm=0.0, read=True):
         """Unscale, agree on overflow, clip by the global norm, step this rank's slices, share them.
-        Returns (grad_norm, skipped), the same on every rank."""
+        Returns (grad_norm, skipped), the same on every rank: numbers, or with read=False the device's tensors."""
         inv_scale = 1.0 / self.scaler.scale
         for u in self.units:
             if self.stage == 1:  # the averaged gradients are whole on every rank (ddp.py): take my slice
@@ -304,22 +304,17 @@ class ZeroOptimizer:
                    if not is_tp_duplicate(p) and not is_ep_duplicate(p)]
         norm = global_grad_norm(counted or [torch.zeros(1, device=self.units[0].master.device)],
                                 self._sum_over_ranks)
-        found_inf = not math.isfinite(float(norm))
-        self.scaler.update(found_inf)
-        if not found_inf:
-            coef = clip_coef(norm, max_norm)
-            for u in self.units:
-                if coef < 1.0:
-                    u.master_grad.mul_(coef)
-                for (_, _, s, n), view in zip(u.pieces, u.views):
-                    view.grad = u.master_grad[s:s + n]
-            self.optimizer.step()
+        for u in self.units:
+            for (_, _, s, n), view in zip(u.pieces, u.views):
+                view.grad = u.master_grad[s:s + n]
+        skipped = clip_and_step(self.optimizer, [u.master_grad for u in self.units], norm, max_norm, self.scaler)
+        if skipped is not None:  # (a skipped update left the slices as they were: publishing them changes nothing)
             self._publish()
         for u in self.units:
             u.master_grad = None
             for view in u.views:
                 view.grad = None
-        return float(norm), found_inf
+        return read_step(norm, skipped, read)
 
     def _publish(self):
         """The updated slices become the model's weights: all-gathered (stages 1, 2) or kept as the slice (3)."""
