@@ -113,6 +113,37 @@ class DivergenceGuard:
         return None
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def grad_of(p):
+    """The gradient to step with: the fp32 `main_grad` where one accumulates (accumulate_main_grads, ddp.py's fp32
+    buckets), else p.grad."""
+    main = getattr(p, "main_grad", None)
+    return main if main is not None else p.grad
+
+
+def accumulate_main_grads(params):
+    """Megatron-LM's main_grad: each backward's 16-bit gradient of a 16-bit parameter is added into an fp32 buffer
+    `p.main_grad` (a hook, right after autograd wrote it) and dropped. Summed in bf16, micro-step after micro-step,
+    a gradient keeps 8 bits: each addition rounds away what lies below the larger term's last bit, and the
+    rounding errors of N micro-steps (and of the data-parallel sum) add up; in fp32 they are 2^16 times smaller.
+    The buffer starts at the first backward after zero_grad (main_grad None). Parameters that already own one
+    (ddp.py's buckets hold theirs) are left alone."""
+    for p in params:
+        if p.dtype in LOW_PRECISION and not hasattr(p, "main_grad"):
+            p.main_grad = None
+            p.register_post_accumulate_grad_hook(_add_to_main_grad)
+
+
+def _add_to_main_grad(p):
+    if p.main_grad is None:
+        p.main_grad = p.grad.float()
+    else:
+        p.main_grad.add_(p.grad)
+    p.grad = None
+
+
 def cast_model(model, dtype):
     """Store the model's parameters in `dtype` (buffers such as the RoPE tables stay fp32)."""
     for p in model.parameters():
@@ -203,11 +234,14 @@ class MixedPrecisionOptimizer:
     the structure of `param_groups`, which holds the model's own parameters. In fp32 the masters are the
     model's parameters themselves: no copy, one code path. `no_sync` makes the context for accumulation
     micro-steps that must not communicate (ddp.py's); one process has nothing to skip. `expert_norm_reduce_fn`
-    (expert parallelism): sums the squared norm of the expert_parallel parameters' gradients over the ep group."""
+    (expert parallelism): sums the squared norm of the expert_parallel parameters' gradients over the ep group.
+    `main_grads`: a 16-bit model's gradients accumulate in fp32 (accumulate_main_grads)."""
 
     def __init__(self, param_groups, make_optimizer, dtype, scaler, norm_reduce_fn=None, no_sync=None,
-                 expert_norm_reduce_fn=None):
+                 expert_norm_reduce_fn=None, main_grads=False):
         self.model_params = [p for g in param_groups for p in g["params"]]
+        if main_grads:  # 16-bit gradients accumulated in fp32 (accumulate_main_grads)
+            accumulate_main_grads(self.model_params)
         self.low_precision = dtype != torch.float32 and dtype != torch.float64
         if self.low_precision:
             master_groups = [{**g, "params": [p.detach().float().clone().requires_grad_(True) for p in g["params"]]}
@@ -227,6 +261,8 @@ class MixedPrecisionOptimizer:
     def zero_grad(self):
         for p in self.model_params:
             p.grad = None
+            if hasattr(p, "main_grad"):
+                p.main_grad = None
 
     def scale_loss(self, loss):
         return loss * self.scaler.scale if self.scaler.enabled else loss
@@ -236,7 +272,8 @@ class MixedPrecisionOptimizer:
         with read=False 0-dim tensors on the device, for the loop to read when it logs (clip_and_step)."""
         inv_scale = 1.0 / self.scaler.scale
         for p, m in zip(self.model_params, self.master_params):
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            g = grad_of(p)
+            g = g if g is not None else torch.zeros_like(p)
             # In fp32 this is the identity (m is p); in 16-bit it is the one cast up to the master grad.
             m.grad = g.float() * inv_scale if (self.low_precision or inv_scale != 1.0) else g
         # Which gradients count and which groups sum them: global_grad_norm's docstring.

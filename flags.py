@@ -69,6 +69,9 @@ def add_shared_flags(ap, **defaults):
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
     a("--amp", default="auto", choices=["auto", *sorted(DTYPES)],
       help="compute precision (amp.py; fp8: quantization.py); auto: bf16 on CUDA, fp32 on a CPU")
+    a("--grad-reduce-dtype", default="fp32", choices=["fp32", "model"],
+      help="16-bit models: gradients accumulated over micro-steps and reduced over ranks in fp32 (amp.py's "
+           "main_grad), or in the model's dtype (half the bytes, 8 bits of mantissa)")
     a("--attn", default="sdpa", choices=ATTN_BACKENDS, help="attention backend (model.py, flash_attn.py)")
     a("--activation-checkpointing", action="store_true", help="recompute each block's activations in backward")
     a("--compile", action="store_true", help="torch.compile the model")

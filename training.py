@@ -137,19 +137,23 @@ def build_training(model, args, dtype, topo):
     # Under context parallelism the cp ranks of a replica hold the same weights and different tokens: gradients are
     # averaged, and ZeRO shards, over dp x cp (topo.dp_cp_group, the dp group itself when cp is 1).
     norm_reduce = grad_norm_reduce(topo)
+    # A 16-bit model's gradients are added up over micro-steps and reduced over ranks in fp32 (amp.py's main_grad),
+    # unless --grad-reduce-dtype model. fp32 and float64 models are unaffected.
+    main_grads = getattr(args, "grad_reduce_dtype", "fp32") == "fp32"
     if topo.dp * topo.cp == 1:
-        return model, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce)
+        return model, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce,
+                                              main_grads=main_grads)
     if args.zero == 0:
-        ddp = DistributedDataParallel(model, topo.dp_cp_group, args.bucket_mb)
+        ddp = DistributedDataParallel(model, topo.dp_cp_group, args.bucket_mb, main_grads)
         expert_reduce = None
         if topo.ep > 1:
             def expert_reduce(sq):
                 dist.all_reduce(sq, group=topo.ep_group)
                 return sq
         return ddp, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce, no_sync=ddp.no_sync,
-                                            expert_norm_reduce_fn=expert_reduce)
+                                            expert_norm_reduce_fn=expert_reduce, main_grads=main_grads)
     opt = ZeroOptimizer(model, groups, make_optimizer, scaler, topo.dp_cp_group, args.zero, args.bucket_mb,
-                        norm_reduce_fn=norm_reduce)
+                        norm_reduce_fn=norm_reduce, main_grads=main_grads)
     return opt.module, opt
 
 
@@ -172,7 +176,7 @@ def to_device(t, device):
     """A host tensor on the device. On CUDA through page-locked (pinned) memory, without blocking (non_blocking):
     the host queues the copy and goes on. Since a step never waits for the GPU (no host reads but at log steps),
     the host loads and queues the next step's batch while the GPU still runs this one: a one-step prefetch."""
-    if device.type == "cuda" and t.device.type == "cpu":
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
