@@ -270,9 +270,10 @@ class Transformer(nn.Module):
         return self.head(x, targets, reduction) if self.lm_head is not None else (x, None)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, agree=None):
         """Sample tokens one at a time, each conditioned on at most the last block_size tokens. `n_vocab`: the
-        tokenizer's real vocabulary, so that the padding ids (never seen in training) are never drawn."""
+        tokenizer's real vocabulary, so that the padding ids (never seen in training) are never drawn. `agree`:
+        makes ranks that generate together take one token (training.rank0_token)."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.cfg.block_size:])
             logits = logits[:, -1, :n_vocab].float()
@@ -284,6 +285,8 @@ class Transformer(nn.Module):
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1)
+            if agree is not None:
+                nxt = agree(nxt)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
 

@@ -305,13 +305,16 @@ def add_lora(args, model_config):
 
 
 @torch.no_grad()
-def answer(model, enc, ids, max_new_tokens, device):
+def answer(model, enc, ids, max_new_tokens, device, agree=None):
     """Greedy decoding until end-of-text, the context's end or max_new_tokens (over the tokenizer's ids only:
-    the padded vocabulary's extra rows are never valid tokens)."""
+    the padded vocabulary's extra rows are never valid tokens). `agree`: ranks that answer together take one
+    token, and so stop together (training.rank0_token)."""
     eot, block = eot_id(enc), model.cfg.block_size
     idx = torch.tensor([ids], device=device)
     for _ in range(min(max_new_tokens, block - len(ids))):
         nxt = model(idx)[0][0, -1, :enc.n_vocab].argmax()
+        if agree is not None:
+            nxt = agree(nxt)
         if nxt.item() == eot:
             break
         idx = torch.cat([idx, nxt.view(1, 1)], dim=1)
@@ -480,9 +483,10 @@ def answers(run, enc, val_ex):
         return []  # (under tp, ZeRO-3 and ep every rank's forward communicates: all answer in lockstep)
     model.eval()
     tensor_parallel.set_gather_output(model, True)
+    agree = training.rank0_token(topo.world > 1 and (topo.tp > 1 or run.zero == 3 or topo.ep > 1))
     samples = []
     for where, messages in val_ex[:args.samples]:
-        reply = answer(model, enc, prompt_ids(enc, messages), args.max_new_tokens, run.device)
+        reply = answer(model, enc, prompt_ids(enc, messages), args.max_new_tokens, run.device, agree)
         asked = [m["content"] for m in messages if m["role"] == "user"][-1:] or [""]
         samples.append({"where": where, "prompt": asked[0], "answer": reply})
         if run.rank0:

@@ -216,6 +216,21 @@ def on(device, packing):
     return {k: to_device(v, device) for k, v in packing[0].items()} if packing else {}
 
 
+def rank0_token(lockstep):
+    """For generation on ranks that run in lockstep (under tp, ZeRO-3 or ep every forward is a collective that needs
+    them all): a function that makes each chosen token rank 0's, broadcast over the world, or None when a rank
+    generates alone. Their logits agree only up to the last bits of reductions whose order may differ (atomics,
+    another kernel): enough to flip an argmax or a draw, after which one rank stops at end-of-text while the others
+    wait in the next forward's collective for ever, or, at best, the ranks hold different texts."""
+    if not lockstep:
+        return None
+
+    def agree(token):
+        dist.broadcast(token, src=0)
+        return token
+    return agree
+
+
 def mean_over_dp(x, topo):
     """The mean of a per-rank scalar over the data-parallel group, x cp under --cp (for logging the loss)."""
     if topo.dp * topo.cp == 1:
