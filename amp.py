@@ -274,8 +274,8 @@ class MixedPrecisionOptimizer:
         for p, m in zip(self.model_params, self.master_params):
             g = grad_of(p)
             g = g if g is not None else torch.zeros_like(p)
-            # In fp32 this is the identity (m is p); in 16-bit it is the one cast up to the master grad.
-            m.grad = g.float() * inv_scale if (self.low_precision or inv_scale != 1.0) else g
+            # In fp32 this is the identity (m is p), and so is an fp32 main_grad's; else the one cast up to fp32.
+            m.grad = g if (g.dtype == m.dtype and inv_scale == 1.0) else g.float() * inv_scale
         # Which gradients count and which groups sum them: global_grad_norm's docstring.
         counted = [(m.grad, is_expert_parallel(p)) for p, m in zip(self.model_params, self.master_params)
                    if not is_tp_duplicate(p)]
