@@ -273,7 +273,7 @@ class Transformer(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, agree=None):
         """Sample tokens one at a time, each conditioned on at most the last block_size tokens. `n_vocab`: the
         tokenizer's real vocabulary, so that the padding ids (never seen in training) are never drawn. `agree`:
-        makes ranks that generate together take one token (training.rank0_token)."""
+        makes ranks that generate together take one token (topology.rank0_token)."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -self.cfg.block_size:])
             logits = logits[:, -1, :n_vocab].float()

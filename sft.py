@@ -80,7 +80,7 @@ from checkpoint import CheckpointError, save_checkpoint
 from data import DataError, eot_id
 from flags import ConfigError
 from model import PRESETS, ModelConfig, Transformer, flops_per_token, num_params
-from topology import TopologyError
+from topology import TopologyError, rank0_token
 from weights import load_weights
 
 # ------------------------------------------------------------------------------------------- the template
@@ -308,7 +308,7 @@ def add_lora(args, model_config):
 def answer(model, enc, ids, max_new_tokens, device, agree=None):
     """Greedy decoding until end-of-text, the context's end or max_new_tokens (over the tokenizer's ids only:
     the padded vocabulary's extra rows are never valid tokens). `agree`: ranks that answer together take one
-    token, and so stop together (training.rank0_token)."""
+    token, and so stop together (topology.rank0_token)."""
     eot, block = eot_id(enc), model.cfg.block_size
     idx = torch.tensor([ids], device=device)
     for _ in range(min(max_new_tokens, block - len(ids))):
@@ -483,7 +483,7 @@ def answers(run, enc, val_ex):
         return []  # (under tp, ZeRO-3 and ep every rank's forward communicates: all answer in lockstep)
     model.eval()
     tensor_parallel.set_gather_output(model, True)
-    agree = training.rank0_token(topo.world > 1 and (topo.tp > 1 or run.zero == 3 or topo.ep > 1))
+    agree = rank0_token(topo.world > 1 and (topo.tp > 1 or run.zero == 3 or topo.ep > 1))
     samples = []
     for where, messages in val_ex[:args.samples]:
         reply = answer(model, enc, prompt_ids(enc, messages), args.max_new_tokens, run.device, agree)

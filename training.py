@@ -126,9 +126,7 @@ def build_training(model, args, dtype, topo):
     requires_grad are trained."""
     scaler = DynamicLossScaler(enabled=args.amp == "fp16")
     groups = param_groups(model, args.weight_decay)
-    # Fused AdamW on every device: one kernel over all parameters, and it skips a step whose gradients overflowed on
-    # the device (found_inf, amp.clip_and_step), so that the step never waits for the GPU to say so.
-    fused = True
+    fused = True  # on every device: it skips an overflowed step on the device (found_inf, amp.clip_and_step)
 
     def make_optimizer(groups):
         return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
@@ -137,8 +135,7 @@ def build_training(model, args, dtype, topo):
     # Under context parallelism the cp ranks of a replica hold the same weights and different tokens: gradients are
     # averaged, and ZeRO shards, over dp x cp (topo.dp_cp_group, the dp group itself when cp is 1).
     norm_reduce = grad_norm_reduce(topo)
-    # A 16-bit model's gradients are added up over micro-steps and reduced over ranks in fp32 (amp.py's main_grad),
-    # unless --grad-reduce-dtype model. fp32 and float64 models are unaffected.
+    # 16-bit gradients added up and reduced in fp32 (amp.accumulate_main_grads) unless --grad-reduce-dtype model
     main_grads = getattr(args, "grad_reduce_dtype", "fp32") == "fp32"
     if topo.dp * topo.cp == 1:
         return model, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce,
@@ -159,10 +156,9 @@ def build_training(model, args, dtype, topo):
 
 # ------------------------------------------------------------------------------------------- one step
 def global_counts(micro_batches, topo, device):
-    """(tokens, labelled tokens) of the whole global batch, float64 0-dim tensors on the device: this rank's rows
-    counted on the host, where the batch still is, summed over dp on the device; nothing waits for the GPU (the
-    loop reads them when it logs). A micro-batch is (x, y), or (x, y, {"pos": ..., "doc": ...}) for packed rows
-    (model.py's extra inputs)."""
+    """(tokens, labelled tokens) of the global batch, float64 0-dim tensors on the device: this rank's rows counted
+    on the host, where the batch is, summed over dp on the device (nothing waits for the GPU). A micro-batch is
+    (x, y), or (x, y, {"pos": ..., "doc": ...}) for packed rows (model.py's extra inputs)."""
     ys = [mb[1] for mb in micro_batches]
     n = torch.stack([torch.tensor(sum(y.numel() for y in ys), dtype=torch.float64),
                      sum((y != -100).sum() for y in ys).double()])
@@ -173,9 +169,8 @@ def global_counts(micro_batches, topo, device):
 
 
 def to_device(t, device):
-    """A host tensor on the device. On CUDA through page-locked (pinned) memory, without blocking (non_blocking):
-    the host queues the copy and goes on. Since a step never waits for the GPU (no host reads but at log steps),
-    the host loads and queues the next step's batch while the GPU still runs this one: a one-step prefetch."""
+    """A host tensor on the device; on CUDA from pinned memory, non_blocking: as a step never waits for the GPU, the
+    host loads and queues the next step's batch while the GPU still runs this one (a one-step prefetch)."""
     if torch.device(device).type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
@@ -191,8 +186,7 @@ def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, n
     if n_labels is None:
         _, n_labels = global_counts(micro_batches, topo, device)
     per_rank = n_labels.clamp(min=1.0) / (topo.dp * topo.cp)
-    if topo.pp > 1:  # the last stage sums its micro-batches' losses and divides by per_rank (pipeline.py), which
-        # takes it as a number: one read per step, the pipeline's only one
+    if topo.pp > 1:  # the last stage sums its micro-batches' losses / per_rank (pipeline.py: a number, one read)
         return pipeline.run_pipeline(model, micro_batches, topo, schedule, loss_div=per_rank.item(),
                                      scale_loss=scale_loss, no_sync=no_sync)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -214,21 +208,6 @@ def on(device, packing):
     """The packed rows' extra inputs (pos, doc) on the device, as keyword arguments of the model. (Under --cp,
     [split_batch's positions] instead: --pack and --cp are never both on.)"""
     return {k: to_device(v, device) for k, v in packing[0].items()} if packing else {}
-
-
-def rank0_token(lockstep):
-    """For generation on ranks that run in lockstep (under tp, ZeRO-3 or ep every forward is a collective that needs
-    them all): a function that makes each chosen token rank 0's, broadcast over the world, or None when a rank
-    generates alone. Their logits agree only up to the last bits of reductions whose order may differ (atomics,
-    another kernel): enough to flip an argmax or a draw, after which one rank stops at end-of-text while the others
-    wait in the next forward's collective for ever, or, at best, the ranks hold different texts."""
-    if not lockstep:
-        return None
-
-    def agree(token):
-        dist.broadcast(token, src=0)
-        return token
-    return agree
 
 
 def mean_over_dp(x, topo):
@@ -423,9 +402,8 @@ def train_step(run):
 
 
 def read_pending(run):
-    """The one host read of the steps since the last: their losses, gradient norms and skips, the same on every
-    rank; the guard (amp.py) then checks each step in order, so a run that cannot train stops here, at most a log
-    interval after its 8th bad step, on every rank at the same step. Returns the guard's reason or None."""
+    """One host read of the losses, gradient norms and skips of the steps since the last (alike on every rank); the
+    guard checks each in order, so a run that cannot train stops here, on every rank. Its reason, or None."""
     recs, run.pending = run.pending, []
     if not recs:
         return None
@@ -484,9 +462,7 @@ def train_loop(run):
         run.pending.append(rec)
         logs = run.step % args.log_every == 0 or run.step == stop_at
         # Read at log steps, and before a save (a diverged state is never saved).
-        reason = None
-        if logs or run.step % args.save_every == 0:
-            reason = read_pending(run)
+        reason = read_pending(run) if logs or run.step % args.save_every == 0 else None
         if logs or reason:
             log_step(run, rec)
         if reason:

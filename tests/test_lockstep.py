@@ -3,7 +3,7 @@
 Generation under tp, ZeRO-3 or ep: every forward is a collective over the ranks, and their logits may differ in
 the last bits (reductions in another order). Here rank 1's logits are made to differ on purpose, enough to
 flip its choice; each forward passes a barrier with a timeout (a rank that left the loop early fails it instead
-of hanging the test). With rank 0's token broadcast (training.rank0_token) both ranks produce the same text.
+of hanging the test). With rank 0's token broadcast (topology.rank0_token) both ranks produce the same text.
 
 MoE's combine: tensor-parallel ranks hold the same activations and must route them alike; adding the experts'
 outputs with atomics (index_add_ on CUDA) would sum in a varying order. moe.combine sums in a fixed one; a CPU
@@ -17,9 +17,9 @@ import torch.distributed as dist
 import data
 import moe
 import sft
-import training
 from model import PRESETS, Transformer
 from tests.distributed import run_distributed
+from topology import rank0_token
 
 CFG = replace(PRESETS["tiny"], n_layer=1, d_model=32, n_head=2, n_kv_head=2, d_ff=64, vocab_size=320,
               block_size=48)
@@ -48,7 +48,7 @@ def _greedy_answers(rank, world):
     enc = data.get_tokenizer("bytes")
     model = RankNoisyModel(sft.eot_id(enc), flip_at=3).eval()  # rank 1 alone would stop at the 3rd token
     with torch.no_grad():
-        return sft.answer(model, enc, list(b"def f():"), 12, "cpu", training.rank0_token(True))
+        return sft.answer(model, enc, list(b"def f():"), 12, "cpu", rank0_token(True))
 
 
 def test_greedy_answers_stop_together_and_agree():
@@ -60,7 +60,7 @@ def _samples(rank, world):
     torch.manual_seed(1)  # every rank draws with the same seed, as pretrain.sample does
     model = RankNoisyModel(token=ord("Z"), flip_at=2).eval()
     prompt = torch.tensor([list(b"def ")])
-    return model.generate(prompt, 6, temperature=0.8, top_k=50, n_vocab=257, agree=training.rank0_token(True))
+    return model.generate(prompt, 6, temperature=0.8, top_k=50, n_vocab=257, agree=rank0_token(True))
 
 
 def test_sampled_tokens_agree_over_ranks():
