@@ -41,25 +41,50 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 
 
 class DynamicLossScaler:
-    """Loss scaling for fp16, from scratch. With enabled=False it is the identity (scale 1, never skips)."""
+    """Loss scaling for fp16, from scratch. With enabled=False it is the identity (scale 1, never skips).
+
+    The scale and the count of clean steps are tensors, moved to the device on first use (`scale_on`) and updated
+    there, so that a training step never waits to read them; `scale` and `good_steps` read them (logs, checks,
+    checkpoints)."""
 
     def __init__(self, enabled, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000):
         self.enabled = enabled
-        self.scale = init_scale if enabled else 1.0
+        self._scale = torch.tensor(init_scale if enabled else 1.0, dtype=torch.float64)
+        self._good = torch.zeros((), dtype=torch.int64)
         self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
-        self.good_steps = 0
+
+    def scale_on(self, device):
+        if self._scale.device != device:
+            self._scale, self._good = self._scale.to(device), self._good.to(device)
+        return self._scale
+
+    @property
+    def scale(self):
+        return float(self._scale)
+
+    @scale.setter
+    def scale(self, value):
+        self._scale.fill_(value)
+
+    @property
+    def good_steps(self):
+        return int(self._good)
+
+    @good_steps.setter
+    def good_steps(self, value):
+        self._good.fill_(value)
 
     def update(self, found_inf):
-        """Called once per step after the overflow check, which must be the same on every rank."""
+        """Called once per step after the overflow check, which must be the same on every rank. `found_inf`: a bool,
+        or a 0-dim tensor on the device (nothing is read back): x backoff_factor and start counting again after an
+        overflow; x growth_factor after every growth_interval clean steps in a row."""
         if not self.enabled:
             return
-        if found_inf:
-            self.scale *= self.backoff_factor
-            self.good_steps = 0
-        else:
-            self.good_steps += 1
-            if self.good_steps % self.growth_interval == 0:
-                self.scale *= self.growth_factor
+        inf = torch.as_tensor(found_inf, device=self._scale.device)
+        good = torch.where(inf, 0, self._good + 1)
+        grow = (good % self.growth_interval == 0) & ~inf
+        self._scale.mul_(torch.where(inf, self.backoff_factor, torch.where(grow, self.growth_factor, 1.0)))
+        self._good.copy_(good)
 
     def state_dict(self):
         return {"scale": self.scale, "good_steps": self.good_steps}
@@ -203,14 +228,17 @@ def clip_and_step(optimizer, grads, norm, max_norm, scaler):
     Nothing is read back to the host, since a read waits for the GPU to finish all it was given: the clip
     coefficient min(1, max_norm / (norm + 1e-6)) multiplies the gradients on the device (as torch's
     clip_grad_norm_ does), and a fused AdamW takes the flag as `found_inf` and skips its own update there (its
-    step count too). Read once per step: fp16 (the loss scale is a host number) and unfused optimizers."""
+    step count too), while the fp16 loss scale adapts on the device (DynamicLossScaler). Only an unfused optimizer
+    makes the step read the flag."""
     skipped = ~torch.isfinite(norm)
     fused = optimizer.defaults.get("fused")
-    if scaler.enabled or not fused:
+    if not fused:
         found_inf = bool(skipped)
         scaler.update(found_inf)
         if found_inf:
             return None
+    else:
+        scaler.update(skipped)
     if max_norm and max_norm > 0:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         torch._foreach_mul_(grads, coef)
@@ -265,17 +293,17 @@ class MixedPrecisionOptimizer:
                 p.main_grad = None
 
     def scale_loss(self, loss):
-        return loss * self.scaler.scale if self.scaler.enabled else loss
+        return loss * self.scaler.scale_on(loss.device).to(loss.dtype) if self.scaler.enabled else loss
 
     def step(self, max_norm=0.0, read=True):
         """Unscale, check for overflow, clip, update, copy back. Returns (grad_norm, skipped): Python numbers, or
         with read=False 0-dim tensors on the device, for the loop to read when it logs (clip_and_step)."""
-        inv_scale = 1.0 / self.scaler.scale
+        inv_scale = 1.0 / self.scaler.scale_on(self.master_params[0].device) if self.scaler.enabled else 1.0
         for p, m in zip(self.model_params, self.master_params):
             g = grad_of(p)
             g = g if g is not None else torch.zeros_like(p)
             # In fp32 this is the identity (m is p), and so is an fp32 main_grad's; else the one cast up to fp32.
-            m.grad = g if (g.dtype == m.dtype and inv_scale == 1.0) else g.float() * inv_scale
+            m.grad = g if (g.dtype == m.dtype and not self.scaler.enabled) else g.float() * inv_scale
         # Which gradients count and which groups sum them: global_grad_norm's docstring.
         counted = [(m.grad, is_expert_parallel(p)) for p, m in zip(self.model_params, self.master_params)
                    if not is_tp_duplicate(p)]

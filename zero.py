@@ -171,7 +171,7 @@ class ZeroOptimizer:
                     p.main_grad = None
 
     def scale_loss(self, loss):
-        return loss * self.scaler.scale if self.scaler.enabled else loss
+        return loss * self.scaler.scale_on(loss.device).to(loss.dtype) if self.scaler.enabled else loss
 
     # ------------------------------------------------------------------ gradients (stages 2, 3)
     def _grad_ready(self, p):
@@ -296,7 +296,7 @@ class ZeroOptimizer:
     def step(self, max_norm=0.0, read=True):
         """Unscale, agree on overflow, clip by the global norm, step this rank's slices, share them.
         Returns (grad_norm, skipped), the same on every rank: numbers, or with read=False the device's tensors."""
-        inv_scale = 1.0 / self.scaler.scale
+        inv_scale = 1.0 / self.scaler.scale_on(self.units[0].master.device) if self.scaler.enabled else 1.0
         for u in self.units:
             if self.stage == 1:  # the averaged gradients are whole on every rank (ddp.py): take my slice
                 g = torch.zeros(u.shard_size, dtype=u.grad_dtype, device=u.master.device)
@@ -305,7 +305,7 @@ class ZeroOptimizer:
                         g[s:s + n] = grad_of(p).flatten()[a:a + n]
             else:
                 g = u.grad_shard if u.grad_shard is not None else torch.zeros_like(u.master)
-            same = g.dtype == u.master.dtype and inv_scale == 1.0
+            same = g.dtype == u.master.dtype and not self.scaler.enabled
             u.master_grad = g if same else g.to(u.master.dtype) * inv_scale  # the cast up, as in amp.py
         # Each distinct piece once over the world (amp.global_grad_norm's docstring): not the tp duplicates of
         # replicated parameters, not the experts' second replicas; the dp sum comes first in _sum_over_ranks.
