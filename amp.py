@@ -20,6 +20,8 @@ bf16 has fp32's exponent range and needs no scaling.
 Memory per parameter: 16 bytes either way, fp32 4 (weight) + 4 (gradient) + 8 (Adam's m and v), bf16/fp16
 2 + 2 + 12 (fp32 master, m, v), the 12 being what zero.py shards first. During the step this file also holds
 the fp32 master gradients (4 bytes more per parameter), made from the 16-bit ones and dropped after the update.
+By default (training.py) the 16-bit gradients are added up in fp32 from the start instead (accumulate_main_grads,
+Megatron-LM's main_grad): 2 + 4 + 12, that fp32 gradient being the master gradient itself.
 
 A run that cannot train must stop rather than skip every step to the end (DivergenceGuard): K = 8 steps in a
 row with an inf/nan loss (or, in fp32/bf16, gradient norm), or in fp16 the loss scale below a floor of 1, ends
@@ -101,7 +103,7 @@ class DivergenceGuard:
     """Ends a run that cannot train instead of letting it skip steps, or log nan, until its last step.
 
     A skipped step is the loss scaler's normal answer to one overflow; a run where every step is skipped never
-    recovers by itself. Called after each optimizer step with values that agree on every rank (the loss averaged
+    recovers by itself. Called for each optimizer step, in order, with values that agree on every rank (the loss averaged
     over the data-parallel group, the globally reduced gradient norm, the loss scale), so every rank stops at the
     same step. Three signs, each with its likely cause:
       - the loss is inf/nan for `patience` steps in a row: the forward overflows (fp16's largest number is
