@@ -6,6 +6,8 @@ once per layer (moe.py), and the pipeline reads the labelled count once per step
 
 On the CPU the calls are counted, whatever the tensor's device; on a GPU, torch.cuda.set_sync_debug_mode("error")
 would also catch the reads torch makes inside its own operations."""
+import json
+
 import pytest
 import torch
 
@@ -47,3 +49,24 @@ def test_a_steady_state_step_reads_nothing_back_from_the_device(monkeypatch, tmp
     assert list(steady) == [2, 3, 5, 6, 7]
     assert all(n == 0 for n in steady.values()), f"{amp}: host reads per step {per_step}"
     assert per_step[4] > 0  # a log step reads (the counting works)
+
+
+def stop_step(tmp_path, capsys, name, *extra):
+    """fp16 at --lr 1 (it overflows within a few steps): the step of the run's "stopped" record, and its reason."""
+    argv = ["--model", "tiny", "--seq-len", "16", "--batch-size", "2", "--lr", "1", "--amp", "fp16",
+            "--max-steps", "200", "--warmup-steps", "2", "--eval-iters", "1", "--sample-tokens", "0",
+            "--out", str(tmp_path / name), *extra]
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(argv)
+    assert e.value.code == 3, capsys.readouterr().err
+    stop = [r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())][-1]
+    return stop["step"], stop["stopped"]
+
+
+def test_a_diverging_run_stops_at_the_next_read_with_the_step_counts_of_every_step(tmp_path, capsys, stdlib_data):
+    """Read only at log steps, the guard still sees every step in order: it stops at the first log step at or
+    after the 8th bad step in a row, which it names as when each step was read."""
+    every, reason = stop_step(tmp_path, capsys, "every", "--log-every", "1")
+    k = next(k for k in (4, 3, 5, 7) if every % k)  # a log interval that the 8th bad step does not end
+    deferred, deferred_reason = stop_step(tmp_path, capsys, "deferred", "--log-every", str(k))
+    assert deferred == -(-every // k) * k > every and deferred_reason == reason and "8 steps in a row" in reason
