@@ -8,9 +8,11 @@ import contextlib
 from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 
-from amp import MixedPrecisionOptimizer, DynamicLossScaler, cast_model, grad_of
+from amp import DynamicLossScaler, MixedPrecisionOptimizer, cast_model, grad_of
 from ddp import DistributedDataParallel
+from zero import ZeroOptimizer
 from model import PRESETS, Transformer
 from tests.distributed import run_distributed
 
@@ -73,20 +75,37 @@ def _ddp(rank, world, main_grads):
     return [grad_of(p).clone() for p in model.parameters()]
 
 
+def _zero2(rank, world, main_grads):
+    """ZeRO-2 reduce-scatters every micro-step's gradients and adds up this rank's slices: gathered back whole."""
+    model = build()
+    opt = ZeroOptimizer(model, [{"params": list(model.parameters())}], torch.optim.AdamW,
+                        DynamicLossScaler(enabled=False), stage=2, main_grads=main_grads)
+    for batch in micro_batches(rank):
+        backward(opt.module, batch)
+    grads = {}
+    for u in opt.units:
+        full = torch.empty(u.shard_size * world, dtype=u.grad_shard.dtype)
+        dist.all_gather_into_tensor(full, u.grad_shard)
+        grads.update({p: full[a:b].view_as(p) for p, a, b in zip(u.params, u.offsets, u.offsets[1:])})
+    return [grads[p] for p in model.parameters()]
+
+
 def measure():
-    """{(path, dtype): relative error} for accumulation alone (dp 1) and accumulation + the dp reduction."""
+    """{(path, dtype): relative error} for accumulation alone (dp 1) and accumulation + the dp reduction (ddp.py,
+    and ZeRO-2)."""
     errors, ref1, ref_dp = {}, exact_sum([0]), exact_sum(range(DP))
     for main_grads, name in ((True, "fp32"), (False, "bf16")):
         errors[("accumulate 8", name)] = relative_error(accumulated(main_grads), ref1).item()
         per_rank = run_distributed(_ddp, DP, main_grads)
         assert all(torch.equal(a, b) for r in per_rank[1:] for a, b in zip(per_rank[0], r))  # one mean everywhere
         errors[(f"accumulate 8, reduce dp {DP}", name)] = relative_error(per_rank[0], ref_dp).item()
+        errors[(f"ZeRO-2, dp {DP}", name)] = relative_error(run_distributed(_zero2, DP, main_grads)[0], ref_dp).item()
     return errors
 
 
 def test_fp32_accumulation_and_reduction_are_far_closer_to_float64_than_bf16():
     errors = measure()
-    for what in ("accumulate 8", f"accumulate 8, reduce dp {DP}"):
+    for what in ("accumulate 8", f"accumulate 8, reduce dp {DP}", f"ZeRO-2, dp {DP}"):
         assert errors[(what, "fp32")] < errors[(what, "bf16")] / 100, errors
         assert errors[(what, "bf16")] > 1e-4, errors  # bf16's 8 bits show (the measurement can see an error)
 
