@@ -185,7 +185,7 @@ def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, n
     whole rows (every cp rank holds them) summed over dp."""
     if n_labels is None:
         _, n_labels = global_counts(micro_batches, topo, device)
-    per_rank = n_labels.clamp(min=1.0) / (topo.dp * topo.cp)
+    per_rank = torch.as_tensor(n_labels, dtype=torch.float64).clamp(min=1.0) / (topo.dp * topo.cp)
     if topo.pp > 1:  # the last stage sums its micro-batches' losses / per_rank (pipeline.py: a number, one read)
         return pipeline.run_pipeline(model, micro_batches, topo, schedule, loss_div=per_rank.item(),
                                      scale_loss=scale_loss, no_sync=no_sync)
