@@ -20,6 +20,8 @@ bf16 has fp32's exponent range and needs no scaling.
 Memory per parameter: 16 bytes either way, fp32 4 (weight) + 4 (gradient) + 8 (Adam's m and v), bf16/fp16
 2 + 2 + 12 (fp32 master, m, v), the 12 being what zero.py shards first. During the step this file also holds
 the fp32 master gradients (4 bytes more per parameter), made from the 16-bit ones and dropped after the update.
+By default (training.py) the 16-bit gradients are added up in fp32 from the start instead (accumulate_main_grads,
+Megatron-LM's main_grad): 2 + 4 + 12, that fp32 gradient being the master gradient itself.
 
 A run that cannot train must stop rather than skip every step to the end (DivergenceGuard): K = 8 steps in a
 row with an inf/nan loss (or, in fp32/bf16, gradient norm), or in fp16 the loss scale below a floor of 1, ends
@@ -41,25 +43,50 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 
 
 class DynamicLossScaler:
-    """Loss scaling for fp16, from scratch. With enabled=False it is the identity (scale 1, never skips)."""
+    """Loss scaling for fp16, from scratch. With enabled=False it is the identity (scale 1, never skips).
+
+    The scale and the count of clean steps are tensors, moved to the device on first use (`scale_on`) and updated
+    there, so that a training step never waits to read them; `scale` and `good_steps` read them (logs, checks,
+    checkpoints)."""
 
     def __init__(self, enabled, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000):
         self.enabled = enabled
-        self.scale = init_scale if enabled else 1.0
+        self._scale = torch.tensor(init_scale if enabled else 1.0, dtype=torch.float64)
+        self._good = torch.zeros((), dtype=torch.int64)
         self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
-        self.good_steps = 0
+
+    def scale_on(self, device):
+        if self._scale.device != device:
+            self._scale, self._good = self._scale.to(device), self._good.to(device)
+        return self._scale
+
+    @property
+    def scale(self):
+        return float(self._scale)
+
+    @scale.setter
+    def scale(self, value):
+        self._scale.fill_(value)
+
+    @property
+    def good_steps(self):
+        return int(self._good)
+
+    @good_steps.setter
+    def good_steps(self, value):
+        self._good.fill_(value)
 
     def update(self, found_inf):
-        """Called once per step after the overflow check, which must be the same on every rank."""
+        """Called once per step after the overflow check, which must be the same on every rank. `found_inf`: a bool,
+        or a 0-dim tensor on the device (nothing is read back): x backoff_factor and start counting again after an
+        overflow; x growth_factor after every growth_interval clean steps in a row."""
         if not self.enabled:
             return
-        if found_inf:
-            self.scale *= self.backoff_factor
-            self.good_steps = 0
-        else:
-            self.good_steps += 1
-            if self.good_steps % self.growth_interval == 0:
-                self.scale *= self.growth_factor
+        inf = torch.as_tensor(found_inf, device=self._scale.device)
+        good = torch.where(inf, 0, self._good + 1)
+        grow = (good % self.growth_interval == 0) & ~inf
+        self._scale.mul_(torch.where(inf, self.backoff_factor, torch.where(grow, self.growth_factor, 1.0)))
+        self._good.copy_(good)
 
     def state_dict(self):
         return {"scale": self.scale, "good_steps": self.good_steps}
@@ -76,7 +103,7 @@ class DivergenceGuard:
     """Ends a run that cannot train instead of letting it skip steps, or log nan, until its last step.
 
     A skipped step is the loss scaler's normal answer to one overflow; a run where every step is skipped never
-    recovers by itself. Called after each optimizer step with values that agree on every rank (the loss averaged
+    recovers by itself. Called for each optimizer step, in order, with values that agree on every rank (the loss averaged
     over the data-parallel group, the globally reduced gradient norm, the loss scale), so every rank stops at the
     same step. Three signs, each with its likely cause:
       - the loss is inf/nan for `patience` steps in a row: the forward overflows (fp16's largest number is
@@ -111,6 +138,37 @@ class DivergenceGuard:
             return (f"the gradient norm was {grad_norm} for {self.bad_grads} steps in a row, every step skipped "
                     "(likely cause: the learning rate is too high, or inf/nan in the data or the weights)")
         return None
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def grad_of(p):
+    """The gradient to step with: the fp32 `main_grad` where one accumulates (accumulate_main_grads, ddp.py's fp32
+    buckets), else p.grad."""
+    main = getattr(p, "main_grad", None)
+    return main if main is not None else p.grad
+
+
+def accumulate_main_grads(params):
+    """Megatron-LM's main_grad: each backward's 16-bit gradient of a 16-bit parameter is added into an fp32 buffer
+    `p.main_grad` (a hook, right after autograd wrote it) and dropped. Summed in bf16, micro-step after micro-step,
+    a gradient keeps 8 bits: each addition rounds away what lies below the larger term's last bit, and the
+    rounding errors of N micro-steps (and of the data-parallel sum) add up; in fp32 they are 2^16 times smaller.
+    The buffer starts at the first backward after zero_grad (main_grad None). Parameters that already own one
+    (ddp.py's buckets hold theirs) are left alone."""
+    for p in params:
+        if p.dtype in LOW_PRECISION and not hasattr(p, "main_grad"):
+            p.main_grad = None
+            p.register_post_accumulate_grad_hook(_add_to_main_grad)
+
+
+def _add_to_main_grad(p):
+    if p.main_grad is None:
+        p.main_grad = p.grad.float()
+    else:
+        p.main_grad.add_(p.grad)
+    p.grad = None
 
 
 def cast_model(model, dtype):
@@ -164,6 +222,41 @@ def clip_coef(norm, max_norm):
     return min(1.0, max_norm / (float(norm) + 1e-6))
 
 
+def clip_and_step(optimizer, grads, norm, max_norm, scaler):
+    """Clip `grads` (the inner optimizer's) to max_norm and step, or skip the update where the norm is inf/nan
+    (an fp16 overflow; in fp32/bf16 a bad batch), alike on every rank since the norm is. Returns `skipped`, a
+    0-dim bool tensor on the device, or None for a skip decided on the host (the caller drops the gradients).
+
+    Nothing is read back to the host, since a read waits for the GPU to finish all it was given: the clip
+    coefficient min(1, max_norm / (norm + 1e-6)) multiplies the gradients on the device (as torch's
+    clip_grad_norm_ does), and a fused AdamW takes the flag as `found_inf` and skips its own update there (its
+    step count too), while the fp16 loss scale adapts on the device (DynamicLossScaler). Only an unfused optimizer
+    makes the step read the flag."""
+    skipped = ~torch.isfinite(norm)
+    fused = optimizer.defaults.get("fused")
+    if not fused:
+        found_inf = bool(skipped)
+        scaler.update(found_inf)
+        if found_inf:
+            return None
+    else:
+        scaler.update(skipped)
+    if max_norm and max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef)
+    if fused:
+        optimizer.found_inf = skipped.float()
+    optimizer.step()
+    return skipped
+
+
+def read_step(norm, skipped, read):
+    """(grad_norm, skipped) as an optimizer's step returns them: floats (read), or the device's tensors."""
+    if skipped is None:  # skipped on the host
+        return (float(norm), True) if read else (norm, torch.ones((), dtype=torch.bool, device=norm.device))
+    return (float(norm), bool(skipped)) if read else (norm, skipped)
+
+
 class MixedPrecisionOptimizer:
     """An optimizer over fp32 master copies of a (possibly 16-bit) model's trainable parameters.
 
@@ -171,11 +264,14 @@ class MixedPrecisionOptimizer:
     the structure of `param_groups`, which holds the model's own parameters. In fp32 the masters are the
     model's parameters themselves: no copy, one code path. `no_sync` makes the context for accumulation
     micro-steps that must not communicate (ddp.py's); one process has nothing to skip. `expert_norm_reduce_fn`
-    (expert parallelism): sums the squared norm of the expert_parallel parameters' gradients over the ep group."""
+    (expert parallelism): sums the squared norm of the expert_parallel parameters' gradients over the ep group.
+    `main_grads`: a 16-bit model's gradients accumulate in fp32 (accumulate_main_grads)."""
 
     def __init__(self, param_groups, make_optimizer, dtype, scaler, norm_reduce_fn=None, no_sync=None,
-                 expert_norm_reduce_fn=None):
+                 expert_norm_reduce_fn=None, main_grads=False):
         self.model_params = [p for g in param_groups for p in g["params"]]
+        if main_grads:  # 16-bit gradients accumulated in fp32 (accumulate_main_grads)
+            accumulate_main_grads(self.model_params)
         self.low_precision = dtype != torch.float32 and dtype != torch.float64
         if self.low_precision:
             master_groups = [{**g, "params": [p.detach().float().clone().requires_grad_(True) for p in g["params"]]}
@@ -195,40 +291,34 @@ class MixedPrecisionOptimizer:
     def zero_grad(self):
         for p in self.model_params:
             p.grad = None
+            if hasattr(p, "main_grad"):
+                p.main_grad = None
 
     def scale_loss(self, loss):
-        return loss * self.scaler.scale if self.scaler.enabled else loss
+        return loss * self.scaler.scale_on(loss.device).to(loss.dtype) if self.scaler.enabled else loss
 
-    def step(self, max_norm=0.0):
-        """Unscale, check for overflow, clip, update, copy back. Returns (grad_norm, skipped)."""
-        inv_scale = 1.0 / self.scaler.scale
+    def step(self, max_norm=0.0, read=True):
+        """Unscale, check for overflow, clip, update, copy back. Returns (grad_norm, skipped): Python numbers, or
+        with read=False 0-dim tensors on the device, for the loop to read when it logs (clip_and_step)."""
+        inv_scale = 1.0 / self.scaler.scale_on(self.master_params[0].device) if self.scaler.enabled else 1.0
         for p, m in zip(self.model_params, self.master_params):
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
-            # In fp32 this is the identity (m is p); in 16-bit it is the one cast up to the master grad.
-            m.grad = g.float() * inv_scale if (self.low_precision or inv_scale != 1.0) else g
+            g = grad_of(p)
+            g = g if g is not None else torch.zeros_like(p)
+            # In fp32 this is the identity (m is p), and so is an fp32 main_grad's; else the one cast up to fp32.
+            m.grad = g if (g.dtype == m.dtype and not self.scaler.enabled) else g.float() * inv_scale
         # Which gradients count and which groups sum them: global_grad_norm's docstring.
         counted = [(m.grad, is_expert_parallel(p)) for p, m in zip(self.model_params, self.master_params)
                    if not is_tp_duplicate(p)]
         norm = global_grad_norm([g for g, e in counted if not e], self.norm_reduce_fn,
                                 [g for g, e in counted if e], self.expert_norm_reduce_fn)
-        found_inf = not math.isfinite(float(norm))
-        self.scaler.update(found_inf)
-        if found_inf:  # skip: the weights and the optimizer state stay as they were
-            for m in self.master_params:
-                m.grad = None
-            return float(norm), True
-        coef = clip_coef(norm, max_norm)
-        if coef < 1.0:
-            for m in self.master_params:
-                m.grad.mul_(coef)
-        self.optimizer.step()
-        if self.low_precision:
+        skipped = clip_and_step(self.optimizer, [m.grad for m in self.master_params], norm, max_norm, self.scaler)
+        if skipped is not None and self.low_precision:  # (a skipped update left the masters as they were)
             with torch.no_grad():
                 for p, m in zip(self.model_params, self.master_params):
                     p.copy_(m)
         for m in self.master_params:
             m.grad = None
-        return float(norm), False
+        return read_step(norm, skipped, read)
 
     def checkpoint_pieces(self):
         """What checkpoint.py saves and restores: each trainable parameter whole, as (param, start, end, {kind: flat

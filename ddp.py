@@ -31,15 +31,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from amp import LOW_PRECISION
 from moe import is_expert_parallel
 
 
 class Bucket:
-    """A flat buffer holding the gradients of a few consecutive parameters, all of one dtype."""
+    """A flat buffer holding the gradients of a few consecutive parameters, all of one dtype (`dtype`: theirs, or
+    fp32 for 16-bit parameters whose gradients accumulate and are reduced in fp32)."""
 
-    def __init__(self, params, device):
+    def __init__(self, params, device, dtype):
         self.params = params
-        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=device)
+        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device)
         self.views, offset = {}, 0
         for p in params:
             self.views[p] = self.buffer[offset:offset + p.numel()].view_as(p)
@@ -52,7 +54,7 @@ class DistributedDataParallel(nn.Module):
     """Wraps `module`; call it as the module. `group` is the data-parallel process group (topology.dp_group),
     never the world: under tensor or pipeline parallelism the world also holds ranks with other weights."""
 
-    def __init__(self, module, group=None, bucket_mb=25.0):
+    def __init__(self, module, group=None, bucket_mb=25.0, main_grads=False):
         super().__init__()
         self.module = module
         self.group = group
@@ -70,20 +72,26 @@ class DistributedDataParallel(nn.Module):
         # The first bucket is small (1 MB at most, as torch's DDP does), so that communication starts as soon as
         # the head's gradients exist instead of after a whole bucket's worth of backward.
         params = [p for p in module.parameters() if p.requires_grad and not is_expert_parallel(p)]
+        # main_grads: a 16-bit parameter's bucket is fp32, and is its main_grad (amp.accumulate_main_grads): every
+        # micro-step's gradient is added into it, and the all-reduce sums fp32 (half the speed on the wire, none
+        # of bf16's rounding in the sum over ranks).
+        dtype = {p: torch.float32 if main_grads and p.dtype in LOW_PRECISION else p.dtype for p in params}
         limit = min(bucket_mb, 1.0) * 2 ** 20
         self.buckets, current, size = [], [], 0
         for p in reversed(params):
-            if current and (size + p.numel() * p.element_size() > limit or p.dtype != current[0].dtype):
-                self.buckets.append(Bucket(current, p.device))
+            if current and (size + p.numel() * dtype[p].itemsize > limit or dtype[p] != dtype[current[0]]):
+                self.buckets.append(Bucket(current, p.device, dtype[current[0]]))
                 current, size, limit = [], 0, bucket_mb * 2 ** 20
             current.append(p)
-            size += p.numel() * p.element_size()
+            size += p.numel() * dtype[p].itemsize
         if current:
-            self.buckets.append(Bucket(current, current[0].device))
+            self.buckets.append(Bucket(current, current[0].device, dtype[current[0]]))
         self.bucket_of = {p: b for b in self.buckets for p in b.params}
         self.next_bucket = 0  # buckets are launched in index order: every rank issues the same sequence
         self.callback_queued = False
         for p in params:
+            if dtype[p] != p.dtype:
+                p.main_grad = None  # (None: no gradient since zero_grad)
             p.register_post_accumulate_grad_hook(self._grad_ready)
 
     def forward(self, *args, **kwargs):
@@ -100,6 +108,14 @@ class DistributedDataParallel(nn.Module):
 
     def _grad_ready(self, p):
         """Runs inside backward, right after p.grad has received this micro-step's contribution."""
+        view = self.bucket_of[p].views[p]
+        if view.dtype != p.dtype:  # accumulated in the fp32 bucket on every micro-step, as amp.py's main_grad
+            if p.main_grad is None:
+                view.copy_(p.grad)
+                p.main_grad = view
+            else:
+                view.add_(p.grad)
+            p.grad = None
         if not self.require_sync:
             return
         if not self.callback_queued:
@@ -107,8 +123,7 @@ class DistributedDataParallel(nn.Module):
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
             self.callback_queued = True
         bucket = self.bucket_of[p]
-        view = bucket.views[p]
-        if p.grad is not view:
+        if p.grad is not None and p.grad is not view:
             view.copy_(p.grad)
             p.grad = view  # the bucket now *is* the gradient: no copy back after the reduction
         bucket.ready.add(p)
@@ -129,10 +144,14 @@ class DistributedDataParallel(nn.Module):
         """End of backward: launch what is left (parameters this backward did not reach get zero gradients,
         the same on every rank), then wait for every bucket."""
         for bucket in self.buckets[self.next_bucket:]:
-            for p in bucket.params:
-                if p not in bucket.ready:
-                    bucket.views[p].zero_()
-                    p.grad = bucket.views[p]
+            for p in (p for p in bucket.params if p not in bucket.ready):
+                view = bucket.views[p]
+                if view.dtype == p.dtype:
+                    view.zero_()
+                    p.grad = view
+                elif p.main_grad is None:  # (an fp32 bucket keeps what earlier micro-steps added)
+                    view.zero_()
+                    p.main_grad = view
             self._launch(bucket)
         for bucket in self.buckets:
             bucket.work.wait()

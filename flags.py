@@ -67,7 +67,11 @@ def add_shared_flags(ap, **defaults):
     a("--beta1", type=float, default=0.9, help="AdamW's")
     a("--beta2", type=float, default=0.95, help="AdamW's")
     a("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
-    a("--amp", default="fp32", choices=sorted(DTYPES), help="compute precision (amp.py; fp8: quantization.py)")
+    a("--amp", default="auto", choices=["auto", *sorted(DTYPES)],
+      help="compute precision (amp.py; fp8: quantization.py); auto: bf16 on CUDA, fp32 on a CPU")
+    a("--grad-reduce-dtype", default="fp32", choices=["fp32", "model"],
+      help="16-bit models: gradients accumulated over micro-steps and reduced over ranks in fp32 (amp.py's "
+           "main_grad), or in the model's dtype (half the bytes, 8 bits of mantissa)")
     a("--attn", default="sdpa", choices=ATTN_BACKENDS, help="attention backend (model.py, flash_attn.py)")
     a("--activation-checkpointing", action="store_true", help="recompute each block's activations in backward")
     a("--compile", action="store_true", help="torch.compile the model")
@@ -165,6 +169,8 @@ def check_args(args, world):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.amp == "auto":  # fp32 on a GPU leaves SDPA's flash kernel (16-bit only) for T x T fp32 scores
+        args.amp = "bf16" if cuda else "fp32"  # resolved here: checkpoints record the precision that ran
     if args.amp == "fp8" and (why := quantization.fp8_unsupported("cuda" if cuda else "cpu")):
         raise ConfigError(why)
     if args.bucket_mb <= 0:

@@ -167,10 +167,7 @@ def attention(q, k, v, backend, doc=None):
     if backend == "naive":
         return naive_attention(q, k, v, doc)
     if backend == "sdpa":
-        gqa = q.shape[1] != k.shape[1]
-        if doc is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=packed_mask(doc), enable_gqa=gqa)
+        return sdpa_attention(q, k, v, doc)
     if backend == "flash":
         from flash_attn import flash_attention  # imported late: Triton is only needed when asked for
         return flash_attention(q, k, v, causal=True) if doc is None else flash_attention(q, k, v, causal=True,
@@ -209,6 +206,30 @@ class KVCache:
         self.k[:, :, self.len:self.len + T], self.v[:, :, self.len:self.len + T] = k, v
         self.len += T
         return self.k[:, :, :self.len], self.v[:, :, :self.len]
+# SDPA's flash kernel on CUDA takes these dtypes only, and no attn_mask; grouped-query attention through enable_gqa.
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def sdpa_attention(q, k, v, doc=None):
+    """torch's SDPA, called so that on CUDA a kernel with O(T) memory serves every form the model asks for; any
+    call it cannot serve falls to the math backend, which builds the T x T fp32 scores of every head:
+      - 16-bit causal rows (with GQA or not): the flash kernel;
+      - 16-bit packed rows: their block-diagonal mask is one the flash kernel cannot take, so they go to
+        flash_attn.py's document path, which never builds it (and skips the other documents' tiles);
+      - fp32 (--amp fp32; a CPU's default): the memory-efficient kernel takes fp32 and masks but not enable_gqa,
+        so on CUDA K and V are first expanded to the query heads.
+    On a CPU the flash kernel serves every form in any dtype: fp32 and fp64 calls are as they always were."""
+    gqa = q.shape[1] != k.shape[1]
+    if doc is not None and q.dtype in FLASH_DTYPES:
+        from flash_attn import HEAD_DIMS, flash_attention  # imported late: Triton is only needed when asked for
+        if HEAD_DIMS[0] <= q.shape[-1] <= HEAD_DIMS[1]:
+            return flash_attention(q, k, v, causal=True, doc=doc)
+    if gqa and q.is_cuda and q.dtype not in FLASH_DTYPES:
+        groups = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), False
+    if doc is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=packed_mask(doc), enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -337,12 +358,14 @@ class Transformer(nn.Module):
         return [KVCache(max_len or self.cfg.block_size) for _ in self.blocks]
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, top_p=None, use_cache=True):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, top_p=None, use_cache=True,
+               agree=None):
         """Yield the next (B, 1) tokens one at a time. With the cache: one prefill forward over the prompt, then
         one decoding forward per token, of that token alone, while the context has room; past block_size, and
         without the cache, each token is a forward over the last block_size tokens (a sliding window, whose
         positions shift every step, so nothing cached stays valid). `n_vocab`: the tokenizer's real vocabulary,
-        so that the padding ids (never seen in training) are never drawn."""
+        so that the padding ids (never seen in training) are never drawn. `agree`: makes ranks that generate
+        together take one token (topology.rank0_token)."""
         # Room for the prompt and the new tokens only: a Hugging Face model's context may be 128k positions.
         cache = self.new_cache(min(self.cfg.block_size, idx.shape[1] + max_new_tokens)) if use_cache else None
         for _ in range(max_new_tokens):
@@ -353,12 +376,16 @@ class Transformer(nn.Module):
             else:  # the first step prefills with the whole prompt, each later one feeds only the newest token
                 logits, _ = self(idx[:, cache[0].len:], cache=cache)
             nxt = sample(logits[:, -1, :n_vocab], temperature, top_k, top_p)
+            if agree is not None:
+                nxt = agree(nxt)
             idx = torch.cat([idx, nxt], dim=1)
             yield nxt
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, top_p=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, top_p=None, use_cache=True,
+                 agree=None):
         """The prompt and max_new_tokens sampled tokens after it (stream)."""
-        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, n_vocab, top_p, use_cache)], 1)
+        tokens = self.stream(idx, max_new_tokens, temperature, top_k, n_vocab, top_p, use_cache, agree)
+        return torch.cat([idx, *tokens], 1)
 
 
 def top_p_mask(probs, top_p):

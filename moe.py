@@ -74,6 +74,18 @@ def all_to_all(x, send_splits, recv_splits, group):
     return _AllToAll.apply(x, send_splits, recv_splits, group)
 
 
+def combine(y, pair, k, N):
+    """Each token's output, the sum of its k pairs' gated outputs `y` (pair c N + t: token t's choice c; a pair
+    dropped for capacity adds 0), in a fixed order: the pairs go to their own rows of a (k, N, d) buffer, summed
+    over k. Adding them straight into the output by token (index_add_) uses atomic adds on CUDA, in whatever order
+    the threads arrive: the low bits of a sum change from run to run, and tensor-parallel ranks, which hold the
+    same activations and must route them alike, drift apart. For the same reason the tokens are dispatched from
+    k copies of x (x.repeat above) rather than x[token]: the backward of each is then a sum in a fixed order
+    too, instead of atomic adds of k gradients into one row."""
+    buffer = y.new_zeros(k * N, y.shape[-1]).index_copy(0, pair, y)  # every row written once: no atomics
+    return buffer.view(k, N, -1).sum(0)
+
+
 class MoE(nn.Module):
     """Drop-in for model.MLP: same input and output shape; the balancing loss and load are left in
     `self.aux_loss` and `self.load` after each forward, for the trainer to add and to log."""
@@ -102,21 +114,21 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         N = x.shape[0]
         top_e, gates = self.route(x)
-        # (token, choice) pairs, choice-major, so that every token's first choice is served before any second.
+        # (token, choice) pairs, choice-major, so that every token's first choice is served before any second:
+        # pair c N + t is token t's choice c.
         expert = top_e.t().reshape(-1)
-        token = torch.arange(N, device=x.device).repeat(self.k)
+        pair = torch.arange(self.k * N, device=x.device)
         gate = gates.t().reshape(-1)
         if self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * self.k * N / self.E)
             position = (F.one_hot(expert, self.E).cumsum(0) - 1).gather(1, expert[:, None]).squeeze(1)
             keep = position < capacity
-            expert, token, gate = expert[keep], token[keep], gate[keep]
+            expert, pair, gate = expert[keep], pair[keep], gate[keep]
         order = torch.argsort(expert, stable=True)  # group the pairs by expert
-        expert, token, gate = expert[order], token[order], gate[order]
+        expert, pair, gate = expert[order], pair[order], gate[order]
         counts = torch.bincount(expert, minlength=self.E)
-        y = self.run_experts(x[token], counts)
-        out = torch.zeros_like(x).index_add_(0, token, y * gate[:, None].to(y.dtype))
-        return out.view(shape)
+        y = self.run_experts(x.repeat(self.k, 1)[pair], counts)
+        return combine(y * gate[:, None].to(y.dtype), pair, self.k, N).view(shape)
 
     def run_experts(self, xs, counts):
         """xs: the routed pairs' inputs grouped by expert (counts[e] rows for expert e). Returns their outputs.
@@ -192,11 +204,12 @@ def expert_params(model):
 def reduce_expert_grads(model, dp, expert_dp_group=None):
     """Expert grads hold the sum over their ep group's tokens; sum over replicas (if dp > ep), then / dp."""
     for p in expert_params(model):
-        if p.grad is None:
+        grad = p.grad if getattr(p, "main_grad", None) is None else p.main_grad  # (amp.grad_of: fp32 main_grad)
+        if grad is None:
             continue
         if expert_dp_group is not None:
-            dist.all_reduce(p.grad, group=expert_dp_group)
-        p.grad.div_(dp)
+            dist.all_reduce(grad, group=expert_dp_group)
+        grad.div_(dp)
 
 
 def check_flags(args, n_layer):

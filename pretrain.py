@@ -40,7 +40,7 @@ from checkpoint import CheckpointError
 from estimate import PEAK_TFLOPS
 from flags import ConfigError
 from model import PRESETS, Transformer, config_dict, flops_per_token, num_params, pad_vocab
-from topology import TopologyError
+from topology import TopologyError, rank0_token
 from weights import load_weights
 
 
@@ -195,15 +195,16 @@ def sample(run, enc):
     if not (run.rank0 or topo.tp > 1 or run.zero == 3 or topo.ep > 1):
         return
     # Under tensor parallelism every tp rank samples in lockstep (the head gathers the full logits, the same
-    # seed draws the same tokens); under ZeRO-3 every forward gathers weights from every rank, under expert
-    # parallelism every forward sends tokens to every ep rank's experts: all sample.
+    # seed draws the same tokens; rank 0's are taken); under ZeRO-3 every forward gathers weights from every
+    # rank, under expert parallelism every forward sends tokens to every ep rank's experts: all sample.
     model.eval()
     tensor_parallel.set_gather_output(model, True)
     if topo.world > 1:
         torch.manual_seed(args.seed)
     prompt = torch.tensor([enc.encode_ordinary("def ")], device=run.device)
+    agree = rank0_token(topo.world > 1 and (topo.tp > 1 or run.zero == 3 or topo.ep > 1))
     text = enc.decode(model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50,
-                                     n_vocab=enc.n_vocab)[0].tolist())
+                                     n_vocab=enc.n_vocab, agree=agree)[0].tolist())
     if run.rank0:
         (run.out / "sample.txt").write_text(text)
         print("-" * 30 + " sample " + "-" * 30 + "\n" + text + "\n" + "-" * 68, flush=True)

@@ -71,7 +71,7 @@ from chat import encode, prompt_ids, read_jsonl, stop_ids, to_messages
 from data import DataError, eot_id
 from flags import ConfigError
 from model import PRESETS, ModelConfig, Transformer, config_dict, flops_per_token, num_params
-from topology import TopologyError
+from topology import TopologyError, rank0_token
 from weights import load_weights, save_checkpoint
 
 # ------------------------------------------------------------------------------------------- the loss mask
@@ -229,13 +229,16 @@ def add_lora(args, model_config):
 
 
 @torch.no_grad()
-def answer(model, enc, ids, max_new_tokens, device):
+def answer(model, enc, ids, max_new_tokens, device, agree=None):
     """Greedy decoding until an end token (chat.stop_ids), the context's end or max_new_tokens (over the
-    tokenizer's ids only: the padded vocabulary's extra rows are never valid tokens)."""
+    tokenizer's ids only: the padded vocabulary's extra rows are never valid tokens). `agree`: ranks that answer
+    together take one token, and so stop together (topology.rank0_token)."""
     stops, block = stop_ids(enc), model.cfg.block_size
     idx = torch.tensor([ids], device=device)
     for _ in range(min(max_new_tokens, block - len(ids))):
         nxt = model(idx)[0][0, -1, :enc.n_vocab].argmax()
+        if agree is not None:
+            nxt = agree(nxt)
         if nxt.item() in stops:
             break
         idx = torch.cat([idx, nxt.view(1, 1)], dim=1)
@@ -407,9 +410,10 @@ def answers(run, enc, val_ex):
         return []  # (under tp, ZeRO-3 and ep every rank's forward communicates: all answer in lockstep)
     model.eval()
     tensor_parallel.set_gather_output(model, True)
+    agree = rank0_token(topo.world > 1 and (topo.tp > 1 or run.zero == 3 or topo.ep > 1))
     samples = []
     for where, messages in val_ex[:args.samples]:
-        reply = answer(model, enc, prompt_ids(enc, messages), args.max_new_tokens, run.device)
+        reply = answer(model, enc, prompt_ids(enc, messages), args.max_new_tokens, run.device, agree)
         asked = [m["content"] for m in messages if m["role"] == "user"][-1:] or [""]
         samples.append({"where": where, "prompt": asked[0], "answer": reply})
         if run.rank0:

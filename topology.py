@@ -34,6 +34,20 @@ import argparse
 import torch.distributed as dist
 
 
+def rank0_token(lockstep):
+    """For ranks that generate in lockstep (under tp, ZeRO-3 or ep each forward is a collective needing them all):
+    a function making each chosen token rank 0's, broadcast over the world; None for a rank generating alone.
+    Their logits agree only up to the last bits of reductions in another order: enough to flip an argmax or a
+    draw, and then one rank stops at end-of-text while the others wait in the next collective for ever."""
+    if not lockstep:
+        return None
+
+    def agree(token):
+        dist.broadcast(token, src=0)
+        return token
+    return agree
+
+
 class TopologyError(ValueError):
     """An impossible layout: the message is the one line the user sees, before any group is built."""
 

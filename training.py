@@ -126,7 +126,7 @@ def build_training(model, args, dtype, topo):
     requires_grad are trained."""
     scaler = DynamicLossScaler(enabled=args.amp == "fp16")
     groups = param_groups(model, args.weight_decay)
-    fused = next(model.parameters()).device.type == "cuda"
+    fused = True  # on every device: it skips an overflowed step on the device (found_inf, amp.clip_and_step)
 
     def make_optimizer(groups):
         return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
@@ -135,32 +135,45 @@ def build_training(model, args, dtype, topo):
     # Under context parallelism the cp ranks of a replica hold the same weights and different tokens: gradients are
     # averaged, and ZeRO shards, over dp x cp (topo.dp_cp_group, the dp group itself when cp is 1).
     norm_reduce = grad_norm_reduce(topo)
+    # 16-bit gradients added up and reduced in fp32 (amp.accumulate_main_grads) unless --grad-reduce-dtype model
+    main_grads = getattr(args, "grad_reduce_dtype", "fp32") == "fp32"
     if topo.dp * topo.cp == 1:
-        return model, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce)
+        return model, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce,
+                                              main_grads=main_grads)
     if args.zero == 0:
-        ddp = DistributedDataParallel(model, topo.dp_cp_group, args.bucket_mb)
+        ddp = DistributedDataParallel(model, topo.dp_cp_group, args.bucket_mb, main_grads)
         expert_reduce = None
         if topo.ep > 1:
             def expert_reduce(sq):
                 dist.all_reduce(sq, group=topo.ep_group)
                 return sq
         return ddp, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce, no_sync=ddp.no_sync,
-                                            expert_norm_reduce_fn=expert_reduce)
+                                            expert_norm_reduce_fn=expert_reduce, main_grads=main_grads)
     opt = ZeroOptimizer(model, groups, make_optimizer, scaler, topo.dp_cp_group, args.zero, args.bucket_mb,
-                        norm_reduce_fn=norm_reduce)
+                        norm_reduce_fn=norm_reduce, main_grads=main_grads)
     return opt.module, opt
 
 
 # ------------------------------------------------------------------------------------------- one step
 def global_counts(micro_batches, topo, device):
-    """(tokens, labelled tokens) of the whole global batch: this rank's rows counted, summed over dp. A micro-
-    batch is (x, y), or (x, y, {"pos": ..., "doc": ...}) for packed rows (model.py's extra inputs)."""
+    """(tokens, labelled tokens) of the global batch, float64 0-dim tensors on the device: this rank's rows counted
+    on the host, where the batch is, summed over dp on the device (nothing waits for the GPU). A micro-batch is
+    (x, y), or (x, y, {"pos": ..., "doc": ...}) for packed rows (model.py's extra inputs)."""
     ys = [mb[1] for mb in micro_batches]
-    n = torch.tensor([sum(y.numel() for y in ys), sum(int((y != -100).sum()) for y in ys)], dtype=torch.float64,
-                     device=device)
+    n = torch.stack([torch.tensor(sum(y.numel() for y in ys), dtype=torch.float64),
+                     sum((y != -100).sum() for y in ys).double()])
+    n = to_device(n, device)
     if topo.dp > 1:
         dist.all_reduce(n, group=topo.dp_group)
-    return n[0].item(), n[1].item()
+    return n[0], n[1]
+
+
+def to_device(t, device):
+    """A host tensor on the device; on CUDA from pinned memory, non_blocking: as a step never waits for the GPU, the
+    host loads and queues the next step's batch while the GPU still runs this one (a one-step prefetch)."""
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, no_sync=None, n_labels=None):
@@ -172,17 +185,18 @@ def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, n
     whole rows (every cp rank holds them) summed over dp."""
     if n_labels is None:
         _, n_labels = global_counts(micro_batches, topo, device)
-    per_rank = max(n_labels, 1.0) / (topo.dp * topo.cp)
-    if topo.pp > 1:  # the last stage sums its micro-batches' losses and divides by per_rank (pipeline.py)
-        return pipeline.run_pipeline(model, micro_batches, topo, schedule, loss_div=per_rank, scale_loss=scale_loss,
-                                     no_sync=no_sync)
+    per_rank = torch.as_tensor(n_labels, dtype=torch.float64).clamp(min=1.0) / (topo.dp * topo.cp)
+    if topo.pp > 1:  # the last stage sums its micro-batches' losses / per_rank (pipeline.py: a number, one read)
+        return pipeline.run_pipeline(model, micro_batches, topo, schedule, loss_div=per_rank.item(),
+                                     scale_loss=scale_loss, no_sync=no_sync)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, (x, y, *packing) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         x, y, kw = context_parallel.split_batch(x, y, topo)  # this cp rank's tokens (the whole rows without --cp)
         with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
-            _, loss = model(x.to(device), y.to(device), reduction="sum", **on(device, packing or [kw]))
-            loss = loss / per_rank
+            _, loss = model(to_device(x, device), to_device(y, device), reduction="sum",
+                            **on(device, packing or [kw]))
+            loss = loss / per_rank.to(loss.dtype)
             # MoE layers left their balancing loss behind in this forward (0 for a dense model); it trains the
             # routers but is not part of the language-modelling loss that is logged.
             scale_loss(loss + moe.aux_loss(model) / len(micro_batches)).backward()
@@ -193,7 +207,7 @@ def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, n
 def on(device, packing):
     """The packed rows' extra inputs (pos, doc) on the device, as keyword arguments of the model. (Under --cp,
     [split_batch's positions] instead: --pack and --cp are never both on.)"""
-    return {k: v.to(device) for k, v in packing[0].items()} if packing else {}
+    return {k: to_device(v, device) for k, v in packing[0].items()} if packing else {}
 
 
 def mean_over_dp(x, topo):
@@ -348,8 +362,9 @@ class Run:
     val_losses: list = field(default_factory=list)
     metrics: object = None
     t_last: float = 0.0
-    tokens_since: float = 0.0         # (padding included) since the last log line, all ranks
-    labels_since: float = 0.0
+    tokens_since: object = 0.0        # (padding included) since the last log line, all ranks (a device tensor
+    labels_since: object = 0.0        # between log lines)
+    pending: list = field(default_factory=list)  # the records of the steps not read back yet (read_pending)
     guard: DivergenceGuard = field(default_factory=DivergenceGuard)  # stops a run that cannot train (amp.py)
     last_good: int = None             # the step of the newest checkpoint saved with a finite loss
 
@@ -408,14 +423,30 @@ def train_step(run):
                             run.device, run.opt.no_sync, labels)
     if run.topo.ep > 1:  # expert gradients: summed over their replicas, / dp (moe.py); dense ones are done
         moe.reduce_expert_grads(run.model, run.topo.dp, run.topo.expert_dp_group)
-    grad_norm, skipped = run.opt.step(run.args.grad_clip)
+    grad_norm, skipped = run.opt.step(run.args.grad_clip, read=False)
     run.opt.zero_grad()
     run.step += 1
-    loss_value = mean_over_dp(loss, run.topo).item()  # the global batch's loss, the same on every rank
-    run.losses.append(loss_value)
-    run.tokens_since += tokens
-    run.labels_since += labels
-    return {"step": run.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
+    loss = mean_over_dp(loss, run.topo)  # the global batch's loss, the same on every rank
+    # Kept on the device, read at the next log (read_pending): each read would wait for the GPU to finish.
+    run.tokens_since = run.tokens_since + tokens
+    run.labels_since = run.labels_since + labels
+    return {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
+
+
+def read_pending(run):
+    """One host read of the losses, gradient norms and skips of the steps since the last (alike on every rank); the
+    guard checks each in order, so a run that cannot train stops here, on every rank. Its reason, or None."""
+    recs, run.pending = run.pending, []
+    if not recs:
+        return None
+    values = torch.stack([torch.stack([r["loss"].double(), r["grad_norm"].double(), r["skipped"].double()])
+                          for r in recs]).tolist()
+    reason = None
+    for rec, (loss, norm, skipped) in zip(recs, values):
+        rec.update(loss=loss, grad_norm=norm, skipped=bool(skipped))
+        run.losses.append(loss)
+        reason = reason or run.guard.check(loss, norm, run.opt.scaler)
+    return reason
 
 
 def log_step(run, rec):
@@ -423,6 +454,7 @@ def log_step(run, rec):
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - run.t_last
+    run.tokens_since, run.labels_since = float(run.tokens_since), float(run.labels_since)
     tps = run.tokens_since / dt
     if run.device.type == "cpu":  # the CPU's peak was measured (estimate.peak_flops); a run faster than it has
         run.peak = max(run.peak, tps * run.fpt)  # measured a higher one, so MFU never reads above 100%
@@ -459,8 +491,11 @@ def train_loop(run):
     run.t_last = time.perf_counter()
     while run.step < stop_at:
         rec = train_step(run)
-        reason = run.guard.check(rec["loss"], rec["grad_norm"], run.opt.scaler)
-        if run.step % args.log_every == 0 or run.step == stop_at or reason:
+        run.pending.append(rec)
+        logs = run.step % args.log_every == 0 or run.step == stop_at
+        # Read at log steps, and before a save (a diverged state is never saved).
+        reason = read_pending(run) if logs or run.step % args.save_every == 0 else None
+        if logs or reason:
             log_step(run, rec)
         if reason:
             log(run, {"step": run.step, "stopped": reason}, f"step {run.step:5d} | stopped: the run cannot train")

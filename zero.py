@@ -41,7 +41,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from amp import clip_coef, global_grad_norm
+from amp import LOW_PRECISION, accumulate_main_grads, clip_and_step, global_grad_norm, grad_of, read_step
 from ddp import DistributedDataParallel
 from moe import is_ep_duplicate, is_expert_parallel
 from tensor_parallel import is_tp_duplicate
@@ -75,7 +75,7 @@ class FlatUnit:
             a, b = max(off, self.lo), min(off + p.numel(), self.hi)
             if a < b:
                 self.pieces.append((p, a - off, a - self.lo, b - a))
-        self.grad_shard = None    # stages 2, 3: this rank's slice of the averaged gradient, in the model's dtype
+        self.grad_shard = None    # stages 2, 3: this rank's slice of the averaged gradient, in grad_dtype
         self.master_grad = None   # during step() only
         self.ready = 0            # gradients received in the current backward
         self.shard16 = None       # stage 3: this rank's slice of the 16-bit weights
@@ -90,7 +90,7 @@ class ZeroOptimizer:
     checkpoint_pieces, after_load, scaler, no_sync) over partitioned states. `module` is what to call forward on."""
 
     def __init__(self, model, param_groups, make_optimizer, scaler, group=None, stage=1, bucket_mb=25.0,
-                 norm_reduce_fn=None):
+                 norm_reduce_fn=None, main_grads=False):
         assert stage in (1, 2, 3)
         self.stage, self.group, self.scaler = stage, group, scaler
         self.norm_reduce_fn = norm_reduce_fn  # sums the squared norm over the other groups (tp, pp) too
@@ -101,7 +101,12 @@ class ZeroOptimizer:
         if experts and stage > 1:
             raise ValueError(f"ZeRO stage {stage} shards gradients over the data-parallel group, whose ranks hold "
                              "different experts under expert parallelism: use stage 1")
-        self.module = DistributedDataParallel(model, group, bucket_mb) if stage == 1 else model
+        # main_grads: a 16-bit model's gradients accumulated and reduced in fp32 (amp.accumulate_main_grads): stage 1
+        # in ddp.py's fp32 buckets (the experts, outside them, in their own fp32 buffers); stages 2 and 3
+        # reduce-scatter each micro-step's gradients in fp32 and add up fp32 slices.
+        self.module = DistributedDataParallel(model, group, bucket_mb, main_grads) if stage == 1 else model
+        if main_grads and stage == 1:
+            accumulate_main_grads(experts)
         if stage > 1:  # ddp.py broadcasts for stage 1; here the same: one starting point, the first rank's
             src = dist.get_global_rank(group, 0) if group is not None else 0
             with torch.no_grad():
@@ -121,6 +126,8 @@ class ZeroOptimizer:
         if experts:  # a unit "sharded" over one rank: this rank holds all of it, master and optimizer state
             self.units.append(FlatUnit(model, experts, 0, 1, master_dtype))
             self.units[-1].local = True
+        for u in self.units:  # the dtype gradients are reduced and added up in
+            u.grad_dtype = torch.float32 if main_grads and u.dtype in LOW_PRECISION else u.dtype
         for u in self.units:
             if u.master.dtype == u.dtype:  # an fp32 (or fp64) model is its own master, as in amp.py: no copy
                 if stage == 3:
@@ -160,9 +167,11 @@ class ZeroOptimizer:
             u.grad_shard = None
             for p in u.params:
                 p.grad = None
+                if hasattr(p, "main_grad"):
+                    p.main_grad = None
 
     def scale_loss(self, loss):
-        return loss * self.scaler.scale if self.scaler.enabled else loss
+        return loss * self.scaler.scale_on(loss.device).to(loss.dtype) if self.scaler.enabled else loss
 
     # ------------------------------------------------------------------ gradients (stages 2, 3)
     def _grad_ready(self, p):
@@ -175,13 +184,13 @@ class ZeroOptimizer:
             self._reduce_scatter(u)
 
     def _reduce_scatter(self, u):
-        flat = torch.zeros_like(u.full)
+        flat = torch.zeros(u.full.shape, dtype=u.grad_dtype, device=u.full.device)
         for p, off in zip(u.params, u.offsets):
             if p.grad is not None:
                 flat[off:off + p.numel()].copy_(p.grad.flatten())
             p.grad = None  # from here on this rank only holds its slice
         flat.div_(self.world)  # averaging: sum of x / N, divided first to keep fp16 in range
-        out = torch.empty(u.shard_size, dtype=u.dtype, device=flat.device)
+        out = torch.empty(u.shard_size, dtype=u.grad_dtype, device=flat.device)
         self.in_flight.append((u, reduce_scatter_single(out, flat, group=self.group, async_op=True), out, flat))
         u.ready = 0
         if self.stage == 3:
@@ -284,19 +293,19 @@ class ZeroOptimizer:
         dist.all_reduce(x, group=self.group)
         return self.norm_reduce_fn(x) if self.norm_reduce_fn is not None else x
 
-    def step(self, max_norm=0.0):
+    def step(self, max_norm=0.0, read=True):
         """Unscale, agree on overflow, clip by the global norm, step this rank's slices, share them.
-        Returns (grad_norm, skipped), the same on every rank."""
-        inv_scale = 1.0 / self.scaler.scale
+        Returns (grad_norm, skipped), the same on every rank: numbers, or with read=False the device's tensors."""
+        inv_scale = 1.0 / self.scaler.scale_on(self.units[0].master.device) if self.scaler.enabled else 1.0
         for u in self.units:
             if self.stage == 1:  # the averaged gradients are whole on every rank (ddp.py): take my slice
-                g = torch.zeros(u.shard_size, dtype=u.dtype, device=u.master.device)
+                g = torch.zeros(u.shard_size, dtype=u.grad_dtype, device=u.master.device)
                 for p, a, s, n in u.pieces:
-                    if p.grad is not None:
-                        g[s:s + n] = p.grad.flatten()[a:a + n]
+                    if grad_of(p) is not None:
+                        g[s:s + n] = grad_of(p).flatten()[a:a + n]
             else:
                 g = u.grad_shard if u.grad_shard is not None else torch.zeros_like(u.master)
-            same = g.dtype == u.master.dtype and inv_scale == 1.0
+            same = g.dtype == u.master.dtype and not self.scaler.enabled
             u.master_grad = g if same else g.to(u.master.dtype) * inv_scale  # the cast up, as in amp.py
         # Each distinct piece once over the world (amp.global_grad_norm's docstring): not the tp duplicates of
         # replicated parameters, not the experts' second replicas; the dp sum comes first in _sum_over_ranks.
@@ -304,22 +313,17 @@ class ZeroOptimizer:
                    if not is_tp_duplicate(p) and not is_ep_duplicate(p)]
         norm = global_grad_norm(counted or [torch.zeros(1, device=self.units[0].master.device)],
                                 self._sum_over_ranks)
-        found_inf = not math.isfinite(float(norm))
-        self.scaler.update(found_inf)
-        if not found_inf:
-            coef = clip_coef(norm, max_norm)
-            for u in self.units:
-                if coef < 1.0:
-                    u.master_grad.mul_(coef)
-                for (_, _, s, n), view in zip(u.pieces, u.views):
-                    view.grad = u.master_grad[s:s + n]
-            self.optimizer.step()
+        for u in self.units:
+            for (_, _, s, n), view in zip(u.pieces, u.views):
+                view.grad = u.master_grad[s:s + n]
+        skipped = clip_and_step(self.optimizer, [u.master_grad for u in self.units], norm, max_norm, self.scaler)
+        if skipped is not None:  # (a skipped update left the slices as they were: publishing them changes nothing)
             self._publish()
         for u in self.units:
             u.master_grad = None
             for view in u.views:
                 view.grad = None
-        return float(norm), found_inf
+        return read_step(norm, skipped, read)
 
     def _publish(self):
         """The updated slices become the model's weights: all-gathered (stages 1, 2) or kept as the slice (3)."""

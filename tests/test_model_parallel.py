@@ -13,6 +13,7 @@ import pipeline
 import pretrain
 import training
 import tensor_parallel
+from amp import grad_of
 from model import PRESETS, Transformer
 from moe import add_moe
 from tests.distributed import refused_before_any_group, run_distributed
@@ -250,7 +251,7 @@ def _fp16_overflow_on_rank0(rank, world):
             if zero >= 2:
                 opt.units[0].grad_shard[0] = float("inf")
             else:
-                next(model.parameters()).grad[0, 0] = float("inf")
+                grad_of(next(model.parameters()))[0, 0] = float("inf")  # (fp32 main_grad of the fp16 weight)
         _, skipped = opt.step(1.0)
         with opt.gathered() if zero == 3 else contextlib.nullcontext():
             unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

@@ -50,8 +50,9 @@ def _pretrain(tmp, nproc, extra):
     """pretrain.py on `nproc` GPUs (a fresh torchrun), 4 steps of the tiny preset; returns its logged losses."""
     out = os.path.join(tmp, "-".join(extra) or "one")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "pretrain.py",
-           "--device", "cuda", "--model", "tiny", "--batch-size", "16", "--seq-len", "128", "--max-steps", "4",
-           "--log-every", "1", "--eval-every", "4", "--eval-iters", "2", "--sample-tokens", "0", "--out", out, *extra]
+           "--device", "cuda", "--amp", "fp32", "--model", "tiny", "--batch-size", "16", "--seq-len", "128",
+           "--max-steps", "4", "--log-every", "1", "--eval-every", "4", "--eval-iters", "2", "--sample-tokens", "0",
+           "--out", out, *extra]
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=300)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [r["loss"] for r in map(json.loads, f) if "loss" in r]
