@@ -35,6 +35,7 @@ import mmap
 import re
 import struct
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -46,28 +47,61 @@ NAMES = {v: k for k, v in DTYPES.items()}
 
 
 # ----------------------------------------------------------------------------- the whole model
+class SavedWeights(Mapping):
+    """A step folder's parameters by full name, assembled only when asked: [name] one whole tensor, box(name, box)
+    only a block of it. Each rank file is memory-mapped, so only the pages of the pieces a block overlaps are
+    read. For each parameter, the first of `kinds` saved for it (by default the fp32 master where there is one,
+    else the weights)."""
+
+    def __init__(self, d, meta, kinds=("master", "param")):
+        self.d, by_name, self.saved = Path(d), {}, {}
+        for f in meta["files"]:
+            t = torch.load(self.d / f["file"], map_location="cpu", mmap=True, weights_only=False)["tensors"]
+            for r in f["pieces"]:
+                by_name.setdefault(r["name"], []).append((t, r))
+        for name, saved in by_name.items():
+            kind = next((k for k in kinds if any(k in r["kinds"] for _, r in saved)), None)
+            if kind is not None:
+                self.saved[name] = (kind, [(t[r["kinds"][kind]], r) for t, r in saved if kind in r["kinds"]])
+        self.shapes = {name: saved[0][1]["shape"] for name, (_, saved) in self.saved.items()}
+
+    def __getitem__(self, name):
+        return self.box(name, [[0, n] for n in self.shapes[name]])
+
+    def __iter__(self):
+        return iter(sorted(self.saved, key=_order))
+
+    def __len__(self):
+        return len(self.saved)
+
+    def box(self, name, box):
+        """Block `box` ([start, length] per dimension) of the whole tensor `name`, copied from the pieces."""
+        kind, saved = self.saved[name]
+        out = torch.empty([n for _, n in box], dtype=saved[0][0].dtype)
+        n = sum(copy_overlap(out.view(-1), rects(box, [0, out.numel()]), t, rects(r["box"], r["flat"]))
+                for t, r in saved)
+        if n != out.numel():
+            raise CheckpointError(f"{self.d}: {kind} of {name}: the checkpoint's pieces cover {n} of the "
+                                  f"{out.numel()} values asked for (missing, or saved twice)")
+        return out
+
+
 def full_state_dict(d, meta, kinds=("master", "param")):
-    """Every parameter whole, of the first of `kinds` saved for it (by default the fp32 master where there is one,
-    else the weights), from a step folder: the pieces of every rank's file assembled."""
-    by_name = {}
-    for f in meta["files"]:
-        t = torch.load(d / f["file"], map_location="cpu", mmap=True, weights_only=False)["tensors"]
-        for r in f["pieces"]:
-            by_name.setdefault(r["name"], []).append((t, r))
-    sd = {}
-    for name, saved in by_name.items():
-        kind = next((k for k in kinds if any(k in r["kinds"] for _, r in saved)), None)
-        if kind is None:
-            continue
-        first = next(t[r["kinds"][kind]] for t, r in saved if kind in r["kinds"])
-        whole = torch.empty(saved[0][1]["shape"], dtype=first.dtype)
-        n = sum(copy_overlap(whole.view(-1), rects([[0, s] for s in whole.shape], [0, whole.numel()]),
-                             t[r["kinds"][kind]], rects(r["box"], r["flat"])) for t, r in saved if kind in r["kinds"])
-        if n != whole.numel():
-            raise CheckpointError(f"{d}: {kind} of {name}: the checkpoint's pieces cover {n} of its {whole.numel()} "
-                                  "values (missing, or saved twice)")
-        sd[name] = whole
-    return dict(sorted(sd.items(), key=lambda kv: _order(kv[0])))
+    """Every parameter whole (SavedWeights, every one assembled), in the model's order."""
+    return dict(SavedWeights(d, meta, kinds))
+
+
+def read_box(weights, name, shape, box):
+    """Block `box` ([start, length] per dimension) of the whole tensor `name` (of `shape`) of `weights`: a state
+    dict (memory-mapped, as load_weights gives it: only the block's pages are read) or SavedWeights. A copy."""
+    if name not in weights:
+        raise CheckpointError(f"the weights have no {name} (another model?)")
+    have = weights.shapes[name] if isinstance(weights, SavedWeights) else weights[name].shape
+    if list(have) != list(shape):
+        raise CheckpointError(f"the weights' {name} has shape {list(have)}, the model's {list(shape)}")
+    if isinstance(weights, SavedWeights):
+        return weights.box(name, box)
+    return weights[name][tuple(slice(a, a + n) for a, n in box)].clone(memory_format=torch.contiguous_format)
 
 
 def _order(name):  # the model's own order: embedding, blocks by number, norm, head
@@ -98,18 +132,20 @@ def consolidate(src, dst):
 def load_weights(path):
     """Whole weights from what a user may hand over: a run's folder (its newest complete step), a step folder,
     a consolidated file, or a Hugging Face Llama folder. Returns {"model": state dict, "model_config": dict,
-    "tokenizer", "args": the flags of the run that trained it (empty for a Hugging Face folder)}."""
+    "tokenizer", "args": the flags of the run that trained it (empty for a Hugging Face folder)}. Nothing is read
+    yet: the state dict's tensors are memory-mapped from the file (SavedWeights for a folder), so a rank that
+    takes its blocks (read_box) reads only their pages."""
     p = Path(path)
     if p.is_dir() and (p / "config.json").exists():
         return import_hf(p)
     if p.is_dir():
         d, meta = newest_whole(p)
-        return {"model": full_state_dict(d, meta), "model_config": meta["model_config"],
+        return {"model": SavedWeights(d, meta), "model_config": meta["model_config"],
                 "tokenizer": meta["tokenizer"], "args": meta.get("args", {})}
     if not p.is_file():
         raise CheckpointError(f"{path}: no such file or folder (a run's --out, a consolidated file or an HF folder)")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        ckpt = torch.load(p, map_location="cpu", mmap=True, weights_only=False)
         return {"model": ckpt["model"], "model_config": ckpt["model_config"], "tokenizer": ckpt["tokenizer"],
                 "args": ckpt.get("args") or {}}
     except Exception as e:
@@ -175,7 +211,8 @@ def read_safetensors(path):
             assert isinstance(header, dict)
         except (ValueError, AssertionError):
             raise HFError(f"{path}: corrupt safetensors header (not a JSON object)") from None
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # Copy-on-write: the tensors may be written to without touching the file; pages are read when touched.
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     out = {}
     for name, h in header.items():
         if name == "__metadata__":
@@ -186,9 +223,8 @@ def read_safetensors(path):
             assert 0 <= a and b - a == nbytes and 8 + n + b <= size
         except (KeyError, TypeError, ValueError, AssertionError):
             raise HFError(f"{path}: corrupt safetensors header entry for {name} ({h})") from None
-        buf = memoryview(data)[8 + n + a:8 + n + b]
-        out[name] = (torch.frombuffer(bytearray(buf), dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
-                     ).view(shape)
+        out[name] = (torch.frombuffer(data, dtype=dtype, count=nbytes // dtype.itemsize, offset=8 + n + a) if nbytes
+                     else torch.empty(0, dtype=dtype)).view(shape)
     return out
 
 
