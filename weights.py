@@ -32,6 +32,7 @@ write them; `sft.py --init hf/` or `pretrain.py --init model.pt` read them back 
 """
 import json
 import mmap
+import os
 import re
 import struct
 import sys
@@ -192,14 +193,19 @@ def write_safetensors(path, tensors, metadata=None):
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the tensors start 8-byte aligned
-    with open(path, "wb") as f:
+    # Written aside, then renamed over `path`: a file being read through a memory map (read_safetensors) is
+    # never truncated under its reader, which keeps the old contents until it lets go.
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for t in tensors.values():
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    os.replace(tmp, path)
 
 
 def read_safetensors(path):
-    """{name: tensor} from a .safetensors file; every length, dtype and offset checked against the file."""
+    """{name: tensor} from a .safetensors file; every length, dtype and offset checked against the file. The
+    tensors are views of a memory map of the file: nothing is read until they are."""
     size = Path(path).stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)

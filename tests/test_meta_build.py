@@ -136,3 +136,52 @@ def test_no_rank_holds_more_than_its_share_while_building(monkeypatch, tp, pp):
                 assert peak <= mine + 2 * 64 * 4 + 4096, (peak, mine)  # two blocks of draws, the RoPE tables
             else:
                 assert peak >= whole
+
+
+# ----------------------------------------------------------------------------- --init, block by block
+def _init_onto_layouts(rank, world, out):
+    """Save seed 0's model from a tp 2 layout (a run's folder), consolidate it and export it to a Hugging Face
+    folder (rank 0), then build tp 2 and pp 2 models from each of the three, with another seed."""
+    topo = Topology(tp=2)
+    args = pretrain.build_parser().parse_args([])
+    model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64)
+    _, opt = training.build_training(model, args, torch.float64, topo)
+    config = asdict(replace(CFG, attn="-"))
+    checkpoint.save(out / "run", 1, model, opt, topo, {"model_config": config, "tokenizer": "bytes"})
+    if rank == 0:
+        checkpoint.main(["consolidate", str(out / "run"), str(out / "model.pt")])
+        checkpoint.main(["export-hf", str(out / "run"), str(out / "hf")])
+    torch.distributed.barrier()
+    got = {}
+    for source in ("run", "model.pt", "hf"):
+        init = weights.load_weights(out / source)
+        assert init["model_config"] == config
+        for tp, pp in ((2, 1), (1, 2)):
+            topo = Topology(tp=tp, pp=pp)
+            m = training.build_model(CFG, topo, seed=1, device=torch.device("cpu"), dtype=torch.float64,
+                                     weights=init["model"])
+            got[source, tp, pp] = (topo.tp_rank, {lora.full_name(m, n): p.detach() for n, p in m.named_parameters()})
+    return got
+
+
+def test_init_weights_are_read_onto_any_layout(tmp_path):
+    ref, held = one_process(1, 0, None), {}
+    for got in run_distributed(_init_onto_layouts, 2, tmp_path):
+        for (source, tp, pp), (tp_rank, params) in got.items():
+            for name, p in params.items():
+                assert torch.equal(p, expected(ref, name, tp, tp_rank)), (source, tp, pp, name)
+                held.setdefault((source, tp, pp), set()).add(name)
+    assert len(held) == 6 and all(names == set(ref) for names in held.values())
+
+
+def test_init_weights_that_do_not_fit_are_one_line(tmp_path):
+    sd = {n: p.detach() for n, p in Transformer(CFG).named_parameters()}
+    topo = Topology()
+    cpu = torch.device("cpu")
+    with pytest.raises(checkpoint.CheckpointError, match="the weights have no blocks.0.attn.wq.weight"):
+        training.build_model(CFG, topo, 0, cpu, torch.float32, weights={k: v for k, v in sd.items()
+                                                                        if k != "blocks.0.attn.wq.weight"})
+    with pytest.raises(checkpoint.CheckpointError, match=r"the weights' norm.weight has shape \[8\], the model's \[32\]"):
+        training.build_model(CFG, topo, 0, cpu, torch.float32, weights=sd | {"norm.weight": torch.ones(8)})
+    with pytest.raises(checkpoint.CheckpointError, match="the weights hold blocks.0.mlp.router.weight, which this"):
+        training.build_model(CFG, topo, 0, cpu, torch.float32, weights=sd | {"blocks.0.mlp.router.weight": sd["tok_emb.weight"]})
