@@ -16,7 +16,10 @@ Formulas, per token, for L layers of width d, context T and N parameters in matr
 The parallel files change this model from outside, never from within: tensor_parallel.py swaps the Linear
 layers and embedding for sharded ones and shrinks `n_head`/`n_kv_head` to the local heads; pipeline.py keeps a
 slice of `blocks` and calls `embed`, `body` and `head` separately; moe.py swaps a block's `mlp`; lora.py wraps
-Linears. That is why attention reshapes with -1 heads and why the forward is three small methods.
+Linears. That is why attention reshapes with -1 heads and why the forward is three small methods. And why the
+initial values are drawn by parameter name (init_values: one generator per block of rows of a parameter, seeded
+by the model's seed and the parameter's name in the whole model): a rank can build its own stage, slices and
+experts on their own (training.build_model, on the meta device first), equal to the same part of the whole model.
 
 Demo: `python model.py` prints the presets with their parameter counts and FLOPs per token, then checks that
 the naive and SDPA attention backends agree.

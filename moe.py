@@ -143,7 +143,7 @@ class MoE(nn.Module):
 
 
 def shard_experts(moe, ep_rank, ep, ep_group, expert_dp_rank=0):
-    """Keep only this rank's E/ep experts of a fully initialised MoE (same seed everywhere: exact parity), and
+    """Keep only this rank's E/ep experts of a whole MoE (real, or on the meta device: training.build_model), and
     mark them: expert_parallel (this rank's own: ddp.py neither broadcasts nor averages them, zero.py does not
     shard them; reduce_expert_grads reduces them) and, on every replica but the first of an expert-data group
     (expert_dp_rank > 0), ep_duplicate (the gradient norm counts each expert once: amp.global_grad_norm)."""

@@ -3,7 +3,8 @@
 Each case is one fresh process that builds rank r of a world-4 layout (a topology of the right coordinates and
 no process group: building communicates nothing) and reports its peak resident memory (VmHWM, from
 /proc/self/status) right after training.build_model and the optimizer's construction, next to the bytes of the
-parameters it holds and to its resident memory before building (torch imported). Two ways to build:
+parameters it holds and to its resident memory before building (torch imported, a tiny model built once so that
+torch's own first-use allocations are not counted as the model's). Two ways to build:
 
     whole   the whole model on the device (every parameter allocated and drawn), then cut to the rank's stage,
             slices and experts: what every rank did before the meta build (its peak: the whole model)
@@ -62,6 +63,9 @@ def child(model_name, layout, rank, how, init):
     cfg = PRESETS[model_name]
     tp, pp = LAYOUTS[layout]
     topo = fake_topology(rank, tp, pp)
+    tiny = replace(PRESETS["tiny"], n_layer=pp, n_head=4 * tp, n_kv_head=tp)
+    training.build_model(tiny, topo, 0, torch.device("cpu"), torch.float32)  # warm-up: torch's first-use costs
+    Transformer(tiny)  # (about 100 MB of lazy initialisation) are not the model's
     before = rss_mb("VmRSS")
     t0 = time.perf_counter()
     if how == "meta":

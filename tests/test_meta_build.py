@@ -40,8 +40,8 @@ def adapter(targets):
 
 def expected(ref, name, tp, tp_rank):
     """The piece of the one-process model's parameter `name` a tp rank holds: tensor_parallel.split_dim's
-    dimension cut in tp (an expert's as the MLP's), the LoRA factors as lora.py cuts them (B by rows under a column-parallel weight, A by
-    columns under a row-parallel one), everything else whole."""
+    dimension cut in tp (an expert's as the MLP's), the LoRA factors as lora.py cuts them (B by rows under a
+    column-parallel weight, A by columns under a row-parallel one), everything else whole."""
     layer, _, leaf = re.sub(r"experts\.\d+\.", "", name).rpartition(".")  # an expert is split as the MLP it replaces
     d = tensor_parallel.split_dim(layer + ".weight" if leaf in ("lora_A", "lora_B") else f"{layer}.{leaf}")
     if leaf in ("lora_A", "lora_B") and (d, leaf) not in ((0, "lora_B"), (1, "lora_A")):
@@ -178,10 +178,10 @@ def test_init_weights_that_do_not_fit_are_one_line(tmp_path):
     sd = {n: p.detach() for n, p in Transformer(CFG).named_parameters()}
     topo = Topology()
     cpu = torch.device("cpu")
-    with pytest.raises(checkpoint.CheckpointError, match="the weights have no blocks.0.attn.wq.weight"):
-        training.build_model(CFG, topo, 0, cpu, torch.float32, weights={k: v for k, v in sd.items()
-                                                                        if k != "blocks.0.attn.wq.weight"})
-    with pytest.raises(checkpoint.CheckpointError, match=r"the weights' norm.weight has shape \[8\], the model's \[32\]"):
-        training.build_model(CFG, topo, 0, cpu, torch.float32, weights=sd | {"norm.weight": torch.ones(8)})
-    with pytest.raises(checkpoint.CheckpointError, match="the weights hold blocks.0.mlp.router.weight, which this"):
-        training.build_model(CFG, topo, 0, cpu, torch.float32, weights=sd | {"blocks.0.mlp.router.weight": sd["tok_emb.weight"]})
+    for weights_given, message in [
+            ({k: v for k, v in sd.items() if k != "blocks.0.attn.wq.weight"}, "the weights have no blocks.0.attn.wq"),
+            (sd | {"norm.weight": torch.ones(8)}, r"the weights' norm.weight has shape \[8\], the model's \[32\]"),
+            (sd | {"blocks.0.mlp.router.weight": sd["norm.weight"]}, "the weights hold blocks.0.mlp.router.weight, "
+                                                                     "which this model has not")]:
+        with pytest.raises(checkpoint.CheckpointError, match=message):
+            training.build_model(CFG, topo, 0, cpu, torch.float32, weights=weights_given)
