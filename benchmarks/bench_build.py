@@ -104,11 +104,22 @@ def main():
     if args.child:
         name, layout, rank, how, init = args.child
         return child(name, layout, int(rank), how, init if init != "-" else None)
+    print(f"{'model':<10} {'layout':<7} {'rank':>4} {'build':<6} {'--init':<6} {'params MB':>10} "
+          f"{'RSS before MB':>14} {'peak RSS MB':>12} {'peak - before':>14} {'s':>6}", flush=True)
     rows = []
+
+    def case(*argv):  # one process after the other (never two whole models at once); each row when it is done
+        r = run_case(*argv)
+        rows.append(r)
+        print(f"{r['model']:<10} {r['layout']:<7} {r['rank']:>4} {r['how']:<6} {'file' if r['init'] else '-':<6} "
+              f"{r['params_mb']:>10,} {r['before_mb']:>14,} {r['peak_mb']:>12,} {r['peak_mb'] - r['before_mb']:>14,} "
+              f"{r['seconds']:>6}", flush=True)
+
     for layout in args.layouts.split(","):
         # whole: one rank stands for all (each builds the same whole model first); meta: every rank
-        rows += [run_case(args.model, layout, 0, "whole", "-")]
-        rows += [run_case(args.model, layout, r, "meta", "-") for r in range(4)]
+        case(args.model, layout, 0, "whole", "-")
+        for r in range(4):
+            case(args.model, layout, r, "meta", "-")
     with tempfile.TemporaryDirectory() as d:  # --init: a consolidated file of the smaller preset
         cfg = PRESETS[args.init_model]
         torch.manual_seed(0)
@@ -117,14 +128,9 @@ def main():
                    Path(d) / "model.pt")
         del sd
         layout = args.layouts.split(",")[0]
-        rows += [run_case(args.init_model, layout, 0, "whole", Path(d) / "model.pt")]
-        rows += [run_case(args.init_model, layout, r, "meta", Path(d) / "model.pt") for r in range(4)]
-    print(f"{'model':<10} {'layout':<7} {'rank':>4} {'build':<6} {'--init':<6} {'params MB':>10} "
-          f"{'RSS before MB':>14} {'peak RSS MB':>12} {'peak - before':>14} {'s':>6}")
-    for r in rows:
-        print(f"{r['model']:<10} {r['layout']:<7} {r['rank']:>4} {r['how']:<6} {'file' if r['init'] else '-':<6} "
-              f"{r['params_mb']:>10,} {r['before_mb']:>14,} {r['peak_mb']:>12,} {r['peak_mb'] - r['before_mb']:>14,} "
-              f"{r['seconds']:>6}")
+        case(args.init_model, layout, 0, "whole", Path(d) / "model.pt")
+        for r in range(4):
+            case(args.init_model, layout, r, "meta", Path(d) / "model.pt")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
