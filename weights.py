@@ -3,7 +3,9 @@
 The idea: a checkpoint (checkpoint.py) is pieces of every parameter spread over the files of the ranks that held
 them; the whole model is those pieces assembled (full_state_dict: each rank file memory-mapped, each piece copied
 into place). `consolidate` writes it as one file; `load_weights` reads whatever a user hands over (a run's folder,
-a step folder, such a file, or a Hugging Face folder), for sft.py --init, pretrain.py --init and generation.
+a step folder, such a file, or a Hugging Face folder), for sft.py --init, pretrain.py --init and generation. It
+reads nothing yet: each tensor is memory-mapped (SavedWeights for a folder), and training.build_model copies out
+only the blocks a rank holds (read_box), so a rank of a large model never holds the whole one.
 
 model.py is a Llama-architecture decoder (RMSNorm, rotary embeddings on split halves, SwiGLU, grouped-query
 attention, no biases), so a trained model is a LlamaForCausalLM once its tensors are renamed, and a Llama
@@ -25,7 +27,8 @@ safetensors, written out: 8 bytes of little-endian header length N, N bytes of J
 memory map and one view per tensor; every field is checked, so a damaged file is one line, not a crash.
 
 Cost: assembling reads every piece of the chosen kind once (the fp32 masters: 4 bytes per parameter) after the
-CRC-32 of every file (all of the checkpoint); the file written is 4 bytes per parameter.
+CRC-32 of every file (all of the checkpoint); the file written is 4 bytes per parameter. --init on a layout: each
+rank reads its blocks' pages (and, from a run's folder, the CRC-32 of every file first).
 
 Run: `python checkpoint.py consolidate out/pretrain model.pt` and `python checkpoint.py export-hf out/pretrain hf/`
 write them; `sft.py --init hf/` or `pretrain.py --init model.pt` read them back (load_weights).
