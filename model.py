@@ -202,6 +202,7 @@ ELEMENTS_PER_DRAW = 1 << 20  # about this many values per generator: whole rows 
 
 
 def init_seed():
+    """The model's seed: one draw from torch's global generator (torch.manual_seed(seed) makes it repeatable)."""
     return int(torch.randint(0, 2 ** 62, (), device="cpu"))
 
 

@@ -91,8 +91,8 @@ def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=No
         model = moe.with_experts(Transformer(cfg), args)
     names = {name for name, _ in model.named_parameters()}
     if weights is not None and (extra := sorted(set(weights) - names)):
-        raise checkpoint.CheckpointError(f"the weights hold {extra[0]}, which this model has not (another --experts or "
-                              "--moe-layers?)")
+        raise checkpoint.CheckpointError(f"the weights hold {extra[0]}, which this model has not (another "
+                                         "--experts or --moe-layers?)")
     pipeline.keep_stage(model, topo)
     tensor_parallel.parallelize(model, topo, sequence_parallel)
     context_parallel.parallelize(model, topo)  # --cp: ring attention in every block
