@@ -21,11 +21,15 @@ so each new token is one forward of that token alone, its query against the cach
 The parallel files change this model from outside, never from within: tensor_parallel.py swaps the Linear
 layers and embedding for sharded ones and shrinks `n_head`/`n_kv_head` to the local heads; pipeline.py keeps a
 slice of `blocks` and calls `embed`, `body` and `head` separately; moe.py swaps a block's `mlp`; lora.py wraps
-Linears. That is why attention reshapes with -1 heads and why the forward is three small methods.
+Linears. That is why attention reshapes with -1 heads and why the forward is three small methods. And why the
+initial values are drawn by parameter name (init_values: one generator per block of rows of a parameter, seeded
+by the model's seed and the parameter's name in the whole model): a rank can build its own stage, slices and
+experts on their own (training.build_model, on the meta device first), equal to the same part of the whole model.
 
 Demo: `python model.py` prints the presets with their parameter counts and FLOPs per token, then checks that
 the naive and SDPA attention backends agree.
 """
+import hashlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -290,30 +294,106 @@ def cross_entropy(logits, targets, reduction="mean"):
                            ignore_index=-100, reduction=reduction)
 
 
+# ----------------------------------------------------------------------------- initialisation, by name
+# Every parameter is drawn from its own generators, seeded by (the model's seed, its name in the whole model, the
+# block of rows): a pipeline stage, a tensor-parallel slice or an expert-parallel rank's experts can be drawn on
+# their own, equal to the same part of the whole model's (training.build_model builds only this rank's pieces).
+ELEMENTS_PER_DRAW = 1 << 20  # about this many values per generator: whole rows of the parameter, at least one
+
+
+def init_seed():
+    """The model's seed: one draw from torch's global generator (torch.manual_seed(seed) makes it repeatable)."""
+    return int(torch.randint(0, 2 ** 62, (), device="cpu"))
+
+
+def whole(shape):
+    """The box ([start, length] per dimension) that covers a whole tensor."""
+    return [[0, n] for n in shape]
+
+
+def init_rule(name, shape, n_layer):
+    """(kind, scale) of a parameter's initial values, from its name in the whole model: ones for the norms'
+    gains; N(0, 0.02) for embeddings and linears, with GPT-2's scaled init for each residual branch's output
+    projection (attn.wo, mlp.w2: std 0.02 / sqrt(2L), so the residual stream's variance does not grow with
+    depth); moe.py's routers and experts keep torch's default for a linear, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    if len(shape) == 1:
+        return "ones", 1.0
+    if ".experts." in name or ".router." in name:
+        return "uniform", 1 / math.sqrt(shape[1])
+    if name.endswith(("attn.wo.weight", "mlp.w2.weight")):
+        return "normal", 0.02 / math.sqrt(2 * n_layer)
+    return "normal", 0.02
+
+
+def draw_seed(seed, name, block):
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{name}/{block}".encode(), digest_size=8).digest(), "little")
+
+
+@torch.no_grad()
+def init_values(name, shape, box, seed, n_layer, dtype=None, device=None):
+    """Rows and columns `box` ([start, length] per dimension) of the full parameter `name` (of `shape`), as the
+    whole model's init draws them. Only the blocks of rows the box meets are drawn (one at a time): a slice of
+    rows costs its rows, a slice of columns one block of rows at a time."""
+    out = torch.empty([n for _, n in box], dtype=dtype, device=device)
+    kind, scale = init_rule(name, shape, n_layer)
+    if kind == "ones":
+        return out.fill_(1.0)
+    (r0, h), (c0, w) = box
+    rows = max(1, ELEMENTS_PER_DRAW // shape[1])
+    for start in range(r0 // rows * rows, r0 + h, rows):
+        g = torch.Generator(device=out.device).manual_seed(draw_seed(seed, name, start // rows))
+        block = torch.empty(min(rows, shape[0] - start), shape[1], dtype=out.dtype, device=out.device)
+        block.normal_(0.0, scale, generator=g) if kind == "normal" else block.uniform_(-scale, scale, generator=g)
+        lo, hi = max(start, r0), min(start + rows, r0 + h)
+        out[lo - r0:hi - r0] = block[lo - start:hi - start, c0:c0 + w]
+    return out
+
+
+@torch.no_grad()
+def materialize(module, device, fill):
+    """Every parameter of `module` still on the meta device becomes a real one on `device`, holding
+    fill(name, meta parameter): a new tensor of its shape, not a view of another one (it becomes the parameter);
+    what parallel files marked on a parameter stays on it."""
+    done = {}
+    for prefix, m in module.named_modules():
+        for key, p in m._parameters.items():
+            if p is None or not p.is_meta:
+                continue
+            if p not in done:
+                values = fill(f"{prefix}.{key}" if prefix else key, p).to(device=device, dtype=p.dtype)
+                assert values.shape == p.shape and values.is_contiguous(), f"{prefix}.{key}: {values.shape}"
+                new = nn.Parameter(values, p.requires_grad)
+                new.__dict__.update(p.__dict__)
+                done[p] = new
+            m._parameters[key] = done[p]
+    return module
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # One number from the global random stream (torch.manual_seed first): every parameter's values come from
+        # it and the parameter's name (init_values), so they do not depend on what else is built, nor where.
+        self.init_seed = init_seed()
+        device = torch.empty(0).device  # the caller's default device: under torch.device("meta") nothing is made
         # A plain function, not a module: tensor_parallel.py swaps in the vocabulary-parallel cross-entropy.
         self.loss_fn = cross_entropy
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta, cfg.rope_scaling)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        # GPT-2's scaled init: each residual branch's output projection by 1/sqrt(2L), so the residual stream's
-        # variance does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("attn.wo.weight") or name.endswith("mlp.w2.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        with torch.device("meta"):  # shapes only; materialize allocates and fills them once
+            self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.set_rope_tables(device)
+        if device.type != "meta":
+            materialize(self, device, lambda name, p: init_values(name, p.shape, whole(p.shape), self.init_seed,
+                                                                  cfg.n_layer, p.dtype, device))
 
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+    def set_rope_tables(self, device=None):
+        """The rotary tables, on `device` (again after a build on the meta device: training.build_model)."""
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.block_size, self.cfg.rope_theta, self.cfg.rope_scaling)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     # The forward in three parts, so that pipeline stages can run only theirs.
     def embed(self, idx):

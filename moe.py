@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import MLP
+from model import MLP, init_values, materialize, whole
 
 
 class MoEError(ValueError):
@@ -155,7 +155,7 @@ class MoE(nn.Module):
 
 
 def shard_experts(moe, ep_rank, ep, ep_group, expert_dp_rank=0):
-    """Keep only this rank's E/ep experts of a fully initialised MoE (same seed everywhere: exact parity), and
+    """Keep only this rank's E/ep experts of a whole MoE (real, or on the meta device: training.build_model), and
     mark them: expert_parallel (this rank's own: ddp.py neither broadcasts nor averages them, zero.py does not
     shard them; reduce_expert_grads reduces them) and, on every replica but the first of an expert-data group
     (expert_dp_rank > 0), ep_duplicate (the gradient norm counts each expert once: amp.global_grad_norm)."""
@@ -247,9 +247,15 @@ def parse_layers(spec, n_layer):
 
 def add_moe(model, n_experts, top_k, capacity_factor=None, aux_loss_weight=1e-2, layers=None):
     """Swap the MLP of the chosen blocks (default: every block) for an MoE layer."""
+    device = next(model.parameters()).device
     for i, block in enumerate(model.blocks):
         if layers is None or i in layers:
-            block.mlp = MoE(model.cfg, n_experts, top_k, capacity_factor, aux_loss_weight)
+            with torch.device("meta"):  # then drawn by name from the model's seed, as model.py draws its own
+                block.mlp = MoE(model.cfg, n_experts, top_k, capacity_factor, aux_loss_weight)
+            if device.type != "meta":
+                materialize(block.mlp, device, lambda name, p, i=i: init_values(
+                    f"blocks.{i}.mlp.{name}", p.shape, whole(p.shape), model.init_seed, model.cfg.n_layer, p.dtype,
+                    device))
     return model
 
 

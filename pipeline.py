@@ -45,7 +45,7 @@ def stage_layers(n_layer, pp, stage):
 
 
 def keep_stage(model, topo):
-    """Keep only this stage's part of a full model.Transformer (built with the same seed on every rank)."""
+    """Keep only this stage's part of a full model.Transformer (real, or on the meta device: training.build_model)."""
     if topo.pp == 1:
         model.first_layer = 0
         return model

@@ -170,7 +170,8 @@ def train(args):
 
 
 def read_init(path, model_config, tokenizer, experts):
-    """--init: whole weights (weights.load_weights) of this run's model and tokenizer, or one line saying why not."""
+    """--init: whole weights (weights.load_weights, memory-mapped: build_model reads only this rank's blocks) of this
+    run's model and tokenizer, or one line saying why not."""
     init = load_weights(path)
     saved, saved_tokenizer = init["model_config"], init["tokenizer"]
     for k in sorted(set(saved) | set(model_config)):

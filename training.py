@@ -3,8 +3,9 @@
 The idea: pretraining and fine-tuning take a step the same way; they differ only in what they feed the loop
 (windows of text, or templated examples with a loss mask) and in their defaults. So the pieces live here once,
 in the order they compose (flags.py checks the flags first): the process groups (topology.py), the model built
-from one seed on every rank and then cut from outside (pipeline.py keeps a stage, tensor_parallel.py a slice,
-moe.py this rank's experts, lora.py wraps layers, amp.py casts, quantization.py swaps in FP8 matmuls), the
+on the meta device and cut from outside (pipeline.py keeps a stage, tensor_parallel.py a slice, moe.py this
+rank's experts) before only this rank's pieces are allocated and drawn from one seed (model.init_values: the
+values do not depend on the layout), then lora.py wraps layers, amp.py casts, quantization.py swaps in FP8), the
 data-parallel wrapper and optimizer (ddp.py or zero.py), one step's forward and backward, evaluation, and the
 loop: set-up, step, log/eval/save, finish, with one place each for saving, resuming, logging a record and the
 end-of-run barrier.
@@ -50,8 +51,9 @@ import tensor_parallel
 from amp import DivergenceGuard, DynamicLossScaler, MixedPrecisionOptimizer, TrainingStopped, cast_model
 from ddp import DistributedDataParallel
 from estimate import peak_flops, peak_memory_mb
-from model import Transformer
+from model import Transformer, init_values, materialize
 from topology import Topology
+from weights import read_box
 from zero import ZeroOptimizer
 
 
@@ -77,18 +79,34 @@ def build_topology(args, world, device):
 
 
 def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=None, weights=None, adapt=None):
-    """The full model from one seed on every rank (with MoE MLPs if asked; `weights`, a full state dict, loaded
-    into it: fine-tuning's starting point), then this pipeline stage's blocks, this tensor-parallel rank's
-    slices, this expert-parallel rank's experts; then `adapt(model)` (LoRA), then the compute precision."""
+    """This rank's piece of the model, and nothing more is ever allocated: the whole model (with MoE MLPs if
+    asked) is built on the meta device (shapes, no memory), cut there to this pipeline stage's blocks, this
+    tensor-parallel rank's slices and this expert-parallel rank's experts, and only then are the pieces left
+    allocated on `device` and filled: each from the whole model's initial values (model.init_values: drawn by
+    parameter name from `seed`, the same whatever the layout), or from `weights` (the whole model's tensors
+    by name, fine-tuning's starting point: a memory-mapped state dict or weights.SavedWeights, of which only
+    this rank's blocks are read). Then `adapt(model)` (LoRA), then the compute precision."""
     torch.manual_seed(seed)
-    with torch.device(device):  # built and initialised where it runs: a 1b preset is 5 GB of fp32 on the host
+    with torch.device("meta"):
         model = moe.with_experts(Transformer(cfg), args)
-    if weights is not None:
-        model.load_state_dict(weights)
+    names = {name for name, _ in model.named_parameters()}
+    if weights is not None and (extra := sorted(set(weights) - names)):
+        raise checkpoint.CheckpointError(f"the weights hold {extra[0]}, which this model has not (another "
+                                         "--experts or --moe-layers?)")
     pipeline.keep_stage(model, topo)
     tensor_parallel.parallelize(model, topo, sequence_parallel)
     context_parallel.parallelize(model, topo)  # --cp: ring attention in every block
     moe.keep_experts(model, topo)
+    pieces = checkpoint.describe(model, topo.tp, topo.tp_rank)  # meta parameter -> (full name, full shape, box)
+
+    def fill(_, p):
+        name, shape, box = pieces[p]
+        if weights is None:
+            return init_values(name, shape, box, model.init_seed, cfg.n_layer, p.dtype, device)
+        return read_box(weights, name, shape, box)
+
+    materialize(model, device, fill)
+    model.set_rope_tables(device)
     if adapt is not None:
         adapt(model)
     cast_model(model, dtype)

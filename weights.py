@@ -3,7 +3,9 @@
 The idea: a checkpoint (checkpoint.py) is pieces of every parameter spread over the files of the ranks that held
 them; the whole model is those pieces assembled (full_state_dict: each rank file memory-mapped, each piece copied
 into place). `consolidate` writes it as one file; `load_weights` reads whatever a user hands over (a run's folder,
-a step folder, such a file, or a Hugging Face folder), for sft.py --init, pretrain.py --init and generation.
+a step folder, such a file, or a Hugging Face folder), for sft.py --init, pretrain.py --init and generation. It
+reads nothing yet: each tensor is memory-mapped (SavedWeights for a folder), and training.build_model copies out
+only the blocks a rank holds (read_box), so a rank of a large model never holds the whole one.
 
 model.py is a Llama-architecture decoder (RMSNorm, rotary embeddings on split halves, SwiGLU, grouped-query
 attention, no biases), so a trained model is a LlamaForCausalLM once its tensors are renamed, and a Llama
@@ -41,7 +43,8 @@ safetensors, written out: 8 bytes of little-endian header length N, N bytes of J
 memory map and one view per tensor; every field is checked, so a damaged file is one line, not a crash.
 
 Cost: assembling reads every piece of the chosen kind once (the fp32 masters: 4 bytes per parameter) after the
-CRC-32 of every file (all of the checkpoint); the file written is 4 bytes per parameter.
+CRC-32 of every file (all of the checkpoint); the file written is 4 bytes per parameter. --init on a layout: each
+rank reads its blocks' pages (and, from a run's folder, the CRC-32 of every file first).
 
 Run: `python checkpoint.py consolidate out/pretrain model.pt` and `python checkpoint.py export-hf out/pretrain hf/`
 write them; `sft.py --init hf/` or `pretrain.py --init model.pt` read them back (load_weights).
@@ -49,10 +52,12 @@ write them; `sft.py --init hf/` or `pretrain.py --init model.pt` read them back 
 import json
 import math
 import mmap
+import os
 import re
 import shutil
 import struct
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -66,28 +71,61 @@ NAMES = {v: k for k, v in DTYPES.items()}
 
 
 # ----------------------------------------------------------------------------- the whole model
+class SavedWeights(Mapping):
+    """A step folder's parameters by full name, assembled only when asked: [name] one whole tensor, box(name, box)
+    only a block of it. Each rank file is memory-mapped, so only the pages of the pieces a block overlaps are
+    read. For each parameter, the first of `kinds` saved for it (by default the fp32 master where there is one,
+    else the weights)."""
+
+    def __init__(self, d, meta, kinds=("master", "param")):
+        self.d, by_name, self.saved = Path(d), {}, {}
+        for f in meta["files"]:
+            t = safe_load(self.d / f["file"])["tensors"]  # (memory-mapped; runs no code)
+            for r in f["pieces"]:
+                by_name.setdefault(r["name"], []).append((t, r))
+        for name, saved in by_name.items():
+            kind = next((k for k in kinds if any(k in r["kinds"] for _, r in saved)), None)
+            if kind is not None:
+                self.saved[name] = (kind, [(t[r["kinds"][kind]], r) for t, r in saved if kind in r["kinds"]])
+        self.shapes = {name: saved[0][1]["shape"] for name, (_, saved) in self.saved.items()}
+
+    def __getitem__(self, name):
+        return self.box(name, [[0, n] for n in self.shapes[name]])
+
+    def __iter__(self):
+        return iter(sorted(self.saved, key=_order))
+
+    def __len__(self):
+        return len(self.saved)
+
+    def box(self, name, box):
+        """Block `box` ([start, length] per dimension) of the whole tensor `name`, copied from the pieces."""
+        kind, saved = self.saved[name]
+        out = torch.empty([n for _, n in box], dtype=saved[0][0].dtype)
+        n = sum(copy_overlap(out.view(-1), rects(box, [0, out.numel()]), t, rects(r["box"], r["flat"]))
+                for t, r in saved)
+        if n != out.numel():
+            raise CheckpointError(f"{self.d}: {kind} of {name}: the checkpoint's pieces cover {n} of the "
+                                  f"{out.numel()} values asked for (missing, or saved twice)")
+        return out
+
+
 def full_state_dict(d, meta, kinds=("master", "param")):
-    """Every parameter whole, of the first of `kinds` saved for it (by default the fp32 master where there is one,
-    else the weights), from a step folder: the pieces of every rank's file assembled."""
-    by_name = {}
-    for f in meta["files"]:
-        t = safe_load(d / f["file"])["tensors"]
-        for r in f["pieces"]:
-            by_name.setdefault(r["name"], []).append((t, r))
-    sd = {}
-    for name, saved in by_name.items():
-        kind = next((k for k in kinds if any(k in r["kinds"] for _, r in saved)), None)
-        if kind is None:
-            continue
-        first = next(t[r["kinds"][kind]] for t, r in saved if kind in r["kinds"])
-        whole = torch.empty(saved[0][1]["shape"], dtype=first.dtype)
-        n = sum(copy_overlap(whole.view(-1), rects([[0, s] for s in whole.shape], [0, whole.numel()]),
-                             t[r["kinds"][kind]], rects(r["box"], r["flat"])) for t, r in saved if kind in r["kinds"])
-        if n != whole.numel():
-            raise CheckpointError(f"{d}: {kind} of {name}: the checkpoint's pieces cover {n} of its {whole.numel()} "
-                                  "values (missing, or saved twice)")
-        sd[name] = whole
-    return dict(sorted(sd.items(), key=lambda kv: _order(kv[0])))
+    """Every parameter whole (SavedWeights, every one assembled), in the model's order."""
+    return dict(SavedWeights(d, meta, kinds))
+
+
+def read_box(weights, name, shape, box):
+    """Block `box` ([start, length] per dimension) of the whole tensor `name` (of `shape`) of `weights`: a state
+    dict (memory-mapped, as load_weights gives it: only the block's pages are read) or SavedWeights. A copy."""
+    if name not in weights:
+        raise CheckpointError(f"the weights have no {name} (another model?)")
+    have = weights.shapes[name] if isinstance(weights, SavedWeights) else weights[name].shape
+    if list(have) != list(shape):
+        raise CheckpointError(f"the weights' {name} has shape {list(have)}, the model's {list(shape)}")
+    if isinstance(weights, SavedWeights):
+        return weights.box(name, box)
+    return weights[name][tuple(slice(a, a + n) for a, n in box)].clone(memory_format=torch.contiguous_format)
 
 
 def _order(name):  # the model's own order: embedding, blocks by number, norm, head
@@ -145,18 +183,22 @@ def load_weights(path):
     """Whole weights from what a user may hand over: a run's folder (its newest complete step), a step folder,
     a consolidated file, or a Hugging Face Llama folder. Returns {"model": state dict, "model_config": dict
     (model.config_dict's form), "tokenizer", "args": the flags of the run that trained it (empty for a Hugging
-    Face folder), "special_ids": {"bos", "eos", "pad"} (special_ids)}."""
+    Face folder), "special_ids": {"bos", "eos", "pad"} (special_ids)}. Nothing is read yet: the state dict's
+    tensors are memory-mapped from the file (SavedWeights for a folder), so a rank that takes its blocks
+    (read_box) reads only their pages."""
     p = Path(path)
     if p.is_dir() and (p / "config.json").exists():
         return import_hf(p)
     if p.is_dir():
         d, meta = newest_whole(p)
-        init = {"model": whole_model(d, meta), "model_config": meta["model_config"],
+        # (a LoRA run's adapters are merged into its weights: read whole, once)
+        init = {"model": whole_model(d, meta) if meta.get("lora") else SavedWeights(d, meta),
+                "model_config": meta["model_config"],
                 "tokenizer": meta["tokenizer"], "args": meta.get("args", {})}
     elif not p.is_file():
         raise CheckpointError(f"{path}: no such file or folder (a run's --out, a consolidated file or an HF folder)")
     else:
-        ckpt = safe_load(p, mmap=False)  # (weights_only: a file that would run code when unpickled is refused)
+        ckpt = safe_load(p)  # (memory-mapped; weights_only: a file that would run code when unpickled is refused)
         try:
             assert all(torch.is_tensor(t) for t in ckpt["model"].values()) and isinstance(ckpt["model_config"], dict)
             init = {"model": ckpt["model"], "model_config": ckpt["model_config"], "tokenizer": ckpt["tokenizer"],
@@ -206,14 +248,19 @@ def write_safetensors(path, tensors, metadata=None):
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the tensors start 8-byte aligned
-    with open(path, "wb") as f:
+    # Written aside, then renamed over `path`: a file being read through a memory map (read_safetensors) is
+    # never truncated under its reader, which keeps the old contents until it lets go.
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for t in tensors.values():
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    os.replace(tmp, path)
 
 
 def read_safetensors(path):
-    """{name: tensor} from a .safetensors file; every length, dtype and offset checked against the file."""
+    """{name: tensor} from a .safetensors file; every length, dtype and offset checked against the file. The
+    tensors are views of a memory map of the file: nothing is read until they are."""
     size = Path(path).stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -225,7 +272,8 @@ def read_safetensors(path):
             assert isinstance(header, dict)
         except (ValueError, AssertionError):
             raise HFError(f"{path}: corrupt safetensors header (not a JSON object)") from None
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # Copy-on-write: the tensors may be written to without touching the file; pages are read when touched.
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     out, spans = {}, []
     for name, h in header.items():
         if name == "__metadata__":
@@ -246,10 +294,8 @@ def read_safetensors(path):
         if name == "__metadata__":
             continue
         dtype, shape, (a, b) = DTYPES[h["dtype"]], h["shape"], h["data_offsets"]
-        nbytes = b - a
-        buf = memoryview(data)[8 + n + a:8 + n + b]
-        out[name] = (torch.frombuffer(bytearray(buf), dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
-                     ).view(shape)
+        out[name] = (torch.frombuffer(data, dtype=dtype, count=(b - a) // dtype.itemsize, offset=8 + n + a) if b > a
+                     else torch.empty(0, dtype=dtype)).view(shape)
     return out
 
 

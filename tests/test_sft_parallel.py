@@ -61,7 +61,10 @@ def test_data_parallel_sft_matches_one_process(tmp_path, files, extra):
         assert val_losses == pytest.approx(one["val_losses"], rel=1e-5)
         assert params.keys() == ref.keys()
         for k in ref:
-            torch.testing.assert_close(params[k], ref[k], rtol=1e-4, atol=1e-6)
+            # fp32, lr 1e-2: Adam divides each step by sqrt(v), which for an element whose gradients are tiny
+            # amplifies their rounding; the worst element depends on the base's draw: measured from 2.7e-7 to
+            # 6.8e-6 apart over three bases (make_init's seed 0, 1, 2).
+            torch.testing.assert_close(params[k], ref[k], rtol=1e-4, atol=1e-5)
     if "--lora-r" in extra:
         assert all(".lora_" in k for k in ref)
         assert (tmp_path / "two" / "adapter.pt").exists()
