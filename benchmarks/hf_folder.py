@@ -53,7 +53,7 @@ def tokenizer_json(n_merges):
 
 
 def config_json(shape, dtype):
-    s = dict(SHAPES[shape])
+    s = dict(SHAPES[shape] if isinstance(shape, str) else shape)  # a name, or a dict of SHAPES' fields
     theta = s.pop("rope_theta")
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **s, "rms_norm_eps": 1e-5,
             "rope_parameters": {"rope_type": "default", "rope_theta": theta}, "tie_word_embeddings": True,
@@ -62,7 +62,7 @@ def config_json(shape, dtype):
 
 
 def write_hf_folder(out, shape="tiny", n_merges=300, dtype=torch.bfloat16, seed=0):
-    """Writes the folder (see the docstring) and returns its path."""
+    """Writes the folder (see the docstring) and returns its path; shape: a name of SHAPES or such a dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tj = tokenizer_json(n_merges)
