@@ -65,6 +65,9 @@ def test_lora_on_tp2_zero3_equals_one_process_then_chats_and_exports(tmp_path, f
         assert samples == one["samples"]
     merged = {d: torch.load(tmp_path / d / "merged.pt", weights_only=False) for d in ("one", "four")}
     assert merged["four"]["tokenizer"] == str(files["hf"].resolve())
+    # transformers 5's form alone (rope_parameters, no top-level rope_theta) gave the model its theta of 5e5.
+    assert "rope_theta" not in json.loads((files["hf"] / "config.json").read_text())
+    assert merged["four"]["model_config"]["rope_theta"] == 5e5
     for k, v in merged["one"]["model"].items():
         torch.testing.assert_close(merged["four"]["model"][k], v, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
 
