@@ -174,8 +174,9 @@ def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=("wq", "wv"), seed=0
         for child_name, child in list(parent.named_children()):
             if child_name in targets and isinstance(child, (nn.Linear, ColumnParallelLinear, RowParallelLinear)):
                 name = f"{parent_name}.{child_name}" if parent_name else child_name
+                # (seed and name in one 32-bit number: a CPU generator keeps only the low 32 bits of its seed)
                 g = torch.Generator(device=child.weight.device).manual_seed(
-                    seed * 2 ** 32 + zlib.crc32(full_name(model, name).encode()))
+                    zlib.crc32(f"{seed}:{full_name(model, name)}".encode()))
                 layer = LoRALinear(child, r, alpha, dropout, g)
                 if r > min(layer.in_features, layer.out_features):
                     raise LoRAError(f"--lora-r {r} is larger than {name}'s smaller side ({layer.in_features} -> "

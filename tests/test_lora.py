@@ -37,6 +37,20 @@ def test_step_zero_is_the_base_model():
     assert all(m.lora_A.abs().sum() > 0 for _, m in lora.lora_layers(adapted))  # A is random, not zero
 
 
+def test_seed_draws_other_adapters():
+    """--seed reaches A: another seed, other values; the same seed, the same ones; every layer its own."""
+    model, _, _ = base_and_batch()
+    drawn = {}
+    for seed in (0, 1, 0):
+        adapted = copy.deepcopy(model)
+        lora.apply_lora(adapted, r=4, alpha=8, targets=ALL, seed=seed)
+        drawn.setdefault(seed, []).append([m.lora_A.clone() for _, m in lora.lora_layers(adapted)])
+    (a0, a0_again), (a1,) = drawn[0], drawn[1]
+    assert all(torch.equal(p, q) for p, q in zip(a0, a0_again))
+    assert not any(torch.equal(p, q) for p, q in zip(a0, a1))
+    assert not torch.equal(a0[0], a0[1])
+
+
 def test_trainable_parameters_are_r_times_d_in_plus_d_out(capsys):
     model, _, _ = base_and_batch()
     lora.apply_lora(model, r=4, alpha=8, targets=("wq", "wk", "w2"))
