@@ -107,8 +107,8 @@ def load_data(args, ckpt):
         data_dir = args.data
     meta = data_lib.load_meta(data_dir, tokenizer)
     if ckpt and ckpt["tokenizer"] != meta["tokenizer"]:
-        raise ConfigError(f"--resume: the checkpoint was trained with tokenizer {ckpt['tokenizer']!r}, "
-                          f"the data uses {meta['tokenizer']!r}")
+        raise ConfigError(f"{args.out} holds a run trained with tokenizer {ckpt['tokenizer']!r}, the data uses "
+                          f"{meta['tokenizer']!r}: give --fresh (the old run is moved aside) or another --out")
     return data_dir, meta
 
 
@@ -127,9 +127,6 @@ def train(args):
         raise data_lib.DataError(f"--data {data_dir}: token id {meta['max_id']} is outside the model's vocabulary "
                                  f"of {cfg.vocab_size}")
     model_config = asdict(replace(cfg, attn="-", activation_checkpointing=False))
-    if ckpt and ckpt["model_config"] != model_config:
-        raise ConfigError(f"--resume: the checkpoint in {args.out} is of another model config than --model "
-                          f"{args.model}")
     if err := tensor_parallel.check_divisible(cfg, args.tp):
         raise TopologyError(err)
     T = args.seq_len or cfg.block_size

@@ -379,8 +379,6 @@ def train(args):
     init = load_init(args.init)
     check_init_config(init, args)
     model_config = init["model_config"]
-    if ckpt and ckpt["model_config"] != model_config:
-        raise ConfigError(f"--resume: the checkpoint in {args.out} is of another model config than --init {args.init}")
     # An MoE base keeps its experts (pretrain.py's --experts ...): the same blocks get MoE MLPs before loading.
     for k in MOE_FLAGS:
         setattr(args, k, (init.get("args") or {}).get(k, 0 if k == "experts" else None))
@@ -410,7 +408,7 @@ def train(args):
                                  weights=init["model"], adapt=add_lora(args, model_config))
     lora_config = getattr(model, "lora_config", None)
     if ckpt and ckpt.get("lora") != lora_config:
-        raise ConfigError(f"--resume: the checkpoint in {args.out} has LoRA settings {ckpt.get('lora')}, this run "
+        raise ConfigError(f"{args.out} holds a run with LoRA settings {ckpt.get('lora')}, this run has "
                           f"{lora_config}")
     with torch.device("meta"):  # FLOPs follow the parameters a token meets: k of E experts per MoE layer
         whole = moe.with_experts(Transformer(cfg), args)
