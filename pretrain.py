@@ -68,7 +68,7 @@ def build_parser():
       help="expert capacity = factor x k x tokens / experts (overflow passes through the residual); "
            "omit for dropless routing")
     a("--aux-loss-weight", type=float, default=1e-2, help="weight of the Switch load-balancing loss")
-    return flags.add_shared_flags(ap, out="out/pretrain")
+    return flags.add_shared_flags(ap)
 
 
 def check_args(args, world):
@@ -113,6 +113,7 @@ def load_data(args, ckpt):
 
 
 def train(args):
+    args.out = args.out or flags.run_folder(args, "pretrain")
     flags.check_values(args)
     if args.estimate:  # estimate.py on this run's flags (any other shape: python estimate.py --help)
         return estimate.main(flags=args)
@@ -157,7 +158,7 @@ def train(args):
     if run.rank0:
         print(f"model {args.model}: {n_params:,} parameters, {run.fpt:.3g} FLOPs/token | data {data_dir} "
               f"({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | batch {args.batch_size} x {T} "
-              f"tokens = {training.describe_layout(run)} | {max_steps} steps | {args.amp} on {device}"
+              f"tokens = {training.describe_layout(run)} | {max_steps} steps | {args.amp} on {device} | out {args.out}"
               + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
     training.train_loop(run)
     if run.step == max_steps and args.sample_tokens > 0:

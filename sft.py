@@ -340,7 +340,7 @@ def build_parser():
     a("--samples", type=int, default=3, help="held-out prompts answered at the end")
     a("--max-new-tokens", type=int, default=200)
     return flags.add_shared_flags(ap, batch_size=16, max_steps=100, lr=5e-4, warmup_steps=10, weight_decay=0.0,
-                                     out="out/sft", save_every=100, eval_every=50)
+                                     save_every=100, eval_every=50)
 
 
 def check_args(args, world):
@@ -373,6 +373,7 @@ MOE_FLAGS = ("experts", "topk", "moe_layers", "capacity_factor", "aux_loss_weigh
 
 
 def train(args):
+    args.out = args.out or flags.run_folder(args, "sft")
     rank, world, device = training.setup_distributed(args)
     dp = check_args(args, world)
     ckpt = training.read_checkpoint(args, rank, world)
@@ -422,7 +423,7 @@ def train(args):
               f"{', prompts too' if args.no_prompt_mask else ', responses only'}), {len(val_rows)} held-out | "
               f"skipped as longer than {T} tokens: {skipped[0]} train, {skipped[1]} held-out | batch "
               f"{args.batch_size} = {training.describe_layout(run)}{' packed' if args.pack else ''} | {args.max_steps} "
-              f"steps | {args.amp} on {device}" + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
+              f"steps | {args.amp} on {device} | out {args.out}" + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
         if lora_config:
             print(lora_lib.describe(model), flush=True)
     training.train_loop(run)
