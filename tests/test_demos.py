@@ -238,6 +238,24 @@ def test_quantization():
 
 
 # ------------------------------------------------------------------------------------ the map itself
+def test_plot(tmp_path):
+    """The docs' pictures: the bubble (p-1)/(m+p-1) = 3/7 for both schedules, the ZeRO paper's 120 / 31.4 / 16.6 /
+    1.9 GB; and a run's curves: one polyline per run, one dot per evaluation."""
+    out = run("plot.py", "--docs")
+    pipeline_svg, zero_svg = (ROOT / "docs" / "pipeline.svg").read_text(), (ROOT / "docs" / "zero.svg").read_text()
+    assert "docs/pipeline.svg" in out and pipeline_svg.count("= 43% of each stage") == 2, pipeline_svg[:400]
+    for gb in ("120.0 GB", "31.4 GB", "16.6 GB", "1.9 GB"):
+        assert gb in zero_svg
+    for name, losses in (("a", [3.0, 2.0, 1.5]), ("b", [3.1, 2.5, 2.0])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "loss": l, "elapsed": s * 2.0}) + "\n" + json.dumps({"step": s, "val_loss": l, "elapsed": s * 2.0})
+            + "\n" for s, l in enumerate(losses, 1)))
+    run("plot.py", tmp_path / "a", tmp_path / "b", "--x", "time", "--svg", tmp_path / "loss.svg")
+    svg = (tmp_path / "loss.svg").read_text()
+    assert svg.count("<polyline") == 2 and svg.count("<circle") == 6 and "val 1.5000" in svg, svg[-800:]
+
+
 RUN_BY = {"python model.py": test_model, "python data.py prepare --src PATH --out DIR": test_data_prepare,
           "python amp.py": test_amp, "python pretrain.py --help": test_pretrain_help,
           "python sft.py --help": test_sft_help,
@@ -250,11 +268,12 @@ RUN_BY = {"python model.py": test_model, "python data.py prepare --src PATH --ou
           "torchrun --nproc_per_node 2 moe.py": test_moe, "make sft": test_make_sft, "python lora.py": test_lora,
           "python benchmarks/bench_pack.py": test_bench_pack, "python quantization.py": test_quantization,
           "python checkpoint.py consolidate out/pretrain model.pt": test_checkpoint_commands,
-          "python checkpoint.py export-hf out/pretrain hf/": test_checkpoint_commands}
+          "python checkpoint.py export-hf out/pretrain hf/": test_checkpoint_commands,
+          "python plot.py --docs": test_plot}
 
 
 def test_every_map_command_is_run():
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Map of the lecture")[1].split("\n## ")[0]
     commands = re.findall(r"^\|[^|]+\|[^|]+\| `([^`]+)` \|$", table, re.M)
-    assert len(commands) == 22 and sorted(commands) == sorted(RUN_BY), commands
+    assert sorted(commands) == sorted(RUN_BY), commands
