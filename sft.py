@@ -423,7 +423,8 @@ def train(args):
               f"{', prompts too' if args.no_prompt_mask else ', responses only'}), {len(val_rows)} held-out | "
               f"skipped as longer than {T} tokens: {skipped[0]} train, {skipped[1]} held-out | batch "
               f"{args.batch_size} = {training.describe_layout(run)}{' packed' if args.pack else ''} | {args.max_steps} "
-              f"steps | {args.amp} on {device} | out {args.out}" + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
+              f"steps | {args.amp} on {device} | out {args.out}"
+              + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
         if lora_config:
             print(lora_lib.describe(model), flush=True)
     training.train_loop(run)

@@ -248,9 +248,9 @@ def test_plot(tmp_path):
         assert gb in zero_svg
     for name, losses in (("a", [3.0, 2.0, 1.5]), ("b", [3.1, 2.5, 2.0])):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "metrics.jsonl").write_text("".join(
-            json.dumps({"step": s, "loss": l, "elapsed": s * 2.0}) + "\n" + json.dumps({"step": s, "val_loss": l, "elapsed": s * 2.0})
-            + "\n" for s, l in enumerate(losses, 1)))
+        records = [{"step": s, key: l, "elapsed": s * 2.0} for s, l in enumerate(losses, 1)
+                   for key in ("loss", "val_loss")]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     run("plot.py", tmp_path / "a", tmp_path / "b", "--x", "time", "--svg", tmp_path / "loss.svg")
     svg = (tmp_path / "loss.svg").read_text()
     assert svg.count("<polyline") == 2 and svg.count("<circle") == 6 and "val 1.5000" in svg, svg[-800:]
