@@ -461,18 +461,22 @@ def find_resume(out, resume=False, fresh=False, rank=0):
 
 
 def check_same_run(out, meta, identity):
-    """The settings in `identity` must be the saved run's (model, data, tokenizer, schedule, ...): one line if not."""
-    saved = meta.get("identity", {})
+    """The settings in `identity` must be the saved run's (model, data, tokenizer, schedule, ...): one line naming
+    every one that differs, so that a single rerun can fix them all."""
+    saved, diffs = meta.get("identity", {}), []
     for key, now in identity.items():
         was = saved.get(key)
-        if was != now:
-            if isinstance(now, dict) and isinstance(was, dict):  # the model config: name the first field that differs
-                k = next(k for k in sorted(set(now) | set(was)) if now.get(k) != was.get(k))
-                what = f"a {key.replace('_', ' ')} with {k} {was.get(k)}, not {now.get(k)}"
-            else:
-                what = f"--{key.replace('_', '-')} {was}, not {now}" + (f" ({REASONS[key]})" if key in REASONS else "")
-            raise CheckpointError(f"{out} holds a run with {what}: resume with the same setting, or give --fresh "
-                                  "(the old run is moved aside) or another --out")
+        if was == now:
+            continue
+        if isinstance(now, dict) and isinstance(was, dict):  # the model config: name each field that differs
+            diffs += [f"{key.replace('_', ' ')} {k} {was.get(k)}, not {now.get(k)}"
+                      for k in sorted(set(now) | set(was)) if now.get(k) != was.get(k)]
+        else:
+            diffs.append(f"--{key.replace('_', '-')} {was}, not {now}" + (f" ({REASONS[key]})" if key in REASONS
+                                                                        else ""))
+    if diffs:
+        raise CheckpointError(f"{out} holds another run ({'; '.join(diffs)}): resume with the same settings, or "
+                              "give --fresh (the old run is moved aside) or another --out")
 
 
 def move_aside(out):
@@ -487,12 +491,21 @@ def move_aside(out):
 
 
 def truncate_metrics(path, step):
-    """metrics.jsonl keeps one history: the records past the resumed step are dropped."""
-    path = Path(path)
+    """metrics.jsonl keeps one history: the records past the resumed step are dropped, and so is a last line cut
+    short by a kill. Returns the elapsed seconds of the last record kept (0 without one), where the run's clock
+    goes on."""
+    path, keep, elapsed = Path(path), [], 0.0
     if path.exists():
-        keep = [line for line in path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+                elapsed = record.get("elapsed", elapsed)
         _write_text(path, "".join(keep))
+    return elapsed
 
 
 if __name__ == "__main__":  # (the command line is weights.py's: it imports this file as `checkpoint`, so that there

@@ -11,8 +11,10 @@ Each entry point adds its own flags and defaults on top of add_shared_flags (pre
 model preset; sft.py: the base model, the template, LoRA, packing).
 """
 import argparse
+import json
 import math
 import os
+import zlib
 from pathlib import Path
 
 import torch
@@ -86,7 +88,8 @@ def add_shared_flags(ap, **defaults):
                                         "(each holds experts/ep of every MoE layer; --zero 0 or 1)")
     a("--cp", type=int, default=1, help="context-parallel ranks (context_parallel.py): each sequence split over cp "
                                         "ranks, ring attention (with --attn flash)")
-    a("--out", default="out/run", help="checkpoints and metrics.jsonl go here")
+    a("--out", default=None, help="checkpoints and metrics.jsonl go here (default: out/PROG-HASH, a folder of "
+                                  "its own for each run: see run_folder)")
     a("--resume", action="store_true",
       help="must resume: fail unless --out holds a complete checkpoint (without it, a run resumes when it can)")
     a("--fresh", action="store_true", help="start over: a previous run in --out is moved aside to OUT.1")
@@ -101,6 +104,22 @@ def add_shared_flags(ap, **defaults):
                                                        "group (and in any collective) before it fails")
     ap.set_defaults(**defaults)
     return ap
+
+
+# The flags that say where and how a run executes, not what it computes: a run keeps its folder when they change
+# (its checkpoints resume on any layout, checkpoint.py), and they are left out of the default folder's name.
+HOW_FLAGS = {"zero", "bucket_mb", "tp", "pp", "microbatches", "pp_schedule", "sequence_parallel", "ep", "cp",
+             "grad_accum", "attn", "activation_checkpointing", "compile", "device", "out", "resume", "fresh",
+             "save_every", "eval_every", "log_every", "stop_after", "eval_iters", "eval_examples", "sample_tokens",
+             "samples", "max_new_tokens", "estimate", "gpus", "gpu", "mfu", "dist_timeout"}
+
+
+def run_folder(args, prog):
+    """The default --out: out/PROG-XXXXXXXX, XXXXXXXX a CRC-32 of every other flag's value. So two commands that
+    train different things never share a folder (the second would be refused: another run is there), and the
+    same command run again, on any layout, finds its own run and continues it."""
+    what = {k: v for k, v in vars(args).items() if k not in HOW_FLAGS}
+    return f"out/{prog}-{zlib.crc32(json.dumps(what, sort_keys=True, default=str).encode()):08x}"
 
 
 def check_values(args):

@@ -68,7 +68,7 @@ def build_parser():
       help="expert capacity = factor x k x tokens / experts (overflow passes through the residual); "
            "omit for dropless routing")
     a("--aux-loss-weight", type=float, default=1e-2, help="weight of the Switch load-balancing loss")
-    return flags.add_shared_flags(ap, out="out/pretrain")
+    return flags.add_shared_flags(ap)
 
 
 def check_args(args, world):
@@ -107,12 +107,13 @@ def load_data(args, ckpt):
         data_dir = args.data
     meta = data_lib.load_meta(data_dir, tokenizer)
     if ckpt and ckpt["tokenizer"] != meta["tokenizer"]:
-        raise ConfigError(f"--resume: the checkpoint was trained with tokenizer {ckpt['tokenizer']!r}, "
-                          f"the data uses {meta['tokenizer']!r}")
+        raise ConfigError(f"{args.out} holds a run trained with tokenizer {ckpt['tokenizer']!r}, the data uses "
+                          f"{meta['tokenizer']!r}: give --fresh (the old run is moved aside) or another --out")
     return data_dir, meta
 
 
 def train(args):
+    args.out = args.out or flags.run_folder(args, "pretrain")
     flags.check_values(args)
     if args.estimate:  # estimate.py on this run's flags (any other shape: python estimate.py --help)
         return estimate.main(flags=args)
@@ -127,9 +128,6 @@ def train(args):
         raise data_lib.DataError(f"--data {data_dir}: token id {meta['max_id']} is outside the model's vocabulary "
                                  f"of {cfg.vocab_size}")
     model_config = config_dict(replace(cfg, attn="-", activation_checkpointing=False))
-    if ckpt and ckpt["model_config"] != model_config:
-        raise ConfigError(f"--resume: the checkpoint in {args.out} is of another model config than --model "
-                          f"{args.model}")
     if err := tensor_parallel.check_divisible(cfg, args.tp):
         raise TopologyError(err)
     T = args.seq_len or cfg.block_size
@@ -160,7 +158,7 @@ def train(args):
     if run.rank0:
         print(f"model {args.model}: {n_params:,} parameters, {run.fpt:.3g} FLOPs/token | data {data_dir} "
               f"({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | batch {args.batch_size} x {T} "
-              f"tokens = {training.describe_layout(run)} | {max_steps} steps | {args.amp} on {device}"
+              f"tokens = {training.describe_layout(run)} | {max_steps} steps | {args.amp} on {device} | out {args.out}"
               + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
     training.train_loop(run)
     if run.step == max_steps and args.sample_tokens > 0:

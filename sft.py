@@ -267,7 +267,7 @@ def build_parser():
     a("--samples", type=int, default=3, help="held-out prompts answered at the end")
     a("--max-new-tokens", type=int, default=200)
     return flags.add_shared_flags(ap, batch_size=16, max_steps=100, lr=5e-4, warmup_steps=10, weight_decay=0.0,
-                                     out="out/sft", save_every=100, eval_every=50)
+                                     save_every=100, eval_every=50)
 
 
 def check_args(args, world):
@@ -300,14 +300,13 @@ MOE_FLAGS = ("experts", "topk", "moe_layers", "capacity_factor", "aux_loss_weigh
 
 
 def train(args):
+    args.out = args.out or flags.run_folder(args, "sft")
     rank, world, device = training.setup_distributed(args)
     dp = check_args(args, world)
     ckpt = training.read_checkpoint(args, rank, world)
     init = load_init(args.init)
     check_init_config(init, args)
     model_config = init["model_config"]
-    if ckpt and ckpt["model_config"] != model_config:
-        raise ConfigError(f"--resume: the checkpoint in {args.out} is of another model config than --init {args.init}")
     # An MoE base keeps its experts (pretrain.py's --experts ...): the same blocks get MoE MLPs before loading.
     for k in MOE_FLAGS:
         setattr(args, k, (init.get("args") or {}).get(k, 0 if k == "experts" else None))
@@ -340,7 +339,7 @@ def train(args):
                                  weights=init["model"], adapt=add_lora(args, model_config))
     lora_config = getattr(model, "lora_config", None)
     if ckpt and ckpt.get("lora") != lora_config:
-        raise ConfigError(f"--resume: the checkpoint in {args.out} has LoRA settings {ckpt.get('lora')}, this run "
+        raise ConfigError(f"{args.out} holds a run with LoRA settings {ckpt.get('lora')}, this run has "
                           f"{lora_config}")
     with torch.device("meta"):  # FLOPs follow the parameters a token meets: k of E experts per MoE layer
         whole = moe.with_experts(Transformer(cfg), args)
@@ -354,7 +353,8 @@ def train(args):
               f"{', prompts too' if args.no_prompt_mask else ', responses only'}), {len(val_rows)} held-out | "
               f"skipped as longer than {T} tokens: {skipped[0]} train, {skipped[1]} held-out | batch "
               f"{args.batch_size} = {training.describe_layout(run)}{' packed' if args.pack else ''} | {args.max_steps} "
-              f"steps | {args.amp} on {device}" + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
+              f"steps | {args.amp} on {device} | out {args.out}"
+              + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
         if lora_config:
             print(lora_lib.describe(model), flush=True)
     training.train_loop(run)

@@ -33,6 +33,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -380,6 +381,7 @@ class Run:
     val_losses: list = field(default_factory=list)
     metrics: object = None
     t_last: float = 0.0
+    t_start: float = 0.0              # perf_counter at this invocation's start, less the elapsed time resumed
     tokens_since: object = 0.0        # (padding included) since the last log line, all ranks (a device tensor
     labels_since: object = 0.0        # between log lines)
     pending: list = field(default_factory=list)  # the records of the steps not read back yet (read_pending)
@@ -402,7 +404,9 @@ def start(args, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=No
         resume(run, ckpt)
     if run.rank0:
         run.out.mkdir(parents=True, exist_ok=True)
-        checkpoint.truncate_metrics(run.out / "metrics.jsonl", run.step if ckpt else -1)  # one history
+        # One history: the records past the resumed step are dropped; its elapsed time goes on from theirs.
+        elapsed = checkpoint.truncate_metrics(run.out / "metrics.jsonl", run.step if ckpt else -1)
+        run.t_start = time.perf_counter() - elapsed
         run.metrics = open(run.out / "metrics.jsonl", "a")
         if args.warmup_steps >= max_steps > 0:
             print(f"warning: --warmup-steps {args.warmup_steps} is not below the run's {max_steps} steps: the "
@@ -423,8 +427,10 @@ def describe_layout(run):
 
 
 def log(run, record, line):
-    """One record to metrics.jsonl and one line to the terminal, from rank 0."""
+    """One record to metrics.jsonl (with the wall-clock time and the run's elapsed seconds, over every
+    invocation that built it) and one line to the terminal, from rank 0."""
     if run.rank0:
+        record = record | {"time": round(time.time(), 3), "elapsed": round(time.perf_counter() - run.t_start, 3)}
         run.metrics.write(json.dumps(record) + "\n")
         run.metrics.flush()
         print(line, flush=True)
@@ -490,7 +496,8 @@ def log_step(run, rec):
         + f" | mfu {rec['mfu']:.1%} | mem {rec['peak_mem_mb']:.0f} MB"
         + (f" | scale {scaler.scale:g}" if scaler.enabled else "")
         + (f" | aux {rec['aux_loss']:.4f} | load max {rec['expert_load_max']:.1%} min "
-           f"{rec['expert_load_min']:.1%}" if "aux_loss" in rec else "") + (" | skipped" if rec["skipped"] else ""))
+           f"{rec['expert_load_min']:.1%}" if "aux_loss" in rec else "") + (" | skipped" if rec["skipped"] else "")
+        + f" | {clock(time.perf_counter() - run.t_start)}")
     run.t_last, run.tokens_since, run.labels_since = time.perf_counter(), 0.0, 0.0
 
 
@@ -507,6 +514,8 @@ def train_loop(run):
         evaluate_now(run)
     stop_at = min(run.max_steps, run.step + args.stop_after) if args.stop_after else run.max_steps
     run.t_last = time.perf_counter()
+    signal.signal(signal.SIGINT, lambda *_: interrupted(run, "by Ctrl-C"))
+    signal.signal(signal.SIGTERM, lambda *_: interrupted(run, "by SIGTERM"))
     while run.step < stop_at:
         rec = train_step(run)
         run.pending.append(rec)
@@ -524,7 +533,33 @@ def train_loop(run):
         if run.step % args.save_every == 0 or run.step == stop_at:
             save(run)
         run.t_last += time.perf_counter() - t_pause  # evaluation and saving are not training throughput
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if run.step < run.max_steps and run.rank0:
+        print(f"stopped at step {run.step} (--stop-after {args.stop_after}); rerun the same command to continue "
+              f"from step {run.last_good}", flush=True)
     return run
+
+
+def clock(seconds):
+    """Elapsed time as the log shows it: 42s, 3m07s, 2h05m."""
+    s = int(seconds)
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def interrupted(run, how):
+    """Ctrl-C (SIGINT, sent by a terminal to every process of the job) or SIGTERM (a scheduler's stop): one line
+    from rank 0 and exit status 130 at once, on every rank, wherever it is. Nothing is lost by not finishing
+    the step: a checkpoint folder appears only complete (checkpoint.py) and metrics.jsonl keeps the records up
+    to the step resumed. Exiting now, rather than at the end of the step, is what keeps ranks that would reach
+    that end at different moments from waiting forever in a collective for one that has left."""
+    if run.rank0:
+        resume_from = f"step {run.last_good}" if run.last_good is not None else "the start (no checkpoint yet)"
+        print(f"\nstopped {how} at step {run.step}; rerun the same command to continue from {resume_from}",
+              file=sys.stderr, flush=True)
+    if run.metrics:
+        run.metrics.flush()
+    os._exit(130)
 
 
 def describe_last_good(run):

@@ -269,6 +269,24 @@ def test_generate(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ the map itself
+def test_plot(tmp_path):
+    """The docs' pictures: the bubble (p-1)/(m+p-1) = 3/7 for both schedules, the ZeRO paper's 120 / 31.4 / 16.6 /
+    1.9 GB; and a run's curves: one polyline per run, one dot per evaluation."""
+    out = run("plot.py", "--docs")
+    pipeline_svg, zero_svg = (ROOT / "docs" / "pipeline.svg").read_text(), (ROOT / "docs" / "zero.svg").read_text()
+    assert "docs/pipeline.svg" in out and pipeline_svg.count("= 43% of each stage") == 2, pipeline_svg[:400]
+    for gb in ("120.0 GB", "31.4 GB", "16.6 GB", "1.9 GB"):
+        assert gb in zero_svg
+    for name, losses in (("a", [3.0, 2.0, 1.5]), ("b", [3.1, 2.5, 2.0])):
+        (tmp_path / name).mkdir()
+        records = [{"step": s, key: l, "elapsed": s * 2.0} for s, l in enumerate(losses, 1)
+                   for key in ("loss", "val_loss")]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run("plot.py", tmp_path / "a", tmp_path / "b", "--x", "time", "--svg", tmp_path / "loss.svg")
+    svg = (tmp_path / "loss.svg").read_text()
+    assert svg.count("<polyline") == 2 and svg.count("<circle") == 6 and "val 1.5000" in svg, svg[-800:]
+
+
 RUN_BY = {"python model.py": test_model, "python data.py prepare --src PATH --out DIR": test_data_prepare,
           "python bpe.py": test_bpe, "python chat.py": test_chat,
           "python amp.py": test_amp, "python pretrain.py --help": test_pretrain_help,
@@ -283,7 +301,7 @@ RUN_BY = {"python model.py": test_model, "python data.py prepare --src PATH --ou
           "python benchmarks/bench_pack.py": test_bench_pack, "python quantization.py": test_quantization,
           "python checkpoint.py consolidate out/pretrain model.pt": test_checkpoint_commands,
           "python checkpoint.py export-hf out/pretrain hf/": test_checkpoint_commands,
-          'python generate.py out/pretrain --prompt "def "': test_generate}
+          'python generate.py out/pretrain --prompt "def "': test_generate, "python plot.py --docs": test_plot}
 
 
 def test_every_map_command_is_run():

@@ -2,6 +2,10 @@ import contextlib
 import io
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from model import PRESETS, Transformer
 from tests.distributed import run_distributed
 
 # A small, fast run: the tiny preset on 64-token windows of the embedded default corpus.
+ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--model", "tiny", "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
         "--eval-iters", "2", "--sample-tokens", "0", "--log-every", "1"]
 
@@ -123,8 +128,10 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys, stdlib_data):
 
 def test_resume_refuses_another_model(tmp_path, capsys, stdlib_data):
     run(tmp_path, "--max-steps", "1")
-    err = error_of(capsys, FAST + ["--model", "small", "--out", str(tmp_path / "run"), "--resume"])
-    assert "another model config" in err
+    err = error_of(capsys, FAST + ["--model", "small", "--out", str(tmp_path / "run")])
+    # Every difference in one line (not one per attempt), and no mention of a --resume that was not given.
+    assert "holds another run (" in err and "model config d_model 128, not 384" in err, err
+    assert "model config n_layer 4, not 6" in err and "--resume" not in err
 
 
 def test_sampling_never_draws_vocabulary_padding(tmp_path, stdlib_data, monkeypatch):
@@ -166,7 +173,9 @@ def test_the_same_command_line_starts_and_after_a_crash_resumes(tmp_path, stdlib
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
     # Another batch size on the same --out: refused in one line, with the reason.
     err = error_of(capsys, FAST + argv + ["--batch-size", "16", "--out", str(tmp_path / "crash")])
-    assert "holds a run with --batch-size 8, not 16 (the data position and the schedule count steps" in err
+    assert "holds another run (--batch-size 8, not 16 (the data position and the schedule count steps" in err
+    err = error_of(capsys, FAST + argv + ["--batch-size", "16", "--lr", "0.5", "--out", str(tmp_path / "crash")])
+    assert "--batch-size 8, not 16" in err and "--lr 0.003, not 0.5" in err, err
 
 
 def test_init_starts_from_weights_with_a_fresh_optimizer(tmp_path, stdlib_data, capsys):
@@ -228,3 +237,35 @@ def test_every_rank_stops_at_the_same_step(tmp_path, stdlib_data, data_cache):
     (code0, err0, group0), (code1, err1, group1) = run_distributed(_diverge, 2, str(tmp_path), str(data_cache))
     assert (code0, code1) == (3, 3) and err1 == "" and not group0 and not group1
     assert err0.startswith("pretrain.py: stopped: step ") and err0.count("\n") == 1, err0
+
+
+def test_stop_after_and_ctrl_c_say_where_to_continue(tmp_path, stdlib_data, capsys):
+    """--stop-after ends with one line naming the step to continue from; the records carry the time and the run's
+    elapsed seconds, which go on (not restart) when the run resumes. Ctrl-C (SIGINT to the job) is one line on
+    stderr, exit 130, no traceback, and the rerun resumes from the last checkpoint."""
+    run(tmp_path, "--max-steps", "6", "--save-every", "2", "--stop-after", "3")
+    assert "stopped at step 3 (--stop-after 3); rerun the same command to continue from step 3" in \
+        capsys.readouterr().out
+    run(tmp_path, "--max-steps", "6", "--save-every", "2")
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["time"] > 1.7e9 for r in records)
+    elapsed = [r["elapsed"] for r in records]
+    assert elapsed == sorted(elapsed) and elapsed[0] >= 0, elapsed  # one clock across both invocations
+
+    cmd = [sys.executable, "pretrain.py", *FAST, "--max-steps", "100000", "--save-every", "2", "--out",
+           str(tmp_path / "int")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:  # interrupted once a step past the first checkpoint has been logged
+        if line.startswith("step     3 |"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(r"stopped by Ctrl-C at step \d+; rerun the same command to continue "
+                                            r"from step \d+", lines[0]), err
+    assert "Traceback" not in err
+    resume_from = int(lines[0].rsplit(" ", 1)[1])
+    again = run(tmp_path, "--max-steps", "100000", "--save-every", "2", "--stop-after", "1", name="int")
+    assert resume_from >= 2 and again["step"] == resume_from + 1

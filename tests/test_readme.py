@@ -1,0 +1,63 @@
+"""The README's commands, run one after another in a fresh clone, never collide: each pretrain.py and sft.py
+command of its code blocks (after `make pretrain` and `make sft`, the Makefile's) trains into a folder of its own,
+unless it is the same run (the same flags but the layout's and the logging's), which continues there; a command
+with --fresh starts its folder over. A collision would be refused at run time ("OUT holds another run")."""
+import re
+import shlex
+from pathlib import Path
+
+import flags
+import pretrain
+import sft
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def makefile_commands():
+    """make pretrain's and make sft's command lines, from the Makefile's variables."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    var = {k: v.strip() for k, v in re.findall(r"^(\w+) \?= (.*)$", text, re.M)}
+    words = shlex.split(var["PARALLEL_FLAGS"] + " " + var["PRETRAIN_FLAGS"])
+    yield "make pretrain", words[words.index("pretrain.py"):]
+    yield "make sft", ["sft.py", "--init", "out/pretrain", *shlex.split(var["SFT_FLAGS"])]
+
+
+def readme_commands():
+    """(the line, its words from the script on) for every pretrain.py/sft.py line of the README's bash blocks,
+    shell variables set in the block (F="...") expanded."""
+    for block in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        env = {}
+        for line in block.replace("\\\n", " ").splitlines():
+            code = line.split("  #")[0].strip()
+            if m := re.fullmatch(r'(\w+)="(.*)"', code):
+                env[m.group(1)] = m.group(2)
+                continue
+            words = shlex.split(re.sub(r"\$(\w+)", lambda m: env.get(m.group(1), ""), code), comments=True)
+            script = next((i for i, w in enumerate(words) if w in ("pretrain.py", "sft.py")), None)
+            if script is not None and "&&" not in words:
+                yield code, words[script:]
+
+
+def test_readme_commands_never_share_a_folder():
+    holds, seen = {}, 0
+    for line, (script, *argv) in [*makefile_commands(), *readme_commands()]:
+        args = (pretrain if script == "pretrain.py" else sft).build_parser().parse_args(argv)
+        if getattr(args, "estimate", False):
+            continue  # the calculator: trains nothing, writes nothing
+        out = args.out or flags.run_folder(args, script.removesuffix(".py"))
+        what = {k: v for k, v in vars(args).items() if k not in flags.HOW_FLAGS}
+        if not args.fresh:
+            assert holds.setdefault(out, (what, line))[0] == what, \
+                f"`{line}` would be refused: {out} holds the run of `{holds[out][1]}`"
+        holds[out] = (what, line)
+        seen += 1
+    assert seen >= 30, seen  # the README's commands were found
+
+
+def test_the_default_folder_follows_what_is_computed():
+    """Another learning rate: another folder; another layout of the same run: the same one."""
+    parse = pretrain.build_parser().parse_args
+    a, b, c = parse(["--lr", "1e-3"]), parse(["--lr", "2e-3"]), parse(["--lr", "1e-3", "--tp", "2", "--zero", "3"])
+    assert flags.run_folder(a, "pretrain") != flags.run_folder(b, "pretrain")
+    assert flags.run_folder(a, "pretrain") == flags.run_folder(c, "pretrain")
+    assert re.fullmatch(r"out/pretrain-[0-9a-f]{8}", flags.run_folder(a, "pretrain"))
