@@ -15,6 +15,7 @@ gives up after --dist-timeout seconds in one line.
 Run: not on its own; training.py calls both before any process group exists (tests/test_launch.py kills a worker
 under torchrun and checks that the restarted run continues bit for bit).
 """
+import atexit
 import errno
 import fcntl
 import os
@@ -30,6 +31,7 @@ from flags import ConfigError
 from topology import TopologyError
 
 
+_MADE = set()  # the folders lock_run made
 _LOCKS = {}  # folder -> the open lock file: the lock lasts as long as it stays open (the process's life)
 
 
@@ -42,6 +44,9 @@ def lock_run(out):
     if held and (out / ".lock").exists() and os.path.samestat(os.fstat(held.fileno()), os.stat(out / ".lock")):
         return  # this process holds it already (a second run in one Python process: the tests)
     try:
+        if not out.exists():  # a start refused later (bad data, say) leaves no folder behind: release
+            _MADE.add(out.resolve())
+            atexit.register(release, out)
         out.mkdir(parents=True, exist_ok=True)
         f = open(out / ".lock", "a+")
     except OSError as e:
@@ -64,6 +69,24 @@ def lock_run(out):
     _LOCKS[out.resolve()] = f
     if held:  # the folder was moved aside (--fresh) with the lock file in it: this one replaces it
         held.close()
+
+
+def release(out):
+    """A run refused after it locked `out` (the entry points' one-line errors; at exit too): the lock is let go,
+    and the folder, if the run made it and wrote nothing into it but the lock, removed."""
+    if out is None:
+        return
+    out = Path(out)
+    f = _LOCKS.pop(out.resolve(), None)
+    if f is None:
+        return
+    f.close()
+    try:
+        if [p.name for p in out.iterdir()] == [".lock"] and out.resolve() in _MADE:
+            (out / ".lock").unlink()
+            out.rmdir()
+    except OSError:
+        pass
 
 
 def join_process_group(device, seconds):

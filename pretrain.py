@@ -32,6 +32,7 @@ import torch
 import data as data_lib
 import estimate
 import flags
+import launch
 import moe
 import tensor_parallel
 import training
@@ -90,6 +91,7 @@ def main(argv=None):
     try:
         return train(args)
     except (ConfigError, CheckpointError, data_lib.DataError, TopologyError, moe.MoEError) as e:
+        launch.release(args.out)  # (a refused start leaves no folder behind)
         print(f"pretrain.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except TrainingStopped as e:

@@ -61,6 +61,7 @@ import torch
 
 import data as data_lib
 import flags
+import launch
 import lora as lora_lib
 import moe
 import tensor_parallel
@@ -290,6 +291,7 @@ def main(argv=None):
     try:
         return train(args)
     except (ConfigError, CheckpointError, DataError, TopologyError, lora_lib.LoRAError, moe.MoEError) as e:
+        launch.release(args.out)  # (a refused start leaves no folder behind)
         print(f"sft.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except TrainingStopped as e:

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import checkpoint
 import data
 import generate
 import sft
@@ -82,7 +81,7 @@ def test_lora_on_tp2_zero3_equals_one_process_then_chats_and_exports(tmp_path, f
     # Export: a Hugging Face folder (config in both rotary forms, tied, the tokenizer's files) that this project
     # reads back and generates the same tokens from.
     hf_out = tmp_path / "hf_out"
-    checkpoint.main(["export-hf", str(path), str(hf_out)])
+    weights.main(["export-hf", str(path), str(hf_out)])
     config = json.loads((hf_out / "config.json").read_text())
     assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 5e5} and config["rope_theta"] == 5e5
     assert config["tie_word_embeddings"] is True  # LoRA left the (tied) embedding and head untouched

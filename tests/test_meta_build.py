@@ -4,7 +4,7 @@ more than its share while building; --init weights (a run's folder, a consolidat
 are read block by block onto a layout, equal to the whole weights' slices."""
 import re
 import weakref
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +16,7 @@ import model as model_lib
 import pretrain
 import tensor_parallel
 import training
+import weights
 import weights
 from model import PRESETS, Transformer
 from moe import add_moe
@@ -146,11 +147,11 @@ def _init_onto_layouts(rank, world, out):
     args = pretrain.build_parser().parse_args([])
     model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64)
     _, opt = training.build_training(model, args, torch.float64, topo)
-    config = asdict(replace(CFG, attn="-"))
+    config = model_lib.config_dict(replace(CFG, attn="-"))
     checkpoint.save(out / "run", 1, model, opt, topo, {"model_config": config, "tokenizer": "bytes"})
     if rank == 0:
-        checkpoint.main(["consolidate", str(out / "run"), str(out / "model.pt")])
-        checkpoint.main(["export-hf", str(out / "run"), str(out / "hf")])
+        weights.main(["consolidate", str(out / "run"), str(out / "model.pt")])
+        weights.main(["export-hf", str(out / "run"), str(out / "hf")])
     torch.distributed.barrier()
     got = {}
     for source in ("run", "model.pt", "hf"):
