@@ -302,7 +302,7 @@ MOE_FLAGS = ("experts", "topk", "moe_layers", "capacity_factor", "aux_loss_weigh
 
 
 def train(args):
-    args.out = args.out or flags.run_folder(args, "sft")
+    args.out = flags.run_folder(args, "sft") if args.out is None else args.out
     rank, world, device = training.setup_distributed(args)
     dp = check_args(args, world)
     ckpt = training.read_checkpoint(args, rank, world)
