@@ -35,8 +35,8 @@ safetensors, written out: 8 bytes of little-endian header length N, N bytes of J
 "data_offsets": [begin, end]}} (offsets into what follows), then the raw little-endian tensors. Reading it is a
 memory map and one view per tensor; every field is checked, so a damaged file is one line, not a crash.
 
-Run: `python checkpoint.py export-hf out/pretrain hf/` writes a folder (export_hf, from anything load_weights
-reads); `sft.py --init hf/` or `generate.py hf/` read one (weights.load_weights -> import_hf).
+Run: `python checkpoint.py export-hf out/pretrain hf/` writes a folder (export_hf, from anything
+load_weights reads); `sft.py --init hf/` or `generate.py hf/` read one (load_weights -> import_hf).
 """
 import json
 import math

@@ -1,24 +1,25 @@
 """weights.py: whole models out of a run's checkpoint (one consolidated file) and back in (--init).
 
-The idea: a checkpoint (checkpoint.py) is pieces of every parameter spread over the files of the ranks that held
-them; the whole model is those pieces assembled (full_state_dict: each rank file memory-mapped, each piece copied
-into place). `consolidate` writes it as one file; `load_weights` reads whatever a user hands over (a run's folder,
-a step folder, such a file, or a Hugging Face folder: hf.py), for sft.py --init, pretrain.py --init and
-generation. It reads nothing yet: each tensor is memory-mapped (SavedWeights for a folder), and
-training.build_model copies out only the blocks a rank holds (read_box), so a rank of a large model never holds
-the whole one.
+The idea: a checkpoint (checkpoint.py) is pieces of every parameter spread over the files of the
+ranks that held them; the whole model is those pieces assembled (full_state_dict: each rank file
+memory-mapped, each piece copied into place). `consolidate` writes it as one file; `load_weights`
+reads whatever a user hands over (a run's folder, a step folder, such a file, or a Hugging Face
+folder: hf.py), for sft.py --init, pretrain.py --init and generation. It reads nothing yet: each
+tensor is memory-mapped (SavedWeights for a folder), and training.build_model copies out only the
+blocks a rank holds (read_box), so a rank of a large model never holds the whole one.
 
-The consolidated file: torch.save of {"model": state dict, "model_config", "tokenizer", "args", "step"}, read
-back with weights_only (tensors and plain values, never code). A LoRA run's adapters are merged in.
+The consolidated file: torch.save of {"model": state dict, "model_config", "tokenizer", "args",
+"step"}, read back with weights_only (tensors and plain values, never code). A LoRA run's adapters
+are merged in.
 
-Cost: assembling reads every piece of the chosen kind once (the fp32 masters: 4 bytes per parameter) after the
-CRC-32 of every file (all of the checkpoint); the file written is 4 bytes per parameter. --init on a layout: each
-rank reads its blocks' pages (and, from a run's folder, the CRC-32 of every file first).
+Cost: assembling reads every piece of the chosen kind once (the fp32 masters: 4 bytes per
+parameter) after the CRC-32 of every file (all of the checkpoint); the file written is 4 bytes per
+parameter. --init on a layout: each rank reads its blocks' pages (and, from a run's folder, the
+CRC-32 of every file first).
 
-Run: `python checkpoint.py consolidate out/pretrain model.pt` and `python checkpoint.py export-hf out/pretrain hf/`
-write them; `sft.py --init hf/` or `pretrain.py --init model.pt` read them back (load_weights).
-
-This file is also checkpoint.py's command line (main): consolidate here, export-hf in hf.py.
+Run: `python checkpoint.py consolidate out/pretrain model.pt` writes one; `pretrain.py --init
+model.pt` or `sft.py --init hf/` read them back (load_weights). This file is also checkpoint.py's
+command line (main): `consolidate` here, `export-hf` in hf.py.
 """
 import re
 import sys
