@@ -52,7 +52,8 @@ import tensor_parallel
 from amp import DivergenceGuard, DynamicLossScaler, MixedPrecisionOptimizer, TrainingStopped, cast_model
 from ddp import DistributedDataParallel
 from estimate import peak_flops, peak_memory_mb
-from model import Transformer, init_values, materialize
+from init import init_values, materialize
+from model import Transformer
 from topology import Topology
 from weights import read_box
 from zero import ZeroOptimizer
