@@ -18,7 +18,6 @@ import pretrain
 import tensor_parallel
 import training
 import weights
-import weights
 from model import PRESETS, Transformer
 from moe import add_moe
 from tests.distributed import run_distributed
