@@ -27,7 +27,7 @@ shard everything. Resuming, a rank reads the checksum of about one file (14 Psi 
 
 Run:
     python checkpoint.py consolidate out/pretrain model.pt      # one whole-model file (sft.py/pretrain.py --init)
-    python checkpoint.py export-hf out/pretrain hf/             # a Hugging Face Llama folder (weights.py)
+    python checkpoint.py export-hf out/pretrain hf/             # a Hugging Face Llama folder (hf.py)
 """
 import json
 import os

@@ -19,23 +19,20 @@ Tokenisers are tiktoken Encodings: named ones (gpt2, cl100k_base, ...) downloade
 default `bytes`, built here with one token per byte, no merges (256 + end-of-text), no download, quickly learned;
 a model folder's tokenizer.json (byte-level BPE) or Llama 3 tokenizer.model, converted offline by bpe.py.
 
-Instruction examples for fine-tuning (templates, loss masks, their batches) are sft.py's; the embedded default
-SFT data is built here from the same standard library: every short function with a docstring becomes "Write a
-Python function `name(args)` that: <docstring>" -> its source, held out by module.
+Instruction examples for fine-tuning (templates, loss masks, their batches) are sft.py's; the embedded
+default SFT data (sft_data.py) is built from the same standard library.
 
 Use:
     python data.py prepare --src PATH --out DIR [--tokenizer NAME]   # a text file, a folder, or JSONL {"text"}
     python data.py stats DIR                                           # what meta.json says
 """
 import argparse
-import ast
 import contextlib
 import fcntl
 import json
 import os
 import shutil
 import sysconfig
-import textwrap
 import zlib
 from pathlib import Path
 
@@ -424,66 +421,6 @@ def eval_batches(data_dir, seq_len, global_batch, n_batches, rank=0, world=1):
         idx = np.arange(b * global_batch, (b + 1) * global_batch) % windows.n
         out.append(windows.get(idx[rank * per_rank:(rank + 1) * per_rank]))
     return out
-
-
-# ---------------------------------------------------------------------------------------------- SFT default data
-SFT_VAL_EVERY = 10          # held-out modules for the default data: crc32(module path) % 10 == 0
-DEFAULT_MAX_BYTES = 257     # the tiny preset's context + 1 with the byte tokenizer: what the default keeps
-
-
-def function_examples(name, text):
-    """(instruction, response) for each function with a docstring in one module's source."""
-    try:
-        tree = ast.parse(text)
-    except SyntaxError:
-        return
-    lines = text.splitlines()
-    for node in ast.walk(tree):
-        doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
-        if not doc or len(node.body) < 2:
-            continue
-        summary = " ".join(doc.strip().split("\n\n")[0].split())
-        d = node.body[0]  # the docstring's statement: its lines are cut out of the response
-        src = lines[node.lineno - 1:d.lineno - 1] + lines[d.end_lineno:node.end_lineno]
-        instruction = f"Write a Python function `{node.name}({ast.unparse(node.args)})` that: {summary}"
-        yield instruction, textwrap.dedent("\n".join(src))
-
-
-def build_default_data(docs, out, render, max_bytes=DEFAULT_MAX_BYTES):
-    """Write train.jsonl and val.jsonl (held out by module) of the functions whose rendering (`render`: an
-    Alpaca-style dict -> its token ids with the byte tokenizer; sft.py's template) fits in max_bytes; the rest
-    are counted, not truncated. meta.json, written last, holds the counts."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {s: open(out / f"{s}.jsonl.tmp", "w", encoding="utf-8") for s in ("train", "val")}
-    counts = {"functions": 0, "too_long": 0, "train": 0, "val": 0}
-    for name, text in docs:
-        split = "val" if zlib.crc32(name.encode()) % SFT_VAL_EVERY == 0 else "train"
-        for instruction, response in function_examples(name, text):
-            counts["functions"] += 1
-            ex = {"instruction": instruction, "output": response, "module": name}
-            if len(render(ex)) > max_bytes:
-                counts["too_long"] += 1
-                continue
-            files[split].write(json.dumps(ex) + "\n")
-            counts[split] += 1
-    for s, f in files.items():
-        f.close()
-        os.replace(out / f"{s}.jsonl.tmp", out / f"{s}.jsonl")
-    (out / "meta.json").write_text(json.dumps(counts))
-    return counts
-
-
-def ensure_sft_default_data(render):
-    out = default_data_dir("bytes").parent / "sft-stdlib"
-    if not (out / "meta.json").exists():
-        print(f"building the default SFT data (standard library functions with docstrings) into {out} (or "
-              "waiting for another process that is) ...", flush=True)
-        c = publish_folder(out, lambda tmp: build_default_data(stdlib_documents(), tmp, render), if_missing=True)
-        if c:
-            print(f"  {c['functions']} functions with a docstring; {c['too_long']} skipped as longer than "
-                  f"{DEFAULT_MAX_BYTES} bytes rendered; kept {c['train']} train, {c['val']} held-out", flush=True)
-    return out / "train.jsonl", out / "val.jsonl"
 
 
 def main(argv=None):

@@ -5,7 +5,7 @@ embedding and a linear head that predicts the next token. Llama's choices: RMSNo
 position embeddings applied to queries and keys (no learned positions), a SwiGLU MLP `w2(silu(w1 x) * w3 x)`,
 grouped-query attention (n_kv_head <= n_head key/value heads shared by groups of query heads), no biases,
 untied input and output embeddings (so a pipeline's first and last stages share no weight). For imported
-Hugging Face models (weights.py): Llama 3.1's long-context RoPE scaling (llama3_frequencies) and a head width
+Hugging Face models (hf.py): Llama 3.1's long-context RoPE scaling (llama3_frequencies) and a head width
 of their own (ModelConfig.head_dim_override).
 
 Formulas, per token, for L layers of width d, context T and N parameters in matrix multiplies:
@@ -22,14 +22,13 @@ The parallel files change this model from outside, never from within: tensor_par
 layers and embedding for sharded ones and shrinks `n_head`/`n_kv_head` to the local heads; pipeline.py keeps a
 slice of `blocks` and calls `embed`, `body` and `head` separately; moe.py swaps a block's `mlp`; lora.py wraps
 Linears. That is why attention reshapes with -1 heads and why the forward is three small methods. And why the
-initial values are drawn by parameter name (init_values: one generator per block of rows of a parameter, seeded
-by the model's seed and the parameter's name in the whole model): a rank can build its own stage, slices and
+initial values are drawn by parameter name (init.py: one generator per block of rows of a parameter, seeded by
+the model's seed and the parameter's name in the whole model): a rank can build its own stage, slices and
 experts on their own (training.build_model, on the meta device first), equal to the same part of the whole model.
 
 Demo: `python model.py` prints the presets with their parameter counts and FLOPs per token, then checks that
 the naive and SDPA attention backends agree.
 """
-import hashlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -37,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from init import init_seed, init_values, materialize, whole
 
 
 @dataclass
@@ -52,7 +53,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     attn: str = "sdpa"           # naive | sdpa | flash
     activation_checkpointing: bool = False
-    # Two fields only some imported Hugging Face models need (weights.py); left out of config_dict at their defaults.
+    # Two fields only some imported Hugging Face models need (hf.py); left out of config_dict at their defaults.
     head_dim_override: int = 0   # a head width with n_head * head_dim != d_model (HF's head_dim); 0: d_model / n_head
     rope_scaling: dict | None = None  # Llama 3.1's long-context RoPE: {"rope_type": "llama3", "factor",
     #                                   "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
@@ -292,81 +293,6 @@ def cross_entropy(logits, targets, reduction="mean"):
     flat = logits.view(-1, logits.shape[-1])
     return F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)), targets.reshape(-1),
                            ignore_index=-100, reduction=reduction)
-
-
-# ----------------------------------------------------------------------------- initialisation, by name
-# Every parameter is drawn from its own generators, seeded by (the model's seed, its name in the whole model, the
-# block of rows): a pipeline stage, a tensor-parallel slice or an expert-parallel rank's experts can be drawn on
-# their own, equal to the same part of the whole model's (training.build_model builds only this rank's pieces).
-ELEMENTS_PER_DRAW = 1 << 20  # about this many values per generator: whole rows of the parameter, at least one
-
-
-def init_seed():
-    """The model's seed: one draw from torch's global generator (torch.manual_seed(seed) makes it repeatable)."""
-    return int(torch.randint(0, 2 ** 62, (), device="cpu"))
-
-
-def whole(shape):
-    """The box ([start, length] per dimension) that covers a whole tensor."""
-    return [[0, n] for n in shape]
-
-
-def init_rule(name, shape, n_layer):
-    """(kind, scale) of a parameter's initial values, from its name in the whole model: ones for the norms'
-    gains; N(0, 0.02) for embeddings and linears, with GPT-2's scaled init for each residual branch's output
-    projection (attn.wo, mlp.w2: std 0.02 / sqrt(2L), so the residual stream's variance does not grow with
-    depth); moe.py's routers and experts keep torch's default for a linear, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    if len(shape) == 1:
-        return "ones", 1.0
-    if ".experts." in name or ".router." in name:
-        return "uniform", 1 / math.sqrt(shape[1])
-    if name.endswith(("attn.wo.weight", "mlp.w2.weight")):
-        return "normal", 0.02 / math.sqrt(2 * n_layer)
-    return "normal", 0.02
-
-
-def draw_seed(seed, name, block):
-    return int.from_bytes(hashlib.blake2b(f"{seed}/{name}/{block}".encode(), digest_size=8).digest(), "little")
-
-
-@torch.no_grad()
-def init_values(name, shape, box, seed, n_layer, dtype=None, device=None):
-    """Rows and columns `box` ([start, length] per dimension) of the full parameter `name` (of `shape`), as the
-    whole model's init draws them. Only the blocks of rows the box meets are drawn (one at a time): a slice of
-    rows costs its rows, a slice of columns one block of rows at a time."""
-    out = torch.empty([n for _, n in box], dtype=dtype, device=device)
-    kind, scale = init_rule(name, shape, n_layer)
-    if kind == "ones":
-        return out.fill_(1.0)
-    (r0, h), (c0, w) = box
-    rows = max(1, ELEMENTS_PER_DRAW // shape[1])
-    for start in range(r0 // rows * rows, r0 + h, rows):
-        g = torch.Generator(device=out.device).manual_seed(draw_seed(seed, name, start // rows))
-        block = torch.empty(min(rows, shape[0] - start), shape[1], dtype=out.dtype, device=out.device)
-        block.normal_(0.0, scale, generator=g) if kind == "normal" else block.uniform_(-scale, scale, generator=g)
-        lo, hi = max(start, r0), min(start + rows, r0 + h)
-        out[lo - r0:hi - r0] = block[lo - start:hi - start, c0:c0 + w]
-    return out
-
-
-@torch.no_grad()
-def materialize(module, device, fill):
-    """Every parameter of `module` still on the meta device becomes a real one on `device`, holding
-    fill(name, meta parameter): a new tensor of its shape, not a view of another one (it becomes the parameter);
-    what parallel files marked on a parameter stays on it."""
-    done = {}
-    for prefix, m in module.named_modules():
-        for key, p in m._parameters.items():
-            if p is None or not p.is_meta:
-                continue
-            if p not in done:
-                values = fill(f"{prefix}.{key}" if prefix else key, p).to(device=device, dtype=p.dtype)
-                assert values.shape == p.shape and values.is_contiguous(), f"{prefix}.{key}: {values.shape}"
-                new = nn.Parameter(values, p.requires_grad)
-                new.__dict__.update(p.__dict__)
-                done[p] = new
-            m._parameters[key] = done[p]
-    return module
 
 
 class Transformer(nn.Module):

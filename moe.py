@@ -35,7 +35,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import MLP, init_values, materialize, whole
+from init import init_values, materialize, whole
+from model import MLP
 
 
 class MoEError(ValueError):

@@ -115,7 +115,7 @@ def load_data(args, ckpt):
 
 
 def train(args):
-    args.out = args.out or flags.run_folder(args, "pretrain")
+    args.out = flags.run_folder(args, "pretrain") if args.out is None else args.out
     flags.check_values(args)
     if args.estimate:  # estimate.py on this run's flags (any other shape: python estimate.py --help)
         return estimate.main(flags=args)

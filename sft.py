@@ -64,6 +64,7 @@ import flags
 import launch
 import lora as lora_lib
 import moe
+import sft_data
 import tensor_parallel
 import training
 from amp import DTYPES, TrainingStopped
@@ -176,12 +177,13 @@ class SFTBatches:
 
 
 def read_examples(args):
-    """(train, held-out) examples: the embedded default (data.py builds it from the standard library, keeping
-    the functions whose rendering here fits the tiny model's context), or --data with --val-data or 1 line in
-    10 held out."""
+    """(train, held-out) examples: the embedded default (sft_data.py builds it from the standard
+    library, keeping the functions whose rendering here fits the tiny model's context), or --data with
+    --val-data or 1 line in 10 held out."""
     enc_bytes = data_lib.get_tokenizer("bytes")
     if args.data is None:
-        train_file, val_file = data_lib.ensure_sft_default_data(lambda ex: encode(enc_bytes, to_messages(ex, "-"))[0])
+        train_file, val_file = sft_data.ensure_sft_default_data(
+            lambda ex: encode(enc_bytes, to_messages(ex, "-"))[0])
         return read_jsonl(train_file), read_jsonl(args.val_data or val_file)
     train_ex = read_jsonl(args.data)
     if args.val_data:
@@ -302,7 +304,7 @@ MOE_FLAGS = ("experts", "topk", "moe_layers", "capacity_factor", "aux_loss_weigh
 
 
 def train(args):
-    args.out = args.out or flags.run_folder(args, "sft")
+    args.out = flags.run_folder(args, "sft") if args.out is None else args.out
     rank, world, device = training.setup_distributed(args)
     dp = check_args(args, world)
     ckpt = training.read_checkpoint(args, rank, world)

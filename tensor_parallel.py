@@ -31,7 +31,7 @@ all-gather, so communication stays the same; the norms' activations and work shr
 only T/t positions each, so their gradients are summed over the ranks (an f on the weight).
 
 Each rank's slice holds exactly the values of the same rows or columns of the single-process model (drawn by
-parameter name from one seed: model.init_values), so the tensor-parallel model computes what the single-process
+parameter name from one seed: init.init_values), so the tensor-parallel model computes what the single-process
 one does, up to summation order. (training.build_model slices a model on the meta device, then allocates and
 fills only the slices; the demo below slices a real one.)
 

@@ -4,7 +4,7 @@ The idea: pretraining and fine-tuning take a step the same way; they differ only
 (windows of text, or templated examples with a loss mask) and in their defaults. So the pieces live here once,
 in the order they compose (flags.py checks the flags first): the process groups (topology.py), the model built
 on the meta device and cut from outside (pipeline.py keeps a stage, tensor_parallel.py a slice, moe.py this
-rank's experts) before only this rank's pieces are allocated and drawn from one seed (model.init_values: the
+rank's experts) before only this rank's pieces are allocated and drawn from one seed (init.init_values: the
 values do not depend on the layout), then lora.py wraps layers, amp.py casts, quantization.py swaps in FP8), the
 data-parallel wrapper and optimizer (ddp.py or zero.py), one step's forward and backward, evaluation, and the
 loop: set-up, step, log/eval/save, finish, with one place each for saving, resuming, logging a record and the
@@ -52,7 +52,8 @@ import tensor_parallel
 from amp import DivergenceGuard, DynamicLossScaler, MixedPrecisionOptimizer, TrainingStopped, cast_model
 from ddp import DistributedDataParallel
 from estimate import peak_flops, peak_memory_mb
-from model import Transformer, init_values, materialize
+from init import init_values, materialize
+from model import Transformer
 from topology import Topology
 from weights import read_box
 from zero import ZeroOptimizer

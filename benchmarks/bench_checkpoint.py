@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import checkpoint  # noqa: E402
 import pretrain  # noqa: E402
 import training  # noqa: E402
+import hf  # noqa: E402
 import weights  # noqa: E402
 from model import PRESETS, Transformer  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
@@ -72,7 +73,7 @@ def main():
         weights.consolidate(tmp, Path(tmp) / "model.pt")
         t_cons = time.perf_counter() - t0
         t0 = time.perf_counter()
-        weights.export_hf(Path(tmp) / "model.pt", Path(tmp) / "hf")
+        hf.export_hf(Path(tmp) / "model.pt", Path(tmp) / "hf")
         t_hf = time.perf_counter() - t0
         sizes = {"consolidated": (Path(tmp) / "model.pt").stat().st_size,
                  "safetensors": (Path(tmp) / "hf" / "model.safetensors").stat().st_size}

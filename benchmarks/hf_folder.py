@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bpe  # noqa: E402
-import weights  # noqa: E402
+import hf  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 SMOLLM2 = {"num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
@@ -79,8 +79,8 @@ def write_hf_folder(out, shape="tiny", n_merges=300, dtype=torch.bfloat16, seed=
                       n_kv_head=c["num_key_value_heads"], d_model=c["hidden_size"], d_ff=c["intermediate_size"],
                       vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"])
     sd = Transformer(cfg).state_dict()
-    hf = {weights.rename(k, weights.TO_HF): v.to(dtype) for k, v in sd.items() if k != "lm_head.weight"}  # tied
-    weights.write_safetensors(out / "model.safetensors", hf)
+    tensors = {hf.rename(k, hf.TO_HF): v.to(dtype) for k, v in sd.items() if k != "lm_head.weight"}  # tied
+    hf.write_safetensors(out / "model.safetensors", tensors)
     (out / "config.json").write_text(json.dumps(c, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
     (out / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
@@ -100,7 +100,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     out = write_hf_folder(args.out, args.shape, args.merges, dtype)
-    n = sum(t.numel() for t in weights.read_safetensors(out / "model.safetensors").values())
+    n = sum(t.numel() for t in hf.read_safetensors(out / "model.safetensors").values())
     enc = bpe.load_folder(str(out.resolve()))
     print(f"{out}: {args.shape}, {n:,} parameters (tied), {args.dtype}; tokenizer.json of {enc.n_vocab} ids")
 

@@ -9,7 +9,7 @@ import torch
 import chat
 import data
 import sft
-import weights
+import hf
 from model import ModelConfig, Transformer
 from sft_fixtures import reverse_examples, write_jsonl
 from test_bpe import smollm_style, write_folder
@@ -123,8 +123,8 @@ def hf_folder(tmp_path, vocab_size):
     cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, vocab_size=vocab_size, block_size=128)
     torch.manual_seed(0)
     sd = Transformer(cfg).state_dict()
-    hf_names = {weights.rename(k, weights.TO_HF): v for k, v in sd.items()}
-    weights.write_safetensors(folder / "model.safetensors", hf_names)
+    hf_names = {hf.rename(k, hf.TO_HF): v for k, v in sd.items()}
+    hf.write_safetensors(folder / "model.safetensors", hf_names)
     (folder / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab_size,

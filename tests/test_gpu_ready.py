@@ -56,7 +56,8 @@ def test_evaluation_and_saving_are_left_out_of_the_throughput_window(tmp_path, s
     """A fake clock jumps 1000 s during every evaluation and save: the tokens/s of the window that follows
     must not see it (a 16 x 32-token step per second would otherwise read below 1 token/s)."""
     offset = [0.0]
-    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0]))
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0],
+                                                             time=time.time))
     for name in ("evaluate", "save"):
         real = getattr(training, name)
         monkeypatch.setattr(training, name, lambda *a, real=real: (real(*a), offset.__setitem__(0, offset[0] + 1e3))[0])

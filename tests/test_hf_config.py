@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import pretrain
+import hf
 import weights
 from model import ADDED_FIELDS, PRESETS, ModelConfig, Transformer, config_dict
 from tests import test_model_parallel
@@ -51,19 +52,19 @@ def tables(inv_freq, T):
 
 
 def test_both_forms_give_the_same_model_config():
-    assert weights._check_config(V4, "v4") == weights._check_config(V5, "v5") == WANT
+    assert hf._check_config(V4, "v4") == hf._check_config(V5, "v5") == WANT
     # the form Llama 3.1's own files use: "type" in older ones; the default type with theta 5e5 in either form
-    assert weights._check_config(V4 | {"rope_scaling": {"type": "llama3"} | {k: v for k, v in SCALING.items()
+    assert hf._check_config(V4 | {"rope_scaling": {"type": "llama3"} | {k: v for k, v in SCALING.items()
                                                                            if k != "rope_type"}}, "v4") == WANT
     plain = {k: v for k, v in WANT.items() if k != "rope_scaling"}
-    assert weights._check_config(V5 | {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, "v5") == plain
-    assert weights._check_config(V4 | {"rope_scaling": None}, "v4") == plain
-    assert weights._check_config({k: v for k, v in V4.items() if k not in ("rope_theta", "rope_scaling")},
+    assert hf._check_config(V5 | {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, "v5") == plain
+    assert hf._check_config(V4 | {"rope_scaling": None}, "v4") == plain
+    assert hf._check_config({k: v for k, v in V4.items() if k not in ("rope_theta", "rope_scaling")},
                                  "v4")["rope_theta"] == 1e4  # Llama's default when no form names one
 
 
 def test_theta_and_llama3_scaling_reach_the_rope_tables():
-    model = Transformer(ModelConfig(**weights._check_config(V5, "v5")))
+    model = Transformer(ModelConfig(**hf._check_config(V5, "v5")))
     inv_freq = llama3_inv_freq(5e5, 16, **{k: v for k, v in SCALING.items() if k != "rope_type"})
     L = SCALING["original_max_position_embeddings"]
     wavelen = 2 * math.pi / (5e5 ** (-torch.arange(0, 16, 2) / 16))
@@ -72,21 +73,21 @@ def test_theta_and_llama3_scaling_reach_the_rope_tables():
     cos, sin = tables(inv_freq, 32)
     torch.testing.assert_close(model.rope_cos.double(), cos, rtol=0, atol=1e-7)
     torch.testing.assert_close(model.rope_sin.double(), sin, rtol=0, atol=1e-7)
-    plain = Transformer(ModelConfig(**weights._check_config(V5 | {"rope_parameters": {"rope_theta": 5e5}}, "v5")))
+    plain = Transformer(ModelConfig(**hf._check_config(V5 | {"rope_parameters": {"rope_theta": 5e5}}, "v5")))
     cos, sin = tables(torch.tensor([5e5 ** (-i / 16) for i in range(0, 16, 2)], dtype=torch.float64), 32)
     torch.testing.assert_close(plain.rope_cos.double(), cos, rtol=0, atol=1e-7)
 
 
 def hf_folder(path, config, seed=0):
     """A folder as transformers saves it: config.json and random float64 tensors under Llama's names."""
-    cfg = weights._check_config(config, "config.json")
+    cfg = hf._check_config(config, "config.json")
     g = torch.Generator().manual_seed(seed)
-    tensors = {weights.rename(n, weights.TO_HF): torch.randn(shape, dtype=torch.float64, generator=g) * 0.3
-               for n, shape in weights.expected_shapes(cfg).items()}
+    tensors = {hf.rename(n, hf.TO_HF): torch.randn(shape, dtype=torch.float64, generator=g) * 0.3
+               for n, shape in hf.expected_shapes(cfg).items()}
     if config.get("tie_word_embeddings"):
         del tensors["lm_head.weight"]
     path.mkdir(parents=True, exist_ok=True)
-    weights.write_safetensors(path / "model.safetensors", tensors)
+    hf.write_safetensors(path / "model.safetensors", tensors)
     (path / "config.json").write_text(json.dumps(config | {"tokenizer": "bytes"}))
     return tensors
 
@@ -127,16 +128,16 @@ def test_tensor_parallel_with_head_dim_and_llama3_matches_one_process():
     ({"mlp_bias": True}, "mlp_bias True cannot be represented"),
 ])
 def test_what_model_py_cannot_represent_is_one_line(change, expected):
-    with pytest.raises(weights.HFError) as e:
-        weights._check_config(V5 | change, "hf/config.json")
+    with pytest.raises(hf.HFError) as e:
+        hf._check_config(V5 | change, "hf/config.json")
     assert expected in str(e.value) and str(e.value).startswith("hf/config.json: ") and "\n" not in str(e.value)
 
 
 def test_a_tied_head_that_differs_is_refused(tmp_path):
     tensors = hf_folder(tmp_path / "hf", V5)
-    weights.write_safetensors(tmp_path / "hf" / "model.safetensors",
+    hf.write_safetensors(tmp_path / "hf" / "model.safetensors",
                               tensors | {"lm_head.weight": tensors["model.embed_tokens.weight"] + 1})
-    with pytest.raises(weights.HFError, match="tie_word_embeddings is true, but lm_head.weight differs"):
+    with pytest.raises(hf.HFError, match="tie_word_embeddings is true, but lm_head.weight differs"):
         weights.load_weights(tmp_path / "hf")
 
 
@@ -172,10 +173,10 @@ def tokenizer_files(folder):
 
 def test_special_ids_come_from_generation_config_then_config_then_the_tokenizer(tmp_path):
     tokenizer_files(tmp_path / "tok")
-    assert weights.special_ids(str(tmp_path / "tok")) == {"bos": 60, "eos": 61, "pad": None}
-    assert weights.special_ids("bytes") == {"bos": None, "eos": 256, "pad": None}
-    with pytest.raises(weights.CheckpointError, match="is not a folder with tokenizer.json or tokenizer.model"):
-        weights.special_ids(str(tmp_path / "moved"))  # a run's tokenizer folder that is gone
+    assert hf.special_ids(str(tmp_path / "tok")) == {"bos": 60, "eos": 61, "pad": None}
+    assert hf.special_ids("bytes") == {"bos": None, "eos": 256, "pad": None}
+    with pytest.raises(hf.CheckpointError, match="is not a folder with tokenizer.json or tokenizer.model"):
+        hf.special_ids(str(tmp_path / "moved"))  # a run's tokenizer folder that is gone
     hf_folder(tmp_path / "hf", V5 | {"pad_token_id": 5})
     tokenizer_files(tmp_path / "hf")
     (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": 9}))
@@ -183,7 +184,7 @@ def test_special_ids_come_from_generation_config_then_config_then_the_tokenizer(
     assert init["special_ids"] == {"bos": 0, "eos": 9, "pad": 5}
     assert init["tokenizer"] == str((tmp_path / "hf").resolve())  # the folder is its own tokenizer
     (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
-    with pytest.raises(weights.HFError, match="eos_token_id '</s>' is not a token id or a list of them"):
+    with pytest.raises(hf.HFError, match="eos_token_id '</s>' is not a token id or a list of them"):
         weights.load_weights(tmp_path / "hf")
 
 
@@ -192,9 +193,9 @@ def test_export_writes_the_tied_head_ids_and_tokenizer_for_transformers(tmp_path
     tokenizer_files(tmp_path / "hf")
     init = weights.load_weights(tmp_path / "hf")  # tied: the head is a copy of the embedding
     torch.save(init, tmp_path / "model.pt")  # as a consolidated file of a run on that tokenizer records it
-    config = weights.export_hf(tmp_path / "model.pt", tmp_path / "out")
+    config = hf.export_hf(tmp_path / "model.pt", tmp_path / "out")
     out = tmp_path / "out"
-    assert "lm_head.weight" not in weights.read_safetensors(out / "model.safetensors")
+    assert "lm_head.weight" not in hf.read_safetensors(out / "model.safetensors")
     assert json.loads((out / "config.json").read_text()) == config and "tokenizer" not in config
     assert {"tie_word_embeddings": True, "head_dim": 16, "rope_theta": 5e5, "rope_scaling": SCALING,
             "rope_parameters": SCALING | {"rope_theta": 5e5}, "bos_token_id": 0, "eos_token_id": [1, 2],
@@ -219,9 +220,9 @@ def test_export_of_a_byte_level_run_names_its_tokenizer_and_end_of_text(tmp_path
     model = Transformer(PRESETS["tiny"])  # untied: the head is written
     torch.save({"model": model.state_dict(), "model_config": config_dict(PRESETS["tiny"]), "tokenizer": "bytes"},
                tmp_path / "model.pt")
-    config = weights.export_hf(tmp_path / "model.pt", tmp_path / "out")
+    config = hf.export_hf(tmp_path / "model.pt", tmp_path / "out")
     assert {"tokenizer": "bytes", "bos_token_id": None, "eos_token_id": 256, "tie_word_embeddings": False,
             "rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}
             }.items() <= config.items()
-    assert "lm_head.weight" in weights.read_safetensors(tmp_path / "out" / "model.safetensors")
+    assert "lm_head.weight" in hf.read_safetensors(tmp_path / "out" / "model.safetensors")
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == 256

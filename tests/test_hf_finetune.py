@@ -11,6 +11,7 @@ import torch.distributed as dist
 import data
 import generate
 import sft
+import hf
 import weights
 from benchmarks.hf_folder import SHAPES, write_hf_folder
 from sft_fixtures import WORDS, write_jsonl
@@ -85,19 +86,19 @@ def test_lora_on_tp2_zero3_equals_one_process_then_chats_and_exports(tmp_path, f
     config = json.loads((hf_out / "config.json").read_text())
     assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 5e5} and config["rope_theta"] == 5e5
     assert config["tie_word_embeddings"] is True  # LoRA left the (tied) embedding and head untouched
-    assert "lm_head.weight" not in weights.read_safetensors(hf_out / "model.safetensors")
+    assert "lm_head.weight" not in hf.read_safetensors(hf_out / "model.safetensors")
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (hf_out / f).is_file(), f
     assert json.loads((hf_out / "generation_config.json").read_text())["eos_token_id"] == \
         data.get_tokenizer(str(files["hf"])).encode_single_token("<|im_end|>")
-    assert weights.import_hf(hf_out)["model_config"]["rope_theta"] == 5e5
+    assert hf.import_hf(hf_out)["model_config"]["rope_theta"] == 5e5
     assert greedy(hf_out) == new and greedy(hf_out, "--chat") == chat
 
 
 def test_a_reply_stops_at_im_end(tmp_path, files, capsys):
     """The folder's ChatML turn end stops a reply: a model rigged to always answer <|im_end|> (a large constant
     in the embedding's first dimension, which the final norm keeps, read by <|im_end|>'s row of the head)."""
-    init = weights.import_hf(files["hf"])
+    init = hf.import_hf(files["hf"])
     im_end = data.get_tokenizer(init["tokenizer"]).encode_single_token("<|im_end|>")
     sd = init["model"]
     sd["tok_emb.weight"][:, 0] = 1000.0

@@ -11,12 +11,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoint
+import init
 import lora
 import model as model_lib
 import pretrain
 import tensor_parallel
 import training
-import weights
 import weights
 from model import PRESETS, Transformer
 from moe import add_moe
@@ -128,7 +128,7 @@ def _peak_bytes(rank, world, tp, pp, meta):
 def test_no_rank_holds_more_than_its_share_while_building(monkeypatch, tp, pp):
     """The whole model is never allocated: a rank's peak is its own parameters plus one block of draws (made small
     here, as a large model's are small next to its parameters), against the whole model when it is built first."""
-    monkeypatch.setattr(model_lib, "ELEMENTS_PER_DRAW", 64)
+    monkeypatch.setattr(init, "ELEMENTS_PER_DRAW", 64)
     whole = sum(p.numel() * 4 for p in Transformer(CFG).parameters())
     for meta in (True, False):
         for peak, mine in run_distributed(_peak_bytes, tp * pp, tp, pp, meta):

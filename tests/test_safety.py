@@ -244,7 +244,7 @@ def test_a_flag_that_changes_the_maths_is_part_of_the_run(runs, tmp_path, capsys
     with pytest.raises(SystemExit) as e:
         sft.main(runs["sft_argv"] + ["--out", str(out), "--no-prompt-mask"])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "\n" not in err and "holds a run with --no-prompt-mask False, not True" in err, err
+    assert e.value.code == 2 and "\n" not in err and "holds another run (--no-prompt-mask False, not True)" in err, err
 
 
 def test_a_finished_run_goes_on_with_a_larger_max_steps(runs, tmp_path, capsys):

@@ -12,6 +12,7 @@ import training
 import weights
 from amp import DynamicLossScaler, MixedPrecisionOptimizer
 from model import Transformer
+from sft_data import DEFAULT_MAX_BYTES, SFT_VAL_EVERY, build_default_data
 from topology import Topology
 from sft_fixtures import CFG, make_init, reverse_examples, write_jsonl
 
@@ -198,8 +199,9 @@ def long_one(x):
 def test_default_data_from_functions(tmp_path):
     """Docstring -> instruction, source without docstring -> response; too long counted; split by module."""
     docs = [(f"pkg/mod{i}.py", MODULE) for i in range(30)]
-    held = sum(zlib.crc32(name.encode()) % data.SFT_VAL_EVERY == 0 for name, _ in docs)
-    counts = data.build_default_data(docs, tmp_path, lambda ex: sft.encode(ENC, sft.to_messages(ex, "-"))[0])
+    held = sum(zlib.crc32(name.encode()) % SFT_VAL_EVERY == 0 for name, _ in docs)
+    counts = build_default_data(docs, tmp_path,
+                                lambda ex: sft.encode(ENC, sft.to_messages(ex, "-"))[0])
     assert 0 < held < 30 and counts == {"functions": 3 * 30, "too_long": 30, "train": 2 * (30 - held), "val": 2 * held}
     rows = [json.loads(l) for l in (tmp_path / "train.jsonl").read_text().splitlines()]
     val_modules = {json.loads(l)["module"] for l in (tmp_path / "val.jsonl").read_text().splitlines()}
@@ -207,7 +209,7 @@ def test_default_data_from_functions(tmp_path):
     assert rows[0]["instruction"] == "Write a Python function `short(a, b=1)` that: Add two numbers."
     assert rows[0]["output"] == "def short(a, b=1):\n    # a comment stays\n    return a + b"
     assert rows[1]["output"] == "def method(self, x):\n    return 2 * x"  # dedented out of its class
-    assert all(len(sft.encode(ENC, sft.to_messages(r, "-"))[0]) <= data.DEFAULT_MAX_BYTES for r in rows)
+    assert all(len(sft.encode(ENC, sft.to_messages(r, "-"))[0]) <= DEFAULT_MAX_BYTES for r in rows)
 
 
 def error_of(capsys, argv):
@@ -238,8 +240,8 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys, files):
         capsys, base + data_flag + ["--model", "tiny"])
     other = make_init(tmp_path / "other", replace(CFG, d_model=64, n_head=4))
     run(files, tmp_path / "r", "--max-steps", "1", "--samples", "0", "--lora-r", "2")
-    assert "holds another run (model config d_model 128, not 64" in error_of(
-        capsys, ["--init", str(other), "--out", str(tmp_path / "r"), "--resume"] + data_flag)
+    err = error_of(capsys, ["--init", str(other), "--out", str(tmp_path / "r"), "--resume"] + data_flag)
+    assert "holds another run (" in err and "model config d_model 32, not 64" in err, err
     assert "was trained on another model config (differs in d_model)" in error_of(
         capsys, ["--init", str(other), "--adapter", str(tmp_path / "r" / "adapter.pt")] + data_flag)
     assert "--lora-targets wq,attn: attn is not a linear of the blocks; choose from wq,wk" in error_of(

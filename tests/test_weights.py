@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import checkpoint
+import hf
 import weights
 from model import PRESETS, Transformer
 
@@ -23,7 +24,7 @@ def exported(tmp_path):
         torch.nn.init.normal_(p, std=0.3)
     torch.save({"model": model.state_dict(), "model_config": asdict(replace(CFG, attn="-")), "tokenizer": "bytes"},
                tmp_path / "model.pt")
-    weights.export_hf(tmp_path / "model.pt", tmp_path / "hf")
+    hf.export_hf(tmp_path / "model.pt", tmp_path / "hf")
     return model, tmp_path / "hf"
 
 
@@ -73,7 +74,7 @@ def llama_reference(t, c, idx, inv_freq=None):
 def test_the_exported_tensors_are_a_llama(exported):
     model, folder = exported
     idx = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(2))
-    ref = llama_reference(weights.read_safetensors(folder / "model.safetensors"),
+    ref = llama_reference(hf.read_safetensors(folder / "model.safetensors"),
                           json.loads((folder / "config.json").read_text()), idx)
     # float64 but for model.py's RoPE tables, kept in fp32 (|logits| up to 1.7: measured 2e-8 apart): 1e-6.
     torch.testing.assert_close(model(idx)[0], ref, rtol=1e-6, atol=1e-6)
@@ -81,12 +82,12 @@ def test_the_exported_tensors_are_a_llama(exported):
 
 def test_tied_embeddings_are_copied_into_the_head(exported):
     model, folder = exported
-    tensors = weights.read_safetensors(folder / "model.safetensors")
+    tensors = hf.read_safetensors(folder / "model.safetensors")
     del tensors["lm_head.weight"]
-    weights.write_safetensors(folder / "model.safetensors", tensors)
+    hf.write_safetensors(folder / "model.safetensors", tensors)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
-    sd = weights.import_hf(folder)["model"]
+    sd = hf.import_hf(folder)["model"]
     assert torch.equal(sd["lm_head.weight"], model.tok_emb.weight)
 
 
@@ -95,8 +96,8 @@ def refused(folder, config=None, tensors=None, raw=None):
         c = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps(c | config))
     if tensors:
-        t = weights.read_safetensors(folder / "model.safetensors")
-        weights.write_safetensors(folder / "model.safetensors", tensors(t))
+        t = hf.read_safetensors(folder / "model.safetensors")
+        hf.write_safetensors(folder / "model.safetensors", tensors(t))
     if raw:
         (folder / "model.safetensors").write_bytes(raw((folder / "model.safetensors").read_bytes()))
     with pytest.raises(checkpoint.CheckpointError) as e:
