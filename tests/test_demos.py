@@ -68,8 +68,9 @@ def test_chat():
 
 
 def test_amp():
+    import quantization
     out = run("amp.py")
-    losses = {name: line for name, line in re.findall(r"^(fp32|bf16|fp16): losses (.*)$", out, re.M)}
+    losses = dict(re.findall(r"^(fp32|bf16|fp16|fp8): losses (.*)$", out, re.M))
     curves = {name: numbers(r"(\d+\.\d+)(?:\(skipped\))?", line.split("final")[0]) for name, line in losses.items()}
     assert curves["fp32"][-1] < curves["fp32"][0] - 1.0  # it trains
     for name in ("bf16", "fp16"):  # 16-bit rounding moves the curve far less than training does (up to the skip)
@@ -78,6 +79,13 @@ def test_amp():
     assert fp16[4].endswith("(skipped)") and fp16[5] == fp16[4].removesuffix("(skipped)")  # nothing applied
     assert sum("(skipped)" in x for x in fp16) == 1 and "final loss scale 131072" in losses["fp16"]
     assert "(skipped) marks that step" in out  # and the demo says what it means
+    if why := quantization.fp8_unsupported("cpu"):  # no fp8 row rather than one computed in bf16
+        assert "fp8" not in losses and f"fp8: not run: {why}" in out, out
+    else:  # FP8 matmuls really ran: another curve than bf16's, the same training
+        swapped = r"^fp8: the bf16 model with [1-9]\d* linear layers' matmuls in FP8"
+        assert re.search(swapped, out, re.M), out
+        assert curves["fp8"] != curves["bf16"] and curves["fp8"][-1] < curves["fp8"][0] - 1.0, out
+        assert max(abs(a - b) for a, b in zip(curves["fp8"][:4], curves["fp32"][:4])) < 0.1, out
     # fp16 at lr 1 overflows in the forward: the guard ends it 8 steps after the loss turns nan
     assert re.search(r"^fp16 at lr 1: stopped after step \d+: the loss was nan for 8 steps in a row", out, re.M), out
 
