@@ -20,8 +20,8 @@ attention is block-diagonal causal (model.py) and each example's loss is exactly
 the same examples, so packed and padded training take the same steps. The compute saved is the padding's (the
 matmuls' 6 N per token), less what longer rows add to attention unless the kernel skips the masked tiles.
 
-Loss: the token mean over the response tokens of the whole global batch, whatever the micro-batches hold
-(training.py's docstring says why). With LoRA only the adapters reach the optimizer (and ZeRO
+Loss: the token mean over the response tokens of the whole global batch, whatever the micro-batches
+hold (training.py's docstring says why). With LoRA only the adapters reach the optimizer (and ZeRO
 shards only them: the frozen base carries no optimizer state).
 
 The embedded default data, offline: from the pretraining corpus (the Python standard library), every short
