@@ -27,8 +27,9 @@ A run that cannot train must stop rather than skip every step to the end (Diverg
 row with an inf/nan loss (or, in fp32/bf16, gradient norm), or in fp16 the loss scale below a floor of 1, ends
 it with the likely cause.
 
-Demo: `python amp.py` trains a tiny model for a few steps in each precision, shows fp16's scaler at work, and
-an fp16 run at learning rate 1 stopped by the guard.
+Demo: `python amp.py` trains a tiny model for a few steps in each precision (fp8: quantization.py's
+FP8 matmuls, on CPU too), shows fp16's scaler at work, and an fp16 run at learning rate 1 stopped by
+the guard.
 """
 import contextlib
 import math
@@ -335,11 +336,18 @@ class MixedPrecisionOptimizer:
 
 if __name__ == "__main__":
     from model import PRESETS, Transformer
+    from quantization import fp8_unsupported, use_fp8
     torch.manual_seed(0)
     idx = torch.randint(0, 256, (8, 65))
     for name, dtype in DTYPES.items():
+        if name == "fp8" and (why := fp8_unsupported("cpu")):
+            print(f"fp8: not run: {why}")
+            continue
         torch.manual_seed(0)
         model = cast_model(Transformer(PRESETS["tiny"]), dtype)
+        if name == "fp8":  # what --amp fp8 trains
+            print(f"fp8: the bf16 model with {use_fp8(model)} linear layers' matmuls in FP8 "
+                  "(quantization.py)")
         scaler = DynamicLossScaler(enabled=name == "fp16", growth_interval=3)
         opt = MixedPrecisionOptimizer([{"params": list(model.parameters())}],
                                       lambda g: torch.optim.AdamW(g, lr=3e-3), dtype, scaler)
@@ -355,7 +363,8 @@ if __name__ == "__main__":
         print(f"{name}: losses {' '.join(losses)}  final loss scale {scaler.scale:g}")
     print("fp16's loss scale starts at 2^16 = 65536 and doubles after 3 clean steps here (2000 by default).\n"
           "At step 5 an inf was put into a gradient: (skipped) marks that step, whose update was dropped (the next\n"
-          "loss is the same) and whose scale was halved. fp32 and bf16 need no scaling: their scale stays 1.")
+          "loss is the same) and whose scale was halved. fp32, bf16 and fp8 (bf16's range) need\n"
+          "no scaling: their scale stays 1.")
     # A run that cannot train: fp16 at learning rate 1 overflows within a few steps and never recovers.
     torch.manual_seed(0)
     model = cast_model(Transformer(PRESETS["tiny"]), torch.float16)

@@ -234,9 +234,10 @@ def check_flags(args, T):
     for flag, (bad, reason) in why.items():
         if bad:
             raise TopologyError(f"--cp {args.cp} with {flag}: {reason}")
-    if args.attn != "flash":
-        raise TopologyError(f"--cp {args.cp} runs ring attention, whose blocks are flash_attn.py's kernels (its "
-                            f"twin on CPU): add --attn flash (got --attn {args.attn})")
+    if args.attn not in (None, "flash"):  # (None: flags.check_args makes it flash)
+        raise TopologyError(f"--cp {args.cp} runs ring attention, whose blocks are flash_attn.py's "
+                            f"kernels (its twin on CPU): drop --attn {args.attn} "
+                            "(--cp picks flash)")
     if T % (2 * args.cp):
         raise TopologyError(f"--cp {args.cp} cuts each sequence into 2 x {args.cp} equal chunks (zigzag): choose a "
                             f"--seq-len divisible by {2 * args.cp} (got {T})")

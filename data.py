@@ -29,6 +29,7 @@ Use:
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -365,9 +366,27 @@ class TokenWindows:
         return buf[:, :-1], buf[:, 1:]
 
 
+def step_items(step, n, global_batch, seed, rank=0, world=1, n_micro=1):
+    """Which of n items (token windows, SFT examples) this rank trains on at optimizer step `step`:
+    step s of epoch e takes perm_e[s*B:(s+1)*B] (B = global_batch, perm_e drawn from (seed, e));
+    rank r of `world` takes the r-th contiguous 1/world of them, cut into `n_micro` micro-batches
+    (a list of index arrays)."""
+    epoch, s = divmod(step, n // global_batch)
+    idx = epoch_order(seed, epoch, n)[s * global_batch:(s + 1) * global_batch]
+    per_rank = global_batch // world
+    return np.split(idx[rank * per_rank:(rank + 1) * per_rank], n_micro)
+
+
+@functools.lru_cache(maxsize=1)
+def epoch_order(seed, epoch, n):
+    """A permutation of range(n), one epoch's order (kept: drawing it is O(n), a step reads B)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    perm.flags.writeable = False
+    return perm
+
+
 class Batches:
-    """Step s of training reads windows perm_epoch[s*B:(s+1)*B] (B = global batch in sequences); rank r of
-    `world` takes the r-th contiguous 1/world of them, cut into `n_micro` micro-batches.
+    """Token windows in the order of step_items (B = global batch in sequences).
 
     The whole state is the step counter: batches are a pure function of (seed, step), so resuming restores
     the exact stream, and a checkpoint's `state_dict()` is tiny."""
@@ -383,22 +402,13 @@ class Batches:
         self.B, self.rank, self.world, self.n_micro, self.seed = global_batch, rank, world, n_micro, seed
         self.steps_per_epoch = self.windows.n // global_batch
         self.step = 0
-        self._perm_epoch, self._perm = None, None
-
-    def _permutation(self, epoch):
-        if self._perm_epoch != epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.windows.n)
-            self._perm_epoch = epoch
-        return self._perm
 
     def next(self):
         """The micro-batches of this rank for the next optimizer step: a list of `n_micro` (x, y) pairs."""
-        epoch, s = divmod(self.step, self.steps_per_epoch)
-        idx = self._permutation(epoch)[s * self.B:(s + 1) * self.B]
-        per_rank = self.B // self.world
-        mine = idx[self.rank * per_rank:(self.rank + 1) * per_rank]
+        chunks = step_items(self.step, self.windows.n, self.B, self.seed, self.rank, self.world,
+                            self.n_micro)
         self.step += 1
-        return [self.windows.get(chunk) for chunk in np.split(mine, self.n_micro)]
+        return [self.windows.get(chunk) for chunk in chunks]
 
     def state_dict(self):
         return {"step": self.step, "seed": self.seed, "global_batch": self.B, "windows": self.windows.n}

@@ -30,7 +30,6 @@ Run: `python estimate.py --model gpt2-124m --chinchilla --gpus 8`, `python estim
 --tp 8 --pp 8 --zero 1 --sequence-parallel`, or any shape: `--n-layer 32 --d-model 4096 --n-head 32 ...`.
 `python estimate.py --measure` builds two small models, runs a step and compares the bytes held with the above.
 """
-import argparse
 import math
 import resource
 import sys
@@ -43,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # (torch's own hook 
 from torch.utils._pytree import tree_leaves
 
 from amp import DynamicLossScaler, MixedPrecisionOptimizer, cast_model
+from flags import OneLineParser
 from model import PRESETS, ModelConfig, Transformer, flops_per_token, num_params, pad_vocab
 from moe import add_moe, inactive_params, parse_layers
 from tensor_parallel import check_divisible
@@ -54,11 +54,6 @@ RECOMPUTE = ("none", "selective", "full")
 
 class EstimateError(ValueError):
     """A flag that makes no sense: its message is the one line the user sees."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # a bad flag is one line, not a usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser():

@@ -74,7 +74,9 @@ def add_shared_flags(ap, **defaults):
     a("--grad-reduce-dtype", default="fp32", choices=["fp32", "model"],
       help="16-bit models: gradients accumulated over micro-steps and reduced over ranks in fp32 (amp.py's "
            "main_grad), or in the model's dtype (half the bytes, 8 bits of mantissa)")
-    a("--attn", default="sdpa", choices=ATTN_BACKENDS, help="attention backend (model.py, flash_attn.py)")
+    a("--attn", default=None, choices=ATTN_BACKENDS,
+      help="attention backend (model.py, flash_attn.py); default: flash with --cp > 1 (ring "
+           "attention's blocks), else sdpa")
     a("--activation-checkpointing", action="store_true", help="recompute each block's activations in backward")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="data parallelism: 0 ddp.py, 1-3 ZeRO (zero.py)")
@@ -86,8 +88,9 @@ def add_shared_flags(ap, **defaults):
     a("--sequence-parallel", action="store_true", help="with --tp: norms, residuals split along the sequence")
     a("--ep", type=int, default=1, help="expert-parallel ranks (moe.py), carved from the data-parallel ones "
                                         "(each holds experts/ep of every MoE layer; --zero 0 or 1)")
-    a("--cp", type=int, default=1, help="context-parallel ranks (context_parallel.py): each sequence split over cp "
-                                        "ranks, ring attention (with --attn flash)")
+    a("--cp", type=int, default=1,
+      help="context-parallel ranks (context_parallel.py): each sequence split over cp ranks, ring "
+           "attention (picks --attn flash)")
     a("--out", default=None, help="checkpoints and metrics.jsonl go here (default: out/PROG-HASH, a folder of "
                                   "its own for each run: see run_folder)")
     a("--resume", action="store_true",
@@ -190,6 +193,8 @@ def check_args(args, world):
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if args.amp == "auto":  # fp32 on a GPU leaves SDPA's flash kernel (16-bit only) for T x T fp32 scores
         args.amp = "bf16" if cuda else "fp32"  # resolved here: checkpoints record the precision that ran
+    if args.attn is None:  # ring attention's blocks are flash_attn.py's: --cp needs no --attn
+        args.attn = "flash" if args.cp > 1 else "sdpa"
     if args.amp == "fp8" and (why := quantization.fp8_unsupported("cuda" if cuda else "cpu")):
         raise ConfigError(why)
     if args.bucket_mb <= 0:

@@ -15,10 +15,9 @@ Communication per micro-batch and stage boundary: B x T x d activations forward,
 Each op's send and the next op's receive are posted together (dist.batch_isend_irecv), so that the schedule
 cannot deadlock where sends block until the matching receive is posted (NCCL; see run_pipeline).
 
-The loss lives on the last stage. Each micro-batch's summed per-token loss is divided by the labelled tokens of
-the whole optimizer step (every stage can count them from the labels y), so the accumulated gradients are those
-of the step's token mean, however unevenly the labels fall into micro-batches (masked SFT batches); the sum is
-then all-reduced over the pp group (zeros from the other stages) so that every rank reports it.
+The loss lives on the last stage: each micro-batch's summed loss divided by the step's labelled
+tokens (the token mean, training.py), then all-reduced over the pp group (zeros from the other
+stages) so that every rank reports it.
 
 Demo: `torchrun --nproc_per_node 4 pipeline.py` runs GPipe and 1F1B on p = 4 stages for m = 1, 4, 8 and prints
 each executed schedule as a timeline per stage (F/f forward, B/b backward, alternating case per micro-batch,

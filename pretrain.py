@@ -21,7 +21,7 @@ Run:
     torchrun --nproc_per_node 4 pretrain.py --zero 3 --tp 2                   # ZeRO-3 x tensor parallel
     torchrun --nproc_per_node 4 pretrain.py --tp 2 --pp 2 --microbatches 4    # tensor x pipeline parallel
     torchrun --nproc_per_node 4 pretrain.py --experts 8 --ep 2 --zero 1      # experts over 2 ranks, 2 replicas
-    torchrun --nproc_per_node 4 pretrain.py --cp 2 --tp 2 --attn flash        # sequences split over 2 ranks
+    torchrun --nproc_per_node 4 pretrain.py --cp 2 --tp 2     # sequences split over 2 ranks
 """
 import math
 import sys

@@ -20,14 +20,8 @@ attention is block-diagonal causal (model.py) and each example's loss is exactly
 the same examples, so packed and padded training take the same steps. The compute saved is the padding's (the
 matmuls' 6 N per token), less what longer rows add to attention unless the kernel skips the masked tiles.
 
-Loss normalisation: with masks, micro-batches hold different numbers of response tokens. The loss of a step is
-
-    sum over the step's response tokens of -log p(token)  /  response tokens in the whole global batch
-
-(every data-parallel rank, accumulation micro-step and pipeline micro-batch: one all-reduce of a count). A
-per-micro-batch mean would weight a token of a short micro-batch more than one of a long one; this way
-accumulation and every parallel layout give the gradient one big batch would. training.py applies it to
-pretraining too, where every token is labelled. With LoRA only the adapters reach the optimizer (and ZeRO
+Loss: the token mean over the response tokens of the whole global batch, whatever the micro-batches
+hold (training.py's docstring says why). With LoRA only the adapters reach the optimizer (and ZeRO
 shards only them: the frozen base carries no optimizer state).
 
 The embedded default data, offline: from the pretraining corpus (the Python standard library), every short
@@ -56,7 +50,6 @@ import zlib
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import data as data_lib
@@ -70,7 +63,7 @@ import training
 from amp import DTYPES, TrainingStopped
 from checkpoint import CheckpointError
 from chat import encode, prompt_ids, read_jsonl, stop_ids, to_messages
-from data import DataError, eot_id
+from data import DataError, eot_id, step_items
 from flags import ConfigError
 from model import PRESETS, ModelConfig, Transformer, config_dict, flops_per_token, num_params
 from topology import TopologyError, rank0_token
@@ -147,24 +140,22 @@ def pack(rows, pad_id, T, multiple=1):
 
 
 class SFTBatches:
-    """As data.Batches, over examples: step s of epoch e takes examples perm_e[s*B:(s+1)*B]; rank r of `world`
-    its contiguous 1/world, cut into `n_micro` micro-batches, each made into tensors by `make` (collate or
-    pack). A pure function of (seed, step)."""
+    """As data.Batches, over examples: data.step_items picks each step's examples for this rank,
+    micro-batch by micro-batch, each made into tensors by `make` (collate or pack). A pure function
+    of (seed, step)."""
 
     def __init__(self, rows, global_batch, make, rank=0, world=1, n_micro=1, seed=0):
         if global_batch > len(rows):
             raise DataError(f"--batch-size {global_batch} is more than the {len(rows)} training examples")
         self.rows, self.B, self.make = rows, global_batch, make
         self.rank, self.world, self.n_micro, self.seed = rank, world, n_micro, seed
-        self.steps_per_epoch, self.step = len(rows) // global_batch, 0
+        self.step = 0
 
     def next(self):
-        epoch, s = divmod(self.step, self.steps_per_epoch)
-        idx = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))[s * self.B:(s + 1) * self.B]
-        per_rank = self.B // self.world
-        mine = idx[self.rank * per_rank:(self.rank + 1) * per_rank]
+        chunks = step_items(self.step, len(self.rows), self.B, self.seed, self.rank, self.world,
+                            self.n_micro)
         self.step += 1
-        return [self.make([self.rows[i] for i in chunk]) for chunk in np.split(mine, self.n_micro)]
+        return [self.make([self.rows[i] for i in chunk]) for chunk in chunks]
 
     def state_dict(self):
         return {"step": self.step, "seed": self.seed, "global_batch": self.B, "examples": len(self.rows)}

@@ -43,10 +43,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# torch 2.13 names the flat collectives all_gather_single / reduce_scatter_single; older releases (which GPU
-# machines often carry) only have the same functions under their former names.
-all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from topology import all_gather_single, reduce_scatter_single
 
 
 # ----------------------------------------------------------------------------- the f and g operators

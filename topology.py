@@ -33,6 +33,12 @@ import argparse
 
 import torch.distributed as dist
 
+# torch 2.13 names the flat collectives all_gather_single / reduce_scatter_single; older releases
+# (which GPU machines often carry) only have the same functions under their former names.
+# zero.py and tensor_parallel.py take them from here.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def rank0_token(lockstep):
     """For ranks that generate in lockstep (under tp, ZeRO-3 or ep each forward is a collective needing them all):

@@ -45,11 +45,7 @@ from amp import LOW_PRECISION, accumulate_main_grads, clip_and_step, global_grad
 from ddp import DistributedDataParallel
 from moe import is_ep_duplicate, is_expert_parallel
 from tensor_parallel import is_tp_duplicate
-
-# torch 2.13 names the flat collectives all_gather_single / reduce_scatter_single; older releases (which GPU
-# machines often carry) only have the same functions under their former names.
-all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from topology import all_gather_single, reduce_scatter_single
 
 
 class FlatUnit:

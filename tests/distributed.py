@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port():
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -44,8 +44,8 @@ def _worker(rank, world, port, fn, args, result_dir):
 def run_distributed(fn, world, *args):
     with tempfile.TemporaryDirectory() as d:
         try:
-            mp.start_processes(_worker, args=(world, _free_port(), fn, args, d), nprocs=world, join=True,
-                               start_method="fork")
+            mp.start_processes(_worker, args=(world, free_port(), fn, args, d), nprocs=world,
+                               join=True, start_method="fork")
         except Exception as e:
             errors = []
             for r in range(world):

@@ -201,7 +201,7 @@ def test_context_parallel_training_matches_one_process(world, layouts):
 
 
 FAST = ["--seq-len", "32", "--batch-size", "4", "--max-steps", "4", "--warmup-steps", "1", "--eval-iters", "1",
-        "--eval-every", "4", "--sample-tokens", "0", "--log-every", "1", "--attn", "flash", "--cp", "2"]
+        "--eval-every", "4", "--sample-tokens", "0", "--log-every", "1", "--cp", "2"]  # (flash)
 
 
 def _resume(rank, world, out):
@@ -223,12 +223,25 @@ def test_context_parallel_resume_is_exact(tmp_path, stdlib_data):
     (4, ["--cp", "2", "--tp", "2", "--sequence-parallel", "--attn", "flash"], "--cp 2 with --sequence-parallel"),
     (4, ["--cp", "2", "--experts", "4", "--ep", "2", "--attn", "flash"], "--cp 2 with experts"),
     (2, ["--cp", "2", "--experts", "4", "--attn", "flash"], "--cp 2 with experts.*use a dense model"),
-    (2, ["--cp", "2"], "--cp 2 runs ring attention.*add --attn flash"),
+    (2, ["--cp", "2", "--attn", "sdpa"],
+     "--cp 2 runs ring attention.*drop --attn sdpa \\(--cp picks flash\\)"),
+    (2, ["--cp", "2", "--attn", "naive"], "--cp 2 runs ring attention.*drop --attn naive"),
     (6, ["--cp", "3", "--seq-len", "32", "--attn", "flash"], "cuts each sequence into 2 x 3 equal chunks.*"
                                                                "divisible by 6 \\(got 32\\)"),
 ])
 def test_bad_context_parallel_layouts_are_refused(tmp_path, capsys, monkeypatch, world, flags, match):
     assert re.search(match, refused_before_any_group(tmp_path, capsys, monkeypatch, world, flags))
+
+
+@pytest.mark.parametrize("argv, attn", [(["--cp", "2"], "flash"), ([], "sdpa"),
+                                        (["--attn", "naive"], "naive"),
+                                        (["--cp", "2", "--attn", "flash"], "flash")])
+def test_cp_picks_the_attention_it_needs(tmp_path, argv, attn):
+    """Without --attn, --cp > 1 takes flash_attn.py's blocks (ring attention's), and no --cp sdpa;
+    a given --attn is kept (a contradicting one is refused above)."""
+    args = pretrain.build_parser().parse_args(argv + ["--out", str(tmp_path / "run")])
+    flags.check_args(args, 2)
+    assert args.attn == attn
 
 
 def _sft(rank, world, argv):

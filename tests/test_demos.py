@@ -68,8 +68,9 @@ def test_chat():
 
 
 def test_amp():
+    import quantization
     out = run("amp.py")
-    losses = {name: line for name, line in re.findall(r"^(fp32|bf16|fp16): losses (.*)$", out, re.M)}
+    losses = dict(re.findall(r"^(fp32|bf16|fp16|fp8): losses (.*)$", out, re.M))
     curves = {name: numbers(r"(\d+\.\d+)(?:\(skipped\))?", line.split("final")[0]) for name, line in losses.items()}
     assert curves["fp32"][-1] < curves["fp32"][0] - 1.0  # it trains
     for name in ("bf16", "fp16"):  # 16-bit rounding moves the curve far less than training does (up to the skip)
@@ -78,6 +79,13 @@ def test_amp():
     assert fp16[4].endswith("(skipped)") and fp16[5] == fp16[4].removesuffix("(skipped)")  # nothing applied
     assert sum("(skipped)" in x for x in fp16) == 1 and "final loss scale 131072" in losses["fp16"]
     assert "(skipped) marks that step" in out  # and the demo says what it means
+    if why := quantization.fp8_unsupported("cpu"):  # no fp8 row rather than one computed in bf16
+        assert "fp8" not in losses and f"fp8: not run: {why}" in out, out
+    else:  # FP8 matmuls really ran: another curve than bf16's, the same training
+        swapped = r"^fp8: the bf16 model with [1-9]\d* linear layers' matmuls in FP8"
+        assert re.search(swapped, out, re.M), out
+        assert curves["fp8"] != curves["bf16"] and curves["fp8"][-1] < curves["fp8"][0] - 1.0, out
+        assert max(abs(a - b) for a, b in zip(curves["fp8"][:4], curves["fp32"][:4])) < 0.1, out
     # fp16 at lr 1 overflows in the forward: the guard ends it 8 steps after the loss turns nan
     assert re.search(r"^fp16 at lr 1: stopped after step \d+: the loss was nan for 8 steps in a row", out, re.M), out
 
@@ -148,20 +156,43 @@ def test_zero():
         assert losses == rows[0][-1]  # every stage trains the same model the same way
 
 
+def test_bench_says_when_a_ratio_misses_its_goal():
+    from benchmarks.bench_dp import against_goal
+    assert against_goal("throughput", 0.8, 1.0) == "throughput 0.800x: below goal (x0.800 < x1)"
+    assert against_goal("throughput", 0.95, 0.95) == "throughput 0.950x (goal >= 0.95x)"
+    assert against_goal("throughput", 1.2, 0.9) == "throughput 1.200x (goal >= 0.9x)"
+    memory = lambda ratio: against_goal("peak memory", ratio, 1.0, at_least=False)
+    assert memory(1.05) == "peak memory 1.050x: over goal (x1.050 > x1)"
+    assert memory(0.9) == "peak memory 0.900x (goal <= 1x)"
+
+
+def missed_goals(out, ratios):
+    """Each pair's printed line says "below goal" / "over goal" exactly when its ratio misses."""
+    for name, r in ratios.items():
+        line = next(x for x in out.splitlines() if x.startswith(f"{name}: throughput"))
+        assert ("below goal" in line) == (r["throughput"] < r["goal"]), line
+        assert ("over goal" in line) == (r["memory"] > 1), line
+    missed = [n for n, r in ratios.items() if r["throughput"] < r["goal"] or r["memory"] > 1]
+    assert (f"goal missed by: {', '.join(missed)}" in out) == bool(missed), out
+
+
 def test_make_bench(tmp_path):
     makefile = (ROOT / "Makefile").read_text()
     assert "$(PY) benchmarks/bench_dp.py --out out/bench/bench_dp.json" in makefile
-    run("benchmarks/bench_dp.py", "--steps", "1", "--warmup", "1", "--repeats", "1", "--out", tmp_path / "b.json")
+    out = run("benchmarks/bench_dp.py", "--steps", "1", "--warmup", "1", "--repeats", "1",
+              "--out", tmp_path / "b.json")
     ratios = json.loads((tmp_path / "b.json").read_text())["ratios"]
     for pair in ("ours-ddp/torch-ddp", "ours-zero3/torch-fsdp2"):  # (timings of one step say little: not checked)
         assert ratios[pair]["max_loss_difference"] < 1e-5 and ratios[pair]["memory"] > 0, ratios
+    missed_goals(out, ratios)
     # bench_parallel.py's pipeline row (its world-4 row, ZeRO-3 x tp against FSDP2 over torch's tensor
     # parallelism, costs about half a minute more on 2 cores: left to make bench)
     assert "$(PY) benchmarks/bench_parallel.py --out out/bench/bench_parallel.json" in makefile
-    run("benchmarks/bench_parallel.py", "--rows", "1f1b-pp2", "--steps", "1", "--warmup", "0", "--repeats", "1",
-        "--out", tmp_path / "p.json")
-    row = json.loads((tmp_path / "p.json").read_text())["rows"]["1f1b-pp2"]
-    assert row["max_loss_difference"] < 1e-5 and row["memory"] > 0, row
+    out = run("benchmarks/bench_parallel.py", "--rows", "1f1b-pp2", "--steps", "1", "--warmup", "0",
+              "--repeats", "1", "--out", tmp_path / "p.json")
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert rows["1f1b-pp2"]["max_loss_difference"] < 1e-5 and rows["1f1b-pp2"]["memory"] > 0, rows
+    missed_goals(out, rows)
 
 
 def test_bench_pack(tmp_path, stdlib_data):

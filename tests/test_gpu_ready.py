@@ -27,12 +27,15 @@ def test_flash_fp32_dots_follow_torchs_matmul_precision():
 
 
 def test_older_torch_without_the_single_collectives():
-    """Older releases lack all_gather_single / reduce_scatter_single: zero.py and tensor_parallel.py then use
-    all_gather_into_tensor / reduce_scatter_tensor (same arguments)."""
+    """Older releases lack all_gather_single / reduce_scatter_single: topology.py then binds the two
+    names to all_gather_into_tensor / reduce_scatter_tensor (same arguments), and zero.py and
+    tensor_parallel.py import them from there."""
     code = ("import torch.distributed as d; del d.all_gather_single, d.reduce_scatter_single; "
-            "import zero, tensor_parallel as tp; "
-            "assert zero.all_gather_single is tp.all_gather_single is d.all_gather_into_tensor; "
-            "assert zero.reduce_scatter_single is tp.reduce_scatter_single is d.reduce_scatter_tensor")
+            "import topology, zero, tensor_parallel as tp; "
+            "assert zero.all_gather_single is tp.all_gather_single is topology.all_gather_single"
+            " is d.all_gather_into_tensor; "
+            "assert zero.reduce_scatter_single is tp.reduce_scatter_single"
+            " is topology.reduce_scatter_single is d.reduce_scatter_tensor")
     subprocess.run([sys.executable, "-c", code], check=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
 
 

@@ -6,7 +6,6 @@ losses (metrics.jsonl) are compared, float for float, with one uninterrupted run
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,18 +14,13 @@ import pytest
 import torch.distributed as dist
 
 import pretrain
+from tests.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 ARGS = ["--model", "tiny", "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
         "--eval-iters", "1", "--sample-tokens", "0", "--log-every", "1", "--max-steps", "8", "--save-every", "2",
         "--dist-timeout", "120"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(launcher, script, out):

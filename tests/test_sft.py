@@ -38,6 +38,21 @@ def rows_of(lines, prompt_mask=True):
     return sft.tokenize(ex, ENC, CFG.block_size, prompt_mask)[0]
 
 
+def test_sft_batches_step_as_pretraining_does():
+    """data.step_items orders SFT examples as it orders token windows: a step's examples are the
+    ranks' micro-batches, rank 0's first, in order; each epoch takes every example once, in a new
+    order."""
+    rows, make = list(range(12)), list
+    one = sft.SFTBatches(rows, 4, make, seed=3)
+    ranks = [sft.SFTBatches(rows, 4, make, rank=r, world=2, n_micro=2, seed=3) for r in range(2)]
+    seen = []
+    for _ in range(6):  # two epochs of 3 steps
+        step, = one.next()
+        assert [i for b in ranks for micro in b.next() for i in micro] == step and len(step) == 4
+        seen += step
+    assert sorted(seen[:12]) == rows == sorted(seen[12:]) and seen[:12] != seen[12:]
+
+
 def test_both_formats_learn_exactly_the_responses():
     alpaca = {"instruction": "Reverse the word.", "input": "golf", "output": "flog"}
     chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
