@@ -200,11 +200,11 @@ def global_grad_norm(grads, reduce_fn=None, expert_grads=(), expert_reduce_fn=No
         but tp rank 0 (its placement's tp_duplicate, placement.py).
       - pipeline parallel: each stage's blocks are distinct and summed over the pp group.
         (training.grad_norm_reduce builds `reduce_fn` for tp and pp; zero.py puts its dp sum in front.)
-      - expert parallel, moe.py: this rank's own experts (placement expert_parallel) are not held by the other
-        ranks of its ep group. Under ddp.py they come in as `expert_grads` and `expert_reduce_fn` sums their
-        part over the ep group before it joins the rest. Under zero.py the dp sum already adds every rank's
-        experts, so an expert held by several replicas of its expert-data group is counted on the first only
-        (ep_duplicate on the others).
+      - expert parallel, moe.py: this rank's own experts (placement.py: expert_parallel) are not
+        held by the other ranks of its ep group. Under ddp.py they come in as `expert_grads` and
+        `expert_reduce_fn` sums their part over the ep group before it joins the rest. Under
+        zero.py the dp sum already adds every rank's experts, so an expert held by several
+        replicas of its expert-data group is counted on the first only (ep_duplicate elsewhere).
 
     inf/nan propagate into the norm, so a non-finite norm is also fp16's overflow check, and after the
     reductions it is non-finite on every rank alike: all ranks skip the step together."""
@@ -312,7 +312,8 @@ class MixedPrecisionOptimizer:
             m.grad = g if (g.dtype == m.dtype and not self.scaler.enabled) else g.float() * inv_scale
         # Which gradients count and which groups sum them: global_grad_norm's docstring.
         where = [placement_of(p) for p in self.model_params]
-        counted = [(m.grad, w.expert_parallel) for w, m in zip(where, self.master_params) if not w.tp_duplicate]
+        counted = [(m.grad, w.expert_parallel) for w, m in zip(where, self.master_params)
+                   if not w.tp_duplicate]
         norm = global_grad_norm([g for g, e in counted if not e], self.norm_reduce_fn,
                                 [g for g, e in counted if e], self.expert_norm_reduce_fn)
         skipped = clip_and_step(self.optimizer, [m.grad for m in self.master_params], norm, max_norm, self.scaler)

@@ -94,7 +94,8 @@ def held_pieces(model, opt, topo):
 
     def writer(p, sharded):  # replicas save nothing: tp copies of a norm, dp (and cp) copies outside ZeRO's shards
         where = placement_of(p)
-        first = (topo.expert_dp_rank if where.expert_parallel else topo.dp_rank) == 0 and topo.cp_rank == 0
+        dp_rank = topo.expert_dp_rank if where.expert_parallel else topo.dp_rank
+        first = dp_rank == 0 and topo.cp_rank == 0
         return not where.tp_duplicate and (sharded or first)
 
     for p, a, b, views, key, sharded in opt.checkpoint_pieces():

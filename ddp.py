@@ -61,9 +61,9 @@ class DistributedDataParallel(nn.Module):
         self.world = dist.get_world_size(group)
         self.require_sync = True
         # The same starting point everywhere: the group's first rank's weights (and buffers) win. Parameters of
-        # expert parallelism (moe.py) are left alone: their placement (placement.py) is replicated over their
-        # expert-data group, not over this one, whose ranks hold different experts; moe.reduce_expert_grads
-        # reduces their gradients over their own groups after backward.
+        # expert parallelism (moe.py) are left alone: their placement (placement.py) is replicated
+        # over their expert-data group, not over this one, whose ranks hold different experts;
+        # moe.reduce_expert_grads reduces their gradients over their own groups after backward.
         shared = [p for p in module.parameters() if "dp" in placement_of(p).replicated_over]
         src = dist.get_global_rank(group, 0) if group is not None else 0
         with torch.no_grad():

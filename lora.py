@@ -82,8 +82,8 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
         self.lora_A = nn.Parameter(self.local(A, "A", tp, rank))
         self.lora_B = nn.Parameter(self.local(torch.zeros(self.out_features, r, **kw), "B", tp, rank))
-        # The factors live where the weight does (placement.py: its tp rank, its expert), named after it; the
-        # one split, B (column) or A (row), along the dimension the weight was cut, the other whole.
+        # The factors live where the weight does (placement.py: its tp rank, its expert), named
+        # after it; the one split, B (column) or A (row), along the weight's cut, the other whole.
         stem = placement_of(self.weight).name
         for which, factor in (("A", self.lora_A), ("B", self.lora_B)):
             cut = {("column", "B"): 0, ("row", "A"): 1}.get((self.kind, which))

@@ -140,8 +140,8 @@ def _reduce_scatter_sequence(x, group):
 
 # ----------------------------------------------------------------------------- the parallel layers
 def _slice(weight, dim, topo):
-    """This rank's contiguous 1/tp of a full tensor along `dim` (a copy: the full tensor can be freed), its
-    placement recorded (placement.py)."""
+    """This rank's contiguous 1/tp of a full tensor along `dim` (a copy: the full tensor can be
+    freed), its placement recorded (placement.py)."""
     piece = nn.Parameter(weight.detach().chunk(topo.tp, dim=dim)[topo.tp_rank].clone())
     return set_placement(piece, like=weight, tp=topo.tp, tp_rank=topo.tp_rank, tp_dim=dim)
 
@@ -339,8 +339,8 @@ def parallelize(model, topo, sequence_parallel=False):
             model.norm = SequenceParallelRMSNorm(model.norm, topo)
         model.lm_head = ColumnParallelLinear(model.lm_head, topo, copy_input=not sp)
         model.loss_fn = vocab_parallel_loss_fn(topo.tp_rank * model.lm_head.weight.shape[0], topo.tp_group)
-    # Every parameter not sliced above (the norms' gains, a router) is whole on each tp rank: its placement
-    # says so (the global gradient norm counts it on tp rank 0 only: amp.global_grad_norm).
+    # Every parameter not sliced above (the norms' gains, a router) is whole on each tp rank: its
+    # placement says so (the gradient norm counts it on tp rank 0 only: amp.global_grad_norm).
     for p in model.parameters():
         set_placement(p, tp=topo.tp, tp_rank=topo.tp_rank)
     return model
@@ -352,8 +352,8 @@ def is_tp_duplicate(p):
 
 
 def split_dim(name):
-    """The dimension along which parameter `name` of a full model is split under tensor parallelism, or None: the
-    rule by name, an oracle independent of the placements the layers above record."""
+    """The dimension along which parameter `name` of a full model is split under tensor
+    parallelism, or None: the rule by name, independent of the placements recorded above."""
     if name.endswith(("attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "mlp.w1.weight", "mlp.w3.weight",
                       "tok_emb.weight", "lm_head.weight")):
         return 0

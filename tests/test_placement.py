@@ -1,8 +1,9 @@
-"""placement.py: every parameter a rank builds says what it is in the whole model. On tp 2 x pp 2 x ep 2 and on
-tp 2 x ep 2 with two replicas of each expert (world 8), MoE experts and LoRA adapters included: each parameter
-has a placement naming a parameter of the one-process model, its box of it holds exactly that model's values
-(float64), and the pieces counted once by the placements' replication (not a tp copy, not an expert's second
-replica, one data-parallel replica) cover every parameter of the whole model exactly once."""
+"""placement.py: every parameter a rank builds says what it is in the whole model. On tp 2 x pp 2 x
+ep 2 and on tp 2 x ep 2 with two replicas of each expert (world 8), MoE experts and LoRA adapters
+included: each parameter has a placement naming a parameter of the one-process model, its box of
+it holds exactly that model's values (float64), and the pieces counted once by the placements'
+replication (not a tp copy, not an expert's second replica, one data-parallel replica) cover every
+parameter of the whole model exactly once."""
 from dataclasses import replace
 
 import torch
@@ -16,9 +17,10 @@ from placement import WHOLE, describe, full_name, placement_of
 from tests.distributed import run_distributed
 from topology import Topology
 
-CFG = replace(PRESETS["tiny"], n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_ff=64, vocab_size=64, block_size=16)
-LAYOUTS = [(2, 2, 2), (2, 1, 2)]  # (tp, pp, ep) on 8 ranks: dp 2 = ep 2; dp 4 = ep 2 x 2 expert replicas
-TARGETS = "wq,wo,w1,w2"            # column- and row-parallel layers, in attention and in the experts
+CFG = replace(PRESETS["tiny"], n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_ff=64,
+              vocab_size=64, block_size=16)
+LAYOUTS = [(2, 2, 2), (2, 1, 2)]  # (tp, pp, ep) on 8 ranks: dp 2 = ep 2, then dp 4 = ep 2 x 2
+TARGETS = "wq,wo,w1,w2"            # column- and row-parallel layers, in attention and in experts
 
 
 def adapt(model):
@@ -29,9 +31,10 @@ def _pieces(rank, world):
     out = []
     for tp, pp, ep in LAYOUTS:
         topo = Topology(tp=tp, pp=pp, ep=ep)
-        args = pretrain.build_parser().parse_args(["--experts", "4", "--topk", "2", "--ep", str(ep)])
-        model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64,
-                                     args=args, adapt=adapt)
+        flags = ["--experts", "4", "--topk", "2", "--ep", str(ep)]
+        args = pretrain.build_parser().parse_args(flags)
+        model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"),
+                                     dtype=torch.float64, args=args, adapt=adapt)
         boxes = describe(model)
         pieces = []
         for n, p in model.named_parameters():
@@ -48,7 +51,7 @@ def test_placements_put_the_whole_model_back_together():
     add_moe(whole, 4, 2)
     adapt(whole)
     ref = {n: p.detach() for n, p in whole.named_parameters()}
-    assert all(placement_of(p) == WHOLE for p in whole.parameters())  # nothing cut: the default placement
+    assert all(placement_of(p) == WHOLE for p in whole.parameters())  # nothing cut: the default
     results = run_distributed(_pieces, 8)
     for i, layout in enumerate(LAYOUTS):
         counted = {n: torch.zeros(t.shape, dtype=torch.int64) for n, t in ref.items()}
@@ -58,7 +61,8 @@ def test_placements_put_the_whole_model_back_together():
                 cut = tuple(slice(s, s + n) for s, n in box)
                 assert torch.equal(t, ref[where.name][cut]), (layout, where)
                 assert ("tp" in where.replicated_over) == (where.tp_dim is None), (layout, where)
-                assert ("expert_dp" in where.replicated_over) == (".experts." in where.name), (layout, where)
+                expert = ".experts." in where.name
+                assert ("expert_dp" in where.replicated_over) == expert, (layout, where)
                 once = not where.ep_duplicate if where.expert_parallel else dp_rank == 0
                 if once and not where.tp_duplicate:
                     counted[where.name][cut] += 1
