@@ -36,8 +36,7 @@ import math
 
 import torch
 
-from moe import is_expert_parallel
-from tensor_parallel import is_tp_duplicate
+from placement import placement_of
 
 # --amp fp8 keeps the model in bf16 like --amp bf16; quantization.py then runs every Linear's matmuls in FP8.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
@@ -164,6 +163,14 @@ def accumulate_main_grads(params):
             p.register_post_accumulate_grad_hook(_add_to_main_grad)
 
 
+def drop_grads(params):
+    """zero_grad: no gradient left, nor fp32 main_grad (the next backward starts it again)."""
+    for p in params:
+        p.grad = None
+        if hasattr(p, "main_grad"):
+            p.main_grad = None
+
+
 def _add_to_main_grad(p):
     if p.main_grad is None:
         p.main_grad = p.grad.float()
@@ -191,14 +198,14 @@ def global_grad_norm(grads, reduce_fn=None, expert_grads=(), expert_reduce_fn=No
         `reduce_fn` first sums over the dp group.
       - tensor parallel, tensor_parallel.py: a split weight's slices are distinct and summed over the tp group;
         a replicated parameter (a norm's gain) has the same gradient on every tp rank and is left out on all
-        but tp rank 0 (its tp_duplicate mark, `tensor_parallel.is_tp_duplicate`).
+        but tp rank 0 (its placement's tp_duplicate, placement.py).
       - pipeline parallel: each stage's blocks are distinct and summed over the pp group.
         (training.grad_norm_reduce builds `reduce_fn` for tp and pp; zero.py puts its dp sum in front.)
-      - expert parallel, moe.py: this rank's own experts (`moe.is_expert_parallel`) are not held by the other
-        ranks of its ep group. Under ddp.py they come in as `expert_grads` and `expert_reduce_fn` sums their
-        part over the ep group before it joins the rest. Under zero.py the dp sum already adds every rank's
-        experts, so an expert held by several replicas of its expert-data group is counted on the first only
-        (`moe.is_ep_duplicate` on the others).
+      - expert parallel, moe.py: this rank's own experts (placement.py: expert_parallel) are not
+        held by the other ranks of its ep group. Under ddp.py they come in as `expert_grads` and
+        `expert_reduce_fn` sums their part over the ep group before it joins the rest. Under
+        zero.py the dp sum already adds every rank's experts, so an expert held by several
+        replicas of its expert-data group is counted on the first only (ep_duplicate elsewhere).
 
     inf/nan propagate into the norm, so a non-finite norm is also fp16's overflow check, and after the
     reductions it is non-finite on every rank alike: all ranks skip the step together."""
@@ -290,10 +297,7 @@ class MixedPrecisionOptimizer:
         return self.optimizer.param_groups
 
     def zero_grad(self):
-        for p in self.model_params:
-            p.grad = None
-            if hasattr(p, "main_grad"):
-                p.main_grad = None
+        drop_grads(self.model_params)
 
     def scale_loss(self, loss):
         return loss * self.scaler.scale_on(loss.device).to(loss.dtype) if self.scaler.enabled else loss
@@ -308,8 +312,9 @@ class MixedPrecisionOptimizer:
             # In fp32 this is the identity (m is p), and so is an fp32 main_grad's; else the one cast up to fp32.
             m.grad = g if (g.dtype == m.dtype and not self.scaler.enabled) else g.float() * inv_scale
         # Which gradients count and which groups sum them: global_grad_norm's docstring.
-        counted = [(m.grad, is_expert_parallel(p)) for p, m in zip(self.model_params, self.master_params)
-                   if not is_tp_duplicate(p)]
+        where = [placement_of(p) for p in self.model_params]
+        counted = [(m.grad, w.expert_parallel) for w, m in zip(where, self.master_params)
+                   if not w.tp_duplicate]
         norm = global_grad_norm([g for g, e in counted if not e], self.norm_reduce_fn,
                                 [g for g, e in counted if e], self.expert_norm_reduce_fn)
         skipped = clip_and_step(self.optimizer, [m.grad for m in self.master_params], norm, max_norm, self.scaler)

@@ -43,9 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lora import LoRALinear
-from moe import is_expert_parallel
-from tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, is_tp_duplicate
+from placement import describe, placement_of
 
 FORMAT = 2  # format 1: one ckpt.rank{r}.pt per rank, readable only by the layout that wrote it
 KEEP = 2    # complete steps kept on disk
@@ -87,50 +85,18 @@ def safe_load(path, mmap=True):
 
 
 # ----------------------------------------------------------------------------- what a rank holds, by name
-def full_name(model, name):
-    """A stage-local, rank-local parameter name -> the full model's: blocks and experts counted from 0."""
-    parts = name.split(".")
-    if parts[0] == "blocks":
-        i = int(parts[1])
-        if parts[2:4] == ["mlp", "experts"]:
-            parts[4] = str(int(parts[4]) + model.blocks[i].mlp.first_expert)
-        parts[1] = str(i + getattr(model, "first_layer", 0))
-    return ".".join(parts)
-
-
-def describe(model, tp=1, tp_rank=0):
-    """param -> (full name, full shape, box): the box is [start, length] per dimension of the full tensor. A
-    tensor-parallel layer's weight is this rank's slice along dimension 0 (column-parallel linears, the
-    vocabulary-parallel embedding) or 1 (row-parallel linears): tensor_parallel.py's layers say which, and a
-    LoRA layer (lora.py) over one splits its weight and one factor alike (B by rows, or A by columns)."""
-    split = {}
-    for m in model.modules():
-        if isinstance(m, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
-            split[m.weight] = int(isinstance(m, RowParallelLinear))
-        elif isinstance(m, LoRALinear) and m.kind != "linear":
-            split[m.weight] = split[m.lora_B if m.kind == "column" else m.lora_A] = int(m.kind == "row")
-    out = {}
-    for name, p in model.named_parameters():
-        assert 1 <= p.dim() <= 2, f"{name}: only 1-D and 2-D parameters are described"
-        shape, box = list(p.shape), [[0, n] for n in p.shape]
-        if p in split and tp > 1:
-            d = split[p]
-            shape[d] *= tp
-            box[d] = [tp_rank * p.shape[d], p.shape[d]]
-        out[p] = (full_name(model, name), shape, box)
-    return out
-
-
 def held_pieces(model, opt, topo):
     """Every piece of a parameter this rank holds: dict(name, shape, box, flat=[a, b], tensors={kind: live 1-D
     view}, key=the inner optimizer's tensor, writer=whether this rank is the one that saves it). The optimizer
     (amp.py, zero.py) says what it holds through checkpoint_pieces(); frozen parameters are taken whole."""
-    names = describe(model, topo.tp, topo.tp_rank)
+    names = describe(model)  # (placement.py: name in the whole model, full shape, box)
     pieces = []
 
     def writer(p, sharded):  # replicas save nothing: tp copies of a norm, dp (and cp) copies outside ZeRO's shards
-        first = (topo.expert_dp_rank if is_expert_parallel(p) else topo.dp_rank) == 0 and topo.cp_rank == 0
-        return not is_tp_duplicate(p) and (sharded or first)
+        where = placement_of(p)
+        dp_rank = topo.expert_dp_rank if where.expert_parallel else topo.dp_rank
+        first = dp_rank == 0 and topo.cp_rank == 0
+        return not where.tp_duplicate and (sharded or first)
 
     for p, a, b, views, key, sharded in opt.checkpoint_pieces():
         state = opt.optimizer.state.get(key, {})

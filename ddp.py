@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from amp import LOW_PRECISION
-from moe import is_expert_parallel
+from placement import placement_of
 
 
 class Bucket:
@@ -61,17 +61,19 @@ class DistributedDataParallel(nn.Module):
         self.world = dist.get_world_size(group)
         self.require_sync = True
         # The same starting point everywhere: the group's first rank's weights (and buffers) win. Parameters of
-        # expert parallelism (moe.py; marked expert_parallel) are left alone: ranks of the group hold different
-        # experts, whose gradients moe.reduce_expert_grads reduces over their own groups after backward.
+        # expert parallelism (moe.py) are left alone: their placement (placement.py) is replicated
+        # over their expert-data group, not over this one, whose ranks hold different experts;
+        # moe.reduce_expert_grads reduces their gradients over their own groups after backward.
+        shared = [p for p in module.parameters() if "dp" in placement_of(p).replicated_over]
         src = dist.get_global_rank(group, 0) if group is not None else 0
         with torch.no_grad():
-            for t in [p for p in module.parameters() if not is_expert_parallel(p)] + list(module.buffers()):
+            for t in shared + list(module.buffers()):
                 dist.broadcast(t.data, src=src, group=group)
         # Buckets in reverse order of registration: backward produces the last layers' gradients first, so the
         # first bucket fills first and its all-reduce starts while the rest of backward runs.
         # The first bucket is small (1 MB at most, as torch's DDP does), so that communication starts as soon as
         # the head's gradients exist instead of after a whole bucket's worth of backward.
-        params = [p for p in module.parameters() if p.requires_grad and not is_expert_parallel(p)]
+        params = [p for p in shared if p.requires_grad]
         # main_grads: a 16-bit parameter's bucket is fp32, and is its main_grad (amp.accumulate_main_grads): every
         # micro-step's gradient is added into it, and the all-reduce sums fp32 (half the speed on the wire, none
         # of bf16's rounding in the sum over ranks).

@@ -37,7 +37,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tensor_parallel import ColumnParallelLinear, CopyToTensorParallel, RowParallelLinear, is_tp_duplicate
+from placement import full_name, placement_of, set_placement
+from tensor_parallel import ColumnParallelLinear, CopyToTensorParallel, RowParallelLinear
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
@@ -81,9 +82,13 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
         self.lora_A = nn.Parameter(self.local(A, "A", tp, rank))
         self.lora_B = nn.Parameter(self.local(torch.zeros(self.out_features, r, **kw), "B", tp, rank))
-        if self.kind != "linear":  # marks for the gradient norm (amp.py, zero.py): every slice counts, a copy once
-            split, whole = (self.lora_B, self.lora_A) if self.kind == "column" else (self.lora_A, self.lora_B)
-            split.tensor_parallel, whole.tp_duplicate = True, rank != 0
+        # The factors live where the weight does (placement.py: its tp rank, its expert), named
+        # after it; the one split, B (column) or A (row), along the weight's cut, the other whole.
+        stem = placement_of(self.weight).name
+        for which, factor in (("A", self.lora_A), ("B", self.lora_B)):
+            cut = {("column", "B"): 0, ("row", "A"): 1}.get((self.kind, which))
+            set_placement(factor, like=self.weight, tp_dim=cut,
+                          name=stem and f"{stem.removesuffix('.weight')}.lora_{which}")
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def local(self, full, which, tp, rank):
@@ -145,19 +150,6 @@ def check_rank(cfg, r, targets):
         if r > min(shapes[t]):
             raise LoRAError(f"--lora-r {r} is larger than {t}'s smaller side ({shapes[t][0]} -> {shapes[t][1]}): "
                             f"choose --lora-r <= {min(min(shapes[u]) for u in parse_targets(targets))}")
-
-
-def full_name(model, name):
-    """A module's name in the whole model: a pipeline stage's block i is block first_layer + i (pipeline.py), an
-    expert-parallel rank's expert j is expert first_expert + j (moe.py)."""
-    parts = name.split(".")
-    if parts[0] == "blocks":
-        parts[1] = str(int(parts[1]) + getattr(model, "first_layer", 0))
-    if "experts" in parts:
-        i = parts.index("experts")
-        moe_layer = model.get_submodule(".".join(name.split(".")[:i]))
-        parts[i + 1] = str(int(parts[i + 1]) + getattr(moe_layer, "first_expert", 0))
-    return ".".join(parts)
 
 
 def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=("wq", "wv"), seed=0):
@@ -337,7 +329,7 @@ def demo_tensor_parallel():
     base_logits = sliced(idx[:, :-1])[0]
     apply_lora(sliced, r=8, alpha=16, targets=TARGETS)
     own = torch.tensor(float(sum(p.numel() for p in sliced.parameters() if p.requires_grad
-                                 and not is_tp_duplicate(p))))
+                                 and not placement_of(p).tp_duplicate)))
     dist.all_reduce(own, group=topo.tp_group)
     step0 = (sliced(idx[:, :-1])[0] - base_logits).abs().max().item()
     opt = torch.optim.AdamW([p for p in sliced.parameters() if p.requires_grad], lr=1e-2)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from init import init_values, materialize, whole
 from model import MLP
+from placement import name_whole, set_placement
 
 
 class MoEError(ValueError):
@@ -157,15 +158,17 @@ class MoE(nn.Module):
 
 def shard_experts(moe, ep_rank, ep, ep_group, expert_dp_rank=0):
     """Keep only this rank's E/ep experts of a whole MoE (real, or on the meta device: training.build_model), and
-    mark them: expert_parallel (this rank's own: ddp.py neither broadcasts nor averages them, zero.py does not
-    shard them; reduce_expert_grads reduces them) and, on every replica but the first of an expert-data group
-    (expert_dp_rank > 0), ep_duplicate (the gradient norm counts each expert once: amp.global_grad_norm)."""
+    record their placement (placement.py): each its number in the whole layer (this rank's own:
+    ddp.py neither broadcasts nor averages them, zero.py does not shard them; reduce_expert_grads
+    reduces them) and which replica of its expert-data group holds it (the gradient norm counts
+    each expert once: amp.global_grad_norm)."""
     check_moe(moe.E, moe.k, moe.capacity_factor, ep)
     n = moe.E // ep
     moe.experts = nn.ModuleList(list(moe.experts)[ep_rank * n:(ep_rank + 1) * n])
     moe.first_expert, moe.ep, moe.ep_group = ep_rank * n, ep, ep_group
-    for p in moe.experts.parameters():
-        p.expert_parallel, p.ep_duplicate = True, expert_dp_rank > 0
+    for j, expert in enumerate(moe.experts):
+        for p in expert.parameters():
+            set_placement(p, expert=moe.first_expert + j, expert_dp_rank=expert_dp_rank)
     return moe
 
 
@@ -173,19 +176,10 @@ def keep_experts(model, topo):
     """Expert parallelism (topo.ep > 1): keep this rank's experts of every MoE layer (shard_experts marks them)."""
     if topo.ep == 1:
         return model
+    name_whole(model)  # (the experts kept keep their names in the whole model)
     for layer in moe_layers(model):
         shard_experts(layer, topo.ep_rank, topo.ep, topo.ep_group, topo.expert_dp_rank)
     return model
-
-
-def is_expert_parallel(p):
-    """One of this rank's own experts under expert parallelism (marked by shard_experts)."""
-    return getattr(p, "expert_parallel", False)
-
-
-def is_ep_duplicate(p):
-    """An expert held by another replica of its expert-data group too, which counts it in the norm instead."""
-    return getattr(p, "ep_duplicate", False)
 
 
 def moe_layers(model):

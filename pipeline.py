@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from placement import name_whole
+
 SCHEDULES = ("gpipe", "1f1b")
 
 
@@ -44,7 +46,9 @@ def stage_layers(n_layer, pp, stage):
 
 
 def keep_stage(model, topo):
-    """Keep only this stage's part of a full model.Transformer (real, or on the meta device: training.build_model)."""
+    """Keep only this stage's part of a full model.Transformer (real, or on the meta device:
+    training.build_model). The blocks kept keep their names in the whole model (placement.py)."""
+    name_whole(model)
     if topo.pp == 1:
         model.first_layer = 0
         return model

@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from placement import name_whole, placement_of, set_placement
 from topology import all_gather_single, reduce_scatter_single
 
 
@@ -135,8 +136,10 @@ def _reduce_scatter_sequence(x, group):
 
 # ----------------------------------------------------------------------------- the parallel layers
 def _slice(weight, dim, topo):
-    """This rank's contiguous 1/tp of a full tensor along `dim` (a copy: the full tensor can be freed)."""
-    return nn.Parameter(weight.detach().chunk(topo.tp, dim=dim)[topo.tp_rank].clone())
+    """This rank's contiguous 1/tp of a full tensor along `dim` (a copy: the full tensor can be
+    freed), its placement recorded (placement.py)."""
+    piece = nn.Parameter(weight.detach().chunk(topo.tp, dim=dim)[topo.tp_rank].clone())
+    return set_placement(piece, like=weight, tp=topo.tp, tp_rank=topo.tp_rank, tp_dim=dim)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -149,7 +152,6 @@ class ColumnParallelLinear(nn.Module):
         assert linear.bias is None, "model.py's linears have no bias"
         self.group, self.gather_output, self.copy_input = topo.tp_group, gather_output, copy_input
         self.weight = _slice(linear.weight, 0, topo)
-        self.weight.tensor_parallel = True
         self.linear_fn = F.linear  # the local matmul (quantization.use_fp8 swaps in its FP8 one)
 
     def enter(self, x):
@@ -170,7 +172,6 @@ class RowParallelLinear(nn.Module):
         assert linear.bias is None, "model.py's linears have no bias"
         self.group, self.sequence_parallel = topo.tp_group, sequence_parallel
         self.weight = _slice(linear.weight, 1, topo)
-        self.weight.tensor_parallel = True
         self.linear_fn = F.linear
 
     def enter(self, x):
@@ -191,7 +192,6 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.group, self.sequence_parallel = topo.tp_group, sequence_parallel
         self.weight = _slice(emb.weight, 0, topo)
-        self.weight.tensor_parallel = True
         self.start = topo.tp_rank * self.weight.shape[0]
 
     def forward(self, idx):
@@ -304,6 +304,7 @@ def parallelize(model, topo, sequence_parallel=False):
     meta tensors of the slices' shapes, for training.build_model to allocate and fill).
     With sequence_parallel the activations between blocks are (B, T/tp, d): T must divide by tp."""
     model.sequence_shards = topo.tp if sequence_parallel else 1  # pipeline.py sends activations of this shape
+    name_whole(model)  # (the slices keep their names in the whole model)
     if topo.tp == 1:
         return model
     err = check_divisible(model.cfg, topo.tp)
@@ -334,26 +335,21 @@ def parallelize(model, topo, sequence_parallel=False):
             model.norm = SequenceParallelRMSNorm(model.norm, topo)
         model.lm_head = ColumnParallelLinear(model.lm_head, topo, copy_input=not sp)
         model.loss_fn = vocab_parallel_loss_fn(topo.tp_rank * model.lm_head.weight.shape[0], topo.tp_group)
-    # Replicated parameters (the norms' gains) hold the same gradient on every tp rank: the global gradient
-    # norm counts them on tp rank 0 only (amp.global_grad_norm).
+    # Every parameter not sliced above (the norms' gains, a router) is whole on each tp rank: its
+    # placement says so (the gradient norm counts it on tp rank 0 only: amp.global_grad_norm).
     for p in model.parameters():
-        p.tp_duplicate = not is_tensor_parallel(p) and topo.tp_rank != 0
+        set_placement(p, tp=topo.tp, tp_rank=topo.tp_rank)
     return model
-
-
-# Marks on parameters, set here (the slices above, and parallelize), read through these two helpers.
-def is_tensor_parallel(p):
-    """A slice of a split weight: this tp rank holds 1/tp of it, the others the rest."""
-    return getattr(p, "tensor_parallel", False)
 
 
 def is_tp_duplicate(p):
     """A replicated parameter on a tp rank other than 0: the same gradient as tp rank 0's copy, not counted twice."""
-    return getattr(p, "tp_duplicate", False)
+    return placement_of(p).tp_duplicate
 
 
 def split_dim(name):
-    """The dimension along which parameter `name` of a full model is split under tensor parallelism, or None."""
+    """The dimension along which parameter `name` of a full model is split under tensor
+    parallelism, or None: the rule by name, independent of the placements recorded above."""
     if name.endswith(("attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "mlp.w1.weight", "mlp.w3.weight",
                       "tok_emb.weight", "lm_head.weight")):
         return 0

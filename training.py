@@ -47,6 +47,7 @@ import context_parallel
 import launch
 import moe
 import pipeline
+import placement
 import quantization
 import tensor_parallel
 from amp import DivergenceGuard, DynamicLossScaler, MixedPrecisionOptimizer, TrainingStopped, cast_model
@@ -99,7 +100,7 @@ def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=No
     tensor_parallel.parallelize(model, topo, sequence_parallel)
     context_parallel.parallelize(model, topo)  # --cp: ring attention in every block
     moe.keep_experts(model, topo)
-    pieces = checkpoint.describe(model, topo.tp, topo.tp_rank)  # meta parameter -> (full name, full shape, box)
+    pieces = placement.describe(model)  # meta parameter -> (full name, full shape, box)
 
     def fill(_, p):
         name, shape, box = pieces[p]

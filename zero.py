@@ -23,11 +23,11 @@ stepping slices is stepping the whole). Per step:
     all-gathered back into the flat 16-bit weights, of which every parameter is a view.
   - stage 2: when a unit's last gradient is ready (a hook in backward), the unit's gradients are
     reduce-scattered: each rank receives the sum of its slice only, and the full gradients are dropped.
-  - stage 3: the 16-bit weights are partitioned too. A unit is all-gathered just before its forward (the next
-    unit's gather is launched at the same time: prefetch, so communication overlaps compute), freed right after,
-    gathered again when backward reaches it (a hook on its output's gradient) and freed once its gradients
-    are reduce-scattered. Freeing shrinks the buffer's storage to nothing; the parameters stay views of it, so
-    the tensors autograd saved for backward see the re-gathered weights.
+  - stage 3 (zero3.py): the 16-bit weights are partitioned too; a unit is all-gathered just
+    before its forward (prefetching the next), freed right after, gathered again for its
+    backward, freed once its gradients are reduce-scattered.
+What the stages share (the units, master slices, step, clipping, checkpoints) is ZeroBase; Zero1,
+Zero2 and zero3.Zero3 say only how gradients arrive and how updated slices become the weights.
 The global gradient norm is the square root of the sum over ranks of each slice's squared norm (one
 all-reduce of a scalar; amp.global_grad_norm says which pieces count): used for clipping and, with fp16, as the
 overflow check, non-finite on every rank alike when any rank's gradient overflowed, so all ranks skip together.
@@ -41,18 +41,35 @@ import math
 import torch
 import torch.distributed as dist
 
-from amp import LOW_PRECISION, accumulate_main_grads, clip_and_step, global_grad_norm, grad_of, read_step
+from amp import (LOW_PRECISION, accumulate_main_grads, clip_and_step, drop_grads, global_grad_norm,
+                 grad_of, read_step)
 from ddp import DistributedDataParallel
-from moe import is_ep_duplicate, is_expert_parallel
-from tensor_parallel import is_tp_duplicate
+from placement import placement_of
 from topology import all_gather_single, reduce_scatter_single
 
 
-class FlatUnit:
-    """One unit's trainable parameters in a flat buffer; this rank's slice of it, in fp32, for the optimizer."""
+def ZeroOptimizer(model, param_groups, make_optimizer, scaler, group=None, stage=1, bucket_mb=25.0,
+                  norm_reduce_fn=None, main_grads=False):
+    """ZeRO stage `stage` over `model` (call forward on its .module): Zero1, Zero2 or zero3.Zero3,
+    with the methods of amp.MixedPrecisionOptimizer (zero_grad, scale_loss, step, param_groups,
+    checkpoint_pieces, after_load, scaler, no_sync) and gathered(). norm_reduce_fn sums the squared
+    gradient norm over the other groups (tp, pp); main_grads: amp.accumulate_main_grads."""
+    assert stage in (1, 2, 3)
+    args = (model, param_groups, make_optimizer, scaler, group, norm_reduce_fn, main_grads)
+    if stage == 1:
+        return Zero1(*args, bucket_mb=bucket_mb)
+    if stage == 2:
+        return Zero2(*args)
+    from zero3 import Zero3  # (here, not at the top: zero3.py builds on this file's classes)
+    return Zero3(*args)
 
-    def __init__(self, module, params, rank, world, master_dtype):
-        self.module, self.params = module, params
+
+class FlatUnit:
+    """One unit's trainable parameters in a flat buffer; this rank's slice of it, in fp32, for the
+    optimizer. `local`: a unit "sharded" over one rank (an expert-parallel rank's own experts)."""
+
+    def __init__(self, module, params, rank, world, master_dtype, main_grads, local=False):
+        self.module, self.params, self.local = module, params, local
         self.dtype, device = params[0].dtype, params[0].device
         self.offsets = [0]
         for p in params:
@@ -63,74 +80,59 @@ class FlatUnit:
         with torch.no_grad():
             for p, off in zip(params, self.offsets):
                 self.full[off:off + p.numel()].copy_(p.flatten())
-                p.data = self.full[off:off + p.numel()].view_as(p)  # the parameter is now a view of the unit
+                p.data = self.full[off:off + p.numel()].view_as(p)  # now a view of the unit
         self.master = self.full[self.lo:self.hi].to(master_dtype).clone()
-        # The parts of parameters that fall in this rank's slice: (param, start in param, start in slice, length).
+        # The parts of parameters in this rank's slice: (param, start in param, in slice, length).
         self.pieces = []
         for p, off in zip(params, self.offsets):
             a, b = max(off, self.lo), min(off + p.numel(), self.hi)
             if a < b:
                 self.pieces.append((p, a - off, a - self.lo, b - a))
-        self.grad_shard = None    # stages 2, 3: this rank's slice of the averaged gradient, in grad_dtype
-        self.master_grad = None   # during step() only
-        self.ready = 0            # gradients received in the current backward
-        self.shard16 = None       # stage 3: this rank's slice of the 16-bit weights
+        # The dtype gradients are reduced and added up in: main_grads, fp32 for a 16-bit model.
+        fp32 = main_grads and self.dtype in LOW_PRECISION
+        self.grad_dtype = torch.float32 if fp32 else self.dtype
+        self.grad_shard = None   # stages 2, 3: this rank's slice of the averaged gradient
+        self.master_grad = None  # during step() only
+        self.ready = 0           # gradients received in the current backward
+        self.shard16 = None      # stage 3: this rank's slice of the 16-bit weights
         self.gathered, self.pending = True, None
 
     def nbytes(self, t):
         return t.numel() * t.element_size()
 
 
-class ZeroOptimizer:
-    """The optimizer interface of amp.MixedPrecisionOptimizer (zero_grad, scale_loss, step, param_groups,
-    checkpoint_pieces, after_load, scaler, no_sync) over partitioned states. `module` is what to call forward on."""
+class ZeroBase:
+    """What every stage shares: the units, this rank's fp32 master slices and the inner optimizer
+    (AdamW) stepping views of them, the global norm, clipping, checkpoints. A stage says how the
+    gradients reach it (_prepare, grad_slice), how updated slices become the weights (_publish,
+    weight_slice), and what it holds (_held)."""
 
-    def __init__(self, model, param_groups, make_optimizer, scaler, group=None, stage=1, bucket_mb=25.0,
-                 norm_reduce_fn=None, main_grads=False):
-        assert stage in (1, 2, 3)
-        self.stage, self.group, self.scaler = stage, group, scaler
-        self.norm_reduce_fn = norm_reduce_fn  # sums the squared norm over the other groups (tp, pp) too
+    def __init__(self, model, param_groups, make_optimizer, scaler, group, norm_reduce_fn,
+                 main_grads):
+        self.group, self.scaler = group, scaler
+        self.norm_reduce_fn = norm_reduce_fn  # sums the squared norm over the other groups too
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        # Expert parallelism (moe.py): a rank's own experts (marked expert_parallel) differ from its data-parallel
-        # peers', so they cannot be sliced over the group; they stay whole here, in one unit of their own.
-        experts = [p for g in param_groups for p in g["params"] if is_expert_parallel(p)]
-        if experts and stage > 1:
-            raise ValueError(f"ZeRO stage {stage} shards gradients over the data-parallel group, whose ranks hold "
-                             "different experts under expert parallelism: use stage 1")
-        # main_grads: a 16-bit model's gradients accumulated and reduced in fp32 (amp.accumulate_main_grads): stage 1
-        # in ddp.py's fp32 buckets (the experts, outside them, in their own fp32 buffers); stages 2 and 3
-        # reduce-scatter each micro-step's gradients in fp32 and add up fp32 slices.
-        self.module = DistributedDataParallel(model, group, bucket_mb, main_grads) if stage == 1 else model
-        if main_grads and stage == 1:
-            accumulate_main_grads(experts)
-        if stage > 1:  # ddp.py broadcasts for stage 1; here the same: one starting point, the first rank's
-            src = dist.get_global_rank(group, 0) if group is not None else 0
-            with torch.no_grad():
-                for t in list(model.parameters()) + list(model.buffers()):
-                    dist.broadcast(t.data, src=src, group=group)
-        group_of = {p: i for i, g in enumerate(param_groups) for p in g["params"]}  # only trainable ones
+        # Expert parallelism (moe.py): a rank's own experts are replicated over their expert-data
+        # group, not over this one, whose ranks hold other experts (placement.py): they cannot be
+        # sliced over the group, and stay whole here, in one unit of their own.
+        experts = [p for g in param_groups for p in g["params"]
+                   if "dp" not in placement_of(p).replicated_over]
+        self.module = self._prepare(model, experts, main_grads)
+        group_of = {p: i for i, g in enumerate(param_groups) for p in g["params"]}  # trainable
         master_dtype = torch.promote_types(next(iter(group_of)).dtype, torch.float32)
         self.units, seen = [], set(experts)
-        for module in list(getattr(model, "blocks", [])) + [model]:  # blocks in forward order, then the root
+        for module in list(getattr(model, "blocks", [])) + [model]:  # in forward order, then root
             params = [p for p in module.parameters() if p in group_of and p not in seen]
             seen.update(params)
             if params:
-                self.units.append(FlatUnit(module, params, self.rank, self.world, master_dtype))
-        self.root = self.units[-1] if self.units and self.units[-1].module is model else None
+                self.units.append(FlatUnit(module, params, self.rank, self.world, master_dtype,
+                                           main_grads))
+        if experts:
+            self.units.append(FlatUnit(model, experts, 0, 1, master_dtype, main_grads, local=True))
         for u in self.units:
-            u.local = False
-        if experts:  # a unit "sharded" over one rank: this rank holds all of it, master and optimizer state
-            self.units.append(FlatUnit(model, experts, 0, 1, master_dtype))
-            self.units[-1].local = True
-        for u in self.units:  # the dtype gradients are reduced and added up in
-            u.grad_dtype = torch.float32 if main_grads and u.dtype in LOW_PRECISION else u.dtype
-        for u in self.units:
-            if u.master.dtype == u.dtype:  # an fp32 (or fp64) model is its own master, as in amp.py: no copy
-                if stage == 3:
-                    u.shard16 = u.master    # the slice kept between gathers is the master
-                else:
-                    u.master = u.full[u.lo:u.hi]  # the optimizer updates the model's slice in place
-        # The inner optimizer steps views of the master slices, one per parameter piece, in the piece's group.
+            if u.master.dtype == u.dtype:  # an fp32 (fp64) model is its own master, as in amp.py
+                self._master_is_model(u)
+        # The inner optimizer steps views of the master slices, one per piece, in its group.
         inner = [{**g, "params": []} for g in param_groups]
         for u in self.units:
             u.views = [u.master[s:s + n] for _, _, s, n in u.pieces]
@@ -138,40 +140,175 @@ class ZeroOptimizer:
                 inner[group_of[p]]["params"].append(view)
         self.optimizer = make_optimizer(inner)
         self.unit_of = {p: u for u in self.units for p in u.params}
-        self.in_flight, self.callback_queued, self.in_backward = [], False, False
-        if stage >= 2:
-            for p in self.unit_of:
-                p.register_post_accumulate_grad_hook(self._grad_ready)
-        if stage == 3:
-            for u in self.units:
-                if u.shard16 is None:
-                    u.shard16 = u.full[u.lo:u.hi].clone()
-                self._free(u)
-            self._install_stage3_hooks(model)
+
+    @staticmethod
+    def _master_is_model(u):
+        u.master = u.full[u.lo:u.hi]  # the optimizer updates the model's slice in place
 
     @property
     def param_groups(self):
         return self.optimizer.param_groups
 
-    def no_sync(self):
-        """Stage 1 accumulates like ddp.py. Stages 2 and 3 exist never to hold the full gradients, so they
-        reduce-scatter on every micro-step and accumulate the slices: nothing to skip."""
-        return self.module.no_sync() if self.stage == 1 else contextlib.nullcontext()
-
     def zero_grad(self):
         for u in self.units:
             u.grad_shard = None
-            for p in u.params:
-                p.grad = None
-                if hasattr(p, "main_grad"):
-                    p.main_grad = None
+            drop_grads(u.params)
 
     def scale_loss(self, loss):
-        return loss * self.scaler.scale_on(loss.device).to(loss.dtype) if self.scaler.enabled else loss
+        if not self.scaler.enabled:
+            return loss
+        return loss * self.scaler.scale_on(loss.device).to(loss.dtype)
 
-    # ------------------------------------------------------------------ gradients (stages 2, 3)
+    def gathered(self):
+        """Every weight whole for a while (to read or save the full model): always, but stage 3."""
+        return contextlib.nullcontext()
+
+    def _sum_over_ranks(self, x):
+        dist.all_reduce(x, group=self.group)
+        return self.norm_reduce_fn(x) if self.norm_reduce_fn is not None else x
+
+    def step(self, max_norm=0.0, read=True):
+        """Unscale, agree on overflow, clip by the global norm, step this rank's slices, share
+        them. Returns (grad_norm, skipped), the same on every rank: numbers, or with read=False
+        the device's tensors."""
+        device = self.units[0].master.device
+        inv_scale = 1.0 / self.scaler.scale_on(device) if self.scaler.enabled else 1.0
+        for u in self.units:
+            g = self.grad_slice(u)
+            same = g.dtype == u.master.dtype and not self.scaler.enabled
+            u.master_grad = g if same else g.to(u.master.dtype) * inv_scale  # as in amp.py
+        # Each distinct piece once over the world (amp.global_grad_norm): not the tp duplicates of
+        # replicated parameters, not the experts' second replicas; the dp sum comes first.
+        where = {p: placement_of(p) for p in self.unit_of}
+        counted = [u.master_grad[s:s + n] for u in self.units for p, _, s, n in u.pieces
+                   if not where[p].tp_duplicate and not where[p].ep_duplicate]
+        norm = global_grad_norm(counted or [torch.zeros(1, device=device)], self._sum_over_ranks)
+        for u in self.units:
+            for (_, _, s, n), view in zip(u.pieces, u.views):
+                view.grad = u.master_grad[s:s + n]
+        grads = [u.master_grad for u in self.units]
+        skipped = clip_and_step(self.optimizer, grads, norm, max_norm, self.scaler)
+        if skipped is not None:  # (a skipped update left the slices as they were)
+            self._publish()
+        for u in self.units:
+            u.master_grad = None
+            for view in u.views:
+                view.grad = None
+        return read_step(norm, skipped, read)
+
+    def _publish(self):
+        """The updated slices become the model's weights: all-gathered into every rank's unit."""
+        works = []
+        for u in self.units:
+            if u.local:  # nothing to gather (an fp32 model's master already is its weights)
+                if u.master.data_ptr() != u.full.data_ptr():
+                    u.full.copy_(u.master)
+            else:  # (the input must not alias the output: an fp32 model's master is a view of it)
+                mine = u.master.to(u.dtype) if u.master.dtype != u.dtype else u.master.clone()
+                works.append(all_gather_single(u.full, mine, group=self.group, async_op=True))
+        for w in works:
+            w.wait()
+
+    @staticmethod
+    def weight_slice(u):
+        """This rank's slice of u's 16-bit weights."""
+        return u.full[u.lo:u.hi]
+
+    def checkpoint_pieces(self):
+        """What checkpoint.py saves and restores: each piece of a parameter in this rank's slice, as
+        (param, start, end, {kind: flat view}, the inner optimizer's tensor, sharded): [start, end)
+        is the range of the parameter's flattening that the piece covers; its 16-bit weights and
+        fp32 master (one tensor in fp32)."""
+        for u in self.units:
+            weights = self.weight_slice(u)
+            for (p, a, s, n), view in zip(u.pieces, u.views):
+                views = {"param": view}
+                if u.master.dtype != u.dtype:
+                    views = {"param": weights[s:s + n], "master": view}
+                yield p, a, a + n, views, view, not u.local
+
+    def after_load(self):
+        """The masters were loaded: the 16-bit weights follow from them, as after a step."""
+        self._publish()
+
+    def memory(self):
+        """Bytes this rank holds now, for the demo: 16-bit weights, gradients, optimizer states
+        (master + inner state)."""
+        params, grads = self._held()
+        own = [u for u in self.units if u.master is not u.shard16 and u.master.dtype != u.dtype]
+        states = sum(u.nbytes(u.master) for u in own) + sum(
+            t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values()
+            if torch.is_tensor(t) and t.dim() > 0)  # (Adam's step counters are scalars: left out)
+        return {"params": params, "grads": grads, "optimizer": states}
+
+
+class Zero1(ZeroBase):
+    """Stage 1: the optimizer states are sharded. The gradients are averaged whole on every rank by
+    ddp.py's buckets (with its overlap and no_sync); each rank takes its slice of them and steps
+    it, and the updated slices are all-gathered back into the flat 16-bit weights."""
+    stage = 1
+
+    def __init__(self, *args, bucket_mb=25.0):
+        self.bucket_mb = bucket_mb
+        super().__init__(*args)
+
+    def _prepare(self, model, experts, main_grads):
+        """ddp.py broadcasts the first rank's weights and averages the gradients: in fp32 buckets
+        with main_grads (amp.accumulate_main_grads), the experts, outside them, in fp32 buffers."""
+        module = DistributedDataParallel(model, self.group, self.bucket_mb, main_grads)
+        if main_grads:
+            accumulate_main_grads(experts)
+        return module
+
+    def no_sync(self):
+        return self.module.no_sync()
+
+    @staticmethod
+    def grad_slice(u):
+        """The averaged gradients are whole on every rank (ddp.py): this rank's slice of them."""
+        g = torch.zeros(u.shard_size, dtype=u.grad_dtype, device=u.master.device)
+        for p, a, s, n in u.pieces:
+            if grad_of(p) is not None:
+                g[s:s + n] = grad_of(p).flatten()[a:a + n]
+        return g
+
+    def _held(self):
+        grads = sum(b.buffer.numel() * b.buffer.element_size() for b in self.module.buckets)
+        return sum(u.nbytes(u.full) for u in self.units), grads
+
+
+class Zero2(ZeroBase):
+    """Stage 2: the gradients are sharded too. When a unit's last gradient is ready (a hook in
+    backward), the unit's gradients are reduce-scattered: each rank receives the average of its
+    slice only, and the full gradients are dropped. With main_grads each micro-step's gradients
+    are reduce-scattered in fp32, and the fp32 slices added up."""
+    stage = 2
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.in_flight, self.callback_queued, self.in_backward = [], False, False
+        for p in self.unit_of:
+            p.register_post_accumulate_grad_hook(self._grad_ready)
+
+    def _prepare(self, model, experts, main_grads):
+        """The same starting point as ddp.py's: the group's first rank's weights and buffers."""
+        if experts:
+            raise ValueError(f"ZeRO stage {self.stage} shards gradients over the data-parallel "
+                             "group, whose ranks hold different experts under expert parallelism: "
+                             "use stage 1")
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(t.data, src=src, group=self.group)
+        return model
+
+    def no_sync(self):
+        """Stages 2 and 3 exist never to hold the full gradients, so they reduce-scatter on every
+        micro-step and accumulate the slices: nothing to skip."""
+        return contextlib.nullcontext()
+
     def _grad_ready(self, p):
-        if not self.callback_queued:  # wait for the reductions when the autograd engine finishes this backward
+        if not self.callback_queued:  # wait for the reductions when this backward finishes
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
             self.callback_queued = True
         u = self.unit_of[p]
@@ -187,10 +324,9 @@ class ZeroOptimizer:
             p.grad = None  # from here on this rank only holds its slice
         flat.div_(self.world)  # averaging: sum of x / N, divided first to keep fp16 in range
         out = torch.empty(u.shard_size, dtype=u.grad_dtype, device=flat.device)
-        self.in_flight.append((u, reduce_scatter_single(out, flat, group=self.group, async_op=True), out, flat))
+        work = reduce_scatter_single(out, flat, group=self.group, async_op=True)
+        self.in_flight.append((u, work, out, flat))
         u.ready = 0
-        if self.stage == 3:
-            self._free(u)  # its backward is done: every use of the weights came before its gradients
         while len(self.in_flight) > 2:  # bound the full-size gradient buffers alive at once
             self._retire(self.in_flight.pop(0))
 
@@ -201,173 +337,20 @@ class ZeroOptimizer:
         u.grad_shard = out if u.grad_shard is None else u.grad_shard.add_(out)
 
     def _finish_backward(self):
-        for u in self.units:  # a unit only partly reached by this backward: its missing gradients are zeros
+        for u in self.units:  # a unit only partly reached by this backward: the rest are zeros
             if u.ready:
                 self._reduce_scatter(u)
         while self.in_flight:
             self._retire(self.in_flight.pop(0))
         self.callback_queued = self.in_backward = False
 
-    # ------------------------------------------------------------------ weights (stage 3)
-    def _gather(self, u):
-        """Launch the all-gather of u's weights into its (re-grown) flat buffer, unless gathered or on the way."""
-        if u.gathered or u.pending is not None:
-            return
-        u.full.untyped_storage().resize_(u.nbytes(u.full))
-        u.pending = all_gather_single(u.full, u.shard16, group=self.group, async_op=True)
-
-    def _wait_gathered(self, u):
-        self._gather(u)
-        if u.pending is not None:
-            u.pending.wait()
-            u.pending, u.gathered = None, True
-
     @staticmethod
-    def _free(u):
-        u.full.untyped_storage().resize_(0)
-        u.gathered = False
+    def grad_slice(u):
+        return u.grad_shard if u.grad_shard is not None else torch.zeros_like(u.master)
 
-    def _install_stage3_hooks(self, model):
-        blocks = [u for u in self.units if u is not self.root]
-        for i, u in enumerate(blocks):
-            nxt, prev = (blocks[i + 1] if i + 1 < len(blocks) else None), (blocks[i - 1] if i else None)
-            u.module.register_forward_pre_hook(lambda m, args, u=u, nxt=nxt: self._before_forward(u, nxt))
-            u.module.register_forward_hook(lambda m, args, out, u=u, prev=prev: self._after_forward(u, prev, out))
-        first = blocks[0] if blocks else None
-        # The root (embedding, norm, head) is used at both ends of the forward: it stays gathered from the
-        # start of the forward until its gradients are reduce-scattered at the end of backward.
-        model.register_forward_pre_hook(lambda m, args: self._before_forward(self.root, first))
-        if self.root is not None:
-            model.register_forward_hook(lambda m, args, out: self._after_root_forward(out))
-
-    def _after_root_forward(self, out):
-        if not torch.is_grad_enabled():
-            self._free(self.root)
-            return
-        # A pipeline stage (pipeline.py) may run several micro-batches' forwards before their backwards, and the
-        # root is freed after each backward's reduce-scatter: gather it again when a backward reaches the output.
-        t = out[0] if isinstance(out, tuple) else out
-        if t.requires_grad:
-            t.register_hook(lambda grad: self._wait_gathered(self.root))
-
-    def _before_forward(self, u, nxt):
-        if u is None:
-            return
-        self._wait_gathered(u)
-        if nxt is not None and not self.in_backward:  # (activation checkpointing re-runs forwards in backward)
-            self._gather(nxt)
-
-    def _after_forward(self, u, prev, out):
-        if self.in_backward:
-            return  # a recomputation inside backward: u stays gathered for its backward
-        self._free(u)
-        if torch.is_grad_enabled() and out.requires_grad:
-            out.register_hook(lambda grad: self._before_backward(u, prev))
-
-    def _before_backward(self, u, prev):
-        """Runs when the gradient of u's output is ready, i.e. just before u's own backward."""
-        self.in_backward = True
-        self._wait_gathered(u)
-        if prev is not None:
-            self._gather(prev)
-
-    @contextlib.contextmanager
-    def gathered(self):
-        """Stage 3: every weight whole for a while (to read or save the full model); a no-op otherwise."""
-        if self.stage == 3:
-            for u in self.units:
-                self._wait_gathered(u)
-        try:
-            yield
-        finally:
-            if self.stage == 3:
-                for u in self.units:
-                    self._free(u)
-
-    # ------------------------------------------------------------------ the step
-    def _sum_over_ranks(self, x):
-        dist.all_reduce(x, group=self.group)
-        return self.norm_reduce_fn(x) if self.norm_reduce_fn is not None else x
-
-    def step(self, max_norm=0.0, read=True):
-        """Unscale, agree on overflow, clip by the global norm, step this rank's slices, share them.
-        Returns (grad_norm, skipped), the same on every rank: numbers, or with read=False the device's tensors."""
-        inv_scale = 1.0 / self.scaler.scale_on(self.units[0].master.device) if self.scaler.enabled else 1.0
-        for u in self.units:
-            if self.stage == 1:  # the averaged gradients are whole on every rank (ddp.py): take my slice
-                g = torch.zeros(u.shard_size, dtype=u.grad_dtype, device=u.master.device)
-                for p, a, s, n in u.pieces:
-                    if grad_of(p) is not None:
-                        g[s:s + n] = grad_of(p).flatten()[a:a + n]
-            else:
-                g = u.grad_shard if u.grad_shard is not None else torch.zeros_like(u.master)
-            same = g.dtype == u.master.dtype and not self.scaler.enabled
-            u.master_grad = g if same else g.to(u.master.dtype) * inv_scale  # the cast up, as in amp.py
-        # Each distinct piece once over the world (amp.global_grad_norm's docstring): not the tp duplicates of
-        # replicated parameters, not the experts' second replicas; the dp sum comes first in _sum_over_ranks.
-        counted = [u.master_grad[s:s + n] for u in self.units for p, _, s, n in u.pieces
-                   if not is_tp_duplicate(p) and not is_ep_duplicate(p)]
-        norm = global_grad_norm(counted or [torch.zeros(1, device=self.units[0].master.device)],
-                                self._sum_over_ranks)
-        for u in self.units:
-            for (_, _, s, n), view in zip(u.pieces, u.views):
-                view.grad = u.master_grad[s:s + n]
-        skipped = clip_and_step(self.optimizer, [u.master_grad for u in self.units], norm, max_norm, self.scaler)
-        if skipped is not None:  # (a skipped update left the slices as they were: publishing them changes nothing)
-            self._publish()
-        for u in self.units:
-            u.master_grad = None
-            for view in u.views:
-                view.grad = None
-        return read_step(norm, skipped, read)
-
-    def _publish(self):
-        """The updated slices become the model's weights: all-gathered (stages 1, 2) or kept as the slice (3)."""
-        works = []
-        for u in self.units:
-            if self.stage == 3:
-                if u.shard16 is not u.master:
-                    u.shard16.copy_(u.master)
-            elif u.local:  # nothing to gather (an fp32 model's master already is its weights)
-                if u.master.data_ptr() != u.full.data_ptr():
-                    u.full.copy_(u.master)
-            else:  # (the input must not alias the output: an fp32 model's master is a view of it)
-                mine = u.master.to(u.dtype) if u.master.dtype != u.dtype else u.master.clone()
-                works.append(all_gather_single(u.full, mine, group=self.group, async_op=True))
-        for w in works:
-            w.wait()
-
-    # ------------------------------------------------------------------ checkpoints (checkpoint.py): this rank's slices
-    def checkpoint_pieces(self):
-        """What checkpoint.py saves and restores: each piece of a parameter in this rank's slice, as (param, start,
-        end, {kind: flat view}, the inner optimizer's tensor, sharded): [start, end) is the range of the
-        parameter's flattening that the piece covers; its 16-bit weights and fp32 master (one tensor in fp32)."""
-        for u in self.units:
-            weights = u.shard16 if self.stage == 3 else u.full[u.lo:u.hi]
-            for (p, a, s, n), view in zip(u.pieces, u.views):
-                views = {"param": view} if u.master.dtype == u.dtype else {"param": weights[s:s + n], "master": view}
-                yield p, a, a + n, views, view, not u.local
-
-    def after_load(self):
-        """The masters were loaded: the 16-bit weights follow from them, as after a step."""
-        self._publish()
-
-    # ------------------------------------------------------------------ what is held, for the demo
-    def memory(self):
-        """Bytes this rank holds now: 16-bit weights, gradients, optimizer states (master + inner state)."""
-        if self.stage == 3:
-            params = sum(u.nbytes(u.shard16) + (u.nbytes(u.full) if u.gathered else 0) for u in self.units)
-        else:
-            params = sum(u.nbytes(u.full) for u in self.units)
-        if self.stage == 1:
-            grads = sum(b.buffer.numel() * b.buffer.element_size() for b in self.module.buckets)
-        else:
-            grads = sum(u.nbytes(u.grad_shard) for u in self.units if u.grad_shard is not None)
-        own_master = [u for u in self.units if u.master is not u.shard16 and u.master.dtype != u.dtype]
-        states = sum(u.nbytes(u.master) for u in own_master) + sum(
-            t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values()
-            if torch.is_tensor(t) and t.dim() > 0)  # (Adam's step counters are scalars: left out)
-        return {"params": params, "grads": grads, "optimizer": states}
+    def _held(self):
+        grads = sum(u.nbytes(u.grad_shard) for u in self.units if u.grad_shard is not None)
+        return sum(u.nbytes(u.full) for u in self.units), grads
 
 
 if __name__ == "__main__":

@@ -137,6 +137,26 @@ def test_sft_of_an_moe_base_with_expert_parallelism(tmp_path, files):
         assert norms == pytest.approx(_norms(tmp_path / "one"), rel=1e-5)
 
 
+def _sft_ep_lora(rank, world, files, out):
+    flags = ["--ep", "2", "--grad-clip", "0.05", *EXPERT_LORA]
+    return sft.main(argv(files, out, flags))["losses"], _norms(Path(out))
+
+
+EXPERT_LORA = ["--lora-r", "4", "--lora-targets", "wq,w1,w2"]
+
+
+def test_lora_on_the_experts_of_an_moe_base_with_expert_parallelism(tmp_path, files):
+    """Adapters on the experts' linears live where their expert does (placement.py): under --ep 2
+    the data-parallel group neither broadcasts nor averages them, their expert-data group does; the
+    same losses and clipped norms as one process over the two halves as micro-steps (fp32)."""
+    moe_files = {**files, "init": moe_init(tmp_path / "moe")}
+    one = sft.main(argv(moe_files, tmp_path / "one",
+                        ["--grad-accum", "4", "--grad-clip", "0.05", *EXPERT_LORA]))
+    for losses, norms in run_distributed(_sft_ep_lora, 2, moe_files, str(tmp_path / "ep")):
+        assert losses == pytest.approx(one["losses"], rel=1e-5)
+        assert norms == pytest.approx(_norms(tmp_path / "one"), rel=1e-5)
+
+
 # ------------------------------------------------------------------------------- every layout, float64
 # training.py's pieces on SFT batches (masked labels, rows of different lengths), in float64: the model built from
 # one base state dict, sliced and adapted, stepped with clipping active; against one process on the same batches.
