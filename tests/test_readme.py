@@ -44,7 +44,7 @@ def test_readme_commands_never_share_a_folder():
         args = (pretrain if script == "pretrain.py" else sft).build_parser().parse_args(argv)
         if getattr(args, "estimate", False):
             continue  # the calculator: trains nothing, writes nothing
-        out = args.out or flags.run_folder(args, script.removesuffix(".py"))
+        out = args.out or flags.run_folder(vars(args), script.removesuffix(".py"))
         what = {k: v for k, v in vars(args).items() if k not in flags.HOW_FLAGS}
         if not args.fresh:
             assert holds.setdefault(out, (what, line))[0] == what, \
@@ -58,6 +58,7 @@ def test_the_default_folder_follows_what_is_computed():
     """Another learning rate: another folder; another layout of the same run: the same one."""
     parse = pretrain.build_parser().parse_args
     a, b, c = parse(["--lr", "1e-3"]), parse(["--lr", "2e-3"]), parse(["--lr", "1e-3", "--tp", "2", "--zero", "3"])
-    assert flags.run_folder(a, "pretrain") != flags.run_folder(b, "pretrain")
-    assert flags.run_folder(a, "pretrain") == flags.run_folder(c, "pretrain")
-    assert re.fullmatch(r"out/pretrain-[0-9a-f]{8}", flags.run_folder(a, "pretrain"))
+    folder = lambda args: flags.run_folder(vars(args), "pretrain")  # noqa: E731
+    assert folder(a) != folder(b) and folder(a) == folder(c)
+    assert re.fullmatch(r"out/pretrain-[0-9a-f]{8}", folder(a))
+    assert pretrain.parse(["--lr", "1e-3"]).settings.out == folder(a)  # the config's --out is that folder
