@@ -433,9 +433,9 @@ def measure(sizes=((2, 128, 4, 384), (2, 256, 4, 768)), s=128, b=2):
 
 
 def main(argv=None, flags=None):
-    """estimate.py's command line (argv); or `flags`, another entry point's flags by name (pretrain.py --estimate:
-    its TrainConfig.flat()): those estimate.py also has are taken, the others ignored, --activation-checkpointing
-    is --recompute full."""
+    """estimate.py's command line (argv); or `flags`, another entry point's flags by name
+    (pretrain.py --estimate: its TrainConfig.flat()): those estimate.py also has are taken, the
+    others ignored, --activation-checkpointing is --recompute full."""
     args = build_parser().parse_args([] if flags is not None else argv)
     if flags is not None:
         for k, v in flags.items():

@@ -8,10 +8,10 @@ ranks, combinations that cannot work together, and, once the model's shape is kn
 Each failure is one line naming the flag and what would be valid (exit status 2).
 
 Each entry point adds its own flags and defaults on top of add_shared_flags (pretrain.py: the corpus and the
-model preset; sft.py: the base model, the template, LoRA, packing). The flags are parsed once, into a TrainConfig
-(from_args) of frozen parts: Optim, Layout, Settings, moe.MoEConfig, and the entry point's own flags. Nothing
-changes a config once made; a value resolved later (the precision of --amp auto, the warm-up, an MoE base's
-experts) makes a new one (dataclasses.replace).
+model preset; sft.py: the base model, the template, LoRA, packing). The flags are parsed once, into
+a TrainConfig (from_args) of frozen parts: Optim, Layout, Settings, moe.MoEConfig, and the entry
+point's own flags. Nothing changes a config once made; a value resolved later (the precision of
+--amp auto, the warm-up, an MoE base's experts) makes a new one (dataclasses.replace).
 """
 import argparse
 import json
@@ -111,14 +111,14 @@ def add_shared_flags(ap, **defaults):
     return ap
 
 
-# ------------------------------------------------------------------------------------------- the config
+# ----------------------------------------------------------------------------------- the config
 @dataclass(frozen=True)
 class Optim:
-    """AdamW and its schedule (training.lr_at): warm-up to lr, cosine decay to min_lr at the run's end."""
+    """AdamW and its schedule (training.lr_at): warm-up to lr, cosine decay to min_lr at the end."""
     lr: float
     min_lr: float             # None: lr / 10
     warmup_steps: int         # None: a tenth of the run, at most 100 (resolved by training.start)
-    max_steps: int            # None: the entry point's default (pretrain.py: from --tokens, or 1000)
+    max_steps: int            # None: the entry point's default (pretrain.py: --tokens, or 1000)
     weight_decay: float
     beta1: float
     beta2: float
@@ -127,7 +127,7 @@ class Optim:
 
 @dataclass(frozen=True)
 class Layout:
-    """How a global batch of batch_size x seq_len tokens is cut over micro-steps and ranks (topology.py)."""
+    """How a global batch of batch_size x seq_len tokens is cut over micro-steps and ranks."""
     batch_size: int
     seq_len: int              # None: the model's block_size
     grad_accum: int
@@ -144,7 +144,8 @@ class Layout:
 
 @dataclass(frozen=True)
 class Settings:
-    """Where a run writes, when it logs/evaluates/saves/stops, and how it computes (seed, precision, device)."""
+    """Where a run writes; when it logs, evaluates, saves, stops; how it computes (seed, precision,
+    device)."""
     out: str
     resume: bool
     fresh: bool
@@ -164,9 +165,9 @@ class Settings:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every flag of a run, parsed once. `task`: the entry point's own flags (pretrain.py's --model, --data,
-    --tokens...; sft.py's --init, --lora-r, --pack...), read, never written. moe: None until known (sft.py
-    reads it from its --init)."""
+    """Every flag of a run, parsed once. `task`: the entry point's own flags (pretrain.py's --model,
+    --data, --tokens...; sft.py's --init, --lora-r, --pack...), read, never written. moe: None until
+    known (sft.py reads it from its --init)."""
     optim: Optim
     layout: Layout
     settings: Settings
@@ -174,8 +175,9 @@ class TrainConfig:
     task: dict
 
     def flat(self):
-        """Every flag by name (a flag's dest), as checkpoints record them ("args") and run_folder hashes them."""
-        parts = [self.optim, self.layout, self.settings] + ([self.moe] if self.moe is not None else [])
+        """Every flag by name (its dest), as checkpoints record them ("args") and run_folder hashes
+        them."""
+        parts = [self.optim, self.layout, self.settings] + ([self.moe] if self.moe else [])
         return {k: v for part in parts for k, v in asdict(part).items()} | dict(self.task)
 
 
@@ -183,7 +185,8 @@ PARTS = (Optim, Layout, Settings, MoEConfig)
 
 
 def from_args(args, prog):
-    """The config of parsed flags (argparse's Namespace, read here and nowhere else); --out unset: run_folder."""
+    """The config of parsed flags (argparse's Namespace, read here and nowhere else); --out unset:
+    run_folder's."""
     given = dict(vars(args))
     given["out"] = given["out"] or run_folder(given, prog)
     take = {cls: cls(**{f.name: given[f.name] for f in fields(cls)}) for cls in PARTS
@@ -194,7 +197,8 @@ def from_args(args, prog):
 
 
 def defaults(prog):
-    """The shared flags' defaults as a config, for a caller that builds its runs itself (scaling.py)."""
+    """The shared flags' defaults as a config, for a caller that builds its runs itself
+    (scaling.py)."""
     return from_args(add_shared_flags(OneLineParser(prog=prog)).parse_args([]), prog)
 
 
@@ -204,9 +208,9 @@ def uses_cuda(device):
 
 
 def resolved(cfg):
-    """The config with --amp auto resolved: bf16 on CUDA, fp32 on a CPU (fp32 on a GPU leaves SDPA's flash kernel,
-    16-bit only, for T x T fp32 scores). Resolved before the run's identity is taken: checkpoints record the
-    precision that ran."""
+    """The config with --amp auto resolved: bf16 on CUDA, fp32 on a CPU (fp32 on a GPU leaves SDPA's
+    flash kernel, 16-bit only, for T x T fp32 scores). Resolved before the run's identity is taken:
+    checkpoints record the precision that ran."""
     if cfg.settings.amp != "auto":
         return cfg
     amp = "bf16" if uses_cuda(cfg.settings.device) else "fp32"
@@ -222,10 +226,10 @@ HOW_FLAGS = {"zero", "bucket_mb", "tp", "pp", "microbatches", "pp_schedule", "se
 
 
 def run_folder(given, prog):
-    """The default --out: out/PROG-XXXXXXXX, XXXXXXXX a CRC-32 of every other flag's value (`given`: each flag's
-    parsed value by name). So two commands that train different things never share a folder (the second would be
-    refused: another run is there), and the same command run again, on any layout, finds its own run and
-    continues it."""
+    """The default --out: out/PROG-XXXXXXXX, XXXXXXXX a CRC-32 of every other flag's value (`given`:
+    each flag's parsed value by name). So two commands that train different things never share a
+    folder (the second would be refused: another run is there), and the same command run again, on
+    any layout, finds its own run and continues it."""
     what = {k: v for k, v in given.items() if k not in HOW_FLAGS}
     return f"out/{prog}-{zlib.crc32(json.dumps(what, sort_keys=True, default=str).encode()):08x}"
 
@@ -277,20 +281,23 @@ def check_out(out):
 
 
 def check_args(cfg, world):
-    """The shared flags that can be checked without the model's shape; returns the data-parallel size."""
+    """The shared flags that can be checked without the model's shape; returns the data-parallel
+    size."""
     check_values(cfg)
     lay, run = cfg.layout, cfg.settings
     for flag, v in (("batch_size", lay.batch_size), ("grad_accum", lay.grad_accum),
                     ("microbatches", lay.microbatches), ("save_every", run.save_every),
-                    ("eval_every", run.eval_every), ("log_every", run.log_every), ("stop_after", run.stop_after)):
+                    ("eval_every", run.eval_every), ("log_every", run.log_every),
+                    ("stop_after", run.stop_after)):
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
-    dp = check_layout(world, lay.tp, lay.pp, lay.ep, lay.cp)  # TopologyError: world not dp x pp x cp x tp, ...
+    # TopologyError: world not dp x pp x cp x tp, ...
+    dp = check_layout(world, lay.tp, lay.pp, lay.ep, lay.cp)
     micro = lay.grad_accum * lay.microbatches
     if lay.batch_size % (micro * dp):
-        raise ConfigError(f"--batch-size {lay.batch_size} does not divide into --grad-accum {lay.grad_accum} x "
-                          f"--microbatches {lay.microbatches} x {dp} data-parallel ranks: use a multiple of "
-                          f"{micro * dp}")
+        raise ConfigError(f"--batch-size {lay.batch_size} does not divide into --grad-accum "
+                          f"{lay.grad_accum} x --microbatches {lay.microbatches} x {dp} "
+                          f"data-parallel ranks: use a multiple of {micro * dp}")
     if run.resume and run.fresh:
         raise ConfigError("--resume and --fresh contradict each other: give one")
     if run.compile and lay.pp > 1:
@@ -310,30 +317,34 @@ def check_args(cfg, world):
     if lay.bucket_mb <= 0:
         raise ConfigError(f"--bucket-mb must be > 0, got {lay.bucket_mb}")
     if lay.ep > 1 and lay.zero > 1:
-        raise ConfigError(f"--ep with --zero {lay.zero}: ZeRO stages 2 and 3 shard gradients and weights over the "
-                          "data-parallel ranks, which hold different experts under --ep; use --zero 0 or 1")
+        raise ConfigError(f"--ep with --zero {lay.zero}: ZeRO stages 2 and 3 shard gradients "
+                          "and weights over the data-parallel ranks, which hold different experts "
+                          "under --ep; use --zero 0 or 1")
     return dp
 
 
 def check_model_layout(model_cfg, cfg, what):
-    """The checks that need the model's shape (`what` names it in the message: "model 'tiny'", "--init DIR")."""
-    lay = cfg.layout
-    if lay.seq_len is not None and not 1 <= lay.seq_len <= model_cfg.block_size:
-        raise ConfigError(f"--seq-len {lay.seq_len} is outside {what}'s context: choose 1..{model_cfg.block_size}")
-    if lay.pp > model_cfg.n_layer:
-        raise TopologyError(f"--pp {lay.pp} is more stages than the {model_cfg.n_layer} layers of {what}: "
-                            f"choose --pp <= {model_cfg.n_layer}")
+    """The checks that need the model's shape (`what` names it in the message: "model 'tiny'",
+    "--init DIR")."""
+    lay, block, n_layer = cfg.layout, model_cfg.block_size, model_cfg.n_layer
+    if lay.seq_len is not None and not 1 <= lay.seq_len <= block:
+        raise ConfigError(f"--seq-len {lay.seq_len} is outside {what}'s context: choose 1..{block}")
+    if lay.pp > n_layer:
+        raise TopologyError(f"--pp {lay.pp} is more stages than the {n_layer} layers of {what}: "
+                            f"choose --pp <= {n_layer}")
     if err := tensor_parallel.check_divisible(model_cfg, lay.tp):
         raise TopologyError(err)
-    T = lay.seq_len or model_cfg.block_size
+    T = lay.seq_len or block
     if lay.sequence_parallel and T % lay.tp:
-        raise TopologyError(f"--sequence-parallel splits the {T} positions of a sequence over --tp {lay.tp}: "
-                            f"choose a --seq-len divisible by {lay.tp}")
+        raise TopologyError(f"--sequence-parallel splits the {T} positions of a sequence over --tp "
+                            f"{lay.tp}: choose a --seq-len divisible by {lay.tp}")
     experts = cfg.moe.experts if cfg.moe is not None else 0
-    if lay.cp > 1:  # (here, not in check_args: sft.py learns whether its base model has experts from --init)
-        context_parallel.check_flags(lay.cp, T, cfg.settings.attn, lay.pp, lay.ep, experts, lay.sequence_parallel,
-                                     cfg.task.get("pack", False))
+    # (--cp here, not in check_args: sft.py learns whether its base model has experts from --init)
+    if lay.cp > 1:
+        context_parallel.check_flags(lay.cp, T, cfg.settings.attn, lay.pp, lay.ep, experts,
+                                     lay.sequence_parallel, cfg.task.get("pack", False))
     if lay.ep > 1 and not experts:
-        raise ConfigError(f"--ep {lay.ep} splits experts over ranks: give --experts (a multiple of {lay.ep})")
+        raise ConfigError(f"--ep {lay.ep} splits experts over ranks: give --experts (a multiple of "
+                          f"{lay.ep})")
     if experts:
-        moe.check_flags(cfg.moe, model_cfg.n_layer, lay.ep, lay.pp, lay.sequence_parallel)
+        moe.check_flags(cfg.moe, n_layer, lay.ep, lay.pp, lay.sequence_parallel)

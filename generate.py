@@ -25,7 +25,6 @@ Run:
     python generate.py out/sft --prompt "Reverse the word hello." --chat --temperature 0
     python generate.py model.pt --prompt "def " --temperature 0 --no-cache   # the same tokens, without the cache
 """
-import argparse
 import sys
 import time
 from pathlib import Path

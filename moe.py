@@ -215,8 +215,9 @@ def reduce_expert_grads(model, dp, expert_dp_group=None):
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """The mixture-of-experts flags (pretrain.py's --experts, --topk, --moe-layers, --capacity-factor,
-    --aux-loss-weight), or those an MoE checkpoint recorded (config_of). experts 0: a dense model."""
+    """The mixture-of-experts flags (pretrain.py's --experts, --topk, --moe-layers,
+    --capacity-factor, --aux-loss-weight), or those an MoE checkpoint recorded (config_of).
+    experts 0: a dense model."""
     experts: int
     topk: int
     moe_layers: str
@@ -225,8 +226,10 @@ class MoEConfig:
 
 
 def config_of(saved):
-    """The MoE settings a checkpoint's flags (its "args") recorded; experts 0 when it recorded none (dense)."""
-    return MoEConfig(**{f.name: saved.get(f.name, 0 if f.name == "experts" else None) for f in fields(MoEConfig)})
+    """The MoE settings a checkpoint's flags (its "args") recorded; experts 0 when it recorded none
+    (dense)."""
+    return MoEConfig(**{f.name: saved.get(f.name, 0 if f.name == "experts" else None)
+                        for f in fields(MoEConfig)})
 
 
 def check_flags(settings, n_layer, ep, pp, sequence_parallel):
@@ -242,10 +245,11 @@ def check_flags(settings, n_layer, ep, pp, sequence_parallel):
 
 
 def with_experts(model, settings):
-    """--experts: swap the chosen blocks' MLPs for MoE layers, before any slicing (None, or 0 experts: dense)."""
+    """--experts: swap the chosen blocks' MLPs for MoE layers, before any slicing (settings:
+    MoEConfig; None, or 0 experts: dense)."""
     if settings is not None and settings.experts:
-        add_moe(model, settings.experts, settings.topk, settings.capacity_factor, settings.aux_loss_weight,
-                parse_layers(settings.moe_layers, model.cfg.n_layer))
+        add_moe(model, settings.experts, settings.topk, settings.capacity_factor,
+                settings.aux_loss_weight, parse_layers(settings.moe_layers, model.cfg.n_layer))
     return model
 
 

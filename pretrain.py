@@ -81,7 +81,8 @@ def check_args(cfg, world):
     """Every flag that can be checked without touching data or building anything."""
     flags.check_args(cfg, world)
     task = cfg.task
-    flags.check_model_layout(PRESETS[task["model"]], cfg, f"model {task['model']!r}")  # vocabulary: once known
+    # (the vocabulary: again once the data's is known)
+    flags.check_model_layout(PRESETS[task["model"]], cfg, f"model {task['model']!r}")
     if task["tokens"] is not None and task["chinchilla"]:
         raise ConfigError("--tokens and --chinchilla both set the training length: give one")
     if cfg.optim.max_steps is not None and (task["tokens"] is not None or task["chinchilla"]):
@@ -114,15 +115,16 @@ def load_data(cfg, ckpt):
         data_dir = cfg.task["data"]
     meta = data_lib.load_meta(data_dir, tokenizer)
     if ckpt and ckpt["tokenizer"] != meta["tokenizer"]:
-        raise ConfigError(f"{cfg.settings.out} holds a run trained with tokenizer {ckpt['tokenizer']!r}, the data "
-                          f"uses {meta['tokenizer']!r}: give --fresh (the old run is moved aside) or another --out")
+        raise ConfigError(f"{cfg.settings.out} holds a run trained with tokenizer "
+                          f"{ckpt['tokenizer']!r}, the data uses {meta['tokenizer']!r}: give "
+                          "--fresh (the old run is moved aside) or another --out")
     return data_dir, meta
 
 
 def train(cfg):
     flags.check_values(cfg)
-    task, lay, settings = cfg.task, cfg.layout, cfg.settings
-    if task["estimate"]:  # estimate.py on this run's flags (any other shape: python estimate.py --help)
+    task, settings = cfg.task, cfg.settings
+    if task["estimate"]:  # estimate.py on this run's flags (others: python estimate.py --help)
         return estimate.main(flags=cfg.flat())
     rank, world, device = training.setup_distributed(settings.device)
     check_args(cfg, world)
@@ -130,19 +132,22 @@ def train(cfg):
     ckpt = training.read_checkpoint(cfg.settings, rank)
     data_dir, meta = load_data(cfg, ckpt)
     tokenizer = meta["tokenizer"]
-    model_cfg = replace(PRESETS[task["model"]], vocab_size=pad_vocab(meta["vocab_size"]), attn=settings.attn,
+    model_cfg = replace(PRESETS[task["model"]], vocab_size=pad_vocab(meta["vocab_size"]),
+                        attn=settings.attn,
                         activation_checkpointing=settings.activation_checkpointing)
-    run = build_and_train(cfg, model_cfg, data_dir, meta, rank, world, device, ckpt)
-    return {"losses": run.losses, "step": run.step, "model": run.model, "opt": run.opt, "topo": run.topo}
+    run = build_and_train(cfg, model_cfg, data_dir, meta, world, device, ckpt)
+    return {"losses": run.losses, "step": run.step, "model": run.model, "opt": run.opt,
+            "topo": run.topo}
 
 
-def build_and_train(cfg, model_cfg, data_dir, meta, rank, world, device, ckpt):
-    """The checks that need the model's shape and the data, then the run: built, trained, its sample written."""
+def build_and_train(cfg, model_cfg, data_dir, meta, world, device, ckpt):
+    """The checks that need the model's shape and the data, then the run: built, trained, its sample
+    written."""
     task, lay, amp = cfg.task, cfg.layout, cfg.settings.amp
     tokenizer = meta["tokenizer"]
-    if meta["max_id"] >= model_cfg.vocab_size:  # (load_meta checked the ids against meta.json's vocab_size)
-        raise data_lib.DataError(f"--data {data_dir}: token id {meta['max_id']} is outside the model's vocabulary "
-                                 f"of {model_cfg.vocab_size}")
+    if meta["max_id"] >= model_cfg.vocab_size:  # (load_meta checked the ids against its vocab_size)
+        raise data_lib.DataError(f"--data {data_dir}: token id {meta['max_id']} is outside the "
+                                 f"model's vocabulary of {model_cfg.vocab_size}")
     model_config = config_dict(replace(model_cfg, attn="-", activation_checkpointing=False))
     if err := tensor_parallel.check_divisible(model_cfg, lay.tp):
         raise TopologyError(err)
@@ -159,25 +164,28 @@ def build_and_train(cfg, model_cfg, data_dir, meta, rank, world, device, ckpt):
                                        tokenizer=tokenizer)
     cfg = training.change_length(cfg, ckpt, max_steps) if ckpt else cfg
     # (a resume takes its weights from the checkpoint: the same command line both starts and resumes a run)
-    weights = read_init(task["init"], model_config, tokenizer, cfg.moe.experts) if task["init"] and not ckpt \
-        else None
+    weights = None
+    if task["init"] and not ckpt:
+        weights = read_init(task["init"], model_config, tokenizer, cfg.moe.experts)
 
     # Every check has passed: only now are the process groups built.
     topo = training.build_topology(lay, world, device, cfg.settings.dist_timeout)
     n_micro = lay.grad_accum * lay.microbatches
-    batches = data_lib.Batches(data_dir, T, lay.batch_size, topo.dp_rank, topo.dp, n_micro, cfg.settings.seed)
-    val = data_lib.eval_batches(data_dir, T, lay.batch_size // lay.grad_accum, task["eval_iters"], topo.dp_rank,
-                                topo.dp)
-    model = training.build_model(model_cfg, topo, cfg.settings.seed, device, DTYPES[amp], lay.sequence_parallel,
+    seed = cfg.settings.seed
+    batches = data_lib.Batches(data_dir, T, lay.batch_size, topo.dp_rank, topo.dp, n_micro, seed)
+    val = data_lib.eval_batches(data_dir, T, lay.batch_size // lay.grad_accum, task["eval_iters"],
+                                topo.dp_rank, topo.dp)
+    model = training.build_model(model_cfg, topo, seed, device, DTYPES[amp], lay.sequence_parallel,
                                  cfg.moe, weights=weights, fp8=amp == "fp8")
     run = training.start(cfg, topo, device, model, batches, val, max_steps,
                          {"tokenizer": tokenizer, "model_config": model_config, "identity": identity},
                          flops_per_token(model_cfg, n_mm, T), ckpt)
     if run.rank0:
-        print(f"model {task['model']}: {n_params:,} parameters, {run.fpt:.3g} FLOPs/token | data {data_dir} "
-              f"({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | batch {lay.batch_size} x {T} "
-              f"tokens = {training.describe_layout(run)} | {max_steps} steps | {amp} on {device} | out "
-              f"{cfg.settings.out}" + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
+        print(f"model {task['model']}: {n_params:,} parameters, {run.fpt:.3g} FLOPs/token | data "
+              f"{data_dir} ({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | "
+              f"batch {lay.batch_size} x {T} tokens = {training.describe_layout(run)} | "
+              f"{max_steps} steps | {amp} on {device} | out {cfg.settings.out}"
+              + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
     training.train_loop(run)
     if run.step == max_steps and task["sample_tokens"] > 0:
         sample(run, data_lib.get_tokenizer(tokenizer))

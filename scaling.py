@@ -14,8 +14,9 @@ minimum, and that minimum moves with C as a power law. Two of Chinchilla's three
                         E = 1.69 nats; it implies N_opt ~ C^(beta / (alpha + beta)).
     uncertainty         bootstrap: refit on runs drawn with replacement; +- is half the 16-84th percentile range.
 
-Every run is the project's own training loop (training.py, called as a function with a flags.TrainConfig) in this
-process, on the embedded corpus (Python's standard library as bytes), a model of the tiny preset's family (head dimension 32, 2 query heads per key/value
+Every run is the project's own training loop (training.py, called as a function with a
+flags.TrainConfig: `train`) in this process, on the embedded corpus (Python's standard library as
+bytes), a model of the tiny preset's family (head dimension 32, 2 query heads per key/value
 head, d_ff = 3 d, context T = 128) of width d and depth L, trained for D = C / F(N) tokens with a cosine schedule
 that ends with the run (Chinchilla's lesson: a schedule longer than the run biases the comparison).
 
@@ -87,34 +88,34 @@ def plan(budgets, ladder=LADDER, tokens_per_param=TOKENS_PER_PARAM, min_steps=20
 
 
 def config_for(run, run_dir, lr):
-    """The run's flags: the shared defaults, with the sweep's batch, length, schedule (a cosine that ends with the
-    run, 5% warm-up) and cadence (one evaluation, at the end), on the CPU in fp32."""
-    base = flags.defaults("scaling")
-    steps = run["steps"]
-    return replace(base, optim=replace(base.optim, lr=lr, max_steps=steps, warmup_steps=max(1, steps // 20)),
-                   layout=replace(base.layout, batch_size=BATCH, seq_len=SEQ_LEN),
-                   settings=replace(base.settings, out=str(run_dir), save_every=200, eval_every=steps,
-                                    log_every=steps, device="cpu", amp="fp32"))
+    """The run's flags: the shared defaults, with the sweep's batch, length, schedule (a cosine that
+    ends with the run, 5% warm-up) and cadence (one evaluation, at the end), on the CPU in fp32."""
+    base, steps = flags.defaults("scaling"), run["steps"]
+    optim = replace(base.optim, lr=lr, max_steps=steps, warmup_steps=max(1, steps // 20))
+    settings = replace(base.settings, out=str(run_dir), save_every=200, eval_every=steps,
+                       log_every=steps, device="cpu", amp="fp32")
+    layout = replace(base.layout, batch_size=BATCH, seq_len=SEQ_LEN)
+    return replace(base, optim=optim, layout=layout, settings=settings)
 
 
 def train(cfg, model_cfg, eval_iters=20):
-    """One run of training.py's loop in this process, on the embedded corpus: resumed from its checkpoint when
-    cfg's --out holds one of the same run. Returns training.Run."""
+    """One run of training.py's loop in this process, on the embedded corpus: resumed from its
+    checkpoint when cfg's --out holds one of the same run. Returns training.Run."""
     _, _, device = training.setup_distributed(cfg.settings.device)
     ckpt = training.read_checkpoint(cfg.settings, 0)
     data_dir = data_lib.ensure_default_data(data_lib.DEFAULT_TOKENIZER)
     meta = data_lib.load_meta(data_dir, data_lib.DEFAULT_TOKENIZER)
     model_cfg = replace(model_cfg, vocab_size=pad_vocab(meta["vocab_size"]), attn=cfg.settings.attn)
     model_config = config_dict(replace(model_cfg, attn="-"))
-    identity = training.check_same_run(cfg, ckpt, max_steps=cfg.optim.max_steps, model_config=model_config,
-                                       tokenizer=meta["tokenizer"])
+    identity = training.check_same_run(cfg, ckpt, max_steps=cfg.optim.max_steps,
+                                       model_config=model_config, tokenizer=meta["tokenizer"])
     topo = training.build_topology(cfg.layout, 1, device, cfg.settings.dist_timeout)
     lay = cfg.layout
     batches = data_lib.Batches(data_dir, lay.seq_len, lay.batch_size, 0, 1, 1, cfg.settings.seed)
     val = data_lib.eval_batches(data_dir, lay.seq_len, lay.batch_size, eval_iters)
     model = training.build_model(model_cfg, topo, cfg.settings.seed, device, torch.float32)
-    run = training.start(cfg, topo, device, model, batches, val, cfg.optim.max_steps,
-                         {"tokenizer": meta["tokenizer"], "model_config": model_config, "identity": identity},
+    meta = {"tokenizer": meta["tokenizer"], "model_config": model_config, "identity": identity}
+    run = training.start(cfg, topo, device, model, batches, val, cfg.optim.max_steps, meta,
                          counts(model_cfg)[1], ckpt)
     training.train_loop(run)
     training.finish(run)
@@ -122,7 +123,8 @@ def train(cfg, model_cfg, eval_iters=20):
 
 
 def train_one(run, out, lr, threads):
-    """One run of the sweep; returns its final validation loss. Resumes from its checkpoint if any."""
+    """One run of the sweep; returns its final validation loss. Resumes from its checkpoint if
+    any."""
     run_dir = out / "runs" / run["key"]
     torch.set_num_threads(threads)
     with contextlib.redirect_stdout(io.StringIO()):

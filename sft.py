@@ -212,11 +212,12 @@ def load_init(path):
 def check_init_config(init, task):
     """--model, when given, must be the preset the checkpoint was trained as (vocabulary as the checkpoint's)."""
     if task["model"] is not None:
-        want = config_dict(replace(PRESETS[task["model"]], vocab_size=init["model_config"]["vocab_size"], attn="-"))
+        vocab = init["model_config"]["vocab_size"]
+        want = config_dict(replace(PRESETS[task["model"]], vocab_size=vocab, attn="-"))
         if want != init["model_config"]:
             diff = sorted(k for k in want if want[k] != init["model_config"].get(k))
-            raise ConfigError(f"--init {task['init']} is a checkpoint of another model config than --model "
-                              f"{task['model']} (differs in {', '.join(diff)})")
+            raise ConfigError(f"--init {task['init']} is a checkpoint of another model config than "
+                              f"--model {task['model']} (differs in {', '.join(diff)})")
 
 
 def add_lora(task, seed, model_config):
@@ -273,7 +274,8 @@ def build_parser():
 
 
 def parse(argv=None):
-    """The command line, parsed once into a frozen config (flags.TrainConfig; the MoE settings come from --init)."""
+    """The command line, parsed once into a frozen config (flags.TrainConfig; the MoE settings come
+    from --init)."""
     return flags.from_args(build_parser().parse_args(argv), "sft")
 
 
@@ -319,15 +321,16 @@ def train(cfg):
     model_cfg = replace(ModelConfig(**model_config), attn=settings.attn,
                         activation_checkpointing=settings.activation_checkpointing)
     flags.check_model_layout(model_cfg, cfg, f"--init {task['init']}")
-    identity = training.check_same_run(cfg, ckpt, max_steps=cfg.optim.max_steps, model_config=model_config,
-                                       tokenizer=init["tokenizer"])
+    identity = training.check_same_run(cfg, ckpt, max_steps=cfg.optim.max_steps,
+                                       model_config=model_config, tokenizer=init["tokenizer"])
     cfg = training.change_length(cfg, ckpt, cfg.optim.max_steps) if ckpt else cfg
     if task["lora_r"]:
         lora_lib.check_rank(model_cfg, task["lora_r"], task["lora_targets"])
     enc = data_lib.get_tokenizer(init["tokenizer"])
     if enc.n_vocab > model_cfg.vocab_size:
-        raise ConfigError(f"--init {task['init']}: its tokenizer has {enc.n_vocab} ids, more than the model's "
-                          f"vocab_size {model_cfg.vocab_size}: an id would index past the embedding")
+        raise ConfigError(f"--init {task['init']}: its tokenizer has {enc.n_vocab} ids, more than "
+                          f"the model's vocab_size {model_cfg.vocab_size}: an id would index past "
+                          "the embedding")
     rows = read_rows(cfg, enc, model_cfg, dp)  # every input checked before building
     run = build_and_train(cfg, model_cfg, init, enc, rows, identity, world, device, ckpt)
     done = run.step == cfg.optim.max_steps
@@ -335,8 +338,8 @@ def train(cfg):
         export_lora(run, init)
     samples = answers(run, enc, rows[2]) if done and task["samples"] else []
     training.finish(run)
-    return {"losses": run.losses, "val_losses": run.val_losses, "step": run.step, "model": run.model, "opt": run.opt,
-            "samples": samples, "skipped": rows[3][0]}
+    return {"losses": run.losses, "val_losses": run.val_losses, "step": run.step,
+            "model": run.model, "opt": run.opt, "samples": samples, "skipped": rows[3][0]}
 
 
 def build_and_train(cfg, model_cfg, init, enc, rows, identity, world, device, ckpt):
@@ -345,37 +348,43 @@ def build_and_train(cfg, model_cfg, init, enc, rows, identity, world, device, ck
     train_rows, val_rows, _, skipped = rows
     topo = training.build_topology(lay, world, device, cfg.settings.dist_timeout)
     T = lay.seq_len or model_cfg.block_size
-    multiple = math.lcm(lay.tp if lay.sequence_parallel else 1, 2 * lay.cp if lay.cp > 1 else 1)  # cut: tp, cp
+    # rows cut over tp (sequence-parallel) and into 2 cp chunks
+    multiple = math.lcm(lay.tp if lay.sequence_parallel else 1, 2 * lay.cp if lay.cp > 1 else 1)
     if task["pack"]:  # several examples per row of T tokens, attention blocked between them
         def make(rows):
             return pack(rows, eot_id(enc), T, multiple)
     else:  # one example per row, padded to the micro-batch's longest
         def make(rows):
             return collate(rows, eot_id(enc), multiple)
-    batches = SFTBatches(train_rows, lay.batch_size, make, topo.dp_rank, topo.dp, lay.grad_accum * lay.microbatches,
-                         cfg.settings.seed)
+    batches = SFTBatches(train_rows, lay.batch_size, make, topo.dp_rank, topo.dp,
+                         lay.grad_accum * lay.microbatches, cfg.settings.seed)
     mine, bs = val_rows[topo.dp_rank::topo.dp], lay.batch_size // (lay.grad_accum * topo.dp)
     val = [make(mine[i:i + bs]) for i in range(0, len(mine), bs)]
     model_config = init["model_config"]
-    model = training.build_model(model_cfg, topo, cfg.settings.seed, device, DTYPES[amp], lay.sequence_parallel,
-                                 cfg.moe, weights=init["model"], fp8=amp == "fp8",
+    model = training.build_model(model_cfg, topo, cfg.settings.seed, device, DTYPES[amp],
+                                 lay.sequence_parallel, cfg.moe, weights=init["model"],
+                                 fp8=amp == "fp8",
                                  adapt=add_lora(task, cfg.settings.seed, model_config))
     lora_config = getattr(model, "lora_config", None)
     if ckpt and ckpt.get("lora") != lora_config:
-        raise ConfigError(f"{cfg.settings.out} holds a run with LoRA settings {ckpt.get('lora')}, this run has "
-                          f"{lora_config}")
+        raise ConfigError(f"{cfg.settings.out} holds a run with LoRA settings {ckpt.get('lora')}, "
+                          f"this run has {lora_config}")
     with torch.device("meta"):  # FLOPs follow the parameters a token meets: k of E experts per MoE layer
         whole = moe.with_experts(Transformer(model_cfg), cfg.moe)
-    fpt = flops_per_token(model_cfg, num_params(whole, matmul_only=True) - moe.inactive_params(whole), T)
+    n_mm = num_params(whole, matmul_only=True) - moe.inactive_params(whole)
+    fpt = flops_per_token(model_cfg, n_mm, T)
     meta = {"tokenizer": init["tokenizer"], "model_config": model_config, "lora": lora_config, "identity": identity}
-    run = training.start(cfg, topo, device, model, batches, val, cfg.optim.max_steps, meta, fpt, ckpt)
+    run = training.start(cfg, topo, device, model, batches, val, cfg.optim.max_steps, meta, fpt,
+                         ckpt)
     if run.rank0:
         n_resp = sum(sum(t != -100 for t in y) for _, y in train_rows)
-        print(f"init {task['init']}: {num_params(whole):,} parameters, block {model_cfg.block_size}, tokenizer "
-              f"{init['tokenizer']} | {len(train_rows)} train examples ({n_resp:,} learned tokens"
-              f"{', prompts too' if task['no_prompt_mask'] else ', responses only'}), {len(val_rows)} held-out | "
-              f"skipped as longer than {T} tokens: {skipped[0]} train, {skipped[1]} held-out | batch "
-              f"{lay.batch_size} = {training.describe_layout(run)}{' packed' if task['pack'] else ''} | "
+        learned = ", prompts too" if task["no_prompt_mask"] else ", responses only"
+        print(f"init {task['init']}: {num_params(whole):,} parameters, block "
+              f"{model_cfg.block_size}, tokenizer {init['tokenizer']} | {len(train_rows)} train "
+              f"examples ({n_resp:,} learned tokens{learned}), {len(val_rows)} held-out | skipped "
+              f"as longer than {T} tokens: {skipped[0]} train, {skipped[1]} held-out | batch "
+              f"{lay.batch_size} = {training.describe_layout(run)}"
+              f"{' packed' if task['pack'] else ''} | "
               f"{cfg.optim.max_steps} steps | {amp} on {device} | out {cfg.settings.out}"
               + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
         if lora_config:
@@ -391,8 +400,9 @@ def read_rows(cfg, enc, model_cfg, dp):
     train_ex, val_ex = read_examples(task["data"], task["val_data"])
     T = seq_len or model_cfg.block_size
     limit = "--seq-len" if seq_len else "the model's context"
-    train_rows, skipped = tokenize(train_ex, enc, T, not task["no_prompt_mask"], limit, task["pack"])
-    val_rows, val_skipped = tokenize(val_ex, enc, T, True, limit, task["pack"])  # held-out: response tokens only
+    pack = task["pack"]
+    train_rows, skipped = tokenize(train_ex, enc, T, not task["no_prompt_mask"], limit, pack)
+    val_rows, val_skipped = tokenize(val_ex, enc, T, True, limit, pack)  # held-out: responses only
     if not train_rows or not val_rows:
         raise DataError(f"no example fits in {limit} of {T} tokens ({skipped} train and {val_skipped} held-out "
                         "examples are longer)")
@@ -431,7 +441,8 @@ def answers(run, enc, val_ex):
     agree = rank0_token(topo.world > 1 and (topo.tp > 1 or run.zero == 3 or topo.ep > 1))
     samples = []
     for where, messages in val_ex[:task["samples"]]:
-        reply = answer(model, enc, prompt_ids(enc, messages), task["max_new_tokens"], run.device, agree)
+        reply = answer(model, enc, prompt_ids(enc, messages), task["max_new_tokens"], run.device,
+                       agree)
         asked = [m["content"] for m in messages if m["role"] == "user"][-1:] or [""]
         samples.append({"where": where, "prompt": asked[0], "answer": reply})
         if run.rank0:

@@ -62,8 +62,8 @@ from zero import ZeroOptimizer
 # ------------------------------------------------------------------------------------------- the parallel stack
 def setup_distributed(device_flag):
     """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; without them this is one process. Only reads them: the
-    process groups are built after every flag, the data and the model shape have been checked. device_flag:
-    --device (auto, cpu, cuda)."""
+    process groups are built after every flag, the data and the model shape have been checked.
+    device_flag: --device (auto, cpu, cuda)."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     use_cuda = uses_cuda(device_flag)
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
@@ -81,16 +81,16 @@ def build_topology(layout, world, device, dist_timeout):
     return Topology(layout.tp, layout.pp, layout.ep, layout.cp)
 
 
-def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, experts=None, weights=None, adapt=None,
-                fp8=False):
+def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, experts=None, weights=None,
+                adapt=None, fp8=False):
     """This rank's piece of the model, and nothing more is ever allocated: the whole model (with MoE MLPs if
     asked) is built on the meta device (shapes, no memory), cut there to this pipeline stage's blocks, this
     tensor-parallel rank's slices and this expert-parallel rank's experts, and only then are the pieces left
     allocated on `device` and filled: each from the whole model's initial values (model.init_values: drawn by
     parameter name from `seed`, the same whatever the layout), or from `weights` (the whole model's tensors
     by name, fine-tuning's starting point: a memory-mapped state dict or weights.SavedWeights, of which only
-    this rank's blocks are read). `experts`: moe.MoEConfig (None: dense). Then `adapt(model)` (LoRA), then the
-    compute precision (`fp8`: quantization.py's FP8 linears)."""
+    this rank's blocks are read). `experts`: moe.MoEConfig (None: dense). Then `adapt(model)`
+    (LoRA), then the compute precision (`fp8`: quantization.py's FP8 linears)."""
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = moe.with_experts(Transformer(cfg), experts)
@@ -146,7 +146,8 @@ def build_training(model, cfg, dtype, topo):
     zero.py's stages otherwise. Every optimizer here has the same methods: zero_grad(), scale_loss(loss),
     step(max_norm) -> (grad_norm, skipped), param_groups, checkpoint_pieces()/after_load() (checkpoint.py),
     scaler, and no_sync() for accumulation micro-steps that must not communicate. Only parameters with
-    requires_grad are trained. cfg: flags.TrainConfig (its optim, precision and data-parallel settings)."""
+    requires_grad are trained. cfg: flags.TrainConfig (its optim, precision and data-parallel
+    settings)."""
     optim, lay = cfg.optim, cfg.layout
     scaler = DynamicLossScaler(enabled=cfg.settings.amp == "fp16")
     groups = param_groups(model, optim.weight_decay)
@@ -173,8 +174,8 @@ def build_training(model, cfg, dtype, topo):
                 return sq
         return ddp, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce, no_sync=ddp.no_sync,
                                             expert_norm_reduce_fn=expert_reduce, main_grads=main_grads)
-    opt = ZeroOptimizer(model, groups, make_optimizer, scaler, topo.dp_cp_group, lay.zero, lay.bucket_mb,
-                        norm_reduce_fn=norm_reduce, main_grads=main_grads)
+    opt = ZeroOptimizer(model, groups, make_optimizer, scaler, topo.dp_cp_group, lay.zero,
+                        lay.bucket_mb, norm_reduce_fn=norm_reduce, main_grads=main_grads)
     return opt.module, opt
 
 
@@ -265,7 +266,8 @@ def evaluate(model, batches, device, topo, microbatches):
 
 
 def lr_at(step, optim, max_steps):
-    """Linear warmup to --lr, then cosine decay to --min-lr at max_steps (optim: flags.Optim, warm-up resolved)."""
+    """Linear warmup to --lr, then cosine decay to --min-lr at max_steps (optim: flags.Optim, its
+    warm-up resolved)."""
     lr, warmup = optim.lr, optim.warmup_steps
     min_lr = lr / 10 if optim.min_lr is None else optim.min_lr
     if step < warmup:
@@ -294,7 +296,8 @@ def read_checkpoint(settings, rank):
     fresh = settings.fresh and out.exists() and any(p.name != ".lock" for p in out.iterdir())
     if rank == 0:
         launch.lock_run(out)
-    found = checkpoint.find_resume(out, settings.resume, fresh if rank == 0 else settings.fresh, rank)
+    fresh_here = fresh if rank == 0 else settings.fresh
+    found = checkpoint.find_resume(out, settings.resume, fresh_here, rank)
     if fresh and rank == 0:
         launch.lock_run(out)
     return found and found[1] | {"dir": found[0]}
@@ -310,32 +313,37 @@ SAME_RUN = ("batch_size", "seq_len", "lr", "min_lr", "warmup_steps", "weight_dec
 
 
 def check_same_run(cfg, ckpt, **more):
-    """The run's identity (SAME_RUN flags, plus e.g. max_steps, model_config, tokenizer): returned for the
-    checkpoints to record, and compared with the one `ckpt` recorded (one line on a difference; the length is
-    change_length's)."""
+    """The run's identity (SAME_RUN flags, plus e.g. max_steps, model_config, tokenizer): returned
+    for the checkpoints to record, and compared with the one `ckpt` recorded (one line on a
+    difference; the length is change_length's)."""
     given = cfg.flat()
     identity = {k: given[k] for k in SAME_RUN if k in given} | more
     if ckpt:
-        checkpoint.check_same_run(cfg.settings.out, ckpt, {k: v for k, v in identity.items() if k != "max_steps"})
+        same = {k: v for k, v in identity.items() if k != "max_steps"}
+        checkpoint.check_same_run(cfg.settings.out, ckpt, same)
     return identity
 
 
 def change_length(cfg, ckpt, max_steps):
-    """A resume with another --max-steps (or --tokens): the run goes on to the new end; the cosine decay is
-    recomputed from the step reached (a printed line says so) and the default warm-up stays the one the run had
-    (the config returned). A length below the step reached is refused: it has nothing to train."""
+    """A resume with another --max-steps (or --tokens): the run goes on to the new end; the cosine
+    decay is recomputed from the step reached (a printed line says so) and the default warm-up stays
+    the one the run had (the config returned). A length below the step reached is refused: it has
+    nothing to train."""
     was, step = ckpt.get("identity", {}).get("max_steps"), ckpt["step"]
     out = cfg.settings.out
     if max_steps < step:
-        raise checkpoint.CheckpointError(f"{out} holds a run at step {step}: --max-steps {max_steps} is below "
-                                         f"it; give at least {step}, or --fresh (the old run is moved aside)")
+        raise checkpoint.CheckpointError(f"{out} holds a run at step {step}: --max-steps "
+                                         f"{max_steps} is below it; give at least {step}, or "
+                                         "--fresh (the old run is moved aside)")
     if was is None or was == max_steps:
         return cfg
-    if cfg.optim.warmup_steps is None:  # (the default follows max_steps: keep the warm-up the run has done)
-        cfg = replace(cfg, optim=replace(cfg.optim, warmup_steps=ckpt.get("args", {}).get("warmup_steps")))
+    if cfg.optim.warmup_steps is None:  # (the default follows max_steps: keep the run's warm-up)
+        warmup = ckpt.get("args", {}).get("warmup_steps")
+        cfg = replace(cfg, optim=replace(cfg.optim, warmup_steps=warmup))
     if os.environ.get("RANK", "0") == "0":
-        print(f"--max-steps {max_steps}: the run in {out} was planned for {was} steps; its learning-rate "
-              f"schedule changes from step {step} (the cosine decay now ends at step {max_steps})", flush=True)
+        print(f"--max-steps {max_steps}: the run in {out} was planned for {was} steps; its "
+              f"learning-rate schedule changes from step {step} (the cosine decay now ends at step "
+              f"{max_steps})", flush=True)
     return cfg
 
 
@@ -348,7 +356,8 @@ def save(run):
             f"not finite (last good checkpoint: {describe_last_good(run)})")
         return
     checkpoint.save(run.out, run.step, run.model, run.opt, run.topo, run.meta | {
-        "data": run.batches.state_dict(), "args": run.cfg.flat(), "layout": layout_of(run.cfg.layout, run.topo.world)})
+        "data": run.batches.state_dict(), "args": run.cfg.flat(),
+        "layout": layout_of(run.cfg.layout, run.topo.world)})
     run.last_good = run.step
 
 
@@ -400,17 +409,17 @@ class Run:
 
 def start(cfg, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=None):
     """Set-up: the data-parallel wrapper and optimizer, the checkpoint restored (--resume), the metrics file."""
-    optim = cfg.optim
-    if optim.warmup_steps is None:  # the warm-up follows the run's length: a short run would never leave 100 steps
-        cfg = replace(cfg, optim=replace(optim, warmup_steps=min(100, max(1, max_steps // 10))))
+    if cfg.optim.warmup_steps is None:  # the run's length: a short run would never leave 100 steps
+        cfg = replace(cfg, optim=replace(cfg.optim, warmup_steps=min(100, max(1, max_steps // 10))))
     dtype = next(model.parameters()).dtype
     module, opt = build_training(model, cfg, dtype, topo)
     # The pipeline calls the stage itself (ddp.py's and zero.py's hooks live on its parameters and modules).
-    peak = peak_flops(device, dtype, cfg.task.get("gpu", "h100")) * topo.world  # MFU of all devices together
+    gpu = cfg.task.get("gpu", "h100")
+    peak = peak_flops(device, dtype, gpu) * topo.world  # MFU of all devices together
     module = torch.compile(module) if cfg.settings.compile else module
-    run = Run(cfg, topo, device, model, model if topo.pp > 1 else module, opt, batches, val, max_steps, meta, fpt,
-              peak, zero=cfg.layout.zero if topo.dp * topo.cp > 1 else 0, rank0=topo.rank == 0,
-              out=Path(cfg.settings.out))
+    run = Run(cfg, topo, device, model, model if topo.pp > 1 else module, opt, batches, val,
+              max_steps, meta, fpt, peak, zero=cfg.layout.zero if topo.dp * topo.cp > 1 else 0,
+              rank0=topo.rank == 0, out=Path(cfg.settings.out))
     if ckpt:
         resume(run, ckpt)
     if run.rank0:
@@ -420,8 +429,9 @@ def start(cfg, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=Non
         run.t_start = time.perf_counter() - elapsed
         run.metrics = open(run.out / "metrics.jsonl", "a")
         if cfg.optim.warmup_steps >= max_steps > 0:
-            print(f"warning: --warmup-steps {cfg.optim.warmup_steps} is not below the run's {max_steps} steps: the "
-                  f"learning rate never reaches --lr {cfg.optim.lr:g}", flush=True)
+            print(f"warning: --warmup-steps {cfg.optim.warmup_steps} is not below the run's "
+                  f"{max_steps} steps: the learning rate never reaches --lr {cfg.optim.lr:g}",
+                  flush=True)
     return run
 
 
@@ -429,9 +439,11 @@ def describe_layout(run):
     """How a global batch is cut and where it runs, for the first log line."""
     lay, topo = run.cfg.layout, run.topo
     n_micro = lay.grad_accum * lay.microbatches
-    return (f"{lay.batch_size // (n_micro * topo.dp)} x {n_micro} micro-batches x {topo.dp} data-parallel"
+    sp = lay.sequence_parallel and topo.tp > 1
+    return (f"{lay.batch_size // (n_micro * topo.dp)} x {n_micro} micro-batches x {topo.dp} "
+            "data-parallel"
             + (f" (ZeRO stage {run.zero})" if run.zero else " (ddp.py)" if topo.dp * topo.cp > 1 else "")
-            + f" | tp {topo.tp}" + (" (sequence-parallel)" if lay.sequence_parallel and topo.tp > 1 else "")
+            + f" | tp {topo.tp}" + (" (sequence-parallel)" if sp else "")
             + f" | pp {topo.pp}" + (f" ({lay.pp_schedule})" if topo.pp > 1 else "")
             + (f" | ep {topo.ep}" if topo.ep > 1 else "")
             + (f" | cp {topo.cp} (ring attention)" if topo.cp > 1 else ""))
@@ -454,8 +466,8 @@ def train_step(run):
         g["lr"] = lr
     micro_batches = run.batches.next()
     tokens, labels = global_counts(micro_batches, run.topo, run.device)
-    loss = forward_backward(run.module, micro_batches, run.topo, run.cfg.layout.pp_schedule, run.opt.scale_loss,
-                            run.device, run.opt.no_sync, labels)
+    loss = forward_backward(run.module, micro_batches, run.topo, run.cfg.layout.pp_schedule,
+                            run.opt.scale_loss, run.device, run.opt.no_sync, labels)
     if run.topo.ep > 1:  # expert gradients: summed over their replicas, / dp (moe.py); dense ones are done
         moe.reduce_expert_grads(run.model, run.topo.dp, run.topo.expert_dp_group)
     grad_norm, skipped = run.opt.step(run.cfg.optim.grad_clip, read=False)
@@ -498,7 +510,8 @@ def log_step(run, rec):
     scaler = run.opt.scaler
     if scaler.enabled:
         rec["loss_scale"] = scaler.scale
-    if run.cfg.moe is not None and run.cfg.moe.experts:  # the balancing loss, the busiest and idlest expert's share
+    # The balancing loss, the routed share of the busiest and idlest expert.
+    if run.cfg.moe is not None and run.cfg.moe.experts:
         rec["aux_loss"] = float(moe.aux_loss(run.model).detach())
         rec["expert_load_max"], rec["expert_load_min"] = moe.load_spread(run.model)
     masked = run.labels_since < run.tokens_since
@@ -523,7 +536,8 @@ def train_loop(run):
     settings = run.cfg.settings
     if run.step == 0:
         evaluate_now(run)
-    stop_at = min(run.max_steps, run.step + settings.stop_after) if settings.stop_after else run.max_steps
+    stop_after = settings.stop_after
+    stop_at = min(run.max_steps, run.step + stop_after) if stop_after else run.max_steps
     run.t_last = time.perf_counter()
     signal.signal(signal.SIGINT, lambda *_: interrupted(run, "by Ctrl-C"))
     signal.signal(signal.SIGTERM, lambda *_: interrupted(run, "by SIGTERM"))
@@ -547,8 +561,8 @@ def train_loop(run):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if run.step < run.max_steps and run.rank0:
-        print(f"stopped at step {run.step} (--stop-after {settings.stop_after}); rerun the same command to continue "
-              f"from step {run.last_good}", flush=True)
+        print(f"stopped at step {run.step} (--stop-after {stop_after}); rerun the same command to "
+              f"continue from step {run.last_good}", flush=True)
     return run
 
 

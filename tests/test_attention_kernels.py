@@ -83,5 +83,5 @@ def test_amp_auto_is_bf16_on_cuda_and_fp32_on_a_cpu(monkeypatch, tmp_path, cuda,
     cfg = pretrain.parse(["--out", str(tmp_path / "run"), "--batch-size", "4"])
     assert cfg.settings.amp == "auto"
     flags.check_args(cfg, 1)
-    # resolved before the run's identity (training.SAME_RUN) is recorded; the config parsed is left as it was
+    # resolved before the run's identity (training.SAME_RUN) is recorded; the parsed one unchanged
     assert flags.resolved(cfg).settings.amp == expected and cfg.settings.amp == "auto"

@@ -31,7 +31,8 @@ LAYOUTS = [  # (tp, pp, ep, experts, LoRA targets) on 4 ranks
 
 
 def flags(ep, experts):
-    return pretrain.parse(["--experts", str(experts), "--topk", "2", "--ep", str(ep)] if experts else []).moe
+    argv = ["--experts", str(experts), "--topk", "2", "--ep", str(ep)] if experts else []
+    return pretrain.parse(argv).moe
 
 
 def adapter(targets):

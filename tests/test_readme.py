@@ -61,4 +61,4 @@ def test_the_default_folder_follows_what_is_computed():
     folder = lambda args: flags.run_folder(vars(args), "pretrain")  # noqa: E731
     assert folder(a) != folder(b) and folder(a) == folder(c)
     assert re.fullmatch(r"out/pretrain-[0-9a-f]{8}", folder(a))
-    assert pretrain.parse(["--lr", "1e-3"]).settings.out == folder(a)  # the config's --out is that folder
+    assert pretrain.parse(["--lr", "1e-3"]).settings.out == folder(a)  # the config's --out

@@ -62,16 +62,18 @@ def test_micro_sweep_trains_records_and_resumes(tmp_path, stdlib_data, capsys):
 
 
 def test_a_run_is_a_call_of_the_training_loop_that_resumes(tmp_path, stdlib_data):
-    """scaling.train runs training.py's loop on a config, in this process: stopped half-way (stop_after) and called
-    again, it goes on from its checkpoint and ends where an uninterrupted run ends, bit for bit (fp32, one process).
-    The model's shape is passed, never registered as a preset."""
+    """scaling.train runs training.py's loop on a config, in this process: stopped half-way
+    (stop_after) and called again, it goes on from its checkpoint and ends where an uninterrupted
+    run ends, bit for bit (fp32, one process). The shape is passed, never registered as a preset."""
     presets = dict(model.PRESETS)
     run = scaling.plan([1.5e9], ladder=[(1, 16)], tokens_per_param=(0, math.inf), min_steps=1)[0]
     shape = scaling.shape(1, 16)
     whole = scaling.train(scaling.config_for(run, tmp_path / "whole", 3e-3), shape)
     cfg = scaling.config_for(run, tmp_path / "halves", 3e-3)
-    first = scaling.train(replace(cfg, settings=replace(cfg.settings, stop_after=run["steps"] // 2)), shape)
+    half = replace(cfg, settings=replace(cfg.settings, stop_after=run["steps"] // 2))
+    first = scaling.train(half, shape)
     second = scaling.train(cfg, shape)
     assert whole.step == second.step == run["steps"] and first.step == run["steps"] // 2
-    assert first.losses + second.losses == whole.losses and second.val_losses[-1] == whole.val_losses[-1]
+    assert first.losses + second.losses == whole.losses
+    assert second.val_losses[-1] == whole.val_losses[-1]
     assert model.PRESETS == presets

@@ -158,7 +158,8 @@ def step_batches(step, multiple, packed):
 
 
 def train_sft(topo, tp, pp, schedule, zero, sp, use_lora, packed):
-    cfg = sft.parse(["--zero", str(zero), "--lr", "1e-2", "--weight-decay", "0.1", "--bucket-mb", "0.01"])
+    cfg = sft.parse(["--zero", str(zero), "--lr", "1e-2", "--weight-decay", "0.1",
+                     "--bucket-mb", "0.01"])
 
     def adapt(model):
         lora.apply_lora(model, r=4, alpha=8.0, targets=TARGETS, seed=0)
