@@ -186,9 +186,9 @@ PARTS = (Optim, Layout, Settings, MoEConfig)
 
 def from_args(args, prog):
     """The config of parsed flags (argparse's Namespace, read here and nowhere else); --out unset:
-    run_folder's."""
+    run_folder's (an empty --out stays empty: check_values refuses it)."""
     given = dict(vars(args))
-    given["out"] = given["out"] or run_folder(given, prog)
+    given["out"] = run_folder(given, prog) if given["out"] is None else given["out"]
     take = {cls: cls(**{f.name: given[f.name] for f in fields(cls)}) for cls in PARTS
             if all(f.name in given for f in fields(cls))}
     mine = {f.name for cls in take for f in fields(cls)}

@@ -2,9 +2,12 @@
 command of its code blocks (after `make pretrain` and `make sft`, the Makefile's) trains into a folder of its own,
 unless it is the same run (the same flags but the layout's and the logging's), which continues there; a command
 with --fresh starts its folder over. A collision would be refused at run time ("OUT holds another run")."""
+import dataclasses
 import re
 import shlex
 from pathlib import Path
+
+import pytest
 
 import flags
 import pretrain
@@ -62,3 +65,19 @@ def test_the_default_folder_follows_what_is_computed():
     assert folder(a) != folder(b) and folder(a) == folder(c)
     assert re.fullmatch(r"out/pretrain-[0-9a-f]{8}", folder(a))
     assert pretrain.parse(["--lr", "1e-3"]).settings.out == folder(a)  # the config's --out
+
+
+@pytest.mark.parametrize("prog,argv", [
+    ("pretrain", ["--lr", "2e-3", "--tp", "2", "--experts", "4"]),
+    ("sft", ["--lora-r", "4", "--pack", "--out", "out/x"])])
+def test_the_config_holds_every_flag_once_and_is_never_changed(prog, argv):
+    """flags.from_args splits the parsed flags into frozen parts and the entry point's own; flat()
+    gives back exactly the flags parsed (what checkpoints record, what the folder's name hashes)."""
+    args = (pretrain if prog == "pretrain" else sft).build_parser().parse_args(argv)
+    cfg = flags.from_args(args, prog)
+    assert cfg.flat() == vars(args) | {"out": cfg.settings.out}
+    assert (cfg.moe is not None) == (prog == "pretrain")  # (sft.py's come from its --init)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0
+    resolved = flags.resolved(cfg)  # --amp auto: a new config, the parsed one as it was
+    assert resolved.settings.amp in ("bf16", "fp32") and cfg.settings.amp == "auto"
