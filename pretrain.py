@@ -131,7 +131,6 @@ def train(cfg):
     cfg = flags.resolved(cfg)  # --amp auto: the precision that runs, recorded in the run's identity
     ckpt = training.read_checkpoint(cfg.settings, rank)
     data_dir, meta = load_data(cfg, ckpt)
-    tokenizer = meta["tokenizer"]
     model_cfg = replace(PRESETS[task["model"]], vocab_size=pad_vocab(meta["vocab_size"]),
                         attn=settings.attn,
                         activation_checkpointing=settings.activation_checkpointing)
