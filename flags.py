@@ -165,35 +165,37 @@ class Settings:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every flag of a run, parsed once. `task`: the entry point's own flags (pretrain.py's --model,
-    --data, --tokens...; sft.py's --init, --lora-r, --pack...), read, never written. moe: None until
-    known (sft.py reads it from its --init)."""
+    """Every flag of a run, parsed once. `task`: the entry point's own flags, in its own frozen
+    class (pretrain.Pretrain: --model, --data, --tokens...; sft.SFT: --init, --lora-r, --pack...);
+    None for a caller with none. moe: None until known (sft.py reads it from its --init)."""
     optim: Optim
     layout: Layout
     settings: Settings
     moe: MoEConfig
-    task: dict
+    task: object
 
     def flat(self):
         """Every flag by name (its dest), as checkpoints record them ("args") and run_folder hashes
         them."""
-        parts = [self.optim, self.layout, self.settings] + ([self.moe] if self.moe else [])
-        return {k: v for part in parts for k, v in asdict(part).items()} | dict(self.task)
+        parts = [self.optim, self.layout, self.settings, self.moe, self.task]
+        return {k: v for part in parts if part is not None for k, v in asdict(part).items()}
 
 
 PARTS = (Optim, Layout, Settings, MoEConfig)
 
 
-def from_args(args, prog):
-    """The config of parsed flags (argparse's Namespace, read here and nowhere else); --out unset:
-    run_folder's (an empty --out stays empty: check_values refuses it)."""
+def from_args(args, prog, task_cls=None):
+    """The config of parsed flags (argparse's Namespace, read here and nowhere else), the entry
+    point's own into `task_cls`; --out unset: run_folder's (an empty --out stays empty: check_values
+    refuses it)."""
     given = dict(vars(args))
     given["out"] = run_folder(given, prog) if given["out"] is None else given["out"]
     take = {cls: cls(**{f.name: given[f.name] for f in fields(cls)}) for cls in PARTS
             if all(f.name in given for f in fields(cls))}
     mine = {f.name for cls in take for f in fields(cls)}
+    rest = {k: v for k, v in given.items() if k not in mine}
     return TrainConfig(take[Optim], take[Layout], take[Settings], take.get(MoEConfig),
-                       {k: v for k, v in given.items() if k not in mine})
+                       task_cls(**rest) if task_cls is not None else None)
 
 
 def defaults(prog):
@@ -323,9 +325,9 @@ def check_args(cfg, world):
     return dp
 
 
-def check_model_layout(model_cfg, cfg, what):
+def check_model_layout(model_cfg, cfg, what, pack=False):
     """The checks that need the model's shape (`what` names it in the message: "model 'tiny'",
-    "--init DIR")."""
+    "--init DIR"; pack: sft.py's --pack)."""
     lay, block, n_layer = cfg.layout, model_cfg.block_size, model_cfg.n_layer
     if lay.seq_len is not None and not 1 <= lay.seq_len <= block:
         raise ConfigError(f"--seq-len {lay.seq_len} is outside {what}'s context: choose 1..{block}")
@@ -342,7 +344,7 @@ def check_model_layout(model_cfg, cfg, what):
     # (--cp here, not in check_args: sft.py learns whether its base model has experts from --init)
     if lay.cp > 1:
         context_parallel.check_flags(lay.cp, T, cfg.settings.attn, lay.pp, lay.ep, experts,
-                                     lay.sequence_parallel, cfg.task.get("pack", False))
+                                     lay.sequence_parallel, pack)
     if lay.ep > 1 and not experts:
         raise ConfigError(f"--ep {lay.ep} splits experts over ranks: give --experts (a multiple of "
                           f"{lay.ep})")

@@ -25,7 +25,7 @@ Run:
 """
 import math
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -72,9 +72,26 @@ def build_parser():
     return flags.add_shared_flags(ap)
 
 
+@dataclass(frozen=True)
+class Pretrain:
+    """pretrain.py's own flags (build_parser), beside the shared ones of flags.TrainConfig."""
+    model: str
+    data: str
+    tokenizer: str
+    init: str
+    tokens: float
+    chinchilla: bool
+    eval_iters: int
+    sample_tokens: int
+    estimate: bool
+    gpus: int
+    gpu: str
+    mfu: float
+
+
 def parse(argv=None):
     """The command line, parsed once into a frozen config (flags.TrainConfig)."""
-    return flags.from_args(build_parser().parse_args(argv), "pretrain")
+    return flags.from_args(build_parser().parse_args(argv), "pretrain", Pretrain)
 
 
 def check_args(cfg, world):
@@ -82,12 +99,12 @@ def check_args(cfg, world):
     flags.check_args(cfg, world)
     task = cfg.task
     # (the vocabulary: again once the data's is known)
-    flags.check_model_layout(PRESETS[task["model"]], cfg, f"model {task['model']!r}")
-    if task["tokens"] is not None and task["chinchilla"]:
+    flags.check_model_layout(PRESETS[task.model], cfg, f"model {task.model!r}")
+    if task.tokens is not None and task.chinchilla:
         raise ConfigError("--tokens and --chinchilla both set the training length: give one")
-    if cfg.optim.max_steps is not None and (task["tokens"] is not None or task["chinchilla"]):
+    if cfg.optim.max_steps is not None and (task.tokens is not None or task.chinchilla):
         raise ConfigError("--max-steps and --tokens/--chinchilla both set the training length: give one")
-    for flag, v in (("max_steps", cfg.optim.max_steps), ("eval_iters", task["eval_iters"])):
+    for flag, v in (("max_steps", cfg.optim.max_steps), ("eval_iters", task.eval_iters)):
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
 
@@ -106,13 +123,13 @@ def main(argv=None):
 
 def load_data(cfg, ckpt):
     """The embedded default unless --data; the tokenizer must be the one the data was prepared with."""
-    tokenizer = cfg.task["tokenizer"] or (ckpt["tokenizer"] if ckpt else None)
-    if cfg.task["data"] is None:
+    tokenizer = cfg.task.tokenizer or (ckpt["tokenizer"] if ckpt else None)
+    if cfg.task.data is None:
         tokenizer = tokenizer or data_lib.DEFAULT_TOKENIZER
         data_lib.get_tokenizer(tokenizer)  # fails here, with the reason, if it cannot load offline
         data_dir = data_lib.ensure_default_data(tokenizer)
     else:
-        data_dir = cfg.task["data"]
+        data_dir = cfg.task.data
     meta = data_lib.load_meta(data_dir, tokenizer)
     if ckpt and ckpt["tokenizer"] != meta["tokenizer"]:
         raise ConfigError(f"{cfg.settings.out} holds a run trained with tokenizer "
@@ -124,14 +141,14 @@ def load_data(cfg, ckpt):
 def train(cfg):
     flags.check_values(cfg)
     task, settings = cfg.task, cfg.settings
-    if task["estimate"]:  # estimate.py on this run's flags (others: python estimate.py --help)
+    if task.estimate:  # estimate.py on this run's flags (others: python estimate.py --help)
         return estimate.main(flags=cfg.flat())
     rank, world, device = training.setup_distributed(settings.device)
     check_args(cfg, world)
     cfg = flags.resolved(cfg)  # --amp auto: the precision that runs, recorded in the run's identity
     ckpt = training.read_checkpoint(cfg.settings, rank)
     data_dir, meta = load_data(cfg, ckpt)
-    model_cfg = replace(PRESETS[task["model"]], vocab_size=pad_vocab(meta["vocab_size"]),
+    model_cfg = replace(PRESETS[task.model], vocab_size=pad_vocab(meta["vocab_size"]),
                         attn=settings.attn,
                         activation_checkpointing=settings.activation_checkpointing)
     run = build_and_train(cfg, model_cfg, data_dir, meta, world, device, ckpt)
@@ -155,8 +172,8 @@ def build_and_train(cfg, model_cfg, data_dir, meta, world, device, ckpt):
         whole = moe.with_experts(Transformer(model_cfg), cfg.moe)
     # FLOPs follow the parameters a token meets: with experts, k of E per MoE layer (moe.py).
     n_params, n_mm = num_params(whole), num_params(whole, matmul_only=True) - moe.inactive_params(whole)
-    if task["tokens"] is not None or task["chinchilla"]:
-        max_steps = math.ceil((task["tokens"] or 20 * n_params) / (lay.batch_size * T))
+    if task.tokens is not None or task.chinchilla:
+        max_steps = math.ceil((task.tokens or 20 * n_params) / (lay.batch_size * T))
     else:
         max_steps = cfg.optim.max_steps or 1000
     identity = training.check_same_run(cfg, ckpt, max_steps=max_steps, model_config=model_config,
@@ -164,29 +181,29 @@ def build_and_train(cfg, model_cfg, data_dir, meta, world, device, ckpt):
     cfg = training.change_length(cfg, ckpt, max_steps) if ckpt else cfg
     # (a resume takes its weights from the checkpoint: the same command line both starts and resumes a run)
     weights = None
-    if task["init"] and not ckpt:
-        weights = read_init(task["init"], model_config, tokenizer, cfg.moe.experts)
+    if task.init and not ckpt:
+        weights = read_init(task.init, model_config, tokenizer, cfg.moe.experts)
 
     # Every check has passed: only now are the process groups built.
     topo = training.build_topology(lay, world, device, cfg.settings.dist_timeout)
     n_micro = lay.grad_accum * lay.microbatches
     seed = cfg.settings.seed
     batches = data_lib.Batches(data_dir, T, lay.batch_size, topo.dp_rank, topo.dp, n_micro, seed)
-    val = data_lib.eval_batches(data_dir, T, lay.batch_size // lay.grad_accum, task["eval_iters"],
+    val = data_lib.eval_batches(data_dir, T, lay.batch_size // lay.grad_accum, task.eval_iters,
                                 topo.dp_rank, topo.dp)
     model = training.build_model(model_cfg, topo, seed, device, DTYPES[amp], lay.sequence_parallel,
                                  cfg.moe, weights=weights, fp8=amp == "fp8")
     run = training.start(cfg, topo, device, model, batches, val, max_steps,
                          {"tokenizer": tokenizer, "model_config": model_config, "identity": identity},
-                         flops_per_token(model_cfg, n_mm, T), ckpt)
+                         flops_per_token(model_cfg, n_mm, T), ckpt, task.gpu)
     if run.rank0:
-        print(f"model {task['model']}: {n_params:,} parameters, {run.fpt:.3g} FLOPs/token | data "
+        print(f"model {task.model}: {n_params:,} parameters, {run.fpt:.3g} FLOPs/token | data "
               f"{data_dir} ({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | "
               f"batch {lay.batch_size} x {T} tokens = {training.describe_layout(run)} | "
               f"{max_steps} steps | {amp} on {device} | out {cfg.settings.out}"
               + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
     training.train_loop(run)
-    if run.step == max_steps and task["sample_tokens"] > 0:
+    if run.step == max_steps and task.sample_tokens > 0:
         sample(run, data_lib.get_tokenizer(tokenizer))
     training.finish(run)
     return run
@@ -227,7 +244,7 @@ def sample(run, enc):
         torch.manual_seed(cfg.settings.seed)
     prompt = torch.tensor([enc.encode_ordinary("def ")], device=run.device)
     agree = rank0_token(topo.world > 1 and (topo.tp > 1 or run.zero == 3 or topo.ep > 1))
-    text = enc.decode(model.generate(prompt, cfg.task["sample_tokens"], temperature=0.8, top_k=50,
+    text = enc.decode(model.generate(prompt, cfg.task.sample_tokens, temperature=0.8, top_k=50,
                                      n_vocab=enc.n_vocab, agree=agree)[0].tolist())
     if run.rank0:
         (run.out / "sample.txt").write_text(text)

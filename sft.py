@@ -53,7 +53,7 @@ import json
 import math
 import sys
 import zlib
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -211,23 +211,23 @@ def load_init(path):
 
 def check_init_config(init, task):
     """--model, when given, must be the preset the checkpoint was trained as (vocabulary as the checkpoint's)."""
-    if task["model"] is not None:
+    if task.model is not None:
         vocab = init["model_config"]["vocab_size"]
-        want = config_dict(replace(PRESETS[task["model"]], vocab_size=vocab, attn="-"))
+        want = config_dict(replace(PRESETS[task.model], vocab_size=vocab, attn="-"))
         if want != init["model_config"]:
             diff = sorted(k for k in want if want[k] != init["model_config"].get(k))
-            raise ConfigError(f"--init {task['init']} is a checkpoint of another model config than "
-                              f"--model {task['model']} (differs in {', '.join(diff)})")
+            raise ConfigError(f"--init {task.init} is a checkpoint of another model config than "
+                              f"--model {task.model} (differs in {', '.join(diff)})")
 
 
 def add_lora(task, seed, model_config):
     """What build_model does to the frozen base after slicing it: wrap the target layers (or load --adapter)."""
     def adapt(model):
-        if task["adapter"]:
-            lora_lib.load_adapter(model, task["adapter"], model_config)
-        elif task["lora_r"]:
-            lora_lib.apply_lora(model, task["lora_r"], task["lora_alpha"], task["lora_dropout"],
-                                task["lora_targets"], seed)
+        if task.adapter:
+            lora_lib.load_adapter(model, task.adapter, model_config)
+        elif task.lora_r:
+            lora_lib.apply_lora(model, task.lora_r, task.lora_alpha, task.lora_dropout,
+                                task.lora_targets, seed)
     return adapt
 
 
@@ -273,24 +273,43 @@ def build_parser():
                                      save_every=100, eval_every=50)
 
 
+@dataclass(frozen=True)
+class SFT:
+    """sft.py's own flags (build_parser), beside the shared ones of flags.TrainConfig."""
+    init: str
+    model: str
+    data: str
+    val_data: str
+    no_prompt_mask: bool
+    eval_examples: int
+    pack: bool
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: str
+    adapter: str
+    samples: int
+    max_new_tokens: int
+
+
 def parse(argv=None):
     """The command line, parsed once into a frozen config (flags.TrainConfig; the MoE settings come
     from --init)."""
-    return flags.from_args(build_parser().parse_args(argv), "sft")
+    return flags.from_args(build_parser().parse_args(argv), "sft", SFT)
 
 
 def check_args(cfg, world):
     """Every flag that can be checked before reading anything; returns the data-parallel size."""
     dp = flags.check_args(cfg, world)
     task = cfg.task
-    if task["eval_examples"] < 1:
-        raise ConfigError(f"--eval-examples must be at least 1, got {task['eval_examples']}")
-    if cfg.optim.max_steps < 0 or task["samples"] < 0 or task["max_new_tokens"] < 0:
+    if task.eval_examples < 1:
+        raise ConfigError(f"--eval-examples must be at least 1, got {task.eval_examples}")
+    if cfg.optim.max_steps < 0 or task.samples < 0 or task.max_new_tokens < 0:
         raise ConfigError("--max-steps, --samples and --max-new-tokens must be >= 0")
-    if task["lora_r"]:
-        lora_lib.check_settings(task["lora_r"], task["lora_alpha"], task["lora_dropout"])
-        lora_lib.parse_targets(task["lora_targets"])
-    if task["adapter"] and task["lora_r"]:
+    if task.lora_r:
+        lora_lib.check_settings(task.lora_r, task.lora_alpha, task.lora_dropout)
+        lora_lib.parse_targets(task.lora_targets)
+    if task.adapter and task.lora_r:
         raise ConfigError("--adapter brings its own LoRA settings: drop --lora-r")
     return dp
 
@@ -313,22 +332,22 @@ def train(cfg):
     dp = check_args(cfg, world)
     cfg = flags.resolved(cfg)  # --amp auto: the precision that runs, recorded in the run's identity
     ckpt = training.read_checkpoint(cfg.settings, rank)
-    init = load_init(task["init"])
+    init = load_init(task.init)
     check_init_config(init, task)
     model_config = init["model_config"]
     # An MoE base keeps its experts (pretrain.py's --experts ...): the same blocks get MoE MLPs before loading.
     cfg = replace(cfg, moe=moe.config_of(init.get("args") or {}))
     model_cfg = replace(ModelConfig(**model_config), attn=settings.attn,
                         activation_checkpointing=settings.activation_checkpointing)
-    flags.check_model_layout(model_cfg, cfg, f"--init {task['init']}")
+    flags.check_model_layout(model_cfg, cfg, f"--init {task.init}", task.pack)
     identity = training.check_same_run(cfg, ckpt, max_steps=cfg.optim.max_steps,
                                        model_config=model_config, tokenizer=init["tokenizer"])
     cfg = training.change_length(cfg, ckpt, cfg.optim.max_steps) if ckpt else cfg
-    if task["lora_r"]:
-        lora_lib.check_rank(model_cfg, task["lora_r"], task["lora_targets"])
+    if task.lora_r:
+        lora_lib.check_rank(model_cfg, task.lora_r, task.lora_targets)
     enc = data_lib.get_tokenizer(init["tokenizer"])
     if enc.n_vocab > model_cfg.vocab_size:
-        raise ConfigError(f"--init {task['init']}: its tokenizer has {enc.n_vocab} ids, more than "
+        raise ConfigError(f"--init {task.init}: its tokenizer has {enc.n_vocab} ids, more than "
                           f"the model's vocab_size {model_cfg.vocab_size}: an id would index past "
                           "the embedding")
     rows = read_rows(cfg, enc, model_cfg, dp)  # every input checked before building
@@ -336,7 +355,7 @@ def train(cfg):
     done = run.step == cfg.optim.max_steps
     if done and getattr(run.model, "lora_config", None):
         export_lora(run, init)
-    samples = answers(run, enc, rows[2]) if done and task["samples"] else []
+    samples = answers(run, enc, rows[2]) if done and task.samples else []
     training.finish(run)
     return {"losses": run.losses, "val_losses": run.val_losses, "step": run.step,
             "model": run.model, "opt": run.opt, "samples": samples, "skipped": rows[3][0]}
@@ -350,7 +369,7 @@ def build_and_train(cfg, model_cfg, init, enc, rows, identity, world, device, ck
     T = lay.seq_len or model_cfg.block_size
     # rows cut over tp (sequence-parallel) and into 2 cp chunks
     multiple = math.lcm(lay.tp if lay.sequence_parallel else 1, 2 * lay.cp if lay.cp > 1 else 1)
-    if task["pack"]:  # several examples per row of T tokens, attention blocked between them
+    if task.pack:  # several examples per row of T tokens, attention blocked between them
         def make(rows):
             return pack(rows, eot_id(enc), T, multiple)
     else:  # one example per row, padded to the micro-batch's longest
@@ -378,13 +397,13 @@ def build_and_train(cfg, model_cfg, init, enc, rows, identity, world, device, ck
                          ckpt)
     if run.rank0:
         n_resp = sum(sum(t != -100 for t in y) for _, y in train_rows)
-        learned = ", prompts too" if task["no_prompt_mask"] else ", responses only"
-        print(f"init {task['init']}: {num_params(whole):,} parameters, block "
+        learned = ", prompts too" if task.no_prompt_mask else ", responses only"
+        print(f"init {task.init}: {num_params(whole):,} parameters, block "
               f"{model_cfg.block_size}, tokenizer {init['tokenizer']} | {len(train_rows)} train "
               f"examples ({n_resp:,} learned tokens{learned}), {len(val_rows)} held-out | skipped "
               f"as longer than {T} tokens: {skipped[0]} train, {skipped[1]} held-out | batch "
               f"{lay.batch_size} = {training.describe_layout(run)}"
-              f"{' packed' if task['pack'] else ''} | "
+              f"{' packed' if task.pack else ''} | "
               f"{cfg.optim.max_steps} steps | {amp} on {device} | out {cfg.settings.out}"
               + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
         if lora_config:
@@ -397,16 +416,16 @@ def read_rows(cfg, enc, model_cfg, dp):
     """Training and held-out rows (token ids and masked labels), every example checked; the held-out ones cut
     to the same number on every data-parallel rank (under ZeRO-3 or --ep each forward communicates)."""
     task, seq_len = cfg.task, cfg.layout.seq_len
-    train_ex, val_ex = read_examples(task["data"], task["val_data"])
+    train_ex, val_ex = read_examples(task.data, task.val_data)
     T = seq_len or model_cfg.block_size
     limit = "--seq-len" if seq_len else "the model's context"
-    pack = task["pack"]
-    train_rows, skipped = tokenize(train_ex, enc, T, not task["no_prompt_mask"], limit, pack)
+    pack = task.pack
+    train_rows, skipped = tokenize(train_ex, enc, T, not task.no_prompt_mask, limit, pack)
     val_rows, val_skipped = tokenize(val_ex, enc, T, True, limit, pack)  # held-out: responses only
     if not train_rows or not val_rows:
         raise DataError(f"no example fits in {limit} of {T} tokens ({skipped} train and {val_skipped} held-out "
                         "examples are longer)")
-    val_rows = val_rows[:min(len(val_rows), task["eval_examples"]) // dp * dp]
+    val_rows = val_rows[:min(len(val_rows), task.eval_examples) // dp * dp]
     if not val_rows:
         raise DataError(f"fewer held-out examples that fit than the {dp} data-parallel ranks: give more --val-data")
     return train_rows, val_rows, val_ex, (skipped, val_skipped)
@@ -440,8 +459,8 @@ def answers(run, enc, val_ex):
     tensor_parallel.set_gather_output(model, True)
     agree = rank0_token(topo.world > 1 and (topo.tp > 1 or run.zero == 3 or topo.ep > 1))
     samples = []
-    for where, messages in val_ex[:task["samples"]]:
-        reply = answer(model, enc, prompt_ids(enc, messages), task["max_new_tokens"], run.device,
+    for where, messages in val_ex[:task.samples]:
+        reply = answer(model, enc, prompt_ids(enc, messages), task.max_new_tokens, run.device,
                        agree)
         asked = [m["content"] for m in messages if m["role"] == "user"][-1:] or [""]
         samples.append({"where": where, "prompt": asked[0], "answer": reply})

@@ -407,14 +407,14 @@ class Run:
     last_good: int = None             # the step of the newest checkpoint saved with a finite loss
 
 
-def start(cfg, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=None):
-    """Set-up: the data-parallel wrapper and optimizer, the checkpoint restored (--resume), the metrics file."""
+def start(cfg, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=None, gpu="h100"):
+    """Set-up: the data-parallel wrapper and optimizer, the checkpoint restored (--resume), the
+    metrics file. gpu: the datasheet whose peak MFU is of, on CUDA (estimate.PEAK_TFLOPS)."""
     if cfg.optim.warmup_steps is None:  # the run's length: a short run would never leave 100 steps
         cfg = replace(cfg, optim=replace(cfg.optim, warmup_steps=min(100, max(1, max_steps // 10))))
     dtype = next(model.parameters()).dtype
     module, opt = build_training(model, cfg, dtype, topo)
     # The pipeline calls the stage itself (ddp.py's and zero.py's hooks live on its parameters and modules).
-    gpu = cfg.task.get("gpu", "h100")
     peak = peak_flops(device, dtype, gpu) * topo.world  # MFU of all devices together
     module = torch.compile(module) if cfg.settings.compile else module
     run = Run(cfg, topo, device, model, model if topo.pp > 1 else module, opt, batches, val,
