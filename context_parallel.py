@@ -221,26 +221,26 @@ def parallelize(model, topo):
     return model
 
 
-def check_flags(args, T):
-    """--cp and what it cannot compose with yet, before anything is built: one line each, the reason and what
-    would work (TopologyError)."""
-    why = {"--pp": (args.pp > 1, "the pipeline sends whole sequences between stages; use --tp and data "
-                                 "parallelism with --cp"),
-           "experts (--experts, --ep, an MoE --init)": (args.ep > 1 or getattr(args, "experts", 0),
-                                                        "routing capacity and the balancing loss are computed per "
-                                                        "rank, over part of each sequence; use a dense model"),
-           "--sequence-parallel": (args.sequence_parallel, "it splits the sequence over tp ranks as well; drop it"),
-           "--pack": (getattr(args, "pack", False), "document masks across a ring are not implemented; drop --pack")}
+def check_flags(cp, T, attn, pp=1, ep=1, experts=0, sequence_parallel=False, pack=False):
+    """--cp and what it cannot compose with yet, before anything is built: one line each, the
+    reason and what would work (TopologyError)."""
+    moe_why = ("routing capacity and the balancing loss are computed per rank, over part of each "
+               "sequence; use a dense model")
+    why = {"--pp": (pp > 1, "the pipeline sends whole sequences between stages; use --tp and data "
+                            "parallelism with --cp"),
+           "experts (--experts, --ep, an MoE --init)": (ep > 1 or experts, moe_why),
+           "--sequence-parallel": (sequence_parallel,
+                                   "it splits the sequence over tp ranks as well; drop it"),
+           "--pack": (pack, "document masks across a ring are not implemented; drop --pack")}
     for flag, (bad, reason) in why.items():
         if bad:
-            raise TopologyError(f"--cp {args.cp} with {flag}: {reason}")
-    if args.attn not in (None, "flash"):  # (None: flags.check_args makes it flash)
-        raise TopologyError(f"--cp {args.cp} runs ring attention, whose blocks are flash_attn.py's "
-                            f"kernels (its twin on CPU): drop --attn {args.attn} "
-                            "(--cp picks flash)")
-    if T % (2 * args.cp):
-        raise TopologyError(f"--cp {args.cp} cuts each sequence into 2 x {args.cp} equal chunks (zigzag): choose a "
-                            f"--seq-len divisible by {2 * args.cp} (got {T})")
+            raise TopologyError(f"--cp {cp} with {flag}: {reason}")
+    if attn not in (None, "flash"):  # (None: flags.resolved makes it flash)
+        raise TopologyError(f"--cp {cp} runs ring attention, whose blocks are flash_attn.py's "
+                            f"kernels (its twin on CPU): drop --attn {attn} (--cp picks flash)")
+    if T % (2 * cp):
+        raise TopologyError(f"--cp {cp} cuts each sequence into 2 x {cp} equal chunks (zigzag): "
+                            f"choose a --seq-len divisible by {2 * cp} (got {T})")
 
 
 def split_batch(x, y, topo):

@@ -35,7 +35,7 @@ import resource
 import sys
 import time
 import weakref
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode  # (torch's own hook below autograd; no public twin)
@@ -50,6 +50,7 @@ from tensor_parallel import check_divisible
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}  # dense bf16 tensor-core peaks, datasheets
 WEIGHT, GRAD, ADAM = 2, 2, 12                                 # bytes per parameter, mixed-precision Adam
 RECOMPUTE = ("none", "selective", "full")
+SHAPE_FLAGS = ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size")  # a custom shape
 
 
 class EstimateError(ValueError):
@@ -87,6 +88,39 @@ def build_parser():
     return ap
 
 
+@dataclass(frozen=True)
+class Plan:
+    """The calculator's flags, parsed once (main); None: the default the flag's help names."""
+    model: str
+    params: float
+    n_layer: int
+    d_model: int
+    n_head: int
+    n_kv_head: int
+    d_ff: int
+    vocab_size: int
+    seq_len: int
+    batch_size: int
+    grad_accum: int
+    max_steps: int
+    tokens: float
+    chinchilla: bool
+    gpus: int
+    gpu: str
+    mfu: float
+    tp: int
+    pp: int
+    microbatches: int
+    pp_schedule: str
+    zero: int
+    sequence_parallel: bool
+    recompute: str
+    experts: int
+    topk: int
+    moe_layers: str
+    ep: int
+
+
 # ----------------------------------------------------------------------------- the shape and the layout
 def shape_for(n_params, vocab=50304):
     """A Llama-like shape of about n_params: d ~ 128 L (Llama-2 7B: L = 32, d = 4096), heads of 128 (a multiple
@@ -103,24 +137,24 @@ def shape_for(n_params, vocab=50304):
                        d_ff=(8 * d // 3 + 255) // 256 * 256, vocab_size=vocab, block_size=2048)
 
 
-def config_from(args):
+def config_from(plan):
     """The model config the flags describe, checked."""
     for f in ("mfu", "tokens", "params"):
-        if getattr(args, f) is not None and not math.isfinite(getattr(args, f)):
-            raise EstimateError(f"--{f} must be a finite number, got {getattr(args, f)}")
+        if getattr(plan, f) is not None and not math.isfinite(getattr(plan, f)):
+            raise EstimateError(f"--{f} must be a finite number, got {getattr(plan, f)}")
     for f in ("params", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size", "seq_len"):
-        v = getattr(args, f)
+        v = getattr(plan, f)
         if v is not None and v <= 0:
             raise EstimateError(f"--{f.replace('_', '-')} must be positive, got {v:g}")
-    cfg = shape_for(args.params) if args.params else PRESETS[args.model]
-    custom = {f: getattr(args, f) for f in ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size")
-              if getattr(args, f) is not None}
-    if args.seq_len and args.seq_len > cfg.block_size and not (custom or args.params):
-        raise EstimateError(f"--seq-len {args.seq_len} is beyond the context of model {args.model!r} "
-                            f"({cfg.block_size}): use at most {cfg.block_size}, or give a custom shape")
+    cfg = shape_for(plan.params) if plan.params else PRESETS[plan.model]
+    custom = {f: getattr(plan, f) for f in SHAPE_FLAGS if getattr(plan, f) is not None}
+    if plan.seq_len and plan.seq_len > cfg.block_size and not (custom or plan.params):
+        raise EstimateError(f"--seq-len {plan.seq_len} is beyond the context of model "
+                            f"{plan.model!r} ({cfg.block_size}): use at most {cfg.block_size}, or "
+                            "give a custom shape")
     if "n_head" in custom and "n_kv_head" not in custom:
         custom["n_kv_head"] = custom["n_head"]
-    cfg = replace(cfg, **custom, block_size=max(cfg.block_size, args.seq_len or 0))
+    cfg = replace(cfg, **custom, block_size=max(cfg.block_size, plan.seq_len or 0))
     if "vocab_size" in custom:
         cfg = replace(cfg, vocab_size=pad_vocab(cfg.vocab_size))
     if cfg.d_model % cfg.n_head or cfg.head_dim % 2:
@@ -130,36 +164,40 @@ def config_from(args):
     return cfg
 
 
-def layout_from(args, cfg):
+def layout_from(plan, cfg):
     """(dp, micro-batch b per GPU, micro-batches per GPU per step, global batch) for the GPUs, checked."""
-    if args.gpus < 1:
-        raise EstimateError(f"--gpus must be at least 1, got {args.gpus}")
-    if not 0 < args.mfu <= 1:
-        raise EstimateError(f"--mfu must be in (0, 1] (a fraction of the peak, e.g. 0.4), got {args.mfu:g}")
-    if args.tokens is not None and args.tokens < 1:
-        raise EstimateError(f"--tokens must be at least 1 (the tokens to train on), got {args.tokens:g}")
+    if plan.gpus < 1:
+        raise EstimateError(f"--gpus must be at least 1, got {plan.gpus}")
+    if not 0 < plan.mfu <= 1:
+        raise EstimateError(f"--mfu must be in (0, 1] (a fraction of the peak, e.g. 0.4), got "
+                            f"{plan.mfu:g}")
+    if plan.tokens is not None and plan.tokens < 1:
+        raise EstimateError(f"--tokens must be at least 1 (the tokens to train on), got "
+                            f"{plan.tokens:g}")
     for f in ("tp", "pp", "ep", "microbatches", "grad_accum", "max_steps", "batch_size"):
-        if getattr(args, f) is not None and getattr(args, f) < 1:
-            raise EstimateError(f"--{f.replace('_', '-')} must be at least 1, got {getattr(args, f)}")
-    if args.gpus % (args.tp * args.pp):
-        raise EstimateError(f"--gpus {args.gpus} is not a multiple of --tp {args.tp} x --pp {args.pp}: "
-                            f"the layout is dp x tp x pp = GPUs")
-    dp = args.gpus // (args.tp * args.pp)
-    if err := check_divisible(cfg, args.tp):
+        if (v := getattr(plan, f)) is not None and v < 1:
+            raise EstimateError(f"--{f.replace('_', '-')} must be at least 1, got {v}")
+    if plan.gpus % (plan.tp * plan.pp):
+        raise EstimateError(f"--gpus {plan.gpus} is not a multiple of --tp {plan.tp} x --pp "
+                            f"{plan.pp}: the layout is dp x tp x pp = GPUs")
+    dp = plan.gpus // (plan.tp * plan.pp)
+    if err := check_divisible(cfg, plan.tp):
         raise EstimateError(err)
-    if args.pp > cfg.n_layer:
-        raise EstimateError(f"--pp {args.pp} is more stages than the model's {cfg.n_layer} layers")
-    T = args.seq_len or cfg.block_size
-    if args.sequence_parallel and (args.tp == 1 or T % args.tp):
+    if plan.pp > cfg.n_layer:
+        raise EstimateError(f"--pp {plan.pp} is more stages than the model's {cfg.n_layer} layers")
+    T = plan.seq_len or cfg.block_size
+    if plan.sequence_parallel and (plan.tp == 1 or T % plan.tp):
         raise EstimateError(f"--sequence-parallel needs --tp > 1 dividing --seq-len {T}")
-    if args.ep > 1 and (dp % args.ep or not args.experts or args.experts % args.ep):
-        raise EstimateError(f"--ep {args.ep} must divide the {dp} data-parallel ranks and --experts {args.experts}")
-    micro = dp * args.grad_accum * args.microbatches  # micro-batches per step, over all replicas
-    batch = args.batch_size or micro
+    if plan.ep > 1 and (dp % plan.ep or not plan.experts or plan.experts % plan.ep):
+        raise EstimateError(f"--ep {plan.ep} must divide the {dp} data-parallel ranks and "
+                            f"--experts {plan.experts}")
+    micro = dp * plan.grad_accum * plan.microbatches  # micro-batches per step, over all replicas
+    batch = plan.batch_size or micro
     if batch % micro:
-        raise EstimateError(f"--batch-size {batch} does not divide into {dp} data-parallel ranks x --grad-accum "
-                            f"{args.grad_accum} x --microbatches {args.microbatches}: use a multiple of {micro}")
-    return dp, batch // micro, args.grad_accum * args.microbatches, batch
+        raise EstimateError(f"--batch-size {batch} does not divide into {dp} data-parallel ranks x "
+                            f"--grad-accum {plan.grad_accum} x --microbatches {plan.microbatches}: "
+                            f"use a multiple of {micro}")
+    return dp, batch // micro, plan.grad_accum * plan.microbatches, batch
 
 
 # ----------------------------------------------------------------------------- the formulas
@@ -220,37 +258,40 @@ def stage_params(model, pp, ep):
     return max(held), max(sizes)
 
 
-def memory_per_gpu(cfg, args, model, dp, b, T):
+def memory_per_gpu(cfg, plan, model, dp, b, T):
     """Bytes per GPU of each kind, on the busiest stage, with ZeRO over dp."""
-    psi, layers = stage_params(model, args.pp, args.ep)
-    psi /= args.tp  # (the norms' weights are replicated over tp, not split: a rounding error here)
-    z = zero_table(psi, dp)[args.zero]
-    in_flight = min(args.pp, args.microbatches) if args.pp_schedule == "1f1b" else args.microbatches
-    act = activations_per_layer(T, b, cfg.d_model, cfg.n_head, args.tp, args.sequence_parallel, args.recompute)
-    logits = 4 * T * b * cfg.vocab_size / args.tp if args.pp == 1 else 0  # fp32 logits for the loss (last stage)
+    psi, layers = stage_params(model, plan.pp, plan.ep)
+    psi /= plan.tp  # (the norms' weights are replicated over tp, not split: a rounding error here)
+    z = zero_table(psi, dp)[plan.zero]
+    in_flight = min(plan.pp, plan.microbatches) if plan.pp_schedule == "1f1b" else plan.microbatches
+    act = activations_per_layer(T, b, cfg.d_model, cfg.n_head, plan.tp, plan.sequence_parallel,
+                                plan.recompute)
+    logits = 4 * T * b * cfg.vocab_size / plan.tp if plan.pp == 1 else 0  # fp32, the last stage
     return {"weights": z["params"], "gradients": z["grads"], "optimizer states": z["optimizer"],
             "activations": act * layers * in_flight + logits, "psi": psi, "per_layer": act, "layers": layers,
             "in_flight": in_flight}
 
 
-def comm_per_gpu(cfg, args, psi, dp, b, T, n_micro, moe_layers):
+def comm_per_gpu(cfg, plan, psi, dp, b, T, n_micro, moe_layers):
     """Bytes each GPU sends per optimizer step, per parallelism (16-bit elements)."""
-    sbh, t, p = T * b * cfg.d_model, args.tp, args.pp
+    sbh, t, p = T * b * cfg.d_model, plan.tp, plan.pp
     layers = math.ceil(cfg.n_layer / p)
     rows = {}
     if dp > 1:
-        rows["dp"] = (2 * zero_table(psi, dp)[args.zero]["comm_elements"],
-                      ("DDP" if args.zero == 0 else f"ZeRO-{args.zero}") + ": " + zero_table(1, 2)[args.zero]["comm"])
+        how = zero_table(1, 2)[plan.zero]["comm"]
+        rows["dp"] = (2 * zero_table(psi, dp)[plan.zero]["comm_elements"],
+                      ("DDP" if plan.zero == 0 else f"ZeRO-{plan.zero}") + ": " + how)
     if t > 1:
-        per_layer = (6 if args.recompute == "full" else 4) * 2 * (t - 1) / t * sbh
+        per_layer = (6 if plan.recompute == "full" else 4) * 2 * (t - 1) / t * sbh
+        what = "2 all-gathers + 2 reduce-scatters" if plan.sequence_parallel else "4 all-reduces"
         rows["tp"] = (2 * per_layer * layers * n_micro,
-                      f"{'2 all-gathers + 2 reduce-scatters' if args.sequence_parallel else '4 all-reduces'} of "
-                      f"s b h per layer per micro-batch" + (" (+2 recomputed)" if args.recompute == "full" else ""))
+                      f"{what} of s b h per layer per micro-batch"
+                      + (" (+2 recomputed)" if plan.recompute == "full" else ""))
     if p > 1:
-        rows["pp"] = (2 * 2 * sbh / (t if args.sequence_parallel else 1) * n_micro,
+        rows["pp"] = (2 * 2 * sbh / (t if plan.sequence_parallel else 1) * n_micro,
                       "activations forward + their gradients back, per micro-batch (a middle stage)")
-    if args.ep > 1:
-        rows["ep"] = (2 * 4 * args.topk * sbh * (args.ep - 1) / args.ep * moe_layers / p * n_micro,
+    if plan.ep > 1:
+        rows["ep"] = (2 * 4 * plan.topk * sbh * (plan.ep - 1) / plan.ep * moe_layers / p * n_micro,
                       "dispatch + combine all-to-all, forward and backward, per MoE layer")
     return rows
 
@@ -260,57 +301,63 @@ def gb(x):
     return f"{x / 1e9:,.3f} GB ({x / 2 ** 30:,.3f} GiB)"
 
 
-def estimate(args):
-    """Everything above for the flags in `args`; prints the table and returns the numbers."""
-    cfg = config_from(args)
-    dp, b, n_micro, batch = layout_from(args, cfg)
-    T = args.seq_len or cfg.block_size
-    layers = parse_layers(args.moe_layers, cfg.n_layer) if args.experts else None
+def estimate(plan):
+    """Everything above for the flags in `plan`; prints the table and returns the numbers."""
+    cfg = config_from(plan)
+    dp, b, n_micro, batch = layout_from(plan, cfg)
+    T = plan.seq_len or cfg.block_size
+    layers = parse_layers(plan.moe_layers, cfg.n_layer) if plan.experts else None
     with torch.device("meta"):
         model = Transformer(cfg)
-        if args.experts:
-            add_moe(model, args.experts, args.topk, layers=layers)
+        if plan.experts:
+            add_moe(model, plan.experts, plan.topk, layers=layers)
     n, n_mm = num_params(model), num_params(model, matmul_only=True) - inactive_params(model)
     fpt = flops_per_token(cfg, n_mm, T)
-    tokens = args.tokens or (20 * n if args.chinchilla else (args.max_steps or 1000) * batch * T)
+    tokens = plan.tokens or (20 * n if plan.chinchilla else (plan.max_steps or 1000) * batch * T)
     total = fpt * tokens
-    seconds = total / (PEAK_TFLOPS[args.gpu] * 1e12 * args.gpus * args.mfu)
-    mem = memory_per_gpu(cfg, args, model, dp, b, T)
-    moe_layers = (cfg.n_layer if layers is None else len(layers)) if args.experts else 0
-    comm = comm_per_gpu(cfg, args, mem["psi"], dp, b, T, n_micro, moe_layers)
-    bubble = (args.pp - 1) / (args.microbatches + args.pp - 1)
-    custom = any(getattr(args, f) is not None for f in ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff",
-                                                        "vocab_size"))
-    name = f"--params {args.params:.3g}" if args.params else args.model + (" with custom dimensions" if custom else "")
+    seconds = total / (PEAK_TFLOPS[plan.gpu] * 1e12 * plan.gpus * plan.mfu)
+    mem = memory_per_gpu(cfg, plan, model, dp, b, T)
+    moe_layers = (cfg.n_layer if layers is None else len(layers)) if plan.experts else 0
+    comm = comm_per_gpu(cfg, plan, mem["psi"], dp, b, T, n_micro, moe_layers)
+    bubble = (plan.pp - 1) / (plan.microbatches + plan.pp - 1)
+    custom = " with custom dimensions" if any(getattr(plan, f) for f in SHAPE_FLAGS) else ""
+    name = f"--params {plan.params:.3g}" if plan.params else plan.model + custom
+    idle = n - n_mm - cfg.vocab_size * cfg.d_model
     rows = [
         ("model", f"{name}: {cfg.n_layer} layers, "
                   f"d={cfg.d_model}, {cfg.n_head} heads ({cfg.n_kv_head} KV), d_ff={cfg.d_ff}, vocab "
                   f"{cfg.vocab_size}, s={T}"),
         ("parameters", f"{n:,} ({n_mm:,} in matmuls that a token meets; the embedding is a lookup"
-                       + (f"; {args.experts} experts, top-{args.topk}: {n - n_mm - cfg.vocab_size * cfg.d_model:,}"
-                          " expert parameters idle per token)" if args.experts else ")")),
+                       + (f"; {plan.experts} experts, top-{plan.topk}: {idle:,} expert "
+                          "parameters idle per token)" if plan.experts else ")")),
         ("FLOPs per token", f"{fpt:.4g} = 6 x {n_mm:,} + 6 x {cfg.n_layer} x {cfg.d_model} x {T}"),
         ("Chinchilla tokens", f"{20 * n:.4g} (20 per parameter)"),
-        ("planned tokens", f"{tokens:.4g}" + (" (Chinchilla)" if args.chinchilla and not args.tokens else "")),
+        ("planned tokens", f"{tokens:.4g}"
+                           + (" (Chinchilla)" if plan.chinchilla and not plan.tokens else "")),
         ("training FLOPs", f"{total:.4g} (6ND = {6 * n_mm * tokens:.4g} without attention)"),
-        ("training time", f"{seconds / 3600:,.2f} h = {seconds / 86400:,.2f} days on {args.gpus} x {args.gpu} "
-                          f"at {args.mfu:.0%} MFU of {PEAK_TFLOPS[args.gpu]:.0f} TFLOP/s"),
-        ("layout", f"{args.gpus} GPUs = dp {dp} x tp {args.tp} x pp {args.pp}" + (f" (ep {args.ep})" if args.ep > 1
+        ("training time", f"{seconds / 3600:,.2f} h = {seconds / 86400:,.2f} days on {plan.gpus} x "
+                          f"{plan.gpu} at {plan.mfu:.0%} MFU of {PEAK_TFLOPS[plan.gpu]:.0f} "
+                          "TFLOP/s"),
+        ("layout", f"{plan.gpus} GPUs = dp {dp} x tp {plan.tp} x pp {plan.pp}"
+                   + (f" (ep {plan.ep})" if plan.ep > 1
                    else "") + f"; batch {batch} sequences = {b} per micro-batch x {n_micro} micro-step(s) x dp {dp}"),
     ]
-    if args.pp > 1:
-        rows.append(("pipeline bubble", f"(p-1)/(m+p-1) = {bubble:.1%} of each step idle ({args.pp_schedule}, "
-                                         f"m = {args.microbatches}); the MFU above must allow for it"))
+    if plan.pp > 1:
+        rows.append(("pipeline bubble", f"(p-1)/(m+p-1) = {bubble:.1%} of each step idle "
+                                         f"({plan.pp_schedule}, m = {plan.microbatches}); the MFU "
+                                         "above must allow for it"))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
-    print(f"\nMemory per GPU (the busiest stage: {mem['psi']:,.0f} parameters; ZeRO stage {args.zero} over dp {dp}):")
+    print(f"\nMemory per GPU (the busiest stage: {mem['psi']:,.0f} parameters; ZeRO stage "
+          f"{plan.zero} over dp {dp}):")
     for k in ("weights", "gradients", "optimizer states", "activations"):
         print(f"  {k:<17} {gb(mem[k]):>32}")
     print(f"  {'total':<17} {gb(sum(mem[k] for k in ('weights', 'gradients', 'optimizer states', 'activations'))):>32}")
-    print(f"  (activations: {mem['per_layer'] / 1e6:,.1f} MB per layer (recompute {args.recompute}"
-          f"{', sequence parallel' if args.sequence_parallel else ''}) x {mem['layers']} layers x {mem['in_flight']} "
-          f"micro-batch(es) in flight" + (" + fp32 logits" if args.pp == 1 else "") + ")")
+    print(f"  (activations: {mem['per_layer'] / 1e6:,.1f} MB per layer (recompute {plan.recompute}"
+          f"{', sequence parallel' if plan.sequence_parallel else ''}) x {mem['layers']} layers x "
+          f"{mem['in_flight']} micro-batch(es) in flight"
+          + (" + fp32 logits" if plan.pp == 1 else "") + ")")
     print("\nCommunication per GPU per optimizer step (bytes sent, 16-bit, ring collectives):")
     for k, (v, how) in comm.items() or {"-": (0, "one GPU: none")}.items():
         print(f"  {k:<3} {gb(v):>32}   {how}")
@@ -428,18 +475,17 @@ def measure(sizes=((2, 128, 4, 384), (2, 256, 4, 768)), s=128, b=2):
 
 
 def main(argv=None, flags=None):
-    """estimate.py's command line (argv); or `flags`, another entry point's parsed flags (pretrain.py --estimate):
-    those estimate.py also has are taken, the others ignored, --activation-checkpointing is --recompute full."""
-    args = build_parser().parse_args([] if flags is not None else argv)
+    """estimate.py's command line (argv); or `flags`, another entry point's flags by name
+    (pretrain.py --estimate: its TrainConfig.flat()): those estimate.py also has are taken, the
+    others ignored, --activation-checkpointing is --recompute full."""
+    given = vars(build_parser().parse_args([] if flags is not None else argv))
     if flags is not None:
-        for k, v in vars(flags).items():
-            if hasattr(args, k):
-                setattr(args, k, v)
-        args.recompute = "full" if getattr(flags, "activation_checkpointing", False) else "none"
+        given |= {k: v for k, v in flags.items() if k in given}
+        given["recompute"] = "full" if flags.get("activation_checkpointing") else "none"
     try:
-        if args.measure:
+        if given.pop("measure"):
             return measure()
-        return estimate(args)
+        return estimate(Plan(**given))
     except EstimateError as e:
         print(f"estimate.py: error: {e}", file=sys.stderr)
         sys.exit(2)

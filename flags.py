@@ -8,13 +8,17 @@ ranks, combinations that cannot work together, and, once the model's shape is kn
 Each failure is one line naming the flag and what would be valid (exit status 2).
 
 Each entry point adds its own flags and defaults on top of add_shared_flags (pretrain.py: the corpus and the
-model preset; sft.py: the base model, the template, LoRA, packing).
+model preset; sft.py: the base model, the template, LoRA, packing). The flags are parsed once, into
+a TrainConfig (from_args) of frozen parts: Optim, Layout, Settings, moe.MoEConfig, and the entry
+point's own flags. Nothing changes a config once made; a value resolved later (the precision of
+--amp auto, the warm-up, an MoE base's experts) makes a new one (dataclasses.replace).
 """
 import argparse
 import json
 import math
 import os
 import zlib
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +30,7 @@ import quantization
 import tensor_parallel
 from amp import DTYPES
 from model import ATTN_BACKENDS
+from moe import MoEConfig
 from topology import TopologyError, check_layout
 
 
@@ -109,6 +114,115 @@ def add_shared_flags(ap, **defaults):
     return ap
 
 
+# ----------------------------------------------------------------------------------- the config
+@dataclass(frozen=True)
+class Optim:
+    """AdamW and its schedule (training.lr_at): warm-up to lr, cosine decay to min_lr at the end."""
+    lr: float
+    min_lr: float             # None: lr / 10
+    warmup_steps: int         # None: a tenth of the run, at most 100 (resolved by training.start)
+    max_steps: int            # None: the entry point's default (pretrain.py: --tokens, or 1000)
+    weight_decay: float
+    beta1: float
+    beta2: float
+    grad_clip: float
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a global batch of batch_size x seq_len tokens is cut over micro-steps and ranks."""
+    batch_size: int
+    seq_len: int              # None: the model's block_size
+    grad_accum: int
+    microbatches: int
+    zero: int
+    bucket_mb: float
+    tp: int
+    pp: int
+    pp_schedule: str
+    sequence_parallel: bool
+    ep: int
+    cp: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where a run writes; when it logs, evaluates, saves, stops; how it computes (seed, precision,
+    device)."""
+    out: str
+    resume: bool
+    fresh: bool
+    save_every: int
+    eval_every: int
+    log_every: int
+    stop_after: int
+    seed: int
+    amp: str
+    grad_reduce_dtype: str
+    attn: str
+    activation_checkpointing: bool
+    compile: bool
+    device: str
+    dist_timeout: float
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every flag of a run, parsed once. `task`: the entry point's own flags, in its own frozen
+    class (pretrain.Pretrain: --model, --data, --tokens...; sft.SFT: --init, --lora-r, --pack...);
+    None for a caller with none. moe: None until known (sft.py reads it from its --init)."""
+    optim: Optim
+    layout: Layout
+    settings: Settings
+    moe: MoEConfig
+    task: object
+
+    def flat(self):
+        """Every flag by name (its dest), as checkpoints record them ("args") and run_folder hashes
+        them."""
+        parts = [self.optim, self.layout, self.settings, self.moe, self.task]
+        return {k: v for part in parts if part is not None for k, v in asdict(part).items()}
+
+
+PARTS = (Optim, Layout, Settings, MoEConfig)
+
+
+def from_args(args, prog, task_cls=None):
+    """The config of parsed flags (argparse's Namespace, read here and nowhere else), the entry
+    point's own into `task_cls`; --out unset: run_folder's (an empty --out stays empty: check_values
+    refuses it)."""
+    given = dict(vars(args))
+    given["out"] = run_folder(given, prog) if given["out"] is None else given["out"]
+    take = {cls: cls(**{f.name: given[f.name] for f in fields(cls)}) for cls in PARTS
+            if all(f.name in given for f in fields(cls))}
+    mine = {f.name for cls in take for f in fields(cls)}
+    rest = {k: v for k, v in given.items() if k not in mine}
+    return TrainConfig(take[Optim], take[Layout], take[Settings], take.get(MoEConfig),
+                       task_cls(**rest) if task_cls is not None else None)
+
+
+def defaults(prog):
+    """The shared flags' defaults as a config, for a caller that builds its runs itself
+    (scaling.py)."""
+    return from_args(add_shared_flags(OneLineParser(prog=prog)).parse_args([]), prog)
+
+
+def uses_cuda(device):
+    """--device auto: cuda when there is one."""
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+def resolved(cfg):
+    """The config with --amp auto resolved: bf16 on CUDA, fp32 on a CPU (fp32 on a GPU leaves SDPA's
+    flash kernel, 16-bit only, for T x T fp32 scores), resolved before the run's identity is taken:
+    checkpoints record the precision that ran. And --attn unset: flash under --cp (ring attention's
+    blocks are flash_attn.py's), else sdpa."""
+    s = cfg.settings
+    amp = ("bf16" if uses_cuda(s.device) else "fp32") if s.amp == "auto" else s.amp
+    attn = ("flash" if cfg.layout.cp > 1 else "sdpa") if s.attn is None else s.attn
+    return replace(cfg, settings=replace(s, amp=amp, attn=attn))
+
+
 # The flags that say where and how a run executes, not what it computes: a run keeps its folder when they change
 # (its checkpoints resume on any layout, checkpoint.py), and they are left out of the default folder's name.
 HOW_FLAGS = {"zero", "bucket_mb", "tp", "pp", "microbatches", "pp_schedule", "sequence_parallel", "ep", "cp",
@@ -117,29 +231,32 @@ HOW_FLAGS = {"zero", "bucket_mb", "tp", "pp", "microbatches", "pp_schedule", "se
              "samples", "max_new_tokens", "estimate", "gpus", "gpu", "mfu", "dist_timeout"}
 
 
-def run_folder(args, prog):
-    """The default --out: out/PROG-XXXXXXXX, XXXXXXXX a CRC-32 of every other flag's value. So two commands that
-    train different things never share a folder (the second would be refused: another run is there), and the
-    same command run again, on any layout, finds its own run and continues it."""
-    what = {k: v for k, v in vars(args).items() if k not in HOW_FLAGS}
+def run_folder(given, prog):
+    """The default --out: out/PROG-XXXXXXXX, XXXXXXXX a CRC-32 of every other flag's value (`given`:
+    each flag's parsed value by name). So two commands that train different things never share a
+    folder (the second would be refused: another run is there), and the same command run again, on
+    any layout, finds its own run and continues it."""
+    what = {k: v for k, v in given.items() if k not in HOW_FLAGS}
     return f"out/{prog}-{zlib.crc32(json.dumps(what, sort_keys=True, default=str).encode()):08x}"
 
 
-def check_values(args):
+def check_values(cfg):
     """Every number a flag holds, in the range where it means something, and --out a folder that can be written:
     the checks that need nothing but the flags (both entry points'; a flag an entry point lacks is skipped).
     Finiteness first: nan passes no comparison (nan <= 0 is False), so a range check alone lets it through."""
-    has = lambda f: getattr(args, f, None) is not None
+    given = cfg.flat()
+    has = lambda f: given.get(f) is not None
     for f in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "bucket_mb", "tokens", "mfu",
               "capacity_factor", "aux_loss_weight", "lora_alpha", "lora_dropout", "dist_timeout"):
-        if has(f) and not math.isfinite(getattr(args, f)):
-            raise ConfigError(f"--{f.replace('_', '-')} must be a finite number, got {getattr(args, f)}")
+        if has(f) and not math.isfinite(given[f]):
+            raise ConfigError(f"--{f.replace('_', '-')} must be a finite number, got {given[f]}")
 
     def need(f, ok, what):
-        if has(f) and not ok(getattr(args, f)):
-            raise ConfigError(f"--{f.replace('_', '-')} must be {what}, got {getattr(args, f):g}")
+        if has(f) and not ok(given[f]):
+            raise ConfigError(f"--{f.replace('_', '-')} must be {what}, got {given[f]:g}")
+    lr = cfg.optim.lr
     need("lr", lambda v: v > 0, "> 0")
-    need("min_lr", lambda v: 0 <= v <= args.lr, f"between 0 and --lr {args.lr:g} (the end of the decay)")
+    need("min_lr", lambda v: 0 <= v <= lr, f"between 0 and --lr {lr:g} (the end of the decay)")
     need("weight_decay", lambda v: v >= 0, ">= 0")
     need("beta1", lambda v: 0 <= v < 1, "in [0, 1)")
     need("beta2", lambda v: 0 <= v < 1, "in [0, 1)")
@@ -152,9 +269,14 @@ def check_values(args):
     need("gpus", lambda v: v >= 1, "at least 1")
     need("mfu", lambda v: 0 < v <= 1, "in (0, 1]")
     need("dist_timeout", lambda v: v > 0, "> 0 (seconds)")
-    if not str(args.out).strip():  # (Path("") is the current folder: a run would write its steps there)
+    check_out(cfg.settings.out)
+
+
+def check_out(out):
+    """--out: a folder that exists or can be made, and written in."""
+    if not str(out).strip():  # (Path("") is the current folder: a run would write its steps there)
         raise ConfigError("--out is empty: give a folder for checkpoints and metrics.jsonl (e.g. out/run)")
-    out = Path(args.out)
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: give a folder for checkpoints and metrics.jsonl")
     parent = next(p for p in [out, *out.parents] if p.exists())
@@ -164,63 +286,71 @@ def check_values(args):
         raise ConfigError(f"--out {out}: no permission to write in {parent}")
 
 
-def check_args(args, world):
-    """The shared flags that can be checked without the model's shape; returns the data-parallel size."""
-    check_values(args)
-    for flag in ("batch_size", "grad_accum", "microbatches", "save_every", "eval_every", "log_every", "stop_after"):
-        v = getattr(args, flag)
+def check_args(cfg, world):
+    """The shared flags that can be checked without the model's shape; returns the data-parallel
+    size."""
+    check_values(cfg)
+    lay, run = cfg.layout, cfg.settings
+    for flag, v in (("batch_size", lay.batch_size), ("grad_accum", lay.grad_accum),
+                    ("microbatches", lay.microbatches), ("save_every", run.save_every),
+                    ("eval_every", run.eval_every), ("log_every", run.log_every),
+                    ("stop_after", run.stop_after)):
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
-    dp = check_layout(world, args.tp, args.pp, args.ep, args.cp)  # TopologyError: world not dp x pp x cp x tp, ...
-    micro = args.grad_accum * args.microbatches
-    if args.batch_size % (micro * dp):
-        raise ConfigError(f"--batch-size {args.batch_size} does not divide into --grad-accum {args.grad_accum} x "
-                          f"--microbatches {args.microbatches} x {dp} data-parallel ranks: use a multiple of "
-                          f"{micro * dp}")
-    if args.resume and args.fresh:
+    # TopologyError: world not dp x pp x cp x tp, ...
+    dp = check_layout(world, lay.tp, lay.pp, lay.ep, lay.cp)
+    micro = lay.grad_accum * lay.microbatches
+    if lay.batch_size % (micro * dp):
+        raise ConfigError(f"--batch-size {lay.batch_size} does not divide into --grad-accum "
+                          f"{lay.grad_accum} x --microbatches {lay.microbatches} x {dp} "
+                          f"data-parallel ranks: use a multiple of {micro * dp}")
+    if run.resume and run.fresh:
         raise ConfigError("--resume and --fresh contradict each other: give one")
-    if args.compile and args.pp > 1:
+    if run.compile and lay.pp > 1:
         raise ConfigError("--compile with --pp > 1: the pipeline calls the stage's parts one by one; "
                           "compile is supported without pipeline parallelism")
-    if args.compile and args.zero == 3 and dp > 1:
+    if run.compile and lay.zero == 3 and dp > 1:
         # (ddp.py and ZeRO 1-2 are accepted with --compile; their gradient hooks are expected to fire after the
         # compiled backward graph, so that the reductions no longer overlap the backward.)
         raise ConfigError("--compile with --zero 3: zero.py gathers and frees each block's weights (storage "
                           "resizing, hooks on module calls) inside the forward, which torch.compile does not "
                           "trace reliably; use --zero 3 without --compile, or --compile with --zero 0-2")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if args.amp == "auto":  # fp32 on a GPU leaves SDPA's flash kernel (16-bit only) for T x T fp32 scores
-        args.amp = "bf16" if cuda else "fp32"  # resolved here: checkpoints record the precision that ran
-    if args.attn is None:  # ring attention's blocks are flash_attn.py's: --cp needs no --attn
-        args.attn = "flash" if args.cp > 1 else "sdpa"
-    if args.amp == "fp8" and (why := quantization.fp8_unsupported("cuda" if cuda else "cpu")):
+    device = "cuda" if uses_cuda(run.device) else "cpu"
+    if resolved(cfg).settings.amp == "fp8" and (why := quantization.fp8_unsupported(device)):
         raise ConfigError(why)
-    if args.bucket_mb <= 0:
-        raise ConfigError(f"--bucket-mb must be > 0, got {args.bucket_mb}")
-    if args.ep > 1 and args.zero > 1:
-        raise ConfigError(f"--ep with --zero {args.zero}: ZeRO stages 2 and 3 shard gradients and weights over the "
-                          "data-parallel ranks, which hold different experts under --ep; use --zero 0 or 1")
+    if lay.bucket_mb <= 0:
+        raise ConfigError(f"--bucket-mb must be > 0, got {lay.bucket_mb}")
+    if lay.ep > 1 and lay.zero > 1:
+        raise ConfigError(f"--ep with --zero {lay.zero}: ZeRO stages 2 and 3 shard gradients "
+                          "and weights over the data-parallel ranks, which hold different experts "
+                          "under --ep; use --zero 0 or 1")
     return dp
 
 
-def check_model_layout(cfg, args, what):
-    """The checks that need the model's shape (`what` names it in the message: "model 'tiny'", "--init DIR")."""
-    if args.seq_len is not None and not 1 <= args.seq_len <= cfg.block_size:
-        raise ConfigError(f"--seq-len {args.seq_len} is outside {what}'s context: choose 1..{cfg.block_size}")
-    if args.pp > cfg.n_layer:
-        raise TopologyError(f"--pp {args.pp} is more stages than the {cfg.n_layer} layers of {what}: "
-                            f"choose --pp <= {cfg.n_layer}")
-    if err := tensor_parallel.check_divisible(cfg, args.tp):
+def check_model_layout(model_cfg, cfg, what, pack=False):
+    """The checks that need the model's shape (`what` names it in the message: "model 'tiny'",
+    "--init DIR"; pack: sft.py's --pack)."""
+    lay, block, n_layer = cfg.layout, model_cfg.block_size, model_cfg.n_layer
+    if lay.seq_len is not None and not 1 <= lay.seq_len <= block:
+        raise ConfigError(f"--seq-len {lay.seq_len} is outside {what}'s context: choose 1..{block}")
+    if lay.pp > n_layer:
+        raise TopologyError(f"--pp {lay.pp} is more stages than the {n_layer} layers of {what}: "
+                            f"choose --pp <= {n_layer}")
+    if err := tensor_parallel.check_divisible(model_cfg, lay.tp):
         raise TopologyError(err)
-    T = args.seq_len or cfg.block_size
-    if args.sequence_parallel and T % args.tp:
-        raise TopologyError(f"--sequence-parallel splits the {T} positions of a sequence over --tp {args.tp}: "
-                            f"choose a --seq-len divisible by {args.tp}")
-    if args.cp > 1:  # (here, not in check_args: sft.py learns whether its base model has experts from --init)
-        context_parallel.check_flags(args, T)
-    if args.ep > 1 and not getattr(args, "experts", 0):
-        raise ConfigError(f"--ep {args.ep} splits experts over ranks: give --experts (a multiple of {args.ep})")
-    if getattr(args, "experts", 0):
-        moe.check_flags(args, cfg.n_layer)
+    T = lay.seq_len or block
+    if lay.sequence_parallel and T % lay.tp:
+        raise TopologyError(f"--sequence-parallel splits the {T} positions of a sequence over --tp "
+                            f"{lay.tp}: choose a --seq-len divisible by {lay.tp}")
+    experts = cfg.moe.experts if cfg.moe is not None else 0
+    # (--cp here, not in check_args: sft.py learns whether its base model has experts from --init)
+    if lay.cp > 1:
+        context_parallel.check_flags(lay.cp, T, cfg.settings.attn, lay.pp, lay.ep, experts,
+                                     lay.sequence_parallel, pack)
+    if lay.ep > 1 and not experts:
+        raise ConfigError(f"--ep {lay.ep} splits experts over ranks: give --experts (a multiple of "
+                          f"{lay.ep})")
+    if experts:
+        moe.check_flags(cfg.moe, n_layer, lay.ep, lay.pp, lay.sequence_parallel)

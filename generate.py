@@ -25,7 +25,6 @@ Run:
     python generate.py out/sft --prompt "Reverse the word hello." --chat --temperature 0
     python generate.py model.pt --prompt "def " --temperature 0 --no-cache   # the same tokens, without the cache
 """
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -101,7 +100,7 @@ def load(args):
         raise GenerateError(f"{args.path}: tokenizer {init['tokenizer']!r} has {enc.n_vocab} ids, the model's "
                             f"vocabulary only {cfg.vocab_size}")
     run_args = init.get("args") or {}  # a mixture-of-experts run: the same blocks get MoE MLPs before loading
-    model = moe.with_experts(Transformer(cfg), argparse.Namespace(**run_args) if run_args.get("experts") else None)
+    model = moe.with_experts(Transformer(cfg), moe.config_of(run_args))
     try:
         model.load_state_dict(init["model"])
     except RuntimeError as e:

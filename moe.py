@@ -29,6 +29,7 @@ Demo: `torchrun --nproc_per_node 2 moe.py` trains a small MoE with and without t
 (DEMO_STEPS=N: N steps) and prints the share of tokens of the busiest and idlest expert over the last third.
 """
 import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -207,23 +208,43 @@ def reduce_expert_grads(model, dp, expert_dp_group=None):
         grad.div_(dp)
 
 
-def check_flags(args, n_layer):
+@dataclass(frozen=True)
+class MoEConfig:
+    """The mixture-of-experts flags (pretrain.py's --experts, --topk, --moe-layers,
+    --capacity-factor, --aux-loss-weight), or those an MoE checkpoint recorded (config_of).
+    experts 0: a dense model."""
+    experts: int
+    topk: int
+    moe_layers: str
+    capacity_factor: float
+    aux_loss_weight: float
+
+
+def config_of(saved):
+    """The MoE settings a checkpoint's flags (its "args") recorded; experts 0 when it recorded none
+    (dense)."""
+    return MoEConfig(**{f.name: saved.get(f.name, 0 if f.name == "experts" else None)
+                        for f in fields(MoEConfig)})
+
+
+def check_flags(settings, n_layer, ep, pp, sequence_parallel):
     """--experts and its companions, before anything is built (MoEError: one line)."""
-    check_moe(args.experts, args.topk, args.capacity_factor, args.ep)
-    parse_layers(args.moe_layers, n_layer)
-    if args.pp > 1:
+    check_moe(settings.experts, settings.topk, settings.capacity_factor, ep)
+    parse_layers(settings.moe_layers, n_layer)
+    if pp > 1:
         raise MoEError("--experts with --pp > 1: the balancing loss of a stage's MoE layers has no way into the "
                        "pipeline's backward yet; use --tp and data parallelism with MoE")
-    if args.sequence_parallel:
+    if sequence_parallel:
         raise MoEError("--experts with --sequence-parallel: routing needs every token of a rank's batch; "
                        "drop --sequence-parallel")
 
 
-def with_experts(model, args):
-    """--experts: swap the chosen blocks' MLPs for MoE layers, before any slicing (no flag, or 0: dense)."""
-    if args is not None and getattr(args, "experts", 0):
-        add_moe(model, args.experts, args.topk, args.capacity_factor, args.aux_loss_weight,
-                parse_layers(args.moe_layers, model.cfg.n_layer))
+def with_experts(model, settings):
+    """--experts: swap the chosen blocks' MLPs for MoE layers, before any slicing (settings:
+    MoEConfig; None, or 0 experts: dense)."""
+    if settings is not None and settings.experts:
+        add_moe(model, settings.experts, settings.topk, settings.capacity_factor,
+                settings.aux_loss_weight, parse_layers(settings.moe_layers, model.cfg.n_layer))
     return model
 
 

@@ -25,7 +25,7 @@ Run:
 """
 import math
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -72,101 +72,141 @@ def build_parser():
     return flags.add_shared_flags(ap)
 
 
-def check_args(args, world):
+@dataclass(frozen=True)
+class Pretrain:
+    """pretrain.py's own flags (build_parser), beside the shared ones of flags.TrainConfig."""
+    model: str
+    data: str
+    tokenizer: str
+    init: str
+    tokens: float
+    chinchilla: bool
+    eval_iters: int
+    sample_tokens: int
+    estimate: bool
+    gpus: int
+    gpu: str
+    mfu: float
+
+
+def parse(argv=None):
+    """The command line, parsed once into a frozen config (flags.TrainConfig)."""
+    return flags.from_args(build_parser().parse_args(argv), "pretrain", Pretrain)
+
+
+def check_args(cfg, world):
     """Every flag that can be checked without touching data or building anything."""
-    flags.check_args(args, world)
-    flags.check_model_layout(PRESETS[args.model], args, f"model {args.model!r}")  # vocabulary: again once known
-    if args.tokens is not None and args.chinchilla:
+    flags.check_args(cfg, world)
+    task = cfg.task
+    # (the vocabulary: again once the data's is known)
+    flags.check_model_layout(PRESETS[task.model], cfg, f"model {task.model!r}")
+    if task.tokens is not None and task.chinchilla:
         raise ConfigError("--tokens and --chinchilla both set the training length: give one")
-    if args.max_steps is not None and (args.tokens is not None or args.chinchilla):
+    if cfg.optim.max_steps is not None and (task.tokens is not None or task.chinchilla):
         raise ConfigError("--max-steps and --tokens/--chinchilla both set the training length: give one")
-    for flag in ("max_steps", "eval_iters"):
-        v = getattr(args, flag)
+    for flag, v in (("max_steps", cfg.optim.max_steps), ("eval_iters", task.eval_iters)):
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    cfg = parse(argv)
     try:
-        return train(args)
+        return train(cfg)
     except (ConfigError, CheckpointError, data_lib.DataError, TopologyError, moe.MoEError) as e:
-        launch.release(args.out)  # (a refused start leaves no folder behind)
+        launch.release(cfg.settings.out)  # (a refused start leaves no folder behind)
         print(f"pretrain.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except TrainingStopped as e:
         training.stop_run("pretrain.py", e)
 
 
-def load_data(args, ckpt):
+def load_data(cfg, ckpt):
     """The embedded default unless --data; the tokenizer must be the one the data was prepared with."""
-    tokenizer = args.tokenizer or (ckpt["tokenizer"] if ckpt else None)
-    if args.data is None:
+    tokenizer = cfg.task.tokenizer or (ckpt["tokenizer"] if ckpt else None)
+    if cfg.task.data is None:
         tokenizer = tokenizer or data_lib.DEFAULT_TOKENIZER
         data_lib.get_tokenizer(tokenizer)  # fails here, with the reason, if it cannot load offline
         data_dir = data_lib.ensure_default_data(tokenizer)
     else:
-        data_dir = args.data
+        data_dir = cfg.task.data
     meta = data_lib.load_meta(data_dir, tokenizer)
     if ckpt and ckpt["tokenizer"] != meta["tokenizer"]:
-        raise ConfigError(f"{args.out} holds a run trained with tokenizer {ckpt['tokenizer']!r}, the data uses "
-                          f"{meta['tokenizer']!r}: give --fresh (the old run is moved aside) or another --out")
+        raise ConfigError(f"{cfg.settings.out} holds a run trained with tokenizer "
+                          f"{ckpt['tokenizer']!r}, the data uses {meta['tokenizer']!r}: give "
+                          "--fresh (the old run is moved aside) or another --out")
     return data_dir, meta
 
 
-def train(args):
-    args.out = flags.run_folder(args, "pretrain") if args.out is None else args.out
-    flags.check_values(args)
-    if args.estimate:  # estimate.py on this run's flags (any other shape: python estimate.py --help)
-        return estimate.main(flags=args)
-    rank, world, device = training.setup_distributed(args)
-    check_args(args, world)
-    ckpt = training.read_checkpoint(args, rank, world)
-    data_dir, meta = load_data(args, ckpt)
+def train(cfg):
+    flags.check_values(cfg)
+    task, settings = cfg.task, cfg.settings
+    if task.estimate:  # estimate.py on this run's flags (others: python estimate.py --help)
+        return estimate.main(flags=cfg.flat())
+    rank, world, device = training.setup_distributed(settings.device)
+    check_args(cfg, world)
+    cfg = flags.resolved(cfg)  # --amp auto: the precision that runs, recorded in the run's identity
+    ckpt = training.read_checkpoint(cfg.settings, rank)
+    data_dir, meta = load_data(cfg, ckpt)
+    model_cfg = replace(PRESETS[task.model], vocab_size=pad_vocab(meta["vocab_size"]),
+                        attn=cfg.settings.attn,
+                        activation_checkpointing=settings.activation_checkpointing)
+    run = build_and_train(cfg, model_cfg, data_dir, meta, world, device, ckpt)
+    return {"losses": run.losses, "step": run.step, "model": run.model, "opt": run.opt,
+            "topo": run.topo}
+
+
+def build_and_train(cfg, model_cfg, data_dir, meta, world, device, ckpt):
+    """The checks that need the model's shape and the data, then the run: built, trained, its sample
+    written."""
+    task, lay, amp = cfg.task, cfg.layout, cfg.settings.amp
     tokenizer = meta["tokenizer"]
-    cfg = replace(PRESETS[args.model], vocab_size=pad_vocab(meta["vocab_size"]), attn=args.attn,
-                  activation_checkpointing=args.activation_checkpointing)
-    if meta["max_id"] >= cfg.vocab_size:  # (load_meta checked the ids against meta.json's vocab_size)
-        raise data_lib.DataError(f"--data {data_dir}: token id {meta['max_id']} is outside the model's vocabulary "
-                                 f"of {cfg.vocab_size}")
-    model_config = config_dict(replace(cfg, attn="-", activation_checkpointing=False))
-    if err := tensor_parallel.check_divisible(cfg, args.tp):
+    if meta["max_id"] >= model_cfg.vocab_size:  # (load_meta checked the ids against its vocab_size)
+        raise data_lib.DataError(f"--data {data_dir}: token id {meta['max_id']} is outside the "
+                                 f"model's vocabulary of {model_cfg.vocab_size}")
+    model_config = config_dict(replace(model_cfg, attn="-", activation_checkpointing=False))
+    if err := tensor_parallel.check_divisible(model_cfg, lay.tp):
         raise TopologyError(err)
-    T = args.seq_len or cfg.block_size
+    T = lay.seq_len or model_cfg.block_size
     with torch.device("meta"):  # the whole model's counts (for FLOPs and the log), without allocating it
-        whole = moe.with_experts(Transformer(cfg), args)
+        whole = moe.with_experts(Transformer(model_cfg), cfg.moe)
     # FLOPs follow the parameters a token meets: with experts, k of E per MoE layer (moe.py).
     n_params, n_mm = num_params(whole), num_params(whole, matmul_only=True) - moe.inactive_params(whole)
-    if args.tokens is not None or args.chinchilla:
-        max_steps = math.ceil((args.tokens or 20 * n_params) / (args.batch_size * T))
+    if task.tokens is not None or task.chinchilla:
+        max_steps = math.ceil((task.tokens or 20 * n_params) / (lay.batch_size * T))
     else:
-        max_steps = args.max_steps or 1000
-    identity = training.check_same_run(args, ckpt, max_steps=max_steps, model_config=model_config,
+        max_steps = cfg.optim.max_steps or 1000
+    identity = training.check_same_run(cfg, ckpt, max_steps=max_steps, model_config=model_config,
                                        tokenizer=tokenizer)
+    cfg = training.change_length(cfg, ckpt, max_steps) if ckpt else cfg
     # (a resume takes its weights from the checkpoint: the same command line both starts and resumes a run)
-    weights = read_init(args.init, model_config, tokenizer, args.experts) if args.init and not ckpt else None
+    weights = None
+    if task.init and not ckpt:
+        weights = read_init(task.init, model_config, tokenizer, cfg.moe.experts)
 
     # Every check has passed: only now are the process groups built.
-    topo = training.build_topology(args, world, device)
-    n_micro = args.grad_accum * args.microbatches
-    batches = data_lib.Batches(data_dir, T, args.batch_size, topo.dp_rank, topo.dp, n_micro, args.seed)
-    val = data_lib.eval_batches(data_dir, T, args.batch_size // args.grad_accum, args.eval_iters, topo.dp_rank,
-                                topo.dp)
-    model = training.build_model(cfg, topo, args.seed, device, DTYPES[args.amp], args.sequence_parallel, args,
-                                 weights=weights)
-    run = training.start(args, topo, device, model, batches, val, max_steps,
+    topo = training.build_topology(lay, world, device, cfg.settings.dist_timeout)
+    n_micro = lay.grad_accum * lay.microbatches
+    seed = cfg.settings.seed
+    batches = data_lib.Batches(data_dir, T, lay.batch_size, topo.dp_rank, topo.dp, n_micro, seed)
+    val = data_lib.eval_batches(data_dir, T, lay.batch_size // lay.grad_accum, task.eval_iters,
+                                topo.dp_rank, topo.dp)
+    model = training.build_model(model_cfg, topo, seed, device, DTYPES[amp], lay.sequence_parallel,
+                                 cfg.moe, weights=weights, fp8=amp == "fp8")
+    run = training.start(cfg, topo, device, model, batches, val, max_steps,
                          {"tokenizer": tokenizer, "model_config": model_config, "identity": identity},
-                         flops_per_token(cfg, n_mm, T), ckpt)
+                         flops_per_token(model_cfg, n_mm, T), ckpt, task.gpu)
     if run.rank0:
-        print(f"model {args.model}: {n_params:,} parameters, {run.fpt:.3g} FLOPs/token | data {data_dir} "
-              f"({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | batch {args.batch_size} x {T} "
-              f"tokens = {training.describe_layout(run)} | {max_steps} steps | {args.amp} on {device} | out {args.out}"
+        print(f"model {task.model}: {n_params:,} parameters, {run.fpt:.3g} FLOPs/token | data "
+              f"{data_dir} ({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | "
+              f"batch {lay.batch_size} x {T} tokens = {training.describe_layout(run)} | "
+              f"{max_steps} steps | {amp} on {device} | out {cfg.settings.out}"
               + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
     training.train_loop(run)
-    if run.step == max_steps and args.sample_tokens > 0:
+    if run.step == max_steps and task.sample_tokens > 0:
         sample(run, data_lib.get_tokenizer(tokenizer))
     training.finish(run)
-    return {"losses": run.losses, "step": run.step, "model": model, "opt": run.opt, "topo": topo}
+    return run
 
 
 def read_init(path, model_config, tokenizer, experts):
@@ -188,8 +228,8 @@ def read_init(path, model_config, tokenizer, experts):
 
 def sample(run, enc):
     """The sample at the end: generation from "def ", printed and written to sample.txt."""
-    args, topo, model = run.args, run.topo, run.model
-    if topo.pp > 1 or (args.sequence_parallel and topo.tp > 1) or topo.cp > 1:
+    cfg, topo, model = run.cfg, run.topo, run.model
+    if topo.pp > 1 or (cfg.layout.sequence_parallel and topo.tp > 1) or topo.cp > 1:
         if run.rank0:  # generation grows the sequence one token at a time: none of these cuts it
             print("(no sample: generation is not pipelined, sequence- nor context-parallel)", flush=True)
         return
@@ -201,10 +241,10 @@ def sample(run, enc):
     model.eval()
     tensor_parallel.set_gather_output(model, True)
     if topo.world > 1:
-        torch.manual_seed(args.seed)
+        torch.manual_seed(cfg.settings.seed)
     prompt = torch.tensor([enc.encode_ordinary("def ")], device=run.device)
     agree = rank0_token(topo.world > 1 and (topo.tp > 1 or run.zero == 3 or topo.ep > 1))
-    text = enc.decode(model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50,
+    text = enc.decode(model.generate(prompt, cfg.task.sample_tokens, temperature=0.8, top_k=50,
                                      n_vocab=enc.n_vocab, agree=agree)[0].tolist())
     if run.rank0:
         (run.out / "sample.txt").write_text(text)

@@ -14,8 +14,9 @@ minimum, and that minimum moves with C as a power law. Two of Chinchilla's three
                         E = 1.69 nats; it implies N_opt ~ C^(beta / (alpha + beta)).
     uncertainty         bootstrap: refit on runs drawn with replacement; +- is half the 16-84th percentile range.
 
-Every run is the project's own pretraining loop (pretrain.main) in this process, on the embedded corpus (Python's
-standard library as bytes), a model of the tiny preset's family (head dimension 32, 2 query heads per key/value
+Every run is the project's own training loop (training.py, called as a function with a
+flags.TrainConfig: `train`) in this process, on the embedded corpus (Python's standard library as
+bytes), a model of the tiny preset's family (head dimension 32, 2 query heads per key/value
 head, d_ff = 3 d, context T = 128) of width d and depth L, trained for D = C / F(N) tokens with a cosine schedule
 that ends with the run (Chinchilla's lesson: a schedule longer than the run biases the comparison).
 
@@ -43,9 +44,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import data as data_lib
+import flags
 import model as model_lib
-import pretrain
-from model import Transformer, flops_per_token, num_params
+import training
+from model import Transformer, config_dict, flops_per_token, num_params, pad_vocab
 
 SEQ_LEN, BATCH = 128, 16                                     # 2048 tokens per step
 # The family: (layers, width). Depth grows slowly with width, as in Kaplan's and Chinchilla's tables.
@@ -84,21 +87,49 @@ def plan(budgets, ladder=LADDER, tokens_per_param=TOKENS_PER_PARAM, min_steps=20
     return runs
 
 
+def config_for(run, run_dir, lr):
+    """The run's flags: the shared defaults, with the sweep's batch, length, schedule (a cosine that
+    ends with the run, 5% warm-up) and cadence (one evaluation, at the end), on the CPU in fp32."""
+    base, steps = flags.defaults("scaling"), run["steps"]
+    optim = replace(base.optim, lr=lr, max_steps=steps, warmup_steps=max(1, steps // 20))
+    settings = replace(base.settings, out=str(run_dir), save_every=200, eval_every=steps,
+                       log_every=steps, device="cpu", amp="fp32")
+    layout = replace(base.layout, batch_size=BATCH, seq_len=SEQ_LEN)
+    return replace(base, optim=optim, layout=layout, settings=settings)
+
+
+def train(cfg, model_cfg, eval_iters=20):
+    """One run of training.py's loop in this process, on the embedded corpus: resumed from its
+    checkpoint when cfg's --out holds one of the same run. Returns training.Run."""
+    cfg = flags.resolved(cfg)  # (--attn unset: sdpa)
+    _, _, device = training.setup_distributed(cfg.settings.device)
+    ckpt = training.read_checkpoint(cfg.settings, 0)
+    data_dir = data_lib.ensure_default_data(data_lib.DEFAULT_TOKENIZER)
+    meta = data_lib.load_meta(data_dir, data_lib.DEFAULT_TOKENIZER)
+    model_cfg = replace(model_cfg, vocab_size=pad_vocab(meta["vocab_size"]), attn=cfg.settings.attn)
+    model_config = config_dict(replace(model_cfg, attn="-"))
+    identity = training.check_same_run(cfg, ckpt, max_steps=cfg.optim.max_steps,
+                                       model_config=model_config, tokenizer=meta["tokenizer"])
+    topo = training.build_topology(cfg.layout, 1, device, cfg.settings.dist_timeout)
+    lay = cfg.layout
+    batches = data_lib.Batches(data_dir, lay.seq_len, lay.batch_size, 0, 1, 1, cfg.settings.seed)
+    val = data_lib.eval_batches(data_dir, lay.seq_len, lay.batch_size, eval_iters)
+    model = training.build_model(model_cfg, topo, cfg.settings.seed, device, torch.float32)
+    meta = {"tokenizer": meta["tokenizer"], "model_config": model_config, "identity": identity}
+    run = training.start(cfg, topo, device, model, batches, val, cfg.optim.max_steps, meta,
+                         counts(model_cfg)[1], ckpt)
+    training.train_loop(run)
+    training.finish(run)
+    return run
+
+
 def train_one(run, out, lr, threads):
-    """One run through pretrain.main; returns its final validation loss. Resumes from its checkpoint if any."""
-    name = f"scaling-L{run['n_layer']}-d{run['d_model']}"
-    # pretrain.py takes a preset name: the shape is registered under its own name, in this process only.
-    model_lib.PRESETS[name] = shape(run["n_layer"], run["d_model"])
+    """One run of the sweep; returns its final validation loss. Resumes from its checkpoint if
+    any."""
     run_dir = out / "runs" / run["key"]
-    argv = ["--model", name, "--seq-len", str(SEQ_LEN), "--batch-size", str(BATCH), "--max-steps",
-            str(run["steps"]), "--lr", str(lr), "--warmup-steps", str(max(1, run["steps"] // 20)),
-            "--eval-every", str(run["steps"]), "--eval-iters", "20", "--log-every", str(run["steps"]),
-            "--save-every", "200", "--sample-tokens", "0", "--device", "cpu", "--out", str(run_dir)]
-    if (run_dir / "ckpt.pt").exists():
-        argv.append("--resume")
     torch.set_num_threads(threads)
     with contextlib.redirect_stdout(io.StringIO()):
-        pretrain.main(argv)
+        train(config_for(run, run_dir, lr), shape(run["n_layer"], run["d_model"]))
     finals = [r["val_loss"] for r in map(json.loads, open(run_dir / "metrics.jsonl"))
               if "val_loss" in r and r["step"] == run["steps"]]
     return finals[-1]

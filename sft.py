@@ -47,7 +47,7 @@ import json
 import math
 import sys
 import zlib
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -167,18 +167,18 @@ class SFTBatches:
         self.step = sd["step"]
 
 
-def read_examples(args):
+def read_examples(data, val_data):
     """(train, held-out) examples: the embedded default (sft_data.py builds it from the standard
     library, keeping the functions whose rendering here fits the tiny model's context), or --data with
     --val-data or 1 line in 10 held out."""
     enc_bytes = data_lib.get_tokenizer("bytes")
-    if args.data is None:
+    if data is None:
         train_file, val_file = sft_data.ensure_sft_default_data(
             lambda ex: encode(enc_bytes, to_messages(ex, "-"))[0])
-        return read_jsonl(train_file), read_jsonl(args.val_data or val_file)
-    train_ex = read_jsonl(args.data)
-    if args.val_data:
-        return train_ex, read_jsonl(args.val_data)
+        return read_jsonl(train_file), read_jsonl(val_data or val_file)
+    train_ex = read_jsonl(data)
+    if val_data:
+        return train_ex, read_jsonl(val_data)
     held = [zlib.crc32(w.encode()) % 10 == 0 for w, _ in train_ex]  # by a hash of its position, never all
     if all(held) or not any(held):
         held = [i == len(train_ex) - 1 for i in range(len(train_ex))]
@@ -202,23 +202,25 @@ def load_init(path):
     return init
 
 
-def check_init_config(init, args):
+def check_init_config(init, task):
     """--model, when given, must be the preset the checkpoint was trained as (vocabulary as the checkpoint's)."""
-    if args.model is not None:
-        want = config_dict(replace(PRESETS[args.model], vocab_size=init["model_config"]["vocab_size"], attn="-"))
+    if task.model is not None:
+        vocab = init["model_config"]["vocab_size"]
+        want = config_dict(replace(PRESETS[task.model], vocab_size=vocab, attn="-"))
         if want != init["model_config"]:
             diff = sorted(k for k in want if want[k] != init["model_config"].get(k))
-            raise ConfigError(f"--init {args.init} is a checkpoint of another model config than --model "
-                              f"{args.model} (differs in {', '.join(diff)})")
+            raise ConfigError(f"--init {task.init} is a checkpoint of another model config than "
+                              f"--model {task.model} (differs in {', '.join(diff)})")
 
 
-def add_lora(args, model_config):
+def add_lora(task, seed, model_config):
     """What build_model does to the frozen base after slicing it: wrap the target layers (or load --adapter)."""
     def adapt(model):
-        if args.adapter:
-            lora_lib.load_adapter(model, args.adapter, model_config)
-        elif args.lora_r:
-            lora_lib.apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets, args.seed)
+        if task.adapter:
+            lora_lib.load_adapter(model, task.adapter, model_config)
+        elif task.lora_r:
+            lora_lib.apply_lora(model, task.lora_r, task.lora_alpha, task.lora_dropout,
+                                task.lora_targets, seed)
     return adapt
 
 
@@ -264,116 +266,159 @@ def build_parser():
                                      save_every=100, eval_every=50)
 
 
-def check_args(args, world):
+@dataclass(frozen=True)
+class SFT:
+    """sft.py's own flags (build_parser), beside the shared ones of flags.TrainConfig."""
+    init: str
+    model: str
+    data: str
+    val_data: str
+    no_prompt_mask: bool
+    eval_examples: int
+    pack: bool
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: str
+    adapter: str
+    samples: int
+    max_new_tokens: int
+
+
+def parse(argv=None):
+    """The command line, parsed once into a frozen config (flags.TrainConfig; the MoE settings come
+    from --init)."""
+    return flags.from_args(build_parser().parse_args(argv), "sft", SFT)
+
+
+def check_args(cfg, world):
     """Every flag that can be checked before reading anything; returns the data-parallel size."""
-    dp = flags.check_args(args, world)
-    if args.eval_examples < 1:
-        raise ConfigError(f"--eval-examples must be at least 1, got {args.eval_examples}")
-    if args.max_steps < 0 or args.samples < 0 or args.max_new_tokens < 0:
+    dp = flags.check_args(cfg, world)
+    task = cfg.task
+    if task.eval_examples < 1:
+        raise ConfigError(f"--eval-examples must be at least 1, got {task.eval_examples}")
+    if cfg.optim.max_steps < 0 or task.samples < 0 or task.max_new_tokens < 0:
         raise ConfigError("--max-steps, --samples and --max-new-tokens must be >= 0")
-    if args.lora_r:
-        lora_lib.check_settings(args.lora_r, args.lora_alpha, args.lora_dropout)
-        lora_lib.parse_targets(args.lora_targets)
-    if args.adapter and args.lora_r:
+    if task.lora_r:
+        lora_lib.check_settings(task.lora_r, task.lora_alpha, task.lora_dropout)
+        lora_lib.parse_targets(task.lora_targets)
+    if task.adapter and task.lora_r:
         raise ConfigError("--adapter brings its own LoRA settings: drop --lora-r")
     return dp
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    cfg = parse(argv)
     try:
-        return train(args)
+        return train(cfg)
     except (ConfigError, CheckpointError, DataError, TopologyError, lora_lib.LoRAError, moe.MoEError) as e:
-        launch.release(args.out)  # (a refused start leaves no folder behind)
+        launch.release(cfg.settings.out)  # (a refused start leaves no folder behind)
         print(f"sft.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except TrainingStopped as e:
         training.stop_run("sft.py", e)
 
 
-MOE_FLAGS = ("experts", "topk", "moe_layers", "capacity_factor", "aux_loss_weight")
-
-
-def train(args):
-    args.out = flags.run_folder(args, "sft") if args.out is None else args.out
-    rank, world, device = training.setup_distributed(args)
-    dp = check_args(args, world)
-    ckpt = training.read_checkpoint(args, rank, world)
-    init = load_init(args.init)
-    check_init_config(init, args)
+def train(cfg):
+    task, settings = cfg.task, cfg.settings
+    rank, world, device = training.setup_distributed(settings.device)
+    dp = check_args(cfg, world)
+    cfg = flags.resolved(cfg)  # --amp auto: the precision that runs, recorded in the run's identity
+    ckpt = training.read_checkpoint(cfg.settings, rank)
+    init = load_init(task.init)
+    check_init_config(init, task)
     model_config = init["model_config"]
     # An MoE base keeps its experts (pretrain.py's --experts ...): the same blocks get MoE MLPs before loading.
-    for k in MOE_FLAGS:
-        setattr(args, k, (init.get("args") or {}).get(k, 0 if k == "experts" else None))
-    cfg = replace(ModelConfig(**model_config), attn=args.attn, activation_checkpointing=args.activation_checkpointing)
-    flags.check_model_layout(cfg, args, f"--init {args.init}")
-    identity = training.check_same_run(args, ckpt, max_steps=args.max_steps, model_config=model_config,
-                                       tokenizer=init["tokenizer"])
-    if args.lora_r:
-        lora_lib.check_rank(cfg, args.lora_r, args.lora_targets)
+    cfg = replace(cfg, moe=moe.config_of(init.get("args") or {}))
+    model_cfg = replace(ModelConfig(**model_config), attn=cfg.settings.attn,
+                        activation_checkpointing=settings.activation_checkpointing)
+    flags.check_model_layout(model_cfg, cfg, f"--init {task.init}", task.pack)
+    identity = training.check_same_run(cfg, ckpt, max_steps=cfg.optim.max_steps,
+                                       model_config=model_config, tokenizer=init["tokenizer"])
+    cfg = training.change_length(cfg, ckpt, cfg.optim.max_steps) if ckpt else cfg
+    if task.lora_r:
+        lora_lib.check_rank(model_cfg, task.lora_r, task.lora_targets)
     enc = data_lib.get_tokenizer(init["tokenizer"])
-    if enc.n_vocab > cfg.vocab_size:
-        raise ConfigError(f"--init {args.init}: its tokenizer has {enc.n_vocab} ids, more than the model's vocab_size "
-                          f"{cfg.vocab_size}: an id would index past the embedding")
-    train_rows, val_rows, val_ex, skipped = read_rows(args, enc, cfg, dp)  # every input checked before building
+    if enc.n_vocab > model_cfg.vocab_size:
+        raise ConfigError(f"--init {task.init}: its tokenizer has {enc.n_vocab} ids, more than "
+                          f"the model's vocab_size {model_cfg.vocab_size}: an id would index past "
+                          "the embedding")
+    rows = read_rows(cfg, enc, model_cfg, dp)  # every input checked before building
+    run = build_and_train(cfg, model_cfg, init, enc, rows, identity, world, device, ckpt)
+    done = run.step == cfg.optim.max_steps
+    if done and getattr(run.model, "lora_config", None):
+        export_lora(run, init)
+    samples = answers(run, enc, rows[2]) if done and task.samples else []
+    training.finish(run)
+    return {"losses": run.losses, "val_losses": run.val_losses, "step": run.step,
+            "model": run.model, "opt": run.opt, "samples": samples, "skipped": rows[3][0]}
 
-    topo = training.build_topology(args, world, device)
-    T = args.seq_len or cfg.block_size
-    multiple = math.lcm(args.tp if args.sequence_parallel else 1, 2 * args.cp if args.cp > 1 else 1)  # cut over tp, cp
-    if args.pack:  # several examples per row of T tokens, attention blocked between them
+
+def build_and_train(cfg, model_cfg, init, enc, rows, identity, world, device, ckpt):
+    """The process groups, the batches, the model (LoRA-wrapped), and the loop."""
+    task, lay, amp = cfg.task, cfg.layout, cfg.settings.amp
+    train_rows, val_rows, _, skipped = rows
+    topo = training.build_topology(lay, world, device, cfg.settings.dist_timeout)
+    T = lay.seq_len or model_cfg.block_size
+    # rows cut over tp (sequence-parallel) and into 2 cp chunks
+    multiple = math.lcm(lay.tp if lay.sequence_parallel else 1, 2 * lay.cp if lay.cp > 1 else 1)
+    if task.pack:  # several examples per row of T tokens, attention blocked between them
         def make(rows):
             return pack(rows, eot_id(enc), T, multiple)
     else:  # one example per row, padded to the micro-batch's longest
         def make(rows):
             return collate(rows, eot_id(enc), multiple)
-    batches = SFTBatches(train_rows, args.batch_size, make, topo.dp_rank, topo.dp, args.grad_accum * args.microbatches,
-                         args.seed)
-    mine, bs = val_rows[topo.dp_rank::topo.dp], args.batch_size // (args.grad_accum * topo.dp)
+    batches = SFTBatches(train_rows, lay.batch_size, make, topo.dp_rank, topo.dp,
+                         lay.grad_accum * lay.microbatches, cfg.settings.seed)
+    mine, bs = val_rows[topo.dp_rank::topo.dp], lay.batch_size // (lay.grad_accum * topo.dp)
     val = [make(mine[i:i + bs]) for i in range(0, len(mine), bs)]
-    model = training.build_model(cfg, topo, args.seed, device, DTYPES[args.amp], args.sequence_parallel, args,
-                                 weights=init["model"], adapt=add_lora(args, model_config))
+    model_config = init["model_config"]
+    model = training.build_model(model_cfg, topo, cfg.settings.seed, device, DTYPES[amp],
+                                 lay.sequence_parallel, cfg.moe, weights=init["model"],
+                                 fp8=amp == "fp8",
+                                 adapt=add_lora(task, cfg.settings.seed, model_config))
     lora_config = getattr(model, "lora_config", None)
     if ckpt and ckpt.get("lora") != lora_config:
-        raise ConfigError(f"{args.out} holds a run with LoRA settings {ckpt.get('lora')}, this run has "
-                          f"{lora_config}")
+        raise ConfigError(f"{cfg.settings.out} holds a run with LoRA settings {ckpt.get('lora')}, "
+                          f"this run has {lora_config}")
     with torch.device("meta"):  # FLOPs follow the parameters a token meets: k of E experts per MoE layer
-        whole = moe.with_experts(Transformer(cfg), args)
-    fpt = flops_per_token(cfg, num_params(whole, matmul_only=True) - moe.inactive_params(whole), T)
+        whole = moe.with_experts(Transformer(model_cfg), cfg.moe)
+    n_mm = num_params(whole, matmul_only=True) - moe.inactive_params(whole)
+    fpt = flops_per_token(model_cfg, n_mm, T)
     meta = {"tokenizer": init["tokenizer"], "model_config": model_config, "lora": lora_config, "identity": identity}
-    run = training.start(args, topo, device, model, batches, val, args.max_steps, meta, fpt, ckpt)
+    run = training.start(cfg, topo, device, model, batches, val, cfg.optim.max_steps, meta, fpt,
+                         ckpt)
     if run.rank0:
         n_resp = sum(sum(t != -100 for t in y) for _, y in train_rows)
-        print(f"init {args.init}: {num_params(whole):,} parameters, block {cfg.block_size}, tokenizer "
-              f"{init['tokenizer']} | {len(train_rows)} train examples ({n_resp:,} learned tokens"
-              f"{', prompts too' if args.no_prompt_mask else ', responses only'}), {len(val_rows)} held-out | "
-              f"skipped as longer than {T} tokens: {skipped[0]} train, {skipped[1]} held-out | batch "
-              f"{args.batch_size} = {training.describe_layout(run)}{' packed' if args.pack else ''} | {args.max_steps} "
-              f"steps | {args.amp} on {device} | out {args.out}"
+        learned = ", prompts too" if task.no_prompt_mask else ", responses only"
+        print(f"init {task.init}: {num_params(whole):,} parameters, block "
+              f"{model_cfg.block_size}, tokenizer {init['tokenizer']} | {len(train_rows)} train "
+              f"examples ({n_resp:,} learned tokens{learned}), {len(val_rows)} held-out | skipped "
+              f"as longer than {T} tokens: {skipped[0]} train, {skipped[1]} held-out | batch "
+              f"{lay.batch_size} = {training.describe_layout(run)}"
+              f"{' packed' if task.pack else ''} | "
+              f"{cfg.optim.max_steps} steps | {amp} on {device} | out {cfg.settings.out}"
               + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
         if lora_config:
             print(lora_lib.describe(model), flush=True)
     training.train_loop(run)
-    done = run.step == args.max_steps
-    if done and lora_config:
-        export_lora(run, init)
-    samples = answers(run, enc, val_ex) if done and args.samples else []
-    training.finish(run)
-    return {"losses": run.losses, "val_losses": run.val_losses, "step": run.step, "model": model, "opt": run.opt,
-            "samples": samples, "skipped": skipped[0]}
+    return run
 
 
-def read_rows(args, enc, cfg, dp):
+def read_rows(cfg, enc, model_cfg, dp):
     """Training and held-out rows (token ids and masked labels), every example checked; the held-out ones cut
     to the same number on every data-parallel rank (under ZeRO-3 or --ep each forward communicates)."""
-    train_ex, val_ex = read_examples(args)
-    T = args.seq_len or cfg.block_size
-    limit = "--seq-len" if args.seq_len else "the model's context"
-    train_rows, skipped = tokenize(train_ex, enc, T, not args.no_prompt_mask, limit, args.pack)
-    val_rows, val_skipped = tokenize(val_ex, enc, T, True, limit, args.pack)  # held-out: response tokens only
+    task, seq_len = cfg.task, cfg.layout.seq_len
+    train_ex, val_ex = read_examples(task.data, task.val_data)
+    T = seq_len or model_cfg.block_size
+    limit = "--seq-len" if seq_len else "the model's context"
+    pack = task.pack
+    train_rows, skipped = tokenize(train_ex, enc, T, not task.no_prompt_mask, limit, pack)
+    val_rows, val_skipped = tokenize(val_ex, enc, T, True, limit, pack)  # held-out: responses only
     if not train_rows or not val_rows:
         raise DataError(f"no example fits in {limit} of {T} tokens ({skipped} train and {val_skipped} held-out "
                         "examples are longer)")
-    val_rows = val_rows[:min(len(val_rows), args.eval_examples) // dp * dp]
+    val_rows = val_rows[:min(len(val_rows), task.eval_examples) // dp * dp]
     if not val_rows:
         raise DataError(f"fewer held-out examples that fit than the {dp} data-parallel ranks: give more --val-data")
     return train_rows, val_rows, val_ex, (skipped, val_skipped)
@@ -385,7 +430,7 @@ def export_lora(run, init):
     with run.opt.gathered() if run.zero == 3 else contextlib.nullcontext():  # ZeRO-3 shards the adapters
         adapter = lora_lib.lora_state_dict(run.model, run.topo)
     if run.rank0:
-        model_config, moe_args = init["model_config"], {k: getattr(run.args, k) for k in MOE_FLAGS}
+        model_config, moe_args = init["model_config"], asdict(run.cfg.moe)
         torch.save({"lora_config": run.model.lora_config, "model_config": model_config, "adapter": adapter},
                    run.out / "adapter.pt")
         save_checkpoint(run.out / "merged.pt", {
@@ -396,8 +441,8 @@ def export_lora(run, init):
 
 def answers(run, enc, val_ex):
     """Greedy answers to the first --samples held-out prompts, printed and written to samples.jsonl."""
-    args, topo, model = run.args, run.topo, run.model
-    if topo.pp > 1 or (args.sequence_parallel and topo.tp > 1):
+    task, topo, model = run.cfg.task, run.topo, run.model
+    if topo.pp > 1 or (run.cfg.layout.sequence_parallel and topo.tp > 1):
         if run.rank0:  # generation grows the sequence one token at a time: neither cuts into stages or shards
             print("(no answers: generation is not pipelined nor sequence-parallel)", flush=True)
         return []
@@ -407,8 +452,9 @@ def answers(run, enc, val_ex):
     tensor_parallel.set_gather_output(model, True)
     agree = rank0_token(topo.world > 1 and (topo.tp > 1 or run.zero == 3 or topo.ep > 1))
     samples = []
-    for where, messages in val_ex[:args.samples]:
-        reply = answer(model, enc, prompt_ids(enc, messages), args.max_new_tokens, run.device, agree)
+    for where, messages in val_ex[:task.samples]:
+        reply = answer(model, enc, prompt_ids(enc, messages), task.max_new_tokens, run.device,
+                       agree)
         asked = [m["content"] for m in messages if m["role"] == "user"][-1:] or [""]
         samples.append({"where": where, "prompt": asked[0], "answer": reply})
         if run.rank0:

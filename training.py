@@ -36,7 +36,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -53,6 +53,7 @@ import tensor_parallel
 from amp import DivergenceGuard, DynamicLossScaler, MixedPrecisionOptimizer, TrainingStopped, cast_model
 from ddp import DistributedDataParallel
 from estimate import peak_flops, peak_memory_mb
+from flags import TrainConfig, uses_cuda
 from init import init_values, materialize
 from model import Transformer
 from topology import Topology
@@ -61,11 +62,12 @@ from zero import ZeroOptimizer
 
 
 # ------------------------------------------------------------------------------------------- the parallel stack
-def setup_distributed(args):
+def setup_distributed(device_flag):
     """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; without them this is one process. Only reads them: the
-    process groups are built after every flag, the data and the model shape have been checked."""
+    process groups are built after every flag, the data and the model shape have been checked.
+    device_flag: --device (auto, cpu, cuda)."""
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    use_cuda = uses_cuda(device_flag)
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -75,23 +77,25 @@ def setup_distributed(args):
     return rank, world, device
 
 
-def build_topology(args, world, device):
+def build_topology(layout, world, device, dist_timeout):
     if world > 1 and not dist.is_initialized():
-        launch.join_process_group(device, args.dist_timeout)
-    return Topology(args.tp, args.pp, args.ep, args.cp)
+        launch.join_process_group(device, dist_timeout)
+    return Topology(layout.tp, layout.pp, layout.ep, layout.cp)
 
 
-def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=None, weights=None, adapt=None):
+def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, experts=None, weights=None,
+                adapt=None, fp8=False):
     """This rank's piece of the model, and nothing more is ever allocated: the whole model (with MoE MLPs if
     asked) is built on the meta device (shapes, no memory), cut there to this pipeline stage's blocks, this
     tensor-parallel rank's slices and this expert-parallel rank's experts, and only then are the pieces left
     allocated on `device` and filled: each from the whole model's initial values (model.init_values: drawn by
     parameter name from `seed`, the same whatever the layout), or from `weights` (the whole model's tensors
     by name, fine-tuning's starting point: a memory-mapped state dict or weights.SavedWeights, of which only
-    this rank's blocks are read). Then `adapt(model)` (LoRA), then the compute precision."""
+    this rank's blocks are read). `experts`: moe.MoEConfig (None: dense). Then `adapt(model)`
+    (LoRA), then the compute precision (`fp8`: quantization.py's FP8 linears)."""
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = moe.with_experts(Transformer(cfg), args)
+        model = moe.with_experts(Transformer(cfg), experts)
     names = {name for name, _ in model.named_parameters()}
     if weights is not None and (extra := sorted(set(weights) - names)):
         raise checkpoint.CheckpointError(f"the weights hold {extra[0]}, which this model has not (another "
@@ -113,7 +117,7 @@ def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, args=No
     if adapt is not None:
         adapt(model)
     cast_model(model, dtype)
-    if getattr(args, "amp", None) == "fp8":  # each tp rank scales its own shard: no amax all-reduce
+    if fp8:  # each tp rank scales its own shard: no amax all-reduce
         quantization.use_fp8(model)
     return model
 
@@ -139,30 +143,32 @@ def grad_norm_reduce(topo):
     return reduce
 
 
-def build_training(model, args, dtype, topo):
+def build_training(model, cfg, dtype, topo):
     """The module to call forward on and its optimizer: plain on one data-parallel rank, ddp.py for --zero 0,
     zero.py's stages otherwise. Every optimizer here has the same methods: zero_grad(), scale_loss(loss),
     step(max_norm) -> (grad_norm, skipped), param_groups, checkpoint_pieces()/after_load() (checkpoint.py),
     scaler, and no_sync() for accumulation micro-steps that must not communicate. Only parameters with
-    requires_grad are trained."""
-    scaler = DynamicLossScaler(enabled=args.amp == "fp16")
-    groups = param_groups(model, args.weight_decay)
+    requires_grad are trained. cfg: flags.TrainConfig (its optim, precision and data-parallel
+    settings)."""
+    optim, lay = cfg.optim, cfg.layout
+    scaler = DynamicLossScaler(enabled=cfg.settings.amp == "fp16")
+    groups = param_groups(model, optim.weight_decay)
     fused = True  # on every device: it skips an overflowed step on the device (found_inf, amp.clip_and_step)
 
     def make_optimizer(groups):
-        return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=fused)
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), fused=fused)
 
     # The gradient norm for clipping and the fp16 overflow check, the same on every rank: amp.global_grad_norm.
     # Under context parallelism the cp ranks of a replica hold the same weights and different tokens: gradients are
     # averaged, and ZeRO shards, over dp x cp (topo.dp_cp_group, the dp group itself when cp is 1).
     norm_reduce = grad_norm_reduce(topo)
     # 16-bit gradients added up and reduced in fp32 (amp.accumulate_main_grads) unless --grad-reduce-dtype model
-    main_grads = getattr(args, "grad_reduce_dtype", "fp32") == "fp32"
+    main_grads = cfg.settings.grad_reduce_dtype == "fp32"
     if topo.dp * topo.cp == 1:
         return model, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce,
                                               main_grads=main_grads)
-    if args.zero == 0:
-        ddp = DistributedDataParallel(model, topo.dp_cp_group, args.bucket_mb, main_grads)
+    if lay.zero == 0:
+        ddp = DistributedDataParallel(model, topo.dp_cp_group, lay.bucket_mb, main_grads)
         expert_reduce = None
         if topo.ep > 1:
             def expert_reduce(sq):
@@ -170,8 +176,8 @@ def build_training(model, args, dtype, topo):
                 return sq
         return ddp, MixedPrecisionOptimizer(groups, make_optimizer, dtype, scaler, norm_reduce, no_sync=ddp.no_sync,
                                             expert_norm_reduce_fn=expert_reduce, main_grads=main_grads)
-    opt = ZeroOptimizer(model, groups, make_optimizer, scaler, topo.dp_cp_group, args.zero, args.bucket_mb,
-                        norm_reduce_fn=norm_reduce, main_grads=main_grads)
+    opt = ZeroOptimizer(model, groups, make_optimizer, scaler, topo.dp_cp_group, lay.zero,
+                        lay.bucket_mb, norm_reduce_fn=norm_reduce, main_grads=main_grads)
     return opt.module, opt
 
 
@@ -261,35 +267,39 @@ def evaluate(model, batches, device, topo, microbatches):
     return (total[0] / total[1]).item()
 
 
-def lr_at(step, args, max_steps):
-    """Linear warmup to --lr, then cosine decay to --min-lr at max_steps."""
-    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = min(1.0, (step - args.warmup_steps) / max(1, max_steps - args.warmup_steps))
-    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - min_lr)
+def lr_at(step, optim, max_steps):
+    """Linear warmup to --lr, then cosine decay to --min-lr at max_steps (optim: flags.Optim, its
+    warm-up resolved)."""
+    lr, warmup = optim.lr, optim.warmup_steps
+    min_lr = lr / 10 if optim.min_lr is None else optim.min_lr
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-def layout_of(args, world):
-    layout = {"dp": world // (args.tp * args.pp * args.cp), "pp": args.pp, "tp": args.tp}
-    if args.ep > 1:  # (recorded only when used: checkpoints from before --ep keep matching ep 1)
-        layout["ep"] = args.ep
-    if args.cp > 1:  # (the same for --cp)
-        layout["cp"] = args.cp
+def layout_of(lay, world):
+    """The layout a checkpoint records (lay: flags.Layout)."""
+    layout = {"dp": world // (lay.tp * lay.pp * lay.cp), "pp": lay.pp, "tp": lay.tp}
+    if lay.ep > 1:  # (recorded only when used: checkpoints from before --ep keep matching ep 1)
+        layout["ep"] = lay.ep
+    if lay.cp > 1:  # (the same for --cp)
+        layout["cp"] = lay.cp
     return layout
 
 
-def read_checkpoint(args, rank, world):
+def read_checkpoint(settings, rank):
     """Start or resume (checkpoint.py): the meta.json of the newest complete step in --out, with its folder under
     "dir", or None to start fresh. Called before any process group exists, so that a problem is one line. Rank 0
     locks --out first (launch.lock_run: one run per folder), and again after --fresh moved the old run aside
     (the lock file went with it); --fresh on a folder that held nothing but the lock file moves nothing."""
-    out = Path(args.out)
-    fresh = args.fresh and out.exists() and any(p.name != ".lock" for p in out.iterdir())
+    out = Path(settings.out)
+    fresh = settings.fresh and out.exists() and any(p.name != ".lock" for p in out.iterdir())
     if rank == 0:
         launch.lock_run(out)
-    found = checkpoint.find_resume(out, args.resume, fresh if rank == 0 else args.fresh, rank)
+    fresh_here = fresh if rank == 0 else settings.fresh
+    found = checkpoint.find_resume(out, settings.resume, fresh_here, rank)
     if fresh and rank == 0:
         launch.lock_run(out)
     return found and found[1] | {"dir": found[0]}
@@ -304,32 +314,39 @@ SAME_RUN = ("batch_size", "seq_len", "lr", "min_lr", "warmup_steps", "weight_dec
             "no_prompt_mask", "pack")
 
 
-def check_same_run(args, ckpt, **more):
-    """The run's identity (SAME_RUN flags, plus e.g. max_steps, model_config, tokenizer): returned for the
-    checkpoints to record, and compared with the one `ckpt` recorded (one line on a difference)."""
-    identity = {k: getattr(args, k) for k in SAME_RUN if hasattr(args, k)} | more
+def check_same_run(cfg, ckpt, **more):
+    """The run's identity (SAME_RUN flags, plus e.g. max_steps, model_config, tokenizer): returned
+    for the checkpoints to record, and compared with the one `ckpt` recorded (one line on a
+    difference; the length is change_length's)."""
+    given = cfg.flat()
+    identity = {k: given[k] for k in SAME_RUN if k in given} | more
     if ckpt:
-        checkpoint.check_same_run(args.out, ckpt, {k: v for k, v in identity.items() if k != "max_steps"})
-        if "max_steps" in identity:
-            change_length(args, ckpt, identity["max_steps"])
+        same = {k: v for k, v in identity.items() if k != "max_steps"}
+        checkpoint.check_same_run(cfg.settings.out, ckpt, same)
     return identity
 
 
-def change_length(args, ckpt, max_steps):
-    """A resume with another --max-steps (or --tokens): the run goes on to the new end; the cosine decay is
-    recomputed from the step reached (a printed line says so) and the default warm-up stays the one the run had.
-    A length below the step reached is refused: it has nothing to train."""
+def change_length(cfg, ckpt, max_steps):
+    """A resume with another --max-steps (or --tokens): the run goes on to the new end; the cosine
+    decay is recomputed from the step reached (a printed line says so) and the default warm-up stays
+    the one the run had (the config returned). A length below the step reached is refused: it has
+    nothing to train."""
     was, step = ckpt.get("identity", {}).get("max_steps"), ckpt["step"]
+    out = cfg.settings.out
     if max_steps < step:
-        raise checkpoint.CheckpointError(f"{args.out} holds a run at step {step}: --max-steps {max_steps} is below "
-                                         f"it; give at least {step}, or --fresh (the old run is moved aside)")
+        raise checkpoint.CheckpointError(f"{out} holds a run at step {step}: --max-steps "
+                                         f"{max_steps} is below it; give at least {step}, or "
+                                         "--fresh (the old run is moved aside)")
     if was is None or was == max_steps:
-        return
-    if args.warmup_steps is None:  # (the default follows max_steps: keep the warm-up the run has done)
-        args.warmup_steps = ckpt.get("args", {}).get("warmup_steps")
+        return cfg
+    if cfg.optim.warmup_steps is None:  # (the default follows max_steps: keep the run's warm-up)
+        warmup = ckpt.get("args", {}).get("warmup_steps")
+        cfg = replace(cfg, optim=replace(cfg.optim, warmup_steps=warmup))
     if os.environ.get("RANK", "0") == "0":
-        print(f"--max-steps {max_steps}: the run in {args.out} was planned for {was} steps; its learning-rate "
-              f"schedule changes from step {step} (the cosine decay now ends at step {max_steps})", flush=True)
+        print(f"--max-steps {max_steps}: the run in {out} was planned for {was} steps; its "
+              f"learning-rate schedule changes from step {step} (the cosine decay now ends at step "
+              f"{max_steps})", flush=True)
+    return cfg
 
 
 def save(run):
@@ -341,7 +358,8 @@ def save(run):
             f"not finite (last good checkpoint: {describe_last_good(run)})")
         return
     checkpoint.save(run.out, run.step, run.model, run.opt, run.topo, run.meta | {
-        "data": run.batches.state_dict(), "args": vars(run.args), "layout": layout_of(run.args, run.topo.world)})
+        "data": run.batches.state_dict(), "args": run.cfg.flat(),
+        "layout": layout_of(run.cfg.layout, run.topo.world)})
     run.last_good = run.step
 
 
@@ -363,7 +381,7 @@ def barrier(run):  # the end of a save, and of the run
 @dataclass
 class Run:
     """Everything the loop carries from step to step."""
-    args: object
+    cfg: TrainConfig                  # the run's flags (flags.py), the warm-up resolved
     topo: Topology
     device: torch.device
     model: torch.nn.Module            # this rank's piece of the model (parameters, state dict)
@@ -391,17 +409,19 @@ class Run:
     last_good: int = None             # the step of the newest checkpoint saved with a finite loss
 
 
-def start(args, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=None):
-    """Set-up: the data-parallel wrapper and optimizer, the checkpoint restored (--resume), the metrics file."""
-    if args.warmup_steps is None:  # the warm-up follows the run's length: a short run would never leave 100 steps
-        args.warmup_steps = min(100, max(1, max_steps // 10))
+def start(cfg, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=None, gpu="h100"):
+    """Set-up: the data-parallel wrapper and optimizer, the checkpoint restored (--resume), the
+    metrics file. gpu: the datasheet whose peak MFU is of, on CUDA (estimate.PEAK_TFLOPS)."""
+    if cfg.optim.warmup_steps is None:  # the run's length: a short run would never leave 100 steps
+        cfg = replace(cfg, optim=replace(cfg.optim, warmup_steps=min(100, max(1, max_steps // 10))))
     dtype = next(model.parameters()).dtype
-    module, opt = build_training(model, args, dtype, topo)
+    module, opt = build_training(model, cfg, dtype, topo)
     # The pipeline calls the stage itself (ddp.py's and zero.py's hooks live on its parameters and modules).
-    peak = peak_flops(device, dtype, getattr(args, "gpu", "h100")) * topo.world  # MFU of all devices together
-    module = torch.compile(module) if args.compile else module
-    run = Run(args, topo, device, model, model if topo.pp > 1 else module, opt, batches, val, max_steps, meta, fpt,
-              peak, zero=args.zero if topo.dp * topo.cp > 1 else 0, rank0=topo.rank == 0, out=Path(args.out))
+    peak = peak_flops(device, dtype, gpu) * topo.world  # MFU of all devices together
+    module = torch.compile(module) if cfg.settings.compile else module
+    run = Run(cfg, topo, device, model, model if topo.pp > 1 else module, opt, batches, val,
+              max_steps, meta, fpt, peak, zero=cfg.layout.zero if topo.dp * topo.cp > 1 else 0,
+              rank0=topo.rank == 0, out=Path(cfg.settings.out))
     if ckpt:
         resume(run, ckpt)
     if run.rank0:
@@ -410,20 +430,23 @@ def start(args, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=No
         elapsed = checkpoint.truncate_metrics(run.out / "metrics.jsonl", run.step if ckpt else -1)
         run.t_start = time.perf_counter() - elapsed
         run.metrics = open(run.out / "metrics.jsonl", "a")
-        if args.warmup_steps >= max_steps > 0:
-            print(f"warning: --warmup-steps {args.warmup_steps} is not below the run's {max_steps} steps: the "
-                  f"learning rate never reaches --lr {args.lr:g}", flush=True)
+        if cfg.optim.warmup_steps >= max_steps > 0:
+            print(f"warning: --warmup-steps {cfg.optim.warmup_steps} is not below the run's "
+                  f"{max_steps} steps: the learning rate never reaches --lr {cfg.optim.lr:g}",
+                  flush=True)
     return run
 
 
 def describe_layout(run):
     """How a global batch is cut and where it runs, for the first log line."""
-    args, topo = run.args, run.topo
-    n_micro = args.grad_accum * args.microbatches
-    return (f"{args.batch_size // (n_micro * topo.dp)} x {n_micro} micro-batches x {topo.dp} data-parallel"
+    lay, topo = run.cfg.layout, run.topo
+    n_micro = lay.grad_accum * lay.microbatches
+    sp = lay.sequence_parallel and topo.tp > 1
+    return (f"{lay.batch_size // (n_micro * topo.dp)} x {n_micro} micro-batches x {topo.dp} "
+            "data-parallel"
             + (f" (ZeRO stage {run.zero})" if run.zero else " (ddp.py)" if topo.dp * topo.cp > 1 else "")
-            + f" | tp {topo.tp}" + (" (sequence-parallel)" if args.sequence_parallel and topo.tp > 1 else "")
-            + f" | pp {topo.pp}" + (f" ({args.pp_schedule})" if topo.pp > 1 else "")
+            + f" | tp {topo.tp}" + (" (sequence-parallel)" if sp else "")
+            + f" | pp {topo.pp}" + (f" ({lay.pp_schedule})" if topo.pp > 1 else "")
             + (f" | ep {topo.ep}" if topo.ep > 1 else "")
             + (f" | cp {topo.cp} (ring attention)" if topo.cp > 1 else ""))
 
@@ -440,16 +463,16 @@ def log(run, record, line):
 
 def train_step(run):
     """One optimizer step: the learning rate, forward and backward, the expert gradients, the update."""
-    lr = lr_at(run.step, run.args, run.max_steps)
+    lr = lr_at(run.step, run.cfg.optim, run.max_steps)
     for g in run.opt.param_groups:
         g["lr"] = lr
     micro_batches = run.batches.next()
     tokens, labels = global_counts(micro_batches, run.topo, run.device)
-    loss = forward_backward(run.module, micro_batches, run.topo, run.args.pp_schedule, run.opt.scale_loss,
-                            run.device, run.opt.no_sync, labels)
+    loss = forward_backward(run.module, micro_batches, run.topo, run.cfg.layout.pp_schedule,
+                            run.opt.scale_loss, run.device, run.opt.no_sync, labels)
     if run.topo.ep > 1:  # expert gradients: summed over their replicas, / dp (moe.py); dense ones are done
         moe.reduce_expert_grads(run.model, run.topo.dp, run.topo.expert_dp_group)
-    grad_norm, skipped = run.opt.step(run.args.grad_clip, read=False)
+    grad_norm, skipped = run.opt.step(run.cfg.optim.grad_clip, read=False)
     run.opt.zero_grad()
     run.step += 1
     loss = mean_over_dp(loss, run.topo)  # the global batch's loss, the same on every rank
@@ -489,7 +512,8 @@ def log_step(run, rec):
     scaler = run.opt.scaler
     if scaler.enabled:
         rec["loss_scale"] = scaler.scale
-    if getattr(run.args, "experts", 0):  # the balancing loss, the routed share of the busiest and idlest expert
+    # The balancing loss, the routed share of the busiest and idlest expert.
+    if run.cfg.moe is not None and run.cfg.moe.experts:
         rec["aux_loss"] = float(moe.aux_loss(run.model).detach())
         rec["expert_load_max"], rec["expert_load_min"] = moe.load_spread(run.model)
     masked = run.labels_since < run.tokens_since
@@ -504,42 +528,43 @@ def log_step(run, rec):
 
 
 def evaluate_now(run):
-    val_loss = evaluate(run.module, run.val, run.device, run.topo, run.args.microbatches)
+    val_loss = evaluate(run.module, run.val, run.device, run.topo, run.cfg.layout.microbatches)
     run.val_losses.append(val_loss)
     log(run, {"step": run.step, "val_loss": val_loss}, f"step {run.step:5d} | val loss {val_loss:.4f}")
 
 
 def train_loop(run):
     """Evaluate at step 0; step; log, evaluate (and at the end), save (and when this invocation stops)."""
-    args = run.args
+    settings = run.cfg.settings
     if run.step == 0:
         evaluate_now(run)
-    stop_at = min(run.max_steps, run.step + args.stop_after) if args.stop_after else run.max_steps
+    stop_after = settings.stop_after
+    stop_at = min(run.max_steps, run.step + stop_after) if stop_after else run.max_steps
     run.t_last = time.perf_counter()
     signal.signal(signal.SIGINT, lambda *_: interrupted(run, "by Ctrl-C"))
     signal.signal(signal.SIGTERM, lambda *_: interrupted(run, "by SIGTERM"))
     while run.step < stop_at:
         rec = train_step(run)
         run.pending.append(rec)
-        logs = run.step % args.log_every == 0 or run.step == stop_at
+        logs = run.step % settings.log_every == 0 or run.step == stop_at
         # Read at log steps, and before a save (a diverged state is never saved).
-        reason = read_pending(run) if logs or run.step % args.save_every == 0 else None
+        reason = read_pending(run) if logs or run.step % settings.save_every == 0 else None
         if logs or reason:
             log_step(run, rec)
         if reason:
             log(run, {"step": run.step, "stopped": reason}, f"step {run.step:5d} | stopped: the run cannot train")
             raise TrainingStopped(f"step {run.step}: {reason}; last good checkpoint: {describe_last_good(run)}")
         t_pause = time.perf_counter()
-        if run.step % args.eval_every == 0 or run.step == run.max_steps:
+        if run.step % settings.eval_every == 0 or run.step == run.max_steps:
             evaluate_now(run)
-        if run.step % args.save_every == 0 or run.step == stop_at:
+        if run.step % settings.save_every == 0 or run.step == stop_at:
             save(run)
         run.t_last += time.perf_counter() - t_pause  # evaluation and saving are not training throughput
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if run.step < run.max_steps and run.rank0:
-        print(f"stopped at step {run.step} (--stop-after {args.stop_after}); rerun the same command to continue "
-              f"from step {run.last_good}", flush=True)
+        print(f"stopped at step {run.step} (--stop-after {stop_after}); rerun the same command to "
+              f"continue from step {run.last_good}", flush=True)
     return run
 
 

@@ -32,9 +32,9 @@ CFG, T, B = PRESETS["gpt2-124m"], 32, 4
 
 
 def build(topo, zero):
-    args = pretrain.build_parser().parse_args(["--zero", str(zero), "--amp", "bf16", "--lr", "1e-4"])
-    model = training.build_model(CFG, topo, 0, torch.device("cpu"), torch.bfloat16, args=args)
-    return (model, *training.build_training(model, args, torch.bfloat16, topo))
+    cfg = pretrain.parse(["--zero", str(zero), "--amp", "bf16", "--lr", "1e-4"])
+    model = training.build_model(CFG, topo, 0, torch.device("cpu"), torch.bfloat16, experts=cfg.moe)
+    return (model, *training.build_training(model, cfg, torch.bfloat16, topo))
 
 
 def _ranks(rank, world, out):

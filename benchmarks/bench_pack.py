@@ -63,7 +63,7 @@ def batch_sizes(base, pack, args):
     way: sft.py's batches with its seed)."""
     init = sft.load_init(base)
     enc, T = data.get_tokenizer(init["tokenizer"]), init["model_config"]["block_size"]
-    train_ex, _ = sft.read_examples(argparse.Namespace(data=None, val_data=None))
+    train_ex, _ = sft.read_examples(None, None)
     rows, _ = sft.tokenize(train_ex, enc, T)
 
     def make(r):  # the batch, and its examples' own tokens

@@ -80,7 +80,8 @@ def test_packed_rows_in_bf16_match_the_masked_path():
 @pytest.mark.parametrize("cuda,expected", [(True, "bf16"), (False, "fp32")])
 def test_amp_auto_is_bf16_on_cuda_and_fp32_on_a_cpu(monkeypatch, tmp_path, cuda, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    args = pretrain.build_parser().parse_args(["--out", str(tmp_path / "run"), "--batch-size", "4"])
-    assert args.amp == "auto"
-    flags.check_args(args, 1)
-    assert args.amp == expected  # resolved before the run's identity (training.SAME_RUN) is recorded
+    cfg = pretrain.parse(["--out", str(tmp_path / "run"), "--batch-size", "4"])
+    assert cfg.settings.amp == "auto"
+    flags.check_args(cfg, 1)
+    # resolved before the run's identity (training.SAME_RUN) is recorded; the parsed one unchanged
+    assert flags.resolved(cfg).settings.amp == expected and cfg.settings.amp == "auto"

@@ -34,11 +34,12 @@ def build(topo, zero=0, amp="fp32", experts=0, lora_targets=None):
     flags = ["--zero", str(zero), "--lr", "1e-2", "--bucket-mb", "0.01", "--amp", amp]
     if experts:
         flags += ["--experts", str(experts), "--topk", "2", "--ep", str(topo.ep)]
-    args = pretrain.build_parser().parse_args(flags)
+    cfg = pretrain.parse(flags)
     dtype = torch.float64 if amp == "fp32" else torch.float16
     adapt = (lambda m: lora.apply_lora(m, r=2, targets=lora_targets)) if lora_targets else None  # noqa: E731
-    model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=dtype, args=args, adapt=adapt)
-    module, opt = training.build_training(model, args, dtype, topo)
+    model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=dtype,
+                                 experts=cfg.moe, adapt=adapt)
+    module, opt = training.build_training(model, cfg, dtype, topo)
     return model, module, opt
 
 

@@ -154,9 +154,9 @@ def train(topo, zero=0):
     losses of the steps, then a held-out loss (evaluate)."""
     flash_attn.TWIN_BLOCK = 4  # several tiles per chunk
     model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64)
-    args = pretrain.build_parser().parse_args(["--zero", str(zero), "--lr", "1e-2", "--bucket-mb", "0.01",
-                                               "--attn", "flash", "--cp", str(topo.cp)])
-    module, opt = training.build_training(model, args, torch.float64, topo)
+    cfg = pretrain.parse(["--zero", str(zero), "--lr", "1e-2", "--bucket-mb", "0.01", "--attn",
+                          "flash", "--cp", str(topo.cp)])
+    module, opt = training.build_training(model, cfg, torch.float64, topo)
     losses, norms = [], []
     for step in range(STEPS):
         mine = micro_batches(step)
@@ -283,8 +283,8 @@ def test_sft_refuses_packing_with_context_parallel(tmp_path, capsys, monkeypatch
 
 def test_without_cp_any_sequence_length_is_accepted():
     """The 2cp-chunks rule applies under --cp only: an odd --seq-len trains without it."""
-    args = pretrain.build_parser().parse_args(["--seq-len", "31"])
-    flags.check_model_layout(PRESETS["tiny"], args, "model 'tiny'")  # no error
+    tiny = PRESETS["tiny"]
+    flags.check_model_layout(tiny, pretrain.parse(["--seq-len", "31"]), "model 'tiny'")  # no error
     with pytest.raises(flags.TopologyError, match="divisible by 4 \\(got 31\\)"):
-        flags.check_model_layout(PRESETS["tiny"], pretrain.build_parser().parse_args(
-            ["--seq-len", "31", "--cp", "2", "--attn", "flash"]), "model 'tiny'")
+        cp = pretrain.parse(["--seq-len", "31", "--cp", "2", "--attn", "flash"])
+        flags.check_model_layout(tiny, cp, "model 'tiny'")

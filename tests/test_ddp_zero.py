@@ -24,8 +24,8 @@ STEPS, GLOBAL_BATCH, GRAD_ACCUM, CLIP = 3, 8, 2, 0.5
 
 def args_for(zero, amp="fp32", bucket_mb=0.01):
     # A tiny bucket size so that the model spans several buckets, as a real model does.
-    return pretrain.build_parser().parse_args(["--zero", str(zero), "--amp", amp, "--lr", "1e-2",
-                                               "--bucket-mb", str(bucket_mb)])
+    return pretrain.parse(["--zero", str(zero), "--amp", amp, "--lr", "1e-2",
+                           "--bucket-mb", str(bucket_mb)])
 
 
 def tokens():

@@ -31,8 +31,8 @@ LAYOUTS = [  # (tp, pp, ep, experts, LoRA targets) on 4 ranks
 
 
 def flags(ep, experts):
-    return pretrain.build_parser().parse_args(["--experts", str(experts), "--topk", "2", "--ep", str(ep)]
-                                              if experts else [])
+    argv = ["--experts", str(experts), "--topk", "2", "--ep", str(ep)] if experts else []
+    return pretrain.parse(argv).moe
 
 
 def adapter(targets):
@@ -65,7 +65,7 @@ def _pieces(rank, world):
     for tp, pp, ep, experts, targets in LAYOUTS:
         topo = Topology(tp=tp, pp=pp, ep=ep)
         model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64,
-                                     args=flags(ep, experts), adapt=adapter(targets))
+                                     experts=flags(ep, experts), adapt=adapter(targets))
         out.append((topo.tp_rank, {lora.full_name(model, n): p.detach() for n, p in model.named_parameters()}))
     return out
 
@@ -144,9 +144,9 @@ def _init_onto_layouts(rank, world, out):
     """Save seed 0's model from a tp 2 layout (a run's folder), consolidate it and export it to a Hugging Face
     folder (rank 0), then build tp 2 and pp 2 models from each of the three, with another seed."""
     topo = Topology(tp=2)
-    args = pretrain.build_parser().parse_args([])
+    cfg = pretrain.parse([])
     model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64)
-    _, opt = training.build_training(model, args, torch.float64, topo)
+    _, opt = training.build_training(model, cfg, torch.float64, topo)
     config = model_lib.config_dict(replace(CFG, attn="-"))
     checkpoint.save(out / "run", 1, model, opt, topo, {"model_config": config, "tokenizer": "bytes"})
     if rank == 0:

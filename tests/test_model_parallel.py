@@ -47,9 +47,9 @@ def train(topo, cfg=CFG, schedule="1f1b", zero=0, sp=False):
     the micro-batches, so that the mean of the ranks' means is the one process's mean."""
     model = training.build_model(cfg, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64,
                                  sequence_parallel=sp)
-    args = pretrain.build_parser().parse_args(["--zero", str(zero), "--lr", "1e-2", "--weight-decay", "0.1",
-                                               "--bucket-mb", "0.01"])
-    module, opt = training.build_training(model, args, torch.float64, topo)
+    config = pretrain.parse(["--zero", str(zero), "--lr", "1e-2", "--weight-decay", "0.1",
+                             "--bucket-mb", "0.01"])
+    module, opt = training.build_training(model, config, torch.float64, topo)
     losses, norms = [], []
     for step in range(STEPS):
         mine = micro_batches(step)[topo.dp_rank * N_MICRO // topo.dp:(topo.dp_rank + 1) * N_MICRO // topo.dp]
@@ -241,8 +241,8 @@ def _fp16_overflow_on_rank0(rank, world):
     for tp, pp, zero in ((2, 2, 0), (2, 1, 2)):
         topo = Topology(tp=tp, pp=pp)
         model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float16)
-        args = pretrain.build_parser().parse_args(["--zero", str(zero), "--amp", "fp16"])
-        module, opt = training.build_training(model, args, torch.float16, topo)
+        config = pretrain.parse(["--zero", str(zero), "--amp", "fp16"])
+        module, opt = training.build_training(model, config, torch.float16, topo)
         before = [p.detach().clone() for p in model.parameters()]
         mine = micro_batches(0)[topo.dp_rank * N_MICRO // topo.dp:(topo.dp_rank + 1) * N_MICRO // topo.dp]
         training.forward_backward(model if pp > 1 else module, mine, topo, "1f1b", opt.scale_loss, "cpu",

@@ -2,9 +2,12 @@
 command of its code blocks (after `make pretrain` and `make sft`, the Makefile's) trains into a folder of its own,
 unless it is the same run (the same flags but the layout's and the logging's), which continues there; a command
 with --fresh starts its folder over. A collision would be refused at run time ("OUT holds another run")."""
+import dataclasses
 import re
 import shlex
 from pathlib import Path
+
+import pytest
 
 import flags
 import pretrain
@@ -45,7 +48,7 @@ def test_readme_commands_never_share_a_folder():
         args = (pretrain if script == "pretrain.py" else sft).build_parser().parse_args(argv)
         if getattr(args, "estimate", False):
             continue  # the calculator: trains nothing, writes nothing
-        out = args.out or flags.run_folder(args, script.removesuffix(".py"))
+        out = args.out or flags.run_folder(vars(args), script.removesuffix(".py"))
         what = {k: v for k, v in vars(args).items() if k not in flags.HOW_FLAGS}
         if not args.fresh:
             assert holds.setdefault(out, (what, line))[0] == what, \
@@ -59,6 +62,24 @@ def test_the_default_folder_follows_what_is_computed():
     """Another learning rate: another folder; another layout of the same run: the same one."""
     parse = pretrain.build_parser().parse_args
     a, b, c = parse(["--lr", "1e-3"]), parse(["--lr", "2e-3"]), parse(["--lr", "1e-3", "--tp", "2", "--zero", "3"])
-    assert flags.run_folder(a, "pretrain") != flags.run_folder(b, "pretrain")
-    assert flags.run_folder(a, "pretrain") == flags.run_folder(c, "pretrain")
-    assert re.fullmatch(r"out/pretrain-[0-9a-f]{8}", flags.run_folder(a, "pretrain"))
+    folder = lambda args: flags.run_folder(vars(args), "pretrain")  # noqa: E731
+    assert folder(a) != folder(b) and folder(a) == folder(c)
+    assert re.fullmatch(r"out/pretrain-[0-9a-f]{8}", folder(a))
+    assert pretrain.parse(["--lr", "1e-3"]).settings.out == folder(a)  # the config's --out
+
+
+@pytest.mark.parametrize("prog,argv", [
+    ("pretrain", ["--lr", "2e-3", "--tp", "2", "--experts", "4"]),
+    ("sft", ["--lora-r", "4", "--pack", "--out", "out/x"])])
+def test_the_config_holds_every_flag_once_and_is_never_changed(prog, argv):
+    """flags.from_args splits the parsed flags into frozen parts and the entry point's own; flat()
+    gives back exactly the flags parsed (what checkpoints record, what the folder's name hashes)."""
+    entry = pretrain if prog == "pretrain" else sft
+    args, cfg = entry.build_parser().parse_args(argv), entry.parse(argv)
+    assert cfg.flat() == vars(args) | {"out": cfg.settings.out}
+    assert (cfg.moe is not None) == (prog == "pretrain")  # (sft.py's come from its --init)
+    for part in (cfg.optim, cfg.task):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            part.seed = 1
+    resolved = flags.resolved(cfg)  # --amp auto: a new config, the parsed one as it was
+    assert resolved.settings.amp in ("bf16", "fp32") and cfg.settings.amp == "auto"

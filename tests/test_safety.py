@@ -258,8 +258,9 @@ def test_a_finished_run_goes_on_with_a_larger_max_steps(runs, tmp_path, capsys):
     assert f"--max-steps 5: the run in {out} was planned for 3 steps; its learning-rate schedule changes from " \
            "step 2 (the cosine decay now ends at step 5)" in said, said
     lr = [checkpoint.json.loads(l)["lr"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"lr"' in l]
-    args = pretrain.build_parser().parse_args(argv)
-    assert again["step"] == 3 and lr[-1] == training.lr_at(2, args, 5) != training.lr_at(2, args, 3)
+    optim = pretrain.parse(argv).optim
+    assert again["step"] == 3
+    assert lr[-1] == training.lr_at(2, optim, 5) != training.lr_at(2, optim, 3)
     with pytest.raises(SystemExit) as e:
         pretrain.main(argv + ["--max-steps", "2", "--out", str(out)])
     err = capsys.readouterr().err.strip()
@@ -270,6 +271,9 @@ def test_a_finished_run_goes_on_with_a_larger_max_steps(runs, tmp_path, capsys):
 def test_a_longer_run_keeps_the_warm_up_it_had(tmp_path, capsys):
     """Without --warmup-steps the warm-up is a tenth of the run: going from 10 to 1000 steps must not restart it
     (100 steps of warm-up at step 10)."""
-    args = pretrain.build_parser().parse_args(["--out", str(tmp_path)])
-    training.change_length(args, {"identity": {"max_steps": 10}, "step": 10, "args": {"warmup_steps": 1}}, 1000)
-    assert args.warmup_steps == 1 and "schedule changes from step 10" in capsys.readouterr().out
+    cfg = pretrain.parse(["--out", str(tmp_path)])
+    ckpt = {"identity": {"max_steps": 10}, "step": 10, "args": {"warmup_steps": 1}}
+    longer = training.change_length(cfg, ckpt, 1000)
+    assert longer.optim.warmup_steps == 1
+    assert "schedule changes from step 10" in capsys.readouterr().out
+    assert cfg.optim.warmup_steps is None  # the config parsed is left as it was

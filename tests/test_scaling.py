@@ -1,10 +1,12 @@
 """scaling.py: the fits recover known exponents from synthetic data; a 3-run micro-sweep trains, records, resumes."""
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+import model
 import scaling
 
 TRUE = {"E": 1.69, "A": 406.4, "alpha": 0.34, "B": 410.7, "beta": 0.28}  # Chinchilla's fitted law
@@ -57,3 +59,21 @@ def test_micro_sweep_trains_records_and_resumes(tmp_path, stdlib_data, capsys):
     for r in recs:  # each trained for its budget's tokens, and learnt something (bytes start at ln 256 = 5.5)
         assert r["D"] == r["steps"] * scaling.SEQ_LEN * scaling.BATCH and r["flops"] <= 1.5e9 * 1.5
         assert 0 < r["val_loss"] < math.log(256)
+
+
+def test_a_run_is_a_call_of_the_training_loop_that_resumes(tmp_path, stdlib_data):
+    """scaling.train runs training.py's loop on a config, in this process: stopped half-way
+    (stop_after) and called again, it goes on from its checkpoint and ends where an uninterrupted
+    run ends, bit for bit (fp32, one process). The shape is passed, never registered as a preset."""
+    presets = dict(model.PRESETS)
+    run = scaling.plan([1.5e9], ladder=[(1, 16)], tokens_per_param=(0, math.inf), min_steps=1)[0]
+    shape = scaling.shape(1, 16)
+    whole = scaling.train(scaling.config_for(run, tmp_path / "whole", 3e-3), shape)
+    cfg = scaling.config_for(run, tmp_path / "halves", 3e-3)
+    half = replace(cfg, settings=replace(cfg.settings, stop_after=run["steps"] // 2))
+    first = scaling.train(half, shape)
+    second = scaling.train(cfg, shape)
+    assert whole.step == second.step == run["steps"] and first.step == run["steps"] // 2
+    assert first.losses + second.losses == whole.losses
+    assert second.val_losses[-1] == whole.val_losses[-1]
+    assert model.PRESETS == presets

@@ -5,7 +5,6 @@ import contextlib
 import json
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -109,7 +108,7 @@ def moe_init(path):
     """An MoE base as pretrain.py --experts 4 --topk 2 writes it: the experts' flags travel in its args."""
     flags = {"experts": 4, "topk": 2, "moe_layers": "all", "capacity_factor": None, "aux_loss_weight": 1e-2}
     torch.manual_seed(0)
-    model = moe.with_experts(Transformer(CFG), SimpleNamespace(**flags))
+    model = moe.with_experts(Transformer(CFG), moe.MoEConfig(**flags))
     cfg = {**asdict(CFG), "attn": "-", "activation_checkpointing": False}
     path.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "model_config": cfg, "tokenizer": "bytes", "args": flags},
@@ -179,14 +178,14 @@ def step_batches(step, multiple, packed):
 
 
 def train_sft(topo, tp, pp, schedule, zero, sp, use_lora, packed):
-    args = sft.build_parser().parse_args(["--zero", str(zero), "--lr", "1e-2", "--weight-decay", "0.1",
-                                          "--bucket-mb", "0.01"])
+    cfg = sft.parse(["--zero", str(zero), "--lr", "1e-2", "--weight-decay", "0.1",
+                     "--bucket-mb", "0.01"])
 
     def adapt(model):
         lora.apply_lora(model, r=4, alpha=8.0, targets=TARGETS, seed=0)
     model = training.build_model(CFG, topo, 0, torch.device("cpu"), torch.float64, sp, weights=BASE,
                                  adapt=adapt if use_lora else None)
-    module, opt = training.build_training(model, args, torch.float64, topo)
+    module, opt = training.build_training(model, cfg, torch.float64, topo)
     losses, norms = [], []
     for step in range(STEPS):
         batches = step_batches(step, tp if sp else 1, packed)
@@ -260,8 +259,7 @@ def _lora_tp(rank, world):
     base, adapted = build(), build(lambda m: lora.apply_lora(m, r=4, alpha=8.0, targets=TARGETS, seed=0))
     step0_equal = torch.equal(base(x)[0], adapted(x)[0])
     own = sum(p.numel() for p in adapted.parameters() if p.requires_grad and not tensor_parallel.is_tp_duplicate(p))
-    args = sft.build_parser().parse_args(["--lr", "1e-2"])
-    _, opt = training.build_training(adapted, args, torch.float64, topo)
+    _, opt = training.build_training(adapted, sft.parse(["--lr", "1e-2"]), torch.float64, topo)
     for step in range(2):
         training.forward_backward(adapted, step_batches(step, 1, False), topo, "1f1b", opt.scale_loss, "cpu")
         opt.step(0.0)
