@@ -239,9 +239,9 @@ def test_bad_context_parallel_layouts_are_refused(tmp_path, capsys, monkeypatch,
 def test_cp_picks_the_attention_it_needs(tmp_path, argv, attn):
     """Without --attn, --cp > 1 takes flash_attn.py's blocks (ring attention's), and no --cp sdpa;
     a given --attn is kept (a contradicting one is refused above)."""
-    args = pretrain.build_parser().parse_args(argv + ["--out", str(tmp_path / "run")])
-    flags.check_args(args, 2)
-    assert args.attn == attn
+    cfg = pretrain.parse(argv + ["--out", str(tmp_path / "run")])
+    flags.check_args(cfg, 2)
+    assert flags.resolved(cfg).settings.attn == attn
 
 
 def _sft(rank, world, argv):
