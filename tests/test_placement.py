@@ -32,9 +32,9 @@ def _pieces(rank, world):
     for tp, pp, ep in LAYOUTS:
         topo = Topology(tp=tp, pp=pp, ep=ep)
         flags = ["--experts", "4", "--topk", "2", "--ep", str(ep)]
-        args = pretrain.build_parser().parse_args(flags)
+        cfg = pretrain.parse(flags)
         model = stack.build_model(CFG, topo, seed=0, device=torch.device("cpu"),
-                                  dtype=torch.float64, args=args, adapt=adapt)
+                                  dtype=torch.float64, experts=cfg.moe, adapt=adapt)
         boxes = describe(model)
         pieces = []
         for n, p in model.named_parameters():
