@@ -20,8 +20,9 @@ bf16 has fp32's exponent range and needs no scaling.
 Memory per parameter: 16 bytes either way, fp32 4 (weight) + 4 (gradient) + 8 (Adam's m and v), bf16/fp16
 2 + 2 + 12 (fp32 master, m, v), the 12 being what zero.py shards first. During the step this file also holds
 the fp32 master gradients (4 bytes more per parameter), made from the 16-bit ones and dropped after the update.
-By default (training.py) the 16-bit gradients are added up in fp32 from the start instead (accumulate_main_grads,
-Megatron-LM's main_grad): 2 + 4 + 12, that fp32 gradient being the master gradient itself.
+By default (stack.build_training) the 16-bit gradients are added up in fp32 from the start instead
+(accumulate_main_grads, Megatron-LM's main_grad): 2 + 4 + 12, that fp32 gradient being the master
+gradient itself.
 
 A run that cannot train must stop rather than skip every step to the end (DivergenceGuard): K = 8 steps in a
 row with an inf/nan loss (or, in fp32/bf16, gradient norm), or in fp16 the loss scale below a floor of 1, ends
@@ -200,7 +201,7 @@ def global_grad_norm(grads, reduce_fn=None, expert_grads=(), expert_reduce_fn=No
         a replicated parameter (a norm's gain) has the same gradient on every tp rank and is left out on all
         but tp rank 0 (its placement's tp_duplicate, placement.py).
       - pipeline parallel: each stage's blocks are distinct and summed over the pp group.
-        (training.grad_norm_reduce builds `reduce_fn` for tp and pp; zero.py puts its dp sum in front.)
+        (stack.grad_norm_reduce builds `reduce_fn` for tp and pp; zero.py puts its dp sum in front.)
       - expert parallel, moe.py: this rank's own experts (placement.py: expert_parallel) are not
         held by the other ranks of its ep group. Under ddp.py they come in as `expert_grads` and
         `expert_reduce_fn` sums their part over the ep group before it joins the rest. Under

@@ -3,7 +3,7 @@
 The idea: every parameter is drawn from its own generators, seeded by (the model's seed, its name in
 the whole model, the block of rows): a pipeline stage, a tensor-parallel slice or an expert-parallel
 rank's experts can be drawn on their own, equal to the same part of the whole model's.
-training.build_model builds this rank's pieces on the meta device; materialize then allocates only
+stack.build_model builds this rank's pieces on the meta device; materialize then allocates only
 them and fills each with init_values of its box.
 
 The values (init_rule): ones for the norms' gains; N(0, 0.02) for embeddings and linears, with

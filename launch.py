@@ -12,8 +12,9 @@ its own: a restarted rank connected to a dead rank's port and failed, or waited 
 timeout. Each attempt's rank 0 therefore serves a store of its own, empty, and the group is built in it; joining
 gives up after --dist-timeout seconds in one line.
 
-Run: not on its own; training.py calls both before any process group exists (tests/test_launch.py kills a worker
-under torchrun and checks that the restarted run continues bit for bit).
+Run: not on its own; training.py (lock_run) and stack.py (join_process_group) call them before any
+process group exists (tests/test_launch.py kills a worker under torchrun and checks that the
+restarted run continues bit for bit).
 """
 import atexit
 import errno

@@ -24,7 +24,8 @@ slice of `blocks` and calls `embed`, `body` and `head` separately; moe.py swaps 
 Linears. That is why attention reshapes with -1 heads and why the forward is three small methods. And why the
 initial values are drawn by parameter name (init.py: one generator per block of rows of a parameter, seeded by
 the model's seed and the parameter's name in the whole model): a rank can build its own stage, slices and
-experts on their own (training.build_model, on the meta device first), equal to the same part of the whole model.
+experts on their own (stack.build_model, on the meta device first), equal to the same part of the
+whole model.
 
 Demo: `python model.py` prints the presets with their parameter counts and FLOPs per token, then checks that
 the naive and SDPA attention backends agree.
@@ -316,7 +317,8 @@ class Transformer(nn.Module):
                                                                   cfg.n_layer, p.dtype, device))
 
     def set_rope_tables(self, device=None):
-        """The rotary tables, on `device` (again after a build on the meta device: training.build_model)."""
+        """The rotary tables, on `device` (again after a build on the meta device:
+        stack.build_model)."""
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.block_size, self.cfg.rope_theta, self.cfg.rope_scaling)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)

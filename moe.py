@@ -158,11 +158,11 @@ class MoE(nn.Module):
 
 
 def shard_experts(moe, ep_rank, ep, ep_group, expert_dp_rank=0):
-    """Keep only this rank's E/ep experts of a whole MoE (real, or on the meta device: training.build_model), and
-    record their placement (placement.py): each its number in the whole layer (this rank's own:
-    ddp.py neither broadcasts nor averages them, zero.py does not shard them; reduce_expert_grads
-    reduces them) and which replica of its expert-data group holds it (the gradient norm counts
-    each expert once: amp.global_grad_norm)."""
+    """Keep only this rank's E/ep experts of a whole MoE (real, or on the meta device:
+    stack.build_model), and record their placement (placement.py): each its number in the whole
+    layer (this rank's own: ddp.py neither broadcasts nor averages them, zero.py does not shard
+    them; reduce_expert_grads reduces them) and which replica of its expert-data group holds it (the
+    gradient norm counts each expert once: amp.global_grad_norm)."""
     check_moe(moe.E, moe.k, moe.capacity_factor, ep)
     n = moe.E // ep
     moe.experts = nn.ModuleList(list(moe.experts)[ep_rank * n:(ep_rank + 1) * n])

@@ -47,7 +47,7 @@ def stage_layers(n_layer, pp, stage):
 
 def keep_stage(model, topo):
     """Keep only this stage's part of a full model.Transformer (real, or on the meta device:
-    training.build_model). The blocks kept keep their names in the whole model (placement.py)."""
+    stack.build_model). The blocks kept keep their names in the whole model (placement.py)."""
     name_whole(model)
     if topo.pp == 1:
         model.first_layer = 0

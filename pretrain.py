@@ -34,6 +34,7 @@ import estimate
 import flags
 import launch
 import moe
+import stack
 import tensor_parallel
 import training
 from amp import DTYPES, TrainingStopped
@@ -143,7 +144,7 @@ def train(cfg):
     task, settings = cfg.task, cfg.settings
     if task.estimate:  # estimate.py on this run's flags (others: python estimate.py --help)
         return estimate.main(flags=cfg.flat())
-    rank, world, device = training.setup_distributed(settings.device)
+    rank, world, device = stack.setup_distributed(settings.device)
     check_args(cfg, world)
     cfg = flags.resolved(cfg)  # --amp auto: the precision that runs, recorded in the run's identity
     ckpt = training.read_checkpoint(cfg.settings, rank)
@@ -185,14 +186,14 @@ def build_and_train(cfg, model_cfg, data_dir, meta, world, device, ckpt):
         weights = read_init(task.init, model_config, tokenizer, cfg.moe.experts)
 
     # Every check has passed: only now are the process groups built.
-    topo = training.build_topology(lay, world, device, cfg.settings.dist_timeout)
+    topo = stack.build_topology(lay, world, device, cfg.settings.dist_timeout)
     n_micro = lay.grad_accum * lay.microbatches
     seed = cfg.settings.seed
     batches = data_lib.Batches(data_dir, T, lay.batch_size, topo.dp_rank, topo.dp, n_micro, seed)
     val = data_lib.eval_batches(data_dir, T, lay.batch_size // lay.grad_accum, task.eval_iters,
                                 topo.dp_rank, topo.dp)
-    model = training.build_model(model_cfg, topo, seed, device, DTYPES[amp], lay.sequence_parallel,
-                                 cfg.moe, weights=weights, fp8=amp == "fp8")
+    model = stack.build_model(model_cfg, topo, seed, device, DTYPES[amp], lay.sequence_parallel,
+                              cfg.moe, weights=weights, fp8=amp == "fp8")
     run = training.start(cfg, topo, device, model, batches, val, max_steps,
                          {"tokenizer": tokenizer, "model_config": model_config, "identity": identity},
                          flops_per_token(model_cfg, n_mm, T), ckpt, task.gpu)

@@ -47,6 +47,7 @@ import torch
 import data as data_lib
 import flags
 import model as model_lib
+import stack
 import training
 from model import Transformer, config_dict, flops_per_token, num_params, pad_vocab
 
@@ -102,7 +103,7 @@ def train(cfg, model_cfg, eval_iters=20):
     """One run of training.py's loop in this process, on the embedded corpus: resumed from its
     checkpoint when cfg's --out holds one of the same run. Returns training.Run."""
     cfg = flags.resolved(cfg)  # (--attn unset: sdpa)
-    _, _, device = training.setup_distributed(cfg.settings.device)
+    _, _, device = stack.setup_distributed(cfg.settings.device)
     ckpt = training.read_checkpoint(cfg.settings, 0)
     data_dir = data_lib.ensure_default_data(data_lib.DEFAULT_TOKENIZER)
     meta = data_lib.load_meta(data_dir, data_lib.DEFAULT_TOKENIZER)
@@ -110,11 +111,11 @@ def train(cfg, model_cfg, eval_iters=20):
     model_config = config_dict(replace(model_cfg, attn="-"))
     identity = training.check_same_run(cfg, ckpt, max_steps=cfg.optim.max_steps,
                                        model_config=model_config, tokenizer=meta["tokenizer"])
-    topo = training.build_topology(cfg.layout, 1, device, cfg.settings.dist_timeout)
+    topo = stack.build_topology(cfg.layout, 1, device, cfg.settings.dist_timeout)
     lay = cfg.layout
     batches = data_lib.Batches(data_dir, lay.seq_len, lay.batch_size, 0, 1, 1, cfg.settings.seed)
     val = data_lib.eval_batches(data_dir, lay.seq_len, lay.batch_size, eval_iters)
-    model = training.build_model(model_cfg, topo, cfg.settings.seed, device, torch.float32)
+    model = stack.build_model(model_cfg, topo, cfg.settings.seed, device, torch.float32)
     meta = {"tokenizer": meta["tokenizer"], "model_config": model_config, "identity": identity}
     run = training.start(cfg, topo, device, model, batches, val, cfg.optim.max_steps, meta,
                          counts(model_cfg)[1], ckpt)

@@ -58,6 +58,7 @@ import launch
 import lora as lora_lib
 import moe
 import sft_data
+import stack
 import tensor_parallel
 import training
 from amp import DTYPES, TrainingStopped
@@ -321,7 +322,7 @@ def main(argv=None):
 
 def train(cfg):
     task, settings = cfg.task, cfg.settings
-    rank, world, device = training.setup_distributed(settings.device)
+    rank, world, device = stack.setup_distributed(settings.device)
     dp = check_args(cfg, world)
     cfg = flags.resolved(cfg)  # --amp auto: the precision that runs, recorded in the run's identity
     ckpt = training.read_checkpoint(cfg.settings, rank)
@@ -358,7 +359,7 @@ def build_and_train(cfg, model_cfg, init, enc, rows, identity, world, device, ck
     """The process groups, the batches, the model (LoRA-wrapped), and the loop."""
     task, lay, amp = cfg.task, cfg.layout, cfg.settings.amp
     train_rows, val_rows, _, skipped = rows
-    topo = training.build_topology(lay, world, device, cfg.settings.dist_timeout)
+    topo = stack.build_topology(lay, world, device, cfg.settings.dist_timeout)
     T = lay.seq_len or model_cfg.block_size
     # rows cut over tp (sequence-parallel) and into 2 cp chunks
     multiple = math.lcm(lay.tp if lay.sequence_parallel else 1, 2 * lay.cp if lay.cp > 1 else 1)
@@ -373,10 +374,10 @@ def build_and_train(cfg, model_cfg, init, enc, rows, identity, world, device, ck
     mine, bs = val_rows[topo.dp_rank::topo.dp], lay.batch_size // (lay.grad_accum * topo.dp)
     val = [make(mine[i:i + bs]) for i in range(0, len(mine), bs)]
     model_config = init["model_config"]
-    model = training.build_model(model_cfg, topo, cfg.settings.seed, device, DTYPES[amp],
-                                 lay.sequence_parallel, cfg.moe, weights=init["model"],
-                                 fp8=amp == "fp8",
-                                 adapt=add_lora(task, cfg.settings.seed, model_config))
+    model = stack.build_model(model_cfg, topo, cfg.settings.seed, device, DTYPES[amp],
+                              lay.sequence_parallel, cfg.moe, weights=init["model"],
+                              fp8=amp == "fp8",
+                              adapt=add_lora(task, cfg.settings.seed, model_config))
     lora_config = getattr(model, "lora_config", None)
     if ckpt and ckpt.get("lora") != lora_config:
         raise ConfigError(f"{cfg.settings.out} holds a run with LoRA settings {ckpt.get('lora')}, "

@@ -32,8 +32,8 @@ only T/t positions each, so their gradients are summed over the ranks (an f on t
 
 Each rank's slice holds exactly the values of the same rows or columns of the single-process model (drawn by
 parameter name from one seed: init.init_values), so the tensor-parallel model computes what the single-process
-one does, up to summation order. (training.build_model slices a model on the meta device, then allocates and
-fills only the slices; the demo below slices a real one.)
+one does, up to summation order. (stack.build_model slices a model on the meta device, then
+allocates and fills only the slices; the demo below slices a real one.)
 
 Demo: `torchrun --nproc_per_node 2 tensor_parallel.py` checks loss and gradients against one process (float64),
 without and with sequence parallelism.
@@ -301,7 +301,7 @@ def check_divisible(cfg, tp):
 def parallelize(model, topo, sequence_parallel=False):
     """Swap a (pipeline stage of a) model.Transformer's linears and embeddings for their tensor-parallel
     versions holding this rank's slice. Call on the full model (real, or on the meta device: then the slices are
-    meta tensors of the slices' shapes, for training.build_model to allocate and fill).
+    meta tensors of the slices' shapes, for stack.build_model to allocate and fill).
     With sequence_parallel the activations between blocks are (B, T/tp, d): T must divide by tp."""
     model.sequence_shards = topo.tp if sequence_parallel else 1  # pipeline.py sends activations of this shape
     name_whole(model)  # (the slices keep their names in the whole model)

@@ -5,7 +5,7 @@ ranks that held them; the whole model is those pieces assembled (full_state_dict
 memory-mapped, each piece copied into place). `consolidate` writes it as one file; `load_weights`
 reads whatever a user hands over (a run's folder, a step folder, such a file, or a Hugging Face
 folder: hf.py), for sft.py --init, pretrain.py --init and generation. It reads nothing yet: each
-tensor is memory-mapped (SavedWeights for a folder), and training.build_model copies out only the
+tensor is memory-mapped (SavedWeights for a folder), and stack.build_model copies out only the
 blocks a rank holds (read_box), so a rank of a large model never holds the whole one.
 
 The consolidated file: torch.save of {"model": state dict, "model_config", "tokenizer", "args",

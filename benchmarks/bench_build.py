@@ -1,15 +1,16 @@
 """bench_build.py: the memory of building a rank's model, whole-then-cut against meta-then-materialise.
 
-Each case is one fresh process that builds rank r of a world-4 layout (a topology of the right coordinates and
-no process group: building communicates nothing) and reports its peak resident memory (VmHWM, from
-/proc/self/status) right after training.build_model and the optimizer's construction, next to the bytes of the
-parameters it holds and to its resident memory before building (torch imported, a tiny model built once so that
-torch's own first-use allocations are not counted as the model's). Two ways to build:
+Each case is one fresh process that builds rank r of a world-4 layout (a topology of the right
+coordinates and no process group: building communicates nothing) and reports its peak resident
+memory (VmHWM, from /proc/self/status) right after stack.build_model and the optimizer's
+construction, next to the bytes of the parameters it holds and to its resident memory before
+building (torch imported, a tiny model built once so that torch's own first-use allocations are not
+counted as the model's). Two ways to build:
 
     whole   the whole model on the device (every parameter allocated and drawn), then cut to the rank's stage,
             slices and experts: what every rank did before the meta build (its peak: the whole model)
-    meta    training.build_model: built on the meta device, cut there, only the rank's pieces allocated and
-            drawn (its peak: its pieces plus one block of draws)
+    meta    stack.build_model: built on the meta device, cut there, only the rank's pieces allocated
+            and drawn (its peak: its pieces plus one block of draws)
 
 and the same for --init: the whole state dict read into memory and loaded into the whole model, against the
 file memory-mapped and only this rank's blocks copied out (weights.read_box). ZeRO-3 is not in the picture: its
@@ -35,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pipeline  # noqa: E402
 import tensor_parallel  # noqa: E402
-import training  # noqa: E402
+import stack  # noqa: E402
 from model import PRESETS, Transformer  # noqa: E402
 from weights import load_weights  # noqa: E402
 
@@ -64,13 +65,14 @@ def child(model_name, layout, rank, how, init):
     tp, pp = LAYOUTS[layout]
     topo = fake_topology(rank, tp, pp)
     tiny = replace(PRESETS["tiny"], n_layer=pp, n_head=4 * tp, n_kv_head=tp)
-    training.build_model(tiny, topo, 0, torch.device("cpu"), torch.float32)  # warm-up: torch's first-use costs
-    Transformer(tiny)  # (about 100 MB of lazy initialisation) are not the model's
+    # warm-up: torch's first-use costs (about 100 MB of lazy initialisation) are not the model's
+    stack.build_model(tiny, topo, 0, torch.device("cpu"), torch.float32)
+    Transformer(tiny)
     before = rss_mb("VmRSS")
     t0 = time.perf_counter()
     if how == "meta":
         weights = load_weights(init)["model"] if init else None
-        model = training.build_model(cfg, topo, 0, torch.device("cpu"), torch.float32, weights=weights)
+        model = stack.build_model(cfg, topo, 0, torch.device("cpu"), torch.float32, weights=weights)
     else:  # the whole model first, as every rank built it before
         torch.manual_seed(0)
         model = Transformer(cfg)

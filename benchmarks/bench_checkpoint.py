@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import checkpoint  # noqa: E402
 import pretrain  # noqa: E402
+import stack  # noqa: E402
 import training  # noqa: E402
 import hf  # noqa: E402
 import weights  # noqa: E402
@@ -33,8 +34,8 @@ CFG, T, B = PRESETS["gpt2-124m"], 32, 4
 
 def build(topo, zero):
     cfg = pretrain.parse(["--zero", str(zero), "--amp", "bf16", "--lr", "1e-4"])
-    model = training.build_model(CFG, topo, 0, torch.device("cpu"), torch.bfloat16, experts=cfg.moe)
-    return (model, *training.build_training(model, cfg, torch.bfloat16, topo))
+    model = stack.build_model(CFG, topo, 0, torch.device("cpu"), torch.bfloat16, experts=cfg.moe)
+    return (model, *stack.build_training(model, cfg, torch.bfloat16, topo))
 
 
 def _ranks(rank, world, out):

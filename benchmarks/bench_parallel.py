@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pipeline  # noqa: E402
 import tensor_parallel  # noqa: E402
-import training  # noqa: E402
+import stack  # noqa: E402
 from amp import DynamicLossScaler  # noqa: E402
 from benchmarks.bench_dp import report_ratios  # noqa: E402
 from model import PRESETS, Transformer  # noqa: E402
@@ -62,7 +62,8 @@ def zero3_tp(rank, impl):
         torch.manual_seed(0)
         model = tensor_parallel.parallelize(Transformer(CFG), topo)
         opt = ZeroOptimizer(model, [{"params": list(model.parameters())}], adamw, DynamicLossScaler(False),
-                            group=topo.dp_group, stage=3, norm_reduce_fn=training.grad_norm_reduce(topo))
+                            group=topo.dp_group, stage=3,
+                            norm_reduce_fn=stack.grad_norm_reduce(topo))
 
         def step(x):
             _, loss = model(x[:, :-1], x[:, 1:])

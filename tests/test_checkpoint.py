@@ -13,6 +13,7 @@ import checkpoint
 import lora
 import moe
 import pretrain
+import stack
 import training
 import weights
 from model import PRESETS, config_dict
@@ -37,9 +38,9 @@ def build(topo, zero=0, amp="fp32", experts=0, lora_targets=None):
     cfg = pretrain.parse(flags)
     dtype = torch.float64 if amp == "fp32" else torch.float16
     adapt = (lambda m: lora.apply_lora(m, r=2, targets=lora_targets)) if lora_targets else None  # noqa: E731
-    model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=dtype,
-                                 experts=cfg.moe, adapt=adapt)
-    module, opt = training.build_training(model, cfg, dtype, topo)
+    model = stack.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=dtype,
+                              experts=cfg.moe, adapt=adapt)
+    module, opt = stack.build_training(model, cfg, dtype, topo)
     return model, module, opt
 
 

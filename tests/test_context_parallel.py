@@ -15,6 +15,7 @@ import torch
 import flash_attn
 import flags
 import pretrain
+import stack
 import tensor_parallel
 import training
 from context_parallel import (ring_attention, ring_schedule, schedule_work, zigzag_chunks, zigzag_positions,
@@ -149,14 +150,14 @@ def micro_batches(step):
 
 
 def train(topo, zero=0):
-    """training.py's pieces in float64: build_model (ring attention under cp), build_training over dp x cp,
-    forward_backward on each dp rank's share of the rows (every cp rank of a replica takes the same rows); the
-    losses of the steps, then a held-out loss (evaluate)."""
+    """stack.py's and training.py's pieces in float64: build_model (ring attention under cp),
+    build_training over dp x cp, forward_backward on each dp rank's share of the rows (every cp rank
+    of a replica takes the same rows); the losses of the steps, then a held-out loss (evaluate)."""
     flash_attn.TWIN_BLOCK = 4  # several tiles per chunk
-    model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64)
+    model = stack.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64)
     cfg = pretrain.parse(["--zero", str(zero), "--lr", "1e-2", "--bucket-mb", "0.01", "--attn",
                           "flash", "--cp", str(topo.cp)])
-    module, opt = training.build_training(model, cfg, torch.float64, topo)
+    module, opt = stack.build_training(model, cfg, torch.float64, topo)
     losses, norms = [], []
     for step in range(STEPS):
         mine = micro_batches(step)

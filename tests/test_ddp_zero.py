@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import pretrain
-import training
+import stack
 from amp import MixedPrecisionOptimizer
 from model import PRESETS, Transformer
 from topology import Topology
@@ -69,7 +69,7 @@ def reference():
     model = build(0)
     # (computed inside every rank, beside the process group)
     one_process = SimpleNamespace(dp=1, cp=1, dp_group=None, dp_cp_group=None)
-    module, opt = training.build_training(model, args_for(0), torch.float64, one_process)
+    module, opt = stack.build_training(model, args_for(0), torch.float64, one_process)
     assert isinstance(opt, MixedPrecisionOptimizer) and module is model  # one process: no wrapping at all
     losses, norms = train(model, module, opt, tokens())
     return losses, norms, [p.detach().clone() for p in model.parameters()]
@@ -82,7 +82,7 @@ def _parity(rank, world):
     out = {}
     for zero in (0, 1, 2, 3):
         model = build(0 if rank == 0 else 100 + rank)  # a different start on every rank: the broadcast repairs it
-        module, opt = training.build_training(model, args_for(zero), torch.float64, topo)
+        module, opt = stack.build_training(model, args_for(zero), torch.float64, topo)
         losses, norms = train(model, module, opt, tokens(), rank, world, topo.dp_group)
         with opt.gathered() if zero == 3 else contextlib.nullcontext():
             params = [p.detach().clone() for p in model.parameters()]
@@ -131,7 +131,7 @@ def _fp16_overflow_on_one_rank(rank, world):
         model = Transformer(CFG)
         from amp import cast_model
         cast_model(model, torch.float16)
-        module, opt = training.build_training(model, args_for(zero, amp="fp16"), torch.float16, topo)
+        module, opt = stack.build_training(model, args_for(zero, amp="fp16"), torch.float16, topo)
         with opt.gathered() if zero == 3 else contextlib.nullcontext():
             before = [p.detach().clone() for p in model.parameters()]
         x = tokens()[0].chunk(world)[rank]

@@ -10,6 +10,7 @@ import types
 import torch
 
 import pretrain
+import stack
 import training
 from tests.distributed import refused_before_any_group
 
@@ -43,7 +44,7 @@ def test_fp32_runs_on_cuda_use_tf32(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     try:
-        assert training.setup_distributed("cuda")[2].type == "cuda"
+        assert stack.setup_distributed("cuda")[2].type == "cuda"
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision("highest")

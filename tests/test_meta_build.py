@@ -1,7 +1,8 @@
-"""training.build_model builds on the meta device and allocates only this rank's pieces: each piece equals the same
-part of the one-process model (float64, exactly) whatever the layout, LoRA and experts included; no rank ever holds
-more than its share while building; --init weights (a run's folder, a consolidated file, a Hugging Face folder)
-are read block by block onto a layout, equal to the whole weights' slices."""
+"""stack.build_model builds on the meta device and allocates only this rank's pieces: each piece
+equals the same part of the one-process model (float64, exactly) whatever the layout, LoRA and
+experts included; no rank ever holds more than its share while building; --init weights (a run's
+folder, a consolidated file, a Hugging Face folder) are read block by block onto a layout, equal to
+the whole weights' slices."""
 import re
 import weakref
 from dataclasses import replace
@@ -14,9 +15,10 @@ import checkpoint
 import init
 import lora
 import model as model_lib
+import pipeline
 import pretrain
+import stack
 import tensor_parallel
-import training
 import weights
 from model import PRESETS, Transformer
 from moe import add_moe
@@ -64,8 +66,9 @@ def _pieces(rank, world):
     out = []
     for tp, pp, ep, experts, targets in LAYOUTS:
         topo = Topology(tp=tp, pp=pp, ep=ep)
-        model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64,
-                                     experts=flags(ep, experts), adapt=adapter(targets))
+        model = stack.build_model(CFG, topo, seed=0, device=torch.device("cpu"),
+                                  dtype=torch.float64, experts=flags(ep, experts),
+                                  adapt=adapter(targets))
         out.append((topo.tp_rank, {lora.full_name(model, n): p.detach() for n, p in model.named_parameters()}))
     return out
 
@@ -115,11 +118,12 @@ def _peak_bytes(rank, world, tp, pp, meta):
     topo = Topology(tp=tp, pp=pp)
     with LiveBytes() as mode:
         if meta:
-            model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float32)
+            model = stack.build_model(CFG, topo, seed=0, device=torch.device("cpu"),
+                                      dtype=torch.float32)
         else:  # what building meant before: the whole model, then cut
             torch.manual_seed(0)
             whole = Transformer(CFG)
-            model = tensor_parallel.parallelize(training.pipeline.keep_stage(whole, topo), topo)
+            model = tensor_parallel.parallelize(pipeline.keep_stage(whole, topo), topo)
         mine = sum(p.numel() * p.element_size() for p in model.parameters())
     return mode.peak, mine
 
@@ -145,8 +149,8 @@ def _init_onto_layouts(rank, world, out):
     folder (rank 0), then build tp 2 and pp 2 models from each of the three, with another seed."""
     topo = Topology(tp=2)
     cfg = pretrain.parse([])
-    model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64)
-    _, opt = training.build_training(model, cfg, torch.float64, topo)
+    model = stack.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64)
+    _, opt = stack.build_training(model, cfg, torch.float64, topo)
     config = model_lib.config_dict(replace(CFG, attn="-"))
     checkpoint.save(out / "run", 1, model, opt, topo, {"model_config": config, "tokenizer": "bytes"})
     if rank == 0:
@@ -159,8 +163,8 @@ def _init_onto_layouts(rank, world, out):
         assert init["model_config"] == config
         for tp, pp in ((2, 1), (1, 2)):
             topo = Topology(tp=tp, pp=pp)
-            m = training.build_model(CFG, topo, seed=1, device=torch.device("cpu"), dtype=torch.float64,
-                                     weights=init["model"])
+            m = stack.build_model(CFG, topo, seed=1, device=torch.device("cpu"),
+                                  dtype=torch.float64, weights=init["model"])
             got[source, tp, pp] = (topo.tp_rank, {lora.full_name(m, n): p.detach() for n, p in m.named_parameters()})
     return got
 
@@ -185,4 +189,4 @@ def test_init_weights_that_do_not_fit_are_one_line(tmp_path):
             (sd | {"blocks.0.mlp.router.weight": sd["norm.weight"]}, "the weights hold blocks.0.mlp.router.weight, "
                                                                      "which this model has not")]:
         with pytest.raises(checkpoint.CheckpointError, match=message):
-            training.build_model(CFG, topo, 0, cpu, torch.float32, weights=weights_given)
+            stack.build_model(CFG, topo, 0, cpu, torch.float32, weights=weights_given)

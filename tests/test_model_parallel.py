@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 import pipeline
 import pretrain
+import stack
 import training
 import tensor_parallel
 from amp import grad_of
@@ -42,14 +43,15 @@ def full_name(name, model):
 
 
 def train(topo, cfg=CFG, schedule="1f1b", zero=0, sp=False):
-    """training.py's pieces, in float64: the model cut and sliced, the optimizer (DDP or ZeRO over dp) with
-    clipping and the norm reduction, the step function. Each data-parallel rank takes its contiguous share of
-    the micro-batches, so that the mean of the ranks' means is the one process's mean."""
-    model = training.build_model(cfg, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64,
-                                 sequence_parallel=sp)
+    """stack.py's and training.py's pieces, in float64: the model cut and sliced, the optimizer (DDP
+    or ZeRO over dp) with clipping and the norm reduction, the step function. Each data-parallel
+    rank takes its contiguous share of the micro-batches, so that the mean of the ranks' means is
+    the one process's mean."""
+    model = stack.build_model(cfg, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64,
+                              sequence_parallel=sp)
     config = pretrain.parse(["--zero", str(zero), "--lr", "1e-2", "--weight-decay", "0.1",
                              "--bucket-mb", "0.01"])
-    module, opt = training.build_training(model, config, torch.float64, topo)
+    module, opt = stack.build_training(model, config, torch.float64, topo)
     losses, norms = [], []
     for step in range(STEPS):
         mine = micro_batches(step)[topo.dp_rank * N_MICRO // topo.dp:(topo.dp_rank + 1) * N_MICRO // topo.dp]
@@ -240,9 +242,10 @@ def _fp16_overflow_on_rank0(rank, world):
     out = []
     for tp, pp, zero in ((2, 2, 0), (2, 1, 2)):
         topo = Topology(tp=tp, pp=pp)
-        model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float16)
+        model = stack.build_model(CFG, topo, seed=0, device=torch.device("cpu"),
+                                  dtype=torch.float16)
         config = pretrain.parse(["--zero", str(zero), "--amp", "fp16"])
-        module, opt = training.build_training(model, config, torch.float16, topo)
+        module, opt = stack.build_training(model, config, torch.float16, topo)
         before = [p.detach().clone() for p in model.parameters()]
         mine = micro_batches(0)[topo.dp_rank * N_MICRO // topo.dp:(topo.dp_rank + 1) * N_MICRO // topo.dp]
         training.forward_backward(model if pp > 1 else module, mine, topo, "1f1b", opt.scale_loss, "cpu",

@@ -10,7 +10,7 @@ import torch
 
 import lora
 import pretrain
-import training
+import stack
 from model import PRESETS, Transformer
 from moe import add_moe
 from placement import WHOLE, describe, full_name, placement_of
@@ -32,9 +32,9 @@ def _pieces(rank, world):
     for tp, pp, ep in LAYOUTS:
         topo = Topology(tp=tp, pp=pp, ep=ep)
         flags = ["--experts", "4", "--topk", "2", "--ep", str(ep)]
-        args = pretrain.build_parser().parse_args(flags)
-        model = training.build_model(CFG, topo, seed=0, device=torch.device("cpu"),
-                                     dtype=torch.float64, args=args, adapt=adapt)
+        cfg = pretrain.parse(flags)
+        model = stack.build_model(CFG, topo, seed=0, device=torch.device("cpu"),
+                                  dtype=torch.float64, experts=cfg.moe, adapt=adapt)
         boxes = describe(model)
         pieces = []
         for n, p in model.named_parameters():

@@ -1,5 +1,5 @@
 """sft.py on the parallel layouts against one process on the same global batch: through sft.py on data-parallel
-ranks (fp32), and every layout of training.py's stack on SFT batches in float64 (ZeRO-3, tp, sequence parallel,
+ranks (fp32), and every layout of stack.py on SFT batches in float64 (ZeRO-3, tp, sequence parallel,
 pp with both schedules, all at once on 8 ranks, LoRA on tp and with ZeRO-3, packed rows through all of them)."""
 import contextlib
 import json
@@ -14,6 +14,7 @@ import data
 import lora
 import moe
 import sft
+import stack
 import tensor_parallel
 import training
 from model import Transformer
@@ -157,8 +158,9 @@ def test_lora_on_the_experts_of_an_moe_base_with_expert_parallelism(tmp_path, fi
 
 
 # ------------------------------------------------------------------------------- every layout, float64
-# training.py's pieces on SFT batches (masked labels, rows of different lengths), in float64: the model built from
-# one base state dict, sliced and adapted, stepped with clipping active; against one process on the same batches.
+# stack.py's and training.py's pieces on SFT batches (masked labels, rows of different lengths), in
+# float64: the model built from one base state dict, sliced and adapted, stepped with clipping
+# active; against one process on the same batches.
 ENC = data.get_tokenizer("bytes")
 EOT = data.eot_id(ENC)
 STEPS, N_MICRO, CLIP = 3, 4, 0.05          # 4 micro-batches of 2 examples per step
@@ -183,9 +185,9 @@ def train_sft(topo, tp, pp, schedule, zero, sp, use_lora, packed):
 
     def adapt(model):
         lora.apply_lora(model, r=4, alpha=8.0, targets=TARGETS, seed=0)
-    model = training.build_model(CFG, topo, 0, torch.device("cpu"), torch.float64, sp, weights=BASE,
-                                 adapt=adapt if use_lora else None)
-    module, opt = training.build_training(model, cfg, torch.float64, topo)
+    model = stack.build_model(CFG, topo, 0, torch.device("cpu"), torch.float64, sp, weights=BASE,
+                              adapt=adapt if use_lora else None)
+    module, opt = stack.build_training(model, cfg, torch.float64, topo)
     losses, norms = [], []
     for step in range(STEPS):
         batches = step_batches(step, tp if sp else 1, packed)
@@ -253,13 +255,14 @@ def _lora_tp(rank, world):
     x = torch.tensor([ROWS[0][0][:40], ROWS[1][0][:40]])
 
     def build(adapt=None):
-        model = training.build_model(CFG, topo, 0, torch.device("cpu"), torch.float64, weights=BASE, adapt=adapt)
+        model = stack.build_model(CFG, topo, 0, torch.device("cpu"), torch.float64, weights=BASE,
+                                  adapt=adapt)
         tensor_parallel.set_gather_output(model, True)
         return model
     base, adapted = build(), build(lambda m: lora.apply_lora(m, r=4, alpha=8.0, targets=TARGETS, seed=0))
     step0_equal = torch.equal(base(x)[0], adapted(x)[0])
     own = sum(p.numel() for p in adapted.parameters() if p.requires_grad and not tensor_parallel.is_tp_duplicate(p))
-    _, opt = training.build_training(adapted, sft.parse(["--lr", "1e-2"]), torch.float64, topo)
+    _, opt = stack.build_training(adapted, sft.parse(["--lr", "1e-2"]), torch.float64, topo)
     for step in range(2):
         training.forward_backward(adapted, step_batches(step, 1, False), topo, "1f1b", opt.scale_loss, "cpu")
         opt.step(0.0)
