@@ -83,3 +83,14 @@ def test_the_config_holds_every_flag_once_and_is_never_changed(prog, argv):
             part.seed = 1
     resolved = flags.resolved(cfg)  # --amp auto: a new config, the parsed one as it was
     assert resolved.settings.amp in ("bf16", "fp32") and cfg.settings.amp == "auto"
+
+
+def test_every_link_of_the_readme_and_its_pages_resolves():
+    """The README is the map: each relative link of it and of docs/ names a file that exists."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    links = [(page, target) for page in pages
+             for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text())
+             if not target.startswith("http")]
+    assert len(links) > 50 and len(pages) > 10, (len(links), len(pages))
+    missing = [f"{page.name}: {target}" for page, target in links if not (page.parent / target).exists()]
+    assert not missing, missing
