@@ -64,7 +64,7 @@ def build_model(cfg, topo, seed, device, dtype, sequence_parallel=False, experts
     MLPs if asked) is built on the meta device (shapes, no memory), cut there to this pipeline
     stage's blocks, this tensor-parallel rank's slices and this expert-parallel rank's experts, and
     only then are the pieces left allocated on `device` and filled: each from the whole model's
-    initial values (model.init_values: drawn by parameter name from `seed`, the same whatever the
+    initial values (init.init_values: drawn by parameter name from `seed`, the same whatever the
     layout), or from `weights` (the whole model's tensors by name, fine-tuning's starting point: a
     memory-mapped state dict or weights.SavedWeights, of which only this rank's blocks are read).
     `experts`: moe.MoEConfig (None: dense). Then `adapt(model)` (LoRA), then the compute precision
