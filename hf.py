@@ -357,11 +357,19 @@ def is_tokenizer_folder(tokenizer):
     return any((Path(tokenizer) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
 
 
+# <|endoftext|>'s id in tiktoken's own encodings (tiktoken_ext/openai_public.py), known without their ranks,
+# whose download a machine offline cannot make: a run trained with one exports and loads anywhere.
+TIKTOKEN_EOT = {"gpt2": 50256, "r50k_base": 50256, "p50k_base": 50256, "p50k_edit": 50256,
+                "cl100k_base": 100257, "o200k_base": 199999, "o200k_harmony": 199999}
+
+
 def special_ids(tokenizer):
     """{"bos", "eos", "pad"}: the ids generation and export need (None where there is none): a tokenizer folder's
     (folder_special_ids), or for "bytes" and tiktoken encodings the end-of-text token as eos."""
     if is_tokenizer_folder(tokenizer):
         return folder_special_ids(Path(tokenizer))
+    if tokenizer in TIKTOKEN_EOT:
+        return {"bos": None, "eos": TIKTOKEN_EOT[tokenizer], "pad": None}
     try:
         return {"bos": None, "eos": data_lib.eot_id(data_lib.get_tokenizer(tokenizer)), "pad": None}
     except data_lib.DataError as e:  # (a folder that has moved, or an encoding this machine cannot load)

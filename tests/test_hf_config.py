@@ -3,13 +3,15 @@ rope_parameters), Llama 3.1's rope scaling and a head_dim of its own against for
 token ids, and what export-hf writes for transformers (tied head, ids, generation_config.json, tokenizer files)."""
 import json
 import math
+import re
 from dataclasses import asdict, replace
 
 import pytest
 import torch
 
-import pretrain
+import data
 import hf
+import pretrain
 import weights
 from model import ADDED_FIELDS, PRESETS, ModelConfig, Transformer, config_dict
 from tests import test_model_parallel
@@ -226,3 +228,26 @@ def test_export_of_a_byte_level_run_names_its_tokenizer_and_end_of_text(tmp_path
             }.items() <= config.items()
     assert "lm_head.weight" in hf.read_safetensors(tmp_path / "out" / "model.safetensors")
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == 256
+
+
+def test_a_tiktoken_run_exports_offline_with_tiktokens_own_end_of_text(tmp_path, monkeypatch):
+    """A run trained with --tokenizer gpt2 exports on a machine that cannot download gpt2's ranks: the
+    end-of-text ids are tiktoken's own (read here from tiktoken's source, not from the table)."""
+    import tiktoken_ext.openai_public as openai_public
+    source = open(openai_public.__file__).read()
+    for name, eot in hf.TIKTOKEN_EOT.items():
+        body = source.split(f"def {name}():")[1].split("\ndef ")[0]
+        ids = re.findall(r'(?:ENDOFTEXT|"<\|endoftext\|>"): (\d+)', body)
+        if name == "o200k_harmony":  # (its special tokens start from o200k_base's)
+            ids = ids or re.findall(r"ENDOFTEXT: (\d+)", source.split("def o200k_base():")[1].split("\ndef ")[0])
+        assert ids and int(ids[-1]) == eot, (name, ids, eot)
+
+    def offline(name):
+        raise data.DataError(f"--tokenizer {name!r} could not be loaded (no network)")
+    monkeypatch.setattr(data, "get_tokenizer", offline)
+    torch.manual_seed(0)
+    cfg = replace(PRESETS["tiny"], vocab_size=50304)
+    torch.save({"model": Transformer(cfg).state_dict(), "model_config": config_dict(cfg), "tokenizer": "gpt2"},
+               tmp_path / "model.pt")
+    config = hf.export_hf(tmp_path / "model.pt", tmp_path / "out")
+    assert config["eos_token_id"] == 50256 and config["tokenizer"] == "gpt2"
