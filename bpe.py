@@ -1,45 +1,50 @@
-"""bpe.py: a pretrained model's tokenizer, from its Hugging Face folder, as a tiktoken Encoding (offline).
+"""bpe.py: a pretrained model's tokenizer, from its Hugging Face folder, as a tiktoken Encoding
+(offline).
 
-The idea: byte-level BPE (GPT-2, Radford et al. 2019; Sennrich et al. 2016 for BPE on words) cuts text in
-three steps. (1) A regex splits it into pieces ("pre-tokens": words with their leading space, numbers,
-punctuation runs, whitespace runs), so that no token ever spans two of them. (2) Each piece becomes its UTF-8
-bytes. (3) Starting from one token per byte, the adjacent pair whose merge was learned first is merged, again
-and again, until no adjacent pair has a learned merge. Training learned the merges in order (the most frequent
-pair of the corpus, merged everywhere, then the next): merge i is the i-th thing learned, so it has rank i,
-and the lowest rank goes first.
+The idea: byte-level BPE (GPT-2, Radford et al. 2019; Sennrich et al. 2016 for BPE on words) cuts
+text in three steps. (1) A regex splits it into pieces ("pre-tokens": words with their leading
+space, numbers, punctuation runs, whitespace runs), so that no token ever spans two of them. (2)
+Each piece becomes its UTF-8 bytes. (3) Starting from one token per byte, the adjacent pair whose
+merge was learned first is merged, again and again, until no adjacent pair has a learned merge.
+Training learned the merges in order (the most frequent pair of the corpus, merged everywhere, then
+the next): merge i is the i-th thing learned, so it has rank i, and the lowest rank goes first.
 
 tiktoken runs step (3) on ranks attached to tokens, not to pairs: it merges the adjacent pair whose
-concatenation is the token of lowest rank, and a token's rank is its id. A tokenizer.json gives a vocabulary
-{token: id} and a list of merges "a b" in learned order; so the ranks are the ids, which is exact when the
-merge that makes each token comes in the order of the ids (true of every BPE trained the usual way: token
-256 + i is what merge i made, after the bytes, or after a few special tokens placed first; checked here), and
-when the merge listed for each token is the pair that merging by rank reaches inside it: so for the BPEs that
-tests/test_bpe.py trains, and for files converted from tiktoken, which list every pair (Llama 3's). That is not
-checked (seconds per load): a file whose merges list other pairs encodes differently from the Hugging Face
-library. Tokens that no merge makes and that are not bytes are unreachable by BPE and are left out, unless
-ignore_merges (Llama 3) says a piece that is a whole token is that token, as tiktoken does.
+concatenation is the token of lowest rank, and a token's rank is its id. A tokenizer.json gives a
+vocabulary {token: id} and a list of merges "a b" in learned order; so the ranks are the ids, which
+is exact when the merge that makes each token comes in the order of the ids (true of every BPE
+trained the usual way: token 256 + i is what merge i made, after the bytes, or after a few special
+tokens placed first; checked here), and when the merge listed for each token is the pair that
+merging by rank reaches inside it: so for the BPEs that tests/test_bpe.py trains, and for files
+converted from tiktoken, which list every pair (Llama 3's). That is not checked (seconds per load):
+a file whose merges list other pairs encodes differently from the Hugging Face library. Tokens that
+no merge makes and that are not bytes are unreachable by BPE and are left out, unless ignore_merges
+(Llama 3) says a piece that is a whole token is that token, as tiktoken does.
 
-GPT-2's byte-to-unicode map: tokenizer.json stores tokens as text, each byte written as one printable
-character: the 188 printable bytes (! to ~, ¡ to ¬, ® to ÿ) as themselves, the other 68 (control bytes, space,
-...) as chr(256 + n) in byte order, so a space is "Ġ" and a newline "Ċ". Reading a token is mapping each
-character back to its byte.
+GPT-2's byte-to-unicode map: tokenizer.json stores tokens as text, each byte written as one
+printable character: the 188 printable bytes (! to ~, ¡ to ¬, ® to ÿ) as themselves, the other 68
+(control bytes, space, ...) as chr(256 + n) in byte order, so a space is "Ġ" and a newline "Ċ".
+Reading a token is mapping each character back to its byte.
 
-The pre-tokenizer becomes tiktoken's one regex: ByteLevel's own (GPT-2's pattern), a Split regex (Llama 3,
-Qwen2: a pattern that matches every character), or Digits (SmolLM: every numeric character alone) before
-GPT-2's pattern, written as one pattern where a digit ends a whitespace run as the end of the text would.
-A Split keeps the text between matches as pieces: the pattern gets "|(?:(?!R)[\\s\\S])+" for them. An NFC
-normalizer (Qwen2) is applied before encoding; any other normalizer, a prefix space, SentencePiece-style BPE
+The pre-tokenizer becomes tiktoken's one regex: ByteLevel's own (GPT-2's pattern), a Split regex
+(Llama 3, Qwen2: a pattern that matches every character), or Digits (SmolLM: every numeric character
+alone) before GPT-2's pattern, written as one pattern where a digit ends a whitespace run as the end
+of the text would. A Split keeps the text between matches as pieces: the pattern gets
+"|(?:(?!R)[\\s\\S])+" for them. An NFC normalizer (Qwen2) is applied before encoding; any other
+normalizer, a prefix space, SentencePiece-style BPE
 (byte_fallback, "▁" for spaces), Unigram or WordPiece is refused in one line. Added tokens (<|endoftext|>,
 <|im_start|>, ...) become tiktoken's special tokens: text that contains them encodes them with allowed_special.
 
-Llama 3's tokenizer.model is tiktoken's own format (one "base64(token) rank" per line) with Llama 3's regex
-and 256 special tokens after the vocabulary; a SentencePiece tokenizer.model (protobuf: Llama 2, Mistral) is
-refused. The end-of-sequence token is the folder's eos_token (tokenizer_config.json, else generation_config.json
-or config.json's eos_token_id); the chat template (tokenizer_config.json's chat_template or chat_template.jinja)
-is kept on the Encoding for chat.py.
+Llama 3's tokenizer.model is tiktoken's own format (one "base64(token) rank" per line) with Llama
+3's regex and 256 special tokens after the vocabulary; a SentencePiece tokenizer.model (protobuf:
+Llama 2, Mistral) is refused. The end-of-sequence token is the folder's eos_token
+(tokenizer_config.json, else generation_config.json or config.json's eos_token_id); the chat
+template (tokenizer_config.json's chat_template or chat_template.jinja) is kept on the Encoding for
+chat.py.
 
-Run: `python bpe.py FOLDER "some text"` prints the ids and pieces; `python bpe.py` learns 300 merges on this
-file's source, writes them as a GPT-2-style tokenizer.json into a temporary folder and encodes with it.
+Run: `python bpe.py FOLDER "some text"` prints the ids and pieces; `python bpe.py` learns 300 merges
+on this file's source, writes them as a GPT-2-style tokenizer.json into a temporary folder and
+encodes with it.
 """
 import base64
 import binascii
@@ -69,7 +74,8 @@ class TokenizerError(ValueError):
 
 @functools.cache
 def bytes_to_unicode():
-    """GPT-2's map from each byte to the printable character that stands for it in tokenizer.json."""
+    """GPT-2's map from each byte to the printable character that stands for it in
+    tokenizer.json."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     extra = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(extra)}}
@@ -89,8 +95,8 @@ def token_bytes(token, where):
 
 
 class FolderEncoding(tiktoken.Encoding):
-    """A tiktoken Encoding that also knows its folder's end-of-sequence token, stop tokens, BOS and chat
-    template; with an NFC normalizer, text is normalized before it is encoded."""
+    """A tiktoken Encoding that also knows its folder's end-of-sequence token, stop tokens, BOS and
+    chat template; with an NFC normalizer, text is normalized before it is encoded."""
 
     def __init__(self, folder, *, pat_str, mergeable_ranks, special_tokens, eos_token, bos_token="", stop_ids=(),
                  chat_template=None, nfc=False):
@@ -111,9 +117,10 @@ class FolderEncoding(tiktoken.Encoding):
         return super().encode(unicodedata.normalize("NFC", text) if self.nfc else text, **kwargs)
 
 
-# ------------------------------------------------------------------------------------------- tokenizer.json
+# ----------------------------------------------------------------------------------- tokenizer.json
 def ranks_from_merges(model, where):
-    """{token bytes: id} for the 256 bytes and every token a merge makes; the ids must follow merge order."""
+    """{token bytes: id} for the 256 bytes and every token a merge makes; the ids must follow merge
+    order."""
     vocab, ranks = model.get("vocab"), {}
     if not isinstance(vocab, dict) or not isinstance(model.get("merges"), list):
         raise TokenizerError(f"{where}: model.vocab must be an object and model.merges a list")
@@ -123,10 +130,12 @@ def ranks_from_merges(model, where):
         ranks[token_bytes(c, where)] = vocab[c]
     last = -1
     for i, merge in enumerate(model["merges"]):
-        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge  # "a b" (older files) or ["a", "b"]
+        # "a b" (older files) or ["a", "b"]
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
         made = token_bytes(a + b, where)
         if made in ranks:
-            continue  # a token several merges make (Llama 3 lists every split): its first merge ranks it
+            # a token several merges make (Llama 3 lists every split): its first merge ranks it
+            continue
         if a + b not in vocab:
             raise TokenizerError(f"{where}: merge {i} ({a!r} {b!r}) makes {a + b!r}, which is not in the vocabulary")
         if vocab[a + b] <= last:
@@ -137,7 +146,8 @@ def ranks_from_merges(model, where):
 
 
 def split_pattern(p, where):
-    """A Split pre-tokenizer (matches isolated, the text between them kept as pieces) as a findall pattern."""
+    """A Split pre-tokenizer (matches isolated, the text between them kept as pieces) as a findall
+    pattern."""
     pat = p.get("pattern") or {}
     r = pat.get("Regex") if "Regex" in pat else re.escape(pat.get("String", ""))
     if not r or p.get("behavior") != "Isolated" or p.get("invert"):
@@ -147,7 +157,8 @@ def split_pattern(p, where):
 
 
 def pattern(pre, where):
-    """The pre-tokenizer (ByteLevel; Split then ByteLevel without its regex; Digits then ByteLevel) as one regex."""
+    """The pre-tokenizer (ByteLevel; Split then ByteLevel without its regex; Digits then ByteLevel)
+    as one regex."""
     steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
     kinds = [s.get("type") for s in steps]
     if not steps or kinds[-1] != "ByteLevel":
@@ -162,8 +173,9 @@ def pattern(pre, where):
     if kinds == ["Split", "ByteLevel"] and not own:
         return split_pattern(steps[0], where)
     if kinds == ["Digits", "ByteLevel"] and own:
-        # Digits cuts out numeric characters (each alone, or runs); GPT-2's pattern runs between them, where a
-        # numeric character ends a whitespace run as the end of the text does: (?!\S) becomes (?![^\s\p{N}]).
+        # Digits cuts out numeric characters (each alone, or runs); GPT-2's pattern runs between
+        # them, where a numeric character ends a whitespace run as the end of the text does: (?!\S)
+        # becomes (?![^\s\p{N}]).
         digits = r"\p{N}" if steps[0].get("individual_digits") else r"\p{N}+"
         return digits + r"""|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
     raise TokenizerError(f"{where}: pre_tokenizer sequence {kinds} is not read (ByteLevel, Split + ByteLevel "
@@ -191,19 +203,21 @@ def read_tokenizer_json(path):
     pat = pattern(tj.get("pre_tokenizer"), where)
     ranks = ranks_from_merges(model, where)
     contents = {t["content"] for t in tj.get("added_tokens") or []}
-    if model.get("ignore_merges"):  # a piece that is a whole token is that token, made by a merge or not (Llama 3)
+    # a piece that is a whole token is that token, made by a merge or not (Llama 3)
+    if model.get("ignore_merges"):
         for token, i in model["vocab"].items():
             if token not in contents:
                 ranks.setdefault(token_bytes(token, where), i)
     added = {t["content"]: t["id"] for t in tj.get("added_tokens") or []
-             if t["content"].encode() not in ranks}  # an added token BPE already makes is just a token
+             # an added token BPE already makes is just a token
+             if t["content"].encode() not in ranks}
     return pat, ranks, added, norm is not None
 
 
-# ------------------------------------------------------------------------------------------- tokenizer.model
+# ---------------------------------------------------------------------------------- tokenizer.model
 def read_tiktoken_model(path, added):
-    """Llama 3's tokenizer.model: "base64(token) rank" lines; its specials follow (from tokenizer_config.json's
-    added_tokens_decoder, or Llama 3's own list)."""
+    """Llama 3's tokenizer.model: "base64(token) rank" lines; its specials follow (from
+    tokenizer_config.json's added_tokens_decoder, or Llama 3's own list)."""
     raw = Path(path).read_bytes()
     ranks = {}
     try:
@@ -220,7 +234,7 @@ def read_tiktoken_model(path, added):
     return LLAMA3_PATTERN, ranks, added or {t: n + i for i, t in enumerate(LLAMA3_SPECIALS)}, False
 
 
-# ------------------------------------------------------------------------------------------- the folder
+# --------------------------------------------------------------------------------------- the folder
 def read_json(path):
     try:
         obj = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -232,11 +246,13 @@ def read_json(path):
 
 
 def token_text(t):
-    return t.get("content") if isinstance(t, dict) else t  # "<|im_end|>" or {"content": "<|im_end|>", ...}
+    # "<|im_end|>" or {"content": "<|im_end|>", ...}
+    return t.get("content") if isinstance(t, dict) else t
 
 
 def chat_template(folder, tc):
-    """chat_template.jinja, else tokenizer_config.json's chat_template (a string, or named templates)."""
+    """chat_template.jinja, else tokenizer_config.json's chat_template (a string, or named
+    templates)."""
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
     t = tc.get("chat_template")
@@ -277,10 +293,11 @@ def load_folder(folder):
                           chat_template=chat_template(f, tc), nfc=nfc)
 
 
-# ------------------------------------------------------------------------------------------- the demo
+# ----------------------------------------------------------------------------------------- the demo
 def learn_merges(text, n_merges, pat=GPT2_PATTERN):
-    """Textbook BPE training: count the pieces, then n times merge the most frequent adjacent pair everywhere
-    (ties: the pair seen first). Returns the merges in learned order, as byte-to-unicode strings."""
+    """Textbook BPE training: count the pieces, then n times merge the most frequent adjacent pair
+    everywhere (ties: the pair seen first). Returns the merges in learned order, as byte-to-unicode
+    strings."""
     b2u = bytes_to_unicode()
     words = collections.Counter(tuple(b2u[b] for b in w.encode()) for w in regex.findall(pat, text))
     merges = []
@@ -309,7 +326,8 @@ def learn_merges(text, n_merges, pat=GPT2_PATTERN):
 
 
 def gpt2_style_json(merges, added=("<|endoftext|>",)):
-    """A GPT-2-layout tokenizer.json: the 256 bytes in byte order, then one token per merge, then added tokens."""
+    """A GPT-2-layout tokenizer.json: the 256 bytes in byte order, then one token per merge, then
+    added tokens."""
     vocab = {c: b for b, c in bytes_to_unicode().items()}
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))

@@ -1,29 +1,34 @@
-"""checkpoint.py: checkpoints that outlive their layout: resume on any world size, --tp, --pp, --ep or --zero.
+"""checkpoint.py: checkpoints that outlive their layout: resume on any world size, --tp, --pp, --ep
+or --zero.
 
-The idea: describe every saved tensor by what it is, not by who held it. A rank's tensors are pieces of the full
-model's parameters: a tensor-parallel slice is a box (offset and length per dimension) of the full parameter, a
-pipeline stage holds whole blocks under their full names (blocks.{first_layer + i}), an expert-parallel rank whole
-experts (experts.{first_expert + j}), and a ZeRO flat shard covers a flat range [a, b) of the (sliced) parameter.
-So each rank writes, for every piece it is the first holder of, the 16-bit weights ("param"), the fp32 master
-("master", under mixed precision), AdamW's exp_avg and exp_avg_sq (and its step), each tagged (name, full shape,
-box, flat range). A new layout computes the pieces it holds, and copies in the overlap of every saved piece of
-the same name: a flat range of a box is at most three rectangles (a partial first row, whole rows, a partial
-last row), so every overlap is a rectangle and a plain slice copy. Files are memory-mapped (torch.load(mmap=True)):
-a rank reads the pages of the pieces it needs, not the whole model (and weights_only=True: no code ever runs).
+The idea: describe every saved tensor by what it is, not by who held it. A rank's tensors are pieces
+of the full model's parameters: a tensor-parallel slice is a box (offset and length per dimension)
+of the full parameter, a pipeline stage holds whole blocks under their full names
+(blocks.{first_layer + i}), an expert-parallel rank whole experts (experts.{first_expert + j}), and
+a ZeRO flat shard covers a flat range [a, b) of the (sliced) parameter. So each rank writes, for
+every piece it is the first holder of, the 16-bit weights ("param"), the fp32 master ("master",
+under mixed precision), AdamW's exp_avg and exp_avg_sq (and its step), each tagged (name, full
+shape, box, flat range). A new layout computes the pieces it holds, and copies in the overlap of
+every saved piece of the same name: a flat range of a box is at most three rectangles (a partial
+first row, whole rows, a partial last row), so every overlap is a rectangle and a plain slice copy.
+Files are memory-mapped (torch.load(mmap=True)): a rank reads the pages of the pieces it needs, not
+the whole model (and weights_only=True: no code ever runs).
 
-One step, one folder: out/step_000200/ holds rank{r}.pt per rank and rank 0's meta.json (step, data position,
-model config, tokenizer, loss scale, arguments, the layout, each file's size, CRC-32 and pieces, and the CRC-32 of
-all that). Every rank
-writes into step_000200.tmp/; after all have written (an all-gather of their outcomes, so a rank whose disk is
-full fails the save on every rank, in one line), rank 0 writes meta.json, renames the folder into place and then
-moves the `latest` pointer (write and rename, atomic on POSIX). A crash anywhere before leaves the previous step
-whole and pointed to; stale .tmp folders are removed by the next save; the two newest complete steps are kept,
-and a resume that finds the newest damaged (a checksum or size that differs, an edited meta.json, a file that is
-not tensors and plain values) falls back to the previous one, on every rank, with a warning line.
+One step, one folder: out/step_000200/ holds rank{r}.pt per rank and rank 0's meta.json (step, data
+position, model config, tokenizer, loss scale, arguments, the layout, each file's size, CRC-32 and
+pieces, and the CRC-32 of all that). Every rank writes into step_000200.tmp/; after all have written
+(an all-gather of their outcomes, so a rank whose disk is full fails the save on every rank, in one
+line), rank 0 writes meta.json, renames the folder into place and then moves the `latest` pointer
+(write and rename, atomic on POSIX). A crash anywhere before leaves the previous step whole and
+pointed to; stale .tmp folders are removed by the next save; the two newest complete steps are kept,
+and a resume that finds the newest damaged (a checksum or size that differs, an edited meta.json, a
+file that is not tensors and plain values) falls back to the previous one, on every rank, with a
+warning line.
 
-Cost, for Psi parameters under mixed-precision Adam: 2 + 4 + 4 + 4 = 14 bytes per parameter written in all
-(fp32 training: 12), each byte by one rank only (replicas write nothing): 14 Psi / N per rank for N ranks that
-shard everything. Resuming, a rank reads the checksum of about one file (14 Psi / N) and the pieces it holds.
+Cost, for Psi parameters under mixed-precision Adam: 2 + 4 + 4 + 4 = 14 bytes per parameter written
+in all (fp32 training: 12), each byte by one rank only (replicas write nothing): 14 Psi / N per rank
+for N ranks that shard everything. Resuming, a rank reads the checksum of about one file (14 Psi /
+N) and the pieces it holds.
 
 Run:
     python checkpoint.py consolidate out/pretrain model.pt      # one whole-model file (sft.py/pretrain.py --init)
@@ -50,12 +55,14 @@ KEEP = 2    # complete steps kept on disk
 
 
 class CheckpointError(ValueError):
-    """A missing, damaged or mismatched checkpoint, or a failed save: the message is the one line the user sees."""
+    """A missing, damaged or mismatched checkpoint, or a failed save: the message is the one line
+    the user sees."""
 
 
 def rng_state():
-    """torch's, numpy's and Python's random streams as tensors and plain values, and this rank's own CUDA device's
-    only (a resume may see fewer or more GPUs than the save did: each rank's stream lives on its own device)."""
+    """torch's, numpy's and Python's random streams as tensors and plain values, and this rank's own
+    CUDA device's only (a resume may see fewer or more GPUs than the save did: each rank's stream
+    lives on its own device)."""
     (kind, keys, pos, has_gauss, gauss), (version, internal, gauss_next) = np.random.get_state(), random.getstate()
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return {"torch": torch.get_rng_state(), "cuda": cuda,
@@ -68,13 +75,15 @@ def set_rng_state(s):
     kind, keys, pos, has_gauss, gauss = s["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate((s["python"][0], tuple(s["python"][1].tolist()), s["python"][2]))
-    if s["cuda"] is not None and torch.cuda.is_available():  # (saved on CUDA, resumed on CUDA: the current device)
+    # (saved on CUDA, resumed on CUDA: the current device)
+    if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])
 
 
 def safe_load(path, mmap=True):
-    """torch.load that runs no code (weights_only=True): a file that pickles anything but tensors and plain values
-    (an older version's numpy objects, a file made to run code) is refused in one line, never unpickled."""
+    """torch.load that runs no code (weights_only=True): a file that pickles anything but tensors
+    and plain values (an older version's numpy objects, a file made to run code) is refused in one
+    line, never unpickled."""
     try:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError:
@@ -84,15 +93,17 @@ def safe_load(path, mmap=True):
         raise CheckpointError(f"{path} is not a checkpoint file ({type(e).__name__})") from None
 
 
-# ----------------------------------------------------------------------------- what a rank holds, by name
+# ----------------------------------------------------------------------- what a rank holds, by name
 def held_pieces(model, opt, topo):
-    """Every piece of a parameter this rank holds: dict(name, shape, box, flat=[a, b], tensors={kind: live 1-D
-    view}, key=the inner optimizer's tensor, writer=whether this rank is the one that saves it). The optimizer
-    (amp.py, zero.py) says what it holds through checkpoint_pieces(); frozen parameters are taken whole."""
+    """Every piece of a parameter this rank holds: dict(name, shape, box, flat=[a, b],
+    tensors={kind: live 1-D view}, key=the inner optimizer's tensor, writer=whether this rank is the
+    one that saves it). The optimizer (amp.py, zero.py) says what it holds through
+    checkpoint_pieces(); frozen parameters are taken whole."""
     names = describe(model)  # (placement.py: name in the whole model, full shape, box)
     pieces = []
 
-    def writer(p, sharded):  # replicas save nothing: tp copies of a norm, dp (and cp) copies outside ZeRO's shards
+    # replicas save nothing: tp copies of a norm, dp (and cp) copies outside ZeRO's shards
+    def writer(p, sharded):
         where = placement_of(p)
         dp_rank = topo.expert_dp_rank if where.expert_parallel else topo.dp_rank
         first = dp_rank == 0 and topo.cp_rank == 0
@@ -115,8 +126,9 @@ def held_pieces(model, opt, topo):
 
 
 def rects(box, flat):
-    """The range [a, b) of a box's row-major flattening as rectangles of the full tensor, each (starts, lengths,
-    offset of its first element in the range): a partial first row, whole rows, a partial last row."""
+    """The range [a, b) of a box's row-major flattening as rectangles of the full tensor, each
+    (starts, lengths, offset of its first element in the range): a partial first row, whole rows, a
+    partial last row."""
     (r0, _), (c0, C) = box if len(box) == 2 else ([0, 1], box[0])  # 1-D: one row
     a, b = flat
     ra, ca = divmod(a, C)
@@ -148,7 +160,8 @@ def step_dir(out, step):
 
 
 class _Checksummed:
-    """A file that computes the CRC-32 and size of what torch.save writes through it (no second read)."""
+    """A file that computes the CRC-32 and size of what torch.save writes through it (no second
+    read)."""
 
     def __init__(self, f):
         self.f, self.crc, self.size = f, 0, 0
@@ -179,8 +192,9 @@ def _write_text(path, text):
 
 
 def save(out, step, model, opt, topo, meta):
-    """Write step `step` as a complete folder and point `latest` at it (every rank calls this). `meta`: what
-    the trainer needs back (JSON: step, data position, config, tokenizer, args, layout)."""
+    """Write step `step` as a complete folder and point `latest` at it (every rank calls this).
+    `meta`: what the trainer needs back (JSON: step, data position, config, tokenizer, args,
+    layout)."""
     out, rank = Path(out), topo.rank
     tmp = out / f"step_{step:06d}.tmp"
     error = None
@@ -190,14 +204,16 @@ def save(out, step, model, opt, topo, meta):
             tmp.mkdir(parents=True)
         except OSError as e:
             error = f"{tmp}: {e.strerror or e}"
-    if _all_gather(error)[0] is None:  # (also the barrier: the folder exists before anyone writes into it)
+    # (also the barrier: the folder exists before anyone writes into it)
+    if _all_gather(error)[0] is None:
         records, tensors = [], []
         for piece in held_pieces(model, opt, topo):
             if piece["writer"]:
                 kinds = {}
                 for kind, t in piece["tensors"].items():
                     kinds[kind] = len(tensors)
-                    tensors.append(t.detach().to("cpu", copy=True))  # a copy: a view would save its whole storage
+                    # a copy: a view would save its whole storage
+                    tensors.append(t.detach().to("cpu", copy=True))
                 records.append({k: piece[k] for k in ("name", "shape", "box", "flat", "adam_step")} | {"kinds": kinds})
         path = tmp / f"rank{rank}.pt"
         try:
@@ -217,7 +233,8 @@ def save(out, step, model, opt, topo, meta):
         try:
             write_meta(tmp, dict(meta, format=FORMAT, step=step, scaler=opt.scaler.state_dict(), files=files))
             final = step_dir(out, step)
-            if final.exists():  # a step of an abandoned history (a resume from an earlier step): replaced
+            # a step of an abandoned history (a resume from an earlier step): replaced
+            if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _write_text(out / "latest", final.name + "\n")
@@ -234,8 +251,8 @@ def save(out, step, model, opt, topo, meta):
 
 
 def _prune(out, latest):
-    """Keep the KEEP newest complete steps up to `latest`; remove older ones, later ones (an abandoned history)
-    and stale temporary folders."""
+    """Keep the KEEP newest complete steps up to `latest`; remove older ones, later ones (an
+    abandoned history) and stale temporary folders."""
     kept = 0
     for d in sorted(out.glob("step_*"), key=_step_of, reverse=True):
         if re.fullmatch(r"step_\d+", d.name) and _step_of(d) <= latest and kept < KEEP:
@@ -244,7 +261,7 @@ def _prune(out, latest):
         shutil.rmtree(d, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------- finding a complete step
+# -------------------------------------------------------------------------- finding a complete step
 def latest_step(out):
     """The step folder `latest` points to (None without one)."""
     p = Path(out) / "latest"
@@ -252,12 +269,14 @@ def latest_step(out):
     return Path(out) / name if re.fullmatch(r"step_\d+", name) else None
 
 
-def _canonical(meta):  # (the text meta.json's CRC-32 is of: sorted keys, after a round trip, as a reader sees it)
+# (the text meta.json's CRC-32 is of: sorted keys, after a round trip, as a reader sees it)
+def _canonical(meta):
     return json.dumps(json.loads(json.dumps(meta, default=str)), sort_keys=True)
 
 
 def write_meta(d, meta):
-    """d/meta.json with "meta_crc32", the CRC-32 of the rest: a hand edit or a garbled write is damage, not a change."""
+    """d/meta.json with "meta_crc32", the CRC-32 of the rest: a hand edit or a garbled write is
+    damage, not a change."""
     text = _canonical(meta)
     _write_text(Path(d) / "meta.json", json.dumps(json.loads(text) | {"meta_crc32": zlib.crc32(text.encode())}))
 
@@ -278,8 +297,8 @@ def read_meta(d):
 
 
 def complete_steps(path):
-    """The complete step folders under `path`, newest first (or `path` itself if it is one): a step folder
-    renamed into place with its meta.json, at or before the step `latest` points to."""
+    """The complete step folders under `path`, newest first (or `path` itself if it is one): a step
+    folder renamed into place with its meta.json, at or before the step `latest` points to."""
     path = Path(path)
     if (path / "meta.json").exists():
         return [path]
@@ -294,7 +313,8 @@ def _step_of(d):
 
 
 def damage(d, files, crc=True):
-    """The first problem of step folder d's listed files (missing, resized; with crc: CRC-32, safe_load), or None."""
+    """The first problem of step folder d's listed files (missing, resized; with crc: CRC-32,
+    safe_load), or None."""
     for f in files:
         p = Path(d) / f["file"]
         if not p.is_file() or p.stat().st_size != f["size"]:
@@ -313,8 +333,9 @@ def damage(d, files, crc=True):
 
 
 def find(path, crc=False):
-    """The newest complete step under `path` whose files are whole (their sizes; with crc, their CRC-32s too, which
-    reads them): (folder, meta, why each newer step was passed over), or (None, None, why)."""
+    """The newest complete step under `path` whose files are whole (their sizes; with crc, their
+    CRC-32s too, which reads them): (folder, meta, why each newer step was passed over), or (None,
+    None, why)."""
     skipped = []
     for d in complete_steps(path):
         try:
@@ -329,22 +350,24 @@ def find(path, crc=False):
     return None, None, skipped
 
 
-# ----------------------------------------------------------------------------- loading onto any layout
+# -------------------------------------------------------------------------- loading onto any layout
 def _adam_state(optimizer, key):
     """AdamW's state for `key`, created (zeros, step 0) if the optimizer has not stepped yet."""
     state = optimizer.state[key]
     if not state:
         on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
-        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32  # as torch's
+        # as torch's
+        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         state["step"] = torch.zeros((), dtype=scalar, device=key.device if on_device else "cpu")
         state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(key), torch.zeros_like(key)
     return state
 
 
 def load(path, model, opt, topo):
-    """Resume from the newest complete, undamaged step under `path` onto this layout (every rank calls it):
-    each rank checks the checksums of about 1/world of the files, then reads the pieces it holds. A damaged step
-    falls back to the previous complete one (with a warning line). Returns the step's meta.json."""
+    """Resume from the newest complete, undamaged step under `path` onto this layout (every rank
+    calls it): each rank checks the checksums of about 1/world of the files, then reads the pieces
+    it holds. A damaged step falls back to the previous complete one (with a warning line). Returns
+    the step's meta.json."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     problems = []
     for d in complete_steps(path):
@@ -372,7 +395,8 @@ def _load_step(d, meta, model, opt, topo):
             by_name.setdefault(r["name"], []).append((f["file"], r))
 
     def tensor(file, i):
-        if file not in opened:  # memory-mapped: only the pages of the pieces read here are read from disk
+        # memory-mapped: only the pages of the pieces read here are read from disk
+        if file not in opened:
             opened[file] = safe_load(d / file)
         return opened[file]["tensors"][i]
 
@@ -389,7 +413,8 @@ def _load_step(d, meta, model, opt, topo):
                 src_kind = next((k for k in fallback.get(kind, (kind,)) if any(k in r["kinds"] for _, r in saved)),
                                 None)
                 if src_kind is None and kind.startswith("exp_avg"):
-                    continue  # saved before the optimizer's first step: it starts from zeros, as then
+                    # saved before the optimizer's first step: it starts from zeros, as then
+                    continue
                 n = sum(copy_overlap(dst, mine, tensor(f, r["kinds"][src_kind]), rects(r["box"], r["flat"]))
                         for f, r in saved if src_kind in r["kinds"])
                 if n != dst.numel():
@@ -402,16 +427,18 @@ def _load_step(d, meta, model, opt, topo):
 
 
 # ----------------------------------------------------------------------------- start or resume
-# Which settings make a run the same run: a checkpoint of another model, data, tokenizer or schedule is not resumed
-# silently; the layout (world size, --tp, --pp, --ep, --zero, micro-batching) may change freely.
+# Which settings make a run the same run: a checkpoint of another model, data, tokenizer or schedule
+# is not resumed silently; the layout (world size, --tp, --pp, --ep, --zero, micro-batching) may
+# change freely.
 REASONS = {"batch_size": "the data position and the schedule count steps of this many sequences",
            "seq_len": "the data position counts windows of this many tokens"}
 
 
 def find_resume(out, resume=False, fresh=False, rank=0):
-    """Start or resume, decided before any process group exists: (the newest complete step folder in `out`, its
-    meta.json) to resume from, or None to start fresh. --resume: a checkpoint must be there. --fresh: rank 0 moves
-    the old run aside first (the other ranks do not look at the folder)."""
+    """Start or resume, decided before any process group exists: (the newest complete step folder in
+    `out`, its meta.json) to resume from, or None to start fresh. --resume: a checkpoint must be
+    there. --fresh: rank 0 moves the old run aside first (the other ranks do not look at the
+    folder)."""
     if fresh:
         if rank == 0 and Path(out).exists():
             print(f"--fresh: the previous run in {out} moved to {move_aside(out)}", flush=True)
@@ -427,14 +454,15 @@ def find_resume(out, resume=False, fresh=False, rank=0):
 
 
 def check_same_run(out, meta, identity):
-    """The settings in `identity` must be the saved run's (model, data, tokenizer, schedule, ...): one line naming
-    every one that differs, so that a single rerun can fix them all."""
+    """The settings in `identity` must be the saved run's (model, data, tokenizer, schedule, ...):
+    one line naming every one that differs, so that a single rerun can fix them all."""
     saved, diffs = meta.get("identity", {}), []
     for key, now in identity.items():
         was = saved.get(key)
         if was == now:
             continue
-        if isinstance(now, dict) and isinstance(was, dict):  # the model config: name each field that differs
+        # the model config: name each field that differs
+        if isinstance(now, dict) and isinstance(was, dict):
             diffs += [f"{key.replace('_', ' ')} {k} {was.get(k)}, not {now.get(k)}"
                       for k in sorted(set(now) | set(was)) if now.get(k) != was.get(k)]
         else:
@@ -457,9 +485,9 @@ def move_aside(out):
 
 
 def truncate_metrics(path, step):
-    """metrics.jsonl keeps one history: the records past the resumed step are dropped, and so is a last line cut
-    short by a kill. Returns the elapsed seconds of the last record kept (0 without one), where the run's clock
-    goes on."""
+    """metrics.jsonl keeps one history: the records past the resumed step are dropped, and so is a
+    last line cut short by a kill. Returns the elapsed seconds of the last record kept (0 without
+    one), where the run's clock goes on."""
     path, keep, elapsed = Path(path), [], 0.0
     if path.exists():
         for line in path.read_text().splitlines(keepends=True):
@@ -474,6 +502,7 @@ def truncate_metrics(path, step):
     return elapsed
 
 
-if __name__ == "__main__":  # (the command line is weights.py's: it imports this file as `checkpoint`, so that there
+# (the command line is weights.py's: it imports this file as `checkpoint`, so that there
+if __name__ == "__main__":
     import weights             # is one CheckpointError class, the one it catches)
     weights.main()

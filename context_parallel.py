@@ -1,38 +1,42 @@
-"""context_parallel.py: ring attention, the sequence split over a group of ranks (context parallelism).
+"""context_parallel.py: ring attention, the sequence split over a group of ranks (context
+parallelism).
 
-The idea (Liu et al., "Ring Attention with Blockwise Transformers", 2023; the causal load balance of Brandon et
-al., "Striped Attention", and Llama 3's "zigzag" chunks): attention over T tokens on cp ranks. Each rank keeps
-T/cp of the queries, keys and values. The key/value chunks travel around a ring: at step t a rank computes
-attention of its queries against the chunk it holds while it already sends that chunk to the next rank and
-receives the next one from the previous rank. The partial results are over disjoint key sets, so they merge
-exactly, as FlashAttention's tiles do inside one GPU:
+The idea (Liu et al., "Ring Attention with Blockwise Transformers", 2023; the causal load balance of
+Brandon et al., "Striped Attention", and Llama 3's "zigzag" chunks): attention over T tokens on cp
+ranks. Each rank keeps T/cp of the queries, keys and values. The key/value chunks travel around a
+ring: at step t a rank computes attention of its queries against the chunk it holds while it already
+sends that chunk to the next rank and receives the next one from the previous rank. The partial
+results are over disjoint key sets, so they merge exactly, as FlashAttention's tiles do inside one
+GPU:
 
     L = log(exp(L1) + exp(L2)),   O = exp(L1 - L) O1 + exp(L2 - L) O2
 
-The backward runs the same ring: each rank recomputes its blocks from Q, K, V and the final O and L, keeps dQ at
-home, and sends dK, dV around with the chunks they belong to (one extra hop brings them home).
+The backward runs the same ring: each rank recomputes its blocks from Q, K, V and the final O and L,
+keeps dQ at home, and sends dK, dV around with the chunks they belong to (one extra hop brings them
+home).
 
-Causal load balance. Cut the sequence into 2cp chunks of c = T/2cp tokens; rank i holds chunks i and 2cp-1-i. A
-query chunk a sees a key chunk b fully if b < a, causally (the diagonal) if b = a, not at all if b > a, and those
-pairs are skipped. Every rank then computes 2 diagonal blocks and 2cp-1 full ones: the same work everywhere,
-where contiguous chunks would leave rank 0 one block and rank cp-1 cp of them.
+Causal load balance. Cut the sequence into 2cp chunks of c = T/2cp tokens; rank i holds chunks i and
+2cp-1-i. A query chunk a sees a key chunk b fully if b < a, causally (the diagonal) if b = a, not at
+all if b > a, and those pairs are skipped. Every rank then computes 2 diagonal blocks and 2cp-1 full
+ones: the same work everywhere, where contiguous chunks would leave rank 0 one block and rank cp-1
+cp of them.
 
     memory     O(B H T/cp D) per rank for Q, K, V, O, L (and two K/V chunks in flight), against O(B H T D)
     sent       per rank and layer: forward (cp-1) K/V chunks, backward (cp-1) K/V chunks + cp dK/dV chunks,
                one chunk = 2 B H_kv (T/cp) D elements
     FLOPs      unchanged in total, 1/cp per rank (causal: balanced by the zigzag)
 
-Every block is one call of flash_attn.py (Triton kernels on GPUs, its PyTorch twin on CPUs) with a causal offset
-between the query and key chunks: query i sees key j iff j + k_offset <= i + q_offset.
+Every block is one call of flash_attn.py (Triton kernels on GPUs, its PyTorch twin on CPUs) with a
+causal offset between the query and key chunks: query i sees key j iff j + k_offset <= i + q_offset.
 
-In training (--cp N, training.py): ranks laid out dp x pp x cp x tp (topology.py); every cp rank of a replica
-takes the same rows and keeps its zigzag chunks (split_batch), RoPE at their global positions; replicated
-weights' gradients are averaged over dp x cp; the loss is summed over dp x cp and divided by the labelled tokens
-of the whole rows.
+In training (--cp N, training.py): ranks laid out dp x pp x cp x tp (topology.py); every cp rank of
+a replica takes the same rows and keeps its zigzag chunks (split_batch), RoPE at their global
+positions; replicated weights' gradients are averaged over dp x cp; the loss is summed over dp x cp
+and divided by the labelled tokens of the whole rows.
 
-Demo: `torchrun --nproc_per_node 4 context_parallel.py` prints, for a long sequence, at cp 1, 2, 4: ring
-attention's saved activations, time and bytes sent per rank (against the formula), then the same model run on
-one sequence with its activations split into attention's and the rest's.
+Demo: `torchrun --nproc_per_node 4 context_parallel.py` prints, for a long sequence, at cp 1, 2, 4:
+ring attention's saved activations, time and bytes sent per rank (against the formula), then the
+same model run on one sequence with its activations split into attention's and the rest's.
 """
 import argparse
 import math
@@ -53,7 +57,8 @@ def zigzag_chunks(cp, rank):
 
 
 def zigzag_positions(T, cp, rank, device=None):
-    """Global positions of this rank's T/cp tokens, in its local order (chunk i, then chunk 2cp-1-i)."""
+    """Global positions of this rank's T/cp tokens, in its local order (chunk i, then chunk
+    2cp-1-i)."""
     if T % (2 * cp):
         raise ValueError(f"context parallelism: sequence length {T} must be a multiple of 2 x cp = {2 * cp}")
     c = T // (2 * cp)
@@ -61,14 +66,16 @@ def zigzag_positions(T, cp, rank, device=None):
 
 
 def zigzag_split(x, cp, rank, dim=1):
-    """This rank's tokens of a full-sequence tensor (the same sequences on every rank of the group)."""
+    """This rank's tokens of a full-sequence tensor (the same sequences on every rank of the
+    group)."""
     return x.index_select(dim, zigzag_positions(x.shape[dim], cp, rank, device=x.device))
 
 
 def ring_schedule(cp, rank, causal):
-    """For each ring step, the blocks this rank computes: (local query chunk, local key chunk, offset), where
-    offset = a - b for global chunks a (queries) and b (keys): query i sees key j iff j <= i + offset c. At step t
-    the rank holds the K/V of rank (rank - t) mod cp. Fully masked pairs (b > a) are left out."""
+    """For each ring step, the blocks this rank computes: (local query chunk, local key chunk,
+    offset), where offset = a - b for global chunks a (queries) and b (keys): query i sees key j iff
+    j <= i + offset c. At step t the rank holds the K/V of rank (rank - t) mod cp. Fully masked
+    pairs (b > a) are left out."""
     mine = zigzag_chunks(cp, rank)
     steps = []
     for t in range(cp):
@@ -79,8 +86,8 @@ def ring_schedule(cp, rank, causal):
 
 
 def schedule_work(schedule, c, causal):
-    """Score entries (query, key pairs) a schedule computes, with chunks of c tokens: c^2 per full block,
-    c(c+1)/2 per diagonal one."""
+    """Score entries (query, key pairs) a schedule computes, with chunks of c tokens: c^2 per full
+    block, c(c+1)/2 per diagonal one."""
     return sum(c * (c + 1) // 2 if causal and off == 0 else c * c for step in schedule for _, _, off in step)
 
 
@@ -98,9 +105,10 @@ class Ring:
         self.group, self.bytes_sent = group, 0
 
     def exchange(self, send, recv):
-        """Start sending `send` to the next rank and receiving `recv` from the previous one; returns the handles.
-        NCCL's send completes only when the peer posts its receive: every rank sending first would deadlock.
-        batch_isend_irecv posts the pair together, so each send meets the receive it crosses."""
+        """Start sending `send` to the next rank and receiving `recv` from the previous one; returns
+        the handles. NCCL's send completes only when the peer posts its receive: every rank sending
+        first would deadlock. batch_isend_irecv posts the pair together, so each send meets the
+        receive it crosses."""
         self.bytes_sent += send.numel() * send.element_size()
         return dist.batch_isend_irecv([dist.P2POp(dist.isend, send, self.next, self.group),
                                        dist.P2POp(dist.irecv, recv, self.prev, self.group)])
@@ -112,7 +120,8 @@ def _wait(handles):
 
 
 def merge(o, lse, o_blk, lse_blk):
-    """Online softmax across blocks: two partial attentions over disjoint keys, (O, L) each, into one."""
+    """Online softmax across blocks: two partial attentions over disjoint keys, (O, L) each, into
+    one."""
     if o is None:
         return o_blk, lse_blk
     new = torch.logaddexp(lse, lse_blk)
@@ -120,7 +129,8 @@ def merge(o, lse, o_blk, lse_blk):
 
 
 def _chunks(x):
-    """The two zigzag chunks of a local (B, H, 2c, D) or (B, H, 2c) tensor, dense (the kernels index densely)."""
+    """The two zigzag chunks of a local (B, H, 2c, D) or (B, H, 2c) tensor, dense (the kernels index
+    densely)."""
     c = x.shape[2] // 2
     return [x[:, :, :c].contiguous(), x[:, :, c:].contiguous()]
 
@@ -132,10 +142,12 @@ class RingAttention(torch.autograd.Function):
         c = q.shape[2] // 2
         schedule = ring_schedule(ring.size, ring.rank, causal)
         qs = _chunks(q)
-        kv = torch.stack([k, v])                              # one buffer travels: (2, B, H_kv, 2c, D)
+        # one buffer travels: (2, B, H_kv, 2c, D)
+        kv = torch.stack([k, v])
         out, lse = [None, None], [None, None]
         for t, blocks in enumerate(schedule):
-            if t < ring.size - 1:                             # send on while computing on what we hold
+            # send on while computing on what we hold
+            if t < ring.size - 1:
                 nxt = torch.empty_like(kv)
                 handles = ring.exchange(kv, nxt)
             ks, vs = _chunks(kv[0]), _chunks(kv[1])
@@ -165,31 +177,37 @@ class RingAttention(torch.autograd.Function):
                 nxt = torch.empty_like(kv)
                 handles = ring.exchange(kv, nxt)
             ks, vs = _chunks(kv[0]), _chunks(kv[1])
-            dkv = torch.zeros(kv.shape, dtype=acc_t, device=kv.device)  # this step's share for the held chunk
-            for qa, kb, off in blocks:  # exact shares of the global softmax: P = exp(S - L) with the merged L
+            # this step's share for the held chunk
+            dkv = torch.zeros(kv.shape, dtype=acc_t, device=kv.device)
+            # exact shares of the global softmax: P = exp(S - L) with the merged L
+            for qa, kb, off in blocks:
                 dq_blk, dk_blk, dv_blk = attention_backward(qs[qa], ks[kb], vs[kb], os_[qa], lses[qa], dos[qa],
                                                             causal, scale, offset=off * c)
                 dq[qa] += dq_blk
                 dkv[0, :, :, kb * c:(kb + 1) * c] += dk_blk
                 dkv[1, :, :, kb * c:(kb + 1) * c] += dv_blk
-            if dkv_handles is not None:                       # what earlier ranks added for this same chunk
+            # what earlier ranks added for this same chunk
+            if dkv_handles is not None:
                 _wait(dkv_handles)
                 dkv += dkv_in
             dkv_in = torch.empty_like(dkv) if ring.size > 1 else dkv
             if ring.size > 1:
-                dkv_handles = ring.exchange(dkv, dkv_in)      # on with the chunk; overlaps the next step
+                # on with the chunk; overlaps the next step
+                dkv_handles = ring.exchange(dkv, dkv_in)
             if t < ring.size - 1:
                 _wait(handles)
                 kv = nxt
-        _wait(dkv_handles or [])                              # the last hop brings this rank's own dK, dV home
+        # the last hop brings this rank's own dK, dV home
+        _wait(dkv_handles or [])
         dq = torch.cat(dq, 2).to(q.dtype)
         return dq, dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None
 
 
 def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, ring=None):
-    """Attention over a sequence split across `group` (None: the whole world), each rank holding its zigzag
-    chunks: q (B, H, T/cp, D), k, v (B, H_kv, T/cp, D) with tokens in zigzag_positions order. Returns this rank's
-    output rows. `ring` (a Ring) may be passed to reuse one and read its bytes_sent."""
+    """Attention over a sequence split across `group` (None: the whole world), each rank holding its
+    zigzag chunks: q (B, H, T/cp, D), k, v (B, H_kv, T/cp, D) with tokens in zigzag_positions order.
+    Returns this rank's output rows. `ring` (a Ring) may be passed to reuse one and read its
+    bytes_sent."""
     q, k, v = check_inputs(q, k, v)
     if q.shape[2] % 2:
         raise ValueError(f"ring_attention: each rank holds two equal chunks; got {q.shape[2]} local tokens")
@@ -198,7 +216,7 @@ def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, ring=No
     return RingAttention.apply(q, k, v, bool(causal), scale, ring)
 
 
-# ------------------------------------------------------------------------------ in the model and the loop
+# ------------------------------------------------------------------------ in the model and the loop
 class RingBackend:
     """model.py's attention backend under --cp: ring attention over the cp group."""
 
@@ -206,14 +224,16 @@ class RingBackend:
         self.ring = Ring(group)
 
     def __call__(self, q, k, v, doc=None):
-        if doc is not None:  # (training.py refuses --pack with --cp before any work; this guards other callers)
+        # (training.py refuses --pack with --cp before any work; this guards other callers)
+        if doc is not None:
             raise ValueError("ring attention: packed rows' document masks across the ring are not implemented")
         return ring_attention(q, k, v, ring=self.ring)
 
 
 def parallelize(model, topo):
-    """--cp: every block's attention becomes ring attention over topo's cp group (the model is otherwise
-    unchanged: each rank's weights are the same, its tokens are its zigzag chunks, RoPE takes their positions)."""
+    """--cp: every block's attention becomes ring attention over topo's cp group (the model is
+    otherwise unchanged: each rank's weights are the same, its tokens are its zigzag chunks, RoPE
+    takes their positions)."""
     if topo.cp > 1:
         backend = RingBackend(topo.cp_group)
         for block in model.blocks:
@@ -244,8 +264,9 @@ def check_flags(cp, T, attn, pp=1, ep=1, experts=0, sequence_parallel=False, pac
 
 
 def split_batch(x, y, topo):
-    """This cp rank's zigzag chunks of a batch of whole sequences (B, T), and the model's keyword arguments for
-    them: their global positions (B, T/cp), for RoPE. Every cp rank of a replica is given the same sequences."""
+    """This cp rank's zigzag chunks of a batch of whole sequences (B, T), and the model's keyword
+    arguments for them: their global positions (B, T/cp), for RoPE. Every cp rank of a replica is
+    given the same sequences."""
     if topo.cp == 1:
         return x, y, {}
     pos = zigzag_positions(x.shape[1], topo.cp, topo.cp_rank, device=x.device)
@@ -254,8 +275,9 @@ def split_batch(x, y, topo):
 
 # ------------------------------------------------------------------------------ the demo
 class SavedActivations:
-    """Counts the bytes autograd keeps for the backward, each storage once, under a name per code region
-    (saved-tensor hooks; the innermost region wins). Parameters are excluded: they are the model, not activations."""
+    """Counts the bytes autograd keeps for the backward, each storage once, under a name per code
+    region (saved-tensor hooks; the innermost region wins). Parameters are excluded: they are the
+    model, not activations."""
 
     def __init__(self, exclude=()):
         self.bytes, self.seen = {}, {p.untyped_storage().data_ptr() for p in exclude}
@@ -278,7 +300,8 @@ def _worst(*values):
 
 
 def demo_attention(T, B, H, H_kv, D, reps, groups):
-    """Ring attention alone: saved activations, time and bytes sent per rank at each cp, output against cp 1."""
+    """Ring attention alone: saved activations, time and bytes sent per rank at each cp, output
+    against cp 1."""
     torch.manual_seed(0)  # the same full sequence on every rank; each cp group splits it
     q, k, v, do = (torch.randn(B, h, T, D) for h in (H, H_kv, H_kv, H))
     print0(f"ring attention, causal, fp32 on CPU (flash_attn.py's twin per block), B={B} H={H} H_kv={H_kv} T={T} "
@@ -303,7 +326,8 @@ def demo_attention(T, B, H, H_kv, D, reps, groups):
         for i, part in enumerate(parts):
             full[:, :, zigzag_positions(T, cp, i)] = part
         base = full if base is None else base
-        chunk = 2 * B * H_kv * (T // cp) * D * q.element_size()  # one K/V chunk (dK/dV travel in fp32 too)
+        # one K/V chunk (dK/dV travel in fp32 too)
+        chunk = 2 * B * H_kv * (T // cp) * D * q.element_size()
         formula = (2 * (cp - 1) + (cp if cp > 1 else 0)) * chunk
         saved, ms, sent = _worst(acts.bytes["attention"], sorted(times[1:])[reps // 2] * 1e3, ring.bytes_sent)
         base_saved = base_saved or saved
@@ -315,8 +339,8 @@ def demo_attention(T, B, H, H_kv, D, reps, groups):
 
 
 def demo_model(T, groups):
-    """model.py's tiny preset on one sequence of T tokens, attention by the ring: activations saved per rank in
-    attention and in the rest of the model, and the time of one forward + backward."""
+    """model.py's tiny preset on one sequence of T tokens, attention by the ring: activations saved
+    per rank in attention and in the rest of the model, and the time of one forward + backward."""
     from dataclasses import replace
     from types import SimpleNamespace
 
@@ -374,7 +398,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    groups = {}  # cp -> (this rank's cp group, its rank in it); every rank enters every new_group, in order
+    # cp -> (this rank's cp group, its rank in it); every rank enters every new_group, in order
+    groups = {}
     for cp in (c for c in (1, 2, 4) if world % c == 0):
         made = [dist.new_group(list(range(g, g + cp))) for g in range(0, world, cp)]
         groups[cp] = made[rank // cp], rank % cp

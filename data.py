@@ -1,26 +1,30 @@
-"""data.py: text -> token shards on disk -> deterministic, disjoint, resumable batches for every rank.
+"""data.py: text -> token shards on disk -> deterministic, disjoint, resumable batches for every
+rank.
 
-The idea: tokenise the corpus once, ahead of training, into flat arrays of token ids on disk (np.memmap, uint16
-when the vocabulary fits in 16 bits, else uint32), one end-of-text token after each document. Training never
-touches text again: it reads windows of T+1 tokens straight from the memmap (inputs are the first T, targets the
-last T). An epoch is a permutation of all windows, seeded by (seed, epoch); optimizer step s uses windows
-[s*B, (s+1)*B) of it, and data-parallel rank r takes its own contiguous slice of those B. So the batches are a
-pure function of (seed, step): ranks never overlap, and the data position in a checkpoint is one integer.
+The idea: tokenise the corpus once, ahead of training, into flat arrays of token ids on disk
+(np.memmap, uint16 when the vocabulary fits in 16 bits, else uint32), one end-of-text token after
+each document. Training never touches text again: it reads windows of T+1 tokens straight from the
+memmap (inputs are the first T, targets the last T). An epoch is a permutation of all windows,
+seeded by (seed, epoch); optimizer step s uses windows [s*B, (s+1)*B) of it, and data-parallel rank
+r takes its own contiguous slice of those B. So the batches are a pure function of (seed, step):
+ranks never overlap, and the data position in a checkpoint is one integer.
 
-Disk: 2 bytes per token for vocabularies below 65536. The embedded default corpus (the Python standard
-library's own source, tests left out: about 12 MB of real code on every machine that has Python) is prepared
-on first use into a cache folder. Every rank of a first run asks for it at once: one process prepares it into
-a private temporary folder while the others wait on a file lock (fcntl), and it appears by rename, meta.json
-last, so no process ever reads a half-written or truncated shard. A folder is checked before training reads
-it: meta.json's keys and types, the dtype (uint16/uint32) against each shard's size and the token counts, and
-the largest token id (recorded at prepare time) against the vocabulary.
+Disk: 2 bytes per token for vocabularies below 65536. The embedded default corpus (the Python
+standard library's own source, tests left out: about 12 MB of real code on every machine that has
+Python) is prepared on first use into a cache folder. Every rank of a first run asks for it at once:
+one process prepares it into a private temporary folder while the others wait on a file lock
+(fcntl), and it appears by rename, meta.json last, so no process ever reads a half-written or
+truncated shard. A folder is checked before training reads it: meta.json's keys and types, the dtype
+(uint16/uint32) against each shard's size and the token counts, and the largest token id (recorded
+at prepare time) against the vocabulary.
 
-Tokenisers are tiktoken Encodings: named ones (gpt2, cl100k_base, ...) downloaded on first use and cached; the
-default `bytes`, built here with one token per byte, no merges (256 + end-of-text), no download, quickly learned;
-a model folder's tokenizer.json (byte-level BPE) or Llama 3 tokenizer.model, converted offline by bpe.py.
+Tokenisers are tiktoken Encodings: named ones (gpt2, cl100k_base, ...) downloaded on first use and
+cached; the default `bytes`, built here with one token per byte, no merges (256 + end-of-text), no
+download, quickly learned; a model folder's tokenizer.json (byte-level BPE) or Llama 3
+tokenizer.model, converted offline by bpe.py.
 
-Instruction examples for fine-tuning (templates, loss masks, their batches) are sft.py's; the embedded
-default SFT data (sft_data.py) is built from the same standard library.
+Instruction examples for fine-tuning (templates, loss masks, their batches) are sft.py's; the
+embedded default SFT data (sft_data.py) is built from the same standard library.
 
 Use:
     python data.py prepare --src PATH --out DIR [--tokenizer NAME]   # a text file, a folder, or JSONL {"text"}
@@ -46,7 +50,8 @@ import bpe
 EOT = "<|endoftext|>"
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".json", ".c", ".h", ".toml", ".cfg", ".ini", ".html", ".css", ".js"}
 DEFAULT_TOKENIZER = "bytes"
-VAL_EVERY = 50            # one document in VAL_EVERY (by a hash of its name) goes to the validation split
+# one document in VAL_EVERY (by a hash of its name) goes to the validation split
+VAL_EVERY = 50
 SHARD_TOKENS = 100_000_000
 
 
@@ -54,7 +59,7 @@ class DataError(ValueError):
     """Bad data input: the message is the one line the user sees."""
 
 
-# ---------------------------------------------------------------------------------------------- tokenisers
+# --------------------------------------------------------------------------------------- tokenisers
 def get_tokenizer(name):
     if name == "bytes":
         ranks = {bytes([i]): i for i in range(256)}
@@ -79,9 +84,10 @@ def eot_id(enc):
     return enc.encode(EOT, allowed_special={EOT})[0]
 
 
-# ---------------------------------------------------------------------------------------------- preparing
+# ---------------------------------------------------------------------------------------- preparing
 def stdlib_documents():
-    """The standard library's .py files, leaving out its test suites (they are large and repetitive)."""
+    """The standard library's .py files, leaving out its test suites (they are large and
+    repetitive)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
     for path in sorted(root.rglob("*.py")):
@@ -91,7 +97,8 @@ def stdlib_documents():
 
 
 def text_lines(path):
-    """(line number, text) of each line of a UTF-8 file; a byte that is not UTF-8 is an error naming file:line."""
+    """(line number, text) of each line of a UTF-8 file; a byte that is not UTF-8 is an error naming
+    file:line."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -102,7 +109,8 @@ def text_lines(path):
 
 
 def source_documents(src):
-    """(name, text) for a text file, a JSONL file with a "text" field per line, or a folder of text files."""
+    """(name, text) for a text file, a JSONL file with a "text" field per line, or a folder of text
+    files."""
     src = Path(src)
     if not src.exists():
         raise DataError(f"--src {src}: no such file or folder")
@@ -129,7 +137,8 @@ def source_documents(src):
 
 
 def text_of(path):
-    """A whole text file; a binary one (a NUL byte, or bytes that are not UTF-8) is an error naming file:line."""
+    """A whole text file; a binary one (a NUL byte, or bytes that are not UTF-8) is an error naming
+    file:line."""
     raw = Path(path).read_bytes()
     try:
         if (i := raw.find(b"\0")) >= 0:
@@ -142,7 +151,8 @@ def text_of(path):
 
 
 def write_split(tokens_iter, out, split, dtype):
-    """Stream token arrays into shards of at most SHARD_TOKENS tokens: {split}_000.bin, {split}_001.bin, ..."""
+    """Stream token arrays into shards of at most SHARD_TOKENS tokens: {split}_000.bin,
+    {split}_001.bin, ..."""
     shard, buf, n, names = 0, [], 0, []
 
     def flush():
@@ -169,9 +179,9 @@ def write_split(tokens_iter, out, split, dtype):
 
 
 def prepare(docs, out, tokenizer=DEFAULT_TOKENIZER, source="?", if_missing=False):
-    """Tokenise (name, text) documents into train/val shards in `out`; meta.json is written last (the marker
-    that the folder is complete). Safe when many processes prepare the same folder at once (publish_folder);
-    with if_missing, a folder that is already complete is left as it is."""
+    """Tokenise (name, text) documents into train/val shards in `out`; meta.json is written last
+    (the marker that the folder is complete). Safe when many processes prepare the same folder at
+    once (publish_folder); with if_missing, a folder that is already complete is left as it is."""
     enc = get_tokenizer(tokenizer)
     built = publish_folder(out, lambda tmp: _prepare_into(docs, tmp, enc, tokenizer, source), if_missing)
     return built or json.loads((Path(out) / "meta.json").read_text())
@@ -194,8 +204,8 @@ def _prepare_into(docs, out, enc, tokenizer, source):
             "source": str(source), "shards": {}, "tokens": {}, "documents": {}, "max_id": eot}
     for split, texts in splits.items():
         toks = [np.array(t + [eot], dtype=np.int64) for t in enc.encode_ordinary_batch(texts, num_threads=2)]
-        # Every id must fit the vocabulary (and the dtype): checked here once, recorded, and checked against the
-        # model at the start of every run.
+        # Every id must fit the vocabulary (and the dtype): checked here once, recorded, and checked
+        # against the model at the start of every run.
         meta["max_id"] = max(meta["max_id"], max(int(t.max()) for t in toks))
         meta["shards"][split], meta["tokens"][split] = write_split(iter(toks), out, split, dtype)
         meta["documents"][split] = len(texts)
@@ -206,11 +216,12 @@ def _prepare_into(docs, out, enc, tokenizer, source):
     return meta
 
 
-# ---------------------------------------------------------------------------------------------- publishing
+# --------------------------------------------------------------------------------------- publishing
 @contextlib.contextmanager
 def folder_lock(out):
-    """An exclusive lock on folder `out` (fcntl, on a file next to it): other processes wait here. The kernel
-    drops it when its holder dies, so a killed preparer never leaves the others waiting."""
+    """An exclusive lock on folder `out` (fcntl, on a file next to it): other processes wait here.
+    The kernel drops it when its holder dies, so a killed preparer never leaves the others
+    waiting."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -221,12 +232,13 @@ def folder_lock(out):
 
 
 def publish_folder(out, build, if_missing=False):
-    """Build a data folder so that concurrent processes (every rank of a first run, started on an empty cache)
-    all see the same complete data: one process builds while the others wait on the lock, then find meta.json.
-    `build(tmp)` writes into a private temporary folder next to `out`, meta.json last; its files are then moved
-    into `out` with rename, which never truncates a file another process has open (it replaces the name, the
-    reader keeps the old inode). meta.json is removed first and moved last, so `out` is never a mix that looks
-    complete. Returns build's result, or None if `if_missing` and `out` was already complete."""
+    """Build a data folder so that concurrent processes (every rank of a first run, started on an
+    empty cache) all see the same complete data: one process builds while the others wait on the
+    lock, then find meta.json. `build(tmp)` writes into a private temporary folder next to `out`,
+    meta.json last; its files are then moved into `out` with rename, which never truncates a file
+    another process has open (it replaces the name, the reader keeps the old inode). meta.json is
+    removed first and moved last, so `out` is never a mix that looks complete. Returns build's
+    result, or None if `if_missing` and `out` was already complete."""
     out = Path(out)
     if if_missing and (out / "meta.json").exists():
         return None
@@ -235,7 +247,8 @@ def publish_folder(out, build, if_missing=False):
     with folder_lock(out):
         if if_missing and (out / "meta.json").exists():  # another process built it while we waited
             return None
-        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed builder (we hold the lock)
+        # left by a killed builder (we hold the lock)
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
         tmp.mkdir()
@@ -254,12 +267,14 @@ def publish_folder(out, build, if_missing=False):
 
 def default_data_dir(tokenizer):
     cache = Path(os.environ.get("LLM_DATA_CACHE", Path.home() / ".cache" / "llm-from-scratch"))
-    name = f"{Path(tokenizer).name}-{zlib.crc32(tokenizer.encode()):08x}" if "/" in tokenizer else tokenizer  # folder
+    # folder
+    name = f"{Path(tokenizer).name}-{zlib.crc32(tokenizer.encode()):08x}" if "/" in tokenizer else tokenizer
     return cache / f"stdlib-{name}"
 
 
 def ensure_default_data(tokenizer):
-    """The embedded default: the standard library's source, prepared once per tokenizer into the cache."""
+    """The embedded default: the standard library's source, prepared once per tokenizer into the
+    cache."""
     out = default_data_dir(tokenizer)
     if not (out / "meta.json").exists():
         print(f"preparing the embedded default corpus (Python {sysconfig.get_python_version()} standard library) "
@@ -288,12 +303,14 @@ def load_meta(data_dir, tokenizer=None):
 
 
 META_TYPES = {"tokenizer": str, "vocab_size": int, "eot": int, "dtype": str, "shards": dict, "tokens": dict}
-DTYPE_VOCAB = {"uint16": 2 ** 16, "uint32": 2 ** 32}  # the shard dtypes, and the vocabulary each can hold
+# the shard dtypes, and the vocabulary each can hold
+DTYPE_VOCAB = {"uint16": 2 ** 16, "uint32": 2 ** 32}
 
 
 def check_meta(d, meta):
-    """Everything the batches will trust: keys and types, the dtype, each shard's size against the dtype and the
-    token count, and the ids against the vocabulary (their maximum is recorded at prepare time)."""
+    """Everything the batches will trust: keys and types, the dtype, each shard's size against the
+    dtype and the token count, and the ids against the vocabulary (their maximum is recorded at
+    prepare time)."""
     where = d / "meta.json"
     if not isinstance(meta, dict):
         raise DataError(f"{where}: expected a JSON object with keys {', '.join(META_TYPES)}")
@@ -332,7 +349,8 @@ def check_meta(d, meta):
         if total != count:
             raise DataError(f"--data {d}: the {split} shards hold {total} {meta['dtype']} tokens, meta.json says "
                             f"{count}: the dtype or a shard is wrong; prepare the folder again")
-    if "max_id" not in meta:  # a folder from before max_id was recorded: look once (a pass over the shards)
+    # a folder from before max_id was recorded: look once (a pass over the shards)
+    if "max_id" not in meta:
         seen = max(int(np.memmap(d / n, dtype=meta["dtype"], mode="r").max()) for n in
                    meta["shards"]["train"] + meta["shards"]["val"])
         if seen >= meta["vocab_size"]:
@@ -340,9 +358,10 @@ def check_meta(d, meta):
         meta["max_id"] = max(seen, meta["eot"])
 
 
-# ---------------------------------------------------------------------------------------------- batches
+# ------------------------------------------------------------------------------------------ batches
 class TokenWindows:
-    """All windows of T+1 tokens (stride T) of one split, across its shards; windows never cross a shard."""
+    """All windows of T+1 tokens (stride T) of one split, across its shards; windows never cross a
+    shard."""
 
     def __init__(self, data_dir, split, seq_len):
         meta = json.loads((Path(data_dir) / "meta.json").read_text())
@@ -388,8 +407,8 @@ def epoch_order(seed, epoch, n):
 class Batches:
     """Token windows in the order of step_items (B = global batch in sequences).
 
-    The whole state is the step counter: batches are a pure function of (seed, step), so resuming restores
-    the exact stream, and a checkpoint's `state_dict()` is tiny."""
+    The whole state is the step counter: batches are a pure function of (seed, step), so resuming
+    restores the exact stream, and a checkpoint's `state_dict()` is tiny."""
 
     def __init__(self, data_dir, seq_len, global_batch, rank=0, world=1, n_micro=1, seed=0, split="train"):
         self.windows = TokenWindows(data_dir, split, seq_len)
@@ -404,7 +423,8 @@ class Batches:
         self.step = 0
 
     def next(self):
-        """The micro-batches of this rank for the next optimizer step: a list of `n_micro` (x, y) pairs."""
+        """The micro-batches of this rank for the next optimizer step: a list of `n_micro` (x, y)
+        pairs."""
         chunks = step_items(self.step, self.windows.n, self.B, self.seed, self.rank, self.world,
                             self.n_micro)
         self.step += 1
@@ -422,7 +442,8 @@ class Batches:
 
 
 def eval_batches(data_dir, seq_len, global_batch, n_batches, rank=0, world=1):
-    """A fixed validation set: the first n_batches*B windows of the val split, in order, split over ranks."""
+    """A fixed validation set: the first n_batches*B windows of the val split, in order, split over
+    ranks."""
     windows = TokenWindows(data_dir, "val", seq_len)
     n_batches = max(1, min(n_batches, windows.n // global_batch))
     per_rank = global_batch // world

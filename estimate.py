@@ -1,7 +1,9 @@
-"""estimate.py: the lecture's arithmetic as a calculator: parameters, FLOPs, memory, communication and time.
+"""estimate.py: the lecture's arithmetic as a calculator: parameters, FLOPs, memory, communication
+and time.
 
-The idea: before spending a GPU-month, compute what it buys, for any shape and any layout of the GPUs.
-For N parameters, D tokens, L layers of width h (= d_model), a heads, context s, micro-batch b per GPU:
+The idea: before spending a GPU-month, compute what it buys, for any shape and any layout of the
+GPUs. For N parameters, D tokens, L layers of width h (= d_model), a heads, context s, micro-batch b
+per GPU:
     FLOPs per token   6 N + 6 L h s      (2 per weight forward, 4 backward; the causal attention scores)  Kaplan 2020
     training FLOPs    C = 6 N D (+ attention);   compute-optimal D = 20 N                   Hoffmann 2022 (Chinchilla)
     time              C / (peak FLOP/s x GPUs x MFU)
@@ -21,14 +23,15 @@ For N parameters, D tokens, L layers of width h (= d_model), a heads, context s,
                       backward; with sp the same volume as all-gathers and reduce-scatters); pp: s b h forward
                       and back per micro-batch; ep: 4 all-to-alls of k s b h per MoE layer per micro-batch
     pipeline bubble   (p - 1) / (m + p - 1) of each step idle
-The counts come from the model as built on the meta device (no memory is allocated), so they cannot drift from
-model.py. With experts (moe.py) FLOPs follow the parameters a token meets, memory all of them.
-Units: GB = 1e9 bytes, as the papers print them; GiB = 2^30 bytes beside them. A run's own MFU denominator and
-memory figure (peak_flops, peak_memory_mb) live here too.
+The counts come from the model as built on the meta device (no memory is allocated), so they cannot
+drift from model.py. With experts (moe.py) FLOPs follow the parameters a token meets, memory all of
+them. Units: GB = 1e9 bytes, as the papers print them; GiB = 2^30 bytes beside them. A run's own MFU
+denominator and memory figure (peak_flops, peak_memory_mb) live here too.
 
-Run: `python estimate.py --model gpt2-124m --chinchilla --gpus 8`, `python estimate.py --params 70e9 --gpus 1024
---tp 8 --pp 8 --zero 1 --sequence-parallel`, or any shape: `--n-layer 32 --d-model 4096 --n-head 32 ...`.
-`python estimate.py --measure` builds two small models, runs a step and compares the bytes held with the above.
+Run: `python estimate.py --model gpt2-124m --chinchilla --gpus 8`, `python estimate.py --params 70e9
+--gpus 1024 --tp 8 --pp 8 --zero 1 --sequence-parallel`, or any shape: `--n-layer 32 --d-model 4096
+--n-head 32 ...`. `python estimate.py --measure` builds two small models, runs a step and compares
+the bytes held with the above.
 """
 import math
 import resource
@@ -38,7 +41,8 @@ import weakref
 from dataclasses import dataclass, replace
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode  # (torch's own hook below autograd; no public twin)
+# (torch's own hook below autograd; no public twin)
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from amp import DynamicLossScaler, MixedPrecisionOptimizer, cast_model
@@ -47,8 +51,10 @@ from model import PRESETS, ModelConfig, Transformer, flops_per_token, num_params
 from moe import add_moe, inactive_params, parse_layers
 from tensor_parallel import check_divisible
 
-PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}  # dense bf16 tensor-core peaks, datasheets
-WEIGHT, GRAD, ADAM = 2, 2, 12                                 # bytes per parameter, mixed-precision Adam
+# dense bf16 tensor-core peaks, datasheets
+PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0}
+# bytes per parameter, mixed-precision Adam
+WEIGHT, GRAD, ADAM = 2, 2, 12
 RECOMPUTE = ("none", "selective", "full")
 SHAPE_FLAGS = ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size")  # a custom shape
 
@@ -121,12 +127,14 @@ class Plan:
     ep: int
 
 
-# ----------------------------------------------------------------------------- the shape and the layout
+# ------------------------------------------------------------------------- the shape and the layout
 def shape_for(n_params, vocab=50304):
-    """A Llama-like shape of about n_params: d ~ 128 L (Llama-2 7B: L = 32, d = 4096), heads of 128 (a multiple
-    of 8 heads from d = 1024 on, so that tp = 8 divides them), d_ff ~ 8/3 d; N ~ 12 L d^2 + 2 V d."""
+    """A Llama-like shape of about n_params: d ~ 128 L (Llama-2 7B: L = 32, d = 4096), heads of 128
+    (a multiple of 8 heads from d = 1024 on, so that tp = 8 divides them), d_ff ~ 8/3 d; N ~ 12 L
+    d^2 + 2 V d."""
     approx = {L: 12 * L * (128 * L) ** 2 + 2 * vocab * 128 * L for L in range(1, 256)}
-    # The nearest by ratio (a difference of floats near 1e30 is 1e30 for every L: the first would win).
+    # The nearest by ratio (a difference of floats near 1e30 is 1e30 for every L: the first would
+    # win).
     L = min(approx, key=lambda L: abs(math.log(approx[L] / n_params)))
     if not 0.5 <= approx[L] / n_params <= 2:
         raise EstimateError(f"--params {n_params:g}: the shapes built here (d = 128 x layers, 1 to 255 layers) "
@@ -165,7 +173,8 @@ def config_from(plan):
 
 
 def layout_from(plan, cfg):
-    """(dp, micro-batch b per GPU, micro-batches per GPU per step, global batch) for the GPUs, checked."""
+    """(dp, micro-batch b per GPU, micro-batches per GPU per step, global batch) for the GPUs,
+    checked."""
     if plan.gpus < 1:
         raise EstimateError(f"--gpus must be at least 1, got {plan.gpus}")
     if not 0 < plan.mfu <= 1:
@@ -202,10 +211,12 @@ def layout_from(plan, cfg):
 
 # ----------------------------------------------------------------------------- the formulas
 def zero_table(n, gpus):
-    """Model-state bytes per GPU and elements sent per GPU per step for DDP and ZeRO 1-3 (the ZeRO paper's
-    accounting: 2 bytes of 16-bit weights, 2 of gradients, K = 12 of fp32 master, momentum and variance)."""
+    """Model-state bytes per GPU and elements sent per GPU per step for DDP and ZeRO 1-3 (the ZeRO
+    paper's accounting: 2 bytes of 16-bit weights, 2 of gradients, K = 12 of fp32 master, momentum
+    and variance)."""
     N, K = gpus, ADAM
-    ring = (N - 1) / N * n  # one reduce-scatter or one all-gather of n elements; an all-reduce is both
+    # one reduce-scatter or one all-gather of n elements; an all-reduce is both
+    ring = (N - 1) / N * n
     rows = [(0, 2 * n, 2 * n, K * n, 2 * ring, "all-reduce of gradients"),
             (1, 2 * n, 2 * n, K * n / N, 3 * ring, "all-reduce of gradients + all-gather of weights"),
             (2, 2 * n, 2 * n / N, K * n / N, 2 * ring, "reduce-scatter of gradients + all-gather of weights"),
@@ -216,8 +227,8 @@ def zero_table(n, gpus):
 
 
 def peak_flops(device, dtype, gpu="h100"):
-    """The denominator of MFU: the GPU's datasheet peak, or on a CPU the matmul throughput measured now
-    (there is no meaningful datasheet figure for a shared CPU)."""
+    """The denominator of MFU: the GPU's datasheet peak, or on a CPU the matmul throughput measured
+    now (there is no meaningful datasheet figure for a shared CPU)."""
     if device.type == "cuda":
         return PEAK_TFLOPS[gpu] * 1e12
     a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
@@ -229,14 +240,16 @@ def peak_flops(device, dtype, gpu="h100"):
 
 
 def peak_memory_mb(device):
-    """The log's memory figure: the CUDA allocator's peak, or on a CPU the process's peak resident set."""
+    """The log's memory figure: the CUDA allocator's peak, or on a CPU the process's peak resident
+    set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def activations_per_layer(s, b, h, a, t=1, sp=False, recompute="none"):
-    """Korthikanti et al.'s bytes of activations one transformer layer keeps for backward (16-bit)."""
+    """Korthikanti et al.'s bytes of activations one transformer layer keeps for backward
+    (16-bit)."""
     if recompute == "full":
         return 2 * s * b * h / (t if sp else 1)
     if recompute == "selective":
@@ -245,8 +258,9 @@ def activations_per_layer(s, b, h, a, t=1, sp=False, recompute="none"):
 
 
 def stage_params(model, pp, ep):
-    """Parameters held by the busiest pipeline stage (blocks split as evenly as pipeline.py does; the embedding
-    on the first stage, the final norm and head on the last), expert parameters divided over ep."""
+    """Parameters held by the busiest pipeline stage (blocks split as evenly as pipeline.py does;
+    the embedding on the first stage, the final norm and head on the last), expert parameters
+    divided over ep."""
     per_block = [sum(p.numel() / (ep if "experts" in name else 1) for name, p in blk.named_parameters())
                  for blk in model.blocks]
     base, extra = divmod(len(per_block), pp)
@@ -372,14 +386,15 @@ def estimate(plan):
             "seconds": seconds, "zero": zero, "memory": mem, "comm": {k: v for k, (v, _) in comm.items()},
             "bubble": bubble, "dp": dp, "micro_batch": b}
 
-# ----------------------------------------------------------------------------- measured against the formulas
+# -------------------------------------------------------------------- measured against the formulas
 class HeldActivations(TorchDispatchMode):
-    """Bytes of activations a forward leaves alive for the backward, by the module part that made them.
+    """Bytes of activations a forward leaves alive for the backward, by the module part that made
+    them.
 
-    Every tensor an operation creates is remembered weakly, with the part (e.g. "attn" of block 1) running then;
-    after the forward, the storages still alive are those autograd saved (or, with activation checkpointing,
-    the block inputs torch.utils.checkpoint keeps). Each storage counts once; parameters (and the transposed
-    views of them that matmuls make) are left out."""
+    Every tensor an operation creates is remembered weakly, with the part (e.g. "attn" of block 1)
+    running then; after the forward, the storages still alive are those autograd saved (or, with
+    activation checkpointing, the block inputs torch.utils.checkpoint keeps). Each storage counts
+    once; parameters (and the transposed views of them that matmuls make) are left out."""
 
     def __init__(self, model, parts=("attn_norm", "attn", "mlp_norm", "mlp")):
         super().__init__()
@@ -391,7 +406,8 @@ class HeldActivations(TorchDispatchMode):
                 mod = getattr(block, name)
                 mod.register_forward_pre_hook(lambda m, a, tag=(i, name): setattr(self, "part", tag))
                 mod.register_forward_hook(lambda m, a, o, tag=(i, None): setattr(self, "part", tag))
-            block.register_forward_hook(lambda m, a, o: setattr(self, "part", None))  # outside the blocks
+            # outside the blocks
+            block.register_forward_hook(lambda m, a, o: setattr(self, "part", None))
 
     def _input(self, x, i):
         self.inputs[i] = weakref.ref(x)
@@ -404,8 +420,9 @@ class HeldActivations(TorchDispatchMode):
         return out
 
     def held(self):
-        """{(block, part): bytes} of the storages alive now (part None: the residual adds between the parts;
-        "input": the block's input; tag None: outside the blocks: embedding, head, loss)."""
+        """{(block, part): bytes} of the storages alive now (part None: the residual adds between
+        the parts; "input": the block's input; tag None: outside the blocks: embedding, head,
+        loss)."""
         seen, out = set(self.params), {}
         inputs = {x.untyped_storage().data_ptr(): (i, "input") for i, ref in self.inputs.items()
                   if (x := ref()) is not None}
@@ -414,14 +431,15 @@ class HeldActivations(TorchDispatchMode):
             if t is not None and t.untyped_storage().data_ptr() not in seen:
                 key = t.untyped_storage().data_ptr()
                 seen.add(key)
-                tag = inputs.get(key, tag)  # a block's input kept alive: that block's (checkpointing)
+                # a block's input kept alive: that block's (checkpointing)
+                tag = inputs.get(key, tag)
                 out[tag] = out.get(tag, 0) + t.untyped_storage().nbytes()
         return out
 
 
 def measure_step(cfg, s=128, b=2, dtype=torch.bfloat16):
-    """One mixed-precision AdamW step in one process: bytes of weights, gradients, optimizer states held, and the
-    activations held after the forward per layer (mean over blocks) and per part."""
+    """One mixed-precision AdamW step in one process: bytes of weights, gradients, optimizer states
+    held, and the activations held after the forward per layer (mean over blocks) and per part."""
     torch.manual_seed(0)
     model = cast_model(Transformer(cfg), dtype)
     opt = MixedPrecisionOptimizer([{"params": list(model.parameters())}], torch.optim.AdamW, dtype,

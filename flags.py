@@ -1,17 +1,19 @@
-"""flags.py: the command line pretrain.py and sft.py share, and every check made before any work starts.
+"""flags.py: the command line pretrain.py and sft.py share, and every check made before any work
+starts.
 
-The idea: a bad flag should cost one line and no time. So every value is checked here, before data is read, a
-model built or a process group joined: numbers in the range where they mean something (finite first: nan passes
-no comparison), a layout that fits the world size (topology.py), a batch that divides into micro-batches and
-ranks, combinations that cannot work together, and, once the model's shape is known, the splits it must allow
-(heads, KV heads, d_ff and the vocabulary by --tp; layers by --pp; positions by --sequence-parallel and --cp).
-Each failure is one line naming the flag and what would be valid (exit status 2).
+The idea: a bad flag should cost one line and no time. So every value is checked here, before data
+is read, a model built or a process group joined: numbers in the range where they mean something
+(finite first: nan passes no comparison), a layout that fits the world size (topology.py), a batch
+that divides into micro-batches and ranks, combinations that cannot work together, and, once the
+model's shape is known, the splits it must allow (heads, KV heads, d_ff and the vocabulary by --tp;
+layers by --pp; positions by --sequence-parallel and --cp). Each failure is one line naming the flag
+and what would be valid (exit status 2).
 
-Each entry point adds its own flags and defaults on top of add_shared_flags (pretrain.py: the corpus and the
-model preset; sft.py: the base model, the template, LoRA, packing). The flags are parsed once, into
-a TrainConfig (from_args) of frozen parts: Optim, Layout, Settings, moe.MoEConfig, and the entry
-point's own flags. Nothing changes a config once made; a value resolved later (the precision of
---amp auto, the warm-up, an MoE base's experts) makes a new one (dataclasses.replace).
+Each entry point adds its own flags and defaults on top of add_shared_flags (pretrain.py: the corpus
+and the model preset; sft.py: the base model, the template, LoRA, packing). The flags are parsed
+once, into a TrainConfig (from_args) of frozen parts: Optim, Layout, Settings, moe.MoEConfig, and
+the entry point's own flags. Nothing changes a config once made; a value resolved later (the
+precision of --amp auto, the warm-up, an MoE base's experts) makes a new one (dataclasses.replace).
 """
 import argparse
 import json
@@ -35,12 +37,13 @@ from topology import TopologyError, check_layout
 
 
 class ConfigError(ValueError):
-    """A bad flag or input file: its message is the one line the user sees, before any work starts."""
+    """A bad flag or input file: its message is the one line the user sees, before any work
+    starts."""
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (no usage block): the same shape as every other error here; and
-    --help shows each flag's default."""
+    """argparse, but a bad flag is one line (no usage block): the same shape as every other error
+    here; and --help shows each flag's default."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, formatter_class=ShowDefaults, **kwargs)
@@ -58,10 +61,11 @@ class ShowDefaults(argparse.HelpFormatter):
         return action.help + " (default: %(default)s)"
 
 
-# ------------------------------------------------------------------------------------------- the flags
+# ---------------------------------------------------------------------------------------- the flags
 def add_shared_flags(ap, **defaults):
-    """The flags of both entry points: layout, precision, optimizer, schedule, logging/saving/resuming. Each
-    entry point passes its own defaults (a flag name with _ for -, e.g. max_steps=100)."""
+    """The flags of both entry points: layout, precision, optimizer, schedule,
+    logging/saving/resuming. Each entry point passes its own defaults (a flag name with _ for -,
+    e.g. max_steps=100)."""
     a = ap.add_argument
     a("--batch-size", type=int, default=32, help="global batch per optimizer step (sequences, or SFT examples)")
     a("--seq-len", type=int, default=None, help="tokens per row (default: the model's block_size)")
@@ -223,8 +227,9 @@ def resolved(cfg):
     return replace(cfg, settings=replace(s, amp=amp, attn=attn))
 
 
-# The flags that say where and how a run executes, not what it computes: a run keeps its folder when they change
-# (its checkpoints resume on any layout, checkpoint.py), and they are left out of the default folder's name.
+# The flags that say where and how a run executes, not what it computes: a run keeps its folder when
+# they change (its checkpoints resume on any layout, checkpoint.py), and they are left out of the
+# default folder's name.
 HOW_FLAGS = {"zero", "bucket_mb", "tp", "pp", "microbatches", "pp_schedule", "sequence_parallel", "ep", "cp",
              "grad_accum", "attn", "activation_checkpointing", "compile", "device", "out", "resume", "fresh",
              "save_every", "eval_every", "log_every", "stop_after", "eval_iters", "eval_examples", "sample_tokens",
@@ -241,9 +246,10 @@ def run_folder(given, prog):
 
 
 def check_values(cfg):
-    """Every number a flag holds, in the range where it means something, and --out a folder that can be written:
-    the checks that need nothing but the flags (both entry points'; a flag an entry point lacks is skipped).
-    Finiteness first: nan passes no comparison (nan <= 0 is False), so a range check alone lets it through."""
+    """Every number a flag holds, in the range where it means something, and --out a folder that can
+    be written: the checks that need nothing but the flags (both entry points'; a flag an entry
+    point lacks is skipped). Finiteness first: nan passes no comparison (nan <= 0 is False), so a
+    range check alone lets it through."""
     given = cfg.flat()
     has = lambda f: given.get(f) is not None
     for f in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "bucket_mb", "tokens", "mfu",
@@ -310,8 +316,9 @@ def check_args(cfg, world):
         raise ConfigError("--compile with --pp > 1: the pipeline calls the stage's parts one by one; "
                           "compile is supported without pipeline parallelism")
     if run.compile and lay.zero == 3 and dp > 1:
-        # (ddp.py and ZeRO 1-2 are accepted with --compile; their gradient hooks are expected to fire after the
-        # compiled backward graph, so that the reductions no longer overlap the backward.)
+        # (ddp.py and ZeRO 1-2 are accepted with --compile; their gradient hooks are expected to
+        # fire after the compiled backward graph, so that the reductions no longer overlap the
+        # backward.)
         raise ConfigError("--compile with --zero 3: zero.py gathers and frees each block's weights (storage "
                           "resizing, hooks on module calls) inside the forward, which torch.compile does not "
                           "trace reliably; use --zero 3 without --compile, or --compile with --zero 0-2")

@@ -1,10 +1,11 @@
-"""flash_attn.py: FlashAttention-2, forward and backward, as Triton kernels beside a plain-PyTorch twin.
+"""flash_attn.py: FlashAttention-2, forward and backward, as Triton kernels beside a plain-PyTorch
+twin.
 
-The idea: attention's N x N score matrix never needs to exist. Cut Q into query tiles and K, V into key tiles
-small enough for on-chip memory; for one query tile, stream the key tiles past it and keep a running row max m
-and row sum l (the online softmax), rescaling the partial output whenever m grows. Only O and one number per row,
-the logsumexp L = m + log l, go back to HBM. The backward recomputes each probability tile from Q, K and L
-instead of reading a stored P.
+The idea: attention's N x N score matrix never needs to exist. Cut Q into query tiles and K, V into
+key tiles small enough for on-chip memory; for one query tile, stream the key tiles past it and keep
+a running row max m and row sum l (the online softmax), rescaling the partial output whenever m
+grows. Only O and one number per row, the logsumexp L = m + log l, go back to HBM. The backward
+recomputes each probability tile from Q, K and L instead of reading a stored P.
 
     forward   S = scale Q K^T,  P = exp(S - L),  O = P V                       4 B H N^2 D FLOPs (half if causal)
     backward  Delta = rowsum(dO * O),  dV = P^T dO,  dP = dO V^T,
@@ -12,9 +13,10 @@ instead of reading a stored P.
               (5 matmuls to the forward's 2; the kernels do 7: their dQ pass recomputes S and dP, flash_kernels.py)
     memory    O(B H N D) for O, L and the gradients, against O(B H N^2) for naive attention
 
-The twin (below) is the lecture's pseudo-code, FlashAttention-2's Algorithms 1 and 2, in PyTorch; the Triton
-kernels (flash_kernels.py) are the same loops with one program instance per outer iteration, plus what the GPU
-rewards (exp2, unmasked tiles away from the diagonal, longest tiles first, autotuned tile sizes).
+The twin (below) is the lecture's pseudo-code, FlashAttention-2's Algorithms 1 and 2, in PyTorch;
+the Triton kernels (flash_kernels.py) are the same loops with one program instance per outer
+iteration, plus what the GPU rewards (exp2, unmasked tiles away from the diagonal, longest tiles
+first, autotuned tile sizes).
 
 Masks beyond causal, both visiting only the tiles the mask leaves anything in:
     offset    query i sees key j iff j + k_offset <= i + q_offset: Q and K are two chunks of one longer sequence,
@@ -23,15 +25,17 @@ Masks beyond causal, both visiting only the tiles the mask leaves anything in:
     doc       (B, N) document ids of examples packed into one row, non-decreasing: a query sees only its own
               document's keys; key tiles that end before the query tile's first document starts are skipped
               (and, not causal, those that start after its last one ends)
-A row that sees no key (an offset can do that) gets O = 0 and L = -inf, so it adds nothing when merged.
+A row that sees no key (an offset can do that) gets O = 0 and L = -inf, so it adds nothing when
+merged.
 
-Where it runs: CUDA tensors use the kernels (fp16, bf16; fp32 with tf32 dots, or exact fp32 ones while
-torch.get_float32_matmul_precision() is "highest"). CPU tensors use the Triton interpreter when TRITON_INTERPRET=1 was set before this file was imported (fp32, fp16), otherwise the twin (any
+Where it runs: CUDA tensors use the kernels (fp16, bf16; fp32 with tf32 dots, or exact fp32 ones
+while torch.get_float32_matmul_precision() is "highest"). CPU tensors use the Triton interpreter
+when TRITON_INTERPRET=1 was set before this file was imported (fp32, fp16), otherwise the twin (any
 float dtype, float64 included). Head dims 16 to 128; grouped-query attention with H % H_kv == 0.
 
-Run: `python flash_attn.py`: on a GPU, a bf16 check against SDPA, packed documents against one causal row, then
-TFLOP/s of ours against SDPA's flash and cuDNN backends and peak memory against naive attention; on a CPU, a
-float64 correctness demo of the twin and the packed documents' time.
+Run: `python flash_attn.py`: on a GPU, a bf16 check against SDPA, packed documents against one
+causal row, then TFLOP/s of ours against SDPA's flash and cuDNN backends and peak memory against
+naive attention; on a CPU, a float64 correctness demo of the twin and the packed documents' time.
 """
 import math
 import time
@@ -45,18 +49,20 @@ TWIN_BLOCK = 32        # the twin's tile size (rows of Q and of K per tile)
 HEAD_DIMS = (16, 128)  # the smallest and largest supported head dim
 
 
-# ------------------------------------------------------------------------------ the twin, in plain PyTorch
+# ----------------------------------------------------------------------- the twin, in plain PyTorch
 def doc_bounds(doc):
-    """Document ids (B, N), non-decreasing along each row -> (ids, start, end) as int32 (B, N): the first index of
-    each token's document and one past its last. They bound the tiles a query or key tile must visit."""
+    """Document ids (B, N), non-decreasing along each row -> (ids, start, end) as int32 (B, N): the
+    first index of each token's document and one past its last. They bound the tiles a query or key
+    tile must visit."""
     doc = doc.contiguous()
     return tuple(t.to(torch.int32).contiguous() for t in
                  (doc, torch.searchsorted(doc, doc), torch.searchsorted(doc, doc, right=True)))
 
 
 def _twin_keep(i, j, n_i, n_j, causal, offset, docs, device):
-    """Which scores of the tile (query rows i.., key rows j..) are kept, as (B or 1, 1, n_i, n_j); None if all.
-    Query i sees key j iff j <= i + offset (causal) and both lie in the same document (docs)."""
+    """Which scores of the tile (query rows i.., key rows j..) are kept, as (B or 1, 1, n_i, n_j);
+    None if all. Query i sees key j iff j <= i + offset (causal) and both lie in the same document
+    (docs)."""
     rows, cols = torch.arange(i, i + n_i, device=device), torch.arange(j, j + n_j, device=device)
     keep = torch.ones(1, n_i, n_j, dtype=torch.bool, device=device)
     if causal:
@@ -67,11 +73,13 @@ def _twin_keep(i, j, n_i, n_j, causal, offset, docs, device):
 
 
 def _twin_key_range(i, n_i, N, causal, offset, docs, block):
-    """The key tiles [lo, hi) that query rows i .. i + n_i - 1 can see (tile-aligned lo): the rest is skipped."""
+    """The key tiles [lo, hi) that query rows i .. i + n_i - 1 can see (tile-aligned lo): the rest
+    is skipped."""
     lo, hi = 0, N
     if causal:                          # the last row sees keys up to i + n_i - 1 + offset
         hi = min(N, max(0, i + n_i + offset))
-    if docs is not None:                # ids never decrease: earlier documents end before the first row's starts
+    # ids never decrease: earlier documents end before the first row's starts
+    if docs is not None:
         lo = int(docs[1][:, i].min())
         if not causal:
             hi = min(hi, int(docs[2][:, i + n_i - 1].max()))
@@ -79,7 +87,8 @@ def _twin_key_range(i, n_i, N, causal, offset, docs, block):
 
 
 def _twin_query_range(j, n_j, N, causal, offset, docs, block):
-    """The query tiles [lo, hi) that can see key rows j .. j + n_j - 1 (the backward's view of the same mask)."""
+    """The query tiles [lo, hi) that can see key rows j .. j + n_j - 1 (the backward's view of the
+    same mask)."""
     lo, hi = 0, N
     if causal:                          # the first row to see key j is j - offset
         lo = min(N, max(0, j - offset))
@@ -89,12 +98,15 @@ def _twin_query_range(j, n_j, N, causal, offset, docs, block):
 
 
 def twin_forward(q, k, v, causal, scale, block=None, offset=0, docs=None):
-    """Algorithm 1 (forward): returns O and the logsumexp L of each row, nothing of size N x N.
-    A row that sees no key at all (possible with an offset) gets O = 0 and L = -inf: it adds nothing when merged."""
+    """Algorithm 1 (forward): returns O and the logsumexp L of each row, nothing of size N x N. A
+    row that sees no key at all (possible with an offset) gets O = 0 and L = -inf: it adds nothing
+    when merged."""
     B, H, N, D = q.shape
     block = block or TWIN_BLOCK
-    acc_t = torch.promote_types(q.dtype, torch.float32)  # 16-bit inputs, fp32 arithmetic: as the kernels do
-    k, v = (t.repeat_interleave(H // t.shape[1], dim=1).to(acc_t) for t in (k, v))  # head h reads KV h // group
+    # 16-bit inputs, fp32 arithmetic: as the kernels do
+    acc_t = torch.promote_types(q.dtype, torch.float32)
+    # head h reads KV h // group
+    k, v = (t.repeat_interleave(H // t.shape[1], dim=1).to(acc_t) for t in (k, v))
     o, lse = torch.empty_like(q), torch.empty(B, H, N, dtype=acc_t, device=q.device)
     for i in range(0, N, block):                                  # outer loop: query tile Q_i
         qi = q[:, :, i:i + block].to(acc_t)
@@ -102,15 +114,19 @@ def twin_forward(q, k, v, causal, scale, block=None, offset=0, docs=None):
         l = torch.zeros_like(m)
         acc = torch.zeros_like(qi)
         lo, hi = _twin_key_range(i, qi.shape[2], N, causal, offset, docs, block)
-        for j in range(lo, hi, block):                            # inner loop: the key tiles this tile can see
+        # inner loop: the key tiles this tile can see
+        for j in range(lo, hi, block):
             s = scale * qi @ k[:, :, j:j + block].transpose(-2, -1)
             keep = _twin_keep(i, j, *s.shape[-2:], causal, offset, docs, q.device)
-            if keep is not None:                                  # only tiles that cross the mask's edge
+            # only tiles that cross the mask's edge
+            if keep is not None:
                 s = s.masked_fill(~keep, -math.inf)
             m_new = torch.maximum(m, s.amax(-1))
-            m_use = m_new.masked_fill(m_new == -math.inf, 0)      # a row with nothing kept yet: exp(-inf) = 0
+            # a row with nothing kept yet: exp(-inf) = 0
+            m_use = m_new.masked_fill(m_new == -math.inf, 0)
             p = torch.exp(s - m_use[..., None])
-            alpha = torch.exp(m - m_use)                          # rescales what was summed under the old max
+            # rescales what was summed under the old max
+            alpha = torch.exp(m - m_use)
             l = alpha * l + p.sum(-1)
             acc = alpha[..., None] * acc + p @ v[:, :, j:j + block]
             m = m_new
@@ -120,21 +136,24 @@ def twin_forward(q, k, v, causal, scale, block=None, offset=0, docs=None):
 
 
 def twin_backward(q, k, v, o, lse, do, causal, scale, block=None, offset=0, docs=None):
-    """Algorithm 2 (backward): recompute each P tile from Q, K and L; returns dQ, dK, dV.
-    O and L may be those of a larger attention this call is one block of (ring attention): P = exp(S - L) is then
-    this block's share of the whole softmax, and the gradients are this block's exact contribution."""
+    """Algorithm 2 (backward): recompute each P tile from Q, K and L; returns dQ, dK, dV. O and L
+    may be those of a larger attention this call is one block of (ring attention): P = exp(S - L) is
+    then this block's share of the whole softmax, and the gradients are this block's exact
+    contribution."""
     B, H, N, D = q.shape
     block = block or TWIN_BLOCK
     H_kv, dtype, acc_t = k.shape[1], q.dtype, torch.promote_types(q.dtype, torch.float32)
     q, o, do = q.to(acc_t), o.to(acc_t), do.to(acc_t)
     k, v = (t.repeat_interleave(H // H_kv, dim=1).to(acc_t) for t in (k, v))
     delta = (do * o).sum(-1)                                      # rowsum(dO * O) = rowsum(P * dP)
-    lse = lse.masked_fill(lse == -math.inf, 0)                    # rows that saw no key: their P is 0 anyway
+    # rows that saw no key: their P is 0 anyway
+    lse = lse.masked_fill(lse == -math.inf, 0)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for j in range(0, N, block):                                  # outer loop: key tile K_j, V_j
         kj, vj = k[:, :, j:j + block], v[:, :, j:j + block]
         lo, hi = _twin_query_range(j, kj.shape[2], N, causal, offset, docs, block)
-        for i in range(lo, hi, block):                            # inner loop: the query tiles that see it
+        # inner loop: the query tiles that see it
+        for i in range(lo, hi, block):
             sl = slice(i, i + block)
             s = scale * q[:, :, sl] @ kj.transpose(-2, -1)
             keep = _twin_keep(i, j, *s.shape[-2:], causal, offset, docs, q.device)
@@ -146,7 +165,8 @@ def twin_backward(q, k, v, o, lse, do, causal, scale, block=None, offset=0, docs
             ds = p * (dp - delta[:, :, sl, None])
             dq[:, :, sl] += scale * ds @ kj
             dk[:, :, j:j + block] += scale * ds.transpose(-2, -1) @ q[:, :, sl]
-    dk, dv = (t.view(B, H_kv, H // H_kv, N, D).sum(2) for t in (dk, dv))  # GQA: a KV head's group adds up
+    # GQA: a KV head's group adds up
+    dk, dv = (t.view(B, H_kv, H // H_kv, N, D).sum(2) for t in (dk, dv))
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 
@@ -156,13 +176,15 @@ def _uses_triton(x):
 
 
 def attention_forward(q, k, v, causal, scale, offset=0, docs=None):
-    """(O, L) of one attention block: the kernels for CUDA tensors (or under the interpreter), else the twin.
-    offset: query i sees key j iff j <= i + offset (causal); docs: doc_bounds(doc). Inputs dense, as checked."""
+    """(O, L) of one attention block: the kernels for CUDA tensors (or under the interpreter), else
+    the twin. offset: query i sees key j iff j <= i + offset (causal); docs: doc_bounds(doc). Inputs
+    dense, as checked."""
     return (triton_forward if _uses_triton(q) else twin_forward)(q, k, v, causal, scale, offset=offset, docs=docs)
 
 
 def attention_backward(q, k, v, o, lse, do, causal, scale, offset=0, docs=None):
-    """(dQ, dK, dV) of one block, given the O and L of the attention it belongs to (its own, or a merged one)."""
+    """(dQ, dK, dV) of one block, given the O and L of the attention it belongs to (its own, or a
+    merged one)."""
     backward = triton_backward if _uses_triton(q) else twin_backward
     return backward(q, k, v, o, lse, do.contiguous(), causal, scale, offset=offset, docs=docs)
 
@@ -173,7 +195,8 @@ class FlashAttention(torch.autograd.Function):
         o, lse = attention_forward(q, k, v, causal, scale, offset, docs)
         ctx.save_for_backward(q, k, v, o, lse)  # O(N) per head: no probabilities are kept
         ctx.causal, ctx.scale, ctx.offset, ctx.docs = causal, scale, offset, docs
-        ctx.mark_non_differentiable(lse)  # returned for merging partial results; gradients flow through O only
+        # returned for merging partial results; gradients flow through O only
+        ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
@@ -184,7 +207,8 @@ class FlashAttention(torch.autograd.Function):
 
 
 def check_inputs(q, k, v):
-    """One-line errors for what the kernels cannot take, before any work; returns dense copies where needed."""
+    """One-line errors for what the kernels cannot take, before any work; returns dense copies where
+    needed."""
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         raise TypeError("flash_attention: q, k and v must be torch tensors")
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
@@ -208,11 +232,13 @@ def check_inputs(q, k, v):
         where = "CUDA" if q.is_cuda else "the Triton interpreter" if _uses_triton(q) else "the CPU twin"
         raise ValueError(f"flash_attention: dtype {str(q.dtype)[6:]} is unsupported on {where}; use one of "
                          f"{', '.join(str(d)[6:] for d in dtypes)}")
-    return (t.contiguous() for t in (q, k, v))  # the kernels index the dense (B, H, N, D) layout; copies if not
+    # the kernels index the dense (B, H, N, D) layout; copies if not
+    return (t.contiguous() for t in (q, k, v))
 
 
 def check_doc(doc, q):
-    """doc: (B, N) integer document ids shared by queries and keys, non-decreasing along each row."""
+    """doc: (B, N) integer document ids shared by queries and keys, non-decreasing along each
+    row."""
     B, N = q.shape[0], q.shape[2]
     if not isinstance(doc, torch.Tensor) or doc.shape != (B, N) or doc.is_floating_point() or doc.is_complex():
         what = f"{doc.dtype} {tuple(doc.shape)}" if isinstance(doc, torch.Tensor) else type(doc).__name__
@@ -228,12 +254,14 @@ def check_doc(doc, q):
 
 
 def flash_attention(q, k, v, causal=False, softmax_scale=None, doc=None, q_offset=0, k_offset=0, return_lse=False):
-    """softmax(scale q k^T [+ mask]) v without the N x N matrix; q (B, H, N, D), k and v (B, H_kv, N, D).
+    """softmax(scale q k^T [+ mask]) v without the N x N matrix; q (B, H, N, D), k and v (B, H_kv,
+    N, D).
 
-    causal: query i sees key j iff j + k_offset <= i + q_offset (the offsets place two chunks of one longer
-    sequence, as ring attention needs). doc: (B, N) document ids of packed examples, non-decreasing along a row:
-    a query sees only keys of its own document. return_lse: also return L = logsumexp of each score row
-    (B, H, N), fp32 (float64 for float64 inputs), -inf for a row that sees nothing, not differentiable.
+    causal: query i sees key j iff j + k_offset <= i + q_offset (the offsets place two chunks of one
+    longer sequence, as ring attention needs). doc: (B, N) document ids of packed examples,
+    non-decreasing along a row: a query sees only keys of its own document. return_lse: also return
+    L = logsumexp of each score row (B, H, N), fp32 (float64 for float64 inputs), -inf for a row
+    that sees nothing, not differentiable.
     """
     q, k, v = check_inputs(q, k, v)
     offset = int(q_offset) - int(k_offset)
@@ -250,7 +278,7 @@ def flash_attention(q, k, v, causal=False, softmax_scale=None, doc=None, q_offse
     return (o, lse) if return_lse else o
 
 
-# ------------------------------------------------------------------------------ the demo and the benchmark
+# ----------------------------------------------------------------------- the demo and the benchmark
 def _grads(f, q, k, v, do):
     return torch.autograd.grad(f(q, k, v), (q, k, v), do)
 
@@ -343,8 +371,9 @@ def memory():
 
 
 def packing(device, dtype, N, docs, H=4, D=64, reps=3):
-    """Packed documents: the doc mask against naive attention with the same mask, and the time of forward +
-    backward with and without it (the skipped tiles are the saving: about 1/docs of causal attention's work)."""
+    """Packed documents: the doc mask against naive attention with the same mask, and the time of
+    forward + backward with and without it (the skipped tiles are the saving: about 1/docs of causal
+    attention's work)."""
     from model import naive_attention
     q, k, v, do = _inputs(1, H, H, N, D, dtype, device)
     doc = torch.arange(N, device=device) * docs // N  # `docs` equal documents one after another

@@ -1,21 +1,23 @@
 """flash_kernels.py: flash_attn.py's FlashAttention-2 loops as Triton kernels, forward and backward.
 
-flash_attn.py holds the algorithm in plain PyTorch (the twin), the entry point and the demo; this file holds the
-same loops with one program instance per outer iteration:
+flash_attn.py holds the algorithm in plain PyTorch (the twin), the entry point and the demo; this
+file holds the same loops with one program instance per outer iteration:
     twin_forward, outer loop over query tiles i   ->  _fwd_kernel, one program per (query tile, batch, head)
     twin_backward, Delta = rowsum(dO * O)         ->  _bwd_delta_kernel
     twin_backward, outer loop over key tiles j    ->  _bwd_dkdv_kernel, one program per (key tile, batch, KV head);
                                                       it also loops over the query heads sharing that KV head (GQA)
     twin_backward's  dQ_i += scale dS K_j         ->  _bwd_dq_kernel, a second pass over query tiles: each dQ tile
                                                       has one owner, so no atomic adds (FlashAttention-2 uses them)
-The kernels add what the GPU rewards: exp2 with log2(e) folded into the scale; causal key tiles above the
-diagonal never visited, tiles below it run without any mask, only the diagonal (and a ragged last tile) masks;
-the longest causal query tiles launch first; tile sizes autotuned among those that fit the head dim without
-spilling registers. With a causal offset the diagonal moves by whole rows; with document ids every visited tile
-is masked and the tiles outside the query tile's documents are not visited at all.
+The kernels add what the GPU rewards: exp2 with log2(e) folded into the scale; causal key tiles
+above the diagonal never visited, tiles below it run without any mask, only the diagonal (and a
+ragged last tile) masks; the longest causal query tiles launch first; tile sizes autotuned among
+those that fit the head dim without spilling registers. With a causal offset the diagonal moves by
+whole rows; with document ids every visited tile is masked and the tiles outside the query tile's
+documents are not visited at all.
 
-CUDA tensors run them compiled; CPU tensors run them in the Triton interpreter when TRITON_INTERPRET=1 was set
-before the import (flash_attn.py chooses). Not run on its own: `python flash_attn.py` is the demo.
+CUDA tensors run them compiled; CPU tensors run them in the Triton interpreter when
+TRITON_INTERPRET=1 was set before the import (flash_attn.py chooses). Not run on its own: `python
+flash_attn.py` is the demo.
 """
 import os
 
@@ -34,18 +36,20 @@ def _configs(tiles, name_a, name_b):
 
 
 def _for_head_dim(tiles):
-    """Autotune's early pruning: the candidates made for the call's head dim (its last entry the largest)."""
+    """Autotune's early pruning: the candidates made for the call's head dim (its last entry the
+    largest)."""
     def prune(configs, nargs, **kwargs):
         return configs if INTERPRET else [c for c, t in zip(configs, tiles) if kwargs["HEAD_DIM"] <= t[-1]]
     return {"early_config_prune": prune}
 
 
-# Tiles (a, b, warps, stages, largest head dim). Forward and dQ: BLOCK_M = a query rows held, BLOCK_N = b key rows
-# streamed (BLOCK_M a multiple of BLOCK_N); dK/dV: BLOCK_N = a key rows held, BLOCK_M = b query rows streamed. Each
-# candidate is compiled and timed once per autotuning key, so the count sets the first call's cost. None spills
-# registers to local memory on sm_80 or sm_90a (`make kernels` compiles each at its largest head dim and prints
-# ptxas's figures): at head dim 128 the fp32 accumulators (dK and dV: 2 x BLOCK_N x 128) of the larger tiles
-# outgrow the 255 registers a thread may have, and 4 warps holding 128 query rows spill even at 64 on sm_80.
+# Tiles (a, b, warps, stages, largest head dim). Forward and dQ: BLOCK_M = a query rows held,
+# BLOCK_N = b key rows streamed (BLOCK_M a multiple of BLOCK_N); dK/dV: BLOCK_N = a key rows held,
+# BLOCK_M = b query rows streamed. Each candidate is compiled and timed once per autotuning key, so
+# the count sets the first call's cost. None spills registers to local memory on sm_80 or sm_90a
+# (`make kernels` compiles each at its largest head dim and prints ptxas's figures): at head dim 128
+# the fp32 accumulators (dK and dV: 2 x BLOCK_N x 128) of the larger tiles outgrow the 255 registers
+# a thread may have, and 4 warps holding 128 query rows spill even at 64 on sm_80.
 FWD_TILES = [(128, 64, 8, 3, 128), (128, 32, 8, 3, 128), (64, 64, 4, 3, 128)]
 DQ_TILES = [(128, 64, 8, 3, 64), (128, 32, 8, 3, 128), (64, 32, 4, 3, 128)]
 DKDV_TILES = [(128, 32, 8, 3, 64), (64, 16, 8, 3, 128), (32, 16, 4, 3, 128)]
@@ -57,7 +61,8 @@ DKDV_CONFIGS = _configs(DKDV_TILES, "BLOCK_N", "BLOCK_M")
 @triton.jit
 def _key_ranges(start_m, N, OFFSET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """The key tiles a query tile visits: [0, end_free) need no mask, [end_free, end) do."""
-    if CAUSAL:  # keys j <= i + OFFSET: whole tiles up to the first row's edge, masked ones up to the last row's
+    # keys j <= i + OFFSET: whole tiles up to the first row's edge, masked ones up to the last row's
+    if CAUSAL:
         end_free = tl.minimum(tl.maximum(start_m + OFFSET + 1, 0) // BLOCK_N * BLOCK_N, N // BLOCK_N * BLOCK_N)
         end = tl.minimum(tl.maximum(start_m + BLOCK_M + OFFSET, 0), N)
     else:       # all full tiles, then the ragged last one
@@ -67,8 +72,9 @@ def _key_ranges(start_m, N, OFFSET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 
 @triton.jit
 def _mask_scores(s, rows, cols, docq, DOCK, N, OFFSET, CAUSAL: tl.constexpr, DOC: tl.constexpr):
-    """-inf where query row i may not see key j: j past the end, j > i + OFFSET (causal), another document.
-    The forward and the dQ pass mask alike; the dK/dV pass holds the transposed tile and masks it in place."""
+    """-inf where query row i may not see key j: j past the end, j > i + OFFSET (causal), another
+    document. The forward and the dQ pass mask alike; the dK/dV pass holds the transposed tile and
+    masks it in place."""
     keep = cols[None, :] < N
     if CAUSAL:
         keep = keep & (cols[None, :] <= rows[:, None] + OFFSET)
@@ -85,11 +91,13 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, rows, docq, DOCK, offs_n, offs_d, d_ok, l
         cols = start_n + offs_n
         kv_ok = d_ok & (cols[:, None] < N) if MASKED else d_ok
         k = tl.load(K + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # in log2 units: exp2 is the fast one
+        # in log2 units: exp2 is the fast one
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
             s = _mask_scores(s, rows, cols, docq, DOCK, N, OFFSET, CAUSAL, DOC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing kept yet: exp2(-inf) = 0, no nan
+        # a row with nothing kept yet: exp2(-inf) = 0, no nan
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -106,11 +114,14 @@ def _fwd_kernel(Q, K, V, O, LSE, DOCS, DSTART, DEND, qk_scale, H, GROUP, N, N_BU
                 BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the diagonal block is whole key tiles
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # causal: the longest rows start first
+    # causal: the longest rows start first
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
-    kv_off = (bh // H * (H // GROUP) + bh % H // GROUP).to(tl.int64) * N * HEAD_DIM  # KV head h // GROUP
+    # KV head h // GROUP
+    kv_off = (bh // H * (H // GROUP) + bh % H // GROUP).to(tl.int64) * N * HEAD_DIM
     q_off = bh.to(tl.int64) * N * HEAD_DIM
-    doc_off = (bh // H).to(tl.int64) * N  # this batch row's document ids, shared by queries and keys
+    # this batch row's document ids, shared by queries and keys
+    doc_off = (bh // H).to(tl.int64) * N
     rows, offs_n, offs_d = start_m + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM  # BLOCK_D is HEAD_DIM rounded up to a power of two
     q_ok = (rows[:, None] < N) & d_ok
@@ -134,10 +145,12 @@ def _fwd_kernel(Q, K, V, O, LSE, DOCS, DSTART, DEND, qk_scale, H, GROUP, N, N_BU
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K + kv_off, V + kv_off, rows, rows, DOCS, offs_n, offs_d,
                                    d_ok, end_free, end, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, False,
                                    PRECISION)
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key (an offset can do that): O = 0, L = -inf
+    # a row that saw no key (an offset can do that): O = 0, L = -inf
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     tl.store(O + q_off + rows[:, None] * HEAD_DIM + offs_d[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty),
              mask=q_ok)
-    tl.store(LSE + bh.to(tl.int64) * N + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rows < N)  # ln
+    # ln
+    tl.store(LSE + bh.to(tl.int64) * N + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rows < N)
 
 
 @triton.jit
@@ -172,7 +185,8 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, cols, dock, DOCQ, offs_m, offs_
             if DOC:
                 keep = keep & (tl.load(DOCQ + rows, mask=rows < N, other=-2)[None, :] == dock[:, None])
             s_t = tl.where(keep, s_t, float("-inf"))
-        p_t = tl.exp2(s_t - lse[None, :])  # P recomputed from L: exact probabilities, no running max needed
+        # P recomputed from L: exact probabilities, no running max needed
+        p_t = tl.exp2(s_t - lse[None, :])
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -187,7 +201,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DOCS, DSTART, DEND, qk_sca
                      OFFSET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
-    start_n = tl.program_id(0) * BLOCK_N  # causal: low key tiles see the most queries, and launch first
+    # causal: low key tiles see the most queries, and launch first
+    start_n = tl.program_id(0) * BLOCK_N
     bh_kv = tl.program_id(1)
     kv_off = bh_kv.to(tl.int64) * N * HEAD_DIM
     doc_off = (bh_kv // (H // GROUP)).to(tl.int64) * N
@@ -198,8 +213,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DOCS, DSTART, DEND, qk_sca
     v = tl.load(V + kv_off + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # Query tiles: causal ones from the first row that sees key start_n (i >= j - OFFSET) are masked up to the first
-    # row that sees the whole key tile (start_free), then full ones, then the ragged end.
+    # Query tiles: causal ones from the first row that sees key start_n (i >= j - OFFSET) are masked
+    # up to the first row that sees the whole key tile (start_free), then full ones, then the ragged
+    # end.
     lo = start_n * 0
     start_free = start_n * 0
     if CAUSAL:
@@ -208,11 +224,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DOCS, DSTART, DEND, qk_sca
     end_full = (N // BLOCK_M) * BLOCK_M
     dock = cols
     hi = N
-    if DOC:  # only the queries of the key tile's documents: from the first one's start to the last one's end
+    # only the queries of the key tile's documents: from the first one's start to the last one's end
+    if DOC:
         dock = tl.load(DOCS + doc_off + cols, mask=cols < N, other=-1)
         lo = tl.maximum(lo, tl.load(DSTART + doc_off + start_n)) // BLOCK_M * BLOCK_M
         hi = tl.load(DEND + doc_off + tl.minimum(start_n + BLOCK_N, N) - 1)
-    for g in range(GROUP):  # GQA: every query head of this KV head adds into the same dK, dV registers
+    # GQA: every query head of this KV head adds into the same dK, dV registers
+    for g in range(GROUP):
         bh = bh_kv // (H // GROUP) * H + bh_kv % (H // GROUP) * GROUP + g
         Qh, DOh = Q + bh.to(tl.int64) * N * HEAD_DIM, DO + bh.to(tl.int64) * N * HEAD_DIM
         LSEh, DELTAh = LSE + bh.to(tl.int64) * N, DELTA + bh.to(tl.int64) * N
@@ -295,10 +313,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DOCS, DSTART, DEND, qk_scale, sm
 # ------------------------------------------------------------------------------ launching
 def _meta(q, k, causal, offset, docs):
     B, H, N, D = q.shape
-    # fp32 inputs follow torch's matmul setting: tf32 dots (tensor cores, 10-bit mantissa) once a run sets
-    # torch.set_float32_matmul_precision("high"), exact fp32 ("ieee") under the default "highest" that exact
-    # comparisons keep. N_BUCKET is only the autotuner's key: tune once per power of two of N, not for every N
-    # (generation grows N token by token).
+    # fp32 inputs follow torch's matmul setting: tf32 dots (tensor cores, 10-bit mantissa) once a
+    # run sets torch.set_float32_matmul_precision("high"), exact fp32 ("ieee") under the default
+    # "highest" that exact comparisons keep. N_BUCKET is only the autotuner's key: tune once per
+    # power of two of N, not for every N (generation grows N token by token).
     return dict(H=H, GROUP=H // k.shape[1], N=N, N_BUCKET=triton.next_power_of_2(N), OFFSET=offset, HEAD_DIM=D,
                 BLOCK_D=triton.next_power_of_2(D), CAUSAL=causal, DOC=docs is not None,
                 PRECISION="ieee" if q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
@@ -306,7 +324,8 @@ def _meta(q, k, causal, offset, docs):
 
 
 def _doc_args(q, docs):
-    """(ids, start, end) of doc_bounds; without documents, one placeholder the kernels never read."""
+    """(ids, start, end) of doc_bounds; without documents, one placeholder the kernels never
+    read."""
     return docs if docs is not None else (torch.zeros(1, dtype=torch.int32, device=q.device),) * 3
 
 

@@ -1,7 +1,9 @@
-"""generate.py: text from a trained model, one token at a time, with a KV cache; prefill and decode tokens/s.
+"""generate.py: text from a trained model, one token at a time, with a KV cache; prefill and decode
+tokens/s.
 
-The idea: a causal model's keys and values of past positions never change, so generation keeps them (model.py's
-KVCache) and runs in two phases of different cost, for N matmul parameters, L layers, context T:
+The idea: a causal model's keys and values of past positions never change, so generation keeps them
+(model.py's KVCache) and runs in two phases of different cost, for N matmul parameters, L layers,
+context T:
     prefill   the prompt's P tokens in one forward: 2N FLOPs per token (+ attention) in large matmuls, so it is
               compute-bound, like training's forward
     decode    one forward per new token, of that token alone: 2N FLOPs for reading every weight once (N x bytes
@@ -11,14 +13,15 @@ KVCache) and runs in two phases of different cost, for N matmul parameters, L la
               on an H100 (3.35 TB/s): at most ~1,550 tokens/s
     KV cache  2 (keys and values) * L * T * n_kv_head * head_dim * bytes per value, per sequence: grouped-query
               attention's few KV heads make it n_head / n_kv_head times smaller
-Without the cache (--no-cache) every new token runs the whole sequence again: the t-th token costs a forward over
-t tokens, so n tokens cost O(n^2) token-forwards instead of O(n). INT8 weights (--int8, quantization.py's
-weight-only PTQ) halve the bytes decode reads against bf16.
+Without the cache (--no-cache) every new token runs the whole sequence again: the t-th token costs a
+forward over t tokens, so n tokens cost O(n^2) token-forwards instead of O(n). INT8 weights (--int8,
+quantization.py's weight-only PTQ) halve the bytes decode reads against bf16.
 
-Sampling: temperature 0 is greedy (the argmax); otherwise softmax(logits / temperature), restricted to the top_k
-most likely tokens and to the top-p nucleus (the smallest set of tokens whose probabilities sum to >= p; Holtzman
-et al., 2019). The padded vocabulary's ids (>= the tokenizer's n_vocab) are never drawn. Generation stops at the
-tokenizer's end-of-text, after --max-new-tokens, or at the end of the model's context.
+Sampling: temperature 0 is greedy (the argmax); otherwise softmax(logits / temperature), restricted
+to the top_k most likely tokens and to the top-p nucleus (the smallest set of tokens whose
+probabilities sum to >= p; Holtzman et al., 2019). The padded vocabulary's ids (>= the tokenizer's
+n_vocab) are never drawn. Generation stops at the tokenizer's end-of-text, after --max-new-tokens,
+or at the end of the model's context.
 
 Run:
     python generate.py out/pretrain --prompt "def "           # a run's --out, a step folder, model.pt or an HF folder
@@ -68,7 +71,8 @@ def build_parser():
 
 
 def check_args(args):
-    """Every flag's value, before any file is read: one line naming the flag and what would be valid."""
+    """Every flag's value, before any file is read: one line naming the flag and what would be
+    valid."""
     if not Path(args.path).exists():
         raise GenerateError(f"{args.path}: no such file or folder (a run's --out, a consolidated file or a Hugging "
                             "Face folder)")
@@ -89,7 +93,8 @@ def check_args(args):
 
 
 def load(args):
-    """(model on the device in eval mode, tokenizer) from args.path; a damaged or foreign file is one line."""
+    """(model on the device in eval mode, tokenizer) from args.path; a damaged or foreign file is
+    one line."""
     try:
         init = load_weights(args.path)
         enc = data_lib.get_tokenizer(init["tokenizer"])
@@ -99,7 +104,8 @@ def load(args):
     if enc.n_vocab > cfg.vocab_size:
         raise GenerateError(f"{args.path}: tokenizer {init['tokenizer']!r} has {enc.n_vocab} ids, the model's "
                             f"vocabulary only {cfg.vocab_size}")
-    run_args = init.get("args") or {}  # a mixture-of-experts run: the same blocks get MoE MLPs before loading
+    # a mixture-of-experts run: the same blocks get MoE MLPs before loading
+    run_args = init.get("args") or {}
     model = moe.with_experts(Transformer(cfg), moe.config_of(run_args))
     try:
         model.load_state_dict(init["model"])
@@ -112,7 +118,8 @@ def load(args):
 
 
 def prompt_tokens(args, enc, block_size):
-    """The prompt's ids (with --chat: the template up to the assistant's header); it must leave room to generate."""
+    """The prompt's ids (with --chat: the template up to the assistant's header); it must leave room
+    to generate."""
     if args.chat:
         ids = prompt_ids(enc, [{"role": "user", "content": args.prompt}, {"role": "assistant", "content": ""}])
     else:
@@ -129,11 +136,12 @@ def sync(device):
 
 
 def generate(model, ids, args, stops, n_vocab):
-    """The new token ids (up to, not including, the first of `stops`: end-of-text, or the chat template's end of
-    turn), seconds of the prefill (the first forward and its token) and of the decode (every later token), and
-    whether it stopped at one of them."""
+    """The new token ids (up to, not including, the first of `stops`: end-of-text, or the chat
+    template's end of turn), seconds of the prefill (the first forward and its token) and of the
+    decode (every later token), and whether it stopped at one of them."""
     idx = torch.tensor([ids], device=args.device)
-    n = min(args.max_new_tokens, model.cfg.block_size - len(ids))  # the cache (and RoPE's table) end there
+    # the cache (and RoPE's table) end there
+    n = min(args.max_new_tokens, model.cfg.block_size - len(ids))
     steps = model.stream(idx, n, args.temperature, args.top_k, n_vocab, args.top_p, use_cache=not args.no_cache)
     out, seconds, hit_eos = [], [], False
     sync(args.device)
@@ -153,7 +161,8 @@ def report(model, args, n_prompt, n_new, prefill_s, decode_s, hit_eos):
     cfg = model.cfg
     T = n_prompt + n_new - 1  # the positions the cache holds: every token but the last one drawn
     dtype_bytes = next(model.parameters()).element_size()
-    cache = 2 * cfg.n_layer * T * cfg.n_kv_head * cfg.head_dim * dtype_bytes  # the formula of the docstring
+    # the formula of the docstring
+    cache = 2 * cfg.n_layer * T * cfg.n_kv_head * cfg.head_dim * dtype_bytes
     decode = f"{(n_new - 1) / decode_s:,.1f} tokens/s" if n_new > 1 and decode_s > 0 else "-"
     why = "end-of-text" if hit_eos else ("the context's end" if T + 1 >= cfg.block_size else "--max-new-tokens")
     return (f"prefill {n_prompt} tokens: {n_prompt / prefill_s:,.1f} tokens/s | decode {max(n_new - 1, 0)} tokens: "

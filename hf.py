@@ -1,8 +1,8 @@
 """hf.py: Hugging Face Llama folders in and out: names, safetensors by hand, config.json, tokenizer.
 
-model.py is a Llama-architecture decoder (RMSNorm, rotary embeddings on split halves, SwiGLU, grouped-query
-attention, no biases), so a trained model is a LlamaForCausalLM once its tensors are renamed, and a Llama
-checkpoint of a shape model.py can build is a model.py model. The names:
+model.py is a Llama-architecture decoder (RMSNorm, rotary embeddings on split halves, SwiGLU,
+grouped-query attention, no biases), so a trained model is a LlamaForCausalLM once its tensors are
+renamed, and a Llama checkpoint of a shape model.py can build is a model.py model. The names:
 
     model.py                       Hugging Face Llama
     tok_emb                        model.embed_tokens
@@ -12,28 +12,34 @@ checkpoint of a shape model.py can build is a model.py model. The names:
     blocks.{i}.mlp.w1, w3, w2      model.layers.{i}.mlp.gate_proj, up_proj, down_proj   (gate, up, down)
     norm, lm_head                  model.norm, lm_head
 
-Both rotate the two halves of each head (rotate_half), so the query and key rows need no permutation.
+Both rotate the two halves of each head (rotate_half), so the query and key rows need no
+permutation.
 
-config.json comes in two forms: transformers 4 writes top-level `rope_theta` and `rope_scaling`, transformers 5
-one `rope_parameters` {"rope_type", "rope_theta", ...}; both are read (and must agree when both are there), and
-export writes both. Rope types: "default" and Llama 3.1's "llama3" (model.llama3_frequencies); any other (linear,
-dynamic, yarn, longrope, ...) is refused in one line, as are biases, another activation, partial rotary and
-settings per layer type. A `head_dim` other than hidden_size / heads is kept (ModelConfig.head_dim_override).
+config.json comes in two forms: transformers 4 writes top-level `rope_theta` and `rope_scaling`,
+transformers 5 one `rope_parameters` {"rope_type", "rope_theta", ...}; both are read (and must agree
+when both are there), and export writes both. Rope types: "default" and Llama 3.1's "llama3"
+(model.llama3_frequencies); any other (linear, dynamic, yarn, longrope, ...) is refused in one line,
+as are biases, another activation, partial rotary and settings per layer type. A `head_dim` other
+than hidden_size / heads is kept (ModelConfig.head_dim_override).
 
-Tied embeddings: model.py never ties the embedding and the head (a pipeline's first and last stages, and
-tensor-parallel or ZeRO shards, would otherwise share one parameter across ranks). A tied checkpoint's embedding
-is copied into the head on import; export writes tie_word_embeddings true and no lm_head when the two are still
-equal (a tied model not trained since), else false with both tensors: a fine-tuned tied model comes out untied.
+Tied embeddings: model.py never ties the embedding and the head (a pipeline's first and last stages,
+and tensor-parallel or ZeRO shards, would otherwise share one parameter across ranks). A tied
+checkpoint's embedding is copied into the head on import; export writes tie_word_embeddings true and
+no lm_head when the two are still equal (a tied model not trained since), else false with both
+tensors: a fine-tuned tied model comes out untied.
 
-Special tokens: load_weights returns {"bos", "eos", "pad"} ids (special_ids): a Hugging Face folder's from
+Special tokens: load_weights returns {"bos", "eos", "pad"} ids (special_ids): a Hugging Face
+folder's from
 generation_config.json, config.json or its tokenizer files; "bytes" and tiktoken encodings have <|endoftext|> as
-eos. A folder holding tokenizer.json or tokenizer.model is its own tokenizer: runs record its path, and export
-copies its files (tokenizer.json, tokenizer_config.json, ...) next to the weights, with the ids in config.json and
-generation_config.json, so that transformers' AutoTokenizer and generate() work on the exported folder.
+eos. A folder holding tokenizer.json or tokenizer.model is its own tokenizer: runs record its path,
+and export copies its files (tokenizer.json, tokenizer_config.json, ...) next to the weights, with
+the ids in config.json and generation_config.json, so that transformers' AutoTokenizer and
+generate() work on the exported folder.
 
-safetensors, written out: 8 bytes of little-endian header length N, N bytes of JSON {name: {"dtype", "shape",
-"data_offsets": [begin, end]}} (offsets into what follows), then the raw little-endian tensors. Reading it is a
-memory map and one view per tensor; every field is checked, so a damaged file is one line, not a crash.
+safetensors, written out: 8 bytes of little-endian header length N, N bytes of JSON {name: {"dtype",
+"shape", "data_offsets": [begin, end]}} (offsets into what follows), then the raw little-endian
+tensors. Reading it is a memory map and one view per tensor; every field is checked, so a damaged
+file is one line, not a crash.
 
 Run: `python checkpoint.py export-hf out/pretrain hf/` writes a folder (export_hf, from anything
 load_weights reads); `sft.py --init hf/` or `generate.py hf/` read one (load_weights -> import_hf).
@@ -67,7 +73,8 @@ PAIRS = [("tok_emb", "model.embed_tokens"), ("norm", "model.norm"), ("lm_head", 
 
 
 def _table(pairs):
-    """[(regex of one side's weight name, the other side's name with groups)] from the pairs above."""
+    """[(regex of one side's weight name, the other side's name with groups)] from the pairs
+    above."""
     pat = lambda s: re.escape(s + ".weight").replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", "(?P<p>[qkvo])")  # noqa
     sub = lambda s: (s + ".weight").replace("{i}", r"\g<i>").replace("{p}", r"\g<p>")  # noqa
     return [(pat(a), sub(b)) for a, b in pairs]
@@ -77,7 +84,8 @@ TO_HF, FROM_HF = _table(PAIRS), _table([(b, a) for a, b in PAIRS])
 
 
 class HFError(CheckpointError):
-    """A Hugging Face folder model.py cannot represent, or a damaged one: the one line the user sees."""
+    """A Hugging Face folder model.py cannot represent, or a damaged one: the one line the user
+    sees."""
 
 
 def rename(name, table):
@@ -97,8 +105,9 @@ def write_safetensors(path, tensors, metadata=None):
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the tensors start 8-byte aligned
-    # Written aside, then renamed over `path`: a file being read through a memory map (read_safetensors) is
-    # never truncated under its reader, which keeps the old contents until it lets go.
+    # Written aside, then renamed over `path`: a file being read through a memory map
+    # (read_safetensors) is never truncated under its reader, which keeps the old contents until it
+    # lets go.
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
@@ -108,8 +117,8 @@ def write_safetensors(path, tensors, metadata=None):
 
 
 def read_safetensors(path):
-    """{name: tensor} from a .safetensors file; every length, dtype and offset checked against the file. The
-    tensors are views of a memory map of the file: nothing is read until they are."""
+    """{name: tensor} from a .safetensors file; every length, dtype and offset checked against the
+    file. The tensors are views of a memory map of the file: nothing is read until they are."""
     size = Path(path).stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -121,13 +130,16 @@ def read_safetensors(path):
             assert isinstance(header, dict)
         except (ValueError, AssertionError):
             raise HFError(f"{path}: corrupt safetensors header (not a JSON object)") from None
-        # Copy-on-write: the tensors may be written to without touching the file; pages are read when touched.
+        # Copy-on-write: the tensors may be written to without touching the file; pages are read
+        # when touched.
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     out, spans = {}, []
     for name, h in header.items():
         if name == "__metadata__":
             continue
-        try:  # sizes are JSON integers (not floats, not bools), >= 0; the product in Python's unbounded ints
+        # sizes are JSON integers (not floats, not bools), >= 0; the product in Python's unbounded
+        # ints
+        try:
             dtype, shape, (a, b) = DTYPES[h["dtype"]], h["shape"], h["data_offsets"]
             assert all(type(v) is int and v >= 0 for v in [*shape, a, b])
             nbytes = dtype.itemsize * math.prod(shape)
@@ -155,15 +167,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 def export_hf(src, dst):
     """A run's folder, step folder or consolidated file -> dst/config.json, generation_config.json,
-    model.safetensors, and the tokenizer's files when the run's tokenizer is a folder (dst new or empty: nothing
-    is overwritten)."""
+    model.safetensors, and the tokenizer's files when the run's tokenizer is a folder (dst new or
+    empty: nothing is overwritten)."""
     if Path(dst).exists() and (not Path(dst).is_dir() or any(Path(dst).iterdir())):
         raise CheckpointError(f"export-hf: {dst} exists and is not an empty folder: give a new one (nothing there is "
                               "overwritten)")
     from weights import load_weights  # (imported here: weights.py imports this file)
     init = load_weights(src)
     sd, cfg, tokenizer, ids = init["model"], init["model_config"], init["tokenizer"], init["special_ids"]
-    # Tied exactly when the two tensors are equal (an untouched tied import): the head is then not written.
+    # Tied exactly when the two tensors are equal (an untouched tied import): the head is then not
+    # written.
     tied = torch.equal(sd["tok_emb.weight"], sd["lm_head.weight"])
     hf = {}
     for name, t in sd.items():
@@ -178,7 +191,8 @@ def export_hf(src, dst):
     write_safetensors(dst / "model.safetensors", hf)
     theta, scaling = cfg["rope_theta"], cfg.get("rope_scaling")
     special = {f"{k}_token_id": ids[k] for k in ("bos", "eos", "pad")}
-    # Both forms of the rotary settings: transformers 4 reads rope_theta/rope_scaling, 5 reads rope_parameters.
+    # Both forms of the rotary settings: transformers 4 reads rope_theta/rope_scaling, 5 reads
+    # rope_parameters.
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg["d_model"],
               "intermediate_size": cfg["d_ff"], "num_hidden_layers": cfg["n_layer"],
               "num_attention_heads": cfg["n_head"], "num_key_value_heads": cfg["n_kv_head"],
@@ -189,7 +203,8 @@ def export_hf(src, dst):
               "tie_word_embeddings": tied, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
               "initializer_range": 0.02, "torch_dtype": str(next(iter(sd.values())).dtype).removeprefix("torch.")}
     config |= special
-    if is_tokenizer_folder(tokenizer):  # the folder's files travel with the model: AutoTokenizer reads them
+    # the folder's files travel with the model: AutoTokenizer reads them
+    if is_tokenizer_folder(tokenizer):
         for f in TOKENIZER_FILES:
             if (Path(tokenizer) / f).is_file() and (Path(tokenizer) / f).resolve() != (dst / f).resolve():
                 shutil.copyfile(Path(tokenizer) / f, dst / f)
@@ -236,9 +251,10 @@ LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_po
 
 
 def read_rope(c, where):
-    """(rope_theta, rope_scaling for model.py) from either form of config.json: transformers 4's top-level
-    rope_theta and rope_scaling {"rope_type" (or "type"), ...}, or transformers 5's rope_parameters
-    {"rope_type", "rope_theta", ...}. A config with both must say the same in both."""
+    """(rope_theta, rope_scaling for model.py) from either form of config.json: transformers 4's
+    top-level rope_theta and rope_scaling {"rope_type" (or "type"), ...}, or transformers 5's
+    rope_parameters {"rope_type", "rope_theta", ...}. A config with both must say the same in
+    both."""
     readings = {}
     if c.get("rope_parameters") is not None:
         readings["rope_parameters"] = _rope_form(c["rope_parameters"], c.get("rope_theta", 1e4), "rope_parameters",
@@ -253,7 +269,8 @@ def read_rope(c, where):
 
 
 def _rope_form(p, theta, key, where):
-    """One form's (theta, scaling): the default rotary frequencies, or Llama 3.1's "llama3" scaling; others refused."""
+    """One form's (theta, scaling): the default rotary frequencies, or Llama 3.1's "llama3" scaling;
+    others refused."""
     if not isinstance(p, dict) or any(isinstance(v, dict) for v in p.values()):
         raise HFError(f"{where}: {key} {p!r} is not one object of numbers (rotary settings per layer type are not "
                       "represented by model.py)")
@@ -302,8 +319,8 @@ def _json(path):
 
 
 def import_hf(folder):
-    """An HF Llama folder -> load_weights' dict (model.py state dict, config, tokenizer, special ids); refuses,
-    naming the field or tensor, whatever model.py cannot represent."""
+    """An HF Llama folder -> load_weights' dict (model.py state dict, config, tokenizer, special
+    ids); refuses, naming the field or tensor, whatever model.py cannot represent."""
     folder = Path(folder)
     c = _json(folder / "config.json")
     cfg = _check_config(c, f"{folder}/config.json")
@@ -316,9 +333,9 @@ def import_hf(folder):
         if not (folder / name).is_file():
             raise HFError(f"{folder / name}: missing")
         hf |= read_safetensors(folder / name)
-    # The table of shapes below has 9 entries per layer: bounded by the layers the files hold before it is made (a
-    # config claiming 10^9 layers is one line, not an allocation without bound); every other size is then checked
-    # against a tensor that exists.
+    # The table of shapes below has 9 entries per layer: bounded by the layers the files hold before
+    # it is made (a config claiming 10^9 layers is one line, not an allocation without bound); every
+    # other size is then checked against a tensor that exists.
     layers = {m.group(1) for n in hf if (m := re.match(r"model\.layers\.(\d+)\.", n))}
     if cfg["n_layer"] > len(layers):
         raise HFError(f"{folder}/config.json: num_hidden_layers {cfg['n_layer']}, but its safetensors files hold "
@@ -333,7 +350,8 @@ def import_hf(folder):
         if list(t.shape) != shapes[name]:
             raise HFError(f"{folder}: {hf_name} has shape {list(t.shape)}, config.json implies {shapes[name]}")
         sd[name] = t
-    if c.get("tie_word_embeddings", False) and "tok_emb.weight" in sd:  # model.py unties: the head starts as a copy
+    # model.py unties: the head starts as a copy
+    if c.get("tie_word_embeddings", False) and "tok_emb.weight" in sd:
         if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"], sd["tok_emb.weight"]):
             raise HFError(f"{folder}: tie_word_embeddings is true, but lm_head.weight differs from the embedding")
         sd["lm_head.weight"] = sd["tok_emb.weight"].clone()
@@ -353,7 +371,8 @@ def import_hf(folder):
 
 # ----------------------------------------------------------------------------- special tokens
 def is_tokenizer_folder(tokenizer):
-    """A tokenizer named by a folder path (a Hugging Face tokenizer) rather than "bytes" or a tiktoken encoding."""
+    """A tokenizer named by a folder path (a Hugging Face tokenizer) rather than "bytes" or a
+    tiktoken encoding."""
     return any((Path(tokenizer) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
 
 
@@ -364,22 +383,25 @@ TIKTOKEN_EOT = {"gpt2": 50256, "r50k_base": 50256, "p50k_base": 50256, "p50k_edi
 
 
 def special_ids(tokenizer):
-    """{"bos", "eos", "pad"}: the ids generation and export need (None where there is none): a tokenizer folder's
-    (folder_special_ids), or for "bytes" and tiktoken encodings the end-of-text token as eos."""
+    """{"bos", "eos", "pad"}: the ids generation and export need (None where there is none): a
+    tokenizer folder's (folder_special_ids), or for "bytes" and tiktoken encodings the end-of-text
+    token as eos."""
     if is_tokenizer_folder(tokenizer):
         return folder_special_ids(Path(tokenizer))
     if tokenizer in TIKTOKEN_EOT:
         return {"bos": None, "eos": TIKTOKEN_EOT[tokenizer], "pad": None}
     try:
         return {"bos": None, "eos": data_lib.eot_id(data_lib.get_tokenizer(tokenizer)), "pad": None}
-    except data_lib.DataError as e:  # (a folder that has moved, or an encoding this machine cannot load)
+    # (a folder that has moved, or an encoding this machine cannot load)
+    except data_lib.DataError as e:
         raise CheckpointError(f"tokenizer {tokenizer!r} is not a folder with tokenizer.json or tokenizer.model, and "
                               f"{e}") from None
 
 
 def folder_special_ids(folder):
-    """From generation_config.json (what transformers' generate() uses), else config.json, else the token
-    strings of tokenizer_config.json looked up in tokenizer.json. eos may be a list (Llama 3 instruct models)."""
+    """From generation_config.json (what transformers' generate() uses), else config.json, else the
+    token strings of tokenizer_config.json looked up in tokenizer.json. eos may be a list (Llama 3
+    instruct models)."""
     ids = {"bos": None, "eos": None, "pad": None}
     for f in ("config.json", "generation_config.json"):  # the later wins
         c = _json(folder / f) if (folder / f).is_file() else {}

@@ -22,11 +22,13 @@ import torch
 import torch.nn as nn
 
 
-ELEMENTS_PER_DRAW = 1 << 20  # about this many values per generator: whole rows of the parameter, at least one
+# about this many values per generator: whole rows of the parameter, at least one
+ELEMENTS_PER_DRAW = 1 << 20
 
 
 def init_seed():
-    """The model's seed: one draw from torch's global generator (torch.manual_seed(seed) makes it repeatable)."""
+    """The model's seed: one draw from torch's global generator (torch.manual_seed(seed) makes it
+    repeatable)."""
     return int(torch.randint(0, 2 ** 62, (), device="cpu"))
 
 
@@ -36,10 +38,11 @@ def whole(shape):
 
 
 def init_rule(name, shape, n_layer):
-    """(kind, scale) of a parameter's initial values, from its name in the whole model: ones for the norms'
-    gains; N(0, 0.02) for embeddings and linears, with GPT-2's scaled init for each residual branch's output
-    projection (attn.wo, mlp.w2: std 0.02 / sqrt(2L), so the residual stream's variance does not grow with
-    depth); moe.py's routers and experts keep torch's default for a linear, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    """(kind, scale) of a parameter's initial values, from its name in the whole model: ones for the
+    norms' gains; N(0, 0.02) for embeddings and linears, with GPT-2's scaled init for each residual
+    branch's output projection (attn.wo, mlp.w2: std 0.02 / sqrt(2L), so the residual stream's
+    variance does not grow with depth); moe.py's routers and experts keep torch's default for a
+    linear, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     if len(shape) == 1:
         return "ones", 1.0
     if ".experts." in name or ".router." in name:
@@ -55,9 +58,10 @@ def draw_seed(seed, name, block):
 
 @torch.no_grad()
 def init_values(name, shape, box, seed, n_layer, dtype=None, device=None):
-    """Rows and columns `box` ([start, length] per dimension) of the full parameter `name` (of `shape`), as the
-    whole model's init draws them. Only the blocks of rows the box meets are drawn (one at a time): a slice of
-    rows costs its rows, a slice of columns one block of rows at a time."""
+    """Rows and columns `box` ([start, length] per dimension) of the full parameter `name` (of
+    `shape`), as the whole model's init draws them. Only the blocks of rows the box meets are drawn
+    (one at a time): a slice of rows costs its rows, a slice of columns one block of rows at a
+    time."""
     out = torch.empty([n for _, n in box], dtype=dtype, device=device)
     kind, scale = init_rule(name, shape, n_layer)
     if kind == "ones":
@@ -76,8 +80,8 @@ def init_values(name, shape, box, seed, n_layer, dtype=None, device=None):
 @torch.no_grad()
 def materialize(module, device, fill):
     """Every parameter of `module` still on the meta device becomes a real one on `device`, holding
-    fill(name, meta parameter): a new tensor of its shape, not a view of another one (it becomes the parameter);
-    what parallel files marked on a parameter stays on it."""
+    fill(name, meta parameter): a new tensor of its shape, not a view of another one (it becomes the
+    parameter); what parallel files marked on a parameter stays on it."""
     done = {}
     for prefix, m in module.named_modules():
         for key, p in m._parameters.items():

@@ -1,31 +1,35 @@
-"""lora.py: low-rank adaptation: freeze the model, learn W + (alpha/r) B A in a few chosen linear layers.
+"""lora.py: low-rank adaptation: freeze the model, learn W + (alpha/r) B A in a few chosen linear
+layers.
 
-The idea (Hu et al., 2021): the update a fine-tune makes to a d_out x d_in weight has low rank, so learn it as
-a product B A of a d_out x r and an r x d_in matrix, r << d, and leave W frozen:
+The idea (Hu et al., 2021): the update a fine-tune makes to a d_out x d_in weight has low rank, so
+learn it as a product B A of a d_out x r and an r x d_in matrix, r << d, and leave W frozen:
 
     y = x W^T + (alpha / r) * dropout(x) A^T B^T        A ~ Kaiming-uniform, B = 0, so at step 0 y = x W^T
 
-Trainable parameters per adapted layer: r (d_in + d_out) instead of d_in d_out. Every other parameter
-(embeddings, norms, head, the frozen W) has requires_grad False, so it gets no gradient and no optimizer
-state: Adam's 8 bytes per trainable parameter (momentum and variance, fp32), plus 4 of fp32 master weights in
-mixed precision, are paid only for the adapters. Scaling by alpha/r keeps the update's size roughly independent
-of r, so the learning rate need not change with it. After training, W + (alpha/r) B A is merged into W: the
-exported model is a plain Transformer with no extra cost at inference.
+Trainable parameters per adapted layer: r (d_in + d_out) instead of d_in d_out. Every other
+parameter (embeddings, norms, head, the frozen W) has requires_grad False, so it gets no gradient
+and no optimizer state: Adam's 8 bytes per trainable parameter (momentum and variance, fp32), plus 4
+of fp32 master weights in mixed precision, are paid only for the adapters. Scaling by alpha/r keeps
+the update's size roughly independent of r, so the learning rate need not change with it. After
+training, W + (alpha/r) B A is merged into W: the exported model is a plain Transformer with no
+extra cost at inference.
 
-The adapters are saved on their own (`save_adapter`: a few KB to MB, with the rank, targets and the base
-model's config), loadable onto the same base (`load_adapter`), and mergeable (`merge_lora`).
-Targets are the names of the linears inside the blocks: wq wk wv wo (attention), w1 w2 w3 (SwiGLU, also inside
-MoE experts). Under ZeRO only the adapters reach the optimizer, so only they are sharded (ZeRO-3 included: the
-frozen base stays whole on each data-parallel rank and carries no optimizer state). On a tensor-parallel layer
-(tensor_parallel.py) the adapter is split to match it (LoRALinear): column-parallel W_i -> A whole, B_i; row-
-parallel W_i -> A_i, B whole; per rank r (d_in + d_out / tp) or r (d_in / tp + d_out) parameters. Saving gathers
-the adapters whole, under their names in the whole model, whatever the layout (`lora_state_dict`).
+The adapters are saved on their own (`save_adapter`: a few KB to MB, with the rank, targets and the
+base model's config), loadable onto the same base (`load_adapter`), and mergeable (`merge_lora`).
+Targets are the names of the linears inside the blocks: wq wk wv wo (attention), w1 w2 w3 (SwiGLU,
+also inside MoE experts). Under ZeRO only the adapters reach the optimizer, so only they are sharded
+(ZeRO-3 included: the frozen base stays whole on each data-parallel rank and carries no optimizer
+state). On a tensor-parallel layer (tensor_parallel.py) the adapter is split to match it
+(LoRALinear): column-parallel W_i -> A whole, B_i; row- parallel W_i -> A_i, B whole; per rank r
+(d_in + d_out / tp) or r (d_in / tp + d_out) parameters. Saving gathers the adapters whole, under
+their names in the whole model, whatever the layout (`lora_state_dict`).
 
-Demo: `python lora.py` adapts the tiny model, shows the trainable count, that step 0 and the merged model
-reproduce the adapted logits, and measures optimizer-state bytes with LoRA against full fine-tuning.
-`torchrun --nproc_per_node 2 lora.py` adapts the tiny model's tensor-parallel slices: step 0 equals the base,
-the ranks' adapters add up to r (d_in + d_out) per layer, and after 5 steps the adapters, gathered whole and
-merged into the one-process model, reproduce the tensor-parallel logits.
+Demo: `python lora.py` adapts the tiny model, shows the trainable count, that step 0 and the merged
+model reproduce the adapted logits, and measures optimizer-state bytes with LoRA against full
+fine-tuning. `torchrun --nproc_per_node 2 lora.py` adapts the tiny model's tensor-parallel slices:
+step 0 equals the base, the ranks' adapters add up to r (d_in + d_out) per layer, and after 5 steps
+the adapters, gathered whole and merged into the one-process model, reproduce the tensor-parallel
+logits.
 """
 import math
 import os
@@ -48,16 +52,17 @@ class LoRAError(ValueError):
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear plus a trainable low-rank update. It keeps the base layer's `weight` under the same
-    name, so a base checkpoint's keys (`...wq.weight`) still load into an adapted model.
+    """A frozen linear plus a trainable low-rank update. It keeps the base layer's `weight` under
+    the same name, so a base checkpoint's keys (`...wq.weight`) still load into an adapted model.
 
-    The base may be a tensor-parallel layer (tensor_parallel.py). Column-parallel (W split by output rows):
-    A stays whole and B is split by output rows like W, so B_i A is rank i's rows of B A. Row-parallel (W split
-    by input columns): A is split by input columns like W and B stays whole, and the update is added before the
-    layer's reduction, which sums sum_i (x_i A_i^T) B^T = (x A^T) B^T. The layer's own f and g (its enter and
-    leave) carry the activations' communication; the whole factor (A, or B) is used by every rank with a
-    different partner slice, so its gradient is a partial sum: it passes through f, whose backward all-reduces
-    it over the tp group (as a sequence-parallel norm's gain does)."""
+    The base may be a tensor-parallel layer (tensor_parallel.py). Column-parallel (W split by output
+    rows): A stays whole and B is split by output rows like W, so B_i A is rank i's rows of B A.
+    Row-parallel (W split by input columns): A is split by input columns like W and B stays whole,
+    and the update is added before the layer's reduction, which sums sum_i (x_i A_i^T) B^T = (x A^T)
+    B^T. The layer's own f and g (its enter and leave) carry the activations' communication; the
+    whole factor (A, or B) is used by every rank with a different partner slice, so its gradient is
+    a partial sum: it passes through f, whose backward all-reduces it over the tp group (as a
+    sequence-parallel norm's gain does)."""
 
     def __init__(self, base, r, alpha, dropout=0.0, generator=None):
         super().__init__()
@@ -70,14 +75,16 @@ class LoRALinear(nn.Module):
         self.in_features = in_local * (tp if self.kind == "row" else 1)
         self.out_features = out_local * (tp if self.kind == "column" else 1)
         self.enter = getattr(base, "enter", lambda x: x)  # the layer's f (column) or nothing
-        self.leave = getattr(base, "leave", lambda y: y)  # the layer's g (row), the head's gather, or nothing
-        self.__dict__["base"] = base  # (not a submodule: its weight is this module's; merging puts it back)
+        # the layer's g (row), the head's gather, or nothing
+        self.leave = getattr(base, "leave", lambda y: y)
+        # (not a submodule: its weight is this module's; merging puts it back)
+        self.__dict__["base"] = base
         self.weight = base.weight
         self.weight.requires_grad_(False)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         kw = {"dtype": base.weight.dtype, "device": base.weight.device}
-        # A as nn.Linear initialises its weight (Kaiming-uniform, a = sqrt 5), whole on every rank from the same
-        # generator, then sliced; B = 0 makes B A = 0 at the start.
+        # A as nn.Linear initialises its weight (Kaiming-uniform, a = sqrt 5), whole on every rank
+        # from the same generator, then sliced; B = 0 makes B A = 0 at the start.
         A = torch.empty(r, self.in_features, **kw)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
         self.lora_A = nn.Parameter(self.local(A, "A", tp, rank))
@@ -92,7 +99,8 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def local(self, full, which, tp, rank):
-        """This rank's piece of a whole A or B: B's rows under column parallelism, A's columns under row."""
+        """This rank's piece of a whole A or B: B's rows under column parallelism, A's columns under
+        row."""
         if (self.kind, which) == ("column", "B"):
             return full.chunk(tp, 0)[rank].clone()
         if (self.kind, which) == ("row", "A"):
@@ -100,7 +108,8 @@ class LoRALinear(nn.Module):
         return full.clone()
 
     def shared(self, p):
-        """f on the factor every tp rank holds whole: identity forward, all-reduce of its gradient backward."""
+        """f on the factor every tp rank holds whole: identity forward, all-reduce of its gradient
+        backward."""
         return CopyToTensorParallel.apply(p, self.group) if self.group is not None else p
 
     def forward(self, x):
@@ -110,13 +119,15 @@ class LoRALinear(nn.Module):
             A = self.shared(A)
         elif self.kind == "row":
             B = self.shared(B)
-        # (h A^T) B^T: two thin matmuls, never the d_out x d_in product B A. Under tensor parallelism every rank
-        # draws the same dropout mask: their random streams are in lockstep (same seed, same operations).
+        # (h A^T) B^T: two thin matmuls, never the d_out x d_in product B A. Under tensor
+        # parallelism every rank draws the same dropout mask: their random streams are in lockstep
+        # (same seed, same operations).
         y = F.linear(h, self.weight) + F.linear(F.linear(self.dropout(h), A), B) * self.scaling
         return self.leave(y)
 
     def delta(self):
-        """This rank's part of the dense update (alpha/r) B A, for merging: the shape of its weight."""
+        """This rank's part of the dense update (alpha/r) B A, for merging: the shape of its
+        weight."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def extra_repr(self):
@@ -142,7 +153,8 @@ def check_settings(r, alpha, dropout):
 
 
 def check_rank(cfg, r, targets):
-    """A rank above a layer's smaller side is no longer low-rank (B A could be any matrix, at more cost)."""
+    """A rank above a layer's smaller side is no longer low-rank (B A could be any matrix, at more
+    cost)."""
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     shapes = {"wq": (cfg.d_model, q), "wk": (cfg.d_model, kv), "wv": (cfg.d_model, kv), "wo": (q, cfg.d_model),
               "w1": (cfg.d_model, cfg.d_ff), "w3": (cfg.d_model, cfg.d_ff), "w2": (cfg.d_ff, cfg.d_model)}
@@ -153,10 +165,11 @@ def check_rank(cfg, r, targets):
 
 
 def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=("wq", "wv"), seed=0):
-    """Freeze every parameter of `model`, then wrap each linear (plain or tensor-parallel) whose name is in
-    `targets` (the last part of its module path) in a LoRALinear. Each layer's A is drawn from a generator
-    seeded by (seed, its name in the whole model), so the adapters do not depend on the layout. Returns the
-    adapted layers' names. Works on the model (or this rank's piece of it) in place."""
+    """Freeze every parameter of `model`, then wrap each linear (plain or tensor-parallel) whose
+    name is in `targets` (the last part of its module path) in a LoRALinear. Each layer's A is drawn
+    from a generator seeded by (seed, its name in the whole model), so the adapters do not depend on
+    the layout. Returns the adapted layers' names. Works on the model (or this rank's piece of it)
+    in place."""
     check_settings(r, alpha, dropout)
     targets = parse_targets(targets)
     for p in model.parameters():
@@ -166,7 +179,8 @@ def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=("wq", "wv"), seed=0
         for child_name, child in list(parent.named_children()):
             if child_name in targets and isinstance(child, (nn.Linear, ColumnParallelLinear, RowParallelLinear)):
                 name = f"{parent_name}.{child_name}" if parent_name else child_name
-                # (seed and name in one 32-bit number: a CPU generator keeps only the low 32 bits of its seed)
+                # (seed and name in one 32-bit number: a CPU generator keeps only the low 32 bits of
+                # its seed)
                 g = torch.Generator(device=child.weight.device).manual_seed(
                     zlib.crc32(f"{seed}:{full_name(model, name)}".encode()))
                 layer = LoRALinear(child, r, alpha, dropout, g)
@@ -186,8 +200,9 @@ def lora_layers(model):
 
 
 def count_trainable(model):
-    """(trainable, total) parameters of this rank, and the expected trainable count r (d_in + d_out) summed over
-    layers, whole: over tp ranks, the trainable parameters that are not another rank's copy add up to it."""
+    """(trainable, total) parameters of this rank, and the expected trainable count r (d_in + d_out)
+    summed over layers, whole: over tp ranks, the trainable parameters that are not another rank's
+    copy add up to it."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     expected = sum(m.r * (m.in_features + m.out_features) for _, m in lora_layers(model))
@@ -209,9 +224,9 @@ def _gather(t, dim, group):
 
 
 def lora_state_dict(model, topo=None):
-    """Only the adapters, whole and by their names in the whole model: tensor-parallel slices concatenated,
-    pipeline stages and expert-parallel ranks' layers merged. A collective under a layout: every rank calls it
-    (under ZeRO-3, inside the optimizer's gathered())."""
+    """Only the adapters, whole and by their names in the whole model: tensor-parallel slices
+    concatenated, pipeline stages and expert-parallel ranks' layers merged. A collective under a
+    layout: every rank calls it (under ZeRO-3, inside the optimizer's gathered())."""
     out = {}
     for name, m in lora_layers(model):
         A, B = m.lora_A.detach(), m.lora_B.detach()
@@ -230,17 +245,19 @@ def lora_state_dict(model, topo=None):
 
 
 def save_adapter(path, model, model_config, topo=None):
-    """The whole adapters (a collective under a layout), written by rank 0 with the LoRA and model configs."""
+    """The whole adapters (a collective under a layout), written by rank 0 with the LoRA and model
+    configs."""
     adapter = lora_state_dict(model, topo)
     if topo is None or topo.rank == 0:
         torch.save({"lora_config": model.lora_config, "model_config": model_config, "adapter": adapter}, path)
 
 
 def load_adapter(model, path, model_config):
-    """Wrap a plain (or sliced) base model as the adapter file says and load its A and B (this rank's slices).
-    The adapter must have been trained on a model of the same config: another shape would not load, and
-    another base would not mean the same thing even if it did."""
-    try:  # weights_only: tensors and plain values; a file that would run code when unpickled is refused
+    """Wrap a plain (or sliced) base model as the adapter file says and load its A and B (this
+    rank's slices). The adapter must have been trained on a model of the same config: another shape
+    would not load, and another base would not mean the same thing even if it did."""
+    # weights_only: tensors and plain values; a file that would run code when unpickled is refused
+    try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         lora_config, adapter = saved["lora_config"], saved["adapter"]
     except FileNotFoundError:
@@ -271,9 +288,9 @@ def load_adapter(model, path, model_config):
 
 @torch.no_grad()
 def merge_lora(model):
-    """Fold W + (alpha/r) B A into the base layer in place of every LoRALinear (each rank its own slice): the
-    original structure and state-dict keys, no adapter cost at inference. The merged weights are trainable
-    again, as in the base."""
+    """Fold W + (alpha/r) B A into the base layer in place of every LoRALinear (each rank its own
+    slice): the original structure and state-dict keys, no adapter cost at inference. The merged
+    weights are trainable again, as in the base."""
     for name, m in lora_layers(model):
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -288,9 +305,9 @@ def merge_lora(model):
 
 @torch.no_grad()
 def merged_state_dict(model, base=None, adapter=None):
-    """The state dict merge_lora's model would have, leaving `model` as it is (adapted, still training); or,
-    given a whole base state dict and whole adapters (lora_state_dict), the whole merged model's, whatever the
-    layout the adapters were trained on."""
+    """The state dict merge_lora's model would have, leaving `model` as it is (adapted, still
+    training); or, given a whole base state dict and whole adapters (lora_state_dict), the whole
+    merged model's, whatever the layout the adapters were trained on."""
     if base is None:
         sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
         for name, m in lora_layers(model):
@@ -306,13 +323,16 @@ def merged_state_dict(model, base=None, adapter=None):
 
 
 def optimizer_state_bytes(optimizer):
-    """Bytes held in an optimizer's state (Adam: exp_avg and exp_avg_sq per parameter, plus a step scalar)."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # amp.MixedPrecisionOptimizer wraps the torch one
+    """Bytes held in an optimizer's state (Adam: exp_avg and exp_avg_sq per parameter, plus a step
+    scalar)."""
+    # amp.MixedPrecisionOptimizer wraps the torch one
+    inner = getattr(optimizer, "optimizer", optimizer)
     return sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values() if torch.is_tensor(t))
 
 
 def demo_tensor_parallel():
-    """torchrun --nproc_per_node 2 lora.py: the adapters on tp ranks (float64) against one process."""
+    """torchrun --nproc_per_node 2 lora.py: the adapters on tp ranks (float64) against one
+    process."""
     from model import PRESETS, Transformer
     from tensor_parallel import parallelize, set_gather_output
     from topology import Topology

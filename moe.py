@@ -1,7 +1,8 @@
 """moe.py: a mixture-of-experts MLP, with expert parallelism over all-to-all.
 
-The idea (Shazeer et al. 2017; GShard; Switch Transformer): replace a block's MLP by E expert MLPs and a router.
-Each token goes to its top-k experts only, so parameters grow E-fold while FLOPs per token grow k-fold:
+The idea (Shazeer et al. 2017; GShard; Switch Transformer): replace a block's MLP by E expert MLPs
+and a router. Each token goes to its top-k experts only, so parameters grow E-fold while FLOPs per
+token grow k-fold:
     router       p = softmax(W_r x) over E experts (in fp32); keep the k largest, renormalise them to gates g
     output       y = sum over the k chosen experts e of g_e * expert_e(x)
     balance      aux = alpha * E * sum_i f_i * P_i     f_i: share of routed (token, choice) pairs that chose
@@ -12,21 +13,23 @@ Each token goes to its top-k experts only, so parameters grow E-fold while FLOPs
                  token's output from it is zero (the block's residual carries the token on). capacity_factor
                  None: dropless, every pair is served.
 
-Expert parallelism (--ep N): the E experts are split over N ranks taken from the data-parallel ranks, E/N each.
-Every rank routes its own tokens, then one all-to-all sends each (token, choice) pair to the rank holding its
-expert, the experts run on what arrived, and a second all-to-all brings the results home; their backward is the
-reverse all-to-all. Communication per MoE layer per step: each routed pair crosses twice forward and twice
-backward: 4 * k * N * d elements per rank at most. Capacity is applied on the sending rank, per expert, to that
-rank's own tokens (as GShard's per-group capacity), so ep ranks give exactly what one process gives when it
-runs the same per-rank batches one after another.
+Expert parallelism (--ep N): the E experts are split over N ranks taken from the data-parallel
+ranks, E/N each. Every rank routes its own tokens, then one all-to-all sends each (token, choice)
+pair to the rank holding its expert, the experts run on what arrived, and a second all-to-all brings
+the results home; their backward is the reverse all-to-all. Communication per MoE layer per step:
+each routed pair crosses twice forward and twice backward: 4 * k * N * d elements per rank at most.
+Capacity is applied on the sending rank, per expert, to that rank's own tokens (as GShard's
+per-group capacity), so ep ranks give exactly what one process gives when it runs the same per-rank
+batches one after another.
 
-Gradients: dense parameters are replicated over the data-parallel group and averaged there as usual. An
-expert's gradient already sums the contributions of every rank's tokens in its ep group (through the backward
-all-to-all); with dp > ep each expert is replicated dp/ep times and is summed over its expert-data group too;
-then divided by dp, like the dense ones (`reduce_expert_grads`).
+Gradients: dense parameters are replicated over the data-parallel group and averaged there as usual.
+An expert's gradient already sums the contributions of every rank's tokens in its ep group (through
+the backward all-to-all); with dp > ep each expert is replicated dp/ep times and is summed over its
+expert-data group too; then divided by dp, like the dense ones (`reduce_expert_grads`).
 
-Demo: `torchrun --nproc_per_node 2 moe.py` trains a small MoE with and without the balancing loss for 60 steps
-(DEMO_STEPS=N: N steps) and prints the share of tokens of the busiest and idlest expert over the last third.
+Demo: `torchrun --nproc_per_node 2 moe.py` trains a small MoE with and without the balancing loss
+for 60 steps (DEMO_STEPS=N: N steps) and prints the share of tokens of the busiest and idlest expert
+over the last third.
 """
 import math
 from dataclasses import dataclass, fields
@@ -57,7 +60,8 @@ def check_moe(n_experts, top_k, capacity_factor, ep=1):
 
 
 class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with variable splits; its gradient is the same exchange with the splits swapped."""
+    """all_to_all_single with variable splits; its gradient is the same exchange with the splits
+    swapped."""
 
     @staticmethod
     def forward(ctx, x, send_splits, recv_splits, group):
@@ -78,14 +82,16 @@ def all_to_all(x, send_splits, recv_splits, group):
 
 
 def combine(y, pair, k, N):
-    """Each token's output, the sum of its k pairs' gated outputs `y` (pair c N + t: token t's choice c; a pair
-    dropped for capacity adds 0), in a fixed order: the pairs go to their own rows of a (k, N, d) buffer, summed
-    over k. Adding them straight into the output by token (index_add_) uses atomic adds on CUDA, in whatever order
-    the threads arrive: the low bits of a sum change from run to run, and tensor-parallel ranks, which hold the
-    same activations and must route them alike, drift apart. For the same reason the tokens are dispatched from
-    k copies of x (x.repeat above) rather than x[token]: the backward of each is then a sum in a fixed order
-    too, instead of atomic adds of k gradients into one row."""
-    buffer = y.new_zeros(k * N, y.shape[-1]).index_copy(0, pair, y)  # every row written once: no atomics
+    """Each token's output, the sum of its k pairs' gated outputs `y` (pair c N + t: token t's
+    choice c; a pair dropped for capacity adds 0), in a fixed order: the pairs go to their own rows
+    of a (k, N, d) buffer, summed over k. Adding them straight into the output by token (index_add_)
+    uses atomic adds on CUDA, in whatever order the threads arrive: the low bits of a sum change
+    from run to run, and tensor-parallel ranks, which hold the same activations and must route them
+    alike, drift apart. For the same reason the tokens are dispatched from k copies of x (x.repeat
+    above) rather than x[token]: the backward of each is then a sum in a fixed order too, instead of
+    atomic adds of k gradients into one row."""
+    # every row written once: no atomics
+    buffer = y.new_zeros(k * N, y.shape[-1]).index_copy(0, pair, y)
     return buffer.view(k, N, -1).sum(0)
 
 
@@ -103,7 +109,8 @@ class MoE(nn.Module):
         self.aux_loss = self.load = None
 
     def route(self, x):
-        """Top-k experts and renormalised gates per token, the balancing loss, and each expert's load."""
+        """Top-k experts and renormalised gates per token, the balancing loss, and each expert's
+        load."""
         probs = torch.softmax(self.router(x).to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
         top_p, top_e = probs.topk(self.k, dim=-1)
         gates = top_p / top_p.sum(-1, keepdim=True)
@@ -117,8 +124,8 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         N = x.shape[0]
         top_e, gates = self.route(x)
-        # (token, choice) pairs, choice-major, so that every token's first choice is served before any second:
-        # pair c N + t is token t's choice c.
+        # (token, choice) pairs, choice-major, so that every token's first choice is served before
+        # any second: pair c N + t is token t's choice c.
         expert = top_e.t().reshape(-1)
         pair = torch.arange(self.k * N, device=x.device)
         gate = gates.t().reshape(-1)
@@ -134,10 +141,11 @@ class MoE(nn.Module):
         return combine(y * gate[:, None].to(y.dtype), pair, self.k, N).view(shape)
 
     def run_experts(self, xs, counts):
-        """xs: the routed pairs' inputs grouped by expert (counts[e] rows for expert e). Returns their outputs.
-        One host sync per layer, the `.tolist()` below: the row counts size the expert matmuls and the
-        all-to-all's splits, which torch takes as Python ints (under gloo and NCCL alike). The counts exchange
-        itself stays on the device; every other split is derived from the one list on the host."""
+        """xs: the routed pairs' inputs grouped by expert (counts[e] rows for expert e). Returns
+        their outputs. One host sync per layer, the `.tolist()` below: the row counts size the
+        expert matmuls and the all-to-all's splits, which torch takes as Python ints (under gloo and
+        NCCL alike). The counts exchange itself stays on the device; every other split is derived
+        from the one list on the host."""
         if self.ep == 1:
             return torch.cat([expert(c) for expert, c in zip(self.experts, xs.split(counts.tolist()))])
         ep, E_local = self.ep, self.E // self.ep
@@ -145,11 +153,14 @@ class MoE(nn.Module):
         send_counts = counts.view(ep, E_local)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
-        send, recv = torch.stack([send_counts, recv_counts]).tolist()  # [ep][E_local] each: the one sync
+        # [ep][E_local] each: the one sync
+        send, recv = torch.stack([send_counts, recv_counts]).tolist()
         send_splits, recv_splits = [sum(row) for row in send], [sum(row) for row in recv]
         received = all_to_all(xs, send_splits, recv_splits, self.ep_group)
-        # Arrived grouped by source rank, then by expert: regroup by local expert, run, restore the order.
-        pieces = received.split([n for row in recv for n in row])  # source-major: (src 0: e0, e1, ..), (src 1: ..)
+        # Arrived grouped by source rank, then by expert: regroup by local expert, run, restore the
+        # order.
+        # source-major: (src 0: e0, e1, ..), (src 1: ..)
+        pieces = received.split([n for row in recv for n in row])
         by_expert = [[pieces[src * E_local + e] for src in range(ep)] for e in range(E_local)]
         outs = [self.experts[e](torch.cat(by_expert[e])) for e in range(E_local)]
         back = [o.split([recv[src][e] for src in range(ep)]) for e, o in enumerate(outs)]
@@ -174,7 +185,8 @@ def shard_experts(moe, ep_rank, ep, ep_group, expert_dp_rank=0):
 
 
 def keep_experts(model, topo):
-    """Expert parallelism (topo.ep > 1): keep this rank's experts of every MoE layer (shard_experts marks them)."""
+    """Expert parallelism (topo.ep > 1): keep this rank's experts of every MoE layer (shard_experts
+    marks them)."""
     if topo.ep == 1:
         return model
     name_whole(model)  # (the experts kept keep their names in the whole model)
@@ -198,9 +210,11 @@ def expert_params(model):
 
 
 def reduce_expert_grads(model, dp, expert_dp_group=None):
-    """Expert grads hold the sum over their ep group's tokens; sum over replicas (if dp > ep), then / dp."""
+    """Expert grads hold the sum over their ep group's tokens; sum over replicas (if dp > ep), then
+    / dp."""
     for p in expert_params(model):
-        grad = p.grad if getattr(p, "main_grad", None) is None else p.main_grad  # (amp.grad_of: fp32 main_grad)
+        # (amp.grad_of: fp32 main_grad)
+        grad = p.grad if getattr(p, "main_grad", None) is None else p.main_grad
         if grad is None:
             continue
         if expert_dp_group is not None:
@@ -266,7 +280,8 @@ def add_moe(model, n_experts, top_k, capacity_factor=None, aux_loss_weight=1e-2,
     device = next(model.parameters()).device
     for i, block in enumerate(model.blocks):
         if layers is None or i in layers:
-            with torch.device("meta"):  # then drawn by name from the model's seed, as model.py draws its own
+            # then drawn by name from the model's seed, as model.py draws its own
+            with torch.device("meta"):
                 block.mlp = MoE(model.cfg, n_experts, top_k, capacity_factor, aux_loss_weight)
             if device.type != "meta":
                 materialize(block.mlp, device, lambda name, p, i=i: init_values(
@@ -276,12 +291,14 @@ def add_moe(model, n_experts, top_k, capacity_factor=None, aux_loss_weight=1e-2,
 
 
 def inactive_params(model):
-    """Parameters a token does not meet: E - k of the E experts of every MoE layer (FLOPs follow the rest)."""
+    """Parameters a token does not meet: E - k of the E experts of every MoE layer (FLOPs follow the
+    rest)."""
     return sum((m.E - m.k) * sum(p.numel() for p in m.experts[0].parameters()) for m in moe_layers(model))
 
 
 def load_spread(model):
-    """Share of routed pairs taken by the busiest and by the idlest expert, averaged over MoE layers."""
+    """Share of routed pairs taken by the busiest and by the idlest expert, averaged over MoE
+    layers."""
     loads = [m.load for m in moe_layers(model) if m.load is not None]
     return (sum(l.max().item() for l in loads) / len(loads), sum(l.min().item() for l in loads) / len(loads))
 

@@ -1,28 +1,31 @@
-"""pipeline.py: pipeline parallelism: the blocks cut into stages, micro-batches flowing through them.
+"""pipeline.py: pipeline parallelism: the blocks cut into stages, micro-batches flowing through
+them.
 
-The idea (GPipe, Huang et al. 2019; 1F1B, PipeDream-Flush, Narayanan et al. 2021): stage s of p holds a
-contiguous slice of the blocks (the embedding on the first stage; the final norm, head and loss on the last).
-A batch is cut into m micro-batches; a stage sends each micro-batch's output activations to the next stage and,
-in the backward, each input gradient back to the previous one (point-to-point send/recv over the pp group).
-A stage waits while the pipeline fills and drains: with equal stage times the idle ("bubble") fraction is
+The idea (GPipe, Huang et al. 2019; 1F1B, PipeDream-Flush, Narayanan et al. 2021): stage s of p
+holds a contiguous slice of the blocks (the embedding on the first stage; the final norm, head and
+loss on the last). A batch is cut into m micro-batches; a stage sends each micro-batch's output
+activations to the next stage and, in the backward, each input gradient back to the previous one
+(point-to-point send/recv over the pp group). A stage waits while the pipeline fills and drains:
+with equal stage times the idle ("bubble") fraction is
 
     bubble = (p - 1) / (m + p - 1)          for GPipe and for 1F1B alike
 
-GPipe runs all m forwards, then all m backwards, so a stage holds the activations of m micro-batches at once.
-1F1B runs p - s - 1 warm-up forwards, then alternates one forward and one backward, then drains the
-backwards: the same bubble, but at most p - s micro-batches in flight (p on the first stage), whatever m is.
-Communication per micro-batch and stage boundary: B x T x d activations forward, the same backward.
-Each op's send and the next op's receive are posted together (dist.batch_isend_irecv), so that the schedule
-cannot deadlock where sends block until the matching receive is posted (NCCL; see run_pipeline).
+GPipe runs all m forwards, then all m backwards, so a stage holds the activations of m micro-batches
+at once. 1F1B runs p - s - 1 warm-up forwards, then alternates one forward and one backward, then
+drains the backwards: the same bubble, but at most p - s micro-batches in flight (p on the first
+stage), whatever m is. Communication per micro-batch and stage boundary: B x T x d activations
+forward, the same backward. Each op's send and the next op's receive are posted together
+(dist.batch_isend_irecv), so that the schedule cannot deadlock where sends block until the matching
+receive is posted (NCCL; see run_pipeline).
 
 The loss lives on the last stage: each micro-batch's summed loss divided by the step's labelled
 tokens (the token mean, training.py), then all-reduced over the pp group (zeros from the other
 stages) so that every rank reports it.
 
-Demo: `torchrun --nproc_per_node 4 pipeline.py` runs GPipe and 1F1B on p = 4 stages for m = 1, 4, 8 and prints
-each executed schedule as a timeline per stage (F/f forward, B/b backward, alternating case per micro-batch,
-. idle), the measured idle fraction next to (p-1)/(m+p-1), and the peak activation memory held per stage.
-`--pp 2` with --nproc_per_node 2 does the same on two stages.
+Demo: `torchrun --nproc_per_node 4 pipeline.py` runs GPipe and 1F1B on p = 4 stages for m = 1, 4, 8
+and prints each executed schedule as a timeline per stage (F/f forward, B/b backward, alternating
+case per micro-batch, . idle), the measured idle fraction next to (p-1)/(m+p-1), and the peak
+activation memory held per stage. `--pp 2` with --nproc_per_node 2 does the same on two stages.
 """
 import argparse
 import contextlib
@@ -37,9 +40,10 @@ from placement import name_whole
 SCHEDULES = ("gpipe", "1f1b")
 
 
-# ----------------------------------------------------------------------------- cutting the model into stages
+# -------------------------------------------------------------------- cutting the model into stages
 def stage_layers(n_layer, pp, stage):
-    """Blocks [start, end) of `stage`: as even as possible, the extra blocks on the earliest stages."""
+    """Blocks [start, end) of `stage`: as even as possible, the extra blocks on the earliest
+    stages."""
     base, extra = divmod(n_layer, pp)
     start = stage * base + min(stage, extra)
     return start, start + base + (stage < extra)
@@ -63,7 +67,8 @@ def keep_stage(model, topo):
 
 
 def cut(batch, m):
-    """A batch (x, y) or (x, y, {"pos": ..., "doc": ...}) cut along its rows into (at most) m micro-batches."""
+    """A batch (x, y) or (x, y, {"pos": ..., "doc": ...}) cut along its rows into (at most) m
+    micro-batches."""
     x, y, *packing = batch
     pieces = [x.chunk(m), y.chunk(m)] + [v.chunk(m) for v in (packing[0].values() if packing else ())]
     if not packing:
@@ -87,8 +92,9 @@ def make_schedule(kind, m, p, stage):
 
 # ----------------------------------------------------------------------------- running one step
 class ActivationMeter:
-    """Bytes of activations saved for backward, now and at peak (parameters saved by matmuls left out; a
-    storage saved by several operations counted once), measured with torch's saved-tensor hooks."""
+    """Bytes of activations saved for backward, now and at peak (parameters saved by matmuls left
+    out; a storage saved by several operations counted once), measured with torch's saved-tensor
+    hooks."""
 
     def __init__(self, model):
         self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -123,10 +129,10 @@ class _Saved:
 
 
 class StageStep:
-    """This rank's stage during one step: the forward and backward of each micro-batch, and the point-to-point
-    exchange that moves activations to the next stage and gradients to the previous one. It keeps what the
-    schedule leaves between ops: each micro-batch's input and output (for its backward), the last stage's
-    losses, the sends still in flight, and the running loss total."""
+    """This rank's stage during one step: the forward and backward of each micro-batch, and the
+    point-to-point exchange that moves activations to the next stage and gradients to the previous
+    one. It keeps what the schedule leaves between ops: each micro-batch's input and output (for its
+    backward), the last stage's losses, the sends still in flight, and the running loss total."""
 
     def __init__(self, model, micro_batches, topo, loss_div=None, scale_loss=None, train=True):
         self.model, self.micro_batches, self.topo = model, micro_batches, topo
@@ -141,14 +147,14 @@ class StageStep:
         self.total = torch.zeros((), dtype=torch.float64, device=self.device)
 
     def act_shape(self, i):
-        # (B, T, d) between stages; (B, T/tp, d) under sequence parallelism (tensor_parallel.py). A gradient
-        # sent back has the shape of the activation it belongs to.
+        # (B, T, d) between stages; (B, T/tp, d) under sequence parallelism (tensor_parallel.py). A
+        # gradient sent back has the shape of the activation it belongs to.
         x = self.micro_batches[i][0]
         return x.shape[0], x.shape[1] // getattr(self.model, "sequence_shards", 1), self.model.cfg.d_model
 
     def incoming(self, op, i):
-        """(buffer, source) of what op i must receive first: an activation from the previous stage for a
-        forward, a gradient from the next stage for a backward; None when it needs nothing."""
+        """(buffer, source) of what op i must receive first: an activation from the previous stage
+        for a forward, a gradient from the next stage for a backward; None when it needs nothing."""
         if op == "F" and not self.first:
             return torch.empty(self.act_shape(i), dtype=self.dtype, device=self.device), self.prev_rank
         if op == "B" and not self.last:
@@ -156,14 +162,17 @@ class StageStep:
         return None
 
     def forward(self, i, h):
-        """Micro-batch i's forward on this stage; returns (activation, next stage) to send, None on the last."""
-        # Packed rows (sft.py --pack) bring positions and document ids, {"pos": ..., "doc": ...}: every stage's
-        # attention needs them; each stage has them from the data loader, only activations travel.
+        """Micro-batch i's forward on this stage; returns (activation, next stage) to send, None on
+        the last."""
+        # Packed rows (sft.py --pack) bring positions and document ids, {"pos": ..., "doc": ...}:
+        # every stage's attention needs them; each stage has them from the data loader, only
+        # activations travel.
         x, y, *packing = self.micro_batches[i]
         packing = {k: v.to(self.device) for k, v in packing[0].items()} if packing else {}
         h = x.to(self.device) if self.first else h.requires_grad_(self.train)
-        # The stage's forward: token ids -> activations on the first, activations -> (logits, loss) on the
-        # last, activations -> activations in between (model.py's forward skips the parts a stage lacks).
+        # The stage's forward: token ids -> activations on the first, activations -> (logits, loss)
+        # on the last, activations -> activations in between (model.py's forward skips the parts a
+        # stage lacks).
         out, loss = self.model(h, y.to(self.device) if self.last else None, reduction="sum", **packing)
         if self.last:
             self.losses[i] = loss / self.loss_div
@@ -173,8 +182,8 @@ class StageStep:
         return None if self.last else (out.detach().contiguous(), self.next_rank)
 
     def backward(self, i, grad):
-        """Micro-batch i's backward from the received gradient (from the loss on the last stage); returns
-        (input gradient, previous stage) to send, None on the first."""
+        """Micro-batch i's backward from the received gradient (from the loss on the last stage);
+        returns (input gradient, previous stage) to send, None on the first."""
         h, out = self.inputs.pop(i), self.outputs.pop(i)
         if self.last:
             loss = self.losses.pop(i)
@@ -184,8 +193,8 @@ class StageStep:
         return None if self.first else (h.grad.contiguous(), self.prev_rank)
 
     def exchange(self, send, recv):
-        """Post this op's send and the next op's receive as one group; wait for the receive only (a send's
-        buffer is kept alive, and its completion waited for, at the end of the step)."""
+        """Post this op's send and the next op's receive as one group; wait for the receive only (a
+        send's buffer is kept alive, and its completion waited for, at the end of the step)."""
         ops = []
         if send is not None:
             ops.append(dist.P2POp(dist.isend, send[0], send[1], group=self.topo.pp_group))
@@ -202,29 +211,32 @@ class StageStep:
 
 def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, scale_loss=None, timeline=None,
                  train=True, no_sync=None):
-    """Forward (and with train=True backward) of `micro_batches` [(x, y) or (x, y, packing), ...] through this
-    rank's stage.
-    Gradients accumulate in the stage's parameters. The last stage sums each micro-batch's per-token losses
-    (labels of -100 take none) and divides by loss_div (default: the micro-batches' labelled tokens, so that the
-    result is their mean; training.py passes the global batch's count). Returns the sum over micro-batches,
-    the same on every rank of the pp group. `timeline`, a list, receives (op, micro-batch, t0, t1) per op.
-    `no_sync()` (ddp.py's) wraps every backward but the step's last, so that data parallelism reduces once.
+    """Forward (and with train=True backward) of `micro_batches` [(x, y) or (x, y, packing), ...]
+    through this rank's stage. Gradients accumulate in the stage's parameters. The last stage sums
+    each micro-batch's per-token losses (labels of -100 take none) and divides by loss_div (default:
+    the micro-batches' labelled tokens, so that the result is their mean; training.py passes the
+    global batch's count). Returns the sum over micro-batches, the same on every rank of the pp
+    group. `timeline`, a list, receives (op, micro-batch, t0, t1) per op. `no_sync()` (ddp.py's)
+    wraps every backward but the step's last, so that data parallelism reduces once.
 
-    Communication is safe under blocking sends (NCCL: a send completes only once the peer has posted the
-    matching receive, and a rank's operations run in the order posted). After each op, the send of its result
-    and the receive of the next op's input are posted together in one dist.batch_isend_irecv, as Megatron's
-    send_forward_recv_backward / send_backward_recv_forward do. Posted one after the other, 1F1B's steady state
-    deadlocks: stage s sends activation i+1 before receiving gradient i while stage s+1 sends gradient i before
-    receiving activation i+1, and both sends wait for a receive that is never posted."""
+    Communication is safe under blocking sends (NCCL: a send completes only once the peer has posted
+    the matching receive, and a rank's operations run in the order posted). After each op, the send
+    of its result and the receive of the next op's input are posted together in one
+    dist.batch_isend_irecv, as Megatron's send_forward_recv_backward / send_backward_recv_forward
+    do. Posted one after the other, 1F1B's steady state deadlocks: stage s sends activation i+1
+    before receiving gradient i while stage s+1 sends gradient i before receiving activation i+1,
+    and both sends wait for a receive that is never posted."""
     m, p, s = len(micro_batches), topo.pp, topo.pp_rank
     step = StageStep(model, micro_batches, topo, loss_div, scale_loss, train)
     if p > 1 and not getattr(topo, "pp_group_warm", False):
-        # NCCL builds a group's communicator at its first call; if that call is a batched send/receive, every
-        # rank of the group must take part in it. A collective first makes later batches free of that rule.
+        # NCCL builds a group's communicator at its first call; if that call is a batched
+        # send/receive, every rank of the group must take part in it. A collective first makes later
+        # batches free of that rule.
         dist.all_reduce(torch.zeros(1, device=step.device), group=topo.pp_group)
         topo.pp_group_warm = True
     ops = make_schedule(schedule, m, p, s) if train else [("F", i) for i in range(m)]
-    received = step.exchange(None, step.incoming(*ops[0]))  # waiting for the previous (next) stage is idle time
+    # waiting for the previous (next) stage is idle time
+    received = step.exchange(None, step.incoming(*ops[0]))
     for k, (op, i) in enumerate(ops):
         t0 = time.perf_counter()
         if op == "F":
@@ -241,13 +253,15 @@ def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, sca
     for work, _ in step.sends:
         work.wait()
     if p > 1:
-        dist.all_reduce(step.total, group=topo.pp_group)  # the loss from the last stage, to every stage
+        # the loss from the last stage, to every stage
+        dist.all_reduce(step.total, group=topo.pp_group)
     return step.total
 
 
-# ----------------------------------------------------------------------------- the demo: timelines and bubbles
+# ------------------------------------------------------------------ the demo: timelines and bubbles
 def render(timeline, t_start, t_end, width=72):
-    """One character per time slice: F/f forward, B/b backward (case alternates per micro-batch), . idle."""
+    """One character per time slice: F/f forward, B/b backward (case alternates per micro-batch), .
+    idle."""
     row = ["."] * width
     scale = width / (t_end - t_start)
     for op, i, t0, t1 in timeline:
@@ -272,7 +286,8 @@ def demo():
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     pp = args.pp or dist.get_world_size()
-    topo = Topology(tp=1, pp=pp)  # with more ranks than stages, the other data-parallel replicas run alongside
+    # with more ranks than stages, the other data-parallel replicas run alongside
+    topo = Topology(tp=1, pp=pp)
     cfg = replace(PRESETS["tiny"], n_layer=2 * pp)
     torch.manual_seed(0)
     model = keep_stage(Transformer(cfg), topo)
@@ -282,7 +297,8 @@ def demo():
         for schedule in SCHEDULES:
             seqs = torch.randint(0, cfg.vocab_size, (m, args.micro_batch_size, args.seq_len + 1), generator=gen)
             batch = [(s[:, :-1], s[:, 1:]) for s in seqs]  # inputs and next-token targets
-            for warm in (True, False):  # one untimed run first: first-call allocations would skew the timeline
+            # one untimed run first: first-call allocations would skew the timeline
+            for warm in (True, False):
                 timeline, meter = [], ActivationMeter(model)
                 dist.barrier()
                 t_start = time.perf_counter()
@@ -293,9 +309,10 @@ def demo():
             rows = [None] * pp
             dist.all_gather_object(rows, (timeline, t_start, t_end, meter.peak), group=topo.pp_group)
             if dist.get_rank() == 0:
-                # The step's span from the first stage's start to the last stage's end. perf_counter is one
-                # monotonic clock for every process of a machine, so the ranks' times compare; a per-rank span
-                # (end - own start) would be shorter for a rank that left the barrier late, and read as less idle.
+                # The step's span from the first stage's start to the last stage's end. perf_counter
+                # is one monotonic clock for every process of a machine, so the ranks' times
+                # compare; a per-rank span (end - own start) would be shorter for a rank that left
+                # the barrier late, and read as less idle.
                 t0 = min(r[1] for r in rows)
                 total = max(r[2] for r in rows) - t0
                 idle = [1 - sum(b - a for _, _, a, b in tl) / total for tl, _, _, _ in rows]

@@ -1,9 +1,11 @@
-"""plot.py: pictures of training, drawn as SVG by hand: loss curves of runs, a pipeline schedule, ZeRO's memory.
+"""plot.py: pictures of training, drawn as SVG by hand: loss curves of runs, a pipeline schedule,
+ZeRO's memory.
 
-The idea: a run's metrics.jsonl holds one JSON record per logged step (loss, lr, grad_norm, tokens/s, ...), one
-per evaluation (val_loss) and, with each, the wall-clock time and the training time elapsed since step 0. A curve
-is those records drawn on two axes. An SVG file is text (lines, polylines, rectangles, labels in a <svg> tag),
-so no plotting library is needed, and any browser (or the README, on a forge) shows it.
+The idea: a run's metrics.jsonl holds one JSON record per logged step (loss, lr, grad_norm,
+tokens/s, ...), one per evaluation (val_loss) and, with each, the wall-clock time and the training
+time elapsed since step 0. A curve is those records drawn on two axes. An SVG file is text (lines,
+polylines, rectangles, labels in a <svg> tag), so no plotting library is needed, and any browser (or
+the README, on a forge) shows it.
 
 Three pictures:
     curves      training loss (thin) and held-out loss (dots) against the step or the elapsed time, one colour per
@@ -72,7 +74,8 @@ def label(v):
 
 # ----------------------------------------------------------------------------- loss curves
 def read_metrics(out):
-    """The records of OUT/metrics.jsonl (or of the file itself), in order; one line naming what is wrong if not."""
+    """The records of OUT/metrics.jsonl (or of the file itself), in order; one line naming what is
+    wrong if not."""
     path = Path(out) / "metrics.jsonl" if Path(out).is_dir() else Path(out)
     if not path.is_file():
         raise SystemExit(f"plot.py: error: {path}: no such file (give a run's --out folder or its metrics.jsonl)")
@@ -86,7 +89,8 @@ def read_metrics(out):
 
 
 def axes(svg, box, xlim, ylim, xlabel, ylabel, yticks=True):
-    """Draw a frame with ticks in box = (left, top, width, height); returns (x, y) -> pixel coordinates."""
+    """Draw a frame with ticks in box = (left, top, width, height); returns (x, y) -> pixel
+    coordinates."""
     left, top, w, h = box
     (x0, x1), (y0, y1) = xlim, ylim
     px = lambda x: left + (x - x0) / ((x1 - x0) or 1) * w  # noqa: E731
@@ -107,7 +111,8 @@ def axes(svg, box, xlim, ylim, xlabel, ylabel, yticks=True):
 
 
 def curves(runs, x="step"):
-    """Training loss (lines) and held-out loss (dots) of each run against the step or the elapsed seconds."""
+    """Training loss (lines) and held-out loss (dots) of each run against the step or the elapsed
+    seconds."""
     key = "elapsed" if x == "time" else "step"
     series = []
     for out in runs:
@@ -139,11 +144,11 @@ def curves(runs, x="step"):
     return svg
 
 
-# ----------------------------------------------------------------------------- the pipeline and ZeRO pictures
+# ------------------------------------------------------------------- the pipeline and ZeRO pictures
 def simulate(kind, m, p, t_f=1.0, t_b=2.0):
-    """Start and end of every op of every stage when each stage runs pipeline.make_schedule's order and an op
-    waits for its input: F(i) on stage s after F(i) on s - 1, B(i) on s after B(i) on s + 1 (and after F(i) on
-    the last stage). Returns [[(op, i, start, end)] per stage]."""
+    """Start and end of every op of every stage when each stage runs pipeline.make_schedule's order
+    and an op waits for its input: F(i) on stage s after F(i) on s - 1, B(i) on s after B(i) on s +
+    1 (and after F(i) on the last stage). Returns [[(op, i, start, end)] per stage]."""
     from pipeline import make_schedule
     todo = [list(make_schedule(kind, m, p, s)) for s in range(p)]
     done, clock, rows = {}, [0.0] * p, [[] for _ in range(p)]
@@ -192,7 +197,8 @@ def pipeline_picture(m=4, p=4):
 
 
 def zero_picture(n_params=7.5e9, gpus=64):
-    """The ZeRO paper's Figure 1 numbers: 7.5 B parameters on 64 GPUs, GB of model states per GPU."""
+    """The ZeRO paper's Figure 1 numbers: 7.5 B parameters on 64 GPUs, GB of model states per
+    GPU."""
     from estimate import zero_table
     rows = zero_table(n_params, gpus)
     svg = SVG(760, 330)

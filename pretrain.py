@@ -1,11 +1,12 @@
 """pretrain.py: next-token pretraining, one loop from a laptop CPU to torchrun on many GPUs.
 
-The idea: sample windows of text, predict each next token, step AdamW; repeat for D tokens. This file holds
-what is particular to pretraining: the model built from a preset, the text windows (data.py), the training
-length from a token budget, the sample at the end. The loop around it is training.py's, shared with sft.py:
-flags checked before any work, the parallel stack, mixed precision (amp.py), warmup then cosine learning rate,
-gradient accumulation, gradient clipping, evaluation on held-out data, checkpoints that survive a crash
-mid-write and resume bit for bit, and a log line per step with throughput and model FLOPs utilisation.
+The idea: sample windows of text, predict each next token, step AdamW; repeat for D tokens. This
+file holds what is particular to pretraining: the model built from a preset, the text windows
+(data.py), the training length from a token budget, the sample at the end. The loop around it is
+training.py's, shared with sft.py: flags checked before any work, the parallel stack, mixed
+precision (amp.py), warmup then cosine learning rate, gradient accumulation, gradient clipping,
+evaluation on held-out data, checkpoints that survive a crash mid-write and resume bit for bit, and
+a log line per step with throughput and model FLOPs utilisation.
 
 Formulas (Kaplan et al. 2020; Hoffmann et al. 2022):
     training FLOPs   C = 6 N D                  (N parameters, D tokens; plus the attention term, model.py)
@@ -123,7 +124,8 @@ def main(argv=None):
 
 
 def load_data(cfg, ckpt):
-    """The embedded default unless --data; the tokenizer must be the one the data was prepared with."""
+    """The embedded default unless --data; the tokenizer must be the one the data was prepared
+    with."""
     tokenizer = cfg.task.tokenizer or (ckpt["tokenizer"] if ckpt else None)
     if cfg.task.data is None:
         tokenizer = tokenizer or data_lib.DEFAULT_TOKENIZER
@@ -169,7 +171,8 @@ def build_and_train(cfg, model_cfg, data_dir, meta, world, device, ckpt):
     if err := tensor_parallel.check_divisible(model_cfg, lay.tp):
         raise TopologyError(err)
     T = lay.seq_len or model_cfg.block_size
-    with torch.device("meta"):  # the whole model's counts (for FLOPs and the log), without allocating it
+    # the whole model's counts (for FLOPs and the log), without allocating it
+    with torch.device("meta"):
         whole = moe.with_experts(Transformer(model_cfg), cfg.moe)
     # FLOPs follow the parameters a token meets: with experts, k of E per MoE layer (moe.py).
     n_params, n_mm = num_params(whole), num_params(whole, matmul_only=True) - moe.inactive_params(whole)
@@ -180,7 +183,8 @@ def build_and_train(cfg, model_cfg, data_dir, meta, world, device, ckpt):
     identity = training.check_same_run(cfg, ckpt, max_steps=max_steps, model_config=model_config,
                                        tokenizer=tokenizer)
     cfg = training.change_length(cfg, ckpt, max_steps) if ckpt else cfg
-    # (a resume takes its weights from the checkpoint: the same command line both starts and resumes a run)
+    # (a resume takes its weights from the checkpoint: the same command line both starts and resumes
+    # a run)
     weights = None
     if task.init and not ckpt:
         weights = read_init(task.init, model_config, tokenizer, cfg.moe.experts)
@@ -211,8 +215,8 @@ def build_and_train(cfg, model_cfg, data_dir, meta, world, device, ckpt):
 
 
 def read_init(path, model_config, tokenizer, experts):
-    """--init: whole weights (weights.load_weights, memory-mapped: build_model reads only this rank's blocks) of this
-    run's model and tokenizer, or one line saying why not."""
+    """--init: whole weights (weights.load_weights, memory-mapped: build_model reads only this
+    rank's blocks) of this run's model and tokenizer, or one line saying why not."""
     init = load_weights(path)
     saved, saved_tokenizer = init["model_config"], init["tokenizer"]
     for k in sorted(set(saved) | set(model_config)):
@@ -236,9 +240,10 @@ def sample(run, enc):
         return
     if not (run.rank0 or topo.tp > 1 or run.zero == 3 or topo.ep > 1):
         return
-    # Under tensor parallelism every tp rank samples in lockstep (the head gathers the full logits, the same
-    # seed draws the same tokens; rank 0's are taken); under ZeRO-3 every forward gathers weights from every
-    # rank, under expert parallelism every forward sends tokens to every ep rank's experts: all sample.
+    # Under tensor parallelism every tp rank samples in lockstep (the head gathers the full logits,
+    # the same seed draws the same tokens; rank 0's are taken); under ZeRO-3 every forward gathers
+    # weights from every rank, under expert parallelism every forward sends tokens to every ep
+    # rank's experts: all sample.
     model.eval()
     tensor_parallel.set_gather_output(model, True)
     if topo.world > 1:

@@ -1,8 +1,9 @@
-"""quantization.py: FP8 matmuls for training, INT8 weights for inference, each measured against bf16.
+"""quantization.py: FP8 matmuls for training, INT8 weights for inference, each measured against
+bf16.
 
-Number formats, as the demo prints them from torch.finfo / torch.iinfo (a float with e exponent bits and m
-mantissa bits has epsilon 2^-m, the spacing of numbers just above 1, and rounds to nearest with a relative error
-of at most u = 2^-(m+1) inside its normal range):
+Number formats, as the demo prints them from torch.finfo / torch.iinfo (a float with e exponent bits
+and m mantissa bits has epsilon 2^-m, the spacing of numbers just above 1, and rounds to nearest
+with a relative error of at most u = 2^-(m+1) inside its normal range):
 
     format      bits  exponent  mantissa  largest        smallest normal  epsilon
     fp32        32    8         23        3.4e38         1.2e-38          1.2e-7
@@ -12,48 +13,54 @@ of at most u = 2^-(m+1) inside its normal range):
     fp8 e5m2    8     5         2         57344          6.1e-5           0.25
     int8        8     -         -         127            (step 1)         -
 
-FP8 training (Micikevicius et al., 2022, "FP8 Formats for Deep Learning"): the three matmuls of a linear layer
-run on 8-bit inputs with fp32 accumulation, everything else stays in bf16 with fp32 master weights (amp.py):
+FP8 training (Micikevicius et al., 2022, "FP8 Formats for Deep Learning"): the three matmuls of a
+linear layer run on 8-bit inputs with fp32 accumulation, everything else stays in bf16 with fp32
+master weights (amp.py):
     forward    Y  = X W^T      X, W in E4M3 (more mantissa: activations and weights need precision)
     backward   dX = dY W       dY in E5M2 (more exponent: gradients span a wider range), W in E4M3
                dW = dY^T X     dY in E5M2, X in E4M3
-Eight bits hold only 2^4 or 2^5 binades, so each tensor is multiplied by a scale s before the cast and the
+Eight bits hold only 2^4 or 2^5 binades, so each tensor is multiplied by a scale s before the cast
+and the
 product by 1/(s_a s_b) after it: s = the largest power of two with amax(|T|) s <= max of the format. A power of
-two makes scaling exact (only the cast rounds) at the price of up to one binade of the format left unused.
-On an H100 FP8 doubles the dense tensor-core rate of bf16 (1,979 vs 989 TFLOP/s, datasheet) and halves the bytes
-a matmul reads.
+two makes scaling exact (only the cast rounds) at the price of up to one binade of the format left
+unused. On an H100 FP8 doubles the dense tensor-core rate of bf16 (1,979 vs 989 TFLOP/s, datasheet)
+and halves the bytes a matmul reads.
 
-Current vs delayed scaling. Current scaling (here) takes amax from the tensor about to be cast: always fits, never
-overflows, but costs one extra read of the tensor (a reduction over it) before the cast can start, plus, where the
-scale must agree across ranks, an all-reduce of one scalar. Delayed scaling (Transformer Engine's DelayedScaling) uses
-the largest amax seen over the last steps' history, recorded while casting: no extra pass and no wait, but a
-tensor that grows faster than its history saturates at the format's maximum, and the histories are state to
-keep (and checkpoint) per tensor.
+Current vs delayed scaling. Current scaling (here) takes amax from the tensor about to be cast:
+always fits, never overflows, but costs one extra read of the tensor (a reduction over it) before
+the cast can start, plus, where the scale must agree across ranks, an all-reduce of one scalar.
+Delayed scaling (Transformer Engine's DelayedScaling) uses the largest amax seen over the last
+steps' history, recorded while casting: no extra pass and no wait, but a tensor that grows faster
+than its history saturates at the format's maximum, and the histories are state to keep (and
+checkpoint) per tensor.
 
-Composition. The FP8 matmul replaces F.linear inside each layer: nn.Linear is swapped for Fp8Linear (same
-Parameter, same state-dict key), and tensor_parallel.py's layers call `linear_fn`, which use_fp8 points at
-fp8_linear, so the f and g collectives stay where they were. DDP and ZeRO see bf16 parameters and gradients as
-before (ZeRO-3 gathers the whole weight before the forward, so its amax is the whole weight's). Under tensor
-parallelism each rank scales its own shard (no communication: a shard's amax is at most the whole tensor's, so
-its scale is at least as fine); `amax_group=tp_group` all-reduces the amaxes (MAX) instead, which makes the
-quantized values those of one process (tests/test_quantization.py checks that parity). With power-of-two scales
-the choice matters less than it seems: an entry in the normal range rounds to the same mantissa whatever the
-scale, so per-shard and whole-tensor scales differ only in the entries that fall below the smallest normal.
-On CUDA, _scaled_mm takes its first operand row-major and its second column-major (hence the transposed copies
-in the backward), the summed dimension K and the output's columns N multiples of 16: fp8_mm pads them with zeros
-(exact), since the weight gradient sums over a micro-batch's tokens, whatever their count.
+Composition. The FP8 matmul replaces F.linear inside each layer: nn.Linear is swapped for Fp8Linear
+(same Parameter, same state-dict key), and tensor_parallel.py's layers call `linear_fn`, which
+use_fp8 points at fp8_linear, so the f and g collectives stay where they were. DDP and ZeRO see bf16
+parameters and gradients as before (ZeRO-3 gathers the whole weight before the forward, so its amax
+is the whole weight's). Under tensor parallelism each rank scales its own shard (no communication: a
+shard's amax is at most the whole tensor's, so its scale is at least as fine); `amax_group=tp_group`
+all-reduces the amaxes (MAX) instead, which makes the quantized values those of one process
+(tests/test_quantization.py checks that parity). With power-of-two scales the choice matters less
+than it seems: an entry in the normal range rounds to the same mantissa whatever the scale, so
+per-shard and whole-tensor scales differ only in the entries that fall below the smallest normal. On
+CUDA, _scaled_mm takes its first operand row-major and its second column-major (hence the transposed
+copies in the backward), the summed dimension K and the output's columns N multiples of 16: fp8_mm
+pads them with zeros (exact), since the weight gradient sums over a micro-batch's tokens, whatever
+their count.
 
-INT8 weight-only post-training quantization (the weights' vector-wise scaling of LLM.int8, Dettmers et al.,
-2022, without its fp16 path for outlier features): each row (output channel) j of a trained weight gets
+INT8 weight-only post-training quantization (the weights' vector-wise scaling of LLM.int8, Dettmers
+et al., 2022, without its fp16 path for outlier features): each row (output channel) j of a trained
+weight gets
 s_j = max|W_j| / 127, and W_j is stored as round(W_j / s_j) in int8: 1 byte per weight instead of 2, error at most
-s_j / 2 per entry; y = (x q^T) s_j, done by torch._weight_int8pack_mm on the CPU. Decoding one token at a time
-(with a KV cache) reads every weight for 2 FLOPs each, so it is bound by memory traffic, which int8 halves; a
-matmul over many rows is bound by compute, where weight-only int8 buys nothing.
+s_j / 2 per entry; y = (x q^T) s_j, done by torch._weight_int8pack_mm on the CPU. Decoding one token
+at a time (with a KV cache) reads every weight for 2 FLOPs each, so it is bound by memory traffic,
+which int8 halves; a matmul over many rows is bound by compute, where weight-only int8 buys nothing.
 
-Demo: `python quantization.py` prints the format table, the FP8 linear's measured errors against their bound, a
-few training steps in bf16 and in FP8, and INT8's matmul speed against bf16 for 1 and 64 rows.
-`python quantization.py eval CKPT` quantizes a trained checkpoint (pretrain.py's --out folder) to INT8 and reports
-its validation loss, size and generation speed beside bf16.
+Demo: `python quantization.py` prints the format table, the FP8 linear's measured errors against
+their bound, a few training steps in bf16 and in FP8, and INT8's matmul speed against bf16 for 1 and
+64 rows. `python quantization.py eval CKPT` quantizes a trained checkpoint (pretrain.py's --out
+folder) to INT8 and reports its validation loss, size and generation speed beside bf16.
 """
 import argparse
 import functools
@@ -66,16 +73,19 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# (getattr: on a torch without FP8 dtypes this file still imports, and --amp fp8 is refused in one line)
+# (getattr: on a torch without FP8 dtypes this file still imports, and --amp fp8 is refused in one
+# line)
 E4M3, E5M2 = getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)
 AMAX_FLOOR = 1e-30  # an all-zero tensor still gets a finite scale (fp8 max / 1e-30 fits fp32)
-FP8_MULTIPLE = 16  # torch._scaled_mm on CUDA: K and both dimensions of the second operand multiples of 16
+# torch._scaled_mm on CUDA: K and both dimensions of the second operand multiples of 16
+FP8_MULTIPLE = 16
 
 
 # ----------------------------------------------------------------------------- formats
 def format_table():
-    """(name, bits, exponent bits, mantissa bits, largest, smallest normal, epsilon) from torch.finfo/iinfo:
-    the mantissa has -log2(eps) bits, the exponent what is left after the sign."""
+    """(name, bits, exponent bits, mantissa bits, largest, smallest normal, epsilon) from
+    torch.finfo/iinfo: the mantissa has -log2(eps) bits, the exponent what is left after the
+    sign."""
     rows = []
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16),
                         ("fp8 e4m3", E4M3), ("fp8 e5m2", E5M2)):
@@ -92,7 +102,7 @@ def unit_roundoff(dtype):
     return torch.finfo(dtype).eps / 2
 
 
-# ----------------------------------------------------------------------------- FP8 scaling and matmuls
+# -------------------------------------------------------------------------- FP8 scaling and matmuls
 def fp8_scale(amax, fp8_dtype):
     """The largest power of two s with amax * s <= the format's max (fp32 scalar tensor)."""
     fmax = torch.finfo(fp8_dtype).max
@@ -100,15 +110,17 @@ def fp8_scale(amax, fp8_dtype):
 
 
 def to_fp8(t, fp8_dtype, amax_group=None):
-    """Current scaling: (t * s cast to fp8, 1/s). With amax_group the amax is the maximum over its ranks."""
+    """Current scaling: (t * s cast to fp8, 1/s). With amax_group the amax is the maximum over its
+    ranks."""
     # (an MoE expert may get no rows: max() of nothing is an error, its amax 0)
     amax = t.detach().abs().max().float() if t.numel() else torch.zeros((), device=t.device)
     if amax_group is not None and dist.get_world_size(amax_group) > 1:
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=amax_group)
     scale = fp8_scale(amax, fp8_dtype)
     fmax = torch.finfo(fp8_dtype).max
-    # The clamp guards log2's rounding at an exact power of two, and makes saturation explicit: the casts differ
-    # past the largest value (on this CPU build E4M3 saturates to 448 but E5M2 turns into inf).
+    # The clamp guards log2's rounding at an exact power of two, and makes saturation explicit: the
+    # casts differ past the largest value (on this CPU build E4M3 saturates to 448 but E5M2 turns
+    # into inf).
     return (t.float() * scale).clamp(-fmax, fmax).to(fp8_dtype), scale.reciprocal()
 
 
@@ -122,12 +134,13 @@ def _padded(t, rows, cols):
 
 
 def fp8_mm(a, b, a_inv, b_inv, out_dtype):
-    """a b^T (a: M x K, b: N x K, both FP8, scales 1/s) through torch._scaled_mm under CUDA's rules (cuBLASLt):
-    the first operand row-major, the second column-major, K and N multiples of 16; M, the rows, anything, 0
-    included. K and N are padded with zeros, which add nothing to the sums (the scales were taken before), and the
-    padded columns of the result dropped. So any micro-batch's token count (the K of the weight gradient: padded
-    SFT rows, a context-parallel chunk, an MoE expert's 7 or 0 rows) and any tensor-parallel slice (a vocabulary
-    of 320 at tp 8: N = 40) run; a copy only where a dimension is ragged."""
+    """a b^T (a: M x K, b: N x K, both FP8, scales 1/s) through torch._scaled_mm under CUDA's rules
+    (cuBLASLt): the first operand row-major, the second column-major, K and N multiples of 16; M,
+    the rows, anything, 0 included. K and N are padded with zeros, which add nothing to the sums
+    (the scales were taken before), and the padded columns of the result dropped. So any
+    micro-batch's token count (the K of the weight gradient: padded SFT rows, a context-parallel
+    chunk, an MoE expert's 7 or 0 rows) and any tensor-parallel slice (a vocabulary of 320 at tp 8:
+    N = 40) run; a copy only where a dimension is ragged."""
     (m, k), n = a.shape, b.shape[0]
     kp, np_ = -(-k // FP8_MULTIPLE) * FP8_MULTIPLE, -(-n // FP8_MULTIPLE) * FP8_MULTIPLE
     y = torch._scaled_mm(_padded(a, m, kp), _padded(b, np_, kp).t(), scale_a=a_inv, scale_b=b_inv,
@@ -136,8 +149,9 @@ def fp8_mm(a, b, a_inv, b_inv, out_dtype):
 
 
 class Fp8Matmul(torch.autograd.Function):
-    """Y = X W^T with X, W in E4M3; dX = dY W and dW = dY^T X with dY in E5M2; fp32 accumulation, outputs in the
-    input's dtype. Saves the 8-bit X and W for the backward (half the bytes of bf16 activations)."""
+    """Y = X W^T with X, W in E4M3; dX = dY W and dW = dY^T X with dY in E5M2; fp32 accumulation,
+    outputs in the input's dtype. Saves the 8-bit X and W for the backward (half the bytes of bf16
+    activations)."""
 
     @staticmethod
     def forward(ctx, x, weight, amax_group):
@@ -163,7 +177,8 @@ class Fp8Matmul(torch.autograd.Function):
 
 
 def fp8_linear(x, weight, bias=None, amax_group=None):
-    """A drop-in for F.linear whose three matmuls run in FP8 (inputs of dtype fp32, bf16 or fp16)."""
+    """A drop-in for F.linear whose three matmuls run in FP8 (inputs of dtype fp32, bf16 or
+    fp16)."""
     y = Fp8Matmul.apply(x, weight, amax_group)
     return y if bias is None else y + bias
 
@@ -186,10 +201,11 @@ class Fp8Linear(nn.Module):
 
 
 def use_fp8(model, amax_group=None):
-    """Every linear layer's matmuls in FP8: nn.Linear swapped for Fp8Linear; layers that call `linear_fn` for
-    their matmul (tensor_parallel.py's) pointed at fp8_linear. Returns the number of layers changed.
-    An MoE router (moe.py) stays in bf16: its logits pick experts, a discrete choice that 8-bit noise would flip
-    (DeepSeek-V3 keeps its gating in higher precision too), and its E outputs are rarely a multiple of 16."""
+    """Every linear layer's matmuls in FP8: nn.Linear swapped for Fp8Linear; layers that call
+    `linear_fn` for their matmul (tensor_parallel.py's) pointed at fp8_linear. Returns the number of
+    layers changed. An MoE router (moe.py) stays in bf16: its logits pick experts, a discrete choice
+    that 8-bit noise would flip (DeepSeek-V3 keeps its gating in higher precision too), and its E
+    outputs are rarely a multiple of 16."""
     changed = 0
     for module in list(model.modules()):
         if hasattr(module, "linear_fn"):
@@ -264,7 +280,8 @@ class Int8Linear(nn.Module):
 
 
 def quantize_model_int8(model, dtype=torch.bfloat16):
-    """Every nn.Linear of `model` (in place) to Int8Linear; the rest (embedding, norms) cast to `dtype`."""
+    """Every nn.Linear of `model` (in place) to Int8Linear; the rest (embedding, norms) cast to
+    `dtype`."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
@@ -279,14 +296,15 @@ def model_bytes(model):
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-# ----------------------------------------------------------------------------- `eval CKPT`: INT8 vs bf16
+# ------------------------------------------------------------------------ `eval CKPT`: INT8 vs bf16
 class EvalError(ValueError):
     """A bad argument to `eval`: the message is the one line the user sees."""
 
 
 def load_trained(path):
-    """A trained model from any checkpoint the project writes or reads (a run's --out folder on any layout, a
-    consolidated file, a Hugging Face Llama folder: weights.load_weights): (model, tokenizer)."""
+    """A trained model from any checkpoint the project writes or reads (a run's --out folder on any
+    layout, a consolidated file, a Hugging Face Llama folder: weights.load_weights): (model,
+    tokenizer)."""
     from checkpoint import CheckpointError
     from model import ModelConfig, Transformer
     from weights import load_weights
@@ -308,7 +326,8 @@ def val_loss(model, batches):
 @torch.no_grad()
 def generation_seconds(model, prompt, n_tokens):
     t0 = time.perf_counter()
-    out = model.generate(prompt, n_tokens, temperature=0)  # greedy: the two models' outputs can be compared
+    # greedy: the two models' outputs can be compared
+    out = model.generate(prompt, n_tokens, temperature=0)
     return time.perf_counter() - t0, out[0, prompt.shape[1]:]
 
 
@@ -330,13 +349,15 @@ def eval_main(argv):
             raise EvalError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     model, tokenizer = load_trained(args.ckpt)
     data_dir = args.data or data_lib.ensure_default_data(tokenizer)
-    data_lib.load_meta(data_dir, tokenizer)  # a DataError if the data was prepared with another tokenizer
+    # a DataError if the data was prepared with another tokenizer
+    data_lib.load_meta(data_dir, tokenizer)
     val = data_lib.eval_batches(data_dir, model.cfg.block_size, args.batch_size, args.eval_iters)
     enc = data_lib.get_tokenizer(tokenizer)
     prompt = torch.tensor([enc.encode_ordinary("def ")])
 
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    int8 = quantize_model_int8(model, torch.bfloat16)  # from the checkpoint's own weights, not from bf16's
+    # from the checkpoint's own weights, not from bf16's
+    int8 = quantize_model_int8(model, torch.bfloat16)
     models = {"bf16": bf16, "int8": int8}
     seconds, text = {k: [] for k in models}, {}
     for _ in range(args.repeats):  # alternate, so that both see the same machine load
@@ -368,8 +389,8 @@ def demo_formats():
 
 
 def demo_fp8():
-    """One layer's three matmuls, fp8 and bf16, against float64 (errors and their bound); scaling over 12
-    decades; 8 training steps of the tiny preset in bf16 and in FP8."""
+    """One layer's three matmuls, fp8 and bf16, against float64 (errors and their bound); scaling
+    over 12 decades; 8 training steps of the tiny preset in bf16 and in FP8."""
     from model import PRESETS, Transformer
     from amp import DynamicLossScaler, MixedPrecisionOptimizer, cast_model
     g = torch.Generator().manual_seed(0)
@@ -416,14 +437,16 @@ def demo_fp8():
 
 
 def demo_int8():
-    """Per-channel INT8 of one 4096 x 4096 weight: its error, its bytes, its matmul speed against bf16."""
+    """Per-channel INT8 of one 4096 x 4096 weight: its error, its bytes, its matmul speed against
+    bf16."""
     lin = nn.Linear(4096, 4096, bias=False)
     q, s = quantize_int8(lin.weight)
     err = (q.float() * s[:, None] - lin.weight).abs()
     print(f"int8 per-channel, W 4096x4096: max |W - q s| / (s / 2) = {(err / (s[:, None] / 2)).max().item():.3f} "
           f"(at most 1), bytes {q.numel() + 2 * s.numel():,} vs bf16 {2 * lin.weight.numel():,}")
     int8, w16 = Int8Linear(lin), lin.weight.detach().bfloat16()
-    for m in (1, 64):  # one token (decoding: every weight read for 2 FLOPs) vs 64 (prefill: compute-bound)
+    # one token (decoding: every weight read for 2 FLOPs) vs 64 (prefill: compute-bound)
+    for m in (1, 64):
         x = torch.randn(m, 4096).bfloat16()
         t16, t8 = best_seconds(lambda: F.linear(x, w16)), best_seconds(lambda: int8(x))
         print(f"  x W^T with {m:>2} row(s), {torch.get_num_threads()} thread(s): bf16 {t16 * 1e3:.2f} ms, int8 "

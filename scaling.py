@@ -1,8 +1,9 @@
 """scaling.py: a small scaling-law lab: IsoFLOP profiles and a parametric loss fit, on a CPU.
 
-The idea (Kaplan et al. 2020; Hoffmann et al. 2022, "Chinchilla"): at a fixed training compute C, a model too
-small underfits and one too large sees too few tokens; the final loss as a function of model size N has a
-minimum, and that minimum moves with C as a power law. Two of Chinchilla's three approaches, here:
+The idea (Kaplan et al. 2020; Hoffmann et al. 2022, "Chinchilla"): at a fixed training compute C, a
+model too small underfits and one too large sees too few tokens; the final loss as a function of
+model size N has a minimum, and that minimum moves with C as a power law. Two of Chinchilla's three
+approaches, here:
 
     compute per run     C = F(N) x D         F(N) = 6 N + 6 L d T FLOPs per token (model.py's count: N are the
                                              parameters in matrix multiplies, the second term attention's scores)
@@ -16,20 +17,23 @@ minimum, and that minimum moves with C as a power law. Two of Chinchilla's three
 
 Every run is the project's own training loop (training.py, called as a function with a
 flags.TrainConfig: `train`) in this process, on the embedded corpus (Python's standard library as
-bytes), a model of the tiny preset's family (head dimension 32, 2 query heads per key/value
-head, d_ff = 3 d, context T = 128) of width d and depth L, trained for D = C / F(N) tokens with a cosine schedule
-that ends with the run (Chinchilla's lesson: a schedule longer than the run biases the comparison).
+bytes), a model of the tiny preset's family (head dimension 32, 2 query heads per key/value head,
+d_ff = 3 d, context T = 128) of width d and depth L, trained for D = C / F(N) tokens with a cosine
+schedule that ends with the run (Chinchilla's lesson: a schedule longer than the run biases the
+comparison).
 
-How far this is from the paper: Chinchilla's runs span 70M-16B parameters, 5e18-3e21 FLOPs and subword tokens of
-web text; these span 10k-350k parameters, 3e11-3e12 FLOPs (ten million times less compute) and bytes of Python, with
-one learning rate for every size and one seed. The shape of the result (a parabola per budget, its vertex
-moving right with C) is what carries over; the fitted exponents are rough, and the irreducible loss E here is
-that of bytes of code, not of English tokens.
+How far this is from the paper: Chinchilla's runs span 70M-16B parameters, 5e18-3e21 FLOPs and
+subword tokens of web text; these span 10k-350k parameters, 3e11-3e12 FLOPs (ten million times less
+compute) and bytes of Python, with one learning rate for every size and one seed. The shape of the
+result (a parabola per budget, its vertex moving right with C) is what carries over; the fitted
+exponents are rough, and the irreducible loss E here is that of bytes of code, not of English
+tokens.
 
-Run: `make scaling` (python scaling.py) trains the sweep (14 runs, 17,119 steps of 2048 tokens: 8 minutes on 2
-CPU cores shared with light other work, as measured once), appending one line per finished run to
-out/scaling/runs.jsonl; an interrupted sweep, run again, skips the finished runs and resumes the unfinished one
-from its checkpoint. `python scaling.py --fit-only` refits and replots what is there.
+Run: `make scaling` (python scaling.py) trains the sweep (14 runs, 17,119 steps of 2048 tokens: 8
+minutes on 2 CPU cores shared with light other work, as measured once), appending one line per
+finished run to out/scaling/runs.jsonl; an interrupted sweep, run again, skips the finished runs and
+resumes the unfinished one from its checkpoint. `python scaling.py --fit-only` refits and replots
+what is there.
 """
 import argparse
 import contextlib
@@ -52,16 +56,19 @@ import training
 from model import Transformer, config_dict, flops_per_token, num_params, pad_vocab
 
 SEQ_LEN, BATCH = 128, 16                                     # 2048 tokens per step
-# The family: (layers, width). Depth grows slowly with width, as in Kaplan's and Chinchilla's tables.
+# The family: (layers, width). Depth grows slowly with width, as in Kaplan's and Chinchilla's
+# tables.
 LADDER = [(2, 16), (2, 24), (2, 32), (2, 48), (2, 64), (3, 80), (3, 96), (4, 128)]
 BUDGETS = [3e11, 1e12, 3e12]                                # FLOPs per run
-TOKENS_PER_PARAM = (2, 350)                                 # sizes whose D/N at a budget falls in this range run
+# sizes whose D/N at a budget falls in this range run
+TOKENS_PER_PARAM = (2, 350)
 CHINCHILLA = {"a": 0.49, "alpha": 0.34, "beta": 0.28, "E": 1.69, "tokens_per_param": 20}
 
 
 # ----------------------------------------------------------------------------- the sweep
 def shape(n_layer, d_model):
-    """A model of the tiny preset's family: head dimension 32 (at least 2 heads), grouped-query 2:1."""
+    """A model of the tiny preset's family: head dimension 32 (at least 2 heads), grouped-query
+    2:1."""
     n_head = max(2, d_model // 32)
     return replace(model_lib.PRESETS["tiny"], n_layer=n_layer, d_model=d_model, n_head=n_head,
                    n_kv_head=max(1, n_head // 2), d_ff=3 * d_model, block_size=SEQ_LEN)
@@ -137,7 +144,8 @@ def train_one(run, out, lr, threads):
 
 
 def sweep(runs, out, lr, threads):
-    """Train every run not yet in runs.jsonl, appending each result as it finishes (so a stop loses one run)."""
+    """Train every run not yet in runs.jsonl, appending each result as it finishes (so a stop loses
+    one run)."""
     out.mkdir(parents=True, exist_ok=True)
     results = out / "runs.jsonl"
     done = {r["key"] for r in read_results(results)}
@@ -146,7 +154,8 @@ def sweep(runs, out, lr, threads):
           f"to go, results in {results}", flush=True)
     for i, run in enumerate(todo):
         if run["key"] in {r["key"] for r in read_results(results)}:
-            continue  # finished meanwhile by another invocation (one per budget can share the cores)
+            # finished meanwhile by another invocation (one per budget can share the cores)
+            continue
         t0 = time.perf_counter()
         val_loss = train_one(run, out, lr, threads)
         rec = dict(run, val_loss=val_loss, seconds=round(time.perf_counter() - t0, 1))
@@ -161,16 +170,18 @@ def read_results(path):
     return [json.loads(line) for line in open(path)] if Path(path).exists() else []
 
 
-# ----------------------------------------------------------------------------- approach 2: IsoFLOP profiles
+# --------------------------------------------------------------------- approach 2: IsoFLOP profiles
 def isoflop_optima(results):
-    """{budget: N_opt}: the vertex of a parabola in log N through each budget's losses (3+ sizes needed)."""
+    """{budget: N_opt}: the vertex of a parabola in log N through each budget's losses (3+ sizes
+    needed)."""
     optima = {}
     for C in sorted({r["budget"] for r in results}):
         pts = [(math.log(r["N"]), r["val_loss"]) for r in results if r["budget"] == C]
         if len({x for x, _ in pts}) < 3:
             continue
         c2, c1, _ = np.polyfit(*zip(*pts), 2)
-        if c2 > 0:  # a minimum; a profile without one (all sizes on one side of it) says nothing about N_opt
+        # a minimum; a profile without one (all sizes on one side of it) says nothing about N_opt
+        if c2 > 0:
             optima[C] = math.exp(-c1 / (2 * c2))
     return optima
 
@@ -192,13 +203,15 @@ def approach2(results):
 
 # ----------------------------------------------------------------------------- approach 3: L(N, D)
 def _model_and_jacobian(theta, x, y):
-    """log L_hat and its Jacobian for theta = (log A, alpha, log B, beta, log E), x = log N, y = log D."""
+    """log L_hat and its Jacobian for theta = (log A, alpha, log B, beta, log E), x = log N, y = log
+    D."""
     la, alpha, lb, beta, le = theta
     terms = np.stack([la - alpha * x, lb - beta * y, np.full_like(x, le)])
     top = terms.max(0)
     w = np.exp(terms - top)
     total = w.sum(0)
-    w = w / total                                              # the softmax weights are the partial derivatives
+    # the softmax weights are the partial derivatives
+    w = w / total
     J = np.stack([w[0], -w[0] * x, w[1], -w[1] * y, w[2]], axis=1)
     return top + np.log(total), J
 
@@ -227,7 +240,8 @@ def _levenberg_marquardt(theta, x, y, target, iters=200):
 
 
 def fit_parametric(N, D, loss, starts=None):
-    """Least squares on log L for L = E + A/N^alpha + B/D^beta: {E, A, alpha, B, beta}, best of a grid of starts."""
+    """Least squares on log L for L = E + A/N^alpha + B/D^beta: {E, A, alpha, B, beta}, best of a
+    grid of starts."""
     x, y, target = np.log(np.asarray(N, float)), np.log(np.asarray(D, float)), np.log(np.asarray(loss, float))
     if starts is None:
         starts = [(la, al, lb, be, le) for la in (0.0, 5.0, 10.0) for al in (0.2, 0.5) for lb in (0.0, 5.0, 10.0)
@@ -238,7 +252,8 @@ def fit_parametric(N, D, loss, starts=None):
 
 
 def bootstrap(results, fit, n=100, seed=0):
-    """The spread of each fitted number over refits on runs drawn with replacement (failed refits skipped)."""
+    """The spread of each fitted number over refits on runs drawn with replacement (failed refits
+    skipped)."""
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(n):
@@ -248,16 +263,19 @@ def bootstrap(results, fit, n=100, seed=0):
                 got = fit(pick)
             except (np.linalg.LinAlgError, ValueError, TypeError, ZeroDivisionError):
                 continue
-        if got and all(v is not None and np.isfinite(v) for v in got.values()):  # (None: too few budgets)
+        # (None: too few budgets)
+        if got and all(v is not None and np.isfinite(v) for v in got.values()):
             samples.append(got)
-    # Half the 16th-84th percentile range (one sigma for a normal spread, robust to the odd refit that runs off).
+    # Half the 16th-84th percentile range (one sigma for a normal spread, robust to the odd refit
+    # that runs off).
     return {k: float(np.subtract(*np.percentile([s[k] for s in samples], [84, 16])) / 2) for k in samples[0]} \
         if samples else {}
 
 
 # ----------------------------------------------------------------------------- the report
 def ascii_plot(results, width=64, height=22):
-    """Final loss vs compute (log scale), one letter per model size: the IsoFLOP profiles seen from the side."""
+    """Final loss vs compute (log scale), one letter per model size: the IsoFLOP profiles seen from
+    the side."""
     sizes = sorted({r["N"] for r in results})
     marks = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
     letters = {n: marks[i] if i < len(marks) else "#" for i, n in enumerate(sizes)}
@@ -267,7 +285,8 @@ def ascii_plot(results, width=64, height=22):
     grid = [[" "] * width for _ in range(height)]
     for r, x, y in zip(results, xs, ys):
         row, col = round((y1 - y) / (y1 - y0) * (height - 1)), round((x - x0) / (x1 - x0) * (width - 1))
-        grid[row][col] = letters[r["N"]] if grid[row][col] == " " else "*"  # (*: two runs in one cell)
+        # (*: two runs in one cell)
+        grid[row][col] = letters[r["N"]] if grid[row][col] == " " else "*"
     lines = [f"{y1 - i * (y1 - y0) / (height - 1):6.3f} |" + "".join(row).rstrip() for i, row in enumerate(grid)]
     lines.append(" " * 7 + "+" + "-" * width)
     lines.append(" " * 8 + f"{10 ** x0:.1e} FLOPs" + " " * (width - 26) + f"{10 ** x1:.1e}")

@@ -1,37 +1,40 @@
 """sft.py: supervised fine-tuning: pretraining with a different batch and a masked loss.
 
-The idea: an instruction example is a prompt and a response rendered into one token sequence by a template.
-The model is trained exactly as in pretraining (next-token cross-entropy, training.py's loop on any layout),
-except that the labels are -100 on the prompt and on padding, and the loss ignores -100: the prompt is context,
-never a target, so the gradient comes only from response tokens. The template is chat.py's: Alpaca's ###
-headers (### Instruction:, ### Input: when the example has one, ### Response:, the response then
+The idea: an instruction example is a prompt and a response rendered into one token sequence by a
+template. The model is trained exactly as in pretraining (next-token cross-entropy, training.py's
+loop on any layout), except that the labels are -100 on the prompt and on padding, and the loss
+ignores -100: the prompt is context, never a target, so the gradient comes only from response
+tokens. The template is chat.py's: Alpaca's ### headers (### Instruction:, ### Input: when the
+example has one, ### Response:, the response then
 <|endoftext|>), or, for a model from a Hugging Face folder, the folder's own Jinja chat template.
 
 Chat-style lines ({"messages": [{"role": "system|user|assistant", "content": ...}, ...]}) render turn by turn;
 every assistant turn, with its end token, is learned, everything else is masked. Alpaca-style lines
 ({"instruction", "input" (optional), "output"}) are a one-turn chat.
 
-Batches: one example per row, padded on the right to the longest row of its micro-batch (padding labels -100).
-Attention is causal, so a real token never sees the padding after it, and no example sees another, at the cost
-of the padded positions' compute. Examples longer than --seq-len (default: the context) are skipped and
-counted, never silently truncated; a prompt that alone fills it is an error. --pack instead places several
-examples in one row of --seq-len tokens (pack): each with positions restarting at 0 and a document id, so that
-attention is block-diagonal causal (model.py) and each example's loss is exactly its padded loss; a step keeps
-the same examples, so packed and padded training take the same steps. The compute saved is the padding's (the
-matmuls' 6 N per token), less what longer rows add to attention unless the kernel skips the masked tiles.
+Batches: one example per row, padded on the right to the longest row of its micro-batch (padding
+labels -100). Attention is causal, so a real token never sees the padding after it, and no example
+sees another, at the cost of the padded positions' compute. Examples longer than --seq-len (default:
+the context) are skipped and counted, never silently truncated; a prompt that alone fills it is an
+error. --pack instead places several examples in one row of --seq-len tokens (pack): each with
+positions restarting at 0 and a document id, so that attention is block-diagonal causal (model.py)
+and each example's loss is exactly its padded loss; a step keeps the same examples, so packed and
+padded training take the same steps. The compute saved is the padding's (the matmuls' 6 N per
+token), less what longer rows add to attention unless the kernel skips the masked tiles.
 
 Loss: the token mean over the response tokens of the whole global batch, whatever the micro-batches
 hold (training.py's docstring says why). With LoRA only the adapters reach the optimizer (and ZeRO
 shards only them: the frozen base carries no optimizer state).
 
-The embedded default data, offline: from the pretraining corpus (the Python standard library), every short
-function with a docstring becomes "Write a Python function `name(args)` that: <docstring's first paragraph>"
--> its source without the docstring (ast); held out by module (crc32 of its path % 10 == 0, a superset of the
-modules pretraining held out, % 50). Evaluation: the response-only loss on held-out examples, before training
-and at each eval; at the end, greedy answers to a few held-out prompts.
+The embedded default data, offline: from the pretraining corpus (the Python standard library), every
+short function with a docstring becomes "Write a Python function `name(args)` that: <docstring's
+first paragraph>" -> its source without the docstring (ast); held out by module (crc32 of its path %
+10 == 0, a superset of the modules pretraining held out, % 50). Evaluation: the response-only loss
+on held-out examples, before training and at each eval; at the end, greedy answers to a few held-out
+prompts.
 
-Cost: as pretraining, about 6 N FLOPs per token, padded positions included; the log counts tokens/s with the
-padding and, apart, the learned (response) tokens/s.
+Cost: as pretraining, about 6 N FLOPs per token, padded positions included; the log counts tokens/s
+with the padding and, apart, the learned (response) tokens/s.
 
 Run:
     python sft.py --init out/pretrain                          # full fine-tuning on the embedded default
@@ -70,11 +73,12 @@ from model import PRESETS, ModelConfig, Transformer, config_dict, flops_per_toke
 from topology import TopologyError, rank0_token
 from weights import load_weights, save_checkpoint
 
-# ------------------------------------------------------------------------------------------- the loss mask
+# ------------------------------------------------------------------------------------ the loss mask
 def tokenize(examples, enc, block_size, prompt_mask=True, limit="the model's context", packing=False):
-    """[(x, y)] lists of token ids with y = -100 where no loss is taken (the mask); and how many examples were
-    skipped for being longer than block_size + 1 tokens (x and y are shifted by one). With packing such an
-    example is an error: a packed row is exactly --seq-len tokens, and an example is never cut."""
+    """[(x, y)] lists of token ids with y = -100 where no loss is taken (the mask); and how many
+    examples were skipped for being longer than block_size + 1 tokens (x and y are shifted by one).
+    With packing such an example is an error: a packed row is exactly --seq-len tokens, and an
+    example is never cut."""
     out, skipped = [], 0
     for where, messages in examples:
         try:
@@ -94,15 +98,17 @@ def tokenize(examples, enc, block_size, prompt_mask=True, limit="the model's con
         if len(ids) - 1 > block_size:
             skipped += 1
             continue
-        # y[i] is the label for predicting ids[i+1]: kept where ids[i+1] is learned (or everywhere without mask).
+        # y[i] is the label for predicting ids[i+1]: kept where ids[i+1] is learned (or everywhere
+        # without mask).
         y = [t if (l or not prompt_mask) else -100 for t, l in zip(ids[1:], learned[1:])]
         out.append((ids[:-1], y))
     return out, skipped
 
 
 def collate(rows, pad_id, multiple=1):
-    """Pad each example on the right to the micro-batch's longest (rounded up to `multiple`: sequence
-    parallelism splits the positions over the tp ranks): inputs with pad_id, labels with -100."""
+    """Pad each example on the right to the micro-batch's longest (rounded up to `multiple`:
+    sequence parallelism splits the positions over the tp ranks): inputs with pad_id, labels with
+    -100."""
     T = -(-max(len(x) for x, _ in rows) // multiple) * multiple
     x = torch.full((len(rows), T), pad_id, dtype=torch.long)
     y = torch.full((len(rows), T), -100, dtype=torch.long)
@@ -112,11 +118,12 @@ def collate(rows, pad_id, multiple=1):
 
 
 def pack(rows, pad_id, T, multiple=1):
-    """Several examples per row: longest first, each placed in the first row with room left in T tokens (first-fit
-    decreasing), its positions restarting at 0 (pos) and its own document id (doc), so that attention stays
-    inside it (model.py) and it computes exactly what it would alone. A row's tail is padding (labels -100, a
-    document of its own). Returns (x, y, {"pos": pos, "doc": doc}), rows as long as the longest (rounded up to
-    `multiple`). The loss is a sum over tokens: the order of the examples does not change it."""
+    """Several examples per row: longest first, each placed in the first row with room left in T
+    tokens (first-fit decreasing), its positions restarting at 0 (pos) and its own document id
+    (doc), so that attention stays inside it (model.py) and it computes exactly what it would alone.
+    A row's tail is padding (labels -100, a document of its own). Returns (x, y, {"pos": pos, "doc":
+    doc}), rows as long as the longest (rounded up to `multiple`). The loss is a sum over tokens:
+    the order of the examples does not change it."""
     bins = []  # [tokens used, example indices]
     for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
         xi = rows[i][0]
@@ -170,8 +177,8 @@ class SFTBatches:
 
 def read_examples(data, val_data):
     """(train, held-out) examples: the embedded default (sft_data.py builds it from the standard
-    library, keeping the functions whose rendering here fits the tiny model's context), or --data with
-    --val-data or 1 line in 10 held out."""
+    library, keeping the functions whose rendering here fits the tiny model's context), or --data
+    with --val-data or 1 line in 10 held out."""
     enc_bytes = data_lib.get_tokenizer("bytes")
     if data is None:
         train_file, val_file = sft_data.ensure_sft_default_data(
@@ -180,17 +187,19 @@ def read_examples(data, val_data):
     train_ex = read_jsonl(data)
     if val_data:
         return train_ex, read_jsonl(val_data)
-    held = [zlib.crc32(w.encode()) % 10 == 0 for w, _ in train_ex]  # by a hash of its position, never all
+    # by a hash of its position, never all
+    held = [zlib.crc32(w.encode()) % 10 == 0 for w, _ in train_ex]
     if all(held) or not any(held):
         held = [i == len(train_ex) - 1 for i in range(len(train_ex))]
     val_ex = [e for e, h in zip(train_ex, held) if h]
     return [e for e, h in zip(train_ex, held) if not h] or val_ex, val_ex
 
 
-# ------------------------------------------------------------------------------------------- the base model
+# ----------------------------------------------------------------------------------- the base model
 def load_init(path):
-    """The base model: a run's --out (its newest complete step, whatever layout wrote it), a step folder, a
-    consolidated file or a Hugging Face Llama folder (weights.load_weights): model, config, tokenizer, args."""
+    """The base model: a run's --out (its newest complete step, whatever layout wrote it), a step
+    folder, a consolidated file or a Hugging Face Llama folder (weights.load_weights): model,
+    config, tokenizer, args."""
     if not Path(path).exists():
         raise ConfigError(f"--init {path}: no checkpoint there (run pretrain.py --out {path} first, or `make "
                           "pretrain`)")
@@ -204,7 +213,8 @@ def load_init(path):
 
 
 def check_init_config(init, task):
-    """--model, when given, must be the preset the checkpoint was trained as (vocabulary as the checkpoint's)."""
+    """--model, when given, must be the preset the checkpoint was trained as (vocabulary as the
+    checkpoint's)."""
     if task.model is not None:
         vocab = init["model_config"]["vocab_size"]
         want = config_dict(replace(PRESETS[task.model], vocab_size=vocab, attn="-"))
@@ -215,7 +225,8 @@ def check_init_config(init, task):
 
 
 def add_lora(task, seed, model_config):
-    """What build_model does to the frozen base after slicing it: wrap the target layers (or load --adapter)."""
+    """What build_model does to the frozen base after slicing it: wrap the target layers (or load
+    --adapter)."""
     def adapt(model):
         if task.adapter:
             lora_lib.load_adapter(model, task.adapter, model_config)
@@ -227,9 +238,9 @@ def add_lora(task, seed, model_config):
 
 @torch.no_grad()
 def answer(model, enc, ids, max_new_tokens, device, agree=None):
-    """Greedy decoding until an end token (chat.stop_ids), the context's end or max_new_tokens (over the
-    tokenizer's ids only: the padded vocabulary's extra rows are never valid tokens). `agree`: ranks that answer
-    together take one token, and so stop together (topology.rank0_token)."""
+    """Greedy decoding until an end token (chat.stop_ids), the context's end or max_new_tokens (over
+    the tokenizer's ids only: the padded vocabulary's extra rows are never valid tokens). `agree`:
+    ranks that answer together take one token, and so stop together (topology.rank0_token)."""
     stops, block = stop_ids(enc), model.cfg.block_size
     idx = torch.tensor([ids], device=device)
     for _ in range(min(max_new_tokens, block - len(ids))):
@@ -242,7 +253,7 @@ def answer(model, enc, ids, max_new_tokens, device, agree=None):
     return enc.decode(idx[0, len(ids):].tolist())
 
 
-# ------------------------------------------------------------------------------------------- the run
+# ------------------------------------------------------------------------------------------ the run
 def build_parser():
     ap = flags.OneLineParser(prog="sft.py", description="Supervised fine-tuning (and LoRA) of a pretrained "
                                                            "checkpoint.")
@@ -329,7 +340,8 @@ def train(cfg):
     init = load_init(task.init)
     check_init_config(init, task)
     model_config = init["model_config"]
-    # An MoE base keeps its experts (pretrain.py's --experts ...): the same blocks get MoE MLPs before loading.
+    # An MoE base keeps its experts (pretrain.py's --experts ...): the same blocks get MoE MLPs
+    # before loading.
     cfg = replace(cfg, moe=moe.config_of(init.get("args") or {}))
     model_cfg = replace(ModelConfig(**model_config), attn=cfg.settings.attn,
                         activation_checkpointing=settings.activation_checkpointing)
@@ -382,7 +394,8 @@ def build_and_train(cfg, model_cfg, init, enc, rows, identity, world, device, ck
     if ckpt and ckpt.get("lora") != lora_config:
         raise ConfigError(f"{cfg.settings.out} holds a run with LoRA settings {ckpt.get('lora')}, "
                           f"this run has {lora_config}")
-    with torch.device("meta"):  # FLOPs follow the parameters a token meets: k of E experts per MoE layer
+    # FLOPs follow the parameters a token meets: k of E experts per MoE layer
+    with torch.device("meta"):
         whole = moe.with_experts(Transformer(model_cfg), cfg.moe)
     n_mm = num_params(whole, matmul_only=True) - moe.inactive_params(whole)
     fpt = flops_per_token(model_cfg, n_mm, T)
@@ -407,8 +420,9 @@ def build_and_train(cfg, model_cfg, init, enc, rows, identity, world, device, ck
 
 
 def read_rows(cfg, enc, model_cfg, dp):
-    """Training and held-out rows (token ids and masked labels), every example checked; the held-out ones cut
-    to the same number on every data-parallel rank (under ZeRO-3 or --ep each forward communicates)."""
+    """Training and held-out rows (token ids and masked labels), every example checked; the held-out
+    ones cut to the same number on every data-parallel rank (under ZeRO-3 or --ep each forward
+    communicates)."""
     task, seq_len = cfg.task, cfg.layout.seq_len
     train_ex, val_ex = read_examples(task.data, task.val_data)
     T = seq_len or model_cfg.block_size
@@ -426,9 +440,10 @@ def read_rows(cfg, enc, model_cfg, dp):
 
 
 def export_lora(run, init):
-    """adapter.pt (the adapters alone, gathered whole from every rank) and merged.pt (the base's weights +
-    (alpha/r) B A: a plain model's state dict, usable as --init), written by rank 0."""
-    with run.opt.gathered() if run.zero == 3 else contextlib.nullcontext():  # ZeRO-3 shards the adapters
+    """adapter.pt (the adapters alone, gathered whole from every rank) and merged.pt (the base's
+    weights + (alpha/r) B A: a plain model's state dict, usable as --init), written by rank 0."""
+    # ZeRO-3 shards the adapters
+    with run.opt.gathered() if run.zero == 3 else contextlib.nullcontext():
         adapter = lora_lib.lora_state_dict(run.model, run.topo)
     if run.rank0:
         model_config, moe_args = init["model_config"], asdict(run.cfg.moe)
@@ -441,14 +456,17 @@ def export_lora(run, init):
 
 
 def answers(run, enc, val_ex):
-    """Greedy answers to the first --samples held-out prompts, printed and written to samples.jsonl."""
+    """Greedy answers to the first --samples held-out prompts, printed and written to
+    samples.jsonl."""
     task, topo, model = run.cfg.task, run.topo, run.model
     if topo.pp > 1 or (run.cfg.layout.sequence_parallel and topo.tp > 1):
-        if run.rank0:  # generation grows the sequence one token at a time: neither cuts into stages or shards
+        # generation grows the sequence one token at a time: neither cuts into stages or shards
+        if run.rank0:
             print("(no answers: generation is not pipelined nor sequence-parallel)", flush=True)
         return []
     if not (run.rank0 or topo.tp > 1 or run.zero == 3 or topo.ep > 1):
-        return []  # (under tp, ZeRO-3 and ep every rank's forward communicates: all answer in lockstep)
+        # (under tp, ZeRO-3 and ep every rank's forward communicates: all answer in lockstep)
+        return []
     model.eval()
     tensor_parallel.set_gather_output(model, True)
     agree = rank0_token(topo.world > 1 and (topo.tp > 1 or run.zero == 3 or topo.ep > 1))

@@ -1,14 +1,15 @@
 """sft_data.py: the embedded default fine-tuning data, built from the Python standard library.
 
-The idea: every function with a docstring (and a body beyond it) in the standard library's own source
-becomes one instruction example, "Write a Python function `name(args)` that: <docstring's first
-paragraph>" -> its source without the docstring, dedented. Whole modules are held out (crc32 of the
-module path % SFT_VAL_EVERY == 0), so no held-out function shares a module with a trained one. Only
-examples whose rendering (sft.py's template, byte tokenizer) fits the tiny preset's context are kept;
-the others are counted, not truncated.
+The idea: every function with a docstring (and a body beyond it) in the standard library's own
+source becomes one instruction example, "Write a Python function `name(args)` that: <docstring's
+first paragraph>" -> its source without the docstring, dedented. Whole modules are held out (crc32
+of the module path % SFT_VAL_EVERY == 0), so no held-out function shares a module with a trained
+one. Only examples whose rendering (sft.py's template, byte tokenizer) fits the tiny preset's
+context are kept; the others are counted, not truncated.
 
 It is built once into the data cache (data.publish_folder: one process builds, the others wait), as
-train.jsonl, val.jsonl and meta.json (the counts). `python sft.py` with no --data builds and uses it.
+train.jsonl, val.jsonl and meta.json (the counts). `python sft.py` with no --data builds and uses
+it.
 """
 import ast
 import json
@@ -21,7 +22,8 @@ from data import default_data_dir, publish_folder, stdlib_documents
 
 
 SFT_VAL_EVERY = 10          # held-out modules for the default data: crc32(module path) % 10 == 0
-DEFAULT_MAX_BYTES = 257     # the tiny preset's context + 1 with the byte tokenizer: what the default keeps
+# the tiny preset's context + 1 with the byte tokenizer: what the default keeps
+DEFAULT_MAX_BYTES = 257
 
 
 def function_examples(name, text):
@@ -43,9 +45,10 @@ def function_examples(name, text):
 
 
 def build_default_data(docs, out, render, max_bytes=DEFAULT_MAX_BYTES):
-    """Write train.jsonl and val.jsonl (held out by module) of the functions whose rendering (`render`: an
-    Alpaca-style dict -> its token ids with the byte tokenizer; sft.py's template) fits in max_bytes; the rest
-    are counted, not truncated. meta.json, written last, holds the counts."""
+    """Write train.jsonl and val.jsonl (held out by module) of the functions whose rendering
+    (`render`: an Alpaca-style dict -> its token ids with the byte tokenizer; sft.py's template)
+    fits in max_bytes; the rest are counted, not truncated. meta.json, written last, holds the
+    counts."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {s: open(out / f"{s}.jsonl.tmp", "w", encoding="utf-8") for s in ("train", "val")}

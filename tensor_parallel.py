@@ -1,42 +1,46 @@
-"""tensor_parallel.py: Megatron-style tensor parallelism, one layer's matrices split across the tp ranks.
+"""tensor_parallel.py: Megatron-style tensor parallelism, one layer's matrices split across the tp
+ranks.
 
-The idea (Shoeybi et al., 2019): a linear layer Y = X A can be split two ways. Column-parallel: A = [A_1 .. A_t]
-by output columns, each rank computes Y_i = X A_i from the whole (replicated) X and holds a slice of Y.
-Row-parallel: A split by input rows, each rank multiplies its slice X_i by A_i and the partial products are
-summed, Y = sum_i X_i A_i, by one all-reduce. Chain them, column then row, and the slice of Y in between never
-has to be gathered: attention splits by heads (wq, wk, wv column-parallel, wo row-parallel; grouped-query KV
-heads go with the query heads that read them), the SwiGLU MLP by hidden units (w1, w3 column, w2 row).
+The idea (Shoeybi et al., 2019): a linear layer Y = X A can be split two ways. Column-parallel: A =
+[A_1 .. A_t] by output columns, each rank computes Y_i = X A_i from the whole (replicated) X and
+holds a slice of Y. Row-parallel: A split by input rows, each rank multiplies its slice X_i by A_i
+and the partial products are summed, Y = sum_i X_i A_i, by one all-reduce. Chain them, column then
+row, and the slice of Y in between never has to be gathered: attention splits by heads (wq, wk, wv
+column-parallel, wo row-parallel; grouped-query KV heads go with the query heads that read them),
+the SwiGLU MLP by hidden units (w1, w3 column, w2 row).
 
 Two conjugate operators carry the communication, written out below as autograd functions:
     f: forward identity,   backward all-reduce   (before a column-parallel layer: every rank's input gradient
                                                   is a partial sum over its slice)
     g: forward all-reduce, backward identity     (after a row-parallel layer: the partial products add up)
-The embedding is split by vocabulary rows (each rank looks up the ids it owns, g sums), and so is the output
-head, whose cross-entropy never gathers the V logits: the max and the sum of exponentials are all-reduced
-instead (2 numbers per token rather than V/t).
+The embedding is split by vocabulary rows (each rank looks up the ids it owns, g sums), and so is
+the output head, whose cross-entropy never gathers the V logits: the max and the sum of exponentials
+are all-reduced instead (2 numbers per token rather than V/t).
 
-Per block and t ranks, with activations of B x T x d: weights and their optimizer state / t; forward 2
-all-reduces of B T d (one per g), backward 2 (one per f); FLOPs of the matmuls / t. wq, wk and wv read the same
-input, and so do w1 and w3: f is applied once, to the output of the norm before them (NormThenCopy), so their
-three (two) partial input gradients are summed locally and all-reduced once, as Megatron's fused QKV and
-gate-up linears do. (In an MoE layer f goes on each expert's input rows instead, once per expert: the
-replicated router reads the norm's output too, and its whole gradient must not be summed over the ranks.)
-Norms are replicated and compute the same values on every tp rank.
+Per block and t ranks, with activations of B x T x d: weights and their optimizer state / t; forward
+2 all-reduces of B T d (one per g), backward 2 (one per f); FLOPs of the matmuls / t. wq, wk and wv
+read the same input, and so do w1 and w3: f is applied once, to the output of the norm before them
+(NormThenCopy), so their three (two) partial input gradients are summed locally and all-reduced
+once, as Megatron's fused QKV and gate-up linears do. (In an MoE layer f goes on each expert's input
+rows instead, once per expert: the replicated router reads the norm's output too, and its whole
+gradient must not be summed over the ranks.) Norms are replicated and compute the same values on
+every tp rank.
 
-Sequence parallelism (Korthikanti et al., 2022; `sequence_parallel=True`): between the blocks' matmuls the
-activations are replicated, so the norms and residual adds repeat the same work and memory on every rank.
-Instead keep them split along the sequence (each rank T/t positions): all-gather the sequence before a
-column-parallel layer and reduce-scatter after a row-parallel one. An all-reduce is a reduce-scatter plus an
-all-gather, so communication stays the same; the norms' activations and work shrink by t. The norms' gains see
-only T/t positions each, so their gradients are summed over the ranks (an f on the weight).
+Sequence parallelism (Korthikanti et al., 2022; `sequence_parallel=True`): between the blocks'
+matmuls the activations are replicated, so the norms and residual adds repeat the same work and
+memory on every rank. Instead keep them split along the sequence (each rank T/t positions):
+all-gather the sequence before a column-parallel layer and reduce-scatter after a row-parallel one.
+An all-reduce is a reduce-scatter plus an all-gather, so communication stays the same; the norms'
+activations and work shrink by t. The norms' gains see only T/t positions each, so their gradients
+are summed over the ranks (an f on the weight).
 
-Each rank's slice holds exactly the values of the same rows or columns of the single-process model (drawn by
-parameter name from one seed: init.init_values), so the tensor-parallel model computes what the single-process
-one does, up to summation order. (stack.build_model slices a model on the meta device, then
-allocates and fills only the slices; the demo below slices a real one.)
+Each rank's slice holds exactly the values of the same rows or columns of the single-process model
+(drawn by parameter name from one seed: init.init_values), so the tensor-parallel model computes
+what the single-process one does, up to summation order. (stack.build_model slices a model on the
+meta device, then allocates and fills only the slices; the demo below slices a real one.)
 
-Demo: `torchrun --nproc_per_node 2 tensor_parallel.py` checks loss and gradients against one process (float64),
-without and with sequence parallelism.
+Demo: `torchrun --nproc_per_node 2 tensor_parallel.py` checks loss and gradients against one process
+(float64), without and with sequence parallelism.
 """
 import torch
 import torch.distributed as dist
@@ -47,7 +51,7 @@ from placement import name_whole, placement_of, set_placement
 from topology import all_gather_single, reduce_scatter_single
 
 
-# ----------------------------------------------------------------------------- the f and g operators
+# ---------------------------------------------------------------------------- the f and g operators
 def _all_reduce(x, group):
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(x, group=group)
@@ -80,7 +84,8 @@ class ReduceFromTensorParallel(torch.autograd.Function):
 
 
 class GatherFromTensorParallel(torch.autograd.Function):
-    """Concatenate the ranks' slices of the last dimension (used to sample from a vocabulary-parallel head)."""
+    """Concatenate the ranks' slices of the last dimension (used to sample from a
+    vocabulary-parallel head)."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -95,7 +100,8 @@ class GatherFromTensorParallel(torch.autograd.Function):
 
 
 class GatherSequence(torch.autograd.Function):
-    """Sequence parallelism's f: all-gather the (B, T/t, d) shards into (B, T, d); backward reduce-scatter."""
+    """Sequence parallelism's f: all-gather the (B, T/t, d) shards into (B, T, d); backward
+    reduce-scatter."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -108,7 +114,8 @@ class GatherSequence(torch.autograd.Function):
 
 
 class ReduceScatterSequence(torch.autograd.Function):
-    """Sequence parallelism's g: sum the ranks' partial (B, T, d) and keep this rank's T/t; backward all-gather."""
+    """Sequence parallelism's g: sum the ranks' partial (B, T, d) and keep this rank's T/t; backward
+    all-gather."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -143,9 +150,10 @@ def _slice(weight, dim, topo):
 
 
 class ColumnParallelLinear(nn.Module):
-    """Y_i = f(X) A_i^T: the weight's output rows split; input replicated, output split across ranks.
-    copy_input=False when the input already went through f (NormThenCopy) or through sequence parallelism's
-    all-gather (whose backward reduce-scatter sums the ranks' input gradients): a second f would sum twice."""
+    """Y_i = f(X) A_i^T: the weight's output rows split; input replicated, output split across
+    ranks. copy_input=False when the input already went through f (NormThenCopy) or through sequence
+    parallelism's all-gather (whose backward reduce-scatter sums the ranks' input gradients): a
+    second f would sum twice."""
 
     def __init__(self, linear: nn.Linear, topo, gather_output=False, copy_input=True):
         super().__init__()
@@ -160,7 +168,8 @@ class ColumnParallelLinear(nn.Module):
     def leave(self, y):
         return GatherFromTensorParallel.apply(y, self.group) if self.gather_output and self.group else y
 
-    def forward(self, x):  # (split into enter and leave so that lora.py can add its update in between)
+    # (split into enter and leave so that lora.py can add its update in between)
+    def forward(self, x):
         return self.leave(self.linear_fn(self.enter(x), self.weight))
 
 
@@ -186,7 +195,8 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [start, end) of the table on each rank; ids elsewhere look up zeros, and g sums the ranks' rows."""
+    """Rows [start, end) of the table on each rank; ids elsewhere look up zeros, and g sums the
+    ranks' rows."""
 
     def __init__(self, emb: nn.Embedding, topo, sequence_parallel=False):
         super().__init__()
@@ -203,8 +213,9 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class NormThenCopy(nn.Module):
-    """A replicated norm followed by f: the column-parallel layers that read its output (wq, wk, wv; w1, w3)
-    skip their own f, so the backward all-reduces their summed input gradient once instead of once each."""
+    """A replicated norm followed by f: the column-parallel layers that read its output (wq, wk, wv;
+    w1, w3) skip their own f, so the backward all-reduces their summed input gradient once instead
+    of once each."""
 
     def __init__(self, norm, topo):
         super().__init__()
@@ -216,8 +227,9 @@ class NormThenCopy(nn.Module):
 
 
 class SequenceParallelRMSNorm(nn.Module):
-    """model.RMSNorm over this rank's T/t positions, then the all-gather that the next matmul needs. The gain
-    passes through f, so that its gradient, computed from T/t positions here, is summed over the ranks."""
+    """model.RMSNorm over this rank's T/t positions, then the all-gather that the next matmul needs.
+    The gain passes through f, so that its gradient, computed from T/t positions here, is summed
+    over the ranks."""
 
     def __init__(self, norm, topo, gather=True):
         super().__init__()
@@ -237,7 +249,8 @@ def _rms_norm(x, weight, eps):
 
 
 class VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-token -log softmax(z)[y] from this rank's logits z[:, start:start+V/t], never gathering z:
+    """Per-token -log softmax(z)[y] from this rank's logits z[:, start:start+V/t], never gathering
+    z:
         m = max over all ranks (all-reduce MAX), S = sum exp(z - m) (all-reduce SUM),
         z_y - m from the one rank that owns y (all-reduce SUM),   loss = log S - (z_y - m).
     Backward: softmax - onehot(y), each rank for its own columns, with no communication."""
@@ -283,14 +296,16 @@ def vocab_parallel_loss_fn(start, group):
             return per_token
         if reduction == "sum":
             return per_token.sum()
-        return per_token.sum() / (targets != -100).sum()  # F.cross_entropy's mean over non-ignored labels
+        # F.cross_entropy's mean over non-ignored labels
+        return per_token.sum() / (targets != -100).sum()
 
     return loss_fn
 
 
-# ----------------------------------------------------------------------------- the model, changed from outside
+# ------------------------------------------------------------------ the model, changed from outside
 def check_divisible(cfg, tp):
-    """Every split dimension must divide by tp; returns the message of the first that does not, else None."""
+    """Every split dimension must divide by tp; returns the message of the first that does not, else
+    None."""
     for what, n in (("n_head", cfg.n_head), ("n_kv_head", cfg.n_kv_head), ("d_ff", cfg.d_ff),
                     ("vocab_size (padded)", cfg.vocab_size)):
         if n % tp:
@@ -299,11 +314,13 @@ def check_divisible(cfg, tp):
 
 
 def parallelize(model, topo, sequence_parallel=False):
-    """Swap a (pipeline stage of a) model.Transformer's linears and embeddings for their tensor-parallel
-    versions holding this rank's slice. Call on the full model (real, or on the meta device: then the slices are
-    meta tensors of the slices' shapes, for stack.build_model to allocate and fill).
-    With sequence_parallel the activations between blocks are (B, T/tp, d): T must divide by tp."""
-    model.sequence_shards = topo.tp if sequence_parallel else 1  # pipeline.py sends activations of this shape
+    """Swap a (pipeline stage of a) model.Transformer's linears and embeddings for their
+    tensor-parallel versions holding this rank's slice. Call on the full model (real, or on the meta
+    device: then the slices are meta tensors of the slices' shapes, for stack.build_model to
+    allocate and fill). With sequence_parallel the activations between blocks are (B, T/tp, d): T
+    must divide by tp."""
+    # pipeline.py sends activations of this shape
+    model.sequence_shards = topo.tp if sequence_parallel else 1
     name_whole(model)  # (the slices keep their names in the whole model)
     if topo.tp == 1:
         return model
@@ -313,7 +330,8 @@ def parallelize(model, topo, sequence_parallel=False):
     for block in model.blocks:
         attn, mlp = block.attn, block.mlp
         moe = hasattr(mlp, "experts")
-        # The norm before a group of column-parallel layers applies f (or, under sp, the all-gather) once.
+        # The norm before a group of column-parallel layers applies f (or, under sp, the all-gather)
+        # once.
         block.attn_norm = (SequenceParallelRMSNorm if sp else NormThenCopy)(block.attn_norm, topo)
         if sp or not moe:
             block.mlp_norm = (SequenceParallelRMSNorm if sp else NormThenCopy)(block.mlp_norm, topo)
@@ -321,11 +339,13 @@ def parallelize(model, topo, sequence_parallel=False):
                                      for l in (attn.wq, attn.wk, attn.wv))
         attn.wo = RowParallelLinear(attn.wo, topo, sequence_parallel=sp)
         attn.n_head, attn.n_kv_head = attn.n_head // topo.tp, attn.n_kv_head // topo.tp
-        # An MoE layer (moe.py) splits each expert the same way; its router stays replicated, so every tp rank
-        # routes its (replicated) tokens alike and the experts' row-parallel all-reduce meets the same rows.
+        # An MoE layer (moe.py) splits each expert the same way; its router stays replicated, so
+        # every tp rank routes its (replicated) tokens alike and the experts' row-parallel
+        # all-reduce meets the same rows.
         for m in getattr(mlp, "experts", [mlp]):
             m.w1, m.w3 = (ColumnParallelLinear(l, topo, copy_input=False) for l in (m.w1, m.w3))
-            if moe and not sp:  # f on the expert's input rows (a pre-hook keeps the parameter names unchanged)
+            # f on the expert's input rows (a pre-hook keeps the parameter names unchanged)
+            if moe and not sp:
                 m.register_forward_pre_hook(lambda module, args: (CopyToTensorParallel.apply(args[0], topo.tp_group),))
             m.w2 = RowParallelLinear(m.w2, topo, sequence_parallel=sp)
     if getattr(model, "tok_emb", None) is not None:
@@ -343,7 +363,8 @@ def parallelize(model, topo, sequence_parallel=False):
 
 
 def is_tp_duplicate(p):
-    """A replicated parameter on a tp rank other than 0: the same gradient as tp rank 0's copy, not counted twice."""
+    """A replicated parameter on a tp rank other than 0: the same gradient as tp rank 0's copy, not
+    counted twice."""
     return placement_of(p).tp_duplicate
 
 
@@ -359,7 +380,8 @@ def split_dim(name):
 
 
 def set_gather_output(model, on):
-    """Full logits from the vocabulary-parallel head (for sampling: all tp ranks generate in lockstep)."""
+    """Full logits from the vocabulary-parallel head (for sampling: all tp ranks generate in
+    lockstep)."""
     if isinstance(getattr(model, "lm_head", None), ColumnParallelLinear):
         model.lm_head.gather_output = on
 
@@ -381,7 +403,8 @@ if __name__ == "__main__":
         _, ref_loss = full(idx[:, :-1], idx[:, 1:])
         ref_loss.backward()
         ref_grads = {n: p.grad for n, p in full.named_parameters()}
-        model = parallelize(full, topo, sp)  # full's layers are replaced in place: now this rank's slice
+        # full's layers are replaced in place: now this rank's slice
+        model = parallelize(full, topo, sp)
         model.zero_grad()
         _, loss = model(idx[:, :-1], idx[:, 1:])
         loss.backward()
@@ -394,7 +417,8 @@ if __name__ == "__main__":
         line = (f"tp rank {topo.tp_rank}/{topo.tp}{' + sequence parallel' if sp else ''}: {n_local:,} of "
                 f"{sum(g.numel() for g in ref_grads.values()):,} parameters | loss {loss.item():.12f} vs one "
                 f"process {ref_loss.item():.12f} | max |grad difference| {worst:.2e}")
-        lines = [None] * topo.tp  # rank 0 prints every rank's line: lines of processes sharing a pipe can interleave
+        # rank 0 prints every rank's line: lines of processes sharing a pipe can interleave
+        lines = [None] * topo.tp
         dist.all_gather_object(lines, line)
         if topo.tp_rank == 0:
             print("\n".join(lines), flush=True)

@@ -1,33 +1,39 @@
-"""topology.py: where each rank sits in the data x pipeline x tensor grid, and one process group per axis.
+"""topology.py: where each rank sits in the data x pipeline x tensor grid, and one process group per
+axis.
 
-The idea: with world = dp * pp * tp ranks, rank r has coordinates (dp_rank, pp_rank, tp_rank) with tensor
+The idea: with world = dp * pp * tp ranks, rank r has coordinates (dp_rank, pp_rank, tp_rank) with
+tensor
 innermost:  r = (dp_rank * pp + pp_rank) * tp + tp_rank.  Tensor-parallel peers are neighbours (same node, fast
-links: they talk twice per block half), pipeline peers next (one send per micro-batch per stage boundary), data
-parallel outermost (one gradient reduction per step, overlappable). Each axis gets its own process group; every
-reduction in the project names the group it reduces over, and this object is passed to whoever needs one
-(no global state, so a test can build several topologies in one process).
+links: they talk twice per block half), pipeline peers next (one send per micro-batch per stage
+boundary), data parallel outermost (one gradient reduction per step, overlappable). Each axis gets
+its own process group; every reduction in the project names the group it reduces over, and this
+object is passed to whoever needs one (no global state, so a test can build several topologies in
+one process).
 
     world 8, dp 2, pp 2, tp 2:   dp_rank 0: stage 0 = ranks {0, 1}, stage 1 = {2, 3};  dp_rank 1: {4, 5}, {6, 7}
                                  tp groups {0,1} {2,3} {4,5} {6,7};  pp groups {0,2} {1,3} {4,6} {5,7};
                                  dp groups {0,4} {1,5} {2,6} {3,7}
 
-Context parallelism (context_parallel.py, --cp) splits each sequence over cp ranks, laid out between pipeline and
+Context parallelism (context_parallel.py, --cp) splits each sequence over cp ranks, laid out between
+pipeline and
 tensor:  r = ((dp_rank * pp + pp_rank) * cp + cp_rank) * tp + tp_rank.  Why there: a cp group passes every
-layer's keys and values around its ring, forward and backward; that is more traffic, and more often, than a
-pipeline's one activation per micro-batch or data parallelism's one reduction per step, but it overlaps with the
-attention it feeds, where tensor parallelism's all-reduces sit on the critical path twice per block: tp keeps the
-fastest links, cp the next. The cp ranks of a replica hold the same weights and different tokens, so replicated
-weights' gradients are reduced over dp x cp (the dp_cp group), while the data loader splits batches over dp only.
+layer's keys and values around its ring, forward and backward; that is more traffic, and more often,
+than a pipeline's one activation per micro-batch or data parallelism's one reduction per step, but
+it overlaps with the attention it feeds, where tensor parallelism's all-reduces sit on the critical
+path twice per block: tp keeps the fastest links, cp the next. The cp ranks of a replica hold the
+same weights and different tokens, so replicated weights' gradients are reduced over dp x cp (the
+dp_cp group), while the data loader splits batches over dp only.
     world 8, dp 2, cp 2, tp 2:   cp groups {0,2} {1,3} {4,6} {5,7};  dp groups {0,4} {1,5} ...;
                                  dp x cp groups {0,2,4,6} {1,3,5,7}
 
-Expert parallelism (moe.py, --ep) is carved out of the data-parallel ranks: within each dp group, consecutive
-runs of ep dp ranks form an ep group (they hold different experts and exchange tokens by all-to-all), and dp
-ranks with the same dp_rank % ep form an expert-data group (replicas of the same experts, dp/ep of them, whose
+Expert parallelism (moe.py, --ep) is carved out of the data-parallel ranks: within each dp group,
+consecutive runs of ep dp ranks form an ep group (they hold different experts and exchange tokens by
+all-to-all), and dp ranks with the same dp_rank % ep form an expert-data group (replicas of the same
+experts, dp/ep of them, whose
 gradients are summed there).   dp 4, ep 2 (tp = pp = 1):  ep groups {0,1} {2,3};  expert-data groups {0,2} {1,3}
 
-Demo: `torchrun --nproc_per_node 4 topology.py --tp 2` (or `--ep 2`, `--cp 2`) prints each rank's coordinates and
-groups.
+Demo: `torchrun --nproc_per_node 4 topology.py --tp 2` (or `--ep 2`, `--cp 2`) prints each rank's
+coordinates and groups.
 """
 import argparse
 
@@ -41,10 +47,11 @@ reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.red
 
 
 def rank0_token(lockstep):
-    """For ranks that generate in lockstep (under tp, ZeRO-3 or ep each forward is a collective needing them all):
-    a function making each chosen token rank 0's, broadcast over the world; None for a rank generating alone.
-    Their logits agree only up to the last bits of reductions in another order: enough to flip an argmax or a
-    draw, and then one rank stops at end-of-text while the others wait in the next collective for ever."""
+    """For ranks that generate in lockstep (under tp, ZeRO-3 or ep each forward is a collective
+    needing them all): a function making each chosen token rank 0's, broadcast over the world; None
+    for a rank generating alone. Their logits agree only up to the last bits of reductions in
+    another order: enough to flip an argmax or a draw, and then one rank stops at end-of-text while
+    the others wait in the next collective for ever."""
     if not lockstep:
         return None
 
@@ -55,7 +62,8 @@ def rank0_token(lockstep):
 
 
 class TopologyError(ValueError):
-    """An impossible layout: the message is the one line the user sees, before any group is built."""
+    """An impossible layout: the message is the one line the user sees, before any group is
+    built."""
 
 
 def check_layout(world, tp=1, pp=1, ep=1, cp=1):
@@ -119,7 +127,8 @@ class Topology:
                             for e in range(ep):
                                 self._maybe_keep("expert_dp", [self.rank_of(d, p, t, c)
                                                                for d in range(e, self.dp, ep)])
-        if cp == 1:  # one way to name the gradient-reduction group, whether or not the sequence is split
+        # one way to name the gradient-reduction group, whether or not the sequence is split
+        if cp == 1:
             self.dp_cp_group, self.dp_cp_ranks = self.dp_group, self.dp_ranks
 
     def _maybe_keep(self, axis, ranks):

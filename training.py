@@ -7,22 +7,23 @@ the data-parallel wrapper and optimizer): one step's forward and backward, evalu
 set-up, step, log/eval/save, finish, with one place each for saving, resuming, logging a record and
 the end-of-run barrier.
 
-Nothing silent: every flag's value is checked before any work (a bad one is one line and exit status 2), and a
-run that cannot train (amp.py's DivergenceGuard: the loss or gradients inf/nan for 8 steps in a row, fp16's loss
-scale below 1) stops on every rank at the same step with its likely cause, exit status 3; a checkpoint is never
-written over the last good one while the loss is not finite.
+Nothing silent: every flag's value is checked before any work (a bad one is one line and exit status
+2), and a run that cannot train (amp.py's DivergenceGuard: the loss or gradients inf/nan for 8 steps
+in a row, fp16's loss scale below 1) stops on every rank at the same step with its likely cause,
+exit status 3; a checkpoint is never written over the last good one while the loss is not finite.
 
-The loss of a step, whatever the task and the layout: labels of -100 take no loss (SFT's prompts and padding;
-in pretraining every token is labelled), and
+The loss of a step, whatever the task and the layout: labels of -100 take no loss (SFT's prompts and
+padding; in pretraining every token is labelled), and
 
     loss = sum over the step's labelled tokens of -log p(label)  /  labelled tokens of the whole global batch
 
-(all data-parallel ranks, all accumulation micro-steps, all pipeline micro-batches). Every rank counts the labels
-of its own micro-batches from y (all tp and pp ranks of a data-parallel replica see the same batch); one
-all-reduce over the dp group of two numbers gives the global count. A per-micro-batch mean instead would weight a
-token of a micro-batch with few labels more than one of a full micro-batch. ddp.py and zero.py average gradients
-over the dp ranks, so each rank back-propagates its share multiplied by dp: their average is the global loss's
-gradient. The pipeline's last stage computes the same sum (pipeline.py, loss_div).
+(all data-parallel ranks, all accumulation micro-steps, all pipeline micro-batches). Every rank
+counts the labels of its own micro-batches from y (all tp and pp ranks of a data-parallel replica
+see the same batch); one all-reduce over the dp group of two numbers gives the global count. A
+per-micro-batch mean instead would weight a token of a micro-batch with few labels more than one of
+a full micro-batch. ddp.py and zero.py average gradients over the dp ranks, so each rank
+back-propagates its share multiplied by dp: their average is the global loss's gradient. The
+pipeline's last stage computes the same sum (pipeline.py, loss_div).
 
 Run: not on its own; `python pretrain.py` and `python sft.py` are its two front ends.
 """
@@ -51,11 +52,12 @@ from stack import build_training
 from topology import Topology
 
 
-# ------------------------------------------------------------------------------------------- one step
+# ----------------------------------------------------------------------------------------- one step
 def global_counts(micro_batches, topo, device):
-    """(tokens, labelled tokens) of the global batch, float64 0-dim tensors on the device: this rank's rows counted
-    on the host, where the batch is, summed over dp on the device (nothing waits for the GPU). A micro-batch is
-    (x, y), or (x, y, {"pos": ..., "doc": ...}) for packed rows (model.py's extra inputs)."""
+    """(tokens, labelled tokens) of the global batch, float64 0-dim tensors on the device: this
+    rank's rows counted on the host, where the batch is, summed over dp on the device (nothing waits
+    for the GPU). A micro-batch is (x, y), or (x, y, {"pos": ..., "doc": ...}) for packed rows
+    (model.py's extra inputs)."""
     ys = [mb[1] for mb in micro_batches]
     n = torch.stack([torch.tensor(sum(y.numel() for y in ys), dtype=torch.float64),
                      sum((y != -100).sum() for y in ys).double()])
@@ -66,49 +68,54 @@ def global_counts(micro_batches, topo, device):
 
 
 def to_device(t, device):
-    """A host tensor on the device; on CUDA from pinned memory, non_blocking: as a step never waits for the GPU, the
-    host loads and queues the next step's batch while the GPU still runs this one (a one-step prefetch)."""
+    """A host tensor on the device; on CUDA from pinned memory, non_blocking: as a step never waits
+    for the GPU, the host loads and queues the next step's batch while the GPU still runs this one
+    (a one-step prefetch)."""
     if torch.device(device).type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
 
 def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, no_sync=None, n_labels=None):
-    """Forward and backward of one optimizer step's micro-batches: each rank back-propagates its labelled tokens'
-    summed loss / (the global batch's labelled tokens `n_labels` / dp), and returns it (float64): the mean over
-    the dp ranks, of it and of its gradients (ddp.py, zero.py), is the step's loss. Only the last micro-batch's
-    backward communicates over dp (no_sync). Under --cp each rank computes the loss of its zigzag chunks of the
-    rows: dp x cp takes dp's place in the divisor and in the averages, while n_labels stays the count of the
-    whole rows (every cp rank holds them) summed over dp."""
+    """Forward and backward of one optimizer step's micro-batches: each rank back-propagates its
+    labelled tokens' summed loss / (the global batch's labelled tokens `n_labels` / dp), and returns
+    it (float64): the mean over the dp ranks, of it and of its gradients (ddp.py, zero.py), is the
+    step's loss. Only the last micro-batch's backward communicates over dp (no_sync). Under --cp
+    each rank computes the loss of its zigzag chunks of the rows: dp x cp takes dp's place in the
+    divisor and in the averages, while n_labels stays the count of the whole rows (every cp rank
+    holds them) summed over dp."""
     if n_labels is None:
         _, n_labels = global_counts(micro_batches, topo, device)
     per_rank = torch.as_tensor(n_labels, dtype=torch.float64).clamp(min=1.0) / (topo.dp * topo.cp)
-    if topo.pp > 1:  # the last stage sums its micro-batches' losses / per_rank (pipeline.py: a number, one read)
+    # the last stage sums its micro-batches' losses / per_rank (pipeline.py: a number, one read)
+    if topo.pp > 1:
         return pipeline.run_pipeline(model, micro_batches, topo, schedule, loss_div=per_rank.item(),
                                      scale_loss=scale_loss, no_sync=no_sync)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, (x, y, *packing) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        x, y, kw = context_parallel.split_batch(x, y, topo)  # this cp rank's tokens (the whole rows without --cp)
+        # this cp rank's tokens (the whole rows without --cp)
+        x, y, kw = context_parallel.split_batch(x, y, topo)
         with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
             _, loss = model(to_device(x, device), to_device(y, device), reduction="sum",
                             **on(device, packing or [kw]))
             loss = loss / per_rank.to(loss.dtype)
-            # MoE layers left their balancing loss behind in this forward (0 for a dense model); it trains the
-            # routers but is not part of the language-modelling loss that is logged.
+            # MoE layers left their balancing loss behind in this forward (0 for a dense model); it
+            # trains the routers but is not part of the language-modelling loss that is logged.
             scale_loss(loss + moe.aux_loss(model) / len(micro_batches)).backward()
         loss_sum += loss.detach().double()
     return loss_sum
 
 
 def on(device, packing):
-    """The packed rows' extra inputs (pos, doc) on the device, as keyword arguments of the model. (Under --cp,
-    [split_batch's positions] instead: --pack and --cp are never both on.)"""
+    """The packed rows' extra inputs (pos, doc) on the device, as keyword arguments of the model.
+    (Under --cp, [split_batch's positions] instead: --pack and --cp are never both on.)"""
     return {k: to_device(v, device) for k, v in packing[0].items()} if packing else {}
 
 
 def mean_over_dp(x, topo):
-    """The mean of a per-rank scalar over the data-parallel group, x cp under --cp (for logging the loss)."""
+    """The mean of a per-rank scalar over the data-parallel group, x cp under --cp (for logging the
+    loss)."""
     if topo.dp * topo.cp == 1:
         return x
     x = x.clone()
@@ -118,9 +125,9 @@ def mean_over_dp(x, topo):
 
 @torch.no_grad()
 def evaluate(model, batches, device, topo, microbatches):
-    """Mean loss per labelled token over held-out batches (each dp rank holds the same number of them; the
-    sums and counts are added over the ranks, then divided). Under pipeline parallelism the stages run their
-    forwards only, each batch cut into micro-batches as in training."""
+    """Mean loss per labelled token over held-out batches (each dp rank holds the same number of
+    them; the sums and counts are added over the ranks, then divided). Under pipeline parallelism
+    the stages run their forwards only, each batch cut into micro-batches as in training."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y, *packing in batches:
@@ -148,7 +155,7 @@ def lr_at(step, optim, max_steps):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-# ------------------------------------------------------------------------------------------- checkpoints
+# -------------------------------------------------------------------------------------- checkpoints
 def layout_of(lay, world):
     """The layout a checkpoint records (lay: flags.Layout)."""
     layout = {"dp": world // (lay.tp * lay.pp * lay.cp), "pp": lay.pp, "tp": lay.tp}
@@ -160,10 +167,11 @@ def layout_of(lay, world):
 
 
 def read_checkpoint(settings, rank):
-    """Start or resume (checkpoint.py): the meta.json of the newest complete step in --out, with its folder under
-    "dir", or None to start fresh. Called before any process group exists, so that a problem is one line. Rank 0
-    locks --out first (launch.lock_run: one run per folder), and again after --fresh moved the old run aside
-    (the lock file went with it); --fresh on a folder that held nothing but the lock file moves nothing."""
+    """Start or resume (checkpoint.py): the meta.json of the newest complete step in --out, with its
+    folder under "dir", or None to start fresh. Called before any process group exists, so that a
+    problem is one line. Rank 0 locks --out first (launch.lock_run: one run per folder), and again
+    after --fresh moved the old run aside (the lock file went with it); --fresh on a folder that
+    held nothing but the lock file moves nothing."""
     out = Path(settings.out)
     fresh = settings.fresh and out.exists() and any(p.name != ".lock" for p in out.iterdir())
     if rank == 0:
@@ -175,10 +183,11 @@ def read_checkpoint(settings, rank):
     return found and found[1] | {"dir": found[0]}
 
 
-# What makes a run the same run: a checkpoint is resumed only under these settings (and the same model, data and
-# tokenizer); the layout (world size, --tp, --pp, --ep, --cp, --zero, --grad-accum, --microbatches) may change.
-# Every flag that changes what a step computes is here (sft.py's --no-prompt-mask and --pack too); the run's length
-# (max_steps) is compared apart: it may grow or shrink on a resume, which moves the end of the schedule.
+# What makes a run the same run: a checkpoint is resumed only under these settings (and the same
+# model, data and tokenizer); the layout (world size, --tp, --pp, --ep, --cp, --zero, --grad-accum,
+# --microbatches) may change. Every flag that changes what a step computes is here (sft.py's
+# --no-prompt-mask and --pack too); the run's length (max_steps) is compared apart: it may grow or
+# shrink on a resume, which moves the end of the schedule.
 SAME_RUN = ("batch_size", "seq_len", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
             "amp", "seed", "data", "experts", "topk", "moe_layers", "capacity_factor", "aux_loss_weight",
             "no_prompt_mask", "pack")
@@ -220,9 +229,10 @@ def change_length(cfg, ckpt, max_steps):
 
 
 def save(run):
-    """One folder per step: every rank writes the pieces it is the first holder of (checkpoint.py); rank 0 the
-    index with what the loop needs back. Every rank returns once the step is complete on disk. Not while the loss
-    is inf/nan: a diverged state never replaces the last good checkpoint."""
+    """One folder per step: every rank writes the pieces it is the first holder of (checkpoint.py);
+    rank 0 the index with what the loop needs back. Every rank returns once the step is complete on
+    disk. Not while the loss is inf/nan: a diverged state never replaces the last good
+    checkpoint."""
     if not run.guard.healthy:  # (the same on every rank: the guard sees values they all agree on)
         log(run, {"step": run.step, "not_saved": "loss not finite"}, f"step {run.step:5d} | not saved: the loss is "
             f"not finite (last good checkpoint: {describe_last_good(run)})")
@@ -234,9 +244,11 @@ def save(run):
 
 
 def resume(run, ckpt):
-    """Onto this layout, whatever the saved one (checkpoint.py); metrics.jsonl drops the records past the step."""
-    # The run's folder, not only the step find_resume chose: a step whose files turn out damaged (every rank checks
-    # the CRC-32 of its share) falls back to the previous one, on every rank, with a warning line.
+    """Onto this layout, whatever the saved one (checkpoint.py); metrics.jsonl drops the records
+    past the step."""
+    # The run's folder, not only the step find_resume chose: a step whose files turn out damaged
+    # (every rank checks the CRC-32 of its share) falls back to the previous one, on every rank,
+    # with a warning line.
     saved = checkpoint.load(run.out, run.model, run.opt, run.topo)
     run.batches.load_state_dict(saved["data"])
     run.step = run.last_good = saved["step"]
@@ -247,7 +259,7 @@ def barrier(run):  # the end of a save, and of the run
         dist.barrier()
 
 
-# ------------------------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------------------- the loop
 @dataclass
 class Run:
     """Everything the loop carries from step to step."""
@@ -255,12 +267,15 @@ class Run:
     topo: Topology
     device: torch.device
     model: torch.nn.Module            # this rank's piece of the model (parameters, state dict)
-    module: torch.nn.Module           # what forward is called on (the model, or its ddp/zero wrapper, compiled)
+    # what forward is called on (the model, or its ddp/zero wrapper, compiled)
+    module: torch.nn.Module
     opt: object
-    batches: object                   # .next() -> [(x, y)] micro-batches; state_dict()/load_state_dict()
+    # .next() -> [(x, y)] micro-batches; state_dict()/load_state_dict()
+    batches: object
     val: list                         # [(x, y)] held-out batches of this rank
     max_steps: int
-    meta: dict                        # what else a checkpoint records (tokenizer, model_config, lora, ...)
+    # what else a checkpoint records (tokenizer, model_config, lora, ...)
+    meta: dict
     fpt: float                        # training FLOPs per token (for MFU)
     peak: float                       # peak FLOP/s of all the devices together
     zero: int = 0                     # the ZeRO stage in use (0 on one data-parallel rank)
@@ -271,11 +286,15 @@ class Run:
     val_losses: list = field(default_factory=list)
     metrics: object = None
     t_last: float = 0.0
-    t_start: float = 0.0              # perf_counter at this invocation's start, less the elapsed time resumed
-    tokens_since: object = 0.0        # (padding included) since the last log line, all ranks (a device tensor
+    # perf_counter at this invocation's start, less the elapsed time resumed
+    t_start: float = 0.0
+    # (padding included) since the last log line, all ranks (a device tensor
+    tokens_since: object = 0.0
     labels_since: object = 0.0        # between log lines)
-    pending: list = field(default_factory=list)  # the records of the steps not read back yet (read_pending)
-    guard: DivergenceGuard = field(default_factory=DivergenceGuard)  # stops a run that cannot train (amp.py)
+    # the records of the steps not read back yet (read_pending)
+    pending: list = field(default_factory=list)
+    # stops a run that cannot train (amp.py)
+    guard: DivergenceGuard = field(default_factory=DivergenceGuard)
     last_good: int = None             # the step of the newest checkpoint saved with a finite loss
 
 
@@ -286,7 +305,8 @@ def start(cfg, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=Non
         cfg = replace(cfg, optim=replace(cfg.optim, warmup_steps=min(100, max(1, max_steps // 10))))
     dtype = next(model.parameters()).dtype
     module, opt = build_training(model, cfg, dtype, topo)
-    # The pipeline calls the stage itself (ddp.py's and zero.py's hooks live on its parameters and modules).
+    # The pipeline calls the stage itself (ddp.py's and zero.py's hooks live on its parameters and
+    # modules).
     peak = peak_flops(device, dtype, gpu) * topo.world  # MFU of all devices together
     module = torch.compile(module) if cfg.settings.compile else module
     run = Run(cfg, topo, device, model, model if topo.pp > 1 else module, opt, batches, val,
@@ -296,7 +316,8 @@ def start(cfg, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=Non
         resume(run, ckpt)
     if run.rank0:
         run.out.mkdir(parents=True, exist_ok=True)
-        # One history: the records past the resumed step are dropped; its elapsed time goes on from theirs.
+        # One history: the records past the resumed step are dropped; its elapsed time goes on from
+        # theirs.
         elapsed = checkpoint.truncate_metrics(run.out / "metrics.jsonl", run.step if ckpt else -1)
         run.t_start = time.perf_counter() - elapsed
         run.metrics = open(run.out / "metrics.jsonl", "a")
@@ -322,8 +343,8 @@ def describe_layout(run):
 
 
 def log(run, record, line):
-    """One record to metrics.jsonl (with the wall-clock time and the run's elapsed seconds, over every
-    invocation that built it) and one line to the terminal, from rank 0."""
+    """One record to metrics.jsonl (with the wall-clock time and the run's elapsed seconds, over
+    every invocation that built it) and one line to the terminal, from rank 0."""
     if run.rank0:
         record = record | {"time": round(time.time(), 3), "elapsed": round(time.perf_counter() - run.t_start, 3)}
         run.metrics.write(json.dumps(record) + "\n")
@@ -332,7 +353,8 @@ def log(run, record, line):
 
 
 def train_step(run):
-    """One optimizer step: the learning rate, forward and backward, the expert gradients, the update."""
+    """One optimizer step: the learning rate, forward and backward, the expert gradients, the
+    update."""
     lr = lr_at(run.step, run.cfg.optim, run.max_steps)
     for g in run.opt.param_groups:
         g["lr"] = lr
@@ -340,21 +362,24 @@ def train_step(run):
     tokens, labels = global_counts(micro_batches, run.topo, run.device)
     loss = forward_backward(run.module, micro_batches, run.topo, run.cfg.layout.pp_schedule,
                             run.opt.scale_loss, run.device, run.opt.no_sync, labels)
-    if run.topo.ep > 1:  # expert gradients: summed over their replicas, / dp (moe.py); dense ones are done
+    # expert gradients: summed over their replicas, / dp (moe.py); dense ones are done
+    if run.topo.ep > 1:
         moe.reduce_expert_grads(run.model, run.topo.dp, run.topo.expert_dp_group)
     grad_norm, skipped = run.opt.step(run.cfg.optim.grad_clip, read=False)
     run.opt.zero_grad()
     run.step += 1
     loss = mean_over_dp(loss, run.topo)  # the global batch's loss, the same on every rank
-    # Kept on the device, read at the next log (read_pending): each read would wait for the GPU to finish.
+    # Kept on the device, read at the next log (read_pending): each read would wait for the GPU to
+    # finish.
     run.tokens_since = run.tokens_since + tokens
     run.labels_since = run.labels_since + labels
     return {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
 
 
 def read_pending(run):
-    """One host read of the losses, gradient norms and skips of the steps since the last (alike on every rank); the
-    guard checks each in order, so a run that cannot train stops here, on every rank. Its reason, or None."""
+    """One host read of the losses, gradient norms and skips of the steps since the last (alike on
+    every rank); the guard checks each in order, so a run that cannot train stops here, on every
+    rank. Its reason, or None."""
     recs, run.pending = run.pending, []
     if not recs:
         return None
@@ -375,8 +400,10 @@ def log_step(run, rec):
     dt = time.perf_counter() - run.t_last
     run.tokens_since, run.labels_since = float(run.tokens_since), float(run.labels_since)
     tps = run.tokens_since / dt
-    if run.device.type == "cpu":  # the CPU's peak was measured (estimate.peak_flops); a run faster than it has
-        run.peak = max(run.peak, tps * run.fpt)  # measured a higher one, so MFU never reads above 100%
+    # the CPU's peak was measured (estimate.peak_flops); a run faster than it has
+    if run.device.type == "cpu":
+        # measured a higher one, so MFU never reads above 100%
+        run.peak = max(run.peak, tps * run.fpt)
     rec.update(tokens_per_s=tps, labelled_tokens_per_s=run.labels_since / dt, mfu=tps * run.fpt / run.peak,
                peak_mem_mb=peak_memory_mb(run.device))
     scaler = run.opt.scaler
@@ -404,7 +431,8 @@ def evaluate_now(run):
 
 
 def train_loop(run):
-    """Evaluate at step 0; step; log, evaluate (and at the end), save (and when this invocation stops)."""
+    """Evaluate at step 0; step; log, evaluate (and at the end), save (and when this invocation
+    stops)."""
     settings = run.cfg.settings
     if run.step == 0:
         evaluate_now(run)
@@ -429,7 +457,8 @@ def train_loop(run):
             evaluate_now(run)
         if run.step % settings.save_every == 0 or run.step == stop_at:
             save(run)
-        run.t_last += time.perf_counter() - t_pause  # evaluation and saving are not training throughput
+        # evaluation and saving are not training throughput
+        run.t_last += time.perf_counter() - t_pause
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if run.step < run.max_steps and run.rank0:
@@ -445,11 +474,12 @@ def clock(seconds):
 
 
 def interrupted(run, how):
-    """Ctrl-C (SIGINT, sent by a terminal to every process of the job) or SIGTERM (a scheduler's stop): one line
-    from rank 0 and exit status 130 at once, on every rank, wherever it is. Nothing is lost by not finishing
-    the step: a checkpoint folder appears only complete (checkpoint.py) and metrics.jsonl keeps the records up
-    to the step resumed. Exiting now, rather than at the end of the step, is what keeps ranks that would reach
-    that end at different moments from waiting forever in a collective for one that has left."""
+    """Ctrl-C (SIGINT, sent by a terminal to every process of the job) or SIGTERM (a scheduler's
+    stop): one line from rank 0 and exit status 130 at once, on every rank, wherever it is. Nothing
+    is lost by not finishing the step: a checkpoint folder appears only complete (checkpoint.py) and
+    metrics.jsonl keeps the records up to the step resumed. Exiting now, rather than at the end of
+    the step, is what keeps ranks that would reach that end at different moments from waiting
+    forever in a collective for one that has left."""
     if run.rank0:
         resume_from = f"step {run.last_good}" if run.last_good is not None else "the start (no checkpoint yet)"
         print(f"\nstopped {how} at step {run.step}; rerun the same command to continue from {resume_from}",
@@ -464,8 +494,8 @@ def describe_last_good(run):
 
 
 def stop_run(prog, e):
-    """A run that cannot train (TrainingStopped, raised on every rank at the same step): its reason in one line
-    from the first rank, exit status 3 (2 is a bad input)."""
+    """A run that cannot train (TrainingStopped, raised on every rank at the same step): its reason
+    in one line from the first rank, exit status 3 (2 is a bad input)."""
     if os.environ.get("RANK", "0") == "0":
         print(f"{prog}: stopped: {e}", file=sys.stderr, flush=True)
     if dist.is_initialized():

@@ -35,10 +35,10 @@ from model import config_dict
 
 # ----------------------------------------------------------------------------- the whole model
 class SavedWeights(Mapping):
-    """A step folder's parameters by full name, assembled only when asked: [name] one whole tensor, box(name, box)
-    only a block of it. Each rank file is memory-mapped, so only the pages of the pieces a block overlaps are
-    read. For each parameter, the first of `kinds` saved for it (by default the fp32 master where there is one,
-    else the weights)."""
+    """A step folder's parameters by full name, assembled only when asked: [name] one whole tensor,
+    box(name, box) only a block of it. Each rank file is memory-mapped, so only the pages of the
+    pieces a block overlaps are read. For each parameter, the first of `kinds` saved for it (by
+    default the fp32 master where there is one, else the weights)."""
 
     def __init__(self, d, meta, kinds=("master", "param")):
         self.d, by_name, self.saved = Path(d), {}, {}
@@ -62,7 +62,8 @@ class SavedWeights(Mapping):
         return len(self.saved)
 
     def box(self, name, box):
-        """Block `box` ([start, length] per dimension) of the whole tensor `name`, copied from the pieces."""
+        """Block `box` ([start, length] per dimension) of the whole tensor `name`, copied from the
+        pieces."""
         kind, saved = self.saved[name]
         out = torch.empty([n for _, n in box], dtype=saved[0][0].dtype)
         n = sum(copy_overlap(out.view(-1), rects(box, [0, out.numel()]), t, rects(r["box"], r["flat"]))
@@ -79,8 +80,9 @@ def full_state_dict(d, meta, kinds=("master", "param")):
 
 
 def read_box(weights, name, shape, box):
-    """Block `box` ([start, length] per dimension) of the whole tensor `name` (of `shape`) of `weights`: a state
-    dict (memory-mapped, as load_weights gives it: only the block's pages are read) or SavedWeights. A copy."""
+    """Block `box` ([start, length] per dimension) of the whole tensor `name` (of `shape`) of
+    `weights`: a state dict (memory-mapped, as load_weights gives it: only the block's pages are
+    read) or SavedWeights. A copy."""
     if name not in weights:
         raise CheckpointError(f"the weights have no {name} (another model?)")
     have = weights.shapes[name] if isinstance(weights, SavedWeights) else weights[name].shape
@@ -97,7 +99,8 @@ def _order(name):  # the model's own order: embedding, blocks by number, norm, h
 
 
 def newest_whole(path):
-    """The newest complete step under `path` with every file's CRC-32 right (reads them all): (folder, meta)."""
+    """The newest complete step under `path` with every file's CRC-32 right (reads them all):
+    (folder, meta)."""
     d, meta, skipped = find(path, crc=True)
     if d is None:
         raise CheckpointError(f"no complete checkpoint in {path}" + (f" ({skipped[0]})" if skipped else ""))
@@ -107,8 +110,9 @@ def newest_whole(path):
 
 
 def merged(sd, lora_config):
-    """A LoRA run's weights as a plain model's: W + (alpha/r) B A for every adapted layer, the factors dropped (what
-    --init, export-hf and generation take; sft.py's merged.pt holds the same)."""
+    """A LoRA run's weights as a plain model's: W + (alpha/r) B A for every adapted layer, the
+    factors dropped (what --init, export-hf and generation take; sft.py's merged.pt holds the
+    same)."""
     if not lora_config:
         return sd
     scaling = lora_config["alpha"] / lora_config["r"]
@@ -126,8 +130,9 @@ def whole_model(d, meta):
 
 
 def consolidate(src, dst):
-    """One whole-model file: {"model": state dict, "model_config", "tokenizer", "args", "step"} (what --init
-    reads; "args" are the training run's flags, e.g. its --experts). A LoRA run's adapters are merged in."""
+    """One whole-model file: {"model": state dict, "model_config", "tokenizer", "args", "step"}
+    (what --init reads; "args" are the training run's flags, e.g. its --experts). A LoRA run's
+    adapters are merged in."""
     d, meta = newest_whole(src)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": whole_model(d, meta), "model_config": meta["model_config"],
@@ -143,12 +148,13 @@ def save_checkpoint(path, state):
 
 
 def load_weights(path):
-    """Whole weights from what a user may hand over: a run's folder (its newest complete step), a step folder,
-    a consolidated file, or a Hugging Face Llama folder. Returns {"model": state dict, "model_config": dict
-    (model.config_dict's form), "tokenizer", "args": the flags of the run that trained it (empty for a Hugging
-    Face folder), "special_ids": {"bos", "eos", "pad"} (special_ids)}. Nothing is read yet: the state dict's
-    tensors are memory-mapped from the file (SavedWeights for a folder), so a rank that takes its blocks
-    (read_box) reads only their pages."""
+    """Whole weights from what a user may hand over: a run's folder (its newest complete step), a
+    step folder, a consolidated file, or a Hugging Face Llama folder. Returns {"model": state dict,
+    "model_config": dict (model.config_dict's form), "tokenizer", "args": the flags of the run that
+    trained it (empty for a Hugging Face folder), "special_ids": {"bos", "eos", "pad"}
+    (special_ids)}. Nothing is read yet: the state dict's tensors are memory-mapped from the file
+    (SavedWeights for a folder), so a rank that takes its blocks (read_box) reads only their
+    pages."""
     p = Path(path)
     if p.is_dir() and (p / "config.json").exists():
         return import_hf(p)
@@ -161,7 +167,8 @@ def load_weights(path):
     elif not p.is_file():
         raise CheckpointError(f"{path}: no such file or folder (a run's --out, a consolidated file or an HF folder)")
     else:
-        ckpt = safe_load(p)  # (memory-mapped; weights_only: a file that would run code when unpickled is refused)
+        # (memory-mapped; weights_only: a file that would run code when unpickled is refused)
+        ckpt = safe_load(p)
         try:
             assert all(torch.is_tensor(t) for t in ckpt["model"].values()) and isinstance(ckpt["model_config"], dict)
             init = {"model": ckpt["model"], "model_config": ckpt["model_config"], "tokenizer": ckpt["tokenizer"],

@@ -1,8 +1,10 @@
-"""zero.py: ZeRO (Rajbhandari et al., 2020): data parallelism in which no rank keeps what another one has.
+"""zero.py: ZeRO (Rajbhandari et al., 2020): data parallelism in which no rank keeps what another
+one has.
 
 The idea: plain data parallelism (ddp.py) keeps a full copy of the model states on every rank. With
-mixed-precision Adam that is 16 bytes per parameter: 2 for the 16-bit weights, 2 for their gradients, and K = 12
-for the fp32 master weights, momentum and variance. ZeRO partitions them over the N_d data-parallel ranks:
+mixed-precision Adam that is 16 bytes per parameter: 2 for the 16-bit weights, 2 for their
+gradients, and K = 12 for the fp32 master weights, momentum and variance. ZeRO partitions them over
+the N_d data-parallel ranks:
 
     stage   what is partitioned                 memory per rank (Psi parameters)   communication per step
     0 DDP   nothing                             2 Psi + 2 Psi + K Psi              all-reduce:          2 Psi
@@ -10,15 +12,15 @@ for the fp32 master weights, momentum and variance. ZeRO partitions them over th
     2       ... and gradients                   2 Psi + (2 + K) Psi / N_d          reduce-scatter + all-gather: 2 Psi
     3       ... and the 16-bit weights          (2 + 2 + K) Psi / N_d              2 all-gathers + reduce-scatter: 3 Psi
 
-(elements sent per rank; a ring reduce-scatter or all-gather moves (N_d - 1)/N_d x Psi, an all-reduce twice that.
-Stage 1 here all-reduces the gradients with ddp.py, reusing its buckets and overlap, hence 3 Psi; DeepSpeed's
-stage 1 reduce-scatters like stage 2.)
+(elements sent per rank; a ring reduce-scatter or all-gather moves (N_d - 1)/N_d x Psi, an
+all-reduce twice that. Stage 1 here all-reduces the gradients with ddp.py, reusing its buckets and
+overlap, hence 3 Psi; DeepSpeed's stage 1 reduce-scatters like stage 2.)
 
-How, here: the trainable parameters are grouped into units (each transformer block, and the root: whatever
-is left, the embedding, final norm and head), and each unit's parameters are laid out in one flat buffer padded
-to a multiple of N_d. Rank r owns the contiguous slice [r S, (r+1) S) of every unit: its fp32 master copy,
-and the optimizer state of that slice (the inner optimizer, AdamW, steps views of it; it is elementwise, so
-stepping slices is stepping the whole). Per step:
+How, here: the trainable parameters are grouped into units (each transformer block, and the root:
+whatever is left, the embedding, final norm and head), and each unit's parameters are laid out in
+one flat buffer padded to a multiple of N_d. Rank r owns the contiguous slice [r S, (r+1) S) of
+every unit: its fp32 master copy, and the optimizer state of that slice (the inner optimizer, AdamW,
+steps views of it; it is elementwise, so stepping slices is stepping the whole). Per step:
   - stage 1: gradients arrive averaged (ddp.py's buckets); each rank steps its slice; the updated slices are
     all-gathered back into the flat 16-bit weights, of which every parameter is a view.
   - stage 2: when a unit's last gradient is ready (a hook in backward), the unit's gradients are
@@ -27,13 +29,15 @@ stepping slices is stepping the whole). Per step:
     before its forward (prefetching the next), freed right after, gathered again for its
     backward, freed once its gradients are reduce-scattered.
 What the stages share (the units, master slices, step, clipping, checkpoints) is ZeroBase; Zero1,
-Zero2 and zero3.Zero3 say only how gradients arrive and how updated slices become the weights.
-The global gradient norm is the square root of the sum over ranks of each slice's squared norm (one
-all-reduce of a scalar; amp.global_grad_norm says which pieces count): used for clipping and, with fp16, as the
-overflow check, non-finite on every rank alike when any rank's gradient overflowed, so all ranks skip together.
+Zero2 and zero3.Zero3 say only how gradients arrive and how updated slices become the weights. The
+global gradient norm is the square root of the sum over ranks of each slice's squared norm (one
+all-reduce of a scalar; amp.global_grad_norm says which pieces count): used for clipping and, with
+fp16, as the overflow check, non-finite on every rank alike when any rank's gradient overflowed, so
+all ranks skip together.
 
-Demo: `torchrun --nproc_per_node 2 zero.py` trains a small bf16 model with each stage and prints, per rank,
-the measured bytes of parameters, gradients and optimizer state next to the formula's prediction.
+Demo: `torchrun --nproc_per_node 2 zero.py` trains a small bf16 model with each stage and prints,
+per rank, the measured bytes of parameters, gradients and optimizer state next to the formula's
+prediction.
 """
 import contextlib
 import math
@@ -384,7 +388,8 @@ if __name__ == "__main__":
             x = batch.chunk(N)[rank]
             _, loss = module(x[:, :-1], x[:, 1:])
             opt.scale_loss(loss).backward()
-            if step == len(data) - 1:  # everything a step needs is held now: weights, gradients, states
+            # everything a step needs is held now: weights, gradients, states
+            if step == len(data) - 1:
                 if stage == 0:
                     states = sum(t.numel() * t.element_size() for m in opt.master_params for t in
                                  [m, *[s for s in opt.optimizer.state[m].values() if s.dim() > 0]])

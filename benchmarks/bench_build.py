@@ -1,4 +1,5 @@
-"""bench_build.py: the memory of building a rank's model, whole-then-cut against meta-then-materialise.
+"""bench_build.py: the memory of building a rank's model, whole-then-cut against
+meta-then-materialise.
 
 Each case is one fresh process that builds rank r of a world-4 layout (a topology of the right
 coordinates and no process group: building communicates nothing) and reports its peak resident
@@ -12,13 +13,14 @@ counted as the model's). Two ways to build:
     meta    stack.build_model: built on the meta device, cut there, only the rank's pieces allocated
             and drawn (its peak: its pieces plus one block of draws)
 
-and the same for --init: the whole state dict read into memory and loaded into the whole model, against the
-file memory-mapped and only this rank's blocks copied out (weights.read_box). ZeRO-3 is not in the picture: its
-shards are cut (zero.py) from the tp/pp/ep piece a rank builds, which is the peak, then freed down to 1/dp.
+and the same for --init: the whole state dict read into memory and loaded into the whole model,
+against the file memory-mapped and only this rank's blocks copied out (weights.read_box). ZeRO-3 is
+not in the picture: its shards are cut (zero.py) from the tp/pp/ep piece a rank builds, which is the
+peak, then freed down to 1/dp.
 
-Run: `nice -n 10 python benchmarks/bench_build.py` (the 1b preset: 1.2B parameters, 4.9 GB in fp32; about 6 GB
-at most in one process at a time, a few minutes on 2 cores). `--init-model gpt2-124m` chooses the preset of the
---init part (its whole file is written to a temporary folder).
+Run: `nice -n 10 python benchmarks/bench_build.py` (the 1b preset: 1.2B parameters, 4.9 GB in fp32;
+about 6 GB at most in one process at a time, a few minutes on 2 cores). `--init-model gpt2-124m`
+chooses the preset of the --init part (its whole file is written to a temporary folder).
 """
 import argparse
 import json
@@ -44,7 +46,8 @@ LAYOUTS = {"tp2pp2": (2, 2), "tp4": (4, 1), "pp4": (1, 4)}
 
 
 def fake_topology(rank, tp, pp):
-    """Rank `rank` of a world of tp x pp (dp 1): its coordinates, and no groups (building never communicates)."""
+    """Rank `rank` of a world of tp x pp (dp 1): its coordinates, and no groups (building never
+    communicates)."""
     pp_rank, tp_rank = divmod(rank, tp)
     return SimpleNamespace(world=tp * pp, rank=rank, tp=tp, pp=pp, ep=1, cp=1, dp=1, tp_rank=tp_rank,
                            pp_rank=pp_rank, ep_rank=0, cp_rank=0, dp_rank=0, expert_dp_rank=0, tp_group=None,
@@ -110,7 +113,8 @@ def main():
           f"{'RSS before MB':>14} {'peak RSS MB':>12} {'peak - before':>14} {'s':>6}", flush=True)
     rows = []
 
-    def case(*argv):  # one process after the other (never two whole models at once); each row when it is done
+    # one process after the other (never two whole models at once); each row when it is done
+    def case(*argv):
         r = run_case(*argv)
         rows.append(r)
         print(f"{r['model']:<10} {r['layout']:<7} {r['rank']:>4} {r['how']:<6} {'file' if r['init'] else '-':<6} "

@@ -1,16 +1,19 @@
-"""bench_dp.py: our ddp.py against torch.nn.parallel.DistributedDataParallel, and our ZeRO-3 (zero.py) against
-torch FSDP2 (torch.distributed.fsdp.fully_shard), on the same model and the same batches.
+"""bench_dp.py: our ddp.py against torch.nn.parallel.DistributedDataParallel, and our ZeRO-3
+(zero.py) against torch FSDP2 (torch.distributed.fsdp.fully_shard), on the same model and the same
+batches.
 
-World size 2, gloo, CPU, fp32, AdamW and gradient clipping at 1.0 in all four. Each implementation runs in
-fresh processes (one thread each), so that the peak resident memory a rank reaches is its own: reported as the
-growth of the peak RSS over the process's footprint before the model is built (weights, gradients, optimizer
-states, activations, communication buffers, allocator slack). Step time: the median of --steps timed steps
-after --warmup; the four runs are repeated --repeats times in turn and each one's fastest median is kept, to
-damp the noise of a shared machine. Throughput ratio = their step time / ours (> 1: ours is faster).
-Goals: throughput at least 0.95x (DDP), 0.9x (ZeRO-3); peak memory at most 1x. A ratio that misses
-its goal is printed as such ("below goal (x0.812 < x0.95)"), and a last line names the pairs.
+World size 2, gloo, CPU, fp32, AdamW and gradient clipping at 1.0 in all four. Each implementation
+runs in fresh processes (one thread each), so that the peak resident memory a rank reaches is its
+own: reported as the growth of the peak RSS over the process's footprint before the model is built
+(weights, gradients, optimizer states, activations, communication buffers, allocator slack). Step
+time: the median of --steps timed steps after --warmup; the four runs are repeated --repeats times
+in turn and each one's fastest median is kept, to damp the noise of a shared machine. Throughput
+ratio = their step time / ours (> 1: ours is faster). Goals: throughput at least 0.95x (DDP), 0.9x
+(ZeRO-3); peak memory at most 1x. A ratio that misses its goal is printed as such ("below goal
+(x0.812 < x0.95)"), and a last line names the pairs.
 
-Run: `make bench`, or `python benchmarks/bench_dp.py --out out/bench/bench_dp.json` (about a minute on 2 cores).
+Run: `make bench`, or `python benchmarks/bench_dp.py --out out/bench/bench_dp.json` (about a minute
+on 2 cores).
 """
 import argparse
 import json

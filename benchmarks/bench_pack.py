@@ -1,14 +1,18 @@
-"""bench_pack.py: sft.py with --pack against padded rows, on the embedded SFT set, one process on CPU.
+"""bench_pack.py: sft.py with --pack against padded rows, on the embedded SFT set, one process on
+CPU.
 
-Both runs fine-tune the same base (the tiny preset, or --model; random weights: speed does not depend on them)
-on the same examples per step (the step's examples are packed, never changed, so both runs take the same steps
-and losses to rounding): padded puts one example per row, padded to the micro-batch's longest; --pack puts
-examples first-fit, longest first, into rows of the context's length with attention blocked between them. Reported: step time (median over the timed
-steps, after warm-up), tokens/s (the tensor's tokens, padding included), response tokens/s (the tokens that
-carry a loss), the padding fraction of each run's batches and the fraction of padding removed, and the ratio
-packed / padded of response tokens per second. Runs are interleaved --repeats times; each keeps its fastest median.
+Both runs fine-tune the same base (the tiny preset, or --model; random weights: speed does not
+depend on them) on the same examples per step (the step's examples are packed, never changed, so
+both runs take the same steps and losses to rounding): padded puts one example per row, padded to
+the micro-batch's longest; --pack puts examples first-fit, longest first, into rows of the context's
+length with attention blocked between them. Reported: step time (median over the timed steps, after
+warm-up), tokens/s (the tensor's tokens, padding included), response tokens/s (the tokens that carry
+a loss), the padding fraction of each run's batches and the fraction of padding removed, and the
+ratio packed / padded of response tokens per second. Runs are interleaved --repeats times; each
+keeps its fastest median.
 
-Run: `python benchmarks/bench_pack.py` (a minute or two on 2 cores; `nice -n 10` on a shared machine).
+Run: `python benchmarks/bench_pack.py` (a minute or two on 2 cores; `nice -n 10` on a shared
+machine).
 """
 import argparse
 import json
@@ -33,7 +37,8 @@ def make_base(folder, preset):
     cfg = replace(PRESETS[preset], vocab_size=pad_vocab(data.get_tokenizer("bytes").n_vocab))
     cfg_dict = asdict(replace(cfg, attn="-", activation_checkpointing=False))
     torch.save({"model": Transformer(cfg).state_dict(), "model_config": cfg_dict, "tokenizer": "bytes"},
-               folder / "model.pt")  # a consolidated checkpoint (weights.py), as sft.py --init reads
+               # a consolidated checkpoint (weights.py), as sft.py --init reads
+               folder / "model.pt")
     return folder / "model.pt"
 
 
@@ -59,8 +64,8 @@ def timed_run(base, out, pack, args):
 
 
 def batch_sizes(base, pack, args):
-    """Tokens in the steps' tensors, tokens of the examples themselves, response tokens (the same examples either
-    way: sft.py's batches with its seed)."""
+    """Tokens in the steps' tensors, tokens of the examples themselves, response tokens (the same
+    examples either way: sft.py's batches with its seed)."""
     init = sft.load_init(base)
     enc, T = data.get_tokenizer(init["tokenizer"]), init["model_config"]["block_size"]
     train_ex, _ = sft.read_examples(None, None)

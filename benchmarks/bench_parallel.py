@@ -1,4 +1,5 @@
-"""bench_parallel.py: our model-parallel compositions against torch's own, on the same model and batches.
+"""bench_parallel.py: our model-parallel compositions against torch's own, on the same model and
+batches.
 
     world 4: our ZeRO-3 (zero.py, dp 2) over our tensor parallelism (tensor_parallel.py, tp 2)
              vs FSDP2 (fully_shard over the dp axis of a 2 x 2 device mesh) over torch's parallelize_module
@@ -7,12 +8,12 @@
     world 2: our 1F1B (pipeline.py, 2 stages, 4 micro-batches)
              vs torch.distributed.pipelining's Schedule1F1B over PipelineStage, the same two stages
 
-gloo, CPU, fp32, AdamW (gradient clipping at 1.0 for the world-4 row, none for the pipeline one: torch's schedule
-leaves it to the user). Each run is fresh processes, one thread each; peak memory is the growth of the peak
-resident set over the process's footprint before the model is built; step time the median of --steps steps
-after --warmup, the slowest rank's; each pair is repeated --repeats times and the fastest kept. Throughput ratio
-= their step time / ours (> 1: ours is faster), printed beside its goal (GOALS; a missed one
-says so, as in bench_dp.py).
+gloo, CPU, fp32, AdamW (gradient clipping at 1.0 for the world-4 row, none for the pipeline one:
+torch's schedule leaves it to the user). Each run is fresh processes, one thread each; peak memory
+is the growth of the peak resident set over the process's footprint before the model is built; step
+time the median of --steps steps after --warmup, the slowest rank's; each pair is repeated --repeats
+times and the fastest kept. Throughput ratio = their step time / ours (> 1: ours is faster), printed
+beside its goal (GOALS; a missed one says so, as in bench_dp.py).
 
 Run: `make bench`, or `python benchmarks/bench_parallel.py --out out/bench/bench_parallel.json`.
 """
@@ -54,9 +55,10 @@ def batches(n, rows):
     return torch.randint(0, CFG.vocab_size, (n, rows, CFG.block_size + 1), generator=g)
 
 
-# ----------------------------------------------------------------------------- world 4: ZeRO-3 x tp 2
+# --------------------------------------------------------------------------- world 4: ZeRO-3 x tp 2
 def zero3_tp(rank, impl):
-    """(step function) for one rank of dp 2 x tp 2; each dp rank takes its half of the global batch."""
+    """(step function) for one rank of dp 2 x tp 2; each dp rank takes its half of the global
+    batch."""
     if impl == "ours":
         topo = Topology(tp=2)
         torch.manual_seed(0)
@@ -76,7 +78,8 @@ def zero3_tp(rank, impl):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))  # tp innermost, as topology.py
+    # tp innermost, as topology.py
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     torch.manual_seed(0)
     model = Transformer(CFG)
     for block in model.blocks:
@@ -102,8 +105,9 @@ def zero3_tp(rank, impl):
 
 
 def clip_dtensor_grads(params, max_norm):
-    """clip_grad_norm_ for FSDP2 over TP: tp-sharded weights live on the 2-D mesh, the norms on its dp axis only,
-    and torch's clip_grad_norm_ cannot stack norms of two meshes; each parameter's norm is made whole first."""
+    """clip_grad_norm_ for FSDP2 over TP: tp-sharded weights live on the 2-D mesh, the norms on its
+    dp axis only, and torch's clip_grad_norm_ cannot stack norms of two meshes; each parameter's
+    norm is made whole first."""
     grads = [p.grad for p in params if p.grad is not None]
     total = sum(g.norm().full_tensor() ** 2 for g in grads) ** 0.5
     coef = min(1.0, max_norm / (total.item() + 1e-6))
@@ -112,9 +116,10 @@ def clip_dtensor_grads(params, max_norm):
     return total
 
 
-# ----------------------------------------------------------------------------- world 2: 1F1B on 2 stages
+# ------------------------------------------------------------------------ world 2: 1F1B on 2 stages
 class StageOutput(nn.Module):
-    """A pipeline.keep_stage stage as torch's pipelining wants it: tensors in, one tensor (or logits) out."""
+    """A pipeline.keep_stage stage as torch's pipelining wants it: tensors in, one tensor (or
+    logits) out."""
 
     def __init__(self, stage):
         super().__init__()

@@ -10,12 +10,13 @@
        2 stages, ring attention over cp 2 (flash), 4 experts over ep 2 (all-to-all), and a run stopped at step 10
        on tp 2 and resumed on ZeRO-3 (another layout), whose step-20 loss must match an uninterrupted run's
 
-MFU is against the datasheet's dense peak of the run's precision (PEAK_BY_PRECISION: fp32 runs use TF32 on CUDA,
-pretrain.py sets it; fp8 doubles bf16's); the training log's own figure is against bf16's whatever the precision.
-Each row is a process group of its own (torchrun and its workers): on its timeout the whole group is killed, the
-next row runs, and the table is printed whatever happened (a crash, Ctrl-C). Rows that need more GPUs than are
-visible say so ("skipped (1 GPU)"), never "pass". About 12 minutes on one H100/H200 (an estimate), Triton's
-autotuning included; more rows run with more GPUs. Each row's output streams to the terminal.
+MFU is against the datasheet's dense peak of the run's precision (PEAK_BY_PRECISION: fp32 runs use
+TF32 on CUDA, pretrain.py sets it; fp8 doubles bf16's); the training log's own figure is against
+bf16's whatever the precision. Each row is a process group of its own (torchrun and its workers): on
+its timeout the whole group is killed, the next row runs, and the table is printed whatever happened
+(a crash, Ctrl-C). Rows that need more GPUs than are visible say so ("skipped (1 GPU)"), never
+"pass". About 12 minutes on one H100/H200 (an estimate), Triton's autotuning included; more rows run
+with more GPUs. Each row's output streams to the terminal.
 """
 import contextlib
 import dataclasses
@@ -35,7 +36,8 @@ import estimate  # noqa: E402  (the peak the training log's MFU divides by)
 # Dense datasheet TFLOP/s per precision (no 2:4 sparsity). fp32 runs on CUDA use TF32 tensor cores.
 PEAK_BY_PRECISION = {"h100": {"fp32": 494.7, "bf16": 989.4, "fp8": 1978.9},
                "h200": {"fp32": 494.7, "bf16": 989.4, "fp8": 1978.9},
-               "a100": {"fp32": 156.0, "bf16": 312.0, "fp8": None}}  # (the A100 has no FP8 tensor cores)
+               # (the A100 has no FP8 tensor cores)
+               "a100": {"fp32": 156.0, "bf16": 312.0, "fp8": None}}
 KILL_GRACE_S = 10  # after SIGTERM, before SIGKILL
 
 
@@ -48,8 +50,8 @@ class Row:
 
 
 def kill_group(proc, grace=KILL_GRACE_S):
-    """SIGTERM to the command's whole process group (torchrun and its workers); `grace` seconds for the leader
-    to exit; then SIGKILL to whatever of the group is left."""
+    """SIGTERM to the command's whole process group (torchrun and its workers); `grace` seconds for
+    the leader to exit; then SIGKILL to whatever of the group is left."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:  # nothing of the group is left
@@ -63,13 +65,15 @@ def kill_group(proc, grace=KILL_GRACE_S):
 
 
 def run(cmd, env=None, timeout=600):
-    """cmd in a session of its own: (exit status, or None when it ran past `timeout` and was killed)."""
+    """cmd in a session of its own: (exit status, or None when it ran past `timeout` and was
+    killed)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         return None
-    finally:  # also after a normal exit: a worker left behind would hold its GPU through the next rows
+    # also after a normal exit: a worker left behind would hold its GPU through the next rows
+    finally:
         kill_group(proc)
 
 
@@ -80,7 +84,8 @@ def status(code, timeout):
 
 
 def run_checks(rows, n_gpus):
-    """Every row in turn; the table at the end, whatever happens. Returns the exit status: 1 if a row failed."""
+    """Every row in turn; the table at the end, whatever happens. Returns the exit status: 1 if a
+    row failed."""
     results = []
     try:
         for row in rows:
@@ -106,7 +111,8 @@ def run_checks(rows, n_gpus):
 
 
 def mfu(rec, gpu, precision):
-    """The log's MFU (against bf16's peak, estimate.PEAK_TFLOPS) against the peak of the run's precision."""
+    """The log's MFU (against bf16's peak, estimate.PEAK_TFLOPS) against the peak of the run's
+    precision."""
     if gpu is None:
         return "MFU n/a (unknown GPU)"
     peak = PEAK_BY_PRECISION[gpu][precision]
@@ -132,7 +138,8 @@ def pretrain_cmd(nproc, out, extra, gpu):
 
 
 def pretrain_row(name, tmp, nproc, extra, gpu, precision="bf16", timeout=300):
-    """A short pretrain.py run on `nproc` GPUs: its figures are tokens/s, MFU and memory of the last window."""
+    """A short pretrain.py run on `nproc` GPUs: its figures are tokens/s, MFU and memory of the last
+    window."""
     def go():
         out = os.path.join(tmp, name.replace(" ", "_").replace(",", ""))
         code = run(pretrain_cmd(nproc, out, ["--amp", precision, *extra], gpu), timeout=timeout)
@@ -145,8 +152,9 @@ def pretrain_row(name, tmp, nproc, extra, gpu, precision="bf16", timeout=300):
 
 
 def resume_row(tmp, gpu, timeout=300):
-    """Steps 1-10 on tp 2, 11-20 resumed on ZeRO-3 over dp 2, against 20 uninterrupted steps on tp 2: the same
-    batches, the same model, so the step-20 losses agree up to bf16's reduction order."""
+    """Steps 1-10 on tp 2, 11-20 resumed on ZeRO-3 over dp 2, against 20 uninterrupted steps on tp
+    2: the same batches, the same model, so the step-20 losses agree up to bf16's reduction
+    order."""
     def go():
         common = ["--amp", "bf16", "--batch-size", "32", "--max-steps", "20", "--save-every", "10"]
         whole, parts = os.path.join(tmp, "resume_whole"), os.path.join(tmp, "resume_parts")

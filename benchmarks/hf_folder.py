@@ -1,15 +1,18 @@
-"""hf_folder.py: a Hugging Face Llama folder of a real model's shape with random weights, for tests and timing.
+"""hf_folder.py: a Hugging Face Llama folder of a real model's shape with random weights, for tests
+and timing.
 
-The project never downloads a model; to measure what fine-tuning, generation and export cost on a pretrained
-model's shape, this writes a folder laid out as the Hub's are (SmolLM2-135M-Instruct's layout):
+The project never downloads a model; to measure what fine-tuning, generation and export cost on a
+pretrained model's shape, this writes a folder laid out as the Hub's are (SmolLM2-135M-Instruct's
+layout):
     config.json              transformers 5's form: rope_parameters {"rope_type", "rope_theta"}, tied embeddings
     generation_config.json   the bos/eos/pad ids
     model.safetensors        model.py's random initialisation under Llama's tensor names, no lm_head (tied)
     tokenizer.json           a byte-level BPE: merges learned (bpe.learn_merges) on this repository's text,
                              <|endoftext|>, <|im_start|>, <|im_end|> added
     tokenizer_config.json    eos <|im_end|> and a ChatML template: <|im_start|>role\\ncontent<|im_end|>\\n per turn
-The weights are random: a run on this folder costs what it would on the real model (same shapes), but its text
-is noise. The tokenizer has a few hundred merges, not the real 49k: the embedding's rows are the real count.
+The weights are random: a run on this folder costs what it would on the real model (same shapes),
+but its text is noise. The tokenizer has a few hundred merges, not the real 49k: the embedding's
+rows are the real count.
 
 Shapes:
     smollm2-135m  SmolLM2-135M's: 30 layers, width 576, 9 heads / 3 KV heads (head 64), MLP 1536, vocab 49152,
@@ -46,14 +49,16 @@ CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
 
 
 def tokenizer_json(n_merges):
-    """A GPT-2-layout byte-level BPE learned on this repository's own text (bpe.py and chat.py: offline)."""
+    """A GPT-2-layout byte-level BPE learned on this repository's own text (bpe.py and chat.py:
+    offline)."""
     root = Path(__file__).resolve().parent.parent
     text = "".join((root / f).read_text(encoding="utf-8") for f in ("bpe.py", "chat.py"))
     return bpe.gpt2_style_json(bpe.learn_merges(text, n_merges), added=SPECIALS)
 
 
 def config_json(shape, dtype):
-    s = dict(SHAPES[shape] if isinstance(shape, str) else shape)  # a name, or a dict of SHAPES' fields
+    # a name, or a dict of SHAPES' fields
+    s = dict(SHAPES[shape] if isinstance(shape, str) else shape)
     theta = s.pop("rope_theta")
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **s, "rms_norm_eps": 1e-5,
             "rope_parameters": {"rope_type": "default", "rope_theta": theta}, "tie_word_embeddings": True,
@@ -62,7 +67,8 @@ def config_json(shape, dtype):
 
 
 def write_hf_folder(out, shape="tiny", n_merges=300, dtype=torch.bfloat16, seed=0):
-    """Writes the folder (see the docstring) and returns its path; shape: a name of SHAPES or such a dict."""
+    """Writes the folder (see the docstring) and returns its path; shape: a name of SHAPES or such a
+    dict."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tj = tokenizer_json(n_merges)
@@ -79,7 +85,8 @@ def write_hf_folder(out, shape="tiny", n_merges=300, dtype=torch.bfloat16, seed=
                       n_kv_head=c["num_key_value_heads"], d_model=c["hidden_size"], d_ff=c["intermediate_size"],
                       vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"])
     sd = Transformer(cfg).state_dict()
-    tensors = {hf.rename(k, hf.TO_HF): v.to(dtype) for k, v in sd.items() if k != "lm_head.weight"}  # tied
+    # tied
+    tensors = {hf.rename(k, hf.TO_HF): v.to(dtype) for k, v in sd.items() if k != "lm_head.weight"}
     hf.write_safetensors(out / "model.safetensors", tensors)
     (out / "config.json").write_text(json.dumps(c, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")

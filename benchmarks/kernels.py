@@ -1,18 +1,20 @@
-"""kernels.py: what ptxas makes of every flash_kernels.py config, for the A100 (sm_80) and the H100/H200 (sm_90a),
-without a GPU: registers per thread, bytes spilled to local memory, shared memory per block, and whether it fits.
+"""kernels.py: what ptxas makes of every flash_kernels.py config, for the A100 (sm_80) and the
+H100/H200 (sm_90a), without a GPU: registers per thread, bytes spilled to local memory, shared
+memory per block, and whether it fits.
 
 Triton compiles for a CUDA target offline: triton.compile(ASTSource(kernel, signature, constants),
-target=GPUTarget("cuda", 90, 32)) runs the whole pipeline (Triton IR, TritonGPU IR, LLVM IR, PTX) and then the
-ptxas bundled with Triton's NVIDIA backend, whose -v log holds the registers and spills; the shared memory is
-Triton's own allocation (metadata.shared). A config fits when nothing spills (a spill is a round trip to local
-memory, i.e. to L1/L2, inside the inner loop) and its shared memory is at most the SM's per-block limit (opt-in
-maximum: 163 KB of the A100's 164, 227 KB of the H100's 228). ptxas never gives a thread more than 255 registers:
-past that it spills. On sm_90a the log also says when wgmma (Hopper's asynchronous tensor-core matmul) had to be
-serialized for want of registers: legal, but slow.
+target=GPUTarget("cuda", 90, 32)) runs the whole pipeline (Triton IR, TritonGPU IR, LLVM IR, PTX)
+and then the ptxas bundled with Triton's NVIDIA backend, whose -v log holds the registers and
+spills; the shared memory is Triton's own allocation (metadata.shared). A config fits when nothing
+spills (a spill is a round trip to local memory, i.e. to L1/L2, inside the inner loop) and its
+shared memory is at most the SM's per-block limit (opt-in maximum: 163 KB of the A100's 164, 227 KB
+of the H100's 228). ptxas never gives a thread more than 255 registers: past that it spills. On
+sm_90a the log also says when wgmma (Hopper's asynchronous tensor-core matmul) had to be serialized
+for want of registers: legal, but slow.
 
-The kernels are compiled as a launch would compile them for bf16 tensors, causal, without documents (16-byte
-aligned pointers, N a multiple of 16), each autotuning candidate at the largest head dim it is kept for
-(flash_kernels.py's *_TILES: 64 for the largest tiles, 128 for the others).
+The kernels are compiled as a launch would compile them for bf16 tensors, causal, without documents
+(16-byte aligned pointers, N a multiple of 16), each autotuning candidate at the largest head dim it
+is kept for (flash_kernels.py's *_TILES: 64 for the largest tiles, 128 for the others).
 
     python benchmarks/kernels.py                    # every config, sm_80 and sm_90a (make kernels; minutes)
     python benchmarks/kernels.py --arch 90 --head-dim 128 --first   # each kernel's first config for D = 128
@@ -28,8 +30,10 @@ import re
 import sys
 import time
 
-os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter (read when Triton is imported)
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default (multiply-adds fused), unwarned
+# compiled kernels, not the interpreter (read when Triton is imported)
+os.environ.pop("TRITON_INTERPRET", None)
+# Triton 3.9's default (multiply-adds fused), unwarned
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
@@ -39,7 +43,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import flash_kernels as fk  # noqa: E402
 
-# compute capability: (ptxas name, shared memory per block, bytes: cudaDevAttrMaxSharedMemoryPerBlockOptin)
+# compute capability: (ptxas name, shared memory per block, bytes:
+# cudaDevAttrMaxSharedMemoryPerBlockOptin)
 ARCHS = {80: ("sm_80", 166912), 90: ("sm_90a", 232448)}
 MAX_REGISTERS = 255
 POINTERS = {"*bf16": ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"), "*fp32": ("LSE", "DELTA"),
@@ -47,8 +52,9 @@ POINTERS = {"*bf16": ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"), "*fp32": ("LS
 FLOATS = ("qk_scale", "sm_scale")
 DIVISIBLE = ("N", "N_BUCKET")  # a sequence length that is a multiple of 16, as in training
 CONSTANTS = dict(CAUSAL=True, DOC=False, PRECISION="tf32")
-# (name, jitted function, tiles (a, b, warps, stages, largest head dim), the names of a and b): flash_kernels'
-# autotuning candidates; the delta kernel's one launch (64 rows, Triton's default 4 warps and 3 stages)
+# (name, jitted function, tiles (a, b, warps, stages, largest head dim), the names of a and b):
+# flash_kernels' autotuning candidates; the delta kernel's one launch (64 rows, Triton's default 4
+# warps and 3 stages)
 KERNELS = [("forward", fk._fwd_kernel.fn, fk.FWD_TILES, ("BLOCK_M", "BLOCK_N")),
            ("dK/dV", fk._bwd_dkdv_kernel.fn, fk.DKDV_TILES, ("BLOCK_N", "BLOCK_M")),
            ("dQ", fk._bwd_dq_kernel.fn, fk.DQ_TILES, ("BLOCK_M", "BLOCK_N")),
@@ -70,8 +76,8 @@ def source(fn, blocks, head_dim):
 
 
 def compile_one(job):
-    """(kernel index, tile index, arch, head dim) -> a row: registers, spill bytes, shared bytes, fits, note,
-    seconds."""
+    """(kernel index, tile index, arch, head dim) -> a row: registers, spill bytes, shared bytes,
+    fits, note, seconds."""
     k, t, arch, head_dim = job
     name, fn, tiles, names = KERNELS[k]
     a, b, warps, stages, _ = tiles[t]
@@ -102,7 +108,8 @@ def ptxas_missing(archs):
         from triton.backends.nvidia.compiler import get_ptxas_version
         for arch in archs:
             get_ptxas_version(arch)
-    except Exception as e:  # (RuntimeError, OSError, CalledProcessError: whichever the lookup raises)
+    # (RuntimeError, OSError, CalledProcessError: whichever the lookup raises)
+    except Exception as e:
         return f"no ptxas for {arch}: {str(e).splitlines()[0][:120]}"
     return None
 

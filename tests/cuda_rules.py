@@ -1,12 +1,14 @@
-"""torch._scaled_mm under the rules its CUDA kernel enforces, for CPU tests (the CPU kernel accepts any shape).
+"""torch._scaled_mm under the rules its CUDA kernel enforces, for CPU tests (the CPU kernel accepts
+any shape).
 
     monkeypatch.setattr(torch, "_scaled_mm", strict_scaled_mm)   # conftest.py does it for every test
 
-The rules, as torch checks them before calling cuBLASLt (aten/src/ATen/native/cuda/Blas.cpp, _scaled_mm_out_cuda,
-tensor-wise scaling): mat1 (M x K) and mat2 (K x N) are FP8 matrices, not both E5M2; K and both dimensions of mat2
-are multiples of 16 (0 included: an empty product returns early), M is free; mat1 is row-major and mat2
-column-major; scale_a and scale_b are fp32 tensors of one element; out_dtype is bf16, fp16, fp32 or FP8. Each
-broken rule raises a RuntimeError whose message starts as CUDA's does.
+The rules, as torch checks them before calling cuBLASLt (aten/src/ATen/native/cuda/Blas.cpp,
+_scaled_mm_out_cuda, tensor-wise scaling): mat1 (M x K) and mat2 (K x N) are FP8 matrices, not both
+E5M2; K and both dimensions of mat2 are multiples of 16 (0 included: an empty product returns
+early), M is free; mat1 is row-major and mat2 column-major; scale_a and scale_b are fp32 tensors of
+one element; out_dtype is bf16, fp16, fp32 or FP8. Each broken rule raises a RuntimeError whose
+message starts as CUDA's does.
 """
 import torch
 

@@ -2,11 +2,12 @@
 
     results = run_distributed(fn, world_size, *args)   # fn(rank, world_size, *args) runs in every process
 
-`refused_before_any_group(...)` runs pretrain.py as rank 0 of a world that does not exist and returns its
-one-line error: reaching init_process_group would hang, so a clean error proves the check came first.
+`refused_before_any_group(...)` runs pretrain.py as rank 0 of a world that does not exist and
+returns its one-line error: reaching init_process_group would hang, so a clean error proves the
+check came first.
 
-fn must be importable (defined at module level in a test file); its return values must pickle (move tensors to
-CPU). An exception in any rank fails the call with that rank's traceback.
+fn must be importable (defined at module level in a test file); its return values must pickle (move
+tensors to CPU). An exception in any rank fails the call with that rank's traceback.
 """
 import os
 import socket
@@ -57,8 +58,8 @@ def run_distributed(fn, world, *args):
 
 
 def refused_before_any_group(tmp_path, capsys, monkeypatch, world, flags):
-    """pretrain.main(flags) as rank 0 of `world` processes of which only this one exists: it must exit 2 with
-    one line on stderr, without building a process group. Returns that line."""
+    """pretrain.main(flags) as rank 0 of `world` processes of which only this one exists: it must
+    exit 2 with one line on stderr, without building a process group. Returns that line."""
     import pytest
 
     import pretrain

@@ -1,5 +1,6 @@
-"""pretrain.py with one worker killed: under torchrun, rank 1 of the first attempt kills itself (SIGKILL, as the
-kernel's OOM killer or a lost node would) at the start of step 6; a restarted attempt runs pretrain.py unchanged.
+"""pretrain.py with one worker killed: under torchrun, rank 1 of the first attempt kills itself
+(SIGKILL, as the kernel's OOM killer or a lost node would) at the start of step 6; a restarted
+attempt runs pretrain.py unchanged.
 
     torchrun --nproc_per_node 2 --max-restarts 1 tests/killed_worker.py --max-steps 8 --save-every 2 ...
 """

@@ -102,14 +102,16 @@ def test_bf16_and_fp16_track_fp32():
             opt.zero_grad()
         losses[name] = out
     assert losses["fp32"][-1] < losses["fp32"][0] - 0.3
-    for name in ("bf16", "fp16"):  # 16-bit rounding moves the curve by far less than training moves it
+    # 16-bit rounding moves the curve by far less than training moves it
+    for name in ("bf16", "fp16"):
         assert max(abs(a - b) for a, b in zip(losses["fp32"], losses[name])) < 0.05
 
 
 def test_fp16_gradient_norm_and_update_equal_fp32s():
-    """One SGD step (no clipping: Adam and clipping are both blind to a constant factor on the gradient) from the
-    same weights in fp32 and in fp16 with its 2^16 loss scale: the reported norm and the master weights' update
-    must be fp32's up to fp16 rounding (measured: 7e-6 and 7e-4 relative), so a gradient left scaled shows."""
+    """One SGD step (no clipping: Adam and clipping are both blind to a constant factor on the
+    gradient) from the same weights in fp32 and in fp16 with its 2^16 loss scale: the reported norm
+    and the master weights' update must be fp32's up to fp16 rounding (measured: 7e-6 and 7e-4
+    relative), so a gradient left scaled shows."""
     torch.manual_seed(1)
     idx = torch.randint(0, CFG.vocab_size, (8, 33))
     norms, updates = {}, {}
@@ -135,7 +137,7 @@ def test_grad_norm_propagates_nan():
     assert float(global_grad_norm([torch.full((4,), 2.0)])) == 4.0
 
 
-# ---------------------------------------------------------------------------------------------- a run that cannot train
+# -------------------------------------------------------------------------- a run that cannot train
 def test_guard_stops_after_k_non_finite_losses_and_forgives_one():
     guard, scaler = DivergenceGuard(patience=3), DynamicLossScaler(enabled=False)
     nan = float("nan")
@@ -152,13 +154,14 @@ def test_guard_stops_after_k_non_finite_losses_and_forgives_one():
 def test_guard_stops_on_k_non_finite_gradients_without_loss_scaling():
     guard, scaler = DivergenceGuard(patience=4), DynamicLossScaler(enabled=False)
     reasons = [guard.check(2.0, math.inf, scaler) for _ in range(4)]
-    assert guard.healthy  # a skipped step leaves the weights as they were: a checkpoint now is still good
+    # a skipped step leaves the weights as they were: a checkpoint now is still good
+    assert guard.healthy
     assert reasons[:3] == [None] * 3 and reasons[3].startswith("the gradient norm was inf for 4 steps in a row")
 
 
 def test_guard_stops_fp16_when_the_loss_scale_falls_below_the_floor():
-    """fp16 overflows in the backward alone are the scaler's job (skip, halve) until the scale is below the floor:
-    from 2^16 with floor 1, the 17th skip in a row."""
+    """fp16 overflows in the backward alone are the scaler's job (skip, halve) until the scale is
+    below the floor: from 2^16 with floor 1, the 17th skip in a row."""
     guard, scaler = DivergenceGuard(patience=100, min_loss_scale=1.0), DynamicLossScaler(enabled=True)
     for i in range(1, 18):
         scaler.update(found_inf=True)

@@ -1,10 +1,11 @@
-"""Every attention call the model makes is one a flash kernel serves on CUDA, so that no layer falls to SDPA's
-math backend and its T x T fp32 scores; and --amp's default is bf16 on CUDA (the flash kernel is 16-bit only).
+"""Every attention call the model makes is one a flash kernel serves on CUDA, so that no layer falls
+to SDPA's math backend and its T x T fp32 scores; and --amp's default is bf16 on CUDA (the flash
+kernel is 16-bit only).
 
-A CPU's flash SDPA takes any dtype and masks, so the CPU alone cannot show a call CUDA would refuse: the test's
-SDPA holds every call to the CUDA flash kernel's conditions (fp16/bf16, no attn_mask; grouped-query attention
-through enable_gqa) before running it under sdpa_kernel([FLASH_ATTENTION]), which raises "No available kernel"
-where no flash kernel fits (on CUDA, the real check)."""
+A CPU's flash SDPA takes any dtype and masks, so the CPU alone cannot show a call CUDA would refuse:
+the test's SDPA holds every call to the CUDA flash kernel's conditions (fp16/bf16, no attn_mask;
+grouped-query attention through enable_gqa) before running it under sdpa_kernel([FLASH_ATTENTION]),
+which raises "No available kernel" where no flash kernel fits (on CUDA, the real check)."""
 from dataclasses import replace
 
 import pytest
@@ -34,7 +35,8 @@ def flash_only_sdpa(calls):
 
 
 def packed_inputs(B=2, T=32):
-    """Rows of three packed examples each: positions restart at every example, doc ids count them."""
+    """Rows of three packed examples each: positions restart at every example, doc ids count
+    them."""
     lengths = [10, 12, 10]
     pos = torch.cat([torch.arange(n) for n in lengths]).repeat(B, 1)
     doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).repeat(B, 1)
@@ -61,14 +63,16 @@ def test_every_attention_call_is_served_by_a_flash_kernel_in_bf16(monkeypatch, n
     loss.backward()
     assert calls == [("flash_attn doc" if packed else "sdpa-flash")] * cfg.n_layer
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    # The same model in float64 on the plain path (masked SDPA on the CPU): bf16's rounding apart, the same loss.
+    # The same model in float64 on the plain path (masked SDPA on the CPU): bf16's rounding apart,
+    # the same loss.
     monkeypatch.setattr(model_lib.F, "scaled_dot_product_attention", REAL_SDPA)
     _, ref_loss = ref(idx, idx, **extra)
     assert abs(loss.double().item() - ref_loss.item()) < 0.02 * ref_loss.item()
 
 
 def test_packed_rows_in_bf16_match_the_masked_path():
-    """The document path and the block-diagonal mask compute the same attention (bf16 inputs, both fp32 inside)."""
+    """The document path and the block-diagonal mask compute the same attention (bf16 inputs, both
+    fp32 inside)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, h, 32, 16).to(torch.bfloat16) for h in (4, 2, 2))
     doc = packed_inputs()["doc"]

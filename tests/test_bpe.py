@@ -1,9 +1,11 @@
-"""bpe.py: a Hugging Face tokenizer folder as a tiktoken Encoding gives the ids a textbook BPE gives.
+"""bpe.py: a Hugging Face tokenizer folder as a tiktoken Encoding gives the ids a textbook BPE
+gives.
 
-Small tokenizer.json files are written here in four styles (GPT-2, Llama 3, Qwen2, SmolLM), from merges learned
-on a small corpus; the reference is written here from the definition: cut out the added tokens, normalise,
-pre-tokenise step by step as the pre-tokenizer's list says (not as one regex), map bytes to GPT-2's characters,
-then merge the adjacent pair of lowest merge rank until none is left."""
+Small tokenizer.json files are written here in four styles (GPT-2, Llama 3, Qwen2, SmolLM), from
+merges learned on a small corpus; the reference is written here from the definition: cut out the
+added tokens, normalise, pre-tokenise step by step as the pre-tokenizer's list says (not as one
+regex), map bytes to GPT-2's characters, then merge the adjacent pair of lowest merge rank until
+none is left."""
 import base64
 import json
 import unicodedata
@@ -33,9 +35,10 @@ TEXTS = {
 CORPUS = "\n".join(list(TEXTS.values()) * 3) + Path(bpe.__file__).read_text(encoding="utf-8")
 
 
-# ------------------------------------------------------------------------------------------- the reference
+# ------------------------------------------------------------------------------------ the reference
 def split_isolated(piece, pattern):
-    """Matches of `pattern` and the text between them, in order (a Split pre-tokenizer, behavior Isolated)."""
+    """Matches of `pattern` and the text between them, in order (a Split pre-tokenizer, behavior
+    Isolated)."""
     out, at = [], 0
     for m in regex.finditer(pattern, piece):
         if m.start() == m.end():
@@ -58,7 +61,8 @@ def pre_tokenize(step, pieces):
 
 
 def reference_bpe(word, merge_rank, vocab, ignore_merges):
-    """The merge loop: while some adjacent pair has a merge, merge the pair of lowest rank (leftmost first)."""
+    """The merge loop: while some adjacent pair has a merge, merge the pair of lowest rank (leftmost
+    first)."""
     if ignore_merges and word in vocab:
         return [vocab[word]]
     parts = list(word)
@@ -94,7 +98,7 @@ def reference_ids(tj, text):
     return ids
 
 
-# ------------------------------------------------------------------------------------------- the fixtures
+# ------------------------------------------------------------------------------------- the fixtures
 MERGES = bpe.learn_merges(CORPUS, 400)
 
 
@@ -137,7 +141,8 @@ def qwen2_style():
 
 
 def smollm_style():
-    """Special tokens first (ids 0..2), then the byte alphabet in character order, then one token per merge."""
+    """Special tokens first (ids 0..2), then the byte alphabet in character order, then one token
+    per merge."""
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     vocab = {t: i for i, t in enumerate(specials)}
     for c in sorted(bpe.bytes_to_unicode().values()):
@@ -152,7 +157,8 @@ def smollm_style():
 
 
 def letters_split_style():
-    """A Split regex that leaves text between its matches (those pieces are kept, as the library keeps them)."""
+    """A Split regex that leaves text between its matches (those pieces are kept, as the library
+    keeps them)."""
     tj = gpt2_style()
     tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": r" ?\p{L}+"}, "behavior": "Isolated", "invert": False},
@@ -178,7 +184,7 @@ def write_folder(folder, tj, **files):
     return folder
 
 
-# ------------------------------------------------------------------------------------------- the tests
+# ---------------------------------------------------------------------------------------- the tests
 @pytest.mark.parametrize("style", STYLES)
 def test_ids_equal_the_textbook_merge_loop(tmp_path, style):
     tj = STYLES[style]()
@@ -194,8 +200,8 @@ def test_ids_equal_the_textbook_merge_loop(tmp_path, style):
 
 
 def test_ignore_merges_takes_a_whole_piece_that_is_a_token(tmp_path):
-    """Llama 3's ignore_merges: a piece that is in the vocabulary is that token, even one that no merge makes;
-    without it, such a token is never produced."""
+    """Llama 3's ignore_merges: a piece that is in the vocabulary is that token, even one that no
+    merge makes; without it, such a token is never produced."""
     tj = llama3_style()
     n = len(tj["model"]["vocab"])
     tj["model"]["vocab"]["Ġzzzz"] = n  # after the merges were listed: none makes it
@@ -209,8 +215,9 @@ def test_ignore_merges_takes_a_whole_piece_that_is_a_token(tmp_path):
 
 
 def test_the_reference_can_tell_them_apart(tmp_path):
-    """The comparison above can fail: the same vocabulary with the pre-tokenizer's list taken as GPT-2's alone
-    (Digits left out) gives other ids on digits, and merge ranks shuffled give other ids on English."""
+    """The comparison above can fail: the same vocabulary with the pre-tokenizer's list taken as
+    GPT-2's alone (Digits left out) gives other ids on digits, and merge ranks shuffled give other
+    ids on English."""
     tj = smollm_style()
     enc = data.get_tokenizer(str(write_folder(tmp_path / "s", tj)))
     tj["pre_tokenizer"] = tj["pre_tokenizer"]["pretokenizers"][1]
@@ -222,8 +229,8 @@ def test_the_reference_can_tell_them_apart(tmp_path):
 
 
 def test_llama3_tiktoken_model_file(tmp_path):
-    """Llama 3's tokenizer.model ("base64 rank" lines) gives the ids of the same vocabulary's tokenizer.json, and
-    Llama 3's special tokens after the vocabulary."""
+    """Llama 3's tokenizer.model ("base64 rank" lines) gives the ids of the same vocabulary's
+    tokenizer.json, and Llama 3's special tokens after the vocabulary."""
     tj = llama3_style()
     (tmp_path / "tokenizer.model").write_text("".join(
         f"{base64.b64encode(bpe.token_bytes(t, '-')).decode()} {i}\n" for t, i in tj["model"]["vocab"].items()))
@@ -232,7 +239,8 @@ def test_llama3_tiktoken_model_file(tmp_path):
     text = "<|begin_of_text|>" + "\n".join(TEXTS.values()) + "<|eot_id|>"
     assert enc.encode(text, allowed_special="all") == reference_ids(tj, text)
     assert enc.encode_single_token("<|eot_id|>") == n + 9 and enc.n_vocab == n + 256
-    assert data.eot_id(enc) == n + 1  # <|end_of_text|>, with no tokenizer_config.json to say otherwise
+    # <|end_of_text|>, with no tokenizer_config.json to say otherwise
+    assert data.eot_id(enc) == n + 1
 
 
 def test_end_of_sequence_comes_from_the_folder(tmp_path):

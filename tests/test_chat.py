@@ -1,6 +1,7 @@
-"""chat.py: a model folder's Jinja chat template renders the conversation, its special tokens encode as their ids,
-and exactly the assistant turns (content and end token) are learned; sft.py fine-tunes a Hugging Face folder
-with it end to end. The expected texts are written out here by hand, not rendered."""
+"""chat.py: a model folder's Jinja chat template renders the conversation, its special tokens encode
+as their ids, and exactly the assistant turns (content and end token) are learned; sft.py fine-tunes
+a Hugging Face folder with it end to end. The expected texts are written out here by hand, not
+rendered."""
 import json
 
 import pytest
@@ -103,8 +104,9 @@ def test_template_list_and_jinja_file(tmp_path):
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path):
-    """Learned spans come from rendering prefixes: a template that renders a turn differently once more follow
-    (here: only the last assistant turn keeps its text) cannot be masked, and says so in one line."""
+    """Learned spans come from rendering prefixes: a template that renders a turn differently once
+    more follow (here: only the last assistant turn keeps its text) cannot be masked, and says so in
+    one line."""
     enc, _ = folder_enc(tmp_path, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] if loop.last else '...' }}"
                                   "<|im_end|>{% endfor %}")
     lines = [{"messages": CHAT}]
@@ -115,10 +117,11 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path):
                                    "differently") and "\n" not in str(e.value)
 
 
-# ------------------------------------------------------------------------------------------- sft.py, end to end
+# ------------------------------------------------------------------------------- sft.py, end to end
 def hf_folder(tmp_path, vocab_size):
-    """A Llama folder as Hugging Face writes one: config.json, model.safetensors (a tiny random model.py model
-    under Llama's names), tokenizer.json (SmolLM style) and tokenizer_config.json with a ChatML template."""
+    """A Llama folder as Hugging Face writes one: config.json, model.safetensors (a tiny random
+    model.py model under Llama's names), tokenizer.json (SmolLM style) and tokenizer_config.json
+    with a ChatML template."""
     enc, folder = folder_enc(tmp_path, CHATML)
     cfg = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, vocab_size=vocab_size, block_size=128)
     torch.manual_seed(0)

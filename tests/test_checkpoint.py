@@ -1,6 +1,7 @@
-"""Layout-free checkpoints: save under one layout, resume under another, continue. float64 on CPU: the losses
-after the resume equal those of the run that went on in its original layout (and those of one process), and the
-optimizer's state read back equals the saved one exactly. Then: completeness, damage, fallback, failed saves."""
+"""Layout-free checkpoints: save under one layout, resume under another, continue. float64 on CPU:
+the losses after the resume equal those of the run that went on in its original layout (and those of
+one process), and the optimizer's state read back equals the saved one exactly. Then: completeness,
+damage, fallback, failed saves."""
 import re
 import shutil
 from dataclasses import replace
@@ -45,7 +46,8 @@ def build(topo, zero=0, amp="fp32", experts=0, lora_targets=None):
 
 
 def run(topo, steps, model, module, opt, micro=1):
-    """Steps [first, last) of the global batches; each dp rank its contiguous share, cut into `micro` pieces."""
+    """Steps [first, last) of the global batches; each dp rank its contiguous share, cut into
+    `micro` pieces."""
     losses = []
     for step in steps:
         x, y = (t.chunk(topo.dp)[topo.dp_rank] for t in batch(step))
@@ -60,10 +62,12 @@ def run(topo, steps, model, module, opt, micro=1):
 
 
 def save_and_go_on(out, topo, zero=0, amp="fp32", experts=0, micro=1, scale=None, lora_targets=None):
-    """Train to SAVE_AT, save, train on to STEPS: the losses after the save, in the original layout."""
+    """Train to SAVE_AT, save, train on to STEPS: the losses after the save, in the original
+    layout."""
     model, module, opt = build(topo, zero, amp, experts, lora_targets)
     run(topo, range(SAVE_AT), model, module, opt, micro)
-    if scale:  # a loss scale and a count of clean steps that are not the defaults: they must come back
+    # a loss scale and a count of clean steps that are not the defaults: they must come back
+    if scale:
         opt.scaler.scale, opt.scaler.good_steps = scale
     checkpoint.save(out, SAVE_AT, model, opt, topo, {"data": {"step": SAVE_AT}})
     return run(topo, range(SAVE_AT, STEPS), model, module, opt, micro)
@@ -83,10 +87,12 @@ def _world4(rank, world, tmp):
     a = save_and_go_on(tmp / "z3tp2", Topology(tp=2), zero=3)
     b = resume_and_go_on(tmp / "z3tp2", tmp / "z3tp2-to-tp2pp2", Topology(tp=2, pp=2), micro=2)[0]
     c = save_and_go_on(tmp / "z2dp4", Topology(), zero=2)
-    # Experts split by tp (their own names: blocks.i.mlp.experts.j) and over 2 ep ranks, then over 1.
+    # Experts split by tp (their own names: blocks.i.mlp.experts.j) and over 2 ep ranks, then over
+    # 1.
     m = save_and_go_on(tmp / "ep2tp2", Topology(tp=2, ep=2), zero=1, experts=4)
     m1 = resume_and_go_on(tmp / "ep2tp2", tmp / "ep2tp2-to-tp2", Topology(tp=2), zero=1, experts=4)[0]
-    # LoRA over tensor-parallel layers (A whole and B split for wq and w1, A split and B whole for wo and w2).
+    # LoRA over tensor-parallel layers (A whole and B split for wq and w1, A split and B whole for
+    # wo and w2).
     n = save_and_go_on(tmp / "lora-z1tp2", Topology(tp=2), zero=1, lora_targets="wq,wo,w1,w2")
     return a, b, c, m, m1, n
 
@@ -95,7 +101,8 @@ def _world2(rank, world, tmp):
     tmp = Path(tmp)
     d = save_and_go_on(tmp / "z3dp2", Topology(), zero=3)
     e = save_and_go_on(tmp / "ep2", Topology(ep=2), zero=1, experts=4)
-    # (the balancing loss is a function of each rank's batch: ep 1 on as many data-parallel ranks trains alike)
+    # (the balancing loss is a function of each rank's batch: ep 1 on as many data-parallel ranks
+    # trains alike)
     e1 = resume_and_go_on(tmp / "ep2", tmp / "ep2-to-ep1", Topology(), zero=1, experts=4)[0]
     f = resume_and_go_on(tmp / "one", tmp / "one-to-z1dp2", Topology(), zero=1)[0]
     g = resume_and_go_on(tmp / "z2dp4", tmp / "z2dp4-to-z3dp2", Topology(), zero=3)[0]
@@ -122,7 +129,8 @@ def same_state(a, b):
 
 def test_resume_on_another_layout(tmp_path):
     one = Topology()
-    ref = save_and_go_on(tmp_path / "one", one)  # one process: the losses every dense layout must reproduce
+    # one process: the losses every dense layout must reproduce
+    ref = save_and_go_on(tmp_path / "one", one)
     save_and_go_on(tmp_path / "fp16-one", one, amp="fp16", scale=(1024.0, 7))
     a, b, c, m, m1, n = run_distributed(_world4, 4, str(tmp_path))[0]
     n1 = resume_and_go_on(tmp_path / "lora-z1tp2", tmp_path / "lora-to-one", one, lora_targets="wq,wo,w1,w2")[0]
@@ -132,11 +140,14 @@ def test_resume_on_another_layout(tmp_path):
     with torch.no_grad():
         for p in fresh.parameters():
             p.zero_()
-    checkpoint.load(tmp_path / "cp2", fresh, opt, one)  # (a duplicate piece would make a value count twice)
+    # (a duplicate piece would make a value count twice)
+    checkpoint.load(tmp_path / "cp2", fresh, opt, one)
     assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), build(one)[0].parameters()))
-    # float64, the same arithmetic up to summation order (tp's partial sums, ZeRO's shard norms): 1e-10.
+    # float64, the same arithmetic up to summation order (tp's partial sums, ZeRO's shard norms):
+    # 1e-10.
     close = lambda x, y: x == pytest.approx(y, rel=1e-10)  # noqa: E731
-    assert all(close(x, ref) for x in (a, c, d)), (ref, a, c, d)    # the original layouts agree with one process
+    # the original layouts agree with one process
+    assert all(close(x, ref) for x in (a, c, d)), (ref, a, c, d)
     resumed = {"tp2pp2": (b, a), "z3dp2": (g, c), "z1dp2": (f, ref), "one": (d1, d), "ep1": (e1, e), "tp2": (m1, m),
                "lora-one": (n1, n)}
     assert all(close(*pair) for pair in resumed.values()), resumed
@@ -145,7 +156,8 @@ def test_resume_on_another_layout(tmp_path):
                      ("z3dp2", "z3dp2-to-one"), ("ep2", "ep2-to-ep1"), ("ep2tp2", "ep2tp2-to-tp2"),
                      ("fp16-one", "fp16-to-z2dp2"), ("lora-z1tp2", "lora-to-one")]:
         same_state(tmp_path / src, tmp_path / dst)
-    # What was saved is the model: the tp-sliced, ZeRO-sharded weights assembled equal one process's.
+    # What was saved is the model: the tp-sliced, ZeRO-sharded weights assembled equal one
+    # process's.
     whole = {}
     for layout in ("one", "z3tp2", "z2dp4", "z3dp2"):
         d = checkpoint.complete_steps(tmp_path / layout)[0]
@@ -162,15 +174,18 @@ def test_a_step_is_complete_or_ignored_and_damage_falls_back(tmp_path, capsys, m
     for step in (1, 2, 3):
         run(one, [step - 1], model, module, opt)
         checkpoint.save(out, step, model, opt, one, {"data": {"step": step}})
-    assert sorted(p.name for p in out.iterdir()) == ["latest", "step_000002", "step_000003"]  # the last two
+    # the last two
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "step_000002", "step_000003"]
     fresh = lambda: build(one)  # noqa: E731
 
-    # A save killed between two ranks' writes: its folder is still .tmp, holding some ranks' files only.
+    # A save killed between two ranks' writes: its folder is still .tmp, holding some ranks' files
+    # only.
     (out / "step_000004.tmp").mkdir()
     shutil.copy(out / "step_000003" / "rank0.pt", out / "step_000004.tmp" / "rank0.pt")
     m, _, o = fresh()
     assert checkpoint.load(out, m, o, one)["step"] == 3
-    # Flipped bytes inside the newest step (same size): detected, and the previous step is taken, with a warning.
+    # Flipped bytes inside the newest step (same size): detected, and the previous step is taken,
+    # with a warning.
     f = out / "step_000003" / "rank0.pt"
     raw = bytearray(f.read_bytes())
     raw[len(raw) // 2:len(raw) // 2 + 8] = bytes(8)
@@ -185,7 +200,8 @@ def test_a_step_is_complete_or_ignored_and_damage_falls_back(tmp_path, capsys, m
     g.write_bytes(g.read_bytes()[:1000])
     with pytest.raises(checkpoint.CheckpointError, match=f"{f} is damaged"):
         checkpoint.load(out, *fresh()[::2], one)
-    assert checkpoint.find(out)[0] == out / "step_000003" and checkpoint.find(out)[2] == []  # (sizes only)
+    # (sizes only)
+    assert checkpoint.find(out)[0] == out / "step_000003" and checkpoint.find(out)[2] == []
     (out / "step_000003" / "rank0.pt").unlink()
     d, _, skipped = checkpoint.find(out)
     assert d is None and skipped[0] == f"{f} is missing" and skipped[1].startswith(f"{g} is truncated (")
@@ -197,9 +213,9 @@ def test_a_step_is_complete_or_ignored_and_damage_falls_back(tmp_path, capsys, m
 
 
 def _damaged_on_one_rank(rank, world, tmp):
-    """Two ranks save steps 1 and 2 (ZeRO-1: each writes its own shard), rank 1's file of step 2 gets a flipped
-    byte; every rank resumes from step 1 (only rank 1 checks that file: the verdict is gathered), with the
-    weights of step 1."""
+    """Two ranks save steps 1 and 2 (ZeRO-1: each writes its own shard), rank 1's file of step 2
+    gets a flipped byte; every rank resumes from step 1 (only rank 1 checks that file: the verdict
+    is gathered), with the weights of step 1."""
     import contextlib
     import io
     out, dp2 = Path(tmp) / "dp2", Topology()
@@ -283,7 +299,8 @@ def test_consolidate_and_export_from_the_command_line(tmp_path, capsys):
     checkpoint.save(out, 1, model, opt, one, {"data": {"step": 1}, "model_config": cfg, "tokenizer": "bytes"})
     weights.main(["consolidate", str(out), str(tmp_path / "model.pt")])
     weights.main(["export-hf", str(out), str(tmp_path / "hf")])
-    for source in (out, out / "step_000001", tmp_path / "model.pt", tmp_path / "hf"):  # what --init accepts
+    # what --init accepts
+    for source in (out, out / "step_000001", tmp_path / "model.pt", tmp_path / "hf"):
         init = weights.load_weights(source)
         sd, config, tokenizer = init["model"], init["model_config"], init["tokenizer"]
         assert config == cfg and tokenizer == "bytes" and sd.keys() == model.state_dict().keys()

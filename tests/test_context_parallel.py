@@ -1,8 +1,9 @@
-"""context_parallel.py: ring attention over cp gloo processes equals attention over the whole sequence, and
-training with --cp equals one process.
+"""context_parallel.py: ring attention over cp gloo processes equals attention over the whole
+sequence, and training with --cp equals one process.
 
-float64 on CPU: the ring computes the same sums in another order (blocks merged by their logsumexp), so outputs
-and gradients agree to float64 rounding, ~1e-15 relative; 1e-12 leaves room for the merges' exp and log.
+float64 on CPU: the ring computes the same sums in another order (blocks merged by their logsumexp),
+so outputs and gradients agree to float64 rounding, ~1e-15 relative; 1e-12 leaves room for the
+merges' exp and log.
 """
 import contextlib
 import math
@@ -56,7 +57,8 @@ def _ring_worker(rank, world, T):
     return out
 
 
-@pytest.mark.parametrize("cp, T", [(2, 20), (4, 40)])  # chunks of 5 tokens: ragged against 4-row tiles
+# chunks of 5 tokens: ragged against 4-row tiles
+@pytest.mark.parametrize("cp, T", [(2, 20), (4, 40)])
 def test_ring_attention_equals_full_attention(cp, T):
     results = run_distributed(_ring_worker, cp, T)
     q, k, v, do = inputs(T=T, **SHAPE)
@@ -82,16 +84,19 @@ def test_zigzag_gives_every_rank_equal_causal_work(cp):
     T = 2 * cp * 3
     c = T // (2 * cp)
     work = [schedule_work(ring_schedule(cp, r, True), c, True) for r in range(cp)]
-    # The blocks cover the causal triangle exactly once, and every rank computes the same share of it.
+    # The blocks cover the causal triangle exactly once, and every rank computes the same share of
+    # it.
     assert sum(work) == T * (T + 1) // 2 and len(set(work)) == 1
-    # Fully masked pairs are skipped: 2 diagonal and 2cp - 1 full blocks of the 4cp a rank could compute.
+    # Fully masked pairs are skipped: 2 diagonal and 2cp - 1 full blocks of the 4cp a rank could
+    # compute.
     for r in range(cp):
         offsets = [off for step in ring_schedule(cp, r, True) for _, _, off in step]
         assert len(offsets) == 2 * cp + 1 and offsets.count(0) == 2 and min(offsets) >= 0
     non_causal = [schedule_work(ring_schedule(cp, r, False), c, False) for r in range(cp)]
     assert non_causal == [T * T // cp] * cp
-    # Contiguous chunks (rank r holding tokens [r T/cp, (r+1) T/cp)) would give rank r one diagonal and r full
-    # blocks: rank cp-1 would do 2cp-1 times the work of rank 0. The zigzag pairs a late chunk with an early one.
+    # Contiguous chunks (rank r holding tokens [r T/cp, (r+1) T/cp)) would give rank r one diagonal
+    # and r full blocks: rank cp-1 would do 2cp-1 times the work of rank 0. The zigzag pairs a late
+    # chunk with an early one.
     assert sorted(a for r in range(cp) for a in zigzag_chunks(cp, r)) == list(range(2 * cp))
 
 
@@ -120,9 +125,10 @@ def _recorded_exchanges(rank, world):
 
 
 def test_every_send_is_posted_with_the_receive_it_crosses():
-    """NCCL's send completes only when the peer posts the matching receive, so two ring neighbours that both sent
-    first would deadlock on GPUs (gloo buffers sends and hides it). Every call here posts one send to the next rank
-    together with one receive from the previous, and every rank posts the same sequence of calls."""
+    """NCCL's send completes only when the peer posts the matching receive, so two ring neighbours
+    that both sent first would deadlock on GPUs (gloo buffers sends and hides it). Every call here
+    posts one send to the next rank together with one receive from the previous, and every rank
+    posts the same sequence of calls."""
     cp = 4
     per_rank = run_distributed(_recorded_exchanges, cp)
     for rank, calls in enumerate(per_rank):
@@ -134,7 +140,7 @@ def test_every_send_is_posted_with_the_receive_it_crosses():
         assert [[shape for *_, shape in ops] for ops in calls] == [[s for *_, s in ops] for ops in per_rank[0]]
 
 
-# ------------------------------------------------------------------------------ composed with the training loop
+# ------------------------------------------------------------------ composed with the training loop
 # Head dim 16 (flash_attn.py's smallest), GQA, T = 16: chunks of 4 tokens at cp 2.
 CFG = replace(PRESETS["tiny"], n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96, vocab_size=64, block_size=16,
               attn="flash")
@@ -144,7 +150,8 @@ STEPS, N_MICRO, ROWS, CLIP = 3, 2, 4, 0.05  # 2 micro-batches of 4 rows per step
 def micro_batches(step):
     g = torch.Generator().manual_seed(step)
     seq = torch.randint(0, CFG.vocab_size, (N_MICRO * ROWS, CFG.block_size + 1), generator=g)
-    seq[0, 3:7] = -100  # ignored labels, inside one cp rank's chunks: the token count must be global
+    # ignored labels, inside one cp rank's chunks: the token count must be global
+    seq[0, 3:7] = -100
     x, y = seq[:, :-1].clamp(min=0), seq[:, 1:]
     return list(zip(x.chunk(N_MICRO), y.chunk(N_MICRO)))
 
@@ -185,14 +192,14 @@ def _train_layouts(rank, world, layouts):
 @pytest.mark.parametrize("world, layouts", [(2, [(1, 2, 0)]), (8, [(2, 2, 3), (2, 2, 1), (1, 4, 2)])],
                          ids=["cp2", "zero3-cp2-tp2,zero1-cp2-tp2,zero2-cp4"])
 def test_context_parallel_training_matches_one_process(world, layouts):
-    """cp 2 alone; then on 8 ranks dp 2 x cp 2 x tp 2 with ZeRO-3 and ZeRO-1 (shards over dp x cp, tp slices
-    inside), and dp 2 x cp 4 with ZeRO-2."""
+    """cp 2 alone; then on 8 ranks dp 2 x cp 2 x tp 2 with ZeRO-3 and ZeRO-1 (shards over dp x cp,
+    tp slices inside), and dp 2 x cp 4 with ZeRO-2."""
     ref_losses, ref_norms, ref_params = train(Topology())
     assert min(ref_norms) > CLIP
     for per_layout in run_distributed(_train_layouts, world, layouts):
         for (tp, cp, zero), (tp_rank, (losses, norms, params)) in zip(layouts, per_layout):
-            # float64, the same sums in another order (ring blocks merged by logsumexp, gradients all-reduced):
-            # agreement near 1e-14 after 3 AdamW steps; 1e-10 leaves room.
+            # float64, the same sums in another order (ring blocks merged by logsumexp, gradients
+            # all-reduced): agreement near 1e-14 after 3 AdamW steps; 1e-10 leaves room.
             assert losses == pytest.approx(ref_losses, rel=1e-10)
             assert norms == pytest.approx(ref_norms, rel=1e-10)
             for name, p in params.items():
@@ -215,7 +222,8 @@ def _resume(rank, world, out):
 
 def test_context_parallel_resume_is_exact(tmp_path, stdlib_data):
     (whole, second, same), _ = run_distributed(_resume, 2, str(tmp_path))
-    assert second == whole[2:] and same  # fp32, bit for bit: the data position and RNG travel in the checkpoint
+    # fp32, bit for bit: the data position and RNG travel in the checkpoint
+    assert second == whole[2:] and same
 
 
 @pytest.mark.parametrize("world, flags, match", [
@@ -252,11 +260,12 @@ def _sft(rank, world, argv):
 
 
 def test_sft_with_context_parallel_matches_one_process(tmp_path):
-    """sft.py shares the loop: its masked loss under --cp 2 (rows padded to a multiple of 4, each rank holding
-    half of every example's tokens) equals one process's, to fp32 rounding."""
+    """sft.py shares the loop: its masked loss under --cp 2 (rows padded to a multiple of 4, each
+    rank holding half of every example's tokens) equals one process's, to fp32 rounding."""
     import sft
     from sft_fixtures import CFG as SFT_CFG, make_init, reverse_examples, write_jsonl
-    init = make_init(tmp_path / "init", replace(SFT_CFG, d_model=64))  # head dim 16, flash_attn.py's smallest
+    # head dim 16, flash_attn.py's smallest
+    init = make_init(tmp_path / "init", replace(SFT_CFG, d_model=64))
     argv = ["--init", str(init), "--data", str(write_jsonl(tmp_path / "train.jsonl", reverse_examples(24))),
             "--val-data", str(write_jsonl(tmp_path / "val.jsonl", reverse_examples(6, seed=1))),
             "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "1", "--max-steps", "3", "--eval-every", "3",

@@ -99,7 +99,7 @@ def test_epochs_wrap_with_a_new_order(tmp_path, text_dir):
     assert any(not np.array_equal(f, s) for f, s in zip(first, second))  # in another order
 
 
-# ---------------------------------------------------------------------------------------------- damaged folders
+# ---------------------------------------------------------------------------------- damaged folders
 def _edit_meta(**changes):
     def edit(d):
         meta = json.loads((d / "meta.json").read_text())
@@ -186,9 +186,10 @@ def test_a_byte_that_is_not_utf8_names_file_and_line(tmp_path):
         list(data.source_documents(jl))
 
 
-# ---------------------------------------------------------------------------------------------- first-run races
+# ---------------------------------------------------------------------------------- first-run races
 def _first_run(cache, barrier, result_file):
-    """One process of a first run: wait for the others, then ask for the default data and read all of it."""
+    """One process of a first run: wait for the others, then ask for the default data and read all
+    of it."""
     import hashlib
     import os
     os.environ["LLM_DATA_CACHE"] = str(cache)
@@ -202,9 +203,11 @@ def _first_run(cache, barrier, result_file):
 
 
 def start_together(tmp_path, n):
-    """n processes started at the same instant on an empty cache; their exit codes and what each one read."""
+    """n processes started at the same instant on an empty cache; their exit codes and what each one
+    read."""
     import multiprocessing as mp
-    ctx = mp.get_context("fork")  # no CUDA here; fork starts in milliseconds, so the processes truly overlap
+    # no CUDA here; fork starts in milliseconds, so the processes truly overlap
+    ctx = mp.get_context("fork")
     cache, barrier = tmp_path / "cache", ctx.Barrier(n)
     procs = [ctx.Process(target=_first_run, args=(cache, barrier, tmp_path / f"r{i}")) for i in range(n)]
     for p in procs:
@@ -219,12 +222,14 @@ def start_together(tmp_path, n):
 def test_four_processes_on_an_empty_cache_all_see_the_same_data(tmp_path, trial):
     codes, digests = start_together(tmp_path, 4)
     assert codes == [0] * 4 and digests[0] is not None and len(set(digests)) == 1, (codes, digests)
-    assert [p.name for p in (tmp_path / "cache").iterdir() if ".tmp-" in p.name] == []  # no temporary folder left
+    # no temporary folder left
+    assert [p.name for p in (tmp_path / "cache").iterdir() if ".tmp-" in p.name] == []
 
 
 def test_a_killed_preparer_leaves_no_half_folder(tmp_path, monkeypatch):
-    """A build that fails half-way leaves nothing that looks prepared; what a killed one left (its temporary
-    folder, or an older version's shard without meta.json) is cleaned up or completed by the next run."""
+    """A build that fails half-way leaves nothing that looks prepared; what a killed one left (its
+    temporary folder, or an older version's shard without meta.json) is cleaned up or completed by
+    the next run."""
     cache = tmp_path / "cache"
     out = cache / "stdlib-bytes"
 

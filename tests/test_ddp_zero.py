@@ -1,4 +1,5 @@
-"""ddp.py and zero.py against one process on the global batch, at world sizes 2 and 4 (gloo ranks)."""
+"""ddp.py and zero.py against one process on the global batch, at world sizes 2 and 4 (gloo
+ranks)."""
 import contextlib
 import io
 import json
@@ -34,8 +35,8 @@ def tokens():
 
 
 def train(model, module, opt, batches, rank=0, world=1, dp_group=None):
-    """STEPS optimizer steps of GRAD_ACCUM micro-steps on this rank's contiguous 1/world of each global batch.
-    Returns the global-batch losses and gradient norms (the same on every rank)."""
+    """STEPS optimizer steps of GRAD_ACCUM micro-steps on this rank's contiguous 1/world of each
+    global batch. Returns the global-batch losses and gradient norms (the same on every rank)."""
     losses, norms = [], []
     for batch in batches:
         mine = batch.chunk(world)[rank]
@@ -58,7 +59,8 @@ def train(model, module, opt, batches, rank=0, world=1, dp_group=None):
 
 def build(seed):
     """The test model in float64, its embedding frozen (as LoRA will freeze weights): only trainable
-    parameters may be sharded, reduced and stepped; the frozen one must stay as it is on every rank."""
+    parameters may be sharded, reduced and stepped; the frozen one must stay as it is on every
+    rank."""
     torch.manual_seed(seed)
     model = Transformer(CFG).double()
     model.tok_emb.weight.requires_grad_(False)
@@ -70,7 +72,8 @@ def reference():
     # (computed inside every rank, beside the process group)
     one_process = SimpleNamespace(dp=1, cp=1, dp_group=None, dp_cp_group=None)
     module, opt = stack.build_training(model, args_for(0), torch.float64, one_process)
-    assert isinstance(opt, MixedPrecisionOptimizer) and module is model  # one process: no wrapping at all
+    # one process: no wrapping at all
+    assert isinstance(opt, MixedPrecisionOptimizer) and module is model
     losses, norms = train(model, module, opt, tokens())
     return losses, norms, [p.detach().clone() for p in model.parameters()]
 
@@ -81,7 +84,8 @@ def _parity(rank, world):
     topo = Topology()
     out = {}
     for zero in (0, 1, 2, 3):
-        model = build(0 if rank == 0 else 100 + rank)  # a different start on every rank: the broadcast repairs it
+        # a different start on every rank: the broadcast repairs it
+        model = build(0 if rank == 0 else 100 + rank)
         module, opt = stack.build_training(model, args_for(zero), torch.float64, topo)
         losses, norms = train(model, module, opt, tokens(), rank, world, topo.dp_group)
         with opt.gathered() if zero == 3 else contextlib.nullcontext():
@@ -94,10 +98,11 @@ def _parity(rank, world):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ddp_and_every_zero_stage_match_one_process(world):
-    """Same losses, gradient norms and final weights as one process on the global batch, with accumulation
-    and clipping on. float64: the only difference is the order of summation (per-rank means averaged vs one
-    mean, and sharded squared norms summed), about 1e-16 relative per operation; 1e-10 leaves room for the
-    three steps of Adam, whose update m / sqrt(v) amplifies tiny gradient differences near v = 0."""
+    """Same losses, gradient norms and final weights as one process on the global batch, with
+    accumulation and clipping on. float64: the only difference is the order of summation (per-rank
+    means averaged vs one mean, and sharded squared norms summed), about 1e-16 relative per
+    operation; 1e-10 leaves room for the three steps of Adam, whose update m / sqrt(v) amplifies
+    tiny gradient differences near v = 0."""
     for rank_result in run_distributed(_parity, world):
         for zero, diff in rank_result.items():
             assert diff["loss"] < 1e-10 and diff["norm"] < 1e-10 and diff["param"] < 1e-10, (world, zero, diff)
@@ -112,14 +117,16 @@ def _against_torch_ddp(rank, world):
     ours, theirs = DistributedDataParallel(ours, bucket_mb=0.01), TorchDDP(theirs)
     x = tokens()[0].chunk(world)[rank]
     for model in (ours, theirs):
-        for i, m in enumerate(x.chunk(2)):  # accumulation: the first micro-step without communication
+        # accumulation: the first micro-step without communication
+        for i, m in enumerate(x.chunk(2)):
             with model.no_sync() if i == 0 else contextlib.nullcontext():
                 model(m[:, :-1], m[:, 1:])[1].backward()
     return max((a.grad - b.grad).abs().max().item() for a, b in zip(ours.parameters(), theirs.parameters()))
 
 
 def test_our_ddp_gradients_equal_torch_ddp():
-    """float64, two ranks: a + b is one rounding either way; dividing by 2 first (ours) or after is exact."""
+    """float64, two ranks: a + b is one rounding either way; dividing by 2 first (ours) or after is
+    exact."""
     assert all(d < 1e-15 for d in run_distributed(_against_torch_ddp, 2))
 
 
@@ -152,7 +159,7 @@ def test_fp16_overflow_on_one_rank_skips_the_step_everywhere():
             assert skipped and scale == 2.0 ** 15 and unchanged, (zero, result)
 
 
-# ---------------------------------------------------------------------------------------- through pretrain.py
+# ------------------------------------------------------------------------------ through pretrain.py
 FAST = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-3",
         "--warmup-steps", "2", "--eval-iters", "1", "--eval-every", "100", "--sample-tokens", "0",
         "--log-every", "1", "--max-steps", "4"]
@@ -180,10 +187,11 @@ def _pretrain_zero3_resume(rank, world, data_dir, out):
 
 
 def test_zero3_resume_through_pretrain_is_exact_and_errors_are_clear(tmp_path, stdlib_data, capsys):
-    """ZeRO-3 at world 2 in fp32 on CPU: stopping after 2 steps and resuming gives the very same losses and
-    weights as the uninterrupted run (every rank restores its slices, its RNG state and the data position).
-    Then the bad inputs: a global batch that does not divide over 2 ranks x 2 micro-steps, --zero 4, and the
-    world-2 sharded checkpoint resumed by one process (on another layout)."""
+    """ZeRO-3 at world 2 in fp32 on CPU: stopping after 2 steps and resuming gives the very same
+    losses and weights as the uninterrupted run (every rank restores its slices, its RNG state and
+    the data position). Then the bad inputs: a global batch that does not divide over 2 ranks x 2
+    micro-steps, --zero 4, and the world-2 sharded checkpoint resumed by one process (on another
+    layout)."""
     results = run_distributed(_pretrain_zero3_resume, 2, stdlib_data, str(tmp_path))
     for r in results:
         assert r["whole"] == r["split"] and len(r["whole"]) == 4 and r["same_params"], r
@@ -193,8 +201,8 @@ def test_zero3_resume_through_pretrain_is_exact_and_errors_are_clear(tmp_path, s
                                     "--microbatches 1 x 2 data-parallel ranks")
         assert "argument --zero: invalid choice: 4 (choose from 0, 1, 2, 3)" in err_zero
     assert sorted(os.listdir(tmp_path / "split")) == [".lock", "latest", "metrics.jsonl", "step_000002", "step_000004"]
-    # The world-2 ZeRO-3 checkpoint of step 2, resumed by one process: the same losses (fp32, another summation
-    # order: 1e-5), and metrics.jsonl holds one history.
+    # The world-2 ZeRO-3 checkpoint of step 2, resumed by one process: the same losses (fp32,
+    # another summation order: 1e-5), and metrics.jsonl holds one history.
     shutil.copytree(tmp_path / "split", tmp_path / "one")
     shutil.rmtree(tmp_path / "one" / "step_000004")
     (tmp_path / "one" / "latest").write_text("step_000002\n")
@@ -207,6 +215,7 @@ def test_zero3_resume_through_pretrain_is_exact_and_errors_are_clear(tmp_path, s
 def test_estimate_prints_the_zero_table(capsys):
     est = pretrain.main(["--model", "gpt2-124m", "--estimate", "--gpus", "8"])
     n, rows = est["params"], est["zero"]
-    assert [r["total"] / n for r in rows] == [16, 4 + 12 / 8, 2 + 14 / 8, 16 / 8]  # the ZeRO paper's column
+    # the ZeRO paper's column
+    assert [r["total"] / n for r in rows] == [16, 4 + 12 / 8, 2 + 14 / 8, 16 / 8]
     assert [r["comm_elements"] / (n * 7 / 8) for r in rows] == [2, 3, 2, 3]
     assert "reduce-scatter" in capsys.readouterr().out

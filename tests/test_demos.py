@@ -1,6 +1,7 @@
-"""Every command of the README's map, run as a reader runs it (a subprocess; torchrun as
-`python -m torch.distributed.run --standalone`), with a smaller size where the demo is long (DEMO_STEPS, or the
-demo's own flags), asserting that the figures it prints are what the file's docstring says they show.
+"""Every command of the README's map, run as a reader runs it (a subprocess; torchrun as `python -m
+torch.distributed.run --standalone`), with a smaller size where the demo is long (DEMO_STEPS, or the
+demo's own flags), asserting that the figures it prints are what the file's docstring says they
+show.
 
 test_every_map_command_is_run fails when a row of the map has no test here."""
 import json
@@ -17,14 +18,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args, nproc=None, env=None, timeout=300):
-    """stdout of `python ARGS` (or torchrun with nproc processes); a failure shows the end of both streams."""
+    """stdout of `python ARGS` (or torchrun with nproc processes); a failure shows the end of both
+    streams."""
     launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                                    if nproc else [])
     for attempt in range(2):
         proc = subprocess.run(launcher + [str(a) for a in args], cwd=ROOT, capture_output=True, text=True,
                               timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-        # A gloo process group's threads now and then abort a process as it exits, after its work is done (seen
-        # on busy cores, about 1 run in 10): that one failure, and only it, is given a second run.
+        # A gloo process group's threads now and then abort a process as it exits, after its work is
+        # done (seen on busy cores, about 1 run in 10): that one failure, and only it, is given a
+        # second run.
         if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
             break
     assert proc.returncode == 0, f"{args}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
@@ -36,7 +39,7 @@ def numbers(pattern, text):
     return [float(m.replace(",", "")) for m in re.findall(pattern, text)]
 
 
-# ------------------------------------------------------------------------------------ one test per map command
+# ------------------------------------------------------------------------- one test per map command
 def test_model(stdlib_data):
     out = run("model.py")
     assert re.search(r"^tiny\s+853,120\s", out, re.M), out  # the preset table, tiny first
@@ -61,7 +64,8 @@ def test_bpe():
 
 
 def test_chat():
-    """The ### headers and a folder's ChatML template: the learned text is each reply and its end token."""
+    """The ### headers and a folder's ChatML template: the learned text is each reply and its end
+    token."""
     out = run("chat.py")
     assert "[flog<|endoftext|>]" in out and "[flog<|im_end|>]" in out and "[ohce<|im_end|>]" in out, out
     assert "its Jinja chat template" in out and "<|im_start|>assistant\\n" in out, out
@@ -73,10 +77,12 @@ def test_amp():
     losses = dict(re.findall(r"^(fp32|bf16|fp16|fp8): losses (.*)$", out, re.M))
     curves = {name: numbers(r"(\d+\.\d+)(?:\(skipped\))?", line.split("final")[0]) for name, line in losses.items()}
     assert curves["fp32"][-1] < curves["fp32"][0] - 1.0  # it trains
-    for name in ("bf16", "fp16"):  # 16-bit rounding moves the curve far less than training does (up to the skip)
+    # 16-bit rounding moves the curve far less than training does (up to the skip)
+    for name in ("bf16", "fp16"):
         assert max(abs(a - b) for a, b in zip(curves[name][:5], curves["fp32"][:5])) < 0.05, out
     fp16 = losses["fp16"].split()
-    assert fp16[4].endswith("(skipped)") and fp16[5] == fp16[4].removesuffix("(skipped)")  # nothing applied
+    # nothing applied
+    assert fp16[4].endswith("(skipped)") and fp16[5] == fp16[4].removesuffix("(skipped)")
     assert sum("(skipped)" in x for x in fp16) == 1 and "final loss scale 131072" in losses["fp16"]
     assert "(skipped) marks that step" in out  # and the demo says what it means
     if why := quantization.fp8_unsupported("cpu"):  # no fp8 row rather than one computed in bf16
@@ -112,7 +118,8 @@ def test_make_estimate():
 
 
 def test_make_scaling(tmp_path, stdlib_data):
-    """`make scaling`'s command on one tiny budget and three one-layer sizes (the sweep itself takes 8 minutes)."""
+    """`make scaling`'s command on one tiny budget and three one-layer sizes (the sweep itself takes
+    8 minutes)."""
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^scaling:.*\n\tOMP_NUM_THREADS=1 \$\(PY\) scaling.py --out out/scaling$", makefile, re.M)
     out = run("scaling.py", "--budgets", "8e9", "--sizes", "1x16,1x24,1x32", "--out", tmp_path)
@@ -130,11 +137,13 @@ def test_context_parallel():
     out = run("context_parallel.py", "--seq-len", "128", "--reps", "1", nproc=4)
     rows = re.findall(r"^\s+([124])\s+(\S+)\s+(\S+)\s+\S+\s+(\S+)\s+(\S+)\s+(\S+)\s+\S+$", out, re.M)
     assert [r[0] for r in rows] == ["1", "2", "4"], out
-    for cp, _, ratio, err, sent, formula in rows:  # attention's activations 1/cp; bytes sent as the formula says
+    # attention's activations 1/cp; bytes sent as the formula says
+    for cp, _, ratio, err, sent, formula in rows:
         assert float(ratio) == 1 / int(cp) and float(err) < 1e-5 and sent == formula, out
     model = re.findall(r"^\s+([124])\s+\S+\s+(\S+)\s+\S+\s+(\S+)\s+\S+\s+(\S+)$", out, re.M)
     assert [r[0] for r in model] == ["1", "2", "4"], out
-    for cp, attention, rest, loss in model:  # the whole model's activations 1/cp too; the same loss at every cp
+    # the whole model's activations 1/cp too; the same loss at every cp
+    for cp, attention, rest, loss in model:
         assert float(attention) == float(rest) == 1 / int(cp) and loss == model[0][3], out
 
 
@@ -149,7 +158,8 @@ def test_zero():
     out = run("zero.py", nproc=2)
     rows = re.findall(r"stage (\d): params +(\S+)/ *(\S+) +grads +(\S+)/ *(\S+) +optimizer +(\S+)/ *(\S+) +total "
                       r"(\S+)x formula \| losses (.*)", out)
-    assert sorted(r[0] for r in rows) == ["0", "0", "1", "1", "2", "2", "3", "3"], out  # 4 stages x 2 ranks
+    # 4 stages x 2 ranks
+    assert sorted(r[0] for r in rows) == ["0", "0", "1", "1", "2", "2", "3", "3"], out
     for stage, *cells, total, losses in rows:
         measured, formula = cells[0::2], cells[1::2]
         assert measured == formula and total == "1.000", (stage, cells, total)
@@ -182,11 +192,12 @@ def test_make_bench(tmp_path):
     out = run("benchmarks/bench_dp.py", "--steps", "1", "--warmup", "1", "--repeats", "1",
               "--out", tmp_path / "b.json")
     ratios = json.loads((tmp_path / "b.json").read_text())["ratios"]
-    for pair in ("ours-ddp/torch-ddp", "ours-zero3/torch-fsdp2"):  # (timings of one step say little: not checked)
+    # (timings of one step say little: not checked)
+    for pair in ("ours-ddp/torch-ddp", "ours-zero3/torch-fsdp2"):
         assert ratios[pair]["max_loss_difference"] < 1e-5 and ratios[pair]["memory"] > 0, ratios
     missed_goals(out, ratios)
-    # bench_parallel.py's pipeline row (its world-4 row, ZeRO-3 x tp against FSDP2 over torch's tensor
-    # parallelism, costs about half a minute more on 2 cores: left to make bench)
+    # bench_parallel.py's pipeline row (its world-4 row, ZeRO-3 x tp against FSDP2 over torch's
+    # tensor parallelism, costs about half a minute more on 2 cores: left to make bench)
     assert "$(PY) benchmarks/bench_parallel.py --out out/bench/bench_parallel.json" in makefile
     out = run("benchmarks/bench_parallel.py", "--rows", "1f1b-pp2", "--steps", "1", "--warmup", "0",
               "--repeats", "1", "--out", tmp_path / "p.json")
@@ -200,7 +211,8 @@ def test_bench_pack(tmp_path, stdlib_data):
     report = json.loads((tmp_path / "p.json").read_text())
     padded, packed = report["padded"], report["packed"]
     assert 0 < report["padding_removed"] <= 1 and packed["padding_fraction"] < padded["padding_fraction"], report
-    assert packed["tokens_per_step"] < padded["tokens_per_step"]  # the same examples in fewer, fuller rows
+    # the same examples in fewer, fuller rows
+    assert packed["tokens_per_step"] < padded["tokens_per_step"]
 
 
 def test_tensor_parallel():
@@ -218,7 +230,8 @@ def test_pipeline():
     for schedule, m, idle, formula, _ in table:
         assert float(formula) == pytest.approx(100 * 3 / (int(m) + 3), abs=0.05)
         assert 0 < float(idle) < 100
-    assert len(re.findall(r"^  stage [0-3] \|[FfBb.]+\| idle", out, re.M)) == 4 * 4  # a timeline per stage and run
+    # a timeline per stage and run
+    assert len(re.findall(r"^  stage [0-3] \|[FfBb.]+\| idle", out, re.M)) == 4 * 4
     gpipe4, f1b4 = (float(r[4]) for r in table[2:])
     assert f1b4 <= gpipe4  # 1F1B holds fewer micro-batches in flight
 
@@ -231,7 +244,8 @@ def test_topology():
 
 
 def test_moe(stdlib_data):
-    out = run("moe.py", nproc=2, env={"DEMO_STEPS": "60"})  # (the README's run: at 30 steps the load can tie)
+    # (the README's run: at 30 steps the load can tie)
+    out = run("moe.py", nproc=2, env={"DEMO_STEPS": "60"})
     (busy0, idle0), (busy1, idle1) = [tuple(map(float, m)) for m in
                                       re.findall(r"busiest expert (\S+)%  idlest (\S+)%", out)]
     assert busy1 < busy0 and idle1 >= idle0, out  # the balancing loss spreads the load
@@ -243,7 +257,8 @@ def test_make_sft(tmp_path, stdlib_data):
     from tests.sft_fixtures import CFG, make_init
     assert re.search(r"^\t\$\(PY\) sft.py --init out/pretrain \$\(SFT_FLAGS\)$", (ROOT / "Makefile").read_text(),
                       re.M)
-    init = make_init(tmp_path / "base", replace(CFG, block_size=512))  # the embedded set's prompts fit
+    # the embedded set's prompts fit
+    init = make_init(tmp_path / "base", replace(CFG, block_size=512))
     out = run("sft.py", "--init", init, "--out", tmp_path / "sft", "--max-steps", "2", "--batch-size", "4",
               "--eval-examples", "4", "--samples", "1", "--max-new-tokens", "4", "--log-every", "1")
     assert "held-out" in out and (tmp_path / "sft" / "latest").exists(), out
@@ -257,8 +272,9 @@ def test_lora():
 
 
 def test_checkpoint_commands(tmp_path, stdlib_data):
-    """`python checkpoint.py consolidate` and `export-hf` on a run's folder, as the map shows them (on a 2-step
-    run here); the consolidated file and the Hugging Face folder both start a new run (--init)."""
+    """`python checkpoint.py consolidate` and `export-hf` on a run's folder, as the map shows them
+    (on a 2-step run here); the consolidated file and the Hugging Face folder both start a new run
+    (--init)."""
     run("pretrain.py", "--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--max-steps", "2",
         "--eval-iters", "1", "--sample-tokens", "0", "--out", tmp_path / "run")
     out = run("checkpoint.py", "consolidate", tmp_path / "run", tmp_path / "model.pt")
@@ -284,8 +300,9 @@ def test_quantization():
 
 
 def test_generate(tmp_path):
-    """`python generate.py PATH --prompt ...` on a tiny random model's consolidated file (any path weights.py
-    reads will do), greedy, with the KV cache and without: the same text, and each a line of tokens/s."""
+    """`python generate.py PATH --prompt ...` on a tiny random model's consolidated file (any path
+    weights.py reads will do), greedy, with the KV cache and without: the same text, and each a line
+    of tokens/s."""
     from model import PRESETS
     from tests.sft_fixtures import make_init
     init = make_init(tmp_path, replace(PRESETS["tiny"], vocab_size=320))
@@ -299,10 +316,10 @@ def test_generate(tmp_path):
                             rf"{cache} \| stopped at --max-new-tokens", line), line
 
 
-# ------------------------------------------------------------------------------------ the map itself
+# ----------------------------------------------------------------------------------- the map itself
 def test_plot(tmp_path):
-    """The docs' pictures: the bubble (p-1)/(m+p-1) = 3/7 for both schedules, the ZeRO paper's 120 / 31.4 / 16.6 /
-    1.9 GB; and a run's curves: one polyline per run, one dot per evaluation."""
+    """The docs' pictures: the bubble (p-1)/(m+p-1) = 3/7 for both schedules, the ZeRO paper's 120 /
+    31.4 / 16.6 / 1.9 GB; and a run's curves: one polyline per run, one dot per evaluation."""
     out = run("plot.py", "--docs")
     pipeline_svg, zero_svg = (ROOT / "docs" / "pipeline.svg").read_text(), (ROOT / "docs" / "zero.svg").read_text()
     assert "docs/pipeline.svg" in out and pipeline_svg.count("= 43% of each stage") == 2, pipeline_svg[:400]
@@ -338,5 +355,6 @@ RUN_BY = {"python model.py": test_model, "python data.py prepare --src PATH --ou
 def test_every_map_command_is_run():
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Map of the lecture")[1].split("\n## ")[0]
-    commands = re.findall(r"^\|[^|]+\|[^|]+\| `([^`]+)` \|[^|]+\|$", table, re.M)  # (the last: its time)
+    # (the last: its time)
+    commands = re.findall(r"^\|[^|]+\|[^|]+\| `([^`]+)` \|[^|]+\|$", table, re.M)
     assert sorted(commands) == sorted(RUN_BY), commands

@@ -1,12 +1,14 @@
-"""Every tensor handed to a collective lives on the run's device: audited over one CPU run of every layout.
+"""Every tensor handed to a collective lives on the run's device: audited over one CPU run of every
+layout.
 
-NCCL's collectives take CUDA tensors only; a counter made on the host (torch.tensor(n) without device=) fails at
-run time on GPUs and passes on CPU gloo. On a CPU run every tensor is on the CPU, so "on the run's device" is
-tracked instead (HostTensors, a TorchFunctionMode): a tensor is host-made when a factory (torch.tensor, zeros,
-...) created it without a device (and outside a `with torch.device(...)`), or when it was computed only from
-host-made tensors, or by .cpu(); an explicit .to(device) places it. The collectives (and batched send/receive)
-are wrapped to record every host-made tensor they are given. Each layout runs two optimizer steps with logging,
-evaluation and a checkpoint, through pretrain.py and sft.py.
+NCCL's collectives take CUDA tensors only; a counter made on the host (torch.tensor(n) without
+device=) fails at run time on GPUs and passes on CPU gloo. On a CPU run every tensor is on the CPU,
+so "on the run's device" is tracked instead (HostTensors, a TorchFunctionMode): a tensor is
+host-made when a factory (torch.tensor, zeros, ...) created it without a device (and outside a `with
+torch.device(...)`), or when it was computed only from host-made tensors, or by .cpu(); an explicit
+.to(device) places it. The collectives (and batched send/receive) are wrapped to record every
+host-made tensor they are given. Each layout runs two optimizer steps with logging, evaluation and a
+checkpoint, through pretrain.py and sft.py.
 """
 import os
 
@@ -27,8 +29,8 @@ FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.empty
              torch.rand, torch.randn, torch.randint, torch.linspace, torch.eye}
 COLLECTIVES = ["all_reduce", "broadcast", "all_gather", "all_gather_single", "all_gather_into_tensor",
                "reduce_scatter_single", "reduce_scatter_tensor", "all_to_all_single", "reduce", "send", "recv"]
-# (isend and irecv are not wrapped: P2POp accepts only the originals; pipeline.py passes them through
-# batch_isend_irecv, whose P2POps are checked.)
+# (isend and irecv are not wrapped: P2POp accepts only the originals; pipeline.py passes them
+# through batch_isend_irecv, whose P2POps are checked.)
 
 
 def is_host(t):
@@ -55,7 +57,8 @@ class HostTensors(TorchFunctionMode):
         if host:
             ids = {id(t) for t in inputs}
             for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor) and id(t) not in ids:  # in-place results keep their own placement
+                # in-place results keep their own placement
+                if isinstance(t, torch.Tensor) and id(t) not in ids:
                     t._host_made = True
         return out
 
@@ -120,7 +123,8 @@ def test_every_collective_gets_tensors_on_the_runs_device(tmp_path, stdlib_data,
 
 
 def test_the_audit_sees_a_host_counter():
-    """The tracking itself: a host-made count, and what is computed from it alone, are flagged; .to() places."""
+    """The tracking itself: a host-made count, and what is computed from it alone, are flagged;
+    .to() places."""
     with HostTensors():
         n = torch.tensor([3.0, 4.0])
         on_device = torch.zeros(2, device="cpu")

@@ -1,4 +1,5 @@
-"""estimate.py: counts for any shape, the per-GPU memory and communication formulas, one line per bad flag."""
+"""estimate.py: counts for any shape, the per-GPU memory and communication formulas, one line per
+bad flag."""
 import pytest
 import torch
 
@@ -12,9 +13,11 @@ def test_custom_shape_counts_the_model_as_built():
                          "--vocab-size", "250", "--seq-len", "96"])
     real = Transformer(ModelConfig(n_layer=3, d_model=64, n_head=4, n_kv_head=2, d_ff=160, vocab_size=256,
                                    block_size=96))
-    assert est["params"] == sum(p.numel() for p in real.parameters())  # vocabulary padded to 256, as pretrain.py
+    # vocabulary padded to 256, as pretrain.py
+    assert est["params"] == sum(p.numel() for p in real.parameters())
     assert est["flops_per_token"] == 6 * (est["params"] - 256 * 64) + 6 * 3 * 64 * 96
-    assert est["memory"]["psi"] == est["params"]  # one GPU holds the whole model, embedding and head included
+    # one GPU holds the whole model, embedding and head included
+    assert est["memory"]["psi"] == est["params"]
 
 
 def test_params_picks_a_llama_like_shape():
@@ -25,7 +28,8 @@ def test_params_picks_a_llama_like_shape():
 
 
 def test_activation_formulas_match_the_paper():
-    # Korthikanti et al.'s GPT-3 175B example: s 2048, h 12288, a 96, t 8, b 1 (bytes per layer / sbh).
+    # Korthikanti et al.'s GPT-3 175B example: s 2048, h 12288, a 96, t 8, b 1 (bytes per layer /
+    # sbh).
     s, h, a, t = 2048, 12288, 96, 8
     per = lambda **kw: estimate.activations_per_layer(s, 1, h, a, **kw) / (s * h)  # noqa: E731
     assert per() == pytest.approx(34 + 5 * 96 * 2048 / 12288)
@@ -43,7 +47,8 @@ def test_memory_and_communication_per_gpu_for_a_3d_layout():
         mem, model = est["memory"], Transformer(est["config"])
         blocks = sum(p.numel() for p in model.blocks[:2].parameters())
         last = blocks + model.lm_head.weight.numel() + model.norm.weight.numel()
-        psi = max(blocks + model.tok_emb.weight.numel(), last) / 2  # the busiest stage, halved by tp
+        # the busiest stage, halved by tp
+        psi = max(blocks + model.tok_emb.weight.numel(), last) / 2
         div = {k: 2 if zero >= z else 1 for k, z in (("weights", 3), ("gradients", 2), ("optimizer states", 1))}
         assert mem["weights"] == 2 * psi / div["weights"] and mem["gradients"] == 2 * psi / div["gradients"]
         assert mem["optimizer states"] == 12 * psi / div["optimizer states"]
@@ -52,7 +57,8 @@ def test_memory_and_communication_per_gpu_for_a_3d_layout():
         assert mem["activations"] == pytest.approx(sbh * (10 + 24 / 2 + 5 * 4 * 32 / (64 * 2)) * 2 * 2)
         ring = 1 / 2  # (k - 1) / k for k = 2
         assert est["comm"]["dp"] == 2 * (2 if zero in (0, 2) else 3) * ring * psi
-        assert est["comm"]["tp"] == 2 * 4 * 2 * ring * sbh * 2 * 4  # 4 all-reduces x 2 layers x 4 micro-batches
+        # 4 all-reduces x 2 layers x 4 micro-batches
+        assert est["comm"]["tp"] == 2 * 4 * 2 * ring * sbh * 2 * 4
         assert est["comm"]["pp"] == 2 * 2 * sbh * 4
 
 
@@ -82,7 +88,7 @@ def test_bad_input_gets_one_clear_line(capsys):
             assert expected in err and "\n" not in err and "Traceback" not in err, (argv, err)
 
 
-# ----------------------------------------------------------------------------- measured against the formulas
+# -------------------------------------------------------------------- measured against the formulas
 SMALL = dict(n_layer=2, d_model=64, n_head=4, n_kv_head=4, d_ff=160, vocab_size=256, block_size=32)
 
 
@@ -91,22 +97,24 @@ def test_one_step_holds_what_the_formulas_say():
     plain = estimate.measure_step(ModelConfig(**SMALL), s, b)
     n = sum(p.numel() for p in Transformer(ModelConfig(**SMALL)).parameters())
     assert (plain["weights"], plain["gradients"], plain["optimizer states"]) == (2 * n, 2 * n, 12 * n)
-    # This model's parts, exactly: each RMSNorm keeps its fp32 input and normalised x (4 + 4 bytes), its bf16
-    # output (2), the fp32 rsqrt per position and an fp32 copy of its weight; SwiGLU keeps w1 x, silu(w1 x), w3 x
-    # and their product, 4 tensors of width d_ff in bf16.
+    # This model's parts, exactly: each RMSNorm keeps its fp32 input and normalised x (4 + 4 bytes),
+    # its bf16 output (2), the fp32 rsqrt per position and an fp32 copy of its weight; SwiGLU keeps
+    # w1 x, silu(w1 x), w3 x and their product, 4 tensors of width d_ff in bf16.
     norm = (4 + 4 + 2) * sbh + 4 * s * b + 4 * 64
     assert plain["parts"]["attn_norm"] == plain["parts"]["mlp_norm"] == norm
     assert plain["parts"]["mlp"] == 4 * 2 * s * b * 160
     ckpt = estimate.measure_step(ModelConfig(**SMALL, activation_checkpointing=True), s, b)
     assert ckpt["activations per layer"] == estimate.activations_per_layer(s, b, 64, 4, recompute="full")
     naive = estimate.measure_step(ModelConfig(**SMALL, attn="naive"), s, b)
-    assert naive["parts"]["attn"] > plain["parts"]["attn"] + 4 * b * s * s * 4  # the a s^2 b scores, saved
+    # the a s^2 b scores, saved
+    assert naive["parts"]["attn"] > plain["parts"]["attn"] + 4 * b * s * s * 4
 
 
 def test_held_activations_agree_with_the_saved_tensor_hooks():
     # Two independent meters: saved-tensor hooks (pipeline.py) and live storages after the forward.
     from pipeline import ActivationMeter
-    model = Transformer(ModelConfig(**SMALL)).to(torch.bfloat16)  # (in fp32 a norm keeps its input itself)
+    # (in fp32 a norm keeps its input itself)
+    model = Transformer(ModelConfig(**SMALL)).to(torch.bfloat16)
     saved, held = ActivationMeter(model), estimate.HeldActivations(model)
     per_block = []
     for block in model.blocks:
@@ -120,8 +128,8 @@ def test_held_activations_agree_with_the_saved_tensor_hooks():
 
 
 def _held_on_two_ranks(rank, world):
-    """Per rank: ZeRO stages' model states held after a step; activations per layer under tp 2, with and without
-    sequence parallelism (bf16, one step)."""
+    """Per rank: ZeRO stages' model states held after a step; activations per layer under tp 2, with
+    and without sequence parallelism (bf16, one step)."""
     import tensor_parallel
     from amp import DynamicLossScaler, cast_model
     from topology import Topology
@@ -162,8 +170,9 @@ def test_zero_stages_and_tensor_parallel_hold_what_the_formulas_say():
         for stage in (1, 2, 3):
             want = estimate.zero_table(n, 2)[stage]
             assert states[stage] == {k: want[k] for k in ("params", "grads", "optimizer")}, (stage, states[stage])
-        # tp halves the attention's and the MLP's insides but not the norms (replicated on both ranks); sp halves
-        # the norms too, but keeps whole-sequence tensors around its all-gathers: it saves less than the norms' half.
+        # tp halves the attention's and the MLP's insides but not the norms (replicated on both
+        # ranks); sp halves the norms too, but keeps whole-sequence tensors around its all-gathers:
+        # it saves less than the norms' half.
         sbh = 32 * 2 * 64
         norms = 2 * ((4 + 4 + 2) * sbh + 4 * 32 * 2 + 4 * 64)
         assert acts[False] == pytest.approx(norms + (one - norms) / 2, rel=0.02)

@@ -1,8 +1,10 @@
-"""flash_attn.py against naive attention: the twin in float64, the Triton kernels through the interpreter.
+"""flash_attn.py against naive attention: the twin in float64, the Triton kernels through the
+interpreter.
 
-The Triton interpreter is switched on by TRITON_INTERPRET=1, read once when triton is imported; setting it here
-would change every later test in this process. So the interpreter cases run in one child process (this file run
-as a script) that computes the outputs and gradients; the comparisons happen here, one test per case.
+The Triton interpreter is switched on by TRITON_INTERPRET=1, read once when triton is imported;
+setting it here would change every later test in this process. So the interpreter cases run in one
+child process (this file run as a script) that computes the outputs and gradients; the comparisons
+happen here, one test per case.
 """
 import math
 import os
@@ -21,8 +23,9 @@ from model import PRESETS, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# (B, H, H_kv, N, D, causal): odd lengths (ragged last tiles), GQA groups of 1 to 4, head dims that are and
-# are not powers of two. The twin runs with 16-row tiles, the interpreter with 32 x 16 tiles.
+# (B, H, H_kv, N, D, causal): odd lengths (ragged last tiles), GQA groups of 1 to 4, head dims that
+# are and are not powers of two. The twin runs with 16-row tiles, the interpreter with 32 x 16
+# tiles.
 CASES = [
     (1, 2, 2, 16, 16, True),
     (2, 4, 2, 37, 32, True),
@@ -35,7 +38,8 @@ CASES = [
 
 
 def naive(q, k, v, causal, scale=None, doc=None, q_offset=0, k_offset=0, return_lse=False):
-    """softmax(scale q k^T + mask) v, materialising the N x N matrix. A row that sees no key gives 0 (L = -inf)."""
+    """softmax(scale q k^T + mask) v, materialising the N x N matrix. A row that sees no key gives 0
+    (L = -inf)."""
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     s = (scale or 1 / math.sqrt(q.shape[-1])) * q @ k.transpose(-2, -1)
@@ -46,7 +50,8 @@ def naive(q, k, v, causal, scale=None, doc=None, q_offset=0, k_offset=0, return_
     if doc is not None:
         keep = keep & (doc[:, None, :, None] == doc[:, None, None, :])
     s = s.masked_fill(~keep, -math.inf)
-    dead = ~keep.any(-1, keepdim=True)  # softmax of a row of -inf is nan: give it zeros, and zero gradients
+    # softmax of a row of -inf is nan: give it zeros, and zero gradients
+    dead = ~keep.any(-1, keepdim=True)
     o = torch.softmax(s.masked_fill(dead, 0), -1).masked_fill(~keep, 0) @ v
     return (o, s.logsumexp(-1)) if return_lse else o
 
@@ -72,7 +77,7 @@ def assert_all_close(got, want, **tol):
         torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
 
 
-# ------------------------------------------------------------------------------ the twin (CPU fallback)
+# -------------------------------------------------------------------------- the twin (CPU fallback)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_twin_matches_naive_in_float64(case, monkeypatch):
     monkeypatch.setattr(flash_attn, "TWIN_BLOCK", 16)
@@ -98,7 +103,8 @@ def test_softmax_scale_is_used():
 def test_non_contiguous_inputs_give_the_same_result():
     q, k, v, do = make_inputs((2, 4, 2, 24, 32, True))
     dense = run(flash_attention, q, k, v, do, torch.float64, True)
-    # As model.py passes them: (B, N, H, D) storage seen through a transpose; and every other element of D.
+    # As model.py passes them: (B, N, H, D) storage seen through a transpose; and every other
+    # element of D.
     strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
     assert not strided[0].is_contiguous()
     assert_all_close(run(flash_attention, *strided, do, torch.float64, True), dense, rtol=0, atol=0)
@@ -107,14 +113,16 @@ def test_non_contiguous_inputs_give_the_same_result():
     assert_all_close(run(flash_attention, *wide, do, torch.float64, True), dense, rtol=0, atol=0)
 
 
-# ------------------------------------------------------------------------------ masks: causal offsets, documents
+# ----------------------------------------------------------------- masks: causal offsets, documents
 def packed(*rows):
-    """(B, N) document ids of examples of the given lengths, one row per argument: packed([3, 5], [8])."""
+    """(B, N) document ids of examples of the given lengths, one row per argument: packed([3, 5],
+    [8])."""
     return torch.stack([torch.arange(len(r)).repeat_interleave(torch.tensor(r)) for r in rows])
 
 
-# (case, keyword arguments): offsets that widen the band, empty the first rows, unmask or mask everything;
-# documents of ragged lengths (tile edges fall inside them), different per row, causal and not, with GQA.
+# (case, keyword arguments): offsets that widen the band, empty the first rows, unmask or mask
+# everything; documents of ragged lengths (tile edges fall inside them), different per row, causal
+# and not, with GQA.
 MASK_CASES = [
     ((1, 2, 1, 40, 16, True), dict(q_offset=24)),
     ((1, 2, 2, 37, 32, True), dict(k_offset=5)),
@@ -145,9 +153,10 @@ def test_twin_masks_match_naive_in_float64(case, kw, monkeypatch):
 
 
 def poisoned(fn, dtype, causal):
-    """Three tile-aligned documents of 32 tokens; every input outside the middle one is nan. The middle one's
-    results are returned beside those of attention over that document alone: equal, and finite, only if no tile
-    of another document was read (a masked nan still poisons: 0 * nan = nan)."""
+    """Three tile-aligned documents of 32 tokens; every input outside the middle one is nan. The
+    middle one's results are returned beside those of attention over that document alone: equal, and
+    finite, only if no tile of another document was read (a masked nan still poisons: 0 * nan =
+    nan)."""
     q, k, v, do = make_inputs((1, 2, 1, 96, 16, causal))
     mine = torch.arange(96) // 32 == 1
     bad = [t.clone().masked_fill(~mine[:, None], math.nan) for t in (q, k, v, do)]
@@ -198,8 +207,9 @@ def test_training_with_flash_matches_sdpa(tmp_path, stdlib_data):
     fast = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--max-steps", "3", "--warmup-steps", "1",
             "--eval-iters", "1", "--eval-every", "3", "--sample-tokens", "0", "--log-every", "1"]
     runs = {a: pretrain.main(fast + ["--attn", a, "--out", str(tmp_path / a)]) for a in ("sdpa", "flash")}
-    # fp32, same maths in another summation order: equal to float32 rounding, amplified a little by 3 steps.
-    # (Not the weights: AdamW turns a rounding-level gradient near zero into a full-size step of either sign.)
+    # fp32, same maths in another summation order: equal to float32 rounding, amplified a little by
+    # 3 steps. (Not the weights: AdamW turns a rounding-level gradient near zero into a full-size
+    # step of either sign.)
     assert runs["flash"]["losses"] == pytest.approx(runs["sdpa"]["losses"], rel=1e-5)
 
 
@@ -228,12 +238,13 @@ def test_bad_input_gets_a_clear_error(args, match):
         flash_attention(args[0].tolist(), args[1], args[2])
 
 
-# ------------------------------------------------------------------------------ the Triton kernels, interpreted
+# ------------------------------------------------------------------ the Triton kernels, interpreted
 INTERP_CASES = [(case, torch.float32) for case in CASES] + [(CASES[1], torch.float16), (CASES[4], torch.float16)]
 
 
 def interpreter_child(path):
-    """In the child (TRITON_INTERPRET=1 set before the import): run every case through the Triton kernels."""
+    """In the child (TRITON_INTERPRET=1 set before the import): run every case through the Triton
+    kernels."""
     assert flash_attn.INTERPRET
     jobs, results = torch.load(path), {}
     for i, (case, dtype) in enumerate(jobs["cases"]):
@@ -276,15 +287,18 @@ def interpreted(tmp_path_factory):
 @pytest.mark.parametrize("i", range(len(INTERP_CASES)), ids=[f"{c}-{str(d)[6:]}" for c, d in INTERP_CASES])
 def test_triton_kernels_match_naive(interpreted, i):
     case, dtype = INTERP_CASES[i]
-    q, k, v, do = (x.to(dtype).double() for x in make_inputs(case))  # the reference sees the same inputs
+    # the reference sees the same inputs
+    q, k, v, do = (x.to(dtype).double() for x in make_inputs(case))
     want = run(naive, q, k, v, do, torch.float64, case[-1])
     if dtype == torch.float32:
-        # fp32 in, fp32 dots (the interpreter's tl.dot is exact fp32), float64 reference: rounding of about
-        # 6e-8 per operation over sums of at most N + D < 256 terms of O(1) values stays well under 1e-5.
+        # fp32 in, fp32 dots (the interpreter's tl.dot is exact fp32), float64 reference: rounding
+        # of about 6e-8 per operation over sums of at most N + D < 256 terms of O(1) values stays
+        # well under 1e-5.
         assert_all_close(interpreted[i], want, rtol=1e-5, atol=1e-5)
     else:
-        # fp16: the kernels round P and dS to fp16 before their matmuls (as FlashAttention does on GPUs) and
-        # round the results; measured about 1 fp16 unit (u = 2^-11) of each tensor's largest entry, allowed 4.
+        # fp16: the kernels round P and dS to fp16 before their matmuls (as FlashAttention does on
+        # GPUs) and round the results; measured about 1 fp16 unit (u = 2^-11) of each tensor's
+        # largest entry, allowed 4.
         for name, a, w in zip(("out", "dq", "dk", "dv"), interpreted[i], want):
             assert (a - w).abs().max() <= 4 * 2 ** -11 * w.abs().max(), name
 
@@ -300,7 +314,8 @@ def test_triton_kernels_masks_match_naive(interpreted, i):
     q, k, v, do = (x.float().double() for x in make_inputs(case))
     want = run_lse(naive, q, k, v, do, torch.float64, case[-1], **kw)
     for name, a, b in zip(("out", "dq", "dk", "dv", "lse"), interpreted["mask", i], want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")  # fp32: as above
+        # fp32: as above
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -319,7 +334,7 @@ def test_model_with_triton_kernels_matches_sdpa(interpreted):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-# ------------------------------------------------------------------------------ on a GPU, when there is one
+# ---------------------------------------------------------------------- on a GPU, when there is one
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("causal", [True, False])
 def test_cuda_bf16_is_as_accurate_as_sdpa(causal):
@@ -331,7 +346,8 @@ def test_cuda_bf16_is_as_accurate_as_sdpa(causal):
                                                                                     enable_gqa=True),
                q, k, v, do, torch.bfloat16, causal)
     for name, a, b, w in zip(("out", "dq", "dk", "dv"), ours, sdpa, want):
-        # bf16 rounding of P, dS and the results dominates: no worse than twice PyTorch's own kernel.
+        # bf16 rounding of P, dS and the results dominates: no worse than twice PyTorch's own
+        # kernel.
         assert (a - w).abs().max() <= 2 * (b - w).abs().max() + 1e-3, name
     # fp32 with exact (not tf32) dots against float64.
     assert_all_close(run(flash_attention, q, k, v, do, torch.float32, causal), want, rtol=1e-4, atol=1e-4)

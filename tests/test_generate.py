@@ -1,5 +1,6 @@
-"""Generation with the KV cache (model.py's KVCache, Transformer.stream) and generate.py's command line: the
-cached tokens are the uncached ones, the cached logits the full forward's, sampling keeps what it should."""
+"""Generation with the KV cache (model.py's KVCache, Transformer.stream) and generate.py's command
+line: the cached tokens are the uncached ones, the cached logits the full forward's, sampling keeps
+what it should."""
 import re
 import subprocess
 import sys
@@ -23,8 +24,9 @@ CFG = replace(PRESETS["tiny"], n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_f
 
 
 def build(cfg=CFG, dtype=torch.float64, seed=0):
-    """Weights larger than the training init (std 0.02), so that every token's logits depend on the context:
-    a model at init repeats one token whatever it attends to, and would hide a wrong cache."""
+    """Weights larger than the training init (std 0.02), so that every token's logits depend on the
+    context: a model at init repeats one token whatever it attends to, and would hide a wrong
+    cache."""
     torch.manual_seed(seed)
     model = Transformer(cfg)
     for p in model.parameters():
@@ -33,24 +35,26 @@ def build(cfg=CFG, dtype=torch.float64, seed=0):
     return model.to(dtype).eval()
 
 
-# ----------------------------------------------------------------------------------- the cache is exact
+# ------------------------------------------------------------------------------- the cache is exact
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 def test_greedy_with_the_cache_equals_greedy_without(dtype, n_kv_head):
-    """Token for token, to the end of the context and 7 tokens past it (where both slide a window of block_size
-    tokens); n_kv_head < n_head is grouped-query attention."""
+    """Token for token, to the end of the context and 7 tokens past it (where both slide a window of
+    block_size tokens); n_kv_head < n_head is grouped-query attention."""
     model = build(replace(CFG, n_kv_head=n_kv_head), dtype)
     prompt = torch.randint(0, CFG.vocab_size, (2, 7))
     cached = model.generate(prompt, CFG.block_size, temperature=0)
     uncached = model.generate(prompt, CFG.block_size, temperature=0, use_cache=False)
     assert cached.shape == (2, CFG.block_size + 7) and torch.equal(cached, uncached)
-    assert min(len(set(row[7:].tolist())) for row in cached) > 10  # varied text, not one token repeated
+    # varied text, not one token repeated
+    assert min(len(set(row[7:].tolist())) for row in cached) > 10
 
 
 @pytest.mark.parametrize("backend", ["naive", "sdpa", "flash"])  # flash: on a CPU its PyTorch twin
 def test_cached_logits_equal_the_full_forward(backend):
-    """A prefill of 9, a chunk of 6 more on top of the cache (queries offset against the keys), then one token at
-    a time: every position's logits as one forward over the whole sequence gives them, float64."""
+    """A prefill of 9, a chunk of 6 more on top of the cache (queries offset against the keys), then
+    one token at a time: every position's logits as one forward over the whole sequence gives them,
+    float64."""
     model = build(replace(CFG, n_kv_head=1))
     for b in model.blocks:
         b.attn.backend = backend
@@ -73,7 +77,8 @@ def test_the_cache_refuses_more_than_it_holds():
 
 
 def _tp_generation(rank, world):
-    """The same model and seed, cut over `world` tensor-parallel ranks (local heads); every rank generates."""
+    """The same model and seed, cut over `world` tensor-parallel ranks (local heads); every rank
+    generates."""
     model = build(replace(CFG, n_head=4, n_kv_head=2))
     tensor_parallel.parallelize(model, Topology(tp=world))
     tensor_parallel.set_gather_output(model, True)
@@ -85,7 +90,8 @@ def _tp_generation(rank, world):
 
 
 def test_tensor_parallel_generation_equals_one_process():
-    """tp 2 (two heads and one KV head per rank in each cache) against one process, greedy and sampled."""
+    """tp 2 (two heads and one KV head per rank in each cache) against one process, greedy and
+    sampled."""
     one = _tp_generation(0, 1)
     for greedy, sampled in run_distributed(_tp_generation, 2):
         assert torch.equal(greedy, one[0]) and torch.equal(sampled, one[1])
@@ -93,7 +99,8 @@ def test_tensor_parallel_generation_equals_one_process():
 
 # ----------------------------------------------------------------------------------- sampling
 def test_top_p_keeps_the_smallest_set_that_reaches_p():
-    probs = torch.tensor([[0.125, 0.5, 0.125, 0.25]])  # sorted: 0.5 (id 1), 0.25 (id 3), then the two 0.125
+    # sorted: 0.5 (id 1), 0.25 (id 3), then the two 0.125
+    probs = torch.tensor([[0.125, 0.5, 0.125, 0.25]])
     kept = lambda p: set(top_p_mask(probs, p)[0].nonzero().flatten().tolist())  # noqa: E731
     assert kept(0.5) == {1} and kept(0.7) == kept(0.75) == {1, 3}
     assert len(kept(0.76)) == 3 and kept(1.0) == {0, 1, 2, 3}
@@ -111,8 +118,9 @@ def test_temperature_zero_is_the_argmax_and_top_k_limits_the_draws():
 
 
 class ScriptedHead(nn.Module):
-    """An lm_head whose last position's logits make greedy decoding say `script`, one token per call; the padded
-    vocabulary's rows (>= n_vocab) get the largest logits of all, which must never be drawn."""
+    """An lm_head whose last position's logits make greedy decoding say `script`, one token per
+    call; the padded vocabulary's rows (>= n_vocab) get the largest logits of all, which must never
+    be drawn."""
 
     def __init__(self, script, vocab, n_vocab):
         super().__init__()
@@ -129,18 +137,21 @@ class ScriptedHead(nn.Module):
 @pytest.mark.parametrize("no_cache", [False, True])
 def test_generation_stops_at_end_of_text(no_cache):
     model = build(SFT_CFG, torch.float32)
-    eos, n_vocab = 256, 257  # the byte tokenizer's end-of-text, and its vocabulary (the model's is 320)
+    # the byte tokenizer's end-of-text, and its vocabulary (the model's is 320)
+    eos, n_vocab = 256, 257
     model.lm_head = ScriptedHead([ord("h"), ord("i"), eos, ord("x")], SFT_CFG.vocab_size, n_vocab)
     args = generate.build_parser().parse_args(["x", "--prompt", "p", "--temperature", "0"]
                                               + ["--no-cache"] * no_cache)
     new, _, _, hit_eos = generate.generate(model, [1, 2, 3], args, {eos}, n_vocab)
-    assert new == [ord("h"), ord("i")] and hit_eos and model.lm_head.calls == 3  # nothing after end-of-text
+    # nothing after end-of-text
+    assert new == [ord("h"), ord("i")] and hit_eos and model.lm_head.calls == 3
 
 
-# ----------------------------------------------------------------------------------- the command line
+# --------------------------------------------------------------------------------- the command line
 @pytest.fixture(scope="module")
 def tiny_file(tmp_path_factory):
-    return make_init(tmp_path_factory.mktemp("gen"))  # a consolidated file, byte tokenizer, context 128
+    # a consolidated file, byte tokenizer, context 128
+    return make_init(tmp_path_factory.mktemp("gen"))
 
 
 def cli(*args):
@@ -153,8 +164,9 @@ STATS = re.compile(r"^prefill (\d+) tokens: [\d,.]+ tokens/s \| decode (\d+) tok
 
 
 def test_the_command_line_with_and_without_the_cache(tiny_file):
-    """Greedy: the same text both ways; the text starts with the prompt; the last line is the tokens/s line,
-    with the KV cache's bytes as the formula has them: 2 * L * T * n_kv_head * head_dim * 4 (fp32)."""
+    """Greedy: the same text both ways; the text starts with the prompt; the last line is the
+    tokens/s line, with the KV cache's bytes as the formula has them: 2 * L * T * n_kv_head *
+    head_dim * 4 (fp32)."""
     outs = [cli(tiny_file, "--prompt", "def f(", "--temperature", "0", "--max-new-tokens", "12", *extra)
             for extra in ([], ["--no-cache"])]
     for p in outs:
@@ -169,7 +181,8 @@ def test_the_command_line_with_and_without_the_cache(tiny_file):
 
 
 def test_chat_and_int8_run(tiny_file):
-    """--chat prints the answer alone (here: not the template); --int8 generates through INT8 linears."""
+    """--chat prints the answer alone (here: not the template); --int8 generates through INT8
+    linears."""
     p = cli(tiny_file, "--prompt", "Reverse the word.", "--chat", "--int8", "--max-new-tokens", "5", "--top-p", "0.9")
     assert p.returncode == 0 and "Instruction" not in p.stdout and " | int8 | " in p.stdout, p.stdout + p.stderr
 

@@ -1,6 +1,6 @@
-"""make gpu-check's runner on the CPU, with stand-in commands: a row that hangs is killed with its children, a
-row that crashes or raises leaves the table whole, rows that need more GPUs say skipped; its plan holds the
-headline rows; MFU is against the peak of the run's precision."""
+"""make gpu-check's runner on the CPU, with stand-in commands: a row that hangs is killed with its
+children, a row that crashes or raises leaves the table whole, rows that need more GPUs say skipped;
+its plan holds the headline rows; MFU is against the peak of the run's precision."""
 import sys
 import time
 
@@ -19,8 +19,8 @@ def alive(pid):
 
 
 def test_a_hanging_row_is_killed_with_its_children(tmp_path):
-    """A command that starts a child and then both sleep (torchrun and a stuck worker): past its timeout the
-    whole group goes, the child included, and the next row still runs."""
+    """A command that starts a child and then both sleep (torchrun and a stuck worker): past its
+    timeout the whole group goes, the child included, and the next row still runs."""
     pid_file = tmp_path / "child.pid"
     hang = [sys.executable, "-c", "import subprocess, sys, time; "
             f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
@@ -70,8 +70,8 @@ def test_rows_that_need_more_gpus_are_skipped_not_passed(capsys):
 
 
 def test_the_plan_runs_the_headline_on_every_gpu(tmp_path):
-    """8 GPUs: ZeRO-3 x tp 2 over all 8; the other multi-GPU layouts and the resume on another layout are there;
-    on one GPU every multi-GPU row is one that run_checks skips."""
+    """8 GPUs: ZeRO-3 x tp 2 over all 8; the other multi-GPU layouts and the resume on another
+    layout are there; on one GPU every multi-GPU row is one that run_checks skips."""
     rows = {r.name: r for r in gpu_check.plan(str(tmp_path), 8, "h100")}
     assert rows["ZeRO-3 x tp 2, 8 GPUs"].gpus == 8
     for name in ("1F1B, pp 2", "ring attention, cp 2", "MoE all-to-all, ep 2", "1 GPU, fp8",
@@ -84,8 +84,8 @@ def test_the_plan_runs_the_headline_on_every_gpu(tmp_path):
 
 
 def test_mfu_is_against_the_peak_of_the_runs_precision():
-    """The log's MFU divides by bf16's peak: an fp8 run is at half of it against fp8's, an fp32 (TF32) run at
-    twice; an A100 has no fp8 peak to divide by."""
+    """The log's MFU divides by bf16's peak: an fp8 run is at half of it against fp8's, an fp32
+    (TF32) run at twice; an A100 has no fp8 peak to divide by."""
     rec = {"mfu": 0.4}
     assert "MFU 40.0% of bf16" in gpu_check.mfu(rec, "h100", "bf16")
     assert "MFU 20.0% of fp8" in gpu_check.mfu(rec, "h100", "fp8")

@@ -1,6 +1,6 @@
-"""What a GPU run depends on, checked on the CPU: TF32 for fp32 runs on CUDA (matmuls and flash attention's
-dots), the flat collectives under their older names, --compile refused with ZeRO-3, throughput windows that
-leave evaluation and checkpoints out."""
+"""What a GPU run depends on, checked on the CPU: TF32 for fp32 runs on CUDA (matmuls and flash
+attention's dots), the flat collectives under their older names, --compile refused with ZeRO-3,
+throughput windows that leave evaluation and checkpoints out."""
 import json
 import subprocess
 import sys
@@ -18,7 +18,8 @@ from tests.distributed import refused_before_any_group
 def test_flash_fp32_dots_follow_torchs_matmul_precision():
     import flash_kernels  # (the Triton kernels' launcher)
     q = torch.zeros(1, 2, 8, 16)
-    assert flash_kernels._meta(q, q, True, 0, None)["PRECISION"] == "ieee"  # the default "highest": exact, for tests
+    # the default "highest": exact, for tests
+    assert flash_kernels._meta(q, q, True, 0, None)["PRECISION"] == "ieee"
     try:
         torch.set_float32_matmul_precision("high")  # what pretrain.py sets for fp32 runs on CUDA
         assert flash_kernels._meta(q, q, True, 0, None)["PRECISION"] == "tf32"
@@ -56,8 +57,9 @@ def test_compile_with_zero3_is_refused_in_one_line(tmp_path, capsys, monkeypatch
 
 
 def test_evaluation_and_saving_are_left_out_of_the_throughput_window(tmp_path, stdlib_data, monkeypatch):
-    """A fake clock jumps 1000 s during every evaluation and save: the tokens/s of the window that follows
-    must not see it (a 16 x 32-token step per second would otherwise read below 1 token/s)."""
+    """A fake clock jumps 1000 s during every evaluation and save: the tokens/s of the window that
+    follows must not see it (a 16 x 32-token step per second would otherwise read below 1
+    token/s)."""
     offset = [0.0]
     monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0],
                                                              time=time.time))

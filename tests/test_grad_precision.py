@@ -1,7 +1,8 @@
-"""A bf16 model's gradients added up over 8 accumulation micro-steps, then averaged over 4 data-parallel ranks
-(ddp.py): in fp32 (amp.py's main_grad, the default) or in bf16 (--grad-reduce-dtype model), against the exact sum
-in float64 of the very bf16 gradients each micro-step's backward produced. What is measured is the error the
-accumulation and the reduction add, nothing else: each backward's own bf16 rounding is the same on both paths.
+"""A bf16 model's gradients added up over 8 accumulation micro-steps, then averaged over 4
+data-parallel ranks (ddp.py): in fp32 (amp.py's main_grad, the default) or in bf16
+(--grad-reduce-dtype model), against the exact sum in float64 of the very bf16 gradients each
+micro-step's backward produced. What is measured is the error the accumulation and the reduction
+add, nothing else: each backward's own bf16 rounding is the same on both paths.
 
 `python tests/test_grad_precision.py` prints the figures (the relative error of each path)."""
 import contextlib
@@ -37,7 +38,8 @@ def backward(module, batch):
 
 
 def exact_sum(ranks):
-    """float64 sum over the ranks' micro-steps of each bf16 backward's gradient, / the ranks (ddp's mean)."""
+    """float64 sum over the ranks' micro-steps of each bf16 backward's gradient, / the ranks (ddp's
+    mean)."""
     model, total = build(), None
     for rank in ranks:
         for batch in micro_batches(rank):
@@ -76,7 +78,8 @@ def _ddp(rank, world, main_grads):
 
 
 def _zero2(rank, world, main_grads):
-    """ZeRO-2 reduce-scatters every micro-step's gradients and adds up this rank's slices: gathered back whole."""
+    """ZeRO-2 reduce-scatters every micro-step's gradients and adds up this rank's slices: gathered
+    back whole."""
     model = build()
     opt = ZeroOptimizer(model, [{"params": list(model.parameters())}], torch.optim.AdamW,
                         DynamicLossScaler(enabled=False), stage=2, main_grads=main_grads)
@@ -91,13 +94,14 @@ def _zero2(rank, world, main_grads):
 
 
 def measure():
-    """{(path, dtype): relative error} for accumulation alone (dp 1) and accumulation + the dp reduction (ddp.py,
-    and ZeRO-2)."""
+    """{(path, dtype): relative error} for accumulation alone (dp 1) and accumulation + the dp
+    reduction (ddp.py, and ZeRO-2)."""
     errors, ref1, ref_dp = {}, exact_sum([0]), exact_sum(range(DP))
     for main_grads, name in ((True, "fp32"), (False, "bf16")):
         errors[("accumulate 8", name)] = relative_error(accumulated(main_grads), ref1).item()
         per_rank = run_distributed(_ddp, DP, main_grads)
-        assert all(torch.equal(a, b) for r in per_rank[1:] for a, b in zip(per_rank[0], r))  # one mean everywhere
+        # one mean everywhere
+        assert all(torch.equal(a, b) for r in per_rank[1:] for a, b in zip(per_rank[0], r))
         errors[(f"accumulate 8, reduce dp {DP}", name)] = relative_error(per_rank[0], ref_dp).item()
         errors[(f"ZeRO-2, dp {DP}", name)] = relative_error(run_distributed(_zero2, DP, main_grads)[0], ref_dp).item()
     return errors
@@ -107,11 +111,13 @@ def test_fp32_accumulation_and_reduction_are_far_closer_to_float64_than_bf16():
     errors = measure()
     for what in ("accumulate 8", f"accumulate 8, reduce dp {DP}", f"ZeRO-2, dp {DP}"):
         assert errors[(what, "fp32")] < errors[(what, "bf16")] / 100, errors
-        assert errors[(what, "bf16")] > 1e-4, errors  # bf16's 8 bits show (the measurement can see an error)
+        # bf16's 8 bits show (the measurement can see an error)
+        assert errors[(what, "bf16")] > 1e-4, errors
 
 
 def test_fp32_models_have_no_main_grad():
-    """fp32 and float64 models keep their gradients in p.grad, in their own dtype: those paths are unchanged."""
+    """fp32 and float64 models keep their gradients in p.grad, in their own dtype: those paths are
+    unchanged."""
     torch.manual_seed(0)
     model = Transformer(CFG)
     MixedPrecisionOptimizer([{"params": list(model.parameters())}], torch.optim.AdamW, torch.float32,
@@ -121,8 +127,8 @@ def test_fp32_models_have_no_main_grad():
 
 
 def model_error(main_grads):
-    """For scale: one process's accumulated gradient against the float64 model's (same weights, same data), whose
-    error is mostly each backward's own bf16 arithmetic."""
+    """For scale: one process's accumulated gradient against the float64 model's (same weights, same
+    data), whose error is mostly each backward's own bf16 arithmetic."""
     torch.manual_seed(0)
     model = Transformer(CFG).double()
     model.load_state_dict({k: v.double() for k, v in build().state_dict().items()})

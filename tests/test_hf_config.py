@@ -1,6 +1,7 @@
-"""Hugging Face config.json in both forms (transformers 4: top-level rope_theta and rope_scaling; transformers 5:
-rope_parameters), Llama 3.1's rope scaling and a head_dim of its own against formulas written here, the special
-token ids, and what export-hf writes for transformers (tied head, ids, generation_config.json, tokenizer files)."""
+"""Hugging Face config.json in both forms (transformers 4: top-level rope_theta and rope_scaling;
+transformers 5: rope_parameters), Llama 3.1's rope scaling and a head_dim of its own against
+formulas written here, the special token ids, and what export-hf writes for transformers (tied head,
+ids, generation_config.json, tokenizer files)."""
 import json
 import math
 import re
@@ -33,14 +34,17 @@ WANT = {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "d_ff": 64, "v
 
 
 def llama3_inv_freq(theta, hd, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
-    """Llama 3.1's scaled frequencies, one at a time in plain floats, from the paper's description."""
+    """Llama 3.1's scaled frequencies, one at a time in plain floats, from the paper's
+    description."""
     out = []
     for i in range(0, hd, 2):
         f = theta ** (-i / hd)
         wavelen = 2 * math.pi / f
-        if wavelen < original_max_position_embeddings / high_freq_factor:  # fast: many turns in the old context
+        # fast: many turns in the old context
+        if wavelen < original_max_position_embeddings / high_freq_factor:
             out.append(f)
-        elif wavelen > original_max_position_embeddings / low_freq_factor:  # slow: stretched by the factor
+        # slow: stretched by the factor
+        elif wavelen > original_max_position_embeddings / low_freq_factor:
             out.append(f / factor)
         else:
             s = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
@@ -55,14 +59,16 @@ def tables(inv_freq, T):
 
 def test_both_forms_give_the_same_model_config():
     assert hf._check_config(V4, "v4") == hf._check_config(V5, "v5") == WANT
-    # the form Llama 3.1's own files use: "type" in older ones; the default type with theta 5e5 in either form
+    # the form Llama 3.1's own files use: "type" in older ones; the default type with theta 5e5 in
+    # either form
     assert hf._check_config(V4 | {"rope_scaling": {"type": "llama3"} | {k: v for k, v in SCALING.items()
                                                                            if k != "rope_type"}}, "v4") == WANT
     plain = {k: v for k, v in WANT.items() if k != "rope_scaling"}
     assert hf._check_config(V5 | {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, "v5") == plain
     assert hf._check_config(V4 | {"rope_scaling": None}, "v4") == plain
     assert hf._check_config({k: v for k, v in V4.items() if k not in ("rope_theta", "rope_scaling")},
-                                 "v4")["rope_theta"] == 1e4  # Llama's default when no form names one
+                                 # Llama's default when no form names one
+                                 "v4")["rope_theta"] == 1e4
 
 
 def test_theta_and_llama3_scaling_reach_the_rope_tables():
@@ -81,7 +87,8 @@ def test_theta_and_llama3_scaling_reach_the_rope_tables():
 
 
 def hf_folder(path, config, seed=0):
-    """A folder as transformers saves it: config.json and random float64 tensors under Llama's names."""
+    """A folder as transformers saves it: config.json and random float64 tensors under Llama's
+    names."""
     cfg = hf._check_config(config, "config.json")
     g = torch.Generator().manual_seed(seed)
     tensors = {hf.rename(n, hf.TO_HF): torch.randn(shape, dtype=torch.float64, generator=g) * 0.3
@@ -99,7 +106,8 @@ def test_head_dim_and_llama3_forward_match_an_independent_reference(tmp_path):
     init = weights.load_weights(tmp_path / "hf")
     model = Transformer(ModelConfig(**init["model_config"] | {"attn": "naive"})).double()
     model.load_state_dict(init["model"])
-    assert model.blocks[0].attn.wq.weight.shape == (4 * 16, 32)  # head_dim 16 with d_model 32 and 4 heads
+    # head_dim 16 with d_model 32 and 4 heads
+    assert model.blocks[0].attn.wq.weight.shape == (4 * 16, 32)
     idx = torch.randint(0, 64, (1, 32), generator=torch.Generator().manual_seed(1))
     inv_freq = llama3_inv_freq(5e5, 16, **{k: v for k, v in SCALING.items() if k != "rope_type"})
     ref = llama_reference(tensors | {"lm_head.weight": tensors["model.embed_tokens.weight"]}, V5, idx, inv_freq)
@@ -108,7 +116,8 @@ def test_head_dim_and_llama3_forward_match_an_independent_reference(tmp_path):
 
 
 def test_tensor_parallel_with_head_dim_and_llama3_matches_one_process():
-    """tp 2 splits the heads of width 16 (not d_model / n_head = 8): three AdamW steps as one process's, float64."""
+    """tp 2 splits the heads of width 16 (not d_model / n_head = 8): three AdamW steps as one
+    process's, float64."""
     cfg = replace(test_model_parallel.CFG, head_dim_override=16, rope_scaling=SCALING)
     test_model_parallel.check_against_one_process([(2, 1, "1f1b", 0, False)], 2, cfg)
 
@@ -148,7 +157,8 @@ def test_a_model_config_recorded_before_the_new_fields_reads_the_same(tmp_path):
     assert ModelConfig(**old) == ModelConfig(**asdict(PRESETS["tiny"]) | {"attn": "-"})
     assert config_dict(ModelConfig(**old)) == old == config_dict(old | ADDED_FIELDS)
     model = Transformer(ModelConfig(**old))
-    for i, cfg in enumerate((old, old | ADDED_FIELDS)):  # a consolidated file of either vintage reads back as `old`
+    # a consolidated file of either vintage reads back as `old`
+    for i, cfg in enumerate((old, old | ADDED_FIELDS)):
         torch.save({"model": model.state_dict(), "model_config": cfg, "tokenizer": "bytes"}, tmp_path / f"{i}.pt")
         assert weights.load_weights(tmp_path / f"{i}.pt")["model_config"] == old
 
@@ -163,8 +173,8 @@ def test_checkpoints_record_the_old_keys_and_resume(tmp_path, stdlib_data):
 
 
 def tokenizer_files(folder):
-    """A Hugging Face tokenizer's files, by hand: special tokens in tokenizer.json's added_tokens, named by
-    tokenizer_config.json (a string or an AddedToken object)."""
+    """A Hugging Face tokenizer's files, by hand: special tokens in tokenizer.json's added_tokens,
+    named by tokenizer_config.json (a string or an AddedToken object)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.json").write_text(json.dumps({"version": "1.0", "added_tokens": [
         {"id": 60, "content": "<s>", "special": True}, {"id": 61, "content": "</s>", "special": True}],
@@ -194,7 +204,8 @@ def test_export_writes_the_tied_head_ids_and_tokenizer_for_transformers(tmp_path
     tensors = hf_folder(tmp_path / "hf", V5)
     tokenizer_files(tmp_path / "hf")
     init = weights.load_weights(tmp_path / "hf")  # tied: the head is a copy of the embedding
-    torch.save(init, tmp_path / "model.pt")  # as a consolidated file of a run on that tokenizer records it
+    # as a consolidated file of a run on that tokenizer records it
+    torch.save(init, tmp_path / "model.pt")
     config = hf.export_hf(tmp_path / "model.pt", tmp_path / "out")
     out = tmp_path / "out"
     assert "lm_head.weight" not in hf.read_safetensors(out / "model.safetensors")
@@ -206,7 +217,8 @@ def test_export_writes_the_tied_head_ids_and_tokenizer_for_transformers(tmp_path
         "bos_token_id": 0, "eos_token_id": [1, 2], "pad_token_id": None}
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (out / f).read_bytes() == (tmp_path / "hf" / f).read_bytes()
-    again = weights.load_weights(out)  # both forms of the rope settings are in config.json, and agree
+    # both forms of the rope settings are in config.json, and agree
+    again = weights.load_weights(out)
     assert again["model_config"] == init["model_config"] == WANT and again["tokenizer"] == str(out.resolve())
     assert all(torch.equal(again["model"][k], v) for k, v in init["model"].items())
     idx = torch.randint(0, 64, (1, 32), generator=torch.Generator().manual_seed(1))
@@ -231,8 +243,9 @@ def test_export_of_a_byte_level_run_names_its_tokenizer_and_end_of_text(tmp_path
 
 
 def test_a_tiktoken_run_exports_offline_with_tiktokens_own_end_of_text(tmp_path, monkeypatch):
-    """A run trained with --tokenizer gpt2 exports on a machine that cannot download gpt2's ranks: the
-    end-of-text ids are tiktoken's own (read here from tiktoken's source, not from the table)."""
+    """A run trained with --tokenizer gpt2 exports on a machine that cannot download gpt2's ranks:
+    the end-of-text ids are tiktoken's own (read here from tiktoken's source, not from the
+    table)."""
     import tiktoken_ext.openai_public as openai_public
     source = open(openai_public.__file__).read()
     for name, eot in hf.TIKTOKEN_EOT.items():

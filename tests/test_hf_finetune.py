@@ -1,7 +1,8 @@
-"""A pretrained model's Hugging Face folder end to end: LoRA fine-tuning on tp 2 x ZeRO-3 (4 ranks) equal to one
-process, chatting with the merged model (KV cache = no cache), export back to a Hugging Face folder that generates
-the same tokens. The folder is benchmarks/hf_folder.py's "tiny": SmolLM2's structure in miniature (transformers 5
-config with rope_parameters, tied embeddings, byte-level BPE tokenizer.json, ChatML template), random weights."""
+"""A pretrained model's Hugging Face folder end to end: LoRA fine-tuning on tp 2 x ZeRO-3 (4 ranks)
+equal to one process, chatting with the merged model (KV cache = no cache), export back to a Hugging
+Face folder that generates the same tokens. The folder is benchmarks/hf_folder.py's "tiny":
+SmolLM2's structure in miniature (transformers 5 config with rope_parameters, tied embeddings,
+byte-level BPE tokenizer.json, ChatML template), random weights."""
 import json
 
 import pytest
@@ -19,7 +20,8 @@ from tests.distributed import run_distributed
 
 
 def chats(n, seed):
-    """Chat-format lines: reverse a word (a system turn in every other line; ChatML adds its default otherwise)."""
+    """Chat-format lines: reverse a word (a system turn in every other line; ChatML adds its default
+    otherwise)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
@@ -56,16 +58,19 @@ def greedy(path, *extra):
 def test_lora_on_tp2_zero3_equals_one_process_then_chats_and_exports(tmp_path, files, capsys):
     one = sft.main(argv(files, tmp_path / "one"))
     assert len(one["losses"]) == 3 and all(torch.isfinite(torch.tensor(one["losses"] + one["val_losses"])))
-    assert one["val_losses"][-1] < one["val_losses"][0]  # held-out replies: before training, after 3 steps
-    # The same run on 4 ranks (tensor parallel 2 x data parallel 2, ZeRO-3 sharding the adapters): the same
-    # losses to fp32 rounding (only the summation order differs), and the same answers to the held-out prompt.
+    # held-out replies: before training, after 3 steps
+    assert one["val_losses"][-1] < one["val_losses"][0]
+    # The same run on 4 ranks (tensor parallel 2 x data parallel 2, ZeRO-3 sharding the adapters):
+    # the same losses to fp32 rounding (only the summation order differs), and the same answers to
+    # the held-out prompt.
     for losses, val_losses, samples in run_distributed(_tp2_zero3, 4, files, str(tmp_path / "four")):
         assert losses == pytest.approx(one["losses"], rel=1e-5)
         assert val_losses == pytest.approx(one["val_losses"], rel=1e-5)
         assert samples == one["samples"]
     merged = {d: torch.load(tmp_path / d / "merged.pt", weights_only=False) for d in ("one", "four")}
     assert merged["four"]["tokenizer"] == str(files["hf"].resolve())
-    # transformers 5's form alone (rope_parameters, no top-level rope_theta) gave the model its theta of 5e5.
+    # transformers 5's form alone (rope_parameters, no top-level rope_theta) gave the model its
+    # theta of 5e5.
     assert "rope_theta" not in json.loads((files["hf"] / "config.json").read_text())
     assert merged["four"]["model_config"]["rope_theta"] == 5e5
     for k, v in merged["one"]["model"].items():
@@ -79,13 +84,14 @@ def test_lora_on_tp2_zero3_equals_one_process_then_chats_and_exports(tmp_path, f
     chat = greedy(path, "--chat")  # (random weights: the text is noise)
     assert capsys.readouterr().out.count("tokens/s") == 6  # prefill and decode, three times
 
-    # Export: a Hugging Face folder (config in both rotary forms, tied, the tokenizer's files) that this project
-    # reads back and generates the same tokens from.
+    # Export: a Hugging Face folder (config in both rotary forms, tied, the tokenizer's files) that
+    # this project reads back and generates the same tokens from.
     hf_out = tmp_path / "hf_out"
     weights.main(["export-hf", str(path), str(hf_out)])
     config = json.loads((hf_out / "config.json").read_text())
     assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 5e5} and config["rope_theta"] == 5e5
-    assert config["tie_word_embeddings"] is True  # LoRA left the (tied) embedding and head untouched
+    # LoRA left the (tied) embedding and head untouched
+    assert config["tie_word_embeddings"] is True
     assert "lm_head.weight" not in hf.read_safetensors(hf_out / "model.safetensors")
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (hf_out / f).is_file(), f
@@ -110,8 +116,9 @@ def test_a_reply_stops_at_im_end(tmp_path, files, capsys):
 
 
 def test_heads_that_do_not_split_over_tp_are_refused_before_any_group(tmp_path, files, capsys, monkeypatch):
-    """SmolLM2-135M's 9 heads / 3 KV heads (here in miniature, head 8) do not divide by --tp 2: one line, exit 2,
-    before a process group is built (rank 0 of a world of 4 that does not exist would hang otherwise)."""
+    """SmolLM2-135M's 9 heads / 3 KV heads (here in miniature, head 8) do not divide by --tp 2: one
+    line, exit 2, before a process group is built (rank 0 of a world of 4 that does not exist would
+    hang otherwise)."""
     shape = SHAPES["tiny"] | {"hidden_size": 72, "num_attention_heads": 9, "num_key_value_heads": 3}
     folder = write_hf_folder(tmp_path / "nine", shape, n_merges=200, dtype=torch.float32)
     monkeypatch.setenv("WORLD_SIZE", "4")

@@ -1,5 +1,5 @@
-"""Every flag and input a user can get wrong: one line naming it and what would be valid, exit status 2, before
-any work starts (no training step, no process group, no file written)."""
+"""Every flag and input a user can get wrong: one line naming it and what would be valid, exit
+status 2, before any work starts (no training step, no process group, no file written)."""
 import json
 
 import pytest
@@ -72,7 +72,8 @@ def test_out_must_be_a_folder_that_can_be_made(tmp_path, capsys):
 
 
 def test_a_damaged_data_folder_is_refused_by_the_entry_point(tmp_path, capsys, stdlib_data):
-    """data.py's checks (tests/test_data.py has every case) reach the user as one line from pretrain.py."""
+    """data.py's checks (tests/test_data.py has every case) reach the user as one line from
+    pretrain.py."""
     d = tmp_path / "d"
     d.mkdir()
     meta = json.loads((stdlib_data / "meta.json").read_text())

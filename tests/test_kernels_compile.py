@@ -1,6 +1,7 @@
-"""flash_kernels.py compiled for the H100 (sm_90a) without a GPU, by the ptxas that ships with Triton
-(benchmarks/kernels.py): each kernel's first autotuning candidate for head dim 128, the largest and the hardest
-to fit, keeps every value in registers (no spill to local memory) and its shared memory within the SM's limit."""
+"""flash_kernels.py compiled for the H100 (sm_90a) without a GPU, by the ptxas that ships with
+Triton (benchmarks/kernels.py): each kernel's first autotuning candidate for head dim 128, the
+largest and the hardest to fit, keeps every value in registers (no spill to local memory) and its
+shared memory within the SM's limit."""
 import json
 import os
 import subprocess
@@ -12,8 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_kernel_fits_an_h100_without_spills(tmp_path):
-    assert "\t$(PY) benchmarks/kernels.py\n" in open(os.path.join(ROOT, "Makefile")).read()  # make kernels
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    # make kernels
+    assert "\t$(PY) benchmarks/kernels.py\n" in open(os.path.join(ROOT, "Makefile")).read()
+    # compiled, not interpreted
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # (kernels.py compiles afresh anyway)
     out = tmp_path / "rows.json"
     r = subprocess.run([sys.executable, "benchmarks/kernels.py", "--arch", "90", "--head-dim", "128", "--first",
@@ -32,8 +35,8 @@ def test_every_kernel_fits_an_h100_without_spills(tmp_path):
 
 
 def test_autotuning_tries_only_the_tiles_made_for_the_head_dim():
-    """The pruning the autotuner calls with the launch's arguments (compiled mode, as on a GPU): head dim 128 never
-    meets a tile kept for 64 or less; 64 meets them all."""
+    """The pruning the autotuner calls with the launch's arguments (compiled mode, as on a GPU):
+    head dim 128 never meets a tile kept for 64 or less; 64 meets them all."""
     code = ("import flash_kernels as fk\n"
             "for kernel, tiles in ((fk._fwd_kernel, fk.FWD_TILES), (fk._bwd_dq_kernel, fk.DQ_TILES),\n"
             "                      (fk._bwd_dkdv_kernel, fk.DKDV_TILES)):\n"

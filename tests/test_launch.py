@@ -1,7 +1,9 @@
-"""Launching: one run per --out folder, torchrun restarts that continue bit for bit, two nodes on one machine.
+"""Launching: one run per --out folder, torchrun restarts that continue bit for bit, two nodes on
+one machine.
 
-The torchrun tests start real launchers (subprocesses, 2 gloo workers each) on a tiny model for 8 steps; their
-losses (metrics.jsonl) are compared, float for float, with one uninterrupted run of the same world size.
+The torchrun tests start real launchers (subprocesses, 2 gloo workers each) on a tiny model for 8
+steps; their losses (metrics.jsonl) are compared, float for float, with one uninterrupted run of the
+same world size.
 """
 import json
 import os
@@ -42,7 +44,8 @@ def finish(proc, timeout=300):
 
 def losses(out):
     records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))  # one history, no step twice
+    # one history, no step twice
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
     return [r["loss"] for r in records if "loss" in r]
 
 
@@ -55,21 +58,23 @@ def uninterrupted(tmp_path_factory, stdlib_data):
 
 
 def test_a_killed_worker_is_restarted_and_the_run_continues_bit_for_bit(tmp_path, uninterrupted):
-    """torchrun as the README starts it, with --max-restarts 1: rank 1 is killed (SIGKILL) in step 6; torchrun
-    stops rank 0 and starts both again, which resume from step 4 and end with the uninterrupted run's losses.
-    (Without a store of its own per attempt, the restarted rank 0 would connect to the dead rank's gloo port
-    from the first attempt, and the run would fail or hang.)"""
+    """torchrun as the README starts it, with --max-restarts 1: rank 1 is killed (SIGKILL) in step
+    6; torchrun stops rank 0 and starts both again, which resume from step 4 and end with the
+    uninterrupted run's losses. (Without a store of its own per attempt, the restarted rank 0 would
+    connect to the dead rank's gloo port from the first attempt, and the run would fail or hang.)"""
     launcher = ["--nproc_per_node", "2", "--max-restarts", "1", "--master-port", str(free_port())]
     log = finish(start(launcher, "tests/killed_worker.py", tmp_path / "run"))
-    assert "exitcode: -9" in log and "resuming at step 4" in log  # killed once, resumed from the last save
+    # killed once, resumed from the last save
+    assert "exitcode: -9" in log and "resuming at step 4" in log
     assert losses(tmp_path / "run") == uninterrupted
 
 
 def test_two_nodes_on_one_machine_train_as_one_world(tmp_path, uninterrupted):
-    """Two torchrun launchers of one process each (--nnodes 2), joined by the static rendezvous on localhost
-    (--master-addr/--master-port, as docs/parallelism.md starts each node): the same world of 2 ranks as one
-    launcher with 2, so the same losses, float for float. (Not c10d here: there, when the launcher that hosts
-    the rendezvous store exits first, the other one, still polling it, can exit 1 after a run that succeeded.)"""
+    """Two torchrun launchers of one process each (--nnodes 2), joined by the static rendezvous on
+    localhost (--master-addr/--master-port, as docs/parallelism.md starts each node): the same world
+    of 2 ranks as one launcher with 2, so the same losses, float for float. (Not c10d here: there,
+    when the launcher that hosts the rendezvous store exits first, the other one, still polling it,
+    can exit 1 after a run that succeeded.)"""
     endpoint = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     nodes = [start(["--nnodes", "2", "--nproc_per_node", "1", "--node-rank", str(n), *endpoint], "pretrain.py",
                    tmp_path / "run") for n in (0, 1)]
@@ -88,9 +93,9 @@ def error_of(capsys, argv):
 
 
 def test_a_second_run_on_one_folder_is_refused_naming_the_holder(tmp_path, capsys, stdlib_data):
-    """While one process holds --out (launch.lock_run, as rank 0 of a run does), a run on the same folder is
-    refused in one line naming it, --fresh too (nothing is moved); once the holder dies, however it dies, the
-    folder is free again: the kernel dropped its lock."""
+    """While one process holds --out (launch.lock_run, as rank 0 of a run does), a run on the same
+    folder is refused in one line naming it, --fresh too (nothing is moved); once the holder dies,
+    however it dies, the folder is free again: the kernel dropped its lock."""
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time, launch\nlaunch.lock_run(sys.argv[1])\n"
                                "print('held', flush=True)\ntime.sleep(600)", str(out)], cwd=ROOT, text=True,
@@ -104,13 +109,15 @@ def test_a_second_run_on_one_folder_is_refused_naming_the_holder(tmp_path, capsy
         assert err.endswith("wait for it to end, or give another --out")
         assert "started 20" in err and f"-c {out}" in err  # when, and its command line
         assert "is in use by another run" in error_of(capsys, argv + ["--fresh"])
-        assert not Path(f"{out}.1").exists() and not (out / "metrics.jsonl").exists()  # nothing moved, no work
+        # nothing moved, no work
+        assert not Path(f"{out}.1").exists() and not (out / "metrics.jsonl").exists()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert pretrain.main(argv)["step"] == 1
     assert f"pid {os.getpid()} on " in (out / ".lock").read_text()
-    # --fresh moves the old run aside, lock file and all, and locks the new folder: another process is refused.
+    # --fresh moves the old run aside, lock file and all, and locks the new folder: another process
+    # is refused.
     assert pretrain.main(argv + ["--fresh"])["step"] == 1
     assert (tmp_path / "run.1" / "step_000001").is_dir() and (out / "step_000001").is_dir()
     probe = subprocess.run([sys.executable, "-c", "import sys, launch\ntry:\n    launch.lock_run(sys.argv[1])\n"
@@ -120,7 +127,8 @@ def test_a_second_run_on_one_folder_is_refused_naming_the_holder(tmp_path, capsy
 
 
 def test_a_rank_whose_peers_never_come_fails_in_one_line(tmp_path, capsys, monkeypatch, stdlib_data):
-    """Rank 0 of a world of 2 whose rank 1 never starts: one line after --dist-timeout, not a 30-minute wait."""
+    """Rank 0 of a world of 2 whose rank 1 never starts: one line after --dist-timeout, not a
+    30-minute wait."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")

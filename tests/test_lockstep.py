@@ -1,13 +1,16 @@
-"""Decisions that ranks running in lockstep must make alike, whatever the last bits of their arithmetic.
+"""Decisions that ranks running in lockstep must make alike, whatever the last bits of their
+arithmetic.
 
-Generation under tp, ZeRO-3 or ep: every forward is a collective over the ranks, and their logits may differ in
-the last bits (reductions in another order). Here rank 1's logits are made to differ on purpose, enough to
-flip its choice; each forward passes a barrier with a timeout (a rank that left the loop early fails it instead
-of hanging the test). With rank 0's token broadcast (topology.rank0_token) both ranks produce the same text.
+Generation under tp, ZeRO-3 or ep: every forward is a collective over the ranks, and their logits
+may differ in the last bits (reductions in another order). Here rank 1's logits are made to differ
+on purpose, enough to flip its choice; each forward passes a barrier with a timeout (a rank that
+left the loop early fails it instead of hanging the test). With rank 0's token broadcast
+(topology.rank0_token) both ranks produce the same text.
 
-MoE's combine: tensor-parallel ranks hold the same activations and must route them alike; adding the experts'
-outputs with atomics (index_add_ on CUDA) would sum in a varying order. moe.combine sums in a fixed one; a CPU
-cannot show atomics' nondeterminism, so the tests check that it is the sum it replaces, exactly."""
+MoE's combine: tensor-parallel ranks hold the same activations and must route them alike; adding the
+experts' outputs with atomics (index_add_ on CUDA) would sum in a varying order. moe.combine sums in
+a fixed one; a CPU cannot show atomics' nondeterminism, so the tests check that it is the sum it
+replaces, exactly."""
 from dataclasses import replace
 from datetime import timedelta
 
@@ -26,8 +29,8 @@ CFG = replace(PRESETS["tiny"], n_layer=1, d_model=32, n_head=2, n_kv_head=2, d_f
 
 
 class RankNoisyModel(Transformer):
-    """A model whose forward passes a barrier (the collective of a lockstep forward) and whose logits, on rank 1
-    only, favour `token` at the `flip_at`-th forward."""
+    """A model whose forward passes a barrier (the collective of a lockstep forward) and whose
+    logits, on rank 1 only, favour `token` at the `flip_at`-th forward."""
 
     def __init__(self, token, flip_at):
         torch.manual_seed(0)
@@ -46,7 +49,8 @@ class RankNoisyModel(Transformer):
 
 def _greedy_answers(rank, world):
     enc = data.get_tokenizer("bytes")
-    model = RankNoisyModel(sft.eot_id(enc), flip_at=3).eval()  # rank 1 alone would stop at the 3rd token
+    # rank 1 alone would stop at the 3rd token
+    model = RankNoisyModel(sft.eot_id(enc), flip_at=3).eval()
     with torch.no_grad():
         return sft.answer(model, enc, list(b"def f():"), 12, "cpu", rank0_token(True))
 
@@ -72,7 +76,8 @@ def test_sampled_tokens_agree_over_ranks():
 def test_moe_combine_is_the_index_add_it_replaces():
     torch.manual_seed(0)
     for k, N in ((1, 7), (2, 9), (4, 5)):
-        pairs = torch.randperm(k * N)[:k * N - 3]  # some pairs dropped (capacity), the rest in expert order
+        # some pairs dropped (capacity), the rest in expert order
+        pairs = torch.randperm(k * N)[:k * N - 3]
         y = torch.randn(len(pairs), 6, dtype=torch.float64)
         old = torch.zeros(N, 6, dtype=torch.float64).index_add_(0, pairs % N, y)
         new = moe.combine(y, pairs, k, N)

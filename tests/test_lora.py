@@ -29,16 +29,19 @@ def trained_adapted(model, x, y, targets=ALL, steps=5):
 
 
 def test_step_zero_is_the_base_model():
-    """B = 0: the adapted model's logits equal the base's exactly (float64), with dropout active too."""
+    """B = 0: the adapted model's logits equal the base's exactly (float64), with dropout active
+    too."""
     model, x, _ = base_and_batch()
     adapted = copy.deepcopy(model)
     lora.apply_lora(adapted, r=4, alpha=8, dropout=0.1, targets=ALL)
     assert torch.equal(adapted(x)[0], model(x)[0])
-    assert all(m.lora_A.abs().sum() > 0 for _, m in lora.lora_layers(adapted))  # A is random, not zero
+    # A is random, not zero
+    assert all(m.lora_A.abs().sum() > 0 for _, m in lora.lora_layers(adapted))
 
 
 def test_seed_draws_other_adapters():
-    """--seed reaches A: another seed, other values; the same seed, the same ones; every layer its own."""
+    """--seed reaches A: another seed, other values; the same seed, the same ones; every layer its
+    own."""
     model, _, _ = base_and_batch()
     drawn = {}
     for seed in (0, 1, 0):
@@ -65,11 +68,12 @@ def test_trainable_parameters_are_r_times_d_in_plus_d_out(capsys):
 
 
 def test_merged_weights_reproduce_the_adapted_model():
-    """After training the adapters, W + (alpha/r) B A gives the adapted logits (float64: to rounding) in a
-    plain model with the base's state-dict keys."""
+    """After training the adapters, W + (alpha/r) B A gives the adapted logits (float64: to
+    rounding) in a plain model with the base's state-dict keys."""
     model, x, y = base_and_batch()
     adapted = trained_adapted(model, x, y)
-    assert not torch.allclose(adapted(x)[0], model(x)[0], atol=1e-3)  # the adapters did learn something
+    # the adapters did learn something
+    assert not torch.allclose(adapted(x)[0], model(x)[0], atol=1e-3)
     expected = adapted(x)[0]
     merged_sd = lora.merged_state_dict(adapted)  # without touching the adapted model
     assert lora.lora_layers(adapted) and merged_sd.keys() == model.state_dict().keys()
@@ -95,8 +99,8 @@ def test_base_is_frozen_and_adapters_save_and_load(tmp_path):
 
 
 def test_optimizer_state_holds_only_the_adapters():
-    """AdamW keeps exp_avg and exp_avg_sq (fp32, 8 bytes) per trainable parameter plus a 4-byte step per
-    tensor: measured after real steps, for full fine-tuning and for LoRA."""
+    """AdamW keeps exp_avg and exp_avg_sq (fp32, 8 bytes) per trainable parameter plus a 4-byte step
+    per tensor: measured after real steps, for full fine-tuning and for LoRA."""
     model, x, y = base_and_batch()
     model = model.float()
     measured = {}

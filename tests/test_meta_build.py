@@ -42,10 +42,12 @@ def adapter(targets):
 
 
 def expected(ref, name, tp, tp_rank):
-    """The piece of the one-process model's parameter `name` a tp rank holds: tensor_parallel.split_dim's
-    dimension cut in tp (an expert's as the MLP's), the LoRA factors as lora.py cuts them (B by rows under a
-    column-parallel weight, A by columns under a row-parallel one), everything else whole."""
-    layer, _, leaf = re.sub(r"experts\.\d+\.", "", name).rpartition(".")  # an expert is split as the MLP it replaces
+    """The piece of the one-process model's parameter `name` a tp rank holds:
+    tensor_parallel.split_dim's dimension cut in tp (an expert's as the MLP's), the LoRA factors as
+    lora.py cuts them (B by rows under a column-parallel weight, A by columns under a row-parallel
+    one), everything else whole."""
+    # an expert is split as the MLP it replaces
+    layer, _, leaf = re.sub(r"experts\.\d+\.", "", name).rpartition(".")
     d = tensor_parallel.split_dim(layer + ".weight" if leaf in ("lora_A", "lora_B") else f"{layer}.{leaf}")
     if leaf in ("lora_A", "lora_B") and (d, leaf) not in ((0, "lora_B"), (1, "lora_A")):
         d = None
@@ -86,11 +88,12 @@ def test_every_rank_builds_exactly_its_piece_of_the_one_process_model():
         assert names == set(ref), layout
 
 
-# ----------------------------------------------------------------------------- memory while building
+# ---------------------------------------------------------------------------- memory while building
 class LiveBytes(TorchDispatchMode):
-    """Bytes of CPU memory alive, counted from the ops that create storage (every op's outputs whose storage is
-    new), each released when its storage dies (torch keeps a storage's Python object as long as the storage
-    itself lives: the finalizer runs when the last tensor or parameter using it is gone); `peak` the most at once."""
+    """Bytes of CPU memory alive, counted from the ops that create storage (every op's outputs whose
+    storage is new), each released when its storage dies (torch keeps a storage's Python object as
+    long as the storage itself lives: the finalizer runs when the last tensor or parameter using it
+    is gone); `peak` the most at once."""
 
     def __init__(self):
         super().__init__()
@@ -130,23 +133,26 @@ def _peak_bytes(rank, world, tp, pp, meta):
 
 @pytest.mark.parametrize("tp, pp", [(2, 1), (2, 2)])
 def test_no_rank_holds_more_than_its_share_while_building(monkeypatch, tp, pp):
-    """The whole model is never allocated: a rank's peak is its own parameters plus one block of draws (made small
-    here, as a large model's are small next to its parameters), against the whole model when it is built first."""
+    """The whole model is never allocated: a rank's peak is its own parameters plus one block of
+    draws (made small here, as a large model's are small next to its parameters), against the whole
+    model when it is built first."""
     monkeypatch.setattr(init, "ELEMENTS_PER_DRAW", 64)
     whole = sum(p.numel() * 4 for p in Transformer(CFG).parameters())
     for meta in (True, False):
         for peak, mine in run_distributed(_peak_bytes, tp * pp, tp, pp, meta):
             assert mine < whole * 0.6
             if meta:
-                assert peak <= mine + 2 * 64 * 4 + 4096, (peak, mine)  # two blocks of draws, the RoPE tables
+                # two blocks of draws, the RoPE tables
+                assert peak <= mine + 2 * 64 * 4 + 4096, (peak, mine)
             else:
                 assert peak >= whole
 
 
-# ----------------------------------------------------------------------------- --init, block by block
+# --------------------------------------------------------------------------- --init, block by block
 def _init_onto_layouts(rank, world, out):
-    """Save seed 0's model from a tp 2 layout (a run's folder), consolidate it and export it to a Hugging Face
-    folder (rank 0), then build tp 2 and pp 2 models from each of the three, with another seed."""
+    """Save seed 0's model from a tp 2 layout (a run's folder), consolidate it and export it to a
+    Hugging Face folder (rank 0), then build tp 2 and pp 2 models from each of the three, with
+    another seed."""
     topo = Topology(tp=2)
     cfg = pretrain.parse([])
     model = stack.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64)

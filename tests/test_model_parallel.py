@@ -1,5 +1,6 @@
-"""Tensor and pipeline parallelism against one process: same model, data and seed; losses, gradient norms
-(with clipping active) and final parameters after several AdamW steps with gradient accumulation."""
+"""Tensor and pipeline parallelism against one process: same model, data and seed; losses, gradient
+norms (with clipping active) and final parameters after several AdamW steps with gradient
+accumulation."""
 import contextlib
 import os
 import shutil
@@ -20,7 +21,8 @@ from moe import add_moe
 from tests.distributed import refused_before_any_group, run_distributed
 from topology import Topology
 
-# 4 layers (so 4 stages are possible), GQA with 2 query heads per KV head, d_ff and vocabulary divisible by 4.
+# 4 layers (so 4 stages are possible), GQA with 2 query heads per KV head, d_ff and vocabulary
+# divisible by 4.
 CFG = replace(PRESETS["tiny"], n_layer=4, d_model=32, n_head=4, n_kv_head=2, d_ff=64, vocab_size=64,
               block_size=16)
 STEPS, N_MICRO, MICRO_BS, CLIP = 3, 4, 2, 0.05  # 4 micro-batches of 2 x 16 tokens per step
@@ -29,7 +31,8 @@ STEPS, N_MICRO, MICRO_BS, CLIP = 3, 4, 2, 0.05  # 4 micro-batches of 2 x 16 toke
 def micro_batches(step):
     g = torch.Generator().manual_seed(step)
     seq = torch.randint(0, CFG.vocab_size, (N_MICRO * MICRO_BS, CFG.block_size + 1), generator=g)
-    seq[0, 5:9] = -100  # some ignored labels: the parallel cross-entropy must skip them as F.cross_entropy does
+    # some ignored labels: the parallel cross-entropy must skip them as F.cross_entropy does
+    seq[0, 5:9] = -100
     x, y = seq[:, :-1].clamp(min=0), seq[:, 1:]
     return list(zip(x.chunk(N_MICRO), y.chunk(N_MICRO)))
 
@@ -67,7 +70,8 @@ def train(topo, cfg=CFG, schedule="1f1b", zero=0, sp=False):
 
 
 def _parallel(rank, world, layouts, cfg):
-    """Several layouts (tp, pp, schedule, zero, sp) in turn on the same world; each builds its own groups."""
+    """Several layouts (tp, pp, schedule, zero, sp) in turn on the same world; each builds its own
+    groups."""
     out = []
     for tp, pp, schedule, zero, sp in layouts:
         topo = Topology(tp=tp, pp=pp)
@@ -77,12 +81,15 @@ def _parallel(rank, world, layouts, cfg):
 
 def check_against_one_process(layouts, world, cfg=CFG):
     ref_losses, ref_norms, ref_params = train(Topology(), cfg)
-    assert min(ref_norms) > CLIP  # clipping is active in every step, so a wrong global norm would show
-    covered = {layout: set() for layout in layouts}  # (name, tp slice) held by some rank, per layout
+    # clipping is active in every step, so a wrong global norm would show
+    assert min(ref_norms) > CLIP
+    # (name, tp slice) held by some rank, per layout
+    covered = {layout: set() for layout in layouts}
     for rank_results in run_distributed(_parallel, world, layouts, cfg):
         for layout, (tp_rank, tp, (losses, norms, params)) in zip(layouts, rank_results):
-            # float64, the same arithmetic up to summation order (partial matmuls summed by all-reduce, per-rank
-            # squared norms summed): 3 Adam steps keep agreement near 1e-13; the tolerances leave a margin.
+            # float64, the same arithmetic up to summation order (partial matmuls summed by
+            # all-reduce, per-rank squared norms summed): 3 Adam steps keep agreement near 1e-13;
+            # the tolerances leave a margin.
             assert losses == pytest.approx(ref_losses, rel=1e-11), layout
             assert norms == pytest.approx(ref_norms, rel=1e-10), layout
             for name, p in params.items():
@@ -90,7 +97,8 @@ def check_against_one_process(layouts, world, cfg=CFG):
                 want = ref_params[name] if d is None else ref_params[name].chunk(tp, dim=d)[tp_rank]
                 torch.testing.assert_close(p, want, rtol=1e-9, atol=1e-11, msg=f"{layout} {name}")
                 covered[layout].add((name, tp_rank if d is not None else 0))
-    for layout, tp in ((layout, layout[0]) for layout in layouts):  # every parameter, every slice of it, somewhere
+    # every parameter, every slice of it, somewhere
+    for layout, tp in ((layout, layout[0]) for layout in layouts):
         assert covered[layout] == {(n, r) for n in ref_params
                                    for r in (range(tp) if tensor_parallel.split_dim(n) is not None else [0])}, layout
 
@@ -101,15 +109,16 @@ def check_against_one_process(layouts, world, cfg=CFG):
                                                   (2, 2, "1f1b", True)])
 def test_parallel_training_matches_one_process(tp, pp, schedule, sp):
     """tp, pp, both, and (last) both with sequence parallelism."""
-    cfg = replace(CFG, n_kv_head=4) if tp == 4 else CFG  # tp 4 needs 4 KV heads: one query and one KV head each
+    # tp 4 needs 4 KV heads: one query and one KV head each
+    cfg = replace(CFG, n_kv_head=4) if tp == 4 else CFG
     check_against_one_process([(tp, pp, schedule, 0, sp)], tp * pp, cfg)
 
 
 def test_every_zero_stage_with_tp2_and_with_pp2():
-    """World 4 = dp 2 x tp 2 with DDP and ZeRO 1, 2, 3 (and ZeRO-3 with sequence parallelism); then dp 2 x pp 2
-    with each (and ZeRO-3 under GPipe, whose last stage holds several micro-batches before any backward). The
-    data-parallel reductions must stay inside the dp group and the norm must add the dp shards, tp slices and
-    stages."""
+    """World 4 = dp 2 x tp 2 with DDP and ZeRO 1, 2, 3 (and ZeRO-3 with sequence parallelism); then
+    dp 2 x pp 2 with each (and ZeRO-3 under GPipe, whose last stage holds several micro-batches
+    before any backward). The data-parallel reductions must stay inside the dp group and the norm
+    must add the dp shards, tp slices and stages."""
     check_against_one_process([(2, 1, "1f1b", z, False) for z in range(4)] + [(2, 1, "1f1b", 3, True)]
                               + [(1, 2, "1f1b", z, False) for z in range(4)] + [(1, 2, "gpipe", 3, False)], 4)
 
@@ -120,7 +129,8 @@ def test_zero1_and_zero3_with_tp2_pp2_on_eight_ranks():
 
 
 def _backward_all_reduces(rank, world, experts=0):
-    """All-reduces issued by one tensor-parallel backward (tp = world), counted by wrapping dist.all_reduce."""
+    """All-reduces issued by one tensor-parallel backward (tp = world), counted by wrapping
+    dist.all_reduce."""
     torch.manual_seed(0)
     model = Transformer(CFG)
     if experts:
@@ -138,14 +148,16 @@ def _backward_all_reduces(rank, world, experts=0):
 
 
 def test_tensor_parallel_backward_does_two_all_reduces_per_block():
-    """Megatron's count: f once before wq, wk, wv (not once each), once before w1, w3; plus the head's f. With
-    MoE MLPs of 4 experts, f once per expert's input (not once for w1 and again for w3)."""
+    """Megatron's count: f once before wq, wk, wv (not once each), once before w1, w3; plus the
+    head's f. With MoE MLPs of 4 experts, f once per expert's input (not once for w1 and again for
+    w3)."""
     assert run_distributed(_backward_all_reduces, 2) == [2 * CFG.n_layer + 1] * 2
     assert run_distributed(_backward_all_reduces, 2, 4) == [(1 + 4) * CFG.n_layer + 1] * 2
 
 
 def test_vocab_parallel_cross_entropy_equals_the_gathered_one():
-    """The loss function alone, with no communication (group None): one rank holding the whole vocabulary."""
+    """The loss function alone, with no communication (group None): one rank holding the whole
+    vocabulary."""
     torch.manual_seed(0)
     logits = torch.randn(12, 64, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 64, (12,))
@@ -168,14 +180,15 @@ def test_schedules():
             for kind in pipeline.SCHEDULES:
                 ops = pipeline.make_schedule(kind, m, p, s)
                 assert sorted(ops) == sorted([("F", i) for i in range(m)] + [("B", i) for i in range(m)])
-                # in flight = forwards done whose backward has not run: 1F1B caps it at p - s, GPipe at m
+                # in flight = forwards done whose backward has not run: 1F1B caps it at p - s, GPipe
+                # at m
                 flight = max(sum(1 for o, _ in ops[:k + 1] if o == "F") - sum(1 for o, _ in ops[:k + 1] if o == "B")
                              for k in range(len(ops)))
                 assert flight == (min(m, p - s) if kind == "1f1b" else m)
     assert [pipeline.stage_layers(10, 4, s) for s in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
 
 
-# ------------------------------------------------------------------------------------------- pretrain.py
+# -------------------------------------------------------------------------------------- pretrain.py
 def test_check_divisible_names_the_dimension():
     assert tensor_parallel.check_divisible(CFG, 2) is None
     assert "n_head 4" in tensor_parallel.check_divisible(CFG, 8)
@@ -206,7 +219,8 @@ FAST = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--lr", "3e-3
 def _pretrain_runs(rank, world, out, cache):
     os.environ["LLM_DATA_CACHE"] = cache
     z3 = FAST + ["--zero", "3", "--tp", "2", "--max-steps", "4"]  # dp 2 x tp 2
-    whole = pretrain.main(z3 + ["--sample-tokens", "8", "--out", f"{out}/whole"])  # all 4 ranks sample in step
+    # all 4 ranks sample in step
+    whole = pretrain.main(z3 + ["--sample-tokens", "8", "--out", f"{out}/whole"])
     first = pretrain.main(z3 + ["--sample-tokens", "0", "--stop-after", "2", "--out", f"{out}/split"])
     if rank == 0:  # the run as it was at step 2, to resume on another layout below
         shutil.copytree(f"{out}/split", f"{out}/split-dp4")
@@ -222,23 +236,27 @@ def _pretrain_runs(rank, world, out, cache):
 
 
 def test_pretrain_zero3_tp2_and_tp2_pp2_match_one_process_and_resume(tmp_path, stdlib_data, data_cache):
-    """Through pretrain.py at world 4, fp32: ZeRO-3 x tp 2 and tp 2 x pp 2 against one process (the same global
-    batch cut into the same 4 micro-batches); ZeRO-3 x tp 2 stopped after 2 steps and resumed equals the
-    uninterrupted run exactly; its step-2 checkpoint resumed on dp 4 (ZeRO-3, no tp) goes on alike."""
+    """Through pretrain.py at world 4, fp32: ZeRO-3 x tp 2 and tp 2 x pp 2 against one process (the
+    same global batch cut into the same 4 micro-batches); ZeRO-3 x tp 2 stopped after 2 steps and
+    resumed equals the uninterrupted run exactly; its step-2 checkpoint resumed on dp 4 (ZeRO-3, no
+    tp) goes on alike."""
     one = pretrain.main(FAST + ["--max-steps", "4", "--microbatches", "2", "--sample-tokens", "0",
                                 "--out", str(tmp_path / "one")])
     for whole, resumed, same_params, pp, dp4 in run_distributed(_pretrain_runs, 4, str(tmp_path), str(data_cache)):
-        # fp32 with another summation order: agreement to float32 rounding, amplified a little over 4 steps
+        # fp32 with another summation order: agreement to float32 rounding, amplified a little over
+        # 4 steps
         assert whole == pytest.approx(one["losses"], rel=1e-4)
         assert pp == pytest.approx(one["losses"], rel=1e-4)
         assert resumed == whole and same_params  # resuming on the same topology is exact
-        assert dp4 == pytest.approx(whole[2:], rel=1e-4)  # resumed on another layout: fp32 rounding apart
+        # resumed on another layout: fp32 rounding apart
+        assert dp4 == pytest.approx(whole[2:], rel=1e-4)
     assert (tmp_path / "whole" / "sample.txt").read_text().startswith("def ")
 
 
 def _fp16_overflow_on_rank0(rank, world):
-    """An inf in rank 0's gradients only (its own stage and slice, or its own ZeRO shard), after the backward:
-    the norm reduction must carry it to every rank, so that every rank skips the step and halves the scale."""
+    """An inf in rank 0's gradients only (its own stage and slice, or its own ZeRO shard), after the
+    backward: the norm reduction must carry it to every rank, so that every rank skips the step and
+    halves the scale."""
     out = []
     for tp, pp, zero in ((2, 2, 0), (2, 1, 2)):
         topo = Topology(tp=tp, pp=pp)
@@ -254,7 +272,8 @@ def _fp16_overflow_on_rank0(rank, world):
             if zero >= 2:
                 opt.units[0].grad_shard[0] = float("inf")
             else:
-                grad_of(next(model.parameters()))[0, 0] = float("inf")  # (fp32 main_grad of the fp16 weight)
+                # (fp32 main_grad of the fp16 weight)
+                grad_of(next(model.parameters()))[0, 0] = float("inf")
         _, skipped = opt.step(1.0)
         with opt.gathered() if zero == 3 else contextlib.nullcontext():
             unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

@@ -50,8 +50,9 @@ def test_routing_gates_and_dropless_output():
 
 
 def test_balance_loss_and_load_recomputed_from_the_routing():
-    """f_i (share of (token, choice) pairs that chose expert i) counted by hand, P_i the mean router probability:
-    the module's load, its loss alpha * E * sum f_i P_i and that loss's gradient (through P only) must match."""
+    """f_i (share of (token, choice) pairs that chose expert i) counted by hand, P_i the mean router
+    probability: the module's load, its loss alpha * E * sum f_i P_i and that loss's gradient
+    (through P only) must match."""
     torch.manual_seed(0)
     moe = MoE(CFG, n_experts=E, top_k=K, capacity_factor=None, aux_loss_weight=0.03).double()
     xs = torch.randn(16, CFG.d_model, dtype=torch.float64)
@@ -70,8 +71,9 @@ def test_balance_loss_and_load_recomputed_from_the_routing():
 
 
 def test_load_spread_is_the_busiest_and_idlest_share_averaged_over_layers():
-    """Routers set by hand to score token features +-1 as [3, 2, -2, -3]: a +1 token picks experts 0 and 1, a -1
-    token experts 3 and 2. Layer 0 sees only +1 tokens (load 1/2, 1/2, 0, 0), layer 1 alternating ones (1/4 each)."""
+    """Routers set by hand to score token features +-1 as [3, 2, -2, -3]: a +1 token picks experts 0
+    and 1, a -1 token experts 3 and 2. Layer 0 sees only +1 tokens (load 1/2, 1/2, 0, 0), layer 1
+    alternating ones (1/4 each)."""
     model = add_moe(Transformer(CFG), E, K)
     layers = moe_layers(model)
     sign = torch.tensor([1.0, -1.0] * 4)
@@ -86,8 +88,9 @@ def test_load_spread_is_the_busiest_and_idlest_share_averaged_over_layers():
 
 
 def test_capacity_serves_first_choices_first_and_at_most_c_pairs_per_expert():
-    """capacity_factor 0.5: C = ceil(0.5 * K * 16 / E) = 4 pairs per expert. The served pairs are chosen by hand
-    (every token's first choice, in token order, before any second choice) and the output rebuilt from them."""
+    """capacity_factor 0.5: C = ceil(0.5 * K * 16 / E) = 4 pairs per expert. The served pairs are
+    chosen by hand (every token's first choice, in token order, before any second choice) and the
+    output rebuilt from them."""
     torch.manual_seed(0)
     moe = MoE(CFG, n_experts=E, top_k=K, capacity_factor=0.5).double()
     xs = torch.randn(16, CFG.d_model, dtype=torch.float64)
@@ -105,7 +108,8 @@ def test_capacity_serves_first_choices_first_and_at_most_c_pairs_per_expert():
 
     choice_major = served([(t, j) for j in range(K) for t in range(16)])
     token_major = served([(t, j) for t in range(16) for j in range(K)])
-    assert len(choice_major) < 16 * K and set(choice_major) != set(token_major)  # the order matters here
+    # the order matters here
+    assert len(choice_major) < 16 * K and set(choice_major) != set(token_major)
     ref = torch.zeros_like(xs)
     for t, j in choice_major:
         ref[t] += gates[t, j] * moe.experts[top_e[t, j]](xs[t])
@@ -113,8 +117,9 @@ def test_capacity_serves_first_choices_first_and_at_most_c_pairs_per_expert():
 
 
 def _train(rank, world, capacity_factor, ep):
-    """ep ranks (= dp ranks here), each with its own slice of the global batch; one process: world == 1 runs
-    the same per-rank batches one after another (capacity is per rank's batch, so that is the reference)."""
+    """ep ranks (= dp ranks here), each with its own slice of the global batch; one process: world
+    == 1 runs the same per-rank batches one after another (capacity is per rank's batch, so that is
+    the reference)."""
     torch.manual_seed(0)
     model = add_moe(Transformer(CFG), E, K, capacity_factor).double()
     if ep > 1:
@@ -139,7 +144,9 @@ def _train(rank, world, capacity_factor, ep):
                 dist.all_reduce(p.grad)
             dist.all_reduce(total)
             reduce_expert_grads(model, dp=1)  # losses were already divided by the global count
-        if ep > 1:  # each rank's experts are its own: their part of the squared norm is summed over the ep group
+        # each rank's experts are its own: their part of the squared norm is summed over the ep
+        # group
+        if ep > 1:
             dense = [p.grad for n, p in model.named_parameters() if ".experts." not in n]
             norm = global_grad_norm(dense, None, [p.grad for p in expert_params(model)], _all_reduce)
             for p in model.parameters():
@@ -176,7 +183,8 @@ def test_expert_parallel_equals_one_process(ep, capacity_factor):
 
 
 def _host_syncs(rank, world):
-    """Calls of Tensor.tolist / item (each one waits for the device) in one MoE forward and backward, ep=2."""
+    """Calls of Tensor.tolist / item (each one waits for the device) in one MoE forward and
+    backward, ep=2."""
     torch.manual_seed(0)
     model = add_moe(Transformer(CFG), E, K, capacity_factor=1.0)
     for m in moe_layers(model):
@@ -195,12 +203,13 @@ def _host_syncs(rank, world):
 
 
 def test_expert_parallel_syncs_the_host_once_per_layer():
-    """all_to_all_single takes its splits as host ints: one .tolist() per MoE layer, none in the backward."""
+    """all_to_all_single takes its splits as host ints: one .tolist() per MoE layer, none in the
+    backward."""
     for layers, calls in run_distributed(_host_syncs, 2):
         assert calls == ["tolist"] * layers
 
 
-# ------------------------------------------------------------------------------------ through pretrain.py
+# ------------------------------------------------------------------------------ through pretrain.py
 FAST = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
         "--eval-iters", "1", "--sample-tokens", "0", "--log-every", "1", "--max-steps", "3",
         "--experts", "4", "--topk", "2", "--capacity-factor", "1.0", "--moe-layers", "1,3"]
@@ -212,26 +221,30 @@ def _pretrain_moe(rank, world, out, cache, extra):
 
 
 def test_pretrain_moe_logs_balance_and_composes_with_tp_and_zero1(tmp_path, stdlib_data, data_cache):
-    """One process logs the balancing loss and expert load; tp 2 (experts split column/row-wise, router
-    replicated) and ZeRO-1 over 2 data-parallel ranks (experts replicated) give one process's losses (fp32,
-    another summation order: float32 rounding, amplified a little over 3 steps)."""
+    """One process logs the balancing loss and expert load; tp 2 (experts split column/row-wise,
+    router replicated) and ZeRO-1 over 2 data-parallel ranks (experts replicated) give one process's
+    losses (fp32, another summation order: float32 rounding, amplified a little over 3 steps)."""
     one = pretrain.main(FAST + ["--out", str(tmp_path / "one")])
     rec = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
-    # (the figures themselves are checked against hand-made routings above; here: that they reach the log)
+    # (the figures themselves are checked against hand-made routings above; here: that they reach
+    # the log)
     assert rec[-1]["aux_loss"] > 0 and rec[-1]["expert_load_min"] < 0.25 < rec[-1]["expert_load_max"]
-    # Capacity is per rank's batch (moe.py): with 2 data-parallel ranks the reference cuts the batch the same way.
+    # Capacity is per rank's batch (moe.py): with 2 data-parallel ranks the reference cuts the batch
+    # the same way.
     grad_accum2 = pretrain.main(FAST + ["--grad-accum", "2", "--out", str(tmp_path / "grad_accum2")])
     for extra, ref in ((["--tp", "2"], one), (["--zero", "1"], grad_accum2)):
         for losses in run_distributed(_pretrain_moe, 2, str(tmp_path), str(data_cache), extra):
             assert losses == pytest.approx(ref["losses"], rel=1e-4), extra
 
 
-# ------------------------------------------------------------------------ expert parallelism through pretrain.py
-CLIP = ["--grad-clip", "0.05"]  # below every step's gradient norm (asserted): the clipping path is exercised
+# ----------------------------------------------------------- expert parallelism through pretrain.py
+# below every step's gradient norm (asserted): the clipping path is exercised
+CLIP = ["--grad-clip", "0.05"]
 
 
 def _weights(model):
-    """Dense parameters by name; experts by (MoE layer, global expert index): comparable across ep layouts."""
+    """Dense parameters by name; experts by (MoE layer, global expert index): comparable across ep
+    layouts."""
     experts = {(i, m.first_expert + j): [p.detach().clone() for p in e.parameters()]
                for i, m in enumerate(moe_layers(model)) for j, e in enumerate(m.experts)}
     dense = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." not in n}
@@ -248,7 +261,8 @@ def _pretrain_ep(rank, world, out, cache, runs, resume=None):
     for extra in runs:
         run = pretrain.main(FAST + CLIP + extra + ["--out", f"{out}/{'-'.join(extra)}"])
         results.append((run["losses"], *_weights(run["model"])))
-    if resume:  # stopped after 2 steps and resumed: the same losses as uninterrupted; then step 2 again on ep 1
+    # stopped after 2 steps and resumed: the same losses as uninterrupted; then step 2 again on ep 1
+    if resume:
         first = pretrain.main(FAST + CLIP + resume + ["--stop-after", "2", "--out", f"{out}/resume"])
         if rank == 0:  # a copy of the run as it was at step 2
             shutil.copytree(f"{out}/resume", f"{out}/resume-ep1")
@@ -260,9 +274,10 @@ def _pretrain_ep(rank, world, out, cache, runs, resume=None):
 
 
 def _check_against(ref_dir, ref, results, out, runs, weights=True):
-    """Losses, logged gradient norms and final weights of every rank against one process (fp32: another
-    summation order, float32 rounding amplified a little by 3 Adam steps: rel 1e-4 on losses and norms;
-    weights move by ~lr = 3e-3 a step, so 1e-5 absolute is a few thousandths of one step)."""
+    """Losses, logged gradient norms and final weights of every rank against one process (fp32:
+    another summation order, float32 rounding amplified a little by 3 Adam steps: rel 1e-4 on losses
+    and norms; weights move by ~lr = 3e-3 a step, so 1e-5 absolute is a few thousandths of one
+    step)."""
     ref_losses, ref_experts, ref_dense = ref["losses"], *_weights(ref["model"])
     ref_norms = _norms(ref_dir)
     assert min(ref_norms) > float(CLIP[1])  # clipping is active at every step
@@ -272,7 +287,8 @@ def _check_against(ref_dir, ref, results, out, runs, weights=True):
         for rank_results in results:
             losses, experts, dense = rank_results[i]
             assert losses == pytest.approx(ref_losses, rel=1e-4), extra
-            if not weights:  # (tensor-parallel slices: their weights are checked in test_model_parallel.py)
+            # (tensor-parallel slices: their weights are checked in test_model_parallel.py)
+            if not weights:
                 continue
             for n, p in dense.items():
                 torch.testing.assert_close(p, ref_dense[n], rtol=1e-4, atol=1e-5, msg=lambda m: f"{extra} {n}: {m}")
@@ -289,26 +305,30 @@ def _check_against(ref_dir, ref, results, out, runs, weights=True):
 
 
 def test_pretrain_expert_parallel_ep2_with_ddp_and_zero1_equals_one_process(tmp_path, stdlib_data, data_cache):
-    """World 2, --ep 2 (dp 2): each rank holds 2 of the 4 experts of each MoE layer, capacity dropping on and the
-    gradient clipped, with ddp.py and with ZeRO-1: the same losses, gradient norms and weights as one process
-    running the same two per-rank batches as 2 accumulation micro-steps (capacity is per rank's batch). The
-    ddp.py run also samples at the end (every rank in lockstep: each forward is an all-to-all)."""
+    """World 2, --ep 2 (dp 2): each rank holds 2 of the 4 experts of each MoE layer, capacity
+    dropping on and the gradient clipped, with ddp.py and with ZeRO-1: the same losses, gradient
+    norms and weights as one process running the same two per-rank batches as 2 accumulation
+    micro-steps (capacity is per rank's batch). The ddp.py run also samples at the end (every rank
+    in lockstep: each forward is an all-to-all)."""
     ref = pretrain.main(FAST + CLIP + ["--grad-accum", "2", "--out", str(tmp_path / "ref")])
     runs = [["--ep", "2", "--zero", "0", "--sample-tokens", "4"], ["--ep", "2", "--zero", "1"]]
     results = run_distributed(_pretrain_ep, 2, str(tmp_path), str(data_cache), runs, ["--ep", "2", "--zero", "1"])
     _check_against(tmp_path / "ref", ref, [r[:2] for r in results], tmp_path, runs)
-    for rank_results in results:  # resumed equals uninterrupted exactly (each rank's own experts in its file)
+    # resumed equals uninterrupted exactly (each rank's own experts in its file)
+    for rank_results in results:
         losses, on_ep1 = rank_results[2]
         assert losses == rank_results[1][0]
-        # ep 2's checkpoint resumed on ep 1 (each rank all 4 experts): step 3 as on ep 2, to fp32 rounding
+        # ep 2's checkpoint resumed on ep 1 (each rank all 4 experts): step 3 as on ep 2, to fp32
+        # rounding
         assert on_ep1 == pytest.approx(losses[2:], rel=1e-5)
 
 
 def test_pretrain_expert_parallel_dp4_ep2_sums_expert_replicas_and_composes_with_tp(tmp_path, stdlib_data,
                                                                                       data_cache):
-    """World 4, dp 4, --ep 2: two replicas of each expert set; their gradients are summed over the expert-data
-    group ({0,2} and {1,3}) and counted once in the norm. Against one process with 4 accumulation micro-steps.
-    And tp 2 x dp 2 with --ep 2 (experts split column/row-wise, then over ep): against 2 micro-steps."""
+    """World 4, dp 4, --ep 2: two replicas of each expert set; their gradients are summed over the
+    expert-data group ({0,2} and {1,3}) and counted once in the norm. Against one process with 4
+    accumulation micro-steps. And tp 2 x dp 2 with --ep 2 (experts split column/row-wise, then over
+    ep): against 2 micro-steps."""
     refs = [pretrain.main(FAST + CLIP + ["--grad-accum", a, "--out", str(tmp_path / f"ref{a}")]) for a in "42"]
     runs = [["--ep", "2", "--zero", "1"], ["--tp", "2", "--ep", "2", "--zero", "0"]]
     results = run_distributed(_pretrain_ep, 4, str(tmp_path), str(data_cache), runs)

@@ -1,15 +1,16 @@
 """The pipeline schedules under NCCL's point-to-point semantics, reproduced on CPU gloo.
 
-NCCL: a send completes only once the peer has posted the matching receive, and a rank's operations run in the
-order they were posted; the sends and receives of one dist.batch_isend_irecv are posted together. gloo buffers
-sends, so a schedule that deadlocks on GPUs passes on CPU. `Rendezvous` replaces dist.batch_isend_irecv in the
-test processes by NCCL's behaviour: every receive is announced in a shared store when posted, every send waits
-for the announcement of its matching receive (the n-th send from a to b matches b's n-th receive from a), and
-each call completes before the next is posted. A rank that waits on a peer that waits on it (a cycle of
-waiting senders, stable for half a second) raises Deadlock instead of hanging.
+NCCL: a send completes only once the peer has posted the matching receive, and a rank's operations
+run in the order they were posted; the sends and receives of one dist.batch_isend_irecv are posted
+together. gloo buffers sends, so a schedule that deadlocks on GPUs passes on CPU. `Rendezvous`
+replaces dist.batch_isend_irecv in the test processes by NCCL's behaviour: every receive is
+announced in a shared store when posted, every send waits for the announcement of its matching
+receive (the n-th send from a to b matches b's n-th receive from a), and each call completes before
+the next is posted. A rank that waits on a peer that waits on it (a cycle of waiting senders, stable
+for half a second) raises Deadlock instead of hanging.
 
-With grouped=False each operation of a batch is posted alone, one after the other (send first): that is the
-order pipeline.py used before it grouped them, so the old order stays testable.
+With grouped=False each operation of a batch is posted alone, one after the other (send first): that
+is the order pipeline.py used before it grouped them, so the old order stays testable.
 """
 import time
 from dataclasses import replace
@@ -75,7 +76,8 @@ class Rendezvous:
         self.store.set(self.key("waits", self.rank), "-1")
 
     def cycle(self):
-        """[rank, a, b, ..., rank] if the ranks waiting to send form a cycle through this one, else None."""
+        """[rank, a, b, ..., rank] if the ranks waiting to send form a cycle through this one, else
+        None."""
         path, r = [self.rank], self.rank
         for _ in range(self.world):
             k = self.key("waits", r)
@@ -100,7 +102,8 @@ def _batches(m):
 
 
 def _run_cases(rank, world, store_path, cases):
-    """Each case (schedule, m, grouped): one step with dist's own batch_isend_irecv (gloo: never blocks), then
+    """Each case (schedule, m, grouped): one step with dist's own batch_isend_irecv (gloo: never
+    blocks), then
     one under Rendezvous. Returns per case ("ok", |loss diff|, max |grad diff|) or ("deadlock", message)."""
     store = dist.FileStore(store_path, world)
     topo = Topology(pp=world)
@@ -133,9 +136,10 @@ def test_both_schedules_complete_under_blocking_sends(tmp_path, world):
 
 
 def test_the_old_order_deadlocks_1f1b_and_not_gpipe(tmp_path):
-    """Each op posted alone, send before receive: 1F1B's steady state deadlocks on 2 stages (stage 0 sends
-    activation 1 before receiving gradient 0, stage 1 sends gradient 0 before receiving activation 1); GPipe's
-    all-forwards-then-all-backwards order never has two neighbours sending to each other at once."""
+    """Each op posted alone, send before receive: 1F1B's steady state deadlocks on 2 stages (stage 0
+    sends activation 1 before receiving gradient 0, stage 1 sends gradient 0 before receiving
+    activation 1); GPipe's all-forwards-then-all-backwards order never has two neighbours sending to
+    each other at once."""
     cases = [("gpipe", 3, False), ("1f1b", 3, False)]
     for rank, (gpipe, one_f_one_b) in enumerate(run_distributed(_run_cases, 2, str(tmp_path / "store"), cases)):
         assert gpipe == ("ok", 0.0, 0.0), gpipe

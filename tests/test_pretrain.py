@@ -47,7 +47,8 @@ def test_resume_is_bitwise_exact_in_fp32(tmp_path, stdlib_data):
     first = run(tmp_path, "--max-steps", "8", "--stop-after", "4", name="split")
     second = run(tmp_path, "--max-steps", "8", "--resume", name="split")
     assert first["step"] == 4 and second["step"] == 8
-    assert first["losses"] + second["losses"] == whole["losses"]  # exact float equality, loss for loss
+    # exact float equality, loss for loss
+    assert first["losses"] + second["losses"] == whole["losses"]
     for a, b in zip(whole["model"].parameters(), second["model"].parameters()):
         assert torch.equal(a, b)
 
@@ -61,7 +62,8 @@ def test_resume_restores_the_fp16_loss_scale(tmp_path, stdlib_data):
 
 
 def test_gradient_accumulation_equals_the_full_batch(stdlib_data):
-    """Batch B in one micro-step and B/4 in four give the same loss and gradient (float64: up to rounding)."""
+    """Batch B in one micro-step and B/4 in four give the same loss and gradient (float64: up to
+    rounding)."""
     cfg = replace(PRESETS["tiny"], vocab_size=320)
     torch.manual_seed(0)
     model = Transformer(cfg).double()
@@ -84,7 +86,8 @@ def test_gradient_accumulation_equals_the_full_batch(stdlib_data):
 def test_gradient_accumulation_end_to_end(tmp_path, stdlib_data):
     one = run(tmp_path, "--max-steps", "3", name="a1")
     four = run(tmp_path, "--max-steps", "3", "--grad-accum", "4", name="a4")
-    # fp32, different summation order: the losses agree to float32 rounding, amplified a little by 3 steps.
+    # fp32, different summation order: the losses agree to float32 rounding, amplified a little by 3
+    # steps.
     assert four["losses"] == pytest.approx(one["losses"], rel=1e-5)
 
 
@@ -129,14 +132,16 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys, stdlib_data):
 def test_resume_refuses_another_model(tmp_path, capsys, stdlib_data):
     run(tmp_path, "--max-steps", "1")
     err = error_of(capsys, FAST + ["--model", "small", "--out", str(tmp_path / "run")])
-    # Every difference in one line (not one per attempt), and no mention of a --resume that was not given.
+    # Every difference in one line (not one per attempt), and no mention of a --resume that was not
+    # given.
     assert "holds another run (" in err and "model config d_model 128, not 384" in err, err
     assert "model config n_layer 4, not 6" in err and "--resume" not in err
 
 
 def test_sampling_never_draws_vocabulary_padding(tmp_path, stdlib_data, monkeypatch):
-    """The vocabulary is padded 257 -> 320; after one step the model is still near uniform over all 320 ids, so
-    60 draws that could reach the padding would (each has a ~20% chance; all missing it: ~1e-6)."""
+    """The vocabulary is padded 257 -> 320; after one step the model is still near uniform over all
+    320 ids, so 60 draws that could reach the padding would (each has a ~20% chance; all missing it:
+    ~1e-6)."""
     drawn, generate = [], Transformer.generate
 
     def recording(self, *args, **kwargs):
@@ -151,9 +156,9 @@ def test_sampling_never_draws_vocabulary_padding(tmp_path, stdlib_data, monkeypa
 
 
 def test_the_same_command_line_starts_and_after_a_crash_resumes(tmp_path, stdlib_data, monkeypatch, capsys):
-    """What `torchrun --max-restarts N` does after a crash: run the same command line again. It resumes from the
-    last complete step (4: saved every 2, killed during step 6) and ends with the uninterrupted run's losses;
-    metrics.jsonl holds one history."""
+    """What `torchrun --max-restarts N` does after a crash: run the same command line again. It
+    resumes from the last complete step (4: saved every 2, killed during step 6) and ends with the
+    uninterrupted run's losses; metrics.jsonl holds one history."""
     whole = run(tmp_path, "--max-steps", "8", name="whole")
     argv = ["--max-steps", "8", "--save-every", "2"]
     real_step, calls = training.train_step, []
@@ -184,7 +189,8 @@ def test_init_starts_from_weights_with_a_fresh_optimizer(tmp_path, stdlib_data, 
             if "val_loss" in l]
     again = run(tmp_path, "--max-steps", "2", "--eval-every", "2", "--init", str(tmp_path / "a"), name="b")
     val0 = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
-    assert val0["step"] == 0 and val0["val_loss"] == vals[-1]  # a's final weights, evaluated again: the same loss
+    # a's final weights, evaluated again: the same loss
+    assert val0["step"] == 0 and val0["val_loss"] == vals[-1]
     step = next(iter(again["opt"].optimizer.state.values()))["step"]
     assert int(step) == 2 and first["step"] == 4  # AdamW started over
     err = error_of(capsys, FAST + ["--model", "small", "--init", str(tmp_path / "a"), "--out", str(tmp_path / "c")])
@@ -193,8 +199,9 @@ def test_init_starts_from_weights_with_a_fresh_optimizer(tmp_path, stdlib_data, 
 
 
 def test_default_warmup_follows_the_run_and_mfu_stays_below_one(tmp_path, stdlib_data):
-    """Without --warmup-steps a 10-step run warms up for 1 step (a tenth), so it reaches --lr at once; on a CPU
-    the MFU's peak is raised to any throughput the run beats it with, so it never reads above 100%."""
+    """Without --warmup-steps a 10-step run warms up for 1 step (a tenth), so it reaches --lr at
+    once; on a CPU the MFU's peak is raised to any throughput the run beats it with, so it never
+    reads above 100%."""
     flags = [f for i, f in enumerate(FAST) if "--warmup-steps" not in FAST[max(0, i - 1):i + 1]]
     pretrain.main(flags + ["--max-steps", "10", "--out", str(tmp_path / "run")])
     steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
@@ -203,9 +210,10 @@ def test_default_warmup_follows_the_run_and_mfu_stays_below_one(tmp_path, stdlib
 
 
 def test_a_run_that_cannot_train_stops_with_the_reason(tmp_path, capsys, stdlib_data):
-    """fp16 at --lr 1: the residual stream overflows fp16 within a few steps and every later step is skipped. The
-    run must end with exit status 3 and one line naming the cause and the last good checkpoint, within
-    K (= 8) steps of the first non-finite loss, and never save a checkpoint over the good one."""
+    """fp16 at --lr 1: the residual stream overflows fp16 within a few steps and every later step is
+    skipped. The run must end with exit status 3 and one line naming the cause and the last good
+    checkpoint, within K (= 8) steps of the first non-finite loss, and never save a checkpoint over
+    the good one."""
     with pytest.raises(SystemExit) as e:
         run(tmp_path, "--amp", "fp16", "--lr", "1", "--max-steps", "200", "--save-every", "2", "--seq-len", "16",
             "--batch-size", "2", "--eval-iters", "1")
@@ -232,17 +240,19 @@ def _diverge(rank, world, out, cache):
 
 
 def test_every_rank_stops_at_the_same_step(tmp_path, stdlib_data, data_cache):
-    """Under --pp 2 the last stage computes the loss: the guard sees it (all-reduced to every stage), so both ranks
-    stop together (a rank left behind would hang in its next send), and only rank 0 prints the line."""
+    """Under --pp 2 the last stage computes the loss: the guard sees it (all-reduced to every
+    stage), so both ranks stop together (a rank left behind would hang in its next send), and only
+    rank 0 prints the line."""
     (code0, err0, group0), (code1, err1, group1) = run_distributed(_diverge, 2, str(tmp_path), str(data_cache))
     assert (code0, code1) == (3, 3) and err1 == "" and not group0 and not group1
     assert err0.startswith("pretrain.py: stopped: step ") and err0.count("\n") == 1, err0
 
 
 def test_stop_after_and_ctrl_c_say_where_to_continue(tmp_path, stdlib_data, capsys):
-    """--stop-after ends with one line naming the step to continue from; the records carry the time and the run's
-    elapsed seconds, which go on (not restart) when the run resumes. Ctrl-C (SIGINT to the job) is one line on
-    stderr, exit 130, no traceback, and the rerun resumes from the last checkpoint."""
+    """--stop-after ends with one line naming the step to continue from; the records carry the time
+    and the run's elapsed seconds, which go on (not restart) when the run resumes. Ctrl-C (SIGINT to
+    the job) is one line on stderr, exit 130, no traceback, and the rerun resumes from the last
+    checkpoint."""
     run(tmp_path, "--max-steps", "6", "--save-every", "2", "--stop-after", "3")
     assert "stopped at step 3 (--stop-after 3); rerun the same command to continue from step 3" in \
         capsys.readouterr().out
@@ -250,7 +260,8 @@ def test_stop_after_and_ctrl_c_say_where_to_continue(tmp_path, stdlib_data, caps
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["time"] > 1.7e9 for r in records)
     elapsed = [r["elapsed"] for r in records]
-    assert elapsed == sorted(elapsed) and elapsed[0] >= 0, elapsed  # one clock across both invocations
+    # one clock across both invocations
+    assert elapsed == sorted(elapsed) and elapsed[0] >= 0, elapsed
 
     cmd = [sys.executable, "pretrain.py", *FAST, "--max-steps", "100000", "--save-every", "2", "--out",
            str(tmp_path / "int")]

@@ -1,5 +1,6 @@
-"""quantization.py: FP8 casts and matmuls at the bounds their formats' epsilons give, INT8 per-channel PTQ, the
-eval command, and FP8 under tensor parallelism and ZeRO-3 against one process."""
+"""quantization.py: FP8 casts and matmuls at the bounds their formats' epsilons give, INT8
+per-channel PTQ, the eval command, and FP8 under tensor parallelism and ZeRO-3 against one
+process."""
 import contextlib
 import math
 import re
@@ -31,8 +32,9 @@ def test_format_table_is_read_from_finfo():
 
 @pytest.mark.parametrize("fmt", [E4M3, E5M2])
 def test_cast_error_is_at_most_and_close_to_unit_roundoff(fmt):
-    """Values over 12 binades (inside both formats' normal range once scaled): every entry's relative error is
-    at most u = eps/2, and the largest is above 0.85 u (its supremum, just above a power of two, is u/(1+u))."""
+    """Values over 12 binades (inside both formats' normal range once scaled): every entry's
+    relative error is at most u = eps/2, and the largest is above 0.85 u (its supremum, just above a
+    power of two, is u/(1+u))."""
     g = torch.Generator().manual_seed(0)
     x = torch.exp2(torch.rand(50_000, generator=g) * 12) * torch.randn(50_000, generator=g).sign()
     xq, inv = q.to_fp8(x, fmt)
@@ -42,8 +44,9 @@ def test_cast_error_is_at_most_and_close_to_unit_roundoff(fmt):
 
 
 def test_current_scaling_never_overflows_over_twelve_decades():
-    """amax from 1e-6 to 1e6: the scaled amax lands in the format's top binade (no overflow, no saturation,
-    at most one binade unused), the largest entry survives within u, and an all-zero tensor stays finite."""
+    """amax from 1e-6 to 1e6: the scaled amax lands in the format's top binade (no overflow, no
+    saturation, at most one binade unused), the largest entry survives within u, and an all-zero
+    tensor stays finite."""
     g = torch.Generator().manual_seed(0)
     for fmt in (E4M3, E5M2):
         fmax, u = torch.finfo(fmt).max, q.unit_roundoff(fmt)
@@ -60,8 +63,9 @@ def test_current_scaling_never_overflows_over_twelve_decades():
 
 
 def one_hot_rows(m, k, g, binades):
-    """One nonzero per row, at a random column, magnitude 2^-U(0, binades): each output entry of a matmul
-    against it is a single product, whose error reaches the bound (no cancellation averages it away)."""
+    """One nonzero per row, at a random column, magnitude 2^-U(0, binades): each output entry of a
+    matmul against it is a single product, whose error reaches the bound (no cancellation averages
+    it away)."""
     t = torch.zeros(m, k)
     t[torch.arange(m), torch.randint(0, k, (m,), generator=g)] = \
         torch.exp2(-binades * torch.rand(m, generator=g)) * torch.randn(m, generator=g).sign()
@@ -69,7 +73,8 @@ def one_hot_rows(m, k, g, binades):
 
 
 def check_linear(x, w, gy, out_dtype):
-    """fp8_linear's output and both gradients against float64; returns the largest error / bound of each."""
+    """fp8_linear's output and both gradients against float64; returns the largest error / bound of
+    each."""
     xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
     q.fp8_linear(xl, wl).backward(gy)
     xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
@@ -89,9 +94,9 @@ def check_linear(x, w, gy, out_dtype):
 def test_fp8_linear_forward_and_backward_within_the_epsilon_bound():
     """Y = X W^T (E4M3 x E4M3), dX = dY W and dW = dY^T X (E5M2 x E4M3), entry by entry within
     e_a (|b| + e_b) + |a| e_b (+ fp32 accumulation and output rounding), e = u (|t| + smallest normal / scale),
-    u from each format's epsilon. One-hot rows make single-product entries, so the bound is nearly reached
-    (checked: a looser test would pass a coarser format); dY spans 16 binades, which E5M2 holds and E4M3
-    would flush. Then dense bf16 tensors, as in training."""
+    u from each format's epsilon. One-hot rows make single-product entries, so the bound is nearly
+    reached (checked: a looser test would pass a coarser format); dY spans 16 binades, which E5M2
+    holds and E4M3 would flush. Then dense bf16 tensors, as in training."""
     g = torch.Generator().manual_seed(0)
     x, w, gy = one_hot_rows(256, 32, g, 8), torch.randn(48, 32, generator=g), one_hot_rows(256, 48, g, 16)
     assert min(check_linear(x, w, gy, torch.float32)) > 0.6
@@ -100,13 +105,14 @@ def test_fp8_linear_forward_and_backward_within_the_epsilon_bound():
 
 
 def test_strict_scaled_mm_refuses_what_cuda_refuses():
-    """The CPU stand-in for CUDA's checks (tests/cuda_rules.py, on for every test) raises on each broken rule and
-    otherwise returns the real kernel's result."""
+    """The CPU stand-in for CUDA's checks (tests/cuda_rules.py, on for every test) raises on each
+    broken rule and otherwise returns the real kernel's result."""
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(*s, generator=g).to(E4M3) for s in ((7, 32), (48, 32)))
     one = torch.ones(())
     ok = dict(scale_a=one, scale_b=one, out_dtype=torch.float32)
-    assert torch.equal(strict_scaled_mm(a, b.t(), **ok), cuda_rules._scaled_mm(a, b.t(), **ok))  # M = 7 is free
+    # M = 7 is free
+    assert torch.equal(strict_scaled_mm(a, b.t(), **ok), cuda_rules._scaled_mm(a, b.t(), **ok))
     assert strict_scaled_mm(a[:0], b.t(), **ok).shape == (0, 48)
     broken = {"divisible by 16": (a[:, :24], b[:, :24].t(), ok), "mat2 shape (32x40)": (a, b[:40].t(), ok),
               "row-major and column-major": (a, b.t().contiguous(), ok),
@@ -119,9 +125,10 @@ def test_strict_scaled_mm_refuses_what_cuda_refuses():
 
 @pytest.mark.parametrize("m,k,n", [(7, 40, 40), (0, 32, 48), (13, 24, 8), (1, 16, 16)])
 def test_fp8_linear_pads_ragged_shapes_to_the_same_result(m, k, n):
-    """Any token count m (the weight gradient's K), width k and output count n (a tensor-parallel slice) runs
-    under CUDA's rules, and the zero padding changes nothing: output and gradients equal, bit for bit, the
-    unpadded products of the same 8-bit values and scales (the CPU kernel takes the ragged shapes)."""
+    """Any token count m (the weight gradient's K), width k and output count n (a tensor-parallel
+    slice) runs under CUDA's rules, and the zero padding changes nothing: output and gradients
+    equal, bit for bit, the unpadded products of the same 8-bit values and scales (the CPU kernel
+    takes the ragged shapes)."""
     g = torch.Generator().manual_seed(m + k + n)
     x, w, gy = (torch.randn(*s, generator=g).bfloat16() for s in ((m, k), (n, k), (m, n)))
     xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -137,8 +144,9 @@ def test_fp8_linear_pads_ragged_shapes_to_the_same_result(m, k, n):
 
 
 def test_moe_experts_with_no_rows_and_seven_rows_run_in_fp8():
-    """Routing decides an expert's rows: 0 (no max() to take an amax from) or 7 (the weight gradient's K). Each
-    expert's output and weight gradient within 0.1 relative of fp32 (8-bit inputs), the idle expert's zero."""
+    """Routing decides an expert's rows: 0 (no max() to take an amax from) or 7 (the weight
+    gradient's K). Each expert's output and weight gradient within 0.1 relative of fp32 (8-bit
+    inputs), the idle expert's zero."""
     import copy
 
     from moe import MoE
@@ -162,8 +170,8 @@ def test_moe_experts_with_no_rows_and_seven_rows_run_in_fp8():
 
 
 def test_sft_in_fp8_with_micro_batches_of_any_token_count(tmp_path):
-    """sft.py pads each micro-batch to its longest example: 2 rows of 40-odd tokens, whose count the weight
-    gradient sums over. Three steps under CUDA's rules; the loss is finite and moves."""
+    """sft.py pads each micro-batch to its longest example: 2 rows of 40-odd tokens, whose count the
+    weight gradient sums over. Three steps under CUDA's rules; the loss is finite and moves."""
     import sft
     from tests.sft_fixtures import make_init, reverse_examples, write_jsonl
     out = sft.main(["--init", str(make_init(tmp_path / "init")), "--data",
@@ -175,8 +183,9 @@ def test_sft_in_fp8_with_micro_batches_of_any_token_count(tmp_path):
 
 
 def test_int8_per_channel_error_is_half_a_step_of_each_row():
-    """Rows six decades apart: each row's error is at most its own s_j / 2 (a per-tensor scale would give the
-    small rows the large rows' step), its largest entry maps to +-127; Int8Linear computes x (q s)^T."""
+    """Rows six decades apart: each row's error is at most its own s_j / 2 (a per-tensor scale would
+    give the small rows the large rows' step), its largest entry maps to +-127; Int8Linear computes
+    x (q s)^T."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(32, 64, generator=g) * torch.logspace(-3, 3, 32).unsqueeze(1)
     wq, s = q.quantize_int8(w)
@@ -190,9 +199,9 @@ def test_int8_per_channel_error_is_half_a_step_of_each_row():
 
 
 def test_eval_command_reports_int8_beside_bf16(tmp_path, stdlib_data, capsys):
-    """A checkpoint of the tiny-shaped test model: the command runs, the int8 model's bytes are the linears at
-    1 byte (+ one bf16 scale per row) and the rest at 2, and its loss is close to bf16's. A missing
-    checkpoint is one line."""
+    """A checkpoint of the tiny-shaped test model: the command runs, the int8 model's bytes are the
+    linears at 1 byte (+ one bf16 scale per row) and the rest at 2, and its loss is close to bf16's.
+    A missing checkpoint is one line."""
     torch.manual_seed(0)
     model = Transformer(replace(CFG, vocab_size=256))
     torch.save({"model": model.state_dict(), "model_config": asdict(replace(model.cfg, attn="-")),
@@ -210,8 +219,9 @@ def test_eval_command_reports_int8_beside_bf16(tmp_path, stdlib_data, capsys):
 
 
 def test_pretrain_amp_fp8_trains_fp8_layers_and_saves_plain_keys(tmp_path, stdlib_data):
-    """--amp fp8 end to end: bf16 parameters with fp32 masters, every Linear but none other swapped, the
-    loss falls, and the checkpoint's keys are a plain model's (it loads into model.py's Transformer)."""
+    """--amp fp8 end to end: bf16 parameters with fp32 masters, every Linear but none other swapped,
+    the loss falls, and the checkpoint's keys are a plain model's (it loads into model.py's
+    Transformer)."""
     import pretrain
     out = pretrain.main(["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--lr", "3e-3",
                          "--warmup-steps", "1", "--eval-iters", "1", "--sample-tokens", "0", "--max-steps", "6",
@@ -242,9 +252,10 @@ def batch(step=0):
 
 
 def uneven_model():
-    """The test model with the first half of every split weight 8x larger: the two tp ranks' shards then have
-    amaxes in different binades, so per-shard scales differ from the whole tensor's (with power-of-two scales,
-    shards of similar range would get the same scale and hide the difference)."""
+    """The test model with the first half of every split weight 8x larger: the two tp ranks' shards
+    then have amaxes in different binades, so per-shard scales differ from the whole tensor's (with
+    power-of-two scales, shards of similar range would get the same scale and hide the
+    difference)."""
     torch.manual_seed(0)
     model = Transformer(CFG)
     with torch.no_grad():
@@ -255,9 +266,10 @@ def uneven_model():
 
 
 def _tp_against_one_process(rank, world):
-    """fp32 model, fp8 matmuls. tp 2 with amax all-reduced over tp: the same scales, hence the same 8-bit
-    values, as one process; what differs is the order of the fp32 sums (row-parallel partial products added by
-    the all-reduce). Per-shard scales (the default) quantize differently, within the formats' error."""
+    """fp32 model, fp8 matmuls. tp 2 with amax all-reduced over tp: the same scales, hence the same
+    8-bit values, as one process; what differs is the order of the fp32 sums (row-parallel partial
+    products added by the all-reduce). Per-shard scales (the default) quantize differently, within
+    the formats' error."""
     full = uneven_model()
     q.use_fp8(full)
     seq = batch()
@@ -281,10 +293,10 @@ def _tp_against_one_process(rank, world):
 
 
 def test_fp8_under_tp2_matches_one_process():
-    """Reduced amax: loss within fp32 rounding (1e-6), every gradient within 1e-5 relative (fp32 summation
-    order). Per-shard scales: power-of-two scales round an entry of the normal range alike whatever the scale,
-    so they differ only in which entries fall below the smallest normal: close (1e-2), but visibly not the
-    same computation (on the rank whose shard is 8x smaller)."""
+    """Reduced amax: loss within fp32 rounding (1e-6), every gradient within 1e-5 relative (fp32
+    summation order). Per-shard scales: power-of-two scales round an entry of the normal range alike
+    whatever the scale, so they differ only in which entries fall below the smallest normal: close
+    (1e-2), but visibly not the same computation (on the rank whose shard is 8x smaller)."""
     results = run_distributed(_tp_against_one_process, 2)
     for r in results:
         assert r["reduced"][0] < 1e-6 and r["reduced"][1] < 1e-5, r
@@ -302,9 +314,10 @@ def _step(model, module, opt, micro):
 
 
 def _zero_against_one_process(rank, world):
-    """ZeRO stages 1-3 over 2 ranks, each a half of the batch, against one process taking the halves as 2
-    accumulation steps: activations are scaled per micro-batch alike, and ZeRO-3 gathers whole weights, so every
-    8-bit value is the same; only the order of the gradient sums may differ (stage 1 runs ddp.py's all-reduce)."""
+    """ZeRO stages 1-3 over 2 ranks, each a half of the batch, against one process taking the halves
+    as 2 accumulation steps: activations are scaled per micro-batch alike, and ZeRO-3 gathers whole
+    weights, so every 8-bit value is the same; only the order of the gradient sums may differ (stage
+    1 runs ddp.py's all-reduce)."""
     from zero import ZeroOptimizer
 
     def make(groups):
@@ -339,8 +352,9 @@ def test_fp8_under_zero_1_2_3_matches_one_process():
 
 
 def _ragged_layouts(rank, world, out):
-    """Two fp8 steps of pretrain.py on each layout whose matmuls see ragged shapes: cp 2 (each rank 6 of a row's
-    12 tokens: the weight gradient's K), experts over ep 2 (any row count per expert, 0 included), tp 2."""
+    """Two fp8 steps of pretrain.py on each layout whose matmuls see ragged shapes: cp 2 (each rank
+    6 of a row's 12 tokens: the weight gradient's K), experts over ep 2 (any row count per expert, 0
+    included), tp 2."""
     import pretrain
     common = ["--model", "tiny", "--seq-len", "12", "--batch-size", "2", "--max-steps", "2", "--warmup-steps", "1",
               "--eval-iters", "1", "--eval-every", "2", "--sample-tokens", "0", "--amp", "fp8"]

@@ -1,7 +1,8 @@
-"""The README's commands (and its pages' in docs/), run one after another in a fresh clone, never collide: each pretrain.py and sft.py
-command of its code blocks (after `make pretrain` and `make sft`, the Makefile's) trains into a folder of its own,
-unless it is the same run (the same flags but the layout's and the logging's), which continues there; a command
-with --fresh starts its folder over. A collision would be refused at run time ("OUT holds another run")."""
+"""The README's commands (and its pages' in docs/), run one after another in a fresh clone, never
+collide: each pretrain.py and sft.py command of its code blocks (after `make pretrain` and `make
+sft`, the Makefile's) trains into a folder of its own, unless it is the same run (the same flags but
+the layout's and the logging's), which continues there; a command with --fresh starts its folder
+over. A collision would be refused at run time ("OUT holds another run")."""
 import dataclasses
 import re
 import shlex
@@ -26,8 +27,8 @@ def makefile_commands():
 
 
 def readme_commands():
-    """(the line, its words from the script on) for every pretrain.py/sft.py line of the README's bash blocks
-    (then docs/'s), shell variables set in the block (F="...") expanded."""
+    """(the line, its words from the script on) for every pretrain.py/sft.py line of the README's
+    bash blocks (then docs/'s), shell variables set in the block (F="...") expanded."""
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # read in this order
     for block in re.findall(r"```bash\n(.*?)```", "".join(p.read_text() for p in pages), re.S):
         env = {}

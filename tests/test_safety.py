@@ -1,8 +1,9 @@
-"""Nothing lost, nothing run that should not be. Every entry point that reads a .pt file loads it with
-weights_only=True: a file made to run code when unpickled runs none and is refused in one line. A damaged newest
-step (a flipped byte, a truncated or missing rank file, a garbled or edited meta.json) is passed over by the rerun
-of the same command line, which resumes bit for bit from the previous step after one warning line naming it and
-the reason. The RNG states are tensors and plain values, and only this rank's own CUDA device's is kept."""
+"""Nothing lost, nothing run that should not be. Every entry point that reads a .pt file loads it
+with weights_only=True: a file made to run code when unpickled runs none and is refused in one line.
+A damaged newest step (a flipped byte, a truncated or missing rank file, a garbled or edited
+meta.json) is passed over by the rerun of the same command line, which resumes bit for bit from the
+previous step after one warning line naming it and the reason. The RNG states are tensors and plain
+values, and only this rank's own CUDA device's is kept."""
 import os
 import random
 import shutil
@@ -25,7 +26,8 @@ FAST = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--eval-iters
 
 
 class Payload:
-    """Unpickling this calls os.mkdir(marker): what a malicious .pt file could do instead (anything)."""
+    """Unpickling this calls os.mkdir(marker): what a malicious .pt file could do instead
+    (anything)."""
 
     def __init__(self, marker):
         self.marker = str(marker)
@@ -36,8 +38,8 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, stdlib_data):
-    """A pretraining run stopped at step 2 of 3 (steps 1 and 2 on disk, its losses), an SFT LoRA run to its end
-    (adapter.pt, merged.pt), the base model file it started from, and its data."""
+    """A pretraining run stopped at step 2 of 3 (steps 1 and 2 on disk, its losses), an SFT LoRA run
+    to its end (adapter.pt, merged.pt), the base model file it started from, and its data."""
     root = tmp_path_factory.mktemp("runs")
     first = pretrain.main(FAST + ["--stop-after", "2", "--out", str(root / "pre")])
     init = make_init(root / "init")
@@ -50,8 +52,9 @@ def runs(tmp_path_factory, stdlib_data):
 
 
 def poison_steps(run, marker):
-    """Every step's rank0.pt replaced by a pickle that runs code, its size and CRC-32 (and meta.json's own) made to
-    match, as a forger would: only the loading itself stands between the file and the code."""
+    """Every step's rank0.pt replaced by a pickle that runs code, its size and CRC-32 (and
+    meta.json's own) made to match, as a forger would: only the loading itself stands between the
+    file and the code."""
     for d in sorted(run.glob("step_*")):
         f = d / "rank0.pt"
         torch.save({"tensors": [], "rng": Payload(marker)}, f)
@@ -144,8 +147,9 @@ DAMAGE = {  # how step 2 is damaged, and what the warning must say of it
 
 @pytest.mark.parametrize("case", DAMAGE)
 def test_a_damaged_newest_step_falls_back_through_pretrain(runs, tmp_path, capsys, case):
-    """The rerun of the same command line resumes from step 1 with one warning line naming the step and the
-    reason, and trains step 2 again to the loss the first run had (bit for bit: fp32, one process)."""
+    """The rerun of the same command line resumes from step 1 with one warning line naming the step
+    and the reason, and trains step 2 again to the loss the first run had (bit for bit: fp32, one
+    process)."""
     out = copy(runs["pre"], tmp_path / "run")
     damage, reason = DAMAGE[case]
     damage(out / "step_000002")
@@ -170,7 +174,8 @@ def test_a_damaged_newest_step_falls_back_through_sft(runs, tmp_path, capsys):
 
 
 def test_a_checkpoint_with_pickled_numpy_objects_is_refused_with_a_hint(runs, tmp_path, capsys):
-    """What an older version wrote (numpy's RNG state pickled as numpy objects) is not unpickled: one line."""
+    """What an older version wrote (numpy's RNG state pickled as numpy objects) is not unpickled:
+    one line."""
     out = copy(runs["pre"], tmp_path / "run")
     for d in sorted(out.glob("step_*")):
         f = d / "rank0.pt"
@@ -186,9 +191,10 @@ def test_a_checkpoint_with_pickled_numpy_objects_is_refused_with_a_hint(runs, tm
 
 
 def test_rng_states_round_trip_safely_and_keep_this_device_only(monkeypatch, tmp_path):
-    """torch's, numpy's and Python's streams come back exactly through a weights_only file; of CUDA, only the
-    current device's state is saved (get_rng_state, never get_rng_state_all) and restored, and a state saved with
-    or without CUDA is restored on a machine with the other (more or fewer GPUs visible)."""
+    """torch's, numpy's and Python's streams come back exactly through a weights_only file; of CUDA,
+    only the current device's state is saved (get_rng_state, never get_rng_state_all) and restored,
+    and a state saved with or without CUDA is restored on a machine with the other (more or fewer
+    GPUs visible)."""
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
@@ -204,15 +210,17 @@ def test_rng_states_round_trip_safely_and_keep_this_device_only(monkeypatch, tmp
     again = torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)], random.gauss(0, 1)
     assert torch.equal(drawn[0], again[0]) and (drawn[1] == again[1]).all() and drawn[2:] == again[2:]
     assert len(calls) == 1 and torch.equal(calls[0], torch.arange(8, dtype=torch.uint8))
-    checkpoint.set_rng_state(state | {"cuda": None})  # saved on a CPU-only run: CUDA's stream left as it is
+    # saved on a CPU-only run: CUDA's stream left as it is
+    checkpoint.set_rng_state(state | {"cuda": None})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     checkpoint.set_rng_state(state)  # saved with CUDA, resumed without
     assert len(calls) == 1
 
 
 def test_checkpoint_py_errors_are_one_line_from_the_command_line(runs, tmp_path):
-    """Run as a script (checkpoint.py is then __main__, weights.py imports it as checkpoint: two CheckpointError
-    classes): one line, exit 2. export-hf never writes into a folder that holds something."""
+    """Run as a script (checkpoint.py is then __main__, weights.py imports it as checkpoint: two
+    CheckpointError classes): one line, exit 2. export-hf never writes into a folder that holds
+    something."""
     import subprocess
     import sys
     (tmp_path / "hf").mkdir()
@@ -228,8 +236,8 @@ def test_checkpoint_py_errors_are_one_line_from_the_command_line(runs, tmp_path)
 
 
 def test_a_consolidated_lora_run_is_the_merged_model(runs, tmp_path):
-    """consolidate (and --init DIR) merge a LoRA run's adapters: the plain model sft.py's merged.pt holds, which
-    --init takes."""
+    """consolidate (and --init DIR) merge a LoRA run's adapters: the plain model sft.py's merged.pt
+    holds, which --init takes."""
     weights.main(["consolidate", str(runs["sft"]), str(tmp_path / "c.pt")])
     ours, merged = checkpoint.safe_load(tmp_path / "c.pt")["model"], checkpoint.safe_load(runs["sft"] / "merged.pt")
     assert ours.keys() == merged["model"].keys() and not any(".lora_" in k for k in ours)
@@ -248,8 +256,9 @@ def test_a_flag_that_changes_the_maths_is_part_of_the_run(runs, tmp_path, capsys
 
 
 def test_a_finished_run_goes_on_with_a_larger_max_steps(runs, tmp_path, capsys):
-    """The run stopped at step 2 of 3 goes on to 5 with a line saying where the schedule changes; step 3's learning
-    rate is that of a 5-step run's cosine, not a 3-step one's. A length below the step reached is refused."""
+    """The run stopped at step 2 of 3 goes on to 5 with a line saying where the schedule changes;
+    step 3's learning rate is that of a 5-step run's cosine, not a 3-step one's. A length below the
+    step reached is refused."""
     out = copy(runs["pre"], tmp_path / "run")
     argv = [a for a in FAST if a != "3"][:-1]  # (without --max-steps 3)
     capsys.readouterr()
@@ -269,8 +278,8 @@ def test_a_finished_run_goes_on_with_a_larger_max_steps(runs, tmp_path, capsys):
 
 
 def test_a_longer_run_keeps_the_warm_up_it_had(tmp_path, capsys):
-    """Without --warmup-steps the warm-up is a tenth of the run: going from 10 to 1000 steps must not restart it
-    (100 steps of warm-up at step 10)."""
+    """Without --warmup-steps the warm-up is a tenth of the run: going from 10 to 1000 steps must
+    not restart it (100 steps of warm-up at step 10)."""
     cfg = pretrain.parse(["--out", str(tmp_path)])
     ckpt = {"identity": {"max_steps": 10}, "step": 10, "args": {"warmup_steps": 1}}
     longer = training.change_length(cfg, ckpt, 1000)

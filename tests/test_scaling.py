@@ -1,4 +1,5 @@
-"""scaling.py: the fits recover known exponents from synthetic data; a 3-run micro-sweep trains, records, resumes."""
+"""scaling.py: the fits recover known exponents from synthetic data; a 3-run micro-sweep trains,
+records, resumes."""
 import json
 import math
 from dataclasses import replace
@@ -27,7 +28,8 @@ def test_parametric_fit_recovers_known_exponents():
 
 
 def test_isoflop_profiles_recover_the_optimal_size_exponent(capsys):
-    # Chinchilla's law implies N_opt ~ C^(beta / (alpha + beta)); approach 2 must find it from profiles alone.
+    # Chinchilla's law implies N_opt ~ C^(beta / (alpha + beta)); approach 2 must find it from
+    # profiles alone.
     results = []
     for C in (1e18, 1e19, 1e20, 1e21):
         n_center = 0.6 * (C / 6) ** (0.28 / 0.62)
@@ -37,11 +39,13 @@ def test_isoflop_profiles_recover_the_optimal_size_exponent(capsys):
     a, _, optima = scaling.approach2(results)
     assert len(optima) == 4
     assert a == pytest.approx(0.28 / 0.62, rel=0.05)
-    # The whole report on them (plot, both approaches, bootstraps), also where a resample leaves one budget.
+    # The whole report on them (plot, both approaches, bootstraps), also where a resample leaves one
+    # budget.
     fitted = scaling.report([dict(r, flops=r["budget"]) for r in results])
     assert fitted["a"] == a and fitted["parametric"]["alpha"] == pytest.approx(0.34, rel=0.05)
     assert "N_opt ~ C^a" in capsys.readouterr().out
-    two = [r for r in results if r["budget"] in (1e18, 1e19)][:12]  # 9 + 3 runs: resamples often lack a profile
+    # 9 + 3 runs: resamples often lack a profile
+    two = [r for r in results if r["budget"] in (1e18, 1e19)][:12]
     assert scaling.bootstrap(two, lambda rs: {"a": scaling.approach2(rs)[0]}, n=20)["a"] >= 0
 
 
@@ -50,13 +54,15 @@ def test_micro_sweep_trains_records_and_resumes(tmp_path, stdlib_data, capsys):
     assert len(runs) == 3 and all(r["steps"] >= 3 for r in runs)
     scaling.sweep(runs[:2], tmp_path, lr=3e-3, threads=1)            # "interrupted" after two runs
     first = (tmp_path / "runs.jsonl").read_text()
-    scaling.sweep(runs, tmp_path, lr=3e-3, threads=1)                # run again: only the third trains
+    # run again: only the third trains
+    scaling.sweep(runs, tmp_path, lr=3e-3, threads=1)
     assert "3 runs (2 done)" in capsys.readouterr().out
     lines = (tmp_path / "runs.jsonl").read_text()
     assert lines.startswith(first)
     recs = [json.loads(l) for l in lines.splitlines()]
     assert [r["key"] for r in recs] == [r["key"] for r in runs]
-    for r in recs:  # each trained for its budget's tokens, and learnt something (bytes start at ln 256 = 5.5)
+    # each trained for its budget's tokens, and learnt something (bytes start at ln 256 = 5.5)
+    for r in recs:
         assert r["D"] == r["steps"] * scaling.SEQ_LEN * scaling.BATCH and r["flops"] <= 1.5e9 * 1.5
         assert 0 < r["val_loss"] < math.log(256)
 

@@ -61,7 +61,8 @@ def test_both_formats_learn_exactly_the_responses():
     (xa, ya), (xc, yc) = rows_of([alpaca, chat])
     assert ENC.decode(xa) == "### Instruction:\nReverse the word.\n\n### Input:\ngolf\n\n### Response:\nflog"
     assert [t for t in ya if t != -100] == ENC.encode_ordinary("flog") + [EOT]
-    # Both assistant turns (each with its end-of-text) are learned; system, user turns and headers are not.
+    # Both assistant turns (each with its end-of-text) are learned; system, user turns and headers
+    # are not.
     assert [t for t in yc if t != -100] == ENC.encode_ordinary("Hello") + [EOT] + ENC.encode_ordinary("Hello!") + [EOT]
     # Without the mask every label is the next token.
     (xn, yn), = rows_of([alpaca], prompt_mask=False)
@@ -69,8 +70,9 @@ def test_both_formats_learn_exactly_the_responses():
 
 
 def test_prompt_tokens_get_no_gradient():
-    """d loss / d logits is exactly zero at every prompt (and padding) position and non-zero at every response
-    position; trained without the mask, the same prompt positions do get gradient (so the test can fail)."""
+    """d loss / d logits is exactly zero at every prompt (and padding) position and non-zero at
+    every response position; trained without the mask, the same prompt positions do get gradient (so
+    the test can fail)."""
     torch.manual_seed(0)
     model = Transformer(CFG).double()
     lines = reverse_examples(4)
@@ -92,7 +94,8 @@ def test_prompt_tokens_get_no_gradient():
 
 
 def test_padding_isolates_examples():
-    """An example's logits are the same alone and padded into a batch beside a longer one (float64)."""
+    """An example's logits are the same alone and padded into a batch beside a longer one
+    (float64)."""
     torch.manual_seed(0)
     model = Transformer(CFG).double()
     short, long = rows_of([{"instruction": "Hi", "output": "yo"}, reverse_examples(1)[0]])
@@ -103,8 +106,9 @@ def test_padding_isolates_examples():
 
 
 def test_accumulation_divides_by_the_steps_response_tokens():
-    """Four micro-batches with different numbers of response tokens give the gradient of one batch of all
-    eight examples (float64: equal up to summation order). A per-micro-batch mean would not (checked)."""
+    """Four micro-batches with different numbers of response tokens give the gradient of one batch
+    of all eight examples (float64: equal up to summation order). A per-micro-batch mean would not
+    (checked)."""
     rows = rows_of(reverse_examples(8) + [{"instruction": "Say a long thing.", "output": "x" * 40}])[:8]
     rows[1] = rows_of([{"instruction": "Say a long thing.", "output": "x" * 40}])[0]
     torch.manual_seed(0)
@@ -134,7 +138,8 @@ def test_accumulation_divides_by_the_steps_response_tokens():
 def test_sft_learns_logs_checkpoints_and_answers(tmp_path, files):
     res = run(files, tmp_path / "o", "--max-steps", "30", "--eval-every", "15")
     vals = res["val_losses"]
-    assert len(vals) == 3 and vals[-1] < vals[0] - 1.0, vals  # from ~5.8 (random init) on held-out responses
+    # from ~5.8 (random init) on held-out responses
+    assert len(vals) == 3 and vals[-1] < vals[0] - 1.0, vals
     lines = [json.loads(l) for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert [l["val_loss"] for l in lines if "val_loss" in l] == vals
     assert len([l for l in lines if "loss" in l]) == 30 and {"lr", "grad_norm", "tokens_per_s"} <= set(lines[1])
@@ -150,7 +155,8 @@ def test_sft_learns_logs_checkpoints_and_answers(tmp_path, files):
 
 
 def test_resume_is_exact(tmp_path, files):
-    """Stopped after 3 of 6 steps and resumed: the same losses, bit for bit (fp32 on CPU), and the same weights."""
+    """Stopped after 3 of 6 steps and resumed: the same losses, bit for bit (fp32 on CPU), and the
+    same weights."""
     whole = run(files, tmp_path / "w", "--max-steps", "6", "--samples", "0")
     first = run(files, tmp_path / "s", "--max-steps", "6", "--stop-after", "3", "--samples", "0")
     second = run(files, tmp_path / "s", "--max-steps", "6", "--resume", "--samples", "0")
@@ -163,8 +169,9 @@ def test_resume_is_exact(tmp_path, files):
 def test_lora_sft_trains_only_adapters_and_exports(tmp_path, files):
     res = run(files, tmp_path / "l", "--max-steps", "20", "--eval-every", "20", "--lora-r", "4",
               "--lora-targets", "wq,wv,w2", "--lr", "2e-2")
-    # A random base's frozen head (std 0.02) caps how far its logits can move, so only a modest drop is possible
-    # here; the point of this test is the mechanics (frozen base, adapters, export), the drop that it trains.
+    # A random base's frozen head (std 0.02) caps how far its logits can move, so only a modest drop
+    # is possible here; the point of this test is the mechanics (frozen base, adapters, export), the
+    # drop that it trains.
     assert res["val_losses"][-1] < res["val_losses"][0] - 0.1, res["val_losses"]
     init = torch.load(files["init"], weights_only=False)["model"]
     step = tmp_path / "l" / "step_000020"
@@ -212,7 +219,8 @@ def long_one(x):
 
 
 def test_default_data_from_functions(tmp_path):
-    """Docstring -> instruction, source without docstring -> response; too long counted; split by module."""
+    """Docstring -> instruction, source without docstring -> response; too long counted; split by
+    module."""
     docs = [(f"pkg/mod{i}.py", MODULE) for i in range(30)]
     held = sum(zlib.crc32(name.encode()) % SFT_VAL_EVERY == 0 for name, _ in docs)
     counts = build_default_data(docs, tmp_path,
@@ -223,7 +231,8 @@ def test_default_data_from_functions(tmp_path):
     assert val_modules.isdisjoint(r["module"] for r in rows)
     assert rows[0]["instruction"] == "Write a Python function `short(a, b=1)` that: Add two numbers."
     assert rows[0]["output"] == "def short(a, b=1):\n    # a comment stays\n    return a + b"
-    assert rows[1]["output"] == "def method(self, x):\n    return 2 * x"  # dedented out of its class
+    # dedented out of its class
+    assert rows[1]["output"] == "def method(self, x):\n    return 2 * x"
     assert all(len(sft.encode(ENC, sft.to_messages(r, "-"))[0]) <= DEFAULT_MAX_BYTES for r in rows)
 
 
@@ -270,7 +279,7 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys, files):
     assert "does not divide" in error_of(capsys, base + data_flag + ["--batch-size", "6", "--grad-accum", "4"])
 
 
-# ------------------------------------------------------------------------------------------- packing
+# ------------------------------------------------------------------------------------------ packing
 def packed_and_padded():
     """Examples of 34 to 120 tokens: up to three share a packed row of 128."""
     lines = [{"instruction": "Say x.", "output": "x" * n} for n in (1, 5, 20, 3, 40, 8, 2, 81)] + reverse_examples(3)
@@ -279,8 +288,8 @@ def packed_and_padded():
 
 
 def segments(rows, x, packing):
-    """(example index, row, start, end) of every example in packed rows: the runs of one document id, matched to
-    the example by their tokens (the padding's run matches none)."""
+    """(example index, row, start, end) of every example in packed rows: the runs of one document
+    id, matched to the example by their tokens (the padding's run matches none)."""
     out = []
     for r in range(x.shape[0]):
         doc = packing["doc"][r]
@@ -295,8 +304,9 @@ def segments(rows, x, packing):
 
 @pytest.mark.parametrize("attn", ["naive", "sdpa"])
 def test_packed_examples_lose_and_learn_exactly_as_padded(attn):
-    """Each example's summed loss in packed rows equals its padded row's (float64, 1e-12), and so do the
-    gradients of the batch's loss: positions restart at every example and attention stays inside it."""
+    """Each example's summed loss in packed rows equals its padded row's (float64, 1e-12), and so do
+    the gradients of the batch's loss: positions restart at every example and attention stays inside
+    it."""
     rows, (xp, yp, packing), (x, y) = packed_and_padded()
     assert xp.shape[0] < x.shape[0] and xp.numel() < x.numel()  # fewer rows, less padding
     torch.manual_seed(0)
@@ -317,12 +327,14 @@ def test_packed_examples_lose_and_learn_exactly_as_padded(attn):
 
 
 def test_attention_never_crosses_packed_examples():
-    """Change one packed example's tokens: every other example's logits stay exactly as they were (its own
-    change); with the document ids dropped (a plain causal mask over the row), later examples would change."""
+    """Change one packed example's tokens: every other example's logits stay exactly as they were
+    (its own change); with the document ids dropped (a plain causal mask over the row), later
+    examples would change."""
     rows, (xp, yp, packing), _ = packed_and_padded()
     torch.manual_seed(0)
     model = Transformer(CFG).double()
-    _, r, a, b = min(segments(rows, xp, packing), key=lambda s: (s[1], s[2]))  # the first example of row 0
+    # the first example of row 0
+    _, r, a, b = min(segments(rows, xp, packing), key=lambda s: (s[1], s[2]))
     assert (packing["doc"][r] > 0).any()  # the row holds examples after the perturbed one
     changed = xp.clone()
     changed[r, a:b] = torch.randint(0, 256, (b - a,), generator=torch.Generator().manual_seed(1))
@@ -335,7 +347,8 @@ def test_attention_never_crosses_packed_examples():
 
 
 def test_a_run_that_cannot_train_stops_with_the_reason(tmp_path, capsys, files):
-    """As pretrain.py: fp16 at --lr 1 ends with exit status 3 and one line, and the good checkpoint is kept."""
+    """As pretrain.py: fp16 at --lr 1 ends with exit status 3 and one line, and the good checkpoint
+    is kept."""
     with pytest.raises(SystemExit) as e:
         run(files, tmp_path / "o", "--lr", "1", "--amp", "fp16", "--max-steps", "100", "--save-every", "2",
             "--samples", "0")

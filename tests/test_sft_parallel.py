@@ -1,6 +1,7 @@
-"""sft.py on the parallel layouts against one process on the same global batch: through sft.py on data-parallel
-ranks (fp32), and every layout of stack.py on SFT batches in float64 (ZeRO-3, tp, sequence parallel,
-pp with both schedules, all at once on 8 ranks, LoRA on tp and with ZeRO-3, packed rows through all of them)."""
+"""sft.py on the parallel layouts against one process on the same global batch: through sft.py on
+data-parallel ranks (fp32), and every layout of stack.py on SFT batches in float64 (ZeRO-3, tp,
+sequence parallel, pp with both schedules, all at once on 8 ranks, LoRA on tp and with ZeRO-3,
+packed rows through all of them)."""
 import contextlib
 import json
 from dataclasses import asdict
@@ -26,8 +27,9 @@ from topology import Topology
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("sftdp")
-    # Long and short responses mixed, so that the ranks' micro-batches hold different numbers of response
-    # tokens: a per-rank mean would then differ from the step's token mean, and the test would see it.
+    # Long and short responses mixed, so that the ranks' micro-batches hold different numbers of
+    # response tokens: a per-rank mean would then differ from the step's token mean, and the test
+    # would see it.
     rows = reverse_examples(40) + [{"instruction": "Say x.", "output": "x" * n} for n in (3, 30, 9, 45, 1, 20)] * 4
     return {"init": make_init(d / "init"), "train": write_jsonl(d / "train.jsonl", rows),
             "val": write_jsonl(d / "val.jsonl", reverse_examples(10, seed=1)), "dir": d}
@@ -51,8 +53,9 @@ def sft_rank(rank, world, files, out, extra):
 @pytest.mark.parametrize("extra", [["--zero", "0"], ["--zero", "2", "--lora-r", "4", "--lora-targets", "wq,wv,w2"]],
                          ids=["ddp", "zero2-lora"])
 def test_data_parallel_sft_matches_one_process(tmp_path, files, extra):
-    """Losses (train and held-out) and the trained parameters agree with one process to fp32 rounding: the
-    summation order differs (two ranks' partial sums, then an all-reduce), nothing else does."""
+    """Losses (train and held-out) and the trained parameters agree with one process to fp32
+    rounding: the summation order differs (two ranks' partial sums, then an all-reduce), nothing
+    else does."""
     one = sft.main(argv(files, tmp_path / "one", extra))
     ranks = run_distributed(sft_rank, 2, files, tmp_path / "two", extra)
     ref = trainable(one["model"])
@@ -61,9 +64,9 @@ def test_data_parallel_sft_matches_one_process(tmp_path, files, extra):
         assert val_losses == pytest.approx(one["val_losses"], rel=1e-5)
         assert params.keys() == ref.keys()
         for k in ref:
-            # fp32, lr 1e-2: Adam divides each step by sqrt(v), which for an element whose gradients are tiny
-            # amplifies their rounding; the worst element depends on the base's draw: measured from 2.7e-7 to
-            # 6.8e-6 apart over three bases (make_init's seed 0, 1, 2).
+            # fp32, lr 1e-2: Adam divides each step by sqrt(v), which for an element whose gradients
+            # are tiny amplifies their rounding; the worst element depends on the base's draw:
+            # measured from 2.7e-7 to 6.8e-6 apart over three bases (make_init's seed 0, 1, 2).
             torch.testing.assert_close(params[k], ref[k], rtol=1e-4, atol=1e-5)
     if "--lora-r" in extra:
         assert all(".lora_" in k for k in ref)
@@ -86,10 +89,11 @@ LORA_Z3 = ["--zero", "3", "--tp", "2", "--lora-r", "4", "--lora-targets", "wq,wo
 
 
 def test_sft_tp2_pp2_packed_and_lora_zero3_tp2_through_sft_py(tmp_path, files):
-    """Through sft.py at world 4, fp32: tp 2 x pp 2 on packed rows against one process on padded rows (the step
-    holds the same examples: the same losses); LoRA under ZeRO-3 x tp 2 against one process, its adapter.pt and
-    merged.pt gathered whole (equal to the one process's files), the adapter loaded back onto tp 2, and the run
-    stopped after 2 steps and resumed equal to the uninterrupted one, loss for loss."""
+    """Through sft.py at world 4, fp32: tp 2 x pp 2 on packed rows against one process on padded
+    rows (the step holds the same examples: the same losses); LoRA under ZeRO-3 x tp 2 against one
+    process, its adapter.pt and merged.pt gathered whole (equal to the one process's files), the
+    adapter loaded back onto tp 2, and the run stopped after 2 steps and resumed equal to the
+    uninterrupted one, loss for loss."""
     one = sft.main(argv(files, tmp_path / "one", ["--microbatches", "2"]))
     one_lora = sft.main(argv(files, tmp_path / "one_lora", LORA_Z3[4:]))
     for packed, val, lora_losses, loaded_val, resumed in run_distributed(_sft_layouts_world4, 4, files,
@@ -106,7 +110,8 @@ def test_sft_tp2_pp2_packed_and_lora_zero3_tp2_through_sft_py(tmp_path, files):
 
 
 def moe_init(path):
-    """An MoE base as pretrain.py --experts 4 --topk 2 writes it: the experts' flags travel in its args."""
+    """An MoE base as pretrain.py --experts 4 --topk 2 writes it: the experts' flags travel in its
+    args."""
     flags = {"experts": 4, "topk": 2, "moe_layers": "all", "capacity_factor": None, "aux_loss_weight": 1e-2}
     torch.manual_seed(0)
     model = moe.with_experts(Transformer(CFG), moe.MoEConfig(**flags))
@@ -126,9 +131,9 @@ def _norms(out):
 
 
 def test_sft_of_an_moe_base_with_expert_parallelism(tmp_path, files):
-    """An MoE base keeps its experts; --ep 2 at world 2 (each rank 2 of the 4 experts of each layer, dropless)
-    against one process taking the same two per-rank halves as 2 accumulation micro-steps (the balancing loss is
-    per micro-batch): the same losses and clipped gradient norms (fp32)."""
+    """An MoE base keeps its experts; --ep 2 at world 2 (each rank 2 of the 4 experts of each layer,
+    dropless) against one process taking the same two per-rank halves as 2 accumulation micro-steps
+    (the balancing loss is per micro-batch): the same losses and clipped gradient norms (fp32)."""
     moe_files = {**files, "init": moe_init(tmp_path / "moe")}
     one = sft.main(argv(moe_files, tmp_path / "one", ["--grad-accum", "4", "--grad-clip", "0.05"]))
     assert min(_norms(tmp_path / "one")) > 0.05
@@ -157,7 +162,7 @@ def test_lora_on_the_experts_of_an_moe_base_with_expert_parallelism(tmp_path, fi
         assert norms == pytest.approx(_norms(tmp_path / "one"), rel=1e-5)
 
 
-# ------------------------------------------------------------------------------- every layout, float64
+# ---------------------------------------------------------------------------- every layout, float64
 # stack.py's and training.py's pieces on SFT batches (masked labels, rows of different lengths), in
 # float64: the model built from one base state dict, sliced and adapted, stepped with clipping
 # active; against one process on the same batches.
@@ -172,7 +177,8 @@ TARGETS = "wq,wo,w1,w2"                  # column- and row-parallel layers both
 
 
 def step_batches(step, multiple, packed):
-    """The step's N_MICRO micro-batches: long and short responses mixed, so their label counts differ."""
+    """The step's N_MICRO micro-batches: long and short responses mixed, so their label counts
+    differ."""
     idx = torch.randperm(len(ROWS), generator=torch.Generator().manual_seed(step))[:2 * N_MICRO].tolist()
     make = sft.pack if packed else sft.collate
     return [make([ROWS[i] for i in idx[2 * m:2 * m + 2]], EOT, *([CFG.block_size] if packed else []), multiple)
@@ -198,12 +204,14 @@ def train_sft(topo, tp, pp, schedule, zero, sp, use_lora, packed):
         opt.zero_grad()
         losses.append(training.mean_over_dp(loss, topo).item())
         norms.append(norm)
-    # LoRA under ZeRO: only the adapters reach the optimizer (the frozen base carries no state, is not sharded).
+    # LoRA under ZeRO: only the adapters reach the optimizer (the frozen base carries no state, is
+    # not sharded).
     stepped = [p for g in opt.param_groups for p in g["params"]] if zero == 0 or topo.dp == 1 else [
         p for u in opt.units for p in u.params]
     only_adapters = {id(p) for p in stepped} == {id(p) for n, p in model.named_parameters() if ".lora_" in n}
     with opt.gathered() if zero == 3 and topo.dp > 1 else contextlib.nullcontext():
-        if use_lora:  # the adapters whole, by their names in the whole model (gathered over tp and pp)
+        # the adapters whole, by their names in the whole model (gathered over tp and pp)
+        if use_lora:
             trained = lora.lora_state_dict(model, topo)
         else:
             trained = {lora.full_name(model, n): p.detach().clone() for n, p in model.named_parameters()}
@@ -216,13 +224,15 @@ def _layouts(rank, world, layouts):
 
 def check_layouts(layouts, world):
     refs = {lo: train_sft(Topology(), 1, 1, "1f1b", 0, False, lo, False) for lo in (False, True)}
-    assert min(refs[False][1]) > CLIP and min(refs[True][1]) > CLIP  # clipping is active at every step
+    # clipping is active at every step
+    assert min(refs[False][1]) > CLIP and min(refs[True][1]) > CLIP
     for rank_results in run_distributed(_layouts, world, layouts):
         for layout, (tp_rank, (losses, norms, trained, only_adapters)) in zip(layouts, rank_results):
             tp, use_lora = layout[0], layout[5]
             ref_losses, ref_norms, ref_trained, _ = refs[use_lora]
-            # float64, the same arithmetic up to summation order (partial sums over ranks and micro-batches,
-            # packed rows' shorter or longer matmuls): 3 Adam steps keep agreement near 1e-13.
+            # float64, the same arithmetic up to summation order (partial sums over ranks and
+            # micro-batches, packed rows' shorter or longer matmuls): 3 Adam steps keep agreement
+            # near 1e-13.
             assert losses == pytest.approx(ref_losses, rel=1e-10), layout
             assert norms == pytest.approx(ref_norms, rel=1e-10), layout
             if use_lora:
@@ -234,9 +244,10 @@ def check_layouts(layouts, world):
 
 
 def test_sft_every_layout_matches_one_process_world2():
-    """World 2: ZeRO-3 over dp 2; tp 2, and tp 2 with sequence parallelism on packed rows; pp 2 with 1F1B, and
-    GPipe on packed rows (positions and document ids reach every stage from the data); LoRA on tp 2 (adapters
-    split to match the column- and row-parallel layers) and LoRA with ZeRO-3 (only adapters sharded)."""
+    """World 2: ZeRO-3 over dp 2; tp 2, and tp 2 with sequence parallelism on packed rows; pp 2 with
+    1F1B, and GPipe on packed rows (positions and document ids reach every stage from the data);
+    LoRA on tp 2 (adapters split to match the column- and row-parallel layers) and LoRA with ZeRO-3
+    (only adapters sharded)."""
     check_layouts([(1, 1, "1f1b", 3, False, False, False), (2, 1, "1f1b", 0, False, False, False),
                    (2, 1, "1f1b", 0, True, False, True), (1, 2, "1f1b", 0, False, False, False),
                    (1, 2, "gpipe", 0, False, False, True), (2, 1, "1f1b", 0, False, True, False),
@@ -244,13 +255,15 @@ def test_sft_every_layout_matches_one_process_world2():
 
 
 def test_sft_zero1_tp2_pp2_and_lora_zero3_tp2_pp2_world8():
-    """World 8 = dp 2 x pp 2 x tp 2, full fine-tuning under ZeRO-1, and LoRA under ZeRO-3 on packed rows."""
+    """World 8 = dp 2 x pp 2 x tp 2, full fine-tuning under ZeRO-1, and LoRA under ZeRO-3 on packed
+    rows."""
     check_layouts([(2, 2, "1f1b", 1, False, False, False), (2, 2, "1f1b", 3, False, True, True)], 8)
 
 
 def _lora_tp(rank, world):
-    """LoRA on tp 2: step-0 logits, the trainable count, and after 2 steps the adapted logits (full vocabulary),
-    the whole adapters and the whole merged state dict, and the logits after merging in place on each rank."""
+    """LoRA on tp 2: step-0 logits, the trainable count, and after 2 steps the adapted logits (full
+    vocabulary), the whole adapters and the whole merged state dict, and the logits after merging in
+    place on each rank."""
     topo = Topology(tp=2)
     x = torch.tensor([ROWS[0][0][:40], ROWS[1][0][:40]])
 
@@ -277,14 +290,19 @@ def _lora_tp(rank, world):
 def test_lora_on_tp2_starts_at_the_base_counts_r_d_in_plus_d_out_and_merges():
     results = run_distributed(_lora_tp, 2)
     d, q, ff = CFG.d_model, CFG.n_head * CFG.head_dim, CFG.d_ff
-    expected = CFG.n_layer * 4 * ((d + q) + (q + d) + (d + ff) + (ff + d))  # r = 4 on wq, wo, w1, w2
+    # r = 4 on wq, wo, w1, w2
+    expected = CFG.n_layer * 4 * ((d + q) + (q + d) + (d + ff) + (ff + d))
     assert all(r[0] for r in results)  # B = 0: the adapted model's logits are the base's, exactly
-    # The slices of B (column-parallel) and A (row-parallel) on each rank plus one copy of the whole factors.
+    # The slices of B (column-parallel) and A (row-parallel) on each rank plus one copy of the whole
+    # factors.
     assert sum(r[1] for r in results) == expected
     plain = Transformer(CFG).double()
     plain.load_state_dict(results[0][4])
     x = torch.tensor([ROWS[0][0][:40], ROWS[1][0][:40]])
     for _, _, base_logits, logits, merged, in_place in results:
-        assert not torch.allclose(logits, base_logits, atol=1e-4)  # the adapters did learn something
-        torch.testing.assert_close(plain(x)[0], logits, rtol=1e-10, atol=1e-12)  # merged whole = adapted, tp 2
-        torch.testing.assert_close(in_place, logits, rtol=1e-10, atol=1e-12)     # merged in place, per rank
+        # the adapters did learn something
+        assert not torch.allclose(logits, base_logits, atol=1e-4)
+        # merged whole = adapted, tp 2
+        torch.testing.assert_close(plain(x)[0], logits, rtol=1e-10, atol=1e-12)
+        # merged in place, per rank
+        torch.testing.assert_close(in_place, logits, rtol=1e-10, atol=1e-12)

@@ -1,5 +1,6 @@
-"""Hugging Face Llama format: export -> import gives the same logits bit for bit (float64), config.json carries
-every field a Llama loader reads, and what model.py cannot represent is refused in one line naming it."""
+"""Hugging Face Llama format: export -> import gives the same logits bit for bit (float64),
+config.json carries every field a Llama loader reads, and what model.py cannot represent is refused
+in one line naming it."""
 import json
 import struct
 from dataclasses import asdict, replace
@@ -20,7 +21,8 @@ CFG = replace(PRESETS["tiny"], n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_f
 def exported(tmp_path):
     torch.manual_seed(0)
     model = Transformer(CFG).double()
-    for p in model.parameters():  # norms too: a swapped name or a transposed weight must show in the logits
+    # norms too: a swapped name or a transposed weight must show in the logits
+    for p in model.parameters():
         torch.nn.init.normal_(p, std=0.3)
     torch.save({"model": model.state_dict(), "model_config": asdict(replace(CFG, attn="-")), "tokenizer": "bytes"},
                tmp_path / "model.pt")
@@ -45,9 +47,9 @@ def test_export_then_import_gives_the_same_logits(exported):
 
 
 def llama_reference(t, c, idx, inv_freq=None):
-    """Hugging Face's LlamaForCausalLM forward written from its definition, on the exported tensors and config
-    alone (float64): an independent check of the name mapping (gate = w1, up = w3, down = w2) and of RoPE.
-    `inv_freq`: the rotary frequencies, when not theta^(-2i/d) (a scaled RoPE)."""
+    """Hugging Face's LlamaForCausalLM forward written from its definition, on the exported tensors
+    and config alone (float64): an independent check of the name mapping (gate = w1, up = w3, down =
+    w2) and of RoPE. `inv_freq`: the rotary frequencies, when not theta^(-2i/d) (a scaled RoPE)."""
     norm = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c["rms_norm_eps"]) * w  # noqa: E731
     H, KV, hd, T = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], idx.shape[1]
     if inv_freq is None:
@@ -107,7 +109,8 @@ def refused(folder, config=None, tensors=None, raw=None):
 
 
 def header(change):
-    """raw= for refused(): the safetensors header edited by change(header) (the tensor bytes kept)."""
+    """raw= for refused(): the safetensors header edited by change(header) (the tensor bytes
+    kept)."""
     def raw(b):
         n = struct.unpack("<Q", b[:8])[0]
         h = json.loads(b[8:8 + n])
@@ -117,7 +120,8 @@ def header(change):
     return raw
 
 
-def _overlap(h):  # the norm's bytes claimed by a 1-D tensor of the same size placed over the embedding's
+# the norm's bytes claimed by a 1-D tensor of the same size placed over the embedding's
+def _overlap(h):
     h["model.norm.weight"]["data_offsets"] = [0, h["model.norm.weight"]["data_offsets"][1]
                                               - h["model.norm.weight"]["data_offsets"][0]]
 
@@ -138,7 +142,8 @@ def _overlap(h):  # the norm's bytes claimed by a 1-D tensor of the same size pl
     (dict(config={"attention_bias": True}), "attention_bias True"),
     (dict(tensors=lambda t: t | {"model.layers.0.self_attn.q_proj.bias": torch.zeros(32, dtype=torch.float64)}),
      "model.layers.0.self_attn.q_proj.bias is a bias"),
-    (dict(tensors=lambda t: t | {"model.norm.bias": torch.zeros(32, dtype=torch.float64)}),  # LayerNorm, not RMSNorm
+    # LayerNorm, not RMSNorm
+    (dict(tensors=lambda t: t | {"model.norm.bias": torch.zeros(32, dtype=torch.float64)}),
      "model.norm.bias is a bias"),
     (dict(config={"intermediate_size": 96}), "model.layers.0.mlp.gate_proj.weight has shape [64, 32], config.json "
                                              "implies [96, 32]"),

@@ -1,6 +1,6 @@
-"""On GPUs only (`make gpu-check`, which sets LLM_GPU_TESTS=1): the flash kernels on CUDA, and 2-rank NCCL runs
-of pretrain.py (DDP, ZeRO-3, tp 2, 1F1B on 2 stages) against one GPU. Every multi-process run is a fresh
-torchrun, never a fork of this CUDA-initialised process."""
+"""On GPUs only (`make gpu-check`, which sets LLM_GPU_TESTS=1): the flash kernels on CUDA, and
+2-rank NCCL runs of pretrain.py (DDP, ZeRO-3, tp 2, 1F1B on 2 stages) against one GPU. Every
+multi-process run is a fresh torchrun, never a fork of this CUDA-initialised process."""
 import json
 import os
 import subprocess
@@ -24,8 +24,8 @@ def _attention_and_grads(f, q, k, v, do, dtype):
 
 @pytest.mark.parametrize("precision", ["highest", "high"])
 def test_flash_attention_on_cuda_against_float64(precision):
-    """bf16 within twice SDPA's error; fp32 with exact dots ("highest") to 1e-4, with tf32 dots ("high", what
-    pretrain.py sets) to tf32's 10-bit mantissa."""
+    """bf16 within twice SDPA's error; fp32 with exact dots ("highest") to 1e-4, with tf32 dots
+    ("high", what pretrain.py sets) to tf32's 10-bit mantissa."""
     g = torch.Generator(device="cuda").manual_seed(0)
     B, H, H_kv, N, D = 2, 8, 2, 1000, 128
     q, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.float64, generator=g) for _ in range(2))
@@ -47,7 +47,8 @@ def test_flash_attention_on_cuda_against_float64(precision):
 
 
 def _pretrain(tmp, nproc, extra):
-    """pretrain.py on `nproc` GPUs (a fresh torchrun), 4 steps of the tiny preset; returns its logged losses."""
+    """pretrain.py on `nproc` GPUs (a fresh torchrun), 4 steps of the tiny preset; returns its
+    logged losses."""
     out = os.path.join(tmp, "-".join(extra) or "one")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "pretrain.py",
            "--device", "cuda", "--amp", "fp32", "--model", "tiny", "--batch-size", "16", "--seq-len", "128",
@@ -67,8 +68,8 @@ def one_gpu(tmp_path_factory):
 @pytest.mark.parametrize("extra", [["--zero", "0"], ["--zero", "3"], ["--tp", "2"],
                                    ["--pp", "2", "--microbatches", "4"]], ids=["ddp", "zero3", "tp2", "1f1b"])
 def test_two_rank_nccl_run_matches_one_gpu(tmp_path, one_gpu, extra):
-    """Completes on NCCL (no hang: 1F1B's sends are paired; no CPU tensor in a collective) and follows one GPU's
-    losses (fp32 with TF32 matmuls, another summation order: 1e-2 relative)."""
+    """Completes on NCCL (no hang: 1F1B's sends are paired; no CPU tensor in a collective) and
+    follows one GPU's losses (fp32 with TF32 matmuls, another summation order: 1e-2 relative)."""
     one = one_gpu
     two = _pretrain(str(tmp_path), 2, extra)
     assert two == pytest.approx(one, rel=1e-2)
