@@ -44,7 +44,8 @@ from placement import placement_of
 
 # --amp fp8 keeps the model in bf16 like --amp bf16; quantization.py then runs every Linear's
 # matmuls in FP8.
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "fp8": torch.bfloat16}
 
 
 class DynamicLossScaler:
@@ -55,7 +56,8 @@ class DynamicLossScaler:
     (`scale_on`) and updated there, so that a training step never waits to read them; `scale` and
     `good_steps` read them (logs, checks, checkpoints)."""
 
-    def __init__(self, enabled, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000):
+    def __init__(self, enabled, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5,
+                 growth_interval=2000):
         self.enabled = enabled
         self._scale = torch.tensor(init_scale if enabled else 1.0, dtype=torch.float64)
         self._good = torch.zeros((), dtype=torch.int64)
@@ -92,7 +94,8 @@ class DynamicLossScaler:
         inf = torch.as_tensor(found_inf, device=self._scale.device)
         good = torch.where(inf, 0, self._good + 1)
         grow = (good % self.growth_interval == 0) & ~inf
-        self._scale.mul_(torch.where(inf, self.backoff_factor, torch.where(grow, self.growth_factor, 1.0)))
+        self._scale.mul_(torch.where(inf, self.backoff_factor,
+                                     torch.where(grow, self.growth_factor, 1.0)))
         self._good.copy_(good)
 
     def state_dict(self):
@@ -138,16 +141,23 @@ class DivergenceGuard:
         self.bad_loss = 0 if math.isfinite(loss) else self.bad_loss + 1
         self.bad_grads = 0 if math.isfinite(grad_norm) else self.bad_grads + 1
         if self.bad_loss >= self.patience:
-            return (f"the loss was {loss} for {self.bad_loss} steps in a row: the forward overflows or the weights "
+            return (f"the loss was {loss} for {self.bad_loss} steps in a row: the forward "
+                    "overflows or the weights "
                     "hold inf/nan (likely cause: the learning rate is too high" +
-                    (", or activations above fp16's 65504: try --amp bf16" if scaler.enabled else "") + ")")
+                    (", or activations above fp16's 65504: try --amp bf16" if scaler.enabled
+                     else "") + ")")
         if scaler.enabled and scaler.scale < self.min_loss_scale:
-            return (f"the fp16 loss scale fell to {scaler.scale:g}, below {self.min_loss_scale:g}, after "
-                    f"{self.bad_grads} skipped steps in a row: the gradients overflow unscaled (likely cause: the "
-                    "learning rate is too high, or fp16's range is too small for this model: try --amp bf16)")
+            return (f"the fp16 loss scale fell to {scaler.scale:g}, below "
+                    f"{self.min_loss_scale:g}, " "after "
+                    f"{self.bad_grads} skipped steps in a row: the gradients overflow unscaled "
+                    "(likely cause: the "
+                    "learning rate is too high, or fp16's range is too small for this model: try "
+                    "--amp bf16)")
         if not scaler.enabled and self.bad_grads >= self.patience:
-            return (f"the gradient norm was {grad_norm} for {self.bad_grads} steps in a row, every step skipped "
-                    "(likely cause: the learning rate is too high, or inf/nan in the data or the weights)")
+            return (f"the gradient norm was {grad_norm} for {self.bad_grads} steps in a row, "
+                    "every step skipped "
+                    "(likely cause: the learning rate is too high, or inf/nan in the data or the "
+                    "weights)")
         return None
 
 
@@ -277,7 +287,9 @@ def read_step(norm, skipped, read):
     """(grad_norm, skipped) as an optimizer's step returns them: floats (read), or the device's
     tensors."""
     if skipped is None:  # skipped on the host
-        return (float(norm), True) if read else (norm, torch.ones((), dtype=torch.bool, device=norm.device))
+        return (float(norm), True) if read else (norm,
+                                                 torch.ones((), dtype=torch.bool,
+                                                            device=norm.device))
     return (float(norm), bool(skipped)) if read else (norm, skipped)
 
 
@@ -292,14 +304,15 @@ class MixedPrecisionOptimizer:
     expert_parallel parameters' gradients over the ep group. `main_grads`: a 16-bit model's
     gradients accumulate in fp32 (accumulate_main_grads)."""
 
-    def __init__(self, param_groups, make_optimizer, dtype, scaler, norm_reduce_fn=None, no_sync=None,
-                 expert_norm_reduce_fn=None, main_grads=False):
+    def __init__(self, param_groups, make_optimizer, dtype, scaler, norm_reduce_fn=None,
+                 no_sync=None, expert_norm_reduce_fn=None, main_grads=False):
         self.model_params = [p for g in param_groups for p in g["params"]]
         if main_grads:  # 16-bit gradients accumulated in fp32 (accumulate_main_grads)
             accumulate_main_grads(self.model_params)
         self.low_precision = dtype != torch.float32 and dtype != torch.float64
         if self.low_precision:
-            master_groups = [{**g, "params": [p.detach().float().clone().requires_grad_(True) for p in g["params"]]}
+            master_groups = [{**g, "params": [p.detach().float().clone().requires_grad_(True)
+                                              for p in g["params"]]}
                              for g in param_groups]
         else:
             master_groups = param_groups
@@ -329,14 +342,16 @@ class MixedPrecisionOptimizer:
             g = g if g is not None else torch.zeros_like(p)
             # In fp32 this is the identity (m is p), and so is an fp32 main_grad's; else the one
             # cast up to fp32.
-            m.grad = g if (g.dtype == m.dtype and not self.scaler.enabled) else g.float() * inv_scale
+            m.grad = g if (g.dtype == m.dtype
+                           and not self.scaler.enabled) else g.float() * inv_scale
         # Which gradients count and which groups sum them: global_grad_norm's docstring.
         where = [placement_of(p) for p in self.model_params]
         counted = [(m.grad, w.expert_parallel) for w, m in zip(where, self.master_params)
                    if not w.tp_duplicate]
         norm = global_grad_norm([g for g, e in counted if not e], self.norm_reduce_fn,
                                 [g for g, e in counted if e], self.expert_norm_reduce_fn)
-        skipped = clip_and_step(self.optimizer, [m.grad for m in self.master_params], norm, max_norm, self.scaler)
+        skipped = clip_and_step(self.optimizer, [m.grad for m in self.master_params], norm,
+                                max_norm, self.scaler)
         # (a skipped update left the masters as they were)
         if skipped is not None and self.low_precision:
             with torch.no_grad():
@@ -388,8 +403,10 @@ if __name__ == "__main__":
             opt.zero_grad()
             losses.append(f"{loss.item():.3f}{'(skipped)' if skipped else ''}")
         print(f"{name}: losses {' '.join(losses)}  final loss scale {scaler.scale:g}")
-    print("fp16's loss scale starts at 2^16 = 65536 and doubles after 3 clean steps here (2000 by default).\n"
-          "At step 5 an inf was put into a gradient: (skipped) marks that step, whose update was dropped (the next\n"
+    print("fp16's loss scale starts at 2^16 = 65536 and doubles after 3 clean steps here (2000 "
+          "by default).\n"
+          "At step 5 an inf was put into a gradient: (skipped) marks that step, whose update was "
+          "dropped (the next\n"
           "loss is the same) and whose scale was halved. fp32, bf16 and fp8 (bf16's range) need\n"
           "no scaling: their scale stays 1.")
     # A run that cannot train: fp16 at learning rate 1 overflows within a few steps and never
@@ -397,8 +414,8 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     model = cast_model(Transformer(PRESETS["tiny"]), torch.float16)
     scaler, guard = DynamicLossScaler(enabled=True), DivergenceGuard()
-    opt = MixedPrecisionOptimizer([{"params": list(model.parameters())}], lambda g: torch.optim.AdamW(g, lr=1.0),
-                                  torch.float16, scaler)
+    opt = MixedPrecisionOptimizer([{"params": list(model.parameters())}],
+                                  lambda g: torch.optim.AdamW(g, lr=1.0), torch.float16, scaler)
     for step in range(1, 101):
         _, loss = model(idx[:, :-1], idx[:, 1:])
         opt.scale_loss(loss).backward()

@@ -63,8 +63,10 @@ import tiktoken
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
                   r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
-LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(4)]
-                   + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>"]
+                   + [f"<|reserved_special_token_{i}|>" for i in range(4)]
+                   + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>",
+                      "<|eot_id|>"]
                    + [f"<|reserved_special_token_{i}|>" for i in range(5, 251)])
 
 
@@ -76,7 +78,8 @@ class TokenizerError(ValueError):
 def bytes_to_unicode():
     """GPT-2's map from each byte to the printable character that stands for it in
     tokenizer.json."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     extra = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(extra)}}
 
@@ -90,7 +93,8 @@ def token_bytes(token, where):
     try:
         return bytes(map(unicode_to_bytes().__getitem__, token))
     except KeyError:
-        raise TokenizerError(f"{where}: token {token!r} is not byte-level (GPT-2's byte-to-unicode characters); "
+        raise TokenizerError(f"{where}: token {token!r} is not byte-level (GPT-2's "
+                             "byte-to-unicode characters); "
                              "only byte-level BPE is read") from None
 
 
@@ -98,8 +102,8 @@ class FolderEncoding(tiktoken.Encoding):
     """A tiktoken Encoding that also knows its folder's end-of-sequence token, stop tokens, BOS and
     chat template; with an NFC normalizer, text is normalized before it is encoded."""
 
-    def __init__(self, folder, *, pat_str, mergeable_ranks, special_tokens, eos_token, bos_token="", stop_ids=(),
-                 chat_template=None, nfc=False):
+    def __init__(self, folder, *, pat_str, mergeable_ranks, special_tokens, eos_token, bos_token="",
+                 stop_ids=(), chat_template=None, nfc=False):
         super().__init__(Path(folder).name, pat_str=pat_str, mergeable_ranks=mergeable_ranks,
                          special_tokens=special_tokens)
         self.folder, self.eos_token, self.bos_token = folder, eos_token, bos_token
@@ -126,7 +130,8 @@ def ranks_from_merges(model, where):
         raise TokenizerError(f"{where}: model.vocab must be an object and model.merges a list")
     for c in bytes_to_unicode().values():
         if c not in vocab:
-            raise TokenizerError(f"{where}: the vocabulary lacks byte token {c!r}: not a byte-level BPE")
+            raise TokenizerError(f"{where}: the vocabulary lacks byte token {c!r}: not a "
+                                 "byte-level BPE")
         ranks[token_bytes(c, where)] = vocab[c]
     last = -1
     for i, merge in enumerate(model["merges"]):
@@ -137,10 +142,13 @@ def ranks_from_merges(model, where):
             # a token several merges make (Llama 3 lists every split): its first merge ranks it
             continue
         if a + b not in vocab:
-            raise TokenizerError(f"{where}: merge {i} ({a!r} {b!r}) makes {a + b!r}, which is not in the vocabulary")
+            raise TokenizerError(f"{where}: merge {i} ({a!r} {b!r}) makes {a + b!r}, which is "
+                                 "not in the vocabulary")
         if vocab[a + b] <= last:
-            raise TokenizerError(f"{where}: merge {i} makes id {vocab[a + b]}, below an earlier merge's {last}: "
-                                 "tiktoken ranks tokens by id, so the ids must follow the merge order")
+            raise TokenizerError(f"{where}: merge {i} makes id {vocab[a + b]}, below an earlier "
+                                 f"merge's {last}: "
+                                 "tiktoken ranks tokens by id, so the ids must follow the merge "
+                                 "order")
         ranks[made] = last = vocab[a + b]
     return ranks
 
@@ -151,7 +159,8 @@ def split_pattern(p, where):
     pat = p.get("pattern") or {}
     r = pat.get("Regex") if "Regex" in pat else re.escape(pat.get("String", ""))
     if not r or p.get("behavior") != "Isolated" or p.get("invert"):
-        raise TokenizerError(f"{where}: Split pre-tokenizer {json.dumps(p)[:100]} is not read (only a pattern "
+        raise TokenizerError(f"{where}: Split pre-tokenizer {json.dumps(p)[:100]} is not read "
+                             "(only a pattern "
                              "with behavior Isolated, not inverted)")
     return f"(?:{r})|(?:(?!(?:{r}))[\\s\\S])+"
 
@@ -162,11 +171,13 @@ def pattern(pre, where):
     steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
     kinds = [s.get("type") for s in steps]
     if not steps or kinds[-1] != "ByteLevel":
-        raise TokenizerError(f"{where}: pre_tokenizer {kinds or None} does not end in ByteLevel: only byte-level BPE "
+        raise TokenizerError(f"{where}: pre_tokenizer {kinds or None} does not end in ByteLevel: "
+                             "only byte-level BPE "
                              "(GPT-2, Llama 3, Qwen2, SmolLM styles) is read")
     byte_level = steps[-1]
     if byte_level.get("add_prefix_space"):
-        raise TokenizerError(f"{where}: ByteLevel add_prefix_space true is not read (tiktoken adds no space)")
+        raise TokenizerError(f"{where}: ByteLevel add_prefix_space true is not read (tiktoken "
+                             "adds no space)")
     own = byte_level.get("use_regex", True)
     if kinds == ["ByteLevel"]:
         return GPT2_PATTERN if own else r"[\s\S]+"
@@ -178,7 +189,8 @@ def pattern(pre, where):
         # becomes (?![^\s\p{N}]).
         digits = r"\p{N}" if steps[0].get("individual_digits") else r"\p{N}+"
         return digits + r"""|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
-    raise TokenizerError(f"{where}: pre_tokenizer sequence {kinds} is not read (ByteLevel, Split + ByteLevel "
+    raise TokenizerError(f"{where}: pre_tokenizer sequence {kinds} is not read (ByteLevel, Split "
+                         "+ ByteLevel "
                          "without its regex, or Digits + ByteLevel)")
 
 
@@ -195,10 +207,12 @@ def read_tokenizer_json(path):
         raise TokenizerError(f"{where}: model type {kind} is not read (only byte-level BPE)")
     for key in ("byte_fallback", "continuing_subword_prefix", "end_of_word_suffix", "dropout"):
         if model.get(key):
-            raise TokenizerError(f"{where}: BPE with {key} {model[key]!r} is not read (only plain byte-level BPE)")
+            raise TokenizerError(f"{where}: BPE with {key} {model[key]!r} is not read (only "
+                                 "plain byte-level BPE)")
     norm = tj.get("normalizer")
     if norm is not None and norm.get("type") != "NFC":
-        raise TokenizerError(f"{where}: normalizer {norm.get('type')} is not read (it changes the text; "
+        raise TokenizerError(f"{where}: normalizer {norm.get('type')} is not read (it changes "
+                             "the text; "
                              "only none or NFC)")
     pat = pattern(tj.get("pre_tokenizer"), where)
     ranks = ranks_from_merges(model, where)
@@ -226,8 +240,10 @@ def read_tiktoken_model(path, added):
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
     except (UnicodeDecodeError, ValueError, binascii.Error):
-        raise TokenizerError(f"{path}: not tiktoken's format (\"base64 rank\" lines): a SentencePiece model "
-                             "(Llama 2, Mistral) is not read; give a folder with a byte-level BPE tokenizer.json")
+        raise TokenizerError(f"{path}: not tiktoken's format (\"base64 rank\" lines): a "
+                             "SentencePiece model "
+                             "(Llama 2, Mistral) is not read; give a folder with a byte-level "
+                             "BPE tokenizer.json")
     if not ranks:
         raise TokenizerError(f"{path}: empty")
     n = max(ranks.values()) + 1
@@ -273,7 +289,8 @@ def load_folder(folder):
     if (f / "tokenizer.json").is_file():
         pat, ranks, specials, nfc = read_tokenizer_json(f / "tokenizer.json")
     elif (f / "tokenizer.model").is_file():
-        added = {t.get("content"): int(i) for i, t in (tc.get("added_tokens_decoder") or {}).items()}
+        added = {t.get("content"): int(i)
+                 for i, t in (tc.get("added_tokens_decoder") or {}).items()}
         pat, ranks, specials, nfc = read_tiktoken_model(f / "tokenizer.model", added)
     else:
         raise TokenizerError(f"{f}: no tokenizer.json or tokenizer.model")
@@ -284,12 +301,14 @@ def load_folder(folder):
                  ["<|endoftext|>", "<|end_of_text|>"]
     eos = next((t for t in candidates if t in specials), None)
     if eos is None:
-        raise TokenizerError(f"{f}: no end-of-sequence token: set eos_token in tokenizer_config.json to one of "
+        raise TokenizerError(f"{f}: no end-of-sequence token: set eos_token in "
+                             "tokenizer_config.json to one of "
                              f"the added tokens ({', '.join(list(specials)[:5]) or 'none'})")
     bos = token_text(tc.get("bos_token")) or ""
     n = max(max(ranks.values()), max(specials.values(), default=0)) + 1
-    return FolderEncoding(folder, pat_str=pat, mergeable_ranks=ranks, special_tokens=specials, eos_token=eos,
-                          bos_token=bos if bos in specials else "", stop_ids=[i for i in stop_ids if 0 <= i < n],
+    return FolderEncoding(folder, pat_str=pat, mergeable_ranks=ranks, special_tokens=specials,
+                          eos_token=eos, bos_token=bos if bos in specials else "",
+                          stop_ids=[i for i in stop_ids if 0 <= i < n],
                           chat_template=chat_template(f, tc), nfc=nfc)
 
 
@@ -331,7 +350,8 @@ def gpt2_style_json(merges, added=("<|endoftext|>",)):
     vocab = {c: b for b, c in bytes_to_unicode().items()}
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
-    added_tokens = [{"id": len(vocab) + i, "content": t, "special": True} for i, t in enumerate(added)]
+    added_tokens = [{"id": len(vocab) + i, "content": t, "special": True} for i,
+                    t in enumerate(added)]
     return {"version": "1.0", "added_tokens": added_tokens, "normalizer": None,
             "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
             "model": {"type": "BPE", "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]}}
@@ -354,7 +374,8 @@ def main(argv):
     print(f"{folder}: {enc.n_vocab} ids, end of sequence {enc.eos_token!r} = {enc.eos_id}")
     print(f"{len(text)} characters, {len(text.encode())} bytes -> {len(ids)} tokens")
     print("ids:   ", ids)
-    print("pieces:", [enc.decode_single_token_bytes(i).decode("utf-8", "backslashreplace") for i in ids])
+    print("pieces:", [enc.decode_single_token_bytes(i).decode("utf-8", "backslashreplace")
+                      for i in ids])
 
 
 if __name__ == "__main__":

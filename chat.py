@@ -69,14 +69,16 @@ def to_messages(obj, where):
             raise DataError(f"{where}: \"messages\" must be a non-empty list of {{role, content}}")
         for m in msgs:
             if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in HEADERS:
-                raise DataError(f"{where}: each message needs \"role\" (system, user or assistant) and "
+                raise DataError(f"{where}: each message needs \"role\" (system, user or "
+                                "assistant) and "
                                 f"a string \"content\", got {json.dumps(m)[:60]}")
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"{where}: no assistant message, so nothing to learn")
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
     missing = [k for k in ("instruction", "output") if not isinstance(obj.get(k), str)]
     if missing:
-        raise DataError(f"{where}: missing field {', '.join(repr(k) for k in missing)} (or not a string); {fields}")
+        raise DataError(f"{where}: missing field {', '.join(repr(k) for k in missing)} (or not a "
+                        f"string); {fields}")
     user = obj["instruction"]
     if obj.get("input"):
         user += "\n\n### Input:\n" + str(obj["input"])
@@ -112,7 +114,8 @@ def encode(enc, messages):
     eot = eot_id(enc)
     ids, learned = [], []
     for m in messages:
-        head = enc.encode_ordinary(HEADERS[m["role"]] + (m["content"] + "\n\n" if m["role"] != "assistant" else ""))
+        head = enc.encode_ordinary(HEADERS[m["role"]]
+                                   + (m["content"] + "\n\n" if m["role"] != "assistant" else ""))
         ids += head
         learned += [False] * len(head)
         if m["role"] == "assistant":
@@ -138,7 +141,8 @@ def stop_ids(enc):
     the special token that closes an assistant turn in the template (ChatML's <|im_end|> on a base model)."""
     stops = {eot_id(enc), *getattr(enc, "stop_ids", ())}
     if getattr(enc, "chat_template", None):
-        ids, learned = encode(enc, [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}])
+        ids, learned = encode(enc, [{"role": "user", "content": "?"},
+                                    {"role": "assistant", "content": "!"}])
         last = max(i for i, l in enumerate(learned) if l)
         if ids[last] in {enc.encode_single_token(s) for s in enc.special_tokens_set}:
             stops.add(ids[last])
@@ -153,7 +157,8 @@ class Generation(jinja2.ext.Extension):
 
     def parse(self, parser):
         lineno = next(parser.stream).lineno
-        return jinja2.nodes.Scope(parser.parse_statements(("name:endgeneration",), drop_needle=True), lineno=lineno)
+        return jinja2.nodes.Scope(parser.parse_statements(("name:endgeneration",),
+                                                          drop_needle=True), lineno=lineno)
 
 
 def raise_exception(message):
@@ -161,7 +166,8 @@ def raise_exception(message):
 
 
 def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
 
 
 @functools.cache
@@ -196,8 +202,10 @@ def learned_spans(enc, messages):
             continue
         before, through = render(enc, messages[:i], True), render(enc, messages[:i + 1])
         if not (full.startswith(through) and through.startswith(before)):
-            raise DataError(f"the tokenizer's chat template renders message {i + 1} differently once later "
-                            "messages follow, so its learned tokens cannot be told apart (prefix renders)")
+            raise DataError(f"the tokenizer's chat template renders message {i + 1} differently "
+                            "once later "
+                            "messages follow, so its learned tokens cannot be told apart (prefix "
+                            "renders)")
         reply = through[len(before):]
         ends = [reply.rfind(s) + len(s) for s in enc.special_tokens_set if s in reply]
         spans.append((len(before), len(before) + (max(ends) if ends else len(reply))))
@@ -217,7 +225,8 @@ def encode_rendered(enc, messages):
 
 
 # ----------------------------------------------------------------------------------------- the demo
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 DEMO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse golf."},
         {"role": "assistant", "content": "flog"}, {"role": "user", "content": "And echo?"},
@@ -231,7 +240,8 @@ def demo_folder():
     merges = bpe.learn_merges(Path(__file__).read_text(encoding="utf-8"), 200)
     tj = bpe.gpt2_style_json(merges, added=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
     (folder / "tokenizer.json").write_text(json.dumps(tj))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": CHATML}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                              "chat_template": CHATML}))
     return folder
 
 
@@ -239,14 +249,16 @@ def show(spec, messages):
     enc = data_lib.get_tokenizer(spec)
     ids, learned = encode(enc, messages)
     kind = "its Jinja chat template" if getattr(enc, "chat_template", None) else "### headers"
-    print(f"--- tokenizer {spec}: {kind}; {len(ids)} tokens, {sum(learned)} learned (in [brackets]):")
+    print(f"--- tokenizer {spec}: {kind}; {len(ids)} tokens, {sum(learned)} learned (in "
+          "[brackets]):")
     out, i = "", 0
     while i < len(ids):
         j = next((k for k in range(i, len(ids)) if learned[k] != learned[i]), len(ids))
         out += f"[{enc.decode(ids[i:j])}]" if learned[i] else enc.decode(ids[i:j])
         i = j
     print(out)
-    print(f"generation prompt ends with {enc.decode(prompt_ids(enc, messages))[-32:]!r}; a reply stops at ids "
+    print(f"generation prompt ends with {enc.decode(prompt_ids(enc, messages))[-32:]!r}; a reply "
+          "stops at ids "
           f"{sorted(stop_ids(enc))}\n")
 
 

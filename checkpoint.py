@@ -66,7 +66,8 @@ def rng_state():
     (kind, keys, pos, has_gauss, gauss), (version, internal, gauss_next) = np.random.get_state(), random.getstate()
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return {"torch": torch.get_rng_state(), "cuda": cuda,
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                      float(gauss)],
             "python": [version, torch.tensor(internal, dtype=torch.int64), gauss_next]}
 
 
@@ -87,8 +88,10 @@ def safe_load(path, mmap=True):
     try:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError:
-        raise CheckpointError(f"{path} holds pickled objects other than tensors and plain values (an older version's, "
-                              "or not this project's): not loaded, as unpickling them could run code") from None
+        raise CheckpointError(f"{path} holds pickled objects other than tensors and plain values "
+                              "(an older version's, "
+                              "or not this project's): not loaded, as unpickling them could run "
+                              "code") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:  # (not a file torch.save wrote)
         raise CheckpointError(f"{path} is not a checkpoint file ({type(e).__name__})") from None
 
@@ -116,12 +119,14 @@ def held_pieces(model, opt, topo):
             views.update(exp_avg=state["exp_avg"].view(-1), exp_avg_sq=state["exp_avg_sq"].view(-1))
         name, shape, box = names[p]
         pieces.append(dict(name=name, shape=shape, box=box, flat=[a, b], tensors=views, key=key,
-                           adam_step=float(state["step"]) if "step" in state else None, writer=writer(p, sharded)))
+                           adam_step=float(state["step"]) if "step" in state else None,
+                           writer=writer(p, sharded)))
     for p in model.parameters():
         if not p.requires_grad:  # frozen (LoRA's base weights): the optimizer knows nothing of them
             name, shape, box = names[p]
-            pieces.append(dict(name=name, shape=shape, box=box, flat=[0, p.numel()], key=None, adam_step=None,
-                               tensors={"param": p.detach().view(-1)}, writer=writer(p, False)))
+            pieces.append(dict(name=name, shape=shape, box=box, flat=[0, p.numel()], key=None,
+                               adam_step=None, tensors={"param": p.detach().view(-1)},
+                               writer=writer(p, False)))
     return pieces
 
 
@@ -136,7 +141,8 @@ def rects(box, flat):
     if ra == rb:
         spans = [(ra, 1, ca, cb - ca, 0)]
     else:
-        spans = [(ra, 1, ca, C - ca, 0), (ra + 1, rb - ra - 1, 0, C, C - ca), (rb, 1, 0, cb, (rb - ra) * C - ca)]
+        spans = [(ra, 1, ca, C - ca, 0), (ra + 1, rb - ra - 1, 0, C, C - ca),
+                 (rb, 1, 0, cb, (rb - ra) * C - ca)]
     return [((r0 + r, c0 + c), (h, w), off) for r, h, c, w, off in spans if h > 0 and w > 0]
 
 
@@ -214,7 +220,8 @@ def save(out, step, model, opt, topo, meta):
                     kinds[kind] = len(tensors)
                     # a copy: a view would save its whole storage
                     tensors.append(t.detach().to("cpu", copy=True))
-                records.append({k: piece[k] for k in ("name", "shape", "box", "flat", "adam_step")} | {"kinds": kinds})
+                records.append({k: piece[k] for k in ("name", "shape", "box", "flat",
+                                                      "adam_step")} | {"kinds": kinds})
         path = tmp / f"rank{rank}.pt"
         try:
             with open(path, "wb") as f:
@@ -231,7 +238,8 @@ def save(out, step, model, opt, topo, meta):
     failed = [f["error"] for f in files if "error" in f]
     if rank == 0 and not failed:
         try:
-            write_meta(tmp, dict(meta, format=FORMAT, step=step, scaler=opt.scaler.state_dict(), files=files))
+            write_meta(tmp, dict(meta, format=FORMAT, step=step, scaler=opt.scaler.state_dict(),
+                                 files=files))
             final = step_dir(out, step)
             # a step of an abandoned history (a resume from an earlier step): replaced
             if final.exists():
@@ -247,7 +255,8 @@ def save(out, step, model, opt, topo, meta):
             shutil.rmtree(tmp, ignore_errors=True)
         last = latest_step(out)
         raise CheckpointError(f"could not save step {step}: {failed[0]}; "
-                              + (f"the last complete checkpoint, {last}, is kept" if last else "no checkpoint kept"))
+                              + (f"the last complete checkpoint, {last}, is kept" if last
+                                 else "no checkpoint kept"))
 
 
 def _prune(out, latest):
@@ -289,8 +298,10 @@ def read_meta(d):
     except (OSError, ValueError, AssertionError):
         raise CheckpointError(f"{p}: missing or not a checkpoint index of format {FORMAT}") from None
     if (crc := meta.pop("meta_crc32", None)) != zlib.crc32(_canonical(meta).encode()):
-        raise CheckpointError(f"{p} " + ("has no CRC-32 of its own (an older version's)" if crc is None else
-                                         "is damaged or was edited (its CRC-32 differs from the one written)"))
+        raise CheckpointError(f"{p} " + ("has no CRC-32 of its own (an older version's)"
+                                         if crc is None else
+                                         "is damaged or was edited (its CRC-32 differs from the "
+                                         "one written)"))
     if re.fullmatch(r"step_\d+", Path(d).name) and meta.get("step") != _step_of(d):
         raise CheckpointError(f"{p} says step {meta.get('step')}, its folder {Path(d).name}")
     return meta
@@ -303,8 +314,10 @@ def complete_steps(path):
     if (path / "meta.json").exists():
         return [path]
     last = latest_step(path)
-    steps = [d for d in path.glob("step_*") if re.fullmatch(r"step_\d+", d.name) and (d / "meta.json").is_file()]
-    return sorted((d for d in steps if last is None or _step_of(d) <= _step_of(last)), key=_step_of, reverse=True)
+    steps = [d for d in path.glob("step_*") if re.fullmatch(r"step_\d+", d.name)
+             and (d / "meta.json").is_file()]
+    return sorted((d for d in steps if last is None or _step_of(d) <= _step_of(last)), key=_step_of,
+                  reverse=True)
 
 
 def _step_of(d):
@@ -318,7 +331,8 @@ def damage(d, files, crc=True):
     for f in files:
         p = Path(d) / f["file"]
         if not p.is_file() or p.stat().st_size != f["size"]:
-            return f"{p} is missing" if not p.is_file() else f"{p} is truncated ({f['size']} bytes were written)"
+            return f"{p} is missing" if not p.is_file() else (f"{p} is truncated ({f['size']} "
+                                                              "bytes were written)")
         value = 0
         with open(p, "rb") as fh:
             while crc and (chunk := fh.read(1 << 24)):
@@ -380,11 +394,12 @@ def load(path, model, opt, topo):
         if not found:
             _load_step(d, meta, model, opt, topo)
             if problems and topo.rank == 0:
-                print(f"warning: resuming from step {meta['step']} ({d}), the newest undamaged one: {problems[0]}",
-                      file=sys.stderr, flush=True)
+                print(f"warning: resuming from step {meta['step']} ({d}), the newest undamaged "
+                      f"one: {problems[0]}", file=sys.stderr, flush=True)
             return meta
         problems.append(found[0])
-    raise CheckpointError(f"no complete undamaged checkpoint in {path}" + (f": {problems[0]}" if problems else "")
+    raise CheckpointError(f"no complete undamaged checkpoint in {path}"
+                          + (f": {problems[0]}" if problems else "")
                           + ": give --fresh to start over (the folder is moved aside)")
 
 
@@ -406,20 +421,26 @@ def _load_step(d, meta, model, opt, topo):
             saved = by_name.get(piece["name"], [])
             if piece["key"] is not None and any("exp_avg" in r["kinds"] for _, r in saved):
                 state = _adam_state(opt.optimizer, piece["key"])
-                piece["tensors"].update(exp_avg=state["exp_avg"].view(-1), exp_avg_sq=state["exp_avg_sq"].view(-1))
-                state["step"].fill_(next(r["adam_step"] for _, r in saved if r["adam_step"] is not None))
+                piece["tensors"].update(exp_avg=state["exp_avg"].view(-1),
+                                        exp_avg_sq=state["exp_avg_sq"].view(-1))
+                state["step"].fill_(next(r["adam_step"] for _,
+                                         r in saved if r["adam_step"] is not None))
             mine = rects(piece["box"], piece["flat"])
             for kind, dst in piece["tensors"].items():
-                src_kind = next((k for k in fallback.get(kind, (kind,)) if any(k in r["kinds"] for _, r in saved)),
+                src_kind = next((k for k in fallback.get(kind, (kind,))
+                                 if any(k in r["kinds"] for _, r in saved)),
                                 None)
                 if src_kind is None and kind.startswith("exp_avg"):
                     # saved before the optimizer's first step: it starts from zeros, as then
                     continue
-                n = sum(copy_overlap(dst, mine, tensor(f, r["kinds"][src_kind]), rects(r["box"], r["flat"]))
+                n = sum(copy_overlap(dst, mine, tensor(f, r["kinds"][src_kind]),
+                                     rects(r["box"], r["flat"]))
                         for f, r in saved if src_kind in r["kinds"])
                 if n != dst.numel():
-                    raise CheckpointError(f"{d}: {kind} of {piece['name']}: the checkpoint's pieces cover {n} values "
-                                          f"of the {dst.numel()} this rank holds (missing, or saved twice)")
+                    raise CheckpointError(f"{d}: {kind} of {piece['name']}: the checkpoint's "
+                                          f"pieces cover {n} values "
+                                          f"of the {dst.numel()} this rank holds (missing, or "
+                                          "saved twice)")
     opt.scaler.load_state_dict(meta["scaler"])
     opt.after_load()
     rank_file = d / f"rank{topo.rank}.pt"
@@ -445,11 +466,13 @@ def find_resume(out, resume=False, fresh=False, rank=0):
         return None
     d, meta, skipped = find(out)
     if d is None and not skipped and any(Path(out).glob("ckpt*.pt")):
-        skipped = [f"{next(Path(out).glob('ckpt*.pt'))} is of format 1, readable only by an older version"]
+        skipped = [f"{next(Path(out).glob('ckpt*.pt'))} is of format 1, readable only by an "
+                   "older version"]
     if d is None and (resume or skipped):
         raise CheckpointError(f"{'--resume: ' if resume else ''}no complete checkpoint in {out}"
                               + (f" ({skipped[0]})" if skipped else "")
-                              + ("" if resume else ": give --fresh to start over (the folder is moved aside)"))
+                              + ("" if resume else ": give --fresh to start over (the folder is "
+                                                   "moved aside)"))
     return (d, meta) if d is not None else None
 
 
@@ -466,10 +489,12 @@ def check_same_run(out, meta, identity):
             diffs += [f"{key.replace('_', ' ')} {k} {was.get(k)}, not {now.get(k)}"
                       for k in sorted(set(now) | set(was)) if now.get(k) != was.get(k)]
         else:
-            diffs.append(f"--{key.replace('_', '-')} {was}, not {now}" + (f" ({REASONS[key]})" if key in REASONS
+            diffs.append(f"--{key.replace('_', '-')} {was}, not {now}"
+                         + (f" ({REASONS[key]})" if key in REASONS
                                                                         else ""))
     if diffs:
-        raise CheckpointError(f"{out} holds another run ({'; '.join(diffs)}): resume with the same settings, or "
+        raise CheckpointError(f"{out} holds another run ({'; '.join(diffs)}): resume with the "
+                              "same settings, or "
                               "give --fresh (the old run is moved aside) or another --out")
 
 

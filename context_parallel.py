@@ -60,9 +60,11 @@ def zigzag_positions(T, cp, rank, device=None):
     """Global positions of this rank's T/cp tokens, in its local order (chunk i, then chunk
     2cp-1-i)."""
     if T % (2 * cp):
-        raise ValueError(f"context parallelism: sequence length {T} must be a multiple of 2 x cp = {2 * cp}")
+        raise ValueError(f"context parallelism: sequence length {T} must be a multiple of 2 x cp "
+                         f"= {2 * cp}")
     c = T // (2 * cp)
-    return torch.cat([torch.arange(a * c, (a + 1) * c, device=device) for a in zigzag_chunks(cp, rank)])
+    return torch.cat([torch.arange(a * c, (a + 1) * c, device=device)
+                      for a in zigzag_chunks(cp, rank)])
 
 
 def zigzag_split(x, cp, rank, dim=1):
@@ -88,7 +90,8 @@ def ring_schedule(cp, rank, causal):
 def schedule_work(schedule, c, causal):
     """Score entries (query, key pairs) a schedule computes, with chunks of c tokens: c^2 per full
     block, c(c+1)/2 per diagonal one."""
-    return sum(c * (c + 1) // 2 if causal and off == 0 else c * c for step in schedule for _, _, off in step)
+    return sum(c * (c + 1) // 2 if causal and off == 0 else c * c for step in schedule for _, _,
+               off in step)
 
 
 # ------------------------------------------------------------------------------ the ring
@@ -100,7 +103,8 @@ class Ring:
             ranks = dist.get_process_group_ranks(group)
         else:  # the whole world; one rank when there is no process group at all
             ranks = list(range(dist.get_world_size())) if dist.is_initialized() else [0]
-        self.size, self.rank = len(ranks), ranks.index(dist.get_rank() if dist.is_initialized() else 0)
+        self.size, self.rank = len(ranks), ranks.index(dist.get_rank() if dist.is_initialized()
+                                                       else 0)
         self.next, self.prev = ranks[(self.rank + 1) % self.size], ranks[(self.rank - 1) % self.size]
         self.group, self.bytes_sent = group, 0
 
@@ -152,7 +156,8 @@ class RingAttention(torch.autograd.Function):
                 handles = ring.exchange(kv, nxt)
             ks, vs = _chunks(kv[0]), _chunks(kv[1])
             for qa, kb, off in blocks:
-                o_blk, lse_blk = attention_forward(qs[qa], ks[kb], vs[kb], causal, scale, offset=off * c)
+                o_blk, lse_blk = attention_forward(qs[qa], ks[kb], vs[kb], causal, scale,
+                                                   offset=off * c)
                 out[qa], lse[qa] = merge(out[qa], lse[qa], o_blk.to(acc_t), lse_blk.to(acc_t))
             if t < ring.size - 1:
                 _wait(handles)
@@ -181,8 +186,9 @@ class RingAttention(torch.autograd.Function):
             dkv = torch.zeros(kv.shape, dtype=acc_t, device=kv.device)
             # exact shares of the global softmax: P = exp(S - L) with the merged L
             for qa, kb, off in blocks:
-                dq_blk, dk_blk, dv_blk = attention_backward(qs[qa], ks[kb], vs[kb], os_[qa], lses[qa], dos[qa],
-                                                            causal, scale, offset=off * c)
+                dq_blk, dk_blk, dv_blk = attention_backward(qs[qa], ks[kb], vs[kb], os_[qa],
+                                                            lses[qa], dos[qa], causal, scale,
+                                                            offset=off * c)
                 dq[qa] += dq_blk
                 dkv[0, :, :, kb * c:(kb + 1) * c] += dk_blk
                 dkv[1, :, :, kb * c:(kb + 1) * c] += dv_blk
@@ -210,7 +216,8 @@ def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, ring=No
     bytes_sent."""
     q, k, v = check_inputs(q, k, v)
     if q.shape[2] % 2:
-        raise ValueError(f"ring_attention: each rank holds two equal chunks; got {q.shape[2]} local tokens")
+        raise ValueError(f"ring_attention: each rank holds two equal chunks; got {q.shape[2]} "
+                         "local tokens")
     ring = ring or Ring(group)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     return RingAttention.apply(q, k, v, bool(causal), scale, ring)
@@ -226,7 +233,8 @@ class RingBackend:
     def __call__(self, q, k, v, doc=None):
         # (training.py refuses --pack with --cp before any work; this guards other callers)
         if doc is not None:
-            raise ValueError("ring attention: packed rows' document masks across the ring are not implemented")
+            raise ValueError("ring attention: packed rows' document masks across the ring are "
+                             "not implemented")
         return ring_attention(q, k, v, ring=self.ring)
 
 
@@ -304,7 +312,8 @@ def demo_attention(T, B, H, H_kv, D, reps, groups):
     against cp 1."""
     torch.manual_seed(0)  # the same full sequence on every rank; each cp group splits it
     q, k, v, do = (torch.randn(B, h, T, D) for h in (H, H_kv, H_kv, H))
-    print0(f"ring attention, causal, fp32 on CPU (flash_attn.py's twin per block), B={B} H={H} H_kv={H_kv} T={T} "
+    print0(f"ring attention, causal, fp32 on CPU (flash_attn.py's twin per block), B={B} H={H} "
+           f"H_kv={H_kv} T={T} "
            f"D={D}; time: median of {reps} forward + backward after a warm-up\n"
            f"{'cp':>3} {'saved MiB/rank':>15} {'x cp1':>6} {'ms/rank':>8} {'max|o - o_cp1|':>15} "
            f"{'sent MiB/rank':>14} {'formula':>8} {'per ring step':>14}")
@@ -329,13 +338,17 @@ def demo_attention(T, B, H, H_kv, D, reps, groups):
         # one K/V chunk (dK/dV travel in fp32 too)
         chunk = 2 * B * H_kv * (T // cp) * D * q.element_size()
         formula = (2 * (cp - 1) + (cp if cp > 1 else 0)) * chunk
-        saved, ms, sent = _worst(acts.bytes["attention"], sorted(times[1:])[reps // 2] * 1e3, ring.bytes_sent)
+        saved, ms, sent = _worst(acts.bytes["attention"], sorted(times[1:])[reps // 2] * 1e3,
+                                 ring.bytes_sent)
         base_saved = base_saved or saved
         print0(f"{cp:>3} {saved / 2**20:>15.2f} {saved / base_saved:>6.3f} {ms:>8.0f} "
-               f"{(full - base).abs().max().item():>15.1e} {sent / 2**20:>14.2f} {formula / 2**20:>8.2f} "
+               f"{(full - base).abs().max().item():>15.1e} {sent / 2**20:>14.2f} "
+               f"{formula / 2**20:>8.2f} "
                f"{chunk / 2**20:>14.2f}")
-    print0("saved: what autograd keeps for the backward (Q, K, V, O, L of this rank's tokens); sent: forward (cp-1) "
-           "K/V chunks + backward (cp-1) K/V and cp dK/dV chunks, a chunk being 2 B H_kv (T/cp) D x 4 bytes\n")
+    print0("saved: what autograd keeps for the backward (Q, K, V, O, L of this rank's tokens); "
+           "sent: forward (cp-1) "
+           "K/V chunks + backward (cp-1) K/V and cp dK/dV chunks, a chunk being 2 B H_kv (T/cp) "
+           "D x 4 bytes\n")
 
 
 def demo_model(T, groups):
@@ -348,9 +361,11 @@ def demo_model(T, groups):
     cfg = replace(PRESETS["tiny"], block_size=T, attn="flash")
     torch.manual_seed(0)
     model, seq = Transformer(cfg), torch.randint(0, cfg.vocab_size, (1, T + 1))
-    print0(f"model.py 'tiny' ({cfg.n_layer} layers, d {cfg.d_model}, {cfg.n_head} heads), one sequence of T={T}, "
+    print0(f"model.py 'tiny' ({cfg.n_layer} layers, d {cfg.d_model}, {cfg.n_head} heads), one "
+           f"sequence of T={T}, "
            f"fp32; saved for backward per rank (parameters excluded)\n"
-           f"{'cp':>3} {'attention MiB':>14} {'x cp1':>6} {'rest MiB':>9} {'x cp1':>6} {'ms/rank':>8} {'loss':>8}")
+           f"{'cp':>3} {'attention MiB':>14} {'x cp1':>6} {'rest MiB':>9} {'x cp1':>6} "
+           f"{'ms/rank':>8} {'loss':>8}")
     base = None
     for cp, (group, r) in groups.items():
         acts, ring = SavedActivations(exclude=model.parameters()), RingBackend(group)
@@ -367,11 +382,13 @@ def demo_model(T, groups):
             loss = model(x, y, reduction="sum", **kw)[1]
         loss.backward()
         model.zero_grad()
-        attn, rest, ms = _worst(acts.bytes["attention"], acts.bytes["rest"], (time.perf_counter() - t0) * 1e3)
+        attn, rest, ms = _worst(acts.bytes["attention"], acts.bytes["rest"],
+                                (time.perf_counter() - t0) * 1e3)
         loss = loss.detach().clone()
         dist.all_reduce(loss, group=group)
         base = base or (attn, rest)
-        print0(f"{cp:>3} {attn / 2**20:>14.2f} {attn / base[0]:>6.3f} {rest / 2**20:>9.2f} {rest / base[1]:>6.3f} "
+        print0(f"{cp:>3} {attn / 2**20:>14.2f} {attn / base[0]:>6.3f} {rest / 2**20:>9.2f} "
+               f"{rest / base[1]:>6.3f} "
                f"{ms:>8.0f} {loss.item() / T:>8.4f}")
 
 
@@ -390,10 +407,12 @@ if __name__ == "__main__":
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     if "RANK" not in os.environ:
-        raise SystemExit("context_parallel.py: launch with torchrun, e.g. torchrun --nproc_per_node 4 "
+        raise SystemExit("context_parallel.py: launch with torchrun, e.g. torchrun "
+                         "--nproc_per_node 4 "
                          "context_parallel.py")
     if args.seq_len % 8:
-        raise SystemExit(f"context_parallel.py: --seq-len must be a multiple of 2 x 4 = 8 (zigzag chunks for cp 4), "
+        raise SystemExit("context_parallel.py: --seq-len must be a multiple of 2 x 4 = 8 "
+                         "(zigzag chunks for cp 4), "
                          f"got {args.seq_len}")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -404,6 +423,7 @@ if __name__ == "__main__":
         made = [dist.new_group(list(range(g, g + cp))) for g in range(0, world, cp)]
         groups[cp] = made[rank // cp], rank % cp
     print0(f"{world} processes, one thread each (timings on a shared CPU are rough)")
-    demo_attention(args.seq_len, args.batch, args.heads, args.kv_heads, args.head_dim, args.reps, groups)
+    demo_attention(args.seq_len, args.batch, args.heads, args.kv_heads, args.head_dim, args.reps,
+                   groups)
     demo_model(args.seq_len, groups)
     dist.destroy_process_group()

@@ -48,7 +48,8 @@ import torch
 import bpe
 
 EOT = "<|endoftext|>"
-TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".json", ".c", ".h", ".toml", ".cfg", ".ini", ".html", ".css", ".js"}
+TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".json", ".c", ".h", ".toml", ".cfg", ".ini",
+                 ".html", ".css", ".js"}
 DEFAULT_TOKENIZER = "bytes"
 # one document in VAL_EVERY (by a hash of its name) goes to the validation split
 VAL_EVERY = 50
@@ -63,7 +64,8 @@ class DataError(ValueError):
 def get_tokenizer(name):
     if name == "bytes":
         ranks = {bytes([i]): i for i in range(256)}
-        return tiktoken.Encoding("bytes", pat_str=r"[\s\S]+", mergeable_ranks=ranks, special_tokens={EOT: 256})
+        return tiktoken.Encoding("bytes", pat_str=r"[\s\S]+", mergeable_ranks=ranks,
+                                 special_tokens={EOT: 256})
     if Path(name).is_dir() and name not in tiktoken.list_encoding_names():
         try:
             return bpe.load_folder(str(Path(name).resolve()))
@@ -73,8 +75,10 @@ def get_tokenizer(name):
         return tiktoken.get_encoding(name)
     except Exception as e:  # unknown name, or no network to download the BPE file
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise DataError(f"--tokenizer {name!r} could not be loaded ({reason}); use --tokenizer bytes (works offline), "
-                        f"one of {', '.join(tiktoken.list_encoding_names())} with network access or a "
+        raise DataError(f"--tokenizer {name!r} could not be loaded ({reason}); use --tokenizer "
+                        "bytes (works offline), "
+                        f"one of {', '.join(tiktoken.list_encoding_names())} with network access "
+                        "or a "
                         "TIKTOKEN_CACHE_DIR that holds it, or a folder with a tokenizer.json") from None
 
 
@@ -104,7 +108,8 @@ def text_lines(path):
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is not UTF-8; "
+                raise DataError(f"{path}:{lineno}: byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1} is not UTF-8; "
                                 "save the file as UTF-8") from None
 
 
@@ -115,9 +120,11 @@ def source_documents(src):
     if not src.exists():
         raise DataError(f"--src {src}: no such file or folder")
     if src.is_dir():
-        files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | {".jsonl"})
+        files = sorted(p for p in src.rglob("*") if p.is_file()
+                       and p.suffix in TEXT_SUFFIXES | {".jsonl"})
         if not files:
-            raise DataError(f"--src {src}: folder holds no text files ({', '.join(sorted(TEXT_SUFFIXES))}, .jsonl)")
+            raise DataError(f"--src {src}: folder holds no text files "
+                            f"({', '.join(sorted(TEXT_SUFFIXES))}, " ".jsonl)")
     else:
         files = [src]
     for path in files:
@@ -146,7 +153,8 @@ def text_of(path):
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line, col = raw.count(b"\n", 0, e.start) + 1, e.start - raw.rfind(b"\n", 0, e.start)
-        raise DataError(f"{path}:{line}: byte 0x{raw[e.start]:02x} at column {col} is not text (UTF-8 without NUL "
+        raise DataError(f"{path}:{line}: byte 0x{raw[e.start]:02x} at column {col} is not text "
+                        "(UTF-8 without NUL "
                         "bytes): give a text file") from None
 
 
@@ -183,7 +191,8 @@ def prepare(docs, out, tokenizer=DEFAULT_TOKENIZER, source="?", if_missing=False
     (the marker that the folder is complete). Safe when many processes prepare the same folder at
     once (publish_folder); with if_missing, a folder that is already complete is left as it is."""
     enc = get_tokenizer(tokenizer)
-    built = publish_folder(out, lambda tmp: _prepare_into(docs, tmp, enc, tokenizer, source), if_missing)
+    built = publish_folder(out, lambda tmp: _prepare_into(docs, tmp, enc, tokenizer, source),
+                           if_missing)
     return built or json.loads((Path(out) / "meta.json").read_text())
 
 
@@ -200,17 +209,20 @@ def _prepare_into(docs, out, enc, tokenizer, source):
         splits["val"].append(splits["train"].pop())
     if not splits["train"]:
         splits["train"].append(splits["val"][0])
-    meta = {"tokenizer": tokenizer, "vocab_size": enc.n_vocab, "eot": eot, "dtype": np.dtype(dtype).name,
-            "source": str(source), "shards": {}, "tokens": {}, "documents": {}, "max_id": eot}
+    meta = {"tokenizer": tokenizer, "vocab_size": enc.n_vocab, "eot": eot,
+            "dtype": np.dtype(dtype).name, "source": str(source), "shards": {}, "tokens": {},
+            "documents": {}, "max_id": eot}
     for split, texts in splits.items():
-        toks = [np.array(t + [eot], dtype=np.int64) for t in enc.encode_ordinary_batch(texts, num_threads=2)]
+        toks = [np.array(t + [eot], dtype=np.int64)
+                for t in enc.encode_ordinary_batch(texts, num_threads=2)]
         # Every id must fit the vocabulary (and the dtype): checked here once, recorded, and checked
         # against the model at the start of every run.
         meta["max_id"] = max(meta["max_id"], max(int(t.max()) for t in toks))
         meta["shards"][split], meta["tokens"][split] = write_split(iter(toks), out, split, dtype)
         meta["documents"][split] = len(texts)
     if meta["max_id"] >= enc.n_vocab:
-        raise DataError(f"tokenizer {tokenizer!r} produced id {meta['max_id']}, outside its vocabulary of "
+        raise DataError(f"tokenizer {tokenizer!r} produced id {meta['max_id']}, outside its "
+                        "vocabulary of "
                         f"{enc.n_vocab}")
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
@@ -277,10 +289,11 @@ def ensure_default_data(tokenizer):
     cache."""
     out = default_data_dir(tokenizer)
     if not (out / "meta.json").exists():
-        print(f"preparing the embedded default corpus (Python {sysconfig.get_python_version()} standard library) "
+        print(f"preparing the embedded default corpus (Python {sysconfig.get_python_version()} "
+              "standard library) "
               f"into {out} (or waiting for another process that is) ...", flush=True)
-        prepare(stdlib_documents(), out, tokenizer, source=f"python{sysconfig.get_python_version()}-stdlib",
-                if_missing=True)
+        prepare(stdlib_documents(), out, tokenizer,
+                source=f"python{sysconfig.get_python_version()}-stdlib", if_missing=True)
     return out
 
 
@@ -288,21 +301,26 @@ def load_meta(data_dir, tokenizer=None):
     """Read and check a prepared folder; a tokenizer that differs from the folder's is an error."""
     d = Path(data_dir)
     if not d.is_dir():
-        raise DataError(f"--data {d}: no such folder (prepare one with: python data.py prepare --src PATH --out {d})")
+        raise DataError(f"--data {d}: no such folder (prepare one with: python data.py prepare "
+                        f"--src PATH --out {d})")
     if not (d / "meta.json").exists():
-        raise DataError(f"--data {d}: no meta.json, so not a prepared data folder (python data.py prepare ...)")
+        raise DataError(f"--data {d}: no meta.json, so not a prepared data folder (python "
+                        "data.py prepare ...)")
     try:
         meta = json.loads((d / "meta.json").read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{d / 'meta.json'}: not valid JSON ({str(e)[:80]}); prepare the folder again") from None
+        raise DataError(f"{d / 'meta.json'}: not valid JSON ({str(e)[:80]}); prepare the folder "
+                        "again") from None
     check_meta(d, meta)
     if tokenizer is not None and tokenizer != meta["tokenizer"]:
-        raise DataError(f"--data {d} was prepared with tokenizer {meta['tokenizer']!r}, not --tokenizer "
+        raise DataError(f"--data {d} was prepared with tokenizer {meta['tokenizer']!r}, not "
+                        "--tokenizer "
                         f"{tokenizer!r}: drop the flag or prepare the data again with it")
     return meta
 
 
-META_TYPES = {"tokenizer": str, "vocab_size": int, "eot": int, "dtype": str, "shards": dict, "tokens": dict}
+META_TYPES = {"tokenizer": str, "vocab_size": int, "eot": int, "dtype": str, "shards": dict,
+              "tokens": dict}
 # the shard dtypes, and the vocabulary each can hold
 DTYPE_VOCAB = {"uint16": 2 ** 16, "uint32": 2 ** 32}
 
@@ -316,45 +334,56 @@ def check_meta(d, meta):
         raise DataError(f"{where}: expected a JSON object with keys {', '.join(META_TYPES)}")
     for key, kind in META_TYPES.items():
         if key not in meta:
-            raise DataError(f"{where}: missing key {key!r}; prepare the folder again (python data.py prepare)")
+            raise DataError(f"{where}: missing key {key!r}; prepare the folder again (python "
+                            "data.py prepare)")
         if not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool)):
-            raise DataError(f"{where}: {key!r} must be a {kind.__name__}, got {json.dumps(meta[key])[:40]}")
+            raise DataError(f"{where}: {key!r} must be a {kind.__name__}, got "
+                            f"{json.dumps(meta[key])[:40]}")
     if meta["dtype"] not in DTYPE_VOCAB:
         raise DataError(f"{where}: dtype {meta['dtype']!r} is not a shard dtype: uint16 or uint32")
     if not 0 < meta["vocab_size"] <= DTYPE_VOCAB[meta["dtype"]]:
-        raise DataError(f"{where}: vocab_size {meta['vocab_size']} does not fit dtype {meta['dtype']}")
+        raise DataError(f"{where}: vocab_size {meta['vocab_size']} does not fit dtype "
+                        f"{meta['dtype']}")
     max_id = meta.get("max_id", meta["eot"])
     if not isinstance(max_id, int) or isinstance(max_id, bool):
         raise DataError(f"{where}: 'max_id' must be an int, got {json.dumps(max_id)[:40]}")
     if not 0 <= max(max_id, meta["eot"]) < meta["vocab_size"]:
-        raise DataError(f"{where}: token ids up to {max(max_id, meta['eot'])} (max_id, eot) do not fit vocab_size "
-                        f"{meta['vocab_size']}: a model of this vocabulary would index past its embedding")
+        raise DataError(f"{where}: token ids up to {max(max_id, meta['eot'])} (max_id, eot) do "
+                        "not fit vocab_size "
+                        f"{meta['vocab_size']}: a model of this vocabulary would index past its "
+                        "embedding")
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in ("train", "val"):
         names, count = meta["shards"].get(split), meta["tokens"].get(split)
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(count, int):
-            raise DataError(f"{where}: shards[{split!r}] must be a list of file names and tokens[{split!r}] a count")
+            raise DataError(f"{where}: shards[{split!r}] must be a list of file names and "
+                            f"tokens[{split!r}] a count")
         if count == 0:
             raise DataError(f"--data {d}: the {split} split is empty")
         total = 0
         for name in names:
             f = d / name
             if not f.is_file():
-                raise DataError(f"{f}: shard listed in meta.json is missing; prepare the folder again")
+                raise DataError(f"{f}: shard listed in meta.json is missing; prepare the folder "
+                                "again")
             size = f.stat().st_size
             if size == 0 or size % itemsize:
-                raise DataError(f"{f}: {size} bytes is not a whole number of {meta['dtype']} tokens "
-                                f"({itemsize} bytes each) or is empty: the shard is damaged; prepare the folder again")
+                raise DataError(f"{f}: {size} bytes is not a whole number of {meta['dtype']} "
+                                "tokens "
+                                f"({itemsize} bytes each) or is empty: the shard is damaged; "
+                                "prepare the folder again")
             total += size // itemsize
         if total != count:
-            raise DataError(f"--data {d}: the {split} shards hold {total} {meta['dtype']} tokens, meta.json says "
+            raise DataError(f"--data {d}: the {split} shards hold {total} {meta['dtype']} "
+                            "tokens, meta.json says "
                             f"{count}: the dtype or a shard is wrong; prepare the folder again")
     # a folder from before max_id was recorded: look once (a pass over the shards)
     if "max_id" not in meta:
         seen = max(int(np.memmap(d / n, dtype=meta["dtype"], mode="r").max()) for n in
                    meta["shards"]["train"] + meta["shards"]["val"])
         if seen >= meta["vocab_size"]:
-            raise DataError(f"--data {d}: the shards hold id {seen}, outside vocab_size {meta['vocab_size']}")
+            raise DataError(f"--data {d}: the shards hold id {seen}, outside vocab_size "
+                            f"{meta['vocab_size']}")
         meta["max_id"] = max(seen, meta["eot"])
 
 
@@ -366,7 +395,8 @@ class TokenWindows:
     def __init__(self, data_dir, split, seq_len):
         meta = json.loads((Path(data_dir) / "meta.json").read_text())
         self.seq_len = seq_len
-        self.shards = [np.memmap(Path(data_dir) / n, dtype=meta["dtype"], mode="r") for n in meta["shards"][split]]
+        self.shards = [np.memmap(Path(data_dir) / n, dtype=meta["dtype"],
+                                 mode="r") for n in meta["shards"][split]]
         counts = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
         self.starts = np.concatenate([[0], np.cumsum(counts)])
         self.n = int(self.starts[-1])
@@ -410,13 +440,16 @@ class Batches:
     The whole state is the step counter: batches are a pure function of (seed, step), so resuming
     restores the exact stream, and a checkpoint's `state_dict()` is tiny."""
 
-    def __init__(self, data_dir, seq_len, global_batch, rank=0, world=1, n_micro=1, seed=0, split="train"):
+    def __init__(self, data_dir, seq_len, global_batch, rank=0, world=1, n_micro=1, seed=0,
+                 split="train"):
         self.windows = TokenWindows(data_dir, split, seq_len)
         if global_batch % (world * n_micro):
-            raise DataError(f"--batch-size {global_batch} does not divide into {world} ranks x {n_micro} "
+            raise DataError(f"--batch-size {global_batch} does not divide into {world} ranks x "
+                            f"{n_micro} "
                             "micro-steps of equal size")
         if global_batch > self.windows.n:
-            raise DataError(f"--batch-size {global_batch} is more than the {self.windows.n} windows of "
+            raise DataError(f"--batch-size {global_batch} is more than the {self.windows.n} "
+                            "windows of "
                             f"{seq_len + 1} tokens in the {split} split")
         self.B, self.rank, self.world, self.n_micro, self.seed = global_batch, rank, world, n_micro, seed
         self.steps_per_epoch = self.windows.n // global_batch
@@ -431,12 +464,15 @@ class Batches:
         return [self.windows.get(chunk) for chunk in chunks]
 
     def state_dict(self):
-        return {"step": self.step, "seed": self.seed, "global_batch": self.B, "windows": self.windows.n}
+        return {"step": self.step, "seed": self.seed, "global_batch": self.B,
+                "windows": self.windows.n}
 
     def load_state_dict(self, sd):
         if (sd["seed"], sd["global_batch"], sd["windows"]) != (self.seed, self.B, self.windows.n):
-            raise DataError(f"checkpoint data position (seed {sd['seed']}, batch {sd['global_batch']}, "
-                            f"{sd['windows']} windows) does not match this run's (seed {self.seed}, batch {self.B}, "
+            raise DataError(f"checkpoint data position (seed {sd['seed']}, batch "
+                            f"{sd['global_batch']}, "
+                            f"{sd['windows']} windows) does not match this run's (seed "
+                            f"{self.seed}, batch {self.B}, "
                             f"{self.windows.n} windows)")
         self.step = sd["step"]
 
@@ -473,7 +509,8 @@ def main(argv=None):
             meta = load_meta(args.dir)
     except DataError as e:
         ap.exit(2, f"data.py: error: {e}\n")
-    print(json.dumps({k: meta[k] for k in ("tokenizer", "vocab_size", "tokens", "documents", "source")}, indent=1))
+    print(json.dumps({k: meta[k] for k in ("tokenizer", "vocab_size", "tokens", "documents",
+                                           "source")}, indent=1))
 
 
 if __name__ == "__main__":

@@ -84,11 +84,13 @@ class DistributedDataParallel(nn.Module):
         # (amp.accumulate_main_grads): every micro-step's gradient is added into it, and the
         # all-reduce sums fp32 (half the speed on the wire, none of bf16's rounding in the sum over
         # ranks).
-        dtype = {p: torch.float32 if main_grads and p.dtype in LOW_PRECISION else p.dtype for p in params}
+        dtype = {p: torch.float32 if main_grads and p.dtype in LOW_PRECISION else p.dtype
+                 for p in params}
         limit = min(bucket_mb, 1.0) * 2 ** 20
         self.buckets, current, size = [], [], 0
         for p in reversed(params):
-            if current and (size + p.numel() * dtype[p].itemsize > limit or dtype[p] != dtype[current[0]]):
+            if current and (size + p.numel() * dtype[p].itemsize > limit
+                            or dtype[p] != dtype[current[0]]):
                 self.buckets.append(Bucket(current, p.device, dtype[current[0]]))
                 current, size, limit = [], 0, bucket_mb * 2 ** 20
             current.append(p)
@@ -196,8 +198,10 @@ if __name__ == "__main__":
     model = DistributedDataParallel(Transformer(cfg), bucket_mb=0.25)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     if rank == 0:
-        print(f"{world} ranks x 8 sequences of 64 bytes of Python source a step, 2 accumulation micro-steps each "
-              f"(the first without communication); loss in nats per byte, ln 320 = 5.77 for a uniform guess")
+        print(f"{world} ranks x 8 sequences of 64 bytes of Python source a step, 2 accumulation "
+              "micro-steps each "
+              "(the first without communication); loss in nats per byte, ln 320 = 5.77 for a "
+              "uniform guess")
     for step in range(steps):
         # this rank's 1/world of the global batch, in 2 micro-batches
         micro_batches = batches.next()
@@ -217,5 +221,6 @@ if __name__ == "__main__":
     gathered = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
     if rank == 0:
-        print("replicas identical after training:", all(torch.equal(gathered[0], x) for x in gathered))
+        print("replicas identical after training:",
+              all(torch.equal(gathered[0], x) for x in gathered))
     dist.destroy_process_group()

@@ -64,16 +64,22 @@ class EstimateError(ValueError):
 
 
 def build_parser():
-    ap = OneLineParser(prog="estimate.py", description="Parameters, FLOPs, memory, communication, time.")
+    ap = OneLineParser(prog="estimate.py", description="Parameters, FLOPs, memory, "
+                                                       "communication, time.")
     a = ap.add_argument
-    a("--model", default="gpt2-124m", choices=sorted(PRESETS), help="preset to start from (model.py)")
-    a("--params", type=float, default=None, help="a shape of about this many parameters (d_model = 128 n_layer)")
+    a("--model", default="gpt2-124m", choices=sorted(PRESETS),
+      help="preset to start from (model.py)")
+    a("--params", type=float, default=None, help="a shape of about this many parameters (d_model "
+                                                 "= 128 n_layer)")
     for f in ("n-layer", "d-model", "n-head", "n-kv-head", "d-ff", "vocab-size"):
         a(f"--{f}", type=int, default=None, help="override the preset's " + f.replace("-", "_"))
-    a("--seq-len", type=int, default=None, help="context s (a preset's at most; a custom shape is built for it)")
-    a("--batch-size", type=int, default=None, help="global batch in sequences (default: 1 per GPU micro-step)")
+    a("--seq-len", type=int, default=None, help="context s (a preset's at most; a custom shape "
+                                                "is built for it)")
+    a("--batch-size", type=int, default=None, help="global batch in sequences (default: 1 per "
+                                                   "GPU micro-step)")
     a("--grad-accum", type=int, default=1)
-    a("--max-steps", type=int, default=None, help="optimizer steps (default 1000) unless --tokens/--chinchilla")
+    a("--max-steps", type=int, default=None, help="optimizer steps (default 1000) unless "
+                                                  "--tokens/--chinchilla")
     a("--tokens", type=float, default=None, help="train on this many tokens")
     a("--chinchilla", action="store_true", help="train on 20 tokens per parameter")
     a("--gpus", type=int, default=1)
@@ -83,14 +89,16 @@ def build_parser():
     a("--pp", type=int, default=1, help="pipeline stages")
     a("--microbatches", type=int, default=1, help="pipeline micro-batches per micro-step (m)")
     a("--pp-schedule", default="1f1b", choices=("gpipe", "1f1b"))
-    a("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="ZeRO stage over the data-parallel ranks")
+    a("--zero", type=int, default=0, choices=[0, 1, 2, 3],
+      help="ZeRO stage over the data-parallel ranks")
     a("--sequence-parallel", action="store_true")
     a("--recompute", default="none", choices=RECOMPUTE, help="activation recomputation")
     a("--experts", type=int, default=0, help="experts per MoE layer (0: dense)")
     a("--topk", type=int, default=2)
     a("--moe-layers", default="all")
     a("--ep", type=int, default=1, help="expert-parallel ranks, taken from the data-parallel ranks")
-    a("--measure", action="store_true", help="measure the bytes held by small models against the formulas")
+    a("--measure", action="store_true", help="measure the bytes held by small models against the "
+                                             "formulas")
     return ap
 
 
@@ -137,8 +145,10 @@ def shape_for(n_params, vocab=50304):
     # win).
     L = min(approx, key=lambda L: abs(math.log(approx[L] / n_params)))
     if not 0.5 <= approx[L] / n_params <= 2:
-        raise EstimateError(f"--params {n_params:g}: the shapes built here (d = 128 x layers, 1 to 255 layers) "
-                            f"span about {approx[1]:.3g} to {approx[255]:.3g} parameters; give --params in that "
+        raise EstimateError(f"--params {n_params:g}: the shapes built here (d = 128 x layers, 1 "
+                            "to 255 layers) "
+                            f"span about {approx[1]:.3g} to {approx[255]:.3g} parameters; give "
+                            "--params in that "
                             "range, or a shape (--n-layer, --d-model, --vocab-size)")
     d = 128 * L if L < 8 else round(L / 8) * 1024
     return ModelConfig(n_layer=L, d_model=d, n_head=d // 128, n_kv_head=d // 128,
@@ -150,7 +160,8 @@ def config_from(plan):
     for f in ("mfu", "tokens", "params"):
         if getattr(plan, f) is not None and not math.isfinite(getattr(plan, f)):
             raise EstimateError(f"--{f} must be a finite number, got {getattr(plan, f)}")
-    for f in ("params", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size", "seq_len"):
+    for f in ("params", "n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size",
+              "seq_len"):
         v = getattr(plan, f)
         if v is not None and v <= 0:
             raise EstimateError(f"--{f.replace('_', '-')} must be positive, got {v:g}")
@@ -166,7 +177,8 @@ def config_from(plan):
     if "vocab_size" in custom:
         cfg = replace(cfg, vocab_size=pad_vocab(cfg.vocab_size))
     if cfg.d_model % cfg.n_head or cfg.head_dim % 2:
-        raise EstimateError(f"--n-head {cfg.n_head} must divide --d-model {cfg.d_model} into an even head size")
+        raise EstimateError(f"--n-head {cfg.n_head} must divide --d-model {cfg.d_model} into an "
+                            "even head size")
     if cfg.n_head % cfg.n_kv_head:
         raise EstimateError(f"--n-kv-head {cfg.n_kv_head} must divide --n-head {cfg.n_head}")
     return cfg
@@ -218,12 +230,14 @@ def zero_table(n, gpus):
     # one reduce-scatter or one all-gather of n elements; an all-reduce is both
     ring = (N - 1) / N * n
     rows = [(0, 2 * n, 2 * n, K * n, 2 * ring, "all-reduce of gradients"),
-            (1, 2 * n, 2 * n, K * n / N, 3 * ring, "all-reduce of gradients + all-gather of weights"),
-            (2, 2 * n, 2 * n / N, K * n / N, 2 * ring, "reduce-scatter of gradients + all-gather of weights"),
+            (1, 2 * n, 2 * n, K * n / N, 3 * ring,
+             "all-reduce of gradients + all-gather of weights"),
+            (2, 2 * n, 2 * n / N, K * n / N, 2 * ring,
+             "reduce-scatter of gradients + all-gather of weights"),
             (3, 2 * n / N, 2 * n / N, K * n / N, 3 * ring,
              "all-gather in forward + all-gather in backward + reduce-scatter")]
-    return [{"stage": s, "params": p, "grads": g, "optimizer": o, "total": p + g + o, "comm_elements": c,
-             "comm": how} for s, p, g, o, c, how in rows]
+    return [{"stage": s, "params": p, "grads": g, "optimizer": o, "total": p + g + o,
+             "comm_elements": c, "comm": how} for s, p, g, o, c, how in rows]
 
 
 def peak_flops(device, dtype, gpu="h100"):
@@ -261,7 +275,8 @@ def stage_params(model, pp, ep):
     """Parameters held by the busiest pipeline stage (blocks split as evenly as pipeline.py does;
     the embedding on the first stage, the final norm and head on the last), expert parameters
     divided over ep."""
-    per_block = [sum(p.numel() / (ep if "experts" in name else 1) for name, p in blk.named_parameters())
+    per_block = [sum(p.numel() / (ep if "experts" in name else 1) for name,
+                     p in blk.named_parameters())
                  for blk in model.blocks]
     base, extra = divmod(len(per_block), pp)
     sizes = [base + (i < extra) for i in range(pp)]
@@ -282,8 +297,8 @@ def memory_per_gpu(cfg, plan, model, dp, b, T):
                                 plan.recompute)
     logits = 4 * T * b * cfg.vocab_size / plan.tp if plan.pp == 1 else 0  # fp32, the last stage
     return {"weights": z["params"], "gradients": z["grads"], "optimizer states": z["optimizer"],
-            "activations": act * layers * in_flight + logits, "psi": psi, "per_layer": act, "layers": layers,
-            "in_flight": in_flight}
+            "activations": act * layers * in_flight + logits, "psi": psi, "per_layer": act,
+            "layers": layers, "in_flight": in_flight}
 
 
 def comm_per_gpu(cfg, plan, psi, dp, b, T, n_micro, moe_layers):
@@ -339,7 +354,8 @@ def estimate(plan):
     idle = n - n_mm - cfg.vocab_size * cfg.d_model
     rows = [
         ("model", f"{name}: {cfg.n_layer} layers, "
-                  f"d={cfg.d_model}, {cfg.n_head} heads ({cfg.n_kv_head} KV), d_ff={cfg.d_ff}, vocab "
+                  f"d={cfg.d_model}, {cfg.n_head} heads ({cfg.n_kv_head} KV), d_ff={cfg.d_ff}, "
+                  "vocab "
                   f"{cfg.vocab_size}, s={T}"),
         ("parameters", f"{n:,} ({n_mm:,} in matmuls that a token meets; the embedding is a lookup"
                        + (f"; {plan.experts} experts, top-{plan.topk}: {idle:,} expert "
@@ -354,7 +370,8 @@ def estimate(plan):
                           "TFLOP/s"),
         ("layout", f"{plan.gpus} GPUs = dp {dp} x tp {plan.tp} x pp {plan.pp}"
                    + (f" (ep {plan.ep})" if plan.ep > 1
-                   else "") + f"; batch {batch} sequences = {b} per micro-batch x {n_micro} micro-step(s) x dp {dp}"),
+                   else "") + f"; batch {batch} sequences = {b} per micro-batch x {n_micro} "
+                              f"micro-step(s) x dp {dp}"),
     ]
     if plan.pp > 1:
         rows.append(("pipeline bubble", f"(p-1)/(m+p-1) = {bubble:.1%} of each step idle "
@@ -367,7 +384,8 @@ def estimate(plan):
           f"{plan.zero} over dp {dp}):")
     for k in ("weights", "gradients", "optimizer states", "activations"):
         print(f"  {k:<17} {gb(mem[k]):>32}")
-    print(f"  {'total':<17} {gb(sum(mem[k] for k in ('weights', 'gradients', 'optimizer states', 'activations'))):>32}")
+    print(f"  {'total':<17} "
+          f"{gb(sum(mem[k] for k in ('weights', 'gradients', 'optimizer states', 'activations'))):>32}")
     print(f"  (activations: {mem['per_layer'] / 1e6:,.1f} MB per layer (recompute {plan.recompute}"
           f"{', sequence parallel' if plan.sequence_parallel else ''}) x {mem['layers']} layers x "
           f"{mem['in_flight']} micro-batch(es) in flight"
@@ -376,14 +394,17 @@ def estimate(plan):
     for k, (v, how) in comm.items() or {"-": (0, "one GPU: none")}.items():
         print(f"  {k:<3} {gb(v):>32}   {how}")
     zero = zero_table(mem["psi"], dp)
-    print(f"\nZeRO over the {dp} data-parallel GPUs (model states per GPU of the busiest stage; elements sent per GPU "
+    print(f"\nZeRO over the {dp} data-parallel GPUs (model states per GPU of the busiest stage; "
+          "elements sent per GPU "
           f"per step, ring collectives, x2 bytes in 16 bits):")
     print(f"{'stage':<7}{'weights':>11}{'grads':>11}{'optimizer':>11}{'total':>11}   communication")
     for r in zero:
-        print(f"{r['stage']:<7}" + "".join(f"{r[k] / 1e9:>8.2f} GB" for k in ("params", "grads", "optimizer", "total"))
+        print(f"{r['stage']:<7}" + "".join(f"{r[k] / 1e9:>8.2f} GB"
+                                           for k in ("params", "grads", "optimizer", "total"))
               + f"   {r['comm_elements']:.3g} = {r['comm']}")
-    return {"config": cfg, "params": n, "matmul_params": n_mm, "flops_per_token": fpt, "tokens": tokens,
-            "seconds": seconds, "zero": zero, "memory": mem, "comm": {k: v for k, (v, _) in comm.items()},
+    return {"config": cfg, "params": n, "matmul_params": n_mm, "flops_per_token": fpt,
+            "tokens": tokens, "seconds": seconds, "zero": zero, "memory": mem,
+            "comm": {k: v for k, (v, _) in comm.items()},
             "bubble": bubble, "dp": dp, "micro_batch": b}
 
 # -------------------------------------------------------------------- measured against the formulas
@@ -404,7 +425,8 @@ class HeldActivations(TorchDispatchMode):
             block.register_forward_pre_hook(lambda m, a, i=i: self._input(a[0], i))
             for name in parts:
                 mod = getattr(block, name)
-                mod.register_forward_pre_hook(lambda m, a, tag=(i, name): setattr(self, "part", tag))
+                mod.register_forward_pre_hook(lambda m, a,
+                                              tag=(i, name): setattr(self, "part", tag))
                 mod.register_forward_hook(lambda m, a, o, tag=(i, None): setattr(self, "part", tag))
             # outside the blocks
             block.register_forward_hook(lambda m, a, o: setattr(self, "part", None))
@@ -460,8 +482,9 @@ def measure_step(cfg, s=128, b=2, dtype=torch.bfloat16):
             continue
         part = tag[1]
         parts[part] = parts.get(part, 0) + nbytes / cfg.n_layer
-    return {"weights": sum(p.numel() * p.element_size() for p in model.parameters()), "gradients": grads,
-            "optimizer states": states, "activations per layer": sum(parts.values()), "parts": parts}
+    return {"weights": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "gradients": grads, "optimizer states": states,
+            "activations per layer": sum(parts.values()), "parts": parts}
 
 
 def measure(sizes=((2, 128, 4, 384), (2, 256, 4, 768)), s=128, b=2):
@@ -469,25 +492,33 @@ def measure(sizes=((2, 128, 4, 384), (2, 256, 4, 768)), s=128, b=2):
     rows = []
     for L, d, a, d_ff in sizes:
         for attn, recompute in (("sdpa", "none"), ("naive", "none"), ("sdpa", "full")):
-            cfg = ModelConfig(n_layer=L, d_model=d, n_head=a, n_kv_head=a, d_ff=d_ff, vocab_size=256, block_size=s,
-                              attn=attn, activation_checkpointing=recompute == "full")
+            cfg = ModelConfig(n_layer=L, d_model=d, n_head=a, n_kv_head=a, d_ff=d_ff,
+                              vocab_size=256, block_size=s, attn=attn,
+                              activation_checkpointing=recompute == "full")
             got = measure_step(cfg, s, b)
             n = sum(p.numel() for p in Transformer(cfg).parameters())
-            want = {**{k: zero_table(n, 1)[0][z] for k, z in (("weights", "params"), ("gradients", "grads"),
+            want = {**{k: zero_table(n, 1)[0][z] for k,
+                       z in (("weights", "params"), ("gradients", "grads"),
                                                                ("optimizer states", "optimizer"))},
                     "activations per layer": activations_per_layer(s, b, d, a, recompute=recompute)}
-            rows.append({"d": d, "a": a, "d_ff": d_ff, "attn": attn, "recompute": recompute, "measured": got,
-                         "formula": want, "ratio": {k: got[k] / want[k] for k in want}})
-    print(f"Bytes held after one bf16 step (one process; s = {s}, b = {b}, 2 layers, vocab 256), measured / formula "
-          f"(2 Psi, 2 Psi, 12 Psi; Korthikanti's s b h (34 + 5 a s / h), 2 s b h with full recomputation):")
-    print(f"{'d':>4} {'a':>2} {'d_ff':>5} {'attention':>9} {'recompute':>9} {'weights':>8} {'grads':>6} {'optim':>6}"
+            rows.append({"d": d, "a": a, "d_ff": d_ff, "attn": attn, "recompute": recompute,
+                         "measured": got, "formula": want,
+                         "ratio": {k: got[k] / want[k] for k in want}})
+    print(f"Bytes held after one bf16 step (one process; s = {s}, b = {b}, 2 layers, vocab 256), "
+          "measured / formula "
+          "(2 Psi, 2 Psi, 12 Psi; Korthikanti's s b h (34 + 5 a s / h), 2 s b h with full "
+          "recomputation):")
+    print(f"{'d':>4} {'a':>2} {'d_ff':>5} {'attention':>9} {'recompute':>9} {'weights':>8} "
+          f"{'grads':>6} {'optim':>6}"
           f" {'activations/layer':>18}   measured per layer, by part (x s b h bytes)")
     for r in rows:
         sbh = s * b * r["d"]
-        parts = ", ".join(f"{k or 'residual'} {v / sbh:.1f}" for k, v in r["measured"]["parts"].items() if v)
+        parts = ", ".join(f"{k or 'residual'} {v / sbh:.1f}" for k,
+                          v in r["measured"]["parts"].items() if v)
         print(f"{r['d']:>4} {r['a']:>2} {r['d_ff']:>5} {r['attn']:>9} {r['recompute']:>9} "
               + " ".join(f"{r['ratio'][k]:>{w}.2f}" for k, w in (
-                  ("weights", 8), ("gradients", 6), ("optimizer states", 6), ("activations per layer", 18)))
+                  ("weights", 8), ("gradients", 6), ("optimizer states", 6),
+                                                                 ("activations per layer", 18)))
               + f"   {r['measured']['activations per layer'] / sbh:.1f} = {parts}")
     return rows
 

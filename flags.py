@@ -67,13 +67,15 @@ def add_shared_flags(ap, **defaults):
     logging/saving/resuming. Each entry point passes its own defaults (a flag name with _ for -,
     e.g. max_steps=100)."""
     a = ap.add_argument
-    a("--batch-size", type=int, default=32, help="global batch per optimizer step (sequences, or SFT examples)")
+    a("--batch-size", type=int, default=32, help="global batch per optimizer step (sequences, or "
+                                                 "SFT examples)")
     a("--seq-len", type=int, default=None, help="tokens per row (default: the model's block_size)")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--max-steps", type=int, default=None, help="optimizer steps")
     a("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     a("--min-lr", type=float, default=None, help="end of the cosine decay (default lr/10)")
-    a("--warmup-steps", type=int, default=None, help="linear warm-up steps (unset: a tenth of the run, at most 100)")
+    a("--warmup-steps", type=int, default=None, help="linear warm-up steps (unset: a tenth of "
+                                                     "the run, at most 100)")
     a("--weight-decay", type=float, default=0.1, help="AdamW's, on matrices only")
     a("--beta1", type=float, default=0.9, help="AdamW's")
     a("--beta2", type=float, default=0.95, help="AdamW's")
@@ -81,39 +83,53 @@ def add_shared_flags(ap, **defaults):
     a("--amp", default="auto", choices=["auto", *sorted(DTYPES)],
       help="compute precision (amp.py; fp8: quantization.py); auto: bf16 on CUDA, fp32 on a CPU")
     a("--grad-reduce-dtype", default="fp32", choices=["fp32", "model"],
-      help="16-bit models: gradients accumulated over micro-steps and reduced over ranks in fp32 (amp.py's "
+      help="16-bit models: gradients accumulated over micro-steps and reduced over ranks in fp32 "
+           "(amp.py's "
            "main_grad), or in the model's dtype (half the bytes, 8 bits of mantissa)")
     a("--attn", default=None, choices=ATTN_BACKENDS,
       help="attention backend (model.py, flash_attn.py); default: flash with --cp > 1 (ring "
            "attention's blocks), else sdpa")
-    a("--activation-checkpointing", action="store_true", help="recompute each block's activations in backward")
+    a("--activation-checkpointing", action="store_true",
+      help="recompute each block's activations in backward")
     a("--compile", action="store_true", help="torch.compile the model")
-    a("--zero", type=int, default=0, choices=[0, 1, 2, 3], help="data parallelism: 0 ddp.py, 1-3 ZeRO (zero.py)")
-    a("--bucket-mb", type=float, default=25.0, help="gradient bucket size of ddp.py's all-reduce (--zero 0, 1)")
-    a("--tp", type=int, default=1, help="tensor-parallel ranks (tensor_parallel.py), innermost in the topology")
+    a("--zero", type=int, default=0, choices=[0, 1, 2, 3],
+      help="data parallelism: 0 ddp.py, 1-3 ZeRO (zero.py)")
+    a("--bucket-mb", type=float, default=25.0, help="gradient bucket size of ddp.py's all-reduce "
+                                                    "(--zero 0, 1)")
+    a("--tp", type=int, default=1, help="tensor-parallel ranks (tensor_parallel.py), innermost "
+                                        "in the topology")
     a("--pp", type=int, default=1, help="pipeline stages (pipeline.py)")
-    a("--microbatches", type=int, default=1, help="pipeline micro-batches per --grad-accum micro-step")
+    a("--microbatches", type=int, default=1, help="pipeline micro-batches per --grad-accum "
+                                                  "micro-step")
     a("--pp-schedule", default="1f1b", choices=pipeline.SCHEDULES, help="pipeline schedule")
-    a("--sequence-parallel", action="store_true", help="with --tp: norms, residuals split along the sequence")
-    a("--ep", type=int, default=1, help="expert-parallel ranks (moe.py), carved from the data-parallel ones "
+    a("--sequence-parallel", action="store_true",
+      help="with --tp: norms, residuals split along the sequence")
+    a("--ep", type=int, default=1, help="expert-parallel ranks (moe.py), carved from the "
+                                        "data-parallel ones "
                                         "(each holds experts/ep of every MoE layer; --zero 0 or 1)")
     a("--cp", type=int, default=1,
       help="context-parallel ranks (context_parallel.py): each sequence split over cp ranks, ring "
            "attention (picks --attn flash)")
-    a("--out", default=None, help="checkpoints and metrics.jsonl go here (default: out/PROG-HASH, a folder of "
+    a("--out", default=None, help="checkpoints and metrics.jsonl go here (default: "
+                                  "out/PROG-HASH, a folder of "
                                   "its own for each run: see run_folder)")
     a("--resume", action="store_true",
-      help="must resume: fail unless --out holds a complete checkpoint (without it, a run resumes when it can)")
-    a("--fresh", action="store_true", help="start over: a previous run in --out is moved aside to OUT.1")
+      help="must resume: fail unless --out holds a complete checkpoint (without it, a run "
+           "resumes when it can)")
+    a("--fresh", action="store_true", help="start over: a previous run in --out is moved aside "
+                                           "to OUT.1")
     a("--save-every", type=int, default=200, help="checkpoint every N steps")
     a("--eval-every", type=int, default=200, help="evaluate every N steps")
     a("--log-every", type=int, default=10, help="log every N steps")
     a("--stop-after", type=int, default=None,
       help="end this invocation after N steps with a checkpoint, as a job with a time limit would")
     a("--seed", type=int, default=1337, help="of the model's initialisation and the data order")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
-    a("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others to join the process "
-                                                       "group (and in any collective) before it fails")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"],
+      help="auto: cuda when there is one")
+    a("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others to "
+                                                      "join the process "
+                                                       "group (and in any collective) before it "
+                                                       "fails")
     ap.set_defaults(**defaults)
     return ap
 
@@ -230,9 +246,10 @@ def resolved(cfg):
 # The flags that say where and how a run executes, not what it computes: a run keeps its folder when
 # they change (its checkpoints resume on any layout, checkpoint.py), and they are left out of the
 # default folder's name.
-HOW_FLAGS = {"zero", "bucket_mb", "tp", "pp", "microbatches", "pp_schedule", "sequence_parallel", "ep", "cp",
-             "grad_accum", "attn", "activation_checkpointing", "compile", "device", "out", "resume", "fresh",
-             "save_every", "eval_every", "log_every", "stop_after", "eval_iters", "eval_examples", "sample_tokens",
+HOW_FLAGS = {"zero", "bucket_mb", "tp", "pp", "microbatches", "pp_schedule", "sequence_parallel",
+             "ep", "cp", "grad_accum", "attn", "activation_checkpointing", "compile", "device",
+             "out", "resume", "fresh", "save_every", "eval_every", "log_every", "stop_after",
+             "eval_iters", "eval_examples", "sample_tokens",
              "samples", "max_new_tokens", "estimate", "gpus", "gpu", "mfu", "dist_timeout"}
 
 
@@ -252,8 +269,9 @@ def check_values(cfg):
     range check alone lets it through."""
     given = cfg.flat()
     has = lambda f: given.get(f) is not None
-    for f in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "bucket_mb", "tokens", "mfu",
-              "capacity_factor", "aux_loss_weight", "lora_alpha", "lora_dropout", "dist_timeout"):
+    for f in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "bucket_mb", "tokens",
+              "mfu", "capacity_factor", "aux_loss_weight", "lora_alpha", "lora_dropout",
+              "dist_timeout"):
         if has(f) and not math.isfinite(given[f]):
             raise ConfigError(f"--{f.replace('_', '-')} must be a finite number, got {given[f]}")
 
@@ -281,7 +299,8 @@ def check_values(cfg):
 def check_out(out):
     """--out: a folder that exists or can be made, and written in."""
     if not str(out).strip():  # (Path("") is the current folder: a run would write its steps there)
-        raise ConfigError("--out is empty: give a folder for checkpoints and metrics.jsonl (e.g. out/run)")
+        raise ConfigError("--out is empty: give a folder for checkpoints and metrics.jsonl (e.g. "
+                          "out/run)")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: give a folder for checkpoints and metrics.jsonl")
@@ -313,15 +332,19 @@ def check_args(cfg, world):
     if run.resume and run.fresh:
         raise ConfigError("--resume and --fresh contradict each other: give one")
     if run.compile and lay.pp > 1:
-        raise ConfigError("--compile with --pp > 1: the pipeline calls the stage's parts one by one; "
+        raise ConfigError("--compile with --pp > 1: the pipeline calls the stage's parts one by "
+                          "one; "
                           "compile is supported without pipeline parallelism")
     if run.compile and lay.zero == 3 and dp > 1:
         # (ddp.py and ZeRO 1-2 are accepted with --compile; their gradient hooks are expected to
         # fire after the compiled backward graph, so that the reductions no longer overlap the
         # backward.)
-        raise ConfigError("--compile with --zero 3: zero.py gathers and frees each block's weights (storage "
-                          "resizing, hooks on module calls) inside the forward, which torch.compile does not "
-                          "trace reliably; use --zero 3 without --compile, or --compile with --zero 0-2")
+        raise ConfigError("--compile with --zero 3: zero.py gathers and frees each block's "
+                          "weights (storage "
+                          "resizing, hooks on module calls) inside the forward, which "
+                          "torch.compile does not "
+                          "trace reliably; use --zero 3 without --compile, or --compile with "
+                          "--zero 0-2")
     if run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
     device = "cuda" if uses_cuda(run.device) else "cpu"

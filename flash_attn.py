@@ -179,7 +179,8 @@ def attention_forward(q, k, v, causal, scale, offset=0, docs=None):
     """(O, L) of one attention block: the kernels for CUDA tensors (or under the interpreter), else
     the twin. offset: query i sees key j iff j <= i + offset (causal); docs: doc_bounds(doc). Inputs
     dense, as checked."""
-    return (triton_forward if _uses_triton(q) else twin_forward)(q, k, v, causal, scale, offset=offset, docs=docs)
+    return (triton_forward if _uses_triton(q) else twin_forward)(q, k, v, causal, scale,
+                                                                 offset=offset, docs=docs)
 
 
 def attention_backward(q, k, v, o, lse, do, causal, scale, offset=0, docs=None):
@@ -202,7 +203,8 @@ class FlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, o, lse = ctx.saved_tensors
-        return (*attention_backward(q, k, v, o, lse, do, ctx.causal, ctx.scale, ctx.offset, ctx.docs),
+        return (*attention_backward(q, k, v, o, lse, do, ctx.causal, ctx.scale, ctx.offset,
+                                    ctx.docs),
                 None, None, None, None)
 
 
@@ -216,21 +218,26 @@ def check_inputs(q, k, v):
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     B, H, N, D = q.shape
     if k.shape[1] == 0 or H % k.shape[1] != 0:
-        raise ValueError(f"flash_attention: {H} query heads do not split into groups over {k.shape[1]} KV heads")
+        raise ValueError(f"flash_attention: {H} query heads do not split into groups over "
+                         f"{k.shape[1]} KV heads")
     if q.numel() == 0:
         raise ValueError(f"flash_attention: empty input, q {tuple(q.shape)}")
     if not HEAD_DIMS[0] <= D <= HEAD_DIMS[1]:
-        raise ValueError(f"flash_attention: head dim {D} is unsupported; use {HEAD_DIMS[0]} to {HEAD_DIMS[1]}")
+        raise ValueError(f"flash_attention: head dim {D} is unsupported; use {HEAD_DIMS[0]} to "
+                         f"{HEAD_DIMS[1]}")
     if not q.device == k.device == v.device:
-        raise ValueError(f"flash_attention: q, k, v on different devices ({q.device}, {k.device}, {v.device})")
+        raise ValueError(f"flash_attention: q, k, v on different devices ({q.device}, "
+                         f"{k.device}, {v.device})")
     if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"flash_attention: q, k, v have different dtypes ({q.dtype}, {k.dtype}, {v.dtype})")
+        raise ValueError(f"flash_attention: q, k, v have different dtypes ({q.dtype}, {k.dtype}, "
+                         f"{v.dtype})")
     dtypes = ((torch.float16, torch.bfloat16, torch.float32) if q.is_cuda else
               (torch.float32, torch.float16) if _uses_triton(q) else
               (torch.float16, torch.bfloat16, torch.float32, torch.float64))
     if q.dtype not in dtypes:
         where = "CUDA" if q.is_cuda else "the Triton interpreter" if _uses_triton(q) else "the CPU twin"
-        raise ValueError(f"flash_attention: dtype {str(q.dtype)[6:]} is unsupported on {where}; use one of "
+        raise ValueError(f"flash_attention: dtype {str(q.dtype)[6:]} is unsupported on {where}; "
+                         "use one of "
                          f"{', '.join(str(d)[6:] for d in dtypes)}")
     # the kernels index the dense (B, H, N, D) layout; copies if not
     return (t.contiguous() for t in (q, k, v))
@@ -242,18 +249,22 @@ def check_doc(doc, q):
     B, N = q.shape[0], q.shape[2]
     if not isinstance(doc, torch.Tensor) or doc.shape != (B, N) or doc.is_floating_point() or doc.is_complex():
         what = f"{doc.dtype} {tuple(doc.shape)}" if isinstance(doc, torch.Tensor) else type(doc).__name__
-        raise ValueError(f"flash_attention: doc must be integer document ids of shape (B, N) = ({B}, {N}), "
+        raise ValueError("flash_attention: doc must be integer document ids of shape (B, N) = "
+                         f"({B}, {N}), "
                          f"got {what}")
     if doc.device != q.device:
         raise ValueError(f"flash_attention: doc on {doc.device}, q on {q.device}")
     if N > 1 and (doc[:, 1:] < doc[:, :-1]).any():
         b, i = (doc[:, 1:] < doc[:, :-1]).nonzero()[0].tolist()
-        raise ValueError(f"flash_attention: doc ids must not decrease along a row (packed examples one after "
-                         f"another); row {b} goes from {doc[b, i].item()} to {doc[b, i + 1].item()} at {i + 1}")
+        raise ValueError("flash_attention: doc ids must not decrease along a row (packed "
+                         "examples one after "
+                         f"another); row {b} goes from {doc[b, i].item()} to "
+                         f"{doc[b, i + 1].item()} " f"at {i + 1}")
     return doc_bounds(doc)
 
 
-def flash_attention(q, k, v, causal=False, softmax_scale=None, doc=None, q_offset=0, k_offset=0, return_lse=False):
+def flash_attention(q, k, v, causal=False, softmax_scale=None, doc=None, q_offset=0, k_offset=0,
+                    return_lse=False):
     """softmax(scale q k^T [+ mask]) v without the N x N matrix; q (B, H, N, D), k and v (B, H_kv,
     N, D).
 
@@ -266,11 +277,13 @@ def flash_attention(q, k, v, causal=False, softmax_scale=None, doc=None, q_offse
     q, k, v = check_inputs(q, k, v)
     offset = int(q_offset) - int(k_offset)
     if offset and not causal:
-        raise ValueError("flash_attention: q_offset and k_offset shift the causal mask; they need causal=True")
+        raise ValueError("flash_attention: q_offset and k_offset shift the causal mask; they "
+                         "need causal=True")
     docs = None
     if doc is not None:
         if offset:
-            raise ValueError("flash_attention: doc ids are shared by queries and keys of one sequence; "
+            raise ValueError("flash_attention: doc ids are shared by queries and keys of one "
+                             "sequence; "
                              "they cannot take q_offset/k_offset")
         docs = check_doc(doc, q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
@@ -310,11 +323,13 @@ def check(device, dtype, B=2, H=8, H_kv=2, N=1000, D=128):
     ref = naive_attention(*leaves)
     want = [ref, *torch.autograd.grad(ref, leaves, do.double())]
     sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    for name, f in (("ours", lambda q, k, v: flash_attention(q, k, v, causal=True)), ("sdpa", sdpa)):
+    for name, f in (("ours", lambda q, k, v: flash_attention(q, k, v, causal=True)),
+                    ("sdpa", sdpa)):
         got = [f(q, k, v), *_grads(f, q, k, v, do)]
         errs = ", ".join(f"{n} {(a.double() - b).abs().max().item():.1e}"
                          for n, a, b in zip(("out", "dq", "dk", "dv"), got, want))
-        print(f"  {name:<5} max |error| vs float64 naive, {str(dtype)[6:]}, B={B} H={H} H_kv={H_kv} N={N} D={D}: "
+        print(f"  {name:<5} max |error| vs float64 naive, {str(dtype)[6:]}, B={B} H={H} "
+              f"H_kv={H_kv} N={N} D={D}: "
               f"{errs}")
 
 
@@ -328,7 +343,8 @@ def benchmark():
         return f
     impls = {"ours": lambda q, k, v: flash_attention(q, k, v, causal=True),
              "flash": sdpa(SDPBackend.FLASH_ATTENTION), "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
-    print("\nTFLOP/s, causal, bf16, B*N = 16k tokens, H = 2048 / D (FLOPs: 2 B H N^2 D forward, x3.5 fwd+bwd)")
+    print("\nTFLOP/s, causal, bf16, B*N = 16k tokens, H = 2048 / D (FLOPs: 2 B H N^2 D forward, "
+          "x3.5 fwd+bwd)")
     print(f"{'D':>4} {'N':>6} | {'fwd: ours':>9} {'flash':>6} {'cudnn':>6} {'ours/flash':>10} | "
           f"{'fwd+bwd: ours':>13} {'flash':>6} {'cudnn':>6} {'ours/flash':>10}")
     for D in (64, 128):
@@ -345,7 +361,8 @@ def benchmark():
                     print(f"  {name} failed at D={D} N={N}: {str(e).splitlines()[0][:100]}")
                     tf[name] = (float("nan"), float("nan"))
             fwd, both = ([tf[n][i] for n in impls] for i in (0, 1))
-            print(f"{D:>4} {N:>6} | {fwd[0]:>9.0f} {fwd[1]:>6.0f} {fwd[2]:>6.0f} {fwd[0] / fwd[1]:>10.2f} | "
+            print(f"{D:>4} {N:>6} | {fwd[0]:>9.0f} {fwd[1]:>6.0f} {fwd[2]:>6.0f} "
+                  f"{fwd[0] / fwd[1]:>10.2f} | "
                   f"{both[0]:>13.0f} {both[1]:>6.0f} {both[2]:>6.0f} {both[0] / both[1]:>10.2f}")
 
 
@@ -356,7 +373,8 @@ def memory():
     for N in (1024, 2048, 4096, 8192, 16384):
         q, k, v, do = _inputs(1, 16, 16, N, 128, torch.bfloat16, "cuda")
         peak = {}
-        for name, f in (("ours", lambda q, k, v: flash_attention(q, k, v, causal=True)), ("naive", naive_attention)):
+        for name, f in (("ours", lambda q, k, v: flash_attention(q, k, v, causal=True)),
+                        ("naive", naive_attention)):
             try:
                 _grads(f, q, k, v, do)  # warm-up: the autotuner's own buffers must not count
                 torch.cuda.synchronize()
@@ -367,7 +385,8 @@ def memory():
             except torch.OutOfMemoryError:
                 peak[name] = float("nan")
             torch.cuda.empty_cache()
-        print(f"{N:>6} {peak['ours']:>8.0f} {peak['naive']:>8.0f} {peak['naive'] / peak['ours']:>10.1f}")
+        print(f"{N:>6} {peak['ours']:>8.0f} {peak['naive']:>8.0f} "
+              f"{peak['naive'] / peak['ours']:>10.1f}")
 
 
 def packing(device, dtype, N, docs, H=4, D=64, reps=3):
@@ -389,8 +408,10 @@ def packing(device, dtype, N, docs, H=4, D=64, reps=3):
         ms[name] = (time.perf_counter() - t0) / reps * 1e3
     want = naive_attention(*(t.detach().double() for t in (q, k, v)), doc=doc[None])
     err = (flash_attention(q, k, v, causal=True, doc=doc[None]).double() - want).abs().max().item()
-    print(f"  packed: {docs} documents of {N // docs} in one row of {N}, {str(dtype)[6:]}: max |error| vs naive with "
-          f"the same mask {err:.1e}; forward + backward {ms['packed']:.0f} ms against {ms['causal']:.0f} ms for one "
+    print(f"  packed: {docs} documents of {N // docs} in one row of {N}, {str(dtype)[6:]}: max "
+          "|error| vs naive with "
+          f"the same mask {err:.1e}; forward + backward {ms['packed']:.0f} ms against "
+          f"{ms['causal']:.0f} ms for one "
           f"causal row ({ms['causal'] / ms['packed']:.1f}x)")
 
 
@@ -398,13 +419,15 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     if torch.cuda.is_available():
         import triton
-        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+              f"{triton.__version__}")
         check("cuda", torch.bfloat16)
         packing("cuda", torch.bfloat16, 16384, 16)
         benchmark()
         memory()
     else:
-        where = "the Triton interpreter" if INTERPRET else "the PyTorch twin (TRITON_INTERPRET=1 runs the kernels)"
+        where = "the Triton interpreter" if INTERPRET else ("the PyTorch twin (TRITON_INTERPRET=1 "
+                                                            "runs the kernels)")
         print(f"No CUDA device: the benchmark needs a GPU. A correctness check of {where} instead:")
         check("cpu", torch.float32 if INTERPRET else torch.float64, B=1, H=4, H_kv=2, N=100, D=32)
         packing("cpu", torch.float32, 128 if INTERPRET else 1024, 4 if INTERPRET else 8, reps=1)

@@ -32,14 +32,16 @@ def _configs(tiles, name_a, name_b):
     """Autotune candidates; the interpreter cannot benchmark, so it gets one small config."""
     if INTERPRET:  # a held tile of two streamed ones: tests see the diagonal block cut in two
         return [triton.Config({name_a: 32, name_b: 16})]
-    return [triton.Config({name_a: a, name_b: b}, num_warps=w, num_stages=s) for a, b, w, s, _ in tiles]
+    return [triton.Config({name_a: a, name_b: b}, num_warps=w, num_stages=s) for a, b, w, s,
+            _ in tiles]
 
 
 def _for_head_dim(tiles):
     """Autotune's early pruning: the candidates made for the call's head dim (its last entry the
     largest)."""
     def prune(configs, nargs, **kwargs):
-        return configs if INTERPRET else [c for c, t in zip(configs, tiles) if kwargs["HEAD_DIM"] <= t[-1]]
+        return configs if INTERPRET else [c for c,
+                                          t in zip(configs, tiles) if kwargs["HEAD_DIM"] <= t[-1]]
     return {"early_config_prune": prune}
 
 
@@ -59,11 +61,13 @@ DKDV_CONFIGS = _configs(DKDV_TILES, "BLOCK_N", "BLOCK_M")
 
 
 @triton.jit
-def _key_ranges(start_m, N, OFFSET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+def _key_ranges(start_m, N, OFFSET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr):
     """The key tiles a query tile visits: [0, end_free) need no mask, [end_free, end) do."""
     # keys j <= i + OFFSET: whole tiles up to the first row's edge, masked ones up to the last row's
     if CAUSAL:
-        end_free = tl.minimum(tl.maximum(start_m + OFFSET + 1, 0) // BLOCK_N * BLOCK_N, N // BLOCK_N * BLOCK_N)
+        end_free = tl.minimum(tl.maximum(start_m + OFFSET + 1, 0) // BLOCK_N * BLOCK_N,
+                              N // BLOCK_N * BLOCK_N)
         end = tl.minimum(tl.maximum(start_m + BLOCK_M + OFFSET, 0), N)
     else:       # all full tiles, then the ragged last one
         end_free, end = (N // BLOCK_N) * BLOCK_N, N
@@ -84,9 +88,9 @@ def _mask_scores(s, rows, cols, docq, DOCK, N, OFFSET, CAUSAL: tl.constexpr, DOC
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, K, V, rows, docq, DOCK, offs_n, offs_d, d_ok, lo, hi, N, OFFSET, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               DOC: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_tiles(acc, l_i, m_i, q, K, V, rows, docq, DOCK, offs_n, offs_d, d_ok, lo, hi, N, OFFSET,
+               qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, DOC: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kv_ok = d_ok & (cols[:, None] < N) if MASKED else d_ok
@@ -110,8 +114,9 @@ def _fwd_tiles(acc, l_i, m_i, q, K, V, rows, docq, DOCK, offs_n, offs_d, d_ok, l
 @triton.autotune(configs=FWD_CONFIGS, key=["N_BUCKET", "HEAD_DIM", "CAUSAL"],
                  prune_configs_by=_for_head_dim(FWD_TILES))
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, DOCS, DSTART, DEND, qk_scale, H, GROUP, N, N_BUCKET, OFFSET, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr, PRECISION: tl.constexpr,
+def _fwd_kernel(Q, K, V, O, LSE, DOCS, DSTART, DEND, qk_scale, H, GROUP, N, N_BUCKET, OFFSET,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                DOC: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)  # the diagonal block is whole key tiles
     # causal: the longest rows start first
@@ -135,26 +140,28 @@ def _fwd_kernel(Q, K, V, O, LSE, DOCS, DSTART, DEND, qk_scale, H, GROUP, N, N_BU
         lo = tl.load(DSTART + doc_off + start_m) // BLOCK_N * BLOCK_N
         if not CAUSAL:  # nor those after the last row's document
             end = tl.load(DEND + doc_off + tl.minimum(start_m + BLOCK_M, N) - 1)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K + kv_off, V + kv_off, rows, docq, DOCS + doc_off, offs_n,
-                                   offs_d, d_ok, lo, end, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, True,
-                                   PRECISION)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K + kv_off, V + kv_off, rows, docq,
+                                   DOCS + doc_off, offs_n, offs_d, d_ok, lo, end, N, OFFSET,
+                                   qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, True, PRECISION)
     else:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K + kv_off, V + kv_off, rows, rows, DOCS, offs_n, offs_d,
-                                   d_ok, 0, end_free, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL, False,
-                                   PRECISION)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K + kv_off, V + kv_off, rows, rows, DOCS, offs_n, offs_d,
-                                   d_ok, end_free, end, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, False,
-                                   PRECISION)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K + kv_off, V + kv_off, rows, rows, DOCS,
+                                   offs_n, offs_d, d_ok, 0, end_free, N, OFFSET, qk_scale, HEAD_DIM,
+                                   BLOCK_N, False, CAUSAL, False, PRECISION)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K + kv_off, V + kv_off, rows, rows, DOCS,
+                                   offs_n, offs_d, d_ok, end_free, end, N, OFFSET, qk_scale,
+                                   HEAD_DIM, BLOCK_N, True, CAUSAL, False, PRECISION)
     # a row that saw no key (an offset can do that): O = 0, L = -inf
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    tl.store(O + q_off + rows[:, None] * HEAD_DIM + offs_d[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty),
-             mask=q_ok)
+    tl.store(O + q_off + rows[:, None] * HEAD_DIM + offs_d[None, :],
+             (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=q_ok)
     # ln
-    tl.store(LSE + bh.to(tl.int64) * N + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rows < N)
+    tl.store(LSE + bh.to(tl.int64) * N + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453,
+             mask=rows < N)
 
 
 @triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _bwd_delta_kernel(O, DO, DELTA, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     off = tl.program_id(1).to(tl.int64) * N * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :]
@@ -165,8 +172,9 @@ def _bwd_delta_kernel(O, DO, DELTA, N, HEAD_DIM: tl.constexpr, BLOCK_D: tl.const
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, cols, dock, DOCQ, offs_m, offs_d, d_ok, lo, hi, N, OFFSET, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, cols, dock, DOCQ, offs_m, offs_d, d_ok, lo, hi, N,
+                OFFSET, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                 DOC: tl.constexpr, PRECISION: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
@@ -197,9 +205,10 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, cols, dock, DOCQ, offs_m, offs_
 @triton.autotune(configs=DKDV_CONFIGS, key=["N_BUCKET", "HEAD_DIM", "CAUSAL"],
                  prune_configs_by=_for_head_dim(DKDV_TILES))
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DOCS, DSTART, DEND, qk_scale, sm_scale, H, GROUP, N, N_BUCKET,
-                     OFFSET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DOCS, DSTART, DEND, qk_scale, sm_scale, H,
+                     GROUP, N, N_BUCKET, OFFSET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     CAUSAL: tl.constexpr, DOC: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     tl.static_assert(BLOCK_N % BLOCK_M == 0)
     # causal: low key tiles see the most queries, and launch first
     start_n = tl.program_id(0) * BLOCK_N
@@ -220,7 +229,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DOCS, DSTART, DEND, qk_sca
     start_free = start_n * 0
     if CAUSAL:
         lo = tl.maximum(start_n - OFFSET, 0) // BLOCK_M * BLOCK_M
-        start_free = (tl.maximum(start_n + BLOCK_N - 1 - OFFSET, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        start_free = (tl.maximum(start_n + BLOCK_N - 1 - OFFSET, 0)
+                      + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     end_full = (N // BLOCK_M) * BLOCK_M
     dock = cols
     hi = N
@@ -235,28 +245,30 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DOCS, DSTART, DEND, qk_sca
         Qh, DOh = Q + bh.to(tl.int64) * N * HEAD_DIM, DO + bh.to(tl.int64) * N * HEAD_DIM
         LSEh, DELTAh = LSE + bh.to(tl.int64) * N, DELTA + bh.to(tl.int64) * N
         if DOC:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, cols, dock, DOCS + doc_off, offs_m, offs_d,
-                                 d_ok, lo, hi, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_M, True, CAUSAL, True, PRECISION)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, cols, dock, DOCS + doc_off,
+                                 offs_m, offs_d, d_ok, lo, hi, N, OFFSET, qk_scale, HEAD_DIM,
+                                 BLOCK_M, True, CAUSAL, True, PRECISION)
         else:
             if CAUSAL:
-                dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, cols, dock, DOCS, offs_m, offs_d, d_ok, lo,
-                                     tl.minimum(start_free, N), N, OFFSET, qk_scale, HEAD_DIM, BLOCK_M, True, True,
-                                     False, PRECISION)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, cols, dock, DOCS, offs_m, offs_d, d_ok,
-                                 start_free, end_full, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_M, False, CAUSAL, False,
-                                 PRECISION)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, cols, dock, DOCS, offs_m, offs_d, d_ok,
-                                 tl.maximum(end_full, start_free), N, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_M, True,
-                                 CAUSAL, False, PRECISION)
-    tl.store(DK + kv_off + cols[:, None] * HEAD_DIM + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+                dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, cols, dock, DOCS, offs_m,
+                                     offs_d, d_ok, lo, tl.minimum(start_free, N), N, OFFSET,
+                                     qk_scale, HEAD_DIM, BLOCK_M, True, True, False, PRECISION)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, cols, dock, DOCS, offs_m,
+                                 offs_d, d_ok, start_free, end_full, N, OFFSET, qk_scale, HEAD_DIM,
+                                 BLOCK_M, False, CAUSAL, False, PRECISION)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, cols, dock, DOCS, offs_m,
+                                 offs_d, d_ok, tl.maximum(end_full, start_free), N, N, OFFSET,
+                                 qk_scale, HEAD_DIM, BLOCK_M, True, CAUSAL, False, PRECISION)
+    tl.store(DK + kv_off + cols[:, None] * HEAD_DIM + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + kv_off + cols[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty),
              mask=kv_ok)
-    tl.store(DV + kv_off + cols[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, K, V, rows, docq, DOCK, offs_n, offs_d, d_ok, lo, hi, N, OFFSET, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-              DOC: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_tiles(dq, q, do, lse, delta, K, V, rows, docq, DOCK, offs_n, offs_d, d_ok, lo, hi, N,
+              OFFSET, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              CAUSAL: tl.constexpr, DOC: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kv_ok = d_ok & (cols[:, None] < N) if MASKED else d_ok
@@ -275,9 +287,10 @@ def _dq_tiles(dq, q, do, lse, delta, K, V, rows, docq, DOCK, offs_n, offs_d, d_o
 @triton.autotune(configs=DQ_CONFIGS, key=["N_BUCKET", "HEAD_DIM", "CAUSAL"],
                  prune_configs_by=_for_head_dim(DQ_TILES))
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DOCS, DSTART, DEND, qk_scale, sm_scale, H, GROUP, N, N_BUCKET,
-                   OFFSET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOC: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DOCS, DSTART, DEND, qk_scale, sm_scale, H, GROUP, N,
+                   N_BUCKET, OFFSET, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   CAUSAL: tl.constexpr, DOC: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
@@ -299,15 +312,18 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DOCS, DSTART, DEND, qk_scale, sm
         lo = tl.load(DSTART + doc_off + start_m) // BLOCK_N * BLOCK_N
         if not CAUSAL:
             end = tl.load(DEND + doc_off + tl.minimum(start_m + BLOCK_M, N) - 1)
-        dq = _dq_tiles(dq, q, do, lse, delta, K + kv_off, V + kv_off, rows, docq, DOCS + doc_off, offs_n, offs_d,
-                       d_ok, lo, end, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, True, PRECISION)
+        dq = _dq_tiles(dq, q, do, lse, delta, K + kv_off, V + kv_off, rows, docq, DOCS + doc_off,
+                       offs_n, offs_d, d_ok, lo, end, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_N, True,
+                       CAUSAL, True, PRECISION)
     else:
-        dq = _dq_tiles(dq, q, do, lse, delta, K + kv_off, V + kv_off, rows, rows, DOCS, offs_n, offs_d, d_ok, 0,
-                       end_free, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_N, False, CAUSAL, False, PRECISION)
-        dq = _dq_tiles(dq, q, do, lse, delta, K + kv_off, V + kv_off, rows, rows, DOCS, offs_n, offs_d, d_ok,
-                       end_free, end, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_N, True, CAUSAL, False, PRECISION)
-    tl.store(DQ + q_off + rows[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=q_ok)
+        dq = _dq_tiles(dq, q, do, lse, delta, K + kv_off, V + kv_off, rows, rows, DOCS, offs_n,
+                       offs_d, d_ok, 0, end_free, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_N, False,
+                       CAUSAL, False, PRECISION)
+        dq = _dq_tiles(dq, q, do, lse, delta, K + kv_off, V + kv_off, rows, rows, DOCS, offs_n,
+                       offs_d, d_ok, end_free, end, N, OFFSET, qk_scale, HEAD_DIM, BLOCK_N, True,
+                       CAUSAL, False, PRECISION)
+    tl.store(DQ + q_off + rows[:, None] * HEAD_DIM + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok)
 
 
 # ------------------------------------------------------------------------------ launching
@@ -317,9 +333,10 @@ def _meta(q, k, causal, offset, docs):
     # run sets torch.set_float32_matmul_precision("high"), exact fp32 ("ieee") under the default
     # "highest" that exact comparisons keep. N_BUCKET is only the autotuner's key: tune once per
     # power of two of N, not for every N (generation grows N token by token).
-    return dict(H=H, GROUP=H // k.shape[1], N=N, N_BUCKET=triton.next_power_of_2(N), OFFSET=offset, HEAD_DIM=D,
-                BLOCK_D=triton.next_power_of_2(D), CAUSAL=causal, DOC=docs is not None,
-                PRECISION="ieee" if q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    return dict(H=H, GROUP=H // k.shape[1], N=N, N_BUCKET=triton.next_power_of_2(N), OFFSET=offset,
+                HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=causal, DOC=docs is not None,
+                PRECISION="ieee" if q.dtype == torch.float32
+                and torch.get_float32_matmul_precision() == "highest"
                 else "tf32")
 
 
@@ -345,7 +362,9 @@ def triton_backward(q, k, v, o, lse, do, causal, scale, offset=0, docs=None):
     _bwd_delta_kernel[(triton.cdiv(N, 64), B * H)](o, do, delta, N, D, meta["BLOCK_D"], 64)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     args = (*_doc_args(q, docs), scale * 1.4426950408889634, scale)
-    _bwd_dkdv_kernel[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * k.shape[1])](q, k, v, do, dk, dv, lse, delta,
+    _bwd_dkdv_kernel[lambda m: (triton.cdiv(N, m["BLOCK_N"]),
+                                B * k.shape[1])](q, k, v, do, dk, dv, lse, delta,
                                                                                *args, **meta)
-    _bwd_dq_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)](q, k, v, do, dq, lse, delta, *args, **meta)
+    _bwd_dq_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)](q, k, v, do, dq, lse, delta,
+                                                                    *args, **meta)
     return dq, dk, dv

@@ -49,23 +49,31 @@ class GenerateError(ValueError):
 
 
 def build_parser():
-    p = flags.OneLineParser(prog="generate.py", description="Generate text from a trained model with a KV "
+    p = flags.OneLineParser(prog="generate.py", description="Generate text from a trained model "
+                                                            "with a KV "
                                 "cache; prints the text and the prefill and decode tokens/s.")
     a = p.add_argument
-    a("path", help="a run's --out folder (its newest complete step), a step folder, a consolidated file "
+    a("path", help="a run's --out folder (its newest complete step), a step folder, a "
+                   "consolidated file "
                    "(checkpoint.py consolidate) or a Hugging Face Llama folder")
     a("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
-    a("--chat", action="store_true", help="wrap the prompt as a user message in the fine-tuning template")
+    a("--chat", action="store_true", help="wrap the prompt as a user message in the fine-tuning "
+                                          "template")
     a("--max-new-tokens", type=int, default=200, help="tokens generated at most")
     a("--temperature", type=float, default=0.8, help="softmax temperature; 0: greedy")
     a("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
-    a("--top-p", type=float, default=1.0, help="nucleus: the smallest set of tokens with probability >= p")
+    a("--top-p", type=float, default=1.0, help="nucleus: the smallest set of tokens with "
+                                               "probability >= p")
     a("--seed", type=int, default=0, help="random seed of the sampling")
-    a("--int8", action="store_true", help="INT8 weight-only quantization of every linear (quantization.py)")
-    a("--no-cache", action="store_true", help="recompute the whole sequence for every token (for comparison)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda if "
+    a("--int8", action="store_true", help="INT8 weight-only quantization of every linear "
+                                          "(quantization.py)")
+    a("--no-cache", action="store_true", help="recompute the whole sequence for every token (for "
+                                              "comparison)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+      help="cpu or cuda (default: cuda if "
                                                                              "there is one)")
-    a("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="compute dtype (default: fp32 on cpu, bf16 "
+    a("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+      help="compute dtype (default: fp32 on cpu, bf16 "
                                                                       "on cuda and with --int8)")
     return p
 
@@ -74,7 +82,8 @@ def check_args(args):
     """Every flag's value, before any file is read: one line naming the flag and what would be
     valid."""
     if not Path(args.path).exists():
-        raise GenerateError(f"{args.path}: no such file or folder (a run's --out, a consolidated file or a Hugging "
+        raise GenerateError(f"{args.path}: no such file or folder (a run's --out, a consolidated "
+                            "file or a Hugging "
                             "Face folder)")
     if not args.prompt:
         raise GenerateError("--prompt is empty: give the text to continue")
@@ -88,7 +97,8 @@ def check_args(args):
         raise GenerateError(f"--top-k must be at least 1, got {args.top_k}")
     if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device.startswith("cuda")
                                                              and not torch.cuda.is_available()):
-        raise GenerateError(f"--device {args.device}: use cpu" + (" or cuda" if torch.cuda.is_available() else
+        raise GenerateError(f"--device {args.device}: use cpu"
+                            + (" or cuda" if torch.cuda.is_available() else
                                                                   " (no CUDA device here)"))
 
 
@@ -99,10 +109,12 @@ def load(args):
         init = load_weights(args.path)
         enc = data_lib.get_tokenizer(init["tokenizer"])
     except (CheckpointError, data_lib.DataError) as e:
-        raise GenerateError(str(e) if str(e).startswith(str(args.path)) else f"{args.path}: {e}") from None
+        raise GenerateError(str(e) if str(e).startswith(str(args.path))
+                            else f"{args.path}: {e}") from None
     cfg = ModelConfig(**{**init["model_config"], "attn": "sdpa", "activation_checkpointing": False})
     if enc.n_vocab > cfg.vocab_size:
-        raise GenerateError(f"{args.path}: tokenizer {init['tokenizer']!r} has {enc.n_vocab} ids, the model's "
+        raise GenerateError(f"{args.path}: tokenizer {init['tokenizer']!r} has {enc.n_vocab} "
+                            "ids, the model's "
                             f"vocabulary only {cfg.vocab_size}")
     # a mixture-of-experts run: the same blocks get MoE MLPs before loading
     run_args = init.get("args") or {}
@@ -121,11 +133,13 @@ def prompt_tokens(args, enc, block_size):
     """The prompt's ids (with --chat: the template up to the assistant's header); it must leave room
     to generate."""
     if args.chat:
-        ids = prompt_ids(enc, [{"role": "user", "content": args.prompt}, {"role": "assistant", "content": ""}])
+        ids = prompt_ids(enc, [{"role": "user", "content": args.prompt},
+                               {"role": "assistant", "content": ""}])
     else:
         ids = enc.encode_ordinary(args.prompt)
     if len(ids) >= block_size:
-        raise GenerateError(f"--prompt is {len(ids)} tokens; the model's context is {block_size}: at most "
+        raise GenerateError(f"--prompt is {len(ids)} tokens; the model's context is "
+                            f"{block_size}: at most "
                             f"{block_size - 1}, to leave room for a new token")
     return ids
 
@@ -142,7 +156,8 @@ def generate(model, ids, args, stops, n_vocab):
     idx = torch.tensor([ids], device=args.device)
     # the cache (and RoPE's table) end there
     n = min(args.max_new_tokens, model.cfg.block_size - len(ids))
-    steps = model.stream(idx, n, args.temperature, args.top_k, n_vocab, args.top_p, use_cache=not args.no_cache)
+    steps = model.stream(idx, n, args.temperature, args.top_k, n_vocab, args.top_p,
+                         use_cache=not args.no_cache)
     out, seconds, hit_eos = [], [], False
     sync(args.device)
     t0 = time.perf_counter()
@@ -164,9 +179,12 @@ def report(model, args, n_prompt, n_new, prefill_s, decode_s, hit_eos):
     # the formula of the docstring
     cache = 2 * cfg.n_layer * T * cfg.n_kv_head * cfg.head_dim * dtype_bytes
     decode = f"{(n_new - 1) / decode_s:,.1f} tokens/s" if n_new > 1 and decode_s > 0 else "-"
-    why = "end-of-text" if hit_eos else ("the context's end" if T + 1 >= cfg.block_size else "--max-new-tokens")
-    return (f"prefill {n_prompt} tokens: {n_prompt / prefill_s:,.1f} tokens/s | decode {max(n_new - 1, 0)} tokens: "
-            f"{decode} | {'no cache' if args.no_cache else f'KV cache of {T} positions: {cache:,} bytes'}"
+    why = "end-of-text" if hit_eos else ("the context's end" if T + 1 >= cfg.block_size
+                                         else "--max-new-tokens")
+    return (f"prefill {n_prompt} tokens: {n_prompt / prefill_s:,.1f} tokens/s | decode "
+            f"{max(n_new - 1, 0)} tokens: "
+            f"{decode} | "
+            f"{'no cache' if args.no_cache else f'KV cache of {T} positions: {cache:,} bytes'}"
             f"{' | int8' if args.int8 else ''} | stopped at {why}")
 
 

@@ -68,7 +68,8 @@ PAIRS = [("tok_emb", "model.embed_tokens"), ("norm", "model.norm"), ("lm_head", 
          ("blocks.{i}.attn_norm", "model.layers.{i}.input_layernorm"),
          ("blocks.{i}.mlp_norm", "model.layers.{i}.post_attention_layernorm"),
          ("blocks.{i}.attn.w{p}", "model.layers.{i}.self_attn.{p}_proj"),
-         ("blocks.{i}.mlp.w1", "model.layers.{i}.mlp.gate_proj"), ("blocks.{i}.mlp.w3", "model.layers.{i}.mlp.up_proj"),
+         ("blocks.{i}.mlp.w1", "model.layers.{i}.mlp.gate_proj"),
+         ("blocks.{i}.mlp.w3", "model.layers.{i}.mlp.up_proj"),
          ("blocks.{i}.mlp.w2", "model.layers.{i}.mlp.down_proj")]
 
 
@@ -101,7 +102,8 @@ def write_safetensors(path, tensors, metadata=None):
     header, offset = {"__metadata__": metadata or {"format": "pt"}}, 0
     for name, t in tensors.items():
         n = t.numel() * t.element_size()
-        header[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the tensors start 8-byte aligned
@@ -124,7 +126,8 @@ def read_safetensors(path):
         raw = f.read(8)
         n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
         if not 0 < n <= size - 8:
-            raise HFError(f"{path}: corrupt safetensors header (header length {n}, file of {size} bytes)")
+            raise HFError(f"{path}: corrupt safetensors header (header length {n}, file of "
+                          f"{size} bytes)")
         try:
             header = json.loads(f.read(n))
             assert isinstance(header, dict)
@@ -145,24 +148,27 @@ def read_safetensors(path):
             nbytes = dtype.itemsize * math.prod(shape)
             assert b - a == nbytes and 8 + n + b <= size
         except (KeyError, TypeError, ValueError, AssertionError):
-            raise HFError(f"{path}: corrupt safetensors header entry for {name} ({str(h)[:200]}): its shape and "
+            raise HFError(f"{path}: corrupt safetensors header entry for {name} "
+                          f"({str(h)[:200]}): its shape and "
                           "offsets must be non-negative integers that fit the file") from None
         spans.append((a, b, name))
     for (a0, b0, first), (a1, b1, second) in zip(sorted(spans), sorted(spans)[1:]):
         if a1 < b0:  # two tensors sharing bytes: a forged or damaged header
-            raise HFError(f"{path}: tensors {first} and {second} overlap in the file (bytes {a1}..{b0})")
+            raise HFError(f"{path}: tensors {first} and {second} overlap in the file (bytes "
+                          f"{a1}..{b0})")
     for name, h in header.items():
         if name == "__metadata__":
             continue
         dtype, shape, (a, b) = DTYPES[h["dtype"]], h["shape"], h["data_offsets"]
-        out[name] = (torch.frombuffer(data, dtype=dtype, count=(b - a) // dtype.itemsize, offset=8 + n + a) if b > a
+        out[name] = (torch.frombuffer(data, dtype=dtype, count=(b - a) // dtype.itemsize,
+                                      offset=8 + n + a) if b > a
                      else torch.empty(0, dtype=dtype)).view(shape)
     return out
 
 
 # ----------------------------------------------------------------------------- out
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "chat_template.jinja")
 
 
 def export_hf(src, dst):
@@ -170,7 +176,8 @@ def export_hf(src, dst):
     model.safetensors, and the tokenizer's files when the run's tokenizer is a folder (dst new or
     empty: nothing is overwritten)."""
     if Path(dst).exists() and (not Path(dst).is_dir() or any(Path(dst).iterdir())):
-        raise CheckpointError(f"export-hf: {dst} exists and is not an empty folder: give a new one (nothing there is "
+        raise CheckpointError(f"export-hf: {dst} exists and is not an empty folder: give a new "
+                              "one (nothing there is "
                               "overwritten)")
     from weights import load_weights  # (imported here: weights.py imports this file)
     init = load_weights(src)
@@ -182,7 +189,8 @@ def export_hf(src, dst):
     for name, t in sd.items():
         hf_name = rename(name, TO_HF)
         if hf_name is None:
-            raise CheckpointError(f"export-hf: {name} has no Llama counterpart (mixture-of-experts and LoRA layers "
+            raise CheckpointError(f"export-hf: {name} has no Llama counterpart "
+                                  "(mixture-of-experts and LoRA layers "
                                   "are not in the Llama architecture; merge LoRA first)")
         if not (tied and name == "lm_head.weight"):
             hf[hf_name] = t
@@ -193,15 +201,17 @@ def export_hf(src, dst):
     special = {f"{k}_token_id": ids[k] for k in ("bos", "eos", "pad")}
     # Both forms of the rotary settings: transformers 4 reads rope_theta/rope_scaling, 5 reads
     # rope_parameters.
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg["d_model"],
-              "intermediate_size": cfg["d_ff"], "num_hidden_layers": cfg["n_layer"],
-              "num_attention_heads": cfg["n_head"], "num_key_value_heads": cfg["n_kv_head"],
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "hidden_size": cfg["d_model"], "intermediate_size": cfg["d_ff"],
+              "num_hidden_layers": cfg["n_layer"], "num_attention_heads": cfg["n_head"],
+              "num_key_value_heads": cfg["n_kv_head"],
               "head_dim": cfg.get("head_dim_override") or cfg["d_model"] // cfg["n_head"],
               "rms_norm_eps": cfg["norm_eps"], "rope_theta": theta, "rope_scaling": scaling,
               "rope_parameters": (scaling or {"rope_type": "default"}) | {"rope_theta": theta},
               "max_position_embeddings": cfg["block_size"], "vocab_size": cfg["vocab_size"],
-              "tie_word_embeddings": tied, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-              "initializer_range": 0.02, "torch_dtype": str(next(iter(sd.values())).dtype).removeprefix("torch.")}
+              "tie_word_embeddings": tied, "hidden_act": "silu", "attention_bias": False,
+              "mlp_bias": False, "initializer_range": 0.02,
+              "torch_dtype": str(next(iter(sd.values())).dtype).removeprefix("torch.")}
     config |= special
     # the folder's files travel with the model: AutoTokenizer reads them
     if is_tokenizer_folder(tokenizer):
@@ -219,32 +229,40 @@ def export_hf(src, dst):
 def _check_config(c, where):
     arch = c.get("architectures") or [c.get("model_type")]
     if "LlamaForCausalLM" not in arch and c.get("model_type") != "llama":
-        raise HFError(f"{where}: architectures {arch} is not LlamaForCausalLM (model.py is a Llama-style decoder)")
-    for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False), ("pretraining_tp", 1),
-                      ("partial_rotary_factor", 1.0)):
+        raise HFError(f"{where}: architectures {arch} is not LlamaForCausalLM (model.py is a "
+                      "Llama-style decoder)")
+    for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+                      ("pretraining_tp", 1), ("partial_rotary_factor", 1.0)):
         if c.get(key, want) != want:
-            raise HFError(f"{where}: {key} {c[key]!r} cannot be represented by model.py (it has {want!r})")
-    sizes = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "d_model": "hidden_size",
-             "d_ff": "intermediate_size", "vocab_size": "vocab_size"}
-    defaults = {"num_key_value_heads": c.get("num_attention_heads"), "max_position_embeddings": 2048}
+            raise HFError(f"{where}: {key} {c[key]!r} cannot be represented by model.py (it has "
+                          f"{want!r})")
+    sizes = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+             "d_model": "hidden_size", "d_ff": "intermediate_size", "vocab_size": "vocab_size"}
+    defaults = {"num_key_value_heads": c.get("num_attention_heads"),
+                "max_position_embeddings": 2048}
     for key in [*sizes.values(), *defaults]:
         v = c.get(key, defaults.get(key))
         if type(v) is not int or v < 1:
             raise HFError(f"{where}: {key} {v!r} must be a positive integer")
     try:
         d, h = int(c["hidden_size"]), int(c["num_attention_heads"])
-        cfg = {"n_layer": int(c["num_hidden_layers"]), "n_head": h, "n_kv_head": int(c.get("num_key_value_heads", h)),
-               "d_model": d, "d_ff": int(c["intermediate_size"]), "vocab_size": int(c["vocab_size"]),
+        cfg = {"n_layer": int(c["num_hidden_layers"]), "n_head": h,
+               "n_kv_head": int(c.get("num_key_value_heads", h)),
+               "d_model": d, "d_ff": int(c["intermediate_size"]),
+               "vocab_size": int(c["vocab_size"]),
                "block_size": int(c.get("max_position_embeddings", 2048)), "rope_theta": None,
-               "norm_eps": float(c.get("rms_norm_eps", 1e-6)), "attn": "-", "activation_checkpointing": False}
+               "norm_eps": float(c.get("rms_norm_eps", 1e-6)), "attn": "-",
+               "activation_checkpointing": False}
         hd = int(c.get("head_dim") or d // h)  # (some configs write "head_dim": null)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise HFError(f"{where}: missing or invalid field {e}") from None
     if hd <= 0 or hd % 2 or h <= 0 or cfg["n_kv_head"] <= 0 or h % cfg["n_kv_head"]:
-        raise HFError(f"{where}: head_dim {hd} with {h} heads and {cfg['n_kv_head']} KV heads: model.py needs an "
+        raise HFError(f"{where}: head_dim {hd} with {h} heads and {cfg['n_kv_head']} KV heads: "
+                      "model.py needs an "
                       "even head_dim and the query heads grouped evenly over the KV heads")
     cfg["rope_theta"], scaling = read_rope(c, where)
-    return config_dict(cfg | {"head_dim_override": hd if hd * h != d else 0, "rope_scaling": scaling})
+    return config_dict(cfg | {"head_dim_override": hd if hd * h != d else 0,
+                              "rope_scaling": scaling})
 
 
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -257,14 +275,17 @@ def read_rope(c, where):
     both."""
     readings = {}
     if c.get("rope_parameters") is not None:
-        readings["rope_parameters"] = _rope_form(c["rope_parameters"], c.get("rope_theta", 1e4), "rope_parameters",
-                                                 where)
+        readings["rope_parameters"] = _rope_form(c["rope_parameters"], c.get("rope_theta", 1e4),
+                                                 "rope_parameters", where)
     if "rope_theta" in c or c.get("rope_scaling") is not None or not readings:
-        readings["rope_theta and rope_scaling"] = _rope_form(c.get("rope_scaling") or {}, c.get("rope_theta", 1e4),
+        readings["rope_theta and rope_scaling"] = _rope_form(c.get("rope_scaling") or {},
+                                                             c.get("rope_theta", 1e4),
                                                              "rope_scaling", where)
     if len(set(map(json.dumps, readings.values()))) > 1:
-        raise HFError(f"{where}: rope_parameters says {readings['rope_parameters']}, rope_theta and rope_scaling "
-                      f"{readings['rope_theta and rope_scaling']} (theta, scaling): which one is meant?")
+        raise HFError(f"{where}: rope_parameters says {readings['rope_parameters']}, rope_theta "
+                      "and rope_scaling "
+                      f"{readings['rope_theta and rope_scaling']} (theta, scaling): which one is "
+                      "meant?")
     return next(iter(readings.values()))
 
 
@@ -272,7 +293,8 @@ def _rope_form(p, theta, key, where):
     """One form's (theta, scaling): the default rotary frequencies, or Llama 3.1's "llama3" scaling;
     others refused."""
     if not isinstance(p, dict) or any(isinstance(v, dict) for v in p.values()):
-        raise HFError(f"{where}: {key} {p!r} is not one object of numbers (rotary settings per layer type are not "
+        raise HFError(f"{where}: {key} {p!r} is not one object of numbers (rotary settings per "
+                      "layer type are not "
                       "represented by model.py)")
     kind = p.get("rope_type", p.get("type", "default"))
     try:
@@ -283,7 +305,8 @@ def _rope_form(p, theta, key, where):
     known = {"rope_type", "type", "rope_theta"} | (set(LLAMA3_KEYS) if kind == "llama3" else set())
     if kind not in ("default", "llama3") or set(p) - known:
         what = f"rope_type {kind!r}" if kind not in ("default", "llama3") else f"{sorted(set(p) - known)[0]!r}"
-        raise HFError(f"{where}: {key} {what} cannot be represented by model.py (it has the rope types 'default' "
+        raise HFError(f"{where}: {key} {what} cannot be represented by model.py (it has the rope "
+                      "types 'default' "
                       f"and 'llama3' with {', '.join(LLAMA3_KEYS)})")
     if kind == "default":
         return theta, None
@@ -292,7 +315,8 @@ def _rope_form(p, theta, key, where):
         assert s["factor"] >= 1 and 0 < s["low_freq_factor"] < s["high_freq_factor"] and s["factor"] < math.inf
         assert s["original_max_position_embeddings"] == int(s["original_max_position_embeddings"]) > 0
     except (KeyError, TypeError, ValueError, AssertionError, OverflowError):
-        raise HFError(f"{where}: {key} of rope_type 'llama3' needs numbers factor >= 1, 0 < low_freq_factor < "
+        raise HFError(f"{where}: {key} of rope_type 'llama3' needs numbers factor >= 1, 0 < "
+                      "low_freq_factor < "
                       f"high_freq_factor and original_max_position_embeddings > 0, got {p}") from None
     return theta, {"rope_type": "llama3"} | s | {"original_max_position_embeddings": int(s[LLAMA3_KEYS[3]])}
 
@@ -304,7 +328,8 @@ def expected_shapes(cfg):
     shapes = {"tok_emb.weight": [cfg["vocab_size"], d]}
     for i in range(cfg["n_layer"]):
         shapes |= {f"blocks.{i}.{name}.weight": shape for name, shape in (
-            ("attn_norm", [d]), ("attn.wq", [q, d]), ("attn.wk", [kv, d]), ("attn.wv", [kv, d]), ("attn.wo", [d, q]),
+            ("attn_norm", [d]), ("attn.wq", [q, d]), ("attn.wk", [kv, d]), ("attn.wv", [kv, d]),
+                                                                          ("attn.wo", [d, q]),
             ("mlp_norm", [d]), ("mlp.w1", [ff, d]), ("mlp.w3", [ff, d]), ("mlp.w2", [d, ff]))}
     return shapes | {"norm.weight": [d], "lm_head.weight": [cfg["vocab_size"], d]}
 
@@ -338,7 +363,8 @@ def import_hf(folder):
     # other size is then checked against a tensor that exists.
     layers = {m.group(1) for n in hf if (m := re.match(r"model\.layers\.(\d+)\.", n))}
     if cfg["n_layer"] > len(layers):
-        raise HFError(f"{folder}/config.json: num_hidden_layers {cfg['n_layer']}, but its safetensors files hold "
+        raise HFError(f"{folder}/config.json: num_hidden_layers {cfg['n_layer']}, but its "
+                      "safetensors files hold "
                       f"the tensors of {len(layers)} layers")
     shapes, sd = expected_shapes(cfg), {}
     for hf_name, t in hf.items():
@@ -348,25 +374,30 @@ def import_hf(folder):
                    else "a tensor model.py has no place for")
             raise HFError(f"{folder}: {hf_name} is {why}")
         if list(t.shape) != shapes[name]:
-            raise HFError(f"{folder}: {hf_name} has shape {list(t.shape)}, config.json implies {shapes[name]}")
+            raise HFError(f"{folder}: {hf_name} has shape {list(t.shape)}, config.json implies "
+                          f"{shapes[name]}")
         sd[name] = t
     # model.py unties: the head starts as a copy
     if c.get("tie_word_embeddings", False) and "tok_emb.weight" in sd:
         if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"], sd["tok_emb.weight"]):
-            raise HFError(f"{folder}: tie_word_embeddings is true, but lm_head.weight differs from the embedding")
+            raise HFError(f"{folder}: tie_word_embeddings is true, but lm_head.weight differs "
+                          "from the embedding")
         sd["lm_head.weight"] = sd["tok_emb.weight"].clone()
     if missing := [hf for ours, hf in ((n, rename(n, TO_HF)) for n in shapes) if ours not in sd]:
-        raise HFError(f"{folder}: {missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if missing[1:] else ""))
+        raise HFError(f"{folder}: {missing[0]} is missing"
+                      + (f" (and {len(missing) - 1} more)" if missing[1:] else ""))
     tokenizer = str(folder.resolve()) if is_tokenizer_folder(folder) else c.get("tokenizer")
     if not isinstance(tokenizer, str):
-        raise HFError(f"{folder} holds no tokenizer.json or tokenizer.model, and its config.json names no tokenizer "
-                      "this project reads: add \"tokenizer\": \"gpt2\" (or another tiktoken encoding, or \"bytes\") "
+        raise HFError(f"{folder} holds no tokenizer.json or tokenizer.model, and its config.json "
+                      "names no tokenizer "
+                      "this project reads: add \"tokenizer\": \"gpt2\" (or another tiktoken "
+                      "encoding, or \"bytes\") "
                       "if the model was trained with it")
     ids = folder_special_ids(folder)
     if not any(v is not None for v in ids.values()) and not is_tokenizer_folder(tokenizer):
         ids = special_ids(tokenizer)  # a folder exported before the ids were written
-    return {"model": {n: sd[n] for n in shapes}, "model_config": cfg, "tokenizer": tokenizer, "args": {},
-            "special_ids": ids}
+    return {"model": {n: sd[n] for n in shapes}, "model_config": cfg, "tokenizer": tokenizer,
+            "args": {}, "special_ids": ids}
 
 
 # ----------------------------------------------------------------------------- special tokens
@@ -394,7 +425,8 @@ def special_ids(tokenizer):
         return {"bos": None, "eos": data_lib.eot_id(data_lib.get_tokenizer(tokenizer)), "pad": None}
     # (a folder that has moved, or an encoding this machine cannot load)
     except data_lib.DataError as e:
-        raise CheckpointError(f"tokenizer {tokenizer!r} is not a folder with tokenizer.json or tokenizer.model, and "
+        raise CheckpointError(f"tokenizer {tokenizer!r} is not a folder with tokenizer.json or "
+                              "tokenizer.model, and "
                               f"{e}") from None
 
 
@@ -407,12 +439,15 @@ def folder_special_ids(folder):
         c = _json(folder / f) if (folder / f).is_file() else {}
         for k in ids:
             v = c.get(f"{k}_token_id")
-            if v is not None and not (isinstance(v, int) or isinstance(v, list) and all(isinstance(i, int) for i in v)):
-                raise HFError(f"{folder / f}: {k}_token_id {v!r} is not a token id or a list of them")
+            if v is not None and not (isinstance(v, int) or isinstance(v, list)
+                                      and all(isinstance(i, int) for i in v)):
+                raise HFError(f"{folder / f}: {k}_token_id {v!r} is not a token id or a list of "
+                              "them")
             ids[k] = v if v is not None else ids[k]
     if None in ids.values() and (folder / "tokenizer_config.json").is_file() and (folder / "tokenizer.json").is_file():
         t, vocab = _json(folder / "tokenizer_config.json"), _json(folder / "tokenizer.json")
-        known = {a.get("content"): a.get("id") for a in vocab.get("added_tokens") or [] if isinstance(a, dict)}
+        known = {a.get("content"): a.get("id") for a in vocab.get("added_tokens") or []
+                 if isinstance(a, dict)}
         for k in (k for k, v in ids.items() if v is None):
             token = t.get(f"{k}_token")
             token = token.get("content") if isinstance(token, dict) else token

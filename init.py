@@ -53,7 +53,8 @@ def init_rule(name, shape, n_layer):
 
 
 def draw_seed(seed, name, block):
-    return int.from_bytes(hashlib.blake2b(f"{seed}/{name}/{block}".encode(), digest_size=8).digest(), "little")
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{name}/{block}".encode(),
+                                          digest_size=8).digest(), "little")
 
 
 @torch.no_grad()
@@ -70,7 +71,8 @@ def init_values(name, shape, box, seed, n_layer, dtype=None, device=None):
     rows = max(1, ELEMENTS_PER_DRAW // shape[1])
     for start in range(r0 // rows * rows, r0 + h, rows):
         g = torch.Generator(device=out.device).manual_seed(draw_seed(seed, name, start // rows))
-        block = torch.empty(min(rows, shape[0] - start), shape[1], dtype=out.dtype, device=out.device)
+        block = torch.empty(min(rows, shape[0] - start), shape[1], dtype=out.dtype,
+                            device=out.device)
         block.normal_(0.0, scale, generator=g) if kind == "normal" else block.uniform_(-scale, scale, generator=g)
         lo, hi = max(start, r0), min(start + rows, r0 + h)
         out[lo - r0:hi - r0] = block[lo - start:hi - start, c0:c0 + w]
@@ -89,7 +91,7 @@ def materialize(module, device, fill):
                 continue
             if p not in done:
                 values = fill(f"{prefix}.{key}" if prefix else key, p).to(device=device, dtype=p.dtype)
-                assert values.shape == p.shape and values.is_contiguous(), f"{prefix}.{key}: {values.shape}"
+                assert values.shape == p.shape and values.is_contiguous(), (f"{prefix}.{key}: " f"{values.shape}")
                 new = nn.Parameter(values, p.requires_grad)
                 new.__dict__.update(p.__dict__)
                 done[p] = new

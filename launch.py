@@ -46,7 +46,8 @@ def lock_run(out):
     rank 0 is, torchrun stops the others."""
     out = Path(out)
     held = _LOCKS.get(out.resolve())
-    if held and (out / ".lock").exists() and os.path.samestat(os.fstat(held.fileno()), os.stat(out / ".lock")):
+    if held and (out / ".lock").exists() and os.path.samestat(os.fstat(held.fileno()),
+                                                              os.stat(out / ".lock")):
         return  # this process holds it already (a second run in one Python process: the tests)
     try:
         # a start refused later (bad data, say) leaves no folder behind: release
@@ -67,11 +68,13 @@ def lock_run(out):
         f.seek(0)
         holder = f.read().strip() or "a process that has not written its name yet"
         f.close()
-        raise ConfigError(f"{out} is in use by another run ({holder}): wait for it to end, or give another "
+        raise ConfigError(f"{out} is in use by another run ({holder}): wait for it to end, or "
+                          "give another "
                           "--out") from None
     f.truncate(0)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {' '.join(sys.argv)}\n")
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: "
+            f"{' '.join(sys.argv)}\n")
     f.flush()
     _LOCKS[out.resolve()] = f
     if held:  # the folder was moved aside (--fresh) with the lock file in it: this one replaces it
@@ -107,12 +110,14 @@ def join_process_group(device, seconds):
     try:
         store = attempt_store(rank, world, timeout) if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" \
             else None
-        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world, timeout=timeout,
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank,
+                                world_size=world, timeout=timeout,
                                 device_id=device if cuda else None)
     # (torch's DistError, gloo's: RuntimeErrors)
     except (RuntimeError, ValueError, TimeoutError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TopologyError(f"rank {rank} could not join the other {world - 1} rank(s) through {where} within "
+        raise TopologyError(f"rank {rank} could not join the other {world - 1} rank(s) through "
+                            f"{where} within "
                             f"--dist-timeout {timeout.total_seconds():g} s: {first}") from None
 
 
@@ -131,8 +136,8 @@ def attempt_store(rank, world, timeout):
     deadline = time.monotonic() + timeout.total_seconds()
     while True:
         try:
-            own = dist.TCPStore(addr, int(launcher.get("launch/store_port")), world, is_master=False,
-                                timeout=timedelta(seconds=1))
+            own = dist.TCPStore(addr, int(launcher.get("launch/store_port")), world,
+                                is_master=False, timeout=timedelta(seconds=1))
             own.set_timeout(timeout)
             return own
         except RuntimeError:

@@ -68,9 +68,11 @@ class LoRALinear(nn.Module):
         super().__init__()
         if getattr(base, "bias", None) is not None:
             raise LoRAError("LoRA here wraps bias-free linears only (model.py has none)")
-        self.kind = {ColumnParallelLinear: "column", RowParallelLinear: "row"}.get(type(base), "linear")
+        self.kind = {ColumnParallelLinear: "column",
+                     RowParallelLinear: "row"}.get(type(base), "linear")
         self.group = getattr(base, "group", None) if self.kind != "linear" else None
-        tp, rank = (dist.get_world_size(self.group), dist.get_rank(self.group)) if self.group else (1, 0)
+        tp, rank = (dist.get_world_size(self.group),
+                    dist.get_rank(self.group)) if self.group else (1, 0)
         out_local, in_local = base.weight.shape
         self.in_features = in_local * (tp if self.kind == "row" else 1)
         self.out_features = out_local * (tp if self.kind == "column" else 1)
@@ -88,7 +90,8 @@ class LoRALinear(nn.Module):
         A = torch.empty(r, self.in_features, **kw)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
         self.lora_A = nn.Parameter(self.local(A, "A", tp, rank))
-        self.lora_B = nn.Parameter(self.local(torch.zeros(self.out_features, r, **kw), "B", tp, rank))
+        self.lora_B = nn.Parameter(self.local(torch.zeros(self.out_features, r, **kw), "B", tp,
+                                              rank))
         # The factors live where the weight does (placement.py: its tp rank, its expert), named
         # after it; the one split, B (column) or A (row), along the weight's cut, the other whole.
         stem = placement_of(self.weight).name
@@ -131,15 +134,18 @@ class LoRALinear(nn.Module):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def extra_repr(self):
-        return f"{self.in_features} -> {self.out_features} ({self.kind}), r={self.r}, alpha={self.alpha}"
+        return (f"{self.in_features} -> {self.out_features} ({self.kind}), r={self.r}, "
+                f"alpha={self.alpha}")
 
 
 def parse_targets(spec):
-    targets = tuple(t.strip() for t in spec.split(",") if t.strip()) if isinstance(spec, str) else tuple(spec)
+    targets = tuple(t.strip() for t in spec.split(",")
+                    if t.strip()) if isinstance(spec, str) else tuple(spec)
     bad = [t for t in targets if t not in TARGETS]
     if bad or not targets:
         raise LoRAError(f"--lora-targets {spec if isinstance(spec, str) else ','.join(spec)}: "
-                        f"{', '.join(bad) or 'nothing'} is not a linear of the blocks; choose from {','.join(TARGETS)}")
+                        f"{', '.join(bad) or 'nothing'} is not a linear of the blocks; choose "
+                        f"from {','.join(TARGETS)}")
     return targets
 
 
@@ -156,12 +162,15 @@ def check_rank(cfg, r, targets):
     """A rank above a layer's smaller side is no longer low-rank (B A could be any matrix, at more
     cost)."""
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-    shapes = {"wq": (cfg.d_model, q), "wk": (cfg.d_model, kv), "wv": (cfg.d_model, kv), "wo": (q, cfg.d_model),
-              "w1": (cfg.d_model, cfg.d_ff), "w3": (cfg.d_model, cfg.d_ff), "w2": (cfg.d_ff, cfg.d_model)}
+    shapes = {"wq": (cfg.d_model, q), "wk": (cfg.d_model, kv), "wv": (cfg.d_model, kv),
+              "wo": (q, cfg.d_model), "w1": (cfg.d_model, cfg.d_ff), "w3": (cfg.d_model, cfg.d_ff),
+              "w2": (cfg.d_ff, cfg.d_model)}
     for t in parse_targets(targets):
         if r > min(shapes[t]):
-            raise LoRAError(f"--lora-r {r} is larger than {t}'s smaller side ({shapes[t][0]} -> {shapes[t][1]}): "
-                            f"choose --lora-r <= {min(min(shapes[u]) for u in parse_targets(targets))}")
+            raise LoRAError(f"--lora-r {r} is larger than {t}'s smaller side ({shapes[t][0]} -> "
+                            f"{shapes[t][1]}): "
+                            "choose --lora-r <= "
+                            f"{min(min(shapes[u]) for u in parse_targets(targets))}")
 
 
 def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=("wq", "wv"), seed=0):
@@ -177,7 +186,9 @@ def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=("wq", "wv"), seed=0
     wrapped = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if child_name in targets and isinstance(child, (nn.Linear, ColumnParallelLinear, RowParallelLinear)):
+            if child_name in targets and isinstance(child,
+                                                    (nn.Linear, ColumnParallelLinear,
+                                                     RowParallelLinear)):
                 name = f"{parent_name}.{child_name}" if parent_name else child_name
                 # (seed and name in one 32-bit number: a CPU generator keeps only the low 32 bits of
                 # its seed)
@@ -185,7 +196,8 @@ def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=("wq", "wv"), seed=0
                     zlib.crc32(f"{seed}:{full_name(model, name)}".encode()))
                 layer = LoRALinear(child, r, alpha, dropout, g)
                 if r > min(layer.in_features, layer.out_features):
-                    raise LoRAError(f"--lora-r {r} is larger than {name}'s smaller side ({layer.in_features} -> "
+                    raise LoRAError(f"--lora-r {r} is larger than {name}'s smaller side "
+                                    f"({layer.in_features} -> "
                                     f"{layer.out_features})")
                 setattr(parent, child_name, layer)
                 wrapped.append(name)
@@ -213,7 +225,8 @@ def describe(model):
     trainable, total, _ = count_trainable(model)
     layers = lora_layers(model)
     c = model.lora_config
-    return (f"LoRA r={c['r']} alpha={c['alpha']:g} on {','.join(c['targets'])} ({len(layers)} layers): "
+    return (f"LoRA r={c['r']} alpha={c['alpha']:g} on {','.join(c['targets'])} ({len(layers)} "
+            "layers): "
             f"{trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
 
 
@@ -249,7 +262,8 @@ def save_adapter(path, model, model_config, topo=None):
     configs."""
     adapter = lora_state_dict(model, topo)
     if topo is None or topo.rank == 0:
-        torch.save({"lora_config": model.lora_config, "model_config": model_config, "adapter": adapter}, path)
+        torch.save({"lora_config": model.lora_config, "model_config": model_config,
+                    "adapter": adapter}, path)
 
 
 def load_adapter(model, path, model_config):
@@ -263,26 +277,33 @@ def load_adapter(model, path, model_config):
     except FileNotFoundError:
         raise LoRAError(f"--adapter {path}: no such file") from None
     except pickle.UnpicklingError:
-        raise LoRAError(f"--adapter {path} holds pickled objects other than tensors and plain values: not loaded, "
+        raise LoRAError(f"--adapter {path} holds pickled objects other than tensors and plain "
+                        "values: not loaded, "
                         "as unpickling them could run code") from None
     except Exception as e:
         raise LoRAError(f"--adapter {path}: not an adapter file ({type(e).__name__})") from None
     if saved["model_config"] != model_config:
         diff = sorted(k for k in model_config if saved["model_config"].get(k) != model_config[k])
-        raise LoRAError(f"--adapter {path} was trained on another model config (differs in {', '.join(diff)})")
+        raise LoRAError(f"--adapter {path} was trained on another model config (differs in "
+                        f"{', '.join(diff)})")
     if not lora_layers(model):
-        apply_lora(model, lora_config["r"], lora_config["alpha"], lora_config["dropout"], lora_config["targets"])
+        apply_lora(model, lora_config["r"], lora_config["alpha"], lora_config["dropout"],
+                   lora_config["targets"])
     elif model.lora_config != lora_config:
-        raise LoRAError(f"--adapter {path} has LoRA settings {lora_config}, the model {model.lora_config}")
+        raise LoRAError(f"--adapter {path} has LoRA settings {lora_config}, the model "
+                        f"{model.lora_config}")
     layers = lora_layers(model)
-    missing = sorted({f"{full_name(model, n)}.lora_{w}" for n, _ in layers for w in "AB"} - set(adapter))
+    missing = sorted({f"{full_name(model, n)}.lora_{w}" for n,
+                      _ in layers for w in "AB"} - set(adapter))
     if missing:
-        raise LoRAError(f"--adapter {path} does not fit the model (missing {', '.join(missing[:2])})")
+        raise LoRAError(f"--adapter {path} does not fit the model (missing "
+                        f"{', '.join(missing[:2])})")
     with torch.no_grad():
         for n, m in layers:
             tp, rank = (dist.get_world_size(m.group), dist.get_rank(m.group)) if m.group else (1, 0)
             for w in "AB":
-                getattr(m, f"lora_{w}").copy_(m.local(adapter[f"{full_name(model, n)}.lora_{w}"], w, tp, rank))
+                getattr(m, f"lora_{w}").copy_(m.local(adapter[f"{full_name(model, n)}.lora_{w}"], w,
+                                                      tp, rank))
     return model
 
 
@@ -327,7 +348,8 @@ def optimizer_state_bytes(optimizer):
     scalar)."""
     # amp.MixedPrecisionOptimizer wraps the torch one
     inner = getattr(optimizer, "optimizer", optimizer)
-    return sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values() if torch.is_tensor(t))
+    return sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values()
+               if torch.is_tensor(t))
 
 
 def demo_tensor_parallel():
@@ -358,12 +380,16 @@ def demo_tensor_parallel():
         opt.step()
         opt.zero_grad()
     merged = whole
-    merged.load_state_dict(merged_state_dict(sliced, whole.state_dict(), lora_state_dict(sliced, topo)))
+    merged.load_state_dict(merged_state_dict(sliced, whole.state_dict(),
+                                             lora_state_dict(sliced, topo)))
     diff = (merged(idx[:, :-1])[0] - sliced(idx[:, :-1])[0]).abs().max().item()
     if topo.rank == 0:
-        print(f"tp {topo.tp}: {describe(sliced)} on rank 0 | over the ranks, one copy of each whole factor: "
-              f"{int(own.item()):,} = r (d_in + d_out) summed over layers {count_trainable(sliced)[2]:,}")
-        print(f"step 0, max |adapted - base| logits: {step0:.1e} | after 5 steps, the adapters gathered whole and "
+        print(f"tp {topo.tp}: {describe(sliced)} on rank 0 | over the ranks, one copy of each "
+              "whole factor: "
+              f"{int(own.item()):,} = r (d_in + d_out) summed over layers "
+              f"{count_trainable(sliced)[2]:,}")
+        print(f"step 0, max |adapted - base| logits: {step0:.1e} | after 5 steps, the adapters "
+              "gathered whole and "
               f"merged into the one-process model: max |merged - adapted| logits {diff:.1e}")
     dist.destroy_process_group()
 
@@ -386,14 +412,16 @@ elif __name__ == "__main__":
     print("step 0, max |adapted - base| logits:", (adapted(x)[0] - base(x)[0]).abs().max().item())
 
     states = {}
-    for name, model in (("full fine-tuning", copy.deepcopy(base).float()), ("LoRA", adapted.float())):
+    for name, model in (("full fine-tuning", copy.deepcopy(base).float()),
+                        ("LoRA", adapted.float())):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         for _ in range(5):
             model(x, y)[1].backward()
             opt.step()
             opt.zero_grad()
         states[name] = optimizer_state_bytes(opt)
-        print(f"{name:>16}: {sum(p.numel() for p in model.parameters() if p.requires_grad):>9,} trainable, "
+        print(f"{name:>16}: {sum(p.numel() for p in model.parameters() if p.requires_grad):>9,} "
+              "trainable, "
               f"AdamW state {states[name]:>10,} bytes")
     print(f"optimizer state, LoRA / full: {states['LoRA'] / states['full fine-tuning']:.3%}")
     adapted_logits = adapted(x)[0]

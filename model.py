@@ -83,12 +83,14 @@ def config_dict(cfg):
 PRESETS = {
     # CPU-sized: trains to Python-looking samples in a few minutes on 2 cores (with the byte
     # tokenizer).
-    "tiny": ModelConfig(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, vocab_size=256, block_size=256),
-    "small": ModelConfig(n_layer=6, n_head=6, n_kv_head=2, d_model=384, d_ff=1024, vocab_size=256, block_size=512),
+    "tiny": ModelConfig(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, vocab_size=256,
+                        block_size=256),
+    "small": ModelConfig(n_layer=6, n_head=6, n_kv_head=2, d_model=384, d_ff=1024, vocab_size=256,
+                         block_size=512),
     # GPT-2 small's shape (12 layers, d=768, 12 heads, T=1024, vocab 50257 padded to 50304),
     # Llama-style blocks.
-    "gpt2-124m": ModelConfig(n_layer=12, n_head=12, n_kv_head=12, d_model=768, d_ff=2048, vocab_size=50304,
-                             block_size=1024),
+    "gpt2-124m": ModelConfig(n_layer=12, n_head=12, n_kv_head=12, d_model=768, d_ff=2048,
+                             vocab_size=50304, block_size=1024),
     # Llama-3.2-1B's shape with the GPT-2 vocabulary: about 1.2B parameters.
     "1b": ModelConfig(n_layer=16, n_head=32, n_kv_head=8, d_model=2048, d_ff=8192, vocab_size=50304,
                       block_size=2048),
@@ -121,12 +123,14 @@ def rope_tables(head_dim, max_len, theta, scaling=None):
     (llama3_frequencies)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     if scaling is not None:
-        inv_freq = llama3_frequencies(inv_freq, **{k: v for k, v in scaling.items() if k != "rope_type"})
+        inv_freq = llama3_frequencies(inv_freq, **{k: v for k,
+                                                   v in scaling.items() if k != "rope_type"})
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
 
-def llama3_frequencies(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+def llama3_frequencies(inv_freq, factor, low_freq_factor, high_freq_factor,
+                       original_max_position_embeddings):
     """Llama 3.1's RoPE scaling (Meta, "The Llama 3 Herd of Models", 2024): a model pretrained on
     contexts of L = original_max_position_embeddings stretches its slow rotations by `factor` and
     keeps its fast ones. With wavelength w = 2 pi / f: w < L / high_freq_factor (many turns within
@@ -171,7 +175,8 @@ def naive_attention(q, k, v, doc=None):
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     mask = causal_mask(q.shape[2], k.shape[2], q.device) if doc is None else packed_mask(doc)
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(q.dtype)
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)),
+                          dim=-1).to(q.dtype)
     return probs @ v
 
 
@@ -206,7 +211,8 @@ def cached_attention(q, k, v, backend):
     if backend == "naive":
         return naive_attention(q, k, v)
     mask = None if q.shape[2] == 1 else causal_mask(q.shape[2], k.shape[2], q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 class KVCache:
@@ -230,7 +236,8 @@ class KVCache:
         if self.k is None:
             self.k, self.v = k.new_zeros(B, H, self.max_len, D), v.new_zeros(B, H, self.max_len, D)
         if self.len + T > self.max_len:
-            raise ValueError(f"KV cache of {self.max_len} positions cannot take {T} more after {self.len}")
+            raise ValueError(f"KV cache of {self.max_len} positions cannot take {T} more after "
+                             f"{self.len}")
         self.k[:, :, self.len:self.len + T], self.v[:, :, self.len:self.len + T] = k, v
         self.len += T
         return self.k[:, :, :self.len], self.v[:, :, :self.len]
@@ -322,8 +329,8 @@ def cross_entropy(logits, targets, reduction="mean"):
     """Next-token loss over (..., V) logits, in fp32 or better; labels of -100 are ignored (padding,
     prompts)."""
     flat = logits.view(-1, logits.shape[-1])
-    return F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)), targets.reshape(-1),
-                           ignore_index=-100, reduction=reduction)
+    return F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)),
+                           targets.reshape(-1), ignore_index=-100, reduction=reduction)
 
 
 class Transformer(nn.Module):
@@ -346,13 +353,15 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.set_rope_tables(device)
         if device.type != "meta":
-            materialize(self, device, lambda name, p: init_values(name, p.shape, whole(p.shape), self.init_seed,
+            materialize(self, device, lambda name,
+                        p: init_values(name, p.shape, whole(p.shape), self.init_seed,
                                                                   cfg.n_layer, p.dtype, device))
 
     def set_rope_tables(self, device=None):
         """The rotary tables, on `device` (again after a build on the meta device:
         stack.build_model)."""
-        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.block_size, self.cfg.rope_theta, self.cfg.rope_scaling)
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.block_size, self.cfg.rope_theta,
+                               self.cfg.rope_scaling)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
@@ -404,8 +413,8 @@ class Transformer(nn.Module):
         return [KVCache(max_len or self.cfg.block_size) for _ in self.blocks]
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, top_p=None, use_cache=True,
-               agree=None):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, top_p=None,
+               use_cache=True, agree=None):
         """Yield the next (B, 1) tokens one at a time. With the cache: one prefill forward over the
         prompt, then one decoding forward per token, of that token alone, while the context has
         room; past block_size, and without the cache, each token is a forward over the last
@@ -415,7 +424,8 @@ class Transformer(nn.Module):
         token (topology.rank0_token)."""
         # Room for the prompt and the new tokens only: a Hugging Face model's context may be 128k
         # positions.
-        cache = self.new_cache(min(self.cfg.block_size, idx.shape[1] + max_new_tokens)) if use_cache else None
+        cache = self.new_cache(min(self.cfg.block_size,
+                                   idx.shape[1] + max_new_tokens)) if use_cache else None
         for _ in range(max_new_tokens):
             # the context is full: slide from here on
             if cache is not None and idx.shape[1] > cache[0].max_len:
@@ -432,10 +442,11 @@ class Transformer(nn.Module):
             idx = torch.cat([idx, nxt], dim=1)
             yield nxt
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, top_p=None, use_cache=True,
-                 agree=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, n_vocab=None, top_p=None,
+                 use_cache=True, agree=None):
         """The prompt and max_new_tokens sampled tokens after it (stream)."""
-        tokens = self.stream(idx, max_new_tokens, temperature, top_k, n_vocab, top_p, use_cache, agree)
+        tokens = self.stream(idx, max_new_tokens, temperature, top_k, n_vocab, top_p, use_cache,
+                             agree)
         return torch.cat([idx, *tokens], 1)
 
 

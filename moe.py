@@ -54,9 +54,11 @@ def check_moe(n_experts, top_k, capacity_factor, ep=1):
     if not 1 <= top_k <= n_experts:
         raise MoEError(f"--topk {top_k} must be between 1 and --experts {n_experts}")
     if capacity_factor is not None and capacity_factor <= 0:
-        raise MoEError(f"--capacity-factor must be > 0 (or omitted for dropless routing), got {capacity_factor}")
+        raise MoEError("--capacity-factor must be > 0 (or omitted for dropless routing), got "
+                       f"{capacity_factor}")
     if ep < 1 or n_experts % ep:
-        raise MoEError(f"--experts {n_experts} is not divisible by --ep {ep}: each rank holds experts/ep experts")
+        raise MoEError(f"--experts {n_experts} is not divisible by --ep {ep}: each rank holds "
+                       "experts/ep experts")
 
 
 class _AllToAll(torch.autograd.Function):
@@ -73,7 +75,8 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         out = grad.new_empty((sum(ctx.send_splits),) + grad.shape[1:])
-        dist.all_to_all_single(out, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
+        dist.all_to_all_single(out, grad.contiguous(), ctx.send_splits, ctx.recv_splits,
+                               group=ctx.group)
         return out, None, None, None
 
 
@@ -111,7 +114,8 @@ class MoE(nn.Module):
     def route(self, x):
         """Top-k experts and renormalised gates per token, the balancing loss, and each expert's
         load."""
-        probs = torch.softmax(self.router(x).to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
+        probs = torch.softmax(self.router(x).to(torch.promote_types(x.dtype, torch.float32)),
+                              dim=-1)
         top_p, top_e = probs.topk(self.k, dim=-1)
         gates = top_p / top_p.sum(-1, keepdim=True)
         f = F.one_hot(top_e, self.E).sum((0, 1)).to(probs.dtype) / top_e.numel()
@@ -147,7 +151,8 @@ class MoE(nn.Module):
         NCCL alike). The counts exchange itself stays on the device; every other split is derived
         from the one list on the host."""
         if self.ep == 1:
-            return torch.cat([expert(c) for expert, c in zip(self.experts, xs.split(counts.tolist()))])
+            return torch.cat([expert(c) for expert,
+                              c in zip(self.experts, xs.split(counts.tolist()))])
         ep, E_local = self.ep, self.E // self.ep
         # Tell every rank how many rows of each of its experts we send; learn what we will receive.
         send_counts = counts.view(ep, E_local)
@@ -246,10 +251,12 @@ def check_flags(settings, n_layer, ep, pp, sequence_parallel):
     check_moe(settings.experts, settings.topk, settings.capacity_factor, ep)
     parse_layers(settings.moe_layers, n_layer)
     if pp > 1:
-        raise MoEError("--experts with --pp > 1: the balancing loss of a stage's MoE layers has no way into the "
+        raise MoEError("--experts with --pp > 1: the balancing loss of a stage's MoE layers has "
+                       "no way into the "
                        "pipeline's backward yet; use --tp and data parallelism with MoE")
     if sequence_parallel:
-        raise MoEError("--experts with --sequence-parallel: routing needs every token of a rank's batch; "
+        raise MoEError("--experts with --sequence-parallel: routing needs every token of a "
+                       "rank's batch; "
                        "drop --sequence-parallel")
 
 
@@ -293,14 +300,16 @@ def add_moe(model, n_experts, top_k, capacity_factor=None, aux_loss_weight=1e-2,
 def inactive_params(model):
     """Parameters a token does not meet: E - k of the E experts of every MoE layer (FLOPs follow the
     rest)."""
-    return sum((m.E - m.k) * sum(p.numel() for p in m.experts[0].parameters()) for m in moe_layers(model))
+    return sum((m.E - m.k) * sum(p.numel() for p in m.experts[0].parameters())
+               for m in moe_layers(model))
 
 
 def load_spread(model):
     """Share of routed pairs taken by the busiest and by the idlest expert, averaged over MoE
     layers."""
     loads = [m.load for m in moe_layers(model) if m.load is not None]
-    return (sum(l.max().item() for l in loads) / len(loads), sum(l.min().item() for l in loads) / len(loads))
+    return (sum(l.max().item() for l in loads) / len(loads),
+            sum(l.min().item() for l in loads) / len(loads))
 
 
 if __name__ == "__main__":
@@ -351,7 +360,9 @@ if __name__ == "__main__":
             spreads.append(load_spread(model))
         busiest, idlest = (sum(s[i] for s in spreads[-last:]) / last for i in (0, 1))
         if rank == 0:
-            print(f"aux weight {alpha:<5}: loss {loss.item():.3f}  busiest expert {busiest:.1%}  idlest {idlest:.1%} "
-                  f"of routed pairs over the last {last} steps on rank 0 (perfect balance: {1 / E:.1%}), ep={world}")
+            print(f"aux weight {alpha:<5}: loss {loss.item():.3f}  busiest expert {busiest:.1%}  "
+                  f"idlest {idlest:.1%} "
+                  f"of routed pairs over the last {last} steps on rank 0 (perfect balance: "
+                  f"{1 / E:.1%}), ep={world}")
     if world > 1:
         dist.destroy_process_group()

@@ -70,7 +70,8 @@ def cut(batch, m):
     """A batch (x, y) or (x, y, {"pos": ..., "doc": ...}) cut along its rows into (at most) m
     micro-batches."""
     x, y, *packing = batch
-    pieces = [x.chunk(m), y.chunk(m)] + [v.chunk(m) for v in (packing[0].values() if packing else ())]
+    pieces = [x.chunk(m), y.chunk(m)] + [v.chunk(m)
+                                         for v in (packing[0].values() if packing else ())]
     if not packing:
         return list(zip(*pieces))
     return [(p[0], p[1], dict(zip(packing[0], p[2:]))) for p in zip(*pieces)]
@@ -117,7 +118,8 @@ class ActivationMeter:
             self.now -= self.live.pop(key)[1]
 
     def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda s: s if torch.is_tensor(s) else s.t)
+        return torch.autograd.graph.saved_tensors_hooks(self.pack,
+                                                        lambda s: s if torch.is_tensor(s) else s.t)
 
 
 class _Saved:
@@ -156,9 +158,11 @@ class StageStep:
         """(buffer, source) of what op i must receive first: an activation from the previous stage
         for a forward, a gradient from the next stage for a backward; None when it needs nothing."""
         if op == "F" and not self.first:
-            return torch.empty(self.act_shape(i), dtype=self.dtype, device=self.device), self.prev_rank
+            return torch.empty(self.act_shape(i), dtype=self.dtype,
+                               device=self.device), self.prev_rank
         if op == "B" and not self.last:
-            return torch.empty(self.act_shape(i), dtype=self.dtype, device=self.device), self.next_rank
+            return torch.empty(self.act_shape(i), dtype=self.dtype,
+                               device=self.device), self.next_rank
         return None
 
     def forward(self, i, h):
@@ -173,7 +177,8 @@ class StageStep:
         # The stage's forward: token ids -> activations on the first, activations -> (logits, loss)
         # on the last, activations -> activations in between (model.py's forward skips the parts a
         # stage lacks).
-        out, loss = self.model(h, y.to(self.device) if self.last else None, reduction="sum", **packing)
+        out, loss = self.model(h, y.to(self.device) if self.last else None, reduction="sum",
+                               **packing)
         if self.last:
             self.losses[i] = loss / self.loss_div
             self.total.add_(self.losses[i].detach().double())
@@ -209,8 +214,8 @@ class StageStep:
         return None
 
 
-def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, scale_loss=None, timeline=None,
-                 train=True, no_sync=None):
+def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, scale_loss=None,
+                 timeline=None, train=True, no_sync=None):
     """Forward (and with train=True backward) of `micro_batches` [(x, y) or (x, y, packing), ...]
     through this rank's stage. Gradients accumulate in the stage's parameters. The last stage sums
     each micro-batch's per-token losses (labels of -100 take none) and divides by loss_div (default:
@@ -265,7 +270,8 @@ def render(timeline, t_start, t_end, width=72):
     row = ["."] * width
     scale = width / (t_end - t_start)
     for op, i, t0, t1 in timeline:
-        a, b = int((t0 - t_start) * scale), max(int((t0 - t_start) * scale) + 1, int((t1 - t_start) * scale))
+        a, b = int((t0 - t_start) * scale), max(int((t0 - t_start) * scale) + 1,
+                                                int((t1 - t_start) * scale))
         for c in range(a, min(b, width)):
             row[c] = op if i % 2 == 0 else op.lower()
     return "".join(row)
@@ -295,7 +301,8 @@ def demo():
     results = []
     for m in args.microbatches:
         for schedule in SCHEDULES:
-            seqs = torch.randint(0, cfg.vocab_size, (m, args.micro_batch_size, args.seq_len + 1), generator=gen)
+            seqs = torch.randint(0, cfg.vocab_size, (m, args.micro_batch_size, args.seq_len + 1),
+                                 generator=gen)
             batch = [(s[:, :-1], s[:, 1:]) for s in seqs]  # inputs and next-token targets
             # one untimed run first: first-call allocations would skew the timeline
             for warm in (True, False):
@@ -307,7 +314,8 @@ def demo():
                 t_end = time.perf_counter()
                 model.zero_grad()
             rows = [None] * pp
-            dist.all_gather_object(rows, (timeline, t_start, t_end, meter.peak), group=topo.pp_group)
+            dist.all_gather_object(rows, (timeline, t_start, t_end, meter.peak),
+                                   group=topo.pp_group)
             if dist.get_rank() == 0:
                 # The step's span from the first stage's start to the last stage's end. perf_counter
                 # is one monotonic clock for every process of a machine, so the ranks' times
@@ -316,16 +324,19 @@ def demo():
                 t0 = min(r[1] for r in rows)
                 total = max(r[2] for r in rows) - t0
                 idle = [1 - sum(b - a for _, _, a, b in tl) / total for tl, _, _, _ in rows]
-                print(f"\n{schedule}, p={pp}, m={m}: loss {loss.item():.4f}, step {total * 1e3:.0f} ms")
+                print(f"\n{schedule}, p={pp}, m={m}: loss {loss.item():.4f}, step "
+                      f"{total * 1e3:.0f} ms")
                 for s, (tl, _, _, peak) in enumerate(rows):
                     print(f"  stage {s} |{render(tl, t0, t0 + total)}| idle {idle[s]:.0%}, "
                           f"activations {peak / 2 ** 20:.1f} MiB")
-                results.append((schedule, m, sum(idle) / pp, (pp - 1) / (m + pp - 1), max(r[3] for r in rows)))
+                results.append((schedule, m, sum(idle) / pp, (pp - 1) / (m + pp - 1),
+                                max(r[3] for r in rows)))
     if dist.get_rank() == 0:
         print(f"\n{'schedule':<8} {'p':>2} {'m':>2} {'idle, measured':>15} {'(p-1)/(m+p-1)':>14} "
               f"{'peak activations (worst stage)':>31}")
         for schedule, m, idle, formula, peak in results:
-            print(f"{schedule:<8} {pp:>2} {m:>2} {idle:>15.1%} {formula:>14.1%} {peak / 2 ** 20:>27.1f} MiB")
+            print(f"{schedule:<8} {pp:>2} {m:>2} {idle:>15.1%} {formula:>14.1%} "
+                  f"{peak / 2 ** 20:>27.1f} MiB")
     dist.destroy_process_group()
 
 

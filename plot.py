@@ -34,27 +34,33 @@ class SVG:
         self.width, self.height, self.items = width, height, []
 
     def line(self, x0, y0, x1, y1, colour="#000", width=1.0):
-        self.items.append(f'<line x1="{x0:.1f}" y1="{y0:.1f}" x2="{x1:.1f}" y2="{y1:.1f}" stroke="{colour}" '
+        self.items.append(f'<line x1="{x0:.1f}" y1="{y0:.1f}" x2="{x1:.1f}" y2="{y1:.1f}" '
+                          f'stroke="{colour}" '
                           f'stroke-width="{width}"/>')
 
     def polyline(self, points, colour, width=1.0):
         pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
-        self.items.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="{width}"/>')
+        self.items.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" '
+                          f'stroke-width="{width}"/>')
 
     def circle(self, x, y, r, colour):
         self.items.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r}" fill="{colour}"/>')
 
     def rect(self, x, y, w, h, fill, stroke="none"):
-        self.items.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" fill="{fill}" '
+        self.items.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" '
+                          f'fill="{fill}" '
                           f'stroke="{stroke}"/>')
 
     def text(self, x, y, s, size=12, anchor="start", colour="#000"):
-        self.items.append(f'<text x="{x:.1f}" y="{y:.1f}" font-family="sans-serif" font-size="{size}" '
+        self.items.append(f'<text x="{x:.1f}" y="{y:.1f}" font-family="sans-serif" '
+                          f'font-size="{size}" '
                           f'text-anchor="{anchor}" fill="{colour}">{escape(str(s))}</text>')
 
     def __str__(self):
-        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.width}" height="{self.height}" '
-                f'viewBox="0 0 {self.width} {self.height}">\n<rect width="100%" height="100%" fill="white"/>\n'
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.width}" '
+                f'height="{self.height}" '
+                f'viewBox="0 0 {self.width} {self.height}">\n<rect width="100%" height="100%" '
+                'fill="white"/>\n'
                 + "\n".join(self.items) + "\n</svg>\n")
 
 
@@ -78,7 +84,8 @@ def read_metrics(out):
     wrong if not."""
     path = Path(out) / "metrics.jsonl" if Path(out).is_dir() else Path(out)
     if not path.is_file():
-        raise SystemExit(f"plot.py: error: {path}: no such file (give a run's --out folder or its metrics.jsonl)")
+        raise SystemExit(f"plot.py: error: {path}: no such file (give a run's --out folder or "
+                         "its metrics.jsonl)")
     records = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         try:
@@ -118,7 +125,8 @@ def curves(runs, x="step"):
     for out in runs:
         recs = [r for r in read_metrics(out) if key in r]
         if x == "time" and not recs:
-            raise SystemExit(f"plot.py: error: {out}: its records have no elapsed time (written by an older "
+            raise SystemExit(f"plot.py: error: {out}: its records have no elapsed time (written "
+                             "by an older "
                              "version): plot against --x step")
         train = [(r[key], r["loss"]) for r in recs if "loss" in r]
         val = [(r[key], r["val_loss"]) for r in recs if "val_loss" in r]
@@ -178,20 +186,24 @@ def pipeline_picture(m=4, p=4):
         rows = simulate(kind, m, p)
         end = max(e for r in rows for *_, e in r)
         bubble = (p - 1) / (m + p - 1)
-        svg.text(10, top, f"{kind}: p = {p} stages, m = {m} micro-batches; idle (grey) = (p-1)/(m+p-1) = "
+        svg.text(10, top, f"{kind}: p = {p} stages, m = {m} micro-batches; idle (grey) = "
+                          "(p-1)/(m+p-1) = "
                           f"{bubble:.0%} of each stage's time", size=13)
         for s, row in enumerate(rows):
             y = top + 10 + 26 * s
             svg.text(10, y + 16, f"stage {s}", size=11)
             svg.rect(70, y, end * unit, 22, "#eeeeee")
             for op, i, a, b in row:
-                svg.rect(70 + a * unit, y, (b - a) * unit, 22, COLOURS[i % len(COLOURS)] if op == "F" else
+                svg.rect(70 + a * unit, y, (b - a) * unit, 22,
+                         COLOURS[i % len(COLOURS)] if op == "F" else
                          "#ffffff", stroke=COLOURS[i % len(COLOURS)])
                 svg.text(70 + (a + b) / 2 * unit, y + 15, f"{op}{i}", size=10, anchor="middle",
                          colour="#fff" if op == "F" else "#000")
         top += p * 26 + 50
-    svg.text(10, top, "F: forward of micro-batch i (filled), B: its backward (outlined, twice as long).", size=11)
-    svg.text(10, top + 16, "1F1B starts backwards early: at most p micro-batches' activations held at once "
+    svg.text(10, top, "F: forward of micro-batch i (filled), B: its backward (outlined, twice as "
+                      "long).", size=11)
+    svg.text(10, top + 16, "1F1B starts backwards early: at most p micro-batches' activations "
+                           "held at once "
                            "(GPipe: all m).", size=11)
     return svg
 
@@ -207,7 +219,8 @@ def zero_picture(n_params=7.5e9, gpus=64):
               yticks=False)
     parts = (("params", "16-bit weights", "#1f77b4"), ("grads", "16-bit gradients", "#ff7f0e"),
              ("optimizer", "fp32 master + Adam m, v", "#2ca02c"))
-    svg.text(70, 24, f"model states per GPU, {n_params / 1e9:g} B parameters, N_d = {gpus} data-parallel GPUs",
+    svg.text(70, 24, f"model states per GPU, {n_params / 1e9:g} B parameters, N_d = {gpus} "
+                     "data-parallel GPUs",
              size=13)
     for k, r in enumerate(rows):
         y0 = to(0, 3.8 - k)[1]
@@ -226,7 +239,8 @@ def zero_picture(n_params=7.5e9, gpus=64):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="plot.py", description="Loss curves of runs, or the docs' pictures, as SVG.")
+    ap = argparse.ArgumentParser(prog="plot.py", description="Loss curves of runs, or the docs' "
+                                                             "pictures, as SVG.")
     ap.add_argument("runs", nargs="*", help="runs' --out folders (or metrics.jsonl files)")
     ap.add_argument("--x", choices=("step", "time"), default="step", help="the horizontal axis")
     ap.add_argument("--svg", default="loss.svg", help="the picture of the curves")

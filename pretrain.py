@@ -51,26 +51,38 @@ def build_parser():
     ap = flags.OneLineParser(prog="pretrain.py", description="Pretrain a decoder-only transformer.")
     a = ap.add_argument
     a("--model", default="tiny", choices=sorted(PRESETS), help="model preset (model.py)")
-    a("--data", default=None, help="prepared data folder (data.py prepare); default: the Python stdlib source")
-    a("--tokenizer", default=None, help="tiktoken encoding; default: the data folder's, or 'bytes' (offline)")
-    a("--init", default=None, help="start from these weights with a fresh optimizer: a run's --out, a "
-                                   "consolidated file (checkpoint.py consolidate) or a Hugging Face Llama folder")
-    a("--tokens", type=float, default=None, help="train on this many tokens (sets --max-steps; default 1000 steps)")
-    a("--chinchilla", action="store_true", help="train on 20 tokens per parameter (sets --max-steps)")
+    a("--data", default=None, help="prepared data folder (data.py prepare); default: the Python "
+                                   "stdlib source")
+    a("--tokenizer", default=None, help="tiktoken encoding; default: the data folder's, or "
+                                        "'bytes' (offline)")
+    a("--init", default=None, help="start from these weights with a fresh optimizer: a run's "
+                                   "--out, a "
+                                   "consolidated file (checkpoint.py consolidate) or a Hugging "
+                                   "Face Llama folder")
+    a("--tokens", type=float, default=None, help="train on this many tokens (sets --max-steps; "
+                                                 "default 1000 steps)")
+    a("--chinchilla", action="store_true", help="train on 20 tokens per parameter (sets "
+                                                "--max-steps)")
     a("--eval-iters", type=int, default=10, help="validation batches per evaluation")
-    a("--sample-tokens", type=int, default=300, help="length of the sample printed at the end (0: none)")
-    a("--estimate", action="store_true", help="run estimate.py with the other flags: parameters, FLOPs, memory, "
+    a("--sample-tokens", type=int, default=300, help="length of the sample printed at the end "
+                                                     "(0: none)")
+    a("--estimate", action="store_true", help="run estimate.py with the other flags: parameters, "
+                                              "FLOPs, memory, "
                                              "communication and time; do not train")
     a("--gpus", type=int, default=1, help="for --estimate")
     a("--gpu", default="h100", choices=sorted(PEAK_TFLOPS), help="for --estimate and MFU on CUDA")
     a("--mfu", type=float, default=0.4, help="for --estimate: the utilisation to assume")
-    a("--experts", type=int, default=0, help="mixture of experts (moe.py): experts per MoE layer (0: dense)")
+    a("--experts", type=int, default=0, help="mixture of experts (moe.py): experts per MoE layer "
+                                             "(0: dense)")
     a("--topk", type=int, default=2, help="experts per token")
-    a("--moe-layers", default="all", help="which blocks get an MoE MLP: 'all', or block numbers like 1,3")
+    a("--moe-layers", default="all", help="which blocks get an MoE MLP: 'all', or block numbers "
+                                          "like 1,3")
     a("--capacity-factor", type=float, default=None,
-      help="expert capacity = factor x k x tokens / experts (overflow passes through the residual); "
+      help="expert capacity = factor x k x tokens / experts (overflow passes through the "
+           "residual); "
            "omit for dropless routing")
-    a("--aux-loss-weight", type=float, default=1e-2, help="weight of the Switch load-balancing loss")
+    a("--aux-loss-weight", type=float, default=1e-2,
+      help="weight of the Switch load-balancing loss")
     return flags.add_shared_flags(ap)
 
 
@@ -105,7 +117,8 @@ def check_args(cfg, world):
     if task.tokens is not None and task.chinchilla:
         raise ConfigError("--tokens and --chinchilla both set the training length: give one")
     if cfg.optim.max_steps is not None and (task.tokens is not None or task.chinchilla):
-        raise ConfigError("--max-steps and --tokens/--chinchilla both set the training length: give one")
+        raise ConfigError("--max-steps and --tokens/--chinchilla both set the training length: "
+                          "give one")
     for flag, v in (("max_steps", cfg.optim.max_steps), ("eval_iters", task.eval_iters)):
         if v is not None and v < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
@@ -199,7 +212,8 @@ def build_and_train(cfg, model_cfg, data_dir, meta, world, device, ckpt):
     model = stack.build_model(model_cfg, topo, seed, device, DTYPES[amp], lay.sequence_parallel,
                               cfg.moe, weights=weights, fp8=amp == "fp8")
     run = training.start(cfg, topo, device, model, batches, val, max_steps,
-                         {"tokenizer": tokenizer, "model_config": model_config, "identity": identity},
+                         {"tokenizer": tokenizer, "model_config": model_config,
+                          "identity": identity},
                          flops_per_token(model_cfg, n_mm, T), ckpt, task.gpu)
     if run.rank0:
         print(f"model {task.model}: {n_params:,} parameters, {run.fpt:.3g} FLOPs/token | data "
@@ -221,13 +235,16 @@ def read_init(path, model_config, tokenizer, experts):
     saved, saved_tokenizer = init["model_config"], init["tokenizer"]
     for k in sorted(set(saved) | set(model_config)):
         if k not in ("attn", "activation_checkpointing") and saved.get(k) != model_config.get(k):
-            raise ConfigError(f"--init {path}: its {k} is {saved.get(k)}, this run's model has {model_config.get(k)} "
+            raise ConfigError(f"--init {path}: its {k} is {saved.get(k)}, this run's model has "
+                              f"{model_config.get(k)} "
                               f"(choose the matching --model; the vocabulary follows the data)")
     if (init["args"].get("experts") or 0) != experts:
-        raise ConfigError(f"--init {path} has {init['args'].get('experts') or 0} experts per MoE layer, this run "
+        raise ConfigError(f"--init {path} has {init['args'].get('experts') or 0} experts per MoE "
+                          "layer, this run "
                           f"{experts}: give the same --experts (and --moe-layers)")
     if saved_tokenizer != tokenizer:
-        raise ConfigError(f"--init {path} was trained with tokenizer {saved_tokenizer!r}, the data uses {tokenizer!r}")
+        raise ConfigError(f"--init {path} was trained with tokenizer {saved_tokenizer!r}, the "
+                          f"data uses {tokenizer!r}")
     return init["model"]
 
 
@@ -236,7 +253,8 @@ def sample(run, enc):
     cfg, topo, model = run.cfg, run.topo, run.model
     if topo.pp > 1 or (cfg.layout.sequence_parallel and topo.tp > 1) or topo.cp > 1:
         if run.rank0:  # generation grows the sequence one token at a time: none of these cuts it
-            print("(no sample: generation is not pipelined, sequence- nor context-parallel)", flush=True)
+            print("(no sample: generation is not pipelined, sequence- nor context-parallel)",
+                  flush=True)
         return
     if not (run.rank0 or topo.tp > 1 or run.zero == 3 or topo.ep > 1):
         return

@@ -230,8 +230,10 @@ def fp8_unsupported(device):
             torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
         except (RuntimeError, NotImplementedError) as e:
             why = f"torch._scaled_mm does not run on {device} ({str(e).splitlines()[0][:80]})"
-    return None if why is None else (f"--amp fp8: {why} (torch {torch.__version__}); use --amp bf16, or a torch "
-                                     "and device where it runs (this CPU build of torch 2.13, H100-class GPUs)")
+    return None if why is None else (f"--amp fp8: {why} (torch {torch.__version__}); use --amp "
+                                     "bf16, or a torch "
+                                     "and device where it runs (this CPU build of torch 2.13, "
+                                     "H100-class GPUs)")
 
 
 def matmul_error_bound(a, b, fmt_a, fmt_b, out_dtype):
@@ -312,7 +314,8 @@ def load_trained(path):
         whole = load_weights(path)
     except CheckpointError as e:
         raise EvalError(f"eval {path}: {e}") from None
-    cfg = ModelConfig(**{**whole["model_config"], "attn": "sdpa", "activation_checkpointing": False})
+    cfg = ModelConfig(**{**whole["model_config"], "attn": "sdpa",
+                         "activation_checkpointing": False})
     model = Transformer(cfg)
     model.load_state_dict(whole["model"])
     return model.eval(), whole["tokenizer"]
@@ -335,18 +338,24 @@ def eval_main(argv):
     import copy
 
     import data as data_lib
-    p = argparse.ArgumentParser(prog="quantization.py eval", description="INT8 weight-only PTQ of a checkpoint "
-                                "against its bf16 model: validation loss, bytes, generation tokens/s")
-    p.add_argument("ckpt", help="a run's --out folder (any layout), a consolidated file or a Hugging Face folder")
-    p.add_argument("--data", default=None, help="prepared data folder (default: the embedded corpus)")
+    p = argparse.ArgumentParser(prog="quantization.py eval",
+                                description="INT8 weight-only PTQ of a checkpoint "
+                                "against its bf16 model: validation loss, bytes, generation "
+                                "tokens/s")
+    p.add_argument("ckpt", help="a run's --out folder (any layout), a consolidated file or a "
+                                "Hugging Face folder")
+    p.add_argument("--data", default=None, help="prepared data folder (default: the embedded "
+                                                "corpus)")
     p.add_argument("--eval-iters", type=int, default=20, help="validation batches")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per validation batch")
     p.add_argument("--gen-tokens", type=int, default=100, help="tokens generated per timing")
-    p.add_argument("--repeats", type=int, default=3, help="timings per model, alternating; the fastest counts")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timings per model, alternating; the fastest counts")
     args = p.parse_args(argv)
     for flag in ("eval_iters", "batch_size", "gen_tokens", "repeats"):
         if getattr(args, flag) < 1:
-            raise EvalError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+            raise EvalError(f"--{flag.replace('_', '-')} must be at least 1, got "
+                            f"{getattr(args, flag)}")
     model, tokenizer = load_trained(args.ckpt)
     data_dir = args.data or data_lib.ensure_default_data(tokenizer)
     # a DataError if the data was prepared with another tokenizer
@@ -366,26 +375,32 @@ def eval_main(argv):
             seconds[name].append(s)
     rows = {name: (val_loss(m, val), model_bytes(m), args.gen_tokens / min(seconds[name]))
             for name, m in models.items()}
-    print(f"{args.ckpt}: {sum(p.numel() for p in bf16.parameters()):,} parameters, {len(val)} x {args.batch_size} "
-          f"x {model.cfg.block_size} validation tokens, greedy generation of {args.gen_tokens} tokens "
+    print(f"{args.ckpt}: {sum(p.numel() for p in bf16.parameters()):,} parameters, {len(val)} x "
+          f"{args.batch_size} "
+          f"x {model.cfg.block_size} validation tokens, greedy generation of {args.gen_tokens} "
+          "tokens "
           f"(fastest of {args.repeats}, {torch.get_num_threads()} threads)")
     print(f"{'model':<6} {'val loss':>9} {'bytes':>12} {'tokens/s':>9}")
     for name, (loss, nbytes, tps) in rows.items():
         print(f"{name:<6} {loss:>9.4f} {nbytes:>12,} {tps:>9.1f}")
     (lb, bb, tb), (li, bi, ti) = rows["bf16"], rows["int8"]
     same = int((text["bf16"] == text["int8"]).cumprod(0).sum())
-    print(f"int8 vs bf16: val loss {li - lb:+.5f} nats, bytes {bi / bb:.3f}x, generation {ti / tb:.2f}x tokens/s; "
+    print(f"int8 vs bf16: val loss {li - lb:+.5f} nats, bytes {bi / bb:.3f}x, generation "
+          f"{ti / tb:.2f}x tokens/s; "
           f"greedy outputs agree on the first {same} of {args.gen_tokens} tokens")
     return rows
 
 
 # ----------------------------------------------------------------------------- the demo
 def demo_formats():
-    print(f"{'format':<9} {'bits':>4} {'exponent':>8} {'mantissa':>8} {'largest':>10} {'smallest normal':>15} "
+    print(f"{'format':<9} {'bits':>4} {'exponent':>8} {'mantissa':>8} {'largest':>10} "
+          f"{'smallest normal':>15} "
           f"{'epsilon':>8}")
     for name, bits, e, m, big, tiny, eps in format_table():
-        print(f"{name:<9} {bits:>4} {'-' if e is None else e:>8} {'-' if m is None else m:>8} {big:>10.4g} "
-              f"{'-' if tiny is None else f'{tiny:.3g}':>15} {'-' if eps is None else f'{eps:.3g}':>8}")
+        print(f"{name:<9} {bits:>4} {'-' if e is None else e:>8} {'-' if m is None else m:>8} "
+              f"{big:>10.4g} "
+              f"{'-' if tiny is None else f'{tiny:.3g}':>15} "
+              f"{'-' if eps is None else f'{eps:.3g}':>8}")
 
 
 def demo_fp8():
@@ -394,27 +409,34 @@ def demo_fp8():
     from model import PRESETS, Transformer
     from amp import DynamicLossScaler, MixedPrecisionOptimizer, cast_model
     g = torch.Generator().manual_seed(0)
-    x, w, gy = (torch.randn(*s, generator=g).bfloat16() for s in ((512, 128), (384, 128), (512, 384)))
+    x, w, gy = (torch.randn(*s, generator=g).bfloat16()
+                for s in ((512, 128), (384, 128), (512, 384)))
     results = {}
-    for name, dtype, linear in (("fp8", torch.bfloat16, fp8_linear), ("bf16", torch.bfloat16, F.linear),
+    for name, dtype, linear in (("fp8", torch.bfloat16, fp8_linear),
+                                ("bf16", torch.bfloat16, F.linear),
                                 ("exact", torch.float64, F.linear)):
         xl, wl = x.to(dtype, copy=True).requires_grad_(), w.to(dtype, copy=True).requires_grad_()
         y = linear(xl, wl)
         y.backward(gy.to(dtype))
         results[name] = [t.detach().double() for t in (y, xl.grad, wl.grad)]
-    print("one linear layer, X 512x128, W 384x128, bf16 inputs, against float64: the fp8 error's largest ratio "
+    print("one linear layer, X 512x128, W 384x128, bf16 inputs, against float64: the fp8 error's "
+          "largest ratio "
           "to its bound, and the relative error ||error|| / ||exact|| of fp8 and of bf16")
-    for i, (what, a, b, fa) in enumerate((("forward  Y = X W^T", x, w, E4M3), ("backward dX = dY W", gy, w.t(), E5M2),
+    for i, (what, a, b, fa) in enumerate((("forward  Y = X W^T", x, w, E4M3),
+                                          ("backward dX = dY W", gy, w.t(), E5M2),
                                           ("backward dW = dY^T X", gy.t(), x.t(), E5M2))):
         ref, fp8, bf16 = results["exact"][i], results["fp8"][i], results["bf16"][i]
         bound = matmul_error_bound(a, b, fa, E4M3, torch.bfloat16)
         rel = [((r - ref).norm() / ref.norm()).item() for r in (fp8, bf16)]
-        print(f"  {what:<21} fp8 max error/bound {((fp8 - ref).abs() / bound).max().item():.2f} | relative error "
+        print(f"  {what:<21} fp8 max error/bound {((fp8 - ref).abs() / bound).max().item():.2f} "
+              "| relative error "
               f"fp8 {rel[0]:.2e}, bf16 {rel[1]:.2e}")
     amaxes = [10.0 ** k for k in range(-6, 7, 3)]
     used = [(to_fp8(torch.tensor([a, -a / 3]), E4M3)[0].float().abs().max().item()) for a in amaxes]
-    print("current scaling, E4M3, tensors of amax " + ", ".join(f"{a:g}" for a in amaxes) + ": scaled amax "
-          + ", ".join(f"{u:g}" for u in used) + f" (of at most {torch.finfo(E4M3).max:g}: never overflows)")
+    print("current scaling, E4M3, tensors of amax " + ", ".join(f"{a:g}" for a in amaxes)
+          + ": scaled amax "
+          + ", ".join(f"{u:g}" for u in used) + f" (of at most {torch.finfo(E4M3).max:g}: never "
+                                                "overflows)")
 
     torch.manual_seed(0)
     idx = torch.randint(0, 256, (8, 65))
@@ -424,8 +446,8 @@ def demo_fp8():
         if name == "fp8":
             print(f"fp8: {use_fp8(model)} linear layers swapped to FP8")
         opt = MixedPrecisionOptimizer([{"params": list(model.parameters())}],
-                                      lambda groups: torch.optim.AdamW(groups, lr=3e-3), torch.bfloat16,
-                                      DynamicLossScaler(enabled=False))
+                                      lambda groups: torch.optim.AdamW(groups, lr=3e-3),
+                                      torch.bfloat16, DynamicLossScaler(enabled=False))
         losses = []
         for _ in range(8):
             _, loss = model(idx[:, :-1], idx[:, 1:])
@@ -442,14 +464,16 @@ def demo_int8():
     lin = nn.Linear(4096, 4096, bias=False)
     q, s = quantize_int8(lin.weight)
     err = (q.float() * s[:, None] - lin.weight).abs()
-    print(f"int8 per-channel, W 4096x4096: max |W - q s| / (s / 2) = {(err / (s[:, None] / 2)).max().item():.3f} "
+    print("int8 per-channel, W 4096x4096: max |W - q s| / (s / 2) = "
+          f"{(err / (s[:, None] / 2)).max().item():.3f} "
           f"(at most 1), bytes {q.numel() + 2 * s.numel():,} vs bf16 {2 * lin.weight.numel():,}")
     int8, w16 = Int8Linear(lin), lin.weight.detach().bfloat16()
     # one token (decoding: every weight read for 2 FLOPs) vs 64 (prefill: compute-bound)
     for m in (1, 64):
         x = torch.randn(m, 4096).bfloat16()
         t16, t8 = best_seconds(lambda: F.linear(x, w16)), best_seconds(lambda: int8(x))
-        print(f"  x W^T with {m:>2} row(s), {torch.get_num_threads()} thread(s): bf16 {t16 * 1e3:.2f} ms, int8 "
+        print(f"  x W^T with {m:>2} row(s), {torch.get_num_threads()} thread(s): bf16 "
+              f"{t16 * 1e3:.2f} ms, int8 "
               f"{t8 * 1e3:.2f} ms: int8 {t16 / t8:.2f}x the speed of bf16")
 
 
@@ -473,8 +497,8 @@ def main(argv=None):
             print(f"quantization.py: {e}", file=sys.stderr)
             sys.exit(2)
     elif argv:
-        print(f"quantization.py: unknown command {argv[0]!r}: run without arguments for the demo, or `eval CKPT`",
-              file=sys.stderr)
+        print(f"quantization.py: unknown command {argv[0]!r}: run without arguments for the "
+              "demo, or `eval CKPT`", file=sys.stderr)
         sys.exit(2)
     else:
         demo_formats()

@@ -90,8 +90,8 @@ def plan(budgets, ladder=LADDER, tokens_per_param=TOKENS_PER_PARAM, min_steps=20
             steps = round(C / fpt / (SEQ_LEN * BATCH))
             D = steps * SEQ_LEN * BATCH
             if tokens_per_param[0] <= D / n <= tokens_per_param[1] and steps >= min_steps:
-                runs.append({"key": f"C{C:.0e}-L{L}-d{d}", "budget": C, "n_layer": L, "d_model": d, "N": n,
-                             "D": D, "steps": steps, "flops": fpt * D})
+                runs.append({"key": f"C{C:.0e}-L{L}-d{d}", "budget": C, "n_layer": L, "d_model": d,
+                             "N": n, "D": D, "steps": steps, "flops": fpt * D})
     return runs
 
 
@@ -150,7 +150,8 @@ def sweep(runs, out, lr, threads):
     results = out / "runs.jsonl"
     done = {r["key"] for r in read_results(results)}
     todo = [r for r in runs if r["key"] not in done]
-    print(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} done), {sum(r['flops'] for r in todo):.3g} FLOPs "
+    print(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} done), "
+          f"{sum(r['flops'] for r in todo):.3g} " "FLOPs "
           f"to go, results in {results}", flush=True)
     for i, run in enumerate(todo):
         if run["key"] in {r["key"] for r in read_results(results)}:
@@ -161,7 +162,8 @@ def sweep(runs, out, lr, threads):
         rec = dict(run, val_loss=val_loss, seconds=round(time.perf_counter() - t0, 1))
         with open(results, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        print(f"[{i + 1}/{len(todo)}] C {run['budget']:.0e}  L{run['n_layer']} d{run['d_model']:<4} "
+        print(f"[{i + 1}/{len(todo)}] C {run['budget']:.0e}  L{run['n_layer']} "
+              f"d{run['d_model']:<4} "
               f"N {run['N']:>9,}  D {run['D']:>11,} ({run['D'] / run['N']:5.1f} tokens/param)  "
               f"val loss {val_loss:.4f}  {rec['seconds']:.0f} s", flush=True)
 
@@ -244,9 +246,11 @@ def fit_parametric(N, D, loss, starts=None):
     grid of starts."""
     x, y, target = np.log(np.asarray(N, float)), np.log(np.asarray(D, float)), np.log(np.asarray(loss, float))
     if starts is None:
-        starts = [(la, al, lb, be, le) for la in (0.0, 5.0, 10.0) for al in (0.2, 0.5) for lb in (0.0, 5.0, 10.0)
+        starts = [(la, al, lb, be, le) for la in (0.0, 5.0, 10.0) for al in (0.2, 0.5)
+                  for lb in (0.0, 5.0, 10.0)
                   for be in (0.2, 0.5) for le in (-1.0, 0.5)]
-    best = min((_levenberg_marquardt(np.array(s, float), x, y, target) for s in starts), key=lambda tc: tc[1])[0]
+    best = min((_levenberg_marquardt(np.array(s, float), x, y, target) for s in starts),
+               key=lambda tc: tc[1])[0]
     la, alpha, lb, beta, le = best
     return {"E": math.exp(le), "A": math.exp(la), "alpha": alpha, "B": math.exp(lb), "beta": beta}
 
@@ -268,7 +272,8 @@ def bootstrap(results, fit, n=100, seed=0):
             samples.append(got)
     # Half the 16th-84th percentile range (one sigma for a normal spread, robust to the odd refit
     # that runs off).
-    return {k: float(np.subtract(*np.percentile([s[k] for s in samples], [84, 16])) / 2) for k in samples[0]} \
+    return {k: float(np.subtract(*np.percentile([s[k] for s in samples], [84, 16])) / 2)
+            for k in samples[0]} \
         if samples else {}
 
 
@@ -287,45 +292,58 @@ def ascii_plot(results, width=64, height=22):
         row, col = round((y1 - y) / (y1 - y0) * (height - 1)), round((x - x0) / (x1 - x0) * (width - 1))
         # (*: two runs in one cell)
         grid[row][col] = letters[r["N"]] if grid[row][col] == " " else "*"
-    lines = [f"{y1 - i * (y1 - y0) / (height - 1):6.3f} |" + "".join(row).rstrip() for i, row in enumerate(grid)]
+    lines = [f"{y1 - i * (y1 - y0) / (height - 1):6.3f} |" + "".join(row).rstrip() for i,
+             row in enumerate(grid)]
     lines.append(" " * 7 + "+" + "-" * width)
     lines.append(" " * 8 + f"{10 ** x0:.1e} FLOPs" + " " * (width - 26) + f"{10 ** x1:.1e}")
-    lines.append("  " + "  ".join(f"{letters[n]} = {n / 1e3:.0f}k" for n in sizes) + " parameters (in matmuls); "
+    lines.append("  " + "  ".join(f"{letters[n]} = {n / 1e3:.0f}k" for n in sizes)
+                 + " parameters (in matmuls); "
                  "* two runs in one cell")
     return "\n".join(lines)
 
 
 def report(results):
-    print("\nvalidation loss (nats per byte) vs compute; each letter a model size, each column of letters a budget:")
+    print("\nvalidation loss (nats per byte) vs compute; each letter a model size, each column "
+          "of letters a budget:")
     print(ascii_plot(results))
     a, k, optima = approach2(results)
     print("\nApproach 2, IsoFLOP profiles (the vertex of a parabola in log N per budget):")
     for C, n_opt in optima.items():
         fpt = counts(shape(*min(LADDER, key=lambda s: abs(counts(shape(*s))[0] - n_opt))))[1]
-        print(f"  C = {C:.0e} FLOPs: N_opt = {n_opt:,.0f}, D_opt = C / F(N) ~ {C / fpt:,.0f} tokens "
-              f"(~{C / fpt / n_opt:.0f} tokens per parameter; Chinchilla: {CHINCHILLA['tokens_per_param']})")
+        print(f"  C = {C:.0e} FLOPs: N_opt = {n_opt:,.0f}, D_opt = C / F(N) ~ {C / fpt:,.0f} "
+              "tokens "
+              f"(~{C / fpt / n_opt:.0f} tokens per parameter; Chinchilla: "
+              f"{CHINCHILLA['tokens_per_param']})")
     if a is not None:
         err = bootstrap(results, lambda rs: {"a": approach2(rs)[0]}).get("a", float("nan"))
-        print(f"  N_opt ~ C^a: a = {a:.2f} +- {err:.2f} (bootstrap)   Chinchilla: a = {CHINCHILLA['a']}")
+        print(f"  N_opt ~ C^a: a = {a:.2f} +- {err:.2f} (bootstrap)   Chinchilla: a = "
+              f"{CHINCHILLA['a']}")
     else:
         print("  fewer than two budgets with a minimum: no exponent")
     fitted = None
     if len(results) >= 6:
-        fitted = fit_parametric([r["N"] for r in results], [r["D"] for r in results], [r["val_loss"] for r in results])
-        err = bootstrap(results, lambda rs: fit_parametric([r["N"] for r in rs], [r["D"] for r in rs],
+        fitted = fit_parametric([r["N"] for r in results], [r["D"] for r in results],
+                                [r["val_loss"] for r in results])
+        err = bootstrap(results, lambda rs: fit_parametric([r["N"] for r in rs],
+                                                           [r["D"] for r in rs],
                                                           [r["val_loss"] for r in rs],
                                                           starts=[_as_start(fitted)]), n=50)
         print("\nApproach 3, L(N, D) = E + A / N^alpha + B / D^beta (least squares on log L, "
               f"{len(results)} runs; +- bootstrap):")
         for name in ("alpha", "beta", "E"):
-            print(f"  {name:<5} = {fitted[name]:.3f} +- {err.get(name, float('nan')):.3f}   Chinchilla: "
+            print(f"  {name:<5} = {fitted[name]:.3f} +- {err.get(name, float('nan')):.3f}   "
+                  "Chinchilla: "
                   f"{CHINCHILLA[name]}")
-        print(f"  A = {fitted['A']:.3g}, B = {fitted['B']:.3g}; implied a = beta / (alpha + beta) = "
+        print(f"  A = {fitted['A']:.3g}, B = {fitted['B']:.3g}; implied a = beta / (alpha + "
+              "beta) = "
               f"{fitted['beta'] / (fitted['alpha'] + fitted['beta']):.2f}")
     flops, sizes = [r["flops"] for r in results], [r["N"] for r in results]
-    print(f"\nScale: these runs are {min(flops):.0e}-{max(flops):.0e} FLOPs, {min(sizes) / 1e3:.0f}k-"
-          f"{max(sizes) / 1e3:.0f}k parameters, bytes of Python, one learning rate and one seed;\nChinchilla's are "
-          "6e18-3e21 FLOPs, 70M-16B parameters, subword tokens of web text. Read the shape, not the digits.")
+    print(f"\nScale: these runs are {min(flops):.0e}-{max(flops):.0e} FLOPs, "
+          f"{min(sizes) / 1e3:.0f}k-"
+          f"{max(sizes) / 1e3:.0f}k parameters, bytes of Python, one learning rate and one "
+          "seed;\nChinchilla's are "
+          "6e18-3e21 FLOPs, 70M-16B parameters, subword tokens of web text. Read the shape, not "
+          "the digits.")
     return {"a": a, "optima": optima, "parametric": fitted}
 
 
@@ -335,27 +353,34 @@ def _as_start(fit):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="scaling.py", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="out/scaling", help="runs.jsonl and each run's checkpoint go here")
-    ap.add_argument("--budgets", default=",".join(f"{c:.0e}" for c in BUDGETS), help="FLOPs per run, comma-separated")
+    ap.add_argument("--out", default="out/scaling",
+                    help="runs.jsonl and each run's checkpoint go here")
+    ap.add_argument("--budgets", default=",".join(f"{c:.0e}" for c in BUDGETS),
+                    help="FLOPs per run, comma-separated")
     ap.add_argument("--sizes", default=",".join(f"{L}x{d}" for L, d in LADDER),
                     help="the model family: layers x width, comma-separated")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    ap.add_argument("--fit-only", action="store_true", help="fit and plot the runs already in runs.jsonl")
+    ap.add_argument("--fit-only", action="store_true",
+                    help="fit and plot the runs already in runs.jsonl")
     args = ap.parse_args(argv)
     try:
         budgets = [float(c) for c in args.budgets.split(",")]
     except ValueError:
-        ap.exit(2, f"scaling.py: error: --budgets must be numbers separated by commas, got {args.budgets!r}\n")
+        ap.exit(2, "scaling.py: error: --budgets must be numbers separated by commas, got "
+                   f"{args.budgets!r}\n")
     try:
         ladder = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
         assert all(len(s) == 2 and s[0] > 0 and s[1] > 0 for s in ladder)
     except (ValueError, AssertionError):
-        ap.exit(2, f"scaling.py: error: --sizes must be layers x width, like 2x32,3x96, got {args.sizes!r}\n")
+        ap.exit(2, "scaling.py: error: --sizes must be layers x width, like 2x32,3x96, got "
+                   f"{args.sizes!r}\n")
     for L, d in ladder:
         if d % shape(L, d).n_head or shape(L, d).head_dim % 2:
-            ap.exit(2, f"scaling.py: error: --sizes {L}x{d}: width {d} does not split into {shape(L, d).n_head} "
-                       f"heads of an even size (head dimension 32, at least 2 heads): try a multiple of 32\n")
+            ap.exit(2, f"scaling.py: error: --sizes {L}x{d}: width {d} does not split into "
+                       f"{shape(L, d).n_head} "
+                       "heads of an even size (head dimension 32, at least 2 heads): try a "
+                       "multiple of 32\n")
     if any(c <= 0 for c in budgets) or args.lr <= 0 or args.threads < 1:
         ap.exit(2, "scaling.py: error: --budgets and --lr must be positive, --threads at least 1\n")
     out = Path(args.out)
@@ -370,7 +395,8 @@ def main(argv=None):
     keys = {r["key"] for r in runs}
     results = [r for r in read_results(out / "runs.jsonl") if args.fit_only or r["key"] in keys]
     if len(results) < 3:
-        print(f"scaling.py: {len(results)} runs in {out / 'runs.jsonl'}: too few to fit", file=sys.stderr)
+        print(f"scaling.py: {len(results)} runs in {out / 'runs.jsonl'}: too few to fit",
+              file=sys.stderr)
         return {"results": results}
     return dict(report(results), results=results)
 

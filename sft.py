@@ -74,7 +74,8 @@ from topology import TopologyError, rank0_token
 from weights import load_weights, save_checkpoint
 
 # ------------------------------------------------------------------------------------ the loss mask
-def tokenize(examples, enc, block_size, prompt_mask=True, limit="the model's context", packing=False):
+def tokenize(examples, enc, block_size, prompt_mask=True, limit="the model's context",
+             packing=False):
     """[(x, y)] lists of token ids with y = -100 where no loss is taken (the mask); and how many
     examples were skipped for being longer than block_size + 1 tokens (x and y are shifted by one).
     With packing such an example is an error: a packed row is exactly --seq-len tokens, and an
@@ -86,14 +87,18 @@ def tokenize(examples, enc, block_size, prompt_mask=True, limit="the model's con
         except DataError as e:  # a model folder's chat template that cannot render this example
             raise DataError(f"{where}: {e}") from None
         if True not in learned:
-            raise DataError(f"{where}: the template leaves no token of the assistant's turns to learn")
+            raise DataError(f"{where}: the template leaves no token of the assistant's turns to "
+                            "learn")
         first = learned.index(True)
         if first > block_size:
-            raise DataError(f"{where}: the prompt is {first} tokens, longer than {limit} of {block_size}: "
+            raise DataError(f"{where}: the prompt is {first} tokens, longer than {limit} of "
+                            f"{block_size}: "
                             "shorten it or use a model with a longer block_size")
         if len(ids) - 1 > block_size and packing:
-            raise DataError(f"{where}: the example is {len(ids) - 1} tokens, longer than {limit} of {block_size}: "
-                            "--pack never cuts an example; raise --seq-len (up to the context) or drop --pack "
+            raise DataError(f"{where}: the example is {len(ids) - 1} tokens, longer than {limit} "
+                            f"of {block_size}: "
+                            "--pack never cuts an example; raise --seq-len (up to the context) "
+                            "or drop --pack "
                             "(longer examples are then skipped and counted)")
         if len(ids) - 1 > block_size:
             skipped += 1
@@ -154,7 +159,8 @@ class SFTBatches:
 
     def __init__(self, rows, global_batch, make, rank=0, world=1, n_micro=1, seed=0):
         if global_batch > len(rows):
-            raise DataError(f"--batch-size {global_batch} is more than the {len(rows)} training examples")
+            raise DataError(f"--batch-size {global_batch} is more than the {len(rows)} training "
+                            "examples")
         self.rows, self.B, self.make = rows, global_batch, make
         self.rank, self.world, self.n_micro, self.seed = rank, world, n_micro, seed
         self.step = 0
@@ -166,12 +172,14 @@ class SFTBatches:
         return [self.make([self.rows[i] for i in chunk]) for chunk in chunks]
 
     def state_dict(self):
-        return {"step": self.step, "seed": self.seed, "global_batch": self.B, "examples": len(self.rows)}
+        return {"step": self.step, "seed": self.seed, "global_batch": self.B,
+                "examples": len(self.rows)}
 
     def load_state_dict(self, sd):
         if (sd["seed"], sd["global_batch"], sd["examples"]) != (self.seed, self.B, len(self.rows)):
             raise DataError(f"--resume: the checkpoint's data position (seed {sd['seed']}, batch "
-                            f"{sd['global_batch']}, {sd['examples']} examples) does not match this run's")
+                            f"{sd['global_batch']}, {sd['examples']} examples) does not match "
+                            "this run's")
         self.step = sd["step"]
 
 
@@ -201,14 +209,17 @@ def load_init(path):
     folder, a consolidated file or a Hugging Face Llama folder (weights.load_weights): model,
     config, tokenizer, args."""
     if not Path(path).exists():
-        raise ConfigError(f"--init {path}: no checkpoint there (run pretrain.py --out {path} first, or `make "
+        raise ConfigError(f"--init {path}: no checkpoint there (run pretrain.py --out {path} "
+                          "first, or `make "
                           "pretrain`)")
     try:
         init = load_weights(path)
     except CheckpointError as e:
-        raise ConfigError(f"--init {e}" if str(e).startswith(str(path)) else f"--init {path}: {e}") from None
+        raise ConfigError(f"--init {e}" if str(e).startswith(str(path))
+                          else f"--init {path}: {e}") from None
     if any(".lora_" in k for k in init["model"]):
-        raise ConfigError(f"--init {path} holds LoRA adapters: start from its merged.pt, or pass --adapter")
+        raise ConfigError(f"--init {path} holds LoRA adapters: start from its merged.pt, or pass "
+                          "--adapter")
     return init
 
 
@@ -255,26 +266,35 @@ def answer(model, enc, ids, max_new_tokens, device, agree=None):
 
 # ------------------------------------------------------------------------------------------ the run
 def build_parser():
-    ap = flags.OneLineParser(prog="sft.py", description="Supervised fine-tuning (and LoRA) of a pretrained "
+    ap = flags.OneLineParser(prog="sft.py", description="Supervised fine-tuning (and LoRA) of a "
+                                                        "pretrained "
                                                            "checkpoint.")
     a = ap.add_argument
-    a("--init", default="out/pretrain", help="the base model: a pretrain.py/sft.py --out (any layout), a consolidated "
+    a("--init", default="out/pretrain", help="the base model: a pretrain.py/sft.py --out (any "
+                                             "layout), a consolidated "
                                              "file or a Hugging Face Llama folder")
     a("--model", default=None, choices=sorted(PRESETS), help="check that --init is of this preset")
-    a("--data", default=None, help="training JSONL (Alpaca- or chat-style); default: the embedded stdlib set")
-    a("--val-data", default=None, help="held-out JSONL; default: the embedded set's, or 1 in 10 lines of --data")
-    a("--no-prompt-mask", action="store_true", help="learn the prompt tokens too (the baseline to compare with)")
+    a("--data", default=None, help="training JSONL (Alpaca- or chat-style); default: the "
+                                   "embedded stdlib set")
+    a("--val-data", default=None, help="held-out JSONL; default: the embedded set's, or 1 in 10 "
+                                       "lines of --data")
+    a("--no-prompt-mask", action="store_true", help="learn the prompt tokens too (the baseline "
+                                                    "to compare with)")
     a("--eval-examples", type=int, default=200, help="held-out examples in each evaluation")
-    a("--pack", action="store_true", help="several examples per row of --seq-len tokens, attention blocked "
+    a("--pack", action="store_true", help="several examples per row of --seq-len tokens, "
+                                          "attention blocked "
                                           "between them (no compute on padding)")
     a("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     a("--lora-alpha", type=float, default=16.0)
     a("--lora-dropout", type=float, default=0.0)
-    a("--lora-targets", default="wq,wk,wv,wo", help=f"comma-separated, from {','.join(lora_lib.TARGETS)}")
-    a("--adapter", default=None, help="load LoRA adapters (adapter.pt) onto --init before anything else")
+    a("--lora-targets", default="wq,wk,wv,wo", help="comma-separated, from "
+                                                    f"{','.join(lora_lib.TARGETS)}")
+    a("--adapter", default=None, help="load LoRA adapters (adapter.pt) onto --init before "
+                                      "anything else")
     a("--samples", type=int, default=3, help="held-out prompts answered at the end")
     a("--max-new-tokens", type=int, default=200)
-    return flags.add_shared_flags(ap, batch_size=16, max_steps=100, lr=5e-4, warmup_steps=10, weight_decay=0.0,
+    return flags.add_shared_flags(ap, batch_size=16, max_steps=100, lr=5e-4, warmup_steps=10,
+                                  weight_decay=0.0,
                                      save_every=100, eval_every=50)
 
 
@@ -323,7 +343,8 @@ def main(argv=None):
     cfg = parse(argv)
     try:
         return train(cfg)
-    except (ConfigError, CheckpointError, DataError, TopologyError, lora_lib.LoRAError, moe.MoEError) as e:
+    except (ConfigError, CheckpointError, DataError, TopologyError, lora_lib.LoRAError,
+            moe.MoEError) as e:
         launch.release(cfg.settings.out)  # (a refused start leaves no folder behind)
         print(f"sft.py: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -399,7 +420,8 @@ def build_and_train(cfg, model_cfg, init, enc, rows, identity, world, device, ck
         whole = moe.with_experts(Transformer(model_cfg), cfg.moe)
     n_mm = num_params(whole, matmul_only=True) - moe.inactive_params(whole)
     fpt = flops_per_token(model_cfg, n_mm, T)
-    meta = {"tokenizer": init["tokenizer"], "model_config": model_config, "lora": lora_config, "identity": identity}
+    meta = {"tokenizer": init["tokenizer"], "model_config": model_config, "lora": lora_config,
+            "identity": identity}
     run = training.start(cfg, topo, device, model, batches, val, cfg.optim.max_steps, meta, fpt,
                          ckpt)
     if run.rank0:
@@ -431,11 +453,13 @@ def read_rows(cfg, enc, model_cfg, dp):
     train_rows, skipped = tokenize(train_ex, enc, T, not task.no_prompt_mask, limit, pack)
     val_rows, val_skipped = tokenize(val_ex, enc, T, True, limit, pack)  # held-out: responses only
     if not train_rows or not val_rows:
-        raise DataError(f"no example fits in {limit} of {T} tokens ({skipped} train and {val_skipped} held-out "
+        raise DataError(f"no example fits in {limit} of {T} tokens ({skipped} train and "
+                        f"{val_skipped} held-out "
                         "examples are longer)")
     val_rows = val_rows[:min(len(val_rows), task.eval_examples) // dp * dp]
     if not val_rows:
-        raise DataError(f"fewer held-out examples that fit than the {dp} data-parallel ranks: give more --val-data")
+        raise DataError(f"fewer held-out examples that fit than the {dp} data-parallel ranks: "
+                        "give more --val-data")
     return train_rows, val_rows, val_ex, (skipped, val_skipped)
 
 
@@ -447,12 +471,14 @@ def export_lora(run, init):
         adapter = lora_lib.lora_state_dict(run.model, run.topo)
     if run.rank0:
         model_config, moe_args = init["model_config"], asdict(run.cfg.moe)
-        torch.save({"lora_config": run.model.lora_config, "model_config": model_config, "adapter": adapter},
+        torch.save({"lora_config": run.model.lora_config, "model_config": model_config,
+                    "adapter": adapter},
                    run.out / "adapter.pt")
         save_checkpoint(run.out / "merged.pt", {
             "model": lora_lib.merged_state_dict(run.model, init["model"], adapter), "model_config": model_config,
             "tokenizer": init["tokenizer"], "args": moe_args})
-        print(f"adapters in {run.out / 'adapter.pt'}, merged model in {run.out / 'merged.pt'}", flush=True)
+        print(f"adapters in {run.out / 'adapter.pt'}, merged model in {run.out / 'merged.pt'}",
+              flush=True)
 
 
 def answers(run, enc, val_ex):

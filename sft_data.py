@@ -40,7 +40,8 @@ def function_examples(name, text):
         summary = " ".join(doc.strip().split("\n\n")[0].split())
         d = node.body[0]  # the docstring's statement: its lines are cut out of the response
         src = lines[node.lineno - 1:d.lineno - 1] + lines[d.end_lineno:node.end_lineno]
-        instruction = f"Write a Python function `{node.name}({ast.unparse(node.args)})` that: {summary}"
+        instruction = (f"Write a Python function `{node.name}({ast.unparse(node.args)})` that: "
+                       f"{summary}")
         yield instruction, textwrap.dedent("\n".join(src))
 
 
@@ -73,10 +74,14 @@ def build_default_data(docs, out, render, max_bytes=DEFAULT_MAX_BYTES):
 def ensure_sft_default_data(render):
     out = default_data_dir("bytes").parent / "sft-stdlib"
     if not (out / "meta.json").exists():
-        print(f"building the default SFT data (standard library functions with docstrings) into {out} (or "
+        print("building the default SFT data (standard library functions with docstrings) into "
+              f"{out} (or "
               "waiting for another process that is) ...", flush=True)
-        c = publish_folder(out, lambda tmp: build_default_data(stdlib_documents(), tmp, render), if_missing=True)
+        c = publish_folder(out, lambda tmp: build_default_data(stdlib_documents(), tmp, render),
+                           if_missing=True)
         if c:
-            print(f"  {c['functions']} functions with a docstring; {c['too_long']} skipped as longer than "
-                  f"{DEFAULT_MAX_BYTES} bytes rendered; kept {c['train']} train, {c['val']} held-out", flush=True)
+            print(f"  {c['functions']} functions with a docstring; {c['too_long']} skipped as "
+                  "longer than "
+                  f"{DEFAULT_MAX_BYTES} bytes rendered; kept {c['train']} train, {c['val']} "
+                  "held-out", flush=True)
     return out / "train.jsonl", out / "val.jsonl"

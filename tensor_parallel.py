@@ -207,7 +207,8 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, idx):
         local = idx - self.start
         mine = (local >= 0) & (local < self.weight.shape[0])
-        out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * mine.unsqueeze(-1)
+        out = F.embedding(local.clamp(0, self.weight.shape[0] - 1),
+                          self.weight) * mine.unsqueeze(-1)
         reduce = ReduceScatterSequence if self.sequence_parallel else ReduceFromTensorParallel
         return reduce.apply(out, self.group)
 
@@ -266,7 +267,8 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         local = targets - start
         mine = (local >= 0) & (local < v)  # ignored labels (-100) are never anyone's
         local = local.clamp(0, v - 1)
-        z_y = torch.where(mine, logits.gather(1, local.unsqueeze(1)).squeeze(1) - m, torch.zeros_like(m))
+        z_y = torch.where(mine, logits.gather(1, local.unsqueeze(1)).squeeze(1) - m,
+                          torch.zeros_like(m))
         z_y = _all_reduce(z_y, group)
         valid = targets != -100
         loss = torch.where(valid, sum_exp.log() - z_y, torch.zeros_like(z_y))
@@ -309,7 +311,8 @@ def check_divisible(cfg, tp):
     for what, n in (("n_head", cfg.n_head), ("n_kv_head", cfg.n_kv_head), ("d_ff", cfg.d_ff),
                     ("vocab_size (padded)", cfg.vocab_size)):
         if n % tp:
-            return f"--tp {tp} does not divide the model's {what} {n}: choose a --tp that divides it"
+            return (f"--tp {tp} does not divide the model's {what} {n}: choose a --tp that "
+                    "divides it")
     return None
 
 
@@ -346,7 +349,8 @@ def parallelize(model, topo, sequence_parallel=False):
             m.w1, m.w3 = (ColumnParallelLinear(l, topo, copy_input=False) for l in (m.w1, m.w3))
             # f on the expert's input rows (a pre-hook keeps the parameter names unchanged)
             if moe and not sp:
-                m.register_forward_pre_hook(lambda module, args: (CopyToTensorParallel.apply(args[0], topo.tp_group),))
+                m.register_forward_pre_hook(lambda module,
+                                            args: (CopyToTensorParallel.apply(args[0], topo.tp_group),))
             m.w2 = RowParallelLinear(m.w2, topo, sequence_parallel=sp)
     if getattr(model, "tok_emb", None) is not None:
         model.tok_emb = VocabParallelEmbedding(model.tok_emb, topo, sequence_parallel=sp)
@@ -354,7 +358,8 @@ def parallelize(model, topo, sequence_parallel=False):
         if sp:
             model.norm = SequenceParallelRMSNorm(model.norm, topo)
         model.lm_head = ColumnParallelLinear(model.lm_head, topo, copy_input=not sp)
-        model.loss_fn = vocab_parallel_loss_fn(topo.tp_rank * model.lm_head.weight.shape[0], topo.tp_group)
+        model.loss_fn = vocab_parallel_loss_fn(topo.tp_rank * model.lm_head.weight.shape[0],
+                                               topo.tp_group)
     # Every parameter not sliced above (the norms' gains, a router) is whole on each tp rank: its
     # placement says so (the gradient norm counts it on tp rank 0 only: amp.global_grad_norm).
     for p in model.parameters():
@@ -371,8 +376,8 @@ def is_tp_duplicate(p):
 def split_dim(name):
     """The dimension along which parameter `name` of a full model is split under tensor
     parallelism, or None: the rule by name, independent of the placements recorded above."""
-    if name.endswith(("attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "mlp.w1.weight", "mlp.w3.weight",
-                      "tok_emb.weight", "lm_head.weight")):
+    if name.endswith(("attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "mlp.w1.weight",
+                      "mlp.w3.weight", "tok_emb.weight", "lm_head.weight")):
         return 0
     if name.endswith(("attn.wo.weight", "mlp.w2.weight")):
         return 1
@@ -414,8 +419,10 @@ if __name__ == "__main__":
             want = ref_grads[n] if d is None else ref_grads[n].chunk(topo.tp, dim=d)[topo.tp_rank]
             worst = max(worst, (p.grad - want).abs().max().item())
         n_local = sum(p.numel() for p in model.parameters())
-        line = (f"tp rank {topo.tp_rank}/{topo.tp}{' + sequence parallel' if sp else ''}: {n_local:,} of "
-                f"{sum(g.numel() for g in ref_grads.values()):,} parameters | loss {loss.item():.12f} vs one "
+        line = (f"tp rank {topo.tp_rank}/{topo.tp}{' + sequence parallel' if sp else ''}: "
+                f"{n_local:,} of "
+                f"{sum(g.numel() for g in ref_grads.values()):,} parameters | loss "
+                f"{loss.item():.12f} vs one "
                 f"process {ref_loss.item():.12f} | max |grad difference| {worst:.2e}")
         # rank 0 prints every rank's line: lines of processes sharing a pipe can interleave
         lines = [None] * topo.tp

@@ -77,8 +77,10 @@ def check_layout(world, tp=1, pp=1, ep=1, cp=1):
                             f"launch a multiple of {tp * pp * cp} processes")
     dp = world // (tp * pp * cp)
     if dp % ep:
-        raise TopologyError(f"--ep {ep} does not divide the {dp} data-parallel ranks (world {world} / (--tp {tp} x "
-                            f"--pp {pp})): expert-parallel groups are taken from them; choose --ep dividing {dp}")
+        raise TopologyError(f"--ep {ep} does not divide the {dp} data-parallel ranks (world "
+                            f"{world} / (--tp {tp} x "
+                            f"--pp {pp})): expert-parallel groups are taken from them; choose "
+                            f"--ep dividing {dp}")
     return dp
 
 
@@ -117,13 +119,16 @@ class Topology:
                     for t in range(tp):
                         for d in dps:
                             self._maybe_keep("cp", [self.rank_of(d, p, t, c) for c in cps])
-                        self._maybe_keep("dp_cp", [self.rank_of(d, p, t, c) for d in dps for c in cps])
+                        self._maybe_keep("dp_cp",
+                                         [self.rank_of(d, p, t, c) for d in dps for c in cps])
             if ep > 1:
                 for p in range(pp):
                     for c in cps:
                         for t in range(tp):
                             for start in range(0, self.dp, ep):
-                                self._maybe_keep("ep", [self.rank_of(d, p, t, c) for d in range(start, start + ep)])
+                                self._maybe_keep("ep",
+                                                 [self.rank_of(d, p, t, c)
+                                                  for d in range(start, start + ep)])
                             for e in range(ep):
                                 self._maybe_keep("expert_dp", [self.rank_of(d, p, t, c)
                                                                for d in range(e, self.dp, ep)])
@@ -149,10 +154,12 @@ class Topology:
         return self.pp_rank == self.pp - 1
 
     def __repr__(self):
-        return (f"rank {self.rank}/{self.world}: dp {self.dp_rank}/{self.dp} pp {self.pp_rank}/{self.pp} "
+        return (f"rank {self.rank}/{self.world}: dp {self.dp_rank}/{self.dp} pp "
+                f"{self.pp_rank}/{self.pp} "
                 f"tp {self.tp_rank}/{self.tp} | tp group {self.tp_ranks} pp group {self.pp_ranks} "
                 f"dp group {self.dp_ranks}"
-                + (f" | cp {self.cp_rank}/{self.cp} cp group {self.cp_ranks} dp x cp group {self.dp_cp_ranks}"
+                + (f" | cp {self.cp_rank}/{self.cp} cp group {self.cp_ranks} dp x cp group "
+                   f"{self.dp_cp_ranks}"
                    if self.cp > 1 else "")
                 + (f" | ep {self.ep_rank}/{self.ep} ep group {self.ep_ranks} expert-data group "
                    f"{self.expert_dp_ranks}" if self.ep > 1 else ""))

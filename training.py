@@ -76,7 +76,8 @@ def to_device(t, device):
     return t.to(device)
 
 
-def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, no_sync=None, n_labels=None):
+def forward_backward(model, micro_batches, topo, schedule, scale_loss, device, no_sync=None,
+                     n_labels=None):
     """Forward and backward of one optimizer step's micro-batches: each rank back-propagates its
     labelled tokens' summed loss / (the global batch's labelled tokens `n_labels` / dp), and returns
     it (float64): the mean over the dp ranks, of it and of its gradients (ddp.py, zero.py), is the
@@ -136,7 +137,8 @@ def evaluate(model, batches, device, topo, microbatches):
             micro = pipeline.cut((x, y, *packing), microbatches)
             total[0] += pipeline.run_pipeline(model, micro, topo, loss_div=1.0, train=False)
         else:
-            total[0] += model(x.to(device), y.to(device), reduction="sum", **on(device, packing or [kw]))[1].double()
+            total[0] += model(x.to(device), y.to(device), reduction="sum",
+                              **on(device, packing or [kw]))[1].double()
         total[1] += int((y != -100).sum())
     model.train()
     if topo.dp * topo.cp > 1:
@@ -188,9 +190,9 @@ def read_checkpoint(settings, rank):
 # --microbatches) may change. Every flag that changes what a step computes is here (sft.py's
 # --no-prompt-mask and --pack too); the run's length (max_steps) is compared apart: it may grow or
 # shrink on a resume, which moves the end of the schedule.
-SAME_RUN = ("batch_size", "seq_len", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
-            "amp", "seed", "data", "experts", "topk", "moe_layers", "capacity_factor", "aux_loss_weight",
-            "no_prompt_mask", "pack")
+SAME_RUN = ("batch_size", "seq_len", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1",
+            "beta2", "grad_clip", "amp", "seed", "data", "experts", "topk", "moe_layers",
+            "capacity_factor", "aux_loss_weight", "no_prompt_mask", "pack")
 
 
 def check_same_run(cfg, ckpt, **more):
@@ -234,7 +236,8 @@ def save(run):
     disk. Not while the loss is inf/nan: a diverged state never replaces the last good
     checkpoint."""
     if not run.guard.healthy:  # (the same on every rank: the guard sees values they all agree on)
-        log(run, {"step": run.step, "not_saved": "loss not finite"}, f"step {run.step:5d} | not saved: the loss is "
+        log(run, {"step": run.step, "not_saved": "loss not finite"},
+            f"step {run.step:5d} | not saved: the loss is "
             f"not finite (last good checkpoint: {describe_last_good(run)})")
         return
     checkpoint.save(run.out, run.step, run.model, run.opt, run.topo, run.meta | {
@@ -335,7 +338,8 @@ def describe_layout(run):
     sp = lay.sequence_parallel and topo.tp > 1
     return (f"{lay.batch_size // (n_micro * topo.dp)} x {n_micro} micro-batches x {topo.dp} "
             "data-parallel"
-            + (f" (ZeRO stage {run.zero})" if run.zero else " (ddp.py)" if topo.dp * topo.cp > 1 else "")
+            + (f" (ZeRO stage {run.zero})" if run.zero else " (ddp.py)" if topo.dp * topo.cp > 1
+               else "")
             + f" | tp {topo.tp}" + (" (sequence-parallel)" if sp else "")
             + f" | pp {topo.pp}" + (f" ({lay.pp_schedule})" if topo.pp > 1 else "")
             + (f" | ep {topo.ep}" if topo.ep > 1 else "")
@@ -346,7 +350,8 @@ def log(run, record, line):
     """One record to metrics.jsonl (with the wall-clock time and the run's elapsed seconds, over
     every invocation that built it) and one line to the terminal, from rank 0."""
     if run.rank0:
-        record = record | {"time": round(time.time(), 3), "elapsed": round(time.perf_counter() - run.t_start, 3)}
+        record = record | {"time": round(time.time(), 3),
+                           "elapsed": round(time.perf_counter() - run.t_start, 3)}
         run.metrics.write(json.dumps(record) + "\n")
         run.metrics.flush()
         print(line, flush=True)
@@ -383,7 +388,8 @@ def read_pending(run):
     recs, run.pending = run.pending, []
     if not recs:
         return None
-    values = torch.stack([torch.stack([r["loss"].double(), r["grad_norm"].double(), r["skipped"].double()])
+    values = torch.stack([torch.stack([r["loss"].double(), r["grad_norm"].double(),
+                                       r["skipped"].double()])
                           for r in recs]).tolist()
     reason = None
     for rec, (loss, norm, skipped) in zip(recs, values):
@@ -404,8 +410,8 @@ def log_step(run, rec):
     if run.device.type == "cpu":
         # measured a higher one, so MFU never reads above 100%
         run.peak = max(run.peak, tps * run.fpt)
-    rec.update(tokens_per_s=tps, labelled_tokens_per_s=run.labels_since / dt, mfu=tps * run.fpt / run.peak,
-               peak_mem_mb=peak_memory_mb(run.device))
+    rec.update(tokens_per_s=tps, labelled_tokens_per_s=run.labels_since / dt,
+               mfu=tps * run.fpt / run.peak, peak_mem_mb=peak_memory_mb(run.device))
     scaler = run.opt.scaler
     if scaler.enabled:
         rec["loss_scale"] = scaler.scale
@@ -414,12 +420,15 @@ def log_step(run, rec):
         rec["aux_loss"] = float(moe.aux_loss(run.model).detach())
         rec["expert_load_max"], rec["expert_load_min"] = moe.load_spread(run.model)
     masked = run.labels_since < run.tokens_since
-    log(run, rec, f"step {run.step:5d} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | norm {rec['grad_norm']:.3f} "
-        f"| {tps / 1e3:.1f}k tok/s" + (f" ({rec['labelled_tokens_per_s'] / 1e3:.1f}k learned)" if masked else "")
+    log(run, rec, f"step {run.step:5d} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | norm "
+                  f"{rec['grad_norm']:.3f} "
+        f"| {tps / 1e3:.1f}k tok/s" + (f" ({rec['labelled_tokens_per_s'] / 1e3:.1f}k learned)"
+                                       if masked else "")
         + f" | mfu {rec['mfu']:.1%} | mem {rec['peak_mem_mb']:.0f} MB"
         + (f" | scale {scaler.scale:g}" if scaler.enabled else "")
         + (f" | aux {rec['aux_loss']:.4f} | load max {rec['expert_load_max']:.1%} min "
-           f"{rec['expert_load_min']:.1%}" if "aux_loss" in rec else "") + (" | skipped" if rec["skipped"] else "")
+           f"{rec['expert_load_min']:.1%}" if "aux_loss" in rec else "")
+        + (" | skipped" if rec["skipped"] else "")
         + f" | {clock(time.perf_counter() - run.t_start)}")
     run.t_last, run.tokens_since, run.labels_since = time.perf_counter(), 0.0, 0.0
 
@@ -427,7 +436,8 @@ def log_step(run, rec):
 def evaluate_now(run):
     val_loss = evaluate(run.module, run.val, run.device, run.topo, run.cfg.layout.microbatches)
     run.val_losses.append(val_loss)
-    log(run, {"step": run.step, "val_loss": val_loss}, f"step {run.step:5d} | val loss {val_loss:.4f}")
+    log(run, {"step": run.step, "val_loss": val_loss},
+        f"step {run.step:5d} | val loss {val_loss:.4f}")
 
 
 def train_loop(run):
@@ -450,8 +460,10 @@ def train_loop(run):
         if logs or reason:
             log_step(run, rec)
         if reason:
-            log(run, {"step": run.step, "stopped": reason}, f"step {run.step:5d} | stopped: the run cannot train")
-            raise TrainingStopped(f"step {run.step}: {reason}; last good checkpoint: {describe_last_good(run)}")
+            log(run, {"step": run.step, "stopped": reason},
+                f"step {run.step:5d} | stopped: the run cannot train")
+            raise TrainingStopped(f"step {run.step}: {reason}; last good checkpoint: "
+                                  f"{describe_last_good(run)}")
         t_pause = time.perf_counter()
         if run.step % settings.eval_every == 0 or run.step == run.max_steps:
             evaluate_now(run)
@@ -481,9 +493,9 @@ def interrupted(run, how):
     the step, is what keeps ranks that would reach that end at different moments from waiting
     forever in a collective for one that has left."""
     if run.rank0:
-        resume_from = f"step {run.last_good}" if run.last_good is not None else "the start (no checkpoint yet)"
-        print(f"\nstopped {how} at step {run.step}; rerun the same command to continue from {resume_from}",
-              file=sys.stderr, flush=True)
+        resume_from = f"step {run.last_good}" if run.last_good is not None else ("the start (no " "checkpoint yet)")
+        print(f"\nstopped {how} at step {run.step}; rerun the same command to continue from "
+              f"{resume_from}", file=sys.stderr, flush=True)
     if run.metrics:
         run.metrics.flush()
     os._exit(130)

@@ -49,7 +49,8 @@ class SavedWeights(Mapping):
         for name, saved in by_name.items():
             kind = next((k for k in kinds if any(k in r["kinds"] for _, r in saved)), None)
             if kind is not None:
-                self.saved[name] = (kind, [(t[r["kinds"][kind]], r) for t, r in saved if kind in r["kinds"]])
+                self.saved[name] = (kind, [(t[r["kinds"][kind]], r) for t,
+                                           r in saved if kind in r["kinds"]])
         self.shapes = {name: saved[0][1]["shape"] for name, (_, saved) in self.saved.items()}
 
     def __getitem__(self, name):
@@ -66,10 +67,12 @@ class SavedWeights(Mapping):
         pieces."""
         kind, saved = self.saved[name]
         out = torch.empty([n for _, n in box], dtype=saved[0][0].dtype)
-        n = sum(copy_overlap(out.view(-1), rects(box, [0, out.numel()]), t, rects(r["box"], r["flat"]))
+        n = sum(copy_overlap(out.view(-1), rects(box, [0, out.numel()]), t,
+                             rects(r["box"], r["flat"]))
                 for t, r in saved)
         if n != out.numel():
-            raise CheckpointError(f"{self.d}: {kind} of {name}: the checkpoint's pieces cover {n} of the "
+            raise CheckpointError(f"{self.d}: {kind} of {name}: the checkpoint's pieces cover "
+                                  f"{n} of the "
                                   f"{out.numel()} values asked for (missing, or saved twice)")
         return out
 
@@ -87,7 +90,8 @@ def read_box(weights, name, shape, box):
         raise CheckpointError(f"the weights have no {name} (another model?)")
     have = weights.shapes[name] if isinstance(weights, SavedWeights) else weights[name].shape
     if list(have) != list(shape):
-        raise CheckpointError(f"the weights' {name} has shape {list(have)}, the model's {list(shape)}")
+        raise CheckpointError(f"the weights' {name} has shape {list(have)}, the model's "
+                              f"{list(shape)}")
     if isinstance(weights, SavedWeights):
         return weights.box(name, box)
     return weights[name][tuple(slice(a, a + n) for a, n in box)].clone(memory_format=torch.contiguous_format)
@@ -103,7 +107,8 @@ def newest_whole(path):
     (folder, meta)."""
     d, meta, skipped = find(path, crc=True)
     if d is None:
-        raise CheckpointError(f"no complete checkpoint in {path}" + (f" ({skipped[0]})" if skipped else ""))
+        raise CheckpointError(f"no complete checkpoint in {path}"
+                              + (f" ({skipped[0]})" if skipped else ""))
     if skipped:
         print(f"warning: {skipped[0]}: took the previous complete step, {d}", file=sys.stderr)
     return d, meta
@@ -136,7 +141,8 @@ def consolidate(src, dst):
     d, meta = newest_whole(src)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": whole_model(d, meta), "model_config": meta["model_config"],
-                "tokenizer": meta["tokenizer"], "args": meta.get("args", {}), "step": meta["step"]}, dst)
+                "tokenizer": meta["tokenizer"], "args": meta.get("args", {}), "step": meta["step"]},
+               dst)
     return d
 
 
@@ -165,17 +171,20 @@ def load_weights(path):
                 "model_config": meta["model_config"],
                 "tokenizer": meta["tokenizer"], "args": meta.get("args", {})}
     elif not p.is_file():
-        raise CheckpointError(f"{path}: no such file or folder (a run's --out, a consolidated file or an HF folder)")
+        raise CheckpointError(f"{path}: no such file or folder (a run's --out, a consolidated "
+                              "file or an HF folder)")
     else:
         # (memory-mapped; weights_only: a file that would run code when unpickled is refused)
         ckpt = safe_load(p)
         try:
-            assert all(torch.is_tensor(t) for t in ckpt["model"].values()) and isinstance(ckpt["model_config"], dict)
-            init = {"model": ckpt["model"], "model_config": ckpt["model_config"], "tokenizer": ckpt["tokenizer"],
-                    "args": ckpt.get("args") or {}}
+            assert all(torch.is_tensor(t)
+                       for t in ckpt["model"].values()) and isinstance(ckpt["model_config"], dict)
+            init = {"model": ckpt["model"], "model_config": ckpt["model_config"],
+                    "tokenizer": ckpt["tokenizer"], "args": ckpt.get("args") or {}}
         except (KeyError, TypeError, AttributeError, AssertionError) as e:
             raise CheckpointError(f"{path}: not a consolidated checkpoint ({type(e).__name__} {e})") from None
-    return init | {"model_config": config_dict(init["model_config"]), "special_ids": special_ids(init["tokenizer"])}
+    return init | {"model_config": config_dict(init["model_config"]),
+                   "special_ids": special_ids(init["tokenizer"])}
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -183,7 +192,8 @@ def main(argv=None):
     """checkpoint.py's command line (python checkpoint.py consolidate ... | export-hf ...)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 3 or argv[0] not in ("consolidate", "export-hf"):
-        print("usage: python checkpoint.py consolidate OUT_DIR FILE | export-hf OUT_DIR HF_DIR", file=sys.stderr)
+        print("usage: python checkpoint.py consolidate OUT_DIR FILE | export-hf OUT_DIR HF_DIR",
+              file=sys.stderr)
         sys.exit(2)
     cmd, src, dst = argv
     try:

@@ -368,7 +368,8 @@ if __name__ == "__main__":
     topo = Topology()
     N, rank = topo.dp, topo.rank
     cfg = replace(PRESETS["tiny"], block_size=64)
-    data = torch.randint(0, cfg.vocab_size, (4, 4 * N, 65), generator=torch.Generator().manual_seed(0))
+    data = torch.randint(0, cfg.vocab_size, (4, 4 * N, 65),
+                         generator=torch.Generator().manual_seed(0))
     rows = []
     for stage in (0, 1, 2, 3):
         torch.manual_seed(0)
@@ -379,7 +380,8 @@ if __name__ == "__main__":
             return torch.optim.AdamW(groups, lr=3e-3)
         if stage == 0:  # ddp.py with bf16 weights and fp32 master copies (amp.py)
             module = DistributedDataParallel(model, topo.dp_group)
-            opt = MixedPrecisionOptimizer(groups, adamw, torch.bfloat16, scaler, no_sync=module.no_sync)
+            opt = MixedPrecisionOptimizer(groups, adamw, torch.bfloat16, scaler,
+                                          no_sync=module.no_sync)
         else:
             opt = ZeroOptimizer(model, groups, adamw, scaler, topo.dp_group, stage)
             module = opt.module
@@ -394,7 +396,8 @@ if __name__ == "__main__":
                     states = sum(t.numel() * t.element_size() for m in opt.master_params for t in
                                  [m, *[s for s in opt.optimizer.state[m].values() if s.dim() > 0]])
                     held = {"params": sum(p.numel() * p.element_size() for p in model.parameters()),
-                            "grads": sum(b.buffer.numel() * b.buffer.element_size() for b in module.buckets),
+                            "grads": sum(b.buffer.numel() * b.buffer.element_size()
+                                         for b in module.buckets),
                             "optimizer": states}
                 else:
                     held = opt.memory()
@@ -409,10 +412,12 @@ if __name__ == "__main__":
     for r in range(N):
         if r == rank:
             print(f"rank {rank}/{N}: bf16 model of {psi:,} parameters; model states held in MB "
-                  f"(measured / formula 2 Psi, 2 Psi, 12 Psi sharded per stage); the losses (random tokens: they "
+                  "(measured / formula 2 Psi, 2 Psi, 12 Psi sharded per stage); the losses "
+                  "(random tokens: they "
                   f"stay near ln 256 = 5.55) are the same for every stage")
             for stage, held, pred, losses in rows:
-                cells = "  ".join(f"{k} {held[k] / 2**20:6.3f}/{pred[k] / 2**20:6.3f}" for k in held)
+                cells = "  ".join(f"{k} {held[k] / 2**20:6.3f}/{pred[k] / 2**20:6.3f}"
+                                  for k in held)
                 total = sum(held.values()) / pred["total"]
                 print(f"  stage {stage}: {cells}  total {total:.3f}x formula | losses "
                       + " ".join(f"{l:.3f}" for l in losses), flush=True)

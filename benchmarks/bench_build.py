@@ -49,9 +49,10 @@ def fake_topology(rank, tp, pp):
     """Rank `rank` of a world of tp x pp (dp 1): its coordinates, and no groups (building never
     communicates)."""
     pp_rank, tp_rank = divmod(rank, tp)
-    return SimpleNamespace(world=tp * pp, rank=rank, tp=tp, pp=pp, ep=1, cp=1, dp=1, tp_rank=tp_rank,
-                           pp_rank=pp_rank, ep_rank=0, cp_rank=0, dp_rank=0, expert_dp_rank=0, tp_group=None,
-                           ep_group=None, is_first_stage=pp_rank == 0, is_last_stage=pp_rank == pp - 1)
+    return SimpleNamespace(world=tp * pp, rank=rank, tp=tp, pp=pp, ep=1, cp=1, dp=1,
+                           tp_rank=tp_rank, pp_rank=pp_rank, ep_rank=0, cp_rank=0, dp_rank=0,
+                           expert_dp_rank=0, tp_group=None, ep_group=None,
+                           is_first_stage=pp_rank == 0, is_last_stage=pp_rank == pp - 1)
 
 
 def rss_mb(field):
@@ -85,14 +86,16 @@ def child(model_name, layout, rank, how, init):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # (Adam's moments come at the first step)
     seconds = time.perf_counter() - t0
     held = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
-    print(json.dumps({"model": model_name, "layout": layout, "rank": rank, "how": how, "init": bool(init),
-                      "before_mb": round(before), "peak_mb": round(rss_mb("VmHWM")), "params_mb": round(held),
+    print(json.dumps({"model": model_name, "layout": layout, "rank": rank, "how": how,
+                      "init": bool(init), "before_mb": round(before),
+                      "peak_mb": round(rss_mb("VmHWM")), "params_mb": round(held),
                       "seconds": round(seconds, 1)}), flush=True)
     del opt
 
 
 def run_case(*argv):
-    out = subprocess.run([sys.executable, __file__, "--child", *map(str, argv)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "--child", *map(str, argv)],
+                         capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"bench_build.py: case {argv} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -117,8 +120,10 @@ def main():
     def case(*argv):
         r = run_case(*argv)
         rows.append(r)
-        print(f"{r['model']:<10} {r['layout']:<7} {r['rank']:>4} {r['how']:<6} {'file' if r['init'] else '-':<6} "
-              f"{r['params_mb']:>10,} {r['before_mb']:>14,} {r['peak_mb']:>12,} {r['peak_mb'] - r['before_mb']:>14,} "
+        print(f"{r['model']:<10} {r['layout']:<7} {r['rank']:>4} {r['how']:<6} "
+              f"{'file' if r['init'] else '-':<6} "
+              f"{r['params_mb']:>10,} {r['before_mb']:>14,} {r['peak_mb']:>12,} "
+              f"{r['peak_mb'] - r['before_mb']:>14,} "
               f"{r['seconds']:>6}", flush=True)
 
     for layout in args.layouts.split(","):
@@ -130,7 +135,8 @@ def main():
         cfg = PRESETS[args.init_model]
         torch.manual_seed(0)
         sd = Transformer(cfg).state_dict()
-        torch.save({"model": sd, "model_config": asdict(replace(cfg, attn="-")), "tokenizer": "gpt2"},
+        torch.save({"model": sd, "model_config": asdict(replace(cfg, attn="-")),
+                    "tokenizer": "gpt2"},
                    Path(d) / "model.pt")
         del sd
         layout = args.layouts.split(",")[0]

@@ -43,11 +43,14 @@ def build(topo, zero):
 def _ranks(rank, world, out):
     topo = Topology(tp=2)
     model, module, opt = build(topo, zero=3)
-    x = torch.randint(0, CFG.vocab_size, (B // topo.dp, T + 1), generator=torch.Generator().manual_seed(topo.dp_rank))
-    training.forward_backward(module, [(x[:, :-1], x[:, 1:])], topo, "1f1b", opt.scale_loss, "cpu", opt.no_sync)
+    x = torch.randint(0, CFG.vocab_size, (B // topo.dp, T + 1),
+                      generator=torch.Generator().manual_seed(topo.dp_rank))
+    training.forward_backward(module, [(x[:, :-1], x[:, 1:])], topo, "1f1b", opt.scale_loss, "cpu",
+                              opt.no_sync)
     opt.step(1.0)
     t0 = time.perf_counter()
-    checkpoint.save(out, 1, model, opt, topo, {"data": {"step": 1}, "model_config": vars(CFG), "tokenizer": "gpt2"})
+    checkpoint.save(out, 1, model, opt, topo, {"data": {"step": 1}, "model_config": vars(CFG),
+                                               "tokenizer": "gpt2"})
     t_save = time.perf_counter() - t0
     written = (Path(out) / "step_000001" / f"rank{rank}.pt").stat().st_size
     del model, module, opt
@@ -62,7 +65,8 @@ def _ranks(rank, world, out):
     checkpoint.copy_overlap = counting
     t0 = time.perf_counter()
     checkpoint.load(out, model, opt, topo)
-    return {"written": written, "save_s": t_save, "read": copied[0], "load_s": time.perf_counter() - t0}
+    return {"written": written, "save_s": t_save, "read": copied[0],
+            "load_s": time.perf_counter() - t0}
 
 
 def main():
@@ -81,12 +85,15 @@ def main():
         sizes = {"consolidated": (Path(tmp) / "model.pt").stat().st_size,
                  "safetensors": (Path(tmp) / "hf" / "model.safetensors").stat().st_size}
     total = sum(r["written"] for r in ranks)
-    result = {"params": n_params, "ranks": ranks, "written_total": total, "bytes_per_param": total / n_params,
-              "consolidate_s": t_cons, "export_hf_s": t_hf, **sizes}
-    print(f"gpt2-124m: {n_params:,} parameters; saved by ZeRO-3 x tp 2 on 4 ranks: {total / 2**20:.0f} MB "
+    result = {"params": n_params, "ranks": ranks, "written_total": total,
+              "bytes_per_param": total / n_params, "consolidate_s": t_cons, "export_hf_s": t_hf,
+              **sizes}
+    print(f"gpt2-124m: {n_params:,} parameters; saved by ZeRO-3 x tp 2 on 4 ranks: "
+          f"{total / 2**20:.0f} MB "
           f"({total / n_params:.2f} bytes/parameter)")
     for r, x in enumerate(ranks):
-        print(f"  rank {r}: wrote {x['written'] / 2**20:.0f} MB in {x['save_s']:.1f} s | resumed as tp 2 x pp 2: "
+        print(f"  rank {r}: wrote {x['written'] / 2**20:.0f} MB in {x['save_s']:.1f} s | resumed "
+              "as tp 2 x pp 2: "
               f"read {x['read'] / 2**20:.0f} MB of pieces, load {x['load_s']:.1f} s")
     print(f"consolidate: {sizes['consolidated'] / 2**20:.0f} MB in {t_cons:.1f} s | export-hf: "
           f"{sizes['safetensors'] / 2**20:.0f} MB in {t_hf:.1f} s")

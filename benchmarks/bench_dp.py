@@ -33,8 +33,8 @@ from tests.distributed import run_distributed  # noqa: E402
 from zero import ZeroOptimizer  # noqa: E402
 from amp import DynamicLossScaler  # noqa: E402
 
-CFG = replace(PRESETS["tiny"], n_layer=4, n_head=4, n_kv_head=4, d_model=256, d_ff=704, vocab_size=2048,
-              block_size=128)
+CFG = replace(PRESETS["tiny"], n_layer=4, n_head=4, n_kv_head=4, d_model=256, d_ff=704,
+              vocab_size=2048, block_size=128)
 MICRO_BATCH, LR, CLIP = 4, 1e-3, 1.0
 
 
@@ -57,8 +57,8 @@ def run_one(rank, world, impl, steps, warmup):
         opt = adamw(model.parameters())
     elif impl == "ours-zero3":
         module = model
-        opt = ZeroOptimizer(model, [{"params": list(model.parameters())}], adamw, DynamicLossScaler(False),
-                            stage=3)
+        opt = ZeroOptimizer(model, [{"params": list(model.parameters())}], adamw,
+                            DynamicLossScaler(False), stage=3)
     else:  # torch-fsdp2: each block a unit, then the root, as ours
         mesh = init_device_mesh("cpu", (world,))
         for block in model.blocks:
@@ -66,7 +66,8 @@ def run_one(rank, world, impl, steps, warmup):
         module = fully_shard(model, mesh=mesh)
         opt = adamw(model.parameters())
     g = torch.Generator().manual_seed(1)
-    data = torch.randint(0, CFG.vocab_size, (warmup + steps, world * MICRO_BATCH, CFG.block_size + 1), generator=g)
+    data = torch.randint(0, CFG.vocab_size, (warmup + steps, world * MICRO_BATCH,
+                                             CFG.block_size + 1), generator=g)
     times, losses = [], []
     for i, batch in enumerate(data):
         x = batch.chunk(world)[rank]
@@ -121,7 +122,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="out/bench/bench_dp.json")
-    ap.add_argument("--only", nargs="*", default=None, help="a subset of the four runs (no ratios then)")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="a subset of the four runs (no ratios then)")
     args = ap.parse_args(argv)
     world, impls = 2, args.only or ["ours-ddp", "torch-ddp", "ours-zero3", "torch-fsdp2"]
     n_params = sum(p.numel() for p in Transformer(CFG).parameters())
@@ -133,12 +135,15 @@ def main(argv=None):
             per_rank = run_distributed(run_one, world, impl, args.steps, args.warmup)
             step_s = max(r["step_s"] for r in per_rank)  # a step ends when the slowest rank's does
             mem = max(r["peak_rss_growth_mb"] for r in per_rank)
-            print(f"  repeat {rep}: {impl:<12} {step_s * 1e3:8.1f} ms/step  peak RSS growth {mem:7.1f} MB/rank  "
+            print(f"  repeat {rep}: {impl:<12} {step_s * 1e3:8.1f} ms/step  peak RSS growth "
+                  f"{mem:7.1f} MB/rank  "
                   f"last loss {per_rank[0]['losses'][-1]:.4f}", flush=True)
             if impl not in best or step_s < best[impl]["step_s"]:
-                best[impl] = {"step_s": step_s, "peak_rss_growth_mb": mem, "losses": per_rank[0]["losses"]}
+                best[impl] = {"step_s": step_s, "peak_rss_growth_mb": mem,
+                              "losses": per_rank[0]["losses"]}
     tokens = world * MICRO_BATCH * CFG.block_size
-    result = {"params": n_params, "world": world, "tokens_per_step": tokens, "runs": {}, "ratios": {}}
+    result = {"params": n_params, "world": world, "tokens_per_step": tokens, "runs": {},
+              "ratios": {}}
     for impl, r in best.items():
         result["runs"][impl] = {"step_s": r["step_s"], "tokens_per_s": tokens / r["step_s"],
                                 "peak_rss_growth_mb_per_rank": r["peak_rss_growth_mb"]}

@@ -41,8 +41,8 @@ from tests.distributed import run_distributed  # noqa: E402
 from topology import Topology  # noqa: E402
 from zero import ZeroOptimizer  # noqa: E402
 
-CFG = replace(PRESETS["tiny"], n_layer=4, n_head=4, n_kv_head=4, d_model=256, d_ff=704, vocab_size=2048,
-              block_size=128)
+CFG = replace(PRESETS["tiny"], n_layer=4, n_head=4, n_kv_head=4, d_model=256, d_ff=704,
+              vocab_size=2048, block_size=128)
 MICRO_BATCH, MICROBATCHES, LR, CLIP = 4, 4, 1e-3, 1.0
 
 
@@ -63,8 +63,8 @@ def zero3_tp(rank, impl):
         topo = Topology(tp=2)
         torch.manual_seed(0)
         model = tensor_parallel.parallelize(Transformer(CFG), topo)
-        opt = ZeroOptimizer(model, [{"params": list(model.parameters())}], adamw, DynamicLossScaler(False),
-                            group=topo.dp_group, stage=3,
+        opt = ZeroOptimizer(model, [{"params": list(model.parameters())}], adamw,
+                            DynamicLossScaler(False), group=topo.dp_group, stage=3,
                             norm_reduce_fn=stack.grad_norm_reduce(topo))
 
         def step(x):
@@ -83,9 +83,12 @@ def zero3_tp(rank, impl):
     torch.manual_seed(0)
     model = Transformer(CFG)
     for block in model.blocks:
-        parallelize_module(block, mesh["tp"], {"attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(),
-                                               "attn.wv": ColwiseParallel(), "attn.wo": RowwiseParallel(),
-                                               "mlp.w1": ColwiseParallel(), "mlp.w3": ColwiseParallel(),
+        parallelize_module(block, mesh["tp"], {"attn.wq": ColwiseParallel(),
+                                               "attn.wk": ColwiseParallel(),
+                                               "attn.wv": ColwiseParallel(),
+                                               "attn.wo": RowwiseParallel(),
+                                               "mlp.w1": ColwiseParallel(),
+                                               "mlp.w3": ColwiseParallel(),
                                                "mlp.w2": RowwiseParallel()})
     parallelize_module(model, mesh["tp"], {"tok_emb": RowwiseParallel(input_layouts=Replicate()),
                                            "lm_head": ColwiseParallel(output_layouts=Replicate())})
@@ -162,7 +165,8 @@ def one_f_one_b(rank, impl):
 
 
 # world, builder, data-parallel ranks, rows per data-parallel rank per step
-ROWS = {"zero3-tp2": (4, zero3_tp, 2, MICRO_BATCH), "1f1b-pp2": (2, one_f_one_b, 1, MICRO_BATCH * MICROBATCHES)}
+ROWS = {"zero3-tp2": (4, zero3_tp, 2, MICRO_BATCH),
+        "1f1b-pp2": (2, one_f_one_b, 1, MICRO_BATCH * MICROBATCHES)}
 # Throughput goals, ours / torch's, as bench_dp.py's: ZeRO-3 (here over tp) as its ZeRO-3 row; 1F1B,
 # the same operations in the same order as torch's schedule, as its DDP row. Memory: at most 1x.
 GOALS = {"zero3-tp2": 0.9, "1f1b-pp2": 0.95}
@@ -179,7 +183,8 @@ def run_one(rank, world, row, impl, steps, warmup):
         loss = step(x)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-        losses.append(float(loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach()))
+        losses.append(float(loss.detach().full_tensor() if hasattr(loss, "full_tensor")
+                            else loss.detach()))
     peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kb) / 1024
     return {"step_s": statistics.median(times), "peak_rss_growth_mb": peak_mb, "losses": losses}
 
@@ -193,9 +198,10 @@ def main(argv=None):
     ap.add_argument("--out", default="out/bench/bench_parallel.json")
     args = ap.parse_args(argv)
     n_params = sum(p.numel() for p in Transformer(CFG).parameters())
-    print(f"model: {n_params:,} parameters, fp32, gloo, CPU, 1 thread per rank; per data-parallel rank and step "
-          f"{MICRO_BATCH} x {CFG.block_size} tokens (zero3-tp2), {MICROBATCHES} micro-batches of that (1f1b-pp2)",
-          flush=True)
+    print(f"model: {n_params:,} parameters, fp32, gloo, CPU, 1 thread per rank; per "
+          "data-parallel rank and step "
+          f"{MICRO_BATCH} x {CFG.block_size} tokens (zero3-tp2), {MICROBATCHES} micro-batches of "
+          "that (1f1b-pp2)", flush=True)
     result = {"params": n_params, "rows": {}}
     for row in args.rows:
         world, _, dp, rows = ROWS[row]
@@ -205,7 +211,8 @@ def main(argv=None):
                 per_rank = run_distributed(run_one, world, row, impl, args.steps, args.warmup)
                 step_s = max(r["step_s"] for r in per_rank)
                 mem = max(r["peak_rss_growth_mb"] for r in per_rank)
-                print(f"  {row} repeat {rep}: {impl:<6} {step_s * 1e3:8.1f} ms/step  peak RSS growth "
+                print(f"  {row} repeat {rep}: {impl:<6} {step_s * 1e3:8.1f} ms/step  peak RSS "
+                      "growth "
                       f"{mem:7.1f} MB/rank  last loss {per_rank[0]['losses'][-1]:.4f}", flush=True)
                 if impl not in best or step_s < best[impl]["step_s"]:
                     best[impl] = {"step_s": step_s, "mem": mem, "losses": per_rank[0]["losses"]}
@@ -216,7 +223,8 @@ def main(argv=None):
             "peak_rss_growth_mb_per_rank": {k: v["mem"] for k, v in best.items()},
             "throughput": theirs["step_s"] / ours["step_s"], "goal": GOALS[row],
             "memory": ours["mem"] / theirs["mem"],
-            "max_loss_difference": max(abs(a - b) for a, b in zip(ours["losses"], theirs["losses"]))}
+            "max_loss_difference": max(abs(a - b) for a,
+                                       b in zip(ours["losses"], theirs["losses"]))}
     for row, r in result["rows"].items():
         print(f"{row} (world {r['world']}): ours {r['tokens_per_s']['ours']:.0f} vs torch "
               f"{r['tokens_per_s']['torch']:.0f} tokens/s")

@@ -67,7 +67,8 @@ def kill_group(proc, grace=KILL_GRACE_S):
 def run(cmd, env=None, timeout=600):
     """cmd in a session of its own: (exit status, or None when it ran past `timeout` and was
     killed)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+                            start_new_session=True)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -79,7 +80,8 @@ def run(cmd, env=None, timeout=600):
 
 def status(code, timeout):
     """(ok, figures) of a command's exit status from run()."""
-    return (code == 0, "" if code == 0 else f"timed out after {timeout} s: process group killed" if code is None
+    return (code == 0, "" if code == 0 else f"timed out after {timeout} s: process group killed"
+            if code is None
             else f"exit status {code}")
 
 
@@ -102,7 +104,8 @@ def run_checks(rows, n_gpus):
             results.append((row.name, "pass" if ok else "FAIL", time.time() - t0, figures))
     finally:
         done = {r[0] for r in results}
-        results += [(row.name, "not run", 0.0, "interrupted") for row in rows if row.name not in done]
+        results += [(row.name, "not run", 0.0, "interrupted") for row in rows
+                    if row.name not in done]
         width = max(len(r[0]) for r in results) if results else 5
         print(f"\n{'check':<{width}} {'result':<16} {'seconds':>7}  figures")
         for name, result, dt, figures in results:
@@ -118,23 +121,26 @@ def mfu(rec, gpu, precision):
     peak = PEAK_BY_PRECISION[gpu][precision]
     if peak is None:
         return f"MFU n/a (no {precision} on {gpu})"
-    return f"MFU {rec['mfu'] * estimate.PEAK_TFLOPS[gpu] / peak:.1%} of {precision} {peak:.0f} TFLOP/s"
+    return (f"MFU {rec['mfu'] * estimate.PEAK_TFLOPS[gpu] / peak:.1%} of {precision} {peak:.0f} "
+            "TFLOP/s")
 
 
 def last_log(out):
     """The last logged step of out/metrics.jsonl that has throughput figures."""
     path = os.path.join(out, "metrics.jsonl")
-    recs = [r for r in map(json.loads, open(path)) if "tokens_per_s" in r] if os.path.exists(path) else []
+    recs = [r for r in map(json.loads, open(path))
+            if "tokens_per_s" in r] if os.path.exists(path) else []
     if not recs:
         raise RuntimeError(f"no throughput logged in {path}")
     return recs[-1]
 
 
 def pretrain_cmd(nproc, out, extra, gpu):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "pretrain.py",
-            "--device", "cuda", "--model", "gpt2-124m", "--seq-len", "1024", "--max-steps", "30",
-            "--warmup-steps", "10", "--log-every", "10", "--eval-every", "1000", "--eval-iters", "2",
-            "--save-every", "1000", "--sample-tokens", "0", *(["--gpu", gpu] if gpu else []), "--out", out, *extra]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "pretrain.py", "--device", "cuda", "--model", "gpt2-124m", "--seq-len", "1024",
+            "--max-steps", "30", "--warmup-steps", "10", "--log-every", "10", "--eval-every",
+            "1000", "--eval-iters", "2", "--save-every", "1000", "--sample-tokens", "0",
+            *(["--gpu", gpu] if gpu else []), "--out", out, *extra]
 
 
 def pretrain_row(name, tmp, nproc, extra, gpu, precision="bf16", timeout=300):
@@ -146,7 +152,8 @@ def pretrain_row(name, tmp, nproc, extra, gpu, precision="bf16", timeout=300):
         if code != 0:
             return status(code, timeout)
         rec = last_log(out)
-        return True, (f"loss {rec['loss']:.3f}, {rec['tokens_per_s'] / 1e3:.0f}k tok/s, {mfu(rec, gpu, precision)}, "
+        return True, (f"loss {rec['loss']:.3f}, {rec['tokens_per_s'] / 1e3:.0f}k tok/s, "
+                      f"{mfu(rec, gpu, precision)}, "
                       f"{rec['peak_mem_mb'] / 1024:.1f} GiB")
     return Row(name, go, nproc)
 
@@ -166,26 +173,33 @@ def resume_row(tmp, gpu, timeout=300):
         a, b = last_log(whole), last_log(parts)
         diff = abs(a["loss"] - b["loss"])
         return (a["step"] == b["step"] == 20 and diff < 0.02,
-                f"step-20 loss {a['loss']:.4f} uninterrupted, {b['loss']:.4f} resumed on another layout")
+                f"step-20 loss {a['loss']:.4f} uninterrupted, {b['loss']:.4f} resumed on another "
+                "layout")
     return Row("resume: tp 2 -> ZeRO-3 dp 2", go, 2)
 
 
 def plan(tmp, n, gpu):
     """The rows, for n visible GPUs of kind `gpu` (a PEAK_BY_PRECISION key, or None)."""
-    tests = [sys.executable, "-m", "pytest", "-q", "tests/gpu", "tests/test_flash_attn.py", "-k", "cuda"]
+    tests = [sys.executable, "-m", "pytest", "-q", "tests/gpu", "tests/test_flash_attn.py", "-k",
+             "cuda"]
     even = max(2, n - n % 2)  # ZeRO-3 x tp 2 on every GPU (tp 2 needs an even count)
     return [
         Row("GPU tests (tests/gpu)", lambda: status(run(tests, {"LLM_GPU_TESTS": "1"}), 600)),
-        Row("python flash_attn.py", lambda: status(run([sys.executable, "flash_attn.py"], timeout=300), 300)),
+        Row("python flash_attn.py", lambda: status(run([sys.executable, "flash_attn.py"],
+                                                       timeout=300), 300)),
         pretrain_row("1 GPU, bf16", tmp, 1, ["--batch-size", "16"], gpu),
         pretrain_row("1 GPU, fp8", tmp, 1, ["--batch-size", "16"], gpu, precision="fp8"),
-        pretrain_row(f"ZeRO-3 x tp 2, {even} GPUs", tmp, even, ["--zero", "3", "--tp", "2", "--batch-size",
+        pretrain_row(f"ZeRO-3 x tp 2, {even} GPUs", tmp, even,
+                     ["--zero", "3", "--tp", "2", "--batch-size",
                                                                  str(16 * even // 2)], gpu),
-        pretrain_row(f"DDP, {max(n, 2)} GPUs", tmp, max(n, 2), ["--zero", "0", "--batch-size", str(16 * max(n, 2))],
-                     gpu),
-        pretrain_row("1F1B, pp 2", tmp, 2, ["--pp", "2", "--microbatches", "4", "--batch-size", "16"], gpu),
-        pretrain_row("ring attention, cp 2", tmp, 2, ["--cp", "2", "--attn", "flash", "--batch-size", "16"], gpu),
-        pretrain_row("MoE all-to-all, ep 2", tmp, 2, ["--experts", "4", "--ep", "2", "--batch-size", "32"], gpu),
+        pretrain_row(f"DDP, {max(n, 2)} GPUs", tmp, max(n, 2),
+                     ["--zero", "0", "--batch-size", str(16 * max(n, 2))], gpu),
+        pretrain_row("1F1B, pp 2", tmp, 2, ["--pp", "2", "--microbatches", "4", "--batch-size",
+                                            "16"], gpu),
+        pretrain_row("ring attention, cp 2", tmp, 2,
+                     ["--cp", "2", "--attn", "flash", "--batch-size", "16"], gpu),
+        pretrain_row("MoE all-to-all, ep 2", tmp, 2,
+                     ["--experts", "4", "--ep", "2", "--batch-size", "32"], gpu),
         resume_row(tmp, gpu),
     ]
 
@@ -196,7 +210,8 @@ def main():
         sys.exit("gpu_check.py: no CUDA device is visible: this check is for a GPU machine")
     n, name = torch.cuda.device_count(), torch.cuda.get_device_name()
     gpu = next((k for k in PEAK_BY_PRECISION if k in name.lower()), None)
-    print(f"{name} x {n}, torch {torch.__version__}" + ("" if gpu else ": no datasheet peak known, MFU n/a"),
+    print(f"{name} x {n}, torch {torch.__version__}" + ("" if gpu else ": no datasheet peak "
+                                                                       "known, MFU n/a"),
           flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         sys.exit(run_checks(plan(tmp, n, gpu), n))

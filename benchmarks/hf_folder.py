@@ -34,12 +34,14 @@ import bpe  # noqa: E402
 import hf  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
-SMOLLM2 = {"num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
-           "intermediate_size": 1536, "vocab_size": 49152, "max_position_embeddings": 8192, "rope_theta": 1e5}
+SMOLLM2 = {"num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
+           "max_position_embeddings": 8192, "rope_theta": 1e5}
 SHAPES = {"smollm2-135m": SMOLLM2,
           "135m-tp2": SMOLLM2 | {"num_attention_heads": 8, "num_key_value_heads": 2},
-          "tiny": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
-                   "intermediate_size": 128, "vocab_size": 640, "max_position_embeddings": 256, "rope_theta": 5e5}}
+          "tiny": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 640,
+                   "max_position_embeddings": 256, "rope_theta": 5e5}}
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # ChatML as SmolLM2-Instruct writes it: a default system turn when the conversation has none.
 CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
@@ -61,8 +63,9 @@ def config_json(shape, dtype):
     s = dict(SHAPES[shape] if isinstance(shape, str) else shape)
     theta = s.pop("rope_theta")
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **s, "rms_norm_eps": 1e-5,
-            "rope_parameters": {"rope_type": "default", "rope_theta": theta}, "tie_word_embeddings": True,
-            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02,
+            "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+            "tie_word_embeddings": True, "hidden_act": "silu", "attention_bias": False,
+            "mlp_bias": False, "initializer_range": 0.02,
             "dtype": str(dtype).removeprefix("torch.")}
 
 
@@ -76,14 +79,16 @@ def write_hf_folder(out, shape="tiny", n_merges=300, dtype=torch.bfloat16, seed=
     c = config_json(shape, dtype)
     n_vocab = len(vocab)
     if n_vocab > c["vocab_size"]:
-        raise ValueError(f"--merges {n_merges}: the tokenizer's {n_vocab} ids exceed the model's {c['vocab_size']}")
+        raise ValueError(f"--merges {n_merges}: the tokenizer's {n_vocab} ids exceed the model's "
+                         f"{c['vocab_size']}")
     ids = {"bos_token_id": vocab["<|im_start|>"], "eos_token_id": vocab["<|im_end|>"],
            "pad_token_id": vocab["<|im_end|>"]}
     c |= ids
     torch.manual_seed(seed)
     cfg = ModelConfig(n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"],
-                      n_kv_head=c["num_key_value_heads"], d_model=c["hidden_size"], d_ff=c["intermediate_size"],
-                      vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"])
+                      n_kv_head=c["num_key_value_heads"], d_model=c["hidden_size"],
+                      d_ff=c["intermediate_size"], vocab_size=c["vocab_size"],
+                      block_size=c["max_position_embeddings"])
     sd = Transformer(cfg).state_dict()
     # tied
     tensors = {hf.rename(k, hf.TO_HF): v.to(dtype) for k, v in sd.items() if k != "lm_head.weight"}
@@ -93,23 +98,27 @@ def write_hf_folder(out, shape="tiny", n_merges=300, dtype=torch.bfloat16, seed=
     (out / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
     (out / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
-        "unk_token": "<|endoftext|>", "chat_template": CHATML, "model_max_length": c["max_position_embeddings"]},
+        "unk_token": "<|endoftext|>", "chat_template": CHATML,
+                                                           "model_max_length": c["max_position_embeddings"]},
         indent=2) + "\n")
     return out
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write a random-weight Hugging Face Llama folder of a model's shape.")
+    p = argparse.ArgumentParser(description="Write a random-weight Hugging Face Llama folder of "
+                                            "a model's shape.")
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     p.add_argument("--out", required=True, help="the folder to write")
     p.add_argument("--merges", type=int, default=300, help="BPE merges the tokenizer learns")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="the weights' dtype in the file")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                   help="the weights' dtype in the file")
     args = p.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     out = write_hf_folder(args.out, args.shape, args.merges, dtype)
     n = sum(t.numel() for t in hf.read_safetensors(out / "model.safetensors").values())
     enc = bpe.load_folder(str(out.resolve()))
-    print(f"{out}: {args.shape}, {n:,} parameters (tied), {args.dtype}; tokenizer.json of {enc.n_vocab} ids")
+    print(f"{out}: {args.shape}, {n:,} parameters (tied), {args.dtype}; tokenizer.json of "
+          f"{enc.n_vocab} ids")
 
 
 if __name__ == "__main__":

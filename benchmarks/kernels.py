@@ -64,7 +64,8 @@ KERNELS = [("forward", fk._fwd_kernel.fn, fk.FWD_TILES, ("BLOCK_M", "BLOCK_N")),
 def source(fn, blocks, head_dim):
     """The ASTSource a launch would build: argument types, constants, 16-byte divisibility hints."""
     types = {t: kind for kind, names in POINTERS.items() for t in names}
-    constants = {**CONSTANTS, **blocks, "HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim)}
+    constants = {**CONSTANTS, **blocks, "HEAD_DIM": head_dim,
+                 "BLOCK_D": triton.next_power_of_2(head_dim)}
     constants = {k: v for k, v in constants.items() if k in fn.arg_names}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -94,10 +95,12 @@ def compile_one(job):
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
     shared, limit = kernel.metadata.shared, ARCHS[arch][1]
     tile = " ".join(f"{n[-1]}{v}" for n, v in blocks.items())  # BLOCK_M 128 -> M128
-    return {"kernel": name, "head_dim": head_dim, "config": f"{tile}, {warps} warps, {stages} stages",
+    return {"kernel": name, "head_dim": head_dim,
+            "config": f"{tile}, {warps} warps, {stages} stages",
             "arch": ARCHS[arch][0], "registers": registers, "spill_bytes": spills, "shared": shared,
-            "shared_limit": limit, "fits": spills == 0 and shared <= limit and registers <= MAX_REGISTERS,
-            "note": "wgmma serialized (registers)" if "wgmma.mma_async instructions are serialized" in text else "",
+            "shared_limit": limit, "fits": spills == 0 and shared <= limit
+            and registers <= MAX_REGISTERS, "note": "wgmma serialized (registers)"
+            if "wgmma.mma_async instructions are serialized" in text else "",
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -118,10 +121,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", type=int, nargs="+", choices=sorted(ARCHS), default=sorted(ARCHS),
                    help="compute capabilities (80: A100, 90: H100/H200 as sm_90a)")
-    p.add_argument("--head-dim", type=int, help="only the configs kept for this head dim, compiled for it "
+    p.add_argument("--head-dim", type=int, help="only the configs kept for this head dim, "
+                                                "compiled for it "
                    "(default: each config at the largest head dim it is kept for)")
     p.add_argument("--first", action="store_true", help="only each kernel's first config")
-    p.add_argument("--jobs", type=int, default=os.cpu_count(), help="compiles in parallel (processes)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count(),
+                   help="compiles in parallel (processes)")
     p.add_argument("--json", help="write the rows to this file")
     args = p.parse_args(argv)
     if why := ptxas_missing(args.arch):
@@ -137,12 +142,15 @@ def main(argv=None):
           f"{max(1, args.jobs)} at a time", flush=True)
     with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs)) as pool:
         rows = list(pool.map(compile_one, jobs))
-    print(f"{'kernel':<8} {'D':>3} {'config (tile, warps, stages)':<30} {'arch':<7} {'regs':>4} {'spilled':>7} "
+    print(f"{'kernel':<8} {'D':>3} {'config (tile, warps, stages)':<30} {'arch':<7} {'regs':>4} "
+          f"{'spilled':>7} "
           f"{'shared KB':>9} {'limit':>5} {'fits':<4} {'s':>4}  note")
     for r in rows:
-        print(f"{r['kernel']:<8} {r['head_dim']:>3} {r['config']:<30} {r['arch']:<7} {r['registers']:>4} "
+        print(f"{r['kernel']:<8} {r['head_dim']:>3} {r['config']:<30} {r['arch']:<7} "
+              f"{r['registers']:>4} "
               f"{r['spill_bytes']:>7} "
-              f"{r['shared'] / 1024:>9.1f} {r['shared_limit'] // 1024:>5} {'yes' if r['fits'] else 'NO':<4} "
+              f"{r['shared'] / 1024:>9.1f} {r['shared_limit'] // 1024:>5} "
+              f"{'yes' if r['fits'] else 'NO':<4} "
               f"{r['seconds']:>4.0f}  {r['note']}")
     if args.json:
         with open(args.json, "w") as f:

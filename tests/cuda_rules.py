@@ -19,10 +19,12 @@ FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 def cuda_rule_broken(mat1, mat2, scale_a, scale_b, out_dtype):
     """The first rule of CUDA's tensor-wise _scaled_mm these arguments break, or None."""
     if mat1.dim() != 2 or mat2.dim() != 2 or mat1.shape[1] != mat2.shape[0]:
-        return f"mat1 and mat2 shapes cannot be multiplied ({tuple(mat1.shape)} and {tuple(mat2.shape)})"
+        return (f"mat1 and mat2 shapes cannot be multiplied ({tuple(mat1.shape)} and "
+                f"{tuple(mat2.shape)})")
     (m, k), n = mat1.shape, mat2.shape[1]
     if k % 16:
-        return f"Expected trailing dimension of mat1 to be divisible by 16 but got mat1 shape: ({m}x{k})"
+        return ("Expected trailing dimension of mat1 to be divisible by 16 but got mat1 shape: "
+                f"({m}x{k})")
     if mat2.shape[0] % 16 or n % 16:
         return f"mat2 shape ({k}x{n}) must be divisible by 16"
     if mat1.dtype not in FP8 or mat2.dtype not in FP8:
@@ -31,12 +33,14 @@ def cuda_rule_broken(mat1, mat2, scale_a, scale_b, out_dtype):
         return "Multiplication of two Float8_e5m2 matrices is not supported"
     for name, s in (("scale_a", scale_a), ("scale_b", scale_b)):
         if s.numel() != 1 or s.dtype != torch.float32:
-            return f"{name} must have 1 Float element (tensor-wise scaling), got {s.dtype} of shape {tuple(s.shape)}"
+            return (f"{name} must have 1 Float element (tensor-wise scaling), got {s.dtype} of "
+                    f"shape {tuple(s.shape)}")
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32, *FP8):
         return f"out_dtype {out_dtype}: bf16, fp16, fp32 or fp8 expected"
     # cuBLASLt's layouts: a dimension of extent 1 has no stride to speak of
     if not (mat1.stride(1) == 1 or k <= 1) or not (mat2.stride(0) == 1 or k <= 1):
-        return (f"Only multiplication of row-major and column-major matrices is supported by cuBLASLt (mat1 strides "
+        return ("Only multiplication of row-major and column-major matrices is supported by "
+                "cuBLASLt (mat1 strides "
                 f"{mat1.stride()}, mat2 strides {mat2.stride()})")
     return None
 

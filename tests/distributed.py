@@ -26,8 +26,8 @@ def free_port():
 
 
 def _worker(rank, world, port, fn, args, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # N processes share the machine's cores
     out = os.path.join(result_dir, f"{rank}.pt")
     try:
@@ -54,7 +54,8 @@ def run_distributed(fn, world, *args):
                 if os.path.exists(path) and "error" in (res := torch.load(path, weights_only=False)):
                     errors.append(f"rank {r}:\n{res['error']}")
             raise AssertionError("\n".join(errors) or str(e)) from None
-        return [torch.load(os.path.join(d, f"{r}.pt"), weights_only=False)["ok"] for r in range(world)]
+        return [torch.load(os.path.join(d, f"{r}.pt"),
+                           weights_only=False)["ok"] for r in range(world)]
 
 
 def refused_before_any_group(tmp_path, capsys, monkeypatch, world, flags):

@@ -9,9 +9,11 @@ from model import ModelConfig, Transformer
 
 # Two layers, width 32, context 128: fast, and short enough for the prompt-too-long error to be easy
 # to hit.
-CFG = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, vocab_size=320, block_size=128)
-WORDS = ["alpha", "bravo", "delta", "echo", "golf", "hotel", "india", "kilo", "lima", "mike", "oscar", "papa",
-         "romeo", "sierra", "tango", "victor", "whisky", "yankee", "zulu", "quebec"]
+CFG = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, vocab_size=320,
+                  block_size=128)
+WORDS = ["alpha", "bravo", "delta", "echo", "golf", "hotel", "india", "kilo", "lima", "mike",
+         "oscar", "papa", "romeo", "sierra", "tango", "victor", "whisky", "yankee", "zulu",
+         "quebec"]
 
 
 def make_init(path, cfg=CFG, seed=0):
@@ -22,7 +24,8 @@ def make_init(path, cfg=CFG, seed=0):
     cfg_dict = asdict(cfg)
     cfg_dict.update(attn="-", activation_checkpointing=False)
     path.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "model_config": cfg_dict, "tokenizer": "bytes"}, path / "model.pt")
+    torch.save({"model": model.state_dict(), "model_config": cfg_dict, "tokenizer": "bytes"},
+               path / "model.pt")
     return path / "model.pt"
 
 

@@ -56,7 +56,8 @@ def test_fp16_overflow_skips_the_step_halves_the_scale_and_carries_on():
     assert scaler.scale == scale / 2
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(masters, opt.master_params))
-    assert all(torch.equal(v, opt.optimizer.state[opt.master_params[0]][k]) for k, v in adam.items())
+    assert all(torch.equal(v, opt.optimizer.state[opt.master_params[0]][k]) for k,
+               v in adam.items())
     norm, skipped = step(model, opt, idx)
     assert not skipped and math.isfinite(norm)
     assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
@@ -76,8 +77,8 @@ def test_model_weights_are_16_bit_and_masters_fp32():
 def test_master_weights_keep_updates_smaller_than_bf16_spacing():
     """The reason for fp32 masters: 1 + 1e-3 rounds back to 1 in bf16 (spacing 2^-7 near 1)."""
     p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
-    opt = MixedPrecisionOptimizer([{"params": [p]}], lambda g: torch.optim.SGD(g, lr=1e-3), torch.bfloat16,
-                                  DynamicLossScaler(enabled=False))
+    opt = MixedPrecisionOptimizer([{"params": [p]}], lambda g: torch.optim.SGD(g, lr=1e-3),
+                                  torch.bfloat16, DynamicLossScaler(enabled=False))
     naive = torch.ones(4, dtype=torch.bfloat16)
     for _ in range(20):
         p.grad = -torch.ones(4, dtype=torch.bfloat16)
@@ -126,7 +127,8 @@ def test_fp16_gradient_norm_and_update_equal_fp32s():
         opt.scale_loss(loss).backward()
         norms[name], skipped = opt.step(max_norm=0.0)
         assert not skipped
-        updates[name] = torch.cat([(m.detach() - b).flatten() for m, b in zip(opt.master_params, before)])
+        updates[name] = torch.cat([(m.detach() - b).flatten() for m,
+                                   b in zip(opt.master_params, before)])
     assert opt.scaler.scale == 2.0 ** 16
     assert norms["fp16"] == pytest.approx(norms["fp32"], rel=1e-4)
     assert (updates["fp16"] - updates["fp32"]).norm() < 5e-3 * updates["fp32"].norm()
@@ -156,7 +158,8 @@ def test_guard_stops_on_k_non_finite_gradients_without_loss_scaling():
     reasons = [guard.check(2.0, math.inf, scaler) for _ in range(4)]
     # a skipped step leaves the weights as they were: a checkpoint now is still good
     assert guard.healthy
-    assert reasons[:3] == [None] * 3 and reasons[3].startswith("the gradient norm was inf for 4 steps in a row")
+    assert reasons[:3] == [None] * 3 and reasons[3].startswith("the gradient norm was inf for 4 "
+                                                               "steps in a row")
 
 
 def test_guard_stops_fp16_when_the_loss_scale_falls_below_the_floor():

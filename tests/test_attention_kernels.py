@@ -26,7 +26,8 @@ REAL_SDPA = F.scaled_dot_product_attention
 def flash_only_sdpa(calls):
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if attn_mask is not None or q.dtype not in (torch.float16, torch.bfloat16):
-            raise RuntimeError(f"No available kernel: CUDA's flash SDPA takes no attn_mask and 16-bit inputs only "
+            raise RuntimeError("No available kernel: CUDA's flash SDPA takes no attn_mask and "
+                               "16-bit inputs only "
                                f"(got {q.dtype}, mask {attn_mask is not None})")
         calls.append("sdpa-flash")
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
@@ -57,7 +58,8 @@ def test_every_attention_call_is_served_by_a_flash_kernel_in_bf16(monkeypatch, n
     monkeypatch.setattr(model_lib.F, "scaled_dot_product_attention", flash_only_sdpa(calls))
     import flash_attn
     real_flash = flash_attn.flash_attention
-    monkeypatch.setattr(flash_attn, "flash_attention", lambda *a, **kw: calls.append("flash_attn doc") or
+    monkeypatch.setattr(flash_attn, "flash_attention", lambda *a,
+                        **kw: calls.append("flash_attn doc") or
                         real_flash(*a, **kw))
     _, loss = model(idx, idx, **extra)
     loss.backward()
@@ -77,7 +79,8 @@ def test_packed_rows_in_bf16_match_the_masked_path():
     q, k, v = (torch.randn(2, h, 32, 16).to(torch.bfloat16) for h in (4, 2, 2))
     doc = packed_inputs()["doc"]
     got = model_lib.sdpa_attention(q, k, v, doc)
-    want = REAL_SDPA(q.double(), k.double(), v.double(), attn_mask=model_lib.packed_mask(doc), enable_gqa=True)
+    want = REAL_SDPA(q.double(), k.double(), v.double(), attn_mask=model_lib.packed_mask(doc),
+                     enable_gqa=True)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-2)
 
 

@@ -24,8 +24,10 @@ QWEN2 = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\
          r"""\s+(?!\S)|\s+""")
 
 TEXTS = {
-    "english": "The quick brown fox jumps over the lazy dog. It's 5 o'clock; we'll see, won't we? THE END'S near.",
-    "code": "def f(x):\n    return x**2 + 1  # square\n\n\tif a != b:\n\t\tprint(f\"{a!r}\")\n{'k': [1, 2]}\n",
+    "english": "The quick brown fox jumps over the lazy dog. It's 5 o'clock; we'll see, won't "
+               "we? THE END'S near.",
+    "code": "def f(x):\n    return x**2 + 1  # square\n\n\tif a != "
+            "b:\n\t\tprint(f\"{a!r}\")\n{'k': " "[1, 2]}\n",
     "digits": "123 4567 89012345 x  42   7\n  8 3.14159 1,000,000 x2y 2024-01-31 ²½ ٣٤٥ 𝟙𝟚",
     "unicode": "naïve café Straße 日本語のテキスト Ελληνικά русский текст e\u0301 A\u030a Å ﬁ "
                "中文测试：你好，世界！ 한국어 العربية हिन्दी ไทย Tiếng Việt",
@@ -52,11 +54,14 @@ def split_isolated(piece, pattern):
 def pre_tokenize(step, pieces):
     kind = step["type"]
     if kind == "ByteLevel":
-        return [w for p in pieces for w in (regex.findall(GPT2, p) if step.get("use_regex", True) else [p])]
+        return [w for p in pieces for w in (regex.findall(GPT2, p) if step.get("use_regex", True)
+                                            else [p])]
     if kind == "Split":
         return [w for p in pieces for w in split_isolated(p, step["pattern"]["Regex"])]
     if kind == "Digits":
-        return [w for p in pieces for w in split_isolated(p, r"\p{N}" if step["individual_digits"] else r"\p{N}+")]
+        return [w for p in pieces for w in split_isolated(p,
+                                                          r"\p{N}" if step["individual_digits"]
+                                                          else r"\p{N}+")]
     raise AssertionError(kind)
 
 
@@ -67,7 +72,8 @@ def reference_bpe(word, merge_rank, vocab, ignore_merges):
         return [vocab[word]]
     parts = list(word)
     while True:
-        ranked = [(merge_rank[pair], i) for i, pair in enumerate(zip(parts, parts[1:])) if pair in merge_rank]
+        ranked = [(merge_rank[pair], i) for i, pair in enumerate(zip(parts, parts[1:]))
+                  if pair in merge_rank]
         if not ranked:
             return [vocab[p] for p in parts]
         _, i = min(ranked)
@@ -104,7 +110,8 @@ MERGES = bpe.learn_merges(CORPUS, 400)
 
 def with_specials(tj, specials):
     n = len(tj["model"]["vocab"])
-    tj["added_tokens"] = [{"id": n + i, "content": t, "special": True} for i, t in enumerate(specials)]
+    tj["added_tokens"] = [{"id": n + i, "content": t, "special": True} for i,
+                          t in enumerate(specials)]
     return tj
 
 
@@ -117,7 +124,8 @@ def every_split(vocab):
     merges = []
     for token, i in sorted(vocab.items(), key=lambda kv: kv[1]):
         cuts = [(token[:k], token[k:]) for k in range(1, len(token))]
-        merges += sorted((f"{a} {b}" for a, b in cuts if vocab.get(a, i) < i and vocab.get(b, i) < i),
+        merges += sorted((f"{a} {b}" for a, b in cuts if vocab.get(a, i) < i
+                          and vocab.get(b, i) < i),
                          key=lambda m: [vocab[x] for x in m.split(" ")])
     return merges
 
@@ -136,7 +144,8 @@ def qwen2_style():
     tj["normalizer"] = {"type": "NFC"}
     tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": QWEN2}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+         "use_regex": False}]}
     return with_specials(tj, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
 
 
@@ -149,11 +158,14 @@ def smollm_style():
         vocab[c] = len(vocab)
     for a, b in MERGES:
         vocab.setdefault(a + b, len(vocab))
-    return {"added_tokens": [{"id": i, "content": t, "special": True} for i, t in enumerate(specials)],
+    return {"added_tokens": [{"id": i, "content": t, "special": True} for i,
+                             t in enumerate(specials)],
             "normalizer": None, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 {"type": "Digits", "individual_digits": True},
-                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
-            "model": {"type": "BPE", "dropout": None, "vocab": vocab, "merges": [f"{a} {b}" for a, b in MERGES]}}
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                 "use_regex": True}]},
+            "model": {"type": "BPE", "dropout": None, "vocab": vocab,
+                      "merges": [f"{a} {b}" for a, b in MERGES]}}
 
 
 def letters_split_style():
@@ -161,7 +173,8 @@ def letters_split_style():
     keeps them)."""
     tj = gpt2_style()
     tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": r" ?\p{L}+"}, "behavior": "Isolated", "invert": False},
+        {"type": "Split", "pattern": {"Regex": r" ?\p{L}+"}, "behavior": "Isolated",
+         "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}
     return tj
 
@@ -190,11 +203,13 @@ def test_ids_equal_the_textbook_merge_loop(tmp_path, style):
     tj = STYLES[style]()
     enc = data.get_tokenizer(str(write_folder(tmp_path / style, tj)))
     specials = "".join(t["content"] for t in tj["added_tokens"][:3])
-    texts = {**TEXTS, "specials": f"{specials}user\nhi{specials[::-1]}{specials}", "all": "\n".join(TEXTS.values())}
+    texts = {**TEXTS, "specials": f"{specials}user\nhi{specials[::-1]}{specials}",
+             "all": "\n".join(TEXTS.values())}
     for name, text in texts.items():
         ids = enc.encode(text, allowed_special="all")
         assert ids == reference_ids(tj, text), (style, name)
-        assert enc.decode(ids) == (unicodedata.normalize("NFC", text) if tj.get("normalizer") else text)
+        assert enc.decode(ids) == (unicodedata.normalize("NFC", text) if tj.get("normalizer")
+                                   else text)
     # Merges really happen (not one token per byte), on every kind of text.
     assert all(len(enc.encode_ordinary(t)) < len(t.encode()) for t in TEXTS.values())
 
@@ -233,7 +248,8 @@ def test_llama3_tiktoken_model_file(tmp_path):
     tokenizer.json, and Llama 3's special tokens after the vocabulary."""
     tj = llama3_style()
     (tmp_path / "tokenizer.model").write_text("".join(
-        f"{base64.b64encode(bpe.token_bytes(t, '-')).decode()} {i}\n" for t, i in tj["model"]["vocab"].items()))
+        f"{base64.b64encode(bpe.token_bytes(t, '-')).decode()} {i}\n" for t,
+                                                      i in tj["model"]["vocab"].items()))
     enc = data.get_tokenizer(str(tmp_path))
     n = len(tj["model"]["vocab"])
     text = "<|begin_of_text|>" + "\n".join(TEXTS.values()) + "<|eot_id|>"
@@ -246,12 +262,14 @@ def test_llama3_tiktoken_model_file(tmp_path):
 def test_end_of_sequence_comes_from_the_folder(tmp_path):
     tj = qwen2_style()
     im_end = next(t["id"] for t in tj["added_tokens"] if t["content"] == "<|im_end|>")
-    enc = data.get_tokenizer(str(write_folder(tmp_path / "a", tj, tokenizer_config={"eos_token": "<|im_end|>"})))
+    enc = data.get_tokenizer(str(write_folder(tmp_path / "a", tj,
+                                              tokenizer_config={"eos_token": "<|im_end|>"})))
     assert data.eot_id(enc) == im_end
     enc = data.get_tokenizer(str(write_folder(tmp_path / "b", tj, tokenizer_config={
         "eos_token": {"content": "<|im_end|>", "special": True}})))
     assert data.eot_id(enc) == im_end
-    enc = data.get_tokenizer(str(write_folder(tmp_path / "c", tj, generation_config={"eos_token_id": [im_end, 0]})))
+    enc = data.get_tokenizer(str(write_folder(tmp_path / "c", tj,
+                                              generation_config={"eos_token_id": [im_end, 0]})))
     assert data.eot_id(enc) == im_end and enc.stop_ids == {im_end, 0}
     enc = data.get_tokenizer(str(write_folder(tmp_path / "d", tj)))
     assert data.eot_id(enc) == enc.encode_single_token("<|endoftext|>")
@@ -287,7 +305,8 @@ def edit(tj, path, value):
     (("pre_tokenizer", {"type": "Metaspace", "replacement": "▁"}), "does not end in ByteLevel"),
     (("pre_tokenizer", None), "does not end in ByteLevel"),
     (("pre_tokenizer.add_prefix_space", True), "add_prefix_space true is not read"),
-    (("pre_tokenizer", {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, {"type": "ByteLevel"}]}),
+    (("pre_tokenizer", {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"},
+                                                              {"type": "ByteLevel"}]}),
      "pre_tokenizer sequence ['WhitespaceSplit', 'ByteLevel'] is not read"),
 ])
 def test_unsupported_tokenizer_json_is_one_line(tmp_path, change, said):
@@ -307,7 +326,8 @@ def test_other_refusals_are_one_line(tmp_path):
     assert "SentencePiece model" in refusal(tmp_path, model=protobuf)
     assert "no tokenizer.json or tokenizer.model" in refusal(tmp_path)
     tj = edit(gpt2_style(), "added_tokens", [])
-    assert "no end-of-sequence token" in refusal(tmp_path, tj, tokenizer_config={"eos_token": "</s>"})
+    assert "no end-of-sequence token" in refusal(tmp_path, tj,
+                                                 tokenizer_config={"eos_token": "</s>"})
 
 
 def test_a_tokenizer_folder_gets_its_own_data_cache(tmp_path):

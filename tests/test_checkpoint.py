@@ -51,7 +51,8 @@ def run(topo, steps, model, module, opt, micro=1):
     losses = []
     for step in steps:
         x, y = (t.chunk(topo.dp)[topo.dp_rank] for t in batch(step))
-        loss = training.forward_backward(model if topo.pp > 1 else module, list(zip(x.chunk(micro), y.chunk(micro))),
+        loss = training.forward_backward(model if topo.pp > 1 else module,
+                                         list(zip(x.chunk(micro), y.chunk(micro))),
                                          topo, "1f1b", opt.scale_loss, "cpu", opt.no_sync)
         if topo.ep > 1:
             moe.reduce_expert_grads(model, topo.dp, topo.expert_dp_group)
@@ -61,7 +62,8 @@ def run(topo, steps, model, module, opt, micro=1):
     return losses
 
 
-def save_and_go_on(out, topo, zero=0, amp="fp32", experts=0, micro=1, scale=None, lora_targets=None):
+def save_and_go_on(out, topo, zero=0, amp="fp32", experts=0, micro=1, scale=None,
+                   lora_targets=None):
     """Train to SAVE_AT, save, train on to STEPS: the losses after the save, in the original
     layout."""
     model, module, opt = build(topo, zero, amp, experts, lora_targets)
@@ -90,7 +92,8 @@ def _world4(rank, world, tmp):
     # Experts split by tp (their own names: blocks.i.mlp.experts.j) and over 2 ep ranks, then over
     # 1.
     m = save_and_go_on(tmp / "ep2tp2", Topology(tp=2, ep=2), zero=1, experts=4)
-    m1 = resume_and_go_on(tmp / "ep2tp2", tmp / "ep2tp2-to-tp2", Topology(tp=2), zero=1, experts=4)[0]
+    m1 = resume_and_go_on(tmp / "ep2tp2", tmp / "ep2tp2-to-tp2", Topology(tp=2), zero=1,
+                          experts=4)[0]
     # LoRA over tensor-parallel layers (A whole and B split for wq and w1, A split and B whole for
     # wo and w2).
     n = save_and_go_on(tmp / "lora-z1tp2", Topology(tp=2), zero=1, lora_targets="wq,wo,w1,w2")
@@ -123,7 +126,8 @@ def same_state(a, b):
         assert sa.keys() == sb.keys() and (sa or kinds == ["master"]), kinds
         for name in sa:
             assert torch.equal(sa[name], sb[name]), (kinds, name)
-    steps = [{r["name"]: r["adam_step"] for f in m["files"] for r in f["pieces"] if r["adam_step"]} for m in (ma, mb)]
+    steps = [{r["name"]: r["adam_step"] for f in m["files"] for r in f["pieces"] if r["adam_step"]}
+             for m in (ma, mb)]
     assert steps[0] == steps[1] and set(steps[0].values()) == {float(SAVE_AT)}
 
 
@@ -133,7 +137,8 @@ def test_resume_on_another_layout(tmp_path):
     ref = save_and_go_on(tmp_path / "one", one)
     save_and_go_on(tmp_path / "fp16-one", one, amp="fp16", scale=(1024.0, 7))
     a, b, c, m, m1, n = run_distributed(_world4, 4, str(tmp_path))[0]
-    n1 = resume_and_go_on(tmp_path / "lora-z1tp2", tmp_path / "lora-to-one", one, lora_targets="wq,wo,w1,w2")[0]
+    n1 = resume_and_go_on(tmp_path / "lora-z1tp2", tmp_path / "lora-to-one", one,
+                          lora_targets="wq,wo,w1,w2")[0]
     d, e, e1, f, g, h = run_distributed(_world2, 2, str(tmp_path))[0]
     d1 = resume_and_go_on(tmp_path / "z3dp2", tmp_path / "z3dp2-to-one", one)[0]
     fresh, _, opt = build(one)
@@ -148,13 +153,14 @@ def test_resume_on_another_layout(tmp_path):
     close = lambda x, y: x == pytest.approx(y, rel=1e-10)  # noqa: E731
     # the original layouts agree with one process
     assert all(close(x, ref) for x in (a, c, d)), (ref, a, c, d)
-    resumed = {"tp2pp2": (b, a), "z3dp2": (g, c), "z1dp2": (f, ref), "one": (d1, d), "ep1": (e1, e), "tp2": (m1, m),
-               "lora-one": (n1, n)}
+    resumed = {"tp2pp2": (b, a), "z3dp2": (g, c), "z1dp2": (f, ref), "one": (d1, d), "ep1": (e1, e),
+               "tp2": (m1, m), "lora-one": (n1, n)}
     assert all(close(*pair) for pair in resumed.values()), resumed
     assert h == {"scale": 1024.0, "good_steps": 7}  # the fp16 loss scale, carried over
-    for src, dst in [("z3tp2", "z3tp2-to-tp2pp2"), ("z2dp4", "z2dp4-to-z3dp2"), ("one", "one-to-z1dp2"),
-                     ("z3dp2", "z3dp2-to-one"), ("ep2", "ep2-to-ep1"), ("ep2tp2", "ep2tp2-to-tp2"),
-                     ("fp16-one", "fp16-to-z2dp2"), ("lora-z1tp2", "lora-to-one")]:
+    for src, dst in [("z3tp2", "z3tp2-to-tp2pp2"), ("z2dp4", "z2dp4-to-z3dp2"),
+                     ("one", "one-to-z1dp2"), ("z3dp2", "z3dp2-to-one"), ("ep2", "ep2-to-ep1"),
+                     ("ep2tp2", "ep2tp2-to-tp2"), ("fp16-one", "fp16-to-z2dp2"),
+                     ("lora-z1tp2", "lora-to-one")]:
         same_state(tmp_path / src, tmp_path / dst)
     # What was saved is the model: the tp-sliced, ZeRO-sharded weights assembled equal one
     # process's.
@@ -165,7 +171,8 @@ def test_resume_on_another_layout(tmp_path):
     for layout in ("z3tp2", "z2dp4", "z3dp2"):
         assert whole[layout].keys() == whole["one"].keys()
         for name, w in whole[layout].items():
-            torch.testing.assert_close(w, whole["one"][name], rtol=1e-10, atol=1e-12, msg=f"{layout} {name}")
+            torch.testing.assert_close(w, whole["one"][name], rtol=1e-10, atol=1e-12,
+                                       msg=f"{layout} {name}")
 
 
 def test_a_step_is_complete_or_ignored_and_damage_falls_back(tmp_path, capsys, monkeypatch):
@@ -241,12 +248,15 @@ def _damaged_on_one_rank(rank, world, tmp):
 def test_a_step_damaged_on_one_rank_falls_back_on_every_rank(tmp_path):
     (s0, err0, same0), (s1, err1, same1) = run_distributed(_damaged_on_one_rank, 2, str(tmp_path))
     assert (s0, s1) == (1, 1) and same0 and same1 and err1 == ""
-    assert err0 == (f"warning: resuming from step 1 ({tmp_path / 'dp2' / 'step_000001'}), the newest undamaged one: "
-                    f"{tmp_path / 'dp2' / 'step_000002' / 'rank1.pt'} is damaged (its CRC-32 differs from the one "
+    assert err0 == (f"warning: resuming from step 1 ({tmp_path / 'dp2' / 'step_000001'}), the "
+                    "newest undamaged one: "
+                    f"{tmp_path / 'dp2' / 'step_000002' / 'rank1.pt'} is damaged (its CRC-32 "
+                    "differs from the one "
                     "written)\n")
 
 
-@pytest.mark.parametrize("errno, cause", [(28, "No space left on device"), (13, "Permission denied")])
+@pytest.mark.parametrize("errno, cause", [(28, "No space left on device"),
+                                          (13, "Permission denied")])
 def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, errno, cause):
     one, out = Topology(), tmp_path / "run"
     model, module, opt = build(one)
@@ -257,7 +267,8 @@ def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monke
     monkeypatch.setattr(checkpoint, "open", failing_open, raising=False)
     with pytest.raises(checkpoint.CheckpointError) as e:
         checkpoint.save(out, 2, model, opt, one, {"data": {"step": 2}})
-    assert str(e.value) == (f"could not save step 2: {out}/step_000002.tmp/rank0.pt: {cause}; the last complete "
+    assert str(e.value) == (f"could not save step 2: {out}/step_000002.tmp/rank0.pt: {cause}; "
+                            "the last complete "
                             f"checkpoint, {out}/step_000001, is kept")
     assert sorted(p.name for p in out.iterdir()) == ["latest", "step_000001"]
 
@@ -267,7 +278,8 @@ def test_metrics_keep_one_history_and_fresh_moves_the_run_aside(tmp_path):
     out.mkdir()
     (out / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": 1}}\n' for s in range(7)))
     checkpoint.truncate_metrics(out / "metrics.jsonl", 4)
-    assert [l for l in (out / "metrics.jsonl").read_text().splitlines()][-1] == '{"step": 4, "loss": 1}'
+    assert [l
+            for l in (out / "metrics.jsonl").read_text().splitlines()][-1] == ('{"step": 4, ' '"loss": 1}')
     assert checkpoint.move_aside(out) == tmp_path / "run.1" and not out.exists()
     out.mkdir()
     assert checkpoint.move_aside(out) == tmp_path / "run.2"
@@ -284,8 +296,10 @@ def test_start_or_resume_decides_before_any_work(tmp_path, capsys):
     d, meta = checkpoint.find_resume(out)
     assert d == out / "step_000003" and checkpoint.check_same_run(out, meta, same) is None
     for change, message in [({"batch_size": 16}, "--batch-size 8, not 16 (the data position"),
-                            ({"lr": 0.02}, "holds another run (--lr 0.01, not 0.02): resume with the same settings"),
-                            ({"model_config": {"n_layer": 6, "d_model": 32}}, "model config n_layer 4, not 6")]:
+                            ({"lr": 0.02}, "holds another run (--lr 0.01, not 0.02): resume with "
+                                           "the same settings"),
+                            ({"model_config": {"n_layer": 6, "d_model": 32}},
+                             "model config n_layer 4, not 6")]:
         with pytest.raises(checkpoint.CheckpointError, match=re.escape(message)):
             checkpoint.check_same_run(out, meta, same | change)
     assert checkpoint.find_resume(out, fresh=True) is None
@@ -296,7 +310,8 @@ def test_consolidate_and_export_from_the_command_line(tmp_path, capsys):
     one, out = Topology(), tmp_path / "run"
     model, module, opt = build(one)
     cfg = config_dict(replace(CFG, attn="-"))  # as checkpoints record it
-    checkpoint.save(out, 1, model, opt, one, {"data": {"step": 1}, "model_config": cfg, "tokenizer": "bytes"})
+    checkpoint.save(out, 1, model, opt, one, {"data": {"step": 1}, "model_config": cfg,
+                                              "tokenizer": "bytes"})
     weights.main(["consolidate", str(out), str(tmp_path / "model.pt")])
     weights.main(["export-hf", str(out), str(tmp_path / "hf")])
     # what --init accepts
@@ -309,7 +324,8 @@ def test_consolidate_and_export_from_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         weights.main(["consolidate", str(tmp_path / "nothing"), str(tmp_path / "x.pt")])
     assert e.value.code == 2
-    assert capsys.readouterr().err == f"checkpoint.py: error: no complete checkpoint in {tmp_path / 'nothing'}\n"
+    assert capsys.readouterr().err == ("checkpoint.py: error: no complete checkpoint in "
+                                       f"{tmp_path / 'nothing'}\n")
 
 
 def test_an_old_format_folder_is_not_silently_restarted(tmp_path):

@@ -19,8 +19,8 @@ import pretrain
 import stack
 import tensor_parallel
 import training
-from context_parallel import (ring_attention, ring_schedule, schedule_work, zigzag_chunks, zigzag_positions,
-                              zigzag_split)
+from context_parallel import (ring_attention, ring_schedule, schedule_work, zigzag_chunks,
+                              zigzag_positions, zigzag_split)
 from model import PRESETS
 from tests.distributed import refused_before_any_group, run_distributed
 from topology import Topology
@@ -66,7 +66,8 @@ def test_ring_attention_equals_full_attention(cp, T):
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         o = full_attention(*leaves, causal)
         o.backward(do)
-        for i, (name, want) in enumerate(zip(("out", "dq", "dk", "dv"), [o] + [x.grad for x in leaves])):
+        for i, (name, want) in enumerate(zip(("out", "dq", "dk", "dv"),
+                                             [o] + [x.grad for x in leaves])):
             got = torch.empty_like(want)
             for r in range(cp):  # each rank's rows back to their global positions
                 got[:, :, zigzag_positions(T, cp, r)] = results[r][causal][i]
@@ -76,7 +77,8 @@ def test_ring_attention_equals_full_attention(cp, T):
 
 def test_ring_of_one_rank_is_flash_attention():
     q, k, v, do = inputs(T=12, **SHAPE)
-    torch.testing.assert_close(ring_attention(q, k, v), full_attention(q, k, v, True), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ring_attention(q, k, v), full_attention(q, k, v, True), rtol=1e-12,
+                               atol=1e-12)
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3, 4, 8])
@@ -135,15 +137,17 @@ def test_every_send_is_posted_with_the_receive_it_crosses():
         # forward: cp-1 K/V hops; backward: cp-1 K/V hops and cp dK/dV hops
         assert len(calls) == 3 * (cp - 1) + 1
         for ops in calls:
-            assert [(op, peer) for op, peer, _ in ops] == [("isend", (rank + 1) % cp), ("irecv", (rank - 1) % cp)]
+            assert [(op, peer) for op, peer, _ in ops] == [("isend", (rank + 1) % cp),
+                                                           ("irecv", (rank - 1) % cp)]
             assert ops[0][2] == ops[1][2]
-        assert [[shape for *_, shape in ops] for ops in calls] == [[s for *_, s in ops] for ops in per_rank[0]]
+        assert [[shape for *_, shape in ops] for ops in calls] == [[s for *_, s in ops]
+                                                                   for ops in per_rank[0]]
 
 
 # ------------------------------------------------------------------ composed with the training loop
 # Head dim 16 (flash_attn.py's smallest), GQA, T = 16: chunks of 4 tokens at cp 2.
-CFG = replace(PRESETS["tiny"], n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96, vocab_size=64, block_size=16,
-              attn="flash")
+CFG = replace(PRESETS["tiny"], n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96, vocab_size=64,
+              block_size=16, attn="flash")
 STEPS, N_MICRO, ROWS, CLIP = 3, 2, 4, 0.05  # 2 micro-batches of 4 rows per step; clipping active
 
 
@@ -169,12 +173,14 @@ def train(topo, zero=0):
     for step in range(STEPS):
         mine = micro_batches(step)
         mine = [(x.chunk(topo.dp)[topo.dp_rank], y.chunk(topo.dp)[topo.dp_rank]) for x, y in mine]
-        loss = training.forward_backward(module, mine, topo, "1f1b", opt.scale_loss, "cpu", opt.no_sync)
+        loss = training.forward_backward(module, mine, topo, "1f1b", opt.scale_loss, "cpu",
+                                         opt.no_sync)
         norm, _ = opt.step(CLIP)
         opt.zero_grad()
         losses.append(training.mean_over_dp(loss, topo).item())
         norms.append(norm)
-    held_out = [(x.chunk(topo.dp)[topo.dp_rank], y.chunk(topo.dp)[topo.dp_rank]) for x, y in micro_batches(99)]
+    held_out = [(x.chunk(topo.dp)[topo.dp_rank], y.chunk(topo.dp)[topo.dp_rank]) for x,
+                y in micro_batches(99)]
     losses.append(training.evaluate(module, held_out, "cpu", topo, 1))
     with opt.gathered() if zero == 3 else contextlib.nullcontext():
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -189,7 +195,8 @@ def _train_layouts(rank, world, layouts):
     return out
 
 
-@pytest.mark.parametrize("world, layouts", [(2, [(1, 2, 0)]), (8, [(2, 2, 3), (2, 2, 1), (1, 4, 2)])],
+@pytest.mark.parametrize("world, layouts", [(2, [(1, 2, 0)]),
+                                            (8, [(2, 2, 3), (2, 2, 1), (1, 4, 2)])],
                          ids=["cp2", "zero3-cp2-tp2,zero1-cp2-tp2,zero2-cp4"])
 def test_context_parallel_training_matches_one_process(world, layouts):
     """cp 2 alone; then on 8 ranks dp 2 x cp 2 x tp 2 with ZeRO-3 and ZeRO-1 (shards over dp x cp,
@@ -205,10 +212,12 @@ def test_context_parallel_training_matches_one_process(world, layouts):
             for name, p in params.items():
                 d = tensor_parallel.split_dim(name)
                 want = ref_params[name] if d is None or tp == 1 else ref_params[name].chunk(tp, dim=d)[tp_rank]
-                torch.testing.assert_close(p, want, rtol=1e-10, atol=1e-12, msg=f"{tp, cp, zero} {name}")
+                torch.testing.assert_close(p, want, rtol=1e-10, atol=1e-12,
+                                           msg=f"{tp, cp, zero} {name}")
 
 
-FAST = ["--seq-len", "32", "--batch-size", "4", "--max-steps", "4", "--warmup-steps", "1", "--eval-iters", "1",
+FAST = ["--seq-len", "32", "--batch-size", "4", "--max-steps", "4", "--warmup-steps", "1",
+        "--eval-iters", "1",
         "--eval-every", "4", "--sample-tokens", "0", "--log-every", "1", "--cp", "2"]  # (flash)
 
 
@@ -216,7 +225,8 @@ def _resume(rank, world, out):
     whole = pretrain.main(FAST + ["--out", f"{out}/whole"])
     pretrain.main(FAST + ["--out", f"{out}/split", "--stop-after", "2"])
     second = pretrain.main(FAST + ["--out", f"{out}/split", "--resume"])
-    same = all(torch.equal(a, b) for a, b in zip(whole["model"].parameters(), second["model"].parameters()))
+    same = all(torch.equal(a, b) for a, b in zip(whole["model"].parameters(),
+                                                 second["model"].parameters()))
     return whole["losses"], second["losses"], same
 
 
@@ -228,17 +238,22 @@ def test_context_parallel_resume_is_exact(tmp_path, stdlib_data):
 
 @pytest.mark.parametrize("world, flags, match", [
     (3, ["--cp", "2"], "world size 3 is not divisible by --tp 1 x --pp 1 x --cp 2 = 2"),
-    (4, ["--cp", "2", "--pp", "2", "--attn", "flash"], "--cp 2 with --pp: the pipeline sends whole sequences"),
-    (4, ["--cp", "2", "--tp", "2", "--sequence-parallel", "--attn", "flash"], "--cp 2 with --sequence-parallel"),
+    (4, ["--cp", "2", "--pp", "2", "--attn", "flash"],
+     "--cp 2 with --pp: the pipeline sends whole sequences"),
+    (4, ["--cp", "2", "--tp", "2", "--sequence-parallel", "--attn", "flash"],
+     "--cp 2 with --sequence-parallel"),
     (4, ["--cp", "2", "--experts", "4", "--ep", "2", "--attn", "flash"], "--cp 2 with experts"),
-    (2, ["--cp", "2", "--experts", "4", "--attn", "flash"], "--cp 2 with experts.*use a dense model"),
+    (2, ["--cp", "2", "--experts", "4", "--attn", "flash"],
+     "--cp 2 with experts.*use a dense model"),
     (2, ["--cp", "2", "--attn", "sdpa"],
      "--cp 2 runs ring attention.*drop --attn sdpa \\(--cp picks flash\\)"),
     (2, ["--cp", "2", "--attn", "naive"], "--cp 2 runs ring attention.*drop --attn naive"),
-    (6, ["--cp", "3", "--seq-len", "32", "--attn", "flash"], "cuts each sequence into 2 x 3 equal chunks.*"
+    (6, ["--cp", "3", "--seq-len", "32", "--attn", "flash"],
+     "cuts each sequence into 2 x 3 equal chunks.*"
                                                                "divisible by 6 \\(got 32\\)"),
 ])
-def test_bad_context_parallel_layouts_are_refused(tmp_path, capsys, monkeypatch, world, flags, match):
+def test_bad_context_parallel_layouts_are_refused(tmp_path, capsys, monkeypatch, world, flags,
+                                                  match):
     assert re.search(match, refused_before_any_group(tmp_path, capsys, monkeypatch, world, flags))
 
 
@@ -266,12 +281,14 @@ def test_sft_with_context_parallel_matches_one_process(tmp_path):
     from sft_fixtures import CFG as SFT_CFG, make_init, reverse_examples, write_jsonl
     # head dim 16, flash_attn.py's smallest
     init = make_init(tmp_path / "init", replace(SFT_CFG, d_model=64))
-    argv = ["--init", str(init), "--data", str(write_jsonl(tmp_path / "train.jsonl", reverse_examples(24))),
+    argv = ["--init", str(init), "--data", str(write_jsonl(tmp_path / "train.jsonl",
+                                                           reverse_examples(24))),
             "--val-data", str(write_jsonl(tmp_path / "val.jsonl", reverse_examples(6, seed=1))),
-            "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "1", "--max-steps", "3", "--eval-every", "3",
-            "--samples", "0", "--log-every", "1", "--attn", "flash"]
+            "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "1", "--max-steps", "3",
+            "--eval-every", "3", "--samples", "0", "--log-every", "1", "--attn", "flash"]
     one = sft.main(argv + ["--out", str(tmp_path / "one")])
-    for losses, val_losses in run_distributed(_sft, 2, argv + ["--out", str(tmp_path / "cp"), "--cp", "2"]):
+    for losses, val_losses in run_distributed(_sft, 2,
+                                              argv + ["--out", str(tmp_path / "cp"), "--cp", "2"]):
         assert losses == pytest.approx(one["losses"], rel=1e-5)
         assert val_losses == pytest.approx(one["val_losses"], rel=1e-5)
 
@@ -284,11 +301,13 @@ def test_sft_refuses_packing_with_context_parallel(tmp_path, capsys, monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit) as e:
-        sft.main(["--init", str(init), "--data", data, "--val-data", data, "--out", str(tmp_path / "out"),
-                  "--batch-size", "2", "--cp", "2", "--pack", "--attn", "flash"])
+        sft.main(["--init", str(init), "--data", data, "--val-data", data, "--out",
+                  str(tmp_path / "out"), "--batch-size", "2", "--cp", "2", "--pack", "--attn",
+                  "flash"])
     assert e.value.code == 2 and not torch.distributed.is_initialized()
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "--cp 2 with --pack: document masks across a ring are not implemented" in err
+    assert "\n" not in err and ("--cp 2 with --pack: document masks across a ring are not "
+                                "implemented") in err
 
 
 def test_without_cp_any_sequence_length_is_accepted():

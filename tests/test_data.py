@@ -58,13 +58,15 @@ def test_load_meta_errors(tmp_path, text_dir):
     with pytest.raises(data.DataError, match="no meta.json"):
         data.load_meta(tmp_path / "empty")
     data.prepare(data.source_documents(text_dir), tmp_path / "p", "bytes")
-    with pytest.raises(data.DataError, match="prepared with tokenizer 'bytes', not --tokenizer 'gpt2'"):
+    with pytest.raises(data.DataError, match="prepared with tokenizer 'bytes', not --tokenizer "
+                                             "'gpt2'"):
         data.load_meta(tmp_path / "p", "gpt2")
 
 
 def test_ranks_get_disjoint_slices_of_the_same_global_batch(stdlib_data):
     one = data.Batches(stdlib_data, 32, global_batch=8, seed=3)
-    ranks = [data.Batches(stdlib_data, 32, global_batch=8, rank=r, world=2, n_micro=2, seed=3) for r in range(2)]
+    ranks = [data.Batches(stdlib_data, 32, global_batch=8, rank=r, world=2, n_micro=2,
+                          seed=3) for r in range(2)]
     for _ in range(3):
         (x, y), = one.next()
         parts = [m for b in ranks for m in b.next()]   # rank 0's two micro-batches, then rank 1's
@@ -94,7 +96,8 @@ def test_epochs_wrap_with_a_new_order(tmp_path, text_dir):
     n = b.steps_per_epoch
     first = [b.next()[0][0] for _ in range(n)]
     second = [b.next()[0][0] for _ in range(n)]
-    key = lambda xs: sorted(bytes(x.numpy().astype(np.uint16).tobytes()) for batch in xs for x in batch)
+    key = lambda xs: sorted(bytes(x.numpy().astype(np.uint16).tobytes()) for batch in xs
+                            for x in batch)
     assert key(first) == key(second)         # the same windows each epoch
     assert any(not np.array_equal(f, s) for f, s in zip(first, second))  # in another order
 
@@ -129,7 +132,8 @@ def _poke_300(f):
 
 
 DAMAGE = {
-    "invalid JSON": (lambda d: (d / "meta.json").write_text("{tokenizer: bytes"), "meta.json: not valid JSON"),
+    "invalid JSON": (lambda d: (d / "meta.json").write_text("{tokenizer: bytes"),
+                     "meta.json: not valid JSON"),
     "not an object": (lambda d: (d / "meta.json").write_text("[1, 2]"), "expected a JSON object"),
     "missing key": (_drop("dtype"), "missing key 'dtype'"),
     "wrong type": (_edit_meta(vocab_size="257"), "'vocab_size' must be a int"),
@@ -138,7 +142,8 @@ DAMAGE = {
     "vocabulary below the ids": (_edit_meta(vocab_size=200), "do not fit vocab_size 200"),
     "missing shard": (_shard(lambda f: f.unlink()), "shard listed in meta.json is missing"),
     "0-byte shard": (_shard(lambda f: f.write_bytes(b"")), "0 bytes is not a whole number"),
-    "odd-size shard": (_shard(lambda f: open(f, "ab").write(b"\0")), "is not a whole number of uint16 tokens"),
+    "odd-size shard": (_shard(lambda f: open(f, "ab").write(b"\0")),
+                       "is not a whole number of uint16 tokens"),
     "an id past the vocabulary, no max_id": (lambda d: (_drop("max_id")(d), _shard(_poke_300)(d)),
                                              "the shards hold id 300, outside vocab_size 257"),
 }
@@ -209,12 +214,14 @@ def start_together(tmp_path, n):
     # no CUDA here; fork starts in milliseconds, so the processes truly overlap
     ctx = mp.get_context("fork")
     cache, barrier = tmp_path / "cache", ctx.Barrier(n)
-    procs = [ctx.Process(target=_first_run, args=(cache, barrier, tmp_path / f"r{i}")) for i in range(n)]
+    procs = [ctx.Process(target=_first_run, args=(cache, barrier, tmp_path / f"r{i}"))
+             for i in range(n)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
-    return [p.exitcode for p in procs], [(tmp_path / f"r{i}").read_text() if (tmp_path / f"r{i}").exists() else None
+    return [p.exitcode for p in procs], [(tmp_path / f"r{i}").read_text()
+                                         if (tmp_path / f"r{i}").exists() else None
                                          for i in range(n)]
 
 
@@ -243,7 +250,8 @@ def test_a_killed_preparer_leaves_no_half_folder(tmp_path, monkeypatch):
     out.mkdir()
     (out / "train_000.bin").write_bytes(b"\0" * 10)
     monkeypatch.setenv("LLM_DATA_CACHE", str(cache))
-    monkeypatch.setattr(data, "stdlib_documents", lambda: [(f"m{i}.py", "x = 1\n" * 50) for i in range(60)])
+    monkeypatch.setattr(data, "stdlib_documents",
+                        lambda: [(f"m{i}.py", "x = 1\n" * 50) for i in range(60)])
     assert data.load_meta(data.ensure_default_data("bytes"))["tokens"]["train"] > 0
     assert sorted(p.name for p in cache.iterdir()) == [".stdlib-bytes.lock", "stdlib-bytes"]
 
@@ -260,4 +268,5 @@ if __name__ == "__main__":  # the long form: PYTHONPATH=. python tests/test_data
             bad += not ok
             print(f"trial {t + 1}: exit codes {codes}, {len(set(digests))} distinct data digests: "
                   f"{'ok' if ok else 'FAILED'}", flush=True)
-    print(f"{trials - bad} of {trials} trials: 4 processes on an empty cache all read the same complete data")
+    print(f"{trials - bad} of {trials} trials: 4 processes on an empty cache all read the same "
+          "complete data")

@@ -19,7 +19,8 @@ from model import PRESETS, Transformer
 from topology import Topology
 from tests.distributed import run_distributed
 
-CFG = replace(PRESETS["tiny"], n_layer=2, n_head=2, n_kv_head=1, d_model=32, d_ff=64, vocab_size=64, block_size=16)
+CFG = replace(PRESETS["tiny"], n_layer=2, n_head=2, n_kv_head=1, d_model=32, d_ff=64, vocab_size=64,
+              block_size=16)
 STEPS, GLOBAL_BATCH, GRAD_ACCUM, CLIP = 3, 8, 2, 0.5
 
 
@@ -121,7 +122,8 @@ def _against_torch_ddp(rank, world):
         for i, m in enumerate(x.chunk(2)):
             with model.no_sync() if i == 0 else contextlib.nullcontext():
                 model(m[:, :-1], m[:, 1:])[1].backward()
-    return max((a.grad - b.grad).abs().max().item() for a, b in zip(ours.parameters(), theirs.parameters()))
+    return max((a.grad - b.grad).abs().max().item() for a,
+               b in zip(ours.parameters(), theirs.parameters()))
 
 
 def test_our_ddp_gradients_equal_torch_ddp():
@@ -160,9 +162,9 @@ def test_fp16_overflow_on_one_rank_skips_the_step_everywhere():
 
 
 # ------------------------------------------------------------------------------ through pretrain.py
-FAST = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2", "--lr", "3e-3",
-        "--warmup-steps", "2", "--eval-iters", "1", "--eval-every", "100", "--sample-tokens", "0",
-        "--log-every", "1", "--max-steps", "4"]
+FAST = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2", "--lr",
+        "3e-3", "--warmup-steps", "2", "--eval-iters", "1", "--eval-every", "100",
+        "--sample-tokens", "0", "--log-every", "1", "--max-steps", "4"]
 
 
 def _pretrain_zero3_resume(rank, world, data_dir, out):
@@ -197,10 +199,12 @@ def test_zero3_resume_through_pretrain_is_exact_and_errors_are_clear(tmp_path, s
         assert r["whole"] == r["split"] and len(r["whole"]) == 4 and r["same_params"], r
         (code_batch, err_batch), (code_zero, err_zero) = r["exit_codes"]
         assert code_batch == code_zero == 2
-        assert err_batch.startswith("pretrain.py: error: --batch-size 5 does not divide into --grad-accum 2 x "
+        assert err_batch.startswith("pretrain.py: error: --batch-size 5 does not divide into "
+                                    "--grad-accum 2 x "
                                     "--microbatches 1 x 2 data-parallel ranks")
         assert "argument --zero: invalid choice: 4 (choose from 0, 1, 2, 3)" in err_zero
-    assert sorted(os.listdir(tmp_path / "split")) == [".lock", "latest", "metrics.jsonl", "step_000002", "step_000004"]
+    assert sorted(os.listdir(tmp_path / "split")) == [".lock", "latest", "metrics.jsonl",
+                                                      "step_000002", "step_000004"]
     # The world-2 ZeRO-3 checkpoint of step 2, resumed by one process: the same losses (fp32,
     # another summation order: 1e-5), and metrics.jsonl holds one history.
     shutil.copytree(tmp_path / "split", tmp_path / "one")
@@ -208,7 +212,8 @@ def test_zero3_resume_through_pretrain_is_exact_and_errors_are_clear(tmp_path, s
     (tmp_path / "one" / "latest").write_text("step_000002\n")
     one = pretrain.main(FAST + ["--data", str(stdlib_data), "--out", str(tmp_path / "one")])
     assert one["step"] == 4 and one["losses"] == pytest.approx(results[0]["whole"][2:], rel=1e-5)
-    steps = [json.loads(l)["step"] for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(l)["step"]
+             for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps.count(3) == 1
 
 

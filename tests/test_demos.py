@@ -20,17 +20,20 @@ ROOT = Path(__file__).resolve().parent.parent
 def run(*args, nproc=None, env=None, timeout=300):
     """stdout of `python ARGS` (or torchrun with nproc processes); a failure shows the end of both
     streams."""
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
+                                    f"--nproc_per_node={nproc}"]
                                    if nproc else [])
     for attempt in range(2):
-        proc = subprocess.run(launcher + [str(a) for a in args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        proc = subprocess.run(launcher + [str(a) for a in args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=timeout,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         # A gloo process group's threads now and then abort a process as it exits, after its work is
         # done (seen on busy cores, about 1 run in 10): that one failure, and only it, is given a
         # second run.
         if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
             break
-    assert proc.returncode == 0, f"{args}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (f"{args}: exit "
+                                  f"{proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return proc.stdout
 
 
@@ -43,7 +46,8 @@ def numbers(pattern, text):
 def test_model(stdlib_data):
     out = run("model.py")
     assert re.search(r"^tiny\s+853,120\s", out, re.M), out  # the preset table, tiny first
-    assert len(re.findall(r"^(tiny|small|gpt2-124m|1b)\s+[\d,]+\s+[\d,]+\s+[\d.e+]+$", out, re.M)) == 4, out
+    assert len(re.findall(r"^(tiny|small|gpt2-124m|1b)\s+[\d,]+\s+[\d,]+\s+[\d.e+]+$", out,
+                          re.M)) == 4, out
     assert numbers(r"max \|naive - sdpa\| logits \(float64\): (\S+)", out)[0] < 1e-12
 
 
@@ -75,7 +79,8 @@ def test_amp():
     import quantization
     out = run("amp.py")
     losses = dict(re.findall(r"^(fp32|bf16|fp16|fp8): losses (.*)$", out, re.M))
-    curves = {name: numbers(r"(\d+\.\d+)(?:\(skipped\))?", line.split("final")[0]) for name, line in losses.items()}
+    curves = {name: numbers(r"(\d+\.\d+)(?:\(skipped\))?", line.split("final")[0]) for name,
+              line in losses.items()}
     assert curves["fp32"][-1] < curves["fp32"][0] - 1.0  # it trains
     # 16-bit rounding moves the curve far less than training does (up to the skip)
     for name in ("bf16", "fp16"):
@@ -98,7 +103,8 @@ def test_amp():
 
 def test_pretrain_help():
     out = run("pretrain.py", "--help")
-    for flag in ("--model", "--batch-size", "--grad-accum", "--zero", "--tp", "--pp", "--ep", "--amp"):
+    for flag in ("--model", "--batch-size", "--grad-accum", "--zero", "--tp", "--pp", "--ep",
+                 "--amp"):
         assert flag in out
 
 
@@ -121,7 +127,8 @@ def test_make_scaling(tmp_path, stdlib_data):
     """`make scaling`'s command on one tiny budget and three one-layer sizes (the sweep itself takes
     8 minutes)."""
     makefile = (ROOT / "Makefile").read_text()
-    assert re.search(r"^scaling:.*\n\tOMP_NUM_THREADS=1 \$\(PY\) scaling.py --out out/scaling$", makefile, re.M)
+    assert re.search(r"^scaling:.*\n\tOMP_NUM_THREADS=1 \$\(PY\) scaling.py --out out/scaling$",
+                     makefile, re.M)
     out = run("scaling.py", "--budgets", "8e9", "--sizes", "1x16,1x24,1x32", "--out", tmp_path)
     assert "sweep: 3 runs (0 done)" in out and "Approach 2" in out and "Chinchilla's are" in out, out
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 3
@@ -135,7 +142,8 @@ def test_flash_attn():
 
 def test_context_parallel():
     out = run("context_parallel.py", "--seq-len", "128", "--reps", "1", nproc=4)
-    rows = re.findall(r"^\s+([124])\s+(\S+)\s+(\S+)\s+\S+\s+(\S+)\s+(\S+)\s+(\S+)\s+\S+$", out, re.M)
+    rows = re.findall(r"^\s+([124])\s+(\S+)\s+(\S+)\s+\S+\s+(\S+)\s+(\S+)\s+(\S+)\s+\S+$", out,
+                      re.M)
     assert [r[0] for r in rows] == ["1", "2", "4"], out
     # attention's activations 1/cp; bytes sent as the formula says
     for cp, _, ratio, err, sent, formula in rows:
@@ -156,7 +164,8 @@ def test_ddp(stdlib_data):
 
 def test_zero():
     out = run("zero.py", nproc=2)
-    rows = re.findall(r"stage (\d): params +(\S+)/ *(\S+) +grads +(\S+)/ *(\S+) +optimizer +(\S+)/ *(\S+) +total "
+    rows = re.findall(r"stage (\d): params +(\S+)/ *(\S+) +grads +(\S+)/ *(\S+) +optimizer "
+                      r"+(\S+)/ *(\S+) +total "
                       r"(\S+)x formula \| losses (.*)", out)
     # 4 stages x 2 ranks
     assert sorted(r[0] for r in rows) == ["0", "0", "1", "1", "2", "2", "3", "3"], out
@@ -207,7 +216,8 @@ def test_make_bench(tmp_path):
 
 
 def test_bench_pack(tmp_path, stdlib_data):
-    run("benchmarks/bench_pack.py", "--steps", "2", "--warmup", "1", "--repeats", "1", "--out", tmp_path / "p.json")
+    run("benchmarks/bench_pack.py", "--steps", "2", "--warmup", "1", "--repeats", "1", "--out",
+        tmp_path / "p.json")
     report = json.loads((tmp_path / "p.json").read_text())
     padded, packed = report["padded"], report["packed"]
     assert 0 < report["padding_removed"] <= 1 and packed["padding_fraction"] < padded["padding_fraction"], report
@@ -217,16 +227,19 @@ def test_bench_pack(tmp_path, stdlib_data):
 
 def test_tensor_parallel():
     out = run("tensor_parallel.py", nproc=2)
-    rows = re.findall(r"tp rank (\d)/2.*\| loss (\S+) vs one process (\S+) \| max \|grad difference\| (\S+)", out)
+    rows = re.findall(r"tp rank (\d)/2.*\| loss (\S+) vs one process (\S+) \| max \|grad "
+                      r"difference\| (\S+)", out)
     assert len(rows) == 4, out  # 2 ranks, without and with sequence parallelism
     for _, loss, ref, grad_diff in rows:
         assert float(loss) == pytest.approx(float(ref), rel=1e-12) and float(grad_diff) < 1e-12
 
 
 def test_pipeline():
-    out = run("pipeline.py", "--microbatches", "1", "4", "--micro-batch-size", "2", "--seq-len", "16", nproc=4)
+    out = run("pipeline.py", "--microbatches", "1", "4", "--micro-batch-size", "2", "--seq-len",
+              "16", nproc=4)
     table = re.findall(r"^(gpipe|1f1b) +4 +(\d) +(\S+)% +(\S+)% +(\S+) MiB$", out, re.M)
-    assert [(s, m) for s, m, *_ in table] == [("gpipe", "1"), ("1f1b", "1"), ("gpipe", "4"), ("1f1b", "4")], out
+    assert [(s, m) for s, m, *_ in table] == [("gpipe", "1"), ("1f1b", "1"), ("gpipe", "4"),
+                                              ("1f1b", "4")], out
     for schedule, m, idle, formula, _ in table:
         assert float(formula) == pytest.approx(100 * 3 / (int(m) + 3), abs=0.05)
         assert 0 < float(idle) < 100
@@ -255,12 +268,14 @@ def test_moe(stdlib_data):
 def test_make_sft(tmp_path, stdlib_data):
     """`make sft` runs sft.py --init on a pretrained folder: here a tiny random one, a few steps."""
     from tests.sft_fixtures import CFG, make_init
-    assert re.search(r"^\t\$\(PY\) sft.py --init out/pretrain \$\(SFT_FLAGS\)$", (ROOT / "Makefile").read_text(),
+    assert re.search(r"^\t\$\(PY\) sft.py --init out/pretrain \$\(SFT_FLAGS\)$",
+                     (ROOT / "Makefile").read_text(),
                       re.M)
     # the embedded set's prompts fit
     init = make_init(tmp_path / "base", replace(CFG, block_size=512))
-    out = run("sft.py", "--init", init, "--out", tmp_path / "sft", "--max-steps", "2", "--batch-size", "4",
-              "--eval-examples", "4", "--samples", "1", "--max-new-tokens", "4", "--log-every", "1")
+    out = run("sft.py", "--init", init, "--out", tmp_path / "sft", "--max-steps", "2",
+              "--batch-size", "4", "--eval-examples", "4", "--samples", "1", "--max-new-tokens",
+              "4", "--log-every", "1")
     assert "held-out" in out and (tmp_path / "sft" / "latest").exists(), out
 
 
@@ -275,26 +290,29 @@ def test_checkpoint_commands(tmp_path, stdlib_data):
     """`python checkpoint.py consolidate` and `export-hf` on a run's folder, as the map shows them
     (on a 2-step run here); the consolidated file and the Hugging Face folder both start a new run
     (--init)."""
-    run("pretrain.py", "--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--max-steps", "2",
-        "--eval-iters", "1", "--sample-tokens", "0", "--out", tmp_path / "run")
+    run("pretrain.py", "--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--max-steps",
+        "2", "--eval-iters", "1", "--sample-tokens", "0", "--out", tmp_path / "run")
     out = run("checkpoint.py", "consolidate", tmp_path / "run", tmp_path / "model.pt")
     out += run("checkpoint.py", "export-hf", tmp_path / "run", tmp_path / "hf")
     assert "model.pt" in out and (tmp_path / "hf" / "model.safetensors").exists(), out
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 4, config
     for init in (tmp_path / "model.pt", tmp_path / "hf"):
-        out = run("pretrain.py", "--init", init, "--seq-len", "32", "--batch-size", "4", "--max-steps", "1",
-                  "--eval-iters", "1", "--sample-tokens", "0", "--out", tmp_path / f"from-{init.name}")
+        out = run("pretrain.py", "--init", init, "--seq-len", "32", "--batch-size", "4",
+                  "--max-steps", "1", "--eval-iters", "1", "--sample-tokens", "0", "--out",
+                  tmp_path / f"from-{init.name}")
         assert "step     1 |" in out or "step 1 |" in out, out
 
 
 def test_quantization():
     out = run("quantization.py")
-    assert re.search(r"^fp8 e4m3\s+8\s+4\s+3\s+448\s", out, re.M) and re.search(r"^int8\s+8\s+-\s+-\s+127\s", out, re.M)
+    assert re.search(r"^fp8 e4m3\s+8\s+4\s+3\s+448\s", out,
+                     re.M) and re.search(r"^int8\s+8\s+-\s+-\s+127\s", out, re.M)
     ratios = numbers(r"fp8 max error/bound (\S+)", out)
     assert len(ratios) == 3 and max(ratios) <= 1.0, out  # forward, dX, dW within the epsilon bound
     for name in ("bf16", "fp8"):
-        curve = numbers(r"(\d+\.\d+)", re.search(rf"^{name} \(tiny preset.*losses (.*)$", out, re.M).group(1))
+        curve = numbers(r"(\d+\.\d+)", re.search(rf"^{name} \(tiny preset.*losses (.*)$", out,
+                                                 re.M).group(1))
         assert curve[-1] < curve[0] - 1.0, (name, curve)  # both train
     assert numbers(r"max \|W - q s\| / \(s / 2\) = (\S+)", out)[0] <= 1.0
 
@@ -307,12 +325,14 @@ def test_generate(tmp_path):
     from tests.sft_fixtures import make_init
     init = make_init(tmp_path, replace(PRESETS["tiny"], vocab_size=320))
     prompt = "def parse(line):\n    key, val = "  # 32 bytes
-    outs = [run("generate.py", init, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "48", *extra)
+    outs = [run("generate.py", init, "--prompt", prompt, "--temperature", "0", "--max-new-tokens",
+                "48", *extra)
             for extra in ([], ["--no-cache"])]
     (text, stats), (text_nc, stats_nc) = (out.rstrip("\n").rsplit("\n", 1) for out in outs)
     assert text == text_nc and text.startswith(prompt), outs
     for line, cache in ((stats, r"KV cache of 79 positions: [\d,]+ bytes"), (stats_nc, "no cache")):
-        assert re.fullmatch(rf"prefill 32 tokens: [\d,.]+ tokens/s \| decode 47 tokens: [\d,.]+ tokens/s \| "
+        assert re.fullmatch(r"prefill 32 tokens: [\d,.]+ tokens/s \| decode 47 tokens: [\d,.]+ "
+                            r"tokens/s \| "
                             rf"{cache} \| stopped at --max-new-tokens", line), line
 
 
@@ -339,17 +359,20 @@ RUN_BY = {"python model.py": test_model, "python data.py prepare --src PATH --ou
           "python bpe.py": test_bpe, "python chat.py": test_chat,
           "python amp.py": test_amp, "python pretrain.py --help": test_pretrain_help,
           "python sft.py --help": test_sft_help,
-          "make estimate": test_make_estimate, "make scaling": test_make_scaling, "python flash_attn.py": test_flash_attn,
-          "torchrun --nproc_per_node 2 ddp.py": test_ddp, "torchrun --nproc_per_node 2 zero.py": test_zero,
+          "make estimate": test_make_estimate, "make scaling": test_make_scaling,
+          "python flash_attn.py": test_flash_attn, "torchrun --nproc_per_node 2 ddp.py": test_ddp,
+          "torchrun --nproc_per_node 2 zero.py": test_zero,
           "make bench": test_make_bench, "torchrun --nproc_per_node 2 tensor_parallel.py": test_tensor_parallel,
           "torchrun --nproc_per_node 4 pipeline.py": test_pipeline,
           "torchrun --nproc_per_node 4 topology.py --tp 2": test_topology,
           "torchrun --nproc_per_node 4 context_parallel.py": test_context_parallel,
-          "torchrun --nproc_per_node 2 moe.py": test_moe, "make sft": test_make_sft, "python lora.py": test_lora,
-          "python benchmarks/bench_pack.py": test_bench_pack, "python quantization.py": test_quantization,
+          "torchrun --nproc_per_node 2 moe.py": test_moe, "make sft": test_make_sft,
+          "python lora.py": test_lora, "python benchmarks/bench_pack.py": test_bench_pack,
+          "python quantization.py": test_quantization,
           "python checkpoint.py consolidate out/pretrain model.pt": test_checkpoint_commands,
           "python checkpoint.py export-hf out/pretrain hf/": test_checkpoint_commands,
-          'python generate.py out/pretrain --prompt "def "': test_generate, "python plot.py --docs": test_plot}
+          'python generate.py out/pretrain --prompt "def "': test_generate,
+          "python plot.py --docs": test_plot}
 
 
 def test_every_map_command_is_run():

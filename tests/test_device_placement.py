@@ -25,10 +25,11 @@ import zero
 from sft_fixtures import make_init, reverse_examples, write_jsonl
 from tests.distributed import run_distributed
 
-FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange,
-             torch.rand, torch.randn, torch.randint, torch.linspace, torch.eye}
-COLLECTIVES = ["all_reduce", "broadcast", "all_gather", "all_gather_single", "all_gather_into_tensor",
-               "reduce_scatter_single", "reduce_scatter_tensor", "all_to_all_single", "reduce", "send", "recv"]
+FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.empty, torch.full,
+             torch.arange, torch.rand, torch.randn, torch.randint, torch.linspace, torch.eye}
+COLLECTIVES = ["all_reduce", "broadcast", "all_gather", "all_gather_single",
+               "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor",
+               "all_to_all_single", "reduce", "send", "recv"]
 # (isend and irecv are not wrapped: P2POp accepts only the originals; pipeline.py passes them
 # through batch_isend_irecv, whose P2POps are checked.)
 
@@ -46,7 +47,8 @@ class HostTensors(TorchFunctionMode):
             host = kwargs.get("device") is None and torch.utils._device.CURRENT_DEVICE is None
         elif func is torch.Tensor.cpu:
             host = True
-        elif func is torch.Tensor.to and ("device" in kwargs or any(isinstance(a, (str, torch.device, torch.Tensor))
+        elif func is torch.Tensor.to and ("device" in kwargs
+                                          or any(isinstance(a, (str, torch.device, torch.Tensor))
                                                                     for a in args[1:])):
             host = False
             for t in tree_flatten(out)[0]:  # (on the CPU, .to(cpu) returns the tensor itself)
@@ -71,8 +73,10 @@ def audited(fn, found):
         for t in tensors + [op.tensor for op in ops]:
             if is_host(t):
                 import traceback
-                caller = [f for f in traceback.extract_stack()[:-1] if "site-packages" not in f.filename][-1]
-                found.add(f"{fn.__name__} in {os.path.basename(caller.filename)}:{caller.lineno} ({caller.line})")
+                caller = [f for f in traceback.extract_stack()[:-1]
+                          if "site-packages" not in f.filename][-1]
+                found.add(f"{fn.__name__} in {os.path.basename(caller.filename)}:{caller.lineno} "
+                          f"({caller.line})")
         return fn(*args, **kwargs)
     return wrapper
 
@@ -80,7 +84,8 @@ def audited(fn, found):
 def run_audited(main, argv):
     found, saved = set(), []
     targets = [(dist, name) for name in COLLECTIVES + ["batch_isend_irecv"] if hasattr(dist, name)]
-    targets += [(m, name) for m in (zero, tensor_parallel) for name in ("all_gather_single", "reduce_scatter_single")]
+    targets += [(m, name) for m in (zero, tensor_parallel) for name in ("all_gather_single",
+                                                                        "reduce_scatter_single")]
     for owner, name in targets:
         saved.append((owner, name, getattr(owner, name)))
         setattr(owner, name, audited(getattr(owner, name), found))
@@ -93,11 +98,12 @@ def run_audited(main, argv):
     return sorted(found)
 
 
-STEPS = ["--max-steps", "2", "--log-every", "1", "--eval-every", "1", "--save-every", "2", "--device", "cpu"]
-PRETRAIN = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--eval-iters", "1", "--sample-tokens", "0",
-            *STEPS]
-LAYOUTS = {"dp (ddp.py)": [], "ZeRO-1": ["--zero", "1"], "ZeRO-2": ["--zero", "2"], "ZeRO-3": ["--zero", "3"],
-           "tp 2, sequence-parallel": ["--tp", "2", "--sequence-parallel"],
+STEPS = ["--max-steps", "2", "--log-every", "1", "--eval-every", "1", "--save-every", "2",
+         "--device", "cpu"]
+PRETRAIN = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--eval-iters", "1",
+            "--sample-tokens", "0", *STEPS]
+LAYOUTS = {"dp (ddp.py)": [], "ZeRO-1": ["--zero", "1"], "ZeRO-2": ["--zero", "2"],
+           "ZeRO-3": ["--zero", "3"], "tp 2, sequence-parallel": ["--tp", "2", "--sequence-parallel"],
            "pp 2 (1f1b)": ["--pp", "2", "--microbatches", "2"],
            "ep 2": ["--experts", "4", "--ep", "2", "--zero", "1"]}
 SFT_LAYOUTS = {"sft, dp 2": [], "sft, tp 2, packed rows": ["--tp", "2", "--pack"]}
@@ -108,14 +114,16 @@ def _audit(rank, world, out, cache, sft_files):
     found = {name: run_audited(pretrain.main, PRETRAIN + extra + ["--out", f"{out}/{i}"])
              for i, (name, extra) in enumerate(LAYOUTS.items())}
     for name, extra in SFT_LAYOUTS.items():
-        found[name] = run_audited(sft.main, ["--init", sft_files[0], "--data", sft_files[1], "--val-data",
-                                             sft_files[2], "--batch-size", "4", "--samples", "0",
-                                             "--out", f"{out}/{name}", *STEPS, *extra])
+        found[name] = run_audited(sft.main, ["--init", sft_files[0], "--data", sft_files[1],
+                                             "--val-data", sft_files[2], "--batch-size", "4",
+                                             "--samples", "0", "--out", f"{out}/{name}", *STEPS,
+                                             *extra])
     return found
 
 
 def test_every_collective_gets_tensors_on_the_runs_device(tmp_path, stdlib_data, data_cache):
-    files = [str(make_init(tmp_path / "init")), str(write_jsonl(tmp_path / "t.jsonl", reverse_examples(16))),
+    files = [str(make_init(tmp_path / "init")), str(write_jsonl(tmp_path / "t.jsonl",
+                                                                reverse_examples(16))),
              str(write_jsonl(tmp_path / "v.jsonl", reverse_examples(4, seed=1)))]
     for found in run_distributed(_audit, 2, str(tmp_path), str(data_cache), files):
         assert list(found) == [*LAYOUTS, *SFT_LAYOUTS]

@@ -9,10 +9,10 @@ from model import ModelConfig, Transformer
 
 
 def test_custom_shape_counts_the_model_as_built():
-    est = estimate.main(["--n-layer", "3", "--d-model", "64", "--n-head", "4", "--n-kv-head", "2", "--d-ff", "160",
-                         "--vocab-size", "250", "--seq-len", "96"])
-    real = Transformer(ModelConfig(n_layer=3, d_model=64, n_head=4, n_kv_head=2, d_ff=160, vocab_size=256,
-                                   block_size=96))
+    est = estimate.main(["--n-layer", "3", "--d-model", "64", "--n-head", "4", "--n-kv-head", "2",
+                         "--d-ff", "160", "--vocab-size", "250", "--seq-len", "96"])
+    real = Transformer(ModelConfig(n_layer=3, d_model=64, n_head=4, n_kv_head=2, d_ff=160,
+                                   vocab_size=256, block_size=96))
     # vocabulary padded to 256, as pretrain.py
     assert est["params"] == sum(p.numel() for p in real.parameters())
     assert est["flops_per_token"] == 6 * (est["params"] - 256 * 64) + 6 * 3 * 64 * 96
@@ -40,8 +40,9 @@ def test_activation_formulas_match_the_paper():
 
 
 def test_memory_and_communication_per_gpu_for_a_3d_layout():
-    argv = ["--n-layer", "4", "--d-model", "64", "--n-head", "4", "--d-ff", "128", "--vocab-size", "256",
-            "--seq-len", "32", "--gpus", "8", "--tp", "2", "--pp", "2", "--microbatches", "4", "--batch-size", "16"]
+    argv = ["--n-layer", "4", "--d-model", "64", "--n-head", "4", "--d-ff", "128", "--vocab-size",
+            "256", "--seq-len", "32", "--gpus", "8", "--tp", "2", "--pp", "2", "--microbatches",
+            "4", "--batch-size", "16"]
     for zero in (0, 1, 2, 3):
         est = estimate.main(argv + ["--zero", str(zero)])
         mem, model = est["memory"], Transformer(est["config"])
@@ -49,7 +50,8 @@ def test_memory_and_communication_per_gpu_for_a_3d_layout():
         last = blocks + model.lm_head.weight.numel() + model.norm.weight.numel()
         # the busiest stage, halved by tp
         psi = max(blocks + model.tok_emb.weight.numel(), last) / 2
-        div = {k: 2 if zero >= z else 1 for k, z in (("weights", 3), ("gradients", 2), ("optimizer states", 1))}
+        div = {k: 2 if zero >= z else 1 for k, z in (("weights", 3), ("gradients", 2),
+                                                     ("optimizer states", 1))}
         assert mem["weights"] == 2 * psi / div["weights"] and mem["gradients"] == 2 * psi / div["gradients"]
         assert mem["optimizer states"] == 12 * psi / div["optimizer states"]
         assert est["micro_batch"] == 2 and est["bubble"] == pytest.approx(1 / 5)
@@ -65,20 +67,28 @@ def test_memory_and_communication_per_gpu_for_a_3d_layout():
 def test_bad_input_gets_one_clear_line(capsys):
     cases = [(["--gpus", "0"], "--gpus must be at least 1, got 0"),
              (["--gpus", "-2"], "--gpus must be at least 1, got -2"),
-             (["--mfu", "0"], "--mfu must be in (0, 1]"), (["--mfu", "1.5"], "--mfu must be in (0, 1]"),
-             (["--tokens=-1e9"], "--tokens must be at least 1"), (["--mfu", "nan"], "--mfu must be a finite number"),
-             (["--model", "tiny", "--seq-len", "512"], "--seq-len 512 is beyond the context of model 'tiny' (256)"),
+             (["--mfu", "0"], "--mfu must be in (0, 1]"),
+             (["--mfu", "1.5"], "--mfu must be in (0, 1]"),
+             (["--tokens=-1e9"], "--tokens must be at least 1"),
+             (["--mfu", "nan"], "--mfu must be a finite number"),
+             (["--model", "tiny", "--seq-len", "512"],
+              "--seq-len 512 is beyond the context of model 'tiny' (256)"),
              (["--gpus", "8", "--tp", "5"], "--gpus 8 is not a multiple of --tp 5 x --pp 1"),
-             (["--model", "gpt2-124m", "--gpus", "5", "--tp", "5"], "--tp 5 does not divide the model's n_head 12"),
-             (["--gpus", "8", "--tp", "2", "--pp", "2", "--batch-size", "3"], "--batch-size 3 does not divide"),
-             (["--model", "tiny", "--gpus", "8", "--pp", "8"], "--pp 8 is more stages than the model's 4 layers"),
+             (["--model", "gpt2-124m", "--gpus", "5", "--tp", "5"],
+              "--tp 5 does not divide the model's n_head 12"),
+             (["--gpus", "8", "--tp", "2", "--pp", "2", "--batch-size", "3"],
+              "--batch-size 3 does not divide"),
+             (["--model", "tiny", "--gpus", "8", "--pp", "8"],
+              "--pp 8 is more stages than the model's 4 layers"),
              (["--n-head", "7"], "--n-head 7 must divide --d-model 768"),
              (["--params", "-1"], "--params must be positive"),
-             (["--params", "1e30"], "--params 1e+30: the shapes built here (d = 128 x layers, 1 to 255 layers) span"),
+             (["--params", "1e30"], "--params 1e+30: the shapes built here (d = 128 x layers, 1 "
+                                    "to 255 layers) span"),
              (["--params", "1000"], "--params 1000: the shapes built here")]
     for argv, expected in cases:
         # pretrain.py --estimate runs estimate.py on its own flags (it has no --n-head, --params)
-        mains = [(estimate.main, [])] + ([(pretrain.main, ["--estimate"])] if argv[0] not in ("--n-head", "--params")
+        mains = [(estimate.main, [])] + ([(pretrain.main, ["--estimate"])]
+                                         if argv[0] not in ("--n-head", "--params")
                                          else [])
         for main, prefix in mains:
             with pytest.raises(SystemExit) as e:
@@ -96,7 +106,8 @@ def test_one_step_holds_what_the_formulas_say():
     s, b, sbh = 32, 2, 32 * 2 * 64
     plain = estimate.measure_step(ModelConfig(**SMALL), s, b)
     n = sum(p.numel() for p in Transformer(ModelConfig(**SMALL)).parameters())
-    assert (plain["weights"], plain["gradients"], plain["optimizer states"]) == (2 * n, 2 * n, 12 * n)
+    assert (plain["weights"], plain["gradients"],
+            plain["optimizer states"]) == (2 * n, 2 * n, 12 * n)
     # This model's parts, exactly: each RMSNorm keeps its fp32 input and normalised x (4 + 4 bytes),
     # its bf16 output (2), the fp32 rsqrt per position and an fp32 copy of its weight; SwiGLU keeps
     # w1 x, silu(w1 x), w3 x and their product, 4 tensors of width d_ff in bf16.
@@ -169,7 +180,8 @@ def test_zero_stages_and_tensor_parallel_hold_what_the_formulas_say():
     for states, acts in run_distributed(_held_on_two_ranks, 2):
         for stage in (1, 2, 3):
             want = estimate.zero_table(n, 2)[stage]
-            assert states[stage] == {k: want[k] for k in ("params", "grads", "optimizer")}, (stage, states[stage])
+            assert states[stage] == {k: want[k]
+                                     for k in ("params", "grads", "optimizer")}, (stage, states[stage])
         # tp halves the attention's and the MLP's insides but not the norms (replicated on both
         # ranks); sp halves the norms too, but keeps whole-sequence tensors around its all-gathers:
         # it saves less than the norms' half.
@@ -182,8 +194,8 @@ def test_zero_stages_and_tensor_parallel_hold_what_the_formulas_say():
 def test_expert_parallelism_divides_the_experts_and_adds_all_to_alls():
     argv = ["--model", "tiny", "--experts", "4", "--topk", "2", "--gpus", "4", "--batch-size", "8"]
     dense, ep = estimate.main(argv), estimate.main(argv + ["--ep", "2"])
-    model = Transformer(ModelConfig(**{**SMALL, "n_layer": 4, "d_model": 128, "d_ff": 384, "n_kv_head": 2,
-                                       "block_size": 256}))
+    model = Transformer(ModelConfig(**{**SMALL, "n_layer": 4, "d_model": 128, "d_ff": 384,
+                                       "n_kv_head": 2, "block_size": 256}))
     from moe import add_moe
     add_moe(model, 4, 2)
     experts = sum(p.numel() for name, p in model.named_parameters() if "experts" in name)

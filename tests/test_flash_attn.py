@@ -97,7 +97,8 @@ def test_twin_matches_naive_in_float64(case, monkeypatch):
 def test_softmax_scale_is_used():
     q, k, v, do = make_inputs((1, 2, 1, 20, 16, False))
     assert_all_close(run(flash_attention, q, k, v, do, torch.float64, False, softmax_scale=0.3),
-                     run(naive, q, k, v, do, torch.float64, False, scale=0.3), rtol=1e-10, atol=1e-12)
+                     run(naive, q, k, v, do, torch.float64, False, scale=0.3), rtol=1e-10,
+                     atol=1e-12)
 
 
 def test_non_contiguous_inputs_give_the_same_result():
@@ -146,7 +147,8 @@ def run_lse(fn, q, k, v, do, dtype, causal, **kw):
 def test_twin_masks_match_naive_in_float64(case, kw, monkeypatch):
     monkeypatch.setattr(flash_attn, "TWIN_BLOCK", 16)
     q, k, v, do = make_inputs(case)
-    got, want = (run_lse(f, q, k, v, do, torch.float64, case[-1], **kw) for f in (flash_attention, naive))
+    got, want = (run_lse(f, q, k, v, do, torch.float64, case[-1],
+                         **kw) for f in (flash_attention, naive))
     # -inf logsumexp (rows that see nothing) compare equal; everything else to float64 rounding.
     for name, a, b in zip(("out", "dq", "dk", "dv", "lse"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
@@ -174,11 +176,14 @@ def test_twin_skips_tiles_of_other_documents(causal, monkeypatch):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(q_offset=4), "q_offset and k_offset shift the causal mask; they need causal=True"),
-    (dict(causal=True, doc=torch.zeros(1, 8, dtype=torch.long), k_offset=2), "cannot take q_offset/k_offset"),
-    (dict(doc=torch.zeros(1, 9, dtype=torch.long)), r"doc must be integer document ids of shape \(B, N\) = "
+    (dict(causal=True, doc=torch.zeros(1, 8, dtype=torch.long), k_offset=2),
+     "cannot take q_offset/k_offset"),
+    (dict(doc=torch.zeros(1, 9, dtype=torch.long)),
+     r"doc must be integer document ids of shape \(B, N\) = "
                                                    r"\(1, 8\), got torch.int64 \(1, 9\)"),
     (dict(doc=torch.zeros(1, 8)), "doc must be integer document ids"),
-    (dict(doc=torch.tensor([[0, 0, 1, 1, 0, 2, 2, 2]])), "must not decrease along a row.*row 0 goes from 1 to 0 at 4"),
+    (dict(doc=torch.tensor([[0, 0, 1, 1, 0, 2, 2, 2]])),
+     "must not decrease along a row.*row 0 goes from 1 to 0 at 4"),
 ])
 def test_bad_masks_get_a_clear_error(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -186,7 +191,8 @@ def test_bad_masks_get_a_clear_error(kw, match):
 
 
 def test_model_with_flash_matches_naive_in_float64():
-    cfg = replace(PRESETS["tiny"], n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96, block_size=48)
+    cfg = replace(PRESETS["tiny"], n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96,
+                  block_size=48)
     torch.manual_seed(0)
     model = Transformer(cfg).double()
     idx = torch.randint(0, cfg.vocab_size, (2, 45))
@@ -204,9 +210,11 @@ def test_model_with_flash_matches_naive_in_float64():
 
 
 def test_training_with_flash_matches_sdpa(tmp_path, stdlib_data):
-    fast = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--max-steps", "3", "--warmup-steps", "1",
-            "--eval-iters", "1", "--eval-every", "3", "--sample-tokens", "0", "--log-every", "1"]
-    runs = {a: pretrain.main(fast + ["--attn", a, "--out", str(tmp_path / a)]) for a in ("sdpa", "flash")}
+    fast = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--max-steps", "3",
+            "--warmup-steps", "1", "--eval-iters", "1", "--eval-every", "3", "--sample-tokens", "0",
+            "--log-every", "1"]
+    runs = {a: pretrain.main(fast + ["--attn", a, "--out", str(tmp_path / a)])
+            for a in ("sdpa", "flash")}
     # fp32, same maths in another summation order: equal to float32 rounding, amplified a little by
     # 3 steps. (Not the weights: AdamW turns a rounding-level gradient near zero into a full-size
     # step of either sign.)
@@ -224,7 +232,8 @@ def t(*shape, dtype=torch.float32, device="cpu"):
     ((t(1, 2, 8, 16, dtype=torch.int64),) * 3, "dtype int64 is unsupported on the CPU twin"),
     ((t(1, 2, 8, 16), t(1, 2, 8, 16, dtype=torch.float64), t(1, 2, 8, 16)), "different dtypes"),
     ((t(1, 2, 8, 16), t(1, 2, 8, 16, device="meta"), t(1, 2, 8, 16)), "different devices"),
-    ((t(1, 3, 8, 16), t(1, 2, 8, 16), t(1, 2, 8, 16)), "3 query heads do not split into groups over 2"),
+    ((t(1, 3, 8, 16), t(1, 2, 8, 16), t(1, 2, 8, 16)),
+     "3 query heads do not split into groups over 2"),
     ((t(1, 2, 8, 16), t(1, 2, 9, 16), t(1, 2, 9, 16)), r"expected q \(B, H, N, D\)"),
     ((t(1, 2, 8, 16), t(1, 2, 8, 16), t(1, 1, 8, 16)), "expected q"),
     ((t(2, 2, 8, 16), t(1, 2, 8, 16), t(1, 2, 8, 16)), "expected q"),
@@ -239,7 +248,8 @@ def test_bad_input_gets_a_clear_error(args, match):
 
 
 # ------------------------------------------------------------------ the Triton kernels, interpreted
-INTERP_CASES = [(case, torch.float32) for case in CASES] + [(CASES[1], torch.float16), (CASES[4], torch.float16)]
+INTERP_CASES = [(case, torch.float32) for case in CASES] + [(CASES[1], torch.float16),
+                                                            (CASES[4], torch.float16)]
 
 
 def interpreter_child(path):
@@ -251,10 +261,12 @@ def interpreter_child(path):
         q, k, v, do = make_inputs(case)
         results[i] = run(flash_attention, q, k, v, do, dtype, case[-1])
     q, k, v, do = make_inputs(CASES[1])  # non-contiguous, as model.py passes them
-    results["strided"] = run(flash_attention, *(x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)),
+    results["strided"] = run(flash_attention, *(x.transpose(1, 2).contiguous().transpose(1, 2)
+                                                for x in (q, k, v)),
                              do, torch.float32, True)
     for i, (case, kw) in enumerate(MASK_CASES):
-        results["mask", i] = run_lse(flash_attention, *make_inputs(case), torch.float32, case[-1], **kw)
+        results["mask", i] = run_lse(flash_attention, *make_inputs(case), torch.float32, case[-1],
+                                     **kw)
     for causal in (True, False):
         results["poisoned", causal] = poisoned(flash_attention, torch.float32, causal)
     try:
@@ -262,7 +274,8 @@ def interpreter_child(path):
     except ValueError as e:
         results["bf16"] = str(e)
     # One forward and backward of a small model: the kernels as model.py calls them, against SDPA.
-    cfg = replace(PRESETS["tiny"], n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96, block_size=40)
+    cfg = replace(PRESETS["tiny"], n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96,
+                  block_size=40)
     idx = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     for backend in ("sdpa", "flash"):
         torch.manual_seed(0)
@@ -278,13 +291,14 @@ def interpreted(tmp_path_factory):
     path = tmp_path_factory.mktemp("interp") / "jobs.pt"
     torch.save({"cases": INTERP_CASES}, path)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, __file__, str(path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, __file__, str(path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(path)
 
 
-@pytest.mark.parametrize("i", range(len(INTERP_CASES)), ids=[f"{c}-{str(d)[6:]}" for c, d in INTERP_CASES])
+@pytest.mark.parametrize("i", range(len(INTERP_CASES)),
+                         ids=[f"{c}-{str(d)[6:]}" for c, d in INTERP_CASES])
 def test_triton_kernels_match_naive(interpreted, i):
     case, dtype = INTERP_CASES[i]
     # the reference sees the same inputs
@@ -305,7 +319,8 @@ def test_triton_kernels_match_naive(interpreted, i):
 
 def test_triton_kernels_take_non_contiguous_inputs(interpreted):
     q, k, v, do = make_inputs(CASES[1])
-    assert_all_close(interpreted["strided"], run(naive, q, k, v, do, torch.float64, True), rtol=1e-5, atol=1e-5)
+    assert_all_close(interpreted["strided"], run(naive, q, k, v, do, torch.float64, True),
+                     rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("i", range(len(MASK_CASES)), ids=[str(c) for c in MASK_CASES])
@@ -350,7 +365,8 @@ def test_cuda_bf16_is_as_accurate_as_sdpa(causal):
         # kernel.
         assert (a - w).abs().max() <= 2 * (b - w).abs().max() + 1e-3, name
     # fp32 with exact (not tf32) dots against float64.
-    assert_all_close(run(flash_attention, q, k, v, do, torch.float32, causal), want, rtol=1e-4, atol=1e-4)
+    assert_all_close(run(flash_attention, q, k, v, do, torch.float32, causal), want, rtol=1e-4,
+                     atol=1e-4)
 
 
 if __name__ == "__main__":

@@ -155,19 +155,22 @@ def tiny_file(tmp_path_factory):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "generate.py", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, "generate.py", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
 
 
-STATS = re.compile(r"^prefill (\d+) tokens: [\d,.]+ tokens/s \| decode (\d+) tokens: [\d,.]+ tokens/s \| "
-                   r"(KV cache of (\d+) positions: ([\d,]+) bytes|no cache) \| stopped at --max-new-tokens$")
+STATS = re.compile(r"^prefill (\d+) tokens: [\d,.]+ tokens/s \| decode (\d+) tokens: [\d,.]+ "
+                   r"tokens/s \| "
+                   r"(KV cache of (\d+) positions: ([\d,]+) bytes|no cache) \| stopped at "
+                   r"--max-new-tokens$")
 
 
 def test_the_command_line_with_and_without_the_cache(tiny_file):
     """Greedy: the same text both ways; the text starts with the prompt; the last line is the
     tokens/s line, with the KV cache's bytes as the formula has them: 2 * L * T * n_kv_head *
     head_dim * 4 (fp32)."""
-    outs = [cli(tiny_file, "--prompt", "def f(", "--temperature", "0", "--max-new-tokens", "12", *extra)
+    outs = [cli(tiny_file, "--prompt", "def f(", "--temperature", "0", "--max-new-tokens", "12",
+                *extra)
             for extra in ([], ["--no-cache"])]
     for p in outs:
         assert p.returncode == 0 and p.stderr == "", p.stderr
@@ -183,7 +186,8 @@ def test_the_command_line_with_and_without_the_cache(tiny_file):
 def test_chat_and_int8_run(tiny_file):
     """--chat prints the answer alone (here: not the template); --int8 generates through INT8
     linears."""
-    p = cli(tiny_file, "--prompt", "Reverse the word.", "--chat", "--int8", "--max-new-tokens", "5", "--top-p", "0.9")
+    p = cli(tiny_file, "--prompt", "Reverse the word.", "--chat", "--int8", "--max-new-tokens", "5",
+            "--top-p", "0.9")
     assert p.returncode == 0 and "Instruction" not in p.stdout and " | int8 | " in p.stdout, p.stdout + p.stderr
 
 
@@ -201,7 +205,8 @@ def test_bad_input_is_one_line(tiny_file, flags, message):
 
 
 def test_a_folder_without_a_checkpoint_is_one_line(tmp_path):
-    with pytest.raises(generate.GenerateError, match=f"^{re.escape(str(tmp_path))}: no complete checkpoint in"):
+    with pytest.raises(generate.GenerateError, match=f"^{re.escape(str(tmp_path))}: no complete "
+                                                     "checkpoint in"):
         generate.main([str(tmp_path), "--prompt", "x"])
 
 

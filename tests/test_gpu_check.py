@@ -46,7 +46,8 @@ def test_a_crash_or_an_exception_leaves_the_table_whole(capsys):
             gpu_check.Row("after", lambda: (True, ""))]
     assert gpu_check.run_checks(rows, 1) == 1
     table = capsys.readouterr().out.split("seconds  figures")[1]
-    assert [line.split()[0] for line in table.strip().splitlines()] == ["fine", "crashes", "raises", "after"]
+    assert [line.split()[0]
+            for line in table.strip().splitlines()] == ["fine", "crashes", "raises", "after"]
     assert "FAIL" in table and "exit status 3" in table and "KeyError: 'no metrics'" in table
 
 
@@ -55,7 +56,8 @@ def test_an_interrupt_still_prints_the_table(capsys):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        gpu_check.run_checks([gpu_check.Row("first", lambda: (True, "")), gpu_check.Row("ctrl-c", interrupted),
+        gpu_check.run_checks([gpu_check.Row("first", lambda: (True, "")),
+                              gpu_check.Row("ctrl-c", interrupted),
                               gpu_check.Row("last", lambda: (True, ""))], 1)
     out = capsys.readouterr().out
     assert "first" in out and "last" in out and "not run" in out
@@ -63,7 +65,8 @@ def test_an_interrupt_still_prints_the_table(capsys):
 
 def test_rows_that_need_more_gpus_are_skipped_not_passed(capsys):
     ran = []
-    rows = [gpu_check.Row("one", lambda: (True, "")), gpu_check.Row("two", lambda: ran.append(1), gpus=2)]
+    rows = [gpu_check.Row("one", lambda: (True, "")),
+            gpu_check.Row("two", lambda: ran.append(1), gpus=2)]
     assert gpu_check.run_checks(rows, 1) == 0 and not ran
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("two")][0]
     assert "skipped (1 GPU)" in line and "pass" not in line
@@ -80,7 +83,8 @@ def test_the_plan_runs_the_headline_on_every_gpu(tmp_path):
     cmd = gpu_check.pretrain_cmd(8, "out", ["--zero", "3", "--tp", "2"], "h100")
     assert cmd[cmd.index("--nproc_per_node") + 1] == "8"
     one = gpu_check.plan(str(tmp_path), 1, None)
-    assert {r.name for r in one if r.gpus > 1} >= {"ZeRO-3 x tp 2, 2 GPUs", "1F1B, pp 2", "resume: tp 2 -> ZeRO-3 dp 2"}
+    assert {r.name for r in one if r.gpus > 1} >= {"ZeRO-3 x tp 2, 2 GPUs", "1F1B, pp 2",
+                                                   "resume: tp 2 -> ZeRO-3 dp 2"}
 
 
 def test_mfu_is_against_the_peak_of_the_runs_precision():
@@ -97,7 +101,8 @@ def test_run_leaves_no_straggler_after_a_normal_exit(tmp_path):
     """The leader exits 0 but leaves a child behind: it is killed too (it would hold its GPU)."""
     pid_file = tmp_path / "child.pid"
     code = gpu_check.run([sys.executable, "-c", "import subprocess, sys; "
-                          "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+                          "p = subprocess.Popen([sys.executable, '-c', 'import time; "
+                          "time.sleep(300)']); "
                           f"open({str(pid_file)!r}, 'w').write(str(p.pid))"], timeout=30)
     assert code == 0
     child = int(pid_file.read_text())

@@ -38,7 +38,8 @@ def test_older_torch_without_the_single_collectives():
             " is d.all_gather_into_tensor; "
             "assert zero.reduce_scatter_single is tp.reduce_scatter_single"
             " is topology.reduce_scatter_single is d.reduce_scatter_tensor")
-    subprocess.run([sys.executable, "-c", code], check=True, env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
 
 
 def test_fp32_runs_on_cuda_use_tf32(monkeypatch):
@@ -65,10 +66,12 @@ def test_evaluation_and_saving_are_left_out_of_the_throughput_window(tmp_path, s
                                                              time=time.time))
     for name in ("evaluate", "save"):
         real = getattr(training, name)
-        monkeypatch.setattr(training, name, lambda *a, real=real: (real(*a), offset.__setitem__(0, offset[0] + 1e3))[0])
-    pretrain.main(["--model", "tiny", "--seq-len", "32", "--batch-size", "16", "--max-steps", "4", "--eval-every", "1",
-                   "--save-every", "2", "--eval-iters", "1", "--log-every", "1", "--sample-tokens", "0",
-                   "--device", "cpu", "--out", str(tmp_path)])
-    tps = [json.loads(l)["tokens_per_s"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        monkeypatch.setattr(training, name, lambda *a,
+                            real=real: (real(*a), offset.__setitem__(0, offset[0] + 1e3))[0])
+    pretrain.main(["--model", "tiny", "--seq-len", "32", "--batch-size", "16", "--max-steps", "4",
+                   "--eval-every", "1", "--save-every", "2", "--eval-iters", "1", "--log-every",
+                   "1", "--sample-tokens", "0", "--device", "cpu", "--out", str(tmp_path)])
+    tps = [json.loads(l)["tokens_per_s"]
+           for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
            if "tokens_per_s" in l]
     assert offset[0] >= 6e3 and len(tps) == 4 and min(tps) > 16 * 32 / 100, tps

@@ -17,8 +17,8 @@ from zero import ZeroOptimizer
 from model import PRESETS, Transformer
 from tests.distributed import run_distributed
 
-CFG = replace(PRESETS["tiny"], n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=128, block_size=16,
-              vocab_size=128)
+CFG = replace(PRESETS["tiny"], n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=128,
+              block_size=16, vocab_size=128)
 DP, MICRO = 4, 8
 
 
@@ -51,14 +51,16 @@ def exact_sum(ranks):
 
 
 def relative_error(grads, ref):
-    return (sum((g.double() - r).pow(2).sum() for g, r in zip(grads, ref)) / sum(r.pow(2).sum() for r in ref)).sqrt()
+    return (sum((g.double() - r).pow(2).sum() for g,
+                r in zip(grads, ref)) / sum(r.pow(2).sum() for r in ref)).sqrt()
 
 
 def accumulated(main_grads):
     """One process, MICRO micro-steps: the gradient the optimizer would step with."""
     model = build()
-    opt = MixedPrecisionOptimizer([{"params": list(model.parameters())}], torch.optim.AdamW, torch.bfloat16,
-                                  DynamicLossScaler(enabled=False), main_grads=main_grads)
+    opt = MixedPrecisionOptimizer([{"params": list(model.parameters())}], torch.optim.AdamW,
+                                  torch.bfloat16, DynamicLossScaler(enabled=False),
+                                  main_grads=main_grads)
     for batch in micro_batches(0):
         backward(model, batch)
     grads = [grad_of(p).clone() for p in model.parameters()]
@@ -69,8 +71,9 @@ def accumulated(main_grads):
 def _ddp(rank, world, main_grads):
     model = build()
     ddp = DistributedDataParallel(model, bucket_mb=0.05, main_grads=main_grads)
-    MixedPrecisionOptimizer([{"params": list(model.parameters())}], torch.optim.AdamW, torch.bfloat16,
-                            DynamicLossScaler(enabled=False), no_sync=ddp.no_sync, main_grads=main_grads)
+    MixedPrecisionOptimizer([{"params": list(model.parameters())}], torch.optim.AdamW,
+                            torch.bfloat16, DynamicLossScaler(enabled=False), no_sync=ddp.no_sync,
+                            main_grads=main_grads)
     for i, batch in enumerate(micro_batches(rank)):
         with ddp.no_sync() if i < MICRO - 1 else contextlib.nullcontext():
             backward(ddp, batch)
@@ -89,7 +92,8 @@ def _zero2(rank, world, main_grads):
     for u in opt.units:
         full = torch.empty(u.shard_size * world, dtype=u.grad_shard.dtype)
         dist.all_gather_into_tensor(full, u.grad_shard)
-        grads.update({p: full[a:b].view_as(p) for p, a, b in zip(u.params, u.offsets, u.offsets[1:])})
+        grads.update({p: full[a:b].view_as(p) for p, a,
+                      b in zip(u.params, u.offsets, u.offsets[1:])})
     return [grads[p] for p in model.parameters()]
 
 
@@ -120,10 +124,11 @@ def test_fp32_models_have_no_main_grad():
     unchanged."""
     torch.manual_seed(0)
     model = Transformer(CFG)
-    MixedPrecisionOptimizer([{"params": list(model.parameters())}], torch.optim.AdamW, torch.float32,
-                            DynamicLossScaler(enabled=False), main_grads=True)
+    MixedPrecisionOptimizer([{"params": list(model.parameters())}], torch.optim.AdamW,
+                            torch.float32, DynamicLossScaler(enabled=False), main_grads=True)
     backward(model, micro_batches(0)[0])
-    assert all(not hasattr(p, "main_grad") and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert all(not hasattr(p, "main_grad") and p.grad.dtype == torch.float32
+               for p in model.parameters())
 
 
 def model_error(main_grads):
@@ -139,6 +144,8 @@ def model_error(main_grads):
 
 if __name__ == "__main__":
     for (what, dtype), err in measure().items():
-        print(f"{what:<28} in {dtype}: relative error {err:.2e} against the float64 sum of the same bf16 gradients")
+        print(f"{what:<28} in {dtype}: relative error {err:.2e} against the float64 sum of the "
+              "same bf16 gradients")
     for main_grads, dtype in ((True, "fp32"), (False, "bf16")):
-        print(f"accumulate 8 in {dtype}, against the float64 model's gradient: {model_error(main_grads):.2e}")
+        print(f"accumulate 8 in {dtype}, against the float64 model's gradient: "
+              f"{model_error(main_grads):.2e}")

@@ -26,8 +26,10 @@ def chats(n, seed):
     out = []
     for i in range(n):
         w = WORDS[int(torch.randint(len(WORDS), (1,), generator=g))]
-        turns = [{"role": "user", "content": f"Reverse {w}."}, {"role": "assistant", "content": w[::-1]}]
-        out.append({"messages": ([{"role": "system", "content": "Be brief."}] if i % 2 else []) + turns})
+        turns = [{"role": "user", "content": f"Reverse {w}."},
+                 {"role": "assistant", "content": w[::-1]}]
+        out.append({"messages": ([{"role": "system",
+                                   "content": "Be brief."}] if i % 2 else []) + turns})
     return out
 
 
@@ -35,14 +37,15 @@ def chats(n, seed):
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf")
     return {"hf": write_hf_folder(d / "hf", "tiny", n_merges=200, dtype=torch.float32),
-            "train": write_jsonl(d / "train.jsonl", chats(24, 0)), "val": write_jsonl(d / "val.jsonl", chats(4, 1))}
+            "train": write_jsonl(d / "train.jsonl", chats(24, 0)),
+            "val": write_jsonl(d / "val.jsonl", chats(4, 1))}
 
 
 def argv(files, out, extra=()):
-    return ["--init", str(files["hf"]), "--data", str(files["train"]), "--val-data", str(files["val"]),
-            "--out", str(out), "--lora-r", "4", "--batch-size", "8", "--lr", "2e-3", "--warmup-steps", "1",
-            "--max-steps", "3", "--eval-every", "3", "--samples", "1", "--max-new-tokens", "4", "--log-every", "1",
-            *extra]
+    return ["--init", str(files["hf"]), "--data", str(files["train"]), "--val-data",
+            str(files["val"]), "--out", str(out), "--lora-r", "4", "--batch-size", "8", "--lr",
+            "2e-3", "--warmup-steps", "1", "--max-steps", "3", "--eval-every", "3", "--samples",
+            "1", "--max-new-tokens", "4", "--log-every", "1", *extra]
 
 
 def _tp2_zero3(rank, world, files, out):
@@ -51,8 +54,8 @@ def _tp2_zero3(rank, world, files, out):
 
 
 def greedy(path, *extra):
-    return generate.main([str(path), "--prompt", "Reverse kilo.", "--temperature", "0", "--max-new-tokens", "12",
-                          *extra])
+    return generate.main([str(path), "--prompt", "Reverse kilo.", "--temperature", "0",
+                          "--max-new-tokens", "12", *extra])
 
 
 def test_lora_on_tp2_zero3_equals_one_process_then_chats_and_exports(tmp_path, files, capsys):
@@ -63,18 +66,21 @@ def test_lora_on_tp2_zero3_equals_one_process_then_chats_and_exports(tmp_path, f
     # The same run on 4 ranks (tensor parallel 2 x data parallel 2, ZeRO-3 sharding the adapters):
     # the same losses to fp32 rounding (only the summation order differs), and the same answers to
     # the held-out prompt.
-    for losses, val_losses, samples in run_distributed(_tp2_zero3, 4, files, str(tmp_path / "four")):
+    for losses, val_losses, samples in run_distributed(_tp2_zero3, 4, files,
+                                                       str(tmp_path / "four")):
         assert losses == pytest.approx(one["losses"], rel=1e-5)
         assert val_losses == pytest.approx(one["val_losses"], rel=1e-5)
         assert samples == one["samples"]
-    merged = {d: torch.load(tmp_path / d / "merged.pt", weights_only=False) for d in ("one", "four")}
+    merged = {d: torch.load(tmp_path / d / "merged.pt",
+                            weights_only=False) for d in ("one", "four")}
     assert merged["four"]["tokenizer"] == str(files["hf"].resolve())
     # transformers 5's form alone (rope_parameters, no top-level rope_theta) gave the model its
     # theta of 5e5.
     assert "rope_theta" not in json.loads((files["hf"] / "config.json").read_text())
     assert merged["four"]["model_config"]["rope_theta"] == 5e5
     for k, v in merged["one"]["model"].items():
-        torch.testing.assert_close(merged["four"]["model"][k], v, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(merged["four"]["model"][k], v, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{k}: {m}")
 
     # Generate from the merged model: greedy with the KV cache = without it; and chat.
     path = tmp_path / "four" / "merged.pt"
@@ -89,7 +95,8 @@ def test_lora_on_tp2_zero3_equals_one_process_then_chats_and_exports(tmp_path, f
     hf_out = tmp_path / "hf_out"
     weights.main(["export-hf", str(path), str(hf_out)])
     config = json.loads((hf_out / "config.json").read_text())
-    assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 5e5} and config["rope_theta"] == 5e5
+    assert config["rope_parameters"] == {"rope_type": "default",
+                                         "rope_theta": 5e5} and config["rope_theta"] == 5e5
     # LoRA left the (tied) embedding and head untouched
     assert config["tie_word_embeddings"] is True
     assert "lm_head.weight" not in hf.read_safetensors(hf_out / "model.safetensors")

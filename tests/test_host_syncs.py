@@ -44,9 +44,10 @@ def count_reads_per_step(monkeypatch, argv):
 
 @pytest.mark.parametrize("amp", ["fp32", "bf16", "fp16"])
 def test_a_steady_state_step_reads_nothing_back_from_the_device(monkeypatch, tmp_path, stdlib_data, amp):
-    argv = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2", "--max-steps", "8",
-            "--warmup-steps", "2", "--log-every", "4", "--eval-every", "100", "--save-every", "100",
-            "--eval-iters", "1", "--sample-tokens", "0", "--amp", amp, "--out", str(tmp_path / "run")]
+    argv = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2",
+            "--max-steps", "8", "--warmup-steps", "2", "--log-every", "4", "--eval-every", "100",
+            "--save-every", "100", "--eval-iters", "1", "--sample-tokens", "0", "--amp", amp,
+            "--out", str(tmp_path / "run")]
     per_step = count_reads_per_step(monkeypatch, argv)
     # not the first, not a log step (4, 8)
     steady = {s: n for s, n in per_step.items() if s % 4 and s > 1}
@@ -59,12 +60,13 @@ def stop_step(tmp_path, capsys, name, *extra):
     """fp16 at --lr 1 (it overflows within a few steps): the step of the run's "stopped" record, and
     its reason."""
     argv = ["--model", "tiny", "--seq-len", "16", "--batch-size", "2", "--lr", "1", "--amp", "fp16",
-            "--max-steps", "200", "--warmup-steps", "2", "--eval-iters", "1", "--sample-tokens", "0",
-            "--out", str(tmp_path / name), *extra]
+            "--max-steps", "200", "--warmup-steps", "2", "--eval-iters", "1", "--sample-tokens",
+            "0", "--out", str(tmp_path / name), *extra]
     with pytest.raises(SystemExit) as e:
         pretrain.main(argv)
     assert e.value.code == 3, capsys.readouterr().err
-    stop = [r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())][-1]
+    stop = [r
+            for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())][-1]
     return stop["step"], stop["stopped"]
 
 

@@ -9,8 +9,8 @@ import sft
 from sft_fixtures import make_init, reverse_examples, write_jsonl
 
 # (--stop-after 1: were a check missing, the test would fail after one step, not after a whole run)
-FAST = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--stop-after", "1", "--eval-iters", "1",
-        "--sample-tokens", "0"]
+FAST = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--stop-after", "1",
+        "--eval-iters", "1", "--sample-tokens", "0"]
 
 PRETRAIN_FLAGS = [  # (flags, what the one line must say)
     (["--lr", "nan"], "--lr must be a finite number, got nan"),
@@ -50,7 +50,8 @@ def one_line_error(capsys, main, argv):
     return err
 
 
-@pytest.mark.parametrize("flags,message", PRETRAIN_FLAGS, ids=[" ".join(f) for f, _ in PRETRAIN_FLAGS])
+@pytest.mark.parametrize("flags,message", PRETRAIN_FLAGS,
+                         ids=[" ".join(f) for f, _ in PRETRAIN_FLAGS])
 def test_pretrain_refuses_a_bad_flag_in_one_line(tmp_path, capsys, flags, message):
     err = one_line_error(capsys, pretrain.main, FAST + ["--out", str(tmp_path / "o")] + flags)
     assert message in err, err
@@ -59,7 +60,8 @@ def test_pretrain_refuses_a_bad_flag_in_one_line(tmp_path, capsys, flags, messag
 
 def test_out_must_not_be_empty(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # (were it accepted, the run would write its steps here)
-    assert "--out is empty: give a folder" in one_line_error(capsys, pretrain.main, FAST + ["--out", ""])
+    assert "--out is empty: give a folder" in one_line_error(capsys, pretrain.main,
+                                                             FAST + ["--out", ""])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -80,10 +82,12 @@ def test_a_damaged_data_folder_is_refused_by_the_entry_point(tmp_path, capsys, s
     for name in meta["shards"]["train"] + meta["shards"]["val"]:
         (d / name).symlink_to(stdlib_data / name)
     (d / "meta.json").write_text(json.dumps({**meta, "dtype": "uint8"}))
-    err = one_line_error(capsys, pretrain.main, FAST + ["--out", str(tmp_path / "o"), "--data", str(d)])
+    err = one_line_error(capsys, pretrain.main, FAST + ["--out", str(tmp_path / "o"), "--data",
+                                                        str(d)])
     assert "dtype 'uint8' is not a shard dtype: uint16 or uint32" in err
     (d / "meta.json").write_text(json.dumps({**meta, "vocab_size": 200}))
-    err = one_line_error(capsys, pretrain.main, FAST + ["--out", str(tmp_path / "o"), "--data", str(d)])
+    err = one_line_error(capsys, pretrain.main, FAST + ["--out", str(tmp_path / "o"), "--data",
+                                                        str(d)])
     assert "token ids up to 256 (max_id, eot) do not fit vocab_size 200" in err
 
 
@@ -100,7 +104,8 @@ SFT_FLAGS = [
 
 @pytest.mark.parametrize("flags,message", SFT_FLAGS, ids=[" ".join(f) for f, _ in SFT_FLAGS])
 def test_sft_refuses_a_bad_flag_in_one_line(tmp_path, capsys, flags, message):
-    err = one_line_error(capsys, sft.main, ["--init", str(tmp_path / "none"), "--out", str(tmp_path / "o")] + flags)
+    err = one_line_error(capsys, sft.main, ["--init", str(tmp_path / "none"), "--out",
+                                            str(tmp_path / "o")] + flags)
     assert message in err, err
 
 
@@ -109,5 +114,6 @@ def test_sft_names_the_line_with_a_byte_that_is_not_utf8(tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", reverse_examples(12))
     with open(data, "ab") as f:
         f.write(b'{"instruction": "caf\xe9", "output": "x"}\n')
-    err = one_line_error(capsys, sft.main, ["--init", str(init), "--data", str(data), "--out", str(tmp_path / "o")])
+    err = one_line_error(capsys, sft.main, ["--init", str(init), "--data", str(data), "--out",
+                                            str(tmp_path / "o")])
     assert f"{data}:13: byte 0xe9 at column 21 is not UTF-8" in err

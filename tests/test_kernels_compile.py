@@ -19,9 +19,9 @@ def test_every_kernel_fits_an_h100_without_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # (kernels.py compiles afresh anyway)
     out = tmp_path / "rows.json"
-    r = subprocess.run([sys.executable, "benchmarks/kernels.py", "--arch", "90", "--head-dim", "128", "--first",
-                        "--jobs", "2", "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=900)
+    r = subprocess.run([sys.executable, "benchmarks/kernels.py", "--arch", "90", "--head-dim",
+                        "128", "--first", "--jobs", "2", "--json", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
     if r.returncode == 3:  # no ptxas on this machine: nothing to compile with
         pytest.skip(r.stdout.strip())
     assert r.returncode in (0, 1), r.stdout + r.stderr
@@ -38,13 +38,15 @@ def test_autotuning_tries_only_the_tiles_made_for_the_head_dim():
     """The pruning the autotuner calls with the launch's arguments (compiled mode, as on a GPU):
     head dim 128 never meets a tile kept for 64 or less; 64 meets them all."""
     code = ("import flash_kernels as fk\n"
-            "for kernel, tiles in ((fk._fwd_kernel, fk.FWD_TILES), (fk._bwd_dq_kernel, fk.DQ_TILES),\n"
+            "for kernel, tiles in ((fk._fwd_kernel, fk.FWD_TILES), (fk._bwd_dq_kernel, "
+            "fk.DQ_TILES),\n"
             "                      (fk._bwd_dkdv_kernel, fk.DKDV_TILES)):\n"
             "    prune = lambda d: kernel.early_config_prune(kernel.configs, {}, HEAD_DIM=d)\n"
             "    assert len(prune(64)) == len(tiles)\n"
             "    kept = prune(128)\n"
             "    assert len(kept) == sum(t[-1] >= 128 for t in tiles) >= 2, kept\n"
-            "    assert all(c is kernel.configs[i] for i, c in zip([i for i, t in enumerate(tiles) if t[-1] >= 128],"
+            "    assert all(c is kernel.configs[i] for i, c in zip([i for i, t in "
+            "enumerate(tiles) if t[-1] >= 128],"
             " kept))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=300)

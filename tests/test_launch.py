@@ -20,14 +20,14 @@ from tests.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-ARGS = ["--model", "tiny", "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
-        "--eval-iters", "1", "--sample-tokens", "0", "--log-every", "1", "--max-steps", "8", "--save-every", "2",
-        "--dist-timeout", "120"]
+ARGS = ["--model", "tiny", "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps",
+        "2", "--eval-iters", "1", "--sample-tokens", "0", "--log-every", "1", "--max-steps", "8",
+        "--save-every", "2", "--dist-timeout", "120"]
 
 
 def start(launcher, script, out):
-    return subprocess.Popen(TORCHRUN + launcher + [script, *ARGS, "--out", str(out)], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(TORCHRUN + launcher + [script, *ARGS, "--out", str(out)], cwd=ROOT,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -76,8 +76,8 @@ def test_two_nodes_on_one_machine_train_as_one_world(tmp_path, uninterrupted):
     when the launcher that hosts the rendezvous store exits first, the other one, still polling it,
     can exit 1 after a run that succeeded.)"""
     endpoint = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
-    nodes = [start(["--nnodes", "2", "--nproc_per_node", "1", "--node-rank", str(n), *endpoint], "pretrain.py",
-                   tmp_path / "run") for n in (0, 1)]
+    nodes = [start(["--nnodes", "2", "--nproc_per_node", "1", "--node-rank", str(n), *endpoint],
+                   "pretrain.py", tmp_path / "run") for n in (0, 1)]
     for node in nodes:
         finish(node)
     assert losses(tmp_path / "run") == uninterrupted
@@ -97,15 +97,17 @@ def test_a_second_run_on_one_folder_is_refused_naming_the_holder(tmp_path, capsy
     folder is refused in one line naming it, --fresh too (nothing is moved); once the holder dies,
     however it dies, the folder is free again: the kernel dropped its lock."""
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, launch\nlaunch.lock_run(sys.argv[1])\n"
-                               "print('held', flush=True)\ntime.sleep(600)", str(out)], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE)
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time, launch\nlaunch.lock_run(sys.argv[1])\n"
+                               "print('held', flush=True)\ntime.sleep(600)", str(out)], cwd=ROOT,
+                              text=True, stdout=subprocess.PIPE)
     try:
         assert holder.stdout.readline().strip() == "held"
-        argv = ["--model", "tiny", "--seq-len", "64", "--batch-size", "8", "--max-steps", "1", "--eval-iters", "1",
-                "--sample-tokens", "0", "--out", str(out)]
+        argv = ["--model", "tiny", "--seq-len", "64", "--batch-size", "8", "--max-steps", "1",
+                "--eval-iters", "1", "--sample-tokens", "0", "--out", str(out)]
         err = error_of(capsys, argv)
-        assert err.startswith(f"pretrain.py: error: {out} is in use by another run (pid {holder.pid} on "), err
+        assert err.startswith(f"pretrain.py: error: {out} is in use by another run (pid "
+                              f"{holder.pid} on "), err
         assert err.endswith("wait for it to end, or give another --out")
         assert "started 20" in err and f"-c {out}" in err  # when, and its command line
         assert "is in use by another run" in error_of(capsys, argv + ["--fresh"])
@@ -120,19 +122,22 @@ def test_a_second_run_on_one_folder_is_refused_naming_the_holder(tmp_path, capsy
     # is refused.
     assert pretrain.main(argv + ["--fresh"])["step"] == 1
     assert (tmp_path / "run.1" / "step_000001").is_dir() and (out / "step_000001").is_dir()
-    probe = subprocess.run([sys.executable, "-c", "import sys, launch\ntry:\n    launch.lock_run(sys.argv[1])\n"
-                            "except launch.ConfigError as e:\n    print(e)", str(out)], cwd=ROOT, text=True,
-                           capture_output=True)
+    probe = subprocess.run([sys.executable, "-c",
+                            "import sys, launch\ntry:\n    launch.lock_run(sys.argv[1])\n"
+                            "except launch.ConfigError as e:\n    print(e)", str(out)], cwd=ROOT,
+                           text=True, capture_output=True)
     assert f"{out} is in use by another run (pid {os.getpid()} on " in probe.stdout, probe
 
 
-def test_a_rank_whose_peers_never_come_fails_in_one_line(tmp_path, capsys, monkeypatch, stdlib_data):
+def test_a_rank_whose_peers_never_come_fails_in_one_line(tmp_path, capsys, monkeypatch,
+                                                         stdlib_data):
     """Rank 0 of a world of 2 whose rank 1 never starts: one line after --dist-timeout, not a
     30-minute wait."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    err = error_of(capsys, ["--model", "tiny", "--batch-size", "8", "--dist-timeout", "2", "--out", str(tmp_path)])
+    err = error_of(capsys, ["--model", "tiny", "--batch-size", "8", "--dist-timeout", "2", "--out",
+                            str(tmp_path)])
     assert "pretrain.py: error: rank 0 could not join the other 1 rank(s) through 127.0.0.1:" in err, err
     assert "within --dist-timeout 2 s" in err and not dist.is_initialized()

@@ -24,8 +24,8 @@ from model import PRESETS, Transformer
 from tests.distributed import run_distributed
 from topology import rank0_token
 
-CFG = replace(PRESETS["tiny"], n_layer=1, d_model=32, n_head=2, n_kv_head=2, d_ff=64, vocab_size=320,
-              block_size=48)
+CFG = replace(PRESETS["tiny"], n_layer=1, d_model=32, n_head=2, n_kv_head=2, d_ff=64,
+              vocab_size=320, block_size=48)
 
 
 class RankNoisyModel(Transformer):
@@ -64,7 +64,8 @@ def _samples(rank, world):
     torch.manual_seed(1)  # every rank draws with the same seed, as pretrain.sample does
     model = RankNoisyModel(token=ord("Z"), flip_at=2).eval()
     prompt = torch.tensor([list(b"def ")])
-    return model.generate(prompt, 6, temperature=0.8, top_k=50, n_vocab=257, agree=rank0_token(True))
+    return model.generate(prompt, 6, temperature=0.8, top_k=50, n_vocab=257,
+                          agree=rank0_token(True))
 
 
 def test_sampled_tokens_agree_over_ranks():
@@ -93,9 +94,11 @@ def test_moe_layer_is_bitwise_reproducible_with_its_gradients():
     for _ in range(2):
         out = layer(x)
         (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
-        runs.append((out.detach().clone(), x.grad.clone(), [p.grad.clone() for p in layer.parameters()
+        runs.append((out.detach().clone(), x.grad.clone(),
+                     [p.grad.clone() for p in layer.parameters()
                                                              if p.grad is not None]))
         x.grad = None
         layer.zero_grad()
     (o1, gx1, g1), (o2, gx2, g2) = runs
-    assert torch.equal(o1, o2) and torch.equal(gx1, gx2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert torch.equal(o1, o2) and torch.equal(gx1, gx2) and all(torch.equal(a, b) for a,
+                                                                 b in zip(g1, g2))

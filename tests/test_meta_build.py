@@ -28,7 +28,8 @@ from topology import Topology
 CFG = replace(PRESETS["tiny"], n_layer=4, d_model=32, n_head=8, n_kv_head=4, d_ff=64, vocab_size=64,
               block_size=16)
 LAYOUTS = [  # (tp, pp, ep, experts, LoRA targets) on 4 ranks
-    (2, 1, 1, 0, None), (1, 2, 1, 0, None), (2, 2, 1, 0, None), (4, 1, 1, 0, None), (1, 1, 2, 4, None),
+    (2, 1, 1, 0, None), (1, 2, 1, 0, None), (2, 2, 1, 0, None), (4, 1, 1, 0, None),
+           (1, 1, 2, 4, None),
     (2, 1, 2, 4, None), (2, 2, 1, 0, "wq,wo,w1,w2"), (2, 1, 2, 4, "wv,w2")]
 
 
@@ -48,7 +49,8 @@ def expected(ref, name, tp, tp_rank):
     one), everything else whole."""
     # an expert is split as the MLP it replaces
     layer, _, leaf = re.sub(r"experts\.\d+\.", "", name).rpartition(".")
-    d = tensor_parallel.split_dim(layer + ".weight" if leaf in ("lora_A", "lora_B") else f"{layer}.{leaf}")
+    d = tensor_parallel.split_dim(layer + ".weight" if leaf in ("lora_A", "lora_B")
+                                  else f"{layer}.{leaf}")
     if leaf in ("lora_A", "lora_B") and (d, leaf) not in ((0, "lora_B"), (1, "lora_A")):
         d = None
     return ref[name] if d is None or tp == 1 else ref[name].chunk(tp, dim=d)[tp_rank]
@@ -71,7 +73,8 @@ def _pieces(rank, world):
         model = stack.build_model(CFG, topo, seed=0, device=torch.device("cpu"),
                                   dtype=torch.float64, experts=flags(ep, experts),
                                   adapt=adapter(targets))
-        out.append((topo.tp_rank, {lora.full_name(model, n): p.detach() for n, p in model.named_parameters()}))
+        out.append((topo.tp_rank, {lora.full_name(model, n): p.detach() for n,
+                                   p in model.named_parameters()}))
     return out
 
 
@@ -81,7 +84,8 @@ def test_every_rank_builds_exactly_its_piece_of_the_one_process_model():
     for rank_results in run_distributed(_pieces, 4):
         for i, (layout, ref, (tp_rank, params)) in enumerate(zip(LAYOUTS, refs, rank_results)):
             for name, p in params.items():
-                assert p.dtype == torch.float64 and torch.equal(p, expected(ref, name, layout[0], tp_rank)), \
+                assert p.dtype == torch.float64 and torch.equal(p,
+                                                                expected(ref, name, layout[0], tp_rank)), \
                     (layout, name)
                 held[i].add(name)
     for layout, ref, names in zip(LAYOUTS, refs, held):  # every parameter is somewhere
@@ -158,7 +162,8 @@ def _init_onto_layouts(rank, world, out):
     model = stack.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=torch.float64)
     _, opt = stack.build_training(model, cfg, torch.float64, topo)
     config = model_lib.config_dict(replace(CFG, attn="-"))
-    checkpoint.save(out / "run", 1, model, opt, topo, {"model_config": config, "tokenizer": "bytes"})
+    checkpoint.save(out / "run", 1, model, opt, topo,
+                    {"model_config": config, "tokenizer": "bytes"})
     if rank == 0:
         weights.main(["consolidate", str(out / "run"), str(out / "model.pt")])
         weights.main(["export-hf", str(out / "run"), str(out / "hf")])
@@ -171,7 +176,8 @@ def _init_onto_layouts(rank, world, out):
             topo = Topology(tp=tp, pp=pp)
             m = stack.build_model(CFG, topo, seed=1, device=torch.device("cpu"),
                                   dtype=torch.float64, weights=init["model"])
-            got[source, tp, pp] = (topo.tp_rank, {lora.full_name(m, n): p.detach() for n, p in m.named_parameters()})
+            got[source, tp, pp] = (topo.tp_rank, {lora.full_name(m, n): p.detach() for n,
+                                                  p in m.named_parameters()})
     return got
 
 
@@ -190,9 +196,12 @@ def test_init_weights_that_do_not_fit_are_one_line(tmp_path):
     topo = Topology()
     cpu = torch.device("cpu")
     for weights_given, message in [
-            ({k: v for k, v in sd.items() if k != "blocks.0.attn.wq.weight"}, "the weights have no blocks.0.attn.wq"),
-            (sd | {"norm.weight": torch.ones(8)}, r"the weights' norm.weight has shape \[8\], the model's \[32\]"),
-            (sd | {"blocks.0.mlp.router.weight": sd["norm.weight"]}, "the weights hold blocks.0.mlp.router.weight, "
+            ({k: v for k, v in sd.items() if k != "blocks.0.attn.wq.weight"},
+             "the weights have no blocks.0.attn.wq"),
+            (sd | {"norm.weight": torch.ones(8)},
+             r"the weights' norm.weight has shape \[8\], the model's \[32\]"),
+            (sd | {"blocks.0.mlp.router.weight": sd["norm.weight"]},
+             "the weights hold blocks.0.mlp.router.weight, "
                                                                      "which this model has not")]:
         with pytest.raises(checkpoint.CheckpointError, match=message):
             stack.build_model(CFG, topo, 0, cpu, torch.float32, weights=weights_given)

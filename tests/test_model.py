@@ -65,7 +65,8 @@ def test_ignored_labels_get_no_loss():
     targets[:, :8] = -100
     _, masked = model(idx, targets)
     logits, _ = model(idx)
-    ref = torch.nn.functional.cross_entropy(logits[:, 8:].reshape(-1, CFG.vocab_size), idx[:, 8:].reshape(-1))
+    ref = torch.nn.functional.cross_entropy(logits[:, 8:].reshape(-1, CFG.vocab_size),
+                                            idx[:, 8:].reshape(-1))
     torch.testing.assert_close(masked, ref)
 
 

@@ -58,8 +58,8 @@ def train(topo, cfg=CFG, schedule="1f1b", zero=0, sp=False):
     losses, norms = [], []
     for step in range(STEPS):
         mine = micro_batches(step)[topo.dp_rank * N_MICRO // topo.dp:(topo.dp_rank + 1) * N_MICRO // topo.dp]
-        loss = training.forward_backward(model if topo.pp > 1 else module, mine, topo, schedule, opt.scale_loss,
-                                         "cpu", opt.no_sync)
+        loss = training.forward_backward(model if topo.pp > 1 else module, mine, topo, schedule,
+                                         opt.scale_loss, "cpu", opt.no_sync)
         norm, _ = opt.step(CLIP)
         opt.zero_grad()
         losses.append(training.mean_over_dp(loss, topo).item())
@@ -100,7 +100,8 @@ def check_against_one_process(layouts, world, cfg=CFG):
     # every parameter, every slice of it, somewhere
     for layout, tp in ((layout, layout[0]) for layout in layouts):
         assert covered[layout] == {(n, r) for n in ref_params
-                                   for r in (range(tp) if tensor_parallel.split_dim(n) is not None else [0])}, layout
+                                   for r in (range(tp) if tensor_parallel.split_dim(n) is not None
+                                             else [0])}, layout
 
 
 @pytest.mark.parametrize("tp, pp, schedule, sp", [(2, 1, "1f1b", False), (4, 1, "1f1b", False),
@@ -119,8 +120,10 @@ def test_every_zero_stage_with_tp2_and_with_pp2():
     dp 2 x pp 2 with each (and ZeRO-3 under GPipe, whose last stage holds several micro-batches
     before any backward). The data-parallel reductions must stay inside the dp group and the norm
     must add the dp shards, tp slices and stages."""
-    check_against_one_process([(2, 1, "1f1b", z, False) for z in range(4)] + [(2, 1, "1f1b", 3, True)]
-                              + [(1, 2, "1f1b", z, False) for z in range(4)] + [(1, 2, "gpipe", 3, False)], 4)
+    check_against_one_process([(2, 1, "1f1b", z, False) for z in range(4)]
+                              + [(2, 1, "1f1b", 3, True)]
+                              + [(1, 2, "1f1b", z, False) for z in range(4)]
+                              + [(1, 2, "gpipe", 3, False)], 4)
 
 
 def test_zero1_and_zero3_with_tp2_pp2_on_eight_ranks():
@@ -171,15 +174,18 @@ def test_vocab_parallel_cross_entropy_equals_the_gathered_one():
 
 
 def test_schedules():
-    assert pipeline.make_schedule("gpipe", 3, 2, 0) == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("B", 1), ("B", 2)]
+    assert pipeline.make_schedule("gpipe", 3, 2, 0) == [("F", 0), ("F", 1), ("F", 2), ("B", 0),
+                                                        ("B", 1), ("B", 2)]
     # 1F1B on 4 stages: stage 0 warms up with 3 forwards, the last stage alternates from the start.
-    assert pipeline.make_schedule("1f1b", 4, 4, 0)[:5] == [("F", 0), ("F", 1), ("F", 2), ("F", 3), ("B", 0)]
+    assert pipeline.make_schedule("1f1b", 4, 4, 0)[:5] == [("F", 0), ("F", 1), ("F", 2), ("F", 3),
+                                                           ("B", 0)]
     assert pipeline.make_schedule("1f1b", 4, 4, 3)[:4] == [("F", 0), ("B", 0), ("F", 1), ("B", 1)]
     for m, p in ((1, 4), (8, 4), (3, 2)):
         for s in range(p):
             for kind in pipeline.SCHEDULES:
                 ops = pipeline.make_schedule(kind, m, p, s)
-                assert sorted(ops) == sorted([("F", i) for i in range(m)] + [("B", i) for i in range(m)])
+                assert sorted(ops) == sorted([("F", i) for i in range(m)]
+                                             + [("B", i) for i in range(m)])
                 # in flight = forwards done whose backward has not run: 1F1B caps it at p - s, GPipe
                 # at m
                 flight = max(sum(1 for o, _ in ops[:k + 1] if o == "F") - sum(1 for o, _ in ops[:k + 1] if o == "B")
@@ -202,18 +208,22 @@ def test_check_divisible_names_the_dimension():
     (8, ["--tp", "8"], "--tp 8 does not divide the model's n_head 4"),
     (4, ["--tp", "4"], "--tp 4 does not divide the model's n_kv_head 2"),
     (8, ["--pp", "8"], "--pp 8 is more stages than the 4 layers of model 'tiny'"),
-    (2, ["--pp", "2", "--microbatches", "3"], "does not divide into --grad-accum 1 x --microbatches 3"),
+    (2, ["--pp", "2", "--microbatches", "3"], "does not divide into --grad-accum 1 x "
+                                              "--microbatches 3"),
     (1, ["--microbatches", "0"], "--microbatches must be at least 1"),
     (2, ["--pp", "2", "--compile"], "--compile with --pp > 1"),
-    (2, ["--tp", "2", "--sequence-parallel", "--seq-len", "15"], "choose a --seq-len divisible by 2"),
+    (2, ["--tp", "2", "--sequence-parallel", "--seq-len", "15"],
+     "choose a --seq-len divisible by 2"),
 ])
-def test_invalid_topologies_fail_before_any_process_group(tmp_path, capsys, monkeypatch, world, flags, message):
+def test_invalid_topologies_fail_before_any_process_group(tmp_path, capsys, monkeypatch, world,
+                                                          flags, message):
     err = refused_before_any_group(tmp_path, capsys, monkeypatch, world, flags)
     assert message in err, err
 
 
-FAST = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
-        "--eval-iters", "1", "--eval-every", "100", "--log-every", "1", "--grad-accum", "2", "--grad-clip", "0.5"]
+FAST = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps",
+        "2", "--eval-iters", "1", "--eval-every", "100", "--log-every", "1", "--grad-accum", "2",
+        "--grad-clip", "0.5"]
 
 
 def _pretrain_runs(rank, world, out, cache):
@@ -221,17 +231,19 @@ def _pretrain_runs(rank, world, out, cache):
     z3 = FAST + ["--zero", "3", "--tp", "2", "--max-steps", "4"]  # dp 2 x tp 2
     # all 4 ranks sample in step
     whole = pretrain.main(z3 + ["--sample-tokens", "8", "--out", f"{out}/whole"])
-    first = pretrain.main(z3 + ["--sample-tokens", "0", "--stop-after", "2", "--out", f"{out}/split"])
+    first = pretrain.main(z3 + ["--sample-tokens", "0", "--stop-after", "2", "--out",
+                                f"{out}/split"])
     if rank == 0:  # the run as it was at step 2, to resume on another layout below
         shutil.copytree(f"{out}/split", f"{out}/split-dp4")
     second = pretrain.main(z3 + ["--sample-tokens", "0", "--resume", "--out", f"{out}/split"])
     with whole["opt"].gathered(), second["opt"].gathered():
-        same = all(torch.equal(a, b) for a, b in zip(whole["model"].parameters(), second["model"].parameters()))
+        same = all(torch.equal(a, b) for a, b in zip(whole["model"].parameters(),
+                                                     second["model"].parameters()))
     pp = pretrain.main(FAST + ["--tp", "2", "--pp", "2", "--microbatches", "2", "--max-steps", "4",
                                "--sample-tokens", "0", "--out", f"{out}/pp"])
     dist.barrier()
-    dp4 = pretrain.main(FAST + ["--zero", "3", "--max-steps", "4", "--sample-tokens", "0", "--resume",
-                                "--out", f"{out}/split-dp4"])
+    dp4 = pretrain.main(FAST + ["--zero", "3", "--max-steps", "4", "--sample-tokens", "0",
+                                "--resume", "--out", f"{out}/split-dp4"])
     return whole["losses"], first["losses"] + second["losses"], same, pp["losses"], dp4["losses"]
 
 
@@ -242,7 +254,8 @@ def test_pretrain_zero3_tp2_and_tp2_pp2_match_one_process_and_resume(tmp_path, s
     tp) goes on alike."""
     one = pretrain.main(FAST + ["--max-steps", "4", "--microbatches", "2", "--sample-tokens", "0",
                                 "--out", str(tmp_path / "one")])
-    for whole, resumed, same_params, pp, dp4 in run_distributed(_pretrain_runs, 4, str(tmp_path), str(data_cache)):
+    for whole, resumed, same_params, pp, dp4 in run_distributed(_pretrain_runs, 4, str(tmp_path),
+                                                                str(data_cache)):
         # fp32 with another summation order: agreement to float32 rounding, amplified a little over
         # 4 steps
         assert whole == pytest.approx(one["losses"], rel=1e-4)
@@ -266,8 +279,8 @@ def _fp16_overflow_on_rank0(rank, world):
         module, opt = stack.build_training(model, config, torch.float16, topo)
         before = [p.detach().clone() for p in model.parameters()]
         mine = micro_batches(0)[topo.dp_rank * N_MICRO // topo.dp:(topo.dp_rank + 1) * N_MICRO // topo.dp]
-        training.forward_backward(model if pp > 1 else module, mine, topo, "1f1b", opt.scale_loss, "cpu",
-                                  opt.no_sync)
+        training.forward_backward(model if pp > 1 else module, mine, topo, "1f1b", opt.scale_loss,
+                                  "cpu", opt.no_sync)
         if rank == 0:
             if zero >= 2:
                 opt.units[0].grad_shard[0] = float("inf")

@@ -12,11 +12,12 @@ import torch.nn.functional as F
 import pretrain
 from model import PRESETS, Transformer
 from amp import clip_coef, global_grad_norm
-from moe import (MoE, MoEError, add_moe, aux_loss, check_moe, expert_params, load_spread, moe_layers,
-                 reduce_expert_grads, shard_experts)
+from moe import (MoE, MoEError, add_moe, aux_loss, check_moe, expert_params, load_spread,
+                 moe_layers, reduce_expert_grads, shard_experts)
 from tests.distributed import refused_before_any_group, run_distributed
 
-CFG = replace(PRESETS["tiny"], n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_ff=48, vocab_size=64, block_size=16)
+CFG = replace(PRESETS["tiny"], n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_ff=48, vocab_size=64,
+              block_size=16)
 E, K, STEPS, PER_RANK = 4, 2, 3, 2
 EP_CLIP = 0.1  # below every step's gradient norm in _train (asserted): the clipping is active
 
@@ -44,7 +45,8 @@ def test_routing_gates_and_dropless_output():
     xs = x.view(-1, CFG.d_model)
     probs = torch.softmax(xs @ moe.router.weight.t(), -1)
     top_p, top_e = probs.topk(K, -1)
-    ref = torch.stack([sum(top_p[t, j] / top_p[t].sum() * moe.experts[top_e[t, j]](xs[t]) for j in range(K))
+    ref = torch.stack([sum(top_p[t, j] / top_p[t].sum() * moe.experts[top_e[t, j]](xs[t])
+                           for j in range(K))
                        for t in range(16)])
     torch.testing.assert_close(y.view(-1, CFG.d_model), ref)
 
@@ -148,7 +150,8 @@ def _train(rank, world, capacity_factor, ep):
         # group
         if ep > 1:
             dense = [p.grad for n, p in model.named_parameters() if ".experts." not in n]
-            norm = global_grad_norm(dense, None, [p.grad for p in expert_params(model)], _all_reduce)
+            norm = global_grad_norm(dense, None, [p.grad for p in expert_params(model)],
+                                    _all_reduce)
             for p in model.parameters():
                 p.grad.mul_(clip_coef(norm, EP_CLIP))
         else:  # the reference: torch's own clipping over the whole model
@@ -210,8 +213,8 @@ def test_expert_parallel_syncs_the_host_once_per_layer():
 
 
 # ------------------------------------------------------------------------------ through pretrain.py
-FAST = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
-        "--eval-iters", "1", "--sample-tokens", "0", "--log-every", "1", "--max-steps", "3",
+FAST = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps",
+        "2", "--eval-iters", "1", "--sample-tokens", "0", "--log-every", "1", "--max-steps", "3",
         "--experts", "4", "--topk", "2", "--capacity-factor", "1.0", "--moe-layers", "1,3"]
 
 
@@ -225,13 +228,15 @@ def test_pretrain_moe_logs_balance_and_composes_with_tp_and_zero1(tmp_path, stdl
     router replicated) and ZeRO-1 over 2 data-parallel ranks (experts replicated) give one process's
     losses (fp32, another summation order: float32 rounding, amplified a little over 3 steps)."""
     one = pretrain.main(FAST + ["--out", str(tmp_path / "one")])
-    rec = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    rec = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+           if '"loss"' in l]
     # (the figures themselves are checked against hand-made routings above; here: that they reach
     # the log)
     assert rec[-1]["aux_loss"] > 0 and rec[-1]["expert_load_min"] < 0.25 < rec[-1]["expert_load_max"]
     # Capacity is per rank's batch (moe.py): with 2 data-parallel ranks the reference cuts the batch
     # the same way.
-    grad_accum2 = pretrain.main(FAST + ["--grad-accum", "2", "--out", str(tmp_path / "grad_accum2")])
+    grad_accum2 = pretrain.main(FAST + ["--grad-accum", "2", "--out",
+                                        str(tmp_path / "grad_accum2")])
     for extra, ref in ((["--tp", "2"], one), (["--zero", "1"], grad_accum2)):
         for losses in run_distributed(_pretrain_moe, 2, str(tmp_path), str(data_cache), extra):
             assert losses == pytest.approx(ref["losses"], rel=1e-4), extra
@@ -252,7 +257,8 @@ def _weights(model):
 
 
 def _norms(out):
-    return [json.loads(l)["grad_norm"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    return [json.loads(l)["grad_norm"] for l in (out / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in l]
 
 
 def _pretrain_ep(rank, world, out, cache, runs, resume=None):
@@ -263,12 +269,14 @@ def _pretrain_ep(rank, world, out, cache, runs, resume=None):
         results.append((run["losses"], *_weights(run["model"])))
     # stopped after 2 steps and resumed: the same losses as uninterrupted; then step 2 again on ep 1
     if resume:
-        first = pretrain.main(FAST + CLIP + resume + ["--stop-after", "2", "--out", f"{out}/resume"])
+        first = pretrain.main(FAST + CLIP + resume + ["--stop-after", "2", "--out",
+                                                      f"{out}/resume"])
         if rank == 0:  # a copy of the run as it was at step 2
             shutil.copytree(f"{out}/resume", f"{out}/resume-ep1")
         second = pretrain.main(FAST + CLIP + resume + ["--resume", "--out", f"{out}/resume"])
         dist.barrier()
-        on_ep1 = pretrain.main(FAST + CLIP + ["--zero", "1", "--resume", "--out", f"{out}/resume-ep1"])
+        on_ep1 = pretrain.main(FAST + CLIP + ["--zero", "1", "--resume", "--out",
+                                              f"{out}/resume-ep1"])
         results.append((first["losses"] + second["losses"], on_ep1["losses"]))
     return results
 
@@ -291,7 +299,8 @@ def _check_against(ref_dir, ref, results, out, runs, weights=True):
             if not weights:
                 continue
             for n, p in dense.items():
-                torch.testing.assert_close(p, ref_dense[n], rtol=1e-4, atol=1e-5, msg=lambda m: f"{extra} {n}: {m}")
+                torch.testing.assert_close(p, ref_dense[n], rtol=1e-4, atol=1e-5,
+                                           msg=lambda m: f"{extra} {n}: {m}")
             for key, params in experts.items():  # replicas (dp > ep) must agree with each other too
                 merged.setdefault(key, params)
                 for a, b in zip(params, merged[key]):
@@ -301,7 +310,8 @@ def _check_against(ref_dir, ref, results, out, runs, weights=True):
         assert merged.keys() == ref_experts.keys(), extra
         for key, params in ref_experts.items():
             for a, b in zip(params, merged[key]):
-                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: f"{extra} expert {key}: {m}")
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5,
+                                           msg=lambda m: f"{extra} expert {key}: {m}")
 
 
 def test_pretrain_expert_parallel_ep2_with_ddp_and_zero1_equals_one_process(tmp_path, stdlib_data, data_cache):
@@ -312,7 +322,8 @@ def test_pretrain_expert_parallel_ep2_with_ddp_and_zero1_equals_one_process(tmp_
     in lockstep: each forward is an all-to-all)."""
     ref = pretrain.main(FAST + CLIP + ["--grad-accum", "2", "--out", str(tmp_path / "ref")])
     runs = [["--ep", "2", "--zero", "0", "--sample-tokens", "4"], ["--ep", "2", "--zero", "1"]]
-    results = run_distributed(_pretrain_ep, 2, str(tmp_path), str(data_cache), runs, ["--ep", "2", "--zero", "1"])
+    results = run_distributed(_pretrain_ep, 2, str(tmp_path), str(data_cache), runs,
+                              ["--ep", "2", "--zero", "1"])
     _check_against(tmp_path / "ref", ref, [r[:2] for r in results], tmp_path, runs)
     # resumed equals uninterrupted exactly (each rank's own experts in its file)
     for rank_results in results:
@@ -329,22 +340,27 @@ def test_pretrain_expert_parallel_dp4_ep2_sums_expert_replicas_and_composes_with
     expert-data group ({0,2} and {1,3}) and counted once in the norm. Against one process with 4
     accumulation micro-steps. And tp 2 x dp 2 with --ep 2 (experts split column/row-wise, then over
     ep): against 2 micro-steps."""
-    refs = [pretrain.main(FAST + CLIP + ["--grad-accum", a, "--out", str(tmp_path / f"ref{a}")]) for a in "42"]
+    refs = [pretrain.main(FAST + CLIP + ["--grad-accum", a, "--out",
+                                         str(tmp_path / f"ref{a}")]) for a in "42"]
     runs = [["--ep", "2", "--zero", "1"], ["--tp", "2", "--ep", "2", "--zero", "0"]]
     results = run_distributed(_pretrain_ep, 4, str(tmp_path), str(data_cache), runs)
     _check_against(tmp_path / "ref4", refs[0], [r[:1] for r in results], tmp_path, runs[:1])
-    _check_against(tmp_path / "ref2", refs[1], [r[1:] for r in results], tmp_path, runs[1:], weights=False)
+    _check_against(tmp_path / "ref2", refs[1], [r[1:] for r in results], tmp_path, runs[1:],
+                   weights=False)
 
 
 @pytest.mark.parametrize("world, flags, message", [
     (1, ["--experts", "4", "--ep", "2"], "--ep 2 does not divide the 1 data-parallel ranks"),
-    (4, ["--experts", "4", "--ep", "2", "--tp", "4"], "--ep 2 does not divide the 1 data-parallel ranks"),
+    (4, ["--experts", "4", "--ep", "2", "--tp", "4"],
+     "--ep 2 does not divide the 1 data-parallel ranks"),
     (4, ["--experts", "6", "--ep", "4"], "--experts 6 is not divisible by --ep 4"),
     (2, ["--ep", "2"], "--ep 2 splits experts over ranks: give --experts"),
-    (2, ["--experts", "4", "--ep", "2", "--zero", "2"], "--ep with --zero 2: ZeRO stages 2 and 3 shard"),
+    (2, ["--experts", "4", "--ep", "2", "--zero", "2"],
+     "--ep with --zero 2: ZeRO stages 2 and 3 shard"),
     (2, ["--experts", "4", "--ep", "2", "--zero", "3"], "use --zero 0 or 1"),
 ])
-def test_expert_parallel_bad_input_fails_before_any_process_group(tmp_path, capsys, monkeypatch, world, flags,
+def test_expert_parallel_bad_input_fails_before_any_process_group(tmp_path, capsys, monkeypatch,
+                                                                  world, flags,
                                                                    message):
     err = refused_before_any_group(tmp_path, capsys, monkeypatch, world, flags)
     assert message in err, err

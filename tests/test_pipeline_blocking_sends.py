@@ -24,7 +24,8 @@ from model import PRESETS, Transformer
 from tests.distributed import run_distributed
 from topology import Topology
 
-CFG = replace(PRESETS["tiny"], n_layer=4, d_model=32, n_head=4, n_kv_head=2, d_ff=64, vocab_size=64, block_size=8)
+CFG = replace(PRESETS["tiny"], n_layer=4, d_model=32, n_head=4, n_kv_head=2, d_ff=64, vocab_size=64,
+              block_size=8)
 
 
 class Deadlock(RuntimeError):
@@ -71,7 +72,8 @@ class Rendezvous:
             if cycle and time.monotonic() - cycle_since > 0.5:
                 raise Deadlock(" -> ".join(map(str, cycle)) + " each wait to send to the next")
             if time.monotonic() - start > self.timeout:
-                raise Deadlock(f"rank {self.rank} waited {self.timeout} s for rank {peer} to post a receive")
+                raise Deadlock(f"rank {self.rank} waited {self.timeout} s for rank {peer} to "
+                               "post a receive")
             time.sleep(0.01)
         self.store.set(self.key("waits", self.rank), "-1")
 
@@ -141,7 +143,8 @@ def test_the_old_order_deadlocks_1f1b_and_not_gpipe(tmp_path):
     activation 1); GPipe's all-forwards-then-all-backwards order never has two neighbours sending to
     each other at once."""
     cases = [("gpipe", 3, False), ("1f1b", 3, False)]
-    for rank, (gpipe, one_f_one_b) in enumerate(run_distributed(_run_cases, 2, str(tmp_path / "store"), cases)):
+    for rank, (gpipe, one_f_one_b) in enumerate(run_distributed(_run_cases, 2,
+                                                                str(tmp_path / "store"), cases)):
         assert gpipe == ("ok", 0.0, 0.0), gpipe
-        assert one_f_one_b[0] == "deadlock" and one_f_one_b[1].startswith(f"{rank} -> {1 - rank} -> {rank}"), \
+        assert one_f_one_b[0] == "deadlock" and one_f_one_b[1].startswith(f"{rank} -> {1 - rank} " f"-> {rank}"), \
             one_f_one_b

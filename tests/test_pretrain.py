@@ -22,8 +22,8 @@ from tests.distributed import run_distributed
 
 # A small, fast run: the tiny preset on 64-token windows of the embedded default corpus.
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--model", "tiny", "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "2",
-        "--eval-iters", "2", "--sample-tokens", "0", "--log-every", "1"]
+FAST = ["--model", "tiny", "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps",
+        "2", "--eval-iters", "2", "--sample-tokens", "0", "--log-every", "1"]
 
 
 def run(tmp_path, *extra, name="run"):
@@ -35,7 +35,8 @@ def test_training_learns_and_logs(tmp_path, stdlib_data):
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     vals = [l["val_loss"] for l in lines if "val_loss" in l]
     steps = [l for l in lines if "loss" in l]
-    assert len(steps) == 40 and {"step", "loss", "lr", "tokens_per_s", "mfu", "grad_norm"} <= set(steps[0])
+    assert len(steps) == 40 and {"step", "loss", "lr", "tokens_per_s", "mfu",
+                                 "grad_norm"} <= set(steps[0])
     assert vals[-1] < vals[0] - 1.5, vals  # from ~5.8 (uniform over 320) to well under 4.3
     assert (tmp_path / "run" / "step_000040" / "meta.json").exists()
     assert len((tmp_path / "run" / "sample.txt").read_text()) > 0
@@ -155,7 +156,8 @@ def test_sampling_never_draws_vocabulary_padding(tmp_path, stdlib_data, monkeypa
     assert len((tmp_path / "run" / "sample.txt").read_text()) > 0
 
 
-def test_the_same_command_line_starts_and_after_a_crash_resumes(tmp_path, stdlib_data, monkeypatch, capsys):
+def test_the_same_command_line_starts_and_after_a_crash_resumes(tmp_path, stdlib_data, monkeypatch,
+                                                                capsys):
     """What `torchrun --max-restarts N` does after a crash: run the same command line again. It
     resumes from the last complete step (4: saved every 2, killed during step 6) and ends with the
     uninterrupted run's losses; metrics.jsonl holds one history."""
@@ -174,27 +176,34 @@ def test_the_same_command_line_starts_and_after_a_crash_resumes(tmp_path, stdlib
     monkeypatch.setattr(training, "train_step", real_step)
     again = run(tmp_path, *argv, name="crash")
     assert again["losses"] == whole["losses"][4:]  # fp32, one process: bit for bit
-    records = [json.loads(l) for l in (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(l)
+               for l in (tmp_path / "crash" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
     # Another batch size on the same --out: refused in one line, with the reason.
     err = error_of(capsys, FAST + argv + ["--batch-size", "16", "--out", str(tmp_path / "crash")])
-    assert "holds another run (--batch-size 8, not 16 (the data position and the schedule count steps" in err
-    err = error_of(capsys, FAST + argv + ["--batch-size", "16", "--lr", "0.5", "--out", str(tmp_path / "crash")])
+    assert ("holds another run (--batch-size 8, not 16 (the data position and the schedule count "
+            "steps") in err
+    err = error_of(capsys, FAST + argv + ["--batch-size", "16", "--lr", "0.5", "--out",
+                                          str(tmp_path / "crash")])
     assert "--batch-size 8, not 16" in err and "--lr 0.003, not 0.5" in err, err
 
 
 def test_init_starts_from_weights_with_a_fresh_optimizer(tmp_path, stdlib_data, capsys):
     first = run(tmp_path, "--max-steps", "4", "--eval-every", "4", name="a")
-    vals = [json.loads(l)["val_loss"] for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    vals = [json.loads(l)["val_loss"]
+            for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
             if "val_loss" in l]
-    again = run(tmp_path, "--max-steps", "2", "--eval-every", "2", "--init", str(tmp_path / "a"), name="b")
+    again = run(tmp_path, "--max-steps", "2", "--eval-every", "2", "--init", str(tmp_path / "a"),
+                name="b")
     val0 = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
     # a's final weights, evaluated again: the same loss
     assert val0["step"] == 0 and val0["val_loss"] == vals[-1]
     step = next(iter(again["opt"].optimizer.state.values()))["step"]
     assert int(step) == 2 and first["step"] == 4  # AdamW started over
-    err = error_of(capsys, FAST + ["--model", "small", "--init", str(tmp_path / "a"), "--out", str(tmp_path / "c")])
-    assert err.endswith(f"--init {tmp_path / 'a'}: its block_size is 256, this run's model has 512 (choose the matching "
+    err = error_of(capsys, FAST + ["--model", "small", "--init", str(tmp_path / "a"), "--out",
+                                   str(tmp_path / "c")])
+    assert err.endswith(f"--init {tmp_path / 'a'}: its block_size is 256, this run's model has "
+                        "512 (choose the matching "
                         "--model; the vocabulary follows the data)")
 
 
@@ -204,7 +213,8 @@ def test_default_warmup_follows_the_run_and_mfu_stays_below_one(tmp_path, stdlib
     reads above 100%."""
     flags = [f for i, f in enumerate(FAST) if "--warmup-steps" not in FAST[max(0, i - 1):i + 1]]
     pretrain.main(flags + ["--max-steps", "10", "--out", str(tmp_path / "run")])
-    steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    steps = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in l]
     assert steps[0]["lr"] == pytest.approx(3e-3) and steps[-1]["lr"] < 3e-3
     assert all(0 < s["mfu"] <= 1 for s in steps)
 
@@ -215,8 +225,8 @@ def test_a_run_that_cannot_train_stops_with_the_reason(tmp_path, capsys, stdlib_
     checkpoint, within K (= 8) steps of the first non-finite loss, and never save a checkpoint over
     the good one."""
     with pytest.raises(SystemExit) as e:
-        run(tmp_path, "--amp", "fp16", "--lr", "1", "--max-steps", "200", "--save-every", "2", "--seq-len", "16",
-            "--batch-size", "2", "--eval-iters", "1")
+        run(tmp_path, "--amp", "fp16", "--lr", "1", "--max-steps", "200", "--save-every", "2",
+            "--seq-len", "16", "--batch-size", "2", "--eval-iters", "1")
     err = capsys.readouterr().err.strip()
     assert e.value.code == 3 and "\n" not in err, err
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -234,8 +244,8 @@ def _diverge(rank, world, out, cache):
     os.environ["LLM_DATA_CACHE"] = cache
     err = io.StringIO()
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
-        run(Path(out), "--amp", "fp16", "--lr", "1", "--max-steps", "200", "--seq-len", "16", "--batch-size", "2",
-            "--eval-iters", "1", "--pp", "2", "--microbatches", "2")
+        run(Path(out), "--amp", "fp16", "--lr", "1", "--max-steps", "200", "--seq-len", "16",
+            "--batch-size", "2", "--eval-iters", "1", "--pp", "2", "--microbatches", "2")
     return e.value.code, err.getvalue(), dist.is_initialized()
 
 
@@ -243,7 +253,8 @@ def test_every_rank_stops_at_the_same_step(tmp_path, stdlib_data, data_cache):
     """Under --pp 2 the last stage computes the loss: the guard sees it (all-reduced to every
     stage), so both ranks stop together (a rank left behind would hang in its next send), and only
     rank 0 prints the line."""
-    (code0, err0, group0), (code1, err1, group1) = run_distributed(_diverge, 2, str(tmp_path), str(data_cache))
+    (code0, err0, group0), (code1, err1, group1) = run_distributed(_diverge, 2, str(tmp_path),
+                                                                   str(data_cache))
     assert (code0, code1) == (3, 3) and err1 == "" and not group0 and not group1
     assert err0.startswith("pretrain.py: stopped: step ") and err0.count("\n") == 1, err0
 
@@ -263,10 +274,10 @@ def test_stop_after_and_ctrl_c_say_where_to_continue(tmp_path, stdlib_data, caps
     # one clock across both invocations
     assert elapsed == sorted(elapsed) and elapsed[0] >= 0, elapsed
 
-    cmd = [sys.executable, "pretrain.py", *FAST, "--max-steps", "100000", "--save-every", "2", "--out",
-           str(tmp_path / "int")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, "pretrain.py", *FAST, "--max-steps", "100000", "--save-every", "2",
+           "--out", str(tmp_path / "int")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in proc.stdout:  # interrupted once a step past the first checkpoint has been logged
         if line.startswith("step     3 |"):
             break
@@ -274,9 +285,11 @@ def test_stop_after_and_ctrl_c_say_where_to_continue(tmp_path, stdlib_data, caps
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and re.fullmatch(r"stopped by Ctrl-C at step \d+; rerun the same command to continue "
+    assert len(lines) == 1 and re.fullmatch(r"stopped by Ctrl-C at step \d+; rerun the same "
+                                            r"command to continue "
                                             r"from step \d+", lines[0]), err
     assert "Traceback" not in err
     resume_from = int(lines[0].rsplit(" ", 1)[1])
-    again = run(tmp_path, "--max-steps", "100000", "--save-every", "2", "--stop-after", "1", name="int")
+    again = run(tmp_path, "--max-steps", "100000", "--save-every", "2", "--stop-after", "1",
+                name="int")
     assert resume_from >= 2 and again["step"] == resume_from + 1

@@ -19,7 +19,8 @@ from tests.distributed import run_distributed
 from topology import Topology
 
 E4M3, E5M2 = q.E4M3, q.E5M2
-CFG = replace(PRESETS["tiny"], n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, vocab_size=64, block_size=16)
+CFG = replace(PRESETS["tiny"], n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, vocab_size=64,
+              block_size=16)
 
 
 def test_format_table_is_read_from_finfo():
@@ -114,7 +115,8 @@ def test_strict_scaled_mm_refuses_what_cuda_refuses():
     # M = 7 is free
     assert torch.equal(strict_scaled_mm(a, b.t(), **ok), cuda_rules._scaled_mm(a, b.t(), **ok))
     assert strict_scaled_mm(a[:0], b.t(), **ok).shape == (0, 48)
-    broken = {"divisible by 16": (a[:, :24], b[:, :24].t(), ok), "mat2 shape (32x40)": (a, b[:40].t(), ok),
+    broken = {"divisible by 16": (a[:, :24], b[:, :24].t(), ok),
+              "mat2 shape (32x40)": (a, b[:40].t(), ok),
               "row-major and column-major": (a, b.t().contiguous(), ok),
               "two Float8_e5m2": (a.to(E5M2), b.t().to(E5M2), ok),
               "scale_a must have 1 Float": (a, b.t(), {**ok, "scale_a": one.double()})}
@@ -175,9 +177,9 @@ def test_sft_in_fp8_with_micro_batches_of_any_token_count(tmp_path):
     import sft
     from tests.sft_fixtures import make_init, reverse_examples, write_jsonl
     out = sft.main(["--init", str(make_init(tmp_path / "init")), "--data",
-                    str(write_jsonl(tmp_path / "t.jsonl", reverse_examples(16))), "--out", str(tmp_path / "o"),
-                    "--batch-size", "4", "--grad-accum", "2", "--max-steps", "3", "--samples", "0", "--amp", "fp8",
-                    "--lr", "3e-3", "--warmup-steps", "1"])
+                    str(write_jsonl(tmp_path / "t.jsonl", reverse_examples(16))), "--out",
+                    str(tmp_path / "o"), "--batch-size", "4", "--grad-accum", "2", "--max-steps",
+                    "3", "--samples", "0", "--amp", "fp8", "--lr", "3e-3", "--warmup-steps", "1"])
     assert any(type(m).__name__ == "Fp8Linear" for m in out["model"].modules())
     assert all(torch.isfinite(torch.tensor(out["losses"]))) and out["losses"][-1] != out["losses"][0]
 
@@ -194,8 +196,9 @@ def test_int8_per_channel_error_is_half_a_step_of_each_row():
     lin = torch.nn.Linear(64, 32, bias=False)
     lin.weight.data = w
     x = torch.randn(5, 64, generator=g)
-    torch.testing.assert_close(q.Int8Linear(lin, torch.float32)(x), x @ (wq.float() * s[:, None]).t(),
-                               rtol=1e-5, atol=1e-5 * s.max().item())
+    torch.testing.assert_close(q.Int8Linear(lin, torch.float32)(x),
+                               x @ (wq.float() * s[:, None]).t(), rtol=1e-5,
+                               atol=1e-5 * s.max().item())
 
 
 def test_eval_command_reports_int8_beside_bf16(tmp_path, stdlib_data, capsys):
@@ -206,8 +209,8 @@ def test_eval_command_reports_int8_beside_bf16(tmp_path, stdlib_data, capsys):
     model = Transformer(replace(CFG, vocab_size=256))
     torch.save({"model": model.state_dict(), "model_config": asdict(replace(model.cfg, attn="-")),
                 "tokenizer": "bytes"}, tmp_path / "model.pt")  # a consolidated file
-    rows = q.eval_main([str(tmp_path / "model.pt"), "--eval-iters", "1", "--batch-size", "2", "--gen-tokens", "4",
-                        "--repeats", "1"])
+    rows = q.eval_main([str(tmp_path / "model.pt"), "--eval-iters", "1", "--batch-size", "2",
+                        "--gen-tokens", "4", "--repeats", "1"])
     linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     other = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in linear)
     assert rows["int8"][1] == sum(p.numel() + 2 * p.shape[0] for p in linear) + 2 * other
@@ -224,8 +227,8 @@ def test_pretrain_amp_fp8_trains_fp8_layers_and_saves_plain_keys(tmp_path, stdli
     Transformer)."""
     import pretrain
     out = pretrain.main(["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--lr", "3e-3",
-                         "--warmup-steps", "1", "--eval-iters", "1", "--sample-tokens", "0", "--max-steps", "6",
-                         "--amp", "fp8", "--out", str(tmp_path)])
+                         "--warmup-steps", "1", "--eval-iters", "1", "--sample-tokens", "0",
+                         "--max-steps", "6", "--amp", "fp8", "--out", str(tmp_path)])
     model = out["model"]
     kinds = {type(m).__name__ for m in model.modules()}
     assert "Fp8Linear" in kinds and "Linear" not in kinds and next(model.parameters()).dtype == torch.bfloat16
@@ -288,7 +291,8 @@ def _tp_against_one_process(rank, world):
             d = tensor_parallel.split_dim(n)
             want = ref[n] if d is None else ref[n].chunk(world, dim=d)[rank]
             grad_err = max(grad_err, ((p.grad - want).norm() / want.norm()).item())
-        out["reduced" if amax_group is not None else "per shard"] = (abs(loss.item() - ref_loss.item()), grad_err)
+        out["reduced" if amax_group is not None
+            else "per shard"] = (abs(loss.item() - ref_loss.item()), grad_err)
     return out
 
 
@@ -335,8 +339,8 @@ def _zero_against_one_process(rank, world):
         torch.manual_seed(0)
         model = Transformer(CFG)
         q.use_fp8(model)
-        zopt = ZeroOptimizer(model, [{"params": list(model.parameters())}], make, DynamicLossScaler(False), None,
-                             stage, 0.01)
+        zopt = ZeroOptimizer(model, [{"params": list(model.parameters())}], make,
+                             DynamicLossScaler(False), None, stage, 0.01)
         for step in range(2):
             _step(model, zopt.module, zopt, [batch(step).chunk(2)[rank]])
         with zopt.gathered() if stage == 3 else contextlib.nullcontext():
@@ -356,8 +360,9 @@ def _ragged_layouts(rank, world, out):
     6 of a row's 12 tokens: the weight gradient's K), experts over ep 2 (any row count per expert, 0
     included), tp 2."""
     import pretrain
-    common = ["--model", "tiny", "--seq-len", "12", "--batch-size", "2", "--max-steps", "2", "--warmup-steps", "1",
-              "--eval-iters", "1", "--eval-every", "2", "--sample-tokens", "0", "--amp", "fp8"]
+    common = ["--model", "tiny", "--seq-len", "12", "--batch-size", "2", "--max-steps", "2",
+              "--warmup-steps", "1", "--eval-iters", "1", "--eval-every", "2", "--sample-tokens",
+              "0", "--amp", "fp8"]
     losses = {}
     for name, flags in (("cp", ["--cp", "2", "--attn", "flash", "--batch-size", "1"]),
                         ("ep", ["--experts", "4", "--ep", "2"]), ("tp", ["--tp", "2"])):

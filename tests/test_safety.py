@@ -21,8 +21,9 @@ import training
 import weights
 from sft_fixtures import make_init, reverse_examples, write_jsonl
 
-FAST = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--eval-iters", "1", "--sample-tokens", "0",
-        "--tokenizer", "bytes", "--warmup-steps", "1", "--save-every", "1", "--max-steps", "3"]
+FAST = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--eval-iters", "1",
+        "--sample-tokens", "0", "--tokenizer", "bytes", "--warmup-steps", "1", "--save-every", "1",
+        "--max-steps", "3"]
 
 
 class Payload:
@@ -44,11 +45,12 @@ def runs(tmp_path_factory, stdlib_data):
     first = pretrain.main(FAST + ["--stop-after", "2", "--out", str(root / "pre")])
     init = make_init(root / "init")
     data = write_jsonl(root / "train.jsonl", reverse_examples(24))
-    sft_argv = ["--init", str(init), "--data", str(data), "--batch-size", "4", "--max-steps", "2", "--save-every",
-                "1", "--samples", "0", "--eval-examples", "4", "--warmup-steps", "1", "--lora-r", "2"]
+    sft_argv = ["--init", str(init), "--data", str(data), "--batch-size", "4", "--max-steps", "2",
+                "--save-every", "1", "--samples", "0", "--eval-examples", "4", "--warmup-steps",
+                "1", "--lora-r", "2"]
     sft.main(sft_argv + ["--out", str(root / "sft")])
-    return {"root": root, "pre": root / "pre", "losses": first["losses"], "sft": root / "sft", "init": init,
-            "sft_argv": sft_argv}
+    return {"root": root, "pre": root / "pre", "losses": first["losses"], "sft": root / "sft",
+            "init": init, "sft_argv": sft_argv}
 
 
 def poison_steps(run, marker):
@@ -65,8 +67,8 @@ def poison_steps(run, marker):
 
 
 def poison_file(path, marker):
-    torch.save({"model": Payload(marker), "model_config": {}, "tokenizer": "bytes", "lora_config": {},
-                "adapter": {}}, path)
+    torch.save({"model": Payload(marker), "model_config": {}, "tokenizer": "bytes",
+                "lora_config": {}, "adapter": {}}, path)
     return path
 
 
@@ -83,11 +85,14 @@ ENTRY_POINTS = {
                                                                    str(poison_steps(copy(r["pre"], t / "p"), m))]),
     "pretrain resume --out": lambda r, t, m: (pretrain.main, FAST + ["--out",
                                                                      str(poison_steps(copy(r["pre"], t / "p"), m))]),
-    "sft --init FILE": lambda r, t, m: (sft.main, r["sft_argv"][2:] + ["--out", str(t / "o"), "--init",
+    "sft --init FILE": lambda r, t, m: (sft.main, r["sft_argv"][2:] + ["--out", str(t / "o"),
+                                                                       "--init",
                                                                        str(poison_file(t / "m.pt", m))]),
-    "sft --init DIR": lambda r, t, m: (sft.main, r["sft_argv"][2:] + ["--out", str(t / "o"), "--init",
+    "sft --init DIR": lambda r, t, m: (sft.main, r["sft_argv"][2:] + ["--out", str(t / "o"),
+                                                                      "--init",
                                                                       str(poison_steps(copy(r["pre"], t / "p"), m))]),
-    "sft --adapter": lambda r, t, m: (sft.main, r["sft_argv"][:-4] + ["--out", str(t / "o"), "--adapter",
+    "sft --adapter": lambda r, t, m: (sft.main, r["sft_argv"][:-4] + ["--out", str(t / "o"),
+                                                                      "--adapter",
                                                                       str(poison_file(t / "a.pt", m))]),
     "sft resume --out": lambda r, t, m: (sft.main, r["sft_argv"] + ["--out",
                                                                     str(poison_steps(copy(r["sft"], t / "s"), m))]),
@@ -97,7 +102,8 @@ ENTRY_POINTS = {
         "export-hf", str(poison_steps(copy(r["pre"], t / "p"), m)), str(t / "hf")]),
     "checkpoint.py export-hf FILE": lambda r, t, m: (weights.main, [
         "export-hf", str(poison_file(t / "m.pt", m)), str(t / "hf")]),
-    "quantization.py eval FILE": lambda r, t, m: (quantization.main, ["eval", str(poison_file(t / "m.pt", m))]),
+    "quantization.py eval FILE": lambda r, t, m: (quantization.main,
+                                                  ["eval", str(poison_file(t / "m.pt", m))]),
     "quantization.py eval DIR": lambda r, t, m: (quantization.main, [
         "eval", str(poison_steps(copy(r["pre"], t / "p"), m))]),
 }
@@ -136,9 +142,11 @@ DAMAGE = {  # how step 2 is damaged, and what the warning must say of it
     "rank0.pt truncated": (lambda d: (d / "rank0.pt").write_bytes((d / "rank0.pt").read_bytes()[:500]),
                            "rank0.pt is truncated"),
     "rank0.pt missing": (lambda d: (d / "rank0.pt").unlink(), "rank0.pt is missing"),
-    "meta.json garbage": (lambda d: (d / "meta.json").write_text("{garbage"), "meta.json: missing or not a"),
+    "meta.json garbage": (lambda d: (d / "meta.json").write_text("{garbage"),
+                          "meta.json: missing or not a"),
     "meta.json step edited": (lambda d: edit_step(d, False), "meta.json is damaged or was edited"),
-    "meta.json step edited and resealed": (lambda d: edit_step(d, True), "meta.json says step 30, its folder "
+    "meta.json step edited and resealed": (lambda d: edit_step(d, True),
+                                           "meta.json says step 30, its folder "
                                                                          "step_000002"),
     "meta.json of an older version": (lambda d: (d / "meta.json").write_text(checkpoint.json.dumps(
         checkpoint.read_meta(d))), "meta.json has no CRC-32 of its own (an older version's)"),
@@ -156,7 +164,8 @@ def test_a_damaged_newest_step_falls_back_through_pretrain(runs, tmp_path, capsy
     capsys.readouterr()
     again = pretrain.main(FAST + ["--stop-after", "1", "--out", str(out)])
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"warning: resuming from step 1 ({out / 'step_000001'})"), err
+    assert err.count("\n") == 1 and err.startswith("warning: resuming from step 1 "
+                                                   f"({out / 'step_000001'})"), err
     assert reason in err, err
     assert again["step"] == 2 and again["losses"] == runs["losses"][1:]
     assert checkpoint.find_resume(out)[1]["step"] == 2  # step 2 saved again, whole
@@ -168,7 +177,8 @@ def test_a_damaged_newest_step_falls_back_through_sft(runs, tmp_path, capsys):
     capsys.readouterr()
     again = sft.main(runs["sft_argv"] + ["--out", str(out)])
     err = capsys.readouterr().err
-    assert err.startswith(f"warning: resuming from step 1 ({out / 'step_000001'}), the newest undamaged one: "
+    assert err.startswith(f"warning: resuming from step 1 ({out / 'step_000001'}), the newest "
+                          "undamaged one: "
                           f"{out / 'step_000002' / 'rank0.pt'} is damaged") and err.count("\n") == 1, err
     assert again["step"] == 2 and len(again["losses"]) == 1
 
@@ -198,9 +208,12 @@ def test_rng_states_round_trip_safely_and_keep_this_device_only(monkeypatch, tmp
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.arange(8, dtype=torch.uint8))
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state saved"))
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("every GPU's state restored"))
+    monkeypatch.setattr(torch.cuda, "get_rng_state",
+                        lambda device="cuda": torch.arange(8, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all",
+                        lambda: pytest.fail("every GPU's state saved"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all",
+                        lambda s: pytest.fail("every GPU's state restored"))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.append(s))
     torch.manual_seed(1), np.random.seed(2), random.seed(3), random.gauss(0, 1)
     torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
@@ -228,7 +241,8 @@ def test_checkpoint_py_errors_are_one_line_from_the_command_line(runs, tmp_path)
     for argv, message in [(["consolidate", str(tmp_path / "nothing"), str(tmp_path / "m.pt")],
                            f"checkpoint.py: error: no complete checkpoint in {tmp_path / 'nothing'}"),
                           (["export-hf", str(runs["pre"]), str(tmp_path / "hf")],
-                           f"checkpoint.py: error: export-hf: {tmp_path / 'hf'} exists and is not an empty folder")]:
+                           f"checkpoint.py: error: export-hf: {tmp_path / 'hf'} exists and is "
+                           "not an empty folder")]:
         p = subprocess.run([sys.executable, "checkpoint.py", *argv], capture_output=True, text=True,
                            cwd=os.path.dirname(checkpoint.__file__))
         assert p.returncode == 2 and p.stderr.startswith(message) and p.stderr.count("\n") == 1, p.stderr
@@ -252,7 +266,8 @@ def test_a_flag_that_changes_the_maths_is_part_of_the_run(runs, tmp_path, capsys
     with pytest.raises(SystemExit) as e:
         sft.main(runs["sft_argv"] + ["--out", str(out), "--no-prompt-mask"])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "\n" not in err and "holds another run (--no-prompt-mask False, not True)" in err, err
+    assert e.value.code == 2 and "\n" not in err and ("holds another run (--no-prompt-mask False, "
+                                                      "not True)") in err, err
 
 
 def test_a_finished_run_goes_on_with_a_larger_max_steps(runs, tmp_path, capsys):
@@ -266,14 +281,16 @@ def test_a_finished_run_goes_on_with_a_larger_max_steps(runs, tmp_path, capsys):
     said = capsys.readouterr().out
     assert f"--max-steps 5: the run in {out} was planned for 3 steps; its learning-rate schedule changes from " \
            "step 2 (the cosine decay now ends at step 5)" in said, said
-    lr = [checkpoint.json.loads(l)["lr"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"lr"' in l]
+    lr = [checkpoint.json.loads(l)["lr"] for l in (out / "metrics.jsonl").read_text().splitlines()
+          if '"lr"' in l]
     optim = pretrain.parse(argv).optim
     assert again["step"] == 3
     assert lr[-1] == training.lr_at(2, optim, 5) != training.lr_at(2, optim, 3)
     with pytest.raises(SystemExit) as e:
         pretrain.main(argv + ["--max-steps", "2", "--out", str(out)])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.endswith(f"{out} holds a run at step 3: --max-steps 2 is below it; give at least "
+    assert e.value.code == 2 and err.endswith(f"{out} holds a run at step 3: --max-steps 2 is "
+                                              "below it; give at least "
                                               "3, or --fresh (the old run is moved aside)"), err
 
 

@@ -50,7 +50,8 @@ def test_isoflop_profiles_recover_the_optimal_size_exponent(capsys):
 
 
 def test_micro_sweep_trains_records_and_resumes(tmp_path, stdlib_data, capsys):
-    runs = scaling.plan([1.5e9], ladder=[(1, 16), (1, 24), (1, 32)], tokens_per_param=(0, math.inf), min_steps=1)
+    runs = scaling.plan([1.5e9], ladder=[(1, 16), (1, 24), (1, 32)], tokens_per_param=(0, math.inf),
+                        min_steps=1)
     assert len(runs) == 3 and all(r["steps"] >= 3 for r in runs)
     scaling.sweep(runs[:2], tmp_path, lr=3e-3, threads=1)            # "interrupted" after two runs
     first = (tmp_path / "runs.jsonl").read_text()

@@ -28,9 +28,10 @@ def files(tmp_path_factory):
 
 
 def run(files, out, *extra):
-    return sft.main(["--init", str(files["init"]), "--data", str(files["train"]), "--val-data", str(files["val"]),
-                     "--out", str(out), "--batch-size", "8", "--grad-accum", "2", "--lr", "3e-3",
-                     "--warmup-steps", "2", "--log-every", "1", "--samples", "1", "--max-new-tokens", "8", *extra])
+    return sft.main(["--init", str(files["init"]), "--data", str(files["train"]), "--val-data",
+                     str(files["val"]), "--out", str(out), "--batch-size", "8", "--grad-accum", "2",
+                     "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1", "--samples", "1",
+                     "--max-new-tokens", "8", *extra])
 
 
 def rows_of(lines, prompt_mask=True):
@@ -55,11 +56,14 @@ def test_sft_batches_step_as_pretraining_does():
 
 def test_both_formats_learn_exactly_the_responses():
     alpaca = {"instruction": "Reverse the word.", "input": "golf", "output": "flog"}
-    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Again"},
+    chat = {"messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": "Hi"},
+                         {"role": "assistant", "content": "Hello"},
+                         {"role": "user", "content": "Again"},
                          {"role": "assistant", "content": "Hello!"}]}
     (xa, ya), (xc, yc) = rows_of([alpaca, chat])
-    assert ENC.decode(xa) == "### Instruction:\nReverse the word.\n\n### Input:\ngolf\n\n### Response:\nflog"
+    assert ENC.decode(xa) == ("### Instruction:\nReverse the word.\n\n### Input:\ngolf\n\n### "
+                              "Response:\nflog")
     assert [t for t in ya if t != -100] == ENC.encode_ordinary("flog") + [EOT]
     # Both assistant turns (each with its end-of-text) are learned; system, user turns and headers
     # are not.
@@ -83,7 +87,8 @@ def test_prompt_tokens_get_no_gradient():
     for y in (y_masked, y_all):
         logits = model.head(model.body(model.embed(x)))[0]
         logits.retain_grad()
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1),
+                                                 ignore_index=-100)
         loss.backward()
         per_position = logits.grad.abs().sum(-1)
         assert (per_position[y != -100] > 0).all() and (per_position[y == -100] == 0).all()
@@ -109,16 +114,19 @@ def test_accumulation_divides_by_the_steps_response_tokens():
     """Four micro-batches with different numbers of response tokens give the gradient of one batch
     of all eight examples (float64: equal up to summation order). A per-micro-batch mean would not
     (checked)."""
-    rows = rows_of(reverse_examples(8) + [{"instruction": "Say a long thing.", "output": "x" * 40}])[:8]
+    rows = rows_of(reverse_examples(8) + [{"instruction": "Say a long thing.",
+                                           "output": "x" * 40}])[:8]
     rows[1] = rows_of([{"instruction": "Say a long thing.", "output": "x" * 40}])[0]
     torch.manual_seed(0)
     model = Transformer(CFG).double()
-    opt = MixedPrecisionOptimizer([{"params": list(model.parameters())}], lambda g: torch.optim.SGD(g, lr=0),
-                                  torch.float64, DynamicLossScaler(False))
+    opt = MixedPrecisionOptimizer([{"params": list(model.parameters())}],
+                                  lambda g: torch.optim.SGD(g, lr=0), torch.float64,
+                                  DynamicLossScaler(False))
 
     def grads(micro_batches):
         model.zero_grad()
-        loss = training.forward_backward(model, micro_batches, Topology(), "1f1b", opt.scale_loss, "cpu")
+        loss = training.forward_backward(model, micro_batches, Topology(), "1f1b", opt.scale_loss,
+                                         "cpu")
         return loss.item(), [p.grad.clone() for p in model.parameters()]
 
     full_loss, full = grads([sft.collate(rows, EOT)])
@@ -148,9 +156,9 @@ def test_sft_learns_logs_checkpoints_and_answers(tmp_path, files):
     assert ckpt["step"] == 30 and ckpt["lora"] is None
     assert len(res["samples"]) == 1 and (tmp_path / "o" / "samples.jsonl").exists()
     # The output is itself an --init: evaluating it alone reproduces the last held-out loss.
-    again = sft.main(["--init", str(tmp_path / "o"), "--data", str(files["train"]), "--val-data", str(files["val"]),
-                      "--out", str(tmp_path / "e"), "--max-steps", "0", "--samples", "0", "--batch-size", "8",
-                      "--grad-accum", "2"])
+    again = sft.main(["--init", str(tmp_path / "o"), "--data", str(files["train"]), "--val-data",
+                      str(files["val"]), "--out", str(tmp_path / "e"), "--max-steps", "0",
+                      "--samples", "0", "--batch-size", "8", "--grad-accum", "2"])
     assert again["val_losses"] == [pytest.approx(vals[-1], rel=1e-6)]
 
 
@@ -180,13 +188,15 @@ def test_lora_sft_trains_only_adapters_and_exports(tmp_path, files):
     for k, v in init.items():  # every base weight is exactly as it was
         assert torch.equal(trained["model"][k], v), k
     adapter = torch.load(tmp_path / "l" / "adapter.pt", weights_only=False)["adapter"]
-    assert sorted(adapter) == sorted(k for k in trained["model"] if ".lora_" in k) and len(adapter) == 2 * 3 * 2
+    assert sorted(adapter) == sorted(k for k in trained["model"]
+                                     if ".lora_" in k) and len(adapter) == 2 * 3 * 2
     # The merged export and the adapter loaded onto the base both reproduce the final held-out loss.
-    common = ["--data", str(files["train"]), "--val-data", str(files["val"]), "--max-steps", "0", "--samples", "0",
-              "--batch-size", "8", "--grad-accum", "2"]
-    merged = sft.main(["--init", str(tmp_path / "l" / "merged.pt"), "--out", str(tmp_path / "m"), *common])
-    loaded = sft.main(["--init", str(files["init"]), "--adapter", str(tmp_path / "l" / "adapter.pt"),
-                       "--out", str(tmp_path / "a"), *common])
+    common = ["--data", str(files["train"]), "--val-data", str(files["val"]), "--max-steps", "0",
+              "--samples", "0", "--batch-size", "8", "--grad-accum", "2"]
+    merged = sft.main(["--init", str(tmp_path / "l" / "merged.pt"), "--out", str(tmp_path / "m"),
+                       *common])
+    loaded = sft.main(["--init", str(files["init"]), "--adapter",
+                       str(tmp_path / "l" / "adapter.pt"), "--out", str(tmp_path / "a"), *common])
     assert merged["val_losses"][0] == pytest.approx(res["val_losses"][-1], rel=1e-5)
     assert loaded["val_losses"][0] == pytest.approx(res["val_losses"][-1], rel=1e-6)
 
@@ -225,11 +235,14 @@ def test_default_data_from_functions(tmp_path):
     held = sum(zlib.crc32(name.encode()) % SFT_VAL_EVERY == 0 for name, _ in docs)
     counts = build_default_data(docs, tmp_path,
                                 lambda ex: sft.encode(ENC, sft.to_messages(ex, "-"))[0])
-    assert 0 < held < 30 and counts == {"functions": 3 * 30, "too_long": 30, "train": 2 * (30 - held), "val": 2 * held}
+    assert 0 < held < 30 and counts == {"functions": 3 * 30, "too_long": 30,
+                                        "train": 2 * (30 - held), "val": 2 * held}
     rows = [json.loads(l) for l in (tmp_path / "train.jsonl").read_text().splitlines()]
-    val_modules = {json.loads(l)["module"] for l in (tmp_path / "val.jsonl").read_text().splitlines()}
+    val_modules = {json.loads(l)["module"]
+                   for l in (tmp_path / "val.jsonl").read_text().splitlines()}
     assert val_modules.isdisjoint(r["module"] for r in rows)
-    assert rows[0]["instruction"] == "Write a Python function `short(a, b=1)` that: Add two numbers."
+    assert rows[0]["instruction"] == ("Write a Python function `short(a, b=1)` that: Add two "
+                                      "numbers.")
     assert rows[0]["output"] == "def short(a, b=1):\n    # a comment stays\n    return a + b"
     # dedented out of its class
     assert rows[1]["output"] == "def method(self, x):\n    return 2 * x"
@@ -247,7 +260,8 @@ def error_of(capsys, argv):
 
 
 def test_bad_input_gets_one_clear_line(tmp_path, capsys, files):
-    base = ["--init", str(files["init"]), "--val-data", str(files["val"]), "--out", str(tmp_path / "o")]
+    base = ["--init", str(files["init"]), "--val-data", str(files["val"]), "--out",
+            str(tmp_path / "o")]
     good = json.dumps(reverse_examples(1)[0])
     bad = write_jsonl(tmp_path / "bad.jsonl", [good, "", good, '{"instruction": "x", "output": '])
     assert f"{bad}:4: not valid JSON" in error_of(capsys, base + ["--data", str(bad)])
@@ -264,25 +278,30 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys, files):
         capsys, base + data_flag + ["--model", "tiny"])
     other = make_init(tmp_path / "other", replace(CFG, d_model=64, n_head=4))
     run(files, tmp_path / "r", "--max-steps", "1", "--samples", "0", "--lora-r", "2")
-    err = error_of(capsys, ["--init", str(other), "--out", str(tmp_path / "r"), "--resume"] + data_flag)
+    err = error_of(capsys, ["--init", str(other), "--out", str(tmp_path / "r"),
+                            "--resume"] + data_flag)
     assert "holds another run (" in err and "model config d_model 32, not 64" in err, err
     assert "was trained on another model config (differs in d_model)" in error_of(
         capsys, ["--init", str(other), "--adapter", str(tmp_path / "r" / "adapter.pt")] + data_flag)
     assert "--lora-targets wq,attn: attn is not a linear of the blocks; choose from wq,wk" in error_of(
         capsys, base + data_flag + ["--lora-r", "4", "--lora-targets", "wq,attn"])
-    assert "world size 1 is not divisible by --tp 3" in error_of(capsys, base + data_flag + ["--tp", "3"])
-    bad = write_jsonl(tmp_path / "pack.jsonl", [good, {"instruction": "Say x.", "output": "x" * 80}])
+    assert "world size 1 is not divisible by --tp 3" in error_of(capsys,
+                                                                 base + data_flag + ["--tp", "3"])
+    bad = write_jsonl(tmp_path / "pack.jsonl", [good, {"instruction": "Say x.",
+                                                       "output": "x" * 80}])
     assert f"{bad}:2: the example is 119 tokens, longer than --seq-len of 100: --pack never cuts" in error_of(
         capsys, base + ["--data", str(bad), "--pack", "--seq-len", "100"])
     assert "--lora-r 40 is larger than wq's smaller side (32 -> 32): choose --lora-r <= 16" in error_of(
         capsys, base + data_flag + ["--lora-r", "40"])
-    assert "does not divide" in error_of(capsys, base + data_flag + ["--batch-size", "6", "--grad-accum", "4"])
+    assert "does not divide" in error_of(capsys, base + data_flag + ["--batch-size", "6",
+                                                                     "--grad-accum", "4"])
 
 
 # ------------------------------------------------------------------------------------------ packing
 def packed_and_padded():
     """Examples of 34 to 120 tokens: up to three share a packed row of 128."""
-    lines = [{"instruction": "Say x.", "output": "x" * n} for n in (1, 5, 20, 3, 40, 8, 2, 81)] + reverse_examples(3)
+    lines = [{"instruction": "Say x.", "output": "x" * n}
+             for n in (1, 5, 20, 3, 40, 8, 2, 81)] + reverse_examples(3)
     rows = rows_of(lines)
     return rows, sft.pack(rows, EOT, CFG.block_size), sft.collate(rows, EOT)
 
@@ -350,8 +369,8 @@ def test_a_run_that_cannot_train_stops_with_the_reason(tmp_path, capsys, files):
     """As pretrain.py: fp16 at --lr 1 ends with exit status 3 and one line, and the good checkpoint
     is kept."""
     with pytest.raises(SystemExit) as e:
-        run(files, tmp_path / "o", "--lr", "1", "--amp", "fp16", "--max-steps", "100", "--save-every", "2",
-            "--samples", "0")
+        run(files, tmp_path / "o", "--lr", "1", "--amp", "fp16", "--max-steps", "100",
+            "--save-every", "2", "--samples", "0")
     err = capsys.readouterr().err.strip()
     assert e.value.code == 3 and "\n" not in err, err
     assert err.startswith("sft.py: stopped: step ") and "in a row" in err and "last good checkpoint" in err

@@ -30,15 +30,17 @@ def files(tmp_path_factory):
     # Long and short responses mixed, so that the ranks' micro-batches hold different numbers of
     # response tokens: a per-rank mean would then differ from the step's token mean, and the test
     # would see it.
-    rows = reverse_examples(40) + [{"instruction": "Say x.", "output": "x" * n} for n in (3, 30, 9, 45, 1, 20)] * 4
+    rows = reverse_examples(40) + [{"instruction": "Say x.",
+                                    "output": "x" * n} for n in (3, 30, 9, 45, 1, 20)] * 4
     return {"init": make_init(d / "init"), "train": write_jsonl(d / "train.jsonl", rows),
             "val": write_jsonl(d / "val.jsonl", reverse_examples(10, seed=1)), "dir": d}
 
 
 def argv(files, out, extra):
-    return ["--init", str(files["init"]), "--data", str(files["train"]), "--val-data", str(files["val"]),
-            "--out", str(out), "--batch-size", "8", "--grad-accum", "2", "--lr", "1e-2", "--warmup-steps", "1",
-            "--max-steps", "4", "--eval-every", "2", "--samples", "0", "--log-every", "1", *extra]
+    return ["--init", str(files["init"]), "--data", str(files["train"]), "--val-data",
+            str(files["val"]), "--out", str(out), "--batch-size", "8", "--grad-accum", "2", "--lr",
+            "1e-2", "--warmup-steps", "1", "--max-steps", "4", "--eval-every", "2", "--samples",
+            "0", "--log-every", "1", *extra]
 
 
 def trainable(model):
@@ -50,7 +52,8 @@ def sft_rank(rank, world, files, out, extra):
     return res["losses"], res["val_losses"], trainable(res["model"])
 
 
-@pytest.mark.parametrize("extra", [["--zero", "0"], ["--zero", "2", "--lora-r", "4", "--lora-targets", "wq,wv,w2"]],
+@pytest.mark.parametrize("extra", [["--zero", "0"], ["--zero", "2", "--lora-r", "4",
+                                                     "--lora-targets", "wq,wv,w2"]],
                          ids=["ddp", "zero2-lora"])
 def test_data_parallel_sft_matches_one_process(tmp_path, files, extra):
     """Losses (train and held-out) and the trained parameters agree with one process to fp32
@@ -75,7 +78,8 @@ def test_data_parallel_sft_matches_one_process(tmp_path, files, extra):
 
 
 def _sft_layouts_world4(rank, world, files, out):
-    packed = sft.main(argv(files, f"{out}/pp", ["--tp", "2", "--pp", "2", "--microbatches", "2", "--pack"]))
+    packed = sft.main(argv(files, f"{out}/pp", ["--tp", "2", "--pp", "2", "--microbatches", "2",
+                                                "--pack"]))
     lora_z3 = sft.main(argv(files, f"{out}/z3", LORA_Z3))
     loaded = sft.main(argv(files, f"{out}/load", ["--tp", "2", "--adapter", f"{out}/z3/adapter.pt",
                                                     "--max-steps", "0"]))
@@ -96,28 +100,32 @@ def test_sft_tp2_pp2_packed_and_lora_zero3_tp2_through_sft_py(tmp_path, files):
     uninterrupted one, loss for loss."""
     one = sft.main(argv(files, tmp_path / "one", ["--microbatches", "2"]))
     one_lora = sft.main(argv(files, tmp_path / "one_lora", LORA_Z3[4:]))
-    for packed, val, lora_losses, loaded_val, resumed in run_distributed(_sft_layouts_world4, 4, files,
-                                                                         str(tmp_path)):
+    for packed, val, lora_losses, loaded_val, resumed in run_distributed(_sft_layouts_world4, 4,
+                                                                         files, str(tmp_path)):
         assert resumed
         assert packed == pytest.approx(one["losses"], rel=1e-5) and val == pytest.approx(one["val_losses"], rel=1e-5)
         assert lora_losses == pytest.approx(one_lora["losses"], rel=1e-5)
         assert loaded_val == [pytest.approx(one_lora["val_losses"][-1], rel=1e-5)]
     for name, key in (("adapter.pt", "adapter"), ("merged.pt", "model")):
-        ours, ref = (torch.load(tmp_path / d / name, weights_only=False)[key] for d in ("z3", "one_lora"))
+        ours, ref = (torch.load(tmp_path / d / name, weights_only=False)[key]
+                     for d in ("z3", "one_lora"))
         assert ours.keys() == ref.keys()
         for k in ref:
-            torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name} {k}: {m}")
+            torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{name} {k}: {m}")
 
 
 def moe_init(path):
     """An MoE base as pretrain.py --experts 4 --topk 2 writes it: the experts' flags travel in its
     args."""
-    flags = {"experts": 4, "topk": 2, "moe_layers": "all", "capacity_factor": None, "aux_loss_weight": 1e-2}
+    flags = {"experts": 4, "topk": 2, "moe_layers": "all", "capacity_factor": None,
+             "aux_loss_weight": 1e-2}
     torch.manual_seed(0)
     model = moe.with_experts(Transformer(CFG), moe.MoEConfig(**flags))
     cfg = {**asdict(CFG), "attn": "-", "activation_checkpointing": False}
     path.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "model_config": cfg, "tokenizer": "bytes", "args": flags},
+    torch.save({"model": model.state_dict(), "model_config": cfg, "tokenizer": "bytes",
+                "args": flags},
                path / "model.pt")
     return path / "model.pt"
 
@@ -127,7 +135,8 @@ def _sft_ep(rank, world, files, out):
 
 
 def _norms(out):
-    return [json.loads(l)["grad_norm"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    return [json.loads(l)["grad_norm"] for l in (out / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in l]
 
 
 def test_sft_of_an_moe_base_with_expert_parallelism(tmp_path, files):
@@ -169,8 +178,10 @@ def test_lora_on_the_experts_of_an_moe_base_with_expert_parallelism(tmp_path, fi
 ENC = data.get_tokenizer("bytes")
 EOT = data.eot_id(ENC)
 STEPS, N_MICRO, CLIP = 3, 4, 0.05          # 4 micro-batches of 2 examples per step
-LINES = reverse_examples(12) + [{"instruction": "Say x.", "output": "x" * n} for n in (3, 30, 9, 45)]
-ROWS = sft.tokenize([(f"f:{i}", sft.to_messages(l, "-")) for i, l in enumerate(LINES)], ENC, CFG.block_size)[0]
+LINES = reverse_examples(12) + [{"instruction": "Say x.",
+                                 "output": "x" * n} for n in (3, 30, 9, 45)]
+ROWS = sft.tokenize([(f"f:{i}", sft.to_messages(l, "-")) for i, l in enumerate(LINES)], ENC,
+                    CFG.block_size)[0]
 torch.manual_seed(0)
 BASE = Transformer(CFG).state_dict()
 TARGETS = "wq,wo,w1,w2"                  # column- and row-parallel layers both
@@ -181,7 +192,8 @@ def step_batches(step, multiple, packed):
     differ."""
     idx = torch.randperm(len(ROWS), generator=torch.Generator().manual_seed(step))[:2 * N_MICRO].tolist()
     make = sft.pack if packed else sft.collate
-    return [make([ROWS[i] for i in idx[2 * m:2 * m + 2]], EOT, *([CFG.block_size] if packed else []), multiple)
+    return [make([ROWS[i] for i in idx[2 * m:2 * m + 2]], EOT,
+                 *([CFG.block_size] if packed else []), multiple)
             for m in range(N_MICRO)]
 
 
@@ -198,8 +210,8 @@ def train_sft(topo, tp, pp, schedule, zero, sp, use_lora, packed):
     for step in range(STEPS):
         batches = step_batches(step, tp if sp else 1, packed)
         mine = batches[topo.dp_rank * N_MICRO // topo.dp:(topo.dp_rank + 1) * N_MICRO // topo.dp]
-        loss = training.forward_backward(model if pp > 1 else module, mine, topo, schedule, opt.scale_loss, "cpu",
-                                         opt.no_sync)
+        loss = training.forward_backward(model if pp > 1 else module, mine, topo, schedule,
+                                         opt.scale_loss, "cpu", opt.no_sync)
         norm, _ = opt.step(CLIP)
         opt.zero_grad()
         losses.append(training.mean_over_dp(loss, topo).item())
@@ -208,18 +220,21 @@ def train_sft(topo, tp, pp, schedule, zero, sp, use_lora, packed):
     # not sharded).
     stepped = [p for g in opt.param_groups for p in g["params"]] if zero == 0 or topo.dp == 1 else [
         p for u in opt.units for p in u.params]
-    only_adapters = {id(p) for p in stepped} == {id(p) for n, p in model.named_parameters() if ".lora_" in n}
+    only_adapters = {id(p) for p in stepped} == {id(p) for n,
+                                                 p in model.named_parameters() if ".lora_" in n}
     with opt.gathered() if zero == 3 and topo.dp > 1 else contextlib.nullcontext():
         # the adapters whole, by their names in the whole model (gathered over tp and pp)
         if use_lora:
             trained = lora.lora_state_dict(model, topo)
         else:
-            trained = {lora.full_name(model, n): p.detach().clone() for n, p in model.named_parameters()}
+            trained = {lora.full_name(model, n): p.detach().clone() for n,
+                       p in model.named_parameters()}
     return losses, norms, trained, only_adapters
 
 
 def _layouts(rank, world, layouts):
-    return [(Topology(tp=l[0], pp=l[1]).tp_rank, train_sft(Topology(tp=l[0], pp=l[1]), *l)) for l in layouts]
+    return [(Topology(tp=l[0], pp=l[1]).tp_rank, train_sft(Topology(tp=l[0], pp=l[1]), *l))
+            for l in layouts]
 
 
 def check_layouts(layouts, world):
@@ -240,7 +255,8 @@ def check_layouts(layouts, world):
             for name, p in trained.items():
                 d = None if use_lora else tensor_parallel.split_dim(name)
                 want = ref_trained[name] if d is None else ref_trained[name].chunk(tp, dim=d)[tp_rank]
-                torch.testing.assert_close(p, want, rtol=1e-10, atol=1e-12, msg=lambda m: f"{layout} {name}: {m}")
+                torch.testing.assert_close(p, want, rtol=1e-10, atol=1e-12,
+                                           msg=lambda m: f"{layout} {name}: {m}")
 
 
 def test_sft_every_layout_matches_one_process_world2():
@@ -272,12 +288,15 @@ def _lora_tp(rank, world):
                                   adapt=adapt)
         tensor_parallel.set_gather_output(model, True)
         return model
-    base, adapted = build(), build(lambda m: lora.apply_lora(m, r=4, alpha=8.0, targets=TARGETS, seed=0))
+    base, adapted = build(), build(lambda m: lora.apply_lora(m, r=4, alpha=8.0, targets=TARGETS,
+                                                             seed=0))
     step0_equal = torch.equal(base(x)[0], adapted(x)[0])
-    own = sum(p.numel() for p in adapted.parameters() if p.requires_grad and not tensor_parallel.is_tp_duplicate(p))
+    own = sum(p.numel() for p in adapted.parameters() if p.requires_grad
+              and not tensor_parallel.is_tp_duplicate(p))
     _, opt = stack.build_training(adapted, sft.parse(["--lr", "1e-2"]), torch.float64, topo)
     for step in range(2):
-        training.forward_backward(adapted, step_batches(step, 1, False), topo, "1f1b", opt.scale_loss, "cpu")
+        training.forward_backward(adapted, step_batches(step, 1, False), topo, "1f1b",
+                                  opt.scale_loss, "cpu")
         opt.step(0.0)
         opt.zero_grad()
     logits = adapted(x)[0].detach()

@@ -13,8 +13,8 @@ import hf
 import weights
 from model import PRESETS, Transformer
 
-CFG = replace(PRESETS["tiny"], n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_ff=64, vocab_size=64, block_size=16,
-              rope_theta=5e5, norm_eps=1e-6)
+CFG = replace(PRESETS["tiny"], n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_ff=64, vocab_size=64,
+              block_size=16, rope_theta=5e5, norm_eps=1e-6)
 
 
 @pytest.fixture
@@ -24,7 +24,8 @@ def exported(tmp_path):
     # norms too: a swapped name or a transposed weight must show in the logits
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    torch.save({"model": model.state_dict(), "model_config": asdict(replace(CFG, attn="-")), "tokenizer": "bytes"},
+    torch.save({"model": model.state_dict(), "model_config": asdict(replace(CFG, attn="-")),
+                "tokenizer": "bytes"},
                tmp_path / "model.pt")
     hf.export_hf(tmp_path / "model.pt", tmp_path / "hf")
     return model, tmp_path / "hf"
@@ -34,7 +35,8 @@ def test_export_then_import_gives_the_same_logits(exported):
     model, folder = exported
     config = json.loads((folder / "config.json").read_text())
     assert config | {"torch_dtype": "float64"} == config and {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
+                                                              "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
         "rms_norm_eps": 1e-6, "rope_theta": 5e5, "max_position_embeddings": 16, "vocab_size": 64,
         "tie_word_embeddings": False, "hidden_act": "silu", "rope_scaling": None}.items() <= config.items()
@@ -50,7 +52,8 @@ def llama_reference(t, c, idx, inv_freq=None):
     """Hugging Face's LlamaForCausalLM forward written from its definition, on the exported tensors
     and config alone (float64): an independent check of the name mapping (gate = w1, up = w3, down =
     w2) and of RoPE. `inv_freq`: the rotary frequencies, when not theta^(-2i/d) (a scaled RoPE)."""
-    norm = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + c["rms_norm_eps"]) * w  # noqa: E731
+    norm = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
+                                        + c["rms_norm_eps"]) * w  # noqa: E731
     H, KV, hd, T = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], idx.shape[1]
     if inv_freq is None:
         inv_freq = 1.0 / c["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
@@ -127,28 +130,39 @@ def _overlap(h):
 
 
 @pytest.mark.parametrize("case, expected", [
-    (dict(raw=header(_overlap)), "tensors model.norm.weight and model.embed_tokens.weight overlap in the file"),
-    (dict(raw=header(lambda h: h["model.norm.weight"].update(shape=[32.0]))), "corrupt safetensors header entry for "
+    (dict(raw=header(_overlap)), "tensors model.norm.weight and model.embed_tokens.weight "
+                                 "overlap in the file"),
+    (dict(raw=header(lambda h: h["model.norm.weight"].update(shape=[32.0]))),
+     "corrupt safetensors header entry for "
                                                                               "model.norm.weight"),
-    (dict(raw=header(lambda h: h["model.norm.weight"].update(shape=[-32]))), "must be non-negative integers"),
-    (dict(raw=header(lambda h: h["model.norm.weight"].update(shape=[2 ** 70, 2 ** 70]))), "that fit the file"),
-    (dict(config={"num_hidden_layers": 10 ** 9}), "num_hidden_layers 1000000000, but its safetensors files hold the "
+    (dict(raw=header(lambda h: h["model.norm.weight"].update(shape=[-32]))),
+     "must be non-negative integers"),
+    (dict(raw=header(lambda h: h["model.norm.weight"].update(shape=[2 ** 70, 2 ** 70]))),
+     "that fit the file"),
+    (dict(config={"num_hidden_layers": 10 ** 9}),
+     "num_hidden_layers 1000000000, but its safetensors files hold the "
                                                   "tensors of 2 layers"),
-    (dict(config={"num_hidden_layers": 1e9}), "num_hidden_layers 1000000000.0 must be a positive integer"),
+    (dict(config={"num_hidden_layers": 1e9}), "num_hidden_layers 1000000000.0 must be a positive "
+                                              "integer"),
     (dict(config={"num_attention_heads": 0}), "num_attention_heads 0 must be a positive integer"),
-    (dict(config={"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}), "is not LlamaForCausalLM"),
+    (dict(config={"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}),
+     "is not LlamaForCausalLM"),
     (dict(config={"hidden_act": "gelu"}), "hidden_act 'gelu' cannot be represented"),
-    (dict(config={"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), "rope_scaling of rope_type 'llama3' needs"),
+    (dict(config={"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}),
+     "rope_scaling of rope_type 'llama3' needs"),
     (dict(config={"attention_bias": True}), "attention_bias True"),
     (dict(tensors=lambda t: t | {"model.layers.0.self_attn.q_proj.bias": torch.zeros(32, dtype=torch.float64)}),
      "model.layers.0.self_attn.q_proj.bias is a bias"),
     # LayerNorm, not RMSNorm
     (dict(tensors=lambda t: t | {"model.norm.bias": torch.zeros(32, dtype=torch.float64)}),
      "model.norm.bias is a bias"),
-    (dict(config={"intermediate_size": 96}), "model.layers.0.mlp.gate_proj.weight has shape [64, 32], config.json "
+    (dict(config={"intermediate_size": 96}), "model.layers.0.mlp.gate_proj.weight has shape [64, "
+                                             "32], config.json "
                                              "implies [96, 32]"),
-    (dict(tensors=lambda t: {k: v for k, v in t.items() if "o_proj" not in k}), "self_attn.o_proj.weight is missing"),
-    (dict(raw=lambda b: struct.pack("<Q", 10 ** 9) + b[8:]), "corrupt safetensors header (header length"),
+    (dict(tensors=lambda t: {k: v for k, v in t.items() if "o_proj" not in k}),
+     "self_attn.o_proj.weight is missing"),
+    (dict(raw=lambda b: struct.pack("<Q", 10 ** 9) + b[8:]),
+     "corrupt safetensors header (header length"),
     (dict(raw=lambda b: b[:8] + b"!" + b[9:]), "corrupt safetensors header (not a JSON object)"),
     (dict(raw=lambda b: b[:-100]), "corrupt safetensors header entry for"),
 ])
