@@ -142,8 +142,8 @@ class DivergenceGuard:
         self.bad_grads = 0 if math.isfinite(grad_norm) else self.bad_grads + 1
         if self.bad_loss >= self.patience:
             return (f"the loss was {loss} for {self.bad_loss} steps in a row: the forward "
-                    "overflows or the weights "
-                    "hold inf/nan (likely cause: the learning rate is too high" +
+                    "overflows or the weights hold inf/nan (likely cause: the learning rate is "
+                    "too high" +
                     (", or activations above fp16's 65504: try --amp bf16" if scaler.enabled
                      else "") + ")")
         if scaler.enabled and scaler.scale < self.min_loss_scale:
@@ -155,9 +155,8 @@ class DivergenceGuard:
                     "--amp bf16)")
         if not scaler.enabled and self.bad_grads >= self.patience:
             return (f"the gradient norm was {grad_norm} for {self.bad_grads} steps in a row, "
-                    "every step skipped "
-                    "(likely cause: the learning rate is too high, or inf/nan in the data or the "
-                    "weights)")
+                    "every step skipped (likely cause: the learning rate is too high, or "
+                    "inf/nan in the data or the weights)")
         return None
 
 

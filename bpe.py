@@ -94,8 +94,7 @@ def token_bytes(token, where):
         return bytes(map(unicode_to_bytes().__getitem__, token))
     except KeyError:
         raise TokenizerError(f"{where}: token {token!r} is not byte-level (GPT-2's "
-                             "byte-to-unicode characters); "
-                             "only byte-level BPE is read") from None
+                             "byte-to-unicode characters); only byte-level BPE is read") from None
 
 
 class FolderEncoding(tiktoken.Encoding):
@@ -146,9 +145,8 @@ def ranks_from_merges(model, where):
                                  "not in the vocabulary")
         if vocab[a + b] <= last:
             raise TokenizerError(f"{where}: merge {i} makes id {vocab[a + b]}, below an earlier "
-                                 f"merge's {last}: "
-                                 "tiktoken ranks tokens by id, so the ids must follow the merge "
-                                 "order")
+                                 f"merge's {last}: tiktoken ranks tokens by id, so the ids must "
+                                 "follow the merge order")
         ranks[made] = last = vocab[a + b]
     return ranks
 
@@ -160,8 +158,7 @@ def split_pattern(p, where):
     r = pat.get("Regex") if "Regex" in pat else re.escape(pat.get("String", ""))
     if not r or p.get("behavior") != "Isolated" or p.get("invert"):
         raise TokenizerError(f"{where}: Split pre-tokenizer {json.dumps(p)[:100]} is not read "
-                             "(only a pattern "
-                             "with behavior Isolated, not inverted)")
+                             "(only a pattern with behavior Isolated, not inverted)")
     return f"(?:{r})|(?:(?!(?:{r}))[\\s\\S])+"
 
 
@@ -172,8 +169,7 @@ def pattern(pre, where):
     kinds = [s.get("type") for s in steps]
     if not steps or kinds[-1] != "ByteLevel":
         raise TokenizerError(f"{where}: pre_tokenizer {kinds or None} does not end in ByteLevel: "
-                             "only byte-level BPE "
-                             "(GPT-2, Llama 3, Qwen2, SmolLM styles) is read")
+                             "only byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM styles) is read")
     byte_level = steps[-1]
     if byte_level.get("add_prefix_space"):
         raise TokenizerError(f"{where}: ByteLevel add_prefix_space true is not read (tiktoken "
@@ -190,8 +186,7 @@ def pattern(pre, where):
         digits = r"\p{N}" if steps[0].get("individual_digits") else r"\p{N}+"
         return digits + r"""|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
     raise TokenizerError(f"{where}: pre_tokenizer sequence {kinds} is not read (ByteLevel, Split "
-                         "+ ByteLevel "
-                         "without its regex, or Digits + ByteLevel)")
+                         "+ ByteLevel without its regex, or Digits + ByteLevel)")
 
 
 def read_tokenizer_json(path):
@@ -212,8 +207,7 @@ def read_tokenizer_json(path):
     norm = tj.get("normalizer")
     if norm is not None and norm.get("type") != "NFC":
         raise TokenizerError(f"{where}: normalizer {norm.get('type')} is not read (it changes "
-                             "the text; "
-                             "only none or NFC)")
+                             "the text; only none or NFC)")
     pat = pattern(tj.get("pre_tokenizer"), where)
     ranks = ranks_from_merges(model, where)
     contents = {t["content"] for t in tj.get("added_tokens") or []}
@@ -241,9 +235,8 @@ def read_tiktoken_model(path, added):
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
     except (UnicodeDecodeError, ValueError, binascii.Error):
         raise TokenizerError(f"{path}: not tiktoken's format (\"base64 rank\" lines): a "
-                             "SentencePiece model "
-                             "(Llama 2, Mistral) is not read; give a folder with a byte-level "
-                             "BPE tokenizer.json")
+                             "SentencePiece model (Llama 2, Mistral) is not read; give a folder "
+                             "with a byte-level BPE tokenizer.json")
     if not ranks:
         raise TokenizerError(f"{path}: empty")
     n = max(ranks.values()) + 1
@@ -302,8 +295,8 @@ def load_folder(folder):
     eos = next((t for t in candidates if t in specials), None)
     if eos is None:
         raise TokenizerError(f"{f}: no end-of-sequence token: set eos_token in "
-                             "tokenizer_config.json to one of "
-                             f"the added tokens ({', '.join(list(specials)[:5]) or 'none'})")
+                             "tokenizer_config.json to one of the added tokens "
+                             f"({', '.join(list(specials)[:5]) or 'none'})")
     bos = token_text(tc.get("bos_token")) or ""
     n = max(max(ranks.values()), max(specials.values(), default=0)) + 1
     return FolderEncoding(folder, pat_str=pat, mergeable_ranks=ranks, special_tokens=specials,

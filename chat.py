@@ -70,8 +70,7 @@ def to_messages(obj, where):
         for m in msgs:
             if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in HEADERS:
                 raise DataError(f"{where}: each message needs \"role\" (system, user or "
-                                "assistant) and "
-                                f"a string \"content\", got {json.dumps(m)[:60]}")
+                                f"assistant) and a string \"content\", got {json.dumps(m)[:60]}")
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"{where}: no assistant message, so nothing to learn")
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
@@ -203,9 +202,8 @@ def learned_spans(enc, messages):
         before, through = render(enc, messages[:i], True), render(enc, messages[:i + 1])
         if not (full.startswith(through) and through.startswith(before)):
             raise DataError(f"the tokenizer's chat template renders message {i + 1} differently "
-                            "once later "
-                            "messages follow, so its learned tokens cannot be told apart (prefix "
-                            "renders)")
+                            "once later messages follow, so its learned tokens cannot be told "
+                            "apart (prefix renders)")
         reply = through[len(before):]
         ends = [reply.rfind(s) + len(s) for s in enc.special_tokens_set if s in reply]
         spans.append((len(before), len(before) + (max(ends) if ends else len(reply))))
@@ -226,8 +224,8 @@ def encode_rendered(enc, messages):
 
 # ----------------------------------------------------------------------------------------- the demo
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-          "'<|im_end|>\\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ "
+          "'<|im_start|>assistant\\n' }}{% endif %}")
 DEMO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse golf."},
         {"role": "assistant", "content": "flog"}, {"role": "user", "content": "And echo?"},
         {"role": "assistant", "content": "ohce"}]
@@ -258,8 +256,7 @@ def show(spec, messages):
         i = j
     print(out)
     print(f"generation prompt ends with {enc.decode(prompt_ids(enc, messages))[-32:]!r}; a reply "
-          "stops at ids "
-          f"{sorted(stop_ids(enc))}\n")
+          f"stops at ids {sorted(stop_ids(enc))}\n")
 
 
 def main(argv):

@@ -89,9 +89,8 @@ def safe_load(path, mmap=True):
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(f"{path} holds pickled objects other than tensors and plain values "
-                              "(an older version's, "
-                              "or not this project's): not loaded, as unpickling them could run "
-                              "code") from None
+                              "(an older version's, or not this project's): not loaded, as "
+                              "unpickling them could run code") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:  # (not a file torch.save wrote)
         raise CheckpointError(f"{path} is not a checkpoint file ({type(e).__name__})") from None
 
@@ -438,9 +437,8 @@ def _load_step(d, meta, model, opt, topo):
                         for f, r in saved if src_kind in r["kinds"])
                 if n != dst.numel():
                     raise CheckpointError(f"{d}: {kind} of {piece['name']}: the checkpoint's "
-                                          f"pieces cover {n} values "
-                                          f"of the {dst.numel()} this rank holds (missing, or "
-                                          "saved twice)")
+                                          f"pieces cover {n} values of the {dst.numel()} this "
+                                          "rank holds (missing, or saved twice)")
     opt.scaler.load_state_dict(meta["scaler"])
     opt.after_load()
     rank_file = d / f"rank{topo.rank}.pt"
@@ -494,8 +492,8 @@ def check_same_run(out, meta, identity):
                                                                         else ""))
     if diffs:
         raise CheckpointError(f"{out} holds another run ({'; '.join(diffs)}): resume with the "
-                              "same settings, or "
-                              "give --fresh (the old run is moved aside) or another --out")
+                              "same settings, or give --fresh (the old run is moved aside) or "
+                              "another --out")
 
 
 def move_aside(out):

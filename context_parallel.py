@@ -313,8 +313,7 @@ def demo_attention(T, B, H, H_kv, D, reps, groups):
     torch.manual_seed(0)  # the same full sequence on every rank; each cp group splits it
     q, k, v, do = (torch.randn(B, h, T, D) for h in (H, H_kv, H_kv, H))
     print0(f"ring attention, causal, fp32 on CPU (flash_attn.py's twin per block), B={B} H={H} "
-           f"H_kv={H_kv} T={T} "
-           f"D={D}; time: median of {reps} forward + backward after a warm-up\n"
+           f"H_kv={H_kv} T={T} D={D}; time: median of {reps} forward + backward after a warm-up\n"
            f"{'cp':>3} {'saved MiB/rank':>15} {'x cp1':>6} {'ms/rank':>8} {'max|o - o_cp1|':>15} "
            f"{'sent MiB/rank':>14} {'formula':>8} {'per ring step':>14}")
     base = base_saved = None
@@ -343,12 +342,10 @@ def demo_attention(T, B, H, H_kv, D, reps, groups):
         base_saved = base_saved or saved
         print0(f"{cp:>3} {saved / 2**20:>15.2f} {saved / base_saved:>6.3f} {ms:>8.0f} "
                f"{(full - base).abs().max().item():>15.1e} {sent / 2**20:>14.2f} "
-               f"{formula / 2**20:>8.2f} "
-               f"{chunk / 2**20:>14.2f}")
+               f"{formula / 2**20:>8.2f} {chunk / 2**20:>14.2f}")
     print0("saved: what autograd keeps for the backward (Q, K, V, O, L of this rank's tokens); "
-           "sent: forward (cp-1) "
-           "K/V chunks + backward (cp-1) K/V and cp dK/dV chunks, a chunk being 2 B H_kv (T/cp) "
-           "D x 4 bytes\n")
+           "sent: forward (cp-1) K/V chunks + backward (cp-1) K/V and cp dK/dV chunks, a chunk "
+           "being 2 B H_kv (T/cp) D x 4 bytes\n")
 
 
 def demo_model(T, groups):
@@ -362,8 +359,7 @@ def demo_model(T, groups):
     torch.manual_seed(0)
     model, seq = Transformer(cfg), torch.randint(0, cfg.vocab_size, (1, T + 1))
     print0(f"model.py 'tiny' ({cfg.n_layer} layers, d {cfg.d_model}, {cfg.n_head} heads), one "
-           f"sequence of T={T}, "
-           f"fp32; saved for backward per rank (parameters excluded)\n"
+           f"sequence of T={T}, fp32; saved for backward per rank (parameters excluded)\n"
            f"{'cp':>3} {'attention MiB':>14} {'x cp1':>6} {'rest MiB':>9} {'x cp1':>6} "
            f"{'ms/rank':>8} {'loss':>8}")
     base = None
@@ -388,8 +384,7 @@ def demo_model(T, groups):
         dist.all_reduce(loss, group=group)
         base = base or (attn, rest)
         print0(f"{cp:>3} {attn / 2**20:>14.2f} {attn / base[0]:>6.3f} {rest / 2**20:>9.2f} "
-               f"{rest / base[1]:>6.3f} "
-               f"{ms:>8.0f} {loss.item() / T:>8.4f}")
+               f"{rest / base[1]:>6.3f} {ms:>8.0f} {loss.item() / T:>8.4f}")
 
 
 def print0(*a):
@@ -408,12 +403,10 @@ if __name__ == "__main__":
     args = ap.parse_args()
     if "RANK" not in os.environ:
         raise SystemExit("context_parallel.py: launch with torchrun, e.g. torchrun "
-                         "--nproc_per_node 4 "
-                         "context_parallel.py")
+                         "--nproc_per_node 4 context_parallel.py")
     if args.seq_len % 8:
         raise SystemExit("context_parallel.py: --seq-len must be a multiple of 2 x 4 = 8 "
-                         "(zigzag chunks for cp 4), "
-                         f"got {args.seq_len}")
+                         f"(zigzag chunks for cp 4), got {args.seq_len}")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

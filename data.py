@@ -109,8 +109,7 @@ def text_lines(path):
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: byte 0x{raw[e.start]:02x} at column "
-                                f"{e.start + 1} is not UTF-8; "
-                                "save the file as UTF-8") from None
+                                f"{e.start + 1} is not UTF-8; save the file as UTF-8") from None
 
 
 def source_documents(src):
@@ -154,8 +153,7 @@ def text_of(path):
     except UnicodeDecodeError as e:
         line, col = raw.count(b"\n", 0, e.start) + 1, e.start - raw.rfind(b"\n", 0, e.start)
         raise DataError(f"{path}:{line}: byte 0x{raw[e.start]:02x} at column {col} is not text "
-                        "(UTF-8 without NUL "
-                        "bytes): give a text file") from None
+                        "(UTF-8 without NUL bytes): give a text file") from None
 
 
 def write_split(tokens_iter, out, split, dtype):
@@ -222,8 +220,7 @@ def _prepare_into(docs, out, enc, tokenizer, source):
         meta["documents"][split] = len(texts)
     if meta["max_id"] >= enc.n_vocab:
         raise DataError(f"tokenizer {tokenizer!r} produced id {meta['max_id']}, outside its "
-                        "vocabulary of "
-                        f"{enc.n_vocab}")
+                        f"vocabulary of {enc.n_vocab}")
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
 
@@ -314,8 +311,8 @@ def load_meta(data_dir, tokenizer=None):
     check_meta(d, meta)
     if tokenizer is not None and tokenizer != meta["tokenizer"]:
         raise DataError(f"--data {d} was prepared with tokenizer {meta['tokenizer']!r}, not "
-                        "--tokenizer "
-                        f"{tokenizer!r}: drop the flag or prepare the data again with it")
+                        f"--tokenizer {tokenizer!r}: drop the flag or prepare the data again "
+                        "with it")
     return meta
 
 
@@ -349,9 +346,8 @@ def check_meta(d, meta):
         raise DataError(f"{where}: 'max_id' must be an int, got {json.dumps(max_id)[:40]}")
     if not 0 <= max(max_id, meta["eot"]) < meta["vocab_size"]:
         raise DataError(f"{where}: token ids up to {max(max_id, meta['eot'])} (max_id, eot) do "
-                        "not fit vocab_size "
-                        f"{meta['vocab_size']}: a model of this vocabulary would index past its "
-                        "embedding")
+                        f"not fit vocab_size {meta['vocab_size']}: a model of this vocabulary "
+                        "would index past its embedding")
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in ("train", "val"):
         names, count = meta["shards"].get(split), meta["tokens"].get(split)
@@ -369,14 +365,13 @@ def check_meta(d, meta):
             size = f.stat().st_size
             if size == 0 or size % itemsize:
                 raise DataError(f"{f}: {size} bytes is not a whole number of {meta['dtype']} "
-                                "tokens "
-                                f"({itemsize} bytes each) or is empty: the shard is damaged; "
-                                "prepare the folder again")
+                                f"tokens ({itemsize} bytes each) or is empty: the shard is "
+                                "damaged; prepare the folder again")
             total += size // itemsize
         if total != count:
             raise DataError(f"--data {d}: the {split} shards hold {total} {meta['dtype']} "
-                            "tokens, meta.json says "
-                            f"{count}: the dtype or a shard is wrong; prepare the folder again")
+                            f"tokens, meta.json says {count}: the dtype or a shard is wrong; "
+                            "prepare the folder again")
     # a folder from before max_id was recorded: look once (a pass over the shards)
     if "max_id" not in meta:
         seen = max(int(np.memmap(d / n, dtype=meta["dtype"], mode="r").max()) for n in
@@ -445,12 +440,10 @@ class Batches:
         self.windows = TokenWindows(data_dir, split, seq_len)
         if global_batch % (world * n_micro):
             raise DataError(f"--batch-size {global_batch} does not divide into {world} ranks x "
-                            f"{n_micro} "
-                            "micro-steps of equal size")
+                            f"{n_micro} micro-steps of equal size")
         if global_batch > self.windows.n:
             raise DataError(f"--batch-size {global_batch} is more than the {self.windows.n} "
-                            "windows of "
-                            f"{seq_len + 1} tokens in the {split} split")
+                            f"windows of {seq_len + 1} tokens in the {split} split")
         self.B, self.rank, self.world, self.n_micro, self.seed = global_batch, rank, world, n_micro, seed
         self.steps_per_epoch = self.windows.n // global_batch
         self.step = 0
@@ -470,10 +463,8 @@ class Batches:
     def load_state_dict(self, sd):
         if (sd["seed"], sd["global_batch"], sd["windows"]) != (self.seed, self.B, self.windows.n):
             raise DataError(f"checkpoint data position (seed {sd['seed']}, batch "
-                            f"{sd['global_batch']}, "
-                            f"{sd['windows']} windows) does not match this run's (seed "
-                            f"{self.seed}, batch {self.B}, "
-                            f"{self.windows.n} windows)")
+                            f"{sd['global_batch']}, {sd['windows']} windows) does not match this "
+                            f"run's (seed {self.seed}, batch {self.B}, {self.windows.n} windows)")
         self.step = sd["step"]
 
 

@@ -199,9 +199,8 @@ if __name__ == "__main__":
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     if rank == 0:
         print(f"{world} ranks x 8 sequences of 64 bytes of Python source a step, 2 accumulation "
-              "micro-steps each "
-              "(the first without communication); loss in nats per byte, ln 320 = 5.77 for a "
-              "uniform guess")
+              "micro-steps each (the first without communication); loss in nats per byte, ln "
+              "320 = 5.77 for a uniform guess")
     for step in range(steps):
         # this rank's 1/world of the global batch, in 2 micro-batches
         micro_batches = batches.next()

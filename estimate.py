@@ -146,10 +146,9 @@ def shape_for(n_params, vocab=50304):
     L = min(approx, key=lambda L: abs(math.log(approx[L] / n_params)))
     if not 0.5 <= approx[L] / n_params <= 2:
         raise EstimateError(f"--params {n_params:g}: the shapes built here (d = 128 x layers, 1 "
-                            "to 255 layers) "
-                            f"span about {approx[1]:.3g} to {approx[255]:.3g} parameters; give "
-                            "--params in that "
-                            "range, or a shape (--n-layer, --d-model, --vocab-size)")
+                            f"to 255 layers) span about {approx[1]:.3g} to {approx[255]:.3g} "
+                            "parameters; give --params in that range, or a shape (--n-layer, "
+                            "--d-model, --vocab-size)")
     d = 128 * L if L < 8 else round(L / 8) * 1024
     return ModelConfig(n_layer=L, d_model=d, n_head=d // 128, n_kv_head=d // 128,
                        d_ff=(8 * d // 3 + 255) // 256 * 256, vocab_size=vocab, block_size=2048)
@@ -353,10 +352,8 @@ def estimate(plan):
     name = f"--params {plan.params:.3g}" if plan.params else plan.model + custom
     idle = n - n_mm - cfg.vocab_size * cfg.d_model
     rows = [
-        ("model", f"{name}: {cfg.n_layer} layers, "
-                  f"d={cfg.d_model}, {cfg.n_head} heads ({cfg.n_kv_head} KV), d_ff={cfg.d_ff}, "
-                  "vocab "
-                  f"{cfg.vocab_size}, s={T}"),
+        ("model", f"{name}: {cfg.n_layer} layers, d={cfg.d_model}, {cfg.n_head} heads "
+                  f"({cfg.n_kv_head} KV), d_ff={cfg.d_ff}, vocab {cfg.vocab_size}, s={T}"),
         ("parameters", f"{n:,} ({n_mm:,} in matmuls that a token meets; the embedding is a lookup"
                        + (f"; {plan.experts} experts, top-{plan.topk}: {idle:,} expert "
                           "parameters idle per token)" if plan.experts else ")")),
@@ -395,8 +392,7 @@ def estimate(plan):
         print(f"  {k:<3} {gb(v):>32}   {how}")
     zero = zero_table(mem["psi"], dp)
     print(f"\nZeRO over the {dp} data-parallel GPUs (model states per GPU of the busiest stage; "
-          "elements sent per GPU "
-          f"per step, ring collectives, x2 bytes in 16 bits):")
+          "elements sent per GPU per step, ring collectives, x2 bytes in 16 bits):")
     print(f"{'stage':<7}{'weights':>11}{'grads':>11}{'optimizer':>11}{'total':>11}   communication")
     for r in zero:
         print(f"{r['stage']:<7}" + "".join(f"{r[k] / 1e9:>8.2f} GB"
@@ -505,12 +501,11 @@ def measure(sizes=((2, 128, 4, 384), (2, 256, 4, 768)), s=128, b=2):
                          "measured": got, "formula": want,
                          "ratio": {k: got[k] / want[k] for k in want}})
     print(f"Bytes held after one bf16 step (one process; s = {s}, b = {b}, 2 layers, vocab 256), "
-          "measured / formula "
-          "(2 Psi, 2 Psi, 12 Psi; Korthikanti's s b h (34 + 5 a s / h), 2 s b h with full "
-          "recomputation):")
+          "measured / formula (2 Psi, 2 Psi, 12 Psi; Korthikanti's s b h (34 + 5 a s / h), 2 s "
+          "b h with full recomputation):")
     print(f"{'d':>4} {'a':>2} {'d_ff':>5} {'attention':>9} {'recompute':>9} {'weights':>8} "
-          f"{'grads':>6} {'optim':>6}"
-          f" {'activations/layer':>18}   measured per layer, by part (x s b h bytes)")
+          f"{'grads':>6} {'optim':>6} {'activations/layer':>18}   measured per layer, by part (x "
+          "s b h bytes)")
     for r in rows:
         sbh = s * b * r["d"]
         parts = ", ".join(f"{k or 'residual'} {v / sbh:.1f}" for k,

@@ -84,8 +84,7 @@ def add_shared_flags(ap, **defaults):
       help="compute precision (amp.py; fp8: quantization.py); auto: bf16 on CUDA, fp32 on a CPU")
     a("--grad-reduce-dtype", default="fp32", choices=["fp32", "model"],
       help="16-bit models: gradients accumulated over micro-steps and reduced over ranks in fp32 "
-           "(amp.py's "
-           "main_grad), or in the model's dtype (half the bytes, 8 bits of mantissa)")
+           "(amp.py's main_grad), or in the model's dtype (half the bytes, 8 bits of mantissa)")
     a("--attn", default=None, choices=ATTN_BACKENDS,
       help="attention backend (model.py, flash_attn.py); default: flash with --cp > 1 (ring "
            "attention's blocks), else sdpa")
@@ -105,14 +104,14 @@ def add_shared_flags(ap, **defaults):
     a("--sequence-parallel", action="store_true",
       help="with --tp: norms, residuals split along the sequence")
     a("--ep", type=int, default=1, help="expert-parallel ranks (moe.py), carved from the "
-                                        "data-parallel ones "
-                                        "(each holds experts/ep of every MoE layer; --zero 0 or 1)")
+                                        "data-parallel ones (each holds experts/ep of every MoE "
+                                        "layer; --zero 0 or 1)")
     a("--cp", type=int, default=1,
       help="context-parallel ranks (context_parallel.py): each sequence split over cp ranks, ring "
            "attention (picks --attn flash)")
     a("--out", default=None, help="checkpoints and metrics.jsonl go here (default: "
-                                  "out/PROG-HASH, a folder of "
-                                  "its own for each run: see run_folder)")
+                                  "out/PROG-HASH, a folder of its own for each run: see "
+                                  "run_folder)")
     a("--resume", action="store_true",
       help="must resume: fail unless --out holds a complete checkpoint (without it, a run "
            "resumes when it can)")
@@ -333,18 +332,15 @@ def check_args(cfg, world):
         raise ConfigError("--resume and --fresh contradict each other: give one")
     if run.compile and lay.pp > 1:
         raise ConfigError("--compile with --pp > 1: the pipeline calls the stage's parts one by "
-                          "one; "
-                          "compile is supported without pipeline parallelism")
+                          "one; compile is supported without pipeline parallelism")
     if run.compile and lay.zero == 3 and dp > 1:
         # (ddp.py and ZeRO 1-2 are accepted with --compile; their gradient hooks are expected to
         # fire after the compiled backward graph, so that the reductions no longer overlap the
         # backward.)
         raise ConfigError("--compile with --zero 3: zero.py gathers and frees each block's "
-                          "weights (storage "
-                          "resizing, hooks on module calls) inside the forward, which "
-                          "torch.compile does not "
-                          "trace reliably; use --zero 3 without --compile, or --compile with "
-                          "--zero 0-2")
+                          "weights (storage resizing, hooks on module calls) inside the forward, "
+                          "which torch.compile does not trace reliably; use --zero 3 without "
+                          "--compile, or --compile with --zero 0-2")
     if run.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu")
     device = "cuda" if uses_cuda(run.device) else "cpu"

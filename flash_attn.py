@@ -237,8 +237,7 @@ def check_inputs(q, k, v):
     if q.dtype not in dtypes:
         where = "CUDA" if q.is_cuda else "the Triton interpreter" if _uses_triton(q) else "the CPU twin"
         raise ValueError(f"flash_attention: dtype {str(q.dtype)[6:]} is unsupported on {where}; "
-                         "use one of "
-                         f"{', '.join(str(d)[6:] for d in dtypes)}")
+                         f"use one of {', '.join(str(d)[6:] for d in dtypes)}")
     # the kernels index the dense (B, H, N, D) layout; copies if not
     return (t.contiguous() for t in (q, k, v))
 
@@ -250,8 +249,7 @@ def check_doc(doc, q):
     if not isinstance(doc, torch.Tensor) or doc.shape != (B, N) or doc.is_floating_point() or doc.is_complex():
         what = f"{doc.dtype} {tuple(doc.shape)}" if isinstance(doc, torch.Tensor) else type(doc).__name__
         raise ValueError("flash_attention: doc must be integer document ids of shape (B, N) = "
-                         f"({B}, {N}), "
-                         f"got {what}")
+                         f"({B}, {N}), got {what}")
     if doc.device != q.device:
         raise ValueError(f"flash_attention: doc on {doc.device}, q on {q.device}")
     if N > 1 and (doc[:, 1:] < doc[:, :-1]).any():
@@ -283,8 +281,7 @@ def flash_attention(q, k, v, causal=False, softmax_scale=None, doc=None, q_offse
     if doc is not None:
         if offset:
             raise ValueError("flash_attention: doc ids are shared by queries and keys of one "
-                             "sequence; "
-                             "they cannot take q_offset/k_offset")
+                             "sequence; they cannot take q_offset/k_offset")
         docs = check_doc(doc, q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     o, lse = FlashAttention.apply(q, k, v, bool(causal), scale, offset, docs)
@@ -329,8 +326,7 @@ def check(device, dtype, B=2, H=8, H_kv=2, N=1000, D=128):
         errs = ", ".join(f"{n} {(a.double() - b).abs().max().item():.1e}"
                          for n, a, b in zip(("out", "dq", "dk", "dv"), got, want))
         print(f"  {name:<5} max |error| vs float64 naive, {str(dtype)[6:]}, B={B} H={H} "
-              f"H_kv={H_kv} N={N} D={D}: "
-              f"{errs}")
+              f"H_kv={H_kv} N={N} D={D}: {errs}")
 
 
 def benchmark():
@@ -362,8 +358,8 @@ def benchmark():
                     tf[name] = (float("nan"), float("nan"))
             fwd, both = ([tf[n][i] for n in impls] for i in (0, 1))
             print(f"{D:>4} {N:>6} | {fwd[0]:>9.0f} {fwd[1]:>6.0f} {fwd[2]:>6.0f} "
-                  f"{fwd[0] / fwd[1]:>10.2f} | "
-                  f"{both[0]:>13.0f} {both[1]:>6.0f} {both[2]:>6.0f} {both[0] / both[1]:>10.2f}")
+                  f"{fwd[0] / fwd[1]:>10.2f} | {both[0]:>13.0f} {both[1]:>6.0f} {both[2]:>6.0f} "
+                  f"{both[0] / both[1]:>10.2f}")
 
 
 def memory():
@@ -409,10 +405,9 @@ def packing(device, dtype, N, docs, H=4, D=64, reps=3):
     want = naive_attention(*(t.detach().double() for t in (q, k, v)), doc=doc[None])
     err = (flash_attention(q, k, v, causal=True, doc=doc[None]).double() - want).abs().max().item()
     print(f"  packed: {docs} documents of {N // docs} in one row of {N}, {str(dtype)[6:]}: max "
-          "|error| vs naive with "
-          f"the same mask {err:.1e}; forward + backward {ms['packed']:.0f} ms against "
-          f"{ms['causal']:.0f} ms for one "
-          f"causal row ({ms['causal'] / ms['packed']:.1f}x)")
+          f"|error| vs naive with the same mask {err:.1e}; forward + backward {ms['packed']:.0f} "
+          f"ms against {ms['causal']:.0f} ms for one causal row "
+          f"({ms['causal'] / ms['packed']:.1f}x)")
 
 
 if __name__ == "__main__":

@@ -54,8 +54,7 @@ def build_parser():
                                 "cache; prints the text and the prefill and decode tokens/s.")
     a = p.add_argument
     a("path", help="a run's --out folder (its newest complete step), a step folder, a "
-                   "consolidated file "
-                   "(checkpoint.py consolidate) or a Hugging Face Llama folder")
+                   "consolidated file (checkpoint.py consolidate) or a Hugging Face Llama folder")
     a("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
     a("--chat", action="store_true", help="wrap the prompt as a user message in the fine-tuning "
                                           "template")
@@ -83,8 +82,7 @@ def check_args(args):
     valid."""
     if not Path(args.path).exists():
         raise GenerateError(f"{args.path}: no such file or folder (a run's --out, a consolidated "
-                            "file or a Hugging "
-                            "Face folder)")
+                            "file or a Hugging Face folder)")
     if not args.prompt:
         raise GenerateError("--prompt is empty: give the text to continue")
     if args.max_new_tokens < 1:
@@ -114,8 +112,7 @@ def load(args):
     cfg = ModelConfig(**{**init["model_config"], "attn": "sdpa", "activation_checkpointing": False})
     if enc.n_vocab > cfg.vocab_size:
         raise GenerateError(f"{args.path}: tokenizer {init['tokenizer']!r} has {enc.n_vocab} "
-                            "ids, the model's "
-                            f"vocabulary only {cfg.vocab_size}")
+                            f"ids, the model's vocabulary only {cfg.vocab_size}")
     # a mixture-of-experts run: the same blocks get MoE MLPs before loading
     run_args = init.get("args") or {}
     model = moe.with_experts(Transformer(cfg), moe.config_of(run_args))
@@ -139,8 +136,8 @@ def prompt_tokens(args, enc, block_size):
         ids = enc.encode_ordinary(args.prompt)
     if len(ids) >= block_size:
         raise GenerateError(f"--prompt is {len(ids)} tokens; the model's context is "
-                            f"{block_size}: at most "
-                            f"{block_size - 1}, to leave room for a new token")
+                            f"{block_size}: at most {block_size - 1}, to leave room for a new "
+                            "token")
     return ids
 
 

@@ -149,8 +149,8 @@ def read_safetensors(path):
             assert b - a == nbytes and 8 + n + b <= size
         except (KeyError, TypeError, ValueError, AssertionError):
             raise HFError(f"{path}: corrupt safetensors header entry for {name} "
-                          f"({str(h)[:200]}): its shape and "
-                          "offsets must be non-negative integers that fit the file") from None
+                          f"({str(h)[:200]}): its shape and offsets must be non-negative "
+                          "integers that fit the file") from None
         spans.append((a, b, name))
     for (a0, b0, first), (a1, b1, second) in zip(sorted(spans), sorted(spans)[1:]):
         if a1 < b0:  # two tensors sharing bytes: a forged or damaged header
@@ -177,8 +177,7 @@ def export_hf(src, dst):
     empty: nothing is overwritten)."""
     if Path(dst).exists() and (not Path(dst).is_dir() or any(Path(dst).iterdir())):
         raise CheckpointError(f"export-hf: {dst} exists and is not an empty folder: give a new "
-                              "one (nothing there is "
-                              "overwritten)")
+                              "one (nothing there is overwritten)")
     from weights import load_weights  # (imported here: weights.py imports this file)
     init = load_weights(src)
     sd, cfg, tokenizer, ids = init["model"], init["model_config"], init["tokenizer"], init["special_ids"]
@@ -190,8 +189,8 @@ def export_hf(src, dst):
         hf_name = rename(name, TO_HF)
         if hf_name is None:
             raise CheckpointError(f"export-hf: {name} has no Llama counterpart "
-                                  "(mixture-of-experts and LoRA layers "
-                                  "are not in the Llama architecture; merge LoRA first)")
+                                  "(mixture-of-experts and LoRA layers are not in the Llama "
+                                  "architecture; merge LoRA first)")
         if not (tied and name == "lm_head.weight"):
             hf[hf_name] = t
     dst = Path(dst)
@@ -258,8 +257,8 @@ def _check_config(c, where):
         raise HFError(f"{where}: missing or invalid field {e}") from None
     if hd <= 0 or hd % 2 or h <= 0 or cfg["n_kv_head"] <= 0 or h % cfg["n_kv_head"]:
         raise HFError(f"{where}: head_dim {hd} with {h} heads and {cfg['n_kv_head']} KV heads: "
-                      "model.py needs an "
-                      "even head_dim and the query heads grouped evenly over the KV heads")
+                      "model.py needs an even head_dim and the query heads grouped evenly over "
+                      "the KV heads")
     cfg["rope_theta"], scaling = read_rope(c, where)
     return config_dict(cfg | {"head_dim_override": hd if hd * h != d else 0,
                               "rope_scaling": scaling})
@@ -283,9 +282,8 @@ def read_rope(c, where):
                                                              "rope_scaling", where)
     if len(set(map(json.dumps, readings.values()))) > 1:
         raise HFError(f"{where}: rope_parameters says {readings['rope_parameters']}, rope_theta "
-                      "and rope_scaling "
-                      f"{readings['rope_theta and rope_scaling']} (theta, scaling): which one is "
-                      "meant?")
+                      f"and rope_scaling {readings['rope_theta and rope_scaling']} (theta, "
+                      "scaling): which one is meant?")
     return next(iter(readings.values()))
 
 
@@ -294,8 +292,7 @@ def _rope_form(p, theta, key, where):
     others refused."""
     if not isinstance(p, dict) or any(isinstance(v, dict) for v in p.values()):
         raise HFError(f"{where}: {key} {p!r} is not one object of numbers (rotary settings per "
-                      "layer type are not "
-                      "represented by model.py)")
+                      "layer type are not represented by model.py)")
     kind = p.get("rope_type", p.get("type", "default"))
     try:
         theta = float(p.get("rope_theta", theta))
@@ -306,8 +303,7 @@ def _rope_form(p, theta, key, where):
     if kind not in ("default", "llama3") or set(p) - known:
         what = f"rope_type {kind!r}" if kind not in ("default", "llama3") else f"{sorted(set(p) - known)[0]!r}"
         raise HFError(f"{where}: {key} {what} cannot be represented by model.py (it has the rope "
-                      "types 'default' "
-                      f"and 'llama3' with {', '.join(LLAMA3_KEYS)})")
+                      f"types 'default' and 'llama3' with {', '.join(LLAMA3_KEYS)})")
     if kind == "default":
         return theta, None
     try:
@@ -316,8 +312,8 @@ def _rope_form(p, theta, key, where):
         assert s["original_max_position_embeddings"] == int(s["original_max_position_embeddings"]) > 0
     except (KeyError, TypeError, ValueError, AssertionError, OverflowError):
         raise HFError(f"{where}: {key} of rope_type 'llama3' needs numbers factor >= 1, 0 < "
-                      "low_freq_factor < "
-                      f"high_freq_factor and original_max_position_embeddings > 0, got {p}") from None
+                      "low_freq_factor < high_freq_factor and original_max_position_embeddings "
+                      f"> 0, got {p}") from None
     return theta, {"rope_type": "llama3"} | s | {"original_max_position_embeddings": int(s[LLAMA3_KEYS[3]])}
 
 
@@ -364,8 +360,7 @@ def import_hf(folder):
     layers = {m.group(1) for n in hf if (m := re.match(r"model\.layers\.(\d+)\.", n))}
     if cfg["n_layer"] > len(layers):
         raise HFError(f"{folder}/config.json: num_hidden_layers {cfg['n_layer']}, but its "
-                      "safetensors files hold "
-                      f"the tensors of {len(layers)} layers")
+                      f"safetensors files hold the tensors of {len(layers)} layers")
     shapes, sd = expected_shapes(cfg), {}
     for hf_name, t in hf.items():
         name = rename(hf_name, FROM_HF)
@@ -389,10 +384,8 @@ def import_hf(folder):
     tokenizer = str(folder.resolve()) if is_tokenizer_folder(folder) else c.get("tokenizer")
     if not isinstance(tokenizer, str):
         raise HFError(f"{folder} holds no tokenizer.json or tokenizer.model, and its config.json "
-                      "names no tokenizer "
-                      "this project reads: add \"tokenizer\": \"gpt2\" (or another tiktoken "
-                      "encoding, or \"bytes\") "
-                      "if the model was trained with it")
+                      "names no tokenizer this project reads: add \"tokenizer\": \"gpt2\" (or "
+                      "another tiktoken encoding, or \"bytes\") if the model was trained with it")
     ids = folder_special_ids(folder)
     if not any(v is not None for v in ids.values()) and not is_tokenizer_folder(tokenizer):
         ids = special_ids(tokenizer)  # a folder exported before the ids were written
@@ -426,8 +419,7 @@ def special_ids(tokenizer):
     # (a folder that has moved, or an encoding this machine cannot load)
     except data_lib.DataError as e:
         raise CheckpointError(f"tokenizer {tokenizer!r} is not a folder with tokenizer.json or "
-                              "tokenizer.model, and "
-                              f"{e}") from None
+                              f"tokenizer.model, and {e}") from None
 
 
 def folder_special_ids(folder):

@@ -69,8 +69,7 @@ def lock_run(out):
         holder = f.read().strip() or "a process that has not written its name yet"
         f.close()
         raise ConfigError(f"{out} is in use by another run ({holder}): wait for it to end, or "
-                          "give another "
-                          "--out") from None
+                          "give another --out") from None
     f.truncate(0)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: "
@@ -117,8 +116,8 @@ def join_process_group(device, seconds):
     except (RuntimeError, ValueError, TimeoutError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TopologyError(f"rank {rank} could not join the other {world - 1} rank(s) through "
-                            f"{where} within "
-                            f"--dist-timeout {timeout.total_seconds():g} s: {first}") from None
+                            f"{where} within --dist-timeout {timeout.total_seconds():g} s: "
+                            f"{first}") from None
 
 
 def attempt_store(rank, world, timeout):

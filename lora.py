@@ -168,8 +168,7 @@ def check_rank(cfg, r, targets):
     for t in parse_targets(targets):
         if r > min(shapes[t]):
             raise LoRAError(f"--lora-r {r} is larger than {t}'s smaller side ({shapes[t][0]} -> "
-                            f"{shapes[t][1]}): "
-                            "choose --lora-r <= "
+                            f"{shapes[t][1]}): choose --lora-r <= "
                             f"{min(min(shapes[u]) for u in parse_targets(targets))}")
 
 
@@ -197,8 +196,7 @@ def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=("wq", "wv"), seed=0
                 layer = LoRALinear(child, r, alpha, dropout, g)
                 if r > min(layer.in_features, layer.out_features):
                     raise LoRAError(f"--lora-r {r} is larger than {name}'s smaller side "
-                                    f"({layer.in_features} -> "
-                                    f"{layer.out_features})")
+                                    f"({layer.in_features} -> {layer.out_features})")
                 setattr(parent, child_name, layer)
                 wrapped.append(name)
     if not wrapped:
@@ -226,8 +224,7 @@ def describe(model):
     layers = lora_layers(model)
     c = model.lora_config
     return (f"LoRA r={c['r']} alpha={c['alpha']:g} on {','.join(c['targets'])} ({len(layers)} "
-            "layers): "
-            f"{trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
+            f"layers): {trainable:,} trainable of {total:,} parameters ({trainable / total:.2%})")
 
 
 def _gather(t, dim, group):
@@ -278,8 +275,7 @@ def load_adapter(model, path, model_config):
         raise LoRAError(f"--adapter {path}: no such file") from None
     except pickle.UnpicklingError:
         raise LoRAError(f"--adapter {path} holds pickled objects other than tensors and plain "
-                        "values: not loaded, "
-                        "as unpickling them could run code") from None
+                        "values: not loaded, as unpickling them could run code") from None
     except Exception as e:
         raise LoRAError(f"--adapter {path}: not an adapter file ({type(e).__name__})") from None
     if saved["model_config"] != model_config:
@@ -385,12 +381,11 @@ def demo_tensor_parallel():
     diff = (merged(idx[:, :-1])[0] - sliced(idx[:, :-1])[0]).abs().max().item()
     if topo.rank == 0:
         print(f"tp {topo.tp}: {describe(sliced)} on rank 0 | over the ranks, one copy of each "
-              "whole factor: "
-              f"{int(own.item()):,} = r (d_in + d_out) summed over layers "
+              f"whole factor: {int(own.item()):,} = r (d_in + d_out) summed over layers "
               f"{count_trainable(sliced)[2]:,}")
         print(f"step 0, max |adapted - base| logits: {step0:.1e} | after 5 steps, the adapters "
-              "gathered whole and "
-              f"merged into the one-process model: max |merged - adapted| logits {diff:.1e}")
+              "gathered whole and merged into the one-process model: max |merged - adapted| "
+              f"logits {diff:.1e}")
     dist.destroy_process_group()
 
 
@@ -421,8 +416,7 @@ elif __name__ == "__main__":
             opt.zero_grad()
         states[name] = optimizer_state_bytes(opt)
         print(f"{name:>16}: {sum(p.numel() for p in model.parameters() if p.requires_grad):>9,} "
-              "trainable, "
-              f"AdamW state {states[name]:>10,} bytes")
+              f"trainable, AdamW state {states[name]:>10,} bytes")
     print(f"optimizer state, LoRA / full: {states['LoRA'] / states['full fine-tuning']:.3%}")
     adapted_logits = adapted(x)[0]
     print("after 5 steps, max |merged - adapted| logits:",

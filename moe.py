@@ -252,12 +252,11 @@ def check_flags(settings, n_layer, ep, pp, sequence_parallel):
     parse_layers(settings.moe_layers, n_layer)
     if pp > 1:
         raise MoEError("--experts with --pp > 1: the balancing loss of a stage's MoE layers has "
-                       "no way into the "
-                       "pipeline's backward yet; use --tp and data parallelism with MoE")
+                       "no way into the pipeline's backward yet; use --tp and data parallelism "
+                       "with MoE")
     if sequence_parallel:
         raise MoEError("--experts with --sequence-parallel: routing needs every token of a "
-                       "rank's batch; "
-                       "drop --sequence-parallel")
+                       "rank's batch; drop --sequence-parallel")
 
 
 def with_experts(model, settings):
@@ -361,8 +360,7 @@ if __name__ == "__main__":
         busiest, idlest = (sum(s[i] for s in spreads[-last:]) / last for i in (0, 1))
         if rank == 0:
             print(f"aux weight {alpha:<5}: loss {loss.item():.3f}  busiest expert {busiest:.1%}  "
-                  f"idlest {idlest:.1%} "
-                  f"of routed pairs over the last {last} steps on rank 0 (perfect balance: "
-                  f"{1 / E:.1%}), ep={world}")
+                  f"idlest {idlest:.1%} of routed pairs over the last {last} steps on rank 0 "
+                  f"(perfect balance: {1 / E:.1%}), ep={world}")
     if world > 1:
         dist.destroy_process_group()

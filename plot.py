@@ -35,8 +35,7 @@ class SVG:
 
     def line(self, x0, y0, x1, y1, colour="#000", width=1.0):
         self.items.append(f'<line x1="{x0:.1f}" y1="{y0:.1f}" x2="{x1:.1f}" y2="{y1:.1f}" '
-                          f'stroke="{colour}" '
-                          f'stroke-width="{width}"/>')
+                          f'stroke="{colour}" stroke-width="{width}"/>')
 
     def polyline(self, points, colour, width=1.0):
         pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
@@ -48,19 +47,17 @@ class SVG:
 
     def rect(self, x, y, w, h, fill, stroke="none"):
         self.items.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" '
-                          f'fill="{fill}" '
-                          f'stroke="{stroke}"/>')
+                          f'fill="{fill}" stroke="{stroke}"/>')
 
     def text(self, x, y, s, size=12, anchor="start", colour="#000"):
         self.items.append(f'<text x="{x:.1f}" y="{y:.1f}" font-family="sans-serif" '
-                          f'font-size="{size}" '
-                          f'text-anchor="{anchor}" fill="{colour}">{escape(str(s))}</text>')
+                          f'font-size="{size}" text-anchor="{anchor}" '
+                          f'fill="{colour}">{escape(str(s))}</text>')
 
     def __str__(self):
         return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.width}" '
-                f'height="{self.height}" '
-                f'viewBox="0 0 {self.width} {self.height}">\n<rect width="100%" height="100%" '
-                'fill="white"/>\n'
+                f'height="{self.height}" viewBox="0 0 {self.width} {self.height}">\n<rect '
+                'width="100%" height="100%" fill="white"/>\n'
                 + "\n".join(self.items) + "\n</svg>\n")
 
 
@@ -126,8 +123,7 @@ def curves(runs, x="step"):
         recs = [r for r in read_metrics(out) if key in r]
         if x == "time" and not recs:
             raise SystemExit(f"plot.py: error: {out}: its records have no elapsed time (written "
-                             "by an older "
-                             "version): plot against --x step")
+                             "by an older version): plot against --x step")
         train = [(r[key], r["loss"]) for r in recs if "loss" in r]
         val = [(r[key], r["val_loss"]) for r in recs if "val_loss" in r]
         series.append((str(out), train, val))
@@ -187,8 +183,7 @@ def pipeline_picture(m=4, p=4):
         end = max(e for r in rows for *_, e in r)
         bubble = (p - 1) / (m + p - 1)
         svg.text(10, top, f"{kind}: p = {p} stages, m = {m} micro-batches; idle (grey) = "
-                          "(p-1)/(m+p-1) = "
-                          f"{bubble:.0%} of each stage's time", size=13)
+                          f"(p-1)/(m+p-1) = {bubble:.0%} of each stage's time", size=13)
         for s, row in enumerate(rows):
             y = top + 10 + 26 * s
             svg.text(10, y + 16, f"stage {s}", size=11)
@@ -203,8 +198,7 @@ def pipeline_picture(m=4, p=4):
     svg.text(10, top, "F: forward of micro-batch i (filled), B: its backward (outlined, twice as "
                       "long).", size=11)
     svg.text(10, top + 16, "1F1B starts backwards early: at most p micro-batches' activations "
-                           "held at once "
-                           "(GPipe: all m).", size=11)
+                           "held at once (GPipe: all m).", size=11)
     return svg
 
 

@@ -56,9 +56,8 @@ def build_parser():
     a("--tokenizer", default=None, help="tiktoken encoding; default: the data folder's, or "
                                         "'bytes' (offline)")
     a("--init", default=None, help="start from these weights with a fresh optimizer: a run's "
-                                   "--out, a "
-                                   "consolidated file (checkpoint.py consolidate) or a Hugging "
-                                   "Face Llama folder")
+                                   "--out, a consolidated file (checkpoint.py consolidate) or a "
+                                   "Hugging Face Llama folder")
     a("--tokens", type=float, default=None, help="train on this many tokens (sets --max-steps; "
                                                  "default 1000 steps)")
     a("--chinchilla", action="store_true", help="train on 20 tokens per parameter (sets "
@@ -79,8 +78,7 @@ def build_parser():
                                           "like 1,3")
     a("--capacity-factor", type=float, default=None,
       help="expert capacity = factor x k x tokens / experts (overflow passes through the "
-           "residual); "
-           "omit for dropless routing")
+           "residual); omit for dropless routing")
     a("--aux-loss-weight", type=float, default=1e-2,
       help="weight of the Switch load-balancing loss")
     return flags.add_shared_flags(ap)
@@ -236,12 +234,11 @@ def read_init(path, model_config, tokenizer, experts):
     for k in sorted(set(saved) | set(model_config)):
         if k not in ("attn", "activation_checkpointing") and saved.get(k) != model_config.get(k):
             raise ConfigError(f"--init {path}: its {k} is {saved.get(k)}, this run's model has "
-                              f"{model_config.get(k)} "
-                              f"(choose the matching --model; the vocabulary follows the data)")
+                              f"{model_config.get(k)} (choose the matching --model; the "
+                              "vocabulary follows the data)")
     if (init["args"].get("experts") or 0) != experts:
         raise ConfigError(f"--init {path} has {init['args'].get('experts') or 0} experts per MoE "
-                          "layer, this run "
-                          f"{experts}: give the same --experts (and --moe-layers)")
+                          f"layer, this run {experts}: give the same --experts (and --moe-layers)")
     if saved_tokenizer != tokenizer:
         raise ConfigError(f"--init {path} was trained with tokenizer {saved_tokenizer!r}, the "
                           f"data uses {tokenizer!r}")

@@ -231,9 +231,8 @@ def fp8_unsupported(device):
         except (RuntimeError, NotImplementedError) as e:
             why = f"torch._scaled_mm does not run on {device} ({str(e).splitlines()[0][:80]})"
     return None if why is None else (f"--amp fp8: {why} (torch {torch.__version__}); use --amp "
-                                     "bf16, or a torch "
-                                     "and device where it runs (this CPU build of torch 2.13, "
-                                     "H100-class GPUs)")
+                                     "bf16, or a torch and device where it runs (this CPU build "
+                                     "of torch 2.13, H100-class GPUs)")
 
 
 def matmul_error_bound(a, b, fmt_a, fmt_b, out_dtype):
@@ -376,30 +375,27 @@ def eval_main(argv):
     rows = {name: (val_loss(m, val), model_bytes(m), args.gen_tokens / min(seconds[name]))
             for name, m in models.items()}
     print(f"{args.ckpt}: {sum(p.numel() for p in bf16.parameters()):,} parameters, {len(val)} x "
-          f"{args.batch_size} "
-          f"x {model.cfg.block_size} validation tokens, greedy generation of {args.gen_tokens} "
-          "tokens "
-          f"(fastest of {args.repeats}, {torch.get_num_threads()} threads)")
+          f"{args.batch_size} x {model.cfg.block_size} validation tokens, greedy generation of "
+          f"{args.gen_tokens} tokens (fastest of {args.repeats}, {torch.get_num_threads()} "
+          "threads)")
     print(f"{'model':<6} {'val loss':>9} {'bytes':>12} {'tokens/s':>9}")
     for name, (loss, nbytes, tps) in rows.items():
         print(f"{name:<6} {loss:>9.4f} {nbytes:>12,} {tps:>9.1f}")
     (lb, bb, tb), (li, bi, ti) = rows["bf16"], rows["int8"]
     same = int((text["bf16"] == text["int8"]).cumprod(0).sum())
     print(f"int8 vs bf16: val loss {li - lb:+.5f} nats, bytes {bi / bb:.3f}x, generation "
-          f"{ti / tb:.2f}x tokens/s; "
-          f"greedy outputs agree on the first {same} of {args.gen_tokens} tokens")
+          f"{ti / tb:.2f}x tokens/s; greedy outputs agree on the first {same} of "
+          f"{args.gen_tokens} tokens")
     return rows
 
 
 # ----------------------------------------------------------------------------- the demo
 def demo_formats():
     print(f"{'format':<9} {'bits':>4} {'exponent':>8} {'mantissa':>8} {'largest':>10} "
-          f"{'smallest normal':>15} "
-          f"{'epsilon':>8}")
+          f"{'smallest normal':>15} {'epsilon':>8}")
     for name, bits, e, m, big, tiny, eps in format_table():
         print(f"{name:<9} {bits:>4} {'-' if e is None else e:>8} {'-' if m is None else m:>8} "
-              f"{big:>10.4g} "
-              f"{'-' if tiny is None else f'{tiny:.3g}':>15} "
+              f"{big:>10.4g} {'-' if tiny is None else f'{tiny:.3g}':>15} "
               f"{'-' if eps is None else f'{eps:.3g}':>8}")
 
 
@@ -420,8 +416,8 @@ def demo_fp8():
         y.backward(gy.to(dtype))
         results[name] = [t.detach().double() for t in (y, xl.grad, wl.grad)]
     print("one linear layer, X 512x128, W 384x128, bf16 inputs, against float64: the fp8 error's "
-          "largest ratio "
-          "to its bound, and the relative error ||error|| / ||exact|| of fp8 and of bf16")
+          "largest ratio to its bound, and the relative error ||error|| / ||exact|| of fp8 and "
+          "of bf16")
     for i, (what, a, b, fa) in enumerate((("forward  Y = X W^T", x, w, E4M3),
                                           ("backward dX = dY W", gy, w.t(), E5M2),
                                           ("backward dW = dY^T X", gy.t(), x.t(), E5M2))):
@@ -429,8 +425,7 @@ def demo_fp8():
         bound = matmul_error_bound(a, b, fa, E4M3, torch.bfloat16)
         rel = [((r - ref).norm() / ref.norm()).item() for r in (fp8, bf16)]
         print(f"  {what:<21} fp8 max error/bound {((fp8 - ref).abs() / bound).max().item():.2f} "
-              "| relative error "
-              f"fp8 {rel[0]:.2e}, bf16 {rel[1]:.2e}")
+              f"| relative error fp8 {rel[0]:.2e}, bf16 {rel[1]:.2e}")
     amaxes = [10.0 ** k for k in range(-6, 7, 3)]
     used = [(to_fp8(torch.tensor([a, -a / 3]), E4M3)[0].float().abs().max().item()) for a in amaxes]
     print("current scaling, E4M3, tensors of amax " + ", ".join(f"{a:g}" for a in amaxes)
@@ -465,16 +460,16 @@ def demo_int8():
     q, s = quantize_int8(lin.weight)
     err = (q.float() * s[:, None] - lin.weight).abs()
     print("int8 per-channel, W 4096x4096: max |W - q s| / (s / 2) = "
-          f"{(err / (s[:, None] / 2)).max().item():.3f} "
-          f"(at most 1), bytes {q.numel() + 2 * s.numel():,} vs bf16 {2 * lin.weight.numel():,}")
+          f"{(err / (s[:, None] / 2)).max().item():.3f} (at most 1), bytes "
+          f"{q.numel() + 2 * s.numel():,} vs bf16 {2 * lin.weight.numel():,}")
     int8, w16 = Int8Linear(lin), lin.weight.detach().bfloat16()
     # one token (decoding: every weight read for 2 FLOPs) vs 64 (prefill: compute-bound)
     for m in (1, 64):
         x = torch.randn(m, 4096).bfloat16()
         t16, t8 = best_seconds(lambda: F.linear(x, w16)), best_seconds(lambda: int8(x))
         print(f"  x W^T with {m:>2} row(s), {torch.get_num_threads()} thread(s): bf16 "
-              f"{t16 * 1e3:.2f} ms, int8 "
-              f"{t8 * 1e3:.2f} ms: int8 {t16 / t8:.2f}x the speed of bf16")
+              f"{t16 * 1e3:.2f} ms, int8 {t8 * 1e3:.2f} ms: int8 {t16 / t8:.2f}x the speed of "
+              "bf16")
 
 
 def best_seconds(fn, repeats=10):

@@ -163,9 +163,9 @@ def sweep(runs, out, lr, threads):
         with open(results, "a") as f:
             f.write(json.dumps(rec) + "\n")
         print(f"[{i + 1}/{len(todo)}] C {run['budget']:.0e}  L{run['n_layer']} "
-              f"d{run['d_model']:<4} "
-              f"N {run['N']:>9,}  D {run['D']:>11,} ({run['D'] / run['N']:5.1f} tokens/param)  "
-              f"val loss {val_loss:.4f}  {rec['seconds']:.0f} s", flush=True)
+              f"d{run['d_model']:<4} N {run['N']:>9,}  D {run['D']:>11,} "
+              f"({run['D'] / run['N']:5.1f} tokens/param)  val loss {val_loss:.4f}  "
+              f"{rec['seconds']:.0f} s", flush=True)
 
 
 def read_results(path):
@@ -311,8 +311,7 @@ def report(results):
     for C, n_opt in optima.items():
         fpt = counts(shape(*min(LADDER, key=lambda s: abs(counts(shape(*s))[0] - n_opt))))[1]
         print(f"  C = {C:.0e} FLOPs: N_opt = {n_opt:,.0f}, D_opt = C / F(N) ~ {C / fpt:,.0f} "
-              "tokens "
-              f"(~{C / fpt / n_opt:.0f} tokens per parameter; Chinchilla: "
+              f"tokens (~{C / fpt / n_opt:.0f} tokens per parameter; Chinchilla: "
               f"{CHINCHILLA['tokens_per_param']})")
     if a is not None:
         err = bootstrap(results, lambda rs: {"a": approach2(rs)[0]}).get("a", float("nan"))
@@ -332,18 +331,14 @@ def report(results):
               f"{len(results)} runs; +- bootstrap):")
         for name in ("alpha", "beta", "E"):
             print(f"  {name:<5} = {fitted[name]:.3f} +- {err.get(name, float('nan')):.3f}   "
-                  "Chinchilla: "
-                  f"{CHINCHILLA[name]}")
+                  f"Chinchilla: {CHINCHILLA[name]}")
         print(f"  A = {fitted['A']:.3g}, B = {fitted['B']:.3g}; implied a = beta / (alpha + "
-              "beta) = "
-              f"{fitted['beta'] / (fitted['alpha'] + fitted['beta']):.2f}")
+              f"beta) = {fitted['beta'] / (fitted['alpha'] + fitted['beta']):.2f}")
     flops, sizes = [r["flops"] for r in results], [r["N"] for r in results]
     print(f"\nScale: these runs are {min(flops):.0e}-{max(flops):.0e} FLOPs, "
-          f"{min(sizes) / 1e3:.0f}k-"
-          f"{max(sizes) / 1e3:.0f}k parameters, bytes of Python, one learning rate and one "
-          "seed;\nChinchilla's are "
-          "6e18-3e21 FLOPs, 70M-16B parameters, subword tokens of web text. Read the shape, not "
-          "the digits.")
+          f"{min(sizes) / 1e3:.0f}k-{max(sizes) / 1e3:.0f}k parameters, bytes of Python, one "
+          "learning rate and one seed;\nChinchilla's are 6e18-3e21 FLOPs, 70M-16B parameters, "
+          "subword tokens of web text. Read the shape, not the digits.")
     return {"a": a, "optima": optima, "parametric": fitted}
 
 
@@ -378,9 +373,8 @@ def main(argv=None):
     for L, d in ladder:
         if d % shape(L, d).n_head or shape(L, d).head_dim % 2:
             ap.exit(2, f"scaling.py: error: --sizes {L}x{d}: width {d} does not split into "
-                       f"{shape(L, d).n_head} "
-                       "heads of an even size (head dimension 32, at least 2 heads): try a "
-                       "multiple of 32\n")
+                       f"{shape(L, d).n_head} heads of an even size (head dimension 32, at least "
+                       "2 heads): try a multiple of 32\n")
     if any(c <= 0 for c in budgets) or args.lr <= 0 or args.threads < 1:
         ap.exit(2, "scaling.py: error: --budgets and --lr must be positive, --threads at least 1\n")
     out = Path(args.out)

@@ -92,14 +92,12 @@ def tokenize(examples, enc, block_size, prompt_mask=True, limit="the model's con
         first = learned.index(True)
         if first > block_size:
             raise DataError(f"{where}: the prompt is {first} tokens, longer than {limit} of "
-                            f"{block_size}: "
-                            "shorten it or use a model with a longer block_size")
+                            f"{block_size}: shorten it or use a model with a longer block_size")
         if len(ids) - 1 > block_size and packing:
             raise DataError(f"{where}: the example is {len(ids) - 1} tokens, longer than {limit} "
-                            f"of {block_size}: "
-                            "--pack never cuts an example; raise --seq-len (up to the context) "
-                            "or drop --pack "
-                            "(longer examples are then skipped and counted)")
+                            f"of {block_size}: --pack never cuts an example; raise --seq-len (up "
+                            "to the context) or drop --pack (longer examples are then skipped "
+                            "and counted)")
         if len(ids) - 1 > block_size:
             skipped += 1
             continue
@@ -210,8 +208,7 @@ def load_init(path):
     config, tokenizer, args."""
     if not Path(path).exists():
         raise ConfigError(f"--init {path}: no checkpoint there (run pretrain.py --out {path} "
-                          "first, or `make "
-                          "pretrain`)")
+                          "first, or `make pretrain`)")
     try:
         init = load_weights(path)
     except CheckpointError as e:
@@ -271,8 +268,8 @@ def build_parser():
                                                            "checkpoint.")
     a = ap.add_argument
     a("--init", default="out/pretrain", help="the base model: a pretrain.py/sft.py --out (any "
-                                             "layout), a consolidated "
-                                             "file or a Hugging Face Llama folder")
+                                             "layout), a consolidated file or a Hugging Face "
+                                             "Llama folder")
     a("--model", default=None, choices=sorted(PRESETS), help="check that --init is of this preset")
     a("--data", default=None, help="training JSONL (Alpaca- or chat-style); default: the "
                                    "embedded stdlib set")
@@ -282,8 +279,7 @@ def build_parser():
                                                     "to compare with)")
     a("--eval-examples", type=int, default=200, help="held-out examples in each evaluation")
     a("--pack", action="store_true", help="several examples per row of --seq-len tokens, "
-                                          "attention blocked "
-                                          "between them (no compute on padding)")
+                                          "attention blocked between them (no compute on padding)")
     a("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     a("--lora-alpha", type=float, default=16.0)
     a("--lora-dropout", type=float, default=0.0)
@@ -429,10 +425,10 @@ def build_and_train(cfg, model_cfg, init, enc, rows, identity, world, device, ck
         learned = ", prompts too" if task.no_prompt_mask else ", responses only"
         print(f"init {task.init}: {num_params(whole):,} parameters, block "
               f"{model_cfg.block_size}, tokenizer {init['tokenizer']} | {len(train_rows)} train "
-              f"examples ({n_resp:,} learned tokens{learned}), {len(val_rows)} held-out | skipped "
-              f"as longer than {T} tokens: {skipped[0]} train, {skipped[1]} held-out | batch "
-              f"{lay.batch_size} = {training.describe_layout(run)}"
-              f"{' packed' if task.pack else ''} | "
+              f"examples ({n_resp:,} learned tokens{learned}), {len(val_rows)} held-out | "
+              f"skipped as longer than {T} tokens: {skipped[0]} train, {skipped[1]} held-out | "
+              f"batch {lay.batch_size} = "
+              f"{training.describe_layout(run)}{' packed' if task.pack else ''} | "
               f"{cfg.optim.max_steps} steps | {amp} on {device} | out {cfg.settings.out}"
               + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
         if lora_config:
@@ -454,8 +450,7 @@ def read_rows(cfg, enc, model_cfg, dp):
     val_rows, val_skipped = tokenize(val_ex, enc, T, True, limit, pack)  # held-out: responses only
     if not train_rows or not val_rows:
         raise DataError(f"no example fits in {limit} of {T} tokens ({skipped} train and "
-                        f"{val_skipped} held-out "
-                        "examples are longer)")
+                        f"{val_skipped} held-out examples are longer)")
     val_rows = val_rows[:min(len(val_rows), task.eval_examples) // dp * dp]
     if not val_rows:
         raise DataError(f"fewer held-out examples that fit than the {dp} data-parallel ranks: "

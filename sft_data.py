@@ -75,13 +75,11 @@ def ensure_sft_default_data(render):
     out = default_data_dir("bytes").parent / "sft-stdlib"
     if not (out / "meta.json").exists():
         print("building the default SFT data (standard library functions with docstrings) into "
-              f"{out} (or "
-              "waiting for another process that is) ...", flush=True)
+              f"{out} (or waiting for another process that is) ...", flush=True)
         c = publish_folder(out, lambda tmp: build_default_data(stdlib_documents(), tmp, render),
                            if_missing=True)
         if c:
             print(f"  {c['functions']} functions with a docstring; {c['too_long']} skipped as "
-                  "longer than "
-                  f"{DEFAULT_MAX_BYTES} bytes rendered; kept {c['train']} train, {c['val']} "
-                  "held-out", flush=True)
+                  f"longer than {DEFAULT_MAX_BYTES} bytes rendered; kept {c['train']} train, "
+                  f"{c['val']} held-out", flush=True)
     return out / "train.jsonl", out / "val.jsonl"

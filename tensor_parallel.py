@@ -420,10 +420,9 @@ if __name__ == "__main__":
             worst = max(worst, (p.grad - want).abs().max().item())
         n_local = sum(p.numel() for p in model.parameters())
         line = (f"tp rank {topo.tp_rank}/{topo.tp}{' + sequence parallel' if sp else ''}: "
-                f"{n_local:,} of "
-                f"{sum(g.numel() for g in ref_grads.values()):,} parameters | loss "
-                f"{loss.item():.12f} vs one "
-                f"process {ref_loss.item():.12f} | max |grad difference| {worst:.2e}")
+                f"{n_local:,} of {sum(g.numel() for g in ref_grads.values()):,} parameters | "
+                f"loss {loss.item():.12f} vs one process {ref_loss.item():.12f} | max |grad "
+                f"difference| {worst:.2e}")
         # rank 0 prints every rank's line: lines of processes sharing a pipe can interleave
         lines = [None] * topo.tp
         dist.all_gather_object(lines, line)

@@ -78,9 +78,8 @@ def check_layout(world, tp=1, pp=1, ep=1, cp=1):
     dp = world // (tp * pp * cp)
     if dp % ep:
         raise TopologyError(f"--ep {ep} does not divide the {dp} data-parallel ranks (world "
-                            f"{world} / (--tp {tp} x "
-                            f"--pp {pp})): expert-parallel groups are taken from them; choose "
-                            f"--ep dividing {dp}")
+                            f"{world} / (--tp {tp} x --pp {pp})): expert-parallel groups are "
+                            f"taken from them; choose --ep dividing {dp}")
     return dp
 
 
@@ -155,9 +154,8 @@ class Topology:
 
     def __repr__(self):
         return (f"rank {self.rank}/{self.world}: dp {self.dp_rank}/{self.dp} pp "
-                f"{self.pp_rank}/{self.pp} "
-                f"tp {self.tp_rank}/{self.tp} | tp group {self.tp_ranks} pp group {self.pp_ranks} "
-                f"dp group {self.dp_ranks}"
+                f"{self.pp_rank}/{self.pp} tp {self.tp_rank}/{self.tp} | tp group "
+                f"{self.tp_ranks} pp group {self.pp_ranks} dp group {self.dp_ranks}"
                 + (f" | cp {self.cp_rank}/{self.cp} cp group {self.cp_ranks} dp x cp group "
                    f"{self.dp_cp_ranks}"
                    if self.cp > 1 else "")

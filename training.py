@@ -237,8 +237,8 @@ def save(run):
     checkpoint."""
     if not run.guard.healthy:  # (the same on every rank: the guard sees values they all agree on)
         log(run, {"step": run.step, "not_saved": "loss not finite"},
-            f"step {run.step:5d} | not saved: the loss is "
-            f"not finite (last good checkpoint: {describe_last_good(run)})")
+            f"step {run.step:5d} | not saved: the loss is not finite (last good checkpoint: "
+            f"{describe_last_good(run)})")
         return
     checkpoint.save(run.out, run.step, run.model, run.opt, run.topo, run.meta | {
         "data": run.batches.state_dict(), "args": run.cfg.flat(),

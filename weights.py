@@ -72,8 +72,8 @@ class SavedWeights(Mapping):
                 for t, r in saved)
         if n != out.numel():
             raise CheckpointError(f"{self.d}: {kind} of {name}: the checkpoint's pieces cover "
-                                  f"{n} of the "
-                                  f"{out.numel()} values asked for (missing, or saved twice)")
+                                  f"{n} of the {out.numel()} values asked for (missing, or saved "
+                                  "twice)")
         return out
 
 

@@ -413,8 +413,7 @@ if __name__ == "__main__":
         if r == rank:
             print(f"rank {rank}/{N}: bf16 model of {psi:,} parameters; model states held in MB "
                   "(measured / formula 2 Psi, 2 Psi, 12 Psi sharded per stage); the losses "
-                  "(random tokens: they "
-                  f"stay near ln 256 = 5.55) are the same for every stage")
+                  "(random tokens: they stay near ln 256 = 5.55) are the same for every stage")
             for stage, held, pred, losses in rows:
                 cells = "  ".join(f"{k} {held[k] / 2**20:6.3f}/{pred[k] / 2**20:6.3f}"
                                   for k in held)

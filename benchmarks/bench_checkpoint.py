@@ -89,12 +89,11 @@ def main():
               "bytes_per_param": total / n_params, "consolidate_s": t_cons, "export_hf_s": t_hf,
               **sizes}
     print(f"gpt2-124m: {n_params:,} parameters; saved by ZeRO-3 x tp 2 on 4 ranks: "
-          f"{total / 2**20:.0f} MB "
-          f"({total / n_params:.2f} bytes/parameter)")
+          f"{total / 2**20:.0f} MB ({total / n_params:.2f} bytes/parameter)")
     for r, x in enumerate(ranks):
         print(f"  rank {r}: wrote {x['written'] / 2**20:.0f} MB in {x['save_s']:.1f} s | resumed "
-              "as tp 2 x pp 2: "
-              f"read {x['read'] / 2**20:.0f} MB of pieces, load {x['load_s']:.1f} s")
+              f"as tp 2 x pp 2: read {x['read'] / 2**20:.0f} MB of pieces, load "
+              f"{x['load_s']:.1f} s")
     print(f"consolidate: {sizes['consolidated'] / 2**20:.0f} MB in {t_cons:.1f} s | export-hf: "
           f"{sizes['safetensors'] / 2**20:.0f} MB in {t_hf:.1f} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -136,8 +136,7 @@ def main(argv=None):
             step_s = max(r["step_s"] for r in per_rank)  # a step ends when the slowest rank's does
             mem = max(r["peak_rss_growth_mb"] for r in per_rank)
             print(f"  repeat {rep}: {impl:<12} {step_s * 1e3:8.1f} ms/step  peak RSS growth "
-                  f"{mem:7.1f} MB/rank  "
-                  f"last loss {per_rank[0]['losses'][-1]:.4f}", flush=True)
+                  f"{mem:7.1f} MB/rank  last loss {per_rank[0]['losses'][-1]:.4f}", flush=True)
             if impl not in best or step_s < best[impl]["step_s"]:
                 best[impl] = {"step_s": step_s, "peak_rss_growth_mb": mem,
                               "losses": per_rank[0]["losses"]}

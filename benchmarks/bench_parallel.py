@@ -199,9 +199,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     n_params = sum(p.numel() for p in Transformer(CFG).parameters())
     print(f"model: {n_params:,} parameters, fp32, gloo, CPU, 1 thread per rank; per "
-          "data-parallel rank and step "
-          f"{MICRO_BATCH} x {CFG.block_size} tokens (zero3-tp2), {MICROBATCHES} micro-batches of "
-          "that (1f1b-pp2)", flush=True)
+          f"data-parallel rank and step {MICRO_BATCH} x {CFG.block_size} tokens (zero3-tp2), "
+          f"{MICROBATCHES} micro-batches of that (1f1b-pp2)", flush=True)
     result = {"params": n_params, "rows": {}}
     for row in args.rows:
         world, _, dp, rows = ROWS[row]

@@ -153,8 +153,7 @@ def pretrain_row(name, tmp, nproc, extra, gpu, precision="bf16", timeout=300):
             return status(code, timeout)
         rec = last_log(out)
         return True, (f"loss {rec['loss']:.3f}, {rec['tokens_per_s'] / 1e3:.0f}k tok/s, "
-                      f"{mfu(rec, gpu, precision)}, "
-                      f"{rec['peak_mem_mb'] / 1024:.1f} GiB")
+                      f"{mfu(rec, gpu, precision)}, {rec['peak_mem_mb'] / 1024:.1f} GiB")
     return Row(name, go, nproc)
 
 

@@ -143,14 +143,11 @@ def main(argv=None):
     with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs)) as pool:
         rows = list(pool.map(compile_one, jobs))
     print(f"{'kernel':<8} {'D':>3} {'config (tile, warps, stages)':<30} {'arch':<7} {'regs':>4} "
-          f"{'spilled':>7} "
-          f"{'shared KB':>9} {'limit':>5} {'fits':<4} {'s':>4}  note")
+          f"{'spilled':>7} {'shared KB':>9} {'limit':>5} {'fits':<4} {'s':>4}  note")
     for r in rows:
         print(f"{r['kernel']:<8} {r['head_dim']:>3} {r['config']:<30} {r['arch']:<7} "
-              f"{r['registers']:>4} "
-              f"{r['spill_bytes']:>7} "
-              f"{r['shared'] / 1024:>9.1f} {r['shared_limit'] // 1024:>5} "
-              f"{'yes' if r['fits'] else 'NO':<4} "
+              f"{r['registers']:>4} {r['spill_bytes']:>7} {r['shared'] / 1024:>9.1f} "
+              f"{r['shared_limit'] // 1024:>5} {'yes' if r['fits'] else 'NO':<4} "
               f"{r['seconds']:>4.0f}  {r['note']}")
     if args.json:
         with open(args.json, "w") as f:

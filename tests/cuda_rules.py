@@ -40,8 +40,7 @@ def cuda_rule_broken(mat1, mat2, scale_a, scale_b, out_dtype):
     # cuBLASLt's layouts: a dimension of extent 1 has no stride to speak of
     if not (mat1.stride(1) == 1 or k <= 1) or not (mat2.stride(0) == 1 or k <= 1):
         return ("Only multiplication of row-major and column-major matrices is supported by "
-                "cuBLASLt (mat1 strides "
-                f"{mat1.stride()}, mat2 strides {mat2.stride()})")
+                f"cuBLASLt (mat1 strides {mat1.stride()}, mat2 strides {mat2.stride()})")
     return None
 
 

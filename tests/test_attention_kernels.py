@@ -27,8 +27,7 @@ def flash_only_sdpa(calls):
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         if attn_mask is not None or q.dtype not in (torch.float16, torch.bfloat16):
             raise RuntimeError("No available kernel: CUDA's flash SDPA takes no attn_mask and "
-                               "16-bit inputs only "
-                               f"(got {q.dtype}, mask {attn_mask is not None})")
+                               f"16-bit inputs only (got {q.dtype}, mask {attn_mask is not None})")
         calls.append("sdpa-flash")
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             return REAL_SDPA(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)

@@ -16,11 +16,10 @@ from sft_fixtures import reverse_examples, write_jsonl
 from test_bpe import smollm_style, write_folder
 
 # ChatML, as SmolLM2-Instruct and Qwen2 write it: a default system turn when none is given.
-CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
-          "{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}"
-          "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% "
-          "endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}{{ "
+          "'<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}{{ '<|im_start|>' + "
+          "m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if "
+          "add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 # Llama 3's layout: BOS, headers, <|eot_id|>; {% generation %} marks, and an error for an unknown role.
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system', 'user', "
           "'assistant'] %}"
@@ -121,15 +120,13 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path):
     more follow (here: only the last assistant turn keeps its text) cannot be masked, and says so in
     one line."""
     enc, _ = folder_enc(tmp_path, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] if "
-                                  "loop.last else '...' }}"
-                                  "<|im_end|>{% endfor %}")
+                                  "loop.last else '...' }}<|im_end|>{% endfor %}")
     lines = [{"messages": CHAT}]
     examples = chat.read_jsonl(write_jsonl(tmp_path / "t.jsonl", lines))
     with pytest.raises(data.DataError) as e:
         sft.tokenize(examples, enc, 128)
     assert str(e.value).startswith(f"{tmp_path / 't.jsonl'}:1: the tokenizer's chat template "
-                                   "renders message 3 "
-                                   "differently") and "\n" not in str(e.value)
+                                   "renders message 3 differently") and "\n" not in str(e.value)
 
 
 # ------------------------------------------------------------------------------- sft.py, end to end

@@ -249,10 +249,8 @@ def test_a_step_damaged_on_one_rank_falls_back_on_every_rank(tmp_path):
     (s0, err0, same0), (s1, err1, same1) = run_distributed(_damaged_on_one_rank, 2, str(tmp_path))
     assert (s0, s1) == (1, 1) and same0 and same1 and err1 == ""
     assert err0 == (f"warning: resuming from step 1 ({tmp_path / 'dp2' / 'step_000001'}), the "
-                    "newest undamaged one: "
-                    f"{tmp_path / 'dp2' / 'step_000002' / 'rank1.pt'} is damaged (its CRC-32 "
-                    "differs from the one "
-                    "written)\n")
+                    f"newest undamaged one: {tmp_path / 'dp2' / 'step_000002' / 'rank1.pt'} is "
+                    "damaged (its CRC-32 differs from the one written)\n")
 
 
 @pytest.mark.parametrize("errno, cause", [(28, "No space left on device"),
@@ -268,8 +266,7 @@ def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monke
     with pytest.raises(checkpoint.CheckpointError) as e:
         checkpoint.save(out, 2, model, opt, one, {"data": {"step": 2}})
     assert str(e.value) == (f"could not save step 2: {out}/step_000002.tmp/rank0.pt: {cause}; "
-                            "the last complete "
-                            f"checkpoint, {out}/step_000001, is kept")
+                            f"the last complete checkpoint, {out}/step_000001, is kept")
     assert sorted(p.name for p in out.iterdir()) == ["latest", "step_000001"]
 
 

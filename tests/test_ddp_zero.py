@@ -200,8 +200,7 @@ def test_zero3_resume_through_pretrain_is_exact_and_errors_are_clear(tmp_path, s
         (code_batch, err_batch), (code_zero, err_zero) = r["exit_codes"]
         assert code_batch == code_zero == 2
         assert err_batch.startswith("pretrain.py: error: --batch-size 5 does not divide into "
-                                    "--grad-accum 2 x "
-                                    "--microbatches 1 x 2 data-parallel ranks")
+                                    "--grad-accum 2 x --microbatches 1 x 2 data-parallel ranks")
         assert "argument --zero: invalid choice: 4 (choose from 0, 1, 2, 3)" in err_zero
     assert sorted(os.listdir(tmp_path / "split")) == [".lock", "latest", "metrics.jsonl",
                                                       "step_000002", "step_000004"]

@@ -33,11 +33,10 @@ def test_older_torch_without_the_single_collectives():
     names to all_gather_into_tensor / reduce_scatter_tensor (same arguments), and zero.py and
     tensor_parallel.py import them from there."""
     code = ("import torch.distributed as d; del d.all_gather_single, d.reduce_scatter_single; "
-            "import topology, zero, tensor_parallel as tp; "
-            "assert zero.all_gather_single is tp.all_gather_single is topology.all_gather_single"
-            " is d.all_gather_into_tensor; "
-            "assert zero.reduce_scatter_single is tp.reduce_scatter_single"
-            " is topology.reduce_scatter_single is d.reduce_scatter_tensor")
+            "import topology, zero, tensor_parallel as tp; assert zero.all_gather_single is "
+            "tp.all_gather_single is topology.all_gather_single is d.all_gather_into_tensor; "
+            "assert zero.reduce_scatter_single is tp.reduce_scatter_single is "
+            "topology.reduce_scatter_single is d.reduce_scatter_tensor")
     subprocess.run([sys.executable, "-c", code], check=True,
                    env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
 

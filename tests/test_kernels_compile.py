@@ -46,7 +46,6 @@ def test_autotuning_tries_only_the_tiles_made_for_the_head_dim():
             "    kept = prune(128)\n"
             "    assert len(kept) == sum(t[-1] >= 128 for t in tiles) >= 2, kept\n"
             "    assert all(c is kernel.configs[i] for i, c in zip([i for i, t in "
-            "enumerate(tiles) if t[-1] >= 128],"
-            " kept))\n")
+            "enumerate(tiles) if t[-1] >= 128], kept))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=300)

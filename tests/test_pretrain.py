@@ -203,8 +203,7 @@ def test_init_starts_from_weights_with_a_fresh_optimizer(tmp_path, stdlib_data, 
     err = error_of(capsys, FAST + ["--model", "small", "--init", str(tmp_path / "a"), "--out",
                                    str(tmp_path / "c")])
     assert err.endswith(f"--init {tmp_path / 'a'}: its block_size is 256, this run's model has "
-                        "512 (choose the matching "
-                        "--model; the vocabulary follows the data)")
+                        "512 (choose the matching --model; the vocabulary follows the data)")
 
 
 def test_default_warmup_follows_the_run_and_mfu_stays_below_one(tmp_path, stdlib_data):

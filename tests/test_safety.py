@@ -290,8 +290,8 @@ def test_a_finished_run_goes_on_with_a_larger_max_steps(runs, tmp_path, capsys):
         pretrain.main(argv + ["--max-steps", "2", "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.endswith(f"{out} holds a run at step 3: --max-steps 2 is "
-                                              "below it; give at least "
-                                              "3, or --fresh (the old run is moved aside)"), err
+                                              "below it; give at least 3, or --fresh (the old "
+                                              "run is moved aside)"), err
 
 
 def test_a_longer_run_keeps_the_warm_up_it_had(tmp_path, capsys):

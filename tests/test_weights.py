@@ -157,8 +157,7 @@ def _overlap(h):
     (dict(tensors=lambda t: t | {"model.norm.bias": torch.zeros(32, dtype=torch.float64)}),
      "model.norm.bias is a bias"),
     (dict(config={"intermediate_size": 96}), "model.layers.0.mlp.gate_proj.weight has shape [64, "
-                                             "32], config.json "
-                                             "implies [96, 32]"),
+                                             "32], config.json implies [96, 32]"),
     (dict(tensors=lambda t: {k: v for k, v in t.items() if "o_proj" not in k}),
      "self_attn.o_proj.weight is missing"),
     (dict(raw=lambda b: struct.pack("<Q", 10 ** 9) + b[8:]),
