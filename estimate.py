@@ -1,51 +1,51 @@
-"""estimate.py: the lecture's arithmetic as a calculator: parameters, FLOPs, memory, communication
-and time.
+"""estimate.py: the lecture's arithmetic: parameters, FLOPs, memory, communication and time.
 
 The idea: before spending a GPU-month, compute what it buys, for any shape and any layout of the
 GPUs. For N parameters, D tokens, L layers of width h (= d_model), a heads, context s, micro-batch b
 per GPU:
-    FLOPs per token   6 N + 6 L h s      (2 per weight forward, 4 backward; the causal attention scores)  Kaplan 2020
-    training FLOPs    C = 6 N D (+ attention);   compute-optimal D = 20 N                   Hoffmann 2022 (Chinchilla)
+    FLOPs per token   6 N + 6 L h s: 2 per weight forward, 4 backward; 6 L h s for the causal
+                      attention scores                                          (Kaplan 2020)
+    training FLOPs    C = 6 N D (+ attention); compute-optimal D = 20 N (Hoffmann 2022, Chinchilla)
     time              C / (peak FLOP/s x GPUs x MFU)
-    model states      per GPU, mixed-precision Adam: 2 bytes of 16-bit weights, 2 of gradients, 12 of fp32
-                      master, momentum and variance per parameter; tp x pp divide the parameters; ZeRO over the
-                      dp ranks: stage 1 divides the 12, stage 2 also the gradients, stage 3 everything  (Rajbhandari)
-    activations       per layer, 16-bit, no recomputation:   s b h (34 + 5 a s / h)  bytes    (Korthikanti 2022)
-                      tensor parallel over t:                s b h (10 + 24/t + 5 a s / (h t))
-                      + sequence parallel:                   s b h (34/t + 5 a s / (h t))
-                      selective recomputation (attention):   s b h (10 + 24/t), or 34 s b h / t with sp
-                      full recomputation (keep block input): 2 s b h (/t with sp)
-                      per GPU: L/p layers x the micro-batches in flight (1F1B: p on the first stage; GPipe: m)
-    communication     bytes sent per GPU per step, ring collectives (an all-reduce of n elements sends
-                      2 (k-1)/k n over k ranks; a reduce-scatter or all-gather (k-1)/k n):
-                      dp: all-reduce of gradients (ZeRO-1: + all-gather of weights; ZeRO-3: 2 all-gathers +
-                      reduce-scatter); tp: 4 all-reduces of s b h per layer per micro-batch (2 forward, 2
-                      backward; with sp the same volume as all-gathers and reduce-scatters); pp: s b h forward
-                      and back per micro-batch; ep: 4 all-to-alls of k s b h per MoE layer per micro-batch
+    model states      per GPU, mixed-precision Adam: 2 bytes of 16-bit weights, 2 of gradients,
+                      12 of fp32 master, momentum and variance per parameter; tp x pp divide the
+                      parameters; ZeRO over the dp ranks: stage 1 divides the 12, stage 2 also the
+                      gradients, stage 3 everything                 (Rajbhandari et al. 2020)
+    activations       bytes per layer, 16-bit                       (Korthikanti et al. 2022)
+                      no recomputation:         s b h (34 + 5 a s / h)
+                      tensor parallel over t:   s b h (10 + 24/t + 5 a s / (h t))
+                      + sequence parallel:      s b h (34/t + 5 a s / (h t))
+                      selective (attention):    s b h (10 + 24/t), or 34 s b h / t with sp
+                      full (keep block input):  2 s b h (/t with sp)
+                      per GPU: L/p layers x the micro-batches in flight (1F1B: p on the first
+                      stage; GPipe: m)
+    communication     bytes sent per GPU per step, ring collectives (an all-reduce of n elements
+                      sends 2 (k-1)/k n over k ranks; a reduce-scatter or all-gather (k-1)/k n):
+                      dp: all-reduce of gradients (ZeRO-1: + all-gather of weights; ZeRO-3:
+                          2 all-gathers + reduce-scatter);
+                      tp: 4 all-reduces of s b h per layer per micro-batch (2 forward,
+                          2 backward; with sp the same volume as all-gathers and reduce-scatters);
+                      pp: s b h forward and back per micro-batch;
+                      ep: 4 all-to-alls of k s b h per MoE layer per micro-batch
     pipeline bubble   (p - 1) / (m + p - 1) of each step idle
 The counts come from the model as built on the meta device (no memory is allocated), so they cannot
 drift from model.py. With experts (moe.py) FLOPs follow the parameters a token meets, memory all of
 them. Units: GB = 1e9 bytes, as the papers print them; GiB = 2^30 bytes beside them. A run's own MFU
-denominator and memory figure (peak_flops, peak_memory_mb) live here too.
+denominator and memory figure (peak_flops, peak_memory_mb) live here too; measure_memory.py checks
+the memory formulas against the bytes a real step holds.
 
 Run: `python estimate.py --model gpt2-124m --chinchilla --gpus 8`, `python estimate.py --params 70e9
 --gpus 1024 --tp 8 --pp 8 --zero 1 --sequence-parallel`, or any shape: `--n-layer 32 --d-model 4096
---n-head 32 ...`. `python estimate.py --measure` builds two small models, runs a step and compares
-the bytes held with the above.
+--n-head 32 ...`.
 """
 import math
 import resource
 import sys
 import time
-import weakref
 from dataclasses import dataclass, replace
 
 import torch
-# (torch's own hook below autograd; no public twin)
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-from amp import DynamicLossScaler, MixedPrecisionOptimizer, cast_model
 from flags import OneLineParser
 from model import PRESETS, ModelConfig, Transformer, flops_per_token, num_params, pad_vocab
 from moe import add_moe, inactive_params, parse_layers
@@ -97,8 +97,6 @@ def build_parser():
     a("--topk", type=int, default=2)
     a("--moe-layers", default="all")
     a("--ep", type=int, default=1, help="expert-parallel ranks, taken from the data-parallel ranks")
-    a("--measure", action="store_true", help="measure the bytes held by small models against the "
-                                             "formulas")
     return ap
 
 
@@ -138,11 +136,10 @@ class Plan:
 # ------------------------------------------------------------------------- the shape and the layout
 def shape_for(n_params, vocab=50304):
     """A Llama-like shape of about n_params: d ~ 128 L (Llama-2 7B: L = 32, d = 4096), heads of 128
-    (a multiple of 8 heads from d = 1024 on, so that tp = 8 divides them), d_ff ~ 8/3 d; N ~ 12 L
-    d^2 + 2 V d."""
+    (a multiple of 8 heads from d = 1024 on, so that tp = 8 divides them), d_ff ~ 8/3 d;
+    N ~ 12 L d^2 + 2 V d."""
     approx = {L: 12 * L * (128 * L) ** 2 + 2 * vocab * 128 * L for L in range(1, 256)}
-    # The nearest by ratio (a difference of floats near 1e30 is 1e30 for every L: the first would
-    # win).
+    # The nearest by ratio (near 1e30 a difference of floats is 1e30 for every L: the first wins).
     L = min(approx, key=lambda L: abs(math.log(approx[L] / n_params)))
     if not 0.5 <= approx[L] / n_params <= 2:
         raise EstimateError(f"--params {n_params:g}: the shapes built here (d = 128 x layers, 1 "
@@ -184,8 +181,7 @@ def config_from(plan):
 
 
 def layout_from(plan, cfg):
-    """(dp, micro-batch b per GPU, micro-batches per GPU per step, global batch) for the GPUs,
-    checked."""
+    """(dp, micro-batch b per GPU, micro-batches per GPU per step, global batch), checked."""
     if plan.gpus < 1:
         raise EstimateError(f"--gpus must be at least 1, got {plan.gpus}")
     if not 0 < plan.mfu <= 1:
@@ -253,16 +249,14 @@ def peak_flops(device, dtype, gpu="h100"):
 
 
 def peak_memory_mb(device):
-    """The log's memory figure: the CUDA allocator's peak, or on a CPU the process's peak resident
-    set."""
+    """The log's memory figure: the CUDA allocator's peak, or on a CPU the peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def activations_per_layer(s, b, h, a, t=1, sp=False, recompute="none"):
-    """Korthikanti et al.'s bytes of activations one transformer layer keeps for backward
-    (16-bit)."""
+    """Bytes of 16-bit activations one transformer layer keeps for backward (Korthikanti et al.)."""
     if recompute == "full":
         return 2 * s * b * h / (t if sp else 1)
     if recompute == "selective":
@@ -274,8 +268,8 @@ def stage_params(model, pp, ep):
     """Parameters held by the busiest pipeline stage (blocks split as evenly as pipeline.py does;
     the embedding on the first stage, the final norm and head on the last), expert parameters
     divided over ep."""
-    per_block = [sum(p.numel() / (ep if "experts" in name else 1) for name,
-                     p in blk.named_parameters())
+    per_block = [sum(p.numel() / (ep if "experts" in name else 1)
+                     for name, p in blk.named_parameters())
                  for blk in model.blocks]
     base, extra = divmod(len(per_block), pp)
     sizes = [base + (i < extra) for i in range(pp)]
@@ -317,7 +311,8 @@ def comm_per_gpu(cfg, plan, psi, dp, b, T, n_micro, moe_layers):
                       + (" (+2 recomputed)" if plan.recompute == "full" else ""))
     if p > 1:
         rows["pp"] = (2 * 2 * sbh / (t if plan.sequence_parallel else 1) * n_micro,
-                      "activations forward + their gradients back, per micro-batch (a middle stage)")
+                      "activations forward + their gradients back, per micro-batch "
+                      "(a middle stage)")
     if plan.ep > 1:
         rows["ep"] = (2 * 4 * plan.topk * sbh * (plan.ep - 1) / plan.ep * moe_layers / p * n_micro,
                       "dispatch + combine all-to-all, forward and backward, per MoE layer")
@@ -366,9 +361,9 @@ def estimate(plan):
                           f"{plan.gpu} at {plan.mfu:.0%} MFU of {PEAK_TFLOPS[plan.gpu]:.0f} "
                           "TFLOP/s"),
         ("layout", f"{plan.gpus} GPUs = dp {dp} x tp {plan.tp} x pp {plan.pp}"
-                   + (f" (ep {plan.ep})" if plan.ep > 1
-                   else "") + f"; batch {batch} sequences = {b} per micro-batch x {n_micro} "
-                              f"micro-step(s) x dp {dp}"),
+                   + (f" (ep {plan.ep})" if plan.ep > 1 else "")
+                   + f"; batch {batch} sequences = {b} per micro-batch x {n_micro} micro-step(s)"
+                     f" x dp {dp}"),
     ]
     if plan.pp > 1:
         rows.append(("pipeline bubble", f"(p-1)/(m+p-1) = {bubble:.1%} of each step idle "
@@ -379,10 +374,10 @@ def estimate(plan):
         print(f"{k:<{w}}  {v}")
     print(f"\nMemory per GPU (the busiest stage: {mem['psi']:,.0f} parameters; ZeRO stage "
           f"{plan.zero} over dp {dp}):")
-    for k in ("weights", "gradients", "optimizer states", "activations"):
+    kinds = ("weights", "gradients", "optimizer states", "activations")
+    for k in kinds:
         print(f"  {k:<17} {gb(mem[k]):>32}")
-    print(f"  {'total':<17} "
-          f"{gb(sum(mem[k] for k in ('weights', 'gradients', 'optimizer states', 'activations'))):>32}")
+    print(f"  {'total':<17} {gb(sum(mem[k] for k in kinds)):>32}")
     print(f"  (activations: {mem['per_layer'] / 1e6:,.1f} MB per layer (recompute {plan.recompute}"
           f"{', sequence parallel' if plan.sequence_parallel else ''}) x {mem['layers']} layers x "
           f"{mem['in_flight']} micro-batch(es) in flight"
@@ -403,120 +398,6 @@ def estimate(plan):
             "comm": {k: v for k, (v, _) in comm.items()},
             "bubble": bubble, "dp": dp, "micro_batch": b}
 
-# -------------------------------------------------------------------- measured against the formulas
-class HeldActivations(TorchDispatchMode):
-    """Bytes of activations a forward leaves alive for the backward, by the module part that made
-    them.
-
-    Every tensor an operation creates is remembered weakly, with the part (e.g. "attn" of block 1)
-    running then; after the forward, the storages still alive are those autograd saved (or, with
-    activation checkpointing, the block inputs torch.utils.checkpoint keeps). Each storage counts
-    once; parameters (and the transposed views of them that matmuls make) are left out."""
-
-    def __init__(self, model, parts=("attn_norm", "attn", "mlp_norm", "mlp")):
-        super().__init__()
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.made, self.part, self.inputs = [], None, {}
-        for i, block in enumerate(model.blocks):
-            block.register_forward_pre_hook(lambda m, a, i=i: self._input(a[0], i))
-            for name in parts:
-                mod = getattr(block, name)
-                mod.register_forward_pre_hook(lambda m, a,
-                                              tag=(i, name): setattr(self, "part", tag))
-                mod.register_forward_hook(lambda m, a, o, tag=(i, None): setattr(self, "part", tag))
-            # outside the blocks
-            block.register_forward_hook(lambda m, a, o: setattr(self, "part", None))
-
-    def _input(self, x, i):
-        self.inputs[i] = weakref.ref(x)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.made.append((self.part, weakref.ref(t)))
-        return out
-
-    def held(self):
-        """{(block, part): bytes} of the storages alive now (part None: the residual adds between
-        the parts; "input": the block's input; tag None: outside the blocks: embedding, head,
-        loss)."""
-        seen, out = set(self.params), {}
-        inputs = {x.untyped_storage().data_ptr(): (i, "input") for i, ref in self.inputs.items()
-                  if (x := ref()) is not None}
-        for tag, ref in self.made:
-            t = ref()
-            if t is not None and t.untyped_storage().data_ptr() not in seen:
-                key = t.untyped_storage().data_ptr()
-                seen.add(key)
-                # a block's input kept alive: that block's (checkpointing)
-                tag = inputs.get(key, tag)
-                out[tag] = out.get(tag, 0) + t.untyped_storage().nbytes()
-        return out
-
-
-def measure_step(cfg, s=128, b=2, dtype=torch.bfloat16):
-    """One mixed-precision AdamW step in one process: bytes of weights, gradients, optimizer states
-    held, and the activations held after the forward per layer (mean over blocks) and per part."""
-    torch.manual_seed(0)
-    model = cast_model(Transformer(cfg), dtype)
-    opt = MixedPrecisionOptimizer([{"params": list(model.parameters())}], torch.optim.AdamW, dtype,
-                                  DynamicLossScaler(enabled=False))
-    meter = HeldActivations(model)
-    x = torch.randint(0, cfg.vocab_size, (b, s + 1), generator=torch.Generator().manual_seed(0))
-    with meter:
-        _, loss = model(x[:, :-1], x[:, 1:])
-    held = meter.held()
-    loss.backward()
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
-    opt.step(1.0)
-    states = sum(t.numel() * t.element_size() for m in opt.master_params
-                 for t in [m, *[v for v in opt.optimizer.state[m].values() if v.dim() > 0]])
-    parts = {}
-    for tag, nbytes in held.items():
-        if tag is None:
-            continue
-        part = tag[1]
-        parts[part] = parts.get(part, 0) + nbytes / cfg.n_layer
-    return {"weights": sum(p.numel() * p.element_size() for p in model.parameters()),
-            "gradients": grads, "optimizer states": states,
-            "activations per layer": sum(parts.values()), "parts": parts}
-
-
-def measure(sizes=((2, 128, 4, 384), (2, 256, 4, 768)), s=128, b=2):
-    """Measured / formula for each memory component at each model size; printed and returned."""
-    rows = []
-    for L, d, a, d_ff in sizes:
-        for attn, recompute in (("sdpa", "none"), ("naive", "none"), ("sdpa", "full")):
-            cfg = ModelConfig(n_layer=L, d_model=d, n_head=a, n_kv_head=a, d_ff=d_ff,
-                              vocab_size=256, block_size=s, attn=attn,
-                              activation_checkpointing=recompute == "full")
-            got = measure_step(cfg, s, b)
-            n = sum(p.numel() for p in Transformer(cfg).parameters())
-            want = {**{k: zero_table(n, 1)[0][z] for k,
-                       z in (("weights", "params"), ("gradients", "grads"),
-                                                               ("optimizer states", "optimizer"))},
-                    "activations per layer": activations_per_layer(s, b, d, a, recompute=recompute)}
-            rows.append({"d": d, "a": a, "d_ff": d_ff, "attn": attn, "recompute": recompute,
-                         "measured": got, "formula": want,
-                         "ratio": {k: got[k] / want[k] for k in want}})
-    print(f"Bytes held after one bf16 step (one process; s = {s}, b = {b}, 2 layers, vocab 256), "
-          "measured / formula (2 Psi, 2 Psi, 12 Psi; Korthikanti's s b h (34 + 5 a s / h), 2 s "
-          "b h with full recomputation):")
-    print(f"{'d':>4} {'a':>2} {'d_ff':>5} {'attention':>9} {'recompute':>9} {'weights':>8} "
-          f"{'grads':>6} {'optim':>6} {'activations/layer':>18}   measured per layer, by part (x "
-          "s b h bytes)")
-    for r in rows:
-        sbh = s * b * r["d"]
-        parts = ", ".join(f"{k or 'residual'} {v / sbh:.1f}" for k,
-                          v in r["measured"]["parts"].items() if v)
-        print(f"{r['d']:>4} {r['a']:>2} {r['d_ff']:>5} {r['attn']:>9} {r['recompute']:>9} "
-              + " ".join(f"{r['ratio'][k]:>{w}.2f}" for k, w in (
-                  ("weights", 8), ("gradients", 6), ("optimizer states", 6),
-                                                                 ("activations per layer", 18)))
-              + f"   {r['measured']['activations per layer'] / sbh:.1f} = {parts}")
-    return rows
-
 
 def main(argv=None, flags=None):
     """estimate.py's command line (argv); or `flags`, another entry point's flags by name
@@ -527,8 +408,6 @@ def main(argv=None, flags=None):
         given |= {k: v for k, v in flags.items() if k in given}
         given["recompute"] = "full" if flags.get("activation_checkpointing") else "none"
     try:
-        if given.pop("measure"):
-            return measure()
         return estimate(Plan(**given))
     except EstimateError as e:
         print(f"estimate.py: error: {e}", file=sys.stderr)

@@ -1,5 +1,4 @@
-"""plot.py: pictures of training, drawn as SVG by hand: loss curves of runs, a pipeline schedule,
-ZeRO's memory.
+"""plot.py: training drawn as SVG by hand: loss curves of runs, a pipeline schedule, ZeRO's memory.
 
 The idea: a run's metrics.jsonl holds one JSON record per logged step (loss, lr, grad_norm,
 tokens/s, ...), one per evaluation (val_loss) and, with each, the wall-clock time and the training
@@ -8,13 +7,16 @@ polylines, rectangles, labels in a <svg> tag), so no plotting library is needed,
 the README, on a forge) shows it.
 
 Three pictures:
-    curves      training loss (thin) and held-out loss (dots) against the step or the elapsed time, one colour per
-                run: `python plot.py out/pretrain out/run2 --svg loss.svg [--x time]`
-    pipeline    which stage runs which micro-batch's forward (F) and backward (B) at each moment, for GPipe and
-                1F1B, from pipeline.py's schedules, a backward costing twice a forward; idle slots are the bubble,
-                (p - 1) / (m + p - 1) of each stage's time for both schedules: `python plot.py --docs`
-    zero        model-state bytes per GPU under DDP and ZeRO stages 1-3 (estimate.zero_table: 2 bytes of weights,
-                2 of gradients, 12 of fp32 master and Adam moments per parameter, the sharded parts / N_d):
+    curves      training loss (thin) and held-out loss (dots) against the step or the elapsed
+                time, one colour per run:
+                `python plot.py out/pretrain out/run2 --svg loss.svg [--x time]`
+    pipeline    which stage runs which micro-batch's forward (F) and backward (B) at each moment,
+                for GPipe and 1F1B, from pipeline.py's schedules, a backward costing twice a
+                forward; idle slots are the bubble, (p - 1) / (m + p - 1) of each stage's time
+                for both schedules: `python plot.py --docs`
+    zero        model-state bytes per GPU under DDP and ZeRO stages 1-3 (estimate.zero_table:
+                2 bytes of weights, 2 of gradients, 12 of fp32 master and Adam moments per
+                parameter, the sharded parts / N_d):
                 `python plot.py --docs` (docs/pipeline.svg, docs/zero.svg)
 """
 import argparse
@@ -56,8 +58,8 @@ class SVG:
 
     def __str__(self):
         return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{self.width}" '
-                f'height="{self.height}" viewBox="0 0 {self.width} {self.height}">\n<rect '
-                'width="100%" height="100%" fill="white"/>\n'
+                f'height="{self.height}" viewBox="0 0 {self.width} {self.height}">\n'
+                '<rect width="100%" height="100%" fill="white"/>\n'
                 + "\n".join(self.items) + "\n</svg>\n")
 
 
@@ -77,8 +79,7 @@ def label(v):
 
 # ----------------------------------------------------------------------------- loss curves
 def read_metrics(out):
-    """The records of OUT/metrics.jsonl (or of the file itself), in order; one line naming what is
-    wrong if not."""
+    """The records of OUT/metrics.jsonl (or of that file) in order, or one line on what is wrong."""
     path = Path(out) / "metrics.jsonl" if Path(out).is_dir() else Path(out)
     if not path.is_file():
         raise SystemExit(f"plot.py: error: {path}: no such file (give a run's --out folder or "
@@ -93,8 +94,7 @@ def read_metrics(out):
 
 
 def axes(svg, box, xlim, ylim, xlabel, ylabel, yticks=True):
-    """Draw a frame with ticks in box = (left, top, width, height); returns (x, y) -> pixel
-    coordinates."""
+    """Draw a frame with ticks in box = (left, top, width, height); returns (x, y) -> pixels."""
     left, top, w, h = box
     (x0, x1), (y0, y1) = xlim, ylim
     px = lambda x: left + (x - x0) / ((x1 - x0) or 1) * w  # noqa: E731
@@ -115,8 +115,7 @@ def axes(svg, box, xlim, ylim, xlabel, ylabel, yticks=True):
 
 
 def curves(runs, x="step"):
-    """Training loss (lines) and held-out loss (dots) of each run against the step or the elapsed
-    seconds."""
+    """Training loss (lines) and held-out loss (dots) of each run against the step or the time."""
     key = "elapsed" if x == "time" else "step"
     series = []
     for out in runs:
@@ -151,8 +150,8 @@ def curves(runs, x="step"):
 # ------------------------------------------------------------------- the pipeline and ZeRO pictures
 def simulate(kind, m, p, t_f=1.0, t_b=2.0):
     """Start and end of every op of every stage when each stage runs pipeline.make_schedule's order
-    and an op waits for its input: F(i) on stage s after F(i) on s - 1, B(i) on s after B(i) on s +
-    1 (and after F(i) on the last stage). Returns [[(op, i, start, end)] per stage]."""
+    and an op waits for its input: F(i) on stage s after F(i) on s - 1, B(i) on s after B(i) on
+    s + 1 (and after F(i) on the last stage). Returns [[(op, i, start, end)] per stage]."""
     from pipeline import make_schedule
     todo = [list(make_schedule(kind, m, p, s)) for s in range(p)]
     done, clock, rows = {}, [0.0] * p, [[] for _ in range(p)]
@@ -190,21 +189,20 @@ def pipeline_picture(m=4, p=4):
             svg.rect(70, y, end * unit, 22, "#eeeeee")
             for op, i, a, b in row:
                 svg.rect(70 + a * unit, y, (b - a) * unit, 22,
-                         COLOURS[i % len(COLOURS)] if op == "F" else
-                         "#ffffff", stroke=COLOURS[i % len(COLOURS)])
+                         COLOURS[i % len(COLOURS)] if op == "F" else "#ffffff",
+                         stroke=COLOURS[i % len(COLOURS)])
                 svg.text(70 + (a + b) / 2 * unit, y + 15, f"{op}{i}", size=10, anchor="middle",
                          colour="#fff" if op == "F" else "#000")
         top += p * 26 + 50
-    svg.text(10, top, "F: forward of micro-batch i (filled), B: its backward (outlined, twice as "
-                      "long).", size=11)
+    svg.text(10, top, "F: forward of micro-batch i (filled), B: its backward (outlined, "
+                      "twice as long).", size=11)
     svg.text(10, top + 16, "1F1B starts backwards early: at most p micro-batches' activations "
                            "held at once (GPipe: all m).", size=11)
     return svg
 
 
 def zero_picture(n_params=7.5e9, gpus=64):
-    """The ZeRO paper's Figure 1 numbers: 7.5 B parameters on 64 GPUs, GB of model states per
-    GPU."""
+    """The ZeRO paper's Figure 1: 7.5 B parameters on 64 GPUs, GB of model states per GPU."""
     from estimate import zero_table
     rows = zero_table(n_params, gpus)
     svg = SVG(760, 330)
@@ -214,8 +212,7 @@ def zero_picture(n_params=7.5e9, gpus=64):
     parts = (("params", "16-bit weights", "#1f77b4"), ("grads", "16-bit gradients", "#ff7f0e"),
              ("optimizer", "fp32 master + Adam m, v", "#2ca02c"))
     svg.text(70, 24, f"model states per GPU, {n_params / 1e9:g} B parameters, N_d = {gpus} "
-                     "data-parallel GPUs",
-             size=13)
+                     "data-parallel GPUs", size=13)
     for k, r in enumerate(rows):
         y0 = to(0, 3.8 - k)[1]
         x = 0.0
@@ -233,8 +230,8 @@ def zero_picture(n_params=7.5e9, gpus=64):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="plot.py", description="Loss curves of runs, or the docs' "
-                                                             "pictures, as SVG.")
+    ap = argparse.ArgumentParser(prog="plot.py",
+                                 description="Loss curves of runs, or the docs' pictures, as SVG.")
     ap.add_argument("runs", nargs="*", help="runs' --out folders (or metrics.jsonl files)")
     ap.add_argument("--x", choices=("step", "time"), default="step", help="the horizontal axis")
     ap.add_argument("--svg", default="loss.svg", help="the picture of the curves")

@@ -2,18 +2,21 @@
 
 The idea (Kaplan et al. 2020; Hoffmann et al. 2022, "Chinchilla"): at a fixed training compute C, a
 model too small underfits and one too large sees too few tokens; the final loss as a function of
-model size N has a minimum, and that minimum moves with C as a power law. Two of Chinchilla's three
-approaches, here:
+model size N has a minimum that moves with C as a power law. Two of Chinchilla's three approaches:
 
-    compute per run     C = F(N) x D         F(N) = 6 N + 6 L d T FLOPs per token (model.py's count: N are the
-                                             parameters in matrix multiplies, the second term attention's scores)
-    approach 2          for each C, fit a parabola to loss vs log N (an IsoFLOP profile); its vertex is N_opt(C);
-                        then N_opt = k C^a by least squares in log-log space.     Chinchilla: a = 0.49 (~0.5)
-    approach 3          L(N, D) = E + A / N^alpha + B / D^beta, fitted by least squares on log L (the residual
-                        log L_hat - log L, log L_hat = logsumexp(log A - alpha log N, log B - beta log D, log E)),
-                        Levenberg-Marquardt from a grid of starts.       Chinchilla: alpha = 0.34, beta = 0.28,
-                        E = 1.69 nats; it implies N_opt ~ C^(beta / (alpha + beta)).
-    uncertainty         bootstrap: refit on runs drawn with replacement; +- is half the 16-84th percentile range.
+    compute per run   C = F(N) x D;  F(N) = 6 N + 6 L d T FLOPs per token (model.py's count: N
+                      are the parameters in matrix multiplies, the second term attention's scores)
+    approach 2        for each C, fit a parabola to loss vs log N (an IsoFLOP profile); its vertex
+                      is N_opt(C); then N_opt = k C^a by least squares in log-log space
+                                                               (Chinchilla: a = 0.49, about 0.5)
+    approach 3        L(N, D) = E + A / N^alpha + B / D^beta, fitted by least squares on log L,
+                      the residual log L_hat - log L with
+                      log L_hat = logsumexp(log A - alpha log N, log B - beta log D, log E),
+                      Levenberg-Marquardt from a grid of starts; it implies
+                      N_opt ~ C^(beta / (alpha + beta))
+                                          (Chinchilla: alpha = 0.34, beta = 0.28, E = 1.69 nats)
+    uncertainty       bootstrap: refit on runs drawn with replacement; +- is half the 16-84th
+                      percentile range.
 
 Every run is the project's own training loop (training.py, called as a function with a
 flags.TrainConfig: `train`) in this process, on the embedded corpus (Python's standard library as
@@ -56,8 +59,7 @@ import training
 from model import Transformer, config_dict, flops_per_token, num_params, pad_vocab
 
 SEQ_LEN, BATCH = 128, 16                                     # 2048 tokens per step
-# The family: (layers, width). Depth grows slowly with width, as in Kaplan's and Chinchilla's
-# tables.
+# The family: (layers, width); depth grows slowly with width, as in Kaplan's and Chinchilla's.
 LADDER = [(2, 16), (2, 24), (2, 32), (2, 48), (2, 64), (3, 80), (3, 96), (4, 128)]
 BUDGETS = [3e11, 1e12, 3e12]                                # FLOPs per run
 # sizes whose D/N at a budget falls in this range run
@@ -67,8 +69,7 @@ CHINCHILLA = {"a": 0.49, "alpha": 0.34, "beta": 0.28, "E": 1.69, "tokens_per_par
 
 # ----------------------------------------------------------------------------- the sweep
 def shape(n_layer, d_model):
-    """A model of the tiny preset's family: head dimension 32 (at least 2 heads), grouped-query
-    2:1."""
+    """The tiny preset's family: head dimension 32 (2 heads at least), grouped-query 2:1."""
     n_head = max(2, d_model // 32)
     return replace(model_lib.PRESETS["tiny"], n_layer=n_layer, d_model=d_model, n_head=n_head,
                    n_kv_head=max(1, n_head // 2), d_ff=3 * d_model, block_size=SEQ_LEN)
@@ -144,15 +145,13 @@ def train_one(run, out, lr, threads):
 
 
 def sweep(runs, out, lr, threads):
-    """Train every run not yet in runs.jsonl, appending each result as it finishes (so a stop loses
-    one run)."""
+    """Train each run not yet in runs.jsonl, appending it as it finishes (a stop loses one run)."""
     out.mkdir(parents=True, exist_ok=True)
     results = out / "runs.jsonl"
     done = {r["key"] for r in read_results(results)}
     todo = [r for r in runs if r["key"] not in done]
     print(f"sweep: {len(runs)} runs ({len(runs) - len(todo)} done), "
-          f"{sum(r['flops'] for r in todo):.3g} " "FLOPs "
-          f"to go, results in {results}", flush=True)
+          f"{sum(r['flops'] for r in todo):.3g} FLOPs to go, results in {results}", flush=True)
     for i, run in enumerate(todo):
         if run["key"] in {r["key"] for r in read_results(results)}:
             # finished meanwhile by another invocation (one per budget can share the cores)
@@ -205,8 +204,8 @@ def approach2(results):
 
 # ----------------------------------------------------------------------------- approach 3: L(N, D)
 def _model_and_jacobian(theta, x, y):
-    """log L_hat and its Jacobian for theta = (log A, alpha, log B, beta, log E), x = log N, y = log
-    D."""
+    """log L_hat and its Jacobian in theta = (log A, alpha, log B, beta, log E), at x = log N and
+    y = log D."""
     la, alpha, lb, beta, le = theta
     terms = np.stack([la - alpha * x, lb - beta * y, np.full_like(x, le)])
     top = terms.max(0)
@@ -244,7 +243,8 @@ def _levenberg_marquardt(theta, x, y, target, iters=200):
 def fit_parametric(N, D, loss, starts=None):
     """Least squares on log L for L = E + A/N^alpha + B/D^beta: {E, A, alpha, B, beta}, best of a
     grid of starts."""
-    x, y, target = np.log(np.asarray(N, float)), np.log(np.asarray(D, float)), np.log(np.asarray(loss, float))
+    x, y, target = (np.log(np.asarray(N, float)), np.log(np.asarray(D, float)),
+                    np.log(np.asarray(loss, float)))
     if starts is None:
         starts = [(la, al, lb, be, le) for la in (0.0, 5.0, 10.0) for al in (0.2, 0.5)
                   for lb in (0.0, 5.0, 10.0)
@@ -256,8 +256,8 @@ def fit_parametric(N, D, loss, starts=None):
 
 
 def bootstrap(results, fit, n=100, seed=0):
-    """The spread of each fitted number over refits on runs drawn with replacement (failed refits
-    skipped)."""
+    """The spread of each fitted number over refits on runs drawn with replacement; a refit
+    that fails is skipped."""
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(n):
@@ -267,20 +267,18 @@ def bootstrap(results, fit, n=100, seed=0):
                 got = fit(pick)
             except (np.linalg.LinAlgError, ValueError, TypeError, ZeroDivisionError):
                 continue
-        # (None: too few budgets)
+        # (a fitted number is None when the runs drawn leave too few budgets)
         if got and all(v is not None and np.isfinite(v) for v in got.values()):
             samples.append(got)
     # Half the 16th-84th percentile range (one sigma for a normal spread, robust to the odd refit
     # that runs off).
-    return {k: float(np.subtract(*np.percentile([s[k] for s in samples], [84, 16])) / 2)
-            for k in samples[0]} \
-        if samples else {}
+    return ({k: float(np.subtract(*np.percentile([s[k] for s in samples], [84, 16])) / 2)
+             for k in samples[0]} if samples else {})
 
 
 # ----------------------------------------------------------------------------- the report
 def ascii_plot(results, width=64, height=22):
-    """Final loss vs compute (log scale), one letter per model size: the IsoFLOP profiles seen from
-    the side."""
+    """Final loss vs log compute, a letter per model size: IsoFLOP profiles seen from the side."""
     sizes = sorted({r["N"] for r in results})
     marks = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
     letters = {n: marks[i] if i < len(marks) else "#" for i, n in enumerate(sizes)}
@@ -289,16 +287,16 @@ def ascii_plot(results, width=64, height=22):
     x0, x1, y0, y1 = min(xs), max(xs) + 1e-9, min(ys), max(ys) + 1e-9
     grid = [[" "] * width for _ in range(height)]
     for r, x, y in zip(results, xs, ys):
-        row, col = round((y1 - y) / (y1 - y0) * (height - 1)), round((x - x0) / (x1 - x0) * (width - 1))
+        row, col = (round((y1 - y) / (y1 - y0) * (height - 1)),
+                    round((x - x0) / (x1 - x0) * (width - 1)))
         # (*: two runs in one cell)
         grid[row][col] = letters[r["N"]] if grid[row][col] == " " else "*"
-    lines = [f"{y1 - i * (y1 - y0) / (height - 1):6.3f} |" + "".join(row).rstrip() for i,
-             row in enumerate(grid)]
+    lines = [f"{y1 - i * (y1 - y0) / (height - 1):6.3f} |" + "".join(row).rstrip()
+             for i, row in enumerate(grid)]
     lines.append(" " * 7 + "+" + "-" * width)
     lines.append(" " * 8 + f"{10 ** x0:.1e} FLOPs" + " " * (width - 26) + f"{10 ** x1:.1e}")
     lines.append("  " + "  ".join(f"{letters[n]} = {n / 1e3:.0f}k" for n in sizes)
-                 + " parameters (in matmuls); "
-                 "* two runs in one cell")
+                 + " parameters (in matmuls); * two runs in one cell")
     return "\n".join(lines)
 
 
@@ -325,8 +323,8 @@ def report(results):
                                 [r["val_loss"] for r in results])
         err = bootstrap(results, lambda rs: fit_parametric([r["N"] for r in rs],
                                                            [r["D"] for r in rs],
-                                                          [r["val_loss"] for r in rs],
-                                                          starts=[_as_start(fitted)]), n=50)
+                                                           [r["val_loss"] for r in rs],
+                                                           starts=[_as_start(fitted)]), n=50)
         print("\nApproach 3, L(N, D) = E + A / N^alpha + B / D^beta (least squares on log L, "
               f"{len(results)} runs; +- bootstrap):")
         for name in ("alpha", "beta", "E"):

@@ -1,5 +1,4 @@
-"""bench_build.py: the memory of building a rank's model, whole-then-cut against
-meta-then-materialise.
+"""bench_build.py: the memory of building a rank's model: whole-then-cut vs meta-then-materialise.
 
 Each case is one fresh process that builds rank r of a world-4 layout (a topology of the right
 coordinates and no process group: building communicates nothing) and reports its peak resident
@@ -8,8 +7,9 @@ construction, next to the bytes of the parameters it holds and to its resident m
 building (torch imported, a tiny model built once so that torch's own first-use allocations are not
 counted as the model's). Two ways to build:
 
-    whole   the whole model on the device (every parameter allocated and drawn), then cut to the rank's stage,
-            slices and experts: what every rank did before the meta build (its peak: the whole model)
+    whole   the whole model on the device (every parameter allocated and drawn), then cut to the
+            rank's stage, slices and experts: what every rank did before the meta build (its peak:
+            the whole model)
     meta    stack.build_model: built on the meta device, cut there, only the rank's pieces allocated
             and drawn (its peak: its pieces plus one block of draws)
 
@@ -46,8 +46,7 @@ LAYOUTS = {"tp2pp2": (2, 2), "tp4": (4, 1), "pp4": (1, 4)}
 
 
 def fake_topology(rank, tp, pp):
-    """Rank `rank` of a world of tp x pp (dp 1): its coordinates, and no groups (building never
-    communicates)."""
+    """Rank `rank` of a tp x pp world (dp 1): its coordinates; no groups (building needs none)."""
     pp_rank, tp_rank = divmod(rank, tp)
     return SimpleNamespace(world=tp * pp, rank=rank, tp=tp, pp=pp, ep=1, cp=1, dp=1,
                            tp_rank=tp_rank, pp_rank=pp_rank, ep_rank=0, cp_rank=0, dp_rank=0,
@@ -136,8 +135,7 @@ def main():
         torch.manual_seed(0)
         sd = Transformer(cfg).state_dict()
         torch.save({"model": sd, "model_config": asdict(replace(cfg, attn="-")),
-                    "tokenizer": "gpt2"},
-                   Path(d) / "model.pt")
+                    "tokenizer": "gpt2"}, Path(d) / "model.pt")
         del sd
         layout = args.layouts.split(",")[0]
         case(args.init_model, layout, 0, "whole", Path(d) / "model.pt")

@@ -1,6 +1,5 @@
 """bench_dp.py: our ddp.py against torch.nn.parallel.DistributedDataParallel, and our ZeRO-3
-(zero.py) against torch FSDP2 (torch.distributed.fsdp.fully_shard), on the same model and the same
-batches.
+(zero.py) against torch FSDP2 (torch.distributed.fsdp.fully_shard), on the same model and batches.
 
 World size 2, gloo, CPU, fp32, AdamW and gradient clipping at 1.0 in all four. Each implementation
 runs in fresh processes (one thread each), so that the peak resident memory a rank reaches is its
@@ -66,8 +65,8 @@ def run_one(rank, world, impl, steps, warmup):
         module = fully_shard(model, mesh=mesh)
         opt = adamw(model.parameters())
     g = torch.Generator().manual_seed(1)
-    data = torch.randint(0, CFG.vocab_size, (warmup + steps, world * MICRO_BATCH,
-                                             CFG.block_size + 1), generator=g)
+    data = torch.randint(0, CFG.vocab_size,
+                         (warmup + steps, world * MICRO_BATCH, CFG.block_size + 1), generator=g)
     times, losses = [], []
     for i, batch in enumerate(data):
         x = batch.chunk(world)[rank]

@@ -1,5 +1,4 @@
-"""bench_pack.py: sft.py with --pack against padded rows, on the embedded SFT set, one process on
-CPU.
+"""bench_pack.py: sft.py --pack against padded rows, on the embedded SFT set, one process on CPU.
 
 Both runs fine-tune the same base (the tiny preset, or --model; random weights: speed does not
 depend on them) on the same examples per step (the step's examples are packed, never changed, so
@@ -11,8 +10,8 @@ a loss), the padding fraction of each run's batches and the fraction of padding 
 ratio packed / padded of response tokens per second. Runs are interleaved --repeats times; each
 keeps its fastest median.
 
-Run: `python benchmarks/bench_pack.py` (a minute or two on 2 cores; `nice -n 10` on a shared
-machine).
+Run: `python benchmarks/bench_pack.py` (a minute or two on 2 cores; on a shared machine, with
+`nice -n 10` in front).
 """
 import argparse
 import json
@@ -36,18 +35,17 @@ def make_base(folder, preset):
     torch.manual_seed(0)
     cfg = replace(PRESETS[preset], vocab_size=pad_vocab(data.get_tokenizer("bytes").n_vocab))
     cfg_dict = asdict(replace(cfg, attn="-", activation_checkpointing=False))
+    # a consolidated checkpoint (weights.py), as sft.py --init reads
     torch.save({"model": Transformer(cfg).state_dict(), "model_config": cfg_dict,
-                "tokenizer": "bytes"},
-               # a consolidated checkpoint (weights.py), as sft.py --init reads
-               folder / "model.pt")
+                "tokenizer": "bytes"}, folder / "model.pt")
     return folder / "model.pt"
 
 
 def timed_run(base, out, pack, args):
     """sft.py's run, each step of the shared loop (training.train_step) timed."""
     argv = ["--init", str(base), "--out", str(out), "--batch-size", str(args.batch_size),
-            "--max-steps", str(args.steps), "--samples", "0", "--eval-examples", "1", "--attn",
-            args.attn, "--log-every", "1000"]
+            "--max-steps", str(args.steps), "--samples", "0", "--eval-examples", "1",
+            "--attn", args.attn, "--log-every", "1000"]
     argv += ["--pack"] if pack else []
     timings, original = [], training.train_step
 
@@ -92,8 +90,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--model", default="tiny", choices=sorted(PRESETS),
-                    help="the base's preset: its context is the packed rows' length (tiny 256, "
-                         "small 512)")
+                    help="the base's preset: its context is the packed rows' length "
+                         "(tiny 256, small 512)")
     ap.add_argument("--out", default=None, help="write the figures here as JSON")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -111,9 +109,8 @@ def main():
         tokens, real, labels = sizes[pack]
         report["packed" if pack else "padded"] = {
             "step_s": best[pack], "tokens_per_step": tokens / args.steps,
-                                                  "padding_fraction": 1 - real / tokens,
-            "tokens_per_s": tokens / args.steps / best[pack],
-                                                  "response_tokens_per_s": labels / args.steps / best[pack]}
+            "padding_fraction": 1 - real / tokens, "tokens_per_s": tokens / args.steps / best[pack],
+            "response_tokens_per_s": labels / args.steps / best[pack]}
     (t0, real, _), (t1, _, _) = sizes[False], sizes[True]
     report["padding_removed"] = 1 - (t1 - real) / (t0 - real)
     report["response_tokens_per_s_packed_over_padded"] = best[False] / best[True]

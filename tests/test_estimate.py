@@ -1,9 +1,10 @@
 """estimate.py: counts for any shape, the per-GPU memory and communication formulas, one line per
-bad flag."""
+bad flag; measure_memory.py: the bytes a step holds, on one and on two ranks, against them."""
 import pytest
 import torch
 
 import estimate
+import measure_memory
 import pretrain
 from model import ModelConfig, Transformer
 
@@ -28,8 +29,7 @@ def test_params_picks_a_llama_like_shape():
 
 
 def test_activation_formulas_match_the_paper():
-    # Korthikanti et al.'s GPT-3 175B example: s 2048, h 12288, a 96, t 8, b 1 (bytes per layer /
-    # sbh).
+    # Korthikanti et al.'s GPT-3 175B example (s 2048, h 12288, a 96, t 8, b 1), per layer / sbh.
     s, h, a, t = 2048, 12288, 96, 8
     per = lambda **kw: estimate.activations_per_layer(s, 1, h, a, **kw) / (s * h)  # noqa: E731
     assert per() == pytest.approx(34 + 5 * 96 * 2048 / 12288)
@@ -52,11 +52,14 @@ def test_memory_and_communication_per_gpu_for_a_3d_layout():
         psi = max(blocks + model.tok_emb.weight.numel(), last) / 2
         div = {k: 2 if zero >= z else 1 for k, z in (("weights", 3), ("gradients", 2),
                                                      ("optimizer states", 1))}
-        assert mem["weights"] == 2 * psi / div["weights"] and mem["gradients"] == 2 * psi / div["gradients"]
+        assert mem["weights"] == 2 * psi / div["weights"]
+        assert mem["gradients"] == 2 * psi / div["gradients"]
         assert mem["optimizer states"] == 12 * psi / div["optimizer states"]
         assert est["micro_batch"] == 2 and est["bubble"] == pytest.approx(1 / 5)
         sbh = 32 * 2 * 64
-        assert mem["activations"] == pytest.approx(sbh * (10 + 24 / 2 + 5 * 4 * 32 / (64 * 2)) * 2 * 2)
+        per_layer = sbh * (10 + 24 / 2 + 5 * 4 * 32 / (64 * 2))
+        # 2 layers per stage x 2 micro-batches in flight (1F1B, p = 2)
+        assert mem["activations"] == pytest.approx(per_layer * 2 * 2)
         ring = 1 / 2  # (k - 1) / k for k = 2
         assert est["comm"]["dp"] == 2 * (2 if zero in (0, 2) else 3) * ring * psi
         # 4 all-reduces x 2 layers x 4 micro-batches
@@ -104,19 +107,20 @@ SMALL = dict(n_layer=2, d_model=64, n_head=4, n_kv_head=4, d_ff=160, vocab_size=
 
 def test_one_step_holds_what_the_formulas_say():
     s, b, sbh = 32, 2, 32 * 2 * 64
-    plain = estimate.measure_step(ModelConfig(**SMALL), s, b)
+    plain = measure_memory.measure_step(ModelConfig(**SMALL), s, b)
     n = sum(p.numel() for p in Transformer(ModelConfig(**SMALL)).parameters())
-    assert (plain["weights"], plain["gradients"],
-            plain["optimizer states"]) == (2 * n, 2 * n, 12 * n)
+    states = (plain["weights"], plain["gradients"], plain["optimizer states"])
+    assert states == (2 * n, 2 * n, 12 * n)
     # This model's parts, exactly: each RMSNorm keeps its fp32 input and normalised x (4 + 4 bytes),
     # its bf16 output (2), the fp32 rsqrt per position and an fp32 copy of its weight; SwiGLU keeps
     # w1 x, silu(w1 x), w3 x and their product, 4 tensors of width d_ff in bf16.
     norm = (4 + 4 + 2) * sbh + 4 * s * b + 4 * 64
     assert plain["parts"]["attn_norm"] == plain["parts"]["mlp_norm"] == norm
     assert plain["parts"]["mlp"] == 4 * 2 * s * b * 160
-    ckpt = estimate.measure_step(ModelConfig(**SMALL, activation_checkpointing=True), s, b)
-    assert ckpt["activations per layer"] == estimate.activations_per_layer(s, b, 64, 4, recompute="full")
-    naive = estimate.measure_step(ModelConfig(**SMALL, attn="naive"), s, b)
+    ckpt = measure_memory.measure_step(ModelConfig(**SMALL, activation_checkpointing=True), s, b)
+    full = estimate.activations_per_layer(s, b, 64, 4, recompute="full")
+    assert ckpt["activations per layer"] == full
+    naive = measure_memory.measure_step(ModelConfig(**SMALL, attn="naive"), s, b)
     # the a s^2 b scores, saved
     assert naive["parts"]["attn"] > plain["parts"]["attn"] + 4 * b * s * s * 4
 
@@ -124,13 +128,13 @@ def test_one_step_holds_what_the_formulas_say():
 def test_held_activations_agree_with_the_saved_tensor_hooks():
     # Two independent meters: saved-tensor hooks (pipeline.py) and live storages after the forward.
     from pipeline import ActivationMeter
-    # (in fp32 a norm keeps its input itself)
+    # in bf16 (in fp32 a norm keeps its input itself)
     model = Transformer(ModelConfig(**SMALL)).to(torch.bfloat16)
-    saved, held = ActivationMeter(model), estimate.HeldActivations(model)
+    saved, held = ActivationMeter(model), measure_memory.HeldActivations(model)
     per_block = []
     for block in model.blocks:
-        block.register_forward_pre_hook(lambda m, a: per_block.append(-saved.now))
-        block.register_forward_hook(lambda m, a, o: per_block.__setitem__(-1, per_block[-1] + saved.now))
+        block.register_forward_pre_hook(lambda *_: per_block.append(-saved.now))
+        block.register_forward_hook(lambda *_: per_block.__setitem__(-1, per_block[-1] + saved.now))
     x = torch.randint(0, 256, (2, 33))
     with saved.hooks(), held:
         loss = model(x[:, :-1], x[:, 1:])[1]
@@ -165,7 +169,7 @@ def _held_on_two_ranks(rank, world):
         torch.manual_seed(0)
         model = cast_model(Transformer(cfg), torch.bfloat16)
         tensor_parallel.parallelize(model, Topology(tp=2), sequence_parallel=sp)
-        meter = estimate.HeldActivations(model)
+        meter = measure_memory.HeldActivations(model)
         with meter:
             _, loss = model(x[:, :-1], x[:, 1:])
         acts[sp] = sum(v for tag, v in meter.held().items() if tag) / cfg.n_layer
@@ -176,12 +180,12 @@ def _held_on_two_ranks(rank, world):
 def test_zero_stages_and_tensor_parallel_hold_what_the_formulas_say():
     from tests.distributed import run_distributed
     n = sum(p.numel() for p in Transformer(ModelConfig(**SMALL)).parameters())
-    one = estimate.measure_step(ModelConfig(**SMALL), 32, 2)["activations per layer"]
+    one = measure_memory.measure_step(ModelConfig(**SMALL), 32, 2)["activations per layer"]
     for states, acts in run_distributed(_held_on_two_ranks, 2):
         for stage in (1, 2, 3):
             want = estimate.zero_table(n, 2)[stage]
-            assert states[stage] == {k: want[k]
-                                     for k in ("params", "grads", "optimizer")}, (stage, states[stage])
+            want = {k: want[k] for k in ("params", "grads", "optimizer")}
+            assert states[stage] == want, (stage, states[stage])
         # tp halves the attention's and the MLP's insides but not the norms (replicated on both
         # ranks); sp halves the norms too, but keeps whole-sequence tensors around its all-gathers:
         # it saves less than the norms' half.

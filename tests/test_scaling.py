@@ -1,5 +1,5 @@
 """scaling.py: the fits recover known exponents from synthetic data; a 3-run micro-sweep trains,
-records, resumes."""
+records its results and resumes where it stopped."""
 import json
 import math
 from dataclasses import replace
@@ -39,8 +39,7 @@ def test_isoflop_profiles_recover_the_optimal_size_exponent(capsys):
     a, _, optima = scaling.approach2(results)
     assert len(optima) == 4
     assert a == pytest.approx(0.28 / 0.62, rel=0.05)
-    # The whole report on them (plot, both approaches, bootstraps), also where a resample leaves one
-    # budget.
+    # The whole report (plot, both approaches, bootstraps), also where a resample leaves one budget.
     fitted = scaling.report([dict(r, flops=r["budget"]) for r in results])
     assert fitted["a"] == a and fitted["parametric"]["alpha"] == pytest.approx(0.34, rel=0.05)
     assert "N_opt ~ C^a" in capsys.readouterr().out
@@ -53,10 +52,9 @@ def test_micro_sweep_trains_records_and_resumes(tmp_path, stdlib_data, capsys):
     runs = scaling.plan([1.5e9], ladder=[(1, 16), (1, 24), (1, 32)], tokens_per_param=(0, math.inf),
                         min_steps=1)
     assert len(runs) == 3 and all(r["steps"] >= 3 for r in runs)
-    scaling.sweep(runs[:2], tmp_path, lr=3e-3, threads=1)            # "interrupted" after two runs
+    scaling.sweep(runs[:2], tmp_path, lr=3e-3, threads=1)  # "interrupted" after two runs
     first = (tmp_path / "runs.jsonl").read_text()
-    # run again: only the third trains
-    scaling.sweep(runs, tmp_path, lr=3e-3, threads=1)
+    scaling.sweep(runs, tmp_path, lr=3e-3, threads=1)      # run again: only the third trains
     assert "3 runs (2 done)" in capsys.readouterr().out
     lines = (tmp_path / "runs.jsonl").read_text()
     assert lines.startswith(first)
