@@ -1,6 +1,6 @@
 """quantization.py: FP8 casts and matmuls at the bounds their formats' epsilons give, INT8
-per-channel PTQ, the eval command, and FP8 under tensor parallelism and ZeRO-3 against one
-process."""
+per-channel PTQ (and int8_eval.py's report on a checkpoint), FP8 under tensor parallelism and ZeRO-3
+against one process."""
 import contextlib
 import math
 import re
@@ -9,6 +9,7 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
+import int8_eval
 import quantization as q
 import tensor_parallel
 from amp import DynamicLossScaler, MixedPrecisionOptimizer
@@ -209,7 +210,7 @@ def test_eval_command_reports_int8_beside_bf16(tmp_path, stdlib_data, capsys):
     model = Transformer(replace(CFG, vocab_size=256))
     torch.save({"model": model.state_dict(), "model_config": asdict(replace(model.cfg, attn="-")),
                 "tokenizer": "bytes"}, tmp_path / "model.pt")  # a consolidated file
-    rows = q.eval_main([str(tmp_path / "model.pt"), "--eval-iters", "1", "--batch-size", "2",
+    rows = int8_eval.evaluate([str(tmp_path / "model.pt"), "--eval-iters", "1", "--batch-size", "2",
                         "--gen-tokens", "4", "--repeats", "1"])
     linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     other = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in linear)
@@ -217,8 +218,8 @@ def test_eval_command_reports_int8_beside_bf16(tmp_path, stdlib_data, capsys):
     assert rows["bf16"][1] == 2 * sum(p.numel() for p in model.parameters())
     assert abs(rows["int8"][0] - rows["bf16"][0]) < 0.05
     assert "int8 vs bf16" in capsys.readouterr().out
-    with pytest.raises(q.EvalError, match="no such file or folder"):
-        q.eval_main([str(tmp_path / "missing")])
+    with pytest.raises(int8_eval.EvalError, match="no such file or folder"):
+        int8_eval.evaluate([str(tmp_path / "missing")])
 
 
 def test_pretrain_amp_fp8_trains_fp8_layers_and_saves_plain_keys(tmp_path, stdlib_data):
