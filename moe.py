@@ -64,7 +64,7 @@ def check_moe(n_experts, top_k, capacity_factor, ep=1):
 
 
 class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with variable splits; its gradient is the reverse exchange (splits swapped)."""
+    """all_to_all_single with variable splits; its gradient: the same exchange, splits swapped."""
 
     @staticmethod
     def forward(ctx, x, send_splits, recv_splits, group):
