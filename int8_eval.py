@@ -37,7 +37,7 @@ def load_trained(path):
     try:
         whole = load_weights(path)
     except CheckpointError as e:
-        raise EvalError(f"{path}: {e}") from None
+        raise EvalError(str(e)) from None  # (the message names the path)
     cfg = ModelConfig(**{**whole["model_config"], "attn": "sdpa",
                          "activation_checkpointing": False})
     model = Transformer(cfg)
