@@ -4,8 +4,8 @@ model: validation loss, bytes, and greedy generation speed.
 Post-training quantization (quantization.py's quantize_model_int8) stores each linear's weight row j
 as int8 with its own scale s_j = max|W_j| / 127; the embedding and the norms stay in bf16. Its cost,
 if any, is a rise of the loss, measured here on validation batches; what it buys is bytes: 1 per
-weight instead of 2. Decoding one token at a time reads every weight for 2 FLOPs each, so it
-is bound by memory traffic, which int8 halves; prefilling many rows is bound by compute, where
+weight instead of 2. Decoding one token at a time reads every weight for 2 FLOPs each, so it is
+bound by memory traffic, which int8 halves; prefilling many rows is bound by compute, where
 weight-only int8 buys nothing. Both models generate from the same prompt, timed alternately so that
 both see the same machine load (the fastest of --repeats counts), greedily, so that their outputs
 can be compared token by token.
