@@ -1,10 +1,10 @@
-"""lora.py: low-rank adaptation: freeze the model, learn W + (alpha/r) B A in a few chosen linear
-layers.
+"""lora.py: low-rank adaptation: freeze the model, learn W + (alpha/r) B A in chosen linear layers.
 
 The idea (Hu et al., 2021): the update a fine-tune makes to a d_out x d_in weight has low rank, so
 learn it as a product B A of a d_out x r and an r x d_in matrix, r << d, and leave W frozen:
 
-    y = x W^T + (alpha / r) * dropout(x) A^T B^T        A ~ Kaiming-uniform, B = 0, so at step 0 y = x W^T
+    y = x W^T + (alpha / r) * dropout(x) A^T B^T
+    A ~ Kaiming-uniform, B = 0, so at step 0 y = x W^T
 
 Trainable parameters per adapted layer: r (d_in + d_out) instead of d_in d_out. Every other
 parameter (embeddings, norms, head, the frozen W) has requires_grad False, so it gets no gradient
@@ -20,7 +20,7 @@ Targets are the names of the linears inside the blocks: wq wk wv wo (attention),
 also inside MoE experts). Under ZeRO only the adapters reach the optimizer, so only they are sharded
 (ZeRO-3 included: the frozen base stays whole on each data-parallel rank and carries no optimizer
 state). On a tensor-parallel layer (tensor_parallel.py) the adapter is split to match it
-(LoRALinear): column-parallel W_i -> A whole, B_i; row- parallel W_i -> A_i, B whole; per rank r
+(LoRALinear): column-parallel W_i -> A whole, B_i; row-parallel W_i -> A_i, B whole; per rank r
 (d_in + d_out / tp) or r (d_in / tp + d_out) parameters. Saving gathers the adapters whole, under
 their names in the whole model, whatever the layout (`lora_state_dict`).
 
@@ -76,8 +76,8 @@ class LoRALinear(nn.Module):
         out_local, in_local = base.weight.shape
         self.in_features = in_local * (tp if self.kind == "row" else 1)
         self.out_features = out_local * (tp if self.kind == "column" else 1)
-        self.enter = getattr(base, "enter", lambda x: x)  # the layer's f (column) or nothing
-        # the layer's g (row), the head's gather, or nothing
+        # the layer's f (column) or nothing; its g (row), the head's gather, or nothing
+        self.enter = getattr(base, "enter", lambda x: x)
         self.leave = getattr(base, "leave", lambda y: y)
         # (not a submodule: its weight is this module's; merging puts it back)
         self.__dict__["base"] = base
@@ -90,8 +90,8 @@ class LoRALinear(nn.Module):
         A = torch.empty(r, self.in_features, **kw)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
         self.lora_A = nn.Parameter(self.local(A, "A", tp, rank))
-        self.lora_B = nn.Parameter(self.local(torch.zeros(self.out_features, r, **kw), "B", tp,
-                                              rank))
+        self.lora_B = nn.Parameter(self.local(torch.zeros(self.out_features, r, **kw),
+                                              "B", tp, rank))
         # The factors live where the weight does (placement.py: its tp rank, its expert), named
         # after it; the one split, B (column) or A (row), along the weight's cut, the other whole.
         stem = placement_of(self.weight).name
@@ -102,8 +102,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def local(self, full, which, tp, rank):
-        """This rank's piece of a whole A or B: B's rows under column parallelism, A's columns under
-        row."""
+        """This rank's piece of a whole A or B: B's rows (column-parallel) or A's columns (row)."""
         if (self.kind, which) == ("column", "B"):
             return full.chunk(tp, 0)[rank].clone()
         if (self.kind, which) == ("row", "A"):
@@ -111,8 +110,7 @@ class LoRALinear(nn.Module):
         return full.clone()
 
     def shared(self, p):
-        """f on the factor every tp rank holds whole: identity forward, all-reduce of its gradient
-        backward."""
+        """f on the factor each tp rank holds whole: identity forward, gradient all-reduced."""
         return CopyToTensorParallel.apply(p, self.group) if self.group is not None else p
 
     def forward(self, x):
@@ -129,8 +127,7 @@ class LoRALinear(nn.Module):
         return self.leave(y)
 
     def delta(self):
-        """This rank's part of the dense update (alpha/r) B A, for merging: the shape of its
-        weight."""
+        """This rank's part of the dense update (alpha/r) B A, for merging: its weight's shape."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def extra_repr(self):
@@ -139,8 +136,8 @@ class LoRALinear(nn.Module):
 
 
 def parse_targets(spec):
-    targets = tuple(t.strip() for t in spec.split(",")
-                    if t.strip()) if isinstance(spec, str) else tuple(spec)
+    targets = (tuple(t.strip() for t in spec.split(",") if t.strip()) if isinstance(spec, str)
+               else tuple(spec))
     bad = [t for t in targets if t not in TARGETS]
     if bad or not targets:
         raise LoRAError(f"--lora-targets {spec if isinstance(spec, str) else ','.join(spec)}: "
@@ -159,8 +156,7 @@ def check_settings(r, alpha, dropout):
 
 
 def check_rank(cfg, r, targets):
-    """A rank above a layer's smaller side is no longer low-rank (B A could be any matrix, at more
-    cost)."""
+    """A rank above a layer's smaller side is not low-rank (B A could be any matrix, at a cost)."""
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     shapes = {"wq": (cfg.d_model, q), "wk": (cfg.d_model, kv), "wv": (cfg.d_model, kv),
               "wo": (q, cfg.d_model), "w1": (cfg.d_model, cfg.d_ff), "w3": (cfg.d_model, cfg.d_ff),
@@ -185,9 +181,8 @@ def apply_lora(model, r=8, alpha=16.0, dropout=0.0, targets=("wq", "wv"), seed=0
     wrapped = []
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if child_name in targets and isinstance(child,
-                                                    (nn.Linear, ColumnParallelLinear,
-                                                     RowParallelLinear)):
+            if child_name in targets and isinstance(child, (nn.Linear, ColumnParallelLinear,
+                                                            RowParallelLinear)):
                 name = f"{parent_name}.{child_name}" if parent_name else child_name
                 # (seed and name in one 32-bit number: a CPU generator keeps only the low 32 bits of
                 # its seed)
@@ -255,8 +250,7 @@ def lora_state_dict(model, topo=None):
 
 
 def save_adapter(path, model, model_config, topo=None):
-    """The whole adapters (a collective under a layout), written by rank 0 with the LoRA and model
-    configs."""
+    """Rank 0 saves the whole adapters, LoRA and model configs (a collective under a layout)."""
     adapter = lora_state_dict(model, topo)
     if topo is None or topo.rank == 0:
         torch.save({"lora_config": model.lora_config, "model_config": model_config,
@@ -280,8 +274,8 @@ def load_adapter(model, path, model_config):
         raise LoRAError(f"--adapter {path}: not an adapter file ({type(e).__name__})") from None
     if saved["model_config"] != model_config:
         diff = sorted(k for k in model_config if saved["model_config"].get(k) != model_config[k])
-        raise LoRAError(f"--adapter {path} was trained on another model config (differs in "
-                        f"{', '.join(diff)})")
+        raise LoRAError(f"--adapter {path} was trained on another model config "
+                        f"(differs in {', '.join(diff)})")
     if not lora_layers(model):
         apply_lora(model, lora_config["r"], lora_config["alpha"], lora_config["dropout"],
                    lora_config["targets"])
@@ -289,17 +283,17 @@ def load_adapter(model, path, model_config):
         raise LoRAError(f"--adapter {path} has LoRA settings {lora_config}, the model "
                         f"{model.lora_config}")
     layers = lora_layers(model)
-    missing = sorted({f"{full_name(model, n)}.lora_{w}" for n,
-                      _ in layers for w in "AB"} - set(adapter))
+    missing = sorted({f"{full_name(model, n)}.lora_{w}" for n, _ in layers for w in "AB"}
+                     - set(adapter))
     if missing:
-        raise LoRAError(f"--adapter {path} does not fit the model (missing "
-                        f"{', '.join(missing[:2])})")
+        raise LoRAError(f"--adapter {path} does not fit the model "
+                        f"(missing {', '.join(missing[:2])})")
     with torch.no_grad():
         for n, m in layers:
             tp, rank = (dist.get_world_size(m.group), dist.get_rank(m.group)) if m.group else (1, 0)
             for w in "AB":
-                getattr(m, f"lora_{w}").copy_(m.local(adapter[f"{full_name(model, n)}.lora_{w}"], w,
-                                                      tp, rank))
+                getattr(m, f"lora_{w}").copy_(m.local(adapter[f"{full_name(model, n)}.lora_{w}"],
+                                                      w, tp, rank))
     return model
 
 
@@ -335,13 +329,13 @@ def merged_state_dict(model, base=None, adapter=None):
         if k.endswith(".lora_A"):
             layer = k[:-len(".lora_A")]
             w = sd[f"{layer}.weight"]
-            sd[f"{layer}.weight"] = w + (adapter[f"{layer}.lora_B"] @ adapter[k] * scaling).to(w.dtype)
+            sd[f"{layer}.weight"] = w + (adapter[f"{layer}.lora_B"] @ adapter[k]
+                                         * scaling).to(w.dtype)
     return sd
 
 
 def optimizer_state_bytes(optimizer):
-    """Bytes held in an optimizer's state (Adam: exp_avg and exp_avg_sq per parameter, plus a step
-    scalar)."""
+    """Bytes of an optimizer's state (Adam: exp_avg and exp_avg_sq per parameter, a step scalar)."""
     # amp.MixedPrecisionOptimizer wraps the torch one
     inner = getattr(optimizer, "optimizer", optimizer)
     return sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values()
@@ -349,8 +343,7 @@ def optimizer_state_bytes(optimizer):
 
 
 def demo_tensor_parallel():
-    """torchrun --nproc_per_node 2 lora.py: the adapters on tp ranks (float64) against one
-    process."""
+    """torchrun --nproc_per_node 2 lora.py: adapters on tp ranks (float64) against one process."""
     from model import PRESETS, Transformer
     from tensor_parallel import parallelize, set_gather_output
     from topology import Topology

@@ -3,15 +3,17 @@
 The idea (Shazeer et al. 2017; GShard; Switch Transformer): replace a block's MLP by E expert MLPs
 and a router. Each token goes to its top-k experts only, so parameters grow E-fold while FLOPs per
 token grow k-fold:
-    router       p = softmax(W_r x) over E experts (in fp32); keep the k largest, renormalise them to gates g
-    output       y = sum over the k chosen experts e of g_e * expert_e(x)
-    balance      aux = alpha * E * sum_i f_i * P_i     f_i: share of routed (token, choice) pairs that chose
-                 expert i; P_i: mean router probability of i. It is 1*alpha at perfect balance and grows as the
-                 router collapses onto few experts; P carries the gradient (f is a count).
-    capacity     C = ceil(capacity_factor * k * N / E) pairs per expert per batch of N tokens; first choices
-                 are served before second choices, tokens in order; an overflowing pair is dropped and that
-                 token's output from it is zero (the block's residual carries the token on). capacity_factor
-                 None: dropless, every pair is served.
+    router    p = softmax(W_r x) over E experts (in fp32); keep the k largest, renormalise them
+              to gates g
+    output    y = sum over the k chosen experts e of g_e * expert_e(x)
+    balance   aux = alpha * E * sum_i f_i * P_i
+              f_i: share of routed (token, choice) pairs that chose expert i; P_i: mean router
+              probability of i. It is 1*alpha at perfect balance and grows as the router
+              collapses onto few experts; P carries the gradient (f is a count).
+    capacity  C = ceil(capacity_factor * k * N / E) pairs per expert per batch of N tokens; first
+              choices are served before second choices, tokens in order; an overflowing pair is
+              dropped and that token's output from it is zero (the block's residual carries the
+              token on). capacity_factor None: dropless, every pair is served.
 
 Expert parallelism (--ep N): the E experts are split over N ranks taken from the data-parallel
 ranks, E/N each. Every rank routes its own tokens, then one all-to-all sends each (token, choice)
@@ -54,16 +56,15 @@ def check_moe(n_experts, top_k, capacity_factor, ep=1):
     if not 1 <= top_k <= n_experts:
         raise MoEError(f"--topk {top_k} must be between 1 and --experts {n_experts}")
     if capacity_factor is not None and capacity_factor <= 0:
-        raise MoEError("--capacity-factor must be > 0 (or omitted for dropless routing), got "
-                       f"{capacity_factor}")
+        raise MoEError("--capacity-factor must be > 0 (or omitted for dropless routing), "
+                       f"got {capacity_factor}")
     if ep < 1 or n_experts % ep:
         raise MoEError(f"--experts {n_experts} is not divisible by --ep {ep}: each rank holds "
                        "experts/ep experts")
 
 
 class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with variable splits; its gradient is the same exchange with the splits
-    swapped."""
+    """all_to_all_single with variable splits; its gradient: the same exchange, splits swapped."""
 
     @staticmethod
     def forward(ctx, x, send_splits, recv_splits, group):
@@ -105,15 +106,15 @@ class MoE(nn.Module):
     def __init__(self, cfg, n_experts, top_k, capacity_factor=None, aux_loss_weight=1e-2):
         super().__init__()
         check_moe(n_experts, top_k, capacity_factor)
-        self.E, self.k, self.capacity_factor, self.alpha = n_experts, top_k, capacity_factor, aux_loss_weight
+        self.E, self.k, self.capacity_factor, self.alpha = (n_experts, top_k, capacity_factor,
+                                                            aux_loss_weight)
         self.router = nn.Linear(cfg.d_model, n_experts, bias=False)
         self.experts = nn.ModuleList(MLP(cfg) for _ in range(n_experts))
         self.first_expert, self.ep, self.ep_group = 0, 1, None  # changed by shard_experts
         self.aux_loss = self.load = None
 
     def route(self, x):
-        """Top-k experts and renormalised gates per token, the balancing loss, and each expert's
-        load."""
+        """Top-k experts and renormalised gates per token; sets the balancing loss and the load."""
         probs = torch.softmax(self.router(x).to(torch.promote_types(x.dtype, torch.float32)),
                               dim=-1)
         top_p, top_e = probs.topk(self.k, dim=-1)
@@ -135,7 +136,8 @@ class MoE(nn.Module):
         gate = gates.t().reshape(-1)
         if self.capacity_factor is not None:
             capacity = math.ceil(self.capacity_factor * self.k * N / self.E)
-            position = (F.one_hot(expert, self.E).cumsum(0) - 1).gather(1, expert[:, None]).squeeze(1)
+            position = ((F.one_hot(expert, self.E).cumsum(0) - 1)
+                        .gather(1, expert[:, None]).squeeze(1))
             keep = position < capacity
             expert, pair, gate = expert[keep], pair[keep], gate[keep]
         order = torch.argsort(expert, stable=True)  # group the pairs by expert
@@ -151,8 +153,8 @@ class MoE(nn.Module):
         NCCL alike). The counts exchange itself stays on the device; every other split is derived
         from the one list on the host."""
         if self.ep == 1:
-            return torch.cat([expert(c) for expert,
-                              c in zip(self.experts, xs.split(counts.tolist()))])
+            return torch.cat([expert(c)
+                              for expert, c in zip(self.experts, xs.split(counts.tolist()))])
         ep, E_local = self.ep, self.E // self.ep
         # Tell every rank how many rows of each of its experts we send; learn what we will receive.
         send_counts = counts.view(ep, E_local)
@@ -162,9 +164,8 @@ class MoE(nn.Module):
         send, recv = torch.stack([send_counts, recv_counts]).tolist()
         send_splits, recv_splits = [sum(row) for row in send], [sum(row) for row in recv]
         received = all_to_all(xs, send_splits, recv_splits, self.ep_group)
-        # Arrived grouped by source rank, then by expert: regroup by local expert, run, restore the
-        # order.
-        # source-major: (src 0: e0, e1, ..), (src 1: ..)
+        # Arrived grouped by source rank, then by expert, (src 0: e0, e1, ..), (src 1: ..):
+        # regroup by local expert, run, restore the order.
         pieces = received.split([n for row in recv for n in row])
         by_expert = [[pieces[src * E_local + e] for src in range(ep)] for e in range(E_local)]
         outs = [self.experts[e](torch.cat(by_expert[e])) for e in range(E_local)]
@@ -190,8 +191,7 @@ def shard_experts(moe, ep_rank, ep, ep_group, expert_dp_rank=0):
 
 
 def keep_experts(model, topo):
-    """Expert parallelism (topo.ep > 1): keep this rank's experts of every MoE layer (shard_experts
-    marks them)."""
+    """With topo.ep > 1, keep this rank's experts of every MoE layer (shard_experts marks them)."""
     if topo.ep == 1:
         return model
     name_whole(model)  # (the experts kept keep their names in the whole model)
@@ -215,8 +215,7 @@ def expert_params(model):
 
 
 def reduce_expert_grads(model, dp, expert_dp_group=None):
-    """Expert grads hold the sum over their ep group's tokens; sum over replicas (if dp > ep), then
-    / dp."""
+    """Expert grads hold their ep group's token sum: summed over replicas (dp > ep), then / dp."""
     for p in expert_params(model):
         # (amp.grad_of: fp32 main_grad)
         grad = p.grad if getattr(p, "main_grad", None) is None else p.main_grad
@@ -240,8 +239,7 @@ class MoEConfig:
 
 
 def config_of(saved):
-    """The MoE settings a checkpoint's flags (its "args") recorded; experts 0 when it recorded none
-    (dense)."""
+    """The MoE settings a checkpoint's flags (its "args") recorded; experts 0 (dense) if none."""
     return MoEConfig(**{f.name: saved.get(f.name, 0 if f.name == "experts" else None)
                         for f in fields(MoEConfig)})
 
@@ -275,7 +273,8 @@ def parse_layers(spec, n_layer):
     try:
         layers = {int(i) for i in spec.split(",")}
     except ValueError:
-        raise MoEError(f"--moe-layers must be 'all' or block numbers like 0,2; got {spec!r}") from None
+        raise MoEError("--moe-layers must be 'all' or block numbers like 0,2; "
+                       f"got {spec!r}") from None
     if not layers <= set(range(n_layer)):
         raise MoEError(f"--moe-layers {spec}: blocks are numbered 0..{n_layer - 1}")
     return layers
@@ -286,26 +285,24 @@ def add_moe(model, n_experts, top_k, capacity_factor=None, aux_loss_weight=1e-2,
     device = next(model.parameters()).device
     for i, block in enumerate(model.blocks):
         if layers is None or i in layers:
-            # then drawn by name from the model's seed, as model.py draws its own
+            # built on meta, then drawn by name from the model's seed, as model.py draws its own
             with torch.device("meta"):
                 block.mlp = MoE(model.cfg, n_experts, top_k, capacity_factor, aux_loss_weight)
             if device.type != "meta":
                 materialize(block.mlp, device, lambda name, p, i=i: init_values(
-                    f"blocks.{i}.mlp.{name}", p.shape, whole(p.shape), model.init_seed, model.cfg.n_layer, p.dtype,
-                    device))
+                    f"blocks.{i}.mlp.{name}", p.shape, whole(p.shape), model.init_seed,
+                    model.cfg.n_layer, p.dtype, device))
     return model
 
 
 def inactive_params(model):
-    """Parameters a token does not meet: E - k of the E experts of every MoE layer (FLOPs follow the
-    rest)."""
+    """Parameters a token never meets: E - k experts of every MoE layer (FLOPs follow the rest)."""
     return sum((m.E - m.k) * sum(p.numel() for p in m.experts[0].parameters())
                for m in moe_layers(model))
 
 
 def load_spread(model):
-    """Share of routed pairs taken by the busiest and by the idlest expert, averaged over MoE
-    layers."""
+    """Share of routed pairs of the busiest and of the idlest expert, averaged over MoE layers."""
     loads = [m.load for m in moe_layers(model) if m.load is not None]
     return (sum(l.max().item() for l in loads) / len(loads),
             sum(l.min().item() for l in loads) / len(loads))

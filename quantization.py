@@ -1,5 +1,4 @@
-"""quantization.py: FP8 matmuls for training, INT8 weights for inference, each measured against
-bf16.
+"""quantization.py: FP8 matmuls for training, INT8 weights for inference, measured against bf16.
 
 Number formats, as the demo prints them from torch.finfo / torch.iinfo (a float with e exponent bits
 and m mantissa bits has epsilon 2^-m, the spacing of numbers just above 1, and rounds to nearest
@@ -20,11 +19,10 @@ master weights (amp.py):
     backward   dX = dY W       dY in E5M2 (more exponent: gradients span a wider range), W in E4M3
                dW = dY^T X     dY in E5M2, X in E4M3
 Eight bits hold only 2^4 or 2^5 binades, so each tensor is multiplied by a scale s before the cast
-and the
-product by 1/(s_a s_b) after it: s = the largest power of two with amax(|T|) s <= max of the format. A power of
-two makes scaling exact (only the cast rounds) at the price of up to one binade of the format left
-unused. On an H100 FP8 doubles the dense tensor-core rate of bf16 (1,979 vs 989 TFLOP/s, datasheet)
-and halves the bytes a matmul reads.
+and the product by 1/(s_a s_b) after it: s = the largest power of two with amax(|T|) s <= max of the
+format. A power of two makes scaling exact (only the cast rounds) at the price of up to one binade
+of the format left unused. On an H100 FP8 doubles the dense tensor-core rate of bf16 (1,979 vs 989
+TFLOP/s, datasheet) and halves the bytes a matmul reads.
 
 Current vs delayed scaling. Current scaling (here) takes amax from the tensor about to be cast:
 always fits, never overflows, but costs one extra read of the tensor (a reduction over it) before
@@ -51,18 +49,17 @@ their count.
 
 INT8 weight-only post-training quantization (the weights' vector-wise scaling of LLM.int8, Dettmers
 et al., 2022, without its fp16 path for outlier features): each row (output channel) j of a trained
-weight gets
-s_j = max|W_j| / 127, and W_j is stored as round(W_j / s_j) in int8: 1 byte per weight instead of 2, error at most
-s_j / 2 per entry; y = (x q^T) s_j, done by torch._weight_int8pack_mm on the CPU. Decoding one token
-at a time (with a KV cache) reads every weight for 2 FLOPs each, so it is bound by memory traffic,
-which int8 halves; a matmul over many rows is bound by compute, where weight-only int8 buys nothing.
+weight gets s_j = max|W_j| / 127, and W_j is stored as round(W_j / s_j) in int8: 1 byte per weight
+instead of 2, error at most s_j / 2 per entry; y = (x q^T) s_j, done by torch._weight_int8pack_mm on
+the CPU. Decoding one token at a time (with a KV cache) reads every weight for 2 FLOPs each, so it
+is bound by memory traffic, which int8 halves; a matmul over many rows is bound by compute, where
+weight-only int8 buys nothing.
 
 Demo: `python quantization.py` prints the format table, the FP8 linear's measured errors against
 their bound, a few training steps in bf16 and in FP8, and INT8's matmul speed against bf16 for 1 and
-64 rows. `python quantization.py eval CKPT` quantizes a trained checkpoint (pretrain.py's --out
-folder) to INT8 and reports its validation loss, size and generation speed beside bf16.
+64 rows. `python int8_eval.py CKPT` quantizes a trained checkpoint to INT8 and measures its
+validation loss, size and generation speed beside bf16.
 """
-import argparse
 import functools
 import math
 import sys
@@ -73,8 +70,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# (getattr: on a torch without FP8 dtypes this file still imports, and --amp fp8 is refused in one
-# line)
+# getattr: on a torch without FP8 dtypes this file still imports and --amp fp8 is refused in a line
 E4M3, E5M2 = getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)
 AMAX_FLOOR = 1e-30  # an all-zero tensor still gets a finite scale (fp8 max / 1e-30 fits fp32)
 # torch._scaled_mm on CUDA: K and both dimensions of the second operand multiples of 16
@@ -84,8 +80,7 @@ FP8_MULTIPLE = 16
 # ----------------------------------------------------------------------------- formats
 def format_table():
     """(name, bits, exponent bits, mantissa bits, largest, smallest normal, epsilon) from
-    torch.finfo/iinfo: the mantissa has -log2(eps) bits, the exponent what is left after the
-    sign."""
+    torch.finfo/iinfo: the mantissa has -log2(eps) bits, the exponent what the sign leaves."""
     rows = []
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16),
                         ("fp8 e4m3", E4M3), ("fp8 e5m2", E5M2)):
@@ -110,8 +105,7 @@ def fp8_scale(amax, fp8_dtype):
 
 
 def to_fp8(t, fp8_dtype, amax_group=None):
-    """Current scaling: (t * s cast to fp8, 1/s). With amax_group the amax is the maximum over its
-    ranks."""
+    """Current scaling: (t * s cast to fp8, 1/s). With amax_group, amax is its ranks' maximum."""
     # (an MoE expert may get no rows: max() of nothing is an error, its amax 0)
     amax = t.detach().abs().max().float() if t.numel() else torch.zeros((), device=t.device)
     if amax_group is not None and dist.get_world_size(amax_group) > 1:
@@ -177,8 +171,7 @@ class Fp8Matmul(torch.autograd.Function):
 
 
 def fp8_linear(x, weight, bias=None, amax_group=None):
-    """A drop-in for F.linear whose three matmuls run in FP8 (inputs of dtype fp32, bf16 or
-    fp16)."""
+    """A drop-in for F.linear whose three matmuls run in FP8 (inputs in fp32, bf16 or fp16)."""
     y = Fp8Matmul.apply(x, weight, amax_group)
     return y if bias is None else y + bias
 
@@ -230,16 +223,17 @@ def fp8_unsupported(device):
             torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
         except (RuntimeError, NotImplementedError) as e:
             why = f"torch._scaled_mm does not run on {device} ({str(e).splitlines()[0][:80]})"
-    return None if why is None else (f"--amp fp8: {why} (torch {torch.__version__}); use --amp "
-                                     "bf16, or a torch and device where it runs (this CPU build "
-                                     "of torch 2.13, H100-class GPUs)")
+    return None if why is None else (f"--amp fp8: {why} (torch {torch.__version__}); "
+                                     "use --amp bf16, or a torch and device where it runs "
+                                     "(this CPU build of torch 2.13, H100-class GPUs)")
 
 
 def matmul_error_bound(a, b, fmt_a, fmt_b, out_dtype):
-    """Entrywise bound on |fp8 result - exact a b^T| (float64) when a is cast to fmt_a and b to fmt_b with
-    to_fp8's scales. Each entry of a is off by at most e_a = u_a (|a| + tiny_a / s_a) (relative error u in the
-    normal range, half a subnormal step below it), so |a' b'^T - a b^T| <= e_a (|b| + e_b)^T + |a| e_b^T; then
-    fp32 accumulation (K u_fp32 of the sum of |products|) and the output's rounding (u_out)."""
+    """Entrywise bound on |fp8 result - exact a b^T| (float64) when a is cast to fmt_a and b to
+    fmt_b with to_fp8's scales. Each entry of a is off by at most e_a = u_a (|a| + tiny_a / s_a)
+    (relative error u in the normal range, half a subnormal step below it), so
+        |a' b'^T - a b^T| <= e_a (|b| + e_b)^T + |a| e_b^T;
+    then fp32 accumulation (K u_fp32 of the sum of |products|) and the output's rounding (u_out)."""
     a, b = a.double(), b.double()
 
     def entry_error(t, fmt):
@@ -281,8 +275,7 @@ class Int8Linear(nn.Module):
 
 
 def quantize_model_int8(model, dtype=torch.bfloat16):
-    """Every nn.Linear of `model` (in place) to Int8Linear; the rest (embedding, norms) cast to
-    `dtype`."""
+    """Every nn.Linear of `model` to Int8Linear in place; the rest (embedding, norms) to `dtype`."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
@@ -295,98 +288,6 @@ def quantize_model_int8(model, dtype=torch.bfloat16):
 def model_bytes(model):
     """Bytes of what a checkpoint of the model holds: parameters and persistent buffers."""
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
-# ------------------------------------------------------------------------ `eval CKPT`: INT8 vs bf16
-class EvalError(ValueError):
-    """A bad argument to `eval`: the message is the one line the user sees."""
-
-
-def load_trained(path):
-    """A trained model from any checkpoint the project writes or reads (a run's --out folder on any
-    layout, a consolidated file, a Hugging Face Llama folder: weights.load_weights): (model,
-    tokenizer)."""
-    from checkpoint import CheckpointError
-    from model import ModelConfig, Transformer
-    from weights import load_weights
-    try:
-        whole = load_weights(path)
-    except CheckpointError as e:
-        raise EvalError(f"eval {path}: {e}") from None
-    cfg = ModelConfig(**{**whole["model_config"], "attn": "sdpa",
-                         "activation_checkpointing": False})
-    model = Transformer(cfg)
-    model.load_state_dict(whole["model"])
-    return model.eval(), whole["tokenizer"]
-
-
-@torch.no_grad()
-def val_loss(model, batches):
-    return torch.stack([model(x, y)[1].double() for x, y in batches]).mean().item()
-
-
-@torch.no_grad()
-def generation_seconds(model, prompt, n_tokens):
-    t0 = time.perf_counter()
-    # greedy: the two models' outputs can be compared
-    out = model.generate(prompt, n_tokens, temperature=0)
-    return time.perf_counter() - t0, out[0, prompt.shape[1]:]
-
-
-def eval_main(argv):
-    import copy
-
-    import data as data_lib
-    p = argparse.ArgumentParser(prog="quantization.py eval",
-                                description="INT8 weight-only PTQ of a checkpoint "
-                                "against its bf16 model: validation loss, bytes, generation "
-                                "tokens/s")
-    p.add_argument("ckpt", help="a run's --out folder (any layout), a consolidated file or a "
-                                "Hugging Face folder")
-    p.add_argument("--data", default=None, help="prepared data folder (default: the embedded "
-                                                "corpus)")
-    p.add_argument("--eval-iters", type=int, default=20, help="validation batches")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per validation batch")
-    p.add_argument("--gen-tokens", type=int, default=100, help="tokens generated per timing")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timings per model, alternating; the fastest counts")
-    args = p.parse_args(argv)
-    for flag in ("eval_iters", "batch_size", "gen_tokens", "repeats"):
-        if getattr(args, flag) < 1:
-            raise EvalError(f"--{flag.replace('_', '-')} must be at least 1, got "
-                            f"{getattr(args, flag)}")
-    model, tokenizer = load_trained(args.ckpt)
-    data_dir = args.data or data_lib.ensure_default_data(tokenizer)
-    # a DataError if the data was prepared with another tokenizer
-    data_lib.load_meta(data_dir, tokenizer)
-    val = data_lib.eval_batches(data_dir, model.cfg.block_size, args.batch_size, args.eval_iters)
-    enc = data_lib.get_tokenizer(tokenizer)
-    prompt = torch.tensor([enc.encode_ordinary("def ")])
-
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    # from the checkpoint's own weights, not from bf16's
-    int8 = quantize_model_int8(model, torch.bfloat16)
-    models = {"bf16": bf16, "int8": int8}
-    seconds, text = {k: [] for k in models}, {}
-    for _ in range(args.repeats):  # alternate, so that both see the same machine load
-        for name, m in models.items():
-            s, text[name] = generation_seconds(m, prompt, args.gen_tokens)
-            seconds[name].append(s)
-    rows = {name: (val_loss(m, val), model_bytes(m), args.gen_tokens / min(seconds[name]))
-            for name, m in models.items()}
-    print(f"{args.ckpt}: {sum(p.numel() for p in bf16.parameters()):,} parameters, {len(val)} x "
-          f"{args.batch_size} x {model.cfg.block_size} validation tokens, greedy generation of "
-          f"{args.gen_tokens} tokens (fastest of {args.repeats}, {torch.get_num_threads()} "
-          "threads)")
-    print(f"{'model':<6} {'val loss':>9} {'bytes':>12} {'tokens/s':>9}")
-    for name, (loss, nbytes, tps) in rows.items():
-        print(f"{name:<6} {loss:>9.4f} {nbytes:>12,} {tps:>9.1f}")
-    (lb, bb, tb), (li, bi, ti) = rows["bf16"], rows["int8"]
-    same = int((text["bf16"] == text["int8"]).cumprod(0).sum())
-    print(f"int8 vs bf16: val loss {li - lb:+.5f} nats, bytes {bi / bb:.3f}x, generation "
-          f"{ti / tb:.2f}x tokens/s; greedy outputs agree on the first {same} of "
-          f"{args.gen_tokens} tokens")
-    return rows
 
 
 # ----------------------------------------------------------------------------- the demo
@@ -429,9 +330,8 @@ def demo_fp8():
     amaxes = [10.0 ** k for k in range(-6, 7, 3)]
     used = [(to_fp8(torch.tensor([a, -a / 3]), E4M3)[0].float().abs().max().item()) for a in amaxes]
     print("current scaling, E4M3, tensors of amax " + ", ".join(f"{a:g}" for a in amaxes)
-          + ": scaled amax "
-          + ", ".join(f"{u:g}" for u in used) + f" (of at most {torch.finfo(E4M3).max:g}: never "
-                                                "overflows)")
+          + ": scaled amax " + ", ".join(f"{u:g}" for u in used)
+          + f" (of at most {torch.finfo(E4M3).max:g}: never overflows)")
 
     torch.manual_seed(0)
     idx = torch.randint(0, 256, (8, 65))
@@ -454,8 +354,7 @@ def demo_fp8():
 
 
 def demo_int8():
-    """Per-channel INT8 of one 4096 x 4096 weight: its error, its bytes, its matmul speed against
-    bf16."""
+    """Per-channel INT8 of one 4096 x 4096 weight: its error, bytes, matmul speed against bf16."""
     lin = nn.Linear(4096, 4096, bias=False)
     q, s = quantize_int8(lin.weight)
     err = (q.float() * s[:, None] - lin.weight).abs()
@@ -467,9 +366,9 @@ def demo_int8():
     for m in (1, 64):
         x = torch.randn(m, 4096).bfloat16()
         t16, t8 = best_seconds(lambda: F.linear(x, w16)), best_seconds(lambda: int8(x))
-        print(f"  x W^T with {m:>2} row(s), {torch.get_num_threads()} thread(s): bf16 "
-              f"{t16 * 1e3:.2f} ms, int8 {t8 * 1e3:.2f} ms: int8 {t16 / t8:.2f}x the speed of "
-              "bf16")
+        print(f"  x W^T with {m:>2} row(s), {torch.get_num_threads()} thread(s): "
+              f"bf16 {t16 * 1e3:.2f} ms, int8 {t8 * 1e3:.2f} ms: "
+              f"int8 {t16 / t8:.2f}x the speed of bf16")
 
 
 def best_seconds(fn, repeats=10):
@@ -485,20 +384,13 @@ def best_seconds(fn, repeats=10):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["eval"]:
-        try:
-            return eval_main(argv[1:])
-        except EvalError as e:
-            print(f"quantization.py: {e}", file=sys.stderr)
-            sys.exit(2)
-    elif argv:
-        print(f"quantization.py: unknown command {argv[0]!r}: run without arguments for the "
-              "demo, or `eval CKPT`", file=sys.stderr)
+    if argv:
+        print(f"quantization.py: unexpected argument {argv[0]!r}: the demo takes none "
+              "(`python int8_eval.py CKPT` measures INT8 on a checkpoint)", file=sys.stderr)
         sys.exit(2)
-    else:
-        demo_formats()
-        demo_fp8()
-        demo_int8()
+    demo_formats()
+    demo_fp8()
+    demo_int8()
 
 
 if __name__ == "__main__":

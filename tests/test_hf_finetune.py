@@ -20,16 +20,15 @@ from tests.distributed import run_distributed
 
 
 def chats(n, seed):
-    """Chat-format lines: reverse a word (a system turn in every other line; ChatML adds its default
-    otherwise)."""
+    """Chat lines: reverse a word (a system turn in every other line, else ChatML's default one)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
         w = WORDS[int(torch.randint(len(WORDS), (1,), generator=g))]
         turns = [{"role": "user", "content": f"Reverse {w}."},
                  {"role": "assistant", "content": w[::-1]}]
-        out.append({"messages": ([{"role": "system",
-                                   "content": "Be brief."}] if i % 2 else []) + turns})
+        out.append({"messages": ([{"role": "system", "content": "Be brief."}] if i % 2 else [])
+                                + turns})
     return out
 
 
@@ -60,7 +59,8 @@ def greedy(path, *extra):
 
 def test_lora_on_tp2_zero3_equals_one_process_then_chats_and_exports(tmp_path, files, capsys):
     one = sft.main(argv(files, tmp_path / "one"))
-    assert len(one["losses"]) == 3 and all(torch.isfinite(torch.tensor(one["losses"] + one["val_losses"])))
+    assert (len(one["losses"]) == 3
+            and all(torch.isfinite(torch.tensor(one["losses"] + one["val_losses"]))))
     # held-out replies: before training, after 3 steps
     assert one["val_losses"][-1] < one["val_losses"][0]
     # The same run on 4 ranks (tensor parallel 2 x data parallel 2, ZeRO-3 sharding the adapters):
@@ -71,8 +71,8 @@ def test_lora_on_tp2_zero3_equals_one_process_then_chats_and_exports(tmp_path, f
         assert losses == pytest.approx(one["losses"], rel=1e-5)
         assert val_losses == pytest.approx(one["val_losses"], rel=1e-5)
         assert samples == one["samples"]
-    merged = {d: torch.load(tmp_path / d / "merged.pt",
-                            weights_only=False) for d in ("one", "four")}
+    merged = {d: torch.load(tmp_path / d / "merged.pt", weights_only=False)
+              for d in ("one", "four")}
     assert merged["four"]["tokenizer"] == str(files["hf"].resolve())
     # transformers 5's form alone (rope_parameters, no top-level rope_theta) gave the model its
     # theta of 5e5.
@@ -95,8 +95,8 @@ def test_lora_on_tp2_zero3_equals_one_process_then_chats_and_exports(tmp_path, f
     hf_out = tmp_path / "hf_out"
     weights.main(["export-hf", str(path), str(hf_out)])
     config = json.loads((hf_out / "config.json").read_text())
-    assert config["rope_parameters"] == {"rope_type": "default",
-                                         "rope_theta": 5e5} and config["rope_theta"] == 5e5
+    assert (config["rope_parameters"] == {"rope_type": "default", "rope_theta": 5e5}
+            and config["rope_theta"] == 5e5)
     # LoRA left the (tied) embedding and head untouched
     assert config["tie_word_embeddings"] is True
     assert "lm_head.weight" not in hf.read_safetensors(hf_out / "model.safetensors")
@@ -109,8 +109,9 @@ def test_lora_on_tp2_zero3_equals_one_process_then_chats_and_exports(tmp_path, f
 
 
 def test_a_reply_stops_at_im_end(tmp_path, files, capsys):
-    """The folder's ChatML turn end stops a reply: a model rigged to always answer <|im_end|> (a large constant
-    in the embedding's first dimension, which the final norm keeps, read by <|im_end|>'s row of the head)."""
+    """The folder's ChatML turn end stops a reply: a model rigged to always answer <|im_end|> (a
+    large constant in the embedding's first dimension, which the final norm keeps, read by
+    <|im_end|>'s row of the head)."""
     init = hf.import_hf(files["hf"])
     im_end = data.get_tokenizer(init["tokenizer"]).encode_single_token("<|im_end|>")
     sd = init["model"]
@@ -122,7 +123,8 @@ def test_a_reply_stops_at_im_end(tmp_path, files, capsys):
     assert capsys.readouterr().out.splitlines()[-1].endswith("stopped at end-of-text")
 
 
-def test_heads_that_do_not_split_over_tp_are_refused_before_any_group(tmp_path, files, capsys, monkeypatch):
+def test_heads_that_do_not_split_over_tp_are_refused_before_any_group(tmp_path, files, capsys,
+                                                                       monkeypatch):
     """SmolLM2-135M's 9 heads / 3 KV heads (here in miniature, head 8) do not divide by --tp 2: one
     line, exit 2, before a process group is built (rank 0 of a world of 4 that does not exist would
     hang otherwise)."""

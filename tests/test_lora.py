@@ -29,8 +29,7 @@ def trained_adapted(model, x, y, targets=ALL, steps=5):
 
 
 def test_step_zero_is_the_base_model():
-    """B = 0: the adapted model's logits equal the base's exactly (float64), with dropout active
-    too."""
+    """B = 0: the adapted model's logits equal the base's exactly (float64), dropout active too."""
     model, x, _ = base_and_batch()
     adapted = copy.deepcopy(model)
     lora.apply_lora(adapted, r=4, alpha=8, dropout=0.1, targets=ALL)
@@ -40,8 +39,7 @@ def test_step_zero_is_the_base_model():
 
 
 def test_seed_draws_other_adapters():
-    """--seed reaches A: another seed, other values; the same seed, the same ones; every layer its
-    own."""
+    """--seed reaches A: another seed, other values; the same seed, the same; each layer its own."""
     model, _, _ = base_and_batch()
     drawn = {}
     for seed in (0, 1, 0):

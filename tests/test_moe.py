@@ -119,9 +119,9 @@ def test_capacity_serves_first_choices_first_and_at_most_c_pairs_per_expert():
 
 
 def _train(rank, world, capacity_factor, ep):
-    """ep ranks (= dp ranks here), each with its own slice of the global batch; one process: world
-    == 1 runs the same per-rank batches one after another (capacity is per rank's batch, so that is
-    the reference)."""
+    """ep ranks (= dp ranks here), each with its own slice of the global batch; one process (world
+    == 1) runs the same per-rank batches one after another: capacity is per rank's batch, so that is
+    the reference."""
     torch.manual_seed(0)
     model = add_moe(Transformer(CFG), E, K, capacity_factor).double()
     if ep > 1:
@@ -146,8 +146,7 @@ def _train(rank, world, capacity_factor, ep):
                 dist.all_reduce(p.grad)
             dist.all_reduce(total)
             reduce_expert_grads(model, dp=1)  # losses were already divided by the global count
-        # each rank's experts are its own: their part of the squared norm is summed over the ep
-        # group
+        # each rank's experts are its own: their part of the squared norm is summed over ep ranks
         if ep > 1:
             dense = [p.grad for n, p in model.named_parameters() if ".experts." not in n]
             norm = global_grad_norm(dense, None, [p.grad for p in expert_params(model)],
@@ -186,8 +185,7 @@ def test_expert_parallel_equals_one_process(ep, capacity_factor):
 
 
 def _host_syncs(rank, world):
-    """Calls of Tensor.tolist / item (each one waits for the device) in one MoE forward and
-    backward, ep=2."""
+    """tolist / item calls (each waits for the device) in one MoE forward and backward at ep=2."""
     torch.manual_seed(0)
     model = add_moe(Transformer(CFG), E, K, capacity_factor=1.0)
     for m in moe_layers(model):
@@ -206,8 +204,7 @@ def _host_syncs(rank, world):
 
 
 def test_expert_parallel_syncs_the_host_once_per_layer():
-    """all_to_all_single takes its splits as host ints: one .tolist() per MoE layer, none in the
-    backward."""
+    """all_to_all_single takes host ints as splits: one .tolist() per MoE layer, none backward."""
     for layers, calls in run_distributed(_host_syncs, 2):
         assert calls == ["tolist"] * layers
 
@@ -223,18 +220,19 @@ def _pretrain_moe(rank, world, out, cache, extra):
     return pretrain.main(FAST + extra + ["--out", f"{out}/{'-'.join(extra)}"])["losses"]
 
 
-def test_pretrain_moe_logs_balance_and_composes_with_tp_and_zero1(tmp_path, stdlib_data, data_cache):
+def test_pretrain_moe_logs_balance_and_composes_with_tp_and_zero1(tmp_path, stdlib_data,
+                                                                   data_cache):
     """One process logs the balancing loss and expert load; tp 2 (experts split column/row-wise,
     router replicated) and ZeRO-1 over 2 data-parallel ranks (experts replicated) give one process's
     losses (fp32, another summation order: float32 rounding, amplified a little over 3 steps)."""
     one = pretrain.main(FAST + ["--out", str(tmp_path / "one")])
     rec = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
            if '"loss"' in l]
-    # (the figures themselves are checked against hand-made routings above; here: that they reach
-    # the log)
-    assert rec[-1]["aux_loss"] > 0 and rec[-1]["expert_load_min"] < 0.25 < rec[-1]["expert_load_max"]
-    # Capacity is per rank's batch (moe.py): with 2 data-parallel ranks the reference cuts the batch
-    # the same way.
+    # (the figures are checked against hand-made routings above; here: that they reach the log)
+    assert (rec[-1]["aux_loss"] > 0
+            and rec[-1]["expert_load_min"] < 0.25 < rec[-1]["expert_load_max"])
+    # Capacity is per rank's batch (moe.py): with 2 data-parallel ranks the reference cuts the
+    # batch the same way.
     grad_accum2 = pretrain.main(FAST + ["--grad-accum", "2", "--out",
                                         str(tmp_path / "grad_accum2")])
     for extra, ref in ((["--tp", "2"], one), (["--zero", "1"], grad_accum2)):
@@ -243,13 +241,12 @@ def test_pretrain_moe_logs_balance_and_composes_with_tp_and_zero1(tmp_path, stdl
 
 
 # ----------------------------------------------------------- expert parallelism through pretrain.py
-# below every step's gradient norm (asserted): the clipping path is exercised
+# a clip below every step's gradient norm (asserted): the clipping path is exercised
 CLIP = ["--grad-clip", "0.05"]
 
 
 def _weights(model):
-    """Dense parameters by name; experts by (MoE layer, global expert index): comparable across ep
-    layouts."""
+    """Dense parameters by name, experts by (MoE layer, global expert index): alike on any ep."""
     experts = {(i, m.first_expert + j): [p.detach().clone() for p in e.parameters()]
                for i, m in enumerate(moe_layers(model)) for j, e in enumerate(m.experts)}
     dense = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." not in n}
@@ -282,10 +279,9 @@ def _pretrain_ep(rank, world, out, cache, runs, resume=None):
 
 
 def _check_against(ref_dir, ref, results, out, runs, weights=True):
-    """Losses, logged gradient norms and final weights of every rank against one process (fp32:
+    """Losses, logged gradient norms and final weights of every rank against one process. fp32:
     another summation order, float32 rounding amplified a little by 3 Adam steps: rel 1e-4 on losses
-    and norms; weights move by ~lr = 3e-3 a step, so 1e-5 absolute is a few thousandths of one
-    step)."""
+    and norms; weights move by ~lr = 3e-3 a step, so 1e-5 absolute is a few thousandths of it."""
     ref_losses, ref_experts, ref_dense = ref["losses"], *_weights(ref["model"])
     ref_norms = _norms(ref_dir)
     assert min(ref_norms) > float(CLIP[1])  # clipping is active at every step
@@ -314,7 +310,8 @@ def _check_against(ref_dir, ref, results, out, runs, weights=True):
                                            msg=lambda m: f"{extra} expert {key}: {m}")
 
 
-def test_pretrain_expert_parallel_ep2_with_ddp_and_zero1_equals_one_process(tmp_path, stdlib_data, data_cache):
+def test_pretrain_expert_parallel_ep2_with_ddp_and_zero1_equals_one_process(
+        tmp_path, stdlib_data, data_cache):
     """World 2, --ep 2 (dp 2): each rank holds 2 of the 4 experts of each MoE layer, capacity
     dropping on and the gradient clipped, with ddp.py and with ZeRO-1: the same losses, gradient
     norms and weights as one process running the same two per-rank batches as 2 accumulation
@@ -329,13 +326,13 @@ def test_pretrain_expert_parallel_ep2_with_ddp_and_zero1_equals_one_process(tmp_
     for rank_results in results:
         losses, on_ep1 = rank_results[2]
         assert losses == rank_results[1][0]
-        # ep 2's checkpoint resumed on ep 1 (each rank all 4 experts): step 3 as on ep 2, to fp32
-        # rounding
+        # ep 2's checkpoint resumed on ep 1 (each rank all 4 experts): step 3 goes as on ep 2,
+        # to fp32 rounding
         assert on_ep1 == pytest.approx(losses[2:], rel=1e-5)
 
 
-def test_pretrain_expert_parallel_dp4_ep2_sums_expert_replicas_and_composes_with_tp(tmp_path, stdlib_data,
-                                                                                      data_cache):
+def test_pretrain_expert_parallel_dp4_ep2_sums_expert_replicas_and_composes_with_tp(
+        tmp_path, stdlib_data, data_cache):
     """World 4, dp 4, --ep 2: two replicas of each expert set; their gradients are summed over the
     expert-data group ({0,2} and {1,3}) and counted once in the norm. Against one process with 4
     accumulation micro-steps. And tp 2 x dp 2 with --ep 2 (experts split column/row-wise, then over
@@ -360,7 +357,6 @@ def test_pretrain_expert_parallel_dp4_ep2_sums_expert_replicas_and_composes_with
     (2, ["--experts", "4", "--ep", "2", "--zero", "3"], "use --zero 0 or 1"),
 ])
 def test_expert_parallel_bad_input_fails_before_any_process_group(tmp_path, capsys, monkeypatch,
-                                                                  world, flags,
-                                                                   message):
+                                                                   world, flags, message):
     err = refused_before_any_group(tmp_path, capsys, monkeypatch, world, flags)
     assert message in err, err

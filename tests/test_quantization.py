@@ -1,6 +1,6 @@
 """quantization.py: FP8 casts and matmuls at the bounds their formats' epsilons give, INT8
-per-channel PTQ, the eval command, and FP8 under tensor parallelism and ZeRO-3 against one
-process."""
+per-channel PTQ (and int8_eval.py's report on a checkpoint), FP8 under tensor parallelism and ZeRO-3
+against one process."""
 import contextlib
 import math
 import re
@@ -9,6 +9,7 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
+import int8_eval
 import quantization as q
 import tensor_parallel
 from amp import DynamicLossScaler, MixedPrecisionOptimizer
@@ -56,7 +57,8 @@ def test_current_scaling_never_overflows_over_twelve_decades():
             x = x / x.abs().max() * amax
             xq, inv = q.to_fp8(x, fmt)
             back = xq.float() * inv
-            assert torch.isfinite(back).all() and fmax / 2 <= xq.float().abs().max() <= fmax, (fmt, amax)
+            assert (torch.isfinite(back).all()
+                    and fmax / 2 <= xq.float().abs().max() <= fmax), (fmt, amax)
             i = x.abs().argmax()
             assert abs(back[i] - x[i]) <= u * abs(x[i]), (fmt, amax)
         zq, zinv = q.to_fp8(torch.zeros(8), fmt)
@@ -74,8 +76,7 @@ def one_hot_rows(m, k, g, binades):
 
 
 def check_linear(x, w, gy, out_dtype):
-    """fp8_linear's output and both gradients against float64; returns the largest error / bound of
-    each."""
+    """fp8_linear's output and both gradients against float64: the largest error / bound of each."""
     xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
     q.fp8_linear(xl, wl).backward(gy)
     xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
@@ -94,12 +95,14 @@ def check_linear(x, w, gy, out_dtype):
 
 def test_fp8_linear_forward_and_backward_within_the_epsilon_bound():
     """Y = X W^T (E4M3 x E4M3), dX = dY W and dW = dY^T X (E5M2 x E4M3), entry by entry within
-    e_a (|b| + e_b) + |a| e_b (+ fp32 accumulation and output rounding), e = u (|t| + smallest normal / scale),
-    u from each format's epsilon. One-hot rows make single-product entries, so the bound is nearly
-    reached (checked: a looser test would pass a coarser format); dY spans 16 binades, which E5M2
-    holds and E4M3 would flush. Then dense bf16 tensors, as in training."""
+        e_a (|b| + e_b) + |a| e_b   (+ fp32 accumulation and output rounding),
+        e = u (|t| + smallest normal / scale),   u from each format's epsilon.
+    One-hot rows make single-product entries, so the bound is nearly reached (checked: a looser test
+    would pass a coarser format); dY spans 16 binades, which E5M2 holds and E4M3 would flush. Then
+    dense bf16 tensors, as in training."""
     g = torch.Generator().manual_seed(0)
-    x, w, gy = one_hot_rows(256, 32, g, 8), torch.randn(48, 32, generator=g), one_hot_rows(256, 48, g, 16)
+    x, w, gy = (one_hot_rows(256, 32, g, 8), torch.randn(48, 32, generator=g),
+                one_hot_rows(256, 48, g, 16))
     assert min(check_linear(x, w, gy, torch.float32)) > 0.6
     x, w, gy = (torch.randn(*s, generator=g).bfloat16() for s in ((64, 64), (48, 64), (64, 48)))
     check_linear(x, w, gy, torch.bfloat16)
@@ -168,7 +171,8 @@ def test_moe_experts_with_no_rows_and_seven_rows_run_in_fp8():
         if counts[e] == 0:
             assert b.w1.weight.grad is None or not b.w1.weight.grad.any()
         else:
-            assert ((b.w1.weight.grad - a.w1.weight.grad).norm() / a.w1.weight.grad.norm()).item() < 0.1, e
+            assert ((b.w1.weight.grad - a.w1.weight.grad).norm()
+                    / a.w1.weight.grad.norm()).item() < 0.1, e
 
 
 def test_sft_in_fp8_with_micro_batches_of_any_token_count(tmp_path):
@@ -181,13 +185,14 @@ def test_sft_in_fp8_with_micro_batches_of_any_token_count(tmp_path):
                     str(tmp_path / "o"), "--batch-size", "4", "--grad-accum", "2", "--max-steps",
                     "3", "--samples", "0", "--amp", "fp8", "--lr", "3e-3", "--warmup-steps", "1"])
     assert any(type(m).__name__ == "Fp8Linear" for m in out["model"].modules())
-    assert all(torch.isfinite(torch.tensor(out["losses"]))) and out["losses"][-1] != out["losses"][0]
+    assert (all(torch.isfinite(torch.tensor(out["losses"])))
+            and out["losses"][-1] != out["losses"][0])
 
 
 def test_int8_per_channel_error_is_half_a_step_of_each_row():
     """Rows six decades apart: each row's error is at most its own s_j / 2 (a per-tensor scale would
-    give the small rows the large rows' step), its largest entry maps to +-127; Int8Linear computes
-    x (q s)^T."""
+    give the small rows the large rows' step), its largest entry maps to +-127; and Int8Linear
+    computes x (q s)^T."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(32, 64, generator=g) * torch.logspace(-3, 3, 32).unsqueeze(1)
     wq, s = q.quantize_int8(w)
@@ -209,33 +214,35 @@ def test_eval_command_reports_int8_beside_bf16(tmp_path, stdlib_data, capsys):
     model = Transformer(replace(CFG, vocab_size=256))
     torch.save({"model": model.state_dict(), "model_config": asdict(replace(model.cfg, attn="-")),
                 "tokenizer": "bytes"}, tmp_path / "model.pt")  # a consolidated file
-    rows = q.eval_main([str(tmp_path / "model.pt"), "--eval-iters", "1", "--batch-size", "2",
-                        "--gen-tokens", "4", "--repeats", "1"])
+    rows = int8_eval.evaluate([str(tmp_path / "model.pt"), "--eval-iters", "1", "--batch-size",
+                               "2", "--gen-tokens", "4", "--repeats", "1"])
     linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     other = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in linear)
     assert rows["int8"][1] == sum(p.numel() + 2 * p.shape[0] for p in linear) + 2 * other
     assert rows["bf16"][1] == 2 * sum(p.numel() for p in model.parameters())
     assert abs(rows["int8"][0] - rows["bf16"][0]) < 0.05
     assert "int8 vs bf16" in capsys.readouterr().out
-    with pytest.raises(q.EvalError, match="no such file or folder"):
-        q.eval_main([str(tmp_path / "missing")])
+    with pytest.raises(int8_eval.EvalError, match="no such file or folder"):
+        int8_eval.evaluate([str(tmp_path / "missing")])
 
 
 def test_pretrain_amp_fp8_trains_fp8_layers_and_saves_plain_keys(tmp_path, stdlib_data):
     """--amp fp8 end to end: bf16 parameters with fp32 masters, every Linear but none other swapped,
-    the loss falls, and the checkpoint's keys are a plain model's (it loads into model.py's
-    Transformer)."""
+    the loss falls, and the checkpoint's keys are a plain model's (model.py's Transformer loads
+    it)."""
     import pretrain
     out = pretrain.main(["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--lr", "3e-3",
                          "--warmup-steps", "1", "--eval-iters", "1", "--sample-tokens", "0",
                          "--max-steps", "6", "--amp", "fp8", "--out", str(tmp_path)])
     model = out["model"]
     kinds = {type(m).__name__ for m in model.modules()}
-    assert "Fp8Linear" in kinds and "Linear" not in kinds and next(model.parameters()).dtype == torch.bfloat16
+    assert ("Fp8Linear" in kinds and "Linear" not in kinds
+            and next(model.parameters()).dtype == torch.bfloat16)
     assert out["losses"][-1] < out["losses"][0] - 0.5, out["losses"]
     from weights import load_weights
     ckpt = load_weights(tmp_path)  # the whole model from the run's folder
-    Transformer(ModelConfig(**{**ckpt["model_config"], "attn": "sdpa"})).load_state_dict(ckpt["model"])
+    Transformer(ModelConfig(**{**ckpt["model_config"], "attn": "sdpa"})).load_state_dict(
+        ckpt["model"])
 
 
 def test_fp8_refused_in_one_line_where_scaled_mm_is_missing(tmp_path, capsys, monkeypatch):
@@ -244,8 +251,8 @@ def test_fp8_refused_in_one_line_where_scaled_mm_is_missing(tmp_path, capsys, mo
     monkeypatch.delattr(torch, "_scaled_mm")
     msg = q.fp8_unsupported("cpu")
     assert msg.startswith("--amp fp8:") and "_scaled_mm" in msg and "\n" not in msg
-    assert "--amp fp8: this torch has no FP8 matmul" in refused_before_any_group(tmp_path, capsys, monkeypatch, 2,
-                                                                                ["--amp", "fp8"])
+    assert ("--amp fp8: this torch has no FP8 matmul"
+            in refused_before_any_group(tmp_path, capsys, monkeypatch, 2, ["--amp", "fp8"]))
 
 
 # ----------------------------------------------------------------------------- composition
@@ -256,9 +263,8 @@ def batch(step=0):
 
 def uneven_model():
     """The test model with the first half of every split weight 8x larger: the two tp ranks' shards
-    then have amaxes in different binades, so per-shard scales differ from the whole tensor's (with
-    power-of-two scales, shards of similar range would get the same scale and hide the
-    difference)."""
+    then have amaxes in different binades, so per-shard scales differ from the whole tensor's
+    (power-of-two scales would give shards of like range one scale and hide the difference)."""
     torch.manual_seed(0)
     model = Transformer(CFG)
     with torch.no_grad():
@@ -291,8 +297,8 @@ def _tp_against_one_process(rank, world):
             d = tensor_parallel.split_dim(n)
             want = ref[n] if d is None else ref[n].chunk(world, dim=d)[rank]
             grad_err = max(grad_err, ((p.grad - want).norm() / want.norm()).item())
-        out["reduced" if amax_group is not None
-            else "per shard"] = (abs(loss.item() - ref_loss.item()), grad_err)
+        out["reduced" if amax_group is not None else "per shard"] = (
+            abs(loss.item() - ref_loss.item()), grad_err)
     return out
 
 
@@ -305,7 +311,8 @@ def test_fp8_under_tp2_matches_one_process():
     for r in results:
         assert r["reduced"][0] < 1e-6 and r["reduced"][1] < 1e-5, r
         assert r["per shard"][0] < 1e-2 and r["per shard"][1] < 1e-2, r
-    assert max(r["per shard"][1] for r in results) > 100 * max(r["reduced"][1] for r in results), results
+    assert (max(r["per shard"][1] for r in results)
+            > 100 * max(r["reduced"][1] for r in results)), results
 
 
 def _step(model, module, opt, micro):
@@ -320,8 +327,8 @@ def _step(model, module, opt, micro):
 def _zero_against_one_process(rank, world):
     """ZeRO stages 1-3 over 2 ranks, each a half of the batch, against one process taking the halves
     as 2 accumulation steps: activations are scaled per micro-batch alike, and ZeRO-3 gathers whole
-    weights, so every 8-bit value is the same; only the order of the gradient sums may differ (stage
-    1 runs ddp.py's all-reduce)."""
+    weights, so every 8-bit value is the same; only the order of the gradient sums may differ
+    (stage 1 runs ddp.py's all-reduce)."""
     from zero import ZeroOptimizer
 
     def make(groups):
@@ -357,8 +364,8 @@ def test_fp8_under_zero_1_2_3_matches_one_process():
 
 def _ragged_layouts(rank, world, out):
     """Two fp8 steps of pretrain.py on each layout whose matmuls see ragged shapes: cp 2 (each rank
-    6 of a row's 12 tokens: the weight gradient's K), experts over ep 2 (any row count per expert, 0
-    included), tp 2."""
+    6 of a row's 12 tokens: the weight gradient's K), experts over ep 2 (any row count per expert,
+    0 included), tp 2."""
     import pretrain
     common = ["--model", "tiny", "--seq-len", "12", "--batch-size", "2", "--max-steps", "2",
               "--warmup-steps", "1", "--eval-iters", "1", "--eval-every", "2", "--sample-tokens",

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import checkpoint
+import int8_eval
 import pretrain
-import quantization
 import sft
 import training
 import weights
@@ -102,10 +102,9 @@ ENTRY_POINTS = {
         "export-hf", str(poison_steps(copy(r["pre"], t / "p"), m)), str(t / "hf")]),
     "checkpoint.py export-hf FILE": lambda r, t, m: (weights.main, [
         "export-hf", str(poison_file(t / "m.pt", m)), str(t / "hf")]),
-    "quantization.py eval FILE": lambda r, t, m: (quantization.main,
-                                                  ["eval", str(poison_file(t / "m.pt", m))]),
-    "quantization.py eval DIR": lambda r, t, m: (quantization.main, [
-        "eval", str(poison_steps(copy(r["pre"], t / "p"), m))]),
+    "int8_eval.py FILE": lambda r, t, m: (int8_eval.main, [str(poison_file(t / "m.pt", m))]),
+    "int8_eval.py DIR": lambda r, t, m: (int8_eval.main, [
+        str(poison_steps(copy(r["pre"], t / "p"), m))]),
 }
 
 
