@@ -2,11 +2,11 @@
 
 The idea: a checkpoint (checkpoint.py) is pieces of every parameter spread over the files of the
 ranks that held them; the whole model is those pieces assembled (full_state_dict: each rank file
-memory-mapped, each piece copied into place). `consolidate` writes it as one file; `load_weights`
-reads whatever a user hands over (a run's folder, a step folder, such a file, or a Hugging Face
-folder: hf.py), for sft.py --init, pretrain.py --init and generation. It reads nothing yet: each
-tensor is memory-mapped (SavedWeights for a folder), and stack.build_model copies out only the
-blocks a rank holds (read_box), so a rank of a large model never holds the whole one.
+memory-mapped, each piece copied into place by reshard.py). `consolidate` writes it as one file;
+`load_weights` reads whatever a user hands over (a run's folder, a step folder, such a file, or a
+Hugging Face folder: hf.py), for sft.py --init, pretrain.py --init and generation. It reads nothing
+yet: each tensor is memory-mapped (SavedWeights for a folder), and stack.build_model copies out only
+the blocks a rank holds (read_box), so a rank of a large model never holds the whole one.
 
 The consolidated file: torch.save of {"model": state dict, "model_config", "tokenizer", "args",
 "step"}, read back with weights_only (tensors and plain values, never code). A LoRA run's adapters
@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError, copy_overlap, find, rects, safe_load
+from checkpoint import CheckpointError, find, safe_load
 from hf import export_hf, import_hf, special_ids
 from model import config_dict
+from reshard import copy_overlap, rects
 
 
 # ----------------------------------------------------------------------------- the whole model

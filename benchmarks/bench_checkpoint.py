@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import checkpoint  # noqa: E402
 import pretrain  # noqa: E402
+import reshard  # noqa: E402
 import stack  # noqa: E402
 import training  # noqa: E402
 import hf  # noqa: E402
@@ -56,13 +57,13 @@ def _ranks(rank, world, out):
     del model, module, opt
     topo = Topology(tp=2, pp=2)
     model, module, opt = build(topo, zero=0)
-    copied, copy = [0], checkpoint.copy_overlap
+    copied, copy = [0], reshard.copy_overlap
 
     def counting(dst, dst_rects, src, src_rects):
         n = copy(dst, dst_rects, src, src_rects)
         copied[0] += n * src.element_size()
         return n
-    checkpoint.copy_overlap = counting
+    reshard.copy_overlap = counting
     t0 = time.perf_counter()
     checkpoint.load(out, model, opt, topo)
     return {"written": written, "save_s": t_save, "read": copied[0],
