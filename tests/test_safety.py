@@ -45,8 +45,8 @@ def runs(tmp_path_factory, stdlib_data):
     init = make_init(root / "init")
     data = write_jsonl(root / "train.jsonl", reverse_examples(24))
     sft_argv = ["--init", str(init), "--data", str(data), "--batch-size", "4", "--max-steps", "2",
-                "--save-every", "1", "--samples", "0", "--eval-examples", "4", "--warmup-steps",
-                "1", "--lora-r", "2"]
+                "--save-every", "1", "--samples", "0", "--eval-examples", "4",
+                "--warmup-steps", "1", "--lora-r", "2"]
     sft.main(sft_argv + ["--out", str(root / "sft")])
     return {"root": root, "pre": root / "pre", "losses": first["losses"], "sft": root / "sft",
             "init": init, "sft_argv": sft_argv}
