@@ -51,8 +51,7 @@ KEEP = 2    # complete steps kept on disk
 
 
 class CheckpointError(ValueError):
-    """A missing, damaged or mismatched checkpoint, or a failed save: the message is the user's
-    one line."""
+    """A missing, damaged or mismatched checkpoint, or a failed save: the one line the user sees."""
 
 
 def rng_state():
