@@ -1,18 +1,14 @@
-"""checkpoint.py: checkpoints that outlive their layout: resume on any world size, --tp, --pp, --ep
-or --zero.
+"""checkpoint.py: checkpoints that outlive their layout: resume on any world size, tp, pp, ep, ZeRO.
 
-The idea: describe every saved tensor by what it is, not by who held it. A rank's tensors are pieces
-of the full model's parameters: a tensor-parallel slice is a box (offset and length per dimension)
-of the full parameter, a pipeline stage holds whole blocks under their full names
-(blocks.{first_layer + i}), an expert-parallel rank whole experts (experts.{first_expert + j}), and
-a ZeRO flat shard covers a flat range [a, b) of the (sliced) parameter. So each rank writes, for
-every piece it is the first holder of, the 16-bit weights ("param"), the fp32 master ("master",
-under mixed precision), AdamW's exp_avg and exp_avg_sq (and its step), each tagged (name, full
-shape, box, flat range). A new layout computes the pieces it holds, and copies in the overlap of
-every saved piece of the same name: a flat range of a box is at most three rectangles (a partial
-first row, whole rows, a partial last row), so every overlap is a rectangle and a plain slice copy.
-Files are memory-mapped (torch.load(mmap=True)): a rank reads the pages of the pieces it needs, not
-the whole model (and weights_only=True: no code ever runs).
+The idea: describe every saved tensor by what it is, not by who held it (reshard.py). A rank's
+tensors are pieces of the full model's parameters: a tensor-parallel box, a pipeline stage's blocks
+under their full names, an expert-parallel rank's experts, a ZeRO flat range [a, b). So each rank
+writes, for every piece it is the first holder of, the 16-bit weights ("param"), the fp32 master
+("master", under mixed precision), AdamW's exp_avg and exp_avg_sq (and its step), each tagged
+(name, full shape, box, flat range). A new layout computes the pieces it holds, and copies in the
+overlap of every saved piece of the same name, rectangle by rectangle. Files are memory-mapped
+(torch.load(mmap=True)): a rank reads the pages of the pieces it needs, not the whole model (and
+weights_only=True: no code ever runs).
 
 One step, one folder: out/step_000200/ holds rank{r}.pt per rank and rank 0's meta.json (step, data
 position, model config, tokenizer, loss scale, arguments, the layout, each file's size, CRC-32 and
@@ -27,12 +23,12 @@ warning line.
 
 Cost, for Psi parameters under mixed-precision Adam: 2 + 4 + 4 + 4 = 14 bytes per parameter written
 in all (fp32 training: 12), each byte by one rank only (replicas write nothing): 14 Psi / N per rank
-for N ranks that shard everything. Resuming, a rank reads the checksum of about one file (14 Psi /
-N) and the pieces it holds.
+for N ranks that shard everything. Resuming, a rank reads the checksum of about one file
+(14 Psi / N) and the pieces it holds.
 
 Run:
-    python checkpoint.py consolidate out/pretrain model.pt      # one whole-model file (sft.py/pretrain.py --init)
-    python checkpoint.py export-hf out/pretrain hf/             # a Hugging Face Llama folder (hf.py)
+    python checkpoint.py consolidate out/pretrain model.pt  # one whole-model file, for --init
+    python checkpoint.py export-hf out/pretrain hf/         # a Hugging Face Llama folder (hf.py)
 """
 import json
 import os
@@ -48,23 +44,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from placement import describe, placement_of
+import reshard
 
 FORMAT = 2  # format 1: one ckpt.rank{r}.pt per rank, readable only by the layout that wrote it
 KEEP = 2    # complete steps kept on disk
 
 
 class CheckpointError(ValueError):
-    """A missing, damaged or mismatched checkpoint, or a failed save: the message is the one line
-    the user sees."""
+    """A missing, damaged or mismatched checkpoint, or a failed save: the one line the user sees."""
 
 
 def rng_state():
     """torch's, numpy's and Python's random streams as tensors and plain values, and this rank's own
     CUDA device's only (a resume may see fewer or more GPUs than the save did: each rank's stream
     lives on its own device)."""
-    (kind, keys, pos, has_gauss, gauss), (version, internal, gauss_next) = np.random.get_state(), random.getstate()
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    on_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda = torch.cuda.get_rng_state() if on_cuda else None
     return {"torch": torch.get_rng_state(), "cuda": cuda,
             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
                       float(gauss)],
@@ -95,78 +92,13 @@ def safe_load(path, mmap=True):
         raise CheckpointError(f"{path} is not a checkpoint file ({type(e).__name__})") from None
 
 
-# ----------------------------------------------------------------------- what a rank holds, by name
-def held_pieces(model, opt, topo):
-    """Every piece of a parameter this rank holds: dict(name, shape, box, flat=[a, b],
-    tensors={kind: live 1-D view}, key=the inner optimizer's tensor, writer=whether this rank is the
-    one that saves it). The optimizer (amp.py, zero.py) says what it holds through
-    checkpoint_pieces(); frozen parameters are taken whole."""
-    names = describe(model)  # (placement.py: name in the whole model, full shape, box)
-    pieces = []
-
-    # replicas save nothing: tp copies of a norm, dp (and cp) copies outside ZeRO's shards
-    def writer(p, sharded):
-        where = placement_of(p)
-        dp_rank = topo.expert_dp_rank if where.expert_parallel else topo.dp_rank
-        first = dp_rank == 0 and topo.cp_rank == 0
-        return not where.tp_duplicate and (sharded or first)
-
-    for p, a, b, views, key, sharded in opt.checkpoint_pieces():
-        state = opt.optimizer.state.get(key, {})
-        views = dict(views)
-        if "exp_avg" in state:
-            views.update(exp_avg=state["exp_avg"].view(-1), exp_avg_sq=state["exp_avg_sq"].view(-1))
-        name, shape, box = names[p]
-        pieces.append(dict(name=name, shape=shape, box=box, flat=[a, b], tensors=views, key=key,
-                           adam_step=float(state["step"]) if "step" in state else None,
-                           writer=writer(p, sharded)))
-    for p in model.parameters():
-        if not p.requires_grad:  # frozen (LoRA's base weights): the optimizer knows nothing of them
-            name, shape, box = names[p]
-            pieces.append(dict(name=name, shape=shape, box=box, flat=[0, p.numel()], key=None,
-                               adam_step=None, tensors={"param": p.detach().view(-1)},
-                               writer=writer(p, False)))
-    return pieces
-
-
-def rects(box, flat):
-    """The range [a, b) of a box's row-major flattening as rectangles of the full tensor, each
-    (starts, lengths, offset of its first element in the range): a partial first row, whole rows, a
-    partial last row."""
-    (r0, _), (c0, C) = box if len(box) == 2 else ([0, 1], box[0])  # 1-D: one row
-    a, b = flat
-    ra, ca = divmod(a, C)
-    rb, cb = divmod(b, C)
-    if ra == rb:
-        spans = [(ra, 1, ca, cb - ca, 0)]
-    else:
-        spans = [(ra, 1, ca, C - ca, 0), (ra + 1, rb - ra - 1, 0, C, C - ca),
-                 (rb, 1, 0, cb, (rb - ra) * C - ca)]
-    return [((r0 + r, c0 + c), (h, w), off) for r, h, c, w, off in spans if h > 0 and w > 0]
-
-
-def copy_overlap(dst, dst_rects, src, src_rects):
-    """Copy every element the two pieces share from src into dst (both 1-D); returns how many."""
-    n = 0
-    for (d0, d1), (dh, dw), doff in dst_rects:
-        for (s0, s1), (sh, sw), soff in src_rects:
-            lo0, hi0, lo1, hi1 = max(d0, s0), min(d0 + dh, s0 + sh), max(d1, s1), min(d1 + dw, s1 + sw)
-            if lo0 >= hi0 or lo1 >= hi1:
-                continue
-            d = dst[doff:doff + dh * dw].view(dh, dw)[lo0 - d0:hi0 - d0, lo1 - d1:hi1 - d1]
-            d.copy_(src[soff:soff + sh * sw].view(sh, sw)[lo0 - s0:hi0 - s0, lo1 - s1:hi1 - s1])
-            n += (hi0 - lo0) * (hi1 - lo1)
-    return n
-
-
 # ----------------------------------------------------------------------------- saving one step
 def step_dir(out, step):
     return Path(out) / f"step_{step:06d}"
 
 
 class _Checksummed:
-    """A file that computes the CRC-32 and size of what torch.save writes through it (no second
-    read)."""
+    """A file that sums the CRC-32 and size of what torch.save writes through it (no re-read)."""
 
     def __init__(self, f):
         self.f, self.crc, self.size = f, 0, 0
@@ -198,7 +130,7 @@ def _write_text(path, text):
 
 def save(out, step, model, opt, topo, meta):
     """Write step `step` as a complete folder and point `latest` at it (every rank calls this).
-    `meta`: what the trainer needs back (JSON: step, data position, config, tokenizer, args,
+    `meta`: what the trainer needs back (JSON: step, data position, config, tokenizer, args and
     layout)."""
     out, rank = Path(out), topo.rank
     tmp = out / f"step_{step:06d}.tmp"
@@ -212,7 +144,7 @@ def save(out, step, model, opt, topo, meta):
     # (also the barrier: the folder exists before anyone writes into it)
     if _all_gather(error)[0] is None:
         records, tensors = [], []
-        for piece in held_pieces(model, opt, topo):
+        for piece in reshard.held_pieces(model, opt, topo):
             if piece["writer"]:
                 kinds = {}
                 for kind, t in piece["tensors"].items():
@@ -286,16 +218,19 @@ def write_meta(d, meta):
     """d/meta.json with "meta_crc32", the CRC-32 of the rest: a hand edit or a garbled write is
     damage, not a change."""
     text = _canonical(meta)
-    _write_text(Path(d) / "meta.json", json.dumps(json.loads(text) | {"meta_crc32": zlib.crc32(text.encode())}))
+    _write_text(Path(d) / "meta.json",
+                json.dumps(json.loads(text) | {"meta_crc32": zlib.crc32(text.encode())}))
 
 
 def read_meta(d):
     p = Path(d) / "meta.json"
     try:
         meta = json.loads(p.read_text())
-        assert isinstance(meta, dict) and meta.get("format") == FORMAT and isinstance(meta.get("files"), list)
+        assert (isinstance(meta, dict) and meta.get("format") == FORMAT
+                and isinstance(meta.get("files"), list))
     except (OSError, ValueError, AssertionError):
-        raise CheckpointError(f"{p}: missing or not a checkpoint index of format {FORMAT}") from None
+        raise CheckpointError(f"{p}: missing or not a checkpoint index "
+                              f"of format {FORMAT}") from None
     if (crc := meta.pop("meta_crc32", None)) != zlib.crc32(_canonical(meta).encode()):
         raise CheckpointError(f"{p} " + ("has no CRC-32 of its own (an older version's)"
                                          if crc is None else
@@ -315,8 +250,8 @@ def complete_steps(path):
     last = latest_step(path)
     steps = [d for d in path.glob("step_*") if re.fullmatch(r"step_\d+", d.name)
              and (d / "meta.json").is_file()]
-    return sorted((d for d in steps if last is None or _step_of(d) <= _step_of(last)), key=_step_of,
-                  reverse=True)
+    return sorted((d for d in steps if last is None or _step_of(d) <= _step_of(last)),
+                  key=_step_of, reverse=True)
 
 
 def _step_of(d):
@@ -330,8 +265,8 @@ def damage(d, files, crc=True):
     for f in files:
         p = Path(d) / f["file"]
         if not p.is_file() or p.stat().st_size != f["size"]:
-            return f"{p} is missing" if not p.is_file() else (f"{p} is truncated ({f['size']} "
-                                                              "bytes were written)")
+            return (f"{p} is missing" if not p.is_file()
+                    else f"{p} is truncated ({f['size']} bytes were written)")
         value = 0
         with open(p, "rb") as fh:
             while crc and (chunk := fh.read(1 << 24)):
@@ -347,8 +282,8 @@ def damage(d, files, crc=True):
 
 def find(path, crc=False):
     """The newest complete step under `path` whose files are whole (their sizes; with crc, their
-    CRC-32s too, which reads them): (folder, meta, why each newer step was passed over), or (None,
-    None, why)."""
+    CRC-32s too, which reads them): (folder, meta, why each newer step was passed over), or
+    (None, None, why)."""
     skipped = []
     for d in complete_steps(path):
         try:
@@ -369,7 +304,7 @@ def _adam_state(optimizer, key):
     state = optimizer.state[key]
     if not state:
         on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
-        # as torch's
+        # the step's dtype, as torch makes it
         scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
         state["step"] = torch.zeros((), dtype=scalar, device=key.device if on_device else "cpu")
         state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(key), torch.zeros_like(key)
@@ -416,24 +351,23 @@ def _load_step(d, meta, model, opt, topo):
 
     fallback = {"param": ("param", "master"), "master": ("master", "param")}
     with torch.no_grad():
-        for piece in held_pieces(model, opt, topo):
+        for piece in reshard.held_pieces(model, opt, topo):
             saved = by_name.get(piece["name"], [])
             if piece["key"] is not None and any("exp_avg" in r["kinds"] for _, r in saved):
                 state = _adam_state(opt.optimizer, piece["key"])
                 piece["tensors"].update(exp_avg=state["exp_avg"].view(-1),
                                         exp_avg_sq=state["exp_avg_sq"].view(-1))
-                state["step"].fill_(next(r["adam_step"] for _,
-                                         r in saved if r["adam_step"] is not None))
-            mine = rects(piece["box"], piece["flat"])
+                state["step"].fill_(next(r["adam_step"] for _, r in saved
+                                         if r["adam_step"] is not None))
+            mine = reshard.rects(piece["box"], piece["flat"])
             for kind, dst in piece["tensors"].items():
                 src_kind = next((k for k in fallback.get(kind, (kind,))
-                                 if any(k in r["kinds"] for _, r in saved)),
-                                None)
+                                 if any(k in r["kinds"] for _, r in saved)), None)
                 if src_kind is None and kind.startswith("exp_avg"):
                     # saved before the optimizer's first step: it starts from zeros, as then
                     continue
-                n = sum(copy_overlap(dst, mine, tensor(f, r["kinds"][src_kind]),
-                                     rects(r["box"], r["flat"]))
+                n = sum(reshard.copy_overlap(dst, mine, tensor(f, r["kinds"][src_kind]),
+                                             reshard.rects(r["box"], r["flat"]))
                         for f, r in saved if src_kind in r["kinds"])
                 if n != dst.numel():
                     raise CheckpointError(f"{d}: {kind} of {piece['name']}: the checkpoint's "
@@ -456,8 +390,7 @@ REASONS = {"batch_size": "the data position and the schedule count steps of this
 def find_resume(out, resume=False, fresh=False, rank=0):
     """Start or resume, decided before any process group exists: (the newest complete step folder in
     `out`, its meta.json) to resume from, or None to start fresh. --resume: a checkpoint must be
-    there. --fresh: rank 0 moves the old run aside first (the other ranks do not look at the
-    folder)."""
+    there. --fresh: rank 0 moves the old run aside first (the other ranks never look at it)."""
     if fresh:
         if rank == 0 and Path(out).exists():
             print(f"--fresh: the previous run in {out} moved to {move_aside(out)}", flush=True)
@@ -469,8 +402,8 @@ def find_resume(out, resume=False, fresh=False, rank=0):
     if d is None and (resume or skipped):
         raise CheckpointError(f"{'--resume: ' if resume else ''}no complete checkpoint in {out}"
                               + (f" ({skipped[0]})" if skipped else "")
-                              + ("" if resume else ": give --fresh to start over (the folder is "
-                                                   "moved aside)"))
+                              + ("" if resume else
+                                 ": give --fresh to start over (the folder is moved aside)"))
     return (d, meta) if d is not None else None
 
 
@@ -488,8 +421,7 @@ def check_same_run(out, meta, identity):
                       for k in sorted(set(now) | set(was)) if now.get(k) != was.get(k)]
         else:
             diffs.append(f"--{key.replace('_', '-')} {was}, not {now}"
-                         + (f" ({REASONS[key]})" if key in REASONS
-                                                                        else ""))
+                         + (f" ({REASONS[key]})" if key in REASONS else ""))
     if diffs:
         raise CheckpointError(f"{out} holds another run ({'; '.join(diffs)}): resume with the "
                               "same settings, or give --fresh (the old run is moved aside) or "
@@ -525,7 +457,8 @@ def truncate_metrics(path, step):
     return elapsed
 
 
-# (the command line is weights.py's: it imports this file as `checkpoint`, so that there
 if __name__ == "__main__":
-    import weights             # is one CheckpointError class, the one it catches)
+    # (the command line is weights.py's: it imports this file as `checkpoint`, so that there is
+    # one CheckpointError class, the one it catches)
+    import weights
     weights.main()

@@ -57,14 +57,16 @@ def lock_run(out):
         out.mkdir(parents=True, exist_ok=True)
         f = open(out / ".lock", "a+")
     except OSError as e:
-        raise ConfigError(f"{out / '.lock'}: {e.strerror or e}: the run cannot lock its folder") from None
+        raise ConfigError(f"{out / '.lock'}: {e.strerror or e}: "
+                          "the run cannot lock its folder") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         # e.g. ENOLCK: a file system without locks
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             f.close()
-            raise ConfigError(f"{out / '.lock'}: {e.strerror}: the run cannot lock its folder") from None
+            raise ConfigError(f"{out / '.lock'}: {e.strerror}: "
+                              "the run cannot lock its folder") from None
         f.seek(0)
         holder = f.read().strip() or "a process that has not written its name yet"
         f.close()
@@ -82,8 +84,7 @@ def lock_run(out):
 
 def release(out):
     """A run refused after it locked `out` (the entry points' one-line errors; at exit too): the
-    lock is let go, and the folder, if the run made it and wrote nothing into it but the lock,
-    removed."""
+    lock is let go, and the folder removed if the run made it and wrote only the lock there."""
     if out is None:
         return
     out = Path(out)
@@ -107,13 +108,13 @@ def join_process_group(device, seconds):
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
     try:
-        store = attempt_store(rank, world, timeout) if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" \
-            else None
+        store = (attempt_store(rank, world, timeout)
+                 if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else None)
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank,
                                 world_size=world, timeout=timeout,
                                 device_id=device if cuda else None)
-    # (torch's DistError, gloo's: RuntimeErrors)
     except (RuntimeError, ValueError, TimeoutError) as e:
+        # (torch's DistError and gloo's errors are RuntimeErrors)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TopologyError(f"rank {rank} could not join the other {world - 1} rank(s) through "
                             f"{where} within --dist-timeout {timeout.total_seconds():g} s: "

@@ -17,7 +17,7 @@ Every cut first names the whole model's parameters (name_whole) if nothing did y
 from a parameter keep its name, so blocks and experts keep the numbers they have in the whole model.
 Whatever needs a placement reads it here, with placement_of, and nothing else: amp.py and zero.py
 (which gradients the norm counts), ddp.py and zero.py (what the data-parallel group shares),
-checkpoint.py and stack.build_model (what a tensor is in the whole model: describe). A parameter
+reshard.py and stack.build_model (what a tensor is in the whole model: describe). A parameter
 no one cut has the default placement: its own name, whole, replicated over every group. (A
 placement is an attribute of the parameter: copy.deepcopy, which copies a parameter's values and not
 its attributes, drops it: deep-copy a model before cutting it, never after.)

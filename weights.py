@@ -2,11 +2,11 @@
 
 The idea: a checkpoint (checkpoint.py) is pieces of every parameter spread over the files of the
 ranks that held them; the whole model is those pieces assembled (full_state_dict: each rank file
-memory-mapped, each piece copied into place). `consolidate` writes it as one file; `load_weights`
-reads whatever a user hands over (a run's folder, a step folder, such a file, or a Hugging Face
-folder: hf.py), for sft.py --init, pretrain.py --init and generation. It reads nothing yet: each
-tensor is memory-mapped (SavedWeights for a folder), and stack.build_model copies out only the
-blocks a rank holds (read_box), so a rank of a large model never holds the whole one.
+memory-mapped, each piece copied into place by reshard.py). `consolidate` writes it as one file;
+`load_weights` reads whatever a user hands over (a run's folder, a step folder, such a file, or a
+Hugging Face folder: hf.py), for sft.py --init, pretrain.py --init and generation. It reads nothing
+yet: each tensor is memory-mapped (SavedWeights for a folder), and stack.build_model copies out only
+the blocks a rank holds (read_box), so a rank of a large model never holds the whole one.
 
 The consolidated file: torch.save of {"model": state dict, "model_config", "tokenizer", "args",
 "step"}, read back with weights_only (tensors and plain values, never code). A LoRA run's adapters
@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError, copy_overlap, find, rects, safe_load
+from checkpoint import CheckpointError, find, safe_load
 from hf import export_hf, import_hf, special_ids
 from model import config_dict
+from reshard import copy_overlap, rects
 
 
 # ----------------------------------------------------------------------------- the whole model
@@ -49,8 +50,8 @@ class SavedWeights(Mapping):
         for name, saved in by_name.items():
             kind = next((k for k in kinds if any(k in r["kinds"] for _, r in saved)), None)
             if kind is not None:
-                self.saved[name] = (kind, [(t[r["kinds"][kind]], r) for t,
-                                           r in saved if kind in r["kinds"]])
+                self.saved[name] = (kind, [(t[r["kinds"][kind]], r) for t, r in saved
+                                           if kind in r["kinds"]])
         self.shapes = {name: saved[0][1]["shape"] for name, (_, saved) in self.saved.items()}
 
     def __getitem__(self, name):
@@ -63,8 +64,7 @@ class SavedWeights(Mapping):
         return len(self.saved)
 
     def box(self, name, box):
-        """Block `box` ([start, length] per dimension) of the whole tensor `name`, copied from the
-        pieces."""
+        """Block `box` ([start, length] per dimension) of the whole tensor `name`, from pieces."""
         kind, saved = self.saved[name]
         out = torch.empty([n for _, n in box], dtype=saved[0][0].dtype)
         n = sum(copy_overlap(out.view(-1), rects(box, [0, out.numel()]), t,
@@ -72,8 +72,8 @@ class SavedWeights(Mapping):
                 for t, r in saved)
         if n != out.numel():
             raise CheckpointError(f"{self.d}: {kind} of {name}: the checkpoint's pieces cover "
-                                  f"{n} of the {out.numel()} values asked for (missing, or saved "
-                                  "twice)")
+                                  f"{n} of the {out.numel()} values asked for "
+                                  "(missing, or saved twice)")
         return out
 
 
@@ -90,11 +90,12 @@ def read_box(weights, name, shape, box):
         raise CheckpointError(f"the weights have no {name} (another model?)")
     have = weights.shapes[name] if isinstance(weights, SavedWeights) else weights[name].shape
     if list(have) != list(shape):
-        raise CheckpointError(f"the weights' {name} has shape {list(have)}, the model's "
-                              f"{list(shape)}")
+        raise CheckpointError(f"the weights' {name} has shape {list(have)}, "
+                              f"the model's {list(shape)}")
     if isinstance(weights, SavedWeights):
         return weights.box(name, box)
-    return weights[name][tuple(slice(a, a + n) for a, n in box)].clone(memory_format=torch.contiguous_format)
+    block = weights[name][tuple(slice(a, a + n) for a, n in box)]
+    return block.clone(memory_format=torch.contiguous_format)
 
 
 def _order(name):  # the model's own order: embedding, blocks by number, norm, head
@@ -116,8 +117,7 @@ def newest_whole(path):
 
 def merged(sd, lora_config):
     """A LoRA run's weights as a plain model's: W + (alpha/r) B A for every adapted layer, the
-    factors dropped (what --init, export-hf and generation take; sft.py's merged.pt holds the
-    same)."""
+    factors dropped (what --init, export-hf and generation take; as in sft.py's merged.pt)."""
     if not lora_config:
         return sd
     scaling = lora_config["alpha"] / lora_config["r"]
@@ -125,7 +125,8 @@ def merged(sd, lora_config):
     for k in sd:
         if k.endswith(".lora_A"):
             w = out[f"{k[:-len('.lora_A')]}.weight"]
-            out[f"{k[:-len('.lora_A')]}.weight"] = w + (sd[k[:-1] + "B"] @ sd[k] * scaling).to(w.dtype)
+            delta = sd[k[:-1] + "B"] @ sd[k] * scaling  # (alpha/r) B A
+            out[f"{k[:-len('.lora_A')]}.weight"] = w + delta.to(w.dtype)
     return out
 
 
@@ -141,8 +142,8 @@ def consolidate(src, dst):
     d, meta = newest_whole(src)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": whole_model(d, meta), "model_config": meta["model_config"],
-                "tokenizer": meta["tokenizer"], "args": meta.get("args", {}), "step": meta["step"]},
-               dst)
+                "tokenizer": meta["tokenizer"], "args": meta.get("args", {}),
+                "step": meta["step"]}, dst)
     return d
 
 
@@ -159,8 +160,7 @@ def load_weights(path):
     "model_config": dict (model.config_dict's form), "tokenizer", "args": the flags of the run that
     trained it (empty for a Hugging Face folder), "special_ids": {"bos", "eos", "pad"}
     (special_ids)}. Nothing is read yet: the state dict's tensors are memory-mapped from the file
-    (SavedWeights for a folder), so a rank that takes its blocks (read_box) reads only their
-    pages."""
+    (SavedWeights for a folder): a rank that takes its blocks (read_box) reads only their pages."""
     p = Path(path)
     if p.is_dir() and (p / "config.json").exists():
         return import_hf(p)
@@ -171,18 +171,19 @@ def load_weights(path):
                 "model_config": meta["model_config"],
                 "tokenizer": meta["tokenizer"], "args": meta.get("args", {})}
     elif not p.is_file():
-        raise CheckpointError(f"{path}: no such file or folder (a run's --out, a consolidated "
-                              "file or an HF folder)")
+        raise CheckpointError(f"{path}: no such file or folder "
+                              "(a run's --out, a consolidated file or an HF folder)")
     else:
         # (memory-mapped; weights_only: a file that would run code when unpickled is refused)
         ckpt = safe_load(p)
         try:
-            assert all(torch.is_tensor(t)
-                       for t in ckpt["model"].values()) and isinstance(ckpt["model_config"], dict)
+            assert (all(torch.is_tensor(t) for t in ckpt["model"].values())
+                    and isinstance(ckpt["model_config"], dict))
             init = {"model": ckpt["model"], "model_config": ckpt["model_config"],
                     "tokenizer": ckpt["tokenizer"], "args": ckpt.get("args") or {}}
         except (KeyError, TypeError, AttributeError, AssertionError) as e:
-            raise CheckpointError(f"{path}: not a consolidated checkpoint ({type(e).__name__} {e})") from None
+            raise CheckpointError(f"{path}: not a consolidated checkpoint "
+                                  f"({type(e).__name__} {e})") from None
     return init | {"model_config": config_dict(init["model_config"]),
                    "special_ids": special_ids(init["tokenizer"])}
 

@@ -1,12 +1,11 @@
-"""bench_checkpoint.py: what the layout-free checkpoint costs, on the gpt2-124m preset (GPT-2's
-50,304 vocabulary).
+"""bench_checkpoint.py: what the layout-free checkpoint costs, on the gpt2-124m preset.
 
-Four CPU processes train one bf16 step as ZeRO-3 x tp 2 (dp 2) and save: the bytes each rank writes
-and the time of the save. The same four then resume the checkpoint as tp 2 x pp 2 (another layout):
-the bytes of pieces each rank copies in and the time of the load. Then, in one process,
-`consolidate` (one whole-model file) and `export-hf` (a Hugging Face folder), timed, with their
-sizes. Expected sizes: 14 bytes per parameter in all (2 bf16 weights + 4 master + 4 + 4 AdamW
-moments), 1/4 of it per rank; consolidated: 4 bytes per parameter.
+Four CPU processes train one bf16 step of it (GPT-2's 50,304 vocabulary) as ZeRO-3 x tp 2 (dp 2)
+and save: the bytes each rank writes and the time of the save. The same four then resume the
+checkpoint as tp 2 x pp 2 (another layout): the bytes of pieces each rank copies in and the time of
+the load. Then, in one process, `consolidate` (one whole-model file) and `export-hf` (a Hugging Face
+folder), timed, with their sizes. Expected sizes: 14 bytes per parameter in all (2 bf16 weights
++ 4 master + 4 + 4 AdamW moments), 1/4 of it per rank; consolidated: 4 bytes per parameter.
 
 Run: `nice -n 10 python benchmarks/bench_checkpoint.py --out out/bench/bench_checkpoint.json` (a few
 minutes, about 6 GB of memory in all, on 2 cores).
@@ -23,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import checkpoint  # noqa: E402
 import pretrain  # noqa: E402
+import reshard  # noqa: E402
 import stack  # noqa: E402
 import training  # noqa: E402
 import hf  # noqa: E402
@@ -56,13 +56,13 @@ def _ranks(rank, world, out):
     del model, module, opt
     topo = Topology(tp=2, pp=2)
     model, module, opt = build(topo, zero=0)
-    copied, copy = [0], checkpoint.copy_overlap
+    copied, copy = [0], reshard.copy_overlap
 
     def counting(dst, dst_rects, src, src_rects):
         n = copy(dst, dst_rects, src, src_rects)
         copied[0] += n * src.element_size()
         return n
-    checkpoint.copy_overlap = counting
+    reshard.copy_overlap = counting
     t0 = time.perf_counter()
     checkpoint.load(out, model, opt, topo)
     return {"written": written, "save_s": t_save, "read": copied[0],

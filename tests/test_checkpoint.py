@@ -38,7 +38,8 @@ def build(topo, zero=0, amp="fp32", experts=0, lora_targets=None):
         flags += ["--experts", str(experts), "--topk", "2", "--ep", str(topo.ep)]
     cfg = pretrain.parse(flags)
     dtype = torch.float64 if amp == "fp32" else torch.float16
-    adapt = (lambda m: lora.apply_lora(m, r=2, targets=lora_targets)) if lora_targets else None  # noqa: E731
+    adapt = ((lambda m: lora.apply_lora(m, r=2, targets=lora_targets))  # noqa: E731
+             if lora_targets else None)
     model = stack.build_model(CFG, topo, seed=0, device=torch.device("cpu"), dtype=dtype,
                               experts=cfg.moe, adapt=adapt)
     module, opt = stack.build_training(model, cfg, dtype, topo)
@@ -64,8 +65,7 @@ def run(topo, steps, model, module, opt, micro=1):
 
 def save_and_go_on(out, topo, zero=0, amp="fp32", experts=0, micro=1, scale=None,
                    lora_targets=None):
-    """Train to SAVE_AT, save, train on to STEPS: the losses after the save, in the original
-    layout."""
+    """Train to SAVE_AT, save, train on to STEPS: the losses after the save, in the same layout."""
     model, module, opt = build(topo, zero, amp, experts, lora_targets)
     run(topo, range(SAVE_AT), model, module, opt, micro)
     # a loss scale and a count of clean steps that are not the defaults: they must come back
@@ -89,8 +89,7 @@ def _world4(rank, world, tmp):
     a = save_and_go_on(tmp / "z3tp2", Topology(tp=2), zero=3)
     b = resume_and_go_on(tmp / "z3tp2", tmp / "z3tp2-to-tp2pp2", Topology(tp=2, pp=2), micro=2)[0]
     c = save_and_go_on(tmp / "z2dp4", Topology(), zero=2)
-    # Experts split by tp (their own names: blocks.i.mlp.experts.j) and over 2 ep ranks, then over
-    # 1.
+    # Experts split by tp (their own names: blocks.i.mlp.experts.j) and over 2 ep ranks, then 1.
     m = save_and_go_on(tmp / "ep2tp2", Topology(tp=2, ep=2), zero=1, experts=4)
     m1 = resume_and_go_on(tmp / "ep2tp2", tmp / "ep2tp2-to-tp2", Topology(tp=2), zero=1,
                           experts=4)[0]
@@ -148,8 +147,7 @@ def test_resume_on_another_layout(tmp_path):
     # (a duplicate piece would make a value count twice)
     checkpoint.load(tmp_path / "cp2", fresh, opt, one)
     assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), build(one)[0].parameters()))
-    # float64, the same arithmetic up to summation order (tp's partial sums, ZeRO's shard norms):
-    # 1e-10.
+    # float64, the same arithmetic up to summation order (tp's partial sums, ZeRO's norms): 1e-10.
     close = lambda x, y: x == pytest.approx(y, rel=1e-10)  # noqa: E731
     # the original layouts agree with one process
     assert all(close(x, ref) for x in (a, c, d)), (ref, a, c, d)
@@ -162,8 +160,7 @@ def test_resume_on_another_layout(tmp_path):
                      ("ep2tp2", "ep2tp2-to-tp2"), ("fp16-one", "fp16-to-z2dp2"),
                      ("lora-z1tp2", "lora-to-one")]:
         same_state(tmp_path / src, tmp_path / dst)
-    # What was saved is the model: the tp-sliced, ZeRO-sharded weights assembled equal one
-    # process's.
+    # What was saved is the model: the tp-sliced, ZeRO-sharded weights assembled are one process's.
     whole = {}
     for layout in ("one", "z3tp2", "z2dp4", "z3dp2"):
         d = checkpoint.complete_steps(tmp_path / layout)[0]
@@ -185,8 +182,7 @@ def test_a_step_is_complete_or_ignored_and_damage_falls_back(tmp_path, capsys, m
     assert sorted(p.name for p in out.iterdir()) == ["latest", "step_000002", "step_000003"]
     fresh = lambda: build(one)  # noqa: E731
 
-    # A save killed between two ranks' writes: its folder is still .tmp, holding some ranks' files
-    # only.
+    # A save killed between two ranks' writes leaves a .tmp folder with only some ranks' files.
     (out / "step_000004.tmp").mkdir()
     shutil.copy(out / "step_000003" / "rank0.pt", out / "step_000004.tmp" / "rank0.pt")
     m, _, o = fresh()
@@ -211,7 +207,8 @@ def test_a_step_is_complete_or_ignored_and_damage_falls_back(tmp_path, capsys, m
     assert checkpoint.find(out)[0] == out / "step_000003" and checkpoint.find(out)[2] == []
     (out / "step_000003" / "rank0.pt").unlink()
     d, _, skipped = checkpoint.find(out)
-    assert d is None and skipped[0] == f"{f} is missing" and skipped[1].startswith(f"{g} is truncated (")
+    assert d is None and skipped[0] == f"{f} is missing" \
+        and skipped[1].startswith(f"{g} is truncated (")
 
     # The next save removes the stale .tmp folder and what is older than the last two steps.
     checkpoint.save(out, 4, model, opt, one, {"data": {"step": 4}})
@@ -255,7 +252,8 @@ def test_a_step_damaged_on_one_rank_falls_back_on_every_rank(tmp_path):
 
 @pytest.mark.parametrize("errno, cause", [(28, "No space left on device"),
                                           (13, "Permission denied")])
-def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, errno, cause):
+def test_a_failed_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch,
+                                                                  errno, cause):
     one, out = Topology(), tmp_path / "run"
     model, module, opt = build(one)
     checkpoint.save(out, 1, model, opt, one, {"data": {"step": 1}})
@@ -275,8 +273,8 @@ def test_metrics_keep_one_history_and_fresh_moves_the_run_aside(tmp_path):
     out.mkdir()
     (out / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": 1}}\n' for s in range(7)))
     checkpoint.truncate_metrics(out / "metrics.jsonl", 4)
-    assert [l
-            for l in (out / "metrics.jsonl").read_text().splitlines()][-1] == ('{"step": 4, ' '"loss": 1}')
+    assert [l for l in (out / "metrics.jsonl").read_text().splitlines()][-1] == \
+        '{"step": 4, "loss": 1}'
     assert checkpoint.move_aside(out) == tmp_path / "run.1" and not out.exists()
     out.mkdir()
     assert checkpoint.move_aside(out) == tmp_path / "run.2"
@@ -300,7 +298,8 @@ def test_start_or_resume_decides_before_any_work(tmp_path, capsys):
         with pytest.raises(checkpoint.CheckpointError, match=re.escape(message)):
             checkpoint.check_same_run(out, meta, same | change)
     assert checkpoint.find_resume(out, fresh=True) is None
-    assert "moved to" in capsys.readouterr().out and (tmp_path / "run.1" / "step_000003").is_dir() and not out.exists()
+    assert "moved to" in capsys.readouterr().out \
+        and (tmp_path / "run.1" / "step_000003").is_dir() and not out.exists()
 
 
 def test_consolidate_and_export_from_the_command_line(tmp_path, capsys):

@@ -1,5 +1,4 @@
-"""Launching: one run per --out folder, torchrun restarts that continue bit for bit, two nodes on
-one machine.
+"""Launching: one run per --out folder, restarts that go on bit for bit, two nodes on one machine.
 
 The torchrun tests start real launchers (subprocesses, 2 gloo workers each) on a tiny model for 8
 steps; their losses (metrics.jsonl) are compared, float for float, with one uninterrupted run of the
@@ -20,9 +19,9 @@ from tests.distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-ARGS = ["--model", "tiny", "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps",
-        "2", "--eval-iters", "1", "--sample-tokens", "0", "--log-every", "1", "--max-steps", "8",
-        "--save-every", "2", "--dist-timeout", "120"]
+ARGS = ["--model", "tiny", "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3",
+        "--warmup-steps", "2", "--eval-iters", "1", "--sample-tokens", "0", "--log-every", "1",
+        "--max-steps", "8", "--save-every", "2", "--dist-timeout", "120"]
 
 
 def start(launcher, script, out):
@@ -58,8 +57,8 @@ def uninterrupted(tmp_path_factory, stdlib_data):
 
 
 def test_a_killed_worker_is_restarted_and_the_run_continues_bit_for_bit(tmp_path, uninterrupted):
-    """torchrun as the README starts it, with --max-restarts 1: rank 1 is killed (SIGKILL) in step
-    6; torchrun stops rank 0 and starts both again, which resume from step 4 and end with the
+    """torchrun as the README starts it, with --max-restarts 1: rank 1 is killed (SIGKILL) in
+    step 6; torchrun stops rank 0 and starts both again, which resume from step 4 and end with the
     uninterrupted run's losses. (Without a store of its own per attempt, the restarted rank 0 would
     connect to the dead rank's gloo port from the first attempt, and the run would fail or hang.)"""
     launcher = ["--nproc_per_node", "2", "--max-restarts", "1", "--master-port", str(free_port())]
@@ -106,8 +105,8 @@ def test_a_second_run_on_one_folder_is_refused_naming_the_holder(tmp_path, capsy
         argv = ["--model", "tiny", "--seq-len", "64", "--batch-size", "8", "--max-steps", "1",
                 "--eval-iters", "1", "--sample-tokens", "0", "--out", str(out)]
         err = error_of(capsys, argv)
-        assert err.startswith(f"pretrain.py: error: {out} is in use by another run (pid "
-                              f"{holder.pid} on "), err
+        assert err.startswith(f"pretrain.py: error: {out} is in use by another run "
+                              f"(pid {holder.pid} on "), err
         assert err.endswith("wait for it to end, or give another --out")
         assert "started 20" in err and f"-c {out}" in err  # when, and its command line
         assert "is in use by another run" in error_of(capsys, argv + ["--fresh"])
@@ -118,8 +117,7 @@ def test_a_second_run_on_one_folder_is_refused_naming_the_holder(tmp_path, capsy
         holder.wait()
     assert pretrain.main(argv)["step"] == 1
     assert f"pid {os.getpid()} on " in (out / ".lock").read_text()
-    # --fresh moves the old run aside, lock file and all, and locks the new folder: another process
-    # is refused.
+    # --fresh moves the old run aside, lock file and all, and locks the new folder against others.
     assert pretrain.main(argv + ["--fresh"])["step"] == 1
     assert (tmp_path / "run.1" / "step_000001").is_dir() and (out / "step_000001").is_dir()
     probe = subprocess.run([sys.executable, "-c",
@@ -131,13 +129,13 @@ def test_a_second_run_on_one_folder_is_refused_naming_the_holder(tmp_path, capsy
 
 def test_a_rank_whose_peers_never_come_fails_in_one_line(tmp_path, capsys, monkeypatch,
                                                          stdlib_data):
-    """Rank 0 of a world of 2 whose rank 1 never starts: one line after --dist-timeout, not a
-    30-minute wait."""
+    """Rank 0 of 2 whose peer never starts: one line after --dist-timeout, not a 30-minute wait."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    err = error_of(capsys, ["--model", "tiny", "--batch-size", "8", "--dist-timeout", "2", "--out",
-                            str(tmp_path)])
-    assert "pretrain.py: error: rank 0 could not join the other 1 rank(s) through 127.0.0.1:" in err, err
+    err = error_of(capsys, ["--model", "tiny", "--batch-size", "8", "--dist-timeout", "2",
+                            "--out", str(tmp_path)])
+    assert ("pretrain.py: error: rank 0 could not join the other 1 rank(s) "
+            "through 127.0.0.1:") in err, err
     assert "within --dist-timeout 2 s" in err and not dist.is_initialized()

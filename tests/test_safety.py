@@ -27,8 +27,7 @@ FAST = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--eval-iters
 
 
 class Payload:
-    """Unpickling this calls os.mkdir(marker): what a malicious .pt file could do instead
-    (anything)."""
+    """Unpickling this calls os.mkdir(marker), where a malicious .pt file could do anything."""
 
     def __init__(self, marker):
         self.marker = str(marker)
@@ -46,8 +45,8 @@ def runs(tmp_path_factory, stdlib_data):
     init = make_init(root / "init")
     data = write_jsonl(root / "train.jsonl", reverse_examples(24))
     sft_argv = ["--init", str(init), "--data", str(data), "--batch-size", "4", "--max-steps", "2",
-                "--save-every", "1", "--samples", "0", "--eval-examples", "4", "--warmup-steps",
-                "1", "--lora-r", "2"]
+                "--save-every", "1", "--samples", "0", "--eval-examples", "4",
+                "--warmup-steps", "1", "--lora-r", "2"]
     sft.main(sft_argv + ["--out", str(root / "sft")])
     return {"root": root, "pre": root / "pre", "losses": first["losses"], "sft": root / "sft",
             "init": init, "sft_argv": sft_argv}
@@ -79,23 +78,20 @@ def copy(src, dst):
 
 # (entry point, argv built from: runs, this test's folder, the marker)
 ENTRY_POINTS = {
-    "pretrain --init FILE": lambda r, t, m: (pretrain.main, FAST + ["--out", str(t / "o"), "--init",
-                                                                    str(poison_file(t / "m.pt", m))]),
-    "pretrain --init DIR": lambda r, t, m: (pretrain.main, FAST + ["--out", str(t / "o"), "--init",
-                                                                   str(poison_steps(copy(r["pre"], t / "p"), m))]),
-    "pretrain resume --out": lambda r, t, m: (pretrain.main, FAST + ["--out",
-                                                                     str(poison_steps(copy(r["pre"], t / "p"), m))]),
-    "sft --init FILE": lambda r, t, m: (sft.main, r["sft_argv"][2:] + ["--out", str(t / "o"),
-                                                                       "--init",
-                                                                       str(poison_file(t / "m.pt", m))]),
-    "sft --init DIR": lambda r, t, m: (sft.main, r["sft_argv"][2:] + ["--out", str(t / "o"),
-                                                                      "--init",
-                                                                      str(poison_steps(copy(r["pre"], t / "p"), m))]),
-    "sft --adapter": lambda r, t, m: (sft.main, r["sft_argv"][:-4] + ["--out", str(t / "o"),
-                                                                      "--adapter",
-                                                                      str(poison_file(t / "a.pt", m))]),
-    "sft resume --out": lambda r, t, m: (sft.main, r["sft_argv"] + ["--out",
-                                                                    str(poison_steps(copy(r["sft"], t / "s"), m))]),
+    "pretrain --init FILE": lambda r, t, m: (pretrain.main, FAST + [
+        "--out", str(t / "o"), "--init", str(poison_file(t / "m.pt", m))]),
+    "pretrain --init DIR": lambda r, t, m: (pretrain.main, FAST + [
+        "--out", str(t / "o"), "--init", str(poison_steps(copy(r["pre"], t / "p"), m))]),
+    "pretrain resume --out": lambda r, t, m: (pretrain.main, FAST + [
+        "--out", str(poison_steps(copy(r["pre"], t / "p"), m))]),
+    "sft --init FILE": lambda r, t, m: (sft.main, r["sft_argv"][2:] + [
+        "--out", str(t / "o"), "--init", str(poison_file(t / "m.pt", m))]),
+    "sft --init DIR": lambda r, t, m: (sft.main, r["sft_argv"][2:] + [
+        "--out", str(t / "o"), "--init", str(poison_steps(copy(r["pre"], t / "p"), m))]),
+    "sft --adapter": lambda r, t, m: (sft.main, r["sft_argv"][:-4] + [
+        "--out", str(t / "o"), "--adapter", str(poison_file(t / "a.pt", m))]),
+    "sft resume --out": lambda r, t, m: (sft.main, r["sft_argv"] + [
+        "--out", str(poison_steps(copy(r["sft"], t / "s"), m))]),
     "checkpoint.py consolidate DIR": lambda r, t, m: (weights.main, [
         "consolidate", str(poison_steps(copy(r["pre"], t / "p"), m)), str(t / "c.pt")]),
     "checkpoint.py export-hf DIR": lambda r, t, m: (weights.main, [
@@ -118,7 +114,8 @@ def test_no_entry_point_runs_code_from_a_file(runs, tmp_path, capsys, entry):
     err = capsys.readouterr().err.strip()
     assert not marker.exists(), f"{entry}: loading ran the file's code"
     assert e.value.code == 2 and "\n" not in err and "Traceback" not in err, (e.value.code, err)
-    assert "pickled objects other than tensors and plain values" in err and "could run code" in err, err
+    assert "pickled objects other than tensors and plain values" in err \
+        and "could run code" in err, err
 
 
 def flip_a_byte(d):
@@ -138,15 +135,14 @@ def edit_step(d, reseal):
 
 DAMAGE = {  # how step 2 is damaged, and what the warning must say of it
     "a flipped byte in rank0.pt": (flip_a_byte, "rank0.pt is damaged (its CRC-32 differs"),
-    "rank0.pt truncated": (lambda d: (d / "rank0.pt").write_bytes((d / "rank0.pt").read_bytes()[:500]),
-                           "rank0.pt is truncated"),
+    "rank0.pt truncated": (lambda d: (d / "rank0.pt").write_bytes(
+        (d / "rank0.pt").read_bytes()[:500]), "rank0.pt is truncated"),
     "rank0.pt missing": (lambda d: (d / "rank0.pt").unlink(), "rank0.pt is missing"),
     "meta.json garbage": (lambda d: (d / "meta.json").write_text("{garbage"),
                           "meta.json: missing or not a"),
     "meta.json step edited": (lambda d: edit_step(d, False), "meta.json is damaged or was edited"),
     "meta.json step edited and resealed": (lambda d: edit_step(d, True),
-                                           "meta.json says step 30, its folder "
-                                                                         "step_000002"),
+                                           "meta.json says step 30, its folder step_000002"),
     "meta.json of an older version": (lambda d: (d / "meta.json").write_text(checkpoint.json.dumps(
         checkpoint.read_meta(d))), "meta.json has no CRC-32 of its own (an older version's)"),
 }
@@ -177,14 +173,13 @@ def test_a_damaged_newest_step_falls_back_through_sft(runs, tmp_path, capsys):
     again = sft.main(runs["sft_argv"] + ["--out", str(out)])
     err = capsys.readouterr().err
     assert err.startswith(f"warning: resuming from step 1 ({out / 'step_000001'}), the newest "
-                          "undamaged one: "
-                          f"{out / 'step_000002' / 'rank0.pt'} is damaged") and err.count("\n") == 1, err
+                          f"undamaged one: {out / 'step_000002' / 'rank0.pt'} is damaged") \
+        and err.count("\n") == 1, err
     assert again["step"] == 2 and len(again["losses"]) == 1
 
 
 def test_a_checkpoint_with_pickled_numpy_objects_is_refused_with_a_hint(runs, tmp_path, capsys):
-    """What an older version wrote (numpy's RNG state pickled as numpy objects) is not unpickled:
-    one line."""
+    """An older version's file (numpy's RNG state pickled as numpy objects): one line, unread."""
     out = copy(runs["pre"], tmp_path / "run")
     for d in sorted(out.glob("step_*")):
         f = d / "rank0.pt"
@@ -196,7 +191,8 @@ def test_a_checkpoint_with_pickled_numpy_objects_is_refused_with_a_hint(runs, tm
     with pytest.raises(SystemExit) as e:
         pretrain.main(FAST + ["--out", str(out)])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "\n" not in err and "holds pickled objects" in err and "give --fresh" in err, err
+    assert e.value.code == 2 and "\n" not in err and "holds pickled objects" in err \
+        and "give --fresh" in err, err
 
 
 def test_rng_states_round_trip_safely_and_keep_this_device_only(monkeypatch, tmp_path):
@@ -216,11 +212,14 @@ def test_rng_states_round_trip_safely_and_keep_this_device_only(monkeypatch, tmp
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.append(s))
     torch.manual_seed(1), np.random.seed(2), random.seed(3), random.gauss(0, 1)
     torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
-    drawn = torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)], random.gauss(0, 1)
+    drawn = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)],
+             random.gauss(0, 1))
     state = checkpoint.safe_load(tmp_path / "rng.pt")
     checkpoint.set_rng_state(state)
-    again = torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)], random.gauss(0, 1)
-    assert torch.equal(drawn[0], again[0]) and (drawn[1] == again[1]).all() and drawn[2:] == again[2:]
+    again = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)],
+             random.gauss(0, 1))
+    assert torch.equal(drawn[0], again[0]) and (drawn[1] == again[1]).all() \
+        and drawn[2:] == again[2:]
     assert len(calls) == 1 and torch.equal(calls[0], torch.arange(8, dtype=torch.uint8))
     # saved on a CPU-only run: CUDA's stream left as it is
     checkpoint.set_rng_state(state | {"cuda": None})
@@ -238,21 +237,25 @@ def test_checkpoint_py_errors_are_one_line_from_the_command_line(runs, tmp_path)
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "notes.txt").write_text("mine")
     for argv, message in [(["consolidate", str(tmp_path / "nothing"), str(tmp_path / "m.pt")],
-                           f"checkpoint.py: error: no complete checkpoint in {tmp_path / 'nothing'}"),
+                           "checkpoint.py: error: no complete checkpoint in "
+                           f"{tmp_path / 'nothing'}"),
                           (["export-hf", str(runs["pre"]), str(tmp_path / "hf")],
                            f"checkpoint.py: error: export-hf: {tmp_path / 'hf'} exists and is "
                            "not an empty folder")]:
         p = subprocess.run([sys.executable, "checkpoint.py", *argv], capture_output=True, text=True,
                            cwd=os.path.dirname(checkpoint.__file__))
-        assert p.returncode == 2 and p.stderr.startswith(message) and p.stderr.count("\n") == 1, p.stderr
-    assert (tmp_path / "hf" / "notes.txt").read_text() == "mine" and len(list((tmp_path / "hf").iterdir())) == 1
+        assert p.returncode == 2 and p.stderr.startswith(message) \
+            and p.stderr.count("\n") == 1, p.stderr
+    assert (tmp_path / "hf" / "notes.txt").read_text() == "mine" \
+        and len(list((tmp_path / "hf").iterdir())) == 1
 
 
 def test_a_consolidated_lora_run_is_the_merged_model(runs, tmp_path):
     """consolidate (and --init DIR) merge a LoRA run's adapters: the plain model sft.py's merged.pt
     holds, which --init takes."""
     weights.main(["consolidate", str(runs["sft"]), str(tmp_path / "c.pt")])
-    ours, merged = checkpoint.safe_load(tmp_path / "c.pt")["model"], checkpoint.safe_load(runs["sft"] / "merged.pt")
+    ours, merged = (checkpoint.safe_load(tmp_path / "c.pt")["model"],
+                    checkpoint.safe_load(runs["sft"] / "merged.pt"))
     assert ours.keys() == merged["model"].keys() and not any(".lora_" in k for k in ours)
     for k, v in merged["model"].items():  # (the same sum W + (alpha/r) B A: to rounding)
         torch.testing.assert_close(ours[k], v, rtol=1e-6, atol=1e-7, msg=k)
@@ -278,8 +281,8 @@ def test_a_finished_run_goes_on_with_a_larger_max_steps(runs, tmp_path, capsys):
     capsys.readouterr()
     again = pretrain.main(argv + ["--max-steps", "5", "--stop-after", "1", "--out", str(out)])
     said = capsys.readouterr().out
-    assert f"--max-steps 5: the run in {out} was planned for 3 steps; its learning-rate schedule changes from " \
-           "step 2 (the cosine decay now ends at step 5)" in said, said
+    assert (f"--max-steps 5: the run in {out} was planned for 3 steps; its learning-rate "
+            "schedule changes from step 2 (the cosine decay now ends at step 5)") in said, said
     lr = [checkpoint.json.loads(l)["lr"] for l in (out / "metrics.jsonl").read_text().splitlines()
           if '"lr"' in l]
     optim = pretrain.parse(argv).optim
