@@ -63,7 +63,7 @@ def pre_tokenize(step, pieces):
 
 
 def reference_bpe(word, merge_rank, vocab, ignore_merges):
-    """Merge the adjacent pair of lowest rank (leftmost first) until no adjacent pair has a merge."""
+    """Merge the adjacent pair of lowest rank (leftmost first) until no pair has a merge."""
     if ignore_merges and word in vocab:
         return [vocab[word]]
     parts = list(word)
