@@ -50,7 +50,7 @@ def test_export_then_import_gives_the_same_logits(exported):
 def llama_reference(t, c, idx, inv_freq=None):
     """Hugging Face's LlamaForCausalLM forward written from its definition, on the exported tensors
     and config alone (float64): an independent check of the name mapping (gate = w1, up = w3,
-    down = w2) and of RoPE. `inv_freq`: rotary frequencies other than theta^(-2i/d) (a scaled RoPE)."""
+    down = w2) and of RoPE. `inv_freq`: a scaled RoPE's frequencies (default theta^(-2i/d))."""
     norm = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)  # noqa: E731
                                         + c["rms_norm_eps"]) * w
     H, KV, hd, T = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], idx.shape[1]
