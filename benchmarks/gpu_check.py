@@ -115,7 +115,7 @@ def run_checks(rows, n_gpus):
 
 
 def mfu(rec, gpu, precision):
-    """The log's MFU (of bf16's peak, estimate.PEAK_TFLOPS) made a share of the run precision's."""
+    """MFU of the run precision's peak, from the log's (of bf16's: estimate.PEAK_TFLOPS)."""
     if gpu is None:
         return "MFU n/a (unknown GPU)"
     peak = PEAK_BY_PRECISION[gpu][precision]
