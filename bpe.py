@@ -1,13 +1,12 @@
-"""bpe.py: a pretrained model's tokenizer, from its Hugging Face folder, as a tiktoken Encoding
-(offline).
+"""bpe.py: a pretrained model's Hugging Face tokenizer folder, read offline as a tiktoken Encoding.
 
 The idea: byte-level BPE (GPT-2, Radford et al. 2019; Sennrich et al. 2016 for BPE on words) cuts
 text in three steps. (1) A regex splits it into pieces ("pre-tokens": words with their leading
-space, numbers, punctuation runs, whitespace runs), so that no token ever spans two of them. (2)
-Each piece becomes its UTF-8 bytes. (3) Starting from one token per byte, the adjacent pair whose
-merge was learned first is merged, again and again, until no adjacent pair has a learned merge.
-Training learned the merges in order (the most frequent pair of the corpus, merged everywhere, then
-the next): merge i is the i-th thing learned, so it has rank i, and the lowest rank goes first.
+space, numbers, punctuation runs, whitespace runs), so that no token ever spans two of them.
+(2) Each piece becomes its UTF-8 bytes. (3) Starting from one token per byte, the adjacent pair
+whose merge was learned first is merged, again and again, until no adjacent pair has a learned
+merge. Training learned the merges in order (the most frequent pair of the corpus, merged
+everywhere, then the next): merge i, learned i-th, has rank i, and the lowest rank goes first.
 
 tiktoken runs step (3) on ranks attached to tokens, not to pairs: it merges the adjacent pair whose
 concatenation is the token of lowest rank, and a token's rank is its id. A tokenizer.json gives a
@@ -31,16 +30,15 @@ The pre-tokenizer becomes tiktoken's one regex: ByteLevel's own (GPT-2's pattern
 alone) before GPT-2's pattern, written as one pattern where a digit ends a whitespace run as the end
 of the text would. A Split keeps the text between matches as pieces: the pattern gets
 "|(?:(?!R)[\\s\\S])+" for them. An NFC normalizer (Qwen2) is applied before encoding; any other
-normalizer, a prefix space, SentencePiece-style BPE
-(byte_fallback, "▁" for spaces), Unigram or WordPiece is refused in one line. Added tokens (<|endoftext|>,
-<|im_start|>, ...) become tiktoken's special tokens: text that contains them encodes them with allowed_special.
+normalizer, a prefix space, SentencePiece-style BPE (byte_fallback, "▁" for spaces), Unigram or
+WordPiece is refused in one line. Added tokens (<|endoftext|>, <|im_start|>, ...) become tiktoken's
+special tokens: text that contains them encodes them with allowed_special.
 
-Llama 3's tokenizer.model is tiktoken's own format (one "base64(token) rank" per line) with Llama
-3's regex and 256 special tokens after the vocabulary; a SentencePiece tokenizer.model (protobuf:
-Llama 2, Mistral) is refused. The end-of-sequence token is the folder's eos_token
-(tokenizer_config.json, else generation_config.json or config.json's eos_token_id); the chat
-template (tokenizer_config.json's chat_template or chat_template.jinja) is kept on the Encoding for
-chat.py.
+Llama 3's tokenizer.model is tiktoken's own format (one "base64(token) rank" per line) with
+Llama 3's regex and 256 special tokens after the vocabulary; a SentencePiece tokenizer.model
+(protobuf: Llama 2, Mistral) is refused. The end-of-sequence token is the folder's eos_token
+(tokenizer_config.json, else generation_config.json or config.json's eos_token_id); chat.py finds
+the chat template (tokenizer_config.json's chat_template or chat_template.jinja) on the Encoding.
 
 Run: `python bpe.py FOLDER "some text"` prints the ids and pieces; `python bpe.py` learns 300 merges
 on this file's source, writes them as a GPT-2-style tokenizer.json into a temporary folder and
@@ -61,8 +59,8 @@ import regex  # tiktoken's own dependency: \p{L} and friends, for the demo's tra
 import tiktoken
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-                  r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
+                  r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>"]
                    + [f"<|reserved_special_token_{i}|>" for i in range(4)]
                    + ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>",
@@ -76,8 +74,7 @@ class TokenizerError(ValueError):
 
 @functools.cache
 def bytes_to_unicode():
-    """GPT-2's map from each byte to the printable character that stands for it in
-    tokenizer.json."""
+    """GPT-2's map from each byte to the printable character standing for it in tokenizer.json."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)]
     extra = [b for b in range(256) if b not in printable]
@@ -122,8 +119,7 @@ class FolderEncoding(tiktoken.Encoding):
 
 # ----------------------------------------------------------------------------------- tokenizer.json
 def ranks_from_merges(model, where):
-    """{token bytes: id} for the 256 bytes and every token a merge makes; the ids must follow merge
-    order."""
+    """{token bytes: id} for the 256 bytes and every token a merge makes; ids follow merge order."""
     vocab, ranks = model.get("vocab"), {}
     if not isinstance(vocab, dict) or not isinstance(model.get("merges"), list):
         raise TokenizerError(f"{where}: model.vocab must be an object and model.merges a list")
@@ -138,7 +134,7 @@ def ranks_from_merges(model, where):
         a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
         made = token_bytes(a + b, where)
         if made in ranks:
-            # a token several merges make (Llama 3 lists every split): its first merge ranks it
+            # A token several merges make (Llama 3 lists every split): its first merge ranks it.
             continue
         if a + b not in vocab:
             raise TokenizerError(f"{where}: merge {i} ({a!r} {b!r}) makes {a + b!r}, which is "
@@ -152,8 +148,7 @@ def ranks_from_merges(model, where):
 
 
 def split_pattern(p, where):
-    """A Split pre-tokenizer (matches isolated, the text between them kept as pieces) as a findall
-    pattern."""
+    """A Split pre-tokenizer as a findall pattern (matches isolated, the text between as pieces)."""
     pat = p.get("pattern") or {}
     r = pat.get("Regex") if "Regex" in pat else re.escape(pat.get("String", ""))
     if not r or p.get("behavior") != "Isolated" or p.get("invert"):
@@ -163,17 +158,17 @@ def split_pattern(p, where):
 
 
 def pattern(pre, where):
-    """The pre-tokenizer (ByteLevel; Split then ByteLevel without its regex; Digits then ByteLevel)
-    as one regex."""
-    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    """The pre-tokenizer as one regex (ByteLevel, Split + ByteLevel, or Digits + ByteLevel)."""
+    steps = (pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence"
+             else [pre] if pre else [])
     kinds = [s.get("type") for s in steps]
     if not steps or kinds[-1] != "ByteLevel":
         raise TokenizerError(f"{where}: pre_tokenizer {kinds or None} does not end in ByteLevel: "
                              "only byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM styles) is read")
     byte_level = steps[-1]
     if byte_level.get("add_prefix_space"):
-        raise TokenizerError(f"{where}: ByteLevel add_prefix_space true is not read (tiktoken "
-                             "adds no space)")
+        raise TokenizerError(f"{where}: ByteLevel add_prefix_space true is not read "
+                             "(tiktoken adds no space)")
     own = byte_level.get("use_regex", True)
     if kinds == ["ByteLevel"]:
         return GPT2_PATTERN if own else r"[\s\S]+"
@@ -181,12 +176,13 @@ def pattern(pre, where):
         return split_pattern(steps[0], where)
     if kinds == ["Digits", "ByteLevel"] and own:
         # Digits cuts out numeric characters (each alone, or runs); GPT-2's pattern runs between
-        # them, where a numeric character ends a whitespace run as the end of the text does: (?!\S)
-        # becomes (?![^\s\p{N}]).
+        # them, where a numeric character ends a whitespace run as the end of the text does:
+        # (?!\S) becomes (?![^\s\p{N}]).
         digits = r"\p{N}" if steps[0].get("individual_digits") else r"\p{N}+"
-        return digits + r"""|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
-    raise TokenizerError(f"{where}: pre_tokenizer sequence {kinds} is not read (ByteLevel, Split "
-                         "+ ByteLevel without its regex, or Digits + ByteLevel)")
+        return digits + (r"""|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+"""
+                         r"""|\s+(?![^\s\p{N}])|\s+""")
+    raise TokenizerError(f"{where}: pre_tokenizer sequence {kinds} is not read (ByteLevel, "
+                         "Split + ByteLevel without its regex, or Digits + ByteLevel)")
 
 
 def read_tokenizer_json(path):
@@ -196,28 +192,29 @@ def read_tokenizer_json(path):
         tj = json.loads(Path(path).read_text(encoding="utf-8"))
         model = tj["model"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-        raise TokenizerError(f"{where}: not a tokenizer.json (a JSON object with a \"model\")") from None
+        raise TokenizerError(f"{where}: not a tokenizer.json "
+                             "(a JSON object with a \"model\")") from None
     kind = model.get("type") or ("BPE" if "merges" in model else "?")
     if kind != "BPE":
         raise TokenizerError(f"{where}: model type {kind} is not read (only byte-level BPE)")
     for key in ("byte_fallback", "continuing_subword_prefix", "end_of_word_suffix", "dropout"):
         if model.get(key):
-            raise TokenizerError(f"{where}: BPE with {key} {model[key]!r} is not read (only "
-                                 "plain byte-level BPE)")
+            raise TokenizerError(f"{where}: BPE with {key} {model[key]!r} is not read "
+                                 "(only plain byte-level BPE)")
     norm = tj.get("normalizer")
     if norm is not None and norm.get("type") != "NFC":
-        raise TokenizerError(f"{where}: normalizer {norm.get('type')} is not read (it changes "
-                             "the text; only none or NFC)")
+        raise TokenizerError(f"{where}: normalizer {norm.get('type')} is not read "
+                             "(it changes the text; only none or NFC)")
     pat = pattern(tj.get("pre_tokenizer"), where)
     ranks = ranks_from_merges(model, where)
     contents = {t["content"] for t in tj.get("added_tokens") or []}
-    # a piece that is a whole token is that token, made by a merge or not (Llama 3)
+    # ignore_merges (Llama 3): a piece that is a whole token is that token, made by a merge or not.
     if model.get("ignore_merges"):
         for token, i in model["vocab"].items():
             if token not in contents:
                 ranks.setdefault(token_bytes(token, where), i)
+    # An added token BPE already makes is just a token.
     added = {t["content"]: t["id"] for t in tj.get("added_tokens") or []
-             # an added token BPE already makes is just a token
              if t["content"].encode() not in ranks}
     return pat, ranks, added, norm is not None
 
@@ -260,8 +257,7 @@ def token_text(t):
 
 
 def chat_template(folder, tc):
-    """chat_template.jinja, else tokenizer_config.json's chat_template (a string, or named
-    templates)."""
+    """chat_template.jinja, else tokenizer_config.json's chat_template (a string, or named ones)."""
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
     t = tc.get("chat_template")
@@ -271,7 +267,8 @@ def chat_template(folder, tc):
 
 
 def ids_of(value):
-    return [value] if isinstance(value, int) else [v for v in value if isinstance(v, int)] if value else []
+    return ([value] if isinstance(value, int)
+            else [v for v in value if isinstance(v, int)] if value else [])
 
 
 @functools.cache
@@ -308,8 +305,7 @@ def load_folder(folder):
 # ----------------------------------------------------------------------------------------- the demo
 def learn_merges(text, n_merges, pat=GPT2_PATTERN):
     """Textbook BPE training: count the pieces, then n times merge the most frequent adjacent pair
-    everywhere (ties: the pair seen first). Returns the merges in learned order, as byte-to-unicode
-    strings."""
+    everywhere (ties: the first seen). Returns the merges in learned order (byte-to-unicode)."""
     b2u = bytes_to_unicode()
     words = collections.Counter(tuple(b2u[b] for b in w.encode()) for w in regex.findall(pat, text))
     merges = []
@@ -338,13 +334,12 @@ def learn_merges(text, n_merges, pat=GPT2_PATTERN):
 
 
 def gpt2_style_json(merges, added=("<|endoftext|>",)):
-    """A GPT-2-layout tokenizer.json: the 256 bytes in byte order, then one token per merge, then
-    added tokens."""
+    """A GPT-2-style tokenizer.json: the 256 bytes in order, a token per merge, the added tokens."""
     vocab = {c: b for b, c in bytes_to_unicode().items()}
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
-    added_tokens = [{"id": len(vocab) + i, "content": t, "special": True} for i,
-                    t in enumerate(added)]
+    added_tokens = [{"id": len(vocab) + i, "content": t, "special": True}
+                    for i, t in enumerate(added)]
     return {"version": "1.0", "added_tokens": added_tokens, "normalizer": None,
             "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},
             "model": {"type": "BPE", "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]}}

@@ -9,7 +9,7 @@ renamed, and a Llama checkpoint of a shape model.py can build is a model.py mode
     blocks.{i}.attn_norm           model.layers.{i}.input_layernorm
     blocks.{i}.attn.w{q,k,v,o}     model.layers.{i}.self_attn.{q,k,v,o}_proj
     blocks.{i}.mlp_norm            model.layers.{i}.post_attention_layernorm
-    blocks.{i}.mlp.w1, w3, w2      model.layers.{i}.mlp.gate_proj, up_proj, down_proj   (gate, up, down)
+    blocks.{i}.mlp.w1, w3, w2      model.layers.{i}.mlp.gate_proj, up_proj, down_proj
     norm, lm_head                  model.norm, lm_head
 
 Both rotate the two halves of each head (rotate_half), so the query and key rows need no
@@ -29,12 +29,11 @@ no lm_head when the two are still equal (a tied model not trained since), else f
 tensors: a fine-tuned tied model comes out untied.
 
 Special tokens: load_weights returns {"bos", "eos", "pad"} ids (special_ids): a Hugging Face
-folder's from
-generation_config.json, config.json or its tokenizer files; "bytes" and tiktoken encodings have <|endoftext|> as
-eos. A folder holding tokenizer.json or tokenizer.model is its own tokenizer: runs record its path,
-and export copies its files (tokenizer.json, tokenizer_config.json, ...) next to the weights, with
-the ids in config.json and generation_config.json, so that transformers' AutoTokenizer and
-generate() work on the exported folder.
+folder's from generation_config.json, config.json or its tokenizer files; "bytes" and tiktoken
+encodings have <|endoftext|> as eos. A folder holding tokenizer.json or tokenizer.model is its own
+tokenizer: runs record its path, and export copies its files (tokenizer.json, tokenizer_config.json,
+...) next to the weights, with the ids in config.json and generation_config.json, so that
+transformers' AutoTokenizer and generate() work on the exported folder.
 
 safetensors, written out: 8 bytes of little-endian header length N, N bytes of JSON {name: {"dtype",
 "shape", "data_offsets": [begin, end]}} (offsets into what follows), then the raw little-endian
@@ -74,9 +73,9 @@ PAIRS = [("tok_emb", "model.embed_tokens"), ("norm", "model.norm"), ("lm_head", 
 
 
 def _table(pairs):
-    """[(regex of one side's weight name, the other side's name with groups)] from the pairs
-    above."""
-    pat = lambda s: re.escape(s + ".weight").replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", "(?P<p>[qkvo])")  # noqa
+    """[(regex of one side's weight name, the other side's name with groups)] from pairs."""
+    pat = lambda s: (re.escape(s + ".weight").replace(r"\{i\}", r"(?P<i>\d+)")  # noqa
+                     .replace(r"\{p\}", "(?P<p>[qkvo])"))
     sub = lambda s: (s + ".weight").replace("{i}", r"\g<i>").replace("{p}", r"\g<p>")  # noqa
     return [(pat(a), sub(b)) for a, b in pairs]
 
@@ -85,8 +84,7 @@ TO_HF, FROM_HF = _table(PAIRS), _table([(b, a) for a, b in PAIRS])
 
 
 class HFError(CheckpointError):
-    """A Hugging Face folder model.py cannot represent, or a damaged one: the one line the user
-    sees."""
+    """A Hugging Face folder model.py cannot represent, or a damaged one: the line the user sees."""
 
 
 def rename(name, table):
@@ -107,9 +105,8 @@ def write_safetensors(path, tensors, metadata=None):
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the tensors start 8-byte aligned
-    # Written aside, then renamed over `path`: a file being read through a memory map
-    # (read_safetensors) is never truncated under its reader, which keeps the old contents until it
-    # lets go.
+    # Written aside, then renamed over `path`: a file read through a memory map (read_safetensors)
+    # is never truncated under its reader, which keeps the old contents until it lets go.
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
@@ -133,15 +130,14 @@ def read_safetensors(path):
             assert isinstance(header, dict)
         except (ValueError, AssertionError):
             raise HFError(f"{path}: corrupt safetensors header (not a JSON object)") from None
-        # Copy-on-write: the tensors may be written to without touching the file; pages are read
+        # Copy-on-write: the tensors may be written to without touching the file; pages load
         # when touched.
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     out, spans = {}, []
     for name, h in header.items():
         if name == "__metadata__":
             continue
-        # sizes are JSON integers (not floats, not bools), >= 0; the product in Python's unbounded
-        # ints
+        # Sizes are JSON integers (not floats, not bools), >= 0; their product in Python's ints.
         try:
             dtype, shape, (a, b) = DTYPES[h["dtype"]], h["shape"], h["data_offsets"]
             assert all(type(v) is int and v >= 0 for v in [*shape, a, b])
@@ -154,8 +150,8 @@ def read_safetensors(path):
         spans.append((a, b, name))
     for (a0, b0, first), (a1, b1, second) in zip(sorted(spans), sorted(spans)[1:]):
         if a1 < b0:  # two tensors sharing bytes: a forged or damaged header
-            raise HFError(f"{path}: tensors {first} and {second} overlap in the file (bytes "
-                          f"{a1}..{b0})")
+            raise HFError(f"{path}: tensors {first} and {second} overlap in the file "
+                          f"(bytes {a1}..{b0})")
     for name, h in header.items():
         if name == "__metadata__":
             continue
@@ -180,9 +176,9 @@ def export_hf(src, dst):
                               "one (nothing there is overwritten)")
     from weights import load_weights  # (imported here: weights.py imports this file)
     init = load_weights(src)
-    sd, cfg, tokenizer, ids = init["model"], init["model_config"], init["tokenizer"], init["special_ids"]
-    # Tied exactly when the two tensors are equal (an untouched tied import): the head is then not
-    # written.
+    sd, cfg, tokenizer, ids = (init["model"], init["model_config"], init["tokenizer"],
+                               init["special_ids"])
+    # Tied exactly when the two tensors are equal (an untouched tied import): no head is written.
     tied = torch.equal(sd["tok_emb.weight"], sd["lm_head.weight"])
     hf = {}
     for name, t in sd.items():
@@ -198,8 +194,8 @@ def export_hf(src, dst):
     write_safetensors(dst / "model.safetensors", hf)
     theta, scaling = cfg["rope_theta"], cfg.get("rope_scaling")
     special = {f"{k}_token_id": ids[k] for k in ("bos", "eos", "pad")}
-    # Both forms of the rotary settings: transformers 4 reads rope_theta/rope_scaling, 5 reads
-    # rope_parameters.
+    # Both forms of the rotary settings: transformers 4 reads rope_theta and rope_scaling,
+    # transformers 5 reads rope_parameters.
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
               "hidden_size": cfg["d_model"], "intermediate_size": cfg["d_ff"],
               "num_hidden_layers": cfg["n_layer"], "num_attention_heads": cfg["n_head"],
@@ -212,10 +208,11 @@ def export_hf(src, dst):
               "mlp_bias": False, "initializer_range": 0.02,
               "torch_dtype": str(next(iter(sd.values())).dtype).removeprefix("torch.")}
     config |= special
-    # the folder's files travel with the model: AutoTokenizer reads them
+    # The folder's files travel with the model: AutoTokenizer reads them.
     if is_tokenizer_folder(tokenizer):
         for f in TOKENIZER_FILES:
-            if (Path(tokenizer) / f).is_file() and (Path(tokenizer) / f).resolve() != (dst / f).resolve():
+            if ((Path(tokenizer) / f).is_file()
+                    and (Path(tokenizer) / f).resolve() != (dst / f).resolve()):
                 shutil.copyfile(Path(tokenizer) / f, dst / f)
     else:
         config["tokenizer"] = tokenizer  # "bytes" or a tiktoken encoding: for this project's reader
@@ -233,8 +230,8 @@ def _check_config(c, where):
     for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
                       ("pretraining_tp", 1), ("partial_rotary_factor", 1.0)):
         if c.get(key, want) != want:
-            raise HFError(f"{where}: {key} {c[key]!r} cannot be represented by model.py (it has "
-                          f"{want!r})")
+            raise HFError(f"{where}: {key} {c[key]!r} cannot be represented by model.py "
+                          f"(it has {want!r})")
     sizes = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
              "d_model": "hidden_size", "d_ff": "intermediate_size", "vocab_size": "vocab_size"}
     defaults = {"num_key_value_heads": c.get("num_attention_heads"),
@@ -288,8 +285,7 @@ def read_rope(c, where):
 
 
 def _rope_form(p, theta, key, where):
-    """One form's (theta, scaling): the default rotary frequencies, or Llama 3.1's "llama3" scaling;
-    others refused."""
+    """One form's (theta, scaling): default rotary frequencies or Llama 3.1's "llama3"; no other."""
     if not isinstance(p, dict) or any(isinstance(v, dict) for v in p.values()):
         raise HFError(f"{where}: {key} {p!r} is not one object of numbers (rotary settings per "
                       "layer type are not represented by model.py)")
@@ -298,23 +294,28 @@ def _rope_form(p, theta, key, where):
         theta = float(p.get("rope_theta", theta))
         assert math.isfinite(theta) and theta > 1
     except (TypeError, ValueError, AssertionError):
-        raise HFError(f"{where}: rope_theta {p.get('rope_theta', theta)!r} is not a number > 1") from None
+        raise HFError(f"{where}: rope_theta {p.get('rope_theta', theta)!r} "
+                      "is not a number > 1") from None
     known = {"rope_type", "type", "rope_theta"} | (set(LLAMA3_KEYS) if kind == "llama3" else set())
     if kind not in ("default", "llama3") or set(p) - known:
-        what = f"rope_type {kind!r}" if kind not in ("default", "llama3") else f"{sorted(set(p) - known)[0]!r}"
+        what = (f"rope_type {kind!r}" if kind not in ("default", "llama3")
+                else f"{sorted(set(p) - known)[0]!r}")
         raise HFError(f"{where}: {key} {what} cannot be represented by model.py (it has the rope "
                       f"types 'default' and 'llama3' with {', '.join(LLAMA3_KEYS)})")
     if kind == "default":
         return theta, None
     try:
         s = {k: float(p[k]) for k in LLAMA3_KEYS}
-        assert s["factor"] >= 1 and 0 < s["low_freq_factor"] < s["high_freq_factor"] and s["factor"] < math.inf
-        assert s["original_max_position_embeddings"] == int(s["original_max_position_embeddings"]) > 0
+        assert (s["factor"] >= 1 and 0 < s["low_freq_factor"] < s["high_freq_factor"]
+                and s["factor"] < math.inf)
+        assert (s["original_max_position_embeddings"]
+                == int(s["original_max_position_embeddings"]) > 0)
     except (KeyError, TypeError, ValueError, AssertionError, OverflowError):
-        raise HFError(f"{where}: {key} of rope_type 'llama3' needs numbers factor >= 1, 0 < "
-                      "low_freq_factor < high_freq_factor and original_max_position_embeddings "
-                      f"> 0, got {p}") from None
-    return theta, {"rope_type": "llama3"} | s | {"original_max_position_embeddings": int(s[LLAMA3_KEYS[3]])}
+        raise HFError(f"{where}: {key} of rope_type 'llama3' needs numbers factor >= 1, "
+                      "0 < low_freq_factor < high_freq_factor and "
+                      f"original_max_position_embeddings > 0, got {p}") from None
+    return theta, ({"rope_type": "llama3"} | s
+                   | {"original_max_position_embeddings": int(s[LLAMA3_KEYS[3]])})
 
 
 def expected_shapes(cfg):
@@ -324,8 +325,8 @@ def expected_shapes(cfg):
     shapes = {"tok_emb.weight": [cfg["vocab_size"], d]}
     for i in range(cfg["n_layer"]):
         shapes |= {f"blocks.{i}.{name}.weight": shape for name, shape in (
-            ("attn_norm", [d]), ("attn.wq", [q, d]), ("attn.wk", [kv, d]), ("attn.wv", [kv, d]),
-                                                                          ("attn.wo", [d, q]),
+            ("attn_norm", [d]),
+            ("attn.wq", [q, d]), ("attn.wk", [kv, d]), ("attn.wv", [kv, d]), ("attn.wo", [d, q]),
             ("mlp_norm", [d]), ("mlp.w1", [ff, d]), ("mlp.w3", [ff, d]), ("mlp.w2", [d, ff]))}
     return shapes | {"norm.weight": [d], "lm_head.weight": [cfg["vocab_size"], d]}
 
@@ -347,8 +348,8 @@ def import_hf(folder):
     cfg = _check_config(c, f"{folder}/config.json")
     index = folder / "model.safetensors.index.json"
     # A large model comes in several files, listed by an index: {"weight_map": {tensor name: file}}.
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
-        ["model.safetensors"]
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
     hf = {}
     for name in files:
         if not (folder / name).is_file():
@@ -400,8 +401,9 @@ def is_tokenizer_folder(tokenizer):
     return any((Path(tokenizer) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
 
 
-# <|endoftext|>'s id in tiktoken's own encodings (tiktoken_ext/openai_public.py), known without their ranks,
-# whose download a machine offline cannot make: a run trained with one exports and loads anywhere.
+# <|endoftext|>'s id in tiktoken's own encodings (tiktoken_ext/openai_public.py), known without
+# their ranks, whose download a machine offline cannot make: a run trained with one exports and
+# loads anywhere.
 TIKTOKEN_EOT = {"gpt2": 50256, "r50k_base": 50256, "p50k_base": 50256, "p50k_edit": 50256,
                 "cl100k_base": 100257, "o200k_base": 199999, "o200k_harmony": 199999}
 
@@ -416,8 +418,7 @@ def special_ids(tokenizer):
         return {"bos": None, "eos": TIKTOKEN_EOT[tokenizer], "pad": None}
     try:
         return {"bos": None, "eos": data_lib.eot_id(data_lib.get_tokenizer(tokenizer)), "pad": None}
-    # (a folder that has moved, or an encoding this machine cannot load)
-    except data_lib.DataError as e:
+    except data_lib.DataError as e:  # a folder that has moved, or an encoding not loadable here
         raise CheckpointError(f"tokenizer {tokenizer!r} is not a folder with tokenizer.json or "
                               f"tokenizer.model, and {e}") from None
 
@@ -433,10 +434,11 @@ def folder_special_ids(folder):
             v = c.get(f"{k}_token_id")
             if v is not None and not (isinstance(v, int) or isinstance(v, list)
                                       and all(isinstance(i, int) for i in v)):
-                raise HFError(f"{folder / f}: {k}_token_id {v!r} is not a token id or a list of "
-                              "them")
+                raise HFError(f"{folder / f}: {k}_token_id {v!r} is not a token id "
+                              "or a list of them")
             ids[k] = v if v is not None else ids[k]
-    if None in ids.values() and (folder / "tokenizer_config.json").is_file() and (folder / "tokenizer.json").is_file():
+    if (None in ids.values() and (folder / "tokenizer_config.json").is_file()
+            and (folder / "tokenizer.json").is_file()):
         t, vocab = _json(folder / "tokenizer_config.json"), _json(folder / "tokenizer.json")
         known = {a.get("content"): a.get("id") for a in vocab.get("added_tokens") or []
                  if isinstance(a, dict)}

@@ -1,10 +1,9 @@
-"""bench_parallel.py: our model-parallel compositions against torch's own, on the same model and
-batches.
+"""bench_parallel.py: our model-parallel compositions against torch's own, same model and batches.
 
     world 4: our ZeRO-3 (zero.py, dp 2) over our tensor parallelism (tensor_parallel.py, tp 2)
-             vs FSDP2 (fully_shard over the dp axis of a 2 x 2 device mesh) over torch's parallelize_module
-             (ColwiseParallel wq, wk, wv, w1, w3; RowwiseParallel wo, w2; the embedding row-wise, the head
-             column-wise with its logits gathered)
+             vs FSDP2 (fully_shard over the dp axis of a 2 x 2 device mesh) over torch's
+             parallelize_module (ColwiseParallel wq, wk, wv, w1, w3; RowwiseParallel wo, w2; the
+             embedding row-wise, the head column-wise with its logits gathered)
     world 2: our 1F1B (pipeline.py, 2 stages, 4 micro-batches)
              vs torch.distributed.pipelining's Schedule1F1B over PipelineStage, the same two stages
 
@@ -57,8 +56,7 @@ def batches(n, rows):
 
 # --------------------------------------------------------------------------- world 4: ZeRO-3 x tp 2
 def zero3_tp(rank, impl):
-    """(step function) for one rank of dp 2 x tp 2; each dp rank takes its half of the global
-    batch."""
+    """(step function) for one rank of dp 2 x tp 2; each dp rank takes half of the global batch."""
     if impl == "ours":
         topo = Topology(tp=2)
         torch.manual_seed(0)
@@ -77,19 +75,17 @@ def zero3_tp(rank, impl):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
     # tp innermost, as topology.py
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     torch.manual_seed(0)
     model = Transformer(CFG)
     for block in model.blocks:
-        parallelize_module(block, mesh["tp"], {"attn.wq": ColwiseParallel(),
-                                               "attn.wk": ColwiseParallel(),
-                                               "attn.wv": ColwiseParallel(),
-                                               "attn.wo": RowwiseParallel(),
-                                               "mlp.w1": ColwiseParallel(),
-                                               "mlp.w3": ColwiseParallel(),
-                                               "mlp.w2": RowwiseParallel()})
+        parallelize_module(block, mesh["tp"], {
+            "attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(),
+            "attn.wv": ColwiseParallel(), "attn.wo": RowwiseParallel(),
+            "mlp.w1": ColwiseParallel(), "mlp.w3": ColwiseParallel(), "mlp.w2": RowwiseParallel()})
     parallelize_module(model, mesh["tp"], {"tok_emb": RowwiseParallel(input_layouts=Replicate()),
                                            "lm_head": ColwiseParallel(output_layouts=Replicate())})
     for block in model.blocks:
@@ -121,8 +117,7 @@ def clip_dtensor_grads(params, max_norm):
 
 # ------------------------------------------------------------------------ world 2: 1F1B on 2 stages
 class StageOutput(nn.Module):
-    """A pipeline.keep_stage stage as torch's pipelining wants it: tensors in, one tensor (or
-    logits) out."""
+    """A pipeline.keep_stage stage for torch's pipelining: tensors in, a tensor (or logits) out."""
 
     def __init__(self, stage):
         super().__init__()
@@ -210,9 +205,9 @@ def main(argv=None):
                 per_rank = run_distributed(run_one, world, row, impl, args.steps, args.warmup)
                 step_s = max(r["step_s"] for r in per_rank)
                 mem = max(r["peak_rss_growth_mb"] for r in per_rank)
-                print(f"  {row} repeat {rep}: {impl:<6} {step_s * 1e3:8.1f} ms/step  peak RSS "
-                      "growth "
-                      f"{mem:7.1f} MB/rank  last loss {per_rank[0]['losses'][-1]:.4f}", flush=True)
+                print(f"  {row} repeat {rep}: {impl:<6} {step_s * 1e3:8.1f} ms/step  "
+                      f"peak RSS growth {mem:7.1f} MB/rank  "
+                      f"last loss {per_rank[0]['losses'][-1]:.4f}", flush=True)
                 if impl not in best or step_s < best[impl]["step_s"]:
                     best[impl] = {"step_s": step_s, "mem": mem, "losses": per_rank[0]["losses"]}
         ours, theirs = best["ours"], best["torch"]
@@ -222,8 +217,8 @@ def main(argv=None):
             "peak_rss_growth_mb_per_rank": {k: v["mem"] for k, v in best.items()},
             "throughput": theirs["step_s"] / ours["step_s"], "goal": GOALS[row],
             "memory": ours["mem"] / theirs["mem"],
-            "max_loss_difference": max(abs(a - b) for a,
-                                       b in zip(ours["losses"], theirs["losses"]))}
+            "max_loss_difference": max(abs(a - b)
+                                       for a, b in zip(ours["losses"], theirs["losses"]))}
     for row, r in result["rows"].items():
         print(f"{row} (world {r['world']}): ours {r['tokens_per_s']['ours']:.0f} vs torch "
               f"{r['tokens_per_s']['torch']:.0f} tokens/s")

@@ -19,15 +19,13 @@ import torch  # noqa: E402
 from tests.cuda_rules import strict_scaled_mm  # noqa: E402
 
 # One intra-op thread: the tests' tensors are tiny, so a second thread buys little, and OpenMP's
-# spinning workers slow every op by 10-100x whenever the cores are shared (with spawned ranks, or
-# with other jobs).
+# spinning workers slow every op 10-100x whenever the cores are shared (spawned ranks, other jobs).
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def data_cache(tmp_path_factory):
-    """Point the default-data cache at a session folder, so tests never write into the user's
-    cache."""
+    """Point the default-data cache at a session folder: tests never write into the user's cache."""
     path = tmp_path_factory.mktemp("data-cache")
     os.environ["LLM_DATA_CACHE"] = str(path)
     return path

@@ -1,7 +1,6 @@
-"""torch._scaled_mm under the rules its CUDA kernel enforces, for CPU tests (the CPU kernel accepts
-any shape).
+"""torch._scaled_mm under its CUDA kernel's rules, for CPU tests (the CPU kernel takes any shape).
 
-    monkeypatch.setattr(torch, "_scaled_mm", strict_scaled_mm)   # conftest.py does it for every test
+    monkeypatch.setattr(torch, "_scaled_mm", strict_scaled_mm)  # conftest.py does it for every test
 
 The rules, as torch checks them before calling cuBLASLt (aten/src/ATen/native/cuda/Blas.cpp,
 _scaled_mm_out_cuda, tensor-wise scaling): mat1 (M x K) and mat2 (K x N) are FP8 matrices, not both
@@ -19,8 +18,8 @@ FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 def cuda_rule_broken(mat1, mat2, scale_a, scale_b, out_dtype):
     """The first rule of CUDA's tensor-wise _scaled_mm these arguments break, or None."""
     if mat1.dim() != 2 or mat2.dim() != 2 or mat1.shape[1] != mat2.shape[0]:
-        return (f"mat1 and mat2 shapes cannot be multiplied ({tuple(mat1.shape)} and "
-                f"{tuple(mat2.shape)})")
+        return ("mat1 and mat2 shapes cannot be multiplied "
+                f"({tuple(mat1.shape)} and {tuple(mat2.shape)})")
     (m, k), n = mat1.shape, mat2.shape[1]
     if k % 16:
         return ("Expected trailing dimension of mat1 to be divisible by 16 but got mat1 shape: "
@@ -33,8 +32,8 @@ def cuda_rule_broken(mat1, mat2, scale_a, scale_b, out_dtype):
         return "Multiplication of two Float8_e5m2 matrices is not supported"
     for name, s in (("scale_a", scale_a), ("scale_b", scale_b)):
         if s.numel() != 1 or s.dtype != torch.float32:
-            return (f"{name} must have 1 Float element (tensor-wise scaling), got {s.dtype} of "
-                    f"shape {tuple(s.shape)}")
+            return (f"{name} must have 1 Float element (tensor-wise scaling), "
+                    f"got {s.dtype} of shape {tuple(s.shape)}")
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32, *FP8):
         return f"out_dtype {out_dtype}: bf16, fp16, fp32 or fp8 expected"
     # cuBLASLt's layouts: a dimension of extent 1 has no stride to speak of

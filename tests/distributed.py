@@ -1,6 +1,6 @@
 """Run a function on N CPU processes joined by gloo, and collect what each returns.
 
-    results = run_distributed(fn, world_size, *args)   # fn(rank, world_size, *args) runs in every process
+    results = run_distributed(fn, world_size, *args)   # fn(rank, world_size, *args) in each process
 
 `refused_before_any_group(...)` runs pretrain.py as rank 0 of a world that does not exist and
 returns its one-line error: reaching init_process_group would hang, so a clean error proves the
@@ -51,11 +51,12 @@ def run_distributed(fn, world, *args):
             errors = []
             for r in range(world):
                 path = os.path.join(d, f"{r}.pt")
-                if os.path.exists(path) and "error" in (res := torch.load(path, weights_only=False)):
+                if (os.path.exists(path)
+                        and "error" in (res := torch.load(path, weights_only=False))):
                     errors.append(f"rank {r}:\n{res['error']}")
             raise AssertionError("\n".join(errors) or str(e)) from None
-        return [torch.load(os.path.join(d, f"{r}.pt"),
-                           weights_only=False)["ok"] for r in range(world)]
+        return [torch.load(os.path.join(d, f"{r}.pt"), weights_only=False)["ok"]
+                for r in range(world)]
 
 
 def refused_before_any_group(tmp_path, capsys, monkeypatch, world, flags):

@@ -1,5 +1,4 @@
-"""bpe.py: a Hugging Face tokenizer folder as a tiktoken Encoding gives the ids a textbook BPE
-gives.
+"""bpe.py: a Hugging Face tokenizer folder, as a tiktoken Encoding, gives a textbook BPE's ids.
 
 Small tokenizer.json files are written here in four styles (GPT-2, Llama 3, Qwen2, SmolLM), from
 merges learned on a small corpus; the reference is written here from the definition: cut out the
@@ -18,16 +17,16 @@ import bpe
 import data
 
 GPT2 = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-LLAMA3 = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-          r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
-QWEN2 = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
-         r"""\s+(?!\S)|\s+""")
+LLAMA3 = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
+          r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2 = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+         r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 TEXTS = {
     "english": "The quick brown fox jumps over the lazy dog. It's 5 o'clock; we'll see, won't "
                "we? THE END'S near.",
-    "code": "def f(x):\n    return x**2 + 1  # square\n\n\tif a != "
-            "b:\n\t\tprint(f\"{a!r}\")\n{'k': " "[1, 2]}\n",
+    "code": "def f(x):\n    return x**2 + 1  # square\n\n\tif a != b:\n\t\tprint(f\"{a!r}\")\n"
+            "{'k': [1, 2]}\n",
     "digits": "123 4567 89012345 x  42   7\n  8 3.14159 1,000,000 x2y 2024-01-31 ²½ ٣٤٥ 𝟙𝟚",
     "unicode": "naïve café Straße 日本語のテキスト Ελληνικά русский текст e\u0301 A\u030a Å ﬁ "
                "中文测试：你好，世界！ 한국어 العربية हिन्दी ไทย Tiếng Việt",
@@ -39,8 +38,7 @@ CORPUS = "\n".join(list(TEXTS.values()) * 3) + Path(bpe.__file__).read_text(enco
 
 # ------------------------------------------------------------------------------------ the reference
 def split_isolated(piece, pattern):
-    """Matches of `pattern` and the text between them, in order (a Split pre-tokenizer, behavior
-    Isolated)."""
+    """Matches of `pattern` and the text between, in order (a Split pre-tokenizer, Isolated)."""
     out, at = [], 0
     for m in regex.finditer(pattern, piece):
         if m.start() == m.end():
@@ -54,20 +52,18 @@ def split_isolated(piece, pattern):
 def pre_tokenize(step, pieces):
     kind = step["type"]
     if kind == "ByteLevel":
-        return [w for p in pieces for w in (regex.findall(GPT2, p) if step.get("use_regex", True)
-                                            else [p])]
+        return [w for p in pieces
+                for w in (regex.findall(GPT2, p) if step.get("use_regex", True) else [p])]
     if kind == "Split":
         return [w for p in pieces for w in split_isolated(p, step["pattern"]["Regex"])]
     if kind == "Digits":
-        return [w for p in pieces for w in split_isolated(p,
-                                                          r"\p{N}" if step["individual_digits"]
-                                                          else r"\p{N}+")]
+        return [w for p in pieces
+                for w in split_isolated(p, r"\p{N}" if step["individual_digits"] else r"\p{N}+")]
     raise AssertionError(kind)
 
 
 def reference_bpe(word, merge_rank, vocab, ignore_merges):
-    """The merge loop: while some adjacent pair has a merge, merge the pair of lowest rank (leftmost
-    first)."""
+    """Merge the adjacent pair of lowest rank (leftmost first) until no pair has a merge."""
     if ignore_merges and word in vocab:
         return [vocab[word]]
     parts = list(word)
@@ -86,7 +82,8 @@ def reference_ids(tj, text):
     for r, m in enumerate(model["merges"]):
         merge_rank.setdefault(tuple(m.split(" ", 1)), r)
     added = {t["content"]: t["id"] for t in tj["added_tokens"]}
-    steps = tj["pre_tokenizer"]["pretokenizers"] if tj["pre_tokenizer"]["type"] == "Sequence" else [tj["pre_tokenizer"]]
+    steps = (tj["pre_tokenizer"]["pretokenizers"] if tj["pre_tokenizer"]["type"] == "Sequence"
+             else [tj["pre_tokenizer"]])
     ids = []
     cut = "(" + "|".join(regex.escape(t) for t in sorted(added, key=len, reverse=True)) + ")"
     for i, segment in enumerate(regex.split(cut, text) if added else [text]):
@@ -110,8 +107,8 @@ MERGES = bpe.learn_merges(CORPUS, 400)
 
 def with_specials(tj, specials):
     n = len(tj["model"]["vocab"])
-    tj["added_tokens"] = [{"id": n + i, "content": t, "special": True} for i,
-                          t in enumerate(specials)]
+    tj["added_tokens"] = [{"id": n + i, "content": t, "special": True}
+                          for i, t in enumerate(specials)]
     return tj
 
 
@@ -124,8 +121,8 @@ def every_split(vocab):
     merges = []
     for token, i in sorted(vocab.items(), key=lambda kv: kv[1]):
         cuts = [(token[:k], token[k:]) for k in range(1, len(token))]
-        merges += sorted((f"{a} {b}" for a, b in cuts if vocab.get(a, i) < i
-                          and vocab.get(b, i) < i),
+        merges += sorted((f"{a} {b}" for a, b in cuts
+                          if vocab.get(a, i) < i and vocab.get(b, i) < i),
                          key=lambda m: [vocab[x] for x in m.split(" ")])
     return merges
 
@@ -150,16 +147,15 @@ def qwen2_style():
 
 
 def smollm_style():
-    """Special tokens first (ids 0..2), then the byte alphabet in character order, then one token
-    per merge."""
+    """Special tokens first (ids 0..2), the byte alphabet in character order, a token per merge."""
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     vocab = {t: i for i, t in enumerate(specials)}
     for c in sorted(bpe.bytes_to_unicode().values()):
         vocab[c] = len(vocab)
     for a, b in MERGES:
         vocab.setdefault(a + b, len(vocab))
-    return {"added_tokens": [{"id": i, "content": t, "special": True} for i,
-                             t in enumerate(specials)],
+    return {"added_tokens": [{"id": i, "content": t, "special": True}
+                             for i, t in enumerate(specials)],
             "normalizer": None, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 {"type": "Digits", "individual_digits": True},
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
@@ -169,8 +165,7 @@ def smollm_style():
 
 
 def letters_split_style():
-    """A Split regex that leaves text between its matches (those pieces are kept, as the library
-    keeps them)."""
+    """A Split regex that leaves text between its matches (kept as pieces, as the library does)."""
     tj = gpt2_style()
     tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": r" ?\p{L}+"}, "behavior": "Isolated",
@@ -248,15 +243,14 @@ def test_llama3_tiktoken_model_file(tmp_path):
     tokenizer.json, and Llama 3's special tokens after the vocabulary."""
     tj = llama3_style()
     (tmp_path / "tokenizer.model").write_text("".join(
-        f"{base64.b64encode(bpe.token_bytes(t, '-')).decode()} {i}\n" for t,
-                                                      i in tj["model"]["vocab"].items()))
+        f"{base64.b64encode(bpe.token_bytes(t, '-')).decode()} {i}\n"
+        for t, i in tj["model"]["vocab"].items()))
     enc = data.get_tokenizer(str(tmp_path))
     n = len(tj["model"]["vocab"])
     text = "<|begin_of_text|>" + "\n".join(TEXTS.values()) + "<|eot_id|>"
     assert enc.encode(text, allowed_special="all") == reference_ids(tj, text)
     assert enc.encode_single_token("<|eot_id|>") == n + 9 and enc.n_vocab == n + 256
-    # <|end_of_text|>, with no tokenizer_config.json to say otherwise
-    assert data.eot_id(enc) == n + 1
+    assert data.eot_id(enc) == n + 1  # <|end_of_text|>: no tokenizer_config.json says otherwise
 
 
 def test_end_of_sequence_comes_from_the_folder(tmp_path):
@@ -305,8 +299,8 @@ def edit(tj, path, value):
     (("pre_tokenizer", {"type": "Metaspace", "replacement": "▁"}), "does not end in ByteLevel"),
     (("pre_tokenizer", None), "does not end in ByteLevel"),
     (("pre_tokenizer.add_prefix_space", True), "add_prefix_space true is not read"),
-    (("pre_tokenizer", {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"},
-                                                              {"type": "ByteLevel"}]}),
+    (("pre_tokenizer", {"type": "Sequence",
+                        "pretokenizers": [{"type": "WhitespaceSplit"}, {"type": "ByteLevel"}]}),
      "pre_tokenizer sequence ['WhitespaceSplit', 'ByteLevel'] is not read"),
 ])
 def test_unsupported_tokenizer_json_is_one_line(tmp_path, change, said):
@@ -322,7 +316,8 @@ def test_other_refusals_are_one_line(tmp_path):
     a, b = (x.replace(" ", "") for x in tj["model"]["merges"][:2])
     vocab[a], vocab[b] = vocab[b], vocab[a]
     assert "ids must follow the merge order" in refusal(tmp_path, tj)
-    protobuf = b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02\n\x0b\n\x03<s>\x15\x00\x00\x00\x00\x18\x03"
+    protobuf = (b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02"
+                b"\n\x0b\n\x03<s>\x15\x00\x00\x00\x00\x18\x03")
     assert "SentencePiece model" in refusal(tmp_path, model=protobuf)
     assert "no tokenizer.json or tokenizer.model" in refusal(tmp_path)
     tj = edit(gpt2_style(), "added_tokens", [])
@@ -331,5 +326,7 @@ def test_other_refusals_are_one_line(tmp_path):
 
 
 def test_a_tokenizer_folder_gets_its_own_data_cache(tmp_path):
-    a, b = data.default_data_dir(str(tmp_path / "x" / "tok")), data.default_data_dir(str(tmp_path / "y" / "tok"))
-    assert a != b and a.parent == b.parent == data.default_data_dir("bytes").parent and a.name.startswith("stdlib-tok-")
+    a, b = (data.default_data_dir(str(tmp_path / "x" / "tok")),
+            data.default_data_dir(str(tmp_path / "y" / "tok")))
+    assert (a != b and a.parent == b.parent == data.default_data_dir("bytes").parent
+            and a.name.startswith("stdlib-tok-"))

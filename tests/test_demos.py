@@ -1,7 +1,7 @@
-"""Every command of the README's map, run as a reader runs it (a subprocess; torchrun as `python -m
-torch.distributed.run --standalone`), with a smaller size where the demo is long (DEMO_STEPS, or the
-demo's own flags), asserting that the figures it prints are what the file's docstring says they
-show.
+"""Every command of the README's map, run as a reader runs it (a subprocess; torchrun as
+`python -m torch.distributed.run --standalone`), with a smaller size where the demo is long
+(DEMO_STEPS, or the demo's own flags), asserting that the figures it prints are what the file's
+docstring says they show.
 
 test_every_map_command_is_run fails when a row of the map has no test here."""
 import json
@@ -18,22 +18,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args, nproc=None, env=None, timeout=300):
-    """stdout of `python ARGS` (or torchrun with nproc processes); a failure shows the end of both
-    streams."""
+    """stdout of `python ARGS` (torchrun with nproc); a failure shows the end of both streams."""
     launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
-                                    f"--nproc_per_node={nproc}"]
-                                   if nproc else [])
+                                    f"--nproc_per_node={nproc}"] if nproc else [])
     for attempt in range(2):
         proc = subprocess.run(launcher + [str(a) for a in args], cwd=ROOT, capture_output=True,
                               text=True, timeout=timeout,
                               env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-        # A gloo process group's threads now and then abort a process as it exits, after its work is
-        # done (seen on busy cores, about 1 run in 10): that one failure, and only it, is given a
-        # second run.
-        if proc.returncode == 0 or "terminate called without an active exception" not in proc.stderr:
+        # A gloo process group's threads now and then abort a process as it exits, its work done
+        # (seen on busy cores, about 1 run in 10): that one failure, and only it, gets a second run.
+        if (proc.returncode == 0
+                or "terminate called without an active exception" not in proc.stderr):
             break
-    assert proc.returncode == 0, (f"{args}: exit "
-                                  f"{proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    assert proc.returncode == 0, (f"{args}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n"
+                                  f"{proc.stderr[-3000:]}")
     return proc.stdout
 
 
@@ -46,8 +44,8 @@ def numbers(pattern, text):
 def test_model(stdlib_data):
     out = run("model.py")
     assert re.search(r"^tiny\s+853,120\s", out, re.M), out  # the preset table, tiny first
-    assert len(re.findall(r"^(tiny|small|gpt2-124m|1b)\s+[\d,]+\s+[\d,]+\s+[\d.e+]+$", out,
-                          re.M)) == 4, out
+    assert len(re.findall(r"^(tiny|small|gpt2-124m|1b)\s+[\d,]+\s+[\d,]+\s+[\d.e+]+$",
+                          out, re.M)) == 4, out
     assert numbers(r"max \|naive - sdpa\| logits \(float64\): (\S+)", out)[0] < 1e-12
 
 
@@ -56,7 +54,8 @@ def test_data_prepare(tmp_path):
     (tmp_path / "src" / "a.py").write_text("def f(x):\n    return x + 1\n" * 200)
     out = run("data.py", "prepare", "--src", tmp_path / "src", "--out", tmp_path / "data")
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
-    assert meta["tokenizer"] == "bytes" and meta["tokens"]["train"] > 0 and '"vocab_size": 257' in out
+    assert (meta["tokenizer"] == "bytes" and meta["tokens"]["train"] > 0
+            and '"vocab_size": 257' in out)
 
 
 def test_bpe():
@@ -68,10 +67,10 @@ def test_bpe():
 
 
 def test_chat():
-    """The ### headers and a folder's ChatML template: the learned text is each reply and its end
-    token."""
+    """### headers, a folder's ChatML template: the learned text is each reply and its end token."""
     out = run("chat.py")
-    assert "[flog<|endoftext|>]" in out and "[flog<|im_end|>]" in out and "[ohce<|im_end|>]" in out, out
+    assert ("[flog<|endoftext|>]" in out and "[flog<|im_end|>]" in out
+            and "[ohce<|im_end|>]" in out), out
     assert "its Jinja chat template" in out and "<|im_start|>assistant\\n" in out, out
 
 
@@ -79,14 +78,14 @@ def test_amp():
     import quantization
     out = run("amp.py")
     losses = dict(re.findall(r"^(fp32|bf16|fp16|fp8): losses (.*)$", out, re.M))
-    curves = {name: numbers(r"(\d+\.\d+)(?:\(skipped\))?", line.split("final")[0]) for name,
-              line in losses.items()}
+    curves = {name: numbers(r"(\d+\.\d+)(?:\(skipped\))?", line.split("final")[0])
+              for name, line in losses.items()}
     assert curves["fp32"][-1] < curves["fp32"][0] - 1.0  # it trains
     # 16-bit rounding moves the curve far less than training does (up to the skip)
     for name in ("bf16", "fp16"):
         assert max(abs(a - b) for a, b in zip(curves[name][:5], curves["fp32"][:5])) < 0.05, out
     fp16 = losses["fp16"].split()
-    # nothing applied
+    # The skipped step applied nothing: the next loss is the same.
     assert fp16[4].endswith("(skipped)") and fp16[5] == fp16[4].removesuffix("(skipped)")
     assert sum("(skipped)" in x for x in fp16) == 1 and "final loss scale 131072" in losses["fp16"]
     assert "(skipped) marks that step" in out  # and the demo says what it means
@@ -98,7 +97,8 @@ def test_amp():
         assert curves["fp8"] != curves["bf16"] and curves["fp8"][-1] < curves["fp8"][0] - 1.0, out
         assert max(abs(a - b) for a, b in zip(curves["fp8"][:4], curves["fp32"][:4])) < 0.1, out
     # fp16 at lr 1 overflows in the forward: the guard ends it 8 steps after the loss turns nan
-    assert re.search(r"^fp16 at lr 1: stopped after step \d+: the loss was nan for 8 steps in a row", out, re.M), out
+    assert re.search(r"^fp16 at lr 1: stopped after step \d+: "
+                     r"the loss was nan for 8 steps in a row", out, re.M), out
 
 
 def test_pretrain_help():
@@ -124,13 +124,13 @@ def test_make_estimate():
 
 
 def test_make_scaling(tmp_path, stdlib_data):
-    """`make scaling`'s command on one tiny budget and three one-layer sizes (the sweep itself takes
-    8 minutes)."""
+    """`make scaling`'s command on one tiny budget and three one-layer sizes (the sweep: 8 min)."""
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^scaling:.*\n\tOMP_NUM_THREADS=1 \$\(PY\) scaling.py --out out/scaling$",
                      makefile, re.M)
     out = run("scaling.py", "--budgets", "8e9", "--sizes", "1x16,1x24,1x32", "--out", tmp_path)
-    assert "sweep: 3 runs (0 done)" in out and "Approach 2" in out and "Chinchilla's are" in out, out
+    assert ("sweep: 3 runs (0 done)" in out and "Approach 2" in out
+            and "Chinchilla's are" in out), out
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 3
 
 
@@ -142,8 +142,8 @@ def test_flash_attn():
 
 def test_context_parallel():
     out = run("context_parallel.py", "--seq-len", "128", "--reps", "1", nproc=4)
-    rows = re.findall(r"^\s+([124])\s+(\S+)\s+(\S+)\s+\S+\s+(\S+)\s+(\S+)\s+(\S+)\s+\S+$", out,
-                      re.M)
+    rows = re.findall(r"^\s+([124])\s+(\S+)\s+(\S+)\s+\S+\s+(\S+)\s+(\S+)\s+(\S+)\s+\S+$",
+                      out, re.M)
     assert [r[0] for r in rows] == ["1", "2", "4"], out
     # attention's activations 1/cp; bytes sent as the formula says
     for cp, _, ratio, err, sent, formula in rows:
@@ -164,9 +164,8 @@ def test_ddp(stdlib_data):
 
 def test_zero():
     out = run("zero.py", nproc=2)
-    rows = re.findall(r"stage (\d): params +(\S+)/ *(\S+) +grads +(\S+)/ *(\S+) +optimizer "
-                      r"+(\S+)/ *(\S+) +total "
-                      r"(\S+)x formula \| losses (.*)", out)
+    rows = re.findall(r"stage (\d): params +(\S+)/ *(\S+) +grads +(\S+)/ *(\S+) "
+                      r"+optimizer +(\S+)/ *(\S+) +total (\S+)x formula \| losses (.*)", out)
     # 4 stages x 2 ranks
     assert sorted(r[0] for r in rows) == ["0", "0", "1", "1", "2", "2", "3", "3"], out
     for stage, *cells, total, losses in rows:
@@ -216,30 +215,31 @@ def test_make_bench(tmp_path):
 
 
 def test_bench_pack(tmp_path, stdlib_data):
-    run("benchmarks/bench_pack.py", "--steps", "2", "--warmup", "1", "--repeats", "1", "--out",
-        tmp_path / "p.json")
+    run("benchmarks/bench_pack.py", "--steps", "2", "--warmup", "1", "--repeats", "1",
+        "--out", tmp_path / "p.json")
     report = json.loads((tmp_path / "p.json").read_text())
     padded, packed = report["padded"], report["packed"]
-    assert 0 < report["padding_removed"] <= 1 and packed["padding_fraction"] < padded["padding_fraction"], report
-    # the same examples in fewer, fuller rows
+    assert (0 < report["padding_removed"] <= 1
+            and packed["padding_fraction"] < padded["padding_fraction"]), report
+    # The same examples in fewer, fuller rows.
     assert packed["tokens_per_step"] < padded["tokens_per_step"]
 
 
 def test_tensor_parallel():
     out = run("tensor_parallel.py", nproc=2)
-    rows = re.findall(r"tp rank (\d)/2.*\| loss (\S+) vs one process (\S+) \| max \|grad "
-                      r"difference\| (\S+)", out)
+    rows = re.findall(r"tp rank (\d)/2.*\| loss (\S+) vs one process (\S+) "
+                      r"\| max \|grad difference\| (\S+)", out)
     assert len(rows) == 4, out  # 2 ranks, without and with sequence parallelism
     for _, loss, ref, grad_diff in rows:
         assert float(loss) == pytest.approx(float(ref), rel=1e-12) and float(grad_diff) < 1e-12
 
 
 def test_pipeline():
-    out = run("pipeline.py", "--microbatches", "1", "4", "--micro-batch-size", "2", "--seq-len",
-              "16", nproc=4)
+    out = run("pipeline.py", "--microbatches", "1", "4", "--micro-batch-size", "2",
+              "--seq-len", "16", nproc=4)
     table = re.findall(r"^(gpipe|1f1b) +4 +(\d) +(\S+)% +(\S+)% +(\S+) MiB$", out, re.M)
-    assert [(s, m) for s, m, *_ in table] == [("gpipe", "1"), ("1f1b", "1"), ("gpipe", "4"),
-                                              ("1f1b", "4")], out
+    assert [(s, m) for s, m, *_ in table] == [("gpipe", "1"), ("1f1b", "1"),
+                                              ("gpipe", "4"), ("1f1b", "4")], out
     for schedule, m, idle, formula, _ in table:
         assert float(formula) == pytest.approx(100 * 3 / (int(m) + 3), abs=0.05)
         assert 0 < float(idle) < 100
@@ -257,7 +257,7 @@ def test_topology():
 
 
 def test_moe(stdlib_data):
-    # (the README's run: at 30 steps the load can tie)
+    # 60 steps, as the README's run: at 30 the load can tie.
     out = run("moe.py", nproc=2, env={"DEMO_STEPS": "60"})
     (busy0, idle0), (busy1, idle1) = [tuple(map(float, m)) for m in
                                       re.findall(r"busiest expert (\S+)%  idlest (\S+)%", out)]
@@ -269,13 +269,12 @@ def test_make_sft(tmp_path, stdlib_data):
     """`make sft` runs sft.py --init on a pretrained folder: here a tiny random one, a few steps."""
     from tests.sft_fixtures import CFG, make_init
     assert re.search(r"^\t\$\(PY\) sft.py --init out/pretrain \$\(SFT_FLAGS\)$",
-                     (ROOT / "Makefile").read_text(),
-                      re.M)
-    # the embedded set's prompts fit
+                     (ROOT / "Makefile").read_text(), re.M)
+    # block_size 512: the embedded set's prompts fit.
     init = make_init(tmp_path / "base", replace(CFG, block_size=512))
     out = run("sft.py", "--init", init, "--out", tmp_path / "sft", "--max-steps", "2",
-              "--batch-size", "4", "--eval-examples", "4", "--samples", "1", "--max-new-tokens",
-              "4", "--log-every", "1")
+              "--batch-size", "4", "--eval-examples", "4", "--samples", "1",
+              "--max-new-tokens", "4", "--log-every", "1")
     assert "held-out" in out and (tmp_path / "sft" / "latest").exists(), out
 
 
@@ -288,81 +287,87 @@ def test_lora():
 
 def test_checkpoint_commands(tmp_path, stdlib_data):
     """`python checkpoint.py consolidate` and `export-hf` on a run's folder, as the map shows them
-    (on a 2-step run here); the consolidated file and the Hugging Face folder both start a new run
-    (--init)."""
-    run("pretrain.py", "--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--max-steps",
-        "2", "--eval-iters", "1", "--sample-tokens", "0", "--out", tmp_path / "run")
+    (on a 2-step run here); the consolidated file and the Hugging Face folder each start a run
+    with --init."""
+    run("pretrain.py", "--model", "tiny", "--seq-len", "32", "--batch-size", "4",
+        "--max-steps", "2", "--eval-iters", "1", "--sample-tokens", "0", "--out", tmp_path / "run")
     out = run("checkpoint.py", "consolidate", tmp_path / "run", tmp_path / "model.pt")
     out += run("checkpoint.py", "export-hf", tmp_path / "run", tmp_path / "hf")
     assert "model.pt" in out and (tmp_path / "hf" / "model.safetensors").exists(), out
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 4, config
+    assert (config["architectures"] == ["LlamaForCausalLM"]
+            and config["num_hidden_layers"] == 4), config
     for init in (tmp_path / "model.pt", tmp_path / "hf"):
         out = run("pretrain.py", "--init", init, "--seq-len", "32", "--batch-size", "4",
-                  "--max-steps", "1", "--eval-iters", "1", "--sample-tokens", "0", "--out",
-                  tmp_path / f"from-{init.name}")
+                  "--max-steps", "1", "--eval-iters", "1", "--sample-tokens", "0",
+                  "--out", tmp_path / f"from-{init.name}")
         assert "step     1 |" in out or "step 1 |" in out, out
 
 
 def test_quantization():
     out = run("quantization.py")
-    assert re.search(r"^fp8 e4m3\s+8\s+4\s+3\s+448\s", out,
-                     re.M) and re.search(r"^int8\s+8\s+-\s+-\s+127\s", out, re.M)
+    assert (re.search(r"^fp8 e4m3\s+8\s+4\s+3\s+448\s", out, re.M)
+            and re.search(r"^int8\s+8\s+-\s+-\s+127\s", out, re.M))
     ratios = numbers(r"fp8 max error/bound (\S+)", out)
     assert len(ratios) == 3 and max(ratios) <= 1.0, out  # forward, dX, dW within the epsilon bound
     for name in ("bf16", "fp8"):
-        curve = numbers(r"(\d+\.\d+)", re.search(rf"^{name} \(tiny preset.*losses (.*)$", out,
-                                                 re.M).group(1))
+        curve = numbers(r"(\d+\.\d+)",
+                        re.search(rf"^{name} \(tiny preset.*losses (.*)$", out, re.M).group(1))
         assert curve[-1] < curve[0] - 1.0, (name, curve)  # both train
     assert numbers(r"max \|W - q s\| / \(s / 2\) = (\S+)", out)[0] <= 1.0
 
 
 def test_generate(tmp_path):
     """`python generate.py PATH --prompt ...` on a tiny random model's consolidated file (any path
-    weights.py reads will do), greedy, with the KV cache and without: the same text, and each a line
-    of tokens/s."""
+    weights.py reads will do), greedy, with the KV cache and without: the same text, each with a
+    line of tokens/s."""
     from model import PRESETS
     from tests.sft_fixtures import make_init
     init = make_init(tmp_path, replace(PRESETS["tiny"], vocab_size=320))
     prompt = "def parse(line):\n    key, val = "  # 32 bytes
-    outs = [run("generate.py", init, "--prompt", prompt, "--temperature", "0", "--max-new-tokens",
-                "48", *extra)
+    outs = [run("generate.py", init, "--prompt", prompt, "--temperature", "0",
+                "--max-new-tokens", "48", *extra)
             for extra in ([], ["--no-cache"])]
     (text, stats), (text_nc, stats_nc) = (out.rstrip("\n").rsplit("\n", 1) for out in outs)
     assert text == text_nc and text.startswith(prompt), outs
     for line, cache in ((stats, r"KV cache of 79 positions: [\d,]+ bytes"), (stats_nc, "no cache")):
-        assert re.fullmatch(r"prefill 32 tokens: [\d,.]+ tokens/s \| decode 47 tokens: [\d,.]+ "
-                            r"tokens/s \| "
+        assert re.fullmatch(r"prefill 32 tokens: [\d,.]+ tokens/s \| "
+                            r"decode 47 tokens: [\d,.]+ tokens/s \| "
                             rf"{cache} \| stopped at --max-new-tokens", line), line
 
 
 # ----------------------------------------------------------------------------------- the map itself
 def test_plot(tmp_path):
-    """The docs' pictures: the bubble (p-1)/(m+p-1) = 3/7 for both schedules, the ZeRO paper's 120 /
-    31.4 / 16.6 / 1.9 GB; and a run's curves: one polyline per run, one dot per evaluation."""
+    """The docs' pictures: the bubble (p-1)/(m+p-1) = 3/7 for both schedules, the ZeRO paper's
+    120 / 31.4 / 16.6 / 1.9 GB; and a run's curves: one polyline per run, one dot per evaluation."""
     out = run("plot.py", "--docs")
-    pipeline_svg, zero_svg = (ROOT / "docs" / "pipeline.svg").read_text(), (ROOT / "docs" / "zero.svg").read_text()
-    assert "docs/pipeline.svg" in out and pipeline_svg.count("= 43% of each stage") == 2, pipeline_svg[:400]
+    pipeline_svg, zero_svg = ((ROOT / "docs" / "pipeline.svg").read_text(),
+                              (ROOT / "docs" / "zero.svg").read_text())
+    assert ("docs/pipeline.svg" in out
+            and pipeline_svg.count("= 43% of each stage") == 2), pipeline_svg[:400]
     for gb in ("120.0 GB", "31.4 GB", "16.6 GB", "1.9 GB"):
         assert gb in zero_svg
     for name, losses in (("a", [3.0, 2.0, 1.5]), ("b", [3.1, 2.5, 2.0])):
         (tmp_path / name).mkdir()
         records = [{"step": s, key: l, "elapsed": s * 2.0} for s, l in enumerate(losses, 1)
                    for key in ("loss", "val_loss")]
-        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records))
     run("plot.py", tmp_path / "a", tmp_path / "b", "--x", "time", "--svg", tmp_path / "loss.svg")
     svg = (tmp_path / "loss.svg").read_text()
-    assert svg.count("<polyline") == 2 and svg.count("<circle") == 6 and "val 1.5000" in svg, svg[-800:]
+    assert (svg.count("<polyline") == 2 and svg.count("<circle") == 6
+            and "val 1.5000" in svg), svg[-800:]
 
 
-RUN_BY = {"python model.py": test_model, "python data.py prepare --src PATH --out DIR": test_data_prepare,
+RUN_BY = {"python model.py": test_model,
+          "python data.py prepare --src PATH --out DIR": test_data_prepare,
           "python bpe.py": test_bpe, "python chat.py": test_chat,
           "python amp.py": test_amp, "python pretrain.py --help": test_pretrain_help,
           "python sft.py --help": test_sft_help,
           "make estimate": test_make_estimate, "make scaling": test_make_scaling,
           "python flash_attn.py": test_flash_attn, "torchrun --nproc_per_node 2 ddp.py": test_ddp,
-          "torchrun --nproc_per_node 2 zero.py": test_zero,
-          "make bench": test_make_bench, "torchrun --nproc_per_node 2 tensor_parallel.py": test_tensor_parallel,
+          "torchrun --nproc_per_node 2 zero.py": test_zero, "make bench": test_make_bench,
+          "torchrun --nproc_per_node 2 tensor_parallel.py": test_tensor_parallel,
           "torchrun --nproc_per_node 4 pipeline.py": test_pipeline,
           "torchrun --nproc_per_node 4 topology.py --tp 2": test_topology,
           "torchrun --nproc_per_node 4 context_parallel.py": test_context_parallel,
@@ -378,6 +383,6 @@ RUN_BY = {"python model.py": test_model, "python data.py prepare --src PATH --ou
 def test_every_map_command_is_run():
     readme = (ROOT / "README.md").read_text()
     table = readme.split("## Map of the lecture")[1].split("\n## ")[0]
-    # (the last: its time)
+    # The command is the third column (the last: its time).
     commands = re.findall(r"^\|[^|]+\|[^|]+\| `([^`]+)` \|[^|]+\|$", table, re.M)
     assert sorted(commands) == sorted(RUN_BY), commands

@@ -41,13 +41,14 @@ def test_a_crash_or_an_exception_leaves_the_table_whole(capsys):
         raise KeyError("no metrics")
 
     rows = [gpu_check.Row("fine", lambda: (True, "figures")),
-            gpu_check.Row("crashes", lambda: gpu_check.status(gpu_check.run([sys.executable, "-c", "exit(3)"]), 9)),
+            gpu_check.Row("crashes", lambda: gpu_check.status(
+                gpu_check.run([sys.executable, "-c", "exit(3)"]), 9)),
             gpu_check.Row("raises", boom),
             gpu_check.Row("after", lambda: (True, ""))]
     assert gpu_check.run_checks(rows, 1) == 1
     table = capsys.readouterr().out.split("seconds  figures")[1]
-    assert [line.split()[0]
-            for line in table.strip().splitlines()] == ["fine", "crashes", "raises", "after"]
+    assert ([line.split()[0] for line in table.strip().splitlines()]
+            == ["fine", "crashes", "raises", "after"])
     assert "FAIL" in table and "exit status 3" in table and "KeyError: 'no metrics'" in table
 
 
@@ -101,8 +102,8 @@ def test_run_leaves_no_straggler_after_a_normal_exit(tmp_path):
     """The leader exits 0 but leaves a child behind: it is killed too (it would hold its GPU)."""
     pid_file = tmp_path / "child.pid"
     code = gpu_check.run([sys.executable, "-c", "import subprocess, sys; "
-                          "p = subprocess.Popen([sys.executable, '-c', 'import time; "
-                          "time.sleep(300)']); "
+                          "p = subprocess.Popen([sys.executable, '-c', "
+                          "'import time; time.sleep(300)']); "
                           f"open({str(pid_file)!r}, 'w').write(str(p.pid))"], timeout=30)
     assert code == 0
     child = int(pid_file.read_text())

@@ -18,7 +18,7 @@ from tests.distributed import refused_before_any_group
 def test_flash_fp32_dots_follow_torchs_matmul_precision():
     import flash_kernels  # (the Triton kernels' launcher)
     q = torch.zeros(1, 2, 8, 16)
-    # the default "highest": exact, for tests
+    # Under the default "highest": exact dots, for tests.
     assert flash_kernels._meta(q, q, True, 0, None)["PRECISION"] == "ieee"
     try:
         torch.set_float32_matmul_precision("high")  # what pretrain.py sets for fp32 runs on CUDA
@@ -33,10 +33,11 @@ def test_older_torch_without_the_single_collectives():
     names to all_gather_into_tensor / reduce_scatter_tensor (same arguments), and zero.py and
     tensor_parallel.py import them from there."""
     code = ("import torch.distributed as d; del d.all_gather_single, d.reduce_scatter_single; "
-            "import topology, zero, tensor_parallel as tp; assert zero.all_gather_single is "
-            "tp.all_gather_single is topology.all_gather_single is d.all_gather_into_tensor; "
-            "assert zero.reduce_scatter_single is tp.reduce_scatter_single is "
-            "topology.reduce_scatter_single is d.reduce_scatter_tensor")
+            "import topology, zero, tensor_parallel as tp; "
+            "assert zero.all_gather_single is tp.all_gather_single is topology.all_gather_single"
+            " is d.all_gather_into_tensor; "
+            "assert zero.reduce_scatter_single is tp.reduce_scatter_single"
+            " is topology.reduce_scatter_single is d.reduce_scatter_tensor")
     subprocess.run([sys.executable, "-c", code], check=True,
                    env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
 
@@ -56,20 +57,21 @@ def test_compile_with_zero3_is_refused_in_one_line(tmp_path, capsys, monkeypatch
     assert "--compile with --zero 3" in err and "--zero 0-2" in err
 
 
-def test_evaluation_and_saving_are_left_out_of_the_throughput_window(tmp_path, stdlib_data, monkeypatch):
+def test_evaluation_and_saving_are_left_out_of_the_throughput_window(tmp_path, stdlib_data,
+                                                                     monkeypatch):
     """A fake clock jumps 1000 s during every evaluation and save: the tokens/s of the window that
-    follows must not see it (a 16 x 32-token step per second would otherwise read below 1
-    token/s)."""
+    follows must not see it (at a 16 x 32-token step per second, it would read below 1 token/s)."""
     offset = [0.0]
-    monkeypatch.setattr(training, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0],
-                                                             time=time.time))
+    monkeypatch.setattr(training, "time", types.SimpleNamespace(
+        perf_counter=lambda: time.perf_counter() + offset[0], time=time.time))
     for name in ("evaluate", "save"):
         real = getattr(training, name)
-        monkeypatch.setattr(training, name, lambda *a,
-                            real=real: (real(*a), offset.__setitem__(0, offset[0] + 1e3))[0])
+        monkeypatch.setattr(training, name, lambda *a, real=real: (
+            real(*a), offset.__setitem__(0, offset[0] + 1e3))[0])
     pretrain.main(["--model", "tiny", "--seq-len", "32", "--batch-size", "16", "--max-steps", "4",
-                   "--eval-every", "1", "--save-every", "2", "--eval-iters", "1", "--log-every",
-                   "1", "--sample-tokens", "0", "--device", "cpu", "--out", str(tmp_path)])
+                   "--eval-every", "1", "--save-every", "2", "--eval-iters", "1",
+                   "--log-every", "1", "--sample-tokens", "0", "--device", "cpu",
+                   "--out", str(tmp_path)])
     tps = [json.loads(l)["tokens_per_s"]
            for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
            if "tokens_per_s" in l]

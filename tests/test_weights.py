@@ -21,12 +21,11 @@ CFG = replace(PRESETS["tiny"], n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_f
 def exported(tmp_path):
     torch.manual_seed(0)
     model = Transformer(CFG).double()
-    # norms too: a swapped name or a transposed weight must show in the logits
+    # Norms too: a swapped name or a transposed weight must show in the logits.
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.3)
     torch.save({"model": model.state_dict(), "model_config": asdict(replace(CFG, attn="-")),
-                "tokenizer": "bytes"},
-               tmp_path / "model.pt")
+                "tokenizer": "bytes"}, tmp_path / "model.pt")
     hf.export_hf(tmp_path / "model.pt", tmp_path / "hf")
     return model, tmp_path / "hf"
 
@@ -36,10 +35,10 @@ def test_export_then_import_gives_the_same_logits(exported):
     config = json.loads((folder / "config.json").read_text())
     assert config | {"torch_dtype": "float64"} == config and {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
-                                                              "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
-        "rms_norm_eps": 1e-6, "rope_theta": 5e5, "max_position_embeddings": 16, "vocab_size": 64,
-        "tie_word_embeddings": False, "hidden_act": "silu", "rope_scaling": None}.items() <= config.items()
+        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 8, "rms_norm_eps": 1e-6, "rope_theta": 5e5,
+        "max_position_embeddings": 16, "vocab_size": 64, "tie_word_embeddings": False,
+        "hidden_act": "silu", "rope_scaling": None}.items() <= config.items()
     init = weights.load_weights(folder)  # what --init HF_DIR reads
     sd, cfg, tokenizer = init["model"], init["model_config"], init["tokenizer"]
     again = Transformer(replace(CFG, **{k: v for k, v in cfg.items() if k != "attn"})).double()
@@ -50,10 +49,10 @@ def test_export_then_import_gives_the_same_logits(exported):
 
 def llama_reference(t, c, idx, inv_freq=None):
     """Hugging Face's LlamaForCausalLM forward written from its definition, on the exported tensors
-    and config alone (float64): an independent check of the name mapping (gate = w1, up = w3, down =
-    w2) and of RoPE. `inv_freq`: the rotary frequencies, when not theta^(-2i/d) (a scaled RoPE)."""
-    norm = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
-                                        + c["rms_norm_eps"]) * w  # noqa: E731
+    and config alone (float64): an independent check of the name mapping (gate = w1, up = w3,
+    down = w2) and of RoPE. `inv_freq`: a scaled RoPE's frequencies (default theta^(-2i/d))."""
+    norm = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)  # noqa: E731
+                                        + c["rms_norm_eps"]) * w
     H, KV, hd, T = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], idx.shape[1]
     if inv_freq is None:
         inv_freq = 1.0 / c["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
@@ -81,7 +80,8 @@ def test_the_exported_tensors_are_a_llama(exported):
     idx = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(2))
     ref = llama_reference(hf.read_safetensors(folder / "model.safetensors"),
                           json.loads((folder / "config.json").read_text()), idx)
-    # float64 but for model.py's RoPE tables, kept in fp32 (|logits| up to 1.7: measured 2e-8 apart): 1e-6.
+    # float64 but for model.py's RoPE tables, kept in fp32 (|logits| up to 1.7, measured 2e-8
+    # apart), hence a tolerance of 1e-6.
     torch.testing.assert_close(model(idx)[0], ref, rtol=1e-6, atol=1e-6)
 
 
@@ -112,8 +112,7 @@ def refused(folder, config=None, tensors=None, raw=None):
 
 
 def header(change):
-    """raw= for refused(): the safetensors header edited by change(header) (the tensor bytes
-    kept)."""
+    """raw= for refused(): the safetensors header edited by change(header); tensor bytes kept."""
     def raw(b):
         n = struct.unpack("<Q", b[:8])[0]
         h = json.loads(b[8:8 + n])
@@ -123,27 +122,25 @@ def header(change):
     return raw
 
 
-# the norm's bytes claimed by a 1-D tensor of the same size placed over the embedding's
+# The norm's bytes claimed by a 1-D tensor of the same size, placed over the embedding's.
 def _overlap(h):
     h["model.norm.weight"]["data_offsets"] = [0, h["model.norm.weight"]["data_offsets"][1]
                                               - h["model.norm.weight"]["data_offsets"][0]]
 
 
 @pytest.mark.parametrize("case, expected", [
-    (dict(raw=header(_overlap)), "tensors model.norm.weight and model.embed_tokens.weight "
-                                 "overlap in the file"),
+    (dict(raw=header(_overlap)),
+     "tensors model.norm.weight and model.embed_tokens.weight overlap in the file"),
     (dict(raw=header(lambda h: h["model.norm.weight"].update(shape=[32.0]))),
-     "corrupt safetensors header entry for "
-                                                                              "model.norm.weight"),
+     "corrupt safetensors header entry for model.norm.weight"),
     (dict(raw=header(lambda h: h["model.norm.weight"].update(shape=[-32]))),
      "must be non-negative integers"),
     (dict(raw=header(lambda h: h["model.norm.weight"].update(shape=[2 ** 70, 2 ** 70]))),
      "that fit the file"),
     (dict(config={"num_hidden_layers": 10 ** 9}),
-     "num_hidden_layers 1000000000, but its safetensors files hold the "
-                                                  "tensors of 2 layers"),
-    (dict(config={"num_hidden_layers": 1e9}), "num_hidden_layers 1000000000.0 must be a positive "
-                                              "integer"),
+     "num_hidden_layers 1000000000, but its safetensors files hold the tensors of 2 layers"),
+    (dict(config={"num_hidden_layers": 1e9}),
+     "num_hidden_layers 1000000000.0 must be a positive integer"),
     (dict(config={"num_attention_heads": 0}), "num_attention_heads 0 must be a positive integer"),
     (dict(config={"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}),
      "is not LlamaForCausalLM"),
@@ -151,13 +148,14 @@ def _overlap(h):
     (dict(config={"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}),
      "rope_scaling of rope_type 'llama3' needs"),
     (dict(config={"attention_bias": True}), "attention_bias True"),
-    (dict(tensors=lambda t: t | {"model.layers.0.self_attn.q_proj.bias": torch.zeros(32, dtype=torch.float64)}),
+    (dict(tensors=lambda t: t | {"model.layers.0.self_attn.q_proj.bias":
+                                 torch.zeros(32, dtype=torch.float64)}),
      "model.layers.0.self_attn.q_proj.bias is a bias"),
     # LayerNorm, not RMSNorm
     (dict(tensors=lambda t: t | {"model.norm.bias": torch.zeros(32, dtype=torch.float64)}),
      "model.norm.bias is a bias"),
-    (dict(config={"intermediate_size": 96}), "model.layers.0.mlp.gate_proj.weight has shape [64, "
-                                             "32], config.json implies [96, 32]"),
+    (dict(config={"intermediate_size": 96}),
+     "model.layers.0.mlp.gate_proj.weight has shape [64, 32], config.json implies [96, 32]"),
     (dict(tensors=lambda t: {k: v for k, v in t.items() if "o_proj" not in k}),
      "self_attn.o_proj.weight is missing"),
     (dict(raw=lambda b: struct.pack("<Q", 10 ** 9) + b[8:]),

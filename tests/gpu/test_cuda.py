@@ -28,13 +28,14 @@ def test_flash_attention_on_cuda_against_float64(precision):
     ("high", what pretrain.py sets) to tf32's 10-bit mantissa."""
     g = torch.Generator(device="cuda").manual_seed(0)
     B, H, H_kv, N, D = 2, 8, 2, 1000, 128
-    q, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.float64,
-                         generator=g) for _ in range(2))
-    k, v = (torch.randn(B, H_kv, N, D, device="cuda", dtype=torch.float64,
-                        generator=g) for _ in range(2))
+    q, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.float64, generator=g)
+             for _ in range(2))
+    k, v = (torch.randn(B, H_kv, N, D, device="cuda", dtype=torch.float64, generator=g)
+            for _ in range(2))
     want = _attention_and_grads(naive_attention, q, k, v, do, torch.float64)
     ours = lambda q, k, v: flash_attention(q, k, v, causal=True)
-    sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True)
     torch.set_float32_matmul_precision(precision)
     try:
         fp32 = _attention_and_grads(ours, q, k, v, do, torch.float32)
@@ -49,13 +50,12 @@ def test_flash_attention_on_cuda_against_float64(precision):
 
 
 def _pretrain(tmp, nproc, extra):
-    """pretrain.py on `nproc` GPUs (a fresh torchrun), 4 steps of the tiny preset; returns its
-    logged losses."""
+    """pretrain.py on `nproc` GPUs (a fresh torchrun), 4 tiny-preset steps: the logged losses."""
     out = os.path.join(tmp, "-".join(extra) or "one")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "pretrain.py", "--device", "cuda", "--amp", "fp32", "--model", "tiny", "--batch-size",
-           "16", "--seq-len", "128", "--max-steps", "4", "--log-every", "1", "--eval-every", "4",
-           "--eval-iters", "2", "--sample-tokens", "0", "--out", out, *extra]
+           "pretrain.py", "--device", "cuda", "--amp", "fp32", "--model", "tiny",
+           "--batch-size", "16", "--seq-len", "128", "--max-steps", "4", "--log-every", "1",
+           "--eval-every", "4", "--eval-iters", "2", "--sample-tokens", "0", "--out", out, *extra]
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=300)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [r["loss"] for r in map(json.loads, f) if "loss" in r]
