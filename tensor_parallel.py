@@ -83,7 +83,7 @@ class ReduceFromTensorParallel(torch.autograd.Function):
 
 
 class GatherFromTensorParallel(torch.autograd.Function):
-    """Concatenate the ranks' slices of the last dimension (to sample from a vocab-parallel head)."""
+    """Concatenate the ranks' slices of the last dimension (sampling from a vocab-parallel head)."""
 
     @staticmethod
     def forward(ctx, x, group):
