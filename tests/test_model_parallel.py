@@ -155,7 +155,7 @@ def test_tensor_parallel_backward_does_two_all_reduces_per_block():
 
 
 def test_vocab_parallel_cross_entropy_equals_the_gathered_one():
-    """The loss function alone, no communication (group None): one rank holds the vocabulary."""
+    """The loss function alone, no communication (group None): one rank holds the whole vocab."""
     torch.manual_seed(0)
     logits = torch.randn(12, 64, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 64, (12,))
