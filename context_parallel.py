@@ -1,19 +1,16 @@
-"""context_parallel.py: ring attention, the sequence split over a group of ranks (context
-parallelism).
+"""context_parallel.py: context parallelism by ring attention, the sequence split across ranks.
 
 The idea (Liu et al., "Ring Attention with Blockwise Transformers", 2023; the causal load balance of
 Brandon et al., "Striped Attention", and Llama 3's "zigzag" chunks): attention over T tokens on cp
 ranks. Each rank keeps T/cp of the queries, keys and values. The key/value chunks travel around a
 ring: at step t a rank computes attention of its queries against the chunk it holds while it already
 sends that chunk to the next rank and receives the next one from the previous rank. The partial
-results are over disjoint key sets, so they merge exactly, as FlashAttention's tiles do inside one
-GPU:
+results cover disjoint key sets, so they merge exactly, as FlashAttention's tiles do inside a GPU:
 
     L = log(exp(L1) + exp(L2)),   O = exp(L1 - L) O1 + exp(L2 - L) O2
 
 The backward runs the same ring: each rank recomputes its blocks from Q, K, V and the final O and L,
-keeps dQ at home, and sends dK, dV around with the chunks they belong to (one extra hop brings them
-home).
+keeps dQ at home, and sends dK, dV around with their chunks (one extra hop brings them home).
 
 Causal load balance. Cut the sequence into 2cp chunks of c = T/2cp tokens; rank i holds chunks i and
 2cp-1-i. A query chunk a sees a key chunk b fully if b < a, causally (the diagonal) if b = a, not at
@@ -21,9 +18,10 @@ all if b > a, and those pairs are skipped. Every rank then computes 2 diagonal b
 ones: the same work everywhere, where contiguous chunks would leave rank 0 one block and rank cp-1
 cp of them.
 
-    memory     O(B H T/cp D) per rank for Q, K, V, O, L (and two K/V chunks in flight), against O(B H T D)
-    sent       per rank and layer: forward (cp-1) K/V chunks, backward (cp-1) K/V chunks + cp dK/dV chunks,
-               one chunk = 2 B H_kv (T/cp) D elements
+    memory     O(B H T/cp D) per rank for Q, K, V, O, L (and two K/V chunks in flight),
+               against O(B H T D)
+    sent       per rank and layer: forward (cp-1) K/V chunks, backward (cp-1) K/V chunks
+               + cp dK/dV chunks, one chunk = 2 B H_kv (T/cp) D elements
     FLOPs      unchanged in total, 1/cp per rank (causal: balanced by the zigzag)
 
 Every block is one call of flash_attn.py (Triton kernels on GPUs, its PyTorch twin on CPUs) with a
@@ -57,19 +55,17 @@ def zigzag_chunks(cp, rank):
 
 
 def zigzag_positions(T, cp, rank, device=None):
-    """Global positions of this rank's T/cp tokens, in its local order (chunk i, then chunk
-    2cp-1-i)."""
+    """Global positions of this rank's T/cp tokens, in local order: chunk i, then chunk 2cp-1-i."""
     if T % (2 * cp):
-        raise ValueError(f"context parallelism: sequence length {T} must be a multiple of 2 x cp "
-                         f"= {2 * cp}")
+        raise ValueError(f"context parallelism: sequence length {T} must be a multiple of "
+                         f"2 x cp = {2 * cp}")
     c = T // (2 * cp)
     return torch.cat([torch.arange(a * c, (a + 1) * c, device=device)
                       for a in zigzag_chunks(cp, rank)])
 
 
 def zigzag_split(x, cp, rank, dim=1):
-    """This rank's tokens of a full-sequence tensor (the same sequences on every rank of the
-    group)."""
+    """This rank's tokens of a full-sequence tensor (the same sequences on all ranks of a group)."""
     return x.index_select(dim, zigzag_positions(x.shape[dim], cp, rank, device=x.device))
 
 
@@ -90,8 +86,8 @@ def ring_schedule(cp, rank, causal):
 def schedule_work(schedule, c, causal):
     """Score entries (query, key pairs) a schedule computes, with chunks of c tokens: c^2 per full
     block, c(c+1)/2 per diagonal one."""
-    return sum(c * (c + 1) // 2 if causal and off == 0 else c * c for step in schedule for _, _,
-               off in step)
+    return sum(c * (c + 1) // 2 if causal and off == 0 else c * c
+               for step in schedule for _, _, off in step)
 
 
 # ------------------------------------------------------------------------------ the ring
@@ -103,9 +99,10 @@ class Ring:
             ranks = dist.get_process_group_ranks(group)
         else:  # the whole world; one rank when there is no process group at all
             ranks = list(range(dist.get_world_size())) if dist.is_initialized() else [0]
-        self.size, self.rank = len(ranks), ranks.index(dist.get_rank() if dist.is_initialized()
-                                                       else 0)
-        self.next, self.prev = ranks[(self.rank + 1) % self.size], ranks[(self.rank - 1) % self.size]
+        self.size, self.rank = (len(ranks),
+                                ranks.index(dist.get_rank() if dist.is_initialized() else 0))
+        self.next, self.prev = (ranks[(self.rank + 1) % self.size],
+                                ranks[(self.rank - 1) % self.size])
         self.group, self.bytes_sent = group, 0
 
     def exchange(self, send, recv):
@@ -124,8 +121,7 @@ def _wait(handles):
 
 
 def merge(o, lse, o_blk, lse_blk):
-    """Online softmax across blocks: two partial attentions over disjoint keys, (O, L) each, into
-    one."""
+    """Online softmax across blocks: two partial attentions (O, L) over disjoint keys into one."""
     if o is None:
         return o_blk, lse_blk
     new = torch.logaddexp(lse, lse_blk)
@@ -133,8 +129,7 @@ def merge(o, lse, o_blk, lse_blk):
 
 
 def _chunks(x):
-    """The two zigzag chunks of a local (B, H, 2c, D) or (B, H, 2c) tensor, dense (the kernels index
-    densely)."""
+    """The two zigzag chunks of a local (B, H, 2c, D) or (B, H, 2c) tensor, dense for kernels."""
     c = x.shape[2] // 2
     return [x[:, :, :c].contiguous(), x[:, :, c:].contiguous()]
 
@@ -146,12 +141,10 @@ class RingAttention(torch.autograd.Function):
         c = q.shape[2] // 2
         schedule = ring_schedule(ring.size, ring.rank, causal)
         qs = _chunks(q)
-        # one buffer travels: (2, B, H_kv, 2c, D)
-        kv = torch.stack([k, v])
+        kv = torch.stack([k, v])  # one buffer travels: (2, B, H_kv, 2c, D)
         out, lse = [None, None], [None, None]
         for t, blocks in enumerate(schedule):
-            # send on while computing on what we hold
-            if t < ring.size - 1:
+            if t < ring.size - 1:  # send on while computing on what we hold
                 nxt = torch.empty_like(kv)
                 handles = ring.exchange(kv, nxt)
             ks, vs = _chunks(kv[0]), _chunks(kv[1])
@@ -192,8 +185,7 @@ class RingAttention(torch.autograd.Function):
                 dq[qa] += dq_blk
                 dkv[0, :, :, kb * c:(kb + 1) * c] += dk_blk
                 dkv[1, :, :, kb * c:(kb + 1) * c] += dv_blk
-            # what earlier ranks added for this same chunk
-            if dkv_handles is not None:
+            if dkv_handles is not None:  # what earlier ranks added for this same chunk
                 _wait(dkv_handles)
                 dkv += dkv_in
             dkv_in = torch.empty_like(dkv) if ring.size > 1 else dkv
@@ -203,8 +195,7 @@ class RingAttention(torch.autograd.Function):
             if t < ring.size - 1:
                 _wait(handles)
                 kv = nxt
-        # the last hop brings this rank's own dK, dV home
-        _wait(dkv_handles or [])
+        _wait(dkv_handles or [])  # the last hop brings this rank's own dK, dV home
         dq = torch.cat(dq, 2).to(q.dtype)
         return dq, dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype), None, None, None
 
@@ -212,8 +203,7 @@ class RingAttention(torch.autograd.Function):
 def ring_attention(q, k, v, group=None, causal=True, softmax_scale=None, ring=None):
     """Attention over a sequence split across `group` (None: the whole world), each rank holding its
     zigzag chunks: q (B, H, T/cp, D), k, v (B, H_kv, T/cp, D) with tokens in zigzag_positions order.
-    Returns this rank's output rows. `ring` (a Ring) may be passed to reuse one and read its
-    bytes_sent."""
+    Returns this rank's output rows. Pass `ring` (a Ring) to reuse one and read its bytes_sent."""
     q, k, v = check_inputs(q, k, v)
     if q.shape[2] % 2:
         raise ValueError(f"ring_attention: each rank holds two equal chunks; got {q.shape[2]} "
@@ -231,7 +221,7 @@ class RingBackend:
         self.ring = Ring(group)
 
     def __call__(self, q, k, v, doc=None):
-        # (training.py refuses --pack with --cp before any work; this guards other callers)
+        # training.py refuses --pack with --cp before any work; this guards other callers.
         if doc is not None:
             raise ValueError("ring attention: packed rows' document masks across the ring are "
                              "not implemented")
@@ -308,8 +298,7 @@ def _worst(*values):
 
 
 def demo_attention(T, B, H, H_kv, D, reps, groups):
-    """Ring attention alone: saved activations, time and bytes sent per rank at each cp, output
-    against cp 1."""
+    """Ring attention alone: saved activations, time, bytes sent per rank and cp; output vs cp 1."""
     torch.manual_seed(0)  # the same full sequence on every rank; each cp group splits it
     q, k, v, do = (torch.randn(B, h, T, D) for h in (H, H_kv, H_kv, H))
     print0(f"ring attention, causal, fp32 on CPU (flash_attn.py's twin per block), B={B} H={H} "

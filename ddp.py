@@ -4,23 +4,23 @@ the batch, and the gradients are averaged over the data-parallel group before th
 The idea: N ranks start from the same weights (broadcast from the group's first rank), each computes
 the gradient of its own 1/N of the global batch, and an all-reduce turns N local gradients into
 their mean, which is the gradient of the global batch: every rank then takes the same optimizer step
-and the replicas never drift apart. Two tricks make it cheap (Li et al., "PyTorch Distributed", VLDB
-2020):
+and the replicas never drift apart. Two tricks make it cheap (Li et al., "PyTorch Distributed",
+VLDB 2020):
 
-  - buckets: gradients are copied into flat buffers of about --bucket-mb megabytes and reduced a bucket at a
-    time, so there are few large messages instead of one per tensor;
-  - overlap: a bucket's all-reduce is launched asynchronously from a gradient hook the moment its last
-    gradient is ready, while backward is still computing the earlier layers' gradients; all of them are waited
-    for at the end of backward, so the optimizer step sees averaged gradients.
+  - buckets: gradients are copied into flat buffers of about --bucket-mb megabytes and reduced a
+    bucket at a time, so there are few large messages instead of one per tensor;
+  - overlap: a bucket's all-reduce is launched asynchronously from a gradient hook the moment its
+    last gradient is ready, while backward is still computing the earlier layers' gradients; all of
+    them are waited for at the end of backward, so the optimizer step sees averaged gradients.
 
 Gradient accumulation: inside `no_sync()` the hooks do nothing and gradients simply add up in
 `p.grad`; the last micro-step's backward reduces the sum. (Reducing a sum in which an earlier
 micro-step's *already averaged* part is identical on every rank would also be right, only wasteful.)
 
 Communication per step: a ring all-reduce sends and receives 2 (N-1)/N x Psi elements per rank, for
-Psi
-parameters: about 2 Psi, whatever N is.  Memory: the buckets hold one more copy of the gradients, which then
-*are* the gradients (p.grad becomes a view into its bucket), so there is no extra copy at the step.
+Psi parameters: about 2 Psi, whatever N is.  Memory: the buckets hold one more copy of the
+gradients, which then *are* the gradients (p.grad becomes a view into its bucket), so there is no
+extra copy at the step.
 
 Demo: `torchrun --nproc_per_node 2 ddp.py` trains a tiny model on the embedded corpus from different
 random starts on each rank (the broadcast makes them one), with two accumulation micro-steps, and
@@ -39,8 +39,7 @@ from placement import placement_of
 
 class Bucket:
     """A flat buffer holding the gradients of a few consecutive parameters, all of one dtype
-    (`dtype`: theirs, or fp32 for 16-bit parameters whose gradients accumulate and are reduced in
-    fp32)."""
+    (`dtype`: theirs, or fp32 for 16-bit parameters, whose gradients add up and reduce in fp32)."""
 
     def __init__(self, params, device, dtype):
         self.params = params
@@ -66,9 +65,8 @@ class DistributedDataParallel(nn.Module):
         self.require_sync = True
         # The same starting point everywhere: the group's first rank's weights (and buffers) win.
         # Parameters of expert parallelism (moe.py) are left alone: their placement (placement.py)
-        # is replicated over their expert-data group, not over this one, whose ranks hold different
-        # experts; moe.reduce_expert_grads reduces their gradients over their own groups after
-        # backward.
+        # is replicated over their expert-data group, not this one (whose ranks hold other experts);
+        # moe.reduce_expert_grads reduces their gradients over their own groups after backward.
         shared = [p for p in module.parameters() if "dp" in placement_of(p).replicated_over]
         src = dist.get_global_rank(group, 0) if group is not None else 0
         with torch.no_grad():
@@ -82,8 +80,7 @@ class DistributedDataParallel(nn.Module):
         params = [p for p in shared if p.requires_grad]
         # main_grads: a 16-bit parameter's bucket is fp32, and is its main_grad
         # (amp.accumulate_main_grads): every micro-step's gradient is added into it, and the
-        # all-reduce sums fp32 (half the speed on the wire, none of bf16's rounding in the sum over
-        # ranks).
+        # all-reduce sums fp32 (half the speed on the wire, none of bf16's rounding in the sum).
         dtype = {p: torch.float32 if main_grads and p.dtype in LOW_PRECISION else p.dtype
                  for p in params}
         limit = min(bucket_mb, 1.0) * 2 ** 20
@@ -111,8 +108,7 @@ class DistributedDataParallel(nn.Module):
 
     @contextlib.contextmanager
     def no_sync(self):
-        """Micro-steps of gradient accumulation, except the last: gradients add up locally, nothing
-        is sent."""
+        """Accumulation micro-steps but the last: gradients add up locally, nothing is sent."""
         self.require_sync = False
         try:
             yield
@@ -133,8 +129,7 @@ class DistributedDataParallel(nn.Module):
         if not self.require_sync:
             return
         if not self.callback_queued:
-            # Wait for the reductions when the autograd engine finishes this backward (the hook runs
-            # inside it).
+            # This hook runs inside backward: wait for the reductions when the engine finishes it.
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
             self.callback_queued = True
         bucket = self.bucket_of[p]
@@ -151,8 +146,7 @@ class DistributedDataParallel(nn.Module):
         return len(bucket.ready) == len(bucket.params)
 
     def _launch(self, bucket):
-        # The mean is the sum of x / N: dividing first keeps fp16 sums of N large gradients in
-        # range.
+        # The mean is the sum of x / N: dividing first keeps fp16 sums of N big gradients in range.
         bucket.buffer.div_(self.world)
         bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
 
@@ -193,14 +187,14 @@ if __name__ == "__main__":
     batches = data.Batches(data.ensure_default_data("bytes"), 64, 8 * world, rank, world, n_micro=2)
     # different seeds on purpose: the broadcast must make the replicas equal
     torch.manual_seed(rank)
-    # 257 byte tokens, padded
+    # vocab_size: 257 byte tokens, padded
     cfg = replace(PRESETS["tiny"], n_layer=2, block_size=64, vocab_size=320)
     model = DistributedDataParallel(Transformer(cfg), bucket_mb=0.25)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     if rank == 0:
         print(f"{world} ranks x 8 sequences of 64 bytes of Python source a step, 2 accumulation "
-              "micro-steps each (the first without communication); loss in nats per byte, ln "
-              "320 = 5.77 for a uniform guess")
+              "micro-steps each (the first without communication); loss in nats per byte, "
+              "ln 320 = 5.77 for a uniform guess")
     for step in range(steps):
         # this rank's 1/world of the global batch, in 2 micro-batches
         micro_batches = batches.next()

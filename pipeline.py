@@ -1,5 +1,4 @@
-"""pipeline.py: pipeline parallelism: the blocks cut into stages, micro-batches flowing through
-them.
+"""pipeline.py: pipeline parallelism: blocks cut into stages, micro-batches flowing through them.
 
 The idea (GPipe, Huang et al. 2019; 1F1B, PipeDream-Flush, Narayanan et al. 2021): stage s of p
 holds a contiguous slice of the blocks (the embedding on the first stage; the final norm, head and
@@ -42,8 +41,7 @@ SCHEDULES = ("gpipe", "1f1b")
 
 # -------------------------------------------------------------------- cutting the model into stages
 def stage_layers(n_layer, pp, stage):
-    """Blocks [start, end) of `stage`: as even as possible, the extra blocks on the earliest
-    stages."""
+    """Blocks [start, end) of `stage`: as even as possible, extra blocks on the earliest stages."""
     base, extra = divmod(n_layer, pp)
     start = stage * base + min(stage, extra)
     return start, start + base + (stage < extra)
@@ -67,11 +65,10 @@ def keep_stage(model, topo):
 
 
 def cut(batch, m):
-    """A batch (x, y) or (x, y, {"pos": ..., "doc": ...}) cut along its rows into (at most) m
-    micro-batches."""
+    """A batch (x, y) or (x, y, {"pos": ..., "doc": ...}) as (at most) m micro-batches of rows."""
     x, y, *packing = batch
-    pieces = [x.chunk(m), y.chunk(m)] + [v.chunk(m)
-                                         for v in (packing[0].values() if packing else ())]
+    pieces = ([x.chunk(m), y.chunk(m)]
+              + [v.chunk(m) for v in (packing[0].values() if packing else ())])
     if not packing:
         return list(zip(*pieces))
     return [(p[0], p[1], dict(zip(packing[0], p[2:]))) for p in zip(*pieces)]
@@ -93,9 +90,8 @@ def make_schedule(kind, m, p, stage):
 
 # ----------------------------------------------------------------------------- running one step
 class ActivationMeter:
-    """Bytes of activations saved for backward, now and at peak (parameters saved by matmuls left
-    out; a storage saved by several operations counted once), measured with torch's saved-tensor
-    hooks."""
+    """Bytes of activations saved for backward, now and at peak, by torch's saved-tensor hooks
+    (parameters saved by matmuls left out; a storage saved by several operations counted once)."""
 
     def __init__(self, model):
         self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -152,22 +148,22 @@ class StageStep:
         # (B, T, d) between stages; (B, T/tp, d) under sequence parallelism (tensor_parallel.py). A
         # gradient sent back has the shape of the activation it belongs to.
         x = self.micro_batches[i][0]
-        return x.shape[0], x.shape[1] // getattr(self.model, "sequence_shards", 1), self.model.cfg.d_model
+        return (x.shape[0], x.shape[1] // getattr(self.model, "sequence_shards", 1),
+                self.model.cfg.d_model)
 
     def incoming(self, op, i):
         """(buffer, source) of what op i must receive first: an activation from the previous stage
         for a forward, a gradient from the next stage for a backward; None when it needs nothing."""
         if op == "F" and not self.first:
-            return torch.empty(self.act_shape(i), dtype=self.dtype,
-                               device=self.device), self.prev_rank
+            return (torch.empty(self.act_shape(i), dtype=self.dtype, device=self.device),
+                    self.prev_rank)
         if op == "B" and not self.last:
-            return torch.empty(self.act_shape(i), dtype=self.dtype,
-                               device=self.device), self.next_rank
+            return (torch.empty(self.act_shape(i), dtype=self.dtype, device=self.device),
+                    self.next_rank)
         return None
 
     def forward(self, i, h):
-        """Micro-batch i's forward on this stage; returns (activation, next stage) to send, None on
-        the last."""
+        """Micro-batch i's forward here: the (activation, next stage) to send, None on the last."""
         # Packed rows (sft.py --pack) bring positions and document ids, {"pos": ..., "doc": ...}:
         # every stage's attention needs them; each stage has them from the data loader, only
         # activations travel.
@@ -265,8 +261,8 @@ def run_pipeline(model, micro_batches, topo, schedule="1f1b", loss_div=None, sca
 
 # ------------------------------------------------------------------ the demo: timelines and bubbles
 def render(timeline, t_start, t_end, width=72):
-    """One character per time slice: F/f forward, B/b backward (case alternates per micro-batch), .
-    idle."""
+    """One character per time slice: F/f forward, B/b backward, . idle (the letter's case
+    alternates per micro-batch)."""
     row = ["."] * width
     scale = width / (t_end - t_start)
     for op, i, t0, t1 in timeline:
@@ -324,8 +320,8 @@ def demo():
                 t0 = min(r[1] for r in rows)
                 total = max(r[2] for r in rows) - t0
                 idle = [1 - sum(b - a for _, _, a, b in tl) / total for tl, _, _, _ in rows]
-                print(f"\n{schedule}, p={pp}, m={m}: loss {loss.item():.4f}, step "
-                      f"{total * 1e3:.0f} ms")
+                print(f"\n{schedule}, p={pp}, m={m}: "
+                      f"loss {loss.item():.4f}, step {total * 1e3:.0f} ms")
                 for s, (tl, _, _, peak) in enumerate(rows):
                     print(f"  stage {s} |{render(tl, t0, t0 + total)}| idle {idle[s]:.0%}, "
                           f"activations {peak / 2 ** 20:.1f} MiB")

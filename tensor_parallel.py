@@ -1,5 +1,4 @@
-"""tensor_parallel.py: Megatron-style tensor parallelism, one layer's matrices split across the tp
-ranks.
+"""tensor_parallel.py: Megatron-style tensor parallelism, a layer's matrices split across tp ranks.
 
 The idea (Shoeybi et al., 2019): a linear layer Y = X A can be split two ways. Column-parallel: A =
 [A_1 .. A_t] by output columns, each rank computes Y_i = X A_i from the whole (replicated) X and
@@ -10,9 +9,9 @@ column-parallel, wo row-parallel; grouped-query KV heads go with the query heads
 the SwiGLU MLP by hidden units (w1, w3 column, w2 row).
 
 Two conjugate operators carry the communication, written out below as autograd functions:
-    f: forward identity,   backward all-reduce   (before a column-parallel layer: every rank's input gradient
-                                                  is a partial sum over its slice)
-    g: forward all-reduce, backward identity     (after a row-parallel layer: the partial products add up)
+    f: forward identity,   backward all-reduce (before a column-parallel layer: every rank's
+                                                input gradient is a partial sum over its slice)
+    g: forward all-reduce, backward identity   (after a row-parallel layer: partial products add up)
 The embedding is split by vocabulary rows (each rank looks up the ids it owns, g sums), and so is
 the output head, whose cross-entropy never gathers the V logits: the max and the sum of exponentials
 are all-reduced instead (2 numbers per token rather than V/t).
@@ -84,8 +83,7 @@ class ReduceFromTensorParallel(torch.autograd.Function):
 
 
 class GatherFromTensorParallel(torch.autograd.Function):
-    """Concatenate the ranks' slices of the last dimension (used to sample from a
-    vocabulary-parallel head)."""
+    """Concatenate the ranks' slices of the last dimension (sampling from a vocab-parallel head)."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -100,8 +98,7 @@ class GatherFromTensorParallel(torch.autograd.Function):
 
 
 class GatherSequence(torch.autograd.Function):
-    """Sequence parallelism's f: all-gather the (B, T/t, d) shards into (B, T, d); backward
-    reduce-scatter."""
+    """Sequence-parallel f: all-gather (B, T/t, d) shards to (B, T, d); backward reduce-scatter."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -114,8 +111,7 @@ class GatherSequence(torch.autograd.Function):
 
 
 class ReduceScatterSequence(torch.autograd.Function):
-    """Sequence parallelism's g: sum the ranks' partial (B, T, d) and keep this rank's T/t; backward
-    all-gather."""
+    """Sequence-parallel g: sum the partial (B, T, d), keep this rank's T/t; backward all-gather."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -166,9 +162,10 @@ class ColumnParallelLinear(nn.Module):
         return CopyToTensorParallel.apply(x, self.group) if self.copy_input else x
 
     def leave(self, y):
-        return GatherFromTensorParallel.apply(y, self.group) if self.gather_output and self.group else y
+        return (GatherFromTensorParallel.apply(y, self.group) if self.gather_output and self.group
+                else y)
 
-    # (split into enter and leave so that lora.py can add its update in between)
+    # Split into enter and leave so that lora.py can add its update in between.
     def forward(self, x):
         return self.leave(self.linear_fn(self.enter(x), self.weight))
 
@@ -195,8 +192,7 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [start, end) of the table on each rank; ids elsewhere look up zeros, and g sums the
-    ranks' rows."""
+    """Rows [start, end) of the table on each rank; other ids look up zeros; g sums over ranks."""
 
     def __init__(self, emb: nn.Embedding, topo, sequence_parallel=False):
         super().__init__()
@@ -207,8 +203,8 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, idx):
         local = idx - self.start
         mine = (local >= 0) & (local < self.weight.shape[0])
-        out = F.embedding(local.clamp(0, self.weight.shape[0] - 1),
-                          self.weight) * mine.unsqueeze(-1)
+        out = (F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
+               * mine.unsqueeze(-1))
         reduce = ReduceScatterSequence if self.sequence_parallel else ReduceFromTensorParallel
         return reduce.apply(out, self.group)
 
@@ -250,8 +246,7 @@ def _rms_norm(x, weight, eps):
 
 
 class VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-token -log softmax(z)[y] from this rank's logits z[:, start:start+V/t], never gathering
-    z:
+    """Per-token -log softmax(z)[y] from this rank's logits z[:, start:start+V/t], z never gathered:
         m = max over all ranks (all-reduce MAX), S = sum exp(z - m) (all-reduce SUM),
         z_y - m from the one rank that owns y (all-reduce SUM),   loss = log S - (z_y - m).
     Backward: softmax - onehot(y), each rank for its own columns, with no communication."""
@@ -306,8 +301,7 @@ def vocab_parallel_loss_fn(start, group):
 
 # ------------------------------------------------------------------ the model, changed from outside
 def check_divisible(cfg, tp):
-    """Every split dimension must divide by tp; returns the message of the first that does not, else
-    None."""
+    """Every split dimension must divide by tp: the message for the first that does not, or None."""
     for what, n in (("n_head", cfg.n_head), ("n_kv_head", cfg.n_kv_head), ("d_ff", cfg.d_ff),
                     ("vocab_size (padded)", cfg.vocab_size)):
         if n % tp:
@@ -333,8 +327,7 @@ def parallelize(model, topo, sequence_parallel=False):
     for block in model.blocks:
         attn, mlp = block.attn, block.mlp
         moe = hasattr(mlp, "experts")
-        # The norm before a group of column-parallel layers applies f (or, under sp, the all-gather)
-        # once.
+        # The norm before a group of column-parallel layers applies f (under sp: all-gather) once.
         block.attn_norm = (SequenceParallelRMSNorm if sp else NormThenCopy)(block.attn_norm, topo)
         if sp or not moe:
             block.mlp_norm = (SequenceParallelRMSNorm if sp else NormThenCopy)(block.mlp_norm, topo)
@@ -349,8 +342,8 @@ def parallelize(model, topo, sequence_parallel=False):
             m.w1, m.w3 = (ColumnParallelLinear(l, topo, copy_input=False) for l in (m.w1, m.w3))
             # f on the expert's input rows (a pre-hook keeps the parameter names unchanged)
             if moe and not sp:
-                m.register_forward_pre_hook(lambda module,
-                                            args: (CopyToTensorParallel.apply(args[0], topo.tp_group),))
+                m.register_forward_pre_hook(
+                    lambda module, args: (CopyToTensorParallel.apply(args[0], topo.tp_group),))
             m.w2 = RowParallelLinear(m.w2, topo, sequence_parallel=sp)
     if getattr(model, "tok_emb", None) is not None:
         model.tok_emb = VocabParallelEmbedding(model.tok_emb, topo, sequence_parallel=sp)
@@ -368,8 +361,7 @@ def parallelize(model, topo, sequence_parallel=False):
 
 
 def is_tp_duplicate(p):
-    """A replicated parameter on a tp rank other than 0: the same gradient as tp rank 0's copy, not
-    counted twice."""
+    """A replicated parameter on tp rank > 0: same gradient as tp rank 0's, so not counted twice."""
     return placement_of(p).tp_duplicate
 
 
@@ -385,8 +377,7 @@ def split_dim(name):
 
 
 def set_gather_output(model, on):
-    """Full logits from the vocabulary-parallel head (for sampling: all tp ranks generate in
-    lockstep)."""
+    """Full logits from the vocabulary-parallel head, to sample (tp ranks generate in lockstep)."""
     if isinstance(getattr(model, "lm_head", None), ColumnParallelLinear):
         model.lm_head.gather_output = on
 
@@ -421,8 +412,8 @@ if __name__ == "__main__":
         n_local = sum(p.numel() for p in model.parameters())
         line = (f"tp rank {topo.tp_rank}/{topo.tp}{' + sequence parallel' if sp else ''}: "
                 f"{n_local:,} of {sum(g.numel() for g in ref_grads.values()):,} parameters | "
-                f"loss {loss.item():.12f} vs one process {ref_loss.item():.12f} | max |grad "
-                f"difference| {worst:.2e}")
+                f"loss {loss.item():.12f} vs one process {ref_loss.item():.12f} | "
+                f"max |grad difference| {worst:.2e}")
         # rank 0 prints every rank's line: lines of processes sharing a pipe can interleave
         lines = [None] * topo.tp
         dist.all_gather_object(lines, line)

@@ -1,36 +1,42 @@
-"""topology.py: where each rank sits in the data x pipeline x tensor grid, and one process group per
-axis.
+"""topology.py: each rank's place in the data x pipeline x tensor grid; a process group per axis.
 
-The idea: with world = dp * pp * tp ranks, rank r has coordinates (dp_rank, pp_rank, tp_rank) with
-tensor
-innermost:  r = (dp_rank * pp + pp_rank) * tp + tp_rank.  Tensor-parallel peers are neighbours (same node, fast
-links: they talk twice per block half), pipeline peers next (one send per micro-batch per stage
-boundary), data parallel outermost (one gradient reduction per step, overlappable). Each axis gets
-its own process group; every reduction in the project names the group it reduces over, and this
-object is passed to whoever needs one (no global state, so a test can build several topologies in
-one process).
+The idea: with world = dp * pp * tp ranks, rank r has coordinates (dp_rank, pp_rank, tp_rank),
+tensor innermost:
 
-    world 8, dp 2, pp 2, tp 2:   dp_rank 0: stage 0 = ranks {0, 1}, stage 1 = {2, 3};  dp_rank 1: {4, 5}, {6, 7}
-                                 tp groups {0,1} {2,3} {4,5} {6,7};  pp groups {0,2} {1,3} {4,6} {5,7};
+    r = (dp_rank * pp + pp_rank) * tp + tp_rank
+
+Tensor-parallel peers are neighbours (same node, fast links: they talk twice per block half),
+pipeline peers next (one send per micro-batch per stage boundary), data parallel outermost (one
+gradient reduction per step, overlappable). Each axis gets its own process group; every reduction in
+the project names the group it reduces over, and this object is passed to whoever needs one (no
+global state, so a test can build several topologies in one process).
+
+    world 8, dp 2, pp 2, tp 2:   dp_rank 0: stage 0 = ranks {0, 1}, stage 1 = {2, 3};
+                                 dp_rank 1: {4, 5}, {6, 7}
+                                 tp groups {0,1} {2,3} {4,5} {6,7}
+                                 pp groups {0,2} {1,3} {4,6} {5,7}
                                  dp groups {0,4} {1,5} {2,6} {3,7}
 
 Context parallelism (context_parallel.py, --cp) splits each sequence over cp ranks, laid out between
-pipeline and
-tensor:  r = ((dp_rank * pp + pp_rank) * cp + cp_rank) * tp + tp_rank.  Why there: a cp group passes every
-layer's keys and values around its ring, forward and backward; that is more traffic, and more often,
-than a pipeline's one activation per micro-batch or data parallelism's one reduction per step, but
-it overlaps with the attention it feeds, where tensor parallelism's all-reduces sit on the critical
-path twice per block: tp keeps the fastest links, cp the next. The cp ranks of a replica hold the
-same weights and different tokens, so replicated weights' gradients are reduced over dp x cp (the
-dp_cp group), while the data loader splits batches over dp only.
+pipeline and tensor:
+
+    r = ((dp_rank * pp + pp_rank) * cp + cp_rank) * tp + tp_rank
+
+Why there: a cp group passes every layer's keys and values around its ring, forward and backward;
+that is more traffic, and more often, than a pipeline's one activation per micro-batch or data
+parallelism's one reduction per step, but it overlaps with the attention it feeds, where tensor
+parallelism's all-reduces sit on the critical path twice per block: tp keeps the fastest links, cp
+the next. The cp ranks of a replica hold the same weights and different tokens, so replicated
+weights' gradients are reduced over dp x cp (the dp_cp group), while the data loader splits batches
+over dp only.
     world 8, dp 2, cp 2, tp 2:   cp groups {0,2} {1,3} {4,6} {5,7};  dp groups {0,4} {1,5} ...;
                                  dp x cp groups {0,2,4,6} {1,3,5,7}
 
 Expert parallelism (moe.py, --ep) is carved out of the data-parallel ranks: within each dp group,
 consecutive runs of ep dp ranks form an ep group (they hold different experts and exchange tokens by
 all-to-all), and dp ranks with the same dp_rank % ep form an expert-data group (replicas of the same
-experts, dp/ep of them, whose
-gradients are summed there).   dp 4, ep 2 (tp = pp = 1):  ep groups {0,1} {2,3};  expert-data groups {0,2} {1,3}
+experts, dp/ep of them, whose gradients are summed there).
+    dp 4, ep 2 (tp = pp = 1):    ep groups {0,1} {2,3};  expert-data groups {0,2} {1,3}
 
 Demo: `torchrun --nproc_per_node 4 topology.py --tp 2` (or `--ep 2`, `--cp 2`) prints each rank's
 coordinates and groups.
@@ -62,8 +68,7 @@ def rank0_token(lockstep):
 
 
 class TopologyError(ValueError):
-    """An impossible layout: the message is the one line the user sees, before any group is
-    built."""
+    """An impossible layout: its message is the one line the user sees, before any group exists."""
 
 
 def check_layout(world, tp=1, pp=1, ep=1, cp=1):
@@ -77,9 +82,9 @@ def check_layout(world, tp=1, pp=1, ep=1, cp=1):
                             f"launch a multiple of {tp * pp * cp} processes")
     dp = world // (tp * pp * cp)
     if dp % ep:
-        raise TopologyError(f"--ep {ep} does not divide the {dp} data-parallel ranks (world "
-                            f"{world} / (--tp {tp} x --pp {pp})): expert-parallel groups are "
-                            f"taken from them; choose --ep dividing {dp}")
+        raise TopologyError(f"--ep {ep} does not divide the {dp} data-parallel ranks "
+                            f"(world {world} / (--tp {tp} x --pp {pp})): expert-parallel groups "
+                            f"are taken from them; choose --ep dividing {dp}")
     return dp
 
 
@@ -96,8 +101,8 @@ class Topology:
         self.expert_dp_rank, self.ep_rank = divmod(self.dp_rank, ep)  # which replica; which experts
         self.tp_group = self.pp_group = self.dp_group = self.ep_group = self.expert_dp_group = None
         self.cp_group = self.dp_cp_group = None
-        self.tp_ranks = self.pp_ranks = self.dp_ranks = self.ep_ranks = self.expert_dp_ranks = [self.rank]
-        self.cp_ranks = self.dp_cp_ranks = [self.rank]
+        self.tp_ranks = self.pp_ranks = self.dp_ranks = self.ep_ranks = [self.rank]
+        self.expert_dp_ranks = self.cp_ranks = self.dp_cp_ranks = [self.rank]
         if dist.is_initialized():
             # new_group must be entered by every rank for every group, in the same order.
             cps, dps = range(cp), range(self.dp)
@@ -118,16 +123,15 @@ class Topology:
                     for t in range(tp):
                         for d in dps:
                             self._maybe_keep("cp", [self.rank_of(d, p, t, c) for c in cps])
-                        self._maybe_keep("dp_cp",
-                                         [self.rank_of(d, p, t, c) for d in dps for c in cps])
+                        self._maybe_keep("dp_cp", [self.rank_of(d, p, t, c)
+                                                   for d in dps for c in cps])
             if ep > 1:
                 for p in range(pp):
                     for c in cps:
                         for t in range(tp):
                             for start in range(0, self.dp, ep):
-                                self._maybe_keep("ep",
-                                                 [self.rank_of(d, p, t, c)
-                                                  for d in range(start, start + ep)])
+                                self._maybe_keep("ep", [self.rank_of(d, p, t, c)
+                                                        for d in range(start, start + ep)])
                             for e in range(ep):
                                 self._maybe_keep("expert_dp", [self.rank_of(d, p, t, c)
                                                                for d in range(e, self.dp, ep)])
@@ -153,14 +157,13 @@ class Topology:
         return self.pp_rank == self.pp - 1
 
     def __repr__(self):
-        return (f"rank {self.rank}/{self.world}: dp {self.dp_rank}/{self.dp} pp "
-                f"{self.pp_rank}/{self.pp} tp {self.tp_rank}/{self.tp} | tp group "
-                f"{self.tp_ranks} pp group {self.pp_ranks} dp group {self.dp_ranks}"
-                + (f" | cp {self.cp_rank}/{self.cp} cp group {self.cp_ranks} dp x cp group "
-                   f"{self.dp_cp_ranks}"
-                   if self.cp > 1 else "")
-                + (f" | ep {self.ep_rank}/{self.ep} ep group {self.ep_ranks} expert-data group "
-                   f"{self.expert_dp_ranks}" if self.ep > 1 else ""))
+        return (f"rank {self.rank}/{self.world}: dp {self.dp_rank}/{self.dp} "
+                f"pp {self.pp_rank}/{self.pp} tp {self.tp_rank}/{self.tp} | "
+                f"tp group {self.tp_ranks} pp group {self.pp_ranks} dp group {self.dp_ranks}"
+                + (f" | cp {self.cp_rank}/{self.cp} cp group {self.cp_ranks} "
+                   f"dp x cp group {self.dp_cp_ranks}" if self.cp > 1 else "")
+                + (f" | ep {self.ep_rank}/{self.ep} ep group {self.ep_ranks} "
+                   f"expert-data group {self.expert_dp_ranks}" if self.ep > 1 else ""))
 
 
 if __name__ == "__main__":

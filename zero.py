@@ -1,16 +1,15 @@
-"""zero.py: ZeRO (Rajbhandari et al., 2020): data parallelism in which no rank keeps what another
-one has.
+"""zero.py: ZeRO (Rajbhandari et al., 2020): data parallelism where no rank keeps what another has.
 
 The idea: plain data parallelism (ddp.py) keeps a full copy of the model states on every rank. With
 mixed-precision Adam that is 16 bytes per parameter: 2 for the 16-bit weights, 2 for their
 gradients, and K = 12 for the fp32 master weights, momentum and variance. ZeRO partitions them over
-the N_d data-parallel ranks:
+the N_d data-parallel ranks (for Psi parameters):
 
-    stage   what is partitioned                 memory per rank (Psi parameters)   communication per step
-    0 DDP   nothing                             2 Psi + 2 Psi + K Psi              all-reduce:          2 Psi
-    1       optimizer states (master, m, v)     2 Psi + 2 Psi + K Psi / N_d        all-reduce + all-gather: 3 Psi
-    2       ... and gradients                   2 Psi + (2 + K) Psi / N_d          reduce-scatter + all-gather: 2 Psi
-    3       ... and the 16-bit weights          (2 + 2 + K) Psi / N_d              2 all-gathers + reduce-scatter: 3 Psi
+    stage partitioned             memory per rank              communication per step
+    0 DDP nothing                 2 Psi + 2 Psi + K Psi        2 Psi: all-reduce
+    1     optimizer states        2 Psi + 2 Psi + K Psi / N_d  3 Psi: all-reduce + all-gather
+    2     ... and gradients       2 Psi + (2 + K) Psi / N_d    2 Psi: reduce-scatter + all-gather
+    3     ... and 16-bit weights  (2 + 2 + K) Psi / N_d        3 Psi: 2 all-gathers + reduce-scatter
 
 (elements sent per rank; a ring reduce-scatter or all-gather moves (N_d - 1)/N_d x Psi, an
 all-reduce twice that. Stage 1 here all-reduces the gradients with ddp.py, reusing its buckets and
@@ -21,10 +20,10 @@ whatever is left, the embedding, final norm and head), and each unit's parameter
 one flat buffer padded to a multiple of N_d. Rank r owns the contiguous slice [r S, (r+1) S) of
 every unit: its fp32 master copy, and the optimizer state of that slice (the inner optimizer, AdamW,
 steps views of it; it is elementwise, so stepping slices is stepping the whole). Per step:
-  - stage 1: gradients arrive averaged (ddp.py's buckets); each rank steps its slice; the updated slices are
-    all-gathered back into the flat 16-bit weights, of which every parameter is a view.
+  - stage 1: gradients arrive averaged (ddp.py's buckets); each rank steps its slice; the updated
+    slices are all-gathered back into the flat 16-bit weights, of which every parameter is a view.
   - stage 2: when a unit's last gradient is ready (a hook in backward), the unit's gradients are
-    reduce-scattered: each rank receives the sum of its slice only, and the full gradients are dropped.
+    reduce-scattered: each rank receives the sum of its slice only; the full gradients are dropped.
   - stage 3 (zero3.py): the 16-bit weights are partitioned too; a unit is all-gathered just
     before its forward (prefetching the next), freed right after, gathered again for its
     backward, freed once its gradients are reduce-scattered.
@@ -36,8 +35,7 @@ fp16, as the overflow check, non-finite on every rank alike when any rank's grad
 all ranks skip together.
 
 Demo: `torchrun --nproc_per_node 2 zero.py` trains a small bf16 model with each stage and prints,
-per rank, the measured bytes of parameters, gradients and optimizer state next to the formula's
-prediction.
+per rank, the measured bytes of parameters, gradients and optimizer state next to the formula's.
 """
 import contextlib
 import math

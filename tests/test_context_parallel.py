@@ -57,7 +57,7 @@ def _ring_worker(rank, world, T):
     return out
 
 
-# chunks of 5 tokens: ragged against 4-row tiles
+# Chunks of 5 tokens: ragged against 4-row tiles.
 @pytest.mark.parametrize("cp, T", [(2, 20), (4, 40)])
 def test_ring_attention_equals_full_attention(cp, T):
     results = run_distributed(_ring_worker, cp, T)
@@ -77,8 +77,8 @@ def test_ring_attention_equals_full_attention(cp, T):
 
 def test_ring_of_one_rank_is_flash_attention():
     q, k, v, do = inputs(T=12, **SHAPE)
-    torch.testing.assert_close(ring_attention(q, k, v), full_attention(q, k, v, True), rtol=1e-12,
-                               atol=1e-12)
+    torch.testing.assert_close(ring_attention(q, k, v), full_attention(q, k, v, True),
+                               rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3, 4, 8])
@@ -86,11 +86,9 @@ def test_zigzag_gives_every_rank_equal_causal_work(cp):
     T = 2 * cp * 3
     c = T // (2 * cp)
     work = [schedule_work(ring_schedule(cp, r, True), c, True) for r in range(cp)]
-    # The blocks cover the causal triangle exactly once, and every rank computes the same share of
-    # it.
+    # The blocks cover the causal triangle exactly once, and every rank computes an equal share.
     assert sum(work) == T * (T + 1) // 2 and len(set(work)) == 1
-    # Fully masked pairs are skipped: 2 diagonal and 2cp - 1 full blocks of the 4cp a rank could
-    # compute.
+    # Fully masked pairs are skipped: 2 diagonal and 2cp - 1 full blocks, of the 4cp possible.
     for r in range(cp):
         offsets = [off for step in ring_schedule(cp, r, True) for _, _, off in step]
         assert len(offsets) == 2 * cp + 1 and offsets.count(0) == 2 and min(offsets) >= 0
@@ -179,8 +177,8 @@ def train(topo, zero=0):
         opt.zero_grad()
         losses.append(training.mean_over_dp(loss, topo).item())
         norms.append(norm)
-    held_out = [(x.chunk(topo.dp)[topo.dp_rank], y.chunk(topo.dp)[topo.dp_rank]) for x,
-                y in micro_batches(99)]
+    held_out = [(x.chunk(topo.dp)[topo.dp_rank], y.chunk(topo.dp)[topo.dp_rank])
+                for x, y in micro_batches(99)]
     losses.append(training.evaluate(module, held_out, "cpu", topo, 1))
     with opt.gathered() if zero == 3 else contextlib.nullcontext():
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -211,14 +209,15 @@ def test_context_parallel_training_matches_one_process(world, layouts):
             assert norms == pytest.approx(ref_norms, rel=1e-10)
             for name, p in params.items():
                 d = tensor_parallel.split_dim(name)
-                want = ref_params[name] if d is None or tp == 1 else ref_params[name].chunk(tp, dim=d)[tp_rank]
+                want = (ref_params[name] if d is None or tp == 1
+                        else ref_params[name].chunk(tp, dim=d)[tp_rank])
                 torch.testing.assert_close(p, want, rtol=1e-10, atol=1e-12,
                                            msg=f"{tp, cp, zero} {name}")
 
 
 FAST = ["--seq-len", "32", "--batch-size", "4", "--max-steps", "4", "--warmup-steps", "1",
-        "--eval-iters", "1",
-        "--eval-every", "4", "--sample-tokens", "0", "--log-every", "1", "--cp", "2"]  # (flash)
+        "--eval-iters", "1", "--eval-every", "4", "--sample-tokens", "0", "--log-every", "1",
+        "--cp", "2"]  # (flash)
 
 
 def _resume(rank, world, out):
@@ -249,8 +248,7 @@ def test_context_parallel_resume_is_exact(tmp_path, stdlib_data):
      "--cp 2 runs ring attention.*drop --attn sdpa \\(--cp picks flash\\)"),
     (2, ["--cp", "2", "--attn", "naive"], "--cp 2 runs ring attention.*drop --attn naive"),
     (6, ["--cp", "3", "--seq-len", "32", "--attn", "flash"],
-     "cuts each sequence into 2 x 3 equal chunks.*"
-                                                               "divisible by 6 \\(got 32\\)"),
+     "cuts each sequence into 2 x 3 equal chunks.*divisible by 6 \\(got 32\\)"),
 ])
 def test_bad_context_parallel_layouts_are_refused(tmp_path, capsys, monkeypatch, world, flags,
                                                   match):
@@ -281,8 +279,8 @@ def test_sft_with_context_parallel_matches_one_process(tmp_path):
     from sft_fixtures import CFG as SFT_CFG, make_init, reverse_examples, write_jsonl
     # head dim 16, flash_attn.py's smallest
     init = make_init(tmp_path / "init", replace(SFT_CFG, d_model=64))
-    argv = ["--init", str(init), "--data", str(write_jsonl(tmp_path / "train.jsonl",
-                                                           reverse_examples(24))),
+    argv = ["--init", str(init),
+            "--data", str(write_jsonl(tmp_path / "train.jsonl", reverse_examples(24))),
             "--val-data", str(write_jsonl(tmp_path / "val.jsonl", reverse_examples(6, seed=1))),
             "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "1", "--max-steps", "3",
             "--eval-every", "3", "--samples", "0", "--log-every", "1", "--attn", "flash"]
@@ -301,13 +299,13 @@ def test_sft_refuses_packing_with_context_parallel(tmp_path, capsys, monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit) as e:
-        sft.main(["--init", str(init), "--data", data, "--val-data", data, "--out",
-                  str(tmp_path / "out"), "--batch-size", "2", "--cp", "2", "--pack", "--attn",
-                  "flash"])
+        sft.main(["--init", str(init), "--data", data, "--val-data", data,
+                  "--out", str(tmp_path / "out"), "--batch-size", "2", "--cp", "2", "--pack",
+                  "--attn", "flash"])
     assert e.value.code == 2 and not torch.distributed.is_initialized()
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and ("--cp 2 with --pack: document masks across a ring are not "
-                                "implemented") in err
+    assert "\n" not in err and ("--cp 2 with --pack: document masks across a ring are "
+                                "not implemented") in err
 
 
 def test_without_cp_any_sequence_length_is_accepted():

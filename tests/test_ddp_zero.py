@@ -1,5 +1,4 @@
-"""ddp.py and zero.py against one process on the global batch, at world sizes 2 and 4 (gloo
-ranks)."""
+"""ddp.py and zero.py against one process on the global batch, at world sizes 2 and 4 (gloo)."""
 import contextlib
 import io
 import json
@@ -60,8 +59,7 @@ def train(model, module, opt, batches, rank=0, world=1, dp_group=None):
 
 def build(seed):
     """The test model in float64, its embedding frozen (as LoRA will freeze weights): only trainable
-    parameters may be sharded, reduced and stepped; the frozen one must stay as it is on every
-    rank."""
+    parameters may be sharded, reduced and stepped; the frozen one must stay the same everywhere."""
     torch.manual_seed(seed)
     model = Transformer(CFG).double()
     model.tok_emb.weight.requires_grad_(False)
@@ -106,7 +104,8 @@ def test_ddp_and_every_zero_stage_match_one_process(world):
     tiny gradient differences near v = 0."""
     for rank_result in run_distributed(_parity, world):
         for zero, diff in rank_result.items():
-            assert diff["loss"] < 1e-10 and diff["norm"] < 1e-10 and diff["param"] < 1e-10, (world, zero, diff)
+            assert (diff["loss"] < 1e-10 and diff["norm"] < 1e-10
+                    and diff["param"] < 1e-10), (world, zero, diff)
 
 
 def _against_torch_ddp(rank, world):
@@ -122,13 +121,12 @@ def _against_torch_ddp(rank, world):
         for i, m in enumerate(x.chunk(2)):
             with model.no_sync() if i == 0 else contextlib.nullcontext():
                 model(m[:, :-1], m[:, 1:])[1].backward()
-    return max((a.grad - b.grad).abs().max().item() for a,
-               b in zip(ours.parameters(), theirs.parameters()))
+    return max((a.grad - b.grad).abs().max().item()
+               for a, b in zip(ours.parameters(), theirs.parameters()))
 
 
 def test_our_ddp_gradients_equal_torch_ddp():
-    """float64, two ranks: a + b is one rounding either way; dividing by 2 first (ours) or after is
-    exact."""
+    """float64, 2 ranks: a + b rounds once either way; halving first (ours) or after is exact."""
     assert all(d < 1e-15 for d in run_distributed(_against_torch_ddp, 2))
 
 
@@ -162,8 +160,8 @@ def test_fp16_overflow_on_one_rank_skips_the_step_everywhere():
 
 
 # ------------------------------------------------------------------------------ through pretrain.py
-FAST = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2", "--lr",
-        "3e-3", "--warmup-steps", "2", "--eval-iters", "1", "--eval-every", "100",
+FAST = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2",
+        "--lr", "3e-3", "--warmup-steps", "2", "--eval-iters", "1", "--eval-every", "100",
         "--sample-tokens", "0", "--log-every", "1", "--max-steps", "4"]
 
 
@@ -192,8 +190,7 @@ def test_zero3_resume_through_pretrain_is_exact_and_errors_are_clear(tmp_path, s
     """ZeRO-3 at world 2 in fp32 on CPU: stopping after 2 steps and resuming gives the very same
     losses and weights as the uninterrupted run (every rank restores its slices, its RNG state and
     the data position). Then the bad inputs: a global batch that does not divide over 2 ranks x 2
-    micro-steps, --zero 4, and the world-2 sharded checkpoint resumed by one process (on another
-    layout)."""
+    micro-steps, --zero 4, and the world-2 checkpoint resumed by one process (another layout)."""
     results = run_distributed(_pretrain_zero3_resume, 2, stdlib_data, str(tmp_path))
     for r in results:
         assert r["whole"] == r["split"] and len(r["whole"]) == 4 and r["same_params"], r

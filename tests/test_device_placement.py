@@ -1,14 +1,13 @@
-"""Every tensor handed to a collective lives on the run's device: audited over one CPU run of every
-layout.
+"""Every tensor handed to a collective lives on the run's device: audited over a CPU run per layout.
 
 NCCL's collectives take CUDA tensors only; a counter made on the host (torch.tensor(n) without
 device=) fails at run time on GPUs and passes on CPU gloo. On a CPU run every tensor is on the CPU,
 so "on the run's device" is tracked instead (HostTensors, a TorchFunctionMode): a tensor is
-host-made when a factory (torch.tensor, zeros, ...) created it without a device (and outside a `with
-torch.device(...)`), or when it was computed only from host-made tensors, or by .cpu(); an explicit
-.to(device) places it. The collectives (and batched send/receive) are wrapped to record every
-host-made tensor they are given. Each layout runs two optimizer steps with logging, evaluation and a
-checkpoint, through pretrain.py and sft.py.
+host-made when a factory (torch.tensor, zeros, ...) created it without a device (and outside
+`with torch.device(...)`), or when it was computed only from host-made tensors, or by .cpu(); an
+explicit .to(device) places it. The collectives (and batched send/receive) are wrapped to record
+every host-made tensor they are given. Each layout runs two optimizer steps with logging,
+evaluation and a checkpoint, through pretrain.py and sft.py.
 """
 import os
 
@@ -49,7 +48,7 @@ class HostTensors(TorchFunctionMode):
             host = True
         elif func is torch.Tensor.to and ("device" in kwargs
                                           or any(isinstance(a, (str, torch.device, torch.Tensor))
-                                                                    for a in args[1:])):
+                                                 for a in args[1:])):
             host = False
             for t in tree_flatten(out)[0]:  # (on the CPU, .to(cpu) returns the tensor itself)
                 if isinstance(t, torch.Tensor):
@@ -84,8 +83,8 @@ def audited(fn, found):
 def run_audited(main, argv):
     found, saved = set(), []
     targets = [(dist, name) for name in COLLECTIVES + ["batch_isend_irecv"] if hasattr(dist, name)]
-    targets += [(m, name) for m in (zero, tensor_parallel) for name in ("all_gather_single",
-                                                                        "reduce_scatter_single")]
+    targets += [(m, name) for m in (zero, tensor_parallel)
+                for name in ("all_gather_single", "reduce_scatter_single")]
     for owner, name in targets:
         saved.append((owner, name, getattr(owner, name)))
         setattr(owner, name, audited(getattr(owner, name), found))
@@ -103,7 +102,8 @@ STEPS = ["--max-steps", "2", "--log-every", "1", "--eval-every", "1", "--save-ev
 PRETRAIN = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--eval-iters", "1",
             "--sample-tokens", "0", *STEPS]
 LAYOUTS = {"dp (ddp.py)": [], "ZeRO-1": ["--zero", "1"], "ZeRO-2": ["--zero", "2"],
-           "ZeRO-3": ["--zero", "3"], "tp 2, sequence-parallel": ["--tp", "2", "--sequence-parallel"],
+           "ZeRO-3": ["--zero", "3"],
+           "tp 2, sequence-parallel": ["--tp", "2", "--sequence-parallel"],
            "pp 2 (1f1b)": ["--pp", "2", "--microbatches", "2"],
            "ep 2": ["--experts", "4", "--ep", "2", "--zero", "1"]}
 SFT_LAYOUTS = {"sft, dp 2": [], "sft, tp 2, packed rows": ["--tp", "2", "--pack"]}
@@ -116,14 +116,14 @@ def _audit(rank, world, out, cache, sft_files):
     for name, extra in SFT_LAYOUTS.items():
         found[name] = run_audited(sft.main, ["--init", sft_files[0], "--data", sft_files[1],
                                              "--val-data", sft_files[2], "--batch-size", "4",
-                                             "--samples", "0", "--out", f"{out}/{name}", *STEPS,
-                                             *extra])
+                                             "--samples", "0", "--out", f"{out}/{name}",
+                                             *STEPS, *extra])
     return found
 
 
 def test_every_collective_gets_tensors_on_the_runs_device(tmp_path, stdlib_data, data_cache):
-    files = [str(make_init(tmp_path / "init")), str(write_jsonl(tmp_path / "t.jsonl",
-                                                                reverse_examples(16))),
+    files = [str(make_init(tmp_path / "init")),
+             str(write_jsonl(tmp_path / "t.jsonl", reverse_examples(16))),
              str(write_jsonl(tmp_path / "v.jsonl", reverse_examples(4, seed=1)))]
     for found in run_distributed(_audit, 2, str(tmp_path), str(data_cache), files):
         assert list(found) == [*LAYOUTS, *SFT_LAYOUTS]
@@ -131,12 +131,12 @@ def test_every_collective_gets_tensors_on_the_runs_device(tmp_path, stdlib_data,
 
 
 def test_the_audit_sees_a_host_counter():
-    """The tracking itself: a host-made count, and what is computed from it alone, are flagged;
-    .to() places."""
+    """The tracking: a host-made count and what is computed from it alone: flagged; .to() places."""
     with HostTensors():
         n = torch.tensor([3.0, 4.0])
         on_device = torch.zeros(2, device="cpu")
         assert is_host(n) and is_host(n * 2) and is_host(n.sum()) and not is_host(on_device)
-        assert not is_host(on_device + n) and not is_host(n.to("cpu")) and not is_host(torch.zeros_like(on_device))
+        assert (not is_host(on_device + n) and not is_host(n.to("cpu"))
+                and not is_host(torch.zeros_like(on_device)))
         with torch.device("cpu"):
             assert not is_host(torch.zeros(2))

@@ -1,5 +1,4 @@
-"""Decisions that ranks running in lockstep must make alike, whatever the last bits of their
-arithmetic.
+"""Decisions ranks in lockstep must make alike, whatever the last bits of their arithmetic.
 
 Generation under tp, ZeRO-3 or ep: every forward is a collective over the ranks, and their logits
 may differ in the last bits (reductions in another order). Here rank 1's logits are made to differ
@@ -95,10 +94,9 @@ def test_moe_layer_is_bitwise_reproducible_with_its_gradients():
         out = layer(x)
         (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
         runs.append((out.detach().clone(), x.grad.clone(),
-                     [p.grad.clone() for p in layer.parameters()
-                                                             if p.grad is not None]))
+                     [p.grad.clone() for p in layer.parameters() if p.grad is not None]))
         x.grad = None
         layer.zero_grad()
     (o1, gx1, g1), (o2, gx2, g2) = runs
-    assert torch.equal(o1, o2) and torch.equal(gx1, gx2) and all(torch.equal(a, b) for a,
-                                                                 b in zip(g1, g2))
+    assert (torch.equal(o1, o2) and torch.equal(gx1, gx2)
+            and all(torch.equal(a, b) for a, b in zip(g1, g2)))

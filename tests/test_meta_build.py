@@ -29,8 +29,7 @@ CFG = replace(PRESETS["tiny"], n_layer=4, d_model=32, n_head=8, n_kv_head=4, d_f
               block_size=16)
 LAYOUTS = [  # (tp, pp, ep, experts, LoRA targets) on 4 ranks
     (2, 1, 1, 0, None), (1, 2, 1, 0, None), (2, 2, 1, 0, None), (4, 1, 1, 0, None),
-           (1, 1, 2, 4, None),
-    (2, 1, 2, 4, None), (2, 2, 1, 0, "wq,wo,w1,w2"), (2, 1, 2, 4, "wv,w2")]
+    (1, 1, 2, 4, None), (2, 1, 2, 4, None), (2, 2, 1, 0, "wq,wo,w1,w2"), (2, 1, 2, 4, "wv,w2")]
 
 
 def flags(ep, experts):
@@ -39,7 +38,7 @@ def flags(ep, experts):
 
 
 def adapter(targets):
-    return (lambda m: lora.apply_lora(m, r=2, targets=targets, seed=3)) if targets else None  # noqa: E731
+    return (lambda m: lora.apply_lora(m, r=2, targets=targets, seed=3)) if targets else None
 
 
 def expected(ref, name, tp, tp_rank):
@@ -73,8 +72,8 @@ def _pieces(rank, world):
         model = stack.build_model(CFG, topo, seed=0, device=torch.device("cpu"),
                                   dtype=torch.float64, experts=flags(ep, experts),
                                   adapt=adapter(targets))
-        out.append((topo.tp_rank, {lora.full_name(model, n): p.detach() for n,
-                                   p in model.named_parameters()}))
+        out.append((topo.tp_rank, {lora.full_name(model, n): p.detach()
+                                   for n, p in model.named_parameters()}))
     return out
 
 
@@ -84,8 +83,8 @@ def test_every_rank_builds_exactly_its_piece_of_the_one_process_model():
     for rank_results in run_distributed(_pieces, 4):
         for i, (layout, ref, (tp_rank, params)) in enumerate(zip(LAYOUTS, refs, rank_results)):
             for name, p in params.items():
-                assert p.dtype == torch.float64 and torch.equal(p,
-                                                                expected(ref, name, layout[0], tp_rank)), \
+                assert (p.dtype == torch.float64
+                        and torch.equal(p, expected(ref, name, layout[0], tp_rank))), \
                     (layout, name)
                 held[i].add(name)
     for layout, ref, names in zip(LAYOUTS, refs, held):  # every parameter is somewhere
@@ -176,8 +175,8 @@ def _init_onto_layouts(rank, world, out):
             topo = Topology(tp=tp, pp=pp)
             m = stack.build_model(CFG, topo, seed=1, device=torch.device("cpu"),
                                   dtype=torch.float64, weights=init["model"])
-            got[source, tp, pp] = (topo.tp_rank, {lora.full_name(m, n): p.detach() for n,
-                                                  p in m.named_parameters()})
+            got[source, tp, pp] = (topo.tp_rank, {lora.full_name(m, n): p.detach()
+                                                  for n, p in m.named_parameters()})
     return got
 
 
@@ -201,7 +200,6 @@ def test_init_weights_that_do_not_fit_are_one_line(tmp_path):
             (sd | {"norm.weight": torch.ones(8)},
              r"the weights' norm.weight has shape \[8\], the model's \[32\]"),
             (sd | {"blocks.0.mlp.router.weight": sd["norm.weight"]},
-             "the weights hold blocks.0.mlp.router.weight, "
-                                                                     "which this model has not")]:
+             "the weights hold blocks.0.mlp.router.weight, which this model has not")]:
         with pytest.raises(checkpoint.CheckpointError, match=message):
             stack.build_model(CFG, topo, 0, cpu, torch.float32, weights=weights_given)

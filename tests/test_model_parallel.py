@@ -1,6 +1,5 @@
 """Tensor and pipeline parallelism against one process: same model, data and seed; losses, gradient
-norms (with clipping active) and final parameters after several AdamW steps with gradient
-accumulation."""
+norms (clipping active) and final parameters after several AdamW steps of gradient accumulation."""
 import contextlib
 import os
 import shutil
@@ -21,8 +20,7 @@ from moe import add_moe
 from tests.distributed import refused_before_any_group, run_distributed
 from topology import Topology
 
-# 4 layers (so 4 stages are possible), GQA with 2 query heads per KV head, d_ff and vocabulary
-# divisible by 4.
+# 4 layers (4 stages possible), GQA with 2 query heads per KV head, d_ff and vocab divisible by 4.
 CFG = replace(PRESETS["tiny"], n_layer=4, d_model=32, n_head=4, n_kv_head=2, d_ff=64, vocab_size=64,
               block_size=16)
 STEPS, N_MICRO, MICRO_BS, CLIP = 3, 4, 2, 0.05  # 4 micro-batches of 2 x 16 tokens per step
@@ -57,7 +55,8 @@ def train(topo, cfg=CFG, schedule="1f1b", zero=0, sp=False):
     module, opt = stack.build_training(model, config, torch.float64, topo)
     losses, norms = [], []
     for step in range(STEPS):
-        mine = micro_batches(step)[topo.dp_rank * N_MICRO // topo.dp:(topo.dp_rank + 1) * N_MICRO // topo.dp]
+        mine = micro_batches(step)[topo.dp_rank * N_MICRO // topo.dp:
+                                   (topo.dp_rank + 1) * N_MICRO // topo.dp]
         loss = training.forward_backward(model if topo.pp > 1 else module, mine, topo, schedule,
                                          opt.scale_loss, "cpu", opt.no_sync)
         norm, _ = opt.step(CLIP)
@@ -70,8 +69,7 @@ def train(topo, cfg=CFG, schedule="1f1b", zero=0, sp=False):
 
 
 def _parallel(rank, world, layouts, cfg):
-    """Several layouts (tp, pp, schedule, zero, sp) in turn on the same world; each builds its own
-    groups."""
+    """Layouts (tp, pp, schedule, zero, sp) in turn on one world; each builds its own groups."""
     out = []
     for tp, pp, schedule, zero, sp in layouts:
         topo = Topology(tp=tp, pp=pp)
@@ -132,8 +130,7 @@ def test_zero1_and_zero3_with_tp2_pp2_on_eight_ranks():
 
 
 def _backward_all_reduces(rank, world, experts=0):
-    """All-reduces issued by one tensor-parallel backward (tp = world), counted by wrapping
-    dist.all_reduce."""
+    """All-reduces issued by one tensor-parallel backward (tp = world), counted in a wrapper."""
     torch.manual_seed(0)
     model = Transformer(CFG)
     if experts:
@@ -152,15 +149,13 @@ def _backward_all_reduces(rank, world, experts=0):
 
 def test_tensor_parallel_backward_does_two_all_reduces_per_block():
     """Megatron's count: f once before wq, wk, wv (not once each), once before w1, w3; plus the
-    head's f. With MoE MLPs of 4 experts, f once per expert's input (not once for w1 and again for
-    w3)."""
+    head's f. With MoE MLPs of 4 experts, f once per expert's input (not for w1, again for w3)."""
     assert run_distributed(_backward_all_reduces, 2) == [2 * CFG.n_layer + 1] * 2
     assert run_distributed(_backward_all_reduces, 2, 4) == [(1 + 4) * CFG.n_layer + 1] * 2
 
 
 def test_vocab_parallel_cross_entropy_equals_the_gathered_one():
-    """The loss function alone, with no communication (group None): one rank holding the whole
-    vocabulary."""
+    """The loss function alone, no communication (group None): one rank holds the whole vocab."""
     torch.manual_seed(0)
     logits = torch.randn(12, 64, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 64, (12,))
@@ -186,9 +181,9 @@ def test_schedules():
                 ops = pipeline.make_schedule(kind, m, p, s)
                 assert sorted(ops) == sorted([("F", i) for i in range(m)]
                                              + [("B", i) for i in range(m)])
-                # in flight = forwards done whose backward has not run: 1F1B caps it at p - s, GPipe
-                # at m
-                flight = max(sum(1 for o, _ in ops[:k + 1] if o == "F") - sum(1 for o, _ in ops[:k + 1] if o == "B")
+                # in flight = forwards whose backward has not run: 1F1B caps it at p - s, GPipe at m
+                flight = max(sum(1 for o, _ in ops[:k + 1] if o == "F")
+                             - sum(1 for o, _ in ops[:k + 1] if o == "B")
                              for k in range(len(ops)))
                 assert flight == (min(m, p - s) if kind == "1f1b" else m)
     assert [pipeline.stage_layers(10, 4, s) for s in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
@@ -200,7 +195,8 @@ def test_check_divisible_names_the_dimension():
     assert "n_head 4" in tensor_parallel.check_divisible(CFG, 8)
     assert "n_kv_head 2" in tensor_parallel.check_divisible(CFG, 4)
     assert "d_ff 90" in tensor_parallel.check_divisible(replace(CFG, d_ff=90, n_kv_head=4), 4)
-    assert "vocab_size (padded) 64" in tensor_parallel.check_divisible(replace(CFG, n_head=3, n_kv_head=3, d_ff=48), 3)
+    assert "vocab_size (padded) 64" in tensor_parallel.check_divisible(
+        replace(CFG, n_head=3, n_kv_head=3, d_ff=48), 3)
 
 
 @pytest.mark.parametrize("world, flags, message", [
@@ -208,8 +204,8 @@ def test_check_divisible_names_the_dimension():
     (8, ["--tp", "8"], "--tp 8 does not divide the model's n_head 4"),
     (4, ["--tp", "4"], "--tp 4 does not divide the model's n_kv_head 2"),
     (8, ["--pp", "8"], "--pp 8 is more stages than the 4 layers of model 'tiny'"),
-    (2, ["--pp", "2", "--microbatches", "3"], "does not divide into --grad-accum 1 x "
-                                              "--microbatches 3"),
+    (2, ["--pp", "2", "--microbatches", "3"],
+     "does not divide into --grad-accum 1 x --microbatches 3"),
     (1, ["--microbatches", "0"], "--microbatches must be at least 1"),
     (2, ["--pp", "2", "--compile"], "--compile with --pp > 1"),
     (2, ["--tp", "2", "--sequence-parallel", "--seq-len", "15"],
@@ -221,9 +217,9 @@ def test_invalid_topologies_fail_before_any_process_group(tmp_path, capsys, monk
     assert message in err, err
 
 
-FAST = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps",
-        "2", "--eval-iters", "1", "--eval-every", "100", "--log-every", "1", "--grad-accum", "2",
-        "--grad-clip", "0.5"]
+FAST = ["--model", "tiny", "--seq-len", "16", "--batch-size", "8", "--lr", "3e-3",
+        "--warmup-steps", "2", "--eval-iters", "1", "--eval-every", "100", "--log-every", "1",
+        "--grad-accum", "2", "--grad-clip", "0.5"]
 
 
 def _pretrain_runs(rank, world, out, cache):
@@ -231,8 +227,8 @@ def _pretrain_runs(rank, world, out, cache):
     z3 = FAST + ["--zero", "3", "--tp", "2", "--max-steps", "4"]  # dp 2 x tp 2
     # all 4 ranks sample in step
     whole = pretrain.main(z3 + ["--sample-tokens", "8", "--out", f"{out}/whole"])
-    first = pretrain.main(z3 + ["--sample-tokens", "0", "--stop-after", "2", "--out",
-                                f"{out}/split"])
+    first = pretrain.main(z3 + ["--sample-tokens", "0", "--stop-after", "2",
+                                "--out", f"{out}/split"])
     if rank == 0:  # the run as it was at step 2, to resume on another layout below
         shutil.copytree(f"{out}/split", f"{out}/split-dp4")
     second = pretrain.main(z3 + ["--sample-tokens", "0", "--resume", "--out", f"{out}/split"])
@@ -247,7 +243,8 @@ def _pretrain_runs(rank, world, out, cache):
     return whole["losses"], first["losses"] + second["losses"], same, pp["losses"], dp4["losses"]
 
 
-def test_pretrain_zero3_tp2_and_tp2_pp2_match_one_process_and_resume(tmp_path, stdlib_data, data_cache):
+def test_pretrain_zero3_tp2_and_tp2_pp2_match_one_process_and_resume(tmp_path, stdlib_data,
+                                                                      data_cache):
     """Through pretrain.py at world 4, fp32: ZeRO-3 x tp 2 and tp 2 x pp 2 against one process (the
     same global batch cut into the same 4 micro-batches); ZeRO-3 x tp 2 stopped after 2 steps and
     resumed equals the uninterrupted run exactly; its step-2 checkpoint resumed on dp 4 (ZeRO-3, no
@@ -256,8 +253,7 @@ def test_pretrain_zero3_tp2_and_tp2_pp2_match_one_process_and_resume(tmp_path, s
                                 "--out", str(tmp_path / "one")])
     for whole, resumed, same_params, pp, dp4 in run_distributed(_pretrain_runs, 4, str(tmp_path),
                                                                 str(data_cache)):
-        # fp32 with another summation order: agreement to float32 rounding, amplified a little over
-        # 4 steps
+        # fp32 with another summation order: agreement to float32 rounding, amplified over 4 steps
         assert whole == pytest.approx(one["losses"], rel=1e-4)
         assert pp == pytest.approx(one["losses"], rel=1e-4)
         assert resumed == whole and same_params  # resuming on the same topology is exact
@@ -278,14 +274,15 @@ def _fp16_overflow_on_rank0(rank, world):
         config = pretrain.parse(["--zero", str(zero), "--amp", "fp16"])
         module, opt = stack.build_training(model, config, torch.float16, topo)
         before = [p.detach().clone() for p in model.parameters()]
-        mine = micro_batches(0)[topo.dp_rank * N_MICRO // topo.dp:(topo.dp_rank + 1) * N_MICRO // topo.dp]
+        mine = micro_batches(0)[topo.dp_rank * N_MICRO // topo.dp:
+                                (topo.dp_rank + 1) * N_MICRO // topo.dp]
         training.forward_backward(model if pp > 1 else module, mine, topo, "1f1b", opt.scale_loss,
                                   "cpu", opt.no_sync)
         if rank == 0:
             if zero >= 2:
                 opt.units[0].grad_shard[0] = float("inf")
             else:
-                # (fp32 main_grad of the fp16 weight)
+                # the fp32 main_grad of the fp16 weight
                 grad_of(next(model.parameters()))[0, 0] = float("inf")
         _, skipped = opt.step(1.0)
         with opt.gathered() if zero == 3 else contextlib.nullcontext():

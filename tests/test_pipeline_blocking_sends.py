@@ -72,14 +72,13 @@ class Rendezvous:
             if cycle and time.monotonic() - cycle_since > 0.5:
                 raise Deadlock(" -> ".join(map(str, cycle)) + " each wait to send to the next")
             if time.monotonic() - start > self.timeout:
-                raise Deadlock(f"rank {self.rank} waited {self.timeout} s for rank {peer} to "
-                               "post a receive")
+                raise Deadlock(f"rank {self.rank} waited {self.timeout} s for rank {peer} "
+                               "to post a receive")
             time.sleep(0.01)
         self.store.set(self.key("waits", self.rank), "-1")
 
     def cycle(self):
-        """[rank, a, b, ..., rank] if the ranks waiting to send form a cycle through this one, else
-        None."""
+        """[rank, a, ..., rank] if the waiting senders form a cycle through this rank, else None."""
         path, r = [self.rank], self.rank
         for _ in range(self.world):
             k = self.key("waits", r)
@@ -105,8 +104,8 @@ def _batches(m):
 
 def _run_cases(rank, world, store_path, cases):
     """Each case (schedule, m, grouped): one step with dist's own batch_isend_irecv (gloo: never
-    blocks), then
-    one under Rendezvous. Returns per case ("ok", |loss diff|, max |grad diff|) or ("deadlock", message)."""
+    blocks), then one under Rendezvous. Returns per case ("ok", |loss diff|, max |grad diff|) or
+    ("deadlock", message)."""
     store = dist.FileStore(store_path, world)
     topo = Topology(pp=world)
     out = []
@@ -146,5 +145,5 @@ def test_the_old_order_deadlocks_1f1b_and_not_gpipe(tmp_path):
     for rank, (gpipe, one_f_one_b) in enumerate(run_distributed(_run_cases, 2,
                                                                 str(tmp_path / "store"), cases)):
         assert gpipe == ("ok", 0.0, 0.0), gpipe
-        assert one_f_one_b[0] == "deadlock" and one_f_one_b[1].startswith(f"{rank} -> {1 - rank} " f"-> {rank}"), \
-            one_f_one_b
+        assert (one_f_one_b[0] == "deadlock"
+                and one_f_one_b[1].startswith(f"{rank} -> {1 - rank} -> {rank}")), one_f_one_b

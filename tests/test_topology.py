@@ -22,7 +22,8 @@ def _groups(rank, world):
         t = torch.tensor([float(rank)])
         dist.all_reduce(t, group=getattr(topo, f"{axis}_group"))
         sums[axis] = t.item()
-    return topo.dp_rank, topo.pp_rank, topo.tp_rank, topo.tp_ranks, topo.pp_ranks, topo.dp_ranks, sums
+    return (topo.dp_rank, topo.pp_rank, topo.tp_rank,
+            topo.tp_ranks, topo.pp_ranks, topo.dp_ranks, sums)
 
 
 def test_eight_ranks_tensor_innermost():
@@ -50,8 +51,8 @@ def test_expert_parallel_groups_come_from_the_data_parallel_ranks():
     one = Topology()  # ep 1 (the default): no expert groups
     assert one.ep == 1 and one.ep_group is None and one.expert_dp_group is None
     res = run_distributed(_ep_groups, 8)
-    # rank 5 = (dp 2, tp 1): dp group {1,3,5,7}; ep group = dp ranks {2,3} = {5,7}; replicas: dp
-    # {0,2} = {1,5}
+    # rank 5 = (dp 2, tp 1): dp group {1,3,5,7}; ep group = dp ranks {2,3} = {5,7};
+    # replicas: dp {0,2} = {1,5}
     assert res[5][:4] == (0, 1, [5, 7], [1, 5])
     assert res[6][:4] == (1, 1, [4, 6], [2, 6])
     for r in res:
