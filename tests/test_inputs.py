@@ -74,7 +74,7 @@ def test_out_must_be_a_folder_that_can_be_made(tmp_path, capsys):
 
 
 def test_a_damaged_data_folder_is_refused_by_the_entry_point(tmp_path, capsys, stdlib_data):
-    """data.py's checks (tests/test_data.py has every case) reach the user in one line of pretrain.py."""
+    """data.py's checks (tests/test_data.py: every case) reach the user as one pretrain.py line."""
     d = tmp_path / "d"
     d.mkdir()
     meta = json.loads((stdlib_data / "meta.json").read_text())
