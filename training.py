@@ -15,7 +15,8 @@ exit status 3; a checkpoint is never written over the last good one while the lo
 The loss of a step, whatever the task and the layout: labels of -100 take no loss (SFT's prompts and
 padding; in pretraining every token is labelled), and
 
-    loss = sum over the step's labelled tokens of -log p(label)  /  labelled tokens of the whole global batch
+    loss = (sum over the step's labelled tokens of -log p(label))
+           / (labelled tokens of the whole global batch)
 
 (all data-parallel ranks, all accumulation micro-steps, all pipeline micro-batches). Every rank
 counts the labels of its own micro-batches from y (all tp and pp ranks of a data-parallel replica
@@ -115,8 +116,7 @@ def on(device, packing):
 
 
 def mean_over_dp(x, topo):
-    """The mean of a per-rank scalar over the data-parallel group, x cp under --cp (for logging the
-    loss)."""
+    """A per-rank scalar's mean over the data-parallel group, x cp under --cp (the logged loss)."""
     if topo.dp * topo.cp == 1:
         return x
     x = x.clone()
@@ -233,8 +233,7 @@ def change_length(cfg, ckpt, max_steps):
 def save(run):
     """One folder per step: every rank writes the pieces it is the first holder of (checkpoint.py);
     rank 0 the index with what the loop needs back. Every rank returns once the step is complete on
-    disk. Not while the loss is inf/nan: a diverged state never replaces the last good
-    checkpoint."""
+    disk. Not while the loss is inf/nan: a diverged state never replaces the last good one."""
     if not run.guard.healthy:  # (the same on every rank: the guard sees values they all agree on)
         log(run, {"step": run.step, "not_saved": "loss not finite"},
             f"step {run.step:5d} | not saved: the loss is not finite (last good checkpoint: "
@@ -291,9 +290,10 @@ class Run:
     t_last: float = 0.0
     # perf_counter at this invocation's start, less the elapsed time resumed
     t_start: float = 0.0
-    # (padding included) since the last log line, all ranks (a device tensor
+    # tokens (padding included) and labelled tokens since the last log line, all ranks (device
+    # tensors between log lines)
     tokens_since: object = 0.0
-    labels_since: object = 0.0        # between log lines)
+    labels_since: object = 0.0
     # the records of the steps not read back yet (read_pending)
     pending: list = field(default_factory=list)
     # stops a run that cannot train (amp.py)
@@ -308,8 +308,8 @@ def start(cfg, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=Non
         cfg = replace(cfg, optim=replace(cfg.optim, warmup_steps=min(100, max(1, max_steps // 10))))
     dtype = next(model.parameters()).dtype
     module, opt = build_training(model, cfg, dtype, topo)
-    # The pipeline calls the stage itself (ddp.py's and zero.py's hooks live on its parameters and
-    # modules).
+    # The pipeline calls the stage itself: ddp.py's and zero.py's hooks live on its parameters
+    # and modules.
     peak = peak_flops(device, dtype, gpu) * topo.world  # MFU of all devices together
     module = torch.compile(module) if cfg.settings.compile else module
     run = Run(cfg, topo, device, model, model if topo.pp > 1 else module, opt, batches, val,
@@ -319,8 +319,7 @@ def start(cfg, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=Non
         resume(run, ckpt)
     if run.rank0:
         run.out.mkdir(parents=True, exist_ok=True)
-        # One history: the records past the resumed step are dropped; its elapsed time goes on from
-        # theirs.
+        # One history: records past the resumed step are dropped; elapsed time goes on from theirs.
         elapsed = checkpoint.truncate_metrics(run.out / "metrics.jsonl", run.step if ckpt else -1)
         run.t_start = time.perf_counter() - elapsed
         run.metrics = open(run.out / "metrics.jsonl", "a")
@@ -338,8 +337,8 @@ def describe_layout(run):
     sp = lay.sequence_parallel and topo.tp > 1
     return (f"{lay.batch_size // (n_micro * topo.dp)} x {n_micro} micro-batches x {topo.dp} "
             "data-parallel"
-            + (f" (ZeRO stage {run.zero})" if run.zero else " (ddp.py)" if topo.dp * topo.cp > 1
-               else "")
+            + (f" (ZeRO stage {run.zero})" if run.zero
+               else " (ddp.py)" if topo.dp * topo.cp > 1 else "")
             + f" | tp {topo.tp}" + (" (sequence-parallel)" if sp else "")
             + f" | pp {topo.pp}" + (f" ({lay.pp_schedule})" if topo.pp > 1 else "")
             + (f" | ep {topo.ep}" if topo.ep > 1 else "")
@@ -358,8 +357,7 @@ def log(run, record, line):
 
 
 def train_step(run):
-    """One optimizer step: the learning rate, forward and backward, the expert gradients, the
-    update."""
+    """One optimizer step: the learning rate, forward and backward, expert gradients, the update."""
     lr = lr_at(run.step, run.cfg.optim, run.max_steps)
     for g in run.opt.param_groups:
         g["lr"] = lr
@@ -374,8 +372,7 @@ def train_step(run):
     run.opt.zero_grad()
     run.step += 1
     loss = mean_over_dp(loss, run.topo)  # the global batch's loss, the same on every rank
-    # Kept on the device, read at the next log (read_pending): each read would wait for the GPU to
-    # finish.
+    # Kept on the device, read at the next log (read_pending): each read would wait for the GPU.
     run.tokens_since = run.tokens_since + tokens
     run.labels_since = run.labels_since + labels
     return {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
@@ -406,9 +403,9 @@ def log_step(run, rec):
     dt = time.perf_counter() - run.t_last
     run.tokens_since, run.labels_since = float(run.tokens_since), float(run.labels_since)
     tps = run.tokens_since / dt
-    # the CPU's peak was measured (estimate.peak_flops); a run faster than it has
+    # The CPU's peak was measured (estimate.peak_flops); a run faster than it has measured a
+    # higher one, so MFU never reads above 100%.
     if run.device.type == "cpu":
-        # measured a higher one, so MFU never reads above 100%
         run.peak = max(run.peak, tps * run.fpt)
     rec.update(tokens_per_s=tps, labelled_tokens_per_s=run.labels_since / dt,
                mfu=tps * run.fpt / run.peak, peak_mem_mb=peak_memory_mb(run.device))
@@ -420,10 +417,10 @@ def log_step(run, rec):
         rec["aux_loss"] = float(moe.aux_loss(run.model).detach())
         rec["expert_load_max"], rec["expert_load_min"] = moe.load_spread(run.model)
     masked = run.labels_since < run.tokens_since
-    log(run, rec, f"step {run.step:5d} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | norm "
-                  f"{rec['grad_norm']:.3f} "
-        f"| {tps / 1e3:.1f}k tok/s" + (f" ({rec['labelled_tokens_per_s'] / 1e3:.1f}k learned)"
-                                       if masked else "")
+    log(run, rec,
+        f"step {run.step:5d} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | norm "
+        f"{rec['grad_norm']:.3f} | {tps / 1e3:.1f}k tok/s"
+        + (f" ({rec['labelled_tokens_per_s'] / 1e3:.1f}k learned)" if masked else "")
         + f" | mfu {rec['mfu']:.1%} | mem {rec['peak_mem_mb']:.0f} MB"
         + (f" | scale {scaler.scale:g}" if scaler.enabled else "")
         + (f" | aux {rec['aux_loss']:.4f} | load max {rec['expert_load_max']:.1%} min "
@@ -441,8 +438,7 @@ def evaluate_now(run):
 
 
 def train_loop(run):
-    """Evaluate at step 0; step; log, evaluate (and at the end), save (and when this invocation
-    stops)."""
+    """Evaluate at step 0; step; log, evaluate (and at the end), save (and when the loop stops)."""
     settings = run.cfg.settings
     if run.step == 0:
         evaluate_now(run)
@@ -482,7 +478,8 @@ def train_loop(run):
 def clock(seconds):
     """Elapsed time as the log shows it: 42s, 3m07s, 2h05m."""
     s = int(seconds)
-    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return (f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600
+            else f"{s // 3600}h{s % 3600 // 60:02d}m")
 
 
 def interrupted(run, how):
@@ -493,7 +490,8 @@ def interrupted(run, how):
     the step, is what keeps ranks that would reach that end at different moments from waiting
     forever in a collective for one that has left."""
     if run.rank0:
-        resume_from = f"step {run.last_good}" if run.last_good is not None else ("the start (no " "checkpoint yet)")
+        resume_from = (f"step {run.last_good}" if run.last_good is not None
+                       else "the start (no checkpoint yet)")
         print(f"\nstopped {how} at step {run.step}; rerun the same command to continue from "
               f"{resume_from}", file=sys.stderr, flush=True)
     if run.metrics:
@@ -502,7 +500,8 @@ def interrupted(run, how):
 
 
 def describe_last_good(run):
-    return f"{run.out} at step {run.last_good}" if run.last_good is not None else "none (no step was saved)"
+    return (f"{run.out} at step {run.last_good}" if run.last_good is not None
+            else "none (no step was saved)")
 
 
 def stop_run(prog, e):
