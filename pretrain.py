@@ -35,6 +35,7 @@ import data as data_lib
 import estimate
 import flags
 import launch
+import metrics
 import moe
 import stack
 import tensor_parallel
@@ -216,7 +217,7 @@ def build_and_train(cfg, model_cfg, data_dir, meta, world, device, ckpt):
     if run.rank0:
         print(f"model {task.model}: {n_params:,} parameters, {run.fpt:.3g} FLOPs/token | data "
               f"{data_dir} ({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | "
-              f"batch {lay.batch_size} x {T} tokens = {training.describe_layout(run)} | "
+              f"batch {lay.batch_size} x {T} tokens = {metrics.describe_layout(run)} | "
               f"{max_steps} steps | {amp} on {device} | out {cfg.settings.out}"
               + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
     training.train_loop(run)
