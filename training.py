@@ -286,7 +286,7 @@ class Run:
     step: int = 0
     losses: list = field(default_factory=list)
     val_losses: list = field(default_factory=list)
-    metrics: object = None
+    metrics: object = None            # rank 0's metrics.jsonl, open (metrics.log writes it)
     t_last: float = 0.0
     # perf_counter at this invocation's start, less the elapsed time resumed
     t_start: float = 0.0
