@@ -1,12 +1,10 @@
-"""amp.py: mixed precision written out: low-precision model, fp32 master weights, dynamic loss
-scaling.
+"""amp.py: mixed precision written out: a 16-bit model, fp32 master weights, dynamic loss scaling.
 
 The idea (Micikevicius et al., 2018): run the forward and backward in 16-bit floats, which halves
 activation memory and runs on the tensor cores, but keep an fp32 "master" copy of every weight for
-the update: a step lr * grad is often smaller than the spacing of bf16 numbers near the weight (8
-bits of mantissa), and would round away. Each step: grads (16-bit, on the model) -> fp32 master
-grads -> clip -> optimizer step on the masters -> masters rounded back into the model's 16-bit
-weights.
+the update: a step lr * grad is often smaller than the spacing of bf16 numbers near the weight
+(8 bits of mantissa), and would round away. Each step: grads (16-bit, on the model) -> fp32 master
+grads -> clip -> optimizer step on the masters -> masters rounded into the 16-bit weights.
 
 Why a 16-bit model and a master copy, rather than autocast over fp32 parameters: it is the layout
 whose memory the ZeRO paper counts (2 bytes of weights + 2 of grads on the model, 4 + 4 + 4 of
@@ -49,8 +47,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 
 
 class DynamicLossScaler:
-    """Loss scaling for fp16, from scratch. With enabled=False it is the identity (scale 1, never
-    skips).
+    """Loss scaling for fp16. With enabled=False it is the identity (scale 1, never skips).
 
     The scale and the count of clean steps are tensors, moved to the device on first use
     (`scale_on`) and updated there, so that a training step never waits to read them; `scale` and
@@ -61,7 +58,8 @@ class DynamicLossScaler:
         self.enabled = enabled
         self._scale = torch.tensor(init_scale if enabled else 1.0, dtype=torch.float64)
         self._good = torch.zeros((), dtype=torch.int64)
-        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+        self.growth_factor, self.backoff_factor, self.growth_interval = (
+            growth_factor, backoff_factor, growth_interval)
 
     def scale_on(self, device):
         if self._scale.device != device:
@@ -86,8 +84,8 @@ class DynamicLossScaler:
 
     def update(self, found_inf):
         """Called once per step after the overflow check, which must be the same on every rank.
-        `found_inf`: a bool, or a 0-dim tensor on the device (nothing is read back): x
-        backoff_factor and start counting again after an overflow; x growth_factor after every
+        `found_inf`: a bool, or a 0-dim tensor on the device (nothing is read back):
+        x backoff_factor and start counting again after an overflow; x growth_factor after every
         growth_interval clean steps in a row."""
         if not self.enabled:
             return
@@ -106,24 +104,22 @@ class DynamicLossScaler:
 
 
 class TrainingStopped(RuntimeError):
-    """A run that cannot train: the message is the one line the user sees (the loop adds the last
-    checkpoint)."""
+    """A run that cannot train: the one line the user sees (the loop adds the last checkpoint)."""
 
 
 class DivergenceGuard:
-    """Ends a run that cannot train instead of letting it skip steps, or log nan, until its last
-    step.
+    """Ends a run that cannot train instead of letting it skip steps, or log nan, to its last step.
 
     A skipped step is the loss scaler's normal answer to one overflow; a run where every step is
     skipped never recovers by itself. Called for each optimizer step, in order, with values that
     agree on every rank (the loss averaged over the data-parallel group, the globally reduced
-    gradient norm, the loss scale), so every rank stops at the same step. Three signs, each with its
-    likely cause:
-      - the loss is inf/nan for `patience` steps in a row: the forward overflows (fp16's largest number is
-        65504) or the weights already hold inf/nan;
+    gradient norm, the loss scale), so every rank stops at the same step. Three signs, each with
+    its likely cause:
+      - the loss is inf/nan for `patience` steps in a row: the forward overflows (fp16's largest
+        number is 65504) or the weights already hold inf/nan;
       - (fp32, bf16) the gradient norm is inf/nan for `patience` steps in a row;
-      - (fp16) the loss scale falls below `min_loss_scale` (DeepSpeed's min_loss_scale, default 1): at scale 1
-        the gradients are no longer scaled up at all, and they still overflow."""
+      - (fp16) the loss scale falls below `min_loss_scale` (DeepSpeed's min_loss_scale, default
+        1): at scale 1 the gradients are no longer scaled up at all, and they still overflow."""
 
     def __init__(self, patience=8, min_loss_scale=1.0):
         self.patience, self.min_loss_scale = patience, min_loss_scale
@@ -143,16 +139,14 @@ class DivergenceGuard:
         if self.bad_loss >= self.patience:
             return (f"the loss was {loss} for {self.bad_loss} steps in a row: the forward "
                     "overflows or the weights hold inf/nan (likely cause: the learning rate is "
-                    "too high" +
-                    (", or activations above fp16's 65504: try --amp bf16" if scaler.enabled
-                     else "") + ")")
+                    "too high"
+                    + (", or activations above fp16's 65504: try --amp bf16" if scaler.enabled
+                       else "") + ")")
         if scaler.enabled and scaler.scale < self.min_loss_scale:
-            return (f"the fp16 loss scale fell to {scaler.scale:g}, below "
-                    f"{self.min_loss_scale:g}, " "after "
-                    f"{self.bad_grads} skipped steps in a row: the gradients overflow unscaled "
-                    "(likely cause: the "
-                    "learning rate is too high, or fp16's range is too small for this model: try "
-                    "--amp bf16)")
+            return (f"the fp16 loss scale fell to {scaler.scale:g}, below {self.min_loss_scale:g}, "
+                    f"after {self.bad_grads} skipped steps in a row: the gradients overflow "
+                    "unscaled (likely cause: the learning rate is too high, or fp16's range is too "
+                    "small for this model: try --amp bf16)")
         if not scaler.enabled and self.bad_grads >= self.patience:
             return (f"the gradient norm was {grad_norm} for {self.bad_grads} steps in a row, "
                     "every step skipped (likely cause: the learning rate is too high, or "
@@ -213,13 +207,13 @@ def global_grad_norm(grads, reduce_fn=None, expert_grads=(), expert_reduce_fn=No
     be counted exactly once over the world. This is the one place that story is told:
 
       - one process: every gradient, no reduction.
-      - data parallel, ddp.py: the averaged gradients are equal on every dp rank, so each rank's sum is
-        already the model's; nothing is summed over dp.
-      - ZeRO, zero.py: each dp rank squares its own flat shards (their zero padding adds nothing) and
-        `reduce_fn` first sums over the dp group.
-      - tensor parallel, tensor_parallel.py: a split weight's slices are distinct and summed over the tp group;
-        a replicated parameter (a norm's gain) has the same gradient on every tp rank and is left out on all
-        but tp rank 0 (its placement's tp_duplicate, placement.py).
+      - data parallel, ddp.py: the averaged gradients are equal on every dp rank, so each rank's
+        sum is already the model's; nothing is summed over dp.
+      - ZeRO, zero.py: each dp rank squares its own flat shards (their zero padding adds nothing)
+        and `reduce_fn` first sums over the dp group.
+      - tensor parallel, tensor_parallel.py: a split weight's slices are distinct and summed over
+        the tp group; a replicated parameter (a norm's gain) has the same gradient on every tp
+        rank and is left out on all but tp rank 0 (its placement's tp_duplicate, placement.py).
       - pipeline parallel: each stage's blocks are distinct and summed over the pp group.
         (stack.grad_norm_reduce builds `reduce_fn` for tp and pp; zero.py puts its dp sum in front.)
       - expert parallel, moe.py: this rank's own experts (placement.py: expert_parallel) are not
@@ -246,8 +240,7 @@ def global_grad_norm(grads, reduce_fn=None, expert_grads=(), expert_reduce_fn=No
 
 
 def clip_coef(norm, max_norm):
-    """Scale factor that brings the gradient norm down to max_norm (1 when it already is, or when
-    off)."""
+    """The factor that brings the gradient norm down to max_norm (1 if it already is, or if off)."""
     if not max_norm or max_norm <= 0:
         return 1.0
     return min(1.0, max_norm / (float(norm) + 1e-6))
@@ -283,12 +276,10 @@ def clip_and_step(optimizer, grads, norm, max_norm, scaler):
 
 
 def read_step(norm, skipped, read):
-    """(grad_norm, skipped) as an optimizer's step returns them: floats (read), or the device's
-    tensors."""
+    """(grad_norm, skipped) as an optimizer step returns them: floats (read), or device tensors."""
     if skipped is None:  # skipped on the host
-        return (float(norm), True) if read else (norm,
-                                                 torch.ones((), dtype=torch.bool,
-                                                            device=norm.device))
+        return ((float(norm), True) if read
+                else (norm, torch.ones((), dtype=torch.bool, device=norm.device)))
     return (float(norm), bool(skipped)) if read else (norm, skipped)
 
 
@@ -329,20 +320,22 @@ class MixedPrecisionOptimizer:
         drop_grads(self.model_params)
 
     def scale_loss(self, loss):
-        return loss * self.scaler.scale_on(loss.device).to(loss.dtype) if self.scaler.enabled else loss
+        return (loss * self.scaler.scale_on(loss.device).to(loss.dtype) if self.scaler.enabled
+                else loss)
 
     def step(self, max_norm=0.0, read=True):
         """Unscale, check for overflow, clip, update, copy back. Returns (grad_norm, skipped):
         Python numbers, or with read=False 0-dim tensors on the device, for the loop to read when it
         logs (clip_and_step)."""
-        inv_scale = 1.0 / self.scaler.scale_on(self.master_params[0].device) if self.scaler.enabled else 1.0
+        inv_scale = (1.0 / self.scaler.scale_on(self.master_params[0].device)
+                     if self.scaler.enabled else 1.0)
         for p, m in zip(self.model_params, self.master_params):
             g = grad_of(p)
             g = g if g is not None else torch.zeros_like(p)
             # In fp32 this is the identity (m is p), and so is an fp32 main_grad's; else the one
             # cast up to fp32.
-            m.grad = g if (g.dtype == m.dtype
-                           and not self.scaler.enabled) else g.float() * inv_scale
+            m.grad = (g if (g.dtype == m.dtype and not self.scaler.enabled)
+                      else g.float() * inv_scale)
         # Which gradients count and which groups sum them: global_grad_norm's docstring.
         where = [placement_of(p) for p in self.model_params]
         counted = [(m.grad, w.expert_parallel) for w, m in zip(where, self.master_params)
@@ -361,9 +354,9 @@ class MixedPrecisionOptimizer:
         return read_step(norm, skipped, read)
 
     def checkpoint_pieces(self):
-        """What checkpoint.py saves and restores: each trainable parameter whole, as (param, start,
-        end, {kind: flat view}, the inner optimizer's tensor, sharded=False): its weights and, in 16
-        bits, its fp32 master."""
+        """What checkpoint.py saves and restores: each trainable parameter whole, as
+        (param, start, end, {kind: flat view}, the inner optimizer's tensor, sharded=False): its
+        weights and, in 16 bits, its fp32 master."""
         for p, m in zip(self.model_params, self.master_params):
             views = {"param": p.detach().view(-1)}
             if self.low_precision:
@@ -371,8 +364,7 @@ class MixedPrecisionOptimizer:
             yield p, 0, p.numel(), views, m, False
 
     def after_load(self):
-        """checkpoint.py has written the weights, masters and states in place: nothing to
-        rebuild."""
+        """checkpoint.py has written the weights, masters and states in place: nothing to redo."""
 
 
 if __name__ == "__main__":
@@ -402,14 +394,13 @@ if __name__ == "__main__":
             opt.zero_grad()
             losses.append(f"{loss.item():.3f}{'(skipped)' if skipped else ''}")
         print(f"{name}: losses {' '.join(losses)}  final loss scale {scaler.scale:g}")
-    print("fp16's loss scale starts at 2^16 = 65536 and doubles after 3 clean steps here (2000 "
-          "by default).\n"
-          "At step 5 an inf was put into a gradient: (skipped) marks that step, whose update was "
-          "dropped (the next\n"
+    print("fp16's loss scale starts at 2^16 = 65536 and doubles after 3 clean steps here "
+          "(2000 by default).\n"
+          "At step 5 an inf was put into a gradient: (skipped) marks that step, whose update "
+          "was dropped (the next\n"
           "loss is the same) and whose scale was halved. fp32, bf16 and fp8 (bf16's range) need\n"
           "no scaling: their scale stays 1.")
-    # A run that cannot train: fp16 at learning rate 1 overflows within a few steps and never
-    # recovers.
+    # A run that cannot train: fp16 at learning rate 1 overflows in a few steps, never to recover.
     torch.manual_seed(0)
     model = cast_model(Transformer(PRESETS["tiny"]), torch.float16)
     scaler, guard = DynamicLossScaler(enabled=True), DivergenceGuard()

@@ -1,5 +1,4 @@
-"""flags.py: the command line pretrain.py and sft.py share, and every check made before any work
-starts.
+"""flags.py: the command line pretrain.py and sft.py share, and every check made before work starts.
 
 The idea: a bad flag should cost one line and no time. So every value is checked here, before data
 is read, a model built or a process group joined: numbers in the range where they mean something
@@ -37,8 +36,7 @@ from topology import TopologyError, check_layout
 
 
 class ConfigError(ValueError):
-    """A bad flag or input file: its message is the one line the user sees, before any work
-    starts."""
+    """A bad flag or input file: its message is the user's one line, before any work starts."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -63,19 +61,18 @@ class ShowDefaults(argparse.HelpFormatter):
 
 # ---------------------------------------------------------------------------------------- the flags
 def add_shared_flags(ap, **defaults):
-    """The flags of both entry points: layout, precision, optimizer, schedule,
-    logging/saving/resuming. Each entry point passes its own defaults (a flag name with _ for -,
-    e.g. max_steps=100)."""
+    """The flags of both entry points: layout, precision, optimizer, schedule, logging, saving,
+    resuming. Each entry point passes its own defaults (as keywords, _ for -: max_steps=100)."""
     a = ap.add_argument
-    a("--batch-size", type=int, default=32, help="global batch per optimizer step (sequences, or "
-                                                 "SFT examples)")
+    a("--batch-size", type=int, default=32,
+      help="global batch per optimizer step (sequences, or SFT examples)")
     a("--seq-len", type=int, default=None, help="tokens per row (default: the model's block_size)")
     a("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     a("--max-steps", type=int, default=None, help="optimizer steps")
     a("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     a("--min-lr", type=float, default=None, help="end of the cosine decay (default lr/10)")
-    a("--warmup-steps", type=int, default=None, help="linear warm-up steps (unset: a tenth of "
-                                                     "the run, at most 100)")
+    a("--warmup-steps", type=int, default=None,
+      help="linear warm-up steps (unset: a tenth of the run, at most 100)")
     a("--weight-decay", type=float, default=0.1, help="AdamW's, on matrices only")
     a("--beta1", type=float, default=0.9, help="AdamW's")
     a("--beta2", type=float, default=0.95, help="AdamW's")
@@ -93,30 +90,30 @@ def add_shared_flags(ap, **defaults):
     a("--compile", action="store_true", help="torch.compile the model")
     a("--zero", type=int, default=0, choices=[0, 1, 2, 3],
       help="data parallelism: 0 ddp.py, 1-3 ZeRO (zero.py)")
-    a("--bucket-mb", type=float, default=25.0, help="gradient bucket size of ddp.py's all-reduce "
-                                                    "(--zero 0, 1)")
-    a("--tp", type=int, default=1, help="tensor-parallel ranks (tensor_parallel.py), innermost "
-                                        "in the topology")
+    a("--bucket-mb", type=float, default=25.0,
+      help="gradient bucket size of ddp.py's all-reduce (--zero 0, 1)")
+    a("--tp", type=int, default=1,
+      help="tensor-parallel ranks (tensor_parallel.py), innermost in the topology")
     a("--pp", type=int, default=1, help="pipeline stages (pipeline.py)")
-    a("--microbatches", type=int, default=1, help="pipeline micro-batches per --grad-accum "
-                                                  "micro-step")
+    a("--microbatches", type=int, default=1,
+      help="pipeline micro-batches per --grad-accum micro-step")
     a("--pp-schedule", default="1f1b", choices=pipeline.SCHEDULES, help="pipeline schedule")
     a("--sequence-parallel", action="store_true",
       help="with --tp: norms, residuals split along the sequence")
-    a("--ep", type=int, default=1, help="expert-parallel ranks (moe.py), carved from the "
-                                        "data-parallel ones (each holds experts/ep of every MoE "
-                                        "layer; --zero 0 or 1)")
+    a("--ep", type=int, default=1,
+      help="expert-parallel ranks (moe.py), carved from the data-parallel ones (each holds "
+           "experts/ep of every MoE layer; --zero 0 or 1)")
     a("--cp", type=int, default=1,
       help="context-parallel ranks (context_parallel.py): each sequence split over cp ranks, ring "
            "attention (picks --attn flash)")
-    a("--out", default=None, help="checkpoints and metrics.jsonl go here (default: "
-                                  "out/PROG-HASH, a folder of its own for each run: see "
-                                  "run_folder)")
+    a("--out", default=None,
+      help="checkpoints and metrics.jsonl go here (default: out/PROG-HASH, a folder of its own "
+           "for each run: see run_folder)")
     a("--resume", action="store_true",
       help="must resume: fail unless --out holds a complete checkpoint (without it, a run "
            "resumes when it can)")
-    a("--fresh", action="store_true", help="start over: a previous run in --out is moved aside "
-                                           "to OUT.1")
+    a("--fresh", action="store_true",
+      help="start over: a previous run in --out is moved aside to OUT.1")
     a("--save-every", type=int, default=200, help="checkpoint every N steps")
     a("--eval-every", type=int, default=200, help="evaluate every N steps")
     a("--log-every", type=int, default=10, help="log every N steps")
@@ -125,10 +122,9 @@ def add_shared_flags(ap, **defaults):
     a("--seed", type=int, default=1337, help="of the model's initialisation and the data order")
     a("--device", default="auto", choices=["auto", "cpu", "cuda"],
       help="auto: cuda when there is one")
-    a("--dist-timeout", type=float, default=600, help="seconds a rank waits for the others to "
-                                                      "join the process "
-                                                       "group (and in any collective) before it "
-                                                       "fails")
+    a("--dist-timeout", type=float, default=600,
+      help="seconds a rank waits for the others to join the process group (and in any "
+           "collective) before it fails")
     ap.set_defaults(**defaults)
     return ap
 
@@ -248,8 +244,8 @@ def resolved(cfg):
 HOW_FLAGS = {"zero", "bucket_mb", "tp", "pp", "microbatches", "pp_schedule", "sequence_parallel",
              "ep", "cp", "grad_accum", "attn", "activation_checkpointing", "compile", "device",
              "out", "resume", "fresh", "save_every", "eval_every", "log_every", "stop_after",
-             "eval_iters", "eval_examples", "sample_tokens",
-             "samples", "max_new_tokens", "estimate", "gpus", "gpu", "mfu", "dist_timeout"}
+             "eval_iters", "eval_examples", "sample_tokens", "samples", "max_new_tokens",
+             "estimate", "gpus", "gpu", "mfu", "dist_timeout"}
 
 
 def run_folder(given, prog):
@@ -298,8 +294,8 @@ def check_values(cfg):
 def check_out(out):
     """--out: a folder that exists or can be made, and written in."""
     if not str(out).strip():  # (Path("") is the current folder: a run would write its steps there)
-        raise ConfigError("--out is empty: give a folder for checkpoints and metrics.jsonl (e.g. "
-                          "out/run)")
+        raise ConfigError("--out is empty: give a folder for checkpoints and metrics.jsonl "
+                          "(e.g. out/run)")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: give a folder for checkpoints and metrics.jsonl")
@@ -335,8 +331,7 @@ def check_args(cfg, world):
                           "one; compile is supported without pipeline parallelism")
     if run.compile and lay.zero == 3 and dp > 1:
         # (ddp.py and ZeRO 1-2 are accepted with --compile; their gradient hooks are expected to
-        # fire after the compiled backward graph, so that the reductions no longer overlap the
-        # backward.)
+        # fire after the compiled backward, so that the reductions no longer overlap the backward.)
         raise ConfigError("--compile with --zero 3: zero.py gathers and frees each block's "
                           "weights (storage resizing, hooks on module calls) inside the forward, "
                           "which torch.compile does not trace reliably; use --zero 3 without "

@@ -9,20 +9,21 @@ evaluation on held-out data, checkpoints that survive a crash mid-write and resu
 a log line per step with throughput and model FLOPs utilisation.
 
 Formulas (Kaplan et al. 2020; Hoffmann et al. 2022):
-    training FLOPs   C = 6 N D                  (N parameters, D tokens; plus the attention term, model.py)
-    compute-optimal  D = 20 N                   (Chinchilla: --chinchilla)
+    training FLOPs   C = 6 N D               (N parameters, D tokens; plus attention: model.py)
+    compute-optimal  D = 20 N                (Chinchilla: --chinchilla)
     time             C / (peak FLOP/s x GPUs x MFU)
-    model states     16 bytes per parameter     (mixed-precision Adam: 2 weights + 2 grads + 12 fp32 master,
-                                                 momentum and variance; --estimate prints the table)
+    model states     16 bytes per parameter  (mixed-precision Adam: 2 weights + 2 grads + 12 fp32
+                                              master, momentum and variance; --estimate: the table)
 
 Run:
-    python pretrain.py --model tiny --max-steps 600 --out out/tiny           # the embedded default corpus
-    python pretrain.py --model gpt2-124m --estimate --gpus 8 --chinchilla    # the calculator, no training
-    torchrun --nproc_per_node 4 pretrain.py --zero 2 ...                      # data parallel, ZeRO stage 2
-    torchrun --nproc_per_node 4 pretrain.py --zero 3 --tp 2                   # ZeRO-3 x tensor parallel
-    torchrun --nproc_per_node 4 pretrain.py --tp 2 --pp 2 --microbatches 4    # tensor x pipeline parallel
-    torchrun --nproc_per_node 4 pretrain.py --experts 8 --ep 2 --zero 1      # experts over 2 ranks, 2 replicas
-    torchrun --nproc_per_node 4 pretrain.py --cp 2 --tp 2     # sequences split over 2 ranks
+    python pretrain.py --model tiny --max-steps 600 --out out/tiny         # the embedded corpus
+    python pretrain.py --model gpt2-124m --estimate --gpus 8 --chinchilla  # the calculator only
+    torchrun --nproc_per_node 4 pretrain.py FLAGS    # 4 processes (one per GPU), FLAGS e.g.:
+        --zero 2                          data parallel, ZeRO stage 2
+        --zero 3 --tp 2                   ZeRO-3 x tensor parallel
+        --tp 2 --pp 2 --microbatches 4    tensor x pipeline parallel
+        --experts 8 --ep 2 --zero 1       experts over 2 ranks, 2 replicas
+        --cp 2 --tp 2                     sequences split over 2 ranks
 """
 import math
 import sys
@@ -34,6 +35,7 @@ import data as data_lib
 import estimate
 import flags
 import launch
+import metrics
 import moe
 import stack
 import tensor_parallel
@@ -51,31 +53,31 @@ def build_parser():
     ap = flags.OneLineParser(prog="pretrain.py", description="Pretrain a decoder-only transformer.")
     a = ap.add_argument
     a("--model", default="tiny", choices=sorted(PRESETS), help="model preset (model.py)")
-    a("--data", default=None, help="prepared data folder (data.py prepare); default: the Python "
-                                   "stdlib source")
-    a("--tokenizer", default=None, help="tiktoken encoding; default: the data folder's, or "
-                                        "'bytes' (offline)")
-    a("--init", default=None, help="start from these weights with a fresh optimizer: a run's "
-                                   "--out, a consolidated file (checkpoint.py consolidate) or a "
-                                   "Hugging Face Llama folder")
-    a("--tokens", type=float, default=None, help="train on this many tokens (sets --max-steps; "
-                                                 "default 1000 steps)")
-    a("--chinchilla", action="store_true", help="train on 20 tokens per parameter (sets "
-                                                "--max-steps)")
+    a("--data", default=None,
+      help="prepared data folder (data.py prepare); default: the Python stdlib source")
+    a("--tokenizer", default=None,
+      help="tiktoken encoding; default: the data folder's, or 'bytes' (offline)")
+    a("--init", default=None,
+      help="start from these weights with a fresh optimizer: a run's --out, a consolidated file "
+           "(checkpoint.py consolidate) or a Hugging Face Llama folder")
+    a("--tokens", type=float, default=None,
+      help="train on this many tokens (sets --max-steps; default 1000 steps)")
+    a("--chinchilla", action="store_true",
+      help="train on 20 tokens per parameter (sets --max-steps)")
     a("--eval-iters", type=int, default=10, help="validation batches per evaluation")
-    a("--sample-tokens", type=int, default=300, help="length of the sample printed at the end "
-                                                     "(0: none)")
-    a("--estimate", action="store_true", help="run estimate.py with the other flags: parameters, "
-                                              "FLOPs, memory, "
-                                             "communication and time; do not train")
+    a("--sample-tokens", type=int, default=300,
+      help="length of the sample printed at the end (0: none)")
+    a("--estimate", action="store_true",
+      help="run estimate.py with the other flags: parameters, FLOPs, memory, communication and "
+           "time; do not train")
     a("--gpus", type=int, default=1, help="for --estimate")
     a("--gpu", default="h100", choices=sorted(PEAK_TFLOPS), help="for --estimate and MFU on CUDA")
     a("--mfu", type=float, default=0.4, help="for --estimate: the utilisation to assume")
-    a("--experts", type=int, default=0, help="mixture of experts (moe.py): experts per MoE layer "
-                                             "(0: dense)")
+    a("--experts", type=int, default=0,
+      help="mixture of experts (moe.py): experts per MoE layer (0: dense)")
     a("--topk", type=int, default=2, help="experts per token")
-    a("--moe-layers", default="all", help="which blocks get an MoE MLP: 'all', or block numbers "
-                                          "like 1,3")
+    a("--moe-layers", default="all",
+      help="which blocks get an MoE MLP: 'all', or block numbers like 1,3")
     a("--capacity-factor", type=float, default=None,
       help="expert capacity = factor x k x tokens / experts (overflow passes through the "
            "residual); omit for dropless routing")
@@ -135,8 +137,7 @@ def main(argv=None):
 
 
 def load_data(cfg, ckpt):
-    """The embedded default unless --data; the tokenizer must be the one the data was prepared
-    with."""
+    """The embedded corpus unless --data; the tokenizer must be the one the data was made with."""
     tokenizer = cfg.task.tokenizer or (ckpt["tokenizer"] if ckpt else None)
     if cfg.task.data is None:
         tokenizer = tokenizer or data_lib.DEFAULT_TOKENIZER
@@ -186,7 +187,8 @@ def build_and_train(cfg, model_cfg, data_dir, meta, world, device, ckpt):
     with torch.device("meta"):
         whole = moe.with_experts(Transformer(model_cfg), cfg.moe)
     # FLOPs follow the parameters a token meets: with experts, k of E per MoE layer (moe.py).
-    n_params, n_mm = num_params(whole), num_params(whole, matmul_only=True) - moe.inactive_params(whole)
+    n_params, n_mm = (num_params(whole),
+                      num_params(whole, matmul_only=True) - moe.inactive_params(whole))
     if task.tokens is not None or task.chinchilla:
         max_steps = math.ceil((task.tokens or 20 * n_params) / (lay.batch_size * T))
     else:
@@ -194,8 +196,7 @@ def build_and_train(cfg, model_cfg, data_dir, meta, world, device, ckpt):
     identity = training.check_same_run(cfg, ckpt, max_steps=max_steps, model_config=model_config,
                                        tokenizer=tokenizer)
     cfg = training.change_length(cfg, ckpt, max_steps) if ckpt else cfg
-    # (a resume takes its weights from the checkpoint: the same command line both starts and resumes
-    # a run)
+    # (a resume takes its weights from the checkpoint: one command line starts and resumes a run)
     weights = None
     if task.init and not ckpt:
         weights = read_init(task.init, model_config, tokenizer, cfg.moe.experts)
@@ -216,7 +217,7 @@ def build_and_train(cfg, model_cfg, data_dir, meta, world, device, ckpt):
     if run.rank0:
         print(f"model {task.model}: {n_params:,} parameters, {run.fpt:.3g} FLOPs/token | data "
               f"{data_dir} ({meta['tokens']['train']:,} train tokens, tokenizer {tokenizer}) | "
-              f"batch {lay.batch_size} x {T} tokens = {training.describe_layout(run)} | "
+              f"batch {lay.batch_size} x {T} tokens = {metrics.describe_layout(run)} | "
               f"{max_steps} steps | {amp} on {device} | out {cfg.settings.out}"
               + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
     training.train_loop(run)

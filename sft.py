@@ -59,6 +59,7 @@ import data as data_lib
 import flags
 import launch
 import lora as lora_lib
+import metrics
 import moe
 import sft_data
 import stack
@@ -428,7 +429,7 @@ def build_and_train(cfg, model_cfg, init, enc, rows, identity, world, device, ck
               f"examples ({n_resp:,} learned tokens{learned}), {len(val_rows)} held-out | "
               f"skipped as longer than {T} tokens: {skipped[0]} train, {skipped[1]} held-out | "
               f"batch {lay.batch_size} = "
-              f"{training.describe_layout(run)}{' packed' if task.pack else ''} | "
+              f"{metrics.describe_layout(run)}{' packed' if task.pack else ''} | "
               f"{cfg.optim.max_steps} steps | {amp} on {device} | out {cfg.settings.out}"
               + (f" | resuming at step {run.step}" if run.step else ""), flush=True)
         if lora_config:

@@ -130,8 +130,7 @@ def build_training(model, cfg, dtype, topo):
     optim, lay = cfg.optim, cfg.layout
     scaler = DynamicLossScaler(enabled=cfg.settings.amp == "fp16")
     groups = param_groups(model, optim.weight_decay)
-    # fused on every device: it skips an overflowed step on the device (found_inf,
-    # amp.clip_and_step)
+    # fused on every device: it skips an overflowed step there (found_inf, amp.clip_and_step)
     fused = True
 
     def make_optimizer(groups):

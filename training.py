@@ -4,8 +4,8 @@ The idea: pretraining and fine-tuning take a step the same way; they differ only
 the loop (windows of text, or templated examples with a loss mask) and in their defaults. So the
 loop lives here once, on what stack.py built (the process groups, this rank's piece of the model,
 the data-parallel wrapper and optimizer): one step's forward and backward, evaluation, and the loop:
-set-up, step, log/eval/save, finish, with one place each for saving, resuming, logging a record and
-the end-of-run barrier.
+set-up, step, log/eval/save, finish, with one place each for saving, resuming and the end-of-run
+barrier; metrics.py writes what a logged step reports (metrics.jsonl, the terminal line, MFU).
 
 Nothing silent: every flag's value is checked before any work (a bad one is one line and exit status
 2), and a run that cannot train (amp.py's DivergenceGuard: the loss or gradients inf/nan for 8 steps
@@ -15,7 +15,8 @@ exit status 3; a checkpoint is never written over the last good one while the lo
 The loss of a step, whatever the task and the layout: labels of -100 take no loss (SFT's prompts and
 padding; in pretraining every token is labelled), and
 
-    loss = sum over the step's labelled tokens of -log p(label)  /  labelled tokens of the whole global batch
+    loss = (sum over the step's labelled tokens of -log p(label))
+           / (labelled tokens of the whole global batch)
 
 (all data-parallel ranks, all accumulation micro-steps, all pipeline micro-batches). Every rank
 counts the labels of its own micro-batches from y (all tp and pp ranks of a data-parallel replica
@@ -28,7 +29,6 @@ pipeline's last stage computes the same sum (pipeline.py, loss_div).
 Run: not on its own; `python pretrain.py` and `python sft.py` are its two front ends.
 """
 import contextlib
-import json
 import math
 import os
 import signal
@@ -43,10 +43,11 @@ import torch.distributed as dist
 import checkpoint
 import context_parallel
 import launch
+import metrics
 import moe
 import pipeline
 from amp import DivergenceGuard, TrainingStopped
-from estimate import peak_flops, peak_memory_mb
+from estimate import peak_flops
 from flags import TrainConfig
 from stack import build_training
 from topology import Topology
@@ -115,8 +116,7 @@ def on(device, packing):
 
 
 def mean_over_dp(x, topo):
-    """The mean of a per-rank scalar over the data-parallel group, x cp under --cp (for logging the
-    loss)."""
+    """A per-rank scalar's mean over the data-parallel group, x cp under --cp (the logged loss)."""
     if topo.dp * topo.cp == 1:
         return x
     x = x.clone()
@@ -233,12 +233,11 @@ def change_length(cfg, ckpt, max_steps):
 def save(run):
     """One folder per step: every rank writes the pieces it is the first holder of (checkpoint.py);
     rank 0 the index with what the loop needs back. Every rank returns once the step is complete on
-    disk. Not while the loss is inf/nan: a diverged state never replaces the last good
-    checkpoint."""
+    disk. Not while the loss is inf/nan: a diverged state never replaces the last good one."""
     if not run.guard.healthy:  # (the same on every rank: the guard sees values they all agree on)
-        log(run, {"step": run.step, "not_saved": "loss not finite"},
-            f"step {run.step:5d} | not saved: the loss is not finite (last good checkpoint: "
-            f"{describe_last_good(run)})")
+        metrics.log(run, {"step": run.step, "not_saved": "loss not finite"},
+                    f"step {run.step:5d} | not saved: the loss is not finite (last good "
+                    f"checkpoint: {describe_last_good(run)})")
         return
     checkpoint.save(run.out, run.step, run.model, run.opt, run.topo, run.meta | {
         "data": run.batches.state_dict(), "args": run.cfg.flat(),
@@ -287,14 +286,15 @@ class Run:
     step: int = 0
     losses: list = field(default_factory=list)
     val_losses: list = field(default_factory=list)
-    metrics: object = None
+    metrics: object = None            # rank 0's metrics.jsonl, open (metrics.log writes it)
     t_last: float = 0.0
     # perf_counter at this invocation's start, less the elapsed time resumed
     t_start: float = 0.0
-    # (padding included) since the last log line, all ranks (a device tensor
+    # tokens (padding included) and labelled tokens since the last log line, all ranks (device
+    # tensors between log lines)
     tokens_since: object = 0.0
-    labels_since: object = 0.0        # between log lines)
-    # the records of the steps not read back yet (read_pending)
+    labels_since: object = 0.0
+    # the records of the steps not read back yet (metrics.read_pending)
     pending: list = field(default_factory=list)
     # stops a run that cannot train (amp.py)
     guard: DivergenceGuard = field(default_factory=DivergenceGuard)
@@ -308,8 +308,8 @@ def start(cfg, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=Non
         cfg = replace(cfg, optim=replace(cfg.optim, warmup_steps=min(100, max(1, max_steps // 10))))
     dtype = next(model.parameters()).dtype
     module, opt = build_training(model, cfg, dtype, topo)
-    # The pipeline calls the stage itself (ddp.py's and zero.py's hooks live on its parameters and
-    # modules).
+    # The pipeline calls the stage itself: ddp.py's and zero.py's hooks live on its parameters
+    # and modules.
     peak = peak_flops(device, dtype, gpu) * topo.world  # MFU of all devices together
     module = torch.compile(module) if cfg.settings.compile else module
     run = Run(cfg, topo, device, model, model if topo.pp > 1 else module, opt, batches, val,
@@ -319,8 +319,7 @@ def start(cfg, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=Non
         resume(run, ckpt)
     if run.rank0:
         run.out.mkdir(parents=True, exist_ok=True)
-        # One history: the records past the resumed step are dropped; its elapsed time goes on from
-        # theirs.
+        # One history: records past the resumed step are dropped; elapsed time goes on from theirs.
         elapsed = checkpoint.truncate_metrics(run.out / "metrics.jsonl", run.step if ckpt else -1)
         run.t_start = time.perf_counter() - elapsed
         run.metrics = open(run.out / "metrics.jsonl", "a")
@@ -331,35 +330,8 @@ def start(cfg, topo, device, model, batches, val, max_steps, meta, fpt, ckpt=Non
     return run
 
 
-def describe_layout(run):
-    """How a global batch is cut and where it runs, for the first log line."""
-    lay, topo = run.cfg.layout, run.topo
-    n_micro = lay.grad_accum * lay.microbatches
-    sp = lay.sequence_parallel and topo.tp > 1
-    return (f"{lay.batch_size // (n_micro * topo.dp)} x {n_micro} micro-batches x {topo.dp} "
-            "data-parallel"
-            + (f" (ZeRO stage {run.zero})" if run.zero else " (ddp.py)" if topo.dp * topo.cp > 1
-               else "")
-            + f" | tp {topo.tp}" + (" (sequence-parallel)" if sp else "")
-            + f" | pp {topo.pp}" + (f" ({lay.pp_schedule})" if topo.pp > 1 else "")
-            + (f" | ep {topo.ep}" if topo.ep > 1 else "")
-            + (f" | cp {topo.cp} (ring attention)" if topo.cp > 1 else ""))
-
-
-def log(run, record, line):
-    """One record to metrics.jsonl (with the wall-clock time and the run's elapsed seconds, over
-    every invocation that built it) and one line to the terminal, from rank 0."""
-    if run.rank0:
-        record = record | {"time": round(time.time(), 3),
-                           "elapsed": round(time.perf_counter() - run.t_start, 3)}
-        run.metrics.write(json.dumps(record) + "\n")
-        run.metrics.flush()
-        print(line, flush=True)
-
-
 def train_step(run):
-    """One optimizer step: the learning rate, forward and backward, the expert gradients, the
-    update."""
+    """One optimizer step: the learning rate, forward and backward, expert gradients, the update."""
     lr = lr_at(run.step, run.cfg.optim, run.max_steps)
     for g in run.opt.param_groups:
         g["lr"] = lr
@@ -374,75 +346,21 @@ def train_step(run):
     run.opt.zero_grad()
     run.step += 1
     loss = mean_over_dp(loss, run.topo)  # the global batch's loss, the same on every rank
-    # Kept on the device, read at the next log (read_pending): each read would wait for the GPU to
-    # finish.
+    # Kept on the device, read at the next log (metrics.read_pending): a read waits for the GPU.
     run.tokens_since = run.tokens_since + tokens
     run.labels_since = run.labels_since + labels
     return {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
 
 
-def read_pending(run):
-    """One host read of the losses, gradient norms and skips of the steps since the last (alike on
-    every rank); the guard checks each in order, so a run that cannot train stops here, on every
-    rank. Its reason, or None."""
-    recs, run.pending = run.pending, []
-    if not recs:
-        return None
-    values = torch.stack([torch.stack([r["loss"].double(), r["grad_norm"].double(),
-                                       r["skipped"].double()])
-                          for r in recs]).tolist()
-    reason = None
-    for rec, (loss, norm, skipped) in zip(recs, values):
-        rec.update(loss=loss, grad_norm=norm, skipped=bool(skipped))
-        run.losses.append(loss)
-        reason = reason or run.guard.check(loss, norm, run.opt.scaler)
-    return reason
-
-
-def log_step(run, rec):
-    """Throughput since the last log line: tokens/s (padding included), labelled tokens/s, MFU."""
-    if run.device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - run.t_last
-    run.tokens_since, run.labels_since = float(run.tokens_since), float(run.labels_since)
-    tps = run.tokens_since / dt
-    # the CPU's peak was measured (estimate.peak_flops); a run faster than it has
-    if run.device.type == "cpu":
-        # measured a higher one, so MFU never reads above 100%
-        run.peak = max(run.peak, tps * run.fpt)
-    rec.update(tokens_per_s=tps, labelled_tokens_per_s=run.labels_since / dt,
-               mfu=tps * run.fpt / run.peak, peak_mem_mb=peak_memory_mb(run.device))
-    scaler = run.opt.scaler
-    if scaler.enabled:
-        rec["loss_scale"] = scaler.scale
-    # The balancing loss, the routed share of the busiest and idlest expert.
-    if run.cfg.moe is not None and run.cfg.moe.experts:
-        rec["aux_loss"] = float(moe.aux_loss(run.model).detach())
-        rec["expert_load_max"], rec["expert_load_min"] = moe.load_spread(run.model)
-    masked = run.labels_since < run.tokens_since
-    log(run, rec, f"step {run.step:5d} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | norm "
-                  f"{rec['grad_norm']:.3f} "
-        f"| {tps / 1e3:.1f}k tok/s" + (f" ({rec['labelled_tokens_per_s'] / 1e3:.1f}k learned)"
-                                       if masked else "")
-        + f" | mfu {rec['mfu']:.1%} | mem {rec['peak_mem_mb']:.0f} MB"
-        + (f" | scale {scaler.scale:g}" if scaler.enabled else "")
-        + (f" | aux {rec['aux_loss']:.4f} | load max {rec['expert_load_max']:.1%} min "
-           f"{rec['expert_load_min']:.1%}" if "aux_loss" in rec else "")
-        + (" | skipped" if rec["skipped"] else "")
-        + f" | {clock(time.perf_counter() - run.t_start)}")
-    run.t_last, run.tokens_since, run.labels_since = time.perf_counter(), 0.0, 0.0
-
-
 def evaluate_now(run):
     val_loss = evaluate(run.module, run.val, run.device, run.topo, run.cfg.layout.microbatches)
     run.val_losses.append(val_loss)
-    log(run, {"step": run.step, "val_loss": val_loss},
-        f"step {run.step:5d} | val loss {val_loss:.4f}")
+    metrics.log(run, {"step": run.step, "val_loss": val_loss},
+                f"step {run.step:5d} | val loss {val_loss:.4f}")
 
 
 def train_loop(run):
-    """Evaluate at step 0; step; log, evaluate (and at the end), save (and when this invocation
-    stops)."""
+    """Evaluate at step 0; step; log, evaluate (and at the end), save (and when the loop stops)."""
     settings = run.cfg.settings
     if run.step == 0:
         evaluate_now(run)
@@ -456,12 +374,12 @@ def train_loop(run):
         run.pending.append(rec)
         logs = run.step % settings.log_every == 0 or run.step == stop_at
         # Read at log steps, and before a save (a diverged state is never saved).
-        reason = read_pending(run) if logs or run.step % settings.save_every == 0 else None
+        reason = metrics.read_pending(run) if logs or run.step % settings.save_every == 0 else None
         if logs or reason:
-            log_step(run, rec)
+            metrics.log_step(run, rec)
         if reason:
-            log(run, {"step": run.step, "stopped": reason},
-                f"step {run.step:5d} | stopped: the run cannot train")
+            metrics.log(run, {"step": run.step, "stopped": reason},
+                        f"step {run.step:5d} | stopped: the run cannot train")
             raise TrainingStopped(f"step {run.step}: {reason}; last good checkpoint: "
                                   f"{describe_last_good(run)}")
         t_pause = time.perf_counter()
@@ -479,12 +397,6 @@ def train_loop(run):
     return run
 
 
-def clock(seconds):
-    """Elapsed time as the log shows it: 42s, 3m07s, 2h05m."""
-    s = int(seconds)
-    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
 def interrupted(run, how):
     """Ctrl-C (SIGINT, sent by a terminal to every process of the job) or SIGTERM (a scheduler's
     stop): one line from rank 0 and exit status 130 at once, on every rank, wherever it is. Nothing
@@ -493,7 +405,8 @@ def interrupted(run, how):
     the step, is what keeps ranks that would reach that end at different moments from waiting
     forever in a collective for one that has left."""
     if run.rank0:
-        resume_from = f"step {run.last_good}" if run.last_good is not None else ("the start (no " "checkpoint yet)")
+        resume_from = (f"step {run.last_good}" if run.last_good is not None
+                       else "the start (no checkpoint yet)")
         print(f"\nstopped {how} at step {run.step}; rerun the same command to continue from "
               f"{resume_from}", file=sys.stderr, flush=True)
     if run.metrics:
@@ -502,7 +415,8 @@ def interrupted(run, how):
 
 
 def describe_last_good(run):
-    return f"{run.out} at step {run.last_good}" if run.last_good is not None else "none (no step was saved)"
+    return (f"{run.out} at step {run.last_good}" if run.last_good is not None
+            else "none (no step was saved)")
 
 
 def stop_run(prog, e):

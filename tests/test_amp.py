@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from amp import DivergenceGuard, DynamicLossScaler, MixedPrecisionOptimizer, cast_model, global_grad_norm
+from amp import (DivergenceGuard, DynamicLossScaler, MixedPrecisionOptimizer, cast_model,
+                 global_grad_norm)
 from model import PRESETS, Transformer
 from dataclasses import replace
 
@@ -56,8 +57,8 @@ def test_fp16_overflow_skips_the_step_halves_the_scale_and_carries_on():
     assert scaler.scale == scale / 2
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(masters, opt.master_params))
-    assert all(torch.equal(v, opt.optimizer.state[opt.master_params[0]][k]) for k,
-               v in adam.items())
+    assert all(torch.equal(v, opt.optimizer.state[opt.master_params[0]][k])
+               for k, v in adam.items())
     norm, skipped = step(model, opt, idx)
     assert not skipped and math.isfinite(norm)
     assert not all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
@@ -127,8 +128,8 @@ def test_fp16_gradient_norm_and_update_equal_fp32s():
         opt.scale_loss(loss).backward()
         norms[name], skipped = opt.step(max_norm=0.0)
         assert not skipped
-        updates[name] = torch.cat([(m.detach() - b).flatten() for m,
-                                   b in zip(opt.master_params, before)])
+        updates[name] = torch.cat([(m.detach() - b).flatten()
+                                   for m, b in zip(opt.master_params, before)])
     assert opt.scaler.scale == 2.0 ** 16
     assert norms["fp16"] == pytest.approx(norms["fp32"], rel=1e-4)
     assert (updates["fp16"] - updates["fp32"]).norm() < 5e-3 * updates["fp32"].norm()
@@ -158,16 +159,18 @@ def test_guard_stops_on_k_non_finite_gradients_without_loss_scaling():
     reasons = [guard.check(2.0, math.inf, scaler) for _ in range(4)]
     # a skipped step leaves the weights as they were: a checkpoint now is still good
     assert guard.healthy
-    assert reasons[:3] == [None] * 3 and reasons[3].startswith("the gradient norm was inf for 4 "
-                                                               "steps in a row")
+    assert (reasons[:3] == [None] * 3
+            and reasons[3].startswith("the gradient norm was inf for 4 steps in a row"))
 
 
 def test_guard_stops_fp16_when_the_loss_scale_falls_below_the_floor():
     """fp16 overflows in the backward alone are the scaler's job (skip, halve) until the scale is
     below the floor: from 2^16 with floor 1, the 17th skip in a row."""
-    guard, scaler = DivergenceGuard(patience=100, min_loss_scale=1.0), DynamicLossScaler(enabled=True)
+    guard, scaler = (DivergenceGuard(patience=100, min_loss_scale=1.0),
+                     DynamicLossScaler(enabled=True))
     for i in range(1, 18):
         scaler.update(found_inf=True)
         reason = guard.check(3.0, math.inf, scaler)
         assert (reason is None) == (i < 17), (i, scaler.scale)
-    assert reason.startswith("the fp16 loss scale fell to 0.5, below 1, after 17 skipped steps") and "bf16" in reason
+    assert (reason.startswith("the fp16 loss scale fell to 0.5, below 1, after 17 skipped steps")
+            and "bf16" in reason)

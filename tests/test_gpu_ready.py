@@ -9,6 +9,7 @@ import types
 
 import torch
 
+import metrics
 import pretrain
 import stack
 import training
@@ -62,8 +63,10 @@ def test_evaluation_and_saving_are_left_out_of_the_throughput_window(tmp_path, s
     """A fake clock jumps 1000 s during every evaluation and save: the tokens/s of the window that
     follows must not see it (at a 16 x 32-token step per second, it would read below 1 token/s)."""
     offset = [0.0]
-    monkeypatch.setattr(training, "time", types.SimpleNamespace(
-        perf_counter=lambda: time.perf_counter() + offset[0], time=time.time))
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0],
+                                  time=time.time)
+    for module in (training, metrics):  # the loop times its pauses, metrics.log_step the window
+        monkeypatch.setattr(module, "time", clock)
     for name in ("evaluate", "save"):
         real = getattr(training, name)
         monkeypatch.setattr(training, name, lambda *a, real=real: (

@@ -38,8 +38,7 @@ def backward(module, batch):
 
 
 def exact_sum(ranks):
-    """float64 sum over the ranks' micro-steps of each bf16 backward's gradient, / the ranks (ddp's
-    mean)."""
+    """float64 sum of the bf16 gradients of every rank's micro-steps, / the ranks (ddp's mean)."""
     model, total = build(), None
     for rank in ranks:
         for batch in micro_batches(rank):
@@ -51,8 +50,8 @@ def exact_sum(ranks):
 
 
 def relative_error(grads, ref):
-    return (sum((g.double() - r).pow(2).sum() for g,
-                r in zip(grads, ref)) / sum(r.pow(2).sum() for r in ref)).sqrt()
+    return (sum((g.double() - r).pow(2).sum() for g, r in zip(grads, ref))
+            / sum(r.pow(2).sum() for r in ref)).sqrt()
 
 
 def accumulated(main_grads):
@@ -81,8 +80,7 @@ def _ddp(rank, world, main_grads):
 
 
 def _zero2(rank, world, main_grads):
-    """ZeRO-2 reduce-scatters every micro-step's gradients and adds up this rank's slices: gathered
-    back whole."""
+    """ZeRO-2 reduce-scatters each micro-step's gradients and sums its slices: gathered whole."""
     model = build()
     opt = ZeroOptimizer(model, [{"params": list(model.parameters())}], torch.optim.AdamW,
                         DynamicLossScaler(enabled=False), stage=2, main_grads=main_grads)
@@ -92,8 +90,8 @@ def _zero2(rank, world, main_grads):
     for u in opt.units:
         full = torch.empty(u.shard_size * world, dtype=u.grad_shard.dtype)
         dist.all_gather_into_tensor(full, u.grad_shard)
-        grads.update({p: full[a:b].view_as(p) for p, a,
-                      b in zip(u.params, u.offsets, u.offsets[1:])})
+        grads.update({p: full[a:b].view_as(p)
+                      for p, a, b in zip(u.params, u.offsets, u.offsets[1:])})
     return [grads[p] for p in model.parameters()]
 
 
@@ -107,7 +105,8 @@ def measure():
         # one mean everywhere
         assert all(torch.equal(a, b) for r in per_rank[1:] for a, b in zip(per_rank[0], r))
         errors[(f"accumulate 8, reduce dp {DP}", name)] = relative_error(per_rank[0], ref_dp).item()
-        errors[(f"ZeRO-2, dp {DP}", name)] = relative_error(run_distributed(_zero2, DP, main_grads)[0], ref_dp).item()
+        errors[(f"ZeRO-2, dp {DP}", name)] = relative_error(
+            run_distributed(_zero2, DP, main_grads)[0], ref_dp).item()
     return errors
 
 
@@ -120,8 +119,7 @@ def test_fp32_accumulation_and_reduction_are_far_closer_to_float64_than_bf16():
 
 
 def test_fp32_models_have_no_main_grad():
-    """fp32 and float64 models keep their gradients in p.grad, in their own dtype: those paths are
-    unchanged."""
+    """fp32 and float64 models keep their gradients in p.grad, in their own dtype (no main_grad)."""
     torch.manual_seed(0)
     model = Transformer(CFG)
     MixedPrecisionOptimizer([{"params": list(model.parameters())}], torch.optim.AdamW,

@@ -6,8 +6,7 @@ device). Not here: MoE layers read their routed row counts once per layer (moe.p
 reads the labelled count once per step.
 
 On the CPU the calls are counted, whatever the tensor's device; on a GPU,
-torch.cuda.set_sync_debug_mode("error") would also catch the reads torch makes inside its own
-operations."""
+torch.cuda.set_sync_debug_mode("error") would also catch the reads inside torch's own operations."""
 import json
 
 import pytest
@@ -20,8 +19,7 @@ READS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy")
 
 
 def count_reads_per_step(monkeypatch, argv):
-    """{step: host reads from the start of that step to the start of the next} over a pretrain.py
-    run."""
+    """{step: host reads from the start of that step to the next one's} over a pretrain.py run."""
     reads, per_step = [0], {}
     for name in READS:
         real = getattr(torch.Tensor, name)
@@ -43,7 +41,8 @@ def count_reads_per_step(monkeypatch, argv):
 
 
 @pytest.mark.parametrize("amp", ["fp32", "bf16", "fp16"])
-def test_a_steady_state_step_reads_nothing_back_from_the_device(monkeypatch, tmp_path, stdlib_data, amp):
+def test_a_steady_state_step_reads_nothing_back_from_the_device(monkeypatch, tmp_path,
+                                                                stdlib_data, amp):
     argv = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2",
             "--max-steps", "8", "--warmup-steps", "2", "--log-every", "4", "--eval-every", "100",
             "--save-every", "100", "--eval-iters", "1", "--sample-tokens", "0", "--amp", amp,
@@ -57,24 +56,25 @@ def test_a_steady_state_step_reads_nothing_back_from_the_device(monkeypatch, tmp
 
 
 def stop_step(tmp_path, capsys, name, *extra):
-    """fp16 at --lr 1 (it overflows within a few steps): the step of the run's "stopped" record, and
-    its reason."""
+    """fp16 at --lr 1 (it overflows within a few steps): its "stopped" record's step and reason."""
     argv = ["--model", "tiny", "--seq-len", "16", "--batch-size", "2", "--lr", "1", "--amp", "fp16",
             "--max-steps", "200", "--warmup-steps", "2", "--eval-iters", "1", "--sample-tokens",
             "0", "--out", str(tmp_path / name), *extra]
     with pytest.raises(SystemExit) as e:
         pretrain.main(argv)
     assert e.value.code == 3, capsys.readouterr().err
-    stop = [r
-            for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())][-1]
+    stop = [r for r in map(json.loads,
+                           (tmp_path / name / "metrics.jsonl").read_text().splitlines())][-1]
     return stop["step"], stop["stopped"]
 
 
-def test_a_diverging_run_stops_at_the_next_read_with_the_step_counts_of_every_step(tmp_path, capsys, stdlib_data):
+def test_a_diverging_run_stops_at_the_next_read_with_the_step_counts_of_every_step(
+        tmp_path, capsys, stdlib_data):
     """Read only at log steps, the guard still sees every step in order: it stops at the first log
     step at or after the 8th bad step in a row, which it names as when each step was read."""
     every, reason = stop_step(tmp_path, capsys, "every", "--log-every", "1")
     # a log interval that the 8th bad step does not end
     k = next(k for k in (4, 3, 5, 7) if every % k)
     deferred, deferred_reason = stop_step(tmp_path, capsys, "deferred", "--log-every", str(k))
-    assert deferred == -(-every // k) * k > every and deferred_reason == reason and "8 steps in a row" in reason
+    assert (deferred == -(-every // k) * k > every and deferred_reason == reason
+            and "8 steps in a row" in reason)

@@ -74,20 +74,19 @@ def test_out_must_be_a_folder_that_can_be_made(tmp_path, capsys):
 
 
 def test_a_damaged_data_folder_is_refused_by_the_entry_point(tmp_path, capsys, stdlib_data):
-    """data.py's checks (tests/test_data.py has every case) reach the user as one line from
-    pretrain.py."""
+    """data.py's checks (tests/test_data.py: every case) reach the user as one pretrain.py line."""
     d = tmp_path / "d"
     d.mkdir()
     meta = json.loads((stdlib_data / "meta.json").read_text())
     for name in meta["shards"]["train"] + meta["shards"]["val"]:
         (d / name).symlink_to(stdlib_data / name)
     (d / "meta.json").write_text(json.dumps({**meta, "dtype": "uint8"}))
-    err = one_line_error(capsys, pretrain.main, FAST + ["--out", str(tmp_path / "o"), "--data",
-                                                        str(d)])
+    err = one_line_error(capsys, pretrain.main,
+                         FAST + ["--out", str(tmp_path / "o"), "--data", str(d)])
     assert "dtype 'uint8' is not a shard dtype: uint16 or uint32" in err
     (d / "meta.json").write_text(json.dumps({**meta, "vocab_size": 200}))
-    err = one_line_error(capsys, pretrain.main, FAST + ["--out", str(tmp_path / "o"), "--data",
-                                                        str(d)])
+    err = one_line_error(capsys, pretrain.main,
+                         FAST + ["--out", str(tmp_path / "o"), "--data", str(d)])
     assert "token ids up to 256 (max_id, eot) do not fit vocab_size 200" in err
 
 
@@ -104,8 +103,8 @@ SFT_FLAGS = [
 
 @pytest.mark.parametrize("flags,message", SFT_FLAGS, ids=[" ".join(f) for f, _ in SFT_FLAGS])
 def test_sft_refuses_a_bad_flag_in_one_line(tmp_path, capsys, flags, message):
-    err = one_line_error(capsys, sft.main, ["--init", str(tmp_path / "none"), "--out",
-                                            str(tmp_path / "o")] + flags)
+    err = one_line_error(capsys, sft.main,
+                         ["--init", str(tmp_path / "none"), "--out", str(tmp_path / "o")] + flags)
     assert message in err, err
 
 
@@ -114,6 +113,6 @@ def test_sft_names_the_line_with_a_byte_that_is_not_utf8(tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", reverse_examples(12))
     with open(data, "ab") as f:
         f.write(b'{"instruction": "caf\xe9", "output": "x"}\n')
-    err = one_line_error(capsys, sft.main, ["--init", str(init), "--data", str(data), "--out",
-                                            str(tmp_path / "o")])
+    err = one_line_error(capsys, sft.main,
+                         ["--init", str(init), "--data", str(data), "--out", str(tmp_path / "o")])
     assert f"{data}:13: byte 0xe9 at column 21 is not UTF-8" in err

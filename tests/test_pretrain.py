@@ -22,8 +22,8 @@ from tests.distributed import run_distributed
 
 # A small, fast run: the tiny preset on 64-token windows of the embedded default corpus.
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--model", "tiny", "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps",
-        "2", "--eval-iters", "2", "--sample-tokens", "0", "--log-every", "1"]
+FAST = ["--model", "tiny", "--seq-len", "64", "--batch-size", "8", "--lr", "3e-3",
+        "--warmup-steps", "2", "--eval-iters", "2", "--sample-tokens", "0", "--log-every", "1"]
 
 
 def run(tmp_path, *extra, name="run"):
@@ -35,8 +35,8 @@ def test_training_learns_and_logs(tmp_path, stdlib_data):
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     vals = [l["val_loss"] for l in lines if "val_loss" in l]
     steps = [l for l in lines if "loss" in l]
-    assert len(steps) == 40 and {"step", "loss", "lr", "tokens_per_s", "mfu",
-                                 "grad_norm"} <= set(steps[0])
+    assert (len(steps) == 40
+            and {"step", "loss", "lr", "tokens_per_s", "mfu", "grad_norm"} <= set(steps[0]))
     assert vals[-1] < vals[0] - 1.5, vals  # from ~5.8 (uniform over 320) to well under 4.3
     assert (tmp_path / "run" / "step_000040" / "meta.json").exists()
     assert len((tmp_path / "run" / "sample.txt").read_text()) > 0
@@ -63,8 +63,7 @@ def test_resume_restores_the_fp16_loss_scale(tmp_path, stdlib_data):
 
 
 def test_gradient_accumulation_equals_the_full_batch(stdlib_data):
-    """Batch B in one micro-step and B/4 in four give the same loss and gradient (float64: up to
-    rounding)."""
+    """Batch B in one micro-step, B/4 in four: equal loss and gradient (float64: up to rounding)."""
     cfg = replace(PRESETS["tiny"], vocab_size=320)
     torch.manual_seed(0)
     model = Transformer(cfg).double()
@@ -87,8 +86,8 @@ def test_gradient_accumulation_equals_the_full_batch(stdlib_data):
 def test_gradient_accumulation_end_to_end(tmp_path, stdlib_data):
     one = run(tmp_path, "--max-steps", "3", name="a1")
     four = run(tmp_path, "--max-steps", "3", "--grad-accum", "4", name="a4")
-    # fp32, different summation order: the losses agree to float32 rounding, amplified a little by 3
-    # steps.
+    # fp32, different summation order: the losses agree to float32 rounding, amplified a little
+    # by 3 steps.
     assert four["losses"] == pytest.approx(one["losses"], rel=1e-5)
 
 
@@ -133,16 +132,14 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys, stdlib_data):
 def test_resume_refuses_another_model(tmp_path, capsys, stdlib_data):
     run(tmp_path, "--max-steps", "1")
     err = error_of(capsys, FAST + ["--model", "small", "--out", str(tmp_path / "run")])
-    # Every difference in one line (not one per attempt), and no mention of a --resume that was not
-    # given.
+    # Every difference in one line (not one per attempt), and no mention of a --resume not given.
     assert "holds another run (" in err and "model config d_model 128, not 384" in err, err
     assert "model config n_layer 4, not 6" in err and "--resume" not in err
 
 
 def test_sampling_never_draws_vocabulary_padding(tmp_path, stdlib_data, monkeypatch):
     """The vocabulary is padded 257 -> 320; after one step the model is still near uniform over all
-    320 ids, so 60 draws that could reach the padding would (each has a ~20% chance; all missing it:
-    ~1e-6)."""
+    320 ids, so 60 draws that could reach the padding would (~20% each; all missing it: ~1e-6)."""
     drawn, generate = [], Transformer.generate
 
     def recording(self, *args, **kwargs):
@@ -156,8 +153,8 @@ def test_sampling_never_draws_vocabulary_padding(tmp_path, stdlib_data, monkeypa
     assert len((tmp_path / "run" / "sample.txt").read_text()) > 0
 
 
-def test_the_same_command_line_starts_and_after_a_crash_resumes(tmp_path, stdlib_data, monkeypatch,
-                                                                capsys):
+def test_the_same_command_line_starts_and_after_a_crash_resumes(tmp_path, stdlib_data,
+                                                                monkeypatch, capsys):
     """What `torchrun --max-restarts N` does after a crash: run the same command line again. It
     resumes from the last complete step (4: saved every 2, killed during step 6) and ends with the
     uninterrupted run's losses; metrics.jsonl holds one history."""
@@ -181,10 +178,10 @@ def test_the_same_command_line_starts_and_after_a_crash_resumes(tmp_path, stdlib
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
     # Another batch size on the same --out: refused in one line, with the reason.
     err = error_of(capsys, FAST + argv + ["--batch-size", "16", "--out", str(tmp_path / "crash")])
-    assert ("holds another run (--batch-size 8, not 16 (the data position and the schedule count "
-            "steps") in err
-    err = error_of(capsys, FAST + argv + ["--batch-size", "16", "--lr", "0.5", "--out",
-                                          str(tmp_path / "crash")])
+    assert ("holds another run (--batch-size 8, not 16 (the data position and the schedule "
+            "count steps") in err
+    err = error_of(capsys, FAST + argv + ["--batch-size", "16", "--lr", "0.5",
+                                          "--out", str(tmp_path / "crash")])
     assert "--batch-size 8, not 16" in err and "--lr 0.003, not 0.5" in err, err
 
 
@@ -200,8 +197,8 @@ def test_init_starts_from_weights_with_a_fresh_optimizer(tmp_path, stdlib_data, 
     assert val0["step"] == 0 and val0["val_loss"] == vals[-1]
     step = next(iter(again["opt"].optimizer.state.values()))["step"]
     assert int(step) == 2 and first["step"] == 4  # AdamW started over
-    err = error_of(capsys, FAST + ["--model", "small", "--init", str(tmp_path / "a"), "--out",
-                                   str(tmp_path / "c")])
+    err = error_of(capsys, FAST + ["--model", "small", "--init", str(tmp_path / "a"),
+                                   "--out", str(tmp_path / "c")])
     assert err.endswith(f"--init {tmp_path / 'a'}: its block_size is 256, this run's model has "
                         "512 (choose the matching --model; the vocabulary follows the data)")
 
@@ -232,9 +229,11 @@ def test_a_run_that_cannot_train_stops_with_the_reason(tmp_path, capsys, stdlib_
     losses = [r["loss"] for r in records if "loss" in r]
     first_bad = next(i for i, l in enumerate(losses) if l != l) + 1  # steps count from 1
     stop = records[-1]
-    assert stop["step"] == first_bad + 7 and "the loss was nan for 8 steps in a row" in stop["stopped"]
+    assert (stop["step"] == first_bad + 7
+            and "the loss was nan for 8 steps in a row" in stop["stopped"])
     good = max(s for s in range(2, first_bad, 2))  # the last even step before the loss went nan
-    assert err.startswith(f"pretrain.py: stopped: step {stop['step']}: the loss was nan") and "--amp bf16" in err
+    assert (err.startswith(f"pretrain.py: stopped: step {stop['step']}: the loss was nan")
+            and "--amp bf16" in err)
     assert err.endswith(f"last good checkpoint: {tmp_path / 'run'} at step {good}")
     assert checkpoint.find(tmp_path / "run")[1]["step"] == good
 
@@ -260,9 +259,8 @@ def test_every_rank_stops_at_the_same_step(tmp_path, stdlib_data, data_cache):
 
 def test_stop_after_and_ctrl_c_say_where_to_continue(tmp_path, stdlib_data, capsys):
     """--stop-after ends with one line naming the step to continue from; the records carry the time
-    and the run's elapsed seconds, which go on (not restart) when the run resumes. Ctrl-C (SIGINT to
-    the job) is one line on stderr, exit 130, no traceback, and the rerun resumes from the last
-    checkpoint."""
+    and the run's elapsed seconds, which go on across a resume. Ctrl-C (SIGINT to the job) is one
+    line on stderr, exit 130, no traceback, and the rerun resumes from the last checkpoint."""
     run(tmp_path, "--max-steps", "6", "--save-every", "2", "--stop-after", "3")
     assert "stopped at step 3 (--stop-after 3); rerun the same command to continue from step 3" in \
         capsys.readouterr().out
@@ -285,8 +283,7 @@ def test_stop_after_and_ctrl_c_say_where_to_continue(tmp_path, stdlib_data, caps
     assert proc.returncode == 130, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and re.fullmatch(r"stopped by Ctrl-C at step \d+; rerun the same "
-                                            r"command to continue "
-                                            r"from step \d+", lines[0]), err
+                                            r"command to continue from step \d+", lines[0]), err
     assert "Traceback" not in err
     resume_from = int(lines[0].rsplit(" ", 1)[1])
     again = run(tmp_path, "--max-steps", "100000", "--save-every", "2", "--stop-after", "1",

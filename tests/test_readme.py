@@ -63,8 +63,8 @@ def test_readme_commands_never_share_a_folder():
 def test_the_default_folder_follows_what_is_computed():
     """Another learning rate: another folder; another layout of the same run: the same one."""
     parse = pretrain.build_parser().parse_args
-    a, b, c = parse(["--lr", "1e-3"]), parse(["--lr", "2e-3"]), parse(["--lr", "1e-3", "--tp", "2",
-                                                                       "--zero", "3"])
+    a, b, c = (parse(["--lr", "1e-3"]), parse(["--lr", "2e-3"]),
+               parse(["--lr", "1e-3", "--tp", "2", "--zero", "3"]))
     folder = lambda args: flags.run_folder(vars(args), "pretrain")  # noqa: E731
     assert folder(a) != folder(b) and folder(a) == folder(c)
     assert re.fullmatch(r"out/pretrain-[0-9a-f]{8}", folder(a))
@@ -95,6 +95,6 @@ def test_every_link_of_the_readme_and_its_pages_resolves():
              for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text())
              if not target.startswith("http")]
     assert len(links) > 50 and len(pages) > 10, (len(links), len(pages))
-    missing = [f"{page.name}: {target}" for page,
-               target in links if not (page.parent / target).exists()]
+    missing = [f"{page.name}: {target}" for page, target in links
+               if not (page.parent / target).exists()]
     assert not missing, missing
