@@ -10,6 +10,7 @@ import torch
 import chat
 import data
 import sft
+import sft_data
 import hf
 from model import ModelConfig, Transformer
 from sft_fixtures import reverse_examples, write_jsonl
@@ -124,7 +125,7 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path):
     lines = [{"messages": CHAT}]
     examples = chat.read_jsonl(write_jsonl(tmp_path / "t.jsonl", lines))
     with pytest.raises(data.DataError) as e:
-        sft.tokenize(examples, enc, 128)
+        sft_data.tokenize(examples, enc, 128)
     assert str(e.value).startswith(f"{tmp_path / 't.jsonl'}:1: the tokenizer's chat template "
                                    "renders message 3 differently") and "\n" not in str(e.value)
 
@@ -157,7 +158,7 @@ def test_sft_fine_tunes_a_hugging_face_folder_with_its_template(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", reverse_examples(16))
     val = write_jsonl(tmp_path / "val.jsonl", reverse_examples(4, seed=1))
     # The labels: exactly each example's reply and its <|im_end|>.
-    rows, _ = sft.tokenize(chat.read_jsonl(train), enc, 128)
+    rows, _ = sft_data.tokenize(chat.read_jsonl(train), enc, 128)
     im_end = enc.encode_single_token("<|im_end|>")
     for (x, y), line in zip(rows, reverse_examples(16)):
         reply = line["output"] if "output" in line else line["messages"][-1]["content"]

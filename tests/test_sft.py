@@ -5,9 +5,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+import chat
 import checkpoint
 import data
 import sft
+import sft_data
 import training
 import weights
 from amp import DynamicLossScaler, MixedPrecisionOptimizer
@@ -35,8 +37,8 @@ def run(files, out, *extra):
 
 
 def rows_of(lines, prompt_mask=True):
-    ex = [(f"f:{i}", sft.to_messages(l, f"f:{i}")) for i, l in enumerate(lines, 1)]
-    return sft.tokenize(ex, ENC, CFG.block_size, prompt_mask)[0]
+    ex = [(f"f:{i}", chat.to_messages(l, f"f:{i}")) for i, l in enumerate(lines, 1)]
+    return sft_data.tokenize(ex, ENC, CFG.block_size, prompt_mask)[0]
 
 
 def test_sft_batches_step_as_pretraining_does():
@@ -44,8 +46,8 @@ def test_sft_batches_step_as_pretraining_does():
     ranks' micro-batches, rank 0's first, in order; each epoch takes every example once, in a new
     order."""
     rows, make = list(range(12)), list
-    one = sft.SFTBatches(rows, 4, make, seed=3)
-    ranks = [sft.SFTBatches(rows, 4, make, rank=r, world=2, n_micro=2, seed=3) for r in range(2)]
+    one = sft_data.SFTBatches(rows, 4, make, seed=3)
+    ranks = [sft_data.SFTBatches(rows, 4, make, rank=r, world=2, n_micro=2, seed=3) for r in range(2)]
     seen = []
     for _ in range(6):  # two epochs of 3 steps
         step, = one.next()
@@ -80,8 +82,8 @@ def test_prompt_tokens_get_no_gradient():
     torch.manual_seed(0)
     model = Transformer(CFG).double()
     lines = reverse_examples(4)
-    x, y_masked = sft.collate(rows_of(lines), EOT)
-    _, y_all = sft.collate(rows_of(lines, prompt_mask=False), EOT)
+    x, y_masked = sft_data.collate(rows_of(lines), EOT)
+    _, y_all = sft_data.collate(rows_of(lines, prompt_mask=False), EOT)
     prompt = (y_masked == -100) & (y_all != -100)
     assert prompt.sum() > 3 * (y_masked != -100).sum()  # most of each example is prompt
     for y in (y_masked, y_all):
@@ -105,7 +107,7 @@ def test_padding_isolates_examples():
     model = Transformer(CFG).double()
     short, long = rows_of([{"instruction": "Hi", "output": "yo"}, reverse_examples(1)[0]])
     alone = model(torch.tensor([short[0]]))[0][0]
-    x, _ = sft.collate([short, long], EOT)
+    x, _ = sft_data.collate([short, long], EOT)
     together = model(x)[0][0, :len(short[0])]
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-12)
 
@@ -129,8 +131,8 @@ def test_accumulation_divides_by_the_steps_response_tokens():
                                          "cpu")
         return loss.item(), [p.grad.clone() for p in model.parameters()]
 
-    full_loss, full = grads([sft.collate(rows, EOT)])
-    micro = [sft.collate(rows[i:i + 2], EOT) for i in range(0, 8, 2)]
+    full_loss, full = grads([sft_data.collate(rows, EOT)])
+    micro = [sft_data.collate(rows[i:i + 2], EOT) for i in range(0, 8, 2)]
     counts = [int((y != -100).sum()) for _, y in micro]
     assert len(set(counts)) > 1, counts
     acc_loss, acc = grads(micro)
@@ -234,7 +236,7 @@ def test_default_data_from_functions(tmp_path):
     docs = [(f"pkg/mod{i}.py", MODULE) for i in range(30)]
     held = sum(zlib.crc32(name.encode()) % SFT_VAL_EVERY == 0 for name, _ in docs)
     counts = build_default_data(docs, tmp_path,
-                                lambda ex: sft.encode(ENC, sft.to_messages(ex, "-"))[0])
+                                lambda ex: chat.encode(ENC, chat.to_messages(ex, "-"))[0])
     assert 0 < held < 30 and counts == {"functions": 3 * 30, "too_long": 30,
                                         "train": 2 * (30 - held), "val": 2 * held}
     rows = [json.loads(l) for l in (tmp_path / "train.jsonl").read_text().splitlines()]
@@ -246,7 +248,7 @@ def test_default_data_from_functions(tmp_path):
     assert rows[0]["output"] == "def short(a, b=1):\n    # a comment stays\n    return a + b"
     # dedented out of its class
     assert rows[1]["output"] == "def method(self, x):\n    return 2 * x"
-    assert all(len(sft.encode(ENC, sft.to_messages(r, "-"))[0]) <= DEFAULT_MAX_BYTES for r in rows)
+    assert all(len(chat.encode(ENC, chat.to_messages(r, "-"))[0]) <= DEFAULT_MAX_BYTES for r in rows)
 
 
 def error_of(capsys, argv):
@@ -303,7 +305,7 @@ def packed_and_padded():
     lines = [{"instruction": "Say x.", "output": "x" * n}
              for n in (1, 5, 20, 3, 40, 8, 2, 81)] + reverse_examples(3)
     rows = rows_of(lines)
-    return rows, sft.pack(rows, EOT, CFG.block_size), sft.collate(rows, EOT)
+    return rows, sft_data.pack(rows, EOT, CFG.block_size), sft_data.collate(rows, EOT)
 
 
 def segments(rows, x, packing):

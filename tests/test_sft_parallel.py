@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import chat
 import checkpoint
 import data
 import lora
 import moe
 import sft
+import sft_data
 import stack
 import tensor_parallel
 import training
@@ -180,7 +182,7 @@ EOT = data.eot_id(ENC)
 STEPS, N_MICRO, CLIP = 3, 4, 0.05          # 4 micro-batches of 2 examples per step
 LINES = reverse_examples(12) + [{"instruction": "Say x.",
                                  "output": "x" * n} for n in (3, 30, 9, 45)]
-ROWS = sft.tokenize([(f"f:{i}", sft.to_messages(l, "-")) for i, l in enumerate(LINES)], ENC,
+ROWS = sft_data.tokenize([(f"f:{i}", chat.to_messages(l, "-")) for i, l in enumerate(LINES)], ENC,
                     CFG.block_size)[0]
 torch.manual_seed(0)
 BASE = Transformer(CFG).state_dict()
@@ -191,7 +193,7 @@ def step_batches(step, multiple, packed):
     """The step's N_MICRO micro-batches: long and short responses mixed, so their label counts
     differ."""
     idx = torch.randperm(len(ROWS), generator=torch.Generator().manual_seed(step))[:2 * N_MICRO].tolist()
-    make = sft.pack if packed else sft.collate
+    make = sft_data.pack if packed else sft_data.collate
     return [make([ROWS[i] for i in idx[2 * m:2 * m + 2]], EOT,
                  *([CFG.block_size] if packed else []), multiple)
             for m in range(N_MICRO)]
