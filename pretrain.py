@@ -39,6 +39,7 @@ import stack
 import tensor_parallel
 import training
 from amp import DTYPES, TrainingStopped
+from batches import Batches, eval_batches
 from checkpoint import CheckpointError
 from estimate import PEAK_TFLOPS
 from flags import ConfigError
@@ -204,8 +205,8 @@ def build_and_train(cfg, model_cfg, data_dir, meta, world, device, ckpt):
     topo = stack.build_topology(lay, world, device, cfg.settings.dist_timeout)
     n_micro = lay.grad_accum * lay.microbatches
     seed = cfg.settings.seed
-    batches = data_lib.Batches(data_dir, T, lay.batch_size, topo.dp_rank, topo.dp, n_micro, seed)
-    val = data_lib.eval_batches(data_dir, T, lay.batch_size // lay.grad_accum, task.eval_iters,
+    batches = Batches(data_dir, T, lay.batch_size, topo.dp_rank, topo.dp, n_micro, seed)
+    val = eval_batches(data_dir, T, lay.batch_size // lay.grad_accum, task.eval_iters,
                                 topo.dp_rank, topo.dp)
     model = stack.build_model(model_cfg, topo, seed, device, DTYPES[amp], lay.sequence_parallel,
                               cfg.moe, weights=weights, fp8=amp == "fp8")

@@ -337,6 +337,7 @@ def eval_main(argv):
     import copy
 
     import data as data_lib
+    from batches import eval_batches
     p = argparse.ArgumentParser(prog="quantization.py eval",
                                 description="INT8 weight-only PTQ of a checkpoint "
                                 "against its bf16 model: validation loss, bytes, generation "
@@ -359,7 +360,7 @@ def eval_main(argv):
     data_dir = args.data or data_lib.ensure_default_data(tokenizer)
     # a DataError if the data was prepared with another tokenizer
     data_lib.load_meta(data_dir, tokenizer)
-    val = data_lib.eval_batches(data_dir, model.cfg.block_size, args.batch_size, args.eval_iters)
+    val = eval_batches(data_dir, model.cfg.block_size, args.batch_size, args.eval_iters)
     enc = data_lib.get_tokenizer(tokenizer)
     prompt = torch.tensor([enc.encode_ordinary("def ")])
 

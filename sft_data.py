@@ -13,7 +13,7 @@ the context) are skipped and counted, never silently truncated; a prompt that al
 error. --pack instead places several examples in one row of --seq-len tokens (pack): each with
 positions restarting at 0 and a document id, so that attention is block-diagonal causal (model.py)
 and each example's loss is exactly its padded loss; a step keeps the same examples, so packed and
-padded training take the same steps (SFTBatches, in data.step_items' order).
+padded training take the same steps (SFTBatches, in batches.step_items' order).
 
 The embedded default data: every function with a docstring (and a body beyond it) in the standard
 library's own source becomes one instruction example, "Write a Python function `name(args)` that:
@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 from chat import encode, read_jsonl, to_messages
-from data import (DataError, default_data_dir, get_tokenizer, publish_folder, stdlib_documents,
-                  step_items)
+from batches import step_items
+from data import DataError, default_data_dir, get_tokenizer, publish_folder, stdlib_documents
 
 
 # ------------------------------------------------------------------------------------ the loss mask
@@ -117,7 +117,7 @@ def pack(rows, pad_id, T, multiple=1):
 
 
 class SFTBatches:
-    """As data.Batches, over examples: data.step_items picks each step's examples for this rank,
+    """As batches.Batches, over examples: step_items picks each step's examples for this rank,
     micro-batch by micro-batch, each made into tensors by `make` (collate or pack). A pure function
     of (seed, step)."""
 

@@ -4,6 +4,7 @@ import re
 import numpy as np
 import pytest
 
+import batches
 import data
 
 
@@ -64,8 +65,8 @@ def test_load_meta_errors(tmp_path, text_dir):
 
 
 def test_ranks_get_disjoint_slices_of_the_same_global_batch(stdlib_data):
-    one = data.Batches(stdlib_data, 32, global_batch=8, seed=3)
-    ranks = [data.Batches(stdlib_data, 32, global_batch=8, rank=r, world=2, n_micro=2,
+    one = batches.Batches(stdlib_data, 32, global_batch=8, seed=3)
+    ranks = [batches.Batches(stdlib_data, 32, global_batch=8, rank=r, world=2, n_micro=2,
                           seed=3) for r in range(2)]
     for _ in range(3):
         (x, y), = one.next()
@@ -77,22 +78,22 @@ def test_ranks_get_disjoint_slices_of_the_same_global_batch(stdlib_data):
 
 
 def test_batches_resume_exactly_and_differ_by_seed(stdlib_data):
-    a = data.Batches(stdlib_data, 16, global_batch=4, seed=1)
+    a = batches.Batches(stdlib_data, 16, global_batch=4, seed=1)
     for _ in range(5):
         a.next()
     state = a.state_dict()
     expected = [a.next()[0][0] for _ in range(3)]
-    b = data.Batches(stdlib_data, 16, global_batch=4, seed=1)
+    b = batches.Batches(stdlib_data, 16, global_batch=4, seed=1)
     b.load_state_dict(state)
     assert all(np.array_equal(e, b.next()[0][0]) for e in expected)
-    c = data.Batches(stdlib_data, 16, global_batch=4, seed=2)
+    c = batches.Batches(stdlib_data, 16, global_batch=4, seed=2)
     with pytest.raises(data.DataError, match="does not match"):
         c.load_state_dict(state)
 
 
 def test_epochs_wrap_with_a_new_order(tmp_path, text_dir):
     data.prepare(data.source_documents(text_dir), tmp_path / "p", "bytes")
-    b = data.Batches(tmp_path / "p", 64, global_batch=2, seed=0)
+    b = batches.Batches(tmp_path / "p", 64, global_batch=2, seed=0)
     n = b.steps_per_epoch
     first = [b.next()[0][0] for _ in range(n)]
     second = [b.next()[0][0] for _ in range(n)]

@@ -42,7 +42,7 @@ def rows_of(lines, prompt_mask=True):
 
 
 def test_sft_batches_step_as_pretraining_does():
-    """data.step_items orders SFT examples as it orders token windows: a step's examples are the
+    """batches.step_items orders SFT examples as it orders token windows: a step's examples are the
     ranks' micro-batches, rank 0's first, in order; each epoch takes every example once, in a new
     order."""
     rows, make = list(range(12)), list
