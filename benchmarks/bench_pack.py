@@ -75,7 +75,8 @@ def batch_sizes(base, pack, args):
     rows, _ = sft_data.tokenize(train_ex, enc, T)
 
     def make(r):  # the batch, and its examples' own tokens
-        batch = sft_data.pack(r, data.eot_id(enc), T) if pack else sft_data.collate(r, data.eot_id(enc))
+        batch = (sft_data.pack(r, data.eot_id(enc), T) if pack
+                 else sft_data.collate(r, data.eot_id(enc)))
         return batch, sum(len(x) for x, _ in r)
     batches = sft_data.SFTBatches(rows, args.batch_size, make, seed=1337)
     tokens = real = labels = 0
