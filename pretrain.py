@@ -1,8 +1,8 @@
 """pretrain.py: next-token pretraining, one loop from a laptop CPU to torchrun on many GPUs.
 
 The idea: sample windows of text, predict each next token, step AdamW; repeat for D tokens. This
-file holds what is particular to pretraining: the model built from a preset, the text windows
-(data.py), the training length from a token budget, the sample at the end. The loop around it is
+file holds what is particular to pretraining: the model from a preset, the text windows (data.py,
+batches.py), the training length from a token budget, the sample at the end. The loop around it is
 training.py's, shared with sft.py: flags checked before any work, the parallel stack, mixed
 precision (amp.py), warmup then cosine learning rate, gradient accumulation, gradient clipping,
 evaluation on held-out data, checkpoints that survive a crash mid-write and resume bit for bit, and
