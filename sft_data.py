@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from chat import encode, read_jsonl, to_messages
 from batches import step_items
+from chat import encode, read_jsonl, to_messages
 from data import DataError, default_data_dir, get_tokenizer, publish_folder, stdlib_documents
 
 
