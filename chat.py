@@ -1,13 +1,12 @@
 """chat.py: the chat template: messages -> token ids and loss mask: the project's own ### headers
 for byte-level models, or the model folder's own Jinja chat template.
 
-A conversation is a list of {"role": "system" | "user" | "assistant", "content": text}. Training learns only the
-assistant's turns: `encode` returns the ids and, per id, whether it is learned (sft.py turns the
-rest into -100 labels); `prompt_ids` is what generation starts from: the conversation up to the last
-assistant turn, with that turn's opening, so the model writes the reply.
+A conversation is a list of {"role": "system" | "user" | "assistant", "content": text}. Training
+learns only the assistant's turns: `encode` returns the ids and, per id, whether it is learned
+(sft_data.py turns the rest into -100 labels); `prompt_ids` is what generation starts from: the
+conversation up to the last assistant turn, with that turn's opening, so the model writes the reply.
 
-With no template (the byte tokenizer, a tiktoken encoding), Alpaca's headers, learned part in
-[brackets]:
+With no template (byte tokenizer, tiktoken encoding), Alpaca's headers, learned part in [brackets]:
 
     ### System:               (when given)
     {system}
@@ -20,19 +19,17 @@ With no template (the byte tokenizer, a tiktoken encoding), Alpaca's headers, le
 
 A pretrained model from a Hugging Face folder brings its own template (tokenizer_config.json's
 "chat_template", or chat_template.jinja): a Jinja program over `messages`, `bos_token`, `eos_token`
-and `add_generation_prompt`,
-for example ChatML's "<|im_start|>assistant\\n{content}<|im_end|>\\n". It is rendered as transformers renders it
-(jinja2's sandbox, trim_blocks and lstrip_blocks, tojson, raise_exception). The learned spans come
-from rendering prefixes of the conversation: for the assistant turn i, render(messages[:i],
-add_generation_prompt) is the text before the reply and render(messages[:i+1]) the text through its
-end, so the learned text is the
-difference: the content and its end token(s), up to the last special token in it ("<|im_end|>", "<|eot_id|>";
-a newline after it is formatting, not learned). Each render must be a prefix of the whole
-conversation's, or the template is refused in one line. Text and learned spans are encoded piece by
-piece, split where learning
-starts, exactly as generation sees the prompt; special tokens in the rendered text ("<|im_start|>") encode
-as their special ids ({% generation %} markers, where a template has them, are rendered as their
-body).
+and `add_generation_prompt`, for example ChatML's "<|im_start|>assistant\\n{content}<|im_end|>\\n".
+It is rendered as transformers renders it (jinja2's sandbox, trim_blocks and lstrip_blocks, tojson,
+raise_exception). The learned spans come from rendering prefixes of the conversation: for the
+assistant turn i, render(messages[:i], add_generation_prompt) is the text before the reply and
+render(messages[:i+1]) the text through its end, so the learned text is the difference: the content
+and its end token(s), up to the last special token in it ("<|im_end|>", "<|eot_id|>"; a newline
+after it is formatting, not learned). Each render must be a prefix of the whole conversation's, or
+the template is refused in one line. Text and learned spans are encoded piece by piece, split where
+learning starts, exactly as generation sees the prompt; special tokens in the rendered text
+("<|im_start|>") encode as their special ids ({% generation %} markers, where a template has them,
+are rendered as their body).
 
 Run: `python chat.py` renders a two-turn conversation with the ### headers (byte tokenizer) and with
 ChatML's template on a small BPE folder it writes (bpe.py), the learned tokens in [brackets];
@@ -57,10 +54,9 @@ HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant":
 
 
 def to_messages(obj, where):
-    """A parsed JSONL line -> a list of {role, content}; anything else is a DataError naming
-    file:line."""
-    fields = "Alpaca-style lines need \"instruction\" and \"output\" (and optionally \"input\"); chat-style " \
-             "lines need \"messages\": [{\"role\": ..., \"content\": ...}, ...]"
+    """A parsed JSONL line -> a list of {role, content}; anything else: a DataError at file:line."""
+    fields = ("Alpaca-style lines need \"instruction\" and \"output\" (and optionally \"input\"); "
+              "chat-style lines need \"messages\": [{\"role\": ..., \"content\": ...}, ...]")
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object; {fields}")
     if "messages" in obj:
@@ -68,7 +64,8 @@ def to_messages(obj, where):
         if not isinstance(msgs, list) or not msgs:
             raise DataError(f"{where}: \"messages\" must be a non-empty list of {{role, content}}")
         for m in msgs:
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in HEADERS:
+            if (not isinstance(m, dict) or not isinstance(m.get("content"), str)
+                    or m.get("role") not in HEADERS):
                 raise DataError(f"{where}: each message needs \"role\" (system, user or "
                                 f"assistant) and a string \"content\", got {json.dumps(m)[:60]}")
         if not any(m["role"] == "assistant" for m in msgs):
@@ -106,8 +103,7 @@ def read_jsonl(path):
 
 
 def encode(enc, messages):
-    """Token ids and, per token, whether it is learned: assistant contents and their end token(s)
-    only."""
+    """Token ids and, per token, whether it is learned: assistant contents and end token(s) only."""
     if getattr(enc, "chat_template", None):
         return encode_rendered(enc, messages)
     eot = eot_id(enc)
@@ -125,8 +121,7 @@ def encode(enc, messages):
 
 
 def prompt_ids(enc, messages):
-    """The prompt for generation: everything before the last assistant turn, and that turn's
-    opening."""
+    """The prompt for generation: all before the last assistant turn, and that turn's opening."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     if getattr(enc, "chat_template", None):
         return enc.encode(render(enc, messages[:last], True), allowed_special="all")
@@ -136,8 +131,8 @@ def prompt_ids(enc, messages):
 
 def stop_ids(enc):
     """Ids that end a reply: the end-of-sequence id, the folder's other stop ids
-    (generation_config.json), and
-    the special token that closes an assistant turn in the template (ChatML's <|im_end|> on a base model)."""
+    (generation_config.json), and the special token that closes an assistant turn in the template
+    (ChatML's <|im_end|> on a base model)."""
     stops = {eot_id(enc), *getattr(enc, "stop_ids", ())}
     if getattr(enc, "chat_template", None):
         ids, learned = encode(enc, [{"role": "user", "content": "?"},
@@ -150,8 +145,7 @@ def stop_ids(enc):
 
 # ---------------------------------------------------------------------------------- Jinja templates
 class Generation(jinja2.ext.Extension):
-    """{% generation %}...{% endgeneration %}, transformers' marker of assistant text: rendered as
-    its body."""
+    """transformers' {% generation %}...{% endgeneration %} marker of assistant text: its body."""
     tags = {"generation"}
 
     def parse(self, parser):
@@ -171,8 +165,8 @@ def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False)
 
 @functools.cache
 def compile_template(source):
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=[Generation, jinja2.ext.loopcontrols])
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals |= {"raise_exception": raise_exception,
                     "strftime_now": lambda fmt: datetime.datetime.now().strftime(fmt)}
@@ -187,14 +181,12 @@ def render(enc, messages, add_generation_prompt=False):
         return compile_template(enc.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token=enc.bos_token,
             eos_token=enc.eos_token, tools=None, documents=None)
-    # the template is the folder's program: whatever stops it is the folder's error
-    except Exception as e:
+    except Exception as e:  # the template is the folder's program: what stops it is its error
         raise DataError(f"the tokenizer's chat template failed: {e or type(e).__name__}") from None
 
 
 def learned_spans(enc, messages):
-    """The whole conversation rendered, and the (start, end) characters of each assistant turn's
-    learned text."""
+    """The conversation rendered, and each assistant turn's learned text as (start, end) offsets."""
     full, spans = render(enc, messages), []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -223,17 +215,16 @@ def encode_rendered(enc, messages):
 
 
 # ----------------------------------------------------------------------------------------- the demo
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ "
-          "'<|im_start|>assistant\\n' }}{% endif %}")
+CHATML = ("{% for m in messages %}"
+          "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 DEMO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse golf."},
         {"role": "assistant", "content": "flog"}, {"role": "user", "content": "And echo?"},
         {"role": "assistant", "content": "ohce"}]
 
 
 def demo_folder():
-    """A model folder of our own: 200 merges learned on this file (bpe.py), ChatML's tokens and
-    template."""
+    """Our model folder: 200 merges learned on this file (bpe.py), ChatML's tokens and template."""
     folder = Path(tempfile.mkdtemp(prefix="chat-demo-"))
     merges = bpe.learn_merges(Path(__file__).read_text(encoding="utf-8"), 200)
     tj = bpe.gpt2_style_json(merges, added=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
@@ -247,8 +238,8 @@ def show(spec, messages):
     enc = data_lib.get_tokenizer(spec)
     ids, learned = encode(enc, messages)
     kind = "its Jinja chat template" if getattr(enc, "chat_template", None) else "### headers"
-    print(f"--- tokenizer {spec}: {kind}; {len(ids)} tokens, {sum(learned)} learned (in "
-          "[brackets]):")
+    print(f"--- tokenizer {spec}: {kind}; {len(ids)} tokens, {sum(learned)} learned "
+          "(in [brackets]):")
     out, i = "", 0
     while i < len(ids):
         j = next((k for k in range(i, len(ids)) if learned[k] != learned[i]), len(ids))

@@ -1,13 +1,9 @@
-"""data.py: text -> token shards on disk -> deterministic, disjoint, resumable batches for every
-rank.
+"""data.py: text -> token shards on disk, prepared once for every rank, checked before use.
 
 The idea: tokenise the corpus once, ahead of training, into flat arrays of token ids on disk
 (np.memmap, uint16 when the vocabulary fits in 16 bits, else uint32), one end-of-text token after
-each document. Training never touches text again: it reads windows of T+1 tokens straight from the
-memmap (inputs are the first T, targets the last T). An epoch is a permutation of all windows,
-seeded by (seed, epoch); optimizer step s uses windows [s*B, (s+1)*B) of it, and data-parallel rank
-r takes its own contiguous slice of those B. So the batches are a pure function of (seed, step):
-ranks never overlap, and the data position in a checkpoint is one integer.
+each document. Training never touches text again: batches.py reads windows of tokens straight from
+the memmap, in an order that is a pure function of (seed, step).
 
 Disk: 2 bytes per token for vocabularies below 65536. The embedded default corpus (the Python
 standard library's own source, tests left out: about 12 MB of real code on every machine that has
@@ -23,17 +19,16 @@ cached; the default `bytes`, built here with one token per byte, no merges (256 
 download, quickly learned; a model folder's tokenizer.json (byte-level BPE) or Llama 3
 tokenizer.model, converted offline by bpe.py.
 
-Instruction examples for fine-tuning (templates, loss masks, their batches) are sft.py's; the
-embedded default SFT data (sft_data.py) is built from the same standard library.
+Instruction examples for fine-tuning (loss masks, their batches, the embedded default built from
+the same standard library) are sft_data.py's; their templates are chat.py's.
 
 Use:
-    python data.py prepare --src PATH --out DIR [--tokenizer NAME]   # a text file, a folder, or JSONL {"text"}
-    python data.py stats DIR                                           # what meta.json says
+    python data.py prepare --src PATH --out DIR [--tokenizer NAME]  # a text file, folder or JSONL
+    python data.py stats DIR                                          # what meta.json says
 """
 import argparse
 import contextlib
 import fcntl
-import functools
 import json
 import os
 import shutil
@@ -43,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import tiktoken
-import torch
 
 import bpe
 
@@ -76,10 +70,10 @@ def get_tokenizer(name):
     except Exception as e:  # unknown name, or no network to download the BPE file
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise DataError(f"--tokenizer {name!r} could not be loaded ({reason}); use --tokenizer "
-                        "bytes (works offline), "
-                        f"one of {', '.join(tiktoken.list_encoding_names())} with network access "
-                        "or a "
-                        "TIKTOKEN_CACHE_DIR that holds it, or a folder with a tokenizer.json") from None
+                        "bytes (works offline), one of "
+                        f"{', '.join(tiktoken.list_encoding_names())} with network access or a "
+                        "TIKTOKEN_CACHE_DIR that holds it, or a folder with a "
+                        "tokenizer.json") from None
 
 
 def eot_id(enc):
@@ -90,8 +84,7 @@ def eot_id(enc):
 
 # ---------------------------------------------------------------------------------------- preparing
 def stdlib_documents():
-    """The standard library's .py files, leaving out its test suites (they are large and
-    repetitive)."""
+    """The standard library's .py files, leaving out its test suites (large and repetitive)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
     for path in sorted(root.rglob("*.py")):
@@ -101,8 +94,7 @@ def stdlib_documents():
 
 
 def text_lines(path):
-    """(line number, text) of each line of a UTF-8 file; a byte that is not UTF-8 is an error naming
-    file:line."""
+    """(line number, text) per line of a UTF-8 file; a non-UTF-8 byte is an error at file:line."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -113,17 +105,16 @@ def text_lines(path):
 
 
 def source_documents(src):
-    """(name, text) for a text file, a JSONL file with a "text" field per line, or a folder of text
-    files."""
+    """(name, text) of a text file, a JSONL file ("text" field per line), or a folder of them."""
     src = Path(src)
     if not src.exists():
         raise DataError(f"--src {src}: no such file or folder")
     if src.is_dir():
-        files = sorted(p for p in src.rglob("*") if p.is_file()
-                       and p.suffix in TEXT_SUFFIXES | {".jsonl"})
+        files = sorted(p for p in src.rglob("*")
+                       if p.is_file() and p.suffix in TEXT_SUFFIXES | {".jsonl"})
         if not files:
             raise DataError(f"--src {src}: folder holds no text files "
-                            f"({', '.join(sorted(TEXT_SUFFIXES))}, " ".jsonl)")
+                            f"({', '.join(sorted(TEXT_SUFFIXES))}, .jsonl)")
     else:
         files = [src]
     for path in files:
@@ -134,7 +125,8 @@ def source_documents(src):
                 try:
                     text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
+                    raise DataError(f"{path}:{lineno}: expected a JSON object with a "
+                                    "\"text\" field") from None
                 if not isinstance(text, str):
                     raise DataError(f"{path}:{lineno}: \"text\" must be a string")
                 yield f"{path.name}:{lineno}", text
@@ -143,8 +135,8 @@ def source_documents(src):
 
 
 def text_of(path):
-    """A whole text file; a binary one (a NUL byte, or bytes that are not UTF-8) is an error naming
-    file:line."""
+    """A whole text file; a binary one (a NUL byte, or bytes that are not UTF-8) is an error at
+    file:line, with the byte and its column."""
     raw = Path(path).read_bytes()
     try:
         if (i := raw.find(b"\0")) >= 0:
@@ -229,8 +221,7 @@ def _prepare_into(docs, out, enc, tokenizer, source):
 @contextlib.contextmanager
 def folder_lock(out):
     """An exclusive lock on folder `out` (fcntl, on a file next to it): other processes wait here.
-    The kernel drops it when its holder dies, so a killed preparer never leaves the others
-    waiting."""
+    The kernel drops it when its holder dies, so a killed preparer never blocks the others."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -256,7 +247,7 @@ def publish_folder(out, build, if_missing=False):
     with folder_lock(out):
         if if_missing and (out / "meta.json").exists():  # another process built it while we waited
             return None
-        # left by a killed builder (we hold the lock)
+        # temporary folders left by a killed builder (safe to remove: we hold the lock)
         for stale in out.parent.glob(f".{out.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
@@ -276,19 +267,19 @@ def publish_folder(out, build, if_missing=False):
 
 def default_data_dir(tokenizer):
     cache = Path(os.environ.get("LLM_DATA_CACHE", Path.home() / ".cache" / "llm-from-scratch"))
-    # folder
-    name = f"{Path(tokenizer).name}-{zlib.crc32(tokenizer.encode()):08x}" if "/" in tokenizer else tokenizer
+    # a tokenizer folder: its name and a hash of its path (two folders may share a name)
+    name = (f"{Path(tokenizer).name}-{zlib.crc32(tokenizer.encode()):08x}" if "/" in tokenizer
+            else tokenizer)
     return cache / f"stdlib-{name}"
 
 
 def ensure_default_data(tokenizer):
-    """The embedded default: the standard library's source, prepared once per tokenizer into the
-    cache."""
+    """The embedded default: the standard library's source, prepared once per tokenizer (cached)."""
     out = default_data_dir(tokenizer)
     if not (out / "meta.json").exists():
         print(f"preparing the embedded default corpus (Python {sysconfig.get_python_version()} "
-              "standard library) "
-              f"into {out} (or waiting for another process that is) ...", flush=True)
+              f"standard library) into {out} (or waiting for another process that is) ...",
+              flush=True)
         prepare(stdlib_documents(), out, tokenizer,
                 source=f"python{sysconfig.get_python_version()}-stdlib", if_missing=True)
     return out
@@ -301,18 +292,18 @@ def load_meta(data_dir, tokenizer=None):
         raise DataError(f"--data {d}: no such folder (prepare one with: python data.py prepare "
                         f"--src PATH --out {d})")
     if not (d / "meta.json").exists():
-        raise DataError(f"--data {d}: no meta.json, so not a prepared data folder (python "
-                        "data.py prepare ...)")
+        raise DataError(f"--data {d}: no meta.json, so not a prepared data folder "
+                        "(python data.py prepare ...)")
     try:
         meta = json.loads((d / "meta.json").read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{d / 'meta.json'}: not valid JSON ({str(e)[:80]}); prepare the folder "
-                        "again") from None
+        raise DataError(f"{d / 'meta.json'}: not valid JSON ({str(e)[:80]}); "
+                        "prepare the folder again") from None
     check_meta(d, meta)
     if tokenizer is not None and tokenizer != meta["tokenizer"]:
         raise DataError(f"--data {d} was prepared with tokenizer {meta['tokenizer']!r}, not "
-                        f"--tokenizer {tokenizer!r}: drop the flag or prepare the data again "
-                        "with it")
+                        f"--tokenizer {tokenizer!r}: drop the flag or "
+                        "prepare the data again with it")
     return meta
 
 
@@ -323,16 +314,15 @@ DTYPE_VOCAB = {"uint16": 2 ** 16, "uint32": 2 ** 32}
 
 
 def check_meta(d, meta):
-    """Everything the batches will trust: keys and types, the dtype, each shard's size against the
-    dtype and the token count, and the ids against the vocabulary (their maximum is recorded at
-    prepare time)."""
+    """Everything the batches will trust: keys and types, the dtype, each shard's size (against the
+    dtype and the token count), the largest id (recorded at prepare time) against the vocabulary."""
     where = d / "meta.json"
     if not isinstance(meta, dict):
         raise DataError(f"{where}: expected a JSON object with keys {', '.join(META_TYPES)}")
     for key, kind in META_TYPES.items():
         if key not in meta:
-            raise DataError(f"{where}: missing key {key!r}; prepare the folder again (python "
-                            "data.py prepare)")
+            raise DataError(f"{where}: missing key {key!r}; prepare the folder again "
+                            "(python data.py prepare)")
         if not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool)):
             raise DataError(f"{where}: {key!r} must be a {kind.__name__}, got "
                             f"{json.dumps(meta[key])[:40]}")
@@ -351,7 +341,8 @@ def check_meta(d, meta):
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in ("train", "val"):
         names, count = meta["shards"].get(split), meta["tokens"].get(split)
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(count, int):
+        listed = isinstance(names, list) and all(isinstance(n, str) for n in names)
+        if not listed or not isinstance(count, int):
             raise DataError(f"{where}: shards[{split!r}] must be a list of file names and "
                             f"tokens[{split!r}] a count")
         if count == 0:
@@ -360,8 +351,8 @@ def check_meta(d, meta):
         for name in names:
             f = d / name
             if not f.is_file():
-                raise DataError(f"{f}: shard listed in meta.json is missing; prepare the folder "
-                                "again")
+                raise DataError(f"{f}: shard listed in meta.json is missing; "
+                                "prepare the folder again")
             size = f.stat().st_size
             if size == 0 or size % itemsize:
                 raise DataError(f"{f}: {size} bytes is not a whole number of {meta['dtype']} "
@@ -382,109 +373,11 @@ def check_meta(d, meta):
         meta["max_id"] = max(seen, meta["eot"])
 
 
-# ------------------------------------------------------------------------------------------ batches
-class TokenWindows:
-    """All windows of T+1 tokens (stride T) of one split, across its shards; windows never cross a
-    shard."""
-
-    def __init__(self, data_dir, split, seq_len):
-        meta = json.loads((Path(data_dir) / "meta.json").read_text())
-        self.seq_len = seq_len
-        self.shards = [np.memmap(Path(data_dir) / n, dtype=meta["dtype"],
-                                 mode="r") for n in meta["shards"][split]]
-        counts = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
-        self.starts = np.concatenate([[0], np.cumsum(counts)])
-        self.n = int(self.starts[-1])
-        if self.n == 0:
-            raise DataError(f"--data {data_dir}: the {split} split has fewer than --seq-len + 1 = "
-                            f"{seq_len + 1} tokens")
-
-    def get(self, indices):
-        """(x, y) int64 tensors of shape (len(indices), T) for window numbers `indices`."""
-        rows = []
-        for i in indices:
-            s = int(np.searchsorted(self.starts, i, side="right") - 1)
-            off = (int(i) - int(self.starts[s])) * self.seq_len
-            rows.append(np.asarray(self.shards[s][off:off + self.seq_len + 1], dtype=np.int64))
-        buf = torch.from_numpy(np.stack(rows))
-        return buf[:, :-1], buf[:, 1:]
-
-
-def step_items(step, n, global_batch, seed, rank=0, world=1, n_micro=1):
-    """Which of n items (token windows, SFT examples) this rank trains on at optimizer step `step`:
-    step s of epoch e takes perm_e[s*B:(s+1)*B] (B = global_batch, perm_e drawn from (seed, e));
-    rank r of `world` takes the r-th contiguous 1/world of them, cut into `n_micro` micro-batches
-    (a list of index arrays)."""
-    epoch, s = divmod(step, n // global_batch)
-    idx = epoch_order(seed, epoch, n)[s * global_batch:(s + 1) * global_batch]
-    per_rank = global_batch // world
-    return np.split(idx[rank * per_rank:(rank + 1) * per_rank], n_micro)
-
-
-@functools.lru_cache(maxsize=1)
-def epoch_order(seed, epoch, n):
-    """A permutation of range(n), one epoch's order (kept: drawing it is O(n), a step reads B)."""
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    perm.flags.writeable = False
-    return perm
-
-
-class Batches:
-    """Token windows in the order of step_items (B = global batch in sequences).
-
-    The whole state is the step counter: batches are a pure function of (seed, step), so resuming
-    restores the exact stream, and a checkpoint's `state_dict()` is tiny."""
-
-    def __init__(self, data_dir, seq_len, global_batch, rank=0, world=1, n_micro=1, seed=0,
-                 split="train"):
-        self.windows = TokenWindows(data_dir, split, seq_len)
-        if global_batch % (world * n_micro):
-            raise DataError(f"--batch-size {global_batch} does not divide into {world} ranks x "
-                            f"{n_micro} micro-steps of equal size")
-        if global_batch > self.windows.n:
-            raise DataError(f"--batch-size {global_batch} is more than the {self.windows.n} "
-                            f"windows of {seq_len + 1} tokens in the {split} split")
-        self.B, self.rank, self.world, self.n_micro, self.seed = global_batch, rank, world, n_micro, seed
-        self.steps_per_epoch = self.windows.n // global_batch
-        self.step = 0
-
-    def next(self):
-        """The micro-batches of this rank for the next optimizer step: a list of `n_micro` (x, y)
-        pairs."""
-        chunks = step_items(self.step, self.windows.n, self.B, self.seed, self.rank, self.world,
-                            self.n_micro)
-        self.step += 1
-        return [self.windows.get(chunk) for chunk in chunks]
-
-    def state_dict(self):
-        return {"step": self.step, "seed": self.seed, "global_batch": self.B,
-                "windows": self.windows.n}
-
-    def load_state_dict(self, sd):
-        if (sd["seed"], sd["global_batch"], sd["windows"]) != (self.seed, self.B, self.windows.n):
-            raise DataError(f"checkpoint data position (seed {sd['seed']}, batch "
-                            f"{sd['global_batch']}, {sd['windows']} windows) does not match this "
-                            f"run's (seed {self.seed}, batch {self.B}, {self.windows.n} windows)")
-        self.step = sd["step"]
-
-
-def eval_batches(data_dir, seq_len, global_batch, n_batches, rank=0, world=1):
-    """A fixed validation set: the first n_batches*B windows of the val split, in order, split over
-    ranks."""
-    windows = TokenWindows(data_dir, "val", seq_len)
-    n_batches = max(1, min(n_batches, windows.n // global_batch))
-    per_rank = global_batch // world
-    out = []
-    for b in range(n_batches):
-        idx = np.arange(b * global_batch, (b + 1) * global_batch) % windows.n
-        out.append(windows.get(idx[rank * per_rank:(rank + 1) * per_rank]))
-    return out
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare", help="tokenise a text file, folder or JSONL into train/val shards")
+    p = sub.add_parser("prepare",
+                       help="tokenise a text file, folder or JSONL into train/val shards")
     p.add_argument("--src", help="text file, folder of text files, or JSONL with a 'text' field "
                                  "(default: the Python standard library)")
     p.add_argument("--out", required=True)

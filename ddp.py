@@ -176,6 +176,7 @@ if __name__ == "__main__":
     from dataclasses import replace
 
     import data
+    from batches import Batches
     from model import PRESETS, Transformer
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -184,7 +185,7 @@ if __name__ == "__main__":
     if rank == 0:  # the embedded corpus, prepared once by one rank before the others read it
         data.ensure_default_data("bytes")
     dist.barrier()
-    batches = data.Batches(data.ensure_default_data("bytes"), 64, 8 * world, rank, world, n_micro=2)
+    batches = Batches(data.ensure_default_data("bytes"), 64, 8 * world, rank, world, n_micro=2)
     # different seeds on purpose: the broadcast must make the replicas equal
     torch.manual_seed(rank)
     # vocab_size: 257 byte tokens, padded

@@ -21,6 +21,7 @@ import time
 import torch
 
 import data as data_lib
+from batches import eval_batches
 from checkpoint import CheckpointError
 from model import ModelConfig, Transformer
 from quantization import model_bytes, quantize_model_int8
@@ -86,7 +87,7 @@ def evaluate(argv):
     data_dir = args.data or data_lib.ensure_default_data(tokenizer)
     # a DataError if the data was prepared with another tokenizer
     data_lib.load_meta(data_dir, tokenizer)
-    val = data_lib.eval_batches(data_dir, model.cfg.block_size, args.batch_size, args.eval_iters)
+    val = eval_batches(data_dir, model.cfg.block_size, args.batch_size, args.eval_iters)
     enc = data_lib.get_tokenizer(tokenizer)
     prompt = torch.tensor([enc.encode_ordinary("def ")])
 

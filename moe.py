@@ -313,6 +313,7 @@ if __name__ == "__main__":
     from dataclasses import replace
 
     import data
+    from batches import Batches
     from model import PRESETS, Transformer
 
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -340,7 +341,7 @@ if __name__ == "__main__":
                 shard_experts(m, rank, world, None)
         dense = [p for n, p in model.named_parameters() if ".experts." not in n]
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        batches = data.Batches(batches_dir, 64, 16, rank, world, seed=0)
+        batches = Batches(batches_dir, 64, 16, rank, world, seed=0)
         spreads = []
         for step in range(steps):
             (x, y), = batches.next()

@@ -1,8 +1,8 @@
 """pretrain.py: next-token pretraining, one loop from a laptop CPU to torchrun on many GPUs.
 
 The idea: sample windows of text, predict each next token, step AdamW; repeat for D tokens. This
-file holds what is particular to pretraining: the model built from a preset, the text windows
-(data.py), the training length from a token budget, the sample at the end. The loop around it is
+file holds what is particular to pretraining: the model from a preset, the text windows (data.py,
+batches.py), the training length from a token budget, the sample at the end. The loop around it is
 training.py's, shared with sft.py: flags checked before any work, the parallel stack, mixed
 precision (amp.py), warmup then cosine learning rate, gradient accumulation, gradient clipping,
 evaluation on held-out data, checkpoints that survive a crash mid-write and resume bit for bit, and
@@ -41,6 +41,7 @@ import stack
 import tensor_parallel
 import training
 from amp import DTYPES, TrainingStopped
+from batches import Batches, eval_batches
 from checkpoint import CheckpointError
 from estimate import PEAK_TFLOPS
 from flags import ConfigError
@@ -205,8 +206,8 @@ def build_and_train(cfg, model_cfg, data_dir, meta, world, device, ckpt):
     topo = stack.build_topology(lay, world, device, cfg.settings.dist_timeout)
     n_micro = lay.grad_accum * lay.microbatches
     seed = cfg.settings.seed
-    batches = data_lib.Batches(data_dir, T, lay.batch_size, topo.dp_rank, topo.dp, n_micro, seed)
-    val = data_lib.eval_batches(data_dir, T, lay.batch_size // lay.grad_accum, task.eval_iters,
+    batches = Batches(data_dir, T, lay.batch_size, topo.dp_rank, topo.dp, n_micro, seed)
+    val = eval_batches(data_dir, T, lay.batch_size // lay.grad_accum, task.eval_iters,
                                 topo.dp_rank, topo.dp)
     model = stack.build_model(model_cfg, topo, seed, device, DTYPES[amp], lay.sequence_parallel,
                               cfg.moe, weights=weights, fp8=amp == "fp8")

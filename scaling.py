@@ -56,6 +56,7 @@ import flags
 import model as model_lib
 import stack
 import training
+from batches import Batches, eval_batches
 from model import Transformer, config_dict, flops_per_token, num_params, pad_vocab
 
 SEQ_LEN, BATCH = 128, 16                                     # 2048 tokens per step
@@ -121,8 +122,8 @@ def train(cfg, model_cfg, eval_iters=20):
                                        model_config=model_config, tokenizer=meta["tokenizer"])
     topo = stack.build_topology(cfg.layout, 1, device, cfg.settings.dist_timeout)
     lay = cfg.layout
-    batches = data_lib.Batches(data_dir, lay.seq_len, lay.batch_size, 0, 1, 1, cfg.settings.seed)
-    val = data_lib.eval_batches(data_dir, lay.seq_len, lay.batch_size, eval_iters)
+    batches = Batches(data_dir, lay.seq_len, lay.batch_size, 0, 1, 1, cfg.settings.seed)
+    val = eval_batches(data_dir, lay.seq_len, lay.batch_size, eval_iters)
     model = stack.build_model(model_cfg, topo, cfg.settings.seed, device, torch.float32)
     meta = {"tokenizer": meta["tokenizer"], "model_config": model_config, "identity": identity}
     run = training.start(cfg, topo, device, model, batches, val, cfg.optim.max_steps, meta,

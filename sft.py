@@ -5,51 +5,48 @@ template. The model is trained exactly as in pretraining (next-token cross-entro
 loop on any layout), except that the labels are -100 on the prompt and on padding, and the loss
 ignores -100: the prompt is context, never a target, so the gradient comes only from response
 tokens. The template is chat.py's: Alpaca's ### headers (### Instruction:, ### Input: when the
-example has one, ### Response:, the response then
-<|endoftext|>), or, for a model from a Hugging Face folder, the folder's own Jinja chat template.
+example has one, ### Response:, the response then <|endoftext|>), or, for a model from a Hugging
+Face folder, the folder's own Jinja chat template.
 
-Chat-style lines ({"messages": [{"role": "system|user|assistant", "content": ...}, ...]}) render turn by turn;
-every assistant turn, with its end token, is learned, everything else is masked. Alpaca-style lines
-({"instruction", "input" (optional), "output"}) are a one-turn chat.
+Chat-style lines ({"messages": [{"role": "system|user|assistant", "content": ...}, ...]}) render
+turn by turn; every assistant turn, with its end token, is learned, everything else is masked.
+Alpaca-style lines ({"instruction", "input" (optional), "output"}) are a one-turn chat.
 
-Batches: one example per row, padded on the right to the longest row of its micro-batch (padding
-labels -100). Attention is causal, so a real token never sees the padding after it, and no example
-sees another, at the cost of the padded positions' compute. Examples longer than --seq-len (default:
-the context) are skipped and counted, never silently truncated; a prompt that alone fills it is an
-error. --pack instead places several examples in one row of --seq-len tokens (pack): each with
-positions restarting at 0 and a document id, so that attention is block-diagonal causal (model.py)
-and each example's loss is exactly its padded loss; a step keeps the same examples, so packed and
-padded training take the same steps. The compute saved is the padding's (the matmuls' 6 N per
-token), less what longer rows add to attention unless the kernel skips the masked tiles.
+Batches (sft_data.py): one example per row, padded on the right to its micro-batch's longest row;
+or, with --pack, several examples in one row of --seq-len tokens with block-diagonal causal
+attention (model.py), so that each example's loss is exactly its padded loss. An example longer
+than --seq-len (default: the context) is skipped and counted, never silently truncated. The compute
+saved is the padding's (the matmuls' 6 N per token), less what longer rows add to attention unless
+the kernel skips the masked tiles.
 
 Loss: the token mean over the response tokens of the whole global batch, whatever the micro-batches
 hold (training.py's docstring says why). With LoRA only the adapters reach the optimizer (and ZeRO
 shards only them: the frozen base carries no optimizer state).
 
-The embedded default data, offline: from the pretraining corpus (the Python standard library), every
-short function with a docstring becomes "Write a Python function `name(args)` that: <docstring's
-first paragraph>" -> its source without the docstring (ast); held out by module (crc32 of its path %
-10 == 0, a superset of the modules pretraining held out, % 50). Evaluation: the response-only loss
-on held-out examples, before training and at each eval; at the end, greedy answers to a few held-out
-prompts.
+The embedded default data (sft_data.py), offline: from the pretraining corpus (the Python standard
+library), every short function with a docstring becomes "Write a Python function `name(args)` that:
+<docstring's first paragraph>" -> its source without the docstring (ast); held out by module (crc32
+of its path % 10 == 0, a superset of the modules pretraining held out, % 50). Evaluation: the
+response-only loss on held-out examples, before training and at each eval; at the end, greedy
+answers to a few held-out prompts.
 
 Cost: as pretraining, about 6 N FLOPs per token, padded positions included; the log counts tokens/s
 with the padding and, apart, the learned (response) tokens/s.
 
 Run:
-    python sft.py --init out/pretrain                          # full fine-tuning on the embedded default
+    python sft.py --init out/pretrain            # full fine-tuning on the embedded default
     python sft.py --init out/pretrain --lora-r 8 --lora-targets wq,wk,wv,wo,w1,w2,w3 --lr 3e-3
     python sft.py --init out/pretrain --data my.jsonl --val-data my_val.jsonl
-    python sft.py --init out/pretrain --pack                   # several examples per row, no attention between
-    python sft.py --init HF_FOLDER --lora-r 8 --data chat.jsonl   # a pretrained Llama-family model, its template
-    torchrun --nproc_per_node 4 sft.py --init out/pretrain --zero 3 --tp 2 --lora-r 8   # any layout pretrain.py runs
-    make sft                                                   # make pretrain first if out/pretrain has no checkpoint
+    python sft.py --init out/pretrain --pack     # several examples per row, no attention between
+    python sft.py --init HF_FOLDER --lora-r 8 --data chat.jsonl  # a Llama-family model + template
+    # any layout pretrain.py runs:
+    torchrun --nproc_per_node 4 sft.py --init out/pretrain --zero 3 --tp 2 --lora-r 8
+    make sft                                     # (make pretrain first if out/pretrain has none)
 """
 import contextlib
 import json
 import math
 import sys
-import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -61,145 +58,18 @@ import launch
 import lora as lora_lib
 import metrics
 import moe
-import sft_data
 import stack
 import tensor_parallel
 import training
 from amp import DTYPES, TrainingStopped
 from checkpoint import CheckpointError
-from chat import encode, prompt_ids, read_jsonl, stop_ids, to_messages
-from data import DataError, eot_id, step_items
+from chat import prompt_ids, stop_ids
+from data import DataError, eot_id
 from flags import ConfigError
 from model import PRESETS, ModelConfig, Transformer, config_dict, flops_per_token, num_params
+from sft_data import SFTBatches, collate, pack, read_examples, tokenize
 from topology import TopologyError, rank0_token
 from weights import load_weights, save_checkpoint
-
-# ------------------------------------------------------------------------------------ the loss mask
-def tokenize(examples, enc, block_size, prompt_mask=True, limit="the model's context",
-             packing=False):
-    """[(x, y)] lists of token ids with y = -100 where no loss is taken (the mask); and how many
-    examples were skipped for being longer than block_size + 1 tokens (x and y are shifted by one).
-    With packing such an example is an error: a packed row is exactly --seq-len tokens, and an
-    example is never cut."""
-    out, skipped = [], 0
-    for where, messages in examples:
-        try:
-            ids, learned = encode(enc, messages)
-        except DataError as e:  # a model folder's chat template that cannot render this example
-            raise DataError(f"{where}: {e}") from None
-        if True not in learned:
-            raise DataError(f"{where}: the template leaves no token of the assistant's turns to "
-                            "learn")
-        first = learned.index(True)
-        if first > block_size:
-            raise DataError(f"{where}: the prompt is {first} tokens, longer than {limit} of "
-                            f"{block_size}: shorten it or use a model with a longer block_size")
-        if len(ids) - 1 > block_size and packing:
-            raise DataError(f"{where}: the example is {len(ids) - 1} tokens, longer than {limit} "
-                            f"of {block_size}: --pack never cuts an example; raise --seq-len (up "
-                            "to the context) or drop --pack (longer examples are then skipped "
-                            "and counted)")
-        if len(ids) - 1 > block_size:
-            skipped += 1
-            continue
-        # y[i] is the label for predicting ids[i+1]: kept where ids[i+1] is learned (or everywhere
-        # without mask).
-        y = [t if (l or not prompt_mask) else -100 for t, l in zip(ids[1:], learned[1:])]
-        out.append((ids[:-1], y))
-    return out, skipped
-
-
-def collate(rows, pad_id, multiple=1):
-    """Pad each example on the right to the micro-batch's longest (rounded up to `multiple`:
-    sequence parallelism splits the positions over the tp ranks): inputs with pad_id, labels with
-    -100."""
-    T = -(-max(len(x) for x, _ in rows) // multiple) * multiple
-    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), T), -100, dtype=torch.long)
-    for i, (xi, yi) in enumerate(rows):
-        x[i, :len(xi)], y[i, :len(yi)] = torch.tensor(xi), torch.tensor(yi)
-    return x, y
-
-
-def pack(rows, pad_id, T, multiple=1):
-    """Several examples per row: longest first, each placed in the first row with room left in T
-    tokens (first-fit decreasing), its positions restarting at 0 (pos) and its own document id
-    (doc), so that attention stays inside it (model.py) and it computes exactly what it would alone.
-    A row's tail is padding (labels -100, a document of its own). Returns (x, y, {"pos": pos, "doc":
-    doc}), rows as long as the longest (rounded up to `multiple`). The loss is a sum over tokens:
-    the order of the examples does not change it."""
-    bins = []  # [tokens used, example indices]
-    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
-        xi = rows[i][0]
-        fit = next((b for b in bins if b[0] + len(xi) <= T), None)
-        if fit is None:
-            bins.append(fit := [0, []])
-        fit[0] += len(xi)
-        fit[1].append(i)
-    width = -(-max(used for used, _ in bins) // multiple) * multiple
-    x = torch.full((len(bins), width), pad_id, dtype=torch.long)
-    y = torch.full((len(bins), width), -100, dtype=torch.long)
-    pos, doc = torch.zeros_like(x), torch.zeros_like(x)
-    for r, (used, members) in enumerate(bins):
-        o = 0
-        for d, i in enumerate(members):
-            xi, yi = rows[i]
-            x[r, o:o + len(xi)], y[r, o:o + len(xi)] = torch.tensor(xi), torch.tensor(yi)
-            pos[r, o:o + len(xi)], doc[r, o:o + len(xi)] = torch.arange(len(xi)), d
-            o += len(xi)
-        doc[r, o:] = len(members)
-    return x, y, {"pos": pos, "doc": doc}
-
-
-class SFTBatches:
-    """As data.Batches, over examples: data.step_items picks each step's examples for this rank,
-    micro-batch by micro-batch, each made into tensors by `make` (collate or pack). A pure function
-    of (seed, step)."""
-
-    def __init__(self, rows, global_batch, make, rank=0, world=1, n_micro=1, seed=0):
-        if global_batch > len(rows):
-            raise DataError(f"--batch-size {global_batch} is more than the {len(rows)} training "
-                            "examples")
-        self.rows, self.B, self.make = rows, global_batch, make
-        self.rank, self.world, self.n_micro, self.seed = rank, world, n_micro, seed
-        self.step = 0
-
-    def next(self):
-        chunks = step_items(self.step, len(self.rows), self.B, self.seed, self.rank, self.world,
-                            self.n_micro)
-        self.step += 1
-        return [self.make([self.rows[i] for i in chunk]) for chunk in chunks]
-
-    def state_dict(self):
-        return {"step": self.step, "seed": self.seed, "global_batch": self.B,
-                "examples": len(self.rows)}
-
-    def load_state_dict(self, sd):
-        if (sd["seed"], sd["global_batch"], sd["examples"]) != (self.seed, self.B, len(self.rows)):
-            raise DataError(f"--resume: the checkpoint's data position (seed {sd['seed']}, batch "
-                            f"{sd['global_batch']}, {sd['examples']} examples) does not match "
-                            "this run's")
-        self.step = sd["step"]
-
-
-def read_examples(data, val_data):
-    """(train, held-out) examples: the embedded default (sft_data.py builds it from the standard
-    library, keeping the functions whose rendering here fits the tiny model's context), or --data
-    with --val-data or 1 line in 10 held out."""
-    enc_bytes = data_lib.get_tokenizer("bytes")
-    if data is None:
-        train_file, val_file = sft_data.ensure_sft_default_data(
-            lambda ex: encode(enc_bytes, to_messages(ex, "-"))[0])
-        return read_jsonl(train_file), read_jsonl(val_data or val_file)
-    train_ex = read_jsonl(data)
-    if val_data:
-        return train_ex, read_jsonl(val_data)
-    # by a hash of its position, never all
-    held = [zlib.crc32(w.encode()) % 10 == 0 for w, _ in train_ex]
-    if all(held) or not any(held):
-        held = [i == len(train_ex) - 1 for i in range(len(train_ex))]
-    val_ex = [e for e, h in zip(train_ex, held) if h]
-    return [e for e, h in zip(train_ex, held) if not h] or val_ex, val_ex
 
 
 # ----------------------------------------------------------------------------------- the base model
@@ -222,8 +92,7 @@ def load_init(path):
 
 
 def check_init_config(init, task):
-    """--model, when given, must be the preset the checkpoint was trained as (vocabulary as the
-    checkpoint's)."""
+    """--model, when given, must be the preset the checkpoint was trained as (its vocabulary)."""
     if task.model is not None:
         vocab = init["model_config"]["vocab_size"]
         want = config_dict(replace(PRESETS[task.model], vocab_size=vocab, attn="-"))
@@ -234,8 +103,7 @@ def check_init_config(init, task):
 
 
 def add_lora(task, seed, model_config):
-    """What build_model does to the frozen base after slicing it: wrap the target layers (or load
-    --adapter)."""
+    """build_model's hook on the sliced frozen base: wrap the target layers (or load --adapter)."""
     def adapt(model):
         if task.adapter:
             lora_lib.load_adapter(model, task.adapter, model_config)
@@ -265,8 +133,7 @@ def answer(model, enc, ids, max_new_tokens, device, agree=None):
 # ------------------------------------------------------------------------------------------ the run
 def build_parser():
     ap = flags.OneLineParser(prog="sft.py", description="Supervised fine-tuning (and LoRA) of a "
-                                                        "pretrained "
-                                                           "checkpoint.")
+                                                        "pretrained checkpoint.")
     a = ap.add_argument
     a("--init", default="out/pretrain", help="the base model: a pretrain.py/sft.py --out (any "
                                              "layout), a consolidated file or a Hugging Face "
@@ -291,8 +158,7 @@ def build_parser():
     a("--samples", type=int, default=3, help="held-out prompts answered at the end")
     a("--max-new-tokens", type=int, default=200)
     return flags.add_shared_flags(ap, batch_size=16, max_steps=100, lr=5e-4, warmup_steps=10,
-                                  weight_decay=0.0,
-                                     save_every=100, eval_every=50)
+                                  weight_decay=0.0, save_every=100, eval_every=50)
 
 
 @dataclass(frozen=True)
@@ -358,8 +224,7 @@ def train(cfg):
     init = load_init(task.init)
     check_init_config(init, task)
     model_config = init["model_config"]
-    # An MoE base keeps its experts (pretrain.py's --experts ...): the same blocks get MoE MLPs
-    # before loading.
+    # An MoE base keeps its experts (pretrain.py's --experts): its blocks get MoE MLPs, then load.
     cfg = replace(cfg, moe=moe.config_of(init.get("args") or {}))
     model_cfg = replace(ModelConfig(**model_config), attn=cfg.settings.attn,
                         activation_checkpointing=settings.activation_checkpointing)
@@ -439,9 +304,8 @@ def build_and_train(cfg, model_cfg, init, enc, rows, identity, world, device, ck
 
 
 def read_rows(cfg, enc, model_cfg, dp):
-    """Training and held-out rows (token ids and masked labels), every example checked; the held-out
-    ones cut to the same number on every data-parallel rank (under ZeRO-3 or --ep each forward
-    communicates)."""
+    """Training and held-out rows (token ids and masked labels), every example checked; as many
+    held-out rows on every data-parallel rank (under ZeRO-3 or --ep each forward communicates)."""
     task, seq_len = cfg.task, cfg.layout.seq_len
     train_ex, val_ex = read_examples(task.data, task.val_data)
     T = seq_len or model_cfg.block_size
@@ -468,18 +332,16 @@ def export_lora(run, init):
     if run.rank0:
         model_config, moe_args = init["model_config"], asdict(run.cfg.moe)
         torch.save({"lora_config": run.model.lora_config, "model_config": model_config,
-                    "adapter": adapter},
-                   run.out / "adapter.pt")
+                    "adapter": adapter}, run.out / "adapter.pt")
         save_checkpoint(run.out / "merged.pt", {
-            "model": lora_lib.merged_state_dict(run.model, init["model"], adapter), "model_config": model_config,
-            "tokenizer": init["tokenizer"], "args": moe_args})
+            "model": lora_lib.merged_state_dict(run.model, init["model"], adapter),
+            "model_config": model_config, "tokenizer": init["tokenizer"], "args": moe_args})
         print(f"adapters in {run.out / 'adapter.pt'}, merged model in {run.out / 'merged.pt'}",
               flush=True)
 
 
 def answers(run, enc, val_ex):
-    """Greedy answers to the first --samples held-out prompts, printed and written to
-    samples.jsonl."""
+    """Greedy answers to the first --samples held-out prompts: printed, and in samples.jsonl."""
     task, topo, model = run.cfg.task, run.topo, run.model
     if topo.pp > 1 or (run.cfg.layout.sequence_parallel and topo.tp > 1):
         # generation grows the sequence one token at a time: neither cuts into stages or shards

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import sft  # noqa: E402
+import sft_data  # noqa: E402
 import training  # noqa: E402
 from model import PRESETS, Transformer, pad_vocab  # noqa: E402
 
@@ -68,13 +69,14 @@ def batch_sizes(base, pack, args):
     examples either way: sft.py's batches with its seed)."""
     init = sft.load_init(base)
     enc, T = data.get_tokenizer(init["tokenizer"]), init["model_config"]["block_size"]
-    train_ex, _ = sft.read_examples(None, None)
-    rows, _ = sft.tokenize(train_ex, enc, T)
+    train_ex, _ = sft_data.read_examples(None, None)
+    rows, _ = sft_data.tokenize(train_ex, enc, T)
 
     def make(r):  # the batch, and its examples' own tokens
-        batch = sft.pack(r, data.eot_id(enc), T) if pack else sft.collate(r, data.eot_id(enc))
+        batch = (sft_data.pack(r, data.eot_id(enc), T) if pack
+                 else sft_data.collate(r, data.eot_id(enc)))
         return batch, sum(len(x) for x, _ in r)
-    batches = sft.SFTBatches(rows, args.batch_size, make, seed=1337)
+    batches = sft_data.SFTBatches(rows, args.batch_size, make, seed=1337)
     tokens = real = labels = 0
     for _ in range(args.steps):
         ((x, y, *_), n), = batches.next()

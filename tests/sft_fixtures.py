@@ -7,13 +7,12 @@ import torch
 
 from model import ModelConfig, Transformer
 
-# Two layers, width 32, context 128: fast, and short enough for the prompt-too-long error to be easy
-# to hit.
+# Two layers, width 32, context 128: fast, and short enough to hit the prompt-too-long error easily.
 CFG = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, vocab_size=320,
                   block_size=128)
-WORDS = ["alpha", "bravo", "delta", "echo", "golf", "hotel", "india", "kilo", "lima", "mike",
-         "oscar", "papa", "romeo", "sierra", "tango", "victor", "whisky", "yankee", "zulu",
-         "quebec"]
+WORDS = ["alpha", "bravo", "delta", "echo", "golf", "hotel", "india",
+         "kilo", "lima", "mike", "oscar", "papa", "romeo", "sierra",
+         "tango", "victor", "whisky", "yankee", "zulu", "quebec"]
 
 
 def make_init(path, cfg=CFG, seed=0):

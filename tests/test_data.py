@@ -4,6 +4,7 @@ import re
 import numpy as np
 import pytest
 
+import batches
 import data
 
 
@@ -19,7 +20,8 @@ def text_dir(tmp_path):
 def test_prepare_a_folder_writes_shards_and_meta(text_dir, tmp_path):
     meta = data.prepare(data.source_documents(text_dir), tmp_path / "out", "bytes", source=text_dir)
     assert meta["tokenizer"] == "bytes" and meta["dtype"] == "uint16" and meta["vocab_size"] == 257
-    assert meta["documents"]["train"] + meta["documents"]["val"] == 60 and meta["documents"]["val"] >= 1
+    assert (meta["documents"]["train"] + meta["documents"]["val"] == 60
+            and meta["documents"]["val"] >= 1)
     train = np.memmap(tmp_path / "out" / meta["shards"]["train"][0], dtype=np.uint16, mode="r")
     assert len(train) == meta["tokens"]["train"]
     # every document ends with end-of-text, and the bytes decode back to the text
@@ -58,15 +60,15 @@ def test_load_meta_errors(tmp_path, text_dir):
     with pytest.raises(data.DataError, match="no meta.json"):
         data.load_meta(tmp_path / "empty")
     data.prepare(data.source_documents(text_dir), tmp_path / "p", "bytes")
-    with pytest.raises(data.DataError, match="prepared with tokenizer 'bytes', not --tokenizer "
-                                             "'gpt2'"):
+    with pytest.raises(data.DataError, match="prepared with tokenizer 'bytes', "
+                                             "not --tokenizer 'gpt2'"):
         data.load_meta(tmp_path / "p", "gpt2")
 
 
 def test_ranks_get_disjoint_slices_of_the_same_global_batch(stdlib_data):
-    one = data.Batches(stdlib_data, 32, global_batch=8, seed=3)
-    ranks = [data.Batches(stdlib_data, 32, global_batch=8, rank=r, world=2, n_micro=2,
-                          seed=3) for r in range(2)]
+    one = batches.Batches(stdlib_data, 32, global_batch=8, seed=3)
+    ranks = [batches.Batches(stdlib_data, 32, global_batch=8, rank=r, world=2, n_micro=2, seed=3)
+             for r in range(2)]
     for _ in range(3):
         (x, y), = one.next()
         parts = [m for b in ranks for m in b.next()]   # rank 0's two micro-batches, then rank 1's
@@ -77,22 +79,22 @@ def test_ranks_get_disjoint_slices_of_the_same_global_batch(stdlib_data):
 
 
 def test_batches_resume_exactly_and_differ_by_seed(stdlib_data):
-    a = data.Batches(stdlib_data, 16, global_batch=4, seed=1)
+    a = batches.Batches(stdlib_data, 16, global_batch=4, seed=1)
     for _ in range(5):
         a.next()
     state = a.state_dict()
     expected = [a.next()[0][0] for _ in range(3)]
-    b = data.Batches(stdlib_data, 16, global_batch=4, seed=1)
+    b = batches.Batches(stdlib_data, 16, global_batch=4, seed=1)
     b.load_state_dict(state)
     assert all(np.array_equal(e, b.next()[0][0]) for e in expected)
-    c = data.Batches(stdlib_data, 16, global_batch=4, seed=2)
+    c = batches.Batches(stdlib_data, 16, global_batch=4, seed=2)
     with pytest.raises(data.DataError, match="does not match"):
         c.load_state_dict(state)
 
 
 def test_epochs_wrap_with_a_new_order(tmp_path, text_dir):
     data.prepare(data.source_documents(text_dir), tmp_path / "p", "bytes")
-    b = data.Batches(tmp_path / "p", 64, global_batch=2, seed=0)
+    b = batches.Batches(tmp_path / "p", 64, global_batch=2, seed=0)
     n = b.steps_per_epoch
     first = [b.next()[0][0] for _ in range(n)]
     second = [b.next()[0][0] for _ in range(n)]
@@ -165,8 +167,8 @@ def test_prepare_into_a_file_is_one_line(tmp_path, text_dir, capsys):
     with pytest.raises(SystemExit) as e:
         data.main(["prepare", "--src", str(text_dir), "--out", str(tmp_path / "f")])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err == f"data.py: error: --out {tmp_path / 'f'} is a file: give a folder for the " \
-                                        "shards and meta.json"
+    assert e.value.code == 2 and err == (f"data.py: error: --out {tmp_path / 'f'} is a file: "
+                                         "give a folder for the shards and meta.json")
 
 
 def test_prepare_records_the_largest_id(tmp_path, text_dir):
@@ -180,8 +182,9 @@ def test_a_binary_file_is_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         data.main(["prepare", "--src", str(tmp_path / "blob.txt"), "--out", str(tmp_path / "d")])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err == f"data.py: error: {tmp_path / 'blob.txt'}:2: byte 0x00 at column 5 is not " \
-        "text (UTF-8 without NUL bytes): give a text file\n" and not (tmp_path / "d").exists()
+    assert e.value.code == 2 and err == (f"data.py: error: {tmp_path / 'blob.txt'}:2: byte 0x00 "
+                                         "at column 5 is not text (UTF-8 without NUL bytes): "
+                                         "give a text file\n") and not (tmp_path / "d").exists()
 
 
 def test_a_byte_that_is_not_utf8_names_file_and_line(tmp_path):
@@ -193,8 +196,7 @@ def test_a_byte_that_is_not_utf8_names_file_and_line(tmp_path):
 
 # ---------------------------------------------------------------------------------- first-run races
 def _first_run(cache, barrier, result_file):
-    """One process of a first run: wait for the others, then ask for the default data and read all
-    of it."""
+    """One process of a first run: wait for the others, ask for the default data, read all of it."""
     import hashlib
     import os
     os.environ["LLM_DATA_CACHE"] = str(cache)
@@ -208,8 +210,7 @@ def _first_run(cache, barrier, result_file):
 
 
 def start_together(tmp_path, n):
-    """n processes started at the same instant on an empty cache; their exit codes and what each one
-    read."""
+    """n processes started at once on an empty cache: their exit codes and what each one read."""
     import multiprocessing as mp
     # no CUDA here; fork starts in milliseconds, so the processes truly overlap
     ctx = mp.get_context("fork")

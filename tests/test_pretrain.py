@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-import data
 import pretrain
 import training
+from batches import Batches
 from model import PRESETS, Transformer
 from tests.distributed import run_distributed
 
@@ -69,7 +69,7 @@ def test_gradient_accumulation_equals_the_full_batch(stdlib_data):
     model = Transformer(cfg).double()
     grads, losses = [], []
     for grad_accum in (1, 4):
-        batches = data.Batches(stdlib_data, 64, global_batch=8, n_micro=grad_accum, seed=5)
+        batches = Batches(stdlib_data, 64, global_batch=8, n_micro=grad_accum, seed=5)
         model.zero_grad()
         total = 0.0
         for x, y in batches.next():

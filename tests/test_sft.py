@@ -5,9 +5,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+import chat
 import checkpoint
 import data
 import sft
+import sft_data
 import training
 import weights
 from amp import DynamicLossScaler, MixedPrecisionOptimizer
@@ -23,29 +25,30 @@ EOT = data.eot_id(ENC)
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("sft")
-    return {"init": make_init(d / "init"), "train": write_jsonl(d / "train.jsonl", reverse_examples(96)),
+    return {"init": make_init(d / "init"),
+            "train": write_jsonl(d / "train.jsonl", reverse_examples(96)),
             "val": write_jsonl(d / "val.jsonl", reverse_examples(16, seed=1)), "dir": d}
 
 
 def run(files, out, *extra):
-    return sft.main(["--init", str(files["init"]), "--data", str(files["train"]), "--val-data",
-                     str(files["val"]), "--out", str(out), "--batch-size", "8", "--grad-accum", "2",
-                     "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1", "--samples", "1",
-                     "--max-new-tokens", "8", *extra])
+    return sft.main(["--init", str(files["init"]), "--data", str(files["train"]),
+                     "--val-data", str(files["val"]), "--out", str(out), "--batch-size", "8",
+                     "--grad-accum", "2", "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1",
+                     "--samples", "1", "--max-new-tokens", "8", *extra])
 
 
 def rows_of(lines, prompt_mask=True):
-    ex = [(f"f:{i}", sft.to_messages(l, f"f:{i}")) for i, l in enumerate(lines, 1)]
-    return sft.tokenize(ex, ENC, CFG.block_size, prompt_mask)[0]
+    ex = [(f"f:{i}", chat.to_messages(l, f"f:{i}")) for i, l in enumerate(lines, 1)]
+    return sft_data.tokenize(ex, ENC, CFG.block_size, prompt_mask)[0]
 
 
 def test_sft_batches_step_as_pretraining_does():
-    """data.step_items orders SFT examples as it orders token windows: a step's examples are the
-    ranks' micro-batches, rank 0's first, in order; each epoch takes every example once, in a new
-    order."""
+    """batches.step_items orders SFT examples as it orders token windows: a step's examples are the
+    ranks' micro-batches, rank 0's first; each epoch takes every example once, in a new order."""
     rows, make = list(range(12)), list
-    one = sft.SFTBatches(rows, 4, make, seed=3)
-    ranks = [sft.SFTBatches(rows, 4, make, rank=r, world=2, n_micro=2, seed=3) for r in range(2)]
+    one = sft_data.SFTBatches(rows, 4, make, seed=3)
+    ranks = [sft_data.SFTBatches(rows, 4, make, rank=r, world=2, n_micro=2, seed=3)
+             for r in range(2)]
     seen = []
     for _ in range(6):  # two epochs of 3 steps
         step, = one.next()
@@ -62,26 +65,25 @@ def test_both_formats_learn_exactly_the_responses():
                          {"role": "user", "content": "Again"},
                          {"role": "assistant", "content": "Hello!"}]}
     (xa, ya), (xc, yc) = rows_of([alpaca, chat])
-    assert ENC.decode(xa) == ("### Instruction:\nReverse the word.\n\n### Input:\ngolf\n\n### "
-                              "Response:\nflog")
+    assert ENC.decode(xa) == ("### Instruction:\nReverse the word.\n\n### Input:\ngolf\n\n"
+                              "### Response:\nflog")
     assert [t for t in ya if t != -100] == ENC.encode_ordinary("flog") + [EOT]
-    # Both assistant turns (each with its end-of-text) are learned; system, user turns and headers
-    # are not.
-    assert [t for t in yc if t != -100] == ENC.encode_ordinary("Hello") + [EOT] + ENC.encode_ordinary("Hello!") + [EOT]
+    # Both assistant turns (with their end-of-text) are learned; system, user and headers are not.
+    assert [t for t in yc if t != -100] == (ENC.encode_ordinary("Hello") + [EOT]
+                                            + ENC.encode_ordinary("Hello!") + [EOT])
     # Without the mask every label is the next token.
     (xn, yn), = rows_of([alpaca], prompt_mask=False)
     assert xn == xa and yn == xa[1:] + [EOT]
 
 
 def test_prompt_tokens_get_no_gradient():
-    """d loss / d logits is exactly zero at every prompt (and padding) position and non-zero at
-    every response position; trained without the mask, the same prompt positions do get gradient (so
-    the test can fail)."""
+    """d loss / d logits is exactly zero at every prompt (and padding) position, non-zero at every
+    response position; without the mask those prompt positions get gradient (the test can fail)."""
     torch.manual_seed(0)
     model = Transformer(CFG).double()
     lines = reverse_examples(4)
-    x, y_masked = sft.collate(rows_of(lines), EOT)
-    _, y_all = sft.collate(rows_of(lines, prompt_mask=False), EOT)
+    x, y_masked = sft_data.collate(rows_of(lines), EOT)
+    _, y_all = sft_data.collate(rows_of(lines, prompt_mask=False), EOT)
     prompt = (y_masked == -100) & (y_all != -100)
     assert prompt.sum() > 3 * (y_masked != -100).sum()  # most of each example is prompt
     for y in (y_masked, y_all):
@@ -99,21 +101,19 @@ def test_prompt_tokens_get_no_gradient():
 
 
 def test_padding_isolates_examples():
-    """An example's logits are the same alone and padded into a batch beside a longer one
-    (float64)."""
+    """An example's logits are equal alone and padded in a batch beside a longer one (float64)."""
     torch.manual_seed(0)
     model = Transformer(CFG).double()
     short, long = rows_of([{"instruction": "Hi", "output": "yo"}, reverse_examples(1)[0]])
     alone = model(torch.tensor([short[0]]))[0][0]
-    x, _ = sft.collate([short, long], EOT)
+    x, _ = sft_data.collate([short, long], EOT)
     together = model(x)[0][0, :len(short[0])]
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-12)
 
 
 def test_accumulation_divides_by_the_steps_response_tokens():
-    """Four micro-batches with different numbers of response tokens give the gradient of one batch
-    of all eight examples (float64: equal up to summation order). A per-micro-batch mean would not
-    (checked)."""
+    """Four micro-batches with unequal response token counts give the gradient of one batch of all
+    eight (float64: up to summation order); a per-micro-batch mean would not (checked)."""
     rows = rows_of(reverse_examples(8) + [{"instruction": "Say a long thing.",
                                            "output": "x" * 40}])[:8]
     rows[1] = rows_of([{"instruction": "Say a long thing.", "output": "x" * 40}])[0]
@@ -125,12 +125,12 @@ def test_accumulation_divides_by_the_steps_response_tokens():
 
     def grads(micro_batches):
         model.zero_grad()
-        loss = training.forward_backward(model, micro_batches, Topology(), "1f1b", opt.scale_loss,
-                                         "cpu")
+        loss = training.forward_backward(model, micro_batches, Topology(), "1f1b",
+                                         opt.scale_loss, "cpu")
         return loss.item(), [p.grad.clone() for p in model.parameters()]
 
-    full_loss, full = grads([sft.collate(rows, EOT)])
-    micro = [sft.collate(rows[i:i + 2], EOT) for i in range(0, 8, 2)]
+    full_loss, full = grads([sft_data.collate(rows, EOT)])
+    micro = [sft_data.collate(rows[i:i + 2], EOT) for i in range(0, 8, 2)]
     counts = [int((y != -100).sum()) for _, y in micro]
     assert len(set(counts)) > 1, counts
     acc_loss, acc = grads(micro)
@@ -146,11 +146,12 @@ def test_accumulation_divides_by_the_steps_response_tokens():
 def test_sft_learns_logs_checkpoints_and_answers(tmp_path, files):
     res = run(files, tmp_path / "o", "--max-steps", "30", "--eval-every", "15")
     vals = res["val_losses"]
-    # from ~5.8 (random init) on held-out responses
+    # the held-out responses' loss falls from ~5.8 (random init)
     assert len(vals) == 3 and vals[-1] < vals[0] - 1.0, vals
     lines = [json.loads(l) for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert [l["val_loss"] for l in lines if "val_loss" in l] == vals
-    assert len([l for l in lines if "loss" in l]) == 30 and {"lr", "grad_norm", "tokens_per_s"} <= set(lines[1])
+    assert (len([l for l in lines if "loss" in l]) == 30
+            and {"lr", "grad_norm", "tokens_per_s"} <= set(lines[1]))
     ckpt = checkpoint.read_meta(tmp_path / "o" / "step_000030")
     assert {"step", "data", "model_config", "tokenizer", "args", "identity", "files"} <= set(ckpt)
     assert ckpt["step"] == 30 and ckpt["lora"] is None
@@ -163,8 +164,7 @@ def test_sft_learns_logs_checkpoints_and_answers(tmp_path, files):
 
 
 def test_resume_is_exact(tmp_path, files):
-    """Stopped after 3 of 6 steps and resumed: the same losses, bit for bit (fp32 on CPU), and the
-    same weights."""
+    """Stopped at step 3 of 6 and resumed: the same losses bit for bit (fp32, CPU), same weights."""
     whole = run(files, tmp_path / "w", "--max-steps", "6", "--samples", "0")
     first = run(files, tmp_path / "s", "--max-steps", "6", "--stop-after", "3", "--samples", "0")
     second = run(files, tmp_path / "s", "--max-steps", "6", "--resume", "--samples", "0")
@@ -183,20 +183,22 @@ def test_lora_sft_trains_only_adapters_and_exports(tmp_path, files):
     assert res["val_losses"][-1] < res["val_losses"][0] - 0.1, res["val_losses"]
     init = torch.load(files["init"], weights_only=False)["model"]
     step = tmp_path / "l" / "step_000020"
-    trained = checkpoint.read_meta(step) | {"model": weights.full_state_dict(step, checkpoint.read_meta(step))}
+    trained = (checkpoint.read_meta(step)
+               | {"model": weights.full_state_dict(step, checkpoint.read_meta(step))})
     assert trained["lora"]["r"] == 4
     for k, v in init.items():  # every base weight is exactly as it was
         assert torch.equal(trained["model"][k], v), k
     adapter = torch.load(tmp_path / "l" / "adapter.pt", weights_only=False)["adapter"]
-    assert sorted(adapter) == sorted(k for k in trained["model"]
-                                     if ".lora_" in k) and len(adapter) == 2 * 3 * 2
+    assert (sorted(adapter) == sorted(k for k in trained["model"] if ".lora_" in k)
+            and len(adapter) == 2 * 3 * 2)
     # The merged export and the adapter loaded onto the base both reproduce the final held-out loss.
     common = ["--data", str(files["train"]), "--val-data", str(files["val"]), "--max-steps", "0",
               "--samples", "0", "--batch-size", "8", "--grad-accum", "2"]
     merged = sft.main(["--init", str(tmp_path / "l" / "merged.pt"), "--out", str(tmp_path / "m"),
                        *common])
-    loaded = sft.main(["--init", str(files["init"]), "--adapter",
-                       str(tmp_path / "l" / "adapter.pt"), "--out", str(tmp_path / "a"), *common])
+    loaded = sft.main(["--init", str(files["init"]),
+                       "--adapter", str(tmp_path / "l" / "adapter.pt"),
+                       "--out", str(tmp_path / "a"), *common])
     assert merged["val_losses"][0] == pytest.approx(res["val_losses"][-1], rel=1e-5)
     assert loaded["val_losses"][0] == pytest.approx(res["val_losses"][-1], rel=1e-6)
 
@@ -229,24 +231,24 @@ def long_one(x):
 
 
 def test_default_data_from_functions(tmp_path):
-    """Docstring -> instruction, source without docstring -> response; too long counted; split by
-    module."""
+    """Docstring -> instruction, the rest -> response; too long ones counted; split by module."""
     docs = [(f"pkg/mod{i}.py", MODULE) for i in range(30)]
     held = sum(zlib.crc32(name.encode()) % SFT_VAL_EVERY == 0 for name, _ in docs)
     counts = build_default_data(docs, tmp_path,
-                                lambda ex: sft.encode(ENC, sft.to_messages(ex, "-"))[0])
+                                lambda ex: chat.encode(ENC, chat.to_messages(ex, "-"))[0])
     assert 0 < held < 30 and counts == {"functions": 3 * 30, "too_long": 30,
                                         "train": 2 * (30 - held), "val": 2 * held}
     rows = [json.loads(l) for l in (tmp_path / "train.jsonl").read_text().splitlines()]
     val_modules = {json.loads(l)["module"]
                    for l in (tmp_path / "val.jsonl").read_text().splitlines()}
     assert val_modules.isdisjoint(r["module"] for r in rows)
-    assert rows[0]["instruction"] == ("Write a Python function `short(a, b=1)` that: Add two "
-                                      "numbers.")
+    assert rows[0]["instruction"] == ("Write a Python function `short(a, b=1)` that: "
+                                      "Add two numbers.")
     assert rows[0]["output"] == "def short(a, b=1):\n    # a comment stays\n    return a + b"
     # dedented out of its class
     assert rows[1]["output"] == "def method(self, x):\n    return 2 * x"
-    assert all(len(sft.encode(ENC, sft.to_messages(r, "-"))[0]) <= DEFAULT_MAX_BYTES for r in rows)
+    assert all(len(chat.encode(ENC, chat.to_messages(r, "-"))[0]) <= DEFAULT_MAX_BYTES
+               for r in rows)
 
 
 def error_of(capsys, argv):
@@ -283,18 +285,18 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys, files):
     assert "holds another run (" in err and "model config d_model 32, not 64" in err, err
     assert "was trained on another model config (differs in d_model)" in error_of(
         capsys, ["--init", str(other), "--adapter", str(tmp_path / "r" / "adapter.pt")] + data_flag)
-    assert "--lora-targets wq,attn: attn is not a linear of the blocks; choose from wq,wk" in error_of(
-        capsys, base + data_flag + ["--lora-r", "4", "--lora-targets", "wq,attn"])
-    assert "world size 1 is not divisible by --tp 3" in error_of(capsys,
-                                                                 base + data_flag + ["--tp", "3"])
-    bad = write_jsonl(tmp_path / "pack.jsonl", [good, {"instruction": "Say x.",
-                                                       "output": "x" * 80}])
-    assert f"{bad}:2: the example is 119 tokens, longer than --seq-len of 100: --pack never cuts" in error_of(
-        capsys, base + ["--data", str(bad), "--pack", "--seq-len", "100"])
-    assert "--lora-r 40 is larger than wq's smaller side (32 -> 32): choose --lora-r <= 16" in error_of(
-        capsys, base + data_flag + ["--lora-r", "40"])
-    assert "does not divide" in error_of(capsys, base + data_flag + ["--batch-size", "6",
-                                                                     "--grad-accum", "4"])
+    assert ("--lora-targets wq,attn: attn is not a linear of the blocks; choose from wq,wk"
+            in error_of(capsys, base + data_flag + ["--lora-r", "4", "--lora-targets", "wq,attn"]))
+    assert "world size 1 is not divisible by --tp 3" in error_of(
+        capsys, base + data_flag + ["--tp", "3"])
+    bad = write_jsonl(tmp_path / "pack.jsonl",
+                      [good, {"instruction": "Say x.", "output": "x" * 80}])
+    assert (f"{bad}:2: the example is 119 tokens, longer than --seq-len of 100: --pack never cuts"
+            in error_of(capsys, base + ["--data", str(bad), "--pack", "--seq-len", "100"]))
+    assert ("--lora-r 40 is larger than wq's smaller side (32 -> 32): choose --lora-r <= 16"
+            in error_of(capsys, base + data_flag + ["--lora-r", "40"]))
+    assert "does not divide" in error_of(
+        capsys, base + data_flag + ["--batch-size", "6", "--grad-accum", "4"])
 
 
 # ------------------------------------------------------------------------------------------ packing
@@ -303,7 +305,7 @@ def packed_and_padded():
     lines = [{"instruction": "Say x.", "output": "x" * n}
              for n in (1, 5, 20, 3, 40, 8, 2, 81)] + reverse_examples(3)
     rows = rows_of(lines)
-    return rows, sft.pack(rows, EOT, CFG.block_size), sft.collate(rows, EOT)
+    return rows, sft_data.pack(rows, EOT, CFG.block_size), sft_data.collate(rows, EOT)
 
 
 def segments(rows, x, packing):
@@ -323,9 +325,8 @@ def segments(rows, x, packing):
 
 @pytest.mark.parametrize("attn", ["naive", "sdpa"])
 def test_packed_examples_lose_and_learn_exactly_as_padded(attn):
-    """Each example's summed loss in packed rows equals its padded row's (float64, 1e-12), and so do
-    the gradients of the batch's loss: positions restart at every example and attention stays inside
-    it."""
+    """An example's summed loss in packed rows equals its padded row's (float64, 1e-12), as do the
+    batch loss's gradients: positions restart at each example and attention stays inside it."""
     rows, (xp, yp, packing), (x, y) = packed_and_padded()
     assert xp.shape[0] < x.shape[0] and xp.numel() < x.numel()  # fewer rows, less padding
     torch.manual_seed(0)
@@ -366,13 +367,13 @@ def test_attention_never_crosses_packed_examples():
 
 
 def test_a_run_that_cannot_train_stops_with_the_reason(tmp_path, capsys, files):
-    """As pretrain.py: fp16 at --lr 1 ends with exit status 3 and one line, and the good checkpoint
-    is kept."""
+    """As pretrain.py: fp16 at --lr 1 stops (exit 3) in one line; the good checkpoint is kept."""
     with pytest.raises(SystemExit) as e:
         run(files, tmp_path / "o", "--lr", "1", "--amp", "fp16", "--max-steps", "100",
             "--save-every", "2", "--samples", "0")
     err = capsys.readouterr().err.strip()
     assert e.value.code == 3 and "\n" not in err, err
-    assert err.startswith("sft.py: stopped: step ") and "in a row" in err and "last good checkpoint" in err
+    assert (err.startswith("sft.py: stopped: step ") and "in a row" in err
+            and "last good checkpoint" in err)
     step = int(err.split("at step ")[-1])
     assert checkpoint.find(tmp_path / "o")[1]["step"] == step

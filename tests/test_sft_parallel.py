@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import chat
 import checkpoint
 import data
 import lora
 import moe
 import sft
+import sft_data
 import stack
 import tensor_parallel
 import training
@@ -30,17 +32,17 @@ def files(tmp_path_factory):
     # Long and short responses mixed, so that the ranks' micro-batches hold different numbers of
     # response tokens: a per-rank mean would then differ from the step's token mean, and the test
     # would see it.
-    rows = reverse_examples(40) + [{"instruction": "Say x.",
-                                    "output": "x" * n} for n in (3, 30, 9, 45, 1, 20)] * 4
+    rows = reverse_examples(40) + [{"instruction": "Say x.", "output": "x" * n}
+                                   for n in (3, 30, 9, 45, 1, 20)] * 4
     return {"init": make_init(d / "init"), "train": write_jsonl(d / "train.jsonl", rows),
             "val": write_jsonl(d / "val.jsonl", reverse_examples(10, seed=1)), "dir": d}
 
 
 def argv(files, out, extra):
-    return ["--init", str(files["init"]), "--data", str(files["train"]), "--val-data",
-            str(files["val"]), "--out", str(out), "--batch-size", "8", "--grad-accum", "2", "--lr",
-            "1e-2", "--warmup-steps", "1", "--max-steps", "4", "--eval-every", "2", "--samples",
-            "0", "--log-every", "1", *extra]
+    return ["--init", str(files["init"]), "--data", str(files["train"]),
+            "--val-data", str(files["val"]), "--out", str(out), "--batch-size", "8",
+            "--grad-accum", "2", "--lr", "1e-2", "--warmup-steps", "1", "--max-steps", "4",
+            "--eval-every", "2", "--samples", "0", "--log-every", "1", *extra]
 
 
 def trainable(model):
@@ -52,13 +54,12 @@ def sft_rank(rank, world, files, out, extra):
     return res["losses"], res["val_losses"], trainable(res["model"])
 
 
-@pytest.mark.parametrize("extra", [["--zero", "0"], ["--zero", "2", "--lora-r", "4",
-                                                     "--lora-targets", "wq,wv,w2"]],
+@pytest.mark.parametrize("extra", [["--zero", "0"],
+                                   ["--zero", "2", "--lora-r", "4", "--lora-targets", "wq,wv,w2"]],
                          ids=["ddp", "zero2-lora"])
 def test_data_parallel_sft_matches_one_process(tmp_path, files, extra):
     """Losses (train and held-out) and the trained parameters agree with one process to fp32
-    rounding: the summation order differs (two ranks' partial sums, then an all-reduce), nothing
-    else does."""
+    rounding: only the summation order differs (two ranks' partial sums, then an all-reduce)."""
     one = sft.main(argv(files, tmp_path / "one", extra))
     ranks = run_distributed(sft_rank, 2, files, tmp_path / "two", extra)
     ref = trainable(one["model"])
@@ -78,15 +79,16 @@ def test_data_parallel_sft_matches_one_process(tmp_path, files, extra):
 
 
 def _sft_layouts_world4(rank, world, files, out):
-    packed = sft.main(argv(files, f"{out}/pp", ["--tp", "2", "--pp", "2", "--microbatches", "2",
-                                                "--pack"]))
+    packed = sft.main(argv(files, f"{out}/pp",
+                           ["--tp", "2", "--pp", "2", "--microbatches", "2", "--pack"]))
     lora_z3 = sft.main(argv(files, f"{out}/z3", LORA_Z3))
-    loaded = sft.main(argv(files, f"{out}/load", ["--tp", "2", "--adapter", f"{out}/z3/adapter.pt",
-                                                    "--max-steps", "0"]))
+    loaded = sft.main(argv(files, f"{out}/load",
+                           ["--tp", "2", "--adapter", f"{out}/z3/adapter.pt", "--max-steps", "0"]))
     first = sft.main(argv(files, f"{out}/resume", LORA_Z3 + ["--stop-after", "2"]))
     second = sft.main(argv(files, f"{out}/resume", LORA_Z3 + ["--resume"]))
     resumed_exactly = first["losses"] + second["losses"] == lora_z3["losses"]
-    return packed["losses"], packed["val_losses"], lora_z3["losses"], loaded["val_losses"], resumed_exactly
+    return (packed["losses"], packed["val_losses"], lora_z3["losses"], loaded["val_losses"],
+            resumed_exactly)
 
 
 LORA_Z3 = ["--zero", "3", "--tp", "2", "--lora-r", "4", "--lora-targets", "wq,wo,w2"]
@@ -103,7 +105,8 @@ def test_sft_tp2_pp2_packed_and_lora_zero3_tp2_through_sft_py(tmp_path, files):
     for packed, val, lora_losses, loaded_val, resumed in run_distributed(_sft_layouts_world4, 4,
                                                                          files, str(tmp_path)):
         assert resumed
-        assert packed == pytest.approx(one["losses"], rel=1e-5) and val == pytest.approx(one["val_losses"], rel=1e-5)
+        assert packed == pytest.approx(one["losses"], rel=1e-5)
+        assert val == pytest.approx(one["val_losses"], rel=1e-5)
         assert lora_losses == pytest.approx(one_lora["losses"], rel=1e-5)
         assert loaded_val == [pytest.approx(one_lora["val_losses"][-1], rel=1e-5)]
     for name, key in (("adapter.pt", "adapter"), ("merged.pt", "model")):
@@ -116,8 +119,7 @@ def test_sft_tp2_pp2_packed_and_lora_zero3_tp2_through_sft_py(tmp_path, files):
 
 
 def moe_init(path):
-    """An MoE base as pretrain.py --experts 4 --topk 2 writes it: the experts' flags travel in its
-    args."""
+    """An MoE base as pretrain.py --experts 4 --topk 2 writes it: the experts' flags in its args."""
     flags = {"experts": 4, "topk": 2, "moe_layers": "all", "capacity_factor": None,
              "aux_loss_weight": 1e-2}
     torch.manual_seed(0)
@@ -125,13 +127,13 @@ def moe_init(path):
     cfg = {**asdict(CFG), "attn": "-", "activation_checkpointing": False}
     path.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "model_config": cfg, "tokenizer": "bytes",
-                "args": flags},
-               path / "model.pt")
+                "args": flags}, path / "model.pt")
     return path / "model.pt"
 
 
 def _sft_ep(rank, world, files, out):
-    return sft.main(argv(files, out, ["--ep", "2", "--grad-clip", "0.05"]))["losses"], _norms(Path(out))
+    flags = ["--ep", "2", "--grad-clip", "0.05"]
+    return sft.main(argv(files, out, flags))["losses"], _norms(Path(out))
 
 
 def _norms(out):
@@ -178,20 +180,20 @@ def test_lora_on_the_experts_of_an_moe_base_with_expert_parallelism(tmp_path, fi
 ENC = data.get_tokenizer("bytes")
 EOT = data.eot_id(ENC)
 STEPS, N_MICRO, CLIP = 3, 4, 0.05          # 4 micro-batches of 2 examples per step
-LINES = reverse_examples(12) + [{"instruction": "Say x.",
-                                 "output": "x" * n} for n in (3, 30, 9, 45)]
-ROWS = sft.tokenize([(f"f:{i}", sft.to_messages(l, "-")) for i, l in enumerate(LINES)], ENC,
-                    CFG.block_size)[0]
+LINES = reverse_examples(12) + [{"instruction": "Say x.", "output": "x" * n}
+                                for n in (3, 30, 9, 45)]
+ROWS = sft_data.tokenize([(f"f:{i}", chat.to_messages(l, "-")) for i, l in enumerate(LINES)],
+                         ENC, CFG.block_size)[0]
 torch.manual_seed(0)
 BASE = Transformer(CFG).state_dict()
 TARGETS = "wq,wo,w1,w2"                  # column- and row-parallel layers both
 
 
 def step_batches(step, multiple, packed):
-    """The step's N_MICRO micro-batches: long and short responses mixed, so their label counts
-    differ."""
-    idx = torch.randperm(len(ROWS), generator=torch.Generator().manual_seed(step))[:2 * N_MICRO].tolist()
-    make = sft.pack if packed else sft.collate
+    """The step's N_MICRO micro-batches: long and short responses mixed, so label counts differ."""
+    idx = torch.randperm(len(ROWS),
+                         generator=torch.Generator().manual_seed(step))[:2 * N_MICRO].tolist()
+    make = sft_data.pack if packed else sft_data.collate
     return [make([ROWS[i] for i in idx[2 * m:2 * m + 2]], EOT,
                  *([CFG.block_size] if packed else []), multiple)
             for m in range(N_MICRO)]
@@ -216,19 +218,18 @@ def train_sft(topo, tp, pp, schedule, zero, sp, use_lora, packed):
         opt.zero_grad()
         losses.append(training.mean_over_dp(loss, topo).item())
         norms.append(norm)
-    # LoRA under ZeRO: only the adapters reach the optimizer (the frozen base carries no state, is
-    # not sharded).
+    # LoRA under ZeRO: only the adapters reach the optimizer (the frozen base: no state, no shards).
     stepped = [p for g in opt.param_groups for p in g["params"]] if zero == 0 or topo.dp == 1 else [
         p for u in opt.units for p in u.params]
-    only_adapters = {id(p) for p in stepped} == {id(p) for n,
-                                                 p in model.named_parameters() if ".lora_" in n}
+    only_adapters = ({id(p) for p in stepped}
+                     == {id(p) for n, p in model.named_parameters() if ".lora_" in n})
     with opt.gathered() if zero == 3 and topo.dp > 1 else contextlib.nullcontext():
         # the adapters whole, by their names in the whole model (gathered over tp and pp)
         if use_lora:
             trained = lora.lora_state_dict(model, topo)
         else:
-            trained = {lora.full_name(model, n): p.detach().clone() for n,
-                       p in model.named_parameters()}
+            trained = {lora.full_name(model, n): p.detach().clone()
+                       for n, p in model.named_parameters()}
     return losses, norms, trained, only_adapters
 
 
@@ -242,19 +243,20 @@ def check_layouts(layouts, world):
     # clipping is active at every step
     assert min(refs[False][1]) > CLIP and min(refs[True][1]) > CLIP
     for rank_results in run_distributed(_layouts, world, layouts):
-        for layout, (tp_rank, (losses, norms, trained, only_adapters)) in zip(layouts, rank_results):
+        for layout, (tp_rank, result) in zip(layouts, rank_results):
+            losses, norms, trained, only_adapters = result
             tp, use_lora = layout[0], layout[5]
             ref_losses, ref_norms, ref_trained, _ = refs[use_lora]
             # float64, the same arithmetic up to summation order (partial sums over ranks and
-            # micro-batches, packed rows' shorter or longer matmuls): 3 Adam steps keep agreement
-            # near 1e-13.
+            # micro-batches, packed rows' shorter or longer matmuls): 3 Adam steps stay near 1e-13.
             assert losses == pytest.approx(ref_losses, rel=1e-10), layout
             assert norms == pytest.approx(ref_norms, rel=1e-10), layout
             if use_lora:
                 assert trained.keys() == ref_trained.keys() and only_adapters, layout
             for name, p in trained.items():
                 d = None if use_lora else tensor_parallel.split_dim(name)
-                want = ref_trained[name] if d is None else ref_trained[name].chunk(tp, dim=d)[tp_rank]
+                want = (ref_trained[name] if d is None
+                        else ref_trained[name].chunk(tp, dim=d)[tp_rank])
                 torch.testing.assert_close(p, want, rtol=1e-10, atol=1e-12,
                                            msg=lambda m: f"{layout} {name}: {m}")
 
@@ -271,8 +273,7 @@ def test_sft_every_layout_matches_one_process_world2():
 
 
 def test_sft_zero1_tp2_pp2_and_lora_zero3_tp2_pp2_world8():
-    """World 8 = dp 2 x pp 2 x tp 2, full fine-tuning under ZeRO-1, and LoRA under ZeRO-3 on packed
-    rows."""
+    """World 8 = dp 2 x pp 2 x tp 2: full fine-tuning under ZeRO-1, packed LoRA under ZeRO-3."""
     check_layouts([(2, 2, "1f1b", 1, False, False, False), (2, 2, "1f1b", 3, False, True, True)], 8)
 
 
@@ -288,11 +289,11 @@ def _lora_tp(rank, world):
                                   adapt=adapt)
         tensor_parallel.set_gather_output(model, True)
         return model
-    base, adapted = build(), build(lambda m: lora.apply_lora(m, r=4, alpha=8.0, targets=TARGETS,
-                                                             seed=0))
+    base, adapted = build(), build(lambda m: lora.apply_lora(m, r=4, alpha=8.0,
+                                                             targets=TARGETS, seed=0))
     step0_equal = torch.equal(base(x)[0], adapted(x)[0])
-    own = sum(p.numel() for p in adapted.parameters() if p.requires_grad
-              and not tensor_parallel.is_tp_duplicate(p))
+    own = sum(p.numel() for p in adapted.parameters()
+              if p.requires_grad and not tensor_parallel.is_tp_duplicate(p))
     _, opt = stack.build_training(adapted, sft.parse(["--lr", "1e-2"]), torch.float64, topo)
     for step in range(2):
         training.forward_backward(adapted, step_batches(step, 1, False), topo, "1f1b",
@@ -312,8 +313,7 @@ def test_lora_on_tp2_starts_at_the_base_counts_r_d_in_plus_d_out_and_merges():
     # r = 4 on wq, wo, w1, w2
     expected = CFG.n_layer * 4 * ((d + q) + (q + d) + (d + ff) + (ff + d))
     assert all(r[0] for r in results)  # B = 0: the adapted model's logits are the base's, exactly
-    # The slices of B (column-parallel) and A (row-parallel) on each rank plus one copy of the whole
-    # factors.
+    # The ranks' slices of B (column-parallel) and A (row-parallel), and once the unsliced factors.
     assert sum(r[1] for r in results) == expected
     plain = Transformer(CFG).double()
     plain.load_state_dict(results[0][4])
