@@ -2,7 +2,7 @@
 tokens/s.
 
 The idea: a causal model's keys and values of past positions never change, so generation keeps them
-(model.py's KVCache) and runs in two phases of different cost, for N matmul parameters, L layers,
+(kv_cache.py) and runs in two phases of different cost, for N matmul parameters, L layers,
 context T:
     prefill   the prompt's P tokens in one forward: 2N FLOPs per token (+ attention) in large matmuls, so it is
               compute-bound, like training's forward

@@ -1,4 +1,4 @@
-"""Generation with the KV cache (model.py's KVCache, Transformer.stream) and generate.py's command
+"""Generation with the KV cache (kv_cache.py, model.py's Transformer.stream) and generate.py's command
 line: the cached tokens are the uncached ones, the cached logits the full forward's, sampling keeps
 what it should."""
 import re
