@@ -94,7 +94,6 @@ def materialize(module, device, fill):
                 values = fill(name, p).to(device=device, dtype=p.dtype)
                 fits = values.shape == p.shape and values.is_contiguous()
                 assert fits, f"{name}: {values.shape}"
-
                 new = nn.Parameter(values, p.requires_grad)
                 new.__dict__.update(p.__dict__)
                 done[p] = new

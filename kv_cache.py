@@ -10,7 +10,7 @@ of them (model.cached_attention), with rotary angles of the absolute positions (
 
 Its size, per sequence:
     2 (K and V) * n_layer * T * n_kv_head * head_dim * bytes per value
-grouped-query attention's few KV heads make it n_head / n_kv_head times smaller.
+Grouped-query attention's few KV heads make it n_head / n_kv_head times smaller.
 
 See it run: `python generate.py out/pretrain --prompt "def "` prints the cache's size in bytes
 and the prefill and decode tokens/s; with `--no-cache` the same tokens come without it.

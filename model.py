@@ -13,9 +13,9 @@ Formulas, per token, for L layers of width d, context T and N parameters in matr
                                         backward twice that; the attention term counts the causal
                                         half of the T x T scores)
     activations     ~ L T d (34 + 5 a T / d) bytes in half precision without checkpointing
-                      (Korthikanti et al.); with --activation-checkpointing only each block's input
-                      is kept: 2 L T d bytes, at the cost of one more forward per block in the
-                      backward.
+                      (Korthikanti et al.); with --activation-checkpointing only each block's
+                      input is kept: 2 L T d bytes, at the cost of one more forward per block
+                      in the backward.
 
 Generation (generate.py) keeps each layer's past keys and values (kv_cache.py): they never change
 in a causal model, so each new token is one forward of that token alone, its query against the
@@ -164,7 +164,7 @@ def causal_mask(Tq, Tk, device):
 
 
 def naive_attention(q, k, v, doc=None):
-    """softmax(q k^T / sqrt(d) + causal mask) v, materialising the T x T matrix: O(N^2) memory."""
+    """softmax(q k^T / sqrt(d) + mask) v with the whole T x T matrix: the O(T^2) memory baseline."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
@@ -224,7 +224,8 @@ def sdpa_attention(q, k, v, doc=None):
         documents' tiles);
       - fp32 (--amp fp32; a CPU's default): the memory-efficient kernel takes fp32 and masks but
         not enable_gqa, so on CUDA K and V are first expanded to the query heads.
-    On a CPU the flash kernel serves every form in any dtype: fp32 and fp64 calls go as they did."""
+    On a CPU the flash kernel serves every form in any dtype: fp32 and fp64 calls are as they
+    always were."""
     gqa = q.shape[1] != k.shape[1]
     if doc is not None and q.dtype in FLASH_DTYPES:
         # imported late: Triton is only needed when asked for
@@ -255,7 +256,7 @@ class Attention(nn.Module):
         # positions 0..T-1: the tables may be longer (under sequence parallelism x is gathered here)
         if cos.dim() == 2:
             cos, sin = cos[:T], sin[:T]
-        # -1 heads: under tensor parallelism the local linears are narrower: this rank's heads only.
+        # -1 heads: under tensor parallelism the local linears are narrower, this rank's heads only.
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -294,9 +295,6 @@ class Block(nn.Module):
 
 def cross_entropy(logits, targets, reduction="mean"):
     """Loss of (..., V) logits, in fp32 or better; labels of -100 are ignored (padding, prompts)."""
-
-
-
     flat = logits.view(-1, logits.shape[-1])
     return F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)),
                            targets.reshape(-1), ignore_index=-100, reduction=reduction)
