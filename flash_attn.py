@@ -1,5 +1,4 @@
-"""flash_attn.py: FlashAttention-2, forward and backward, as Triton kernels beside a plain-PyTorch
-twin.
+"""flash_attn.py: FlashAttention-2 forward and backward, Triton kernels beside a plain-PyTorch twin.
 
 The idea: attention's N x N score matrix never needs to exist. Cut Q into query tiles and K, V into
 key tiles small enough for on-chip memory; for one query tile, stream the key tiles past it and keep
@@ -7,10 +6,10 @@ a running row max m and row sum l (the online softmax), rescaling the partial ou
 grows. Only O and one number per row, the logsumexp L = m + log l, go back to HBM. The backward
 recomputes each probability tile from Q, K and L instead of reading a stored P.
 
-    forward   S = scale Q K^T,  P = exp(S - L),  O = P V                       4 B H N^2 D FLOPs (half if causal)
+    forward   S = scale Q K^T,  P = exp(S - L),  O = P V          4 B H N^2 D FLOPs (half if causal)
     backward  Delta = rowsum(dO * O),  dV = P^T dO,  dP = dO V^T,
               dS = P * (dP - Delta),  dQ = scale dS K,  dK = scale dS^T Q        2.5x the forward
-              (5 matmuls to the forward's 2; the kernels do 7: their dQ pass recomputes S and dP, flash_kernels.py)
+              (5 matmuls to the forward's 2; flash_kernels.py does 7: its dQ pass recomputes S, dP)
     memory    O(B H N D) for O, L and the gradients, against O(B H N^2) for naive attention
 
 The twin (below) is the lecture's pseudo-code, FlashAttention-2's Algorithms 1 and 2, in PyTorch;
@@ -19,14 +18,13 @@ iteration, plus what the GPU rewards (exp2, unmasked tiles away from the diagona
 first, autotuned tile sizes).
 
 Masks beyond causal, both visiting only the tiles the mask leaves anything in:
-    offset    query i sees key j iff j + k_offset <= i + q_offset: Q and K are two chunks of one longer sequence,
-              the block ring attention computes (context_parallel.py); return_lse=True hands back L, with which
-              partial results over disjoint key sets merge exactly
-    doc       (B, N) document ids of examples packed into one row, non-decreasing: a query sees only its own
-              document's keys; key tiles that end before the query tile's first document starts are skipped
-              (and, not causal, those that start after its last one ends)
-A row that sees no key (an offset can do that) gets O = 0 and L = -inf, so it adds nothing when
-merged.
+    offset    query i sees key j iff j + k_offset <= i + q_offset: Q and K are two chunks of one
+              longer sequence, the block ring attention computes (context_parallel.py);
+              return_lse=True hands back L, with which results over disjoint key sets merge exactly
+    doc       (B, N) document ids of examples packed into one row, non-decreasing: a query sees only
+              its own document's keys; key tiles that end before the query tile's first document
+              starts are skipped (and, not causal, those that start after its last one ends)
+A row that sees no key (an offset can do that) gets O = 0 and L = -inf: it adds nothing to a merge.
 
 Where it runs: CUDA tensors use the kernels (fp16, bf16; fp32 with tf32 dots, or exact fp32 ones
 while torch.get_float32_matmul_precision() is "highest"). CPU tensors use the Triton interpreter
@@ -61,8 +59,7 @@ def doc_bounds(doc):
 
 def _twin_keep(i, j, n_i, n_j, causal, offset, docs, device):
     """Which scores of the tile (query rows i.., key rows j..) are kept, as (B or 1, 1, n_i, n_j);
-    None if all. Query i sees key j iff j <= i + offset (causal) and both lie in the same document
-    (docs)."""
+    None if all. Query i sees key j iff j <= i + offset (causal), both in one document (docs)."""
     rows, cols = torch.arange(i, i + n_i, device=device), torch.arange(j, j + n_j, device=device)
     keep = torch.ones(1, n_i, n_j, dtype=torch.bool, device=device)
     if causal:
@@ -73,8 +70,7 @@ def _twin_keep(i, j, n_i, n_j, causal, offset, docs, device):
 
 
 def _twin_key_range(i, n_i, N, causal, offset, docs, block):
-    """The key tiles [lo, hi) that query rows i .. i + n_i - 1 can see (tile-aligned lo): the rest
-    is skipped."""
+    """The only key tiles [lo, hi) that query rows i .. i + n_i - 1 can see (lo tile-aligned)."""
     lo, hi = 0, N
     if causal:                          # the last row sees keys up to i + n_i - 1 + offset
         hi = min(N, max(0, i + n_i + offset))
@@ -87,8 +83,7 @@ def _twin_key_range(i, n_i, N, causal, offset, docs, block):
 
 
 def _twin_query_range(j, n_j, N, causal, offset, docs, block):
-    """The query tiles [lo, hi) that can see key rows j .. j + n_j - 1 (the backward's view of the
-    same mask)."""
+    """The query tiles [lo, hi) that can see key rows j .. j + n_j - 1 (the backward's view)."""
     lo, hi = 0, N
     if causal:                          # the first row to see key j is j - offset
         lo = min(N, max(0, j - offset))
@@ -98,9 +93,8 @@ def _twin_query_range(j, n_j, N, causal, offset, docs, block):
 
 
 def twin_forward(q, k, v, causal, scale, block=None, offset=0, docs=None):
-    """Algorithm 1 (forward): returns O and the logsumexp L of each row, nothing of size N x N. A
-    row that sees no key at all (possible with an offset) gets O = 0 and L = -inf: it adds nothing
-    when merged."""
+    """Algorithm 1 (forward): returns O and the logsumexp L of each row, nothing of size N x N.
+    A row that sees no key (an offset can do that) gets O = 0 and L = -inf, adding nothing."""
     B, H, N, D = q.shape
     block = block or TWIN_BLOCK
     # 16-bit inputs, fp32 arithmetic: as the kernels do
@@ -114,12 +108,10 @@ def twin_forward(q, k, v, causal, scale, block=None, offset=0, docs=None):
         l = torch.zeros_like(m)
         acc = torch.zeros_like(qi)
         lo, hi = _twin_key_range(i, qi.shape[2], N, causal, offset, docs, block)
-        # inner loop: the key tiles this tile can see
-        for j in range(lo, hi, block):
+        for j in range(lo, hi, block):                            # inner loop: the K_j it can see
             s = scale * qi @ k[:, :, j:j + block].transpose(-2, -1)
             keep = _twin_keep(i, j, *s.shape[-2:], causal, offset, docs, q.device)
-            # only tiles that cross the mask's edge
-            if keep is not None:
+            if keep is not None:                                  # tiles on the mask's edge only
                 s = s.masked_fill(~keep, -math.inf)
             m_new = torch.maximum(m, s.amax(-1))
             # a row with nothing kept yet: exp(-inf) = 0
@@ -136,24 +128,22 @@ def twin_forward(q, k, v, causal, scale, block=None, offset=0, docs=None):
 
 
 def twin_backward(q, k, v, o, lse, do, causal, scale, block=None, offset=0, docs=None):
-    """Algorithm 2 (backward): recompute each P tile from Q, K and L; returns dQ, dK, dV. O and L
-    may be those of a larger attention this call is one block of (ring attention): P = exp(S - L) is
-    then this block's share of the whole softmax, and the gradients are this block's exact
-    contribution."""
+    """Algorithm 2 (backward): recompute each P tile from Q, K and L; returns dQ, dK, dV.
+    O and L may be those of a larger attention this call is one block of (ring attention):
+    P = exp(S - L) is then this block's share of the whole softmax, and the gradients are this
+    block's exact contribution."""
     B, H, N, D = q.shape
     block = block or TWIN_BLOCK
     H_kv, dtype, acc_t = k.shape[1], q.dtype, torch.promote_types(q.dtype, torch.float32)
     q, o, do = q.to(acc_t), o.to(acc_t), do.to(acc_t)
     k, v = (t.repeat_interleave(H // H_kv, dim=1).to(acc_t) for t in (k, v))
     delta = (do * o).sum(-1)                                      # rowsum(dO * O) = rowsum(P * dP)
-    # rows that saw no key: their P is 0 anyway
-    lse = lse.masked_fill(lse == -math.inf, 0)
+    lse = lse.masked_fill(lse == -math.inf, 0)                    # rows that saw no key have P = 0
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for j in range(0, N, block):                                  # outer loop: key tile K_j, V_j
         kj, vj = k[:, :, j:j + block], v[:, :, j:j + block]
         lo, hi = _twin_query_range(j, kj.shape[2], N, causal, offset, docs, block)
-        # inner loop: the query tiles that see it
-        for i in range(lo, hi, block):
+        for i in range(lo, hi, block):                            # inner loop: the Q_i that see it
             sl = slice(i, i + block)
             s = scale * q[:, :, sl] @ kj.transpose(-2, -1)
             keep = _twin_keep(i, j, *s.shape[-2:], causal, offset, docs, q.device)
@@ -177,15 +167,14 @@ def _uses_triton(x):
 
 def attention_forward(q, k, v, causal, scale, offset=0, docs=None):
     """(O, L) of one attention block: the kernels for CUDA tensors (or under the interpreter), else
-    the twin. offset: query i sees key j iff j <= i + offset (causal); docs: doc_bounds(doc). Inputs
-    dense, as checked."""
+    the twin. offset: query i sees key j iff j <= i + offset (causal); docs: doc_bounds(doc).
+    Inputs dense, as checked."""
     return (triton_forward if _uses_triton(q) else twin_forward)(q, k, v, causal, scale,
                                                                  offset=offset, docs=docs)
 
 
 def attention_backward(q, k, v, o, lse, do, causal, scale, offset=0, docs=None):
-    """(dQ, dK, dV) of one block, given the O and L of the attention it belongs to (its own, or a
-    merged one)."""
+    """(dQ, dK, dV) of one block, given O and L of the attention it is part of (own or merged)."""
     backward = triton_backward if _uses_triton(q) else twin_backward
     return backward(q, k, v, o, lse, do.contiguous(), causal, scale, offset=offset, docs=docs)
 
@@ -204,16 +193,15 @@ class FlashAttention(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         q, k, v, o, lse = ctx.saved_tensors
         return (*attention_backward(q, k, v, o, lse, do, ctx.causal, ctx.scale, ctx.offset,
-                                    ctx.docs),
-                None, None, None, None)
+                                    ctx.docs), None, None, None, None)
 
 
 def check_inputs(q, k, v):
-    """One-line errors for what the kernels cannot take, before any work; returns dense copies where
-    needed."""
+    """One-line errors for what the kernels cannot take, before any work; returns q, k, v dense."""
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         raise TypeError("flash_attention: q, k and v must be torch tensors")
-    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+    if (q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[0] != k.shape[0]
+            or q.shape[2:] != k.shape[2:]):
         raise ValueError(f"flash_attention: expected q (B, H, N, D) and k, v (B, H_kv, N, D), got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     B, H, N, D = q.shape
@@ -235,7 +223,8 @@ def check_inputs(q, k, v):
               (torch.float32, torch.float16) if _uses_triton(q) else
               (torch.float16, torch.bfloat16, torch.float32, torch.float64))
     if q.dtype not in dtypes:
-        where = "CUDA" if q.is_cuda else "the Triton interpreter" if _uses_triton(q) else "the CPU twin"
+        where = ("CUDA" if q.is_cuda else "the Triton interpreter" if _uses_triton(q)
+                 else "the CPU twin")
         raise ValueError(f"flash_attention: dtype {str(q.dtype)[6:]} is unsupported on {where}; "
                          f"use one of {', '.join(str(d)[6:] for d in dtypes)}")
     # the kernels index the dense (B, H, N, D) layout; copies if not
@@ -243,28 +232,27 @@ def check_inputs(q, k, v):
 
 
 def check_doc(doc, q):
-    """doc: (B, N) integer document ids shared by queries and keys, non-decreasing along each
-    row."""
+    """doc: (B, N) integer document ids of queries and keys alike, non-decreasing along a row."""
     B, N = q.shape[0], q.shape[2]
-    if not isinstance(doc, torch.Tensor) or doc.shape != (B, N) or doc.is_floating_point() or doc.is_complex():
-        what = f"{doc.dtype} {tuple(doc.shape)}" if isinstance(doc, torch.Tensor) else type(doc).__name__
+    if (not isinstance(doc, torch.Tensor) or doc.shape != (B, N) or doc.is_floating_point()
+            or doc.is_complex()):
+        what = (f"{doc.dtype} {tuple(doc.shape)}" if isinstance(doc, torch.Tensor)
+                else type(doc).__name__)
         raise ValueError("flash_attention: doc must be integer document ids of shape (B, N) = "
                          f"({B}, {N}), got {what}")
     if doc.device != q.device:
         raise ValueError(f"flash_attention: doc on {doc.device}, q on {q.device}")
     if N > 1 and (doc[:, 1:] < doc[:, :-1]).any():
         b, i = (doc[:, 1:] < doc[:, :-1]).nonzero()[0].tolist()
-        raise ValueError("flash_attention: doc ids must not decrease along a row (packed "
-                         "examples one after "
-                         f"another); row {b} goes from {doc[b, i].item()} to "
-                         f"{doc[b, i + 1].item()} " f"at {i + 1}")
+        raise ValueError("flash_attention: doc ids must not decrease along a row (packed examples "
+                         f"one after another); row {b} goes from {doc[b, i].item()} to "
+                         f"{doc[b, i + 1].item()} at {i + 1}")
     return doc_bounds(doc)
 
 
 def flash_attention(q, k, v, causal=False, softmax_scale=None, doc=None, q_offset=0, k_offset=0,
                     return_lse=False):
-    """softmax(scale q k^T [+ mask]) v without the N x N matrix; q (B, H, N, D), k and v (B, H_kv,
-    N, D).
+    """softmax(scale q k^T [+ mask]) v, no N x N matrix: q (B, H, N, D), k and v (B, H_kv, N, D).
 
     causal: query i sees key j iff j + k_offset <= i + q_offset (the offsets place two chunks of one
     longer sequence, as ring attention needs). doc: (B, N) document ids of packed examples,
@@ -364,7 +352,8 @@ def benchmark():
 
 def memory():
     from model import naive_attention
-    print("\npeak memory of forward + backward above the inputs, causal, bf16, B=1 H=16 D=128 (MiB)")
+    print("\npeak memory of forward + backward above the inputs, causal, bf16, "
+          "B=1 H=16 D=128 (MiB)")
     print(f"{'N':>6} {'ours':>8} {'naive':>8} {'naive/ours':>10}")
     for N in (1024, 2048, 4096, 8192, 16384):
         q, k, v, do = _inputs(1, 16, 16, N, 128, torch.bfloat16, "cuda")
@@ -404,9 +393,9 @@ def packing(device, dtype, N, docs, H=4, D=64, reps=3):
         ms[name] = (time.perf_counter() - t0) / reps * 1e3
     want = naive_attention(*(t.detach().double() for t in (q, k, v)), doc=doc[None])
     err = (flash_attention(q, k, v, causal=True, doc=doc[None]).double() - want).abs().max().item()
-    print(f"  packed: {docs} documents of {N // docs} in one row of {N}, {str(dtype)[6:]}: max "
-          f"|error| vs naive with the same mask {err:.1e}; forward + backward {ms['packed']:.0f} "
-          f"ms against {ms['causal']:.0f} ms for one causal row "
+    print(f"  packed: {docs} documents of {N // docs} in one row of {N}, {str(dtype)[6:]}: "
+          f"max |error| vs naive with the same mask {err:.1e}; forward + backward "
+          f"{ms['packed']:.0f} ms against {ms['causal']:.0f} ms for one causal row "
           f"({ms['causal'] / ms['packed']:.1f}x)")
 
 
@@ -421,8 +410,8 @@ if __name__ == "__main__":
         benchmark()
         memory()
     else:
-        where = "the Triton interpreter" if INTERPRET else ("the PyTorch twin (TRITON_INTERPRET=1 "
-                                                            "runs the kernels)")
+        where = ("the Triton interpreter" if INTERPRET
+                 else "the PyTorch twin (TRITON_INTERPRET=1 runs the kernels)")
         print(f"No CUDA device: the benchmark needs a GPU. A correctness check of {where} instead:")
         check("cpu", torch.float32 if INTERPRET else torch.float64, B=1, H=4, H_kv=2, N=100, D=32)
         packing("cpu", torch.float32, 128 if INTERPRET else 1024, 4 if INTERPRET else 8, reps=1)

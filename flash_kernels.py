@@ -2,12 +2,14 @@
 
 flash_attn.py holds the algorithm in plain PyTorch (the twin), the entry point and the demo; this
 file holds the same loops with one program instance per outer iteration:
-    twin_forward, outer loop over query tiles i   ->  _fwd_kernel, one program per (query tile, batch, head)
-    twin_backward, Delta = rowsum(dO * O)         ->  _bwd_delta_kernel
-    twin_backward, outer loop over key tiles j    ->  _bwd_dkdv_kernel, one program per (key tile, batch, KV head);
-                                                      it also loops over the query heads sharing that KV head (GQA)
-    twin_backward's  dQ_i += scale dS K_j         ->  _bwd_dq_kernel, a second pass over query tiles: each dQ tile
-                                                      has one owner, so no atomic adds (FlashAttention-2 uses them)
+    twin_forward's loop over query tiles i  ->  _fwd_kernel, a program per (query tile, batch, head)
+    twin_backward's Delta = rowsum(dO * O)  ->  _bwd_delta_kernel
+    twin_backward's loop over key tiles j   ->  _bwd_dkdv_kernel, a program per key tile, batch and
+                                                KV head; it also loops over the query heads sharing
+                                                that KV head (GQA)
+    twin_backward's dQ_i += scale dS K_j    ->  _bwd_dq_kernel, a second pass over query tiles: each
+                                                dQ tile has one owner, so no atomic adds
+                                                (FlashAttention-2 uses them)
 The kernels add what the GPU rewards: exp2 with log2(e) folded into the scale; causal key tiles
 above the diagonal never visited, tiles below it run without any mask, only the diagonal (and a
 ragged last tile) masks; the longest causal query tiles launch first; tile sizes autotuned among
@@ -16,8 +18,8 @@ whole rows; with document ids every visited tile is masked and the tiles outside
 documents are not visited at all.
 
 CUDA tensors run them compiled; CPU tensors run them in the Triton interpreter when
-TRITON_INTERPRET=1 was set before the import (flash_attn.py chooses). Not run on its own: `python
-flash_attn.py` is the demo.
+TRITON_INTERPRET=1 was set before the import (flash_attn.py chooses). Not run on its own:
+`python flash_attn.py` is the demo.
 """
 import os
 
@@ -32,16 +34,16 @@ def _configs(tiles, name_a, name_b):
     """Autotune candidates; the interpreter cannot benchmark, so it gets one small config."""
     if INTERPRET:  # a held tile of two streamed ones: tests see the diagonal block cut in two
         return [triton.Config({name_a: 32, name_b: 16})]
-    return [triton.Config({name_a: a, name_b: b}, num_warps=w, num_stages=s) for a, b, w, s,
-            _ in tiles]
+    return [triton.Config({name_a: a, name_b: b}, num_warps=w, num_stages=s)
+            for a, b, w, s, _ in tiles]
 
 
 def _for_head_dim(tiles):
-    """Autotune's early pruning: the candidates made for the call's head dim (its last entry the
-    largest)."""
+    """Autotune's early pruning: the candidates made for the call's head dim (the last entry of a
+    tile is the largest head dim it is made for)."""
     def prune(configs, nargs, **kwargs):
-        return configs if INTERPRET else [c for c,
-                                          t in zip(configs, tiles) if kwargs["HEAD_DIM"] <= t[-1]]
+        return configs if INTERPRET else [c for c, t in zip(configs, tiles)
+                                          if kwargs["HEAD_DIM"] <= t[-1]]
     return {"early_config_prune": prune}
 
 
@@ -127,7 +129,8 @@ def _fwd_kernel(Q, K, V, O, LSE, DOCS, DSTART, DEND, qk_scale, H, GROUP, N, N_BU
     q_off = bh.to(tl.int64) * N * HEAD_DIM
     # this batch row's document ids, shared by queries and keys
     doc_off = (bh // H).to(tl.int64) * N
-    rows, offs_n, offs_d = start_m + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    rows, offs_n, offs_d = (start_m + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N),
+                            tl.arange(0, BLOCK_D))
     d_ok = offs_d[None, :] < HEAD_DIM  # BLOCK_D is HEAD_DIM rounded up to a power of two
     q_ok = (rows[:, None] < N) & d_ok
     q = tl.load(Q + q_off + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=q_ok, other=0.0)
@@ -154,7 +157,7 @@ def _fwd_kernel(Q, K, V, O, LSE, DOCS, DSTART, DEND, qk_scale, H, GROUP, N, N_BU
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     tl.store(O + q_off + rows[:, None] * HEAD_DIM + offs_d[None, :],
              (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=q_ok)
-    # ln
+    # L back in natural-log units: ln x = log2 x * ln 2
     tl.store(LSE + bh.to(tl.int64) * N + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453,
              mask=rows < N)
 
@@ -191,7 +194,8 @@ def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, cols, dock, DOCQ, offs_m, offs_
             if CAUSAL:
                 keep = keep & (rows[None, :] + OFFSET >= cols[:, None])
             if DOC:
-                keep = keep & (tl.load(DOCQ + rows, mask=rows < N, other=-2)[None, :] == dock[:, None])
+                keep = keep & (tl.load(DOCQ + rows, mask=rows < N, other=-2)[None, :]
+                               == dock[:, None])
             s_t = tl.where(keep, s_t, float("-inf"))
         # P recomputed from L: exact probabilities, no running max needed
         p_t = tl.exp2(s_t - lse[None, :])
@@ -215,16 +219,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DOCS, DSTART, DEND, qk_sca
     bh_kv = tl.program_id(1)
     kv_off = bh_kv.to(tl.int64) * N * HEAD_DIM
     doc_off = (bh_kv // (H // GROUP)).to(tl.int64) * N
-    cols, offs_m, offs_d = start_n + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
+    cols, offs_m, offs_d = (start_n + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_M),
+                            tl.arange(0, BLOCK_D))
     d_ok = offs_d[None, :] < HEAD_DIM
     kv_ok = (cols[:, None] < N) & d_ok
     k = tl.load(K + kv_off + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_ok, other=0.0)
     v = tl.load(V + kv_off + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=kv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # Query tiles: causal ones from the first row that sees key start_n (i >= j - OFFSET) are masked
-    # up to the first row that sees the whole key tile (start_free), then full ones, then the ragged
-    # end.
+    # Query tiles: causal ones from the first row that sees key start_n (i >= j - OFFSET) are
+    # masked up to the first row that sees the whole key tile (start_free); then full ones, then
+    # the ragged end.
     lo = start_n * 0
     start_free = start_n * 0
     if CAUSAL:
@@ -261,8 +266,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DOCS, DSTART, DEND, qk_sca
                                  qk_scale, HEAD_DIM, BLOCK_M, True, CAUSAL, False, PRECISION)
     tl.store(DK + kv_off + cols[:, None] * HEAD_DIM + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + kv_off + cols[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=kv_ok)
+    tl.store(DV + kv_off + cols[:, None] * HEAD_DIM + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit
@@ -297,7 +302,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, DOCS, DSTART, DEND, qk_scale, sm
     kv_off = (bh // H * (H // GROUP) + bh % H // GROUP).to(tl.int64) * N * HEAD_DIM
     q_off = bh.to(tl.int64) * N * HEAD_DIM
     doc_off = (bh // H).to(tl.int64) * N
-    rows, offs_n, offs_d = start_m + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+    rows, offs_n, offs_d = (start_m + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N),
+                            tl.arange(0, BLOCK_D))
     d_ok = offs_d[None, :] < HEAD_DIM
     q_ok = (rows[:, None] < N) & d_ok
     q = tl.load(Q + q_off + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=q_ok, other=0.0)
@@ -333,16 +339,14 @@ def _meta(q, k, causal, offset, docs):
     # run sets torch.set_float32_matmul_precision("high"), exact fp32 ("ieee") under the default
     # "highest" that exact comparisons keep. N_BUCKET is only the autotuner's key: tune once per
     # power of two of N, not for every N (generation grows N token by token).
+    exact = q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
     return dict(H=H, GROUP=H // k.shape[1], N=N, N_BUCKET=triton.next_power_of_2(N), OFFSET=offset,
                 HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=causal, DOC=docs is not None,
-                PRECISION="ieee" if q.dtype == torch.float32
-                and torch.get_float32_matmul_precision() == "highest"
-                else "tf32")
+                PRECISION="ieee" if exact else "tf32")
 
 
 def _doc_args(q, docs):
-    """(ids, start, end) of doc_bounds; without documents, one placeholder the kernels never
-    read."""
+    """(ids, start, end) of doc_bounds; without documents, a placeholder the kernels never read."""
     return docs if docs is not None else (torch.zeros(1, dtype=torch.int32, device=q.device),) * 3
 
 
@@ -362,9 +366,8 @@ def triton_backward(q, k, v, o, lse, do, causal, scale, offset=0, docs=None):
     _bwd_delta_kernel[(triton.cdiv(N, 64), B * H)](o, do, delta, N, D, meta["BLOCK_D"], 64)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     args = (*_doc_args(q, docs), scale * 1.4426950408889634, scale)
-    _bwd_dkdv_kernel[lambda m: (triton.cdiv(N, m["BLOCK_N"]),
-                                B * k.shape[1])](q, k, v, do, dk, dv, lse, delta,
-                                                                               *args, **meta)
-    _bwd_dq_kernel[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)](q, k, v, do, dq, lse, delta,
-                                                                    *args, **meta)
+    dkdv_grid = lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * k.shape[1])
+    dq_grid = lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)
+    _bwd_dkdv_kernel[dkdv_grid](q, k, v, do, dk, dv, lse, delta, *args, **meta)
+    _bwd_dq_kernel[dq_grid](q, k, v, do, dq, lse, delta, *args, **meta)
     return dq, dk, dv

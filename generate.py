@@ -1,18 +1,16 @@
-"""generate.py: text from a trained model, one token at a time, with a KV cache; prefill and decode
-tokens/s.
+"""generate.py: text from a trained model, token by token with a KV cache; prefill/decode tokens/s.
 
 The idea: a causal model's keys and values of past positions never change, so generation keeps them
-(model.py's KVCache) and runs in two phases of different cost, for N matmul parameters, L layers,
-context T:
-    prefill   the prompt's P tokens in one forward: 2N FLOPs per token (+ attention) in large matmuls, so it is
-              compute-bound, like training's forward
-    decode    one forward per new token, of that token alone: 2N FLOPs for reading every weight once (N x bytes
-              per weight) plus the whole cache, so it is bound by memory bandwidth:
+(kv_cache.py) and runs in two phases of different cost (N matmul parameters, L layers, context T):
+    prefill   the prompt's P tokens in one forward: 2N FLOPs per token (+ attention) in large
+              matmuls, so it is compute-bound, like training's forward
+    decode    one forward per new token, of that token alone: 2N FLOPs for reading every weight
+              once (N x bytes per weight) plus the whole cache, so it is bound by memory bandwidth:
                   tokens/s <= bandwidth / (weight bytes + KV cache bytes)    (batch 1)
-              e.g. the 1b preset's 1.08 B matmul weights in bf16 (2.15 GB; the embedding is a lookup of one row)
-              on an H100 (3.35 TB/s): at most ~1,550 tokens/s
-    KV cache  2 (keys and values) * L * T * n_kv_head * head_dim * bytes per value, per sequence: grouped-query
-              attention's few KV heads make it n_head / n_kv_head times smaller
+              e.g. the 1b preset's 1.08 B matmul weights in bf16 (2.15 GB; the embedding is a
+              lookup of one row) on an H100 (3.35 TB/s): at most ~1,550 tokens/s
+    KV cache  2 (keys and values) * L * T * n_kv_head * head_dim * bytes per value, per sequence:
+              grouped-query attention's few KV heads make it n_head / n_kv_head times smaller
 Without the cache (--no-cache) every new token runs the whole sequence again: the t-th token costs a
 forward over t tokens, so n tokens cost O(n^2) token-forwards instead of O(n). INT8 weights (--int8,
 quantization.py's weight-only PTQ) halve the bytes decode reads against bf16.
@@ -23,10 +21,10 @@ probabilities sum to >= p; Holtzman et al., 2019). The padded vocabulary's ids (
 n_vocab) are never drawn. Generation stops at the tokenizer's end-of-text, after --max-new-tokens,
 or at the end of the model's context.
 
-Run:
-    python generate.py out/pretrain --prompt "def "           # a run's --out, a step folder, model.pt or an HF folder
+Run (the path: a run's --out, a step folder, a consolidated model.pt or a Hugging Face folder):
+    python generate.py out/pretrain --prompt "def "
     python generate.py out/sft --prompt "Reverse the word hello." --chat --temperature 0
-    python generate.py model.pt --prompt "def " --temperature 0 --no-cache   # the same tokens, without the cache
+    python generate.py model.pt --prompt "def " --temperature 0 --no-cache   # same tokens, no cache
 """
 import sys
 import time
@@ -44,42 +42,40 @@ from quantization import quantize_model_int8
 from chat import prompt_ids, stop_ids
 from weights import load_weights
 
+
 class GenerateError(ValueError):
     """Bad input: the message is the one line the user sees."""
 
 
 def build_parser():
-    p = flags.OneLineParser(prog="generate.py", description="Generate text from a trained model "
-                                                            "with a KV "
-                                "cache; prints the text and the prefill and decode tokens/s.")
+    p = flags.OneLineParser(prog="generate.py",
+                            description="Generate text from a trained model with a KV cache; "
+                                        "prints the text and the prefill and decode tokens/s.")
     a = p.add_argument
     a("path", help="a run's --out folder (its newest complete step), a step folder, a "
                    "consolidated file (checkpoint.py consolidate) or a Hugging Face Llama folder")
     a("--prompt", required=True, help="the text to continue (with --chat: the user's message)")
-    a("--chat", action="store_true", help="wrap the prompt as a user message in the fine-tuning "
-                                          "template")
+    a("--chat", action="store_true",
+      help="wrap the prompt as a user message in the fine-tuning template")
     a("--max-new-tokens", type=int, default=200, help="tokens generated at most")
     a("--temperature", type=float, default=0.8, help="softmax temperature; 0: greedy")
     a("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
-    a("--top-p", type=float, default=1.0, help="nucleus: the smallest set of tokens with "
-                                               "probability >= p")
+    a("--top-p", type=float, default=1.0,
+      help="nucleus: the smallest set of tokens with probability >= p")
     a("--seed", type=int, default=0, help="random seed of the sampling")
-    a("--int8", action="store_true", help="INT8 weight-only quantization of every linear "
-                                          "(quantization.py)")
-    a("--no-cache", action="store_true", help="recompute the whole sequence for every token (for "
-                                              "comparison)")
+    a("--int8", action="store_true",
+      help="INT8 weight-only quantization of every linear (quantization.py)")
+    a("--no-cache", action="store_true",
+      help="recompute the whole sequence for every token (for comparison)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-      help="cpu or cuda (default: cuda if "
-                                                                             "there is one)")
+      help="cpu or cuda (default: cuda if there is one)")
     a("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
-      help="compute dtype (default: fp32 on cpu, bf16 "
-                                                                      "on cuda and with --int8)")
+      help="compute dtype (default: fp32 on cpu, bf16 on cuda and with --int8)")
     return p
 
 
 def check_args(args):
-    """Every flag's value, before any file is read: one line naming the flag and what would be
-    valid."""
+    """Every flag's value, before any file is read: one line naming the flag and what is valid."""
     if not Path(args.path).exists():
         raise GenerateError(f"{args.path}: no such file or folder (a run's --out, a consolidated "
                             "file or a Hugging Face folder)")
@@ -95,14 +91,13 @@ def check_args(args):
         raise GenerateError(f"--top-k must be at least 1, got {args.top_k}")
     if args.device.split(":")[0] not in ("cpu", "cuda") or (args.device.startswith("cuda")
                                                              and not torch.cuda.is_available()):
-        raise GenerateError(f"--device {args.device}: use cpu"
-                            + (" or cuda" if torch.cuda.is_available() else
-                                                                  " (no CUDA device here)"))
+        other = " or cuda" if torch.cuda.is_available() else " (no CUDA device here)"
+        raise GenerateError(f"--device {args.device}: use cpu{other}")
 
 
 def load(args):
     """(model on the device in eval mode, tokenizer) from args.path; a damaged or foreign file is
-    one line."""
+    one line of error, no traceback."""
     try:
         init = load_weights(args.path)
         enc = data_lib.get_tokenizer(init["tokenizer"])
@@ -119,25 +114,25 @@ def load(args):
     try:
         model.load_state_dict(init["model"])
     except RuntimeError as e:
+        lines = str(e).splitlines()
+        why = lines[1].strip() if len(lines) > 1 else e
         raise GenerateError(f"{args.path}: weights do not fit the model they describe "
-                            f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+                            f"({why})") from None
     dtype = DTYPES[args.dtype or ("fp32" if args.device == "cpu" and not args.int8 else "bf16")]
     model = quantize_model_int8(model, dtype) if args.int8 else model.to(dtype)
     return model.to(args.device).eval(), enc
 
 
 def prompt_tokens(args, enc, block_size):
-    """The prompt's ids (with --chat: the template up to the assistant's header); it must leave room
-    to generate."""
+    """The prompt's ids (--chat: the template up to the assistant's header), below the context."""
     if args.chat:
         ids = prompt_ids(enc, [{"role": "user", "content": args.prompt},
                                {"role": "assistant", "content": ""}])
     else:
         ids = enc.encode_ordinary(args.prompt)
     if len(ids) >= block_size:
-        raise GenerateError(f"--prompt is {len(ids)} tokens; the model's context is "
-                            f"{block_size}: at most {block_size - 1}, to leave room for a new "
-                            "token")
+        raise GenerateError(f"--prompt is {len(ids)} tokens; the model's context is {block_size}: "
+                            f"at most {block_size - 1}, to leave room for a new token")
     return ids
 
 
@@ -178,9 +173,8 @@ def report(model, args, n_prompt, n_new, prefill_s, decode_s, hit_eos):
     decode = f"{(n_new - 1) / decode_s:,.1f} tokens/s" if n_new > 1 and decode_s > 0 else "-"
     why = "end-of-text" if hit_eos else ("the context's end" if T + 1 >= cfg.block_size
                                          else "--max-new-tokens")
-    return (f"prefill {n_prompt} tokens: {n_prompt / prefill_s:,.1f} tokens/s | decode "
-            f"{max(n_new - 1, 0)} tokens: "
-            f"{decode} | "
+    return (f"prefill {n_prompt} tokens: {n_prompt / prefill_s:,.1f} tokens/s | "
+            f"decode {max(n_new - 1, 0)} tokens: {decode} | "
             f"{'no cache' if args.no_cache else f'KV cache of {T} positions: {cache:,} bytes'}"
             f"{' | int8' if args.int8 else ''} | stopped at {why}")
 

@@ -22,13 +22,11 @@ import torch
 import torch.nn as nn
 
 
-# about this many values per generator: whole rows of the parameter, at least one
-ELEMENTS_PER_DRAW = 1 << 20
+ELEMENTS_PER_DRAW = 1 << 20  # about this many values per generator: whole rows, at least one
 
 
 def init_seed():
-    """The model's seed: one draw from torch's global generator (torch.manual_seed(seed) makes it
-    repeatable)."""
+    """The model's seed: one draw from torch's global generator (torch.manual_seed repeats it)."""
     return int(torch.randint(0, 2 ** 62, (), device="cpu"))
 
 
@@ -53,16 +51,15 @@ def init_rule(name, shape, n_layer):
 
 
 def draw_seed(seed, name, block):
-    return int.from_bytes(hashlib.blake2b(f"{seed}/{name}/{block}".encode(),
-                                          digest_size=8).digest(), "little")
+    digest = hashlib.blake2b(f"{seed}/{name}/{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 @torch.no_grad()
 def init_values(name, shape, box, seed, n_layer, dtype=None, device=None):
     """Rows and columns `box` ([start, length] per dimension) of the full parameter `name` (of
-    `shape`), as the whole model's init draws them. Only the blocks of rows the box meets are drawn
-    (one at a time): a slice of rows costs its rows, a slice of columns one block of rows at a
-    time."""
+    `shape`), as the whole model's init draws them. Only the blocks of rows the box meets are drawn,
+    one at a time: a slice of rows costs its rows, a slice of columns a block of rows at a time."""
     out = torch.empty([n for _, n in box], dtype=dtype, device=device)
     kind, scale = init_rule(name, shape, n_layer)
     if kind == "ones":
@@ -73,7 +70,10 @@ def init_values(name, shape, box, seed, n_layer, dtype=None, device=None):
         g = torch.Generator(device=out.device).manual_seed(draw_seed(seed, name, start // rows))
         block = torch.empty(min(rows, shape[0] - start), shape[1], dtype=out.dtype,
                             device=out.device)
-        block.normal_(0.0, scale, generator=g) if kind == "normal" else block.uniform_(-scale, scale, generator=g)
+        if kind == "normal":
+            block.normal_(0.0, scale, generator=g)
+        else:
+            block.uniform_(-scale, scale, generator=g)
         lo, hi = max(start, r0), min(start + rows, r0 + h)
         out[lo - r0:hi - r0] = block[lo - start:hi - start, c0:c0 + w]
     return out
@@ -90,8 +90,10 @@ def materialize(module, device, fill):
             if p is None or not p.is_meta:
                 continue
             if p not in done:
-                values = fill(f"{prefix}.{key}" if prefix else key, p).to(device=device, dtype=p.dtype)
-                assert values.shape == p.shape and values.is_contiguous(), (f"{prefix}.{key}: " f"{values.shape}")
+                name = f"{prefix}.{key}" if prefix else key
+                values = fill(name, p).to(device=device, dtype=p.dtype)
+                fits = values.shape == p.shape and values.is_contiguous()
+                assert fits, f"{name}: {values.shape}"
                 new = nn.Parameter(values, p.requires_grad)
                 new.__dict__.update(p.__dict__)
                 done[p] = new

@@ -9,15 +9,17 @@ last stages share no weight). For imported Hugging Face models (hf.py): Llama 3.
 RoPE scaling (llama3_frequencies) and a head width of their own (ModelConfig.head_dim_override).
 
 Formulas, per token, for L layers of width d, context T and N parameters in matrix multiplies:
-    training FLOPs  ~ 6 N + 6 L d T        (forward 2N + 2LdT multiply-adds counted as 2 FLOPs; backward twice that;
-                                            the attention term counts the causal half of the T x T scores)
-    activations     ~ L T d (34 + 5 a T / d) bytes in half precision without checkpointing (Korthikanti et al.);
-                      with --activation-checkpointing only each block's input is kept: 2 L T d bytes, at the cost
-                      of one more forward per block in the backward.
+    training FLOPs  ~ 6 N + 6 L d T    (forward 2N + 2LdT, multiply-adds counted as 2 FLOPs;
+                                        backward twice that; the attention term counts the causal
+                                        half of the T x T scores)
+    activations     ~ L T d (34 + 5 a T / d) bytes in half precision without checkpointing
+                      (Korthikanti et al.); with --activation-checkpointing only each block's
+                      input is kept: 2 L T d bytes, at the cost of one more forward per block
+                      in the backward.
 
-Generation (generate.py) keeps each layer's past keys and values (KVCache): they never change in a
-causal model, so each new token is one forward of that token alone, its query against the cached
-keys (Transformer.stream).
+Generation (generate.py) keeps each layer's past keys and values (kv_cache.py): they never change
+in a causal model, so each new token is one forward of that token alone, its query against the
+cached keys (Transformer.stream).
 
 The parallel files change this model from outside, never from within: tensor_parallel.py swaps the
 Linear layers and embedding for sharded ones and shrinks `n_head`/`n_kv_head` to the local heads;
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from init import init_seed, init_values, materialize, whole
+from kv_cache import KVCache
 
 
 @dataclass
@@ -55,12 +58,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     attn: str = "sdpa"           # naive | sdpa | flash
     activation_checkpointing: bool = False
-    # Two fields only some imported Hugging Face models need (hf.py); left out of config_dict at
-    # their defaults.
-    # a head width with n_head * head_dim != d_model (HF's head_dim); 0: d_model / n_head
-    head_dim_override: int = 0
+    # Two fields only some imported Hugging Face models need (hf.py), left out of config_dict at
+    # their defaults:
+    head_dim_override: int = 0   # HF's head_dim, for n_head * head_dim != d_model; 0: d / n_head
     # Llama 3.1's long-context RoPE: {"rope_type": "llama3", "factor", "low_freq_factor",
-    # "high_freq_factor", "original_max_position_embeddings"}
+    #                                 "high_freq_factor", "original_max_position_embeddings"}
     rope_scaling: dict | None = None
 
     @property
@@ -72,23 +74,20 @@ ADDED_FIELDS = {"head_dim_override": 0, "rope_scaling": None}  # (their defaults
 
 
 def config_dict(cfg):
-    """A model config as checkpoints record it (and compare, as part of a run's identity): the
-    fields of a ModelConfig (or such a dict), less ADDED_FIELDS while at their defaults, so that a
-    config recorded before those fields existed reads, compares and builds (ModelConfig(**d)) as it
-    did."""
+    """A model config as checkpoints record and compare it (part of a run's identity): the fields
+    of a ModelConfig (or such a dict), less ADDED_FIELDS while at their defaults, so that a config
+    recorded before those fields existed reads, compares and builds (ModelConfig(**d)) as it did."""
     d = asdict(cfg) if not isinstance(cfg, dict) else dict(cfg)
     return {k: v for k, v in d.items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
 
 
 PRESETS = {
-    # CPU-sized: trains to Python-looking samples in a few minutes on 2 cores (with the byte
-    # tokenizer).
+    # CPU-sized: trains to Python-looking samples in a few minutes on 2 cores (byte tokenizer).
     "tiny": ModelConfig(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=384, vocab_size=256,
                         block_size=256),
     "small": ModelConfig(n_layer=6, n_head=6, n_kv_head=2, d_model=384, d_ff=1024, vocab_size=256,
                          block_size=512),
-    # GPT-2 small's shape (12 layers, d=768, 12 heads, T=1024, vocab 50257 padded to 50304),
-    # Llama-style blocks.
+    # GPT-2 small's shape in Llama-style blocks: 12 layers, d=768, 12 heads, T=1024, vocab 50304.
     "gpt2-124m": ModelConfig(n_layer=12, n_head=12, n_kv_head=12, d_model=768, d_ff=2048,
                              vocab_size=50304, block_size=1024),
     # Llama-3.2-1B's shape with the GPT-2 vocabulary: about 1.2B parameters.
@@ -99,8 +98,7 @@ ATTN_BACKENDS = ("naive", "sdpa", "flash")
 
 
 def pad_vocab(n, multiple=64):
-    """Round the vocabulary up so the head's matmul has friendly shapes (50257 -> 50304 for
-    GPT-2)."""
+    """Round the vocabulary up so the head's matmul has friendly shapes (GPT-2: 50257 -> 50304)."""
     return (n + multiple - 1) // multiple * multiple
 
 
@@ -119,12 +117,11 @@ class RMSNorm(nn.Module):
 
 def rope_tables(head_dim, max_len, theta, scaling=None):
     """cos and sin of position * frequency, frequencies theta^(-2i/d): shape (max_len, head_dim/2).
-    With `scaling` (ModelConfig.rope_scaling), Llama 3.1's long-context frequencies
-    (llama3_frequencies)."""
+    With `scaling` (ModelConfig.rope_scaling), Llama 3.1's long-context ones: llama3_frequencies."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     if scaling is not None:
-        inv_freq = llama3_frequencies(inv_freq, **{k: v for k,
-                                                   v in scaling.items() if k != "rope_type"})
+        inv_freq = llama3_frequencies(inv_freq,
+                                      **{k: v for k, v in scaling.items() if k != "rope_type"})
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
     return angles.cos().float(), angles.sin().float()
 
@@ -133,10 +130,11 @@ def llama3_frequencies(inv_freq, factor, low_freq_factor, high_freq_factor,
                        original_max_position_embeddings):
     """Llama 3.1's RoPE scaling (Meta, "The Llama 3 Herd of Models", 2024): a model pretrained on
     contexts of L = original_max_position_embeddings stretches its slow rotations by `factor` and
-    keeps its fast ones. With wavelength w = 2 pi / f: w < L / high_freq_factor (many turns within
-    L): f unchanged; w > L / low_freq_factor (less than a turn or so): f / factor; in between, a
-    blend (1 - s) f / factor + s f with s = (L / w - low_freq_factor) / (high_freq_factor -
-    low_freq_factor)."""
+    keeps its fast ones. With wavelength w = 2 pi / f:
+        w < L / high_freq_factor (many turns within L):    f unchanged
+        w > L / low_freq_factor (less than a turn or so):  f / factor
+        in between, a blend:                               (1 - s) f / factor + s f
+    with s = (L / w - low_freq_factor) / (high_freq_factor - low_freq_factor)."""
     L, wavelen = original_max_position_embeddings, 2 * math.pi / inv_freq
     s = ((L / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
     blended = (1 - s) * inv_freq / factor + s * inv_freq
@@ -145,16 +143,14 @@ def llama3_frequencies(inv_freq, factor, low_freq_factor, high_freq_factor,
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each (x1, x2) pair of the two half-vectors by its angle: relative positions survive
-    q.k."""
+    """Rotate each (x1, x2) pair of half-vectors by its angle: relative positions survive q.k."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 def packed_mask(doc):
-    """(B, 1, T, T) True where query i may attend to key j: j <= i and both in the same example
-    (document id)."""
+    """(B, 1, T, T) True where query i may attend to key j: j <= i, both in one example (doc id)."""
     T = doc.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
     return (causal & (doc[:, :, None] == doc[:, None, :])).unsqueeze(1)
@@ -168,8 +164,7 @@ def causal_mask(Tq, Tk, device):
 
 
 def naive_attention(q, k, v, doc=None):
-    """softmax(q k^T / sqrt(d) + causal mask) v, materialising the T x T matrix: the O(N^2) memory
-    baseline."""
+    """softmax(q k^T / sqrt(d) + mask) v with the whole T x T matrix: the O(T^2) memory baseline."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
@@ -181,8 +176,8 @@ def naive_attention(q, k, v, doc=None):
 
 
 def attention(q, k, v, backend, doc=None):
-    """Causal attention over (B, H, T, D) queries and (B, H_kv, T, D) keys/values. With `doc` (B,
-    T), the document id of each position in packed rows (non-decreasing along a row), a query
+    """Causal attention over (B, H, T, D) queries and (B, H_kv, T, D) keys/values. With `doc`
+    (B, T), the document id of each position in packed rows (non-decreasing along a row), a query
     attends only to keys of its own document: a block-diagonal causal mask, so that packed examples
     never see each other. Keys longer than queries come from a KV cache: the queries are the newest
     positions (causal_mask)."""
@@ -198,8 +193,8 @@ def attention(q, k, v, backend, doc=None):
     if backend == "flash":
         # imported late: Triton is only needed when asked for
         from flash_attn import flash_attention
-        return flash_attention(q, k, v, causal=True) if doc is None else flash_attention(q, k, v, causal=True,
-                                                                                          doc=doc)
+        return (flash_attention(q, k, v, causal=True) if doc is None
+                else flash_attention(q, k, v, causal=True, doc=doc))
     raise ValueError(f"--attn must be one of {', '.join(ATTN_BACKENDS)}, got {backend!r}")
 
 
@@ -215,34 +210,7 @@ def cached_attention(q, k, v, backend):
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-class KVCache:
-    """One layer's keys and values of every position seen so far, preallocated for max_len
-    positions.
-
-    KV cache: in a causal model the keys and values of past positions never change (no position sees
-    a later one), so keep them; each new token then costs one row of attention, its query against
-    the T cached keys, O(T), instead of running the whole prefix again, O(T^2) attention and every
-    weight once per past token. Its size: 2 (K and V) * n_layer * T * n_kv_head * head_dim * bytes
-    per value, per sequence."""
-
-    def __init__(self, max_len):
-        self.max_len, self.len, self.k, self.v = max_len, 0, None, None
-
-    def append(self, k, v):
-        """Write the new positions' k, v (B, H_kv, T, D) after the held ones; return all of them so
-        far."""
-        B, H, T, D = k.shape
-        # allocated at the first write: under tensor parallelism H is this rank's heads only
-        if self.k is None:
-            self.k, self.v = k.new_zeros(B, H, self.max_len, D), v.new_zeros(B, H, self.max_len, D)
-        if self.len + T > self.max_len:
-            raise ValueError(f"KV cache of {self.max_len} positions cannot take {T} more after "
-                             f"{self.len}")
-        self.k[:, :, self.len:self.len + T], self.v[:, :, self.len:self.len + T] = k, v
-        self.len += T
-        return self.k[:, :, :self.len], self.v[:, :, :self.len]
-# SDPA's flash kernel on CUDA takes these dtypes only, and no attn_mask; grouped-query attention
-# through enable_gqa.
+# SDPA's flash kernel on CUDA takes these dtypes only, and no attn_mask (GQA: enable_gqa).
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -251,12 +219,13 @@ def sdpa_attention(q, k, v, doc=None):
     asks for; any call it cannot serve falls to the math backend, which builds the T x T fp32 scores
     of every head:
       - 16-bit causal rows (with GQA or not): the flash kernel;
-      - 16-bit packed rows: their block-diagonal mask is one the flash kernel cannot take, so they go to
-        flash_attn.py's document path, which never builds it (and skips the other documents' tiles);
-      - fp32 (--amp fp32; a CPU's default): the memory-efficient kernel takes fp32 and masks but not enable_gqa,
-        so on CUDA K and V are first expanded to the query heads.
-    On a CPU the flash kernel serves every form in any dtype: fp32 and fp64 calls are as they always
-    were."""
+      - 16-bit packed rows: their block-diagonal mask is one the flash kernel cannot take, so they
+        go to flash_attn.py's document path, which never builds it (and skips the other
+        documents' tiles);
+      - fp32 (--amp fp32; a CPU's default): the memory-efficient kernel takes fp32 and masks but
+        not enable_gqa, so on CUDA K and V are first expanded to the query heads.
+    On a CPU the flash kernel serves every form in any dtype: fp32 and fp64 calls are as they
+    always were."""
     gqa = q.shape[1] != k.shape[1]
     if doc is not None and q.dtype in FLASH_DTYPES:
         # imported late: Triton is only needed when asked for
@@ -275,7 +244,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hd = cfg.head_dim
-        self.n_head, self.n_kv_head, self.head_dim, self.backend = cfg.n_head, cfg.n_kv_head, hd, cfg.attn
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, hd
+        self.backend = cfg.attn
         self.wq = nn.Linear(cfg.d_model, cfg.n_head * hd, bias=False)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * hd, bias=False)
@@ -286,8 +256,7 @@ class Attention(nn.Module):
         # positions 0..T-1: the tables may be longer (under sequence parallelism x is gathered here)
         if cos.dim() == 2:
             cos, sin = cos[:T], sin[:T]
-        # -1 heads: under tensor parallelism the local linears are narrower and hold only this
-        # rank's heads.
+        # -1 heads: under tensor parallelism the local linears are narrower, this rank's heads only.
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -299,8 +268,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x). w1 is the gate, w3 the up projection, w2 the down
-    projection."""
+    """SwiGLU: w2(silu(w1 x) * w3 x), w1 the gate, w3 the up projection, w2 the down projection."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -326,8 +294,7 @@ class Block(nn.Module):
 
 
 def cross_entropy(logits, targets, reduction="mean"):
-    """Next-token loss over (..., V) logits, in fp32 or better; labels of -100 are ignored (padding,
-    prompts)."""
+    """Loss of (..., V) logits, in fp32 or better; labels of -100 are ignored (padding, prompts)."""
     flat = logits.view(-1, logits.shape[-1])
     return F.cross_entropy(flat.to(torch.promote_types(flat.dtype, torch.float32)),
                            targets.reshape(-1), ignore_index=-100, reduction=reduction)
@@ -343,8 +310,7 @@ class Transformer(nn.Module):
         self.init_seed = init_seed()
         # the caller's default device: under torch.device("meta") nothing is made
         device = torch.empty(0).device
-        # A plain function, not a module: tensor_parallel.py swaps in the vocabulary-parallel
-        # cross-entropy.
+        # A plain function, not a module: tensor_parallel.py swaps in its vocabulary-parallel one.
         self.loss_fn = cross_entropy
         with torch.device("meta"):  # shapes only; materialize allocates and fills them once
             self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -353,13 +319,12 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.set_rope_tables(device)
         if device.type != "meta":
-            materialize(self, device, lambda name,
-                        p: init_values(name, p.shape, whole(p.shape), self.init_seed,
-                                                                  cfg.n_layer, p.dtype, device))
+            materialize(self, device,
+                        lambda name, p: init_values(name, p.shape, whole(p.shape), self.init_seed,
+                                                    cfg.n_layer, p.dtype, device))
 
     def set_rope_tables(self, device=None):
-        """The rotary tables, on `device` (again after a build on the meta device:
-        stack.build_model)."""
+        """The rotary tables, on `device` (again after a meta-device build: stack.build_model)."""
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.block_size, self.cfg.rope_theta,
                                self.cfg.rope_scaling)
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
@@ -394,8 +359,7 @@ class Transformer(nn.Module):
         return x
 
     def head(self, x, targets=None, reduction="mean"):
-        """Logits, and with targets the cross-entropy (labels of -100 are ignored: padding, masked
-        prompts)."""
+        """Logits, and with targets the cross-entropy (labels -100 ignored: padding, prompts)."""
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits, None
@@ -408,8 +372,7 @@ class Transformer(nn.Module):
         return self.head(x, targets, reduction) if self.lm_head is not None else (x, None)
 
     def new_cache(self, max_len=None):
-        """An empty KV cache for generation: one KVCache per block, for up to max_len (block_size)
-        positions."""
+        """An empty KV cache: one KVCache per block, for up to max_len (block_size) positions."""
         return [KVCache(max_len or self.cfg.block_size) for _ in self.blocks]
 
     @torch.no_grad()
@@ -422,19 +385,16 @@ class Transformer(nn.Module):
         stays valid). `n_vocab`: the tokenizer's real vocabulary, so that the padding ids (never
         seen in training) are never drawn. `agree`: makes ranks that generate together take one
         token (topology.rank0_token)."""
-        # Room for the prompt and the new tokens only: a Hugging Face model's context may be 128k
-        # positions.
-        cache = self.new_cache(min(self.cfg.block_size,
-                                   idx.shape[1] + max_new_tokens)) if use_cache else None
+        # Room for the prompt and new tokens only: a Hugging Face model's context may be 128k long.
+        cache = (self.new_cache(min(self.cfg.block_size, idx.shape[1] + max_new_tokens))
+                 if use_cache else None)
         for _ in range(max_new_tokens):
             # the context is full: slide from here on
             if cache is not None and idx.shape[1] > cache[0].max_len:
                 cache = None
             if cache is None:
                 logits, _ = self(idx[:, -self.cfg.block_size:])
-            # the first step prefills with the whole prompt, each later one feeds only the newest
-            # token
-            else:
+            else:  # the first step prefills the whole prompt; each later one feeds the newest token
                 logits, _ = self(idx[:, cache[0].len:], cache=cache)
             nxt = sample(logits[:, -1, :n_vocab], temperature, top_k, top_p)
             if agree is not None:
@@ -460,8 +420,8 @@ def top_p_mask(probs, top_p):
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None):
-    """(B, 1) next tokens from (B, V) logits: the argmax at temperature 0; else softmax(logits /
-    temperature) restricted to the top_k most likely tokens and to the top_p nucleus."""
+    """(B, 1) next tokens from (B, V) logits: the argmax at temperature 0; else
+    softmax(logits / temperature) over the top_k most likely tokens and within the top_p nucleus."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
@@ -476,8 +436,7 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 def num_params(model, matmul_only=False):
-    """All parameters, or only those in matrix multiplies (the embedding is a lookup and costs no
-    FLOPs)."""
+    """All parameters, or only those in matrix multiplies (the embedding is a lookup: no FLOPs)."""
     total = sum(p.numel() for p in model.parameters())
     if matmul_only and getattr(model, "tok_emb", None) is not None:
         total -= model.tok_emb.weight.numel()
@@ -489,8 +448,8 @@ def flops_per_token(cfg: ModelConfig, n_matmul_params, seq_len=None):
     Q K^T and P V over all T x T pairs would be 12 L d T (PaLM's count), but a causal model needs
     only the pairs below the diagonal, half of them, and the causal kernels (flash_attn.py, SDPA)
     skip the rest."""
-    # (the attention width n_head * head_dim is d, but for head_dim_override)
     T = seq_len or cfg.block_size
+    # (the attention width n_head * head_dim is d, but for head_dim_override)
     return 6 * n_matmul_params + 6 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
 

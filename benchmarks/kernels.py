@@ -16,9 +16,9 @@ The kernels are compiled as a launch would compile them for bf16 tensors, causal
 (16-byte aligned pointers, N a multiple of 16), each autotuning candidate at the largest head dim it
 is kept for (flash_kernels.py's *_TILES: 64 for the largest tiles, 128 for the others).
 
-    python benchmarks/kernels.py                    # every config, sm_80 and sm_90a (make kernels; minutes)
-    python benchmarks/kernels.py --arch 90 --head-dim 128 --first   # each kernel's first config for D = 128
-    --json FILE writes the rows; exit status 1 when a config does not fit, 3 when no ptxas can be found.
+    python benchmarks/kernels.py  # every config, sm_80 and sm_90a (make kernels; minutes)
+    python benchmarks/kernels.py --arch 90 --head-dim 128 --first  # each kernel's first config
+    --json FILE writes the rows; exit status 1 when a config does not fit, 3 when no ptxas is found.
 """
 import argparse
 import concurrent.futures
@@ -43,8 +43,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import flash_kernels as fk  # noqa: E402
 
-# compute capability: (ptxas name, shared memory per block, bytes:
-# cudaDevAttrMaxSharedMemoryPerBlockOptin)
+# compute capability: (ptxas name, shared memory per block in bytes, as
+# cudaDevAttrMaxSharedMemoryPerBlockOptin reports it)
 ARCHS = {80: ("sm_80", 166912), 90: ("sm_90a", 232448)}
 MAX_REGISTERS = 255
 POINTERS = {"*bf16": ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"), "*fp32": ("LSE", "DELTA"),
@@ -53,8 +53,8 @@ FLOATS = ("qk_scale", "sm_scale")
 DIVISIBLE = ("N", "N_BUCKET")  # a sequence length that is a multiple of 16, as in training
 CONSTANTS = dict(CAUSAL=True, DOC=False, PRECISION="tf32")
 # (name, jitted function, tiles (a, b, warps, stages, largest head dim), the names of a and b):
-# flash_kernels' autotuning candidates; the delta kernel's one launch (64 rows, Triton's default 4
-# warps and 3 stages)
+# flash_kernels' autotuning candidates; the delta kernel's one launch (64 rows, Triton's
+# default 4 warps and 3 stages)
 KERNELS = [("forward", fk._fwd_kernel.fn, fk.FWD_TILES, ("BLOCK_M", "BLOCK_N")),
            ("dK/dV", fk._bwd_dkdv_kernel.fn, fk.DKDV_TILES, ("BLOCK_N", "BLOCK_M")),
            ("dQ", fk._bwd_dq_kernel.fn, fk.DQ_TILES, ("BLOCK_M", "BLOCK_N")),
@@ -95,12 +95,12 @@ def compile_one(job):
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
     shared, limit = kernel.metadata.shared, ARCHS[arch][1]
     tile = " ".join(f"{n[-1]}{v}" for n, v in blocks.items())  # BLOCK_M 128 -> M128
+    fits = spills == 0 and shared <= limit and registers <= MAX_REGISTERS
+    serialized = "wgmma.mma_async instructions are serialized" in text
     return {"kernel": name, "head_dim": head_dim,
-            "config": f"{tile}, {warps} warps, {stages} stages",
-            "arch": ARCHS[arch][0], "registers": registers, "spill_bytes": spills, "shared": shared,
-            "shared_limit": limit, "fits": spills == 0 and shared <= limit
-            and registers <= MAX_REGISTERS, "note": "wgmma serialized (registers)"
-            if "wgmma.mma_async instructions are serialized" in text else "",
+            "config": f"{tile}, {warps} warps, {stages} stages", "arch": ARCHS[arch][0],
+            "registers": registers, "spill_bytes": spills, "shared": shared, "shared_limit": limit,
+            "fits": fits, "note": "wgmma serialized (registers)" if serialized else "",
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -111,8 +111,7 @@ def ptxas_missing(archs):
         from triton.backends.nvidia.compiler import get_ptxas_version
         for arch in archs:
             get_ptxas_version(arch)
-    # (RuntimeError, OSError, CalledProcessError: whichever the lookup raises)
-    except Exception as e:
+    except Exception as e:  # RuntimeError, OSError, CalledProcessError: whichever the lookup raises
         return f"no ptxas for {arch}: {str(e).splitlines()[0][:120]}"
     return None
 
@@ -121,9 +120,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", type=int, nargs="+", choices=sorted(ARCHS), default=sorted(ARCHS),
                    help="compute capabilities (80: A100, 90: H100/H200 as sm_90a)")
-    p.add_argument("--head-dim", type=int, help="only the configs kept for this head dim, "
-                                                "compiled for it "
-                   "(default: each config at the largest head dim it is kept for)")
+    p.add_argument("--head-dim", type=int,
+                   help="only the configs kept for this head dim, compiled for it (default: "
+                        "each config at the largest head dim it is kept for)")
     p.add_argument("--first", action="store_true", help="only each kernel's first config")
     p.add_argument("--jobs", type=int, default=os.cpu_count(),
                    help="compiles in parallel (processes)")

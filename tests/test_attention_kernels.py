@@ -35,8 +35,7 @@ def flash_only_sdpa(calls):
 
 
 def packed_inputs(B=2, T=32):
-    """Rows of three packed examples each: positions restart at every example, doc ids count
-    them."""
+    """Rows of three packed examples: positions restart at every example, doc ids number them."""
     lengths = [10, 12, 10]
     pos = torch.cat([torch.arange(n) for n in lengths]).repeat(B, 1)
     doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).repeat(B, 1)
@@ -57,23 +56,20 @@ def test_every_attention_call_is_served_by_a_flash_kernel_in_bf16(monkeypatch, n
     monkeypatch.setattr(model_lib.F, "scaled_dot_product_attention", flash_only_sdpa(calls))
     import flash_attn
     real_flash = flash_attn.flash_attention
-    monkeypatch.setattr(flash_attn, "flash_attention", lambda *a,
-                        **kw: calls.append("flash_attn doc") or
-                        real_flash(*a, **kw))
+    monkeypatch.setattr(flash_attn, "flash_attention",
+                        lambda *a, **kw: calls.append("flash_attn doc") or real_flash(*a, **kw))
     _, loss = model(idx, idx, **extra)
     loss.backward()
     assert calls == [("flash_attn doc" if packed else "sdpa-flash")] * cfg.n_layer
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    # The same model in float64 on the plain path (masked SDPA on the CPU): bf16's rounding apart,
-    # the same loss.
+    # In float64 on the plain path (masked SDPA on the CPU): the same loss, bf16's rounding apart.
     monkeypatch.setattr(model_lib.F, "scaled_dot_product_attention", REAL_SDPA)
     _, ref_loss = ref(idx, idx, **extra)
     assert abs(loss.double().item() - ref_loss.item()) < 0.02 * ref_loss.item()
 
 
 def test_packed_rows_in_bf16_match_the_masked_path():
-    """The document path and the block-diagonal mask compute the same attention (bf16 inputs, both
-    fp32 inside)."""
+    """The document path and the block-diagonal mask agree (bf16 inputs, fp32 inside both)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, h, 32, 16).to(torch.bfloat16) for h in (4, 2, 2))
     doc = packed_inputs()["doc"]

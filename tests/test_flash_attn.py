@@ -1,5 +1,4 @@
-"""flash_attn.py against naive attention: the twin in float64, the Triton kernels through the
-interpreter.
+"""flash_attn.py against naive attention: the twin in float64, the Triton kernels interpreted.
 
 The Triton interpreter is switched on by TRITON_INTERPRET=1, read once when triton is imported;
 setting it here would change every later test in this process. So the interpreter cases run in one
@@ -23,9 +22,9 @@ from model import PRESETS, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# (B, H, H_kv, N, D, causal): odd lengths (ragged last tiles), GQA groups of 1 to 4, head dims that
-# are and are not powers of two. The twin runs with 16-row tiles, the interpreter with 32 x 16
-# tiles.
+# (B, H, H_kv, N, D, causal): odd lengths (ragged last tiles), GQA groups of 1 to 4, head dims
+# that are and are not powers of two. The twin runs with 16-row tiles, the interpreter with
+# 32 x 16 tiles.
 CASES = [
     (1, 2, 2, 16, 16, True),
     (2, 4, 2, 37, 32, True),
@@ -38,8 +37,8 @@ CASES = [
 
 
 def naive(q, k, v, causal, scale=None, doc=None, q_offset=0, k_offset=0, return_lse=False):
-    """softmax(scale q k^T + mask) v, materialising the N x N matrix. A row that sees no key gives 0
-    (L = -inf)."""
+    """softmax(scale q k^T + mask) v, materialising the N x N matrix. A row that sees no key gives
+    O = 0 and L = -inf."""
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     s = (scale or 1 / math.sqrt(q.shape[-1])) * q @ k.transpose(-2, -1)
@@ -97,15 +96,15 @@ def test_twin_matches_naive_in_float64(case, monkeypatch):
 def test_softmax_scale_is_used():
     q, k, v, do = make_inputs((1, 2, 1, 20, 16, False))
     assert_all_close(run(flash_attention, q, k, v, do, torch.float64, False, softmax_scale=0.3),
-                     run(naive, q, k, v, do, torch.float64, False, scale=0.3), rtol=1e-10,
-                     atol=1e-12)
+                     run(naive, q, k, v, do, torch.float64, False, scale=0.3),
+                     rtol=1e-10, atol=1e-12)
 
 
 def test_non_contiguous_inputs_give_the_same_result():
     q, k, v, do = make_inputs((2, 4, 2, 24, 32, True))
     dense = run(flash_attention, q, k, v, do, torch.float64, True)
-    # As model.py passes them: (B, N, H, D) storage seen through a transpose; and every other
-    # element of D.
+    # As model.py passes them, (B, N, H, D) storage seen through a transpose; then a view of
+    # every other element of D (stride 2).
     strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
     assert not strided[0].is_contiguous()
     assert_all_close(run(flash_attention, *strided, do, torch.float64, True), dense, rtol=0, atol=0)
@@ -116,14 +115,13 @@ def test_non_contiguous_inputs_give_the_same_result():
 
 # ----------------------------------------------------------------- masks: causal offsets, documents
 def packed(*rows):
-    """(B, N) document ids of examples of the given lengths, one row per argument: packed([3, 5],
-    [8])."""
+    """(B, N) document ids of examples of these lengths, a row per argument: packed([3, 5], [8])."""
     return torch.stack([torch.arange(len(r)).repeat_interleave(torch.tensor(r)) for r in rows])
 
 
 # (case, keyword arguments): offsets that widen the band, empty the first rows, unmask or mask
-# everything; documents of ragged lengths (tile edges fall inside them), different per row, causal
-# and not, with GQA.
+# everything; documents of ragged lengths (tile edges fall inside them), different per row,
+# causal and not, with GQA.
 MASK_CASES = [
     ((1, 2, 1, 40, 16, True), dict(q_offset=24)),
     ((1, 2, 2, 37, 32, True), dict(k_offset=5)),
@@ -147,8 +145,8 @@ def run_lse(fn, q, k, v, do, dtype, causal, **kw):
 def test_twin_masks_match_naive_in_float64(case, kw, monkeypatch):
     monkeypatch.setattr(flash_attn, "TWIN_BLOCK", 16)
     q, k, v, do = make_inputs(case)
-    got, want = (run_lse(f, q, k, v, do, torch.float64, case[-1],
-                         **kw) for f in (flash_attention, naive))
+    got, want = (run_lse(f, q, k, v, do, torch.float64, case[-1], **kw)
+                 for f in (flash_attention, naive))
     # -inf logsumexp (rows that see nothing) compare equal; everything else to float64 rounding.
     for name, a, b in zip(("out", "dq", "dk", "dv", "lse"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
@@ -156,9 +154,9 @@ def test_twin_masks_match_naive_in_float64(case, kw, monkeypatch):
 
 def poisoned(fn, dtype, causal):
     """Three tile-aligned documents of 32 tokens; every input outside the middle one is nan. The
-    middle one's results are returned beside those of attention over that document alone: equal, and
-    finite, only if no tile of another document was read (a masked nan still poisons: 0 * nan =
-    nan)."""
+    middle one's results are returned beside those of attention over that document alone: equal,
+    and finite, only if no tile of another document was read (a masked nan still poisons:
+    0 * nan = nan)."""
     q, k, v, do = make_inputs((1, 2, 1, 96, 16, causal))
     mine = torch.arange(96) // 32 == 1
     bad = [t.clone().masked_fill(~mine[:, None], math.nan) for t in (q, k, v, do)]
@@ -179,8 +177,7 @@ def test_twin_skips_tiles_of_other_documents(causal, monkeypatch):
     (dict(causal=True, doc=torch.zeros(1, 8, dtype=torch.long), k_offset=2),
      "cannot take q_offset/k_offset"),
     (dict(doc=torch.zeros(1, 9, dtype=torch.long)),
-     r"doc must be integer document ids of shape \(B, N\) = "
-                                                   r"\(1, 8\), got torch.int64 \(1, 9\)"),
+     r"doc must be integer document ids of shape \(B, N\) = \(1, 8\), got torch.int64 \(1, 9\)"),
     (dict(doc=torch.zeros(1, 8)), "doc must be integer document ids"),
     (dict(doc=torch.tensor([[0, 0, 1, 1, 0, 2, 2, 2]])),
      "must not decrease along a row.*row 0 goes from 1 to 0 at 4"),
@@ -253,17 +250,15 @@ INTERP_CASES = [(case, torch.float32) for case in CASES] + [(CASES[1], torch.flo
 
 
 def interpreter_child(path):
-    """In the child (TRITON_INTERPRET=1 set before the import): run every case through the Triton
-    kernels."""
+    """In the child (TRITON_INTERPRET=1 set before the import): every case through the kernels."""
     assert flash_attn.INTERPRET
     jobs, results = torch.load(path), {}
     for i, (case, dtype) in enumerate(jobs["cases"]):
         q, k, v, do = make_inputs(case)
         results[i] = run(flash_attention, q, k, v, do, dtype, case[-1])
     q, k, v, do = make_inputs(CASES[1])  # non-contiguous, as model.py passes them
-    results["strided"] = run(flash_attention, *(x.transpose(1, 2).contiguous().transpose(1, 2)
-                                                for x in (q, k, v)),
-                             do, torch.float32, True)
+    strided = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    results["strided"] = run(flash_attention, *strided, do, torch.float32, True)
     for i, (case, kw) in enumerate(MASK_CASES):
         results["mask", i] = run_lse(flash_attention, *make_inputs(case), torch.float32, case[-1],
                                      **kw)
@@ -340,7 +335,8 @@ def test_triton_kernels_skip_tiles_of_other_documents(interpreted, causal):
 
 
 def test_interpreter_refuses_bf16(interpreted):
-    assert "dtype bfloat16 is unsupported on the Triton interpreter; use one of float32, float16" in interpreted["bf16"]
+    assert ("dtype bfloat16 is unsupported on the Triton interpreter; use one of float32, float16"
+            in interpreted["bf16"])
 
 
 def test_model_with_triton_kernels_matches_sdpa(interpreted):
@@ -357,16 +353,15 @@ def test_cuda_bf16_is_as_accurate_as_sdpa(causal):
     q, k, v, do = (x.cuda().bfloat16().double() for x in make_inputs((B, H, H_kv, N, D, causal)))
     want = run(naive, q, k, v, do, torch.float64, causal)
     ours = run(flash_attention, q, k, v, do, torch.bfloat16, causal)
-    sdpa = run(lambda *a, causal: torch.nn.functional.scaled_dot_product_attention(*a, is_causal=causal,
-                                                                                    enable_gqa=True),
+    torch_sdpa = torch.nn.functional.scaled_dot_product_attention
+    sdpa = run(lambda *a, causal: torch_sdpa(*a, is_causal=causal, enable_gqa=True),
                q, k, v, do, torch.bfloat16, causal)
     for name, a, b, w in zip(("out", "dq", "dk", "dv"), ours, sdpa, want):
-        # bf16 rounding of P, dS and the results dominates: no worse than twice PyTorch's own
-        # kernel.
+        # bf16 rounding of P, dS and the results dominates: at most twice PyTorch's kernel's error.
         assert (a - w).abs().max() <= 2 * (b - w).abs().max() + 1e-3, name
     # fp32 with exact (not tf32) dots against float64.
-    assert_all_close(run(flash_attention, q, k, v, do, torch.float32, causal), want, rtol=1e-4,
-                     atol=1e-4)
+    assert_all_close(run(flash_attention, q, k, v, do, torch.float32, causal), want,
+                     rtol=1e-4, atol=1e-4)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Generation with the KV cache (model.py's KVCache, Transformer.stream) and generate.py's command
-line: the cached tokens are the uncached ones, the cached logits the full forward's, sampling keeps
-what it should."""
+"""Generation with the KV cache (kv_cache.py, model.py's Transformer.stream) and generate.py's
+command line: the cached tokens are the uncached ones, the cached logits the full forward's,
+sampling keeps what it should."""
 import re
 import subprocess
 import sys
@@ -25,8 +25,7 @@ CFG = replace(PRESETS["tiny"], n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_f
 
 def build(cfg=CFG, dtype=torch.float64, seed=0):
     """Weights larger than the training init (std 0.02), so that every token's logits depend on the
-    context: a model at init repeats one token whatever it attends to, and would hide a wrong
-    cache."""
+    context: a model at init repeats one token whatever it attends to, hiding a wrong cache."""
     torch.manual_seed(seed)
     model = Transformer(cfg)
     for p in model.parameters():
@@ -53,8 +52,8 @@ def test_greedy_with_the_cache_equals_greedy_without(dtype, n_kv_head):
 @pytest.mark.parametrize("backend", ["naive", "sdpa", "flash"])  # flash: on a CPU its PyTorch twin
 def test_cached_logits_equal_the_full_forward(backend):
     """A prefill of 9, a chunk of 6 more on top of the cache (queries offset against the keys), then
-    one token at a time: every position's logits as one forward over the whole sequence gives them,
-    float64."""
+    one token at a time: every position's logits, in float64, as one forward over the whole
+    sequence gives them."""
     model = build(replace(CFG, n_kv_head=1))
     for b in model.blocks:
         b.attn.backend = backend
@@ -77,8 +76,7 @@ def test_the_cache_refuses_more_than_it_holds():
 
 
 def _tp_generation(rank, world):
-    """The same model and seed, cut over `world` tensor-parallel ranks (local heads); every rank
-    generates."""
+    """The same model and seed on `world` tensor-parallel ranks (local heads); each generates."""
     model = build(replace(CFG, n_head=4, n_kv_head=2))
     tensor_parallel.parallelize(model, Topology(tp=world))
     tensor_parallel.set_gather_output(model, True)
@@ -90,8 +88,7 @@ def _tp_generation(rank, world):
 
 
 def test_tensor_parallel_generation_equals_one_process():
-    """tp 2 (two heads and one KV head per rank in each cache) against one process, greedy and
-    sampled."""
+    """tp 2 (two heads, one KV head per rank and cache) against one process: greedy, sampled."""
     one = _tp_generation(0, 1)
     for greedy, sampled in run_distributed(_tp_generation, 2):
         assert torch.equal(greedy, one[0]) and torch.equal(sampled, one[1])
@@ -119,8 +116,7 @@ def test_temperature_zero_is_the_argmax_and_top_k_limits_the_draws():
 
 class ScriptedHead(nn.Module):
     """An lm_head whose last position's logits make greedy decoding say `script`, one token per
-    call; the padded vocabulary's rows (>= n_vocab) get the largest logits of all, which must never
-    be drawn."""
+    call; the padded vocabulary's rows (>= n_vocab) get the largest logits, yet are never drawn."""
 
     def __init__(self, script, vocab, n_vocab):
         super().__init__()
@@ -159,16 +155,16 @@ def cli(*args):
                           capture_output=True, text=True, timeout=120)
 
 
-STATS = re.compile(r"^prefill (\d+) tokens: [\d,.]+ tokens/s \| decode (\d+) tokens: [\d,.]+ "
-                   r"tokens/s \| "
-                   r"(KV cache of (\d+) positions: ([\d,]+) bytes|no cache) \| stopped at "
-                   r"--max-new-tokens$")
+STATS = re.compile(r"^prefill (\d+) tokens: [\d,.]+ tokens/s"
+                   r" \| decode (\d+) tokens: [\d,.]+ tokens/s"
+                   r" \| (KV cache of (\d+) positions: ([\d,]+) bytes|no cache)"
+                   r" \| stopped at --max-new-tokens$")
 
 
 def test_the_command_line_with_and_without_the_cache(tiny_file):
     """Greedy: the same text both ways; the text starts with the prompt; the last line is the
-    tokens/s line, with the KV cache's bytes as the formula has them: 2 * L * T * n_kv_head *
-    head_dim * 4 (fp32)."""
+    tokens/s line, with the KV cache's bytes as the formula has them:
+    2 * L * T * n_kv_head * head_dim * 4 (fp32)."""
     outs = [cli(tiny_file, "--prompt", "def f(", "--temperature", "0", "--max-new-tokens", "12",
                 *extra)
             for extra in ([], ["--no-cache"])]
@@ -180,15 +176,16 @@ def test_the_command_line_with_and_without_the_cache(tiny_file):
     assert m and m_nc and m_nc.group(3) == "no cache", (stats, stats_nc)
     assert m.group(1, 2, 4) == ("6", "11", "17")  # the last token drawn never enters the cache
     cfg = SFT_CFG
-    assert int(m.group(5).replace(",", "")) == 2 * cfg.n_layer * 17 * cfg.n_kv_head * cfg.head_dim * 4
+    formula = 2 * cfg.n_layer * 17 * cfg.n_kv_head * cfg.head_dim * 4
+    assert int(m.group(5).replace(",", "")) == formula
 
 
 def test_chat_and_int8_run(tiny_file):
-    """--chat prints the answer alone (here: not the template); --int8 generates through INT8
-    linears."""
+    """--chat prints the answer alone (here: not the template); --int8 runs through INT8 linears."""
     p = cli(tiny_file, "--prompt", "Reverse the word.", "--chat", "--int8", "--max-new-tokens", "5",
             "--top-p", "0.9")
-    assert p.returncode == 0 and "Instruction" not in p.stdout and " | int8 | " in p.stdout, p.stdout + p.stderr
+    assert (p.returncode == 0 and "Instruction" not in p.stdout
+            and " | int8 | " in p.stdout), p.stdout + p.stderr
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -205,12 +202,13 @@ def test_bad_input_is_one_line(tiny_file, flags, message):
 
 
 def test_a_folder_without_a_checkpoint_is_one_line(tmp_path):
-    with pytest.raises(generate.GenerateError, match=f"^{re.escape(str(tmp_path))}: no complete "
-                                                     "checkpoint in"):
+    with pytest.raises(generate.GenerateError,
+                       match=f"^{re.escape(str(tmp_path))}: no complete checkpoint in"):
         generate.main([str(tmp_path), "--prompt", "x"])
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path):
     p = cli(tmp_path / "none", "--prompt", "x")
     assert p.returncode == 2 and p.stdout == "" and len(p.stderr.splitlines()) == 1, p.stderr
-    assert p.stderr.startswith(f"generate.py: {tmp_path / 'none'}: no such file or folder"), p.stderr
+    assert p.stderr.startswith(f"generate.py: {tmp_path / 'none'}: "
+                               "no such file or folder"), p.stderr

@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_kernel_fits_an_h100_without_spills(tmp_path):
-    # make kernels
+    # what `make kernels` runs
     assert "\t$(PY) benchmarks/kernels.py\n" in open(os.path.join(ROOT, "Makefile")).read()
     # compiled, not interpreted
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -38,14 +38,14 @@ def test_autotuning_tries_only_the_tiles_made_for_the_head_dim():
     """The pruning the autotuner calls with the launch's arguments (compiled mode, as on a GPU):
     head dim 128 never meets a tile kept for 64 or less; 64 meets them all."""
     code = ("import flash_kernels as fk\n"
-            "for kernel, tiles in ((fk._fwd_kernel, fk.FWD_TILES), (fk._bwd_dq_kernel, "
-            "fk.DQ_TILES),\n"
+            "for kernel, tiles in ((fk._fwd_kernel, fk.FWD_TILES),"
+            " (fk._bwd_dq_kernel, fk.DQ_TILES),\n"
             "                      (fk._bwd_dkdv_kernel, fk.DKDV_TILES)):\n"
             "    prune = lambda d: kernel.early_config_prune(kernel.configs, {}, HEAD_DIM=d)\n"
             "    assert len(prune(64)) == len(tiles)\n"
             "    kept = prune(128)\n"
             "    assert len(kept) == sum(t[-1] >= 128 for t in tiles) >= 2, kept\n"
-            "    assert all(c is kernel.configs[i] for i, c in zip([i for i, t in "
-            "enumerate(tiles) if t[-1] >= 128], kept))\n")
+            "    assert all(c is kernel.configs[i]"
+            " for i, c in zip([i for i, t in enumerate(tiles) if t[-1] >= 128], kept))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, timeout=300)
