@@ -203,3 +203,26 @@ def test_init_weights_that_do_not_fit_are_one_line(tmp_path):
              "the weights hold blocks.0.mlp.router.weight, which this model has not")]:
         with pytest.raises(checkpoint.CheckpointError, match=message):
             stack.build_model(CFG, topo, 0, cpu, torch.float32, weights=weights_given)
+
+
+def test_each_parameter_gets_its_rules_distribution():
+    """init_rule, drawn: ones for gains, N(0, 0.02) for embeddings and linears, N(0, 0.02/sqrt(2L))
+    for the residual branches' output projections, U(+-1/sqrt(fan_in)) for experts and routers; the
+    whole model's names reach the right rule."""
+    def draw(name, shape, n_layer=8):
+        return init.init_values(name, shape, init.whole(shape), seed=7, n_layer=n_layer)
+
+    assert torch.equal(draw("blocks.0.attn_norm.weight", (64,)), torch.ones(64))
+    for name, std in [("tok_emb.weight", 0.02), ("blocks.3.attn.wq.weight", 0.02),
+                      ("blocks.3.attn.wo.weight", 0.005), ("blocks.3.mlp.w2.weight", 0.005)]:
+        x = draw(name, (512, 256))
+        assert abs(x.mean()) < 0.03 * std and abs(x.std() / std - 1) < 0.01, name
+    bound = 1 / 16
+    for name in ("blocks.1.mlp.experts.2.w1.weight", "blocks.1.mlp.router.weight"):
+        x = draw(name, (512, 256))
+        assert x.abs().max() <= bound and x.abs().max() > 0.999 * bound, name
+        assert abs(x.std() / (bound / 3 ** 0.5) - 1) < 0.01, name
+    m = Transformer(replace(CFG, d_model=256, n_head=8, n_kv_head=8, d_ff=512, vocab_size=512))
+    stds = {n: p.std().item() for n, p in m.named_parameters() if p.dim() == 2}
+    assert abs(stds["blocks.0.attn.wo.weight"] / (0.02 / (2 * CFG.n_layer) ** 0.5) - 1) < 0.02
+    assert abs(stds["blocks.0.attn.wq.weight"] / 0.02 - 1) < 0.02
