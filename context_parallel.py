@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from flash_attn import attention_backward, attention_forward, check_inputs
-from topology import TopologyError
+from topology import TopologyError, end_process_group
 
 
 # ------------------------------------------------------------------------------ the zigzag layout
@@ -408,4 +408,4 @@ if __name__ == "__main__":
     demo_attention(args.seq_len, args.batch, args.heads, args.kv_heads, args.head_dim, args.reps,
                    groups)
     demo_model(args.seq_len, groups)
-    dist.destroy_process_group()
+    end_process_group()

@@ -178,6 +178,7 @@ if __name__ == "__main__":
     import data
     from batches import Batches
     from model import PRESETS, Transformer
+    from topology import end_process_group
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
@@ -217,4 +218,4 @@ if __name__ == "__main__":
     if rank == 0:
         print("replicas identical after training:",
               all(torch.equal(gathered[0], x) for x in gathered))
-    dist.destroy_process_group()
+    end_process_group()

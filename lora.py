@@ -346,7 +346,7 @@ def demo_tensor_parallel():
     """torchrun --nproc_per_node 2 lora.py: adapters on tp ranks (float64) against one process."""
     from model import PRESETS, Transformer
     from tensor_parallel import parallelize, set_gather_output
-    from topology import Topology
+    from topology import Topology, end_process_group
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     topo = Topology(tp=dist.get_world_size())
@@ -379,7 +379,7 @@ def demo_tensor_parallel():
         print(f"step 0, max |adapted - base| logits: {step0:.1e} | after 5 steps, the adapters "
               "gathered whole and merged into the one-process model: max |merged - adapted| "
               f"logits {diff:.1e}")
-    dist.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__" and int(os.environ.get("WORLD_SIZE", 1)) > 1:

@@ -315,6 +315,7 @@ if __name__ == "__main__":
     import data
     from batches import Batches
     from model import PRESETS, Transformer
+    from topology import end_process_group
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
@@ -360,5 +361,4 @@ if __name__ == "__main__":
             print(f"aux weight {alpha:<5}: loss {loss.item():.3f}  busiest expert {busiest:.1%}  "
                   f"idlest {idlest:.1%} of routed pairs over the last {last} steps on rank 0 "
                   f"(perfect balance: {1 / E:.1%}), ep={world}")
-    if world > 1:
-        dist.destroy_process_group()
+    end_process_group()

@@ -277,7 +277,7 @@ def demo():
     from dataclasses import replace
 
     from model import PRESETS, Transformer
-    from topology import Topology
+    from topology import Topology, end_process_group
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--pp", type=int, default=None, help="stages (default: the world size)")
@@ -333,7 +333,7 @@ def demo():
         for schedule, m, idle, formula, peak in results:
             print(f"{schedule:<8} {pp:>2} {m:>2} {idle:>15.1%} {formula:>14.1%} "
                   f"{peak / 2 ** 20:>27.1f} MiB")
-    dist.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":

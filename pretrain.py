@@ -46,7 +46,7 @@ from checkpoint import CheckpointError
 from estimate import PEAK_TFLOPS
 from flags import ConfigError
 from model import PRESETS, Transformer, config_dict, flops_per_token, num_params, pad_vocab
-from topology import TopologyError, rank0_token
+from topology import TopologyError, end_process_group, rank0_token
 from weights import load_weights
 
 
@@ -276,3 +276,4 @@ def sample(run, enc):
 
 if __name__ == "__main__":
     main()
+    end_process_group()  # (every rank; topology.py says why not destroy_process_group alone)

@@ -68,7 +68,7 @@ from data import DataError, eot_id
 from flags import ConfigError
 from model import PRESETS, ModelConfig, Transformer, config_dict, flops_per_token, num_params
 from sft_data import SFTBatches, collate, pack, read_examples, tokenize
-from topology import TopologyError, rank0_token
+from topology import TopologyError, end_process_group, rank0_token
 from weights import load_weights, save_checkpoint
 
 
@@ -369,3 +369,4 @@ def answers(run, enc, val_ex):
 
 if __name__ == "__main__":
     main()
+    end_process_group()  # (every rank; topology.py says why not destroy_process_group alone)

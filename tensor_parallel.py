@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from placement import name_whole, placement_of, set_placement
-from topology import all_gather_single, reduce_scatter_single
+from topology import all_gather_single, end_process_group, reduce_scatter_single
 
 
 # ---------------------------------------------------------------------------- the f and g operators
@@ -419,4 +419,4 @@ if __name__ == "__main__":
         dist.all_gather_object(lines, line)
         if topo.tp_rank == 0:
             print("\n".join(lines), flush=True)
-    dist.destroy_process_group()
+    end_process_group()

@@ -50,6 +50,7 @@ from amp import DivergenceGuard, TrainingStopped
 from estimate import peak_flops
 from flags import TrainConfig
 from stack import build_training
+from topology import end_process_group
 from topology import Topology
 
 
@@ -424,8 +425,7 @@ def stop_run(prog, e):
     in one line from the first rank, exit status 3 (2 is a bad input)."""
     if os.environ.get("RANK", "0") == "0":
         print(f"{prog}: stopped: {e}", file=sys.stderr, flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_process_group()
     sys.exit(3)
 
 

@@ -47,7 +47,7 @@ from amp import (LOW_PRECISION, accumulate_main_grads, clip_and_step, drop_grads
                  grad_of, read_step)
 from ddp import DistributedDataParallel
 from placement import placement_of
-from topology import all_gather_single, reduce_scatter_single
+from topology import all_gather_single, end_process_group, reduce_scatter_single
 
 
 def ZeroOptimizer(model, param_groups, make_optimizer, scaler, group=None, stage=1, bucket_mb=25.0,
@@ -419,4 +419,4 @@ if __name__ == "__main__":
                 print(f"  stage {stage}: {cells}  total {total:.3f}x formula | losses "
                       + " ".join(f"{l:.3f}" for l in losses), flush=True)
         dist.barrier()
-    dist.destroy_process_group()
+    end_process_group()

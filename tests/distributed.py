@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from topology import end_process_group
+
 
 def free_port():
     with socket.socket() as s:
@@ -36,10 +38,10 @@ def _worker(rank, world, port, fn, args, result_dir):
         torch.save({"ok": result}, out)
     except BaseException:
         torch.save({"error": traceback.format_exc()}, out)
-        raise
-    finally:
-        if dist.is_initialized():
+        if dist.is_initialized():  # (no last barrier: the other ranks may never reach it)
             dist.destroy_process_group()
+        raise
+    end_process_group()
 
 
 def run_distributed(fn, world, *args):
