@@ -21,15 +21,9 @@ def run(*args, nproc=None, env=None, timeout=300):
     """stdout of `python ARGS` (torchrun with nproc); a failure shows the end of both streams."""
     launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
                                     f"--nproc_per_node={nproc}"] if nproc else [])
-    for attempt in range(2):
-        proc = subprocess.run(launcher + [str(a) for a in args], cwd=ROOT, capture_output=True,
-                              text=True, timeout=timeout,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-        # A gloo process group's threads now and then abort a process as it exits, its work done
-        # (seen on busy cores, about 1 run in 10): that one failure, and only it, gets a second run.
-        if (proc.returncode == 0
-                or "terminate called without an active exception" not in proc.stderr):
-            break
+    proc = subprocess.run(launcher + [str(a) for a in args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert proc.returncode == 0, (f"{args}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n"
                                   f"{proc.stderr[-3000:]}")
     return proc.stdout
