@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import topology
 from topology import Topology, TopologyError, check_layout
 from tests.distributed import run_distributed
 
@@ -81,3 +82,19 @@ def test_context_parallel_sits_between_data_and_tensor():
     assert res[2][0] == (0, 1, 0)
     for coords, groups, sums in res:
         assert sums == {axis: float(sum(g)) for axis, g in zip(("tp", "cp", "dp", "dp_cp"), groups)}
+
+
+def _end(rank, world):
+    x = torch.full((1000,), float(rank))
+    dist.all_reduce(x)  # a collective whose tensors a gloo worker lets go of after it completes
+    topology.end_process_group()
+    kept = topology._LAST_BARRIER[-1]
+    topology.end_process_group()  # a second call (the test harness makes one) does nothing
+    return (dist.is_initialized(), len(topology._LAST_BARRIER), kept.is_completed(),
+            x[0].item())
+
+
+def test_end_process_group_keeps_the_last_barrier_and_destroys_the_group():
+    """The group is gone on every rank, and the last barrier's handle is held to the end of the
+    process, so no gloo worker is the one to let go of it (topology.end_process_group: why)."""
+    assert run_distributed(_end, 2) == [(False, 1, True, 1.0)] * 2
